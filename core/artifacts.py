@@ -1,0 +1,279 @@
+"""Model artifacts fetched by URI into a node-local, content-addressed cache.
+
+:class:`ArtifactStore` turns a model URI (``file://``, ``http(s)://``, ``s3://``;
+through fsspec) into a local path. Downloads stream in chunks into a temporary
+file inside the cache, are hashed while streaming, verified against the
+expected SHA-256 when one is given, and renamed atomically to
+``blobs/<sha256>``; an index maps each URI to its blob. Concurrent fetches of
+one artifact, in threads or processes, at worst download it twice: every
+writer renames a complete, verified file onto the same name.
+
+Cache hits need no network: a fetch with a ``sha256`` that is already cached
+returns at once, and so does a fetch without one for a URI fetched before (so
+pin a ``sha256`` where the object behind a URI may change).
+
+``file://`` artifacts without a ``sha256`` are used in place, not copied: the
+file is already local, and there is nothing to verify. With a ``sha256`` they
+are copied into the cache while hashing, so that what was verified is what gets
+loaded even if the original changes later.
+
+s3 endpoints and credentials come from ``storage_options["s3"]`` (any
+``s3fs.S3FileSystem`` argument) or from the usual environment variables
+(``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
+
+``fetch`` is synchronous and may block on the network: async callers run it in
+a thread (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+
+__all__ = ["ArtifactError", "ArtifactStore", "write_atomically"]
+
+_CHUNK_BYTES = 1 << 20
+_S3_BLOCK_BYTES = 8 << 20
+_STALE_TMP_SECONDS = 24 * 3600
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ArtifactError(Exception):
+    """An artifact that cannot be fetched; the message names the URI and what went wrong."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        self.uri = uri
+        self.reason = reason
+        super().__init__(f"artifact {uri}: {reason}")
+
+    def __reduce__(self) -> tuple[type[ArtifactError], tuple[str, str]]:
+        return type(self), (self.uri, self.reason)
+
+
+class ArtifactStore:
+    """A node-local cache of model artifacts under ``root``."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        allowed_schemes: Sequence[str] = ("file", "http", "https", "s3"),
+        storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.allowed_schemes = tuple(s.lower() for s in allowed_schemes)
+        self.storage_options = {k.lower(): dict(v) for k, v in (storage_options or {}).items()}
+        self.max_bytes = max_bytes
+        self._blobs = self.root / "blobs"
+        self._index = self.root / "uris"
+        self._tmp = self.root / "tmp"
+        for folder in (self._blobs, self._index, self._tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temp_files()
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({str(self.root)!r})"
+
+    def fetch(self, uri: str, *, sha256: str | None = None) -> Path:
+        """A local path holding the artifact at ``uri``, verified when ``sha256`` is given."""
+        scheme = urllib.parse.urlsplit(uri).scheme.lower()
+        if scheme not in self.allowed_schemes:
+            allowed = ", ".join(self.allowed_schemes) or "none"
+            raise ArtifactError(uri, f"scheme {scheme or '(none)'!r} is not allowed ({allowed})")
+        expected = sha256.lower() if sha256 is not None else None
+        if expected is not None and not _SHA256.fullmatch(expected):
+            raise ArtifactError(uri, f"sha256 {sha256!r} is not 64 hex digits")
+
+        with self._lock(expected or uri):
+            if expected is not None and self._blob(expected).is_file():
+                self._remember(uri, expected)
+                return self._blob(expected)
+            if scheme == "file":
+                local = _local_path(uri)
+                if expected is None:
+                    return self._in_place(uri, local)
+                with _opened_local(uri, local) as source:
+                    return self._ingest(uri, source, expected=expected)
+            if expected is None and (known := self._recall(uri)) is not None:
+                return known
+            with self._opened_remote(uri, scheme) as source:
+                return self._ingest(uri, source, expected=expected)
+
+    # --- internals ---
+
+    def _blob(self, digest: str) -> Path:
+        return self._blobs / digest
+
+    def _in_place(self, uri: str, local: Path) -> Path:
+        if not local.is_file():
+            raise ArtifactError(uri, f"not found ({local} is not a file)")
+        size = local.stat().st_size
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise ArtifactError(uri, _too_big(self.max_bytes, size))
+        return local
+
+    def _ingest(self, uri: str, source: IO[bytes], *, expected: str | None) -> Path:
+        """Stream ``source`` into the cache, hashing it, and return its blob."""
+        declared = getattr(source, "size", None)
+        if self.max_bytes is not None and isinstance(declared, int) and declared > self.max_bytes:
+            raise ArtifactError(uri, _too_big(self.max_bytes, declared))
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="fetch-", suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := _read(uri, source, _CHUNK_BYTES):
+                    size += len(chunk)
+                    if self.max_bytes is not None and size > self.max_bytes:
+                        raise ArtifactError(uri, _too_big(self.max_bytes))
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            actual = digest.hexdigest()
+            if expected is not None and actual != expected:
+                raise ArtifactError(uri, f"sha256 mismatch: expected {expected}, got {actual}")
+            tmp.chmod(0o444)
+            blob = self._blob(actual)
+            os.replace(tmp, blob)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._remember(uri, actual)
+        return blob
+
+    @contextlib.contextmanager
+    def _opened_remote(self, uri: str, scheme: str) -> Iterator[IO[bytes]]:
+        options = dict(self.storage_options.get(scheme, {}))
+        open_options: dict[str, Any] = {}
+        if scheme in ("http", "https"):
+            open_options["block_size"] = 0  # stream the body; no range requests
+        elif scheme == "s3":
+            open_options["block_size"] = _S3_BLOCK_BYTES
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            client_kwargs = options.get("client_kwargs") or {}
+            if endpoint and "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
+                options["endpoint_url"] = endpoint
+        try:
+            fs, path = fsspec.core.url_to_fs(uri, **options)
+            source = fs.open(path, "rb", **open_options)
+        except Exception as e:
+            raise _fetch_error(uri, e) from None
+        try:
+            yield source
+        finally:
+            with contextlib.suppress(Exception):
+                source.close()
+
+    def _remember(self, uri: str, digest: str) -> None:
+        record = {"uri": uri, "sha256": digest, "size": self._blob(digest).stat().st_size}
+        write_atomically(self._index_file(uri), json.dumps(record).encode())
+
+    def _recall(self, uri: str) -> Path | None:
+        try:
+            record = json.loads(self._index_file(uri).read_text())
+        except (OSError, ValueError):
+            return None
+        digest = record.get("sha256") if isinstance(record, dict) else None
+        if record.get("uri") != uri or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            return None
+        blob = self._blob(digest)
+        return blob if blob.is_file() else None
+
+    def _index_file(self, uri: str) -> Path:
+        return self._index / f"{hashlib.sha256(uri.encode()).hexdigest()}.json"
+
+    def _lock(self, key: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def _remove_stale_temp_files(self) -> None:
+        # Left by processes killed mid-download; fresh ones may belong to a live fetch.
+        cutoff = time.time() - _STALE_TMP_SECONDS
+        for leftover in self._tmp.glob("*.part"):
+            with contextlib.suppress(OSError):
+                if leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
+
+
+def write_atomically(path: Path, data: bytes | memoryview) -> None:
+    """Write a file so that readers see either nothing or all of it (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _local_path(uri: str) -> Path:
+    parts = urllib.parse.urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise ArtifactError(uri, "file URIs must be absolute: file:///path/to/model")
+    path = urllib.parse.unquote(parts.path)
+    if not path.startswith("/"):
+        raise ArtifactError(uri, "file URIs must be absolute: file:///path/to/model")
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _opened_local(uri: str, path: Path) -> Iterator[IO[bytes]]:
+    if not path.is_file():
+        raise ArtifactError(uri, f"not found ({path} is not a file)")
+    try:
+        source = path.open("rb")
+    except OSError as e:
+        raise _fetch_error(uri, e) from None
+    with source:
+        yield source
+
+
+def _read(uri: str, source: IO[bytes], size: int) -> bytes:
+    try:
+        return source.read(size)
+    except Exception as e:
+        raise _fetch_error(uri, e) from None
+
+
+def _fetch_error(uri: str, error: BaseException) -> ArtifactError:
+    if isinstance(error, ArtifactError):
+        return error
+    cause = error.__cause__
+    if isinstance(error, FileNotFoundError) and cause and not isinstance(cause, FileNotFoundError):
+        # fsspec's http reports any failure to reach the server as FileNotFoundError.
+        return _fetch_error(uri, cause)
+    if isinstance(error, FileNotFoundError):
+        return ArtifactError(uri, "not found")
+    if isinstance(error, PermissionError):
+        return ArtifactError(uri, "access denied (check the credentials)")
+    if isinstance(error, IsADirectoryError):
+        return ArtifactError(uri, "is a directory, not a file")
+    message = (str(error).strip().splitlines() or [""])[0][:300]
+    return ArtifactError(uri, f"could not fetch ({type(error).__name__}: {message})")
+
+
+def _too_big(limit: int, size: int | None = None) -> str:
+    actual = f" ({size} bytes)" if size is not None else ""
+    return f"larger than the size limit of {limit} bytes{actual}"
