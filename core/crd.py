@@ -1,0 +1,217 @@
+"""The InferenceFunction CustomResourceDefinition, generated from :mod:`gpufaas.core.api`.
+
+Pydantic emits JSON Schema (draft 2020-12); Kubernetes wants a *structural*
+OpenAPI v3 schema: every node typed, no ``$ref``, ``nullable`` instead of
+``anyOf`` with ``null``, boolean ``exclusiveMinimum``, and no
+``additionalProperties: false`` (the API server prunes unknown fields instead).
+This module does that conversion, so the CRD in ``crds/`` can never drift from
+the models: ``gpufaas crd > crds/inferencefunctions.gpufaas.dev.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from gpufaas.core.api import (
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+    InferenceFunctionSpec,
+    InferenceFunctionStatus,
+)
+
+CRD_NAME = f"{PLURAL}.{GROUP}"
+CATEGORIES = ("gpufaas",)
+
+# JSON Schema keywords that have no place (or a different meaning) in a CRD schema.
+_DROPPED_KEYS = frozenset({"title", "additionalProperties", "$defs", "definitions", "$schema"})
+
+# Rules pydantic validators express in Python that the API server can check too (CEL).
+_EXTRA_VALIDATIONS: dict[tuple[str, ...], list[dict[str, str]]] = {
+    ("spec", "handler"): [
+        {
+            "rule": "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+            "message": "minReplicas must not exceed maxReplicas",
+        }
+    ],
+}
+
+
+class SchemaConversionError(ValueError):
+    """The pydantic schema uses a construct with no structural equivalent."""
+
+
+def to_structural(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """Convert a pydantic JSON schema (with ``$defs``) into a structural OpenAPI v3 schema."""
+    defs: Mapping[str, Any] = schema.get("$defs", {})
+    return _convert(schema, defs=defs, path="<root>")
+
+
+def _resolve(node: Mapping[str, Any], *, defs: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """Inline a ``$ref``; sibling keys (description, default) override the target's."""
+    ref = node["$ref"]
+    prefix = "#/$defs/"
+    if not isinstance(ref, str) or not ref.startswith(prefix) or ref[len(prefix) :] not in defs:
+        raise SchemaConversionError(f"{path}: unresolvable $ref {ref!r}")
+    target = dict(defs[ref[len(prefix) :]])
+    target.update({k: v for k, v in node.items() if k != "$ref"})
+    return target
+
+
+def _convert(node: Mapping[str, Any], *, defs: Mapping[str, Any], path: str) -> dict[str, Any]:
+    while "$ref" in node:
+        node = _resolve(node, defs=defs, path=path)
+
+    if "anyOf" in node:
+        node = _collapse_nullable(node, path=path)
+        while "$ref" in node:
+            node = _resolve(node, defs=defs, path=path)
+
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROPPED_KEYS:
+            continue
+        if key == "default" and value is None:
+            continue  # "absent" already means null; a null default fails structural checks
+        if key == "properties":
+            out[key] = {
+                name: _convert(sub, defs=defs, path=f"{path}.{name}") for name, sub in value.items()
+            }
+        elif key == "items":
+            out[key] = _convert(value, defs=defs, path=f"{path}[]")
+        elif key == "exclusiveMinimum" or key == "exclusiveMaximum":
+            bound = "minimum" if key == "exclusiveMinimum" else "maximum"
+            out[bound] = value
+            out[key] = True
+        elif key in {"oneOf", "allOf", "not", "const", "prefixItems"}:
+            raise SchemaConversionError(f"{path}: {key!r} has no structural CRD equivalent")
+        else:
+            out[key] = copy.deepcopy(value)
+
+    if "type" not in out:
+        if "properties" in out:
+            out["type"] = "object"
+        elif "enum" in out and all(isinstance(v, str) for v in out["enum"]):
+            out["type"] = "string"
+        else:
+            raise SchemaConversionError(f"{path}: schema node has no type")
+    # type and description first: the order people read `kubectl get crd -o yaml` in.
+    head = {k: out.pop(k) for k in ("type", "description") if k in out}
+    return head | out
+
+
+def _collapse_nullable(node: Mapping[str, Any], *, path: str) -> dict[str, Any]:
+    """``anyOf: [X, {type: null}]`` -> ``X`` with ``nullable: true``."""
+    options = list(node["anyOf"])
+    non_null = [o for o in options if o.get("type") != "null"]
+    if len(non_null) != 1 or len(options) != 2:
+        raise SchemaConversionError(f"{path}: only 'X or null' unions are supported, got {options}")
+    merged = dict(non_null[0])
+    merged.update({k: v for k, v in node.items() if k != "anyOf"})
+    merged["nullable"] = True
+    return merged
+
+
+def _add_validations(schema: dict[str, Any]) -> None:
+    for field_path, rules in _EXTRA_VALIDATIONS.items():
+        node = schema
+        for part in field_path:
+            node = node["properties"][part]
+        node["x-kubernetes-validations"] = copy.deepcopy(rules)
+
+
+def _status_schema() -> dict[str, Any]:
+    status = to_structural(InferenceFunctionStatus.model_json_schema(by_alias=True))
+    status["description"] = "Observed state, written by the operator and the gateway."
+    conditions = status["properties"]["conditions"]
+    # Conditions are keyed by type, as in every built-in Kubernetes resource.
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    return status
+
+
+def _spec_schema() -> dict[str, Any]:
+    spec = to_structural(InferenceFunctionSpec.model_json_schema(by_alias=True))
+    spec["description"] = "One model served as a function: where it is, its tensors, its policy."
+    return spec
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The whole object's schema: apiVersion, kind, metadata, spec, status."""
+    schema: dict[str, Any] = {
+        "type": "object",
+        "description": "An InferenceFunction serves one model through the gpufaas gateway.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": _spec_schema(),
+            "status": _status_schema(),
+        },
+    }
+    _add_validations(schema)
+    return schema
+
+
+def build_crd() -> dict[str, Any]:
+    """The ``apiextensions.k8s.io/v1`` CustomResourceDefinition for InferenceFunction."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": CRD_NAME,
+            "labels": {"app.kubernetes.io/part-of": "gpufaas"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": list(SHORT_NAMES),
+                "categories": list(CATEGORIES),
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+                        {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri"},
+                        {"name": "Size", "type": "integer", "jsonPath": ".status.modelBytes"},
+                        {
+                            "name": "Resident",
+                            "type": "integer",
+                            "jsonPath": ".status.residentCount",
+                        },
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+_HEADER = (
+    "# Generated from gpufaas.core.api by `gpufaas crd` (gpufaas.core.crd.render_crd_yaml).\n"
+    "# Do not edit: change the pydantic models, then regenerate.\n"
+)
+
+
+def render_crd_yaml() -> str:
+    """The CRD as deterministic YAML (stable key order), with a do-not-edit header."""
+    body = yaml.safe_dump(build_crd(), sort_keys=False, default_flow_style=False, width=120)
+    return _HEADER + body

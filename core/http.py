@@ -1,0 +1,113 @@
+"""HTTP plumbing shared by the gateway and the GPU manager.
+
+Bounded body reading, the binary-extension header, the ``{"error": ...}``
+error shape of the Open Inference Protocol, exception handlers that never leak
+a traceback, and a Prometheus ``/metrics`` route per app.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gpufaas.core.protocol import HEADER_LENGTH, ProtocolError, parse_header_length
+
+logger = logging.getLogger(__name__)
+
+DEVICE_HEADER = "x-gpufaas-device"
+CACHE_HEADER = "x-gpufaas-cache"
+LOAD_MS_HEADER = "x-gpufaas-load-ms"
+COMPUTE_MS_HEADER = "x-gpufaas-compute-ms"
+REASON_HEADER = "x-gpufaas-reason"
+MODEL_BYTES_HEADER = "x-gpufaas-model-bytes"
+
+
+def error_response(
+    status: int, message: str, *, reason: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    all_headers = dict(headers or {})
+    if reason:
+        all_headers["X-Gpufaas-Reason"] = reason
+    return JSONResponse({"error": message}, status_code=status, headers=all_headers)
+
+
+async def read_body(request: Request, *, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``max_bytes``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_bytes = int(declared)
+        except ValueError:
+            raise ProtocolError(f"invalid Content-Length {declared!r}") from None
+        if declared_bytes > max_bytes:
+            raise ProtocolError(
+                f"request body of {declared_bytes} bytes exceeds the limit of {max_bytes} bytes",
+                status_code=413,
+            )
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > max_bytes:
+            raise ProtocolError(
+                f"request body exceeds the limit of {max_bytes} bytes", status_code=413
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def header_length(request: Request) -> int | None:
+    """The JSON header length of a binary-extension request, if any."""
+    return parse_header_length(request.headers.get(HEADER_LENGTH))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as ``{"error": "..."}`` with a fitting status, never a traceback."""
+
+    @app.exception_handler(ProtocolError)
+    async def _protocol_error(request: Request, exc: ProtocolError) -> JSONResponse:
+        return error_response(exc.status_code, str(exc), reason="InvalidRequest")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+        return error_response(400, "; ".join(parts) or "invalid request", reason="InvalidRequest")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(
+            500,
+            f"internal error ({type(exc).__name__}); see the server log",
+            reason="InternalError",
+        )
+
+
+def add_metrics_route(app: FastAPI, registry: CollectorRegistry) -> None:
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON types for state dumps (enums and tuples become strings and lists)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)

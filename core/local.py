@@ -1,0 +1,115 @@
+"""Local mode: the whole system on one machine, without Kubernetes.
+
+``gpufaas up`` starts one GPU-manager process per simulated node, waits until
+each is ready, and then runs the gateway in this process. Ctrl-C (or SIGTERM)
+stops the gateway and then the managers, within a bounded time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ManagerOptions:
+    cpu_devices: int
+    device_memory: str
+    host_memory: str
+    artifact_dir: Path
+    force_cpu: bool = False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def manager_command(*, name: str, port: int, options: ManagerOptions) -> list[str]:
+    command = [
+        sys.executable, "-m", "gpufaas.core.cli", "gpu-manager",
+        "--name", name,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--cpu-devices", str(options.cpu_devices),
+        "--device-memory", options.device_memory,
+        "--host-memory", options.host_memory,
+        "--artifact-dir", str(options.artifact_dir),
+    ]  # fmt: skip
+    if options.force_cpu:
+        command.append("--force-cpu")
+    return command
+
+
+def wait_ready(
+    urls: Sequence[str], *, timeout_s: float, procs: Sequence[subprocess.Popen[bytes]]
+) -> None:
+    """Poll each manager's readiness; fail fast if one exits."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(urls)
+    while pending:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"a GPU manager exited during start-up with code {proc.returncode}"
+                )
+        url = pending[0]
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
+                pending.pop(0)
+                continue
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"GPU manager at {url} was not ready within {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]], *, timeout_s: float = 10.0) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def run_managers(
+    *, nodes: int, options: ManagerOptions, start_timeout_s: float = 120.0
+) -> Iterator[dict[str, str]]:
+    """Start ``nodes`` GPU-manager processes; yields ``{node name: base URL}``."""
+    procs: list[subprocess.Popen[bytes]] = []
+    urls: dict[str, str] = {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        for i in range(nodes):
+            name = f"node-{i}"
+            port = free_port()
+            procs.append(
+                subprocess.Popen(manager_command(name=name, port=port, options=options), env=env)
+            )
+            urls[name] = f"http://127.0.0.1:{port}"
+        wait_ready(list(urls.values()), timeout_s=start_timeout_s, procs=procs)
+        yield urls
+    finally:
+        stop_processes(procs)

@@ -1,0 +1,1 @@
+"""gpufaas.scheduler."""

@@ -1,0 +1,147 @@
+"""The gateway's view of its GPU managers: nodes, their devices, and health.
+
+Each node is one GPU-manager process reached over HTTP. The cluster keeps the
+cache directory (:class:`gpufaas.cache.ClusterDirectory`) in step with what
+the managers report: optimistically at dispatch, from every response, and by a
+full re-sync of each node's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from gpufaas.cache import ClusterDirectory, Residency
+from gpufaas.core.api import InferenceFunctionSpec
+from gpufaas.scheduler.policy import DeviceLoad
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Device:
+    key: str  # "<node>/<device id>"
+    node: Node
+    device_id: str
+    capacity_bytes: int
+    outstanding: int = 0
+
+
+@dataclass
+class Node:
+    name: str
+    url: str
+    client: httpx.AsyncClient
+    healthy: bool = False
+    devices: dict[str, Device] = field(default_factory=dict)
+
+
+def residents_from_state(device_state: Mapping[str, Any]) -> list[tuple[str, Residency, int]]:
+    return [
+        (r["model"], Residency(r["state"]), int(r["size_bytes"]))
+        for r in device_state.get("residents", [])
+    ]
+
+
+class Cluster:
+    """GPU managers behind the gateway, and where each model lives on them."""
+
+    def __init__(self, *, manager_urls: Mapping[str, str], timeout_s: float = 120.0) -> None:
+        self.directory = ClusterDirectory()
+        self.nodes: dict[str, Node] = {
+            name: Node(
+                name=name,
+                url=url.rstrip("/"),
+                client=httpx.AsyncClient(
+                    base_url=url.rstrip("/"),
+                    timeout=httpx.Timeout(timeout_s, connect=5.0),
+                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                ),
+            )
+            for name, url in manager_urls.items()
+        }
+        self.devices: dict[str, Device] = {}
+
+    async def close(self) -> None:
+        await asyncio.gather(*(n.client.aclose() for n in self.nodes.values()))
+
+    def healthy_devices(self) -> list[Device]:
+        return [d for d in self.devices.values() if d.node.healthy]
+
+    def loads(self) -> list[DeviceLoad]:
+        return [DeviceLoad(key=d.key, outstanding=d.outstanding) for d in self.healthy_devices()]
+
+    async def sync_node(self, node: Node) -> bool:
+        """Re-read a node's devices and residents; a failure marks it down."""
+        try:
+            response = await node.client.get("/v2/gpufaas/state", timeout=5.0)
+            response.raise_for_status()
+            state = response.json()
+        except (httpx.HTTPError, ValueError) as e:
+            if node.healthy:
+                logger.warning("GPU manager %s (%s) is down: %s", node.name, node.url, e)
+            self.mark_down(node)
+            return False
+        seen = set()
+        for device_state in state["devices"]:
+            key = f"{node.name}/{device_state['id']}"
+            seen.add(key)
+            device = self.devices.get(key)
+            if device is None:
+                device = Device(
+                    key=key,
+                    node=node,
+                    device_id=device_state["id"],
+                    capacity_bytes=int(device_state["capacity_bytes"]),
+                )
+                self.devices[key] = device
+                node.devices[device.device_id] = device
+                self.directory.add_device(key, capacity_bytes=device.capacity_bytes, node=node.name)
+            elif key not in self.directory.devices():
+                self.directory.add_device(key, capacity_bytes=device.capacity_bytes, node=node.name)
+            self.directory.sync(key, residents_from_state(device_state))
+        for key in [k for k, d in self.devices.items() if d.node is node and k not in seen]:
+            self.directory.remove_device(key)
+            node.devices.pop(self.devices.pop(key).device_id, None)
+        if not node.healthy:
+            logger.info(
+                "GPU manager %s (%s) is up with %d device(s)", node.name, node.url, len(seen)
+            )
+        node.healthy = True
+        return True
+
+    def mark_down(self, node: Node) -> None:
+        node.healthy = False
+        for device in node.devices.values():
+            if device.key in self.directory.devices():
+                self.directory.remove_device(device.key)
+
+    async def sync_all(self) -> None:
+        await asyncio.gather(*(self.sync_node(n) for n in self.nodes.values()))
+
+    async def push_function(self, node: Node, name: str, spec: InferenceFunctionSpec) -> None:
+        response = await node.client.put(
+            f"/v2/gpufaas/functions/{name}", json=spec.model_dump(mode="json", by_alias=True)
+        )
+        response.raise_for_status()
+
+    async def push_functions(
+        self, node: Node, functions: Mapping[str, InferenceFunctionSpec]
+    ) -> None:
+        await asyncio.gather(*(self.push_function(node, n, s) for n, s in functions.items()))
+
+    async def delete_function(self, name: str) -> None:
+        async def one(node: Node) -> None:
+            try:
+                await node.client.delete(f"/v2/gpufaas/functions/{name}")
+            except httpx.HTTPError as e:
+                logger.warning("could not remove %s from %s: %s", name, node.name, e)
+
+        await asyncio.gather(*(one(n) for n in self.nodes.values() if n.healthy))
+        for key in self.directory.devices():
+            self.directory.note_evicted(key, name)

@@ -1,0 +1,426 @@
+"""The gateway: an Open Inference Protocol (KServe v2 REST) front end.
+
+It validates each request against its function's declared signature at the
+edge, asks the routing policy for a device, and forwards the request
+binary-encoded to that device's GPU manager. The manager's response is passed
+through as it is. A manager that cannot be reached is marked down, and the
+request is retried on another device (inference is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from gpufaas.cache import InsufficientCapacity
+from gpufaas.core.api import InferenceFunction
+from gpufaas.core.http import (
+    CACHE_HEADER,
+    DEVICE_HEADER,
+    LOAD_MS_HEADER,
+    MODEL_BYTES_HEADER,
+    REASON_HEADER,
+    add_metrics_route,
+    error_response,
+    header_length,
+    install_error_handlers,
+    json_safe,
+    read_body,
+)
+from gpufaas.core.protocol import (
+    HEADER_LENGTH,
+    Limits,
+    decode_request,
+    encode_request,
+    validate_inputs,
+)
+from gpufaas.scheduler.cluster import Cluster, Device
+from gpufaas.scheduler.policy import NoDevice, Policy, RouteRequest
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "gpufaas"
+SERVER_VERSION = "0.1.0"
+_PASSTHROUGH_HEADERS = ("content-type", HEADER_LENGTH.lower(), CACHE_HEADER, LOAD_MS_HEADER)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    limits: Limits = field(default_factory=Limits)
+    sync_interval_s: float = 5.0
+    max_attempts: int = 3
+
+
+class Metrics:
+    def __init__(self, *, policy: str) -> None:
+        self.registry = CollectorRegistry()
+        self.policy = policy
+        self.requests = Counter(
+            "gpufaas_requests",
+            "Inference requests by outcome",
+            ["model", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "gpufaas_request_seconds",
+            "End-to-end inference latency at the gateway",
+            ["model"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.cache = Counter(
+            "gpufaas_cache_lookups",
+            "Device-cache lookups by result",
+            ["policy", "result"],
+            registry=self.registry,
+        )
+        self.load = Histogram(
+            "gpufaas_load_seconds",
+            "Model load time seen on misses",
+            ["policy"],
+            registry=self.registry,
+        )
+
+
+class Gateway:
+    """Functions, the cluster of GPU managers, and the routing policy."""
+
+    def __init__(
+        self, *, cluster: Cluster, policy: Policy, config: GatewayConfig | None = None
+    ) -> None:
+        self.cluster = cluster
+        self.policy = policy
+        self.config = config or GatewayConfig()
+        self.functions: dict[str, InferenceFunction] = {}
+        self.model_bytes: dict[str, int] = {}
+        self.metrics = Metrics(policy=policy.name)
+        self._sync_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.sync()
+        self._sync_task = asyncio.create_task(self._sync_forever(), name="gpufaas-sync")
+
+    async def stop(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+        await self.cluster.close()
+
+    async def sync(self) -> None:
+        """Re-sync every node; a node that comes (back) up gets all functions."""
+        for node in self.cluster.nodes.values():
+            was_healthy = node.healthy
+            if await self.cluster.sync_node(node) and not was_healthy:
+                try:
+                    await self.cluster.push_functions(
+                        node, {n: f.spec for n, f in self.functions.items()}
+                    )
+                except httpx.HTTPError as e:
+                    logger.warning("could not push functions to %s: %s", node.name, e)
+                    self.cluster.mark_down(node)
+        for key in self.cluster.directory.devices():
+            for model, _, size in self.cluster.directory.residents(key):
+                self.model_bytes[model] = size
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sync_interval_s)
+            try:
+                await self.sync()
+            except Exception:  # the loop must outlive any one bad sync
+                logger.exception("cluster sync failed")
+
+    # -- functions -----------------------------------------------------------------
+
+    async def add_function(self, function: InferenceFunction) -> None:
+        self.functions[function.name] = function
+        hint = function.spec.resources.gpu_memory_bytes()
+        if hint is not None and function.name not in self.model_bytes:
+            self.model_bytes[function.name] = hint
+        for node in self.cluster.nodes.values():
+            if node.healthy:
+                try:
+                    await self.cluster.push_function(node, function.name, function.spec)
+                except httpx.HTTPError as e:
+                    logger.warning("could not push %s to %s: %s", function.name, node.name, e)
+
+    async def remove_function(self, name: str) -> None:
+        self.functions.pop(name, None)
+        self.model_bytes.pop(name, None)
+        await self.cluster.delete_function(name)
+
+    def function(self, name: str) -> InferenceFunction | None:
+        return self.functions.get(name)
+
+    # -- routing -------------------------------------------------------------------
+
+    def _choose(self, name: str, exclude: set[str]) -> Device:
+        loads = [d for d in self.cluster.loads() if d.key not in exclude]
+        key = self.policy.choose(
+            RouteRequest(model=name, size_bytes=self.model_bytes.get(name, 0)),
+            loads,
+            self.cluster.directory,
+        )
+        return self.cluster.devices[key]
+
+    @contextlib.asynccontextmanager
+    async def _dispatched(self, device: Device, name: str) -> AsyncIterator[None]:
+        device.outstanding += 1
+        with contextlib.suppress(InsufficientCapacity):  # the manager's answer corrects the view
+            self.cluster.directory.note_dispatch(
+                device.key, name, size_bytes=self.model_bytes.get(name, 0)
+            )
+        try:
+            yield
+        finally:
+            device.outstanding -= 1
+
+    async def forward(
+        self, name: str, *, path: str, content: bytes, headers: Mapping[str, str]
+    ) -> httpx.Response:
+        """Send to the chosen device; on a dead node, mark it down and try another."""
+        tried: set[str] = set()
+        last_error: Exception | None = None
+        for _ in range(self.config.max_attempts):
+            try:
+                device = self._choose(name, tried)
+            except NoDevice as e:
+                last_error = last_error or e
+                break
+            tried.add(device.key)
+            try:
+                async with self._dispatched(device, name):
+                    response = await device.node.client.post(
+                        path, content=content, headers={**headers, DEVICE_HEADER: device.device_id}
+                    )
+            except httpx.TransportError as e:
+                logger.warning(
+                    "GPU manager %s failed mid-request (%s); retrying elsewhere",
+                    device.node.name,
+                    e,
+                )
+                self.cluster.mark_down(device.node)
+                last_error = e
+                continue
+            self._learn(device, name, response)
+            return response
+        raise NoDevice(f"no GPU manager could serve {name!r}: {last_error}")
+
+    def _learn(self, device: Device, name: str, response: httpx.Response) -> None:
+        """Correct the directory from the manager's answer."""
+        if response.status_code != 200:
+            if response.headers.get(REASON_HEADER) in {"ModelLoadFailed", "InsufficientMemory"}:
+                self.cluster.directory.note_evicted(device.key, name)
+            return
+        hit = response.headers.get(CACHE_HEADER) == "hit"
+        self.metrics.cache.labels(self.policy.name, "hit" if hit else "miss").inc()
+        if not hit:
+            self.metrics.load.labels(self.policy.name).observe(
+                float(response.headers.get(LOAD_MS_HEADER, "0")) / 1000
+            )
+        size = response.headers.get(MODEL_BYTES_HEADER)
+        if size is not None:
+            self.model_bytes[name] = int(size)
+            self.cluster.directory.note_loaded(device.key, name, size_bytes=int(size))
+
+    async def infer(self, name: str, request: Request) -> Response:
+        function = self.function(name)
+        if function is None:
+            return error_response(
+                404, f"unknown model {name!r}; see POST /v2/repository/index", reason="UnknownModel"
+            )
+        limits = self.config.limits
+        body = await read_body(request, max_bytes=limits.max_body_bytes)
+        decoded = decode_request(body, header_length=header_length(request), limits=limits)
+        arrays = validate_inputs(decoded, function.spec.inputs)
+        content, headers = encode_request(
+            {t.name: (arrays[t.name], t.datatype) for t in function.spec.inputs},
+            request_id=decoded.id,
+            outputs=decoded.requested_outputs,
+            binary_outputs=decoded.binary_outputs,
+            parameters=decoded.parameters or None,
+        )
+        try:
+            response = await self.forward(
+                name, path=f"/v2/models/{name}/infer", content=content, headers=headers
+            )
+        except NoDevice as e:
+            return error_response(503, str(e), reason="NoDevice", headers={"Retry-After": "1"})
+        passthrough = {
+            k: v for k, v in response.headers.items() if k.lower() in _PASSTHROUGH_HEADERS
+        }
+        return Response(response.content, status_code=response.status_code, headers=passthrough)
+
+    # -- repository extension ------------------------------------------------------
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        out = []
+        for name in sorted(self.functions):
+            holders = self.cluster.directory.holders(name)
+            state = (
+                "READY" if any(str(s) == "resident" for s in holders.values()) else "UNAVAILABLE"
+            )
+            out.append(
+                {
+                    "name": name,
+                    "version": "1",
+                    "state": state,
+                    "reason": "" if holders else "not resident",
+                }
+            )
+        return out
+
+    async def load(self, name: str) -> Response:
+        if name not in self.functions:
+            return error_response(404, f"unknown model {name!r}", reason="UnknownModel")
+        try:
+            response = await self.forward(
+                name, path=f"/v2/repository/models/{name}/load", content=b"", headers={}
+            )
+        except NoDevice as e:
+            return error_response(503, str(e), reason="NoDevice", headers={"Retry-After": "1"})
+        if response.status_code != 200:
+            return Response(
+                response.content, status_code=response.status_code, media_type="application/json"
+            )
+        await self.sync()
+        return JSONResponse({}, status_code=200)
+
+    async def unload(self, name: str) -> Response:
+        async def one(node_client: httpx.AsyncClient) -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                await node_client.post(f"/v2/repository/models/{name}/unload")
+
+        await asyncio.gather(*(one(n.client) for n in self.cluster.nodes.values() if n.healthy))
+        for key in self.cluster.directory.devices():
+            self.cluster.directory.note_evicted(key, name)
+        return JSONResponse({}, status_code=200)
+
+    def model_metadata(self, function: InferenceFunction) -> dict[str, Any]:
+        spec = function.spec
+        return {
+            "name": function.name,
+            "versions": ["1"],
+            "platform": "pytorch_torchscript"
+            if spec.model.format == "torchscript"
+            else "pytorch_export",
+            "inputs": [
+                {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in spec.inputs
+            ],
+            "outputs": [
+                {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in spec.outputs
+            ],
+        }
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="gpufaas gateway", version=SERVER_VERSION, lifespan=lifespan)
+    app.state.gateway = gateway
+    install_error_handlers(app)
+    add_metrics_route(app, gateway.metrics.registry)
+
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return {
+            "name": SERVER_NAME,
+            "version": SERVER_VERSION,
+            "extensions": ["binary_tensor_data", "model_repository"],
+        }
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        if any(n.healthy for n in gateway.cluster.nodes.values()):
+            return JSONResponse({"ready": True})
+        return error_response(503, "no GPU manager is reachable", reason="NoDevice")
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> Response:
+        function = gateway.function(name)
+        if function is None:
+            return error_response(404, f"unknown model {name!r}", reason="UnknownModel")
+        return JSONResponse(gateway.model_metadata(function))
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        if gateway.function(name) is None:
+            return error_response(404, f"unknown model {name!r}", reason="UnknownModel")
+        return JSONResponse({"name": name, "ready": True})
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        started = time.perf_counter()
+        response = await gateway.infer(name, request)
+        gateway.metrics.requests.labels(
+            name if name in gateway.functions else "_unknown", str(response.status_code)
+        ).inc()
+        if response.status_code == 200:
+            gateway.metrics.latency.labels(name).observe(time.perf_counter() - started)
+        return response
+
+    @app.post("/v2/repository/index")
+    async def repository_index() -> JSONResponse:
+        return JSONResponse(gateway.repository_index())
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def load(name: str) -> Response:
+        return await gateway.load(name)
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def unload(name: str) -> Response:
+        return await gateway.unload(name)
+
+    @app.get("/v2/gpufaas/cluster")
+    async def cluster_state() -> JSONResponse:
+        directory = gateway.cluster.directory
+        return JSONResponse(
+            json_safe(
+                {
+                    "policy": gateway.policy.name,
+                    "nodes": [
+                        {"name": n.name, "url": n.url, "healthy": n.healthy}
+                        for n in gateway.cluster.nodes.values()
+                    ],
+                    "devices": [
+                        {
+                            "key": d.key,
+                            "outstanding": d.outstanding,
+                            "capacity_bytes": d.capacity_bytes,
+                            "residents": directory.residents(d.key)
+                            if d.key in directory.devices()
+                            else [],
+                        }
+                        for d in gateway.cluster.devices.values()
+                    ],
+                }
+            )
+        )
+
+    return app

@@ -1,0 +1,45 @@
+"""Entry point of the gateway (``gpufaas gateway``, and in-process for ``gpufaas up``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+
+import uvicorn
+
+from gpufaas.core.api import InferenceFunction
+from gpufaas.scheduler.cluster import Cluster
+from gpufaas.scheduler.gateway import Gateway, GatewayConfig, create_app
+from gpufaas.scheduler.policy import make_policy
+
+logger = logging.getLogger(__name__)
+
+
+def build_gateway(
+    *,
+    manager_urls: Mapping[str, str],
+    functions: Sequence[InferenceFunction],
+    policy: str = "lb",
+    config: GatewayConfig | None = None,
+    seed: int | None = None,
+) -> Gateway:
+    gateway = Gateway(
+        cluster=Cluster(manager_urls=manager_urls),
+        policy=make_policy(policy, seed=seed),
+        config=config,
+    )
+    for function in functions:
+        gateway.functions[function.name] = function
+    return gateway
+
+
+def serve(*, gateway: Gateway, host: str, port: int) -> None:
+    logger.info("gateway on http://%s:%d (policy %s)", host, port, gateway.policy.name)
+    config = uvicorn.Config(
+        create_app(gateway), host=host, port=port, log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(server.serve())
