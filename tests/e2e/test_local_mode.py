@@ -199,6 +199,13 @@ def test_metrics_are_exported(server: str, client: triton.InferenceServerClient)
     cluster = httpx.get(f"{server}/v2/gpufaas/cluster", timeout=10).json()
     residents = {r[0] for d in cluster["devices"] for r in d["residents"]}
     assert "tiny-mlp" in residents
+    manager = cluster["nodes"][0]["url"]
+    assert "gpufaas_device_capacity_bytes" in httpx.get(f"{manager}/metrics", timeout=10).text
+    state = httpx.get(f"{manager}/v2/gpufaas/state", timeout=10).json()
+    on_device = [r for d in state["devices"] for r in d["residents"] if r["model"] == "tiny-mlp"]
+    on_host = [r for r in state["host"]["residents"] if r["model"] == "tiny-mlp"]
+    assert on_device and on_host
+    assert on_device[0]["size_bytes"] >= on_host[0]["size_bytes"] > 0
 
 
 def test_model_repository_unload_and_load(server: str) -> None:
