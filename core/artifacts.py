@@ -42,6 +42,8 @@ from typing import IO, Any
 
 import fsspec
 
+from gpufaas.core.uripolicy import UriNotAllowed, UriPolicy
+
 __all__ = ["ArtifactError", "ArtifactStore", "write_atomically"]
 
 _CHUNK_BYTES = 1 << 20
@@ -72,8 +74,10 @@ class ArtifactStore:
         allowed_schemes: Sequence[str] = ("file", "http", "https", "s3"),
         storage_options: Mapping[str, Mapping[str, Any]] | None = None,
         max_bytes: int | None = None,
+        uri_policy: UriPolicy | None = None,
     ) -> None:
         self.root = Path(root)
+        self.uri_policy = uri_policy or UriPolicy()
         self.allowed_schemes = tuple(s.lower() for s in allowed_schemes)
         self.storage_options = {k.lower(): dict(v) for k, v in (storage_options or {}).items()}
         self.max_bytes = max_bytes
@@ -95,6 +99,10 @@ class ArtifactStore:
         if scheme not in self.allowed_schemes:
             allowed = ", ".join(self.allowed_schemes) or "none"
             raise ArtifactError(uri, f"scheme {scheme or '(none)'!r} is not allowed ({allowed})")
+        try:
+            self.uri_policy.check(uri, s3_endpoint=self._s3_endpoint() if scheme == "s3" else None)
+        except UriNotAllowed as e:
+            raise ArtifactError(uri, f"not allowed: {e}") from None
         expected = sha256.lower() if sha256 is not None else None
         if expected is not None and not _SHA256.fullmatch(expected):
             raise ArtifactError(uri, f"sha256 {sha256!r} is not 64 hex digits")
@@ -158,6 +166,13 @@ class ArtifactStore:
         self._remember(uri, actual)
         return blob
 
+    def _s3_endpoint(self) -> str | None:
+        options = self.storage_options.get("s3", {})
+        endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get(
+            "endpoint_url"
+        )
+        return str(endpoint) if endpoint else _env_s3_endpoint()
+
     @contextlib.contextmanager
     def _opened_remote(self, uri: str, scheme: str) -> Iterator[IO[bytes]]:
         options = dict(self.storage_options.get(scheme, {}))
@@ -166,7 +181,7 @@ class ArtifactStore:
             open_options["block_size"] = 0  # stream the body; no range requests
         elif scheme == "s3":
             open_options["block_size"] = _S3_BLOCK_BYTES
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            endpoint = _env_s3_endpoint()
             client_kwargs = options.get("client_kwargs") or {}
             if endpoint and "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
                 options["endpoint_url"] = endpoint
@@ -226,6 +241,10 @@ def write_atomically(path: Path, data: bytes | memoryview) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _env_s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 def _local_path(uri: str) -> Path:
