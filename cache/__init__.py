@@ -5,6 +5,7 @@ with pinning, asyncio single-flight loads, a device -> host -> disk -> remote ti
 counters, and the scheduler's cluster-wide directory of where models live.
 """
 
+from gpufaas.cache.backoff import Failure, FailureBackoff
 from gpufaas.cache.directory import (
     ClusterDirectory,
     DeviceExists,
@@ -39,6 +40,8 @@ __all__ = [
     "EntryExists",
     "EntryPinned",
     "EntryState",
+    "Failure",
+    "FailureBackoff",
     "InsufficientCapacity",
     "InvalidReport",
     "InvalidSize",

@@ -7,7 +7,9 @@ a traceback, and a Prometheus ``/metrics`` route per app.
 
 from __future__ import annotations
 
+import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -111,3 +113,29 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     return str(value)
+
+
+def install_token_auth(
+    app: FastAPI, *, token: str, protect: Callable[[str], bool], realm: str
+) -> None:
+    """Require ``Authorization: Bearer <token>`` on the paths ``protect`` selects.
+
+    The comparison is constant-time; a missing or wrong token gets a 401 that
+    names what is needed, never which part was wrong.
+    """
+    expected = f"Bearer {token}".encode()
+
+    @app.middleware("http")
+    async def _check_token(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if protect(request.url.path):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return error_response(
+                    401,
+                    f"{realm} requires 'Authorization: Bearer <token>'",
+                    reason="Unauthorized",
+                    headers={"WWW-Authenticate": f'Bearer realm="{realm}"'},
+                )
+        return await call_next(request)

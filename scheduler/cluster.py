@@ -51,8 +51,16 @@ def residents_from_state(device_state: Mapping[str, Any]) -> list[tuple[str, Res
 class Cluster:
     """GPU managers behind the gateway, and where each model lives on them."""
 
-    def __init__(self, *, manager_urls: Mapping[str, str], timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        *,
+        manager_urls: Mapping[str, str],
+        timeout_s: float = 120.0,
+        manager_token: str | None = None,
+    ) -> None:
         self.directory = ClusterDirectory()
+        # GPU managers accept work only from a gateway holding the shared secret.
+        headers = {"Authorization": f"Bearer {manager_token}"} if manager_token else {}
         self.nodes: dict[str, Node] = {
             name: Node(
                 name=name,
@@ -61,6 +69,7 @@ class Cluster:
                     base_url=url.rstrip("/"),
                     timeout=httpx.Timeout(timeout_s, connect=5.0),
                     limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                    headers=headers,
                 ),
             )
             for name, url in manager_urls.items()

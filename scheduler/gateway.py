@@ -34,6 +34,7 @@ from gpufaas.core.http import (
     error_response,
     header_length,
     install_error_handlers,
+    install_token_auth,
     json_safe,
     read_body,
 )
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 SERVER_NAME = "gpufaas"
 SERVER_VERSION = "0.1.0"
+ADMIN_PATHS = ("/v2/repository", "/v2/gpufaas")
 _PASSTHROUGH_HEADERS = ("content-type", HEADER_LENGTH.lower(), CACHE_HEADER, LOAD_MS_HEADER)
 
 
@@ -59,6 +61,8 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     sync_interval_s: float = 5.0
     max_attempts: int = 3
+    # When set (Kubernetes mode), the repository and cluster endpoints need this bearer token.
+    admin_token: str | None = None
 
 
 class Metrics:
@@ -339,6 +343,13 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.state.gateway = gateway
     install_error_handlers(app)
     add_metrics_route(app, gateway.metrics.registry)
+    if gateway.config.admin_token:
+        install_token_auth(
+            app,
+            token=gateway.config.admin_token,
+            protect=lambda path: path.startswith(ADMIN_PATHS),
+            realm="the gpufaas admin API",
+        )
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:

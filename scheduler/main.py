@@ -24,9 +24,10 @@ def build_gateway(
     policy: str = "lb",
     config: GatewayConfig | None = None,
     seed: int | None = None,
+    manager_token: str | None = None,
 ) -> Gateway:
     gateway = Gateway(
-        cluster=Cluster(manager_urls=manager_urls),
+        cluster=Cluster(manager_urls=manager_urls, manager_token=manager_token),
         policy=make_policy(policy, seed=seed),
         config=config,
     )
