@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=1, help="GPU-manager processes to start")
     up.add_argument("--policy", default="lb")
     up.add_argument("--max-request-bytes", default="64Mi", help="largest request body accepted")
+    up.add_argument(
+        "--sync-interval", type=float, default=5.0, help="seconds between full re-syncs"
+    )
     _add_device_options(up)
 
     gateway = sub.add_parser("gateway", help="run the gateway")
@@ -74,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument(
         "--max-request-bytes", default="64Mi", help="largest request body accepted"
     )
+    gateway.add_argument(
+        "--sync-interval", type=float, default=5.0, help="seconds between full re-syncs"
+    )
+    gateway.add_argument(
+        "--kubernetes", action="store_true", help="learn functions and managers from the cluster"
+    )
+    gateway.add_argument(
+        "--watch-namespace", default=None, help="namespace to watch (default: all)"
+    )
+    gateway.add_argument("--manager-service", default="gpufaas-gpu-manager")
+    gateway.add_argument("--manager-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
 
     manager = sub.add_parser("gpu-manager", help="run a GPU manager (node agent)")
     manager.add_argument("--name", default=os.environ.get("NODE_NAME", "node-0"))
@@ -130,7 +144,11 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
     from gpufaas.core.protocol import Limits
     from gpufaas.scheduler.gateway import GatewayConfig
 
-    return GatewayConfig(limits=Limits(max_body_bytes=parse_bytes(args.max_request_bytes)))
+    return GatewayConfig(
+        limits=Limits(max_body_bytes=parse_bytes(args.max_request_bytes)),
+        sync_interval_s=args.sync_interval,
+        admin_token=os.environ.get("GPUFAAS_ADMIN_TOKEN") or None,
+    )
 
 
 def _parse_managers(text: str) -> dict[str, str]:
@@ -142,16 +160,27 @@ def _parse_managers(text: str) -> dict[str, str]:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
-    from gpufaas.scheduler.main import build_gateway, serve
+    from gpufaas.scheduler.main import build_gateway, enable_kubernetes, serve
 
     urls = _parse_managers(args.managers)
-    if not urls:
-        print("gpufaas gateway: give --managers URL[,URL...]", file=sys.stderr)
+    if not urls and not args.kubernetes:
+        print("gpufaas gateway: give --managers URL[,URL...] or --kubernetes", file=sys.stderr)
         return 2
     functions = load_manifests(args.functions) if args.functions else []
     gateway = build_gateway(
-        manager_urls=urls, functions=functions, policy=args.policy, config=_gateway_config(args)
+        manager_urls=urls,
+        functions=functions,
+        policy=args.policy,
+        config=_gateway_config(args),
+        manager_token=os.environ.get("GPUFAAS_MANAGER_TOKEN") or None,
     )
+    if args.kubernetes:
+        enable_kubernetes(
+            gateway,
+            watch_namespace=args.watch_namespace,
+            manager_service=args.manager_service,
+            manager_namespace=args.manager_namespace,
+        )
     serve(gateway=gateway, host=args.host, port=args.port)
     return 0
 

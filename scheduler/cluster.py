@@ -60,21 +60,39 @@ class Cluster:
     ) -> None:
         self.directory = ClusterDirectory()
         # GPU managers accept work only from a gateway holding the shared secret.
-        headers = {"Authorization": f"Bearer {manager_token}"} if manager_token else {}
-        self.nodes: dict[str, Node] = {
-            name: Node(
-                name=name,
-                url=url.rstrip("/"),
-                client=httpx.AsyncClient(
-                    base_url=url.rstrip("/"),
-                    timeout=httpx.Timeout(timeout_s, connect=5.0),
-                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-                    headers=headers,
-                ),
-            )
-            for name, url in manager_urls.items()
-        }
+        self._headers = {"Authorization": f"Bearer {manager_token}"} if manager_token else {}
+        self._timeout = httpx.Timeout(timeout_s, connect=5.0)
+        self.nodes: dict[str, Node] = {}
         self.devices: dict[str, Device] = {}
+        for name, url in manager_urls.items():
+            self._add_node(name, url)
+
+    def _add_node(self, name: str, url: str) -> Node:
+        node = Node(
+            name=name,
+            url=url.rstrip("/"),
+            client=httpx.AsyncClient(
+                base_url=url.rstrip("/"),
+                timeout=self._timeout,
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                headers=self._headers,
+            ),
+        )
+        self.nodes[name] = node
+        return node
+
+    async def set_managers(self, manager_urls: Mapping[str, str]) -> None:
+        """Adopt a new membership (Kubernetes discovery): add new nodes, drop gone ones."""
+        for name, node in list(self.nodes.items()):
+            if manager_urls.get(name, "").rstrip("/") != node.url:
+                self.mark_down(node)
+                for device in node.devices.values():
+                    self.devices.pop(device.key, None)
+                del self.nodes[name]
+                await node.client.aclose()
+        for name, url in manager_urls.items():
+            if name not in self.nodes:
+                self._add_node(name, url)
 
     async def close(self) -> None:
         await asyncio.gather(*(n.client.aclose() for n in self.nodes.values()))

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,22 +109,41 @@ class Gateway:
         self.model_bytes: dict[str, int] = {}
         self.metrics = Metrics(policy=policy.name)
         self._sync_task: asyncio.Task[None] | None = None
+        # Kubernetes mode: where the managers are, and tasks that feed the functions.
+        self.discover_managers: Callable[[], Awaitable[Mapping[str, str]]] | None = None
+        self.background: list[Callable[[asyncio.Event], Awaitable[None]]] = []
+        self._stopping = asyncio.Event()
+        self._background_tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
+        self._stopping = asyncio.Event()
         await self.sync()
         self._sync_task = asyncio.create_task(self._sync_forever(), name="gpufaas-sync")
+        self._background_tasks = [asyncio.create_task(self._guard(run)) for run in self.background]
+
+    async def _guard(self, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        try:
+            await run(self._stopping)
+        except Exception:
+            logger.exception("background task %s failed", getattr(run, "__name__", run))
 
     async def stop(self) -> None:
-        if self._sync_task is not None:
-            self._sync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sync_task
+        self._stopping.set()
+        tasks = [t for t in [self._sync_task, *self._background_tasks] if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.cluster.close()
 
     async def sync(self) -> None:
         """Re-sync every node; a node that comes (back) up gets all functions."""
+        if self.discover_managers is not None:
+            try:
+                await self.cluster.set_managers(await self.discover_managers())
+            except Exception as e:  # keep the last membership; the next sync tries again
+                logger.warning("GPU-manager discovery failed: %s", e)
         for node in self.cluster.nodes.values():
             was_healthy = node.healthy
             if await self.cluster.sync_node(node) and not was_healthy:

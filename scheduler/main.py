@@ -44,3 +44,29 @@ def serve(*, gateway: Gateway, host: str, port: int) -> None:
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(server.serve())
+
+
+def enable_kubernetes(
+    gateway: Gateway,
+    *,
+    watch_namespace: str | None,
+    manager_service: str,
+    manager_namespace: str,
+) -> None:
+    """Learn functions from Ready InferenceFunction objects and managers from the
+    GPU-manager DaemonSet's endpoints (refreshed on every sync)."""
+    from gpufaas.scheduler.kube import gpu_manager_urls, watch_functions
+
+    async def discover() -> Mapping[str, str]:
+        return await gpu_manager_urls(namespace=manager_namespace, service=manager_service)
+
+    async def watch(stop: asyncio.Event) -> None:
+        await watch_functions(
+            namespace=watch_namespace,
+            on_ready=gateway.add_function,
+            on_gone=gateway.remove_function,
+            stop=stop,
+        )
+
+    gateway.discover_managers = discover
+    gateway.background.append(watch)

@@ -1,0 +1,201 @@
+"""The gateway's Kubernetes mode (gpufaas.scheduler.kube) against KMock over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+from typing import Any
+
+import pytest
+from kmock_harness import GatewayStandIn, Kube, function_body
+
+from gpufaas.core.api import InferenceFunction
+from gpufaas.scheduler.kube import (
+    KubeConnection,
+    decide,
+    discover_gpu_managers,
+    gpu_manager_urls,
+    manager_urls,
+    watch_functions,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _ready_status(generation: int, ready: str = "True") -> dict[str, Any]:
+    return {"status": {"ready": ready, "observedGeneration": generation, "phase": "Ready"}}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[tuple[str, ...]] = asyncio.Queue()
+
+    async def on_ready(self, function: InferenceFunction) -> None:
+        await self.events.put(("ready", function.name, function.spec.model.uri))
+
+    async def on_gone(self, name: str) -> None:
+        await self.events.put(("gone", name))
+
+    async def next(self) -> tuple[str, ...]:
+        return await asyncio.wait_for(self.events.get(), timeout=10)
+
+
+async def test_watch_reports_ready_functions_only(cluster: tuple[Kube, GatewayStandIn]) -> None:
+    kube, _ = cluster
+    ns = "watch"
+    connection = KubeConnection.load()  # from $KUBECONFIG, as the gateway does outside a cluster
+    assert connection.authorization() == "Bearer test-token"
+
+    pre = function_body("pre", handler=False) | _ready_status(1)
+    kube.create(kube.fn_path(ns), pre)
+    kube.create(kube.fn_path("elsewhere"), function_body("other", handler=False) | _ready_status(1))
+    recorder, stop = Recorder(), asyncio.Event()
+    task = asyncio.create_task(
+        watch_functions(
+            namespace=ns,
+            on_ready=recorder.on_ready,
+            on_gone=recorder.on_gone,
+            stop=stop,
+            connection=connection,
+        )
+    )
+    try:
+        assert await recorder.next() == ("ready", "pre", "file:///models/m.pt")
+
+        # Not ready yet: nothing; then the operator marks it Ready.
+        kube.create(kube.fn_path(ns), function_body("late", handler=False))
+        kube.patch(kube.fn_path(ns, "late") + "/status", _ready_status(1))
+        assert await recorder.next() == ("ready", "late", "file:///models/m.pt")
+
+        # A new generation the operator has not seen yet keeps the old decision...
+        kube.patch(kube.fn_path(ns, "late"), {"spec": {"model": {"uri": "file:///models/v2.pt"}}})
+        # ...until it has verified it.
+        kube.patch(kube.fn_path(ns, "late") + "/status", _ready_status(2))
+        assert await recorder.next() == ("ready", "late", "file:///models/v2.pt")
+
+        kube.patch(kube.fn_path(ns, "late") + "/status", _ready_status(2, ready="False"))
+        assert await recorder.next() == ("gone", "late")
+
+        kube.delete(kube.fn_path(ns, "pre"))
+        assert await recorder.next() == ("gone", "pre")
+        assert recorder.events.empty()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def test_watch_retries_a_failing_api_server_until_stopped() -> None:
+    hits: list[str] = []
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    recorder, stop = Recorder(), asyncio.Event()
+    try:
+        task = asyncio.create_task(
+            watch_functions(
+                namespace=None,
+                on_ready=recorder.on_ready,
+                on_gone=recorder.on_gone,
+                stop=stop,
+                connection=KubeConnection(base_url=f"http://127.0.0.1:{server.server_address[1]}"),
+                backoff_s=(0.01, 0.05),
+            )
+        )
+        for _ in range(200):  # bounded: at most ~10 s
+            if len(hits) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert len(hits) >= 3, "the watcher should re-list after each failure"
+        assert all(h.startswith("/apis/gpufaas.dev/v1alpha1/inferencefunctions") for h in hits)
+        assert not task.done()
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert recorder.events.empty()
+
+
+@pytest.mark.parametrize(
+    ("obj", "decision"),
+    [
+        (
+            {"metadata": {"generation": 2}, "status": {"ready": "True", "observedGeneration": 2}},
+            "ready",
+        ),
+        (
+            {"metadata": {"generation": 2}, "status": {"ready": "True", "observedGeneration": 1}},
+            "pending",
+        ),
+        (
+            {"metadata": {"generation": 2}, "status": {"ready": "False", "observedGeneration": 2}},
+            "not-ready",
+        ),
+        ({"metadata": {"generation": 1}}, "pending"),
+        (
+            {"metadata": {"generation": 1, "deletionTimestamp": "t"}, "status": {"ready": "True"}},
+            "not-ready",
+        ),
+    ],
+)
+def test_decide(obj: dict[str, Any], decision: str) -> None:
+    assert decide(obj) == decision
+
+
+def _slice(service: str, port: int, endpoints: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }
+
+
+async def test_discover_gpu_managers_reads_ready_endpoints(
+    cluster: tuple[Kube, GatewayStandIn],
+) -> None:
+    kube, _ = cluster
+    ns, service = "gpufaas", "gpufaas-gpu-manager"
+    slices = kube.path("discovery.k8s.io/v1", "endpointslices", ns)
+    endpoints = [
+        {"addresses": ["10.0.0.1"], "nodeName": "gpu-a", "conditions": {"ready": True}},
+        {"addresses": ["10.0.0.2"], "nodeName": "gpu-b", "conditions": {"ready": False}},
+        {"addresses": ["10.0.0.3"], "nodeName": "gpu-c", "conditions": {}},
+    ]
+    kube.create(slices, _slice(service, 8090, endpoints, "mgr-1"))
+    kube.create(slices, _slice("someone-else", 80, [{"addresses": ["10.9.9.9"]}], "other-1"))
+    connection = KubeConnection.load()
+    assert await discover_gpu_managers(namespace=ns, service=service, connection=connection) == [
+        "http://10.0.0.1:8090",
+        "http://10.0.0.3:8090",
+    ]
+    by_node = await gpu_manager_urls(namespace=ns, service=service, connection=connection)
+    assert by_node == {"gpu-a": "http://10.0.0.1:8090", "gpu-c": "http://10.0.0.3:8090"}
+    assert (
+        await discover_gpu_managers(namespace="empty", service=service, connection=connection) == []
+    )
+
+
+def test_manager_urls_bracket_ipv6_and_match_the_port_by_name() -> None:
+    slices = [
+        {
+            "ports": [{"name": "metrics", "port": 9100}, {"name": "http", "port": 8090}],
+            "endpoints": [{"addresses": ["fd00::1"]}],
+        }
+    ]
+    assert manager_urls(slices) == {"fd00::1": "http://[fd00::1]:8090"}
+    assert manager_urls(slices, port_name="grpc") == {}
