@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpufaas.core.protocol import HEADER_LENGTH, ProtocolError, parse_header_length
@@ -28,6 +29,8 @@ LOAD_MS_HEADER = "x-gpufaas-load-ms"
 COMPUTE_MS_HEADER = "x-gpufaas-compute-ms"
 REASON_HEADER = "x-gpufaas-reason"
 MODEL_BYTES_HEADER = "x-gpufaas-model-bytes"
+LOAD_SOURCE_HEADER = "x-gpufaas-load-source"  # device (a hit), host, or peer:<device id>
+BATCH_SIZE_HEADER = "x-gpufaas-batch-size"  # requests that shared one forward pass
 
 
 def error_response(
@@ -139,3 +142,23 @@ def install_token_auth(
                     headers={"WWW-Authenticate": f'Bearer realm="{realm}"'},
                 )
         return await call_next(request)
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema with every ``$ref`` inlined, for ``openapi_extra``
+    (FastAPI does not register the ``$defs`` of schemas given that way)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    result: dict[str, Any] = resolve(schema)
+    return result

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from gpufaas.cache import InsufficientCapacity
-from gpufaas.core.api import InferenceFunction
+from gpufaas.core.api import InferenceFunction, is_valid_name
 from gpufaas.core.http import (
     CACHE_HEADER,
     DEVICE_HEADER,
@@ -33,6 +33,7 @@ from gpufaas.core.http import (
     add_metrics_route,
     error_response,
     header_length,
+    inline_schema,
     install_error_handlers,
     install_token_auth,
     json_safe,
@@ -40,6 +41,7 @@ from gpufaas.core.http import (
 )
 from gpufaas.core.protocol import (
     HEADER_LENGTH,
+    InferenceRequest,
     Limits,
     decode_request,
     encode_request,
@@ -323,6 +325,10 @@ class Gateway:
         return JSONResponse({}, status_code=200)
 
     async def unload(self, name: str) -> Response:
+        """Unload everywhere; idempotent, so a function already removed unloads too."""
+        if not is_valid_name(name):
+            return error_response(404, f"unknown model {name[:100]!r}", reason="UnknownModel")
+
         async def one(node_client: httpx.AsyncClient) -> None:
             with contextlib.suppress(httpx.HTTPError):
                 await node_client.post(f"/v2/repository/models/{name}/unload")
@@ -403,8 +409,18 @@ def create_app(gateway: Gateway) -> FastAPI:
             return error_response(404, f"unknown model {name!r}", reason="UnknownModel")
         return JSONResponse({"name": name, "ready": True})
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
+    infer_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": inline_schema(InferenceRequest)},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    }
+
+    @app.post("/v2/models/{name}/infer", openapi_extra=infer_body)
+    @app.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=infer_body)
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         started = time.perf_counter()
         response = await gateway.infer(name, request)

@@ -8,11 +8,6 @@ answers must match running the same torch model directly.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,64 +19,10 @@ from tritonclient.utils import InferenceServerException
 
 from gpufaas.core.api import ModelFormat
 from gpufaas.core.examples import EXAMPLES, example_inputs
-from gpufaas.core.local import free_port
 from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.modelio import load_model
 
 pytestmark = pytest.mark.slow
-
-MAX_REQUEST_BYTES = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, example_models_dir: Path) -> Iterator[str]:
-    """``gpufaas up`` on a free port; stopped with Ctrl-C (SIGINT) at the end."""
-    import os
-
-    home = tmp_path_factory.mktemp("home")
-    port = free_port()
-    env = {
-        **os.environ,
-        "GPUFAAS_HOME": str(home),
-        "GPUFAAS_MODELS": str(example_models_dir),
-        "PYTHONUNBUFFERED": "1",
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "gpufaas.core.cli", "up",
-            "--port", str(port), "--cpu-devices", "2", "--device-memory", "1Gi",
-            "--max-request-bytes", str(MAX_REQUEST_BYTES),
-        ],
-        env=env,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, f"gpufaas up exited early with {proc.returncode}"
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "gpufaas up was not ready within 120 s"
-        time.sleep(0.2)
-    yield url
-    proc.send_signal(signal.SIGINT)
-    try:
-        code = proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("gpufaas up did not stop within 30 s of Ctrl-C")
-    assert code in (0, 130, -signal.SIGINT), f"unclean exit code {code}"
-
-
-@pytest.fixture(scope="module")
-def client(server: str) -> Iterator[triton.InferenceServerClient]:
-    c = triton.InferenceServerClient(
-        server.removeprefix("http://"), connection_timeout=60, network_timeout=120
-    )
-    yield c
-    c.close()
 
 
 def _expected(name: str, inputs: dict[str, np.ndarray], models_dir: Path) -> list[np.ndarray]:
@@ -176,12 +117,12 @@ def test_malformed_json_is_400(server: str) -> None:
     assert "json" in response.json()["error"].lower()
 
 
-def test_body_over_limit_is_413(server: str) -> None:
+def test_body_over_limit_is_413(server: str, request_limit: int) -> None:
     response = httpx.post(
-        f"{server}/v2/models/tiny-mlp/infer", content=b" " * (MAX_REQUEST_BYTES + 1), timeout=30
+        f"{server}/v2/models/tiny-mlp/infer", content=b" " * (request_limit + 1), timeout=30
     )
     assert response.status_code == 413
-    assert str(MAX_REQUEST_BYTES) in response.json()["error"]
+    assert str(request_limit) in response.json()["error"]
 
 
 def test_server_keeps_serving_after_bad_input(
