@@ -8,6 +8,7 @@ stops the gateway and then the managers, within a bounded time.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -22,6 +23,8 @@ from pathlib import Path
 import httpx
 
 logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies (Linux), so a
+    killed ``gpufaas up`` never leaves GPU managers running on their own."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def manager_command(*, name: str, port: int, options: ManagerOptions) -> list[str]:
@@ -105,9 +116,8 @@ def run_managers(
         for i in range(nodes):
             name = f"node-{i}"
             port = free_port()
-            procs.append(
-                subprocess.Popen(manager_command(name=name, port=port, options=options), env=env)
-            )
+            command = manager_command(name=name, port=port, options=options)
+            procs.append(subprocess.Popen(command, env=env, preexec_fn=die_with_parent))
             urls[name] = f"http://127.0.0.1:{port}"
         wait_ready(list(urls.values()), timeout_s=start_timeout_s, procs=procs)
         yield urls

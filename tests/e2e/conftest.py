@@ -14,7 +14,7 @@ import httpx
 import pytest
 import tritonclient.http as triton
 
-from gpufaas.core.local import free_port
+from gpufaas.core.local import die_with_parent, free_port
 
 MAX_REQUEST_BYTES = 1 << 20
 
@@ -37,6 +37,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, example_models_dir: Path) -
             "--max-request-bytes", str(MAX_REQUEST_BYTES),
         ],
         env=env,
+        preexec_fn=die_with_parent,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

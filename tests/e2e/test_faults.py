@@ -21,7 +21,13 @@ import httpx
 import numpy as np
 import pytest
 
-from gpufaas.core.local import ManagerOptions, free_port, manager_command, stop_processes
+from gpufaas.core.local import (
+    ManagerOptions,
+    die_with_parent,
+    free_port,
+    manager_command,
+    stop_processes,
+)
 from gpufaas.core.manifests import bundled_functions_dir
 from gpufaas.core.protocol import decode_response, encode_request, parse_header_length
 
@@ -69,7 +75,9 @@ class System:
 
     def start_manager(self, name: str) -> None:
         command = manager_command(name=name, port=self.manager_ports[name], options=self.options)
-        proc = self.managers[name] = subprocess.Popen(command, env=self.env)
+        proc = self.managers[name] = subprocess.Popen(
+            command, env=self.env, preexec_fn=die_with_parent
+        )
         wait_for(
             lambda: _alive(proc) and _ready(self.manager_url(name)),
             timeout_s=60,
@@ -85,6 +93,7 @@ class System:
                 "--port", str(self.gateway_port), "--sync-interval", str(SYNC_INTERVAL_S),
             ],
             env=self.env,
+            preexec_fn=die_with_parent,
         )  # fmt: skip
         gateway = self.gateway
         wait_for(lambda: _alive(gateway) and _ready(self.url), timeout_s=60, what="the gateway")
