@@ -44,6 +44,29 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", default="lb", help="lb, lalb or lalb-o3")
+    parser.add_argument("--max-request-bytes", default="64Mi", help="largest request body accepted")
+    parser.add_argument(
+        "--sync-interval", type=float, default=5.0, help="seconds between full re-syncs"
+    )
+    parser.add_argument(
+        "--device-concurrency", type=int, default=4, help="requests running per device"
+    )
+    parser.add_argument(
+        "--max-queue-per-device",
+        type=int,
+        default=256,
+        help="waiting requests per device; past it, 429",
+    )
+    parser.add_argument(
+        "--max-pending-per-function",
+        type=int,
+        default=512,
+        help="requests in flight per function; past it, 429",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpufaas", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -59,11 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=DEFAULT_PORT)
     up.add_argument("--nodes", type=int, default=1, help="GPU-manager processes to start")
-    up.add_argument("--policy", default="lb")
-    up.add_argument("--max-request-bytes", default="64Mi", help="largest request body accepted")
-    up.add_argument(
-        "--sync-interval", type=float, default=5.0, help="seconds between full re-syncs"
-    )
+    _add_gateway_options(up)
     _add_device_options(up)
 
     gateway = sub.add_parser("gateway", help="run the gateway")
@@ -73,13 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--functions", type=Path, action="append", default=[])
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=DEFAULT_PORT)
-    gateway.add_argument("--policy", default="lb")
-    gateway.add_argument(
-        "--max-request-bytes", default="64Mi", help="largest request body accepted"
-    )
-    gateway.add_argument(
-        "--sync-interval", type=float, default=5.0, help="seconds between full re-syncs"
-    )
+    _add_gateway_options(gateway)
     gateway.add_argument(
         "--kubernetes", action="store_true", help="learn functions and managers from the cluster"
     )
@@ -148,6 +161,9 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         limits=Limits(max_body_bytes=parse_bytes(args.max_request_bytes)),
         sync_interval_s=args.sync_interval,
         admin_token=os.environ.get("GPUFAAS_ADMIN_TOKEN") or None,
+        device_concurrency=args.device_concurrency,
+        max_queue_per_device=args.max_queue_per_device,
+        max_pending_per_function=args.max_pending_per_function,
     )
 
 

@@ -18,7 +18,6 @@ import httpx
 
 from gpufaas.cache import ClusterDirectory, Residency
 from gpufaas.core.api import InferenceFunctionSpec
-from gpufaas.scheduler.policy import DeviceLoad
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +28,6 @@ class Device:
     node: Node
     device_id: str
     capacity_bytes: int
-    outstanding: int = 0
 
 
 @dataclass
@@ -99,9 +97,6 @@ class Cluster:
 
     def healthy_devices(self) -> list[Device]:
         return [d for d in self.devices.values() if d.node.healthy]
-
-    def loads(self) -> list[DeviceLoad]:
-        return [DeviceLoad(key=d.key, outstanding=d.outstanding) for d in self.healthy_devices()]
 
     async def sync_node(self, node: Node) -> bool:
         """Re-read a node's devices and residents; a failure marks it down."""

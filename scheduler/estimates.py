@@ -168,13 +168,18 @@ class Estimates:
 
     def load_ms(self, model: str, *, size_bytes: int) -> float:
         """Expected time to load ``model`` onto a device that does not hold it."""
-        own = self._load.get(model)
-        if own is not None and own.value is not None:
-            return own.value
+        own = self.measured_load_ms(model)
+        if own is not None:
+            return own
         fitted = self._load_line.predict(float(size_bytes))
         if fitted is not None:
             return fitted
         return self.prior_load_overhead_ms + size_bytes * self.prior_load_ms_per_byte
+
+    def measured_load_ms(self, model: str) -> float | None:
+        """The EWMA of ``model``'s own loads, or None if it has not been seen loading."""
+        own = self._load.get(model)
+        return own.value if own is not None else None
 
     def infer_ms(self, model: str) -> float:
         """Expected time of one inference of ``model`` once it is resident."""
@@ -191,7 +196,8 @@ class Estimates:
         if entry is None:
             return 0.0
         value, at = entry
-        return value * self._keep ** (self._requests - at)
+        decay: float = self._keep ** (self._requests - at)
+        return value * decay
 
     def mean_infer_ms(self) -> float:
         """Expected inference time of a request for any model."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -22,10 +23,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from gpufaas.cache import InsufficientCapacity
+from gpufaas.cache import InsufficientCapacity, Residency
 from gpufaas.core.api import InferenceFunction, is_valid_name
 from gpufaas.core.http import (
     CACHE_HEADER,
+    COMPUTE_MS_HEADER,
     DEVICE_HEADER,
     LOAD_MS_HEADER,
     MODEL_BYTES_HEADER,
@@ -43,12 +45,15 @@ from gpufaas.core.protocol import (
     HEADER_LENGTH,
     InferenceRequest,
     Limits,
+    ProtocolError,
     decode_request,
     encode_request,
     validate_inputs,
 )
-from gpufaas.scheduler.cluster import Cluster, Device
-from gpufaas.scheduler.policy import NoDevice, Policy, RouteRequest
+from gpufaas.scheduler.cluster import Cluster, Device, Node
+from gpufaas.scheduler.dispatch import DeviceGone, Dispatcher, Job, QueueFull, directory_residency
+from gpufaas.scheduler.estimates import Estimates
+from gpufaas.scheduler.policy import DeviceLoad, NoDevice, Policy, RouteRequest
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +70,26 @@ class GatewayConfig:
     max_attempts: int = 3
     # When set (Kubernetes mode), the repository and cluster endpoints need this bearer token.
     admin_token: str | None = None
+    # Requests running on one device at a time; the rest wait in its bounded queue.
+    device_concurrency: int = 4
+    max_queue_per_device: int = 256
+    # Requests in the gateway for one function (queued or running); past it, 429.
+    max_pending_per_function: int = 512
+    # O3: a request is passed at most this often, or held at most this long.
+    o3_max_passes: int = 8
+    o3_max_hold_ms: float = 500.0
+
+
+class Overloaded(Exception):
+    """A bounded queue is full: the client should retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before it could run."""
 
 
 class Metrics:
@@ -110,6 +135,16 @@ class Gateway:
         self.functions: dict[str, InferenceFunction] = {}
         self.model_bytes: dict[str, int] = {}
         self.metrics = Metrics(policy=policy.name)
+        self.estimates: Estimates = getattr(policy, "estimates", None) or Estimates()
+        self.dispatcher = Dispatcher(
+            mode=policy.dispatch,
+            concurrency=self.config.device_concurrency,
+            max_queue=self.config.max_queue_per_device,
+            max_passes=self.config.o3_max_passes,
+            max_hold_ms=self.config.o3_max_hold_ms,
+            is_resident=directory_residency(cluster.directory),
+        )
+        self.pending: dict[str, int] = {}
         self._sync_task: asyncio.Task[None] | None = None
         # Kubernetes mode: where the managers are, and tasks that feed the functions.
         self.discover_managers: Callable[[], Awaitable[Mapping[str, str]]] | None = None
@@ -192,8 +227,21 @@ class Gateway:
 
     # -- routing -------------------------------------------------------------------
 
+    def loads(self, exclude: set[str]) -> list[DeviceLoad]:
+        return [
+            self.dispatcher.load(d.key)
+            for d in self.cluster.healthy_devices()
+            if d.key not in exclude
+        ]
+
+    def node_down(self, node: Node) -> None:
+        """Forget a dead node: its devices leave the directory, its waiting requests retry."""
+        self.cluster.mark_down(node)
+        for device in node.devices.values():
+            self.dispatcher.remove_device(device.key)
+
     def _choose(self, name: str, exclude: set[str]) -> Device:
-        loads = [d for d in self.cluster.loads() if d.key not in exclude]
+        loads = self.loads(exclude)
         key = self.policy.choose(
             RouteRequest(model=name, size_bytes=self.model_bytes.get(name, 0)),
             loads,
@@ -201,22 +249,77 @@ class Gateway:
         )
         return self.cluster.devices[key]
 
-    @contextlib.asynccontextmanager
-    async def _dispatched(self, device: Device, name: str) -> AsyncIterator[None]:
-        device.outstanding += 1
+    def _job(self, name: str, device: Device) -> Job:
+        function = self.functions.get(name)
+        size = self.model_bytes.get(name, 0)
+        resident = self.cluster.directory.holders(name).get(device.key) is Residency.RESIDENT
+        return Job(
+            model=name,
+            slo_ms=function.spec.slo.latency_ms if function else None,
+            expected_ms=self.estimates.service_ms(name, size_bytes=size, resident=resident),
+        )
+
+    async def _post(
+        self,
+        device: Device,
+        name: str,
+        *,
+        path: str,
+        content: bytes,
+        headers: Mapping[str, str],
+        deadline: float | None,
+    ) -> httpx.Response:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(
+                f"the deadline of the request for {name!r} passed while it waited"
+            )
         with contextlib.suppress(InsufficientCapacity):  # the manager's answer corrects the view
             self.cluster.directory.note_dispatch(
                 device.key, name, size_bytes=self.model_bytes.get(name, 0)
             )
-        try:
-            yield
-        finally:
-            device.outstanding -= 1
+        return await device.node.client.post(
+            path, content=content, headers={**headers, DEVICE_HEADER: device.device_id}
+        )
 
     async def forward(
-        self, name: str, *, path: str, content: bytes, headers: Mapping[str, str]
+        self,
+        name: str,
+        *,
+        path: str,
+        content: bytes,
+        headers: Mapping[str, str],
+        deadline: float | None = None,
     ) -> httpx.Response:
-        """Send to the chosen device; on a dead node, mark it down and try another."""
+        """Queue on the chosen device and send; on a dead node, mark it down and try another.
+
+        Raises :class:`Overloaded` when the function's or the device's bound is reached,
+        :class:`DeadlineExceeded` when the deadline passes first, :class:`NoDevice` when
+        no device is left to try.
+        """
+        if self.pending.get(name, 0) >= self.config.max_pending_per_function:
+            raise Overloaded(
+                f"{name!r} has {self.pending[name]} requests in flight "
+                f"(the limit is {self.config.max_pending_per_function})"
+            )
+        self.pending[name] = self.pending.get(name, 0) + 1
+        try:
+            return await self._forward(
+                name, path=path, content=content, headers=headers, deadline=deadline
+            )
+        finally:
+            self.pending[name] -= 1
+            if not self.pending[name]:
+                del self.pending[name]
+
+    async def _forward(
+        self,
+        name: str,
+        *,
+        path: str,
+        content: bytes,
+        headers: Mapping[str, str],
+        deadline: float | None,
+    ) -> httpx.Response:
         tried: set[str] = set()
         last_error: Exception | None = None
         for _ in range(self.config.max_attempts):
@@ -227,17 +330,31 @@ class Gateway:
                 break
             tried.add(device.key)
             try:
-                async with self._dispatched(device, name):
-                    response = await device.node.client.post(
-                        path, content=content, headers={**headers, DEVICE_HEADER: device.device_id}
-                    )
+                response = await self.dispatcher.submit(
+                    device.key,
+                    self._job(name, device),
+                    functools.partial(
+                        self._post,
+                        device,
+                        name,
+                        path=path,
+                        content=content,
+                        headers=headers,
+                        deadline=deadline,
+                    ),
+                )
+            except QueueFull as e:
+                raise Overloaded(str(e)) from None
+            except DeviceGone as e:
+                last_error = e
+                continue
             except httpx.TransportError as e:
                 logger.warning(
                     "GPU manager %s failed mid-request (%s); retrying elsewhere",
                     device.node.name,
                     e,
                 )
-                self.cluster.mark_down(device.node)
+                self.node_down(device.node)
                 last_error = e
                 continue
             self._learn(device, name, response)
@@ -252,14 +369,19 @@ class Gateway:
             return
         hit = response.headers.get(CACHE_HEADER) == "hit"
         self.metrics.cache.labels(self.policy.name, "hit" if hit else "miss").inc()
-        if not hit:
-            self.metrics.load.labels(self.policy.name).observe(
-                float(response.headers.get(LOAD_MS_HEADER, "0")) / 1000
-            )
         size = response.headers.get(MODEL_BYTES_HEADER)
         if size is not None:
             self.model_bytes[name] = int(size)
             self.cluster.directory.note_loaded(device.key, name, size_bytes=int(size))
+        compute_ms = _header_ms(response, COMPUTE_MS_HEADER)
+        if compute_ms is not None:
+            self.estimates.observe_infer(name, infer_ms=compute_ms)
+        load_ms = _header_ms(response, LOAD_MS_HEADER)
+        if not hit and load_ms is not None:
+            self.metrics.load.labels(self.policy.name).observe(load_ms / 1000)
+            self.estimates.observe_load(
+                name, size_bytes=self.model_bytes.get(name, 0), load_ms=load_ms
+            )
 
     async def infer(self, name: str, request: Request) -> Response:
         function = self.function(name)
@@ -280,10 +402,20 @@ class Gateway:
         )
         try:
             response = await self.forward(
-                name, path=f"/v2/models/{name}/infer", content=content, headers=headers
+                name,
+                path=f"/v2/models/{name}/infer",
+                content=content,
+                headers=headers,
+                deadline=request_deadline(request, decoded.parameters),
             )
         except NoDevice as e:
             return error_response(503, str(e), reason="NoDevice", headers={"Retry-After": "1"})
+        except Overloaded as e:
+            return error_response(
+                429, str(e), reason="Overloaded", headers={"Retry-After": str(e.retry_after_s)}
+            )
+        except DeadlineExceeded as e:
+            return error_response(504, str(e), reason="DeadlineExceeded")
         passthrough = {
             k: v for k, v in response.headers.items() if k.lower() in _PASSTHROUGH_HEADERS
         }
@@ -315,7 +447,7 @@ class Gateway:
             response = await self.forward(
                 name, path=f"/v2/repository/models/{name}/load", content=b"", headers={}
             )
-        except NoDevice as e:
+        except (NoDevice, Overloaded) as e:
             return error_response(503, str(e), reason="NoDevice", headers={"Retry-After": "1"})
         if response.status_code != 200:
             return Response(
@@ -353,6 +485,35 @@ class Gateway:
                 {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in spec.outputs
             ],
         }
+
+
+TIMEOUT_HEADER = "x-gpufaas-timeout-ms"
+
+
+def request_deadline(request: Request, parameters: Mapping[str, Any]) -> float | None:
+    """A monotonic deadline from ``X-Gpufaas-Timeout-Ms`` or Triton's ``timeout``
+    request parameter (microseconds); None when the client gave none."""
+    timeout_ms: float | None = None
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is not None:
+        try:
+            timeout_ms = float(header)
+        except ValueError:
+            raise ProtocolError(f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
+    elif isinstance(parameters.get("timeout"), int | float):
+        timeout_ms = float(parameters["timeout"]) / 1000
+    if timeout_ms is None:
+        return None
+    if not timeout_ms > 0:
+        raise ProtocolError("the timeout must be positive")
+    return time.monotonic() + timeout_ms / 1000
+
+
+def _header_ms(response: httpx.Response, header: str) -> float | None:
+    try:
+        return float(response.headers[header])
+    except (KeyError, ValueError):
+        return None
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -457,7 +618,8 @@ def create_app(gateway: Gateway) -> FastAPI:
                     "devices": [
                         {
                             "key": d.key,
-                            "outstanding": d.outstanding,
+                            "outstanding": gateway.dispatcher.queued(d.key)
+                            + gateway.dispatcher.running(d.key),
                             "capacity_bytes": d.capacity_bytes,
                             "residents": directory.residents(d.key)
                             if d.key in directory.devices()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, overload
 
@@ -233,6 +233,15 @@ def _columns(devices: Sequence[DeviceLoad], *, per_request_ms: float) -> _Column
     )
 
 
+def _holder_ids(directory: ClusterDirectory, model: str) -> Collection[str]:
+    """The devices holding ``model``: O(1) with ``ClusterDirectory.holder_ids`` (a read-only set
+    view), else built from ``holders()`` in O(holders)."""
+    fast: Callable[[str], Collection[str]] | None = getattr(directory, "holder_ids", None)
+    if fast is not None:
+        return fast(model)
+    return directory.holders(model).keys()
+
+
 def _pick_min(values: FloatArray | IntArray, rng: random.Random) -> int:
     """Index of the smallest value; ties broken at random so that idle devices share work."""
     i = int(np.argmin(values))
@@ -282,12 +291,17 @@ class LocalityAware:
     Costs are expected milliseconds until the request's inference can start:
 
     - at a device holding the model (resident or loading): its expected wait;
-    - at any other device: its expected wait plus the model's expected load time, plus, for each
-      predicted victim that no other device holds, ``victim_weight`` times that victim's load
-      time (the reload it may cost later).
+    - at any other device: its expected wait, plus the model's expected load time, plus
+      ``victim_weight`` times the expected reloads of what the load would evict there (a
+      victim's load time, times the chance it is asked for again before this model is, halved
+      if another device also holds it).
 
     The best holder wins unless the best other device is cheaper. Other devices are looked at
-    least-loaded first: the ``candidates`` least loaded (ties at random) that can make room.
+    least-loaded first: the ``candidates`` least loaded that can make room. ``victims`` says
+    which victims a load is charged for: the directory's LRU prediction (``"lru"``, what the GPU
+    manager evicts today), or the policy's own cheapest ones (``"value"``, reported in
+    ``last.victims`` as hints for a GPU manager that evicts them first). A model on more than
+    ``holder_sample`` devices has that many of its holders sampled at random.
     """
 
     name = "lalb"
@@ -301,6 +315,8 @@ class LocalityAware:
         o3: bool = False,
         candidates: int = 4,
         victim_weight: float = 2.0,
+        victims: Literal["lru", "value"] = "lru",
+        holder_sample: int = 8,
     ) -> None:
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates!r}")
@@ -310,6 +326,10 @@ class LocalityAware:
         self.estimates = estimates or Estimates()
         self.candidates = candidates
         self.victim_weight = victim_weight
+        self.victims = victims
+        if holder_sample < 1:
+            raise ValueError(f"holder_sample must be >= 1, got {holder_sample!r}")
+        self.holder_sample = holder_sample
         if o3:
             self.name = "lalb-o3"
             self.dispatch = "o3"
@@ -334,14 +354,16 @@ class LocalityAware:
         columns = _columns(devices, per_request_ms=estimates.mean_infer_ms())
         load_ms = estimates.load_ms(request.model, size_bytes=request.size_bytes)
 
-        holder, holder_cost, holder_positions = self._best_holder(
-            request.model, columns, load_ms, directory
-        )
-        if holder is not None and holder_cost <= float(columns.wait_ms.min()) + load_ms:
+        holders = _holder_ids(directory, request.model)
+        holder, holder_cost = self._best_holder(request.model, holders, columns, load_ms, directory)
+        least_wait = float(columns.wait_ms.min())
+        if holder is not None and holder_cost <= least_wait + load_ms:
             # No device could load it and start sooner: skip looking for one.
             return Decision(device=holder, reason="holder", holder_cost_ms=holder_cost)
 
-        placed = self._place(request, columns, load_ms, directory, exclude=holder_positions)
+        placed = self._place(
+            request, columns, load_ms, directory, holders=holders, least_wait=least_wait
+        )
         if placed is None:
             if holder is not None:
                 return Decision(device=holder, reason="holder", holder_cost_ms=holder_cost)
@@ -363,22 +385,40 @@ class LocalityAware:
         )
 
     def _best_holder(
-        self, model: str, columns: _Columns, load_ms: float, directory: ClusterDirectory
-    ) -> tuple[str | None, float, list[int]]:
+        self,
+        model: str,
+        holders: Collection[str],
+        columns: _Columns,
+        load_ms: float,
+        directory: ClusterDirectory,
+    ) -> tuple[str | None, float]:
+        """The holder with the least expected wait, and that wait.
+
+        Many holders (a hot model replicated widely): the best of ``holder_sample`` of them at
+        random, which balances nearly as well as the best of all and costs O(1).
+        """
+        if not holders:
+            return None, math.inf
+        if columns.waits_known:
+            states = None
+            keys: Collection[str] = holders
+            if len(holders) > self.holder_sample:
+                keys = self._rng.choices(list(holders), k=self.holder_sample)
+        else:  # no queue estimates: a model still loading adds its load time to the wait
+            states = directory.holders(model)
+            keys = states
         best: str | None = None
         best_cost = math.inf
-        positions = []
-        for key, state in directory.holders(model).items():
+        for key in keys:
             i = columns.position(key)
             if i is None:  # not a candidate (unhealthy, or excluded by the caller)
                 continue
-            positions.append(i)
             cost = float(columns.wait_ms[i])
-            if state is Residency.LOADING and not columns.waits_known:
-                cost = max(cost, load_ms)  # a queue estimate would include the load
+            if states is not None and states[key] is Residency.LOADING:
+                cost = max(cost, load_ms)
             if cost < best_cost or (cost == best_cost and self._rng.random() < 0.5):
                 best, best_cost = key, cost
-        return best, best_cost, positions
+        return best, best_cost
 
     def _place(
         self,
@@ -387,19 +427,26 @@ class LocalityAware:
         load_ms: float,
         directory: ClusterDirectory,
         *,
-        exclude: list[int],
+        holders: Collection[str],
+        least_wait: float,
     ) -> tuple[str, float, list[str]] | None:
-        """The cheapest of the ``candidates`` least-loaded devices that can make room."""
+        """The cheapest of the ``candidates`` least-loaded non-holders that can make room."""
         best: tuple[str, float, list[str]] | None = None
         tried = 0
-        for i in self._least_loaded(columns.wait_ms, exclude=exclude):
+        for i in self._least_loaded(columns.wait_ms, least=least_wait):
             key = columns.keys[i]
+            if key in holders:
+                continue
             try:
                 victims = directory.plan_dispatch(key, request.model, size_bytes=request.size_bytes)
+                if victims and self.victims == "value":
+                    victims = self._cheapest_victims(key, request, directory)
             except (InsufficientCapacity, UnknownKey):
                 continue  # full of pinned models (as the directory sees it), or unknown to it
-            cost = float(columns.wait_ms[i]) + load_ms
-            cost += self._victim_cost(request.model, victims, key, directory)
+            wait = float(columns.wait_ms[i])
+            if best is not None and wait + load_ms >= best[1]:
+                break  # waits only grow from here: nothing later can be cheaper
+            cost = wait + load_ms + self._victim_cost(request.model, victims, key, directory)
             if best is None or cost < best[1]:
                 best = (key, cost, victims)
             tried += 1
@@ -407,35 +454,65 @@ class LocalityAware:
                 break
         return best
 
-    def _least_loaded(self, wait_ms: FloatArray, *, exclude: list[int]) -> Iterator[int]:
-        """Device positions by increasing wait, ties in random order, ``exclude`` left out.
+    def _least_loaded(self, wait_ms: FloatArray, *, least: float) -> Iterator[int]:
+        """Device positions by increasing wait (``least`` is the smallest).
 
-        Lazily: the first few come from one partial sort (the common case needs no more).
+        Lazily, by partial sorts of growing size: a decision usually needs only the first
+        ``candidates``, more when those hold the model already or are full of pinned models.
+        Among equal waits the order is arbitrary, which spreads loads well enough: a device
+        that takes one is no longer idle.
         """
-        if exclude:
-            wait_ms = wait_ms.copy()
-            wait_ms[exclude] = math.inf
         n = len(wait_ms)
-        least = float(wait_ms.min())
         if not math.isfinite(least):
             return
-        ties = np.flatnonzero(wait_ms == least)
-        k = self.candidates
-        if len(ties) > k:  # e.g. many idle devices: any k of them, at random
-            first = [int(ties[j]) for j in self._rng.sample(range(len(ties)), k)]
-        else:
-            m = min(n, 4 * k)
-            part = np.argpartition(wait_ms, m - 1)[:m] if m < n else np.arange(n)
-            first = part[np.argsort(wait_ms[part], kind="stable")].tolist()
-            tied = first[: len(ties)]
-            self._rng.shuffle(tied)
-            first[: len(ties)] = tied
-        yield from (i for i in first if math.isfinite(wait_ms[i]))
-        # Rarely reached: the first ones were all full of pinned models.
-        done = set(first)
-        for i in np.argsort(wait_ms, kind="stable").tolist():
-            if i not in done and math.isfinite(wait_ms[i]):
+        done = 0
+        size = self.candidates
+        while done < n:
+            size = min(size, n)
+            part = np.argpartition(wait_ms, size - 1)[:size] if size < n else np.arange(n)
+            ranked = part[np.argsort(wait_ms[part], kind="stable")][done:]
+            for i in ranked.tolist():
+                if not math.isfinite(wait_ms[i]):
+                    return
                 yield i
+            done = size
+            size *= 8
+
+    def _cheapest_victims(
+        self, key: str, request: RouteRequest, directory: ClusterDirectory
+    ) -> list[str]:
+        """Victims by least expected reload cost (instead of least recently used).
+
+        If one resident model frees enough on its own, the cheapest such model (evicting one
+        beats evicting several). Otherwise models by least reload cost per byte, then those not
+        needed after all are kept back.
+        """
+        need = request.size_bytes - directory.free_bytes(key)
+        residents = [
+            (m, s) for m, state, s in directory.residents(key) if state is Residency.RESIDENT
+        ]
+        singles = [(m, s) for m, s in residents if s >= need]
+        if singles:
+            return [min(singles, key=lambda ms: self._reload_value(*ms))[0]]
+        ranked = sorted(residents, key=lambda ms: self._reload_value(*ms) / max(ms[1], 1))
+        chosen: list[tuple[str, int]] = []
+        freed = 0
+        for m, size in ranked:
+            if freed >= need:
+                break
+            chosen.append((m, size))
+            freed += size
+        kept = []
+        for m, size in reversed(chosen):  # drop the ones not needed after all
+            if freed - size >= need:
+                freed -= size
+            else:
+                kept.append(m)
+        return kept[::-1]
+
+    def _reload_value(self, model: str, size_bytes: int) -> float:
+        """How much keeping ``model`` is worth: its share of requests times its load time."""
+        return self.estimates.share(model) * self.estimates.load_ms(model, size_bytes=size_bytes)
 
     def _victim_cost(
         self, model: str, victims: list[str], device: str, directory: ClusterDirectory
@@ -456,11 +533,13 @@ class LocalityAware:
             share = estimates.share(victim)
             if share <= 0:
                 continue
-            if sizes is None:
-                sizes = {m: s for m, _, s in directory.residents(device)}
-            reload_ms = estimates.load_ms(victim, size_bytes=sizes.get(victim, 0))
-            sole = len(directory.holders(victim)) <= 1
+            reload_ms = estimates.measured_load_ms(victim)
+            if reload_ms is None:
+                if sizes is None:
+                    sizes = {m: s for m, _, s in directory.residents(device)}
+                reload_ms = estimates.load_ms(victim, size_bytes=sizes.get(victim, 0))
             again = 1.0 - math.exp(-share / wanted) if wanted > 0 else 1.0
+            sole = len(_holder_ids(directory, victim)) <= 1
             cost += reload_ms * again * (1.0 if sole else 0.5)
         return self.victim_weight * cost
 

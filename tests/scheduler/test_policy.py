@@ -1,0 +1,319 @@
+"""Tests of the routing policies (LB, LALB), the device table, and the estimates they use."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpufaas.cache import ClusterDirectory
+from gpufaas.scheduler.estimates import Estimates, EwmaLine
+from gpufaas.scheduler.policy import (
+    POLICIES,
+    DeviceLoad,
+    DeviceTable,
+    LeastLoaded,
+    LocalityAware,
+    NoDevice,
+    RouteRequest,
+    make_policy,
+)
+
+MB = 1_000_000
+
+
+def cluster(*keys: str, capacity: int = 300 * MB) -> ClusterDirectory:
+    directory = ClusterDirectory()
+    for key in keys:
+        directory.add_device(key, capacity_bytes=capacity, node=key.split("/")[0])
+    return directory
+
+
+def estimates(*, load_ms: float = 100.0, infer_ms: float = 5.0) -> Estimates:
+    """Estimates that have seen every model load in ``load_ms`` and run in ``infer_ms``."""
+    est = Estimates()
+    for model in ("m", "hot", "cold", "x", "y", "z"):
+        est.observe_load(model, size_bytes=100 * MB, load_ms=load_ms)
+        est.observe_infer(model, infer_ms=infer_ms)
+    return est
+
+
+def loads(**waits: float) -> list[DeviceLoad]:
+    return [
+        DeviceLoad(key=f"n/{name}", outstanding=int(wait // 5), queue_ms=wait)
+        for name, wait in waits.items()
+    ]
+
+
+REQUEST = RouteRequest(model="m", size_bytes=100 * MB)
+
+
+# -- LB ----------------------------------------------------------------------------------------
+
+
+def test_least_loaded_picks_the_fewest_outstanding() -> None:
+    devices = [DeviceLoad("a", 3), DeviceLoad("b", 1), DeviceLoad("c", 2)]
+    assert LeastLoaded(seed=0).choose(REQUEST, devices, ClusterDirectory()) == "b"
+
+
+def test_least_loaded_spreads_ties_and_ignores_locality() -> None:
+    directory = cluster("n/a", "n/b")
+    directory.note_loaded("n/a", "m", size_bytes=100 * MB)
+    policy = LeastLoaded(seed=1)
+    chosen = {policy.choose(REQUEST, loads(a=0, b=0), directory) for _ in range(50)}
+    assert chosen == {"n/a", "n/b"}
+
+
+def test_least_loaded_with_a_table_matches_the_list() -> None:
+    devices = [DeviceLoad("a", 3), DeviceLoad("b", 1), DeviceLoad("c", 2)]
+    assert LeastLoaded(seed=0).choose(REQUEST, DeviceTable(devices), ClusterDirectory()) == "b"
+
+
+@pytest.mark.parametrize("name", ["lb", "lalb", "lalb-o3"])
+def test_no_devices_raise_no_device(name: str) -> None:
+    with pytest.raises(NoDevice):
+        make_policy(name).choose(REQUEST, [], ClusterDirectory())
+
+
+def test_make_policy_names_and_dispatch_modes() -> None:
+    assert sorted(POLICIES) == ["lalb", "lalb-o3", "lb"]
+    assert [make_policy(n).dispatch for n in ("lb", "lalb", "lalb-o3")] == ["fifo", "fifo", "o3"]
+    assert make_policy("lalb-o3").name == "lalb-o3"
+    shared = Estimates()
+    policy = make_policy("lalb", estimates=shared)
+    assert isinstance(policy, LocalityAware) and policy.estimates is shared
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        make_policy("nope")
+
+
+# -- LALB --------------------------------------------------------------------------------------
+
+
+def test_lalb_goes_where_the_model_is() -> None:
+    directory = cluster("n/a", "n/b", "n/c")
+    directory.note_loaded("n/b", "m", size_bytes=100 * MB)
+    policy = LocalityAware(seed=0, estimates=estimates())
+    assert policy.choose(REQUEST, loads(a=0, b=30, c=0), directory) == "n/b"
+    assert policy.last is not None and policy.last.reason == "holder"
+
+
+def test_lalb_joins_a_load_in_progress() -> None:
+    directory = cluster("n/a", "n/b")
+    directory.note_dispatch("n/a", "m", size_bytes=100 * MB)  # loading there
+    policy = LocalityAware(seed=0, estimates=estimates())
+    assert policy.choose(REQUEST, loads(a=20, b=0), directory) == "n/a"
+
+
+def test_lalb_loads_elsewhere_when_waiting_costs_more_than_loading() -> None:
+    directory = cluster("n/a", "n/b")
+    directory.note_loaded("n/a", "m", size_bytes=100 * MB)
+    policy = LocalityAware(seed=0, estimates=estimates(load_ms=100))
+    assert policy.choose(REQUEST, loads(a=150, b=10), directory) == "n/b"
+    assert policy.last is not None and policy.last.reason == "replicate"
+    assert policy.last.holder_cost_ms == 150 and policy.last.load_cost_ms == pytest.approx(110)
+    # Just below the break-even point it stays.
+    assert policy.choose(REQUEST, loads(a=105, b=10), directory) == "n/a"
+
+
+def test_lalb_counts_the_reload_of_a_popular_only_copy_it_would_evict() -> None:
+    directory = cluster("n/a", "n/b", capacity=150 * MB)
+    directory.note_loaded("n/a", "m", size_bytes=100 * MB)
+    directory.note_loaded("n/b", "hot", size_bytes=100 * MB)  # b must evict "hot" to load m
+    est = estimates(load_ms=100)
+    for _ in range(50):
+        est.observe_request("hot")
+    est.observe_request("m")
+    policy = LocalityAware(seed=0, estimates=est, victim_weight=1.0)
+    # Waiting 150 ms at a beats 10 + 100 ms at b once b's victim (~100 ms to reload) counts.
+    assert policy.choose(REQUEST, loads(a=150, b=10), directory) == "n/a"
+    without = LocalityAware(seed=0, estimates=est, victim_weight=0.0)
+    assert without.choose(REQUEST, loads(a=150, b=10), directory) == "n/b"
+
+
+def test_lalb_loads_a_new_model_on_the_least_loaded_device_that_can_make_room() -> None:
+    directory = cluster("n/a", "n/b", "n/c", capacity=150 * MB)
+    directory.note_dispatch("n/a", "x", size_bytes=100 * MB)  # a: full with a pinned load
+    policy = LocalityAware(seed=0, estimates=estimates())
+    assert policy.choose(REQUEST, loads(a=0, b=40, c=20), directory) == "n/c"
+    assert policy.last is not None and policy.last.reason == "load"
+
+
+def test_lalb_prefers_free_room_to_evicting() -> None:
+    directory = cluster("n/a", "n/b", capacity=150 * MB)
+    directory.note_loaded("n/a", "x", size_bytes=100 * MB)
+    est = estimates()
+    est.observe_request("x")
+    policy = LocalityAware(seed=0, estimates=est)
+    for _ in range(10):
+        assert policy.choose(REQUEST, loads(a=0, b=0), directory) == "n/b"
+
+
+def test_lalb_falls_back_to_the_least_loaded_when_nothing_can_make_room() -> None:
+    directory = cluster("n/a", "n/b", capacity=150 * MB)
+    directory.note_dispatch("n/a", "x", size_bytes=100 * MB)
+    directory.note_dispatch("n/b", "y", size_bytes=100 * MB)
+    policy = LocalityAware(seed=0, estimates=estimates())
+    assert policy.choose(REQUEST, loads(a=30, b=10), directory) == "n/b"
+    assert policy.last is not None and policy.last.reason == "fallback"
+
+
+def test_lalb_ignores_holders_the_caller_left_out() -> None:
+    directory = cluster("n/a", "n/b")
+    directory.note_loaded("n/a", "m", size_bytes=100 * MB)
+    policy = LocalityAware(seed=0, estimates=estimates())
+    assert policy.choose(REQUEST, loads(b=50), directory) == "n/b"
+
+
+def test_lalb_without_queue_estimates_uses_outstanding_times_inference() -> None:
+    directory = cluster("n/a", "n/b")
+    directory.note_loaded("n/a", "m", size_bytes=100 * MB)
+    policy = LocalityAware(seed=0, estimates=estimates(load_ms=100, infer_ms=5))
+    # 30 outstanding x 5 ms = 150 ms > 100 ms load: replicate; 10 x 5 = 50 ms: stay.
+    assert policy.choose(REQUEST, [DeviceLoad("n/a", 30), DeviceLoad("n/b", 0)], directory) == "n/b"
+    assert policy.choose(REQUEST, [DeviceLoad("n/a", 10), DeviceLoad("n/b", 0)], directory) == "n/a"
+
+
+def test_lalb_value_victims_spare_the_popular_model() -> None:
+    directory = cluster("n/a", capacity=250 * MB)
+    directory.note_loaded("n/a", "hot", size_bytes=100 * MB)  # least recently used
+    directory.note_loaded("n/a", "cold", size_bytes=100 * MB)
+    est = estimates()
+    for _ in range(20):
+        est.observe_request("hot")
+    lru = LocalityAware(seed=0, estimates=est)
+    lru.choose(REQUEST, loads(a=0), directory)
+    assert lru.last is not None and lru.last.victims == ["hot"]
+    value = LocalityAware(seed=0, estimates=est, victims="value")
+    value.choose(REQUEST, loads(a=0), directory)
+    assert value.last is not None and value.last.victims == ["cold"]
+
+
+def test_lalb_samples_holders_of_a_widely_replicated_model() -> None:
+    keys = [f"n/{i}" for i in range(40)]
+    directory = cluster(*keys)
+    for key in keys:
+        directory.note_loaded(key, "m", size_bytes=100 * MB)
+    table = DeviceTable([DeviceLoad(k, 0, queue_ms=1.0) for k in keys])
+    policy = LocalityAware(seed=0, estimates=estimates(), holder_sample=4)
+    chosen = {policy.choose(REQUEST, table, directory) for _ in range(200)}
+    assert len(chosen) > 20  # spread over many holders, never a non-holder
+    assert chosen <= set(keys)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    waits=st.lists(st.floats(min_value=0, max_value=1000), min_size=1, max_size=6),
+    held=st.lists(st.booleans(), min_size=6, max_size=6),
+    table=st.booleans(),
+)
+def test_lalb_always_picks_one_of_the_devices(
+    waits: list[float], held: list[bool], table: bool
+) -> None:
+    keys = [f"n/{i}" for i in range(len(waits))]
+    directory = cluster(*keys, "n/gone")
+    directory.note_loaded("n/gone", "m", size_bytes=100 * MB)
+    for key, holds in zip(keys, held, strict=False):
+        if holds:
+            directory.note_loaded(key, "m", size_bytes=100 * MB)
+    devices = [DeviceLoad(k, int(w // 5), queue_ms=w) for k, w in zip(keys, waits, strict=True)]
+    policy = LocalityAware(seed=0, estimates=estimates())
+    chosen = policy.choose(REQUEST, DeviceTable(devices) if table else devices, directory)
+    assert chosen in keys
+    holders = [k for k, h in zip(keys, held, strict=False) if h]
+    if holders and policy.last is not None and policy.last.reason == "holder":
+        assert chosen in holders
+
+
+# -- the device table --------------------------------------------------------------------------
+
+
+def test_device_table_is_a_sequence_of_loads() -> None:
+    table = DeviceTable([DeviceLoad("a", 1, 2.0), DeviceLoad("b", 3)])
+    assert len(table) == 2 and "a" in table and "z" not in table
+    assert list(table) == [DeviceLoad("a", 1, 2.0), DeviceLoad("b", 3, 0.0)]
+    assert table[-1] == DeviceLoad("b", 3, 0.0) and table[0:1] == [DeviceLoad("a", 1, 2.0)]
+    table.adjust("a", outstanding=2, queue_ms=-5.0)  # waits never go below zero
+    table.update("b", queue_ms=7.5)
+    assert table[0] == DeviceLoad("a", 3, 0.0) and table[1] == DeviceLoad("b", 3, 7.5)
+    for i in range(20):  # grows past its initial arrays
+        table.add(f"x{i}", outstanding=i)
+    table.remove("a")  # the last device moves into the gap
+    assert table.position("a") is None and table.keys[0] == "x19" and table[0].outstanding == 19
+    assert len(table) == 21
+
+
+def test_device_table_refuses_duplicates_and_unknown_devices() -> None:
+    table = DeviceTable([DeviceLoad("a", 0)])
+    with pytest.raises(ValueError, match="already"):
+        table.add("a")
+    with pytest.raises(KeyError, match="'z'"):
+        table.adjust("z", outstanding=1)
+    with pytest.raises(IndexError):
+        table[5]
+    with pytest.raises(ValueError):
+        table.outstanding[0] = 9  # a read-only view
+
+
+# -- estimates ---------------------------------------------------------------------------------
+
+
+def test_estimates_start_from_priors_and_follow_measurements() -> None:
+    est = Estimates(prior_load_overhead_ms=1.0, prior_load_ms_per_byte=1e-6, prior_infer_ms=3.0)
+    assert est.load_ms("m", size_bytes=1_000_000) == pytest.approx(2.0)
+    assert est.infer_ms("m") == 3.0
+    est.observe_infer("m", infer_ms=10.0)
+    assert est.infer_ms("m") == 10.0 and est.infer_ms("other") == 10.0  # all-model average
+    est.observe_infer("m", infer_ms=20.0)
+    assert est.infer_ms("m") == pytest.approx(12.0)  # alpha 0.2
+    est.observe_load("m", size_bytes=1_000_000, load_ms=50.0)
+    assert est.load_ms("m", size_bytes=1_000_000) == 50.0
+    assert est.service_ms("m", size_bytes=1, resident=False) == pytest.approx(62.0)
+    est.forget("m")
+    assert est.measured_load_ms("m") is None
+
+
+def test_unseen_models_get_load_times_from_the_fit_over_sizes() -> None:
+    est = Estimates()
+    for _ in range(5):
+        est.observe_load("small", size_bytes=10 * MB, load_ms=12.0)
+        est.observe_load("big", size_bytes=100 * MB, load_ms=102.0)
+    assert est.load_ms("new", size_bytes=50 * MB) == pytest.approx(52.0, rel=0.05)
+
+
+def test_ewma_line_with_one_size_scales_with_bytes() -> None:
+    line = EwmaLine()
+    assert line.predict(1.0) is None
+    line.update(10.0, 5.0)
+    assert line.coefficients() is None and line.predict(20.0) == pytest.approx(10.0)
+
+
+def test_request_shares_decay_with_later_requests() -> None:
+    est = Estimates(popularity_half_life=10)
+    est.observe_request("a")
+    first = est.share("a")
+    for _ in range(10):
+        est.observe_request("b")
+    assert est.share("a") == pytest.approx(first / 2)
+    assert est.share("b") > est.share("a") and est.share("never") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda e: e.observe_load("m", size_bytes=1, load_ms=-1.0), "load_ms"),
+        (lambda e: e.observe_infer("m", infer_ms=math.nan), "infer_ms"),
+        (lambda e: e.observe_load("m", size_bytes=-5, load_ms=1.0), "size_bytes"),
+    ],
+)
+def test_estimates_refuse_bad_measurements(call: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call(Estimates())  # type: ignore[operator]
+
+
+def test_estimates_refuse_bad_settings() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        Estimates(alpha=0)
+    with pytest.raises(ValueError, match="half_life"):
+        Estimates(popularity_half_life=0)
