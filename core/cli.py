@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,9 +141,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
         artifact_dir=args.artifact_dir or artifact_dir(),
         force_cpu=args.force_cpu,
     )
-    with run_managers(nodes=args.nodes, options=options) as urls:
+    # Managers listen on loopback, but other local users could reach them: share a secret.
+    token = os.environ.get("GPUFAAS_MANAGER_TOKEN") or secrets.token_urlsafe(32)
+    with run_managers(nodes=args.nodes, options=options, token=token) as urls:
         gateway = build_gateway(
-            manager_urls=urls, functions=functions, policy=args.policy, config=_gateway_config(args)
+            manager_urls=urls,
+            functions=functions,
+            policy=args.policy,
+            config=_gateway_config(args),
+            manager_token=token,
         )
         print(
             f"gpufaas is serving {len(functions)} function(s) on http://{args.host}:{args.port}: "

@@ -106,12 +106,21 @@ def stop_processes(procs: Sequence[subprocess.Popen[bytes]], *, timeout_s: float
 
 @contextlib.contextmanager
 def run_managers(
-    *, nodes: int, options: ManagerOptions, start_timeout_s: float = 120.0
+    *,
+    nodes: int,
+    options: ManagerOptions,
+    token: str | None = None,
+    start_timeout_s: float = 120.0,
 ) -> Iterator[dict[str, str]]:
-    """Start ``nodes`` GPU-manager processes; yields ``{node name: base URL}``."""
+    """Start ``nodes`` GPU-manager processes; yields ``{node name: base URL}``.
+
+    With ``token``, each manager accepts work only from callers presenting it.
+    """
     procs: list[subprocess.Popen[bytes]] = []
     urls: dict[str, str] = {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if token:
+        env["GPUFAAS_MANAGER_TOKEN"] = token
     try:
         for i in range(nodes):
             name = f"node-{i}"

@@ -14,63 +14,129 @@ from collections.abc import Iterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gpufaas.core.api import InferenceFunctionSpec, ManifestError, parse_spec
 from gpufaas.core.http import (
+    BATCH_SIZE_HEADER,
     CACHE_HEADER,
     COMPUTE_MS_HEADER,
     DEVICE_HEADER,
     LOAD_MS_HEADER,
+    LOAD_SOURCE_HEADER,
     MODEL_BYTES_HEADER,
     add_metrics_route,
     error_response,
     header_length,
     install_error_handlers,
+    install_token_auth,
     json_safe,
     read_body,
 )
 from gpufaas.core.protocol import Limits, decode_request, encode_response, validate_inputs
+from gpufaas.gpu_manager.devices import device_free_bytes
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
 
 logger = logging.getLogger(__name__)
 
 
 class _StateCollector(Collector):
-    """Device and tier gauges read from the runtime at scrape time."""
+    """Device, link and tier gauges read from the runtime at scrape time."""
 
     def __init__(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        capacity = GaugeMetricFamily(
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        def gauge(name: str, help: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, help, labels=labels)
+
+        info = gauge(
+            "gpufaas_device_info",
+            "One per device: its identity (NVML UUID, name, MIG instance or not)",
+            ["device", "kind", "name", "uuid", "mig"],
+        )
+        capacity = gauge(
             "gpufaas_device_capacity_bytes",
             "Model-cache capacity per device",
-            labels=["device", "kind", "name"],
+            ["device", "kind", "name"],
         )
-        used = GaugeMetricFamily(
-            "gpufaas_device_used_bytes", "Bytes of resident models", labels=["device"]
+        total = gauge("gpufaas_device_total_bytes", "Device memory", ["device"])
+        free = gauge(
+            "gpufaas_device_free_bytes",
+            "Free device memory (NVML/CUDA, all processes); CPU stand-ins: free cache bytes",
+            ["device"],
         )
-        total = GaugeMetricFamily("gpufaas_device_total_bytes", "Device memory", labels=["device"])
-        residents = GaugeMetricFamily(
-            "gpufaas_device_resident_models", "Resident models", labels=["device"]
+        used = gauge("gpufaas_device_used_bytes", "Bytes of resident models", ["device"])
+        residents = gauge("gpufaas_device_resident_models", "Resident models", ["device"])
+        pcie_generation = gauge(
+            "gpufaas_device_pcie_generation", "PCIe link generation (current)", ["device"]
+        )
+        pcie_width = gauge("gpufaas_device_pcie_width", "PCIe link width (current)", ["device"])
+        pcie_limit = gauge(
+            "gpufaas_device_pcie_gbps",
+            "PCIe per-direction limit at the best link, GB/s",
+            ["device"],
+        )
+        peer = gauge(
+            "gpufaas_device_peer",
+            "1 for each device pair with direct copies (link: nvlink, p2p, or host memory)",
+            ["device", "peer", "link"],
+        )
+        host = gauge("gpufaas_host_tier_bytes", "Host tier bytes", ["kind"])
+        host_residents = gauge("gpufaas_host_tier_models", "Models in the host tier", [])
+        load_bytes = CounterMetricFamily(
+            "gpufaas_manager_load_bytes", "Bytes copied onto devices, per path", labels=["path"]
+        )
+        load_seconds = CounterMetricFamily(
+            "gpufaas_manager_load_copy_seconds", "Seconds spent copying, per path", labels=["path"]
         )
         for d in self.runtime.devices.values():
-            capacity.add_metric([d.info.id, d.info.kind, d.info.name], d.info.capacity_bytes)
-            used.add_metric([d.info.id], d.cache.used_bytes)
-            total.add_metric([d.info.id], d.info.total_bytes)
-            residents.add_metric([d.info.id], len(d.cache))
-        host = GaugeMetricFamily("gpufaas_host_tier_bytes", "Host tier bytes", labels=["kind"])
-        host.add_metric(["capacity"], self.runtime.host.capacity_bytes)
-        host.add_metric(["used"], self.runtime.host.used_bytes)
-        yield from (capacity, used, total, residents, host)
+            i = d.info
+            info.add_metric([i.id, i.kind, i.name, i.uuid, str(i.mig).lower()], 1)
+            capacity.add_metric([i.id, i.kind, i.name], i.capacity_bytes)
+            total.add_metric([i.id], i.total_bytes)
+            live_free = device_free_bytes(i)
+            free.add_metric([i.id], live_free if live_free is not None else d.tier.lru.free_bytes)
+            used.add_metric([i.id], d.tier.lru.used_bytes)
+            residents.add_metric([i.id], len(d.tier))
+            if "generation" in i.pcie:
+                pcie_generation.add_metric([i.id], i.pcie["generation"])
+            if "width" in i.pcie:
+                pcie_width.add_metric([i.id], i.pcie["width"])
+            if i.pcie_gbps is not None:
+                pcie_limit.add_metric([i.id], i.pcie_gbps)
+            for other in i.peers:
+                link = (
+                    "nvlink" if other in i.nvlink_peers else "p2p" if i.kind == "cuda" else "memory"
+                )
+                peer.add_metric([i.id, other, link], 1)
+        host.add_metric(["capacity"], self.runtime.host.lru.capacity_bytes)
+        host.add_metric(["used"], self.runtime.host.lru.used_bytes)
+        host.add_metric(["pooled"], self.runtime.host_pool.pooled_bytes)
+        host_residents.add_metric([], len(self.runtime.host))
+        for path, totals in self.runtime.load_totals.items():
+            load_bytes.add_metric([path], totals.nbytes)
+            load_seconds.add_metric([path], totals.seconds)
+        yield from (info, capacity, total, free, used, residents, pcie_generation, pcie_width)
+        yield from (pcie_limit, peer, host, host_residents, load_bytes, load_seconds)
 
 
-def create_app(runtime: NodeRuntime, *, limits: Limits | None = None) -> FastAPI:
+def create_app(
+    runtime: NodeRuntime, *, limits: Limits | None = None, token: str | None = None
+) -> FastAPI:
+    """The manager's app; with ``token``, every path but health and metrics needs it as
+    ``Authorization: Bearer <token>`` (the gateway sends ``GPUFAAS_MANAGER_TOKEN``)."""
     limits = limits or Limits()
     app = FastAPI(title="gpufaas GPU manager", version="v1alpha1")
     install_error_handlers(app)
+    if token:
+        install_token_auth(
+            app,
+            token=token,
+            protect=lambda path: not path.startswith("/v2/health/") and path != "/metrics",
+            realm="the GPU manager",
+        )
     registry = CollectorRegistry()
     registry.register(_StateCollector(runtime))
     requests = Counter(
@@ -102,7 +168,14 @@ def create_app(runtime: NodeRuntime, *, limits: Limits | None = None) -> FastAPI
 
     @app.put("/v2/gpufaas/functions/{name}")
     async def put_function(name: str, request: Request) -> Response:
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ValueError as e:
+            return error_response(400, f"the body is not JSON: {e}", reason="InvalidSpec")
+        if not isinstance(body, dict):
+            return error_response(
+                400, "the body must be a JSON object (a spec)", reason="InvalidSpec"
+            )
         try:
             spec = parse_spec(body)
         except ManifestError as e:
@@ -152,6 +225,8 @@ def create_app(runtime: NodeRuntime, *, limits: Limits | None = None) -> FastAPI
         headers[LOAD_MS_HEADER] = f"{outcome.load_ms:.3f}"
         headers[COMPUTE_MS_HEADER] = f"{outcome.compute_ms:.3f}"
         headers[MODEL_BYTES_HEADER] = str(outcome.size_bytes)
+        headers[LOAD_SOURCE_HEADER] = outcome.load_source
+        headers[BATCH_SIZE_HEADER] = str(outcome.batch_size)
         return Response(payload, headers=headers)
 
     @app.post("/v2/repository/models/{name}/load")

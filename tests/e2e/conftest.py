@@ -17,6 +17,7 @@ import tritonclient.http as triton
 from gpufaas.core.local import die_with_parent, free_port
 
 MAX_REQUEST_BYTES = 1 << 20
+MANAGER_TOKEN = "e2e-manager-secret"
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, example_models_dir: Path) -
         "GPUFAAS_HOME": str(home),
         "GPUFAAS_MODELS": str(example_models_dir),
         "PYTHONUNBUFFERED": "1",
+        "GPUFAAS_MANAGER_TOKEN": MANAGER_TOKEN,
     }
     proc = subprocess.Popen(
         [
@@ -73,3 +75,9 @@ def client(server: str) -> Iterator[triton.InferenceServerClient]:
 def request_limit() -> int:
     """The --max-request-bytes the ``server`` fixture runs with."""
     return MAX_REQUEST_BYTES
+
+
+@pytest.fixture(scope="session")
+def manager_token() -> str:
+    """The secret the ``server`` fixture's gateway and GPU managers share."""
+    return MANAGER_TOKEN

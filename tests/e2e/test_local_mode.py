@@ -133,7 +133,9 @@ def test_server_keeps_serving_after_bad_input(
     assert _infer(client, "tiny-mlp", inputs, binary=True)["y"].shape == (1, 4)
 
 
-def test_metrics_are_exported(server: str, client: triton.InferenceServerClient) -> None:
+def test_metrics_are_exported(
+    server: str, client: triton.InferenceServerClient, manager_token: str
+) -> None:
     _infer(client, "tiny-mlp", example_inputs("tiny-mlp", batch=1), binary=False)
     text = httpx.get(f"{server}/metrics", timeout=10).text
     assert 'gpufaas_requests_total{code="200",model="tiny-mlp"}' in text
@@ -142,7 +144,11 @@ def test_metrics_are_exported(server: str, client: triton.InferenceServerClient)
     assert "tiny-mlp" in residents
     manager = cluster["nodes"][0]["url"]
     assert "gpufaas_device_capacity_bytes" in httpx.get(f"{manager}/metrics", timeout=10).text
-    state = httpx.get(f"{manager}/v2/gpufaas/state", timeout=10).json()
+    assert httpx.get(f"{manager}/v2/gpufaas/state", timeout=10).status_code == 401
+    infer = httpx.post(f"{manager}/v2/models/tiny-mlp/infer", content=b"{}", timeout=10)
+    assert infer.status_code == 401  # managers take work only from the gateway
+    auth = {"Authorization": f"Bearer {manager_token}"}
+    state = httpx.get(f"{manager}/v2/gpufaas/state", headers=auth, timeout=10).json()
     on_device = [r for d in state["devices"] for r in d["residents"] if r["model"] == "tiny-mlp"]
     on_host = [r for r in state["host"]["residents"] if r["model"] == "tiny-mlp"]
     assert on_device and on_host

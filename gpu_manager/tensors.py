@@ -1,0 +1,107 @@
+"""Between the wire's numpy arrays and a model's torch tensors, in both directions.
+
+Also the synthetic inputs a model is probed with when it enters the host tier (to learn the
+order its layers run in and how much memory its activations take).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from gpufaas.core.api import InferenceFunctionSpec, TensorSpec
+
+__all__ = [
+    "TORCH_DTYPES",
+    "TensorError",
+    "name_outputs",
+    "synthetic_inputs",
+    "to_array",
+    "to_tensor",
+]
+
+TORCH_DTYPES: Mapping[str, torch.dtype] = {
+    "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8, "INT16": torch.int16,
+    "INT32": torch.int32, "INT64": torch.int64, "FP16": torch.float16, "FP32": torch.float32,
+    "FP64": torch.float64, "BF16": torch.bfloat16, "UINT16": torch.uint16,
+    "UINT32": torch.uint32, "UINT64": torch.uint64,
+}  # fmt: skip
+
+
+class TensorError(Exception):
+    """Inputs or outputs that do not fit the function's declared tensors."""
+
+    def __init__(self, message: str, *, status: int, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+def to_tensor(array: NDArray[Any], datatype: str, device: torch.device) -> torch.Tensor:
+    if datatype == "BYTES":
+        raise TensorError(
+            "BYTES tensors cannot be fed to a torch model; tokenize or decode them in a handler",
+            status=400,
+            reason="InvalidInput",
+        )
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if datatype == "BF16":  # carried as raw uint16 bits
+        tensor = tensor.view(torch.bfloat16)
+    return tensor.to(device, non_blocking=True)
+
+
+def to_array(tensor: torch.Tensor, datatype: str) -> NDArray[Any]:
+    tensor = tensor.detach().to("cpu")
+    if datatype == "BF16":
+        return tensor.contiguous().view(torch.uint16).numpy()
+    expected = TORCH_DTYPES.get(datatype)
+    if expected is not None and tensor.dtype != expected:
+        tensor = tensor.to(expected)
+    return tensor.numpy()
+
+
+def name_outputs(result: Any, spec: InferenceFunctionSpec) -> dict[str, tuple[NDArray[Any], str]]:
+    """The model's result as ``{output name: (array, datatype)}`` in the declared order."""
+    if isinstance(result, torch.Tensor):
+        values: list[Any] = [result]
+    elif isinstance(result, Mapping):
+        values = [result[o.name] for o in spec.outputs]
+    else:
+        values = list(result)
+    if len(values) != len(spec.outputs):
+        raise TensorError(
+            f"the model returned {len(values)} outputs but the function declares "
+            f"{len(spec.outputs)} ({', '.join(o.name for o in spec.outputs)})",
+            status=500,
+            reason="OutputMismatch",
+        )
+    return {
+        o.name: (to_array(v, o.datatype), o.datatype)
+        for o, v in zip(spec.outputs, values, strict=True)
+    }
+
+
+def synthetic_inputs(
+    inputs: Sequence[TensorSpec], *, rows: int, variable_dim: int
+) -> list[torch.Tensor]:
+    """Zero tensors in the declared shapes: ``rows`` for a variable first (batch) dimension,
+    ``variable_dim`` for other variable dimensions. Zeros are valid token ids and masks too."""
+    tensors = []
+    for spec in inputs:
+        shape = [
+            (rows if axis == 0 else variable_dim) if size == -1 else size
+            for axis, size in enumerate(spec.shape)
+        ]
+        dtype = TORCH_DTYPES.get(spec.datatype)
+        if dtype is None:
+            raise TensorError(
+                f"input {spec.name!r} is {spec.datatype}, which a torch model cannot take",
+                status=400,
+                reason="InvalidInput",
+            )
+        tensors.append(torch.zeros(shape, dtype=dtype))
+    return tensors

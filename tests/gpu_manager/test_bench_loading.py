@@ -1,0 +1,62 @@
+"""Smoke test of ``bench/loading.py`` at a tiny size: every path is measured and reported.
+
+The benchmark is loaded by path (``bench/`` is not a package); no figure is asserted, only
+that each one is there and positive, and that the report renders.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "loading.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gpufaas_bench_loading", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_loading_benchmark_measures_every_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("GPUFAAS_MODELS", raising=False)
+    bench = _load()
+    out = tmp_path / "loading.json"
+    assert bench.main(["--sizes", "4Mi", "--repeats", "1", "--out", str(out)]) == 0
+
+    report = json.loads(out.read_text())
+    (paths,) = report["paths"].values()
+    for key in (
+        "remote_to_disk",
+        "sidecar_to_host_warm",
+        "sidecar_to_host_fresh",
+        "host_to_device_warm",
+        "host_to_device_fresh",
+        "device_to_device_warm",
+        "device_to_device_fresh",
+    ):
+        assert paths[key]["gbps"] > 0 and paths[key]["limit_gbps"] > 0, key
+    first = report["first_inference"]
+    assert first["overlap_latency_ms"] > 0 and first["sequential_latency_ms"] > 0
+    assert first["load_ms"] > 0 and first["compute_ms"] > 0
+    (memory,) = report["memory"].values()
+    assert memory["device_bytes"] == paths["arena_bytes"]
+    assert "| overlap |" in capsys.readouterr().out
+
+
+def test_the_benchmark_rejects_bad_arguments(tmp_path: Path) -> None:
+    bench = _load()
+    with pytest.raises(SystemExit):
+        bench.main(["--sizes", "lots", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "0", "--out", str(tmp_path / "x.json")])
