@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from numpy.typing import NDArray
 
-from gpufaas.cache import CacheStats, InsufficientCapacity, SingleFlight
+from gpufaas.cache import CacheStats, FailureBackoff, InsufficientCapacity, SingleFlight
 from gpufaas.core.api import InferenceFunctionSpec
 from gpufaas.core.artifacts import ArtifactError, ArtifactStore
 from gpufaas.core.modelio import ModelLoadError
@@ -80,10 +80,13 @@ _ACQUIRE_ATTEMPTS = 3  # a model replaced between its load and our hold is loade
 class RuntimeFailure(Exception):
     """A request that cannot be served; ``status`` and the message go to the caller."""
 
-    def __init__(self, message: str, *, status: int, reason: str) -> None:
+    def __init__(
+        self, message: str, *, status: int, reason: str, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -208,6 +211,7 @@ class NodeRuntime:
         )
         self.skeletons: dict[str, Skeleton] = {}
         self._host_fills: SingleFlight[str, HostModel] = SingleFlight()
+        self.load_failures: FailureBackoff[str] = FailureBackoff(base_s=1.0, max_s=60.0)
         self._background: set[asyncio.Task[Any]] = set()
         self.stats = CacheStats(("device", "host", "disk"))
         self.loads: collections.deque[LoadRecord] = collections.deque(maxlen=256)
@@ -222,6 +226,7 @@ class NodeRuntime:
         self.functions[name] = spec
         if old is not None and spec_fingerprint(old) != spec_fingerprint(spec):
             self.drop_everywhere(name)
+            self.load_failures.forget(name)  # new weights deserve a fresh try
         elif old is not None and old.batching != spec.batching:
             for device in self.devices.values():
                 device.batchers.pop(name, None)
@@ -327,7 +332,7 @@ class NodeRuntime:
                 self.stats.record_hit("host")
             else:  # missing, or still being filled: join (or start) the fill
                 self.stats.record_miss("host")
-                model = await self._host_fills.do(name, lambda: self._fill_host(name, spec))
+                model = await self._host_fills.do(name, lambda: self._fill_host_once(name, spec))
             if not model.cached:
                 return model  # too large for the host tier: a one-off copy for this load
             if self.host.hold(name, model):
@@ -337,6 +342,28 @@ class NodeRuntime:
             status=503,
             reason="InsufficientMemory",
         )
+
+    async def _fill_host_once(self, name: str, spec: InferenceFunctionSpec) -> HostModel:
+        """Fill the host tier, failing fast while an earlier failure's backoff lasts,
+        so a broken artifact cannot turn every request into a fetch (no retry storm)."""
+        blocked = self.load_failures.blocked(name)
+        if blocked is not None:
+            wait = blocked.retry_after(time.monotonic())
+            raise RuntimeFailure(
+                f"{blocked.message} (failed {blocked.attempts} time(s); next try in {wait:.0f} s)",
+                status=503,
+                reason="ModelLoadFailed",
+                retry_after_s=wait,
+            )
+        try:
+            model = await self._fill_host(name, spec)
+        except RuntimeFailure as e:
+            if e.reason == "ModelLoadFailed":
+                failure = self.load_failures.record_failure(name, str(e))
+                e.retry_after_s = failure.retry_after(time.monotonic())
+            raise
+        self.load_failures.record_success(name)
+        return model
 
     async def _fill_host(self, name: str, spec: InferenceFunctionSpec) -> HostModel:
         fingerprint = spec_fingerprint(spec)

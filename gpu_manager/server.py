@@ -9,6 +9,7 @@ tiers with byte-exact sizes; ``/metrics`` exports the same as gauges.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
@@ -122,6 +123,13 @@ class _StateCollector(Collector):
         yield from (pcie_limit, peer, host, host_residents, load_bytes, load_seconds)
 
 
+def failure_response(failure: RuntimeFailure) -> Response:
+    headers = {}
+    if failure.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(failure.retry_after_s)))
+    return error_response(failure.status, str(failure), reason=failure.reason, headers=headers)
+
+
 def create_app(
     runtime: NodeRuntime, *, limits: Limits | None = None, token: str | None = None
 ) -> FastAPI:
@@ -199,7 +207,7 @@ def create_app(
                 name, list(arrays.values()), device_id=request.headers.get(DEVICE_HEADER)
             )
         except RuntimeFailure as e:
-            return error_response(e.status, str(e), reason=e.reason)
+            return failure_response(e)
         device_id = request.headers.get(DEVICE_HEADER) or "auto"
         requests.labels(name, device_id, "hit" if outcome.cache_hit else "miss").inc()
         if not outcome.cache_hit:
@@ -234,7 +242,7 @@ def create_app(
         try:
             device_id = await runtime.load(name, device_id=request.headers.get(DEVICE_HEADER))
         except RuntimeFailure as e:
-            return error_response(e.status, str(e), reason=e.reason)
+            return failure_response(e)
         return JSONResponse({"model": name, "device": device_id})
 
     @app.post("/v2/repository/models/{name}/unload")
@@ -242,7 +250,7 @@ def create_app(
         try:
             devices = runtime.unload(name, device_id=request.headers.get(DEVICE_HEADER))
         except RuntimeFailure as e:
-            return error_response(e.status, str(e), reason=e.reason)
+            return failure_response(e)
         return JSONResponse({"model": name, "unloaded_from": devices})
 
     return app

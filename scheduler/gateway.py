@@ -60,7 +60,14 @@ logger = logging.getLogger(__name__)
 SERVER_NAME = "gpufaas"
 SERVER_VERSION = "0.1.0"
 ADMIN_PATHS = ("/v2/repository", "/v2/gpufaas")
-_PASSTHROUGH_HEADERS = ("content-type", HEADER_LENGTH.lower(), CACHE_HEADER, LOAD_MS_HEADER)
+_PASSTHROUGH_HEADERS = (
+    "content-type",
+    "retry-after",
+    HEADER_LENGTH.lower(),
+    CACHE_HEADER,
+    LOAD_MS_HEADER,
+    REASON_HEADER,
+)
 
 
 @dataclass(frozen=True)
