@@ -24,6 +24,7 @@ from gpufaas.core.api import ManifestError
 from gpufaas.core.config import artifact_dir, models_dir
 from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.units import parse_bytes
+from gpufaas.core.uripolicy import UriPolicy
 
 if TYPE_CHECKING:
     from gpufaas.scheduler.gateway import GatewayConfig
@@ -107,6 +108,18 @@ def _parser() -> argparse.ArgumentParser:
     manager.add_argument("--name", default=os.environ.get("NODE_NAME", "node-0"))
     manager.add_argument("--host", default="127.0.0.1")
     manager.add_argument("--port", type=int, default=8090)
+    manager.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="refuse file:// outside allowed roots and internal hosts",
+    )
+    manager.add_argument(
+        "--allowed-file-root",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --kubernetes: file:// root",
+    )
     _add_device_options(manager)
 
     sub.add_parser("crd", help="print the InferenceFunction CRD")
@@ -217,6 +230,10 @@ def _cmd_gpu_manager(args: argparse.Namespace) -> int:
         host_memory_bytes=parse_bytes(args.host_memory),
         artifact_dir=args.artifact_dir or artifact_dir(),
         force_cpu=args.force_cpu,
+        # In a cluster, manifest authors choose the URIs: no local files, no internal hosts.
+        uri_policy=UriPolicy.for_kubernetes(file_roots=args.allowed_file_root)
+        if args.kubernetes
+        else None,
     )
     serve(runtime=runtime, host=args.host, port=args.port, name=args.name)
     return 0

@@ -10,6 +10,7 @@ import torch
 import uvicorn
 
 from gpufaas.core.artifacts import ArtifactStore
+from gpufaas.core.uripolicy import UriPolicy
 from gpufaas.gpu_manager.devices import discover_devices
 from gpufaas.gpu_manager.runtime import NodeRuntime
 from gpufaas.gpu_manager.server import create_app
@@ -27,6 +28,7 @@ def build_runtime(
     force_cpu: bool = False,
     memory_fraction: float = 0.9,
     probe_variable_dim: int = 64,
+    uri_policy: UriPolicy | None = None,
 ) -> NodeRuntime:
     """Discover devices (NVML, else CPU stand-ins) and build the runtime over them.
 
@@ -41,7 +43,7 @@ def build_runtime(
     )
     return NodeRuntime(
         devices=devices,
-        store=ArtifactStore(artifact_dir),
+        store=ArtifactStore(artifact_dir, uri_policy=uri_policy),
         host_capacity_bytes=host_memory_bytes,
         max_concurrency_per_device=max_concurrency_per_device,
         probe_variable_dim=probe_variable_dim,
