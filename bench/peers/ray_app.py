@@ -1,0 +1,118 @@
+"""Ray Serve peer: the benchmark's models behind ``@serve.multiplexed``.
+
+One deployment is the HTTP ingress. The client names the model in the
+``serve_multiplexed_model_id`` header, so Ray's router sends the request to a replica
+that already holds it; each replica keeps at most ``--capacity`` models and evicts
+the least recently used (``max_num_models_per_replica``). Models load with
+``gpufaas.core.modelio.load_model`` from the same artifact files gpufaas serves, and the
+body is the same KServe v2 binary-tensor payload (``wire.py``), answered in kind.
+Everything else is Ray Serve's defaults, written the way its multiplexing guide does:
+load in the multiplexed method, run the model in the request handler.
+
+Ray listens on every interface whatever it is told, so run this only inside a private
+network namespace (``run.py`` does: ``unshare -n``, loopback up). Usage::
+
+    python ray_app.py --specs SPECS.json --port P --capacity C --ready-file F
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+import wire
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gpufaas.core.api import ModelFormat
+from gpufaas.core.modelio import load_model
+
+
+def build_app(specs: dict[str, Any], *, capacity: int, replicas: int) -> Any:
+    @serve.deployment(num_replicas=replicas)
+    class MultiplexedModels:
+        def __init__(self, specs: dict[str, Any]) -> None:
+            self.models: dict[str, dict[str, str]] = specs["models"]
+            self.output_names = [o["name"] for o in specs["outputs"]]
+            torch.set_grad_enabled(False)
+
+        @serve.multiplexed(max_num_models_per_replica=capacity)  # type: ignore[untyped-decorator]
+        async def get_model(self, model_id: str) -> torch.nn.Module:
+            entry = self.models[model_id]
+            module = load_model(Path(entry["path"]), format=ModelFormat(entry["format"]))
+            with contextlib.suppress(NotImplementedError):  # exported programs: no eval()
+                module.eval()
+            return module
+
+        async def __call__(self, request: Request) -> Response:
+            model_id = serve.get_multiplexed_model_id()
+            if model_id not in self.models:
+                return Response(f"unknown model {model_id!r}", status_code=404)
+            model = await self.get_model(model_id)
+            body = await request.body()
+            inputs = wire.decode(body, request.headers.get(wire.HEADER_LENGTH), key="inputs")
+            with torch.inference_mode():
+                result = model(*(torch.from_numpy(a.copy()) for a in inputs.values()))
+            results = [result] if isinstance(result, torch.Tensor) else list(result)
+            outputs = {name: r.numpy() for name, r in zip(self.output_names, results, strict=True)}
+            content, headers = wire.encode_response(model_id, outputs)
+            return Response(content, headers=headers, media_type=wire.CONTENT_TYPE)
+
+    return MultiplexedModels.bind(specs)  # type: ignore[attr-defined]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--specs", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--capacity", type=int, required=True)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--ready-file", type=Path, required=True)
+    args = parser.parse_args()
+    specs = json.loads(args.specs.read_text())
+
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        num_cpus=os.cpu_count(),
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        serve.run(
+            build_app(specs, capacity=args.capacity, replicas=args.replicas),
+            name="peers",
+            route_prefix="/",
+        )
+        args.ready_file.write_text("ready\n")
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        deadline = time.monotonic() + 6 * 3600  # bounded even if nobody stops us
+        while not stop and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        serve.shutdown()  # type: ignore[no-untyped-call]
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,654 @@
+"""gpufaas side by side with Ray Serve (model multiplexing) and PyTriton, in one run.
+
+Usage (from the repository root, with the project's virtualenv)::
+
+    python bench/peers/run.py --quick --json        # a short run; JSON on stdout
+    python bench/peers/run.py                       # the full run; table on stdout
+
+Each system serves K copies of one example model at a time (``tiny-mlp``,
+``small-cnn``, ``minilm``) with room for C < K of them (gpufaas: a device byte budget
+that holds exactly C; Ray: ``max_num_models_per_replica=C``; PyTriton: an LRU of C).
+One load generator drives each system in turn with the same seeded workload:
+
+1. cold: the first request for each model, one at a time (nothing loaded yet);
+2. warm: requests for the C models just loaded, 1 client, then N clients;
+3. Zipf, closed loop: N clients over all K models with Zipf popularity;
+4. Zipf, open loop: Poisson arrivals at fixed rates (fractions of gpufaas's Zipf
+   throughput, the same rates for every system) up to saturation.
+
+Every system and its load generator run inside their own private network namespace
+(``unshare -n``, loopback up): Ray listens on all interfaces whatever it is asked, and
+the other systems get the same conditions. Figures come back per system and family
+with gpufaas/peer ratios, as a table, JSON and a PNG (``bench/out/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+import workload  # noqa: E402
+
+FAMILIES = ("tiny-mlp", "small-cnn", "minilm")
+SYSTEM_ORDER = ("gpufaas", "ray", "triton")
+
+
+@dataclass
+class Plan:
+    """Everything a worker needs; the same plan goes to every system."""
+
+    families: list[str]
+    systems: list[str]
+    copies: int
+    capacity: int
+    concurrency: int
+    zipf_s: float
+    seed: int
+    warm_warmup: int
+    warm_requests: int
+    loaded_requests: int
+    zipf_requests: int
+    phase_max_s: float
+    rate_fractions: list[float]
+    rate_duration_s: float
+    open_max_outstanding: int
+    open_grace_s: float
+    start_timeout_s: float
+    models_dir: str
+    out_dir: str
+    profile: bool = False
+    rates: dict[str, list[float]] = field(default_factory=dict)  # per family, set by gpufaas
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Plan:
+        quick = args.quick
+        return cls(
+            families=args.families,
+            systems=args.systems,
+            copies=args.copies or (6 if quick else 12),
+            capacity=args.capacity or (3 if quick else 4),
+            concurrency=args.concurrency,
+            zipf_s=args.zipf_s,
+            seed=args.seed,
+            warm_warmup=10 if quick else 30,
+            warm_requests=150 if quick else 300,
+            loaded_requests=150 if quick else 1000,
+            zipf_requests=200 if quick else 1500,
+            phase_max_s=15.0 if quick else 60.0,
+            rate_fractions=[0.5, 1.0] if quick else [0.25, 0.5, 0.75, 1.0, 1.25],
+            rate_duration_s=3.0 if quick else 10.0,
+            open_max_outstanding=64,
+            open_grace_s=5.0 if quick else 15.0,
+            start_timeout_s=240.0,
+            models_dir=str(args.models_dir),
+            out_dir=str(args.out),
+            profile=args.profile,
+        )
+
+
+# --- the worker: one system, inside its network namespace -----------------------------------------
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    summary = workload.summarize(result.ok_latencies, errors=result.errors, wall_s=result.wall_s)
+    out = summary.to_dict()
+    if result.first_errors:
+        out["first_errors"] = result.first_errors
+    return out
+
+
+async def _run_phases(system: Any, scenario: Any, plan: Plan, profiler: Any) -> dict[str, Any]:
+    import numpy as np
+    import wire
+    from loadgen import closed_loop, new_client, open_loop, tree_cpu_s
+    from scenario import reference_outputs
+
+    make = system.request_factory()
+    models = scenario.models
+    hot = models[: scenario.capacity]  # loaded last by the cold phase: resident everywhere
+    figures: dict[str, Any] = {}
+    async with new_client(connections=plan.concurrency + 8, timeout_s=120.0) as client:
+        # 1. cold: least popular first, so the C most popular are resident afterwards.
+        with profiler("cold"):
+            cold = await closed_loop(
+                client, make, list(reversed(models)), concurrency=1, max_seconds=600
+            )
+        figures["cold"] = _summary(cold)
+        figures["cold_each_ms"] = [round(s.latency_s * 1000, 2) for s in cold.samples]
+
+        # correctness, on a resident model
+        url, headers, body = make(hot[0])
+        response = await client.post(url, headers=headers, content=body)
+        expected = reference_outputs(scenario)
+        verified = response.status_code == 200
+        if verified:
+            got = wire.decode(
+                response.content, response.headers.get(wire.HEADER_LENGTH), key="outputs"
+            )
+            verified = all(
+                np.allclose(got[name], want, rtol=1e-4, atol=1e-5)
+                for name, want in expected.items()
+            )
+        figures["verified"] = verified
+
+        # 2. warm: the hot set, round robin; 1 client, then N clients
+        def round_robin(count: int) -> list[str]:
+            return [hot[i % len(hot)] for i in range(count)]
+
+        await closed_loop(
+            client, make, round_robin(plan.warm_warmup), concurrency=1, max_seconds=30
+        )
+        pid = system.server.pid
+        cpu_before = tree_cpu_s(pid)
+        with profiler("warm"):
+            warm = await closed_loop(
+                client,
+                make,
+                round_robin(plan.warm_requests),
+                concurrency=1,
+                max_seconds=plan.phase_max_s,
+            )
+        figures["warm"] = _summary(warm)
+        # server CPU per request: where a system spends its cycles, whatever the latency
+        cpu_after = tree_cpu_s(pid)
+        figures["warm"]["server_cpu_ms_per_request"] = round(
+            1000 * (cpu_after - cpu_before) / max(1, len(warm.samples)), 3
+        )
+        with profiler("warm-loaded"):
+            loaded = await closed_loop(
+                client,
+                make,
+                round_robin(plan.loaded_requests),
+                concurrency=plan.concurrency,
+                max_seconds=plan.phase_max_s,
+            )
+        figures["loaded"] = _summary(loaded)
+
+        # 3. Zipf mix, closed loop
+        sequence = workload.zipf_sequence(
+            models, count=plan.zipf_requests, s=plan.zipf_s, seed=plan.seed
+        )
+        with profiler("zipf"):
+            zipf = await closed_loop(
+                client, make, sequence, concurrency=plan.concurrency, max_seconds=plan.phase_max_s
+            )
+        figures["zipf"] = _summary(zipf)
+
+        # 4. Zipf mix, open loop at fixed rates
+        rates = plan.rates.get(scenario.family)
+        if not rates:
+            base = figures["zipf"]["throughput_rps"] or 1.0
+            rates = [round(max(1.0, f * base), 1) for f in plan.rate_fractions]
+        open_results = []
+        for i, rate in enumerate(rates):
+            count = int(rate * plan.rate_duration_s * 1.5) + 10
+            arrivals = workload.poisson_arrivals(
+                rate=rate, count=count, duration_s=plan.rate_duration_s, seed=plan.seed + 1 + i
+            )
+            sequence = workload.zipf_sequence(
+                models, count=len(arrivals), s=plan.zipf_s, seed=plan.seed + 101 + i
+            )
+            result = await open_loop(
+                client,
+                make,
+                sequence,
+                arrivals,
+                max_outstanding=plan.open_max_outstanding,
+                grace_s=plan.open_grace_s,
+            )
+            summary = _summary(result)
+            summary.update(
+                offered_rps=rate,
+                sent=len(arrivals) - result.dropped,
+                dropped=result.dropped,
+                timeouts=result.timeouts,
+            )
+            open_results.append(summary)
+        figures["open_loop"] = open_results
+        figures["rates"] = rates
+    return figures
+
+
+class _Profiler:
+    """py-spy over the system's process tree during named phases (``--profile``)."""
+
+    def __init__(self, *, enabled: bool, pid: int, out: Path, label: str) -> None:
+        beside = Path(sys.executable).parent / "py-spy"  # the virtualenv's, if not on PATH
+        self.py_spy = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+        self.enabled = enabled and self.py_spy is not None
+        self.pid = pid
+        self.out = out
+        self.label = label
+        self.files: list[str] = []
+
+    def __call__(self, phase: str) -> Any:
+        import contextlib
+
+        @contextlib.contextmanager
+        def run() -> Any:
+            if not self.enabled:
+                yield
+                return
+            path = self.out / f"profile-{self.label}-{phase}.txt"
+            proc = subprocess.Popen(
+                [
+                    self.py_spy or "py-spy", "record", "--pid", str(self.pid),
+                    "--subprocesses", "--rate", "200", "--format", "raw", "--nonblocking",
+                    "--output", str(path), "--duration", "600",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1.0)  # let it attach before the phase starts
+            try:
+                yield
+            finally:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                if path.exists():
+                    self.files.append(str(path))
+
+        return run()
+
+
+def run_worker(system_name: str, plan: Plan, result_path: Path) -> int:
+    import loadgen
+    from scenario import prepare
+    from systems import make_system, measure_gpufaas_footprint
+
+    out = Path(plan.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"system": system_name, "families": {}}
+    for family in plan.families:
+        entry: dict[str, Any] = {}
+        results["families"][family] = entry
+        scenario = prepare(
+            family, copies=plan.copies, capacity=plan.capacity, models_dir=Path(plan.models_dir)
+        )
+        entry["model_bytes"] = scenario.model_bytes
+        if system_name == "gpufaas":
+            with tempfile.TemporaryDirectory(prefix="peers-footprint-") as work:
+                scenario.gpufaas_footprint = measure_gpufaas_footprint(
+                    scenario, workdir=Path(work), timeout_s=plan.start_timeout_s
+                )
+            entry["gpufaas_footprint_bytes"] = scenario.gpufaas_footprint
+            entry["gpufaas_device_memory_bytes"] = scenario.device_memory_bytes()
+        with tempfile.TemporaryDirectory(prefix=f"peers-{system_name}-") as work:
+            system = make_system(system_name, scenario, workdir=Path(work))
+            try:
+                entry["startup_s"] = round(system.start(timeout_s=plan.start_timeout_s), 2)
+                assert system.server is not None
+                profiler = _Profiler(
+                    enabled=plan.profile,
+                    pid=system.server.pid,
+                    out=out,
+                    label=f"{system_name}-{family}",
+                )
+                with loadgen.MemorySampler(system.server.pid) as memory:
+                    entry.update(asyncio.run(_run_phases(system, scenario, plan, profiler)))
+                    memory.sample()
+                entry["peak_pss_mib"] = round(memory.peak_pss / 2**20, 1)
+                entry["peak_rss_mib"] = round(memory.peak_rss / 2**20, 1)
+                entry["peak_processes"] = memory.peak_processes
+                entry["profiles"] = profiler.files
+                if profiler.files:
+                    from profile_summary import summarize
+
+                    entry["profile_summaries"] = {
+                        Path(f).name: summarize(Path(f), top=10) for f in profiler.files
+                    }
+            except Exception as e:
+                entry["error"] = f"{type(e).__name__}: {e}"
+                if system.server is not None:
+                    entry["log_tail"] = system.server.log_tail()
+            finally:
+                entry["stop_s"] = round(system.stop(), 2)
+                if system.server is not None:  # keep the server's own log with the results
+                    shutil.copyfile(
+                        system.server.log_path, out / f"server-{system_name}-{family}.log"
+                    )
+        print(f"[{system_name}] {family}: done", file=sys.stderr, flush=True)
+    result_path.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+# --- the orchestrator -------------------------------------------------------------------------------
+
+
+def _worker_command(system: str, plan_path: Path, result_path: Path, *, netns: bool) -> list[str]:
+    command = [
+        sys.executable, str(Path(__file__).resolve()),
+        "--worker", system, "--plan", str(plan_path), "--result", str(result_path),
+    ]  # fmt: skip
+    if not netns:
+        return command
+    return ["unshare", "-n", "bash", "-c", 'ip link set lo up && exec "$@"', "bash", *command]
+
+
+def _run_worker_process(command: list[str], *, timeout_s: float, log: Path) -> int:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)  # the worker's own session: only ours
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            return 124
+
+
+def _figures(entry: dict[str, Any]) -> dict[str, float | None]:
+    def get(phase: str, key: str) -> float | None:
+        value = entry.get(phase, {}).get(key) if isinstance(entry.get(phase), dict) else None
+        return None if value is None else float(value)
+
+    cold_each = entry.get("cold_each_ms") or []
+    return {
+        "throughput_rps": get("loaded", "throughput_rps"),
+        "zipf_throughput_rps": get("zipf", "throughput_rps"),
+        "warm_p50_ms": get("warm", "p50_ms"),
+        "warm_p99_ms": get("warm", "p99_ms"),
+        "loaded_p50_ms": get("loaded", "p50_ms"),
+        "loaded_p99_ms": get("loaded", "p99_ms"),
+        "cold_ms": round(statistics.median(cold_each), 2) if cold_each else None,
+        "zipf_p50_ms": get("zipf", "p50_ms"),
+        "zipf_p99_ms": get("zipf", "p99_ms"),
+        "zipf_errors": get("zipf", "errors"),
+        "server_cpu_ms": get("warm", "server_cpu_ms_per_request"),
+        "peak_memory_mib": entry.get("peak_pss_mib"),
+    }
+
+
+def _machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions: dict[str, str | None] = {}
+    for package in ("torch", "ray", "nvidia-pytriton", "httpx", "numpy"):
+        try:
+            from importlib.metadata import version
+
+            versions[package] = version(package)
+        except Exception:
+            versions[package] = None
+    memory_gib = None
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory_gib = round(pages / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return {
+        "host": platform.node(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "versions": versions,
+    }
+
+
+def _measure(
+    system: str, family: str, plan: Plan, *, tmp: Path, out: Path, netns: bool
+) -> dict[str, Any]:
+    """One system serving one family, in a worker process in its own network namespace."""
+    label = f"{system}-{family}"
+    plan_path = tmp / f"plan-{label}.json"
+    result_path = tmp / f"result-{label}.json"
+    plan_path.write_text(json.dumps({**asdict(plan), "families": [family]}))
+    print(f"run.py: measuring {system} on {family} ...", file=sys.stderr, flush=True)
+    log = out / f"worker-{label}.log"
+    code = _run_worker_process(
+        _worker_command(system, plan_path, result_path, netns=netns),
+        timeout_s=max(600.0, 8 * plan.phase_max_s + 20 * plan.rate_duration_s + 300),
+        log=log,
+    )
+    if result_path.exists():
+        entry: dict[str, Any] = json.loads(result_path.read_text())["families"][family]
+        return entry
+    return {"error": f"worker exit {code}", "log_tail": log.read_text(errors="replace")[-3000:]}
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    plan = Plan.from_args(args)
+    out = Path(plan.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    netns = not args.no_netns
+    if not netns and "ray" in plan.systems:
+        print("run.py: Ray Serve runs only inside a private network namespace", file=sys.stderr)
+        return 2
+    if netns and shutil.which("unshare") is None:
+        print("run.py: 'unshare' is missing; it isolates the systems' ports", file=sys.stderr)
+        return 2
+
+    from gpufaas.core.examples import build_examples
+
+    build_examples(Path(plan.models_dir), names=plan.families, progress=False)
+    started = datetime.now(UTC)
+    load_before = os.getloadavg()
+    report: dict[str, Any] = {
+        "date": started.isoformat(timespec="seconds"),
+        "command": " ".join(["python", "bench/peers/run.py", *sys.argv[1:]]),
+        "machine": _machine(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "plan": asdict(plan),
+        "systems": {},
+    }
+    report["systems"] = {system: {"system": system, "families": {}} for system in plan.systems}
+    with tempfile.TemporaryDirectory(prefix="peers-run-") as tmp:
+        # Family by family, every system in turn: each comparison is taken within minutes,
+        # so a change in the machine's background load hits all systems alike.
+        for family in plan.families:
+            for system in plan.systems:
+                entry = _measure(system, family, plan, tmp=Path(tmp), out=out, netns=netns)
+                report["systems"][system]["families"][family] = entry
+                if system == "gpufaas" and entry.get("rates") and family not in plan.rates:
+                    plan.rates[family] = entry["rates"]  # the same offered rates for the peers
+    report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    report["wall_s"] = round((datetime.now(UTC) - started).total_seconds(), 1)
+    report["families"] = {}
+    for family in plan.families:
+        figures = {
+            system: _figures(report["systems"][system].get("families", {}).get(family, {}))
+            for system in plan.systems
+        }
+        rows = workload.ratio_table(figures) if "gpufaas" in figures else []
+        report["families"][family] = {
+            "figures": figures,
+            "ratios": {row["figure"]: row["ratios"] for row in rows},
+            "table": workload.format_table(rows),
+            "goals": [g.to_dict() for g in workload.check_goals(rows)],
+        }
+    (out / "peers-results.json").write_text(json.dumps(report, indent=1))
+    try:
+        from plot import plot_report
+
+        png = plot_report(report, out / "peers.png")
+        report["png"] = str(png)
+        if args.png:
+            shutil.copyfile(png, args.png)
+            report["png"] = str(args.png)
+    except Exception as e:  # a missing plot never loses the figures
+        report["png_error"] = f"{type(e).__name__}: {e}"
+    text = _text_report(report)
+    markdown = _markdown_section(report)
+    (out / "RESULTS-peers.md").write_text(markdown)
+    if args.markdown:
+        args.markdown.write_text(markdown)
+    if args.json:
+        print(text, file=sys.stderr)
+        print(json.dumps(_json_view(report), indent=1))
+    else:
+        print(text)
+    return 0
+
+
+def _json_view(report: dict[str, Any]) -> dict[str, Any]:
+    """What ``--json`` prints: each system's figures and the ratios, per family."""
+    return {
+        "date": report["date"],
+        "command": report["command"],
+        "machine": report["machine"],
+        "load_average": [report["load_average_before"], report["load_average_after"]],
+        "families": {
+            family: {
+                "figures": data["figures"],
+                "ratios": data["ratios"],
+                "goals": data["goals"],
+            }
+            for family, data in report["families"].items()
+        },
+        "open_loop": {
+            system: {
+                family: entry.get("open_loop")
+                for family, entry in result.get("families", {}).items()
+            }
+            for system, result in report["systems"].items()
+        },
+        "errors": {
+            f"{system}/{family}": entry["error"]
+            for system, result in report["systems"].items()
+            for family, entry in result.get("families", {}).items()
+            if entry.get("error")
+        },
+        "png": report.get("png"),
+    }
+
+
+def _markdown_section(report: dict[str, Any]) -> str:
+    """The ``## Peers`` section for bench/RESULTS.md (tables, goals, conditions)."""
+    machine = report["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+    plan = report["plan"]
+    lines = [
+        "## Peers",
+        "",
+        f"- date: {report['date']}",
+        f"- command: `{report['command']}`",
+        f"- machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, "
+        f"{machine['os']}, Python {machine['python']}; {versions}",
+        f"- load average (1/5/15 min) before: {report['load_average_before']}, "
+        f"after: {report['load_average_after']} (the machine is shared)",
+        f"- workload: K={plan['copies']} copies per family, room for C={plan['capacity']}, "
+        f"N={plan['concurrency']} closed-loop clients, Zipf s={plan['zipf_s']}, "
+        f"seed {plan['seed']}; wall time {report['wall_s']} s",
+    ]
+    for family, data in report["families"].items():
+        lines += ["", f"### {family}", "", data["table"], ""]
+        for goal in data["goals"]:
+            mark = {True: "met", False: "**missed**", None: "n/a"}[goal["met"]]
+            lines.append(f"- {goal['name']}: {mark} (gpufaas/{goal['peer']} = {goal['ratio']})")
+        for system, result in report["systems"].items():
+            entry = result.get("families", {}).get(family, {})
+            if entry.get("error"):
+                lines.append(f"- {system} failed: {entry['error'].splitlines()[0]}")
+            rates = [
+                f"{p['offered_rps']}: p99 {p['p99_ms']} ms, {p['errors']} failed"
+                for p in entry.get("open_loop") or []
+            ]
+            if rates:
+                lines.append(f"- {system} open loop (req/s offered): " + "; ".join(rates))
+    return "\n".join(lines) + "\n"
+
+
+def _text_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"gpufaas vs peers, {report['date']}, {report['machine']['cpu']} "
+        f"({report['machine']['cores']} cores), load {report['load_average_before']}",
+    ]
+    for family, data in report["families"].items():
+        lines += ["", f"## {family}", "", data["table"], ""]
+        for goal in data["goals"]:
+            mark = {True: "met", False: "MISSED", None: "n/a"}[goal["met"]]
+            lines.append(f"- {goal['name']}: {mark} (ratio {goal['ratio']})")
+    for system, result in report["systems"].items():
+        for family, entry in result.get("families", {}).items():
+            if entry.get("error"):
+                lines.append(f"! {system}/{family}: {entry['error']}")
+            elif entry.get("verified") is False:
+                lines.append(f"! {system}/{family}: outputs did not match the model")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (a few minutes)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--systems",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=list(SYSTEM_ORDER),
+        help="comma-separated, gpufaas first (its Zipf throughput sets the open-loop rates)",
+    )
+    parser.add_argument(
+        "--families",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=None,
+        help=f"comma-separated (default: {','.join(FAMILIES)}; with --quick: tiny-mlp,minilm)",
+    )
+    parser.add_argument("--copies", type=int, default=0, help="models per family (K)")
+    parser.add_argument("--capacity", type=int, default=0, help="models that fit at once (C)")
+    parser.add_argument("--concurrency", type=int, default=8, help="closed-loop clients (N)")
+    parser.add_argument("--zipf-s", type=float, default=1.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="py-spy the systems' processes")
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "bench" / "out" / "models")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "peers")
+    parser.add_argument("--png", type=Path, default=None, help="also copy the plot here")
+    parser.add_argument(
+        "--markdown", type=Path, default=None, help="also write the RESULTS.md section here"
+    )
+    parser.add_argument(
+        "--no-netns", action="store_true", help="run without unshare (not for Ray Serve)"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        plan = Plan(**json.loads(args.plan.read_text()))
+        return run_worker(args.worker, plan, args.result)
+    if args.families is None:
+        args.families = ["tiny-mlp", "minilm"] if args.quick else list(FAMILIES)
+    unknown = [s for s in args.systems if s not in SYSTEM_ORDER]
+    unknown += [f for f in args.families if f not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown system or family: {', '.join(unknown)}")
+    args.systems = [s for s in SYSTEM_ORDER if s in args.systems]
+    return orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""What each system serves in one scenario: K named copies of one example model.
+
+A scenario is one model family (``tiny-mlp``, ``small-cnn``, ``minilm``) served as
+``K`` functions named ``<family>-00`` .. ``<family>-K-1``, each with its own artifact
+file (a hard link to the built example), with room for ``C < K`` of them at a time.
+Every system loads those files with ``gpufaas.core.modelio.load_model``. One family
+per scenario keeps the models the same size, so a byte budget (gpufaas) and a model
+count (Ray, PyTriton) mean the same capacity: gpufaas's device budget is C times the
+bytes it charges per copy (measured from gpufaas itself) plus half a copy.
+
+gpufaas gets manifests cloned from the bundled example's, changed only in name, in
+a ``file://`` URI without ``sha256`` (used in place, like the peers do; with a digest
+gpufaas would copy and hash it into its artifact cache once), and with batching off
+(one forward per request, as on the peers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy.typing as npt
+import torch
+import yaml
+
+from gpufaas.core.api import ModelFormat, parse_manifest
+from gpufaas.core.examples import EXAMPLES, build_examples, example_inputs
+from gpufaas.core.manifests import bundled_functions_dir, load_manifests
+from gpufaas.core.modelio import load_model, tensor_bytes
+
+
+@dataclass
+class Scenario:
+    family: str
+    artifact: Path  # the built example; each copy is a hard link to it (see :func:`prepare`)
+    paths: dict[str, Path]
+    format: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    models: list[str]
+    capacity: int
+    model_bytes: int
+    sample: dict[str, npt.NDArray[Any]] = field(repr=False)
+    manifest: dict[str, Any] = field(repr=False)
+    # bytes gpufaas charges a device per copy (weights arena + activation reserve), measured
+    # by ``systems.measure_gpufaas_footprint``; None until then
+    gpufaas_footprint: int | None = None
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.outputs]
+
+    def specs(self) -> dict[str, Any]:
+        """What the peer apps read (``--specs``): model paths and the tensor signature."""
+        return {
+            "models": {m: {"path": str(self.paths[m]), "format": self.format} for m in self.models},
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+        }
+
+    def device_memory_bytes(self) -> int:
+        """A gpufaas device budget that holds exactly ``capacity`` copies."""
+        per_copy = self.gpufaas_footprint or self.model_bytes
+        return self.capacity * per_copy + per_copy // 2
+
+
+# Used only until the bundled manifests exist: the same signatures as examples/functions/.
+_FALLBACK_SIGNATURES: dict[str, tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = {
+    "tiny-mlp": (
+        "torchscript",
+        [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
+        [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+    ),
+    "small-cnn": (
+        "torch-export",
+        [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 32, 32]}],
+        [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+    ),
+    "minilm": (
+        "torchscript",
+        [
+            {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+            {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
+        ],
+        [{"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}],
+    ),
+}
+
+
+def _base_manifest(family: str) -> dict[str, Any]:
+    """The bundled example's manifest as a plain document (or the fallback signature)."""
+    bundled = bundled_functions_dir()
+    functions = load_manifests([bundled]) if any(bundled.glob("*.yaml")) else []
+    function = next((f for f in functions if f.name == family), None)
+    if function is not None:
+        document = function.model_dump(mode="json", by_alias=True, exclude_none=True)
+        document.pop("status", None)
+        return document
+    if family not in _FALLBACK_SIGNATURES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(EXAMPLES)}")
+    fmt, inputs, outputs = _FALLBACK_SIGNATURES[family]
+    return {
+        "apiVersion": "gpufaas.dev/v1alpha1",
+        "kind": "InferenceFunction",
+        "metadata": {"name": family},
+        "spec": {"model": {"uri": "file:///dev/null", "format": fmt}, "inputs": inputs,
+                 "outputs": outputs},
+    }  # fmt: skip
+
+
+def prepare(family: str, *, copies: int, capacity: int, models_dir: Path) -> Scenario:
+    """Build (once) the family's artifact and describe K copies of it with room for C."""
+    if not 1 <= capacity < copies:
+        raise ValueError(f"need 1 <= capacity < copies, got capacity={capacity}, copies={copies}")
+    if family not in EXAMPLES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(EXAMPLES)}")
+    artifact = build_examples(models_dir, names=[family], progress=False)[family].resolve()
+    manifest = _base_manifest(family)
+    spec = parse_manifest(manifest, source=f"{family} manifest").spec
+    module = load_model(artifact, format=ModelFormat(spec.model.format))
+    models = [f"{family}-{i:02d}" for i in range(copies)]
+    return Scenario(
+        family=family,
+        artifact=artifact,
+        paths=_link_copies(artifact, models, folder=models_dir / "peers" / family),
+        format=str(ModelFormat(spec.model.format).value),
+        inputs=[t.model_dump(mode="json") for t in spec.inputs],
+        outputs=[t.model_dump(mode="json") for t in spec.outputs],
+        models=models,
+        capacity=capacity,
+        model_bytes=tensor_bytes(module),
+        sample=example_inputs(family, batch=1),
+        manifest=manifest,
+    )
+
+
+def _link_copies(artifact: Path, models: list[str], *, folder: Path) -> dict[str, Path]:
+    """One file per copy (a hard link, or a copy across file systems).
+
+    Distinct paths make distinct models to every system: nothing keyed by the file
+    (gpufaas's host-tier sidecars, say) is shared between copies. The same inode keeps
+    the page cache, and so the read cost, the same for all systems.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in models:
+        path = folder / f"{name}{artifact.suffix}"
+        if not (path.exists() and path.stat().st_ino == artifact.stat().st_ino):
+            path.unlink(missing_ok=True)
+            try:
+                os.link(artifact, path)
+            except OSError:
+                shutil.copyfile(artifact, path)
+        paths[name] = path
+    return paths
+
+
+def write_manifests(scenario: Scenario, folder: Path) -> Path:
+    """One InferenceFunction manifest per copy, in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in scenario.models:
+        document = json.loads(json.dumps(scenario.manifest))
+        document["metadata"] = {"name": name}
+        model = document["spec"]["model"]
+        model["uri"] = scenario.paths[name].as_uri()
+        model.pop("sha256", None)
+        document["spec"]["batching"] = {"maxBatchSize": 1, "maxDelayMs": 0}
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    return folder
+
+
+def reference_outputs(scenario: Scenario) -> dict[str, npt.NDArray[Any]]:
+    """The scenario's sample run through the model directly, for checking each system."""
+    module = load_model(scenario.artifact, format=ModelFormat(scenario.format))
+    with contextlib.suppress(NotImplementedError):  # exported programs have no eval()
+        module.eval()
+    with torch.inference_mode():
+        result = module(*(torch.from_numpy(scenario.sample[t["name"]]) for t in scenario.inputs))
+    results = [result] if isinstance(result, torch.Tensor) else list(result)
+    return {name: r.numpy() for name, r in zip(scenario.output_names, results, strict=True)}

@@ -1,0 +1,145 @@
+"""PyTriton peer: the benchmark's models on Triton Inference Server.
+
+PyTriton runs Triton with explicit model control and registers one Triton model per
+benchmark model. Each model's Python callable gets its torch module from one LRU
+shared by all of them, holding at most ``--capacity`` modules (the same capacity the
+other systems get); a miss loads the artifact with ``gpufaas.core.modelio.load_model``
+from the same file gpufaas serves. Batching is off (each request is one forward, as on
+the other systems); everything else is PyTriton's defaults. HTTP, gRPC and metrics
+bind 127.0.0.1.
+
+Triton's Python backend needs ``LD_LIBRARY_PATH`` to include the running Python's
+``lib`` folder (``run.py`` sets it). Usage::
+
+    python triton_app.py --specs SPECS.json --port P --capacity C --ready-file F
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from pytriton.model_config import ModelConfig, Tensor
+from pytriton.triton import Triton, TritonConfig
+
+from gpufaas.core.api import ModelFormat
+from gpufaas.core.modelio import load_model
+
+_NUMPY = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64,
+          "INT32": np.int32, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}  # fmt: skip
+
+
+class SharedLRU:
+    """At most ``capacity`` loaded modules across all models, least recently used evicted."""
+
+    def __init__(self, models: dict[str, dict[str, str]], *, capacity: int) -> None:
+        self.models = models
+        self.capacity = capacity
+        self.loaded: OrderedDict[str, torch.nn.Module] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, name: str) -> torch.nn.Module:
+        with self.lock:
+            module = self.loaded.get(name)
+            if module is not None:
+                self.loaded.move_to_end(name)
+                return module
+            entry = self.models[name]
+            module = load_model(Path(entry["path"]), format=ModelFormat(entry["format"]))
+            with contextlib.suppress(NotImplementedError):  # exported programs: no eval()
+                module.eval()
+            while len(self.loaded) >= self.capacity:
+                self.loaded.popitem(last=False)
+            self.loaded[name] = module
+            return module
+
+
+def make_infer(
+    name: str, cache: SharedLRU, *, input_names: list[str], output_names: list[str]
+) -> Callable[[list[Any]], list[dict[str, npt.NDArray[Any]]]]:
+    def infer(requests: list[Any]) -> list[dict[str, npt.NDArray[Any]]]:
+        module = cache.get(name)
+        responses = []
+        for request in requests:
+            with torch.inference_mode():
+                result = module(*(torch.from_numpy(np.asarray(request[n])) for n in input_names))
+            results = [result] if isinstance(result, torch.Tensor) else list(result)
+            responses.append({n: r.numpy() for n, r in zip(output_names, results, strict=True)})
+        return responses
+
+    return infer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--specs", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--capacity", type=int, required=True)
+    parser.add_argument("--ready-file", type=Path, required=True)
+    args = parser.parse_args()
+    specs = json.loads(args.specs.read_text())
+    torch.set_grad_enabled(False)
+
+    def tensors(side: str) -> list[Tensor]:
+        return [
+            Tensor(name=t["name"], dtype=_NUMPY[t["datatype"]], shape=tuple(t["shape"]))
+            for t in specs[side]
+        ]
+
+    cache = SharedLRU(specs["models"], capacity=args.capacity)
+    input_names = [t["name"] for t in specs["inputs"]]
+    output_names = [t["name"] for t in specs["outputs"]]
+    config = TritonConfig(
+        http_address="127.0.0.1",
+        http_port=args.port,
+        grpc_address="127.0.0.1",
+        grpc_port=_free_port(),
+        metrics_address="127.0.0.1",
+        metrics_port=_free_port(),
+        allow_metrics=False,
+        log_verbose=0,
+    )
+    stop = threading.Event()
+    with Triton(config=config) as triton:
+        for name in specs["models"]:
+            triton.bind(
+                model_name=name,
+                infer_func=make_infer(
+                    name, cache, input_names=input_names, output_names=output_names
+                ),
+                inputs=tensors("inputs"),
+                outputs=tensors("outputs"),
+                config=ModelConfig(batching=False),
+                strict=False,
+            )
+        triton.run()
+        args.ready_file.write_text("ready\n")
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        stop.wait(timeout=6 * 3600)  # bounded even if nobody stops us
+        time.sleep(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""A small, fast run of the LALB simulator (``bench/lalb.py --mode sim``) and its JSON shape.
+
+On a fixed seed in a loaded regime, locality-aware routing beats plain load balancing and O3
+dispatch beats FIFO dispatch, on both the miss ratio and the mean latency.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+POLICIES = {"lb", "lalb", "lalb-o3", "belady"}
+
+
+def lalb(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCH / "lalb.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def run_json(*args: str) -> dict[str, Any]:
+    result = lalb("--mode", "sim", "--json", *args)
+    assert result.returncode == 0, result.stderr
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
+
+
+@pytest.fixture(scope="module")
+def loaded_run() -> dict[str, Any]:
+    return run_json(
+        "--wss", "20", "--devices", "2", "--requests", "5000", "--rate", "60",
+        "--concurrency", "1", "--seed", "3",
+    )  # fmt: skip
+
+
+def test_json_is_keyed_by_policy_with_the_four_numbers(loaded_run: dict[str, Any]) -> None:
+    assert set(loaded_run) == POLICIES
+    for policy, entry in loaded_run.items():
+        assert {"mean_ms", "p99_ms", "miss_ratio", "hit_ratio"} <= set(entry), policy
+        assert entry["hit_ratio"] + entry["miss_ratio"] == pytest.approx(1.0)
+    assert loaded_run["belady"]["mean_ms"] is None
+
+
+def test_lalb_beats_lb_and_o3_beats_lalb(loaded_run: dict[str, Any]) -> None:
+    lb, lalb_, o3 = (loaded_run[p] for p in ("lb", "lalb", "lalb-o3"))
+    assert lb["miss_ratio"] > lalb_["miss_ratio"] > o3["miss_ratio"]
+    assert lb["mean_ms"] > lalb_["mean_ms"] > o3["mean_ms"]
+    assert o3["overtakes"] > 0 and lalb_["overtakes"] == 0
+    assert o3["vs_lb"]["mean_cut_pct"] > lalb_["vs_lb"]["mean_cut_pct"] > 0
+
+
+def test_default_working_set_35_json_shape() -> None:
+    document = run_json("--wss", "35", "--requests", "3000")
+    assert set(document) == POLICIES
+    assert all(0.0 <= document[p]["miss_ratio"] <= 1.0 for p in POLICIES)
+    assert document["lalb"]["miss_ratio"] < document["lb"]["miss_ratio"]
+
+
+def test_table_output_names_every_policy() -> None:
+    result = lalb("--wss", "10", "--devices", "2", "--requests", "1500")
+    assert result.returncode == 0, result.stderr
+    for policy in ("lb", "lalb", "lalb-o3", "belady", "lalb vs lb"):
+        assert policy in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--wss", "0"], "--wss"),
+        (["--policies", "lb,fastest"], "unknown policies"),
+        (["--profile", "tpu"], "unknown --profile"),
+        (["--device-memory", "lots"], "--device-memory"),
+        (["--wss", "5", "--device-memory", "1Mi"], "raise the capacity"),
+    ],
+)
+def test_bad_arguments_get_a_clear_error(args: list[str], message: str) -> None:
+    result = lalb("--mode", "sim", *args)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def _belady() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "gpufaas_bench_belady", BENCH / "sim" / "belady.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_belady_evicts_the_model_needed_furthest_ahead() -> None:
+    belady = _belady()
+    # Room for two unit models: on the miss for 2, MIN evicts 1 (needed last), keeps 0.
+    sequence = [0, 1, 2, 0, 2, 1]
+    assert belady.belady_hits(sequence, [1, 1, 1], capacity_bytes=2) == 2
+    # Room for 2 takes evicting 1 (size 2); 0, furthest ahead but too small to help, stays.
+    assert belady.belady_hits([0, 1, 2, 1, 0], [1, 2, 2], capacity_bytes=3) == 1
+    assert belady.belady_hits([0, 1, 0, 1], [1, 1], capacity_bytes=2, skip=3) == 1
