@@ -128,6 +128,19 @@ class Metrics:
             ["policy"],
             registry=self.registry,
         )
+        self.queue_wait = Histogram(
+            "gpufaas_queue_wait_seconds",
+            "Time a request waited in its device's queue at the gateway",
+            ["policy"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+        )
+        self.slo = Counter(
+            "gpufaas_slo_requests",
+            "Answered requests of functions with an SLO, by whether it was met",
+            ["policy", "met"],
+            registry=self.registry,
+        )
 
 
 class Gateway:
@@ -275,7 +288,9 @@ class Gateway:
         content: bytes,
         headers: Mapping[str, str],
         deadline: float | None,
+        queued_at: float,
     ) -> httpx.Response:
+        self.metrics.queue_wait.labels(self.policy.name).observe(time.monotonic() - queued_at)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(
                 f"the deadline of the request for {name!r} passed while it waited"
@@ -348,6 +363,7 @@ class Gateway:
                         content=content,
                         headers=headers,
                         deadline=deadline,
+                        queued_at=time.monotonic(),
                     ),
                 )
             except QueueFull as e:
@@ -596,7 +612,13 @@ def create_app(gateway: Gateway) -> FastAPI:
             name if name in gateway.functions else "_unknown", str(response.status_code)
         ).inc()
         if response.status_code == 200:
-            gateway.metrics.latency.labels(name).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            gateway.metrics.latency.labels(name).observe(elapsed)
+            function = gateway.function(name)
+            slo_ms = function.spec.slo.latency_ms if function else None
+            if slo_ms is not None:
+                met = "true" if elapsed * 1000 <= slo_ms else "false"
+                gateway.metrics.slo.labels(gateway.policy.name, met).inc()
         return response
 
     @app.post("/v2/repository/index")

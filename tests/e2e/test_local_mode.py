@@ -139,6 +139,12 @@ def test_metrics_are_exported(
     _infer(client, "tiny-mlp", example_inputs("tiny-mlp", batch=1), binary=False)
     text = httpx.get(f"{server}/metrics", timeout=10).text
     assert 'gpufaas_requests_total{code="200",model="tiny-mlp"}' in text
+    for family in (
+        "gpufaas_cache_lookups_total",
+        "gpufaas_queue_wait_seconds_count",
+        "gpufaas_slo_requests_total",
+    ):
+        assert f"{family}{{" in text and 'policy="lb"' in text, family
     cluster = httpx.get(f"{server}/v2/gpufaas/cluster", timeout=10).json()
     residents = {r[0] for d in cluster["devices"] for r in d["residents"]}
     assert "tiny-mlp" in residents
