@@ -125,6 +125,13 @@ def run_forward(
         if gated and transfer is not None and model.arena is not None:
             gate = ArrivalGate(model.arena, transfer.groups, transfer.wait_group)
         with torch.inference_mode(), gate:
-            result = model.module(*tensors)
+            try:
+                result = model.module(*tensors)
+            except Exception:
+                # TorchScript wraps the gate's TransferFailed in a RuntimeError: a failed copy
+                # must surface as a load failure (503), not as the model rejecting the input.
+                if gated and transfer is not None:
+                    transfer.wait_all()
+                raise
         outputs = name_outputs(result, spec)  # copies to host: the device work is done
     return ForwardResult(outputs, (time.perf_counter() - started) * 1000, gated)

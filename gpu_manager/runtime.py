@@ -705,6 +705,11 @@ class NodeRuntime:
             if model.transfer is not None and not model.arrived:
                 with contextlib.suppress(TransferFailed):
                     await asyncio.to_thread(model.transfer.wait_all)
+                # The copy is over; let _finish_load's continuation mark it resident (or failed).
+                for _ in range(10_000):
+                    if model.arrived or model.error is not None:
+                        break
+                    await asyncio.sleep(0.001)
             if model.error is not None:
                 raise RuntimeFailure(
                     f"model {name!r} failed to load on {device.info.id}: {model.error}",

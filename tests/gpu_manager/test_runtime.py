@@ -290,6 +290,8 @@ async def test_a_model_in_use_is_never_evicted(
 
     compute.gate.set()
     close(output(await busy), small.reference(small.inputs()))
+    # The pin is released just after the answer is delivered (admission_wait_s=0 won't wait).
+    await wait_for(lambda: runtime.devices["cpu:0"].tier.lru.pinned_bytes == 0)
     loaded = await runtime.infer(large.name, large.inputs(), device_id="cpu:0")
     assert loaded.load_source == "host"
     assert list(resident(runtime, "cpu:0")) == [large.name]  # the small one was evicted now
