@@ -89,6 +89,10 @@ class RuntimeFailure(Exception):
         self.retry_after_s = retry_after_s
 
 
+class DeviceLoadOutOfMemory(RuntimeFailure):
+    """The device's allocator refused a load's arena (retried once after evicting)."""
+
+
 @dataclass
 class InferOutcome:
     outputs: dict[str, tuple[NDArray[Any], str]]
@@ -573,7 +577,7 @@ class NodeRuntime:
         except BaseException as e:
             await self._abandon_load(name, device, model, release_source)
             if is_out_of_memory(e):
-                raise RuntimeFailure(
+                raise DeviceLoadOutOfMemory(
                     f"device {device.info.id} ran out of memory loading {name!r}: {e}",
                     status=503,
                     reason="InsufficientMemory",
@@ -581,6 +585,20 @@ class NodeRuntime:
             raise
         self._spawn(self._finish_load(name, device, model, release_source))
         return model
+
+    async def _start_load_evicting_on_oom(self, name: str, device: _Device) -> DeviceModel:
+        """Start a load; if the device itself runs out of memory (our accounting said the
+        bytes were free: fragmentation, another process), evict every model not in use and
+        try once more before answering 503."""
+        try:
+            return await self._start_load(name, device)
+        except DeviceLoadOutOfMemory as e:
+            lru = device.tier.lru
+            evicted = device.tier.make_room(lru.capacity_bytes - lru.pinned_bytes)
+            logger.warning("%s; evicted %d unused model(s), retrying once", e, len(evicted))
+            for victim in evicted:
+                self.stats.record_eviction("device", victim.size_bytes)
+        return await self._start_load(name, device)
 
     def _release_host_hold(self, name: str, host: HostModel | None) -> None:
         if host is not None and host.cached and host.holds:
@@ -679,7 +697,9 @@ class NodeRuntime:
                     model = arriving  # copy under way: compute as its layers land
             if model is None:
                 self.stats.record_miss("device")
-                model = await device.starts.do(name, lambda: self._start_load(name, device))
+                model = await device.starts.do(
+                    name, lambda: self._start_load_evicting_on_oom(name, device)
+                )
             elif hit:
                 self.stats.record_hit("device")
             if device.tier.hold(name, model):
