@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from gpufaas.cache.lru import (
     ByteLRU,
@@ -59,6 +59,9 @@ class _Device:
 
 
 _TO_RESIDENCY = {EntryState.LOADING: Residency.LOADING, EntryState.RESIDENT: Residency.RESIDENT}
+
+
+_EMPTY: frozenset[str] = frozenset()
 
 
 class ClusterDirectory:
@@ -120,6 +123,10 @@ class ClusterDirectory:
             assert entry is not None, "holders index out of step with a device view"
             result[device_id] = _TO_RESIDENCY[entry.state]
         return result
+
+    def holder_ids(self, model: str) -> Collection[str]:
+        """The devices holding ``model``, in O(1): a read-only view, valid until the next change."""
+        return self._holders.get(model, _EMPTY)
 
     def models(self) -> list[str]:
         """Every model held by at least one device."""

@@ -45,6 +45,7 @@ import json
 import operator
 import pickle
 import re
+import threading
 import tokenize
 import types
 import warnings
@@ -64,6 +65,11 @@ __all__ = ["ModelLoadError", "load_model", "save_model", "tensor_bytes"]
 warnings.filterwarnings(
     "ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning
 )
+
+
+# torch.export.load keeps its deserializer in a module global and asserts that no other load is
+# running: concurrent loads in threads fail with "_CURRENT_DESERIALIZER is already set".
+_EXPORT_LOAD_LOCK = threading.Lock()
 
 
 class ModelLoadError(Exception):
@@ -134,7 +140,8 @@ def _load_exported(
     _check_pt2_archive(reader, names, path)
     f.seek(0)
     try:
-        program = torch.export.load(f)
+        with _EXPORT_LOAD_LOCK:
+            program = torch.export.load(f)
     except Exception as e:
         raise ModelLoadError(path, fmt, f"corrupt torch.export archive ({_brief(e)})") from None
     _check_graph_calls(program.graph_module, path)

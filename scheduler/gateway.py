@@ -295,10 +295,6 @@ class Gateway:
             raise DeadlineExceeded(
                 f"the deadline of the request for {name!r} passed while it waited"
             )
-        with contextlib.suppress(InsufficientCapacity):  # the manager's answer corrects the view
-            self.cluster.directory.note_dispatch(
-                device.key, name, size_bytes=self.model_bytes.get(name, 0)
-            )
         return await device.node.client.post(
             path, content=content, headers={**headers, DEVICE_HEADER: device.device_id}
         )
@@ -351,6 +347,12 @@ class Gateway:
                 last_error = last_error or e
                 break
             tried.add(device.key)
+            # Noted at routing, not at send: a burst for a cold model must see it loading here
+            # (the manager's answer and the next sync correct the view).
+            with contextlib.suppress(InsufficientCapacity):
+                self.cluster.directory.note_dispatch(
+                    device.key, name, size_bytes=self.model_bytes.get(name, 0)
+                )
             try:
                 response = await self.dispatcher.submit(
                     device.key,

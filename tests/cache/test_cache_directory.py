@@ -239,3 +239,15 @@ DirectoryMachine.TestCase.settings = settings(
     max_examples=100, stateful_step_count=30, deadline=None
 )
 TestDirectoryMachine = DirectoryMachine.TestCase
+
+
+def test_holder_ids_is_the_set_of_holders() -> None:
+    directory = ClusterDirectory()
+    for device in ("a", "b", "c"):
+        directory.add_device(device, capacity_bytes=100)
+    directory.note_dispatch("a", "m", size_bytes=10)
+    directory.note_loaded("b", "m", size_bytes=10)
+    assert set(directory.holder_ids("m")) == set(directory.holders("m")) == {"a", "b"}
+    assert set(directory.holder_ids("unknown")) == set()
+    directory.note_evicted("a", "m")
+    assert set(directory.holder_ids("m")) == {"b"}
