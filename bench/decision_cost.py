@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -43,7 +44,7 @@ MIB = 2**20
 
 def build_cluster(
     *, devices: int, models: int, per_device: int, seed: int
-) -> tuple[ClusterDirectory, DeviceTable, list[int], np.ndarray]:
+) -> tuple[ClusterDirectory, DeviceTable, list[int], npt.NDArray[Any]]:
     rng = random.Random(seed)
     sizes = [rng.choice((2 * MIB, 20 * MIB, 90 * MIB)) for _ in range(models)]
     capacity = per_device * 40 * MIB
@@ -71,11 +72,11 @@ def time_decisions(
     directory: ClusterDirectory,
     table: DeviceTable,
     sizes: list[int],
-    popularity: np.ndarray,
+    popularity: npt.NDArray[Any],
     decisions: int,
     as_list: bool,
     seed: int,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     estimates = Estimates()
     rng = np.random.default_rng(seed)
     for m in range(len(sizes)):  # measured estimates, as a warm gateway has them
@@ -118,12 +119,12 @@ def _clock_overhead_ns() -> float:
 
 def _loop(
     policy: Any,
-    picks: np.ndarray,
+    picks: npt.NDArray[Any],
     sizes: list[int],
     table: DeviceTable,
     directory: ClusterDirectory,
-    samples: np.ndarray,
-    cpu: np.ndarray,
+    samples: npt.NDArray[Any],
+    cpu: npt.NDArray[Any],
     *,
     as_list: bool,
     rng: np.random.Generator,

@@ -239,7 +239,7 @@ def _reason(response: httpx.Response) -> str:
     """A short reason for a failed request: the reason header, else the error's first words."""
     reason = response.headers.get("x-gpufaas-reason")
     if reason:
-        return reason
+        return str(reason)
     try:
         message = str(response.json().get("error", ""))
     except ValueError:

@@ -1,28 +1,31 @@
-"""Measure the example models: bytes, load times and inference time, on the CPU or a GPU.
+"""Measure the example models: bytes, load times and inference time, through the GPU manager.
 
-For each example model (:mod:`gpufaas.core.examples`) this times what the GPU manager does:
+For each example model (:mod:`gpufaas.core.examples`) this drives a real
+:class:`gpufaas.gpu_manager.runtime.NodeRuntime` (built as ``gpufaas gpu-manager`` builds it, on
+one CPU stand-in device, or a GPU with ``--device cuda``) and reads what it reports per request:
 
-- ``artifact_ms``: artifact file -> host module (:func:`gpufaas.core.modelio.load_model`);
-- ``load_ms``: host module -> device copy (:func:`gpufaas.gpu_manager.devices.instantiate_on`,
-  synchronised): the cost of a device-tier miss when the host tier holds the model, which is the
-  steady state of the experiment (the host tier holds every model);
-- ``infer_ms``: one batch-1 request on the device, inputs copied in and outputs copied out.
+- ``artifact_ms``: a cold miss minus a host-tier miss: artifact file -> host tier;
+- ``load_ms`` (host -> device): a miss whose model the host tier holds (the device copy is
+  unloaded first), as the runtime reports it (``InferOutcome.load_ms``);
+- ``infer_ms``: a hit's forward pass (``InferOutcome.compute_ms``);
+- ``size_bytes``: what the model takes in the device tier (weights and activation reserve).
 
-Each is the median of repeated runs after a warm-up. ``size_bytes`` is
-:func:`gpufaas.core.modelio.tensor_bytes` of the module.
+A cold miss uses a fresh function name each time (a copy of the model), so nothing of it is
+cached but the artifact file. Each figure is the median over ``--repeats``.
 
 Sets written to ``profiles.json`` (each model's ``load_ms`` is what a device-tier miss costs):
 
-- ``cpu``: artifact -> host -> device, all measured here (the simulator's default);
-- ``cpu-host-tier``: host -> device only (the host tier already holds the model);
-- ``gpu-pcie4-scaled``: ``cpu`` plus ``size_bytes`` over 25 GB/s, the PCIe 4.0 x16
-  host-to-device copy a GPU node adds; inference times stay as measured on the CPU;
-- ``gpu``: with ``--device cuda`` on a GPU machine, host -> device and inference on the GPU.
+- ``<set>`` (default ``cpu``): artifact -> host -> device, all measured here (the simulator's
+  default);
+- ``<set>-host-tier``: host -> device only (the host tier already holds the model);
+- ``gpu-pcie4-scaled`` (from ``cpu``): ``cpu`` plus ``size_bytes`` over 25 GB/s, the PCIe 4.0
+  x16 host-to-device copy a GPU node adds; inference times stay as measured on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
 import statistics
@@ -37,104 +40,77 @@ from .workload import PROFILES_FILE
 PCIE4_BYTES_PER_S = 25e9
 
 
-def _median_ms(fn: Callable[[], object], *, repeats: int, sync: Callable[[], None]) -> float:
-    samples = []
-    for _ in range(repeats):
-        sync()
-        started = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
-
-
-def measure_models(
-    *, device: str = "cpu", repeats: int = 15, random_minilm: bool = False
+async def _measure_one(
+    runtime: Any, spec: Any, inputs: list[Any], *, kind: str, repeats: int
 ) -> dict[str, Any]:
+    device = next(iter(runtime.devices))
+    cold: list[float] = []
+    host: list[float] = []
+    infer: list[float] = []
+    sizes: list[int] = []
+    for i in range(repeats + 1):  # the first round warms torch up, and is dropped
+        name = f"{kind}-measure-{i}"
+        runtime.register(name, spec)
+        first = await runtime.infer(name, inputs, device_id=device)
+        runtime.unload(name, device_id=device)  # the host tier keeps it
+        second = await runtime.infer(name, inputs, device_id=device)
+        hits = [await runtime.infer(name, inputs, device_id=device) for _ in range(5)]
+        runtime.unregister(name)
+        if i == 0:
+            continue
+        cold.append(first.load_ms)
+        host.append(second.load_ms)
+        infer.extend(h.compute_ms for h in hits if h.cache_hit)
+        sizes.append(first.size_bytes)
+    host_ms = statistics.median(host)
+    return {
+        "size_bytes": max(sizes),
+        "artifact_ms": round(max(0.0, statistics.median(cold) - host_ms), 4),
+        "load_ms": round(host_ms, 4),
+        "infer_ms": round(statistics.median(infer), 4),
+    }
+
+
+def measure_models(*, device: str = "cpu", repeats: int = 5) -> dict[str, Any]:
     import torch
 
-    from gpufaas.core.api import ModelFormat
-    from gpufaas.core.examples import (
-        EXAMPLES,
-        MiniLM,
-        build_examples,
-        example_inputs,
-        model_filename,
-    )
-    from gpufaas.core.modelio import load_model, save_model, tensor_bytes
-    from gpufaas.gpu_manager.devices import DeviceInfo, instantiate_on, synchronize
+    from gpufaas.core.examples import EXAMPLES, build_examples, example_inputs
+    from gpufaas.core.manifests import bundled_functions_dir, load_manifests
+    from gpufaas.gpu_manager.main import build_runtime
 
-    torch.set_grad_enabled(False)
-    if device == "cuda":
-        name = torch.cuda.get_device_name(0)
-        info = DeviceInfo(
-            id="cuda:0", kind="cuda", index=0, name=name, uuid="", total_bytes=0, capacity_bytes=0
-        )
-    else:
-        name = platform.processor() or platform.machine()
-        info = DeviceInfo(
-            id="cpu:0", kind="cpu", index=0, name="cpu", uuid="", total_bytes=0, capacity_bytes=0
-        )
-
-    def sync() -> None:
-        synchronize(info)
-
+    torch.set_num_threads(1)  # as the GPU manager runs
     models: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        names = [n for n in EXAMPLES if not (random_minilm and n == "minilm")]
-        paths = build_examples(out, names=names, progress=False)
-        if random_minilm:
-            # Same architecture and bytes as the real encoder, random weights: same timings.
-            paths["minilm"] = out / model_filename("minilm")
-            inputs = tuple(torch.from_numpy(a) for a in example_inputs("minilm").values())
-            save_model(
-                torch.jit.script(MiniLM().eval()),
-                paths["minilm"],
-                format=ModelFormat.TORCHSCRIPT,
-                example_inputs=inputs,
+        root = Path(tmp)
+        build_examples(root / "models", progress=False)
+        functions = {
+            f.name: f.spec
+            for f in load_manifests(
+                [bundled_functions_dir()], variables={"GPUFAAS_MODELS": str(root / "models")}
             )
-        formats = {"tiny-mlp": ModelFormat.TORCHSCRIPT, "small-cnn": ModelFormat.TORCH_EXPORT}
-        for example in EXAMPLES:
-            path = paths[example]
-            fmt = formats.get(example, ModelFormat.TORCHSCRIPT)
-            load_model(path, format=fmt)  # warm the file cache and torch's loaders
-            artifact_ms = _median_ms(
-                lambda p=path, f=fmt: load_model(p, format=f),
-                repeats=max(3, repeats // 3),
-                sync=lambda: None,
-            )
-            module = load_model(path, format=fmt)
-            size = tensor_bytes(module)
-            for _ in range(3):  # warm-up: CUDA context, allocator pools
-                instantiate_on(module, info)
-            sync()
-            load_ms = _median_ms(
-                lambda m=module: instantiate_on(m, info), repeats=repeats, sync=sync
-            )
-            replica = instantiate_on(module, info)
-            arrays = list(example_inputs(example, batch=1).values())
+        }
 
-            def infer(r: torch.nn.Module = replica, a: list[Any] = arrays) -> None:
-                tensors = [torch.from_numpy(x).to(info.torch_device) for x in a]
-                with torch.inference_mode():
-                    result = r(*tensors)
-                result.detach().to("cpu").numpy()
+        async def run() -> None:
+            runtime = build_runtime(
+                cpu_devices=1,
+                device_memory_bytes=2 * 2**30,
+                host_memory_bytes=4 * 2**30,
+                artifact_dir=root / "artifacts",
+                force_cpu=device == "cpu",
+            )
+            for kind in EXAMPLES:
+                inputs = list(example_inputs(kind, batch=1).values())
+                models[kind] = await _measure_one(
+                    runtime, functions[kind], inputs, kind=kind, repeats=repeats
+                )
 
-            for _ in range(10):
-                infer()
-            infer_ms = _median_ms(infer, repeats=max(repeats, 30), sync=sync)
-            models[example] = {
-                "size_bytes": size,
-                "artifact_ms": round(artifact_ms, 4),
-                "load_ms": round(load_ms, 4),
-                "infer_ms": round(infer_ms, 4),
-            }
+        asyncio.run(run())
+    name = torch.cuda.get_device_name(0) if device == "cuda" else platform.machine()
     return {
         "device": name,
         "torch": torch.__version__,
         "measured": time.strftime("%Y-%m-%d"),
-        "minilm_weights": "random (same shapes)" if random_minilm else "all-MiniLM-L6-v2",
+        "method": "NodeRuntime.infer on one device: cold miss, host-tier miss, hits",
         "models": models,
     }
 
@@ -148,7 +124,7 @@ def profile_sets(measured: dict[str, Any]) -> dict[str, Any]:
             "device": measured["device"],
             "torch": measured["torch"],
             "measured": measured["measured"],
-            "minilm_weights": measured["minilm_weights"],
+            "method": measured["method"],
             "models": {
                 example: {
                     "size_bytes": m["size_bytes"],
@@ -182,19 +158,17 @@ def profile_sets(measured: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     extra = argparse.ArgumentParser(prog="lalb.py measure", description=__doc__.split("\n\n")[0])
     extra.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    extra.add_argument("--repeats", type=int, default=15)
-    extra.add_argument("--random-minilm", action="store_true")
+    extra.add_argument("--repeats", type=int, default=5)
+    extra.add_argument("--set", default="cpu", help="name of the profile set to write")
     extra.add_argument("--out", type=Path, default=PROFILES_FILE)
     options = extra.parse_args(argv)
-    result = measure_models(
-        device=options.device, repeats=options.repeats, random_minilm=options.random_minilm
-    )
-    if options.device == "cuda":
-        sets = {
-            "gpu": {**profile_sets(result)["cpu-host-tier"], "description": "measured on a GPU"}
-        }
-    else:
-        sets = profile_sets(result)
+    if options.repeats < 1:
+        extra.error("--repeats must be >= 1")
+    result = measure_models(device=options.device, repeats=options.repeats)
+    derived = profile_sets(result)
+    sets = {options.set: derived["cpu"], f"{options.set}-host-tier": derived["cpu-host-tier"]}
+    if options.set == "cpu":
+        sets["gpu-pcie4-scaled"] = derived["gpu-pcie4-scaled"]
     document: dict[str, Any] = {"sets": {}}
     if options.out.is_file():
         document = json.loads(options.out.read_text())
