@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,8 +19,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from local_up import running_up
 
-from gpufaas.core.local import die_with_parent, free_port
 from gpufaas.core.protocol import decode_response, encode_request, parse_header_length
 
 pytestmark = pytest.mark.slow
@@ -35,38 +32,17 @@ MAX_PENDING = 4
 def bounded_server(
     tmp_path_factory: pytest.TempPathFactory, example_models_dir: Path
 ) -> Iterator[str]:
-    port = free_port()
     env = {
         **os.environ,
         "GPUFAAS_HOME": str(tmp_path_factory.mktemp("home")),
         "GPUFAAS_MODELS": str(example_models_dir),
     }
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port),
-            "--cpu-devices", "1", "--device-concurrency", "1", "--max-queue-per-device", "2",
-            "--max-pending-per-function", str(MAX_PENDING),
-        ],
-        env=env,
-        preexec_fn=die_with_parent,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, f"gpufaas up exited with {proc.returncode}"
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "gpufaas up was not ready in time"
-        time.sleep(0.2)
-    yield url
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    args = [
+        "--cpu-devices", "1", "--device-concurrency", "1", "--max-queue-per-device", "2",
+        "--max-pending-per-function", str(MAX_PENDING),
+    ]  # fmt: skip
+    with running_up(args, env=env) as url:
+        yield url
 
 
 def minilm_body(request_id: str, *, tokens: int) -> tuple[bytes, dict[str, str]]:
