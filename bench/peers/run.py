@@ -547,6 +547,10 @@ def _json_view(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
 def _markdown_section(report: dict[str, Any]) -> str:
     """The ``## Peers`` section for bench/RESULTS.md (tables, goals, conditions)."""
     machine = report["machine"]
@@ -575,11 +579,12 @@ def _markdown_section(report: dict[str, Any]) -> str:
             if entry.get("error"):
                 lines.append(f"- {system} failed: {entry['error'].splitlines()[0]}")
             rates = [
-                f"{p['offered_rps']}: p99 {p['p99_ms']} ms, {p['errors']} failed"
+                f"{p['offered_rps']:g}/s: p99 {_ms(p['p99_ms'])}, {p['errors']}/"
+                f"{p['count'] + p['errors']} failed"
                 for p in entry.get("open_loop") or []
             ]
             if rates:
-                lines.append(f"- {system} open loop (req/s offered): " + "; ".join(rates))
+                lines.append(f"- {system}, open loop: " + "; ".join(rates))
     return "\n".join(lines) + "\n"
 
 

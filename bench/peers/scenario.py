@@ -69,48 +69,15 @@ class Scenario:
         return self.capacity * per_copy + per_copy // 2
 
 
-# Used only until the bundled manifests exist: the same signatures as examples/functions/.
-_FALLBACK_SIGNATURES: dict[str, tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = {
-    "tiny-mlp": (
-        "torchscript",
-        [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
-        [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
-    ),
-    "small-cnn": (
-        "torch-export",
-        [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 32, 32]}],
-        [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
-    ),
-    "minilm": (
-        "torchscript",
-        [
-            {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
-            {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
-        ],
-        [{"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}],
-    ),
-}
-
-
 def _base_manifest(family: str) -> dict[str, Any]:
-    """The bundled example's manifest as a plain document (or the fallback signature)."""
+    """The bundled example's manifest (``examples/functions/<family>.yaml``) as a document."""
     bundled = bundled_functions_dir()
-    functions = load_manifests([bundled]) if any(bundled.glob("*.yaml")) else []
-    function = next((f for f in functions if f.name == family), None)
-    if function is not None:
-        document = function.model_dump(mode="json", by_alias=True, exclude_none=True)
-        document.pop("status", None)
-        return document
-    if family not in _FALLBACK_SIGNATURES:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(EXAMPLES)}")
-    fmt, inputs, outputs = _FALLBACK_SIGNATURES[family]
-    return {
-        "apiVersion": "gpufaas.dev/v1alpha1",
-        "kind": "InferenceFunction",
-        "metadata": {"name": family},
-        "spec": {"model": {"uri": "file:///dev/null", "format": fmt}, "inputs": inputs,
-                 "outputs": outputs},
-    }  # fmt: skip
+    function = next((f for f in load_manifests([bundled]) if f.name == family), None)
+    if function is None:
+        raise ValueError(f"no manifest for {family!r} among the bundled examples in {bundled}")
+    document = function.model_dump(mode="json", by_alias=True, exclude_none=True)
+    document.pop("status", None)
+    return document
 
 
 def prepare(family: str, *, copies: int, capacity: int, models_dir: Path) -> Scenario:
