@@ -108,7 +108,8 @@ def run_forward(
     means the weights never arrived.
     """
     if model.module is None:
-        raise RuntimeError(f"{model.name}: the replica is not built")
+        # A race with an unload or a failed build, not the caller's input: a retryable 503.
+        raise TransferFailed(f"{model.name}: the replica is not built")
     transfer = model.transfer
     if model.error is not None:
         raise TransferFailed(model.error)

