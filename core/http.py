@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpufaas.core.protocol import HEADER_LENGTH, ProtocolError, parse_header_length
 
@@ -118,6 +119,33 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
+class _TokenAuth:
+    """Pure ASGI middleware (no per-request task or body wrapping, unlike
+    ``BaseHTTPMiddleware``): it sits on every request of the hot path."""
+
+    def __init__(
+        self, app: ASGIApp, *, expected: bytes, protect: Callable[[str], bool], realm: str
+    ) -> None:
+        self.app = app
+        self.expected = expected
+        self.protect = protect
+        self.realm = realm
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.protect(scope["path"]):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(
+                    401,
+                    f"{self.realm} requires 'Authorization: Bearer <token>'",
+                    reason="Unauthorized",
+                    headers={"WWW-Authenticate": f'Bearer realm="{self.realm}"'},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def install_token_auth(
     app: FastAPI, *, token: str, protect: Callable[[str], bool], realm: str
 ) -> None:
@@ -126,22 +154,9 @@ def install_token_auth(
     The comparison is constant-time; a missing or wrong token gets a 401 that
     names what is needed, never which part was wrong.
     """
-    expected = f"Bearer {token}".encode()
-
-    @app.middleware("http")
-    async def _check_token(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if protect(request.url.path):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return error_response(
-                    401,
-                    f"{realm} requires 'Authorization: Bearer <token>'",
-                    reason="Unauthorized",
-                    headers={"WWW-Authenticate": f'Bearer realm="{realm}"'},
-                )
-        return await call_next(request)
+    app.add_middleware(
+        _TokenAuth, expected=f"Bearer {token}".encode(), protect=protect, realm=realm
+    )
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
