@@ -36,6 +36,7 @@ from gpufaas.core.api import (
     ManifestError,
     parse_spec,
 )
+from gpufaas.core.kubeclient import KubeConnection
 from gpufaas.operator.kubeapi import (
     DEPLOYMENTS,
     JOBS,
@@ -44,7 +45,6 @@ from gpufaas.operator.kubeapi import (
     Conflict,
     Kind,
     KubeApi,
-    load_connection,
 )
 from gpufaas.operator.reconcile import (
     CHECK_COMPONENT,
@@ -125,7 +125,7 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, logger: Logger, 
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     ours = OperatorSettings.from_env(os.environ)
-    memo[_MEMO_KEY] = OperatorState(settings=ours, api=KubeApi(load_connection()))
+    memo[_MEMO_KEY] = OperatorState(settings=ours, api=KubeApi(KubeConnection.load()))
     logger.info("gpufaas operator: image %s, gateway %s", ours.image, ours.gateway_base)
 
 

@@ -8,13 +8,13 @@ package's loaders: the in-cluster service account first, then ``$KUBECONFIG``.
 
 from __future__ import annotations
 
-import os
-import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+from gpufaas.core.kubeclient import KubeConnection
 
 JSON = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
@@ -63,59 +63,17 @@ class Conflict(ApiError):
     """409: the object exists already (create) or changed meanwhile."""
 
 
-@dataclass(frozen=True)
-class Connection:
-    base_url: str
-    verify: ssl.SSLContext | bool
-    cert: tuple[str, str] | None
-    authorization: Callable[[], str | None]
-
-
-def load_connection(*, kubeconfig: str | None = None) -> Connection:
-    """In-cluster service account if present, else the kubeconfig (``$KUBECONFIG`` or ~/.kube/config)."""
-    from kubernetes import client, config
-
-    cfg = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        path = kubeconfig or os.environ.get("KUBECONFIG") or None
-        config.load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)  # type: ignore[no-untyped-call]
-    verify: ssl.SSLContext | bool = bool(cfg.verify_ssl)
-    if verify and cfg.ssl_ca_cert:
-        verify = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
-    cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file and cfg.key_file else None
-
-    def authorization() -> str | None:
-        # Re-read each time: the loaders refresh expiring service-account tokens through this hook.
-        token: str | None = cfg.get_api_key_with_prefix("BearerToken")
-        return token
-
-    return Connection(base_url=str(cfg.host), verify=verify, cert=cert, authorization=authorization)
-
-
 class KubeApi:
     """get/list/create/patch/delete of namespaced objects as plain dicts."""
 
-    def __init__(self, connection: Connection, *, timeout_s: float = 10.0) -> None:
-        self._authorization = connection.authorization
-        self._client = httpx.AsyncClient(
-            base_url=connection.base_url,
-            verify=connection.verify,
-            cert=connection.cert,
-            timeout=timeout_s,
-            headers={"Accept": "application/json", "User-Agent": "gpufaas-operator"},
-        )
+    def __init__(self, connection: KubeConnection, *, timeout_s: float = 10.0) -> None:
+        self._client = connection.client(timeout=timeout_s, user_agent="gpufaas-operator")
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        headers = dict(kwargs.pop("headers", {}))
-        token = self._authorization()
-        if token:
-            headers["Authorization"] = token
-        return await self._client.request(method, path, headers=headers, **kwargs)
+        return await self._client.request(method, path, **kwargs)
 
     @staticmethod
     def _raise_for(response: httpx.Response) -> None:

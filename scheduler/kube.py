@@ -23,77 +23,20 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
-import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
 
 from gpufaas.core.api import API_VERSION, PLURAL, InferenceFunction, ManifestError, parse_manifest
+from gpufaas.core.kubeclient import KubeConnection
 
 logger = logging.getLogger(__name__)
 
+_USER_AGENT = "gpufaas-gateway"
+
 JSON = dict[str, Any]
 Decision = Literal["ready", "not-ready", "pending"]
-
-
-@dataclass(frozen=True)
-class KubeConnection:
-    """Where the API server is and how to authenticate to it."""
-
-    base_url: str
-    verify: ssl.SSLContext | bool = True
-    cert: tuple[str, str] | None = None
-    authorization: Callable[[], str | None] = lambda: None
-
-    @classmethod
-    def load(cls, *, kubeconfig: str | None = None) -> KubeConnection:
-        """In-cluster service account if present, else the kubeconfig (``$KUBECONFIG``)."""
-        from kubernetes import client, config
-
-        cfg = client.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            path = kubeconfig or os.environ.get("KUBECONFIG") or None
-            config.load_kube_config(
-                config_file=path, client_configuration=cfg, persist_config=False
-            )  # type: ignore[no-untyped-call]
-        verify: ssl.SSLContext | bool = bool(cfg.verify_ssl)
-        if verify and cfg.ssl_ca_cert:
-            verify = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
-        cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file and cfg.key_file else None
-
-        def authorization() -> str | None:
-            token: str | None = cfg.get_api_key_with_prefix(
-                "BearerToken"
-            )  # refreshes rotated tokens
-            return token
-
-        return cls(base_url=str(cfg.host), verify=verify, cert=cert, authorization=authorization)
-
-    def client(self, *, timeout: httpx.Timeout | float) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            base_url=self.base_url,
-            verify=self.verify,
-            cert=self.cert,
-            timeout=timeout,
-            auth=_BearerAuth(self.authorization),
-            headers={"Accept": "application/json", "User-Agent": "gpufaas-gateway"},
-        )
-
-
-class _BearerAuth(httpx.Auth):
-    def __init__(self, token: Callable[[], str | None]) -> None:
-        self._token = token
-
-    def auth_flow(self, request: httpx.Request) -> Any:
-        token = self._token()
-        if token:
-            request.headers["Authorization"] = token
-        yield request
 
 
 class WatchError(Exception):
@@ -213,7 +156,7 @@ async def watch_functions(
     conn = connection if connection is not None else await asyncio.to_thread(KubeConnection.load)
     served = _Served(on_ready, on_gone)
     timeout = httpx.Timeout(10.0, read=watch_timeout_s + 30.0)
-    async with conn.client(timeout=timeout) as client:
+    async with conn.client(timeout=timeout, user_agent=_USER_AGENT) as client:
         loop = asyncio.create_task(
             _list_and_watch_forever(client, namespace, served, watch_timeout_s, backoff_s)
         )
@@ -360,7 +303,7 @@ async def gpu_manager_urls(
 ) -> dict[str, str]:
     """``{node name: base URL}`` of the GPU managers behind ``service`` that are ready."""
     conn = connection if connection is not None else await asyncio.to_thread(KubeConnection.load)
-    async with conn.client(timeout=10.0) as client:
+    async with conn.client(timeout=10.0, user_agent=_USER_AGENT) as client:
         label = "kubernetes.io/service-name"
         response = await client.get(
             f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
