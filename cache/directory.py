@@ -2,9 +2,10 @@
 
 Each device's view is a :class:`~gpufaas.cache.lru.ByteLRU` that mirrors the GPU manager's own
 cache on that device: the scheduler updates it *optimistically* when it dispatches a request
-(:meth:`ClusterDirectory.note_dispatch` predicts the load and the LRU victims the GPU manager will
-evict), and the GPU manager's reports correct it (:meth:`~ClusterDirectory.note_loaded`,
-:meth:`~ClusterDirectory.note_evicted`, and the authoritative :meth:`~ClusterDirectory.sync`).
+(:meth:`ClusterDirectory.note_dispatch` predicts the load and the victims the GPU manager will
+evict: the scheduler's hinted ones first, then least-recently used), and the GPU manager's
+reports correct it (:meth:`~ClusterDirectory.note_loaded`, :meth:`~ClusterDirectory.note_evicted`,
+and the authoritative :meth:`~ClusterDirectory.sync`).
 A model->devices index answers "where is model M?" without scanning devices.
 
 Invariants: a device's view never holds more bytes than its capacity, and the index lists a device
@@ -156,29 +157,36 @@ class ClusterDirectory:
         """The sequence number of the last report applied by :meth:`sync`, if any."""
         return self._device(device_id).report_seq
 
-    def plan_dispatch(self, device_id: str, model: str, *, size_bytes: int) -> list[str]:
+    def plan_dispatch(
+        self, device_id: str, model: str, *, size_bytes: int, prefer: Sequence[str] = ()
+    ) -> list[str]:
         """The victims :meth:`note_dispatch` would predict, without changing anything.
 
-        ``[]`` if the model is already there (loading or resident). Raises
-        :class:`~gpufaas.cache.lru.InsufficientCapacity` if the device cannot take it now (too
-        large, or too much of it is loading), so a scheduler can rank or rule out devices.
+        ``[]`` if the model is already there (loading or resident). ``prefer`` is the eviction
+        hint sent with the request: the GPU manager evicts those models first (if not in use),
+        then least-recently used ones. Raises :class:`~gpufaas.cache.lru.InsufficientCapacity`
+        if the device cannot take it now (too large, or too much of it is loading), so a
+        scheduler can rank or rule out devices.
         """
         view = self._device(device_id).view
         check_size(size_bytes)
         if model in view:
             return []
         try:
-            return view.plan_victims(size_bytes)
+            return view.plan_victims(size_bytes, prefer=prefer)
         except InsufficientCapacity as error:
             raise error.about(key=model, where=f"device {device_id!r}") from None
 
     # -- updates -------------------------------------------------------------------------------
 
-    def note_dispatch(self, device_id: str, model: str, *, size_bytes: int) -> list[str]:
+    def note_dispatch(
+        self, device_id: str, model: str, *, size_bytes: int, prefer: Sequence[str] = ()
+    ) -> list[str]:
         """A request for ``model`` was sent to the device: predict what the GPU manager will do.
 
-        A model already there is marked used. Otherwise the predicted LRU victims are evicted from
-        the view and the model is added as loading. Returns the predicted victims. Raises
+        A model already there is marked used. Otherwise the predicted victims (those in
+        ``prefer`` first, as :meth:`plan_dispatch`) are evicted from the view and the model is
+        added as loading. Returns the predicted victims. Raises
         :class:`~gpufaas.cache.lru.InsufficientCapacity` (changing nothing) if it cannot fit.
         """
         device = self._device(device_id)
@@ -186,7 +194,7 @@ class ClusterDirectory:
             device.view.touch(model)
             self._changed(device)
             return []
-        victims = self.plan_dispatch(device_id, model, size_bytes=size_bytes)
+        victims = self.plan_dispatch(device_id, model, size_bytes=size_bytes, prefer=prefer)
         for victim in victims:
             device.view.evict(victim)
             self._unindex(victim, device_id)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-from collections.abc import Collection, Iterator
+import itertools
+from collections.abc import Collection, Iterator, Sequence
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
@@ -211,14 +212,23 @@ class ByteLRU(Generic[V]):
 
     # -- victims -------------------------------------------------------------------------------
 
-    def plan_victims(self, size_bytes: int, *, exclude: Collection[str] = ()) -> list[str]:
-        """Keys to evict so that ``size_bytes`` fit in the free bytes, least-recently used first.
+    def plan_victims(
+        self,
+        size_bytes: int,
+        *,
+        exclude: Collection[str] = (),
+        prefer: Sequence[str] = (),
+    ) -> list[str]:
+        """Keys to evict so that ``size_bytes`` fit in the free bytes.
 
         Candidates are the entries that are neither pinned (loading entries count as pinned) nor in
-        ``exclude``, taken in LRU order until enough bytes would be free. Then each chosen victim,
-        most-recently used first, is dropped from the plan if the rest still free enough. So the plan
-        frees enough and no more: removing any victim from it leaves too little room. (It is not a
-        knapsack optimum; it prefers evicting old entries over saving bytes.)
+        ``exclude``: first those named in ``prefer`` (a scheduler's eviction hint), in that order,
+        then the rest least-recently used first, taken until enough bytes would be free. Then each
+        chosen victim, last chosen first, is dropped from the plan if the rest still free enough.
+        So the plan frees enough and no more: removing any victim from it leaves too little room.
+        (It is not a knapsack optimum; it prefers evicting hinted, then old, entries over saving
+        bytes.) Keys in ``prefer`` that are absent, pinned or excluded are skipped: a hint is
+        advice, never a reason to fail.
 
         Returns ``[]`` if ``size_bytes`` already fit. Raises :class:`InsufficientCapacity` if even
         evicting every candidate would not be enough, or ``size_bytes`` exceeds the capacity.
@@ -232,11 +242,17 @@ class ByteLRU(Generic[V]):
             raise self._insufficient(size_bytes, exclude=exclude)
 
         excluded = exclude if isinstance(exclude, set | frozenset) else frozenset(exclude)
+        # dict.fromkeys: the hinted keys in order, once each
+        hinted = [self._entries[k] for k in dict.fromkeys(prefer) if k in self._entries]
+        taken: set[str] = set()
         victims: list[Entry[V]] = []
         freed = 0
-        for entry in self._entries.values():
-            if entry.pinned or entry.key in excluded:
+        walk = itertools.chain(hinted, self._entries.values()) if hinted else self._entries.values()
+        for entry in walk:
+            if entry.pinned or entry.key in excluded or entry.key in taken:
                 continue
+            if hinted:
+                taken.add(entry.key)
             victims.append(entry)
             freed += entry.size_bytes
             if free + freed >= size_bytes:
@@ -256,9 +272,12 @@ class ByteLRU(Generic[V]):
         kept.reverse()
         return [entry.key for entry in kept]
 
-    def make_room(self, size_bytes: int, *, exclude: Collection[str] = ()) -> list[Entry[V]]:
+    def make_room(
+        self, size_bytes: int, *, exclude: Collection[str] = (), prefer: Sequence[str] = ()
+    ) -> list[Entry[V]]:
         """Evict the victims :meth:`plan_victims` chooses; return the evicted entries."""
-        return [self.evict(key) for key in self.plan_victims(size_bytes, exclude=exclude)]
+        victims = self.plan_victims(size_bytes, exclude=exclude, prefer=prefer)
+        return [self.evict(key) for key in victims]
 
     def freeable_bytes(self, *, exclude: Collection[str] = ()) -> int:
         """Bytes that evicting every entry neither pinned nor in ``exclude`` would free."""

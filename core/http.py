@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gpufaas.core.api import is_valid_name
 from gpufaas.core.protocol import HEADER_LENGTH, ProtocolError, parse_header_length
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ REASON_HEADER = "x-gpufaas-reason"
 MODEL_BYTES_HEADER = "x-gpufaas-model-bytes"
 LOAD_SOURCE_HEADER = "x-gpufaas-load-source"  # device (a hit), host, or peer:<device id>
 BATCH_SIZE_HEADER = "x-gpufaas-batch-size"  # requests that shared one forward pass
+# gateway -> GPU manager: comma-separated models to evict first if this request loads its model
+EVICT_FIRST_HEADER = "x-gpufaas-evict-first"
+MAX_EVICT_HINTS = 64
 
 
 def error_response(
@@ -71,6 +75,30 @@ async def read_body(request: Request, *, max_bytes: int) -> bytes:
 def header_length(request: Request) -> int | None:
     """The JSON header length of a binary-extension request, if any."""
     return parse_header_length(request.headers.get(HEADER_LENGTH))
+
+
+def format_evict_first(models: Sequence[str]) -> str:
+    """The value of :data:`EVICT_FIRST_HEADER` for these models (at most the first
+    :data:`MAX_EVICT_HINTS`)."""
+    return ",".join(models[:MAX_EVICT_HINTS])
+
+
+def parse_evict_first(value: str | None) -> list[str]:
+    """The models named by :data:`EVICT_FIRST_HEADER`; a malformed value is a 400."""
+    if not value:
+        return []
+    models = [m.strip() for m in value.split(",")]
+    if len(models) > MAX_EVICT_HINTS:
+        raise ProtocolError(
+            f"{EVICT_FIRST_HEADER} names {len(models)} models; at most {MAX_EVICT_HINTS} allowed"
+        )
+    bad = [m for m in models if not is_valid_name(m)]
+    if bad:
+        raise ProtocolError(
+            f"{EVICT_FIRST_HEADER} must be comma-separated function names; "
+            f"{bad[0][:64]!r} is not one"
+        )
+    return models
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -17,7 +17,7 @@ Use from one event loop; nothing here blocks.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 from gpufaas.cache import ByteLRU, Entry
@@ -78,13 +78,14 @@ class Tier(Generic[V]):
 
     # -- loading -----------------------------------------------------------------------------------
 
-    def make_room(self, size_bytes: int) -> list[V]:
-        """Evict unheld values, least recently used first, until ``size_bytes`` fit; release them.
+    def make_room(self, size_bytes: int, *, prefer: Sequence[str] = ()) -> list[V]:
+        """Evict unheld values until ``size_bytes`` fit, and release them: those named in
+        ``prefer`` first (the scheduler's hint), then least recently used.
 
         Raises :class:`gpufaas.cache.InsufficientCapacity` (evicting nothing) if they cannot fit.
         """
         evicted = []
-        for entry in self.lru.make_room(size_bytes):
+        for entry in self.lru.make_room(size_bytes, prefer=prefer):
             if entry.value is not None:
                 evicted.append(entry.value)
                 self._release(entry.value)

@@ -147,6 +147,9 @@ class _Device:
     starts: SingleFlight[str, DeviceModel] = field(default_factory=SingleFlight)
     batchers: dict[str, Batcher[InferOutcome | RuntimeFailure]] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # set when bytes may be free
+    # model -> the victims the scheduler asked to evict first for its next load here; set by
+    # the latest request for that model (a request without a hint clears it)
+    evict_hints: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def notify(self) -> None:
         """Wake loads waiting for memory (each waits on the event current when it started)."""
@@ -255,6 +258,7 @@ class NodeRuntime:
         dropped = [d.info.id for d in self.devices.values() if d.tier.retire(name)]
         for device in self.devices.values():
             device.batchers.pop(name, None)
+            device.evict_hints.pop(name, None)
         self.host.retire(name)
         skeleton = self.skeletons.pop(name, None)
         if skeleton is not None and skeleton.sidecar is not None:
@@ -528,7 +532,7 @@ class NodeRuntime:
             name=name, fingerprint=fingerprint, skeleton=skeleton, size_bytes=size, source="host"
         )
         try:
-            await self._admit(name, device, model)
+            await self._admit(name, device, model, prefer=device.evict_hints.pop(name, ()))
         except BaseException:
             self._release_host_hold(name, host)
             raise
@@ -604,8 +608,11 @@ class NodeRuntime:
         if host is not None and host.cached and host.holds:
             self.host.unhold(name, host)
 
-    async def _admit(self, name: str, device: _Device, model: DeviceModel) -> None:
-        """Claim ``model.size_bytes`` on ``device``, evicting unheld models.
+    async def _admit(
+        self, name: str, device: _Device, model: DeviceModel, *, prefer: Sequence[str] = ()
+    ) -> None:
+        """Claim ``model.size_bytes`` on ``device``, evicting unheld models (``prefer`` first:
+        the scheduler's hint; it chose them as the cheapest to reload).
 
         If models in use hold the bytes, waits up to ``admission_wait_s`` for them to be
         released; a model larger than the device, or still blocked then, is a 503.
@@ -615,7 +622,7 @@ class NodeRuntime:
         while True:
             changed = device.changed
             try:
-                for victim in device.tier.make_room(size):
+                for victim in device.tier.make_room(size, prefer=prefer):
                     self.stats.record_eviction("device", victim.size_bytes)
                 device.tier.reserve(name, model, size_bytes=size)
                 return
@@ -741,10 +748,21 @@ class NodeRuntime:
     # -- inference ---------------------------------------------------------------------------------
 
     async def infer(
-        self, name: str, inputs: Sequence[NDArray[Any]], *, device_id: str | None = None
+        self,
+        name: str,
+        inputs: Sequence[NDArray[Any]],
+        *,
+        device_id: str | None = None,
+        evict_first: Sequence[str] = (),
     ) -> InferOutcome:
+        """Run one request. ``evict_first``: if this request makes the model load, evict these
+        models first (when not in use) before least-recently used ones; the scheduler's hint."""
         spec = self.spec(name)
         device = self.device(device_id)
+        if evict_first:
+            device.evict_hints[name] = tuple(evict_first)
+        else:
+            device.evict_hints.pop(name, None)
         device.outstanding += 1
         try:
             batching = spec.batching

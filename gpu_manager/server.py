@@ -24,6 +24,7 @@ from gpufaas.core.http import (
     CACHE_HEADER,
     COMPUTE_MS_HEADER,
     DEVICE_HEADER,
+    EVICT_FIRST_HEADER,
     LOAD_MS_HEADER,
     LOAD_SOURCE_HEADER,
     MODEL_BYTES_HEADER,
@@ -33,6 +34,7 @@ from gpufaas.core.http import (
     install_error_handlers,
     install_token_auth,
     json_safe,
+    parse_evict_first,
     read_body,
 )
 from gpufaas.core.protocol import Limits, decode_request, encode_response, validate_inputs
@@ -204,7 +206,10 @@ def create_app(
             decoded = decode_request(body, header_length=header_length(request), limits=limits)
             arrays = validate_inputs(decoded, spec.inputs)
             outcome = await runtime.infer(
-                name, list(arrays.values()), device_id=request.headers.get(DEVICE_HEADER)
+                name,
+                list(arrays.values()),
+                device_id=request.headers.get(DEVICE_HEADER),
+                evict_first=parse_evict_first(request.headers.get(EVICT_FIRST_HEADER)),
             )
         except RuntimeFailure as e:
             return failure_response(e)

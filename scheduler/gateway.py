@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,11 +29,13 @@ from gpufaas.core.http import (
     CACHE_HEADER,
     COMPUTE_MS_HEADER,
     DEVICE_HEADER,
+    EVICT_FIRST_HEADER,
     LOAD_MS_HEADER,
     MODEL_BYTES_HEADER,
     REASON_HEADER,
     add_metrics_route,
     error_response,
+    format_evict_first,
     header_length,
     inline_schema,
     install_error_handlers,
@@ -269,6 +271,14 @@ class Gateway:
         )
         return self.cluster.devices[key]
 
+    def _eviction_hint(self, device_key: str) -> list[str]:
+        """The victims the policy chose for a load on ``device_key``, if it chose any: the GPU
+        manager evicts them first (cheapest expected reloads) instead of least recently used."""
+        decision = getattr(self.policy, "last", None)
+        if decision is None or getattr(decision, "device", None) != device_key:
+            return []
+        return list(getattr(decision, "victims", ()))
+
     def _job(self, name: str, device: Device) -> Job:
         function = self.functions.get(name)
         size = self.model_bytes.get(name, 0)
@@ -287,6 +297,7 @@ class Gateway:
         path: str,
         content: bytes,
         headers: Mapping[str, str],
+        evict_first: Sequence[str],
         deadline: float | None,
         queued_at: float,
     ) -> httpx.Response:
@@ -295,9 +306,10 @@ class Gateway:
             raise DeadlineExceeded(
                 f"the deadline of the request for {name!r} passed while it waited"
             )
-        return await device.node.client.post(
-            path, content=content, headers={**headers, DEVICE_HEADER: device.device_id}
-        )
+        extra = {DEVICE_HEADER: device.device_id}
+        if evict_first:
+            extra[EVICT_FIRST_HEADER] = format_evict_first(evict_first)
+        return await device.node.client.post(path, content=content, headers={**headers, **extra})
 
     async def forward(
         self,
@@ -347,11 +359,12 @@ class Gateway:
                 last_error = last_error or e
                 break
             tried.add(device.key)
+            evict_first = self._eviction_hint(device.key)
             # Noted at routing, not at send: a burst for a cold model must see it loading here
             # (the manager's answer and the next sync correct the view).
             with contextlib.suppress(InsufficientCapacity):
                 self.cluster.directory.note_dispatch(
-                    device.key, name, size_bytes=self.model_bytes.get(name, 0)
+                    device.key, name, size_bytes=self.model_bytes.get(name, 0), prefer=evict_first
                 )
             try:
                 response = await self.dispatcher.submit(
@@ -364,6 +377,7 @@ class Gateway:
                         path=path,
                         content=content,
                         headers=headers,
+                        evict_first=evict_first,
                         deadline=deadline,
                         queued_at=time.monotonic(),
                     ),

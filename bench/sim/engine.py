@@ -247,17 +247,17 @@ class Simulation:
         self.decision_ns.append(time.thread_time_ns() - tic)
         gc.enable()
         last = getattr(self.policy, "last", None)
-        if self.victim_hints and last is not None and last.victims:
+        if self.victim_hints and last is not None and last.device == key:
             request.evict_first = list(last.victims)
-            for victim in last.victims:
-                self.directory.note_evicted(key, victim)
         device = self.devices[self.index[key]]
         request.device = self.index[key]
         there = key in self.directory.holders(model.name)
         request.expected_ms = self.estimates.service_ms(model.name, size_bytes=size, resident=there)
         # The view may not fit it now (all pinned): the manager's own cache decides then.
         with contextlib.suppress(CacheError):
-            self.directory.note_dispatch(key, model.name, size_bytes=size)
+            self.directory.note_dispatch(
+                key, model.name, size_bytes=size, prefer=request.evict_first
+            )
         self.table.adjust(
             key, outstanding=1, queue_ms=request.expected_ms / self.config.concurrency
         )
@@ -292,12 +292,8 @@ class Simulation:
             device.loading[name].append(request)
             return
         size = request.model.profile.size_bytes
-        for victim in request.evict_first:
-            entry = device.cache.peek(victim)
-            if entry is not None and not entry.pinned and device.cache.free_bytes < size:
-                device.cache.evict(victim)
-                self.evictions += 1
-        self.evictions += len(device.cache.make_room(size))
+        # As the GPU manager does: the hinted victims first (if not in use), then LRU.
+        self.evictions += len(device.cache.make_room(size, prefer=request.evict_first))
         device.cache.reserve(name, size_bytes=size)
         load_ms = self._noisy(request.model.profile.load_ms)
         request.load_ms = load_ms

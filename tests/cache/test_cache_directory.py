@@ -54,6 +54,18 @@ def test_dispatch_predicts_lru_victims_and_spares_loading_models() -> None:
     assert d.residents("gpu0") == [("b", LOADING, 4), ("c", LOADING, 6)]
 
 
+def test_dispatch_with_a_hint_predicts_the_hinted_victims() -> None:
+    d = directory(gpu0=12)
+    for model in ("a", "b", "c"):
+        d.note_loaded("gpu0", model, size_bytes=4)
+    # LRU would take a; the scheduler hinted c (cheaper to reload), and the GPU manager obeys.
+    assert d.plan_dispatch("gpu0", "x", size_bytes=4) == ["a"]
+    assert d.plan_dispatch("gpu0", "x", size_bytes=4, prefer=["c"]) == ["c"]
+    assert d.note_dispatch("gpu0", "x", size_bytes=4, prefer=["c"]) == ["c"]
+    assert d.holders("c") == {}
+    assert [m for m, _, _ in d.residents("gpu0")] == ["a", "b", "x"]
+
+
 def test_loaded_report_overrides_wrong_predictions() -> None:
     d = directory(gpu0=10)
     d.note_dispatch("gpu0", "a", size_bytes=5)

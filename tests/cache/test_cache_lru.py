@@ -93,6 +93,32 @@ def test_exclude_protects_entries_from_planning() -> None:
     assert info.value.freeable_bytes == 3
 
 
+def test_prefer_evicts_hinted_entries_first() -> None:
+    lru = filled(9, a=3, b=3, c=3)
+    assert lru.plan_victims(3, prefer=["c"]) == ["c"]
+    # The hint comes first, then LRU order for the rest.
+    assert lru.plan_victims(6, prefer=["c"]) == ["c", "a"]
+    assert [e.key for e in lru.make_room(3, prefer=["b"])] == ["b"]
+    assert lru.keys_lru() == ["a", "c"]
+
+
+def test_prefer_is_advice_never_a_reason_to_fail() -> None:
+    lru = filled(9, a=3, b=3, c=3)
+    lru.pin("c")
+    # Pinned, excluded, absent and repeated hints are skipped; LRU order fills in.
+    assert lru.plan_victims(3, prefer=["c", "zz", "c"]) == ["a"]
+    assert lru.plan_victims(3, exclude={"b"}, prefer=["b"]) == ["a"]
+    assert lru.plan_victims(6, prefer=["b", "b"]) == ["b", "a"]
+    with pytest.raises(InsufficientCapacity):
+        lru.plan_victims(7, prefer=["a", "b"])
+
+
+def test_prefer_keeps_the_plan_minimal() -> None:
+    # A small hint taken first becomes unnecessary once a larger LRU entry is taken.
+    lru = filled(10, a=5, b=1, c=4)
+    assert lru.plan_victims(5, prefer=["b"]) == ["a"]
+
+
 def test_insufficient_capacity_message_names_the_numbers() -> None:
     lru = filled(100, a=30, b=50)
     lru.pin("b")
@@ -345,6 +371,31 @@ class ByteLRUMachine(RuleBasedStateMachine):
                 self.lru.plan_victims(size, exclude=exclude)
             return
         self.check_plan(size, exclude, self.lru.plan_victims(size, exclude=exclude))
+
+    @rule(
+        size=st.integers(min_value=0, max_value=CAPACITY + 10),
+        exclude=st.sets(KEYS, max_size=2),
+        prefer=st.lists(KEYS, max_size=3),
+    )
+    def plan_victims_with_hints(self, size: int, exclude: set[str], prefer: list[str]) -> None:
+        if self.expect_impossible(size, exclude):
+            with pytest.raises(InsufficientCapacity):
+                self.lru.plan_victims(size, exclude=exclude, prefer=prefer)
+            return
+        victims = self.lru.plan_victims(size, exclude=exclude, prefer=prefer)
+        assert all(not self.pinned(v) and v not in exclude for v in victims)
+        assert len(set(victims)) == len(victims)
+        freed = sum(self.sizes[v] for v in victims)
+        assert self.free() + freed >= size
+        for v in victims:  # minimal: every victim is needed
+            assert self.free() + freed - self.sizes[v] < size
+        # An evictable hint is only passed over if evicting the hints alone is not enough, or a
+        # later choice made it unnecessary; so hints are never skipped for an older entry when
+        # the hints alone suffice.
+        usable = [k for k in dict.fromkeys(prefer) if k in self.sizes and not self.pinned(k)]
+        usable = [k for k in usable if k not in exclude]
+        if self.free() + sum(self.sizes[k] for k in usable) >= size:
+            assert set(victims) <= set(usable)
 
     @precondition(lambda self: len(self.sizes) > 0)
     @rule(size=st.integers(min_value=0, max_value=CAPACITY), exclude=st.sets(KEYS, max_size=2))

@@ -520,3 +520,36 @@ async def test_a_request_the_model_rejects_fails_alone_in_its_batch(
     for result, inputs in ((results[0], good[0]), (results[2], good[1])):
         assert isinstance(result, InferOutcome) and result.batch_size == 1
         close(output(result), model.reference(inputs))
+
+
+async def test_a_load_evicts_the_schedulers_hinted_victims_first(
+    runtime_factory: Factory, models: dict[str, Model]
+) -> None:
+    base = models["tiny-mlp"]
+    a, b, c = (dataclasses.replace(base, name=n) for n in ("copy-a", "copy-b", "copy-c"))
+    probe = runtime_factory(register=[a])
+    size = (await probe.infer(a.name, a.inputs(), device_id="cpu:0")).size_bytes
+    runtime = runtime_factory(device_list=devices(1, capacity=2 * size), register=[a, b, c])
+    for model in (a, b):
+        await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
+    # LRU would evict copy-a; the scheduler says copy-b is cheaper to lose.
+    loaded = await runtime.infer(c.name, c.inputs(), device_id="cpu:0", evict_first=["copy-b"])
+    assert not loaded.cache_hit
+    assert sorted(resident(runtime, "cpu:0")) == ["copy-a", "copy-c"]
+    # A hint that names a model not there (or not evictable) is advice only: LRU decides.
+    await runtime.infer(b.name, b.inputs(), device_id="cpu:0", evict_first=["gone", "copy-b"])
+    assert sorted(resident(runtime, "cpu:0")) == ["copy-b", "copy-c"]
+
+
+async def test_a_request_without_a_hint_clears_an_older_one(
+    runtime_factory: Factory, models: dict[str, Model]
+) -> None:
+    base = models["tiny-mlp"]
+    a, b, c = (dataclasses.replace(base, name=n) for n in ("copy-a", "copy-b", "copy-c"))
+    runtime = runtime_factory(register=[a, b, c])
+    device = runtime.devices["cpu:0"]
+    await runtime.infer(c.name, c.inputs(), device_id="cpu:0", evict_first=["copy-b"])
+    assert device.evict_hints == {}  # used by the load
+    device.evict_hints[c.name] = ("copy-b",)  # as if a hinted request found c resident
+    await runtime.infer(c.name, c.inputs(), device_id="cpu:0")
+    assert device.evict_hints == {}

@@ -14,6 +14,7 @@ from gpufaas.core.http import (
     BATCH_SIZE_HEADER,
     CACHE_HEADER,
     DEVICE_HEADER,
+    EVICT_FIRST_HEADER,
     LOAD_SOURCE_HEADER,
     MODEL_BYTES_HEADER,
     REASON_HEADER,
@@ -210,3 +211,29 @@ async def test_with_a_token_only_health_and_metrics_are_open(
         await put(client, models["tiny-mlp"])
         response = await infer(client, models["tiny-mlp"], models["tiny-mlp"].inputs(), "cpu:0")
         assert response.status_code == 200
+
+
+async def test_a_malformed_eviction_hint_is_a_400_and_a_good_one_is_taken(
+    client: httpx.AsyncClient, models: dict[str, Model]
+) -> None:
+    model = models["tiny-mlp"]
+    await put(client, model)
+    tensors = {
+        t.name: (a, t.datatype) for t, a in zip(model.spec.inputs, model.inputs(), strict=True)
+    }
+    content, headers = encode_request(tensors)
+    path = f"/v2/models/{model.name}/infer"
+    for bad in ("../etc", "a,,b", ",".join(f"m{i}" for i in range(65))):
+        response = await client.post(
+            path,
+            content=content,
+            headers={**headers, DEVICE_HEADER: "cpu:0", EVICT_FIRST_HEADER: bad},
+        )
+        assert response.status_code == 400, bad
+        assert EVICT_FIRST_HEADER in response.json()["error"]
+    fine = await client.post(
+        path,
+        content=content,
+        headers={**headers, DEVICE_HEADER: "cpu:0", EVICT_FIRST_HEADER: "a, b"},
+    )
+    assert fine.status_code == 200
