@@ -10,6 +10,7 @@ request is retried on another device (inference is idempotent).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -167,6 +168,8 @@ class Gateway:
             is_resident=directory_residency(cluster.directory),
         )
         self.pending: dict[str, int] = {}
+        # device key -> models routed there and not answered yet (queued here or running)
+        self.in_flight: dict[str, collections.Counter[str]] = {}
         self._sync_task: asyncio.Task[None] | None = None
         # Kubernetes mode: where the managers are, and tasks that feed the functions.
         self.discover_managers: Callable[[], Awaitable[Mapping[str, str]]] | None = None
@@ -216,6 +219,21 @@ class Gateway:
         for key in self.cluster.directory.devices():
             for model, _, size in self.cluster.directory.residents(key):
                 self.model_bytes[model] = size
+        self._renote_in_flight()
+
+    def _renote_in_flight(self) -> None:
+        """After a sync, put back what the managers cannot know: requests still queued here.
+
+        Without this, a cold model whose requests wait in a device's queue looks absent after
+        the sync, and the next request for it loads it a second time elsewhere.
+        """
+        directory = self.cluster.directory
+        for key, models in self.in_flight.items():
+            if key not in directory:
+                continue
+            for model in models:
+                with contextlib.suppress(InsufficientCapacity):
+                    directory.note_dispatch(key, model, size_bytes=self.model_bytes.get(model, 0))
 
     async def _sync_forever(self) -> None:
         while True:
@@ -366,6 +384,8 @@ class Gateway:
                 self.cluster.directory.note_dispatch(
                     device.key, name, size_bytes=self.model_bytes.get(name, 0), prefer=evict_first
                 )
+            routed = self.in_flight.setdefault(device.key, collections.Counter())
+            routed[name] += 1
             try:
                 response = await self.dispatcher.submit(
                     device.key,
@@ -396,6 +416,12 @@ class Gateway:
                 self.node_down(device.node)
                 last_error = e
                 continue
+            finally:
+                routed[name] -= 1
+                if not routed[name]:
+                    del routed[name]
+                    if not routed:
+                        self.in_flight.pop(device.key, None)
             self._learn(device, name, response)
             return response
         raise NoDevice(f"no GPU manager could serve {name!r}: {last_error}")
