@@ -10,16 +10,24 @@ processes on a shared machine do not count) with garbage collection paused aroun
 ``stress``
     A synthetic directory where each device holds random Zipf-popular models (the hottest on
     ~650 devices) and random queue estimates, so that one decision in seven must look for a
-    device to load on (the slow path); also given a plain ``list[DeviceLoad]``, as the gateway
-    passes today, which costs a Python scan per decision.
+    device to load on (the slow path). Loads are never reported done, so the devices the
+    policy loads on fill up with pinned (loading) models as the run goes on.
 
-    python bench/decision_cost.py                 # both, as tables
+Both give the policies a ``DeviceTable``, as the gateway does through its dispatcher
+(``Dispatcher.table``). ``--list-decisions N`` also times N stress decisions given a plain
+``list[DeviceLoad]``, which the gateway still builds when it must leave devices out (a retry).
+``--victims`` picks what LALB charges a load for and reports as eviction hints: ``value`` (its
+own cheapest victims; in the simulator the GPU managers honour them) or ``lru``.
+
+    python bench/decision_cost.py                 # both scenarios, as tables
     python bench/decision_cost.py --scenario sim --json
+    python bench/decision_cost.py --scenario stress --victims lru
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import random
@@ -33,11 +41,9 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import contextlib
-
 from gpufaas.cache import CacheError, ClusterDirectory
 from gpufaas.scheduler.estimates import Estimates
-from gpufaas.scheduler.policy import DeviceTable, RouteRequest, make_policy
+from gpufaas.scheduler.policy import DeviceTable, LocalityAware, RouteRequest, make_policy
 
 MIB = 2**20
 
@@ -75,6 +81,7 @@ def time_decisions(
     popularity: npt.NDArray[Any],
     decisions: int,
     as_list: bool,
+    victims: str,
     seed: int,
 ) -> dict[str, Any]:
     estimates = Estimates()
@@ -83,6 +90,8 @@ def time_decisions(
         estimates.observe_load(f"model-{m}", size_bytes=sizes[m], load_ms=sizes[m] / MIB * 2.5)
         estimates.observe_infer(f"model-{m}", infer_ms=float(rng.uniform(0.5, 8)))
     policy = make_policy(policy_name, seed=seed, estimates=estimates)
+    if isinstance(policy, LocalityAware):
+        policy.victims = "value" if victims == "value" else "lru"
     picks = rng.choice(len(sizes), size=decisions, p=popularity)
     samples = np.empty(decisions)
     cpu = np.empty(decisions)
@@ -148,7 +157,9 @@ def _loop(
             table.adjust(other, outstanding=-1, queue_ms=-5.0)
 
 
-def sim_scenario(*, devices: int, models: int, requests: int, seed: int) -> dict[str, Any]:
+def sim_scenario(
+    *, devices: int, models: int, requests: int, victims: str, seed: int
+) -> dict[str, Any]:
     from sim.engine import SimConfig, simulate
     from sim.workload import load_profiles, make_catalogue, make_trace
 
@@ -156,7 +167,14 @@ def sim_scenario(*, devices: int, models: int, requests: int, seed: int) -> dict
     trace = make_trace(
         wss=models, n_requests=requests, rate_per_s=25.0 * devices, zipf_s=1.0, seed=seed
     )
-    config = SimConfig(devices=devices, capacity_bytes=192 * MIB, concurrency=2, seed=seed)
+    config = SimConfig(
+        devices=devices,
+        capacity_bytes=192 * MIB,
+        concurrency=2,
+        seed=seed,
+        # "hint": LALB chooses victims by value and the simulated managers evict them first.
+        eviction="hint" if victims == "value" else "lru",
+    )
     results = {}
     for policy in ("lb", "lalb", "lalb-o3"):
         r = simulate(policy, catalogue, trace, config)
@@ -174,6 +192,8 @@ def stress_scenario(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for policy in ("lb", "lalb", "lalb-o3"):
         for as_list, count in ((False, args.decisions), (True, args.list_decisions)):
+            if count == 0:
+                continue
             directory, table, sizes, popularity = build_cluster(
                 devices=args.devices, models=args.models, per_device=args.per_device, seed=args.seed
             )
@@ -186,6 +206,7 @@ def stress_scenario(args: argparse.Namespace) -> dict[str, Any]:
                 popularity=popularity,
                 decisions=count,
                 as_list=as_list,
+                victims=args.victims,
                 seed=args.seed,
             )
     return results
@@ -199,38 +220,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=100_000, help="sim scenario")
     parser.add_argument("--per-device", type=int, default=6, help="stress: models per device")
     parser.add_argument("--decisions", type=int, default=20_000, help="stress scenario")
-    parser.add_argument("--list-decisions", type=int, default=2_000, help="stress, list input")
+    parser.add_argument(
+        "--list-decisions",
+        type=int,
+        default=0,
+        help="stress: also time this many decisions given a plain list (0: none)",
+    )
+    parser.add_argument("--victims", choices=("value", "lru"), default="value", help="LALB's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument(
-        "--holder-ids-shim",
-        action="store_true",
-        help="give ClusterDirectory the proposed O(1) holder_ids(model) (reads its index)",
-    )
     args = parser.parse_args(argv)
-    if args.holder_ids_shim and not hasattr(ClusterDirectory, "holder_ids"):
-        # The API proposed in docs/scheduling.md, until the directory has it.
-        ClusterDirectory.holder_ids = lambda self, model: self._holders.get(model, ())  # type: ignore[attr-defined]
     if min(args.devices, args.models, args.per_device, args.decisions, args.requests) < 1:
         parser.error("--devices, --models, --requests, --per-device, --decisions must be >= 1")
+    if args.list_decisions < 0:
+        parser.error("--list-decisions must be >= 0")
     out: dict[str, Any] = {
         "setup": {
             "devices": args.devices,
             "models": args.models,
+            "victims": args.victims,
             "python": sys.version.split()[0],
-            "directory_holder_ids": hasattr(ClusterDirectory, "holder_ids"),
         }
     }
     if args.scenario in ("sim", "both"):
         out["sim"] = sim_scenario(
-            devices=args.devices, models=args.models, requests=args.requests, seed=args.seed
+            devices=args.devices,
+            models=args.models,
+            requests=args.requests,
+            victims=args.victims,
+            seed=args.seed,
         )
     if args.scenario in ("stress", "both"):
         out["stress"] = stress_scenario(args)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"routing decision cost, {args.devices} devices x {args.models} models (CPU us)")
+    print(
+        f"routing decision cost, {args.devices} devices x {args.models} models (CPU us),"
+        f" LALB victims: {args.victims}"
+    )
     if "sim" in out:
         print(f"\nsim: {args.requests} decisions of a simulated run")
         print(f"{'policy':<16}{'p50 us':>9}{'p99 us':>9}  decisions by reason")

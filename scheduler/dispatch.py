@@ -19,7 +19,13 @@ queue, or frees its slot.
 For the routing policy, :meth:`Dispatcher.load` gives each device's
 :class:`~gpufaas.scheduler.policy.DeviceLoad`: outstanding jobs, and the expected wait before a
 new job would start there (the expected device time of the queued and running jobs, divided by
-``concurrency``).
+``concurrency``). :attr:`Dispatcher.table` holds the same for every device the dispatcher knows
+(:meth:`~Dispatcher.add_device`, or a first job), kept current in O(1) as jobs come, start and go:
+pass it to ``policy.choose`` as it is, rather than a list of loads built per request::
+
+    for key in healthy_device_keys:
+        dispatcher.add_device(key)  # in the table with no load until its first job
+    key = policy.choose(request, dispatcher.table, directory)
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Literal, TypeVar
 
 from gpufaas.cache import ClusterDirectory, Residency
 from gpufaas.scheduler.o3 import O3Queue
-from gpufaas.scheduler.policy import DeviceLoad
+from gpufaas.scheduler.policy import DeviceLoad, DeviceTable
 
 __all__ = [
     "DeviceGone",
@@ -89,6 +95,8 @@ def directory_residency(directory: ClusterDirectory) -> Callable[[str, str], boo
     """``is_resident(device_key, model)``: whether the directory sees the model resident there."""
 
     def is_resident(device_key: str, model: str) -> bool:
+        if device_key not in directory.holder_ids(model):  # O(1): most models are not there
+            return False
         return directory.holders(model).get(device_key) is Residency.RESIDENT
 
     return is_resident
@@ -123,6 +131,7 @@ class Dispatcher:
         self.is_resident = is_resident
         self._clock = clock
         self._lanes: dict[str, _Lane] = {}
+        self._table = DeviceTable()  # one row per lane, written by _sync
 
     def __repr__(self) -> str:
         return f"<Dispatcher {self.mode} x{self.concurrency}, {len(self._lanes)} devices>"
@@ -136,6 +145,8 @@ class Dispatcher:
         if lane.running < self.concurrency and not lane.queue:
             lane.running += 1
             self._started(lane, wait_ms=0.0, overtook=False)
+            lane.pending_ms += job.expected_ms
+            self._sync(device_key, lane)
         elif len(lane.queue) >= self.max_queue:
             lane.stats.rejected += 1
             raise QueueFull(
@@ -143,12 +154,14 @@ class Dispatcher:
                 f" (the limit is {self.max_queue})"
             )
         else:
+            # Its expected time counts from now: while it waits, then while it runs.
             lane.pending_ms += job.expected_ms
             try:
                 await self._wait_for_slot(device_key, lane, job)
-            finally:
+            except BaseException:  # cancelled, or DeviceGone: it never ran
                 lane.pending_ms = max(0.0, lane.pending_ms - job.expected_ms)
-        lane.pending_ms += job.expected_ms
+                self._sync(device_key, lane)
+                raise
         try:
             return await run()
         finally:
@@ -165,6 +178,7 @@ class Dispatcher:
             now_ms=now_ms,
             deadline_ms=None if job.slo_ms is None else now_ms + job.slo_ms,
         )
+        self._sync(device_key, lane)
         try:
             await granted
         except asyncio.CancelledError:
@@ -175,6 +189,7 @@ class Dispatcher:
             else:
                 lane.queue.remove(ticket, now_ms=self._clock() * 1000)
                 lane.stats.cancelled += 1
+                self._sync(device_key, lane)
             raise
 
     def _pump(self, device_key: str, lane: _Lane) -> None:
@@ -191,6 +206,20 @@ class Dispatcher:
             lane.running += 1
             self._started(lane, wait_ms=now_ms - waiting.arrival_ms, overtook=waiting.overtook)
             waiting.item.set_result(None)
+        self._sync(device_key, lane)
+
+    def _sync(self, device_key: str, lane: _Lane) -> None:
+        """Write the lane's load into the table: O(1), after every change to it.
+
+        A lane no longer in ``_lanes`` (its device was removed, perhaps added again since) has
+        no row of its own: the jobs it still runs must not touch the new lane's.
+        """
+        if self._lanes.get(device_key) is lane:
+            self._table.update(
+                device_key,
+                outstanding=len(lane.queue) + lane.running,
+                queue_ms=lane.pending_ms / self.concurrency,
+            )
 
     @staticmethod
     def _started(lane: _Lane, *, wait_ms: float, overtook: bool) -> None:
@@ -207,16 +236,30 @@ class Dispatcher:
         if lane is None:
             lane = _Lane(queue=O3Queue(max_passes=self.max_passes, max_hold_ms=self.max_hold_ms))
             self._lanes[device_key] = lane
+            self._table.add(device_key)
         return lane
+
+    def add_device(self, device_key: str) -> bool:
+        """Make a device known, with no load: it is in :attr:`table` before its first job.
+
+        Returns False if it was known already (nothing changes). A job submitted to an unknown
+        device adds it too.
+        """
+        if device_key in self._lanes:
+            return False
+        self._lane(device_key)
+        return True
 
     def remove_device(self, device_key: str) -> int:
         """Forget a device; its waiting jobs fail with :class:`DeviceGone`. Returns how many.
 
-        Jobs already running finish (or fail) on their own.
+        It leaves :attr:`table` at once. Jobs already running finish (or fail) on their own,
+        and do not count towards the device's load if it is added again.
         """
         lane = self._lanes.pop(device_key, None)
         if lane is None:
             return 0
+        self._table.remove(device_key)
         failed = 0
         for waiting in lane.queue:
             if not waiting.item.done():
@@ -225,6 +268,15 @@ class Dispatcher:
         return failed
 
     # -- observing -------------------------------------------------------------------------------
+
+    @property
+    def table(self) -> DeviceTable:
+        """Every known device's load, as :meth:`load` gives it, in one array-backed table.
+
+        The dispatcher keeps it current; read it, or pass it to ``policy.choose``, but do not
+        change it. Positions move when a device is removed: hold keys, not positions.
+        """
+        return self._table
 
     def devices(self) -> list[str]:
         return list(self._lanes)

@@ -216,6 +216,7 @@ class Gateway:
                 except httpx.HTTPError as e:
                     logger.warning("could not push functions to %s: %s", node.name, e)
                     self.cluster.mark_down(node)
+        self._track_health()
         for key in self.cluster.directory.devices():
             for model, _, size in self.cluster.directory.residents(key):
                 self.model_bytes[model] = size
@@ -245,11 +246,17 @@ class Gateway:
 
     # -- functions -----------------------------------------------------------------
 
-    async def add_function(self, function: InferenceFunction) -> None:
+    def register(self, function: InferenceFunction) -> None:
+        """Serve ``function``; its declared ``resources.gpuMemory`` sizes it until a GPU manager
+        reports what it really takes (the policy plans room for it by that size)."""
         self.functions[function.name] = function
         hint = function.spec.resources.gpu_memory_bytes()
         if hint is not None and function.name not in self.model_bytes:
             self.model_bytes[function.name] = hint
+
+    async def add_function(self, function: InferenceFunction) -> None:
+        """:meth:`register`, and push the function to every healthy GPU manager."""
+        self.register(function)
         for node in self.cluster.nodes.values():
             if node.healthy:
                 try:
@@ -267,18 +274,31 @@ class Gateway:
 
     # -- routing -------------------------------------------------------------------
 
-    def loads(self, exclude: set[str]) -> list[DeviceLoad]:
+    def loads(self, exclude: set[str]) -> Sequence[DeviceLoad]:
+        """The healthy devices' loads for the policy: the dispatcher's own table (O(1), kept
+        current as jobs come and go), or on a retry a list without the devices tried."""
+        if not exclude:
+            return self.dispatcher.table
         return [
             self.dispatcher.load(d.key)
             for d in self.cluster.healthy_devices()
             if d.key not in exclude
         ]
 
+    def _track_health(self) -> None:
+        """Keep the dispatcher's devices (and so its table) the healthy ones, and no other: a
+        device that left fails its waiting requests with DeviceGone, and they retry elsewhere."""
+        healthy = {d.key for d in self.cluster.healthy_devices()}
+        known = set(self.dispatcher.devices())
+        for key in known - healthy:
+            self.dispatcher.remove_device(key)
+        for key in healthy - known:
+            self.dispatcher.add_device(key)
+
     def node_down(self, node: Node) -> None:
         """Forget a dead node: its devices leave the directory, its waiting requests retry."""
         self.cluster.mark_down(node)
-        for device in node.devices.values():
-            self.dispatcher.remove_device(device.key)
+        self._track_health()
 
     def _choose(self, name: str, exclude: set[str]) -> Device:
         loads = self.loads(exclude)

@@ -33,7 +33,7 @@ def build_gateway(
         config=config,
     )
     for function in functions:
-        gateway.functions[function.name] = function
+        gateway.register(function)
     return gateway
 
 

@@ -12,12 +12,14 @@ work, and the cache directory of which model is where. The gateway and the simul
   (:mod:`gpufaas.scheduler.o3`); ``policy.dispatch`` tells the caller which queue discipline to use.
 
 For large clusters, pass a :class:`DeviceTable` (a mutable, array-backed
-``Sequence[DeviceLoad]``) instead of a list: the policies then decide with vectorised scans, in
-microseconds at a thousand devices.
+``Sequence[DeviceLoad]``; the gateway's dispatcher keeps one, ``Dispatcher.table``) instead of a
+list: the policies then decide without a Python scan of the devices, in microseconds at a
+thousand devices.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -81,12 +83,22 @@ class Policy(Protocol):
 # -- device tables ---------------------------------------------------------------------------------
 
 
+# DeviceTable.least_waiting keeps at least _LOW_KEEP positions after a partial sort, and sorts
+# again once more than _LOW_SLACK x as many as asked for have gathered below the bound.
+_LOW_KEEP = 24
+_LOW_SLACK = 16
+
+
 class DeviceTable(Sequence[DeviceLoad]):
     """Devices and their loads in arrays: a ``Sequence[DeviceLoad]`` that policies scan fast.
 
     The owner keeps it current with :meth:`adjust` (deltas, as requests come and go) or
     :meth:`update` (absolute values). Positions change when a device is removed (the last one
     moves into the gap), so hold keys, not indices.
+
+    Besides the arrays, the table keeps the few devices with the least expected wait up to
+    date on every write (:meth:`least_waiting`), so that a policy looking for somewhere to
+    load a model need not sort a thousand waits per decision.
     """
 
     def __init__(self, devices: Sequence[DeviceLoad] = ()) -> None:
@@ -94,6 +106,15 @@ class DeviceTable(Sequence[DeviceLoad]):
         self._position: dict[str, int] = {}
         self._outstanding: IntArray = np.zeros(max(8, len(devices)), dtype=np.int64)
         self._queue_ms: FloatArray = np.zeros(max(8, len(devices)), dtype=np.float64)
+        # Read-only views of the used part, made once per change of size rather than per
+        # decision (making one costs about as much as a policy's whole fast path).
+        self._views: tuple[IntArray, FloatArray] | None = None
+        self._columns: _Columns | None = None  # what a policy reads, made as the views are
+        # The least-waiting devices, position -> wait: every position whose wait is below
+        # _low_bound, and perhaps some whose wait equals it (ties at the bound), none above.
+        # Built by a partial sort when a policy asks and too few are left; writes keep it.
+        self._low: dict[int, float] = {}
+        self._low_bound = -math.inf
         for device in devices:
             self.add(device.key, outstanding=device.outstanding, queue_ms=device.queue_ms or 0.0)
 
@@ -130,19 +151,71 @@ class DeviceTable(Sequence[DeviceLoad]):
     @property
     def outstanding(self) -> IntArray:
         """Outstanding requests by position (a read-only view)."""
-        view = self._outstanding[: len(self._keys)]
-        view.flags.writeable = False
-        return view
+        return (self._views or self._make_views())[0]
 
     @property
     def queue_ms(self) -> FloatArray:
         """Expected wait in ms by position (a read-only view)."""
-        view = self._queue_ms[: len(self._keys)]
-        view.flags.writeable = False
-        return view
+        return (self._views or self._make_views())[1]
+
+    def _make_views(self) -> tuple[IntArray, FloatArray]:
+        n = len(self._keys)
+        outstanding, queue_ms = self._outstanding[:n], self._queue_ms[:n]
+        outstanding.flags.writeable = False
+        queue_ms.flags.writeable = False
+        self._views = (outstanding, queue_ms)
+        return self._views
 
     def position(self, key: str) -> int | None:
         return self._position.get(key)
+
+    def least_wait(self) -> float:
+        """The least expected wait of any device (``inf`` for an empty table)."""
+        if self._low:  # every wait below the bound is in it, and none above
+            return min(self._low.values())
+        waits = self.queue_ms
+        return waits.item(int(waits.argmin())) if len(waits) else math.inf
+
+    def least_waiting(self, *, at_least: int) -> list[tuple[float, int]]:
+        """``(wait, position)`` of the devices with the least expected wait, in no order.
+
+        At least ``at_least`` of them (or every device, if there are fewer), usually a few more,
+        and every device not listed waits at least as long as each listed one: a caller that
+        needs more continues with the least waits among the rest. Costs O(listed) while enough
+        of the previous ones still wait least (the table keeps them on every write), otherwise
+        one partial sort of the waits. Sort the pairs (or heapify them) for increasing
+        (wait, position).
+        """
+        low = self._low
+        if not at_least <= len(low) <= max(_LOW_SLACK * at_least, _LOW_KEEP) and not (
+            len(low) < at_least and self._low_bound == math.inf  # every device is listed
+        ):
+            self._rebuild_low(max(_LOW_KEEP, 2 * at_least))
+            low = self._low
+        return list(zip(low.values(), low, strict=True))
+
+    def _rebuild_low(self, keep: int) -> None:
+        n = len(self._keys)
+        waits = self._queue_ms[:n]
+        if keep >= n:
+            self._low = dict(enumerate(waits.tolist()))
+            self._low_bound = math.inf
+            return
+        part = np.argpartition(waits, keep)  # part[keep]: the (keep+1)-th smallest wait
+        head = part[:keep]
+        self._low = dict(zip(head.tolist(), waits[head].tolist(), strict=True))
+        self._low_bound = waits.item(int(part[keep]))
+
+    def _track(self, i: int, wait: float) -> None:
+        """Keep the least-waiting set current after position ``i``'s wait changed."""
+        bound = self._low_bound
+        if wait < bound:
+            self._low[i] = wait
+        elif wait > bound:
+            if i in self._low:
+                del self._low[i]
+        elif i in self._low:  # at the bound: it may stay, but need not join
+            self._low[i] = wait
 
     def add(self, key: str, *, outstanding: int = 0, queue_ms: float = 0.0) -> None:
         if key in self._position:
@@ -157,18 +230,23 @@ class DeviceTable(Sequence[DeviceLoad]):
         self._position[key] = n
         self._outstanding[n] = outstanding
         self._queue_ms[n] = queue_ms
+        self._views = self._columns = None
+        self._track(n, self._queue_ms.item(n))
 
     def remove(self, key: str) -> None:
         i = self._require(key)
         last = len(self._keys) - 1
+        self._low.pop(last, None)
         if i != last:
             moved = self._keys[last]
             self._keys[i] = moved
             self._position[moved] = i
             self._outstanding[i] = self._outstanding[last]
             self._queue_ms[i] = self._queue_ms[last]
+            self._track(i, self._queue_ms.item(i))
         self._keys.pop()
         del self._position[key]
+        self._views = self._columns = None
 
     def update(
         self, key: str, *, outstanding: int | None = None, queue_ms: float | None = None
@@ -178,12 +256,15 @@ class DeviceTable(Sequence[DeviceLoad]):
             self._outstanding[i] = outstanding
         if queue_ms is not None:
             self._queue_ms[i] = queue_ms
+            self._track(i, self._queue_ms.item(i))
 
     def adjust(self, key: str, *, outstanding: int = 0, queue_ms: float = 0.0) -> None:
         """Add deltas to a device's load (a negative delta when work leaves)."""
         i = self._require(key)
         self._outstanding[i] += outstanding
-        self._queue_ms[i] = max(0.0, float(self._queue_ms[i]) + queue_ms)
+        wait = max(0.0, self._queue_ms.item(i) + queue_ms)
+        self._queue_ms[i] = wait
+        self._track(i, wait)
 
     def _require(self, key: str) -> int:
         i = self._position.get(key)
@@ -192,28 +273,40 @@ class DeviceTable(Sequence[DeviceLoad]):
         return i
 
 
-@dataclass
 class _Columns:
-    """One decision's view of the devices: keys, outstanding counts, expected waits."""
+    """One decision's view of the devices: keys, expected waits, and where each key is."""
 
-    keys: list[str]
-    outstanding: IntArray
-    wait_ms: FloatArray
-    position: Callable[[str], int | None]
-    waits_known: bool
+    __slots__ = ("keys", "position", "table", "wait_ms", "waits_known")
+
+    def __init__(
+        self,
+        keys: list[str],
+        wait_ms: FloatArray,
+        position: Callable[[str], int | None],
+        *,
+        waits_known: bool,
+        table: DeviceTable | None = None,
+    ) -> None:
+        self.keys = keys
+        self.wait_ms = wait_ms
+        self.position = position
+        self.waits_known = waits_known
+        self.table = table
 
 
 def _columns(devices: Sequence[DeviceLoad], *, per_request_ms: float) -> _Columns:
     if isinstance(devices, DeviceTable):
-        return _Columns(
-            keys=devices.keys,
-            outstanding=devices.outstanding,
-            wait_ms=devices.queue_ms,
-            position=devices.position,
-            waits_known=True,
-        )
+        columns = devices._columns
+        if columns is None:  # the table's own index: dict.get, without a method in between
+            columns = devices._columns = _Columns(
+                devices.keys,
+                devices.queue_ms,
+                devices._position.get,
+                waits_known=True,
+                table=devices,
+            )
+        return columns
     keys = [d.key for d in devices]
-    outstanding = np.fromiter((d.outstanding for d in devices), dtype=np.int64, count=len(keys))
     known = all(d.queue_ms is not None for d in devices)
     wait_ms = np.fromiter(
         (d.outstanding * per_request_ms if d.queue_ms is None else d.queue_ms for d in devices),
@@ -228,18 +321,7 @@ def _columns(devices: Sequence[DeviceLoad], *, per_request_ms: float) -> _Column
             positions = {k: i for i, k in enumerate(keys)}
         return positions.get(key)
 
-    return _Columns(
-        keys=keys, outstanding=outstanding, wait_ms=wait_ms, position=position, waits_known=known
-    )
-
-
-def _holder_ids(directory: ClusterDirectory, model: str) -> Collection[str]:
-    """The devices holding ``model``: O(1) with ``ClusterDirectory.holder_ids`` (a read-only set
-    view), else built from ``holders()`` in O(holders)."""
-    fast: Callable[[str], Collection[str]] | None = getattr(directory, "holder_ids", None)
-    if fast is not None:
-        return fast(model)
-    return directory.holders(model).keys()
+    return _Columns(keys, wait_ms, position, waits_known=known)
 
 
 def _pick_min(values: FloatArray | IntArray, rng: random.Random) -> int:
@@ -247,6 +329,9 @@ def _pick_min(values: FloatArray | IntArray, rng: random.Random) -> int:
     i = int(np.argmin(values))
     ties = np.flatnonzero(values == values[i])
     return int(ties[rng.randrange(len(ties))]) if len(ties) > 1 else i
+
+
+_RESIDENT = Residency.RESIDENT
 
 
 # -- policies --------------------------------------------------------------------------------------
@@ -281,7 +366,9 @@ class Decision:
     device: str
     reason: Literal["holder", "load", "replicate", "fallback"]
     holder_cost_ms: float = math.inf  # expected wait at the best holder
-    load_cost_ms: float = math.inf  # expected wait + load at the best other device
+    # Expected wait + load (+ victims) at the best other device; inf when no other device
+    # could be cheaper than the holder (the search stops as soon as none can).
+    load_cost_ms: float = math.inf
     victims: list[str] = field(default_factory=list)
 
 
@@ -299,9 +386,16 @@ class LocalityAware:
     The best holder wins unless the best other device is cheaper. Other devices are looked at
     least-loaded first: the ``candidates`` least loaded that can make room. ``victims`` says
     which victims a load is charged for: the directory's LRU prediction (``"lru"``, what the GPU
-    manager evicts today), or the policy's own cheapest ones (``"value"``, reported in
-    ``last.victims`` as hints for a GPU manager that evicts them first). A model on more than
+    manager evicts unhinted), or the policy's own cheapest ones (``"value"``, the default,
+    reported in ``last.victims``: the gateway sends them to the GPU manager, which evicts them
+    first). A model on more than
     ``holder_sample`` devices has that many of its holders sampled at random.
+
+    A decision's work is bounded by constants, not by the cluster: one ``argmin`` and, when a
+    load elsewhere might win, partial sorts of the waits (numpy), ``holder_sample`` holders, and
+    victim plans for at most ``candidates`` devices, each over that device's residents. Other
+    devices are ruled out without a plan as soon as their wait plus the load time cannot beat
+    the best cost found so far (the holder's included).
     """
 
     name = "lalb"
@@ -315,13 +409,15 @@ class LocalityAware:
         o3: bool = False,
         candidates: int = 4,
         victim_weight: float = 2.0,
-        victims: Literal["lru", "value"] = "lru",
+        victims: Literal["lru", "value"] = "value",
         holder_sample: int = 8,
     ) -> None:
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates!r}")
         if not victim_weight >= 0:
             raise ValueError(f"victim_weight must be >= 0, got {victim_weight!r}")
+        if victims not in ("lru", "value"):
+            raise ValueError(f"victims must be 'lru' or 'value', got {victims!r}")
         self._rng = random.Random(seed)
         self.estimates = estimates or Estimates()
         self.candidates = candidates
@@ -335,6 +431,9 @@ class LocalityAware:
             self.dispatch = "o3"
         self.last: Decision | None = None
         self.reasons: dict[str, int] = {"holder": 0, "load": 0, "replicate": 0, "fallback": 0}
+        # model -> (the directory's holder set, a list of it) for sampling without listing a
+        # large set per decision; checked against the set before use (see _sample_holders).
+        self._pools: dict[str, tuple[Collection[str], list[str]]] = {}
 
     def choose(
         self, request: RouteRequest, devices: Sequence[DeviceLoad], directory: ClusterDirectory
@@ -354,28 +453,30 @@ class LocalityAware:
         columns = _columns(devices, per_request_ms=estimates.mean_infer_ms())
         load_ms = estimates.load_ms(request.model, size_bytes=request.size_bytes)
 
-        holders = _holder_ids(directory, request.model)
+        holders = directory.holder_ids(request.model)
         holder, holder_cost = self._best_holder(request.model, holders, columns, load_ms, directory)
-        least_wait = float(columns.wait_ms.min())
+        wait_ms = columns.wait_ms
+        if columns.table is not None:
+            least_wait = columns.table.least_wait()
+        else:
+            least_wait = wait_ms.item(int(wait_ms.argmin()))  # a third of min()'s overhead
         if holder is not None and holder_cost <= least_wait + load_ms:
             # No device could load it and start sooner: skip looking for one.
             return Decision(device=holder, reason="holder", holder_cost_ms=holder_cost)
 
+        # Only a device cheaper than the best holder can change the outcome, so the holder's
+        # cost bounds the search.
         placed = self._place(
-            request, columns, load_ms, directory, holders=holders, least_wait=least_wait
+            request, columns, load_ms, directory, holders=holders, bound=holder_cost
         )
         if placed is None:
             if holder is not None:
                 return Decision(device=holder, reason="holder", holder_cost_ms=holder_cost)
             # Nowhere can make room now (all pinned, as the directory sees it): queue on the
             # least-loaded device; its GPU manager frees room as requests finish.
-            i = _pick_min(columns.wait_ms, self._rng)
+            i = _pick_min(wait_ms, self._rng)
             return Decision(device=columns.keys[i], reason="fallback")
         key, cost, victims = placed
-        if holder is not None and holder_cost <= cost:
-            return Decision(
-                device=holder, reason="holder", holder_cost_ms=holder_cost, load_cost_ms=cost
-            )
         return Decision(
             device=key,
             reason="load" if holder is None else "replicate",
@@ -403,22 +504,54 @@ class LocalityAware:
             states = None
             keys: Collection[str] = holders
             if len(holders) > self.holder_sample:
-                keys = self._rng.choices(list(holders), k=self.holder_sample)
+                keys = self._sample_holders(model, holders)
         else:  # no queue estimates: a model still loading adds its load time to the wait
             states = directory.holders(model)
             keys = states
+        position = columns.position
+        wait_of = columns.wait_ms.item
+        coin = self._rng.random
         best: str | None = None
         best_cost = math.inf
         for key in keys:
-            i = columns.position(key)
+            i = position(key)
             if i is None:  # not a candidate (unhealthy, or excluded by the caller)
                 continue
-            cost = float(columns.wait_ms[i])
+            cost: float = wait_of(i)
             if states is not None and states[key] is Residency.LOADING:
                 cost = max(cost, load_ms)
-            if cost < best_cost or (cost == best_cost and self._rng.random() < 0.5):
+            if cost < best_cost or (cost == best_cost and coin() < 0.5):
                 best, best_cost = key, cost
         return best, best_cost
+
+    def _sample_holders(self, model: str, holders: Collection[str]) -> list[str]:
+        """``holder_sample`` holders drawn at random (with replacement) from ``holders``.
+
+        Listing a set of hundreds of holders costs more than the rest of a decision, so the
+        list is kept between decisions while it is the same set object and the same size, and
+        made again as soon as a drawn key has left the set (a swap that keeps the size).
+        """
+        pool = self._pools.get(model)
+        if pool is None or pool[0] is not holders or len(pool[1]) != len(holders):
+            pool = self._pool(model, holders)
+        sample = self._draw(pool[1])
+        for key in sample:
+            if key not in holders:
+                return self._draw(self._pool(model, holders)[1])
+        return sample
+
+    def _draw(self, members: list[str]) -> list[str]:
+        # What random.choices(members, k=holder_sample) draws, without its generality.
+        rand = self._rng.random
+        n = len(members)
+        return [members[int(rand() * n)] for _ in range(self.holder_sample)]
+
+    def _pool(self, model: str, holders: Collection[str]) -> tuple[Collection[str], list[str]]:
+        if len(self._pools) >= 4096:  # bound memory: models come and go
+            self._pools.clear()
+        pool = (holders, list(holders))
+        self._pools[model] = pool
+        return pool
 
     def _place(
         self,
@@ -428,105 +561,111 @@ class LocalityAware:
         directory: ClusterDirectory,
         *,
         holders: Collection[str],
-        least_wait: float,
+        bound: float,
     ) -> tuple[str, float, list[str]] | None:
-        """The cheapest of the ``candidates`` least-loaded non-holders that can make room."""
+        """The cheapest of the ``candidates`` least-loaded non-holders that can make room, if
+        it costs less than ``bound``.
+
+        The candidates are tried by increasing wait, so the search stops at the first whose
+        wait plus the load time reaches the best cost so far: it and all later ones cost at
+        least that. Which device wins is the same as trying all ``candidates`` and comparing
+        with ``bound`` afterwards.
+        """
+        keys = columns.keys
+        wait_ms = columns.wait_ms
+        value = self.victims == "value"
+        wanted = self.estimates.share(request.model)
         best: tuple[str, float, list[str]] | None = None
+        best_cost = bound
         tried = 0
-        for i in self._least_loaded(columns.wait_ms, least=least_wait):
-            key = columns.keys[i]
+        for i in self._least_loaded(columns):
+            key = keys[i]
             if key in holders:
                 continue
-            try:
-                victims = directory.plan_dispatch(key, request.model, size_bytes=request.size_bytes)
-                if victims and self.victims == "value":
-                    victims = self._cheapest_victims(key, request, directory)
-            except (InsufficientCapacity, UnknownKey):
-                continue  # full of pinned models (as the directory sees it), or unknown to it
-            wait = float(columns.wait_ms[i])
-            if best is not None and wait + load_ms >= best[1]:
+            floor = wait_ms.item(i) + load_ms
+            if floor >= best_cost:
                 break  # waits only grow from here: nothing later can be cheaper
-            cost = wait + load_ms + self._victim_cost(request.model, victims, key, directory)
-            if best is None or cost < best[1]:
-                best = (key, cost, victims)
+            try:
+                plan = (
+                    self._value_plan(key, request, directory, wanted=wanted)
+                    if value
+                    else self._lru_plan(key, request, directory, wanted=wanted)
+                )
+            except UnknownKey:
+                continue  # not in the directory (yet)
+            if plan is None:
+                continue  # full of pinned models (as the directory sees it)
+            victims, victim_cost = plan
+            cost = floor + victim_cost
+            if cost < best_cost:
+                best, best_cost = (key, cost, victims), cost
             tried += 1
             if tried == self.candidates:
                 break
         return best
 
-    def _least_loaded(self, wait_ms: FloatArray, *, least: float) -> Iterator[int]:
-        """Device positions by increasing wait (``least`` is the smallest).
+    def _least_loaded(self, columns: _Columns) -> Iterator[int]:
+        """Device positions by increasing wait; stops at a non-finite wait.
 
-        Lazily, by partial sorts of growing size: a decision usually needs only the first
-        ``candidates``, more when those hold the model already or are full of pinned models.
-        Among equal waits the order is arbitrary, which spreads loads well enough: a device
-        that takes one is no longer idle.
+        Lazily: a decision usually needs only the first ``candidates``, more when those hold
+        the model already or are full of pinned models. A :class:`DeviceTable` keeps the first
+        few ready (:meth:`DeviceTable.least_waiting`); after those (or for a plain list), by
+        partial sorts of growing size. Each round takes the ``size`` smallest waits
+        (``argpartition``), so a position not taken yet waits at least as long as every one
+        yielded: the order never goes back, and no position comes twice. Among equal waits the
+        order is unspecified, which spreads loads well enough: a device that takes one is no
+        longer idle.
         """
+        wait_ms = columns.wait_ms
         n = len(wait_ms)
-        if not math.isfinite(least):
-            return
-        done = 0
+        seen: set[int] = set()
+        if columns.table is not None:
+            # Popped from a heap: a decision usually takes two or three of them.
+            heap = columns.table.least_waiting(at_least=self.candidates)
+            heapq.heapify(heap)
+            pop = heapq.heappop
+            while heap:
+                wait, i = pop(heap)
+                if not math.isfinite(wait):
+                    return
+                seen.add(i)
+                yield i
         size = self.candidates
-        while done < n:
+        while size <= len(seen) and size < n:
+            size *= 8
+        while len(seen) < n:
             size = min(size, n)
             part = np.argpartition(wait_ms, size - 1)[:size] if size < n else np.arange(n)
-            ranked = part[np.argsort(wait_ms[part], kind="stable")][done:]
-            for i in ranked.tolist():
-                if not math.isfinite(wait_ms[i]):
+            if size <= 64:  # a Python sort of a few pairs beats numpy's call overhead
+                ranked = [
+                    i for _, i in sorted(zip(wait_ms[part].tolist(), part.tolist(), strict=True))
+                ]
+            else:
+                part.sort()
+                ranked = part[np.argsort(wait_ms[part], kind="stable")].tolist()
+            for i in ranked:
+                if i in seen:
+                    continue
+                if not math.isfinite(wait_ms.item(i)):
                     return
+                seen.add(i)
                 yield i
-            done = size
             size *= 8
 
-    def _cheapest_victims(
-        self, key: str, request: RouteRequest, directory: ClusterDirectory
-    ) -> list[str]:
-        """Victims by least expected reload cost (instead of least recently used).
+    def _lru_plan(
+        self, key: str, request: RouteRequest, directory: ClusterDirectory, *, wanted: float
+    ) -> tuple[list[str], float] | None:
+        """The directory's LRU victims of a load on ``key``, and their cost; None: no room.
 
-        If one resident model frees enough on its own, the cheapest such model (evicting one
-        beats evicting several). Otherwise models by least reload cost per byte, then those not
-        needed after all are kept back.
+        Raises :class:`UnknownKey` for a device the directory does not know.
         """
-        need = request.size_bytes - directory.free_bytes(key)
-        residents = [
-            (m, s) for m, state, s in directory.residents(key) if state is Residency.RESIDENT
-        ]
-        singles = [(m, s) for m, s in residents if s >= need]
-        if singles:
-            return [min(singles, key=lambda ms: self._reload_value(*ms))[0]]
-        ranked = sorted(residents, key=lambda ms: self._reload_value(*ms) / max(ms[1], 1))
-        chosen: list[tuple[str, int]] = []
-        freed = 0
-        for m, size in ranked:
-            if freed >= need:
-                break
-            chosen.append((m, size))
-            freed += size
-        kept = []
-        for m, size in reversed(chosen):  # drop the ones not needed after all
-            if freed - size >= need:
-                freed -= size
-            else:
-                kept.append(m)
-        return kept[::-1]
-
-    def _reload_value(self, model: str, size_bytes: int) -> float:
-        """How much keeping ``model`` is worth: its share of requests times its load time."""
-        return self.estimates.share(model) * self.estimates.load_ms(model, size_bytes=size_bytes)
-
-    def _victim_cost(
-        self, model: str, victims: list[str], device: str, directory: ClusterDirectory
-    ) -> float:
-        """Expected reload cost of evicting ``victims`` to make room for ``model``.
-
-        A victim costs its load time times the chance that it is asked for again before
-        ``model`` is (``share(v) / (share(v) + share(model))`` for two Poisson streams), halved
-        if another device also holds it.
-        """
+        try:
+            victims = directory.plan_dispatch(key, request.model, size_bytes=request.size_bytes)
+        except InsufficientCapacity:
+            return None
         if not victims or self.victim_weight == 0:
-            return 0.0
+            return victims, 0.0
         estimates = self.estimates
-        wanted = estimates.share(model)
         sizes: dict[str, int] | None = None
         cost = 0.0
         for victim in victims:
@@ -536,12 +675,88 @@ class LocalityAware:
             reload_ms = estimates.measured_load_ms(victim)
             if reload_ms is None:
                 if sizes is None:
-                    sizes = {m: s for m, _, s in directory.residents(device)}
+                    sizes = {m: s for m, _, s in directory.residents(key)}
                 reload_ms = estimates.load_ms(victim, size_bytes=sizes.get(victim, 0))
-            again = 1.0 - math.exp(-share / wanted) if wanted > 0 else 1.0
-            sole = len(_holder_ids(directory, victim)) <= 1
-            cost += reload_ms * again * (1.0 if sole else 0.5)
-        return self.victim_weight * cost
+            cost += self._eviction_cost(victim, share, reload_ms, wanted, directory)
+        return victims, self.victim_weight * cost
+
+    def _value_plan(
+        self, key: str, request: RouteRequest, directory: ClusterDirectory, *, wanted: float
+    ) -> tuple[list[str], float] | None:
+        """The policy's own victims of a load on ``key``, and their cost; None: no room.
+
+        If one resident model frees enough on its own, the cheapest such model (evicting one
+        beats evicting several); ties go to the least recently used. Otherwise models by least
+        reload cost per byte, then those not needed after all are kept back. A model's reload
+        value is its share of requests times its load time (0 for a model not asked for
+        lately, whose load time is then not needed).
+
+        Only resident models can be evicted: the directory's views pin exactly the models
+        still loading, so "the residents free enough" is the condition under which
+        ``plan_dispatch`` finds room. Raises :class:`UnknownKey` for a device the directory
+        does not know.
+        """
+        need = request.size_bytes - directory.free_bytes(key)
+        if need <= 0:
+            return [], 0.0
+        residents = directory.residents(key)  # least recently used first
+        if sum([size for _, state, size in residents if state is _RESIDENT]) < need:
+            return None  # before any estimate: the devices ruled out here are full of loads
+        share_of = self.estimates.share
+        load_of = self.estimates.load_ms
+        chosen: list[tuple[str, int, float]] = []  # (model, size, share)
+        best_value = math.inf
+        for m, state, size in residents:
+            if size < need or state is not _RESIDENT:
+                continue
+            share = share_of(m)
+            value = share * load_of(m, size_bytes=size) if share > 0 else 0.0
+            if value < best_value:  # strictly: ties go to the least recently used
+                chosen, best_value = [(m, size, share)], value
+                if value == 0:
+                    break  # nothing is cheaper
+        if not chosen:
+            ranked: list[tuple[float, int, str, int, float]] = []
+            for n, (m, state, size) in enumerate(residents):
+                if state is _RESIDENT:
+                    share = share_of(m)
+                    value = share * load_of(m, size_bytes=size) if share > 0 else 0.0
+                    ranked.append((value / max(size, 1), n, m, size, share))
+            ranked.sort()  # by value per byte, then least recently used first
+            freed = 0
+            for _, _, m, size, share in ranked:
+                if freed >= need:
+                    break
+                chosen.append((m, size, share))
+                freed += size
+            kept = []
+            for row in reversed(chosen):  # drop the ones not needed after all
+                if freed - row[1] >= need:
+                    freed -= row[1]
+                else:
+                    kept.append(row)
+            chosen = kept[::-1]
+        victims = [m for m, _, _ in chosen]
+        if self.victim_weight == 0:
+            return victims, 0.0
+        cost = 0.0
+        for m, size, share in chosen:
+            if share > 0:
+                reload_ms = load_of(m, size_bytes=size)
+                cost += self._eviction_cost(m, share, reload_ms, wanted, directory)
+        return victims, self.victim_weight * cost
+
+    @staticmethod
+    def _eviction_cost(
+        victim: str, share: float, reload_ms: float, wanted: float, directory: ClusterDirectory
+    ) -> float:
+        """Expected reload cost of evicting ``victim`` to make room for a model whose share of
+        requests is ``wanted``: its load time times the chance that it is asked for again
+        before that model is (``1 - exp(-share / wanted)`` for two Poisson streams), halved if
+        another device also holds it."""
+        again = 1.0 - math.exp(-share / wanted) if wanted > 0 else 1.0
+        sole = len(directory.holder_ids(victim)) <= 1
+        return reload_ms * again * (1.0 if sole else 0.5)
 
 
 PolicyFactory = Callable[..., Policy]

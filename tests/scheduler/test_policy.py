@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpufaas.cache import ClusterDirectory
+from gpufaas.cache import ClusterDirectory, InsufficientCapacity
 from gpufaas.scheduler.estimates import Estimates, EwmaLine
 from gpufaas.scheduler.policy import (
     POLICIES,
@@ -182,7 +182,7 @@ def test_lalb_value_victims_spare_the_popular_model() -> None:
     est = estimates()
     for _ in range(20):
         est.observe_request("hot")
-    lru = LocalityAware(seed=0, estimates=est)
+    lru = LocalityAware(seed=0, estimates=est, victims="lru")
     lru.choose(REQUEST, loads(a=0), directory)
     assert lru.last is not None and lru.last.victims == ["hot"]
     value = LocalityAware(seed=0, estimates=est, victims="value")
@@ -317,3 +317,269 @@ def test_estimates_refuse_bad_settings() -> None:
         Estimates(alpha=0)
     with pytest.raises(ValueError, match="half_life"):
         Estimates(popularity_half_life=0)
+
+
+def test_device_table_least_waiting_lists_the_least_waits() -> None:
+    table = DeviceTable([DeviceLoad(f"d{i}", 0, float(w)) for i, w in enumerate([5, 1, 3, 1, 9])])
+    pairs = table.least_waiting(at_least=2)
+    assert sorted(pairs)[:2] == [(1.0, 1), (1.0, 3)]
+    assert table.least_wait() == 1.0
+    table.update("d1", queue_ms=0.5)
+    table.adjust("d3", queue_ms=10.0)
+    assert sorted(table.least_waiting(at_least=2))[:2] == [(0.5, 1), (3.0, 2)]
+    assert table.least_wait() == 0.5
+    assert DeviceTable().least_wait() == math.inf and DeviceTable().least_waiting(at_least=3) == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["add", "remove", "update", "adjust", "ask"]),
+            st.integers(0, 40),
+            st.sampled_from([0.0, 0.0, 1.0, 2.5, 3.0, 7.0, 50.0, -4.0]),
+            st.integers(1, 6),
+        ),
+        max_size=80,
+    )
+)
+def test_device_table_least_waiting_after_any_changes(
+    steps: list[tuple[str, int, float, int]],
+) -> None:
+    table = DeviceTable()
+    waits: dict[str, float] = {}  # what the table should hold
+    for kind, n, wait, at_least in steps:
+        key = f"d{n}"
+        if kind == "add" and key not in waits:
+            waits[key] = max(wait, 0.0)
+            table.add(key, queue_ms=waits[key])
+        elif kind == "remove" and key in waits:
+            del waits[key]
+            table.remove(key)
+        elif kind == "update" and key in waits:
+            waits[key] = max(wait, 0.0)
+            table.update(key, queue_ms=waits[key])
+        elif kind == "adjust" and key in waits:
+            waits[key] = max(0.0, waits[key] + wait)
+            table.adjust(key, queue_ms=wait)
+        pairs = table.least_waiting(at_least=at_least)
+        listed = {table.keys[i]: w for w, i in pairs}
+        assert len(listed) == len(pairs) >= min(at_least, len(waits))
+        assert all(waits[k] == w for k, w in listed.items())  # the current waits
+        others = [w for k, w in waits.items() if k not in listed]
+        assert not others or not listed or min(others) >= max(listed.values())
+        assert table.least_wait() == min(waits.values(), default=math.inf)
+        assert {d.key: d.queue_ms for d in table} == waits
+
+
+# -- LALB against a plain statement of its rule ------------------------------------------------
+
+
+def reference_choice(
+    request: RouteRequest,
+    waits: dict[str, float],
+    directory: ClusterDirectory,
+    est: Estimates,
+    *,
+    victims: str,
+    candidates: int = 4,
+    victim_weight: float = 2.0,
+) -> tuple[str, str, list[str]]:
+    """``(device, reason, victims)`` by the rule in docs/scheduling.md, written for clarity:
+    every device scanned, every candidate's plan made (waits distinct, no holder sampling)."""
+    model, size = request.model, request.size_bytes
+    load_ms = est.load_ms(model, size_bytes=size)
+    holder_ids = set(directory.holder_ids(model))
+    holders = [k for k in waits if k in holder_ids]
+    holder = min(holders, key=waits.__getitem__, default=None)
+    holder_cost = waits[holder] if holder is not None else math.inf
+    if holder is not None and holder_cost <= min(waits.values()) + load_ms:
+        return holder, "holder", []
+
+    def value(m: str, s: int) -> float:
+        return est.share(m) * est.load_ms(m, size_bytes=s)
+
+    def cheapest(key: str) -> list[str]:
+        need = size - directory.free_bytes(key)
+        residents = [(m, s) for m, state, s in directory.residents(key) if state == "resident"]
+        singles = [(m, s) for m, s in residents if s >= need]
+        if singles:
+            return [min(singles, key=lambda ms: value(*ms))[0]]
+        chosen, freed = [], 0
+        for m, s in sorted(residents, key=lambda ms: value(*ms) / max(ms[1], 1)):
+            if freed >= need:
+                break
+            chosen.append((m, s))
+            freed += s
+        kept = []
+        for m, s in reversed(chosen):
+            if freed - s >= need:
+                freed -= s
+            else:
+                kept.append(m)
+        return kept[::-1]
+
+    def eviction_cost(key: str, evicted: list[str]) -> float:
+        sizes = {m: s for m, _, s in directory.residents(key)}
+        wanted = est.share(model)
+        cost = 0.0
+        for v in evicted:
+            share = est.share(v)
+            if share <= 0:
+                continue
+            again = 1 - math.exp(-share / wanted) if wanted > 0 else 1.0
+            sole = len(directory.holder_ids(v)) <= 1
+            cost += est.load_ms(v, size_bytes=sizes[v]) * again * (1.0 if sole else 0.5)
+        return victim_weight * cost
+
+    best: tuple[float, str, list[str]] | None = None
+    tried = 0
+    for key in sorted(waits, key=waits.__getitem__):
+        if key in holder_ids:
+            continue
+        try:
+            plan = directory.plan_dispatch(key, model, size_bytes=size)
+        except InsufficientCapacity:
+            continue
+        if plan and victims == "value":
+            plan = cheapest(key)
+        cost = waits[key] + load_ms + eviction_cost(key, plan)
+        if best is None or cost < best[0]:
+            best = (cost, key, plan)
+        tried += 1
+        if tried == candidates:
+            break
+    if best is None:
+        if holder is not None:
+            return holder, "holder", []
+        return min(waits, key=waits.__getitem__), "fallback", []
+    if holder is not None and holder_cost <= best[0]:
+        return holder, "holder", []
+    return best[1], "load" if holder is None else "replicate", best[2]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    data=st.data(),
+    n_devices=st.integers(1, 10),
+    victims=st.sampled_from(["lru", "value"]),
+    candidates=st.sampled_from([1, 2, 4]),
+    victim_weight=st.sampled_from([0.0, 2.0, 30.0]),
+    spread=st.sampled_from([5.0, 50.0, 500.0]),
+    table=st.booleans(),
+)
+def test_lalb_decides_as_the_documented_rule(
+    data: st.DataObject,
+    n_devices: int,
+    victims: str,
+    candidates: int,
+    victim_weight: float,
+    spread: float,
+    table: bool,
+) -> None:
+    keys = [f"n/{i}" for i in range(n_devices)]
+    directory = cluster(*keys, capacity=10 * MB)
+    models = [f"m{i}" for i in range(10)]  # "new" is asked for but held nowhere
+    sizes = {m: data.draw(st.sampled_from([1, 2, 3, 5]), label=m) * MB for m in [*models, "new"]}
+    est = Estimates()
+    for m in models:
+        if data.draw(st.booleans(), label=f"measured {m}"):
+            est.observe_load(m, size_bytes=sizes[m], load_ms=data.draw(st.floats(0.5, 80)))
+    for m in data.draw(st.lists(st.sampled_from([*models, "new"]), max_size=60), label="asked"):
+        est.observe_request(m)
+    for key in keys:  # random residents, mostly full, a few still loading (pinned)
+        for m in data.draw(st.lists(st.sampled_from(models), min_size=3, max_size=8, unique=True)):
+            if directory.free_bytes(key) >= sizes[m]:
+                if data.draw(st.sampled_from([False, False, False, True]), label="loading"):
+                    directory.note_dispatch(key, m, size_bytes=sizes[m])
+                else:
+                    directory.note_loaded(key, m, size_bytes=sizes[m])
+    drawn = data.draw(
+        st.lists(st.floats(0, spread), min_size=n_devices, max_size=n_devices, unique=True),
+        label="waits",
+    )
+    waits = dict(zip(keys, drawn, strict=True))  # distinct: the order of devices is defined
+    model = data.draw(st.sampled_from(["new", "new", *models]), label="request")
+    request = RouteRequest(model=model, size_bytes=sizes[model])
+    loads_ = [DeviceLoad(k, 0, queue_ms=w) for k, w in waits.items()]
+    policy = LocalityAware(
+        seed=0,
+        estimates=est,
+        victims=victims,  # type: ignore[arg-type]
+        candidates=candidates,
+        victim_weight=victim_weight,
+        holder_sample=64,  # no sampling: every holder is looked at
+    )
+    decision = policy.decide(request, DeviceTable(loads_) if table else loads_, directory)
+    expected = reference_choice(
+        request,
+        waits,
+        directory,
+        est,
+        victims=victims,
+        candidates=candidates,
+        victim_weight=victim_weight,
+    )
+    assert (decision.device, decision.reason, decision.victims) == expected
+
+
+def test_lalb_never_picks_a_holder_that_left_the_sampled_set() -> None:
+    keys = [f"n/{i}" for i in range(40)]
+    directory = cluster(*keys)
+    for key in keys:
+        directory.note_loaded(key, "m", size_bytes=100 * MB)
+    table = DeviceTable([DeviceLoad(k, 0, queue_ms=1.0) for k in keys])
+    policy = LocalityAware(seed=0, estimates=estimates(), holder_sample=4)
+    for key in keys[:30]:  # holders leave one by one (the set keeps shrinking), or swap
+        directory.note_evicted(key, "m")
+        for _ in range(5):
+            chosen = policy.choose(REQUEST, table, directory)
+            assert chosen in directory.holder_ids("m")
+        directory.note_loaded(key, "other", size_bytes=MB)
+    for key, new in zip(keys[30:35], keys[:5], strict=True):  # same size, other members
+        directory.note_evicted(key, "m")
+        directory.note_loaded(new, "m", size_bytes=100 * MB)
+        for _ in range(5):
+            assert policy.choose(REQUEST, table, directory) in directory.holder_ids("m")
+
+
+def test_lalb_refuses_unknown_victim_modes() -> None:
+    with pytest.raises(ValueError, match="victims"):
+        LocalityAware(victims="random")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("victims", ["lru", "value"])
+def test_lalb_charges_half_for_evicting_a_model_held_elsewhere_too(victims: str) -> None:
+    directory = cluster("n/a", "n/b", "n/c", capacity=150 * MB)
+    directory.note_loaded("n/a", "x", size_bytes=100 * MB)  # x: only copy
+    directory.note_loaded("n/b", "y", size_bytes=100 * MB)  # y: also on c
+    directory.note_loaded("n/c", "y", size_bytes=100 * MB)
+    est = estimates(load_ms=100)
+    for _ in range(10):
+        est.observe_request("x")
+        est.observe_request("y")
+    est.observe_request("m")
+    policy = LocalityAware(seed=0, estimates=est, victims=victims, victim_weight=1.0)  # type: ignore[arg-type]
+    # a waits 1 ms less than b, but evicting the only copy of x costs twice what y does.
+    assert policy.choose(REQUEST, loads(a=9, b=10, c=500), directory) == "n/b"
+    assert policy.last is not None and policy.last.victims == ["y"]
+    assert policy.last.load_cost_ms == pytest.approx(
+        10 + 100 + 0.5 * 100 * (1 - math.exp(-10)), rel=0.01
+    )
+
+
+@pytest.mark.parametrize("victims", ["lru", "value"])
+def test_lalb_looks_past_many_devices_that_cannot_make_room(victims: str) -> None:
+    keys = [f"n/{i:02}" for i in range(60)]
+    directory = cluster(*keys, capacity=150 * MB)
+    for key in keys[:40]:  # the 40 least loaded are full of loads in progress (pinned)
+        directory.note_dispatch(key, "x", size_bytes=100 * MB)
+    waits = {key: float(i) for i, key in enumerate(keys)}
+    table = DeviceTable([DeviceLoad(k, 0, queue_ms=w) for k, w in reversed(waits.items())])
+    policy = LocalityAware(seed=0, estimates=estimates(), victims=victims)  # type: ignore[arg-type]
+    assert policy.choose(REQUEST, table, directory) == "n/40"
+    assert policy.last is not None and policy.last.reason == "load"
+    for key in keys[40:]:  # and when nothing can: the least-loaded device
+        directory.note_dispatch(key, "x", size_bytes=100 * MB)
+    assert policy.choose(REQUEST, table, directory) == "n/00"
+    assert policy.last is not None and policy.last.reason == "fallback"
