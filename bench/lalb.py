@@ -224,6 +224,10 @@ def table(point: dict[str, dict[str, Any]]) -> str:
             f"{r['hit_ratio']:>8.3f}{r['mean_queue_ms']:>10.2f}{r['mean_load_ms']:>9.2f}"
             f"{r['slo_attainment']:>7.3f}{r.get('overtakes', 0):>9}"
         )
+    for policy, r in point.items():
+        decisions = r.get("decisions") if isinstance(r, dict) else None
+        if decisions:
+            lines.append(f"  {policy} decisions: {decisions}")
     errors = {p: r["errors"] for p, r in point.items() if isinstance(r, dict) and r.get("errors")}
     if errors:
         lines.append(f"  failed requests (not in the latencies): {errors}")

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gpufaas.cache import InsufficientCapacity, Residency
 from gpufaas.core.api import InferenceFunction, is_valid_name
@@ -144,6 +144,18 @@ class Metrics:
             ["policy", "met"],
             registry=self.registry,
         )
+        self.decisions = Counter(
+            "gpufaas_route_decisions",
+            "Routing decisions by why the device was chosen: holder (it has the model), load, "
+            "replicate (a holder was too busy), fallback (no room anywhere), least-loaded (lb)",
+            ["policy", "reason"],
+            registry=self.registry,
+        )
+        self.overtakes = Gauge(
+            "gpufaas_dispatch_overtakes",
+            "Requests started ahead of an older waiting one (O3), since the gateway started",
+            registry=self.registry,
+        )
 
 
 class Gateway:
@@ -166,6 +178,10 @@ class Gateway:
             max_passes=self.config.o3_max_passes,
             max_hold_ms=self.config.o3_max_hold_ms,
             is_resident=directory_residency(cluster.directory),
+        )
+        dispatcher = self.dispatcher
+        self.metrics.overtakes.set_function(
+            lambda: sum(dispatcher.stats(key).overtakes for key in dispatcher.devices())
         )
         self.pending: dict[str, int] = {}
         # device key -> models routed there and not answered yet (queued here or running)
@@ -307,6 +323,8 @@ class Gateway:
             loads,
             self.cluster.directory,
         )
+        reason = getattr(getattr(self.policy, "last", None), "reason", "least-loaded")
+        self.metrics.decisions.labels(self.policy.name, reason).inc()
         return self.cluster.devices[key]
 
     def _eviction_hint(self, device_key: str) -> list[str]:

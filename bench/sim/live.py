@@ -235,6 +235,51 @@ def _resident_sizes(url: str, functions: list[dict[str, Any]]) -> dict[str, int]
     return sizes
 
 
+def _gateway_counters(url: str) -> dict[str, float]:
+    """The gateway's routing counters now: decisions by reason, queue-wait sum and count,
+    overtakes (``/metrics``); the difference of two snapshots covers the requests between."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counters: dict[str, float] = {}
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return counters
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "gpufaas_route_decisions_total":
+                key = f"decisions.{sample.labels['reason']}"
+            elif sample.name in (
+                "gpufaas_queue_wait_seconds_sum",
+                "gpufaas_queue_wait_seconds_count",
+            ):
+                key = sample.name.removeprefix("gpufaas_")
+            elif sample.name == "gpufaas_dispatch_overtakes":
+                key = "overtakes"
+            else:
+                continue
+            counters[key] = counters.get(key, 0.0) + sample.value
+    return counters
+
+
+def _routing(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the gateway did for the trace (warm-up part included): decisions by reason, mean
+    queue wait, overtakes."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    waited = delta.get("queue_wait_seconds_count", 0.0)
+    return {
+        "mean_queue_ms": 1000 * delta.get("queue_wait_seconds_sum", 0.0) / waited
+        if waited
+        else math.nan,
+        "overtakes": int(delta.get("overtakes", 0)),
+        "decisions": {
+            k.removeprefix("decisions."): int(v)
+            for k, v in sorted(delta.items())
+            if k.startswith("decisions.") and v
+        },
+    }
+
+
 def _reason(response: httpx.Response) -> str:
     """A short reason for a failed request: the reason header, else the error's first words."""
     reason = response.headers.get("x-gpufaas-reason")
@@ -277,8 +322,6 @@ def _summarise(
                 if r.get("status") != 200
             )
         ),
-        "mean_queue_ms": math.nan,  # not visible from the client
-        "overtakes": 0,
     }
 
 
@@ -319,6 +362,7 @@ def run_live(args: argparse.Namespace, *, wss: int, policies: list[str]) -> dict
             try:
                 _wait_ready(proc, url, wss=wss, log=log)
                 _warm_up(url, functions, bodies_by_kind)
+                before = _gateway_counters(url)
                 results = asyncio.run(
                     _drive(
                         url,
@@ -328,10 +372,11 @@ def run_live(args: argparse.Namespace, *, wss: int, policies: list[str]) -> dict
                         max_seconds=args.live_seconds,
                     )
                 )
+                routing = _routing(before, _gateway_counters(url))
                 sizes_by_kind.update(_resident_sizes(url, functions))
             finally:
                 _stop(proc)
-            out[policy] = _summarise(results, functions, picks)
+            out[policy] = {**_summarise(results, functions, picks), **routing}
             if out[policy]["errors"]:
                 tail = log.read_text(errors="replace")[-2000:]
                 print(f"{policy}: {out[policy]['errors']} failed requests; log tail:\n{tail}",

@@ -91,3 +91,6 @@ def test_the_manager_evicts_the_hinted_victim_not_the_lru_one(server: str) -> No
     assert manager_view(server) == ["copy-a", "copy-c"]  # LRU alone would have kept copy-b
     assert gateway_view(server) == ["copy-a", "copy-c"]  # and the prediction agrees
     assert infer(server, "copy-a").headers["x-gpufaas-cache"] == "hit"
+    metrics = httpx.get(f"{server}/metrics", timeout=5).text
+    assert 'gpufaas_route_decisions_total{policy="lalb",reason="holder"}' in metrics
+    assert 'gpufaas_route_decisions_total{policy="lalb",reason="load"} 3.0' in metrics

@@ -145,6 +145,8 @@ def test_metrics_are_exported(
         "gpufaas_slo_requests_total",
     ):
         assert f"{family}{{" in text and 'policy="lb"' in text, family
+    assert 'gpufaas_route_decisions_total{policy="lb",reason="least-loaded"}' in text
+    assert "gpufaas_dispatch_overtakes 0.0" in text  # lb serves each queue in order
     cluster = httpx.get(f"{server}/v2/gpufaas/cluster", timeout=10).json()
     residents = {r[0] for d in cluster["devices"] for r in d["residents"]}
     assert "tiny-mlp" in residents
