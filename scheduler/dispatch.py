@@ -219,7 +219,15 @@ class Dispatcher:
                 device_key,
                 outstanding=len(lane.queue) + lane.running,
                 queue_ms=lane.pending_ms / self.concurrency,
+                hit_wait_ms=self._hit_wait_ms(lane),
             )
+
+    def _hit_wait_ms(self, lane: _Lane) -> float:
+        # A free slot serves a request needing no load at once, however long the running
+        # jobs (loads) take; a request that loads also waits for the device's copy work.
+        if lane.running < self.concurrency and not lane.queue:
+            return 0.0
+        return lane.pending_ms / self.concurrency
 
     @staticmethod
     def _started(lane: _Lane, *, wait_ms: float, overtook: bool) -> None:
@@ -290,16 +298,24 @@ class Dispatcher:
         return lane.running if lane is not None else 0
 
     def expected_wait_ms(self, device_key: str) -> float:
-        """Expected time before a job submitted now would start on the device."""
+        """Expected time before a job submitted now that loads its model would have the device
+        to itself: the expected device time of the queued and running jobs, per slot."""
         lane = self._lanes.get(device_key)
         return lane.pending_ms / self.concurrency if lane is not None else 0.0
+
+    def expected_hit_wait_ms(self, device_key: str) -> float:
+        """Expected time before a job whose model is on the device would start: none while a
+        slot is free."""
+        lane = self._lanes.get(device_key)
+        return self._hit_wait_ms(lane) if lane is not None else 0.0
 
     def load(self, device_key: str) -> DeviceLoad:
         """The device's load as the routing policy wants it."""
         return DeviceLoad(
             key=device_key,
             outstanding=self.queued(device_key) + self.running(device_key),
-            queue_ms=self.expected_wait_ms(device_key),
+            queue_ms=(wait := self.expected_wait_ms(device_key)),
+            hit_wait_ms=None if (hit := self.expected_hit_wait_ms(device_key)) == wait else hit,
         )
 
     def stats(self, device_key: str) -> DispatchStats:

@@ -59,6 +59,9 @@ class DeviceLoad:
     # Expected wait (ms) before a request sent now would start there, from the dispatcher's
     # queue; None: unknown, estimated from ``outstanding``.
     queue_ms: float | None = None
+    # The same for a request whose model the device holds: it needs no load, so it starts as
+    # soon as a slot is free, however long the loads running there take. None: ``queue_ms``.
+    hit_wait_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -106,9 +109,10 @@ class DeviceTable(Sequence[DeviceLoad]):
         self._position: dict[str, int] = {}
         self._outstanding: IntArray = np.zeros(max(8, len(devices)), dtype=np.int64)
         self._queue_ms: FloatArray = np.zeros(max(8, len(devices)), dtype=np.float64)
+        self._hit_wait_ms: FloatArray = np.zeros(max(8, len(devices)), dtype=np.float64)
         # Read-only views of the used part, made once per change of size rather than per
         # decision (making one costs about as much as a policy's whole fast path).
-        self._views: tuple[IntArray, FloatArray] | None = None
+        self._views: tuple[IntArray, FloatArray, FloatArray] | None = None
         self._columns: _Columns | None = None  # what a policy reads, made as the views are
         # The least-waiting devices, position -> wait: every position whose wait is below
         # _low_bound, and perhaps some whose wait equals it (ties at the bound), none above.
@@ -116,7 +120,12 @@ class DeviceTable(Sequence[DeviceLoad]):
         self._low: dict[int, float] = {}
         self._low_bound = -math.inf
         for device in devices:
-            self.add(device.key, outstanding=device.outstanding, queue_ms=device.queue_ms or 0.0)
+            self.add(
+                device.key,
+                outstanding=device.outstanding,
+                queue_ms=device.queue_ms or 0.0,
+                hit_wait_ms=device.hit_wait_ms,
+            )
 
     def __repr__(self) -> str:
         return f"<DeviceTable {len(self._keys)} devices>"
@@ -133,8 +142,12 @@ class DeviceTable(Sequence[DeviceLoad]):
             return [self[i] for i in range(len(self._keys))[index]]
         key = self._keys[index]  # raises IndexError, and accepts negative indices
         i = self._position[key]
+        queue_ms, hit_wait_ms = float(self._queue_ms[i]), float(self._hit_wait_ms[i])
         return DeviceLoad(
-            key=key, outstanding=int(self._outstanding[i]), queue_ms=float(self._queue_ms[i])
+            key=key,
+            outstanding=int(self._outstanding[i]),
+            queue_ms=queue_ms,
+            hit_wait_ms=None if hit_wait_ms == queue_ms else hit_wait_ms,  # None: the same
         )
 
     def __iter__(self) -> Iterator[DeviceLoad]:
@@ -158,12 +171,18 @@ class DeviceTable(Sequence[DeviceLoad]):
         """Expected wait in ms by position (a read-only view)."""
         return (self._views or self._make_views())[1]
 
-    def _make_views(self) -> tuple[IntArray, FloatArray]:
+    @property
+    def hit_wait_ms(self) -> FloatArray:
+        """Expected wait in ms of a request whose model is there, by position (read-only)."""
+        return (self._views or self._make_views())[2]
+
+    def _make_views(self) -> tuple[IntArray, FloatArray, FloatArray]:
         n = len(self._keys)
         outstanding, queue_ms = self._outstanding[:n], self._queue_ms[:n]
-        outstanding.flags.writeable = False
-        queue_ms.flags.writeable = False
-        self._views = (outstanding, queue_ms)
+        hit_wait_ms = self._hit_wait_ms[:n]
+        for view in (outstanding, queue_ms, hit_wait_ms):
+            view.flags.writeable = False
+        self._views = (outstanding, queue_ms, hit_wait_ms)
         return self._views
 
     def position(self, key: str) -> int | None:
@@ -217,7 +236,15 @@ class DeviceTable(Sequence[DeviceLoad]):
         elif i in self._low:  # at the bound: it may stay, but need not join
             self._low[i] = wait
 
-    def add(self, key: str, *, outstanding: int = 0, queue_ms: float = 0.0) -> None:
+    def add(
+        self,
+        key: str,
+        *,
+        outstanding: int = 0,
+        queue_ms: float = 0.0,
+        hit_wait_ms: float | None = None,
+    ) -> None:
+        """Add a device; ``hit_wait_ms`` defaults to ``queue_ms``."""
         if key in self._position:
             raise ValueError(f"device {key!r} is already in the table")
         n = len(self._keys)
@@ -226,10 +253,14 @@ class DeviceTable(Sequence[DeviceLoad]):
                 [self._outstanding, np.zeros_like(self._outstanding)]
             )
             self._queue_ms = np.concatenate([self._queue_ms, np.zeros_like(self._queue_ms)])
+            self._hit_wait_ms = np.concatenate(
+                [self._hit_wait_ms, np.zeros_like(self._hit_wait_ms)]
+            )
         self._keys.append(key)
         self._position[key] = n
         self._outstanding[n] = outstanding
         self._queue_ms[n] = queue_ms
+        self._hit_wait_ms[n] = queue_ms if hit_wait_ms is None else hit_wait_ms
         self._views = self._columns = None
         self._track(n, self._queue_ms.item(n))
 
@@ -243,27 +274,49 @@ class DeviceTable(Sequence[DeviceLoad]):
             self._position[moved] = i
             self._outstanding[i] = self._outstanding[last]
             self._queue_ms[i] = self._queue_ms[last]
+            self._hit_wait_ms[i] = self._hit_wait_ms[last]
             self._track(i, self._queue_ms.item(i))
         self._keys.pop()
         del self._position[key]
         self._views = self._columns = None
 
     def update(
-        self, key: str, *, outstanding: int | None = None, queue_ms: float | None = None
+        self,
+        key: str,
+        *,
+        outstanding: int | None = None,
+        queue_ms: float | None = None,
+        hit_wait_ms: float | None = None,
     ) -> None:
+        """Set a device's values (those given); a ``queue_ms`` without a ``hit_wait_ms`` sets
+        both."""
         i = self._require(key)
         if outstanding is not None:
             self._outstanding[i] = outstanding
         if queue_ms is not None:
             self._queue_ms[i] = queue_ms
             self._track(i, self._queue_ms.item(i))
+        if hit_wait_ms is not None:
+            self._hit_wait_ms[i] = hit_wait_ms
+        elif queue_ms is not None:
+            self._hit_wait_ms[i] = queue_ms
 
-    def adjust(self, key: str, *, outstanding: int = 0, queue_ms: float = 0.0) -> None:
-        """Add deltas to a device's load (a negative delta when work leaves)."""
+    def adjust(
+        self,
+        key: str,
+        *,
+        outstanding: int = 0,
+        queue_ms: float = 0.0,
+        hit_wait_ms: float | None = None,
+    ) -> None:
+        """Add deltas to a device's load (a negative delta when work leaves);
+        ``hit_wait_ms`` defaults to the ``queue_ms`` delta."""
         i = self._require(key)
         self._outstanding[i] += outstanding
         wait = max(0.0, self._queue_ms.item(i) + queue_ms)
         self._queue_ms[i] = wait
+        hit_delta = queue_ms if hit_wait_ms is None else hit_wait_ms
+        self._hit_wait_ms[i] = max(0.0, self._hit_wait_ms.item(i) + hit_delta)
         self._track(i, wait)
 
     def _require(self, key: str) -> int:
@@ -274,9 +327,10 @@ class DeviceTable(Sequence[DeviceLoad]):
 
 
 class _Columns:
-    """One decision's view of the devices: keys, expected waits, and where each key is."""
+    """One decision's view of the devices: keys, expected waits (of a request that needs a load,
+    and of one whose model is there), and where each key is."""
 
-    __slots__ = ("keys", "position", "table", "wait_ms", "waits_known")
+    __slots__ = ("hit_wait_ms", "keys", "position", "table", "wait_ms", "waits_known")
 
     def __init__(
         self,
@@ -285,10 +339,12 @@ class _Columns:
         position: Callable[[str], int | None],
         *,
         waits_known: bool,
+        hit_wait_ms: FloatArray | None = None,
         table: DeviceTable | None = None,
     ) -> None:
         self.keys = keys
         self.wait_ms = wait_ms
+        self.hit_wait_ms = wait_ms if hit_wait_ms is None else hit_wait_ms
         self.position = position
         self.waits_known = waits_known
         self.table = table
@@ -303,6 +359,7 @@ def _columns(devices: Sequence[DeviceLoad], *, per_request_ms: float) -> _Column
                 devices.queue_ms,
                 devices._position.get,
                 waits_known=True,
+                hit_wait_ms=devices.hit_wait_ms,
                 table=devices,
             )
         return columns
@@ -313,6 +370,13 @@ def _columns(devices: Sequence[DeviceLoad], *, per_request_ms: float) -> _Column
         dtype=np.float64,
         count=len(keys),
     )
+    hit_wait_ms = None
+    if known and any(d.hit_wait_ms is not None for d in devices):
+        hit_wait_ms = np.fromiter(
+            (d.queue_ms if d.hit_wait_ms is None else d.hit_wait_ms for d in devices),
+            dtype=np.float64,
+            count=len(keys),
+        )
     positions: dict[str, int] | None = None
 
     def position(key: str) -> int | None:
@@ -321,7 +385,7 @@ def _columns(devices: Sequence[DeviceLoad], *, per_request_ms: float) -> _Column
             positions = {k: i for i, k in enumerate(keys)}
         return positions.get(key)
 
-    return _Columns(keys, wait_ms, position, waits_known=known)
+    return _Columns(keys, wait_ms, position, waits_known=known, hit_wait_ms=hit_wait_ms)
 
 
 def _pick_min(values: FloatArray | IntArray, rng: random.Random) -> int:
@@ -495,7 +559,10 @@ class LocalityAware:
     ) -> tuple[str | None, float]:
         """The holder with the least expected wait, and that wait.
 
-        Many holders (a hot model replicated widely): the best of ``holder_sample`` of them at
+        A holder's wait is that of a request needing no load (``hit_wait_ms``): a free slot
+        serves it at once, even while a long load runs there. A holder still loading the model
+        looks free too, which is right: what remains of that load is less than a whole load
+        elsewhere, and a burst for a cold model should wait for the one copy. Many holders (a hot model replicated widely): the best of ``holder_sample`` of them at
         random, which balances nearly as well as the best of all and costs O(1).
         """
         if not holders:
@@ -509,7 +576,7 @@ class LocalityAware:
             states = directory.holders(model)
             keys = states
         position = columns.position
-        wait_of = columns.wait_ms.item
+        wait_of = columns.hit_wait_ms.item
         coin = self._rng.random
         best: str | None = None
         best_cost = math.inf

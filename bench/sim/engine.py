@@ -85,6 +85,7 @@ class _Device:
     computing: bool = False
     ready: deque[_Request] = field(default_factory=deque)
     loading: dict[str, list[_Request]] = field(default_factory=dict)
+    pending_ms: float = 0.0  # expected device time of queued and running requests
 
 
 @dataclass
@@ -258,13 +259,26 @@ class Simulation:
             self.directory.note_dispatch(
                 key, model.name, size_bytes=size, prefer=request.evict_first
             )
-        self.table.adjust(
-            key, outstanding=1, queue_ms=request.expected_ms / self.config.concurrency
-        )
+        device.pending_ms += request.expected_ms
         device.queue.push(
             request, model=model.name, now_ms=self.now, deadline_ms=self.now + model.slo_ms
         )
         self._admit(device)
+        self._table_row(device)
+
+    def _table_row(self, device: _Device) -> None:
+        """The device's load as the gateway's dispatcher reports it (``Dispatcher.load``): the
+        expected time of its work per slot; for a request needing no load, none while a slot
+        is free."""
+        concurrency = self.config.concurrency
+        free = device.running < concurrency and not device.queue
+        wait = device.pending_ms / concurrency
+        self.table.update(
+            device.key,
+            outstanding=device.running + len(device.queue),
+            queue_ms=wait,
+            hit_wait_ms=0.0 if free else wait,
+        )
 
     def _admit(self, device: _Device) -> None:
         if device.running >= self.config.concurrency or not device.queue:
@@ -335,9 +349,7 @@ class Simulation:
         model = request.model
         device.cache.unpin(model.name)
         self.done.append(request)
-        self.table.adjust(
-            device.key, outstanding=-1, queue_ms=-request.expected_ms / self.config.concurrency
-        )
+        device.pending_ms = max(0.0, device.pending_ms - request.expected_ms)
         # The gateway learns from every response: the model is resident there, at this size.
         with contextlib.suppress(CacheError):
             self.directory.note_loaded(device.key, model.name, size_bytes=model.profile.size_bytes)
@@ -345,6 +357,7 @@ class Simulation:
         device.running -= 1
         self._next_compute(device)
         self._admit(device)
+        self._table_row(device)
 
     def _sync(self) -> None:
         """Every GPU manager reports its residents; the gateway replaces its view, then re-notes

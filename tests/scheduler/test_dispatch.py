@@ -15,6 +15,7 @@ from gpufaas.scheduler.dispatch import (
     QueueFull,
     directory_residency,
 )
+from gpufaas.scheduler.policy import DeviceLoad
 
 TIMEOUT = 5.0  # every wait in these tests is bounded
 
@@ -204,6 +205,27 @@ async def test_load_reports_outstanding_and_expected_wait() -> None:
     rec.release("r0", "r1", "r2")
     await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT)
     assert dispatcher.load("d").queue_ms == 0.0
+
+
+async def test_a_free_slot_serves_a_hit_at_once_however_long_the_running_loads() -> None:
+    dispatcher = Dispatcher(concurrency=2)
+    rec = Recorder()
+    loading = asyncio.create_task(
+        dispatcher.submit("d", Job(model="big", expected_ms=300.0), rec.run("load"))
+    )
+    await settle()
+    # One slot is busy with a long load: a request whose model is there starts at once, one
+    # that loads shares the device's copy work.
+    assert dispatcher.load("d") == DeviceLoad("d", 1, queue_ms=150.0, hit_wait_ms=0.0)
+    assert dispatcher.table[0] == dispatcher.load("d")
+    second = asyncio.create_task(
+        dispatcher.submit("d", Job(model="m", expected_ms=10.0), rec.run("hit"))
+    )
+    await settle()
+    both_busy = DeviceLoad("d", 2, queue_ms=155.0)  # hit_wait_ms None: the same
+    assert dispatcher.load("d") == both_busy and dispatcher.table[0] == both_busy
+    rec.release("load", "hit")
+    await asyncio.wait_for(asyncio.gather(loading, second), TIMEOUT)
 
 
 def test_directory_residency_reads_the_directory() -> None:

@@ -166,6 +166,27 @@ def test_lalb_ignores_holders_the_caller_left_out() -> None:
     assert policy.choose(REQUEST, loads(b=50), directory) == "n/b"
 
 
+def test_lalb_counts_a_holders_free_slot_not_the_loads_running_there() -> None:
+    directory = cluster("n/a", "n/b")
+    directory.note_loaded("n/a", "m", size_bytes=100 * MB)
+    policy = LocalityAware(seed=0, estimates=estimates(load_ms=100))
+    # n/a is busy loading something big (300 ms of work per slot) but has a free slot: a
+    # request for m, which it holds, starts there at once, so copying m to n/b is a waste.
+    busy_with_a_free_slot = DeviceLoad("n/a", 1, queue_ms=300.0, hit_wait_ms=0.0)
+    for devices in (
+        [busy_with_a_free_slot, DeviceLoad("n/b", 0, queue_ms=0.0)],
+        DeviceTable([busy_with_a_free_slot, DeviceLoad("n/b", 0, queue_ms=0.0)]),
+    ):
+        assert policy.choose(REQUEST, devices, directory) == "n/a"
+        assert policy.last is not None and policy.last.reason == "holder"
+    # Every slot busy: the wait is real, and a copy elsewhere is cheaper.
+    full = [DeviceLoad("n/a", 2, queue_ms=300.0), DeviceLoad("n/b", 0, queue_ms=0.0)]
+    assert policy.choose(REQUEST, DeviceTable(full), directory) == "n/b"
+    # A load still goes where the copy work is least, free slot or not.
+    cold = RouteRequest(model="cold", size_bytes=100 * MB)
+    assert policy.choose(cold, DeviceTable([busy_with_a_free_slot, full[1]]), directory) == "n/b"
+
+
 def test_lalb_without_queue_estimates_uses_outstanding_times_inference() -> None:
     directory = cluster("n/a", "n/b")
     directory.note_loaded("n/a", "m", size_bytes=100 * MB)
