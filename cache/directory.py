@@ -125,6 +125,13 @@ class ClusterDirectory:
             result[device_id] = _TO_RESIDENCY[entry.state]
         return result
 
+    def state(self, device_id: str, model: str) -> Residency | None:
+        """``model``'s state on the device (None: not there), in O(1); None for an unknown
+        device too, as a report may name a device that has just left."""
+        device = self._devices.get(device_id)
+        entry = device.view.peek(model) if device is not None else None
+        return None if entry is None else _TO_RESIDENCY[entry.state]
+
     def holder_ids(self, model: str) -> Collection[str]:
         """The devices holding ``model``, in O(1): a read-only view, valid until the next change."""
         return self._holders.get(model, _EMPTY)

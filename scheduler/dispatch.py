@@ -95,9 +95,7 @@ def directory_residency(directory: ClusterDirectory) -> Callable[[str, str], boo
     """``is_resident(device_key, model)``: whether the directory sees the model resident there."""
 
     def is_resident(device_key: str, model: str) -> bool:
-        if device_key not in directory.holder_ids(model):  # O(1): most models are not there
-            return False
-        return directory.holders(model).get(device_key) is Residency.RESIDENT
+        return directory.state(device_key, model) is Residency.RESIDENT
 
     return is_resident
 

@@ -338,7 +338,7 @@ class Gateway:
     def _job(self, name: str, device: Device) -> Job:
         function = self.functions.get(name)
         size = self.model_bytes.get(name, 0)
-        resident = self.cluster.directory.holders(name).get(device.key) is Residency.RESIDENT
+        resident = self.cluster.directory.state(device.key, name) is Residency.RESIDENT
         return Job(
             model=name,
             slo_ms=function.spec.slo.latency_ms if function else None,

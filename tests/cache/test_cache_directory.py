@@ -66,6 +66,15 @@ def test_dispatch_with_a_hint_predicts_the_hinted_victims() -> None:
     assert [m for m, _, _ in d.residents("gpu0")] == ["a", "b", "x"]
 
 
+def test_state_of_one_model_on_one_device() -> None:
+    d = directory(gpu0=10, gpu1=10)
+    d.note_dispatch("gpu0", "m", size_bytes=4)
+    assert (d.state("gpu0", "m"), d.state("gpu1", "m")) == (LOADING, None)
+    d.note_loaded("gpu0", "m", size_bytes=4)
+    assert d.state("gpu0", "m") is RESIDENT
+    assert d.state("gone", "m") is None and d.state("gpu0", "other") is None
+
+
 def test_loaded_report_overrides_wrong_predictions() -> None:
     d = directory(gpu0=10)
     d.note_dispatch("gpu0", "a", size_bytes=5)
