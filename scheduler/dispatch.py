@@ -47,6 +47,7 @@ __all__ = [
     "Job",
     "QueueFull",
     "directory_residency",
+    "expected_waits",
 ]
 
 T = TypeVar("T")
@@ -89,6 +90,19 @@ class _Lane:
     running: int = 0
     pending_ms: float = 0.0  # expected device time of queued and running jobs
     stats: DispatchStats = field(default_factory=DispatchStats)
+
+
+def expected_waits(
+    *, running: int, queued: int, pending_ms: float, concurrency: int
+) -> tuple[float, float]:
+    """A device's expected waits, ``(queue_ms, hit_wait_ms)``, for ``DeviceLoad``.
+
+    ``queue_ms``, for a job that loads its model: the expected device time of the queued and
+    running jobs per slot (loads share the device's copy work). ``hit_wait_ms``, for a job whose
+    model is there: none while a slot is free, however long the running jobs (loads) take.
+    """
+    wait = pending_ms / concurrency
+    return wait, 0.0 if running < concurrency and not queued else wait
 
 
 def directory_residency(directory: ClusterDirectory) -> Callable[[str, str], bool]:
@@ -213,19 +227,21 @@ class Dispatcher:
         no row of its own: the jobs it still runs must not touch the new lane's.
         """
         if self._lanes.get(device_key) is lane:
+            wait, hit_wait = self._waits(lane)
             self._table.update(
                 device_key,
                 outstanding=len(lane.queue) + lane.running,
-                queue_ms=lane.pending_ms / self.concurrency,
-                hit_wait_ms=self._hit_wait_ms(lane),
+                queue_ms=wait,
+                hit_wait_ms=hit_wait,
             )
 
-    def _hit_wait_ms(self, lane: _Lane) -> float:
-        # A free slot serves a request needing no load at once, however long the running
-        # jobs (loads) take; a request that loads also waits for the device's copy work.
-        if lane.running < self.concurrency and not lane.queue:
-            return 0.0
-        return lane.pending_ms / self.concurrency
+    def _waits(self, lane: _Lane) -> tuple[float, float]:
+        return expected_waits(
+            running=lane.running,
+            queued=len(lane.queue),
+            pending_ms=lane.pending_ms,
+            concurrency=self.concurrency,
+        )
 
     @staticmethod
     def _started(lane: _Lane, *, wait_ms: float, overtook: bool) -> None:
@@ -299,21 +315,18 @@ class Dispatcher:
         """Expected time before a job submitted now that loads its model would have the device
         to itself: the expected device time of the queued and running jobs, per slot."""
         lane = self._lanes.get(device_key)
-        return lane.pending_ms / self.concurrency if lane is not None else 0.0
-
-    def expected_hit_wait_ms(self, device_key: str) -> float:
-        """Expected time before a job whose model is on the device would start: none while a
-        slot is free."""
-        lane = self._lanes.get(device_key)
-        return self._hit_wait_ms(lane) if lane is not None else 0.0
+        return self._waits(lane)[0] if lane is not None else 0.0
 
     def load(self, device_key: str) -> DeviceLoad:
-        """The device's load as the routing policy wants it."""
+        """The device's load as the routing policy wants it (``hit_wait_ms`` None: the same
+        as ``queue_ms``)."""
+        lane = self._lanes.get(device_key)
+        wait, hit_wait = self._waits(lane) if lane is not None else (0.0, 0.0)
         return DeviceLoad(
             key=device_key,
             outstanding=self.queued(device_key) + self.running(device_key),
-            queue_ms=(wait := self.expected_wait_ms(device_key)),
-            hit_wait_ms=None if (hit := self.expected_hit_wait_ms(device_key)) == wait else hit,
+            queue_ms=wait,
+            hit_wait_ms=None if hit_wait == wait else hit_wait,
         )
 
     def stats(self, device_key: str) -> DispatchStats:

@@ -316,24 +316,20 @@ class Gateway:
         self.cluster.mark_down(node)
         self._track_health()
 
-    def _choose(self, name: str, exclude: set[str]) -> Device:
-        loads = self.loads(exclude)
+    def _choose(self, name: str, exclude: set[str]) -> tuple[Device, list[str]]:
+        """The device for a request, and the victims the policy chose for a load there (the
+        GPU manager evicts them first: cheapest expected reloads, not least recently used)."""
         key = self.policy.choose(
             RouteRequest(model=name, size_bytes=self.model_bytes.get(name, 0)),
-            loads,
+            self.loads(exclude),
             self.cluster.directory,
         )
-        reason = getattr(getattr(self.policy, "last", None), "reason", "least-loaded")
-        self.metrics.decisions.labels(self.policy.name, reason).inc()
-        return self.cluster.devices[key]
-
-    def _eviction_hint(self, device_key: str) -> list[str]:
-        """The victims the policy chose for a load on ``device_key``, if it chose any: the GPU
-        manager evicts them first (cheapest expected reloads) instead of least recently used."""
+        # LALB explains its choice (a Decision); LB has nothing to explain.
         decision = getattr(self.policy, "last", None)
-        if decision is None or getattr(decision, "device", None) != device_key:
-            return []
-        return list(getattr(decision, "victims", ()))
+        reason = getattr(decision, "reason", "least-loaded")
+        self.metrics.decisions.labels(self.policy.name, reason).inc()
+        victims = list(decision.victims) if decision is not None and decision.device == key else []
+        return self.cluster.devices[key], victims
 
     def _job(self, name: str, device: Device) -> Job:
         function = self.functions.get(name)
@@ -410,12 +406,11 @@ class Gateway:
         last_error: Exception | None = None
         for _ in range(self.config.max_attempts):
             try:
-                device = self._choose(name, tried)
+                device, evict_first = self._choose(name, tried)
             except NoDevice as e:
                 last_error = last_error or e
                 break
             tried.add(device.key)
-            evict_first = self._eviction_hint(device.key)
             # Noted at routing, not at send: a burst for a cold model must see it loading here
             # (the manager's answer and the next sync correct the view).
             with contextlib.suppress(InsufficientCapacity):

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from gpufaas.cache import ByteLRU, CacheError, ClusterDirectory, EntryState, Residency
+from gpufaas.scheduler.dispatch import expected_waits
 from gpufaas.scheduler.estimates import Estimates
 from gpufaas.scheduler.o3 import O3Queue
 from gpufaas.scheduler.policy import DeviceTable, LocalityAware, RouteRequest, make_policy
@@ -270,14 +271,17 @@ class Simulation:
         """The device's load as the gateway's dispatcher reports it (``Dispatcher.load``): the
         expected time of its work per slot; for a request needing no load, none while a slot
         is free."""
-        concurrency = self.config.concurrency
-        free = device.running < concurrency and not device.queue
-        wait = device.pending_ms / concurrency
+        wait, hit_wait = expected_waits(
+            running=device.running,
+            queued=len(device.queue),
+            pending_ms=device.pending_ms,
+            concurrency=self.config.concurrency,
+        )
         self.table.update(
             device.key,
             outstanding=device.running + len(device.queue),
             queue_ms=wait,
-            hit_wait_ms=0.0 if free else wait,
+            hit_wait_ms=hit_wait,
         )
 
     def _admit(self, device: _Device) -> None:
