@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -326,5 +327,18 @@ def _public(point: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _fix_hash_seed() -> None:
+    """Re-run this script with ``PYTHONHASHSEED=0`` unless the caller chose a seed.
+
+    Python salts string hashes per process, so the order of a set of device keys (a model's
+    holders, which the policy samples from with its seeded random generator) changes from run
+    to run; without a fixed salt the same command moves the miss-ratio cut by about 0.5 point.
+    """
+    if "PYTHONHASHSEED" not in os.environ:
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 if __name__ == "__main__":
+    _fix_hash_seed()
     sys.exit(main())
