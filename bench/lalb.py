@@ -7,7 +7,8 @@ directory. See ``bench/RESULTS.md`` for results and ``docs/scheduling.md`` for t
     python bench/lalb.py --mode sim --wss 35 --json     # one working set, JSON by policy
     python bench/lalb.py --mode sim                     # the 5..45 sweep, a table and a PNG
     python bench/lalb.py --mode live --wss 10           # against `gpufaas up` on CPU devices
-    python bench/lalb.py measure                        # re-measure the example models
+    python bench/lalb.py --sweep --json bench/out/sweep.json   # curves over the arrival rate
+    python bench/lalb.py measure --set NAME             # measure the example models (new set)
 
 The simulator's model sizes and load/inference times are measurements of our example models
 (``bench/sim/profiles.json``; ``--profile`` picks a set). The default parameters put the cluster
@@ -17,6 +18,7 @@ in the paper's regime: the devices together hold fewer models than the working s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -26,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from sim import sweep
 from sim.belady import belady_hits
 from sim.engine import SimConfig, simulate
 from sim.workload import load_profiles, make_catalogue, make_trace
@@ -34,6 +37,11 @@ from gpufaas.core.units import parse_bytes
 
 POLICIES = ("lb", "lalb", "lalb-o3")
 DEFAULT_AXIS = (5, 10, 15, 20, 25, 30, 35, 40, 45)
+# Arrival rates of the sweep at working set 35: LB's busiest copy engine from about 15% to
+# saturation with the default profile; the host tier's misses are ~10x cheaper, so its row
+# needs ~10x the rate for the same utilisation.
+SWEEP_RATES = (20.0, 40.0, 55.0, 70.0, 80.0, 85.0, 90.0, 100.0)
+SWEEP_HOST_TIER_RATES = (100.0, 300.0, 600.0, 750.0, 800.0, 850.0, 900.0)
 HERE = Path(__file__).resolve().parent
 
 
@@ -73,6 +81,18 @@ def _axis(text: str) -> list[int]:
     return values
 
 
+def _rates(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not values or not all(v > 0 and math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError("rates must be finite numbers > 0")
+    return values
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("sim", "live"), default="sim")
@@ -106,6 +126,17 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-hold-ms", type=float, default=1000.0)
     sim.add_argument("--sync-ms", type=float, default=5000.0)
     sim.add_argument("--catalogue", type=_positive_int, default=None, help="models in catalogue")
+    curves = parser.add_argument_group("sweep over the arrival rate (--sweep)")
+    curves.add_argument("--sweep", action="store_true", help="curves over --rates, --seeds runs")
+    curves.add_argument("--rates", type=_rates, default=list(SWEEP_RATES))
+    curves.add_argument("--host-tier-rates", type=_rates, default=list(SWEEP_HOST_TIER_RATES))
+    curves.add_argument("--seeds", type=_positive_int, default=5, help="seeds per point")
+    curves.add_argument(
+        "--rows", default="lru,hint,host-tier", help="which of lru, hint, host-tier to run"
+    )
+    curves.add_argument("--jobs", type=_positive_int, default=1, help="processes")
+    curves.add_argument("--out", type=Path, default=None, help="write the sweep's JSON here")
+    curves.add_argument("--markdown", type=Path, default=None, help="write its tables here")
     live = parser.add_argument_group("live")
     live.add_argument("--nodes", type=_positive_int, default=2)
     live.add_argument("--cpu-devices", type=_positive_int, default=2)
@@ -132,19 +163,41 @@ def _kinds(text: str | None) -> dict[str, float] | None:
 # -- simulator ---------------------------------------------------------------------------------
 
 
-def sim_point(args: argparse.Namespace, wss: int, policies: list[str]) -> dict[str, dict[str, Any]]:
-    """Every policy and Belady's bound at one working-set size, on one trace."""
+def sim_point(
+    args: argparse.Namespace,
+    wss: int,
+    policies: list[str],
+    *,
+    rate: float | None = None,
+    seed: int | None = None,
+    profile: str | None = None,
+    eviction: str | None = None,
+    catalogue_seed: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Every policy and the offline references at one working-set size, on one trace.
+
+    Each policy's entry carries ``placement_min_miss_ratio``: Belady's rule run per device over
+    the requests that policy sent there, in the order they started (``bench/sim/belady.py``);
+    ``belady`` is MIN over the whole trace with the cluster's memory pooled.
+    """
+    rate = args.rate if rate is None else rate
+    seed = args.seed if seed is None else seed
+    profile = args.profile if profile is None else profile
+    eviction = args.eviction if eviction is None else eviction
+    catalogue_seed = seed if catalogue_seed is None else catalogue_seed
     sets = load_profiles()
-    if args.profile not in sets:
-        raise SystemExit(f"unknown --profile {args.profile!r}; measured sets: {sorted(sets)}")
-    profiles = sets[args.profile]
+    if profile not in sets:
+        raise SystemExit(f"unknown --profile {profile!r}; measured sets: {sorted(sets)}")
+    profiles = sets[profile]
     catalogue = make_catalogue(
-        profiles, n_models=max(wss, args.catalogue or 0), kinds=_kinds(args.kinds), seed=args.seed
+        profiles,
+        n_models=max(wss, args.catalogue or 0),
+        kinds=_kinds(args.kinds),
+        seed=catalogue_seed,
     )
     capacity = args.device_memory
-    rate = args.rate
     trace = make_trace(
-        wss=wss, n_requests=args.requests, rate_per_s=rate, zipf_s=args.zipf, seed=args.seed
+        wss=wss, n_requests=args.requests, rate_per_s=rate, zipf_s=args.zipf, seed=seed
     )
     config = SimConfig(
         devices=args.devices,
@@ -153,30 +206,48 @@ def sim_point(args: argparse.Namespace, wss: int, policies: list[str]) -> dict[s
         max_passes=args.max_passes,
         max_hold_ms=args.max_hold_ms,
         sync_ms=args.sync_ms,
-        eviction=args.eviction,
-        seed=args.seed,
+        eviction=eviction,
+        seed=seed,
     )
+    sizes = [m.profile.size_bytes for m in catalogue]
     out: dict[str, dict[str, Any]] = {}
     for policy in policies:
-        out[policy] = simulate(policy, catalogue, trace, config).summary()
+        result = simulate(policy, catalogue, trace, config)
+        entry = result.summary()
+        bound_hits = sum(
+            belady_hits(started, sizes, capacity_bytes=capacity, counted=counted)
+            for started, counted in result.placement
+        )
+        entry["placement_min_miss_ratio"] = 1 - bound_hits / max(result.requests, 1)
+        out[policy] = entry
     skip = int(len(trace) * config.warmup_fraction)
     hits = belady_hits(
-        trace.model.tolist(),
-        [m.profile.size_bytes for m in catalogue],
-        capacity_bytes=capacity * args.devices,
-        skip=skip,
+        trace.model.tolist(), sizes, capacity_bytes=capacity * args.devices, skip=skip
     )
     measured = len(trace) - skip
     out["belady"] = {"hit_ratio": hits / measured, "miss_ratio": 1 - hits / measured}
+    for policy in policies:
+        entry = out[policy]
+        entry["miss_x_pooled_min"] = _multiple(entry["miss_ratio"], out["belady"]["miss_ratio"])
+        entry["miss_x_placement_min"] = _multiple(
+            entry["miss_ratio"], entry["placement_min_miss_ratio"]
+        )
     out["_setup"] = {
         "wss": wss,
         "devices": args.devices,
         "capacity_bytes": capacity,
         "rate_per_s": rate,
         "requests": args.requests,
-        "profile": args.profile,
+        "profile": profile,
+        "eviction": eviction,
+        "seed": seed,
+        "catalogue_seed": catalogue_seed,
     }
     return out
+
+
+def _multiple(value: float, bound: float) -> float | None:
+    return value / bound if bound > 0 else None
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -237,10 +308,20 @@ def table(point: dict[str, dict[str, Any]]) -> str:
             f"  {policy} vs lb: mean latency {-c['mean_cut_pct']:+.2f}%,"
             f" miss ratio {-c['miss_cut_pct']:+.2f}%"
         )
-    if "belady" in point and "lalb-o3" in point:
-        ratio = point["lalb-o3"]["hit_ratio"] / max(point["belady"]["hit_ratio"], 1e-12)
-        lines.append(f"  lalb-o3 hit ratio = {100 * ratio:.1f}% of Belady's")
+    if "belady" in point:
+        for policy, r in point.items():
+            if policy.startswith("_") or policy == "belady" or "miss_x_pooled_min" not in r:
+                continue
+            lines.append(
+                f"  {policy} miss ratio = {_times(r['miss_x_pooled_min'])} pooled MIN's,"
+                f" {_times(r['miss_x_placement_min'])} per-device MIN's given its placement"
+                f" ({r['placement_min_miss_ratio']:.3f})"
+            )
     return "\n".join(lines)
+
+
+def _times(multiple: float | None) -> str:
+    return "n/a" if multiple is None else f"{multiple:.2f}x"
 
 
 def plot(points: dict[int, dict[str, dict[str, Any]]], path: Path, *, title: str) -> None:
@@ -280,6 +361,69 @@ def plot(points: dict[int, dict[str, dict[str, Any]]], path: Path, *, title: str
     plt.close(fig)
 
 
+# -- sweep ----------------------------------------------------------------------------------------
+
+
+def sweep_rows(args: argparse.Namespace) -> list[sweep.Row]:
+    known = {
+        "lru": sweep.Row("lru", args.profile, "lru", tuple(args.rates)),
+        "hint": sweep.Row("hint", args.profile, "hint", tuple(args.rates)),
+        "host-tier": sweep.Row(
+            "host-tier", f"{args.profile}-host-tier", "hint", tuple(args.host_tier_rates)
+        ),
+    }
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        raise SystemExit(f"unknown --rows {unknown}; choose from {sorted(known)}")
+    return [known[n] for n in names]
+
+
+def _sweep_cell(
+    args: argparse.Namespace, policies: list[str], rows: dict[str, sweep.Row], cell: sweep.Cell
+) -> dict[str, Any]:
+    row = rows[cell.row]
+    point = sim_point(
+        args,
+        args.wss or 35,
+        policies,
+        rate=cell.rate,
+        seed=cell.seed,
+        profile=row.profile,
+        eviction=row.eviction,
+        catalogue_seed=args.seed,
+    )
+    for policy in policies:  # keep the JSON small: the sweep needs no decision counts
+        point[policy].pop("decisions", None)
+    return point
+
+
+def run_sweep(args: argparse.Namespace, policies: list[str]) -> dict[str, Any]:
+    rows = sweep_rows(args)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    todo = sweep.cells(rows, seeds)
+    run_one = functools.partial(_sweep_cell, args, policies, {r.name: r for r in rows})
+    points = sweep.run_cells(run_one, todo, jobs=args.jobs)
+    summaries = sweep.aggregate(rows, todo, points)
+    return {
+        "setup": {
+            "wss": args.wss or 35,
+            "devices": args.devices,
+            "device_memory_bytes": args.device_memory,
+            "requests": args.requests,
+            "seeds": seeds,
+            "catalogue_seed": args.seed,
+            "rows": [r.__dict__ for r in rows],
+        },
+        "summaries": summaries,
+        "headline": sweep.headline(summaries),
+        "cells": [
+            {"row": c.row, "rate_per_s": c.rate, "seed": c.seed, **_public(p)}
+            for c, p in zip(todo, points, strict=True)
+        ],
+    }
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -299,6 +443,31 @@ def main(argv: list[str] | None = None) -> int:
 
         point = run_live(args, wss=args.wss or 35, policies=policies)
         print(json.dumps(_public(point), indent=2) if args.json else table(point))
+        return 0
+    if args.sweep:
+        result = run_sweep(args, policies)
+        summaries = result["summaries"]
+        text = (
+            "Headline bands:\n\n"
+            + sweep.headline_markdown(summaries)
+            + "\n\n"
+            + sweep.markdown(summaries)
+        )
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        if args.markdown:
+            args.markdown.parent.mkdir(parents=True, exist_ok=True)
+            args.markdown.write_text(text + "\n")
+        if args.plot:
+            args.plot.parent.mkdir(parents=True, exist_ok=True)
+            sweep.plot(
+                summaries,
+                args.plot,
+                title=f"LB vs LALB vs LALB+O3 over the arrival rate (simulator, wss"
+                f" {args.wss or 35}, {args.seeds} seeds, 95% intervals)",
+            )
+        print(json.dumps(result["summaries"], indent=1) if args.json else text)
         return 0
     sizes = [args.wss] if args.wss else args.axis
     points = {wss: sim_point(args, wss, policies) for wss in sizes}

@@ -52,8 +52,9 @@ class SimConfig:
     sync_ms: float = 5000.0  # full directory re-sync period
     jitter_cv: float = 0.1
     warmup_fraction: float = 0.1  # leading requests left out of the metrics
-    # "hint": the GPU managers evict the victims the policy chose (cheapest expected reloads)
-    # before falling back to LRU; "lru": they evict least-recently used, as the policy predicts.
+    # "hint": the GPU managers evict the cheapest expected reloads first (the victims LALB
+    # chose; for LB, which names none, the same value rule applied at the device), then LRU;
+    # "lru": they evict least-recently used, as the policy predicts.
     eviction: str = "hint"
     seed: int = 0
 
@@ -87,6 +88,9 @@ class _Device:
     ready: deque[_Request] = field(default_factory=deque)
     loading: dict[str, list[_Request]] = field(default_factory=dict)
     pending_ms: float = 0.0  # expected device time of queued and running requests
+    copy_busy_ms: float = 0.0  # engine time of work begun after the warm-up
+    compute_busy_ms: float = 0.0
+    started: list[int] = field(default_factory=list)  # request indices, in start order
 
 
 @dataclass
@@ -110,6 +114,13 @@ class SimResult:
     decision_us_p50: float  # CPU time of policy.choose (thread clock, GC paused)
     decision_us_p99: float
     wall_s: float
+    # Busy fraction of the busiest device's copy engine and compute engine over the measured
+    # window (the first measured arrival to the last answer).
+    copy_utilisation: float = 0.0
+    compute_utilisation: float = 0.0
+    # Each device's requests (catalogue indices) in the order they started there, and whether
+    # each is measured (past the warm-up): the placement an offline bound is computed for.
+    placement: list[tuple[list[int], list[bool]]] = field(default_factory=list)
 
     @property
     def miss_ratio(self) -> float:
@@ -141,6 +152,8 @@ class SimResult:
             "decision_us_p99": self.decision_us_p99,
             "requests": self.requests,
             "wall_s": self.wall_s,
+            "copy_utilisation": self.copy_utilisation,
+            "compute_utilisation": self.compute_utilisation,
         }
 
 
@@ -164,6 +177,13 @@ class Simulation:
         self.policy = make_policy(policy_name, seed=config.seed, estimates=self.estimates)
         if isinstance(self.policy, LocalityAware):
             self.policy.victims = "value" if self.victim_hints else "lru"
+            self.victim_planner: LocalityAware | None = None
+        else:
+            # A policy that names no victims (LB) gets the same value rule at the device, so
+            # "hint" compares routing with routing, eviction being equal.
+            self.victim_planner = (
+                LocalityAware(estimates=self.estimates) if self.victim_hints else None
+            )
         self.directory = ClusterDirectory()
         self.table = DeviceTable()
         o3 = self.policy.dispatch == "o3"
@@ -191,6 +211,8 @@ class Simulation:
         sigma = math.sqrt(math.log1p(config.jitter_cv**2))
         self._jitter = (-sigma * sigma / 2, sigma)
         self.done: list[_Request] = []
+        self.warm_index = int(len(trace) * config.warmup_fraction)
+        self.warm_ms = float(trace.arrival_ms[self.warm_index]) if len(trace) else 0.0
         self.loads = 0
         self.evictions = 0
         self.decision_ns: list[int] = []
@@ -251,6 +273,8 @@ class Simulation:
         last = getattr(self.policy, "last", None)
         if self.victim_hints and last is not None and last.device == key:
             request.evict_first = list(last.victims)
+        elif self.victim_planner is not None:
+            request.evict_first = self._value_victims(key, route)
         device = self.devices[self.index[key]]
         request.device = self.index[key]
         there = key in self.directory.holders(model.name)
@@ -266,6 +290,17 @@ class Simulation:
         )
         self._admit(device)
         self._table_row(device)
+
+    def _value_victims(self, key: str, route: RouteRequest) -> list[str]:
+        """LALB's value victims for a load of ``route`` on ``key`` (for a policy naming none)."""
+        planner = self.victim_planner
+        assert planner is not None
+        estimates = self.estimates
+        estimates.observe_request(route.model)
+        if key in self.directory.holder_ids(route.model):
+            return []  # there already (or loading): nothing to evict
+        plan = planner._value_plan(key, route, self.directory, wanted=estimates.share(route.model))
+        return plan[0] if plan else []
 
     def _table_row(self, device: _Device) -> None:
         """The device's load as the gateway's dispatcher reports it (``Dispatcher.load``): the
@@ -298,6 +333,7 @@ class Simulation:
     def _start(self, device: _Device, request: _Request) -> None:
         device.running += 1
         request.start_ms = self.now
+        device.started.append(request.index)
         name = request.model.name
         entry = device.cache.peek(name)
         if entry is not None and entry.state is EntryState.RESIDENT:
@@ -317,6 +353,8 @@ class Simulation:
         request.load_ms = load_ms
         begin = max(self.now, device.copy_free_ms)
         device.copy_free_ms = begin + load_ms
+        if begin >= self.warm_ms:
+            device.copy_busy_ms += load_ms
         device.loading[name] = [request]
         self.loads += 1
         self._at(begin + load_ms, _LOAD_DONE, device, request)
@@ -343,9 +381,10 @@ class Simulation:
             request = device.ready.popleft()
             device.computing = True
             request.infer_start_ms = self.now
-            self._at(
-                self.now + self._noisy(request.model.profile.infer_ms), _INFER_DONE, device, request
-            )
+            infer_ms = self._noisy(request.model.profile.infer_ms)
+            if self.now >= self.warm_ms:
+                device.compute_busy_ms += infer_ms
+            self._at(self.now + infer_ms, _INFER_DONE, device, request)
 
     def _infer_done(self, device: _Device, request: _Request) -> None:
         device.computing = False
@@ -385,8 +424,14 @@ class Simulation:
     # -- metrics ------------------------------------------------------------------------------------
 
     def _result(self, wall_s: float) -> SimResult:
-        skip = int(len(self.trace) * self.config.warmup_fraction)
+        skip = self.warm_index
         measured = [r for r in self.done if r.index >= skip]
+        window = max((r.end_ms for r in measured), default=self.warm_ms) - self.warm_ms
+        models = self.trace.model
+        placement = [
+            ([int(models[i]) for i in d.started], [i >= skip for i in d.started])
+            for d in self.devices
+        ]
         latency = np.asarray([r.end_ms - r.arrival_ms for r in measured])
         queue = np.asarray([r.start_ms - r.arrival_ms for r in measured])
         loads = np.asarray([r.ready_ms - r.start_ms for r in measured if not r.hit])
@@ -414,6 +459,11 @@ class Simulation:
             decision_us_p50=float(np.percentile(decisions, 50)) if len(decisions) else 0.0,
             decision_us_p99=float(np.percentile(decisions, 99)) if len(decisions) else 0.0,
             wall_s=wall_s,
+            copy_utilisation=max(d.copy_busy_ms for d in self.devices) / window if window else 0.0,
+            compute_utilisation=(
+                max(d.compute_busy_ms for d in self.devices) / window if window else 0.0
+            ),
+            placement=placement,
         )
 
 
