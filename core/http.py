@@ -48,7 +48,17 @@ def error_response(
 
 
 async def read_body(request: Request, *, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``max_bytes``."""
+    """The request body, refused with 413 as soon as it passes ``max_bytes``.
+
+    A body with a ``Content-Encoding`` other than ``identity`` is refused with 415 and never
+    decompressed: no decompression bomb can get past the size limit.
+    """
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ProtocolError(
+            f"Content-Encoding {encoding[:32]!r} is not supported; send the body uncompressed",
+            status_code=415,
+        )
     declared = request.headers.get("content-length")
     if declared is not None:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
@@ -125,6 +126,40 @@ class _StateCollector(Collector):
         yield from (pcie_limit, peer, host, host_residents, load_bytes, load_seconds)
 
 
+# -- executions per request id (issue #12: exactly-once made observable) -------------------------
+# TODO(core/node.py): move EXECUTIONS_PATH into the node contract's route paths.
+EXECUTIONS_PATH = "/v2/gpufaas/executions"
+
+
+class ExecutionCounts:
+    """How many times this node ran a forward pass for each request id (the OIP ``id``).
+
+    A request's execution is counted when its forward pass has finished here, before its
+    answer is sent. Bounded: the oldest ids are dropped past ``max_ids`` (``dropped`` counts
+    them), so a long-lived node's memory stays flat. Requests without an id are not counted.
+    """
+
+    def __init__(self, *, max_ids: int = 100_000) -> None:
+        self.max_ids = max_ids
+        self.counts: OrderedDict[str, int] = OrderedDict()
+        self.dropped = 0
+
+    def ran(self, request_id: str | None) -> None:
+        if not request_id:
+            return
+        self.counts[request_id] = self.counts.get(request_id, 0) + 1
+        self.counts.move_to_end(request_id)
+        while len(self.counts) > self.max_ids:
+            self.counts.popitem(last=False)
+            self.dropped += 1
+
+    def report(self) -> dict[str, object]:
+        return {"executions": dict(self.counts), "dropped_ids": self.dropped}
+
+
+# -- end of the execution counts ------------------------------------------------------------------
+
+
 def failure_response(failure: RuntimeFailure) -> Response:
     headers = {}
     if failure.retry_after_s is not None:
@@ -163,6 +198,11 @@ def create_app(
     )
     add_metrics_route(app, registry)
     app.state.runtime = runtime
+    executions = ExecutionCounts()
+
+    @app.get(EXECUTIONS_PATH)
+    async def execution_counts() -> JSONResponse:
+        return JSONResponse(executions.report())
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
@@ -213,6 +253,7 @@ def create_app(
             )
         except RuntimeFailure as e:
             return failure_response(e)
+        executions.ran(decoded.id)
         device_id = request.headers.get(DEVICE_HEADER) or "auto"
         requests.labels(name, device_id, "hit" if outcome.cache_hit else "miss").inc()
         if not outcome.cache_hit:
