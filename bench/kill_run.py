@@ -1,10 +1,19 @@
-"""Kill a GPU manager during a load run and count the answers.
+"""Kill a GPU manager during a load run; count the answers and every node's executions.
 
-Starts ``gpufaas up --nodes 2`` on loopback, sends a bounded open-loop stream
-of tiny-mlp and MiniLM requests, SIGKILLs one GPU-manager process part-way
-through, and prints how many requests were sent, answered (by status), lost,
-or answered twice. Every request carries a unique id that its answer must
-echo.
+Starts ``gpufaas up --nodes 2`` on loopback, sends a bounded open-loop stream of tiny-mlp and
+MiniLM requests, each with a unique id, and SIGKILLs one GPU-manager process part-way through.
+Then it checks exactly-once from both ends:
+
+- **answered exactly once** (the client's view): every id got one answer, which echoes its own
+  id; a request that ends in a transport error (no answer) counts as lost, it does not stop
+  the run;
+- **ran at most once** (the nodes' view): each GPU manager counts the forward passes it ran per
+  request id (``GET /v2/gpufaas/executions``). The victim's counts are read just before the
+  kill, the survivors' at the end; an id counted more than once in total ran twice.
+
+What it cannot see: a forward the victim finished in the moments between that last read and
+the kill (``unobserved_window_ms``); such a request, if its answer was lost with the process,
+is retried elsewhere and would have run twice unseen.
 
     python bench/kill_run.py --requests 400 --rate 40 --kill-at 0.4
 """
@@ -15,12 +24,15 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -29,15 +41,58 @@ from gpufaas.core.examples import build_examples, example_inputs
 from gpufaas.core.local import die_with_parent, free_port
 from gpufaas.core.protocol import decode_response, encode_request, parse_header_length
 
+# TODO(core/node.py): the node contract's route constant, once it lands.
+EXECUTIONS_PATH = "/v2/gpufaas/executions"
+
+
+@dataclass(frozen=True)
+class Answer:
+    request_id: str
+    status: int | None  # None: a transport error, no answer
+    echoed_id: str | None
+
 
 def _manager_pids(up_pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(up_pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
 
 
-async def _run(
-    url: str, *, requests: int, rate: float, kill_at: float, up_pid: int
-) -> dict[str, object]:
+def _manager_url(pid: int) -> str:
+    """A GPU manager's URL, from its command line (``--port N``)."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    port = argv[argv.index(b"--port") + 1].decode()
+    return f"http://127.0.0.1:{port}"
+
+
+async def executions(client: httpx.AsyncClient, url: str, token: str) -> Counter[str]:
+    response = await client.get(
+        f"{url}{EXECUTIONS_PATH}", headers={"Authorization": f"Bearer {token}"}, timeout=30
+    )
+    response.raise_for_status()
+    return Counter(response.json()["executions"])
+
+
+async def send_one(
+    client: httpx.AsyncClient, url: str, name: str, rid: str, body: bytes, headers: dict[str, str]
+) -> Answer:
+    """One request; a transport error is an answer that never came (``status`` None)."""
+    try:
+        response = await client.post(f"{url}/v2/models/{name}/infer", content=body, headers=headers)
+    except httpx.HTTPError:
+        return Answer(rid, None, None)
+    echoed = None
+    if response.status_code == 200:
+        document, _ = decode_response(
+            response.content,
+            header_length=parse_header_length(
+                response.headers.get("inference-header-content-length")
+            ),
+        )
+        echoed = document.id
+    return Answer(rid, response.status_code, echoed)
+
+
+def _bodies(requests: int) -> list[tuple[str, str, bytes, dict[str, str]]]:
     names = ["tiny-mlp", "minilm"]
     bodies = []
     for i in range(requests):
@@ -48,46 +103,114 @@ async def _run(
             {k: (v, dtypes[k]) for k, v in inputs.items()}, request_id=f"req-{i}"
         )
         bodies.append((name, f"req-{i}", body, headers))
-    answers: list[tuple[str, int, str | None]] = []
-    killed: list[int] = []
+    return bodies
 
-    async def one(
-        client: httpx.AsyncClient, name: str, rid: str, body: bytes, headers: dict[str, str]
-    ) -> None:
-        response = await client.post(f"{url}/v2/models/{name}/infer", content=body, headers=headers)
-        echoed = None
-        if response.status_code == 200:
-            document, _ = decode_response(
-                response.content,
-                header_length=parse_header_length(
-                    response.headers.get("inference-header-content-length")
-                ),
-            )
-            echoed = document.id
-        answers.append((rid, response.status_code, echoed))
 
+async def _run(
+    url: str, *, requests: int, rate: float, kill_at: float, up_pid: int, token: str
+) -> dict[str, Any]:
+    bodies = _bodies(requests)
+    ran: Counter[str] = Counter()
+    victim: int | None = None
+    window_ms = None
     async with httpx.AsyncClient(timeout=120) as client:
         tasks = []
         for index, (name, rid, body, headers) in enumerate(bodies):
-            if not killed and index >= kill_at * requests:
+            if victim is None and index >= kill_at * requests:
                 pids = _manager_pids(up_pid)
                 if pids:
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.append(pids[0])
-            tasks.append(asyncio.create_task(one(client, name, rid, body, headers)))
+                    victim = pids[0]
+                    read = time.perf_counter()
+                    ran.update(await executions(client, _manager_url(victim), token))
+                    os.kill(victim, signal.SIGKILL)
+                    window_ms = 1000 * (time.perf_counter() - read)
+            tasks.append(asyncio.create_task(send_one(client, url, name, rid, body, headers)))
             await asyncio.sleep(1 / rate)
-        await asyncio.gather(*tasks)
-    per_id = Counter(rid for rid, _, _ in answers)
-    statuses = Counter(code for _, code, _ in answers)
-    return {
-        "sent": requests,
-        "answered": len(answers),
-        "lost": requests - len(per_id),
-        "answered_twice": sum(1 for c in per_id.values() if c > 1),
-        "wrong_id": sum(1 for rid, code, echoed in answers if code == 200 and echoed != rid),
-        "statuses": dict(sorted(statuses.items())),
-        "killed_manager_pid": killed[0] if killed else None,
+        answers: list[Answer] = list(await asyncio.gather(*tasks))
+        survivors = [p for p in _manager_pids(up_pid) if p != victim]
+        for pid in survivors:
+            ran.update(await executions(client, _manager_url(pid), token))
+    return summarise(answers, ran, sent=[rid for _, rid, _, _ in bodies]) | {
+        "killed_manager_pid": victim,
+        "unobserved_window_ms": window_ms,
+        "survivors": len(survivors),
     }
+
+
+def summarise(answers: list[Answer], ran: Counter[str], *, sent: list[str]) -> dict[str, Any]:
+    """The exactly-once counts: answers per id (client side) and executions per id (nodes)."""
+    answered = Counter(a.request_id for a in answers if a.status is not None)
+    statuses = Counter(
+        str(a.status) if a.status is not None else "transport error" for a in answers
+    )
+    ok = [a for a in answers if a.status == 200]
+    return {
+        "sent": len(sent),
+        "answered": sum(answered.values()),
+        "statuses": dict(sorted(statuses.items())),
+        "lost": sum(1 for rid in sent if answered[rid] == 0),
+        "answered_twice": sum(1 for c in answered.values() if c > 1),
+        "wrong_id": sum(1 for a in ok if a.echoed_id != a.request_id),
+        "ran_twice": sum(1 for rid in sent if ran[rid] > 1),
+        "answered_200_without_observed_run": sum(1 for a in ok if ran[a.request_id] == 0),
+        "executions_observed": sum(ran[rid] for rid in sent),
+    }
+
+
+def exactly_once(result: dict[str, Any]) -> bool:
+    return (
+        result["lost"] == 0
+        and result["answered_twice"] == 0
+        and result["wrong_id"] == 0
+        and result["ran_twice"] == 0
+    )
+
+
+def run_kill(
+    *, requests: int, rate: float, kill_at: float, home: Path, models: Path | None = None
+) -> dict[str, Any]:
+    """Start ``gpufaas up``, run the stream with one kill, stop it; the result's counts."""
+    token = secrets.token_urlsafe(16)
+    env = {**os.environ, "GPUFAAS_HOME": str(home), "GPUFAAS_MANAGER_TOKEN": token}
+    if models is None:
+        models = home / "models"
+        build_examples(models, progress=False)
+    env["GPUFAAS_MODELS"] = str(models)
+    port = free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port), "--nodes", "2",
+         "--cpu-devices", "1", "--sync-interval", "1"],
+        env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or up.poll() is not None:
+                raise RuntimeError("gpufaas up did not start")
+            time.sleep(0.2)
+        return asyncio.run(
+            _run(
+                url,
+                requests=requests,
+                rate=rate,
+                kill_at=kill_at,
+                up_pid=up.pid,
+                token=token,
+            )
+        )
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait()
 
 
 def main() -> int:
@@ -97,42 +220,13 @@ def main() -> int:
     parser.add_argument("--kill-at", type=float, default=0.4, help="fraction of the run")
     args = parser.parse_args()
     home = Path(os.environ.get("GPUFAAS_HOME", "/tmp/gpufaas-kill-run"))
-    env = {**os.environ, "GPUFAAS_HOME": str(home)}
-    build_examples(home / "models", progress=False)
-    port = free_port()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port), "--nodes", "2",
-         "--cpu-devices", "1", "--sync-interval", "1"],
-        env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or up.poll() is not None:
-                print("gpufaas up did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-        result = asyncio.run(
-            _run(url, requests=args.requests, rate=args.rate, kill_at=args.kill_at, up_pid=up.pid)
-        )
-    finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        result = run_kill(requests=args.requests, rate=args.rate, kill_at=args.kill_at, home=home)
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2))
-    return (
-        0
-        if result["lost"] == 0 and result["answered_twice"] == 0 and result["wrong_id"] == 0
-        else 1
-    )
+    return 0 if exactly_once(result) else 1
 
 
 if __name__ == "__main__":

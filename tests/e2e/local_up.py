@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import httpx
 
@@ -18,6 +19,33 @@ from gpufaas.core.local import die_with_parent, free_port
 def running_up(args: Sequence[str], *, env: Mapping[str, str]) -> Iterator[str]:
     """``gpufaas up ARGS`` on a free port until ready; yields its URL, then stops it with
     Ctrl-C (SIGINT) and asserts it exits cleanly within 30 s."""
+    with running_up_process(args, env=env) as (url, _):
+        yield url
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (Linux ``/proc``)."""
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(c) for c in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@contextlib.contextmanager
+def running_up_process(
+    args: Sequence[str], *, env: Mapping[str, str]
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """As :func:`running_up`, yielding the URL and the ``gpufaas up`` process."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port), *args],
@@ -36,7 +64,7 @@ def running_up(args: Sequence[str], *, env: Mapping[str, str]) -> Iterator[str]:
                 pass
             assert time.monotonic() < deadline, "gpufaas up was not ready within 120 s"
             time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -102,9 +102,7 @@ def test_every_admin_route_of_the_gateway_needs_the_admin_token(
         assert refused.headers["www-authenticate"].startswith("Bearer")
         wrong = gateway_client.request(method, path, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401, (method, path)
-        allowed = gateway_client.request(
-            method, path, headers={"Authorization": f"Bearer {ADMIN}"}
-        )
+        allowed = gateway_client.request(method, path, headers={"Authorization": f"Bearer {ADMIN}"})
         assert allowed.status_code != 401, (method, path)
     # Inference and health stay open to callers without the admin token.
     assert gateway_client.get("/v2/health/live").status_code == 200
@@ -122,7 +120,9 @@ def test_every_manager_route_needs_the_manager_token(manager_client: TestClient)
         assert wrong.status_code == 401, (method, path)
     auth = {"Authorization": f"Bearer {MANAGER}"}
     assert manager_client.get("/v2/gpufaas/state", headers=auth).status_code == 200
-    answer = manager_client.post("/v2/models/tiny-mlp/infer", content=_tiny_mlp_body(), headers=auth)
+    answer = manager_client.post(
+        "/v2/models/tiny-mlp/infer", content=_tiny_mlp_body(), headers=auth
+    )
     assert answer.status_code == 200, answer.text
     assert manager_client.get("/v2/health/live").status_code == 200
 
