@@ -15,11 +15,14 @@ cached but the artifact file. Each figure is the median over ``--repeats``.
 
 Sets written to ``profiles.json`` (each model's ``load_ms`` is what a device-tier miss costs):
 
-- ``<set>`` (default ``cpu``): artifact -> host -> device, all measured here (the simulator's
-  default);
+- ``<set>`` (default ``measured-<date>``): artifact -> host -> device, all measured here;
 - ``<set>-host-tier``: host -> device only (the host tier already holds the model);
-- ``gpu-pcie4-scaled`` (from ``cpu``): ``cpu`` plus ``size_bytes`` over 25 GB/s, the PCIe 4.0
-  x16 host-to-device copy a GPU node adds; inference times stay as measured on the CPU.
+- ``<set>-pcie4-scaled``: ``<set>`` plus ``size_bytes`` over 25 GB/s, the PCIe 4.0 x16
+  host-to-device copy a GPU node adds; inference times stay as measured on the CPU.
+
+A measurement only ever adds sets: the committed ones behind the published figures (``cpu``,
+``cpu-host-tier``, ``gpu-pcie4-scaled``, ``runtime``, ``runtime-host-tier``) are never
+overwritten; naming a set that exists is an error.
 """
 
 from __future__ import annotations
@@ -159,19 +162,26 @@ def main(argv: list[str]) -> int:
     extra = argparse.ArgumentParser(prog="lalb.py measure", description=__doc__.split("\n\n")[0])
     extra.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     extra.add_argument("--repeats", type=int, default=5)
-    extra.add_argument("--set", default="cpu", help="name of the profile set to write")
+    extra.add_argument(
+        "--set",
+        default=f"measured-{time.strftime('%Y%m%d-%H%M%S')}",
+        help="name of the NEW profile set to write (existing sets are never overwritten)",
+    )
     extra.add_argument("--out", type=Path, default=PROFILES_FILE)
     options = extra.parse_args(argv)
     if options.repeats < 1:
         extra.error("--repeats must be >= 1")
-    result = measure_models(device=options.device, repeats=options.repeats)
-    derived = profile_sets(result)
-    sets = {options.set: derived["cpu"], f"{options.set}-host-tier": derived["cpu-host-tier"]}
-    if options.set == "cpu":
-        sets["gpu-pcie4-scaled"] = derived["gpu-pcie4-scaled"]
     document: dict[str, Any] = {"sets": {}}
     if options.out.is_file():
         document = json.loads(options.out.read_text())
+    names = [options.set, f"{options.set}-host-tier", f"{options.set}-pcie4-scaled"]
+    taken = sorted(set(names) & set(document.get("sets", {})))
+    if taken:
+        extra.error(f"profile set(s) {taken} exist in {options.out}; choose a new --set name")
+    result = measure_models(device=options.device, repeats=options.repeats)
+    derived = profile_sets(result)
+    kinds = ("cpu", "cpu-host-tier", "gpu-pcie4-scaled")
+    sets = dict(zip(names, (derived[k] for k in kinds), strict=True))
     document.setdefault("sets", {}).update(sets)
     options.out.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(sets, indent=2))

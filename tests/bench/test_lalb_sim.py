@@ -109,3 +109,61 @@ def test_belady_evicts_the_model_needed_furthest_ahead() -> None:
     # Room for 2 takes evicting 1 (size 2); 0, furthest ahead but too small to help, stays.
     assert belady.belady_hits([0, 1, 2, 1, 0], [1, 2, 2], capacity_bytes=3) == 1
     assert belady.belady_hits([0, 1, 0, 1], [1, 1], capacity_bytes=2, skip=3) == 1
+
+
+def test_measure_never_overwrites_a_committed_profile_set() -> None:
+    before = (BENCH / "sim" / "profiles.json").read_bytes()
+    for name in ("cpu", "runtime", "cpu-host-tier"):  # cpu-host-tier: a derived name is taken
+        result = lalb("measure", "--set", name.removesuffix("-host-tier"))
+        assert result.returncode != 0
+        assert "exist" in result.stderr and "Traceback" not in result.stderr
+    assert (BENCH / "sim" / "profiles.json").read_bytes() == before
+
+
+def test_sweep_reports_curves_with_intervals_and_lb_utilisation() -> None:
+    result = lalb(
+        "--sweep", "--json", "--rates", "30,80", "--host-tier-rates", "300", "--seeds", "2",
+        "--requests", "2000", "--rows", "lru,hint,host-tier",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summaries = json.loads(result.stdout)
+    assert [(s["row"], s["rate_per_s"]) for s in summaries] == [
+        ("lru", 30), ("lru", 80), ("hint", 30), ("hint", 80), ("host-tier", 300),
+    ]  # fmt: skip
+    for s in summaries:
+        assert s["seeds"] == 2
+        assert set(s["policies"]) == {"lb", "lalb", "lalb-o3"}
+        busy = s["lb_copy_utilisation"]
+        assert 0 < busy["mean"] <= 1 and busy["ci95"] >= 0 and busy["n"] == 2
+        lalb_ = s["policies"]["lalb"]
+        for metric in ("mean_ms", "p99_ms", "miss_ratio", "mean_cut_pct", "miss_cut_pct"):
+            assert lalb_[metric]["n"] == 2, metric
+        assert lalb_["miss_x_pooled_min"]["mean"] >= 1.0  # pooled MIN is the easier cache
+        assert s["policies"]["lb"]["mean_cut_pct"]["mean"] is None  # no cut against itself
+    by = {(s["row"], s["rate_per_s"]): s for s in summaries}
+    for row in ("lru", "hint"):  # more arrivals keep LB's copy engine busier
+        assert (
+            by[(row, 80)]["lb_copy_utilisation"]["mean"]
+            > by[(row, 30)]["lb_copy_utilisation"]["mean"]
+        )
+
+
+def test_hint_rows_give_lb_value_eviction_too() -> None:
+    """In the hint row LB's managers evict by the same value rule LALB's victims follow, so
+    LB's misses differ from its plain-LRU run on the same trace."""
+    runs = {
+        mode: run_json(
+            "--wss",
+            "35",
+            "--requests",
+            "4000",
+            "--rate",
+            "60",
+            "--policies",
+            "lb",
+            "--eviction",
+            mode,
+        )["lb"]
+        for mode in ("hint", "lru")
+    }
+    assert runs["hint"]["misses"] != runs["lru"]["misses"]
