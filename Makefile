@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: up test lint install install-dev clean relink
+.PHONY: up test lint install install-dev clean relink bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy -p gpufaas.cache -p gpufaas.core -p gpufaas.scheduler -p gpufaas.gpu_manager -p gpufaas.operator
 	$(BIN)/pytest -q $(ARGS)
+
+# Regenerate every figure of bench/RESULTS.md (stamped with commit, date, machine) and the plots.
+# make bench QUICK=1: smaller runs, no peers (<= 20 min on 2 cores).
+bench: install-dev
+	$(BIN)/python bench/make_bench.py $(if $(QUICK),--quick) $(ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check .

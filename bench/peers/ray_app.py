@@ -6,8 +6,12 @@ that already holds it; each replica keeps at most ``--capacity`` models and evic
 the least recently used (``max_num_models_per_replica``). Models load with
 ``gpufaas.core.modelio.load_model`` from the same artifact files gpufaas serves, and the
 body is the same KServe v2 binary-tensor payload (``wire.py``), answered in kind.
-Everything else is Ray Serve's defaults, written the way its multiplexing guide does:
-load in the multiplexed method, run the model in the request handler.
+Everything else is Ray Serve's defaults, written the way its guides do: the model loads in
+the ``@serve.multiplexed`` method, and blocking work leaves the replica's event loop
+(``asyncio.to_thread``, as Ray's docs advise for CPU-bound code in async deployments): the
+artifact load and the forward pass each run in a thread, so one request's load or forward
+never stalls the replica's other requests. torch gets ``--torch-threads`` threads, as every
+system does.
 
 Ray listens on every interface whatever it is told, so run this only inside a private
 network namespace (``run.py`` does: ``unshare -n``, loopback up). Usage::
@@ -18,6 +22,7 @@ network namespace (``run.py`` does: ``unshare -n``, loopback up). Usage::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -38,21 +43,32 @@ from gpufaas.core.api import ModelFormat
 from gpufaas.core.modelio import load_model
 
 
-def build_app(specs: dict[str, Any], *, capacity: int, replicas: int) -> Any:
+def _load(entry: dict[str, str]) -> torch.nn.Module:
+    module = load_model(Path(entry["path"]), format=ModelFormat(entry["format"]))
+    with contextlib.suppress(NotImplementedError):  # exported programs: no eval()
+        module.eval()
+    return module
+
+
+def _forward(model: torch.nn.Module, inputs: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    with torch.inference_mode():
+        result = model(*(torch.from_numpy(a.copy()) for a in inputs.values()))
+    results = [result] if isinstance(result, torch.Tensor) else list(result)
+    return {name: r.numpy() for name, r in zip(names, results, strict=True)}
+
+
+def build_app(specs: dict[str, Any], *, capacity: int, replicas: int, torch_threads: int) -> Any:
     @serve.deployment(num_replicas=replicas)
     class MultiplexedModels:
         def __init__(self, specs: dict[str, Any]) -> None:
             self.models: dict[str, dict[str, str]] = specs["models"]
             self.output_names = [o["name"] for o in specs["outputs"]]
             torch.set_grad_enabled(False)
+            torch.set_num_threads(torch_threads)
 
         @serve.multiplexed(max_num_models_per_replica=capacity)  # type: ignore[untyped-decorator]
         async def get_model(self, model_id: str) -> torch.nn.Module:
-            entry = self.models[model_id]
-            module = load_model(Path(entry["path"]), format=ModelFormat(entry["format"]))
-            with contextlib.suppress(NotImplementedError):  # exported programs: no eval()
-                module.eval()
-            return module
+            return await asyncio.to_thread(_load, self.models[model_id])
 
         async def __call__(self, request: Request) -> Response:
             model_id = serve.get_multiplexed_model_id()
@@ -61,10 +77,7 @@ def build_app(specs: dict[str, Any], *, capacity: int, replicas: int) -> Any:
             model = await self.get_model(model_id)
             body = await request.body()
             inputs = wire.decode(body, request.headers.get(wire.HEADER_LENGTH), key="inputs")
-            with torch.inference_mode():
-                result = model(*(torch.from_numpy(a.copy()) for a in inputs.values()))
-            results = [result] if isinstance(result, torch.Tensor) else list(result)
-            outputs = {name: r.numpy() for name, r in zip(self.output_names, results, strict=True)}
+            outputs = await asyncio.to_thread(_forward, model, inputs, self.output_names)
             content, headers = wire.encode_response(model_id, outputs)
             return Response(content, headers=headers, media_type=wire.CONTENT_TYPE)
 
@@ -78,6 +91,7 @@ def main() -> int:
     parser.add_argument("--capacity", type=int, required=True)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--ready-file", type=Path, required=True)
+    parser.add_argument("--torch-threads", type=int, default=1, help="as every system gets")
     args = parser.parse_args()
     specs = json.loads(args.specs.read_text())
 
@@ -98,7 +112,12 @@ def main() -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(
-            build_app(specs, capacity=args.capacity, replicas=args.replicas),
+            build_app(
+                specs,
+                capacity=args.capacity,
+                replicas=args.replicas,
+                torch_threads=args.torch_threads,
+            ),
             name="peers",
             route_prefix="/",
         )

@@ -75,10 +75,14 @@ class Plan:
     models_dir: str
     out_dir: str
     profile: bool = False
+    host_tier: bool = False  # gpufaas's host tier on, peers given room for all K copies
+    torch_threads: int = 1
     rates: dict[str, list[float]] = field(default_factory=dict)  # per family, set by gpufaas
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
+        if args.smoke:
+            return cls.smoke(args)
         quick = args.quick
         return cls(
             families=args.families,
@@ -101,6 +105,35 @@ class Plan:
             models_dir=str(args.models_dir),
             out_dir=str(args.out),
             profile=args.profile,
+            host_tier=args.host_tier,
+            torch_threads=args.torch_threads,
+        )
+
+    @classmethod
+    def smoke(cls, args: argparse.Namespace) -> Plan:
+        """A few requests per phase: does each system start, answer and stop (a test)."""
+        return cls(
+            families=args.families,
+            systems=args.systems,
+            copies=args.copies or 3,
+            capacity=args.capacity or 2,
+            concurrency=2,
+            zipf_s=args.zipf_s,
+            seed=args.seed,
+            warm_warmup=2,
+            warm_requests=6,
+            loaded_requests=6,
+            zipf_requests=8,
+            phase_max_s=20.0,
+            rate_fractions=[0.5],
+            rate_duration_s=1.0,
+            open_max_outstanding=16,
+            open_grace_s=5.0,
+            start_timeout_s=240.0,
+            models_dir=str(args.models_dir),
+            out_dir=str(args.out),
+            host_tier=args.host_tier,
+            torch_threads=args.torch_threads,
         )
 
 
@@ -285,7 +318,12 @@ def run_worker(system_name: str, plan: Plan, result_path: Path) -> int:
         entry: dict[str, Any] = {}
         results["families"][family] = entry
         scenario = prepare(
-            family, copies=plan.copies, capacity=plan.capacity, models_dir=Path(plan.models_dir)
+            family,
+            copies=plan.copies,
+            capacity=plan.capacity,
+            models_dir=Path(plan.models_dir),
+            host_tier=plan.host_tier,
+            torch_threads=plan.torch_threads,
         )
         entry["model_bytes"] = scenario.model_bytes
         if system_name == "gpufaas":
@@ -610,6 +648,13 @@ def _text_report(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (a few minutes)")
+    parser.add_argument("--smoke", action="store_true", help="a few requests per phase (tests)")
+    parser.add_argument(
+        "--host-tier",
+        action="store_true",
+        help="gpufaas keeps its host tier (all K copies in RAM); the peers get room for K",
+    )
+    parser.add_argument("--torch-threads", type=int, default=1, help="every system's torch")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
         "--systems",

@@ -50,6 +50,15 @@ class Scenario:
     # bytes gpufaas charges a device per copy (weights arena + activation reserve), measured
     # by ``systems.measure_gpufaas_footprint``; None until then
     gpufaas_footprint: int | None = None
+    # Off: every system holds C copies (gpufaas's host tier off). On: gpufaas keeps its host
+    # tier, which holds all K copies in RAM, and the peers get the same: room for K modules.
+    host_tier: bool = False
+    torch_threads: int = 1  # every system's torch intra-op threads
+
+    @property
+    def peer_capacity(self) -> int:
+        """Modules a peer may hold: C, or all K when gpufaas's host tier is on."""
+        return len(self.models) if self.host_tier else self.capacity
 
     @property
     def output_names(self) -> list[str]:
@@ -80,7 +89,15 @@ def _base_manifest(family: str) -> dict[str, Any]:
     return document
 
 
-def prepare(family: str, *, copies: int, capacity: int, models_dir: Path) -> Scenario:
+def prepare(
+    family: str,
+    *,
+    copies: int,
+    capacity: int,
+    models_dir: Path,
+    host_tier: bool = False,
+    torch_threads: int = 1,
+) -> Scenario:
     """Build (once) the family's artifact and describe K copies of it with room for C."""
     if not 1 <= capacity < copies:
         raise ValueError(f"need 1 <= capacity < copies, got capacity={capacity}, copies={copies}")
@@ -103,6 +120,8 @@ def prepare(family: str, *, copies: int, capacity: int, models_dir: Path) -> Sce
         model_bytes=tensor_bytes(module),
         sample=example_inputs(family, batch=1),
         manifest=manifest,
+        host_tier=host_tier,
+        torch_threads=torch_threads,
     )
 
 

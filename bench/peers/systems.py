@@ -164,6 +164,14 @@ class System:
         return self.server.stop(timeout_s=self.stop_timeout_s)
 
 
+def _threads(scenario: Scenario) -> dict[str, str]:
+    """The same intra-op thread count for every system's torch and its OpenMP/MKL pools
+    (gpufaas's GPU manager also calls ``torch.set_num_threads(1)``; the peer apps call it with
+    ``--torch-threads``)."""
+    n = str(scenario.torch_threads)
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -185,7 +193,9 @@ class Gpufaas(System):
             "--device-memory", str(self.scenario.device_memory_bytes()),
             "--artifact-dir", str(home / "artifacts"),
         ]  # fmt: skip
-        return argv, _env(GPUFAAS_HOME=str(home))
+        if not self.scenario.host_tier:  # equal capacity: C copies, no RAM tier behind them
+            argv += ["--host-memory", "1Ki"]
+        return argv, _env(GPUFAAS_HOME=str(home), **_threads(self.scenario))
 
     def ready(self, client: httpx.Client) -> bool:
         return client.get(f"{self.base}/v2/health/ready").status_code == 200
@@ -202,13 +212,14 @@ class _PeerApp(System):
         argv = [
             sys.executable, str(HERE / self.script),
             "--specs", str(specs), "--port", str(self.port),
-            "--capacity", str(self.scenario.capacity), "--ready-file", str(self.ready_file),
+            "--capacity", str(self.scenario.peer_capacity), "--ready-file", str(self.ready_file),
+            "--torch-threads", str(self.scenario.torch_threads),
         ]  # fmt: skip
         return argv, self.env()
 
     def env(self) -> dict[str, str]:
         path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
-        return _env(PYTHONPATH=path)
+        return _env(PYTHONPATH=path, **_threads(self.scenario))
 
     def ready(self, client: httpx.Client) -> bool:
         return self.ready_file.exists()

@@ -4,7 +4,8 @@ PyTriton runs Triton with explicit model control and registers one Triton model 
 benchmark model. Each model's Python callable gets its torch module from one LRU
 shared by all of them, holding at most ``--capacity`` modules (the same capacity the
 other systems get); a miss loads the artifact with ``gpufaas.core.modelio.load_model``
-from the same file gpufaas serves. Batching is off (each request is one forward, as on
+from the same file gpufaas serves. A load holds only its own model's lock, never the
+LRU's: requests for resident models, and loads of other models, go on meanwhile. Batching is off (each request is one forward, as on
 the other systems); everything else is PyTriton's defaults. HTTP, gRPC and metrics
 bind 127.0.0.1.
 
@@ -43,27 +44,43 @@ _NUMPY = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": n
 
 
 class SharedLRU:
-    """At most ``capacity`` loaded modules across all models, least recently used evicted."""
+    """At most ``capacity`` loaded modules across all models, least recently used evicted.
+
+    ``lock`` guards only the LRU's bookkeeping (microseconds); a load runs under its own
+    model's lock alone, so one model's load never blocks requests for another (single-flight
+    per model: a second request for a model being loaded waits for that load).
+    """
 
     def __init__(self, models: dict[str, dict[str, str]], *, capacity: int) -> None:
         self.models = models
         self.capacity = capacity
         self.loaded: OrderedDict[str, torch.nn.Module] = OrderedDict()
         self.lock = threading.Lock()
+        self.load_locks = {name: threading.Lock() for name in models}
 
-    def get(self, name: str) -> torch.nn.Module:
+    def _lookup(self, name: str) -> torch.nn.Module | None:
         with self.lock:
             module = self.loaded.get(name)
             if module is not None:
                 self.loaded.move_to_end(name)
+            return module
+
+    def get(self, name: str) -> torch.nn.Module:
+        module = self._lookup(name)
+        if module is not None:
+            return module
+        with self.load_locks[name]:
+            module = self._lookup(name)  # loaded while we waited for its lock
+            if module is not None:
                 return module
             entry = self.models[name]
             module = load_model(Path(entry["path"]), format=ModelFormat(entry["format"]))
             with contextlib.suppress(NotImplementedError):  # exported programs: no eval()
                 module.eval()
-            while len(self.loaded) >= self.capacity:
-                self.loaded.popitem(last=False)
-            self.loaded[name] = module
+            with self.lock:
+                while len(self.loaded) >= self.capacity:
+                    self.loaded.popitem(last=False)
+                self.loaded[name] = module
             return module
 
 
@@ -96,9 +113,11 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--capacity", type=int, required=True)
     parser.add_argument("--ready-file", type=Path, required=True)
+    parser.add_argument("--torch-threads", type=int, default=1, help="as every system gets")
     args = parser.parse_args()
     specs = json.loads(args.specs.read_text())
     torch.set_grad_enabled(False)
+    torch.set_num_threads(args.torch_threads)
 
     def tensors(side: str) -> list[Tensor]:
         return [

@@ -1,0 +1,262 @@
+"""``make bench``: regenerate the figures of ``bench/RESULTS.md`` that this driver owns.
+
+Each figure is a block of ``bench/RESULTS.md`` between ``<!-- bench:NAME -->`` and
+``<!-- /bench:NAME -->``; this driver runs the benchmark behind each block, and rewrites the
+block with the figures and a stamp: the commit (``+dirty`` with uncommitted changes), the
+date, the machine (cores, load average before and after) and the exact command. Text
+outside the blocks, and blocks other sections own, are left as they are. Plots go next to
+the file (``bench/*.png``); raw outputs to ``bench/out/``.
+
+    python bench/make_bench.py            # every figure (about an hour on 2 quiet cores)
+    python bench/make_bench.py --quick    # the same figures, smaller runs (<= 20 min here)
+    python bench/make_bench.py --only lalb-sweep,kill-run
+
+``--quick`` runs fewer requests per simulation and per live run, and leaves the peers out
+(their run needs ``ray[serve]`` and ``nvidia-pytriton`` and takes 25 minutes); a block not
+regenerated keeps its previous stamp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "RESULTS.md"
+OUT = HERE / "out"
+PY = sys.executable
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[bool], tuple[str, str]]  # quick -> (command, markdown body)
+    full_only: bool = False
+
+
+def _run(command: list[str], *, timeout_s: float, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}"
+        )
+    return result.stdout
+
+
+def _shown(command: list[str]) -> str:
+    """The command as a reader would type it from the repository root."""
+
+    def part(c: str) -> str:
+        if c == PY:
+            return "python"
+        return str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT) + "/") else c
+
+    return " ".join(part(c) for c in command)
+
+
+# -- the figures -----------------------------------------------------------------------------------
+
+
+def lalb_sweep(quick: bool) -> tuple[str, str]:
+    command = [
+        PY, str(HERE / "lalb.py"), "--sweep", "--jobs", "2",
+        "--requests", "10000" if quick else "30000",
+        "--out", str(OUT / "lalb-sweep.json"), "--markdown", str(OUT / "lalb-sweep.md"),
+        "--plot", str(HERE / "lalb-sweep.png"),
+    ]  # fmt: skip
+    _run(command, timeout_s=3600)
+    return _shown(command), (OUT / "lalb-sweep.md").read_text()
+
+
+def lalb_wss(quick: bool) -> tuple[str, str]:
+    command = [
+        PY, str(HERE / "lalb.py"), "--json", "--rate", "80",
+        "--requests", "10000" if quick else "30000", "--plot", str(HERE / "lalb-sim.png"),
+    ]  # fmt: skip
+    points = json.loads(_run(command, timeout_s=1800))
+    lines = [
+        "| working set | LB copy busy | LB mean ms | LB miss | LALB mean ms | LALB miss"
+        " | O3 mean ms | O3 miss | pooled MIN miss | LALB miss / pooled MIN"
+        " | LALB miss / per-device MIN |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for wss, p in points.items():
+        lb, la, o3, bound = p["lb"], p["lalb"], p["lalb-o3"], p["belady"]
+        lines.append(
+            f"| {wss} | {100 * lb['copy_utilisation']:.0f}% | {lb['mean_ms']:.1f}"
+            f" | {lb['miss_ratio']:.3f} | {la['mean_ms']:.2f} | {la['miss_ratio']:.3f}"
+            f" | {o3['mean_ms']:.2f} | {o3['miss_ratio']:.3f} | {bound['miss_ratio']:.3f}"
+            f" | {_x(la.get('miss_x_pooled_min'))} | {_x(la.get('miss_x_placement_min'))} |"
+        )
+    return _shown(command), "\n".join(lines)
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def decision_cost(quick: bool) -> tuple[str, str]:
+    command = [PY, str(HERE / "decision_cost.py"), "--json"]
+    if quick:
+        command += ["--requests", "20000", "--decisions", "5000"]
+    out = json.loads(_run(command, timeout_s=1800))
+    lines = ["| scenario | policy | CPU p50 us | CPU p99 us |", "| --- | --- | --- | --- |"]
+    for scenario in ("sim", "stress"):
+        for label, r in out.get(scenario, {}).items():
+            lines.append(
+                f"| {scenario} | {label} | {r['cpu_p50_us']:.1f} | {r['cpu_p99_us']:.1f} |"
+            )
+    return _shown(command), "\n".join(lines)
+
+
+def kill_run(quick: bool) -> tuple[str, str]:
+    requests = "120" if quick else "300"
+    command = [PY, str(HERE / "kill_run.py"), "--requests", requests, "--rate", "30"]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "GPUFAAS_HOME": str(OUT / "kill-run-home")},
+        check=False,
+    )
+    if result.returncode not in (0, 1):  # 1: ran, and found a violation: report it
+        raise RuntimeError(f"kill_run failed ({result.returncode}):\n{result.stderr[-2000:]}")
+    r = json.loads(result.stdout)
+    lines = [
+        "| sent | answered | statuses | lost | answered twice | wrong id | ran twice (nodes)"
+        " | 200 without an observed run | unobserved window |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| {r['sent']} | {r['answered']} | {r['statuses']} | {r['lost']} | {r['answered_twice']}"
+        f" | {r['wrong_id']} | {r['ran_twice']} | {r['answered_200_without_observed_run']}"
+        f" | {r['unobserved_window_ms']:.1f} ms |",
+    ]
+    return _shown(command), "\n".join(lines)
+
+
+def overload(quick: bool) -> tuple[str, str]:
+    command = [
+        PY, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+        "tests/e2e/test_overload.py::test_twice_saturation_loses_nothing_and_answers_once",
+    ]  # fmt: skip
+    text = _run(command, timeout_s=900)
+    found = re.search(r"twice saturation: .*", text)
+    if not found:
+        raise RuntimeError(f"no figure line in the test's output:\n{text[-2000:]}")
+    return _shown(command), f"`{found.group(0)}`"
+
+
+def peers(quick: bool) -> tuple[str, str]:
+    command = [PY, str(HERE / "peers" / "run.py"), "--png", str(HERE / "peers" / "results.png"),
+               "--markdown", str(OUT / "RESULTS-peers.md")]  # fmt: skip
+    _run(command, timeout_s=3 * 3600)
+    return _shown(command), (OUT / "RESULTS-peers.md").read_text()
+
+
+def peers_host_tier(quick: bool) -> tuple[str, str]:
+    command = [PY, str(HERE / "peers" / "run.py"), "--host-tier", "--out",
+               str(OUT / "peers-host-tier"), "--markdown", str(OUT / "RESULTS-peers-host.md")]  # fmt: skip
+    _run(command, timeout_s=3 * 3600)
+    return _shown(command), (OUT / "RESULTS-peers-host.md").read_text()
+
+
+STEPS = (
+    Step("lalb-sweep", lalb_sweep),
+    Step("lalb-wss", lalb_wss),
+    Step("decision-cost", decision_cost),
+    Step("kill-run", kill_run),
+    Step("overload", overload),
+    Step("peers", peers, full_only=True),
+    Step("peers-host-tier", peers_host_tier, full_only=True),
+)
+
+
+# -- stamping and rewriting ------------------------------------------------------------------------
+
+
+def commit() -> str:
+    head = _run(["git", "rev-parse", "--short", "HEAD"], timeout_s=30).strip()
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], timeout_s=30).strip()
+    return head + ("+dirty" if dirty else "")
+
+
+def stamp(command: str, *, quick: bool, load_before: tuple[float, ...], seconds: float) -> str:
+    load_after = os.getloadavg()
+    return (
+        f"_Generated by `make bench{' QUICK=1' if quick else ''}`: commit {commit()},"
+        f" {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores"
+        f" ({platform.machine()}, {platform.system()}), load average"
+        f" {load_before[0]:.1f} before / {load_after[0]:.1f} after (shared machine);"
+        f" {seconds:.0f} s. Command: `{command}`._"
+    )
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pattern = re.compile(
+        rf"(<!-- bench:{re.escape(name)} -->\n).*?(\n<!-- /bench:{re.escape(name)} -->)", re.S
+    )
+    if not pattern.search(text):
+        raise KeyError(f"bench/RESULTS.md has no block <!-- bench:{name} -->")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text, count=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs, no peers")
+    parser.add_argument("--only", default="", help="comma-separated block names")
+    args = parser.parse_args(argv)
+    wanted = {n.strip() for n in args.only.split(",") if n.strip()}
+    unknown = wanted - {s.name for s in STEPS}
+    if unknown:
+        parser.error(f"unknown blocks {sorted(unknown)}; known: {[s.name for s in STEPS]}")
+    OUT.mkdir(exist_ok=True)
+    env_seed = {"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
+    os.environ.update(env_seed)
+    failures: list[str] = []
+    for step in STEPS:
+        if wanted and step.name not in wanted:
+            continue
+        if step.full_only and args.quick:
+            print(f"[bench] {step.name}: skipped in quick mode (keeps its previous stamp)")
+            continue
+        print(f"[bench] {step.name} ...", flush=True)
+        load_before = os.getloadavg()
+        started = time.monotonic()
+        try:
+            command, body = step.run(args.quick)
+        except (RuntimeError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
+            failures.append(f"{step.name}: {e}")
+            print(f"[bench] {step.name} FAILED: {e}", file=sys.stderr)
+            continue
+        seconds = time.monotonic() - started
+        block = stamp(command, quick=args.quick, load_before=load_before, seconds=seconds)
+        text = replace_block(RESULTS.read_text(), step.name, f"{block}\n\n{body.strip()}")
+        RESULTS.write_text(text)
+        print(f"[bench] {step.name}: {seconds:.0f} s", flush=True)
+    if failures:
+        print("[bench] failed: " + "; ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
