@@ -212,17 +212,18 @@ def stamp(command: str, *, quick: bool, load_before: tuple[float, ...], seconds:
 
 def replace_block(text: str, name: str, body: str) -> str:
     pattern = re.compile(
-        rf"(<!-- bench:{re.escape(name)} -->\n).*?(\n<!-- /bench:{re.escape(name)} -->)", re.S
+        rf"(<!-- bench:{re.escape(name)} -->).*?(<!-- /bench:{re.escape(name)} -->)", re.S
     )
     if not pattern.search(text):
-        raise KeyError(f"bench/RESULTS.md has no block <!-- bench:{name} -->")
-    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text, count=1)
+        raise KeyError(f"the results file has no block <!-- bench:{name} -->")
+    return pattern.sub(lambda m: f"{m.group(1)}\n{body}\n{m.group(2)}", text, count=1)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs, no peers")
     parser.add_argument("--only", default="", help="comma-separated block names")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the file to rewrite")
     args = parser.parse_args(argv)
     wanted = {n.strip() for n in args.only.split(",") if n.strip()}
     unknown = wanted - {s.name for s in STEPS}
@@ -249,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         seconds = time.monotonic() - started
         block = stamp(command, quick=args.quick, load_before=load_before, seconds=seconds)
-        text = replace_block(RESULTS.read_text(), step.name, f"{block}\n\n{body.strip()}")
-        RESULTS.write_text(text)
+        text = replace_block(args.results.read_text(), step.name, f"{block}\n\n{body.strip()}")
+        args.results.write_text(text)
         print(f"[bench] {step.name}: {seconds:.0f} s", flush=True)
     if failures:
         print("[bench] failed: " + "; ".join(failures), file=sys.stderr)

@@ -1,0 +1,39 @@
+"""``bench/make_bench.py`` rewrites only its own marked blocks of the results file."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _driver() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gpufaas_make_bench", BENCH / "make_bench.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_block_is_replaced_and_the_rest_kept() -> None:
+    driver = _driver()
+    text = "intro\n<!-- bench:a -->\nold\n<!-- /bench:a -->\nmiddle\n<!-- bench:b -->\n<!-- /bench:b -->\n"
+    once = driver.replace_block(text, "b", "new b")
+    assert once == text.replace("<!-- bench:b -->\n", "<!-- bench:b -->\nnew b\n")
+    twice = driver.replace_block(once, "b", "newer")
+    assert "newer" in twice and "new b" not in twice and "old" in twice and "middle" in twice
+    with pytest.raises(KeyError, match="no block"):
+        driver.replace_block(text, "c", "x")
+
+
+def test_every_step_has_its_block_in_results() -> None:
+    driver = _driver()
+    text = (BENCH / "RESULTS.md").read_text()
+    for step in driver.STEPS:
+        assert f"<!-- bench:{step.name} -->" in text and f"<!-- /bench:{step.name} -->" in text
