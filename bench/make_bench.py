@@ -12,8 +12,8 @@ the file (``bench/*.png``); raw outputs to ``bench/out/``.
     python bench/make_bench.py --only lalb-sweep,kill-run
 
 ``--quick`` runs fewer requests per simulation and per live run, and leaves the peers out
-(their run needs ``ray[serve]`` and ``nvidia-pytriton`` and takes 25 minutes); a block not
-regenerated keeps its previous stamp.
+(their run needs ``ray[serve]`` and ``nvidia-pytriton`` and takes 25 minutes; ``--quick
+--with-peers`` runs their quick runs); a block not regenerated keeps its previous stamp.
 """
 
 from __future__ import annotations
@@ -168,6 +168,7 @@ def overload(quick: bool) -> tuple[str, str]:
 def peers(quick: bool) -> tuple[str, str]:
     command = [PY, str(HERE / "peers" / "run.py"), "--png", str(HERE / "peers" / "results.png"),
                "--markdown", str(OUT / "RESULTS-peers.md")]  # fmt: skip
+    command += ["--quick"] if quick else []
     _run(command, timeout_s=3 * 3600)
     return _shown(command), (OUT / "RESULTS-peers.md").read_text()
 
@@ -175,6 +176,7 @@ def peers(quick: bool) -> tuple[str, str]:
 def peers_host_tier(quick: bool) -> tuple[str, str]:
     command = [PY, str(HERE / "peers" / "run.py"), "--host-tier", "--out",
                str(OUT / "peers-host-tier"), "--markdown", str(OUT / "RESULTS-peers-host.md")]  # fmt: skip
+    command += ["--quick"] if quick else []
     _run(command, timeout_s=3 * 3600)
     return _shown(command), (OUT / "RESULTS-peers-host.md").read_text()
 
@@ -222,6 +224,9 @@ def replace_block(text: str, name: str, body: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs, no peers")
+    parser.add_argument(
+        "--with-peers", action="store_true", help="in quick mode, run the peers' quick runs too"
+    )
     parser.add_argument("--only", default="", help="comma-separated block names")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the file to rewrite")
     args = parser.parse_args(argv)
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in STEPS:
         if wanted and step.name not in wanted:
             continue
-        if step.full_only and args.quick:
+        if step.full_only and args.quick and not args.with_peers:
             print(f"[bench] {step.name}: skipped in quick mode (keeps its previous stamp)")
             continue
         print(f"[bench] {step.name} ...", flush=True)
