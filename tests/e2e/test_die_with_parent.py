@@ -29,6 +29,13 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _is_manager(pid: int) -> bool:
+    try:
+        return b"gpu-manager" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return False
+
+
 def _alive(pid: int) -> bool:
     """Running or sleeping; a zombie (dead, not yet reaped) or a missing process is gone."""
     try:
@@ -66,7 +73,7 @@ def test_killing_gpufaas_up_leaves_no_manager_running(
                 pass
             assert time.monotonic() < deadline, "gpufaas up was not ready within 120 s"
             time.sleep(0.2)
-        managers = _children(up.pid)
+        managers = [pid for pid in _children(up.pid) if _is_manager(pid)]
         assert len(managers) == 2, f"expected 2 GPU-manager processes, found {managers}"
         up.send_signal(signal.SIGKILL)
         up.wait(timeout=10)
