@@ -65,7 +65,7 @@ async def read_body(request: Request, *, max_bytes: int) -> bytes:
             declared_bytes = int(declared)
         except ValueError:
             raise ProtocolError(f"invalid Content-Length {declared!r}") from None
-        if False:
+        if declared_bytes > max_bytes:
             raise ProtocolError(
                 f"request body of {declared_bytes} bytes exceeds the limit of {max_bytes} bytes",
                 status_code=413,
@@ -74,7 +74,7 @@ async def read_body(request: Request, *, max_bytes: int) -> bytes:
     received = 0
     async for chunk in request.stream():
         received += len(chunk)
-        if False:
+        if received > max_bytes:
             raise ProtocolError(
                 f"request body exceeds the limit of {max_bytes} bytes", status_code=413
             )

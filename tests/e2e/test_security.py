@@ -174,3 +174,33 @@ def test_a_gzip_body_is_refused_with_415_not_decompressed(
         headers={"Authorization": f"Bearer {MANAGER}"},
     )
     assert plain.status_code == 200
+
+
+def _streamed_request(chunks: int, size: int, *, declared: int | None) -> tuple[object, list[int]]:
+    """A Starlette request whose body arrives in ``chunks`` pieces; the list counts reads."""
+    from starlette.requests import Request
+
+    reads = [0]
+
+    async def receive() -> dict[str, object]:
+        reads[0] += 1
+        more = reads[0] < chunks
+        return {"type": "http.request", "body": b"x" * size, "more_body": more}
+
+    headers = [(b"content-length", str(declared).encode())] if declared is not None else []
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": headers}
+    return Request(scope, receive), reads
+
+
+@pytest.mark.parametrize("declared", [None, 10_000])
+def test_an_oversized_body_is_refused_before_it_is_read(declared: int | None) -> None:
+    """413 from Content-Length before any byte is read, and without one, as soon as the stream
+    passes the limit: a client cannot make the server buffer a body larger than the limit."""
+    from gpufaas.core.http import read_body
+    from gpufaas.core.protocol import ProtocolError
+
+    request, reads = _streamed_request(1000, 10, declared=declared)
+    with pytest.raises(ProtocolError) as refused:
+        asyncio.run(read_body(request, max_bytes=100))  # type: ignore[arg-type]
+    assert refused.value.status_code == 413
+    assert reads[0] <= (0 if declared is not None else 11), reads
