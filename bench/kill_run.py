@@ -12,8 +12,9 @@ Then it checks exactly-once from both ends:
   kill, the survivors' at the end; an id counted more than once in total ran twice.
 
 What it cannot see: a forward the victim finished in the moments between that last read and
-the kill (``unobserved_window_ms``); such a request, if its answer was lost with the process,
-is retried elsewhere and would have run twice unseen.
+the kill (``unobserved_window_ms``: from the read's answer to the kill, plus the answer's own
+trip); such a request, if its answer was lost with the process, is retried elsewhere and would
+have run twice unseen.
 
     python bench/kill_run.py --requests 400 --rate 40 --kill-at 0.4
 """
@@ -120,8 +121,8 @@ async def _run(
                 pids = _manager_pids(up_pid)
                 if pids:
                     victim = pids[0]
-                    read = time.perf_counter()
                     ran.update(await executions(client, _manager_url(victim), token))
+                    read = time.perf_counter()  # the counts are at most this old, plus a hop
                     os.kill(victim, signal.SIGKILL)
                     window_ms = 1000 * (time.perf_counter() - read)
             tasks.append(asyncio.create_task(send_one(client, url, name, rid, body, headers)))
