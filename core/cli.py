@@ -42,7 +42,9 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-memory", default="4Gi", help="capacity of the host-memory tier")
     parser.add_argument("--artifact-dir", type=Path, default=None, help="node-local artifact cache")
     parser.add_argument(
-        "--force-cpu", action="store_true", help="use CPU devices even if GPUs are present"
+        "--force-cpu",
+        action="store_true",
+        help="serve on CPU devices even if GPUs are present (else GPUs torch cannot use are an error)",
     )
 
 
@@ -222,19 +224,24 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def _cmd_gpu_manager(args: argparse.Namespace) -> int:
+    from gpufaas.gpu_manager.devices import DeviceSetupError
     from gpufaas.gpu_manager.main import build_runtime, serve
 
-    runtime = build_runtime(
-        cpu_devices=args.cpu_devices,
-        device_memory_bytes=parse_bytes(args.device_memory),
-        host_memory_bytes=parse_bytes(args.host_memory),
-        artifact_dir=args.artifact_dir or artifact_dir(),
-        force_cpu=args.force_cpu,
-        # In a cluster, manifest authors choose the URIs: no local files, no internal hosts.
-        uri_policy=UriPolicy.for_kubernetes(file_roots=args.allowed_file_root)
-        if args.kubernetes
-        else None,
-    )
+    try:
+        runtime = build_runtime(
+            cpu_devices=args.cpu_devices,
+            device_memory_bytes=parse_bytes(args.device_memory),
+            host_memory_bytes=parse_bytes(args.host_memory),
+            artifact_dir=args.artifact_dir or artifact_dir(),
+            force_cpu=args.force_cpu,
+            # In a cluster, manifest authors choose the URIs: no local files, no internal hosts.
+            uri_policy=UriPolicy.for_kubernetes(file_roots=args.allowed_file_root)
+            if args.kubernetes
+            else None,
+        )
+    except DeviceSetupError as e:  # no silent CPU fall-back: say why, exit non-zero
+        print(f"gpufaas gpu-manager: {e}", file=sys.stderr)
+        return 2
     serve(runtime=runtime, host=args.host, port=args.port, name=args.name)
     return 0
 

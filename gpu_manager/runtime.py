@@ -43,16 +43,19 @@ from gpufaas.core.modelio import ModelLoadError
 from gpufaas.gpu_manager.batching import Batcher, concat_inputs, split_outputs
 from gpufaas.gpu_manager.devices import (
     DeviceBackend,
+    DeviceFailed,
     DeviceInfo,
     DeviceOutOfMemory,
+    NodeHealth,
     TransferFailed,
-    allocate_host,
     cuda_available,
     is_out_of_memory,
     make_backend,
+    platform_versions,
 )
 from gpufaas.gpu_manager.host_tier import (
     HostModel,
+    HostSlab,
     PreparedModel,
     SidecarError,
     Skeleton,
@@ -65,10 +68,10 @@ from gpufaas.gpu_manager.loader import (
     DeviceModel,
     ForwardResult,
     build_module,
+    forward_retrying_oom,
     run_forward,
     start_copy,
 )
-from gpufaas.gpu_manager.memory import BufferPool
 from gpufaas.gpu_manager.residency import Tier
 from gpufaas.gpu_manager.tensors import TensorError
 
@@ -178,6 +181,7 @@ class NodeRuntime:
         overlap: bool = True,
         admission_wait_s: float = 10.0,
         backends: Mapping[str, DeviceBackend] | None = None,
+        health: NodeHealth | None = None,
     ) -> None:
         if not devices:
             raise ValueError("a GPU manager needs at least one device")
@@ -186,6 +190,7 @@ class NodeRuntime:
                 f"max_concurrency_per_device must be >= 1, got {max_concurrency_per_device}"
             )
         self.store = store
+        self.health = health or NodeHealth()  # a fatal device error ends this process
         self.sidecar_dir = sidecar_dir if sidecar_dir is not None else store.root / "host-sidecars"
         _remove_stale_sidecars(self.sidecar_dir)
         self.probe_variable_dim = probe_variable_dim
@@ -212,7 +217,8 @@ class NodeRuntime:
         backends_used = [d.backend for d in self.devices.values()]
         self.alignment = max(b.alignment for b in backends_used)
         self.min_group_bytes = max(b.min_group_bytes for b in backends_used)
-        self.host_pool = BufferPool(budget_bytes=host_capacity_bytes, allocate=self._fresh_host)
+        # One slab, page-locked now: a refill never pins memory (or stalls the loop doing it).
+        self.host_pool = HostSlab(host_capacity_bytes, pin=self.pin_host_memory)
         self.host: Tier[HostModel] = Tier(
             name="host", capacity_bytes=host_capacity_bytes, release=self._release_host
         )
@@ -306,10 +312,6 @@ class NodeRuntime:
 
     # -- host tier ---------------------------------------------------------------------------------
 
-    def _fresh_host(self, nbytes: int) -> torch.Tensor:
-        buffer, _pinned = allocate_host(nbytes, pin=self.pin_host_memory)
-        return buffer
-
     def _host_buffer(self, nbytes: int) -> torch.Tensor:
         try:
             buffer, _warm = self.host_pool.take(nbytes, in_use_bytes=self.host.lru.used_bytes)
@@ -322,6 +324,7 @@ class NodeRuntime:
     def _release_host(self, model: HostModel) -> None:
         if model.arena.numel():
             self.host_pool.give(model.arena, in_use_bytes=self.host.lru.used_bytes)
+            model.arena = _no_arena()  # the slab takes the range back with the last view
 
     async def _held_host_model(self, name: str) -> HostModel:
         """The function's host-tier entry, filled if needed and held for the caller.
@@ -397,12 +400,11 @@ class NodeRuntime:
         sidecar = skeleton.sidecar
         if sidecar is None:
             raise SidecarError("no sidecar")
-        model = HostModel(
-            skeleton=skeleton, arena=_no_arena(), pinned=self.pin_host_memory, source="sidecar"
-        )
+        model = HostModel(skeleton=skeleton, arena=_no_arena(), pinned=False, source="sidecar")
         cached = self._reserve_host(name, model)
         try:
             model.arena = self._host_buffer(skeleton.layout.arena_bytes)
+            model.pinned = self.host_pool.is_pinned(model.arena)
             await asyncio.to_thread(read_sidecar, sidecar, skeleton, model.arena)
         except BaseException as e:
             self._abandon_host(name, model, cached)
@@ -436,12 +438,11 @@ class NodeRuntime:
                 f"model {name!r} failed to load: {e}", status=503, reason="ModelLoadFailed"
             ) from None
         skeleton = prepared.skeleton
-        model = HostModel(
-            skeleton=skeleton, arena=_no_arena(), pinned=self.pin_host_memory, source="artifact"
-        )
+        model = HostModel(skeleton=skeleton, arena=_no_arena(), pinned=False, source="artifact")
         cached = self._reserve_host(name, model)
         try:
             model.arena = self._host_buffer(skeleton.layout.arena_bytes)
+            model.pinned = self.host_pool.is_pinned(model.arena)
             await asyncio.to_thread(prepared.fill, model.arena)
         except BaseException:
             self._abandon_host(name, model, cached)
@@ -570,7 +571,8 @@ class NodeRuntime:
             await self._abandon_load(name, device, model, lambda: None)
             raise
         try:
-            start_copy(
+            await asyncio.to_thread(  # allocating and issuing copies block: not on the loop
+                start_copy,
                 model,
                 device.backend,
                 source_arena=source_arena,
@@ -658,7 +660,9 @@ class NodeRuntime:
         try:
             if transfer is not None:
                 await asyncio.to_thread(transfer.wait_all)
-        except TransferFailed as e:
+        except (TransferFailed, DeviceFailed) as e:
+            if isinstance(e, DeviceFailed):
+                self.health.device_failed(device.info.id, e)
             model.error = str(e)
             logger.error("loading %s onto %s failed: %s", name, device.info.id, e)
             if device.tier.arriving.get(name) is model:
@@ -802,7 +806,7 @@ class NodeRuntime:
                 try:
                     merged = await self._forward(model, concat_inputs(batch), spec, device)
                 except RuntimeFailure as e:
-                    if e.reason != "ModelError":
+                    if e.status != 400:  # the model or the checks rejected one of them
                         raise
                 else:
                     parts = split_outputs(merged.outputs, counts)
@@ -855,7 +859,14 @@ class NodeRuntime:
         device: _Device,
     ) -> ForwardResult:
         try:
-            return await asyncio.to_thread(run_forward, model, inputs, spec, device.backend)
+            return await forward_retrying_oom(
+                lambda: run_forward(model, inputs, spec, device.backend),
+                backend=device.backend,
+                evict_unheld=lambda: self._evict_unheld(device),
+            )
+        except DeviceFailed as e:
+            self.health.device_failed(device.info.id, e)
+            raise RuntimeFailure(str(e), status=503, reason="DeviceFailed") from None
         except TensorError as e:
             raise RuntimeFailure(str(e), status=e.status, reason=e.reason) from None
         except TransferFailed as e:
@@ -877,6 +888,13 @@ class NodeRuntime:
                 reason="ModelError",
             ) from None
 
+    def _evict_unheld(self, device: _Device) -> int:
+        lru = device.tier.lru
+        evicted = device.tier.make_room(lru.capacity_bytes - lru.pinned_bytes)
+        for victim in evicted:
+            self.stats.record_eviction("device", victim.size_bytes)
+        return len(evicted)
+
     # -- state -------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
@@ -890,6 +908,7 @@ class NodeRuntime:
                     "outstanding": d.outstanding,
                     "max_concurrency": self.max_concurrency_per_device,
                     "memory_allocated": d.backend.memory_allocated(),
+                    "memory_reserved": d.backend.memory_reserved(),
                     "pooled_bytes": d.backend.pooled_bytes(),
                     "residents": d.tier.residents(_describe_device_model),
                     "draining": d.tier.draining_rows(),
@@ -899,13 +918,16 @@ class NodeRuntime:
             "host": {
                 "capacity_bytes": self.host.lru.capacity_bytes,
                 "used_bytes": self.host.lru.used_bytes,
-                "pinned": self.pin_host_memory,
+                "pinned": self.host_pool.pinned,
                 "pooled_bytes": self.host_pool.pooled_bytes,
                 "residents": self.host.residents(_describe_host_model),
                 "draining": self.host.draining_rows(),
                 "skeletons": {name: s.describe() for name, s in sorted(self.skeletons.items())},
             },
             "functions": sorted(self.functions),
+            "platform": platform_versions(),
+            "ready": self.health.ready,
+            "failure": self.health.failure,
             "stats": self.stats.snapshot(),
             "loads": {path: t.to_dict() for path, t in sorted(self.load_totals.items())},
             "host_fills": {source: t.to_dict() for source, t in sorted(self.host_fills.items())},

@@ -168,8 +168,10 @@ def create_app(
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @app.get("/v2/health/ready")
-    async def ready() -> dict[str, bool]:
+    @app.get("/v2/health/ready", response_model=None)
+    async def ready() -> dict[str, bool] | Response:
+        if not runtime.health.ready:  # a fatal device error: the process is exiting
+            return error_response(503, str(runtime.health.failure), reason="DeviceFailed")
         return {"ready": True}
 
     @app.get("/v2/gpufaas/state")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import types
+from collections.abc import Collection
 from typing import Any
 
 import pytest
 import torch
+from fake_nvml import FakeGpu, FakeNvml
 
 from gpufaas.gpu_manager.devices import (
     CpuBackend,
@@ -25,69 +27,22 @@ from gpufaas.gpu_manager.memory import BufferPool, anonymous_buffer
 
 GiB = 2**30
 
-
-class NVMLError(Exception):
-    pass
-
-
-def fake_nvml() -> types.SimpleNamespace:
+def fake_nvml(**broken: Collection[str]) -> types.SimpleNamespace:
     """Three GPUs as NVML reports them: two joined by NVLink, one split into MIG instances
-    (slot 1 empty). Only the pynvml functions the device layer calls, answering from tables."""
-    gpus: dict[str, dict[str, Any]] = {
-        "g0": {"uuid": "GPU-aaaa0000", "name": "NVIDIA H100", "total": 80 * GiB, "free": 79 * GiB,
-               "pcie": (5, 16, 5, 16), "mig": None},
-        "g1": {"uuid": "GPU-bbbb1111", "name": b"NVIDIA H100", "total": 80 * GiB, "free": 70 * GiB,
-               "pcie": (1, 16, 5, 16), "mig": None},  # idle link downshifted to gen 1
-        "g2": {"uuid": "GPU-cccc2222", "name": "NVIDIA A100", "total": 40 * GiB, "free": 40 * GiB,
-               "pcie": (4, 16, 4, 16), "mig": ["m0", None, "m2"]},
-        "m0": {"uuid": "MIG-dddd3333", "name": "NVIDIA A100 MIG 3g.20gb", "total": 20 * GiB,
-               "free": 19 * GiB},
-        "m2": {"uuid": "MIG-eeee4444", "name": "NVIDIA A100 MIG 2g.10gb", "total": 10 * GiB,
-               "free": 10 * GiB},
+    (slot 1 empty). ``broken`` names functions that fail per handle."""
+    gpus = {
+        "g0": FakeGpu("GPU-aaaa0000", "NVIDIA H100", 80 * GiB, 79 * GiB, (5, 16, 5, 16)),
+        "g1": FakeGpu("GPU-bbbb1111", b"NVIDIA H100", 80 * GiB, 70 * GiB, (1, 16, 5, 16)),
+        "g2": FakeGpu("GPU-cccc2222", "NVIDIA A100", 40 * GiB, 40 * GiB, (4, 16, 4, 16),
+                      mig=["m0", None, "m2"]),
+        "m0": FakeGpu("MIG-dddd3333", "NVIDIA A100 MIG 3g.20gb", 20 * GiB, 19 * GiB),
+        "m2": FakeGpu("MIG-eeee4444", "NVIDIA A100 MIG 2g.10gb", 10 * GiB, 10 * GiB),
     }  # fmt: skip
-    nvlink = {("g0", "g1"), ("g1", "g0")}
-
-    def pcie(index: int) -> Any:
-        return lambda h: gpus[h]["pcie"][index]
-
-    def mig_mode(handle: str) -> tuple[int, int]:
-        if gpus[handle]["mig"] is None:
-            raise NVMLError("not supported")
-        return (1, 1)
-
-    def mig_handle(handle: str, slot: int) -> str:
-        found = gpus[handle]["mig"][slot]
-        if found is None:
-            raise NVMLError("not found")
-        return str(found)
-
-    def p2p(a: str, b: str, capability: int) -> int:
-        if capability == 2:  # NVLINK
-            return 0 if (a, b) in nvlink else 2
-        return 0 if {a, b} <= {"g0", "g1"} else 2  # READ
-
-    return types.SimpleNamespace(
-        NVMLError=NVMLError,
-        NVML_DEVICE_MIG_ENABLE=1,
-        NVML_P2P_STATUS_OK=0,
-        NVML_P2P_CAPS_INDEX_READ=0,
-        NVML_P2P_CAPS_INDEX_NVLINK=2,
-        nvmlDeviceGetCount=lambda: 3,
-        nvmlDeviceGetHandleByIndex=lambda i: f"g{i}",
-        nvmlDeviceGetUUID=lambda h: gpus[h]["uuid"],
-        nvmlDeviceGetName=lambda h: gpus[h]["name"],
-        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(
-            total=gpus[h]["total"], free=gpus[h]["free"], used=gpus[h]["total"] - gpus[h]["free"]
-        ),
-        nvmlDeviceGetCurrPcieLinkGeneration=pcie(0),
-        nvmlDeviceGetCurrPcieLinkWidth=pcie(1),
-        nvmlDeviceGetMaxPcieLinkGeneration=pcie(2),
-        nvmlDeviceGetMaxPcieLinkWidth=pcie(3),
-        nvmlDeviceGetMigMode=mig_mode,
-        nvmlDeviceGetMaxMigDeviceCount=lambda h: len(gpus[h]["mig"]),
-        nvmlDeviceGetMigDeviceHandleByIndex=mig_handle,
-        nvmlDeviceGetP2PStatus=p2p,
-    )
+    for handle, names in broken.items():
+        gpus[handle].broken = names
+    return FakeNvml(
+        gpus=gpus, nvlink={("g0", "g1"), ("g1", "g0")}, p2p={frozenset(("g0", "g1"))}
+    ).module()
 
 
 def test_nvml_inventory_lists_gpus_mig_instances_links_and_pcie() -> None:
