@@ -148,10 +148,12 @@ class HostSlab:
         capacity_bytes: int,
         *,
         pin: bool,
-        register: Callable[[int, int], bool] = register_host,
-        unregister: Callable[[int], None] = unregister_host,
+        register: Callable[[int, int], bool] | None = None,
+        unregister: Callable[[int], None] | None = None,
         alignment: int = 4096,
     ) -> None:
+        register = register or register_host
+        unregister = unregister or unregister_host
         self.allocator = SlabAllocator(capacity_bytes, alignment=alignment)
         size = self.allocator.capacity_bytes
         self._lock = threading.Lock()
