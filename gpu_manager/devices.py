@@ -898,6 +898,10 @@ class DeviceBackend(abc.ABC):
         """Wait for all work on the device."""
 
 
+def _copied(group: int, start: int, end: int) -> None:
+    raise AssertionError("this transfer has finished")
+
+
 class CpuTransfer(Transfer):
     def __init__(
         self,
@@ -924,6 +928,9 @@ class CpuTransfer(Transfer):
         except BaseException as e:  # reported to every waiter
             self.error = e
         finally:
+            # Drop the copy (it holds both arenas): a finished transfer kept by its model must
+            # not keep a host arena's slab range, or a device arena, alive.
+            self._copy_group = _copied
             self.finished_at = time.perf_counter()
             for event in self._landed:
                 event.set()

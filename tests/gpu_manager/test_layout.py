@@ -24,7 +24,13 @@ from gpufaas.gpu_manager.layout import (
     retarget_graphs,
     strip,
 )
-from gpufaas.gpu_manager.loader import DeviceModel, build_module, gate_check, run_forward, start_copy
+from gpufaas.gpu_manager.loader import (
+    DeviceModel,
+    build_module,
+    gate_check,
+    run_forward,
+    start_copy,
+)
 
 
 def _arena_model(

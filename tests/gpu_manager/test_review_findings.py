@@ -177,8 +177,12 @@ async def test_a_512_mib_refill_leaves_the_loop_running_and_never_pins(
     monkeypatch.setattr(host_tier, "register_host", register)
     monkeypatch.setattr(host_tier, "unregister_host", lambda pointer: None)
     model = _big_model(tmp_path, 512 * MiB)
-    runtime = _runtime(tmp_path, capacity=1200 * MiB, host_capacity=600 * MiB, pin_host_memory=True)
-    assert pins == [600 * MiB]  # the slab, at start-up
+    # Room for two copies: the evicted arena's range returns to the slab when its last view
+    # is gone, which a worker thread may hold a moment longer than the tier does.
+    runtime = _runtime(
+        tmp_path, capacity=1200 * MiB, host_capacity=1100 * MiB, pin_host_memory=True
+    )
+    assert pins == [1100 * MiB]  # the slab, at start-up
     runtime.register(model.name, model.spec)
     await runtime.load(model.name, device_id="cpu:0")
     await runtime.settle()  # the sidecar is written
@@ -224,7 +228,7 @@ async def test_a_512_mib_refill_leaves_the_loop_running_and_never_pins(
     host = runtime.state()["host"]
     assert runtime.state()["host_fills"]["sidecar"]["bytes"] >= 512 * MiB
     assert host["pinned"] and host["residents"][0]["pinned"]  # the real flag of its arena
-    assert pins == [600 * MiB]  # no page-locking per refill
+    assert pins == [1100 * MiB]  # no page-locking per refill
     print(f"max loop lag during a 512 MiB refill: {max(lags) * 1000:.1f} ms (shared 2-core box)")
 
 
