@@ -510,6 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="the reduced CPU mode, even with a GPU")
     parser.add_argument("--json", type=Path, help="also write the lines as JSON here")
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller sizes (a CI smoke run, not a measurement)"
+    )
     args = parser.parse_args(argv)
     configure_process()  # expandable segments, no TorchScript fusers: before CUDA starts
     cuda = torch.cuda.is_available() and not args.cpu
@@ -522,7 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup = Setup(True, info, make_backend(info), Path(tmp), GiB, 4096, 16, 2048)
         else:
             info = cpu_devices(1, device_memory=4 * GiB)[0]
-            setup = Setup(False, info, make_backend(info), Path(tmp), 64 * MiB, 512, 8, 256)
+            size = (8 if args.quick else 64) * MiB
+            setup = Setup(False, info, make_backend(info), Path(tmp), size, 512, 8, 256)
         report.add(
             "platform",
             f"torch {versions['torch']}",
@@ -538,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_bandwidth(setup, report)
         check_overlap_and_gate(setup, report)
         asyncio.run(check_runtime(setup, report))
-        asyncio.run(check_loop_lag(setup, report, nbytes=512 * MiB))
+        asyncio.run(check_loop_lag(setup, report, nbytes=(32 if args.quick else 512) * MiB))
     report.add("total time", f"{time.perf_counter() - started:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"versions": versions, "lines": report.lines}, indent=2))

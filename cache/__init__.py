@@ -25,6 +25,7 @@ from gpufaas.cache.lru import (
     UnknownKey,
     WrongState,
 )
+from gpufaas.cache.placement import DeviceKind, DeviceSlot, best_fit, may_copy_between
 from gpufaas.cache.singleflight import SingleFlight
 from gpufaas.cache.stats import CacheStats, TierStats
 from gpufaas.cache.tiers import BOUNDED_TIERS, Move, Tier, TierChain
@@ -36,6 +37,8 @@ __all__ = [
     "CacheStats",
     "ClusterDirectory",
     "DeviceExists",
+    "DeviceKind",
+    "DeviceSlot",
     "Entry",
     "EntryExists",
     "EntryPinned",
@@ -54,4 +57,6 @@ __all__ = [
     "UnknownDevice",
     "UnknownKey",
     "WrongState",
+    "best_fit",
+    "may_copy_between",
 ]

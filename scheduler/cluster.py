@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from gpufaas.cache import ClusterDirectory, Residency
+from gpufaas.cache import ClusterDirectory, DeviceKind, Residency
 from gpufaas.core.api import InferenceFunctionSpec
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,15 @@ def residents_from_state(device_state: Mapping[str, Any]) -> list[tuple[str, Res
         (r["model"], Residency(r["state"]), int(r["size_bytes"]))
         for r in device_state.get("residents", [])
     ]
+
+
+def _device_kind(device_state: Mapping[str, Any]) -> dict[str, Any]:
+    """A device's budget and kind (full GPU or MIG slice with its profile) for the directory."""
+    return {
+        "capacity_bytes": int(device_state["capacity_bytes"]),
+        "kind": DeviceKind.MIG if device_state.get("mig") else DeviceKind.GPU,
+        "profile": device_state.get("mig_profile"),
+    }
 
 
 class Cluster:
@@ -123,9 +132,9 @@ class Cluster:
                 )
                 self.devices[key] = device
                 node.devices[device.device_id] = device
-                self.directory.add_device(key, capacity_bytes=device.capacity_bytes, node=node.name)
+                self.directory.add_device(key, node=node.name, **_device_kind(device_state))
             elif key not in self.directory.devices():
-                self.directory.add_device(key, capacity_bytes=device.capacity_bytes, node=node.name)
+                self.directory.add_device(key, node=node.name, **_device_kind(device_state))
             self.directory.sync(key, residents_from_state(device_state))
         for key in [k for k, d in self.devices.items() if d.node is node and k not in seen]:
             self.directory.remove_device(key)
