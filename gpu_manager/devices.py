@@ -840,6 +840,7 @@ class DeviceBackend(abc.ABC):
 
     alignment = 64  # byte alignment of each storage inside an arena
     min_group_bytes = 0  # copies smaller than this are merged with the next layer's
+    tracks_memory = False  # whether peak_bytes_during measures anything
 
     def __init__(self, info: DeviceInfo) -> None:
         self.info = info
@@ -887,6 +888,13 @@ class DeviceBackend(abc.ABC):
 
     def memory_reserved(self) -> int | None:
         """Bytes the device allocator holds from the driver; None where it is not tracked."""
+        return None
+
+    def peak_bytes_during(self, work: Callable[[], object]) -> int | None:
+        """Run ``work`` and return the most device memory it held above what was allocated
+        before; None where the device does not track it (CPU stand-ins: the probe's dispatch
+        measurement stands). Blocking."""
+        work()
         return None
 
     @abc.abstractmethod
@@ -1094,6 +1102,7 @@ class CudaBackend(DeviceBackend):
 
     alignment = 256  # what CUDA kernels' vectorised loads expect of a tensor's address
     min_group_bytes = 1 << 20  # smaller copies do not reach the link's bandwidth
+    tracks_memory = True
 
     def __init__(self, info: DeviceInfo) -> None:
         super().__init__(info)
@@ -1183,6 +1192,16 @@ class CudaBackend(DeviceBackend):
 
     def memory_reserved(self) -> int | None:
         return int(torch.cuda.memory_reserved(self.device))
+
+    def peak_bytes_during(self, work: Callable[[], object]) -> int | None:
+        # Peak statistics are per device: concurrent requests can only raise the figure (a
+        # safe over-estimate of the reserve, never an under-estimate).
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        work()
+        torch.cuda.synchronize(self.device)
+        return max(0, int(torch.cuda.max_memory_allocated(self.device)) - int(base))
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

@@ -49,6 +49,7 @@ from gpufaas.gpu_manager.tensors import (
     TensorError,
     check_index_inputs,
     name_outputs,
+    synthetic_inputs,
     to_tensor,
 )
 
@@ -61,6 +62,7 @@ __all__ = [
     "build_module",
     "forward_retrying_oom",
     "gate_check",
+    "measure_device_reserve",
     "run_forward",
     "start_copy",
 ]
@@ -220,6 +222,41 @@ async def forward_retrying_oom(
     await asyncio.to_thread(backend.trim)
     logger.info("%s: evicted %d model(s) not in use; retrying once", backend.info.id, evicted)
     return await asyncio.to_thread(forward)
+
+
+def measure_device_reserve(
+    skeleton: Skeleton,
+    host_arena: torch.Tensor,
+    spec: InferenceFunctionSpec,
+    backend: DeviceBackend,
+    *,
+    variable_dim: int,
+) -> int | None:
+    """The activation reserve measured on the device itself, at the declared maximum dims.
+
+    A temporary replica is loaded and run once on zero inputs with ``maxBatchSize`` rows and
+    ``variable_dim`` for other variable dimensions, and the device's peak allocation during
+    the forward pass (inputs, activations, workspaces, allocator rounding) is returned; the
+    replica's arena is freed before returning. None where the device does not track memory
+    (CPU stand-ins keep the probe's figure). Blocking; raises on OOM (the caller keeps the
+    probe's figure).
+    """
+    layout = skeleton.layout
+    arena, _ = backend.allocate(layout.arena_bytes, in_use_bytes=layout.arena_bytes)
+    try:
+        backend.start_transfer(arena, host_arena, layout.groups).wait_all()
+        module = build_replica(skeleton.module, layout, arena)
+        inputs = synthetic_inputs(
+            spec.inputs, rows=spec.batching.max_batch_size, variable_dim=variable_dim
+        )
+
+        def forward() -> None:
+            with backend.compute(), torch.inference_mode():
+                module(*(t.to(backend.device) for t in inputs))
+
+        return backend.peak_bytes_during(forward)
+    finally:
+        del arena
 
 
 # --- the gate check ---------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ from gpufaas.gpu_manager.loader import (
     ForwardResult,
     build_module,
     forward_retrying_oom,
+    measure_device_reserve,
     run_forward,
     start_copy,
 )
@@ -447,6 +448,7 @@ class NodeRuntime:
         except BaseException:
             self._abandon_host(name, model, cached)
             raise
+        await self._measure_reserve_on_device(name, skeleton, model.arena, spec)
         current = self.functions.get(name)
         if current is not None and spec_fingerprint(current) == fingerprint:
             self.skeletons[name] = skeleton
@@ -454,6 +456,28 @@ class NodeRuntime:
         if cached:
             self._spawn(self._write_sidecar(name, model))
         return model
+
+    async def _measure_reserve_on_device(
+        self, name: str, skeleton: Skeleton, arena: torch.Tensor, spec: InferenceFunctionSpec
+    ) -> None:
+        """Replace the probe's reserve with one measured on a GPU at the declared max dims."""
+        device = self.device(None)
+        if not device.backend.tracks_memory:
+            return  # CPU stand-ins: the probe's dispatch measurement stands
+        try:
+            measured = await asyncio.to_thread(
+                measure_device_reserve,
+                skeleton,
+                arena,
+                spec,
+                device.backend,
+                variable_dim=self.probe_variable_dim,
+            )
+        except Exception as e:  # no room now, or the model rejects zeros: keep the probe's
+            logger.info("model %s: reserve not measured on %s (%s)", name, device.info.id, e)
+            return
+        if measured is not None:
+            skeleton.reserve_bytes = max(measured, skeleton.probe.input_bytes)
 
     def _reserve_host(self, name: str, model: HostModel) -> bool:
         """Claim host-tier bytes for ``model``; False if it cannot be cached there at all."""

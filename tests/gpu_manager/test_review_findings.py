@@ -264,3 +264,55 @@ def test_a_traced_model_with_cpu_constants_is_refused_for_a_gpu(tmp_path: Path) 
         prepare(traced, "cuda")
     assert prepare(traced, "cpu") is not None  # on CPU devices the constant is right
     assert prepare(scripted, "cuda") is not None  # scripted code uses the input's device
+
+
+# --- finding 9: the activation reserve measured on the device, at the declared max dims -----------
+
+
+class MeasuringBackend(SteeredBackend):
+    """A device that "tracks memory": it reports the rows of the probe forward it watched."""
+
+    tracks_memory = True
+
+    def __init__(self, info: DeviceInfo) -> None:
+        super().__init__(info)
+        self.rows: list[int] = []
+
+    def peak_bytes_during(self, work: Callable[[], object]) -> int | None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        rows = self.rows
+
+        class Watch(TorchDispatchMode):  # type: ignore[no-untyped-call]
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                for a in args:
+                    if isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[1] == 16:
+                        rows.append(int(a.shape[0]))
+                return func(*args, **(kwargs or {}))
+
+        with Watch():
+            work()
+        return 7 * MiB
+
+
+async def test_the_reserve_is_measured_on_the_device_at_the_declared_max_batch(
+    tmp_path: Path, models: dict[str, Model]
+) -> None:
+    from gpufaas.core.artifacts import ArtifactStore
+
+    model = models["tiny-mlp"].with_spec(batching={"maxBatchSize": 32})
+    info = devices(1)[0]
+    backend = MeasuringBackend(info)
+    runtime = NodeRuntime(
+        devices=[info],
+        store=ArtifactStore(tmp_path / "a"),
+        host_capacity_bytes=1 << 30,
+        backends={info.id: backend},
+    )
+    runtime.register(model.name, model.spec)
+    outcome = await runtime.infer(model.name, model.inputs(), device_id=info.id)
+
+    assert backend.rows and set(backend.rows) == {32}  # at maxBatchSize rows
+    skeleton = runtime.skeletons[model.name]
+    assert skeleton.reserve_bytes == 7 * MiB
+    assert outcome.size_bytes == skeleton.layout.arena_bytes + 7 * MiB
