@@ -149,9 +149,11 @@ def _spec(path: Path, fmt: str, inputs: list[Any], outputs: list[Any], **extra: 
     )
 
 
-def _sync(setup: Setup) -> None:
-    if setup.cuda:
-        torch.cuda.synchronize(setup.info.index)
+def _goal(setup: Setup, met: bool) -> str:
+    """A timing goal is judged on a GPU machine; on a shared CPU box it is a figure (INFO)."""
+    if not setup.cuda:
+        return "INFO"
+    return "PASS" if met else "FAIL"
 
 
 # --- 1, 2: bandwidth -------------------------------------------------------------------------------
@@ -315,7 +317,7 @@ def check_overlap_and_gate(setup: Setup, report: Report) -> None:
     report.add(
         f"overlap: first / max(load, compute) (goal <= {goal})",
         f"{ratio:.2f}",
-        "PASS" if ratio <= goal else "FAIL",
+        _goal(setup, ratio <= goal),
         f"load {load * 1e3:.1f} ms, compute {comp * 1e3:.1f} ms, first {first * 1e3:.1f} ms, "
         f"{skeleton.layout.arena_bytes >> 20} MiB in {len(skeleton.layout.groups)} groups",
     )
@@ -496,7 +498,7 @@ async def check_loop_lag(setup: Setup, report: Report, *, nbytes: int) -> None:
     report.add(
         f"loop lag during a {nbytes >> 20} MiB refill (goal < 5 ms)",
         f"{during:.1f} ms",
-        "PASS" if during < 5.0 else ("FAIL" if setup.cuda else "INFO"),
+        _goal(setup, during < 5.0),
         f"idle baseline {baseline:.1f} ms; sidecar refills {fills.get('count', 0)}, "
         f"pinned={runtime.state()['host']['pinned']}",
     )
