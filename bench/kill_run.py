@@ -26,8 +26,8 @@ import httpx
 import numpy as np
 
 from gpufaas.core.examples import build_examples, example_inputs
-from gpufaas.core.local import die_with_parent, free_port
 from gpufaas.core.protocol import decode_response, encode_request, parse_header_length
+from gpufaas.scheduler.local import die_with_parent, free_port
 
 
 def _manager_pids(up_pid: int) -> list[int]:

@@ -22,7 +22,7 @@ def build_gateway(
     *,
     manager_urls: Mapping[str, str],
     functions: Sequence[InferenceFunction],
-    policy: str = "lb",
+    policy: str = "lalb-o3",
     config: GatewayConfig | None = None,
     seed: int | None = None,
     manager_token: str | None = None,

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import httpx
 
-from gpufaas.core.local import die_with_parent, free_port
+from gpufaas.scheduler.local import die_with_parent, free_port
 
 
 @contextlib.contextmanager

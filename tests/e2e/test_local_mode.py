@@ -144,9 +144,9 @@ def test_metrics_are_exported(
         "gpufaas_queue_wait_seconds_count",
         "gpufaas_slo_requests_total",
     ):
-        assert f"{family}{{" in text and 'policy="lb"' in text, family
-    assert 'gpufaas_route_decisions_total{policy="lb",reason="least-loaded"}' in text
-    assert "gpufaas_dispatch_overtakes 0.0" in text  # lb serves each queue in order
+        assert f"{family}{{" in text and 'policy="lalb-o3"' in text, family  # the default
+    assert 'gpufaas_route_decisions_total{policy="lalb-o3",reason="' in text
+    assert "gpufaas_dispatch_overtakes " in text
     cluster = httpx.get(f"{server}/v2/gpufaas/cluster", timeout=10).json()
     residents = {r[0] for d in cluster["devices"] for r in d["residents"]}
     assert "tiny-mlp" in residents
