@@ -168,12 +168,16 @@ def test_model_repository_unload_and_load(server: str) -> None:
         httpx.post(f"{server}/v2/repository/models/small-cnn/unload", timeout=30).status_code == 200
     )
     index = {m["name"]: m for m in httpx.post(f"{server}/v2/repository/index", timeout=30).json()}
-    assert index["small-cnn"]["state"] == "UNAVAILABLE"
+    # Servable (it loads on the next request) though resident nowhere: readiness and
+    # residency are separate fields, and the index agrees with /ready.
+    assert index["small-cnn"]["state"] == "READY"
+    assert index["small-cnn"]["resident_on"] == [] and index["small-cnn"]["loading_on"] == []
+    assert httpx.get(f"{server}/v2/models/small-cnn/ready", timeout=30).status_code == 200
     assert (
         httpx.post(f"{server}/v2/repository/models/small-cnn/load", timeout=60).status_code == 200
     )
     index = {m["name"]: m for m in httpx.post(f"{server}/v2/repository/index", timeout=30).json()}
-    assert index["small-cnn"]["state"] == "READY"
+    assert index["small-cnn"]["state"] == "READY" and index["small-cnn"]["resident_on"]
     assert json.loads(httpx.post(f"{server}/v2/repository/models/nope/load", timeout=30).text)[
         "error"
     ]
