@@ -102,7 +102,7 @@ def main() -> int:
     port = free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port), "--nodes", "2",
-         "--cpu-devices", "1", "--sync-interval", "1"],
+         "--cpu-devices", "1", "--sync-interval", "1", "--grpc-port", str(free_port())],
         env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

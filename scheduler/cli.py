@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from gpufaas.scheduler.gateway import GatewayConfig
 
 DEFAULT_PORT = 8080
+DEFAULT_GRPC_PORT = 8081
 # The best routing policy measured (bench/RESULTS.md, "LALB"): the chart's default too.
 DEFAULT_POLICY = "lalb-o3"
 
@@ -32,6 +33,12 @@ DEFAULT_POLICY = "lalb-o3"
 def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=DEFAULT_GRPC_PORT,
+        help="port of the OIP v2 gRPC service (KServe GRPCInferenceService); -1: none",
+    )
     parser.add_argument("--policy", default=DEFAULT_POLICY, help="lb, lalb or lalb-o3")
     parser.add_argument("--max-request-bytes", default="64Mi", help="largest request body accepted")
     parser.add_argument(
@@ -121,12 +128,18 @@ def up_command(argv: Sequence[str]) -> int:
             manager_token=token,
         )
         print(
-            f"gpufaas is serving {len(functions)} function(s) on http://{args.host}:{args.port}: "
+            f"gpufaas is serving {len(functions)} function(s) on http://{args.host}:{args.port}"
+            + ("" if args.grpc_port < 0 else f" and grpc {args.host}:{args.grpc_port}")
+            + ": "
             + ", ".join(f.name for f in functions),
             flush=True,
         )
-        serve(gateway=gateway, host=args.host, port=args.port)
+        serve(gateway=gateway, host=args.host, port=args.port, grpc_port=_grpc_port(args))
     return 0
+
+
+def _grpc_port(args: argparse.Namespace) -> int | None:
+    return None if args.grpc_port < 0 else int(args.grpc_port)
 
 
 def _gateway_parser() -> argparse.ArgumentParser:
@@ -176,5 +189,5 @@ def gateway_command(argv: Sequence[str]) -> int:
             manager_service=args.manager_service,
             manager_namespace=args.manager_namespace,
         )
-    serve(gateway=gateway, host=args.host, port=args.port)
+    serve(gateway=gateway, host=args.host, port=args.port, grpc_port=_grpc_port(args))
     return 0

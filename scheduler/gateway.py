@@ -711,14 +711,16 @@ class NodeFailed(GatewayError):
 
 def request_deadline(timeout_ms: float | None, parameters: Mapping[str, Any]) -> float | None:
     """A monotonic deadline from ``timeout_ms`` (``X-Gpufaas-Timeout-Ms``, or gRPC's deadline)
-    or else Triton's ``timeout`` request parameter (microseconds); None when there is none."""
-    if timeout_ms is None and isinstance(parameters.get("timeout"), int | float):
-        timeout_ms = float(parameters["timeout"]) / 1000
-    if timeout_ms is None:
+    and Triton's ``timeout`` request parameter (microseconds), the sooner of the two; None when
+    there is neither."""
+    given = [] if timeout_ms is None else [timeout_ms]
+    if isinstance(parameters.get("timeout"), int | float):
+        given.append(float(parameters["timeout"]) / 1000)
+    if not given:
         return None
-    if not timeout_ms > 0:
+    if not min(given) > 0:
         raise ProtocolError("the timeout must be positive")
-    return time.monotonic() + timeout_ms / 1000
+    return time.monotonic() + min(given) / 1000
 
 
 def timeout_header_ms(request: Request) -> float | None:

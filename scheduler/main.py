@@ -38,7 +38,9 @@ def build_gateway(
     return gateway
 
 
-def serve(*, gateway: Gateway, host: str, port: int) -> None:
+def serve(*, gateway: Gateway, host: str, port: int, grpc_port: int | None = None) -> None:
+    """Serve HTTP on ``port`` and, unless ``grpc_port`` is None, gRPC on it, in one event loop
+    over one gateway, until interrupted."""
     logger.info("gateway on http://%s:%d (policy %s)", host, port, gateway.policy.name)
     # httptools parses HTTP in C and uvloop runs the loop (docs/dataplane.md).
     config = uvicorn.Config(
@@ -55,7 +57,24 @@ def serve(*, gateway: Gateway, host: str, port: int) -> None:
     # collector's generations, which cut a ~100 ms pause from the request path's p99.
     gc.freeze()
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(server.serve())
+        uvloop.run(_serve_both(server, gateway, host=host, grpc_port=grpc_port))
+
+
+async def _serve_both(
+    server: uvicorn.Server, gateway: Gateway, *, host: str, grpc_port: int | None
+) -> None:
+    if grpc_port is None:
+        await server.serve()
+        return
+    from gpufaas.scheduler.grpc_server import make_server
+
+    grpc_server, bound = make_server(gateway, host=host, port=grpc_port)
+    await grpc_server.start()
+    logger.info("gateway gRPC (KServe v2) on %s:%d", host, bound)
+    try:
+        await server.serve()
+    finally:
+        await grpc_server.stop(grace=2.0)
 
 
 def enable_kubernetes(

@@ -106,6 +106,7 @@ def _start_cluster(
         "--policy", policy,
         "--host", "127.0.0.1",
         "--port", str(port),
+        "--grpc-port", str(free_port()),
         "--functions", str(functions_dir),
     ]  # fmt: skip
     env = {**os.environ, "GPUFAAS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
