@@ -10,7 +10,6 @@ from gpufaas.cache.directory import (
     ClusterDirectory,
     DeviceExists,
     InvalidReport,
-    Residency,
     UnknownDevice,
 )
 from gpufaas.cache.lru import (
@@ -22,6 +21,7 @@ from gpufaas.cache.lru import (
     EntryState,
     InsufficientCapacity,
     InvalidSize,
+    Residency,
     UnknownKey,
     WrongState,
 )

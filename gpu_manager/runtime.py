@@ -40,6 +40,8 @@ from gpufaas.cache import CacheStats, FailureBackoff, InsufficientCapacity, Sing
 from gpufaas.core.api import InferenceFunctionSpec
 from gpufaas.core.artifacts import ArtifactError, ArtifactStore
 from gpufaas.core.modelio import ModelLoadError
+from gpufaas.core.node import DeviceState, HostState, NodeState, SkeletonState
+from gpufaas.core.node import Throughput as ThroughputState
 from gpufaas.gpu_manager.batching import Batcher, concat_inputs, split_outputs
 from gpufaas.gpu_manager.devices import (
     DeviceBackend,
@@ -132,9 +134,9 @@ class Throughput:
         self.seconds += seconds
         self.count += 1
 
-    def to_dict(self) -> dict[str, float]:
+    def to_state(self) -> ThroughputState:
         gbps = self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-        return {"bytes": self.nbytes, "seconds": self.seconds, "count": self.count, "gbps": gbps}
+        return ThroughputState(bytes=self.nbytes, seconds=self.seconds, count=self.count, gbps=gbps)
 
 
 @dataclass
@@ -879,37 +881,40 @@ class NodeRuntime:
 
     # -- state -------------------------------------------------------------------------------------
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> NodeState:
         """Devices and both tiers with byte-exact sizes, in LRU order (least recent first)."""
-        return {
-            "devices": [
-                {
+        return NodeState(
+            devices=[
+                DeviceState(
                     **d.info.to_dict(),
-                    "used_bytes": d.tier.lru.used_bytes,
-                    "free_cache_bytes": d.tier.lru.free_bytes,
-                    "outstanding": d.outstanding,
-                    "max_concurrency": self.max_concurrency_per_device,
-                    "memory_allocated": d.backend.memory_allocated(),
-                    "pooled_bytes": d.backend.pooled_bytes(),
-                    "residents": d.tier.residents(_describe_device_model),
-                    "draining": d.tier.draining_rows(),
-                }
+                    used_bytes=d.tier.lru.used_bytes,
+                    free_cache_bytes=d.tier.lru.free_bytes,
+                    outstanding=d.outstanding,
+                    max_concurrency=self.max_concurrency_per_device,
+                    memory_allocated=d.backend.memory_allocated(),
+                    pooled_bytes=d.backend.pooled_bytes(),
+                    residents=d.tier.residents(_describe_device_model),
+                    draining=d.tier.draining_rows(),
+                )
                 for d in self.devices.values()
             ],
-            "host": {
-                "capacity_bytes": self.host.lru.capacity_bytes,
-                "used_bytes": self.host.lru.used_bytes,
-                "pinned": self.pin_host_memory,
-                "pooled_bytes": self.host_pool.pooled_bytes,
-                "residents": self.host.residents(_describe_host_model),
-                "draining": self.host.draining_rows(),
-                "skeletons": {name: s.describe() for name, s in sorted(self.skeletons.items())},
-            },
-            "functions": sorted(self.functions),
-            "stats": self.stats.snapshot(),
-            "loads": {path: t.to_dict() for path, t in sorted(self.load_totals.items())},
-            "host_fills": {source: t.to_dict() for source, t in sorted(self.host_fills.items())},
-        }
+            host=HostState(
+                capacity_bytes=self.host.lru.capacity_bytes,
+                used_bytes=self.host.lru.used_bytes,
+                pinned=self.pin_host_memory,
+                pooled_bytes=self.host_pool.pooled_bytes,
+                residents=self.host.residents(_describe_host_model),
+                draining=self.host.draining_rows(),
+                skeletons={
+                    name: SkeletonState(**s.describe())
+                    for name, s in sorted(self.skeletons.items())
+                },
+            ),
+            functions=sorted(self.functions),
+            stats=self.stats.snapshot(),
+            loads={path: t.to_state() for path, t in sorted(self.load_totals.items())},
+            host_fills={source: t.to_state() for source, t in sorted(self.host_fills.items())},
+        )
 
 
 def _no_arena() -> torch.Tensor:
@@ -951,9 +956,7 @@ def _skeleton_matches(skeleton: Skeleton, path: Path, fingerprint: str) -> bool:
     return (stat.st_size, stat.st_mtime_ns) == skeleton.artifact_stat
 
 
-def _describe_device_model(key: str, model: DeviceModel | None) -> dict[str, Any]:
-    if model is None:
-        return {}
+def _describe_device_model(model: DeviceModel) -> dict[str, Any]:
     return {
         "weights_bytes": model.weights_bytes,
         "arena_bytes": model.arena_bytes,
@@ -964,9 +967,7 @@ def _describe_device_model(key: str, model: DeviceModel | None) -> dict[str, Any
     }
 
 
-def _describe_host_model(key: str, model: HostModel | None) -> dict[str, Any]:
-    if model is None:
-        return {}
+def _describe_host_model(model: HostModel) -> dict[str, Any]:
     return {
         "weights_bytes": model.skeleton.layout.weights_bytes,
         "arena_bytes": model.size_bytes,

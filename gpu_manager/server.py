@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gpufaas.core import node
 from gpufaas.core.api import InferenceFunctionSpec, ManifestError, parse_spec
 from gpufaas.core.http import (
     BATCH_SIZE_HEADER,
@@ -33,7 +34,6 @@ from gpufaas.core.http import (
     header_length,
     install_error_handlers,
     install_token_auth,
-    json_safe,
     parse_evict_first,
     read_body,
 )
@@ -144,7 +144,7 @@ def create_app(
         install_token_auth(
             app,
             token=token,
-            protect=lambda path: not path.startswith("/v2/health/") and path != "/metrics",
+            protect=lambda path: path not in (node.HEALTH_LIVE, node.HEALTH_READY, "/metrics"),
             realm="the GPU manager",
         )
     registry = CollectorRegistry()
@@ -164,19 +164,19 @@ def create_app(
     add_metrics_route(app, registry)
     app.state.runtime = runtime
 
-    @app.get("/v2/health/live")
+    @app.get(node.HEALTH_LIVE)
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @app.get("/v2/health/ready")
+    @app.get(node.HEALTH_READY)
     async def ready() -> dict[str, bool]:
         return {"ready": True}
 
-    @app.get("/v2/gpufaas/state")
-    async def state() -> JSONResponse:
-        return JSONResponse(json_safe(runtime.state()))
+    @app.get(node.STATE)
+    async def state() -> Response:
+        return Response(runtime.state().model_dump_json(), media_type="application/json")
 
-    @app.put("/v2/gpufaas/functions/{name}")
+    @app.put(node.FUNCTION)
     async def put_function(name: str, request: Request) -> Response:
         try:
             body = await request.json()
@@ -193,12 +193,12 @@ def create_app(
         runtime.register(name, spec)
         return Response(status_code=204)
 
-    @app.delete("/v2/gpufaas/functions/{name}")
+    @app.delete(node.FUNCTION)
     async def delete_function(name: str) -> Response:
         runtime.unregister(name)
         return Response(status_code=204)
 
-    @app.post("/v2/models/{name}/infer")
+    @app.post(node.MODEL_INFER)
     async def infer(name: str, request: Request) -> Response:
         try:
             spec: InferenceFunctionSpec = runtime.spec(name)
@@ -242,7 +242,7 @@ def create_app(
         headers[BATCH_SIZE_HEADER] = str(outcome.batch_size)
         return Response(payload, headers=headers)
 
-    @app.post("/v2/repository/models/{name}/load")
+    @app.post(node.MODEL_LOAD)
     async def load(name: str, request: Request) -> Response:
         try:
             device_id = await runtime.load(name, device_id=request.headers.get(DEVICE_HEADER))
@@ -250,7 +250,7 @@ def create_app(
             return failure_response(e)
         return JSONResponse({"model": name, "device": device_id})
 
-    @app.post("/v2/repository/models/{name}/unload")
+    @app.post(node.MODEL_UNLOAD)
     async def unload(name: str, request: Request) -> Response:
         try:
             devices = runtime.unload(name, device_id=request.headers.get(DEVICE_HEADER))

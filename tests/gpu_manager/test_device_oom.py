@@ -46,8 +46,7 @@ def _runtime(tmp_path: Path, models: list[Model]) -> tuple[NodeRuntime, Fragment
 
 
 def _resident(runtime: NodeRuntime) -> set[str]:
-    device = runtime.state()["devices"][0]
-    return {r["model"] for r in device["residents"]}
+    return {r.model for r in runtime.state().devices[0].residents}
 
 
 async def test_out_of_memory_evicts_unused_models_and_retries_once(
