@@ -310,7 +310,7 @@ async def first_inference(path: Path, work: Path, *, repeats: int) -> dict[str, 
             measured[f"{mode}_latency_ms"] = (time.perf_counter() - started) * 1000
             await runtime.settle()
             assert not outcome.cache_hit
-            measured[f"{mode}_load_ms"] = runtime.loads[-1].seconds * 1000
+            measured[f"{mode}_load_ms"] = runtime.loads.recent[-1].seconds * 1000
         # The reference times: the load alone (the sequential round copies with nothing else
         # running) and the forward pass alone (warm, model resident).
         load = measured["sequential_load_ms"]
@@ -336,7 +336,7 @@ async def calibrate_batch(runtime: NodeRuntime, device: str) -> int:
         runtime.unload("stack", device_id=device)
         await runtime.infer("stack", [x1], device_id=device)
         await runtime.settle()
-        loads.append(runtime.loads[-1].seconds * 1000)
+        loads.append(runtime.loads.recent[-1].seconds * 1000)
     load_ms = statistics.median(loads)
     batch = 1
     for _ in range(12):

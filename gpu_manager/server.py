@@ -88,6 +88,7 @@ class _StateCollector(Collector):
         )
         host = gauge("gpufaas_host_tier_bytes", "Host tier bytes", ["kind"])
         host_residents = gauge("gpufaas_host_tier_models", "Models in the host tier", [])
+        disk = gauge("gpufaas_disk_tier_bytes", "Disk tier (sidecar) bytes", ["kind"])
         load_bytes = CounterMetricFamily(
             "gpufaas_manager_load_bytes", "Bytes copied onto devices, per path", labels=["path"]
         )
@@ -114,15 +115,18 @@ class _StateCollector(Collector):
                     "nvlink" if other in i.nvlink_peers else "p2p" if i.kind == "cuda" else "memory"
                 )
                 peer.add_metric([i.id, other, link], 1)
-        host.add_metric(["capacity"], self.runtime.host.lru.capacity_bytes)
-        host.add_metric(["used"], self.runtime.host.lru.used_bytes)
-        host.add_metric(["pooled"], self.runtime.host_pool.pooled_bytes)
-        host_residents.add_metric([], len(self.runtime.host))
-        for path, totals in self.runtime.load_totals.items():
+        host_lru = self.runtime.host.tier.lru
+        host.add_metric(["capacity"], host_lru.capacity_bytes)
+        host.add_metric(["used"], host_lru.used_bytes)
+        host.add_metric(["pooled"], self.runtime.memory.pool.pooled_bytes)
+        host_residents.add_metric([], len(self.runtime.host.tier))
+        disk.add_metric(["capacity"], self.runtime.disk.lru.capacity_bytes)
+        disk.add_metric(["used"], self.runtime.disk.lru.used_bytes)
+        for path, totals in self.runtime.loads.totals.items():
             load_bytes.add_metric([path], totals.nbytes)
             load_seconds.add_metric([path], totals.seconds)
         yield from (info, capacity, total, free, used, residents, pcie_generation, pcie_width)
-        yield from (pcie_limit, peer, host, host_residents, load_bytes, load_seconds)
+        yield from (pcie_limit, peer, host, host_residents, disk, load_bytes, load_seconds)
 
 
 def failure_response(failure: RuntimeFailure) -> Response:

@@ -39,6 +39,7 @@ def _runtime(tmp_path: Path, models: list[Model]) -> tuple[NodeRuntime, Fragment
         store=ArtifactStore(tmp_path / "artifacts"),
         host_capacity_bytes=1 << 30,
         backends={info.id: backend},
+        prepare_on_register=False,
     )
     for model in models:
         runtime.register(model.name, model.spec)

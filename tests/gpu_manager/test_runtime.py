@@ -151,7 +151,7 @@ async def test_host_refill_after_eviction_reads_the_sidecar(
     close(output(again), small.reference(inputs))
     fills = runtime.state().host_fills
     assert fills["sidecar"].count == 1 and fills["artifact"].count == 2
-    assert fills["sidecar"].bytes == runtime.skeletons[small.name].layout.arena_bytes
+    assert fills["sidecar"].bytes == runtime.disk.skeletons[small.name].layout.arena_bytes
 
 
 async def test_a_model_too_big_for_the_host_tier_is_served_uncached(
@@ -162,7 +162,7 @@ async def test_a_model_too_big_for_the_host_tier_is_served_uncached(
     outcome = await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
     await runtime.settle()
     close(output(outcome), model.reference(model.inputs()))
-    assert runtime.state().host.residents == [] and runtime.host.lru.used_bytes == 0
+    assert runtime.state().host.residents == [] and runtime.host.tier.lru.used_bytes == 0
 
 
 # --- overlap ------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ async def test_compute_starts_before_the_last_layer_lands(
     outcome = await runtime.infer(model.name, inputs, device_id="cpu:0")
 
     log = backend(runtime, "cpu:0").log
-    groups = len(runtime.skeletons[model.name].layout.groups)
+    groups = len(runtime.disk.skeletons[model.name].layout.groups)
     assert groups == 8  # inp, 6 layers, out: one event per layer
     waits = [g for kind, g in log if kind == "wait"]
     assert waits == list(range(groups))  # each layer waited for once, in forward order
@@ -242,7 +242,7 @@ async def test_a_resident_model_takes_its_tensor_bytes_plus_its_reserve(
 
     row = resident(runtime, "cpu:0")[name]
     weights = tensor_bytes(load_model(model.path, format=model.format))
-    skeleton = runtime.skeletons[name]
+    skeleton = runtime.disk.skeletons[name]
     assert row.weights_bytes == weights
     assert row.arena_bytes is not None and row.reserve_bytes is not None
     assert row.size_bytes == outcome.size_bytes == row.arena_bytes + row.reserve_bytes
@@ -382,7 +382,7 @@ async def test_changed_weights_drop_every_cached_copy(
     runtime = runtime_factory(register=[model])
     await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
     await runtime.settle()
-    sidecar = runtime.skeletons[model.name].sidecar
+    sidecar = runtime.disk.skeletons[model.name].sidecar
     assert sidecar is not None and sidecar.is_file()
     moved = tmp_path / "moved.pt"
     shutil.copy(model.path, moved)
@@ -392,7 +392,7 @@ async def test_changed_weights_drop_every_cached_copy(
 
     state = runtime.state()
     assert state.devices[0].residents == [] and state.host.residents == []
-    assert model.name not in runtime.skeletons
+    assert model.name not in runtime.disk.skeletons
     assert not sidecar.exists()  # the old weights' sidecar is gone with them
     outcome = await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
     assert (outcome.cache_hit, outcome.load_source) == (False, "host")
@@ -474,7 +474,7 @@ async def test_concurrent_requests_for_one_model_are_batched(
     )
 
     assert [o.batch_size for o in outcomes] == [5] * 5
-    assert runtime.devices["cpu:0"].batchers[model.name].batches == 1
+    assert runtime.batchers[("cpu:0", model.name)].batches == 1
     for outcome, inputs in zip(outcomes, requests, strict=True):
         assert output(outcome).shape == (1, 4)
         close(output(outcome), model.reference(inputs))
@@ -538,15 +538,27 @@ async def test_a_load_evicts_the_schedulers_hinted_victims_first(
     assert sorted(resident(runtime, "cpu:0")) == ["copy-b", "copy-c"]
 
 
-async def test_a_request_without_a_hint_clears_an_older_one(
+async def test_a_hint_applies_only_to_the_load_its_own_request_causes(
     runtime_factory: Factory, models: dict[str, Model]
 ) -> None:
     base = models["tiny-mlp"]
-    a, b, c = (dataclasses.replace(base, name=n) for n in ("copy-a", "copy-b", "copy-c"))
-    runtime = runtime_factory(register=[a, b, c])
-    device = runtime.devices["cpu:0"]
-    await runtime.infer(c.name, c.inputs(), device_id="cpu:0", evict_first=["copy-b"])
-    assert device.evict_hints == {}  # used by the load
-    device.evict_hints[c.name] = ("copy-b",)  # as if a hinted request found c resident
-    await runtime.infer(c.name, c.inputs(), device_id="cpu:0")
-    assert device.evict_hints == {}
+    a, b, c = (dataclasses.replace(base, name=f"copy-{n}") for n in "abc")
+    probe = runtime_factory(register=[a])
+    size = (await probe.infer(a.name, a.inputs(), device_id="cpu:0")).size_bytes
+    runtime = runtime_factory(device_list=devices(1, capacity=2 * size), register=[a, b, c])
+
+    async def call(model: Model, hint: tuple[str, ...] = ()) -> InferOutcome:
+        return await runtime.infer(model.name, model.inputs(), device_id="cpu:0", evict_first=hint)
+
+    await call(a)
+    await call(c)
+    await call(c, ("copy-a",))  # a hit: the hint causes no load and must not linger
+    await call(a)
+    await call(b)  # evicts c, the least recent
+    await call(a)
+    reloaded = await call(c)  # no hint now: LRU evicts b (a lingering hint would evict a)
+    assert not reloaded.cache_hit
+    assert sorted(resident(runtime, "cpu:0")) == ["copy-a", "copy-c"]
+    hinted = await call(b, ("copy-a",))  # its own hint: a goes, though c is least recent
+    assert not hinted.cache_hit
+    assert sorted(resident(runtime, "cpu:0")) == ["copy-b", "copy-c"]
