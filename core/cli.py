@@ -120,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="with --kubernetes: file:// root",
     )
+    # The disk tier: loading-optimised sidecars on node-local disk, within this budget.
+    manager.add_argument(
+        "--disk-cache",
+        default="32Gi",
+        help="disk-tier budget for model sidecars on node-local disk (0 disables the tier)",
+    )
     _add_device_options(manager)
 
     sub.add_parser("crd", help="print the InferenceFunction CRD")
@@ -228,6 +234,7 @@ def _cmd_gpu_manager(args: argparse.Namespace) -> int:
         cpu_devices=args.cpu_devices,
         device_memory_bytes=parse_bytes(args.device_memory),
         host_memory_bytes=parse_bytes(args.host_memory),
+        disk_cache_bytes=parse_bytes(args.disk_cache),
         artifact_dir=args.artifact_dir or artifact_dir(),
         force_cpu=args.force_cpu,
         # In a cluster, manifest authors choose the URIs: no local files, no internal hosts.

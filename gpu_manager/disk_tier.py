@@ -50,7 +50,7 @@ __all__ = ["DiskModel", "DiskTier", "HostBuffers"]
 
 logger = logging.getLogger(__name__)
 
-_HEADER_ALLOWANCE = 1 << 20  # a sidecar's JSON header (the layout) stays well under this
+_HEADER_FIELDS = 4096  # a sidecar header's fields besides the layout (paths, versions, sizes)
 
 
 class HostBuffers(Protocol):
@@ -177,7 +177,7 @@ class DiskTier:
         if entry is not None and skeleton.sidecar is not None and entry.value == skeleton.sidecar:
             return  # written already
         self.forget_sidecar(model)
-        estimate = skeleton.layout.arena_bytes + _HEADER_ALLOWANCE
+        estimate = self.room_needed(skeleton)
         try:
             for victim in self.lru.make_room(estimate):
                 self._unlink(victim.key, victim.value)
@@ -186,8 +186,10 @@ class DiskTier:
         except InsufficientCapacity:
             logger.info("disk tier cannot hold %s (%d bytes); no sidecar", model, estimate)
             return
-        path = sidecar_path(
-            self.directory, fingerprint=skeleton.fingerprint, artifact=skeleton.artifact
+        path = sidecar_path(  # per function: two functions may share one artifact
+            self.directory,
+            fingerprint=f"{model}|{skeleton.fingerprint}",
+            artifact=skeleton.artifact,
         )
         try:
             await asyncio.to_thread(write_sidecar, path, skeleton, arena)
@@ -199,8 +201,16 @@ class DiskTier:
         if self.lru.peek(model) is None:  # forgotten while writing (new weights)
             path.unlink(missing_ok=True)
             return
-        self.lru.commit(model, path, size_bytes=size)
+        self.lru.commit(model, path, size_bytes=size)  # never larger than the estimate
+        self.lru.unpin(model)  # the reservation's pin
         skeleton.sidecar = path
+
+    @staticmethod
+    def room_needed(skeleton: Skeleton) -> int:
+        """Bytes a sidecar of ``skeleton`` may take, claimed before it is written: the arena plus
+        a header holding the layout as JSON (escaped inside the metadata, so up to twice its
+        length) and a few short fields."""
+        return skeleton.layout.arena_bytes + 2 * len(skeleton.layout.to_json()) + _HEADER_FIELDS
 
     def sidecar_unusable(self, model: str, error: Exception) -> None:
         """A reader found the sidecar stale or corrupt: drop it, so the artifact is read."""
