@@ -144,7 +144,7 @@ def test_the_model_check_verifies_onnx_and_names_an_unknown_operator(tmp_path: P
     assert report.tensor_bytes == 16 * 4 * 4 + 4 * 4
 
     bad = onnx_spec(with_unknown_op(tmp_path / "bad.onnx"))
-    with pytest.raises(ModelCheckError, match="acme.ops:FancyOp"):
+    with pytest.raises(ModelCheckError, match=r"acme\.ops:FancyOp"):
         check_model(bad, store=store)
 
     log = tmp_path / "termination-log"
