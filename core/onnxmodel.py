@@ -119,10 +119,14 @@ def open_session(data: bytes, *, device_kind: str, device_index: int = 0, thread
     return _open(data, providers=providers, path=Path("<memory>"), threads=threads)
 
 
-def run(session: Any, inputs: Sequence[NDArray[Any]]) -> list[NDArray[Any]]:
-    """One call: ``inputs`` in the graph's input order; outputs in its output order."""
-    names = [i.name for i in session.get_inputs()]
-    feed = {name: np.ascontiguousarray(array) for name, array in zip(names, inputs, strict=True)}
+def run(
+    session: Any, inputs: Sequence[NDArray[Any]], *, names: Sequence[str] = ()
+) -> list[NDArray[Any]]:
+    """One call; outputs in the graph's order. ``inputs`` are matched to the graph's inputs by
+    ``names`` when those are exactly the graph's input names, else by position."""
+    graph_names = [i.name for i in session.get_inputs()]
+    order = list(names) if sorted(names) == sorted(graph_names) else graph_names
+    feed = {name: np.ascontiguousarray(array) for name, array in zip(order, inputs, strict=True)}
     return [np.asarray(output) for output in session.run(None, feed)]
 
 

@@ -108,7 +108,7 @@ class OnnxBackend:
                 reason="InvalidInput",
             )
         started = time.perf_counter()
-        results = run(runnable.session, inputs)
+        results = run(runnable.session, inputs, names=[t.name for t in spec.inputs])
         if len(results) != len(spec.outputs):
             raise TensorError(
                 f"the model returned {len(results)} outputs but the function declares "
