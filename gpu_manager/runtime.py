@@ -297,8 +297,21 @@ class NodeRuntime:
 
     async def _prepare(self, name: str, spec: InferenceFunctionSpec) -> None:
         async with self._preparing:
-            if spec_fingerprint(self.functions.get(name, spec)) == spec_fingerprint(spec):
-                await self.disk.prefetch(name, spec)
+            if not self._current(name, spec):
+                return  # unregistered or changed while queued
+            await self.disk.prefetch(name, spec)
+            # Unregistered or changed while it was prepared: drop it (not a newer spec's).
+            stale = self.disk.skeletons.get(name)
+            if (
+                not self._current(name, spec)
+                and stale
+                and stale.fingerprint == spec_fingerprint(spec)
+            ):
+                self.disk.forget(name)
+
+    def _current(self, name: str, spec: InferenceFunctionSpec) -> bool:
+        registered = self.functions.get(name)
+        return registered is not None and spec_fingerprint(registered) == spec_fingerprint(spec)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         try:

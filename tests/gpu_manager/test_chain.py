@@ -289,3 +289,15 @@ async def test_a_request_during_registration_joins_its_preparation(
     assert runtime.stats.snapshot()["disk"]["misses"] <= 2
     fills = runtime.state().host_fills
     assert sum(f.count for f in fills.values()) == 1  # one host fill, however it raced
+
+
+async def test_a_function_unregistered_while_prepared_leaves_nothing_on_disk(
+    runtime_factory: Factory, models: dict[str, Model]
+) -> None:
+    model = models["deep"]
+    runtime = runtime_factory(register=[model], prepare_on_register=True)
+    runtime.unregister(model.name)  # the preparation is queued or running
+    await runtime.settle()
+    state = runtime.state()
+    assert state.disk is not None and state.disk.residents == []
+    assert model.name not in runtime.disk.skeletons
