@@ -33,13 +33,13 @@ from gpufaas.gpu_manager.backends import CopySource, backend_for, model_error_me
 from gpufaas.gpu_manager.chain import (
     DeviceLoadOutOfMemory,
     Held,
+    ResidencyTier,
     RuntimeFailure,
     Throughput,
     spec_fingerprint,
 )
 from gpufaas.gpu_manager.devices import DeviceBackend, DeviceInfo, TransferFailed, is_out_of_memory
 from gpufaas.gpu_manager.disk_tier import DiskTier
-from gpufaas.gpu_manager.host_cache import HostTier
 from gpufaas.gpu_manager.host_tier import HostModel
 from gpufaas.gpu_manager.loader import DeviceModel, ForwardResult
 from gpufaas.gpu_manager.peer_source import PeerSource
@@ -87,7 +87,7 @@ class Sources:
     """Where a device tier fills from, fastest first."""
 
     peers: PeerSource
-    host: HostTier
+    host: ResidencyTier[HostModel]
     disk: DiskTier  # for skeletons: a load is sized before any source is held
 
 

@@ -41,9 +41,14 @@ from gpufaas.cache import (
 from gpufaas.core.api import InferenceFunctionSpec
 from gpufaas.core.modelio import ModelLoadError
 from gpufaas.core.node import DiskState, ResidentState
-from gpufaas.gpu_manager.artifact_source import ArtifactSource
 from gpufaas.gpu_manager.backends import backend_for
-from gpufaas.gpu_manager.chain import Held, RuntimeFailure, not_held, spec_fingerprint
+from gpufaas.gpu_manager.chain import (
+    Held,
+    ResidencyTier,
+    RuntimeFailure,
+    not_held,
+    spec_fingerprint,
+)
 from gpufaas.gpu_manager.host_tier import Skeleton, sidecar_path, write_sidecar
 
 __all__ = ["DiskModel", "DiskTier", "HostBuffers"]
@@ -92,7 +97,7 @@ class DiskTier:
         *,
         directory: Path,
         capacity_bytes: int,
-        below: ArtifactSource,
+        below: ResidencyTier[Path],
         buffers: HostBuffers,
         stats: CacheStats,
         alignment: int,
