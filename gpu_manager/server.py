@@ -2,8 +2,10 @@
 
 The gateway pushes function specs here, then sends binary-encoded inference
 requests naming the device to run on (``X-Gpufaas-Device``). A miss loads the
-model on that device. ``/v2/gpufaas/state`` reports devices and both cache
-tiers with byte-exact sizes; ``/metrics`` exports the same as gauges.
+model on that device. ``/v2/gpufaas/state`` reports devices and every tier
+with byte-exact sizes as a :class:`gpufaas.core.node.NodeState`; the route
+paths come from :mod:`gpufaas.core.node` too, which the gateway's cluster
+client shares. ``/metrics`` exports the same as gauges.
 """
 
 from __future__ import annotations
