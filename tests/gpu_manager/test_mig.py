@@ -67,8 +67,8 @@ def test_the_gateway_places_a_cold_load_on_the_best_fitting_slice() -> None:
     policy = LocalityAware(seed=0, estimates=estimates)
     idle = [DeviceLoad(key=f"n/cuda:{i}", outstanding=0, queue_ms=0.0) for i in range(4)]
 
-    assert policy.choose(RouteRequest("small", 10 * GiB), idle, directory) in {
+    assert policy.choose(RouteRequest("small", 10 * GiB), idle, directory).device in {
         "n/cuda:2",
         "n/cuda:3",
     }
-    assert policy.choose(RouteRequest("big", 30 * GiB), idle, directory) == "n/cuda:1"
+    assert policy.choose(RouteRequest("big", 30 * GiB), idle, directory).device == "n/cuda:1"

@@ -22,8 +22,7 @@ from torch import nn
 
 from gpufaas.core.api import ModelFormat
 from gpufaas.core.modelio import ModelLoadError, save_model
-from gpufaas.gpu_manager import host_tier
-from gpufaas.gpu_manager import runtime as runtime_module
+from gpufaas.gpu_manager import host_cache, host_tier
 from gpufaas.gpu_manager.devices import CpuBackend, DeviceInfo, NodeHealth
 from gpufaas.gpu_manager.host_tier import prepare_model
 from gpufaas.gpu_manager.runtime import InferOutcome, NodeRuntime, RuntimeFailure
@@ -96,7 +95,7 @@ async def test_a_fatal_device_error_is_a_503_and_the_node_stops_being_ready(
         ready = await c.get("/v2/health/ready")
         assert ready.status_code == 503 and "device-side assert" in ready.text
         assert len(ended) == 1  # the process is told to exit, once
-        assert runtime.state()["ready"] is False
+        assert runtime.state().ready is False
 
 
 async def test_an_out_of_range_token_id_is_a_400_naming_the_input_before_upload(
@@ -136,7 +135,7 @@ async def test_an_oom_while_computing_evicts_unused_models_and_retries_once(
 
     np.testing.assert_allclose(outcome.outputs["y"][0], b.reference(b.inputs()), rtol=1e-5)
     assert backend.computes == before + 2  # one retry
-    residents = [r["model"] for r in runtime.state()["devices"][0]["residents"]]
+    residents = [r.model for r in runtime.state().devices[0].residents]
     assert residents == [b.name]  # the unused model made room; the one in use stayed
 
     backend.failures.extend([torch.OutOfMemoryError("CUDA out of memory")] * 2)
@@ -186,8 +185,8 @@ async def test_a_512_mib_refill_leaves_the_loop_running_and_never_pins(
     runtime.register(model.name, model.spec)
     await runtime.load(model.name, device_id="cpu:0")
     await runtime.settle()  # the sidecar is written
-    runtime.host.retire(model.name)
-    runtime.devices["cpu:0"].tier.retire(model.name)
+    runtime.host.evict(model.name)
+    runtime.devices["cpu:0"].evict(model.name)
     await asyncio.sleep(0)
 
     # The probe ticks on the loop; the refill's read (in its worker thread) waits for three
@@ -196,7 +195,7 @@ async def test_a_512_mib_refill_leaves_the_loop_running_and_never_pins(
     ticks_during_read = threading.Event()
     reading = threading.Event()
     lags: list[float] = []
-    real_read = runtime_module.read_sidecar
+    real_read = host_cache.read_sidecar
 
     def read(*args: Any, **kwargs: Any) -> None:
         assert threading.get_ident() != loop_thread
@@ -205,7 +204,7 @@ async def test_a_512_mib_refill_leaves_the_loop_running_and_never_pins(
             raise AssertionError("the event loop did not run while the refill read its sidecar")
         real_read(*args, **kwargs)
 
-    monkeypatch.setattr(runtime_module, "read_sidecar", read)
+    monkeypatch.setattr(host_cache, "read_sidecar", read)
 
     async def probe(stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -225,9 +224,9 @@ async def test_a_512_mib_refill_leaves_the_loop_running_and_never_pins(
     stop.set()
     await prober
 
-    host = runtime.state()["host"]
-    assert runtime.state()["host_fills"]["sidecar"]["bytes"] >= 512 * MiB
-    assert host["pinned"] and host["residents"][0]["pinned"]  # the real flag of its arena
+    state = runtime.state()
+    assert state.host_fills["sidecar"].bytes >= 512 * MiB
+    assert state.host.pinned and state.host.residents[0].pinned  # the real flag of its arena
     assert pins == [1100 * MiB]  # no page-locking per refill
     print(f"max loop lag during a 512 MiB refill: {max(lags) * 1000:.1f} ms (shared 2-core box)")
 
@@ -313,6 +312,6 @@ async def test_the_reserve_is_measured_on_the_device_at_the_declared_max_batch(
     outcome = await runtime.infer(model.name, model.inputs(), device_id=info.id)
 
     assert backend.rows and set(backend.rows) == {32}  # at maxBatchSize rows
-    skeleton = runtime.skeletons[model.name]
+    skeleton = runtime.disk.skeletons[model.name]
     assert skeleton.reserve_bytes == 7 * MiB
     assert outcome.size_bytes == skeleton.layout.arena_bytes + 7 * MiB
