@@ -95,7 +95,9 @@ async def test_a_fatal_device_error_is_a_503_and_the_node_stops_being_ready(
         ready = await c.get("/v2/health/ready")
         assert ready.status_code == 503 and "device-side assert" in ready.text
         assert len(ended) == 1  # the process is told to exit, once
-        assert runtime.state().ready is False
+        state = (await c.get("/v2/gpufaas/state")).json()
+        assert state["ready"] is False and "device-side assert" in state["failure"]
+        assert state["platform"]["torch"] == torch.__version__  # and torch_cuda, the driver
 
 
 async def test_an_out_of_range_token_id_is_a_400_naming_the_input_before_upload(
@@ -315,3 +317,17 @@ async def test_the_reserve_is_measured_on_the_device_at_the_declared_max_batch(
     skeleton = runtime.disk.skeletons[model.name]
     assert skeleton.reserve_bytes == 7 * MiB
     assert outcome.size_bytes == skeleton.layout.arena_bytes + 7 * MiB
+
+
+def test_the_manager_refuses_to_start_with_a_clear_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gpufaas.gpu_manager import cli, main
+    from gpufaas.gpu_manager.devices import DeviceSetupError
+
+    def refuse(**options: Any) -> NodeRuntime:
+        raise DeviceSetupError("refusing to start: NVML sees 2 GPU(s) but this torch has no CUDA")
+
+    monkeypatch.setattr(main, "build_runtime", refuse)
+    assert cli.main(["--port", "0"]) == 2
+    assert "has no CUDA" in capsys.readouterr().err
