@@ -62,8 +62,9 @@ relink:
 
 # The CUDA path on a machine with one NVIDIA GPU, with that machine's own python3 and CUDA torch
 # (this project's venv does not travel). It needs a few pure-Python wheels besides torch, numpy
-# and nvidia-ml-py (see bench/gpu_check.py's docstring); put them on PYTHONPATH. No GPU: it runs a
-# reduced CPU smoke mode and says which lines it skipped.
+# and nvidia-ml-py (pydantic, fastapi, fsspec, safetensors, ...: the list and the pip download
+# line are in docs/gpu_check.md); put them on PYTHONPATH. No GPU: it runs a reduced CPU smoke
+# mode and says which lines it skipped.
 GPU_CHECK_PYTHON ?= python3
 gpu-check:
 	$(GPU_CHECK_PYTHON) bench/gpu_check.py $(ARGS)
