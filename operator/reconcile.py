@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from kubernetes.utils.quantity import parse_quantity
+
 from gpufaas.core.api import (
     API_VERSION,
     KIND,
@@ -322,14 +324,22 @@ def desired_handler_service(owner: Owner, handler: Handler) -> JSON:
 # -- desired vs actual ---------------------------------------------------------------------------
 
 
-def is_subset(desired: Any, actual: Any) -> bool:
+# Maps whose values are resource Quantities: the API server stores them canonically
+# ("0.1" comes back as "100m", "1024Mi" as "1Gi"), so they are compared by value.
+_QUANTITY_MAPS = frozenset({"requests", "limits"})
+
+
+def is_subset(desired: Any, actual: Any, *, quantities: bool = False) -> bool:
     """Does ``actual`` contain everything in ``desired``? Extra keys (server defaults) are fine.
 
     Dicts compare key by key; lists must have the same length and match item by item.
+    Values of ``requests``/``limits`` maps compare as Quantities (by value, not by text).
     """
     if isinstance(desired, Mapping):
         return isinstance(actual, Mapping) and all(
-            key in actual and is_subset(value, actual[key]) for key, value in desired.items()
+            key in actual
+            and is_subset(value, actual[key], quantities=quantities or key in _QUANTITY_MAPS)
+            for key, value in desired.items()
         )
     if isinstance(desired, list):
         return (
@@ -339,7 +349,17 @@ def is_subset(desired: Any, actual: Any) -> bool:
         )
     if type(desired) is type(actual) and desired == actual:
         return True
+    if quantities:
+        return same_quantity(desired, actual)
     return _same_number(desired, actual)
+
+
+def same_quantity(a: Any, b: Any) -> bool:
+    """``0.1`` and ``100m``, ``1024Mi`` and ``1Gi``: the same Quantity written two ways."""
+    try:
+        return bool(parse_quantity(a) == parse_quantity(b))  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError):
+        return False
 
 
 def _same_number(a: Any, b: Any) -> bool:
@@ -352,7 +372,10 @@ def update_patch(desired: Mapping[str, Any], actual: Mapping[str, Any]) -> JSON 
     """A JSON merge patch that brings ``actual`` to ``desired``, or None if nothing differs.
 
     Lists are replaced whole by merge patches, which is what a rollout wants. A Job's
-    spec is immutable, so only its metadata is reconciled.
+    spec is immutable, so only its metadata is reconciled. The patch carries the
+    resourceVersion it was computed from: if the object changed meanwhile (an
+    autoscaler moved the replicas, say) the API server answers 409 and the operator
+    re-reads instead of overwriting that change.
     """
     meta_keys = ("labels", "annotations", "ownerReferences")
     meta = {k: desired["metadata"][k] for k in meta_keys if k in desired["metadata"]}
@@ -363,7 +386,12 @@ def update_patch(desired: Mapping[str, Any], actual: Mapping[str, Any]) -> JSON 
         desired.get("spec", {}), actual.get("spec", {})
     ):
         patch["spec"] = desired["spec"]
-    return patch or None
+    if not patch:
+        return None
+    version = actual.get("metadata", {}).get("resourceVersion")
+    if version:
+        patch["metadata"] = {**patch.get("metadata", {}), "resourceVersion": version}
+    return patch
 
 
 # -- observing children --------------------------------------------------------------------------
@@ -446,18 +474,31 @@ class Readiness:
 NO_HANDLER = Readiness("True", "NotRequired", "no handler configured")
 
 
-def handler_readiness(deployment: Mapping[str, Any] | None) -> Readiness:
-    """HandlerReady from the Deployment: every wanted replica updated and ready."""
+SCALED_TO_ZERO = "ScaledToZero"
+
+
+def handler_readiness(
+    deployment: Mapping[str, Any] | None, *, scale_from_zero: bool = False
+) -> Readiness:
+    """HandlerReady from the Deployment: every wanted replica updated and ready.
+
+    With ``scale_from_zero`` (``minReplicas: 0``) a handler at zero replicas is ready to
+    serve: the gateway scales it back to one on the next request and holds that request.
+    """
     if deployment is None:
         return Readiness("False", "Creating", "the handler Deployment is being created")
     spec, status = deployment.get("spec", {}), deployment.get("status", {})
     wanted = int(spec.get("replicas", 1))
+    if wanted == 0 and scale_from_zero:
+        return Readiness(
+            "True", SCALED_TO_ZERO, "scaled to zero while idle; the next request wakes it"
+        )
     generation = deployment.get("metadata", {}).get("generation")
     observed = status.get("observedGeneration")
     if generation is not None and (observed is None or observed < generation):
         return Readiness("False", "RollingOut", "the handler Deployment is rolling out")
     if wanted == 0:
-        return Readiness("False", "ScaledToZero", "the handler has 0 replicas")
+        return Readiness("False", SCALED_TO_ZERO, "the handler has 0 replicas")
     ready = int(status.get("readyReplicas") or 0)
     updated = int(status.get("updatedReplicas") or 0)
     if updated < wanted:
@@ -496,8 +537,14 @@ def desired_status(
     handler: Readiness,
     previous: Mapping[str, Any],
     now: str,
+    handler_replicas: int | None = None,
+    shards: Sequence[Mapping[str, Any]] = (),
 ) -> JSON:
-    """The operator's part of ``status`` (it leaves residentOn/residentCount to the gateway)."""
+    """The operator's part of ``status`` (it leaves residentOn/residentCount to the gateway).
+
+    ``handlerReplicas`` is the handler Deployment's replica count (0: scaled to zero);
+    ``shards`` the planned placement of a parallel function's shards.
+    """
     before = {
         c.get("type", ""): c for c in previous.get("conditions") or [] if isinstance(c, Mapping)
     }
@@ -531,6 +578,8 @@ def desired_status(
         "modelBytes": model_bytes,
         "endpoint": settings.endpoint_for(owner.name),
         "ready": ready[0],
+        "handlerReplicas": handler_replicas,
+        "shards": [dict(s) for s in shards] or None,
     }  # fmt: skip
 
 

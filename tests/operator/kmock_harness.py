@@ -20,7 +20,9 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +30,7 @@ import attrs
 import httpx
 import kmock
 import yaml
+from kubernetes.utils.quantity import parse_quantity
 
 from gpufaas.core.api import API_VERSION, GROUP, KIND, PLURAL, SINGULAR, VERSION
 
@@ -40,11 +43,85 @@ FUNCTIONS = f"/apis/{API_VERSION}"
 RESYNC_SECONDS = "0.5"
 
 
+@dataclass(frozen=True)
+class Call:
+    """One API request as RBAC sees it, and who sent it (by User-Agent)."""
+
+    verb: str
+    group: str
+    resource: str  # plural, or plural/subresource
+    namespace: str | None
+    name: str | None
+    user_agent: str
+    path: str
+    params: tuple[tuple[str, str], ...]
+
+
+@dataclass
+class Fault:
+    """Answer the next ``times`` requests matching method and a path suffix with ``status``."""
+
+    method: str
+    path_suffix: str
+    status: int
+    times: int = 1
+
+
+_BINARY = [("Ei", 2**60), ("Pi", 2**50), ("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)]
+_DECIMAL = [("E", 10**18), ("P", 10**15), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3)]
+
+
+def canonical_quantity(text: str) -> str:
+    """The form the API server stores a Quantity in ("0.1" -> "100m", "1024Mi" -> "1Gi")."""
+    value = Decimal(parse_quantity(text))
+    if value != value.to_integral_value():
+        milli = value * 1000
+        if milli == milli.to_integral_value():
+            return f"{int(milli)}m"
+        return f"{int((value * 10**9).to_integral_value())}n"
+    whole = int(value)
+    suffixes = _BINARY if text.endswith("i") else _DECIMAL
+    for suffix, factor in suffixes:
+        if whole and whole % factor == 0:
+            return f"{whole // factor}{suffix}"
+    return str(whole)
+
+
+def _canonicalize_resources(node: Any) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "resources" and isinstance(value, dict):
+                for kind in ("requests", "limits"):
+                    amounts = value.get(kind)
+                    if isinstance(amounts, dict):
+                        for name, amount in amounts.items():
+                            if isinstance(amount, str | int | float):
+                                amounts[name] = canonical_quantity(str(amount))
+            else:
+                _canonicalize_resources(value)
+    elif isinstance(node, list):
+        for item in node:
+            _canonicalize_resources(item)
+
+
+_CONTROLLER_KINDS = {"deployments", "jobs"}
+
+
 @attrs.define(kw_only=True)
 class Emulator(kmock.KubernetesEmulator):
-    """KMock's emulator plus the metadata a real API server stamps on objects."""
+    """KMock's emulator plus what a real API server does that the tests rely on.
+
+    It stamps metadata (uid, resourceVersion, namespace, generation, creationTimestamp),
+    refuses a merge patch whose ``metadata.resourceVersion`` is stale (409), stores
+    Quantities in canonical form, lists with a real resourceVersion, and can be told to
+    fail requests (:class:`Fault`), expire watches (an ERROR 410 event), send BOOKMARKs
+    and end watch streams, as a real server does after a timeout.
+    """
 
     log: list[tuple[str, str]] = attrs.field(factory=list)
+    calls: list[Call] = attrs.field(factory=list)
+    faults: list[Fault] = attrs.field(factory=list)
+    expire_watches: dict[str, int] = attrs.field(factory=dict)  # plural -> watches to expire
     _rv: int = 0
 
     def _next_rv(self) -> str:
@@ -53,12 +130,95 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request) -> Any:  # type: ignore[override]
         self.log.append((str(request.method.value).upper(), request.url.path))
+        self._record(request)
+        self._inject_fault(request)
         if request.resource is not None:
             self._stamp(request)
         return await super()._handle(request)
 
+    def _record(self, request: kmock.Request) -> None:
+        resource = request.resource
+        if resource is None or request.action is None:
+            return
+        method = str(request.method.value).upper()
+        action = request.action
+        verb = {
+            kmock.action.LIST: "list",
+            kmock.action.WATCH: "watch",
+            kmock.action.FETCH: "get",
+            kmock.action.CREATE: "create",
+            kmock.action.DELETE: "delete" if request.name else "deletecollection",
+        }.get(action, "patch" if method == "PATCH" else "update")
+        plural = str(resource.plural)
+        self.calls.append(
+            Call(
+                verb=verb,
+                group=str(resource.group or ""),
+                resource=f"{plural}/{request.subresource}" if request.subresource else plural,
+                namespace=request.namespace,
+                name=request.name,
+                user_agent=str(request.headers.get("User-Agent", "")),
+                path=request.url.path,
+                params=tuple(sorted((str(k), str(v)) for k, v in request.params.items())),
+            )
+        )
+
+    def _inject_fault(self, request: kmock.Request) -> None:
+        method = str(request.method.value).upper()
+        for fault in self.faults:
+            if (
+                fault.times > 0
+                and fault.method == method
+                and request.url.path.endswith(fault.path_suffix)
+            ):
+                fault.times -= 1
+                raise kmock.KubernetesError(
+                    status=fault.status,
+                    reason="Conflict" if fault.status == 409 else "Injected",
+                    message=f"injected {fault.status} for {method} {request.url.path}",
+                )
+
+    async def _serve_list(self, request: Any) -> Any:
+        listed = await super()._serve_list(request)
+        listed["metadata"] = {"resourceVersion": str(self._rv)}
+        return listed
+
+    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
+        plural = str(request.resource.plural) if request.resource is not None else ""
+        if self.expire_watches.get(plural, 0) > 0:
+            self.expire_watches[plural] -= 1
+            yield b""
+            yield {
+                "type": "ERROR",
+                "object": {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "code": 410,
+                    "reason": "Expired",
+                    "message": "too old resource version",
+                },
+            }
+            return
+        async for event in super()._serve_watch(request):
+            if isinstance(event, dict) and event.get("type") == "END-OF-STREAM":
+                return  # the server's timeoutSeconds ran out: the client resumes
+            yield event
+
+    async def send_to_watchers(
+        self, group: str, version: str, plural: str, event: dict[str, Any]
+    ) -> None:
+        """Put a raw event (BOOKMARK, END-OF-STREAM) on a resource's watch streams."""
+        await self._buses[kmock.resource(group, version, plural)].put(event)
+
     def _stamp(self, request: kmock.Request) -> None:
         data = request.data
+        plural = str(request.resource.plural) if request.resource is not None else ""
+        if plural in _CONTROLLER_KINDS and request.action in {
+            kmock.action.CREATE,
+            kmock.action.UPDATE,
+        }:
+            _canonicalize_resources(data)
         if request.action == kmock.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             if request.namespace and not meta.get("namespace"):
@@ -77,6 +237,15 @@ class Emulator(kmock.KubernetesEmulator):
             if current is None or current.deleted:
                 return
             generation = current.get("metadata", {}).get("generation") or 1
+            if isinstance(data, dict):
+                wanted = (data.get("metadata") or {}).get("resourceVersion")
+                actual = current.get("metadata", {}).get("resourceVersion")
+                if wanted is not None and wanted != actual:
+                    raise kmock.KubernetesError(
+                        status=409,
+                        reason="Conflict",
+                        message=f"the object has been modified (resourceVersion {actual}, not {wanted})",
+                    )
             rv = self._next_rv()
             if isinstance(data, dict):
                 meta = data.setdefault("metadata", {})
@@ -323,9 +492,22 @@ class GatewayStandIn:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.authorizations: list[str | None] = []
+        # What GET /v2/gpufaas/cluster answers (None: 503, a gateway that cannot say).
+        self.cluster_state: dict[str, Any] | None = {"nodes": [], "devices": []}
         calls, authorizations = self.calls, self.authorizations
+        stand_in = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                authorizations.append(self.headers.get("Authorization"))
+                state = stand_in.cluster_state
+                body = json.dumps(state).encode()
+                self.send_response(200 if state is not None else 503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def do_POST(self) -> None:
                 calls.append(self.path)
                 authorizations.append(self.headers.get("Authorization"))
