@@ -122,6 +122,8 @@ class Emulator(kmock.KubernetesEmulator):
     calls: list[Call] = attrs.field(factory=list)
     faults: list[Fault] = attrs.field(factory=list)
     expire_watches: dict[str, int] = attrs.field(factory=dict)  # plural -> watches to expire
+    listed_versions: list[str] = attrs.field(factory=list)  # the resourceVersion of each list
+    loop: asyncio.AbstractEventLoop | None = None
     _rv: int = 0
 
     def _next_rv(self) -> str:
@@ -181,6 +183,7 @@ class Emulator(kmock.KubernetesEmulator):
     async def _serve_list(self, request: Any) -> Any:
         listed = await super()._serve_list(request)
         listed["metadata"] = {"resourceVersion": str(self._rv)}
+        self.listed_versions.append(str(self._rv))
         return listed
 
     async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
@@ -323,6 +326,7 @@ class KMockThread:
                 subresources={"status"},
                 verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
             )
+            emulator.loop = self._loop
             self.emulator = emulator
             self.url = str(server.url).rstrip("/")
             self._ready.set()
@@ -405,6 +409,36 @@ class Kube:
             if method in {"POST", "PATCH", "DELETE", "PUT"}
             and any(f"/{p}" in path for p in plurals)
         ]
+
+    def send_to_watchers(self, plural_path: str, event: dict[str, Any]) -> None:
+        """Put a raw event on the watch streams of ``group/version/plural`` (from any thread)."""
+        group, version, plural = plural_path.split("/")
+        assert self.emulator.loop is not None
+        asyncio.run_coroutine_threadsafe(
+            self.emulator.send_to_watchers(group, version, plural, event), self.emulator.loop
+        ).result(timeout=5)
+
+    def end_watches(self, plural_path: str, namespace: str | None = None) -> None:
+        """End the open watch streams, as the server does when their timeoutSeconds run out."""
+        meta = {} if namespace is None else {"namespace": namespace}
+        self.send_to_watchers(plural_path, {"type": "END-OF-STREAM", "object": {"metadata": meta}})
+
+    def bookmark(
+        self, plural_path: str, resource_version: str, namespace: str | None = None
+    ) -> None:
+        meta: dict[str, Any] = {"resourceVersion": resource_version}
+        if namespace is not None:
+            meta["namespace"] = namespace  # KMock filters events by namespace
+        self.send_to_watchers(
+            plural_path,
+            {
+                "type": "BOOKMARK",
+                "object": {"kind": KIND, "apiVersion": API_VERSION, "metadata": meta},
+            },
+        )
+
+    def calls_by(self, user_agent_prefix: str) -> list[Call]:
+        return [c for c in list(self.emulator.calls) if c.user_agent.startswith(user_agent_prefix)]
 
     def requests_to(self, method: str, path: str) -> int:
         return sum(1 for m, p in list(self.emulator.log) if m == method and p == path)
