@@ -140,8 +140,8 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _record(self, request: kmock.Request) -> None:
         resource = request.resource
-        if resource is None or request.action is None:
-            return
+        if resource is None or resource.plural is None or request.action is None:
+            return  # discovery (/api, /apis/GROUP/VERSION): every user may read it
         method = str(request.method.value).upper()
         action = request.action
         verb = {

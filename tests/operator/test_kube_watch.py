@@ -185,9 +185,8 @@ async def test_discover_gpu_managers_reads_ready_endpoints(
     ]
     by_node = await gpu_manager_urls(namespace=ns, service=service, connection=connection)
     assert by_node == {"gpu-a": "http://10.0.0.1:8090", "gpu-c": "http://10.0.0.3:8090"}
-    assert (
-        await discover_gpu_managers(namespace="empty", service=service, connection=connection) == []
-    )
+    # The gateway only looks in its own namespace (its Role is there): no slices, no managers.
+    assert await discover_gpu_managers(namespace=ns, service="no-such", connection=connection) == []
 
 
 def test_manager_urls_bracket_ipv6_and_match_the_port_by_name() -> None:
