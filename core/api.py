@@ -10,6 +10,7 @@ Python.
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 import types
 import typing
@@ -444,6 +445,25 @@ def parse_spec(spec: Mapping[str, Any]) -> InferenceFunctionSpec:
         return InferenceFunctionSpec.model_validate(dict(spec))
     except ValidationError as e:
         raise ManifestError(format_validation_error(e, prefix="spec")) from None
+
+
+def child_name(owner_name: str, suffix: str) -> str:
+    """``ifn-<owner>-<suffix>``: the name of a function's child object (a DNS-1035 label).
+
+    The operator names the handler's Deployment and Service this way and the gateway
+    finds them by it. Long owner names are cut and made unique with a short hash.
+    """
+    name = f"ifn-{owner_name}-{suffix}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(owner_name.encode()).hexdigest()[:6]
+    room = 63 - len(f"ifn--{digest}-{suffix}")
+    return f"ifn-{owner_name[:room].rstrip('-')}-{digest}-{suffix}"
+
+
+def handler_name(function_name: str) -> str:
+    """The handler Deployment's and Service's name."""
+    return child_name(function_name, "handler")
 
 
 def is_valid_name(name: str) -> bool:

@@ -28,7 +28,9 @@ from gpufaas.core.api import (
     Handler,
     InferenceFunctionSpec,
     Phase,
+    child_name,
 )
+from gpufaas.core.api import handler_name as function_handler_name
 from gpufaas.core.modelcheck import parse_check_message
 from gpufaas.operator.settings import OperatorSettings
 
@@ -79,21 +81,8 @@ class Owner:
 # -- names, labels, references -------------------------------------------------------------------
 
 
-def child_name(owner_name: str, suffix: str) -> str:
-    """``ifn-<owner>-<suffix>``: a DNS-1035 label (starts with a letter, <= 63 chars).
-
-    Long owner names are cut and made unique again with a short hash of the full name.
-    """
-    name = f"ifn-{owner_name}-{suffix}"
-    if len(name) <= 63:
-        return name
-    digest = hashlib.sha256(owner_name.encode()).hexdigest()[:6]
-    room = 63 - len(f"ifn--{digest}-{suffix}")
-    return f"ifn-{owner_name[:room].rstrip('-')}-{digest}-{suffix}"
-
-
 def handler_name(owner: Owner) -> str:
-    return child_name(owner.name, "handler")
+    return function_handler_name(owner.name)
 
 
 _CHECKED_FIELDS = {"model", "inputs", "outputs"}

@@ -54,6 +54,7 @@ from gpufaas.core.protocol import (
     validate_inputs,
 )
 from gpufaas.scheduler.cluster import Cluster, Device, Node
+from gpufaas.scheduler.coldstart import HandlerActivator, handler_router
 from gpufaas.scheduler.dispatch import DeviceGone, Dispatcher, Job, QueueFull, directory_residency
 from gpufaas.scheduler.estimates import Estimates
 from gpufaas.scheduler.policy import DeviceLoad, NoDevice, Policy, RouteRequest
@@ -192,6 +193,8 @@ class Gateway:
         self.background: list[Callable[[asyncio.Event], Awaitable[None]]] = []
         self._stopping = asyncio.Event()
         self._background_tasks: list[asyncio.Task[None]] = []
+        # Kubernetes mode: /v2/handlers/... wakes scaled-to-zero handlers (coldstart.py).
+        self.handler_activator: HandlerActivator | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -634,6 +637,9 @@ def create_app(gateway: Gateway) -> FastAPI:
             protect=lambda path: path.startswith(ADMIN_PATHS),
             realm="the gpufaas admin API",
         )
+
+    if gateway.handler_activator is not None:  # handlers, held while they start (coldstart.py)
+        app.include_router(handler_router(gateway.handler_activator, gateway.function))
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
