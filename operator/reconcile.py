@@ -471,17 +471,26 @@ def handler_readiness(
 ) -> Readiness:
     """HandlerReady from the Deployment: every wanted replica updated and ready.
 
-    With ``scale_from_zero`` (``minReplicas: 0``) a handler at zero replicas is ready to
-    serve: the gateway scales it back to one on the next request and holds that request.
+    With ``scale_from_zero`` (``minReplicas: 0``) the function stays servable while its
+    handler sleeps or wakes: at zero replicas (``ScaledToZero``) or with none ready yet
+    (``Waking``) the gateway holds requests until a replica is Ready, so withdrawing the
+    function then would turn a cold start into 404s.
     """
     if deployment is None:
         return Readiness("False", "Creating", "the handler Deployment is being created")
     spec, status = deployment.get("spec", {}), deployment.get("status", {})
     wanted = int(spec.get("replicas", 1))
-    if wanted == 0 and scale_from_zero:
-        return Readiness(
-            "True", SCALED_TO_ZERO, "scaled to zero while idle; the next request wakes it"
-        )
+    if scale_from_zero:
+        ready_now = int(status.get("readyReplicas") or 0)
+        if wanted == 0:
+            return Readiness(
+                "True", SCALED_TO_ZERO, "scaled to zero while idle; the next request wakes it"
+            )
+        if ready_now == 0:
+            return Readiness(
+                "True", "Waking", "a replica is starting; the gateway holds requests meanwhile"
+            )
+        return Readiness("True", "Available", f"{ready_now}/{wanted} handler replicas ready")
     generation = deployment.get("metadata", {}).get("generation")
     observed = status.get("observedGeneration")
     if generation is not None and (observed is None or observed < generation):

@@ -107,6 +107,50 @@ def _canonicalize_resources(node: Any) -> None:
 _CONTROLLER_KINDS = {"deployments", "jobs"}
 
 
+def _container_defaults(container: dict[str, Any]) -> None:
+    container.setdefault("terminationMessagePath", "/dev/termination-log")
+    container.setdefault("terminationMessagePolicy", "File")
+    container.setdefault("imagePullPolicy", "IfNotPresent")
+    for probe in ("readinessProbe", "livenessProbe"):
+        if isinstance(container.get(probe), dict):
+            container[probe] = {"timeoutSeconds": 1, "successThreshold": 1} | container[probe]
+            get = container[probe].get("httpGet")
+            if isinstance(get, dict):
+                get.setdefault("scheme", "HTTP")
+
+
+def apply_server_defaults(plural: str, body: Any) -> None:
+    """Fields the API server fills in on create, so drift checks meet them as in a cluster."""
+    if not isinstance(body, dict) or not isinstance(body.get("spec"), dict):
+        return
+    spec = body["spec"]
+    if plural == "deployments":
+        spec.setdefault("revisionHistoryLimit", 10)
+        spec.setdefault("progressDeadlineSeconds", 600)
+        spec.setdefault(
+            "strategy",
+            {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"},
+            },
+        )
+        pod = (spec.get("template") or {}).get("spec")
+        if isinstance(pod, dict):
+            pod.setdefault("restartPolicy", "Always")
+            pod.setdefault("dnsPolicy", "ClusterFirst")
+            pod.setdefault("schedulerName", "default-scheduler")
+            pod.setdefault("terminationGracePeriodSeconds", 30)
+            for container in pod.get("containers") or []:
+                _container_defaults(container)
+    elif plural == "services":
+        spec.setdefault("clusterIP", "10.96.0.10")
+        spec.setdefault("clusterIPs", ["10.96.0.10"])
+        spec.setdefault("sessionAffinity", "None")
+        spec.setdefault("ipFamilies", ["IPv4"])
+        spec.setdefault("ipFamilyPolicy", "SingleStack")
+        spec.setdefault("internalTrafficPolicy", "Cluster")
+
+
 @attrs.define(kw_only=True)
 class Emulator(kmock.KubernetesEmulator):
     """KMock's emulator plus what a real API server does that the tests rely on.
@@ -222,6 +266,8 @@ class Emulator(kmock.KubernetesEmulator):
             kmock.action.UPDATE,
         }:
             _canonicalize_resources(data)
+        if request.action == kmock.action.CREATE:
+            apply_server_defaults(plural, data)
         if request.action == kmock.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             if request.namespace and not meta.get("namespace"):

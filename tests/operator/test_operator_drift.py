@@ -2,8 +2,9 @@
 
 The operator runs with handler resources written the way people write them
 ("0.1" CPU, "131072Ki", "1024Mi"); the emulator stores them canonically, as the API
-server does ("100m", "128Mi", "1Gi"). Comparing text would patch the Deployment on
-every reconcile; comparing values makes a reconcile of an unchanged object a no-op.
+server does ("100m", "128Mi", "1Gi"), and fills in the fields the server defaults
+(strategy, probe timeouts, clusterIP, ...). Comparing text, or whole objects, would
+patch the Deployment on every reconcile; a reconcile of an unchanged object is a no-op.
 """
 
 from __future__ import annotations

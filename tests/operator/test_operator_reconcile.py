@@ -356,8 +356,12 @@ def test_a_handler_scaled_to_zero_by_design_is_ready() -> None:
     idle = _deployment(0, 0, 0, generation=3, observed=2)
     readiness = handler_readiness(idle, scale_from_zero=True)
     assert (readiness.status, readiness.reason) == ("True", "ScaledToZero")
-    awake = handler_readiness(_deployment(1, 0, 1), scale_from_zero=True)
-    assert (awake.status, awake.reason) == ("False", "Unavailable")
+    waking = handler_readiness(_deployment(1, 0, 1), scale_from_zero=True)
+    assert (waking.status, waking.reason) == ("True", "Waking")
+    awake = handler_readiness(_deployment(2, 1, 2), scale_from_zero=True)
+    assert (awake.status, awake.reason) == ("True", "Available")
+    # Without scale-from-zero a replica short is still not ready.
+    assert handler_readiness(_deployment(1, 0, 1)).reason == "Unavailable"
 
 
 # -- status --------------------------------------------------------------------------------------
