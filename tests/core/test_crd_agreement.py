@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -269,3 +270,16 @@ _PATHS = [
 def test_random_single_field_changes_agree(path: str, value: Any, parallel: Any) -> None:
     doc = build(put("spec.parallelism", parallel), put(path, value))
     assert pydantic_accepts(doc) is (not SERVER.admit(doc)), SERVER.admit(doc)
+
+
+def test_the_example_manifests_pass_both() -> None:
+    import yaml
+
+    examples = sorted(
+        (Path(__file__).resolve().parents[2] / "examples" / "functions").glob("*.yaml")
+    )
+    assert examples
+    for path in examples:
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert pydantic_accepts(doc), path.name
+            assert SERVER.admit(doc) == [], path.name
