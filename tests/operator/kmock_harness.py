@@ -574,12 +574,13 @@ class GatewayStandIn:
         self.authorizations: list[str | None] = []
         # What GET /v2/gpufaas/cluster answers (None: 503, a gateway that cannot say).
         self.cluster_state: dict[str, Any] | None = {"nodes": [], "devices": []}
+        self.cluster_reads: list[str | None] = []  # the Authorization of each cluster read
         calls, authorizations = self.calls, self.authorizations
         stand_in = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                authorizations.append(self.headers.get("Authorization"))
+                stand_in.cluster_reads.append(self.headers.get("Authorization"))
                 state = stand_in.cluster_state
                 body = json.dumps(state).encode()
                 self.send_response(200 if state is not None else 503)

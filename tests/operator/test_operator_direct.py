@@ -150,7 +150,7 @@ async def test_parallel_shards_are_placed_over_the_gateways_devices(
         {"index": 1, "node": "gpu-b", "device": "cuda:0"},
         {"index": 2, "node": "gpu-a", "device": "cuda:1"},
     ]
-    assert gateway.authorizations[-1] == "Bearer admin-secret"
+    assert gateway.cluster_reads[-1] == "Bearer admin-secret"
 
     # The gateway goes away: the last plan stands rather than flapping to nothing.
     gateway.cluster_state = None
