@@ -50,7 +50,7 @@ URI_SCHEMES = ("file", "http", "https", "s3")
 _URI_PATTERN = r"^(file|https?|s3)://.+$"
 # DNS-1123 label: Kubernetes object names, model names on the wire.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-_TENSORNAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:-]*$"
+_TENSOR_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:-]*$"
 _QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?|[kmgtpe])?$"
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=63)]
@@ -130,7 +130,7 @@ class ModelSource(_Model):
 class TensorSpec(_Model):
     """One named input or output tensor. ``-1`` marks a variable dimension."""
 
-    name: Annotated[str, StringConstraints(pattern=_TENSORNAME_PATTERN, max_length=128)]
+    name: Annotated[str, StringConstraints(pattern=_TENSOR_NAME_PATTERN, max_length=128)]
     datatype: Datatype
     shape: list[Annotated[Int, Field(ge=-1)]] = Field(
         max_length=16,
