@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import httpx
 from fastapi import APIRouter, Request, Response
@@ -287,9 +288,23 @@ def handler_router(
 
 
 def kubernetes_activator(
-    connection: KubeConnection | None = None, **options: Any
+    connection: KubeConnection | None = None, *, environ: Mapping[str, str] | None = None
 ) -> HandlerActivator:
-    """An activator over the cluster's API (in-cluster service account, else kubeconfig)."""
+    """An activator over the cluster's API (in-cluster service account, else kubeconfig).
+
+    ``GPUFAAS_HANDLER_HOLD_SECONDS`` (60) bounds a hold without a client deadline and
+    ``GPUFAAS_HANDLER_MAX_HELD`` (100) the requests held per function.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        hold_s = float(env.get("GPUFAAS_HANDLER_HOLD_SECONDS") or 60)
+        max_held = int(env.get("GPUFAAS_HANDLER_MAX_HELD") or 100)
+        if not (hold_s > 0 and max_held > 0):
+            raise ValueError("must be positive")
+    except ValueError as e:
+        raise ValueError(f"GPUFAAS_HANDLER_HOLD_SECONDS / GPUFAAS_HANDLER_MAX_HELD: {e}") from None
     return HandlerActivator(
-        deployments=KubeDeployments(connection or KubeConnection.load()), **options
+        deployments=KubeDeployments(connection or KubeConnection.load()),
+        hold_timeout_s=hold_s,
+        max_held_per_function=max_held,
     )

@@ -18,11 +18,11 @@ from typing import Any
 
 import httpx
 import pytest
-from kmock_harness import GatewayStandIn, Kube, function_body
+from kmock_harness import GatewayStandIn, Kube, function_body, operator_running
 
 from gpufaas.core.api import InferenceFunction, parse_manifest
 from gpufaas.core.kubeclient import KubeConnection
-from gpufaas.scheduler.coldstart import HandlerActivator, KubeDeployments
+from gpufaas.scheduler.coldstart import HandlerActivator, KubeDeployments, kubernetes_activator
 from gpufaas.scheduler.gateway import create_app
 from gpufaas.scheduler.main import build_gateway
 
@@ -234,3 +234,88 @@ async def test_idle_handlers_scale_to_zero_and_busy_ones_do_not(
     assert (kube.get(idle_path) or {})["spec"]["replicas"] == 0
     assert (kube.get(busy_path) or {})["spec"]["replicas"] == 1
     assert (kube.get(pinned_path) or {})["spec"]["replicas"] == 1
+
+
+async def test_with_the_operator_idle_sleeps_and_the_next_request_wakes_it(
+    cluster: tuple[Kube, GatewayStandIn], handler_server: HandlerStandIn
+) -> None:
+    """The whole loop: operator, gateway activator, and status along the way."""
+    kube, _ = cluster
+    ns, name = "cold-loop", "fn-loop"
+    body = function_body(name)
+    body["spec"]["handler"] = {"image": "registry.test/pre:1", "minReplicas": 0, "maxReplicas": 2}
+    path = kube.path("apps/v1", "deployments", ns, f"ifn-{name}-handler")
+
+    def handler_condition() -> tuple[str, str, Any]:
+        current = kube.function(ns, name) or {}
+        cond = next(
+            (
+                c
+                for c in (current.get("status") or {}).get("conditions") or []
+                if c["type"] == "HandlerReady"
+            ),
+            {},
+        )
+        return (
+            cond.get("status"),
+            cond.get("reason"),
+            (current.get("status") or {}).get("handlerReplicas"),
+        )
+
+    async def until(predicate: Any, what: str) -> None:
+        for _ in range(300):  # bounded: at most ~15 s
+            if predicate():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}: {handler_condition()}")
+
+    now = [1000.0]
+    deployments = KubeDeployments(KubeConnection.load())
+    activator = HandlerActivator(
+        deployments=deployments, handler_url=lambda f: handler_server.url, clock=lambda: now[0]
+    )
+    with operator_running():
+        kube.create(kube.fn_path(ns), body)
+        await until(lambda: kube.list(kube.path("batch/v1", "jobs", ns)), "the check Job")
+        job = kube.list(kube.path("batch/v1", "jobs", ns))[0]
+        kube.complete_check(ns, job["metadata"]["name"])
+        await until(lambda: kube.get(path), "the handler Deployment")
+        kube.make_deployment_ready(ns, f"ifn-{name}-handler")
+        await until(lambda: handler_condition() == ("True", "Available", 1), "Available")
+        fn = parse_manifest(kube.function(ns, name) or {})
+
+        # Idle past its window: the gateway scales it to zero; the operator reports it.
+        assert await activator.scale_idle([fn]) == []
+        now[0] += 301
+        assert await activator.scale_idle([fn]) == [f"{ns}/{name}"]
+        kube.patch(path + "/status", {"status": {"readyReplicas": 0}})  # the pods are gone
+        await until(lambda: handler_condition() == ("True", "ScaledToZero", 0), "ScaledToZero")
+        assert (kube.function(ns, name) or {})["status"]["ready"] == "True"
+        fetches = kube.requests_to("GET", kube.fn_path(ns, name))
+        await until(
+            lambda: kube.requests_to("GET", kube.fn_path(ns, name)) >= fetches + 2, "resyncs"
+        )
+        assert (kube.get(path) or {})["spec"]["replicas"] == 0  # the operator kept it asleep
+
+        # The next request wakes it and is answered; the status follows.
+        controller = _controller(kube, path, delay_s=0.2)
+        async with _client(activator, [fn]) as client:
+            answer = await client.post(
+                f"/v2/handlers/{name}/run", json={"a": 1}, headers={TIMEOUT: "10000"}
+            )
+        controller.join(timeout=5)
+        assert answer.status_code == 200 and answer.json()["got"] == {"a": 1}
+        await until(lambda: handler_condition() == ("True", "Available", 1), "Available again")
+        kube.delete(kube.fn_path(ns, name))
+        await until(lambda: kube.function(ns, name) is None, "the function deleted")
+    await deployments.aclose()
+
+
+def test_activator_settings_come_from_the_environment() -> None:
+    connection = KubeConnection(base_url="http://127.0.0.1:1")
+    activator = kubernetes_activator(
+        connection, environ={"GPUFAAS_HANDLER_HOLD_SECONDS": "5", "GPUFAAS_HANDLER_MAX_HELD": "7"}
+    )
+    assert (activator.hold_timeout_s, activator.max_held_per_function) == (5.0, 7)
+    with pytest.raises(ValueError, match="GPUFAAS_HANDLER_HOLD_SECONDS"):
+        kubernetes_activator(connection, environ={"GPUFAAS_HANDLER_HOLD_SECONDS": "soon"})
