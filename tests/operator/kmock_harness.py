@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime
 import http.server
 import json
@@ -30,9 +31,11 @@ import attrs
 import httpx
 import kmock
 import yaml
+from apiserver_schema import ApiServerSchema
 from kubernetes.utils.quantity import parse_quantity
 
 from gpufaas.core.api import API_VERSION, GROUP, KIND, PLURAL, SINGULAR, VERSION
+from gpufaas.core.crd import build_crd
 
 T = TypeVar("T")
 
@@ -105,6 +108,20 @@ def _canonicalize_resources(node: Any) -> None:
 
 
 _CONTROLLER_KINDS = {"deployments", "jobs"}
+FUNCTION_SCHEMA = ApiServerSchema(build_crd())
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
 
 
 def _container_defaults(container: dict[str, Any]) -> None:
@@ -167,6 +184,7 @@ class Emulator(kmock.KubernetesEmulator):
     faults: list[Fault] = attrs.field(factory=list)
     expire_watches: dict[str, int] = attrs.field(factory=dict)  # plural -> watches to expire
     listed_versions: list[str] = attrs.field(factory=list)  # the resourceVersion of each list
+    admission: bool = True  # validate and default InferenceFunctions with the CRD
     loop: asyncio.AbstractEventLoop | None = None
     _rv: int = 0
 
@@ -179,8 +197,43 @@ class Emulator(kmock.KubernetesEmulator):
         self._record(request)
         self._inject_fault(request)
         if request.resource is not None:
+            self._admit_function(request)
             self._stamp(request)
         return await super()._handle(request)
+
+    def _admit_function(self, request: kmock.Request) -> None:
+        """Validate and default InferenceFunctions with the CRD, as the API server does.
+
+        Creates are checked and stored with the schema's defaults; spec updates are checked
+        on the object they would produce (other updates, like kopf's annotations, pass, as
+        CRD validation ratcheting lets unchanged fields through).
+        """
+        resource = request.resource
+        if not self.admission or resource is None or str(resource.plural) != PLURAL:
+            return
+        data = request.data
+        if request.subresource or not isinstance(data, dict):
+            return
+        if request.action == kmock.action.CREATE:
+            candidate = dict(data, metadata={"name": "x"} | (data.get("metadata") or {}))
+        elif request.action == kmock.action.UPDATE and "spec" in data and request.name:
+            key = (request.resource, request.namespace, request.name)
+            if key not in self.objects or self.objects[key].deleted:
+                return
+            candidate = merge_patch(self.objects[key].raw, data)
+        else:
+            return
+        errors = FUNCTION_SCHEMA.admit(candidate)
+        if errors:
+            raise kmock.KubernetesError(
+                status=422,
+                reason="Invalid",
+                message=f"{KIND}.{GROUP} is invalid: " + "; ".join(errors),
+            )
+        if request.action == kmock.action.CREATE:
+            defaulted = FUNCTION_SCHEMA.default(data)
+            data.clear()
+            data.update(defaulted)
 
     def _record(self, request: kmock.Request) -> None:
         resource = request.resource

@@ -30,11 +30,16 @@ class ApiServerSchema:
         self._env = celpy.Environment()
         self._programs: dict[str, Any] = {}
 
-    def admit(self, document: Mapping[str, Any]) -> list[str]:
-        """The reasons the API server would refuse ``document`` (empty: it is stored)."""
+    def default(self, document: Mapping[str, Any]) -> dict[str, Any]:
+        """``document`` as the API server would store it: nulls pruned, defaults applied."""
         obj = copy.deepcopy(dict(document))
         _prune_nulls(obj, self.schema)
         _apply_defaults(obj, self.schema)
+        return obj
+
+    def admit(self, document: Mapping[str, Any]) -> list[str]:
+        """The reasons the API server would refuse ``document`` (empty: it is stored)."""
+        obj = self.default(document)
         errors = [
             f"{_path(e.absolute_path)}: {e.message}" for e in self._validator.iter_errors(obj)
         ]
