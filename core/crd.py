@@ -203,6 +203,19 @@ def build_crd() -> dict[str, Any]:
                             "jsonPath": ".status.residentCount",
                         },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                        # -o wide: the handler's replicas now (0: scaled to zero), shard count.
+                        {
+                            "name": "Handler",
+                            "type": "integer",
+                            "jsonPath": ".status.handlerReplicas",
+                            "priority": 1,
+                        },
+                        {
+                            "name": "Shards",
+                            "type": "integer",
+                            "jsonPath": ".spec.parallelism.shards",
+                            "priority": 1,
+                        },
                     ],
                     "schema": {"openAPIV3Schema": openapi_schema()},
                 }

@@ -108,6 +108,8 @@ def test_names_columns_and_subresources() -> None:
         "Size": ("integer", ".status.modelBytes"),
         "Resident": ("integer", ".status.residentCount"),
         "Age": ("date", ".metadata.creationTimestamp"),
+        "Handler": ("integer", ".status.handlerReplicas"),
+        "Shards": ("integer", ".spec.parallelism.shards"),
     }
 
 
