@@ -202,7 +202,7 @@ def check_bandwidth(setup: Setup, report: Report, *, repeats: int = 5) -> None:
         )
     else:
         raw = []
-        target = torch.empty(n, dtype=torch.uint8)
+        target = torch.zeros(n, dtype=torch.uint8)  # warm pages, as the loader's re-used arena
         for _ in range(repeats):
             started = time.perf_counter()
             target.copy_(host)
