@@ -44,6 +44,7 @@ up: install
 
 test: install-dev
 	$(BIN)/pip install -q -e ".[dev]" --config-settings editable_mode=strict
+	rm -rf gpufaas.egg-info
 	$(BIN)/ruff check .
 	$(BIN)/mypy -p gpufaas.cache -p gpufaas.core -p gpufaas.scheduler -p gpufaas.gpu_manager -p gpufaas.operator
 	$(BIN)/pytest -q $(ARGS)
