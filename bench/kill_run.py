@@ -38,12 +38,12 @@ from typing import Any
 import httpx
 import numpy as np
 
+from gpufaas.core import node
 from gpufaas.core.examples import build_examples, example_inputs
-from gpufaas.core.local import die_with_parent, free_port
 from gpufaas.core.protocol import decode_response, encode_request, parse_header_length
+from gpufaas.scheduler.local import die_with_parent, free_port
 
-# TODO(core/node.py): the node contract's route constant, once it lands.
-EXECUTIONS_PATH = "/v2/gpufaas/executions"
+EXECUTIONS_PATH = node.EXECUTIONS
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def run_kill(
     port = free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port), "--nodes", "2",
-         "--cpu-devices", "1", "--sync-interval", "1"],
+         "--cpu-devices", "1", "--sync-interval", "1", "--grpc-port", str(free_port())],
         env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

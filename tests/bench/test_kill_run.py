@@ -13,7 +13,7 @@ from types import ModuleType
 import httpx
 import pytest
 
-from gpufaas.core.local import free_port
+from gpufaas.scheduler.local import free_port
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from gpufaas.core.local import die_with_parent, free_port
+from gpufaas.scheduler.local import die_with_parent, free_port
 
 
 @contextlib.contextmanager
@@ -45,10 +45,12 @@ def tree_rss_bytes(pid: int) -> int:
 def running_up_process(
     args: Sequence[str], *, env: Mapping[str, str]
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """As :func:`running_up`, yielding the URL and the ``gpufaas up`` process."""
+    """As :func:`running_up`, yielding the URL and the ``gpufaas up`` process. gRPC goes on a
+    free port too, unless ARGS name one."""
     port = free_port()
+    grpc = [] if "--grpc-port" in args else ["--grpc-port", str(free_port())]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port), *args],
+        [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port), *grpc, *args],
         env=dict(env),
         preexec_fn=die_with_parent,
     )

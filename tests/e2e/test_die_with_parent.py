@@ -1,7 +1,7 @@
 """``gpufaas up`` killed outright (SIGKILL: no clean-up code runs) leaves no GPU manager behind.
 
 The managers ask the kernel for SIGTERM when their parent dies (``PR_SET_PDEATHSIG``,
-``core/local.py::die_with_parent``); this test kills the parent and watches the children go.
+``scheduler/local.py::die_with_parent``); this test kills the parent and watches the children go.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gpufaas.core.local import free_port
+from gpufaas.scheduler.local import free_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
