@@ -31,9 +31,11 @@ def _children(pid: int) -> list[int]:
 
 def _is_manager(pid: int) -> bool:
     try:
-        return b"gpu-manager" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except FileNotFoundError:
         return False
+    # `python -m gpufaas.gpu_manager ...` (or the older `... cli gpu-manager ...`)
+    return any(arg in (b"gpufaas.gpu_manager", b"gpu-manager") for arg in argv)
 
 
 def _alive(pid: int) -> bool:
@@ -57,7 +59,7 @@ def test_killing_gpufaas_up_leaves_no_manager_running(
     # Its own session: the SIGKILL below must reach the parent alone, not a process group.
     up = subprocess.Popen(
         [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port),
-         "--nodes", "2", "--cpu-devices", "1"],
+         "--nodes", "2", "--cpu-devices", "1", "--grpc-port", str(free_port())],
         env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
