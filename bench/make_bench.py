@@ -56,7 +56,8 @@ def _run(command: list[str], *, timeout_s: float, env: dict[str, str] | None = N
     )
     if result.returncode != 0:
         raise RuntimeError(
-            f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}"
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-2000:]}"
+            f"\n{result.stderr[-2000:]}"
         )
     return result.stdout
 
