@@ -274,31 +274,29 @@ class Channel(abc.ABC):
 
     name: str = "local"
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (a hook: most channels need nothing here)
         """Connect; raises :class:`ChannelUnavailable` when the server cannot be reached."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (a hook: most channels need nothing here)
         """Disconnect and release what :meth:`start` opened."""
 
-    async def attach(self, set_name: str, shard: int, mailbox: Mailbox) -> None:
+    async def attach(self, set_name: str, shard: int, mailbox: Mailbox) -> None:  # noqa: B027 (a hook: most channels need nothing here)
         """Deliver messages addressed to ``shard`` into ``mailbox`` from now on."""
 
-    async def detach(self, set_name: str, shard: int) -> None:
+    async def detach(self, set_name: str, shard: int) -> None:  # noqa: B027 (a hook: most channels need nothing here)
         """Stop delivering to ``shard``."""
 
     @abc.abstractmethod
     async def send(self, envelope: Envelope, values: Array, *, timeout_s: float) -> None: ...
 
-    async def receive(
-        self, mailbox: Mailbox, envelope: Envelope, *, timeout_s: float
-    ) -> Array:
+    async def receive(self, mailbox: Mailbox, envelope: Envelope, *, timeout_s: float) -> Array:
         """The message ``envelope`` names (its chunk fields are ignored)."""
         return await mailbox.take(
             envelope.request_id, envelope.layer, envelope.src, timeout_s=timeout_s,
             channel=self.name, set_name=envelope.set_name,
         )  # fmt: skip
 
-    async def finish(self, set_name: str, request_id: str, shard: int) -> None:
+    async def finish(self, set_name: str, request_id: str, shard: int) -> None:  # noqa: B027 (a hook: most channels need nothing here)
         """The request is over on ``shard``: drop what the channel still holds for it."""
 
 
@@ -551,9 +549,7 @@ class S3Channel(Channel):
         except (Exception, TimeoutError) as e:
             raise ChannelUnavailable(self.name, self.endpoint_url, _brief(e)) from None
 
-    async def receive(
-        self, mailbox: Mailbox, envelope: Envelope, *, timeout_s: float
-    ) -> Array:
+    async def receive(self, mailbox: Mailbox, envelope: Envelope, *, timeout_s: float) -> Array:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         path = self._path(envelope)

@@ -23,8 +23,10 @@ activations it must send on. :func:`save_shard` / :func:`load_shard` store it as
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -107,9 +109,14 @@ def matrix(
     size = shape[0] * shape[1]
     if size and rows.size / size < 0.2:
         coo = torch.sparse_coo_tensor(
-            torch.from_numpy(np.stack([rows, cols])), torch.from_numpy(values), shape
+            torch.from_numpy(np.stack([rows, cols])),
+            torch.from_numpy(values),
+            shape,
+            check_invariants=False,  # built from in-range indices just above
         )
-        return coo.coalesce().to_sparse_csr()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            return coo.coalesce().to_sparse_csr()
     dense = torch.zeros(shape, dtype=torch.float32)
     if rows.size:
         dense[torch.from_numpy(rows), torch.from_numpy(cols)] = torch.from_numpy(values)
@@ -167,7 +174,7 @@ def dense_mlp(widths: Sequence[int], *, seed: int = 0) -> LayeredNet:
     """A dense MLP with ReLU between layers and none after the last."""
     rng = np.random.default_rng(seed)
     built = []
-    for index, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+    for index, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
         rows = np.repeat(np.arange(n_out, dtype=np.int64), n_in)
         cols = np.tile(np.arange(n_in, dtype=np.int64), n_out)
         scale = 1 / math.sqrt(n_in)

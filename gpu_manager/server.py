@@ -40,6 +40,7 @@ from gpufaas.core.http import (
 from gpufaas.core.protocol import Limits, decode_request, encode_response, validate_inputs
 from gpufaas.gpu_manager.devices import device_free_bytes
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
+from gpufaas.gpu_manager.shards import shard_host, shard_router
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,8 @@ def create_app(
     )
     add_metrics_route(app, registry)
     app.state.runtime = runtime
+    # Shards of models split across nodes (FSD-Inference): routes and budget in shards.py.
+    app.include_router(shard_router(shard_host(runtime, token=token)))
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:

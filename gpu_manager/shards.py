@@ -25,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,19 +56,26 @@ from gpufaas.core.channels import (
     encode,
 )
 from gpufaas.core.http import error_response
-from gpufaas.core.layered import ShardFormatError, ShardSpec, apply_activation, load_shard, matrix
+from gpufaas.core.layered import (
+    Block,
+    IntArray,
+    ShardFormatError,
+    ShardSpec,
+    apply_activation,
+    load_shard,
+    matrix,
+)
 from gpufaas.core.sharding import (
     REQUEST_ID_HEADER,
     SHARD_HEADER,
     SHARD_INFER_PATH,
     SHARD_PATH,
     TIMEOUT_HEADER,
-    ChannelConfig,
     LaunchReport,
     ShardLoad,
 )
 
-__all__ = ["ShardExecutor", "ShardHost", "ShardNotLoaded", "shard_router"]
+__all__ = ["ShardExecutor", "ShardHost", "ShardNotLoaded", "shard_host", "shard_router"]
 
 logger = logging.getLogger(__name__)
 _MAX_FRAME_BYTES = 1 << 30
@@ -99,7 +107,7 @@ class _LayerOps:
     send_next: dict[int, torch.Tensor]  # receiver -> positions of this layer's output
 
 
-def _rows_block(block: Any, keep: np.ndarray) -> torch.Tensor:
+def _rows_block(block: Block, keep: IntArray) -> torch.Tensor:
     """The rows ``keep`` (positions) of a COO block, as a torch matrix."""
     where = np.full(block.shape[0], -1, dtype=np.int64)
     where[keep] = np.arange(keep.size, dtype=np.int64)
@@ -140,6 +148,10 @@ def prepare(spec: ShardSpec) -> list[_LayerOps]:
     return ops
 
 
+def _accumulate(z: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return z.add_(w @ x)
+
+
 class ShardExecutor:
     """Runs requests through one shard; see the module docstring for the order of work."""
 
@@ -151,7 +163,9 @@ class ShardExecutor:
         self.channel = channel
         self.mailbox = mailbox
         self.ops = prepare(spec)
-        self.first_sends = {q: torch.from_numpy(np.asarray(p)) for q, p in spec.layers[0].send.items()}
+        self.first_sends = {
+            q: torch.from_numpy(np.asarray(p)) for q, p in spec.layers[0].send.items()
+        }
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"shard-{set_name}-{spec.shard}"
         )
@@ -210,12 +224,13 @@ class ShardExecutor:
         for index, op in enumerate(self.ops):
             wait = min(stall_s, deadline - loop.time())
             incoming = [
-                asyncio.ensure_future(self._receive(request_id, index, q, wait))
-                for q in op.sources
+                asyncio.ensure_future(self._receive(request_id, index, q, wait)) for q in op.sources
             ]
             try:
 
-                def send_boundary(out: torch.Tensor, layer: int = index + 1) -> None:
+                def send_boundary(
+                    out: torch.Tensor, layer: int = index + 1, op: _LayerOps = op
+                ) -> None:
                     self._send_all(
                         request_id, layer, out, op.send_next, sends, deadline - loop.time()
                     )
@@ -237,7 +252,7 @@ class ShardExecutor:
         self,
         op: _LayerOps,
         a_prev: torch.Tensor,
-        incoming: list[asyncio.Future[tuple[int, torch.Tensor]]],
+        incoming: Sequence[asyncio.Future[tuple[int, torch.Tensor]]],
         send_boundary: Callable[[torch.Tensor], None],
     ) -> torch.Tensor:
         out = torch.empty((op.rows, a_prev.shape[1]), dtype=torch.float32)
@@ -248,14 +263,16 @@ class ShardExecutor:
                 send_boundary(out)
             return out
         # Own contributions first: they need nothing from the channel.
-        partial = [await self._compute(lambda g=g: g.own @ a_prev) for g in op.groups]
+        partial = [
+            await self._compute(functools.partial(torch.matmul, g.own, a_prev)) for g in op.groups
+        ]
         first, rest = op.groups[0], list(zip(op.groups[1:], partial[1:], strict=True))
         arrived = []
         for next_arrival in asyncio.as_completed(incoming):
             q, x = await next_arrival
             arrived.append((q, x))
-            await self._compute(lambda q=q, x=x: partial[0].add_(first.remote[q] @ x))
-        await self._compute(lambda: self._finish(out, first, partial[0], op.activation))
+            await self._compute(functools.partial(_accumulate, partial[0], first.remote[q], x))
+        await self._compute(functools.partial(self._finish, out, first, partial[0], op.activation))
         if op.send_next:
             send_boundary(out)  # the rows other shards read next leave before the rest is done
         for g, z in rest:
@@ -268,6 +285,304 @@ class ShardExecutor:
             await self._compute(complete)
         return out
 
-    def _finish(self, out: torch.Tensor, g: _Rows, z: torch.Tensor, activation: str) -> torch.Tensor:
+    def _finish(
+        self, out: torch.Tensor, g: _Rows, z: torch.Tensor, activation: str
+    ) -> torch.Tensor:
         out[g.positions] = apply_activation(z + g.bias, activation, self.spec.ymax)
         return out
+
+
+# -------------------------------------------------------------------------------------------
+# The node's shards
+# -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Loaded:
+    load: ShardLoad
+    executor: ShardExecutor
+    channel: Channel
+    mailbox: Mailbox
+    nbytes: int
+
+
+class ShardHost:
+    """The shards on one node, in a byte-bounded LRU evicted a whole shard set at a time."""
+
+    def __init__(
+        self,
+        *,
+        store: ArtifactStore,
+        capacity_bytes: int,
+        token: str | None = None,
+        stall_s: float = 5.0,
+        forward: Callable[[ShardLoad], Awaitable[LaunchReport]] | None = None,
+    ) -> None:
+        self.store = store
+        self.lru: ByteLRU[_Loaded] = ByteLRU(capacity_bytes=capacity_bytes)
+        self.token = token
+        self.stall_s = stall_s
+        self.local = LocalChannel()
+        self._shared: dict[tuple[str, ...], Channel] = {}  # NATS/S3 connections, per server
+        self._forward = forward or self._put_remote
+        self._lock = asyncio.Lock()
+
+    @staticmethod
+    def key(set_name: str, shard: int) -> str:
+        return f"{set_name}/{shard}"
+
+    # -- launch ---------------------------------------------------------------------------
+
+    async def launch(self, load: ShardLoad) -> LaunchReport:
+        """Load ``load``'s shard while its children load theirs (each on its own node)."""
+        children = [asyncio.ensure_future(self._child(load, child)) for child in load.children]
+        report = LaunchReport(depth=1)
+        started = time.perf_counter()
+        try:
+            nbytes = await self._load(load)
+            report.loaded[load.shard] = nbytes
+        except (ArtifactError, ShardFormatError, ChannelError, CacheError, OSError) as e:
+            report.errors[load.shard] = str(e)
+        report.seconds[load.shard] = time.perf_counter() - started
+        for sub in await asyncio.gather(*children):
+            report.loaded.update(sub.loaded)
+            report.seconds.update(sub.seconds)
+            report.errors.update(sub.errors)
+            report.depth = max(report.depth, sub.depth + 1)
+        return report
+
+    async def _child(self, parent: ShardLoad, child: ShardLoad) -> LaunchReport:
+        if child.node == parent.node:
+            return await self.launch(child)
+        try:
+            return await self._forward(child)
+        except Exception as e:  # any failure to reach the child is reported for its subtree
+            return LaunchReport(errors=dict.fromkeys(_subtree(child), f"{child.node}: {e}"))
+
+    async def _put_remote(self, load: ShardLoad) -> LaunchReport:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        path = SHARD_PATH.format(set_name=load.set_name, shard=load.shard)
+        async with httpx.AsyncClient(headers=headers, timeout=120) as client:
+            response = await client.put(load.node.rstrip("/") + path, json=load.model_dump())
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+        return LaunchReport.model_validate(response.json())
+
+    async def _load(self, load: ShardLoad) -> int:
+        key = self.key(load.set_name, load.shard)
+        path = await asyncio.to_thread(self.store.fetch, load.artifact, sha256=load.sha256)
+        spec = await asyncio.to_thread(load_shard, Path(path))
+        if spec.shard != load.shard or spec.shards != load.shards:
+            raise ShardFormatError(
+                f"{load.artifact} holds shard {spec.shard} of {spec.shards}, "
+                f"not {load.shard} of {load.shards}"
+            )
+        channel = await self._channel(load)
+        mailbox = Mailbox()
+        executor = await asyncio.to_thread(
+            ShardExecutor, spec, set_name=load.set_name, channel=channel, mailbox=mailbox
+        )
+        async with self._lock:
+            if key in self.lru:
+                await self._drop(key)
+            for victim in self.lru.plan_victims(spec.weight_bytes):
+                await self.evict_set(victim.split("/", 1)[0])
+            self.lru.put(
+                key,
+                _Loaded(load, executor, channel, mailbox, spec.weight_bytes),
+                size_bytes=spec.weight_bytes,
+            )
+        await channel.attach(load.set_name, load.shard, mailbox)
+        return spec.weight_bytes
+
+    async def _channel(self, load: ShardLoad) -> Channel:
+        config = load.channel
+        if config.kind == "local":
+            return self.local
+        if config.kind == "direct":
+            direct = DirectChannel(
+                peers={(load.set_name, q): url for q, url in load.peers.items()},
+                local=self.local,
+                token=self.token,
+            )
+            await direct.start()
+            return direct
+        ident = (config.kind, config.nats_url or "", str(config.durable), config.s3_endpoint or "",
+                 config.s3_bucket or "")  # fmt: skip
+        shared = self._shared.get(ident)
+        if shared is None:
+            if config.kind == "nats":
+                if not config.nats_url:
+                    raise ChannelUnavailable("nats", "(unset)", "no NATS URL configured")
+                shared = NatsChannel(config.nats_url, durable=config.durable)
+            else:
+                if not (config.s3_endpoint and config.s3_bucket):
+                    raise ChannelUnavailable("s3", "(unset)", "no S3 endpoint/bucket configured")
+                shared = S3Channel(
+                    endpoint_url=config.s3_endpoint, bucket=config.s3_bucket,
+                    key=config.s3_key, secret=config.s3_secret,
+                )  # fmt: skip
+            await shared.start()
+            self._shared[ident] = shared
+        return shared
+
+    # -- serving --------------------------------------------------------------------------
+
+    def loaded(self, set_name: str, shard: int) -> _Loaded:
+        entry = self.lru.peek(self.key(set_name, shard))
+        if entry is None or entry.value is None:
+            raise ShardNotLoaded(set_name, shard)
+        return entry.value
+
+    async def infer(
+        self, set_name: str, shard: int, request_id: str, inputs: Array, *, timeout_s: float
+    ) -> Array:
+        key = self.key(set_name, shard)
+        shard_state = self.loaded(set_name, shard)
+        self.lru.touch(key)
+        self.lru.pin(key)
+        try:
+            return await shard_state.executor.run(
+                request_id, inputs, timeout_s=timeout_s, stall_s=min(self.stall_s, timeout_s)
+            )
+        finally:
+            if key in self.lru:
+                self.lru.unpin(key)
+
+    def deliver(self, envelope: Envelope, values: Array) -> bool:
+        """A direct-channel message for a shard on this node."""
+        mailbox = self.local.mailboxes.get((envelope.set_name, envelope.dst))
+        if mailbox is None:
+            raise ShardNotLoaded(envelope.set_name, envelope.dst)
+        return mailbox.deliver(envelope, values)
+
+    async def evict_set(self, set_name: str) -> list[int]:
+        """Drop every shard of ``set_name`` on this node (a partial set serves nothing)."""
+        keys = [k for k in self.lru.keys_lru() if k.split("/", 1)[0] == set_name]
+        for key in keys:
+            await self._drop(key)
+        return [int(k.split("/", 1)[1]) for k in keys]
+
+    async def unload(self, set_name: str, shard: int) -> bool:
+        key = self.key(set_name, shard)
+        if key not in self.lru:
+            return False
+        await self._drop(key)
+        return True
+
+    async def _drop(self, key: str) -> None:
+        entry = self.lru.discard(key)
+        if entry is None or entry.value is None:
+            return
+        loaded = entry.value
+        await loaded.channel.detach(loaded.load.set_name, loaded.load.shard)
+        if isinstance(loaded.channel, DirectChannel):
+            await loaded.channel.close()
+        loaded.executor.close()
+
+    async def close(self) -> None:
+        for key in list(self.lru.keys_lru()):
+            await self._drop(key)
+        for channel in self._shared.values():
+            await channel.close()
+        self._shared.clear()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "capacity_bytes": self.lru.capacity_bytes,
+            "used_bytes": self.lru.used_bytes,
+            "shards": {
+                k: {"bytes": e.size_bytes, "pinned": e.pinned}
+                for k in self.lru.keys_lru()
+                if (e := self.lru.peek(k)) is not None
+            },
+        }
+
+
+def _subtree(load: ShardLoad) -> list[int]:
+    return [load.shard, *(s for child in load.children for s in _subtree(child))]
+
+
+def channel_failure(error: ChannelError) -> Response:
+    headers = {"X-Gpufaas-Channel": error.channel}
+    if isinstance(error, ShardTimeout | ShardUnreachable):
+        headers[SHARD_HEADER] = str(error.shard)
+    return error_response(503, str(error), reason=type(error).__name__, headers=headers)
+
+
+def shard_router(host: ShardHost) -> APIRouter:
+    """The node's shard routes (see :mod:`gpufaas.core.sharding`)."""
+    router = APIRouter()
+
+    @router.put(SHARD_PATH)
+    async def launch(set_name: str, shard: int, load: ShardLoad) -> Response:
+        if load.set_name != set_name or load.shard != shard:
+            return error_response(
+                400, f"the body loads {load.set_name}/{load.shard}, the path names "
+                f"{set_name}/{shard}", reason="InvalidShardLoad",
+            )  # fmt: skip
+        report = await host.launch(load)
+        return JSONResponse(report.model_dump())
+
+    @router.delete(SHARD_PATH)
+    async def unload(set_name: str, shard: int) -> Response:
+        await host.unload(set_name, shard)
+        return Response(status_code=204)
+
+    @router.post(SHARD_INFER_PATH)
+    async def infer(set_name: str, shard: int, request: Request) -> Response:
+        try:
+            envelope, values = decode(await _body(request))
+            timeout_s = float(request.headers.get(TIMEOUT_HEADER, "30"))
+        except ValueError as e:
+            return error_response(400, f"bad shard input: {e}", reason="InvalidRequest")
+        request_id = request.headers.get(REQUEST_ID_HEADER) or envelope.request_id
+        try:
+            out = await host.infer(set_name, shard, request_id, values, timeout_s=timeout_s)
+        except ShardNotLoaded as e:
+            return error_response(404, str(e), reason="ShardNotLoaded")
+        except ChannelError as e:
+            return channel_failure(e)
+        reply = Envelope(set_name, request_id, len(host.loaded(set_name, shard).executor.ops),
+                         shard, -1)  # fmt: skip
+        return Response(encode(reply, out), media_type="application/octet-stream")
+
+    @router.post(SHARD_PATH + "/messages")
+    async def message(set_name: str, shard: int, request: Request) -> Response:
+        try:
+            envelope, values = decode(await _body(request))
+        except ValueError as e:
+            return error_response(400, f"bad message frame: {e}", reason="InvalidRequest")
+        if envelope.set_name != set_name or envelope.dst != shard:
+            return error_response(400, "the frame is addressed elsewhere", reason="Misrouted")
+        try:
+            accepted = host.deliver(envelope, values)
+        except ShardNotLoaded as e:
+            return error_response(404, str(e), reason="ShardNotLoaded")
+        return Response(status_code=202 if accepted else 208)
+
+    @router.get("/v2/gpufaas/shards")
+    async def state() -> JSONResponse:
+        return JSONResponse(host.state())
+
+    return router
+
+
+async def _body(request: Request) -> bytes:
+    body = await request.body()
+    if len(body) > _MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {len(body)} bytes exceeds {_MAX_FRAME_BYTES}")
+    return body
+
+
+def shard_host(runtime: Any, *, token: str | None) -> ShardHost:
+    """A node's shard host: the runtime's artifact store, one device's capacity as budget.
+
+    TODO(gpu_manager residency split): account shards in the runtime's device tier once it
+    exposes reserve/commit; until then shards have a budget of their own, the size of the
+    node's largest device (a shard runs on one device).
+    """
+    capacity = max((d.info.capacity_bytes for d in runtime.devices.values()), default=0)
+    return ShardHost(store=runtime.store, capacity_bytes=capacity, token=token)

@@ -196,9 +196,7 @@ def _hypergraph(net: LayeredNet, shards: int, *, seed: int, epsilon: float) -> I
         context.set_partitioning_parameters(shards, epsilon, mtkahypar.Objective.KM1)
         context.logging = False
         mtkahypar.set_seed(seed)
-        graph = initializer.create_hypergraph(
-            context, n, len(nets), nets, [1] * n, weights
-        )
+        graph = initializer.create_hypergraph(context, n, len(nets), nets, [1] * n, weights)
         result = graph.partition(context)
         return np.array([result.block_id(v) for v in range(n)], dtype=np.int64)
 
