@@ -35,6 +35,7 @@ from typing import Any
 import fsspec
 import httpx
 import numpy as np
+from numpy.typing import NDArray
 from fastapi import Request
 from fastapi.responses import Response
 
@@ -81,8 +82,8 @@ class ShardSet:
     parallelism: Parallelism
     method: str
     widths: tuple[int, ...]
-    inputs: list[np.ndarray]  # per shard: the a_0 rows it receives
-    outputs: list[np.ndarray]  # per shard: the a_L rows it returns
+    inputs: list[NDArray[Any]]  # per shard: the a_0 rows it receives
+    outputs: list[NDArray[Any]]  # per shard: the a_L rows it returns
     loads: list[ShardLoad]
     volume: Volume
     launch: LaunchReport | None = None
@@ -226,8 +227,8 @@ class Coordinator:
     # -- serve ----------------------------------------------------------------------------
 
     async def infer(
-        self, name: str, x: np.ndarray, *, timeout_s: float | None = None
-    ) -> np.ndarray:
+        self, name: str, x: NDArray[Any], *, timeout_s: float | None = None
+    ) -> NDArray[Any]:
         """The set's output for ``x`` (``(batch, n_in)``), as ``(batch, n_out)``."""
         shard_set = self.sets[name]
         try:
@@ -237,8 +238,8 @@ class Coordinator:
             return await self._infer_once(shard_set, x, timeout_s=timeout_s)
 
     async def _infer_once(
-        self, shard_set: ShardSet, x: np.ndarray, *, timeout_s: float | None
-    ) -> np.ndarray:
+        self, shard_set: ShardSet, x: NDArray[Any], *, timeout_s: float | None
+    ) -> NDArray[Any]:
         timeout_s = timeout_s or self.timeout_s
         request_id = uuid.uuid4().hex
         columns = np.ascontiguousarray(np.asarray(x, dtype=np.float32).T)
@@ -266,9 +267,9 @@ class Coordinator:
         shard_set: ShardSet,
         load: ShardLoad,
         request_id: str,
-        rows: np.ndarray,
+        rows: NDArray[Any],
         timeout_s: float,
-    ) -> np.ndarray:
+    ) -> NDArray[Any]:
         url = load.node.rstrip("/") + SHARD_INFER_PATH.format(
             set_name=shard_set.name, shard=load.shard
         )
