@@ -413,14 +413,18 @@ class NatsChannel(Channel):
             logger.debug("NATS %s: %s", self.url, error)
 
         try:
-            self._nc = await nats.connect(
-                self.url,
-                connect_timeout=self.connect_timeout_s,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.2,
-                error_cb=quiet,
-                disconnected_cb=None,
+            # An unreachable server fails the start within the budget (no endless retries);
+            # once connected, the client reconnects on its own through an outage.
+            self._nc = await asyncio.wait_for(
+                nats.connect(
+                    self.url,
+                    connect_timeout=self.connect_timeout_s,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.2,
+                    error_cb=quiet,
+                ),
+                timeout=2 * self.connect_timeout_s,
             )
         except (OSError, NatsError, TimeoutError) as e:
             raise ChannelUnavailable(self.name, self.url, str(e) or type(e).__name__) from None
@@ -535,10 +539,17 @@ class S3Channel(Channel):
             await self._fs.set_session()
             await asyncio.wait_for(self._fs._ls(self.bucket, refresh=True), timeout=5)
         except (Exception, TimeoutError) as e:
+            await self.close()
             raise ChannelUnavailable(self.name, self.endpoint_url, _brief(e)) from None
 
     async def close(self) -> None:
+        client = getattr(self._fs, "_s3", None)
         self._fs = None
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:  # a session that never connected: nothing to release
+                logger.debug("closing the S3 session failed", exc_info=True)
 
     async def send(self, envelope: Envelope, values: Array, *, timeout_s: float) -> None:
         try:

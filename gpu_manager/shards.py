@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import logging
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -246,7 +247,9 @@ class ShardExecutor:
     ) -> tuple[int, torch.Tensor]:
         envelope = Envelope(self.set_name, request_id, layer, src, self.spec.shard)
         values = await self.channel.receive(self.mailbox, envelope, timeout_s=timeout_s)
-        return src, torch.from_numpy(np.ascontiguousarray(values))
+        with warnings.catch_warnings():  # frames decode read-only; the values are only read
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return src, torch.from_numpy(np.ascontiguousarray(values))
 
     async def _layer(
         self,
