@@ -220,7 +220,7 @@ class ShardExecutor:
         stall_s: float,
     ) -> Array:
         loop = asyncio.get_running_loop()
-        a = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+        a = torch.from_numpy(np.array(inputs, dtype=np.float32, order="C"))  # writable
         self._send_all(request_id, 0, a, self.first_sends, sends, deadline - loop.time())
         for index, op in enumerate(self.ops):
             wait = min(stall_s, deadline - loop.time())

@@ -106,6 +106,13 @@ def tree_rounds(shards: int, *, fanout: int = 2) -> int:
     return max(1, math.ceil(math.log((fanout - 1) * shards + 1, fanout) - 1e-9))
 
 
+def default_method(net: LayeredNet, parallelism: Parallelism) -> str:
+    """``layer`` for pipelines; hypergraph where every layer has one width; else blocks."""
+    if parallelism.strategy == "layer":
+        return "layer"
+    return "hypergraph" if len(set(net.widths)) == 1 else "block"
+
+
 class Coordinator:
     """Sharded models served through the gateway (see the module docstring)."""
 
@@ -149,7 +156,7 @@ class Coordinator:
         """Partition, write, place and launch ``net`` as shard set ``name``."""
         if not nodes:
             raise ValueError("no nodes to place shards on")
-        method = method or ("layer" if parallelism.strategy == "layer" else "hypergraph")
+        method = method or default_method(net, parallelism)
         channel = channel or ChannelConfig(kind=parallelism.channel)
         part: Partition = await asyncio.to_thread(
             partition, net, parallelism.shards, method=method, seed=seed

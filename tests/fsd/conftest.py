@@ -109,7 +109,10 @@ async def run_in_process(
         executors.append(ShardExecutor(spec, set_name="net", channel=chan, mailbox=mailbox))  # type: ignore[arg-type]
     try:
         outs = await asyncio.gather(
-            *(e.run("req-1", x.T[s.inputs], timeout_s=30) for e, s in zip(executors, specs, strict=False))
+            *(
+                e.run("req-1", x.T[s.inputs], timeout_s=30)
+                for e, s in zip(executors, specs, strict=False)
+            )
         )
     finally:
         for e in executors:

@@ -119,7 +119,10 @@ async def test_boundary_rows_are_sent_before_the_interior_rows_are_computed() ->
     try:
         x = np.ones((2, 256), dtype=np.float32)
         await asyncio.gather(
-            *(e.run("r", x.T[s.inputs], timeout_s=30) for e, s in zip(executors, specs, strict=False))
+            *(
+                e.run("r", x.T[s.inputs], timeout_s=30)
+                for e, s in zip(executors, specs, strict=False)
+            )
         )
     finally:
         ShardExecutor._finish = original  # type: ignore[method-assign]
