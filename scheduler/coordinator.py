@@ -35,9 +35,9 @@ from typing import Any
 import fsspec
 import httpx
 import numpy as np
-from numpy.typing import NDArray
 from fastapi import Request
 from fastapi.responses import Response
+from numpy.typing import NDArray
 
 from gpufaas.core.channels import Envelope, decode, encode
 from gpufaas.core.http import error_response, header_length, read_body

@@ -182,15 +182,15 @@ def managers(
                 cpu_devices=1, device_memory=device_memory, host_memory="256Mi",
                 artifact_dir=tmp_path / f"artifacts{index}", force_cpu=True,
             )  # fmt: skip
-            log = (tmp_path / f"manager{index}.log").open("wb")
-            procs.append(
-                subprocess.Popen(
-                    manager_command(name=f"node{index}", port=port, options=options),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )  # fmt: skip
-            )
+            with (tmp_path / f"manager{index}.log").open("wb") as log:
+                procs.append(
+                    subprocess.Popen(
+                        manager_command(name=f"node{index}", port=port, options=options),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    )
+                )
             urls.append(f"http://127.0.0.1:{port}")
         wait_ready(urls, timeout_s=120, procs=procs)
         yield urls, procs
