@@ -20,7 +20,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from gpufaas.core.sharding import CHANNEL_ENV, ChannelConfig
+
 __all__ = [
+    "CHANNEL_ENV",
     "NatsServer",
     "S3Server",
     "ServerMissing",
@@ -191,3 +194,22 @@ def _s3_answers(server: S3Server) -> bool:
     except Exception:
         return False
     return True
+
+
+def run_channel(kind: str, folder: Path, stack: contextlib.ExitStack) -> str:
+    """Start ``kind``'s server (none for ``direct``) on ``stack``; its ChannelConfig as JSON."""
+    if kind == "nats":
+        nats = stack.enter_context(run_nats(folder / "nats"))
+        config = ChannelConfig(kind="nats", nats_url=nats.url)
+    elif kind == "s3":
+        s3 = stack.enter_context(run_seaweedfs(folder / "s3"))
+        config = ChannelConfig(
+            kind="s3",
+            s3_endpoint=s3.endpoint_url,
+            s3_bucket=s3.bucket,
+            s3_key=s3.key,
+            s3_secret=s3.secret,
+        )
+    else:
+        config = ChannelConfig(kind="direct")
+    return config.model_dump_json(exclude_none=True)

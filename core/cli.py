@@ -12,6 +12,7 @@ into the components, and it imports each one only inside its own subcommand.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
@@ -84,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=DEFAULT_PORT)
     up.add_argument("--nodes", type=int, default=1, help="GPU-manager processes to start")
+    up.add_argument(
+        "--channel",
+        choices=["direct", "nats", "s3"],
+        default="direct",
+        help="channel of sharded models; nats/s3 start a local server (docs/distributed.md)",
+    )
     _add_gateway_options(up)
     _add_device_options(up)
 
@@ -156,7 +163,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     )
     # Managers listen on loopback, but other local users could reach them: share a secret.
     token = os.environ.get("GPUFAAS_MANAGER_TOKEN") or secrets.token_urlsafe(32)
-    with run_managers(nodes=args.nodes, options=options, token=token) as urls:
+    # Sharded models' channel server (FSD-Inference): started here, stopped on exit.
+    from gpufaas.core.channelservers import CHANNEL_ENV, run_channel
+
+    channel = contextlib.ExitStack()
+    os.environ[CHANNEL_ENV] = run_channel(args.channel, artifact_dir().parent / "channel", channel)
+    with channel, run_managers(nodes=args.nodes, options=options, token=token) as urls:
         gateway = build_gateway(
             manager_urls=urls,
             functions=functions,

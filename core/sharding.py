@@ -18,11 +18,13 @@ Failures answer ``{"error": ...}`` with ``X-Gpufaas-Reason`` (``ShardTimeout``,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "CHANNEL_ENV",
     "REQUEST_ID_HEADER",
     "SHARD_HEADER",
     "SHARD_INFER_PATH",
@@ -32,6 +34,7 @@ __all__ = [
     "LaunchReport",
     "Parallelism",
     "ShardLoad",
+    "channel_for",
 ]
 
 # TODO(core/node.py): route constants belong with the node's other routes.
@@ -40,6 +43,8 @@ SHARD_INFER_PATH = "/v2/gpufaas/shards/{set_name}/{shard}/infer"
 REQUEST_ID_HEADER = "x-gpufaas-request-id"
 TIMEOUT_HEADER = "x-gpufaas-timeout-s"
 SHARD_HEADER = "x-gpufaas-shard"
+# The channel server `gpufaas up --channel` started: a ChannelConfig as JSON.
+CHANNEL_ENV = "GPUFAAS_FSD_CHANNEL"
 
 
 class Parallelism(BaseModel):
@@ -89,3 +94,13 @@ class LaunchReport(BaseModel):
     seconds: dict[int, float] = {}
     depth: int = 0  # rounds of the tree below and including this node
     errors: dict[int, str] = {}
+
+
+def channel_for(kind: str, environ: Mapping[str, str]) -> ChannelConfig:
+    """The channel of kind ``kind``: the configured server's (``CHANNEL_ENV``) if it is one."""
+    configured = environ.get(CHANNEL_ENV)
+    if configured:
+        config = ChannelConfig.model_validate_json(configured)
+        if config.kind == kind:
+            return config
+    return ChannelConfig(kind=kind)  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ from gpufaas.core.sharding import (
     LaunchReport,
     Parallelism,
     ShardLoad,
+    channel_for,
 )
 from gpufaas.scheduler.partition import Partition, Volume, communication, partition, split
 
@@ -157,7 +159,7 @@ class Coordinator:
         if not nodes:
             raise ValueError("no nodes to place shards on")
         method = method or default_method(net, parallelism)
-        channel = channel or ChannelConfig(kind=parallelism.channel)
+        channel = channel or channel_for(parallelism.channel, os.environ)
         part: Partition = await asyncio.to_thread(
             partition, net, parallelism.shards, method=method, seed=seed
         )
