@@ -479,7 +479,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip(),  # fmt: skip
+        ).stdout.strip(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
         "args": vars(args),
     }
