@@ -15,8 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
 from gpufaas.core.channelservers import NatsServer, S3Server
 from gpufaas.core.layered import dense_mlp, radix_net
@@ -249,3 +252,64 @@ async def test_a_node_killed_mid_inference_fails_fast_naming_its_shard(tmp_path:
                 await asyncio.wait_for(coordinator.infer("radix", x), timeout=60)
         finally:
             await coordinator.close()
+
+
+async def test_the_coordinator_serves_kserve_v2_and_names_a_failed_shard(
+    thread_nodes: Any, coordinator: Coordinator, net: Any, x: np.ndarray
+) -> None:
+    app = FastAPI()
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request) -> Response:
+        return await coordinator.serve(name, request)
+
+    await coordinator.deploy(
+        "radix", net, Parallelism(shards=2), nodes=[n.url for n in thread_nodes[:2]]
+    )
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway"
+    ) as client:
+        ok = await client.post("/v2/models/radix/infer", json=body)
+        assert ok.status_code == 200, ok.text
+        (output,) = ok.json()["outputs"]
+        got = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+        np.testing.assert_allclose(got, net.forward(x), rtol=1e-5, atol=1e-5)
+        wrong = {"inputs": [{**body["inputs"][0], "shape": [1, 3], "data": [1, 2, 3]}]}
+        bad = await client.post("/v2/models/radix/infer", json=wrong)
+        assert bad.status_code == 400 and "(batch, 512)" in bad.json()["error"]
+        thread_nodes[1].stop()  # shard 1's node goes away
+        gone = await client.post("/v2/models/radix/infer", json=body)
+    assert gone.status_code == 503
+    assert gone.headers["x-gpufaas-shard"] == "1"
+    assert "shard 1 of radix" in gone.json()["error"]
+
+
+def test_gpufaas_up_channel_block_starts_nats_and_exports_it(tmp_path: Path) -> None:
+    import json
+
+    from gpufaas.core.channelservers import ServerMissing, run_channel
+    from gpufaas.core.sharding import CHANNEL_ENV, channel_for
+
+    with contextlib.ExitStack() as stack:
+        try:
+            exported = run_channel("nats", tmp_path, stack)
+        except ServerMissing as e:
+            pytest.skip(str(e))
+        config = channel_for("nats", {CHANNEL_ENV: exported})
+        assert config.nats_url == json.loads(exported)["nats_url"]
+        with socket_to(config.nats_url) as connected:
+            assert connected
+    assert channel_for("direct", {CHANNEL_ENV: exported}).kind == "direct"
+
+
+@contextlib.contextmanager
+def socket_to(url: str | None) -> Iterator[bool]:
+    import socket
+    import urllib.parse
+
+    assert url is not None
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        yield sock.fileno() >= 0
