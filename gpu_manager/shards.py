@@ -387,16 +387,22 @@ class ShardHost:
         executor = await asyncio.to_thread(
             ShardExecutor, spec, set_name=load.set_name, channel=channel, mailbox=mailbox
         )
-        async with self._lock:
-            if key in self.lru:
-                await self._drop(key)
-            for victim in self.lru.plan_victims(spec.weight_bytes):
-                await self.evict_set(victim.split("/", 1)[0])
-            self.lru.put(
-                key,
-                _Loaded(load, executor, channel, mailbox, spec.weight_bytes),
-                size_bytes=spec.weight_bytes,
-            )
+        try:
+            async with self._lock:
+                if key in self.lru:
+                    await self._drop(key)
+                for victim in self.lru.plan_victims(spec.weight_bytes):
+                    await self.evict_set(victim.split("/", 1)[0])
+                self.lru.put(
+                    key,
+                    _Loaded(load, executor, channel, mailbox, spec.weight_bytes),
+                    size_bytes=spec.weight_bytes,
+                )
+        except BaseException:
+            executor.close()
+            if isinstance(channel, DirectChannel):
+                await channel.close()
+            raise
         await channel.attach(load.set_name, load.shard, mailbox)
         return spec.weight_bytes
 
@@ -462,8 +468,15 @@ class ShardHost:
         return mailbox.deliver(envelope, values)
 
     async def evict_set(self, set_name: str) -> list[int]:
-        """Drop every shard of ``set_name`` on this node (a partial set serves nothing)."""
-        keys = [k for k in self.lru.keys_lru() if k.split("/", 1)[0] == set_name]
+        """Drop every shard of ``set_name`` on this node (a partial set serves nothing).
+
+        A shard serving a request stays until a later eviction: its request finishes.
+        """
+        keys = []
+        for key in self.lru.keys_lru():
+            entry = self.lru.peek(key)
+            if key.split("/", 1)[0] == set_name and entry is not None and not entry.pinned:
+                keys.append(key)
         for key in keys:
             await self._drop(key)
         return [int(k.split("/", 1)[1]) for k in keys]
