@@ -73,7 +73,7 @@ def test_the_launch_tree_is_binary_and_log_deep() -> None:
     loads = [
         ShardLoad(
             set_name="s", shard=i, shards=7, artifact="file:///x", node=f"http://n{i}", peers={}
-        )  # fmt: skip
+        )
         for i in range(7)
     ]
     root = launch_tree(loads)
