@@ -51,7 +51,7 @@ from gpufaas.core.layered import LayeredNet, dense_mlp, radix_net
 from gpufaas.core.local import ManagerOptions, free_port, manager_command, wait_ready
 from gpufaas.core.sharding import ChannelConfig, Parallelism
 from gpufaas.scheduler import costmodel
-from gpufaas.scheduler.coordinator import Coordinator, LaunchFailed, tree_rounds
+from gpufaas.scheduler.coordinator import Coordinator, LaunchFailed, ShardFailed, tree_rounds
 from gpufaas.scheduler.partition import communication, partition
 
 PERIOD = {1024: 6, 4096: 8, 16384: 10}  # layers before a RadiX-Net's pattern repeats
@@ -213,15 +213,22 @@ async def run_grid(
                 method=method,
                 channel=channels[channel],
             )
-            result = await measure(
-                coordinator,
-                name,
-                x,
-                latency_requests=args.latency_requests,
-                throughput_requests=args.throughput_requests,
-                concurrency=args.concurrency,
-                budget_s=args.budget_s,
-            )
+            try:
+                result = await measure(
+                    coordinator,
+                    name,
+                    x,
+                    latency_requests=args.latency_requests,
+                    throughput_requests=args.throughput_requests,
+                    concurrency=args.concurrency,
+                    budget_s=args.budget_s,
+                )
+            except (ShardFailed, LaunchFailed) as e:
+                print(f"  N={shards} {channel} {method}: FAILED {e}", flush=True)
+                rows.append({"shards": shards, "channel": channel, "method": method,
+                             "failed": str(e)})  # fmt: skip
+                await coordinator.remove(name)
+                continue
             launch = shard_set.launch
             row = {
                 "shards": shards,
@@ -373,6 +380,8 @@ def evaluate(
 ) -> dict[str, Any]:
     predictions = []
     for row in grid:
+        if "failed" in row:
+            continue
         part = partition(net, row["shards"], method=row["method"], seed=0)
         prof = costmodel.profile(net, part)
         channel = row["channel"] if row["shards"] > 1 else "direct"
@@ -447,8 +456,8 @@ def plot(out: Path, volumes: list[dict[str, Any]], grid: list[dict[str, Any]]) -
     ax = axes[1]
     for channel, method in (("direct", "hypergraph"), ("direct", "random"), ("direct", "block"),
                             ("nats", "hypergraph"), ("s3", "hypergraph")):  # fmt: skip
-        rows = [r for r in grid if (r["channel"] == channel and r["method"] == method)
-                or r["shards"] == 1]  # fmt: skip
+        rows = [r for r in grid if "failed" not in r and ((r["channel"] == channel
+                and r["method"] == method) or r["shards"] == 1)]  # fmt: skip
         rows.sort(key=lambda r: r["shards"])
         if len(rows) > 1:
             ax.plot([r["shards"] for r in rows], [r["throughput_rps"] for r in rows],
@@ -484,7 +493,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "args": vars(args),
     }
     print("1. partition volume (bytes per sample, 120 layers)", flush=True)
-    report["partition"] = partition_volumes()
+    report["partition"] = [] if args.skip_partition else partition_volumes()
     if args.partition_only:
         return report
     layers = args.layers or (24 if args.quick else 120)
@@ -538,6 +547,7 @@ def main() -> int:
     parser.add_argument("--throughput-requests", type=int, default=16)
     parser.add_argument("--budget-s", type=float, default=30.0, help="per configuration")
     parser.add_argument("--partition-only", action="store_true")
+    parser.add_argument("--skip-partition", action="store_true", help="no section 1")
     parser.add_argument("--out", default="bench/out/fsd")
     args = parser.parse_args()
     report = asyncio.run(main_async(args))

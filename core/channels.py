@@ -63,6 +63,7 @@ Array = NDArray[np.float32]
 _FRAME = struct.Struct("<I")
 _NATS_SUBJECT = "gpufaas.fsd.{set}.{shard}"
 _NATS_STREAM = "GPUFAAS_FSD"
+_KEEPALIVE_S = 2.0  # under uvicorn's 5 s keep-alive: never reuse a connection being closed
 
 
 def message_path(set_name: str, shard: int) -> str:
@@ -349,7 +350,8 @@ class DirectChannel(Channel):
 
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._client = httpx.AsyncClient(
-            headers=headers, limits=httpx.Limits(max_keepalive_connections=64)
+            headers=headers,
+            limits=httpx.Limits(max_keepalive_connections=64, keepalive_expiry=_KEEPALIVE_S),
         )
 
     async def close(self) -> None:

@@ -58,6 +58,10 @@ from gpufaas.core.sharding import (
 )
 from gpufaas.scheduler.partition import Partition, Volume, communication, partition, split
 
+# Idle connections close well before uvicorn's 5 s keep-alive timeout, so a request never
+# goes out on a connection the node is closing at that moment (a ReadError, not a failure).
+_KEEPALIVE_S = 2.0
+
 __all__ = ["Coordinator", "LaunchFailed", "ShardFailed", "ShardSet", "launch_tree"]
 
 
@@ -133,7 +137,8 @@ class Coordinator:
         self.sets: dict[str, ShardSet] = {}
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.AsyncClient(
-            headers=headers, limits=httpx.Limits(max_keepalive_connections=256)
+            headers=headers,
+            limits=httpx.Limits(max_keepalive_connections=256, keepalive_expiry=_KEEPALIVE_S),
         )
 
     def __contains__(self, name: object) -> bool:
