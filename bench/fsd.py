@@ -298,6 +298,69 @@ async def run_mlp(urls: list[str], device_bytes: int, root: Path) -> dict[str, A
     return result
 
 
+async def run_local(net: LayeredNet, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Shards as threads of one process over the local channel (one node, no HTTP)."""
+    import torch
+
+    torch.set_num_threads(1)  # one core per shard, as on a node
+    rng = np.random.default_rng(0)
+    x = (rng.random((args.batch, net.widths[0])) < 0.2).astype(np.float32)
+    rows = []
+    for shards in (1, 2, 4, 8):
+        row = await _local_once(net, shards, x, args)
+        rows.append(row)
+        print(f"  local N={shards}: latency {row['latency_s'] * 1e3:7.1f} ms  "
+              f"throughput {row['throughput_rps']:6.2f} req/s", flush=True)  # fmt: skip
+    return rows
+
+
+async def _local_once(
+    net: LayeredNet, shards: int, x: np.ndarray, args: argparse.Namespace
+) -> dict[str, Any]:
+    from gpufaas.core.channels import LocalChannel, Mailbox
+    from gpufaas.gpu_manager.shards import ShardExecutor
+    from gpufaas.scheduler.partition import split
+
+    specs = split(net, partition(net, shards, method="hypergraph"))
+    channel = LocalChannel()
+    executors = []
+    for spec in specs:
+        mailbox = Mailbox()
+        await channel.attach("net", spec.shard, mailbox)
+        executors.append(ShardExecutor(spec, set_name="net", channel=channel, mailbox=mailbox))
+    counter = 0
+
+    async def one() -> None:
+        nonlocal counter
+        counter += 1
+        rid = f"r{counter}"
+        await asyncio.gather(
+            *(
+                e.run(rid, x.T[s.inputs], timeout_s=120)
+                for e, s in zip(executors, specs, strict=True)
+            )
+        )
+
+    await one()
+    latencies = [await _timed(one()) for _ in range(args.latency_requests)]
+    done = 0
+    stop_at = time.perf_counter() + args.budget_s / 2
+
+    async def worker() -> None:
+        nonlocal done
+        while done < args.throughput_requests and time.perf_counter() < stop_at:
+            done += 1
+            await one()
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    elapsed = time.perf_counter() - t
+    for e in executors:
+        e.close()
+    return {"shards": shards, "latency_s": statistics.median(latencies),
+            "throughput_rps": done / elapsed, "requests": done}  # fmt: skip
+
+
 # -------------------------------------------------------------------------------------------
 # 4. cost model
 # -------------------------------------------------------------------------------------------
@@ -499,6 +562,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     layers = args.layers or (24 if args.quick else 120)
     net = radix_net(args.neurons, layers)
     report["net"] = {"neurons": args.neurons, "layers": layers, "weight_bytes": net.weight_bytes}
+    print("2b. one node, shards as threads over the local channel", flush=True)
+    report["local"] = await run_local(net, args)
+    if args.local_only:
+        return report
     with tempfile.TemporaryDirectory(prefix="fsd-bench-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         channels = {"direct": ChannelConfig(kind="direct")}
@@ -548,6 +615,7 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=30.0, help="per configuration")
     parser.add_argument("--partition-only", action="store_true")
     parser.add_argument("--skip-partition", action="store_true", help="no section 1")
+    parser.add_argument("--local-only", action="store_true", help="sections 1 and 2b only")
     parser.add_argument("--out", default="bench/out/fsd")
     args = parser.parse_args()
     report = asyncio.run(main_async(args))
