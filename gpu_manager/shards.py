@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from gpufaas.cache.lru import ByteLRU, CacheError
 from gpufaas.core.artifacts import ArtifactError, ArtifactStore
@@ -307,6 +308,8 @@ class _Loaded:
     channel: Channel
     mailbox: Mailbox
     nbytes: int
+    running: int = 0  # requests on this shard now
+    dropped: bool = False  # unloaded while running: release after the last request
 
 
 class ShardHost:
@@ -318,7 +321,7 @@ class ShardHost:
         store: ArtifactStore,
         capacity_bytes: int,
         token: str | None = None,
-        stall_s: float = 5.0,
+        stall_s: float = 15.0,
         forward: Callable[[ShardLoad], Awaitable[LaunchReport]] | None = None,
     ) -> None:
         self.store = store
@@ -452,13 +455,18 @@ class ShardHost:
         shard_state = self.loaded(set_name, shard)
         self.lru.touch(key)
         self.lru.pin(key)
+        shard_state.running += 1
         try:
             return await shard_state.executor.run(
                 request_id, inputs, timeout_s=timeout_s, stall_s=min(self.stall_s, timeout_s)
             )
         finally:
-            if key in self.lru:
+            shard_state.running -= 1
+            entry = self.lru.peek(key)
+            if entry is not None and entry.value is shard_state:
                 self.lru.unpin(key)
+            elif shard_state.dropped and shard_state.running == 0:
+                await self._release(shard_state)
 
     def deliver(self, envelope: Envelope, values: Array) -> bool:
         """A direct-channel message for a shard on this node."""
@@ -494,6 +502,11 @@ class ShardHost:
             return
         loaded = entry.value
         await loaded.channel.detach(loaded.load.set_name, loaded.load.shard)
+        loaded.dropped = True
+        if loaded.running == 0:  # else the last request on it releases it
+            await self._release(loaded)
+
+    async def _release(self, loaded: _Loaded) -> None:
         if isinstance(loaded.channel, DirectChannel):
             await loaded.channel.close()
         loaded.executor.close()
@@ -587,7 +600,10 @@ def shard_router(host: ShardHost) -> APIRouter:
 
 
 async def _body(request: Request) -> bytes:
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        raise ValueError("the sender went away mid-message") from None
     if len(body) > _MAX_FRAME_BYTES:
         raise ValueError(f"frame of {len(body)} bytes exceeds {_MAX_FRAME_BYTES}")
     return body
@@ -601,4 +617,6 @@ def shard_host(runtime: Any, *, token: str | None) -> ShardHost:
     node's largest device (a shard runs on one device).
     """
     capacity = max((d.info.capacity_bytes for d in runtime.devices.values()), default=0)
+    # One log line per partial result would be thousands a second.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return ShardHost(store=runtime.store, capacity_bytes=capacity, token=token)
