@@ -47,11 +47,12 @@ from typing import Any
 import numpy as np
 
 from gpufaas.core.channelservers import ServerMissing, run_nats, run_seaweedfs
+from gpufaas.core.commands import ManagerOptions
 from gpufaas.core.layered import LayeredNet, dense_mlp, radix_net
-from gpufaas.core.local import ManagerOptions, free_port, manager_command, wait_ready
 from gpufaas.core.sharding import ChannelConfig, Parallelism
 from gpufaas.scheduler import costmodel
 from gpufaas.scheduler.coordinator import Coordinator, LaunchFailed, ShardFailed, tree_rounds
+from gpufaas.scheduler.local import free_port, manager_command, wait_ready
 from gpufaas.scheduler.partition import communication, partition
 
 PERIOD = {1024: 6, 4096: 8, 16384: 10}  # layers before a RadiX-Net's pattern repeats

@@ -68,8 +68,9 @@ _KEEPALIVE_S = 2.0  # under uvicorn's 5 s keep-alive: never reuse a connection b
 
 def message_path(set_name: str, shard: int) -> str:
     """The receiving node's route for direct-channel messages."""
-    # TODO(core/node.py): move this route constant next to the node's other routes.
-    return f"/v2/gpufaas/shards/{set_name}/{shard}/messages"
+    from gpufaas.core.node import SHARD_MESSAGES
+
+    return SHARD_MESSAGES.format(set_name=set_name, shard=shard)
 
 
 # -------------------------------------------------------------------------------------------

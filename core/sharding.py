@@ -1,6 +1,6 @@
 """The typed contract between a shard set's coordinator and the nodes that hold its shards.
 
-Routes on a GPU manager (TODO(core/node.py): move the path constants there):
+Routes on a GPU manager (path constants in :mod:`gpufaas.core.node`):
 
 * ``PUT    /v2/gpufaas/shards/{set}/{shard}`` with a :class:`ShardLoad`: load this shard and
   forward each child's :class:`ShardLoad` to its node at the same time (the launch tree);
@@ -23,6 +23,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpufaas.core import node
+
 __all__ = [
     "CHANNEL_ENV",
     "REQUEST_ID_HEADER",
@@ -37,9 +39,8 @@ __all__ = [
     "channel_for",
 ]
 
-# TODO(core/node.py): route constants belong with the node's other routes.
-SHARD_PATH = "/v2/gpufaas/shards/{set_name}/{shard}"
-SHARD_INFER_PATH = "/v2/gpufaas/shards/{set_name}/{shard}/infer"
+SHARD_PATH = node.SHARD
+SHARD_INFER_PATH = node.SHARD_INFER
 REQUEST_ID_HEADER = "x-gpufaas-request-id"
 TIMEOUT_HEADER = "x-gpufaas-timeout-s"
 SHARD_HEADER = "x-gpufaas-shard"

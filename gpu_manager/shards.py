@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from gpufaas.cache.lru import ByteLRU, CacheError
+from gpufaas.core import node
 from gpufaas.core.artifacts import ArtifactError, ArtifactStore
 from gpufaas.core.channels import (
     Array,
@@ -76,6 +77,7 @@ from gpufaas.core.sharding import (
     LaunchReport,
     ShardLoad,
 )
+from gpufaas.gpu_manager.runtime import NodeRuntime
 
 __all__ = ["ShardExecutor", "ShardHost", "ShardNotLoaded", "shard_host", "shard_router"]
 
@@ -578,7 +580,7 @@ def shard_router(host: ShardHost) -> APIRouter:
                          shard, -1)  # fmt: skip
         return Response(encode(reply, out), media_type="application/octet-stream")
 
-    @router.post(SHARD_PATH + "/messages")
+    @router.post(node.SHARD_MESSAGES)
     async def message(set_name: str, shard: int, request: Request) -> Response:
         try:
             envelope, values = decode(await _body(request))
@@ -592,7 +594,7 @@ def shard_router(host: ShardHost) -> APIRouter:
             return error_response(404, str(e), reason="ShardNotLoaded")
         return Response(status_code=202 if accepted else 208)
 
-    @router.get("/v2/gpufaas/shards")
+    @router.get(node.SHARDS)
     async def state() -> JSONResponse:
         return JSONResponse(host.state())
 
@@ -609,14 +611,12 @@ async def _body(request: Request) -> bytes:
     return body
 
 
-def shard_host(runtime: Any, *, token: str | None) -> ShardHost:
+def shard_host(runtime: NodeRuntime, *, token: str | None) -> ShardHost:
     """A node's shard host: the runtime's artifact store, one device's capacity as budget.
 
-    TODO(gpu_manager residency split): account shards in the runtime's device tier once it
-    exposes reserve/commit; until then shards have a budget of their own, the size of the
-    node's largest device (a shard runs on one device).
+    TODO(gpu_manager residency): account shards in the runtime's device tier once it
+    exposes reserve/commit to other modules; until then shards have a budget of their own,
+    the size of the node's largest device (a shard runs on one device).
     """
     capacity = max((d.info.capacity_bytes for d in runtime.devices.values()), default=0)
-    # One log line per partial result would be thousands a second.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    return ShardHost(store=runtime.store, capacity_bytes=capacity, token=token)
+    return ShardHost(store=runtime.artifacts.store, capacity_bytes=capacity, token=token)

@@ -22,10 +22,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from gpufaas.core.channelservers import NatsServer, S3Server
+from gpufaas.core.commands import ManagerOptions
 from gpufaas.core.layered import dense_mlp, radix_net
-from gpufaas.core.local import ManagerOptions, free_port, manager_command, wait_ready
 from gpufaas.core.sharding import ChannelConfig, Parallelism
 from gpufaas.scheduler.coordinator import Coordinator, LaunchFailed, ShardFailed, tree_rounds
+from gpufaas.scheduler.local import free_port, manager_command, wait_ready
 
 
 @pytest.fixture(scope="module")
