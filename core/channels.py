@@ -49,6 +49,7 @@ __all__ = [
     "Mailbox",
     "NatsChannel",
     "S3Channel",
+    "ShardMissing",
     "ShardTimeout",
     "ShardUnreachable",
     "decode",
@@ -117,6 +118,10 @@ class ShardUnreachable(ChannelError):
         super().__init__(
             channel, f"shard {shard} of {set_name} at {where} is unreachable: {detail}"
         )
+
+
+class ShardMissing(ShardUnreachable):
+    """The node answered, without the shard (evicted, restarted): relaunching the set helps."""
 
 
 # -------------------------------------------------------------------------------------------
@@ -388,6 +393,11 @@ class DirectChannel(Channel):
                 self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
                 detail=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
             ) from None  # fmt: skip
+        if response.status_code == 404:
+            raise ShardMissing(
+                self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
+                detail="the shard is not loaded there",
+            )  # fmt: skip
         if response.status_code >= 300:
             raise ShardUnreachable(
                 self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,

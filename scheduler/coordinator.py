@@ -41,7 +41,7 @@ from fastapi.responses import Response
 from numpy.typing import NDArray
 
 from gpufaas.core.channels import Envelope, decode, encode
-from gpufaas.core.http import error_response, header_length, read_body
+from gpufaas.core.http import REASON_HEADER, error_response, header_length, read_body
 from gpufaas.core.layered import LayeredNet, save_shard
 from gpufaas.core.protocol import Limits, ProtocolError, decode_request, encode_response
 from gpufaas.core.sharding import (
@@ -299,8 +299,8 @@ class Coordinator:
                 shard_set.name, load.shard,
                 f"shard {load.shard} of {shard_set.name} on {load.node} failed: {detail}",
             ) from None  # fmt: skip
-        if response.status_code == 404:
-            raise _NotLoaded(load.shard)
+        if response.status_code == 404 or response.headers.get(REASON_HEADER) == "ShardMissing":
+            raise _NotLoaded(load.shard)  # here, or a peer it sends to: relaunch the set
         if response.status_code != 200:
             try:
                 message = str(response.json().get("error", response.text))
