@@ -314,3 +314,36 @@ def socket_to(url: str | None) -> Iterator[bool]:
     parts = urllib.parse.urlsplit(url)
     with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
         yield sock.fileno() >= 0
+
+
+async def test_a_shard_unloaded_mid_request_is_relaunched_and_released_after(
+    thread_nodes: Any, coordinator: Coordinator
+) -> None:
+    """Unloading (or evicting) a serving shard: its peers' messages are refused (404), so
+    the coordinator relaunches the set and retries; the orphaned run keeps its executor
+    until its own wait ends, then releases it (no send on a closed client, no crash)."""
+    big = radix_net(4096, 60, weights="random", seed=3)
+    x = np.random.default_rng(4).random((16, 4096)).astype(np.float32)
+    nodes = thread_nodes[:2]
+    nodes[0].host.stall_s = 1.0
+    await coordinator.deploy("big", big, Parallelism(shards=2), nodes=[n.url for n in nodes])
+    host = nodes[0].host
+    loaded = host.loaded("big", 0)
+    running = asyncio.ensure_future(coordinator.infer("big", x))
+    for _ in range(2000):  # bounded: until shard 0 is serving (or the request is over)
+        if loaded.running or running.done():
+            break
+        await asyncio.sleep(0.005)
+    assert loaded.running, "the request ended before the unload: make the net larger"
+    unloaded = asyncio.run_coroutine_threadsafe(host.unload("big", 0), _loop_of(nodes[0]))
+    assert unloaded.result(timeout=10)
+    assert loaded.dropped and not loaded.executor._pool._shutdown  # still serving
+    out = await asyncio.wait_for(running, timeout=120)
+    np.testing.assert_allclose(out, big.forward(x), rtol=1e-4, atol=1e-4)
+    assert host.loaded("big", 0) is not loaded  # relaunched
+    for _ in range(1000):  # bounded: the orphan's wait ends after stall_s
+        if loaded.running == 0:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert loaded.running == 0 and loaded.executor._pool._shutdown  # released after
