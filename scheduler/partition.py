@@ -184,7 +184,13 @@ def _hypergraph(net: LayeredNet, shards: int, *, seed: int, epsilon: float) -> I
     n = net.widths[0]
     if shards == 1:
         return np.zeros(n, dtype=np.int64)
-    import mtkahypar
+    try:
+        import mtkahypar
+    except ImportError:
+        raise PartitionError(
+            "partitioner 'hypergraph' needs the mtkahypar package (pip install mtkahypar); "
+            "or use 'block'"
+        ) from None
 
     with _mtkahypar_lock:
         if not _mtkahypar:
