@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gpufaas.core.channels import (
     Envelope,
@@ -16,7 +18,7 @@ from gpufaas.core.channels import (
     Mailbox,
     ShardTimeout,
 )
-from gpufaas.core.layered import dense_mlp, load_shard, radix_net, save_shard
+from gpufaas.core.layered import Layer, LayeredNet, dense_mlp, load_shard, radix_net, save_shard
 from gpufaas.gpu_manager.shards import ShardExecutor
 from gpufaas.scheduler.partition import partition, split
 
@@ -198,3 +200,38 @@ async def test_chunked_messages_reassemble_in_order() -> None:
         mailbox.deliver(envelope, chunk)
     got = await mailbox.take("r", 2, 1, timeout_s=1, channel="nats", set_name="net")
     np.testing.assert_array_equal(got, values)
+
+
+@st.composite
+def _nets_and_splits(draw: st.DrawFn) -> tuple[LayeredNet, int, str]:
+    width = draw(st.integers(4, 20))
+    depth = draw(st.integers(1, 4))
+    rng = np.random.default_rng(draw(st.integers(0, 10_000)))
+    density = draw(st.floats(0.05, 0.7))
+    layers = []
+    for index in range(depth):
+        rows, cols = np.nonzero(rng.random((width, width)) < density)
+        layers.append(
+            Layer(
+                width, width, rows.astype(np.int64), cols.astype(np.int64),
+                rng.uniform(-1, 1, rows.size).astype(np.float32),
+                rng.uniform(-0.5, 0.5, width).astype(np.float32),
+                "none" if index == depth - 1 else "relu",
+            )
+        )  # fmt: skip
+    method = draw(st.sampled_from(["random", "block", "layer"]))
+    shards = draw(st.integers(1, min(4, depth) if method == "layer" else 4))
+    return LayeredNet(tuple(layers)), shards, method
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=_nets_and_splits(), batch=st.integers(1, 3))
+def test_any_split_of_any_sparse_net_matches_the_reference(
+    case: tuple[LayeredNet, int, str], batch: int, run_split: RunSplit
+) -> None:
+    net, shards, method = case
+    x = np.random.default_rng(batch).standard_normal((batch, net.widths[0])).astype(np.float32)
+    sharded = asyncio.run(run_split(net, shards, method, x))
+    np.testing.assert_allclose(sharded, net.forward(x), rtol=1e-5, atol=1e-5)
