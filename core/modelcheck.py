@@ -156,6 +156,8 @@ def _check_onnx(
                 raise ModelCheckError(
                     f"model returned {len(produced)} output(s), spec declares {len(outputs)}"
                 )
+            for declared, array in zip(outputs, produced, strict=True):
+                _check_output(declared, str(array.dtype), list(array.shape))
             smoke_tested = True
     return ModelReport(
         uri=source.uri,
@@ -167,6 +169,22 @@ def _check_onnx(
         outputs=outputs,
         smoke_tested=smoke_tested,
     )
+
+
+def _check_output(declared: TensorSpec, dtype: str, shape: list[int]) -> None:
+    """An output's dtype (numpy/torch name) and fixed dimensions against its declaration."""
+    expected = _TORCH_DTYPES.get(declared.datatype)
+    if expected is not None and dtype.removeprefix("torch.") != expected:
+        raise ModelCheckError(
+            f"output {declared.name!r}: datatype {declared.datatype} declared, model returned {dtype}"
+        )
+    fixed_ok = len(shape) == len(declared.shape) and all(
+        d == -1 or d == a for d, a in zip(declared.shape, shape, strict=True)
+    )
+    if not fixed_ok:
+        raise ModelCheckError(
+            f"output {declared.name!r}: shape {declared.shape} declared, model returned {shape}"
+        )
 
 
 def _size_and_digest(path: Path) -> tuple[int, str]:
@@ -214,19 +232,7 @@ def smoke_test(
             f"model returned {len(produced)} output(s), spec declares {len(outputs)}"
         )
     for declared, tensor in zip(outputs, produced, strict=True):
-        expected = _TORCH_DTYPES.get(declared.datatype)
-        if expected is not None and tensor.dtype != getattr(torch, expected):
-            raise ModelCheckError(
-                f"output {declared.name!r}: datatype {declared.datatype} declared, model returned {tensor.dtype}"
-            )
-        actual_shape = list(tensor.shape)
-        fixed_ok = len(actual_shape) == len(declared.shape) and all(
-            d == -1 or d == a for d, a in zip(declared.shape, actual_shape, strict=True)
-        )
-        if not fixed_ok:
-            raise ModelCheckError(
-                f"output {declared.name!r}: shape {declared.shape} declared, model returned {actual_shape}"
-            )
+        _check_output(declared, str(tensor.dtype), list(tensor.shape))
     return True
 
 

@@ -155,6 +155,8 @@ class DiskTier:
         first request reads the sidecar instead of the artifact. A request arriving meanwhile
         joins this preparation and reads the sidecar. Failures are logged, not raised: a
         request will report them."""
+        if self.lru.capacity_bytes == 0:
+            return  # no disk tier (--disk-cache 0): nothing to write ahead
         try:
             path = await self._artifact(model, spec)
             skeleton = self.skeleton(model, spec, artifact=path)

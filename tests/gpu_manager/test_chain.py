@@ -301,3 +301,20 @@ async def test_a_function_unregistered_while_prepared_leaves_nothing_on_disk(
     state = runtime.state()
     assert state.disk is not None and state.disk.residents == []
     assert model.name not in runtime.disk.skeletons
+
+
+async def test_a_zero_disk_cache_writes_no_sidecars_and_still_serves(
+    runtime_factory: Factory, models: dict[str, Model], tmp_path: Path
+) -> None:
+    from gpufaas.gpu_manager.cli import _parser
+
+    assert _parser().parse_args(["--disk-cache", "0"]).disk_cache == "0"  # the CLI's switch
+    model = models["tiny-mlp"]
+    runtime = runtime_factory(register=[model], prepare_on_register=True, disk_capacity_bytes=0)
+    await runtime.settle()
+    first = await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
+    await runtime.settle()
+    state = runtime.state()
+    assert state.disk is not None and state.disk.residents == [] and state.disk.used_bytes == 0
+    assert not list(runtime.disk.directory.glob("*.safetensors"))
+    assert first.outputs and set(state.host_fills) == {"artifact"}

@@ -14,7 +14,7 @@ import pytest
 from gm_support import Model, make_spec
 from onnx import TensorProto, helper, numpy_helper
 
-from gpufaas.core.api import InferenceFunctionSpec, ModelFormat
+from gpufaas.core.api import InferenceFunctionSpec, ModelFormat, TensorSpec
 from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.http import REASON_HEADER
 from gpufaas.core.modelcheck import ModelCheckError, check_model, run_check_model_cli
@@ -142,6 +142,12 @@ def test_the_model_check_verifies_onnx_and_names_an_unknown_operator(tmp_path: P
     report = check_model(good, store=store)
     assert report.format is ModelFormat.ONNX and report.smoke_tested
     assert report.tensor_bytes == 16 * 4 * 4 + 4 * 4
+
+    wrong = good.model_copy(
+        update={"outputs": [TensorSpec(name="y", datatype="FP32", shape=[-1, 5])]}
+    )
+    with pytest.raises(ModelCheckError, match="shape"):
+        check_model(wrong, store=store)
 
     bad = onnx_spec(with_unknown_op(tmp_path / "bad.onnx"))
     with pytest.raises(ModelCheckError, match=r"acme\.ops:FancyOp"):
