@@ -209,7 +209,7 @@ async def run_grid(
             shard_set = await coordinator.deploy(
                 name,
                 net,
-                Parallelism(shards=shards, channel=channel),  # type: ignore[arg-type]
+                Parallelism(shards=shards, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
                 nodes=urls[:shards],
                 method=method,
                 channel=channels[channel],
@@ -270,7 +270,9 @@ async def run_mlp(urls: list[str], device_bytes: int, root: Path) -> dict[str, A
     }
     try:
         try:
-            await coordinator.deploy("mlp-1", mlp, Parallelism(shards=1), nodes=urls[:1])
+            await coordinator.deploy(
+                "mlp-1", mlp, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
+            )
             result["n1"] = "launched (unexpected)"
         except LaunchFailed as e:
             result["n1"] = f"refused: {str(e)[:160]}"
@@ -279,7 +281,11 @@ async def run_mlp(urls: list[str], device_bytes: int, root: Path) -> dict[str, A
                 continue
             name = f"mlp-{shards}"
             await coordinator.deploy(
-                name, mlp, Parallelism(shards=shards), nodes=urls[:shards], method="block"
+                name,
+                mlp,
+                Parallelism(shards=shards, strategy="intra-layer"),
+                nodes=urls[:shards],
+                method="block",
             )
             out = await coordinator.infer(name, x)
             ok = bool(np.allclose(out, reference, rtol=1e-4, atol=1e-4))
@@ -383,7 +389,9 @@ async def calibrate(
             for b in (max(1, batch // 4), batch):
                 x = (rng.random((b, 1024)) < 0.2).astype(np.float32)
                 name = f"cal-{depth}-{b}"
-                await coordinator.deploy(name, net, Parallelism(shards=1), nodes=urls[:1])
+                await coordinator.deploy(
+                    name, net, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
+                )
                 await coordinator.infer(name, x)
                 seconds = statistics.median(
                     [await _timed(coordinator.infer(name, x)) for _ in range(5)]
@@ -402,7 +410,7 @@ async def calibrate(
                 x = (rng.random((b, 1024)) < 0.2).astype(np.float32)
                 name = f"cal-{channel}-{method}-{b}"
                 await coordinator.deploy(
-                    name, net, Parallelism(shards=shards, channel=channel),  # type: ignore[arg-type]
+                    name, net, Parallelism(shards=shards, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
                     nodes=urls[:shards], method=method, channel=channels[channel],
                 )  # fmt: skip
                 await coordinator.infer(name, x)

@@ -24,6 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpufaas.core import node
+from gpufaas.core.api import Parallelism  # spec.parallelism; re-exported for shard sets
 
 __all__ = [
     "CHANNEL_ENV",
@@ -46,18 +47,6 @@ TIMEOUT_HEADER = "x-gpufaas-timeout-s"
 SHARD_HEADER = "x-gpufaas-shard"
 # The channel server `gpufaas up --channel` started: a ChannelConfig as JSON.
 CHANNEL_ENV = "GPUFAAS_FSD_CHANNEL"
-
-
-class Parallelism(BaseModel):
-    """``spec.parallelism`` of an InferenceFunction.
-
-    TODO(core/api.py): `k8s` adds this model to core/api.py; switch to it when it lands.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    shards: int = Field(ge=1, le=1024)
-    strategy: Literal["layer", "intra-layer"] = "intra-layer"
-    channel: Literal["direct", "nats", "s3"] = "direct"
 
 
 class ChannelConfig(BaseModel):

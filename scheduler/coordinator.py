@@ -40,6 +40,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from numpy.typing import NDArray
 
+from gpufaas.core.api import ParallelStrategy
 from gpufaas.core.channels import Envelope, decode, encode
 from gpufaas.core.http import REASON_HEADER, error_response, header_length, read_body
 from gpufaas.core.layered import LayeredNet, save_shard
@@ -114,7 +115,7 @@ def tree_rounds(shards: int, *, fanout: int = 2) -> int:
 
 def default_method(net: LayeredNet, parallelism: Parallelism) -> str:
     """``layer`` for pipelines; hypergraph where every layer has one width; else blocks."""
-    if parallelism.strategy == "layer":
+    if parallelism.strategy == ParallelStrategy.LAYER:
         return "layer"
     return "hypergraph" if len(set(net.widths)) == 1 else "block"
 
@@ -164,7 +165,7 @@ class Coordinator:
         if not nodes:
             raise ValueError("no nodes to place shards on")
         method = method or default_method(net, parallelism)
-        channel = channel or channel_for(parallelism.channel, os.environ)
+        channel = channel or channel_for(str(parallelism.channel), os.environ)
         part: Partition = await asyncio.to_thread(
             partition, net, parallelism.shards, method=method, seed=seed
         )

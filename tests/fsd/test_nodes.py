@@ -52,7 +52,10 @@ async def test_direct_channel_across_nodes_matches_the_reference(
 ) -> None:
     urls = [n.url for n in thread_nodes[:nodes]]
     shard_set = await coordinator.deploy(
-        "radix", net, Parallelism(shards=shards, channel="direct"), nodes=urls
+        "radix",
+        net,
+        Parallelism(shards=shards, strategy="intra-layer", channel="direct"),
+        nodes=urls,
     )
     assert shard_set.launch is not None
     assert sorted(shard_set.launch.loaded) == list(range(shards))
@@ -76,7 +79,10 @@ async def test_concurrent_requests_do_not_mix(
     thread_nodes: Any, coordinator: Coordinator, net: Any
 ) -> None:
     await coordinator.deploy(
-        "radix", net, Parallelism(shards=2), nodes=[n.url for n in thread_nodes[:2]]
+        "radix",
+        net,
+        Parallelism(shards=2, strategy="intra-layer"),
+        nodes=[n.url for n in thread_nodes[:2]],
     )
     rng = np.random.default_rng(8)
     batches = [rng.random((2, 512)).astype(np.float32) for _ in range(6)]
@@ -89,7 +95,9 @@ async def test_an_evicted_set_is_relaunched_and_the_request_served(
     thread_nodes: Any, coordinator: Coordinator, net: Any, x: np.ndarray
 ) -> None:
     nodes = thread_nodes[:2]
-    await coordinator.deploy("radix", net, Parallelism(shards=2), nodes=[n.url for n in nodes])
+    await coordinator.deploy(
+        "radix", net, Parallelism(shards=2, strategy="intra-layer"), nodes=[n.url for n in nodes]
+    )
     host = nodes[1].host
     future = asyncio.run_coroutine_threadsafe(host.evict_set("radix"), _loop_of(nodes[1]))
     assert future.result(timeout=10) == [1]
@@ -103,9 +111,13 @@ async def test_a_shard_set_over_one_node_budget_evicts_whole_sets(
 ) -> None:
     node = thread_nodes[0]
     node.host.lru = type(node.host.lru)(capacity_bytes=int(net.weight_bytes * 1.2))
-    await coordinator.deploy("a", net, Parallelism(shards=2), nodes=[node.url])
+    await coordinator.deploy(
+        "a", net, Parallelism(shards=2, strategy="intra-layer"), nodes=[node.url]
+    )
     assert {"a/0", "a/1"} <= set(node.host.lru)
-    await coordinator.deploy("b", net, Parallelism(shards=2), nodes=[node.url])
+    await coordinator.deploy(
+        "b", net, Parallelism(shards=2, strategy="intra-layer"), nodes=[node.url]
+    )
     assert not any(k.startswith("a/") for k in node.host.lru)  # set a left whole
     assert {"b/0", "b/1"} <= set(node.host.lru)
 
@@ -116,7 +128,9 @@ async def test_a_set_too_large_for_the_nodes_fails_to_launch_naming_shards(
     node = thread_nodes[0]
     node.host.lru = type(node.host.lru)(capacity_bytes=net.weight_bytes // 3)
     with pytest.raises(LaunchFailed, match=r"shard 0: .*"):
-        await coordinator.deploy("big", net, Parallelism(shards=2), nodes=[node.url])
+        await coordinator.deploy(
+            "big", net, Parallelism(shards=2, strategy="intra-layer"), nodes=[node.url]
+        )
 
 
 async def test_nats_channel_across_nodes(
@@ -124,7 +138,7 @@ async def test_nats_channel_across_nodes(
 ) -> None:
     channel = ChannelConfig(kind="nats", nats_url=nats_server.url)
     await coordinator.deploy(
-        "radix", net, Parallelism(shards=4, channel="nats"), nodes=[n.url for n in thread_nodes],
+        "radix", net, Parallelism(shards=4, strategy="intra-layer", channel="nats"), nodes=[n.url for n in thread_nodes],
         channel=channel,
     )  # fmt: skip
     out = await coordinator.infer("radix", x)
@@ -141,7 +155,7 @@ async def test_s3_channel_across_nodes(
         s3_secret=s3.secret,
     )  # fmt: skip
     await coordinator.deploy(
-        "radix", small, Parallelism(shards=2, channel="s3"),
+        "radix", small, Parallelism(shards=2, strategy="intra-layer", channel="s3"),
         nodes=[n.url for n in thread_nodes[:2]], channel=channel,
     )  # fmt: skip
     out = await coordinator.infer("radix", x)
@@ -154,7 +168,7 @@ async def test_unreachable_nats_fails_the_launch_naming_the_channel(
     channel = ChannelConfig(kind="nats", nats_url=f"nats://127.0.0.1:{free_port()}")
     with pytest.raises(LaunchFailed, match=r"the nats channel at nats://127\.0\.0\.1"):
         await coordinator.deploy(
-            "radix", net, Parallelism(shards=2, channel="nats"),
+            "radix", net, Parallelism(shards=2, strategy="intra-layer", channel="nats"),
             nodes=[n.url for n in thread_nodes[:2]], channel=channel,
         )  # fmt: skip
 
@@ -220,8 +234,16 @@ async def test_a_model_four_times_one_device_serves_on_four_managers(tmp_path: P
         coordinator = Coordinator(artifact_base=str(tmp_path / "shards"), timeout_s=60)
         try:
             with pytest.raises(LaunchFailed):  # unsplit, it fits no device
-                await coordinator.deploy("mlp-1", mlp, Parallelism(shards=1), nodes=urls[:1])
-            await coordinator.deploy("mlp", mlp, Parallelism(shards=4), nodes=urls, method="block")
+                await coordinator.deploy(
+                    "mlp-1", mlp, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
+                )
+            await coordinator.deploy(
+                "mlp",
+                mlp,
+                Parallelism(shards=4, strategy="intra-layer"),
+                nodes=urls,
+                method="block",
+            )
             out = await coordinator.infer("mlp", x)
         finally:
             await coordinator.close()
@@ -235,7 +257,9 @@ async def test_a_node_killed_mid_inference_fails_fast_naming_its_shard(tmp_path:
     with managers(tmp_path, 2, device_memory="512Mi") as (urls, procs):
         coordinator = Coordinator(artifact_base=str(tmp_path / "shards"), timeout_s=60)
         try:
-            await coordinator.deploy("radix", net, Parallelism(shards=2), nodes=urls)
+            await coordinator.deploy(
+                "radix", net, Parallelism(shards=2, strategy="intra-layer"), nodes=urls
+            )
             np.testing.assert_allclose(
                 await coordinator.infer("radix", x), net.forward(x), rtol=1e-3, atol=1e-3
             )
@@ -265,7 +289,10 @@ async def test_the_coordinator_serves_kserve_v2_and_names_a_failed_shard(
         return await coordinator.serve(name, request)
 
     await coordinator.deploy(
-        "radix", net, Parallelism(shards=2), nodes=[n.url for n in thread_nodes[:2]]
+        "radix",
+        net,
+        Parallelism(shards=2, strategy="intra-layer"),
+        nodes=[n.url for n in thread_nodes[:2]],
     )
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
                         "data": x.ravel().tolist()}]}  # fmt: skip
@@ -326,7 +353,9 @@ async def test_a_shard_unloaded_mid_request_is_relaunched_and_released_after(
     x = np.random.default_rng(4).random((16, 4096)).astype(np.float32)
     nodes = thread_nodes[:2]
     nodes[0].host.stall_s = 1.0
-    await coordinator.deploy("big", big, Parallelism(shards=2), nodes=[n.url for n in nodes])
+    await coordinator.deploy(
+        "big", big, Parallelism(shards=2, strategy="intra-layer"), nodes=[n.url for n in nodes]
+    )
     host = nodes[0].host
     loaded = host.loaded("big", 0)
     running = asyncio.ensure_future(coordinator.infer("big", x))
