@@ -600,7 +600,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             # the share of the cores moves within minutes, and constants measured under another
             # load predict another machine (the figures before this change calibrated after the
             # grid and the MLP, minutes apart). The constants are fixed before the grid runs.
-            print("4. cost model: calibration on a 1,024-neuron net, just before the grid", flush=True)
+            print(
+                "4. cost model: calibration on a 1,024-neuron net, just before the grid", flush=True
+            )
             calibration_started = time.time()
             constants = await calibrate(urls, channels, root, args.batch)
             print(f"2. grid on RadiX-Net {args.neurons} x {layers}, batch {args.batch}", flush=True)
