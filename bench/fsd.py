@@ -14,8 +14,9 @@ Sections (each prints a table; everything lands in ``--out`` as JSON and PNG plo
    through the tree.
 3. **mlp**: a dense MLP larger than one device's budget: it fails to launch on one shard
    and serves on 4 and 8.
-4. **costmodel**: a calibration run (a different, smaller net) fits the constants of
-   :mod:`gpufaas.scheduler.costmodel`; the model then predicts every grid cell's latency.
+4. **costmodel**: a calibration run (a different, smaller net), on the same processes
+   immediately before the grid, fits the constants of :mod:`gpufaas.scheduler.costmodel`;
+   the model then predicts every grid cell's latency.
    Reports the prediction error, and per batch size whether the configuration it picks is the
    fastest one measured.
 
