@@ -18,7 +18,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from gpufaas.core.api import ModelFormat
-from gpufaas.core.examples import EXAMPLES, example_inputs
+from gpufaas.core.examples import EXAMPLES, FUNCTIONS, example_inputs
 from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.modelio import load_model
 
@@ -70,8 +70,8 @@ def test_server_and_model_metadata(client: triton.InferenceServerClient) -> None
     assert client.is_server_live() and client.is_server_ready()
     assert client.get_server_metadata()["name"] == "gpufaas"
     index = {m["name"] for m in client.get_model_repository_index()}
-    assert index == set(EXAMPLES)
-    for name in EXAMPLES:
+    assert index == set(FUNCTIONS)
+    for name in FUNCTIONS:
         assert client.is_model_ready(name)
 
 
