@@ -156,7 +156,9 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values) * 1000, q)) if values else float("nan")
 
 
-async def measure(url: str, grpc_port: int | None, pids: list[int], args: argparse.Namespace) -> dict[str, Any]:
+async def measure(
+    url: str, grpc_port: int | None, pids: list[int], args: argparse.Namespace
+) -> dict[str, Any]:
     pool = NodePool(url, size=16)
     out: dict[str, Any] = {}
 
@@ -220,16 +222,32 @@ async def measure(url: str, grpc_port: int | None, pids: list[int], args: argpar
     return out
 
 
-def run_system(python: str, label: str, functions: Path, models: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_system(
+    python: str,
+    label: str,
+    functions: Path,
+    models: Path,
+    args: argparse.Namespace,
+    *,
+    pythonpath: str | None = None,
+) -> dict[str, Any]:
     port, grpc_port = free_port(), free_port()
     command = [python, "-m", "gpufaas.core.cli", "up", "--port", str(port),
                "--functions", str(functions), "--cpu-devices", "1", "--policy", args.policy]  # fmt: skip
-    has_grpc = "--grpc-port" in subprocess.run(
-        [python, "-m", "gpufaas.core.cli", "up", "--help"], capture_output=True, text=True
-    ).stdout
+    env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": tempfile.mkdtemp()}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    has_grpc = (
+        "--grpc-port"
+        in subprocess.run(
+            [python, "-m", "gpufaas.core.cli", "up", "--help"],
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout
+    )
     if has_grpc:
         command += ["--grpc-port", str(grpc_port)]
-    env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": tempfile.mkdtemp()}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -247,6 +265,7 @@ def run_system(python: str, label: str, functions: Path, models: Path, args: arg
             time.sleep(0.2)
         result = asyncio.run(measure(url, grpc_port if has_grpc else None, tree(proc.pid), args))
         result["python"] = python
+        result["pythonpath"] = pythonpath
         return result
     finally:
         proc.send_signal(signal.SIGINT)
@@ -259,6 +278,9 @@ def run_system(python: str, label: str, functions: Path, models: Path, args: arg
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default=None, help="python of a baseline checkout's venv")
+    parser.add_argument(
+        "--baseline-path", default=None, help="PYTHONPATH for the baseline (a gpufaas/ tree)"
+    )
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--minilm-requests", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=50)
@@ -275,7 +297,10 @@ def main() -> int:
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in systems}
     for _ in range(args.rounds):
         for label, python in systems.items():
-            results[label].append(run_system(python, label, work / "functions", models, args))
+            path = args.baseline_path if label == "baseline" else None
+            results[label].append(
+                run_system(python, label, work / "functions", models, args, pythonpath=path)
+            )
     print(json.dumps(results, indent=1))
     return 0
 
