@@ -159,7 +159,7 @@ def pct(values: list[float], q: float) -> float:
 async def measure(
     url: str, grpc_port: int | None, pids: list[int], args: argparse.Namespace
 ) -> dict[str, Any]:
-    pool = NodePool(url, size=16)
+    pool = NodePool(url, size=16, timeout_s=30)
     out: dict[str, Any] = {}
 
     def http_sender(name: str) -> Any:
@@ -175,14 +175,17 @@ async def measure(
         return send
 
     for name in ("tiny-mlp", "small-cnn"):
+        print(f"{url}: {name}", file=sys.stderr, flush=True)
         send = http_sender(name)
         await closed_loop(send, clients=1, count=args.warmup, max_s=60)
-        before = cpu_seconds(pids)
+        before = cpu_seconds(pids), cpu_seconds(pids[:1])
         lat, _ = await closed_loop(send, clients=1, count=args.requests, max_s=120)
-        cpu = cpu_seconds(pids) - before
+        cpu = cpu_seconds(pids) - before[0]
+        gateway_cpu = cpu_seconds(pids[:1]) - before[1]
         out[name] = {"warm_p50_ms": pct(lat, 50), "warm_p99_ms": pct(lat, 99), "n": len(lat)}
         if name == "tiny-mlp":
             out[name]["cpu_us_per_request"] = cpu / len(lat) * 1e6
+            out[name]["gateway_cpu_us_per_request"] = gateway_cpu / len(lat) * 1e6
         if grpc_port is not None:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
                 call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
