@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         help="with --kubernetes: file:// root",
     )
     ManagerOptions.add_arguments(parser)
+    # The disk tier: loading-optimised sidecars on node-local disk, within this budget.
+    parser.add_argument(
+        "--disk-cache",
+        default="32Gi",
+        help="disk-tier budget for model sidecars on node-local disk (0: no sidecars)",
+    )
     return parser
 
 
@@ -49,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device_memory = parse_bytes(args.device_memory)
         host_memory = parse_bytes(args.host_memory)
+        disk_cache = parse_bytes(args.disk_cache)
     except ValueError as e:
         print(f"gpufaas gpu-manager: {e}", file=sys.stderr)
         return 2
@@ -56,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpu_devices=args.cpu_devices,
         device_memory_bytes=device_memory,
         host_memory_bytes=host_memory,
+        disk_cache_bytes=disk_cache,
         artifact_dir=args.artifact_dir or artifact_dir(),
         force_cpu=args.force_cpu,
         # In a cluster, manifest authors choose the URIs: no local files, no internal hosts.
