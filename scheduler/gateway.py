@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpufaas.cache import InsufficientCapacity, Residency
+from gpufaas.core import node as node_api
 from gpufaas.core.api import InferenceFunction, is_valid_name
 from gpufaas.core.http import (
     CACHE_HEADER,
@@ -252,9 +253,9 @@ class NodeCall:
 def infer_call(name: str, body: bytes | memoryview, *, header_length: int | None) -> NodeCall:
     """The node's infer call for a body the gateway has inspected, forwarded as it is."""
     if header_length is None:
-        return NodeCall(f"/v2/models/{name}/infer", body, {"Content-Type": JSON_CONTENT_TYPE})
+        return NodeCall(node_api.MODEL_INFER.format(name=name), body, {"Content-Type": JSON_CONTENT_TYPE})
     headers = {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(header_length)}
-    return NodeCall(f"/v2/models/{name}/infer", body, headers)
+    return NodeCall(node_api.MODEL_INFER.format(name=name), body, headers)
 
 
 @dataclass(frozen=True)
@@ -696,7 +697,7 @@ class Gateway:
     async def load(self, name: str) -> None:
         """Make ``name`` resident on a device the policy chooses (the repository's load)."""
         self.require(name)
-        reply = await self.forward(name, NodeCall(f"/v2/repository/models/{name}/load"))
+        reply = await self.forward(name, NodeCall(node_api.MODEL_LOAD.format(name=name)))
         if reply.status != 200:
             raise NodeFailed(reply)
         await self.sync()
@@ -708,7 +709,7 @@ class Gateway:
 
         async def one(node_client: httpx.AsyncClient) -> None:
             with contextlib.suppress(httpx.HTTPError):
-                await node_client.post(f"/v2/repository/models/{name}/unload")
+                await node_client.post(node_api.MODEL_UNLOAD.format(name=name))
 
         await asyncio.gather(*(one(n.client) for n in self.cluster.nodes.values() if n.healthy))
         for key in self.cluster.directory.devices():
