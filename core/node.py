@@ -104,6 +104,7 @@ class DeviceState(BaseModel):
     pcie_gbps: float | None = None
     mig: bool = False
     parent_uuid: str | None = None
+    mig_profile: str | None = None  # "3g.40gb" for a MIG slice
     peers: list[str] = Field(default_factory=list)
     nvlink_peers: list[str] = Field(default_factory=list)
     used_bytes: int = Field(default=0, ge=0)
@@ -111,6 +112,7 @@ class DeviceState(BaseModel):
     outstanding: int = Field(default=0, ge=0)
     max_concurrency: int = Field(default=1, ge=1)
     memory_allocated: int | None = None
+    memory_reserved: int | None = None  # what the CUDA caching allocator holds
     pooled_bytes: int = Field(default=0, ge=0)
     residents: list[ResidentState] = Field(default_factory=list)
     draining: list[DrainingState] = Field(default_factory=list)
@@ -169,6 +171,11 @@ class NodeState(_State):
     unservable: dict[str, str] = Field(
         default_factory=dict, description="Registered models this node cannot run, and why."
     )
+    platform: dict[str, str | None] = Field(
+        default_factory=dict, description="torch, the CUDA it was built for, and the driver."
+    )
+    ready: bool = True  # False after a fatal device error: the manager is exiting
+    failure: str | None = None
 
     def device(self, device_id: str) -> DeviceState:
         """The device named ``device_id``; KeyError if the node has none."""

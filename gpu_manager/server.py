@@ -175,8 +175,10 @@ def create_app(
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @app.get(node.HEALTH_READY)
-    async def ready() -> dict[str, bool]:
+    @app.get(node.HEALTH_READY, response_model=None)
+    async def ready() -> dict[str, bool] | Response:
+        if not runtime.health.ready:  # a fatal device error: the process is exiting
+            return error_response(503, str(runtime.health.failure), reason="DeviceFailed")
         return {"ready": True}
 
     @app.get(node.STATE)

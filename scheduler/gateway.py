@@ -75,6 +75,7 @@ from gpufaas.core.protocol import (
     parse_header_length,
 )
 from gpufaas.scheduler.cluster import Cluster, Device, Node
+from gpufaas.scheduler.coldstart import HandlerActivator, handler_router
 from gpufaas.scheduler.dispatch import DeviceGone, DeviceLoad, Dispatcher, Job, QueueFull
 from gpufaas.scheduler.estimates import Estimates
 from gpufaas.scheduler.policy import Decision, NoDevice, Policy, RouteRequest
@@ -308,6 +309,8 @@ class Gateway:
         self.background: list[Callable[[asyncio.Event], Awaitable[None]]] = []
         self._stopping = asyncio.Event()
         self._background_tasks: list[asyncio.Task[None]] = []
+        # Kubernetes mode: /v2/handlers/... wakes scaled-to-zero handlers (coldstart.py).
+        self.handler_activator: HandlerActivator | None = None
 
     def _is_resident(self, device_key: str, model: str) -> bool:
         return self.cluster.directory.state(device_key, model) is Residency.RESIDENT
@@ -803,6 +806,9 @@ def create_api(gateway: Gateway) -> FastAPI:
             protect=lambda path: path.startswith(ADMIN_PATHS),
             realm="the gpufaas admin API",
         )
+
+    if gateway.handler_activator is not None:  # handlers, held while they start (coldstart.py)
+        app.include_router(handler_router(gateway.handler_activator, gateway.function))
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
