@@ -23,7 +23,7 @@ from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.units import parse_bytes
 
 if TYPE_CHECKING:
-    from gpufaas.scheduler.gateway import GatewayConfig
+    from gpufaas.scheduler.gateway import Gateway, GatewayConfig
 
 DEFAULT_PORT = 8080
 DEFAULT_GRPC_PORT = 8081
@@ -111,7 +111,7 @@ def up_command(argv: Sequence[str]) -> int:
     """Run the gateway and GPU manager(s) locally."""
     from gpufaas.core.examples import build_examples
     from gpufaas.scheduler.local import run_managers
-    from gpufaas.scheduler.main import build_gateway, serve
+    from gpufaas.scheduler.main import build_gateway
 
     args = _up_parser().parse_args(list(argv))
     try:
@@ -147,7 +147,17 @@ def up_command(argv: Sequence[str]) -> int:
             + ", ".join(f.name for f in functions),
             flush=True,
         )
+        return _serve(gateway, args, command="up")
+
+
+def _serve(gateway: Gateway, args: argparse.Namespace, *, command: str) -> int:
+    from gpufaas.scheduler.main import serve
+
+    try:
         serve(gateway=gateway, host=args.host, port=args.port, grpc_port=_grpc_port(args))
+    except OSError as e:  # a port in use: say which, no traceback
+        print(f"gpufaas {command}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -175,7 +185,7 @@ def _gateway_parser() -> argparse.ArgumentParser:
 
 def gateway_command(argv: Sequence[str]) -> int:
     """Run the gateway."""
-    from gpufaas.scheduler.main import build_gateway, enable_kubernetes, serve
+    from gpufaas.scheduler.main import build_gateway, enable_kubernetes
 
     args = _gateway_parser().parse_args(list(argv))
     urls = parse_managers(args.managers)
@@ -202,5 +212,4 @@ def gateway_command(argv: Sequence[str]) -> int:
             manager_service=args.manager_service,
             manager_namespace=args.manager_namespace,
         )
-    serve(gateway=gateway, host=args.host, port=args.port, grpc_port=_grpc_port(args))
-    return 0
+    return _serve(gateway, args, command="gateway")
