@@ -3,7 +3,7 @@
 The fast tests drive the real :class:`~gpufaas.scheduler.gateway.Gateway` (its ``infer``,
 which both the HTTP and the gRPC front ends call, and its HTTP app) over shard nodes served
 in threads; the slow one runs ``gpufaas up`` with two real GPU managers and asks with
-tritonclient.
+tritonclient (HTTP and gRPC).
 """
 
 from __future__ import annotations
@@ -204,12 +204,12 @@ async def test_no_healthy_manager_answers_503_not_a_hang(
 
 
 @contextlib.contextmanager
-def gpufaas_up(args: list[str], *, env: dict[str, str], log: Path) -> Iterator[str]:
+def gpufaas_up(args: list[str], *, env: dict[str, str], log: Path, grpc_port: int) -> Iterator[str]:
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port),
-             "--grpc-port", "-1", *args],
+             "--grpc-port", str(grpc_port), *args],
             env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -251,7 +251,8 @@ def test_gpufaas_up_serves_a_sharded_function_to_tritonclient(
     env = {**os.environ, "GPUFAAS_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
     args = ["--nodes", "2", "--functions", str(functions), "--device-memory", "64Mi",
             "--host-memory", "128Mi"]  # fmt: skip
-    with gpufaas_up(args, env=env, log=tmp_path / "up.log") as url:
+    grpc_port = free_port()
+    with gpufaas_up(args, env=env, log=tmp_path / "up.log", grpc_port=grpc_port) as url:
         client = triton.InferenceServerClient(url.removeprefix("http://"), network_timeout=60)
         tensor = triton.InferInput("x", list(x.shape), "FP32")
         tensor.set_data_from_numpy(x, binary_data=True)
@@ -262,3 +263,12 @@ def test_gpufaas_up_serves_a_sharded_function_to_tritonclient(
         with pytest.raises(triton.InferenceServerException):
             client.infer("radix", [bad])
         client.close()
+        # gRPC's ModelInfer takes the same path.
+        import tritonclient.grpc as triton_grpc
+
+        grpc_client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        grpc_tensor = triton_grpc.InferInput("x", list(x.shape), "FP32")
+        grpc_tensor.set_data_from_numpy(x)
+        answer = grpc_client.infer("radix", [grpc_tensor], client_timeout=60)
+        np.testing.assert_allclose(answer.as_numpy("y"), net.forward(x), rtol=1e-5, atol=1e-5)
+        grpc_client.close()
