@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -48,38 +48,70 @@ def error_response(
 
 
 async def read_body(request: Request, *, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``max_bytes``.
+    """The request body, refused with 413 as soon as it passes ``max_bytes``, and with 415 if
+    it is compressed (:func:`check_content_encoding`)."""
+    check_content_encoding(request.headers.get("content-encoding"))
+    check_declared_length(request.headers.get("content-length"), max_bytes=max_bytes)
+    return await _bounded(request.stream(), max_bytes=max_bytes)
 
-    A body with a ``Content-Encoding`` other than ``identity`` is refused with 415 and never
-    decompressed: no decompression bomb can get past the size limit.
-    """
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
+
+async def read_asgi_body(
+    receive: Receive, *, declared: str | None, max_bytes: int, encoding: str | None = None
+) -> bytes:
+    """:func:`read_body` for a bare ASGI app: ``declared`` is the Content-Length header,
+    ``encoding`` the Content-Encoding header."""
+    check_content_encoding(encoding)
+    check_declared_length(declared, max_bytes=max_bytes)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ProtocolError("the client went away before sending the whole body")
+            yield message.get("body", b"")
+            if not message.get("more_body", False):
+                return
+
+    return await _bounded(chunks(), max_bytes=max_bytes)
+
+
+def check_content_encoding(encoding: str | None) -> None:
+    """Refuse (415) a body sent with any Content-Encoding but ``identity``: bodies are never
+    decompressed, so no decompression bomb can get past the size limit."""
+    value = (encoding or "identity").strip().lower()
+    if value not in ("", "identity"):
         raise ProtocolError(
-            f"Content-Encoding {encoding[:32]!r} is not supported; send the body uncompressed",
+            f"Content-Encoding {value[:32]!r} is not supported; send the body uncompressed",
             status_code=415,
         )
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            declared_bytes = int(declared)
-        except ValueError:
-            raise ProtocolError(f"invalid Content-Length {declared!r}") from None
-        if declared_bytes > max_bytes:
-            raise ProtocolError(
-                f"request body of {declared_bytes} bytes exceeds the limit of {max_bytes} bytes",
-                status_code=413,
-            )
+
+
+def check_declared_length(declared: str | None, *, max_bytes: int) -> None:
+    """Refuse a Content-Length over ``max_bytes`` (413) before reading a byte of the body."""
+    if declared is None:
+        return
+    try:
+        declared_bytes = int(declared)
+    except ValueError:
+        raise ProtocolError(f"invalid Content-Length {declared!r}") from None
+    if declared_bytes > max_bytes:
+        raise ProtocolError(
+            f"request body of {declared_bytes} bytes exceeds the limit of {max_bytes} bytes",
+            status_code=413,
+        )
+
+
+async def _bounded(stream: AsyncIterator[bytes], *, max_bytes: int) -> bytes:
     chunks: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
+    async for chunk in stream:
         received += len(chunk)
         if received > max_bytes:
             raise ProtocolError(
                 f"request body exceeds the limit of {max_bytes} bytes", status_code=413
             )
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def header_length(request: Request) -> int | None:
