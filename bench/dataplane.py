@@ -340,6 +340,63 @@ def run_system(
             proc.kill()
 
 
+def node_app_cpu(functions: Path, *, requests: int, inline: bool) -> float:
+    """CPU per warm tiny-mlp request of the GPU manager's app alone, called as ASGI in this
+    process (no HTTP server, no client): ``time.process_time`` over ``requests`` after 100."""
+    from gpufaas.core.artifacts import ArtifactStore
+    from gpufaas.core.manifests import load_manifests
+    from gpufaas.gpu_manager.devices import cpu_devices
+    from gpufaas.gpu_manager.runtime import NodeRuntime
+    from gpufaas.gpu_manager.server import create_app
+
+    (function,) = load_manifests([functions / "tiny-mlp.yaml"])
+    runtime = NodeRuntime(
+        devices=cpu_devices(1, device_memory=1 << 30),
+        store=ArtifactStore(Path(tempfile.mkdtemp())),
+        host_capacity_bytes=1 << 30,
+    )
+    runtime.register("tiny-mlp", function.spec)
+    for device in runtime.devices.values():
+        if not inline and hasattr(device, "inline"):  # a baseline has no inline passes
+            device.inline.max_ms = 0
+    app = create_app(runtime)
+    body, headers = body_for("tiny-mlp")
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    raw += [(b"content-length", b"%d" % len(body)), (b"x-gpufaas-device", b"cpu:0")]
+    path = "/v2/models/tiny-mlp/infer"
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": raw, "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 2), "state": {}}  # fmt: skip
+
+    async def one() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app(dict(scope), receive, send)
+        if statuses != [200]:
+            raise RuntimeError(f"node app answered {statuses}")
+
+    async def run() -> float:
+        for _ in range(100):
+            await one()
+        started = time.process_time()
+        for _ in range(requests):
+            await one()
+        spent = time.process_time() - started
+        await runtime.settle()
+        return spent / requests * 1e6
+
+    return asyncio.run(run())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default=None, help="python of a baseline checkout's venv")
@@ -351,11 +408,27 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--policy", default="lalb-o3")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the systems this often")
+    parser.add_argument(
+        "--node-app",
+        choices=("inline", "thread"),
+        default=None,
+        help="only the GPU manager's app in this process, CPU per warm tiny-mlp request "
+        "(thread: no forward pass inline); run it with a baseline's PYTHONPATH to compare",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpufaas-dataplane-"))
     models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
     build_examples(models, progress=False)
     write_manifests(work / "functions", models)
+    if args.node_app:
+        import torch
+
+        torch.set_num_threads(1)  # as the GPU manager does
+        cpu = node_app_cpu(
+            work / "functions", requests=args.requests, inline=args.node_app == "inline"
+        )
+        print(json.dumps({"node_app_cpu_us_per_request": cpu, "mode": args.node_app}))
+        return 0
     systems = {"this": sys.executable}
     if args.baseline:
         systems = {"baseline": args.baseline, **systems}
