@@ -212,8 +212,8 @@ class HybridHistogram:
         self.cv_threshold = cv_threshold
         self.min_samples = min_samples
         self.oob_fraction = oob_fraction
-        self.fallback_keepalive_s = self.range_s if fallback_keepalive_s is None else float(
-            fallback_keepalive_s
+        self.fallback_keepalive_s = (
+            self.range_s if fallback_keepalive_s is None else float(fallback_keepalive_s)
         )
         self.bins = math.ceil(self.range_s / self.bin_s)
         self._seen = _LastSeen()
@@ -468,8 +468,8 @@ class PredictivePolicy:
         m = self._models.get(function)
         if m is None or m.total <= 0:
             return 1.0
-        period = self.periodic(function)
-        if period is not None:
+        if m.gaps >= 4 and m.mean >= 1.0 and m.var <= (self.periodic_cv * m.mean) ** 2:
+            period = m.mean  # periodic (as :meth:`periodic`, inlined: this is the hot path)
             spread = max(math.sqrt(m.var), 0.02 * period)
             return 0.5 * math.erfc((age_s - period) / (spread * math.sqrt(2)))
         if m.cumulative is None:

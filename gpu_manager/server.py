@@ -39,6 +39,7 @@ from gpufaas.core.http import (
 )
 from gpufaas.core.protocol import Limits, decode_request, encode_response, validate_inputs
 from gpufaas.gpu_manager.devices import device_free_bytes
+from gpufaas.gpu_manager.prefetch import add_prefetch_routes
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ def create_app(
     )
     add_metrics_route(app, registry)
     app.state.runtime = runtime
+    add_prefetch_routes(app, runtime, registry=registry)  # predictive residency (#13)
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:

@@ -32,6 +32,7 @@ from gpufaas.core.http import (
     DEVICE_HEADER,
     EVICT_FIRST_HEADER,
     LOAD_MS_HEADER,
+    LOAD_SOURCE_HEADER,
     MODEL_BYTES_HEADER,
     REASON_HEADER,
     add_metrics_route,
@@ -57,6 +58,7 @@ from gpufaas.scheduler.cluster import Cluster, Device, Node
 from gpufaas.scheduler.dispatch import DeviceGone, Dispatcher, Job, QueueFull, directory_residency
 from gpufaas.scheduler.estimates import Estimates
 from gpufaas.scheduler.policy import DeviceLoad, NoDevice, Policy, RouteRequest
+from gpufaas.scheduler.prefetch import PrefetchDriver
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +194,8 @@ class Gateway:
         self.background: list[Callable[[asyncio.Event], Awaitable[None]]] = []
         self._stopping = asyncio.Event()
         self._background_tasks: list[asyncio.Task[None]] = []
+        # Predictive residency (scheduler/prefetch.py: enable_prefetch), off unless attached.
+        self.prefetch: PrefetchDriver | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -467,6 +471,9 @@ class Gateway:
             return
         hit = response.headers.get(CACHE_HEADER) == "hit"
         self.metrics.cache.labels(self.policy.name, "hit" if hit else "miss").inc()
+        if self.prefetch is not None:
+            source = response.headers.get(LOAD_SOURCE_HEADER)
+            self.prefetch.note_response(device.key, name, hit=hit, source=source)
         size = response.headers.get(MODEL_BYTES_HEADER)
         if size is not None:
             self.model_bytes[name] = int(size)
@@ -487,6 +494,8 @@ class Gateway:
             return error_response(
                 404, f"unknown model {name!r}; see POST /v2/repository/index", reason="UnknownModel"
             )
+        if self.prefetch is not None:
+            self.prefetch.observe(name)
         limits = self.config.limits
         body = await read_body(request, max_bytes=limits.max_body_bytes)
         decoded = decode_request(body, header_length=header_length(request), limits=limits)

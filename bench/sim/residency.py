@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from gpufaas.cache import ByteLRU, CacheError, EntryState
 from gpufaas.cache.arrivals import Candidate, ResidencyPolicy
@@ -39,6 +40,7 @@ from .trace import ModelCosts, ServerlessTrace
 from .workload import Model, ModelProfile, Trace
 
 _TICK, _PREFETCH_DONE, _HOST_FETCH_DONE = 11, 12, 13
+SAMPLE = 32  # eviction candidates ranked by the policy per load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +89,11 @@ class ResidencySimulation(Simulation):
         trace: Trace,
         config: SimConfig,
         tiers: TierConfig,
+        weights: npt.NDArray[np.float64] | None = None,
     ) -> None:
         super().__init__("lalb", catalogue, trace, config)
+        # each request stands for this many of the original trace (bench/sim/trace.py: thin)
+        self.weights = np.ones(len(trace)) if weights is None else weights
         self.residency = policy
         self.tiers = tiers
         self.costs = {m.name: c for m, c in zip(catalogue, costs, strict=True)}
@@ -112,6 +117,9 @@ class ResidencySimulation(Simulation):
         self.observe_ns: list[int] = []
         self.tick_ns = 0
         self.last_arrival_ms = float(trace.arrival_ms[-1]) if len(trace) else 0.0
+        # memory-time is counted from the end of the warm-up, as the other metrics are
+        skip = int(len(trace) * config.warmup_fraction)
+        self.measure_from_ms = float(trace.arrival_ms[skip]) if skip < len(trace) else 0.0
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -125,7 +133,7 @@ class ResidencySimulation(Simulation):
     def _device_out(self, device: _Device, name: str, size: int) -> None:
         since = self.device_since.pop((device.key, name), None)
         if since is not None:
-            self.device_byte_ms += size * (self.now - since)
+            self.device_byte_ms += size * max(0.0, self.now - max(since, self.measure_from_ms))
         if (device.key, name) in self.prefetched:
             self.prefetched.discard((device.key, name))
             self.prefetch_wasted += 1
@@ -156,7 +164,7 @@ class ResidencySimulation(Simulation):
     def _host_out(self, node: str, name: str, size: int) -> None:
         since = self.host_since.pop((node, name), None)
         if since is not None:
-            self.host_byte_ms += size * (self.now - since)
+            self.host_byte_ms += size * max(0.0, self.now - max(since, self.measure_from_ms))
 
     def _reload_ms(self, node: str, name: str) -> float:
         c = self.costs[name]
@@ -166,9 +174,9 @@ class ResidencySimulation(Simulation):
 
     def _arrive(self, request: _Request) -> None:
         gc.disable()
-        tic = time.thread_time_ns()
+        tic = time.perf_counter_ns()
         self.residency.observe(request.model.name, self.now / 1000)
-        self.observe_ns.append(time.thread_time_ns() - tic)
+        self.observe_ns.append(time.perf_counter_ns() - tic)
         gc.enable()
         super()._arrive(request)
 
@@ -185,11 +193,14 @@ class ResidencySimulation(Simulation):
 
     def _make_room(self, device: _Device, size: int, request: _Request) -> list[Any]:
         node = self._node(device)
-        candidates = [
-            Candidate(e.key, e.size_bytes, self._reload_ms(node, e.key))
-            for e in device.cache.entries_lru()
-            if not e.pinned
-        ]
+        # As LRB (NSDI'20) does: rank a sample of candidates, here the SAMPLE least recently
+        # used; whatever the ranking does not free, LRU frees.
+        candidates = []
+        for e in device.cache.entries_lru():
+            if not e.pinned:
+                candidates.append(Candidate(e.key, e.size_bytes, self._reload_ms(node, e.key)))
+                if len(candidates) >= SAMPLE:
+                    break
         prefer = self.residency.victim_order(candidates, self.now / 1000) if candidates else []
         if not prefer:
             prefer = request.evict_first
@@ -227,9 +238,9 @@ class ResidencySimulation(Simulation):
 
     def _other_event(self, kind: int, a: Any, b: Any) -> None:
         if kind == _TICK:
-            tic = time.thread_time_ns()
+            tic = time.perf_counter_ns()
             self._tick()
-            self.tick_ns += time.thread_time_ns() - tic
+            self.tick_ns += time.perf_counter_ns() - tic
             if self.now < self.last_arrival_ms:
                 self._at(self.now + self.tiers.tick_s * 1000, _TICK, None)
         elif kind == _PREFETCH_DONE:
@@ -276,7 +287,10 @@ class ResidencySimulation(Simulation):
                     continue
                 c = self.costs[e.key]
                 advice = policy.advise(
-                    e.key, now_s, size_bytes=e.size_bytes, reload_ms=c.artifact_to_host_ms,
+                    e.key,
+                    now_s,
+                    size_bytes=e.size_bytes,
+                    reload_ms=c.artifact_to_host_ms,
                     tier="host",
                 )
                 # The baselines hold the host tier as a plain LRU (today's GPU manager).
@@ -297,20 +311,29 @@ class ResidencySimulation(Simulation):
             node = self._node(device)
             c = self.costs[name]
             advice = policy.advise(
-                name, now_s, size_bytes=c.size_bytes, reload_ms=self._reload_ms(node, name),
+                name,
+                now_s,
+                size_bytes=c.size_bytes,
+                reload_ms=self._reload_ms(node, name),
                 tier="device",
             )
             if advice.prefetch:
                 self._start_prefetch(device, name)
             elif name not in self.host[node] and (node, name) not in self.host_fetching:
                 host_advice = policy.advise(
-                    name, now_s, size_bytes=c.size_bytes, reload_ms=c.artifact_to_host_ms,
+                    name,
+                    now_s,
+                    size_bytes=c.size_bytes,
+                    reload_ms=c.artifact_to_host_ms,
                     tier="host",
                 )
                 if host_advice.prefetch and self.host[node].free_bytes >= c.size_bytes:
                     self.host_fetching.add((node, name))
-                    self._at(self.now + self._noisy(c.artifact_to_host_ms), _HOST_FETCH_DONE,
-                             (node, name))
+                    self._at(
+                        self.now + self._noisy(c.artifact_to_host_ms),
+                        _HOST_FETCH_DONE,
+                        (node, name),
+                    )
 
     def _start_prefetch(self, device: _Device, name: str) -> None:
         """Load ``name`` onto ``device`` into free bytes only; a request's load goes first."""
@@ -371,32 +394,35 @@ class ResidencySimulation(Simulation):
 
     def report(self) -> dict[str, Any]:
         result = self.run()
-        for (key, name), since in list(self.device_since.items()):
-            self.device_byte_ms += self.costs[name].size_bytes * (self.now - since)
-        for (node, name), since in list(self.host_since.items()):
-            self.host_byte_ms += self.costs[name].size_bytes * (self.now - since)
+        start = self.measure_from_ms
+        for (_, name), since in list(self.device_since.items()):
+            self.device_byte_ms += self.costs[name].size_bytes * (self.now - max(since, start))
+        for (_, name), since in list(self.host_since.items()):
+            self.host_byte_ms += self.costs[name].size_bytes * (self.now - max(since, start))
         skip = int(len(self.trace) * self.config.warmup_fraction)
         measured = [r for r in self.done if r.index >= skip]
-        tiers = {"host": 0, "artifact": 0, "prefetch": 0}
-        for r in measured:
+        w = self.weights[[r.index for r in measured]]
+        tiers = {"host": 0.0, "artifact": 0.0, "prefetch": 0.0}
+        for r, weight in zip(measured, w, strict=True):
             if not r.hit:
-                tiers[self.tier_of.get(r.index, "artifact")] += 1
+                tiers[self.tier_of.get(r.index, "artifact")] += weight
         latency = np.asarray([r.end_ms - r.arrival_ms for r in measured])
-        warm = np.asarray([r.end_ms - r.arrival_ms for r in measured if r.hit])
+        hit = np.asarray([r.hit for r in measured], dtype=bool)
         observe = np.asarray(self.observe_ns, dtype=float) / 1000
-        n = max(1, len(measured))
+        n = max(1e-9, float(w.sum()))
         cold = sum(tiers.values())
         finished = self.prefetch_used + self.prefetch_wasted
         return {
             "policy": self.residency.name,
             "requests": len(measured),
+            "weighted_requests": float(w.sum()),
             "cold_start_ratio": cold / n,
             "cold_by_tier": {k: v / n for k, v in tiers.items()},
             "device_gb_s": self.device_byte_ms / 1e12,
             "host_gb_s": self.host_byte_ms / 1e12,
-            "p50_ms": float(np.percentile(latency, 50)),
-            "p99_ms": float(np.percentile(latency, 99)),
-            "warm_p99_ms": float(np.percentile(warm, 99)) if len(warm) else 0.0,
+            "p50_ms": weighted_percentile(latency, w, 50),
+            "p99_ms": weighted_percentile(latency, w, 99),
+            "warm_p99_ms": weighted_percentile(latency[hit], w[hit], 99),
             "prefetches": self.prefetch_started,
             "prefetch_used": self.prefetch_used,
             "prefetch_precision": self.prefetch_used / finished if finished else None,
@@ -410,6 +436,18 @@ class ResidencySimulation(Simulation):
             "tick_us_per_request": self.tick_ns / 1000 / max(1, len(self.trace)),
             "wall_s": result.wall_s,
         }
+
+
+def weighted_percentile(
+    values: npt.NDArray[np.float64], weights: npt.NDArray[np.float64], q: float
+) -> float:
+    """The ``q``-th percentile of ``values`` where each counts ``weights`` times."""
+    if len(values) == 0:
+        return 0.0
+    order = np.argsort(values)
+    cumulative = np.cumsum(weights[order])
+    rank = q / 100 * cumulative[-1]
+    return float(values[order][min(len(values) - 1, int(np.searchsorted(cumulative, rank)))])
 
 
 class _quiet:

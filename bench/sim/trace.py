@@ -213,3 +213,29 @@ def assign_models(n_functions: int, *, seed: int) -> list[ModelCosts]:
         _, _, lo, hi = SIZE_MIX[int(c)]
         out.append(costs_for(int(math.exp(math.log(lo) + x * (math.log(hi) - math.log(lo))))))
     return out
+
+
+def thin(
+    trace: ServerlessTrace, *, max_per_hour: float
+) -> tuple[ServerlessTrace, npt.NDArray[np.float64]]:
+    """Keep every k-th invocation of each function invoked more than ``max_per_hour`` times an
+    hour (k chosen per function), and return the weight of each kept invocation (k), so that
+    weighted metrics estimate the whole trace's. Only the hottest functions are thinned: at
+    that rate every policy keeps them resident, so what is dropped are hits on a warm model.
+    """
+    hours = max(trace.duration_s / 3600.0, 1e-9)
+    counts = np.bincount(trace.function, minlength=len(trace.functions))
+    step = np.maximum(1, np.floor(counts / (max_per_hour * hours))).astype(np.int64)
+    seen = np.zeros(len(trace.functions), dtype=np.int64)
+    keep = np.zeros(len(trace), dtype=bool)
+    for i, f in enumerate(trace.function.tolist()):
+        keep[i] = seen[f] % step[f] == 0
+        seen[f] += 1
+    kept = ServerlessTrace(
+        functions=trace.functions,
+        clusters=trace.clusters,
+        arrival_s=trace.arrival_s[keep],
+        function=trace.function[keep],
+        runtime_ms=trace.runtime_ms[keep],
+    )
+    return kept, step[kept.function].astype(np.float64)
