@@ -37,18 +37,15 @@ from gpufaas.cache.arrivals import make_policy
 # (label, policy name, parameters, prefetch on)
 SETTINGS: list[tuple[str, str, dict[str, float], bool]] = [
     ("lru+ka-1min", "keepalive", {"keepalive_s": 60}, False),
-    ("lru+ka-2min", "keepalive", {"keepalive_s": 120}, False),
-    ("lru+ka-5min", "keepalive", {"keepalive_s": 300}, False),
+    ("lru+ka-3min", "keepalive", {"keepalive_s": 180}, False),
     ("lru+ka-10min", "keepalive", {"keepalive_s": 600}, False),
     ("hybrid", "hybrid", {}, True),
-    ("hybrid-tail90", "hybrid", {"tail": 90.0}, True),
+    ("ours-p0.03", "predictive", {"device_price": 0.03}, True),
+    ("ours-p0.1", "predictive", {"device_price": 0.1}, True),
     ("ours-p0.3", "predictive", {"device_price": 0.3}, True),
-    ("ours-p1", "predictive", {"device_price": 1.0}, True),
-    ("ours-p3", "predictive", {"device_price": 3.0}, True),
-    ("ours-p10", "predictive", {"device_price": 10.0}, True),
-    ("ours-p1-noprefetch", "predictive", {"device_price": 1.0}, False),
+    ("ours-p0.1-noprefetch", "predictive", {"device_price": 0.1}, False),
 ]
-QUICK = {"lru+ka-10min", "hybrid", "ours-p1", "ours-p1-noprefetch"}
+QUICK = {"lru+ka-10min", "hybrid", "ours-p0.1", "ours-p0.1-noprefetch"}
 
 
 def _trim(trace: ServerlessTrace, minutes: float) -> ServerlessTrace:
@@ -164,9 +161,9 @@ def comparisons(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "ours_cold_at_equal_memory": ours,
             "ratio": (ours / base) if ours is not None and base > 0 else None,
         }
-    if "ours-p1" in summary and "ours-p1-noprefetch" in summary:
-        on = summary["ours-p1"]["warm_p99_ms"][0]
-        off = summary["ours-p1-noprefetch"]["warm_p99_ms"][0]
+    if "ours-p0.1" in summary and "ours-p0.1-noprefetch" in summary:
+        on = summary["ours-p0.1"]["warm_p99_ms"][0]
+        off = summary["ours-p0.1-noprefetch"]["warm_p99_ms"][0]
         out["warm_p99_prefetch_over_none"] = on / off if off > 0 else None
     return out
 

@@ -67,6 +67,7 @@ class Candidate:
 
 class ResidencyPolicy(Protocol):
     name: str
+    may_prefetch: bool  # False: advise() never says prefetch (callers skip asking)
 
     def observe(self, function: str, now_s: float) -> None: ...
 
@@ -115,6 +116,7 @@ class FixedKeepAlive:
     def __init__(self, *, keepalive_s: float = 10 * MINUTE) -> None:
         self.keepalive_s = _finite(keepalive_s, "keepalive_s")
         self.name = f"keepalive-{keepalive_s / MINUTE:g}min"
+        self.may_prefetch = False
         self._seen = _LastSeen()
 
     def observe(self, function: str, now_s: float) -> None:
@@ -190,6 +192,7 @@ class HybridHistogram:
     """
 
     name = "hybrid-histogram"
+    may_prefetch = True
 
     def __init__(
         self,
@@ -400,6 +403,7 @@ class PredictivePolicy:
     """
 
     name = "predictive"
+    may_prefetch = True
 
     def __init__(
         self,

@@ -164,7 +164,7 @@ def create_app(
     )
     add_metrics_route(app, registry)
     app.state.runtime = runtime
-    add_prefetch_routes(app, runtime, registry=registry)  # predictive residency (#13)
+    app.state.prefetcher = add_prefetch_routes(app, runtime, registry=registry)  # #13
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:

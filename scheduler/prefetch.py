@@ -90,7 +90,7 @@ def plan(
             )
             if not advice.keep and advice.reason != "no-history":
                 actions.append(Action("demote", model, key))
-    for model, size in sizes.items():
+    for model, size in sizes.items() if policy.may_prefetch else ():
         if model in held or size <= 0:
             continue
         advice = policy.advise(

@@ -298,7 +298,7 @@ class ResidencySimulation(Simulation):
                     host.evict(e.key)
                     self._host_out(node, e.key, e.size_bytes)
                     self.releases += 1
-        if self.tiers.prefetch:
+        if self.tiers.prefetch and policy.may_prefetch:
             self._prefetch_pass(now_s, on_device)
 
     def _prefetch_pass(self, now_s: float, on_device: set[str]) -> None:
