@@ -482,7 +482,7 @@ class PredictivePolicy:
                 cumulative.append(running / m.total)
                 running += w
             m.cumulative = cumulative
-        return 1.0 - _cdf(m.cumulative, m.weights, m.total, age_s)
+        return max(0.0, 1.0 - _cdf(m.cumulative, m.weights, m.total, age_s))
 
     def p_arrival(self, function: str, idle_s: float, within_s: float) -> float:
         """P(a request for ``function`` within ``within_s``, given it has been idle ``idle_s``)."""
