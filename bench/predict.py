@@ -30,7 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sim.engine import SimConfig
 from sim.residency import ResidencySimulation, TierConfig, catalogue_for, engine_trace
-from sim.trace import ServerlessTrace, assign_models, generate_orcbench, shape, thin
+from sim.trace import (
+    ServerlessTrace,
+    assign_models,
+    azure_tail,
+    generate_orcbench,
+    merge,
+    shape,
+    thin,
+)
 
 from gpufaas.cache.arrivals import make_policy
 
@@ -45,6 +53,7 @@ SETTINGS: list[tuple[str, str, dict[str, float], bool]] = [
     ("ours-p0.3", "predictive", {"device_price": 0.3}, True),
     ("ours-p0.1-noprefetch", "predictive", {"device_price": 0.1}, False),
 ]
+HISTORY_HOURS = 4.0  # of the rare functions' arrivals, fed to the policy before the replay
 QUICK = {"lru+ka-10min", "hybrid", "ours-p0.1", "ours-p0.1-noprefetch"}
 
 
@@ -59,7 +68,8 @@ def _trim(trace: ServerlessTrace, minutes: float) -> ServerlessTrace:
     )
 
 
-def run_one(job: dict[str, Any]) -> dict[str, Any]:
+def load_trace(job: dict[str, Any]) -> tuple[ServerlessTrace, list[tuple[int, float]]]:
+    """The trace to replay, and the arrivals seen before it (function index, seconds < 0)."""
     trace = _trim(
         generate_orcbench(
             Path(job["trace_file"]),
@@ -69,6 +79,22 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         ),
         job["minutes"],
     )
+    history: list[tuple[int, float]] = []
+    if job["tail"] > 0:
+        before, tail = azure_tail(
+            job["tail"], hours=job["minutes"] / 60, seed=job["seed"], history_hours=HISTORY_HOURS
+        )
+        offset = len(trace.functions)
+        history = [
+            (offset + int(f), float(t))
+            for f, t in zip(before.function, before.arrival_s, strict=True)
+        ]
+        trace = merge(trace, tail)
+    return trace, history
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    trace, history = load_trace(job)
     weights = None
     if job["max_per_hour"] > 0:
         trace, weights = thin(trace, max_per_hour=job["max_per_hour"])
@@ -87,7 +113,14 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         host_capacity_bytes=job["host_bytes"], tick_s=job["tick_s"], prefetch=job["prefetch"]
     )
     sim = ResidencySimulation(
-        policy, catalogue, costs, engine_trace(trace), config, tiers, weights=weights
+        policy,
+        catalogue,
+        costs,
+        engine_trace(trace),
+        config,
+        tiers,
+        weights=weights,
+        history=history,
     )
     report = sim.report()
     report.update(label=job["label"], seed=job["seed"])
@@ -237,6 +270,46 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def prediction_cost(
+    *, functions: int = 1000, requests: int = 200_000, seed: int = 0
+) -> dict[str, float]:
+    """Gateway CPU per request for each policy's ``observe`` (the request path), and per call of
+    ``advise`` (the background tick), in microseconds: batches of 1,000 timed together (the
+    timer costs more than one call), GC paused; median and worst batch."""
+    import gc
+    import time
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    names = [f"fn-{i:04d}" for i in range(functions)]
+    picks = rng.zipf(1.3, size=requests) % functions
+    times = np.cumsum(rng.exponential(0.004, size=requests))
+    out: dict[str, float] = {}
+    for label in ("keepalive", "hybrid", "predictive"):
+        policy = make_policy(label)
+        batches = []
+        gc.disable()
+        for start in range(0, requests, 1000):
+            tic = time.perf_counter_ns()
+            for i in range(start, min(requests, start + 1000)):
+                policy.observe(names[picks[i]], float(times[i]))
+            batches.append((time.perf_counter_ns() - tic) / 1000 / 1000)
+        now = float(times[-1])
+        rounds = []
+        for _ in range(5):  # the fastest of 5 rounds over every function: least disturbed
+            tic = time.perf_counter_ns()
+            for name in names:
+                policy.advise(name, now + 5.0, size_bytes=2 * 10**9, reload_ms=500.0, tier="device")
+            rounds.append((time.perf_counter_ns() - tic) / 1000 / len(names))
+        advise_us = min(rounds)
+        gc.enable()
+        out[f"{label}_observe_us_p50"] = float(np.median(batches))
+        out[f"{label}_observe_us_max"] = float(np.max(batches))
+        out[f"{label}_advise_us"] = advise_us
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (trace, sizes, sim)")
@@ -252,10 +325,17 @@ def _parser() -> argparse.ArgumentParser:
         default=2000.0,
         help="thin functions invoked more often (weighted; 0: replay every request)",
     )
+    p.add_argument(
+        "--tail",
+        type=int,
+        default=0,
+        help="add this many Azure-shaped rare functions (timers, sporadic) orcbench lacks",
+    )
     p.add_argument("--quick", action="store_true", help=f"only {sorted(QUICK)}")
     p.add_argument("--only", default="", help="comma-separated setting labels")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--trace-dir", default=str(Path(tempfile.gettempdir()) / "gpufaas-orcbench"))
+    p.add_argument("--cost", action="store_true", help="only measure the prediction's CPU cost")
     p.add_argument("--json", help="write all runs and the summary here")
     p.add_argument("--plot", help="write the cold-start / memory-time plot here (PNG)")
     return p
@@ -263,6 +343,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cost:
+        print(json.dumps(prediction_cost(), indent=1))
+        return 0
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     wanted = {s for s in args.only.split(",") if s} or (QUICK if args.quick else None)
     settings = [s for s in SETTINGS if wanted is None or s[0] in wanted]
@@ -270,32 +353,24 @@ def main(argv: list[str] | None = None) -> int:
     jobs = []
     for seed in seeds:
         trace_file = Path(args.trace_dir) / f"orc-s{args.scale}-m{trace_minutes}-seed{seed}.csv"
-        trace = _trim(
-            generate_orcbench(trace_file, scale=args.scale, minutes=trace_minutes, seed=seed),
-            args.minutes,
-        )
-        print(
-            f"seed {seed}: trace shape",
-            json.dumps({k: round(v, 4) for k, v in shape(trace).items()}),
-        )
+        base = {
+            "seed": seed,
+            "trace_file": str(trace_file),
+            "scale": args.scale,
+            "trace_minutes": trace_minutes,
+            "minutes": args.minutes,
+            "devices": args.devices,
+            "capacity_bytes": int(args.capacity_gb * 1e9),
+            "host_bytes": int(args.host_gb * 1e9),
+            "tick_s": args.tick_s,
+            "max_per_hour": args.max_per_hour,
+            "tail": args.tail,
+        }
+        stats = shape(load_trace(base)[0])
+        print(f"seed {seed}: trace shape", json.dumps({k: round(v, 4) for k, v in stats.items()}))
         for label, name, params, prefetch in settings:
             jobs.append(
-                {
-                    "label": label,
-                    "policy": name,
-                    "params": params,
-                    "prefetch": prefetch,
-                    "seed": seed,
-                    "trace_file": str(trace_file),
-                    "scale": args.scale,
-                    "trace_minutes": trace_minutes,
-                    "minutes": args.minutes,
-                    "devices": args.devices,
-                    "capacity_bytes": int(args.capacity_gb * 1e9),
-                    "host_bytes": int(args.host_gb * 1e9),
-                    "tick_s": args.tick_s,
-                    "max_per_hour": args.max_per_hour,
-                }
+                {**base, "label": label, "policy": name, "params": params, "prefetch": prefetch}
             )
     if args.workers > 1:
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -90,11 +91,14 @@ class ResidencySimulation(Simulation):
         config: SimConfig,
         tiers: TierConfig,
         weights: npt.NDArray[np.float64] | None = None,
+        history: Sequence[tuple[int, float]] = (),
     ) -> None:
         super().__init__("lalb", catalogue, trace, config)
         # each request stands for this many of the original trace (bench/sim/trace.py: thin)
         self.weights = np.ones(len(trace)) if weights is None else weights
         self.residency = policy
+        for function, t_s in history:  # what the gateway saw before (its persisted state)
+            policy.observe(catalogue[function].name, t_s)
         self.tiers = tiers
         self.costs = {m.name: c for m, c in zip(catalogue, costs, strict=True)}
         self.nodes = sorted({d.key.split("/")[0] for d in self.devices})

@@ -239,3 +239,67 @@ def thin(
         runtime_ms=trace.runtime_ms[keep],
     )
     return kept, step[kept.function].astype(np.float64)
+
+
+# -- the rare functions orcbench lacks ---------------------------------------------------------
+
+TIMER_PERIODS_MIN = (2, 5, 10, 15, 20, 30, 60)
+
+
+def azure_tail(
+    n_functions: int, *, hours: float, seed: int, history_hours: float = 0.0
+) -> tuple[ServerlessTrace, ServerlessTrace]:
+    """``n_functions`` rarely invoked functions in the Azure trace's proportions, which orcbench
+    lacks (its least-invoked function is called ~190 times an hour): 40% timers (a fixed period
+    from :data:`TIMER_PERIODS_MIN`, a random phase and 1% jitter: inter-arrival CV about 0),
+    60% sporadic (Poisson, with a mean gap log-uniform between 2 and 120 minutes). Synthetic:
+    reported apart from the orcbench-only runs.
+
+    Returns ``(history, trace)``: the same processes over the ``history_hours`` before time 0
+    (what a gateway that has run for a while has already seen), and over ``[0, hours)``.
+    """
+    rng = np.random.default_rng([seed, 77])
+    end = hours * 3600.0
+    begin = -history_hours * 3600.0
+    times: list[float] = []
+    functions: list[int] = []
+    clusters: list[str] = []
+    for f in range(n_functions):
+        if rng.random() < 0.4:
+            period = 60.0 * float(rng.choice(TIMER_PERIODS_MIN))
+            t = begin + rng.uniform(0, period) + np.arange(0.0, end - begin, period)
+            t = t + rng.normal(0, 0.01 * period, size=len(t))
+            clusters.append("tail-timer")
+        else:
+            mean = 60.0 * math.exp(rng.uniform(math.log(2), math.log(120)))
+            t = begin + np.cumsum(rng.exponential(mean, size=int(3 * (end - begin) / mean) + 3))
+            clusters.append("tail-sporadic")
+        t = t[(t >= begin) & (t < end)]
+        times.extend(t.tolist())
+        functions.extend([f] * len(t))
+    arrival = np.asarray(times, dtype=np.float64)
+    order = np.argsort(arrival, kind="stable")
+    arrival, function = arrival[order], np.asarray(functions, dtype=np.int64)[order]
+    names = [f"tail-{f:04d}" for f in range(n_functions)]
+
+    def part(mask: npt.NDArray[np.bool_]) -> ServerlessTrace:
+        return ServerlessTrace(
+            names, clusters, arrival[mask], function[mask], np.zeros(int(mask.sum()))
+        )
+
+    return part(arrival < 0), part(arrival >= 0)
+
+
+def merge(a: ServerlessTrace, b: ServerlessTrace) -> ServerlessTrace:
+    """Both traces' functions and invocations, ``b``'s functions numbered after ``a``'s."""
+    arrival = np.concatenate([a.arrival_s - (a.arrival_s[0] if len(a) else 0.0), b.arrival_s])
+    function = np.concatenate([a.function, b.function + len(a.functions)])
+    runtime = np.concatenate([a.runtime_ms, b.runtime_ms])
+    order = np.argsort(arrival, kind="stable")
+    return ServerlessTrace(
+        functions=a.functions + b.functions,
+        clusters=a.clusters + b.clusters,
+        arrival_s=arrival[order],
+        function=function[order],
+        runtime_ms=runtime[order],
+    )
