@@ -27,7 +27,7 @@ from gpufaas.core.units import parse_bytes
 from gpufaas.core.uripolicy import UriPolicy
 
 if TYPE_CHECKING:
-    from gpufaas.scheduler.gateway import GatewayConfig
+    from gpufaas.scheduler.gateway import Gateway, GatewayConfig
 
 DEFAULT_PORT = 8080
 
@@ -69,6 +69,30 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_prefetch_options(parser: argparse.ArgumentParser) -> None:
+    # Predictive residency (#13, docs/prediction.md).
+    parser.add_argument(
+        "--prefetch",
+        choices=("off", "predictive", "hybrid"),
+        default="off",
+        help="learn arrivals; demote and prefetch models ahead of requests",
+    )
+    parser.add_argument(
+        "--prefetch-state", type=Path, default=None, help="file the arrival model persists to"
+    )
+
+
+def _enable_prefetch(gateway: Gateway, args: argparse.Namespace) -> None:
+    if args.prefetch == "off":
+        return
+    from gpufaas.cache.arrivals import make_policy as make_residency_policy
+    from gpufaas.scheduler.prefetch import enable_prefetch
+
+    enable_prefetch(
+        gateway, policy=make_residency_policy(args.prefetch), state_file=args.prefetch_state
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpufaas", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -85,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=DEFAULT_PORT)
     up.add_argument("--nodes", type=int, default=1, help="GPU-manager processes to start")
     _add_gateway_options(up)
+    _add_prefetch_options(up)
     _add_device_options(up)
 
     gateway = sub.add_parser("gateway", help="run the gateway")
@@ -95,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=DEFAULT_PORT)
     _add_gateway_options(gateway)
+    _add_prefetch_options(gateway)
     gateway.add_argument(
         "--kubernetes", action="store_true", help="learn functions and managers from the cluster"
     )
@@ -164,6 +190,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             config=_gateway_config(args),
             manager_token=token,
         )
+        _enable_prefetch(gateway, args)
         print(
             f"gpufaas is serving {len(functions)} function(s) on http://{args.host}:{args.port}: "
             + ", ".join(f.name for f in functions),
@@ -210,6 +237,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         config=_gateway_config(args),
         manager_token=os.environ.get("GPUFAAS_MANAGER_TOKEN") or None,
     )
+    _enable_prefetch(gateway, args)
     if args.kubernetes:
         enable_kubernetes(
             gateway,

@@ -266,3 +266,20 @@ async def test_the_gateway_feeds_the_driver_and_its_actions_reach_a_real_manager
     finally:
         await gateway.cluster.close()
         await runtime.settle()
+
+
+def test_the_cli_option_attaches_the_driver(tmp_path: Path) -> None:
+    import argparse
+
+    from gpufaas.core.cli import _enable_prefetch
+    from gpufaas.scheduler.main import build_gateway
+
+    gateway = build_gateway(manager_urls={}, functions=[], policy="lalb")
+    _enable_prefetch(gateway, argparse.Namespace(prefetch="off", prefetch_state=None))
+    assert gateway.prefetch is None and gateway.background == []
+    state = tmp_path / "s.json"
+    _enable_prefetch(gateway, argparse.Namespace(prefetch="hybrid", prefetch_state=state))
+    assert gateway.prefetch is not None
+    assert gateway.prefetch.policy.name == "hybrid-histogram"
+    assert gateway.prefetch.config.state_file == state
+    assert gateway.background == [gateway.prefetch.run]
