@@ -227,3 +227,29 @@ def test_fixed_keepalive() -> None:
     assert make_policy("keepalive", keepalive_s=60).name == "keepalive-1min"
     with pytest.raises(ArrivalError, match="unknown residency policy"):
         make_policy("belady")
+
+
+@given(gaps)
+@settings(max_examples=150, deadline=None)
+def test_hybrid_windows_are_sane_for_any_history(gap_list: list[float]) -> None:
+    policy = HybridHistogram()
+    now = _feed(policy, gap_list)
+    w = policy.windows("f")
+    assert w.prewarm_s >= 0 and w.keepalive_s >= 0
+    assert w.source in {"histogram", "fixed", "forecast"}
+    if w.source == "histogram":
+        assert w.prewarm_s + w.keepalive_s <= 4 * 3600 * 1.1 + 1e-6
+    advice = policy.advise("f", now + 1.0, size_bytes=1, reload_ms=1.0, tier="device")
+    assert not (advice.prefetch and not advice.keep)  # a prefetch is always into a window
+
+
+@given(gaps, ages, st.floats(min_value=0.0, max_value=100.0))
+@settings(max_examples=150, deadline=None)
+def test_a_higher_price_never_keeps_more(gap_list: list[float], idle: float, price: float) -> None:
+    cheap, dear = PredictivePolicy(device_price=price), PredictivePolicy(device_price=price * 2 + 1)
+    for p in (cheap, dear):
+        now = _feed(p, gap_list)
+    kwargs = {"size_bytes": 10**9, "reload_ms": 800.0, "tier": "device"}
+    a = cheap.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
+    b = dear.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
+    assert b.keep <= a.keep and b.prefetch <= a.prefetch
