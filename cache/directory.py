@@ -20,7 +20,6 @@ number and ignores a report older than one already applied.
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Collection, Iterable, Sequence
 
 from gpufaas.cache.lru import (
@@ -28,14 +27,10 @@ from gpufaas.cache.lru import (
     CacheError,
     EntryState,
     InsufficientCapacity,
+    Residency,
     UnknownKey,
     check_size,
 )
-
-
-class Residency(enum.StrEnum):
-    LOADING = "loading"
-    RESIDENT = "resident"
 
 
 class UnknownDevice(UnknownKey):
@@ -57,9 +52,6 @@ class _Device:
     view: ByteLRU[None]
     version: int = 0
     report_seq: int | None = None
-
-
-_TO_RESIDENCY = {EntryState.LOADING: Residency.LOADING, EntryState.RESIDENT: Residency.RESIDENT}
 
 
 _EMPTY: frozenset[str] = frozenset()
@@ -122,7 +114,7 @@ class ClusterDirectory:
         for device_id in self._holders.get(model, ()):
             entry = self._devices[device_id].view.peek(model)
             assert entry is not None, "holders index out of step with a device view"
-            result[device_id] = _TO_RESIDENCY[entry.state]
+            result[device_id] = entry.state
         return result
 
     def state(self, device_id: str, model: str) -> Residency | None:
@@ -130,7 +122,7 @@ class ClusterDirectory:
         device too, as a report may name a device that has just left."""
         device = self._devices.get(device_id)
         entry = device.view.peek(model) if device is not None else None
-        return None if entry is None else _TO_RESIDENCY[entry.state]
+        return None if entry is None else entry.state
 
     def holder_ids(self, model: str) -> Collection[str]:
         """The devices holding ``model``, in O(1): a read-only view, valid until the next change."""
@@ -143,7 +135,7 @@ class ClusterDirectory:
     def residents(self, device_id: str) -> list[tuple[str, Residency, int]]:
         """``(model, state, size_bytes)`` on a device, least- to most-recently used."""
         return [
-            (entry.key, _TO_RESIDENCY[entry.state], entry.size_bytes)
+            (entry.key, entry.state, entry.size_bytes)
             for entry in self._device(device_id).view.entries_lru()
         ]
 

@@ -65,6 +65,7 @@ class _Model(BaseModel):
 class ModelFormat(enum.StrEnum):
     TORCHSCRIPT = "torchscript"
     TORCH_EXPORT = "torch-export"
+    ONNX = "onnx"
 
 
 class ModelSource(_Model):
@@ -73,7 +74,7 @@ class ModelSource(_Model):
     uri: Annotated[str, StringConstraints(pattern=_URI_PATTERN, max_length=2048)] = Field(
         description="Artifact location: file://, http(s):// or s3://.",
     )
-    format: ModelFormat = Field(description="torchscript or torch-export.")
+    format: ModelFormat = Field(description="torchscript, torch-export or onnx.")
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = Field(
         default=None, description="Hex SHA-256 of the artifact; verified when given."
     )

@@ -12,7 +12,7 @@ import uvicorn
 from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.uripolicy import UriPolicy
 from gpufaas.gpu_manager.devices import discover_devices
-from gpufaas.gpu_manager.runtime import NodeRuntime
+from gpufaas.gpu_manager.runtime import DEFAULT_DISK_CACHE_BYTES, NodeRuntime
 from gpufaas.gpu_manager.server import create_app
 
 logger = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ def build_runtime(
     device_memory_bytes: int,
     host_memory_bytes: int,
     artifact_dir: Path,
+    disk_cache_bytes: int = DEFAULT_DISK_CACHE_BYTES,
     max_concurrency_per_device: int = 4,
     force_cpu: bool = False,
     memory_fraction: float = 0.9,
@@ -45,6 +46,7 @@ def build_runtime(
         devices=devices,
         store=ArtifactStore(artifact_dir, uri_policy=uri_policy),
         host_capacity_bytes=host_memory_bytes,
+        disk_capacity_bytes=disk_cache_bytes,
         max_concurrency_per_device=max_concurrency_per_device,
         probe_variable_dim=probe_variable_dim,
     )

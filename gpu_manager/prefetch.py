@@ -17,20 +17,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter
 
+from gpufaas.cache import Residency
+from gpufaas.core import node
 from gpufaas.core.http import error_response
+from gpufaas.core.node import NodeState
 
 logger = logging.getLogger(__name__)
 
-# TODO(core/node.py): move these route paths to the node contract when it lands.
-PREFETCH_PATH = "/v2/gpufaas/prefetch"
-DEMOTE_PATH = "/v2/gpufaas/demote"
+PREFETCH_PATH = node.PREFETCH
+DEMOTE_PATH = node.DEMOTE
 MAX_QUEUED = 64
 
 
@@ -41,7 +42,7 @@ class PrefetchRuntime(Protocol):
 
     def unload(self, name: str, *, device_id: str | None) -> list[str]: ...
 
-    def state(self) -> Any: ...
+    def state(self) -> NodeState: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,22 +52,15 @@ class PrefetchJob:
     size_bytes: int
 
 
-def device_room(state: Any, device: str) -> tuple[bool, int] | None:
-    """``(quiet, free bytes)`` of ``device`` in the runtime's state: quiet when no load is in
-    flight there; None if the node has no such device."""
-    rows = state["devices"] if isinstance(state, Mapping) else state.devices
-    for row in rows:
-        get = row.get if isinstance(row, Mapping) else lambda k, r=row: getattr(r, k, None)
-        if get("id") != device:
-            continue
-        residents = get("residents") or []
-        loading = any(
-            (r.get("state") if isinstance(r, Mapping) else getattr(r, "state", None)) == "loading"
-            or (r.get("arrived") if isinstance(r, Mapping) else True) is False
-            for r in residents
-        )
-        return not loading, int(get("free_cache_bytes") or 0)
-    return None
+def device_room(state: NodeState, device: str) -> tuple[bool, int] | None:
+    """``(quiet, free cache bytes)`` of ``device``: quiet when no load is in flight there;
+    None if the node has no such device."""
+    try:
+        row = state.device(device)
+    except KeyError:
+        return None
+    loading = any(r.state is Residency.LOADING or r.arrived is False for r in row.residents)
+    return not loading, row.free_cache_bytes
 
 
 class Prefetcher:

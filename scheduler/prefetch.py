@@ -37,15 +37,15 @@ from prometheus_client import CollectorRegistry, Counter
 
 from gpufaas.cache import ClusterDirectory, Residency
 from gpufaas.cache.arrivals import ArrivalError, ResidencyPolicy
+from gpufaas.core import node
 
 if TYPE_CHECKING:
     from gpufaas.scheduler.gateway import Gateway
 
 logger = logging.getLogger(__name__)
 
-# TODO(core/node.py): move these route paths to the node contract when it lands.
-PREFETCH_PATH = "/v2/gpufaas/prefetch"
-DEMOTE_PATH = "/v2/gpufaas/demote"
+PREFETCH_PATH = node.PREFETCH
+DEMOTE_PATH = node.DEMOTE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -215,7 +215,7 @@ async def test_the_gateway_feeds_the_driver_and_its_actions_reach_a_real_manager
     from gpufaas.gpu_manager.devices import cpu_devices
     from gpufaas.gpu_manager.runtime import NodeRuntime
     from gpufaas.gpu_manager.server import create_app as create_manager_app
-    from gpufaas.scheduler.gateway import create_app
+    from gpufaas.scheduler.gateway import GatewayConfig, create_app
     from gpufaas.scheduler.main import build_gateway
     from gpufaas.scheduler.prefetch import enable_prefetch
 
@@ -230,8 +230,12 @@ async def test_the_gateway_feeds_the_driver_and_its_actions_reach_a_real_manager
     )
     manager_app = create_manager_app(runtime)
     gateway = build_gateway(
-        manager_urls={"node-0": "http://manager"}, functions=functions, policy="lalb"
+        manager_urls={"node-0": "http://manager"},
+        functions=functions,
+        policy="lalb",
+        config=GatewayConfig(transport="httpx"),  # the in-process manager is an ASGI app
     )
+
     node = gateway.cluster.nodes["node-0"]
     await node.client.aclose()
     node.client = httpx.AsyncClient(
@@ -258,11 +262,11 @@ async def test_the_gateway_feeds_the_driver_and_its_actions_reach_a_real_manager
         actions = await driver.tick()
         assert Action("demote", "tiny-mlp", f"node-0/{device}") in actions
         state = runtime.state()
-        assert state["devices"][0]["residents"] == []  # demoted on the node
-        assert [r["model"] for r in state["host"]["residents"]] == ["tiny-mlp"]
+        assert state.devices[0].residents == []  # demoted on the node
+        assert [r.model for r in state.host.residents] == ["tiny-mlp"]
         await driver.send(Action("prefetch", "tiny-mlp", f"node-0/{device}"))
         await manager_app.state.prefetcher.queue.join()
-        assert [r["model"] for r in runtime.state()["devices"][0]["residents"]] == ["tiny-mlp"]
+        assert [r.model for r in runtime.state().devices[0].residents] == ["tiny-mlp"]
     finally:
         await gateway.cluster.close()
         await runtime.settle()
@@ -271,14 +275,14 @@ async def test_the_gateway_feeds_the_driver_and_its_actions_reach_a_real_manager
 def test_the_cli_option_attaches_the_driver(tmp_path: Path) -> None:
     import argparse
 
-    from gpufaas.core.cli import _enable_prefetch
+    from gpufaas.scheduler.cli import enable_prefetch_option
     from gpufaas.scheduler.main import build_gateway
 
     gateway = build_gateway(manager_urls={}, functions=[], policy="lalb")
-    _enable_prefetch(gateway, argparse.Namespace(prefetch="off", prefetch_state=None))
+    enable_prefetch_option(gateway, argparse.Namespace(prefetch="off", prefetch_state=None))
     assert gateway.prefetch is None and gateway.background == []
     state = tmp_path / "s.json"
-    _enable_prefetch(gateway, argparse.Namespace(prefetch="hybrid", prefetch_state=state))
+    enable_prefetch_option(gateway, argparse.Namespace(prefetch="hybrid", prefetch_state=state))
     assert gateway.prefetch is not None
     assert gateway.prefetch.policy.name == "hybrid-histogram"
     assert gateway.prefetch.config.state_file == state

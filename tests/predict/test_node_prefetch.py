@@ -58,8 +58,7 @@ def _device(runtime: NodeRuntime, index: int = 0) -> str:
 
 
 def _residents(runtime: NodeRuntime, device: str) -> list[str]:
-    row = next(d for d in runtime.state()["devices"] if d["id"] == device)
-    return [r["model"] for r in row["residents"]]
+    return [r.model for r in runtime.state().device(device).residents]
 
 
 async def _prefetch_counts(client: httpx.AsyncClient) -> dict[str, float]:
@@ -90,7 +89,7 @@ async def test_a_prefetch_loads_the_model_and_a_demotion_keeps_the_host_copy(
     demoted = await client.post(DEMOTE_PATH, json={"model": "tiny", "device": device})
     assert demoted.status_code == 200 and demoted.json()["demoted_from"] == [device]
     assert _residents(runtime, device) == []
-    host = [r["model"] for r in runtime.state()["host"]["residents"]]
+    host = [r.model for r in runtime.state().host.residents]
     assert host == ["tiny"]  # a later miss copies from host memory
 
 

@@ -2,7 +2,8 @@
 
 ``gpufaas up`` starts one GPU-manager process per simulated node, waits until
 each is ready, and then runs the gateway in this process. Ctrl-C (or SIGTERM)
-stops the gateway and then the managers, within a bounded time.
+stops the gateway and then the managers, within a bounded time. The managers run as
+``python -m gpufaas.gpu_manager``: this module imports nothing of the GPU manager.
 """
 
 from __future__ import annotations
@@ -17,23 +18,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
+
+from gpufaas.core.commands import MANAGER_MODULE, ManagerOptions
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class ManagerOptions:
-    cpu_devices: int
-    device_memory: str
-    host_memory: str
-    artifact_dir: Path
-    force_cpu: bool = False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -52,19 +44,14 @@ def die_with_parent() -> None:
 
 
 def manager_command(*, name: str, port: int, options: ManagerOptions) -> list[str]:
-    command = [
-        sys.executable, "-m", "gpufaas.core.cli", "gpu-manager",
+    """The GPU manager's command line: a subprocess of its own, nothing of it imported here."""
+    return [
+        sys.executable, "-m", MANAGER_MODULE,
         "--name", name,
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--cpu-devices", str(options.cpu_devices),
-        "--device-memory", options.device_memory,
-        "--host-memory", options.host_memory,
-        "--artifact-dir", str(options.artifact_dir),
+        *options.to_argv(),
     ]  # fmt: skip
-    if options.force_cpu:
-        command.append("--force-cpu")
-    return command
 
 
 def wait_ready(

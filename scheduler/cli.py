@@ -1,0 +1,221 @@
+"""The composition root: ``gpufaas up`` (the whole system locally) and ``gpufaas gateway``.
+
+``up`` runs the gateway in this process and each GPU manager as a subprocess
+(``python -m gpufaas.gpu_manager``, see :mod:`gpufaas.scheduler.local`), so the gateway and the
+node still meet only over the wire. Both are entry points of the ``gpufaas.commands`` group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gpufaas.core.api import ManifestError
+from gpufaas.core.commands import ManagerOptions
+from gpufaas.core.config import models_dir
+from gpufaas.core.manifests import bundled_functions_dir, load_manifests
+from gpufaas.core.units import parse_bytes
+
+if TYPE_CHECKING:
+    from gpufaas.scheduler.gateway import Gateway, GatewayConfig
+
+DEFAULT_PORT = 8080
+DEFAULT_GRPC_PORT = 8081
+# The best routing policy measured (bench/RESULTS.md, "LALB"): the chart's default too.
+DEFAULT_POLICY = "lalb-o3"
+
+
+def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=DEFAULT_GRPC_PORT,
+        help="port of the OIP v2 gRPC service (KServe GRPCInferenceService); -1: none",
+    )
+    parser.add_argument("--policy", default=DEFAULT_POLICY, help="lb, lalb or lalb-o3")
+    parser.add_argument("--max-request-bytes", default="64Mi", help="largest request body accepted")
+    parser.add_argument(
+        "--sync-interval", type=float, default=5.0, help="seconds between full re-syncs"
+    )
+    parser.add_argument(
+        "--device-concurrency", type=int, default=4, help="requests running per device"
+    )
+    parser.add_argument(
+        "--max-queue-per-device",
+        type=int,
+        default=256,
+        help="waiting requests per device; past it, 429",
+    )
+    parser.add_argument(
+        "--max-pending-per-function",
+        type=int,
+        default=512,
+        help="requests in flight per function; past it, 429",
+    )
+
+
+def _add_prefetch_options(parser: argparse.ArgumentParser) -> None:
+    # Predictive residency (#13, docs/prediction.md).
+    parser.add_argument(
+        "--prefetch",
+        choices=("off", "predictive", "hybrid"),
+        default="off",
+        help="learn arrivals; demote and prefetch models ahead of requests",
+    )
+    parser.add_argument(
+        "--prefetch-state", type=Path, default=None, help="file the arrival model persists to"
+    )
+
+
+def enable_prefetch_option(gateway: Gateway, args: argparse.Namespace) -> None:
+    if args.prefetch == "off":
+        return
+    from gpufaas.cache.arrivals import make_policy as make_residency_policy
+    from gpufaas.scheduler.prefetch import enable_prefetch
+
+    enable_prefetch(
+        gateway, policy=make_residency_policy(args.prefetch), state_file=args.prefetch_state
+    )
+
+
+def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    from gpufaas.core.protocol import Limits
+    from gpufaas.scheduler.gateway import GatewayConfig
+
+    return GatewayConfig(
+        limits=Limits(max_body_bytes=parse_bytes(args.max_request_bytes)),
+        sync_interval_s=args.sync_interval,
+        admin_token=os.environ.get("GPUFAAS_ADMIN_TOKEN") or None,
+        device_concurrency=args.device_concurrency,
+        max_queue_per_device=args.max_queue_per_device,
+        max_pending_per_function=args.max_pending_per_function,
+    )
+
+
+def parse_managers(text: str) -> dict[str, str]:
+    """``name=url,url,...`` -> ``{name: url}`` (unnamed ones are ``node-<i>``)."""
+    urls: dict[str, str] = {}
+    for i, item in enumerate(part.strip() for part in text.split(",") if part.strip()):
+        name, _, url = item.rpartition("=") if "=" in item else (f"node-{i}", "", item)
+        urls[name] = url
+    return urls
+
+
+def _up_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpufaas up", description="Run the gateway and GPU manager(s) locally."
+    )
+    parser.add_argument(
+        "--functions",
+        type=Path,
+        action="append",
+        help="manifest file or folder (repeatable); default: the bundled examples",
+    )
+    parser.add_argument("--nodes", type=int, default=1, help="GPU-manager processes to start")
+    _add_gateway_options(parser)
+    _add_prefetch_options(parser)
+    ManagerOptions.add_arguments(parser)
+    return parser
+
+
+def up_command(argv: Sequence[str]) -> int:
+    """Run the gateway and GPU manager(s) locally."""
+    from gpufaas.core.examples import build_examples
+    from gpufaas.scheduler.local import run_managers
+    from gpufaas.scheduler.main import build_gateway, serve
+
+    args = _up_parser().parse_args(list(argv))
+    try:
+        paths = args.functions or [bundled_functions_dir()]
+        if not args.functions:
+            build_examples(models_dir())
+        functions = load_manifests(paths)
+        config = _gateway_config(args)
+    except (ManifestError, ValueError) as e:
+        print(f"gpufaas up: {e}", file=sys.stderr)
+        return 2
+    # Managers listen on loopback, but other local users could reach them: share a secret.
+    token = os.environ.get("GPUFAAS_MANAGER_TOKEN") or secrets.token_urlsafe(32)
+    options = ManagerOptions.from_args(args)
+    with run_managers(nodes=args.nodes, options=options, token=token) as urls:
+        gateway = build_gateway(
+            manager_urls=urls,
+            functions=functions,
+            policy=args.policy,
+            config=config,
+            manager_token=token,
+        )
+        enable_prefetch_option(gateway, args)
+        print(
+            f"gpufaas is serving {len(functions)} function(s) on http://{args.host}:{args.port}"
+            + ("" if args.grpc_port < 0 else f" and grpc {args.host}:{args.grpc_port}")
+            + ": "
+            + ", ".join(f.name for f in functions),
+            flush=True,
+        )
+        serve(gateway=gateway, host=args.host, port=args.port, grpc_port=_grpc_port(args))
+    return 0
+
+
+def _grpc_port(args: argparse.Namespace) -> int | None:
+    return None if args.grpc_port < 0 else int(args.grpc_port)
+
+
+def _gateway_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpufaas gateway", description="Run the gateway.")
+    parser.add_argument(
+        "--managers", default="", help="comma-separated GPU-manager URLs (name=url or url)"
+    )
+    parser.add_argument("--functions", type=Path, action="append", default=[])
+    _add_gateway_options(parser)
+    _add_prefetch_options(parser)
+    parser.add_argument(
+        "--kubernetes", action="store_true", help="learn functions and managers from the cluster"
+    )
+    parser.add_argument(
+        "--watch-namespace", default=None, help="namespace to watch (default: all)"
+    )
+    parser.add_argument("--manager-service", default="gpufaas-gpu-manager")
+    parser.add_argument("--manager-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
+    return parser
+
+
+def gateway_command(argv: Sequence[str]) -> int:
+    """Run the gateway."""
+    from gpufaas.scheduler.main import build_gateway, enable_kubernetes, serve
+
+    args = _gateway_parser().parse_args(list(argv))
+    urls = parse_managers(args.managers)
+    if not urls and not args.kubernetes:
+        print("gpufaas gateway: give --managers URL[,URL...] or --kubernetes", file=sys.stderr)
+        return 2
+    try:
+        functions = load_manifests(args.functions) if args.functions else []
+        config = _gateway_config(args)
+    except (ManifestError, ValueError) as e:
+        print(f"gpufaas gateway: {e}", file=sys.stderr)
+        return 2
+    gateway = build_gateway(
+        manager_urls=urls,
+        functions=functions,
+        policy=args.policy,
+        config=config,
+        manager_token=os.environ.get("GPUFAAS_MANAGER_TOKEN") or None,
+    )
+    enable_prefetch_option(gateway, args)
+    if args.kubernetes:
+        enable_kubernetes(
+            gateway,
+            watch_namespace=args.watch_namespace,
+            manager_service=args.manager_service,
+            manager_namespace=args.manager_namespace,
+        )
+    serve(gateway=gateway, host=args.host, port=args.port, grpc_port=_grpc_port(args))
+    return 0
