@@ -46,13 +46,22 @@ from gpufaas.cache.arrivals import make_policy
 SETTINGS: list[tuple[str, str, dict[str, float], bool]] = [
     ("lru+ka-1min", "keepalive", {"keepalive_s": 60}, False),
     ("lru+ka-3min", "keepalive", {"keepalive_s": 180}, False),
+    ("lru+ka-5min", "keepalive", {"keepalive_s": 300}, False),
     ("lru+ka-10min", "keepalive", {"keepalive_s": 600}, False),
+    ("lru+ka-20min", "keepalive", {"keepalive_s": 1200}, False),
+    ("lru+ka-30min", "keepalive", {"keepalive_s": 1800}, False),
     ("hybrid", "hybrid", {}, True),
+    ("ours-p0.001", "predictive", {"device_price": 0.001}, True),
+    ("ours-p0.003", "predictive", {"device_price": 0.003}, True),
+    ("ours-p0.01", "predictive", {"device_price": 0.01}, True),
     ("ours-p0.03", "predictive", {"device_price": 0.03}, True),
     ("ours-p0.1", "predictive", {"device_price": 0.1}, True),
     ("ours-p0.3", "predictive", {"device_price": 0.3}, True),
+    ("ours-p1", "predictive", {"device_price": 1.0}, True),
     ("ours-p0.1-noprefetch", "predictive", {"device_price": 0.1}, False),
+    ("ours-p0.01-noprefetch", "predictive", {"device_price": 0.01}, False),
 ]
+ORCBENCH_SET = "lru+ka-1min,lru+ka-3min,lru+ka-10min,hybrid,ours-p0.03,ours-p0.1,ours-p0.3,ours-p0.1-noprefetch"
 HISTORY_HOURS = 4.0  # of the rare functions' arrivals, fed to the policy before the replay
 QUICK = {"lru+ka-10min", "hybrid", "ours-p0.1", "ours-p0.1-noprefetch"}
 
@@ -69,7 +78,16 @@ def _trim(trace: ServerlessTrace, minutes: float) -> ServerlessTrace:
 
 
 def load_trace(job: dict[str, Any]) -> tuple[ServerlessTrace, list[tuple[int, float]]]:
-    """The trace to replay, and the arrivals seen before it (function index, seconds < 0)."""
+    """The trace to replay, and the arrivals seen before it (function index, seconds < 0).
+    With ``scale`` 0, only the Azure-shaped rare functions (``tail``)."""
+    if job["scale"] <= 0:
+        before, tail = azure_tail(
+            job["tail"], hours=job["minutes"] / 60, seed=job["seed"], history_hours=HISTORY_HOURS
+        )
+        history = [
+            (int(f), float(t)) for f, t in zip(before.function, before.arrival_s, strict=True)
+        ]
+        return tail, history
     trace = _trim(
         generate_orcbench(
             Path(job["trace_file"]),
@@ -194,10 +212,11 @@ def comparisons(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "ours_cold_at_equal_memory": ours,
             "ratio": (ours / base) if ours is not None and base > 0 else None,
         }
-    if "ours-p0.1" in summary and "ours-p0.1-noprefetch" in summary:
-        on = summary["ours-p0.1"]["warm_p99_ms"][0]
-        off = summary["ours-p0.1-noprefetch"]["warm_p99_ms"][0]
-        out["warm_p99_prefetch_over_none"] = on / off if off > 0 else None
+    for label in summary:
+        base = label.removesuffix("-noprefetch")
+        if label != base and base in summary:
+            on, off = summary[base]["warm_p99_ms"][0], summary[label]["warm_p99_ms"][0]
+            out[f"warm_p99_{base}_over_without_prefetch"] = on / off if off > 0 else None
     return out
 
 
@@ -317,7 +336,7 @@ def prediction_cost(
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (trace, sizes, sim)")
-    p.add_argument("--scale", type=float, default=0.05, help="orcbench --scale")
+    p.add_argument("--scale", type=float, default=0.05, help="orcbench --scale (0: no orcbench)")
     p.add_argument("--minutes", type=float, default=60.0, help="simulated minutes replayed")
     p.add_argument("--devices", type=int, default=12)
     p.add_argument("--capacity-gb", type=float, default=80.0, help="per device")
