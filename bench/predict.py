@@ -58,6 +58,15 @@ SETTINGS: list[tuple[str, str, dict[str, float], bool]] = [
     ("ours-p0.1", "predictive", {"device_price": 0.1}, True),
     ("ours-p0.3", "predictive", {"device_price": 0.3}, True),
     ("ours-p1", "predictive", {"device_price": 1.0}, True),
+    ("ours-p3", "predictive", {"device_price": 3.0}, True),
+    # a function with under two arrivals kept as long as the hybrid's fallback (4 h)
+    (
+        "ours-p0.003-fb4h",
+        "predictive",
+        {"device_price": 0.003, "fallback_keepalive_s": 14400},
+        True,
+    ),
+    ("ours-p0.03-fb4h", "predictive", {"device_price": 0.03, "fallback_keepalive_s": 14400}, True),
     ("ours-p0.1-noprefetch", "predictive", {"device_price": 0.1}, False),
     ("ours-p0.01-noprefetch", "predictive", {"device_price": 0.01}, False),
 ]
@@ -182,13 +191,18 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return summary
 
 
+def on_curve(label: str) -> bool:
+    """Settings that trace a policy's curve (not the ablations: no prefetch, another host price)."""
+    return "noprefetch" not in label and "-h" not in label
+
+
 def at_equal_memory(summary: dict[str, dict[str, Any]], prefix: str, x: float) -> float | None:
     """Cold-start ratio of the ``prefix`` settings' curve at device memory-time ``x``
     (linear interpolation between settings; None outside their range)."""
     points = sorted(
         (row["device_gb_s"][0], row["cold_start_ratio"][0])
         for label, row in summary.items()
-        if label.startswith(prefix) and "noprefetch" not in label
+        if label.startswith(prefix) and on_curve(label)
     )
     for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x0 <= x <= x1:
@@ -212,6 +226,19 @@ def comparisons(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "ours_cold_at_equal_memory": ours,
             "ratio": (ours / base) if ours is not None and base > 0 else None,
         }
+    # The other way round: each of our settings against the baselines' curves at its memory.
+    for label, row in summary.items():
+        if not label.startswith("ours") or not on_curve(label):
+            continue
+        x, ours_cold = row["device_gb_s"][0], row["cold_start_ratio"][0]
+        for prefix in ("lru", "hybrid"):
+            base = at_equal_memory(summary, prefix, x)
+            out[f"{label}_vs_{prefix}_curve"] = {
+                "device_gb_s": x,
+                "ours_cold": ours_cold,
+                "baseline_cold_at_equal_memory": base,
+                "ratio": ours_cold / base if base else None,
+            }
     for label in summary:
         base = label.removesuffix("-noprefetch")
         if label != base and base in summary:
@@ -257,7 +284,11 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
         ("ours", "^", "ours (predictive)"),
     ):
         rows = sorted(
-            ((label, row) for label, row in summary.items() if label.startswith(prefix)),
+            (
+                (label, row)
+                for label, row in summary.items()
+                if label.startswith(prefix) and on_curve(label)
+            ),
             key=lambda item: item[1]["device_gb_s"][0],
         )
         xs = [row["device_gb_s"][0] / 1000 for _, row in rows]
@@ -359,6 +390,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--trace-dir", default=str(Path(tempfile.gettempdir()) / "gpufaas-orcbench"))
     p.add_argument("--cost", action="store_true", help="only measure the prediction's CPU cost")
+    p.add_argument(
+        "--from-json",
+        default="",
+        help="comma-separated --json files of earlier runs: summarise and plot those, no simulation",
+    )
     p.add_argument("--json", help="write all runs and the summary here")
     p.add_argument("--plot", help="write the cold-start / memory-time plot here (PNG)")
     return p
@@ -368,6 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cost:
         print(json.dumps(prediction_cost(), indent=1))
+        return 0
+    if args.from_json:
+        runs = [
+            r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())["runs"]
+        ]
+        report(runs, args)
         return 0
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     wanted = {s for s in args.only.split(",") if s} or (QUICK if args.quick else None)
@@ -403,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
     order = {(job["label"], job["seed"]): i for i, job in enumerate(jobs)}
     results.sort(key=lambda r: order[(r["label"], r["seed"])])
+    report(results, args)
+    return 0
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     summary = summarise(results)
     print(table(summary))
     compared = comparisons(summary)
@@ -413,7 +460,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.plot:
         plot(summary, Path(args.plot))
-    return 0
 
 
 if __name__ == "__main__":

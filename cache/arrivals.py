@@ -397,7 +397,8 @@ class PredictivePolicy:
     * evict first the model with the least ``P(arrival within horizon) x reload_ms / bytes``.
 
     ``device_price`` and ``host_price`` are in ms of load time per GB-second held: the exchange
-    rate between cold-start time and memory-time (swept in the benchmark). A function with fewer
+    rate between cold-start time and memory-time (swept in the benchmark); ``host_price``
+    defaults to a twentieth of ``device_price``. A function with fewer
     than two arrivals falls back to a fixed keep-alive of ``fallback_keepalive_s`` and is never
     prefetched.
     """
@@ -409,7 +410,7 @@ class PredictivePolicy:
         self,
         *,
         device_price: float = 1.0,
-        host_price: float = 0.05,
+        host_price: float | None = None,
         horizon_s: float = 30.0,
         lead_s: float = 5.0,
         half_life: float = 256.0,
@@ -417,7 +418,10 @@ class PredictivePolicy:
         fallback_keepalive_s: float = 10 * MINUTE,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
-        self.host_price = _finite(host_price, "host_price")
+        # host memory is about 20x cheaper per GB than device memory
+        self.host_price = _finite(
+            self.device_price / 20 if host_price is None else host_price, "host_price"
+        )
         self.horizon_s = _finite(horizon_s, "horizon_s", minimum=1e-3)
         self.lead_s = _finite(lead_s, "lead_s")
         self.half_life = _finite(half_life, "half_life", minimum=1.0)
