@@ -271,7 +271,7 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(summary: dict[str, dict[str, Any]], path: Path, *, workload: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -313,7 +313,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
             )
     ax.set_xlabel("device memory-time (TB·s)")
     ax.set_ylabel("cold-start ratio (requests that waited for a load)")
-    ax.set_title("Cold starts against device memory-time (orcbench, LALB simulator)")
+    ax.set_title(f"Cold starts against device memory-time ({workload}, LALB simulator)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -395,6 +395,7 @@ def _parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated --json files of earlier runs: summarise and plot those, no simulation",
     )
+    p.add_argument("--workload", default="", help="the plot's name for the workload")
     p.add_argument("--json", help="write all runs and the summary here")
     p.add_argument("--plot", help="write the cold-start / memory-time plot here (PNG)")
     return p
@@ -459,7 +460,10 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             json.dumps({"runs": results, "summary": summary, "comparisons": compared}, indent=1)
         )
     if args.plot:
-        plot(summary, Path(args.plot))
+        workload = args.workload or (
+            "orcbench" if args.scale > 0 else "Azure-shaped rare functions"
+        )
+        plot(summary, Path(args.plot), workload=workload)
 
 
 if __name__ == "__main__":
