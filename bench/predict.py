@@ -36,6 +36,7 @@ from sim.trace import (
     azure_tail,
     generate_orcbench,
     merge,
+    TraceError,
     shape,
     thin,
 )
@@ -402,6 +403,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except TraceError as e:
+        print(f"bench/predict.py: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.cost:
         print(json.dumps(prediction_cost(), indent=1))
