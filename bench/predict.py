@@ -32,11 +32,11 @@ from sim.engine import SimConfig
 from sim.residency import ResidencySimulation, TierConfig, catalogue_for, engine_trace
 from sim.trace import (
     ServerlessTrace,
+    TraceError,
     assign_models,
     azure_tail,
     generate_orcbench,
     merge,
-    TraceError,
     shape,
     thin,
 )
