@@ -26,6 +26,7 @@ from gpufaas.cache.lru import (
     UnknownKey,
     WrongState,
 )
+from gpufaas.cache.placement import DeviceKind, DeviceSlot, best_fit, may_copy_between
 from gpufaas.cache.singleflight import SingleFlight
 from gpufaas.cache.stats import CacheStats, TierStats
 
@@ -35,6 +36,8 @@ __all__ = [
     "CacheStats",
     "ClusterDirectory",
     "DeviceExists",
+    "DeviceKind",
+    "DeviceSlot",
     "Entry",
     "EntryExists",
     "EntryPinned",
@@ -50,4 +53,6 @@ __all__ = [
     "UnknownDevice",
     "UnknownKey",
     "WrongState",
+    "best_fit",
+    "may_copy_between",
 ]

@@ -31,6 +31,7 @@ from gpufaas.cache.lru import (
     UnknownKey,
     check_size,
 )
+from gpufaas.cache.placement import DeviceKind, DeviceSlot, best_fit, fits_tighter, may_copy_between
 
 
 class UnknownDevice(UnknownKey):
@@ -50,6 +51,7 @@ class _Device:
     device_id: str
     node: str
     view: ByteLRU[None]
+    slot: DeviceSlot
     version: int = 0
     report_seq: int | None = None
 
@@ -63,20 +65,33 @@ class ClusterDirectory:
     def __init__(self) -> None:
         self._devices: dict[str, _Device] = {}
         self._holders: dict[str, set[str]] = {}  # model -> device ids whose view holds it
+        self._slices = 0  # MIG slices among the devices
 
     def __repr__(self) -> str:
         return f"<ClusterDirectory {len(self._devices)} devices, {len(self._holders)} models>"
 
     # -- devices -------------------------------------------------------------------------------
 
-    def add_device(self, device_id: str, *, capacity_bytes: int, node: str = "") -> None:
-        """Register an empty device; :class:`DeviceExists` if the id is taken."""
+    def add_device(
+        self,
+        device_id: str,
+        *,
+        capacity_bytes: int,
+        node: str = "",
+        kind: DeviceKind = DeviceKind.GPU,
+        profile: str | None = None,
+    ) -> None:
+        """Register an empty device (a full GPU, or a MIG slice with its ``profile``);
+        :class:`DeviceExists` if the id is taken."""
         if device_id in self._devices:
             raise DeviceExists(f"device {device_id!r} is already in the directory")
         view: ByteLRU[None] = ByteLRU(
             capacity_bytes=check_size(capacity_bytes, what=f"capacity_bytes of {device_id!r}")
         )
-        self._devices[device_id] = _Device(device_id=device_id, node=node, view=view)
+        slot = DeviceSlot(device_id, DeviceKind(kind), capacity_bytes, profile)
+        self._devices[device_id] = _Device(device_id=device_id, node=node, view=view, slot=slot)
+        if slot.kind is DeviceKind.MIG:
+            self._slices += 1
 
     def remove_device(self, device_id: str) -> list[str]:
         """Forget a device (its node died or left) and every model on it; return those models."""
@@ -84,6 +99,8 @@ class ClusterDirectory:
         models = device.view.keys_lru()
         for model in models:
             self._unindex(model, device_id)
+        if device.slot.kind is DeviceKind.MIG:
+            self._slices -= 1
         del self._devices[device_id]
         return models
 
@@ -105,6 +122,36 @@ class ClusterDirectory:
 
     def __contains__(self, device_id: object) -> bool:
         return device_id in self._devices
+
+    def slot(self, device_id: str) -> DeviceSlot:
+        """The device's kind, budget and MIG profile."""
+        return self._device(device_id).slot
+
+    @property
+    def has_slices(self) -> bool:
+        """Whether any device is a MIG slice (placement then prefers the best fit)."""
+        return self._slices > 0
+
+    def best_fit(self, nbytes: int, *, among: Iterable[str] | None = None) -> list[str]:
+        """Devices (``among`` them, default all) whose budget fits ``nbytes``, best fit first."""
+        ids = self._devices if among is None else among
+        return best_fit((self._devices[d].slot for d in ids if d in self._devices), nbytes)
+
+    def fits_tighter(self, a: str, b: str, nbytes: int) -> bool:
+        """Whether ``a`` is a better (smaller, still fitting) home for ``nbytes`` than ``b``."""
+        return fits_tighter(self.slot(a), self.slot(b), nbytes)
+
+    def copy_sources(self, model: str, target: str) -> list[str]:
+        """Devices on ``target``'s node with ``model`` resident that it may copy from peer to
+        peer: never to or from a MIG slice (slices have no P2P or CUDA IPC)."""
+        node, slot = self.node(target), self.slot(target)
+        return [
+            d
+            for d in sorted(self._holders.get(model, ()))
+            if self._devices[d].node == node
+            and may_copy_between(self._devices[d].slot, slot)
+            and self.state(d, model) is Residency.RESIDENT
+        ]
 
     # -- queries -------------------------------------------------------------------------------
 

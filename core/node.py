@@ -54,6 +54,11 @@ MODEL_UNLOAD = "/v2/repository/models/{name}/unload"
 # drop a device copy, keeping the host copy. Bodies: {"model", "device"[, "size_bytes"]}.
 PREFETCH = "/v2/gpufaas/prefetch"
 DEMOTE = "/v2/gpufaas/demote"
+# Shards of models split across nodes (gpu_manager/shards.py, core/sharding.py).
+SHARD = "/v2/gpufaas/shards/{set_name}/{shard}"  # PUT a ShardLoad (a launch tree), DELETE it
+SHARD_INFER = "/v2/gpufaas/shards/{set_name}/{shard}/infer"
+SHARD_MESSAGES = "/v2/gpufaas/shards/{set_name}/{shard}/messages"  # direct-channel messages
+SHARDS = "/v2/gpufaas/shards"  # GET: the node's shards
 
 
 def route(template: str, *, name: str) -> str:
@@ -110,6 +115,7 @@ class DeviceState(BaseModel):
     pcie_gbps: float | None = None
     mig: bool = False
     parent_uuid: str | None = None
+    mig_profile: str | None = None  # "3g.40gb" for a MIG slice
     peers: list[str] = Field(default_factory=list)
     nvlink_peers: list[str] = Field(default_factory=list)
     used_bytes: int = Field(default=0, ge=0)
@@ -117,6 +123,7 @@ class DeviceState(BaseModel):
     outstanding: int = Field(default=0, ge=0)
     max_concurrency: int = Field(default=1, ge=1)
     memory_allocated: int | None = None
+    memory_reserved: int | None = None  # what the CUDA caching allocator holds
     pooled_bytes: int = Field(default=0, ge=0)
     residents: list[ResidentState] = Field(default_factory=list)
     draining: list[DrainingState] = Field(default_factory=list)
@@ -175,6 +182,11 @@ class NodeState(_State):
     unservable: dict[str, str] = Field(
         default_factory=dict, description="Registered models this node cannot run, and why."
     )
+    platform: dict[str, str | None] = Field(
+        default_factory=dict, description="torch, the CUDA it was built for, and the driver."
+    )
+    ready: bool = True  # False after a fatal device error: the manager is exiting
+    failure: str | None = None
 
     def device(self, device_id: str) -> DeviceState:
         """The device named ``device_id``; KeyError if the node has none."""

@@ -59,17 +59,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"gpufaas gpu-manager: {e}", file=sys.stderr)
         return 2
-    runtime = build_runtime(
-        cpu_devices=args.cpu_devices,
-        device_memory_bytes=device_memory,
-        host_memory_bytes=host_memory,
-        disk_cache_bytes=disk_cache,
-        artifact_dir=args.artifact_dir or artifact_dir(),
-        force_cpu=args.force_cpu,
-        # In a cluster, manifest authors choose the URIs: no local files, no internal hosts.
-        uri_policy=UriPolicy.for_kubernetes(file_roots=args.allowed_file_root)
-        if args.kubernetes
-        else None,
-    )
+    from gpufaas.gpu_manager.devices import DeviceSetupError
+
+    try:
+        runtime = build_runtime(
+            cpu_devices=args.cpu_devices,
+            device_memory_bytes=device_memory,
+            host_memory_bytes=host_memory,
+            disk_cache_bytes=disk_cache,
+            artifact_dir=args.artifact_dir or artifact_dir(),
+            force_cpu=args.force_cpu,
+            # In a cluster, manifest authors choose the URIs: no local files, no internal hosts.
+            uri_policy=UriPolicy.for_kubernetes(file_roots=args.allowed_file_root)
+            if args.kubernetes
+            else None,
+        )
+    except DeviceSetupError as e:  # no silent CPU fall-back: say why, exit non-zero
+        print(f"gpufaas gpu-manager: {e}", file=sys.stderr)
+        return 2
     serve(runtime=runtime, host=args.host, port=args.port, name=args.name)
     return 0

@@ -38,10 +38,22 @@ from gpufaas.gpu_manager.chain import (
     Throughput,
     spec_fingerprint,
 )
-from gpufaas.gpu_manager.devices import DeviceBackend, DeviceInfo, TransferFailed, is_out_of_memory
+from gpufaas.gpu_manager.devices import (
+    DeviceBackend,
+    DeviceFailed,
+    DeviceInfo,
+    NodeHealth,
+    TransferFailed,
+    is_out_of_memory,
+)
 from gpufaas.gpu_manager.disk_tier import DiskTier
-from gpufaas.gpu_manager.host_tier import HostModel
-from gpufaas.gpu_manager.loader import DeviceModel, ForwardResult
+from gpufaas.gpu_manager.host_tier import HostModel, Skeleton
+from gpufaas.gpu_manager.loader import (
+    DeviceModel,
+    ForwardResult,
+    forward_retrying_oom,
+    measure_device_reserve,
+)
 from gpufaas.gpu_manager.peer_source import PeerSource
 from gpufaas.gpu_manager.residency import Tier
 from gpufaas.gpu_manager.tensors import TensorError
@@ -108,9 +120,13 @@ class DeviceTier:
         max_concurrency: int,
         overlap: bool,
         admission_wait_s: float,
+        health: NodeHealth | None = None,
+        variable_dim: int = 64,
     ) -> None:
         self.info = info
         self.backend = backend
+        self.health = health or NodeHealth()  # a fatal device error ends the process
+        self.variable_dim = variable_dim  # for the reserve measured on the device
         self.tier: Tier[DeviceModel] = Tier(
             name=info.id,
             capacity_bytes=info.capacity_bytes,
@@ -195,7 +211,14 @@ class DeviceTier:
         """One forward pass on a held model, with the model's errors as clear failures."""
         backend = backend_for(spec.model.format)
         try:
-            return await asyncio.to_thread(backend.run, model, list(inputs), spec, self.backend)
+            return await forward_retrying_oom(  # an OOM evicts what is not in use, retries once
+                lambda: backend.run(model, list(inputs), spec, self.backend),
+                backend=self.backend,
+                evict_unheld=self._evict_unheld,
+            )
+        except DeviceFailed as e:  # a sticky CUDA error: this node must stop serving
+            self.health.device_failed(self.info.id, e)
+            raise RuntimeFailure(str(e), status=503, reason="DeviceFailed") from None
         except TensorError as e:
             raise RuntimeFailure(str(e), status=e.status, reason=e.reason) from None
         except TransferFailed as e:
@@ -225,6 +248,7 @@ class DeviceTier:
             outstanding=self.outstanding,
             max_concurrency=self.max_concurrency,
             memory_allocated=self.backend.memory_allocated(),
+            memory_reserved=self.backend.memory_reserved(),
             pooled_bytes=self.backend.pooled_bytes(),
             residents=self.tier.residents(_describe),
             draining=self.tier.draining_rows(),
@@ -241,12 +265,37 @@ class DeviceTier:
         try:
             return await self._start(model, spec, prefer)
         except DeviceLoadOutOfMemory as e:
-            lru = self.tier.lru
-            evicted = self.tier.make_room(lru.capacity_bytes - lru.pinned_bytes)
-            logger.warning("%s; evicted %d unused model(s), retrying once", e, len(evicted))
-            for victim in evicted:
-                self._stats.record_eviction(self.name, victim.size_bytes)
+            evicted = self._evict_unheld()
+            logger.warning("%s; evicted %d unused model(s), retrying once", e, evicted)
         return await self._start(model, spec, prefer)
+
+    def _evict_unheld(self) -> int:
+        lru = self.tier.lru
+        evicted = self.tier.make_room(lru.capacity_bytes - lru.pinned_bytes)
+        for victim in evicted:
+            self._stats.record_eviction(self.name, victim.size_bytes)
+        return len(evicted)
+
+    async def _measure_reserve(
+        self, model: str, skeleton: Skeleton, arena: Any, spec: InferenceFunctionSpec
+    ) -> None:
+        """Replace the probe's reserve with one measured here at the declared max dims (once
+        per skeleton; a device that cannot measure, or has no room now, keeps the probe's)."""
+        skeleton.reserve_measured = True
+        try:
+            measured = await asyncio.to_thread(
+                measure_device_reserve,
+                skeleton,
+                arena,
+                spec,
+                self.backend,
+                variable_dim=self.variable_dim,
+            )
+        except Exception as e:
+            logger.info("model %s: reserve not measured on %s (%s)", model, self.info.id, e)
+            return
+        if measured is not None:
+            skeleton.reserve_bytes = max(measured, skeleton.probe.input_bytes)
 
     async def _start(
         self, model: str, spec: InferenceFunctionSpec, prefer: Sequence[str]
@@ -262,9 +311,12 @@ class DeviceTier:
         fingerprint = spec_fingerprint(spec)
         host: Held[HostModel] | None = None
         skeleton = self._sources.disk.skeleton(model, spec)
-        if skeleton is None:
+        measure = self.backend.tracks_memory and not (skeleton and skeleton.reserve_measured)
+        if skeleton is None or measure:
             host = await self._sources.host.acquire(model, spec)  # first fill: learn the layout
             skeleton = host.value.skeleton
+            if measure and not skeleton.reserve_measured and host.value.arena.numel():
+                await self._measure_reserve(model, skeleton, host.value.arena, spec)
         loading = DeviceModel(
             name=model,
             fingerprint=fingerprint,
@@ -382,7 +434,9 @@ class DeviceTier:
         try:
             if transfer is not None:
                 await asyncio.to_thread(transfer.wait_all)
-        except TransferFailed as e:
+        except (TransferFailed, DeviceFailed) as e:
+            if isinstance(e, DeviceFailed):
+                self.health.device_failed(self.info.id, e)
             loading.error = str(e)
             logger.error("loading %s onto %s failed: %s", model, self.info.id, e)
             if self.tier.arriving.get(model) is loading:

@@ -26,10 +26,9 @@ from gpufaas.cache import CacheStats, InsufficientCapacity, SingleFlight, TierSt
 from gpufaas.core.api import InferenceFunctionSpec
 from gpufaas.core.node import HostState
 from gpufaas.gpu_manager.chain import Held, RuntimeFailure, Throughput, spec_fingerprint
-from gpufaas.gpu_manager.devices import DeviceOutOfMemory, allocate_host
+from gpufaas.gpu_manager.devices import DeviceOutOfMemory
 from gpufaas.gpu_manager.disk_tier import DiskTier
-from gpufaas.gpu_manager.host_tier import HostModel, SidecarError, read_sidecar
-from gpufaas.gpu_manager.memory import BufferPool
+from gpufaas.gpu_manager.host_tier import HostModel, HostSlab, SidecarError, read_sidecar
 from gpufaas.gpu_manager.residency import Tier
 
 __all__ = ["HostMemory", "HostTier"]
@@ -40,11 +39,12 @@ _ATTEMPTS = 3  # a model replaced (or its sidecar lost) while filling is tried a
 
 
 class HostMemory:
-    """Host buffers within a byte budget, re-using freed ones of the same size."""
+    """Host buffers within a byte budget: ranges of one slab page-locked at start-up (never
+    per refill), handed back when their last view is freed."""
 
     def __init__(self, *, capacity_bytes: int, pin: bool) -> None:
-        self.pinned = pin
-        self.pool = BufferPool(budget_bytes=capacity_bytes, allocate=self._fresh)
+        self.pool = HostSlab(capacity_bytes, pin=pin)
+        self.pinned = self.pool.pinned  # the real flag, not the wish
         self._in_use = 0
         self._lock = threading.Lock()
 
@@ -69,9 +69,9 @@ class HostMemory:
             in_use = self._in_use
         self.pool.give(buffer, in_use_bytes=in_use)
 
-    def _fresh(self, nbytes: int) -> torch.Tensor:
-        buffer, _pinned = allocate_host(nbytes, pin=self.pinned)
-        return buffer
+    def is_pinned(self, buffer: torch.Tensor) -> bool:
+        """Whether this buffer lies in the page-locked slab (not a fall-back outside it)."""
+        return self.pool.is_pinned(buffer)
 
 
 class HostTier:
@@ -175,6 +175,7 @@ class HostTier:
                 except BaseException:
                     self._abandon(model, host, cached)
                     raise
+            host.pinned = self.memory.is_pinned(host.arena)  # the truth for this arena
             self._finish(model, host, cached, started)
             if source == "artifact" and cached:
                 self._spawn(self._write_behind(model, host))

@@ -34,7 +34,14 @@ from gpufaas.gpu_manager.backends import backend_for
 from gpufaas.gpu_manager.batching import Batcher, concat_inputs, split_outputs
 from gpufaas.gpu_manager.chain import RuntimeFailure, spec_fingerprint
 from gpufaas.gpu_manager.device_tier import DeviceTier, LoadLog, Sources
-from gpufaas.gpu_manager.devices import DeviceBackend, DeviceInfo, cuda_available, make_backend
+from gpufaas.gpu_manager.devices import (
+    DeviceBackend,
+    DeviceInfo,
+    NodeHealth,
+    cuda_available,
+    make_backend,
+    platform_versions,
+)
 from gpufaas.gpu_manager.disk_tier import DiskTier
 from gpufaas.gpu_manager.host_cache import HostMemory, HostTier
 from gpufaas.gpu_manager.loader import DeviceModel, ForwardResult
@@ -76,6 +83,7 @@ class NodeRuntime:
         admission_wait_s: float = 10.0,
         prepare_on_register: bool = True,
         backends: Mapping[str, DeviceBackend] | None = None,
+        health: NodeHealth | None = None,
     ) -> None:
         if not devices:
             raise ValueError("a GPU manager needs at least one device")
@@ -84,6 +92,7 @@ class NodeRuntime:
                 f"max_concurrency_per_device must be >= 1, got {max_concurrency_per_device}"
             )
         self.functions: dict[str, InferenceFunctionSpec] = {}
+        self.health = health or NodeHealth()  # a fatal device error ends this process
         self.stats = CacheStats(("device", "host", "disk"))
         self.loads = LoadLog()
         self.batchers: dict[tuple[str, str], Batcher[InferOutcome | RuntimeFailure]] = {}
@@ -131,6 +140,8 @@ class NodeRuntime:
                 max_concurrency=max_concurrency_per_device,
                 overlap=overlap,
                 admission_wait_s=admission_wait_s,
+                health=self.health,
+                variable_dim=probe_variable_dim,
             )
             for info in devices
         }
@@ -270,7 +281,7 @@ class NodeRuntime:
                     try:
                         merged = await device.run(model, concat_inputs(batch), spec)
                     except RuntimeFailure as e:
-                        if e.reason != "ModelError":
+                        if e.status != 400:  # the model or the input checks rejected one
                             raise
                     else:
                         parts = split_outputs(merged.outputs, counts)
@@ -348,6 +359,9 @@ class NodeRuntime:
             stats=self.stats.snapshot(),
             loads={path: t.to_state() for path, t in sorted(self.loads.totals.items())},
             host_fills={source: t.to_state() for source, t in sorted(self.host.fills.items())},
+            platform=platform_versions(),
+            ready=self.health.ready,
+            failure=self.health.failure,
         )
 
 

@@ -43,6 +43,8 @@ from gpufaas.core.protocol import Limits, decode_request, encode_response, valid
 from gpufaas.gpu_manager.devices import device_free_bytes
 from gpufaas.gpu_manager.prefetch import add_prefetch_routes
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
+from gpufaas.gpu_manager.shards import shard_host, shard_router
+from gpufaas.gpu_manager.text import model_spec, text_inputs, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -171,13 +173,17 @@ def create_app(
     add_metrics_route(app, registry)
     app.state.runtime = runtime
     app.state.prefetcher = add_prefetch_routes(app, runtime, registry=registry)  # #13
+    # Shards of models split across nodes (FSD-Inference): routes and budget in shards.py.
+    app.include_router(shard_router(shard_host(runtime, token=token)))
 
     @app.get(node.HEALTH_LIVE)
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @app.get(node.HEALTH_READY)
-    async def ready() -> dict[str, bool]:
+    @app.get(node.HEALTH_READY, response_model=None)
+    async def ready() -> dict[str, bool] | Response:
+        if not runtime.health.ready:  # a fatal device error: the process is exiting
+            return error_response(503, str(runtime.health.failure), reason="DeviceFailed")
         return {"ready": True}
 
     @app.get(node.STATE)
@@ -198,7 +204,7 @@ def create_app(
             spec = parse_spec(body)
         except ManifestError as e:
             return error_response(400, str(e), reason="InvalidSpec")
-        runtime.register(name, spec)
+        runtime.register(name, model_spec(spec))  # a text function's model takes token ids
         return Response(status_code=204)
 
     @app.delete(node.FUNCTION)
@@ -211,11 +217,16 @@ def create_app(
         try:
             spec: InferenceFunctionSpec = runtime.spec(name)
             body = await read_body(request, max_bytes=limits.max_body_bytes)
+            # The one decode: straight from the body's bytes into arrays.
             decoded = decode_request(body, header_length=header_length(request), limits=limits)
-            arrays = validate_inputs(decoded, spec.inputs)
+            if spec.tokenizer is None:
+                inputs = list(validate_inputs(decoded, spec.inputs).values())
+            else:  # text in: sentences -> token ids and mask
+                text = validate_inputs(decoded, text_inputs(spec.tokenizer))
+                inputs = tokenize(text[spec.tokenizer.input], spec.tokenizer)
             outcome = await runtime.infer(
                 name,
-                list(arrays.values()),
+                inputs,
                 device_id=request.headers.get(DEVICE_HEADER),
                 evict_first=parse_evict_first(request.headers.get(EVICT_FIRST_HEADER)),
             )

@@ -8,6 +8,7 @@ node still meet only over the wire. Both are entry points of the ``gpufaas.comma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import sys
@@ -119,6 +120,12 @@ def _up_parser() -> argparse.ArgumentParser:
         help="manifest file or folder (repeatable); default: the bundled examples",
     )
     parser.add_argument("--nodes", type=int, default=1, help="GPU-manager processes to start")
+    parser.add_argument(
+        "--channel",
+        choices=["direct", "nats", "s3"],
+        default="direct",
+        help="channel of sharded models; nats/s3 start a local server (docs/distributed.md)",
+    )
     _add_gateway_options(parser)
     _add_prefetch_options(parser)
     ManagerOptions.add_arguments(parser)
@@ -129,7 +136,7 @@ def up_command(argv: Sequence[str]) -> int:
     """Run the gateway and GPU manager(s) locally."""
     from gpufaas.core.examples import build_examples
     from gpufaas.scheduler.local import run_managers
-    from gpufaas.scheduler.main import build_gateway, serve
+    from gpufaas.scheduler.main import build_gateway
 
     args = _up_parser().parse_args(list(argv))
     try:
@@ -144,7 +151,13 @@ def up_command(argv: Sequence[str]) -> int:
     # Managers listen on loopback, but other local users could reach them: share a secret.
     token = os.environ.get("GPUFAAS_MANAGER_TOKEN") or secrets.token_urlsafe(32)
     options = ManagerOptions.from_args(args)
-    with run_managers(nodes=args.nodes, options=options, token=token) as urls:
+    # Sharded models' channel server (FSD-Inference): started here, stopped on exit.
+    from gpufaas.core.channelservers import CHANNEL_ENV, run_channel
+    from gpufaas.core.config import artifact_dir
+
+    channel = contextlib.ExitStack()
+    os.environ[CHANNEL_ENV] = run_channel(args.channel, artifact_dir().parent / "channel", channel)
+    with channel, run_managers(nodes=args.nodes, options=options, token=token) as urls:
         gateway = build_gateway(
             manager_urls=urls,
             functions=functions,
@@ -160,7 +173,17 @@ def up_command(argv: Sequence[str]) -> int:
             + ", ".join(f.name for f in functions),
             flush=True,
         )
+        return _serve(gateway, args, command="up")
+
+
+def _serve(gateway: Gateway, args: argparse.Namespace, *, command: str) -> int:
+    from gpufaas.scheduler.main import serve
+
+    try:
         serve(gateway=gateway, host=args.host, port=args.port, grpc_port=_grpc_port(args))
+    except OSError as e:  # a port in use: say which, no traceback
+        print(f"gpufaas {command}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -189,7 +212,7 @@ def _gateway_parser() -> argparse.ArgumentParser:
 
 def gateway_command(argv: Sequence[str]) -> int:
     """Run the gateway."""
-    from gpufaas.scheduler.main import build_gateway, enable_kubernetes, serve
+    from gpufaas.scheduler.main import build_gateway, enable_kubernetes
 
     args = _gateway_parser().parse_args(list(argv))
     urls = parse_managers(args.managers)
@@ -217,5 +240,4 @@ def gateway_command(argv: Sequence[str]) -> int:
             manager_service=args.manager_service,
             manager_namespace=args.manager_namespace,
         )
-    serve(gateway=gateway, host=args.host, port=args.port, grpc_port=_grpc_port(args))
-    return 0
+    return _serve(gateway, args, command="gateway")

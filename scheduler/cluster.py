@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 from pydantic import ValidationError
 
-from gpufaas.cache import ClusterDirectory, Residency
+from gpufaas.cache import ClusterDirectory, DeviceKind, Residency
 from gpufaas.core.api import InferenceFunctionSpec
 from gpufaas.core.node import FUNCTION, STATE, DeviceState, NodeState, route
 
@@ -46,6 +46,16 @@ def residents_from_state(device_state: DeviceState) -> list[tuple[str, Residency
 
 class Cluster:
     """GPU managers behind the gateway, and where each model lives on them."""
+
+    def _add_to_directory(self, key: str, node: str, device_state: DeviceState) -> None:
+        """A device with its budget and kind: a full GPU, or a MIG slice with its profile."""
+        self.directory.add_device(
+            key,
+            capacity_bytes=device_state.capacity_bytes,
+            node=node,
+            kind=DeviceKind.MIG if device_state.mig else DeviceKind.GPU,
+            profile=device_state.mig_profile,
+        )
 
     def __init__(
         self,
@@ -121,9 +131,9 @@ class Cluster:
                 )
                 self.devices[key] = device
                 node.devices[device.device_id] = device
-                self.directory.add_device(key, capacity_bytes=device.capacity_bytes, node=node.name)
+                self._add_to_directory(key, node.name, device_state)
             elif key not in self.directory.devices():
-                self.directory.add_device(key, capacity_bytes=device.capacity_bytes, node=node.name)
+                self._add_to_directory(key, node.name, device_state)
             self.directory.sync(key, residents_from_state(device_state))
         for key in [k for k, d in self.devices.items() if d.node is node and k not in seen]:
             self.directory.remove_device(key)

@@ -101,3 +101,11 @@ def enable_kubernetes(
 
     gateway.discover_managers = discover
     gateway.background.append(watch)
+
+    # Handlers from zero: wake on request, scale idle ones to zero (coldstart.py).
+    from gpufaas.scheduler.coldstart import kubernetes_activator
+
+    activator = gateway.handler_activator = kubernetes_activator()
+    gateway.background.append(
+        lambda stop: activator.scale_idle_forever(lambda: list(gateway.functions.values()), stop)
+    )

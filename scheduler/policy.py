@@ -408,7 +408,7 @@ class LocalityAware:
             if key in holders:
                 continue
             floor = wait_ms.item(i) + load_ms
-            if floor >= best_cost:
+            if floor > best_cost or (floor == best_cost and not directory.has_slices):
                 break  # waits only grow from here: nothing later can be cheaper
             try:
                 plan = (
@@ -422,7 +422,11 @@ class LocalityAware:
                 continue  # full of pinned models (as the directory sees it)
             victims, victim_cost = plan
             cost = floor + victim_cost
-            if cost < best_cost:
+            if cost < best_cost or (  # at equal cost, the smallest MIG slice that fits (#11)
+                best is not None
+                and cost == best_cost
+                and directory.fits_tighter(key, best[0], request.size_bytes)
+            ):
                 best, best_cost = (key, cost, victims), cost
             tried += 1
             if tried == self.candidates:
