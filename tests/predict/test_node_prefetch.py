@@ -125,3 +125,30 @@ async def test_bad_prefetch_requests_get_a_clear_400(
     assert response.status_code == 400
     response = await client.post(DEMOTE_PATH, json={"model": "tiny", "device": "no-such"})
     assert response.status_code == 400
+
+
+async def test_a_device_with_a_load_in_flight_is_not_quiet(
+    node: tuple[NodeRuntime, httpx.AsyncClient, Prefetcher],
+) -> None:
+    """The rule that keeps a prefetch from starting next to a request's load."""
+    from gpufaas.cache import Residency
+    from gpufaas.core.node import ResidentState
+    from gpufaas.gpu_manager.prefetch import device_room
+
+    runtime, _client, _ = node
+    state = runtime.state()
+    device = state.devices[0]
+    assert device_room(state, device.id) == (True, device.free_cache_bytes)
+    loading = ResidentState(model="other", state=Residency.LOADING, size_bytes=1, pins=1)
+    busy = state.model_copy(
+        update={"devices": [device.model_copy(update={"residents": [loading]}), *state.devices[1:]]}
+    )
+    assert device_room(busy, device.id) == (False, device.free_cache_bytes)
+    arriving = ResidentState(
+        model="other", state=Residency.RESIDENT, size_bytes=1, pins=1, arrived=False
+    )
+    copying = state.model_copy(
+        update={"devices": [device.model_copy(update={"residents": [arriving]})]}
+    )
+    assert device_room(copying, device.id) == (False, device.free_cache_bytes)
+    assert device_room(state, "no-such-device") is None
