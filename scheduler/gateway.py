@@ -77,6 +77,7 @@ from gpufaas.core.protocol import (
 )
 from gpufaas.scheduler.cluster import Cluster, Device, Node
 from gpufaas.scheduler.coldstart import HandlerActivator, handler_router
+from gpufaas.scheduler.coordinator import ShardedFunctions
 from gpufaas.scheduler.dispatch import DeviceGone, DeviceLoad, Dispatcher, Job, QueueFull
 from gpufaas.scheduler.estimates import Estimates
 from gpufaas.scheduler.policy import Decision, NoDevice, Policy, RouteRequest
@@ -313,6 +314,8 @@ class Gateway:
         self._background_tasks: list[asyncio.Task[None]] = []
         # Kubernetes mode: /v2/handlers/... wakes scaled-to-zero handlers (coldstart.py).
         self.handler_activator: HandlerActivator | None = None
+        # Functions with spec.parallelism: shard sets over the managers (coordinator.py).
+        self.sharded = ShardedFunctions.for_cluster(self.cluster, limits=self.config.limits)
         # Predictive residency (scheduler/prefetch.py: enable_prefetch), off unless attached.
         self.prefetch: PrefetchDriver | None = None
 
@@ -324,6 +327,7 @@ class Gateway:
     async def start(self) -> None:
         self._stopping = asyncio.Event()
         await self.sync()
+        self.sharded.deploy_all(self.functions.values())
         self._sync_task = asyncio.create_task(self._sync_forever(), name="gpufaas-sync")
         self._background_tasks = [asyncio.create_task(self._guard(run)) for run in self.background]
 
@@ -339,6 +343,7 @@ class Gateway:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.sharded.close()
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
         self.pools.clear()
         await self.cluster.close()
@@ -357,7 +362,8 @@ class Gateway:
             if await self.cluster.sync_node(node) and not was_healthy:
                 try:
                     await self.cluster.push_functions(
-                        node, {n: f.spec for n, f in self.functions.items()}
+                        node,
+                        {n: f.spec for n, f in self.functions.items() if not f.spec.parallelism},
                     )
                 except httpx.HTTPError as e:
                     logger.warning("could not push functions to %s: %s", node.name, e)
@@ -403,6 +409,8 @@ class Gateway:
     async def add_function(self, function: InferenceFunction) -> None:
         """:meth:`register`, and push the function to every healthy GPU manager."""
         self.register(function)
+        if function.spec.parallelism is not None:  # a shard set, not a model on one device
+            return await self.sharded.deploy(function)
         for node in self.cluster.nodes.values():
             if node.healthy:
                 try:
@@ -413,6 +421,7 @@ class Gateway:
     async def remove_function(self, name: str) -> None:
         self.functions.pop(name, None)
         self.model_bytes.pop(name, None)
+        await self.sharded.remove(name)
         await self.cluster.delete_function(name)
 
     def function(self, name: str) -> InferenceFunction | None:
@@ -444,6 +453,10 @@ class Gateway:
         header = inspect_request(body, header_length=header_length, limits=self.config.limits)
         check_signature(header.signature(), function.spec.inputs)
         deadline = request_deadline(timeout_ms, header.parameters)
+        if function.spec.parallelism is not None:
+            return await self.sharded.infer(
+                function, body, header_length=header_length, deadline=deadline
+            )
         call = infer_call(name, body, header_length=header_length)
         return await self.forward(name, call, deadline=deadline)
 
