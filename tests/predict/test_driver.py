@@ -265,7 +265,12 @@ async def test_the_gateway_feeds_the_driver_and_its_actions_reach_a_real_manager
         assert state.devices[0].residents == []  # demoted on the node
         assert [r.model for r in state.host.residents] == ["tiny-mlp"]
         await driver.send(Action("prefetch", "tiny-mlp", f"node-0/{device}"))
-        await manager_app.state.prefetcher.queue.join()
+        inner = manager_app
+        while not hasattr(inner, "state"):  # under the manager's ASGI wrappers
+            inner = inner.app
+        queue = inner.state.prefetcher.queue
+        assert queue is not None
+        await queue.join()
         assert [r.model for r in runtime.state().devices[0].residents] == ["tiny-mlp"]
     finally:
         await gateway.cluster.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -49,8 +50,16 @@ async def node(
     app = create_app(runtime)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://manager") as client:
-        yield runtime, client, app.state.prefetcher
+        yield runtime, client, prefetcher_of(app)
     await runtime.settle()
+
+
+def prefetcher_of(app: Any) -> Prefetcher:
+    """The FastAPI app's prefetcher, under the manager's ASGI wrappers (fast path, auth)."""
+    while not hasattr(app, "state"):
+        app = app.app
+    prefetcher: Prefetcher = app.state.prefetcher
+    return prefetcher
 
 
 def _device(runtime: NodeRuntime, index: int = 0) -> str:
