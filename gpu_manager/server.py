@@ -53,6 +53,7 @@ from gpufaas.core.protocol import (
     validate_inputs,
 )
 from gpufaas.gpu_manager.devices import device_free_bytes
+from gpufaas.gpu_manager.prefetch import add_prefetch_routes
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
 from gpufaas.gpu_manager.shards import shard_host, shard_router
 from gpufaas.gpu_manager.text import model_spec, text_inputs, tokenize
@@ -220,6 +221,7 @@ def create_app(
     )
     add_metrics_route(app, registry)
     app.state.runtime = runtime
+    app.state.prefetcher = add_prefetch_routes(app, runtime, registry=registry)  # #13
     # Shards of models split across nodes (FSD-Inference): routes and budget in shards.py.
     app.include_router(shard_router(shard_host(runtime, token=token)))
     _add_routes(app, runtime, limits=limits, metrics=metrics)

@@ -48,6 +48,7 @@ from gpufaas.core.http import (
     DEVICE_HEADER,
     EVICT_FIRST_HEADER,
     LOAD_MS_HEADER,
+    LOAD_SOURCE_HEADER,
     MODEL_BYTES_HEADER,
     REASON_HEADER,
     add_metrics_route,
@@ -80,6 +81,7 @@ from gpufaas.scheduler.coordinator import ShardedFunctions
 from gpufaas.scheduler.dispatch import DeviceGone, DeviceLoad, Dispatcher, Job, QueueFull
 from gpufaas.scheduler.estimates import Estimates
 from gpufaas.scheduler.policy import Decision, NoDevice, Policy, RouteRequest
+from gpufaas.scheduler.prefetch import PrefetchDriver
 from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
 
 logger = logging.getLogger(__name__)
@@ -314,6 +316,8 @@ class Gateway:
         self.handler_activator: HandlerActivator | None = None
         # Functions with spec.parallelism: shard sets over the managers (coordinator.py).
         self.sharded = ShardedFunctions.for_cluster(self.cluster, limits=self.config.limits)
+        # Predictive residency (scheduler/prefetch.py: enable_prefetch), off unless attached.
+        self.prefetch: PrefetchDriver | None = None
 
     def _is_resident(self, device_key: str, model: str) -> bool:
         return self.cluster.directory.state(device_key, model) is Residency.RESIDENT
@@ -444,6 +448,8 @@ class Gateway:
         Raises :class:`GatewayError` or :class:`~gpufaas.core.protocol.ProtocolError`.
         """
         function = self.require(name)
+        if self.prefetch is not None:
+            self.prefetch.observe(name)
         header = inspect_request(body, header_length=header_length, limits=self.config.limits)
         check_signature(header.signature(), function.spec.inputs)
         deadline = request_deadline(timeout_ms, header.parameters)
@@ -653,6 +659,9 @@ class Gateway:
             return
         hit = headers.get(CACHE_HEADER) == "hit"
         self.metrics.child(self.metrics.cache, self.policy.name, "hit" if hit else "miss").inc()
+        if self.prefetch is not None:
+            source = headers.get(LOAD_SOURCE_HEADER)
+            self.prefetch.note_response(device.key, name, hit=hit, source=source)
         size = headers.get(MODEL_BYTES_HEADER)
         if size is not None:
             self.model_bytes[name] = int(size)
