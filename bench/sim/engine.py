@@ -269,12 +269,12 @@ class Simulation:
         route = RouteRequest(model=model.name, size_bytes=size)
         gc.disable()  # a collection pause is not the decision's cost
         tic = time.thread_time_ns()
-        key = self.policy.choose(route, self.table, self.directory).device
+        decision = self.policy.choose(route, self.table, self.directory)
         self.decision_ns.append(time.thread_time_ns() - tic)
         gc.enable()
-        last = getattr(self.policy, "last", None)
-        if self.victim_hints and last is not None and last.device == key:
-            request.evict_first = list(last.victims)
+        key = decision.device
+        if self.victim_hints and self.victim_planner is None:
+            request.evict_first = list(decision.victims)  # LALB's own victims
         elif self.victim_planner is not None:
             request.evict_first = self._value_victims(key, route)
         device = self.devices[self.index[key]]

@@ -148,9 +148,9 @@ def test_sweep_reports_curves_with_intervals_and_lb_utilisation() -> None:
         )
 
 
-def test_hint_rows_give_lb_value_eviction_too() -> None:
-    """In the hint row LB's managers evict by the same value rule LALB's victims follow, so
-    LB's misses differ from its plain-LRU run on the same trace."""
+def test_hint_rows_give_every_policy_value_eviction() -> None:
+    """In the hint row LALB's managers evict the victims LALB names, and LB's evict by the same
+    value rule: each policy's misses differ from its plain-LRU run on the same trace."""
     runs = {
         mode: run_json(
             "--wss",
@@ -160,10 +160,28 @@ def test_hint_rows_give_lb_value_eviction_too() -> None:
             "--rate",
             "60",
             "--policies",
-            "lb",
+            "lb,lalb",
             "--eviction",
             mode,
-        )["lb"]
+        )
         for mode in ("hint", "lru")
     }
-    assert runs["hint"]["misses"] != runs["lru"]["misses"]
+    for policy in ("lb", "lalb"):
+        assert runs["hint"][policy]["misses"] != runs["lru"][policy]["misses"], policy
+
+
+def test_lalb_victims_reach_the_simulated_managers() -> None:
+    """In hint mode the simulator hands LALB's chosen victims to the device it routed to (as the
+    gateway sends ``x-gpufaas-evict-first``); some loads in a full cluster carry them."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from sim.engine import SimConfig, Simulation
+        from sim.workload import load_profiles, make_catalogue, make_trace
+    finally:
+        sys.path.remove(str(BENCH))
+    catalogue = make_catalogue(load_profiles()["cpu"], n_models=35, seed=1)
+    trace = make_trace(wss=35, n_requests=3000, rate_per_s=60, zipf_s=1.0, seed=1)
+    config = SimConfig(devices=4, capacity_bytes=192 * 2**20, concurrency=2, eviction="hint")
+    simulation = Simulation("lalb", catalogue, trace, config)
+    simulation.run()
+    assert any(r.evict_first for r in simulation.done)
