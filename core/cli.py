@@ -18,7 +18,7 @@ import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gpufaas.core.api import ManifestError
 from gpufaas.core.config import artifact_dir, models_dir
@@ -69,6 +69,29 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_replica_options(parser: argparse.ArgumentParser) -> None:
+    """Scale-out (#16): this gateway as one of several replicas."""
+    parser.add_argument(
+        "--peers", default="", help="comma-separated URLs of the gateway replicas (static list)"
+    )
+    parser.add_argument(
+        "--peer-service",
+        default=None,
+        help="with --kubernetes: the gateways' headless Service, to find the replicas",
+    )
+    parser.add_argument(
+        "--replica-url",
+        default=os.environ.get("GPUFAAS_REPLICA_URL") or None,
+        help="how the peers reach this replica (default: http://HOST:PORT)",
+    )
+    parser.add_argument(
+        "--shared-port",
+        type=int,
+        default=None,
+        help="also listen on this port, shared with the other replicas (SO_REUSEPORT)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpufaas", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -84,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=DEFAULT_PORT)
     up.add_argument("--nodes", type=int, default=1, help="GPU-manager processes to start")
+    # Scale-out (#16): N gateway processes sharing --port (SO_REUSEPORT), each on its own too.
+    up.add_argument(
+        "--gateways", type=int, default=1, help="gateway replicas behind --port (default 1)"
+    )
     _add_gateway_options(up)
     _add_device_options(up)
 
@@ -103,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument("--manager-service", default="gpufaas-gpu-manager")
     gateway.add_argument("--manager-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
+    _add_replica_options(gateway)
 
     manager = sub.add_parser("gpu-manager", help="run a GPU manager (node agent)")
     manager.add_argument("--name", default=os.environ.get("NODE_NAME", "node-0"))
@@ -119,6 +147,12 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="with --kubernetes: file:// root",
+    )
+    manager.add_argument(
+        "--device-concurrency",
+        type=int,
+        default=4,
+        help="requests running per device, from all gateway replicas together (0: no bound)",
     )
     _add_device_options(manager)
 
@@ -153,9 +187,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
         host_memory=args.host_memory,
         artifact_dir=args.artifact_dir or artifact_dir(),
         force_cpu=args.force_cpu,
+        device_concurrency=args.device_concurrency,
     )
     # Managers listen on loopback, but other local users could reach them: share a secret.
     token = os.environ.get("GPUFAAS_MANAGER_TOKEN") or secrets.token_urlsafe(32)
+    if args.gateways > 1:
+        return _up_replicas(args, paths=paths, options=options, token=token)
     with run_managers(nodes=args.nodes, options=options, token=token) as urls:
         gateway = build_gateway(
             manager_urls=urls,
@@ -171,6 +208,60 @@ def _cmd_up(args: argparse.Namespace) -> int:
         )
         serve(gateway=gateway, host=args.host, port=args.port)
     return 0
+
+
+def _up_replicas(
+    args: argparse.Namespace, *, paths: Sequence[Path], options: Any, token: str
+) -> int:
+    """``gpufaas up --gateways N``: N gateway processes behind ``--port``."""
+    from gpufaas.core.local import GatewayReplicaOptions, run_gateways, run_managers
+
+    if args.gateways < 1:
+        raise ValueError("--gateways must be at least 1")
+    replica_options = GatewayReplicaOptions(
+        host=args.host,
+        shared_port=args.port,
+        functions=tuple(paths),
+        gateway_args=tuple(_gateway_args(args)),
+    )
+    with (
+        run_managers(nodes=args.nodes, options=options, token=token) as urls,
+        run_gateways(
+            replicas=args.gateways, managers=urls, options=replica_options, token=token
+        ) as replica_urls,
+    ):
+        print(
+            f"gpufaas is serving on http://{args.host}:{args.port} through "
+            f"{len(replica_urls)} gateway replicas: " + ", ".join(replica_urls),
+            flush=True,
+        )
+        wait_for_signal()
+    return 0
+
+
+def _gateway_args(args: argparse.Namespace) -> list[str]:
+    """The gateway options of ``up``, for its gateway processes."""
+    return [
+        "--policy", args.policy,
+        "--max-request-bytes", args.max_request_bytes,
+        "--sync-interval", str(args.sync_interval),
+        "--device-concurrency", str(args.device_concurrency),
+        "--max-queue-per-device", str(args.max_queue_per_device),
+        "--max-pending-per-function", str(args.max_pending_per_function),
+    ]  # fmt: skip
+
+
+def wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    import signal
+
+    wanted = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, wanted)  # children started before keep them
+    try:
+        received = signal.sigwait(wanted)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
+    logging.getLogger(__name__).info("stopping on %s", signal.Signals(received).name)
 
 
 def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
@@ -217,6 +308,18 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
             manager_service=args.manager_service,
             manager_namespace=args.manager_namespace,
         )
+    if args.peers or args.peer_service:
+        from gpufaas.scheduler.replicas import enable_replicas, serve_replica
+
+        enable_replicas(
+            gateway,
+            self_url=args.replica_url or f"http://{args.host}:{args.port}",
+            peers=[u for u in args.peers.split(",") if u.strip()],
+            peer_service=args.peer_service if args.kubernetes else None,
+            namespace=args.manager_namespace,
+        )
+        serve_replica(gateway=gateway, host=args.host, port=args.port, shared_port=args.shared_port)
+        return 0
     serve(gateway=gateway, host=args.host, port=args.port)
     return 0
 
@@ -235,7 +338,13 @@ def _cmd_gpu_manager(args: argparse.Namespace) -> int:
         if args.kubernetes
         else None,
     )
-    serve(runtime=runtime, host=args.host, port=args.port, name=args.name)
+    serve(
+        runtime=runtime,
+        host=args.host,
+        port=args.port,
+        name=args.name,
+        device_concurrency=args.device_concurrency or None,
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ import uvicorn
 
 from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.uripolicy import UriPolicy
+from gpufaas.gpu_manager.admission import DeviceAdmission
 from gpufaas.gpu_manager.devices import discover_devices
 from gpufaas.gpu_manager.runtime import NodeRuntime
 from gpufaas.gpu_manager.server import create_app
@@ -50,7 +51,9 @@ def build_runtime(
     )
 
 
-def serve(*, runtime: NodeRuntime, host: str, port: int, name: str) -> None:
+def serve(
+    *, runtime: NodeRuntime, host: str, port: int, name: str, device_concurrency: int | None = 4
+) -> None:
     """Serve until interrupted. ``GPUFAAS_MANAGER_TOKEN``, when set, is required of callers."""
     # Requests run in threads; one intra-op thread each keeps them from fighting over cores.
     torch.set_num_threads(1)
@@ -64,7 +67,9 @@ def serve(*, runtime: NodeRuntime, host: str, port: int, name: str) -> None:
         " (bearer token required)" if token else "",
     )
     uvicorn.run(
-        create_app(runtime, token=token),
+        create_app(
+            runtime, token=token, admission=DeviceAdmission(concurrency=device_concurrency)
+        ),
         host=host,
         port=port,
         log_level="warning",

@@ -38,6 +38,7 @@ from gpufaas.core.http import (
     read_body,
 )
 from gpufaas.core.protocol import Limits, decode_request, encode_response, validate_inputs
+from gpufaas.gpu_manager.admission import AdmissionCollector, AdmissionFull, DeviceAdmission
 from gpufaas.gpu_manager.devices import device_free_bytes
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
 
@@ -133,11 +134,18 @@ def failure_response(failure: RuntimeFailure) -> Response:
 
 
 def create_app(
-    runtime: NodeRuntime, *, limits: Limits | None = None, token: str | None = None
+    runtime: NodeRuntime,
+    *,
+    limits: Limits | None = None,
+    token: str | None = None,
+    admission: DeviceAdmission | None = None,
 ) -> FastAPI:
     """The manager's app; with ``token``, every path but health and metrics needs it as
-    ``Authorization: Bearer <token>`` (the gateway sends ``GPUFAAS_MANAGER_TOKEN``)."""
+    ``Authorization: Bearer <token>`` (the gateway sends ``GPUFAAS_MANAGER_TOKEN``).
+    ``admission`` bounds the inference requests running per device, whichever gateway replica
+    sent them (``gpu_manager/admission.py``); by default 4, the gateway's default."""
     limits = limits or Limits()
+    admission = admission or DeviceAdmission(concurrency=4)
     app = FastAPI(title="gpufaas GPU manager", version="v1alpha1")
     install_error_handlers(app)
     if token:
@@ -149,6 +157,7 @@ def create_app(
         )
     registry = CollectorRegistry()
     registry.register(_StateCollector(runtime))
+    registry.register(AdmissionCollector(admission))
     requests = Counter(
         "gpufaas_manager_requests",
         "Inference requests",
@@ -205,14 +214,18 @@ def create_app(
             body = await read_body(request, max_bytes=limits.max_body_bytes)
             decoded = decode_request(body, header_length=header_length(request), limits=limits)
             arrays = validate_inputs(decoded, spec.inputs)
-            outcome = await runtime.infer(
-                name,
-                list(arrays.values()),
-                device_id=request.headers.get(DEVICE_HEADER),
-                evict_first=parse_evict_first(request.headers.get(EVICT_FIRST_HEADER)),
-            )
+            # Cluster-wide per-device bound, across gateway replicas (scale-out, #16).
+            async with admission.slot(request.headers.get(DEVICE_HEADER) or "auto"):
+                outcome = await runtime.infer(
+                    name,
+                    list(arrays.values()),
+                    device_id=request.headers.get(DEVICE_HEADER),
+                    evict_first=parse_evict_first(request.headers.get(EVICT_FIRST_HEADER)),
+                )
         except RuntimeFailure as e:
             return failure_response(e)
+        except AdmissionFull as e:
+            return error_response(429, str(e), reason="Overloaded", headers={"Retry-After": "1"})
         device_id = request.headers.get(DEVICE_HEADER) or "auto"
         requests.labels(name, device_id, "hit" if outcome.cache_hit else "miss").inc()
         if not outcome.cache_hit:

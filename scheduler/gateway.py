@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -57,6 +57,9 @@ from gpufaas.scheduler.cluster import Cluster, Device, Node
 from gpufaas.scheduler.dispatch import DeviceGone, Dispatcher, Job, QueueFull, directory_residency
 from gpufaas.scheduler.estimates import Estimates
 from gpufaas.scheduler.policy import DeviceLoad, NoDevice, Policy, RouteRequest
+
+if TYPE_CHECKING:
+    from gpufaas.scheduler.replicas import Replicas
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +195,8 @@ class Gateway:
         self.background: list[Callable[[asyncio.Event], Awaitable[None]]] = []
         self._stopping = asyncio.Event()
         self._background_tasks: list[asyncio.Task[None]] = []
+        # Scale-out (scheduler/replicas.py): set when this gateway is one of several replicas.
+        self.replicas: Replicas | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -411,6 +416,15 @@ class Gateway:
                 last_error = last_error or e
                 break
             tried.add(device.key)
+            if self.replicas is not None and self.cluster.directory.state(device.key, name) is None:
+                # A residency decision: the function's owner replica makes it (scale-out).
+                size = self.model_bytes.get(name, 0)
+                placed = await self.replicas.place(
+                    name, device.key, path=path, content=content, headers=headers,
+                    size_bytes=size, victims=evict_first,
+                )  # fmt: skip
+                if placed is not None:
+                    return placed
             # Noted at routing, not at send: a burst for a cold model must see it loading here
             # (the manager's answer and the next sync correct the view).
             with contextlib.suppress(InsufficientCapacity):
@@ -498,6 +512,8 @@ class Gateway:
             binary_outputs=decoded.binary_outputs,
             parameters=decoded.parameters or None,
         )
+        if self.replicas is not None:
+            headers = self.replicas.admit(name, request.headers, headers)
         try:
             response = await self.forward(
                 name,
@@ -627,6 +643,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.state.gateway = gateway
     install_error_handlers(app)
     add_metrics_route(app, gateway.metrics.registry)
+    if gateway.replicas is not None:
+        gateway.replicas.install(app)
     if gateway.config.admin_token:
         install_token_auth(
             app,
@@ -650,7 +668,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.get("/v2/health/ready")
     async def ready() -> Response:
         if any(n.healthy for n in gateway.cluster.nodes.values()):
-            return JSONResponse({"ready": True})
+            replica = {} if gateway.replicas is None else {"replica": gateway.replicas.health()}
+            return JSONResponse({"ready": True, **replica})
         return error_response(503, "no GPU manager is reachable", reason="NoDevice")
 
     @app.get("/v2/models/{name}")

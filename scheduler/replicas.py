@@ -1,0 +1,446 @@
+"""Gateway scale-out: N replicas that schedule as one (see docs/scheduling.md, "Scale-out").
+
+Each function has one *owner* among the live replicas (:class:`~gpufaas.scheduler.ring.Ring`,
+rendezvous hashing over :class:`~gpufaas.scheduler.peers.Membership`). The owner makes every
+residency decision for its functions; any replica serves a request whose model its view already
+places on the chosen device. Per request, in the gateway:
+
+1. :meth:`Replicas.admit` (at ingress): counts the request as owned or not, and carries the
+   forwarded marker so that a forwarded request is never forwarded again.
+2. The policy chooses a device as with one gateway. If the model is already there (resident or
+   loading, as this replica's view says), the request is dispatched here: no hop.
+3. Otherwise the decision would change residency, and :meth:`Replicas.place` sends the request
+   to the function's owner, which decides with its own view (and the same code). If this
+   replica is the owner, or the owner cannot be reached, it places the model here and
+   publishes the load (device, model, size, victims) to every peer, which notes it in its own
+   directory: the next request for the model, anywhere, finds it there.
+
+So two replicas never load the same model blindly, a burst for a cold model waits for the one
+load its owner started, and every replica's view of every device follows the others' loads
+within one event flush (milliseconds), not one sync interval. Cluster-wide per-device
+concurrency is enforced by the GPU managers (``gpu_manager/admission.py``), which see every
+replica's requests; each replica bounds its own device queues to its share of
+``max_queue_per_device``.
+
+Faults: a peer that fails to connect is marked unreachable at once and leaves the ring (its
+functions move to the others); the request that found it dead is placed here instead, so it
+is answered once. A replica that reaches no peer owns everything: it schedules locally and says
+so (``gpufaas_replica_mode`` and ``/v2/health/ready``). Heartbeats every sync interval bring
+peers back and pick up membership changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
+from gpufaas.core.http import error_response, install_token_auth
+from gpufaas.scheduler.peers import EVENTS_PATH, HEARTBEAT_PATH, PEER_PATHS, Membership
+from gpufaas.scheduler.ring import Ring
+
+if TYPE_CHECKING:
+    from gpufaas.scheduler.gateway import Gateway
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FORWARDED_HEADER", "Replicas", "attach_replicas"]
+
+# Set on a request a replica forwards to the function's owner; the owner never forwards it on.
+FORWARDED_HEADER = "x-gpufaas-forwarded-by"
+_CARRIED = ("x-gpufaas-timeout-ms",)  # client headers the owner must see too
+_MODES = ("single", "coordinated", "degraded", "local")
+_MAX_EVENTS_PER_POST = 4096
+
+
+class ReplicaMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.owned = Counter(
+            "gpufaas_replica_owned_requests",
+            "Requests received for functions this replica owns (forwarded ones included)",
+            registry=registry,
+        )
+        self.forwarded = Counter(
+            "gpufaas_replica_forwarded_requests",
+            "Requests this replica sent to the function's owner (a residency decision)",
+            ["peer"],
+            registry=registry,
+        )
+        self.forwarded_in = Counter(
+            "gpufaas_replica_forwarded_in_requests",
+            "Requests a peer forwarded here as the function's owner",
+            registry=registry,
+        )
+        self.forward_failures = Counter(
+            "gpufaas_replica_forward_failures",
+            "Forwards that failed to reach the owner (the request was placed here instead)",
+            registry=registry,
+        )
+        self.events = Counter(
+            "gpufaas_replica_residency_events",
+            "Residency events (loads) published to peers, or applied from them",
+            ["direction"],
+            registry=registry,
+        )
+        self.mode = Gauge(
+            "gpufaas_replica_mode",
+            "1 for this replica's coordination mode: single, coordinated, degraded (some peers "
+            "unreachable), local (no peer reachable: scheduling alone)",
+            ["mode"],
+            registry=registry,
+        )
+        self.peers = Gauge(
+            "gpufaas_replica_peers", "Peers by reachability", ["state"], registry=registry
+        )
+        self.cluster_misses = Gauge(
+            "gpufaas_replica_cluster_misses",
+            "Device-cache misses seen by every replica together (this one, plus each peer's "
+            "last heartbeat)",
+            registry=registry,
+        )
+
+
+class Replicas:
+    """Ownership, forwarding and residency events of one gateway replica."""
+
+    def __init__(
+        self,
+        *,
+        membership: Membership,
+        directory: ClusterDirectory,
+        registry: CollectorRegistry,
+        own_misses: Callable[[], float],
+        on_members: Callable[[int], None] = lambda live: None,
+        flush_delay_s: float = 0.002,
+        token: str | None = None,
+    ) -> None:
+        self.membership = membership
+        self.token = token
+        self.directory = directory
+        self.own_misses = own_misses
+        self.on_members = on_members
+        self.flush_delay_s = flush_delay_s
+        self.ring = Ring([membership.self_id])
+        self.metrics = ReplicaMetrics(registry)
+        self._outbox: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self.metrics.cluster_misses.set_function(self.cluster_misses)
+        self._update_ring()
+
+    @property
+    def self_id(self) -> str:
+        return self.membership.self_id
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    def _update_ring(self) -> None:
+        live = self.membership.live()
+        if self.ring.set_members(live):
+            logger.info("gateway replicas now %s (%s)", sorted(live), self.membership.mode)
+        self.on_members(len(live))
+        for mode in _MODES:
+            self.metrics.mode.labels(mode).set(1 if mode == self.membership.mode else 0)
+        peers = self.membership.peers.values()
+        reachable = sum(p.reachable for p in peers)
+        self.metrics.peers.labels("reachable").set(reachable)
+        self.metrics.peers.labels("unreachable").set(len(peers) - reachable)
+
+    def owner(self, name: str) -> str:
+        return self.ring.owner(name)
+
+    def admit(
+        self, name: str, request_headers: Mapping[str, str], headers: Mapping[str, str]
+    ) -> dict[str, str]:
+        """At ingress: count the request, and return ``headers`` (of the encoded request) with
+        what the owner must see if it is forwarded: the forwarded marker and the timeout."""
+        out = dict(headers)
+        forwarded_by = request_headers.get(FORWARDED_HEADER)
+        if forwarded_by:
+            out[FORWARDED_HEADER] = forwarded_by
+            self.metrics.forwarded_in.inc()
+        for header in _CARRIED:
+            value = request_headers.get(header)
+            if value is not None:
+                out[header] = value
+        if forwarded_by or self.ring.owner(name) == self.self_id:
+            self.metrics.owned.inc()
+        return out
+
+    def _owner_elsewhere(self, name: str, headers: Mapping[str, str]) -> str | None:
+        if FORWARDED_HEADER in headers:
+            return None  # the sender chose us as the owner: decide here, whatever our ring says
+        owner = self.ring.owner(name)
+        return None if owner == self.self_id else owner
+
+    async def place(
+        self,
+        name: str,
+        device_key: str,
+        *,
+        path: str,
+        content: bytes,
+        headers: Mapping[str, str],
+        size_bytes: int,
+        victims: Sequence[str],
+    ) -> httpx.Response | None:
+        """A decision that loads ``name`` on ``device_key``: the owner's response if another
+        replica owns the function, else None, and the load is published (place it here)."""
+        owner = self._owner_elsewhere(name, headers)
+        if owner is not None:
+            response = await self._forward(owner, path=path, content=content, headers=headers)
+            if response is not None:
+                return response
+        self.publish(device_key, name, size_bytes=size_bytes, victims=victims)
+        return None
+
+    async def _forward(
+        self, owner: str, *, path: str, content: bytes, headers: Mapping[str, str]
+    ) -> httpx.Response | None:
+        peer = self.membership.peer(owner)
+        if peer is None:
+            return None
+        self.metrics.forwarded.labels(owner).inc()
+        try:
+            return await peer.client.post(
+                path, content=content, headers={**headers, FORWARDED_HEADER: self.self_id}
+            )
+        except httpx.TransportError as e:
+            # Connection refused or reset: the owner is gone. Serve here (inference is
+            # idempotent: the client still gets exactly one answer).
+            self.metrics.forward_failures.inc()
+            if self.membership.mark_unreachable(owner, e):
+                self._update_ring()
+            return None
+
+    # -- residency events --------------------------------------------------------------------
+
+    def publish(
+        self, device_key: str, model: str, *, size_bytes: int, victims: Sequence[str]
+    ) -> None:
+        """Tell every peer that ``model`` is being loaded on ``device_key`` (evicting
+        ``victims`` first); sent in a batch within ``flush_delay_s``."""
+        if not self.membership.peers:
+            return
+        self._outbox.append(
+            {"device": device_key, "model": model, "size": size_bytes, "victims": list(victims)}
+        )
+        self._wake.set()
+
+    def apply(self, events: Sequence[Mapping[str, Any]]) -> int:
+        """Note a peer's loads in this replica's directory; returns how many were new here."""
+        applied = 0
+        for event in events:
+            device, model = str(event["device"]), str(event["model"])
+            if device not in self.directory or self.directory.state(device, model) is not None:
+                continue
+            with contextlib.suppress(InsufficientCapacity, UnknownKey):
+                self.directory.note_dispatch(
+                    device,
+                    model,
+                    size_bytes=int(event.get("size") or 0),
+                    prefer=[str(v) for v in event.get("victims") or []],
+                )
+                applied += 1
+        self.metrics.events.labels("applied").inc(applied)
+        return applied
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.flush_delay_s)  # gather a burst into one post
+            self._wake.clear()
+            events, self._outbox = (
+                self._outbox[:_MAX_EVENTS_PER_POST],
+                self._outbox[_MAX_EVENTS_PER_POST:],
+            )
+            if self._outbox:
+                self._wake.set()
+            if events:
+                await self._send(events)
+
+    async def _send(self, events: list[dict[str, Any]]) -> None:
+        peers = [p for p in self.membership.peers.values() if p.reachable]
+
+        async def one(peer_id: str, client: httpx.AsyncClient) -> None:
+            try:
+                response = await client.post(
+                    EVENTS_PATH, json={"from": self.self_id, "events": events}, timeout=2.0
+                )
+                response.raise_for_status()
+            except httpx.HTTPError as e:
+                if self.membership.mark_unreachable(peer_id, e):
+                    self._update_ring()
+
+        await asyncio.gather(*(one(p.id, p.client) for p in peers))
+        self.metrics.events.labels("published").inc(len(events))
+
+    # -- membership --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, *, interval_s: float) -> None:
+        """Heartbeats every ``interval_s`` and the event flusher, until ``stop`` is set."""
+        flusher = asyncio.create_task(self._flush_forever(), name="gpufaas-replica-events")
+        try:
+            while not stop.is_set():
+                await self.membership.refresh()
+                self._update_ring()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        finally:
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+            await self.membership.close()
+
+    def cluster_misses(self) -> float:
+        peers = self.membership.peers.values()
+        return self.own_misses() + sum(float(p.report.get("misses", 0)) for p in peers)
+
+    def health(self) -> dict[str, Any]:
+        return self.membership.health()
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def install(self, app: FastAPI) -> None:
+        """The peer routes (heartbeat, events); with a token, peers must present it."""
+        if self.token:
+            install_token_auth(
+                app,
+                token=self.token,
+                protect=lambda path: path.startswith(PEER_PATHS),
+                realm="the gateway's peer API",
+            )
+
+        @app.get(HEARTBEAT_PATH)
+        async def heartbeat() -> JSONResponse:
+            return JSONResponse(self.membership.heartbeat())
+
+        @app.post(EVENTS_PATH)
+        async def events(request: Request) -> Response:
+            try:
+                body = await request.json()
+                listed = body["events"]
+                if not isinstance(listed, list):
+                    raise TypeError("events must be a list")
+                applied = self.apply(listed)
+            except (ValueError, KeyError, TypeError) as e:
+                return error_response(400, f"bad residency events: {e}", reason="InvalidEvents")
+            return JSONResponse({"applied": applied})
+
+
+def attach_replicas(
+    gateway: Gateway,
+    *,
+    self_url: str,
+    discover: Callable[[], Awaitable[list[str]]],
+    token: str | None,
+) -> Replicas:
+    """Make ``gateway`` one replica among those ``discover`` lists (``self_url`` is how they
+    reach it). Heartbeats follow the gateway's sync interval."""
+    registry = gateway.metrics.registry
+    policy = gateway.policy.name
+    max_queue = gateway.config.max_queue_per_device
+
+    def own_misses() -> float:
+        value = registry.get_sample_value(
+            "gpufaas_cache_lookups_total", {"policy": policy, "result": "miss"}
+        )
+        return value or 0.0
+
+    def on_members(live: int) -> None:
+        # Each replica's share of the per-device queue bound, so that together they keep it.
+        gateway.dispatcher.max_queue = max(1, math.ceil(max_queue / live))
+
+    membership = Membership(
+        self_url=self_url,
+        discover=discover,
+        token=token,
+        heartbeat=lambda: {"misses": own_misses(), "at": time.time()},
+    )
+    replicas = Replicas(
+        membership=membership,
+        directory=gateway.cluster.directory,
+        registry=registry,
+        own_misses=own_misses,
+        on_members=on_members,
+        token=token,
+    )
+    gateway.replicas = replicas
+
+    async def run(stop: asyncio.Event) -> None:
+        await replicas.run(stop, interval_s=gateway.config.sync_interval_s)
+
+    gateway.background.append(run)
+    return replicas
+
+
+def enable_replicas(
+    gateway: Gateway,
+    *,
+    self_url: str,
+    peers: Sequence[str] = (),
+    peer_service: str | None = None,
+    namespace: str = "default",
+) -> Replicas:
+    """``gpufaas gateway --peers`` / ``--peer-service``: the replicas from a static list or
+    from the gateways' headless Service. Peers authenticate with ``GPUFAAS_PEER_TOKEN`` (in
+    Kubernetes the admin token, which every replica has)."""
+    from gpufaas.scheduler.peers import kubernetes_peers, static_peers
+
+    discover = (
+        kubernetes_peers(namespace=namespace, service=peer_service)
+        if peer_service
+        else static_peers(peers)
+    )
+    token = os.environ.get("GPUFAAS_PEER_TOKEN") or os.environ.get("GPUFAAS_ADMIN_TOKEN") or None
+    return attach_replicas(gateway, self_url=self_url, discover=discover, token=token)
+
+
+def listening_socket(host: str, port: int, *, shared: bool) -> socket.socket:
+    """A TCP listening socket; ``shared``: SO_REUSEPORT, so that every replica on this machine
+    binds the same port and the kernel spreads connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_replica(*, gateway: Gateway, host: str, port: int, shared_port: int | None) -> None:
+    """Serve on ``port`` (this replica's own: peers and tests reach it there) and, if given, on
+    ``shared_port`` together with the other replicas."""
+    import gc
+
+    import uvicorn
+
+    from gpufaas.scheduler.gateway import create_app
+
+    sockets = [listening_socket(host, port, shared=False)]
+    if shared_port is not None:
+        sockets.append(listening_socket(host, shared_port, shared=True))
+    logger.info(
+        "gateway replica on http://%s:%d%s (policy %s)",
+        host,
+        port,
+        f" and the shared port {shared_port}" if shared_port is not None else "",
+        gateway.policy.name,
+    )
+    config = uvicorn.Config(create_app(gateway), log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    gc.freeze()  # as scheduler/main.py: start-up objects never die
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(server.serve(sockets=sockets))
