@@ -348,14 +348,17 @@ def attach_replicas(
     """Make ``gateway`` one replica among those ``discover`` lists (``self_url`` is how they
     reach it). Heartbeats follow the gateway's sync interval."""
     registry = gateway.metrics.registry
-    policy = gateway.policy.name
+    lookups = gateway.metrics.cache
     max_queue = gateway.config.max_queue_per_device
 
     def own_misses() -> float:
-        value = registry.get_sample_value(
-            "gpufaas_cache_lookups_total", {"policy": policy, "result": "miss"}
+        # This counter alone: collecting the registry would call the cluster-misses gauge.
+        return sum(
+            sample.value
+            for family in lookups.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total") and sample.labels.get("result") == "miss"
         )
-        return value or 0.0
 
     def on_members(live: int) -> None:
         # Each replica's share of the per-device queue bound, so that together they keep it.
