@@ -125,9 +125,11 @@ class Replicas:
         on_members: Callable[[int], None] = lambda live: None,
         flush_delay_s: float = 0.002,
         token: str | None = None,
+        known_size: Callable[[str], int | None] = lambda model: None,
     ) -> None:
         self.membership = membership
         self.token = token
+        self.known_size = known_size
         self.directory = directory
         self.own_misses = own_misses
         self.on_members = on_members
@@ -202,7 +204,14 @@ class Replicas:
             response = await self._forward(owner, path=path, content=content, headers=headers)
             if response is not None:
                 return response
-        self.publish(device_key, name, size_bytes=size_bytes, victims=victims)
+        # Publish every victim this load will take, as predicted here (the hint first, then
+        # least recently used): the peers' own LRU orders differ from ours.
+        planned = list(victims)
+        with contextlib.suppress(InsufficientCapacity, UnknownKey):
+            planned = self.directory.plan_dispatch(
+                device_key, name, size_bytes=size_bytes, prefer=victims
+            )
+        self.publish(device_key, name, size_bytes=size_bytes, victims=planned)
         return None
 
     async def _forward(
@@ -241,18 +250,26 @@ class Replicas:
     def apply(self, events: Sequence[Mapping[str, Any]]) -> int:
         """Note a peer's loads in this replica's directory; returns how many were new here."""
         applied = 0
+        directory = self.directory
         for event in events:
             device, model = str(event["device"]), str(event["model"])
-            if device not in self.directory or self.directory.state(device, model) is not None:
+            if device not in directory or directory.state(device, model) is not None:
                 continue
-            with contextlib.suppress(InsufficientCapacity, UnknownKey):
-                self.directory.note_dispatch(
-                    device,
-                    model,
-                    size_bytes=int(event.get("size") or 0),
-                    prefer=[str(v) for v in event.get("victims") or []],
-                )
-                applied += 1
+            victims = [str(v) for v in event.get("victims") or []]
+            size = int(event.get("size") or 0)
+            known = self.known_size(model)
+            if known is not None and known <= directory.capacity_bytes(device):
+                size = known  # the owner may only have had the spec's hint
+            for victim in victims:  # gone, whatever our own LRU order says
+                directory.note_evicted(device, victim)
+            try:
+                directory.note_dispatch(device, model, size_bytes=size)
+            except InsufficientCapacity:
+                # Our view of the device is fuller than the owner's: the model is there all
+                # the same (its size comes with the next sync).
+                with contextlib.suppress(InsufficientCapacity):
+                    directory.note_dispatch(device, model, size_bytes=0)
+            applied += 1
         self.metrics.events.labels("applied").inc(applied)
         return applied
 
@@ -377,6 +394,7 @@ def attach_replicas(
         own_misses=own_misses,
         on_members=on_members,
         token=token,
+        known_size=gateway.model_bytes.get,
     )
     gateway.replicas = replicas
 
