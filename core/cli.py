@@ -90,6 +90,12 @@ def _add_replica_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also listen on this port, shared with the other replicas (SO_REUSEPORT)",
     )
+    parser.add_argument(
+        "--placement-owner",
+        choices=("leader", "function"),
+        default="leader",
+        help="which replica places models: one for all (leader) or each function's owner",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     # Scale-out (#16): N gateway processes sharing --port (SO_REUSEPORT), each on its own too.
     up.add_argument(
         "--gateways", type=int, default=1, help="gateway replicas behind --port (default 1)"
+    )
+    up.add_argument(
+        "--placement-owner",
+        choices=("leader", "function"),
+        default="leader",
+        help="with --gateways N: which replica places models (docs/scheduling.md, Scale-out)",
     )
     _add_gateway_options(up)
     _add_device_options(up)
@@ -248,6 +260,7 @@ def _gateway_args(args: argparse.Namespace) -> list[str]:
         "--device-concurrency", str(args.device_concurrency),
         "--max-queue-per-device", str(args.max_queue_per_device),
         "--max-pending-per-function", str(args.max_pending_per_function),
+        "--placement-owner", args.placement_owner,
     ]  # fmt: skip
 
 
@@ -317,6 +330,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
             peers=[u for u in args.peers.split(",") if u.strip()],
             peer_service=args.peer_service if args.kubernetes else None,
             namespace=args.manager_namespace,
+            ownership=args.placement_owner,
         )
         serve_replica(gateway=gateway, host=args.host, port=args.port, shared_port=args.shared_port)
         return 0

@@ -39,7 +39,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
@@ -63,6 +63,10 @@ FORWARDED_HEADER = "x-gpufaas-forwarded-by"
 _CARRIED = ("x-gpufaas-timeout-ms",)  # client headers the owner must see too
 _MODES = ("single", "coordinated", "degraded", "local")
 _MAX_EVENTS_PER_POST = 4096
+# leader: one replica (the ring's owner of this key) places every model, as one gateway would;
+# function: each function's owner places it (decisions spread, but owners race for devices).
+Ownership = Literal["leader", "function"]
+_PLACEMENT_KEY = "\x00placement"
 
 
 class ReplicaMetrics:
@@ -126,7 +130,11 @@ class Replicas:
         flush_delay_s: float = 0.002,
         token: str | None = None,
         known_size: Callable[[str], int | None] = lambda model: None,
+        ownership: Ownership = "leader",
     ) -> None:
+        if ownership not in ("leader", "function"):
+            raise ValueError(f"ownership must be 'leader' or 'function', got {ownership!r}")
+        self.ownership: Ownership = ownership
         self.membership = membership
         self.token = token
         self.known_size = known_size
@@ -160,7 +168,8 @@ class Replicas:
         self.metrics.peers.labels("unreachable").set(len(peers) - reachable)
 
     def owner(self, name: str) -> str:
-        return self.ring.owner(name)
+        """The replica that makes ``name``'s residency decisions."""
+        return self.ring.owner(name if self.ownership == "function" else _PLACEMENT_KEY)
 
     def admit(
         self, name: str, request_headers: Mapping[str, str], headers: Mapping[str, str]
@@ -176,14 +185,14 @@ class Replicas:
             value = request_headers.get(header)
             if value is not None:
                 out[header] = value
-        if forwarded_by or self.ring.owner(name) == self.self_id:
+        if forwarded_by or self.owner(name) == self.self_id:
             self.metrics.owned.inc()
         return out
 
     def _owner_elsewhere(self, name: str, headers: Mapping[str, str]) -> str | None:
         if FORWARDED_HEADER in headers:
             return None  # the sender chose us as the owner: decide here, whatever our ring says
-        owner = self.ring.owner(name)
+        owner = self.owner(name)
         return None if owner == self.self_id else owner
 
     async def place(
@@ -361,6 +370,7 @@ def attach_replicas(
     self_url: str,
     discover: Callable[[], Awaitable[list[str]]],
     token: str | None,
+    ownership: Ownership = "leader",
 ) -> Replicas:
     """Make ``gateway`` one replica among those ``discover`` lists (``self_url`` is how they
     reach it). Heartbeats follow the gateway's sync interval."""
@@ -395,6 +405,7 @@ def attach_replicas(
         on_members=on_members,
         token=token,
         known_size=gateway.model_bytes.get,
+        ownership=ownership,
     )
     gateway.replicas = replicas
 
@@ -412,6 +423,7 @@ def enable_replicas(
     peers: Sequence[str] = (),
     peer_service: str | None = None,
     namespace: str = "default",
+    ownership: Ownership = "leader",
 ) -> Replicas:
     """``gpufaas gateway --peers`` / ``--peer-service``: the replicas from a static list or
     from the gateways' headless Service. Peers authenticate with ``GPUFAAS_PEER_TOKEN`` (in
@@ -424,7 +436,9 @@ def enable_replicas(
         else static_peers(peers)
     )
     token = os.environ.get("GPUFAAS_PEER_TOKEN") or os.environ.get("GPUFAAS_ADMIN_TOKEN") or None
-    return attach_replicas(gateway, self_url=self_url, discover=discover, token=token)
+    return attach_replicas(
+        gateway, self_url=self_url, discover=discover, token=token, ownership=ownership
+    )
 
 
 def listening_socket(host: str, port: int, *, shared: bool) -> socket.socket:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import re
@@ -51,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--saturation-seconds", type=float, default=10.0)
     group.add_argument("--saturation-clients", type=int, default=32)
     group.add_argument("--sync-interval", type=float, default=5.0)
+    group.add_argument(
+        "--ownership",
+        default="leader",
+        help="placement owner(s) to compare: leader, function, or both (leader,function)",
+    )
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -92,7 +98,13 @@ def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
 
 
 def _start(
-    args: argparse.Namespace, *, gateways: int, functions_dir: Path, home: Path, log: Path
+    args: argparse.Namespace,
+    *,
+    gateways: int,
+    ownership: str,
+    functions_dir: Path,
+    home: Path,
+    log: Path,
 ) -> tuple[Any, str]:
     import subprocess
     import sys
@@ -109,6 +121,7 @@ def _start(
         "--host-memory", "1Ki",
         "--policy", "lalb",
         "--sync-interval", str(args.sync_interval),
+        "--placement-owner", ownership,
         "--host", "127.0.0.1",
         "--port", str(port),
         "--functions", str(functions_dir),
@@ -194,15 +207,13 @@ def _warm_up(urls: list[str], names: list[str], body: bytes) -> None:
     process has loaded models (torch's first load in a process is slow) before the trace."""
     headers = {"content-type": "application/json"}
     for i, name in enumerate(names * 2):
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             httpx.post(
                 f"{urls[(i + i // len(names)) % len(urls)]}/v2/models/{name}/infer",
                 content=body,
                 headers=headers,
                 timeout=60,
             )
-        except httpx.HTTPError:
-            pass
 
 
 # -- load ------------------------------------------------------------------------------------------
@@ -299,10 +310,16 @@ def _one(
     names: list[str],
     body: bytes,
     label: str,
+    ownership: str,
 ) -> dict[str, Any]:
     log = root / f"{label}.log"
     proc, url = _start(
-        args, gateways=gateways, functions_dir=root / "functions", home=root / label, log=log
+        args,
+        gateways=gateways,
+        ownership=ownership,
+        functions_dir=root / "functions",
+        home=root / label,
+        log=log,
     )
     try:
         urls = _replica_urls(proc, url, gateways=gateways, wss=wss, log=log)
@@ -346,6 +363,7 @@ def _one(
     manager_cpu = cpu_after["manager"] - cpu_before["manager"]
     return {
         "gateways": gateways,
+        "ownership": ownership if gateways > 1 else "-",
         "misses_at_managers": int(after["miss"] - before["miss"]),
         "hits_at_managers": int(after["hit"] - before["hit"]),
         "answered": len(served),
@@ -431,18 +449,21 @@ def run_scaleout(args: argparse.Namespace, *, wss: int) -> dict[str, Any]:
         )
         names = [functions[m]["name"] for m in picks]
         body = _request_bodies()["tiny-mlp"]
+        ownerships = [o.strip() for o in args.ownership.split(",") if o.strip()]
         for gateways in counts:
-            run = _one(
-                args,
-                gateways=gateways,
-                root=root,
-                wss=wss,
-                trace=trace,
-                names=names,
-                body=body,
-                label=f"g{gateways}",
-            )
-            out["runs"].append(run)
+            for ownership in ownerships if gateways > 1 else ownerships[:1]:
+                run = _one(
+                    args,
+                    gateways=gateways,
+                    root=root,
+                    wss=wss,
+                    trace=trace,
+                    names=names,
+                    body=body,
+                    label=f"g{gateways}-{ownership}",
+                    ownership=ownership,
+                )
+                out["runs"].append(run)
     out["decision_overhead"] = decision_overhead_us()
     out["_setup"] = {
         "wss": wss,
@@ -460,12 +481,12 @@ def table(result: dict[str, Any]) -> str:
     runs = result["runs"]
     base = runs[0]
     lines = [
-        "gateways  misses@mgr  vs 1   mean ms  p99 ms  vs 1   errors  fwd   owned  "
+        "gateways  owner     misses@mgr  vs 1   mean ms  p99 ms  vs 1   errors  fwd   owned  "
         "sat req/s  vs 1   gw cpu ms/req  mgr cpu ms/req",
     ]
     for r in runs:
         lines.append(
-            f"{r['gateways']:>8}  {r['misses_at_managers']:>10}  "
+            f"{r['gateways']:>8}  {r['ownership']:<8}  {r['misses_at_managers']:>10}  "
             f"{_ratio(r['misses_at_managers'], base['misses_at_managers']):>4}  "
             f"{r['mean_ms']:>7.1f}  {r['p99_ms']:>6.1f}  {_ratio(r['p99_ms'], base['p99_ms']):>4}  "
             f"{r['errors']:>6}  {r['forwarded']:>4}  {r['owned']:>5}  "

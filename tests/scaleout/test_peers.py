@@ -62,7 +62,9 @@ async def test_a_heartbeat_that_fails_to_connect_makes_a_peer_unreachable() -> N
     await membership.close()
 
 
-def _replicas(self_url: str, peers: list[str]) -> tuple[Replicas, ClusterDirectory]:
+def _replicas(
+    self_url: str, peers: list[str], *, ownership: str = "function"
+) -> tuple[Replicas, ClusterDirectory]:
     directory = ClusterDirectory()
     directory.add_device("n/0", capacity_bytes=100, node="n")
     membership = Membership(self_url=self_url, discover=static_peers(peers))
@@ -72,6 +74,7 @@ def _replicas(self_url: str, peers: list[str]) -> tuple[Replicas, ClusterDirecto
         directory=directory,
         registry=CollectorRegistry(),
         own_misses=lambda: 3.0,
+        ownership=ownership,  # type: ignore[arg-type]
     )
     return replicas, directory
 
@@ -109,3 +112,17 @@ async def test_admit_counts_owned_requests_and_carries_the_marker() -> None:
     assert replicas._owner_elsewhere(theirs, forwarded) is None
     assert replicas._owner_elsewhere(theirs, out) == "http://b"
     await replicas.membership.close()
+
+
+async def test_with_a_leader_one_replica_places_every_function() -> None:
+    urls = ["http://a", "http://b", "http://c"]
+    views = [_replicas(url, urls, ownership="leader")[0] for url in urls]
+    leaders = {r.owner(f"f{i}") for r in views for i in range(50)}
+    assert len(leaders) == 1
+    leader = leaders.pop()
+    view = next(r for r in views if r.self_id != leader)
+    view.membership.mark_unreachable(leader, "test")
+    view._update_ring()
+    assert view.owner("f1") != leader  # the next one takes over
+    for r in views:
+        await r.membership.close()
