@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -52,6 +53,7 @@ from gpufaas.scheduler.peers import EVENTS_PATH, HEARTBEAT_PATH, PEER_PATHS, Mem
 from gpufaas.scheduler.ring import Ring
 
 if TYPE_CHECKING:
+    from gpufaas.scheduler.estimates import Estimates
     from gpufaas.scheduler.gateway import Gateway
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,10 @@ _MAX_EVENTS_PER_POST = 4096
 # function: each function's owner places it (decisions spread, but owners race for devices).
 Ownership = Literal["leader", "function"]
 _PLACEMENT_KEY = "\x00placement"
+# True while a request forwarded by a peer is handled here (set by Replicas.admit, per request).
+_FORWARDED_IN: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "gpufaas_forwarded_in", default=False
+)
 
 
 class ReplicaMetrics:
@@ -181,6 +187,7 @@ class Replicas:
         if forwarded_by:
             out[FORWARDED_HEADER] = forwarded_by
             self.metrics.forwarded_in.inc()
+            _FORWARDED_IN.set(True)  # this request's own task: see count_requests_once
         for header in _CARRIED:
             value = request_headers.get(header)
             if value is not None:
@@ -364,6 +371,26 @@ class Replicas:
             return JSONResponse({"applied": applied})
 
 
+def count_requests_once(estimates: Estimates) -> None:
+    """Popularity from each replica's own ingress only.
+
+    The Service spreads requests evenly, so each replica's ingress is a fair sample of the
+    cluster's stream and its shares are unbiased. A request forwarded to the owner was counted
+    by the replica that received it; counting it again at the owner would inflate exactly the
+    models that miss (only placements are forwarded), and make the owner evict hot models for
+    them. The policy counts every request it routes (``observe_request`` in ``choose``), so a
+    forwarded one is skipped here.
+    TODO(dataplane): a ``choose(..., observe=False)`` would replace this wrapper.
+    """
+    observe = estimates.observe_request
+
+    def observe_request(model: str) -> None:
+        if not _FORWARDED_IN.get():
+            observe(model)
+
+    estimates.observe_request = observe_request  # type: ignore[method-assign]
+
+
 def attach_replicas(
     gateway: Gateway,
     *,
@@ -377,6 +404,7 @@ def attach_replicas(
     registry = gateway.metrics.registry
     lookups = gateway.metrics.cache
     max_queue = gateway.config.max_queue_per_device
+    concurrency = gateway.config.device_concurrency
 
     def own_misses() -> float:
         # This counter alone: collecting the registry would call the cluster-misses gauge.
@@ -388,8 +416,12 @@ def attach_replicas(
         )
 
     def on_members(live: int) -> None:
-        # Each replica's share of the per-device queue bound, so that together they keep it.
-        gateway.dispatcher.max_queue = max(1, math.ceil(max_queue / live))
+        # Each replica's share of a device's slots and queue, so that together they keep
+        # near the bounds (the GPU manager enforces the slots exactly), and so that a replica
+        # sees a device as busy when the cluster keeps it busy: LALB then weighs its queue.
+        dispatcher = gateway.dispatcher
+        dispatcher.concurrency = max(1, math.ceil(concurrency / live))
+        dispatcher.max_queue = max(1, math.ceil(max_queue / live))
 
     membership = Membership(
         self_url=self_url,
@@ -408,6 +440,7 @@ def attach_replicas(
         ownership=ownership,
     )
     gateway.replicas = replicas
+    count_requests_once(gateway.estimates)
 
     async def run(stop: asyncio.Event) -> None:
         await replicas.run(stop, interval_s=gateway.config.sync_interval_s)
