@@ -318,3 +318,57 @@ def test_membership_follows_replicas_and_a_lonely_replica_serves_locally(cluster
         ).status_code
         == 200
     )
+
+
+def test_gpufaas_up_with_two_gateways_serves_on_one_port(
+    tmp_path: Path, gpufaas_env: dict[str, str], functions: Path
+) -> None:
+    """``gpufaas up --gateways 2``: two replicas behind one port, their own ports printed,
+    both coordinated; Ctrl-C stops everything."""
+    import re
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "gpufaas.core.cli", "up", "--gateways", "2",
+            "--port", str(port), "--functions", str(functions), "--cpu-devices", "1",
+            "--device-memory", "1Gi", "--sync-interval", "1",
+        ],
+        env=gpufaas_env,
+        stdout=subprocess.PIPE,
+        preexec_fn=die_with_parent,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = ""
+        for _ in range(400):  # the managers and replicas log to stderr; this line to stdout
+            line = proc.stdout.readline().decode()
+            if "gateway replicas" in line or not line:
+                break
+        found = re.search(r"through 2 gateway replicas: (.*)$", line)
+        assert found, f"no replica list printed: {line!r}"
+        replicas = [u.strip() for u in found.group(1).split(",")]
+        for url in replicas:
+            wait_for(
+                lambda url=url: (_ready(url) or {}).get("replica", {}).get("mode") == "coordinated",
+                timeout_s=30,
+                what=f"replica {url}",
+            )
+        body, headers = tiny_request()
+        shared = f"http://127.0.0.1:{port}"
+        for i in range(8):  # a new connection each time: the kernel spreads them
+            response = httpx.post(
+                f"{shared}/v2/models/tiny-{i:02d}/infer", content=body, headers=headers, timeout=60
+            )
+            assert response.status_code == 200
+        owned = sum(metric(u, "gpufaas_replica_owned_requests_total") for u in replicas)
+        assert owned >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("gpufaas up --gateways 2 did not stop within 60 s") from None
+    assert code in (0, 130, -signal.SIGINT)
