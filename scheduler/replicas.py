@@ -216,7 +216,8 @@ class Replicas:
         """A decision that loads ``name`` on ``device_key``: the owner's response if another
         replica owns the function, else None, and the load is published (place it here)."""
         owner = self._owner_elsewhere(name, headers)
-        if owner is not None:
+        # Only inference is forwarded (admit marks it); an admin load is placed where it lands.
+        if owner is not None and path.endswith("/infer"):
             response = await self._forward(owner, path=path, content=content, headers=headers)
             if response is not None:
                 return response
