@@ -239,6 +239,7 @@ async def _open_loop(
         results[i] = {
             "status": response.status_code,
             "latency_ms": (time.perf_counter() - started) * 1000,
+            "hit": response.headers.get("x-gpufaas-cache") == "hit",
         }
 
     try:
@@ -358,6 +359,10 @@ def _one(
     skip = len(results) // 10
     measured = results[skip:]
     latency = np.asarray([r["latency_ms"] for r in measured if r.get("status") == 200])
+    hits = np.asarray([r["latency_ms"] for r in measured if r.get("status") == 200 and r["hit"]])
+    misses = np.asarray(
+        [r["latency_ms"] for r in measured if r.get("status") == 200 and not r["hit"]]
+    )
     served = [r for r in results if r.get("status") == 200]
     gateway_cpu = cpu_after["gateway"] - cpu_before["gateway"]
     manager_cpu = cpu_after["manager"] - cpu_before["manager"]
@@ -370,6 +375,10 @@ def _one(
         "errors": len(results) - len(served),
         "mean_ms": float(latency.mean()) if len(latency) else math.nan,
         "p99_ms": float(np.percentile(latency, 99)) if len(latency) else math.nan,
+        "p50_ms": float(np.percentile(latency, 50)) if len(latency) else math.nan,
+        "hit_mean_ms": float(hits.mean()) if len(hits) else math.nan,
+        "hit_p99_ms": float(np.percentile(hits, 99)) if len(hits) else math.nan,
+        "miss_mean_ms": float(misses.mean()) if len(misses) else math.nan,
         "forwarded": int(replicas_after["forwarded"] - replicas_before["forwarded"]),
         "owned": int(replicas_after["owned"] - replicas_before["owned"]),
         "events": int(replicas_after["events"] - replicas_before["events"]),
@@ -492,6 +501,12 @@ def table(result: dict[str, Any]) -> str:
             f"{r['errors']:>6}  {r['forwarded']:>4}  {r['owned']:>5}  "
             f"{r['saturation_rps']:>9.0f}  {_ratio(r['saturation_rps'], base['saturation_rps']):>4}  "
             f"{r['gateway_cpu_ms_per_request']:>13.2f}  {r['manager_cpu_ms_per_request']:>14.2f}"
+        )
+    lines.append("gateways  owner     p50 ms  hit mean  hit p99  miss mean  sat failed")
+    for r in runs:
+        lines.append(
+            f"{r['gateways']:>8}  {r['ownership']:<8}  {r['p50_ms']:>6.1f}  {r['hit_mean_ms']:>8.1f}  "
+            f"{r['hit_p99_ms']:>7.1f}  {r['miss_mean_ms']:>9.1f}  {r['saturation_failed']:>10}"
         )
     overhead = result["decision_overhead"]
     lines.append(
