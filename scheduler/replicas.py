@@ -341,7 +341,10 @@ class Replicas:
         return self.own_misses() + sum(float(p.report.get("misses", 0)) for p in peers)
 
     def health(self) -> dict[str, Any]:
-        return self.membership.health()
+        placement: dict[str, str] = {"placement": self.ownership}
+        if self.ownership == "leader":
+            placement["placement_owner"] = self.owner("")
+        return {**self.membership.health(), **placement}
 
     # -- HTTP --------------------------------------------------------------------------------
 

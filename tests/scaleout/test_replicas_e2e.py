@@ -31,7 +31,6 @@ from gpufaas.core.local import (
 )
 from gpufaas.core.manifests import bundled_functions_dir
 from gpufaas.core.protocol import encode_request
-from gpufaas.scheduler.ring import Ring
 
 pytestmark = pytest.mark.slow
 
@@ -220,18 +219,36 @@ def test_no_device_runs_more_than_the_bound_across_two_replicas(
 
 
 def test_a_replica_killed_mid_run(cluster: Cluster) -> None:
-    """B is frozen with forwards from A in flight, then SIGKILLed: A answers each of its
-    requests once, requests sent to B fail at the connection, and A never stalls."""
+    """The placement owner is frozen with forwards from the other replica in flight, then
+    SIGKILLed: the survivor answers each of its requests once, requests sent to the dead one
+    fail at the connection, and the survivor never stalls (it serves hits meanwhile)."""
     cluster.start_manager(device_concurrency=CONCURRENCY, cpu_devices=2)
-    (a, b), (_, b_proc) = _two_replicas(cluster, sync_s=60)  # no heartbeat during the test
-    ring = Ring([a, b])
+    urls, procs = _two_replicas(cluster, sync_s=60)  # no heartbeat during the test
+    health = _ready(urls[0])
+    assert health is not None
+    owner = health["replica"]["placement_owner"]
+    survivor = next(u for u in urls if u != owner)
+    owner_proc = procs[urls.index(owner)]
     names = [f"tiny-{i:02d}" for i in range(12)]
-    owned_by_b = [n for n in names if ring.owner(n) == b]
-    owned_by_a = [n for n in names if ring.owner(n) == a]
-    assert owned_by_b and owned_by_a
+    warm, cold = names[:4], names[4:]
     body, headers = tiny_request()
+    for name in warm:  # placed by the owner, published to the survivor
+        assert (
+            httpx.post(
+                f"{owner}/v2/models/{name}/infer", content=body, headers=headers, timeout=60
+            ).status_code
+            == 200
+        )
+    wait_for(
+        lambda: (
+            metric(survivor, "gpufaas_replica_residency_events_total", {"direction": "applied"})
+            >= len(warm)
+        ),
+        timeout_s=30,
+        what="the survivor to learn the owner's placements",
+    )
 
-    b_proc.send_signal(signal.SIGSTOP)
+    owner_proc.send_signal(signal.SIGSTOP)
     results: dict[str, Any] = {}
 
     def call(key: str, url: str, name: str) -> None:
@@ -242,41 +259,39 @@ def test_a_replica_killed_mid_run(cluster: Cluster) -> None:
         except httpx.TransportError as e:
             results[key] = e
 
-    forwarded = [threading.Thread(target=call, args=(f"a:{n}", a, n)) for n in owned_by_b]
-    to_b = [threading.Thread(target=call, args=(f"b:{n}", b, n)) for n in names[:3]]
-    for t in forwarded + to_b:
+    forwarded = [threading.Thread(target=call, args=(f"fwd:{n}", survivor, n)) for n in cold]
+    to_owner = [threading.Thread(target=call, args=(f"dead:{n}", owner, n)) for n in names[:3]]
+    for t in forwarded + to_owner:
         t.start()
     wait_for(
-        lambda: metric(a, "gpufaas_replica_forwarded_requests_total") >= len(owned_by_b),
+        lambda: metric(survivor, "gpufaas_replica_forwarded_requests_total") >= len(cold),
         timeout_s=30,
-        what="A to forward B's functions to B",
+        what="the survivor to forward the cold functions to the owner",
     )
-    # A serves its own functions while B hangs.
-    local = [threading.Thread(target=call, args=(f"a-own:{n}", a, n)) for n in owned_by_a]
-    for t in local:
-        t.start()
-    for t in local:
-        t.join(timeout=60)
-    assert all(results[f"a-own:{n}"] == 200 for n in owned_by_a)
+    # The survivor serves hits while the owner hangs (one at a time: each finds a free slot on
+    # the holder, where concurrent ones might make LALB replicate, a placement for the owner).
+    for name in warm:
+        call(f"hit:{name}", survivor, name)
+    assert [results[f"hit:{n}"] for n in warm] == [200] * len(warm)
 
-    b_proc.send_signal(signal.SIGKILL)
-    b_proc.wait(timeout=10)
-    for t in forwarded + to_b:
+    owner_proc.send_signal(signal.SIGKILL)
+    owner_proc.wait(timeout=10)
+    for t in forwarded + to_owner:
         t.join(timeout=60)
-    assert not any(t.is_alive() for t in forwarded + to_b), "a client got no answer"
-    assert [results[f"a:{n}"] for n in owned_by_b] == [200] * len(owned_by_b)
-    assert all(isinstance(results[f"b:{n}"], httpx.TransportError) for n in names[:3])
+    assert not any(t.is_alive() for t in forwarded + to_owner), "a client got no answer"
+    assert [results[f"fwd:{n}"] for n in cold] == [200] * len(cold)
+    assert all(isinstance(results[f"dead:{n}"], httpx.TransportError) for n in names[:3])
     with pytest.raises(httpx.ConnectError):
-        httpx.post(f"{b}/v2/models/tiny-00/infer", content=body, headers=headers, timeout=10)
-    assert metric(a, "gpufaas_replica_forward_failures_total") >= 1
-    health = _ready(a)
+        httpx.post(f"{owner}/v2/models/tiny-00/infer", content=body, headers=headers, timeout=10)
+    assert metric(survivor, "gpufaas_replica_forward_failures_total") >= 1
+    health = _ready(survivor)
     assert health is not None and health["replica"]["mode"] == "local"
-    assert metric(a, "gpufaas_replica_mode", {"mode": "local"}) == 1
-    # Every function, B's included, is served by A alone now.
-    for name in names:
+    assert health["replica"]["placement_owner"] == survivor
+    assert metric(survivor, "gpufaas_replica_mode", {"mode": "local"}) == 1
+    for name in names:  # every function is served by the survivor alone now
         assert (
             httpx.post(
-                f"{a}/v2/models/{name}/infer", content=body, headers=headers, timeout=60
+                f"{survivor}/v2/models/{name}/infer", content=body, headers=headers, timeout=60
             ).status_code
             == 200
         )
