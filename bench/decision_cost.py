@@ -144,7 +144,7 @@ def _loop(
         devices: Any = list(table) if as_list else table
         started = time.perf_counter_ns()
         cpu_started = time.thread_time_ns()
-        key = policy.choose(request, devices, directory)
+        key = policy.choose(request, devices, directory).device
         cpu[i] = time.thread_time_ns() - cpu_started
         samples[i] = time.perf_counter_ns() - started
         # What the gateway does next (not timed): predict the load, count the work; and let

@@ -26,8 +26,8 @@ import httpx
 import numpy as np
 
 from gpufaas.core.examples import build_examples, example_inputs
-from gpufaas.core.local import die_with_parent, free_port
 from gpufaas.core.protocol import decode_response, encode_request, parse_header_length
+from gpufaas.scheduler.local import die_with_parent, free_port
 
 
 def _manager_pids(up_pid: int) -> list[int]:
@@ -102,7 +102,7 @@ def main() -> int:
     port = free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port), "--nodes", "2",
-         "--cpu-devices", "1", "--sync-interval", "1"],
+         "--cpu-devices", "1", "--sync-interval", "1", "--grpc-port", str(free_port())],
         env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

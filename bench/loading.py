@@ -15,6 +15,12 @@ per-layer overlap and without it, for a batch size calibrated so that compute ta
 long as the load (where overlap matters most), and the device memory each resident model takes
 against its tensor bytes plus its reserve.
 
+Through the residency chain itself it also measures the disk tier: a host-tier refill from the
+model's sidecar (``HostTier.acquire`` after an eviction) against a raw sequential ``readinto`` of
+the same file, with the file's pages dropped from the page cache before each read (``fsync`` then
+``posix_fadvise(DONTNEED)``: cold) and kept (warm); and MiniLM's cold start (first request after
+registration, with the sidecar written at registration) when the example models are built.
+
     python bench/loading.py                       # 16, 64, 256 MiB; table, JSON in bench/out
     python bench/loading.py --sizes 8Mi,32Mi --repeats 3
     python bench/loading.py --json                # JSON on stdout only
@@ -310,7 +316,7 @@ async def first_inference(path: Path, work: Path, *, repeats: int) -> dict[str, 
             measured[f"{mode}_latency_ms"] = (time.perf_counter() - started) * 1000
             await runtime.settle()
             assert not outcome.cache_hit
-            measured[f"{mode}_load_ms"] = runtime.loads[-1].seconds * 1000
+            measured[f"{mode}_load_ms"] = runtime.loads.recent[-1].seconds * 1000
         # The reference times: the load alone (the sequential round copies with nothing else
         # running) and the forward pass alone (warm, model resident).
         load = measured["sequential_load_ms"]
@@ -336,7 +342,7 @@ async def calibrate_batch(runtime: NodeRuntime, device: str) -> int:
         runtime.unload("stack", device_id=device)
         await runtime.infer("stack", [x1], device_id=device)
         await runtime.settle()
-        loads.append(runtime.loads[-1].seconds * 1000)
+        loads.append(runtime.loads.recent[-1].seconds * 1000)
     load_ms = statistics.median(loads)
     batch = 1
     for _ in range(12):
@@ -402,8 +408,127 @@ async def memory_per_model(paths: dict[str, Path], work: Path) -> dict[str, Any]
             "device_bytes": held,
             "entry_bytes": model.size_bytes,
             "overhead": held / model.weights_bytes - 1,
+            "entry_overhead": (held + model.reserve_bytes)
+            / (model.weights_bytes + model.reserve_bytes)
+            - 1,
         }
     return rows
+
+
+# --- the disk tier: refill against a raw sequential read ----------------------------------------
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Evict ``path``'s pages from the page cache (clean pages only, hence the fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def raw_read(path: Path, into: torch.Tensor) -> float:
+    """One sequential ``readinto`` of the whole file into a warm buffer: the disk's limit."""
+    target = into.numpy().data
+    started = time.perf_counter()
+    with path.open("rb", buffering=0) as f:
+        done = 0
+        while done < len(target):
+            count = f.readinto(target[done:])
+            if not count:
+                break
+            done += count
+    return time.perf_counter() - started
+
+
+async def disk_tier_refill(path: Path, work: Path, *, repeats: int) -> dict[str, Any]:
+    """A host-tier refill through the chain (``HostTier.acquire``: the disk tier's sidecar read
+    into a pooled host buffer) against a raw read of the same sidecar, alternating, cold and
+    warm page cache."""
+    infos = discover_devices(cpu_devices=1, device_memory=8 * 2**30)[:1]
+    runtime = NodeRuntime(
+        devices=infos, store=ArtifactStore(work / "disk-tier"), host_capacity_bytes=8 * 2**30
+    )
+    spec = spec_for(path)
+    runtime.register("stack", spec)  # writes the sidecar in the background
+    await runtime.settle()
+    skeleton = runtime.disk.skeletons["stack"]
+    sidecar = skeleton.sidecar
+    assert sidecar is not None
+    file_bytes = sidecar.stat().st_size
+    buffer = torch.empty(file_bytes, dtype=torch.uint8)
+    buffer.fill_(1)
+
+    async def refill(cold: bool) -> float:
+        runtime.host.evict("stack")  # its buffer goes back to the pool, as after an eviction
+        if cold:
+            drop_from_page_cache(sidecar)
+        started = time.perf_counter()
+        with await runtime.host.acquire("stack", spec) as host:
+            assert host.source == "sidecar"
+        return time.perf_counter() - started
+
+    result: dict[str, Any] = {"file_bytes": file_bytes, "arena_bytes": skeleton.layout.arena_bytes}
+    await refill(False)  # the pool holds a buffer of this size from now on
+    for cold in (True, False):
+        refills, raws = [], []
+        for _ in range(repeats):
+            if cold:
+                drop_from_page_cache(sidecar)
+            raws.append(raw_read(sidecar, buffer))
+            refills.append(await refill(cold))
+        ratios = [raw / got for got, raw in zip(refills, raws, strict=True)]
+        result["cold" if cold else "warm"] = {
+            "refill_gbps": gbps(file_bytes, statistics.median(refills)),
+            "raw_read_gbps": gbps(file_bytes, statistics.median(raws)),
+            "ratio": statistics.median(ratios),
+        }
+    return result
+
+
+async def minilm_cold_start(work: Path, *, repeats: int) -> dict[str, Any] | None:
+    """MiniLM's first request on a fresh runtime, artifact on local disk: with its sidecar
+    written at registration (the default) and, for reference, with the artifact read on the
+    request path (``prepare_on_register=False``). None without the example's weights."""
+    from gpufaas.core.examples import build_examples
+    from gpufaas.core.manifests import bundled_functions_dir, load_manifests
+
+    models = Path(os.environ.get("GPUFAAS_MODELS") or work / "examples")
+    if not (models / "minilm.pt").is_file():
+        try:
+            build_examples(models, names=("minilm",), progress=False)
+        except Exception as e:  # the weights ship in an optional package
+            print(f"minilm cold start skipped: {e}", file=sys.stderr)
+            return None
+    (function,) = [
+        f
+        for f in load_manifests(
+            [bundled_functions_dir()], variables={"GPUFAAS_MODELS": str(models)}
+        )
+        if f.name == "minilm"
+    ]
+    from gpufaas.core.examples import example_inputs
+
+    inputs = list(example_inputs("minilm", batch=1).values())
+    infos = discover_devices(cpu_devices=1, device_memory=8 * 2**30)[:1]
+    rounds: dict[str, list[float]] = {"sidecar_at_register": [], "artifact_on_request": []}
+    for i in range(repeats):
+        for mode, prepare in (("sidecar_at_register", True), ("artifact_on_request", False)):
+            runtime = NodeRuntime(
+                devices=infos,
+                store=ArtifactStore(work / f"cold-{mode}-{i}"),
+                host_capacity_bytes=8 * 2**30,
+                prepare_on_register=prepare,
+            )
+            runtime.register("minilm", function.spec)
+            await runtime.settle()  # registration's work (the sidecar) is done before the request
+            started = time.perf_counter()
+            outcome = await runtime.infer("minilm", inputs, device_id=infos[0].id)
+            rounds[mode].append((time.perf_counter() - started) * 1000)
+            assert not outcome.cache_hit
+            await runtime.settle()
+    return {mode: statistics.median(ms) for mode, ms in rounds.items()}
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -477,14 +602,36 @@ def markdown(report: dict[str, Any]) -> str:
         "the other (2.00 with two free cores).",
         "",
         "| resident model | tensor bytes | reserve | device bytes held | above tensor bytes "
-        "| cache entry (held + reserve) |",
-        "|---|---|---|---|---|---|",
+        "| cache entry (held + reserve) | entry above tensor bytes + reserve |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, m in report["memory"].items():
         lines.append(
             f"| {name} | {m['weights_bytes']} | {m['reserve_bytes']} | {m['device_bytes']} "
-            f"| {m['overhead']:.3%} | {m['entry_bytes']} |"
+            f"| {m['overhead']:.3%} | {m['entry_bytes']} | {m['entry_overhead']:.3%} |"
         )
+    d = report["disk_tier"]
+    lines += [
+        "",
+        f"Disk tier, {d['model']} (sidecar {d['file_bytes']} bytes): host-tier refill through "
+        "the chain against a raw sequential read of the same file, medians of alternating rounds.",
+        "",
+        "| page cache | refill GB/s | raw read GB/s | refill / raw (median of rounds) |",
+        "|---|---|---|---|",
+    ]
+    for mode in ("cold", "warm"):
+        r = d[mode]
+        lines.append(
+            f"| {mode} | {r['refill_gbps']:.2f} | {r['raw_read_gbps']:.2f} | {r['ratio']:.0%} |"
+        )
+    c = report.get("cold_start")
+    if c:
+        lines += [
+            "",
+            "MiniLM first request (fresh runtime, artifact on local disk): "
+            f"{c['sidecar_at_register']:.0f} ms with the sidecar written at registration, "
+            f"{c['artifact_on_request']:.0f} ms reading the artifact on the request path.",
+        ]
     return "\n".join(lines)
 
 
@@ -494,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--overlap-model", default=None, help="size used for the overlap test")
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument(
+        "--cold-start", action="store_true", help="also time MiniLM's first request (slow)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "out" / "loading.json")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -526,6 +676,11 @@ def main(argv: list[str] | None = None) -> int:
         overlap["model"] = overlap_name
         overlap["parallel_speedup"] = parallel_speedup(repeats=args.repeats)
         memory = asyncio.run(memory_per_model({overlap_name: paths[overlap_name]}, work))
+        disk = asyncio.run(disk_tier_refill(paths[overlap_name], work, repeats=args.repeats))
+        disk["model"] = overlap_name
+        cold_start = (
+            asyncio.run(minilm_cold_start(work, repeats=args.repeats)) if args.cold_start else None
+        )
         load = os.getloadavg()[0]
         report = {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -534,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
             "paths": measured,
             "first_inference": overlap,
             "memory": memory,
+            "disk_tier": disk,
+            "cold_start": cold_start,
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -1,8 +1,9 @@
 """gpufaas.cache.
 
 Pure cache data structures and policies (no I/O, nothing else of ours imported): a byte-bounded LRU
-with pinning, asyncio single-flight loads, a device -> host -> disk -> remote tier chain, tier
-counters, and the scheduler's cluster-wide directory of where models live.
+with pinning, asyncio single-flight loads, failure backoff, tier counters, and the scheduler's
+cluster-wide directory of where models live. The GPU manager's residency chain
+(``gpufaas.gpu_manager.chain``) keeps its per-tier bookkeeping in :class:`ByteLRU` s.
 """
 
 from gpufaas.cache.backoff import Failure, FailureBackoff
@@ -10,7 +11,6 @@ from gpufaas.cache.directory import (
     ClusterDirectory,
     DeviceExists,
     InvalidReport,
-    Residency,
     UnknownDevice,
 )
 from gpufaas.cache.lru import (
@@ -22,20 +22,22 @@ from gpufaas.cache.lru import (
     EntryState,
     InsufficientCapacity,
     InvalidSize,
+    Residency,
     UnknownKey,
     WrongState,
 )
+from gpufaas.cache.placement import DeviceKind, DeviceSlot, best_fit, may_copy_between
 from gpufaas.cache.singleflight import SingleFlight
 from gpufaas.cache.stats import CacheStats, TierStats
-from gpufaas.cache.tiers import BOUNDED_TIERS, Move, Tier, TierChain
 
 __all__ = [
-    "BOUNDED_TIERS",
     "ByteLRU",
     "CacheError",
     "CacheStats",
     "ClusterDirectory",
     "DeviceExists",
+    "DeviceKind",
+    "DeviceSlot",
     "Entry",
     "EntryExists",
     "EntryPinned",
@@ -45,13 +47,12 @@ __all__ = [
     "InsufficientCapacity",
     "InvalidReport",
     "InvalidSize",
-    "Move",
     "Residency",
     "SingleFlight",
-    "Tier",
-    "TierChain",
     "TierStats",
     "UnknownDevice",
     "UnknownKey",
     "WrongState",
+    "best_fit",
+    "may_copy_between",
 ]

@@ -20,7 +20,6 @@ number and ignores a report older than one already applied.
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Collection, Iterable, Sequence
 
 from gpufaas.cache.lru import (
@@ -28,14 +27,11 @@ from gpufaas.cache.lru import (
     CacheError,
     EntryState,
     InsufficientCapacity,
+    Residency,
     UnknownKey,
     check_size,
 )
-
-
-class Residency(enum.StrEnum):
-    LOADING = "loading"
-    RESIDENT = "resident"
+from gpufaas.cache.placement import DeviceKind, DeviceSlot, best_fit, fits_tighter, may_copy_between
 
 
 class UnknownDevice(UnknownKey):
@@ -55,11 +51,9 @@ class _Device:
     device_id: str
     node: str
     view: ByteLRU[None]
+    slot: DeviceSlot
     version: int = 0
     report_seq: int | None = None
-
-
-_TO_RESIDENCY = {EntryState.LOADING: Residency.LOADING, EntryState.RESIDENT: Residency.RESIDENT}
 
 
 _EMPTY: frozenset[str] = frozenset()
@@ -71,20 +65,33 @@ class ClusterDirectory:
     def __init__(self) -> None:
         self._devices: dict[str, _Device] = {}
         self._holders: dict[str, set[str]] = {}  # model -> device ids whose view holds it
+        self._slices = 0  # MIG slices among the devices
 
     def __repr__(self) -> str:
         return f"<ClusterDirectory {len(self._devices)} devices, {len(self._holders)} models>"
 
     # -- devices -------------------------------------------------------------------------------
 
-    def add_device(self, device_id: str, *, capacity_bytes: int, node: str = "") -> None:
-        """Register an empty device; :class:`DeviceExists` if the id is taken."""
+    def add_device(
+        self,
+        device_id: str,
+        *,
+        capacity_bytes: int,
+        node: str = "",
+        kind: DeviceKind = DeviceKind.GPU,
+        profile: str | None = None,
+    ) -> None:
+        """Register an empty device (a full GPU, or a MIG slice with its ``profile``);
+        :class:`DeviceExists` if the id is taken."""
         if device_id in self._devices:
             raise DeviceExists(f"device {device_id!r} is already in the directory")
         view: ByteLRU[None] = ByteLRU(
             capacity_bytes=check_size(capacity_bytes, what=f"capacity_bytes of {device_id!r}")
         )
-        self._devices[device_id] = _Device(device_id=device_id, node=node, view=view)
+        slot = DeviceSlot(device_id, DeviceKind(kind), capacity_bytes, profile)
+        self._devices[device_id] = _Device(device_id=device_id, node=node, view=view, slot=slot)
+        if slot.kind is DeviceKind.MIG:
+            self._slices += 1
 
     def remove_device(self, device_id: str) -> list[str]:
         """Forget a device (its node died or left) and every model on it; return those models."""
@@ -92,6 +99,8 @@ class ClusterDirectory:
         models = device.view.keys_lru()
         for model in models:
             self._unindex(model, device_id)
+        if device.slot.kind is DeviceKind.MIG:
+            self._slices -= 1
         del self._devices[device_id]
         return models
 
@@ -114,6 +123,36 @@ class ClusterDirectory:
     def __contains__(self, device_id: object) -> bool:
         return device_id in self._devices
 
+    def slot(self, device_id: str) -> DeviceSlot:
+        """The device's kind, budget and MIG profile."""
+        return self._device(device_id).slot
+
+    @property
+    def has_slices(self) -> bool:
+        """Whether any device is a MIG slice (placement then prefers the best fit)."""
+        return self._slices > 0
+
+    def best_fit(self, nbytes: int, *, among: Iterable[str] | None = None) -> list[str]:
+        """Devices (``among`` them, default all) whose budget fits ``nbytes``, best fit first."""
+        ids = self._devices if among is None else among
+        return best_fit((self._devices[d].slot for d in ids if d in self._devices), nbytes)
+
+    def fits_tighter(self, a: str, b: str, nbytes: int) -> bool:
+        """Whether ``a`` is a better (smaller, still fitting) home for ``nbytes`` than ``b``."""
+        return fits_tighter(self.slot(a), self.slot(b), nbytes)
+
+    def copy_sources(self, model: str, target: str) -> list[str]:
+        """Devices on ``target``'s node with ``model`` resident that it may copy from peer to
+        peer: never to or from a MIG slice (slices have no P2P or CUDA IPC)."""
+        node, slot = self.node(target), self.slot(target)
+        return [
+            d
+            for d in sorted(self._holders.get(model, ()))
+            if self._devices[d].node == node
+            and may_copy_between(self._devices[d].slot, slot)
+            and self.state(d, model) is Residency.RESIDENT
+        ]
+
     # -- queries -------------------------------------------------------------------------------
 
     def holders(self, model: str) -> dict[str, Residency]:
@@ -122,7 +161,7 @@ class ClusterDirectory:
         for device_id in self._holders.get(model, ()):
             entry = self._devices[device_id].view.peek(model)
             assert entry is not None, "holders index out of step with a device view"
-            result[device_id] = _TO_RESIDENCY[entry.state]
+            result[device_id] = entry.state
         return result
 
     def state(self, device_id: str, model: str) -> Residency | None:
@@ -130,7 +169,7 @@ class ClusterDirectory:
         device too, as a report may name a device that has just left."""
         device = self._devices.get(device_id)
         entry = device.view.peek(model) if device is not None else None
-        return None if entry is None else _TO_RESIDENCY[entry.state]
+        return None if entry is None else entry.state
 
     def holder_ids(self, model: str) -> Collection[str]:
         """The devices holding ``model``, in O(1): a read-only view, valid until the next change."""
@@ -143,7 +182,7 @@ class ClusterDirectory:
     def residents(self, device_id: str) -> list[tuple[str, Residency, int]]:
         """``(model, state, size_bytes)`` on a device, least- to most-recently used."""
         return [
-            (entry.key, _TO_RESIDENCY[entry.state], entry.size_bytes)
+            (entry.key, entry.state, entry.size_bytes)
             for entry in self._device(device_id).view.entries_lru()
         ]
 

@@ -105,9 +105,15 @@ class InsufficientCapacity(CacheError):
         )
 
 
-class EntryState(enum.StrEnum):
+class Residency(enum.StrEnum):
+    """Where a model stands in a cache. The one residency enum: LRU entries, the cluster
+    directory and the node contract (``gpufaas.core.node``) all use it."""
+
     LOADING = "loading"  # bytes reserved, value not there yet; always pinned
     RESIDENT = "resident"
+
+
+EntryState = Residency  # the LRU's name for it: the same enum, not a second one
 
 
 @dataclasses.dataclass

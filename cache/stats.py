@@ -1,7 +1,7 @@
 """Counters for cache tiers: hits, misses, evictions and bytes moved in and out.
 
 Plain counters with no I/O; whoever exports metrics (e.g. to Prometheus) reads :meth:`CacheStats.snapshot`.
-Tiers are named by strings; :class:`gpufaas.cache.tiers.Tier` values are strings, so they work as is.
+Tiers are named by strings (the GPU manager's chain uses "device", "host", "disk", "remote").
 """
 
 from __future__ import annotations

@@ -10,20 +10,25 @@ Python.
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
+import types
+import typing
 from collections.abc import Mapping
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 from gpufaas.core.units import parse_bytes
 
@@ -44,15 +49,41 @@ Datatype = Literal[
 URI_SCHEMES = ("file", "http", "https", "s3")
 _URI_PATTERN = r"^(file|https?|s3)://.+$"
 # DNS-1123 label: Kubernetes object names, model names on the wire.
-_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _TENSOR_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:-]*$"
 _QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?|[kmgtpe])?$"
 
-Name = Annotated[str, StringConstraints(pattern=_NAME_PATTERN, max_length=63)]
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=63)]
+# JSON numbers only, as the API server's schema check has them: no "8" for 8, no 8.0 for an
+# integer, no true for 1. (Lax pydantic would coerce these; the API server would refuse them.)
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+
+
+def cel(rule: str, message: str, *, field_path: str | None = None) -> JsonDict:
+    """One ``x-kubernetes-validations`` entry: the API server's copy of a pydantic validator.
+
+    Every rule here mirrors a Python check next to it; tests/core/test_crd_agreement.py runs
+    both on the same manifests and fails when they disagree.
+    """
+    entry: JsonDict = {"rule": rule, "message": message}
+    if field_path is not None:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def _allows_none(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(
+        None
+    ) in typing.get_args(annotation)
 
 
 class _Model(BaseModel):
-    """Shared config: camelCase aliases, unknown fields rejected, population by name."""
+    """Shared config: camelCase aliases, unknown fields rejected, population by name.
+
+    A ``null`` given for a field that is not nullable is dropped before validation, as the
+    API server prunes it (the field then takes its default, or is reported missing).
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -60,11 +91,29 @@ class _Model(BaseModel):
         extra="forbid",
         frozen=True,
     )
+    _not_nullable: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        keys = set()
+        for name, info in cls.model_fields.items():
+            if not _allows_none(info.annotation):
+                keys.update({name, info.alias or name})
+        cls._not_nullable = frozenset(keys)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prune_nulls(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            return {k: v for k, v in data.items() if v is not None or k not in cls._not_nullable}
+        return data
 
 
 class ModelFormat(enum.StrEnum):
     TORCHSCRIPT = "torchscript"
     TORCH_EXPORT = "torch-export"
+    ONNX = "onnx"
 
 
 class ModelSource(_Model):
@@ -73,7 +122,7 @@ class ModelSource(_Model):
     uri: Annotated[str, StringConstraints(pattern=_URI_PATTERN, max_length=2048)] = Field(
         description="Artifact location: file://, http(s):// or s3://.",
     )
-    format: ModelFormat = Field(description="torchscript or torch-export.")
+    format: ModelFormat = Field(description="torchscript, torch-export or onnx.")
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = Field(
         default=None, description="Hex SHA-256 of the artifact; verified when given."
     )
@@ -84,7 +133,14 @@ class TensorSpec(_Model):
 
     name: Annotated[str, StringConstraints(pattern=_TENSOR_NAME_PATTERN, max_length=128)]
     datatype: Datatype
-    shape: list[Annotated[int, Field(ge=-1)]] = Field(max_length=16)
+    shape: list[Annotated[Int, Field(ge=-1)]] = Field(
+        max_length=16,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("self.all(d, d != 0)", "dimensions must be positive or -1 (variable), not 0")
+            ]
+        },
+    )
 
     @field_validator("shape")
     @classmethod
@@ -97,12 +153,32 @@ class TensorSpec(_Model):
 class Batching(_Model):
     """Dynamic batching of concurrent requests for the same function."""
 
-    max_batch_size: int = Field(default=1, ge=1, le=4096)
-    max_delay_ms: float = Field(default=0.0, ge=0, le=10_000)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.maxDelayMs == 0.0 || self.maxBatchSize > 1",
+                    "maxDelayMs needs maxBatchSize > 1: waiting only helps when requests can share a batch",
+                    field_path=".maxDelayMs",
+                )
+            ]
+        }
+    )
+
+    max_batch_size: Int = Field(default=1, ge=1, le=4096)
+    max_delay_ms: Float = Field(default=0.0, ge=0, le=10_000)
+
+    @model_validator(mode="after")
+    def _delay_needs_batches(self) -> Batching:
+        if self.max_delay_ms > 0 and self.max_batch_size == 1:
+            raise ValueError(
+                "maxDelayMs needs maxBatchSize > 1: waiting only helps when requests can share a batch"
+            )
+        return self
 
 
 class SLO(_Model):
-    latency_ms: float | None = Field(default=None, gt=0, description="Target end-to-end latency.")
+    latency_ms: Float | None = Field(default=None, gt=0, description="Target end-to-end latency.")
 
 
 class Resources(_Model):
@@ -117,10 +193,31 @@ class Resources(_Model):
 class Handler(_Model):
     """An optional container for the function's own pre/post-processing."""
 
+    # With minReplicas 0 the gateway scales it to zero after idleSeconds without a request,
+    # and back to one on the next request, which it holds until a replica is Ready.
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.minReplicas <= self.maxReplicas",
+                    "minReplicas must not exceed maxReplicas",
+                    field_path=".minReplicas",
+                )
+            ]
+        }
+    )
+
     image: Annotated[str, StringConstraints(min_length=1, max_length=512)]
-    min_replicas: int = Field(default=1, ge=0, le=1000)
-    max_replicas: int = Field(default=1, ge=1, le=1000)
-    port: int = Field(default=8080, ge=1, le=65535)
+    min_replicas: Int = Field(default=1, ge=0, le=1000)
+    max_replicas: Int = Field(default=1, ge=1, le=1000)
+    port: Int = Field(default=8080, ge=1, le=65535)
+    idle_seconds: Int = Field(
+        default=300,
+        ge=1,
+        le=86_400,
+        description="With minReplicas 0: scale to zero after this long without a request.",
+    )
 
     @model_validator(mode="after")
     def _replicas_ordered(self) -> Handler:
@@ -131,14 +228,76 @@ class Handler(_Model):
         return self
 
 
+class ParallelStrategy(enum.StrEnum):
+    LAYER = "layer"  # pipeline: each shard holds a contiguous run of layers
+    INTRA_LAYER = "intra-layer"  # each layer's weight matrix is split across all shards
+
+
+class Channel(enum.StrEnum):
+    DIRECT = "direct"  # node-to-node HTTP (device-to-device on one node)
+    NATS = "nats"
+    S3 = "s3"
+
+
+class Parallelism(_Model):
+    """Serve the model split into ``shards`` parts on several devices (FSD-Inference)."""
+
+    shards: Int = Field(ge=1, le=256, description="How many parts the model is split into.")
+    strategy: ParallelStrategy = Field(
+        default=ParallelStrategy.LAYER, description="layer (pipeline) or intra-layer."
+    )
+    channel: Channel = Field(
+        default=Channel.DIRECT, description="How shards exchange partial results."
+    )
+
+
+# Split rows of the first and last layers: a tensor's last (feature) dimension, when fixed,
+# bounds how many intra-layer shards can each get a part.
+_SPLITTABLE = (
+    "t, size(t.shape) == 0 || t.shape[size(t.shape) - 1] == -1"
+    " || t.shape[size(t.shape) - 1] >= self.parallelism.shards"
+)
+# Batching stacks requests along the first dimension, so it must be variable everywhere.
+_BATCHABLE = "t, size(t.shape) > 0 && t.shape[0] == -1"
+_LIST_MAP: JsonDict = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
+
+
 class InferenceFunctionSpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    f"self.batching.maxBatchSize == 1 || (self.inputs.all({_BATCHABLE})"
+                    f" && self.outputs.all({_BATCHABLE}))",
+                    "batching.maxBatchSize > 1 needs a variable (-1) first dimension on every input and output",
+                    field_path=".batching.maxBatchSize",
+                ),
+                cel(
+                    "!has(self.slo.latencyMs) || self.batching.maxDelayMs < self.slo.latencyMs",
+                    "batching.maxDelayMs must be below slo.latencyMs",
+                    field_path=".batching.maxDelayMs",
+                ),
+                cel(
+                    "!has(self.parallelism) || self.parallelism.strategy != 'intra-layer'"
+                    f" || (self.inputs.all({_SPLITTABLE}) && self.outputs.all({_SPLITTABLE}))",
+                    "parallelism.shards exceeds a tensor's last dimension: an intra-layer split"
+                    " needs at least one row per shard",
+                    field_path=".parallelism.shards",
+                ),
+            ]
+        }
+    )
+
     model: ModelSource
-    inputs: list[TensorSpec] = Field(min_length=1, max_length=64)
-    outputs: list[TensorSpec] = Field(min_length=1, max_length=64)
-    batching: Batching = Field(default_factory=Batching)
-    slo: SLO = Field(default_factory=SLO)
-    resources: Resources = Field(default_factory=Resources)
+    inputs: list[TensorSpec] = Field(min_length=1, max_length=64, json_schema_extra=_LIST_MAP)
+    outputs: list[TensorSpec] = Field(min_length=1, max_length=64, json_schema_extra=_LIST_MAP)
+    batching: Batching = Field(default=Batching())
+    slo: SLO = Field(default=SLO())
+    resources: Resources = Field(default=Resources())
     handler: Handler | None = None
+    parallelism: Parallelism | None = Field(
+        default=None, description="Split the model across devices (distributed inference)."
+    )
 
     @model_validator(mode="after")
     def _unique_tensor_names(self) -> InferenceFunctionSpec:
@@ -147,6 +306,42 @@ class InferenceFunctionSpec(_Model):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{side}: duplicate tensor names {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _batchable(self) -> InferenceFunctionSpec:
+        if self.batching.max_batch_size == 1:
+            return self
+        for tensor in (*self.inputs, *self.outputs):
+            if not tensor.shape or tensor.shape[0] != -1:
+                raise ValueError(
+                    f"batching.maxBatchSize > 1 needs a variable (-1) first dimension on every"
+                    f" input and output; {tensor.name!r} has shape {tensor.shape}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _delay_within_slo(self) -> InferenceFunctionSpec:
+        latency = self.slo.latency_ms
+        if latency is not None and self.batching.max_delay_ms >= latency:
+            raise ValueError(
+                f"batching.maxDelayMs ({self.batching.max_delay_ms}) must be below"
+                f" slo.latencyMs ({latency})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _splittable(self) -> InferenceFunctionSpec:
+        p = self.parallelism
+        if p is None or p.strategy != ParallelStrategy.INTRA_LAYER:
+            return self
+        for tensor in (*self.inputs, *self.outputs):
+            rows = tensor.shape[-1] if tensor.shape else -1
+            if rows != -1 and rows < p.shards:
+                raise ValueError(
+                    f"parallelism.shards ({p.shards}) exceeds the last dimension of"
+                    f" {tensor.name!r} ({rows}): an intra-layer split needs at least one row per shard"
+                )
         return self
 
 
@@ -168,6 +363,14 @@ class Condition(_Model):
     observed_generation: int | None = None
 
 
+class ShardPlacement(_Model):
+    """One shard of a parallel function and the GPU manager (node, device) planned for it."""
+
+    index: int = Field(ge=0)
+    node: str
+    device: str
+
+
 class InferenceFunctionStatus(_Model):
     model_config = ConfigDict(extra="ignore")  # kopf keeps its own bookkeeping in status
 
@@ -179,6 +382,12 @@ class InferenceFunctionStatus(_Model):
     resident_on: list[str] = Field(default_factory=list, description="Device ids holding it.")
     resident_count: int = Field(default=0, ge=0)
     ready: Literal["True", "False", "Unknown"] = "Unknown"
+    handler_replicas: int | None = Field(
+        default=None, ge=0, description="Handler replicas wanted now (0: scaled to zero)."
+    )
+    shards: list[ShardPlacement] = Field(
+        default_factory=list, description="Where each shard of a parallel function is placed."
+    )
 
 
 class ObjectMeta(_Model):
@@ -239,5 +448,24 @@ def parse_spec(spec: Mapping[str, Any]) -> InferenceFunctionSpec:
         raise ManifestError(format_validation_error(e, prefix="spec")) from None
 
 
+def child_name(owner_name: str, suffix: str) -> str:
+    """``ifn-<owner>-<suffix>``: the name of a function's child object (a DNS-1035 label).
+
+    The operator names the handler's Deployment and Service this way and the gateway
+    finds them by it. Long owner names are cut and made unique with a short hash.
+    """
+    name = f"ifn-{owner_name}-{suffix}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(owner_name.encode()).hexdigest()[:6]
+    room = 63 - len(f"ifn--{digest}-{suffix}")
+    return f"ifn-{owner_name[:room].rstrip('-')}-{digest}-{suffix}"
+
+
+def handler_name(function_name: str) -> str:
+    """The handler Deployment's and Service's name."""
+    return child_name(function_name, "handler")
+
+
 def is_valid_name(name: str) -> bool:
-    return re.fullmatch(_NAME_PATTERN, name) is not None and len(name) <= 63
+    return re.fullmatch(NAME_PATTERN, name) is not None and len(name) <= 63

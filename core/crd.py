@@ -1,11 +1,17 @@
 """The InferenceFunction CustomResourceDefinition, generated from :mod:`gpufaas.core.api`.
 
 Pydantic emits JSON Schema (draft 2020-12); Kubernetes wants a *structural*
-OpenAPI v3 schema: every node typed, no ``$ref``, ``nullable`` instead of
-``anyOf`` with ``null``, boolean ``exclusiveMinimum``, and no
+OpenAPI v3 schema: every node typed, no ``$ref``, no ``anyOf`` with ``null``
+(an optional field is simply not required: the API server prunes a ``null`` it is
+given, so ``null`` and absent mean the same, for CEL's ``has()`` too), boolean ``exclusiveMinimum``, and no
 ``additionalProperties: false`` (the API server prunes unknown fields instead).
 This module does that conversion, so the CRD in ``crds/`` can never drift from
 the models: ``gpufaas crd > crds/inferencefunctions.gpufaas.dev.yaml``.
+
+The cross-field checks travel with the models: each pydantic validator that the API
+server can express has its CEL twin in the model's ``x-kubernetes-validations``
+(see :func:`gpufaas.core.api.cel`), and tensor lists are ``x-kubernetes-list-type: map``
+keyed by name, so the API server refuses what pydantic refuses.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import yaml
 from gpufaas.core.api import (
     GROUP,
     KIND,
+    NAME_PATTERN,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
@@ -33,14 +40,12 @@ CATEGORIES = ("gpufaas",)
 # JSON Schema keywords that have no place (or a different meaning) in a CRD schema.
 _DROPPED_KEYS = frozenset({"title", "additionalProperties", "$defs", "definitions", "$schema"})
 
-# Rules pydantic validators express in Python that the API server can check too (CEL).
-_EXTRA_VALIDATIONS: dict[tuple[str, ...], list[dict[str, str]]] = {
-    ("spec", "handler"): [
-        {
-            "rule": "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
-            "message": "minReplicas must not exceed maxReplicas",
-        }
-    ],
+# The API server lets a CRD constrain only name and generateName in metadata.
+_METADATA_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 63, "pattern": NAME_PATTERN},
+    },
 }
 
 
@@ -80,6 +85,9 @@ def _convert(node: Mapping[str, Any], *, defs: Mapping[str, Any], path: str) -> 
             continue
         if key == "default" and value is None:
             continue  # "absent" already means null; a null default fails structural checks
+        if key == "default":
+            out[key] = _without_nulls(value)
+            continue
         if key == "properties":
             out[key] = {
                 name: _convert(sub, defs=defs, path=f"{path}.{name}") for name, sub in value.items()
@@ -107,24 +115,23 @@ def _convert(node: Mapping[str, Any], *, defs: Mapping[str, Any], path: str) -> 
     return head | out
 
 
+def _without_nulls(value: Any) -> Any:
+    """A default with its null members dropped (the API server defaults nested fields itself)."""
+    if isinstance(value, Mapping):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return copy.deepcopy(value)
+
+
 def _collapse_nullable(node: Mapping[str, Any], *, path: str) -> dict[str, Any]:
-    """``anyOf: [X, {type: null}]`` -> ``X`` with ``nullable: true``."""
+    """``anyOf: [X, {type: null}]`` -> ``X``: every optional field defaults to None, so null
+    is the same as absent, and the API server prunes it (pydantic's ``_prune_nulls`` agrees)."""
     options = list(node["anyOf"])
     non_null = [o for o in options if o.get("type") != "null"]
     if len(non_null) != 1 or len(options) != 2:
         raise SchemaConversionError(f"{path}: only 'X or null' unions are supported, got {options}")
     merged = dict(non_null[0])
     merged.update({k: v for k, v in node.items() if k != "anyOf"})
-    merged["nullable"] = True
     return merged
-
-
-def _add_validations(schema: dict[str, Any]) -> None:
-    for field_path, rules in _EXTRA_VALIDATIONS.items():
-        node = schema
-        for part in field_path:
-            node = node["properties"][part]
-        node["x-kubernetes-validations"] = copy.deepcopy(rules)
 
 
 def _status_schema() -> dict[str, Any]:
@@ -152,12 +159,11 @@ def openapi_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "metadata": copy.deepcopy(_METADATA_SCHEMA),
             "spec": _spec_schema(),
             "status": _status_schema(),
         },
     }
-    _add_validations(schema)
     return schema
 
 
@@ -197,6 +203,19 @@ def build_crd() -> dict[str, Any]:
                             "jsonPath": ".status.residentCount",
                         },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                        # -o wide: the handler's replicas now (0: scaled to zero), shard count.
+                        {
+                            "name": "Handler",
+                            "type": "integer",
+                            "jsonPath": ".status.handlerReplicas",
+                            "priority": 1,
+                        },
+                        {
+                            "name": "Shards",
+                            "type": "integer",
+                            "jsonPath": ".spec.parallelism.shards",
+                            "priority": 1,
+                        },
                     ],
                     "schema": {"openAPIV3Schema": openapi_schema()},
                 }

@@ -1,6 +1,7 @@
 """Load and save model artifacts without running pickled code.
 
-Two formats (:class:`~gpufaas.core.api.ModelFormat`):
+Two torch formats (:class:`~gpufaas.core.api.ModelFormat`; ONNX is read by
+:mod:`gpufaas.core.onnxmodel`):
 
 ``torchscript``
     ``torch.jit.save`` archives, read by ``torch.jit.load``. The C++ TorchScript
@@ -99,6 +100,8 @@ def load_model(
     """
     path = Path(path)
     format = ModelFormat(format)
+    if format is ModelFormat.ONNX:
+        raise ModelLoadError(path, format, "not a torch module (see gpufaas.core.onnxmodel)")
     if not path.is_file():
         raise ModelLoadError(path, format, "file not found")
     try:

@@ -5,6 +5,8 @@ no other code turns bodies into arrays or back. It covers:
 
 * the pydantic models of the JSON documents (inference request and response, server and
   model metadata, errors, the repository index), used for the OpenAPI schema and by clients;
+* :func:`inspect_request` for a forwarder (the gateway): the header checked, the tensor data
+  left untouched;
 * :func:`decode_request` / :func:`encode_response` for a server, and
   :func:`encode_request` / :func:`decode_response` for a client (the gateway forwarding
   to a GPU manager, tests, benchmarks);
@@ -235,10 +237,16 @@ class ErrorResponse(BaseModel):
 
 
 class RepositoryIndexEntry(BaseModel):
+    """One function in the repository index. ``state`` is READY when the function can be
+    served (a cold one loads on its first request); residency is apart: the devices that
+    hold it (``resident_on``) or are loading it (``loading_on``), empty when none does."""
+
     name: str
     version: str | None = None
     state: str = ""
     reason: str = ""
+    resident_on: list[str] = Field(default_factory=list)
+    loading_on: list[str] = Field(default_factory=list)
 
 
 def _metadata_tensor(spec: TensorSpec) -> MetadataTensor:
@@ -307,6 +315,145 @@ def decode_request(
     )
 
 
+@dataclass(frozen=True)
+class TensorHeader:
+    """One input as a request's header declares it; its data not decoded."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    binary_size: int | None  # bytes in the binary section; None: JSON ``data``
+
+
+@dataclass(frozen=True)
+class RequestHeader:
+    """An inference request's header, checked, with its tensor data left as they are.
+
+    What a forwarder needs (:func:`inspect_request`): the inputs' names, datatypes, shapes
+    and byte counts, the request id and parameters; the body itself travels on untouched.
+    """
+
+    id: str | None
+    inputs: list[TensorHeader]
+    parameters: Mapping[str, Any]  # as sent, binary_data_output included
+    outputs: list[str] | None  # None: all
+    binary_outputs: set[str] | bool
+    header_length: int | None  # of the JSON part; None: the whole body is JSON
+
+    def signature(self) -> dict[str, tuple[str | None, list[int]]]:
+        return {t.name: (t.datatype, t.shape) for t in self.inputs}
+
+
+def inspect_request(
+    body: bytes | memoryview, *, header_length: int | None, limits: Limits = DEFAULT_LIMITS
+) -> RequestHeader:
+    """Parse and check only the header of an inference request; the tensor data stay as sent.
+
+    Everything :func:`decode_request` checks that the header alone can tell: the JSON, the
+    limits, each input's name, datatype and shape, and for binary inputs that every size
+    agrees with its shape and that the sizes add up to the binary section exactly. So a
+    header that lies about sizes is a 400 before any tensor byte is copied or forwarded.
+    JSON ``data`` is not converted here (the node converts it, once).
+    """
+    document, binary = _split_and_parse(body, header_length, limits)
+    request_id = document.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError(f"request 'id' must be a string, got {_short(request_id)}")
+    parameters = _parameters(document.get("parameters"), "request")
+    default_binary = parameters.get("binary_data_output", False)
+    if not isinstance(default_binary, bool):
+        raise ProtocolError("request parameter 'binary_data_output' must be true or false")
+    raw_inputs = document.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise ProtocolError("request needs an 'inputs' list")
+    if len(raw_inputs) > limits.max_inputs:
+        raise ProtocolError(
+            f"request has {len(raw_inputs)} inputs, more than the limit of {limits.max_inputs}"
+        )
+    inputs: list[TensorHeader] = []
+    seen: set[str] = set()
+    elements = 0
+    offset = 0
+    for index, raw in enumerate(raw_inputs):
+        tensor = _tensor_header(raw, index, seen, limits)
+        elements += math.prod(tensor.shape)
+        if elements > limits.max_elements:
+            raise ProtocolError(
+                f"input {_q(tensor.name)}: shape {tensor.shape} takes the body to {elements} "
+                f"elements, more than the limit of {limits.max_elements}",
+                status_code=413,
+            )
+        if tensor.binary_size is not None:
+            offset += tensor.binary_size
+            if offset > len(binary):
+                raise ProtocolError(
+                    f"input {_q(tensor.name)}: binary_data_size {tensor.binary_size} runs past "
+                    f"the end of the body ({len(binary) - offset + tensor.binary_size} bytes left)"
+                )
+        elif "data" not in raw:
+            raise ProtocolError(
+                f"input {_q(tensor.name)}: has neither 'data' nor parameters.binary_data_size"
+            )
+        inputs.append(tensor)
+    if offset != len(binary):
+        raise ProtocolError(
+            f"the body has {len(binary) - offset} bytes of binary data that no input's "
+            "binary_data_size accounts for"
+        )
+    outputs, binary_outputs = _requested_outputs(document.get("outputs"), default_binary, limits)
+    return RequestHeader(
+        id=request_id,
+        inputs=inputs,
+        parameters=parameters,
+        outputs=outputs,
+        binary_outputs=binary_outputs,
+        header_length=header_length,
+    )
+
+
+def _tensor_header(raw: object, index: int, seen: set[str], limits: Limits) -> TensorHeader:
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"input #{index} must be an object with name, shape, datatype")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(f"input #{index} needs a non-empty string 'name'")
+    label = f"input {_q(name)}"
+    if name in seen:
+        raise ProtocolError(f"{label} appears more than once")
+    seen.add(name)
+    datatype = raw.get("datatype")
+    if not isinstance(datatype, str) or datatype not in DATATYPE_TO_NUMPY:
+        raise ProtocolError(
+            f"{label}: unknown datatype {_short(datatype)}; expected one of {_DATATYPES_TEXT}"
+        )
+    shape = _shape(raw.get("shape"), label, limits)
+    parameters = _parameters(raw.get("parameters"), label)
+    if any(key in parameters for key in _SHARED_MEMORY_KEYS):
+        raise ProtocolError(f"{label}: shared memory is not supported")
+    size = parameters.get("binary_data_size")
+    if size is None:
+        return TensorHeader(name=name, datatype=datatype, shape=shape, binary_size=None)
+    if raw.get("data") is not None:
+        raise ProtocolError(f"{label}: has both 'data' and binary_data_size")
+    if type(size) is not int or size < 0:
+        raise ProtocolError(
+            f"{label}: binary_data_size must be a non-negative integer, got {_short(size)}"
+        )
+    if datatype != "BYTES":
+        needed = math.prod(shape) * _WIRE_DTYPES[datatype].itemsize
+        if size != needed:
+            raise ProtocolError(
+                f"{label}: shape {shape} of {datatype} needs {needed} bytes, "
+                f"binary_data_size is {size}"
+            )
+    elif size < 4 * math.prod(shape):  # each element has at least its 4-byte length
+        raise ProtocolError(
+            f"{label}: shape {shape} of BYTES needs at least {4 * math.prod(shape)} bytes, "
+            f"binary_data_size is {size}"
+        )
+    return TensorHeader(name=name, datatype=datatype, shape=shape, binary_size=size)
+
+
 def decode_response(
     body: bytes, *, header_length: int | None, limits: Limits = RESPONSE_LIMITS
 ) -> tuple[InferenceResponse, dict[str, Array]]:
@@ -341,27 +488,45 @@ def validate_inputs(
     ``-1`` dimensions take any size. With ``max_batch_size > 0`` the first dimension of
     every input is the batch: the same for all inputs, and at most ``max_batch_size``.
     """
+    check_signature(
+        {name: (decoded.datatypes.get(name), list(a.shape)) for name, a in decoded.inputs.items()},
+        specs,
+        max_batch_size=max_batch_size,
+    )
+    return {spec.name: decoded.inputs[spec.name] for spec in specs}
+
+
+def check_signature(
+    tensors: Mapping[str, tuple[str | None, Sequence[int]]],
+    specs: Sequence[TensorSpec],
+    *,
+    max_batch_size: int = 0,
+) -> None:
+    """Check inputs, ``{name: (datatype, shape)}``, against a function's declared inputs.
+
+    The one signature check, on arrays (:func:`validate_inputs`) or on a request's header alone
+    (:class:`RequestHeader`, the gateway: no tensor data decoded). Raises :class:`ProtocolError`.
+    """
     declared = {spec.name: spec for spec in specs}
-    unknown = [name for name in decoded.inputs if name not in declared]
+    unknown = [name for name in tensors if name not in declared]
     if unknown:
         raise ProtocolError(
             f"unknown input {_q(unknown[0])}; the function takes {_names(declared)}"
         )
-    missing = [spec for spec in specs if spec.name not in decoded.inputs]
+    missing = [spec for spec in specs if spec.name not in tensors]
     if missing:
         m = missing[0]
         raise ProtocolError(f"missing input {_q(m.name)} ({m.datatype} {m.shape})")
 
-    arrays: dict[str, Array] = {}
     batch: tuple[str, int] | None = None
     for spec in specs:
-        array, label = decoded.inputs[spec.name], f"input {_q(spec.name)}"
-        datatype = decoded.datatypes.get(spec.name)
+        datatype, given = tensors[spec.name]
+        label = f"input {_q(spec.name)}"
         if datatype != spec.datatype:
             raise ProtocolError(
                 f"{label}: datatype {datatype} but the function takes {spec.datatype}"
             )
-        shape = list(array.shape)
+        shape = list(given)
         if len(shape) != len(spec.shape):
             raise ProtocolError(
                 f"{label}: shape {shape} has rank {len(shape)}, "
@@ -383,8 +548,6 @@ def validate_inputs(
                     f"{label}: batch size {shape[0]} differs from input {_q(batch[0])}'s {batch[1]}"
                 )
             batch = batch or (spec.name, shape[0])
-        arrays[spec.name] = array
-    return arrays
 
 
 def validate_outputs(requested: Sequence[str] | None, specs: Sequence[TensorSpec]) -> list[str]:
@@ -401,7 +564,7 @@ def validate_outputs(requested: Sequence[str] | None, specs: Sequence[TensorSpec
 
 
 def _split_and_parse(
-    body: bytes, header_length: int | None, limits: Limits
+    body: bytes | memoryview, header_length: int | None, limits: Limits
 ) -> tuple[dict[str, Any], memoryview]:
     if len(body) > limits.max_body_bytes:
         raise ProtocolError(
@@ -410,7 +573,8 @@ def _split_and_parse(
         )
     view = memoryview(body)
     if header_length is None:
-        header, binary = bytes(body), view[len(view) :]  # no copy when body is bytes
+        header = body if isinstance(body, bytes) else bytes(body)  # no copy of bytes
+        binary = view[len(view) :]
     else:
         if header_length < 0 or header_length > len(body):
             raise ProtocolError(

@@ -5,7 +5,8 @@ or ``max_delay_ms`` have passed since the oldest arrived, concatenates their inp
 first dimension, runs once, and splits the outputs back by rows. Only requests whose inputs agree
 beyond the first dimension (same trailing shape and dtype) are merged; the others wait for the
 next batch, which starts right away. One batch runs at a time per (device, model): requests that
-arrive meanwhile form the next one.
+arrive meanwhile form the next one. A request's eviction hint (the scheduler's ``evict_first``)
+travels with it: a batch runs with its oldest request's hint, for the load that batch may cause.
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ class _Waiting(Generic[R]):
     rows: int
     signature: tuple[tuple[tuple[int, ...], str], ...]
     future: asyncio.Future[R]
+    evict_first: tuple[str, ...] = ()
     arrived: float = field(default_factory=time.monotonic)
 
 
 class Batcher(Generic[R]):
     """Batches requests for one model on one device.
 
-    ``run`` gets the inputs of every request in a batch (in arrival order) and returns one result
-    per request; an exception fails every request of that batch.
+    ``run`` gets the inputs of every request in a batch (in arrival order) and the oldest
+    request's eviction hint, and returns one result per request; an exception fails every
+    request of that batch.
     """
 
     def __init__(
@@ -73,7 +76,7 @@ class Batcher(Generic[R]):
         *,
         max_batch_size: int,
         max_delay_ms: float,
-        run: Callable[[list[Inputs]], Awaitable[list[R]]],
+        run: Callable[[list[Inputs], tuple[str, ...]], Awaitable[list[R]]],
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -90,10 +93,11 @@ class Batcher(Generic[R]):
     def waiting(self) -> int:
         return len(self._queue)
 
-    async def submit(self, inputs: Inputs) -> R:
+    async def submit(self, inputs: Inputs, *, evict_first: Sequence[str] = ()) -> R:
         """Queue one request and wait for its share of a batch's result."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Waiting(inputs, rows(inputs), signature(inputs), future))
+        waiting = _Waiting(inputs, rows(inputs), signature(inputs), future, tuple(evict_first))
+        self._queue.append(waiting)
         self._arrival.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
@@ -111,7 +115,7 @@ class Batcher(Generic[R]):
             self.batches += 1
             self.requests += len(batch)
             try:
-                results = await self._run([w.inputs for w in batch])
+                results = await self._run([w.inputs for w in batch], batch[0].evict_first)
             except Exception as e:
                 for waiting in batch:
                     if not waiting.future.done():

@@ -16,12 +16,19 @@ against the artifact's size and modification time and the skeleton's layout befo
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import logging
+import mmap
 import os
 import struct
+import sys
 import tempfile
+import threading
+import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +37,8 @@ from typing import Any
 import torch
 
 from gpufaas.core.api import InferenceFunctionSpec
-from gpufaas.core.modelio import load_model
+from gpufaas.core.modelio import ModelLoadError, load_model
+from gpufaas.gpu_manager.devices import register_host, unregister_host
 from gpufaas.gpu_manager.layout import (
     Layout,
     ProbeResult,
@@ -38,14 +46,17 @@ from gpufaas.gpu_manager.layout import (
     named_tensors,
     plan_layout,
     probe,
+    script_device_constants,
     strip,
 )
+from gpufaas.gpu_manager.memory import SlabAllocator, anonymous_buffer
 from gpufaas.gpu_manager.tensors import TensorError, synthetic_inputs
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "HostModel",
+    "HostSlab",
     "PreparedModel",
     "SidecarError",
     "Skeleton",
@@ -79,6 +90,7 @@ class Skeleton:
     artifact: Path
     artifact_stat: tuple[int, int]  # size, mtime_ns: what the sidecar was made from
     sidecar: Path | None = None  # set once the sidecar is written
+    reserve_measured: bool = False  # reserve_bytes measured on a GPU, not the CPU probe's
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -113,6 +125,113 @@ class HostModel:
         return self.skeleton.layout.arena_bytes
 
 
+_MAP_NORESERVE = 0x4000 if sys.platform.startswith("linux") else 0  # no swap reservation
+
+
+class HostSlab:
+    """The host tier's memory: one buffer for the node, page-locked once at start-up.
+
+    Page-locking (``cudaHostRegister``) faults in and locks every page, which takes seconds per
+    tens of GiB; doing it per refill stalled whoever called it. Here it happens once, in the
+    constructor, and each arena is a range of the slab (:class:`SlabAllocator`, best fit). A
+    range goes back to the slab when the last tensor viewing it is freed, so an arena still
+    read by a copy is never handed out twice.
+
+    When the slab is too fragmented for an arena, a plain buffer outside it is used, and
+    :meth:`is_pinned` says so: the reported pinned flag is the truth for each arena.
+
+    The interface matches :class:`~gpufaas.gpu_manager.memory.BufferPool` (``take``, ``give``,
+    ``trim``, ``pooled_bytes``). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        capacity_bytes: int,
+        *,
+        pin: bool,
+        register: Callable[[int, int], bool] | None = None,
+        unregister: Callable[[int], None] | None = None,
+        alignment: int = 4096,
+    ) -> None:
+        register = register or register_host
+        unregister = unregister or unregister_host
+        self.allocator = SlabAllocator(capacity_bytes, alignment=alignment)
+        size = self.allocator.capacity_bytes
+        self._lock = threading.Lock()
+        self._mapping: mmap.mmap | None = None
+        self.base = 0
+        self.pinned = False
+        self.pin_seconds = 0.0
+        self.fallbacks = 0  # arenas served outside the slab (fragmentation)
+        if size:
+            self._mapping = mmap.mmap(
+                -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+            )
+            with contextlib.suppress(OSError, AttributeError):
+                self._mapping.madvise(mmap.MADV_HUGEPAGE)
+            self.base = ctypes.addressof(ctypes.c_uint8.from_buffer(self._mapping))
+        if pin and size:
+            started = time.perf_counter()
+            self.pinned = register(self.base, size)
+            self.pin_seconds = time.perf_counter() - started
+            if self.pinned:
+                weakref.finalize(self, unregister, self.base)
+                logger.info("host slab: %d MiB page-locked in %.1f s", size >> 20, self.pin_seconds)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.allocator.capacity_bytes
+
+    @property
+    def pooled_bytes(self) -> int:
+        return 0  # free ranges are part of the slab, not memory kept beside it
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self.allocator.used_bytes
+
+    def take(self, nbytes: int, *, in_use_bytes: int = 0) -> tuple[torch.Tensor, bool]:
+        """An arena of exactly ``nbytes`` (zeroed only the first time its pages are used) and
+        whether it came from the slab's warm memory. Never pins: fast enough for the loop."""
+        if nbytes == 0 or self._mapping is None:
+            return anonymous_buffer(nbytes), False
+        with self._lock:
+            offset = self.allocator.allocate(nbytes)
+        if offset is None:
+            self.fallbacks += 1
+            logger.warning(
+                "host slab has no hole of %d bytes (largest %d); using unpinned memory",
+                nbytes,
+                self.allocator.largest_free,
+            )
+            return anonymous_buffer(nbytes), False
+        # A subclass of the ctypes array takes weak references: the finalizer frees the range
+        # once torch drops the storage (which keeps the block alive) with the last view.
+        block_type: Any = type("SlabBlock", (ctypes.c_uint8 * nbytes,), {})
+        block = block_type.from_buffer(self._mapping, offset)
+        weakref.finalize(block, self._free, offset)
+        return torch.frombuffer(block, dtype=torch.uint8), True
+
+    def _free(self, offset: int) -> None:
+        with self._lock:
+            self.allocator.free(offset)
+
+    def give(self, buffer: torch.Tensor, *, in_use_bytes: int = 0) -> bool:
+        """Nothing to do: a range returns to the slab when its last tensor is freed."""
+        return False
+
+    def trim(self, keep_bytes: int = 0) -> int:
+        return 0
+
+    def is_pinned(self, buffer: torch.Tensor) -> bool:
+        """Whether ``buffer`` lies in the page-locked slab."""
+        if not self.pinned or buffer.numel() == 0:
+            return False
+        offset = buffer.data_ptr() - self.base
+        return offset >= 0 and offset + buffer.numel() <= self.capacity_bytes
+
+
 @dataclass(eq=False)
 class PreparedModel:
     """A loaded, probed and laid-out model whose weights still sit in the loaded module."""
@@ -136,15 +255,31 @@ def prepare_model(
     alignment: int,
     min_group_bytes: int,
     variable_dim: int,
+    device_type: str | None = None,
 ) -> PreparedModel:
     """Load an artifact, probe it, and plan its arena. Blocking: run it in a thread.
 
     The probe uses ``spec.batching.max_batch_size`` rows (the largest batch the manager forms)
-    and ``variable_dim`` for other variable dimensions.
+    and ``variable_dim`` for other variable dimensions. ``device_type`` is where replicas will
+    run ("cuda" or "cpu"; default: cuda when torch has it): a traced TorchScript model with
+    baked-in CPU device constants cannot run on a GPU and is refused with
+    :class:`~gpufaas.core.modelio.ModelLoadError` naming them.
     """
     stat = path.stat()
     module = load_model(path, format=spec.model.format)  # thread-safe for both formats
     module.eval()
+    target = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if target == "cuda":
+        baked = [c for c in script_device_constants(module) if "'cpu'" in c]
+        if baked:
+            raise ModelLoadError(
+                path,
+                spec.model.format,
+                f"the TorchScript code has CPU device constants ({'; '.join(baked[:3])}), "
+                "baked in by tracing, so it cannot run on a GPU; export it with torch.export "
+                "(whose device arguments are retargeted), or script the code that creates "
+                "tensors so it uses the input's device",
+            )
     named = named_tensors(module)
     try:
         inputs = synthetic_inputs(

@@ -215,16 +215,37 @@ class ProbeResult:
     input_bytes: int
     peak_activation_bytes: int  # most bytes of intermediate tensors alive at once
     error: str | None = None
+    # (input position, exclusive upper bound): inputs used as indices into a weight (token ids
+    # into an embedding table), which must lie in [0, bound) or a CUDA kernel asserts
+    index_bounds: tuple[tuple[int, int], ...] = ()
 
     @property
     def reserve_bytes(self) -> int:
         return self.input_bytes + self.peak_activation_bytes
 
 
-class _Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Records the first read of each weight storage, and live bytes of everything else."""
+# Operators that index a tensor with another: name -> (indexed arg, index arg, dim arg or value).
+_INDEXING: dict[str, tuple[int, int, int | None]] = {
+    "embedding": (0, 1, 0),  # (weight, indices): rows of the table
+    "index_select": (0, 2, None),  # (self, dim, index)
+    "gather": (0, 2, None),  # (self, dim, index)
+}
+# Operators whose output holds the same values as their first argument (views, copies, casts):
+# an index computed this way from an input is still that input's values.
+_SAME_VALUES = frozenset(
+    {
+        "view", "_unsafe_view", "reshape", "_to_copy", "to", "clone", "contiguous", "unsqueeze",
+        "squeeze", "expand", "slice", "select", "t", "transpose", "permute", "flatten", "alias",
+        "detach", "lift_fresh", "lift_fresh_copy", "_reshape_alias",
+    }
+)  # fmt: skip
 
-    def __init__(self, weights: set[tuple[int, int]]) -> None:
+
+class _Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Records the first read of each weight storage, live bytes of everything else, and which
+    inputs index into a weight (with the weight's size along that dimension)."""
+
+    def __init__(self, weights: set[tuple[int, int]], inputs: Sequence[torch.Tensor] = ()) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.weights = weights
         self.first_use: dict[tuple[int, int], None] = {}
@@ -232,6 +253,11 @@ class _Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.peak = 0
         self._sizes: dict[int, int] = {}
         self._refs: dict[int, int] = {}
+        # storage key -> the input position whose values it holds
+        self._lineage: dict[tuple[int, int], int] = {
+            _storage_key(t): i for i, t in enumerate(inputs) if not t.is_floating_point()
+        }
+        self.index_bounds: dict[int, int] = {}
 
     def __torch_dispatch__(
         self,
@@ -245,11 +271,50 @@ class _Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
                 key = _storage_key(leaf)
                 if key in self.weights:
                     self.first_use.setdefault(key, None)
+        name = func.overloadpacket.__name__.rstrip("_")
+        if self._lineage:
+            self._note_index(name, args)
         result = func(*args, **(kwargs or {}))
         for leaf in tree_leaves(result):
             if isinstance(leaf, torch.Tensor):
                 self._track(leaf)
+        if self._lineage and name in _SAME_VALUES:
+            self._inherit(args, result)
         return result
+
+    def _source(self, value: Any) -> int | None:
+        if not isinstance(value, torch.Tensor) or value.is_floating_point():
+            return None
+        return self._lineage.get(_storage_key(value))
+
+    def _note_index(self, name: str, args: tuple[Any, ...]) -> None:
+        spec = _INDEXING.get(name)
+        if spec is not None and len(args) > max(spec[0], spec[1]):
+            table, index = args[spec[0]], args[spec[1]]
+            dim = spec[2] if spec[2] is not None else args[1]
+            self._bound(table, index, dim)
+        elif name == "index" and len(args) >= 2 and isinstance(args[1], list | tuple):
+            for dim, index in enumerate(args[1]):  # index.Tensor(self, [i0, i1, ...])
+                if index is not None:
+                    self._bound(args[0], index, dim)
+
+    def _bound(self, table: Any, index: Any, dim: Any) -> None:
+        source = self._source(index)
+        if source is None or not isinstance(table, torch.Tensor) or not isinstance(dim, int):
+            return
+        if _storage_key(table) not in self.weights:
+            return  # an activation's size may depend on the input: no fixed bound
+        size = int(table.shape[dim])
+        self.index_bounds[source] = min(size, self.index_bounds.get(source, size))
+
+    def _inherit(self, args: tuple[Any, ...], result: Any) -> None:
+        source = self._source(args[0]) if args else None
+        if source is None or not isinstance(result, torch.Tensor):
+            return
+        key = _storage_key(result)
+        if key not in self._lineage:
+            self._lineage[key] = source
+            weakref.finalize(result, self._lineage.pop, key, None)
 
     def _track(self, tensor: torch.Tensor) -> None:
         key = _storage_key(tensor)
@@ -281,7 +346,7 @@ def probe(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> ProbeResul
     """
     weights = {_storage_key(t) for _, t in named_tensors(module)}
     input_bytes = sum(t.numel() * t.element_size() for t in inputs)
-    recorder = _Recorder(weights)
+    recorder = _Recorder(weights, inputs)
     try:
         with torch.inference_mode(), recorder:
             result = module(*inputs)
@@ -289,7 +354,12 @@ def probe(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> ProbeResul
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return ProbeResult((), input_bytes, 0, error=first_line[:300])
-    return ProbeResult(tuple(recorder.first_use), input_bytes, recorder.peak)
+    return ProbeResult(
+        tuple(recorder.first_use),
+        input_bytes,
+        recorder.peak,
+        index_bounds=tuple(sorted(recorder.index_bounds.items())),
+    )
 
 
 # --- layout -----------------------------------------------------------------------------------------
@@ -422,28 +492,59 @@ def build_replica(
             if not isinstance(tensor, torch.Tensor):
                 raise ValueError(f"the model has no tensor at {name!r}")
             tensor.data = view
-    if arena.device.type != "cpu":
-        _retarget_graphs(replica, arena.device)
+    retarget_graphs(replica, arena.device)
     replica.eval()
     return replica
 
 
-def _retarget_graphs(module: torch.nn.Module, device: torch.device) -> None:
-    """Point the CPU device arguments an exported graph baked in (``arange``, ``zeros``, ...)
-    at ``device``, as ``torch.export.passes.move_to_device_pass`` does for programs."""
+def retarget_graphs(module: torch.nn.Module, device: torch.device) -> int:
+    """Point every device argument an exported graph baked in (``arange(..., device=cpu)``,
+    ``to(x, cuda:1)``, positional or keyword, nested in lists too) at ``device``, as
+    ``torch.export.passes.move_to_device_pass`` does for programs. Returns the count rewritten."""
+    rewritten = 0
+
+    def retarget(value: Any) -> Any:
+        nonlocal rewritten
+        if isinstance(value, torch.device) and value != device:
+            rewritten += 1
+            return device
+        if isinstance(value, list | tuple):
+            return type(value)(retarget(v) for v in value)
+        return value
+
     for sub in module.modules():
         if not isinstance(sub, torch.fx.GraphModule):
             continue
-        changed = False
+        before = rewritten
         for node in sub.graph.nodes:
             if node.op != "call_function":
                 continue
-            for key, value in list(node.kwargs.items()):
-                if isinstance(value, torch.device) and value.type == "cpu":
-                    node.update_kwarg(key, device)
-                    changed = True
-        if changed:
+            node.args = tuple(retarget(a) for a in node.args)
+            node.kwargs = {k: retarget(v) for k, v in node.kwargs.items()}
+        if rewritten != before:
             sub.recompile()
+    return rewritten
+
+
+def script_device_constants(module: torch.nn.Module) -> list[str]:
+    """The device constants a TorchScript module's code baked in (tracing records
+    ``device="cpu"`` for every ``zeros``/``arange``/``to`` it saw): one line per constant."""
+    if not isinstance(module, torch.jit.ScriptModule):
+        return []
+    found: list[str] = []
+    for path, sub in module.named_modules():
+        if not isinstance(sub, torch.jit.ScriptModule):
+            continue
+        for method in sub._c._method_names():
+            graph = sub._c._get_method(method).graph
+            for node in graph.findAllNodes("prim::Constant", True):
+                output = node.output()
+                if output.type().kind() != "DeviceObjType":
+                    continue
+                value = output.toIValue()
+                where = f"{path or type(module).__name__}.{method}"
+                found.append(f"{where}: device={str(value)!r}")
+    return found
 
 
 # --- waiting for layers -----------------------------------------------------------------------------

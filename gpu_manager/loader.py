@@ -8,14 +8,22 @@ arriving, an :class:`~gpufaas.gpu_manager.layout.ArrivalGate` makes each operato
 the group holding the weights it reads, so compute starts as soon as the first layer is there
 (the PipeSwitch scheme). Once the copy is done, requests run with no gate at all.
 
+Before a request's tensors go to the device, integer inputs the probe saw indexing a weight
+(token ids into an embedding) are checked against that weight's size: an id out of range is a
+400 naming the input, never a device-side assert. A sticky CUDA error during a request raises
+:class:`~gpufaas.gpu_manager.devices.DeviceFailed`: the node must stop serving.
+
 The same code runs on GPUs and CPU stand-ins; only the backend differs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +31,41 @@ import torch
 from numpy.typing import NDArray
 
 from gpufaas.core.api import InferenceFunctionSpec
-from gpufaas.gpu_manager.devices import DeviceBackend, Transfer, TransferFailed
+from gpufaas.gpu_manager.devices import (
+    TRANSFER_TIMEOUT_S,
+    CpuTransfer,
+    DeviceBackend,
+    DeviceFailed,
+    Transfer,
+    TransferFailed,
+    copy_lane,
+    is_fatal_device_error,
+    is_out_of_memory,
+    script_fusion_possible,
+)
 from gpufaas.gpu_manager.host_tier import Skeleton
 from gpufaas.gpu_manager.layout import ArrivalGate, build_replica
-from gpufaas.gpu_manager.tensors import name_outputs, to_tensor
+from gpufaas.gpu_manager.tensors import (
+    TensorError,
+    check_index_inputs,
+    name_outputs,
+    synthetic_inputs,
+    to_tensor,
+)
 
-__all__ = ["DeviceModel", "ForwardResult", "build_module", "run_forward", "start_copy"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DeviceModel",
+    "ForwardResult",
+    "GateCheck",
+    "build_module",
+    "forward_retrying_oom",
+    "gate_check",
+    "measure_device_reserve",
+    "run_forward",
+    "start_copy",
+]
 
 
 @dataclass(eq=False)
@@ -73,6 +110,8 @@ def start_copy(
 
     Raises :class:`~gpufaas.gpu_manager.devices.DeviceOutOfMemory` if the arena does not fit.
     The copy runs on a copy stream (or thread) of its own; ``model.transfer`` tracks it.
+    Blocking (allocation may wait for the driver, issuing a copy may too): call it from a
+    worker thread, never on the event loop.
     """
     layout = model.skeleton.layout
     arena, _reused = backend.allocate(layout.arena_bytes, in_use_bytes=in_use_bytes)
@@ -113,26 +152,203 @@ def run_forward(
     transfer = model.transfer
     if model.error is not None:
         raise TransferFailed(model.error)
+    check_index_inputs(inputs, spec.inputs, model.skeleton.probe.index_bounds)
     gated = not model.arrived and transfer is not None and not transfer.done()
+    if gated and _gate_blind(model.module, backend.device):
+        gated = False  # fused TorchScript kernels would read weights the gate never saw
     if not model.arrived and transfer is not None and not gated:
-        transfer.wait_all()  # finished: returns at once, or raises if the copy failed
+        transfer.wait_all()  # returns once every group has landed, or raises if the copy failed
     started = time.perf_counter()
-    with backend.compute():
-        tensors = [
-            to_tensor(array, tensor_spec.datatype, backend.device)
-            for array, tensor_spec in zip(inputs, spec.inputs, strict=True)
-        ]
-        gate: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if gated and transfer is not None and model.arena is not None:
-            gate = ArrivalGate(model.arena, transfer.groups, transfer.wait_group)
-        with torch.inference_mode(), gate:
-            try:
-                result = model.module(*tensors)
-            except Exception:
-                # TorchScript wraps the gate's TransferFailed in a RuntimeError: a failed copy
-                # must surface as a load failure (503), not as the model rejecting the input.
-                if gated and transfer is not None:
-                    transfer.wait_all()
-                raise
-        outputs = name_outputs(result, spec)  # copies to host: the device work is done
+    try:
+        with backend.compute():
+            tensors = [
+                to_tensor(array, tensor_spec.datatype, backend.device)
+                for array, tensor_spec in zip(inputs, spec.inputs, strict=True)
+            ]
+            gate: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if gated and transfer is not None and model.arena is not None:
+                gate = ArrivalGate(model.arena, transfer.groups, transfer.wait_group)
+            with torch.inference_mode(), gate:
+                try:
+                    result = model.module(*tensors)
+                except Exception as e:
+                    # TorchScript wraps the gate's TransferFailed in a RuntimeError: a failed
+                    # copy must surface as a load failure (503), not as the model rejecting
+                    # the input.
+                    if gated and transfer is not None and not is_fatal_device_error(e):
+                        transfer.wait_all()
+                    raise
+            outputs = name_outputs(result, spec)  # copies to host: the device work is done
+    except (TensorError, TransferFailed, DeviceFailed):
+        raise
+    except Exception as e:
+        if is_fatal_device_error(e):
+            raise DeviceFailed(str(backend.device), _sticky_line(e)) from e
+        raise
     return ForwardResult(outputs, (time.perf_counter() - started) * 1000, gated)
+
+
+def _gate_blind(module: torch.nn.Module, device: torch.device) -> bool:
+    """Whether the arrival gate cannot see every weight read: a TorchScript module while its
+    fusers may run (the manager turns them off at start-up; this guards any other caller)."""
+    return isinstance(module, torch.jit.ScriptModule) and script_fusion_possible(device)
+
+
+def _sticky_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")[
+        :300
+    ]
+
+
+async def forward_retrying_oom(
+    forward: Callable[[], ForwardResult],
+    *,
+    backend: DeviceBackend,
+    evict_unheld: Callable[[], int],
+) -> ForwardResult:
+    """Run ``forward`` in a worker thread; if the device runs out of memory, evict every model
+    not in use (``evict_unheld``, on the loop: the tiers are the loop's), hand cached blocks
+    back to the driver in a worker thread, and try once more. A second OOM propagates."""
+    try:
+        return await asyncio.to_thread(forward)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        logger.warning(
+            "%s ran out of memory computing (%s); evicting and retrying", backend.info.id, e
+        )
+    evicted = evict_unheld()
+    await asyncio.to_thread(backend.trim)
+    logger.info("%s: evicted %d model(s) not in use; retrying once", backend.info.id, evicted)
+    return await asyncio.to_thread(forward)
+
+
+def measure_device_reserve(
+    skeleton: Skeleton,
+    host_arena: torch.Tensor,
+    spec: InferenceFunctionSpec,
+    backend: DeviceBackend,
+    *,
+    variable_dim: int,
+) -> int | None:
+    """The activation reserve measured on the device itself, at the declared maximum dims.
+
+    A temporary replica is loaded and run once on zero inputs with ``maxBatchSize`` rows and
+    ``variable_dim`` for other variable dimensions, and the device's peak allocation during
+    the forward pass (inputs, activations, workspaces, allocator rounding) is returned; the
+    replica's arena is freed before returning. None where the device does not track memory
+    (CPU stand-ins keep the probe's figure). Blocking; raises on OOM (the caller keeps the
+    probe's figure).
+    """
+    layout = skeleton.layout
+    arena, _ = backend.allocate(layout.arena_bytes, in_use_bytes=layout.arena_bytes)
+    try:
+        backend.start_transfer(arena, host_arena, layout.groups).wait_all()
+        module = build_replica(skeleton.module, layout, arena)
+        inputs = synthetic_inputs(
+            spec.inputs, rows=spec.batching.max_batch_size, variable_dim=variable_dim
+        )
+
+        def forward() -> None:
+            with backend.compute(), torch.inference_mode():
+                module(*(t.to(backend.device) for t in inputs))
+
+        return backend.peak_bytes_during(forward)
+    finally:
+        del arena
+
+
+# --- the gate check ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One forward pass run while the late groups of a model were still NaN and held back."""
+
+    gated: bool
+    late_groups: int
+    max_abs_error: float  # against the reference output (nan if the output has NaN)
+    has_nan: bool
+    waited_groups: int  # late groups the gate made the forward wait for
+
+    @property
+    def passed(self) -> bool:
+        return not self.has_nan and self.max_abs_error <= 1e-4
+
+
+def gate_check(
+    skeleton: Skeleton,
+    host_arena: torch.Tensor,
+    backend: DeviceBackend,
+    inputs: Sequence[torch.Tensor],
+    reference: torch.Tensor,
+    *,
+    gated: bool,
+    cuda_delay_s: float = 0.2,
+) -> GateCheck:
+    """Check that the arrival gate holds a forward pass back until its layers have landed.
+
+    The device arena is filled with NaN, the first half of the groups is copied at once, and
+    the late half is held back: on the CPU the copy thread waits until the forward asks for a
+    late group (or has finished, for the control); on CUDA a sleep kernel of ``cuda_delay_s``
+    is queued on the copy stream before them. With ``gated`` the forward runs under the
+    :class:`ArrivalGate` and must match ``reference``; without it (the control), it reads NaN
+    weights and must not. Blocking; used by the tests and by ``make gpu-check``.
+    """
+    layout = skeleton.layout
+    arena, _ = backend.allocate(layout.arena_bytes, in_use_bytes=layout.arena_bytes)
+    arena.fill_(0xFF)  # all-ones bytes: NaN in every float format
+    first_late = max(1, len(layout.groups) // 2)
+    backend.start_transfer(arena, host_arena, layout.groups[:first_late]).wait_all()
+    release = threading.Event()
+    late = _start_late(
+        backend, arena, host_arena, layout.groups[first_late:], release, cuda_delay_s
+    )
+    module = build_replica(skeleton.module, layout, arena)
+    waited: set[int] = set()
+
+    def wait_group(group: int) -> None:
+        if group >= first_late:
+            waited.add(group)
+            release.set()
+            late.wait_group(group - first_late)
+
+    try:
+        with backend.compute(), torch.inference_mode():
+            device_inputs = [t.to(backend.device) for t in inputs]
+            gate: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if gated:
+                gate = ArrivalGate(arena, layout.groups, wait_group)
+            with gate:
+                output = module(*device_inputs)
+            result = output.detach().to("cpu", copy=True)
+    finally:
+        release.set()
+        late.wait_all()
+    has_nan = bool(torch.isnan(result).any())
+    error = float("nan") if has_nan else float((result - reference).abs().max())
+    return GateCheck(gated, len(layout.groups) - first_late, error, has_nan, len(waited))
+
+
+def _start_late(
+    backend: DeviceBackend,
+    arena: torch.Tensor,
+    source: torch.Tensor,
+    groups: Sequence[tuple[int, int]],
+    release: threading.Event,
+    cuda_delay_s: float,
+) -> Transfer:
+    if backend.device.type == "cuda":
+        lane = backend.lanes[copy_lane(arena.numel())]  # type: ignore[attr-defined]
+        cycles = int(cuda_delay_s * 2e9)  # GPU clocks stay under 2 GHz: at least the delay
+        with torch.cuda.device(backend.device), torch.cuda.stream(lane):
+            torch.cuda._sleep(cycles)  # type: ignore[no-untyped-call]
+        return backend.start_transfer(arena, source, groups)
+
+    def copy_group(group: int, start: int, end: int) -> None:
+        if group == 0 and not release.wait(TRANSFER_TIMEOUT_S):
+            raise TransferFailed("the gate check's late groups were never released")
+        arena[start:end].copy_(source[start:end])
+
+    return CpuTransfer(groups, copy_group)

@@ -15,6 +15,7 @@ Nothing here knows about CUDA; page-locking lives in :mod:`gpufaas.gpu_manager.d
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import mmap
@@ -23,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["BufferPool", "anonymous_buffer"]
+__all__ = ["BufferPool", "SlabAllocator", "anonymous_buffer"]
 
 
 def anonymous_buffer(nbytes: int) -> torch.Tensor:
@@ -121,3 +122,77 @@ class BufferPool:
             self._pooled -= nbytes
             freed += nbytes
         return freed
+
+
+class SlabAllocator:
+    """Byte ranges of one fixed slab: best fit, aligned, free neighbours merged. Pure bookkeeping.
+
+    The host tier cuts every model's arena out of one slab that is page-locked once at start-up,
+    so a refill never pins memory. Best fit keeps large holes for large arenas; merging on free
+    means an empty slab is one hole again. Not thread-safe: the owner locks.
+    """
+
+    def __init__(self, capacity_bytes: int, *, alignment: int = 4096) -> None:
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity_bytes}")
+        if alignment < 1 or alignment & (alignment - 1):
+            raise ValueError(f"alignment must be a power of two, got {alignment}")
+        self.capacity_bytes = capacity_bytes - capacity_bytes % alignment
+        self.alignment = alignment
+        self._free_starts: list[int] = [0] if self.capacity_bytes else []
+        self._free_sizes: dict[int, int] = {0: self.capacity_bytes} if self.capacity_bytes else {}
+        self._used: dict[int, int] = {}  # offset -> rounded size
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._used.values())
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes
+
+    @property
+    def largest_free(self) -> int:
+        return max(self._free_sizes.values(), default=0)
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """``(offset, size)`` of every allocated range, by offset."""
+        return sorted(self._used.items())
+
+    def allocate(self, nbytes: int) -> int | None:
+        """The offset of a new range of at least ``nbytes`` (rounded up to the alignment), or
+        None if no hole is large enough."""
+        if nbytes < 0:
+            raise ValueError(f"a size must be >= 0, got {nbytes}")
+        size = max(self.alignment, -(-nbytes // self.alignment) * self.alignment)
+        best: int | None = None
+        for start in self._free_starts:
+            hole = self._free_sizes[start]
+            if hole >= size and (best is None or hole < self._free_sizes[best]):
+                best = start
+        if best is None:
+            return None
+        hole = self._free_sizes.pop(best)
+        self._free_starts.remove(best)
+        if hole > size:
+            self._insert_free(best + size, hole - size)
+        self._used[best] = size
+        return best
+
+    def free(self, offset: int) -> None:
+        """Return a range; its free neighbours merge with it. ``KeyError`` if not allocated."""
+        size = self._used.pop(offset)
+        i = bisect.bisect_left(self._free_starts, offset)
+        if i < len(self._free_starts) and self._free_starts[i] == offset + size:
+            following = self._free_starts.pop(i)
+            size += self._free_sizes.pop(following)
+        if i > 0:
+            previous = self._free_starts[i - 1]
+            if previous + self._free_sizes[previous] == offset:
+                self._free_sizes[previous] += size
+                return
+        self._insert_free(offset, size)
+
+    def _insert_free(self, start: int, size: int) -> None:
+        bisect.insort(self._free_starts, start)
+        self._free_sizes[start] = size

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 from gpufaas.cache import ByteLRU, Entry
+from gpufaas.core.node import DrainingState, ResidentState
 
 __all__ = ["DRAIN_PREFIX", "Holdable", "Tier"]
 
@@ -164,34 +165,33 @@ class Tier(Generic[V]):
 
     # -- state -------------------------------------------------------------------------------------
 
-    def residents(
-        self, describe: Callable[[str, V | None], dict[str, Any]]
-    ) -> list[dict[str, Any]]:
+    def residents(self, describe: Callable[[V], dict[str, Any]]) -> list[ResidentState]:
         """Resident and arriving entries, least recently used first, with byte-exact sizes."""
         rows = []
         for entry in self.lru.entries_lru():
             if entry.key.startswith(DRAIN_PREFIX):
                 continue
+            value = self.current(entry.key)
             rows.append(
-                {
-                    "model": entry.key,
-                    "state": str(entry.state),
-                    "size_bytes": entry.size_bytes,
-                    "pins": entry.pins,
-                    **describe(entry.key, self.current(entry.key)),
-                }
+                ResidentState(
+                    model=entry.key,
+                    state=entry.state,
+                    size_bytes=entry.size_bytes,
+                    pins=entry.pins,
+                    **(describe(value) if value is not None else {}),
+                )
             )
         return rows
 
-    def draining_rows(self) -> list[dict[str, Any]]:
+    def draining_rows(self) -> list[DrainingState]:
         rows = []
         for drain_key, value in self.draining.items():
             entry = self.lru.peek(drain_key)
             rows.append(
-                {
-                    "model": drain_key.removeprefix(DRAIN_PREFIX).rpartition("#")[0],
-                    "size_bytes": entry.size_bytes if entry is not None else 0,
-                    "holds": value.holds,
-                }
+                DrainingState(
+                    model=drain_key.removeprefix(DRAIN_PREFIX).rpartition("#")[0],
+                    size_bytes=entry.size_bytes if entry is not None else 0,
+                    holds=value.holds,
+                )
             )
         return rows

@@ -2,8 +2,10 @@
 
 The gateway pushes function specs here, then sends binary-encoded inference
 requests naming the device to run on (``X-Gpufaas-Device``). A miss loads the
-model on that device. ``/v2/gpufaas/state`` reports devices and both cache
-tiers with byte-exact sizes; ``/metrics`` exports the same as gauges.
+model on that device. ``/v2/gpufaas/state`` reports devices and every tier
+with byte-exact sizes as a :class:`gpufaas.core.node.NodeState`; the route
+paths come from :mod:`gpufaas.core.node` too, which the gateway's cluster
+client shares. ``/metrics`` exports the same as gauges.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gpufaas.core import node
 from gpufaas.core.api import InferenceFunctionSpec, ManifestError, parse_spec
 from gpufaas.core.http import (
     BATCH_SIZE_HEADER,
@@ -33,7 +36,6 @@ from gpufaas.core.http import (
     header_length,
     install_error_handlers,
     install_token_auth,
-    json_safe,
     parse_evict_first,
     read_body,
 )
@@ -89,6 +91,7 @@ class _StateCollector(Collector):
         )
         host = gauge("gpufaas_host_tier_bytes", "Host tier bytes", ["kind"])
         host_residents = gauge("gpufaas_host_tier_models", "Models in the host tier", [])
+        disk = gauge("gpufaas_disk_tier_bytes", "Disk tier (sidecar) bytes", ["kind"])
         load_bytes = CounterMetricFamily(
             "gpufaas_manager_load_bytes", "Bytes copied onto devices, per path", labels=["path"]
         )
@@ -115,15 +118,18 @@ class _StateCollector(Collector):
                     "nvlink" if other in i.nvlink_peers else "p2p" if i.kind == "cuda" else "memory"
                 )
                 peer.add_metric([i.id, other, link], 1)
-        host.add_metric(["capacity"], self.runtime.host.lru.capacity_bytes)
-        host.add_metric(["used"], self.runtime.host.lru.used_bytes)
-        host.add_metric(["pooled"], self.runtime.host_pool.pooled_bytes)
-        host_residents.add_metric([], len(self.runtime.host))
-        for path, totals in self.runtime.load_totals.items():
+        host_lru = self.runtime.host.tier.lru
+        host.add_metric(["capacity"], host_lru.capacity_bytes)
+        host.add_metric(["used"], host_lru.used_bytes)
+        host.add_metric(["pooled"], self.runtime.memory.pool.pooled_bytes)
+        host_residents.add_metric([], len(self.runtime.host.tier))
+        disk.add_metric(["capacity"], self.runtime.disk.lru.capacity_bytes)
+        disk.add_metric(["used"], self.runtime.disk.lru.used_bytes)
+        for path, totals in self.runtime.loads.totals.items():
             load_bytes.add_metric([path], totals.nbytes)
             load_seconds.add_metric([path], totals.seconds)
         yield from (info, capacity, total, free, used, residents, pcie_generation, pcie_width)
-        yield from (pcie_limit, peer, host, host_residents, load_bytes, load_seconds)
+        yield from (pcie_limit, peer, host, host_residents, disk, load_bytes, load_seconds)
 
 
 def failure_response(failure: RuntimeFailure) -> Response:
@@ -152,7 +158,7 @@ def create_app(
         install_token_auth(
             app,
             token=token,
-            protect=lambda path: not path.startswith("/v2/health/") and path != "/metrics",
+            protect=lambda path: path not in (node.HEALTH_LIVE, node.HEALTH_READY, "/metrics"),
             realm="the GPU manager",
         )
     registry = CollectorRegistry()
@@ -173,19 +179,21 @@ def create_app(
     add_metrics_route(app, registry)
     app.state.runtime = runtime
 
-    @app.get("/v2/health/live")
+    @app.get(node.HEALTH_LIVE)
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @app.get("/v2/health/ready")
-    async def ready() -> dict[str, bool]:
+    @app.get(node.HEALTH_READY, response_model=None)
+    async def ready() -> dict[str, bool] | Response:
+        if not runtime.health.ready:  # a fatal device error: the process is exiting
+            return error_response(503, str(runtime.health.failure), reason="DeviceFailed")
         return {"ready": True}
 
-    @app.get("/v2/gpufaas/state")
-    async def state() -> JSONResponse:
-        return JSONResponse(json_safe(runtime.state()))
+    @app.get(node.STATE)
+    async def state() -> Response:
+        return Response(runtime.state().model_dump_json(), media_type="application/json")
 
-    @app.put("/v2/gpufaas/functions/{name}")
+    @app.put(node.FUNCTION)
     async def put_function(name: str, request: Request) -> Response:
         try:
             body = await request.json()
@@ -202,12 +210,12 @@ def create_app(
         runtime.register(name, spec)
         return Response(status_code=204)
 
-    @app.delete("/v2/gpufaas/functions/{name}")
+    @app.delete(node.FUNCTION)
     async def delete_function(name: str) -> Response:
         runtime.unregister(name)
         return Response(status_code=204)
 
-    @app.post("/v2/models/{name}/infer")
+    @app.post(node.MODEL_INFER)
     async def infer(name: str, request: Request) -> Response:
         try:
             spec: InferenceFunctionSpec = runtime.spec(name)
@@ -255,7 +263,7 @@ def create_app(
         headers[BATCH_SIZE_HEADER] = str(outcome.batch_size)
         return Response(payload, headers=headers)
 
-    @app.post("/v2/repository/models/{name}/load")
+    @app.post(node.MODEL_LOAD)
     async def load(name: str, request: Request) -> Response:
         try:
             device_id = await runtime.load(name, device_id=request.headers.get(DEVICE_HEADER))
@@ -263,7 +271,7 @@ def create_app(
             return failure_response(e)
         return JSONResponse({"model": name, "device": device_id})
 
-    @app.post("/v2/repository/models/{name}/unload")
+    @app.post(node.MODEL_UNLOAD)
     async def unload(name: str, request: Request) -> Response:
         try:
             devices = runtime.unload(name, device_id=request.headers.get(DEVICE_HEADER))

@@ -18,6 +18,7 @@ from gpufaas.core.api import InferenceFunctionSpec, TensorSpec
 __all__ = [
     "TORCH_DTYPES",
     "TensorError",
+    "check_index_inputs",
     "name_outputs",
     "synthetic_inputs",
     "to_array",
@@ -39,6 +40,36 @@ class TensorError(Exception):
         super().__init__(message)
         self.status = status
         self.reason = reason
+
+
+def check_index_inputs(
+    inputs: Sequence[NDArray[Any]],
+    specs: Sequence[TensorSpec],
+    bounds: Sequence[tuple[int, int]],
+) -> None:
+    """Raise a 400 naming the input when an index input (token ids) leaves ``[0, bound)``.
+
+    ``bounds`` are the probe's ``(input position, bound)`` pairs: inputs seen indexing a
+    weight. Checked on the host before upload: on a GPU an out-of-range id is a device-side
+    assert that poisons the CUDA context for every later request.
+    """
+    for position, bound in bounds:
+        if position >= len(inputs) or inputs[position].size == 0:
+            continue
+        array = inputs[position]
+        if array.dtype.kind not in "iub":
+            continue
+        low, high = int(np.min(array)), int(np.max(array))
+        if low < 0 or high >= bound:
+            bad = low if low < 0 else high
+            where = tuple(int(i) for i in np.argwhere(array == bad)[0])
+            name = specs[position].name if position < len(specs) else f"#{position}"
+            raise TensorError(
+                f"input {name!r} holds {bad} at index {list(where)}, outside the model's "
+                f"range [0, {bound}) (the size of the table it indexes)",
+                status=400,
+                reason="InvalidInput",
+            )
 
 
 def to_tensor(array: NDArray[Any], datatype: str, device: torch.device) -> torch.Tensor:

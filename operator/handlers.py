@@ -46,6 +46,7 @@ from gpufaas.operator.kubeapi import (
     Kind,
     KubeApi,
 )
+from gpufaas.operator.placement import fetch_devices, plan_shards
 from gpufaas.operator.reconcile import (
     CHECK_COMPONENT,
     COMPONENT_LABEL,
@@ -74,6 +75,8 @@ from gpufaas.operator.unload import unload_model
 
 FUNCTIONS = Kind(API_VERSION, PLURAL)
 FINALIZER = "gpufaas.dev/finalizer"
+# A 409 means someone changed the object between our read and our write: re-read, retry.
+CONFLICT_ATTEMPTS = 5
 MANAGED = {MANAGED_BY_LABEL: MANAGED_BY}
 _MEMO_KEY = "gpufaas"
 
@@ -202,12 +205,24 @@ async def on_delete(name: str, body: kopf.Body, memo: Any, logger: Logger, **_: 
 async def reconcile_named(
     state: OperatorState, *, namespace: str, name: str, logger: Logger
 ) -> None:
-    """Fetch the function fresh and reconcile it, one reconcile per function at a time."""
+    """Fetch the function fresh and reconcile it, one reconcile per function at a time.
+
+    Writes carry the resourceVersion they were computed from. On a 409 (the function or
+    a child changed meanwhile) everything is read again and reconciled from that, a
+    bounded number of times; the next trigger or resync takes over after that.
+    """
     async with state.lock_for(namespace, name):
-        body = await state.api.get(FUNCTIONS, namespace, name)
-        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
-            return
-        await reconcile_function(state.api, state.settings, body, logger=logger)
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            body = await state.api.get(FUNCTIONS, namespace, name)
+            if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+                return
+            try:
+                await reconcile_function(state.api, state.settings, body, logger=logger)
+                return
+            except Conflict as e:
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
+                logger.info("conflict reconciling %s/%s (%s); re-reading", namespace, name, e)
 
 
 async def reconcile_function(
@@ -226,10 +241,11 @@ async def reconcile_function(
         return
 
     check = await _ensure_check(api, settings, owner, spec, logger=logger)
-    handler = await _ensure_handler(api, settings, owner, spec, logger=logger)
+    handler, replicas = await _ensure_handler(api, settings, owner, spec, logger=logger)
+    shards = await _plan_shards(settings, spec, previous)
     status = desired_status(
         owner=owner, settings=settings, spec_error=None, check=check, handler=handler,
-        previous=previous, now=_now(),
+        previous=previous, now=_now(), handler_replicas=replicas, shards=shards,
     )  # fmt: skip
     await _write_status(api, body, owner, previous, status, logger=logger)
 
@@ -246,7 +262,13 @@ async def _write_status(
     patch = status_patch(previous, status)
     if patch is None:
         return
-    await api.patch(FUNCTIONS, owner.namespace, owner.name, {"status": patch}, subresource="status")
+    # Only a status computed from the function as it is now may land (409 otherwise).
+    version = body.get("metadata", {}).get("resourceVersion")
+    precondition = {"metadata": {"resourceVersion": version}} if version else {}
+    await api.patch(
+        FUNCTIONS, owner.namespace, owner.name, {**precondition, "status": patch},
+        subresource="status",
+    )  # fmt: skip
     for event in transition_events(previous.get("conditions") or [], status["conditions"]):
         log = logger.warning if event.type == "Warning" else logger.info
         log("%s: %s", event.reason, event.message)
@@ -334,7 +356,8 @@ async def _ensure_handler(
     spec: InferenceFunctionSpec,
     *,
     logger: Logger,
-) -> Readiness:
+) -> tuple[Readiness, int | None]:
+    """The handler's readiness, and its replica count now (None without a handler)."""
     name = handler_name(owner)
     deployment = await api.get(DEPLOYMENTS, owner.namespace, name)
     service = await api.get(SERVICES, owner.namespace, name)
@@ -343,11 +366,30 @@ async def _ensure_handler(
             if child is not None and is_controlled_by(child, owner):
                 logger.info("deleting handler %s %s: spec.handler was removed", kind.plural, name)
                 await api.delete(kind, owner.namespace, name)
-        return NO_HANDLER
+        return NO_HANDLER, None
     current = None if deployment is None else deployment.get("spec", {}).get("replicas")
     desired = desired_handler_deployment(owner, spec.handler, settings, current_replicas=current)
     deployment = await _ensure(api, DEPLOYMENTS, owner, desired, deployment, logger=logger)
     await _ensure(
         api, SERVICES, owner, desired_handler_service(owner, spec.handler), service, logger=logger
     )
-    return handler_readiness(deployment)
+    readiness = handler_readiness(deployment, scale_from_zero=spec.handler.min_replicas == 0)
+    replicas = None if deployment is None else deployment.get("spec", {}).get("replicas")
+    return readiness, None if replicas is None else int(replicas)
+
+
+async def _plan_shards(
+    settings: OperatorSettings, spec: InferenceFunctionSpec, previous: Mapping[str, Any]
+) -> list[JSON]:
+    """``status.shards`` for a parallel function: planned over the gateway's healthy devices.
+
+    When the gateway cannot be asked, the last plan stands (a new plan needs its devices).
+    """
+    if spec.parallelism is None:
+        return []
+    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    devices = await fetch_devices(settings.gateway_base, token=token)
+    if devices is None:
+        kept: list[JSON] = list(previous.get("shards") or [])
+        return kept if len(kept) == spec.parallelism.shards else []
+    return plan_shards(devices, spec.parallelism.shards)

@@ -20,13 +20,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from kubernetes.utils.quantity import parse_quantity
+
 from gpufaas.core.api import (
     API_VERSION,
     KIND,
     Handler,
     InferenceFunctionSpec,
     Phase,
+    child_name,
 )
+from gpufaas.core.api import handler_name as function_handler_name
 from gpufaas.core.modelcheck import parse_check_message
 from gpufaas.operator.settings import OperatorSettings
 
@@ -77,21 +81,8 @@ class Owner:
 # -- names, labels, references -------------------------------------------------------------------
 
 
-def child_name(owner_name: str, suffix: str) -> str:
-    """``ifn-<owner>-<suffix>``: a DNS-1035 label (starts with a letter, <= 63 chars).
-
-    Long owner names are cut and made unique again with a short hash of the full name.
-    """
-    name = f"ifn-{owner_name}-{suffix}"
-    if len(name) <= 63:
-        return name
-    digest = hashlib.sha256(owner_name.encode()).hexdigest()[:6]
-    room = 63 - len(f"ifn--{digest}-{suffix}")
-    return f"ifn-{owner_name[:room].rstrip('-')}-{digest}-{suffix}"
-
-
 def handler_name(owner: Owner) -> str:
-    return child_name(owner.name, "handler")
+    return function_handler_name(owner.name)
 
 
 _CHECKED_FIELDS = {"model", "inputs", "outputs"}
@@ -322,14 +313,22 @@ def desired_handler_service(owner: Owner, handler: Handler) -> JSON:
 # -- desired vs actual ---------------------------------------------------------------------------
 
 
-def is_subset(desired: Any, actual: Any) -> bool:
+# Maps whose values are resource Quantities: the API server stores them canonically
+# ("0.1" comes back as "100m", "1024Mi" as "1Gi"), so they are compared by value.
+_QUANTITY_MAPS = frozenset({"requests", "limits"})
+
+
+def is_subset(desired: Any, actual: Any, *, quantities: bool = False) -> bool:
     """Does ``actual`` contain everything in ``desired``? Extra keys (server defaults) are fine.
 
     Dicts compare key by key; lists must have the same length and match item by item.
+    Values of ``requests``/``limits`` maps compare as Quantities (by value, not by text).
     """
     if isinstance(desired, Mapping):
         return isinstance(actual, Mapping) and all(
-            key in actual and is_subset(value, actual[key]) for key, value in desired.items()
+            key in actual
+            and is_subset(value, actual[key], quantities=quantities or key in _QUANTITY_MAPS)
+            for key, value in desired.items()
         )
     if isinstance(desired, list):
         return (
@@ -339,7 +338,17 @@ def is_subset(desired: Any, actual: Any) -> bool:
         )
     if type(desired) is type(actual) and desired == actual:
         return True
+    if quantities:
+        return same_quantity(desired, actual)
     return _same_number(desired, actual)
+
+
+def same_quantity(a: Any, b: Any) -> bool:
+    """``0.1`` and ``100m``, ``1024Mi`` and ``1Gi``: the same Quantity written two ways."""
+    try:
+        return bool(parse_quantity(a) == parse_quantity(b))  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError):
+        return False
 
 
 def _same_number(a: Any, b: Any) -> bool:
@@ -352,7 +361,10 @@ def update_patch(desired: Mapping[str, Any], actual: Mapping[str, Any]) -> JSON 
     """A JSON merge patch that brings ``actual`` to ``desired``, or None if nothing differs.
 
     Lists are replaced whole by merge patches, which is what a rollout wants. A Job's
-    spec is immutable, so only its metadata is reconciled.
+    spec is immutable, so only its metadata is reconciled. The patch carries the
+    resourceVersion it was computed from: if the object changed meanwhile (an
+    autoscaler moved the replicas, say) the API server answers 409 and the operator
+    re-reads instead of overwriting that change.
     """
     meta_keys = ("labels", "annotations", "ownerReferences")
     meta = {k: desired["metadata"][k] for k in meta_keys if k in desired["metadata"]}
@@ -363,7 +375,12 @@ def update_patch(desired: Mapping[str, Any], actual: Mapping[str, Any]) -> JSON 
         desired.get("spec", {}), actual.get("spec", {})
     ):
         patch["spec"] = desired["spec"]
-    return patch or None
+    if not patch:
+        return None
+    version = actual.get("metadata", {}).get("resourceVersion")
+    if version:
+        patch["metadata"] = {**patch.get("metadata", {}), "resourceVersion": version}
+    return patch
 
 
 # -- observing children --------------------------------------------------------------------------
@@ -446,18 +463,40 @@ class Readiness:
 NO_HANDLER = Readiness("True", "NotRequired", "no handler configured")
 
 
-def handler_readiness(deployment: Mapping[str, Any] | None) -> Readiness:
-    """HandlerReady from the Deployment: every wanted replica updated and ready."""
+SCALED_TO_ZERO = "ScaledToZero"
+
+
+def handler_readiness(
+    deployment: Mapping[str, Any] | None, *, scale_from_zero: bool = False
+) -> Readiness:
+    """HandlerReady from the Deployment: every wanted replica updated and ready.
+
+    With ``scale_from_zero`` (``minReplicas: 0``) the function stays servable while its
+    handler sleeps or wakes: at zero replicas (``ScaledToZero``) or with none ready yet
+    (``Waking``) the gateway holds requests until a replica is Ready, so withdrawing the
+    function then would turn a cold start into 404s.
+    """
     if deployment is None:
         return Readiness("False", "Creating", "the handler Deployment is being created")
     spec, status = deployment.get("spec", {}), deployment.get("status", {})
     wanted = int(spec.get("replicas", 1))
+    if scale_from_zero:
+        ready_now = int(status.get("readyReplicas") or 0)
+        if wanted == 0:
+            return Readiness(
+                "True", SCALED_TO_ZERO, "scaled to zero while idle; the next request wakes it"
+            )
+        if ready_now == 0:
+            return Readiness(
+                "True", "Waking", "a replica is starting; the gateway holds requests meanwhile"
+            )
+        return Readiness("True", "Available", f"{ready_now}/{wanted} handler replicas ready")
     generation = deployment.get("metadata", {}).get("generation")
     observed = status.get("observedGeneration")
     if generation is not None and (observed is None or observed < generation):
         return Readiness("False", "RollingOut", "the handler Deployment is rolling out")
     if wanted == 0:
-        return Readiness("False", "ScaledToZero", "the handler has 0 replicas")
+        return Readiness("False", SCALED_TO_ZERO, "the handler has 0 replicas")
     ready = int(status.get("readyReplicas") or 0)
     updated = int(status.get("updatedReplicas") or 0)
     if updated < wanted:
@@ -496,8 +535,14 @@ def desired_status(
     handler: Readiness,
     previous: Mapping[str, Any],
     now: str,
+    handler_replicas: int | None = None,
+    shards: Sequence[Mapping[str, Any]] = (),
 ) -> JSON:
-    """The operator's part of ``status`` (it leaves residentOn/residentCount to the gateway)."""
+    """The operator's part of ``status`` (it leaves residentOn/residentCount to the gateway).
+
+    ``handlerReplicas`` is the handler Deployment's replica count (0: scaled to zero);
+    ``shards`` the planned placement of a parallel function's shards.
+    """
     before = {
         c.get("type", ""): c for c in previous.get("conditions") or [] if isinstance(c, Mapping)
     }
@@ -531,6 +576,8 @@ def desired_status(
         "modelBytes": model_bytes,
         "endpoint": settings.endpoint_for(owner.name),
         "ready": ready[0],
+        "handlerReplicas": handler_replicas,
+        "shards": [dict(s) for s in shards] or None,
     }  # fmt: skip
 
 

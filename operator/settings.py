@@ -11,7 +11,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError
 
-Quantity = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?([mkMGTPE]i?|[kmgtpe])?$")]
+# A Kubernetes Quantity in any form the API server accepts ("0.1", "100m", "131072Ki");
+# the operator compares them by value with what the server stores (its canonical form).
+Quantity = Annotated[
+    str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i|[numkMGTPE]|[eE][0-9]+)?$")
+]
 
 ENV_PREFIX = "GPUFAAS_"
 

@@ -12,12 +12,13 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
-from gpufaas.cache import ClusterDirectory, Residency
+from gpufaas.cache import ClusterDirectory, DeviceKind, Residency
 from gpufaas.core.api import InferenceFunctionSpec
+from gpufaas.core.node import FUNCTION, STATE, DeviceState, NodeState, route
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +40,22 @@ class Node:
     devices: dict[str, Device] = field(default_factory=dict)
 
 
-def residents_from_state(device_state: Mapping[str, Any]) -> list[tuple[str, Residency, int]]:
-    return [
-        (r["model"], Residency(r["state"]), int(r["size_bytes"]))
-        for r in device_state.get("residents", [])
-    ]
+def residents_from_state(device_state: DeviceState) -> list[tuple[str, Residency, int]]:
+    return [(r.model, r.state, r.size_bytes) for r in device_state.residents]
 
 
 class Cluster:
     """GPU managers behind the gateway, and where each model lives on them."""
+
+    def _add_to_directory(self, key: str, node: str, device_state: DeviceState) -> None:
+        """A device with its budget and kind: a full GPU, or a MIG slice with its profile."""
+        self.directory.add_device(
+            key,
+            capacity_bytes=device_state.capacity_bytes,
+            node=node,
+            kind=DeviceKind.MIG if device_state.mig else DeviceKind.GPU,
+            profile=device_state.mig_profile,
+        )
 
     def __init__(
         self,
@@ -101,31 +109,31 @@ class Cluster:
     async def sync_node(self, node: Node) -> bool:
         """Re-read a node's devices and residents; a failure marks it down."""
         try:
-            response = await node.client.get("/v2/gpufaas/state", timeout=5.0)
+            response = await node.client.get(STATE, timeout=5.0)
             response.raise_for_status()
-            state = response.json()
-        except (httpx.HTTPError, ValueError) as e:
+            state = NodeState.model_validate_json(response.content)
+        except (httpx.HTTPError, ValidationError) as e:
             if node.healthy:
                 logger.warning("GPU manager %s (%s) is down: %s", node.name, node.url, e)
             self.mark_down(node)
             return False
         seen = set()
-        for device_state in state["devices"]:
-            key = f"{node.name}/{device_state['id']}"
+        for device_state in state.devices:
+            key = f"{node.name}/{device_state.id}"
             seen.add(key)
             device = self.devices.get(key)
             if device is None:
                 device = Device(
                     key=key,
                     node=node,
-                    device_id=device_state["id"],
-                    capacity_bytes=int(device_state["capacity_bytes"]),
+                    device_id=device_state.id,
+                    capacity_bytes=device_state.capacity_bytes,
                 )
                 self.devices[key] = device
                 node.devices[device.device_id] = device
-                self.directory.add_device(key, capacity_bytes=device.capacity_bytes, node=node.name)
+                self._add_to_directory(key, node.name, device_state)
             elif key not in self.directory.devices():
-                self.directory.add_device(key, capacity_bytes=device.capacity_bytes, node=node.name)
+                self._add_to_directory(key, node.name, device_state)
             self.directory.sync(key, residents_from_state(device_state))
         for key in [k for k, d in self.devices.items() if d.node is node and k not in seen]:
             self.directory.remove_device(key)
@@ -148,7 +156,7 @@ class Cluster:
 
     async def push_function(self, node: Node, name: str, spec: InferenceFunctionSpec) -> None:
         response = await node.client.put(
-            f"/v2/gpufaas/functions/{name}", json=spec.model_dump(mode="json", by_alias=True)
+            route(FUNCTION, name=name), json=spec.model_dump(mode="json", by_alias=True)
         )
         response.raise_for_status()
 
@@ -160,7 +168,7 @@ class Cluster:
     async def delete_function(self, name: str) -> None:
         async def one(node: Node) -> None:
             try:
-                await node.client.delete(f"/v2/gpufaas/functions/{name}")
+                await node.client.delete(route(FUNCTION, name=name))
             except httpx.HTTPError as e:
                 logger.warning("could not remove %s from %s: %s", name, node.name, e)
 

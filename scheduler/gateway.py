@@ -1,10 +1,23 @@
-"""The gateway: an Open Inference Protocol (KServe v2 REST) front end.
+"""The gateway: the Open Inference Protocol (KServe v2) front end over the GPU managers.
 
-It validates each request against its function's declared signature at the
-edge, asks the routing policy for a device, and forwards the request
-binary-encoded to that device's GPU manager. The manager's response is passed
-through as it is. A manager that cannot be reached is marked down, and the
-request is retried on another device (inference is idempotent).
+An inference request takes one straight path (:meth:`Gateway.infer`), the same for HTTP and
+gRPC (:mod:`gpufaas.scheduler.grpc_server`):
+
+1. find the function (404 if unknown);
+2. parse and check the request's header only (:func:`~gpufaas.core.protocol.inspect_request`):
+   names, datatypes and shapes against the function's signature, byte counts against the body;
+   the tensor data are neither decoded nor copied;
+3. route (:meth:`Gateway.forward`): the policy decides the device, and the reason and victims
+   with it (a :class:`~gpufaas.scheduler.policy.Decision`); the device's dispatcher queue admits
+   the request; the body goes to that device's GPU manager untouched, over a pooled keep-alive
+   connection (:mod:`gpufaas.scheduler.transport`);
+4. learn from the answer (cache hit, load and compute times, the model's size), and pass the
+   answer back as it came.
+
+A manager that cannot be reached is marked down and the request tried on another device
+(inference is idempotent). Errors are :class:`GatewayError` (and
+:class:`~gpufaas.core.protocol.ProtocolError`), each with its HTTP status; the gRPC front end
+maps the same statuses to gRPC codes.
 """
 
 from __future__ import annotations
@@ -12,12 +25,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
@@ -45,18 +57,24 @@ from gpufaas.core.http import (
     read_body,
 )
 from gpufaas.core.protocol import (
+    BINARY_CONTENT_TYPE,
     HEADER_LENGTH,
+    JSON_CONTENT_TYPE,
     InferenceRequest,
     Limits,
+    ModelMetadata,
     ProtocolError,
-    decode_request,
-    encode_request,
-    validate_inputs,
+    RepositoryIndexEntry,
+    ServerMetadata,
+    check_signature,
+    inspect_request,
 )
 from gpufaas.scheduler.cluster import Cluster, Device, Node
-from gpufaas.scheduler.dispatch import DeviceGone, Dispatcher, Job, QueueFull, directory_residency
+from gpufaas.scheduler.coldstart import HandlerActivator, handler_router
+from gpufaas.scheduler.dispatch import DeviceGone, DeviceLoad, Dispatcher, Job, QueueFull
 from gpufaas.scheduler.estimates import Estimates
-from gpufaas.scheduler.policy import DeviceLoad, NoDevice, Policy, RouteRequest
+from gpufaas.scheduler.policy import Decision, NoDevice, Policy, RouteRequest
+from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
 
 if TYPE_CHECKING:
     from gpufaas.scheduler.replicas import Replicas
@@ -65,7 +83,10 @@ logger = logging.getLogger(__name__)
 
 SERVER_NAME = "gpufaas"
 SERVER_VERSION = "0.1.0"
+MODEL_VERSION = "1"  # a function has one version: its current spec
+EXTENSIONS = ("binary_tensor_data", "model_repository")
 ADMIN_PATHS = ("/v2/repository", "/v2/gpufaas")
+TIMEOUT_HEADER = "x-gpufaas-timeout-ms"
 _PASSTHROUGH_HEADERS = (
     "content-type",
     "retry-after",
@@ -74,6 +95,48 @@ _PASSTHROUGH_HEADERS = (
     LOAD_MS_HEADER,
     REASON_HEADER,
 )
+_PLATFORMS = {"torchscript": "pytorch_torchscript", "torch-export": "pytorch_export"}
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+class GatewayError(Exception):
+    """A request the gateway answers itself; ``status`` is the HTTP status, ``reason`` goes in
+    ``X-Gpufaas-Reason``, ``retry_after_s`` (if any) in ``Retry-After``."""
+
+    status = 500
+    reason = "InternalError"
+    retry_after_s: int | None = None
+
+
+class UnknownModel(GatewayError):
+    status, reason = 404, "UnknownModel"
+
+
+class Overloaded(GatewayError):
+    """A bounded queue is full: the client should retry after ``retry_after_s``."""
+
+    status, reason = 429, "Overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(GatewayError):
+    """The request's deadline passed before it could run."""
+
+    status, reason = 504, "DeadlineExceeded"
+
+
+class Unavailable(GatewayError):
+    """No GPU manager could serve the request (now)."""
+
+    status, reason, retry_after_s = 503, "NoDevice", 1
+
+
+# -- configuration and metrics ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -91,18 +154,10 @@ class GatewayConfig:
     # O3: a request is passed at most this often, or held at most this long.
     o3_max_passes: int = 8
     o3_max_hold_ms: float = 500.0
-
-
-class Overloaded(Exception):
-    """A bounded queue is full: the client should retry after ``retry_after_s``."""
-
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(Exception):
-    """The request's deadline passed before it could run."""
+    # The hot path to the managers: "pooled" (transport.NodePool) or "httpx" (each node's
+    # client; in-process tests mount a manager app on it).
+    transport: Literal["pooled", "httpx"] = "pooled"
+    node_timeout_s: float = 120.0
 
 
 class Metrics:
@@ -160,9 +215,54 @@ class Metrics:
             registry=self.registry,
         )
 
+    def answered(self, name: str, status: int, *, elapsed_s: float, slo_ms: float | None) -> None:
+        """Count one answered inference request (any front end)."""
+        self.requests.labels(name, str(status)).inc()
+        if status != 200:
+            return
+        self.latency.labels(name).observe(elapsed_s)
+        if slo_ms is not None:
+            met = "true" if elapsed_s * 1000 <= slo_ms else "false"
+            self.slo.labels(self.policy, met).inc()
+
+
+# -- what travels to a manager ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCall:
+    """One call to a GPU manager: the path, the body as the client sent it, and its headers."""
+
+    path: str
+    body: bytes | memoryview = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def infer_call(name: str, body: bytes | memoryview, *, header_length: int | None) -> NodeCall:
+    """The node's infer call for a body the gateway has inspected, forwarded as it is."""
+    if header_length is None:
+        return NodeCall(f"/v2/models/{name}/infer", body, {"Content-Type": JSON_CONTENT_TYPE})
+    headers = {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(header_length)}
+    return NodeCall(f"/v2/models/{name}/infer", body, headers)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """Whether a function can be served now, and separately where it is resident.
+
+    ``ready``: it is registered and a GPU manager is reachable (a cold one loads on the first
+    request). ``/v2/models/{name}/ready``, the repository index and gRPC ModelReady all answer
+    from this.
+    """
+
+    ready: bool
+    reason: str  # why not ready; "" when ready
+    resident_on: list[str]  # device keys holding it
+    loading_on: list[str]  # device keys loading it
+
 
 class Gateway:
-    """Functions, the cluster of GPU managers, and the routing policy."""
+    """Functions, the cluster of GPU managers, the routing policy, and the request path."""
 
     def __init__(
         self, *, cluster: Cluster, policy: Policy, config: GatewayConfig | None = None
@@ -180,7 +280,7 @@ class Gateway:
             max_queue=self.config.max_queue_per_device,
             max_passes=self.config.o3_max_passes,
             max_hold_ms=self.config.o3_max_hold_ms,
-            is_resident=directory_residency(cluster.directory),
+            is_resident=self._is_resident,
         )
         dispatcher = self.dispatcher
         self.metrics.overtakes.set_function(
@@ -189,14 +289,20 @@ class Gateway:
         self.pending: dict[str, int] = {}
         # device key -> models routed there and not answered yet (queued here or running)
         self.in_flight: dict[str, collections.Counter[str]] = {}
+        self.pools: dict[str, NodePool] = {}  # node name -> its hot-path connections
         self._sync_task: asyncio.Task[None] | None = None
         # Kubernetes mode: where the managers are, and tasks that feed the functions.
         self.discover_managers: Callable[[], Awaitable[Mapping[str, str]]] | None = None
         self.background: list[Callable[[asyncio.Event], Awaitable[None]]] = []
         self._stopping = asyncio.Event()
         self._background_tasks: list[asyncio.Task[None]] = []
+        # Kubernetes mode: /v2/handlers/... wakes scaled-to-zero handlers (coldstart.py).
+        self.handler_activator: HandlerActivator | None = None
         # Scale-out (scheduler/replicas.py): set when this gateway is one of several replicas.
         self.replicas: Replicas | None = None
+
+    def _is_resident(self, device_key: str, model: str) -> bool:
+        return self.cluster.directory.state(device_key, model) is Residency.RESIDENT
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -218,6 +324,8 @@ class Gateway:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+        self.pools.clear()
         await self.cluster.close()
 
     async def sync(self) -> None:
@@ -227,6 +335,8 @@ class Gateway:
                 await self.cluster.set_managers(await self.discover_managers())
             except Exception as e:  # keep the last membership; the next sync tries again
                 logger.warning("GPU-manager discovery failed: %s", e)
+        for name in [n for n in self.pools if n not in self.cluster.nodes]:
+            await self.pools.pop(name).close()
         for node in self.cluster.nodes.values():
             was_healthy = node.healthy
             if await self.cluster.sync_node(node) and not was_healthy:
@@ -293,7 +403,107 @@ class Gateway:
     def function(self, name: str) -> InferenceFunction | None:
         return self.functions.get(name)
 
-    # -- routing -------------------------------------------------------------------
+    def require(self, name: str) -> InferenceFunction:
+        function = self.functions.get(name)
+        if function is None:
+            raise UnknownModel(f"unknown model {name[:100]!r}; see POST /v2/repository/index")
+        return function
+
+    # -- the request path ------------------------------------------------------------
+
+    async def infer(
+        self,
+        name: str,
+        body: bytes | memoryview,
+        *,
+        header_length: int | None,
+        timeout_ms: float | None = None,
+    ) -> NodeReply:
+        """Serve one inference request (the body as the client sent it); the manager's answer.
+
+        Raises :class:`GatewayError` or :class:`~gpufaas.core.protocol.ProtocolError`.
+        """
+        function = self.require(name)
+        header = inspect_request(body, header_length=header_length, limits=self.config.limits)
+        check_signature(header.signature(), function.spec.inputs)
+        deadline = request_deadline(timeout_ms, header.parameters)
+        call = infer_call(name, body, header_length=header_length)
+        return await self.forward(name, call, deadline=deadline)
+
+    async def forward(
+        self, name: str, call: NodeCall, *, deadline: float | None = None
+    ) -> NodeReply:
+        """Route ``call`` for ``name``, queue it on the device, send it; on a dead node, mark it
+        down and try another device.
+
+        Raises :class:`Overloaded` when the function's or the device's bound is reached,
+        :class:`DeadlineExceeded` when the deadline passes first, :class:`Unavailable` when no
+        device is left to try.
+        """
+        with self._admitted(name):
+            tried: set[str] = set()
+            last_error: Exception | None = None
+            for _ in range(self.config.max_attempts):
+                try:
+                    decision = self._route(name, exclude=tried)
+                except NoDevice as e:
+                    last_error = last_error or e
+                    break
+                device = self.cluster.devices[decision.device]
+                tried.add(device.key)
+                directory = self.cluster.directory
+                if self.replicas is not None and directory.state(device.key, name) is None:
+                    # A residency decision: the placement owner makes it (scale-out).
+                    size = self.model_bytes.get(name, 0)
+                    placed = await self.replicas.place(
+                        name, device.key, call=call, size_bytes=size, victims=decision.victims
+                    )
+                    if placed is not None:
+                        return placed
+                try:
+                    reply = await self._run_on(device, name, decision, call, deadline=deadline)
+                except DeviceGone as e:
+                    last_error = e
+                    continue
+                except NodeUnreachable as e:
+                    logger.warning(
+                        "GPU manager %s failed mid-request (%s); retrying elsewhere",
+                        device.node.name,
+                        e,
+                    )
+                    self.node_down(device.node)
+                    last_error = e
+                    continue
+                self._learn(device, name, reply)
+                return reply
+        raise Unavailable(f"no GPU manager could serve {name!r}: {last_error}")
+
+    @contextlib.contextmanager
+    def _admitted(self, name: str) -> Iterator[None]:
+        """Count the request against its function's bound for as long as it is here."""
+        if self.pending.get(name, 0) >= self.config.max_pending_per_function:
+            raise Overloaded(
+                f"{name!r} has {self.pending[name]} requests in flight "
+                f"(the limit is {self.config.max_pending_per_function})"
+            )
+        self.pending[name] = self.pending.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            self.pending[name] -= 1
+            if not self.pending[name]:
+                del self.pending[name]
+
+    def _route(self, name: str, *, exclude: set[str]) -> Decision:
+        """The policy's decision for a request: the device, the reason, and the victims the GPU
+        manager evicts first if it loads the model there (cheapest expected reloads)."""
+        decision = self.policy.choose(
+            RouteRequest(model=name, size_bytes=self.model_bytes.get(name, 0)),
+            self.loads(exclude),
+            self.cluster.directory,
+        )
+        self.metrics.decisions.labels(self.policy.name, decision.reason).inc()
+        return decision
 
     def loads(self, exclude: set[str]) -> Sequence[DeviceLoad]:
         """The healthy devices' loads for the policy: the dispatcher's own table (O(1), kept
@@ -305,6 +515,103 @@ class Gateway:
             for d in self.cluster.healthy_devices()
             if d.key not in exclude
         ]
+
+    async def _run_on(
+        self,
+        device: Device,
+        name: str,
+        decision: Decision,
+        call: NodeCall,
+        *,
+        deadline: float | None,
+    ) -> NodeReply:
+        """Queue on the device's dispatcher, then send. The directory notes the model there at
+        routing, not at send: a burst for a cold model must see it loading here (the manager's
+        answer and the next sync correct the view)."""
+        size = self.model_bytes.get(name, 0)
+        with contextlib.suppress(InsufficientCapacity):
+            self.cluster.directory.note_dispatch(
+                device.key, name, size_bytes=size, prefer=decision.victims
+            )
+        routed = self.in_flight.setdefault(device.key, collections.Counter())
+        routed[name] += 1
+        queued_at = time.monotonic()
+
+        async def send() -> NodeReply:
+            return await self._send(
+                device, name, call, victims=decision.victims, deadline=deadline, queued_at=queued_at
+            )
+
+        try:
+            return await self.dispatcher.submit(device.key, self._job(name, device), send)
+        except QueueFull as e:
+            raise Overloaded(str(e)) from None
+        finally:
+            routed[name] -= 1
+            if not routed[name]:
+                del routed[name]
+                if not routed:
+                    self.in_flight.pop(device.key, None)
+
+    def _job(self, name: str, device: Device) -> Job:
+        function = self.functions.get(name)
+        size = self.model_bytes.get(name, 0)
+        return Job(
+            model=name,
+            slo_ms=function.spec.slo.latency_ms if function else None,
+            expected_ms=self.estimates.service_ms(
+                name, size_bytes=size, resident=self._is_resident(device.key, name)
+            ),
+        )
+
+    async def _send(
+        self,
+        device: Device,
+        name: str,
+        call: NodeCall,
+        *,
+        victims: Sequence[str],
+        deadline: float | None,
+        queued_at: float,
+    ) -> NodeReply:
+        self.metrics.queue_wait.labels(self.policy.name).observe(time.monotonic() - queued_at)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(
+                f"the deadline of the request for {name!r} passed while it waited"
+            )
+        headers = {**call.headers, DEVICE_HEADER: device.device_id}
+        if victims:
+            headers[EVICT_FIRST_HEADER] = format_evict_first(victims)
+        return await self._post(device.node, call.path, call.body, headers)
+
+    async def _post(
+        self, node: Node, path: str, body: bytes | memoryview, headers: Mapping[str, str]
+    ) -> NodeReply:
+        if self.config.transport == "httpx":
+            try:
+                response = await node.client.post(path, content=bytes(body), headers=headers)
+            except httpx.TransportError as e:
+                raise NodeUnreachable(str(e)) from None
+            return NodeReply(response.status_code, response.headers, response.content)
+        return await self._pool(node).post(path, body, headers)
+
+    def _pool(self, node: Node) -> NodePool:
+        pool = self.pools.get(node.name)
+        if pool is None or pool.size < len(node.devices) * self.config.device_concurrency:
+            # As many keep-alive connections as the node's devices run requests at once.
+            pool = NodePool(
+                node.url,
+                size=max(1, len(node.devices)) * self.config.device_concurrency,
+                headers={
+                    k: v for k, v in node.client.headers.items() if k.lower() == "authorization"
+                },
+                timeout_s=self.config.node_timeout_s,
+            )
+            old = self.pools.get(node.name)
+            self.pools[node.name] = pool
+            if old is not None:
+                asyncio.get_running_loop().create_task(old.close())
+        return pool
 
     def _track_health(self) -> None:
         """Keep the dispatcher's devices (and so its table) the healthy ones, and no other: a
@@ -321,259 +628,84 @@ class Gateway:
         self.cluster.mark_down(node)
         self._track_health()
 
-    def _choose(self, name: str, exclude: set[str]) -> tuple[Device, list[str]]:
-        """The device for a request, and the victims the policy chose for a load there (the
-        GPU manager evicts them first: cheapest expected reloads, not least recently used)."""
-        key = self.policy.choose(
-            RouteRequest(model=name, size_bytes=self.model_bytes.get(name, 0)),
-            self.loads(exclude),
-            self.cluster.directory,
-        )
-        # LALB explains its choice (a Decision); LB has nothing to explain.
-        decision = getattr(self.policy, "last", None)
-        reason = getattr(decision, "reason", "least-loaded")
-        self.metrics.decisions.labels(self.policy.name, reason).inc()
-        victims = list(decision.victims) if decision is not None and decision.device == key else []
-        return self.cluster.devices[key], victims
-
-    def _job(self, name: str, device: Device) -> Job:
-        function = self.functions.get(name)
-        size = self.model_bytes.get(name, 0)
-        resident = self.cluster.directory.state(device.key, name) is Residency.RESIDENT
-        return Job(
-            model=name,
-            slo_ms=function.spec.slo.latency_ms if function else None,
-            expected_ms=self.estimates.service_ms(name, size_bytes=size, resident=resident),
-        )
-
-    async def _post(
-        self,
-        device: Device,
-        name: str,
-        *,
-        path: str,
-        content: bytes,
-        headers: Mapping[str, str],
-        evict_first: Sequence[str],
-        deadline: float | None,
-        queued_at: float,
-    ) -> httpx.Response:
-        self.metrics.queue_wait.labels(self.policy.name).observe(time.monotonic() - queued_at)
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded(
-                f"the deadline of the request for {name!r} passed while it waited"
-            )
-        extra = {DEVICE_HEADER: device.device_id}
-        if evict_first:
-            extra[EVICT_FIRST_HEADER] = format_evict_first(evict_first)
-        return await device.node.client.post(path, content=content, headers={**headers, **extra})
-
-    async def forward(
-        self,
-        name: str,
-        *,
-        path: str,
-        content: bytes,
-        headers: Mapping[str, str],
-        deadline: float | None = None,
-    ) -> httpx.Response:
-        """Queue on the chosen device and send; on a dead node, mark it down and try another.
-
-        Raises :class:`Overloaded` when the function's or the device's bound is reached,
-        :class:`DeadlineExceeded` when the deadline passes first, :class:`NoDevice` when
-        no device is left to try.
-        """
-        if self.pending.get(name, 0) >= self.config.max_pending_per_function:
-            raise Overloaded(
-                f"{name!r} has {self.pending[name]} requests in flight "
-                f"(the limit is {self.config.max_pending_per_function})"
-            )
-        self.pending[name] = self.pending.get(name, 0) + 1
-        try:
-            return await self._forward(
-                name, path=path, content=content, headers=headers, deadline=deadline
-            )
-        finally:
-            self.pending[name] -= 1
-            if not self.pending[name]:
-                del self.pending[name]
-
-    async def _forward(
-        self,
-        name: str,
-        *,
-        path: str,
-        content: bytes,
-        headers: Mapping[str, str],
-        deadline: float | None,
-    ) -> httpx.Response:
-        tried: set[str] = set()
-        last_error: Exception | None = None
-        for _ in range(self.config.max_attempts):
-            try:
-                device, evict_first = self._choose(name, tried)
-            except NoDevice as e:
-                last_error = last_error or e
-                break
-            tried.add(device.key)
-            if self.replicas is not None and self.cluster.directory.state(device.key, name) is None:
-                # A residency decision: the function's owner replica makes it (scale-out).
-                size = self.model_bytes.get(name, 0)
-                placed = await self.replicas.place(
-                    name, device.key, path=path, content=content, headers=headers,
-                    size_bytes=size, victims=evict_first,
-                )  # fmt: skip
-                if placed is not None:
-                    return placed
-            # Noted at routing, not at send: a burst for a cold model must see it loading here
-            # (the manager's answer and the next sync correct the view).
-            with contextlib.suppress(InsufficientCapacity):
-                self.cluster.directory.note_dispatch(
-                    device.key, name, size_bytes=self.model_bytes.get(name, 0), prefer=evict_first
-                )
-            routed = self.in_flight.setdefault(device.key, collections.Counter())
-            routed[name] += 1
-            try:
-                response = await self.dispatcher.submit(
-                    device.key,
-                    self._job(name, device),
-                    functools.partial(
-                        self._post,
-                        device,
-                        name,
-                        path=path,
-                        content=content,
-                        headers=headers,
-                        evict_first=evict_first,
-                        deadline=deadline,
-                        queued_at=time.monotonic(),
-                    ),
-                )
-            except QueueFull as e:
-                raise Overloaded(str(e)) from None
-            except DeviceGone as e:
-                last_error = e
-                continue
-            except httpx.TransportError as e:
-                logger.warning(
-                    "GPU manager %s failed mid-request (%s); retrying elsewhere",
-                    device.node.name,
-                    e,
-                )
-                self.node_down(device.node)
-                last_error = e
-                continue
-            finally:
-                routed[name] -= 1
-                if not routed[name]:
-                    del routed[name]
-                    if not routed:
-                        self.in_flight.pop(device.key, None)
-            self._learn(device, name, response)
-            return response
-        raise NoDevice(f"no GPU manager could serve {name!r}: {last_error}")
-
-    def _learn(self, device: Device, name: str, response: httpx.Response) -> None:
-        """Correct the directory from the manager's answer."""
-        if response.status_code != 200:
-            if response.headers.get(REASON_HEADER) in {"ModelLoadFailed", "InsufficientMemory"}:
+    def _learn(self, device: Device, name: str, reply: NodeReply) -> None:
+        """Correct the directory and the estimates from the manager's answer."""
+        headers = reply.headers
+        if reply.status != 200:
+            if headers.get(REASON_HEADER) in {"ModelLoadFailed", "InsufficientMemory"}:
                 self.cluster.directory.note_evicted(device.key, name)
             return
-        hit = response.headers.get(CACHE_HEADER) == "hit"
+        hit = headers.get(CACHE_HEADER) == "hit"
         self.metrics.cache.labels(self.policy.name, "hit" if hit else "miss").inc()
-        size = response.headers.get(MODEL_BYTES_HEADER)
+        size = headers.get(MODEL_BYTES_HEADER)
         if size is not None:
             self.model_bytes[name] = int(size)
             self.cluster.directory.note_loaded(device.key, name, size_bytes=int(size))
-        compute_ms = _header_ms(response, COMPUTE_MS_HEADER)
+        compute_ms = _header_ms(headers, COMPUTE_MS_HEADER)
         if compute_ms is not None:
             self.estimates.observe_infer(name, infer_ms=compute_ms)
-        load_ms = _header_ms(response, LOAD_MS_HEADER)
+        load_ms = _header_ms(headers, LOAD_MS_HEADER)
         if not hit and load_ms is not None:
             self.metrics.load.labels(self.policy.name).observe(load_ms / 1000)
             self.estimates.observe_load(
                 name, size_bytes=self.model_bytes.get(name, 0), load_ms=load_ms
             )
 
-    async def infer(self, name: str, request: Request) -> Response:
-        function = self.function(name)
-        if function is None:
-            return error_response(
-                404, f"unknown model {name!r}; see POST /v2/repository/index", reason="UnknownModel"
-            )
-        limits = self.config.limits
-        body = await read_body(request, max_bytes=limits.max_body_bytes)
-        decoded = decode_request(body, header_length=header_length(request), limits=limits)
-        arrays = validate_inputs(decoded, function.spec.inputs)
-        content, headers = encode_request(
-            {t.name: (arrays[t.name], t.datatype) for t in function.spec.inputs},
-            request_id=decoded.id,
-            outputs=decoded.requested_outputs,
-            binary_outputs=decoded.binary_outputs,
-            parameters=decoded.parameters or None,
+    # -- metadata, readiness and the repository extension ------------------------------
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata(name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS))
+
+    def server_ready(self) -> bool:
+        return any(n.healthy for n in self.cluster.nodes.values())
+
+    def model_metadata(self, name: str) -> ModelMetadata:
+        function = self.require(name)
+        return ModelMetadata.from_spec(
+            name,
+            function.spec,
+            platform=_PLATFORMS.get(str(function.spec.model.format), "pytorch"),
+            versions=[MODEL_VERSION],
         )
-        if self.replicas is not None:
-            headers = self.replicas.admit(name, request.headers, headers)
-        try:
-            response = await self.forward(
-                name,
-                path=f"/v2/models/{name}/infer",
-                content=content,
-                headers=headers,
-                deadline=request_deadline(request, decoded.parameters),
-            )
-        except NoDevice as e:
-            return error_response(503, str(e), reason="NoDevice", headers={"Retry-After": "1"})
-        except Overloaded as e:
-            return error_response(
-                429, str(e), reason="Overloaded", headers={"Retry-After": str(e.retry_after_s)}
-            )
-        except DeadlineExceeded as e:
-            return error_response(504, str(e), reason="DeadlineExceeded")
-        passthrough = {
-            k: v for k, v in response.headers.items() if k.lower() in _PASSTHROUGH_HEADERS
-        }
-        return Response(response.content, status_code=response.status_code, headers=passthrough)
 
-    # -- repository extension ------------------------------------------------------
+    def model_status(self, name: str) -> ModelStatus:
+        """Readiness (registered, and a GPU manager reachable) and, apart, residency."""
+        self.require(name)
+        holders = self.cluster.directory.holders(name)
+        resident = sorted(k for k, s in holders.items() if s is Residency.RESIDENT)
+        loading = sorted(k for k, s in holders.items() if s is not Residency.RESIDENT)
+        ready = self.server_ready()
+        reason = "" if ready else "no GPU manager is reachable"
+        return ModelStatus(ready=ready, reason=reason, resident_on=resident, loading_on=loading)
 
-    def repository_index(self) -> list[dict[str, Any]]:
-        out = []
+    def repository_index(self) -> list[RepositoryIndexEntry]:
+        entries = []
         for name in sorted(self.functions):
-            holders = self.cluster.directory.holders(name)
-            state = (
-                "READY" if any(str(s) == "resident" for s in holders.values()) else "UNAVAILABLE"
+            status = self.model_status(name)
+            entries.append(
+                RepositoryIndexEntry(
+                    name=name,
+                    version=MODEL_VERSION,
+                    state="READY" if status.ready else "UNAVAILABLE",
+                    reason=status.reason,
+                    resident_on=status.resident_on,
+                    loading_on=status.loading_on,
+                )
             )
-            out.append(
-                {
-                    "name": name,
-                    "version": "1",
-                    "state": state,
-                    "reason": "" if holders else "not resident",
-                }
-            )
-        return out
+        return entries
 
-    async def load(self, name: str) -> Response:
-        if name not in self.functions:
-            return error_response(404, f"unknown model {name!r}", reason="UnknownModel")
-        try:
-            response = await self.forward(
-                name, path=f"/v2/repository/models/{name}/load", content=b"", headers={}
-            )
-        except (NoDevice, Overloaded) as e:
-            return error_response(503, str(e), reason="NoDevice", headers={"Retry-After": "1"})
-        if response.status_code != 200:
-            return Response(
-                response.content, status_code=response.status_code, media_type="application/json"
-            )
+    async def load(self, name: str) -> None:
+        """Make ``name`` resident on a device the policy chooses (the repository's load)."""
+        self.require(name)
+        reply = await self.forward(name, NodeCall(f"/v2/repository/models/{name}/load"))
+        if reply.status != 200:
+            raise NodeFailed(reply)
         await self.sync()
-        return JSONResponse({}, status_code=200)
 
-    async def unload(self, name: str) -> Response:
+    async def unload(self, name: str) -> None:
         """Unload everywhere; idempotent, so a function already removed unloads too."""
         if not is_valid_name(name):
-            return error_response(404, f"unknown model {name[:100]!r}", reason="UnknownModel")
+            raise UnknownModel(f"unknown model {name[:100]!r}")
 
         async def one(node_client: httpx.AsyncClient) -> None:
             with contextlib.suppress(httpx.HTTPError):
@@ -582,52 +714,62 @@ class Gateway:
         await asyncio.gather(*(one(n.client) for n in self.cluster.nodes.values() if n.healthy))
         for key in self.cluster.directory.devices():
             self.cluster.directory.note_evicted(key, name)
-        return JSONResponse({}, status_code=200)
-
-    def model_metadata(self, function: InferenceFunction) -> dict[str, Any]:
-        spec = function.spec
-        return {
-            "name": function.name,
-            "versions": ["1"],
-            "platform": "pytorch_torchscript"
-            if spec.model.format == "torchscript"
-            else "pytorch_export",
-            "inputs": [
-                {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in spec.inputs
-            ],
-            "outputs": [
-                {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in spec.outputs
-            ],
-        }
 
 
-TIMEOUT_HEADER = "x-gpufaas-timeout-ms"
+class NodeFailed(GatewayError):
+    """A GPU manager answered with an error; its answer goes back to the client as it is."""
+
+    def __init__(self, reply: NodeReply) -> None:
+        super().__init__(reply.body.decode("utf-8", "replace")[:1000])
+        self.reply = reply
+        self.status = reply.status
+        self.reason = reply.headers.get(REASON_HEADER, "NodeError")
 
 
-def request_deadline(request: Request, parameters: Mapping[str, Any]) -> float | None:
-    """A monotonic deadline from ``X-Gpufaas-Timeout-Ms`` or Triton's ``timeout``
-    request parameter (microseconds); None when the client gave none."""
-    timeout_ms: float | None = None
-    header = request.headers.get(TIMEOUT_HEADER)
-    if header is not None:
-        try:
-            timeout_ms = float(header)
-        except ValueError:
-            raise ProtocolError(f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
-    elif isinstance(parameters.get("timeout"), int | float):
-        timeout_ms = float(parameters["timeout"]) / 1000
-    if timeout_ms is None:
+def request_deadline(timeout_ms: float | None, parameters: Mapping[str, Any]) -> float | None:
+    """A monotonic deadline from ``timeout_ms`` (``X-Gpufaas-Timeout-Ms``, or gRPC's deadline)
+    and Triton's ``timeout`` request parameter (microseconds), the sooner of the two; None when
+    there is neither."""
+    given = [] if timeout_ms is None else [timeout_ms]
+    if isinstance(parameters.get("timeout"), int | float):
+        given.append(float(parameters["timeout"]) / 1000)
+    if not given:
         return None
-    if not timeout_ms > 0:
+    if not min(given) > 0:
         raise ProtocolError("the timeout must be positive")
-    return time.monotonic() + timeout_ms / 1000
+    return time.monotonic() + min(given) / 1000
 
 
-def _header_ms(response: httpx.Response, header: str) -> float | None:
+def timeout_header_ms(request: Request) -> float | None:
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is None:
+        return None
     try:
-        return float(response.headers[header])
+        return float(header)
+    except ValueError:
+        raise ProtocolError(f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
+
+
+def _header_ms(headers: Mapping[str, str], name: str) -> float | None:
+    try:
+        return float(headers[name])
     except (KeyError, ValueError):
         return None
+
+
+def gateway_error_response(error: GatewayError) -> Response:
+    if isinstance(error, NodeFailed):
+        return _passthrough(error.reply)
+    headers = {} if error.retry_after_s is None else {"Retry-After": str(error.retry_after_s)}
+    return error_response(error.status, str(error), reason=error.reason, headers=headers)
+
+
+def _passthrough(reply: NodeReply) -> Response:
+    headers = {k: v for k, v in reply.headers.items() if k in _PASSTHROUGH_HEADERS}
+    return Response(reply.body, status_code=reply.status, headers=headers)
+
+
+# -- the HTTP front end ----------------------------------------------------------------------------
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -642,6 +784,11 @@ def create_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="gpufaas gateway", version=SERVER_VERSION, lifespan=lifespan)
     app.state.gateway = gateway
     install_error_handlers(app)
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+        return gateway_error_response(exc)
+
     add_metrics_route(app, gateway.metrics.registry)
     if gateway.replicas is not None:
         gateway.replicas.install(app)
@@ -653,13 +800,12 @@ def create_app(gateway: Gateway) -> FastAPI:
             realm="the gpufaas admin API",
         )
 
+    if gateway.handler_activator is not None:  # handlers, held while they start (coldstart.py)
+        app.include_router(handler_router(gateway.handler_activator, gateway.function))
+
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
-        return {
-            "name": SERVER_NAME,
-            "version": SERVER_VERSION,
-            "extensions": ["binary_tensor_data", "model_repository"],
-        }
+        return gateway.server_metadata().model_dump()
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
@@ -667,7 +813,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        if any(n.healthy for n in gateway.cluster.nodes.values()):
+        if gateway.server_ready():
             replica = {} if gateway.replicas is None else {"replica": gateway.replicas.health()}
             return JSONResponse({"ready": True, **replica})
         return error_response(503, "no GPU manager is reachable", reason="NoDevice")
@@ -675,16 +821,14 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None) -> Response:
-        function = gateway.function(name)
-        if function is None:
-            return error_response(404, f"unknown model {name!r}", reason="UnknownModel")
-        return JSONResponse(gateway.model_metadata(function))
+        return JSONResponse(gateway.model_metadata(name).model_dump(exclude_none=True))
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> Response:
-        if gateway.function(name) is None:
-            return error_response(404, f"unknown model {name!r}", reason="UnknownModel")
+        status = gateway.model_status(name)
+        if not status.ready:
+            return error_response(503, status.reason, reason="NoDevice")
         return JSONResponse({"name": name, "ready": True})
 
     infer_body = {
@@ -701,31 +845,41 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=infer_body)
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         started = time.perf_counter()
-        response = await gateway.infer(name, request)
-        gateway.metrics.requests.labels(
-            name if name in gateway.functions else "_unknown", str(response.status_code)
-        ).inc()
-        if response.status_code == 200:
-            elapsed = time.perf_counter() - started
-            gateway.metrics.latency.labels(name).observe(elapsed)
-            function = gateway.function(name)
-            slo_ms = function.spec.slo.latency_ms if function else None
-            if slo_ms is not None:
-                met = "true" if elapsed * 1000 <= slo_ms else "false"
-                gateway.metrics.slo.labels(gateway.policy.name, met).inc()
+        try:
+            body = await read_body(request, max_bytes=gateway.config.limits.max_body_bytes)
+            reply = await gateway.infer(
+                name,
+                body,
+                header_length=header_length(request),
+                timeout_ms=timeout_header_ms(request),
+            )
+            response = _passthrough(reply)
+        except GatewayError as e:
+            response = gateway_error_response(e)
+        except ProtocolError as e:
+            response = error_response(e.status_code, str(e), reason="InvalidRequest")
+        function = gateway.function(name)
+        gateway.metrics.answered(
+            name if function is not None else "_unknown",
+            response.status_code,
+            elapsed_s=time.perf_counter() - started,
+            slo_ms=function.spec.slo.latency_ms if function else None,
+        )
         return response
 
     @app.post("/v2/repository/index")
     async def repository_index() -> JSONResponse:
-        return JSONResponse(gateway.repository_index())
+        return JSONResponse([e.model_dump() for e in gateway.repository_index()])
 
     @app.post("/v2/repository/models/{name}/load")
     async def load(name: str) -> Response:
-        return await gateway.load(name)
+        await gateway.load(name)
+        return JSONResponse({}, status_code=200)
 
     @app.post("/v2/repository/models/{name}/unload")
     async def unload(name: str) -> Response:
-        return await gateway.unload(name)
+        await gateway.unload(name)
+        return JSONResponse({}, status_code=200)
 
     @app.get("/v2/gpufaas/cluster")
     async def cluster_state() -> JSONResponse:

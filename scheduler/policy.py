@@ -23,17 +23,19 @@ import heapq
 import math
 import random
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, overload
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from gpufaas.cache import ClusterDirectory, InsufficientCapacity, Residency, UnknownKey
+from gpufaas.scheduler.dispatch import DeviceLoad, DeviceTable
 from gpufaas.scheduler.estimates import Estimates
 
 __all__ = [
     "POLICIES",
+    "Decision",
     "DeviceLoad",
     "DeviceTable",
     "DispatchMode",
@@ -51,20 +53,6 @@ IntArray = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
-class DeviceLoad:
-    """What a policy knows about one device when it decides."""
-
-    key: str  # cluster-wide: "<node>/<device>"
-    outstanding: int  # requests sent to it and not answered yet (queued or running)
-    # Expected wait (ms) before a request sent now would start there, from the dispatcher's
-    # queue; None: unknown, estimated from ``outstanding``.
-    queue_ms: float | None = None
-    # The same for a request whose model the device holds: it needs no load, so it starts as
-    # soon as a slot is free, however long the loads running there take. None: ``queue_ms``.
-    hit_wait_ms: float | None = None
-
-
-@dataclass(frozen=True)
 class RouteRequest:
     model: str
     size_bytes: int
@@ -74,256 +62,38 @@ class NoDevice(Exception):
     """No healthy device can take the request."""
 
 
+Reason = Literal["holder", "load", "replicate", "fallback", "least-loaded"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy's whole answer for one request: the device, why, and what to evict there first.
+
+    ``reason``: ``holder`` (the device has the model, or is loading it), ``load`` (nobody has
+    it), ``replicate`` (a holder was too busy), ``fallback`` (no room anywhere: queue on the
+    least-loaded device), ``least-loaded`` (``lb``). ``victims``: the models the GPU manager
+    should evict first to make room (cheapest expected reloads), for a load.
+    """
+
+    device: str
+    reason: Reason
+    victims: tuple[str, ...] = ()
+    holder_cost_ms: float = math.inf  # expected wait at the best holder
+    # Expected wait + load (+ victims) at the best other device; inf when no other device
+    # could be cheaper than the holder (the search stops as soon as none can).
+    load_cost_ms: float = math.inf
+
+
 class Policy(Protocol):
     name: str
     dispatch: DispatchMode  # how each device's queue is served: "fifo" or "o3"
 
     def choose(
         self, request: RouteRequest, devices: Sequence[DeviceLoad], directory: ClusterDirectory
-    ) -> str: ...
+    ) -> Decision: ...
 
 
-# -- device tables ---------------------------------------------------------------------------------
-
-
-# DeviceTable.least_waiting keeps at least _LOW_KEEP positions after a partial sort, and sorts
-# again once more than _LOW_SLACK x as many as asked for have gathered below the bound.
-_LOW_KEEP = 24
-_LOW_SLACK = 16
-
-
-class DeviceTable(Sequence[DeviceLoad]):
-    """Devices and their loads in arrays: a ``Sequence[DeviceLoad]`` that policies scan fast.
-
-    The owner keeps it current with :meth:`adjust` (deltas, as requests come and go) or
-    :meth:`update` (absolute values). Positions change when a device is removed (the last one
-    moves into the gap), so hold keys, not indices.
-
-    Besides the arrays, the table keeps the few devices with the least expected wait up to
-    date on every write (:meth:`least_waiting`), so that a policy looking for somewhere to
-    load a model need not sort a thousand waits per decision.
-    """
-
-    def __init__(self, devices: Sequence[DeviceLoad] = ()) -> None:
-        self._keys: list[str] = []
-        self._position: dict[str, int] = {}
-        self._outstanding: IntArray = np.zeros(max(8, len(devices)), dtype=np.int64)
-        self._queue_ms: FloatArray = np.zeros(max(8, len(devices)), dtype=np.float64)
-        self._hit_wait_ms: FloatArray = np.zeros(max(8, len(devices)), dtype=np.float64)
-        # Read-only views of the used part, made once per change of size rather than per
-        # decision (making one costs about as much as a policy's whole fast path).
-        self._views: tuple[IntArray, FloatArray, FloatArray] | None = None
-        self._columns: _Columns | None = None  # what a policy reads, made as the views are
-        # The least-waiting devices, position -> wait: every position whose wait is below
-        # _low_bound, and perhaps some whose wait equals it (ties at the bound), none above.
-        # Built by a partial sort when a policy asks and too few are left; writes keep it.
-        self._low: dict[int, float] = {}
-        self._low_bound = -math.inf
-        for device in devices:
-            self.add(
-                device.key,
-                outstanding=device.outstanding,
-                queue_ms=device.queue_ms or 0.0,
-                hit_wait_ms=device.hit_wait_ms,
-            )
-
-    def __repr__(self) -> str:
-        return f"<DeviceTable {len(self._keys)} devices>"
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    @overload
-    def __getitem__(self, index: int) -> DeviceLoad: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[DeviceLoad]: ...
-    def __getitem__(self, index: int | slice) -> DeviceLoad | list[DeviceLoad]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(len(self._keys))[index]]
-        key = self._keys[index]  # raises IndexError, and accepts negative indices
-        i = self._position[key]
-        queue_ms, hit_wait_ms = float(self._queue_ms[i]), float(self._hit_wait_ms[i])
-        return DeviceLoad(
-            key=key,
-            outstanding=int(self._outstanding[i]),
-            queue_ms=queue_ms,
-            hit_wait_ms=None if hit_wait_ms == queue_ms else hit_wait_ms,  # None: the same
-        )
-
-    def __iter__(self) -> Iterator[DeviceLoad]:
-        return (self[i] for i in range(len(self._keys)))
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._position
-
-    @property
-    def keys(self) -> list[str]:
-        """Device keys by position (a view: do not modify)."""
-        return self._keys
-
-    @property
-    def outstanding(self) -> IntArray:
-        """Outstanding requests by position (a read-only view)."""
-        return (self._views or self._make_views())[0]
-
-    @property
-    def queue_ms(self) -> FloatArray:
-        """Expected wait in ms by position (a read-only view)."""
-        return (self._views or self._make_views())[1]
-
-    @property
-    def hit_wait_ms(self) -> FloatArray:
-        """Expected wait in ms of a request whose model is there, by position (read-only)."""
-        return (self._views or self._make_views())[2]
-
-    def _make_views(self) -> tuple[IntArray, FloatArray, FloatArray]:
-        n = len(self._keys)
-        outstanding, queue_ms = self._outstanding[:n], self._queue_ms[:n]
-        hit_wait_ms = self._hit_wait_ms[:n]
-        for view in (outstanding, queue_ms, hit_wait_ms):
-            view.flags.writeable = False
-        self._views = (outstanding, queue_ms, hit_wait_ms)
-        return self._views
-
-    def position(self, key: str) -> int | None:
-        return self._position.get(key)
-
-    def least_wait(self) -> float:
-        """The least expected wait of any device (``inf`` for an empty table)."""
-        if self._low:  # every wait below the bound is in it, and none above
-            return min(self._low.values())
-        waits = self.queue_ms
-        return waits.item(int(waits.argmin())) if len(waits) else math.inf
-
-    def least_waiting(self, *, at_least: int) -> list[tuple[float, int]]:
-        """``(wait, position)`` of the devices with the least expected wait, in no order.
-
-        At least ``at_least`` of them (or every device, if there are fewer), usually a few more,
-        and every device not listed waits at least as long as each listed one: a caller that
-        needs more continues with the least waits among the rest. Costs O(listed) while enough
-        of the previous ones still wait least (the table keeps them on every write), otherwise
-        one partial sort of the waits. Sort the pairs (or heapify them) for increasing
-        (wait, position).
-        """
-        low = self._low
-        if not at_least <= len(low) <= max(_LOW_SLACK * at_least, _LOW_KEEP) and not (
-            len(low) < at_least and self._low_bound == math.inf  # every device is listed
-        ):
-            self._rebuild_low(max(_LOW_KEEP, 2 * at_least))
-            low = self._low
-        return list(zip(low.values(), low, strict=True))
-
-    def _rebuild_low(self, keep: int) -> None:
-        n = len(self._keys)
-        waits = self._queue_ms[:n]
-        if keep >= n:
-            self._low = dict(enumerate(waits.tolist()))
-            self._low_bound = math.inf
-            return
-        part = np.argpartition(waits, keep)  # part[keep]: the (keep+1)-th smallest wait
-        head = part[:keep]
-        self._low = dict(zip(head.tolist(), waits[head].tolist(), strict=True))
-        self._low_bound = waits.item(int(part[keep]))
-
-    def _track(self, i: int, wait: float) -> None:
-        """Keep the least-waiting set current after position ``i``'s wait changed."""
-        bound = self._low_bound
-        if wait < bound:
-            self._low[i] = wait
-        elif wait > bound:
-            if i in self._low:
-                del self._low[i]
-        elif i in self._low:  # at the bound: it may stay, but need not join
-            self._low[i] = wait
-
-    def add(
-        self,
-        key: str,
-        *,
-        outstanding: int = 0,
-        queue_ms: float = 0.0,
-        hit_wait_ms: float | None = None,
-    ) -> None:
-        """Add a device; ``hit_wait_ms`` defaults to ``queue_ms``."""
-        if key in self._position:
-            raise ValueError(f"device {key!r} is already in the table")
-        n = len(self._keys)
-        if n == len(self._outstanding):
-            self._outstanding = np.concatenate(
-                [self._outstanding, np.zeros_like(self._outstanding)]
-            )
-            self._queue_ms = np.concatenate([self._queue_ms, np.zeros_like(self._queue_ms)])
-            self._hit_wait_ms = np.concatenate(
-                [self._hit_wait_ms, np.zeros_like(self._hit_wait_ms)]
-            )
-        self._keys.append(key)
-        self._position[key] = n
-        self._outstanding[n] = outstanding
-        self._queue_ms[n] = queue_ms
-        self._hit_wait_ms[n] = queue_ms if hit_wait_ms is None else hit_wait_ms
-        self._views = self._columns = None
-        self._track(n, self._queue_ms.item(n))
-
-    def remove(self, key: str) -> None:
-        i = self._require(key)
-        last = len(self._keys) - 1
-        self._low.pop(last, None)
-        if i != last:
-            moved = self._keys[last]
-            self._keys[i] = moved
-            self._position[moved] = i
-            self._outstanding[i] = self._outstanding[last]
-            self._queue_ms[i] = self._queue_ms[last]
-            self._hit_wait_ms[i] = self._hit_wait_ms[last]
-            self._track(i, self._queue_ms.item(i))
-        self._keys.pop()
-        del self._position[key]
-        self._views = self._columns = None
-
-    def update(
-        self,
-        key: str,
-        *,
-        outstanding: int | None = None,
-        queue_ms: float | None = None,
-        hit_wait_ms: float | None = None,
-    ) -> None:
-        """Set a device's values (those given); a ``queue_ms`` without a ``hit_wait_ms`` sets
-        both."""
-        i = self._require(key)
-        if outstanding is not None:
-            self._outstanding[i] = outstanding
-        if queue_ms is not None:
-            self._queue_ms[i] = queue_ms
-            self._track(i, self._queue_ms.item(i))
-        if hit_wait_ms is not None:
-            self._hit_wait_ms[i] = hit_wait_ms
-        elif queue_ms is not None:
-            self._hit_wait_ms[i] = queue_ms
-
-    def adjust(
-        self,
-        key: str,
-        *,
-        outstanding: int = 0,
-        queue_ms: float = 0.0,
-        hit_wait_ms: float | None = None,
-    ) -> None:
-        """Add deltas to a device's load (a negative delta when work leaves);
-        ``hit_wait_ms`` defaults to the ``queue_ms`` delta."""
-        i = self._require(key)
-        self._outstanding[i] += outstanding
-        wait = max(0.0, self._queue_ms.item(i) + queue_ms)
-        self._queue_ms[i] = wait
-        hit_delta = queue_ms if hit_wait_ms is None else hit_wait_ms
-        self._hit_wait_ms[i] = max(0.0, self._hit_wait_ms.item(i) + hit_delta)
-        self._track(i, wait)
-
-    def _require(self, key: str) -> int:
-        i = self._position.get(key)
-        if i is None:
-            raise KeyError(f"device {key!r} is not in the table")
-        return i
+# -- decisions ------------------------------------------------------------------------------------
 
 
 class _Columns:
@@ -353,7 +123,7 @@ class _Columns:
 def _columns(devices: Sequence[DeviceLoad], *, per_request_ms: float) -> _Columns:
     if isinstance(devices, DeviceTable):
         columns = devices._columns
-        if columns is None:  # the table's own index: dict.get, without a method in between
+        if not isinstance(columns, _Columns):  # the table's index: dict.get, no method between
             columns = devices._columns = _Columns(
                 devices.keys,
                 devices.queue_ms,
@@ -414,26 +184,15 @@ class LeastLoaded:
 
     def choose(
         self, request: RouteRequest, devices: Sequence[DeviceLoad], directory: ClusterDirectory
-    ) -> str:
+    ) -> Decision:
         if not devices:
             raise NoDevice("no healthy GPU manager is available")
         if isinstance(devices, DeviceTable):
-            return devices.keys[_pick_min(devices.outstanding, self._rng)]
-        least = min(d.outstanding for d in devices)
-        return self._rng.choice([d.key for d in devices if d.outstanding == least])
-
-
-@dataclass
-class Decision:
-    """Why :class:`LocalityAware` chose a device; kept as ``policy.last`` for metrics and tests."""
-
-    device: str
-    reason: Literal["holder", "load", "replicate", "fallback"]
-    holder_cost_ms: float = math.inf  # expected wait at the best holder
-    # Expected wait + load (+ victims) at the best other device; inf when no other device
-    # could be cheaper than the holder (the search stops as soon as none can).
-    load_cost_ms: float = math.inf
-    victims: list[str] = field(default_factory=list)
+            key = devices.keys[_pick_min(devices.outstanding, self._rng)]
+        else:
+            least = min(d.outstanding for d in devices)
+            key = self._rng.choice([d.key for d in devices if d.outstanding == least])
+        return Decision(device=key, reason="least-loaded")
 
 
 class LocalityAware:
@@ -451,7 +210,7 @@ class LocalityAware:
     least-loaded first: the ``candidates`` least loaded that can make room. ``victims`` says
     which victims a load is charged for: the directory's LRU prediction (``"lru"``, what the GPU
     manager evicts unhinted), or the policy's own cheapest ones (``"value"``, the default,
-    reported in ``last.victims``: the gateway sends them to the GPU manager, which evicts them
+    reported in the decision's ``victims``: the gateway sends them to the GPU manager, which evicts them
     first). A model on more than
     ``holder_sample`` devices has that many of its holders sampled at random.
 
@@ -493,7 +252,6 @@ class LocalityAware:
         if o3:
             self.name = "lalb-o3"
             self.dispatch = "o3"
-        self.last: Decision | None = None
         self.reasons: dict[str, int] = {"holder": 0, "load": 0, "replicate": 0, "fallback": 0}
         # model -> (the directory's holder set, a list of it) for sampling without listing a
         # large set per decision; checked against the set before use (see _sample_holders).
@@ -501,12 +259,12 @@ class LocalityAware:
 
     def choose(
         self, request: RouteRequest, devices: Sequence[DeviceLoad], directory: ClusterDirectory
-    ) -> str:
+    ) -> Decision:
+        """Decide, and count the request towards the model's share of traffic."""
         self.estimates.observe_request(request.model)
         decision = self.decide(request, devices, directory)
-        self.last = decision
         self.reasons[decision.reason] += 1
-        return decision.device
+        return decision
 
     def decide(
         self, request: RouteRequest, devices: Sequence[DeviceLoad], directory: ClusterDirectory
@@ -546,7 +304,7 @@ class LocalityAware:
             reason="load" if holder is None else "replicate",
             holder_cost_ms=holder_cost,
             load_cost_ms=cost,
-            victims=victims,
+            victims=tuple(victims),
         )
 
     def _best_holder(
@@ -650,7 +408,7 @@ class LocalityAware:
             if key in holders:
                 continue
             floor = wait_ms.item(i) + load_ms
-            if floor >= best_cost:
+            if floor > best_cost or (floor == best_cost and not directory.has_slices):
                 break  # waits only grow from here: nothing later can be cheaper
             try:
                 plan = (
@@ -664,7 +422,11 @@ class LocalityAware:
                 continue  # full of pinned models (as the directory sees it)
             victims, victim_cost = plan
             cost = floor + victim_cost
-            if cost < best_cost:
+            if cost < best_cost or (  # at equal cost, the smallest MIG slice that fits (#11)
+                best is not None
+                and cost == best_cost
+                and directory.fits_tighter(key, best[0], request.size_bytes)
+            ):
                 best, best_cost = (key, cost, victims), cost
             tried += 1
             if tried == self.candidates:

@@ -37,6 +37,7 @@ import contextvars
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -51,10 +52,13 @@ from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
 from gpufaas.core.http import error_response, install_token_auth
 from gpufaas.scheduler.peers import EVENTS_PATH, HEARTBEAT_PATH, PEER_PATHS, Membership
 from gpufaas.scheduler.ring import Ring
+from gpufaas.scheduler.transport import NodeReply
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
     from gpufaas.scheduler.estimates import Estimates
-    from gpufaas.scheduler.gateway import Gateway
+    from gpufaas.scheduler.gateway import Gateway, NodeCall
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ __all__ = ["FORWARDED_HEADER", "Replicas", "attach_replicas"]
 
 # Set on a request a replica forwards to the function's owner; the owner never forwards it on.
 FORWARDED_HEADER = "x-gpufaas-forwarded-by"
-_CARRIED = ("x-gpufaas-timeout-ms",)  # client headers the owner must see too
+_FORWARDED_HEADER_BYTES = FORWARDED_HEADER.encode()
 _MODES = ("single", "coordinated", "degraded", "local")
 _MAX_EVENTS_PER_POST = 4096
 # leader: one replica (the ring's owner of this key) places every model, as one gateway would;
@@ -177,27 +181,17 @@ class Replicas:
         """The replica that makes ``name``'s residency decisions."""
         return self.ring.owner(name if self.ownership == "function" else _PLACEMENT_KEY)
 
-    def admit(
-        self, name: str, request_headers: Mapping[str, str], headers: Mapping[str, str]
-    ) -> dict[str, str]:
-        """At ingress: count the request, and return ``headers`` (of the encoded request) with
-        what the owner must see if it is forwarded: the forwarded marker and the timeout."""
-        out = dict(headers)
-        forwarded_by = request_headers.get(FORWARDED_HEADER)
+    def admit(self, name: str, *, forwarded_by: str | None) -> None:
+        """At ingress (:class:`_IngressMarker`, per request): count the request as owned or
+        not, and remember for this request's task whether a peer forwarded it here."""
         if forwarded_by:
-            out[FORWARDED_HEADER] = forwarded_by
             self.metrics.forwarded_in.inc()
             _FORWARDED_IN.set(True)  # this request's own task: see count_requests_once
-        for header in _CARRIED:
-            value = request_headers.get(header)
-            if value is not None:
-                out[header] = value
         if forwarded_by or self.owner(name) == self.self_id:
             self.metrics.owned.inc()
-        return out
 
-    def _owner_elsewhere(self, name: str, headers: Mapping[str, str]) -> str | None:
-        if FORWARDED_HEADER in headers:
+    def _owner_elsewhere(self, name: str) -> str | None:
+        if _FORWARDED_IN.get():
             return None  # the sender chose us as the owner: decide here, whatever our ring says
         owner = self.owner(name)
         return None if owner == self.self_id else owner
@@ -207,20 +201,19 @@ class Replicas:
         name: str,
         device_key: str,
         *,
-        path: str,
-        content: bytes,
-        headers: Mapping[str, str],
+        call: NodeCall,
         size_bytes: int,
         victims: Sequence[str],
-    ) -> httpx.Response | None:
-        """A decision that loads ``name`` on ``device_key``: the owner's response if another
-        replica owns the function, else None, and the load is published (place it here)."""
-        owner = self._owner_elsewhere(name, headers)
-        # Only inference is forwarded (admit marks it); an admin load is placed where it lands.
-        if owner is not None and path.endswith("/infer"):
-            response = await self._forward(owner, path=path, content=content, headers=headers)
-            if response is not None:
-                return response
+    ) -> NodeReply | None:
+        """A decision that loads ``name`` on ``device_key``: the owner's answer if another
+        replica owns the placement, else None, and the load is published (place it here)."""
+        owner = self._owner_elsewhere(name)
+        # Only inference is forwarded (the owner's gateway serves the same call); an admin load
+        # is placed where it lands.
+        if owner is not None and call.path.endswith("/infer"):
+            reply = await self._forward(owner, call)
+            if reply is not None:
+                return reply
         # Publish every victim this load will take, as predicted here (the hint first, then
         # least recently used): the peers' own LRU orders differ from ours.
         planned = list(victims)
@@ -231,16 +224,16 @@ class Replicas:
         self.publish(device_key, name, size_bytes=size_bytes, victims=planned)
         return None
 
-    async def _forward(
-        self, owner: str, *, path: str, content: bytes, headers: Mapping[str, str]
-    ) -> httpx.Response | None:
+    async def _forward(self, owner: str, call: NodeCall) -> NodeReply | None:
         peer = self.membership.peer(owner)
         if peer is None:
             return None
         self.metrics.forwarded.labels(owner).inc()
         try:
-            return await peer.client.post(
-                path, content=content, headers={**headers, FORWARDED_HEADER: self.self_id}
+            response = await peer.client.post(
+                call.path,
+                content=bytes(call.body),
+                headers={**call.headers, FORWARDED_HEADER: self.self_id},
             )
         except httpx.TransportError as e:
             # Connection refused or reset: the owner is gone. Serve here (inference is
@@ -249,6 +242,11 @@ class Replicas:
             if self.membership.mark_unreachable(owner, e):
                 self._update_ring()
             return None
+        return NodeReply(
+            status=response.status_code,
+            headers={k.lower(): v for k, v in response.headers.items()},
+            body=response.content,
+        )
 
     # -- residency events --------------------------------------------------------------------
 
@@ -349,7 +347,9 @@ class Replicas:
     # -- HTTP --------------------------------------------------------------------------------
 
     def install(self, app: FastAPI) -> None:
-        """The peer routes (heartbeat, events); with a token, peers must present it."""
+        """The peer routes (heartbeat, events), and the ingress marker; with a token, peers
+        must present it."""
+        app.add_middleware(_IngressMarker, replicas=self)
         if self.token:
             install_token_auth(
                 app,
@@ -373,6 +373,26 @@ class Replicas:
             except (ValueError, KeyError, TypeError) as e:
                 return error_response(400, f"bad residency events: {e}", reason="InvalidEvents")
             return JSONResponse({"applied": applied})
+
+
+_INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+
+
+class _IngressMarker:
+    """Pure ASGI middleware (no task of its own, so the context variable it sets is the
+    request's): :meth:`Replicas.admit` for every inference request."""
+
+    def __init__(self, app: ASGIApp, *, replicas: Replicas) -> None:
+        self.app = app
+        self.replicas = replicas
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            found = _INFER_PATH.match(scope["path"])
+            if found is not None:
+                marker = next((v for k, v in scope["headers"] if k == _FORWARDED_HEADER_BYTES), b"")
+                self.replicas.admit(found.group(1), forwarded_by=marker.decode() or None)
+        await self.app(scope, receive, send)
 
 
 def count_requests_once(estimates: Estimates) -> None:
@@ -492,12 +512,21 @@ def listening_socket(host: str, port: int, *, shared: bool) -> socket.socket:
     return sock
 
 
-def serve_replica(*, gateway: Gateway, host: str, port: int, shared_port: int | None) -> None:
+def serve_replica(
+    *,
+    gateway: Gateway,
+    host: str,
+    port: int,
+    shared_port: int | None,
+    grpc_port: int | None = None,
+) -> None:
     """Serve on ``port`` (this replica's own: peers and tests reach it there) and, if given, on
-    ``shared_port`` together with the other replicas."""
+    ``shared_port`` together with the other replicas; gRPC too unless ``grpc_port`` is None. As
+    ``scheduler.main.serve`` otherwise (httptools, uvloop, frozen start-up objects)."""
     import gc
 
     import uvicorn
+    import uvloop
 
     from gpufaas.scheduler.gateway import create_app
 
@@ -511,8 +540,25 @@ def serve_replica(*, gateway: Gateway, host: str, port: int, shared_port: int | 
         f" and the shared port {shared_port}" if shared_port is not None else "",
         gateway.policy.name,
     )
-    config = uvicorn.Config(create_app(gateway), log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        create_app(gateway), log_level="warning", access_log=False, http="httptools", loop="uvloop"
+    )
     server = uvicorn.Server(config)
+
+    async def serve_all() -> None:
+        if grpc_port is None:
+            await server.serve(sockets=sockets)
+            return
+        from gpufaas.scheduler.grpc_server import make_server
+
+        grpc_server, bound = make_server(gateway, host=host, port=grpc_port)
+        await grpc_server.start()
+        logger.info("gateway gRPC (KServe v2) on %s:%d", host, bound)
+        try:
+            await server.serve(sockets=sockets)
+        finally:
+            await grpc_server.stop(grace=2.0)
+
     gc.freeze()  # as scheduler/main.py: start-up objects never die
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(server.serve(sockets=sockets))
+        uvloop.run(serve_all())

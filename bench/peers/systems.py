@@ -180,6 +180,7 @@ class Gpufaas(System):
         argv = [
             sys.executable, "-m", "gpufaas.core.cli", "up",
             "--host", "127.0.0.1", "--port", str(self.port),
+            "--grpc-port", str(free_port()),
             "--functions", str(manifests),
             "--nodes", "1", "--cpu-devices", "1",
             "--device-memory", str(self.scenario.device_memory_bytes()),

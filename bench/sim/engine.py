@@ -245,7 +245,7 @@ class Simulation:
         route = RouteRequest(model=model.name, size_bytes=size)
         gc.disable()  # a collection pause is not the decision's cost
         tic = time.thread_time_ns()
-        key = self.policy.choose(route, self.table, self.directory)
+        key = self.policy.choose(route, self.table, self.directory).device
         self.decision_ns.append(time.thread_time_ns() - tic)
         gc.enable()
         last = getattr(self.policy, "last", None)

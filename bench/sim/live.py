@@ -94,7 +94,7 @@ def _request_bodies() -> dict[str, bytes]:
 def _start_cluster(
     args: argparse.Namespace, *, policy: str, functions_dir: Path, home: Path, log: Path
 ) -> tuple[subprocess.Popen[bytes], str]:
-    from gpufaas.core.local import free_port
+    from gpufaas.scheduler.local import free_port
 
     port = free_port()
     command = [
@@ -106,6 +106,7 @@ def _start_cluster(
         "--policy", policy,
         "--host", "127.0.0.1",
         "--port", str(port),
+        "--grpc-port", str(free_port()),
         "--functions", str(functions_dir),
     ]  # fmt: skip
     env = {**os.environ, "GPUFAAS_HOME": str(home), "PYTHONUNBUFFERED": "1"}

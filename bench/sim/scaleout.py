@@ -109,7 +109,7 @@ def _start(
     import subprocess
     import sys
 
-    from gpufaas.core.local import free_port
+    from gpufaas.scheduler.local import free_port
 
     port = free_port()
     command = [
@@ -416,14 +416,13 @@ def decision_overhead_us(*, calls: int = 200_000, replicas: int = 4) -> dict[str
             own_misses=lambda: 0.0,
         )
         samples = np.empty(calls, dtype=np.int64)
-        headers: dict[str, str] = {"content-type": "application/octet-stream"}
         clock = time.perf_counter_ns
         for i in range(calls):
             name = names[(i * 7919) % len(names)]
             t0 = clock()
-            carried = owner.admit(name, {}, headers)
+            owner.admit(name, forwarded_by=None)
             if directory.state("n0/0", name) is None:
-                owner._owner_elsewhere(name, carried)
+                owner._owner_elsewhere(name)
             samples[i] = clock() - t0
         await membership.close()
         return {

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from gpufaas.cache import CacheStats, Tier, TierStats
+from gpufaas.cache import CacheStats, TierStats
 
 
 def test_counters_accumulate_per_tier() -> None:
-    stats = CacheStats((Tier.DEVICE, Tier.HOST))
-    stats.record_hit(Tier.DEVICE)
-    stats.record_miss(Tier.DEVICE)
-    stats.record_miss(Tier.DEVICE)
-    stats.record_move(Tier.HOST, Tier.DEVICE, 100)
-    stats.record_eviction(Tier.DEVICE, 40)
+    stats = CacheStats(("device", "host"))
+    stats.record_hit("device")
+    stats.record_miss("device")
+    stats.record_miss("device")
+    stats.record_move("host", "device", 100)
+    stats.record_eviction("device", 40)
     snap = stats.snapshot()
     assert snap["device"] == {
         "hits": 1,

@@ -193,8 +193,14 @@ def test_rbac_is_least_privilege(rendered: tuple[str, Docs]) -> None:
     assert ("", "pods", "create") not in operator
 
     gateway = _grants(_rules_bound_to(docs, "gf-gpufaas-gateway"))
-    assert {v for _, _, v in gateway} <= {"get", "list", "watch"}
-    assert {r for _, r, _ in gateway} == {"inferencefunctions", "endpoints", "endpointslices"}
+    # Read-only, except moving a handler's scale (0 <-> 1) for scale-from-zero.
+    writes = {g for g in gateway if g[2] not in {"get", "list", "watch"}}
+    assert writes == {("apps", "deployments/scale", "patch")}
+    assert ("apps", "deployments", "get") in gateway
+    assert not {g for g in gateway if g[1] == "deployments" and g[2] != "get"}
+    assert {r for _, r, _ in gateway} == {
+        "inferencefunctions", "endpoints", "endpointslices", "deployments", "deployments/scale",
+    }  # fmt: skip
 
     assert _rules_bound_to(docs, "gf-gpufaas-gpu-manager") == []
 

@@ -59,7 +59,7 @@ def test_valid_manifest_round_trips_with_camel_case() -> None:
     ("path", "value", "field"),
     [
         ("spec.model.uri", "ftp://x/y", "spec.model.uri"),
-        ("spec.model.format", "onnx", "spec.model.format"),
+        ("spec.model.format", "tensorflow-savedmodel", "spec.model.format"),
         ("spec.model.sha256", "xyz", "spec.model.sha256"),
         ("spec.inputs.0.datatype", "FP8", "spec.inputs[0].datatype"),
         ("spec.inputs.0.shape", [0, 4], "spec.inputs[0].shape"),

@@ -75,14 +75,14 @@ def test_constraints_survive_the_conversion() -> None:
     assert model["required"] == ["uri", "format"]
     assert model["properties"]["format"]["enum"] == [f.value for f in ModelFormat]
     assert model["properties"]["uri"]["pattern"].startswith("^(file|https?|s3)")
-    assert model["properties"]["sha256"]["nullable"] is True
+    assert "nullable" not in model["properties"]["sha256"]  # null is pruned: the same as absent
     assert model["description"]
     assert spec["properties"]["inputs"]["minItems"] == 1
     assert spec["properties"]["inputs"]["items"]["properties"]["shape"]["items"]["minimum"] == -1
     latency = spec["properties"]["slo"]["properties"]["latencyMs"]
-    assert (latency["minimum"], latency["exclusiveMinimum"], latency["nullable"]) == (0, True, True)
+    assert (latency["minimum"], latency["exclusiveMinimum"]) == (0, True)
     handler = spec["properties"]["handler"]
-    assert handler["nullable"] is True and handler["required"] == ["image"]
+    assert handler["required"] == ["image"]
     assert "minReplicas <= self.maxReplicas" in handler["x-kubernetes-validations"][0]["rule"]
     assert status["properties"]["phase"]["enum"] == [p.value for p in Phase]
     assert status["properties"]["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
@@ -108,6 +108,8 @@ def test_names_columns_and_subresources() -> None:
         "Size": ("integer", ".status.modelBytes"),
         "Resident": ("integer", ".status.residentCount"),
         "Age": ("date", ".metadata.creationTimestamp"),
+        "Handler": ("integer", ".status.handlerReplicas"),
+        "Shards": ("integer", ".spec.parallelism.shards"),
     }
 
 

@@ -10,12 +10,22 @@ import pytest
 import tritonclient.http as triton
 from local_up import running_up
 
+from gpufaas.scheduler.local import free_port
+
 MAX_REQUEST_BYTES = 1 << 20
 MANAGER_TOKEN = "e2e-manager-secret"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, example_models_dir: Path) -> Iterator[str]:
+def grpc_port() -> int:
+    """The gRPC port of the ``server`` fixture's gateway."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, example_models_dir: Path, grpc_port: int
+) -> Iterator[str]:
     """``gpufaas up`` on a free port; stopped with Ctrl-C (SIGINT) at the end."""
     env = {
         **os.environ,
@@ -31,6 +41,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, example_models_dir: Path) -
         "1Gi",
         "--max-request-bytes",
         str(MAX_REQUEST_BYTES),
+        "--grpc-port",
+        str(grpc_port),
     ]
     with running_up(args, env=env) as url:
         yield url

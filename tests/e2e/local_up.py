@@ -11,16 +11,18 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import httpx
 
-from gpufaas.core.local import die_with_parent, free_port
+from gpufaas.scheduler.local import die_with_parent, free_port
 
 
 @contextlib.contextmanager
 def running_up(args: Sequence[str], *, env: Mapping[str, str]) -> Iterator[str]:
     """``gpufaas up ARGS`` on a free port until ready; yields its URL, then stops it with
-    Ctrl-C (SIGINT) and asserts it exits cleanly within 30 s."""
+    Ctrl-C (SIGINT) and asserts it exits cleanly within 30 s. gRPC goes on a free port too,
+    unless ARGS name one."""
     port = free_port()
+    grpc = [] if "--grpc-port" in args else ["--grpc-port", str(free_port())]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port), *args],
+        [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port), *grpc, *args],
         env=dict(env),
         preexec_fn=die_with_parent,
     )

@@ -21,15 +21,15 @@ import httpx
 import numpy as np
 import pytest
 
-from gpufaas.core.local import (
+from gpufaas.core.manifests import bundled_functions_dir
+from gpufaas.core.protocol import decode_response, encode_request, parse_header_length
+from gpufaas.scheduler.local import (
     ManagerOptions,
     die_with_parent,
     free_port,
     manager_command,
     stop_processes,
 )
-from gpufaas.core.manifests import bundled_functions_dir
-from gpufaas.core.protocol import decode_response, encode_request, parse_header_length
 
 pytestmark = pytest.mark.slow
 

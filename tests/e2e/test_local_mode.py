@@ -144,9 +144,9 @@ def test_metrics_are_exported(
         "gpufaas_queue_wait_seconds_count",
         "gpufaas_slo_requests_total",
     ):
-        assert f"{family}{{" in text and 'policy="lb"' in text, family
-    assert 'gpufaas_route_decisions_total{policy="lb",reason="least-loaded"}' in text
-    assert "gpufaas_dispatch_overtakes 0.0" in text  # lb serves each queue in order
+        assert f"{family}{{" in text and 'policy="lalb-o3"' in text, family  # the default
+    assert 'gpufaas_route_decisions_total{policy="lalb-o3",reason="' in text
+    assert "gpufaas_dispatch_overtakes " in text
     cluster = httpx.get(f"{server}/v2/gpufaas/cluster", timeout=10).json()
     residents = {r[0] for d in cluster["devices"] for r in d["residents"]}
     assert "tiny-mlp" in residents
@@ -168,12 +168,16 @@ def test_model_repository_unload_and_load(server: str) -> None:
         httpx.post(f"{server}/v2/repository/models/small-cnn/unload", timeout=30).status_code == 200
     )
     index = {m["name"]: m for m in httpx.post(f"{server}/v2/repository/index", timeout=30).json()}
-    assert index["small-cnn"]["state"] == "UNAVAILABLE"
+    # Servable (it loads on the next request) though resident nowhere: readiness and
+    # residency are separate fields, and the index agrees with /ready.
+    assert index["small-cnn"]["state"] == "READY"
+    assert index["small-cnn"]["resident_on"] == [] and index["small-cnn"]["loading_on"] == []
+    assert httpx.get(f"{server}/v2/models/small-cnn/ready", timeout=30).status_code == 200
     assert (
         httpx.post(f"{server}/v2/repository/models/small-cnn/load", timeout=60).status_code == 200
     )
     index = {m["name"]: m for m in httpx.post(f"{server}/v2/repository/index", timeout=30).json()}
-    assert index["small-cnn"]["state"] == "READY"
+    assert index["small-cnn"]["state"] == "READY" and index["small-cnn"]["resident_on"]
     assert json.loads(httpx.post(f"{server}/v2/repository/models/nope/load", timeout=30).text)[
         "error"
     ]

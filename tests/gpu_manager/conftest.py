@@ -121,6 +121,9 @@ def runtime_factory(tmp_path: Path) -> Callable[..., NodeRuntime]:
         if scripted is not False:
             kwargs = scripted if isinstance(scripted, dict) else {}
             backends = {d.id: ScriptedBackend(d, **kwargs) for d in infos}
+        # Registration prepares sidecars in the background; tests of the request path start
+        # without that race unless they ask for it (test_chain.py covers it).
+        options.setdefault("prepare_on_register", False)
         runtime = NodeRuntime(
             devices=infos,
             store=ArtifactStore(tmp_path / "artifacts"),

@@ -51,7 +51,13 @@ def test_the_loading_benchmark_measures_every_path(
     assert first["load_ms"] > 0 and first["compute_ms"] > 0
     (memory,) = report["memory"].values()
     assert memory["device_bytes"] == paths["arena_bytes"]
-    assert "| overlap |" in capsys.readouterr().out
+    disk = report["disk_tier"]
+    assert disk["file_bytes"] > disk["arena_bytes"]  # the arena plus the safetensors header
+    for mode in ("cold", "warm"):
+        assert disk[mode]["refill_gbps"] > 0 and disk[mode]["raw_read_gbps"] > 0, mode
+    assert memory["entry_overhead"] >= 0
+    out = capsys.readouterr().out
+    assert "| overlap |" in out and "| cold |" in out
 
 
 def test_the_benchmark_rejects_bad_arguments(tmp_path: Path) -> None:

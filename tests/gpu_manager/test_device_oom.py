@@ -39,6 +39,7 @@ def _runtime(tmp_path: Path, models: list[Model]) -> tuple[NodeRuntime, Fragment
         store=ArtifactStore(tmp_path / "artifacts"),
         host_capacity_bytes=1 << 30,
         backends={info.id: backend},
+        prepare_on_register=False,
     )
     for model in models:
         runtime.register(model.name, model.spec)
@@ -46,8 +47,7 @@ def _runtime(tmp_path: Path, models: list[Model]) -> tuple[NodeRuntime, Fragment
 
 
 def _resident(runtime: NodeRuntime) -> set[str]:
-    device = runtime.state()["devices"][0]
-    return {r["model"] for r in device["residents"]}
+    return {r.model for r in runtime.state().devices[0].residents}
 
 
 async def test_out_of_memory_evicts_unused_models_and_retries_once(

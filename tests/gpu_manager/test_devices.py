@@ -2,92 +2,63 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import types
+from collections.abc import Collection
 from typing import Any
 
 import pytest
 import torch
+from fake_nvml import FakeGpu, FakeNvml, mixed_mig_node
 
 from gpufaas.gpu_manager.devices import (
+    SMALL_LOAD_BYTES,
     CpuBackend,
+    CpuTransfer,
     DeviceOutOfMemory,
+    DeviceSetupError,
+    NodeHealth,
     TransferFailed,
     allocate_host,
+    allocator_conf_update,
+    cache_capacity,
+    configure_process,
+    copy_lane,
     cpu_devices,
     devices_from_inventory,
     discover_devices,
+    is_fatal_device_error,
     is_out_of_memory,
+    mapping_problems,
     normal_uuid,
+    nvml_enum,
     pcie_gbps,
+    platform_versions,
     read_nvml_inventory,
+    script_fusion_possible,
 )
 from gpufaas.gpu_manager.memory import BufferPool, anonymous_buffer
 
 GiB = 2**30
 
 
-class NVMLError(Exception):
-    pass
-
-
-def fake_nvml() -> types.SimpleNamespace:
+def fake_nvml(**broken: Collection[str]) -> types.SimpleNamespace:
     """Three GPUs as NVML reports them: two joined by NVLink, one split into MIG instances
-    (slot 1 empty). Only the pynvml functions the device layer calls, answering from tables."""
-    gpus: dict[str, dict[str, Any]] = {
-        "g0": {"uuid": "GPU-aaaa0000", "name": "NVIDIA H100", "total": 80 * GiB, "free": 79 * GiB,
-               "pcie": (5, 16, 5, 16), "mig": None},
-        "g1": {"uuid": "GPU-bbbb1111", "name": b"NVIDIA H100", "total": 80 * GiB, "free": 70 * GiB,
-               "pcie": (1, 16, 5, 16), "mig": None},  # idle link downshifted to gen 1
-        "g2": {"uuid": "GPU-cccc2222", "name": "NVIDIA A100", "total": 40 * GiB, "free": 40 * GiB,
-               "pcie": (4, 16, 4, 16), "mig": ["m0", None, "m2"]},
-        "m0": {"uuid": "MIG-dddd3333", "name": "NVIDIA A100 MIG 3g.20gb", "total": 20 * GiB,
-               "free": 19 * GiB},
-        "m2": {"uuid": "MIG-eeee4444", "name": "NVIDIA A100 MIG 2g.10gb", "total": 10 * GiB,
-               "free": 10 * GiB},
+    (slot 1 empty). ``broken`` names functions that fail per handle."""
+    gpus = {
+        "g0": FakeGpu("GPU-aaaa0000", "NVIDIA H100", 80 * GiB, 79 * GiB, (5, 16, 5, 16)),
+        "g1": FakeGpu("GPU-bbbb1111", b"NVIDIA H100", 80 * GiB, 70 * GiB, (1, 16, 5, 16)),
+        "g2": FakeGpu("GPU-cccc2222", "NVIDIA A100", 40 * GiB, 40 * GiB, (4, 16, 4, 16),
+                      mig=["m0", None, "m2"]),
+        "m0": FakeGpu("MIG-dddd3333", "NVIDIA A100 MIG 3g.20gb", 20 * GiB, 19 * GiB),
+        "m2": FakeGpu("MIG-eeee4444", "NVIDIA A100 MIG 2g.10gb", 10 * GiB, 10 * GiB),
     }  # fmt: skip
-    nvlink = {("g0", "g1"), ("g1", "g0")}
-
-    def pcie(index: int) -> Any:
-        return lambda h: gpus[h]["pcie"][index]
-
-    def mig_mode(handle: str) -> tuple[int, int]:
-        if gpus[handle]["mig"] is None:
-            raise NVMLError("not supported")
-        return (1, 1)
-
-    def mig_handle(handle: str, slot: int) -> str:
-        found = gpus[handle]["mig"][slot]
-        if found is None:
-            raise NVMLError("not found")
-        return str(found)
-
-    def p2p(a: str, b: str, capability: int) -> int:
-        if capability == 2:  # NVLINK
-            return 0 if (a, b) in nvlink else 2
-        return 0 if {a, b} <= {"g0", "g1"} else 2  # READ
-
-    return types.SimpleNamespace(
-        NVMLError=NVMLError,
-        NVML_DEVICE_MIG_ENABLE=1,
-        NVML_P2P_STATUS_OK=0,
-        NVML_P2P_CAPS_INDEX_READ=0,
-        NVML_P2P_CAPS_INDEX_NVLINK=2,
-        nvmlDeviceGetCount=lambda: 3,
-        nvmlDeviceGetHandleByIndex=lambda i: f"g{i}",
-        nvmlDeviceGetUUID=lambda h: gpus[h]["uuid"],
-        nvmlDeviceGetName=lambda h: gpus[h]["name"],
-        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(
-            total=gpus[h]["total"], free=gpus[h]["free"], used=gpus[h]["total"] - gpus[h]["free"]
-        ),
-        nvmlDeviceGetCurrPcieLinkGeneration=pcie(0),
-        nvmlDeviceGetCurrPcieLinkWidth=pcie(1),
-        nvmlDeviceGetMaxPcieLinkGeneration=pcie(2),
-        nvmlDeviceGetMaxPcieLinkWidth=pcie(3),
-        nvmlDeviceGetMigMode=mig_mode,
-        nvmlDeviceGetMaxMigDeviceCount=lambda h: len(gpus[h]["mig"]),
-        nvmlDeviceGetMigDeviceHandleByIndex=mig_handle,
-        nvmlDeviceGetP2PStatus=p2p,
-    )
+    for handle, names in broken.items():
+        gpus[handle].broken = names
+    return FakeNvml(
+        gpus=gpus, nvlink={("g0", "g1"), ("g1", "g0")}, p2p={frozenset(("g0", "g1"))}
+    ).module()
 
 
 def test_nvml_inventory_lists_gpus_mig_instances_links_and_pcie() -> None:
@@ -226,3 +197,297 @@ def test_buffer_pool_reuses_exact_sizes_within_its_budget() -> None:
 def test_anonymous_buffer_rejects_a_negative_size() -> None:
     with pytest.raises(ValueError, match=">= 0"):
         anonymous_buffer(-1)
+
+
+# --- review finding 1: NVML ---------------------------------------------------------------------
+
+
+def test_the_fake_takes_the_real_constants_and_rejects_a_tuple_as_ctypes_does() -> None:
+    import ctypes
+
+    import pynvml
+
+    nvml = fake_nvml()
+    assert nvml.NVML_P2P_CAPS_INDEX_READ == pynvml.NVML_P2P_CAPS_INDEX_READ == (0,)
+    with pytest.raises(ctypes.ArgumentError):  # what the unfixed call did on every 2-GPU node
+        nvml.nvmlDeviceGetP2PStatus("g0", "g1", nvml.NVML_P2P_CAPS_INDEX_READ)
+    assert nvml_enum(nvml.NVML_P2P_CAPS_INDEX_READ) == 0 and nvml_enum(2) == 2
+
+
+def test_p2p_reads_are_found_with_the_real_tuple_constant() -> None:
+    inventory = {d.uuid: d for d in read_nvml_inventory(fake_nvml())}
+    assert inventory["GPU-aaaa0000"].p2p_to == ("GPU-bbbb1111",)
+    assert inventory["GPU-bbbb1111"].p2p_to == ("GPU-aaaa0000",)
+
+
+@pytest.mark.parametrize(
+    ("handle", "function"),
+    [
+        ("g1", "nvmlDeviceGetUUID"),
+        ("g1", "nvmlDeviceGetHandleByIndex"),
+        ("g1", "nvmlDeviceGetMemoryInfo"),
+        ("g1", "nvmlDeviceGetName"),
+        ("m0", "nvmlDeviceGetMemoryInfo"),
+    ],
+)
+def test_an_error_on_one_device_leaves_only_that_device_out(handle: str, function: str) -> None:
+    uuids = [d.uuid for d in read_nvml_inventory(fake_nvml(**{handle: [function]}))]
+    gone = {"g1": "GPU-bbbb1111", "m0": "MIG-dddd3333"}[handle]
+    everyone = ["GPU-aaaa0000", "GPU-bbbb1111", "GPU-cccc2222", "MIG-dddd3333", "MIG-eeee4444"]
+    assert uuids == [u for u in everyone if u != gone]
+
+
+def test_a_failing_optional_query_keeps_the_device() -> None:
+    inventory = {
+        d.uuid: d for d in read_nvml_inventory(fake_nvml(g0=["pcie", "nvmlDeviceGetP2PStatus"]))
+    }
+    assert inventory["GPU-aaaa0000"].pcie == {} and inventory["GPU-aaaa0000"].p2p_to == ()
+    assert inventory["GPU-aaaa0000"].total_bytes == 80 * GiB
+
+
+def test_memory_info_is_not_asked_of_a_mig_enabled_parent() -> None:
+    fake = FakeNvml(gpus=mixed_mig_node().gpus)
+    inventory = {d.uuid: d for d in read_nvml_inventory(fake.module())}
+    asked = [args[0] for name, args in fake.calls if name == "nvmlDeviceGetMemoryInfo"]
+    assert "g0" not in asked and {"g1", "m0", "m1", "m2"} <= set(asked)
+    parent = inventory["GPU-0000aaaa"]
+    assert parent.mig_mode and parent.total_bytes is None and parent.free_bytes is None
+    assert inventory["MIG-2222cccc"].mig_profile == "3g.40gb"
+    assert inventory["MIG-3333dddd"].mig_profile == "2g.20gb"
+
+
+# --- review finding 2: no silent CPU fall-back ----------------------------------------------------
+
+
+def _inventory() -> list[Any]:
+    return read_nvml_inventory(fake_nvml())
+
+
+def test_nvml_gpus_without_cuda_in_torch_is_a_problem_naming_the_fix() -> None:
+    (problem,) = mapping_problems(
+        _inventory(), cuda_available=False, torch_uuids=[], visible_devices=None
+    )
+    assert "has no CUDA" in problem and "--force-cpu" in problem and "TORCH_SPEC" in problem
+
+
+def test_a_uuid_that_does_not_map_is_a_problem() -> None:
+    uuids = ["GPU-aaaa0000", "GPU-bbbb1111", "GPU-ffffffff"]
+    problems = mapping_problems(
+        _inventory(), cuda_available=True, torch_uuids=uuids, visible_devices="0,1,2"
+    )
+    assert problems == ["cuda:2 (UUID GPU-ffffffff) matches no GPU NVML reports"]
+    unreadable = mapping_problems(
+        _inventory(), cuda_available=True, torch_uuids=[None], visible_devices="0"
+    )
+    assert "cannot read the UUID of cuda:0" in unreadable[0]
+
+
+def test_a_gpu_hidden_only_by_cuda_visible_devices_is_fine() -> None:
+    inventory = _inventory()
+    assert (
+        mapping_problems(
+            inventory, cuda_available=True, torch_uuids=["aaaa0000"], visible_devices="0"
+        )
+        == []
+    )
+    problems = mapping_problems(
+        inventory, cuda_available=True, torch_uuids=["aaaa0000"], visible_devices=None
+    )
+    assert problems == [
+        "GPU GPU-bbbb1111 (NVIDIA H100) is not visible to torch, and CUDA_VISIBLE_DEVICES "
+        "does not hide it"
+    ]
+
+
+def test_discovery_refuses_to_start_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pynvml
+
+    from gpufaas.gpu_manager import devices as devices_module
+
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)
+    monkeypatch.setattr(devices_module, "read_nvml_inventory", lambda nvml: _inventory())
+    # This machine's torch has no CUDA, as on a node where a CPU wheel was installed.
+    with pytest.raises(DeviceSetupError, match="has no CUDA"):
+        discover_devices(cpu_devices=1, device_memory=GiB)
+    forced = discover_devices(cpu_devices=2, device_memory=GiB, force_cpu=True)
+    assert [d.id for d in forced] == ["cpu:0", "cpu:1"]
+
+    def broken(nvml: Any) -> list[Any]:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+
+    monkeypatch.setattr(devices_module, "read_nvml_inventory", broken)
+    with pytest.raises(DeviceSetupError, match="cannot list the GPUs"):
+        discover_devices(cpu_devices=1, device_memory=GiB)
+
+
+def test_platform_versions_name_torch_its_cuda_and_the_driver() -> None:
+    versions = platform_versions()
+    assert versions["torch"] == torch.__version__
+    assert versions["torch_cuda"] == torch.version.cuda  # None for this CPU wheel
+    assert set(versions) == {"torch", "torch_cuda", "driver", "driver_cuda"}
+
+
+def test_the_makefile_reinstalls_when_the_torch_spec_changes(tmp_path: Any) -> None:
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    repo = Path(__file__).resolve().parents[2]
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("#!/bin/sh\n")
+    (venv / "bin" / "python").chmod(0o755)
+
+    def dry_run(spec: str) -> str:
+        return subprocess.run(
+            ["make", "-n", "-C", str(repo), "install", f"VENV={venv}", f"TORCH_SPEC={spec}"],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout  # fmt: skip
+
+    assert 'pip install -q "torch==2.13.0"' in dry_run("torch==2.13.0")
+    stamp = subprocess.run(
+        ["make", "-s", "-C", str(repo), "torch-stamp", f"VENV={venv}", "TORCH_SPEC=torch==2.13.0"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    # As if that spec and the project over it were installed (the project after torch).
+    Path(stamp).touch()
+    (venv / ".installed").touch()
+    later = time.time() + 10
+    os.utime(venv / ".installed", (later, later))
+    assert "pip install" not in dry_run("torch==2.13.0")
+    changed = dry_run("torch==2.11.0")
+    assert 'pip install -q "torch==2.11.0"' in changed
+    assert "pip install -q -e ." in changed  # the project is re-installed over the new torch
+
+
+# --- review finding 3: fatal CUDA errors ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA error: device-side assert triggered\nCUDA kernel errors might be reported later",
+        "CUDA error: an illegal memory access was encountered",
+        "The following operation failed in the TorchScript interpreter.\n"
+        "RuntimeError: CUDA error: misaligned address",
+        "CUDA error: unspecified launch failure",
+    ],
+)
+def test_sticky_cuda_errors_are_fatal(message: str) -> None:
+    assert is_fatal_device_error(RuntimeError(message))
+    try:
+        try:
+            raise RuntimeError(message)
+        except RuntimeError as inner:
+            raise ValueError("wrapped") from inner
+    except ValueError as outer:
+        assert is_fatal_device_error(outer)
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["CUDA out of memory. Tried to allocate 2 GiB", "index 99 is out of bounds", "shape mismatch"],
+)
+def test_ordinary_errors_are_not_fatal(message: str) -> None:
+    assert not is_fatal_device_error(RuntimeError(message))
+
+
+def test_node_health_fails_once_and_stays_failed() -> None:
+    fatal: list[str] = []
+    health = NodeHealth(on_fatal=fatal.append)
+    assert health.ready
+    first = health.device_failed("cuda:0", RuntimeError("CUDA error: device-side assert triggered"))
+    health.device_failed("cuda:1", RuntimeError("CUDA error: an illegal memory access"))
+    assert not health.ready and first.device_id == "cuda:0"
+    assert fatal == [str(first)] and "device-side assert" in fatal[0]
+
+
+# --- review findings 7, 8, 9: lanes, honest timing, capacity, allocator ------------------------------
+
+
+def test_small_loads_take_the_high_priority_lane() -> None:
+    assert copy_lane(1 << 20) == "small" and copy_lane(SMALL_LOAD_BYTES) == "small"
+    assert copy_lane(SMALL_LOAD_BYTES + 1) == "large"
+
+
+def test_a_cpu_copy_is_timed_from_its_first_byte_to_its_last() -> None:
+    release = threading.Event()
+    entered: list[float] = []
+    left: list[float] = []
+
+    class Slow(CpuBackend):
+        def _copy_group(self, dst: Any, src: Any, group: int, start: int, end: int) -> None:
+            entered.append(time.perf_counter())
+            if group == 0:
+                assert release.wait(10)
+            super()._copy_group(dst, src, group, start, end)
+            left.append(time.perf_counter())
+
+    backend = Slow(cpu_devices(1, device_memory=GiB)[0])
+    src = torch.ones(2000, dtype=torch.uint8)
+    dst = torch.zeros(2000, dtype=torch.uint8)
+    transfer = backend.start_transfer(dst, src, [(0, 1000), (1000, 2000)])
+    assert transfer.seconds is None  # not finished: no figure yet
+    release.set()
+    transfer.wait_all()
+    seconds = transfer.seconds
+    assert seconds is not None and isinstance(transfer, CpuTransfer)
+    assert transfer.copy_started_at is not None and transfer.copy_finished_at is not None
+    # The span is the copy's own: it starts no later than the first byte, ends no earlier
+    # than the last, and excludes the time between asking and the copy thread starting.
+    assert transfer.started_at <= transfer.copy_started_at <= entered[0]
+    assert transfer.copy_finished_at >= left[-1]
+    assert seconds == pytest.approx(transfer.copy_finished_at - transfer.copy_started_at)
+
+
+def test_capacity_is_free_memory_minus_the_measured_reserve() -> None:
+    assert cache_capacity(total_bytes=80 * GiB, free_bytes=79 * GiB, reserve_bytes=GiB) == 78 * GiB
+    assert (
+        cache_capacity(
+            total_bytes=80 * GiB, free_bytes=79 * GiB, reserve_bytes=GiB, memory_fraction=0.5
+        )
+        == 40 * GiB
+    )
+    assert cache_capacity(total_bytes=GiB, free_bytes=GiB // 2, reserve_bytes=GiB) == 0
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")),
+        (
+            {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"},
+            ("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128,expandable_segments:True"),
+        ),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}, None),
+        ({"PYTORCH_ALLOC_CONF": "expandable_segments:True"}, None),
+    ],
+)
+def test_expandable_segments_are_set_unless_the_operator_chose(
+    environ: dict[str, str], expected: tuple[str, str] | None
+) -> None:
+    assert allocator_conf_update(environ) == expected
+
+
+def test_configure_process_sets_the_allocator_and_turns_script_fusers_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    saved = (torch._C._jit_texpr_fuser_enabled(), torch._C._jit_can_fuse_on_cpu())
+    try:
+        torch._C._jit_override_can_fuse_on_cpu(True)
+        assert script_fusion_possible(torch.device("cpu"))
+        configure_process()
+        assert not script_fusion_possible(torch.device("cpu"))
+        assert not script_fusion_possible(torch.device("cuda", 0))
+        import os
+
+        assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    finally:
+        torch._C._jit_set_texpr_fuser_enabled(saved[0])
+        torch._C._jit_override_can_fuse_on_cpu(saved[1])

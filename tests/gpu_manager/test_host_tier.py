@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import gc
+import itertools
 import os
 from pathlib import Path
 
 import pytest
 import torch
 from gm_support import Model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from gpufaas.core.modelio import load_model, tensor_bytes
 from gpufaas.gpu_manager.host_tier import (
     FALLBACK_RESERVE_FRACTION,
+    HostSlab,
     SidecarError,
     prepare_model,
     read_sidecar,
@@ -21,6 +26,7 @@ from gpufaas.gpu_manager.host_tier import (
     write_sidecar,
 )
 from gpufaas.gpu_manager.layout import named_tensors
+from gpufaas.gpu_manager.memory import SlabAllocator
 
 
 def _prepare(model: Model, **options: int) -> tuple[object, torch.Tensor]:
@@ -109,3 +115,70 @@ def test_a_stale_or_broken_sidecar_is_refused(models: dict[str, Model], tmp_path
     os.unlink(path)
     with pytest.raises(SidecarError):
         read_sidecar(path, skeleton, torch.empty_like(arena))
+
+
+# --- review finding 6: one pinned slab, cut into arenas ---------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 50_000)), max_size=60))
+def test_slab_ranges_never_overlap_stay_aligned_and_merge_back(ops: list[tuple[bool, int]]) -> None:
+    slab = SlabAllocator(256 * 1024, alignment=4096)
+    live: list[int] = []
+    for allocate, size in ops:
+        if allocate or not live:
+            offset = slab.allocate(size)
+            if offset is None:
+                assert slab.largest_free < max(4096, -(-size // 4096) * 4096)
+                continue
+            assert offset % 4096 == 0
+            live.append(offset)
+        else:
+            slab.free(live.pop(size % len(live)))
+        blocks = slab.blocks()
+        for (a, n), (b, _) in itertools.pairwise(blocks):
+            assert a + n <= b  # no two arenas share a byte
+        assert all(a + n <= slab.capacity_bytes for a, n in blocks)
+        assert slab.used_bytes + slab.free_bytes == slab.capacity_bytes
+    for offset in live:
+        slab.free(offset)
+    assert slab.largest_free == slab.capacity_bytes  # free neighbours merged into one hole
+
+
+def test_slab_best_fit_keeps_the_large_hole_for_a_large_arena() -> None:
+    slab = SlabAllocator(100 * 4096, alignment=4096)
+    a, b, c = slab.allocate(10 * 4096), slab.allocate(4096), slab.allocate(40 * 4096)
+    assert a is not None and b is not None and c is not None
+    slab.free(a)  # holes: 10 pages at 0, 49 pages at the end
+    assert slab.allocate(8 * 4096) == 0  # the small hole, not the big one
+    assert slab.allocate(45 * 4096) is not None
+
+
+def test_a_slab_range_returns_when_its_last_view_is_freed() -> None:
+    slab = HostSlab(1 << 20, pin=False)
+    arena, warm = slab.take(300_000)
+    assert warm and arena.numel() == 300_000 and slab.used_bytes == 303_104  # 74 pages
+    view = arena[1000:2000]
+    del arena
+    gc.collect()
+    assert slab.used_bytes == 303_104  # a view still reads it: not handed out twice
+    del view
+    gc.collect()
+    assert slab.used_bytes == 0
+
+
+def test_the_slab_is_pinned_once_and_each_arena_reports_the_truth() -> None:
+    calls: list[tuple[int, int]] = []
+
+    def register(pointer: int, nbytes: int) -> bool:
+        calls.append((pointer, nbytes))
+        return True
+
+    slab = HostSlab(1 << 20, pin=True, register=register, unregister=lambda p: None)
+    assert calls == [(slab.base, 1 << 20)] and slab.pinned
+    arenas = [slab.take(220_000)[0] for _ in range(5)]  # the fifth does not fit: outside
+    assert len(calls) == 1  # taking arenas never pins
+    assert [slab.is_pinned(a) for a in arenas] == [True, True, True, True, False]
+    assert slab.fallbacks == 1
+    unpinned = HostSlab(1 << 20, pin=False, register=register)
+    assert len(calls) == 1 and not unpinned.is_pinned(unpinned.take(10)[0])

@@ -20,13 +20,13 @@ Factory = Callable[..., NodeRuntime]
 
 def _count_fetches(runtime: NodeRuntime) -> list[str]:
     fetched: list[str] = []
-    real_fetch = runtime.store.fetch
+    real_fetch = runtime.artifacts.store.fetch
 
     def fetch(uri: str, **kwargs: Any) -> Path:
         fetched.append(uri)
         return real_fetch(uri, **kwargs)
 
-    runtime.store.fetch = fetch  # type: ignore[method-assign]
+    runtime.artifacts.store.fetch = fetch  # type: ignore[method-assign]
     return fetched
 
 

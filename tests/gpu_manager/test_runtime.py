@@ -7,13 +7,13 @@ import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from gm_support import Model, ScriptedBackend, devices
 
 from gpufaas.core.modelio import load_model, tensor_bytes
+from gpufaas.core.node import DrainingState, Residency, ResidentState
 from gpufaas.gpu_manager.runtime import InferOutcome, NodeRuntime, RuntimeFailure
 
 Factory = Callable[..., NodeRuntime]
@@ -34,10 +34,8 @@ def backend(runtime: NodeRuntime, device_id: str) -> ScriptedBackend:
     return found
 
 
-def resident(runtime: NodeRuntime, device_id: str) -> dict[str, dict[str, Any]]:
-    state = runtime.state()
-    device = next(d for d in state["devices"] if d["id"] == device_id)
-    return {r["model"]: r for r in device["residents"]}
+def resident(runtime: NodeRuntime, device_id: str) -> dict[str, ResidentState]:
+    return {r.model: r for r in runtime.state().device(device_id).residents}
 
 
 async def wait_for(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> None:
@@ -67,10 +65,8 @@ async def test_a_miss_loads_from_host_and_a_hit_has_no_load_cost(
     close(output(second), model.reference(inputs))
     stats = runtime.stats.snapshot()
     assert stats["device"]["hits"] == 1 and stats["device"]["misses"] == 1
-    assert (
-        stats["host"]["misses"] == 1
-        and stats["host"]["bytes_out"]
-        == first.size_bytes - (resident(runtime, "cpu:0")[model.name]["reserve_bytes"])
+    assert stats["host"]["misses"] == 1 and stats["host"]["bytes_out"] == first.size_bytes - (
+        resident(runtime, "cpu:0")[model.name].reserve_bytes
     )
 
 
@@ -88,8 +84,8 @@ async def test_a_model_on_a_neighbouring_device_is_copied_device_to_device(
 
     assert (copied.cache_hit, copied.load_source) == (False, "peer:cpu:0")
     close(output(copied), model.reference(inputs))
-    assert resident(runtime, "cpu:1")[model.name]["source"] == "peer:cpu:0"
-    assert runtime.state()["loads"]["device->device"]["count"] == 1
+    assert resident(runtime, "cpu:1")[model.name].source == "peer:cpu:0"
+    assert runtime.state().loads["device->device"].count == 1
     assert runtime.stats.snapshot()["host"]["hits"] == 0  # the host tier was not read
 
 
@@ -118,7 +114,7 @@ async def test_concurrent_loads_on_two_devices_share_one_host_fill(
     for outcome in outcomes:
         assert outcome.load_source == "host"
         close(output(outcome), model.reference(inputs))
-    assert runtime.state()["host_fills"]["artifact"]["count"] == 1
+    assert runtime.state().host_fills["artifact"].count == 1
 
 
 async def test_exported_models_load_concurrently(
@@ -148,14 +144,14 @@ async def test_host_refill_after_eviction_reads_the_sidecar(
     await runtime.settle()  # the sidecar is written in the background
     await runtime.infer(large.name, large.inputs(), device_id="cpu:0")
     await runtime.settle()
-    assert [r["model"] for r in runtime.state()["host"]["residents"]] == [large.name]
+    assert [r.model for r in runtime.state().host.residents] == [large.name]
 
     again = await runtime.infer(small.name, inputs, device_id="cpu:2")
 
     close(output(again), small.reference(inputs))
-    fills = runtime.state()["host_fills"]
-    assert fills["sidecar"]["count"] == 1 and fills["artifact"]["count"] == 2
-    assert fills["sidecar"]["bytes"] == runtime.skeletons[small.name].layout.arena_bytes
+    fills = runtime.state().host_fills
+    assert fills["sidecar"].count == 1 and fills["artifact"].count == 2
+    assert fills["sidecar"].bytes == runtime.disk.skeletons[small.name].layout.arena_bytes
 
 
 async def test_a_model_too_big_for_the_host_tier_is_served_uncached(
@@ -166,7 +162,7 @@ async def test_a_model_too_big_for_the_host_tier_is_served_uncached(
     outcome = await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
     await runtime.settle()
     close(output(outcome), model.reference(model.inputs()))
-    assert runtime.state()["host"]["residents"] == [] and runtime.host.lru.used_bytes == 0
+    assert runtime.state().host.residents == [] and runtime.host.tier.lru.used_bytes == 0
 
 
 # --- overlap ------------------------------------------------------------------------------------
@@ -182,7 +178,7 @@ async def test_compute_starts_before_the_last_layer_lands(
     outcome = await runtime.infer(model.name, inputs, device_id="cpu:0")
 
     log = backend(runtime, "cpu:0").log
-    groups = len(runtime.skeletons[model.name].layout.groups)
+    groups = len(runtime.disk.skeletons[model.name].layout.groups)
     assert groups == 8  # inp, 6 layers, out: one event per layer
     waits = [g for kind, g in log if kind == "wait"]
     assert waits == list(range(groups))  # each layer waited for once, in forward order
@@ -246,17 +242,18 @@ async def test_a_resident_model_takes_its_tensor_bytes_plus_its_reserve(
 
     row = resident(runtime, "cpu:0")[name]
     weights = tensor_bytes(load_model(model.path, format=model.format))
-    skeleton = runtime.skeletons[name]
-    assert row["weights_bytes"] == weights
-    assert row["size_bytes"] == outcome.size_bytes == row["arena_bytes"] + row["reserve_bytes"]
-    assert row["reserve_bytes"] == skeleton.reserve_bytes > 0
+    skeleton = runtime.disk.skeletons[name]
+    assert row.weights_bytes == weights
+    assert row.arena_bytes is not None and row.reserve_bytes is not None
+    assert row.size_bytes == outcome.size_bytes == row.arena_bytes + row.reserve_bytes
+    assert row.reserve_bytes == skeleton.reserve_bytes > 0
     device_model = runtime.devices["cpu:0"].tier.current(name)
     assert device_model is not None and device_model.arena is not None
-    assert device_model.arena.numel() == row["arena_bytes"]  # what the device really holds
-    assert row["arena_bytes"] - weights < 64 * len(skeleton.layout.storages)
-    assert runtime.devices["cpu:0"].tier.lru.used_bytes == row["size_bytes"]
-    host_row = runtime.state()["host"]["residents"][0]
-    assert host_row["size_bytes"] == row["arena_bytes"]
+    assert device_model.arena.numel() == row.arena_bytes  # what the device really holds
+    assert row.arena_bytes - weights < 64 * len(skeleton.layout.storages)
+    assert runtime.devices["cpu:0"].tier.lru.used_bytes == row.size_bytes
+    host_row = runtime.state().host.residents[0]
+    assert host_row.size_bytes == row.arena_bytes
 
 
 async def test_a_model_in_use_is_never_evicted(
@@ -363,15 +360,15 @@ async def test_unloading_a_model_in_use_keeps_its_bytes_until_the_request_ends(
     await wait_for(lambda: compute.computing == 1)
 
     assert runtime.unload(model.name, device_id="cpu:0") == ["cpu:0"]
-    device_state = runtime.state()["devices"][0]
-    assert device_state["residents"] == []
-    assert device_state["draining"] == [{"model": model.name, "size_bytes": size, "holds": 1}]
-    assert device_state["used_bytes"] == size  # still in use: not free for another model
+    device_state = runtime.state().devices[0]
+    assert device_state.residents == []
+    assert device_state.draining == [DrainingState(model=model.name, size_bytes=size, holds=1)]
+    assert device_state.used_bytes == size  # still in use: not free for another model
 
     compute.gate.set()
     close(output(await busy), model.reference(model.inputs()))
-    assert tier.lru.used_bytes == 0 and runtime.state()["devices"][0]["draining"] == []
-    assert runtime.state()["devices"][0]["pooled_bytes"] > 0  # its arena awaits re-use
+    assert tier.lru.used_bytes == 0 and runtime.state().devices[0].draining == []
+    assert runtime.state().devices[0].pooled_bytes > 0  # its arena awaits re-use
 
     again = await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
     assert again.load_source == "host"
@@ -385,7 +382,7 @@ async def test_changed_weights_drop_every_cached_copy(
     runtime = runtime_factory(register=[model])
     await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
     await runtime.settle()
-    sidecar = runtime.skeletons[model.name].sidecar
+    sidecar = runtime.disk.skeletons[model.name].sidecar
     assert sidecar is not None and sidecar.is_file()
     moved = tmp_path / "moved.pt"
     shutil.copy(model.path, moved)
@@ -394,8 +391,8 @@ async def test_changed_weights_drop_every_cached_copy(
     )
 
     state = runtime.state()
-    assert state["devices"][0]["residents"] == [] and state["host"]["residents"] == []
-    assert model.name not in runtime.skeletons
+    assert state.devices[0].residents == [] and state.host.residents == []
+    assert model.name not in runtime.disk.skeletons
     assert not sidecar.exists()  # the old weights' sidecar is gone with them
     outcome = await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
     assert (outcome.cache_hit, outcome.load_source) == (False, "host")
@@ -436,7 +433,7 @@ async def test_repository_load_waits_until_the_model_is_resident(
     runtime = runtime_factory(register=[model])
     assert await runtime.load(model.name, device_id="cpu:1") == "cpu:1"
     row = resident(runtime, "cpu:1")[model.name]
-    assert row["state"] == "resident" and row["arrived"] and row["pins"] == 0
+    assert row.state is Residency.RESIDENT and row.arrived and row.pins == 0
 
 
 # --- concurrency and batching -------------------------------------------------------------------
@@ -477,7 +474,7 @@ async def test_concurrent_requests_for_one_model_are_batched(
     )
 
     assert [o.batch_size for o in outcomes] == [5] * 5
-    assert runtime.devices["cpu:0"].batchers[model.name].batches == 1
+    assert runtime.batchers[("cpu:0", model.name)].batches == 1
     for outcome, inputs in zip(outcomes, requests, strict=True):
         assert output(outcome).shape == (1, 4)
         close(output(outcome), model.reference(inputs))
@@ -516,7 +513,8 @@ async def test_a_request_the_model_rejects_fails_alone_in_its_batch(
     )
 
     assert isinstance(results[1], RuntimeFailure) and results[1].status == 400
-    assert results[1].reason == "ModelError" and "index" in str(results[1]).lower()
+    # Caught by the index-bound check before upload (a device-side assert on a GPU), by name.
+    assert results[1].reason == "InvalidInput" and "'ids' holds 99" in str(results[1])
     for result, inputs in ((results[0], good[0]), (results[2], good[1])):
         assert isinstance(result, InferOutcome) and result.batch_size == 1
         close(output(result), model.reference(inputs))
@@ -541,15 +539,27 @@ async def test_a_load_evicts_the_schedulers_hinted_victims_first(
     assert sorted(resident(runtime, "cpu:0")) == ["copy-b", "copy-c"]
 
 
-async def test_a_request_without_a_hint_clears_an_older_one(
+async def test_a_hint_applies_only_to_the_load_its_own_request_causes(
     runtime_factory: Factory, models: dict[str, Model]
 ) -> None:
     base = models["tiny-mlp"]
-    a, b, c = (dataclasses.replace(base, name=n) for n in ("copy-a", "copy-b", "copy-c"))
-    runtime = runtime_factory(register=[a, b, c])
-    device = runtime.devices["cpu:0"]
-    await runtime.infer(c.name, c.inputs(), device_id="cpu:0", evict_first=["copy-b"])
-    assert device.evict_hints == {}  # used by the load
-    device.evict_hints[c.name] = ("copy-b",)  # as if a hinted request found c resident
-    await runtime.infer(c.name, c.inputs(), device_id="cpu:0")
-    assert device.evict_hints == {}
+    a, b, c = (dataclasses.replace(base, name=f"copy-{n}") for n in "abc")
+    probe = runtime_factory(register=[a])
+    size = (await probe.infer(a.name, a.inputs(), device_id="cpu:0")).size_bytes
+    runtime = runtime_factory(device_list=devices(1, capacity=2 * size), register=[a, b, c])
+
+    async def call(model: Model, hint: tuple[str, ...] = ()) -> InferOutcome:
+        return await runtime.infer(model.name, model.inputs(), device_id="cpu:0", evict_first=hint)
+
+    await call(a)
+    await call(c)
+    await call(c, ("copy-a",))  # a hit: the hint causes no load and must not linger
+    await call(a)
+    await call(b)  # evicts c, the least recent
+    await call(a)
+    reloaded = await call(c)  # no hint now: LRU evicts b (a lingering hint would evict a)
+    assert not reloaded.cache_hit
+    assert sorted(resident(runtime, "cpu:0")) == ["copy-a", "copy-c"]
+    hinted = await call(b, ("copy-a",))  # its own hint: a goes, though c is least recent
+    assert not hinted.cache_hit
+    assert sorted(resident(runtime, "cpu:0")) == ["copy-b", "copy-c"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -20,9 +21,11 @@ from gpufaas.core.http import (
     REASON_HEADER,
 )
 from gpufaas.core.modelio import load_model, tensor_bytes
+from gpufaas.core.node import STATE, Residency
 from gpufaas.core.protocol import decode_response, encode_request
 from gpufaas.gpu_manager.runtime import NodeRuntime
 from gpufaas.gpu_manager.server import create_app
+from gpufaas.scheduler.cluster import Cluster
 
 Factory = Callable[..., NodeRuntime]
 
@@ -237,3 +240,47 @@ async def test_a_malformed_eviction_hint_is_a_400_and_a_good_one_is_taken(
         headers={**headers, DEVICE_HEADER: "cpu:0", EVICT_FIRST_HEADER: "a, b"},
     )
     assert fine.status_code == 200
+
+
+async def test_the_gateways_cluster_reads_the_node_through_the_typed_contract(
+    runtime_factory: Factory, models: dict[str, Model]
+) -> None:
+    model = models["tiny-mlp"]
+    runtime = runtime_factory(device_list=devices(2), register=[model])
+    await runtime.infer(model.name, model.inputs(), device_id="cpu:1")
+    cluster = Cluster(manager_urls={"n1": "http://manager"})
+    node = cluster.nodes["n1"]
+    await node.client.aclose()
+    node.client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(runtime)), base_url="http://manager"
+    )
+    try:
+        assert await cluster.sync_node(node)
+        size = runtime.state().device("cpu:1").residents[0].size_bytes
+        assert cluster.directory.residents("n1/cpu:1") == [(model.name, Residency.RESIDENT, size)]
+        assert cluster.directory.residents("n1/cpu:0") == []
+        await cluster.push_function(node, "other", model.spec)  # the FUNCTION route, filled
+        assert "other" in runtime.functions
+    finally:
+        await cluster.close()
+
+
+async def test_a_state_that_breaks_the_contract_marks_the_node_down() -> None:
+    async def bad_state(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["path"] == STATE
+        body = b'{"devices": [{"id": "cpu:0"}], "host": {}}'  # required fields missing
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    cluster = Cluster(manager_urls={"n1": "http://manager"})
+    node = cluster.nodes["n1"]
+    node.healthy = True
+    await node.client.aclose()
+    node.client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=bad_state), base_url="http://manager"
+    )
+    try:
+        assert not await cluster.sync_node(node)
+        assert not node.healthy
+    finally:
+        await cluster.close()

@@ -13,11 +13,32 @@ from kmock_harness import (
     patched_environ,
     write_kubeconfig,
 )
+from rbac import Grant, HelmUnavailable, denied, grants_by_component, helm_binary, render_chart
+
+
+@pytest.fixture(scope="session")
+def chart_grants(
+    pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, list[Grant]] | None:
+    """The default install's RBAC rules per component (None without the helm package)."""
+    cache = getattr(pytestconfig, "cache", None)
+    folder = cache.mkdir("gpufaas-helm") if cache is not None else tmp_path_factory.mktemp("helm")
+    try:
+        helm = helm_binary(folder)
+    except HelmUnavailable:
+        return None
+    return grants_by_component(render_chart(helm))
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kube, GatewayStandIn]]:
-    """KMock + a gateway stand-in + the environment the operator reads (no operator yet)."""
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, chart_grants: dict[str, list[Grant]] | None
+) -> Iterator[tuple[Kube, GatewayStandIn]]:
+    """KMock + a gateway stand-in + the environment the operator reads (no operator yet).
+
+    When the module is done, every API call the operator and the gateway made in it is
+    checked against the chart's RBAC rules (:mod:`rbac`): a call they don't allow fails.
+    """
     import kubernetes.config.kube_config as kube_config
 
     server = KMockThread()
@@ -46,3 +67,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kube, Ga
                 kube.http.close()
                 kube_config.KUBE_CONFIG_DEFAULT_LOCATION = old_default
                 server.stop()
+            if chart_grants is not None:
+                problems = denied(server.emulator.calls, chart_grants)
+                assert not problems, "calls the chart's RBAC does not allow:\n" + "\n".join(
+                    problems
+                )

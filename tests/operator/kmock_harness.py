@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime
 import http.server
 import json
@@ -20,7 +21,9 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,8 +31,11 @@ import attrs
 import httpx
 import kmock
 import yaml
+from apiserver_schema import ApiServerSchema
+from kubernetes.utils.quantity import parse_quantity
 
 from gpufaas.core.api import API_VERSION, GROUP, KIND, PLURAL, SINGULAR, VERSION
+from gpufaas.core.crd import build_crd
 
 T = TypeVar("T")
 
@@ -40,11 +46,146 @@ FUNCTIONS = f"/apis/{API_VERSION}"
 RESYNC_SECONDS = "0.5"
 
 
+@dataclass(frozen=True)
+class Call:
+    """One API request as RBAC sees it, and who sent it (by User-Agent)."""
+
+    verb: str
+    group: str
+    resource: str  # plural, or plural/subresource
+    namespace: str | None
+    name: str | None
+    user_agent: str
+    path: str
+    params: tuple[tuple[str, str], ...]
+
+
+@dataclass
+class Fault:
+    """Answer the next ``times`` requests matching method and a path suffix with ``status``."""
+
+    method: str
+    path_suffix: str
+    status: int
+    times: int = 1
+
+
+_BINARY = [("Ei", 2**60), ("Pi", 2**50), ("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)]
+_DECIMAL = [("E", 10**18), ("P", 10**15), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3)]
+
+
+def canonical_quantity(text: str) -> str:
+    """The form the API server stores a Quantity in ("0.1" -> "100m", "1024Mi" -> "1Gi")."""
+    value = Decimal(parse_quantity(text))
+    if value != value.to_integral_value():
+        milli = value * 1000
+        if milli == milli.to_integral_value():
+            return f"{int(milli)}m"
+        return f"{int((value * 10**9).to_integral_value())}n"
+    whole = int(value)
+    suffixes = _BINARY if text.endswith("i") else _DECIMAL
+    for suffix, factor in suffixes:
+        if whole and whole % factor == 0:
+            return f"{whole // factor}{suffix}"
+    return str(whole)
+
+
+def _canonicalize_resources(node: Any) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "resources" and isinstance(value, dict):
+                for kind in ("requests", "limits"):
+                    amounts = value.get(kind)
+                    if isinstance(amounts, dict):
+                        for name, amount in amounts.items():
+                            if isinstance(amount, str | int | float):
+                                amounts[name] = canonical_quantity(str(amount))
+            else:
+                _canonicalize_resources(value)
+    elif isinstance(node, list):
+        for item in node:
+            _canonicalize_resources(item)
+
+
+_CONTROLLER_KINDS = {"deployments", "jobs"}
+FUNCTION_SCHEMA = ApiServerSchema(build_crd())
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _container_defaults(container: dict[str, Any]) -> None:
+    container.setdefault("terminationMessagePath", "/dev/termination-log")
+    container.setdefault("terminationMessagePolicy", "File")
+    container.setdefault("imagePullPolicy", "IfNotPresent")
+    for probe in ("readinessProbe", "livenessProbe"):
+        if isinstance(container.get(probe), dict):
+            container[probe] = {"timeoutSeconds": 1, "successThreshold": 1} | container[probe]
+            get = container[probe].get("httpGet")
+            if isinstance(get, dict):
+                get.setdefault("scheme", "HTTP")
+
+
+def apply_server_defaults(plural: str, body: Any) -> None:
+    """Fields the API server fills in on create, so drift checks meet them as in a cluster."""
+    if not isinstance(body, dict) or not isinstance(body.get("spec"), dict):
+        return
+    spec = body["spec"]
+    if plural == "deployments":
+        spec.setdefault("revisionHistoryLimit", 10)
+        spec.setdefault("progressDeadlineSeconds", 600)
+        spec.setdefault(
+            "strategy",
+            {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"},
+            },
+        )
+        pod = (spec.get("template") or {}).get("spec")
+        if isinstance(pod, dict):
+            pod.setdefault("restartPolicy", "Always")
+            pod.setdefault("dnsPolicy", "ClusterFirst")
+            pod.setdefault("schedulerName", "default-scheduler")
+            pod.setdefault("terminationGracePeriodSeconds", 30)
+            for container in pod.get("containers") or []:
+                _container_defaults(container)
+    elif plural == "services":
+        spec.setdefault("clusterIP", "10.96.0.10")
+        spec.setdefault("clusterIPs", ["10.96.0.10"])
+        spec.setdefault("sessionAffinity", "None")
+        spec.setdefault("ipFamilies", ["IPv4"])
+        spec.setdefault("ipFamilyPolicy", "SingleStack")
+        spec.setdefault("internalTrafficPolicy", "Cluster")
+
+
 @attrs.define(kw_only=True)
 class Emulator(kmock.KubernetesEmulator):
-    """KMock's emulator plus the metadata a real API server stamps on objects."""
+    """KMock's emulator plus what a real API server does that the tests rely on.
+
+    It stamps metadata (uid, resourceVersion, namespace, generation, creationTimestamp),
+    refuses a merge patch whose ``metadata.resourceVersion`` is stale (409), stores
+    Quantities in canonical form, lists with a real resourceVersion, and can be told to
+    fail requests (:class:`Fault`), expire watches (an ERROR 410 event), send BOOKMARKs
+    and end watch streams, as a real server does after a timeout.
+    """
 
     log: list[tuple[str, str]] = attrs.field(factory=list)
+    calls: list[Call] = attrs.field(factory=list)
+    faults: list[Fault] = attrs.field(factory=list)
+    expire_watches: dict[str, int] = attrs.field(factory=dict)  # plural -> watches to expire
+    listed_versions: list[str] = attrs.field(factory=list)  # the resourceVersion of each list
+    admission: bool = True  # validate and default InferenceFunctions with the CRD
+    loop: asyncio.AbstractEventLoop | None = None
     _rv: int = 0
 
     def _next_rv(self) -> str:
@@ -53,12 +194,133 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request) -> Any:  # type: ignore[override]
         self.log.append((str(request.method.value).upper(), request.url.path))
+        self._record(request)
+        self._inject_fault(request)
         if request.resource is not None:
+            self._admit_function(request)
             self._stamp(request)
         return await super()._handle(request)
 
+    def _admit_function(self, request: kmock.Request) -> None:
+        """Validate and default InferenceFunctions with the CRD, as the API server does.
+
+        Creates are checked and stored with the schema's defaults; spec updates are checked
+        on the object they would produce (other updates, like kopf's annotations, pass, as
+        CRD validation ratcheting lets unchanged fields through).
+        """
+        resource = request.resource
+        if not self.admission or resource is None or str(resource.plural) != PLURAL:
+            return
+        data = request.data
+        if request.subresource or not isinstance(data, dict):
+            return
+        if request.action == kmock.action.CREATE:
+            candidate = dict(data, metadata={"name": "x"} | (data.get("metadata") or {}))
+        elif request.action == kmock.action.UPDATE and "spec" in data and request.name:
+            key = (request.resource, request.namespace, request.name)
+            if key not in self.objects or self.objects[key].deleted:
+                return
+            candidate = merge_patch(self.objects[key].raw, data)
+        else:
+            return
+        errors = FUNCTION_SCHEMA.admit(candidate)
+        if errors:
+            raise kmock.KubernetesError(
+                status=422,
+                reason="Invalid",
+                message=f"{KIND}.{GROUP} is invalid: " + "; ".join(errors),
+            )
+        if request.action == kmock.action.CREATE:
+            defaulted = FUNCTION_SCHEMA.default(data)
+            data.clear()
+            data.update(defaulted)
+
+    def _record(self, request: kmock.Request) -> None:
+        resource = request.resource
+        if resource is None or resource.plural is None or request.action is None:
+            return  # discovery (/api, /apis/GROUP/VERSION): every user may read it
+        method = str(request.method.value).upper()
+        action = request.action
+        verb = {
+            kmock.action.LIST: "list",
+            kmock.action.WATCH: "watch",
+            kmock.action.FETCH: "get",
+            kmock.action.CREATE: "create",
+            kmock.action.DELETE: "delete" if request.name else "deletecollection",
+        }.get(action, "patch" if method == "PATCH" else "update")
+        plural = str(resource.plural)
+        self.calls.append(
+            Call(
+                verb=verb,
+                group=str(resource.group or ""),
+                resource=f"{plural}/{request.subresource}" if request.subresource else plural,
+                namespace=request.namespace,
+                name=request.name,
+                user_agent=str(request.headers.get("User-Agent", "")),
+                path=request.url.path,
+                params=tuple(sorted((str(k), str(v)) for k, v in request.params.items())),
+            )
+        )
+
+    def _inject_fault(self, request: kmock.Request) -> None:
+        method = str(request.method.value).upper()
+        for fault in self.faults:
+            if (
+                fault.times > 0
+                and fault.method == method
+                and request.url.path.endswith(fault.path_suffix)
+            ):
+                fault.times -= 1
+                raise kmock.KubernetesError(
+                    status=fault.status,
+                    reason="Conflict" if fault.status == 409 else "Injected",
+                    message=f"injected {fault.status} for {method} {request.url.path}",
+                )
+
+    async def _serve_list(self, request: Any) -> Any:
+        listed = await super()._serve_list(request)
+        listed["metadata"] = {"resourceVersion": str(self._rv)}
+        self.listed_versions.append(str(self._rv))
+        return listed
+
+    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
+        plural = str(request.resource.plural) if request.resource is not None else ""
+        if self.expire_watches.get(plural, 0) > 0:
+            self.expire_watches[plural] -= 1
+            yield b""
+            yield {
+                "type": "ERROR",
+                "object": {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "code": 410,
+                    "reason": "Expired",
+                    "message": "too old resource version",
+                },
+            }
+            return
+        async for event in super()._serve_watch(request):
+            if isinstance(event, dict) and event.get("type") == "END-OF-STREAM":
+                return  # the server's timeoutSeconds ran out: the client resumes
+            yield event
+
+    async def send_to_watchers(
+        self, group: str, version: str, plural: str, event: dict[str, Any]
+    ) -> None:
+        """Put a raw event (BOOKMARK, END-OF-STREAM) on a resource's watch streams."""
+        await self._buses[kmock.resource(group, version, plural)].put(event)
+
     def _stamp(self, request: kmock.Request) -> None:
         data = request.data
+        plural = str(request.resource.plural) if request.resource is not None else ""
+        if plural in _CONTROLLER_KINDS and request.action in {
+            kmock.action.CREATE,
+            kmock.action.UPDATE,
+        }:
+            _canonicalize_resources(data)
+        if request.action == kmock.action.CREATE:
+            apply_server_defaults(plural, data)
         if request.action == kmock.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             if request.namespace and not meta.get("namespace"):
@@ -77,6 +339,15 @@ class Emulator(kmock.KubernetesEmulator):
             if current is None or current.deleted:
                 return
             generation = current.get("metadata", {}).get("generation") or 1
+            if isinstance(data, dict):
+                wanted = (data.get("metadata") or {}).get("resourceVersion")
+                actual = current.get("metadata", {}).get("resourceVersion")
+                if wanted is not None and wanted != actual:
+                    raise kmock.KubernetesError(
+                        status=409,
+                        reason="Conflict",
+                        message=f"the object has been modified (resourceVersion {actual}, not {wanted})",
+                    )
             rv = self._next_rv()
             if isinstance(data, dict):
                 meta = data.setdefault("metadata", {})
@@ -154,6 +425,7 @@ class KMockThread:
                 subresources={"status"},
                 verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
             )
+            emulator.loop = self._loop
             self.emulator = emulator
             self.url = str(server.url).rstrip("/")
             self._ready.set()
@@ -236,6 +508,36 @@ class Kube:
             if method in {"POST", "PATCH", "DELETE", "PUT"}
             and any(f"/{p}" in path for p in plurals)
         ]
+
+    def send_to_watchers(self, plural_path: str, event: dict[str, Any]) -> None:
+        """Put a raw event on the watch streams of ``group/version/plural`` (from any thread)."""
+        group, version, plural = plural_path.split("/")
+        assert self.emulator.loop is not None
+        asyncio.run_coroutine_threadsafe(
+            self.emulator.send_to_watchers(group, version, plural, event), self.emulator.loop
+        ).result(timeout=5)
+
+    def end_watches(self, plural_path: str, namespace: str | None = None) -> None:
+        """End the open watch streams, as the server does when their timeoutSeconds run out."""
+        meta = {} if namespace is None else {"namespace": namespace}
+        self.send_to_watchers(plural_path, {"type": "END-OF-STREAM", "object": {"metadata": meta}})
+
+    def bookmark(
+        self, plural_path: str, resource_version: str, namespace: str | None = None
+    ) -> None:
+        meta: dict[str, Any] = {"resourceVersion": resource_version}
+        if namespace is not None:
+            meta["namespace"] = namespace  # KMock filters events by namespace
+        self.send_to_watchers(
+            plural_path,
+            {
+                "type": "BOOKMARK",
+                "object": {"kind": KIND, "apiVersion": API_VERSION, "metadata": meta},
+            },
+        )
+
+    def calls_by(self, user_agent_prefix: str) -> list[Call]:
+        return [c for c in list(self.emulator.calls) if c.user_agent.startswith(user_agent_prefix)]
 
     def requests_to(self, method: str, path: str) -> int:
         return sum(1 for m, p in list(self.emulator.log) if m == method and p == path)
@@ -323,9 +625,23 @@ class GatewayStandIn:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.authorizations: list[str | None] = []
+        # What GET /v2/gpufaas/cluster answers (None: 503, a gateway that cannot say).
+        self.cluster_state: dict[str, Any] | None = {"nodes": [], "devices": []}
+        self.cluster_reads: list[str | None] = []  # the Authorization of each cluster read
         calls, authorizations = self.calls, self.authorizations
+        stand_in = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                stand_in.cluster_reads.append(self.headers.get("Authorization"))
+                state = stand_in.cluster_state
+                body = json.dumps(state).encode()
+                self.send_response(200 if state is not None else 503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def do_POST(self) -> None:
                 calls.append(self.path)
                 authorizations.append(self.headers.get("Authorization"))

@@ -185,9 +185,8 @@ async def test_discover_gpu_managers_reads_ready_endpoints(
     ]
     by_node = await gpu_manager_urls(namespace=ns, service=service, connection=connection)
     assert by_node == {"gpu-a": "http://10.0.0.1:8090", "gpu-c": "http://10.0.0.3:8090"}
-    assert (
-        await discover_gpu_managers(namespace="empty", service=service, connection=connection) == []
-    )
+    # The gateway only looks in its own namespace (its Role is there): no slices, no managers.
+    assert await discover_gpu_managers(namespace=ns, service="no-such", connection=connection) == []
 
 
 def test_manager_urls_bracket_ipv6_and_match_the_port_by_name() -> None:
@@ -199,3 +198,91 @@ def test_manager_urls_bracket_ipv6_and_match_the_port_by_name() -> None:
     ]
     assert manager_urls(slices) == {"fd00::1": "http://[fd00::1]:8090"}
     assert manager_urls(slices, port_name="grpc") == {}
+
+
+# -- recovery: 410 Gone and bookmarks ------------------------------------------------------------
+
+FUNCTION_RESOURCE = "gpufaas.dev/v1alpha1/inferencefunctions"
+
+
+def _function_calls(kube: Kube, start: int) -> list[tuple[str, str | None]]:
+    """(verb, resourceVersion) of the gateway's InferenceFunction calls since ``start``."""
+    return [
+        (c.verb, dict(c.params).get("resourceVersion"))
+        for c in kube.calls_by("gpufaas-gateway")[start:]
+        if c.resource == "inferencefunctions"
+    ]
+
+
+async def _eventually(predicate: Any, what: str) -> None:
+    for _ in range(200):  # bounded: at most ~10 s
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_gateway_watch_relists_after_410_and_resumes_from_the_new_version(
+    cluster: tuple[Kube, GatewayStandIn], caplog: pytest.LogCaptureFixture
+) -> None:
+    kube, _ = cluster
+    ns = "gone"
+    kube.create(kube.fn_path(ns), function_body("before", handler=False) | _ready_status(1))
+    recorder, stop = Recorder(), asyncio.Event()
+    start = len(kube.calls_by("gpufaas-gateway"))
+    task = asyncio.create_task(
+        watch_functions(
+            namespace=ns, on_ready=recorder.on_ready, on_gone=recorder.on_gone, stop=stop,
+            connection=KubeConnection.load(),
+        )
+    )  # fmt: skip
+    try:
+        assert await recorder.next() == ("ready", "before", "file:///models/m.pt")
+        await _eventually(lambda: len(_function_calls(kube, start)) == 2, "the first watch")
+        # The server forgets old versions: the resumed watch is refused with 410 Gone.
+        kube.emulator.expire_watches["inferencefunctions"] = 1
+        kube.end_watches(FUNCTION_RESOURCE, namespace=ns)
+        await _eventually(lambda: len(_function_calls(kube, start)) >= 5, "re-list and re-watch")
+        first_list_rv = kube.emulator.listed_versions[-2]
+        relist_rv = kube.emulator.listed_versions[-1]
+        assert _function_calls(kube, start)[:5] == [
+            ("list", None),
+            ("watch", first_list_rv),
+            ("watch", first_list_rv),  # resumed after the stream ended: 410 Gone
+            ("list", None),
+            ("watch", relist_rv),  # from the re-list's version
+        ]
+        # And it works: a function made Ready afterwards is served.
+        kube.create(kube.fn_path(ns), function_body("after", handler=False) | _ready_status(1))
+        assert await recorder.next() == ("ready", "after", "file:///models/m.pt")
+        # 410 is routine (no error path, no backoff): nothing was logged as a failure.
+        assert not [r for r in caplog.records if r.name == "gpufaas.scheduler.kube"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def test_gateway_watch_resumes_from_a_bookmark_without_relisting(
+    cluster: tuple[Kube, GatewayStandIn],
+) -> None:
+    kube, _ = cluster
+    ns = "bookmarks"
+    recorder, stop = Recorder(), asyncio.Event()
+    start = len(kube.calls_by("gpufaas-gateway"))
+    task = asyncio.create_task(
+        watch_functions(
+            namespace=ns, on_ready=recorder.on_ready, on_gone=recorder.on_gone, stop=stop,
+            connection=KubeConnection.load(),
+        )
+    )  # fmt: skip
+    try:
+        await _eventually(lambda: len(_function_calls(kube, start)) == 2, "the first watch")
+        kube.bookmark(FUNCTION_RESOURCE, "987654", namespace=ns)
+        kube.end_watches(FUNCTION_RESOURCE, namespace=ns)
+        await _eventually(lambda: len(_function_calls(kube, start)) >= 3, "the resumed watch")
+        assert _function_calls(kube, start)[2] == ("watch", "987654")
+        assert [verb for verb, _ in _function_calls(kube, start)].count("list") == 1
+        assert recorder.events.empty()  # a bookmark is not a function
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)

@@ -222,6 +222,34 @@ def test_job_specs_are_immutable_so_only_metadata_is_patched() -> None:
     assert patch["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
 
 
+def test_quantities_compare_by_value_not_text() -> None:
+    handler = _spec().handler
+    assert handler is not None
+    settings = SETTINGS.model_copy(
+        update={"handler_cpu_request": "0.1", "handler_memory_limit": "1024Mi"}
+    )
+    desired = desired_handler_deployment(OWNER, handler, settings, current_replicas=None)
+    stored = json.loads(json.dumps(desired))
+    resources = stored["spec"]["template"]["spec"]["containers"][0]["resources"]
+    resources["requests"]["cpu"] = "100m"  # what the API server keeps
+    resources["limits"]["memory"] = "1Gi"
+    assert update_patch(desired, stored) is None
+    resources["limits"]["memory"] = "2Gi"  # a real change is still drift
+    assert update_patch(desired, stored) is not None
+    assert not is_subset({"image": "0.1"}, {"image": "100m"})  # only in requests/limits
+
+
+def test_drift_patch_carries_the_resource_version() -> None:
+    handler = _spec().handler
+    assert handler is not None
+    desired = desired_handler_deployment(OWNER, handler, SETTINGS, current_replicas=None)
+    stored = json.loads(json.dumps(desired))
+    stored["metadata"]["resourceVersion"] = "41"
+    stored["spec"]["template"]["spec"]["containers"][0]["image"] = "tampered:1"
+    patch = update_patch(desired, stored)
+    assert patch is not None and patch["metadata"] == {"resourceVersion": "41"}
+
+
 def test_subset_semantics() -> None:
     assert is_subset({"a": 1}, {"a": 1, "b": 2})
     assert not is_subset({"a": 1}, {"a": "1"})
@@ -315,13 +343,25 @@ def _deployment(
         (_deployment(2, 2, 2, observed=None), "False", "RollingOut"),
         (_deployment(2, 0, 1), "False", "RollingOut"),
         (_deployment(2, 1, 2), "False", "Unavailable"),
-        (_deployment(0, 0, 0), "False", "ScaledToZero"),
+        (_deployment(0, 0, 0), "False", "ScaledToZero"),  # minReplicas > 0: must come back
         (_deployment(2, 2, 2), "True", "Available"),
     ],
 )
 def test_handler_readiness(deployment: dict[str, Any] | None, status: str, reason: str) -> None:
     readiness = handler_readiness(deployment)
     assert (readiness.status, readiness.reason) == (status, reason)
+
+
+def test_a_handler_scaled_to_zero_by_design_is_ready() -> None:
+    idle = _deployment(0, 0, 0, generation=3, observed=2)
+    readiness = handler_readiness(idle, scale_from_zero=True)
+    assert (readiness.status, readiness.reason) == ("True", "ScaledToZero")
+    waking = handler_readiness(_deployment(1, 0, 1), scale_from_zero=True)
+    assert (waking.status, waking.reason) == ("True", "Waking")
+    awake = handler_readiness(_deployment(2, 1, 2), scale_from_zero=True)
+    assert (awake.status, awake.reason) == ("True", "Available")
+    # Without scale-from-zero a replica short is still not ready.
+    assert handler_readiness(_deployment(1, 0, 1)).reason == "Unavailable"
 
 
 # -- status --------------------------------------------------------------------------------------

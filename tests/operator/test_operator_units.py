@@ -31,12 +31,19 @@ def test_settings_read_gpufaas_variables() -> None:
     )
 
 
+@pytest.mark.parametrize("quantity", ["0.1", "100m", "131072Ki", "1Gi", "1e3", "2", "1.5G"])
+def test_settings_take_any_valid_quantity(quantity: str) -> None:
+    settings = OperatorSettings.from_env({"GPUFAAS_HANDLER_CPU_REQUEST": quantity})
+    assert settings.handler_cpu_request == quantity
+
+
 @pytest.mark.parametrize(
     ("env", "named"),
     [
         ({"GPUFAAS_RESYNC_SECONDS": "soon"}, "GPUFAAS_RESYNC_SECONDS"),
         ({"GPUFAAS_GATEWAY_URL": "gateway:8080"}, "GPUFAAS_GATEWAY_URL"),
         ({"GPUFAAS_HANDLER_MEMORY_LIMIT": "lots"}, "GPUFAAS_HANDLER_MEMORY_LIMIT"),
+        ({"GPUFAAS_HANDLER_MEMORY_LIMIT": "1KB"}, "GPUFAAS_HANDLER_MEMORY_LIMIT"),
         ({"GPUFAAS_IMAGE_PULL_POLICY": "Sometimes"}, "GPUFAAS_IMAGE_PULL_POLICY"),
     ],
 )

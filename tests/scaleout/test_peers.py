@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry
 
 from gpufaas.cache import ClusterDirectory, Residency
 from gpufaas.scheduler.peers import Membership, peer_urls, static_peers
-from gpufaas.scheduler.replicas import FORWARDED_HEADER, Replicas
+from gpufaas.scheduler.replicas import Replicas
 from gpufaas.scheduler.ring import Ring
 
 
@@ -53,7 +53,7 @@ async def test_modes_follow_reachability() -> None:
 
 
 async def test_a_heartbeat_that_fails_to_connect_makes_a_peer_unreachable() -> None:
-    from gpufaas.core.local import free_port
+    from gpufaas.scheduler.local import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     membership = Membership(self_url="http://127.0.0.1:1", discover=static_peers([dead]))
@@ -95,22 +95,30 @@ async def test_a_peers_load_is_noted_with_its_victims() -> None:
     await replicas.membership.close()
 
 
-async def test_admit_counts_owned_requests_and_carries_the_marker() -> None:
+async def test_admit_counts_owned_requests_and_a_forwarded_one_is_placed_here() -> None:
+    import asyncio
+
+    from gpufaas.scheduler.replicas import _FORWARDED_IN
+
     replicas, _ = _replicas("http://a", ["http://a", "http://b"])
     ring = Ring(["http://a", "http://b"])
     mine = next(f"f{i}" for i in range(100) if ring.owner(f"f{i}") == "http://a")
     theirs = next(f"f{i}" for i in range(100) if ring.owner(f"f{i}") == "http://b")
     assert replicas.owner(mine) == "http://a" and replicas.owner(theirs) == "http://b"
-    out = replicas.admit(theirs, {"x-gpufaas-timeout-ms": "50"}, {"content-type": "x"})
-    assert out == {"content-type": "x", "x-gpufaas-timeout-ms": "50"}
-    forwarded = replicas.admit(theirs, {FORWARDED_HEADER: "http://b"}, {})
-    assert forwarded[FORWARDED_HEADER] == "http://b"
-    replicas.admit(mine, {}, {})
-    assert replicas.metrics.owned._value.get() == 2  # the forwarded one and the own one
-    assert replicas.cluster_misses() == 3.0
+
+    async def ingress(name: str, forwarded_by: str | None) -> str | None:
+        # Each request runs in its own task, as under uvicorn.
+        replicas.admit(name, forwarded_by=forwarded_by)
+        return replicas._owner_elsewhere(name)
+
+    assert await asyncio.create_task(ingress(theirs, None)) == "http://b"
     # A forwarded request is placed here whatever the ring says: no forwarding loops.
-    assert replicas._owner_elsewhere(theirs, forwarded) is None
-    assert replicas._owner_elsewhere(theirs, out) == "http://b"
+    assert await asyncio.create_task(ingress(theirs, "http://b")) is None
+    assert await asyncio.create_task(ingress(mine, None)) is None
+    assert not _FORWARDED_IN.get()  # the marker stayed in the forwarded request's task
+    assert replicas.metrics.owned._value.get() == 2  # the forwarded one and the own one
+    assert replicas.metrics.forwarded_in._value.get() == 1
+    assert replicas.cluster_misses() == 3.0
     await replicas.membership.close()
 
 

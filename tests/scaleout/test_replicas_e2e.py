@@ -20,17 +20,17 @@ import numpy as np
 import pytest
 import yaml
 
-from gpufaas.core.local import (
+from gpufaas.core.commands import ManagerOptions
+from gpufaas.core.manifests import bundled_functions_dir
+from gpufaas.core.protocol import encode_request
+from gpufaas.scheduler.local import (
     GatewayReplicaOptions,
-    ManagerOptions,
     die_with_parent,
     free_port,
     gateway_command,
     manager_command,
     stop_processes,
 )
-from gpufaas.core.manifests import bundled_functions_dir
-from gpufaas.core.protocol import encode_request
 
 pytestmark = pytest.mark.slow
 

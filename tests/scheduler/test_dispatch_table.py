@@ -129,7 +129,7 @@ async def test_a_policy_routes_on_the_dispatcher_table() -> None:
     directory.note_loaded("n/a", "m", size_bytes=100)
     policy = make_policy("lalb", seed=0)
     request = RouteRequest(model="m", size_bytes=100)
-    assert policy.choose(request, dispatcher.table, directory) == "n/a"
+    assert policy.choose(request, dispatcher.table, directory).device == "n/a"
     gate = Gate()
     busy = [
         asyncio.create_task(
@@ -139,7 +139,7 @@ async def test_a_policy_routes_on_the_dispatcher_table() -> None:
     ]
     await settle()
     # Ten seconds of work queued on the holder: loading the model on the idle device wins.
-    assert policy.choose(request, dispatcher.table, directory) == "n/b"
+    assert policy.choose(request, dispatcher.table, directory).device == "n/b"
     gate.released.set()
     await asyncio.wait_for(asyncio.gather(*busy), TIMEOUT)
 

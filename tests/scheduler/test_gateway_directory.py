@@ -16,6 +16,7 @@ from gpufaas.core.protocol import encode_request
 from gpufaas.gpu_manager.devices import cpu_devices
 from gpufaas.gpu_manager.runtime import NodeRuntime
 from gpufaas.gpu_manager.server import create_app as create_manager_app
+from gpufaas.scheduler.gateway import GatewayConfig, NodeCall
 from gpufaas.scheduler.main import build_gateway
 
 
@@ -48,7 +49,10 @@ async def test_in_flight_bookkeeping_empties_when_requests_are_answered(
         host_capacity_bytes=1 << 30,
     )
     gateway = build_gateway(
-        manager_urls={"node-0": "http://manager"}, functions=functions, policy="lalb-o3"
+        manager_urls={"node-0": "http://manager"},
+        functions=functions,
+        policy="lalb-o3",
+        config=GatewayConfig(transport="httpx"),
     )
     node = gateway.cluster.nodes["node-0"]
     await node.client.aclose()
@@ -61,10 +65,10 @@ async def test_in_flight_bookkeeping_empties_when_requests_are_answered(
     content, headers = encode_request({"x": (np.ones((1, 16), dtype=np.float32), "FP32")})
 
     async def one() -> int:
-        response = await gateway.forward(
-            "tiny-mlp", path="/v2/models/tiny-mlp/infer", content=content, headers=headers
+        reply = await gateway.forward(
+            "tiny-mlp", NodeCall("/v2/models/tiny-mlp/infer", content, headers)
         )
-        return response.status_code
+        return reply.status
 
     try:
         assert await asyncio.gather(*(one() for _ in range(12))) == [200] * 12

@@ -55,20 +55,20 @@ REQUEST = RouteRequest(model="m", size_bytes=100 * MB)
 
 def test_least_loaded_picks_the_fewest_outstanding() -> None:
     devices = [DeviceLoad("a", 3), DeviceLoad("b", 1), DeviceLoad("c", 2)]
-    assert LeastLoaded(seed=0).choose(REQUEST, devices, ClusterDirectory()) == "b"
+    assert LeastLoaded(seed=0).choose(REQUEST, devices, ClusterDirectory()).device == "b"
 
 
 def test_least_loaded_spreads_ties_and_ignores_locality() -> None:
     directory = cluster("n/a", "n/b")
     directory.note_loaded("n/a", "m", size_bytes=100 * MB)
     policy = LeastLoaded(seed=1)
-    chosen = {policy.choose(REQUEST, loads(a=0, b=0), directory) for _ in range(50)}
+    chosen = {policy.choose(REQUEST, loads(a=0, b=0), directory).device for _ in range(50)}
     assert chosen == {"n/a", "n/b"}
 
 
 def test_least_loaded_with_a_table_matches_the_list() -> None:
     devices = [DeviceLoad("a", 3), DeviceLoad("b", 1), DeviceLoad("c", 2)]
-    assert LeastLoaded(seed=0).choose(REQUEST, DeviceTable(devices), ClusterDirectory()) == "b"
+    assert LeastLoaded(seed=0).choose(REQUEST, DeviceTable(devices), ClusterDirectory()).device == "b"
 
 
 @pytest.mark.parametrize("name", ["lb", "lalb", "lalb-o3"])
@@ -95,26 +95,28 @@ def test_lalb_goes_where_the_model_is() -> None:
     directory = cluster("n/a", "n/b", "n/c")
     directory.note_loaded("n/b", "m", size_bytes=100 * MB)
     policy = LocalityAware(seed=0, estimates=estimates())
-    assert policy.choose(REQUEST, loads(a=0, b=30, c=0), directory) == "n/b"
-    assert policy.last is not None and policy.last.reason == "holder"
+    decision = policy.choose(REQUEST, loads(a=0, b=30, c=0), directory)
+    assert decision.device == "n/b"
+    assert decision.reason == "holder"
 
 
 def test_lalb_joins_a_load_in_progress() -> None:
     directory = cluster("n/a", "n/b")
     directory.note_dispatch("n/a", "m", size_bytes=100 * MB)  # loading there
     policy = LocalityAware(seed=0, estimates=estimates())
-    assert policy.choose(REQUEST, loads(a=20, b=0), directory) == "n/a"
+    assert policy.choose(REQUEST, loads(a=20, b=0), directory).device == "n/a"
 
 
 def test_lalb_loads_elsewhere_when_waiting_costs_more_than_loading() -> None:
     directory = cluster("n/a", "n/b")
     directory.note_loaded("n/a", "m", size_bytes=100 * MB)
     policy = LocalityAware(seed=0, estimates=estimates(load_ms=100))
-    assert policy.choose(REQUEST, loads(a=150, b=10), directory) == "n/b"
-    assert policy.last is not None and policy.last.reason == "replicate"
-    assert policy.last.holder_cost_ms == 150 and policy.last.load_cost_ms == pytest.approx(110)
+    decision = policy.choose(REQUEST, loads(a=150, b=10), directory)
+    assert decision.device == "n/b"
+    assert decision.reason == "replicate"
+    assert decision.holder_cost_ms == 150 and decision.load_cost_ms == pytest.approx(110)
     # Just below the break-even point it stays.
-    assert policy.choose(REQUEST, loads(a=105, b=10), directory) == "n/a"
+    assert policy.choose(REQUEST, loads(a=105, b=10), directory).device == "n/a"
 
 
 def test_lalb_counts_the_reload_of_a_popular_only_copy_it_would_evict() -> None:
@@ -127,17 +129,18 @@ def test_lalb_counts_the_reload_of_a_popular_only_copy_it_would_evict() -> None:
     est.observe_request("m")
     policy = LocalityAware(seed=0, estimates=est, victim_weight=1.0)
     # Waiting 150 ms at a beats 10 + 100 ms at b once b's victim (~100 ms to reload) counts.
-    assert policy.choose(REQUEST, loads(a=150, b=10), directory) == "n/a"
+    assert policy.choose(REQUEST, loads(a=150, b=10), directory).device == "n/a"
     without = LocalityAware(seed=0, estimates=est, victim_weight=0.0)
-    assert without.choose(REQUEST, loads(a=150, b=10), directory) == "n/b"
+    assert without.choose(REQUEST, loads(a=150, b=10), directory).device == "n/b"
 
 
 def test_lalb_loads_a_new_model_on_the_least_loaded_device_that_can_make_room() -> None:
     directory = cluster("n/a", "n/b", "n/c", capacity=150 * MB)
     directory.note_dispatch("n/a", "x", size_bytes=100 * MB)  # a: full with a pinned load
     policy = LocalityAware(seed=0, estimates=estimates())
-    assert policy.choose(REQUEST, loads(a=0, b=40, c=20), directory) == "n/c"
-    assert policy.last is not None and policy.last.reason == "load"
+    decision = policy.choose(REQUEST, loads(a=0, b=40, c=20), directory)
+    assert decision.device == "n/c"
+    assert decision.reason == "load"
 
 
 def test_lalb_prefers_free_room_to_evicting() -> None:
@@ -147,7 +150,7 @@ def test_lalb_prefers_free_room_to_evicting() -> None:
     est.observe_request("x")
     policy = LocalityAware(seed=0, estimates=est)
     for _ in range(10):
-        assert policy.choose(REQUEST, loads(a=0, b=0), directory) == "n/b"
+        assert policy.choose(REQUEST, loads(a=0, b=0), directory).device == "n/b"
 
 
 def test_lalb_falls_back_to_the_least_loaded_when_nothing_can_make_room() -> None:
@@ -155,15 +158,16 @@ def test_lalb_falls_back_to_the_least_loaded_when_nothing_can_make_room() -> Non
     directory.note_dispatch("n/a", "x", size_bytes=100 * MB)
     directory.note_dispatch("n/b", "y", size_bytes=100 * MB)
     policy = LocalityAware(seed=0, estimates=estimates())
-    assert policy.choose(REQUEST, loads(a=30, b=10), directory) == "n/b"
-    assert policy.last is not None and policy.last.reason == "fallback"
+    decision = policy.choose(REQUEST, loads(a=30, b=10), directory)
+    assert decision.device == "n/b"
+    assert decision.reason == "fallback"
 
 
 def test_lalb_ignores_holders_the_caller_left_out() -> None:
     directory = cluster("n/a", "n/b")
     directory.note_loaded("n/a", "m", size_bytes=100 * MB)
     policy = LocalityAware(seed=0, estimates=estimates())
-    assert policy.choose(REQUEST, loads(b=50), directory) == "n/b"
+    assert policy.choose(REQUEST, loads(b=50), directory).device == "n/b"
 
 
 def test_lalb_counts_a_holders_free_slot_not_the_loads_running_there() -> None:
@@ -177,14 +181,15 @@ def test_lalb_counts_a_holders_free_slot_not_the_loads_running_there() -> None:
         [busy_with_a_free_slot, DeviceLoad("n/b", 0, queue_ms=0.0)],
         DeviceTable([busy_with_a_free_slot, DeviceLoad("n/b", 0, queue_ms=0.0)]),
     ):
-        assert policy.choose(REQUEST, devices, directory) == "n/a"
-        assert policy.last is not None and policy.last.reason == "holder"
+        decision = policy.choose(REQUEST, devices, directory)
+        assert decision.device == "n/a"
+        assert decision.reason == "holder"
     # Every slot busy: the wait is real, and a copy elsewhere is cheaper.
     full = [DeviceLoad("n/a", 2, queue_ms=300.0), DeviceLoad("n/b", 0, queue_ms=0.0)]
-    assert policy.choose(REQUEST, DeviceTable(full), directory) == "n/b"
+    assert policy.choose(REQUEST, DeviceTable(full), directory).device == "n/b"
     # A load still goes where the copy work is least, free slot or not.
     cold = RouteRequest(model="cold", size_bytes=100 * MB)
-    assert policy.choose(cold, DeviceTable([busy_with_a_free_slot, full[1]]), directory) == "n/b"
+    assert policy.choose(cold, DeviceTable([busy_with_a_free_slot, full[1]]), directory).device == "n/b"
 
 
 def test_lalb_without_queue_estimates_uses_outstanding_times_inference() -> None:
@@ -192,8 +197,8 @@ def test_lalb_without_queue_estimates_uses_outstanding_times_inference() -> None
     directory.note_loaded("n/a", "m", size_bytes=100 * MB)
     policy = LocalityAware(seed=0, estimates=estimates(load_ms=100, infer_ms=5))
     # 30 outstanding x 5 ms = 150 ms > 100 ms load: replicate; 10 x 5 = 50 ms: stay.
-    assert policy.choose(REQUEST, [DeviceLoad("n/a", 30), DeviceLoad("n/b", 0)], directory) == "n/b"
-    assert policy.choose(REQUEST, [DeviceLoad("n/a", 10), DeviceLoad("n/b", 0)], directory) == "n/a"
+    assert policy.choose(REQUEST, [DeviceLoad("n/a", 30), DeviceLoad("n/b", 0)], directory).device == "n/b"
+    assert policy.choose(REQUEST, [DeviceLoad("n/a", 10), DeviceLoad("n/b", 0)], directory).device == "n/a"
 
 
 def test_lalb_value_victims_spare_the_popular_model() -> None:
@@ -204,11 +209,9 @@ def test_lalb_value_victims_spare_the_popular_model() -> None:
     for _ in range(20):
         est.observe_request("hot")
     lru = LocalityAware(seed=0, estimates=est, victims="lru")
-    lru.choose(REQUEST, loads(a=0), directory)
-    assert lru.last is not None and lru.last.victims == ["hot"]
+    assert lru.choose(REQUEST, loads(a=0), directory).victims == ("hot",)
     value = LocalityAware(seed=0, estimates=est, victims="value")
-    value.choose(REQUEST, loads(a=0), directory)
-    assert value.last is not None and value.last.victims == ["cold"]
+    assert value.choose(REQUEST, loads(a=0), directory).victims == ("cold",)
 
 
 def test_lalb_samples_holders_of_a_widely_replicated_model() -> None:
@@ -218,7 +221,7 @@ def test_lalb_samples_holders_of_a_widely_replicated_model() -> None:
         directory.note_loaded(key, "m", size_bytes=100 * MB)
     table = DeviceTable([DeviceLoad(k, 0, queue_ms=1.0) for k in keys])
     policy = LocalityAware(seed=0, estimates=estimates(), holder_sample=4)
-    chosen = {policy.choose(REQUEST, table, directory) for _ in range(200)}
+    chosen = {policy.choose(REQUEST, table, directory).device for _ in range(200)}
     assert len(chosen) > 20  # spread over many holders, never a non-holder
     assert chosen <= set(keys)
 
@@ -240,11 +243,11 @@ def test_lalb_always_picks_one_of_the_devices(
             directory.note_loaded(key, "m", size_bytes=100 * MB)
     devices = [DeviceLoad(k, int(w // 5), queue_ms=w) for k, w in zip(keys, waits, strict=True)]
     policy = LocalityAware(seed=0, estimates=estimates())
-    chosen = policy.choose(REQUEST, DeviceTable(devices) if table else devices, directory)
-    assert chosen in keys
+    decision = policy.choose(REQUEST, DeviceTable(devices) if table else devices, directory)
+    assert decision.device in keys
     holders = [k for k, h in zip(keys, held, strict=False) if h]
-    if holders and policy.last is not None and policy.last.reason == "holder":
-        assert chosen in holders
+    if holders and decision.reason == "holder":
+        assert decision.device in holders
 
 
 # -- the device table --------------------------------------------------------------------------
@@ -541,7 +544,7 @@ def test_lalb_decides_as_the_documented_rule(
         candidates=candidates,
         victim_weight=victim_weight,
     )
-    assert (decision.device, decision.reason, decision.victims) == expected
+    assert (decision.device, decision.reason, list(decision.victims)) == expected
 
 
 def test_lalb_never_picks_a_holder_that_left_the_sampled_set() -> None:
@@ -554,14 +557,14 @@ def test_lalb_never_picks_a_holder_that_left_the_sampled_set() -> None:
     for key in keys[:30]:  # holders leave one by one (the set keeps shrinking), or swap
         directory.note_evicted(key, "m")
         for _ in range(5):
-            chosen = policy.choose(REQUEST, table, directory)
+            chosen = policy.choose(REQUEST, table, directory).device
             assert chosen in directory.holder_ids("m")
         directory.note_loaded(key, "other", size_bytes=MB)
     for key, new in zip(keys[30:35], keys[:5], strict=True):  # same size, other members
         directory.note_evicted(key, "m")
         directory.note_loaded(new, "m", size_bytes=100 * MB)
         for _ in range(5):
-            assert policy.choose(REQUEST, table, directory) in directory.holder_ids("m")
+            assert policy.choose(REQUEST, table, directory).device in directory.holder_ids("m")
 
 
 def test_lalb_refuses_unknown_victim_modes() -> None:
@@ -582,9 +585,10 @@ def test_lalb_charges_half_for_evicting_a_model_held_elsewhere_too(victims: str)
     est.observe_request("m")
     policy = LocalityAware(seed=0, estimates=est, victims=victims, victim_weight=1.0)  # type: ignore[arg-type]
     # a waits 1 ms less than b, but evicting the only copy of x costs twice what y does.
-    assert policy.choose(REQUEST, loads(a=9, b=10, c=500), directory) == "n/b"
-    assert policy.last is not None and policy.last.victims == ["y"]
-    assert policy.last.load_cost_ms == pytest.approx(
+    decision = policy.choose(REQUEST, loads(a=9, b=10, c=500), directory)
+    assert decision.device == "n/b"
+    assert decision.victims == ("y",)
+    assert decision.load_cost_ms == pytest.approx(
         10 + 100 + 0.5 * 100 * (1 - math.exp(-10)), rel=0.01
     )
 
@@ -598,9 +602,11 @@ def test_lalb_looks_past_many_devices_that_cannot_make_room(victims: str) -> Non
     waits = {key: float(i) for i, key in enumerate(keys)}
     table = DeviceTable([DeviceLoad(k, 0, queue_ms=w) for k, w in reversed(waits.items())])
     policy = LocalityAware(seed=0, estimates=estimates(), victims=victims)  # type: ignore[arg-type]
-    assert policy.choose(REQUEST, table, directory) == "n/40"
-    assert policy.last is not None and policy.last.reason == "load"
+    decision = policy.choose(REQUEST, table, directory)
+    assert decision.device == "n/40"
+    assert decision.reason == "load"
     for key in keys[40:]:  # and when nothing can: the least-loaded device
         directory.note_dispatch(key, "x", size_bytes=100 * MB)
-    assert policy.choose(REQUEST, table, directory) == "n/00"
-    assert policy.last is not None and policy.last.reason == "fallback"
+    decision = policy.choose(REQUEST, table, directory)
+    assert decision.device == "n/00"
+    assert decision.reason == "fallback"

@@ -2,7 +2,8 @@
 
 ``gpufaas up`` starts one GPU-manager process per simulated node, waits until
 each is ready, and then runs the gateway in this process. Ctrl-C (or SIGTERM)
-stops the gateway and then the managers, within a bounded time.
+stops the gateway and then the managers, within a bounded time. The managers run as
+``python -m gpufaas.gpu_manager``: this module imports nothing of the GPU manager.
 """
 
 from __future__ import annotations
@@ -22,19 +23,11 @@ from pathlib import Path
 
 import httpx
 
+from gpufaas.core.commands import MANAGER_MODULE, ManagerOptions
+
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class ManagerOptions:
-    cpu_devices: int
-    device_memory: str
-    host_memory: str
-    artifact_dir: Path
-    force_cpu: bool = False
-    device_concurrency: int = 4  # per device, from every gateway replica together
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -53,20 +46,14 @@ def die_with_parent() -> None:
 
 
 def manager_command(*, name: str, port: int, options: ManagerOptions) -> list[str]:
-    command = [
-        sys.executable, "-m", "gpufaas.core.cli", "gpu-manager",
+    """The GPU manager's command line: a subprocess of its own, nothing of it imported here."""
+    return [
+        sys.executable, "-m", MANAGER_MODULE,
         "--name", name,
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--cpu-devices", str(options.cpu_devices),
-        "--device-memory", options.device_memory,
-        "--host-memory", options.host_memory,
-        "--artifact-dir", str(options.artifact_dir),
+        *options.to_argv(),
     ]  # fmt: skip
-    if options.force_cpu:
-        command.append("--force-cpu")
-    command += ["--device-concurrency", str(options.device_concurrency)]
-    return command
 
 
 def wait_ready(

@@ -1,0 +1,185 @@
+"""The node contract: what a GPU manager reports about itself, and the paths it serves.
+
+The GPU manager (``gpufaas.gpu_manager.server``) builds a :class:`NodeState` and serves it at
+:data:`STATE`; the gateway's cluster client (``gpufaas.scheduler.cluster``) parses the same model.
+Neither side spells a route or a state key itself: both take them from here, so a renamed field or
+path is one change that mypy follows to every use.
+
+Residency states are :class:`gpufaas.cache.Residency`, the one enum that the LRU, the cluster
+directory and this contract share.
+
+Device facts that the device layer adds beyond the typed fields (driver versions, MIG profiles)
+pass through :class:`DeviceState` unchanged (``extra="allow"``), so a newer node stays readable by
+an older gateway and the other way round.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpufaas.cache import Residency
+
+__all__ = [
+    "FUNCTION",
+    "HEALTH_LIVE",
+    "HEALTH_READY",
+    "MODEL_INFER",
+    "MODEL_LOAD",
+    "MODEL_UNLOAD",
+    "STATE",
+    "DeviceState",
+    "DiskState",
+    "DrainingState",
+    "HostState",
+    "NodeState",
+    "Residency",
+    "ResidentState",
+    "SkeletonState",
+    "Throughput",
+    "route",
+]
+
+# --- routes (FastAPI path templates; fill them with :func:`route`) ---------------------------------
+
+HEALTH_LIVE = "/v2/health/live"
+HEALTH_READY = "/v2/health/ready"
+STATE = "/v2/gpufaas/state"
+FUNCTION = "/v2/gpufaas/functions/{name}"  # PUT a spec, DELETE it
+MODEL_INFER = "/v2/models/{name}/infer"
+MODEL_LOAD = "/v2/repository/models/{name}/load"
+MODEL_UNLOAD = "/v2/repository/models/{name}/unload"
+
+
+def route(template: str, *, name: str) -> str:
+    """A path template with its ``{name}`` filled in: ``route(MODEL_LOAD, name="m")``."""
+    return template.format(name=name)
+
+
+# --- state ------------------------------------------------------------------------------------------
+
+
+class _State(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ResidentState(_State):
+    """One model in a tier (device or host), least recently used first in its list."""
+
+    model: str
+    state: Residency
+    size_bytes: int = Field(ge=0, description="The entry: arena bytes plus, on a device, reserve.")
+    pins: int = Field(ge=0)
+    weights_bytes: int | None = None
+    arena_bytes: int | None = None
+    reserve_bytes: int | None = None
+    source: str | None = None  # device: "host" | "peer:<id>"; host: "artifact" | "sidecar"
+    arrived: bool | None = None  # device: every copy group has landed
+    groups: int | None = None
+    pinned: bool | None = None  # host: page-locked
+
+
+class DrainingState(_State):
+    """A model unloaded while in use: its bytes stay reserved until its last hold ends."""
+
+    model: str
+    size_bytes: int = Field(ge=0)
+    holds: int = Field(ge=0)
+
+
+class DeviceState(BaseModel):
+    """One device of the node and its tier. Typed fields are the contract; facts the device
+    layer adds ride along (``extra="allow"``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: str
+    kind: str  # "cuda" | "cpu"
+    index: int = 0  # torch's CUDA ordinal; a counter for CPU stand-ins
+    name: str
+    uuid: str
+    total_bytes: int = Field(ge=0)
+    capacity_bytes: int = Field(ge=0)
+    free_bytes: int | None = None
+    pcie: dict[str, int] = Field(default_factory=dict)  # generation, width, max_*
+    pcie_gbps: float | None = None
+    mig: bool = False
+    parent_uuid: str | None = None
+    mig_profile: str | None = None  # "3g.40gb" for a MIG slice
+    peers: list[str] = Field(default_factory=list)
+    nvlink_peers: list[str] = Field(default_factory=list)
+    used_bytes: int = Field(default=0, ge=0)
+    free_cache_bytes: int = Field(default=0, ge=0)
+    outstanding: int = Field(default=0, ge=0)
+    max_concurrency: int = Field(default=1, ge=1)
+    memory_allocated: int | None = None
+    memory_reserved: int | None = None  # what the CUDA caching allocator holds
+    pooled_bytes: int = Field(default=0, ge=0)
+    residents: list[ResidentState] = Field(default_factory=list)
+    draining: list[DrainingState] = Field(default_factory=list)
+
+
+class SkeletonState(_State):
+    """A registered model's weightless skeleton and what its layout measured."""
+
+    weights_bytes: int = Field(ge=0)
+    arena_bytes: int = Field(ge=0)
+    reserve_bytes: int = Field(ge=0)
+    groups: int = Field(ge=0)
+    tensors: int = Field(ge=0)
+    probe_error: str | None = None
+    sidecar: str | None = None
+    backend: str | None = None  # the model format's backend
+
+
+class HostState(_State):
+    capacity_bytes: int = Field(ge=0)
+    used_bytes: int = Field(ge=0)
+    pinned: bool
+    pooled_bytes: int = Field(ge=0)
+    residents: list[ResidentState] = Field(default_factory=list)
+    draining: list[DrainingState] = Field(default_factory=list)
+    skeletons: dict[str, SkeletonState] = Field(default_factory=dict)
+
+
+class DiskState(_State):
+    """The disk tier: loading-optimised sidecars on node-local disk, within their own budget."""
+
+    capacity_bytes: int = Field(ge=0)
+    used_bytes: int = Field(ge=0)
+    residents: list[ResidentState] = Field(default_factory=list)
+
+
+class Throughput(_State):
+    """Bytes moved along one path, and the seconds it took."""
+
+    bytes: int = Field(ge=0)
+    seconds: float = Field(ge=0)
+    count: int = Field(ge=0)
+    gbps: float = Field(ge=0)
+
+
+class NodeState(_State):
+    """``GET /v2/gpufaas/state``: devices and every tier with byte-exact sizes."""
+
+    devices: list[DeviceState]
+    host: HostState
+    disk: DiskState | None = None
+    functions: list[str] = Field(default_factory=list)
+    stats: dict[str, dict[str, int]] = Field(default_factory=dict)
+    loads: dict[str, Throughput] = Field(default_factory=dict)  # "host->device", "device->device"
+    host_fills: dict[str, Throughput] = Field(default_factory=dict)  # "artifact", "sidecar"
+    unservable: dict[str, str] = Field(
+        default_factory=dict, description="Registered models this node cannot run, and why."
+    )
+    platform: dict[str, str | None] = Field(
+        default_factory=dict, description="torch, the CUDA it was built for, and the driver."
+    )
+    ready: bool = True  # False after a fatal device error: the manager is exiting
+    failure: str | None = None
+
+    def device(self, device_id: str) -> DeviceState:
+        """The device named ``device_id``; KeyError if the node has none."""
+        for device in self.devices:
+            if device.id == device_id:
+                return device
+        raise KeyError(device_id)

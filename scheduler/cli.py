@@ -1,0 +1,310 @@
+"""The composition root: ``gpufaas up`` (the whole system locally) and ``gpufaas gateway``.
+
+``up`` runs the gateway in this process and each GPU manager as a subprocess
+(``python -m gpufaas.gpu_manager``, see :mod:`gpufaas.scheduler.local`), so the gateway and the
+node still meet only over the wire. Both are entry points of the ``gpufaas.commands`` group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gpufaas.core.api import ManifestError
+from gpufaas.core.commands import ManagerOptions
+from gpufaas.core.config import models_dir
+from gpufaas.core.manifests import bundled_functions_dir, load_manifests
+from gpufaas.core.units import parse_bytes
+
+if TYPE_CHECKING:
+    from gpufaas.scheduler.gateway import GatewayConfig
+
+DEFAULT_PORT = 8080
+DEFAULT_GRPC_PORT = 8081
+# The best routing policy measured (bench/RESULTS.md, "LALB"): the chart's default too.
+DEFAULT_POLICY = "lalb-o3"
+
+
+def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=DEFAULT_GRPC_PORT,
+        help="port of the OIP v2 gRPC service (KServe GRPCInferenceService); -1: none",
+    )
+    parser.add_argument("--policy", default=DEFAULT_POLICY, help="lb, lalb or lalb-o3")
+    parser.add_argument("--max-request-bytes", default="64Mi", help="largest request body accepted")
+    parser.add_argument(
+        "--sync-interval", type=float, default=5.0, help="seconds between full re-syncs"
+    )
+    parser.add_argument(
+        "--device-concurrency", type=int, default=4, help="requests running per device"
+    )
+    parser.add_argument(
+        "--max-queue-per-device",
+        type=int,
+        default=256,
+        help="waiting requests per device; past it, 429",
+    )
+    parser.add_argument(
+        "--max-pending-per-function",
+        type=int,
+        default=512,
+        help="requests in flight per function; past it, 429",
+    )
+
+
+def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    from gpufaas.core.protocol import Limits
+    from gpufaas.scheduler.gateway import GatewayConfig
+
+    return GatewayConfig(
+        limits=Limits(max_body_bytes=parse_bytes(args.max_request_bytes)),
+        sync_interval_s=args.sync_interval,
+        admin_token=os.environ.get("GPUFAAS_ADMIN_TOKEN") or None,
+        device_concurrency=args.device_concurrency,
+        max_queue_per_device=args.max_queue_per_device,
+        max_pending_per_function=args.max_pending_per_function,
+    )
+
+
+def parse_managers(text: str) -> dict[str, str]:
+    """``name=url,url,...`` -> ``{name: url}`` (unnamed ones are ``node-<i>``)."""
+    urls: dict[str, str] = {}
+    for i, item in enumerate(part.strip() for part in text.split(",") if part.strip()):
+        name, _, url = item.rpartition("=") if "=" in item else (f"node-{i}", "", item)
+        urls[name] = url
+    return urls
+
+
+def _add_replica_options(parser: argparse.ArgumentParser) -> None:
+    """Scale-out (#16): this gateway as one of several replicas."""
+    parser.add_argument(
+        "--peers", default="", help="comma-separated URLs of the gateway replicas (static list)"
+    )
+    parser.add_argument(
+        "--peer-service",
+        default=None,
+        help="with --kubernetes: the gateways' headless Service, to find the replicas",
+    )
+    parser.add_argument(
+        "--replica-url",
+        default=os.environ.get("GPUFAAS_REPLICA_URL") or None,
+        help="how the peers reach this replica (default: http://HOST:PORT)",
+    )
+    parser.add_argument(
+        "--shared-port",
+        type=int,
+        default=None,
+        help="also listen on this port, shared with the other replicas (SO_REUSEPORT)",
+    )
+    _add_placement_option(parser)
+
+
+def _add_placement_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--placement-owner",
+        choices=("leader", "function"),
+        default="leader",
+        help="with replicas: which one places models, one for all (leader) or each function's "
+        "owner (docs/scheduling.md, Scale-out)",
+    )
+
+
+def _up_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpufaas up", description="Run the gateway and GPU manager(s) locally."
+    )
+    parser.add_argument(
+        "--functions",
+        type=Path,
+        action="append",
+        help="manifest file or folder (repeatable); default: the bundled examples",
+    )
+    parser.add_argument("--nodes", type=int, default=1, help="GPU-manager processes to start")
+    # Scale-out (#16): N gateway processes sharing --port (SO_REUSEPORT), each on its own too.
+    parser.add_argument(
+        "--gateways", type=int, default=1, help="gateway replicas behind --port (default 1)"
+    )
+    _add_placement_option(parser)
+    _add_gateway_options(parser)
+    ManagerOptions.add_arguments(parser)
+    return parser
+
+
+def up_command(argv: Sequence[str]) -> int:
+    """Run the gateway and GPU manager(s) locally."""
+    from gpufaas.core.examples import build_examples
+    from gpufaas.scheduler.local import run_managers
+    from gpufaas.scheduler.main import build_gateway, serve
+
+    args = _up_parser().parse_args(list(argv))
+    try:
+        paths = args.functions or [bundled_functions_dir()]
+        if not args.functions:
+            build_examples(models_dir())
+        functions = load_manifests(paths)
+        config = _gateway_config(args)
+    except (ManifestError, ValueError) as e:
+        print(f"gpufaas up: {e}", file=sys.stderr)
+        return 2
+    # Managers listen on loopback, but other local users could reach them: share a secret.
+    token = os.environ.get("GPUFAAS_MANAGER_TOKEN") or secrets.token_urlsafe(32)
+    options = ManagerOptions.from_args(args)
+    if args.gateways != 1:
+        return _up_replicas(args, paths=paths, options=options, token=token)
+    with run_managers(nodes=args.nodes, options=options, token=token) as urls:
+        gateway = build_gateway(
+            manager_urls=urls,
+            functions=functions,
+            policy=args.policy,
+            config=config,
+            manager_token=token,
+        )
+        print(
+            f"gpufaas is serving {len(functions)} function(s) on http://{args.host}:{args.port}"
+            + ("" if args.grpc_port < 0 else f" and grpc {args.host}:{args.grpc_port}")
+            + ": "
+            + ", ".join(f.name for f in functions),
+            flush=True,
+        )
+        serve(gateway=gateway, host=args.host, port=args.port, grpc_port=_grpc_port(args))
+    return 0
+
+
+def _up_replicas(
+    args: argparse.Namespace, *, paths: Sequence[Path], options: Any, token: str
+) -> int:
+    """``gpufaas up --gateways N``: N gateway processes behind ``--port``."""
+    from gpufaas.scheduler.local import GatewayReplicaOptions, run_gateways, run_managers
+
+    if args.gateways < 1:
+        print("gpufaas up: --gateways must be at least 1", file=sys.stderr)
+        return 2
+    replica_options = GatewayReplicaOptions(
+        host=args.host,
+        shared_port=args.port,
+        functions=tuple(paths),
+        gateway_args=tuple(_gateway_args(args)),
+    )
+    with (
+        run_managers(nodes=args.nodes, options=options, token=token) as urls,
+        run_gateways(
+            replicas=args.gateways, managers=urls, options=replica_options, token=token
+        ) as replica_urls,
+    ):
+        print(
+            f"gpufaas is serving on http://{args.host}:{args.port} through "
+            f"{len(replica_urls)} gateway replicas: " + ", ".join(replica_urls),
+            flush=True,
+        )
+        wait_for_signal()
+    return 0
+
+
+def _gateway_args(args: argparse.Namespace) -> list[str]:
+    """The gateway options of ``up``, for its gateway processes (no gRPC: one port each)."""
+    return [
+        "--policy", args.policy,
+        "--max-request-bytes", args.max_request_bytes,
+        "--sync-interval", str(args.sync_interval),
+        "--device-concurrency", str(args.device_concurrency),
+        "--max-queue-per-device", str(args.max_queue_per_device),
+        "--max-pending-per-function", str(args.max_pending_per_function),
+        "--placement-owner", args.placement_owner,
+        "--grpc-port", "-1",
+    ]  # fmt: skip
+
+
+def wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    import logging
+    import signal
+
+    wanted = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, wanted)  # children started before keep them
+    try:
+        received = signal.sigwait(wanted)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
+    logging.getLogger(__name__).info("stopping on %s", signal.Signals(received).name)
+
+
+def _grpc_port(args: argparse.Namespace) -> int | None:
+    return None if args.grpc_port < 0 else int(args.grpc_port)
+
+
+def _gateway_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpufaas gateway", description="Run the gateway.")
+    parser.add_argument(
+        "--managers", default="", help="comma-separated GPU-manager URLs (name=url or url)"
+    )
+    parser.add_argument("--functions", type=Path, action="append", default=[])
+    _add_gateway_options(parser)
+    parser.add_argument(
+        "--kubernetes", action="store_true", help="learn functions and managers from the cluster"
+    )
+    parser.add_argument("--watch-namespace", default=None, help="namespace to watch (default: all)")
+    parser.add_argument("--manager-service", default="gpufaas-gpu-manager")
+    parser.add_argument("--manager-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
+    _add_replica_options(parser)
+    return parser
+
+
+def gateway_command(argv: Sequence[str]) -> int:
+    """Run the gateway."""
+    from gpufaas.scheduler.main import build_gateway, enable_kubernetes, serve
+
+    args = _gateway_parser().parse_args(list(argv))
+    urls = parse_managers(args.managers)
+    if not urls and not args.kubernetes:
+        print("gpufaas gateway: give --managers URL[,URL...] or --kubernetes", file=sys.stderr)
+        return 2
+    try:
+        functions = load_manifests(args.functions) if args.functions else []
+        config = _gateway_config(args)
+    except (ManifestError, ValueError) as e:
+        print(f"gpufaas gateway: {e}", file=sys.stderr)
+        return 2
+    gateway = build_gateway(
+        manager_urls=urls,
+        functions=functions,
+        policy=args.policy,
+        config=config,
+        manager_token=os.environ.get("GPUFAAS_MANAGER_TOKEN") or None,
+    )
+    if args.kubernetes:
+        enable_kubernetes(
+            gateway,
+            watch_namespace=args.watch_namespace,
+            manager_service=args.manager_service,
+            manager_namespace=args.manager_namespace,
+        )
+    if args.peers or args.peer_service:
+        from gpufaas.scheduler.replicas import enable_replicas, serve_replica
+
+        enable_replicas(
+            gateway,
+            self_url=args.replica_url or f"http://{args.host}:{args.port}",
+            peers=[u for u in args.peers.split(",") if u.strip()],
+            peer_service=args.peer_service if args.kubernetes else None,
+            namespace=args.manager_namespace,
+            ownership=args.placement_owner,
+        )
+        serve_replica(
+            gateway=gateway,
+            host=args.host,
+            port=args.port,
+            shared_port=args.shared_port,
+            grpc_port=_grpc_port(args),
+        )
+        return 0
+    serve(gateway=gateway, host=args.host, port=args.port, grpc_port=_grpc_port(args))
+    return 0

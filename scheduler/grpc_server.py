@@ -1,0 +1,414 @@
+"""The Open Inference Protocol over gRPC: KServe v2 ``inference.GRPCInferenceService``.
+
+The messages are the ones ``tritonclient.grpc`` ships (``service_pb2``), so ``tritonclient.grpc``
+and KServe's gRPC clients work unmodified. Implemented: ServerLive, ServerReady,
+ServerMetadata, ModelMetadata, ModelReady, ModelInfer (``raw_input_contents`` /
+``raw_output_contents``, or typed ``contents`` in), and Triton's repository extension
+(RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload). Others answer UNIMPLEMENTED.
+
+ModelInfer takes the HTTP path's one straight path (:meth:`Gateway.infer`): the request becomes
+the binary-extension body (its JSON header built from the protobuf, then the raw tensor bytes
+as they came), and the manager's binary answer is cut into ``raw_output_contents`` without
+decoding a tensor. Requests are parsed here, not by grpc, so that a malformed protobuf is an
+INVALID_ARGUMENT rather than grpc's INTERNAL. HTTP statuses map to gRPC codes by
+:data:`GRPC_CODES`; a 429 carries ``google.rpc.RetryInfo`` in the rich status details.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import pydantic_core
+from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from tritonclient.grpc import service_pb2 as pb
+
+from gpufaas.core.protocol import (
+    DATATYPE_TO_NUMPY,
+    HEADER_LENGTH,
+    ProtocolError,
+    parse_header_length,
+)
+from gpufaas.scheduler.gateway import MODEL_VERSION, Gateway, GatewayError, NodeFailed
+from gpufaas.scheduler.transport import NodeReply
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+DEFAULT_GRPC_PORT = 8081
+
+# HTTP status -> gRPC code; 413 is a bad request too (retrying cannot help).
+GRPC_CODES: Mapping[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+_REPOSITORY_METHODS = ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
+# typed contents field -> numpy dtype, per v2 datatype
+_CONTENTS: Mapping[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+M = TypeVar("M", bound=Message)
+
+
+class GrpcAbort(Exception):
+    """Answer the call with ``code`` and ``message`` (and rich ``details``)."""
+
+    def __init__(
+        self, code: grpc.StatusCode, message: str, *, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+def _abort_for_status(status: int, message: str, retry_after_s: float | None) -> GrpcAbort:
+    code = GRPC_CODES.get(status, grpc.StatusCode.INTERNAL)
+    return GrpcAbort(code, message, retry_after_s=retry_after_s)
+
+
+def _from_reply(reply: NodeReply) -> GrpcAbort:
+    """A manager's error answer as a gRPC error: its message, its status's code."""
+    message = reply.body.decode("utf-8", "replace")
+    try:
+        document = pydantic_core.from_json(reply.body)
+        if isinstance(document, dict) and isinstance(document.get("error"), str):
+            message = document["error"]
+    except ValueError:
+        pass
+    retry = reply.headers.get("retry-after")
+    return _abort_for_status(
+        reply.status, message, float(retry) if retry and retry.isdigit() else None
+    )
+
+
+# -- requests: protobuf -> the binary-extension body ---------------------------------------------
+
+
+def _parameter(value: pb.InferParameter) -> Any:
+    which = value.WhichOneof("parameter_choice")
+    return None if which is None else getattr(value, which)
+
+
+def _parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
+    return {k: _parameter(v) for k, v in params.items()}
+
+
+def _contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor) -> bytes:
+    """Typed ``contents`` as wire bytes (the one conversion of a request without raw data)."""
+    label = f"input {tensor.name!r}"
+    field = _CONTENTS.get(tensor.datatype)
+    if field is None:
+        raise ProtocolError(f"{label}: {tensor.datatype} needs raw_input_contents")
+    values = getattr(tensor.contents, field)
+    if tensor.datatype == "BYTES":
+        return b"".join(len(v).to_bytes(4, "little") + v for v in values)
+    dtype = DATATYPE_TO_NUMPY[tensor.datatype].newbyteorder("<")
+    try:
+        return np.asarray(values, dtype=dtype).tobytes()
+    except (OverflowError, ValueError):
+        raise ProtocolError(f"{label}: a value is out of range for {tensor.datatype}") from None
+
+
+def infer_body(request: pb.ModelInferRequest) -> tuple[bytes, int]:
+    """The binary-extension body of a ModelInfer request, and its header's length. All outputs
+    are asked for in binary: they become ``raw_output_contents`` as they are."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise ProtocolError(
+            f"the request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents"
+        )
+    chunks: list[bytes] = list(raw) if raw else [_contents_bytes(t) for t in request.inputs]
+    inputs = []
+    for tensor, chunk in zip(request.inputs, chunks, strict=True):
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+            "parameters": {**_parameters(tensor.parameters), "binary_data_size": len(chunk)},
+        }
+        inputs.append(entry)
+    document: dict[str, Any] = {"inputs": inputs}
+    if request.id:
+        document["id"] = request.id
+    parameters = _parameters(request.parameters)
+    if request.outputs:
+        document["outputs"] = [
+            {"name": o.name, "parameters": {**_parameters(o.parameters), "binary_data": True}}
+            for o in request.outputs
+        ]
+    else:
+        parameters["binary_data_output"] = True
+    document["parameters"] = parameters
+    header = pydantic_core.to_json(document)
+    return b"".join([header, *chunks]), len(header)
+
+
+# -- responses: the manager's binary answer -> protobuf -------------------------------------------
+
+
+def infer_response(name: str, reply: NodeReply) -> pb.ModelInferResponse:
+    """Cut the manager's answer into a ModelInferResponse: tensor bytes sliced, not decoded."""
+    header_length = parse_header_length(reply.headers.get(HEADER_LENGTH.lower()))
+    body = memoryview(reply.body)
+    header = reply.body if header_length is None else bytes(body[:header_length])
+    document = pydantic_core.from_json(header)
+    response = pb.ModelInferResponse(model_name=name, model_version=MODEL_VERSION)
+    if document.get("id"):
+        response.id = document["id"]
+    offset = 0 if header_length is None else header_length
+    for output in document.get("outputs", []):
+        tensor = response.outputs.add(
+            name=output["name"], datatype=output["datatype"], shape=output["shape"]
+        )
+        size = (output.get("parameters") or {}).get("binary_data_size")
+        if size is None:  # came as JSON data (the manager's choice): convert it, once
+            tensor_bytes = _json_output_bytes(output)
+        else:
+            tensor_bytes = bytes(body[offset : offset + size])
+            offset += size
+        response.raw_output_contents.append(tensor_bytes)
+        del tensor
+    return response
+
+
+def _json_output_bytes(output: Mapping[str, Any]) -> bytes:
+    datatype = output["datatype"]
+    data = output.get("data") or []
+    if datatype == "BYTES":
+        encoded = [d.encode() if isinstance(d, str) else bytes(d) for d in data]
+        return b"".join(len(e).to_bytes(4, "little") + e for e in encoded)
+    return np.asarray(data, dtype=DATATYPE_TO_NUMPY[datatype].newbyteorder("<")).tobytes()
+
+
+# -- the service ---------------------------------------------------------------------------------
+
+
+class InferenceService:
+    """The handlers; each takes the parsed request and returns the response message."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.gateway.server_ready())
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest
+    ) -> pb.ServerMetadataResponse:
+        metadata = self.gateway.server_metadata()
+        return pb.ServerMetadataResponse(
+            name=metadata.name, version=metadata.version, extensions=metadata.extensions
+        )
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
+        metadata = self.gateway.model_metadata(request.name)
+        return pb.ModelMetadataResponse(
+            name=metadata.name,
+            versions=metadata.versions or [],
+            platform=metadata.platform,
+            inputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=t.name, datatype=t.datatype, shape=t.shape
+                )
+                for t in metadata.inputs
+            ],
+            outputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=t.name, datatype=t.datatype, shape=t.shape
+                )
+                for t in metadata.outputs
+            ],
+        )
+
+    async def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.gateway.model_status(request.name).ready)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, *, timeout_ms: float | None = None
+    ) -> pb.ModelInferResponse:
+        gateway = self.gateway
+        name = request.model_name
+        started = time.perf_counter()
+        status = 500
+        try:
+            body, header_length = infer_body(request)
+            reply = await gateway.infer(
+                name, body, header_length=header_length, timeout_ms=timeout_ms
+            )
+            status = reply.status
+            if reply.status != 200:
+                raise _from_reply(reply)
+            return infer_response(name, reply)
+        except GatewayError as e:
+            status = e.status
+            raise
+        except ProtocolError as e:
+            status = e.status_code
+            raise
+        finally:
+            function = gateway.function(name)
+            gateway.metrics.answered(
+                name if function is not None else "_unknown",
+                status,
+                elapsed_s=time.perf_counter() - started,
+                slo_ms=function.spec.slo.latency_ms if function else None,
+            )
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest
+    ) -> pb.RepositoryIndexResponse:
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=e.name, version=e.version or "", state=e.state, reason=e.reason
+                )
+                for e in self.gateway.repository_index()
+            ]
+        )
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest
+    ) -> pb.RepositoryModelLoadResponse:
+        await self.gateway.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.gateway.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+_MESSAGES: Mapping[str, tuple[type[Message], type[Message]]] = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+    "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+    "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
+    "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse),
+}
+
+
+def _status_of(error: Exception) -> GrpcAbort:
+    if isinstance(error, GrpcAbort):
+        return error
+    if isinstance(error, NodeFailed):
+        return _from_reply(error.reply)
+    if isinstance(error, GatewayError):
+        return _abort_for_status(error.status, str(error), error.retry_after_s)
+    if isinstance(error, ProtocolError):
+        return _abort_for_status(error.status_code, error.message, None)
+    logger.exception("unhandled error in a gRPC call", exc_info=error)
+    return GrpcAbort(
+        grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
+    )
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: GrpcAbort) -> None:
+    if error.retry_after_s is None:
+        await context.abort(error.code, error.message)
+    retry = error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=max(1, math.ceil(error.retry_after_s or 1)))
+    )
+    detail = status_pb2.Status(
+        code=getattr(code_pb2, error.code.name), message=error.message
+    )
+    detail.details.add().Pack(retry)
+    await context.abort_with_status(rpc_status.to_status(detail))
+
+
+def _handler(
+    service: InferenceService,
+    method: str,
+    *,
+    admin_token: str | None,
+) -> grpc.RpcMethodHandler:
+    request_type = _MESSAGES[method][0]
+    call: Callable[..., Awaitable[Message]] = getattr(service, method)
+    protected = admin_token is not None and method in _REPOSITORY_METHODS
+    expected = f"Bearer {admin_token}"
+
+    async def handle(data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            if protected:
+                given = dict(context.invocation_metadata() or ()).get("authorization")
+                if given != expected:
+                    raise GrpcAbort(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        "the gpufaas admin API requires 'authorization: Bearer <token>'",
+                    )
+            try:
+                request = request_type.FromString(data)
+            except DecodeError as e:
+                raise GrpcAbort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_type.__name__}: {e}"
+                ) from None
+            if method == "ModelInfer":
+                remaining = context.time_remaining()
+                timeout_ms = None if remaining is None else max(remaining, 1e-6) * 1000
+                response = await call(request, timeout_ms=timeout_ms)
+            else:
+                response = await call(request)
+        except Exception as e:  # every error leaves as a status, never a traceback
+            await _abort(context, _status_of(e))
+            raise AssertionError("unreachable: abort raises") from None
+        serialized: bytes = response.SerializeToString()
+        return serialized
+
+    return grpc.unary_unary_rpc_method_handler(handle)
+
+
+def make_server(
+    gateway: Gateway, *, host: str, port: int, methods: Sequence[str] = tuple(_MESSAGES)
+) -> tuple[grpc.aio.Server, int]:
+    """A gRPC server for ``gateway`` bound to ``host:port`` (0: any free port); not started.
+    Returns it and the port it bound."""
+    limit = gateway.config.limits.max_body_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", -1),
+        ]
+    )
+    service = InferenceService(gateway)
+    handlers = {
+        m: _handler(service, m, admin_token=gateway.config.admin_token) for m in methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the gRPC port {host}:{port}")
+    return server, bound

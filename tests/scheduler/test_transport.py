@@ -1,0 +1,179 @@
+"""The gateway's pooled keep-alive transport against small real servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+
+from gpufaas.scheduler.local import free_port
+from gpufaas.scheduler.transport import NodePool, NodeUnreachable
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
+
+
+@dataclass
+class Server:
+    port: int
+    connections: int = 0
+    requests: int = 0
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return await reader.readexactly(length)
+
+
+def answer(body: bytes, *, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Echo: yes\r\n%s\r\n%s" % (
+        len(body),
+        extra,
+        body,
+    )
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[Server]]]:
+    servers: list[asyncio.base_events.Server] = []
+
+    async def start(handler: Handler) -> Server:
+        state = Server(port=free_port())
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            state.connections += 1
+            try:
+                await handler(reader, writer, state)
+            finally:
+                writer.close()
+
+        servers.append(await asyncio.start_server(on_connect, "127.0.0.1", state.port))
+        return state
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def echo_keep_alive(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Server
+) -> None:
+    while (body := await read_request(reader)) is not None:
+        state.requests += 1
+        writer.write(answer(body))
+        await writer.drain()
+
+
+async def echo_then_close(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Server
+) -> None:
+    """Answers one request, then closes the connection without saying so (as a server whose
+    keep-alive timeout passed does): the client's next request on it finds it dead."""
+    body = await read_request(reader)
+    if body is not None:
+        state.requests += 1
+        writer.write(answer(body))
+        await writer.drain()
+
+
+async def test_sequential_requests_share_one_connection(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    server = await serve(echo_keep_alive)
+    pool = NodePool(f"http://127.0.0.1:{server.port}", size=4)
+    for i in range(5):
+        reply = await pool.post("/x", b"body-%d" % i, {"A": "b"})
+        assert (reply.status, reply.body, reply.headers["x-echo"]) == (200, b"body-%d" % i, "yes")
+    assert server.connections == 1 and pool.idle == 1
+    await pool.close()
+
+
+async def test_concurrent_requests_open_at_most_what_they_need_and_keep_size(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    server = await serve(echo_keep_alive)
+    pool = NodePool(f"http://127.0.0.1:{server.port}", size=2)
+    replies = await asyncio.gather(*(pool.post("/x", b"%d" % i, {}) for i in range(6)))
+    assert sorted(r.body for r in replies) == sorted(b"%d" % i for i in range(6))
+    assert server.connections == 6 and pool.idle == 2  # the rest closed, not hoarded
+    await pool.post("/x", b"again", {})
+    assert server.connections == 6
+    await pool.close()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_retried_on_a_fresh_one(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    server = await serve(echo_then_close)
+    pool = NodePool(f"http://127.0.0.1:{server.port}", size=4)
+    for i in range(3):
+        reply = await pool.post("/x", b"%d" % i, {})
+        assert reply.body == b"%d" % i
+        await asyncio.sleep(0.05)  # the server's close arrives while the connection is idle
+    assert server.requests == 3
+    await pool.close()
+
+
+async def test_a_server_that_drops_the_request_is_unreachable(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    async def drop(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Server
+    ) -> None:
+        await read_request(reader)
+
+    server = await serve(drop)
+    pool = NodePool(f"http://127.0.0.1:{server.port}", size=1)
+    with pytest.raises(NodeUnreachable, match="closed before the answer"):
+        await pool.post("/x", b"x", {})
+    await pool.close()
+
+
+async def test_no_server_is_unreachable_and_a_slow_one_times_out(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    pool = NodePool(f"http://127.0.0.1:{free_port()}", size=1)
+    with pytest.raises(NodeUnreachable, match="cannot connect"):
+        await pool.post("/x", b"x", {})
+
+    async def silent(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Server
+    ) -> None:
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    server = await serve(silent)
+    slow = NodePool(f"http://127.0.0.1:{server.port}", size=1, timeout_s=0.2)
+    with pytest.raises(NodeUnreachable, match="no answer"):
+        await slow.post("/x", b"x", {})
+    await slow.close()
+
+
+async def test_a_malformed_answer_is_unreachable(serve: Callable[..., Awaitable[Server]]) -> None:
+    async def garbage(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Server
+    ) -> None:
+        await read_request(reader)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    server = await serve(garbage)
+    pool = NodePool(f"http://127.0.0.1:{server.port}", size=1)
+    with pytest.raises(NodeUnreachable, match="malformed"):
+        await pool.post("/x", b"x", {})
+    await pool.close()
+
+
+def test_only_plain_http_urls() -> None:
+    with pytest.raises(ValueError, match="plain http"):
+        NodePool("https://node:8090", size=1)
