@@ -48,12 +48,6 @@ class ManagerOptions:
         parser.add_argument(
             "--force-cpu", action="store_true", help="use CPU devices even if GPUs are present"
         )
-        parser.add_argument(
-            "--device-concurrency",
-            type=int,
-            default=4,
-            help="requests running per device, from all gateway replicas together (0: no bound)",
-        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ManagerOptions:
@@ -63,7 +57,8 @@ class ManagerOptions:
             host_memory=args.host_memory,
             artifact_dir=args.artifact_dir or artifact_dir(),
             force_cpu=args.force_cpu,
-            device_concurrency=args.device_concurrency,
+            # The node's own option; in `gpufaas up`, the gateway's (the same bound).
+            device_concurrency=getattr(args, "device_concurrency", 4),
         )
 
     def to_argv(self) -> list[str]:

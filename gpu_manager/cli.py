@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         help="with --kubernetes: file:// root",
     )
     ManagerOptions.add_arguments(parser)
+    parser.add_argument(
+        "--device-concurrency",
+        type=int,
+        default=4,
+        help="requests running per device, from all gateway replicas together (0: no bound)",
+    )
     # The disk tier: loading-optimised sidecars on node-local disk, within this budget.
     parser.add_argument(
         "--disk-cache",
