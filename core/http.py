@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -49,27 +49,52 @@ def error_response(
 
 async def read_body(request: Request, *, max_bytes: int) -> bytes:
     """The request body, refused with 413 as soon as it passes ``max_bytes``."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            declared_bytes = int(declared)
-        except ValueError:
-            raise ProtocolError(f"invalid Content-Length {declared!r}") from None
-        if declared_bytes > max_bytes:
-            raise ProtocolError(
-                f"request body of {declared_bytes} bytes exceeds the limit of {max_bytes} bytes",
-                status_code=413,
-            )
+    check_declared_length(request.headers.get("content-length"), max_bytes=max_bytes)
+    return await _bounded(request.stream(), max_bytes=max_bytes)
+
+
+async def read_asgi_body(receive: Receive, *, declared: str | None, max_bytes: int) -> bytes:
+    """:func:`read_body` for a bare ASGI app: ``declared`` is the Content-Length header."""
+    check_declared_length(declared, max_bytes=max_bytes)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ProtocolError("the client went away before sending the whole body")
+            yield message.get("body", b"")
+            if not message.get("more_body", False):
+                return
+
+    return await _bounded(chunks(), max_bytes=max_bytes)
+
+
+def check_declared_length(declared: str | None, *, max_bytes: int) -> None:
+    """Refuse a Content-Length over ``max_bytes`` (413) before reading a byte of the body."""
+    if declared is None:
+        return
+    try:
+        declared_bytes = int(declared)
+    except ValueError:
+        raise ProtocolError(f"invalid Content-Length {declared!r}") from None
+    if declared_bytes > max_bytes:
+        raise ProtocolError(
+            f"request body of {declared_bytes} bytes exceeds the limit of {max_bytes} bytes",
+            status_code=413,
+        )
+
+
+async def _bounded(stream: AsyncIterator[bytes], *, max_bytes: int) -> bytes:
     chunks: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
+    async for chunk in stream:
         received += len(chunk)
         if received > max_bytes:
             raise ProtocolError(
                 f"request body exceeds the limit of {max_bytes} bytes", status_code=413
             )
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def header_length(request: Request) -> int | None:

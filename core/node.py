@@ -48,6 +48,11 @@ FUNCTION = "/v2/gpufaas/functions/{name}"  # PUT a spec, DELETE it
 MODEL_INFER = "/v2/models/{name}/infer"
 MODEL_LOAD = "/v2/repository/models/{name}/load"
 MODEL_UNLOAD = "/v2/repository/models/{name}/unload"
+# Shards of models split across nodes (gpu_manager/shards.py, core/sharding.py).
+SHARD = "/v2/gpufaas/shards/{set_name}/{shard}"  # PUT a ShardLoad (a launch tree), DELETE it
+SHARD_INFER = "/v2/gpufaas/shards/{set_name}/{shard}/infer"
+SHARD_MESSAGES = "/v2/gpufaas/shards/{set_name}/{shard}/messages"  # direct-channel messages
+SHARDS = "/v2/gpufaas/shards"  # GET: the node's shards
 
 
 def route(template: str, *, name: str) -> str:

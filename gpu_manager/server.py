@@ -43,6 +43,8 @@ from gpufaas.core.protocol import Limits, decode_request, encode_response, valid
 from gpufaas.gpu_manager.admission import AdmissionCollector, AdmissionFull, DeviceAdmission
 from gpufaas.gpu_manager.devices import device_free_bytes
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
+from gpufaas.gpu_manager.shards import shard_host, shard_router
+from gpufaas.gpu_manager.text import model_spec, text_inputs, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +180,8 @@ def create_app(
     )
     add_metrics_route(app, registry)
     app.state.runtime = runtime
+    # Shards of models split across nodes (FSD-Inference): routes and budget in shards.py.
+    app.include_router(shard_router(shard_host(runtime, token=token)))
 
     @app.get(node.HEALTH_LIVE)
     async def live() -> dict[str, bool]:
@@ -207,7 +211,7 @@ def create_app(
             spec = parse_spec(body)
         except ManifestError as e:
             return error_response(400, str(e), reason="InvalidSpec")
-        runtime.register(name, spec)
+        runtime.register(name, model_spec(spec))  # a text function's model takes token ids
         return Response(status_code=204)
 
     @app.delete(node.FUNCTION)
@@ -220,13 +224,18 @@ def create_app(
         try:
             spec: InferenceFunctionSpec = runtime.spec(name)
             body = await read_body(request, max_bytes=limits.max_body_bytes)
+            # The one decode: straight from the body's bytes into arrays.
             decoded = decode_request(body, header_length=header_length(request), limits=limits)
-            arrays = validate_inputs(decoded, spec.inputs)
+            if spec.tokenizer is None:
+                inputs = list(validate_inputs(decoded, spec.inputs).values())
+            else:  # text in: sentences -> token ids and mask
+                text = validate_inputs(decoded, text_inputs(spec.tokenizer))
+                inputs = tokenize(text[spec.tokenizer.input], spec.tokenizer)
             # Cluster-wide per-device bound, across gateway replicas (scale-out, #16).
             async with admission.slot(request.headers.get(DEVICE_HEADER) or "auto"):
                 outcome = await runtime.infer(
                     name,
-                    list(arrays.values()),
+                    inputs,
                     device_id=request.headers.get(DEVICE_HEADER),
                     evict_first=parse_evict_first(request.headers.get(EVICT_FIRST_HEADER)),
                 )

@@ -8,6 +8,7 @@ node still meet only over the wire. Both are entry points of the ``gpufaas.comma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import sys
@@ -22,7 +23,7 @@ from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.units import parse_bytes
 
 if TYPE_CHECKING:
-    from gpufaas.scheduler.gateway import GatewayConfig
+    from gpufaas.scheduler.gateway import Gateway, GatewayConfig
 
 DEFAULT_PORT = 8080
 DEFAULT_GRPC_PORT = 8081
@@ -134,6 +135,12 @@ def _up_parser() -> argparse.ArgumentParser:
         "--gateways", type=int, default=1, help="gateway replicas behind --port (default 1)"
     )
     _add_placement_option(parser)
+    parser.add_argument(
+        "--channel",
+        choices=["direct", "nats", "s3"],
+        default="direct",
+        help="channel of sharded models; nats/s3 start a local server (docs/distributed.md)",
+    )
     _add_gateway_options(parser)
     ManagerOptions.add_arguments(parser)
     return parser
@@ -143,7 +150,7 @@ def up_command(argv: Sequence[str]) -> int:
     """Run the gateway and GPU manager(s) locally."""
     from gpufaas.core.examples import build_examples
     from gpufaas.scheduler.local import run_managers
-    from gpufaas.scheduler.main import build_gateway, serve
+    from gpufaas.scheduler.main import build_gateway
 
     args = _up_parser().parse_args(list(argv))
     try:
@@ -158,9 +165,16 @@ def up_command(argv: Sequence[str]) -> int:
     # Managers listen on loopback, but other local users could reach them: share a secret.
     token = os.environ.get("GPUFAAS_MANAGER_TOKEN") or secrets.token_urlsafe(32)
     options = ManagerOptions.from_args(args)
-    if args.gateways != 1:
-        return _up_replicas(args, paths=paths, options=options, token=token)
-    with run_managers(nodes=args.nodes, options=options, token=token) as urls:
+    # Sharded models' channel server (FSD-Inference): started here, stopped on exit.
+    from gpufaas.core.channelservers import CHANNEL_ENV, run_channel
+    from gpufaas.core.config import artifact_dir
+
+    channel = contextlib.ExitStack()
+    os.environ[CHANNEL_ENV] = run_channel(args.channel, artifact_dir().parent / "channel", channel)
+    if args.gateways != 1:  # scale-out (#16): N gateway processes
+        with channel:
+            return _up_replicas(args, paths=paths, options=options, token=token)
+    with channel, run_managers(nodes=args.nodes, options=options, token=token) as urls:
         gateway = build_gateway(
             manager_urls=urls,
             functions=functions,
@@ -175,7 +189,17 @@ def up_command(argv: Sequence[str]) -> int:
             + ", ".join(f.name for f in functions),
             flush=True,
         )
+        return _serve(gateway, args, command="up")
+
+
+def _serve(gateway: Gateway, args: argparse.Namespace, *, command: str) -> int:
+    from gpufaas.scheduler.main import serve
+
+    try:
         serve(gateway=gateway, host=args.host, port=args.port, grpc_port=_grpc_port(args))
+    except OSError as e:  # a port in use: say which, no traceback
+        print(f"gpufaas {command}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -260,7 +284,7 @@ def _gateway_parser() -> argparse.ArgumentParser:
 
 def gateway_command(argv: Sequence[str]) -> int:
     """Run the gateway."""
-    from gpufaas.scheduler.main import build_gateway, enable_kubernetes, serve
+    from gpufaas.scheduler.main import build_gateway, enable_kubernetes
 
     args = _gateway_parser().parse_args(list(argv))
     urls = parse_managers(args.managers)
@@ -298,13 +322,16 @@ def gateway_command(argv: Sequence[str]) -> int:
             namespace=args.manager_namespace,
             ownership=args.placement_owner,
         )
-        serve_replica(
-            gateway=gateway,
-            host=args.host,
-            port=args.port,
-            shared_port=args.shared_port,
-            grpc_port=_grpc_port(args),
-        )
+        try:
+            serve_replica(
+                gateway=gateway,
+                host=args.host,
+                port=args.port,
+                shared_port=args.shared_port,
+                grpc_port=_grpc_port(args),
+            )
+        except OSError as e:  # a port in use: say which, no traceback
+            print(f"gpufaas gateway: {e}", file=sys.stderr)
+            return 2
         return 0
-    serve(gateway=gateway, host=args.host, port=args.port, grpc_port=_grpc_port(args))
-    return 0
+    return _serve(gateway, args, command="gateway")

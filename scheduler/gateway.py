@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +37,10 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpufaas.cache import InsufficientCapacity, Residency
+from gpufaas.core import node as node_api
 from gpufaas.core.api import InferenceFunction, is_valid_name
 from gpufaas.core.http import (
     CACHE_HEADER,
@@ -49,11 +53,11 @@ from gpufaas.core.http import (
     add_metrics_route,
     error_response,
     format_evict_first,
-    header_length,
     inline_schema,
     install_error_handlers,
     install_token_auth,
     json_safe,
+    read_asgi_body,
     read_body,
 )
 from gpufaas.core.protocol import (
@@ -68,6 +72,7 @@ from gpufaas.core.protocol import (
     ServerMetadata,
     check_signature,
     inspect_request,
+    parse_header_length,
 )
 from gpufaas.scheduler.cluster import Cluster, Device, Node
 from gpufaas.scheduler.coldstart import HandlerActivator, handler_router
@@ -93,6 +98,7 @@ _PASSTHROUGH_HEADERS = (
     HEADER_LENGTH.lower(),
     CACHE_HEADER,
     LOAD_MS_HEADER,
+    COMPUTE_MS_HEADER,  # the forward pass's share of the latency, for clients and benchmarks
     REASON_HEADER,
 )
 _PLATFORMS = {"torchscript": "pytorch_torchscript", "torch-export": "pytorch_export"}
@@ -164,6 +170,7 @@ class Metrics:
     def __init__(self, *, policy: str) -> None:
         self.registry = CollectorRegistry()
         self.policy = policy
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "gpufaas_requests",
             "Inference requests by outcome",
@@ -215,15 +222,24 @@ class Metrics:
             registry=self.registry,
         )
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: the hot path counts each request six
+        times, and prometheus_client's lookup checks and hashes the labels every time."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def answered(self, name: str, status: int, *, elapsed_s: float, slo_ms: float | None) -> None:
         """Count one answered inference request (any front end)."""
-        self.requests.labels(name, str(status)).inc()
+        self.child(self.requests, name, str(status)).inc()
         if status != 200:
             return
-        self.latency.labels(name).observe(elapsed_s)
+        self.child(self.latency, name).observe(elapsed_s)
         if slo_ms is not None:
             met = "true" if elapsed_s * 1000 <= slo_ms else "false"
-            self.slo.labels(self.policy, met).inc()
+            self.child(self.slo, self.policy, met).inc()
 
 
 # -- what travels to a manager ---------------------------------------------------------------------
@@ -241,9 +257,9 @@ class NodeCall:
 def infer_call(name: str, body: bytes | memoryview, *, header_length: int | None) -> NodeCall:
     """The node's infer call for a body the gateway has inspected, forwarded as it is."""
     if header_length is None:
-        return NodeCall(f"/v2/models/{name}/infer", body, {"Content-Type": JSON_CONTENT_TYPE})
+        return NodeCall(node_api.MODEL_INFER.format(name=name), body, {"Content-Type": JSON_CONTENT_TYPE})
     headers = {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(header_length)}
-    return NodeCall(f"/v2/models/{name}/infer", body, headers)
+    return NodeCall(node_api.MODEL_INFER.format(name=name), body, headers)
 
 
 @dataclass(frozen=True)
@@ -502,7 +518,7 @@ class Gateway:
             self.loads(exclude),
             self.cluster.directory,
         )
-        self.metrics.decisions.labels(self.policy.name, decision.reason).inc()
+        self.metrics.child(self.metrics.decisions, self.policy.name, decision.reason).inc()
         return decision
 
     def loads(self, exclude: set[str]) -> Sequence[DeviceLoad]:
@@ -574,7 +590,8 @@ class Gateway:
         deadline: float | None,
         queued_at: float,
     ) -> NodeReply:
-        self.metrics.queue_wait.labels(self.policy.name).observe(time.monotonic() - queued_at)
+        waited = time.monotonic() - queued_at
+        self.metrics.child(self.metrics.queue_wait, self.policy.name).observe(waited)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(
                 f"the deadline of the request for {name!r} passed while it waited"
@@ -636,7 +653,7 @@ class Gateway:
                 self.cluster.directory.note_evicted(device.key, name)
             return
         hit = headers.get(CACHE_HEADER) == "hit"
-        self.metrics.cache.labels(self.policy.name, "hit" if hit else "miss").inc()
+        self.metrics.child(self.metrics.cache, self.policy.name, "hit" if hit else "miss").inc()
         size = headers.get(MODEL_BYTES_HEADER)
         if size is not None:
             self.model_bytes[name] = int(size)
@@ -697,7 +714,7 @@ class Gateway:
     async def load(self, name: str) -> None:
         """Make ``name`` resident on a device the policy chooses (the repository's load)."""
         self.require(name)
-        reply = await self.forward(name, NodeCall(f"/v2/repository/models/{name}/load"))
+        reply = await self.forward(name, NodeCall(node_api.MODEL_LOAD.format(name=name)))
         if reply.status != 200:
             raise NodeFailed(reply)
         await self.sync()
@@ -709,7 +726,7 @@ class Gateway:
 
         async def one(node_client: httpx.AsyncClient) -> None:
             with contextlib.suppress(httpx.HTTPError):
-                await node_client.post(f"/v2/repository/models/{name}/unload")
+                await node_client.post(node_api.MODEL_UNLOAD.format(name=name))
 
         await asyncio.gather(*(one(n.client) for n in self.cluster.nodes.values() if n.healthy))
         for key in self.cluster.directory.devices():
@@ -740,8 +757,8 @@ def request_deadline(timeout_ms: float | None, parameters: Mapping[str, Any]) ->
     return time.monotonic() + min(given) / 1000
 
 
-def timeout_header_ms(request: Request) -> float | None:
-    header = request.headers.get(TIMEOUT_HEADER)
+def _timeout_ms(header: str | None) -> float | None:
+    """The value of ``X-Gpufaas-Timeout-Ms``, if given."""
     if header is None:
         return None
     try:
@@ -765,14 +782,20 @@ def gateway_error_response(error: GatewayError) -> Response:
 
 
 def _passthrough(reply: NodeReply) -> Response:
-    headers = {k: v for k, v in reply.headers.items() if k in _PASSTHROUGH_HEADERS}
-    return Response(reply.body, status_code=reply.status, headers=headers)
+    status, headers, content = _passthrough_answer(reply)
+    return Response(content, status_code=status, headers=dict(headers))
 
 
 # -- the HTTP front end ----------------------------------------------------------------------------
 
 
-def create_app(gateway: Gateway) -> FastAPI:
+def create_app(gateway: Gateway) -> ASGIApp:
+    """The gateway's HTTP app: :class:`InferFastPath` for inference, FastAPI for the rest."""
+    return InferFastPath(create_api(gateway), gateway=gateway)
+
+
+def create_api(gateway: Gateway) -> FastAPI:
+    """Every endpoint (inference too, for the OpenAPI document) as a FastAPI app."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
@@ -841,31 +864,16 @@ def create_app(gateway: Gateway) -> FastAPI:
         }
     }
 
+    # Served by InferFastPath ahead of the router; declared here for the OpenAPI document, and
+    # served the same way if the app runs without the middleware.
     @app.post("/v2/models/{name}/infer", openapi_extra=infer_body)
     @app.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=infer_body)
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
-        started = time.perf_counter()
-        try:
-            body = await read_body(request, max_bytes=gateway.config.limits.max_body_bytes)
-            reply = await gateway.infer(
-                name,
-                body,
-                header_length=header_length(request),
-                timeout_ms=timeout_header_ms(request),
-            )
-            response = _passthrough(reply)
-        except GatewayError as e:
-            response = gateway_error_response(e)
-        except ProtocolError as e:
-            response = error_response(e.status_code, str(e), reason="InvalidRequest")
-        function = gateway.function(name)
-        gateway.metrics.answered(
-            name if function is not None else "_unknown",
-            response.status_code,
-            elapsed_s=time.perf_counter() - started,
-            slo_ms=function.spec.slo.latency_ms if function else None,
+        max_bytes = gateway.config.limits.max_body_bytes
+        status, headers, content = await answer_infer(
+            gateway, name, lambda: read_body(request, max_bytes=max_bytes), request.headers
         )
-        return response
+        return Response(content, status_code=status, headers=dict(headers))
 
     @app.post("/v2/repository/index")
     async def repository_index() -> JSONResponse:
@@ -909,3 +917,94 @@ def create_app(gateway: Gateway) -> FastAPI:
         )
 
     return app
+
+
+_INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
+
+
+class InferFastPath:
+    """The hot path as a bare ASGI app in front of FastAPI: ``POST .../infer`` is answered here,
+    without middleware, routing, dependency solving or a Request object, which cost more than
+    half of the gateway's CPU per warm request (``docs/dataplane.md``). Everything else
+    (lifespan included) goes on to FastAPI.
+    """
+
+    def __init__(self, app: ASGIApp, *, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = (
+            _INFER_PATH.match(scope["path"])
+            if scope["type"] == "http" and scope["method"] == "POST"
+            else None
+        )
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        max_bytes = self.gateway.config.limits.max_body_bytes
+
+        def read() -> Awaitable[bytes]:
+            declared = headers.get("content-length")
+            return read_asgi_body(receive, declared=declared, max_bytes=max_bytes)
+
+        try:
+            status, out, content = await answer_infer(self.gateway, match["name"], read, headers)
+        except Exception as e:  # as FastAPI's handlers do: a message, never a traceback
+            logger.exception("unhandled error on POST %s", scope["path"])
+            status, out, content = _error_answer(
+                500, f"internal error ({type(e).__name__}); see the server log", "InternalError", []
+            )
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out]
+        raw.append((b"content-length", b"%d" % len(content)))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": content})
+
+
+Answer = tuple[int, list[tuple[str, str]], bytes]
+
+
+async def answer_infer(
+    gateway: Gateway,
+    name: str,
+    read_body: Callable[[], Awaitable[bytes]],
+    headers: Mapping[str, str],
+) -> Answer:
+    """One HTTP inference request: status, headers and body to send back, errors included
+    (``{"error": ...}`` with the status of its kind), and its metrics counted."""
+    started = time.perf_counter()
+    try:
+        body = await read_body()
+        reply = await gateway.infer(
+            name,
+            body,
+            header_length=parse_header_length(headers.get(HEADER_LENGTH.lower())),
+            timeout_ms=_timeout_ms(headers.get(TIMEOUT_HEADER)),
+        )
+        answer = _passthrough_answer(reply)
+    except NodeFailed as e:
+        answer = _passthrough_answer(e.reply)
+    except GatewayError as e:
+        extra = [] if e.retry_after_s is None else [("retry-after", str(e.retry_after_s))]
+        answer = _error_answer(e.status, str(e), e.reason, extra)
+    except ProtocolError as e:
+        answer = _error_answer(e.status_code, str(e), "InvalidRequest", [])
+    function = gateway.function(name)
+    gateway.metrics.answered(
+        name if function is not None else "_unknown",
+        answer[0],
+        elapsed_s=time.perf_counter() - started,
+        slo_ms=function.spec.slo.latency_ms if function else None,
+    )
+    return answer
+
+
+def _passthrough_answer(reply: NodeReply) -> Answer:
+    headers = [(k, v) for k, v in reply.headers.items() if k.lower() in _PASSTHROUGH_HEADERS]
+    return reply.status, headers, reply.body
+
+
+def _error_answer(status: int, message: str, reason: str, extra: list[tuple[str, str]]) -> Answer:
+    headers = [("content-type", JSON_CONTENT_TYPE), (REASON_HEADER, reason), *extra]
+    return status, headers, json.dumps({"error": message}).encode()

@@ -401,6 +401,8 @@ def make_server(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", -1),
+            # A port in use is an error, not a port shared with whoever holds it.
+            ("grpc.so_reuseport", 0),
         ]
     )
     service = InferenceService(gateway)
@@ -408,7 +410,10 @@ def make_server(
         m: _handler(service, m, admin_token=gateway.config.admin_token) for m in methods
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpc's way of saying the address is taken or invalid
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind the gRPC port {host}:{port}")
+        raise OSError(f"cannot bind the gRPC port {host}:{port} (in use?); see --grpc-port")
     return server, bound

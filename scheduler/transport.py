@@ -8,8 +8,7 @@ task, stream or pure-Python HTTP parser. Why this and not httpx: ``docs/dataplan
 
 A connection the server closed while idle (keep-alive timeout) fails on its next request before
 any byte of an answer arrives; the pool then retries once on a fresh connection, so only a
-manager that is really unreachable raises :class:`NodeUnreachable`. ``unix_socket`` replaces
-TCP with a Unix domain socket when the gateway and the manager share a host.
+manager that is really unreachable raises :class:`NodeUnreachable`.
 
 Other calls (state syncs, function pushes, loads) stay on httpx: they are rare.
 """
@@ -133,14 +132,12 @@ class NodePool:
         headers: Mapping[str, str] | None = None,
         timeout_s: float = 120.0,
         connect_timeout_s: float = 5.0,
-        unix_socket: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"the pooled transport speaks plain http://host:port, got {url!r}")
         self.host = parts.hostname
         self.port = parts.port or 80
-        self.unix_socket = unix_socket
         self.size = max(1, size)
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -150,7 +147,7 @@ class NodePool:
         self._open: set[_Connection] = set()
 
     def __repr__(self) -> str:
-        where = self.unix_socket or f"{self.host}:{self.port}"
+        where = f"{self.host}:{self.port}"
         return f"<NodePool {where}: {len(self._idle)} idle, {len(self._open)} open>"
 
     @property
@@ -193,10 +190,7 @@ class NodePool:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            if self.unix_socket is not None:
-                connect = loop.create_unix_connection(lambda: _Connection(self), self.unix_socket)
-            else:
-                connect = loop.create_connection(lambda: _Connection(self), self.host, self.port)
+            connect = loop.create_connection(lambda: _Connection(self), self.host, self.port)
             _, connection = await asyncio.wait_for(connect, self.connect_timeout_s)
         except (OSError, TimeoutError) as e:
             raise NodeUnreachable(f"cannot connect to the GPU manager: {e}") from None

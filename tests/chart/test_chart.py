@@ -358,3 +358,28 @@ def test_hadolint_passes() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- sharded models' NATS channel (fsd: templates/nats.yaml) ------------------------------------
+
+
+def test_nats_channel_deployed_or_pointed_at(render: Any) -> None:
+    docs = render(sets=["channels.nats.deploy=true"])
+    for doc in docs:
+        if doc["apiVersion"] not in NOT_VALIDATED:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    nats = _find(docs, "Deployment", "-nats")["spec"]["template"]["spec"]
+    assert nats["securityContext"]["runAsUser"] == 10001
+    assert nats["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "max_payload: 8MB" in _find(docs, "ConfigMap", "-nats")["data"]["nats.conf"]
+    env = {e["name"]: e.get("value") for e in _container(docs, "Deployment", "-gateway")["env"]}
+    assert json.loads(env["GPUFAAS_FSD_CHANNEL"]) == {
+        "kind": "nats", "nats_url": "nats://gf-gpufaas-nats.gpufaas.svc:4222"
+    }  # fmt: skip
+    existing = render(sets=["channels.nats.url=nats://nats.messaging:4222"])
+    assert not [d for d in existing if d["metadata"]["name"].endswith("-nats")]
+    env = {e["name"]: e.get("value") for e in _container(existing, "Deployment", "-gateway")["env"]}
+    assert json.loads(env["GPUFAAS_FSD_CHANNEL"])["nats_url"] == "nats://nats.messaging:4222"
+    default = render()
+    env = {e["name"] for e in _container(default, "Deployment", "-gateway")["env"]}
+    assert "GPUFAAS_FSD_CHANNEL" not in env

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from gpufaas.core.api import InferenceFunction, TensorSpec, parse_manifest
-from gpufaas.core.examples import EXAMPLES, example_inputs, model_filename
+from gpufaas.core.examples import EXAMPLES, FUNCTIONS, example_inputs, model_filename
 from gpufaas.core.modelio import load_model
 
 pytestmark = pytest.mark.filterwarnings(
@@ -37,7 +37,16 @@ def _matches(spec: TensorSpec, dtype: np.dtype[np.generic], shape: tuple[int, ..
 
 
 def test_one_manifest_per_example() -> None:
-    assert sorted(p.stem for p in FUNCTIONS_DIR.glob("*.yaml")) == sorted(EXAMPLES)
+    assert sorted(p.stem for p in FUNCTIONS_DIR.glob("*.yaml")) == sorted(FUNCTIONS)
+
+
+def test_the_text_function_serves_minilms_model_with_its_token_inputs() -> None:
+    from gpufaas.gpu_manager.text import model_spec
+
+    text, tokens = _manifest("minilm-text").spec, _manifest("minilm").spec
+    assert text.tokenizer is not None and text.model == tokens.model
+    assert model_spec(text).inputs == tokens.inputs
+    assert text.outputs == tokens.outputs
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

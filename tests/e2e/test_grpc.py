@@ -21,7 +21,7 @@ from test_local_mode import _expected
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
-from gpufaas.core.examples import EXAMPLES, example_inputs
+from gpufaas.core.examples import EXAMPLES, FUNCTIONS, example_inputs
 from gpufaas.scheduler.local import free_port
 
 pytestmark = pytest.mark.slow
@@ -95,9 +95,9 @@ def test_server_and_model_metadata_and_readiness_agree(
     assert grpc_client.is_server_live() and grpc_client.is_server_ready()
     assert grpc_client.get_server_metadata(as_json=True)["name"] == "gpufaas"
     index = {m["name"]: m for m in grpc_client.get_model_repository_index(as_json=True)["models"]}
-    assert set(index) == set(EXAMPLES)
+    assert set(index) == set(FUNCTIONS)
     http_index = {m["name"]: m for m in httpx.post(f"{server}/v2/repository/index").json()}
-    for name in EXAMPLES:
+    for name in FUNCTIONS:
         http_ready = httpx.get(f"{server}/v2/models/{name}/ready").status_code == 200
         assert grpc_client.is_model_ready(name) is http_ready is True
         assert index[name]["state"] == http_index[name]["state"] == "READY"

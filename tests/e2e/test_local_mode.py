@@ -18,7 +18,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from gpufaas.core.api import ModelFormat
-from gpufaas.core.examples import EXAMPLES, example_inputs
+from gpufaas.core.examples import EXAMPLE_SENTENCES, EXAMPLES, FUNCTIONS, example_inputs
 from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.modelio import load_model
 
@@ -70,8 +70,8 @@ def test_server_and_model_metadata(client: triton.InferenceServerClient) -> None
     assert client.is_server_live() and client.is_server_ready()
     assert client.get_server_metadata()["name"] == "gpufaas"
     index = {m["name"] for m in client.get_model_repository_index()}
-    assert index == set(EXAMPLES)
-    for name in EXAMPLES:
+    assert index == set(FUNCTIONS)
+    for name in FUNCTIONS:
         assert client.is_model_ready(name)
 
 
@@ -181,3 +181,20 @@ def test_model_repository_unload_and_load(server: str) -> None:
     assert json.loads(httpx.post(f"{server}/v2/repository/models/nope/load", timeout=30).text)[
         "error"
     ]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_text_in_through_the_gateway_equals_the_token_id_function(
+    client: triton.InferenceServerClient, binary: bool
+) -> None:
+    from gpufaas.core.api import Tokenizer, Vocabulary
+    from gpufaas.gpu_manager.text import tokenize
+
+    texts = np.array([s.encode() for s in EXAMPLE_SENTENCES], dtype=object)
+    from_text = _infer(client, "minilm-text", {"text": texts}, binary=binary)["embedding"]
+    ids, mask = tokenize(texts, Tokenizer(input="text", vocabulary=Vocabulary.ALL_MINILM_L6_V2))
+    from_ids = _infer(
+        client, "minilm", {"input_ids": ids, "attention_mask": mask}, binary=True
+    )["embedding"]
+    assert from_text.shape == (len(EXAMPLE_SENTENCES), 384)
+    np.testing.assert_allclose(from_text, from_ids, rtol=1e-5, atol=1e-6)

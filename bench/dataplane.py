@@ -1,0 +1,337 @@
+"""The data plane's own figures: warm latency, throughput, gRPC vs HTTP, serving CPU per request.
+
+Starts ``gpufaas up`` (1 GPU manager, 1 CPU device) from one or more Python environments (so the
+same run can hold a baseline checkout next to this one), and drives each with a light client on
+loopback: keep-alive HTTP/1.1 with binary tensors (the gateway's own pooled transport used as a
+client, so the client's cost stays small next to the server's), and gRPC with pre-serialized
+``ModelInferRequest`` bytes.
+
+Figures per system:
+
+* ``warm_p50_ms`` / ``warm_p99_ms``: 1 client, tiny-mlp and small-cnn, batching off;
+* ``grpc_p50_ms``: the same over gRPC (systems that have it);
+* ``rps_8``: 8 clients, tiny-mlp with dynamic batching on (maxBatchSize 8, maxDelayMs 2);
+* ``cpu_us_per_request``: user+system CPU of the gateway and manager processes over a
+  1-client warm tiny-mlp phase, divided by its request count (``/proc/<pid>/stat``);
+* ``minilm_overhead``: warm 1-client p50 end to end minus the node's median forward-pass time
+  (``X-Gpufaas-Compute-Ms``), as a fraction of that forward pass (MiniLM, 1 x 128 tokens).
+
+    python bench/dataplane.py                         # this checkout only
+    python bench/dataplane.py --baseline /work/main/.venv/bin/python   # and a baseline, same run
+
+Every loop is bounded in count and time; servers bind 127.0.0.1 and are stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+from gpufaas.core.examples import build_examples, example_inputs
+from gpufaas.core.protocol import encode_request
+from gpufaas.scheduler.transport import NodePool, NodeUnreachable
+
+MANIFEST = """apiVersion: gpufaas.dev/v1alpha1
+kind: InferenceFunction
+metadata: {{name: {name}}}
+spec:
+  model: {{uri: "file://{models}/{file}", format: {format}}}
+  inputs: {inputs}
+  outputs: {outputs}
+  batching: {{maxBatchSize: {batch}, maxDelayMs: {delay}}}
+"""
+FAMILIES = {
+    "tiny-mlp": ("tiny-mlp.pt", "torchscript", '[{name: x, datatype: FP32, shape: [-1, 16]}]',
+                 '[{name: y, datatype: FP32, shape: [-1, 4]}]'),
+    "small-cnn": ("small-cnn.pt2", "torch-export",
+                  '[{name: image, datatype: FP32, shape: [-1, 3, 32, 32]}]',
+                  '[{name: logits, datatype: FP32, shape: [-1, 10]}]'),
+    "minilm": ("minilm.pt", "torchscript",
+               '[{name: input_ids, datatype: INT64, shape: [-1, -1]}, '
+               '{name: attention_mask, datatype: INT64, shape: [-1, -1]}]',
+               '[{name: embedding, datatype: FP32, shape: [-1, 384]}]'),
+}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_manifests(folder: Path, models: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for family, (file, fmt, inputs, outputs) in FAMILIES.items():
+        for name, batch, delay in ((family, 1, 0), (f"{family}-batched", 8, 2)):
+            if family == "minilm" and batch > 1:
+                continue
+            text = MANIFEST.format(name=name, models=models, file=file, format=fmt,
+                                   inputs=inputs, outputs=outputs, batch=batch, delay=delay)  # fmt: skip
+            (folder / f"{name}.yaml").write_text(text)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def tree(pid: int) -> list[int]:
+    pids = [pid]
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        pids.extend(tree(int(child)))
+    return pids
+
+
+def body_for(name: str, *, rows: int = 1) -> tuple[bytes, dict[str, str]]:
+    family = name.removesuffix("-batched")
+    if family == "minilm":
+        ids = np.full((rows, 128), 2000, dtype=np.int64)
+        ids[:, 0], ids[:, -1] = 101, 102
+        arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    else:
+        arrays = example_inputs(family, batch=rows)
+    datatypes = {"int64": "INT64", "float32": "FP32"}
+    tensors = {k: (a, datatypes[str(a.dtype)]) for k, a in arrays.items()}
+    return encode_request(tensors, binary_outputs=True)
+
+
+def grpc_request(name: str) -> bytes:
+    body, headers = body_for(name)
+    header_length = int(headers["Inference-Header-Content-Length"])
+    header = json.loads(body[:header_length])
+    request = pb.ModelInferRequest(model_name=name)
+    offset = header_length
+    for tensor in header["inputs"]:
+        request.inputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
+        size = tensor["parameters"]["binary_data_size"]
+        request.raw_input_contents.append(body[offset : offset + size])
+        offset += size
+    return request.SerializeToString()
+
+
+async def closed_loop(
+    send: Any, *, clients: int, count: int, max_s: float
+) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    deadline = time.monotonic() + max_s
+    left = count
+
+    async def client() -> None:
+        nonlocal left
+        while left > 0 and time.monotonic() < deadline:
+            left -= 1
+            t0 = time.perf_counter()
+            try:
+                await send()
+            except NodeUnreachable as e:  # counted, not timed; a few are tolerated
+                FAILURES.append(str(e))
+                if len(FAILURES) > 5:
+                    raise
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return latencies, time.perf_counter() - start
+
+
+FAILURES: list[str] = []  # requests that got no answer, over the whole run
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values) * 1000, q)) if values else float("nan")
+
+
+async def measure(
+    url: str, grpc_port: int | None, pids: list[int], args: argparse.Namespace
+) -> dict[str, Any]:
+    pool = NodePool(url, size=16, timeout_s=10)
+    out: dict[str, Any] = {}
+
+    def http_sender(name: str) -> Any:
+        body, headers = body_for(name)
+        path = f"/v2/models/{name}/infer"
+
+        async def send() -> Any:
+            reply = await pool.post(path, body, headers)
+            if reply.status != 200:
+                raise RuntimeError(f"{name}: {reply.status} {reply.body[:200]!r}")
+            return reply
+
+        return send
+
+    for name in ("tiny-mlp", "small-cnn"):
+        try:
+            out[name] = {}
+            print(f"{url}: {name}", file=sys.stderr, flush=True)
+            send = http_sender(name)
+            await closed_loop(send, clients=1, count=args.warmup, max_s=60)
+            before = cpu_seconds(pids), cpu_seconds(pids[:1])
+            lat, _ = await closed_loop(send, clients=1, count=args.requests, max_s=120)
+            cpu = cpu_seconds(pids) - before[0]
+            gateway_cpu = cpu_seconds(pids[:1]) - before[1]
+            out[name] = {"warm_p50_ms": pct(lat, 50), "warm_p99_ms": pct(lat, 99), "n": len(lat)}
+            if name == "tiny-mlp":
+                out[name]["cpu_us_per_request"] = cpu / len(lat) * 1e6
+                out[name]["gateway_cpu_us_per_request"] = gateway_cpu / len(lat) * 1e6
+            if grpc_port is not None:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                    call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+                    data = grpc_request(name)
+
+                    async def grpc_send(call: Any = call, data: bytes = data) -> Any:
+                        return await call(data, timeout=30)
+
+                    await closed_loop(grpc_send, clients=1, count=args.warmup, max_s=60)
+                    lat, _ = await closed_loop(grpc_send, clients=1, count=args.requests, max_s=120)
+                    out[name]["grpc_p50_ms"] = pct(lat, 50)
+        except NodeUnreachable as e:  # a system that stops answering: say so, go on
+            out[name] = {**out.get(name, {}), "error": str(e), "unanswered": list(FAILURES)}
+        FAILURES.clear()
+    try:
+        await later_phases(out, pool, http_sender, args)
+    except NodeUnreachable as e:
+        out["error"] = str(e)
+    await pool.close()
+    return out
+
+
+async def later_phases(
+    out: dict[str, Any], pool: NodePool, http_sender: Any, args: argparse.Namespace
+) -> None:
+    """8 clients with batching on, then MiniLM's overhead over its forward pass."""
+    send = http_sender("tiny-mlp-batched")
+    await closed_loop(send, clients=8, count=args.warmup, max_s=60)
+    lat, wall = await closed_loop(send, clients=8, count=args.requests * 4, max_s=120)
+    out.setdefault("tiny-mlp", {})
+    out["tiny-mlp"]["rps_8_batched"] = len(lat) / wall
+    out["tiny-mlp"]["p50_8_batched_ms"] = pct(lat, 50)
+    # MiniLM: overhead over the node's own forward pass.
+    body, headers = body_for("minilm")
+    computes: list[float] = []
+
+    async def minilm() -> None:
+        reply = await pool.post("/v2/models/minilm/infer", body, headers)
+        assert reply.status == 200, reply.body[:200]
+        if "x-gpufaas-compute-ms" in reply.headers:  # a baseline may not pass it through
+            computes.append(float(reply.headers["x-gpufaas-compute-ms"]))
+
+    await closed_loop(minilm, clients=1, count=10, max_s=120)
+    computes.clear()
+    lat, _ = await closed_loop(minilm, clients=1, count=args.minilm_requests, max_s=180)
+    forward = statistics.median(computes) if computes else None
+    out["minilm"] = {
+        "warm_p50_ms": pct(lat, 50),
+        "forward_ms": forward,
+        "overhead": None if forward is None else (pct(lat, 50) - forward) / forward,
+    }
+
+
+def run_system(
+    python: str,
+    label: str,
+    functions: Path,
+    models: Path,
+    args: argparse.Namespace,
+    *,
+    pythonpath: str | None = None,
+) -> dict[str, Any]:
+    port, grpc_port = free_port(), free_port()
+    command = [python, "-m", "gpufaas.core.cli", "up", "--port", str(port),
+               "--functions", str(functions), "--cpu-devices", "1", "--policy", args.policy]  # fmt: skip
+    env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": tempfile.mkdtemp()}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    has_grpc = (
+        "--grpc-port"
+        in subprocess.run(
+            [python, "-m", "gpufaas.core.cli", "up", "--help"],
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout
+    )
+    if has_grpc:
+        command += ["--grpc-port", str(grpc_port)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{label}: gpufaas up exited: {proc.stderr.read()[-2000:]!r}")  # type: ignore[union-attr]
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{label}: not ready in 180 s")
+            time.sleep(0.2)
+        result = asyncio.run(measure(url, grpc_port if has_grpc else None, tree(proc.pid), args))
+        result["python"] = python
+        result["pythonpath"] = pythonpath
+        return result
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", default=None, help="python of a baseline checkout's venv")
+    parser.add_argument(
+        "--baseline-path", default=None, help="PYTHONPATH for the baseline (a gpufaas/ tree)"
+    )
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--minilm-requests", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--policy", default="lalb-o3")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the systems this often")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="gpufaas-dataplane-"))
+    models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
+    build_examples(models, progress=False)
+    write_manifests(work / "functions", models)
+    systems = {"this": sys.executable}
+    if args.baseline:
+        systems = {"baseline": args.baseline, **systems}
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label in systems}
+    for _ in range(args.rounds):
+        for label, python in systems.items():
+            path = args.baseline_path if label == "baseline" else None
+            results[label].append(
+                run_system(python, label, work / "functions", models, args, pythonpath=path)
+            )
+    print(json.dumps({**results, "unanswered": FAILURES}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,639 @@
+"""Distributed (FSD-Inference) inference: partition volume, throughput, latency, launch, cost model.
+
+Sections (each prints a table; everything lands in ``--out`` as JSON and PNG plots):
+
+1. **partition**: bytes exchanged per inference (one sample) on RadiX-Net-style sparse nets of
+   1,024 / 4,096 / 16,384 neurons x 120 layers at the Graph Challenge's fan-in (32 per
+   neuron), for N in {2, 4, 8} and the hypergraph / random / block partitioners. Computed on
+   one period of the nets' layer patterns (6 / 8 / 10 layers) times the periods in 120
+   layers, which is exact (the patterns repeat), so the 16,384-neuron case fits in memory.
+2. **grid**: real ``gpufaas gpu-manager`` processes (one per shard, up to 8) hold the shards;
+   the coordinator runs here. For N in {1, 2, 4, 8}, the direct channel with each partitioner
+   and NATS / S3 with the hypergraph one: latency (concurrency 1, median) and throughput
+   (closed loop, ``--concurrency`` requests in flight), plus the launch time of each set
+   through the tree.
+3. **mlp**: a dense MLP larger than one device's budget: it fails to launch on one shard
+   and serves on 4 and 8.
+4. **costmodel**: a calibration run (a different, smaller net) fits the constants of
+   :mod:`gpufaas.scheduler.costmodel`; the model then predicts every grid cell's latency.
+   Reports the prediction error, and per batch size whether the configuration it picks is the
+   fastest one measured.
+
+    python bench/fsd.py --quick          # 4,096 x 24 layers, batch 64: about 10 minutes here
+    python bench/fsd.py                  # 4,096 x 120 layers
+
+Timings on a shared machine are noisy: ratios measured in the same run are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpufaas.core.channelservers import ServerMissing, run_nats, run_seaweedfs
+from gpufaas.core.commands import ManagerOptions
+from gpufaas.core.layered import LayeredNet, dense_mlp, radix_net
+from gpufaas.core.sharding import ChannelConfig, Parallelism
+from gpufaas.scheduler import costmodel
+from gpufaas.scheduler.coordinator import Coordinator, LaunchFailed, ShardFailed, tree_rounds
+from gpufaas.scheduler.local import free_port, manager_command, wait_ready
+from gpufaas.scheduler.partition import communication, partition
+
+PERIOD = {1024: 6, 4096: 8, 16384: 10}  # layers before a RadiX-Net's pattern repeats
+
+
+# -------------------------------------------------------------------------------------------
+# 1. partition volume
+# -------------------------------------------------------------------------------------------
+
+
+def partition_volumes(layers: int = 120) -> list[dict[str, Any]]:
+    rows = []
+    for neurons, period in PERIOD.items():
+        net = radix_net(neurons, period)
+        repeats = layers / period
+        for shards in (2, 4, 8):
+            for method in ("hypergraph", "random", "block"):
+                started = time.perf_counter()
+                part = partition(net, shards, method=method, seed=1)
+                seconds = time.perf_counter() - started
+                volume = communication(net, part)
+                rows.append(
+                    {
+                        "neurons": neurons,
+                        "layers": layers,
+                        "shards": shards,
+                        "method": method,
+                        "bytes_per_sample": volume.bytes_per_sample * repeats,
+                        "messages": volume.messages * repeats,
+                        "partition_s": seconds,
+                    }
+                )
+                print(
+                    f"  {neurons:>6} x {layers} N={shards} {method:<10} "
+                    f"{volume.bytes_per_sample * repeats / 1e6:9.3f} MB/sample  "
+                    f"{volume.messages * repeats:8.0f} msgs  ({seconds:.2f} s to partition)",
+                    flush=True,
+                )
+    return rows
+
+
+# -------------------------------------------------------------------------------------------
+# Nodes
+# -------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def managers(root: Path, count: int, *, device_memory: str) -> Iterator[list[str]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    urls = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("GPUFAAS_MANAGER_TOKEN", None)
+    try:
+        for index in range(count):
+            port = free_port()
+            options = ManagerOptions(
+                cpu_devices=1,
+                device_memory=device_memory,
+                host_memory="256Mi",
+                artifact_dir=root / f"artifacts{index}",
+                force_cpu=True,
+            )
+            with (root / f"manager{index}.log").open("wb") as log:
+                procs.append(
+                    subprocess.Popen(
+                        manager_command(name=f"node{index}", port=port, options=options),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    )
+                )
+            urls.append(f"http://127.0.0.1:{port}")
+        wait_ready(urls, timeout_s=300, procs=procs)
+        yield urls
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def measure(
+    coordinator: Coordinator,
+    name: str,
+    x: np.ndarray,
+    *,
+    latency_requests: int,
+    throughput_requests: int,
+    concurrency: int,
+    budget_s: float,
+) -> dict[str, float]:
+    await coordinator.infer(name, x)  # warm-up
+    latencies = []
+    started = time.perf_counter()
+    for _ in range(latency_requests):
+        t = time.perf_counter()
+        await coordinator.infer(name, x)
+        latencies.append(time.perf_counter() - t)
+        if time.perf_counter() - started > budget_s / 2:
+            break
+    done = 0
+    stop_at = time.perf_counter() + budget_s / 2
+
+    async def worker() -> None:
+        nonlocal done
+        while done < throughput_requests and time.perf_counter() < stop_at:
+            done += 1
+            await coordinator.infer(name, x)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t
+    return {
+        "latency_s": statistics.median(latencies),
+        "latency_min_s": min(latencies),
+        "throughput_rps": done / elapsed,
+        "samples_per_s": done * x.shape[0] / elapsed,
+        "requests": done,
+    }
+
+
+def grid_configs(max_shards: int, channels: dict[str, ChannelConfig]) -> list[tuple[int, str, str]]:
+    configs = [(1, "direct", "block")]
+    for shards in (2, 4, 8):
+        if shards > max_shards:
+            continue
+        for method in ("hypergraph", "random", "block"):
+            configs.append((shards, "direct", method))
+        for channel in channels:
+            if channel != "direct" and not (channel == "s3" and shards > 4):
+                configs.append((shards, channel, "hypergraph"))
+    return configs
+
+
+async def run_grid(
+    urls: list[str],
+    net: LayeredNet,
+    channels: dict[str, ChannelConfig],
+    args: argparse.Namespace,
+    root: Path,
+) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(0)
+    x = (rng.random((args.batch, net.widths[0])) < 0.2).astype(np.float32)
+    coordinator = Coordinator(artifact_base=str(root / "shards"), timeout_s=120)
+    rows = []
+    try:
+        for shards, channel, method in grid_configs(len(urls), channels):
+            name = f"radix-{shards}-{channel}-{method}"
+            shard_set = await coordinator.deploy(
+                name,
+                net,
+                Parallelism(shards=shards, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
+                nodes=urls[:shards],
+                method=method,
+                channel=channels[channel],
+            )
+            try:
+                result = await measure(
+                    coordinator,
+                    name,
+                    x,
+                    latency_requests=args.latency_requests,
+                    throughput_requests=args.throughput_requests,
+                    concurrency=args.concurrency,
+                    budget_s=args.budget_s,
+                )
+            except (ShardFailed, LaunchFailed) as e:
+                print(f"  N={shards} {channel} {method}: FAILED {e}", flush=True)
+                rows.append({"shards": shards, "channel": channel, "method": method,
+                             "failed": str(e)})  # fmt: skip
+                await coordinator.remove(name)
+                continue
+            launch = shard_set.launch
+            row = {
+                "shards": shards,
+                "channel": channel,
+                "method": method,
+                "batch": args.batch,
+                "bytes_per_request": shard_set.volume.bytes_per_sample * args.batch,
+                "launch_s": shard_set.launch_seconds,
+                "launch_depth": launch.depth if launch else 0,
+                "tree_rounds": tree_rounds(shards),
+                "max_shard_load_s": max(launch.seconds.values()) if launch else 0.0,
+                **result,
+            }
+            rows.append(row)
+            print(
+                f"  N={shards} {channel:<6} {method:<10} latency {row['latency_s'] * 1e3:8.1f} ms"
+                f"  throughput {row['throughput_rps']:6.2f} req/s"
+                f"  launch {row['launch_s']:.2f} s ({row['launch_depth']} rounds)",
+                flush=True,
+            )
+            await coordinator.remove(name)
+    finally:
+        await coordinator.close()
+    return rows
+
+
+async def run_mlp(urls: list[str], device_bytes: int, root: Path) -> dict[str, Any]:
+    widths = [2048, 4096, 4096, 1024, 10]
+    mlp = dense_mlp(widths, seed=3)
+    x = np.random.default_rng(1).standard_normal((16, widths[0])).astype(np.float32)
+    reference = mlp.forward(x)
+    coordinator = Coordinator(artifact_base=str(root / "mlp"), timeout_s=120)
+    result: dict[str, Any] = {
+        "widths": widths,
+        "weight_bytes": mlp.weight_bytes,
+        "device_bytes": device_bytes,
+        "times_device": mlp.weight_bytes / device_bytes,
+    }
+    try:
+        try:
+            await coordinator.deploy(
+                "mlp-1", mlp, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
+            )
+            result["n1"] = "launched (unexpected)"
+        except LaunchFailed as e:
+            result["n1"] = f"refused: {str(e)[:160]}"
+        for shards in (4, 8):
+            if shards > len(urls):
+                continue
+            name = f"mlp-{shards}"
+            await coordinator.deploy(
+                name,
+                mlp,
+                Parallelism(shards=shards, strategy="intra-layer"),
+                nodes=urls[:shards],
+                method="block",
+            )
+            out = await coordinator.infer(name, x)
+            ok = bool(np.allclose(out, reference, rtol=1e-4, atol=1e-4))
+            lat = []
+            for _ in range(5):
+                t = time.perf_counter()
+                await coordinator.infer(name, x)
+                lat.append(time.perf_counter() - t)
+            result[f"n{shards}"] = {"allclose": ok, "latency_s": statistics.median(lat)}
+            print(
+                f"  MLP on N={shards}: allclose={ok} latency {statistics.median(lat) * 1e3:.1f} ms"
+            )
+            await coordinator.remove(name)
+    finally:
+        await coordinator.close()
+    print(f"  MLP on N=1: {result['n1']}")
+    return result
+
+
+async def run_local(net: LayeredNet, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Shards as threads of one process over the local channel (one node, no HTTP)."""
+    import torch
+
+    torch.set_num_threads(1)  # one core per shard, as on a node
+    rng = np.random.default_rng(0)
+    x = (rng.random((args.batch, net.widths[0])) < 0.2).astype(np.float32)
+    rows = []
+    for shards in (1, 2, 4, 8):
+        row = await _local_once(net, shards, x, args)
+        rows.append(row)
+        print(f"  local N={shards}: latency {row['latency_s'] * 1e3:7.1f} ms  "
+              f"throughput {row['throughput_rps']:6.2f} req/s", flush=True)  # fmt: skip
+    return rows
+
+
+async def _local_once(
+    net: LayeredNet, shards: int, x: np.ndarray, args: argparse.Namespace
+) -> dict[str, Any]:
+    from gpufaas.core.channels import LocalChannel, Mailbox
+    from gpufaas.gpu_manager.shards import ShardExecutor
+    from gpufaas.scheduler.partition import split
+
+    specs = split(net, partition(net, shards, method="hypergraph"))
+    channel = LocalChannel()
+    executors = []
+    for spec in specs:
+        mailbox = Mailbox()
+        await channel.attach("net", spec.shard, mailbox)
+        executors.append(ShardExecutor(spec, set_name="net", channel=channel, mailbox=mailbox))
+    counter = 0
+
+    async def one() -> None:
+        nonlocal counter
+        counter += 1
+        rid = f"r{counter}"
+        await asyncio.gather(
+            *(
+                e.run(rid, x.T[s.inputs], timeout_s=120)
+                for e, s in zip(executors, specs, strict=True)
+            )
+        )
+
+    await one()
+    latencies = [await _timed(one()) for _ in range(args.latency_requests)]
+    done = 0
+    stop_at = time.perf_counter() + args.budget_s / 2
+
+    async def worker() -> None:
+        nonlocal done
+        while done < args.throughput_requests and time.perf_counter() < stop_at:
+            done += 1
+            await one()
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    elapsed = time.perf_counter() - t
+    for e in executors:
+        e.close()
+    return {"shards": shards, "latency_s": statistics.median(latencies),
+            "throughput_rps": done / elapsed, "requests": done}  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------
+# 4. cost model
+# -------------------------------------------------------------------------------------------
+
+
+async def calibrate(
+    urls: list[str], channels: dict[str, ChannelConfig], root: Path, batch: int
+) -> costmodel.Constants:
+    """Fit the constants on a calibration net (1,024 neurons), not on the grid's net."""
+    coordinator = Coordinator(artifact_base=str(root / "calib"), timeout_s=120)
+    rng = np.random.default_rng(5)
+    compute_x, compute_y = [], []
+    comm: dict[str, tuple[list[list[float]], list[float]]] = {c: ([], []) for c in channels}
+    try:
+        for depth in (8, 24):
+            net = radix_net(1024, depth)
+            part = partition(net, 1, method="block")
+            prof = costmodel.profile(net, part)
+            for b in (max(1, batch // 4), batch):
+                x = (rng.random((b, 1024)) < 0.2).astype(np.float32)
+                name = f"cal-{depth}-{b}"
+                await coordinator.deploy(
+                    name, net, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
+                )
+                await coordinator.infer(name, x)
+                seconds = statistics.median(
+                    [await _timed(coordinator.infer(name, x)) for _ in range(5)]
+                )
+                compute_x.append([b * sum(prof.max_nnz), len(prof.max_nnz)])
+                compute_y.append(seconds)
+                await coordinator.remove(name)
+        per_nnz, per_layer = costmodel.fit(compute_x, compute_y)
+        base = costmodel.Constants(per_nnz, per_layer, os.cpu_count() or 1, {})
+        net = radix_net(1024, 12)
+        for channel in channels:
+            for shards, method, b in ((2, "block", batch), (2, "random", batch),
+                                      (2, "random", max(1, batch // 4))):  # fmt: skip
+                part = partition(net, shards, method=method, seed=2)
+                prof = costmodel.profile(net, part)
+                x = (rng.random((b, 1024)) < 0.2).astype(np.float32)
+                name = f"cal-{channel}-{method}-{b}"
+                await coordinator.deploy(
+                    name, net, Parallelism(shards=shards, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
+                    nodes=urls[:shards], method=method, channel=channels[channel],
+                )  # fmt: skip
+                await coordinator.infer(name, x)
+                seconds = statistics.median(
+                    [await _timed(coordinator.infer(name, x)) for _ in range(5)]
+                )
+                compute = costmodel.predict(prof, batch=b, channel="none", constants=_no_comm(base))
+                comm[channel][0].append(
+                    [sum(prof.max_messages), b * 4 * sum(prof.max_values), shards]
+                )
+                comm[channel][1].append(max(0.0, seconds - compute))
+                await coordinator.remove(name)
+    finally:
+        await coordinator.close()
+    costs = {}
+    for channel, (xs, ys) in comm.items():
+        per_message, per_byte, per_request = costmodel.fit(xs, ys)
+        costs[channel] = costmodel.ChannelCost(per_message, per_byte, per_request)
+    return costmodel.Constants(per_nnz, per_layer, os.cpu_count() or 1, costs)
+
+
+def _no_comm(constants: costmodel.Constants) -> costmodel.Constants:
+    return costmodel.Constants(
+        constants.per_nnz_s,
+        constants.per_layer_s,
+        constants.cores,
+        {"none": costmodel.ChannelCost(0.0, 0.0, 0.0)},
+    )
+
+
+async def _timed(call: Any) -> float:
+    t = time.perf_counter()
+    await call
+    return time.perf_counter() - t
+
+
+def evaluate(
+    net: LayeredNet, grid: list[dict[str, Any]], constants: costmodel.Constants
+) -> dict[str, Any]:
+    predictions = []
+    for row in grid:
+        if "failed" in row:
+            continue
+        part = partition(net, row["shards"], method=row["method"], seed=0)
+        prof = costmodel.profile(net, part)
+        channel = row["channel"] if row["shards"] > 1 else "direct"
+        predicted = costmodel.predict(
+            prof, batch=row["batch"], channel=channel, constants=constants
+        )
+        row["predicted_s"] = predicted
+        row["error"] = predicted / row["latency_s"] - 1
+        predictions.append(row)
+    within = [abs(r["error"]) <= 0.25 for r in predictions]
+    best_measured = min(predictions, key=lambda r: r["latency_s"])
+    best_predicted = min(predictions, key=lambda r: r["predicted_s"])
+    # Cells: one per (channel) choosing N and partitioner, plus the whole grid.
+    cells = {}
+    for channel in sorted({r["channel"] for r in predictions}):
+        rows = [r for r in predictions if r["channel"] == channel or r["shards"] == 1]
+        measured = min(rows, key=lambda r: r["latency_s"])
+        picked = min(rows, key=lambda r: r["predicted_s"])
+        cells[channel] = {
+            "picked": _label(picked),
+            "fastest": _label(measured),
+            "strict": picked is measured,
+            "within_10pct": picked["latency_s"] <= 1.10 * measured["latency_s"],
+        }
+    cells["all"] = {
+        "picked": _label(best_predicted),
+        "fastest": _label(best_measured),
+        "strict": best_predicted is best_measured,
+        "within_10pct": best_predicted["latency_s"] <= 1.10 * best_measured["latency_s"],
+    }
+    return {
+        "within_25pct": sum(within),
+        "cells": len(within),
+        "median_abs_error": statistics.median(abs(r["error"]) for r in predictions),
+        "choices": cells,
+        "constants": {
+            "per_nnz_s": constants.per_nnz_s,
+            "per_layer_s": constants.per_layer_s,
+            "cores": constants.cores,
+            "channels": {k: vars(v) for k, v in constants.channels.items()},
+        },
+    }
+
+
+def _label(row: dict[str, Any]) -> str:
+    return f"N={row['shards']} {row['channel']} {row['method']}"
+
+
+# -------------------------------------------------------------------------------------------
+# Plots and main
+# -------------------------------------------------------------------------------------------
+
+
+def plot(out: Path, volumes: list[dict[str, Any]], grid: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax = axes[0]
+    for method in ("hypergraph", "block", "random"):
+        for neurons in PERIOD:
+            rows = [r for r in volumes if r["method"] == method and r["neurons"] == neurons]
+            ax.plot([r["shards"] for r in rows], [r["bytes_per_sample"] / 1e6 for r in rows],
+                    marker="o", label=f"{method} {neurons}")  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel("shards")
+    ax.set_ylabel("MB exchanged per sample (120 layers)")
+    ax.set_title("Partition volume")
+    ax.legend(fontsize=6)
+    ax = axes[1]
+    for channel, method in (("direct", "hypergraph"), ("direct", "random"), ("direct", "block"),
+                            ("nats", "hypergraph"), ("s3", "hypergraph")):  # fmt: skip
+        rows = [r for r in grid if "failed" not in r and ((r["channel"] == channel
+                and r["method"] == method) or r["shards"] == 1)]  # fmt: skip
+        rows.sort(key=lambda r: r["shards"])
+        if len(rows) > 1:
+            ax.plot([r["shards"] for r in rows], [r["throughput_rps"] for r in rows],
+                    marker="o", label=f"{channel} {method}")  # fmt: skip
+    ax.set_xlabel("shards")
+    ax.set_ylabel("requests/s (closed loop)")
+    ax.set_title("Throughput")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    measured = [r["latency_s"] * 1e3 for r in grid if "predicted_s" in r]
+    predicted = [r["predicted_s"] * 1e3 for r in grid if "predicted_s" in r]
+    if measured:
+        ax.loglog(measured, predicted, "o")
+        lo, hi = min(measured + predicted), max(measured + predicted)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.fill_between([lo, hi], [lo * 0.75, hi * 0.75], [lo * 1.25, hi * 1.25], alpha=0.15)
+    ax.set_xlabel("measured latency, ms")
+    ax.set_ylabel("predicted, ms")
+    ax.set_title("Cost model (band: +-25%)")
+    fig.tight_layout()
+    fig.savefig(out / "fsd.png", dpi=110)
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
+        "args": vars(args),
+    }
+    print("1. partition volume (bytes per sample, 120 layers)", flush=True)
+    report["partition"] = [] if args.skip_partition else partition_volumes()
+    if args.partition_only:
+        return report
+    layers = args.layers or (24 if args.quick else 120)
+    net = radix_net(args.neurons, layers)
+    report["net"] = {"neurons": args.neurons, "layers": layers, "weight_bytes": net.weight_bytes}
+    print("2b. one node, shards as threads over the local channel", flush=True)
+    report["local"] = await run_local(net, args)
+    if args.local_only:
+        return report
+    with tempfile.TemporaryDirectory(prefix="fsd-bench-") as tmp, contextlib.ExitStack() as stack:
+        root = Path(tmp)
+        channels = {"direct": ChannelConfig(kind="direct")}
+        if "nats" in args.channels:
+            try:
+                nats = stack.enter_context(run_nats(root / "nats"))
+                channels["nats"] = ChannelConfig(kind="nats", nats_url=nats.url)
+            except ServerMissing as e:
+                print(f"  (skipping NATS: {e})")
+        if "s3" in args.channels:
+            try:
+                s3 = stack.enter_context(run_seaweedfs(root / "s3"))
+                channels["s3"] = ChannelConfig(
+                    kind="s3", s3_endpoint=s3.endpoint_url, s3_bucket=s3.bucket,
+                    s3_key=s3.key, s3_secret=s3.secret,
+                )  # fmt: skip
+            except ServerMissing as e:
+                print(f"  (skipping S3: {e})")
+        print(f"starting {args.nodes} GPU managers ...", flush=True)
+        with managers(root, args.nodes, device_memory=args.device_memory) as urls:
+            print(f"2. grid on RadiX-Net {args.neurons} x {layers}, batch {args.batch}", flush=True)
+            report["grid"] = await run_grid(urls, net, channels, args, root)
+            print("3. dense MLP over one device's budget", flush=True)
+            from gpufaas.core.units import parse_bytes
+
+            report["mlp"] = await run_mlp(urls, parse_bytes(args.device_memory), root)
+            print("4. cost model: calibration on a 1,024-neuron net, then the grid", flush=True)
+            constants = await calibrate(urls, channels, root, args.batch)
+            report["costmodel"] = evaluate(net, report["grid"], constants)
+            print(json.dumps(report["costmodel"], indent=1))
+    plot(out, report["partition"], report.get("grid", []))
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="24 layers instead of 120")
+    parser.add_argument("--neurons", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--device-memory", default="32Mi")
+    parser.add_argument("--channels", default="direct,nats,s3")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--latency-requests", type=int, default=5)
+    parser.add_argument("--throughput-requests", type=int, default=16)
+    parser.add_argument("--budget-s", type=float, default=30.0, help="per configuration")
+    parser.add_argument("--partition-only", action="store_true")
+    parser.add_argument("--skip-partition", action="store_true", help="no section 1")
+    parser.add_argument("--local-only", action="store_true", help="sections 1 and 2b only")
+    parser.add_argument("--out", default="bench/out/fsd")
+    args = parser.parse_args()
+    report = asyncio.run(main_async(args))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fsd.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {out / 'fsd.json'}" + (f" and {out / 'fsd.png'}" if "grid" in report else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

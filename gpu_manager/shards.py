@@ -1,0 +1,622 @@
+"""Shards of a distributed model on one node: loading, per-layer execution, the node routes.
+
+A shard (see :class:`gpufaas.core.layered.ShardSpec`) computes, for every layer, the rows
+its partition owns. :class:`ShardExecutor` runs one request layer by layer:
+
+1. ask the channel for every partial result this layer reads from other shards (in flight
+   from the start of the layer);
+2. meanwhile multiply the weights over the shard's *own* previous activations;
+3. as each remote part arrives, add its product;
+4. finish the *boundary* rows first (those some other shard reads next) and send each
+   receiver its values at once, then finish the interior rows while those sends travel.
+
+So computation overlaps communication on both sides. The arithmetic runs on one worker
+thread per shard (torch releases the GIL), the waits and sends on the event loop. Every wait
+has a deadline (``stall_s`` per message, ``timeout_s`` per request); a send or wait that
+fails ends the request with the channel's error, which names the shard or channel.
+
+:class:`ShardHost` keeps the node's shards in a byte-bounded LRU, one entry per shard, and
+evicts a whole shard set at once (a shard without its set is useless). Loads come as a tree:
+a node loads its own shard while it forwards each child's load to that child's node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
+
+from gpufaas.cache.lru import ByteLRU, CacheError
+from gpufaas.core import node
+from gpufaas.core.artifacts import ArtifactError, ArtifactStore
+from gpufaas.core.channels import (
+    Array,
+    Channel,
+    ChannelError,
+    ChannelUnavailable,
+    DirectChannel,
+    Envelope,
+    LocalChannel,
+    Mailbox,
+    NatsChannel,
+    S3Channel,
+    ShardTimeout,
+    ShardUnreachable,
+    decode,
+    encode,
+)
+from gpufaas.core.http import error_response
+from gpufaas.core.layered import (
+    Block,
+    IntArray,
+    ShardFormatError,
+    ShardSpec,
+    apply_activation,
+    load_shard,
+    matrix,
+)
+from gpufaas.core.sharding import (
+    REQUEST_ID_HEADER,
+    SHARD_HEADER,
+    SHARD_INFER_PATH,
+    SHARD_PATH,
+    TIMEOUT_HEADER,
+    LaunchReport,
+    ShardLoad,
+)
+from gpufaas.gpu_manager.runtime import NodeRuntime
+
+__all__ = ["ShardExecutor", "ShardHost", "ShardNotLoaded", "shard_host", "shard_router"]
+
+logger = logging.getLogger(__name__)
+_MAX_FRAME_BYTES = 1 << 30
+
+
+class ShardNotLoaded(Exception):
+    def __init__(self, set_name: str, shard: int) -> None:
+        self.set_name = set_name
+        self.shard = shard
+        super().__init__(f"shard {shard} of {set_name} is not loaded on this node")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """One row group (boundary or interior) of a layer: its positions and its matrices."""
+
+    positions: torch.Tensor
+    own: torch.Tensor
+    remote: dict[int, torch.Tensor]
+    bias: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerOps:
+    rows: int
+    groups: tuple[_Rows, ...]  # boundary rows first
+    sources: tuple[int, ...]  # shards this layer reads from
+    activation: str
+    send_next: dict[int, torch.Tensor]  # receiver -> positions of this layer's output
+
+
+def _rows_block(block: Block, keep: IntArray) -> torch.Tensor:
+    """The rows ``keep`` (positions) of a COO block, as a torch matrix."""
+    where = np.full(block.shape[0], -1, dtype=np.int64)
+    where[keep] = np.arange(keep.size, dtype=np.int64)
+    mask = where[block.rows] >= 0
+    return matrix(
+        where[block.rows[mask]], block.cols[mask], block.values[mask], (keep.size, block.shape[1])
+    )
+
+
+def prepare(spec: ShardSpec) -> list[_LayerOps]:
+    ops = []
+    for index, layer in enumerate(spec.layers):
+        after = spec.layers[index + 1].send if index + 1 < len(spec.layers) else {}
+        boundary = np.unique(np.concatenate([np.asarray(p) for p in after.values()])) if after \
+            else np.zeros(0, dtype=np.int64)  # fmt: skip
+        interior = np.setdiff1d(np.arange(layer.owned.size, dtype=np.int64), boundary)
+        groups = []
+        for keep in (boundary, interior):
+            if keep.size == 0:
+                continue
+            groups.append(
+                _Rows(
+                    positions=torch.from_numpy(keep),
+                    own=_rows_block(layer.own, keep),
+                    remote={q: _rows_block(b, keep) for q, b in layer.remote.items()},
+                    bias=torch.from_numpy(layer.bias[keep])[:, None],
+                )
+            )
+        ops.append(
+            _LayerOps(
+                rows=int(layer.owned.size),
+                groups=tuple(groups),
+                sources=tuple(sorted(layer.remote)),
+                activation=layer.activation,
+                send_next={q: torch.from_numpy(np.asarray(p)) for q, p in after.items()},
+            )
+        )
+    return ops
+
+
+def _accumulate(z: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return z.add_(w @ x)
+
+
+class ShardExecutor:
+    """Runs requests through one shard; see the module docstring for the order of work."""
+
+    def __init__(
+        self, spec: ShardSpec, *, set_name: str, channel: Channel, mailbox: Mailbox
+    ) -> None:
+        self.spec = spec
+        self.set_name = set_name
+        self.channel = channel
+        self.mailbox = mailbox
+        self.ops = prepare(spec)
+        self.first_sends = {
+            q: torch.from_numpy(np.asarray(p)) for q, p in spec.layers[0].send.items()
+        }
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"shard-{set_name}-{spec.shard}"
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run(
+        self, request_id: str, inputs: Array, *, timeout_s: float, stall_s: float = 5.0
+    ) -> Array:
+        """This shard's output rows for ``inputs`` (its input rows, ``(rows, batch)``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        self.mailbox.open(request_id)
+        try:
+            async with asyncio.TaskGroup() as sends:
+                body = sends.create_task(
+                    self._layers(request_id, inputs, sends, deadline=deadline, stall_s=stall_s)
+                )
+            return body.result()
+        except* ChannelError as group:
+            raise group.exceptions[0] from None
+        finally:
+            self.mailbox.close(request_id)
+            await self.channel.finish(self.set_name, request_id, self.spec.shard)
+
+    async def _compute(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    def _send_all(
+        self,
+        request_id: str,
+        layer: int,
+        values: torch.Tensor,
+        targets: dict[int, torch.Tensor],
+        sends: asyncio.TaskGroup,
+        timeout_s: float,
+    ) -> None:
+        for q, positions in targets.items():
+            envelope = Envelope(self.set_name, request_id, layer, self.spec.shard, q)
+            part = values.index_select(0, positions).numpy()
+            sends.create_task(self.channel.send(envelope, part, timeout_s=timeout_s))
+
+    async def _layers(
+        self,
+        request_id: str,
+        inputs: Array,
+        sends: asyncio.TaskGroup,
+        *,
+        deadline: float,
+        stall_s: float,
+    ) -> Array:
+        loop = asyncio.get_running_loop()
+        a = torch.from_numpy(np.array(inputs, dtype=np.float32, order="C"))  # writable
+        self._send_all(request_id, 0, a, self.first_sends, sends, deadline - loop.time())
+        for index, op in enumerate(self.ops):
+            wait = min(stall_s, deadline - loop.time())
+            incoming = [
+                asyncio.ensure_future(self._receive(request_id, index, q, wait)) for q in op.sources
+            ]
+            try:
+
+                def send_boundary(
+                    out: torch.Tensor, layer: int = index + 1, op: _LayerOps = op
+                ) -> None:
+                    self._send_all(
+                        request_id, layer, out, op.send_next, sends, deadline - loop.time()
+                    )
+
+                a = await self._layer(op, a, incoming, send_boundary)
+            finally:
+                for task in incoming:
+                    task.cancel()
+        return a.numpy()
+
+    async def _receive(
+        self, request_id: str, layer: int, src: int, timeout_s: float
+    ) -> tuple[int, torch.Tensor]:
+        envelope = Envelope(self.set_name, request_id, layer, src, self.spec.shard)
+        values = await self.channel.receive(self.mailbox, envelope, timeout_s=timeout_s)
+        with warnings.catch_warnings():  # frames decode read-only; the values are only read
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return src, torch.from_numpy(np.ascontiguousarray(values))
+
+    async def _layer(
+        self,
+        op: _LayerOps,
+        a_prev: torch.Tensor,
+        incoming: Sequence[asyncio.Future[tuple[int, torch.Tensor]]],
+        send_boundary: Callable[[torch.Tensor], None],
+    ) -> torch.Tensor:
+        out = torch.empty((op.rows, a_prev.shape[1]), dtype=torch.float32)
+        if op.rows == 0:
+            for task in incoming:
+                await task
+            if op.send_next:
+                send_boundary(out)
+            return out
+        # Own contributions first: they need nothing from the channel.
+        partial = [
+            await self._compute(functools.partial(torch.matmul, g.own, a_prev)) for g in op.groups
+        ]
+        first, rest = op.groups[0], list(zip(op.groups[1:], partial[1:], strict=True))
+        arrived = []
+        for next_arrival in asyncio.as_completed(incoming):
+            q, x = await next_arrival
+            arrived.append((q, x))
+            await self._compute(functools.partial(_accumulate, partial[0], first.remote[q], x))
+        await self._compute(functools.partial(self._finish, out, first, partial[0], op.activation))
+        if op.send_next:
+            send_boundary(out)  # the rows other shards read next leave before the rest is done
+        for g, z in rest:
+
+            def complete(g: _Rows = g, z: torch.Tensor = z) -> torch.Tensor:
+                for q, x in arrived:
+                    z.add_(g.remote[q] @ x)
+                return self._finish(out, g, z, op.activation)
+
+            await self._compute(complete)
+        return out
+
+    def _finish(
+        self, out: torch.Tensor, g: _Rows, z: torch.Tensor, activation: str
+    ) -> torch.Tensor:
+        out[g.positions] = apply_activation(z + g.bias, activation, self.spec.ymax)
+        return out
+
+
+# -------------------------------------------------------------------------------------------
+# The node's shards
+# -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Loaded:
+    load: ShardLoad
+    executor: ShardExecutor
+    channel: Channel
+    mailbox: Mailbox
+    nbytes: int
+    running: int = 0  # requests on this shard now
+    dropped: bool = False  # unloaded while running: release after the last request
+
+
+class ShardHost:
+    """The shards on one node, in a byte-bounded LRU evicted a whole shard set at a time."""
+
+    def __init__(
+        self,
+        *,
+        store: ArtifactStore,
+        capacity_bytes: int,
+        token: str | None = None,
+        stall_s: float = 15.0,
+        forward: Callable[[ShardLoad], Awaitable[LaunchReport]] | None = None,
+    ) -> None:
+        self.store = store
+        self.lru: ByteLRU[_Loaded] = ByteLRU(capacity_bytes=capacity_bytes)
+        self.token = token
+        self.stall_s = stall_s
+        self.local = LocalChannel()
+        self._shared: dict[tuple[str, ...], Channel] = {}  # NATS/S3 connections, per server
+        self._forward = forward or self._put_remote
+        self._lock = asyncio.Lock()
+
+    @staticmethod
+    def key(set_name: str, shard: int) -> str:
+        return f"{set_name}/{shard}"
+
+    # -- launch ---------------------------------------------------------------------------
+
+    async def launch(self, load: ShardLoad) -> LaunchReport:
+        """Load ``load``'s shard while its children load theirs (each on its own node)."""
+        children = [asyncio.ensure_future(self._child(load, child)) for child in load.children]
+        report = LaunchReport(depth=1)
+        started = time.perf_counter()
+        try:
+            nbytes = await self._load(load)
+            report.loaded[load.shard] = nbytes
+        except (ArtifactError, ShardFormatError, ChannelError, CacheError, OSError) as e:
+            report.errors[load.shard] = str(e)
+        report.seconds[load.shard] = time.perf_counter() - started
+        for sub in await asyncio.gather(*children):
+            report.loaded.update(sub.loaded)
+            report.seconds.update(sub.seconds)
+            report.errors.update(sub.errors)
+            report.depth = max(report.depth, sub.depth + 1)
+        return report
+
+    async def _child(self, parent: ShardLoad, child: ShardLoad) -> LaunchReport:
+        if child.node == parent.node:
+            return await self.launch(child)
+        try:
+            return await self._forward(child)
+        except Exception as e:  # any failure to reach the child is reported for its subtree
+            return LaunchReport(errors=dict.fromkeys(_subtree(child), f"{child.node}: {e}"))
+
+    async def _put_remote(self, load: ShardLoad) -> LaunchReport:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        path = SHARD_PATH.format(set_name=load.set_name, shard=load.shard)
+        async with httpx.AsyncClient(headers=headers, timeout=120) as client:
+            response = await client.put(load.node.rstrip("/") + path, json=load.model_dump())
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+        return LaunchReport.model_validate(response.json())
+
+    async def _load(self, load: ShardLoad) -> int:
+        key = self.key(load.set_name, load.shard)
+        path = await asyncio.to_thread(self.store.fetch, load.artifact, sha256=load.sha256)
+        spec = await asyncio.to_thread(load_shard, Path(path))
+        if spec.shard != load.shard or spec.shards != load.shards:
+            raise ShardFormatError(
+                f"{load.artifact} holds shard {spec.shard} of {spec.shards}, "
+                f"not {load.shard} of {load.shards}"
+            )
+        channel = await self._channel(load)
+        mailbox = Mailbox()
+        executor = await asyncio.to_thread(
+            ShardExecutor, spec, set_name=load.set_name, channel=channel, mailbox=mailbox
+        )
+        try:
+            async with self._lock:
+                if key in self.lru:
+                    await self._drop(key)
+                for victim in self.lru.plan_victims(spec.weight_bytes):
+                    await self.evict_set(victim.split("/", 1)[0])
+                self.lru.put(
+                    key,
+                    _Loaded(load, executor, channel, mailbox, spec.weight_bytes),
+                    size_bytes=spec.weight_bytes,
+                )
+        except BaseException:
+            executor.close()
+            if isinstance(channel, DirectChannel):
+                await channel.close()
+            raise
+        await channel.attach(load.set_name, load.shard, mailbox)
+        return spec.weight_bytes
+
+    async def _channel(self, load: ShardLoad) -> Channel:
+        config = load.channel
+        if config.kind == "local":
+            return self.local
+        if config.kind == "direct":
+            direct = DirectChannel(
+                peers={(load.set_name, q): url for q, url in load.peers.items()},
+                local=self.local,
+                token=self.token,
+            )
+            await direct.start()
+            return direct
+        ident = (config.kind, config.nats_url or "", str(config.durable), config.s3_endpoint or "",
+                 config.s3_bucket or "")  # fmt: skip
+        shared = self._shared.get(ident)
+        if shared is None:
+            if config.kind == "nats":
+                if not config.nats_url:
+                    raise ChannelUnavailable("nats", "(unset)", "no NATS URL configured")
+                shared = NatsChannel(config.nats_url, durable=config.durable)
+            else:
+                if not (config.s3_endpoint and config.s3_bucket):
+                    raise ChannelUnavailable("s3", "(unset)", "no S3 endpoint/bucket configured")
+                shared = S3Channel(
+                    endpoint_url=config.s3_endpoint, bucket=config.s3_bucket,
+                    key=config.s3_key, secret=config.s3_secret,
+                )  # fmt: skip
+            await shared.start()
+            self._shared[ident] = shared
+        return shared
+
+    # -- serving --------------------------------------------------------------------------
+
+    def loaded(self, set_name: str, shard: int) -> _Loaded:
+        entry = self.lru.peek(self.key(set_name, shard))
+        if entry is None or entry.value is None:
+            raise ShardNotLoaded(set_name, shard)
+        return entry.value
+
+    async def infer(
+        self, set_name: str, shard: int, request_id: str, inputs: Array, *, timeout_s: float
+    ) -> Array:
+        key = self.key(set_name, shard)
+        shard_state = self.loaded(set_name, shard)
+        self.lru.touch(key)
+        self.lru.pin(key)
+        shard_state.running += 1
+        try:
+            return await shard_state.executor.run(
+                request_id, inputs, timeout_s=timeout_s, stall_s=min(self.stall_s, timeout_s)
+            )
+        finally:
+            shard_state.running -= 1
+            entry = self.lru.peek(key)
+            if entry is not None and entry.value is shard_state:
+                self.lru.unpin(key)
+            elif shard_state.dropped and shard_state.running == 0:
+                await self._release(shard_state)
+
+    def deliver(self, envelope: Envelope, values: Array) -> bool:
+        """A direct-channel message for a shard on this node."""
+        mailbox = self.local.mailboxes.get((envelope.set_name, envelope.dst))
+        if mailbox is None:
+            raise ShardNotLoaded(envelope.set_name, envelope.dst)
+        return mailbox.deliver(envelope, values)
+
+    async def evict_set(self, set_name: str) -> list[int]:
+        """Drop every shard of ``set_name`` on this node (a partial set serves nothing).
+
+        A shard serving a request stays until a later eviction: its request finishes.
+        """
+        keys = []
+        for key in self.lru.keys_lru():
+            entry = self.lru.peek(key)
+            if key.split("/", 1)[0] == set_name and entry is not None and not entry.pinned:
+                keys.append(key)
+        for key in keys:
+            await self._drop(key)
+        return [int(k.split("/", 1)[1]) for k in keys]
+
+    async def unload(self, set_name: str, shard: int) -> bool:
+        key = self.key(set_name, shard)
+        if key not in self.lru:
+            return False
+        await self._drop(key)
+        return True
+
+    async def _drop(self, key: str) -> None:
+        entry = self.lru.discard(key)
+        if entry is None or entry.value is None:
+            return
+        loaded = entry.value
+        await loaded.channel.detach(loaded.load.set_name, loaded.load.shard)
+        loaded.dropped = True
+        if loaded.running == 0:  # else the last request on it releases it
+            await self._release(loaded)
+
+    async def _release(self, loaded: _Loaded) -> None:
+        if isinstance(loaded.channel, DirectChannel):
+            await loaded.channel.close()
+        loaded.executor.close()
+
+    async def close(self) -> None:
+        for key in list(self.lru.keys_lru()):
+            await self._drop(key)
+        for channel in self._shared.values():
+            await channel.close()
+        self._shared.clear()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "capacity_bytes": self.lru.capacity_bytes,
+            "used_bytes": self.lru.used_bytes,
+            "shards": {
+                k: {"bytes": e.size_bytes, "pinned": e.pinned}
+                for k in self.lru.keys_lru()
+                if (e := self.lru.peek(k)) is not None
+            },
+        }
+
+
+def _subtree(load: ShardLoad) -> list[int]:
+    return [load.shard, *(s for child in load.children for s in _subtree(child))]
+
+
+def channel_failure(error: ChannelError) -> Response:
+    headers = {"X-Gpufaas-Channel": error.channel}
+    if isinstance(error, ShardTimeout | ShardUnreachable):
+        headers[SHARD_HEADER] = str(error.shard)
+    return error_response(503, str(error), reason=type(error).__name__, headers=headers)
+
+
+def shard_router(host: ShardHost) -> APIRouter:
+    """The node's shard routes (see :mod:`gpufaas.core.sharding`)."""
+    router = APIRouter()
+
+    @router.put(SHARD_PATH)
+    async def launch(set_name: str, shard: int, load: ShardLoad) -> Response:
+        if load.set_name != set_name or load.shard != shard:
+            return error_response(
+                400, f"the body loads {load.set_name}/{load.shard}, the path names "
+                f"{set_name}/{shard}", reason="InvalidShardLoad",
+            )  # fmt: skip
+        report = await host.launch(load)
+        return JSONResponse(report.model_dump())
+
+    @router.delete(SHARD_PATH)
+    async def unload(set_name: str, shard: int) -> Response:
+        await host.unload(set_name, shard)
+        return Response(status_code=204)
+
+    @router.post(SHARD_INFER_PATH)
+    async def infer(set_name: str, shard: int, request: Request) -> Response:
+        try:
+            envelope, values = decode(await _body(request))
+            timeout_s = float(request.headers.get(TIMEOUT_HEADER, "30"))
+        except ValueError as e:
+            return error_response(400, f"bad shard input: {e}", reason="InvalidRequest")
+        request_id = request.headers.get(REQUEST_ID_HEADER) or envelope.request_id
+        try:
+            out = await host.infer(set_name, shard, request_id, values, timeout_s=timeout_s)
+        except ShardNotLoaded as e:
+            return error_response(404, str(e), reason="ShardNotLoaded")
+        except ChannelError as e:
+            return channel_failure(e)
+        reply = Envelope(set_name, request_id, len(host.loaded(set_name, shard).executor.ops),
+                         shard, -1)  # fmt: skip
+        return Response(encode(reply, out), media_type="application/octet-stream")
+
+    @router.post(node.SHARD_MESSAGES)
+    async def message(set_name: str, shard: int, request: Request) -> Response:
+        try:
+            envelope, values = decode(await _body(request))
+        except ValueError as e:
+            return error_response(400, f"bad message frame: {e}", reason="InvalidRequest")
+        if envelope.set_name != set_name or envelope.dst != shard:
+            return error_response(400, "the frame is addressed elsewhere", reason="Misrouted")
+        try:
+            accepted = host.deliver(envelope, values)
+        except ShardNotLoaded as e:
+            return error_response(404, str(e), reason="ShardNotLoaded")
+        return Response(status_code=202 if accepted else 208)
+
+    @router.get(node.SHARDS)
+    async def state() -> JSONResponse:
+        return JSONResponse(host.state())
+
+    return router
+
+
+async def _body(request: Request) -> bytes:
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        raise ValueError("the sender went away mid-message") from None
+    if len(body) > _MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {len(body)} bytes exceeds {_MAX_FRAME_BYTES}")
+    return body
+
+
+def shard_host(runtime: NodeRuntime, *, token: str | None) -> ShardHost:
+    """A node's shard host: the runtime's artifact store, one device's capacity as budget.
+
+    TODO(gpu_manager residency): account shards in the runtime's device tier once it
+    exposes reserve/commit to other modules; until then shards have a budget of their own,
+    the size of the node's largest device (a shard runs on one device).
+    """
+    capacity = max((d.info.capacity_bytes for d in runtime.devices.values()), default=0)
+    return ShardHost(store=runtime.artifacts.store, capacity_bytes=capacity, token=token)

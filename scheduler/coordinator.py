@@ -1,0 +1,365 @@
+"""The coordinator of sharded (FSD-Inference) models: deploy, launch as a tree, fan out, gather.
+
+It lives in the gateway, not on a shard, because the gateway already knows the nodes and
+talks to each of them over its own connection: a node that dies mid-request breaks that
+connection, so the request fails at once with a 503 naming the shard, instead of waiting for
+another shard's channel deadline to notice. Shards still exchange their partial results
+directly over the set's channel; the coordinator only scatters the input rows and gathers
+the output rows (``2 N`` messages per request, against the ``O(N^2 L)`` of the exchange).
+
+Deploying a set: partition the net (:mod:`gpufaas.scheduler.partition`), write each shard
+as an artifact (a local folder the nodes share, or any fsspec URL such as ``s3://``),
+place shard ``p`` on node ``p mod len(nodes)``, and launch: the coordinator sends one
+:class:`~gpufaas.core.sharding.ShardLoad` to shard 0's node, whose children (a binary
+tree, ``ceil(log2(N + 1))`` rounds) are told by their parents.
+
+A request gets a fresh request id (messages of an older request can never match it); the
+coordinator sends every shard its input rows at once and waits for all outputs. The first
+failure cancels the rest. A shard whose node lost the set (evicted, restarted) answers 404:
+the coordinator relaunches the set once and retries the request once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import httpx
+import numpy as np
+from fastapi import Request
+from fastapi.responses import Response
+from numpy.typing import NDArray
+
+from gpufaas.core.api import ParallelStrategy
+from gpufaas.core.channels import Envelope, decode, encode
+from gpufaas.core.http import REASON_HEADER, error_response, header_length, read_body
+from gpufaas.core.layered import LayeredNet, save_shard
+from gpufaas.core.protocol import Limits, ProtocolError, decode_request, encode_response
+from gpufaas.core.sharding import (
+    REQUEST_ID_HEADER,
+    SHARD_HEADER,
+    SHARD_INFER_PATH,
+    SHARD_PATH,
+    TIMEOUT_HEADER,
+    ChannelConfig,
+    LaunchReport,
+    Parallelism,
+    ShardLoad,
+    channel_for,
+)
+from gpufaas.scheduler.partition import Partition, Volume, communication, partition, split
+
+# Idle connections close well before uvicorn's 5 s keep-alive timeout, so a request never
+# goes out on a connection the node is closing at that moment (a ReadError, not a failure).
+_KEEPALIVE_S = 2.0
+
+__all__ = ["Coordinator", "LaunchFailed", "ShardFailed", "ShardSet", "launch_tree"]
+
+
+class ShardFailed(Exception):
+    """A request failed at one shard; ``shard`` names it, ``channel`` the channel if at fault."""
+
+    def __init__(self, set_name: str, shard: int, message: str, *, channel: str | None = None):
+        self.set_name = set_name
+        self.shard = shard
+        self.channel = channel
+        super().__init__(message)
+
+
+class LaunchFailed(Exception):
+    def __init__(self, set_name: str, errors: dict[int, str]) -> None:
+        self.errors = errors
+        listed = "; ".join(f"shard {s}: {e}" for s, e in sorted(errors.items()))
+        super().__init__(f"{set_name}: {len(errors)} shard(s) did not load: {listed}")
+
+
+@dataclasses.dataclass
+class ShardSet:
+    name: str
+    parallelism: Parallelism
+    method: str
+    widths: tuple[int, ...]
+    inputs: list[NDArray[Any]]  # per shard: the a_0 rows it receives
+    outputs: list[NDArray[Any]]  # per shard: the a_L rows it returns
+    loads: list[ShardLoad]
+    volume: Volume
+    launch: LaunchReport | None = None
+    launch_seconds: float = 0.0
+
+
+def launch_tree(loads: Sequence[ShardLoad], *, fanout: int = 2) -> ShardLoad:
+    """Shard 0 at the root; shard ``i``'s children are ``fanout*i+1 .. fanout*i+fanout``."""
+
+    def node(index: int) -> ShardLoad:
+        first = fanout * index + 1
+        children = [node(c) for c in range(first, min(first + fanout, len(loads)))]
+        return loads[index].model_copy(update={"children": children})
+
+    return node(0)
+
+
+def tree_rounds(shards: int, *, fanout: int = 2) -> int:
+    """Rounds of a launch tree: ceil(log_fanout((fanout - 1) N + 1))."""
+    return max(1, math.ceil(math.log((fanout - 1) * shards + 1, fanout) - 1e-9))
+
+
+def default_method(net: LayeredNet, parallelism: Parallelism) -> str:
+    """``layer`` for pipelines; hypergraph where every layer has one width; else blocks."""
+    if parallelism.strategy == ParallelStrategy.LAYER:
+        return "layer"
+    return "hypergraph" if len(set(net.widths)) == 1 else "block"
+
+
+class Coordinator:
+    """Sharded models served through the gateway (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        artifact_base: str,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+        limits: Limits | None = None,
+    ) -> None:
+        self.artifact_base = artifact_base.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+        self.limits = limits or Limits()
+        self.sets: dict[str, ShardSet] = {}
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            limits=httpx.Limits(max_keepalive_connections=256, keepalive_expiry=_KEEPALIVE_S),
+        )
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.sets
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    # -- deploy ---------------------------------------------------------------------------
+
+    async def deploy(
+        self,
+        name: str,
+        net: LayeredNet,
+        parallelism: Parallelism,
+        *,
+        nodes: Sequence[str],
+        method: str | None = None,
+        channel: ChannelConfig | None = None,
+        seed: int = 0,
+    ) -> ShardSet:
+        """Partition, write, place and launch ``net`` as shard set ``name``."""
+        if not nodes:
+            raise ValueError("no nodes to place shards on")
+        method = method or default_method(net, parallelism)
+        channel = channel or channel_for(str(parallelism.channel), os.environ)
+        part: Partition = await asyncio.to_thread(
+            partition, net, parallelism.shards, method=method, seed=seed
+        )
+        specs = await asyncio.to_thread(split, net, part)
+        placed = {p: nodes[p % len(nodes)] for p in range(parallelism.shards)}
+        loads = []
+        for spec in specs:
+            uri, digest = await asyncio.to_thread(self._publish, name, spec)
+            loads.append(
+                ShardLoad(
+                    set_name=name, shard=spec.shard, shards=spec.shards, artifact=uri,
+                    sha256=digest, node=placed[spec.shard], peers=placed, channel=channel,
+                )
+            )  # fmt: skip
+        shard_set = ShardSet(
+            name=name,
+            parallelism=parallelism,
+            method=method,
+            widths=tuple(net.widths),
+            inputs=[s.inputs for s in specs],
+            outputs=[s.outputs for s in specs],
+            loads=loads,
+            volume=communication(net, part),
+        )
+        await self.launch(shard_set)
+        self.sets[name] = shard_set
+        return shard_set
+
+    def _publish(self, name: str, spec: Any) -> tuple[str, str]:
+        file_name = f"{name}.shard-{spec.shard}-of-{spec.shards}.safetensors"
+        if "://" not in self.artifact_base or self.artifact_base.startswith("file://"):
+            folder = Path(self.artifact_base.removeprefix("file://"))
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / file_name
+            save_shard(path, spec)
+            return path.resolve().as_uri(), _sha256(path)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / file_name
+            save_shard(path, spec)
+            uri = f"{self.artifact_base}/{file_name}"
+            with fsspec.open(uri, "wb") as out, path.open("rb") as src:
+                out.write(src.read())
+            return uri, _sha256(path)
+
+    async def launch(self, shard_set: ShardSet) -> LaunchReport:
+        """Load every shard through the tree; raises :class:`LaunchFailed` naming shards."""
+        root = launch_tree(shard_set.loads)
+        started = time.perf_counter()
+        url = root.node.rstrip("/") + SHARD_PATH.format(set_name=root.set_name, shard=root.shard)
+        try:
+            response = await self._client.put(url, json=root.model_dump(), timeout=300)
+        except httpx.HTTPError as e:
+            raise LaunchFailed(shard_set.name, {0: f"{root.node}: {e}"}) from None
+        if response.status_code != 200:
+            raise LaunchFailed(shard_set.name, {0: f"HTTP {response.status_code}"})
+        report = LaunchReport.model_validate(response.json())
+        shard_set.launch = report
+        shard_set.launch_seconds = time.perf_counter() - started
+        if report.errors:
+            raise LaunchFailed(shard_set.name, report.errors)
+        return report
+
+    async def remove(self, name: str) -> None:
+        shard_set = self.sets.pop(name, None)
+        if shard_set is None:
+            return
+        for load in shard_set.loads:
+            url = load.node.rstrip("/") + SHARD_PATH.format(set_name=name, shard=load.shard)
+            with contextlib.suppress(httpx.HTTPError):  # a node that is gone holds nothing
+                await self._client.delete(url, timeout=10)
+
+    # -- serve ----------------------------------------------------------------------------
+
+    async def infer(
+        self, name: str, x: NDArray[Any], *, timeout_s: float | None = None
+    ) -> NDArray[Any]:
+        """The set's output for ``x`` (``(batch, n_in)``), as ``(batch, n_out)``."""
+        shard_set = self.sets[name]
+        try:
+            return await self._infer_once(shard_set, x, timeout_s=timeout_s)
+        except _NotLoaded:
+            await self.launch(shard_set)  # the set was evicted or a node restarted: re-place
+            return await self._infer_once(shard_set, x, timeout_s=timeout_s)
+
+    async def _infer_once(
+        self, shard_set: ShardSet, x: NDArray[Any], *, timeout_s: float | None
+    ) -> NDArray[Any]:
+        timeout_s = timeout_s or self.timeout_s
+        request_id = uuid.uuid4().hex
+        columns = np.ascontiguousarray(np.asarray(x, dtype=np.float32).T)
+        calls = [
+            asyncio.ensure_future(
+                self._call(shard_set, load, request_id, columns[shard_set.inputs[load.shard]],
+                           timeout_s)
+            )
+            for load in shard_set.loads
+        ]  # fmt: skip
+        try:
+            done, _ = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
+            for call in done:
+                call.result()  # the first failure, if any, raises here
+        finally:
+            for call in calls:
+                call.cancel()
+        out = np.zeros((shard_set.widths[-1], columns.shape[1]), dtype=np.float32)
+        for load, call in zip(shard_set.loads, calls, strict=True):
+            out[shard_set.outputs[load.shard]] = call.result()
+        return out.T
+
+    async def _call(
+        self,
+        shard_set: ShardSet,
+        load: ShardLoad,
+        request_id: str,
+        rows: NDArray[Any],
+        timeout_s: float,
+    ) -> NDArray[Any]:
+        url = load.node.rstrip("/") + SHARD_INFER_PATH.format(
+            set_name=shard_set.name, shard=load.shard
+        )
+        frame = encode(Envelope(shard_set.name, request_id, 0, -1, load.shard), rows)
+        headers = {REQUEST_ID_HEADER: request_id, TIMEOUT_HEADER: f"{timeout_s:.3f}"}
+        try:
+            response = await self._client.post(
+                url, content=frame, headers=headers, timeout=timeout_s + 2.0
+            )
+        except httpx.HTTPError as e:
+            detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            raise ShardFailed(
+                shard_set.name, load.shard,
+                f"shard {load.shard} of {shard_set.name} on {load.node} failed: {detail}",
+            ) from None  # fmt: skip
+        if response.status_code == 404 or response.headers.get(REASON_HEADER) == "ShardMissing":
+            raise _NotLoaded(load.shard)  # here, or a peer it sends to: relaunch the set
+        if response.status_code != 200:
+            try:
+                message = str(response.json().get("error", response.text))
+            except ValueError:
+                message = response.text[:300]
+            at_fault = int(response.headers.get(SHARD_HEADER, load.shard))
+            raise ShardFailed(
+                shard_set.name, at_fault, message, channel=response.headers.get("x-gpufaas-channel")
+            )
+        _, values = decode(response.content)
+        return values
+
+    async def serve(self, name: str, request: Request) -> Response:
+        """A KServe v2 request on a sharded model: its one input is ``(batch, n_in)``."""
+        shard_set = self.sets[name]
+        try:
+            body = await read_body(request, max_bytes=self.limits.max_body_bytes)
+            decoded = decode_request(body, header_length=header_length(request), limits=self.limits)
+        except ProtocolError as e:
+            return error_response(e.status_code, str(e), reason="InvalidRequest")
+        if len(decoded.inputs) != 1:
+            return error_response(
+                400, f"{name} takes one input, got {len(decoded.inputs)}", reason="InvalidRequest"
+            )
+        (array,) = decoded.inputs.values()
+        if array.ndim != 2 or array.shape[1] != shard_set.widths[0]:
+            return error_response(
+                400,
+                f"{name} takes a (batch, {shard_set.widths[0]}) input, got {list(array.shape)}",
+                reason="InvalidRequest",
+            )
+        try:
+            out = await self.infer(name, array)
+        except ShardFailed as e:
+            headers = {SHARD_HEADER: str(e.shard), "Retry-After": "1"}
+            if e.channel:
+                headers["X-Gpufaas-Channel"] = e.channel
+            return error_response(503, str(e), reason="ShardFailed", headers=headers)
+        except LaunchFailed as e:
+            return error_response(503, str(e), reason="LaunchFailed", headers={"Retry-After": "1"})
+        payload, headers = encode_response(
+            model_name=name,
+            model_version=None,
+            request_id=decoded.id,
+            outputs={"output": (out, "FP32")},
+            binary=decoded.binary_outputs,
+        )
+        return Response(payload, headers=headers)
+
+
+class _NotLoaded(Exception):
+    def __init__(self, shard: int) -> None:
+        self.shard = shard
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,123 @@
+"""Fixtures for tests/fsd: real channel servers, shard nodes serving real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from gpufaas.core.artifacts import ArtifactStore
+from gpufaas.core.channels import LocalChannel, Mailbox
+from gpufaas.core.channelservers import (
+    NatsServer,
+    S3Server,
+    ServerMissing,
+    free_port,
+    run_nats,
+    run_seaweedfs,
+)
+from gpufaas.core.layered import LayeredNet
+from gpufaas.gpu_manager.shards import ShardExecutor, ShardHost, shard_router
+from gpufaas.scheduler.partition import partition, split
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    try:
+        with run_nats(tmp_path_factory.mktemp("nats")) as server:
+            yield server
+    except ServerMissing as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def s3_channel_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    try:
+        with run_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+            yield server
+    except ServerMissing as e:
+        pytest.skip(str(e))
+
+
+class ThreadNode:
+    """A shard node (the GPU manager's shard routes) served by uvicorn in a thread."""
+
+    def __init__(self, root: Path, *, capacity_bytes: int, stall_s: float) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = ShardHost(
+            store=ArtifactStore(root), capacity_bytes=capacity_bytes, stall_s=stall_s
+        )
+        app = FastAPI()
+        app.include_router(shard_router(self.host))
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("shard node did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture
+def thread_nodes(tmp_path: Path) -> Iterator[list[ThreadNode]]:
+    nodes: list[ThreadNode] = []
+    try:
+        for index in range(4):
+            node = ThreadNode(tmp_path / f"node{index}", capacity_bytes=1 << 30, stall_s=5.0)
+            node.start()
+            nodes.append(node)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+@pytest.fixture
+def run_split() -> object:
+    """``await run_split(net, shards, method, x, channel=None)``: the sharded output."""
+    return run_in_process
+
+
+async def run_in_process(
+    net: LayeredNet, shards: int, method: str, x: np.ndarray, *, channel: object | None = None
+) -> np.ndarray:
+    """Run ``net`` split ``shards`` ways in this process (local channel unless given)."""
+    specs = split(net, partition(net, shards, method=method))
+    chan = channel if channel is not None else LocalChannel()
+    executors = []
+    for spec in specs:
+        mailbox = Mailbox()
+        await chan.attach("net", spec.shard, mailbox)  # type: ignore[attr-defined]
+        executors.append(ShardExecutor(spec, set_name="net", channel=chan, mailbox=mailbox))  # type: ignore[arg-type]
+    try:
+        outs = await asyncio.gather(
+            *(
+                e.run("req-1", x.T[s.inputs], timeout_s=30)
+                for e, s in zip(executors, specs, strict=False)
+            )
+        )
+    finally:
+        for e in executors:
+            e.close()
+    y = np.zeros((net.widths[-1], x.shape[0]), dtype=np.float32)
+    for spec, out in zip(specs, outs, strict=True):
+        y[spec.outputs] = out
+    return y.T

@@ -1,0 +1,84 @@
+"""The cost model (pure) and the launch tree's shape."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gpufaas.core.layered import radix_net
+from gpufaas.core.sharding import ShardLoad
+from gpufaas.scheduler import costmodel
+from gpufaas.scheduler.coordinator import launch_tree, tree_rounds
+from gpufaas.scheduler.partition import communication, partition
+
+CONSTANTS = costmodel.Constants(
+    per_nnz_s=1e-9,
+    per_layer_s=1e-4,
+    cores=2,
+    channels={
+        "direct": costmodel.ChannelCost(5e-4, 1e-9, 1e-3),
+        "s3": costmodel.ChannelCost(3e-2, 1e-8, 5e-3),
+    },
+)
+
+
+def test_profile_agrees_with_the_partition_volume() -> None:
+    net = radix_net(256, 8)
+    part = partition(net, 4, method="block")
+    prof = costmodel.profile(net, part)
+    volume = communication(net, part)
+    assert sum(prof.total_nnz) == sum(layer.nnz for layer in net.layers)
+    assert max(prof.max_values) <= max(volume.per_layer)
+    assert sum(prof.max_messages) <= volume.messages
+
+
+def test_fewer_bytes_and_faster_channels_predict_less() -> None:
+    net = radix_net(1024, 12)
+    hyper = costmodel.profile(net, partition(net, 4, method="hypergraph"))
+    rand = costmodel.profile(net, partition(net, 4, method="random", seed=1))
+    for channel in ("direct", "s3"):
+        assert costmodel.predict(hyper, batch=64, channel=channel, constants=CONSTANTS) < (
+            costmodel.predict(rand, batch=64, channel=channel, constants=CONSTANTS)
+        )
+    ranked = costmodel.choose(
+        [("hyper-direct", hyper, "direct"), ("hyper-s3", hyper, "s3"),
+         ("rand-direct", rand, "direct")],
+        batch=64, constants=CONSTANTS,
+    )  # fmt: skip
+    assert [name for _, name in ranked] == ["hyper-direct", "rand-direct", "hyper-s3"]
+
+
+def test_more_shards_than_cores_do_not_predict_more_parallel_compute() -> None:
+    net = radix_net(1024, 6)
+    no_comm = costmodel.Constants(1e-9, 0.0, 2, {"x": costmodel.ChannelCost(0, 0, 0)})
+    times = {
+        n: costmodel.predict(
+            costmodel.profile(net, partition(net, n, method="block")), batch=64, channel="x",
+            constants=no_comm,
+        )
+        for n in (1, 2, 4, 8)
+    }  # fmt: skip
+    assert abs(times[2] - times[1] / 2) < 1e-9
+    assert abs(times[8] - times[2]) < 1e-9  # 2 cores: 8 shards compute no faster than 2
+
+
+def test_fit_recovers_the_constants_of_a_linear_cost() -> None:
+    rng = np.random.default_rng(0)
+    xs = rng.uniform(1, 100, size=(20, 3))
+    truth = np.array([2e-4, 3e-9, 1e-3])
+    fitted = costmodel.fit(xs.tolist(), (xs @ truth).tolist())
+    np.testing.assert_allclose(fitted, truth, rtol=1e-6)
+
+
+def test_the_launch_tree_is_binary_and_log_deep() -> None:
+    loads = [
+        ShardLoad(
+            set_name="s", shard=i, shards=7, artifact="file:///x", node=f"http://n{i}", peers={}
+        )
+        for i in range(7)
+    ]
+    root = launch_tree(loads)
+    assert root.shard == 0
+    assert [c.shard for c in root.children] == [1, 2]
+    assert [c.shard for c in root.children[0].children] == [3, 4]
+    assert [c.shard for c in root.children[1].children] == [5, 6]
+    assert [tree_rounds(n) for n in (1, 2, 3, 4, 7, 8, 15, 16)] == [1, 2, 2, 3, 3, 4, 4, 5]

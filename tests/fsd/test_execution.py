@@ -1,0 +1,237 @@
+"""Sharded execution matches the unsharded reference; deadlines, request ids and overlap."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpufaas.core.channels import (
+    Envelope,
+    LocalChannel,
+    Mailbox,
+    ShardTimeout,
+)
+from gpufaas.core.layered import Layer, LayeredNet, dense_mlp, load_shard, radix_net, save_shard
+from gpufaas.gpu_manager.shards import ShardExecutor
+from gpufaas.scheduler.partition import partition, split
+
+RunSplit = Callable[..., Awaitable[np.ndarray]]
+
+
+@pytest.fixture(scope="module")
+def sparse_net() -> Any:
+    return radix_net(1024, 16, weights="random", seed=1)
+
+
+@pytest.fixture(scope="module")
+def inputs() -> np.ndarray:
+    return (np.random.default_rng(0).random((6, 1024)) < 0.3).astype(np.float32)
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+@pytest.mark.parametrize("method", ["hypergraph", "random", "block", "layer"])
+async def test_sharded_output_matches_the_reference(
+    sparse_net: Any, inputs: np.ndarray, shards: int, method: str, run_split: RunSplit
+) -> None:
+    reference = sparse_net.forward(inputs)
+    assert np.abs(reference).max() > 0.01  # the net does not collapse to zeros
+    sharded = await run_split(sparse_net, shards, method, inputs)
+    np.testing.assert_allclose(sharded, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+async def test_challenge_weights_with_clipping_match_the_reference(
+    inputs: np.ndarray, shards: int, run_split: RunSplit
+) -> None:
+    net = radix_net(1024, 12)  # weights 1/16, bias -0.3, outputs clipped at 32
+    reference = net.forward(inputs)
+    sharded = await run_split(net, shards, "hypergraph", inputs)
+    # Values grow to ~30 over 12 layers: float32 sums in another order differ by ~1e-4.
+    np.testing.assert_allclose(sharded, reference, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(("shards", "method"), [(2, "block"), (4, "block"), (2, "layer")])
+async def test_a_dense_mlp_splits_too(shards: int, method: str, run_split: RunSplit) -> None:
+    mlp = dense_mlp([96, 128, 64, 10], seed=2)
+    x = np.random.default_rng(1).standard_normal((5, 96)).astype(np.float32)
+    np.testing.assert_allclose(
+        await run_split(mlp, shards, method, x), mlp.forward(x), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_a_shard_artifact_round_trips(tmp_path: Any, sparse_net: Any) -> None:
+    spec = split(sparse_net, partition(sparse_net, 4, method="block"))[2]
+    save_shard(tmp_path / "s.safetensors", spec)
+    again = load_shard(tmp_path / "s.safetensors")
+    assert (again.shard, again.shards, again.widths) == (2, 4, spec.widths)
+    for a, b in zip(spec.layers, again.layers, strict=True):
+        np.testing.assert_array_equal(a.owned, b.owned)
+        np.testing.assert_array_equal(a.own.values, b.own.values)
+        assert sorted(a.send) == sorted(b.send)
+        assert sorted(a.remote) == sorted(b.remote)
+
+
+class _Recording(LocalChannel):
+    """A local channel with a list for the test to note events in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[Any, ...]] = []
+
+
+async def test_boundary_rows_are_sent_before_the_interior_rows_are_computed() -> None:
+    """Overlap: a shard sends layer l's boundary rows before it finishes its interior rows."""
+    net = radix_net(256, 8, weights="random")
+    specs = split(net, partition(net, 4, method="block"))
+    channel = _Recording()
+    executors = []
+    for spec in specs:
+        mailbox = Mailbox()
+        await channel.attach("net", spec.shard, mailbox)
+        executors.append(ShardExecutor(spec, set_name="net", channel=channel, mailbox=mailbox))
+    groups = {
+        id(g): (e.spec.shard, layer, rank)
+        for e in executors
+        for layer, op in enumerate(e.ops)
+        for rank, g in enumerate(op.groups)
+    }
+    original = ShardExecutor._finish
+    original_send = ShardExecutor._send_all
+    lock = threading.Lock()
+
+    def noting(self: ShardExecutor, out: Any, g: Any, z: Any, activation: str) -> Any:
+        with lock:
+            channel.events.append(("finish", *groups[id(g)]))
+        return original(self, out, g, z, activation)
+
+    def handing_over(self: ShardExecutor, request_id: str, layer: int, *args: Any) -> None:
+        with lock:  # the moment the values are handed to the channel
+            channel.events.append(("send", self.spec.shard, layer))
+        original_send(self, request_id, layer, *args)
+
+    ShardExecutor._finish = noting  # type: ignore[method-assign]
+    ShardExecutor._send_all = handing_over  # type: ignore[method-assign]
+    try:
+        x = np.ones((2, 256), dtype=np.float32)
+        await asyncio.gather(
+            *(
+                e.run("r", x.T[s.inputs], timeout_s=30)
+                for e, s in zip(executors, specs, strict=False)
+            )
+        )
+    finally:
+        ShardExecutor._finish = original  # type: ignore[method-assign]
+        ShardExecutor._send_all = original_send  # type: ignore[method-assign]
+        for e in executors:
+            e.close()
+    events: list[Any] = channel.events
+    checked = 0
+    for e in executors:
+        p = e.spec.shard
+        for layer, op in enumerate(e.ops):
+            if len(op.groups) == 2 and op.send_next:
+                first_send = events.index(("send", p, layer + 1))
+                interior_done = events.index(("finish", p, layer, 1))
+                assert first_send < interior_done, (p, layer)
+                checked += 1
+    assert checked > 0, "the block split should leave layers with boundary and interior rows"
+
+
+async def test_a_silent_peer_ends_the_request_at_the_deadline_naming_it(sparse_net: Any) -> None:
+    specs = split(sparse_net, partition(sparse_net, 2, method="block"))
+    channel = LocalChannel()
+    mailboxes = [Mailbox(), Mailbox()]
+    for spec, mailbox in zip(specs, mailboxes, strict=True):
+        await channel.attach("net", spec.shard, mailbox)
+    only = ShardExecutor(specs[0], set_name="net", channel=channel, mailbox=mailboxes[0])
+    try:
+        with pytest.raises(ShardTimeout, match=r"shard 1 of net sent no layer-0 activations"):
+            await asyncio.wait_for(
+                only.run("r", np.ones((1024 // 2, 2), np.float32), timeout_s=30, stall_s=0.3),
+                timeout=20,
+            )
+    finally:
+        only.close()
+
+
+async def test_messages_of_an_older_request_never_mix_into_a_newer_one() -> None:
+    mailbox = Mailbox()
+    old = Envelope("net", "old", 3, 1, 0)
+    new = Envelope("net", "new", 3, 1, 0)
+    mailbox.open("old")
+    mailbox.close("old")
+    mailbox.open("new")
+    assert not mailbox.deliver(old, np.full((2, 1), 7.0, np.float32))  # stale: dropped
+    assert mailbox.dropped_stale == 1
+    assert mailbox.deliver(new, np.full((2, 1), 1.0, np.float32))
+    got = await mailbox.take("new", 3, 1, timeout_s=1, channel="local", set_name="net")
+    assert got.tolist() == [[1.0], [1.0]]
+
+
+async def test_a_message_before_its_request_waits_and_expires_unclaimed() -> None:
+    mailbox = Mailbox(early_ttl_s=0.05)
+    early = Envelope("net", "later", 1, 1, 0)
+    assert mailbox.deliver(early, np.zeros((1, 1), np.float32))
+    mailbox.open("later")
+    assert (await mailbox.take("later", 1, 1, timeout_s=1, channel="l", set_name="net")).size == 1
+    orphan = Envelope("net", "never", 1, 1, 0)
+    mailbox.deliver(orphan, np.zeros((1, 1), np.float32))
+    await asyncio.sleep(0.1)
+    mailbox.deliver(Envelope("net", "other", 1, 1, 0), np.zeros((1, 1), np.float32))
+    assert not mailbox.deliver(orphan, np.zeros((1, 1), np.float32))  # expired: now stale
+
+
+async def test_chunked_messages_reassemble_in_order() -> None:
+    from gpufaas.core.channels import chunked
+
+    mailbox = Mailbox()
+    mailbox.open("r")
+    values = np.arange(40, dtype=np.float32).reshape(10, 4)
+    parts = chunked(Envelope("net", "r", 2, 1, 0), values, 3 * 16)
+    assert len(parts) == 4
+    for envelope, chunk in reversed(parts):
+        mailbox.deliver(envelope, chunk)
+    got = await mailbox.take("r", 2, 1, timeout_s=1, channel="nats", set_name="net")
+    np.testing.assert_array_equal(got, values)
+
+
+@st.composite
+def _nets_and_splits(draw: st.DrawFn) -> tuple[LayeredNet, int, str]:
+    width = draw(st.integers(4, 20))
+    depth = draw(st.integers(1, 4))
+    rng = np.random.default_rng(draw(st.integers(0, 10_000)))
+    density = draw(st.floats(0.05, 0.7))
+    layers = []
+    for index in range(depth):
+        rows, cols = np.nonzero(rng.random((width, width)) < density)
+        layers.append(
+            Layer(
+                width, width, rows.astype(np.int64), cols.astype(np.int64),
+                rng.uniform(-1, 1, rows.size).astype(np.float32),
+                rng.uniform(-0.5, 0.5, width).astype(np.float32),
+                "none" if index == depth - 1 else "relu",
+            )
+        )  # fmt: skip
+    method = draw(st.sampled_from(["random", "block", "layer"]))
+    shards = draw(st.integers(1, min(4, depth) if method == "layer" else 4))
+    return LayeredNet(tuple(layers)), shards, method
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=_nets_and_splits(), batch=st.integers(1, 3))
+def test_any_split_of_any_sparse_net_matches_the_reference(
+    case: tuple[LayeredNet, int, str], batch: int, run_split: RunSplit
+) -> None:
+    net, shards, method = case
+    x = np.random.default_rng(batch).standard_normal((batch, net.widths[0])).astype(np.float32)
+    sharded = asyncio.run(run_split(net, shards, method, x))
+    np.testing.assert_allclose(sharded, net.forward(x), rtol=1e-5, atol=1e-5)
