@@ -234,7 +234,7 @@ def _up_replicas(
 
 
 def _gateway_args(args: argparse.Namespace) -> list[str]:
-    """The gateway options of ``up``, for its gateway processes (no gRPC: one port each)."""
+    """The gateway options of ``up``, for its gateway processes."""
     return [
         "--policy", args.policy,
         "--max-request-bytes", args.max_request_bytes,
@@ -243,7 +243,6 @@ def _gateway_args(args: argparse.Namespace) -> list[str]:
         "--max-queue-per-device", str(args.max_queue_per_device),
         "--max-pending-per-function", str(args.max_pending_per_function),
         "--placement-owner", args.placement_owner,
-        "--grpc-port", "-1",
     ]  # fmt: skip
 
 

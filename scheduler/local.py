@@ -147,6 +147,7 @@ def gateway_command(
         "--replica-url", f"http://{options.host}:{port}",
         "--peers", ",".join(peers),
         "--managers", ",".join(f"{name}={url}" for name, url in managers.items()),
+        "--grpc-port", "-1",  # replicas on one machine would all want the same gRPC port
         *options.gateway_args,
     ]  # fmt: skip
     for path in options.functions:
