@@ -791,7 +791,9 @@ def _passthrough(reply: NodeReply) -> Response:
 
 def create_app(gateway: Gateway) -> ASGIApp:
     """The gateway's HTTP app: :class:`InferFastPath` for inference, FastAPI for the rest."""
-    return InferFastPath(create_api(gateway), gateway=gateway)
+    app = InferFastPath(create_api(gateway), gateway=gateway)
+    # Scale-out: the replicas' ingress marker goes in front of the hot path (replicas.py).
+    return app if gateway.replicas is None else gateway.replicas.ingress(app)
 
 
 def create_api(gateway: Gateway) -> FastAPI:

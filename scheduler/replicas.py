@@ -346,10 +346,13 @@ class Replicas:
 
     # -- HTTP --------------------------------------------------------------------------------
 
+    def ingress(self, app: ASGIApp) -> ASGIApp:
+        """``app`` behind the ingress marker (:meth:`admit` for each inference request); it
+        must be the outermost layer, ahead of the gateway's own fast path."""
+        return _IngressMarker(app, replicas=self)
+
     def install(self, app: FastAPI) -> None:
-        """The peer routes (heartbeat, events), and the ingress marker; with a token, peers
-        must present it."""
-        app.add_middleware(_IngressMarker, replicas=self)
+        """The peer routes (heartbeat, events); with a token, peers must present it."""
         if self.token:
             install_token_auth(
                 app,
