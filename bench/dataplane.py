@@ -9,10 +9,13 @@ client, so the client's cost stays small next to the server's), and gRPC with pr
 Figures per system:
 
 * ``warm_p50_ms`` / ``warm_p99_ms``: 1 client, tiny-mlp and small-cnn, batching off;
-* ``grpc_p50_ms``: the same over gRPC (systems that have it);
+* ``grpc_p50_ms``: the same over gRPC (systems that have it), grpc.aio client;
+  ``grpc_sync_p50_ms``: with grpc's blocking stub, the way ``tritonclient.grpc`` calls;
 * ``rps_8``: 8 clients, tiny-mlp with dynamic batching on (maxBatchSize 8, maxDelayMs 2);
 * ``cpu_us_per_request``: user+system CPU of the gateway and manager processes over a
-  1-client warm tiny-mlp phase, divided by its request count (``/proc/<pid>/stat``);
+  1-client warm tiny-mlp phase, divided by its request count (``/proc/<pid>/stat``), measured
+  once the servers are idle after start-up (``settled_after_s``: the manager's background
+  preparation of every function would otherwise be counted);
 * ``minilm_overhead``: warm 1-client p50 end to end minus the node's median forward-pass time
   (``X-Gpufaas-Compute-Ms``), as a fraction of that forward pass (MiniLM, 1 x 128 tokens).
 
@@ -132,6 +135,23 @@ def grpc_request(name: str) -> bytes:
     return request.SerializeToString()
 
 
+def sync_grpc_latencies(port: int, data: bytes, *, args: argparse.Namespace) -> list[float]:
+    """1 client on grpc's blocking stub, as ``tritonclient.grpc`` calls it (no asyncio in the
+    client's path); run in a thread of its own, bounded like the rest."""
+    latencies: list[float] = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        deadline = time.monotonic() + 120
+        for i in range(args.warmup + args.requests):
+            if time.monotonic() > deadline:
+                break
+            t0 = time.perf_counter()
+            call(data, timeout=30)
+            if i >= args.warmup:
+                latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
 async def closed_loop(
     send: Any, *, clients: int, count: int, max_s: float
 ) -> tuple[list[float], float]:
@@ -165,11 +185,24 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values) * 1000, q)) if values else float("nan")
 
 
+async def settled(pids: list[int], *, max_s: float = 120) -> float:
+    """Wait until the servers are idle (under 5% of a core over a second): after start-up the
+    manager prepares every function's sidecar in the background, which would otherwise be
+    counted as serving CPU. Returns the seconds it took (bounded by ``max_s``)."""
+    start = time.monotonic()
+    while time.monotonic() - start < max_s:
+        before = cpu_seconds(pids)
+        await asyncio.sleep(1.0)
+        if cpu_seconds(pids) - before < 0.05:
+            break
+    return time.monotonic() - start
+
+
 async def measure(
     url: str, grpc_port: int | None, pids: list[int], args: argparse.Namespace
 ) -> dict[str, Any]:
     pool = NodePool(url, size=16, timeout_s=10)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"settled_after_s": await settled(pids)}
 
     def http_sender(name: str) -> Any:
         body, headers = body_for(name)
@@ -208,6 +241,10 @@ async def measure(
                     await closed_loop(grpc_send, clients=1, count=args.warmup, max_s=60)
                     lat, _ = await closed_loop(grpc_send, clients=1, count=args.requests, max_s=120)
                     out[name]["grpc_p50_ms"] = pct(lat, 50)
+                lat = await asyncio.to_thread(
+                    sync_grpc_latencies, grpc_port, grpc_request(name), args=args
+                )
+                out[name]["grpc_sync_p50_ms"] = pct(lat, 50)
         except NodeUnreachable as e:  # a system that stops answering: say so, go on
             out[name] = {**out.get(name, {}), "error": str(e), "unanswered": list(FAILURES)}
         FAILURES.clear()
@@ -303,6 +340,63 @@ def run_system(
             proc.kill()
 
 
+def node_app_cpu(functions: Path, *, requests: int, inline: bool) -> float:
+    """CPU per warm tiny-mlp request of the GPU manager's app alone, called as ASGI in this
+    process (no HTTP server, no client): ``time.process_time`` over ``requests`` after 100."""
+    from gpufaas.core.artifacts import ArtifactStore
+    from gpufaas.core.manifests import load_manifests
+    from gpufaas.gpu_manager.devices import cpu_devices
+    from gpufaas.gpu_manager.runtime import NodeRuntime
+    from gpufaas.gpu_manager.server import create_app
+
+    (function,) = load_manifests([functions / "tiny-mlp.yaml"])
+    runtime = NodeRuntime(
+        devices=cpu_devices(1, device_memory=1 << 30),
+        store=ArtifactStore(Path(tempfile.mkdtemp())),
+        host_capacity_bytes=1 << 30,
+    )
+    runtime.register("tiny-mlp", function.spec)
+    for device in runtime.devices.values():
+        if not inline and hasattr(device, "inline"):  # a baseline has no inline passes
+            device.inline.max_ms = 0
+    app = create_app(runtime)
+    body, headers = body_for("tiny-mlp")
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    raw += [(b"content-length", b"%d" % len(body)), (b"x-gpufaas-device", b"cpu:0")]
+    path = "/v2/models/tiny-mlp/infer"
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": raw, "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 2), "state": {}}  # fmt: skip
+
+    async def one() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app(dict(scope), receive, send)
+        if statuses != [200]:
+            raise RuntimeError(f"node app answered {statuses}")
+
+    async def run() -> float:
+        for _ in range(100):
+            await one()
+        started = time.process_time()
+        for _ in range(requests):
+            await one()
+        spent = time.process_time() - started
+        await runtime.settle()
+        return spent / requests * 1e6
+
+    return asyncio.run(run())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default=None, help="python of a baseline checkout's venv")
@@ -314,11 +408,27 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--policy", default="lalb-o3")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the systems this often")
+    parser.add_argument(
+        "--node-app",
+        choices=("inline", "thread"),
+        default=None,
+        help="only the GPU manager's app in this process, CPU per warm tiny-mlp request "
+        "(thread: no forward pass inline); run it with a baseline's PYTHONPATH to compare",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpufaas-dataplane-"))
     models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
     build_examples(models, progress=False)
     write_manifests(work / "functions", models)
+    if args.node_app:
+        import torch
+
+        torch.set_num_threads(1)  # as the GPU manager does
+        cpu = node_app_cpu(
+            work / "functions", requests=args.requests, inline=args.node_app == "inline"
+        )
+        print(json.dumps({"node_app_cpu_us_per_request": cpu, "mode": args.node_app}))
+        return 0
     systems = {"this": sys.executable}
     if args.baseline:
         systems = {"baseline": args.baseline, **systems}

@@ -36,8 +36,10 @@ def best_fit(slots: Iterable[DeviceSlot], nbytes: int) -> list[str]:
 
 
 def fits_tighter(a: DeviceSlot, b: DeviceSlot, nbytes: int) -> bool:
-    """Whether ``a`` is the better fit for ``nbytes`` than ``b`` (both fitting, ``a`` smaller)."""
-    return best_fit((a, b), nbytes)[:1] == [a.device_id] and b.capacity_bytes >= nbytes
+    """Whether ``a`` is the better fit for ``nbytes`` than ``b``: both fit and ``a``'s budget is
+    strictly smaller. Equal budgets are no reason to move: a tie by id would override the
+    caller's own order (LALB's least-waiting first) on every cluster of equal GPUs."""
+    return nbytes <= a.capacity_bytes < b.capacity_bytes
 
 
 def may_copy_between(a: DeviceSlot, b: DeviceSlot) -> bool:

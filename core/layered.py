@@ -18,6 +18,11 @@ owns, the weights of those rows split by where their inputs live (its own activa
 each other shard's), the indices each other shard sends it, and the positions of its own
 activations it must send on. :func:`save_shard` / :func:`load_shard` store it as safetensors
 (tensors and JSON metadata, no pickled code).
+
+:func:`save_net` / :func:`load_net` store a whole :class:`LayeredNet` the same way: the
+artifact of a function with ``spec.parallelism``, which the gateway reads and splits. Layer
+``i`` is ``l{i}.weight`` (dense, ``(n_out, n_in)``, as a torch ``Linear`` stores it) or
+``l{i}.rows`` / ``l{i}.cols`` / ``l{i}.values`` (sparse, COO), plus ``l{i}.bias``.
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ __all__ = [
     "ShardSpec",
     "challenge_bias",
     "dense_mlp",
+    "load_net",
     "load_shard",
     "radix_net",
+    "save_net",
     "save_shard",
 ]
 
@@ -320,3 +327,86 @@ def load_shard(path: Path) -> ShardSpec:
         ymax=meta["ymax"],
         widths=tuple(meta["widths"]),
     )
+
+
+# -------------------------------------------------------------------------------------------
+# A whole net as an artifact (what a sharded function's spec.model.uri points at)
+# -------------------------------------------------------------------------------------------
+
+NET_FORMAT = "gpufaas.layered/v1"
+
+
+def save_net(path: Path, net: LayeredNet) -> None:
+    """Write ``net`` as one safetensors file: sparse layers as COO, full ones as ``weight``."""
+    tensors: dict[str, torch.Tensor] = {}
+    layers_meta = []
+    for index, layer in enumerate(net.layers):
+        prefix = f"l{index}"
+        if layer.nnz == layer.n_out * layer.n_in:
+            tensors[f"{prefix}.weight"] = torch.from_numpy(layer.dense())
+        else:
+            tensors[f"{prefix}.rows"] = torch.from_numpy(layer.rows)
+            tensors[f"{prefix}.cols"] = torch.from_numpy(layer.cols)
+            tensors[f"{prefix}.values"] = torch.from_numpy(layer.values)
+        tensors[f"{prefix}.bias"] = torch.from_numpy(layer.bias)
+        layers_meta.append(
+            {"n_out": layer.n_out, "n_in": layer.n_in, "activation": layer.activation}
+        )
+    metadata = {"format": NET_FORMAT, "ymax": net.ymax, "layers": layers_meta}
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(path),
+        metadata={"gpufaas": json.dumps(metadata)},
+    )
+
+
+def load_net(path: Path) -> LayeredNet:
+    """Read a net :func:`save_net` wrote; :class:`ShardFormatError` names what is wrong."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("gpufaas")
+        t = {k: v.numpy() for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError) as e:
+        raise ShardFormatError(f"{path.name} is not a safetensors file: {e}") from None
+    if raw is None:
+        raise ShardFormatError(
+            f"{path.name} has no gpufaas metadata: a sharded function's artifact is a "
+            f"{NET_FORMAT} safetensors file (gpufaas.core.layered.save_net)"
+        )
+    meta = json.loads(raw)
+    if meta.get("format") != NET_FORMAT:
+        raise ShardFormatError(f"{path.name}: format {meta.get('format')!r}, not {NET_FORMAT}")
+    layers = []
+    for index, lm in enumerate(meta["layers"]):
+        prefix = f"l{index}"
+        n_out, n_in = int(lm["n_out"]), int(lm["n_in"])
+        try:
+            bias = t[f"{prefix}.bias"].astype(np.float32)
+            if f"{prefix}.weight" in t:
+                weight = t[f"{prefix}.weight"].astype(np.float32)
+                if weight.shape != (n_out, n_in):
+                    raise ShardFormatError(
+                        f"{path.name}: {prefix}.weight is {list(weight.shape)}, not {[n_out, n_in]}"
+                    )
+                rows = np.repeat(np.arange(n_out, dtype=np.int64), n_in)
+                cols = np.tile(np.arange(n_in, dtype=np.int64), n_out)
+                values = weight.reshape(-1)
+            else:
+                rows = t[f"{prefix}.rows"].astype(np.int64)
+                cols = t[f"{prefix}.cols"].astype(np.int64)
+                values = t[f"{prefix}.values"].astype(np.float32)
+        except KeyError as e:
+            raise ShardFormatError(f"{path.name}: layer {index} has no tensor {e}") from None
+        if bias.shape != (n_out,) or not (rows.shape == cols.shape == values.shape):
+            raise ShardFormatError(f"{path.name}: layer {index}'s tensors disagree in shape")
+        if rows.size and (rows.min() < 0 or rows.max() >= n_out or cols.min() < 0
+                          or cols.max() >= n_in):  # fmt: skip
+            raise ShardFormatError(f"{path.name}: layer {index} indexes outside its shape")
+        if lm["activation"] not in ACTIVATIONS:
+            raise ShardFormatError(f"{path.name}: unknown activation {lm['activation']!r}")
+        layers.append(Layer(n_out, n_in, rows, cols, values, bias, lm["activation"]))
+    if not layers or any(a.n_out != b.n_in for a, b in itertools.pairwise(layers)):
+        raise ShardFormatError(f"{path.name}: layer widths do not chain")
+    return LayeredNet(tuple(layers), ymax=meta.get("ymax"))

@@ -20,12 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from gpufaas.cache import Residency
 
 __all__ = [
+    "DEMOTE",
     "FUNCTION",
     "HEALTH_LIVE",
     "HEALTH_READY",
     "MODEL_INFER",
     "MODEL_LOAD",
     "MODEL_UNLOAD",
+    "PREFETCH",
     "STATE",
     "DeviceState",
     "DiskState",
@@ -48,6 +50,10 @@ FUNCTION = "/v2/gpufaas/functions/{name}"  # PUT a spec, DELETE it
 MODEL_INFER = "/v2/models/{name}/infer"
 MODEL_LOAD = "/v2/repository/models/{name}/load"
 MODEL_UNLOAD = "/v2/repository/models/{name}/unload"
+# Predictive residency (docs/prediction.md): load ahead of a request, at the lowest priority;
+# drop a device copy, keeping the host copy. Bodies: {"model", "device"[, "size_bytes"]}.
+PREFETCH = "/v2/gpufaas/prefetch"
+DEMOTE = "/v2/gpufaas/demote"
 # Shards of models split across nodes (gpu_manager/shards.py, core/sharding.py).
 SHARD = "/v2/gpufaas/shards/{set_name}/{shard}"  # PUT a ShardLoad (a launch tree), DELETE it
 SHARD_INFER = "/v2/gpufaas/shards/{set_name}/{shard}/infer"

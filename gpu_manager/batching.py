@@ -2,7 +2,9 @@
 
 A :class:`Batcher` per (device, model) gathers requests until ``max_batch_size`` rows are waiting
 or ``max_delay_ms`` have passed since the oldest arrived, concatenates their inputs along the
-first dimension, runs once, and splits the outputs back by rows. Only requests whose inputs agree
+first dimension, runs once, and splits the outputs back by rows. A request that finds nothing of
+its model queued or running there runs at once: the delay is spent only when there is load to
+batch with (requests that queue while a batch runs), never by a lone request on an idle device. Only requests whose inputs agree
 beyond the first dimension (same trailing shape and dtype) are merged; the others wait for the
 next batch, which starts right away. One batch runs at a time per (device, model): requests that
 arrive meanwhile form the next one. A request's eviction hint (the scheduler's ``evict_first``)
@@ -60,6 +62,7 @@ class _Waiting(Generic[R]):
     signature: tuple[tuple[tuple[int, ...], str], ...]
     future: asyncio.Future[R]
     evict_first: tuple[str, ...] = ()
+    alone: bool = False  # nothing of this model was queued or running when it arrived
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -86,6 +89,7 @@ class Batcher(Generic[R]):
         self._queue: list[_Waiting[R]] = []
         self._arrival = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._running = False  # a batch is in its forward pass
         self.batches = 0  # forward passes run
         self.requests = 0
 
@@ -96,7 +100,10 @@ class Batcher(Generic[R]):
     async def submit(self, inputs: Inputs, *, evict_first: Sequence[str] = ()) -> R:
         """Queue one request and wait for its share of a batch's result."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        waiting = _Waiting(inputs, rows(inputs), signature(inputs), future, tuple(evict_first))
+        alone = not self._queue and not self._running
+        waiting = _Waiting(
+            inputs, rows(inputs), signature(inputs), future, tuple(evict_first), alone=alone
+        )
         self._queue.append(waiting)
         self._arrival.set()
         if self._task is None or self._task.done():
@@ -114,6 +121,7 @@ class Batcher(Generic[R]):
                 continue
             self.batches += 1
             self.requests += len(batch)
+            self._running = True
             try:
                 results = await self._run([w.inputs for w in batch], batch[0].evict_first)
             except Exception as e:
@@ -121,15 +129,20 @@ class Batcher(Generic[R]):
                     if not waiting.future.done():
                         waiting.future.set_exception(e)
                 continue
+            finally:
+                self._running = False
             for waiting, result in zip(batch, results, strict=True):
                 if not waiting.future.done():
                     waiting.future.set_result(result)
 
     async def _gather(self) -> None:
-        """Wait until a full batch is queued or the oldest request has waited long enough."""
+        """Wait until a full batch is queued or the oldest request has waited long enough; a
+        lone request that arrived with nothing of its model queued or running goes at once."""
         while True:
             self._queue = [w for w in self._queue if not w.future.cancelled()]
             if not self._queue:
+                return
+            if len(self._queue) == 1 and self._queue[0].alone:
                 return
             deadline = self._queue[0].arrived + self.max_delay_s
             remaining = deadline - time.monotonic()

@@ -48,6 +48,7 @@ from gpufaas.gpu_manager.devices import (
 )
 from gpufaas.gpu_manager.disk_tier import DiskTier
 from gpufaas.gpu_manager.host_tier import HostModel, Skeleton
+from gpufaas.gpu_manager.inline import InlineForwards
 from gpufaas.gpu_manager.loader import (
     DeviceModel,
     ForwardResult,
@@ -134,6 +135,7 @@ class DeviceTier:
             on_change=self._notify,
         )
         self.slots = asyncio.Semaphore(max_concurrency)
+        self.inline = InlineForwards()  # tiny passes run on the loop, not in a thread
         self.max_concurrency = max_concurrency
         self.outstanding = 0  # requests routed here and not answered yet
         self.overlap = overlap  # False: a request waits for the whole model before computing
@@ -210,12 +212,18 @@ class DeviceTier:
     ) -> ForwardResult:
         """One forward pass on a held model, with the model's errors as clear failures."""
         backend = backend_for(spec.model.format)
+        landed = model.arrived or model.transfer is None or model.transfer.done()
+        inline = self.inline.inline(model.fingerprint, landed=landed)
+        self.inline.running += 1
         try:
-            return await forward_retrying_oom(  # an OOM evicts what is not in use, retries once
+            result = await forward_retrying_oom(  # an OOM evicts what is not in use, retries
                 lambda: backend.run(model, list(inputs), spec, self.backend),
                 backend=self.backend,
                 evict_unheld=self._evict_unheld,
+                inline=inline,
             )
+            self.inline.measured(model.fingerprint, result.compute_ms)
+            return result
         except DeviceFailed as e:  # a sticky CUDA error: this node must stop serving
             self.health.device_failed(self.info.id, e)
             raise RuntimeFailure(str(e), status=503, reason="DeviceFailed") from None
@@ -239,6 +247,8 @@ class DeviceTier:
                 status=400,
                 reason="ModelError",
             ) from None
+        finally:
+            self.inline.running -= 1
 
     def state(self) -> DeviceState:
         return DeviceState(

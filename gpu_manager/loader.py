@@ -206,12 +206,15 @@ async def forward_retrying_oom(
     *,
     backend: DeviceBackend,
     evict_unheld: Callable[[], int],
+    inline: bool = False,
 ) -> ForwardResult:
-    """Run ``forward`` in a worker thread; if the device runs out of memory, evict every model
-    not in use (``evict_unheld``, on the loop: the tiers are the loop's), hand cached blocks
-    back to the driver in a worker thread, and try once more. A second OOM propagates."""
+    """Run ``forward`` in a worker thread (``inline``: on the loop, for a pass measured to be
+    cheaper than the hop; see ``inline.py``); if the device runs out of memory, evict every
+    model not in use (``evict_unheld``, on the loop: the tiers are the loop's), hand cached
+    blocks back to the driver in a worker thread, and try once more in a worker thread. A
+    second OOM propagates."""
     try:
-        return await asyncio.to_thread(forward)
+        return forward() if inline else await asyncio.to_thread(forward)
     except Exception as e:
         if not is_out_of_memory(e):
             raise

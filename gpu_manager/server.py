@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpufaas.core import node
 from gpufaas.core.api import InferenceFunctionSpec, ManifestError, parse_spec
@@ -33,15 +36,24 @@ from gpufaas.core.http import (
     MODEL_BYTES_HEADER,
     add_metrics_route,
     error_response,
-    header_length,
     install_error_handlers,
-    install_token_auth,
     parse_evict_first,
+    read_asgi_body,
     read_body,
+    token_auth,
 )
-from gpufaas.core.protocol import Limits, decode_request, encode_response, validate_inputs
+from gpufaas.core.protocol import (
+    HEADER_LENGTH,
+    Limits,
+    ProtocolError,
+    decode_request,
+    encode_response,
+    parse_header_length,
+    validate_inputs,
+)
 from gpufaas.gpu_manager.admission import AdmissionCollector, AdmissionFull, DeviceAdmission
 from gpufaas.gpu_manager.devices import device_free_bytes
+from gpufaas.gpu_manager.prefetch import add_prefetch_routes
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
 from gpufaas.gpu_manager.shards import shard_host, shard_router
 from gpufaas.gpu_manager.text import model_spec, text_inputs, tokenize
@@ -141,48 +153,68 @@ def failure_response(failure: RuntimeFailure) -> Response:
     return error_response(failure.status, str(failure), reason=failure.reason, headers=headers)
 
 
+@dataclass(frozen=True)
+class _InferMetrics:
+    requests: Counter
+    load_seconds: Histogram
+    # Scale-out (#16): the cluster-wide per-device bound, whichever gateway replica sends.
+    admission: DeviceAdmission
+
+
 def create_app(
     runtime: NodeRuntime,
     *,
     limits: Limits | None = None,
     token: str | None = None,
     admission: DeviceAdmission | None = None,
-) -> FastAPI:
-    """The manager's app; with ``token``, every path but health and metrics needs it as
-    ``Authorization: Bearer <token>`` (the gateway sends ``GPUFAAS_MANAGER_TOKEN``).
-    ``admission`` bounds the inference requests running per device, whichever gateway replica
-    sent them (``gpu_manager/admission.py``); by default 4, the gateway's default."""
-    limits = limits or Limits()
+) -> ASGIApp:
+    """The manager's app: :class:`InferFastPath` for inference, FastAPI for the rest; with
+    ``token``, every path but health and metrics needs it as ``Authorization: Bearer <token>``
+    (the gateway sends ``GPUFAAS_MANAGER_TOKEN``). ``admission`` bounds the inference requests
+    running per device, whichever gateway replica sent them (``gpu_manager/admission.py``); by
+    default 4, the gateway's default."""
     admission = admission or DeviceAdmission(concurrency=4)
+    limits = limits or Limits()
     app = FastAPI(title="gpufaas GPU manager", version="v1alpha1")
     install_error_handlers(app)
+    registry = CollectorRegistry()
+    registry.register(_StateCollector(runtime))
+    registry.register(AdmissionCollector(admission))
+    metrics = _InferMetrics(
+        requests=Counter(
+            "gpufaas_manager_requests",
+            "Inference requests",
+            ["model", "device", "cache"],
+            registry=registry,
+        ),
+        load_seconds=Histogram(
+            "gpufaas_manager_load_seconds",
+            "Time to make a model resident",
+            ["device"],
+            registry=registry,
+        ),
+        admission=admission,
+    )
+    add_metrics_route(app, registry)
+    app.state.runtime = runtime
+    app.state.prefetcher = add_prefetch_routes(app, runtime, registry=registry)  # #13
+    # Shards of models split across nodes (FSD-Inference): routes and budget in shards.py.
+    app.include_router(shard_router(shard_host(runtime, token=token)))
+    _add_routes(app, runtime, limits=limits, metrics=metrics)
+    served: ASGIApp = InferFastPath(app, runtime=runtime, limits=limits, metrics=metrics)
     if token:
-        install_token_auth(
-            app,
+        served = token_auth(
+            served,
             token=token,
             protect=lambda path: path not in (node.HEALTH_LIVE, node.HEALTH_READY, "/metrics"),
             realm="the GPU manager",
         )
-    registry = CollectorRegistry()
-    registry.register(_StateCollector(runtime))
-    registry.register(AdmissionCollector(admission))
-    requests = Counter(
-        "gpufaas_manager_requests",
-        "Inference requests",
-        ["model", "device", "cache"],
-        registry=registry,
-    )
-    load_seconds = Histogram(
-        "gpufaas_manager_load_seconds",
-        "Time to make a model resident",
-        ["device"],
-        registry=registry,
-    )
-    add_metrics_route(app, registry)
-    app.state.runtime = runtime
-    # Shards of models split across nodes (FSD-Inference): routes and budget in shards.py.
-    app.include_router(shard_router(shard_host(runtime, token=token)))
+    return served
 
+
+def _add_routes(
+    app: FastAPI, runtime: NodeRuntime, *, limits: Limits, metrics: _InferMetrics
+) -> None:
     @app.get(node.HEALTH_LIVE)
     async def live() -> dict[str, bool]:
         return {"live": True}
@@ -219,58 +251,14 @@ def create_app(
         runtime.unregister(name)
         return Response(status_code=204)
 
+    # Served by InferFastPath ahead of FastAPI; declared here for the OpenAPI document, and
+    # served the same way if the app runs without it.
     @app.post(node.MODEL_INFER)
     async def infer(name: str, request: Request) -> Response:
-        try:
-            spec: InferenceFunctionSpec = runtime.spec(name)
-            body = await read_body(request, max_bytes=limits.max_body_bytes)
-            # The one decode: straight from the body's bytes into arrays.
-            decoded = decode_request(body, header_length=header_length(request), limits=limits)
-            if spec.tokenizer is None:
-                inputs = list(validate_inputs(decoded, spec.inputs).values())
-            else:  # text in: sentences -> token ids and mask
-                text = validate_inputs(decoded, text_inputs(spec.tokenizer))
-                inputs = tokenize(text[spec.tokenizer.input], spec.tokenizer)
-            # Cluster-wide per-device bound, across gateway replicas (scale-out, #16).
-            async with admission.slot(request.headers.get(DEVICE_HEADER) or "auto"):
-                outcome = await runtime.infer(
-                    name,
-                    inputs,
-                    device_id=request.headers.get(DEVICE_HEADER),
-                    evict_first=parse_evict_first(request.headers.get(EVICT_FIRST_HEADER)),
-                )
-        except RuntimeFailure as e:
-            return failure_response(e)
-        except AdmissionFull as e:
-            return error_response(429, str(e), reason="Overloaded", headers={"Retry-After": "1"})
-        device_id = request.headers.get(DEVICE_HEADER) or "auto"
-        requests.labels(name, device_id, "hit" if outcome.cache_hit else "miss").inc()
-        if not outcome.cache_hit:
-            load_seconds.labels(device_id).observe(outcome.load_ms / 1000)
-        outputs = outcome.outputs
-        if decoded.requested_outputs is not None:
-            unknown = [o for o in decoded.requested_outputs if o not in outputs]
-            if unknown:
-                return error_response(
-                    400,
-                    f"unknown output(s) {unknown}; the model has {list(outputs)}",
-                    reason="InvalidRequest",
-                )
-            outputs = {o: outputs[o] for o in decoded.requested_outputs}
-        payload, headers = encode_response(
-            model_name=name,
-            model_version=None,
-            request_id=decoded.id,
-            outputs=outputs,
-            binary=decoded.binary_outputs,
-        )
-        headers[CACHE_HEADER] = "hit" if outcome.cache_hit else "miss"
-        headers[LOAD_MS_HEADER] = f"{outcome.load_ms:.3f}"
-        headers[COMPUTE_MS_HEADER] = f"{outcome.compute_ms:.3f}"
-        headers[MODEL_BYTES_HEADER] = str(outcome.size_bytes)
-        headers[LOAD_SOURCE_HEADER] = outcome.load_source
-        headers[BATCH_SIZE_HEADER] = str(outcome.batch_size)
-        return Response(payload, headers=headers)
+        def read() -> Awaitable[bytes]:
+            return read_body(request, max_bytes=limits.max_body_bytes)
+
+        return await answer_infer(runtime, name, read, request.headers, limits, metrics)
 
     @app.post(node.MODEL_LOAD)
     async def load(name: str, request: Request) -> Response:
@@ -288,4 +276,116 @@ def create_app(
             return failure_response(e)
         return JSONResponse({"model": name, "unloaded_from": devices})
 
-    return app
+
+_INFER_PATH = re.compile("^" + node.MODEL_INFER.replace("{name}", "(?P<name>[^/]+)") + "$")
+
+
+class InferFastPath:
+    """The node's hot path as a bare ASGI app in front of FastAPI: ``POST .../infer`` is
+    answered here, without FastAPI's middleware, routing, dependency solving or a Request
+    object (``docs/dataplane.md``). Everything else (lifespan included) goes on to FastAPI."""
+
+    def __init__(
+        self, app: ASGIApp, *, runtime: NodeRuntime, limits: Limits, metrics: _InferMetrics
+    ) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.limits = limits
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = (
+            _INFER_PATH.match(scope["path"])
+            if scope["type"] == "http" and scope["method"] == "POST"
+            else None
+        )
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        max_bytes = self.limits.max_body_bytes
+
+        def read() -> Awaitable[bytes]:
+            declared = headers.get("content-length")
+            return read_asgi_body(receive, declared=declared, max_bytes=max_bytes)
+
+        try:
+            response = await answer_infer(
+                self.runtime, match["name"], read, headers, self.limits, self.metrics
+            )
+        except Exception as e:  # as FastAPI's handlers do: a message, never a traceback
+            logger.exception("unhandled error on POST %s", scope["path"])
+            response = error_response(
+                500,
+                f"internal error ({type(e).__name__}); see the server log",
+                reason="InternalError",
+            )
+        await response(scope, receive, send)
+
+
+async def answer_infer(
+    runtime: NodeRuntime,
+    name: str,
+    read: Callable[[], Awaitable[bytes]],
+    headers: Mapping[str, str],
+    limits: Limits,
+    metrics: _InferMetrics,
+) -> Response:
+    """One inference request: decode once, run, encode; errors as ``{"error": ...}`` with the
+    status of their kind. ``headers``: looked up by lower-case name."""
+    device_header = headers.get(DEVICE_HEADER.lower())
+    try:
+        spec: InferenceFunctionSpec = runtime.spec(name)
+        body = await read()
+        # The one decode: straight from the body's bytes into arrays.
+        decoded = decode_request(
+            body,
+            header_length=parse_header_length(headers.get(HEADER_LENGTH.lower())),
+            limits=limits,
+        )
+        if spec.tokenizer is None:
+            inputs = list(validate_inputs(decoded, spec.inputs).values())
+        else:  # text in: sentences -> token ids and mask
+            text = validate_inputs(decoded, text_inputs(spec.tokenizer))
+            inputs = tokenize(text[spec.tokenizer.input], spec.tokenizer)
+        async with metrics.admission.slot(device_header or "auto"):
+            outcome = await runtime.infer(
+                name,
+                inputs,
+                device_id=device_header,
+                evict_first=parse_evict_first(headers.get(EVICT_FIRST_HEADER.lower())),
+            )
+    except RuntimeFailure as e:
+        return failure_response(e)
+    except AdmissionFull as e:
+        return error_response(429, str(e), reason="Overloaded", headers={"Retry-After": "1"})
+    except ProtocolError as e:
+        return error_response(e.status_code, str(e), reason="InvalidRequest")
+    device_id = device_header or "auto"
+    metrics.requests.labels(name, device_id, "hit" if outcome.cache_hit else "miss").inc()
+    if not outcome.cache_hit:
+        metrics.load_seconds.labels(device_id).observe(outcome.load_ms / 1000)
+    outputs = outcome.outputs
+    if decoded.requested_outputs is not None:
+        unknown = [o for o in decoded.requested_outputs if o not in outputs]
+        if unknown:
+            return error_response(
+                400,
+                f"unknown output(s) {unknown}; the model has {list(outputs)}",
+                reason="InvalidRequest",
+            )
+        outputs = {o: outputs[o] for o in decoded.requested_outputs}
+    payload, out_headers = encode_response(
+        model_name=name,
+        model_version=None,
+        request_id=decoded.id,
+        outputs=outputs,
+        binary=decoded.binary_outputs,
+    )
+    out_headers[CACHE_HEADER] = "hit" if outcome.cache_hit else "miss"
+    out_headers[LOAD_MS_HEADER] = f"{outcome.load_ms:.3f}"
+    out_headers[COMPUTE_MS_HEADER] = f"{outcome.compute_ms:.3f}"
+    out_headers[MODEL_BYTES_HEADER] = str(outcome.size_bytes)
+    out_headers[LOAD_SOURCE_HEADER] = outcome.load_source
+    out_headers[BATCH_SIZE_HEADER] = str(outcome.batch_size)
+    return Response(payload, headers=out_headers)

@@ -62,6 +62,30 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_prefetch_options(parser: argparse.ArgumentParser) -> None:
+    # Predictive residency (#13, docs/prediction.md).
+    parser.add_argument(
+        "--prefetch",
+        choices=("off", "predictive", "hybrid"),
+        default="off",
+        help="learn arrivals; demote and prefetch models ahead of requests",
+    )
+    parser.add_argument(
+        "--prefetch-state", type=Path, default=None, help="file the arrival model persists to"
+    )
+
+
+def enable_prefetch_option(gateway: Gateway, args: argparse.Namespace) -> None:
+    if args.prefetch == "off":
+        return
+    from gpufaas.cache.arrivals import make_policy as make_residency_policy
+    from gpufaas.scheduler.prefetch import enable_prefetch
+
+    enable_prefetch(
+        gateway, policy=make_residency_policy(args.prefetch), state_file=args.prefetch_state
+    )
+
+
 def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
     from gpufaas.core.protocol import Limits
     from gpufaas.scheduler.gateway import GatewayConfig
@@ -142,6 +166,7 @@ def _up_parser() -> argparse.ArgumentParser:
         help="channel of sharded models; nats/s3 start a local server (docs/distributed.md)",
     )
     _add_gateway_options(parser)
+    _add_prefetch_options(parser)
     ManagerOptions.add_arguments(parser)
     return parser
 
@@ -182,6 +207,7 @@ def up_command(argv: Sequence[str]) -> int:
             config=config,
             manager_token=token,
         )
+        enable_prefetch_option(gateway, args)
         print(
             f"gpufaas is serving {len(functions)} function(s) on http://{args.host}:{args.port}"
             + ("" if args.grpc_port < 0 else f" and grpc {args.host}:{args.grpc_port}")
@@ -271,6 +297,7 @@ def _gateway_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--functions", type=Path, action="append", default=[])
     _add_gateway_options(parser)
+    _add_prefetch_options(parser)
     parser.add_argument(
         "--kubernetes", action="store_true", help="learn functions and managers from the cluster"
     )
@@ -303,6 +330,7 @@ def gateway_command(argv: Sequence[str]) -> int:
         config=config,
         manager_token=os.environ.get("GPUFAAS_MANAGER_TOKEN") or None,
     )
+    enable_prefetch_option(gateway, args)
     if args.kubernetes:
         enable_kubernetes(
             gateway,

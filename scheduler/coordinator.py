@@ -17,6 +17,15 @@ A request gets a fresh request id (messages of an older request can never match 
 coordinator sends every shard its input rows at once and waits for all outputs. The first
 failure cancels the rest. A shard whose node lost the set (evicted, restarted) answers 404:
 the coordinator relaunches the set once and retries the request once.
+
+:class:`ShardedFunctions` is the gateway's side: a function whose spec has ``parallelism``
+is not pushed to the GPU managers as a model. Its artifact (a :func:`~gpufaas.core.layered.
+save_net` safetensors file, no pickled code) is read into a :class:`LayeredNet` here, split,
+and deployed over the healthy managers when it is registered; its KServe v2 requests (HTTP
+and gRPC, both through ``Gateway.infer``) come here instead of the single-device path. A set
+placed on a manager that has since gone is re-placed on the next request. Failures answer
+503 naming the shard, the channel or the deploy step, never a hang: every wait has the
+request's deadline.
 """
 
 from __future__ import annotations
@@ -25,11 +34,13 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import json
+import logging
 import math
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +51,12 @@ from fastapi import Request
 from fastapi.responses import Response
 from numpy.typing import NDArray
 
-from gpufaas.core.api import ParallelStrategy
-from gpufaas.core.channels import Envelope, decode, encode
+from gpufaas.core.api import InferenceFunction, ParallelStrategy
+from gpufaas.core.artifacts import ArtifactError, ArtifactStore
+from gpufaas.core.channels import ChannelError, Envelope, decode, encode
+from gpufaas.core.config import gpufaas_home
 from gpufaas.core.http import REASON_HEADER, error_response, header_length, read_body
-from gpufaas.core.layered import LayeredNet, save_shard
+from gpufaas.core.layered import LayeredNet, ShardFormatError, load_net, save_shard
 from gpufaas.core.protocol import Limits, ProtocolError, decode_request, encode_response
 from gpufaas.core.sharding import (
     REQUEST_ID_HEADER,
@@ -57,13 +70,35 @@ from gpufaas.core.sharding import (
     ShardLoad,
     channel_for,
 )
-from gpufaas.scheduler.partition import Partition, Volume, communication, partition, split
+from gpufaas.scheduler.partition import (
+    Partition,
+    PartitionError,
+    Volume,
+    communication,
+    partition,
+    split,
+)
+from gpufaas.scheduler.transport import NodeReply
 
 # Idle connections close well before uvicorn's 5 s keep-alive timeout, so a request never
 # goes out on a connection the node is closing at that moment (a ReadError, not a failure).
 _KEEPALIVE_S = 2.0
 
-__all__ = ["Coordinator", "LaunchFailed", "ShardFailed", "ShardSet", "launch_tree"]
+__all__ = [
+    "SHARD_ARTIFACTS_ENV",
+    "Coordinator",
+    "LaunchFailed",
+    "ShardFailed",
+    "ShardSet",
+    "ShardedFunctions",
+    "launch_tree",
+]
+
+logger = logging.getLogger(__name__)
+
+# Where the gateway writes shard artifacts for the nodes to fetch: a folder they share, or an
+# fsspec URL (s3://bucket/prefix in Kubernetes). Default: $GPUFAAS_HOME/shards (local mode).
+SHARD_ARTIFACTS_ENV = "GPUFAAS_SHARD_ARTIFACTS"
 
 
 class ShardFailed(Exception):
@@ -363,3 +398,251 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# -------------------------------------------------------------------------------------------
+# The gateway's sharded functions
+# -------------------------------------------------------------------------------------------
+
+
+class DeployFailed(Exception):
+    """A sharded function could not be deployed; the message names the step and the cause."""
+
+
+class ShardedFunctions:
+    """Functions with ``spec.parallelism``: deployed as shard sets, served by the coordinator.
+
+    ``nodes()`` gives the healthy GPU managers' base URLs and the headers (the manager token)
+    to call them with, as the gateway's cluster knows them at that moment.
+    """
+
+    def __init__(
+        self,
+        nodes: Callable[[], tuple[list[str], Mapping[str, str]]],
+        *,
+        limits: Limits,
+        artifact_base: str | None = None,
+        store: ArtifactStore | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self._nodes = nodes
+        self.limits = limits
+        self.timeout_s = timeout_s
+        self._artifact_base = (
+            artifact_base or os.environ.get(SHARD_ARTIFACTS_ENV) or str(gpufaas_home() / "shards")
+        )
+        self._store = store
+        self._coordinator: Coordinator | None = None
+        self._deployed: dict[str, InferenceFunction] = {}  # name -> the spec its set serves
+        self._deploying: dict[str, asyncio.Task[None]] = {}
+        self._errors: dict[str, str] = {}
+
+    @classmethod
+    def for_cluster(cls, cluster: Any, *, limits: Limits) -> ShardedFunctions:
+        """Place on the cluster's healthy nodes, calling them with their clients' token."""
+
+        def nodes() -> tuple[list[str], Mapping[str, str]]:
+            healthy = [n for n in cluster.nodes.values() if n.healthy]
+            headers = {
+                k: v
+                for n in healthy[:1]
+                for k, v in n.client.headers.items()
+                if k.lower() == "authorization"
+            }
+            return [n.url for n in healthy], headers
+
+        return cls(nodes, limits=limits)
+
+    def error(self, name: str) -> str | None:
+        """Why ``name``'s last deploy failed, if it did."""
+        return self._errors.get(name)
+
+    # -- deploy -----------------------------------------------------------------------------
+
+    def deploy_all(self, functions: Iterable[InferenceFunction]) -> None:
+        """Start deploying every sharded function in the background (the gateway's start)."""
+        for function in functions:
+            if function.spec.parallelism is not None:
+                self._start(function)
+
+    async def deploy(self, function: InferenceFunction) -> None:
+        """Deploy (or re-deploy, if its spec changed) ``function``'s shard set; errors are
+        kept for its requests (:meth:`error`) and logged, not raised."""
+        try:
+            await asyncio.shield(self._start(function))
+        except DeployFailed as e:
+            logger.warning("sharded function not deployed: %s", e)
+
+    def _start(self, function: InferenceFunction) -> asyncio.Task[None]:
+        name = function.name
+        running = self._deploying.get(name)
+        if running is not None and not running.done():
+            return running
+        task = asyncio.get_running_loop().create_task(self._deploy(function))
+        self._deploying[name] = task
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved here
+        return task
+
+    async def _deploy(self, function: InferenceFunction) -> None:
+        name, spec = function.name, function.spec
+        assert spec.parallelism is not None
+        try:
+            urls, headers = self._nodes()
+            if not urls:
+                raise DeployFailed(f"{name}: no healthy GPU manager to place its shards on")
+            net = await self._read_net(function)
+            check_net_fits(function, net)
+            coordinator = self._coordinator_for(headers)
+            if name in coordinator:
+                await coordinator.remove(name)
+            self._deployed.pop(name, None)
+            await coordinator.deploy(name, net, spec.parallelism, nodes=urls)
+        except DeployFailed as e:
+            self._errors[name] = str(e)
+            raise
+        except (ArtifactError, ShardFormatError, PartitionError) as e:
+            self._errors[name] = f"{name}: {e}"
+            raise DeployFailed(self._errors[name]) from None
+        except LaunchFailed as e:
+            self._errors[name] = str(e)
+            raise DeployFailed(str(e)) from None
+        except ChannelError as e:
+            self._errors[name] = f"{name}: the {spec.parallelism.channel} channel: {e}"
+            raise DeployFailed(self._errors[name]) from None
+        self._errors.pop(name, None)
+        self._deployed[name] = function
+
+    async def _read_net(self, function: InferenceFunction) -> LayeredNet:
+        model = function.spec.model
+        if self._store is None:
+            self._store = ArtifactStore(gpufaas_home() / "gateway-artifacts")
+        path = await asyncio.to_thread(self._store.fetch, model.uri, sha256=model.sha256)
+        return await asyncio.to_thread(load_net, path)
+
+    def _coordinator_for(self, headers: Mapping[str, str]) -> Coordinator:
+        if self._coordinator is None:
+            token = headers.get("authorization", headers.get("Authorization", ""))
+            self._coordinator = Coordinator(
+                artifact_base=self._artifact_base,
+                token=token.removeprefix("Bearer ") or None,
+                timeout_s=self.timeout_s,
+                limits=self.limits,
+            )
+        return self._coordinator
+
+    async def remove(self, name: str) -> None:
+        task = self._deploying.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._deployed.pop(name, None)
+        self._errors.pop(name, None)
+        if self._coordinator is not None:
+            await self._coordinator.remove(name)
+
+    async def close(self) -> None:
+        for name in list(self._deploying):
+            task = self._deploying.pop(name)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._coordinator is not None:
+            await self._coordinator.close()
+
+    # -- serve ------------------------------------------------------------------------------
+
+    async def infer(
+        self,
+        function: InferenceFunction,
+        body: bytes | memoryview,
+        *,
+        header_length: int | None,
+        deadline: float | None,
+    ) -> NodeReply:
+        """One KServe v2 request (as the client sent it) on a sharded function.
+
+        Raises :class:`~gpufaas.core.protocol.ProtocolError` for a bad request; every other
+        failure is a 503 answer naming the shard, the channel or the deploy step.
+        """
+        name = function.name
+        decoded = decode_request(bytes(body), header_length=header_length, limits=self.limits)
+        if len(decoded.inputs) != 1:
+            raise ProtocolError(f"{name} takes one input, got {len(decoded.inputs)}")
+        (array,) = decoded.inputs.values()
+        timeout_s = self.timeout_s if deadline is None else deadline - time.monotonic()
+        if timeout_s <= 0:
+            return _error(
+                504, f"the deadline of the request for {name!r} passed", "DeadlineExceeded"
+            )
+        try:
+            await asyncio.wait_for(self._ready(function), timeout=timeout_s)
+        except DeployFailed as e:
+            return _error(503, str(e), "ShardDeployFailed")
+        except TimeoutError:
+            return _error(
+                503, f"{name}'s shard set did not deploy within {timeout_s:.1f} s", "ShardDeploying"
+            )
+        assert self._coordinator is not None
+        widths = self._coordinator.sets[name].widths
+        if array.ndim != 2 or array.shape[1] != widths[0]:
+            raise ProtocolError(
+                f"{name} takes a (batch, {widths[0]}) input, got {list(array.shape)}"
+            )
+        timeout_s = self.timeout_s if deadline is None else deadline - time.monotonic()
+        try:
+            out = await self._coordinator.infer(name, array, timeout_s=max(timeout_s, 0.001))
+        except ShardFailed as e:
+            return _error(503, str(e), "ShardFailed")
+        except LaunchFailed as e:
+            return _error(503, str(e), "LaunchFailed")
+        except ChannelError as e:
+            channel = function.spec.parallelism.channel if function.spec.parallelism else "?"
+            return _error(503, f"{name}: the {channel} channel: {e}", "ChannelUnavailable")
+        payload, headers = encode_response(
+            model_name=name,
+            model_version=None,
+            request_id=decoded.id,
+            outputs={function.spec.outputs[0].name: (out, "FP32")},
+            binary=decoded.binary_outputs,
+        )
+        return NodeReply(200, {k.lower(): v for k, v in headers.items()}, payload)
+
+    async def _ready(self, function: InferenceFunction) -> None:
+        """Deployed with this spec on nodes that are all still healthy, or deploy it now."""
+        name = function.name
+        deployed = self._deployed.get(name)
+        if deployed is not None and deployed.spec == function.spec:
+            assert self._coordinator is not None
+            placed = {load.node for load in self._coordinator.sets[name].loads}
+            if placed <= set(self._nodes()[0]):
+                return
+        running = self._deploying.get(name)
+        if running is None or running.done():
+            running = self._start(function)  # never deployed, failed before, or re-place
+        await asyncio.shield(running)
+
+
+def check_net_fits(function: InferenceFunction, net: LayeredNet) -> None:
+    """The function's one input and output must fit the net's first and last widths."""
+    spec = function.spec
+    if len(spec.inputs) != 1 or len(spec.outputs) != 1:
+        raise DeployFailed(
+            f"{function.name}: a sharded function has one input and one output, "
+            f"not {len(spec.inputs)} and {len(spec.outputs)}"
+        )
+    for side, tensor, width in (("inputs", spec.inputs[0], net.widths[0]),
+                                ("outputs", spec.outputs[0], net.widths[-1])):  # fmt: skip
+        last = tensor.shape[-1] if tensor.shape else -1
+        if last not in (-1, width):
+            raise DeployFailed(
+                f"{function.name}: spec.{side}[0] {tensor.name!r} has last dimension {last}, "
+                f"but the model's is {width}"
+            )
+        if tensor.datatype != "FP32":
+            raise DeployFailed(
+                f"{function.name}: spec.{side}[0] must be FP32, not {tensor.datatype}"
+            )
+
+
+def _error(status: int, message: str, reason: str) -> NodeReply:
+    headers = {"content-type": "application/json", REASON_HEADER: reason, "retry-after": "1"}
+    return NodeReply(status, headers, json.dumps({"error": message}).encode())

@@ -3,9 +3,15 @@
 Per request, layer by layer (layers run one after another; shards within a layer run side
 by side, at most ``cores`` of them at once):
 
-    compute_l = c_nnz * batch * max(max_p nnz_lp, sum_p nnz_lp / cores) + c_layer
-    comm_l    = c_msg[channel] * max_p msgs_lp + c_byte[channel] * batch * 4 * max_p values_lp
+    turns     = max(1, shards / cores)
+    compute_l = c_nnz * batch * max(max_p nnz_lp, sum_p nnz_lp / cores) + c_layer * turns
+    comm_l    = c_msg[channel] * max(max_p msgs_lp, sum_p msgs_lp / cores)
+              + c_byte[channel] * batch * 4 * max(max_p values_lp, sum_p values_lp / cores)
     latency   = sum_l (compute_l + comm_l) + c_request[channel] * shards
+
+Handling a message (encoding, HTTP or NATS framing, decoding) and a layer's fixed cost are
+CPU work in the shards' processes, like the multiply-adds: when shards outnumber the cores
+they take turns, so the busiest shard's share is bounded below by the total over the cores.
 
 ``nnz_lp`` is shard p's weights in layer l, ``msgs_lp`` / ``values_lp`` the messages and
 activations it receives for layer l (taken from the partition, see :func:`profile`). A
@@ -54,10 +60,13 @@ class Profile:
     total_nnz: tuple[int, ...]
     max_messages: tuple[int, ...]
     max_values: tuple[int, ...]
+    total_messages: tuple[int, ...]
+    total_values: tuple[int, ...]
 
 
 def profile(net: LayeredNet, part: Partition) -> Profile:
     max_nnz, total_nnz, max_messages, max_values = [], [], [], []
+    total_messages, total_values = [], []
     for index, layer in enumerate(net.layers):
         src = part.owners[index][layer.cols]
         dst = part.owners[index + 1][layer.rows]
@@ -71,21 +80,33 @@ def profile(net: LayeredNet, part: Partition) -> Profile:
         total_nnz.append(int(nnz.sum()))
         max_messages.append(int(messages.max()))
         max_values.append(int(values.max()))
+        total_messages.append(int(messages.sum()))
+        total_values.append(int(values.sum()))
     return Profile(
-        part.shards, tuple(max_nnz), tuple(total_nnz), tuple(max_messages), tuple(max_values)
+        part.shards,
+        tuple(max_nnz),
+        tuple(total_nnz),
+        tuple(max_messages),
+        tuple(max_values),
+        tuple(total_messages),
+        tuple(total_values),
     )
 
 
 def predict(p: Profile, *, batch: int, channel: str, constants: Constants) -> float:
     """Predicted seconds per request."""
     cost = constants.channels[channel] if p.shards > 1 else ChannelCost(0.0, 0.0, 0.0)
+    cores = constants.cores
+    turns = max(1.0, p.shards / cores)  # shards beyond the cores take turns on them
     total = 0.0
-    for nnz, all_nnz, msgs, values in zip(
-        p.max_nnz, p.total_nnz, p.max_messages, p.max_values, strict=True
-    ):
-        work = max(nnz, all_nnz / constants.cores)
-        total += constants.per_nnz_s * batch * work + constants.per_layer_s
-        total += cost.per_message_s * msgs + cost.per_byte_s * batch * 4 * values
+    for nnz, all_nnz, msgs, all_msgs, values, all_values in zip(
+        p.max_nnz, p.total_nnz, p.max_messages, p.total_messages, p.max_values, p.total_values,
+        strict=True,
+    ):  # fmt: skip
+        total += constants.per_nnz_s * batch * max(nnz, all_nnz / cores)
+        total += constants.per_layer_s * turns
+        total += cost.per_message_s * max(msgs, all_msgs / cores)
+        total += cost.per_byte_s * batch * 4 * max(values, all_values / cores)
     return total + cost.per_request_s * p.shards
 
 

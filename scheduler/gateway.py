@@ -48,6 +48,7 @@ from gpufaas.core.http import (
     DEVICE_HEADER,
     EVICT_FIRST_HEADER,
     LOAD_MS_HEADER,
+    LOAD_SOURCE_HEADER,
     MODEL_BYTES_HEADER,
     REASON_HEADER,
     add_metrics_route,
@@ -76,9 +77,11 @@ from gpufaas.core.protocol import (
 )
 from gpufaas.scheduler.cluster import Cluster, Device, Node
 from gpufaas.scheduler.coldstart import HandlerActivator, handler_router
+from gpufaas.scheduler.coordinator import ShardedFunctions
 from gpufaas.scheduler.dispatch import DeviceGone, DeviceLoad, Dispatcher, Job, QueueFull
 from gpufaas.scheduler.estimates import Estimates
 from gpufaas.scheduler.policy import Decision, NoDevice, Policy, RouteRequest
+from gpufaas.scheduler.prefetch import PrefetchDriver
 from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
 
 if TYPE_CHECKING:
@@ -316,6 +319,10 @@ class Gateway:
         self.handler_activator: HandlerActivator | None = None
         # Scale-out (scheduler/replicas.py): set when this gateway is one of several replicas.
         self.replicas: Replicas | None = None
+        # Functions with spec.parallelism: shard sets over the managers (coordinator.py).
+        self.sharded = ShardedFunctions.for_cluster(self.cluster, limits=self.config.limits)
+        # Predictive residency (scheduler/prefetch.py: enable_prefetch), off unless attached.
+        self.prefetch: PrefetchDriver | None = None
 
     def _is_resident(self, device_key: str, model: str) -> bool:
         return self.cluster.directory.state(device_key, model) is Residency.RESIDENT
@@ -325,6 +332,7 @@ class Gateway:
     async def start(self) -> None:
         self._stopping = asyncio.Event()
         await self.sync()
+        self.sharded.deploy_all(self.functions.values())
         self._sync_task = asyncio.create_task(self._sync_forever(), name="gpufaas-sync")
         self._background_tasks = [asyncio.create_task(self._guard(run)) for run in self.background]
 
@@ -340,6 +348,7 @@ class Gateway:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.sharded.close()
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
         self.pools.clear()
         await self.cluster.close()
@@ -358,7 +367,8 @@ class Gateway:
             if await self.cluster.sync_node(node) and not was_healthy:
                 try:
                     await self.cluster.push_functions(
-                        node, {n: f.spec for n, f in self.functions.items()}
+                        node,
+                        {n: f.spec for n, f in self.functions.items() if not f.spec.parallelism},
                     )
                 except httpx.HTTPError as e:
                     logger.warning("could not push functions to %s: %s", node.name, e)
@@ -404,6 +414,8 @@ class Gateway:
     async def add_function(self, function: InferenceFunction) -> None:
         """:meth:`register`, and push the function to every healthy GPU manager."""
         self.register(function)
+        if function.spec.parallelism is not None:  # a shard set, not a model on one device
+            return await self.sharded.deploy(function)
         for node in self.cluster.nodes.values():
             if node.healthy:
                 try:
@@ -414,6 +426,7 @@ class Gateway:
     async def remove_function(self, name: str) -> None:
         self.functions.pop(name, None)
         self.model_bytes.pop(name, None)
+        await self.sharded.remove(name)
         await self.cluster.delete_function(name)
 
     def function(self, name: str) -> InferenceFunction | None:
@@ -440,9 +453,15 @@ class Gateway:
         Raises :class:`GatewayError` or :class:`~gpufaas.core.protocol.ProtocolError`.
         """
         function = self.require(name)
+        if self.prefetch is not None:
+            self.prefetch.observe(name)
         header = inspect_request(body, header_length=header_length, limits=self.config.limits)
         check_signature(header.signature(), function.spec.inputs)
         deadline = request_deadline(timeout_ms, header.parameters)
+        if function.spec.parallelism is not None:
+            return await self.sharded.infer(
+                function, body, header_length=header_length, deadline=deadline
+            )
         call = infer_call(name, body, header_length=header_length)
         return await self.forward(name, call, deadline=deadline)
 
@@ -654,6 +673,9 @@ class Gateway:
             return
         hit = headers.get(CACHE_HEADER) == "hit"
         self.metrics.child(self.metrics.cache, self.policy.name, "hit" if hit else "miss").inc()
+        if self.prefetch is not None:
+            source = headers.get(LOAD_SOURCE_HEADER)
+            self.prefetch.note_response(device.key, name, hit=hit, source=source)
         size = headers.get(MODEL_BYTES_HEADER)
         if size is not None:
             self.model_bytes[name] = int(size)

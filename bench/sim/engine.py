@@ -237,6 +237,8 @@ class Simulation:
                 self._sync()
                 if i < n:
                     self._at(t + self.config.sync_ms, _SYNC, None)
+            else:  # a subclass's own events (bench/sim/residency.py)
+                self._other_event(kind, a, b)
         return self._result(time.perf_counter() - started)
 
     def _arrive(self, request: _Request) -> None:
@@ -311,15 +313,25 @@ class Simulation:
             return
         size = request.model.profile.size_bytes
         # As the GPU manager does: the hinted victims first (if not in use), then LRU.
-        self.evictions += len(device.cache.make_room(size, prefer=request.evict_first))
+        self.evictions += len(self._make_room(device, size, request))
         device.cache.reserve(name, size_bytes=size)
-        load_ms = self._noisy(request.model.profile.load_ms)
+        load_ms = self._load_ms(device, request)
         request.load_ms = load_ms
         begin = max(self.now, device.copy_free_ms)
         device.copy_free_ms = begin + load_ms
         device.loading[name] = [request]
         self.loads += 1
         self._at(begin + load_ms, _LOAD_DONE, device, request)
+
+    # Hooks for subclasses (bench/sim/residency.py: tiers and residency policies).
+    def _make_room(self, device: _Device, size: int, request: _Request) -> list[Any]:
+        return device.cache.make_room(size, prefer=request.evict_first)
+
+    def _load_ms(self, device: _Device, request: _Request) -> float:
+        return self._noisy(request.model.profile.load_ms)
+
+    def _other_event(self, kind: int, a: Any, b: Any) -> None:
+        raise AssertionError(f"unknown event kind {kind}")
 
     def _load_done(self, device: _Device, loader: _Request) -> None:
         name = loader.model.name

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gpufaas.cache import ClusterDirectory, DeviceKind, DeviceSlot, best_fit, may_copy_between
+from gpufaas.cache.placement import fits_tighter
 
 GiB = 2**30
 
@@ -69,3 +70,11 @@ def test_the_directory_knows_each_devices_kind_and_plans_no_copy_with_slices() -
     assert directory.copy_sources("m", "n/gpu1") == []
     directory.remove_device("n/mig")
     assert not directory.has_slices
+
+
+@given(st.integers(1, 100), st.integers(1, 100), st.integers(1, 100))
+def test_only_a_strictly_smaller_fitting_budget_is_a_tighter_fit(a: int, b: int, n: int) -> None:
+    # Equal budgets must not count: a tie broken by id overrode LALB's least-waiting choice.
+    slot_a = DeviceSlot("n/1", DeviceKind.GPU, a)
+    slot_b = DeviceSlot("n/2", DeviceKind.GPU, b)
+    assert fits_tighter(slot_a, slot_b, n) == (n <= a < b)

@@ -91,6 +91,7 @@ class System:
                 sys.executable, "-m", "gpufaas.core.cli", "gateway",
                 "--managers", managers, "--functions", str(bundled_functions_dir()),
                 "--port", str(self.gateway_port), "--sync-interval", str(SYNC_INTERVAL_S),
+                "--grpc-port", "-1",  # no gRPC here: the default 8081 may be taken
             ],
             env=self.env,
             preexec_fn=die_with_parent,

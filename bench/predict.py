@@ -1,0 +1,479 @@
+"""Predictive residency: LRU + fixed keep-alive vs Azure's hybrid histogram vs ours, on orcbench.
+
+Each seed generates an orcbench trace (``python -m orcbench trace``, offline; modelled on the
+Azure Functions 2019 trace), maps its functions to model sizes (``bench/sim/trace.py``), and
+replays it in the LALB simulator with a host tier (``bench/sim/residency.py``) under each
+residency policy of ``gpufaas.cache.arrivals`` and parameter setting. It prints the trace's
+shape against the published Azure figures, a table per setting (mean and 95% interval over the
+seeds), the comparison at equal device memory-time, and writes a plot of cold starts against
+memory-time (one point per policy and setting).
+
+    python bench/predict.py                                  # the default sweep, 3 seeds
+    python bench/predict.py --seeds 1 --minutes 10 --quick   # a small smoke run
+    python bench/predict.py --json out.json --plot bench/predict-pareto.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import multiprocessing
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sim.engine import SimConfig
+from sim.residency import ResidencySimulation, TierConfig, catalogue_for, engine_trace
+from sim.trace import (
+    ServerlessTrace,
+    TraceError,
+    assign_models,
+    azure_tail,
+    generate_orcbench,
+    merge,
+    shape,
+    thin,
+)
+
+from gpufaas.cache.arrivals import make_policy
+
+# (label, policy name, parameters, prefetch on)
+SETTINGS: list[tuple[str, str, dict[str, float], bool]] = [
+    ("lru+ka-1min", "keepalive", {"keepalive_s": 60}, False),
+    ("lru+ka-3min", "keepalive", {"keepalive_s": 180}, False),
+    ("lru+ka-5min", "keepalive", {"keepalive_s": 300}, False),
+    ("lru+ka-10min", "keepalive", {"keepalive_s": 600}, False),
+    ("lru+ka-20min", "keepalive", {"keepalive_s": 1200}, False),
+    ("lru+ka-30min", "keepalive", {"keepalive_s": 1800}, False),
+    ("hybrid", "hybrid", {}, True),
+    ("ours-p0.001", "predictive", {"device_price": 0.001}, True),
+    ("ours-p0.003", "predictive", {"device_price": 0.003}, True),
+    ("ours-p0.01", "predictive", {"device_price": 0.01}, True),
+    ("ours-p0.03", "predictive", {"device_price": 0.03}, True),
+    ("ours-p0.1", "predictive", {"device_price": 0.1}, True),
+    ("ours-p0.3", "predictive", {"device_price": 0.3}, True),
+    ("ours-p1", "predictive", {"device_price": 1.0}, True),
+    ("ours-p3", "predictive", {"device_price": 3.0}, True),
+    # a function with under two arrivals kept as long as the hybrid's fallback (4 h)
+    (
+        "ours-p0.003-fb4h",
+        "predictive",
+        {"device_price": 0.003, "fallback_keepalive_s": 14400},
+        True,
+    ),
+    ("ours-p0.03-fb4h", "predictive", {"device_price": 0.03, "fallback_keepalive_s": 14400}, True),
+    ("ours-p0.1-noprefetch", "predictive", {"device_price": 0.1}, False),
+    ("ours-p0.01-noprefetch", "predictive", {"device_price": 0.01}, False),
+]
+ORCBENCH_SET = "lru+ka-1min,lru+ka-3min,lru+ka-10min,hybrid,ours-p0.03,ours-p0.1,ours-p0.3,ours-p0.1-noprefetch"
+HISTORY_HOURS = 4.0  # of the rare functions' arrivals, fed to the policy before the replay
+QUICK = {"lru+ka-10min", "hybrid", "ours-p0.1", "ours-p0.1-noprefetch"}
+
+
+def _trim(trace: ServerlessTrace, minutes: float) -> ServerlessTrace:
+    n = int((trace.arrival_s < minutes * 60).sum())
+    return ServerlessTrace(
+        trace.functions,
+        trace.clusters,
+        trace.arrival_s[:n],
+        trace.function[:n],
+        trace.runtime_ms[:n],
+    )
+
+
+def load_trace(job: dict[str, Any]) -> tuple[ServerlessTrace, list[tuple[int, float]]]:
+    """The trace to replay, and the arrivals seen before it (function index, seconds < 0).
+    With ``scale`` 0, only the Azure-shaped rare functions (``tail``)."""
+    if job["scale"] <= 0:
+        before, tail = azure_tail(
+            job["tail"], hours=job["minutes"] / 60, seed=job["seed"], history_hours=HISTORY_HOURS
+        )
+        history = [
+            (int(f), float(t)) for f, t in zip(before.function, before.arrival_s, strict=True)
+        ]
+        return tail, history
+    trace = _trim(
+        generate_orcbench(
+            Path(job["trace_file"]),
+            scale=job["scale"],
+            minutes=job["trace_minutes"],
+            seed=job["seed"],
+        ),
+        job["minutes"],
+    )
+    history: list[tuple[int, float]] = []
+    if job["tail"] > 0:
+        before, tail = azure_tail(
+            job["tail"], hours=job["minutes"] / 60, seed=job["seed"], history_hours=HISTORY_HOURS
+        )
+        offset = len(trace.functions)
+        history = [
+            (offset + int(f), float(t))
+            for f, t in zip(before.function, before.arrival_s, strict=True)
+        ]
+        trace = merge(trace, tail)
+    return trace, history
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    trace, history = load_trace(job)
+    weights = None
+    if job["max_per_hour"] > 0:
+        trace, weights = thin(trace, max_per_hour=job["max_per_hour"])
+    costs = assign_models(len(trace.functions), seed=job["seed"])
+    catalogue = catalogue_for(trace, costs)
+    policy = make_policy(job["policy"], **job["params"])
+    config = SimConfig(
+        devices=job["devices"],
+        capacity_bytes=job["capacity_bytes"],
+        concurrency=2,
+        eviction="lru",
+        seed=job["seed"],
+        sync_ms=5000.0,
+    )
+    tiers = TierConfig(
+        host_capacity_bytes=job["host_bytes"], tick_s=job["tick_s"], prefetch=job["prefetch"]
+    )
+    sim = ResidencySimulation(
+        policy,
+        catalogue,
+        costs,
+        engine_trace(trace),
+        config,
+        tiers,
+        weights=weights,
+        history=history,
+    )
+    report = sim.report()
+    report.update(label=job["label"], seed=job["seed"])
+    return report
+
+
+def _interval(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of a 95% t-interval (0 with one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(values), 2.26)
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_label.setdefault(r["label"], []).append(r)
+    summary = {}
+    for label, runs in by_label.items():
+        row: dict[str, Any] = {"policy": runs[0]["policy"], "seeds": len(runs)}
+        for key in (
+            "cold_start_ratio",
+            "device_gb_s",
+            "host_gb_s",
+            "p50_ms",
+            "p99_ms",
+            "warm_p99_ms",
+            "observe_us_mean",
+            "observe_us_p99",
+            "tick_us_per_request",
+        ):
+            row[key] = _interval([float(r[key]) for r in runs])
+        for tier in ("host", "artifact", "prefetch"):
+            row[f"cold_{tier}"] = _interval([r["cold_by_tier"][tier] for r in runs])
+        precision = [r["prefetch_precision"] for r in runs if r["prefetch_precision"] is not None]
+        row["prefetch_precision"] = _interval(precision) if precision else None
+        row["prefetches"] = statistics.fmean(r["prefetches"] for r in runs)
+        summary[label] = row
+    return summary
+
+
+def on_curve(label: str) -> bool:
+    """Settings that trace a policy's curve (not the ablations: no prefetch, another host price)."""
+    return "noprefetch" not in label and "-h" not in label
+
+
+def at_equal_memory(summary: dict[str, dict[str, Any]], prefix: str, x: float) -> float | None:
+    """Cold-start ratio of the ``prefix`` settings' curve at device memory-time ``x``
+    (linear interpolation between settings; None outside their range)."""
+    points = sorted(
+        (row["device_gb_s"][0], row["cold_start_ratio"][0])
+        for label, row in summary.items()
+        if label.startswith(prefix) and on_curve(label)
+    )
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    if points and any(abs(px - x) <= 1e-9 * max(1.0, x) for px, _ in points):
+        return next(py for px, py in points if abs(px - x) <= 1e-9 * max(1.0, x))
+    return None
+
+
+def comparisons(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for reference in ("lru+ka-10min", "hybrid"):
+        if reference not in summary:
+            continue
+        x = summary[reference]["device_gb_s"][0]
+        ours = at_equal_memory(summary, "ours", x)
+        base = summary[reference]["cold_start_ratio"][0]
+        out[reference] = {
+            "device_gb_s": x,
+            "reference_cold": base,
+            "ours_cold_at_equal_memory": ours,
+            "ratio": (ours / base) if ours is not None and base > 0 else None,
+        }
+    # The other way round: each of our settings against the baselines' curves at its memory.
+    for label, row in summary.items():
+        if not label.startswith("ours") or not on_curve(label):
+            continue
+        x, ours_cold = row["device_gb_s"][0], row["cold_start_ratio"][0]
+        for prefix in ("lru", "hybrid"):
+            base = at_equal_memory(summary, prefix, x)
+            out[f"{label}_vs_{prefix}_curve"] = {
+                "device_gb_s": x,
+                "ours_cold": ours_cold,
+                "baseline_cold_at_equal_memory": base,
+                "ratio": ours_cold / base if base else None,
+            }
+    for label in summary:
+        base = label.removesuffix("-noprefetch")
+        if label != base and base in summary:
+            on, off = summary[base]["warm_p99_ms"][0], summary[label]["warm_p99_ms"][0]
+            out[f"warm_p99_{base}_over_without_prefetch"] = on / off if off > 0 else None
+    return out
+
+
+def _fmt(cell: Any, scale: float = 1.0, digits: int = 4) -> str:
+    if cell is None:
+        return "-"
+    mean, half = cell
+    return f"{mean * scale:.{digits}g} ± {half * scale:.2g}"
+
+
+def table(summary: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| setting | cold-start ratio | from host | from artifact | on a prefetch | device GB·s |"
+        " host GB·s | p50 ms | p99 ms | warm p99 ms | prefetch precision | observe µs |",
+        "|" + " --- |" * 12,
+    ]
+    for label, row in summary.items():
+        lines.append(
+            f"| {label} | {_fmt(row['cold_start_ratio'])} | {_fmt(row['cold_host'])}"
+            f" | {_fmt(row['cold_artifact'])} | {_fmt(row['cold_prefetch'])}"
+            f" | {_fmt(row['device_gb_s'])} | {_fmt(row['host_gb_s'])}"
+            f" | {_fmt(row['p50_ms'])} | {_fmt(row['p99_ms'])} | {_fmt(row['warm_p99_ms'])}"
+            f" | {_fmt(row['prefetch_precision'])} | {_fmt(row['observe_us_mean'], digits=3)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, dict[str, Any]], path: Path, *, workload: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for prefix, marker, name in (
+        ("lru", "o", "LRU + fixed keep-alive"),
+        ("hybrid", "s", "hybrid histogram (Azure)"),
+        ("ours", "^", "ours (predictive)"),
+    ):
+        rows = sorted(
+            (
+                (label, row)
+                for label, row in summary.items()
+                if label.startswith(prefix) and on_curve(label)
+            ),
+            key=lambda item: item[1]["device_gb_s"][0],
+        )
+        xs = [row["device_gb_s"][0] / 1000 for _, row in rows]
+        ys = [row["cold_start_ratio"][0] for _, row in rows]
+        es = [row["cold_start_ratio"][1] for _, row in rows]
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=es,
+            marker=marker,
+            label=name,
+            capsize=3,
+            linestyle="-" if prefix != "hybrid" else "none",
+        )
+        for (label, _), x, y in zip(rows, xs, ys, strict=True):
+            ax.annotate(
+                label.split("-", 1)[-1],
+                (x, y),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("device memory-time (TB·s)")
+    ax.set_ylabel("cold-start ratio (requests that waited for a load)")
+    ax.set_title(f"Cold starts against device memory-time ({workload}, LALB simulator)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def prediction_cost(
+    *, functions: int = 1000, requests: int = 200_000, seed: int = 0
+) -> dict[str, float]:
+    """Gateway CPU per request for each policy's ``observe`` (the request path), and per call of
+    ``advise`` (the background tick), in microseconds: batches of 1,000 timed together (the
+    timer costs more than one call), GC paused; the median batch (and the worst, for observe:
+    on a shared machine that is the scheduler's noise, not the policy's work)."""
+    import gc
+    import time
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    names = [f"fn-{i:04d}" for i in range(functions)]
+    picks = rng.zipf(1.3, size=requests) % functions
+    times = np.cumsum(rng.exponential(0.004, size=requests))
+    out: dict[str, float] = {}
+    for label in ("keepalive", "hybrid", "predictive"):
+        policy = make_policy(label)
+        batches = []
+        gc.disable()
+        for start in range(0, requests, 1000):
+            tic = time.perf_counter_ns()
+            for i in range(start, min(requests, start + 1000)):
+                policy.observe(names[picks[i]], float(times[i]))
+            batches.append((time.perf_counter_ns() - tic) / 1000 / 1000)
+        now = float(times[-1])
+        rounds = []
+        for _ in range(5):  # batches of 100 calls over every function; the median batch
+            for start in range(0, len(names), 100):
+                tic = time.perf_counter_ns()
+                for name in names[start : start + 100]:
+                    policy.advise(
+                        name, now + 5.0, size_bytes=2 * 10**9, reload_ms=500.0, tier="device"
+                    )
+                rounds.append((time.perf_counter_ns() - tic) / 1000 / 100)
+        advise_us = float(np.median(rounds))
+        gc.enable()
+        out[f"{label}_observe_us_p50"] = float(np.median(batches))
+        out[f"{label}_observe_us_max"] = float(np.max(batches))
+        out[f"{label}_advise_us"] = advise_us
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (trace, sizes, sim)")
+    p.add_argument("--scale", type=float, default=0.05, help="orcbench --scale (0: no orcbench)")
+    p.add_argument("--minutes", type=float, default=60.0, help="simulated minutes replayed")
+    p.add_argument("--devices", type=int, default=12)
+    p.add_argument("--capacity-gb", type=float, default=80.0, help="per device")
+    p.add_argument("--host-gb", type=float, default=512.0, help="host tier per node (8 devices)")
+    p.add_argument("--tick-s", type=float, default=5.0, help="residency decisions every")
+    p.add_argument(
+        "--max-per-hour",
+        type=float,
+        default=2000.0,
+        help="thin functions invoked more often (weighted; 0: replay every request)",
+    )
+    p.add_argument(
+        "--tail",
+        type=int,
+        default=0,
+        help="add this many Azure-shaped rare functions (timers, sporadic) orcbench lacks",
+    )
+    p.add_argument("--quick", action="store_true", help=f"only {sorted(QUICK)}")
+    p.add_argument("--only", default="", help="comma-separated setting labels")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--trace-dir", default=str(Path(tempfile.gettempdir()) / "gpufaas-orcbench"))
+    p.add_argument("--cost", action="store_true", help="only measure the prediction's CPU cost")
+    p.add_argument(
+        "--from-json",
+        default="",
+        help="comma-separated --json files of earlier runs: summarise and plot those, no simulation",
+    )
+    p.add_argument("--workload", default="", help="the plot's name for the workload")
+    p.add_argument("--json", help="write all runs and the summary here")
+    p.add_argument("--plot", help="write the cold-start / memory-time plot here (PNG)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except TraceError as e:
+        print(f"bench/predict.py: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cost:
+        print(json.dumps(prediction_cost(), indent=1))
+        return 0
+    if args.from_json:
+        runs = [
+            r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())["runs"]
+        ]
+        report(runs, args)
+        return 0
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    wanted = {s for s in args.only.split(",") if s} or (QUICK if args.quick else None)
+    settings = [s for s in SETTINGS if wanted is None or s[0] in wanted]
+    trace_minutes = max(1, math.ceil(args.minutes))
+    jobs = []
+    for seed in seeds:
+        trace_file = Path(args.trace_dir) / f"orc-s{args.scale}-m{trace_minutes}-seed{seed}.csv"
+        base = {
+            "seed": seed,
+            "trace_file": str(trace_file),
+            "scale": args.scale,
+            "trace_minutes": trace_minutes,
+            "minutes": args.minutes,
+            "devices": args.devices,
+            "capacity_bytes": int(args.capacity_gb * 1e9),
+            "host_bytes": int(args.host_gb * 1e9),
+            "tick_s": args.tick_s,
+            "max_per_hour": args.max_per_hour,
+            "tail": args.tail,
+        }
+        stats = shape(load_trace(base)[0])
+        print(f"seed {seed}: trace shape", json.dumps({k: round(v, 4) for k, v in stats.items()}))
+        for label, name, params, prefetch in settings:
+            jobs.append(
+                {**base, "label": label, "policy": name, "params": params, "prefetch": prefetch}
+            )
+    results = []
+    with multiprocessing.get_context("spawn").Pool(max(1, args.workers)) as pool:
+        for result in pool.imap_unordered(run_one, jobs, chunksize=1):
+            brief = {k: result[k] for k in ("label", "seed", "cold_start_ratio", "device_gb_s")}
+            print("done", json.dumps(brief), f"{result['wall_s']:.0f} s", flush=True)
+            results.append(result)
+    order = {(job["label"], job["seed"]): i for i, job in enumerate(jobs)}
+    results.sort(key=lambda r: order[(r["label"], r["seed"])])
+    report(results, args)
+    return 0
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    summary = summarise(results)
+    print(table(summary))
+    compared = comparisons(summary)
+    print(json.dumps(compared, indent=2))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"runs": results, "summary": summary, "comparisons": compared}, indent=1)
+        )
+    if args.plot:
+        workload = args.workload or (
+            "orcbench" if args.scale > 0 else "Azure-shaped rare functions"
+        )
+        plot(summary, Path(args.plot), workload=workload)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

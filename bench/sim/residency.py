@@ -1,0 +1,464 @@
+"""The LALB simulator with a host tier and a residency policy: keep-alive, pre-warm, demote.
+
+:class:`ResidencySimulation` is :class:`sim.engine.Simulation` (the real LALB policy, dispatch
+queues, estimates and cluster directory) plus what a node does with the policies of
+:mod:`gpufaas.cache.arrivals`, the same code the gateway's prefetch driver runs:
+
+* every request is fed to the policy (``observe``) at arrival, as the gateway does;
+* a device miss loads from the node's host tier if the model is there (PCIe only), else from
+  the artifact (artifact -> host -> device, filling the host tier on the way);
+* every ``tick_s`` the policy is asked about each model (``advise``): a device copy it no
+  longer wants is demoted to the host tier, a host copy it no longer wants is dropped (the
+  baselines keep the host tier as a plain LRU, as the GPU manager does today), and a model it
+  wants before its request is prefetched;
+* a prefetch has the lowest priority: it only uses free bytes (it never evicts), and a
+  request's load takes the copy engine from it (the prefetch resumes after);
+* when a request's load must evict, the policy orders the victims (``victim_order``; an empty
+  order is LRU).
+
+Metrics beyond the engine's: requests that waited for a load by the tier it came from (host,
+artifact, or an in-flight prefetch), device and host memory-time (GB-s: bytes held x time,
+loading included), prefetch precision (prefetches used by a request before their eviction),
+warm-request latency, and the policy's cost per request at the gateway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gpufaas.cache import ByteLRU, CacheError, EntryState
+from gpufaas.cache.arrivals import Candidate, ResidencyPolicy
+
+from .engine import SimConfig, Simulation, _Device, _Request
+from .trace import ModelCosts, ServerlessTrace
+from .workload import Model, ModelProfile, Trace
+
+_TICK, _PREFETCH_DONE, _HOST_FETCH_DONE = 11, 12, 13
+SAMPLE = 32  # eviction candidates ranked by the policy per load
+
+
+@dataclasses.dataclass(frozen=True)
+class TierConfig:
+    host_capacity_bytes: int = 1024 * 10**9  # per node
+    tick_s: float = 5.0
+    prefetch: bool = True
+
+
+@dataclasses.dataclass
+class _Prefetch:
+    device: _Device
+    name: str
+    done_ms: float
+    generation: int = 0
+
+
+def catalogue_for(trace: ServerlessTrace, costs: list[ModelCosts]) -> list[Model]:
+    """Engine models for a trace: one per function, loading from the artifact by default."""
+    return [
+        Model(
+            name=f"fn-{i:04d}",
+            profile=ModelProfile(
+                kind="orcbench",
+                size_bytes=c.size_bytes,
+                load_ms=c.artifact_to_device_ms,
+                infer_ms=c.infer_ms,
+            ),
+            slo_ms=2 * (c.artifact_to_device_ms + c.infer_ms),
+        )
+        for i, c in enumerate(costs)
+    ]
+
+
+def engine_trace(trace: ServerlessTrace) -> Trace:
+    start = trace.arrival_s[0] if len(trace) else 0.0
+    return Trace(arrival_ms=(trace.arrival_s - start) * 1000.0, model=trace.function.copy())
+
+
+class ResidencySimulation(Simulation):
+    def __init__(
+        self,
+        policy: ResidencyPolicy,
+        catalogue: list[Model],
+        costs: list[ModelCosts],
+        trace: Trace,
+        config: SimConfig,
+        tiers: TierConfig,
+        weights: npt.NDArray[np.float64] | None = None,
+        history: Sequence[tuple[int, float]] = (),
+    ) -> None:
+        super().__init__("lalb", catalogue, trace, config)
+        # each request stands for this many of the original trace (bench/sim/trace.py: thin)
+        self.weights = np.ones(len(trace)) if weights is None else weights
+        self.residency = policy
+        for function, t_s in history:  # what the gateway saw before (its persisted state)
+            policy.observe(catalogue[function].name, t_s)
+        self.tiers = tiers
+        self.costs = {m.name: c for m, c in zip(catalogue, costs, strict=True)}
+        self.nodes = sorted({d.key.split("/")[0] for d in self.devices})
+        self.host: dict[str, ByteLRU[None]] = {
+            n: ByteLRU(capacity_bytes=tiers.host_capacity_bytes) for n in self.nodes
+        }
+        self.device_since: dict[tuple[str, str], float] = {}
+        self.host_since: dict[tuple[str, str], float] = {}
+        self.device_byte_ms = 0.0
+        self.host_byte_ms = 0.0
+        self.tier_of: dict[int, str] = {}  # request index -> where its load came from
+        self.loading_tier: dict[tuple[str, str], str] = {}
+        self.last_device: dict[str, _Device] = {}
+        self.prefetches: dict[tuple[str, str], _Prefetch] = {}
+        self.prefetched: set[tuple[str, str]] = set()  # prefetched, not yet used
+        self.host_fetching: set[tuple[str, str]] = set()
+        self.prefetch_started = self.prefetch_used = self.prefetch_wasted = 0
+        self.prefetch_failed = 0
+        self.demotions = self.releases = 0
+        self.observe_ns: list[int] = []
+        self.tick_ns = 0
+        self.last_arrival_ms = float(trace.arrival_ms[-1]) if len(trace) else 0.0
+        # memory-time is counted from the end of the warm-up, as the other metrics are
+        skip = int(len(trace) * config.warmup_fraction)
+        self.measure_from_ms = float(trace.arrival_ms[skip]) if skip < len(trace) else 0.0
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _node(self, device: _Device) -> str:
+        return device.key.split("/")[0]
+
+    def _device_in(self, device: _Device, name: str, size: int) -> None:
+        self.device_since[(device.key, name)] = self.now
+        del size
+
+    def _device_out(self, device: _Device, name: str, size: int) -> None:
+        since = self.device_since.pop((device.key, name), None)
+        if since is not None:
+            self.device_byte_ms += size * max(0.0, self.now - max(since, self.measure_from_ms))
+        if (device.key, name) in self.prefetched:
+            self.prefetched.discard((device.key, name))
+            self.prefetch_wasted += 1
+        with_host = self.host[self._node(device)]
+        if name not in with_host:
+            self._host_put(self._node(device), name, size)
+
+    def _host_put(self, node: str, name: str, size: int) -> bool:
+        host = self.host[node]
+        if name in host:
+            host.touch(name)
+            return True
+        try:
+            candidates = [
+                Candidate(e.key, e.size_bytes, self.costs[e.key].artifact_to_host_ms)
+                for e in host.entries_lru()
+                if not e.pinned
+            ]
+            prefer = self.residency.victim_order(candidates, self.now / 1000) if candidates else []
+            for victim in host.make_room(size, prefer=prefer):
+                self._host_out(node, victim.key, victim.size_bytes)
+            host.put(name, None, size_bytes=size)
+        except CacheError:
+            return False
+        self.host_since[(node, name)] = self.now
+        return True
+
+    def _host_out(self, node: str, name: str, size: int) -> None:
+        since = self.host_since.pop((node, name), None)
+        if since is not None:
+            self.host_byte_ms += size * max(0.0, self.now - max(since, self.measure_from_ms))
+
+    def _reload_ms(self, node: str, name: str) -> float:
+        c = self.costs[name]
+        return c.host_to_device_ms if name in self.host[node] else c.artifact_to_device_ms
+
+    # -- engine hooks --------------------------------------------------------------------------
+
+    def _arrive(self, request: _Request) -> None:
+        gc.disable()
+        tic = time.perf_counter_ns()
+        self.residency.observe(request.model.name, self.now / 1000)
+        self.observe_ns.append(time.perf_counter_ns() - tic)
+        gc.enable()
+        super()._arrive(request)
+
+    def _start(self, device: _Device, request: _Request) -> None:
+        name = request.model.name
+        entry = device.cache.peek(name)
+        if entry is not None and entry.state is EntryState.LOADING:
+            self.tier_of[request.index] = self.loading_tier.get((device.key, name), "artifact")
+        if (device.key, name) in self.prefetched:
+            self.prefetched.discard((device.key, name))
+            self.prefetch_used += 1
+        self.last_device[name] = device
+        super()._start(device, request)
+
+    def _make_room(self, device: _Device, size: int, request: _Request) -> list[Any]:
+        node = self._node(device)
+        # As LRB (NSDI'20) does: rank a sample of candidates, here the SAMPLE least recently
+        # used; whatever the ranking does not free, LRU frees.
+        candidates = []
+        for e in device.cache.entries_lru():
+            if not e.pinned:
+                candidates.append(Candidate(e.key, e.size_bytes, self._reload_ms(node, e.key)))
+                if len(candidates) >= SAMPLE:
+                    break
+        prefer = self.residency.victim_order(candidates, self.now / 1000) if candidates else []
+        if not prefer:
+            prefer = request.evict_first
+        evicted = device.cache.make_room(size, prefer=prefer)
+        for e in evicted:
+            self._device_out(device, e.key, e.size_bytes)
+            with _quiet():
+                self.directory.note_evicted(device.key, e.key)
+        # A request's load takes the copy engine: running prefetches on it resume afterwards.
+        return evicted
+
+    def _load_ms(self, device: _Device, request: _Request) -> float:
+        name = request.model.name
+        node = self._node(device)
+        c = self.costs[name]
+        if name in self.host[node]:
+            tier, mean = "host", c.host_to_device_ms
+            self.host[node].touch(name)
+        else:
+            tier, mean = "artifact", c.artifact_to_device_ms
+        self.tier_of[request.index] = tier
+        self.loading_tier[(device.key, name)] = tier
+        self._device_in(device, name, c.size_bytes)
+        load_ms = self._noisy(mean)
+        self._delay_prefetches(device, load_ms)
+        return load_ms
+
+    def _load_done(self, device: _Device, loader: _Request) -> None:
+        super()._load_done(device, loader)
+        name = loader.model.name
+        self.loading_tier.pop((device.key, name), None)
+        node = self._node(device)
+        if name not in self.host[node]:  # the load filled the host tier on its way
+            self._host_put(node, name, loader.model.profile.size_bytes)
+
+    def _other_event(self, kind: int, a: Any, b: Any) -> None:
+        if kind == _TICK:
+            tic = time.perf_counter_ns()
+            self._tick()
+            self.tick_ns += time.perf_counter_ns() - tic
+            if self.now < self.last_arrival_ms:
+                self._at(self.now + self.tiers.tick_s * 1000, _TICK, None)
+        elif kind == _PREFETCH_DONE:
+            self._prefetch_done(a, b)
+        elif kind == _HOST_FETCH_DONE:
+            node, name = a
+            self.host_fetching.discard((node, name))
+            self._host_put(node, name, self.costs[name].size_bytes)
+        else:
+            super()._other_event(kind, a, b)
+
+    # -- the policy's periodic pass --------------------------------------------------------------
+
+    def run(self) -> Any:
+        self._at(self.tiers.tick_s * 1000, _TICK, None)
+        return super().run()
+
+    def _tick(self) -> None:
+        now_s = self.now / 1000
+        policy = self.residency
+        on_device: set[str] = set()
+        for device in self.devices:
+            node = self._node(device)
+            for e in device.cache.entries_lru():
+                on_device.add(e.key)
+                if e.pinned:
+                    continue
+                advice = policy.advise(
+                    e.key,
+                    now_s,
+                    size_bytes=e.size_bytes,
+                    reload_ms=self._reload_ms(node, e.key),
+                    tier="device",
+                )
+                if not advice.keep:
+                    device.cache.evict(e.key)
+                    self._device_out(device, e.key, e.size_bytes)
+                    with _quiet():
+                        self.directory.note_evicted(device.key, e.key)
+                    self.demotions += 1
+        for node, host in self.host.items():
+            for e in host.entries_lru():
+                if e.pinned or e.key in on_device:
+                    continue
+                c = self.costs[e.key]
+                advice = policy.advise(
+                    e.key,
+                    now_s,
+                    size_bytes=e.size_bytes,
+                    reload_ms=c.artifact_to_host_ms,
+                    tier="host",
+                )
+                # The baselines hold the host tier as a plain LRU (today's GPU manager).
+                if not advice.keep and advice.reason == "cost":
+                    host.evict(e.key)
+                    self._host_out(node, e.key, e.size_bytes)
+                    self.releases += 1
+        if self.tiers.prefetch and policy.may_prefetch:
+            self._prefetch_pass(now_s, on_device)
+
+    def _prefetch_pass(self, now_s: float, on_device: set[str]) -> None:
+        policy = self.residency
+        for model in self.catalogue:
+            name = model.name
+            if name in on_device or name not in self.last_device:
+                continue
+            device = self.last_device[name]
+            node = self._node(device)
+            c = self.costs[name]
+            advice = policy.advise(
+                name,
+                now_s,
+                size_bytes=c.size_bytes,
+                reload_ms=self._reload_ms(node, name),
+                tier="device",
+            )
+            if advice.prefetch:
+                self._start_prefetch(device, name)
+            elif name not in self.host[node] and (node, name) not in self.host_fetching:
+                host_advice = policy.advise(
+                    name,
+                    now_s,
+                    size_bytes=c.size_bytes,
+                    reload_ms=c.artifact_to_host_ms,
+                    tier="host",
+                )
+                if host_advice.prefetch and self.host[node].free_bytes >= c.size_bytes:
+                    self.host_fetching.add((node, name))
+                    self._at(
+                        self.now + self._noisy(c.artifact_to_host_ms),
+                        _HOST_FETCH_DONE,
+                        (node, name),
+                    )
+
+    def _start_prefetch(self, device: _Device, name: str) -> None:
+        """Load ``name`` onto ``device`` into free bytes only; a request's load goes first."""
+        c = self.costs[name]
+        target = device
+        if target.cache.free_bytes < c.size_bytes:  # lowest priority: never evict for it
+            roomy = max(self.devices, key=lambda d: d.cache.free_bytes)
+            if roomy.cache.free_bytes < c.size_bytes:
+                self.prefetch_failed += 1
+                return
+            target = roomy
+        node = self._node(target)
+        tier = "host" if name in self.host[node] else "artifact"
+        mean = c.host_to_device_ms if tier == "host" else c.artifact_to_device_ms
+        target.cache.reserve(name, size_bytes=c.size_bytes)
+        target.loading[name] = []
+        self.loading_tier[(target.key, name)] = "prefetch"
+        self._device_in(target, name, c.size_bytes)
+        with _quiet():
+            self.directory.note_dispatch(target.key, name, size_bytes=c.size_bytes)
+        begin = max(self.now, target.copy_free_ms)
+        job = _Prefetch(device=target, name=name, done_ms=begin + self._noisy(mean))
+        self.prefetches[(target.key, name)] = job
+        self.prefetch_started += 1
+        self._at(job.done_ms, _PREFETCH_DONE, job, job.generation)
+
+    def _delay_prefetches(self, device: _Device, load_ms: float) -> None:
+        for (key, _), job in self.prefetches.items():
+            if key == device.key and job.done_ms > self.now:
+                job.done_ms += load_ms
+                job.generation += 1
+                self._at(job.done_ms, _PREFETCH_DONE, job, job.generation)
+
+    def _prefetch_done(self, job: _Prefetch, generation: int) -> None:
+        if generation != job.generation:
+            return  # superseded: a request's load pushed it back
+        device, name = job.device, job.name
+        del self.prefetches[(device.key, name)]
+        self.loading_tier.pop((device.key, name), None)
+        c = self.costs[name]
+        device.cache.commit(name, None)
+        waiting = device.loading.pop(name)
+        for request in waiting:
+            device.cache.pin(name)
+            self._to_compute(device, request)
+        device.cache.unpin(name)
+        if waiting:
+            self.prefetch_used += 1
+        else:
+            self.prefetched.add((device.key, name))
+        with _quiet():
+            self.directory.note_loaded(device.key, name, size_bytes=c.size_bytes)
+        node = self._node(device)
+        if name not in self.host[node]:
+            self._host_put(node, name, c.size_bytes)
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        result = self.run()
+        start = self.measure_from_ms
+        for (_, name), since in list(self.device_since.items()):
+            self.device_byte_ms += self.costs[name].size_bytes * (self.now - max(since, start))
+        for (_, name), since in list(self.host_since.items()):
+            self.host_byte_ms += self.costs[name].size_bytes * (self.now - max(since, start))
+        skip = int(len(self.trace) * self.config.warmup_fraction)
+        measured = [r for r in self.done if r.index >= skip]
+        w = self.weights[[r.index for r in measured]]
+        tiers = {"host": 0.0, "artifact": 0.0, "prefetch": 0.0}
+        for r, weight in zip(measured, w, strict=True):
+            if not r.hit:
+                tiers[self.tier_of.get(r.index, "artifact")] += weight
+        latency = np.asarray([r.end_ms - r.arrival_ms for r in measured])
+        hit = np.asarray([r.hit for r in measured], dtype=bool)
+        observe = np.asarray(self.observe_ns, dtype=float) / 1000
+        n = max(1e-9, float(w.sum()))
+        cold = sum(tiers.values())
+        finished = self.prefetch_used + self.prefetch_wasted
+        return {
+            "policy": self.residency.name,
+            "requests": len(measured),
+            "weighted_requests": float(w.sum()),
+            "cold_start_ratio": cold / n,
+            "cold_by_tier": {k: v / n for k, v in tiers.items()},
+            "device_gb_s": self.device_byte_ms / 1e12,
+            "host_gb_s": self.host_byte_ms / 1e12,
+            "p50_ms": weighted_percentile(latency, w, 50),
+            "p99_ms": weighted_percentile(latency, w, 99),
+            "warm_p99_ms": weighted_percentile(latency[hit], w[hit], 99),
+            "prefetches": self.prefetch_started,
+            "prefetch_used": self.prefetch_used,
+            "prefetch_precision": self.prefetch_used / finished if finished else None,
+            "prefetch_no_room": self.prefetch_failed,
+            "demotions": self.demotions,
+            "host_releases": self.releases,
+            "loads": result.loads,
+            "evictions": result.evictions,
+            "observe_us_mean": float(observe.mean()) if len(observe) else 0.0,
+            "observe_us_p99": float(np.percentile(observe, 99)) if len(observe) else 0.0,
+            "tick_us_per_request": self.tick_ns / 1000 / max(1, len(self.trace)),
+            "wall_s": result.wall_s,
+        }
+
+
+def weighted_percentile(
+    values: npt.NDArray[np.float64], weights: npt.NDArray[np.float64], q: float
+) -> float:
+    """The ``q``-th percentile of ``values`` where each counts ``weights`` times."""
+    if len(values) == 0:
+        return 0.0
+    order = np.argsort(values)
+    cumulative = np.cumsum(weights[order])
+    rank = q / 100 * cumulative[-1]
+    return float(values[order][min(len(values) - 1, int(np.searchsorted(cumulative, rank)))])
+
+
+class _quiet:
+    """Ignore the directory's view being full: the next sync corrects it (as the gateway)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, value: object, tb: object) -> bool:
+        return isinstance(value, CacheError)

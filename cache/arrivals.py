@@ -1,0 +1,610 @@
+"""Per-function arrival models and the residency decisions they drive (pure: no I/O, no clock).
+
+The gateway sees every request; feeding each arrival to a model here (:meth:`observe`) lets it
+predict when a function will be asked for again, and so which models are worth keeping on a
+device, worth demoting to host memory, or worth loading before their request arrives. Three
+policies share one interface (:class:`ResidencyPolicy`), so the simulator and the gateway's
+prefetch driver run the same decisions:
+
+* :class:`FixedKeepAlive`: keep a model for a fixed time after its last request (AWS Lambda uses
+  10 minutes, Azure Functions 20); never prefetch. Under memory pressure: LRU.
+* :class:`HybridHistogram`: Azure Functions' production policy (Shahrad et al., ATC'20,
+  "Serverless in the Wild"), as published: a histogram of idle times over 4 hours in 1-minute
+  bins; pre-warm at the 5th percentile and keep alive until the 99th, each with a 10% margin;
+  a fixed keep-alive when the histogram is not representative (too few samples, or a bin-count
+  coefficient of variation under 2); a time-series forecast of the next idle time when most
+  idle times fall outside the range. docs/prediction.md lists where we depart from the paper.
+* :class:`PredictivePolicy` (ours): a decayed histogram of inter-arrival gaps on a log scale
+  (0.1 s to 4 h), a periodicity detector, and a cost-aware rule: keep (or prefetch) a model while
+  the expected load time saved, ``P(arrival within the horizon | idle so far) x reload_ms``,
+  is at least what holding it costs, ``price x GB x horizon``; evict by predicted value per
+  byte (a learned approximation of Belady's rule).
+
+Times are seconds on one clock chosen by the caller. To survive a restart, the caller uses wall
+time and persists :meth:`snapshot`; :meth:`restore` takes it back (the I/O is the caller's).
+A function with no history (fewer than two arrivals) gets each policy's documented fallback.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+GB = 1e9
+MINUTE = 60.0
+HOUR = 3600.0
+SNAPSHOT_VERSION = 1
+
+
+class ArrivalError(ValueError):
+    """A snapshot or a parameter the models cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Advice:
+    """What to do with one function's model in one tier now.
+
+    ``keep``: if it is there, keep it (False: release or demote it). ``prefetch``: if it is not
+    there, load it now, ahead of a predicted request. ``reason`` names the rule that decided.
+    """
+
+    keep: bool
+    prefetch: bool
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A resident model that could be evicted: its bytes and what reloading it would cost."""
+
+    function: str
+    size_bytes: int
+    reload_ms: float
+
+
+class ResidencyPolicy(Protocol):
+    name: str
+    may_prefetch: bool  # False: advise() never says prefetch (callers skip asking)
+
+    def observe(self, function: str, now_s: float) -> None: ...
+
+    def advise(
+        self, function: str, now_s: float, *, size_bytes: int, reload_ms: float, tier: str
+    ) -> Advice: ...
+
+    def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    def restore(self, state: Mapping[str, Any]) -> None: ...
+
+
+def _finite(value: float, what: str, *, minimum: float = 0.0) -> float:
+    if not math.isfinite(value) or value < minimum:
+        raise ArrivalError(f"{what} must be a finite number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+class _LastSeen:
+    """Each function's last arrival; arrivals out of order (an older time) are ignored."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+
+    def gap(self, function: str, now_s: float) -> float | None:
+        """Record an arrival; return the gap since the previous one (None: first, or stale)."""
+        previous = self.last.get(function)
+        if previous is not None and now_s < previous:
+            return None
+        self.last[function] = now_s
+        return None if previous is None else now_s - previous
+
+    def idle(self, function: str, now_s: float) -> float | None:
+        previous = self.last.get(function)
+        return None if previous is None else max(0.0, now_s - previous)
+
+
+# -- the fixed keep-alive --------------------------------------------------------------------------
+
+
+class FixedKeepAlive:
+    """Keep a model ``keepalive_s`` after its last request; evict least-recently used first."""
+
+    def __init__(self, *, keepalive_s: float = 10 * MINUTE) -> None:
+        self.keepalive_s = _finite(keepalive_s, "keepalive_s")
+        self.name = f"keepalive-{keepalive_s / MINUTE:g}min"
+        self.may_prefetch = False
+        self._seen = _LastSeen()
+
+    def observe(self, function: str, now_s: float) -> None:
+        self._seen.gap(function, now_s)
+
+    def advise(
+        self, function: str, now_s: float, *, size_bytes: int, reload_ms: float, tier: str
+    ) -> Advice:
+        idle = self._seen.idle(function, now_s)
+        keep = idle is not None and idle <= self.keepalive_s
+        return Advice(keep=keep, prefetch=False, reason="keepalive")
+
+    def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]:
+        return []  # LRU
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"version": SNAPSHOT_VERSION, "kind": "fixed", "last": dict(self._seen.last)}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        _check_snapshot(state, "fixed")
+        self._seen.last = {str(k): float(v) for k, v in state["last"].items()}
+
+
+def _check_snapshot(state: Mapping[str, Any], kind: str) -> None:
+    if not isinstance(state, Mapping) or state.get("version") != SNAPSHOT_VERSION:
+        raise ArrivalError(f"not an arrival-model snapshot of version {SNAPSHOT_VERSION}")
+    if state.get("kind") != kind:
+        raise ArrivalError(f"snapshot is of a {state.get('kind')!r} model, not {kind!r}")
+
+
+# -- Azure's hybrid histogram ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """A function's windows after its last request: unloaded until ``prewarm_s`` (0: never
+    unloaded), then loaded for ``keepalive_s``. ``source`` is the rule that set them."""
+
+    prewarm_s: float
+    keepalive_s: float
+    source: str
+
+    def loaded(self, idle_s: float) -> bool:
+        return self.prewarm_s <= idle_s <= self.prewarm_s + self.keepalive_s
+
+
+@dataclasses.dataclass
+class _IdleHistogram:
+    counts: list[int]
+    oob: list[float]  # the latest idle times beyond the range (for the forecast)
+    total: int = 0
+    oob_total: int = 0
+
+
+class HybridHistogram:
+    """The hybrid histogram policy of Shahrad et al. (ATC'20), as published.
+
+    Per function, a histogram of idle times (here: the gaps between request arrivals) in
+    ``bin_s`` bins over ``range_s``. After each request:
+
+    * if most idle times (> ``oob_fraction``) were beyond the range: forecast the next one
+      (:func:`forecast_idle`, an AR(1) on log idle times standing in for the paper's ARIMA) and
+      pre-warm at 85% of it, keeping alive for 30% of it (15% either side);
+    * else if the histogram is representative (at least ``min_samples`` idle times and a
+      coefficient of variation of its bin counts of at least ``cv_threshold``): pre-warm at the
+      ``head`` percentile minus ``margin``, keep alive until the ``tail`` percentile plus
+      ``margin``; a pre-warm window under one bin is 0 (the model stays loaded);
+    * else (including a function with no history): the fixed fallback, no pre-warm and a
+      keep-alive of ``fallback_keepalive_s`` (the histogram's range, as published).
+
+    Under memory pressure it evicts least-recently used first (the paper assumes unbounded
+    memory and names no eviction order).
+    """
+
+    name = "hybrid-histogram"
+    may_prefetch = True
+
+    def __init__(
+        self,
+        *,
+        bin_s: float = MINUTE,
+        range_s: float = 4 * HOUR,
+        head: float = 5.0,
+        tail: float = 99.0,
+        margin: float = 0.10,
+        cv_threshold: float = 2.0,
+        min_samples: int = 5,
+        oob_fraction: float = 0.5,
+        fallback_keepalive_s: float | None = None,
+    ) -> None:
+        self.bin_s = _finite(bin_s, "bin_s", minimum=1e-3)
+        self.range_s = _finite(range_s, "range_s", minimum=self.bin_s)
+        if not 0 <= head < tail <= 100:
+            raise ArrivalError(f"need 0 <= head < tail <= 100, got {head}, {tail}")
+        self.head, self.tail, self.margin = head, tail, _finite(margin, "margin")
+        self.cv_threshold = cv_threshold
+        self.min_samples = min_samples
+        self.oob_fraction = oob_fraction
+        self.fallback_keepalive_s = (
+            self.range_s if fallback_keepalive_s is None else float(fallback_keepalive_s)
+        )
+        self.bins = math.ceil(self.range_s / self.bin_s)
+        self._seen = _LastSeen()
+        self._hist: dict[str, _IdleHistogram] = {}
+        self._windows: dict[str, Windows] = {}
+
+    def observe(self, function: str, now_s: float) -> None:
+        idle = self._seen.gap(function, now_s)
+        if idle is None:
+            return
+        h = self._hist.get(function)
+        if h is None:
+            h = self._hist[function] = _IdleHistogram(counts=[0] * self.bins, oob=[])
+        if idle >= self.range_s:
+            h.oob_total += 1
+            h.oob.append(idle)
+            del h.oob[:-16]
+        else:
+            h.counts[int(idle // self.bin_s)] += 1
+            h.total += 1
+        self._windows.pop(function, None)  # recomputed on the next question
+
+    def windows(self, function: str) -> Windows:
+        cached = self._windows.get(function)
+        if cached is None:
+            cached = self._windows[function] = self._compute(self._hist.get(function))
+        return cached
+
+    def _compute(self, h: _IdleHistogram | None) -> Windows:
+        fallback = Windows(0.0, self.fallback_keepalive_s, "fixed")
+        if h is None:
+            return fallback
+        seen = h.total + h.oob_total
+        if seen and h.oob_total / seen > self.oob_fraction:
+            predicted = forecast_idle(h.oob)
+            return Windows(0.85 * predicted, 0.30 * predicted, "forecast")
+        if h.total < self.min_samples or bin_count_cv(h.counts) < self.cv_threshold:
+            return fallback
+        head_bin = _percentile_bin(h.counts, h.total, self.head)
+        tail_bin = _percentile_bin(h.counts, h.total, self.tail)
+        # the head bin's lower edge, less the margin; in the first bin: never unloaded
+        prewarm = head_bin * self.bin_s * (1 - self.margin) if head_bin > 0 else 0.0
+        keep_until = (tail_bin + 1) * self.bin_s * (1 + self.margin)  # the tail bin's upper edge
+        return Windows(prewarm, max(0.0, keep_until - prewarm), "histogram")
+
+    def advise(
+        self, function: str, now_s: float, *, size_bytes: int, reload_ms: float, tier: str
+    ) -> Advice:
+        idle = self._seen.idle(function, now_s)
+        if idle is None:
+            return Advice(keep=False, prefetch=False, reason="no-history")
+        w = self.windows(function)
+        inside = w.loaded(idle)
+        return Advice(keep=inside, prefetch=inside and w.prewarm_s > 0, reason=w.source)
+
+    def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]:
+        return []  # LRU
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "version": SNAPSHOT_VERSION,
+            "kind": "hybrid",
+            "bin_s": self.bin_s,
+            "bins": self.bins,
+            "last": dict(self._seen.last),
+            "hist": {
+                f: {"counts": h.counts, "oob": h.oob, "total": h.total, "oob_total": h.oob_total}
+                for f, h in self._hist.items()
+            },
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        _check_snapshot(state, "hybrid")
+        if state["bins"] != self.bins or state["bin_s"] != self.bin_s:
+            raise ArrivalError("snapshot's histogram bins differ from this policy's")
+        self._seen.last = {str(k): float(v) for k, v in state["last"].items()}
+        self._hist = {}
+        for f, h in state["hist"].items():
+            counts = [int(c) for c in h["counts"]]
+            if len(counts) != self.bins or min(counts, default=0) < 0:
+                raise ArrivalError(f"snapshot histogram of {f!r} is malformed")
+            self._hist[str(f)] = _IdleHistogram(
+                counts=counts,
+                oob=[float(x) for x in h["oob"]][-16:],
+                total=int(h["total"]),
+                oob_total=int(h["oob_total"]),
+            )
+        self._windows = {}
+
+
+def bin_count_cv(counts: Sequence[int]) -> float:
+    """Coefficient of variation of a histogram's bin counts (0 for an empty histogram)."""
+    n = len(counts)
+    total = sum(counts)
+    if n == 0 or total == 0:
+        return 0.0
+    mean = total / n
+    variance = sum((c - mean) ** 2 for c in counts) / n
+    return math.sqrt(variance) / mean
+
+
+def _percentile_bin(counts: Sequence[int], total: int, percentile: float) -> int:
+    """The first bin at which the cumulative count reaches ``percentile`` % of ``total``."""
+    target = max(1.0, total * percentile / 100.0)
+    running = 0
+    for i, c in enumerate(counts):
+        running += c
+        if running >= target:
+            return i
+    return len(counts) - 1
+
+
+def forecast_idle(history: Sequence[float]) -> float:
+    """The next idle time after ``history`` (seconds): an AR(1) fitted by least squares to the
+    logarithms (the paper uses ARIMA; with under three values, the last value)."""
+    if not history:
+        raise ArrivalError("no idle times to forecast from")
+    logs = [math.log(max(x, 1e-3)) for x in history]
+    if len(logs) < 3:
+        return history[-1]
+    mean = sum(logs) / len(logs)
+    x = [v - mean for v in logs[:-1]]
+    y = [v - mean for v in logs[1:]]
+    denominator = sum(a * a for a in x)
+    phi = sum(a * b for a, b in zip(x, y, strict=True)) / denominator if denominator > 0 else 0.0
+    phi = max(-1.0, min(1.0, phi))
+    return math.exp(mean + phi * (logs[-1] - mean))
+
+
+# -- ours ----------------------------------------------------------------------------------------
+
+
+_LO_S = 0.1  # first bin: gaps under 0.1 s
+_HI_S = 4 * HOUR  # last bin: gaps of 4 h or more
+_BINS = 64
+_RATIO = (_HI_S / _LO_S) ** (1 / (_BINS - 2))
+# bin 0: [0, LO); bin k (1..BINS-2): [LO * R^(k-1), LO * R^k); bin BINS-1: [HI, inf)
+_EDGES = [0.0] + [_LO_S * _RATIO**k for k in range(_BINS - 1)]  # lower edges, len BINS
+_LOG_LO, _LOG_R = math.log(_LO_S), math.log(_RATIO)
+
+
+def gap_bin(gap_s: float) -> int:
+    """The log-scale bin of a gap in seconds."""
+    if gap_s < _LO_S:
+        return 0
+    return min(_BINS - 1, 1 + int((math.log(gap_s) - _LOG_LO) / _LOG_R))
+
+
+@dataclasses.dataclass
+class _GapModel:
+    weights: list[float]
+    total: float = 0.0
+    step: float = 1.0  # the weight of the next gap (grows, so older gaps count less)
+    gaps: int = 0
+    mean: float = 0.0  # EWMA of the gap, and of its squared deviation (periodicity)
+    var: float = 0.0
+    cumulative: list[float] | None = None  # cached CDF at the lower edges, None: stale
+
+
+class PredictivePolicy:
+    """Ours: decayed log-scale gap histograms, periodicity, and a cost-aware keep/prefetch rule.
+
+    Per function, each inter-arrival gap adds weight to a bin of a 64-bin log-scale histogram
+    (0.1 s to 4 h); weights decay with a half-life of ``half_life`` gaps, so the model follows a
+    function whose pattern changes. A function whose recent gaps have a coefficient of variation
+    under ``periodic_cv`` (an EWMA over its gaps) is *periodic*: its next gap is predicted as a
+    normal distribution around the mean gap, which is sharper than any histogram bin.
+
+    From either, ``S(a)`` = P(gap > a), and for a model idle for ``a`` seconds
+    ``P(arrival within h) = (S(a) - S(a + h)) / S(a)``; past every gap ever seen, the residual
+    is taken as exponential with mean ``a`` (the longer idle, the longer expected).
+
+    The rule, per tier, with ``reload_ms`` the load time saved by holding the model there:
+
+    * keep while ``P(arrival within horizon) x reload_ms >= price x GB x horizon``;
+    * prefetch a model that is not there when, looking ``lead_s + horizon`` ahead (``lead_s``
+      covers the load), the same inequality holds;
+    * evict first the model with the least ``P(arrival within horizon) x reload_ms / bytes``.
+
+    ``device_price`` and ``host_price`` are in ms of load time per GB-second held: the exchange
+    rate between cold-start time and memory-time (swept in the benchmark); ``host_price``
+    defaults to a twentieth of ``device_price``. A function with fewer
+    than two arrivals falls back to a fixed keep-alive of ``fallback_keepalive_s`` and is never
+    prefetched.
+    """
+
+    name = "predictive"
+    may_prefetch = True
+
+    def __init__(
+        self,
+        *,
+        device_price: float = 1.0,
+        host_price: float | None = None,
+        horizon_s: float = 30.0,
+        lead_s: float = 5.0,
+        half_life: float = 256.0,
+        periodic_cv: float = 0.1,
+        fallback_keepalive_s: float = 10 * MINUTE,
+    ) -> None:
+        self.device_price = _finite(device_price, "device_price")
+        # host memory is about 20x cheaper per GB than device memory
+        self.host_price = _finite(
+            self.device_price / 20 if host_price is None else host_price, "host_price"
+        )
+        self.horizon_s = _finite(horizon_s, "horizon_s", minimum=1e-3)
+        self.lead_s = _finite(lead_s, "lead_s")
+        self.half_life = _finite(half_life, "half_life", minimum=1.0)
+        self.periodic_cv = _finite(periodic_cv, "periodic_cv")
+        self.fallback_keepalive_s = _finite(fallback_keepalive_s, "fallback_keepalive_s")
+        self._growth = 2 ** (1 / self.half_life)
+        self._seen = _LastSeen()
+        self._models: dict[str, _GapModel] = {}
+
+    # -- learning --------------------------------------------------------------------------------
+
+    def observe(self, function: str, now_s: float) -> None:
+        """One request for ``function`` at ``now_s``: O(1)."""
+        gap = self._seen.gap(function, now_s)
+        if gap is None:
+            return
+        m = self._models.get(function)
+        if m is None:
+            m = self._models[function] = _GapModel(weights=[0.0] * _BINS)
+        m.weights[gap_bin(gap)] += m.step
+        m.total += m.step
+        m.step *= self._growth
+        if m.step > 1e100:  # rescale before the floats overflow; ratios are unchanged
+            scale = 1 / m.step
+            m.weights = [w * scale for w in m.weights]
+            m.total *= scale
+            m.step = 1.0
+        m.cumulative = None
+        if m.gaps == 0:
+            m.mean, m.var = gap, 0.0
+        else:
+            alpha = 0.2
+            deviation = gap - m.mean
+            m.mean += alpha * deviation
+            m.var = (1 - alpha) * (m.var + alpha * deviation * deviation)
+        m.gaps += 1
+
+    # -- predicting ------------------------------------------------------------------------------
+
+    def has_history(self, function: str) -> bool:
+        return function in self._models
+
+    def periodic(self, function: str) -> float | None:
+        """The period in seconds if the function's recent gaps are regular, else None."""
+        m = self._models.get(function)
+        if m is None or m.gaps < 4 or m.mean < 1.0:
+            return None
+        return m.mean if math.sqrt(m.var) <= self.periodic_cv * m.mean else None
+
+    def survival(self, function: str, age_s: float) -> float:
+        """P(the gap after the last arrival exceeds ``age_s``); 1.0 with no history."""
+        m = self._models.get(function)
+        if m is None or m.total <= 0:
+            return 1.0
+        if m.gaps >= 4 and m.mean >= 1.0 and m.var <= (self.periodic_cv * m.mean) ** 2:
+            period = m.mean  # periodic (as :meth:`periodic`, inlined: this is the hot path)
+            spread = max(math.sqrt(m.var), 0.02 * period)
+            return 0.5 * math.erfc((age_s - period) / (spread * math.sqrt(2)))
+        if m.cumulative is None:
+            running, cumulative = 0.0, []
+            for w in m.weights:
+                cumulative.append(running / m.total)
+                running += w
+            m.cumulative = cumulative
+        return max(0.0, 1.0 - _cdf(m.cumulative, m.weights, m.total, age_s))
+
+    def p_arrival(self, function: str, idle_s: float, within_s: float) -> float:
+        """P(a request for ``function`` within ``within_s``, given it has been idle ``idle_s``)."""
+        idle_s, within_s = max(0.0, idle_s), max(0.0, within_s)
+        alive = self.survival(function, idle_s)
+        if alive < 1e-9 or idle_s >= _HI_S:
+            # past every gap seen (or the histogram's range): exponential residual, mean idle_s
+            return 1.0 - math.exp(-within_s / max(idle_s, 1e-3))
+        later = self.survival(function, idle_s + within_s)
+        return min(1.0, max(0.0, (alive - later) / alive))
+
+    # -- deciding --------------------------------------------------------------------------------
+
+    def advise(
+        self, function: str, now_s: float, *, size_bytes: int, reload_ms: float, tier: str
+    ) -> Advice:
+        idle = self._seen.idle(function, now_s)
+        if idle is None:
+            return Advice(keep=False, prefetch=False, reason="no-history")
+        if function not in self._models:
+            keep = idle <= self.fallback_keepalive_s
+            return Advice(keep=keep, prefetch=False, reason="fallback")
+        price = self.device_price if tier == "device" else self.host_price
+        gb = size_bytes / GB
+        h = self.horizon_s
+        keep = self.p_arrival(function, idle, h) * reload_ms >= price * gb * h
+        ahead = self.lead_s + h
+        prefetch = self.p_arrival(function, idle, ahead) * reload_ms >= price * gb * ahead
+        return Advice(keep=keep, prefetch=prefetch, reason="cost")
+
+    def value(self, function: str, now_s: float, *, size_bytes: int, reload_ms: float) -> float:
+        """Expected load time saved per byte by holding the model for the horizon."""
+        idle = self._seen.idle(function, now_s)
+        if idle is None or function not in self._models:
+            p = 0.5 if idle is not None and idle <= self.fallback_keepalive_s else 0.0
+        else:
+            p = self.p_arrival(function, idle, self.horizon_s)
+        return p * reload_ms / max(1, size_bytes)
+
+    def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]:
+        """Candidates, least valuable per byte first (ties: the larger first)."""
+        scored = [
+            (
+                self.value(c.function, now_s, size_bytes=c.size_bytes, reload_ms=c.reload_ms),
+                -c.size_bytes,
+                c.function,
+            )
+            for c in candidates
+        ]
+        scored.sort()
+        return [f for _, _, f in scored]
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "version": SNAPSHOT_VERSION,
+            "kind": "predictive",
+            "last": dict(self._seen.last),
+            "models": {
+                f: {
+                    "weights": [w / m.step for w in m.weights],
+                    "total": m.total / m.step,
+                    "gaps": m.gaps,
+                    "mean": m.mean,
+                    "var": m.var,
+                }
+                for f, m in self._models.items()
+            },
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        _check_snapshot(state, "predictive")
+        last = {str(k): float(v) for k, v in state["last"].items()}
+        models: dict[str, _GapModel] = {}
+        for f, m in state["models"].items():
+            weights = [float(w) for w in m["weights"]]
+            total = float(m["total"])
+            if (
+                len(weights) != _BINS
+                or any(not (math.isfinite(w) and w >= 0) for w in weights)
+                or not (math.isfinite(total) and total > 0)
+            ):
+                raise ArrivalError(f"snapshot model of {f!r} is malformed")
+            models[str(f)] = _GapModel(
+                weights=weights,
+                total=total,
+                gaps=int(m["gaps"]),
+                mean=float(m["mean"]),
+                var=float(m["var"]),
+            )
+        self._seen.last, self._models = last, models
+
+
+def _cdf(cumulative: list[float], weights: list[float], total: float, x: float) -> float:
+    """P(gap <= x) from the histogram, interpolating within a bin (log-linearly past bin 0)."""
+    if x <= 0:
+        return 0.0
+    k = bisect.bisect_right(_EDGES, x) - 1
+    below = cumulative[k]
+    share = weights[k] / total
+    if share == 0.0:
+        return below
+    if k == 0:
+        fraction = x / _LO_S
+    elif k == _BINS - 1:
+        return below  # the open-ended last bin: nothing known past 4 h
+    else:
+        fraction = (math.log(x) - math.log(_EDGES[k])) / _LOG_R
+    return below + share * min(1.0, max(0.0, fraction))
+
+
+def make_policy(name: str, **params: float) -> ResidencyPolicy:
+    """A policy by name: ``keepalive``, ``hybrid`` or ``predictive``, with its parameters."""
+    if name == "keepalive":
+        return FixedKeepAlive(**params)
+    if name == "hybrid":
+        return HybridHistogram(**params)  # type: ignore[arg-type]
+    if name == "predictive":
+        return PredictivePolicy(**params)
+    raise ArrivalError(f"unknown residency policy {name!r}: keepalive, hybrid or predictive")

@@ -1,0 +1,304 @@
+"""The gateway's prefetch driver: learn each function's arrivals, demote and prefetch ahead of them.
+
+Every request the gateway accepts is fed to a residency policy (:mod:`gpufaas.cache.arrivals`,
+O(1) per request). Every ``tick_s`` the driver asks the policy about each model the directory
+shows resident (demote it to the node's host tier when its next request is predicted far off)
+and about each function held nowhere (prefetch it onto a device when its next request is
+predicted soon), and sends those actions to the GPU managers (``PREFETCH_PATH``,
+``DEMOTE_PATH``). A prefetch only goes where the directory shows enough free bytes, so it never
+evicts anything, and the manager runs it at the lowest priority; a failed action is logged and
+counted, never seen by a request.
+
+The policy's state is saved to ``state_file`` (atomically, every ``save_every_s`` and at stop)
+and read back at start, so what it learned survives a gateway restart; an unreadable file is
+logged and the driver starts empty.
+
+Metrics (on the gateway's registry): ``gpufaas_prediction_requests_total``,
+``gpufaas_cold_starts_total{source}`` (requests that waited for a load, by where it came from),
+``gpufaas_device_memory_gb_seconds_total`` (the directory's resident bytes over time),
+``gpufaas_prefetch_actions_total{kind,result}`` and ``gpufaas_prefetch_used_total`` (prefetched
+models whose first request found them resident).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter
+
+from gpufaas.cache import ClusterDirectory, Residency
+from gpufaas.cache.arrivals import ArrivalError, ResidencyPolicy
+from gpufaas.core import node
+
+if TYPE_CHECKING:
+    from gpufaas.scheduler.gateway import Gateway
+
+logger = logging.getLogger(__name__)
+
+PREFETCH_PATH = node.PREFETCH
+DEMOTE_PATH = node.DEMOTE
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    kind: str  # "prefetch" | "demote"
+    model: str
+    device: str  # directory key, "<node>/<device id>"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefetchConfig:
+    tick_s: float = 5.0
+    state_file: Path | None = None
+    save_every_s: float = 60.0
+
+
+def plan(
+    policy: ResidencyPolicy,
+    directory: ClusterDirectory,
+    *,
+    now_s: float,
+    sizes: Mapping[str, int],
+    reload_ms: Callable[[str, int], float],
+    last_device: Mapping[str, str],
+) -> list[Action]:
+    """The demotions and prefetches the policy wants now, given the directory's view.
+
+    ``sizes``: the functions to consider, with their bytes on a device (0: not known yet, never
+    prefetched). A prefetch goes to the function's last device if the view shows room there,
+    else to the device with the most free bytes that has room; with no room anywhere, none.
+    """
+    actions: list[Action] = []
+    held: set[str] = set()
+    free = {key: directory.free_bytes(key) for key in directory.devices()}
+    for key in directory.devices():
+        for model, state, size in directory.residents(key):
+            held.add(model)
+            if state is not Residency.RESIDENT:
+                continue
+            advice = policy.advise(
+                model, now_s, size_bytes=size, reload_ms=reload_ms(model, size), tier="device"
+            )
+            if not advice.keep and advice.reason != "no-history":
+                actions.append(Action("demote", model, key))
+    for model, size in sizes.items() if policy.may_prefetch else ():
+        if model in held or size <= 0:
+            continue
+        advice = policy.advise(
+            model, now_s, size_bytes=size, reload_ms=reload_ms(model, size), tier="device"
+        )
+        if not advice.prefetch:
+            continue
+        target = last_device.get(model)
+        if target is None or free.get(target, 0) < size:
+            roomiest = max(free, key=lambda k: free[k], default=None)
+            target = roomiest if roomiest is not None and free[roomiest] >= size else None
+        if target is not None:
+            free[target] -= size
+            actions.append(Action("prefetch", model, target))
+    return actions
+
+
+class PrefetchDriver:
+    """Feeds the policy from the request stream and acts on its advice every tick."""
+
+    def __init__(
+        self,
+        *,
+        policy: ResidencyPolicy,
+        directory: ClusterDirectory,
+        send: Callable[[Action], Awaitable[None]],
+        sizes: Callable[[], Mapping[str, int]],
+        reload_ms: Callable[[str, int], float],
+        registry: CollectorRegistry,
+        config: PrefetchConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.policy = policy
+        self.directory = directory
+        self.send = send
+        self.sizes = sizes
+        self.reload_ms = reload_ms
+        self.config = config or PrefetchConfig()
+        self.clock = clock
+        self.last_device: dict[str, str] = {}
+        self.prefetched: set[tuple[str, str]] = set()  # (model, device) not yet used
+        self._memory_at: float | None = None
+        self._saved_at = clock()
+        self.requests = Counter(
+            "gpufaas_prediction_requests", "Requests fed to the arrival model", registry=registry
+        )
+        self.cold = Counter(
+            "gpufaas_cold_starts",
+            "Requests that waited for a load, by where the model came from",
+            ["source"],
+            registry=registry,
+        )
+        self.memory = Counter(
+            "gpufaas_device_memory_gb_seconds",
+            "Device memory-time held by resident models (the directory's view)",
+            registry=registry,
+        )
+        self.actions = Counter(
+            "gpufaas_prefetch_actions",
+            "Prefetch and demote actions sent to GPU managers",
+            ["kind", "result"],
+            registry=registry,
+        )
+        self.used = Counter(
+            "gpufaas_prefetch_used",
+            "Prefetched models whose first request found them resident",
+            registry=registry,
+        )
+
+    # -- the request path (O(1)) -----------------------------------------------------------------
+
+    def observe(self, name: str) -> None:
+        self.policy.observe(name, self.clock())
+        self.requests.inc()
+
+    def note_response(self, device: str, name: str, *, hit: bool, source: str | None) -> None:
+        self.last_device[name] = device
+        if not hit:
+            self.cold.labels(source or "unknown").inc()
+        if (name, device) in self.prefetched:
+            self.prefetched.discard((name, device))
+            if hit:
+                self.used.inc()
+
+    # -- the periodic pass -------------------------------------------------------------------------
+
+    async def tick(self) -> list[Action]:
+        now = self.clock()
+        self._account_memory(now)
+        actions = plan(
+            self.policy,
+            self.directory,
+            now_s=now,
+            sizes=self.sizes(),
+            reload_ms=self.reload_ms,
+            last_device=self.last_device,
+        )
+        for action in actions:
+            try:
+                await self.send(action)
+            except Exception as e:  # a failed prefetch or demote never reaches a request
+                logger.warning(
+                    "%s of %s on %s failed: %s", action.kind, action.model, action.device, e
+                )
+                self.actions.labels(action.kind, "failed").inc()
+                continue
+            self.actions.labels(action.kind, "sent").inc()
+            if action.kind == "prefetch":
+                self.prefetched.add((action.model, action.device))
+                with contextlib.suppress(Exception):
+                    self.directory.note_dispatch(
+                        action.device, action.model, size_bytes=self.sizes().get(action.model, 0)
+                    )
+            else:
+                self.directory.note_evicted(action.device, action.model)
+        if now - self._saved_at >= self.config.save_every_s:
+            self.save()
+        return actions
+
+    def _account_memory(self, now: float) -> None:
+        if self._memory_at is not None:
+            used = sum(self.directory.used_bytes(k) for k in self.directory.devices())
+            self.memory.inc(used / 1e9 * max(0.0, now - self._memory_at))
+        self._memory_at = now
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """The background task (``Gateway.background``): tick until stopped, then save."""
+        self.load()
+        try:
+            while not stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), timeout=self.config.tick_s)
+                if stopping.is_set():
+                    break
+                try:
+                    await self.tick()
+                except Exception:  # the loop outlives any one bad tick
+                    logger.exception("prefetch tick failed")
+        finally:
+            self.save()
+
+    # -- persistence -------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        path = self.config.state_file
+        self._saved_at = self.clock()
+        if path is None:
+            return
+        partial = path.with_name(path.name + ".partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(self.policy.snapshot()))
+            os.replace(partial, path)
+        except OSError as e:
+            logger.warning("could not save the arrival model to %s: %s", path, e)
+
+    def load(self) -> bool:
+        """Restore the policy from ``state_file``; False (and a warning) if absent or bad."""
+        path = self.config.state_file
+        if path is None or not path.exists():
+            return False
+        try:
+            self.policy.restore(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError, ArrivalError) as e:
+            logger.warning("ignoring the arrival model in %s: %s", path, e)
+            return False
+        return True
+
+
+def enable_prefetch(
+    gateway: Gateway,
+    *,
+    policy: ResidencyPolicy,
+    state_file: Path | None = None,
+    tick_s: float = 5.0,
+) -> PrefetchDriver:
+    """Attach a driver to ``gateway``: it sees every request and runs as a background task."""
+    cluster = gateway.cluster
+
+    async def send(action: Action) -> None:
+        device = next((d for d in cluster.healthy_devices() if d.key == action.device), None)
+        if device is None:
+            raise LookupError(f"device {action.device!r} is not healthy")
+        path = PREFETCH_PATH if action.kind == "prefetch" else DEMOTE_PATH
+        body = {
+            "model": action.model,
+            "device": device.device_id,
+            "size_bytes": gateway.model_bytes.get(action.model, 0),
+        }
+        response = await device.node.client.post(path, json=body, timeout=5.0)
+        if response.status_code >= 300:
+            raise RuntimeError(f"{path} answered {response.status_code}: {response.text[:200]}")
+
+    def sizes() -> dict[str, int]:
+        return {name: gateway.model_bytes.get(name, 0) for name in gateway.functions}
+
+    def reload_ms(name: str, size: int) -> float:
+        return gateway.estimates.load_ms(name, size_bytes=size)
+
+    driver = PrefetchDriver(
+        policy=policy,
+        directory=cluster.directory,
+        send=send,
+        sizes=sizes,
+        reload_ms=reload_ms,
+        registry=gateway.metrics.registry,
+        config=PrefetchConfig(tick_s=tick_s, state_file=state_file),
+    )
+    gateway.prefetch = driver
+    gateway.background.append(driver.run)
+    return driver

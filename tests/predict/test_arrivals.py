@@ -1,0 +1,255 @@
+"""The arrival models of ``gpufaas.cache.arrivals``: invariants (hypothesis) and the published
+hybrid-histogram rules, the cost-aware rule, the no-history fallback and persistence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpufaas.cache.arrivals import (
+    ArrivalError,
+    Candidate,
+    FixedKeepAlive,
+    HybridHistogram,
+    PredictivePolicy,
+    bin_count_cv,
+    forecast_idle,
+    gap_bin,
+    make_policy,
+)
+
+gaps = st.lists(st.floats(min_value=0.0, max_value=6 * 3600.0), min_size=0, max_size=60)
+ages = st.floats(min_value=0.0, max_value=10 * 3600.0)
+
+
+def _feed(policy: object, gap_list: list[float], name: str = "f") -> float:
+    now = 1000.0
+    policy.observe(name, now)  # type: ignore[attr-defined]
+    for g in gap_list:
+        now += g
+        policy.observe(name, now)  # type: ignore[attr-defined]
+    return now
+
+
+# -- ours: invariants -------------------------------------------------------------------------
+
+
+@given(gaps, ages, st.floats(min_value=0.0, max_value=3600.0), st.floats(0.0, 3600.0))
+@settings(max_examples=200, deadline=None)
+def test_p_arrival_is_a_probability_monotone_in_the_window(
+    gap_list: list[float], age: float, w1: float, w2: float
+) -> None:
+    policy = PredictivePolicy()
+    _feed(policy, gap_list)
+    short, long = sorted((w1, w2))
+    p_short = policy.p_arrival("f", age, short)
+    p_long = policy.p_arrival("f", age, long)
+    assert 0.0 <= p_short <= 1.0 and 0.0 <= p_long <= 1.0
+    assert p_short <= p_long + 1e-9
+
+
+@given(gaps, ages, ages)
+@settings(max_examples=200, deadline=None)
+def test_survival_never_rises_with_age(gap_list: list[float], a1: float, a2: float) -> None:
+    policy = PredictivePolicy()
+    _feed(policy, gap_list)
+    young, old = sorted((a1, a2))
+    assert 0.0 <= policy.survival("f", old) <= policy.survival("f", young) + 1e-9 <= 1.0 + 1e-9
+
+
+@given(gaps)
+@settings(max_examples=100, deadline=None)
+def test_snapshot_round_trip_through_json_predicts_the_same(gap_list: list[float]) -> None:
+    before = PredictivePolicy()
+    now = _feed(before, gap_list)
+    after = PredictivePolicy()
+    after.restore(json.loads(json.dumps(before.snapshot())))
+    for age in (0.0, 1.0, 30.0, 600.0, 5 * 3600.0):
+        assert math.isclose(
+            before.p_arrival("f", age, 30.0), after.p_arrival("f", age, 30.0), abs_tol=1e-9
+        )
+    a = before.advise("f", now + 20, size_bytes=10**9, reload_ms=500, tier="device")
+    b = after.advise("f", now + 20, size_bytes=10**9, reload_ms=500, tier="device")
+    assert a == b
+
+
+@given(st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), max_size=40))
+@settings(max_examples=100, deadline=None)
+def test_arrivals_out_of_order_never_break_the_model(times: list[float]) -> None:
+    policy = PredictivePolicy()
+    for t in times:
+        policy.observe("f", t)
+    for age in (0.0, 10.0, 1e5):
+        assert 0.0 <= policy.p_arrival("f", age, 60.0) <= 1.0
+
+
+@given(st.floats(min_value=0.0, max_value=1e7))
+def test_gap_bins_are_ordered(gap: float) -> None:
+    assert gap_bin(gap) <= gap_bin(gap * 1.5 + 0.01)
+
+
+# -- ours: behaviour -------------------------------------------------------------------------
+
+
+def test_a_periodic_function_is_detected_and_prefetched_just_before_its_period() -> None:
+    policy = PredictivePolicy(device_price=1.0, horizon_s=30.0, lead_s=5.0)
+    now = _feed(policy, [600.0] * 12)
+    assert policy.periodic("f") == pytest.approx(600.0)
+    size, reload_ms = 2 * 10**9, 1000.0
+    early = policy.advise("f", now + 300, size_bytes=size, reload_ms=reload_ms, tier="device")
+    due = policy.advise("f", now + 590, size_bytes=size, reload_ms=reload_ms, tier="device")
+    assert not early.keep and not early.prefetch  # released between arrivals
+    assert due.keep and due.prefetch  # brought back for the next one
+
+
+def test_a_bursty_function_is_kept_while_idle_is_short_and_released_when_long() -> None:
+    policy = PredictivePolicy(device_price=1.0)
+    _feed(policy, [1.0, 2.0, 1.0, 3.0, 1.0, 2.0] * 10)
+    last = policy._seen.last["f"]
+    assert policy.advise("f", last + 1, size_bytes=10**9, reload_ms=500, tier="device").keep
+    assert not policy.advise("f", last + 600, size_bytes=10**9, reload_ms=500, tier="device").keep
+
+
+def test_price_trades_memory_for_cold_starts() -> None:
+    cheap, dear = PredictivePolicy(device_price=0.01), PredictivePolicy(device_price=100.0)
+    for p in (cheap, dear):
+        _feed(p, [10.0, 40.0, 20.0, 80.0, 15.0] * 5)
+    t = cheap._seen.last["f"] + 30
+    kwargs = {"size_bytes": 4 * 10**9, "reload_ms": 2000.0, "tier": "device"}
+    assert cheap.advise("f", t, **kwargs).keep  # type: ignore[arg-type]
+    assert not dear.advise("f", t, **kwargs).keep  # type: ignore[arg-type]
+
+
+def test_no_history_falls_back_to_a_fixed_keepalive_and_never_prefetches() -> None:
+    policy = PredictivePolicy(fallback_keepalive_s=600.0)
+    assert policy.advise("new", 0, size_bytes=1, reload_ms=1, tier="device").reason == "no-history"
+    policy.observe("new", 100.0)
+    young = policy.advise("new", 400.0, size_bytes=10**9, reload_ms=500, tier="device")
+    old = policy.advise("new", 800.0, size_bytes=10**9, reload_ms=500, tier="device")
+    assert (young.keep, young.prefetch, young.reason) == (True, False, "fallback")
+    assert (old.keep, old.prefetch) == (False, False)
+
+
+def test_victims_least_value_per_byte_first() -> None:
+    policy = PredictivePolicy()
+    _feed(policy, [1.0] * 30, name="hot")
+    _feed(policy, [3000.0] * 5, name="cold")
+    now = max(policy._seen.last.values()) + 2
+    order = policy.victim_order(
+        [Candidate("hot", 10**9, 500.0), Candidate("cold", 10**9, 500.0)], now
+    )
+    assert order == ["cold", "hot"]
+
+
+def test_snapshot_of_another_kind_or_version_is_refused() -> None:
+    with pytest.raises(ArrivalError, match="not 'predictive'"):
+        PredictivePolicy().restore(HybridHistogram().snapshot())
+    with pytest.raises(ArrivalError, match="version"):
+        PredictivePolicy().restore({"version": 99})
+    bad = PredictivePolicy()
+    _feed(bad, [1.0, 2.0])
+    state = bad.snapshot()
+    state["models"]["f"]["weights"] = [1.0]
+    with pytest.raises(ArrivalError, match="malformed"):
+        PredictivePolicy().restore(state)
+
+
+# -- the hybrid histogram, as published ---------------------------------------------------------
+
+
+def test_hybrid_prewarms_at_the_head_and_keeps_until_the_tail_with_margins() -> None:
+    policy = HybridHistogram()
+    _feed(policy, [600.0] * 20)  # every idle time in the 10-minute bin
+    w = policy.windows("f")
+    assert w.source == "histogram"
+    assert w.prewarm_s == pytest.approx(600 * 0.9)  # head bin's lower edge - 10%
+    assert w.prewarm_s + w.keepalive_s == pytest.approx(660 * 1.1)  # tail bin's upper edge + 10%
+    last = policy._seen.last["f"]
+    kwargs = {"size_bytes": 1, "reload_ms": 1.0, "tier": "device"}
+    assert not policy.advise("f", last + 60, **kwargs).keep  # type: ignore[arg-type]
+    inside = policy.advise("f", last + 560, **kwargs)  # type: ignore[arg-type]
+    assert inside.keep and inside.prefetch
+
+
+def test_hybrid_short_idle_times_keep_loaded_from_the_start() -> None:
+    policy = HybridHistogram()
+    _feed(policy, [5.0, 20.0, 40.0, 30.0, 10.0, 50.0])
+    w = policy.windows("f")
+    assert w.prewarm_s == 0.0 and w.keepalive_s == pytest.approx(60 * 1.1)
+
+
+def test_hybrid_not_representative_falls_back_to_a_fixed_keepalive_of_the_range() -> None:
+    policy = HybridHistogram()
+    _feed(policy, [60.0 * k + 1 for k in range(0, 240, 2)])  # spread evenly over the range
+    assert bin_count_cv(policy._hist["f"].counts) < 2
+    w = policy.windows("f")
+    assert (w.source, w.prewarm_s, w.keepalive_s) == ("fixed", 0.0, 4 * 3600.0)
+    few = HybridHistogram()
+    _feed(few, [600.0, 600.0])  # too few idle times
+    assert few.windows("f").source == "fixed"
+
+
+def test_hybrid_out_of_range_idle_times_use_the_forecast() -> None:
+    policy = HybridHistogram()
+    _feed(policy, [5 * 3600.0, 6 * 3600.0, 5 * 3600.0, 6 * 3600.0])
+    w = policy.windows("f")
+    assert w.source == "forecast"
+    assert 0.85 * 5 * 3600 * 0.9 < w.prewarm_s < 0.85 * 6 * 3600 * 1.1
+    assert w.keepalive_s == pytest.approx(w.prewarm_s / 0.85 * 0.30)
+
+
+def test_forecast_follows_a_persistent_series() -> None:
+    assert forecast_idle([100.0]) == 100.0
+    rising = forecast_idle([1e4, 2e4, 4e4, 8e4])
+    assert rising > 2e4
+
+
+def test_hybrid_snapshot_round_trip() -> None:
+    a = HybridHistogram()
+    _feed(a, [600.0] * 8)
+    b = HybridHistogram()
+    b.restore(json.loads(json.dumps(a.snapshot())))
+    assert a.windows("f") == b.windows("f")
+    with pytest.raises(ArrivalError, match="bins"):
+        HybridHistogram(bin_s=30).restore(a.snapshot())
+
+
+def test_fixed_keepalive() -> None:
+    policy = FixedKeepAlive(keepalive_s=600)
+    policy.observe("f", 0.0)
+    assert policy.advise("f", 599, size_bytes=1, reload_ms=1, tier="device").keep
+    assert not policy.advise("f", 601, size_bytes=1, reload_ms=1, tier="device").keep
+    assert not policy.advise("f", 1, size_bytes=1, reload_ms=1, tier="device").prefetch
+    assert make_policy("keepalive", keepalive_s=60).name == "keepalive-1min"
+    with pytest.raises(ArrivalError, match="unknown residency policy"):
+        make_policy("belady")
+
+
+@given(gaps)
+@settings(max_examples=150, deadline=None)
+def test_hybrid_windows_are_sane_for_any_history(gap_list: list[float]) -> None:
+    policy = HybridHistogram()
+    now = _feed(policy, gap_list)
+    w = policy.windows("f")
+    assert w.prewarm_s >= 0 and w.keepalive_s >= 0
+    assert w.source in {"histogram", "fixed", "forecast"}
+    if w.source == "histogram":
+        assert w.prewarm_s + w.keepalive_s <= 4 * 3600 * 1.1 + 1e-6
+    advice = policy.advise("f", now + 1.0, size_bytes=1, reload_ms=1.0, tier="device")
+    assert not (advice.prefetch and not advice.keep)  # a prefetch is always into a window
+
+
+@given(gaps, ages, st.floats(min_value=0.0, max_value=100.0))
+@settings(max_examples=150, deadline=None)
+def test_a_higher_price_never_keeps_more(gap_list: list[float], idle: float, price: float) -> None:
+    cheap, dear = PredictivePolicy(device_price=price), PredictivePolicy(device_price=price * 2 + 1)
+    for p in (cheap, dear):
+        now = _feed(p, gap_list)
+    kwargs = {"size_bytes": 10**9, "reload_ms": 800.0, "tier": "device"}
+    a = cheap.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
+    b = dear.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
+    assert b.keep <= a.keep and b.prefetch <= a.prefetch

@@ -1,0 +1,163 @@
+"""Node-side prefetch and demotion over HTTP, on a real NodeRuntime with CPU devices and a real
+example model: a prefetch loads at the lowest priority (never evicting, never next to a load in
+flight), a failed one is counted and never reaches a request, a demotion keeps the host copy."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from gpufaas.core.api import parse_spec
+from gpufaas.core.artifacts import ArtifactStore
+from gpufaas.core.examples import build_examples
+from gpufaas.gpu_manager.devices import cpu_devices
+from gpufaas.gpu_manager.prefetch import DEMOTE_PATH, PREFETCH_PATH, Prefetcher, PrefetchJob
+from gpufaas.gpu_manager.runtime import NodeRuntime
+from gpufaas.gpu_manager.server import create_app
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    built = build_examples(tmp_path_factory.mktemp("models"), names=("tiny-mlp",), progress=False)
+    return built["tiny-mlp"]
+
+
+def _spec(path: Path) -> dict[str, object]:
+    return {
+        "model": {"uri": path.resolve().as_uri(), "format": "torchscript"},
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+        "batching": {"maxBatchSize": 1},
+    }
+
+
+@pytest.fixture
+async def node(
+    tmp_path: Path, tiny_mlp: Path
+) -> AsyncIterator[tuple[NodeRuntime, httpx.AsyncClient, Prefetcher]]:
+    runtime = NodeRuntime(
+        devices=cpu_devices(2, device_memory=1 << 30),
+        store=ArtifactStore(tmp_path / "artifacts"),
+        host_capacity_bytes=1 << 30,
+    )
+    runtime.register("tiny", parse_spec(_spec(tiny_mlp)))
+    app = create_app(runtime)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://manager") as client:
+        yield runtime, client, prefetcher_of(app)
+    await runtime.settle()
+
+
+def prefetcher_of(app: Any) -> Prefetcher:
+    """The FastAPI app's prefetcher, under the manager's ASGI wrappers (fast path, auth)."""
+    while not hasattr(app, "state"):
+        app = app.app
+    prefetcher: Prefetcher = app.state.prefetcher
+    return prefetcher
+
+
+def _device(runtime: NodeRuntime, index: int = 0) -> str:
+    return list(runtime.devices)[index]
+
+
+def _residents(runtime: NodeRuntime, device: str) -> list[str]:
+    return [r.model for r in runtime.state().device(device).residents]
+
+
+async def _prefetch_counts(client: httpx.AsyncClient) -> dict[str, float]:
+    text = (await client.get("/metrics")).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "gpufaas_manager_prefetch":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels["result"]] = sample.value
+    return out
+
+
+async def test_a_prefetch_loads_the_model_and_a_demotion_keeps_the_host_copy(
+    node: tuple[NodeRuntime, httpx.AsyncClient, Prefetcher],
+) -> None:
+    runtime, client, prefetcher = node
+    device = _device(runtime)
+    queued = await client.post(
+        PREFETCH_PATH, json={"model": "tiny", "device": device, "size_bytes": 1 << 20}
+    )
+    assert queued.status_code == 202
+    assert prefetcher.queue is not None
+    await prefetcher.queue.join()  # the worker runs in the background
+    assert (await _prefetch_counts(client)).get("loaded") == 1.0
+    await runtime.settle()
+    assert _residents(runtime, device) == ["tiny"]
+    demoted = await client.post(DEMOTE_PATH, json={"model": "tiny", "device": device})
+    assert demoted.status_code == 200 and demoted.json()["demoted_from"] == [device]
+    assert _residents(runtime, device) == []
+    host = [r.model for r in runtime.state().host.residents]
+    assert host == ["tiny"]  # a later miss copies from host memory
+
+
+async def test_no_room_busy_and_failed_prefetches_are_counted_never_raised(
+    node: tuple[NodeRuntime, httpx.AsyncClient, Prefetcher],
+) -> None:
+    runtime, _client, _ = node
+    device = _device(runtime)
+    prefetcher = Prefetcher(runtime, registry=CollectorRegistry())
+    # more bytes than are free: never evicts to make room
+    assert await prefetcher.run(PrefetchJob("tiny", device, 1 << 40)) == "no-room"
+    # the artifact is gone: the load fails, the outcome says so, nothing raises
+    runtime.register("gone", parse_spec(_spec(Path("/nonexistent/model.pt"))))
+    assert await prefetcher.run(PrefetchJob("gone", device, 1024)) == "failed"
+    assert await prefetcher.run(PrefetchJob("tiny", "no-such-device", 1024)) == "failed"
+    assert _residents(runtime, device) == []
+
+
+async def test_bad_prefetch_requests_get_a_clear_400(
+    node: tuple[NodeRuntime, httpx.AsyncClient, Prefetcher],
+) -> None:
+    _runtime, client, _ = node
+    for body in (
+        [1],
+        {"model": 3},
+        {"model": "tiny"},
+        {"model": "tiny", "device": "x", "size_bytes": -1},
+    ):
+        response = await client.post(PREFETCH_PATH, json=body)
+        assert response.status_code == 400, body
+        assert "message" in response.text or "error" in response.text
+    response = await client.post(PREFETCH_PATH, content=b"{not json")
+    assert response.status_code == 400
+    response = await client.post(DEMOTE_PATH, json={"model": "tiny", "device": "no-such"})
+    assert response.status_code == 400
+
+
+async def test_a_device_with_a_load_in_flight_is_not_quiet(
+    node: tuple[NodeRuntime, httpx.AsyncClient, Prefetcher],
+) -> None:
+    """The rule that keeps a prefetch from starting next to a request's load."""
+    from gpufaas.cache import Residency
+    from gpufaas.core.node import ResidentState
+    from gpufaas.gpu_manager.prefetch import device_room
+
+    runtime, _client, _ = node
+    state = runtime.state()
+    device = state.devices[0]
+    assert device_room(state, device.id) == (True, device.free_cache_bytes)
+    loading = ResidentState(model="other", state=Residency.LOADING, size_bytes=1, pins=1)
+    busy = state.model_copy(
+        update={"devices": [device.model_copy(update={"residents": [loading]}), *state.devices[1:]]}
+    )
+    assert device_room(busy, device.id) == (False, device.free_cache_bytes)
+    arriving = ResidentState(
+        model="other", state=Residency.RESIDENT, size_bytes=1, pins=1, arrived=False
+    )
+    copying = state.model_copy(
+        update={"devices": [device.model_copy(update={"residents": [arriving]})]}
+    )
+    assert device_room(copying, device.id) == (False, device.free_cache_bytes)
+    assert device_room(state, "no-such-device") is None
