@@ -147,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
         "--live-device-memory", default=None, help="per CPU device (default 32Ki: six models)"
     )
     live.add_argument("--live-kinds", default=None, help="example models to copy (tiny-mlp)")
+    from sim.scaleout import add_arguments as add_scaleout_arguments
+
+    add_scaleout_arguments(parser)  # --gateways N,...: gateway scale-out (#16)
     return parser
 
 
@@ -438,6 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; choose from {list(POLICIES)}")
+    if args.mode == "live" and args.gateways:
+        from sim.scaleout import run_scaleout
+        from sim.scaleout import table as scaleout_table
+
+        result = run_scaleout(args, wss=args.wss or 16)
+        print(json.dumps(result, indent=2) if args.json else scaleout_table(result))
+        return 0
     if args.mode == "live":
         from sim.live import run_live
 

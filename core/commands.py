@@ -30,6 +30,8 @@ class ManagerOptions:
     host_memory: str = "4Gi"
     artifact_dir: Path | None = None
     force_cpu: bool = False
+    # Requests running per device, from every gateway replica together (scale-out, #16).
+    device_concurrency: int = 4
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,9 +41,7 @@ class ManagerOptions:
         parser.add_argument(
             "--device-memory", default="2Gi", help="model-cache capacity of each CPU device"
         )
-        parser.add_argument(
-            "--host-memory", default="4Gi", help="capacity of the host-memory tier"
-        )
+        parser.add_argument("--host-memory", default="4Gi", help="capacity of the host-memory tier")
         parser.add_argument(
             "--artifact-dir", type=Path, default=None, help="node-local artifact cache"
         )
@@ -57,6 +57,8 @@ class ManagerOptions:
             host_memory=args.host_memory,
             artifact_dir=args.artifact_dir or artifact_dir(),
             force_cpu=args.force_cpu,
+            # The node's own option; in `gpufaas up`, the gateway's (the same bound).
+            device_concurrency=getattr(args, "device_concurrency", 4),
         )
 
     def to_argv(self) -> list[str]:
@@ -68,6 +70,7 @@ class ManagerOptions:
         ]  # fmt: skip
         if self.force_cpu:
             argv.append("--force-cpu")
+        argv += ["--device-concurrency", str(self.device_concurrency)]
         return argv
 
 

@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         help="with --kubernetes: file:// root",
     )
     ManagerOptions.add_arguments(parser)
+    parser.add_argument(
+        "--device-concurrency",
+        type=int,
+        default=4,
+        help="requests running per device, from all gateway replicas together (0: no bound)",
+    )
     # The disk tier: loading-optimised sidecars on node-local disk, within this budget.
     parser.add_argument(
         "--disk-cache",
@@ -77,5 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeviceSetupError as e:  # no silent CPU fall-back: say why, exit non-zero
         print(f"gpufaas gpu-manager: {e}", file=sys.stderr)
         return 2
-    serve(runtime=runtime, host=args.host, port=args.port, name=args.name)
+    serve(
+        runtime=runtime,
+        host=args.host,
+        port=args.port,
+        name=args.name,
+        device_concurrency=args.device_concurrency or None,
+    )
     return 0

@@ -12,6 +12,7 @@ import uvicorn
 
 from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.uripolicy import UriPolicy
+from gpufaas.gpu_manager.admission import DeviceAdmission
 from gpufaas.gpu_manager.devices import (
     EXIT_DEVICE_FAILED,
     configure_process,
@@ -62,7 +63,9 @@ def build_runtime(
     )
 
 
-def serve(*, runtime: NodeRuntime, host: str, port: int, name: str) -> None:
+def serve(
+    *, runtime: NodeRuntime, host: str, port: int, name: str, device_concurrency: int | None = 4
+) -> None:
     """Serve until interrupted. ``GPUFAAS_MANAGER_TOKEN``, when set, is required of callers."""
     # Requests run in threads; one intra-op thread each keeps them from fighting over cores.
     torch.set_num_threads(1)
@@ -81,7 +84,7 @@ def serve(*, runtime: NodeRuntime, host: str, port: int, name: str) -> None:
         versions["driver_cuda"] or "none",
     )
     uvicorn.run(
-        create_app(runtime, token=token),
+        create_app(runtime, token=token, admission=DeviceAdmission(concurrency=device_concurrency)),
         host=host,
         port=port,
         log_level="warning",

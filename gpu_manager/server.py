@@ -52,6 +52,7 @@ from gpufaas.core.protocol import (
     parse_header_length,
     validate_inputs,
 )
+from gpufaas.gpu_manager.admission import AdmissionCollector, AdmissionFull, DeviceAdmission
 from gpufaas.gpu_manager.devices import device_free_bytes
 from gpufaas.gpu_manager.prefetch import add_prefetch_routes
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
@@ -190,20 +191,30 @@ class ExecutionCounts:
 class _InferMetrics:
     requests: Counter
     load_seconds: Histogram
+    # Scale-out (#16): the cluster-wide per-device bound, whichever gateway replica sends.
+    admission: DeviceAdmission
     executions: ExecutionCounts  # forward passes per request id (EXECUTIONS_PATH)
 
 
 def create_app(
-    runtime: NodeRuntime, *, limits: Limits | None = None, token: str | None = None
+    runtime: NodeRuntime,
+    *,
+    limits: Limits | None = None,
+    token: str | None = None,
+    admission: DeviceAdmission | None = None,
 ) -> ASGIApp:
     """The manager's app: :class:`InferFastPath` for inference, FastAPI for the rest; with
     ``token``, every path but health and metrics needs it as ``Authorization: Bearer <token>``
-    (the gateway sends ``GPUFAAS_MANAGER_TOKEN``)."""
+    (the gateway sends ``GPUFAAS_MANAGER_TOKEN``). ``admission`` bounds the inference requests
+    running per device, whichever gateway replica sent them (``gpu_manager/admission.py``); by
+    default 4, the gateway's default."""
+    admission = admission or DeviceAdmission(concurrency=4)
     limits = limits or Limits()
     app = FastAPI(title="gpufaas GPU manager", version="v1alpha1")
     install_error_handlers(app)
     registry = CollectorRegistry()
     registry.register(_StateCollector(runtime))
+    registry.register(AdmissionCollector(admission))
     metrics = _InferMetrics(
         requests=Counter(
             "gpufaas_manager_requests",
@@ -217,6 +228,7 @@ def create_app(
             ["device"],
             registry=registry,
         ),
+        admission=admission,
         executions=ExecutionCounts(),
     )
     add_metrics_route(app, registry)
@@ -381,14 +393,17 @@ async def answer_infer(
         else:  # text in: sentences -> token ids and mask
             text = validate_inputs(decoded, text_inputs(spec.tokenizer))
             inputs = tokenize(text[spec.tokenizer.input], spec.tokenizer)
-        outcome = await runtime.infer(
-            name,
-            inputs,
-            device_id=device_header,
-            evict_first=parse_evict_first(headers.get(EVICT_FIRST_HEADER.lower())),
-        )
+        async with metrics.admission.slot(device_header or "auto"):
+            outcome = await runtime.infer(
+                name,
+                inputs,
+                device_id=device_header,
+                evict_first=parse_evict_first(headers.get(EVICT_FIRST_HEADER.lower())),
+            )
     except RuntimeFailure as e:
         return failure_response(e)
+    except AdmissionFull as e:
+        return error_response(429, str(e), reason="Overloaded", headers={"Retry-After": "1"})
     except ProtocolError as e:
         return error_response(e.status_code, str(e), reason="InvalidRequest")
     metrics.executions.ran(decoded.id)

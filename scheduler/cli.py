@@ -14,7 +14,7 @@ import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gpufaas.core.api import ManifestError
 from gpufaas.core.commands import ManagerOptions
@@ -109,6 +109,40 @@ def parse_managers(text: str) -> dict[str, str]:
     return urls
 
 
+def _add_replica_options(parser: argparse.ArgumentParser) -> None:
+    """Scale-out (#16): this gateway as one of several replicas."""
+    parser.add_argument(
+        "--peers", default="", help="comma-separated URLs of the gateway replicas (static list)"
+    )
+    parser.add_argument(
+        "--peer-service",
+        default=None,
+        help="with --kubernetes: the gateways' headless Service, to find the replicas",
+    )
+    parser.add_argument(
+        "--replica-url",
+        default=os.environ.get("GPUFAAS_REPLICA_URL") or None,
+        help="how the peers reach this replica (default: http://HOST:PORT)",
+    )
+    parser.add_argument(
+        "--shared-port",
+        type=int,
+        default=None,
+        help="also listen on this port, shared with the other replicas (SO_REUSEPORT)",
+    )
+    _add_placement_option(parser)
+
+
+def _add_placement_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--placement-owner",
+        choices=("leader", "function"),
+        default="leader",
+        help="with replicas: which one places models, one for all (leader) or each function's "
+        "owner (docs/scheduling.md, Scale-out)",
+    )
+
+
 def _up_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpufaas up", description="Run the gateway and GPU manager(s) locally."
@@ -120,6 +154,11 @@ def _up_parser() -> argparse.ArgumentParser:
         help="manifest file or folder (repeatable); default: the bundled examples",
     )
     parser.add_argument("--nodes", type=int, default=1, help="GPU-manager processes to start")
+    # Scale-out (#16): N gateway processes sharing --port (SO_REUSEPORT), each on its own too.
+    parser.add_argument(
+        "--gateways", type=int, default=1, help="gateway replicas behind --port (default 1)"
+    )
+    _add_placement_option(parser)
     parser.add_argument(
         "--channel",
         choices=["direct", "nats", "s3"],
@@ -157,6 +196,9 @@ def up_command(argv: Sequence[str]) -> int:
 
     channel = contextlib.ExitStack()
     os.environ[CHANNEL_ENV] = run_channel(args.channel, artifact_dir().parent / "channel", channel)
+    if args.gateways != 1:  # scale-out (#16): N gateway processes
+        with channel:
+            return _up_replicas(args, paths=paths, options=options, token=token)
     with channel, run_managers(nodes=args.nodes, options=options, token=token) as urls:
         gateway = build_gateway(
             manager_urls=urls,
@@ -187,6 +229,63 @@ def _serve(gateway: Gateway, args: argparse.Namespace, *, command: str) -> int:
     return 0
 
 
+def _up_replicas(
+    args: argparse.Namespace, *, paths: Sequence[Path], options: Any, token: str
+) -> int:
+    """``gpufaas up --gateways N``: N gateway processes behind ``--port``."""
+    from gpufaas.scheduler.local import GatewayReplicaOptions, run_gateways, run_managers
+
+    if args.gateways < 1:
+        print("gpufaas up: --gateways must be at least 1", file=sys.stderr)
+        return 2
+    replica_options = GatewayReplicaOptions(
+        host=args.host,
+        shared_port=args.port,
+        functions=tuple(paths),
+        gateway_args=tuple(_gateway_args(args)),
+    )
+    with (
+        run_managers(nodes=args.nodes, options=options, token=token) as urls,
+        run_gateways(
+            replicas=args.gateways, managers=urls, options=replica_options, token=token
+        ) as replica_urls,
+    ):
+        print(
+            f"gpufaas is serving on http://{args.host}:{args.port} through "
+            f"{len(replica_urls)} gateway replicas: " + ", ".join(replica_urls),
+            flush=True,
+        )
+        wait_for_signal()
+    return 0
+
+
+def _gateway_args(args: argparse.Namespace) -> list[str]:
+    """The gateway options of ``up``, for its gateway processes."""
+    return [
+        "--policy", args.policy,
+        "--max-request-bytes", args.max_request_bytes,
+        "--sync-interval", str(args.sync_interval),
+        "--device-concurrency", str(args.device_concurrency),
+        "--max-queue-per-device", str(args.max_queue_per_device),
+        "--max-pending-per-function", str(args.max_pending_per_function),
+        "--placement-owner", args.placement_owner,
+    ]  # fmt: skip
+
+
+def wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    import logging
+    import signal
+
+    wanted = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, wanted)  # children started before keep them
+    try:
+        received = signal.sigwait(wanted)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
+    logging.getLogger(__name__).info("stopping on %s", signal.Signals(received).name)
+
+
 def _grpc_port(args: argparse.Namespace) -> int | None:
     return None if args.grpc_port < 0 else int(args.grpc_port)
 
@@ -202,11 +301,10 @@ def _gateway_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--kubernetes", action="store_true", help="learn functions and managers from the cluster"
     )
-    parser.add_argument(
-        "--watch-namespace", default=None, help="namespace to watch (default: all)"
-    )
+    parser.add_argument("--watch-namespace", default=None, help="namespace to watch (default: all)")
     parser.add_argument("--manager-service", default="gpufaas-gpu-manager")
     parser.add_argument("--manager-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
+    _add_replica_options(parser)
     return parser
 
 
@@ -240,4 +338,27 @@ def gateway_command(argv: Sequence[str]) -> int:
             manager_service=args.manager_service,
             manager_namespace=args.manager_namespace,
         )
+    if args.peers or args.peer_service:
+        from gpufaas.scheduler.replicas import enable_replicas, serve_replica
+
+        enable_replicas(
+            gateway,
+            self_url=args.replica_url or f"http://{args.host}:{args.port}",
+            peers=[u for u in args.peers.split(",") if u.strip()],
+            peer_service=args.peer_service if args.kubernetes else None,
+            namespace=args.manager_namespace,
+            ownership=args.placement_owner,
+        )
+        try:
+            serve_replica(
+                gateway=gateway,
+                host=args.host,
+                port=args.port,
+                shared_port=args.shared_port,
+                grpc_port=_grpc_port(args),
+            )
+        except OSError as e:  # a port in use: say which, no traceback
+            print(f"gpufaas gateway: {e}", file=sys.stderr)
+            return 2
+        return 0
     return _serve(gateway, args, command="gateway")

@@ -31,7 +31,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
@@ -83,6 +83,9 @@ from gpufaas.scheduler.estimates import Estimates
 from gpufaas.scheduler.policy import Decision, NoDevice, Policy, RouteRequest
 from gpufaas.scheduler.prefetch import PrefetchDriver
 from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
+
+if TYPE_CHECKING:
+    from gpufaas.scheduler.replicas import Replicas
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +317,8 @@ class Gateway:
         self._background_tasks: list[asyncio.Task[None]] = []
         # Kubernetes mode: /v2/handlers/... wakes scaled-to-zero handlers (coldstart.py).
         self.handler_activator: HandlerActivator | None = None
+        # Scale-out (scheduler/replicas.py): set when this gateway is one of several replicas.
+        self.replicas: Replicas | None = None
         # Functions with spec.parallelism: shard sets over the managers (coordinator.py).
         self.sharded = ShardedFunctions.for_cluster(self.cluster, limits=self.config.limits)
         # Predictive residency (scheduler/prefetch.py: enable_prefetch), off unless attached.
@@ -481,6 +486,15 @@ class Gateway:
                     break
                 device = self.cluster.devices[decision.device]
                 tried.add(device.key)
+                directory = self.cluster.directory
+                if self.replicas is not None and directory.state(device.key, name) is None:
+                    # A residency decision: the placement owner makes it (scale-out).
+                    size = self.model_bytes.get(name, 0)
+                    placed = await self.replicas.place(
+                        name, device.key, call=call, size_bytes=size, victims=decision.victims
+                    )
+                    if placed is not None:
+                        return placed
                 try:
                     reply = await self._run_on(device, name, decision, call, deadline=deadline)
                 except DeviceGone as e:
@@ -799,7 +813,9 @@ def _passthrough(reply: NodeReply) -> Response:
 
 def create_app(gateway: Gateway) -> ASGIApp:
     """The gateway's HTTP app: :class:`InferFastPath` for inference, FastAPI for the rest."""
-    return InferFastPath(create_api(gateway), gateway=gateway)
+    app = InferFastPath(create_api(gateway), gateway=gateway)
+    # Scale-out: the replicas' ingress marker goes in front of the hot path (replicas.py).
+    return app if gateway.replicas is None else gateway.replicas.ingress(app)
 
 
 def create_api(gateway: Gateway) -> FastAPI:
@@ -821,6 +837,8 @@ def create_api(gateway: Gateway) -> FastAPI:
         return gateway_error_response(exc)
 
     add_metrics_route(app, gateway.metrics.registry)
+    if gateway.replicas is not None:
+        gateway.replicas.install(app)
     if gateway.config.admin_token:
         install_token_auth(
             app,
@@ -843,7 +861,8 @@ def create_api(gateway: Gateway) -> FastAPI:
     @app.get("/v2/health/ready")
     async def ready() -> Response:
         if gateway.server_ready():
-            return JSONResponse({"ready": True})
+            replica = {} if gateway.replicas is None else {"replica": gateway.replicas.health()}
+            return JSONResponse({"ready": True, **replica})
         return error_response(503, "no GPU manager is reachable", reason="NoDevice")
 
     @app.get("/v2/models/{name}")

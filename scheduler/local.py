@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -55,17 +57,19 @@ def manager_command(*, name: str, port: int, options: ManagerOptions) -> list[st
 
 
 def wait_ready(
-    urls: Sequence[str], *, timeout_s: float, procs: Sequence[subprocess.Popen[bytes]]
+    urls: Sequence[str],
+    *,
+    timeout_s: float,
+    procs: Sequence[subprocess.Popen[bytes]],
+    what: str = "GPU manager",
 ) -> None:
-    """Poll each manager's readiness; fail fast if one exits."""
+    """Poll each process's readiness; fail fast if one exits."""
     deadline = time.monotonic() + timeout_s
     pending = list(urls)
     while pending:
         for proc in procs:
             if proc.poll() is not None:
-                raise RuntimeError(
-                    f"a GPU manager exited during start-up with code {proc.returncode}"
-                )
+                raise RuntimeError(f"a {what} exited during start-up with code {proc.returncode}")
         url = pending[0]
         try:
             if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
@@ -74,7 +78,7 @@ def wait_ready(
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"GPU manager at {url} was not ready within {timeout_s:.0f} s")
+            raise RuntimeError(f"{what} at {url} was not ready within {timeout_s:.0f} s")
         time.sleep(0.1)
 
 
@@ -119,3 +123,68 @@ def run_managers(
         yield urls
     finally:
         stop_processes(procs)
+
+
+# -- scale-out: several gateway replicas (#16) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatewayReplicaOptions:
+    host: str
+    shared_port: int  # every replica listens here too (SO_REUSEPORT): the one address for clients
+    functions: tuple[Path, ...]
+    gateway_args: tuple[str, ...] = ()  # policy, bounds, sync interval: the same for each
+
+
+def gateway_command(
+    *, port: int, peers: Sequence[str], managers: dict[str, str], options: GatewayReplicaOptions
+) -> list[str]:
+    command = [
+        sys.executable, "-m", "gpufaas.core.cli", "gateway",
+        "--host", options.host,
+        "--port", str(port),
+        "--shared-port", str(options.shared_port),
+        "--replica-url", f"http://{options.host}:{port}",
+        "--peers", ",".join(peers),
+        "--managers", ",".join(f"{name}={url}" for name, url in managers.items()),
+        "--grpc-port", "-1",  # replicas on one machine would all want the same gRPC port
+        *options.gateway_args,
+    ]  # fmt: skip
+    for path in options.functions:
+        command += ["--functions", str(path)]
+    return command
+
+
+@contextlib.contextmanager
+def run_gateways(
+    *,
+    replicas: int,
+    managers: dict[str, str],
+    options: GatewayReplicaOptions,
+    token: str | None = None,
+    start_timeout_s: float = 120.0,
+) -> Iterator[list[str]]:
+    """Start ``replicas`` gateway processes, each on its own port and on the shared one;
+    yields their own URLs once every one is ready. They find each other from the list."""
+    ports = [free_port(options.host) for _ in range(replicas)]
+    urls = [f"http://{options.host}:{port}" for port in ports]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if token:
+        env["GPUFAAS_MANAGER_TOKEN"] = token
+    # Peers talk over the replicas' own ports: other local users must not post residency events.
+    env["GPUFAAS_PEER_TOKEN"] = os.environ.get("GPUFAAS_PEER_TOKEN") or _token()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for port in ports:
+            command = gateway_command(port=port, peers=urls, managers=managers, options=options)
+            procs.append(subprocess.Popen(command, env=env, preexec_fn=die_with_parent))
+        wait_ready(urls, timeout_s=start_timeout_s, procs=procs, what="gateway replica")
+        yield urls
+    finally:
+        stop_processes(procs)
+
+
+def _token() -> str:
+    import secrets
+
+    return secrets.token_urlsafe(32)

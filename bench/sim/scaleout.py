@@ -1,0 +1,533 @@
+"""Gateway scale-out (#16): the same trace through 1, 2 and 4 gateway replicas.
+
+    python bench/lalb.py --mode live --gateways 1,2,4 --wss 16 --zipf 1.1 --live-requests 800
+
+For each replica count this starts ``gpufaas up --gateways N`` (N gateway processes, each on its
+own port and on one shared port) over the same GPU managers' configuration, and:
+
+1. **Trace.** Replays the Zipf/Poisson trace open-loop, request ``i`` to replica ``i mod N`` (as a
+   Service spreads connections). Misses are counted **at the GPU managers**
+   (``gpufaas_manager_requests_total{cache="miss"}``), not by the gateways, so a replica cannot
+   hide a blind load. Latency (mean, p99) is measured at the client after the first 10%.
+2. **Saturation.** A closed loop of ``--saturation-clients`` clients, spread over the replicas,
+   sends the trace's requests back to back for ``--saturation-seconds``: throughput, and the CPU
+   seconds each gateway process and each manager spent (``/proc``), per request.
+3. **Decision cost.** The p99 of what scale-out adds to a routing decision (ring lookup, the
+   ownership test), measured in this process.
+
+Everything shares this machine's cores, the load generator included; every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from .live import _request_bodies, _stop, write_functions
+from .workload import make_trace
+
+DEFAULT_GATEWAYS = (1, 2, 4)
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("live scale-out (--mode live --gateways N,...)")
+    group.add_argument(
+        "--gateways",
+        default=None,
+        help="gateway replica counts to compare, e.g. 1,2,4 (live mode; default: no scale-out run)",
+    )
+    group.add_argument("--saturation-seconds", type=float, default=10.0)
+    group.add_argument("--saturation-clients", type=int, default=32)
+    group.add_argument("--sync-interval", type=float, default=5.0)
+    group.add_argument(
+        "--ownership",
+        default="leader",
+        help="placement owner(s) to compare: leader, function, or both (leader,function)",
+    )
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime
+
+
+def _processes(leader: int) -> dict[str, list[int]]:
+    """The gateway and manager processes of one ``gpufaas up`` (its children, and itself when it
+    runs the gateway in-process)."""
+    out: dict[str, list[int]] = {"gateway": [], "manager": []}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat[1]) != leader:
+            continue
+        if b"gpu-manager" in cmdline:
+            out["manager"].append(int(entry.name))
+        elif b"gateway" in cmdline:
+            out["gateway"].append(int(entry.name))
+    if not out["gateway"]:
+        out["gateway"].append(leader)  # one gateway: it runs inside `gpufaas up`
+    return out
+
+
+def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
+    return {kind: sum(_cpu_seconds(p) for p in group) for kind, group in pids.items()}
+
+
+def _start(
+    args: argparse.Namespace,
+    *,
+    gateways: int,
+    ownership: str,
+    functions_dir: Path,
+    home: Path,
+    log: Path,
+) -> tuple[Any, str]:
+    import subprocess
+    import sys
+
+    from gpufaas.scheduler.local import free_port
+
+    port = free_port()
+    command = [
+        sys.executable, "-m", "gpufaas.core.cli", "up",
+        "--gateways", str(gateways),
+        "--nodes", str(args.nodes),
+        "--cpu-devices", str(args.cpu_devices),
+        "--device-memory", args.live_device_memory,
+        "--host-memory", "1Ki",
+        "--policy", "lalb",
+        "--sync-interval", str(args.sync_interval),
+        "--placement-owner", ownership,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--functions", str(functions_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "GPUFAAS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _replica_urls(proc: Any, url: str, *, gateways: int, wss: int, log: Path) -> list[str]:
+    """Wait until every replica is ready (and, with several, sees all its peers)."""
+    deadline = time.monotonic() + 240
+    urls = [url]
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"gpufaas up exited with {proc.returncode}; see {log}")
+        if gateways > 1:
+            found = re.search(r"gateway replicas: (.*)$", log.read_text(errors="replace"), re.M)
+            if not found:
+                time.sleep(0.5)
+                continue
+            urls = [u.strip() for u in found.group(1).split(",")]
+        try:
+            ok = True
+            for u in urls:
+                ready = httpx.get(f"{u}/v2/health/ready", timeout=2)
+                body = ready.json() if ready.status_code == 200 else {}
+                index = httpx.post(f"{u}/v2/repository/index", timeout=2).json()
+                mode = body.get("replica", {}).get("mode", "single")
+                ok = ok and bool(body) and len(index) >= wss and mode in ("single", "coordinated")
+            if ok:
+                return urls
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"gpufaas up --gateways {gateways} was not ready within 240 s; see {log}")
+
+
+def _manager_urls(url: str) -> list[str]:
+    nodes = httpx.get(f"{url}/v2/gpufaas/cluster", timeout=10).json()["nodes"]
+    return [n["url"] for n in nodes]
+
+
+def _manager_lookups(urls: list[str]) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {"hit": 0.0, "miss": 0.0}
+    for url in urls:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "gpufaas_manager_requests_total":
+                    counts[sample.labels["cache"]] += sample.value
+    return counts
+
+
+def _replica_counters(urls: list[str]) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {"forwarded": 0.0, "owned": 0.0, "events": 0.0}
+    names = {
+        "gpufaas_replica_forwarded_requests_total": "forwarded",
+        "gpufaas_replica_owned_requests_total": "owned",
+        "gpufaas_replica_residency_events_total": "events",
+    }
+    for url in urls:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = names.get(sample.name)
+                if key == "events" and sample.labels.get("direction") != "published":
+                    continue
+                if key is not None:
+                    out[key] += sample.value
+    return out
+
+
+def _warm_up(urls: list[str], names: list[str], body: bytes) -> None:
+    """Two requests per function, one at a time, spread over the replicas: every manager
+    process has loaded models (torch's first load in a process is slow) before the trace."""
+    headers = {"content-type": "application/json"}
+    for i, name in enumerate(names * 2):
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(
+                f"{urls[(i + i // len(names)) % len(urls)]}/v2/models/{name}/infer",
+                content=body,
+                headers=headers,
+                timeout=60,
+            )
+
+
+# -- load ------------------------------------------------------------------------------------------
+
+
+async def _open_loop(
+    urls: list[str], *, arrivals_ms: list[float], names: list[str], body: bytes, max_s: float
+) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = [{} for _ in names]
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    clients = [httpx.AsyncClient(base_url=u, timeout=60.0, limits=limits) for u in urls]
+    headers = {"content-type": "application/json"}
+
+    async def one(i: int) -> None:
+        started = time.perf_counter()
+        try:
+            response = await clients[i % len(clients)].post(
+                f"/v2/models/{names[i]}/infer", content=body, headers=headers
+            )
+        except httpx.HTTPError as e:
+            results[i] = {"error": type(e).__name__}
+            return
+        results[i] = {
+            "status": response.status_code,
+            "latency_ms": (time.perf_counter() - started) * 1000,
+            "hit": response.headers.get("x-gpufaas-cache") == "hit",
+        }
+
+    try:
+        begin = time.perf_counter()
+        tasks = []
+        for i, at_ms in enumerate(arrivals_ms):
+            if time.perf_counter() - begin > max_s:
+                break
+            delay = begin + at_ms / 1000 - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        _, pending = await asyncio.wait(tasks, timeout=max(5.0, max_s)) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+    return results
+
+
+async def _closed_loop(
+    urls: list[str], *, names: list[str], body: bytes, clients: int, seconds: float
+) -> tuple[int, int]:
+    """``clients`` loops sending back to back for ``seconds``; (answered 200, failed)."""
+    ok = failed = 0
+    position = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    pool = [httpx.AsyncClient(base_url=u, timeout=60.0, limits=limits) for u in urls]
+    headers = {"content-type": "application/json"}
+    stop_at = time.perf_counter() + seconds
+
+    async def loop(k: int) -> None:
+        nonlocal ok, failed, position
+        client = pool[k % len(pool)]
+        while time.perf_counter() < stop_at:
+            name = names[position % len(names)]
+            position += 1
+            try:
+                response = await client.post(
+                    f"/v2/models/{name}/infer", content=body, headers=headers
+                )
+                if response.status_code == 200:
+                    ok += 1
+                else:
+                    failed += 1
+            except httpx.HTTPError:
+                failed += 1
+
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(*(loop(k) for k in range(clients))), timeout=seconds + 60
+        )
+    finally:
+        await asyncio.gather(*(c.aclose() for c in pool))
+    return ok, failed
+
+
+# -- the experiment --------------------------------------------------------------------------------
+
+
+def _one(
+    args: argparse.Namespace,
+    *,
+    gateways: int,
+    root: Path,
+    wss: int,
+    trace: Any,
+    names: list[str],
+    body: bytes,
+    label: str,
+    ownership: str,
+) -> dict[str, Any]:
+    log = root / f"{label}.log"
+    proc, url = _start(
+        args,
+        gateways=gateways,
+        ownership=ownership,
+        functions_dir=root / "functions",
+        home=root / label,
+        log=log,
+    )
+    try:
+        urls = _replica_urls(proc, url, gateways=gateways, wss=wss, log=log)
+        managers = _manager_urls(urls[0])
+        pids = _processes(proc.pid)
+        _warm_up(urls, sorted(set(names)), body)
+        time.sleep(args.sync_interval + 0.5)  # every gateway has synced with the managers
+        before = _manager_lookups(managers)
+        replicas_before = _replica_counters(urls)
+        results = asyncio.run(
+            _open_loop(
+                urls,
+                arrivals_ms=trace.arrival_ms.tolist(),
+                names=names,
+                body=body,
+                max_s=args.live_seconds,
+            )
+        )
+        after = _manager_lookups(managers)
+        replicas_after = _replica_counters(urls)
+        cpu_before = _cpu(pids)
+        started = time.perf_counter()
+        ok, failed = asyncio.run(
+            _closed_loop(
+                urls,
+                names=names,
+                body=body,
+                clients=args.saturation_clients,
+                seconds=args.saturation_seconds,
+            )
+        )
+        elapsed = time.perf_counter() - started
+        cpu_after = _cpu(pids)
+    finally:
+        _stop(proc)
+    skip = len(results) // 10
+    measured = results[skip:]
+    latency = np.asarray([r["latency_ms"] for r in measured if r.get("status") == 200])
+    hits = np.asarray([r["latency_ms"] for r in measured if r.get("status") == 200 and r["hit"]])
+    misses = np.asarray(
+        [r["latency_ms"] for r in measured if r.get("status") == 200 and not r["hit"]]
+    )
+    served = [r for r in results if r.get("status") == 200]
+    gateway_cpu = cpu_after["gateway"] - cpu_before["gateway"]
+    manager_cpu = cpu_after["manager"] - cpu_before["manager"]
+    return {
+        "gateways": gateways,
+        "ownership": ownership if gateways > 1 else "-",
+        "misses_at_managers": int(after["miss"] - before["miss"]),
+        "hits_at_managers": int(after["hit"] - before["hit"]),
+        "answered": len(served),
+        "errors": len(results) - len(served),
+        "mean_ms": float(latency.mean()) if len(latency) else math.nan,
+        "p99_ms": float(np.percentile(latency, 99)) if len(latency) else math.nan,
+        "p50_ms": float(np.percentile(latency, 50)) if len(latency) else math.nan,
+        "hit_mean_ms": float(hits.mean()) if len(hits) else math.nan,
+        "hit_p99_ms": float(np.percentile(hits, 99)) if len(hits) else math.nan,
+        "miss_mean_ms": float(misses.mean()) if len(misses) else math.nan,
+        "forwarded": int(replicas_after["forwarded"] - replicas_before["forwarded"]),
+        "owned": int(replicas_after["owned"] - replicas_before["owned"]),
+        "events": int(replicas_after["events"] - replicas_before["events"]),
+        "saturation_rps": ok / elapsed,
+        "saturation_failed": failed,
+        "gateway_cpu_ms_per_request": 1000 * gateway_cpu / ok if ok else math.nan,
+        "manager_cpu_ms_per_request": 1000 * manager_cpu / ok if ok else math.nan,
+    }
+
+
+def decision_overhead_us(*, calls: int = 200_000, replicas: int = 4) -> dict[str, float]:
+    """p50/p99 (us) of what scale-out adds to one routing decision: the owner lookup and the
+    residency test (``directory.state``) the gateway makes before a placement, and
+    :meth:`Replicas.admit`. Forwarding is excluded."""
+    from prometheus_client import CollectorRegistry
+
+    from gpufaas.cache import ClusterDirectory
+    from gpufaas.scheduler.peers import Membership, static_peers
+    from gpufaas.scheduler.replicas import Replicas
+
+    async def measure() -> dict[str, float]:
+        urls = [f"http://10.0.0.{i}:8080" for i in range(replicas)]
+        membership = Membership(self_url=urls[0], discover=static_peers(urls))
+        membership.adopt(urls)
+        directory = ClusterDirectory()
+        for d in range(8):
+            directory.add_device(f"n{d // 2}/{d % 2}", capacity_bytes=1 << 30, node=f"n{d // 2}")
+        names = [f"function-{i}" for i in range(1000)]
+        for i, name in enumerate(names[:200]):
+            directory.note_loaded(f"n{i % 4}/{i % 2}", name, size_bytes=1 << 20)
+        owner = Replicas(
+            membership=membership,
+            directory=directory,
+            registry=CollectorRegistry(),
+            own_misses=lambda: 0.0,
+        )
+        samples = np.empty(calls, dtype=np.int64)
+        clock = time.perf_counter_ns
+        for i in range(calls):
+            name = names[(i * 7919) % len(names)]
+            t0 = clock()
+            owner.admit(name, forwarded_by=None)
+            if directory.state("n0/0", name) is None:
+                owner._owner_elsewhere(name)
+            samples[i] = clock() - t0
+        await membership.close()
+        return {
+            "p50_us": float(np.percentile(samples, 50)) / 1000,
+            "p99_us": float(np.percentile(samples, 99)) / 1000,
+        }
+
+    return asyncio.run(measure())
+
+
+def run_scaleout(args: argparse.Namespace, *, wss: int) -> dict[str, Any]:
+    from gpufaas.core.examples import build_examples
+
+    counts = [int(n) for n in args.gateways.split(",") if n.strip()]
+    if not counts or min(counts) < 1:
+        raise SystemExit("--gateways: replica counts >= 1, e.g. 1,2,4")
+    args.live_device_memory = args.live_device_memory or "24Ki"
+    trace = make_trace(
+        wss=wss,
+        n_requests=args.live_requests,
+        rate_per_s=args.live_rate,
+        zipf_s=args.zipf,
+        seed=args.seed,
+    )
+    picks = trace.model.tolist()
+    out: dict[str, Any] = {"runs": []}
+    with tempfile.TemporaryDirectory(prefix="gpufaas-scaleout-") as tmp:
+        root = Path(tmp)
+        build_examples(root / "models", names=("tiny-mlp",), progress=False)
+        functions = write_functions(
+            root / "functions", root / "models", wss=wss, kinds=("tiny-mlp",)
+        )
+        names = [functions[m]["name"] for m in picks]
+        body = _request_bodies()["tiny-mlp"]
+        ownerships = [o.strip() for o in args.ownership.split(",") if o.strip()]
+        for gateways in counts:
+            for ownership in ownerships if gateways > 1 else ownerships[:1]:
+                run = _one(
+                    args,
+                    gateways=gateways,
+                    root=root,
+                    wss=wss,
+                    trace=trace,
+                    names=names,
+                    body=body,
+                    label=f"g{gateways}-{ownership}",
+                    ownership=ownership,
+                )
+                out["runs"].append(run)
+    out["decision_overhead"] = decision_overhead_us()
+    out["_setup"] = {
+        "wss": wss,
+        "requests": args.live_requests,
+        "rate_per_s": args.live_rate,
+        "zipf": args.zipf,
+        "seed": args.seed,
+        "devices": f"{args.nodes} nodes x {args.cpu_devices} CPU devices of {args.live_device_memory}",
+        "saturation": f"{args.saturation_clients} closed-loop clients for {args.saturation_seconds} s",
+    }
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    runs = result["runs"]
+    base = runs[0]
+    lines = [
+        "gateways  owner     misses@mgr  vs 1   mean ms  p99 ms  vs 1   errors  fwd   owned  "
+        "sat req/s  vs 1   gw cpu ms/req  mgr cpu ms/req",
+    ]
+    for r in runs:
+        lines.append(
+            f"{r['gateways']:>8}  {r['ownership']:<8}  {r['misses_at_managers']:>10}  "
+            f"{_ratio(r['misses_at_managers'], base['misses_at_managers']):>4}  "
+            f"{r['mean_ms']:>7.1f}  {r['p99_ms']:>6.1f}  {_ratio(r['p99_ms'], base['p99_ms']):>4}  "
+            f"{r['errors']:>6}  {r['forwarded']:>4}  {r['owned']:>5}  "
+            f"{r['saturation_rps']:>9.0f}  {_ratio(r['saturation_rps'], base['saturation_rps']):>4}  "
+            f"{r['gateway_cpu_ms_per_request']:>13.2f}  {r['manager_cpu_ms_per_request']:>14.2f}"
+        )
+    lines.append("gateways  owner     p50 ms  hit mean  hit p99  miss mean  sat failed")
+    for r in runs:
+        lines.append(
+            f"{r['gateways']:>8}  {r['ownership']:<8}  {r['p50_ms']:>6.1f}  {r['hit_mean_ms']:>8.1f}  "
+            f"{r['hit_p99_ms']:>7.1f}  {r['miss_mean_ms']:>9.1f}  {r['saturation_failed']:>10}"
+        )
+    overhead = result["decision_overhead"]
+    lines.append(
+        f"scale-out decision overhead: p50 {overhead['p50_us']:.2f} us, p99 {overhead['p99_us']:.2f} us"
+    )
+    setup = result["_setup"]
+    lines.append(
+        f"setup: {setup['devices']}; {setup['wss']} tiny-mlp functions, Zipf {setup['zipf']}, "
+        f"{setup['requests']} requests at {setup['rate_per_s']}/s, seed {setup['seed']}; "
+        f"saturation: {setup['saturation']}"
+    )
+    return "\n".join(lines)
+
+
+def _ratio(value: float, base: float) -> str:
+    if not base or math.isnan(base) or math.isnan(value):
+        return "-"
+    return f"{value / base:.2f}"
+
+
+def mean_and_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of a normal 95% interval (0 for one value)."""
+    if len(values) < 2:
+        return (values[0] if values else math.nan), 0.0
+    return statistics.fmean(values), 1.96 * statistics.stdev(values) / math.sqrt(len(values))

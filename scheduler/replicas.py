@@ -1,0 +1,567 @@
+"""Gateway scale-out: N replicas that schedule as one (see docs/scheduling.md, "Scale-out").
+
+Each function has one *owner* among the live replicas (:class:`~gpufaas.scheduler.ring.Ring`,
+rendezvous hashing over :class:`~gpufaas.scheduler.peers.Membership`). The owner makes every
+residency decision for its functions; any replica serves a request whose model its view already
+places on the chosen device. Per request, in the gateway:
+
+1. :meth:`Replicas.admit` (at ingress): counts the request as owned or not, and carries the
+   forwarded marker so that a forwarded request is never forwarded again.
+2. The policy chooses a device as with one gateway. If the model is already there (resident or
+   loading, as this replica's view says), the request is dispatched here: no hop.
+3. Otherwise the decision would change residency, and :meth:`Replicas.place` sends the request
+   to the function's owner, which decides with its own view (and the same code). If this
+   replica is the owner, or the owner cannot be reached, it places the model here and
+   publishes the load (device, model, size, victims) to every peer, which notes it in its own
+   directory: the next request for the model, anywhere, finds it there.
+
+So two replicas never load the same model blindly, a burst for a cold model waits for the one
+load its owner started, and every replica's view of every device follows the others' loads
+within one event flush (milliseconds), not one sync interval. Cluster-wide per-device
+concurrency is enforced by the GPU managers (``gpu_manager/admission.py``), which see every
+replica's requests; each replica bounds its own device queues to its share of
+``max_queue_per_device``.
+
+Faults: a peer that fails to connect is marked unreachable at once and leaves the ring (its
+functions move to the others); the request that found it dead is placed here instead, so it
+is answered once. A replica that reaches no peer owns everything: it schedules locally and says
+so (``gpufaas_replica_mode`` and ``/v2/health/ready``). Heartbeats every sync interval bring
+peers back and pick up membership changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
+from gpufaas.core.http import error_response, install_token_auth
+from gpufaas.scheduler.peers import EVENTS_PATH, HEARTBEAT_PATH, PEER_PATHS, Membership
+from gpufaas.scheduler.ring import Ring
+from gpufaas.scheduler.transport import NodeReply
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from gpufaas.scheduler.estimates import Estimates
+    from gpufaas.scheduler.gateway import Gateway, NodeCall
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FORWARDED_HEADER", "Replicas", "attach_replicas"]
+
+# Set on a request a replica forwards to the function's owner; the owner never forwards it on.
+FORWARDED_HEADER = "x-gpufaas-forwarded-by"
+_FORWARDED_HEADER_BYTES = FORWARDED_HEADER.encode()
+_MODES = ("single", "coordinated", "degraded", "local")
+_MAX_EVENTS_PER_POST = 4096
+# leader: one replica (the ring's owner of this key) places every model, as one gateway would;
+# function: each function's owner places it (decisions spread, but owners race for devices).
+Ownership = Literal["leader", "function"]
+_PLACEMENT_KEY = "\x00placement"
+# True while a request forwarded by a peer is handled here (set by Replicas.admit, per request).
+_FORWARDED_IN: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "gpufaas_forwarded_in", default=False
+)
+
+
+class ReplicaMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.owned = Counter(
+            "gpufaas_replica_owned_requests",
+            "Requests received for functions this replica owns (forwarded ones included)",
+            registry=registry,
+        )
+        self.forwarded = Counter(
+            "gpufaas_replica_forwarded_requests",
+            "Requests this replica sent to the function's owner (a residency decision)",
+            ["peer"],
+            registry=registry,
+        )
+        self.forwarded_in = Counter(
+            "gpufaas_replica_forwarded_in_requests",
+            "Requests a peer forwarded here as the function's owner",
+            registry=registry,
+        )
+        self.forward_failures = Counter(
+            "gpufaas_replica_forward_failures",
+            "Forwards that failed to reach the owner (the request was placed here instead)",
+            registry=registry,
+        )
+        self.events = Counter(
+            "gpufaas_replica_residency_events",
+            "Residency events (loads) published to peers, or applied from them",
+            ["direction"],
+            registry=registry,
+        )
+        self.mode = Gauge(
+            "gpufaas_replica_mode",
+            "1 for this replica's coordination mode: single, coordinated, degraded (some peers "
+            "unreachable), local (no peer reachable: scheduling alone)",
+            ["mode"],
+            registry=registry,
+        )
+        self.peers = Gauge(
+            "gpufaas_replica_peers", "Peers by reachability", ["state"], registry=registry
+        )
+        self.cluster_misses = Gauge(
+            "gpufaas_replica_cluster_misses",
+            "Device-cache misses seen by every replica together (this one, plus each peer's "
+            "last heartbeat)",
+            registry=registry,
+        )
+
+
+class Replicas:
+    """Ownership, forwarding and residency events of one gateway replica."""
+
+    def __init__(
+        self,
+        *,
+        membership: Membership,
+        directory: ClusterDirectory,
+        registry: CollectorRegistry,
+        own_misses: Callable[[], float],
+        on_members: Callable[[int], None] = lambda live: None,
+        flush_delay_s: float = 0.002,
+        token: str | None = None,
+        known_size: Callable[[str], int | None] = lambda model: None,
+        ownership: Ownership = "leader",
+    ) -> None:
+        if ownership not in ("leader", "function"):
+            raise ValueError(f"ownership must be 'leader' or 'function', got {ownership!r}")
+        self.ownership: Ownership = ownership
+        self.membership = membership
+        self.token = token
+        self.known_size = known_size
+        self.directory = directory
+        self.own_misses = own_misses
+        self.on_members = on_members
+        self.flush_delay_s = flush_delay_s
+        self.ring = Ring([membership.self_id])
+        self.metrics = ReplicaMetrics(registry)
+        self._outbox: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self.metrics.cluster_misses.set_function(self.cluster_misses)
+        self._update_ring()
+
+    @property
+    def self_id(self) -> str:
+        return self.membership.self_id
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    def _update_ring(self) -> None:
+        live = self.membership.live()
+        if self.ring.set_members(live):
+            logger.info("gateway replicas now %s (%s)", sorted(live), self.membership.mode)
+        self.on_members(len(live))
+        for mode in _MODES:
+            self.metrics.mode.labels(mode).set(1 if mode == self.membership.mode else 0)
+        peers = self.membership.peers.values()
+        reachable = sum(p.reachable for p in peers)
+        self.metrics.peers.labels("reachable").set(reachable)
+        self.metrics.peers.labels("unreachable").set(len(peers) - reachable)
+
+    def owner(self, name: str) -> str:
+        """The replica that makes ``name``'s residency decisions."""
+        return self.ring.owner(name if self.ownership == "function" else _PLACEMENT_KEY)
+
+    def admit(self, name: str, *, forwarded_by: str | None) -> None:
+        """At ingress (:class:`_IngressMarker`, per request): count the request as owned or
+        not, and remember for this request's task whether a peer forwarded it here."""
+        if forwarded_by:
+            self.metrics.forwarded_in.inc()
+            _FORWARDED_IN.set(True)  # this request's own task: see count_requests_once
+        if forwarded_by or self.owner(name) == self.self_id:
+            self.metrics.owned.inc()
+
+    def _owner_elsewhere(self, name: str) -> str | None:
+        if _FORWARDED_IN.get():
+            return None  # the sender chose us as the owner: decide here, whatever our ring says
+        owner = self.owner(name)
+        return None if owner == self.self_id else owner
+
+    async def place(
+        self,
+        name: str,
+        device_key: str,
+        *,
+        call: NodeCall,
+        size_bytes: int,
+        victims: Sequence[str],
+    ) -> NodeReply | None:
+        """A decision that loads ``name`` on ``device_key``: the owner's answer if another
+        replica owns the placement, else None, and the load is published (place it here)."""
+        owner = self._owner_elsewhere(name)
+        # Only inference is forwarded (the owner's gateway serves the same call); an admin load
+        # is placed where it lands.
+        if owner is not None and call.path.endswith("/infer"):
+            reply = await self._forward(owner, call)
+            if reply is not None:
+                return reply
+        # Publish every victim this load will take, as predicted here (the hint first, then
+        # least recently used): the peers' own LRU orders differ from ours.
+        planned = list(victims)
+        with contextlib.suppress(InsufficientCapacity, UnknownKey):
+            planned = self.directory.plan_dispatch(
+                device_key, name, size_bytes=size_bytes, prefer=victims
+            )
+        self.publish(device_key, name, size_bytes=size_bytes, victims=planned)
+        return None
+
+    async def _forward(self, owner: str, call: NodeCall) -> NodeReply | None:
+        peer = self.membership.peer(owner)
+        if peer is None:
+            return None
+        self.metrics.forwarded.labels(owner).inc()
+        try:
+            response = await peer.client.post(
+                call.path,
+                content=bytes(call.body),
+                headers={**call.headers, FORWARDED_HEADER: self.self_id},
+            )
+        except httpx.TransportError as e:
+            # Connection refused or reset: the owner is gone. Serve here (inference is
+            # idempotent: the client still gets exactly one answer).
+            self.metrics.forward_failures.inc()
+            if self.membership.mark_unreachable(owner, e):
+                self._update_ring()
+            return None
+        return NodeReply(
+            status=response.status_code,
+            headers={k.lower(): v for k, v in response.headers.items()},
+            body=response.content,
+        )
+
+    # -- residency events --------------------------------------------------------------------
+
+    def publish(
+        self, device_key: str, model: str, *, size_bytes: int, victims: Sequence[str]
+    ) -> None:
+        """Tell every peer that ``model`` is being loaded on ``device_key`` (evicting
+        ``victims`` first); sent in a batch within ``flush_delay_s``."""
+        if not self.membership.peers:
+            return
+        self._outbox.append(
+            {"device": device_key, "model": model, "size": size_bytes, "victims": list(victims)}
+        )
+        self._wake.set()
+
+    def apply(self, events: Sequence[Mapping[str, Any]]) -> int:
+        """Note a peer's loads in this replica's directory; returns how many were new here."""
+        applied = 0
+        directory = self.directory
+        for event in events:
+            device, model = str(event["device"]), str(event["model"])
+            if device not in directory or directory.state(device, model) is not None:
+                continue
+            victims = [str(v) for v in event.get("victims") or []]
+            size = int(event.get("size") or 0)
+            known = self.known_size(model)
+            if known is not None and known <= directory.capacity_bytes(device):
+                size = known  # the owner may only have had the spec's hint
+            for victim in victims:  # gone, whatever our own LRU order says
+                directory.note_evicted(device, victim)
+            try:
+                directory.note_dispatch(device, model, size_bytes=size)
+            except InsufficientCapacity:
+                # Our view of the device is fuller than the owner's: the model is there all
+                # the same (its size comes with the next sync).
+                with contextlib.suppress(InsufficientCapacity):
+                    directory.note_dispatch(device, model, size_bytes=0)
+            applied += 1
+        self.metrics.events.labels("applied").inc(applied)
+        return applied
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.flush_delay_s)  # gather a burst into one post
+            self._wake.clear()
+            events, self._outbox = (
+                self._outbox[:_MAX_EVENTS_PER_POST],
+                self._outbox[_MAX_EVENTS_PER_POST:],
+            )
+            if self._outbox:
+                self._wake.set()
+            if events:
+                await self._send(events)
+
+    async def _send(self, events: list[dict[str, Any]]) -> None:
+        peers = [p for p in self.membership.peers.values() if p.reachable]
+
+        async def one(peer_id: str, client: httpx.AsyncClient) -> None:
+            try:
+                response = await client.post(
+                    EVENTS_PATH, json={"from": self.self_id, "events": events}, timeout=2.0
+                )
+                response.raise_for_status()
+            except httpx.HTTPError as e:
+                if self.membership.mark_unreachable(peer_id, e):
+                    self._update_ring()
+
+        await asyncio.gather(*(one(p.id, p.client) for p in peers))
+        self.metrics.events.labels("published").inc(len(events))
+
+    # -- membership --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, *, interval_s: float) -> None:
+        """Heartbeats every ``interval_s`` and the event flusher, until ``stop`` is set."""
+        flusher = asyncio.create_task(self._flush_forever(), name="gpufaas-replica-events")
+        try:
+            while not stop.is_set():
+                await self.membership.refresh()
+                self._update_ring()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        finally:
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+            await self.membership.close()
+
+    def cluster_misses(self) -> float:
+        peers = self.membership.peers.values()
+        return self.own_misses() + sum(float(p.report.get("misses", 0)) for p in peers)
+
+    def health(self) -> dict[str, Any]:
+        placement: dict[str, str] = {"placement": self.ownership}
+        if self.ownership == "leader":
+            placement["placement_owner"] = self.owner("")
+        return {**self.membership.health(), **placement}
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def ingress(self, app: ASGIApp) -> ASGIApp:
+        """``app`` behind the ingress marker (:meth:`admit` for each inference request); it
+        must be the outermost layer, ahead of the gateway's own fast path."""
+        return _IngressMarker(app, replicas=self)
+
+    def install(self, app: FastAPI) -> None:
+        """The peer routes (heartbeat, events); with a token, peers must present it."""
+        if self.token:
+            install_token_auth(
+                app,
+                token=self.token,
+                protect=lambda path: path.startswith(PEER_PATHS),
+                realm="the gateway's peer API",
+            )
+
+        @app.get(HEARTBEAT_PATH)
+        async def heartbeat() -> JSONResponse:
+            return JSONResponse(self.membership.heartbeat())
+
+        @app.post(EVENTS_PATH)
+        async def events(request: Request) -> Response:
+            try:
+                body = await request.json()
+                listed = body["events"]
+                if not isinstance(listed, list):
+                    raise TypeError("events must be a list")
+                applied = self.apply(listed)
+            except (ValueError, KeyError, TypeError) as e:
+                return error_response(400, f"bad residency events: {e}", reason="InvalidEvents")
+            return JSONResponse({"applied": applied})
+
+
+_INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+
+
+class _IngressMarker:
+    """Pure ASGI middleware (no task of its own, so the context variable it sets is the
+    request's): :meth:`Replicas.admit` for every inference request."""
+
+    def __init__(self, app: ASGIApp, *, replicas: Replicas) -> None:
+        self.app = app
+        self.replicas = replicas
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            found = _INFER_PATH.match(scope["path"])
+            if found is not None:
+                marker = next((v for k, v in scope["headers"] if k == _FORWARDED_HEADER_BYTES), b"")
+                self.replicas.admit(found.group(1), forwarded_by=marker.decode() or None)
+        await self.app(scope, receive, send)
+
+
+def count_requests_once(estimates: Estimates) -> None:
+    """Popularity from each replica's own ingress only.
+
+    The Service spreads requests evenly, so each replica's ingress is a fair sample of the
+    cluster's stream and its shares are unbiased. A request forwarded to the owner was counted
+    by the replica that received it; counting it again at the owner would inflate exactly the
+    models that miss (only placements are forwarded), and make the owner evict hot models for
+    them. The policy counts every request it routes (``observe_request`` in ``choose``), so a
+    forwarded one is skipped here.
+    TODO(dataplane): a ``choose(..., observe=False)`` would replace this wrapper.
+    """
+    observe = estimates.observe_request
+
+    def observe_request(model: str) -> None:
+        if not _FORWARDED_IN.get():
+            observe(model)
+
+    estimates.observe_request = observe_request  # type: ignore[method-assign]
+
+
+def attach_replicas(
+    gateway: Gateway,
+    *,
+    self_url: str,
+    discover: Callable[[], Awaitable[list[str]]],
+    token: str | None,
+    ownership: Ownership = "leader",
+) -> Replicas:
+    """Make ``gateway`` one replica among those ``discover`` lists (``self_url`` is how they
+    reach it). Heartbeats follow the gateway's sync interval."""
+    registry = gateway.metrics.registry
+    lookups = gateway.metrics.cache
+    max_queue = gateway.config.max_queue_per_device
+    concurrency = gateway.config.device_concurrency
+
+    def own_misses() -> float:
+        # This counter alone: collecting the registry would call the cluster-misses gauge.
+        return sum(
+            sample.value
+            for family in lookups.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total") and sample.labels.get("result") == "miss"
+        )
+
+    def on_members(live: int) -> None:
+        # Each replica's share of a device's slots and queue, so that together they keep
+        # near the bounds (the GPU manager enforces the slots exactly), and so that a replica
+        # sees a device as busy when the cluster keeps it busy: LALB then weighs its queue.
+        dispatcher = gateway.dispatcher
+        dispatcher.concurrency = max(1, math.ceil(concurrency / live))
+        dispatcher.max_queue = max(1, math.ceil(max_queue / live))
+
+    membership = Membership(
+        self_url=self_url,
+        discover=discover,
+        token=token,
+        heartbeat=lambda: {"misses": own_misses(), "at": time.time()},
+    )
+    replicas = Replicas(
+        membership=membership,
+        directory=gateway.cluster.directory,
+        registry=registry,
+        own_misses=own_misses,
+        on_members=on_members,
+        token=token,
+        known_size=gateway.model_bytes.get,
+        ownership=ownership,
+    )
+    gateway.replicas = replicas
+    count_requests_once(gateway.estimates)
+
+    async def run(stop: asyncio.Event) -> None:
+        await replicas.run(stop, interval_s=gateway.config.sync_interval_s)
+
+    gateway.background.append(run)
+    return replicas
+
+
+def enable_replicas(
+    gateway: Gateway,
+    *,
+    self_url: str,
+    peers: Sequence[str] = (),
+    peer_service: str | None = None,
+    namespace: str = "default",
+    ownership: Ownership = "leader",
+) -> Replicas:
+    """``gpufaas gateway --peers`` / ``--peer-service``: the replicas from a static list or
+    from the gateways' headless Service. Peers authenticate with ``GPUFAAS_PEER_TOKEN`` (in
+    Kubernetes the admin token, which every replica has)."""
+    from gpufaas.scheduler.peers import kubernetes_peers, static_peers
+
+    discover = (
+        kubernetes_peers(namespace=namespace, service=peer_service)
+        if peer_service
+        else static_peers(peers)
+    )
+    token = os.environ.get("GPUFAAS_PEER_TOKEN") or os.environ.get("GPUFAAS_ADMIN_TOKEN") or None
+    return attach_replicas(
+        gateway, self_url=self_url, discover=discover, token=token, ownership=ownership
+    )
+
+
+def listening_socket(host: str, port: int, *, shared: bool) -> socket.socket:
+    """A TCP listening socket; ``shared``: SO_REUSEPORT, so that every replica on this machine
+    binds the same port and the kernel spreads connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_replica(
+    *,
+    gateway: Gateway,
+    host: str,
+    port: int,
+    shared_port: int | None,
+    grpc_port: int | None = None,
+) -> None:
+    """Serve on ``port`` (this replica's own: peers and tests reach it there) and, if given, on
+    ``shared_port`` together with the other replicas; gRPC too unless ``grpc_port`` is None. As
+    ``scheduler.main.serve`` otherwise (httptools, uvloop, frozen start-up objects)."""
+    import gc
+
+    import uvicorn
+    import uvloop
+
+    from gpufaas.scheduler.gateway import create_app
+
+    sockets = [listening_socket(host, port, shared=False)]
+    if shared_port is not None:
+        sockets.append(listening_socket(host, shared_port, shared=True))
+    logger.info(
+        "gateway replica on http://%s:%d%s (policy %s)",
+        host,
+        port,
+        f" and the shared port {shared_port}" if shared_port is not None else "",
+        gateway.policy.name,
+    )
+    config = uvicorn.Config(
+        create_app(gateway), log_level="warning", access_log=False, http="httptools", loop="uvloop"
+    )
+    server = uvicorn.Server(config)
+
+    async def serve_all() -> None:
+        if grpc_port is None:
+            await server.serve(sockets=sockets)
+            return
+        from gpufaas.scheduler.grpc_server import make_server
+
+        grpc_server, bound = make_server(gateway, host=host, port=grpc_port)
+        await grpc_server.start()
+        logger.info("gateway gRPC (KServe v2) on %s:%d", host, bound)
+        try:
+            await server.serve(sockets=sockets)
+        finally:
+            await grpc_server.stop(grace=2.0)
+
+    gc.freeze()  # as scheduler/main.py: start-up objects never die
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve_all())

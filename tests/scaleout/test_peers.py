@@ -1,0 +1,136 @@
+"""Membership and the replica bookkeeping that needs no network."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from gpufaas.cache import ClusterDirectory, Residency
+from gpufaas.scheduler.peers import Membership, peer_urls, static_peers
+from gpufaas.scheduler.replicas import Replicas
+from gpufaas.scheduler.ring import Ring
+
+
+def test_peer_urls_are_one_per_ready_pod_address() -> None:
+    slices = [
+        {
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "nodeName": "n1", "conditions": {"ready": True}},
+                # two replicas on one node are two peers
+                {"addresses": ["10.0.0.2"], "nodeName": "n1", "conditions": {"ready": True}},
+                {"addresses": ["10.0.0.3"], "conditions": {"ready": False}},
+                {"addresses": ["fd00::4"]},
+            ],
+        },
+        {"ports": [{"name": "metrics", "port": 9090}], "endpoints": [{"addresses": ["10.0.0.9"]}]},
+    ]
+    assert peer_urls(slices) == [
+        "http://10.0.0.1:8080",
+        "http://10.0.0.2:8080",
+        "http://[fd00::4]:8080",
+    ]
+
+
+async def test_modes_follow_reachability() -> None:
+    alone = Membership(self_url="http://a", discover=static_peers([]))
+    await alone.refresh()
+    assert alone.mode == "single" and alone.live() == ["http://a"]
+
+    membership = Membership(
+        self_url="http://a/", discover=static_peers(["http://a", "http://b/", "http://c"])
+    )
+    membership.adopt(await membership.discover())
+    assert membership.mode == "coordinated"
+    assert sorted(membership.live()) == ["http://a", "http://b", "http://c"]
+    assert membership.mark_unreachable("http://b", "test")
+    assert not membership.mark_unreachable("http://b", "again")
+    assert membership.mode == "degraded" and "http://b" not in membership.live()
+    membership.mark_unreachable("http://c", "test")
+    assert membership.mode == "local" and membership.live() == ["http://a"]
+    health = membership.health()
+    assert health["mode"] == "local" and health["peers"]["http://b"] == "unreachable"
+    await membership.close()
+
+
+async def test_a_heartbeat_that_fails_to_connect_makes_a_peer_unreachable() -> None:
+    from gpufaas.scheduler.local import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    membership = Membership(self_url="http://127.0.0.1:1", discover=static_peers([dead]))
+    await membership.refresh()
+    assert membership.mode == "local" and membership.peers[dead].reachable is False
+    await membership.close()
+
+
+def _replicas(
+    self_url: str, peers: list[str], *, ownership: str = "function"
+) -> tuple[Replicas, ClusterDirectory]:
+    directory = ClusterDirectory()
+    directory.add_device("n/0", capacity_bytes=100, node="n")
+    membership = Membership(self_url=self_url, discover=static_peers(peers))
+    membership.adopt(peers)
+    replicas = Replicas(
+        membership=membership,
+        directory=directory,
+        registry=CollectorRegistry(),
+        own_misses=lambda: 3.0,
+        ownership=ownership,  # type: ignore[arg-type]
+    )
+    return replicas, directory
+
+
+async def test_a_peers_load_is_noted_with_its_victims() -> None:
+    replicas, directory = _replicas("http://a", ["http://a", "http://b"])
+    directory.note_loaded("n/0", "old", size_bytes=60)
+    applied = replicas.apply(
+        [
+            {"device": "n/0", "model": "new", "size": 60, "victims": ["old"]},
+            {"device": "n/0", "model": "new", "size": 60, "victims": []},  # already noted
+            {"device": "gone/0", "model": "x", "size": 1, "victims": []},  # unknown device
+        ]
+    )
+    assert applied == 1
+    assert directory.state("n/0", "new") is Residency.LOADING
+    assert directory.state("n/0", "old") is None
+    await replicas.membership.close()
+
+
+async def test_admit_counts_owned_requests_and_a_forwarded_one_is_placed_here() -> None:
+    import asyncio
+
+    from gpufaas.scheduler.replicas import _FORWARDED_IN
+
+    replicas, _ = _replicas("http://a", ["http://a", "http://b"])
+    ring = Ring(["http://a", "http://b"])
+    mine = next(f"f{i}" for i in range(100) if ring.owner(f"f{i}") == "http://a")
+    theirs = next(f"f{i}" for i in range(100) if ring.owner(f"f{i}") == "http://b")
+    assert replicas.owner(mine) == "http://a" and replicas.owner(theirs) == "http://b"
+
+    async def ingress(name: str, forwarded_by: str | None) -> str | None:
+        # Each request runs in its own task, as under uvicorn.
+        replicas.admit(name, forwarded_by=forwarded_by)
+        return replicas._owner_elsewhere(name)
+
+    assert await asyncio.create_task(ingress(theirs, None)) == "http://b"
+    # A forwarded request is placed here whatever the ring says: no forwarding loops.
+    assert await asyncio.create_task(ingress(theirs, "http://b")) is None
+    assert await asyncio.create_task(ingress(mine, None)) is None
+    assert not _FORWARDED_IN.get()  # the marker stayed in the forwarded request's task
+    assert replicas.metrics.owned._value.get() == 2  # the forwarded one and the own one
+    assert replicas.metrics.forwarded_in._value.get() == 1
+    assert replicas.cluster_misses() == 3.0
+    await replicas.membership.close()
+
+
+async def test_with_a_leader_one_replica_places_every_function() -> None:
+    urls = ["http://a", "http://b", "http://c"]
+    views = [_replicas(url, urls, ownership="leader")[0] for url in urls]
+    leaders = {r.owner(f"f{i}") for r in views for i in range(50)}
+    assert len(leaders) == 1
+    leader = leaders.pop()
+    view = next(r for r in views if r.self_id != leader)
+    view.membership.mark_unreachable(leader, "test")
+    view._update_ring()
+    assert view.owner("f1") != leader  # the next one takes over
+    for r in views:
+        await r.membership.close()

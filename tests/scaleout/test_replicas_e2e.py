@@ -1,0 +1,393 @@
+"""Gateway replicas as real processes: the cluster-wide device bound, a replica SIGKILLed
+mid-run, and membership that follows replicas coming and going.
+
+Each test starts real GPU managers and real ``gpufaas gateway`` replicas (the commands
+``gpufaas up --gateways N`` runs), drives them with httpx on 127.0.0.1, and stops them. Every
+wait is bounded.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from gpufaas.core.commands import ManagerOptions
+from gpufaas.core.manifests import bundled_functions_dir
+from gpufaas.core.protocol import encode_request
+from gpufaas.scheduler.local import (
+    GatewayReplicaOptions,
+    die_with_parent,
+    free_port,
+    gateway_command,
+    manager_command,
+    stop_processes,
+)
+
+pytestmark = pytest.mark.slow
+
+CONCURRENCY = 3
+
+
+def wait_for(condition: Callable[[], bool], *, timeout_s: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def _ready(url: str) -> dict[str, Any] | None:
+    try:
+        response = httpx.get(f"{url}/v2/health/ready", timeout=1)
+    except httpx.HTTPError:
+        return None
+    body: dict[str, Any] = response.json()
+    return body if response.status_code == 200 else None
+
+
+def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
+        for sample in family.samples:
+            if sample.name == name and all(
+                sample.labels.get(k) == v for k, v in (labels or {}).items()
+            ):
+                total += sample.value
+    return total
+
+
+class Cluster:
+    """One GPU manager and gateway replicas, each a real process."""
+
+    def __init__(self, *, env: dict[str, str], tmp: Path, functions: Path) -> None:
+        self.env = env
+        self.tmp = tmp
+        self.functions = functions
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.manager_url = ""
+
+    def start_manager(self, *, device_concurrency: int, cpu_devices: int = 1) -> None:
+        port = free_port()
+        options = ManagerOptions(
+            cpu_devices=cpu_devices,
+            device_memory="1Gi",
+            host_memory="1Gi",
+            artifact_dir=self.tmp / "artifacts",
+            device_concurrency=device_concurrency,
+        )
+        self.procs.append(
+            subprocess.Popen(
+                manager_command(name="node-0", port=port, options=options),
+                env=self.env,
+                preexec_fn=die_with_parent,
+            )
+        )
+        self.manager_url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _ready(self.manager_url) is not None, timeout_s=90, what="the manager")
+
+    def start_gateway(
+        self, port: int, peers: list[str], *, sync_s: float, device_concurrency: int = CONCURRENCY
+    ) -> subprocess.Popen[bytes]:
+        options = GatewayReplicaOptions(
+            host="127.0.0.1",
+            shared_port=self.shared_port,
+            functions=(self.functions,),
+            gateway_args=(
+                "--policy", "lalb",
+                "--sync-interval", str(sync_s),
+                "--device-concurrency", str(device_concurrency),
+            ),
+        )  # fmt: skip
+        proc = subprocess.Popen(
+            gateway_command(
+                port=port, peers=peers, managers={"node-0": self.manager_url}, options=options
+            ),
+            env=self.env,
+            preexec_fn=die_with_parent,
+        )
+        self.procs.append(proc)
+        return proc
+
+    shared_port = 0
+
+    def stop(self) -> None:
+        stop_processes(self.procs)
+
+
+@pytest.fixture
+def functions(tmp_path: Path) -> Path:
+    """Twelve copies of tiny-mlp (each its own function) and MiniLM."""
+    folder = tmp_path / "functions"
+    folder.mkdir()
+    template = yaml.safe_load((bundled_functions_dir() / "tiny-mlp.yaml").read_text())
+    for i in range(12):
+        template["metadata"]["name"] = f"tiny-{i:02d}"
+        (folder / f"tiny-{i:02d}.yaml").write_text(yaml.safe_dump(template))
+    (folder / "minilm.yaml").write_text((bundled_functions_dir() / "minilm.yaml").read_text())
+    return folder
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, gpufaas_env: dict[str, str], functions: Path) -> Iterator[Cluster]:
+    running = Cluster(
+        env={**gpufaas_env, "GPUFAAS_PEER_TOKEN": "peer-secret"}, tmp=tmp_path, functions=functions
+    )
+    running.shared_port = free_port()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _two_replicas(
+    cluster: Cluster, *, sync_s: float, device_concurrency: int = CONCURRENCY
+) -> tuple[list[str], list[subprocess.Popen[bytes]]]:
+    ports = [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    procs = [
+        cluster.start_gateway(p, urls, sync_s=sync_s, device_concurrency=device_concurrency)
+        for p in ports
+    ]
+    for url in urls:
+        wait_for(
+            lambda url=url: (_ready(url) or {}).get("replica", {}).get("mode") == "coordinated",
+            timeout_s=90,
+            what=f"replica {url} to see its peer",
+        )
+    return urls, procs
+
+
+def tiny_request() -> tuple[bytes, dict[str, str]]:
+    return encode_request({"x": (np.ones((1, 16), dtype=np.float32), "FP32")})
+
+
+def minilm_request() -> tuple[bytes, dict[str, str]]:
+    ids = np.random.default_rng(0).integers(1000, 20000, size=(4, 64), dtype=np.int64)
+    return encode_request(
+        {"input_ids": (ids, "INT64"), "attention_mask": (np.ones_like(ids), "INT64")}
+    )
+
+
+def _drive(
+    urls: list[str], name: str, body: bytes, headers: dict[str, str], *, per_url: int, each: int
+) -> list[int]:
+    codes: list[int] = []
+
+    def client(url: str) -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            for _ in range(each):
+                codes.append(
+                    c.post(f"/v2/models/{name}/infer", content=body, headers=headers).status_code
+                )
+
+    threads = [threading.Thread(target=client, args=(u,)) for u in urls for _ in range(per_url)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a client got no answer"
+    return codes
+
+
+@pytest.mark.parametrize("manager_bound", [1, 0], ids=["bounded", "unbounded-control"])
+def test_no_device_runs_more_than_the_bound_across_two_replicas(
+    cluster: Cluster, manager_bound: int
+) -> None:
+    """--device-concurrency 1 and two replicas, each taking ceil(1 / 2) = 1 slot of the device:
+    together they could run 2; the GPU manager keeps it to 1. The control run (no bound at the
+    manager) shows that the same load does run 2 at once."""
+    cluster.start_manager(device_concurrency=manager_bound)
+    urls, _ = _two_replicas(cluster, sync_s=5, device_concurrency=1)
+    body, headers = minilm_request()
+    codes = _drive(urls, "minilm", body, headers, per_url=6, each=4)
+    assert codes == [200] * len(codes)
+    peak = metric(cluster.manager_url, "gpufaas_manager_device_running_peak", {"device": "cpu:0"})
+    if manager_bound:
+        assert peak == 1
+    else:
+        assert peak > 1
+
+
+def test_a_replica_killed_mid_run(cluster: Cluster) -> None:
+    """The placement owner is frozen with forwards from the other replica in flight, then
+    SIGKILLed: the survivor answers each of its requests once, requests sent to the dead one
+    fail at the connection, and the survivor never stalls (it serves hits meanwhile)."""
+    cluster.start_manager(device_concurrency=CONCURRENCY, cpu_devices=2)
+    urls, procs = _two_replicas(cluster, sync_s=60)  # no heartbeat during the test
+    health = _ready(urls[0])
+    assert health is not None
+    owner = health["replica"]["placement_owner"]
+    survivor = next(u for u in urls if u != owner)
+    owner_proc = procs[urls.index(owner)]
+    names = [f"tiny-{i:02d}" for i in range(12)]
+    warm, cold = names[:4], names[4:]
+    body, headers = tiny_request()
+    for name in warm:  # placed by the owner, published to the survivor
+        assert (
+            httpx.post(
+                f"{owner}/v2/models/{name}/infer", content=body, headers=headers, timeout=60
+            ).status_code
+            == 200
+        )
+    wait_for(
+        lambda: (
+            metric(survivor, "gpufaas_replica_residency_events_total", {"direction": "applied"})
+            >= len(warm)
+        ),
+        timeout_s=30,
+        what="the survivor to learn the owner's placements",
+    )
+
+    owner_proc.send_signal(signal.SIGSTOP)
+    results: dict[str, Any] = {}
+
+    def call(key: str, url: str, name: str) -> None:
+        try:
+            results[key] = httpx.post(
+                f"{url}/v2/models/{name}/infer", content=body, headers=headers, timeout=120
+            ).status_code
+        except httpx.TransportError as e:
+            results[key] = e
+
+    forwarded = [threading.Thread(target=call, args=(f"fwd:{n}", survivor, n)) for n in cold]
+    to_owner = [threading.Thread(target=call, args=(f"dead:{n}", owner, n)) for n in names[:3]]
+    for t in forwarded + to_owner:
+        t.start()
+    wait_for(
+        lambda: metric(survivor, "gpufaas_replica_forwarded_requests_total") >= len(cold),
+        timeout_s=30,
+        what="the survivor to forward the cold functions to the owner",
+    )
+    # The survivor serves hits while the owner hangs (one at a time: each finds a free slot on
+    # the holder, where concurrent ones might make LALB replicate, a placement for the owner).
+    for name in warm:
+        call(f"hit:{name}", survivor, name)
+    assert [results[f"hit:{n}"] for n in warm] == [200] * len(warm)
+
+    owner_proc.send_signal(signal.SIGKILL)
+    owner_proc.wait(timeout=10)
+    for t in forwarded + to_owner:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in forwarded + to_owner), "a client got no answer"
+    assert [results[f"fwd:{n}"] for n in cold] == [200] * len(cold)
+    assert all(isinstance(results[f"dead:{n}"], httpx.TransportError) for n in names[:3])
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(f"{owner}/v2/models/tiny-00/infer", content=body, headers=headers, timeout=10)
+    assert metric(survivor, "gpufaas_replica_forward_failures_total") >= 1
+    health = _ready(survivor)
+    assert health is not None and health["replica"]["mode"] == "local"
+    assert health["replica"]["placement_owner"] == survivor
+    assert metric(survivor, "gpufaas_replica_mode", {"mode": "local"}) == 1
+    for name in names:  # every function is served by the survivor alone now
+        assert (
+            httpx.post(
+                f"{survivor}/v2/models/{name}/infer", content=body, headers=headers, timeout=60
+            ).status_code
+            == 200
+        )
+
+
+def test_membership_follows_replicas_and_a_lonely_replica_serves_locally(cluster: Cluster) -> None:
+    cluster.start_manager(device_concurrency=CONCURRENCY)
+    ports = [free_port(), free_port()]
+    a, b = (f"http://127.0.0.1:{p}" for p in ports)
+    cluster.start_gateway(ports[0], [a, b], sync_s=1)
+    wait_for(lambda: _ready(a) is not None, timeout_s=90, what="replica A")
+    wait_for(
+        lambda: _ready(a)["replica"]["mode"] == "local", timeout_s=10, what="A to give up on B"
+    )  # type: ignore[index]
+    body, headers = tiny_request()
+    assert (
+        httpx.post(
+            f"{a}/v2/models/tiny-00/infer", content=body, headers=headers, timeout=60
+        ).status_code
+        == 200
+    )
+    assert metric(a, "gpufaas_replica_mode", {"mode": "local"}) == 1
+    assert _ready(a)["replica"]["peers"] == {b: "unreachable"}  # type: ignore[index]
+
+    b_proc = cluster.start_gateway(ports[1], [a, b], sync_s=1)  # scale up
+    wait_for(
+        lambda: (_ready(a) or {}).get("replica", {}).get("mode") == "coordinated",
+        timeout_s=30,
+        what="A to see B",
+    )
+    assert metric(a, "gpufaas_replica_mode", {"mode": "coordinated"}) == 1
+    codes = _drive([a, b], "tiny-03", body, headers, per_url=2, each=5)
+    assert codes == [200] * 20
+
+    b_proc.send_signal(signal.SIGTERM)  # scale down
+    b_proc.wait(timeout=30)
+    wait_for(lambda: _ready(a)["replica"]["mode"] == "local", timeout_s=10, what="A to drop B")  # type: ignore[index]
+    assert (
+        httpx.post(
+            f"{a}/v2/models/tiny-05/infer", content=body, headers=headers, timeout=60
+        ).status_code
+        == 200
+    )
+
+
+def test_gpufaas_up_with_two_gateways_serves_on_one_port(
+    tmp_path: Path, gpufaas_env: dict[str, str], functions: Path
+) -> None:
+    """``gpufaas up --gateways 2``: two replicas behind one port, their own ports printed,
+    both coordinated; Ctrl-C stops everything."""
+    import re
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "gpufaas.core.cli", "up", "--gateways", "2",
+            "--port", str(port), "--functions", str(functions), "--cpu-devices", "1",
+            "--device-memory", "1Gi", "--sync-interval", "1",
+        ],
+        env=gpufaas_env,
+        stdout=subprocess.PIPE,
+        preexec_fn=die_with_parent,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = ""
+        for _ in range(400):  # the managers and replicas log to stderr; this line to stdout
+            line = proc.stdout.readline().decode()
+            if "gateway replicas" in line or not line:
+                break
+        found = re.search(r"through 2 gateway replicas: (.*)$", line)
+        assert found, f"no replica list printed: {line!r}"
+        replicas = [u.strip() for u in found.group(1).split(",")]
+        for url in replicas:
+            wait_for(
+                lambda url=url: (_ready(url) or {}).get("replica", {}).get("mode") == "coordinated",
+                timeout_s=30,
+                what=f"replica {url}",
+            )
+        body, headers = tiny_request()
+        shared = f"http://127.0.0.1:{port}"
+        for i in range(8):  # a new connection each time: the kernel spreads them
+            response = httpx.post(
+                f"{shared}/v2/models/tiny-{i:02d}/infer", content=body, headers=headers, timeout=60
+            )
+            assert response.status_code == 200
+        owned = sum(metric(u, "gpufaas_replica_owned_requests_total") for u in replicas)
+        assert owned >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("gpufaas up --gateways 2 did not stop within 60 s") from None
+    assert code in (0, 130, -signal.SIGINT)
