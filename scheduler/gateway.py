@@ -536,6 +536,8 @@ class Gateway:
             RouteRequest(model=name, size_bytes=self.model_bytes.get(name, 0)),
             self.loads(exclude),
             self.cluster.directory,
+            # Popularity from each replica's own ingress: a forwarded request was counted there.
+            observe=self.replicas is None or not self.replicas.forwarded_in(),
         )
         self.metrics.child(self.metrics.decisions, self.policy.name, decision.reason).inc()
         return decision

@@ -89,8 +89,16 @@ class Policy(Protocol):
     dispatch: DispatchMode  # how each device's queue is served: "fifo" or "o3"
 
     def choose(
-        self, request: RouteRequest, devices: Sequence[DeviceLoad], directory: ClusterDirectory
-    ) -> Decision: ...
+        self,
+        request: RouteRequest,
+        devices: Sequence[DeviceLoad],
+        directory: ClusterDirectory,
+        *,
+        observe: bool = True,
+    ) -> Decision:
+        """Decide where ``request`` runs; with ``observe``, count it towards its model's share
+        of traffic (a request a peer replica forwarded was counted there already)."""
+        ...
 
 
 # -- decisions ------------------------------------------------------------------------------------
@@ -183,7 +191,12 @@ class LeastLoaded:
         self.estimates = estimates or Estimates()
 
     def choose(
-        self, request: RouteRequest, devices: Sequence[DeviceLoad], directory: ClusterDirectory
+        self,
+        request: RouteRequest,
+        devices: Sequence[DeviceLoad],
+        directory: ClusterDirectory,
+        *,
+        observe: bool = True,
     ) -> Decision:
         if not devices:
             raise NoDevice("no healthy GPU manager is available")
@@ -258,10 +271,16 @@ class LocalityAware:
         self._pools: dict[str, tuple[Collection[str], list[str]]] = {}
 
     def choose(
-        self, request: RouteRequest, devices: Sequence[DeviceLoad], directory: ClusterDirectory
+        self,
+        request: RouteRequest,
+        devices: Sequence[DeviceLoad],
+        directory: ClusterDirectory,
+        *,
+        observe: bool = True,
     ) -> Decision:
-        """Decide, and count the request towards the model's share of traffic."""
-        self.estimates.observe_request(request.model)
+        """Decide, and (with ``observe``) count the request towards the model's share."""
+        if observe:
+            self.estimates.observe_request(request.model)
         decision = self.decide(request, devices, directory)
         self.reasons[decision.reason] += 1
         return decision

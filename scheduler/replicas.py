@@ -57,7 +57,6 @@ from gpufaas.scheduler.transport import NodeReply
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
-    from gpufaas.scheduler.estimates import Estimates
     from gpufaas.scheduler.gateway import Gateway, NodeCall
 
 logger = logging.getLogger(__name__)
@@ -186,9 +185,16 @@ class Replicas:
         not, and remember for this request's task whether a peer forwarded it here."""
         if forwarded_by:
             self.metrics.forwarded_in.inc()
-            _FORWARDED_IN.set(True)  # this request's own task: see count_requests_once
+            _FORWARDED_IN.set(True)  # this request's own task: see forwarded_in
         if forwarded_by or self.owner(name) == self.self_id:
             self.metrics.owned.inc()
+
+    def forwarded_in(self) -> bool:
+        """Whether a peer forwarded the request this task serves. Such a request was counted
+        at the replica that received it: each replica's ingress is a fair sample of the
+        cluster's stream, and counting it again at the owner would inflate exactly the models
+        that miss (only placements are forwarded)."""
+        return _FORWARDED_IN.get()
 
     def _owner_elsewhere(self, name: str) -> str | None:
         if _FORWARDED_IN.get():
@@ -398,26 +404,6 @@ class _IngressMarker:
         await self.app(scope, receive, send)
 
 
-def count_requests_once(estimates: Estimates) -> None:
-    """Popularity from each replica's own ingress only.
-
-    The Service spreads requests evenly, so each replica's ingress is a fair sample of the
-    cluster's stream and its shares are unbiased. A request forwarded to the owner was counted
-    by the replica that received it; counting it again at the owner would inflate exactly the
-    models that miss (only placements are forwarded), and make the owner evict hot models for
-    them. The policy counts every request it routes (``observe_request`` in ``choose``), so a
-    forwarded one is skipped here.
-    TODO(dataplane): a ``choose(..., observe=False)`` would replace this wrapper.
-    """
-    observe = estimates.observe_request
-
-    def observe_request(model: str) -> None:
-        if not _FORWARDED_IN.get():
-            observe(model)
-
-    estimates.observe_request = observe_request  # type: ignore[method-assign]
-
-
 def attach_replicas(
     gateway: Gateway,
     *,
@@ -467,7 +453,6 @@ def attach_replicas(
         ownership=ownership,
     )
     gateway.replicas = replicas
-    count_requests_once(gateway.estimates)
 
     async def run(stop: asyncio.Event) -> None:
         await replicas.run(stop, interval_s=gateway.config.sync_interval_s)
