@@ -109,6 +109,8 @@ async def test_admit_counts_owned_requests_and_a_forwarded_one_is_placed_here() 
     async def ingress(name: str, forwarded_by: str | None) -> str | None:
         # Each request runs in its own task, as under uvicorn.
         replicas.admit(name, forwarded_by=forwarded_by)
+        # The gateway counts popularity only for requests no peer forwarded (counted there).
+        assert replicas.forwarded_in() == (forwarded_by is not None)
         return replicas._owner_elsewhere(name)
 
     assert await asyncio.create_task(ingress(theirs, None)) == "http://b"

@@ -610,3 +610,15 @@ def test_lalb_looks_past_many_devices_that_cannot_make_room(victims: str) -> Non
     decision = policy.choose(REQUEST, table, directory)
     assert decision.device == "n/00"
     assert decision.reason == "fallback"
+
+
+def test_a_request_not_observed_leaves_the_models_share_alone() -> None:
+    # A replica routes a request a peer forwarded with observe=False: it was counted there.
+    directory = cluster("n/0", "n/1")
+    est = Estimates()
+    policy = LocalityAware(seed=0, estimates=est)
+    loads_ = [DeviceLoad("n/0", 0), DeviceLoad("n/1", 0)]
+    policy.choose(RouteRequest(model="m", size_bytes=MB), loads_, directory, observe=False)
+    assert est.share("m") == 0.0
+    policy.choose(RouteRequest(model="m", size_bytes=MB), loads_, directory)
+    assert est.share("m") > 0.0
