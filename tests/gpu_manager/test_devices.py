@@ -480,6 +480,8 @@ def test_configure_process_sets_the_allocator_and_turns_script_fusers_off(
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     saved = (torch._C._jit_texpr_fuser_enabled(), torch._C._jit_can_fuse_on_cpu())
     try:
+        # Another test may have run configure_process in this process already.
+        torch._C._jit_set_texpr_fuser_enabled(True)
         torch._C._jit_override_can_fuse_on_cpu(True)
         assert script_fusion_possible(torch.device("cpu"))
         configure_process()

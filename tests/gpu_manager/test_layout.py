@@ -286,8 +286,10 @@ def test_a_script_module_is_not_gated_while_fusers_could_bypass_the_gate(
     model = models["deep"]
     skeleton, host = _skeleton_and_host(model)
     backend = ScriptedBackend(cpu_devices(1, device_memory=1 << 30)[0], hold_s=0.5)
-    saved = torch._C._jit_can_fuse_on_cpu()
+    saved = (torch._C._jit_texpr_fuser_enabled(), torch._C._jit_can_fuse_on_cpu())
     try:
+        # Another test may have run configure_process (fusers off) in this process already.
+        torch._C._jit_set_texpr_fuser_enabled(True)
         for fusion in (False, True):
             torch._C._jit_override_can_fuse_on_cpu(fusion)
             device_model = DeviceModel("deep", "f", skeleton, skeleton.layout.arena_bytes, "host")
@@ -299,4 +301,5 @@ def test_a_script_module_is_not_gated_while_fusers_could_bypass_the_gate(
                 result.outputs["y"][0], model.reference(model.inputs(batch=2)), rtol=1e-5
             )
     finally:
-        torch._C._jit_override_can_fuse_on_cpu(saved)
+        torch._C._jit_set_texpr_fuser_enabled(saved[0])
+        torch._C._jit_override_can_fuse_on_cpu(saved[1])
