@@ -10,7 +10,8 @@ Where the list of replicas comes from is a callable:
 
 A peer is *reachable* while its heartbeat (``GET`` :data:`HEARTBEAT_PATH`) answers; a forward or
 an event that fails to connect marks it unreachable at once, and the next heartbeat that answers
-brings it back. The ring of owners is this replica plus its reachable peers, so a replica that
+brings it back (unreachable peers are probed every second, reachable ones every sync interval).
+A new peer counts as reachable only once its first heartbeat has answered. The ring of owners is this replica plus its reachable peers, so a replica that
 cannot reach any peer owns every function: it schedules locally and keeps serving.
 """
 
@@ -52,7 +53,9 @@ Mode = Literal["single", "coordinated", "degraded", "local"]
 class Peer:
     id: str  # its base URL
     client: httpx.AsyncClient
-    reachable: bool = True  # optimistic until a heartbeat or a request fails
+    # Unverified until its first heartbeat answers: an optimistic start let two replicas that
+    # started a moment apart each report 'coordinated' while disagreeing about the owner.
+    reachable: bool = False
     last_seen: float = 0.0  # monotonic time of the last answer
     report: dict[str, Any] = field(default_factory=dict)  # its last heartbeat body
 
@@ -171,7 +174,8 @@ class Membership:
     # -- changes -----------------------------------------------------------------------------
 
     def adopt(self, urls: Iterable[str]) -> None:
-        """Set the peers to ``urls`` (less this replica): new ones start reachable."""
+        """Set the peers to ``urls`` (less this replica): new ones are reachable once a heartbeat
+        answers (:meth:`refresh` probes them at once)."""
         wanted = {_normal(u) for u in urls} - {self.self_id}
         if wanted:
             self.configured = True

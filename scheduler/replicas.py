@@ -61,6 +61,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# How often an unreachable peer is probed again (a reachable one: every sync interval).
+UNREACHABLE_PROBE_S = 1.0
+
 __all__ = ["FORWARDED_HEADER", "Replicas", "attach_replicas"]
 
 # Set on a request a replica forwards to the function's owner; the owner never forwards it on.
@@ -327,14 +330,21 @@ class Replicas:
     # -- membership --------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, *, interval_s: float) -> None:
-        """Heartbeats every ``interval_s`` and the event flusher, until ``stop`` is set."""
+        """Heartbeats every ``interval_s`` and the event flusher, until ``stop`` is set.
+
+        While a peer is unreachable it is probed every :data:`UNREACHABLE_PROBE_S` instead: a
+        replica that started a moment after this one (or came back) must not wait a whole
+        sync interval, with the two replicas disagreeing about the placement owner meanwhile.
+        """
         flusher = asyncio.create_task(self._flush_forever(), name="gpufaas-replica-events")
         try:
             while not stop.is_set():
                 await self.membership.refresh()
                 self._update_ring()
+                lost = any(not p.reachable for p in self.membership.peers.values())
+                wait_s = min(interval_s, UNREACHABLE_PROBE_S) if lost else interval_s
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=interval_s)
+                    await asyncio.wait_for(stop.wait(), timeout=wait_s)
         finally:
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)

@@ -40,6 +40,9 @@ async def test_modes_follow_reachability() -> None:
         self_url="http://a/", discover=static_peers(["http://a", "http://b/", "http://c"])
     )
     membership.adopt(await membership.discover())
+    assert membership.mode == "local"  # no heartbeat has answered yet: nothing is assumed
+    for peer in membership.peers.values():  # as if their heartbeats answered
+        peer.reachable = True
     assert membership.mode == "coordinated"
     assert sorted(membership.live()) == ["http://a", "http://b", "http://c"]
     assert membership.mark_unreachable("http://b", "test")
@@ -69,6 +72,8 @@ def _replicas(
     directory.add_device("n/0", capacity_bytes=100, node="n")
     membership = Membership(self_url=self_url, discover=static_peers(peers))
     membership.adopt(peers)
+    for peer in membership.peers.values():  # as if their heartbeats answered
+        peer.reachable = True
     replicas = Replicas(
         membership=membership,
         directory=directory,
