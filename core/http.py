@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -73,6 +75,39 @@ async def read_asgi_body(
                 return
 
     return await _bounded(chunks(), max_bytes=max_bytes)
+
+
+@dataclass(frozen=True)
+class FastPost:
+    """A ``POST`` a bare-ASGI fast path answers: the path's match, the headers (lower-case
+    names), and ``read``, the bounded body reader (413 and 415 as :func:`read_body`)."""
+
+    match: re.Match[str]
+    headers: dict[str, str]
+    read: Callable[[], Awaitable[bytes]]
+
+
+def match_fast_post(
+    scope: Scope, receive: Receive, *, path: re.Pattern[str], max_bytes: int
+) -> FastPost | None:
+    """The :class:`FastPost` for ``scope`` if it is an HTTP ``POST`` to ``path``, else None
+    (the request goes on to the full app). Shared by the gateway's and the node's fast paths."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return None
+    match = path.match(scope["path"])
+    if match is None:
+        return None
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+    def read() -> Awaitable[bytes]:
+        return read_asgi_body(
+            receive,
+            declared=headers.get("content-length"),
+            max_bytes=max_bytes,
+            encoding=headers.get("content-encoding"),
+        )
+
+    return FastPost(match=match, headers=headers, read=read)
 
 
 def check_content_encoding(encoding: str | None) -> None:

@@ -38,8 +38,8 @@ from gpufaas.core.http import (
     add_metrics_route,
     error_response,
     install_error_handlers,
+    match_fast_post,
     parse_evict_first,
-    read_asgi_body,
     read_body,
     token_auth,
 )
@@ -334,25 +334,11 @@ class InferFastPath:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = (
-            _INFER_PATH.match(scope["path"])
-            if scope["type"] == "http" and scope["method"] == "POST"
-            else None
-        )
-        if match is None:
+        post = match_fast_post(scope, receive, path=_INFER_PATH, max_bytes=self.limits.max_body_bytes)
+        if post is None:
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        max_bytes = self.limits.max_body_bytes
-
-        def read() -> Awaitable[bytes]:
-            declared = headers.get("content-length")
-            return read_asgi_body(
-                receive,
-                declared=declared,
-                max_bytes=max_bytes,
-                encoding=headers.get("content-encoding"),
-            )
+        match, headers, read = post.match, post.headers, post.read
 
         try:
             response = await answer_infer(

@@ -58,7 +58,7 @@ from gpufaas.core.http import (
     install_error_handlers,
     install_token_auth,
     json_safe,
-    read_asgi_body,
+    match_fast_post,
     read_body,
 )
 from gpufaas.core.protocol import (
@@ -960,25 +960,11 @@ class InferFastPath:
         self.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = (
-            _INFER_PATH.match(scope["path"])
-            if scope["type"] == "http" and scope["method"] == "POST"
-            else None
-        )
-        if match is None:
+        post = match_fast_post(scope, receive, path=_INFER_PATH, max_bytes=self.gateway.config.limits.max_body_bytes)
+        if post is None:
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        max_bytes = self.gateway.config.limits.max_body_bytes
-
-        def read() -> Awaitable[bytes]:
-            declared = headers.get("content-length")
-            return read_asgi_body(
-                receive,
-                declared=declared,
-                max_bytes=max_bytes,
-                encoding=headers.get("content-encoding"),
-            )
+        match, headers, read = post.match, post.headers, post.read
 
         try:
             status, out, content = await answer_infer(self.gateway, match["name"], read, headers)
