@@ -509,7 +509,7 @@ class Gateway:
                     self.node_down(device.node)
                     last_error = e
                     continue
-                self._learn(device, name, reply)
+                learn_from_reply(self, device, name, reply)
                 return reply
         raise Unavailable(f"no GPU manager could serve {name!r}: {last_error}")
 
@@ -666,95 +666,105 @@ class Gateway:
         self.cluster.mark_down(node)
         self._track_health()
 
-    def _learn(self, device: Device, name: str, reply: NodeReply) -> None:
-        """Correct the directory and the estimates from the manager's answer."""
-        headers = reply.headers
-        if reply.status != 200:
-            if headers.get(REASON_HEADER) in {"ModelLoadFailed", "InsufficientMemory"}:
-                self.cluster.directory.note_evicted(device.key, name)
-            return
-        hit = headers.get(CACHE_HEADER) == "hit"
-        self.metrics.child(self.metrics.cache, self.policy.name, "hit" if hit else "miss").inc()
-        if self.prefetch is not None:
-            source = headers.get(LOAD_SOURCE_HEADER)
-            self.prefetch.note_response(device.key, name, hit=hit, source=source)
-        size = headers.get(MODEL_BYTES_HEADER)
-        if size is not None:
-            self.model_bytes[name] = int(size)
-            self.cluster.directory.note_loaded(device.key, name, size_bytes=int(size))
-        compute_ms = _header_ms(headers, COMPUTE_MS_HEADER)
-        if compute_ms is not None:
-            self.estimates.observe_infer(name, infer_ms=compute_ms)
-        load_ms = _header_ms(headers, LOAD_MS_HEADER)
-        if not hit and load_ms is not None:
-            self.metrics.load.labels(self.policy.name).observe(load_ms / 1000)
-            self.estimates.observe_load(
-                name, size_bytes=self.model_bytes.get(name, 0), load_ms=load_ms
+# -- the repository's views (OIP metadata, readiness, the index), for HTTP and gRPC alike ----------
+
+
+def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS))
+
+def server_ready(gateway: Gateway) -> bool:
+    """Whether any GPU manager is reachable."""
+    return any(n.healthy for n in gateway.cluster.nodes.values())
+
+def model_metadata(gateway: Gateway, name: str) -> ModelMetadata:
+    function = gateway.require(name)
+    return ModelMetadata.from_spec(
+        name,
+        function.spec,
+        platform=_PLATFORMS.get(str(function.spec.model.format), "pytorch"),
+        versions=[MODEL_VERSION],
+    )
+
+def model_status(gateway: Gateway, name: str) -> ModelStatus:
+    """Readiness (registered, and a GPU manager reachable) and, apart, residency."""
+    gateway.require(name)
+    holders = gateway.cluster.directory.holders(name)
+    resident = sorted(k for k, s in holders.items() if s is Residency.RESIDENT)
+    loading = sorted(k for k, s in holders.items() if s is not Residency.RESIDENT)
+    ready = server_ready(gateway)
+    reason = "" if ready else "no GPU manager is reachable"
+    return ModelStatus(ready=ready, reason=reason, resident_on=resident, loading_on=loading)
+
+def repository_index(gateway: Gateway) -> list[RepositoryIndexEntry]:
+    entries = []
+    for name in sorted(gateway.functions):
+        status = model_status(gateway, name)
+        entries.append(
+            RepositoryIndexEntry(
+                name=name,
+                version=MODEL_VERSION,
+                state="READY" if status.ready else "UNAVAILABLE",
+                reason=status.reason,
+                resident_on=status.resident_on,
+                loading_on=status.loading_on,
             )
+        )
+    return entries
 
-    # -- metadata, readiness and the repository extension ------------------------------
 
-    def server_metadata(self) -> ServerMetadata:
-        return ServerMetadata(name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS))
+# -- what each answer teaches the gateway (directory, estimates, metrics) --------------------------
 
-    def server_ready(self) -> bool:
-        return any(n.healthy for n in self.cluster.nodes.values())
 
-    def model_metadata(self, name: str) -> ModelMetadata:
-        function = self.require(name)
-        return ModelMetadata.from_spec(
-            name,
-            function.spec,
-            platform=_PLATFORMS.get(str(function.spec.model.format), "pytorch"),
-            versions=[MODEL_VERSION],
+def learn_from_reply(gateway: Gateway, device: Device, name: str, reply: NodeReply) -> None:
+    """Correct the gateway's directory and estimates from the manager's answer."""
+    headers = reply.headers
+    if reply.status != 200:
+        if headers.get(REASON_HEADER) in {"ModelLoadFailed", "InsufficientMemory"}:
+            gateway.cluster.directory.note_evicted(device.key, name)
+        return
+    hit = headers.get(CACHE_HEADER) == "hit"
+    gateway.metrics.child(gateway.metrics.cache, gateway.policy.name, "hit" if hit else "miss").inc()
+    if gateway.prefetch is not None:
+        source = headers.get(LOAD_SOURCE_HEADER)
+        gateway.prefetch.note_response(device.key, name, hit=hit, source=source)
+    size = headers.get(MODEL_BYTES_HEADER)
+    if size is not None:
+        gateway.model_bytes[name] = int(size)
+        gateway.cluster.directory.note_loaded(device.key, name, size_bytes=int(size))
+    compute_ms = _header_ms(headers, COMPUTE_MS_HEADER)
+    if compute_ms is not None:
+        gateway.estimates.observe_infer(name, infer_ms=compute_ms)
+    load_ms = _header_ms(headers, LOAD_MS_HEADER)
+    if not hit and load_ms is not None:
+        gateway.metrics.load.labels(gateway.policy.name).observe(load_ms / 1000)
+        gateway.estimates.observe_load(
+            name, size_bytes=gateway.model_bytes.get(name, 0), load_ms=load_ms
         )
 
-    def model_status(self, name: str) -> ModelStatus:
-        """Readiness (registered, and a GPU manager reachable) and, apart, residency."""
-        self.require(name)
-        holders = self.cluster.directory.holders(name)
-        resident = sorted(k for k, s in holders.items() if s is Residency.RESIDENT)
-        loading = sorted(k for k, s in holders.items() if s is not Residency.RESIDENT)
-        ready = self.server_ready()
-        reason = "" if ready else "no GPU manager is reachable"
-        return ModelStatus(ready=ready, reason=reason, resident_on=resident, loading_on=loading)
 
-    def repository_index(self) -> list[RepositoryIndexEntry]:
-        entries = []
-        for name in sorted(self.functions):
-            status = self.model_status(name)
-            entries.append(
-                RepositoryIndexEntry(
-                    name=name,
-                    version=MODEL_VERSION,
-                    state="READY" if status.ready else "UNAVAILABLE",
-                    reason=status.reason,
-                    resident_on=status.resident_on,
-                    loading_on=status.loading_on,
-                )
-            )
-        return entries
+# -- the repository extension's Load and Unload ---------------------------------------------------
 
-    async def load(self, name: str) -> None:
-        """Make ``name`` resident on a device the policy chooses (the repository's load)."""
-        self.require(name)
-        reply = await self.forward(name, NodeCall(node_api.MODEL_LOAD.format(name=name)))
-        if reply.status != 200:
-            raise NodeFailed(reply)
-        await self.sync()
 
-    async def unload(self, name: str) -> None:
-        """Unload everywhere; idempotent, so a function already removed unloads too."""
-        if not is_valid_name(name):
-            raise UnknownModel(f"unknown model {name[:100]!r}")
+async def load_model(gateway: Gateway, name: str) -> None:
+    """Make ``name`` resident on a device the policy chooses (the repository's load)."""
+    gateway.require(name)
+    reply = await gateway.forward(name, NodeCall(node_api.MODEL_LOAD.format(name=name)))
+    if reply.status != 200:
+        raise NodeFailed(reply)
+    await gateway.sync()
 
-        async def one(node_client: httpx.AsyncClient) -> None:
-            with contextlib.suppress(httpx.HTTPError):
-                await node_client.post(node_api.MODEL_UNLOAD.format(name=name))
+async def unload_model(gateway: Gateway, name: str) -> None:
+    """Unload everywhere; idempotent, so a function already removed unloads too."""
+    if not is_valid_name(name):
+        raise UnknownModel(f"unknown model {name[:100]!r}")
 
-        await asyncio.gather(*(one(n.client) for n in self.cluster.nodes.values() if n.healthy))
-        for key in self.cluster.directory.devices():
-            self.cluster.directory.note_evicted(key, name)
+    async def one(node_client: httpx.AsyncClient) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            await node_client.post(node_api.MODEL_UNLOAD.format(name=name))
+
+    await asyncio.gather(*(one(n.client) for n in gateway.cluster.nodes.values() if n.healthy))
+    for key in gateway.cluster.directory.devices():
+        gateway.cluster.directory.note_evicted(key, name)
 
 
 class NodeFailed(GatewayError):
@@ -853,8 +863,8 @@ def create_api(gateway: Gateway) -> FastAPI:
         app.include_router(handler_router(gateway.handler_activator, gateway.function))
 
     @app.get("/v2")
-    async def server_metadata() -> dict[str, Any]:
-        return gateway.server_metadata().model_dump()
+    async def get_server_metadata() -> dict[str, Any]:
+        return server_metadata().model_dump()
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
@@ -862,20 +872,20 @@ def create_api(gateway: Gateway) -> FastAPI:
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        if gateway.server_ready():
+        if server_ready(gateway):
             replica = {} if gateway.replicas is None else {"replica": gateway.replicas.health()}
             return JSONResponse({"ready": True, **replica})
         return error_response(503, "no GPU manager is reachable", reason="NoDevice")
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
-    async def model_metadata(name: str, version: str | None = None) -> Response:
-        return JSONResponse(gateway.model_metadata(name).model_dump(exclude_none=True))
+    async def get_model_metadata(name: str, version: str | None = None) -> Response:
+        return JSONResponse(model_metadata(gateway, name).model_dump(exclude_none=True))
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> Response:
-        status = gateway.model_status(name)
+        status = model_status(gateway, name)
         if not status.ready:
             return error_response(503, status.reason, reason="NoDevice")
         return JSONResponse({"name": name, "ready": True})
@@ -902,17 +912,17 @@ def create_api(gateway: Gateway) -> FastAPI:
         return Response(content, status_code=status, headers=dict(headers))
 
     @app.post("/v2/repository/index")
-    async def repository_index() -> JSONResponse:
-        return JSONResponse([e.model_dump() for e in gateway.repository_index()])
+    async def get_repository_index() -> JSONResponse:
+        return JSONResponse([e.model_dump() for e in repository_index(gateway)])
 
     @app.post("/v2/repository/models/{name}/load")
     async def load(name: str) -> Response:
-        await gateway.load(name)
+        await load_model(gateway, name)
         return JSONResponse({}, status_code=200)
 
     @app.post("/v2/repository/models/{name}/unload")
     async def unload(name: str) -> Response:
-        await gateway.unload(name)
+        await unload_model(gateway, name)
         return JSONResponse({}, status_code=200)
 
     @app.get("/v2/gpufaas/cluster")

@@ -37,7 +37,19 @@ from gpufaas.core.protocol import (
     ProtocolError,
     parse_header_length,
 )
-from gpufaas.scheduler.gateway import MODEL_VERSION, Gateway, GatewayError, NodeFailed
+from gpufaas.scheduler.gateway import (
+    MODEL_VERSION,
+    Gateway,
+    GatewayError,
+    NodeFailed,
+    load_model,
+    model_metadata,
+    model_status,
+    repository_index,
+    server_metadata,
+    server_ready,
+    unload_model,
+)
 from gpufaas.scheduler.transport import NodeReply
 
 logger = logging.getLogger(__name__)
@@ -220,18 +232,18 @@ class InferenceService:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.gateway.server_ready())
+        return pb.ServerReadyResponse(ready=server_ready(self.gateway))
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest
     ) -> pb.ServerMetadataResponse:
-        metadata = self.gateway.server_metadata()
+        metadata = server_metadata()
         return pb.ServerMetadataResponse(
             name=metadata.name, version=metadata.version, extensions=metadata.extensions
         )
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
-        metadata = self.gateway.model_metadata(request.name)
+        metadata = model_metadata(self.gateway, request.name)
         return pb.ModelMetadataResponse(
             name=metadata.name,
             versions=metadata.versions or [],
@@ -251,7 +263,7 @@ class InferenceService:
         )
 
     async def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self.gateway.model_status(request.name).ready)
+        return pb.ModelReadyResponse(ready=model_status(self.gateway, request.name).ready)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, *, timeout_ms: float | None = None
@@ -292,20 +304,20 @@ class InferenceService:
                 pb.RepositoryIndexResponse.ModelIndex(
                     name=e.name, version=e.version or "", state=e.state, reason=e.reason
                 )
-                for e in self.gateway.repository_index()
+                for e in repository_index(self.gateway)
             ]
         )
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest
     ) -> pb.RepositoryModelLoadResponse:
-        await self.gateway.load(request.model_name)
+        await load_model(self.gateway, request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest
     ) -> pb.RepositoryModelUnloadResponse:
-        await self.gateway.unload(request.model_name)
+        await unload_model(self.gateway, request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
