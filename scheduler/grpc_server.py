@@ -28,7 +28,6 @@ import pydantic_core
 from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 from tritonclient.grpc import service_pb2 as pb
 
 from gpufaas.core.protocol import (
@@ -50,6 +49,7 @@ from gpufaas.scheduler.gateway import (
     server_ready,
     unload_model,
 )
+from gpufaas.scheduler.grpc_h2 import GrpcH2Server, Metadata, RpcError, UnaryHandler
 from gpufaas.scheduler.transport import NodeReply
 
 logger = logging.getLogger(__name__)
@@ -349,83 +349,69 @@ def _status_of(error: Exception) -> GrpcAbort:
     )
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: GrpcAbort) -> None:
+def _rpc_error(error: GrpcAbort) -> RpcError:
+    """The status the call ends with; a retry hint travels as ``google.rpc.RetryInfo``."""
     if error.retry_after_s is None:
-        await context.abort(error.code, error.message)
+        return RpcError(error.code, error.message)
     retry = error_details_pb2.RetryInfo(
-        retry_delay=duration_pb2.Duration(seconds=max(1, math.ceil(error.retry_after_s or 1)))
+        retry_delay=duration_pb2.Duration(seconds=max(1, math.ceil(error.retry_after_s)))
     )
-    detail = status_pb2.Status(
-        code=getattr(code_pb2, error.code.name), message=error.message
-    )
+    detail = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=error.message)
     detail.details.add().Pack(retry)
-    await context.abort_with_status(rpc_status.to_status(detail))
+    return RpcError(error.code, error.message, details=detail.SerializeToString())
 
 
-def _handler(
-    service: InferenceService,
-    method: str,
-    *,
-    admin_token: str | None,
-) -> grpc.RpcMethodHandler:
+def _handler(service: InferenceService, method: str, *, admin_token: str | None) -> UnaryHandler:
+    """The unary handler of ``method``: the request is parsed here (a malformed protobuf is
+    INVALID_ARGUMENT), every error leaves as a status, never a traceback."""
     request_type = _MESSAGES[method][0]
     call: Callable[..., Awaitable[Message]] = getattr(service, method)
     protected = admin_token is not None and method in _REPOSITORY_METHODS
     expected = f"Bearer {admin_token}"
+    infer = method == "ModelInfer"
 
-    async def handle(data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    async def handle(data: bytes, metadata: Metadata, timeout_s: float | None) -> bytes:
         try:
-            if protected:
-                given = dict(context.invocation_metadata() or ()).get("authorization")
-                if given != expected:
-                    raise GrpcAbort(
-                        grpc.StatusCode.UNAUTHENTICATED,
-                        "the gpufaas admin API requires 'authorization: Bearer <token>'",
-                    )
+            if protected and metadata.get("authorization") != expected:
+                raise GrpcAbort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "the gpufaas admin API requires 'authorization: Bearer <token>'",
+                )
             try:
                 request = request_type.FromString(data)
             except DecodeError as e:
                 raise GrpcAbort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_type.__name__}: {e}"
                 ) from None
-            if method == "ModelInfer":
-                remaining = context.time_remaining()
-                timeout_ms = None if remaining is None else max(remaining, 1e-6) * 1000
+            if infer:
+                timeout_ms = None if timeout_s is None else max(timeout_s, 1e-6) * 1000
                 response = await call(request, timeout_ms=timeout_ms)
             else:
                 response = await call(request)
-        except Exception as e:  # every error leaves as a status, never a traceback
-            await _abort(context, _status_of(e))
-            raise AssertionError("unreachable: abort raises") from None
+        except Exception as e:
+            raise _rpc_error(_status_of(e)) from None
         serialized: bytes = response.SerializeToString()
         return serialized
 
-    return grpc.unary_unary_rpc_method_handler(handle)
+    return handle
 
 
 def make_server(
     gateway: Gateway, *, host: str, port: int, methods: Sequence[str] = tuple(_MESSAGES)
-) -> tuple[grpc.aio.Server, int]:
+) -> tuple[GrpcH2Server, int]:
     """A gRPC server for ``gateway`` bound to ``host:port`` (0: any free port); not started.
-    Returns it and the port it bound."""
-    limit = gateway.config.limits.max_body_bytes
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", -1),
-            # A port in use is an error, not a port shared with whoever holds it.
-            ("grpc.so_reuseport", 0),
-        ]
-    )
-    service = InferenceService(gateway)
+    Returns it and the port it bound. It runs on the caller's event loop, next to HTTP."""
     handlers = {
-        m: _handler(service, m, admin_token=gateway.config.admin_token) for m in methods
+        f"/{SERVICE}/{m}": _handler(service, m, admin_token=gateway.config.admin_token)
+        for service in (InferenceService(gateway),)
+        for m in methods
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:  # grpc's way of saying the address is taken or invalid
-        bound = 0
-    if bound == 0:
-        raise OSError(f"cannot bind the gRPC port {host}:{port} (in use?); see --grpc-port")
-    return server, bound
+        server = GrpcH2Server(
+            handlers, host=host, port=port, max_message_bytes=gateway.config.limits.max_body_bytes
+        )
+    except OSError as e:
+        raise OSError(
+            f"cannot bind the gRPC port {host}:{port} ({e.strerror or e}); see --grpc-port"
+        ) from None
+    return server, server.port

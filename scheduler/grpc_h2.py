@@ -1,0 +1,551 @@
+"""Unary gRPC over HTTP/2, served on the gateway's own event loop (an ``asyncio.Protocol``).
+
+Why not grpcio's server: on this kind of machine ``grpc.aio`` costs ~320 µs of CPU per echo call
+(its completion queue is polled on a thread of its own and every event is handed to the loop,
+through several syscalls and GIL hand-offs), against ~90 µs for the HTTP front (uvicorn with
+httptools). Parsing HTTP/2 frames here, with the ``hpack`` library for header blocks, costs
+~70 µs per call (``docs/dataplane.md``, "gRPC"). Clients are unchanged: ``tritonclient.grpc``
+and every other gRPC client speak to it as to any gRPC server.
+
+What it implements (RFC 9113 and the gRPC-over-HTTP/2 protocol), and no more:
+
+* the connection preface, SETTINGS (with their ACK), PING ACKs, GOAWAY, RST_STREAM, PRIORITY
+  (ignored), padding, CONTINUATION, and flow control both ways (windows replenished as data is
+  consumed; an answer larger than the peer's window waits for its WINDOW_UPDATE);
+* unary calls: one length-prefixed message in, one out; ``grpc-timeout``; ``gzip``/``deflate``
+  compressed requests (answers go uncompressed, as the protocol allows); trailers-only errors
+  with ``grpc-status``, ``grpc-message`` (percent-encoded) and ``grpc-status-details-bin``;
+* limits: a message over ``max_message_bytes`` is RESOURCE_EXHAUSTED, at most
+  :data:`MAX_STREAMS` calls at once per connection (REFUSED_STREAM beyond), header lists over
+  16 KiB end the connection. A peer that breaks the protocol gets a GOAWAY and loses its
+  connection; every other connection keeps being served.
+
+No TLS (the gateway's gRPC port is plaintext, as its HTTP port), no streaming methods, no server
+push. The handler of a method is an ``async (message, metadata, timeout_s) -> bytes`` that raises
+:class:`RpcError` to answer with a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+import socket
+import zlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import cast
+
+import grpc
+from hpack import Decoder, HPACKError
+from hpack.hpack import encode_integer
+
+logger = logging.getLogger(__name__)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+MAX_STREAMS = 256
+MAX_HEADER_LIST = 16 * 1024
+MAX_FRAME = 16_384  # ours: the protocol's default, so there is nothing to advertise
+WINDOW = 16 * 2**20  # what a peer may send us before we acknowledge, per stream and connection
+
+# frame types and flags
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
+WINDOW_UPDATE, CONTINUATION = 8, 9
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+# error codes
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x6
+REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x7, 0x8, 0x9
+
+Metadata = Mapping[str, str]
+UnaryHandler = Callable[[bytes, Metadata, "float | None"], Awaitable[bytes]]
+
+_TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])")
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+class RpcError(Exception):
+    """Answer the call with ``code``, ``message`` and, if given, ``details``: a serialized
+    ``google.rpc.Status`` (the rich status, e.g. with RetryInfo)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, details: bytes | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class _ConnectionError(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
+    )
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """An HPACK "literal without indexing, new name" field: no dynamic table on our side, so
+    the peer's SETTINGS_HEADER_TABLE_SIZE never matters to what we send."""
+    return (
+        b"\x00"
+        + bytes(encode_integer(len(name), 7))
+        + name
+        + bytes(encode_integer(len(value), 7))
+        + value
+    )
+
+
+# ":status: 200" is static-table entry 8; content-type is entry 31 (name only)
+_RESPONSE_HEADERS = b"\x88" + b"\x0f\x10" + bytes(encode_integer(16, 7)) + b"application/grpc"
+_OK_TRAILERS = _literal(b"grpc-status", b"0")
+
+
+def _percent_encode(message: str) -> bytes:
+    data = message.encode("utf-8")[:4096]
+    return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in data)
+
+
+def _status_block(error: RpcError) -> bytes:
+    block = _literal(b"grpc-status", str(error.code.value[0]).encode()) + _literal(
+        b"grpc-message", _percent_encode(error.message)
+    )
+    if error.details is not None:
+        block += _literal(b"grpc-status-details-bin", base64.b64encode(error.details).rstrip(b"="))
+    return block
+
+
+def parse_timeout(value: str) -> float | None:
+    """``grpc-timeout`` (e.g. ``"100m"``) in seconds; None if absent or malformed."""
+    match = _TIMEOUT.fullmatch(value.strip())
+    return None if match is None else int(match[1]) * _TIMEOUT_UNITS[match[2]]
+
+
+@dataclass(eq=False)
+class _Stream:
+    id: int
+    send_window: int
+    path: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    unacked: int = 0
+    remote_open: bool = True
+    rejected: RpcError | None = None
+    task: asyncio.Task[None] | None = None
+    outbox: memoryview | None = None  # answer bytes waiting for the peer's window
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parses frames as they arrive, runs a task per call."""
+
+    def __init__(self, server: GrpcH2Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.preface = False
+        self.decoder = Decoder(max_header_list_size=MAX_HEADER_LIST)
+        self.streams: dict[int, _Stream] = {}
+        self.last_stream = 0
+        self.continuation: tuple[int, int, list[bytes]] | None = None
+        self.peer_window = 65_535  # the connection's send window
+        self.peer_initial = 65_535  # a new stream's send window (SETTINGS_INITIAL_WINDOW_SIZE)
+        self.peer_max_frame = 16_384
+        self.unacked = 0
+        self.draining = False
+        self.out: list[bytes] = []  # frames to send at the end of this turn of the loop
+
+    # -- connection events -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.server.connections.add(self)
+        settings = (
+            (3).to_bytes(2, "big") + MAX_STREAMS.to_bytes(4, "big")
+            + (4).to_bytes(2, "big") + WINDOW.to_bytes(4, "big")
+            + (6).to_bytes(2, "big") + MAX_HEADER_LIST.to_bytes(4, "big")
+        )  # fmt: skip
+        self.transport.write(
+            _frame(SETTINGS, 0, 0, settings)
+            + _frame(WINDOW_UPDATE, 0, 0, (WINDOW - 65_535).to_bytes(4, "big"))
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        for stream in self.streams.values():
+            if stream.task is not None:
+                stream.task.cancel()
+        self.streams.clear()
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            self._parse()
+        except _ConnectionError as e:
+            self._fail(e.code, str(e))
+        self._drain()
+
+    # -- frames in ---------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        buffer = self.buffer
+        if not self.preface:
+            if len(buffer) < len(PREFACE):
+                if not PREFACE.startswith(bytes(buffer)):
+                    raise _ConnectionError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                return
+            if bytes(buffer[: len(PREFACE)]) != PREFACE:
+                raise _ConnectionError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+            del buffer[: len(PREFACE)]
+            self.preface = True
+        offset = 0
+        while len(buffer) - offset >= 9 and self.transport is not None:
+            length = int.from_bytes(buffer[offset : offset + 3], "big")
+            if length > MAX_FRAME:
+                raise _ConnectionError(FRAME_SIZE_ERROR, f"a frame of {length} bytes")
+            end = offset + 9 + length
+            if len(buffer) < end:
+                break
+            kind, flags = buffer[offset + 3], buffer[offset + 4]
+            stream = int.from_bytes(buffer[offset + 5 : offset + 9], "big") & 0x7FFF_FFFF
+            payload = bytes(buffer[offset + 9 : end])
+            offset = end
+            self._frame_in(kind, flags, stream, payload)
+        del buffer[:offset]
+
+    def _frame_in(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        if self.continuation is not None and kind != CONTINUATION:
+            raise _ConnectionError(PROTOCOL_ERROR, "a header block was interrupted")
+        if kind == DATA:
+            self._data(flags, stream, payload)
+        elif kind == HEADERS:
+            self._headers(flags, stream, payload)
+        elif kind == CONTINUATION:
+            if self.continuation is None or self.continuation[0] != stream:
+                raise _ConnectionError(PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+            self.continuation[2].append(payload)
+            if flags & END_HEADERS:
+                sid, header_flags, fragments = self.continuation
+                self.continuation = None
+                self._header_block(sid, header_flags, b"".join(fragments))
+        elif kind == SETTINGS:
+            if not flags & ACK:
+                self._settings(payload)
+        elif kind == PING:
+            if len(payload) != 8:
+                raise _ConnectionError(FRAME_SIZE_ERROR, "a PING must carry 8 bytes")
+            if not flags & ACK:
+                self._write(_frame(PING, ACK, 0, payload))
+        elif kind == WINDOW_UPDATE:
+            self._window_update(stream, payload)
+        elif kind == RST_STREAM:
+            gone = self.streams.pop(stream, None)
+            if gone is not None and gone.task is not None:
+                gone.task.cancel()
+        elif kind == PUSH_PROMISE:
+            raise _ConnectionError(PROTOCOL_ERROR, "a client may not push")
+        # PRIORITY, GOAWAY (the peer closes when it is done) and unknown types: nothing to do
+
+    def _settings(self, payload: bytes) -> None:
+        if len(payload) % 6:
+            raise _ConnectionError(FRAME_SIZE_ERROR, "a SETTINGS frame of a bad length")
+        for at in range(0, len(payload), 6):
+            key = int.from_bytes(payload[at : at + 2], "big")
+            value = int.from_bytes(payload[at + 2 : at + 6], "big")
+            if key == 4:
+                if value > 0x7FFF_FFFF:
+                    raise _ConnectionError(FLOW_CONTROL_ERROR, "initial window too large")
+                for stream in self.streams.values():
+                    stream.send_window += value - self.peer_initial
+                self.peer_initial = value
+            elif key == 5:
+                if not 16_384 <= value < 2**24:
+                    raise _ConnectionError(PROTOCOL_ERROR, "a bad SETTINGS_MAX_FRAME_SIZE")
+                self.peer_max_frame = value
+        self._write(_frame(SETTINGS, ACK, 0))
+        self._flush()
+
+    def _window_update(self, stream: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(FRAME_SIZE_ERROR, "a WINDOW_UPDATE must carry 4 bytes")
+        increment = int.from_bytes(payload, "big") & 0x7FFF_FFFF
+        if increment == 0:
+            raise _ConnectionError(PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")
+        if stream == 0:
+            self.peer_window += increment
+        elif (target := self.streams.get(stream)) is not None:
+            target.send_window += increment
+        self._flush()
+
+    def _headers(self, flags: int, stream: int, payload: bytes) -> None:
+        if stream == 0 or stream % 2 == 0:
+            raise _ConnectionError(PROTOCOL_ERROR, f"HEADERS on stream {stream}")
+        block = self._unpad(flags, payload)
+        if flags & PRIORITY_FLAG:
+            block = block[5:]
+        if flags & END_HEADERS:
+            self._header_block(stream, flags, block)
+        else:
+            self.continuation = (stream, flags, [block])
+
+    def _header_block(self, sid: int, flags: int, block: bytes) -> None:
+        try:  # decoded even for a stream we refuse: the decoder's table must follow the peer's
+            headers = cast(list[tuple[bytes, bytes]], self.decoder.decode(block, raw=True))
+        except HPACKError as e:
+            raise _ConnectionError(COMPRESSION_ERROR, f"a bad header block: {e}") from None
+        stream = self.streams.get(sid)
+        if stream is None:
+            if sid <= self.last_stream:
+                return  # trailers of a stream already answered or reset
+            self.last_stream = sid
+            stream = self._open(sid, headers, ended=bool(flags & END_STREAM))
+            if stream is None:
+                return
+        if flags & END_STREAM:
+            self._end_of_request(stream)
+
+    def _open(self, sid: int, headers: list[tuple[bytes, bytes]], *, ended: bool) -> _Stream | None:
+        if self.draining or len(self.streams) >= MAX_STREAMS:
+            self._write(_frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
+            return None
+        stream = _Stream(id=sid, send_window=self.peer_initial, remote_open=not ended)
+        method = content_type = b""
+        for name, value in headers:
+            if name == b":path":
+                stream.path = value.decode("latin-1")
+            elif name == b":method":
+                method = value
+            elif name == b"content-type":
+                content_type = value
+            elif not name.startswith(b":"):
+                stream.metadata[name.decode("latin-1")] = value.decode("latin-1")
+        self.streams[sid] = stream
+        if method != b"POST" or not content_type.startswith(b"application/grpc"):
+            stream.rejected = RpcError(
+                grpc.StatusCode.UNIMPLEMENTED, "gRPC needs POST with content-type application/grpc"
+            )
+        elif stream.path not in self.server.handlers:
+            stream.rejected = RpcError(
+                grpc.StatusCode.UNIMPLEMENTED, f"method {stream.path} is not implemented"
+            )
+        if stream.rejected is not None:
+            self._answer(stream, error=stream.rejected)
+        return stream
+
+    def _data(self, flags: int, sid: int, payload: bytes) -> None:
+        self.unacked += len(payload)
+        if self.unacked >= WINDOW // 2:
+            self._write(_frame(WINDOW_UPDATE, 0, 0, self.unacked.to_bytes(4, "big")))
+            self.unacked = 0
+        stream = self.streams.get(sid)
+        if stream is None or not stream.remote_open:
+            return  # data of a stream already answered, reset or refused: counted, dropped
+        data = self._unpad(flags, payload)
+        if stream.rejected is None:
+            stream.size += len(data)
+            if stream.size > self.server.max_message_bytes + 5:
+                stream.rejected = RpcError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the message is larger than the limit of {self.server.max_message_bytes} bytes",
+                )
+                stream.chunks.clear()
+                self._answer(stream, error=stream.rejected)
+            else:
+                stream.chunks.append(data)
+            stream.unacked += len(payload)
+            if stream.unacked >= WINDOW // 2 and not flags & END_STREAM:
+                self._write(_frame(WINDOW_UPDATE, 0, sid, stream.unacked.to_bytes(4, "big")))
+                stream.unacked = 0
+        if flags & END_STREAM:
+            self._end_of_request(stream)
+
+    @staticmethod
+    def _unpad(flags: int, payload: bytes) -> bytes:
+        if not flags & PADDED:
+            return payload
+        if not payload or payload[0] >= len(payload):
+            raise _ConnectionError(PROTOCOL_ERROR, "padding longer than its frame")
+        return payload[1 : len(payload) - payload[0]]
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def _end_of_request(self, stream: _Stream) -> None:
+        stream.remote_open = False
+        if stream.rejected is not None:
+            return  # answered already
+        try:
+            message = self._message(stream)
+        except RpcError as e:
+            self._answer(stream, error=e)
+            return
+        handler = self.server.handlers[stream.path]
+        stream.task = asyncio.get_running_loop().create_task(self._call(stream, handler, message))
+
+    def _message(self, stream: _Stream) -> bytes:
+        body = b"".join(stream.chunks)
+        stream.chunks.clear()
+        if len(body) < 5 or int.from_bytes(body[1:5], "big") != len(body) - 5:
+            raise RpcError(grpc.StatusCode.INTERNAL, "a unary call takes exactly one message")
+        if not body[0]:
+            return body[5:]
+        encoding = stream.metadata.get("grpc-encoding", "identity")
+        if encoding not in ("gzip", "deflate"):
+            raise RpcError(grpc.StatusCode.UNIMPLEMENTED, f"unsupported grpc-encoding {encoding!r}")
+        inflater = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+        try:
+            message = inflater.decompress(body[5:], self.server.max_message_bytes + 1)
+        except zlib.error as e:
+            raise RpcError(grpc.StatusCode.INTERNAL, f"a bad {encoding} message: {e}") from None
+        if len(message) > self.server.max_message_bytes:
+            raise RpcError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the message is larger than the limit of {self.server.max_message_bytes} bytes",
+            )
+        return message
+
+    async def _call(self, stream: _Stream, handler: UnaryHandler, message: bytes) -> None:
+        timeout = stream.metadata.get("grpc-timeout")
+        timeout_s = None if timeout is None else parse_timeout(timeout)
+        try:
+            answer = await handler(message, stream.metadata, timeout_s)
+        except RpcError as e:
+            self._answer(stream, error=e)
+        except asyncio.CancelledError:
+            self.streams.pop(stream.id, None)
+            raise
+        except Exception:
+            logger.exception("unhandled error in gRPC call %s", stream.path)
+            self._answer(stream, error=RpcError(grpc.StatusCode.INTERNAL, "internal error"))
+        else:
+            self._answer(stream, message=answer)
+        self._drain()
+
+    # -- frames out --------------------------------------------------------------------------
+
+    def _answer(
+        self, stream: _Stream, *, message: bytes | None = None, error: RpcError | None = None
+    ) -> None:
+        if self.transport is None or self.streams.get(stream.id) is not stream:
+            return  # reset meanwhile, or the connection is gone
+        sid = stream.id
+        if error is not None:  # trailers only
+            block = _RESPONSE_HEADERS + _status_block(error)
+            self._write(_frame(HEADERS, END_HEADERS | END_STREAM, sid, block))
+            self._finish(stream)
+            return
+        assert message is not None
+        self._write(_frame(HEADERS, END_HEADERS, sid, _RESPONSE_HEADERS))
+        stream.outbox = memoryview(b"\x00" + len(message).to_bytes(4, "big") + message)
+        self._send_outbox(stream)
+
+    def _send_outbox(self, stream: _Stream) -> None:
+        outbox = stream.outbox
+        assert outbox is not None
+        frames: list[bytes] = []
+        while outbox and (room := min(stream.send_window, self.peer_window)) > 0:
+            chunk = outbox[: min(room, self.peer_max_frame)]
+            frames.append(_frame(DATA, 0, stream.id, bytes(chunk)))
+            stream.send_window -= len(chunk)
+            self.peer_window -= len(chunk)
+            outbox = outbox[len(chunk) :]
+        if not outbox:
+            frames.append(_frame(HEADERS, END_HEADERS | END_STREAM, stream.id, _OK_TRAILERS))
+        self.out.extend(frames)
+        stream.outbox = outbox if outbox else None
+        if not outbox:
+            self._finish(stream)
+
+    def _finish(self, stream: _Stream) -> None:
+        """Our side is closed; if the peer's is still open, tell it to stop sending."""
+        if stream.remote_open:
+            self._write(_frame(RST_STREAM, 0, stream.id, NO_ERROR.to_bytes(4, "big")))
+            stream.remote_open = False
+        self.streams.pop(stream.id, None)
+
+    def _flush(self) -> None:
+        for stream in list(self.streams.values()):
+            if stream.outbox is not None:
+                self._send_outbox(stream)
+
+    def _write(self, frame: bytes) -> None:
+        self.out.append(frame)
+
+    def _drain(self) -> None:
+        """Send what is queued in one write: a whole answer (headers, data, trailers) is one
+        syscall, as are the acknowledgements a batch of incoming frames asks for."""
+        if self.out:
+            if self.transport is not None:
+                self.transport.writelines(self.out)
+            self.out = []
+
+    def _fail(self, code: int, reason: str) -> None:
+        logger.info("closing a gRPC connection: %s", reason)
+        if self.transport is not None:
+            self._write(
+                _frame(GOAWAY, 0, 0, self.last_stream.to_bytes(4, "big") + code.to_bytes(4, "big")
+                       + reason.encode()[:256])
+            )  # fmt: skip
+            self._drain()
+            self.transport.close()
+
+    def goaway(self) -> None:
+        """Refuse new calls; those in flight finish."""
+        self.draining = True
+        self._write(
+            _frame(GOAWAY, 0, 0, self.last_stream.to_bytes(4, "big") + NO_ERROR.to_bytes(4, "big"))
+        )
+        self._drain()
+
+    def calls_in_flight(self) -> list[asyncio.Task[None]]:
+        return [s.task for s in self.streams.values() if s.task is not None and not s.task.done()]
+
+
+class GrpcH2Server:
+    """The gRPC server: ``handlers`` maps ``/package.Service/Method`` to a unary handler.
+    Binds at construction (a port in use is an error at once); serves from :meth:`start`."""
+
+    def __init__(
+        self, handlers: Mapping[str, UnaryHandler], *, host: str, port: int, max_message_bytes: int
+    ) -> None:
+        self.handlers = dict(handlers)
+        self.max_message_bytes = max_message_bytes
+        self.connections: set[_Connection] = set()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((host, port))
+        except OSError:
+            self.socket.close()
+            raise
+        self.socket.listen(1024)
+        self.port: int = self.socket.getsockname()[1]
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # (asyncio and uvloop set TCP_NODELAY on every accepted socket themselves)
+        self._server = await loop.create_server(lambda: _Connection(self), sock=self.socket)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let calls in flight finish for up to ``grace`` seconds, then close."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.goaway()
+        in_flight = [task for c in self.connections for task in c.calls_in_flight()]
+        if in_flight and grace:
+            await asyncio.wait(in_flight, timeout=grace)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
+        await asyncio.sleep(0)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        self.socket.close()
