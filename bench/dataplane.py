@@ -11,6 +11,9 @@ Figures per system:
 * ``warm_p50_ms`` / ``warm_p99_ms``: 1 client, tiny-mlp and small-cnn, batching off;
 * ``grpc_p50_ms``: the same over gRPC (systems that have it), grpc.aio client;
   ``grpc_sync_p50_ms``: with grpc's blocking stub, the way ``tritonclient.grpc`` calls;
+  ``tc_grpc_p50_ms`` / ``tc_http_p50_ms``: ``tritonclient.grpc`` vs ``tritonclient.http``
+  (binary tensors), alternating blocks, each with its client CPU and serving CPU per request
+  (``--only grpc``: these 1-client rows alone);
 * ``rps_8``: 8 clients, tiny-mlp with dynamic batching on (maxBatchSize 8, maxDelayMs 2);
 * ``cpu_us_per_request``: user+system CPU of the gateway and manager processes over a
   1-client warm tiny-mlp phase, divided by its request count (``/proc/<pid>/stat``), measured
@@ -108,14 +111,17 @@ def tree(pid: int) -> list[int]:
     return pids
 
 
-def body_for(name: str, *, rows: int = 1) -> tuple[bytes, dict[str, str]]:
+def body_arrays(name: str, *, rows: int = 1) -> dict[str, np.ndarray]:
     family = name.removesuffix("-batched")
     if family == "minilm":
         ids = np.full((rows, 128), 2000, dtype=np.int64)
         ids[:, 0], ids[:, -1] = 101, 102
-        arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    else:
-        arrays = example_inputs(family, batch=rows)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    return example_inputs(family, batch=rows)
+
+
+def body_for(name: str, *, rows: int = 1) -> tuple[bytes, dict[str, str]]:
+    arrays = body_arrays(name, rows=rows)
     datatypes = {"int64": "INT64", "float32": "FP32"}
     tensors = {k: (a, datatypes[str(a.dtype)]) for k, a in arrays.items()}
     return encode_request(tensors, binary_outputs=True)
@@ -150,6 +156,71 @@ def sync_grpc_latencies(port: int, data: bytes, *, args: argparse.Namespace) -> 
             if i >= args.warmup:
                 latencies.append(time.perf_counter() - t0)
     return latencies
+
+
+def tritonclient_p50s(
+    http_port: int, grpc_port: int, name: str, pids: list[int], *, args: argparse.Namespace
+) -> dict[str, float]:
+    """The goal's own comparison: ``tritonclient.grpc`` vs ``tritonclient.http`` with binary
+    tensors, 1 client, the same warm model and servers, in alternating blocks (so drift in the
+    machine's load falls on both alike). Also each protocol's client CPU (this process) and
+    serving CPU (gateway + manager) per request."""
+    import tritonclient.grpc as tgrpc
+    import tritonclient.http as thttp
+
+    arrays = body_arrays(name)
+    datatypes = {"int64": "INT64", "float32": "FP32"}
+    output = {"tiny-mlp": "y", "small-cnn": "logits"}[name.removesuffix("-batched")]
+    http = thttp.InferenceServerClient(f"127.0.0.1:{http_port}")
+    grpc_client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+
+    def via_http() -> None:
+        inputs = []
+        for key, array in arrays.items():
+            tensor = thttp.InferInput(key, list(array.shape), datatypes[str(array.dtype)])
+            tensor.set_data_from_numpy(array, binary_data=True)
+            inputs.append(tensor)
+        outputs = [thttp.InferRequestedOutput(output, binary_data=True)]
+        http.infer(name, inputs, outputs=outputs).as_numpy(output)
+
+    def via_grpc() -> None:
+        inputs = []
+        for key, array in arrays.items():
+            tensor = tgrpc.InferInput(key, list(array.shape), datatypes[str(array.dtype)])
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        outputs = [tgrpc.InferRequestedOutput(output)]
+        grpc_client.infer(name, inputs, outputs=outputs).as_numpy(output)
+
+    senders = {"http": via_http, "grpc": via_grpc}
+    latencies: dict[str, list[float]] = {k: [] for k in senders}
+    client_cpu = dict.fromkeys(senders, 0.0)
+    serving_cpu = dict.fromkeys(senders, 0.0)
+    for send in senders.values():
+        for _ in range(args.warmup):
+            send()
+    blocks = 8
+    deadline = time.monotonic() + 240
+    for _ in range(blocks):
+        for key, send in senders.items():
+            mine, theirs = time.process_time(), cpu_seconds(pids)
+            for _ in range(args.requests // blocks):
+                if time.monotonic() > deadline:
+                    break
+                t0 = time.perf_counter()
+                send()
+                latencies[key].append(time.perf_counter() - t0)
+            client_cpu[key] += time.process_time() - mine
+            serving_cpu[key] += cpu_seconds(pids) - theirs
+    http.close()
+    grpc_client.close()
+    out: dict[str, float] = {}
+    for key, values in latencies.items():
+        out[f"tc_{key}_p50_ms"] = pct(values, 50)
+        out[f"tc_{key}_p99_ms"] = pct(values, 99)
+        out[f"tc_{key}_client_cpu_us"] = client_cpu[key] / max(len(values), 1) * 1e6
+        out[f"tc_{key}_serving_cpu_us"] = serving_cpu[key] / max(len(values), 1) * 1e6
+    return out
 
 
 async def closed_loop(
@@ -227,7 +298,7 @@ async def measure(
             cpu = cpu_seconds(pids) - before[0]
             gateway_cpu = cpu_seconds(pids[:1]) - before[1]
             out[name] = {"warm_p50_ms": pct(lat, 50), "warm_p99_ms": pct(lat, 99), "n": len(lat)}
-            if name == "tiny-mlp":
+            if name == "tiny-mlp" and args.only != "grpc":
                 out[name]["cpu_us_per_request"] = cpu / len(lat) * 1e6
                 out[name]["gateway_cpu_us_per_request"] = gateway_cpu / len(lat) * 1e6
             if grpc_port is not None:
@@ -245,9 +316,18 @@ async def measure(
                     sync_grpc_latencies, grpc_port, grpc_request(name), args=args
                 )
                 out[name]["grpc_sync_p50_ms"] = pct(lat, 50)
+                http_port = int(url.rsplit(":", 1)[1])
+                out[name].update(
+                    await asyncio.to_thread(
+                        tritonclient_p50s, http_port, grpc_port, name, pids, args=args
+                    )
+                )
         except NodeUnreachable as e:  # a system that stops answering: say so, go on
             out[name] = {**out.get(name, {}), "error": str(e), "unanswered": list(FAILURES)}
         FAILURES.clear()
+    if args.only == "grpc":
+        await pool.close()
+        return out
     try:
         await later_phases(out, pool, http_sender, args)
     except NodeUnreachable as e:
@@ -407,6 +487,12 @@ def main() -> int:
     parser.add_argument("--minilm-requests", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--policy", default="lalb-o3")
+    parser.add_argument(
+        "--only",
+        choices=("grpc",),
+        default=None,
+        help="grpc: only the 1-client rows (binary HTTP, gRPC, tritonclient.http vs .grpc)",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="alternate the systems this often")
     parser.add_argument(
         "--node-app",
