@@ -231,6 +231,8 @@ class _Connection(asyncio.Protocol):
             if self.continuation is None or self.continuation[0] != stream:
                 raise _ConnectionError(PROTOCOL_ERROR, "CONTINUATION without HEADERS")
             self.continuation[2].append(payload)
+            if sum(map(len, self.continuation[2])) > MAX_HEADER_LIST:
+                raise _ConnectionError(COMPRESSION_ERROR, "a header block over 16 KiB")
             if flags & END_HEADERS:
                 sid, header_flags, fragments = self.continuation
                 self.continuation = None

@@ -9,9 +9,13 @@ ServerMetadata, ModelMetadata, ModelReady, ModelInfer (``raw_input_contents`` /
 ModelInfer takes the HTTP path's one straight path (:meth:`Gateway.infer`): the request becomes
 the binary-extension body (its JSON header built from the protobuf, then the raw tensor bytes
 as they came), and the manager's binary answer is cut into ``raw_output_contents`` without
-decoding a tensor. Requests are parsed here, not by grpc, so that a malformed protobuf is an
-INVALID_ARGUMENT rather than grpc's INTERNAL. HTTP statuses map to gRPC codes by
+decoding a tensor. Requests are parsed by the handlers here (one ``FromString``), so that a
+malformed protobuf is an INVALID_ARGUMENT. HTTP statuses map to gRPC codes by
 :data:`GRPC_CODES`; a 429 carries ``google.rpc.RetryInfo`` in the rich status details.
+
+The transport is :mod:`gpufaas.scheduler.grpc_h2`: HTTP/2 parsed on the gateway's own event
+loop, next to the HTTP front, at about a quarter of grpc.aio's server CPU per call
+(``docs/dataplane.md``, "gRPC").
 """
 
 from __future__ import annotations

@@ -1,0 +1,99 @@
+"""The gRPC handlers (``scheduler/grpc_server.py``) without a transport: the admin token on the
+repository methods, malformed protobuf, each gateway error's code (with RetryInfo where the
+gateway gives a retry hint), the deadline handed to ModelInfer, and no traceback ever."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from tritonclient.grpc import service_pb2 as pb
+
+from gpufaas.scheduler.gateway import DeadlineExceeded, Overloaded, Unavailable, UnknownModel
+from gpufaas.scheduler.grpc_h2 import RpcError
+from gpufaas.scheduler.grpc_server import _handler
+
+
+class FakeService:
+    """Stands in for InferenceService: records calls, raises what it is told to."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.calls: list[tuple[str, Any]] = []
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest) -> Any:
+        self.calls.append(("RepositoryIndex", request))
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(name="m")])
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, *, timeout_ms: float | None) -> Any:
+        self.calls.append(("ModelInfer", timeout_ms))
+        if self.error is not None:
+            raise self.error
+        return pb.ModelInferResponse(model_name=request.model_name)
+
+
+def _infer_bytes() -> bytes:
+    return pb.ModelInferRequest(model_name="tiny").SerializeToString()
+
+
+async def test_repository_methods_need_the_admin_token_when_one_is_set() -> None:
+    service = FakeService()
+    handle = _handler(service, "RepositoryIndex", admin_token="s3cret")  # type: ignore[arg-type]
+    for metadata in ({}, {"authorization": "Bearer wrong"}):
+        with pytest.raises(RpcError) as info:
+            await handle(b"", metadata, None)
+        assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert service.calls == []
+    answer = await handle(b"", {"authorization": "Bearer s3cret"}, None)
+    assert pb.RepositoryIndexResponse.FromString(answer).models[0].name == "m"
+    infer = _handler(service, "ModelInfer", admin_token="s3cret")  # type: ignore[arg-type]
+    assert await infer(_infer_bytes(), {}, None)  # inference needs no admin token
+
+
+async def test_a_malformed_protobuf_is_invalid_argument_and_reaches_no_service() -> None:
+    service = FakeService()
+    handle = _handler(service, "ModelInfer", admin_token=None)  # type: ignore[arg-type]
+    with pytest.raises(RpcError) as info:
+        await handle(b"\x0a\xff\xff\xff\xff\x0f garbage", {}, None)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ModelInferRequest" in info.value.message
+    assert service.calls == []
+
+
+async def test_the_call_deadline_becomes_the_gateway_timeout() -> None:
+    service = FakeService()
+    handle = _handler(service, "ModelInfer", admin_token=None)  # type: ignore[arg-type]
+    await handle(_infer_bytes(), {}, 2.5)
+    await handle(_infer_bytes(), {}, None)
+    assert service.calls == [("ModelInfer", 2500.0), ("ModelInfer", None)]
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "retry_s"),
+    [
+        (UnknownModel("no function 'x'"), grpc.StatusCode.NOT_FOUND, None),
+        (Overloaded("queue full", retry_after_s=3), grpc.StatusCode.RESOURCE_EXHAUSTED, 3),
+        (DeadlineExceeded("deadline passed"), grpc.StatusCode.DEADLINE_EXCEEDED, None),
+        (Unavailable("no device"), grpc.StatusCode.UNAVAILABLE, 1),
+        (RuntimeError("boom\nTraceback (most recent call last)"), grpc.StatusCode.INTERNAL, None),
+    ],
+    ids=["404", "429", "504", "503", "unhandled"],
+)
+async def test_each_error_leaves_as_its_status(
+    error: Exception, code: grpc.StatusCode, retry_s: int | None
+) -> None:
+    handle = _handler(FakeService(error), "ModelInfer", admin_token=None)  # type: ignore[arg-type]
+    with pytest.raises(RpcError) as info:
+        await handle(_infer_bytes(), {}, None)
+    assert info.value.code == code
+    assert "Traceback" not in info.value.message
+    if retry_s is None:
+        assert info.value.details is None
+        return
+    assert info.value.details is not None
+    status = status_pb2.Status.FromString(info.value.details)
+    retry = error_details_pb2.RetryInfo()
+    assert status.code == code.value[0] and status.details[0].Unpack(retry)
+    assert retry.retry_delay.seconds == retry_s
