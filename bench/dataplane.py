@@ -48,6 +48,7 @@ import grpc
 import httpx
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
+from tritonclient.utils import InferenceServerException
 
 from gpufaas.core.examples import build_examples, example_inputs
 from gpufaas.core.protocol import encode_request
@@ -322,7 +323,8 @@ async def measure(
                         tritonclient_p50s, http_port, grpc_port, name, pids, args=args
                     )
                 )
-        except NodeUnreachable as e:  # a system that stops answering: say so, go on
+        except (NodeUnreachable, grpc.RpcError, InferenceServerException) as e:
+            # a system that stops answering or fails a call: say so, go on
             out[name] = {**out.get(name, {}), "error": str(e), "unanswered": list(FAILURES)}
         FAILURES.clear()
     if args.only == "grpc":
