@@ -323,7 +323,7 @@ async def measure(
                         tritonclient_p50s, http_port, grpc_port, name, pids, args=args
                     )
                 )
-        except (NodeUnreachable, grpc.RpcError, InferenceServerException) as e:
+        except (NodeUnreachable, grpc.RpcError, InferenceServerException, RuntimeError) as e:
             # a system that stops answering or fails a call: say so, go on
             out[name] = {**out.get(name, {}), "error": str(e), "unanswered": list(FAILURES)}
         FAILURES.clear()
