@@ -20,7 +20,7 @@ from gpufaas.gpu_manager.devices import (
     platform_versions,
 )
 from gpufaas.gpu_manager.runtime import DEFAULT_DISK_CACHE_BYTES, NodeRuntime
-from gpufaas.gpu_manager.server import create_app
+from gpufaas.gpu_manager.server import FramedListen, create_app
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,13 @@ def build_runtime(
 
 
 def serve(
-    *, runtime: NodeRuntime, host: str, port: int, name: str, device_concurrency: int | None = 4
+    *,
+    runtime: NodeRuntime,
+    host: str,
+    port: int,
+    name: str,
+    device_concurrency: int | None = 4,
+    framed: FramedListen | None = None,
 ) -> None:
     """Serve until interrupted. ``GPUFAAS_MANAGER_TOKEN``, when set, is required of callers."""
     # Requests run in threads; one intra-op thread each keeps them from fighting over cores.
@@ -84,7 +90,12 @@ def serve(
         versions["driver_cuda"] or "none",
     )
     uvicorn.run(
-        create_app(runtime, token=token, admission=DeviceAdmission(concurrency=device_concurrency)),
+        create_app(
+            runtime,
+            token=token,
+            admission=DeviceAdmission(concurrency=device_concurrency),
+            framed=framed,
+        ),
         host=host,
         port=port,
         log_level="warning",
