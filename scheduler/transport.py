@@ -252,6 +252,11 @@ class _FramedConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         self._transport.write(self._pool.hello)
 
+    @property
+    def usable(self) -> bool:
+        """Open, with no close on its way (an end of stream read, not yet reported)."""
+        return not self.closed and self._transport is not None and not self._transport.is_closing()
+
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
         try:
@@ -347,7 +352,7 @@ class FramedPool:
         head = call.encode(len(body))
         while self._idle:
             connection = self._idle.pop()  # the most recently used
-            if connection.closed:
+            if not connection.usable:  # its close arrived while idle
                 continue
             try:
                 reply = await connection.call(head, body, self.timeout_s)
@@ -379,7 +384,7 @@ class FramedPool:
         return connection
 
     def _release(self, connection: _FramedConnection) -> None:
-        if not connection.closed and len(self._idle) < self.size:
+        if connection.usable and len(self._idle) < self.size:
             self._idle.append(connection)
         else:
             connection.close()
