@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -89,17 +90,24 @@ def serve(
         versions["driver"] or "none",
         versions["driver_cuda"] or "none",
     )
+    app = create_app(
+        runtime,
+        token=token,
+        admission=DeviceAdmission(concurrency=device_concurrency),
+        framed=framed,
+    )
+    # Start-up objects (torch, numpy, pydantic schemas, the app) never die: keep them out of
+    # the collector's generations, so its full passes stop walking them on the request path.
+    gc.freeze()
     uvicorn.run(
-        create_app(
-            runtime,
-            token=token,
-            admission=DeviceAdmission(concurrency=device_concurrency),
-            framed=framed,
-        ),
+        app,
         host=host,
         port=port,
         log_level="warning",
         access_log=False,
+        http="httptools",
+        loop="uvloop",
+        proxy_headers=False,  # nothing reads the caller's address
     )
     if not runtime.health.ready:  # a fatal device error stopped the server: say so on exit
         logger.critical("exiting: %s", runtime.health.failure)
