@@ -12,7 +12,8 @@ one at a time, in order; while one runs, reading pauses once a second call is wa
 client that floods a connection holds at most one frame in memory. A frame that breaks the
 format (bad magic, a length over the bounds) is answered with a 400/413 naming the problem, and
 the connection is closed: the stream cannot be trusted after it. A connection that closes in the
-middle of a frame is dropped with its partial bytes; nothing of it runs.
+middle of a frame is dropped with its partial bytes; nothing of it runs; one that stops
+sending in the middle of a frame for ``frame_timeout_s`` is closed.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class _Connection(asyncio.Protocol):
         self.waiting: collections.deque[Frame] = collections.deque()
         self.running = False
         self.closing = False
+        self.stall: asyncio.TimerHandle | None = None  # armed while a frame is half read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass of it
@@ -75,6 +77,8 @@ class _Connection(asyncio.Protocol):
         self.closing = True
         self.waiting.clear()
         self.server.connections.discard(self)
+        if self.stall is not None:
+            self.stall.cancel()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -82,6 +86,7 @@ class _Connection(asyncio.Protocol):
         except FrameError as e:
             self._refuse(e.status, str(e))
             return
+        self._watch_stall()
         for frame in frames:
             if frame.kind == HELLO:
                 self._hello(frame)
@@ -94,6 +99,17 @@ class _Connection(asyncio.Protocol):
             self._next()
         if len(self.waiting) > 1 and self.transport is not None:
             self.transport.pause_reading()
+
+    def _watch_stall(self) -> None:
+        """A frame begun must go on arriving: past ``frame_timeout_s`` without a byte of it,
+        the connection is closed (a stalled or malicious sender holds no buffer for long)."""
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
+        if self.reader.partial and self.transport is not None:
+            self.stall = asyncio.get_running_loop().call_later(
+                self.server.frame_timeout_s, self.transport.close
+            )
 
     def _hello(self, frame: Frame) -> None:
         try:
@@ -153,10 +169,18 @@ class _Connection(asyncio.Protocol):
 class FramedServer:
     """The listeners and their connections; ``start`` on the serving loop, ``close`` at exit."""
 
-    def __init__(self, answer: FramedAnswer, *, token: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        answer: FramedAnswer,
+        *,
+        token: str | None,
+        max_body_bytes: int,
+        frame_timeout_s: float = 30.0,
+    ) -> None:
         self.answer = answer
         self.token = token
         self.max_body_bytes = max_body_bytes
+        self.frame_timeout_s = frame_timeout_s
         self.connections: set[_Connection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self.endpoint = FramedEndpoint()

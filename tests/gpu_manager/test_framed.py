@@ -24,6 +24,7 @@ from gpufaas.core.frames import (
 from gpufaas.core.http import DEVICE_HEADER
 from gpufaas.core.node import EXECUTIONS, STATE, NodeState
 from gpufaas.core.protocol import HEADER_LENGTH, Limits, decode_response, encode_request
+from gpufaas.gpu_manager.framed import FramedServer
 from gpufaas.gpu_manager.runtime import NodeRuntime
 from gpufaas.gpu_manager.server import FramedListen, create_app
 from gpufaas.scheduler.transport import FramedPool
@@ -174,3 +175,23 @@ async def test_broken_frames_are_refused_by_name_and_nothing_runs(
         async with httpx.AsyncClient(transport=transport, base_url="http://m") as client:
             executions = (await client.get(EXECUTIONS)).json()["executions"]
     assert executions == {"r-1": 2}
+
+
+async def test_a_sender_that_stalls_mid_frame_is_cut_off_and_nothing_runs(tmp_path: Path) -> None:
+    ran: list[InferHead] = []
+
+    async def answer(call: InferHead, body: bytes | memoryview) -> Any:
+        ran.append(call)
+        return 200, [], b""
+
+    server = FramedServer(answer, token=None, max_body_bytes=1024, frame_timeout_s=0.2)
+    await server.start(unix_path=tmp_path / "s.sock")
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "s.sock"))
+        writer.write(InferHead("m").encode(100) + b"only part")
+        # the node closes it: read returns end of stream (bounded wait, not a timing check)
+        assert await asyncio.wait_for(reader.read(65536), 10) == b""
+        writer.close()
+    finally:
+        await server.close()
+    assert ran == []
