@@ -195,3 +195,26 @@ async def test_a_sender_that_stalls_mid_frame_is_cut_off_and_nothing_runs(tmp_pa
     finally:
         await server.close()
     assert ran == []
+
+
+async def test_frames_over_tcp_reach_the_same_answer(
+    runtime_factory: Callable[..., NodeRuntime], models: dict[str, Model]
+) -> None:
+    """For a gateway on another host: the node's framed TCP port (0 here: any free one)."""
+    model = models["tiny-mlp"]
+    app = create_app(
+        runtime_factory(register=[model]), framed=FramedListen(host="127.0.0.1", port=0)
+    )
+    body, header_length = request(model)
+    async with serving(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://m") as client:
+            state = NodeState.model_validate_json((await client.get(STATE)).content)
+        assert state.framed is not None and state.framed.unix_path is None
+        assert state.framed.tcp_port
+        pool = FramedPool(host="127.0.0.1", port=state.framed.tcp_port, size=1)
+        try:
+            reply = await pool.infer(InferHead(model.name, "cpu:0", header_length), body)
+        finally:
+            await pool.close()
+    assert reply.status == 200 and reply.headers["x-gpufaas-cache"] == "miss"

@@ -17,6 +17,7 @@ from gpufaas.core.frames import (
     ANSWER,
     HELLO,
     INFER,
+    FramedEndpoint,
     FrameError,
     FrameReader,
     InferHead,
@@ -25,6 +26,7 @@ from gpufaas.core.frames import (
     encode_hello,
     frame_head,
 )
+from gpufaas.scheduler.main import build_gateway
 from gpufaas.scheduler.transport import FramedPool, NodeUnreachable
 
 # -- the format ---------------------------------------------------------------------------------
@@ -248,3 +250,26 @@ async def test_no_node_listening_is_unreachable(tmp_path: Path) -> None:
 def test_a_pool_needs_a_socket_or_an_address() -> None:
     with pytest.raises(ValueError, match="Unix socket path, or a host and a port"):
         FramedPool(host="127.0.0.1", size=1)
+
+
+async def test_the_gateway_takes_the_nodes_unix_socket_on_its_host_else_its_tcp_port(
+    tmp_path: Path,
+) -> None:
+    gateway = build_gateway(manager_urls={"node-0": "http://127.0.0.1:9"}, functions=[])
+    node = gateway.cluster.nodes["node-0"]
+    here = tmp_path / "node.sock"
+    here.touch()
+    try:
+        local = gateway._framed_pool(node, FramedEndpoint(unix_path=str(here), tcp_port=7))
+        assert local is not None and local.unix_path == str(here)
+        assert gateway._framed_pool(node, FramedEndpoint(unix_path=str(here))) is local  # kept
+        elsewhere = FramedEndpoint(unix_path=str(tmp_path / "on-another-host.sock"), tcp_port=7)
+        remote = gateway._framed_pool(node, elsewhere)
+        assert remote is not None and (remote.unix_path, remote.host, remote.port) == (
+            None,
+            "127.0.0.1",
+            7,
+        )
+        assert gateway._framed_pool(node, FramedEndpoint()) is None  # HTTP then
+    finally:
+        await gateway.stop()
