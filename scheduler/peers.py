@@ -215,6 +215,15 @@ class Membership:
         await asyncio.gather(*(self._probe(p) for p in list(self.peers.values())))
         return sorted(self.live()) != sorted(before)
 
+    async def probe(self, peer_id: str) -> bool:
+        """Heartbeat one peer now (at most ``heartbeat_timeout_s``); whether it answered. A
+        peer that does not is marked unreachable, as at a refresh."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return False
+        await self._probe(peer)
+        return peer.reachable
+
     async def _probe(self, peer: Peer) -> None:
         try:
             response = await peer.client.get(HEARTBEAT_PATH, timeout=self.heartbeat_timeout_s)

@@ -40,7 +40,9 @@ import os
 import re
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -49,7 +51,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
-from gpufaas.core.http import error_response, install_token_auth
+from gpufaas.core import node as node_api
+from gpufaas.core.http import REQUEST_KEY_HEADER, error_response, install_token_auth
+from gpufaas.scheduler.gateway import NodeCall
 from gpufaas.scheduler.peers import EVENTS_PATH, HEARTBEAT_PATH, PEER_PATHS, Membership
 from gpufaas.scheduler.ring import Ring
 from gpufaas.scheduler.transport import NodeReply
@@ -57,14 +61,14 @@ from gpufaas.scheduler.transport import NodeReply
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
-    from gpufaas.scheduler.gateway import Gateway, NodeCall
+    from gpufaas.scheduler.gateway import Gateway
 
 logger = logging.getLogger(__name__)
 
 # How often an unreachable peer is probed again (a reachable one: every sync interval).
 UNREACHABLE_PROBE_S = 1.0
 
-__all__ = ["FORWARDED_HEADER", "Replicas", "attach_replicas"]
+__all__ = ["FORWARDED_HEADER", "Placement", "Replicas", "attach_replicas"]
 
 # Set on a request a replica forwards to the function's owner; the owner never forwards it on.
 FORWARDED_HEADER = "x-gpufaas-forwarded-by"
@@ -79,6 +83,33 @@ _PLACEMENT_KEY = "\x00placement"
 _FORWARDED_IN: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "gpufaas_forwarded_in", default=False
 )
+# The request key a peer forwarded with the request (x-gpufaas-request-key), per request: it
+# goes on to the GPU manager, which runs a key once (gpu_manager/admission.py RequestOnce).
+_REQUEST_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "gpufaas_request_key", default=None
+)
+_REQUEST_KEY_BYTES = REQUEST_KEY_HEADER.encode()
+# slots: each replica's share of a device's concurrency. full: every replica may use all of a
+# device's slots, and the GPU manager's admission (which sees every replica) is the bound;
+# share: ceil(bound / live replicas) each (before #16's second pass; it queues a replica's hits
+# behind its own loads while the device has free slots).
+ReplicaSlots = Literal["full", "share"]
+# A forward that has not answered after this long makes the replica ask whether the owner still
+# answers heartbeats; one that does not is given up (the request is placed here).
+FORWARD_PROBE_S = 1.0
+
+
+class OwnerHung(Exception):
+    """The placement owner holds a forward and does not answer its heartbeat."""
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """What :meth:`Replicas.place` decided: the owner's answer (``reply``), or no answer and
+    the call to dispatch here (with the request key a failed forward carried, if any)."""
+
+    reply: NodeReply | None
+    call: NodeCall
 
 
 class ReplicaMetrics:
@@ -102,6 +133,12 @@ class ReplicaMetrics:
         self.forward_failures = Counter(
             "gpufaas_replica_forward_failures",
             "Forwards that failed to reach the owner (the request was placed here instead)",
+            registry=registry,
+        )
+        self.recovered = Counter(
+            "gpufaas_replica_recovered_requests",
+            "Forwards that failed after the owner may have dispatched them, answered by a GPU "
+            "manager that ran them (by request key) instead of running them again",
             registry=registry,
         )
         self.events = Counter(
@@ -143,11 +180,17 @@ class Replicas:
         token: str | None = None,
         known_size: Callable[[str], int | None] = lambda model: None,
         ownership: Ownership = "leader",
+        recover: Callable[[str], Awaitable[NodeReply | None]] | None = None,
+        forward_probe_s: float = FORWARD_PROBE_S,
     ) -> None:
         if ownership not in ("leader", "function"):
             raise ValueError(f"ownership must be 'leader' or 'function', got {ownership!r}")
         self.ownership: Ownership = ownership
         self.membership = membership
+        # Ask the GPU managers for a request key's answer (after a forward that may have been
+        # dispatched failed); None: nothing to ask.
+        self.recover = recover
+        self.forward_probe_s = forward_probe_s
         self.token = token
         self.known_size = known_size
         self.directory = directory
@@ -183,12 +226,15 @@ class Replicas:
         """The replica that makes ``name``'s residency decisions."""
         return self.ring.owner(name if self.ownership == "function" else _PLACEMENT_KEY)
 
-    def admit(self, name: str, *, forwarded_by: str | None) -> None:
+    def admit(self, name: str, *, forwarded_by: str | None, request_key: str | None = None) -> None:
         """At ingress (:class:`_IngressMarker`, per request): count the request as owned or
-        not, and remember for this request's task whether a peer forwarded it here."""
+        not, and remember for this request's task whether a peer forwarded it here (and the
+        request key it carries)."""
         if forwarded_by:
             self.metrics.forwarded_in.inc()
             _FORWARDED_IN.set(True)  # this request's own task: see forwarded_in
+            if request_key:
+                _REQUEST_KEY.set(request_key)
         if forwarded_by or self.owner(name) == self.self_id:
             self.metrics.owned.inc()
 
@@ -198,6 +244,15 @@ class Replicas:
         cluster's stream, and counting it again at the owner would inflate exactly the models
         that miss (only placements are forwarded)."""
         return _FORWARDED_IN.get()
+
+    def keyed(self, call: NodeCall) -> NodeCall:
+        """``call`` with the request key a peer forwarded with this request, if any: the GPU
+        manager then runs it at most once, even if the sender, its forward failed, sends it
+        again (:meth:`place`)."""
+        key = _REQUEST_KEY.get()
+        if key is None or call.headers.get(REQUEST_KEY_HEADER) == key:
+            return call
+        return NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
 
     def _owner_elsewhere(self, name: str) -> str | None:
         if _FORWARDED_IN.get():
@@ -213,16 +268,18 @@ class Replicas:
         call: NodeCall,
         size_bytes: int,
         victims: Sequence[str],
-    ) -> NodeReply | None:
+    ) -> Placement:
         """A decision that loads ``name`` on ``device_key``: the owner's answer if another
-        replica owns the placement, else None, and the load is published (place it here)."""
+        replica owns the placement; otherwise no answer, the call to dispatch here, and the
+        load is published."""
         owner = self._owner_elsewhere(name)
         # Only inference is forwarded (the owner's gateway serves the same call); an admin load
         # is placed where it lands.
         if owner is not None and call.path.endswith("/infer"):
-            reply = await self._forward(owner, call)
-            if reply is not None:
-                return reply
+            forwarded = await self._forward(owner, call)
+            if forwarded.reply is not None:
+                return forwarded
+            call = forwarded.call
         # Publish every victim this load will take, as predicted here (the hint first, then
         # least recently used): the peers' own LRU orders differ from ours.
         planned = list(victims)
@@ -231,31 +288,71 @@ class Replicas:
                 device_key, name, size_bytes=size_bytes, prefer=victims
             )
         self.publish(device_key, name, size_bytes=size_bytes, victims=planned)
-        return None
+        return Placement(reply=None, call=call)
 
-    async def _forward(self, owner: str, call: NodeCall) -> NodeReply | None:
+    async def _forward(self, owner: str, call: NodeCall) -> Placement:
+        """Send ``call`` to the owner under a fresh request key. If it fails before reaching
+        the owner, the call comes back to be placed here; if it may have reached the owner (a
+        reset mid-request, or an owner that stopped answering heartbeats), the managers are
+        asked for the key's answer first, and the call placed here keeps the key: a manager
+        that ran it, or runs it, answers it again instead of running it twice."""
         peer = self.membership.peer(owner)
         if peer is None:
-            return None
+            return Placement(reply=None, call=call)
+        key = uuid.uuid4().hex
+        keyed = NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
         self.metrics.forwarded.labels(owner).inc()
-        try:
-            response = await peer.client.post(
+        sending = asyncio.ensure_future(
+            peer.client.post(
                 call.path,
                 content=bytes(call.body),
-                headers={**call.headers, FORWARDED_HEADER: self.self_id},
+                headers={**keyed.headers, FORWARDED_HEADER: self.self_id},
             )
-        except httpx.TransportError as e:
-            # Connection refused or reset: the owner is gone. Serve here (inference is
-            # idempotent: the client still gets exactly one answer).
-            self.metrics.forward_failures.inc()
-            if self.membership.mark_unreachable(owner, e):
-                self._update_ring()
-            return None
-        return NodeReply(
-            status=response.status_code,
-            headers={k.lower(): v for k, v in response.headers.items()},
-            body=response.content,
         )
+        try:
+            response = await self._owner_answer(owner, sending)
+        except httpx.ConnectError as e:
+            # Nothing reached the owner: it is gone. Serve here.
+            self._lost(owner, e)
+            return Placement(reply=None, call=keyed)
+        except (httpx.TransportError, OwnerHung) as e:
+            # The owner may have dispatched it: a manager may hold (or be computing) the answer.
+            self._lost(owner, e)
+            recovered = await self.recover(key) if self.recover is not None else None
+            if recovered is not None:
+                self.metrics.recovered.inc()
+                return Placement(reply=recovered, call=keyed)
+            return Placement(reply=None, call=keyed)
+        finally:
+            if not sending.done():
+                sending.cancel()
+        return Placement(
+            reply=NodeReply(
+                status=response.status_code,
+                headers={k.lower(): v for k, v in response.headers.items()},
+                body=response.content,
+            ),
+            call=keyed,
+        )
+
+    async def _owner_answer(
+        self, owner: str, sending: asyncio.Future[httpx.Response]
+    ) -> httpx.Response:
+        """The forward's response; every ``forward_probe_s`` without one, the owner's heartbeat
+        is probed, and an owner that does not answer it is given up (:class:`OwnerHung`): a
+        hung owner holds a placement for about ``forward_probe_s`` plus the heartbeat timeout,
+        not for a sync interval or the client's whole timeout."""
+        while True:
+            done, _ = await asyncio.wait({sending}, timeout=self.forward_probe_s)
+            if done:
+                return sending.result()
+            if not await self.membership.probe(owner):
+                raise OwnerHung(f"the placement owner {owner} does not answer its heartbeat")
+
+    def _lost(self, owner: str, reason: object) -> None:
+        self.metrics.forward_failures.inc()
+        if self.membership.mark_unreachable(owner, reason):
+            self._update_ring()
 
     # -- residency events --------------------------------------------------------------------
 
@@ -409,8 +506,17 @@ class _IngressMarker:
         if scope["type"] == "http":
             found = _INFER_PATH.match(scope["path"])
             if found is not None:
-                marker = next((v for k, v in scope["headers"] if k == _FORWARDED_HEADER_BYTES), b"")
-                self.replicas.admit(found.group(1), forwarded_by=marker.decode() or None)
+                marker = key = b""
+                for header, value in scope["headers"]:
+                    if header == _FORWARDED_HEADER_BYTES:
+                        marker = value
+                    elif header == _REQUEST_KEY_BYTES:
+                        key = value
+                self.replicas.admit(
+                    found.group(1),
+                    forwarded_by=marker.decode() or None,
+                    request_key=key.decode() or None,
+                )
         await self.app(scope, receive, send)
 
 
@@ -421,9 +527,12 @@ def attach_replicas(
     discover: Callable[[], Awaitable[list[str]]],
     token: str | None,
     ownership: Ownership = "leader",
+    slots: ReplicaSlots = "full",
 ) -> Replicas:
     """Make ``gateway`` one replica among those ``discover`` lists (``self_url`` is how they
     reach it). Heartbeats follow the gateway's sync interval."""
+    if slots not in ("full", "share"):
+        raise ValueError(f"slots must be 'full' or 'share', got {slots!r}")
     registry = gateway.metrics.registry
     lookups = gateway.metrics.cache
     max_queue = gateway.config.max_queue_per_device
@@ -439,12 +548,35 @@ def attach_replicas(
         )
 
     def on_members(live: int) -> None:
-        # Each replica's share of a device's slots and queue, so that together they keep
-        # near the bounds (the GPU manager enforces the slots exactly), and so that a replica
-        # sees a device as busy when the cluster keeps it busy: LALB then weighs its queue.
+        # Each replica's share of a device's queue, so that together they keep near the bound.
+        # Slots: 'full' lets each replica run as many on a device as one gateway would, and the
+        # GPU manager (which sees every replica) admits at most the bound cluster-wide; 'share'
+        # splits them, ceil(bound / live), which keeps the manager's FIFO empty but queues a
+        # replica's hits behind its own loads while the device has free slots.
         dispatcher = gateway.dispatcher
-        dispatcher.concurrency = max(1, math.ceil(concurrency / live))
+        share = max(1, math.ceil(concurrency / live))
+        dispatcher.concurrency = concurrency if slots == "full" else share
         dispatcher.max_queue = max(1, math.ceil(max_queue / live))
+
+    async def recover(key: str) -> NodeReply | None:
+        """The answer of a keyed request from whichever healthy GPU manager ran it, or runs
+        it (it waits for a run in flight); None when none did."""
+        path = node_api.REQUEST_ANSWER.format(key=key)
+        wait_s = gateway.config.node_timeout_s
+
+        async def ask(client: httpx.AsyncClient) -> NodeReply | None:
+            try:
+                response = await client.get(path, params={"wait_s": wait_s}, timeout=wait_s + 5)
+            except httpx.HTTPError:
+                return None
+            if response.status_code != 200:
+                return None
+            headers = {k.lower(): v for k, v in response.headers.items()}
+            return NodeReply(status=200, headers=headers, body=response.content)
+
+        nodes = [n for n in gateway.cluster.nodes.values() if n.healthy]
+        answers = await asyncio.gather(*(ask(n.client) for n in nodes))
+        return next((a for a in answers if a is not None), None)
 
     membership = Membership(
         self_url=self_url,
@@ -461,6 +593,7 @@ def attach_replicas(
         token=token,
         known_size=gateway.model_bytes.get,
         ownership=ownership,
+        recover=recover,
     )
     gateway.replicas = replicas
 
@@ -479,6 +612,7 @@ def enable_replicas(
     peer_service: str | None = None,
     namespace: str = "default",
     ownership: Ownership = "leader",
+    slots: ReplicaSlots = "full",
 ) -> Replicas:
     """``gpufaas gateway --peers`` / ``--peer-service``: the replicas from a static list or
     from the gateways' headless Service. Peers authenticate with ``GPUFAAS_PEER_TOKEN`` (in
@@ -492,7 +626,12 @@ def enable_replicas(
     )
     token = os.environ.get("GPUFAAS_PEER_TOKEN") or os.environ.get("GPUFAAS_ADMIN_TOKEN") or None
     return attach_replicas(
-        gateway, self_url=self_url, discover=discover, token=token, ownership=ownership
+        gateway,
+        self_url=self_url,
+        discover=discover,
+        token=token,
+        ownership=ownership,
+        slots=slots,
     )
 
 
