@@ -475,8 +475,8 @@ class Gateway:
         :class:`DeadlineExceeded` when the deadline passes first, :class:`Unavailable` when no
         device is left to try.
         """
-        if self.replicas is not None:  # a forwarded request's key goes on to the manager
-            call = self.replicas.keyed(call)
+        if self.replicas is not None:  # counted for the peers; a forwarded key goes on
+            call = self.replicas.begin(name, call)
         with self._admitted(name):
             tried: set[str] = set()
             last_error: Exception | None = None

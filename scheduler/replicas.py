@@ -32,6 +32,7 @@ peers back and pick up membership changes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import logging
@@ -56,7 +57,7 @@ from gpufaas.core.http import REQUEST_KEY_HEADER, error_response, install_token_
 from gpufaas.scheduler.gateway import NodeCall
 from gpufaas.scheduler.peers import EVENTS_PATH, HEARTBEAT_PATH, PEER_PATHS, Membership
 from gpufaas.scheduler.ring import Ring
-from gpufaas.scheduler.transport import NodeReply
+from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -182,6 +183,7 @@ class Replicas:
         ownership: Ownership = "leader",
         recover: Callable[[str], Awaitable[NodeReply | None]] | None = None,
         forward_probe_s: float = FORWARD_PROBE_S,
+        observe_requests: Callable[[str, int], None] = lambda model, count: None,
     ) -> None:
         if ownership not in ("leader", "function"):
             raise ValueError(f"ownership must be 'leader' or 'function', got {ownership!r}")
@@ -199,6 +201,14 @@ class Replicas:
         self.flush_delay_s = flush_delay_s
         self.ring = Ring([membership.self_id])
         self.metrics = ReplicaMetrics(registry)
+        # Forwards go over the gateway's pooled HTTP/1.1 transport (httptools), as requests to
+        # the GPU managers do: httpx costs a forward about as much as the rest of the hop.
+        self._pools: dict[str, NodePool] = {}
+        # Popularity across replicas: this replica's client requests per model (cumulative,
+        # in its heartbeat), and how many of each peer's it has taken in already.
+        self._ingress: collections.Counter[str] = collections.Counter()
+        self._absorbed: dict[str, dict[str, int]] = {}
+        self.observe_requests = observe_requests
         self._outbox: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
         self.metrics.cluster_misses.set_function(self.cluster_misses)
@@ -245,10 +255,13 @@ class Replicas:
         that miss (only placements are forwarded)."""
         return _FORWARDED_IN.get()
 
-    def keyed(self, call: NodeCall) -> NodeCall:
-        """``call`` with the request key a peer forwarded with this request, if any: the GPU
-        manager then runs it at most once, even if the sender, its forward failed, sends it
-        again (:meth:`place`)."""
+    def begin(self, name: str, call: NodeCall) -> NodeCall:
+        """At the start of the gateway's request path (HTTP and gRPC alike): count a client's
+        inference request for the peers (:meth:`request_counts`), and return ``call`` with the
+        request key a peer forwarded with this request, if any: the GPU manager then runs it at
+        most once, even if the sender, its forward failed, sends it again (:meth:`place`)."""
+        if not _FORWARDED_IN.get() and call.path.endswith("/infer"):
+            self._ingress[name] += 1
         key = _REQUEST_KEY.get()
         if key is None or call.headers.get(REQUEST_KEY_HEADER) == key:
             return call
@@ -291,11 +304,12 @@ class Replicas:
         return Placement(reply=None, call=call)
 
     async def _forward(self, owner: str, call: NodeCall) -> Placement:
-        """Send ``call`` to the owner under a fresh request key. If it fails before reaching
-        the owner, the call comes back to be placed here; if it may have reached the owner (a
-        reset mid-request, or an owner that stopped answering heartbeats), the managers are
-        asked for the key's answer first, and the call placed here keeps the key: a manager
-        that ran it, or runs it, answers it again instead of running it twice."""
+        """Send ``call`` to the owner under a fresh request key; the owner's answer. If the
+        forward fails (the owner is gone, its connection broke mid-request, or it stopped
+        answering heartbeats), the owner may have dispatched the request already: the GPU
+        managers are asked for the key's answer first (``recover``; a run in flight is waited
+        for), and if none has it, the call comes back to be placed here, keeping the key, so
+        that a manager that runs it, or ran it, answers it again instead of running it twice."""
         peer = self.membership.peer(owner)
         if peer is None:
             return Placement(reply=None, call=call)
@@ -303,20 +317,15 @@ class Replicas:
         keyed = NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
         self.metrics.forwarded.labels(owner).inc()
         sending = asyncio.ensure_future(
-            peer.client.post(
-                call.path,
-                content=bytes(call.body),
-                headers={**keyed.headers, FORWARDED_HEADER: self.self_id},
+            self._pool(owner).post(
+                call.path, call.body, {**keyed.headers, FORWARDED_HEADER: self.self_id}
             )
         )
         try:
-            response = await self._owner_answer(owner, sending)
-        except httpx.ConnectError as e:
-            # Nothing reached the owner: it is gone. Serve here.
-            self._lost(owner, e)
-            return Placement(reply=None, call=keyed)
-        except (httpx.TransportError, OwnerHung) as e:
-            # The owner may have dispatched it: a manager may hold (or be computing) the answer.
+            reply = await self._owner_answer(owner, sending)
+        except (NodeUnreachable, OwnerHung) as e:
+            # The owner is gone or hung, perhaps after it dispatched the request: a manager may
+            # hold (or be computing) the answer under the key. Else serve here, under the key.
             self._lost(owner, e)
             recovered = await self.recover(key) if self.recover is not None else None
             if recovered is not None:
@@ -326,18 +335,21 @@ class Replicas:
         finally:
             if not sending.done():
                 sending.cancel()
-        return Placement(
-            reply=NodeReply(
-                status=response.status_code,
-                headers={k.lower(): v for k, v in response.headers.items()},
-                body=response.content,
-            ),
-            call=keyed,
-        )
+        return Placement(reply=reply, call=keyed)
 
-    async def _owner_answer(
-        self, owner: str, sending: asyncio.Future[httpx.Response]
-    ) -> httpx.Response:
+    def _pool(self, owner: str) -> NodePool:
+        pool = self._pools.get(owner)
+        if pool is None:
+            pool = self._pools[owner] = NodePool(
+                owner,
+                size=64,
+                headers=self.membership.auth_headers,
+                timeout_s=self.membership.request_timeout_s,
+                connect_timeout_s=2.0,
+            )
+        return pool
+
+    async def _owner_answer(self, owner: str, sending: asyncio.Future[NodeReply]) -> NodeReply:
         """The forward's response; every ``forward_probe_s`` without one, the owner's heartbeat
         is probed, and an owner that does not answer it is given up (:class:`OwnerHung`): a
         hung owner holds a placement for about ``forward_probe_s`` plus the heartbeat timeout,
@@ -351,6 +363,10 @@ class Replicas:
 
     def _lost(self, owner: str, reason: object) -> None:
         self.metrics.forward_failures.inc()
+        pool = self._pools.pop(owner, None)  # its connections may hang with the owner
+        if pool is not None:
+            task = asyncio.get_running_loop().create_task(pool.close())
+            task.add_done_callback(lambda t: t.exception())
         if self.membership.mark_unreachable(owner, reason):
             self._update_ring()
 
@@ -438,6 +454,7 @@ class Replicas:
             while not stop.is_set():
                 await self.membership.refresh()
                 self._update_ring()
+                self.absorb_peer_requests()
                 lost = any(not p.reachable for p in self.membership.peers.values())
                 wait_s = min(interval_s, UNREACHABLE_PROBE_S) if lost else interval_s
                 with contextlib.suppress(TimeoutError):
@@ -445,7 +462,39 @@ class Replicas:
         finally:
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
+            await asyncio.gather(*(pool.close() for pool in self._pools.values()))
+            self._pools.clear()
             await self.membership.close()
+
+    def request_counts(self, *, most: int = 4096) -> dict[str, int]:
+        """This replica's client requests per model since it started (the ``most`` asked
+        for), for its heartbeat: each peer takes in the ones it has not seen yet."""
+        if len(self._ingress) <= most:
+            return dict(self._ingress)
+        return dict(self._ingress.most_common(most))
+
+    def absorb_peer_requests(self) -> int:
+        """Feed the peers' new client requests (from their last heartbeats) into this
+        replica's popularity estimates; returns how many. Each replica's ingress is a sample
+        of the cluster's stream, and the placement owner weighs eviction victims by
+        popularity: with N replicas its own sample is 1/N of the stream, too thin to rank the
+        rarely used models that are exactly the candidates for eviction."""
+        total = 0
+        for peer in self.membership.peers.values():
+            counts = peer.report.get("requests")
+            if not isinstance(counts, dict):
+                continue
+            seen = self._absorbed.setdefault(peer.id, {})
+            for model, count in counts.items():
+                if not isinstance(count, int) or count < 0:
+                    continue
+                before = seen.get(model, 0)
+                new = count - before if count >= before else count  # the peer restarted
+                seen[model] = count
+                if new:
+                    self.observe_requests(str(model), min(new, 100_000))
+                    total += new
+        return total
 
     def cluster_misses(self) -> float:
         peers = self.membership.peers.values()
@@ -582,8 +631,17 @@ def attach_replicas(
         self_url=self_url,
         discover=discover,
         token=token,
-        heartbeat=lambda: {"misses": own_misses(), "at": time.time()},
+        heartbeat=lambda: {
+            "misses": own_misses(),
+            "at": time.time(),
+            "requests": replicas.request_counts(),
+        },
     )
+
+    def observe_requests(model: str, count: int) -> None:
+        for _ in range(count):
+            gateway.estimates.observe_request(model)
+
     replicas = Replicas(
         membership=membership,
         directory=gateway.cluster.directory,
@@ -594,6 +652,7 @@ def attach_replicas(
         known_size=gateway.model_bytes.get,
         ownership=ownership,
         recover=recover,
+        observe_requests=observe_requests,
     )
     gateway.replicas = replicas
 
