@@ -35,6 +35,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import json
 import logging
 import math
 import os
@@ -53,7 +54,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
 from gpufaas.core import node as node_api
-from gpufaas.core.http import REQUEST_KEY_HEADER, error_response, install_token_auth
+from gpufaas.core.http import (
+    REQUEST_KEY_HEADER,
+    error_response,
+    install_token_auth,
+    match_fast_post,
+    token_auth,
+)
+from gpufaas.core.protocol import ProtocolError
 from gpufaas.scheduler.gateway import NodeCall
 from gpufaas.scheduler.peers import EVENTS_PATH, HEARTBEAT_PATH, PEER_PATHS, Membership
 from gpufaas.scheduler.ring import Ring
@@ -98,6 +106,8 @@ ReplicaSlots = Literal["full", "share"]
 # A forward that has not answered after this long makes the replica ask whether the owner still
 # answers heartbeats; one that does not is given up (the request is placed here).
 FORWARD_PROBE_S = 1.0
+# A residency-event post that takes longer marks the peer unreachable.
+EVENTS_TIMEOUT_S = 2.0
 
 
 class OwnerHung(Exception):
@@ -363,12 +373,15 @@ class Replicas:
 
     def _lost(self, owner: str, reason: object) -> None:
         self.metrics.forward_failures.inc()
-        pool = self._pools.pop(owner, None)  # its connections may hang with the owner
+        self._drop_pool(owner)
+        if self.membership.mark_unreachable(owner, reason):
+            self._update_ring()
+
+    def _drop_pool(self, peer_id: str) -> None:
+        pool = self._pools.pop(peer_id, None)  # its connections may hang with the peer
         if pool is not None:
             task = asyncio.get_running_loop().create_task(pool.close())
             task.add_done_callback(lambda t: t.exception())
-        if self.membership.mark_unreachable(owner, reason):
-            self._update_ring()
 
     # -- residency events --------------------------------------------------------------------
 
@@ -427,17 +440,25 @@ class Replicas:
     async def _send(self, events: list[dict[str, Any]]) -> None:
         peers = [p for p in self.membership.peers.values() if p.reachable]
 
-        async def one(peer_id: str, client: httpx.AsyncClient) -> None:
+        body = json.dumps({"from": self.self_id, "events": events}).encode()
+        headers = {"Content-Type": "application/json"}
+
+        async def one(peer_id: str) -> None:
+            # The pooled transport, as forwards: an owner publishes while its misses are in
+            # flight, and httpx would spend the loop's time they wait on.
             try:
-                response = await client.post(
-                    EVENTS_PATH, json={"from": self.self_id, "events": events}, timeout=2.0
+                reply = await asyncio.wait_for(
+                    self._pool(peer_id).post(EVENTS_PATH, body, headers), EVENTS_TIMEOUT_S
                 )
-                response.raise_for_status()
-            except httpx.HTTPError as e:
-                if self.membership.mark_unreachable(peer_id, e):
+                failure: object = None if reply.status == 200 else f"HTTP {reply.status}"
+            except (NodeUnreachable, TimeoutError) as e:
+                failure = e
+            if failure is not None:
+                self._drop_pool(peer_id)
+                if self.membership.mark_unreachable(peer_id, failure):
                     self._update_ring()
 
-        await asyncio.gather(*(one(p.id, p.client) for p in peers))
+        await asyncio.gather(*(one(p.id) for p in peers))
         self.metrics.events.labels("published").inc(len(events))
 
     # -- membership --------------------------------------------------------------------------
@@ -509,9 +530,18 @@ class Replicas:
     # -- HTTP --------------------------------------------------------------------------------
 
     def ingress(self, app: ASGIApp) -> ASGIApp:
-        """``app`` behind the ingress marker (:meth:`admit` for each inference request); it
-        must be the outermost layer, ahead of the gateway's own fast path."""
-        return _IngressMarker(app, replicas=self)
+        """``app`` behind the ingress marker (:meth:`admit` for each inference request; the
+        peers' residency events answered without FastAPI); it must be the outermost layer,
+        ahead of the gateway's own fast path. With a token, peer paths need it here too."""
+        marked: ASGIApp = _IngressMarker(app, replicas=self)
+        if self.token:
+            marked = token_auth(
+                marked,
+                token=self.token,
+                protect=lambda path: path.startswith(PEER_PATHS),
+                realm="the gateway's peer API",
+            )
+        return marked
 
     def install(self, app: FastAPI) -> None:
         """The peer routes (heartbeat, events); with a token, peers must present it."""
@@ -528,19 +558,27 @@ class Replicas:
             return JSONResponse(self.membership.heartbeat())
 
         @app.post(EVENTS_PATH)
-        async def events(request: Request) -> Response:
-            try:
-                body = await request.json()
-                listed = body["events"]
-                if not isinstance(listed, list):
-                    raise TypeError("events must be a list")
-                applied = self.apply(listed)
-            except (ValueError, KeyError, TypeError) as e:
-                return error_response(400, f"bad residency events: {e}", reason="InvalidEvents")
-            return JSONResponse({"applied": applied})
+        async def events(request: Request) -> Response:  # served by the ingress; for the docs
+            return await self.receive_events(request.body)
+
+    async def receive_events(self, read: Callable[[], Awaitable[bytes]]) -> Response:
+        """``POST`` :data:`EVENTS_PATH`: apply a peer's residency events."""
+        try:
+            body = json.loads(await read())
+            listed = body["events"]
+            if not isinstance(listed, list):
+                raise TypeError("events must be a list")
+            applied = self.apply(listed)
+        except ProtocolError as e:
+            return error_response(e.status_code, str(e), reason="InvalidEvents")
+        except (ValueError, KeyError, TypeError) as e:
+            return error_response(400, f"bad residency events: {e}", reason="InvalidEvents")
+        return JSONResponse({"applied": applied})
 
 
 _INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+_EVENTS_PATH = re.compile("^" + re.escape(EVENTS_PATH) + "$")
+_MAX_EVENTS_BYTES = 16 << 20
 
 
 class _IngressMarker:
@@ -553,6 +591,11 @@ class _IngressMarker:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            post = match_fast_post(scope, receive, path=_EVENTS_PATH, max_bytes=_MAX_EVENTS_BYTES)
+            if post is not None:
+                response = await self.replicas.receive_events(post.read)
+                await response(scope, receive, send)
+                return
             found = _INFER_PATH.match(scope["path"])
             if found is not None:
                 marker = key = b""

@@ -359,3 +359,30 @@ async def test_the_owner_weighs_victims_by_every_replicas_requests() -> None:
     assert owner.absorb_peer_requests() == 4
     await _close(sender)
     await _close(owner)
+
+
+async def test_residency_events_are_taken_at_the_ingress_and_need_the_peer_token() -> None:
+    """Peers' events are answered by the ingress layer (no FastAPI on the owner's hot
+    moments), behind the peer token; bad ones are a 400 that says why."""
+    from fastapi import FastAPI
+
+    from gpufaas.cache import Residency
+    from gpufaas.scheduler.peers import EVENTS_PATH
+
+    replicas = _replicas("http://b")
+    replicas.token = "peer-secret"
+    app = FastAPI()
+    replicas.install(app)
+    served = replicas.ingress(app)
+    event = {"from": "http://b", "events": [{"device": "n/0", "model": "m", "size": 10}]}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=served), base_url="http://a"
+    ) as client:
+        assert (await client.post(EVENTS_PATH, json=event)).status_code == 401
+        auth = {"Authorization": "Bearer peer-secret"}
+        response = await client.post(EVENTS_PATH, json=event, headers=auth)
+        assert response.status_code == 200 and response.json() == {"applied": 1}
+        assert replicas.directory.state("n/0", "m") is Residency.LOADING
+        bad = await client.post(EVENTS_PATH, content=b"{", headers=auth)
+        assert bad.status_code == 400 and "bad residency events" in bad.text
+    await _close(replicas)
