@@ -204,8 +204,9 @@ def _manager_lookups(urls: list[str]) -> dict[str, float]:
 def _replica_counters(urls: list[str]) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = {"forwarded": 0.0, "owned": 0.0, "events": 0.0}
+    out = {"forwarded": 0.0, "owned": 0.0, "events": 0.0, "overtakes": 0.0}
     names = {
+        "gpufaas_dispatch_overtakes": "overtakes",
         "gpufaas_replica_forwarded_requests_total": "forwarded",
         "gpufaas_replica_owned_requests_total": "owned",
         "gpufaas_replica_residency_events_total": "events",
@@ -426,6 +427,7 @@ def _one(
         "forwarded": int(replicas_after["forwarded"] - replicas_before["forwarded"]),
         "owned": int(replicas_after["owned"] - replicas_before["owned"]),
         "events": int(replicas_after["events"] - replicas_before["events"]),
+        "overtakes": int(replicas_after["overtakes"] - replicas_before["overtakes"]),
         "saturation_rps": ok / elapsed,
         "saturation_failed": failed,
         "gateway_cpu_ms_per_request": 1000 * gateway_cpu / ok if ok else math.nan,
