@@ -143,6 +143,7 @@ def _start(
         "--replica-slots", slots,
         "--host", "127.0.0.1",
         "--port", str(port),
+        "--grpc-port", "-1",  # HTTP only: the trace and the saturation loop use HTTP
         "--functions", str(functions_dir),
         *args.gateway_arg,
     ]  # fmt: skip
@@ -166,7 +167,8 @@ def _replica_urls(proc: Any, url: str, *, gateways: int, wss: int, log: Path) ->
             if not found:
                 time.sleep(0.5)
                 continue
-            urls = [u.strip() for u in found.group(1).split(",")]
+            # Only the URLs: a log line of another process may share the line.
+            urls = re.findall(r"http://[\w.\-]+:\d+", found.group(1))[:gateways]
         try:
             ok = True
             for u in urls:
