@@ -61,6 +61,8 @@ SHARD_INFER = "/v2/gpufaas/shards/{set_name}/{shard}/infer"
 SHARD_MESSAGES = "/v2/gpufaas/shards/{set_name}/{shard}/messages"  # direct-channel messages
 SHARDS = "/v2/gpufaas/shards"  # GET: the node's shards
 EXECUTIONS = "/v2/gpufaas/executions"  # forward passes run per request id (issue #12)
+# GET: the answer of a keyed (forwarded) request this node ran or runs (scale-out #16)
+REQUEST_ANSWER = "/v2/gpufaas/requests/{key}"
 
 
 def route(template: str, *, name: str) -> str:

@@ -38,6 +38,7 @@ from gpufaas.core.http import (
     LOAD_MS_HEADER,
     LOAD_SOURCE_HEADER,
     MODEL_BYTES_HEADER,
+    REQUEST_KEY_HEADER,
     add_metrics_route,
     error_response,
     install_error_handlers,
@@ -55,7 +56,12 @@ from gpufaas.core.protocol import (
     parse_header_length,
     validate_inputs,
 )
-from gpufaas.gpu_manager.admission import AdmissionCollector, AdmissionFull, DeviceAdmission
+from gpufaas.gpu_manager.admission import (
+    AdmissionCollector,
+    AdmissionFull,
+    DeviceAdmission,
+    RequestOnce,
+)
 from gpufaas.gpu_manager.devices import device_free_bytes
 from gpufaas.gpu_manager.framed import Answer, FramedServer
 from gpufaas.gpu_manager.prefetch import add_prefetch_routes
@@ -198,6 +204,7 @@ class _InferMetrics:
     # Scale-out (#16): the cluster-wide per-device bound, whichever gateway replica sends.
     admission: DeviceAdmission
     executions: ExecutionCounts  # forward passes per request id (EXECUTIONS_PATH)
+    once: RequestOnce  # scale-out (#16): a forwarded request's key runs once
 
 
 def create_app(
@@ -249,6 +256,7 @@ def create_app(
         ),
         admission=admission,
         executions=ExecutionCounts(),
+        once=RequestOnce(),
     )
     add_metrics_route(app, registry)
     app.state.runtime = runtime
@@ -300,6 +308,14 @@ def _add_routes(
     @app.get(EXECUTIONS_PATH)
     async def execution_counts() -> JSONResponse:
         return JSONResponse(metrics.executions.report())
+
+    @app.get(node.REQUEST_ANSWER)
+    async def request_answer(key: str, wait_s: float = 30.0) -> Response:
+        # Scale-out (#16): a gateway whose forward failed asks whether this node ran it.
+        answer = await metrics.once.lookup(key, wait_s=min(max(wait_s, 0.0), 120.0))
+        if answer is None:
+            return error_response(404, f"no answer for request key {key!r} here", reason="NotFound")
+        return answer_response(answer)
 
     @app.get(node.HEALTH_LIVE)
     async def live() -> dict[str, bool]:
@@ -391,8 +407,11 @@ class InferFastPath:
         match, headers, read = post.match, post.headers, post.read
 
         try:
-            answer = await answer_infer(
-                self.runtime, match["name"], read, headers, self.limits, self.metrics
+            answer = await self.metrics.once.run(  # scale-out (#16): a key runs once
+                headers.get(REQUEST_KEY_HEADER),
+                lambda: answer_infer(
+                    self.runtime, match["name"], read, headers, self.limits, self.metrics
+                ),
             )
         except Exception as e:  # as FastAPI's handlers do: a message, never a traceback
             logger.exception("unhandled error on POST %s", scope["path"])

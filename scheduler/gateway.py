@@ -489,6 +489,8 @@ class Gateway:
         :class:`DeadlineExceeded` when the deadline passes first, :class:`Unavailable` when no
         device is left to try.
         """
+        if self.replicas is not None:  # counted for the peers; a forwarded key goes on
+            call = self.replicas.begin(name, call)
         with self._admitted(name):
             tried: set[str] = set()
             last_error: Exception | None = None
@@ -507,8 +509,9 @@ class Gateway:
                     placed = await self.replicas.place(
                         name, device.key, call=call, size_bytes=size, victims=decision.victims
                     )
-                    if placed is not None:
-                        return placed
+                    if placed.reply is not None:
+                        return placed.reply
+                    call = placed.call  # keyed, if a forward failed: a manager runs it once
                 try:
                     reply = await self._run_on(device, name, decision, call, deadline=deadline)
                 except DeviceGone as e:

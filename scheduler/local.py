@@ -146,10 +146,24 @@ class GatewayReplicaOptions:
     shared_port: int  # every replica listens here too (SO_REUSEPORT): the one address for clients
     functions: tuple[Path, ...]
     gateway_args: tuple[str, ...] = ()  # policy, bounds, sync interval: the same for each
+    grpc: bool = False  # each replica serves gRPC too, on a port of its own
+
+
+@dataclass(frozen=True)
+class GatewayReplica:
+    """One running replica: its own HTTP URL and, with gRPC on, its own gRPC port."""
+
+    url: str
+    grpc_port: int | None = None
 
 
 def gateway_command(
-    *, port: int, peers: Sequence[str], managers: dict[str, str], options: GatewayReplicaOptions
+    *,
+    port: int,
+    peers: Sequence[str],
+    managers: dict[str, str],
+    options: GatewayReplicaOptions,
+    grpc_port: int | None = None,
 ) -> list[str]:
     command = [
         sys.executable, "-m", "gpufaas.core.cli", "gateway",
@@ -159,7 +173,8 @@ def gateway_command(
         "--replica-url", f"http://{options.host}:{port}",
         "--peers", ",".join(peers),
         "--managers", ",".join(f"{name}={url}" for name, url in managers.items()),
-        "--grpc-port", "-1",  # replicas on one machine would all want the same gRPC port
+        # Each replica its own gRPC port (-1: none): gRPC clients pick a replica themselves.
+        "--grpc-port", str(-1 if grpc_port is None else grpc_port),
         *options.gateway_args,
     ]  # fmt: skip
     for path in options.functions:
@@ -175,11 +190,13 @@ def run_gateways(
     options: GatewayReplicaOptions,
     token: str | None = None,
     start_timeout_s: float = 120.0,
-) -> Iterator[list[str]]:
-    """Start ``replicas`` gateway processes, each on its own port and on the shared one;
-    yields their own URLs once every one is ready. They find each other from the list."""
+) -> Iterator[list[GatewayReplica]]:
+    """Start ``replicas`` gateway processes, each on its own port and on the shared one (and
+    with ``options.grpc`` on a gRPC port of its own); yields them once every one is ready.
+    They find each other from the list of their URLs."""
     ports = [free_port(options.host) for _ in range(replicas)]
     urls = [f"http://{options.host}:{port}" for port in ports]
+    grpc_ports = [free_port(options.host) if options.grpc else None for _ in ports]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if token:
         env["GPUFAAS_MANAGER_TOKEN"] = token
@@ -187,11 +204,13 @@ def run_gateways(
     env["GPUFAAS_PEER_TOKEN"] = os.environ.get("GPUFAAS_PEER_TOKEN") or _token()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for port in ports:
-            command = gateway_command(port=port, peers=urls, managers=managers, options=options)
+        for port, grpc_port in zip(ports, grpc_ports, strict=True):
+            command = gateway_command(
+                port=port, peers=urls, managers=managers, options=options, grpc_port=grpc_port
+            )
             procs.append(subprocess.Popen(command, env=env, preexec_fn=die_with_parent))
         wait_ready(urls, timeout_s=start_timeout_s, procs=procs, what="gateway replica")
-        yield urls
+        yield [GatewayReplica(u, g) for u, g in zip(urls, grpc_ports, strict=True)]
     finally:
         stop_processes(procs)
 
