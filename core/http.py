@@ -38,6 +38,9 @@ BATCH_SIZE_HEADER = "x-gpufaas-batch-size"  # requests that shared one forward p
 # gateway -> GPU manager: comma-separated models to evict first if this request loads its model
 EVICT_FIRST_HEADER = "x-gpufaas-evict-first"
 MAX_EVICT_HINTS = 64
+# gateway -> peer gateway -> GPU manager: a forwarded request's key; a manager runs a key once
+# (gpu_manager/admission.py RequestOnce, scale-out #16)
+REQUEST_KEY_HEADER = "x-gpufaas-request-key"
 
 
 def error_response(

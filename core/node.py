@@ -18,6 +18,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpufaas.cache import Residency
+from gpufaas.core.frames import FramedEndpoint
 
 __all__ = [
     "DEMOTE",
@@ -60,6 +61,8 @@ SHARD_INFER = "/v2/gpufaas/shards/{set_name}/{shard}/infer"
 SHARD_MESSAGES = "/v2/gpufaas/shards/{set_name}/{shard}/messages"  # direct-channel messages
 SHARDS = "/v2/gpufaas/shards"  # GET: the node's shards
 EXECUTIONS = "/v2/gpufaas/executions"  # forward passes run per request id (issue #12)
+# GET: the answer of a keyed (forwarded) request this node ran or runs (scale-out #16)
+REQUEST_ANSWER = "/v2/gpufaas/requests/{key}"
 
 
 def route(template: str, *, name: str) -> str:
@@ -187,6 +190,8 @@ class NodeState(_State):
         default_factory=dict, description="torch, the CUDA it was built for, and the driver."
     )
     ready: bool = True  # False after a fatal device error: the manager is exiting
+    # Where the node serves framed inference (core/frames.py), if it does.
+    framed: FramedEndpoint | None = None
     failure: str | None = None
 
     def device(self, device_id: str) -> DeviceState:

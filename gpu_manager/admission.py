@@ -10,6 +10,8 @@ bound.
 ``running``, ``waiting`` and ``peak`` (the most ever running at once) are exported as gauges;
 ``peak`` is what the scale-out test reads. ``concurrency=None`` admits everything and still
 counts, which is how a test shows that the bound is needed.
+
+:class:`RequestOnce` runs a forwarded request at most once per request key (see its docstring).
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["AdmissionFull", "DeviceAdmission"]
+from gpufaas.gpu_manager.framed import Answer
+
+__all__ = ["AdmissionFull", "DeviceAdmission", "RequestOnce"]
 
 
 class AdmissionFull(Exception):
@@ -133,3 +138,109 @@ class AdmissionCollector(Collector):
             waiting.add_metric([device], self.admission.waiting(device))
             peak.add_metric([device], self.admission.peak(device))
         yield from (running, waiting, peak)
+
+
+# -- one execution per request key (#16: a forward that failed after its owner dispatched) --------
+
+
+class RequestOnce:
+    """At most one execution per *request key* on this manager, and its answer kept a while.
+
+    A gateway replica that forwards a placement to its owner tags it with a fresh key (the
+    ``x-gpufaas-request-key`` header), and the owner passes the key on to the manager it
+    dispatches to. If the forward then fails after the owner dispatched (the owner died or hung
+    mid-request), the replica (1) asks the managers for the key's answer (:meth:`lookup`, which
+    waits for a run in flight) and (2) if none has it, runs the request itself, under the same
+    key. So a key that reaches this manager twice runs once: the second caller joins the run in
+    flight, or gets the kept answer. Requests without a key (every ordinary one) pass straight
+    through.
+
+    Only successful answers (200) are kept, for ``keep_s``, at most ``max_bytes`` of bodies in
+    all (oldest dropped first): a key whose first run failed (429, a load that did not fit) may
+    run again, which is what a retry wants. Only forwarded requests carry keys, a few per cent
+    of the traffic, so the memory stays small.
+    """
+
+    def __init__(
+        self,
+        *,
+        keep_s: float = 60.0,
+        max_bytes: int = 64 << 20,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.keep_s = keep_s
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._running: dict[str, asyncio.Future[Answer]] = {}
+        self._kept: collections.OrderedDict[str, tuple[float, Answer]] = collections.OrderedDict()
+        self._kept_bytes = 0
+        self.joined = 0  # callers that got another caller's run instead of running again
+
+    async def run(self, key: str | None, compute: Callable[[], Awaitable[Answer]]) -> Answer:
+        """``compute()``'s answer; with a key already seen, the first run's answer instead."""
+        if not key:
+            return await compute()
+        earlier = self._earlier(key)
+        if earlier is not None:
+            self.joined += 1
+            return await asyncio.shield(earlier)
+        done: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._running[key] = done
+        try:
+            response = await compute()
+        except BaseException as e:
+            done.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
+            done.exception()  # retrieved: no "never retrieved" warning when nobody joined
+            raise
+        finally:
+            self._running.pop(key, None)
+        done.set_result(response)
+        if response[0] == 200:
+            self._keep(key, response)
+        return response
+
+    async def lookup(self, key: str, *, wait_s: float) -> Answer | None:
+        """The answer of ``key``'s run here: kept, or awaited (at most ``wait_s``) while in
+        flight; None if this manager never ran it, or its run failed."""
+        earlier = self._earlier(key)
+        if earlier is None:
+            return None
+        try:
+            response = await asyncio.wait_for(asyncio.shield(earlier), timeout=wait_s)
+        except Exception:
+            return None
+        return response if response[0] == 200 else None
+
+    def _earlier(self, key: str) -> asyncio.Future[Answer] | None:
+        running = self._running.get(key)
+        if running is not None:
+            return running
+        self._expire()
+        kept = self._kept.get(key)
+        if kept is None:
+            return None
+        ready: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        ready.set_result(kept[1])
+        return ready
+
+    def _keep(self, key: str, response: Answer) -> None:
+        status, headers, body = response
+        # A copy: an answer's body may be a view of a buffer the server reuses.
+        response = (status, headers, bytes(body))
+        size = len(body)
+        if size > self.max_bytes:
+            return
+        self._kept[key] = (self._clock(), response)
+        self._kept_bytes += size
+        while self._kept_bytes > self.max_bytes:
+            _, (_, dropped) = self._kept.popitem(last=False)
+            self._kept_bytes -= len(dropped[2])
+
+    def _expire(self) -> None:
+        horizon = self._clock() - self.keep_s
+        while self._kept:
+            key, (at, response) = next(iter(self._kept.items()))
+            if at >= horizon:
+                break
+            del self._kept[key]
+            self._kept_bytes -= len(response[2])

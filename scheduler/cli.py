@@ -43,6 +43,13 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default=DEFAULT_POLICY, help="lb, lalb or lalb-o3")
     parser.add_argument("--max-request-bytes", default="64Mi", help="largest request body accepted")
     parser.add_argument(
+        "--node-transport",
+        choices=("framed", "http"),
+        default="framed",
+        help="inference calls to the GPU managers: frames where a manager serves them "
+        "(docs/dataplane.md), else HTTP; http: always HTTP",
+    )
+    parser.add_argument(
         "--sync-interval", type=float, default=5.0, help="seconds between full re-syncs"
     )
     parser.add_argument(
@@ -97,6 +104,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         device_concurrency=args.device_concurrency,
         max_queue_per_device=args.max_queue_per_device,
         max_pending_per_function=args.max_pending_per_function,
+        transport="framed" if args.node_transport == "framed" else "pooled",
     )
 
 
@@ -140,6 +148,13 @@ def _add_placement_option(parser: argparse.ArgumentParser) -> None:
         default="leader",
         help="with replicas: which one places models, one for all (leader) or each function's "
         "owner (docs/scheduling.md, Scale-out)",
+    )
+    parser.add_argument(
+        "--replica-slots",
+        choices=("full", "share"),
+        default="full",
+        help="with replicas: each may use all of a device's --device-concurrency slots, the GPU "
+        "manager bounding them cluster-wide (full), or ceil(slots / replicas) each (share)",
     )
 
 
@@ -243,18 +258,25 @@ def _up_replicas(
         shared_port=args.port,
         functions=tuple(paths),
         gateway_args=tuple(_gateway_args(args)),
+        grpc=args.grpc_port >= 0,
     )
     with (
         run_managers(nodes=args.nodes, options=options, token=token) as urls,
         run_gateways(
             replicas=args.gateways, managers=urls, options=replica_options, token=token
-        ) as replica_urls,
+        ) as replicas,
     ):
         print(
             f"gpufaas is serving on http://{args.host}:{args.port} through "
-            f"{len(replica_urls)} gateway replicas: " + ", ".join(replica_urls),
+            f"{len(replicas)} gateway replicas: " + ", ".join(r.url for r in replicas),
             flush=True,
         )
+        if args.grpc_port >= 0:  # each replica its own gRPC port (clients choose a replica)
+            print(
+                "gateway replicas' gRPC (KServe v2): "
+                + ", ".join(f"{args.host}:{r.grpc_port}" for r in replicas),
+                flush=True,
+            )
         wait_for_signal()
     return 0
 
@@ -269,6 +291,7 @@ def _gateway_args(args: argparse.Namespace) -> list[str]:
         "--max-queue-per-device", str(args.max_queue_per_device),
         "--max-pending-per-function", str(args.max_pending_per_function),
         "--placement-owner", args.placement_owner,
+        "--replica-slots", args.replica_slots,
     ]  # fmt: skip
 
 
@@ -348,6 +371,7 @@ def gateway_command(argv: Sequence[str]) -> int:
             peer_service=args.peer_service if args.kubernetes else None,
             namespace=args.manager_namespace,
             ownership=args.placement_owner,
+            slots=args.replica_slots,
         )
         try:
             serve_replica(

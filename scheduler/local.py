@@ -12,10 +12,12 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,13 +47,18 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def manager_command(*, name: str, port: int, options: ManagerOptions) -> list[str]:
-    """The GPU manager's command line: a subprocess of its own, nothing of it imported here."""
+def manager_command(
+    *, name: str, port: int, options: ManagerOptions, framed_socket: Path | None = None
+) -> list[str]:
+    """The GPU manager's command line: a subprocess of its own, nothing of it imported here.
+    ``framed_socket``: the Unix socket of its framed inference lane (``docs/dataplane.md``)."""
+    framed = ["--framed-socket", str(framed_socket)] if framed_socket is not None else []
     return [
         sys.executable, "-m", MANAGER_MODULE,
         "--name", name,
         "--host", "127.0.0.1",
         "--port", str(port),
+        *framed,
         *options.to_argv(),
     ]  # fmt: skip
 
@@ -112,17 +119,22 @@ def run_managers(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if token:
         env["GPUFAAS_MANAGER_TOKEN"] = token
+    # The managers share this host with the gateway: each also serves frames on a Unix socket.
+    sockets = Path(tempfile.mkdtemp(prefix="gpufaas-sockets-"))  # 0700: this user only
     try:
         for i in range(nodes):
             name = f"node-{i}"
             port = free_port()
-            command = manager_command(name=name, port=port, options=options)
+            command = manager_command(
+                name=name, port=port, options=options, framed_socket=sockets / f"{name}.sock"
+            )
             procs.append(subprocess.Popen(command, env=env, preexec_fn=die_with_parent))
             urls[name] = f"http://127.0.0.1:{port}"
         wait_ready(list(urls.values()), timeout_s=start_timeout_s, procs=procs)
         yield urls
     finally:
         stop_processes(procs)
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 # -- scale-out: several gateway replicas (#16) -----------------------------------------------------
@@ -134,10 +146,24 @@ class GatewayReplicaOptions:
     shared_port: int  # every replica listens here too (SO_REUSEPORT): the one address for clients
     functions: tuple[Path, ...]
     gateway_args: tuple[str, ...] = ()  # policy, bounds, sync interval: the same for each
+    grpc: bool = False  # each replica serves gRPC too, on a port of its own
+
+
+@dataclass(frozen=True)
+class GatewayReplica:
+    """One running replica: its own HTTP URL and, with gRPC on, its own gRPC port."""
+
+    url: str
+    grpc_port: int | None = None
 
 
 def gateway_command(
-    *, port: int, peers: Sequence[str], managers: dict[str, str], options: GatewayReplicaOptions
+    *,
+    port: int,
+    peers: Sequence[str],
+    managers: dict[str, str],
+    options: GatewayReplicaOptions,
+    grpc_port: int | None = None,
 ) -> list[str]:
     command = [
         sys.executable, "-m", "gpufaas.core.cli", "gateway",
@@ -147,7 +173,8 @@ def gateway_command(
         "--replica-url", f"http://{options.host}:{port}",
         "--peers", ",".join(peers),
         "--managers", ",".join(f"{name}={url}" for name, url in managers.items()),
-        "--grpc-port", "-1",  # replicas on one machine would all want the same gRPC port
+        # Each replica its own gRPC port (-1: none): gRPC clients pick a replica themselves.
+        "--grpc-port", str(-1 if grpc_port is None else grpc_port),
         *options.gateway_args,
     ]  # fmt: skip
     for path in options.functions:
@@ -163,11 +190,13 @@ def run_gateways(
     options: GatewayReplicaOptions,
     token: str | None = None,
     start_timeout_s: float = 120.0,
-) -> Iterator[list[str]]:
-    """Start ``replicas`` gateway processes, each on its own port and on the shared one;
-    yields their own URLs once every one is ready. They find each other from the list."""
+) -> Iterator[list[GatewayReplica]]:
+    """Start ``replicas`` gateway processes, each on its own port and on the shared one (and
+    with ``options.grpc`` on a gRPC port of its own); yields them once every one is ready.
+    They find each other from the list of their URLs."""
     ports = [free_port(options.host) for _ in range(replicas)]
     urls = [f"http://{options.host}:{port}" for port in ports]
+    grpc_ports = [free_port(options.host) if options.grpc else None for _ in ports]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if token:
         env["GPUFAAS_MANAGER_TOKEN"] = token
@@ -175,11 +204,13 @@ def run_gateways(
     env["GPUFAAS_PEER_TOKEN"] = os.environ.get("GPUFAAS_PEER_TOKEN") or _token()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for port in ports:
-            command = gateway_command(port=port, peers=urls, managers=managers, options=options)
+        for port, grpc_port in zip(ports, grpc_ports, strict=True):
+            command = gateway_command(
+                port=port, peers=urls, managers=managers, options=options, grpc_port=grpc_port
+            )
             procs.append(subprocess.Popen(command, env=env, preexec_fn=die_with_parent))
         wait_ready(urls, timeout_s=start_timeout_s, procs=procs, what="gateway replica")
-        yield urls
+        yield [GatewayReplica(u, g) for u, g in zip(urls, grpc_ports, strict=True)]
     finally:
         stop_processes(procs)
 

@@ -144,6 +144,7 @@ class Membership:
         self.self_id = _normal(self_url)
         self.discover = discover
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.request_timeout_s = request_timeout_s
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = httpx.Timeout(request_timeout_s, connect=2.0)
         self._own_report = heartbeat
@@ -170,6 +171,11 @@ class Membership:
 
     def peer(self, peer_id: str) -> Peer | None:
         return self.peers.get(peer_id)
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """What a request to a peer presents (the peer token), for other transports."""
+        return dict(self._headers)
 
     # -- changes -----------------------------------------------------------------------------
 
@@ -214,6 +220,15 @@ class Membership:
             logger.warning("gateway replica discovery failed: %s", e)
         await asyncio.gather(*(self._probe(p) for p in list(self.peers.values())))
         return sorted(self.live()) != sorted(before)
+
+    async def probe(self, peer_id: str) -> bool:
+        """Heartbeat one peer now (at most ``heartbeat_timeout_s``); whether it answered. A
+        peer that does not is marked unreachable, as at a refresh."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return False
+        await self._probe(peer)
+        return peer.reachable
 
     async def _probe(self, peer: Peer) -> None:
         try:

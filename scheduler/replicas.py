@@ -32,15 +32,19 @@ peers back and pick up membership changes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
+import json
 import logging
 import math
 import os
 import re
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -49,22 +53,31 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
-from gpufaas.core.http import error_response, install_token_auth
+from gpufaas.core import node as node_api
+from gpufaas.core.http import (
+    REQUEST_KEY_HEADER,
+    error_response,
+    install_token_auth,
+    match_fast_post,
+    token_auth,
+)
+from gpufaas.core.protocol import ProtocolError
+from gpufaas.scheduler.gateway import NodeCall
 from gpufaas.scheduler.peers import EVENTS_PATH, HEARTBEAT_PATH, PEER_PATHS, Membership
 from gpufaas.scheduler.ring import Ring
-from gpufaas.scheduler.transport import NodeReply
+from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
-    from gpufaas.scheduler.gateway import Gateway, NodeCall
+    from gpufaas.scheduler.gateway import Gateway
 
 logger = logging.getLogger(__name__)
 
 # How often an unreachable peer is probed again (a reachable one: every sync interval).
 UNREACHABLE_PROBE_S = 1.0
 
-__all__ = ["FORWARDED_HEADER", "Replicas", "attach_replicas"]
+__all__ = ["FORWARDED_HEADER", "Placement", "Replicas", "attach_replicas"]
 
 # Set on a request a replica forwards to the function's owner; the owner never forwards it on.
 FORWARDED_HEADER = "x-gpufaas-forwarded-by"
@@ -79,6 +92,35 @@ _PLACEMENT_KEY = "\x00placement"
 _FORWARDED_IN: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "gpufaas_forwarded_in", default=False
 )
+# The request key a peer forwarded with the request (x-gpufaas-request-key), per request: it
+# goes on to the GPU manager, which runs a key once (gpu_manager/admission.py RequestOnce).
+_REQUEST_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "gpufaas_request_key", default=None
+)
+_REQUEST_KEY_BYTES = REQUEST_KEY_HEADER.encode()
+# slots: each replica's share of a device's concurrency. full: every replica may use all of a
+# device's slots, and the GPU manager's admission (which sees every replica) is the bound;
+# share: ceil(bound / live replicas) each (before #16's second pass; it queues a replica's hits
+# behind its own loads while the device has free slots).
+ReplicaSlots = Literal["full", "share"]
+# A forward that has not answered after this long makes the replica ask whether the owner still
+# answers heartbeats; one that does not is given up (the request is placed here).
+FORWARD_PROBE_S = 1.0
+# A residency-event post that takes longer marks the peer unreachable.
+EVENTS_TIMEOUT_S = 2.0
+
+
+class OwnerHung(Exception):
+    """The placement owner holds a forward and does not answer its heartbeat."""
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """What :meth:`Replicas.place` decided: the owner's answer (``reply``), or no answer and
+    the call to dispatch here (with the request key a failed forward carried, if any)."""
+
+    reply: NodeReply | None
+    call: NodeCall
 
 
 class ReplicaMetrics:
@@ -102,6 +144,12 @@ class ReplicaMetrics:
         self.forward_failures = Counter(
             "gpufaas_replica_forward_failures",
             "Forwards that failed to reach the owner (the request was placed here instead)",
+            registry=registry,
+        )
+        self.recovered = Counter(
+            "gpufaas_replica_recovered_requests",
+            "Forwards that failed after the owner may have dispatched them, answered by a GPU "
+            "manager that ran them (by request key) instead of running them again",
             registry=registry,
         )
         self.events = Counter(
@@ -143,11 +191,18 @@ class Replicas:
         token: str | None = None,
         known_size: Callable[[str], int | None] = lambda model: None,
         ownership: Ownership = "leader",
+        recover: Callable[[str], Awaitable[NodeReply | None]] | None = None,
+        forward_probe_s: float = FORWARD_PROBE_S,
+        observe_requests: Callable[[str, int], None] = lambda model, count: None,
     ) -> None:
         if ownership not in ("leader", "function"):
             raise ValueError(f"ownership must be 'leader' or 'function', got {ownership!r}")
         self.ownership: Ownership = ownership
         self.membership = membership
+        # Ask the GPU managers for a request key's answer (after a forward that may have been
+        # dispatched failed); None: nothing to ask.
+        self.recover = recover
+        self.forward_probe_s = forward_probe_s
         self.token = token
         self.known_size = known_size
         self.directory = directory
@@ -156,6 +211,14 @@ class Replicas:
         self.flush_delay_s = flush_delay_s
         self.ring = Ring([membership.self_id])
         self.metrics = ReplicaMetrics(registry)
+        # Forwards go over the gateway's pooled HTTP/1.1 transport (httptools), as requests to
+        # the GPU managers do: httpx costs a forward about as much as the rest of the hop.
+        self._pools: dict[str, NodePool] = {}
+        # Popularity across replicas: this replica's client requests per model (cumulative,
+        # in its heartbeat), and how many of each peer's it has taken in already.
+        self._ingress: collections.Counter[str] = collections.Counter()
+        self._absorbed: dict[str, dict[str, int]] = {}
+        self.observe_requests = observe_requests
         self._outbox: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
         self.metrics.cluster_misses.set_function(self.cluster_misses)
@@ -183,12 +246,15 @@ class Replicas:
         """The replica that makes ``name``'s residency decisions."""
         return self.ring.owner(name if self.ownership == "function" else _PLACEMENT_KEY)
 
-    def admit(self, name: str, *, forwarded_by: str | None) -> None:
+    def admit(self, name: str, *, forwarded_by: str | None, request_key: str | None = None) -> None:
         """At ingress (:class:`_IngressMarker`, per request): count the request as owned or
-        not, and remember for this request's task whether a peer forwarded it here."""
+        not, and remember for this request's task whether a peer forwarded it here (and the
+        request key it carries)."""
         if forwarded_by:
             self.metrics.forwarded_in.inc()
             _FORWARDED_IN.set(True)  # this request's own task: see forwarded_in
+            if request_key:
+                _REQUEST_KEY.set(request_key)
         if forwarded_by or self.owner(name) == self.self_id:
             self.metrics.owned.inc()
 
@@ -198,6 +264,20 @@ class Replicas:
         cluster's stream, and counting it again at the owner would inflate exactly the models
         that miss (only placements are forwarded)."""
         return _FORWARDED_IN.get()
+
+    def begin(self, name: str, call: NodeCall) -> NodeCall:
+        """At the start of the gateway's request path (HTTP and gRPC alike): count a client's
+        inference request for the peers (:meth:`request_counts`), and return ``call`` with the
+        request key a peer forwarded with this request, if any: the GPU manager then runs it at
+        most once, even if the sender, its forward failed, sends it again (:meth:`place`)."""
+        if not _FORWARDED_IN.get() and call.path.endswith("/infer"):
+            self._ingress[name] += 1
+        key = _REQUEST_KEY.get()
+        if key is None or call.headers.get(REQUEST_KEY_HEADER) == key:
+            return call
+        # No framed InferHead on a keyed call: the key rides as an HTTP header, and the
+        # manager's HTTP route is where a key runs once (the framed lane carries no key).
+        return NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
 
     def _owner_elsewhere(self, name: str) -> str | None:
         if _FORWARDED_IN.get():
@@ -213,16 +293,18 @@ class Replicas:
         call: NodeCall,
         size_bytes: int,
         victims: Sequence[str],
-    ) -> NodeReply | None:
+    ) -> Placement:
         """A decision that loads ``name`` on ``device_key``: the owner's answer if another
-        replica owns the placement, else None, and the load is published (place it here)."""
+        replica owns the placement; otherwise no answer, the call to dispatch here, and the
+        load is published."""
         owner = self._owner_elsewhere(name)
         # Only inference is forwarded (the owner's gateway serves the same call); an admin load
         # is placed where it lands.
         if owner is not None and call.path.endswith("/infer"):
-            reply = await self._forward(owner, call)
-            if reply is not None:
-                return reply
+            forwarded = await self._forward(owner, call)
+            if forwarded.reply is not None:
+                return forwarded
+            call = forwarded.call
         # Publish every victim this load will take, as predicted here (the hint first, then
         # least recently used): the peers' own LRU orders differ from ours.
         planned = list(victims)
@@ -231,31 +313,78 @@ class Replicas:
                 device_key, name, size_bytes=size_bytes, prefer=victims
             )
         self.publish(device_key, name, size_bytes=size_bytes, victims=planned)
-        return None
+        return Placement(reply=None, call=call)
 
-    async def _forward(self, owner: str, call: NodeCall) -> NodeReply | None:
+    async def _forward(self, owner: str, call: NodeCall) -> Placement:
+        """Send ``call`` to the owner under a fresh request key; the owner's answer. If the
+        forward fails (the owner is gone, its connection broke mid-request, or it stopped
+        answering heartbeats), the owner may have dispatched the request already: the GPU
+        managers are asked for the key's answer first (``recover``; a run in flight is waited
+        for), and if none has it, the call comes back to be placed here, keeping the key, so
+        that a manager that runs it, or ran it, answers it again instead of running it twice."""
         peer = self.membership.peer(owner)
         if peer is None:
-            return None
+            return Placement(reply=None, call=call)
+        key = uuid.uuid4().hex
+        # Keyed, so over HTTP (no framed InferHead): see begin().
+        keyed = NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
         self.metrics.forwarded.labels(owner).inc()
-        try:
-            response = await peer.client.post(
-                call.path,
-                content=bytes(call.body),
-                headers={**call.headers, FORWARDED_HEADER: self.self_id},
+        sending = asyncio.ensure_future(
+            self._pool(owner).post(
+                call.path, call.body, {**keyed.headers, FORWARDED_HEADER: self.self_id}
             )
-        except httpx.TransportError as e:
-            # Connection refused or reset: the owner is gone. Serve here (inference is
-            # idempotent: the client still gets exactly one answer).
-            self.metrics.forward_failures.inc()
-            if self.membership.mark_unreachable(owner, e):
-                self._update_ring()
-            return None
-        return NodeReply(
-            status=response.status_code,
-            headers={k.lower(): v for k, v in response.headers.items()},
-            body=response.content,
         )
+        try:
+            reply = await self._owner_answer(owner, sending)
+        except (NodeUnreachable, OwnerHung) as e:
+            # The owner is gone or hung, perhaps after it dispatched the request: a manager may
+            # hold (or be computing) the answer under the key. Else serve here, under the key.
+            self._lost(owner, e)
+            recovered = await self.recover(key) if self.recover is not None else None
+            if recovered is not None:
+                self.metrics.recovered.inc()
+                return Placement(reply=recovered, call=keyed)
+            return Placement(reply=None, call=keyed)
+        finally:
+            if not sending.done():
+                sending.cancel()
+        return Placement(reply=reply, call=keyed)
+
+    def _pool(self, owner: str) -> NodePool:
+        pool = self._pools.get(owner)
+        if pool is None:
+            pool = self._pools[owner] = NodePool(
+                owner,
+                size=64,
+                headers=self.membership.auth_headers,
+                timeout_s=self.membership.request_timeout_s,
+                connect_timeout_s=2.0,
+            )
+        return pool
+
+    async def _owner_answer(self, owner: str, sending: asyncio.Future[NodeReply]) -> NodeReply:
+        """The forward's response; every ``forward_probe_s`` without one, the owner's heartbeat
+        is probed, and an owner that does not answer it is given up (:class:`OwnerHung`): a
+        hung owner holds a placement for about ``forward_probe_s`` plus the heartbeat timeout,
+        not for a sync interval or the client's whole timeout."""
+        while True:
+            done, _ = await asyncio.wait({sending}, timeout=self.forward_probe_s)
+            if done:
+                return sending.result()
+            if not await self.membership.probe(owner):
+                raise OwnerHung(f"the placement owner {owner} does not answer its heartbeat")
+
+    def _lost(self, owner: str, reason: object) -> None:
+        self.metrics.forward_failures.inc()
+        self._drop_pool(owner)
+        if self.membership.mark_unreachable(owner, reason):
+            self._update_ring()
+
+    def _drop_pool(self, peer_id: str) -> None:
+        pool = self._pools.pop(peer_id, None)  # its connections may hang with the peer
+        if pool is not None:
+            task = asyncio.get_running_loop().create_task(pool.close())
+            task.add_done_callback(lambda t: t.exception())
 
     # -- residency events --------------------------------------------------------------------
 
@@ -314,17 +443,25 @@ class Replicas:
     async def _send(self, events: list[dict[str, Any]]) -> None:
         peers = [p for p in self.membership.peers.values() if p.reachable]
 
-        async def one(peer_id: str, client: httpx.AsyncClient) -> None:
+        body = json.dumps({"from": self.self_id, "events": events}).encode()
+        headers = {"Content-Type": "application/json"}
+
+        async def one(peer_id: str) -> None:
+            # The pooled transport, as forwards: an owner publishes while its misses are in
+            # flight, and httpx would spend the loop's time they wait on.
             try:
-                response = await client.post(
-                    EVENTS_PATH, json={"from": self.self_id, "events": events}, timeout=2.0
+                reply = await asyncio.wait_for(
+                    self._pool(peer_id).post(EVENTS_PATH, body, headers), EVENTS_TIMEOUT_S
                 )
-                response.raise_for_status()
-            except httpx.HTTPError as e:
-                if self.membership.mark_unreachable(peer_id, e):
+                failure: object = None if reply.status == 200 else f"HTTP {reply.status}"
+            except (NodeUnreachable, TimeoutError) as e:
+                failure = e
+            if failure is not None:
+                self._drop_pool(peer_id)
+                if self.membership.mark_unreachable(peer_id, failure):
                     self._update_ring()
 
-        await asyncio.gather(*(one(p.id, p.client) for p in peers))
+        await asyncio.gather(*(one(p.id) for p in peers))
         self.metrics.events.labels("published").inc(len(events))
 
     # -- membership --------------------------------------------------------------------------
@@ -341,6 +478,7 @@ class Replicas:
             while not stop.is_set():
                 await self.membership.refresh()
                 self._update_ring()
+                self.absorb_peer_requests()
                 lost = any(not p.reachable for p in self.membership.peers.values())
                 wait_s = min(interval_s, UNREACHABLE_PROBE_S) if lost else interval_s
                 with contextlib.suppress(TimeoutError):
@@ -348,7 +486,39 @@ class Replicas:
         finally:
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
+            await asyncio.gather(*(pool.close() for pool in self._pools.values()))
+            self._pools.clear()
             await self.membership.close()
+
+    def request_counts(self, *, most: int = 4096) -> dict[str, int]:
+        """This replica's client requests per model since it started (the ``most`` asked
+        for), for its heartbeat: each peer takes in the ones it has not seen yet."""
+        if len(self._ingress) <= most:
+            return dict(self._ingress)
+        return dict(self._ingress.most_common(most))
+
+    def absorb_peer_requests(self) -> int:
+        """Feed the peers' new client requests (from their last heartbeats) into this
+        replica's popularity estimates; returns how many. Each replica's ingress is a sample
+        of the cluster's stream, and the placement owner weighs eviction victims by
+        popularity: with N replicas its own sample is 1/N of the stream, too thin to rank the
+        rarely used models that are exactly the candidates for eviction."""
+        total = 0
+        for peer in self.membership.peers.values():
+            counts = peer.report.get("requests")
+            if not isinstance(counts, dict):
+                continue
+            seen = self._absorbed.setdefault(peer.id, {})
+            for model, count in counts.items():
+                if not isinstance(count, int) or count < 0:
+                    continue
+                before = seen.get(model, 0)
+                new = count - before if count >= before else count  # the peer restarted
+                seen[model] = count
+                if new:
+                    self.observe_requests(str(model), min(new, 100_000))
+                    total += new
+        return total
 
     def cluster_misses(self) -> float:
         peers = self.membership.peers.values()
@@ -363,9 +533,18 @@ class Replicas:
     # -- HTTP --------------------------------------------------------------------------------
 
     def ingress(self, app: ASGIApp) -> ASGIApp:
-        """``app`` behind the ingress marker (:meth:`admit` for each inference request); it
-        must be the outermost layer, ahead of the gateway's own fast path."""
-        return _IngressMarker(app, replicas=self)
+        """``app`` behind the ingress marker (:meth:`admit` for each inference request; the
+        peers' residency events answered without FastAPI); it must be the outermost layer,
+        ahead of the gateway's own fast path. With a token, peer paths need it here too."""
+        marked: ASGIApp = _IngressMarker(app, replicas=self)
+        if self.token:
+            marked = token_auth(
+                marked,
+                token=self.token,
+                protect=lambda path: path.startswith(PEER_PATHS),
+                realm="the gateway's peer API",
+            )
+        return marked
 
     def install(self, app: FastAPI) -> None:
         """The peer routes (heartbeat, events); with a token, peers must present it."""
@@ -382,19 +561,27 @@ class Replicas:
             return JSONResponse(self.membership.heartbeat())
 
         @app.post(EVENTS_PATH)
-        async def events(request: Request) -> Response:
-            try:
-                body = await request.json()
-                listed = body["events"]
-                if not isinstance(listed, list):
-                    raise TypeError("events must be a list")
-                applied = self.apply(listed)
-            except (ValueError, KeyError, TypeError) as e:
-                return error_response(400, f"bad residency events: {e}", reason="InvalidEvents")
-            return JSONResponse({"applied": applied})
+        async def events(request: Request) -> Response:  # served by the ingress; for the docs
+            return await self.receive_events(request.body)
+
+    async def receive_events(self, read: Callable[[], Awaitable[bytes]]) -> Response:
+        """``POST`` :data:`EVENTS_PATH`: apply a peer's residency events."""
+        try:
+            body = json.loads(await read())
+            listed = body["events"]
+            if not isinstance(listed, list):
+                raise TypeError("events must be a list")
+            applied = self.apply(listed)
+        except ProtocolError as e:
+            return error_response(e.status_code, str(e), reason="InvalidEvents")
+        except (ValueError, KeyError, TypeError) as e:
+            return error_response(400, f"bad residency events: {e}", reason="InvalidEvents")
+        return JSONResponse({"applied": applied})
 
 
 _INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+_EVENTS_PATH = re.compile("^" + re.escape(EVENTS_PATH) + "$")
+_MAX_EVENTS_BYTES = 16 << 20
 
 
 class _IngressMarker:
@@ -407,10 +594,24 @@ class _IngressMarker:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            post = match_fast_post(scope, receive, path=_EVENTS_PATH, max_bytes=_MAX_EVENTS_BYTES)
+            if post is not None:
+                response = await self.replicas.receive_events(post.read)
+                await response(scope, receive, send)
+                return
             found = _INFER_PATH.match(scope["path"])
             if found is not None:
-                marker = next((v for k, v in scope["headers"] if k == _FORWARDED_HEADER_BYTES), b"")
-                self.replicas.admit(found.group(1), forwarded_by=marker.decode() or None)
+                marker = key = b""
+                for header, value in scope["headers"]:
+                    if header == _FORWARDED_HEADER_BYTES:
+                        marker = value
+                    elif header == _REQUEST_KEY_BYTES:
+                        key = value
+                self.replicas.admit(
+                    found.group(1),
+                    forwarded_by=marker.decode() or None,
+                    request_key=key.decode() or None,
+                )
         await self.app(scope, receive, send)
 
 
@@ -421,9 +622,12 @@ def attach_replicas(
     discover: Callable[[], Awaitable[list[str]]],
     token: str | None,
     ownership: Ownership = "leader",
+    slots: ReplicaSlots = "full",
 ) -> Replicas:
     """Make ``gateway`` one replica among those ``discover`` lists (``self_url`` is how they
     reach it). Heartbeats follow the gateway's sync interval."""
+    if slots not in ("full", "share"):
+        raise ValueError(f"slots must be 'full' or 'share', got {slots!r}")
     registry = gateway.metrics.registry
     lookups = gateway.metrics.cache
     max_queue = gateway.config.max_queue_per_device
@@ -439,19 +643,51 @@ def attach_replicas(
         )
 
     def on_members(live: int) -> None:
-        # Each replica's share of a device's slots and queue, so that together they keep
-        # near the bounds (the GPU manager enforces the slots exactly), and so that a replica
-        # sees a device as busy when the cluster keeps it busy: LALB then weighs its queue.
+        # Each replica's share of a device's queue, so that together they keep near the bound.
+        # Slots: 'full' lets each replica run as many on a device as one gateway would, and the
+        # GPU manager (which sees every replica) admits at most the bound cluster-wide; 'share'
+        # splits them, ceil(bound / live), which keeps the manager's FIFO empty but queues a
+        # replica's hits behind its own loads while the device has free slots.
         dispatcher = gateway.dispatcher
-        dispatcher.concurrency = max(1, math.ceil(concurrency / live))
+        share = max(1, math.ceil(concurrency / live))
+        dispatcher.concurrency = concurrency if slots == "full" else share
         dispatcher.max_queue = max(1, math.ceil(max_queue / live))
+
+    async def recover(key: str) -> NodeReply | None:
+        """The answer of a keyed request from whichever healthy GPU manager ran it, or runs
+        it (it waits for a run in flight); None when none did."""
+        path = node_api.REQUEST_ANSWER.format(key=key)
+        wait_s = gateway.config.node_timeout_s
+
+        async def ask(client: httpx.AsyncClient) -> NodeReply | None:
+            try:
+                response = await client.get(path, params={"wait_s": wait_s}, timeout=wait_s + 5)
+            except httpx.HTTPError:
+                return None
+            if response.status_code != 200:
+                return None
+            headers = {k.lower(): v for k, v in response.headers.items()}
+            return NodeReply(status=200, headers=headers, body=response.content)
+
+        nodes = [n for n in gateway.cluster.nodes.values() if n.healthy]
+        answers = await asyncio.gather(*(ask(n.client) for n in nodes))
+        return next((a for a in answers if a is not None), None)
 
     membership = Membership(
         self_url=self_url,
         discover=discover,
         token=token,
-        heartbeat=lambda: {"misses": own_misses(), "at": time.time()},
+        heartbeat=lambda: {
+            "misses": own_misses(),
+            "at": time.time(),
+            "requests": replicas.request_counts(),
+        },
     )
+
+    def observe_requests(model: str, count: int) -> None:
+        for _ in range(count):
+            gateway.estimates.observe_request(model)
+
     replicas = Replicas(
         membership=membership,
         directory=gateway.cluster.directory,
@@ -461,6 +697,8 @@ def attach_replicas(
         token=token,
         known_size=gateway.model_bytes.get,
         ownership=ownership,
+        recover=recover,
+        observe_requests=observe_requests,
     )
     gateway.replicas = replicas
 
@@ -479,6 +717,7 @@ def enable_replicas(
     peer_service: str | None = None,
     namespace: str = "default",
     ownership: Ownership = "leader",
+    slots: ReplicaSlots = "full",
 ) -> Replicas:
     """``gpufaas gateway --peers`` / ``--peer-service``: the replicas from a static list or
     from the gateways' headless Service. Peers authenticate with ``GPUFAAS_PEER_TOKEN`` (in
@@ -492,7 +731,12 @@ def enable_replicas(
     )
     token = os.environ.get("GPUFAAS_PEER_TOKEN") or os.environ.get("GPUFAAS_ADMIN_TOKEN") or None
     return attach_replicas(
-        gateway, self_url=self_url, discover=discover, token=token, ownership=ownership
+        gateway,
+        self_url=self_url,
+        discover=discover,
+        token=token,
+        ownership=ownership,
+        slots=slots,
     )
 
 

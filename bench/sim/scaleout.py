@@ -53,6 +53,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--saturation-clients", type=int, default=32)
     group.add_argument("--sync-interval", type=float, default=5.0)
     group.add_argument(
+        "--scaleout-policy",
+        default="lalb",
+        help="routing policy of every gateway in the scale-out run (lalb or lalb-o3)",
+    )
+    group.add_argument(
+        "--gateway-arg",
+        action="append",
+        default=[],
+        help="one more argument for `gpufaas up` in the scale-out run (repeatable), e.g. "
+        "--gateway-arg=--replica-slots=share",
+    )
+    group.add_argument(
+        "--replica-slots",
+        default="full",
+        help="replicas' device slots to compare: full, share, or both (full,share)",
+    )
+    group.add_argument(
         "--ownership",
         default="leader",
         help="placement owner(s) to compare: leader, function, or both (leader,function)",
@@ -84,7 +101,7 @@ def _processes(leader: int) -> dict[str, list[int]]:
             continue
         if int(stat[1]) != leader:
             continue
-        if b"gpu-manager" in cmdline:
+        if any(b"gpu-manager" in part or b"gpu_manager" in part for part in cmdline):
             out["manager"].append(int(entry.name))
         elif b"gateway" in cmdline:
             out["gateway"].append(int(entry.name))
@@ -102,6 +119,7 @@ def _start(
     *,
     gateways: int,
     ownership: str,
+    slots: str,
     functions_dir: Path,
     home: Path,
     log: Path,
@@ -119,12 +137,15 @@ def _start(
         "--cpu-devices", str(args.cpu_devices),
         "--device-memory", args.live_device_memory,
         "--host-memory", "1Ki",
-        "--policy", "lalb",
+        "--policy", args.scaleout_policy,
         "--sync-interval", str(args.sync_interval),
         "--placement-owner", ownership,
+        "--replica-slots", slots,
         "--host", "127.0.0.1",
         "--port", str(port),
+        "--grpc-port", "-1",  # HTTP only: the trace and the saturation loop use HTTP
         "--functions", str(functions_dir),
+        *args.gateway_arg,
     ]  # fmt: skip
     env = {**os.environ, "GPUFAAS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
@@ -146,7 +167,8 @@ def _replica_urls(proc: Any, url: str, *, gateways: int, wss: int, log: Path) ->
             if not found:
                 time.sleep(0.5)
                 continue
-            urls = [u.strip() for u in found.group(1).split(",")]
+            # Only the URLs: a log line of another process may share the line.
+            urls = re.findall(r"http://[\w.\-]+:\d+", found.group(1))[:gateways]
         try:
             ok = True
             for u in urls:
@@ -184,8 +206,9 @@ def _manager_lookups(urls: list[str]) -> dict[str, float]:
 def _replica_counters(urls: list[str]) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = {"forwarded": 0.0, "owned": 0.0, "events": 0.0}
+    out = {"forwarded": 0.0, "owned": 0.0, "events": 0.0, "overtakes": 0.0}
     names = {
+        "gpufaas_dispatch_overtakes": "overtakes",
         "gpufaas_replica_forwarded_requests_total": "forwarded",
         "gpufaas_replica_owned_requests_total": "owned",
         "gpufaas_replica_residency_events_total": "events",
@@ -216,6 +239,13 @@ def _warm_up(urls: list[str], names: list[str], body: bytes) -> None:
             )
 
 
+def _header_ms(headers: Any, name: str) -> float:
+    try:
+        return float(headers.get(name) or 0.0)
+    except ValueError:
+        return 0.0
+
+
 # -- load ------------------------------------------------------------------------------------------
 
 
@@ -240,6 +270,10 @@ async def _open_loop(
             "status": response.status_code,
             "latency_ms": (time.perf_counter() - started) * 1000,
             "hit": response.headers.get("x-gpufaas-cache") == "hit",
+            # device time of this request at the manager (load + forward pass), for utilisation
+            "device_ms": _header_ms(response.headers, "x-gpufaas-load-ms")
+            + _header_ms(response.headers, "x-gpufaas-compute-ms"),
+            "at_s": time.perf_counter() - begin,
         }
 
     try:
@@ -312,12 +346,14 @@ def _one(
     body: bytes,
     label: str,
     ownership: str,
+    slots: str,
 ) -> dict[str, Any]:
     log = root / f"{label}.log"
     proc, url = _start(
         args,
         gateways=gateways,
         ownership=ownership,
+        slots=slots,
         functions_dir=root / "functions",
         home=root / label,
         log=log,
@@ -364,14 +400,25 @@ def _one(
         [r["latency_ms"] for r in measured if r.get("status") == 200 and not r["hit"]]
     )
     served = [r for r in results if r.get("status") == 200]
+    # Operating point: device time (load + compute, as the managers report it) over the
+    # devices' wall time during the trace.
+    span_s = max((r["at_s"] + r["latency_ms"] / 1000 for r in served), default=0.0)
+    devices = args.nodes * args.cpu_devices
+    utilisation = (
+        sum(r["device_ms"] for r in served) / 1000 / (devices * span_s) if span_s else math.nan
+    )
     gateway_cpu = cpu_after["gateway"] - cpu_before["gateway"]
     manager_cpu = cpu_after["manager"] - cpu_before["manager"]
     return {
         "gateways": gateways,
         "ownership": ownership if gateways > 1 else "-",
+        "slots": slots if gateways > 1 else "-",
         "misses_at_managers": int(after["miss"] - before["miss"]),
         "hits_at_managers": int(after["hit"] - before["hit"]),
         "answered": len(served),
+        "policy": args.scaleout_policy,
+        "offered_rps": len(results) / span_s if span_s else math.nan,
+        "device_utilisation": utilisation,
         "errors": len(results) - len(served),
         "mean_ms": float(latency.mean()) if len(latency) else math.nan,
         "p99_ms": float(np.percentile(latency, 99)) if len(latency) else math.nan,
@@ -382,6 +429,7 @@ def _one(
         "forwarded": int(replicas_after["forwarded"] - replicas_before["forwarded"]),
         "owned": int(replicas_after["owned"] - replicas_before["owned"]),
         "events": int(replicas_after["events"] - replicas_before["events"]),
+        "overtakes": int(replicas_after["overtakes"] - replicas_before["overtakes"]),
         "saturation_rps": ok / elapsed,
         "saturation_failed": failed,
         "gateway_cpu_ms_per_request": 1000 * gateway_cpu / ok if ok else math.nan,
@@ -458,8 +506,10 @@ def run_scaleout(args: argparse.Namespace, *, wss: int) -> dict[str, Any]:
         names = [functions[m]["name"] for m in picks]
         body = _request_bodies()["tiny-mlp"]
         ownerships = [o.strip() for o in args.ownership.split(",") if o.strip()]
+        slot_modes = [m.strip() for m in args.replica_slots.split(",") if m.strip()]
+        variants = [(o, m) for o in ownerships for m in slot_modes]
         for gateways in counts:
-            for ownership in ownerships if gateways > 1 else ownerships[:1]:
+            for ownership, slots in variants if gateways > 1 else variants[:1]:
                 run = _one(
                     args,
                     gateways=gateways,
@@ -468,8 +518,9 @@ def run_scaleout(args: argparse.Namespace, *, wss: int) -> dict[str, Any]:
                     trace=trace,
                     names=names,
                     body=body,
-                    label=f"g{gateways}-{ownership}",
+                    label=f"g{gateways}-{ownership}-{slots}",
                     ownership=ownership,
+                    slots=slots,
                 )
                 out["runs"].append(run)
     out["decision_overhead"] = decision_overhead_us()
@@ -489,23 +540,26 @@ def table(result: dict[str, Any]) -> str:
     runs = result["runs"]
     base = runs[0]
     lines = [
-        "gateways  owner     misses@mgr  vs 1   mean ms  p99 ms  vs 1   errors  fwd   owned  "
+        "gateways  owner     slots  misses@mgr  vs 1   mean ms  p99 ms  vs 1   errors  fwd   owned  "
         "sat req/s  vs 1   gw cpu ms/req  mgr cpu ms/req",
     ]
     for r in runs:
         lines.append(
-            f"{r['gateways']:>8}  {r['ownership']:<8}  {r['misses_at_managers']:>10}  "
+            f"{r['gateways']:>8}  {r['ownership']:<8}  {r['slots']:<5}  {r['misses_at_managers']:>10}  "
             f"{_ratio(r['misses_at_managers'], base['misses_at_managers']):>4}  "
             f"{r['mean_ms']:>7.1f}  {r['p99_ms']:>6.1f}  {_ratio(r['p99_ms'], base['p99_ms']):>4}  "
             f"{r['errors']:>6}  {r['forwarded']:>4}  {r['owned']:>5}  "
             f"{r['saturation_rps']:>9.0f}  {_ratio(r['saturation_rps'], base['saturation_rps']):>4}  "
             f"{r['gateway_cpu_ms_per_request']:>13.2f}  {r['manager_cpu_ms_per_request']:>14.2f}"
         )
-    lines.append("gateways  owner     p50 ms  hit mean  hit p99  miss mean  sat failed")
+    lines.append(
+        "gateways  owner     p50 ms  hit mean  hit p99  miss mean  sat failed  offered/s  device util"
+    )
     for r in runs:
         lines.append(
             f"{r['gateways']:>8}  {r['ownership']:<8}  {r['p50_ms']:>6.1f}  {r['hit_mean_ms']:>8.1f}  "
-            f"{r['hit_p99_ms']:>7.1f}  {r['miss_mean_ms']:>9.1f}  {r['saturation_failed']:>10}"
+            f"{r['hit_p99_ms']:>7.1f}  {r['miss_mean_ms']:>9.1f}  {r['saturation_failed']:>10}  "
+            f"{r['offered_rps']:>9.1f}  {r['device_utilisation']:>11.2f}"
         )
     overhead = result["decision_overhead"]
     lines.append(

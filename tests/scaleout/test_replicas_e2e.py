@@ -8,6 +8,7 @@ wait is bounded.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import threading
@@ -173,10 +174,11 @@ def tiny_request() -> tuple[bytes, dict[str, str]]:
     return encode_request({"x": (np.ones((1, 16), dtype=np.float32), "FP32")})
 
 
-def minilm_request() -> tuple[bytes, dict[str, str]]:
+def minilm_request(request_id: str | None = None) -> tuple[bytes, dict[str, str]]:
     ids = np.random.default_rng(0).integers(1000, 20000, size=(4, 64), dtype=np.int64)
     return encode_request(
-        {"input_ids": (ids, "INT64"), "attention_mask": (np.ones_like(ids), "INT64")}
+        {"input_ids": (ids, "INT64"), "attention_mask": (np.ones_like(ids), "INT64")},
+        request_id=request_id,
     )
 
 
@@ -299,6 +301,47 @@ def test_a_replica_killed_mid_run(cluster: Cluster) -> None:
         )
 
 
+def test_a_forward_cut_after_the_owner_dispatched_runs_once(cluster: Cluster) -> None:
+    """The survivor forwards a cold MiniLM request to the placement owner, the owner sends it
+    to the manager, and is SIGKILLed while the manager loads the model: the survivor's forward
+    breaks mid-request. It must not run the request a second time: it finds the answer at the
+    manager by the forward's request key (or, running it again, would be joined to the run in
+    flight by the same key). The manager's execution count for the request id is 1."""
+    cluster.start_manager(device_concurrency=CONCURRENCY)
+    urls, procs = _two_replicas(cluster, sync_s=60)  # no heartbeat during the test
+    health = _ready(urls[0])
+    assert health is not None
+    owner = health["replica"]["placement_owner"]
+    survivor = next(u for u in urls if u != owner)
+    body, headers = minilm_request("once-1")
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        result["response"] = httpx.post(
+            f"{survivor}/v2/models/minilm/infer", content=body, headers=headers, timeout=120
+        )
+
+    client = threading.Thread(target=call)
+    client.start()
+    wait_for(
+        lambda: metric(cluster.manager_url, "gpufaas_manager_device_running") >= 1,
+        timeout_s=60,
+        what="the owner to dispatch the forwarded request to the manager",
+    )
+    owner_proc = procs[urls.index(owner)]
+    owner_proc.send_signal(signal.SIGKILL)  # mid-request: the manager is still on it
+    owner_proc.wait(timeout=10)
+    client.join(timeout=120)
+    assert not client.is_alive(), "the client got no answer"
+    response = result["response"]
+    assert response.status_code == 200
+    json_part = response.content[: int(response.headers["inference-header-content-length"])]
+    assert json.loads(json_part)["id"] == "once-1"
+    assert metric(survivor, "gpufaas_replica_forward_failures_total") == 1
+    executions = httpx.get(f"{cluster.manager_url}/v2/gpufaas/executions", timeout=10).json()
+    assert executions["executions"] == {"once-1": 1}
+
+
 def test_membership_follows_replicas_and_a_lonely_replica_serves_locally(cluster: Cluster) -> None:
     cluster.start_manager(device_concurrency=CONCURRENCY)
     ports = [free_port(), free_port()]
@@ -339,11 +382,27 @@ def test_membership_follows_replicas_and_a_lonely_replica_serves_locally(cluster
     )
 
 
+def _grpc_infer(address: str, name: str) -> None:
+    import tritonclient.grpc as tgrpc
+
+    client = tgrpc.InferenceServerClient(address)
+    try:
+        wait_for(client.is_server_ready, timeout_s=30, what=f"gRPC at {address}")
+        tensor = tgrpc.InferInput("x", [1, 16], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 16), dtype=np.float32))
+        result = client.infer(name, [tensor])
+        response = result.get_response()
+        assert response.model_name == name and len(response.outputs) >= 1
+    finally:
+        client.close()
+
+
 def test_gpufaas_up_with_two_gateways_serves_on_one_port(
     tmp_path: Path, gpufaas_env: dict[str, str], functions: Path
 ) -> None:
     """``gpufaas up --gateways 2``: two replicas behind one port, their own ports printed,
-    both coordinated; Ctrl-C stops everything."""
+    both coordinated, each serving gRPC on a port of its own (tritonclient.grpc against the
+    second); Ctrl-C stops everything."""
     import re
     import sys
 
@@ -352,7 +411,7 @@ def test_gpufaas_up_with_two_gateways_serves_on_one_port(
         [
             sys.executable, "-m", "gpufaas.core.cli", "up", "--gateways", "2",
             "--port", str(port), "--functions", str(functions), "--cpu-devices", "1",
-            "--device-memory", "1Gi", "--sync-interval", "1",
+            "--device-memory", "1Gi", "--sync-interval", "1", "--grpc-port", "0",
         ],
         env=gpufaas_env,
         stdout=subprocess.PIPE,
@@ -368,6 +427,11 @@ def test_gpufaas_up_with_two_gateways_serves_on_one_port(
         found = re.search(r"through 2 gateway replicas: (.*)$", line)
         assert found, f"no replica list printed: {line!r}"
         replicas = [u.strip() for u in found.group(1).split(",")]
+        grpc_line = proc.stdout.readline().decode()
+        grpc_found = re.search(r"gRPC \(KServe v2\): (.*)$", grpc_line)
+        assert grpc_found, f"no gRPC ports printed: {grpc_line!r}"
+        grpc_addresses = [a.strip() for a in grpc_found.group(1).split(",")]
+        assert len(set(grpc_addresses)) == 2
         for url in replicas:
             wait_for(
                 lambda url=url: (_ready(url) or {}).get("replica", {}).get("mode") == "coordinated",
@@ -383,6 +447,7 @@ def test_gpufaas_up_with_two_gateways_serves_on_one_port(
             assert response.status_code == 200
         owned = sum(metric(u, "gpufaas_replica_owned_requests_total") for u in replicas)
         assert owned >= 1
+        _grpc_infer(grpc_addresses[1], "tiny-09")  # not the first replica
     finally:
         proc.send_signal(signal.SIGINT)
         try:

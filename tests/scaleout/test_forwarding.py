@@ -1,0 +1,388 @@
+"""A forward to the placement owner that fails or hangs: the request key, recovery from the
+managers, the hung-owner bound, and a GPU manager that runs a key once.
+
+The owner is an httpx mock transport here (what it does is the test's to decide); the real
+processes are in ``test_replicas_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+import httpx
+from prometheus_client import CollectorRegistry
+from starlette.responses import Response
+
+from gpufaas.cache import ClusterDirectory
+from gpufaas.core.http import REQUEST_KEY_HEADER
+from gpufaas.gpu_manager.admission import RequestOnce
+from gpufaas.scheduler.gateway import NodeCall
+from gpufaas.scheduler.peers import HEARTBEAT_PATH, Membership, static_peers
+from gpufaas.scheduler.replicas import FORWARDED_HEADER, Replicas
+from gpufaas.scheduler.transport import NodeReply
+
+SELF = "http://a"
+CALL = NodeCall("/v2/models/m/infer", b'{"id": "r1", "inputs": []}', {"content-type": "x"})
+Behaviour = Literal["answer", "reset", "hang", "slow"]
+
+
+class Owner:
+    """The placement owner as a raw HTTP/1.1 server on 127.0.0.1: it records each forward's
+    headers and then answers, resets the connection, hangs, or answers once its heartbeat has
+    been probed three times (``slow``). Heartbeats go to an httpx mock of the same peer."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.forwards: list[dict[str, str]] = []
+        self.probes = 0
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Owner:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
+        await reader.readexactly(int(headers.get("content-length", "0")))
+        self.forwards.append(headers)
+        if self.behaviour == "reset":  # took it (and may have dispatched it), then died
+            writer.transport.abort()
+            return
+        if self.behaviour == "hang":
+            await asyncio.Event().wait()
+        while self.behaviour == "slow" and self.probes < 3:
+            await asyncio.sleep(0.01)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nx-gpufaas-cache: hit\r\n\r\nanswer")
+        await writer.drain()
+
+    async def heartbeat(self, request: httpx.Request) -> httpx.Response:
+        assert request.url.path == HEARTBEAT_PATH
+        self.probes += 1
+        if self.behaviour == "hang":
+            raise httpx.ReadTimeout("no answer", request=request)
+        return httpx.Response(200, json={"id": self.url})
+
+
+def _replicas(
+    owner: Owner | str,
+    *,
+    recover: Callable[[str], Awaitable[NodeReply | None]] | None = None,
+) -> Replicas:
+    url = owner if isinstance(owner, str) else owner.url
+    directory = ClusterDirectory()
+    directory.add_device("n/0", capacity_bytes=100, node="n")
+    membership = Membership(self_url=SELF, discover=static_peers([SELF, url]))
+    membership.adopt([SELF, url])
+    peer = membership.peers[url]
+    peer.reachable = True
+    if isinstance(owner, Owner):
+        peer.client = httpx.AsyncClient(
+            base_url=url, transport=httpx.MockTransport(owner.heartbeat)
+        )
+    replicas = Replicas(
+        membership=membership,
+        directory=directory,
+        registry=CollectorRegistry(),
+        own_misses=lambda: 0.0,
+        ownership="leader",
+        recover=recover,
+        forward_probe_s=0.05,
+    )
+    replicas.owner = lambda name: url  # type: ignore[method-assign]  # the peer places
+    return replicas
+
+
+async def _place(replicas: Replicas) -> tuple[NodeReply | None, NodeCall]:
+    # Bounded only so that a regression fails instead of hanging the suite.
+    placed = await asyncio.wait_for(
+        replicas.place("m", "n/0", call=CALL, size_bytes=1, victims=[]), timeout=30
+    )
+    return placed.reply, placed.call
+
+
+async def _close(replicas: Replicas) -> None:
+    for pool in replicas._pools.values():
+        await pool.close()
+    await replicas.membership.close()
+
+
+async def test_a_forward_carries_a_fresh_request_key_and_the_owners_answer_comes_back() -> None:
+    async with Owner("answer") as owner:
+        replicas = _replicas(owner)
+        reply, _ = await _place(replicas)
+        assert reply is not None and reply.status == 200 and reply.body == b"answer"
+        assert reply.headers["x-gpufaas-cache"] == "hit"
+        (headers,) = owner.forwards
+        assert headers[FORWARDED_HEADER] == SELF
+        assert len(headers[REQUEST_KEY_HEADER]) == 32
+        await _close(replicas)
+
+
+async def test_a_forward_that_fails_to_connect_is_placed_here_under_its_key() -> None:
+    from gpufaas.scheduler.local import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    asked: list[str] = []
+
+    async def recover(key: str) -> NodeReply | None:
+        asked.append(key)
+        return None  # no manager has it
+
+    replicas = _replicas(dead, recover=recover)
+    reply, call = await _place(replicas)
+    assert reply is None and call.path == CALL.path
+    assert call.headers[REQUEST_KEY_HEADER] == asked[0]
+    assert not replicas.membership.peers[dead].reachable
+    await _close(replicas)
+
+
+async def test_a_forward_cut_after_the_owner_may_have_dispatched_is_recovered_by_its_key() -> None:
+    """The owner took the request (and may have sent it to a manager) and then its connection
+    broke: the replica asks the managers for the key's answer instead of running it again, and
+    if none has it, runs it here under the same key (the manager runs a key once)."""
+    asked: list[str] = []
+
+    async def recover(key: str) -> NodeReply | None:
+        asked.append(key)
+        return NodeReply(status=200, headers={}, body=b"ran once, at the manager")
+
+    async with Owner("reset") as owner:
+        replicas = _replicas(owner, recover=recover)
+        reply, _ = await _place(replicas)
+        assert asked == [owner.forwards[0][REQUEST_KEY_HEADER]]  # the very key the owner got
+        assert reply is not None and reply.body == b"ran once, at the manager"
+        assert replicas.metrics.recovered._value.get() == 1
+        await _close(replicas)
+
+    async def nobody_has_it(key: str) -> NodeReply | None:
+        return None
+
+    async with Owner("reset") as owner:
+        replicas = _replicas(owner, recover=nobody_has_it)
+        reply, call = await _place(replicas)
+        assert reply is None
+        assert call.headers[REQUEST_KEY_HEADER] == owner.forwards[0][REQUEST_KEY_HEADER]
+        await _close(replicas)
+
+
+async def test_a_hung_owner_is_given_up_once_its_heartbeat_fails() -> None:
+    """The owner holds the forward and stops answering (SIGSTOP): the replica gives up after
+    the probe interval plus the heartbeat, recovers by key, and places the request here."""
+    asked: list[str] = []
+
+    async def recover(key: str) -> NodeReply | None:
+        asked.append(key)
+        return None
+
+    async with Owner("hang") as owner:
+        replicas = _replicas(owner, recover=recover)
+        reply, call = await _place(replicas)
+        assert reply is None and len(asked) == 1 and owner.probes == 1
+        assert call.headers[REQUEST_KEY_HEADER] == asked[0]
+        assert not replicas.membership.peers[owner.url].reachable
+        assert replicas.metrics.forward_failures._value.get() == 1
+        await _close(replicas)
+
+
+async def test_a_slow_owner_that_answers_heartbeats_is_waited_for() -> None:
+    """A long load at the owner is not a hang: while its heartbeat answers, the forward waits
+    (several probe intervals here) and the owner's answer is used."""
+    async with Owner("slow") as owner:
+        replicas = _replicas(owner)
+        reply, _ = await _place(replicas)
+        assert reply is not None and reply.body == b"answer" and owner.probes >= 3
+        assert replicas.membership.peers[owner.url].reachable
+        await _close(replicas)
+
+
+async def test_the_owner_passes_a_forwarded_requests_key_on_to_the_manager() -> None:
+    replicas = _replicas("http://b")
+
+    async def at_the_owner(key: str | None) -> NodeCall:
+        replicas.admit("m", forwarded_by=SELF if key else None, request_key=key)
+        return replicas.begin("m", CALL)
+
+    keyed = await asyncio.create_task(at_the_owner("k1"))
+    assert keyed.headers[REQUEST_KEY_HEADER] == "k1" and keyed.body == CALL.body
+    plain = await asyncio.create_task(at_the_owner(None))
+    assert REQUEST_KEY_HEADER not in plain.headers
+    await replicas.membership.close()
+
+
+# -- the GPU manager's side -----------------------------------------------------------------------
+
+
+async def test_a_manager_runs_a_key_once_and_a_lookup_joins_the_run() -> None:
+    once = RequestOnce()
+    runs = 0
+    go = asyncio.Event()
+
+    async def compute() -> Response:
+        nonlocal runs
+        runs += 1
+        await go.wait()
+        return Response(b"out", status_code=200)
+
+    first = asyncio.create_task(once.run("k", compute))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(once.run("k", compute))  # the failed forward's retry
+    looked = asyncio.create_task(once.lookup("k", wait_s=30))
+    await asyncio.sleep(0)
+    go.set()
+    answers = await asyncio.gather(first, second, looked)
+    assert runs == 1 and all(a is not None and a.body == b"out" for a in answers)
+    again = await once.run("k", compute)  # after it finished: the kept answer
+    assert runs == 1 and again.body == b"out"
+    assert await once.lookup("other", wait_s=1) is None
+    plain = [await once.run(None, compute) for _ in range(2)]  # no key: every call runs
+    assert runs == 3 and len(plain) == 2
+
+
+async def test_a_failed_run_is_not_kept_so_a_retry_runs() -> None:
+    once = RequestOnce()
+    statuses = iter([429, 200])
+
+    async def compute() -> Response:
+        return Response(b"", status_code=next(statuses))
+
+    assert (await once.run("k", compute)).status_code == 429
+    assert await once.lookup("k", wait_s=1) is None
+    assert (await once.run("k", compute)).status_code == 200
+    assert (await once.lookup("k", wait_s=1)) is not None
+
+
+def test_kept_answers_are_bounded_in_bytes_and_time() -> None:
+    now = [0.0]
+    once = RequestOnce(keep_s=10, max_bytes=10, clock=lambda: now[0])
+
+    async def scenario() -> None:
+        for key in ("a", "b", "c"):
+            body = key.encode() * 4
+
+            async def compute(body: bytes = body) -> Response:
+                return Response(body)
+
+            await once.run(key, compute)
+        assert await once.lookup("a", wait_s=1) is None  # 12 bytes > 10: the oldest went
+        assert await once.lookup("c", wait_s=1) is not None
+        now[0] = 11.0
+        assert await once.lookup("c", wait_s=1) is None  # past keep_s
+
+    asyncio.run(scenario())
+
+
+# -- a replica's share of a device's slots ---------------------------------------------------------
+
+
+async def test_with_full_slots_each_replica_may_use_all_of_a_devices_slots() -> None:
+    """--replica-slots full (the default): a replica of four runs as many requests on a device
+    as one gateway would (the GPU manager bounds them cluster-wide), so it does not queue its
+    hits behind its own loads while the device has free slots; 'share' splits the slots."""
+    from gpufaas.scheduler.cluster import Cluster
+    from gpufaas.scheduler.gateway import Gateway, GatewayConfig
+    from gpufaas.scheduler.peers import static_peers
+    from gpufaas.scheduler.policy import make_policy
+    from gpufaas.scheduler.replicas import attach_replicas
+
+    urls = ["http://a", "http://b", "http://c", "http://d"]
+    for slots, expected in (("full", 4), ("share", 1)):
+        gateway = Gateway(
+            cluster=Cluster(manager_urls={}),
+            policy=make_policy("lalb"),
+            config=GatewayConfig(device_concurrency=4, max_queue_per_device=100),
+        )
+        replicas = attach_replicas(
+            gateway,
+            self_url=urls[0],
+            discover=static_peers(urls),
+            token=None,
+            slots=slots,  # type: ignore[arg-type]
+        )
+        replicas.membership.adopt(urls)
+        for peer in replicas.membership.peers.values():
+            peer.reachable = True
+        replicas._update_ring()
+        assert gateway.dispatcher.concurrency == expected
+        assert gateway.dispatcher.max_queue == 25  # the queue bound is shared either way
+        await replicas.membership.close()
+
+
+# -- popularity across replicas --------------------------------------------------------------------
+
+
+async def test_the_owner_weighs_victims_by_every_replicas_requests() -> None:
+    """Each replica counts its clients' requests (not forwarded ones: the sender counted those)
+    and reports them in its heartbeat; a peer feeds the new ones into its popularity
+    estimates, once. Without it the placement owner ranks eviction victims on 1/N of the
+    stream."""
+    from gpufaas.scheduler.estimates import Estimates
+
+    sender = _replicas("http://b")
+
+    async def requests(name: str, count: int, *, forwarded: bool = False) -> None:
+        for _ in range(count):
+            sender.admit(name, forwarded_by="http://c" if forwarded else None)
+            sender.begin(name, CALL)
+
+    for name, count in (("popular", 30), ("rare", 2)):
+        await asyncio.create_task(requests(name, count))
+    await asyncio.create_task(requests("rare", 50, forwarded=True))  # counted at their sender
+    assert sender.request_counts() == {"popular": 30, "rare": 2}
+
+    estimates = Estimates()
+    owner = _replicas("http://b")
+
+    def observe(model: str, count: int) -> None:
+        for _ in range(count):
+            estimates.observe_request(model)
+
+    owner.observe_requests = observe
+    peer = owner.membership.peers["http://b"]
+    peer.report = {"requests": sender.request_counts()}
+    assert owner.absorb_peer_requests() == 32
+    assert estimates.share("popular") > 10 * estimates.share("rare") > 0
+    assert owner.absorb_peer_requests() == 0  # taken in once
+    await asyncio.create_task(requests("rare", 3))
+    peer.report = {"requests": sender.request_counts()}
+    assert owner.absorb_peer_requests() == 3
+    peer.report = {"requests": {"popular": 4}}  # the peer restarted: its counts start again
+    assert owner.absorb_peer_requests() == 4
+    await _close(sender)
+    await _close(owner)
+
+
+async def test_residency_events_are_taken_at_the_ingress_and_need_the_peer_token() -> None:
+    """Peers' events are answered by the ingress layer (no FastAPI on the owner's hot
+    moments), behind the peer token; bad ones are a 400 that says why."""
+    from fastapi import FastAPI
+
+    from gpufaas.cache import Residency
+    from gpufaas.scheduler.peers import EVENTS_PATH
+
+    replicas = _replicas("http://b")
+    replicas.token = "peer-secret"
+    app = FastAPI()
+    replicas.install(app)
+    served = replicas.ingress(app)
+    event = {"from": "http://b", "events": [{"device": "n/0", "model": "m", "size": 10}]}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=served), base_url="http://a"
+    ) as client:
+        assert (await client.post(EVENTS_PATH, json=event)).status_code == 401
+        auth = {"Authorization": "Bearer peer-secret"}
+        response = await client.post(EVENTS_PATH, json=event, headers=auth)
+        assert response.status_code == 200 and response.json() == {"applied": 1}
+        assert replicas.directory.state("n/0", "m") is Residency.LOADING
+        bad = await client.post(EVENTS_PATH, content=b"{", headers=auth)
+        assert bad.status_code == 400 and "bad residency events" in bad.text
+    await _close(replicas)
