@@ -180,12 +180,16 @@ async def measure(
     }
 
 
-def grid_configs(max_shards: int, channels: dict[str, ChannelConfig]) -> list[tuple[int, str, str]]:
+def grid_configs(
+    max_shards: int,
+    channels: dict[str, ChannelConfig],
+    methods: tuple[str, ...] = ("hypergraph", "random", "block"),
+) -> list[tuple[int, str, str]]:
     configs = [(1, "direct", "block")]
     for shards in (2, 4, 8):
         if shards > max_shards:
             continue
-        for method in ("hypergraph", "random", "block"):
+        for method in methods:
             configs.append((shards, "direct", method))
         for channel in channels:
             if channel != "direct" and not (channel == "s3" and shards > 4):
@@ -205,7 +209,9 @@ async def run_grid(
     coordinator = Coordinator(artifact_base=str(root / "shards"), timeout_s=120)
     rows = []
     try:
-        for shards, channel, method in grid_configs(len(urls), channels):
+        for shards, channel, method in grid_configs(
+            len(urls), channels, tuple(args.methods.split(","))
+        ):
             name = f"radix-{shards}-{channel}-{method}"
             shard_set = await coordinator.deploy(
                 name,
@@ -634,6 +640,7 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--device-memory", default="32Mi")
     parser.add_argument("--channels", default="direct,nats,s3")
+    parser.add_argument("--methods", default="hypergraph,random,block", help="direct channel")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--latency-requests", type=int, default=5)
     parser.add_argument("--throughput-requests", type=int, default=16)

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from gpufaas.core.peerhttp import PeerPools, PeerUnreachable
+
 __all__ = [
     "CHANNELS",
     "Channel",
@@ -64,7 +66,6 @@ Array = NDArray[np.float32]
 _FRAME = struct.Struct("<I")
 _NATS_SUBJECT = "gpufaas.fsd.{set}.{shard}"
 _NATS_STREAM = "GPUFAAS_FSD"
-_KEEPALIVE_S = 2.0  # under uvicorn's 5 s keep-alive: never reuse a connection being closed
 
 
 def message_path(set_name: str, shard: int) -> str:
@@ -335,7 +336,8 @@ class LocalChannel(Channel):
 
 
 class DirectChannel(Channel):
-    """Node-to-node HTTP; shards on this node go through ``local`` without a copy."""
+    """Node-to-node HTTP over the node's pooled connections (:mod:`gpufaas.core.peerhttp`);
+    shards on this node go through ``local`` without a copy."""
 
     name = "direct"
 
@@ -344,26 +346,11 @@ class DirectChannel(Channel):
         *,
         peers: Mapping[tuple[str, int], str],
         local: LocalChannel,
-        token: str | None = None,
+        pools: PeerPools,
     ) -> None:
-        self.peers = dict(peers)  # (set, shard) -> node base URL
+        self.peers = {k: v.rstrip("/") for k, v in peers.items()}  # (set, shard) -> node URL
         self.local = local
-        self.token = token
-        self._client: Any = None
-
-    async def start(self) -> None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self._client = httpx.AsyncClient(
-            headers=headers,
-            limits=httpx.Limits(max_keepalive_connections=64, keepalive_expiry=_KEEPALIVE_S),
-        )
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        self.pools = pools  # the node's, shared by its shards; the node closes it
 
     async def attach(self, set_name: str, shard: int, mailbox: Mailbox) -> None:
         await self.local.attach(set_name, shard, mailbox)
@@ -375,33 +362,32 @@ class DirectChannel(Channel):
         if self.local.has(envelope.set_name, envelope.dst):
             await self.local.send(envelope, values, timeout_s=timeout_s)
             return
-        import httpx
-
         where = self.peers.get((envelope.set_name, envelope.dst))
-        if where is None or self._client is None:
+        if where is None:
             raise ShardUnreachable(
                 self.name, set_name=envelope.set_name, shard=envelope.dst,
                 where="(no address)", detail="the shard set has no address for it",
             )  # fmt: skip
-        url = where.rstrip("/") + message_path(envelope.set_name, envelope.dst)
         try:
-            response = await self._client.post(
-                url, content=encode(envelope, values), timeout=max(0.1, timeout_s)
+            reply = await self.pools.to(where).post(
+                message_path(envelope.set_name, envelope.dst),
+                encode(envelope, values),
+                timeout_s=max(0.1, timeout_s),
             )
-        except httpx.HTTPError as e:
+        except (PeerUnreachable, ValueError) as e:
             raise ShardUnreachable(
                 self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
-                detail=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
+                detail=str(e),
             ) from None  # fmt: skip
-        if response.status_code == 404:
+        if reply.status == 404:
             raise ShardMissing(
                 self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
                 detail="the shard is not loaded there",
             )  # fmt: skip
-        if response.status_code >= 300:
+        if reply.status >= 300:
             raise ShardUnreachable(
                 self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
-                detail=f"HTTP {response.status_code}: {response.text[:200]}",
+                detail=f"HTTP {reply.status}: {reply.body[:200].decode('utf-8', 'replace')}",
             )  # fmt: skip
 
 

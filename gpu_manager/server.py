@@ -56,7 +56,7 @@ from gpufaas.gpu_manager.admission import AdmissionCollector, AdmissionFull, Dev
 from gpufaas.gpu_manager.devices import device_free_bytes
 from gpufaas.gpu_manager.prefetch import add_prefetch_routes
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
-from gpufaas.gpu_manager.shards import shard_host, shard_router
+from gpufaas.gpu_manager.shards import ShardFastPath, shard_host, shard_router
 from gpufaas.gpu_manager.text import model_spec, text_inputs, tokenize
 
 logger = logging.getLogger(__name__)
@@ -235,9 +235,11 @@ def create_app(
     app.state.runtime = runtime
     app.state.prefetcher = add_prefetch_routes(app, runtime, registry=registry)  # #13
     # Shards of models split across nodes (FSD-Inference): routes and budget in shards.py.
-    app.include_router(shard_router(shard_host(runtime, token=token)))
+    shards = shard_host(runtime, token=token)
+    app.include_router(shard_router(shards))
     _add_routes(app, runtime, limits=limits, metrics=metrics)
     served: ASGIApp = InferFastPath(app, runtime=runtime, limits=limits, metrics=metrics)
+    served = ShardFastPath(served, shards)  # direct-channel messages and shard requests
     if token:
         served = token_auth(
             served,

@@ -24,7 +24,7 @@ from gpufaas.core.channelservers import (
     run_seaweedfs,
 )
 from gpufaas.core.layered import LayeredNet
-from gpufaas.gpu_manager.shards import ShardExecutor, ShardHost, shard_router
+from gpufaas.gpu_manager.shards import ShardExecutor, ShardFastPath, ShardHost, shard_router
 from gpufaas.scheduler.partition import partition, split
 
 
@@ -58,7 +58,7 @@ class ThreadNode:
         app = FastAPI()
         app.include_router(shard_router(self.host))
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False
+            ShardFastPath(app, self.host), host="127.0.0.1", port=self.port, log_level="warning", access_log=False
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
