@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -101,7 +102,9 @@ def partition_volumes(layers: int = 120) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def managers(root: Path, count: int, *, device_memory: str) -> Iterator[list[str]]:
+def managers(
+    root: Path, count: int, *, device_memory: str, keep_pids: bool = False
+) -> Iterator[Any]:
     procs: list[subprocess.Popen[bytes]] = []
     urls = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -127,7 +130,7 @@ def managers(root: Path, count: int, *, device_memory: str) -> Iterator[list[str
                 )
             urls.append(f"http://127.0.0.1:{port}")
         wait_ready(urls, timeout_s=300, procs=procs)
-        yield urls
+        yield (urls, [p.pid for p in procs]) if keep_pids else urls
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -376,6 +379,67 @@ async def _local_once(
 
 
 # -------------------------------------------------------------------------------------------
+# 5. one direct-channel message
+# -------------------------------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def message_cost(root: Path, *, count: int = 400, rounds: int = 3) -> list[dict[str, Any]]:
+    """Sequential 16 KiB messages to a real manager's message route: wall time per message,
+    the sender's CPU and the receiver's CPU (from /proc), with httpx and with the pooled
+    client the direct channel uses (core/peerhttp.py)."""
+    import httpx
+
+    from gpufaas.core.channels import Envelope, encode, message_path
+    from gpufaas.core.peerhttp import PeerPools
+
+    rows = []
+    with managers(root, 2, device_memory="32Mi", keep_pids=True) as (urls, pids):
+        coordinator = Coordinator(artifact_base=str(root / "msg"), timeout_s=60)
+        await coordinator.deploy(
+            "m", radix_net(1024, 4), Parallelism(shards=2, strategy="intra-layer"),
+            nodes=urls, method="block",
+        )  # fmt: skip
+        values = np.ones((64, 64), np.float32)
+        path = message_path("m", 1)
+        client = httpx.AsyncClient()
+        pools = PeerPools()
+        try:
+            for _ in range(rounds):
+                for kind in ("httpx", "pooled"):
+                    before_rx, before_tx = _cpu_seconds(pids[1]), time.process_time()
+                    started = time.perf_counter()
+                    for i in range(count):
+                        frame = encode(Envelope("m", f"{kind}-{i}", 1, 0, 1), values)
+                        if kind == "httpx":
+                            status = (await client.post(urls[1] + path, content=frame)).status_code
+                        else:
+                            reply = await pools.to(urls[1]).post(path, frame, timeout_s=5)
+                            status = reply.status
+                        assert status in (202, 208), status
+                    row = {
+                        "client": kind,
+                        "wall_ms": (time.perf_counter() - started) / count * 1e3,
+                        "sender_cpu_ms": (time.process_time() - before_tx) / count * 1e3,
+                        "receiver_cpu_ms": (_cpu_seconds(pids[1]) - before_rx) / count * 1e3,
+                    }
+                    rows.append(row)
+                    print(f"  {kind:<7} {row['wall_ms']:.3f} ms/message, sender CPU "
+                          f"{row['sender_cpu_ms']:.3f} ms, receiver CPU "
+                          f"{row['receiver_cpu_ms']:.3f} ms", flush=True)  # fmt: skip
+        finally:
+            await client.aclose()
+            pools.close()
+            await coordinator.close()
+    return rows
+
+
+# -------------------------------------------------------------------------------------------
 # 4. cost model
 # -------------------------------------------------------------------------------------------
 
@@ -383,69 +447,71 @@ async def _local_once(
 async def calibrate(
     urls: list[str], channels: dict[str, ChannelConfig], root: Path, batch: int
 ) -> costmodel.Constants:
-    """Fit the constants on a calibration net (1,024 neurons), not on the grid's net."""
+    """Fit the constants on calibration nets (1,024 neurons), never on the grid's net."""
     coordinator = Coordinator(artifact_base=str(root / "calib"), timeout_s=120)
     rng = np.random.default_rng(5)
+    cores = os.cpu_count() or 1
+    batches = (max(1, batch // 4), batch)
     compute_x, compute_y = [], []
     comm: dict[str, tuple[list[list[float]], list[float]]] = {c: ([], []) for c in channels}
+
+    async def median_latency(name: str, b: int) -> float:
+        x = (rng.random((b, 1024)) < 0.2).astype(np.float32)
+        await coordinator.infer(name, x)
+        return statistics.median([await _timed(coordinator.infer(name, x)) for _ in range(7)])
+
     try:
         for depth in (8, 24):
             net = radix_net(1024, depth)
-            part = partition(net, 1, method="block")
-            prof = costmodel.profile(net, part)
-            for b in (max(1, batch // 4), batch):
-                x = (rng.random((b, 1024)) < 0.2).astype(np.float32)
-                name = f"cal-{depth}-{b}"
-                await coordinator.deploy(
-                    name, net, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
-                )
-                await coordinator.infer(name, x)
-                seconds = statistics.median(
-                    [await _timed(coordinator.infer(name, x)) for _ in range(5)]
-                )
-                compute_x.append([b * sum(prof.max_nnz), len(prof.max_nnz)])
-                compute_y.append(seconds)
-                await coordinator.remove(name)
-        per_nnz, per_layer = costmodel.fit(compute_x, compute_y)
-        base = costmodel.Constants(per_nnz, per_layer, os.cpu_count() or 1, {})
+            prof = costmodel.profile(net, partition(net, 1, method="block"))
+            name = f"cal-{depth}"
+            await coordinator.deploy(
+                name, net, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
+            )
+            for b in batches:
+                compute_x.append(costmodel.compute_features(prof, batch=b, cores=cores))
+                compute_y.append(await median_latency(name, b))
+            await coordinator.remove(name)
+        per_request, per_io, per_nnz = costmodel.fit(compute_x, compute_y, relative=True)
+        base = costmodel.Constants(
+            per_nnz, per_request, per_io, cores, {"none": costmodel.ChannelCost(0.0, 0.0, 0.0)}
+        )
         net = radix_net(1024, 12)
         for channel in channels:
-            for shards, method, b in ((2, "block", batch), (2, "random", batch),
-                                      (2, "random", max(1, batch // 4))):  # fmt: skip
-                part = partition(net, shards, method=method, seed=2)
-                prof = costmodel.profile(net, part)
-                x = (rng.random((b, 1024)) < 0.2).astype(np.float32)
-                name = f"cal-{channel}-{method}-{b}"
+            for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random")):
+                if shards > len(urls):
+                    continue
+                prof = costmodel.profile(net, partition(net, shards, method=method, seed=2))
+                name = f"cal-{channel}-{shards}-{method}"
                 await coordinator.deploy(
                     name, net, Parallelism(shards=shards, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
-                    nodes=urls[:shards], method=method, channel=channels[channel],
+                    nodes=urls[:shards], method=method, channel=channels[channel], seed=2,
                 )  # fmt: skip
-                await coordinator.infer(name, x)
-                seconds = statistics.median(
-                    [await _timed(coordinator.infer(name, x)) for _ in range(5)]
-                )
-                compute = costmodel.predict(prof, batch=b, channel="none", constants=_no_comm(base))
-                comm[channel][0].append(
-                    [sum(prof.max_messages), b * 4 * sum(prof.max_values), shards]
-                )
-                comm[channel][1].append(max(0.0, seconds - compute))
+                for b in batches:
+                    seconds = await median_latency(name, b)
+                    compute = costmodel.predict(prof, batch=b, channel="none", constants=base)
+                    comm[channel][0].append(costmodel.channel_features(prof, batch=b, cores=cores))
+                    comm[channel][1].append(max(0.0, seconds - compute))
+                    print(f"  calibration {name} batch {b}: {seconds * 1e3:.1f} ms "
+                          f"(compute terms {compute * 1e3:.1f} ms)", flush=True)  # fmt: skip
                 await coordinator.remove(name)
     finally:
         await coordinator.close()
     costs = {}
     for channel, (xs, ys) in comm.items():
-        per_message, per_byte, per_request = costmodel.fit(xs, ys)
-        costs[channel] = costmodel.ChannelCost(per_message, per_byte, per_request)
-    return costmodel.Constants(per_nnz, per_layer, os.cpu_count() or 1, costs)
+        per_message, per_byte, per_shard = costmodel.fit(xs, ys, relative=True)
+        costs[channel] = costmodel.ChannelCost(per_message, per_byte, per_shard)
+    return costmodel.Constants(per_nnz, per_request, per_io, cores, costs)
 
 
-def _no_comm(constants: costmodel.Constants) -> costmodel.Constants:
-    return costmodel.Constants(
-        constants.per_nnz_s,
-        constants.per_layer_s,
-        constants.cores,
-        {"none": costmodel.ChannelCost(0.0, 0.0, 0.0)},
-    )
+def constants_to_json(constants: costmodel.Constants) -> dict[str, Any]:
+    return {**dataclasses.asdict(constants), "channels": {
+        k: dataclasses.asdict(v) for k, v in constants.channels.items()}}  # fmt: skip
+
+
+def constants_from_json(data: dict[str, Any]) -> costmodel.Constants:
+    channels = {k: costmodel.ChannelCost(**v) for k, v in data.pop("channels").items()}
+    return costmodel.Constants(**data, channels=channels)
 
 
 async def _timed(call: Any) -> float:
@@ -471,37 +537,32 @@ def evaluate(
         row["error"] = predicted / row["latency_s"] - 1
         predictions.append(row)
     within = [abs(r["error"]) <= 0.25 for r in predictions]
-    best_measured = min(predictions, key=lambda r: r["latency_s"])
-    best_predicted = min(predictions, key=lambda r: r["predicted_s"])
-    # Cells: one per (channel) choosing N and partitioner, plus the whole grid.
+    # Cells: every choice the model is asked to make on this grid: per channel (N and
+    # partitioner, N=1 included), per N > 1 (channel and partitioner), and the whole grid.
+    groups: dict[str, list[dict[str, Any]]] = {"all": predictions}
+    for channel in sorted({r["channel"] for r in predictions if r["shards"] > 1}):
+        groups[f"channel={channel}"] = [
+            r for r in predictions if r["channel"] == channel or r["shards"] == 1
+        ]
+    for shards in sorted({r["shards"] for r in predictions if r["shards"] > 1}):
+        groups[f"N={shards}"] = [r for r in predictions if r["shards"] == shards]
     cells = {}
-    for channel in sorted({r["channel"] for r in predictions}):
-        rows = [r for r in predictions if r["channel"] == channel or r["shards"] == 1]
+    for cell, rows in groups.items():
         measured = min(rows, key=lambda r: r["latency_s"])
         picked = min(rows, key=lambda r: r["predicted_s"])
-        cells[channel] = {
+        cells[cell] = {
             "picked": _label(picked),
             "fastest": _label(measured),
             "strict": picked is measured,
             "within_10pct": picked["latency_s"] <= 1.10 * measured["latency_s"],
         }
-    cells["all"] = {
-        "picked": _label(best_predicted),
-        "fastest": _label(best_measured),
-        "strict": best_predicted is best_measured,
-        "within_10pct": best_predicted["latency_s"] <= 1.10 * best_measured["latency_s"],
-    }
     return {
         "within_25pct": sum(within),
         "cells": len(within),
         "median_abs_error": statistics.median(abs(r["error"]) for r in predictions),
+        "picks_fastest": sum(c["strict"] for c in cells.values()),
         "choices": cells,
-        "constants": {
-            "per_nnz_s": constants.per_nnz_s,
-            "per_layer_s": constants.per_layer_s,
-            "cores": constants.cores,
-            "channels": {k: vars(v) for k, v in constants.channels.items()},
-        },
+        "constants": constants_to_json(constants),
     }
 
 
@@ -571,6 +632,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
         "args": vars(args),
     }
+    if args.message_cost:
+        print("5. one direct-channel message", flush=True)
+        with tempfile.TemporaryDirectory(prefix="fsd-msg-") as tmp:
+            report["message_cost"] = await message_cost(Path(tmp))
+        return report
     print("1. partition volume (bytes per sample, 120 layers)", flush=True)
     report["partition"] = [] if args.skip_partition else partition_volumes()
     if args.partition_only:
@@ -603,25 +669,30 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  (skipping S3: {e})")
         print(f"starting {args.nodes} GPU managers ...", flush=True)
         with managers(root, args.nodes, device_memory=args.device_memory) as urls:
-            # Calibrate immediately before the grid, on the same processes: on a shared machine
-            # the share of the cores moves within minutes, and constants measured under another
-            # load predict another machine (the figures before this change calibrated after the
-            # grid and the MLP, minutes apart). The constants are fixed before the grid runs.
-            print(
-                "4. cost model: calibration on a 1,024-neuron net, just before the grid", flush=True
-            )
-            calibration_started = time.time()
-            constants = await calibrate(urls, channels, root, args.batch)
+            # Calibration and validation are separate runs: --calibrate-only writes the
+            # constants (fitted on 1,024-neuron nets only); a grid run reads them with
+            # --constants and never fits anything.
+            if args.calibrate_only:
+                print("4. cost model: calibration on 1,024-neuron nets", flush=True)
+                started = time.time()
+                constants = await calibrate(urls, channels, root, args.batch)
+                report["calibration"] = {
+                    "constants": constants_to_json(constants),
+                    "seconds": time.time() - started,
+                    "load_average": os.getloadavg(),
+                }
+                print(json.dumps(report["calibration"], indent=1))
+                return report
             print(f"2. grid on RadiX-Net {args.neurons} x {layers}, batch {args.batch}", flush=True)
-            grid_started = time.time()
             report["grid"] = await run_grid(urls, net, channels, args, root)
-            report["costmodel"] = evaluate(net, report["grid"], constants)
-            report["costmodel"]["timing"] = {
-                "calibration_s": grid_started - calibration_started,
-                "grid_s": time.time() - grid_started,
-                "load_average": os.getloadavg(),
-            }
-            print(json.dumps(report["costmodel"], indent=1))
+            if args.constants:
+                calibration = json.loads(Path(args.constants).read_text())
+                constants = constants_from_json(dict(calibration["calibration"]["constants"]))
+                report["costmodel"] = evaluate(net, report["grid"], constants)
+                report["costmodel"]["calibration_run"] = {
+                    k: calibration[k] for k in ("commit", "date")
+                }
+                print(json.dumps(report["costmodel"], indent=1))
             if not args.skip_mlp:
                 print("3. dense MLP over one device's budget", flush=True)
                 from gpufaas.core.units import parse_bytes
@@ -646,6 +717,13 @@ def main() -> int:
     parser.add_argument("--throughput-requests", type=int, default=16)
     parser.add_argument("--budget-s", type=float, default=30.0, help="per configuration")
     parser.add_argument("--partition-only", action="store_true")
+    parser.add_argument("--message-cost", action="store_true", help="section 5 only")
+    parser.add_argument(
+        "--calibrate-only", action="store_true", help="fit the cost model's constants, no grid"
+    )
+    parser.add_argument(
+        "--constants", default=None, help="a --calibrate-only run's fsd.json: validate on the grid"
+    )
     parser.add_argument("--skip-partition", action="store_true", help="no section 1")
     parser.add_argument("--local-only", action="store_true", help="sections 1 and 2b only")
     parser.add_argument("--skip-local", action="store_true", help="no section 2b")
