@@ -51,7 +51,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from numpy.typing import NDArray
 
-from gpufaas.core.api import InferenceFunction, ParallelStrategy
+from gpufaas.core.api import InferenceFunction, ModelFormat, ParallelStrategy
 from gpufaas.core.artifacts import ArtifactError, ArtifactStore
 from gpufaas.core.channels import ChannelError, Envelope, decode, encode
 from gpufaas.core.config import gpufaas_home
@@ -501,6 +501,11 @@ class ShardedFunctions:
             urls, headers = self._nodes()
             if not urls:
                 raise DeployFailed(f"{name}: no healthy GPU manager to place its shards on")
+            if spec.model.format != ModelFormat.LAYERED:
+                raise DeployFailed(
+                    f"{name}: model.format is {str(spec.model.format)!r}; a sharded function"
+                    " serves a 'layered' net (a gpufaas.layered/v1 safetensors file)"
+                )
             net = await self._read_net(function)
             check_net_fits(function, net)
             coordinator = self._coordinator_for(headers)
