@@ -396,10 +396,23 @@ class NatsChannel(Channel):
 
     name = "nats"
 
-    def __init__(self, url: str, *, durable: bool = False, connect_timeout_s: float = 2.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        durable: bool = False,
+        connect_timeout_s: float = 2.0,
+        redeliver_s: float = 2.0,
+    ) -> None:
         self.url = url
         self.durable = durable
         self.connect_timeout_s = connect_timeout_s
+        # JetStream redelivers a message that was delivered but never acknowledged (to a
+        # receiver that went away, or to the push inbox of a consumer whose subscriber had
+        # just closed) only after the consumer's ack wait: 30 s by default, longer than any
+        # request's deadline. Messages here are acknowledged as soon as they are filed, so a
+        # short wait costs nothing and a restarted receiver gets them within seconds.
+        self.redeliver_s = redeliver_s
         self._nc: Any = None
         self._js: Any = None
         self._subs: dict[tuple[str, int], Any] = {}
@@ -459,8 +472,13 @@ class NatsChannel(Channel):
 
         try:
             if self.durable:
+                from nats.js.api import ConsumerConfig
+
                 durable = f"fsd-{set_name}-{shard}".replace(".", "-")
-                sub = await self._js.subscribe(subject, cb=on_message, durable=durable)
+                sub = await self._js.subscribe(
+                    subject, cb=on_message, durable=durable, manual_ack=True,
+                    config=ConsumerConfig(ack_wait=self.redeliver_s),
+                )  # fmt: skip
             else:
                 sub = await self._nc.subscribe(subject, cb=on_message)
             await self._nc.flush(timeout=self.connect_timeout_s)
