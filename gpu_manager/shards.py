@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -41,7 +42,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gpufaas.cache.lru import ByteLRU, CacheError
 from gpufaas.core import node
 from gpufaas.core.artifacts import ArtifactError, ArtifactStore
 from gpufaas.core.channels import (
@@ -81,6 +81,9 @@ from gpufaas.core.sharding import (
     LaunchReport,
     ShardLoad,
 )
+from gpufaas.gpu_manager.chain import RuntimeFailure
+from gpufaas.gpu_manager.device_tier import DeviceTier, ShardResident
+from gpufaas.gpu_manager.devices import DeviceBackend
 from gpufaas.gpu_manager.runtime import NodeRuntime
 
 __all__ = [
@@ -133,7 +136,8 @@ def _rows_block(block: Block, keep: IntArray) -> torch.Tensor:
     )
 
 
-def prepare(spec: ShardSpec) -> list[_LayerOps]:
+def prepare(spec: ShardSpec, device: torch.device) -> list[_LayerOps]:
+    """Each layer's row groups, matrices and send positions, on ``device``."""
     ops = []
     for index, layer in enumerate(spec.layers):
         after = spec.layers[index + 1].send if index + 1 < len(spec.layers) else {}
@@ -146,10 +150,10 @@ def prepare(spec: ShardSpec) -> list[_LayerOps]:
                 continue
             groups.append(
                 _Rows(
-                    positions=torch.from_numpy(keep),
-                    own=_rows_block(layer.own, keep),
-                    remote={q: _rows_block(b, keep) for q, b in layer.remote.items()},
-                    bias=torch.from_numpy(layer.bias[keep])[:, None],
+                    positions=torch.from_numpy(keep).to(device),
+                    own=_rows_block(layer.own, keep).to(device),
+                    remote={q: _rows_block(b, keep).to(device) for q, b in layer.remote.items()},
+                    bias=torch.from_numpy(layer.bias[keep])[:, None].to(device),
                 )
             )
         ops.append(
@@ -158,7 +162,7 @@ def prepare(spec: ShardSpec) -> list[_LayerOps]:
                 groups=tuple(groups),
                 sources=tuple(sorted(layer.remote)),
                 activation=layer.activation,
-                send_next={q: torch.from_numpy(np.asarray(p)) for q, p in after.items()},
+                send_next={q: torch.from_numpy(np.asarray(p)).to(device) for q, p in after.items()},
             )
         )
     return ops
@@ -169,18 +173,32 @@ def _accumulate(z: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tens
 
 
 class ShardExecutor:
-    """Runs requests through one shard; see the module docstring for the order of work."""
+    """Runs requests through one shard; see the module docstring for the order of work.
+
+    The weights live on ``backend``'s device and every multiply runs in its compute context
+    (its own stream on CUDA; gpu_manager/devices.py). Values cross to the host only where
+    they leave the shard (a send, the output) and arrive from it (a receive, the input),
+    always in the worker thread: a device copy never blocks the event loop."""
 
     def __init__(
-        self, spec: ShardSpec, *, set_name: str, channel: Channel, mailbox: Mailbox
+        self,
+        spec: ShardSpec,
+        *,
+        set_name: str,
+        channel: Channel,
+        mailbox: Mailbox,
+        backend: DeviceBackend | None = None,
     ) -> None:
         self.spec = spec
         self.set_name = set_name
         self.channel = channel
         self.mailbox = mailbox
-        self.ops = prepare(spec)
+        self.backend = backend  # None: this process's CPU, no device context
+        self.device = backend.device if backend is not None else torch.device("cpu")
+        self.ops = prepare(spec, self.device)
         self.first_sends = {
-            q: torch.from_numpy(np.asarray(p)) for q, p in spec.layers[0].send.items()
+            q: torch.from_numpy(np.asarray(p)).to(self.device)
+            for q, p in spec.layers[0].send.items()
         }
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"shard-{set_name}-{spec.shard}"
@@ -209,16 +227,20 @@ class ShardExecutor:
             await self.channel.finish(self.set_name, request_id, self.spec.shard)
 
     async def _compute(self, fn: Callable[[], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._on_device, fn)
+
+    def _on_device(self, fn: Callable[[], _T]) -> _T:
+        with self.backend.compute() if self.backend is not None else contextlib.nullcontext():
+            return fn()
 
     def _hand_over(
         self, request_id: str, layer: int, values: torch.Tensor, targets: dict[int, torch.Tensor]
     ) -> list[tuple[Envelope, Array]]:
-        """Each receiver's part of ``values``, copied out (on the loop or the worker thread)."""
+        """Each receiver's part of ``values``, copied to the host (worker thread)."""
         return [
             (
                 Envelope(self.set_name, request_id, layer, self.spec.shard, q),
-                values.index_select(0, positions).numpy(),
+                values.index_select(0, positions).cpu().numpy(),
             )
             for q, positions in targets.items()
         ]
@@ -243,11 +265,15 @@ class ShardExecutor:
         stall_s: float,
     ) -> Array:
         loop = asyncio.get_running_loop()
-        a = torch.from_numpy(np.array(inputs, dtype=np.float32, order="C"))  # writable
-        self._send(self._hand_over(request_id, 0, a, self.first_sends), sends, deadline)
 
-        def send_boundary(out: torch.Tensor, layer: int) -> None:
-            parts = self._hand_over(request_id, layer, out, self.ops[layer - 1].send_next)
+        def upload() -> tuple[torch.Tensor, list[tuple[Envelope, Array]]]:
+            host = torch.from_numpy(np.array(inputs, dtype=np.float32, order="C"))  # writable
+            return host.to(self.device), self._hand_over(request_id, 0, host, self.first_sends)
+
+        a, first = await self._compute(upload)
+        self._send(first, sends, deadline)
+
+        def send_boundary(parts: list[tuple[Envelope, Array]]) -> None:
             self._send(parts, sends, deadline)
 
         index = 0
@@ -275,13 +301,16 @@ class ShardExecutor:
             ]
             try:
                 a = await self._layer(
-                    op, a, incoming, functools.partial(send_boundary, layer=index + 1)
-                )
+                    op, a, incoming,
+                    functools.partial(self._hand_over, request_id, index + 1,
+                                      targets=op.send_next),
+                    send_boundary,
+                )  # fmt: skip
             finally:
                 for task in incoming:
                     task.cancel()
             index += 1
-        return a.numpy()
+        return await self._compute(lambda: a.cpu().numpy())
 
     def _local_layers(
         self,
@@ -293,7 +322,7 @@ class ShardExecutor:
         """Layers ``start..end-1``, none of which reads a remote value (worker thread)."""
         for index in range(start, end):
             op = self.ops[index]
-            out = torch.empty((op.rows, a.shape[1]), dtype=torch.float32)
+            out = torch.empty((op.rows, a.shape[1]), dtype=torch.float32, device=self.device)
             for position, g in enumerate(op.groups):
                 self._finish(out, g, g.own @ a, op.activation)
                 if position == 0 and op.send_next:
@@ -308,23 +337,28 @@ class ShardExecutor:
     ) -> tuple[int, torch.Tensor]:
         envelope = Envelope(self.set_name, request_id, layer, src, self.spec.shard)
         values = await self.channel.receive(self.mailbox, envelope, timeout_s=timeout_s)
-        with warnings.catch_warnings():  # frames decode read-only; the values are only read
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            return src, torch.from_numpy(np.ascontiguousarray(values))
+        if self.device.type == "cpu":  # the frame's values, as they are
+            with warnings.catch_warnings():  # frames decode read-only; they are only read
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                return src, torch.from_numpy(np.ascontiguousarray(values))
+        return src, await self._compute(
+            lambda: torch.from_numpy(np.array(values, dtype=np.float32)).to(self.device)
+        )
 
     async def _layer(
         self,
         op: _LayerOps,
         a_prev: torch.Tensor,
         incoming: Sequence[asyncio.Future[tuple[int, torch.Tensor]]],
-        send_boundary: Callable[[torch.Tensor], None],
+        hand_over: Callable[[torch.Tensor], list[tuple[Envelope, Array]]],
+        send: Callable[[list[tuple[Envelope, Array]]], None],
     ) -> torch.Tensor:
-        out = torch.empty((op.rows, a_prev.shape[1]), dtype=torch.float32)
+        out = torch.empty((op.rows, a_prev.shape[1]), dtype=torch.float32, device=self.device)
         if op.rows == 0:
             for task in incoming:
                 await task
             if op.send_next:
-                send_boundary(out)
+                send(hand_over(out))
             return out
         # Own contributions first: they need nothing from the channel.
         partial = await self._compute(lambda: [g.own @ a_prev for g in op.groups])
@@ -334,9 +368,14 @@ class ShardExecutor:
             q, x = await next_arrival
             arrived.append((q, x))
             await self._compute(functools.partial(_accumulate, partial[0], first.remote[q], x))
-        await self._compute(functools.partial(self._finish, out, first, partial[0], op.activation))
-        if op.send_next:
-            send_boundary(out)  # the rows other shards read next leave before the rest is done
+
+        def finish_first() -> list[tuple[Envelope, Array]]:
+            self._finish(out, first, partial[0], op.activation)
+            return hand_over(out) if op.send_next else []
+
+        parts = await self._compute(finish_first)
+        if parts:
+            send(parts)  # the rows other shards read next leave before the rest is done
         if rest:
 
             def complete() -> torch.Tensor:
@@ -368,24 +407,27 @@ class _Loaded:
     channel: Channel
     mailbox: Mailbox
     nbytes: int
+    resident: ShardResident  # its bytes in the device tier
     running: int = 0  # requests on this shard now
     dropped: bool = False  # unloaded while running: release after the last request
 
 
 class ShardHost:
-    """The shards on one node, in a byte-bounded LRU evicted a whole shard set at a time."""
+    """The shards on one node: residents of a device's tier beside its models (one byte
+    budget, one LRU); evicting any shard of a set drops the whole set here."""
 
     def __init__(
         self,
         *,
         store: ArtifactStore,
-        capacity_bytes: int,
+        device: DeviceTier,
         token: str | None = None,
         stall_s: float = 15.0,
         forward: Callable[[ShardLoad], Awaitable[LaunchReport]] | None = None,
     ) -> None:
         self.store = store
-        self.lru: ByteLRU[_Loaded] = ByteLRU(capacity_bytes=capacity_bytes)
+        self.device = device
+        self.shards: dict[str, _Loaded] = {}  # key -> the loaded shard
         self.token = token
         self.stall_s = stall_s
         self.local = LocalChannel()
@@ -394,6 +436,7 @@ class ShardHost:
         self._shared: dict[tuple[str, ...], Channel] = {}  # NATS/S3 connections, per server
         self._forward = forward or self._put_remote
         self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()  # cleanups after an eviction
 
     @staticmethod
     def key(set_name: str, shard: int) -> str:
@@ -409,7 +452,7 @@ class ShardHost:
         try:
             nbytes = await self._load(load)
             report.loaded[load.shard] = nbytes
-        except (ArtifactError, ShardFormatError, ChannelError, CacheError, OSError) as e:
+        except (ArtifactError, ShardFormatError, ChannelError, RuntimeFailure, OSError) as e:
             report.errors[load.shard] = str(e)
         report.seconds[load.shard] = time.perf_counter() - started
         for sub in await asyncio.gather(*children):
@@ -450,18 +493,18 @@ class ShardHost:
         channel = await self._channel(load)
         mailbox = Mailbox()
         executor = await asyncio.to_thread(
-            ShardExecutor, spec, set_name=load.set_name, channel=channel, mailbox=mailbox
-        )
+            ShardExecutor, spec, set_name=load.set_name, channel=channel, mailbox=mailbox,
+            backend=self.device.backend,
+        )  # fmt: skip
         try:
             async with self._lock:
-                if key in self.lru:
+                if key in self.shards:
                     await self._drop(key)
-                for victim in self.lru.plan_victims(spec.weight_bytes):
-                    await self.evict_set(victim.split("/", 1)[0])
-                self.lru.put(
-                    key,
-                    _Loaded(load, executor, channel, mailbox, spec.weight_bytes),
-                    size_bytes=spec.weight_bytes,
+                resident = self.device.place_shard(
+                    key, spec.weight_bytes, evicted=functools.partial(self._evicted, key)
+                )
+                self.shards[key] = _Loaded(
+                    load, executor, channel, mailbox, spec.weight_bytes, resident
                 )
         except BaseException:
             executor.close()
@@ -501,18 +544,18 @@ class ShardHost:
     # -- serving --------------------------------------------------------------------------
 
     def loaded(self, set_name: str, shard: int) -> _Loaded:
-        entry = self.lru.peek(self.key(set_name, shard))
-        if entry is None or entry.value is None:
+        found = self.shards.get(self.key(set_name, shard))
+        if found is None:
             raise ShardNotLoaded(set_name, shard)
-        return entry.value
+        return found
 
     async def infer(
         self, set_name: str, shard: int, request_id: str, inputs: Array, *, timeout_s: float
     ) -> Array:
         key = self.key(set_name, shard)
         shard_state = self.loaded(set_name, shard)
-        self.lru.touch(key)
-        self.lru.pin(key)
+        if not self.device.hold_shard(key, shard_state.resident):
+            raise ShardNotLoaded(set_name, shard)
         shard_state.running += 1
         try:
             return await shard_state.executor.run(
@@ -520,10 +563,8 @@ class ShardHost:
             )
         finally:
             shard_state.running -= 1
-            entry = self.lru.peek(key)
-            if entry is not None and entry.value is shard_state:
-                self.lru.unpin(key)
-            elif shard_state.dropped and shard_state.running == 0:
+            self.device.unhold_shard(key, shard_state.resident)
+            if shard_state.dropped and shard_state.running == 0:
                 await self._release(shard_state)
 
     def deliver(self, envelope: Envelope, values: Array) -> bool:
@@ -538,27 +579,46 @@ class ShardHost:
 
         A shard serving a request stays until a later eviction: its request finishes.
         """
-        keys = []
-        for key in self.lru.keys_lru():
-            entry = self.lru.peek(key)
-            if key.split("/", 1)[0] == set_name and entry is not None and not entry.pinned:
-                keys.append(key)
+        keys = [
+            key
+            for key, loaded in self.shards.items()
+            if key.split("/", 1)[0] == set_name and loaded.running == 0
+        ]
         for key in keys:
             await self._drop(key)
         return [int(k.split("/", 1)[1]) for k in keys]
 
     async def unload(self, set_name: str, shard: int) -> bool:
         key = self.key(set_name, shard)
-        if key not in self.lru:
+        if key not in self.shards:
             return False
         await self._drop(key)
         return True
 
+    def _evicted(self, key: str, resident: ShardResident) -> None:
+        """The device tier evicted shard ``key`` (room for a model or another set): release
+        it, and drop the rest of its set, which is useless without it."""
+        loaded = self.shards.get(key)
+        if loaded is None or loaded.resident is not resident:
+            return  # we dropped it ourselves (or it was replaced): nothing more to do
+        self.shards.pop(key)
+        set_name = key.split("/", 1)[0]
+        task = asyncio.get_running_loop().create_task(self._after_eviction(loaded, set_name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _after_eviction(self, loaded: _Loaded, set_name: str) -> None:
+        await loaded.channel.detach(loaded.load.set_name, loaded.load.shard)
+        loaded.dropped = True
+        if loaded.running == 0:
+            await self._release(loaded)
+        await self.evict_set(set_name)
+
     async def _drop(self, key: str) -> None:
-        entry = self.lru.discard(key)
-        if entry is None or entry.value is None:
+        loaded = self.shards.pop(key, None)
+        if loaded is None:
             return
-        loaded = entry.value
+        self.device.drop_shard(key)
         await loaded.channel.detach(loaded.load.set_name, loaded.load.shard)
         loaded.dropped = True
         if loaded.running == 0:  # else the last request on it releases it
@@ -568,7 +628,7 @@ class ShardHost:
         loaded.executor.close()
 
     async def close(self) -> None:
-        for key in list(self.lru.keys_lru()):
+        for key in list(self.shards):
             await self._drop(key)
         for channel in self._shared.values():
             await channel.close()
@@ -577,12 +637,12 @@ class ShardHost:
 
     def state(self) -> dict[str, Any]:
         return {
-            "capacity_bytes": self.lru.capacity_bytes,
-            "used_bytes": self.lru.used_bytes,
+            "device": self.device.info.id,
+            "capacity_bytes": self.device.tier.lru.capacity_bytes,  # models and shards
+            "used_bytes": sum(loaded.nbytes for loaded in self.shards.values()),
             "shards": {
-                k: {"bytes": e.size_bytes, "pinned": e.pinned}
-                for k in self.lru.keys_lru()
-                if (e := self.lru.peek(k)) is not None
+                k: {"bytes": loaded.nbytes, "running": loaded.running}
+                for k, loaded in self.shards.items()
             },
         }
 
@@ -727,11 +787,7 @@ async def _body(request: Request) -> bytes:
 
 
 def shard_host(runtime: NodeRuntime, *, token: str | None) -> ShardHost:
-    """A node's shard host: the runtime's artifact store, one device's capacity as budget.
-
-    TODO(gpu_manager residency): account shards in the runtime's device tier once it
-    exposes reserve/commit to other modules; until then shards have a budget of their own,
-    the size of the node's largest device (a shard runs on one device).
-    """
-    capacity = max((d.info.capacity_bytes for d in runtime.devices.values()), default=0)
-    return ShardHost(store=runtime.artifacts.store, capacity_bytes=capacity, token=token)
+    """A node's shard host: the runtime's artifact store; its shards live in the tier of the
+    node's largest device (a shard runs on one device), beside that device's models."""
+    device = max(runtime.devices.values(), key=lambda d: d.info.capacity_bytes)
+    return ShardHost(store=runtime.artifacts.store, device=device, token=token)

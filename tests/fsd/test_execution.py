@@ -133,10 +133,12 @@ async def test_boundary_rows_are_sent_before_the_interior_rows_are_computed(wher
             channel.events.append(("finish", *groups[id(g)]))
         return original(self, out, g, z, activation)
 
-    def handing_over(self: ShardExecutor, request_id: str, layer: int, *args: Any) -> Any:
+    def handing_over(
+        self: ShardExecutor, request_id: str, layer: int, *args: Any, **kwargs: Any
+    ) -> Any:
         with lock:  # the moment the values are handed to the channel
             channel.events.append(("send", self.spec.shard, layer))
-        return original_send(self, request_id, layer, *args)
+        return original_send(self, request_id, layer, *args, **kwargs)
 
     ShardExecutor._finish = noting  # type: ignore[method-assign]
     ShardExecutor._hand_over = handing_over  # type: ignore[method-assign]
@@ -257,3 +259,47 @@ def test_any_split_of_any_sparse_net_matches_the_reference(
     x = np.random.default_rng(batch).standard_normal((batch, net.widths[0])).astype(np.float32)
     sharded = asyncio.run(run_split(net, shards, method, x))
     np.testing.assert_allclose(sharded, net.forward(x), rtol=1e-5, atol=1e-5)
+
+
+async def test_a_shard_computes_on_its_device_backend_in_its_compute_context(
+    sparse_net: Any, tmp_path: Any
+) -> None:
+    """The executor takes the device layer's path (gpu_manager/devices.py): its weights live on
+    the backend's device and every multiply runs inside ``backend.compute()`` (a CUDA stream
+    on a GPU). On this machine the backend is a CPU stand-in; the routing is the same."""
+    from gpufaas.gpu_manager.devices import CpuBackend, cpu_devices
+
+    entered = []
+
+    class Recording(CpuBackend):
+        def compute(self) -> Any:
+            entered.append(threading.get_ident())
+            return super().compute()
+
+    backend = Recording(cpu_devices(1, device_memory=1 << 20)[0])
+    specs = split(sparse_net, partition(sparse_net, 2, method="block"))
+    channel = LocalChannel()
+    executors = []
+    for spec in specs:
+        mailbox = Mailbox()
+        await channel.attach("net", spec.shard, mailbox)
+        executors.append(
+            ShardExecutor(spec, set_name="net", channel=channel, mailbox=mailbox, backend=backend)
+        )
+    x = np.random.default_rng(1).random((3, sparse_net.widths[0])).astype(np.float32)
+    try:
+        outs = await asyncio.gather(
+            *(
+                e.run("r", x.T[s.inputs], timeout_s=30)
+                for e, s in zip(executors, specs, strict=True)
+            )
+        )
+    finally:
+        for e in executors:
+            e.close()
+    y = np.zeros((sparse_net.widths[-1], 3), dtype=np.float32)
+    for spec, out in zip(specs, outs, strict=True):
+        y[spec.outputs] = out
+    np.testing.assert_allclose(y.T, sparse_net.forward(x), rtol=1e-5, atol=1e-5)
+    assert entered and threading.get_ident() not in entered  # in the workers, never the loop
+    assert all(g.own.device == backend.device for e in executors for op in e.ops for g in op.groups)

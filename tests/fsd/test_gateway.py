@@ -110,7 +110,7 @@ async def test_a_sharded_function_is_deployed_and_served_through_the_gateway(
     assert gateway.sharded.error("radix") is None
     # The nodes hold its shards; none was given the function as a single-device model.
     for index, node in enumerate(thread_nodes[:2]):
-        assert list(node.host.lru) == [node.host.key("radix", index)]
+        assert list(node.host.shards) == [node.host.key("radix", index)]
     reply = await gateway.infer("radix", infer_body(x), header_length=None)
     assert reply.status == 200, reply.body
     np.testing.assert_allclose(output(reply.body), net.forward(x), rtol=1e-5, atol=1e-5)
@@ -129,7 +129,7 @@ async def test_a_sharded_function_is_deployed_and_served_through_the_gateway(
     assert gone.headers["x-gpufaas-reason"] == "ShardFailed"
     assert "shard 1 of radix" in gone.json()["error"]
     await gateway.remove_function("radix")
-    assert not list(thread_nodes[0].host.lru)
+    assert not list(thread_nodes[0].host.shards)
 
 
 async def test_a_set_on_a_manager_that_went_down_is_re_placed(
