@@ -14,11 +14,14 @@ Sections (each prints a table; everything lands in ``--out`` as JSON and PNG plo
    through the tree.
 3. **mlp**: a dense MLP larger than one device's budget: it fails to launch on one shard
    and serves on 4 and 8.
-4. **costmodel**: a calibration run (a different, smaller net), on the same processes
-   immediately before the grid, fits the constants of :mod:`gpufaas.scheduler.costmodel`;
-   the model then predicts every grid cell's latency.
-   Reports the prediction error, and per batch size whether the configuration it picks is the
-   fastest one measured.
+4. **costmodel**: ``--calibrate-only`` fits the constants of
+   :mod:`gpufaas.scheduler.costmodel` on 1,024-neuron nets (never the grid's) and writes them;
+   a grid run with ``--constants CAL/fsd.json`` predicts every cell and scores the model
+   (within 25%, and per cell whether it picks the fastest configuration); ``--evaluate
+   GRID/fsd.json --constants CAL/fsd.json`` re-scores a grid run offline. Calibration and
+   validation are always separate runs.
+5. **message-cost** (``--message-cost``): one direct-channel message to a real manager, with
+   httpx and with the pooled client the channel uses: wall time, sender and receiver CPU.
 
     python bench/fsd.py --quick          # 4,096 x 24 layers, batch 64: about 10 minutes here
     python bench/fsd.py                  # 4,096 x 120 layers
@@ -632,6 +635,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
         "args": vars(args),
     }
+    if args.evaluate:  # score a grid run against a calibration run: pure, nothing measured
+        grid_run = json.loads(Path(args.evaluate).read_text())
+        calibration = json.loads(Path(args.constants).read_text())
+        net_info = grid_run["net"]
+        net = radix_net(net_info["neurons"], net_info["layers"])
+        constants = constants_from_json(dict(calibration["calibration"]["constants"]))
+        rows = [{k: v for k, v in r.items() if k not in ("predicted_s", "error")}
+                for r in grid_run["grid"]]  # fmt: skip
+        report["costmodel"] = evaluate(net, rows, constants)
+        report["costmodel"]["runs"] = {
+            "grid": {k: grid_run[k] for k in ("commit", "date")},
+            "calibration": {k: calibration[k] for k in ("commit", "date")},
+        }
+        report["grid"] = rows
+        print(json.dumps(report["costmodel"], indent=1))
+        return report
     if args.message_cost:
         print("5. one direct-channel message", flush=True)
         with tempfile.TemporaryDirectory(prefix="fsd-msg-") as tmp:
@@ -718,6 +737,9 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=30.0, help="per configuration")
     parser.add_argument("--partition-only", action="store_true")
     parser.add_argument("--message-cost", action="store_true", help="section 5 only")
+    parser.add_argument(
+        "--evaluate", default=None, help="a grid run's fsd.json: score it with --constants"
+    )
     parser.add_argument(
         "--calibrate-only", action="store_true", help="fit the cost model's constants, no grid"
     )

@@ -7,8 +7,9 @@ chunk) followed by a float32 array, in one self-describing binary frame
 * :class:`LocalChannel`: shards in one process (one node), handed over in memory; on a GPU
   node this is the device-to-device path (the receiver copies to its device).
 * :class:`DirectChannel`: node-to-node HTTP POSTs to the receiving node's
-  ``/v2/gpufaas/shards/{set}/{shard}/messages`` route; shards on the same node go through
-  the local path.
+  ``/v2/gpufaas/shards/{set}/{shard}/messages`` route over the node's pooled keep-alive
+  connections (:mod:`gpufaas.core.peerhttp`); shards on the same node go through the local
+  path.
 * :class:`NatsChannel`: NATS core pub/sub, one subject per shard
   (``gpufaas.fsd.<set>.<shard>``); with ``durable=True`` through a JetStream stream, so
   messages published before a server restart are still delivered after it.
