@@ -450,36 +450,56 @@ async def message_cost(root: Path, *, count: int = 400, rounds: int = 3) -> list
 async def calibrate(
     urls: list[str], channels: dict[str, ChannelConfig], root: Path, batch: int
 ) -> costmodel.Constants:
-    """Fit the constants on calibration nets (1,024 neurons), never on the grid's net."""
+    """Fit the constants on calibration nets, never on the grid's net: unsharded RadiX-Nets of
+    1,024 / 2,048 / 4,096 neurons at 4 and 12 layers (the compute terms: one multiply-add's
+    cost depends on the working set, i.e. the width), and 2,048 x 8 split 2 and 4 ways (the
+    channels)."""
     coordinator = Coordinator(artifact_base=str(root / "calib"), timeout_s=120)
     rng = np.random.default_rng(5)
     cores = os.cpu_count() or 1
     batches = (max(1, batch // 4), batch)
-    compute_x, compute_y = [], []
     comm: dict[str, tuple[list[list[float]], list[float]]] = {c: ([], []) for c in channels}
 
-    async def median_latency(name: str, b: int) -> float:
-        x = (rng.random((b, 1024)) < 0.2).astype(np.float32)
+    async def median_latency(name: str, b: int, width: int = 1024) -> float:
+        x = (rng.random((b, width)) < 0.2).astype(np.float32)
         await coordinator.infer(name, x)
         return statistics.median([await _timed(coordinator.infer(name, x)) for _ in range(7)])
 
     try:
-        for depth in (8, 24):
-            net = radix_net(1024, depth)
-            prof = costmodel.profile(net, partition(net, 1, method="block"))
-            name = f"cal-{depth}"
-            await coordinator.deploy(
-                name, net, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
-            )
+        # Compute: per (width, batch), two depths give the per-layer time (the slope: c_nnz at
+        # that working set) and the fixed part (the intercept: c_request + c_io).
+        curve: list[tuple[float, float]] = []
+        fixed_x, fixed_y = [], []
+        for width in (1024, 2048, 4096):
+            depths = (4, 12)
+            seconds: dict[tuple[int, int], float] = {}
+            for depth in depths:
+                net = radix_net(width, depth)
+                name = f"cal-{width}-{depth}"
+                await coordinator.deploy(
+                    name, net, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
+                )
+                for b in batches:
+                    seconds[(depth, b)] = await median_latency(name, b, width)
+                await coordinator.remove(name)
             for b in batches:
-                compute_x.append(costmodel.compute_features(prof, batch=b, cores=cores))
-                compute_y.append(await median_latency(name, b))
-            await coordinator.remove(name)
-        per_request, per_io, per_nnz = costmodel.fit(compute_x, compute_y, relative=True)
+                per_layer = max(1e-6, seconds[(depths[1], b)] - seconds[(depths[0], b)]) / (
+                    depths[1] - depths[0]
+                )
+                nnz = radix_net(width, 1).layers[0].nnz
+                curve.append(
+                    (costmodel.working_set(width, shards=1, batch=b), per_layer / (b * nnz))
+                )
+                fixed_x.append([1.0, float(b * 2 * width)])
+                fixed_y.append(max(1e-6, seconds[(depths[0], b)] - depths[0] * per_layer))
+                print(f"  calibration N=1 width {width} batch {b}: {per_layer * 1e3:.2f} ms per "
+                      f"layer, {fixed_y[-1] * 1e3:.2f} ms fixed", flush=True)  # fmt: skip
+        per_request, per_io = costmodel.fit(fixed_x, fixed_y, relative=True)
+        nnz_curve = tuple(sorted(curve))
         base = costmodel.Constants(
-            per_nnz, per_request, per_io, cores, {"none": costmodel.ChannelCost(0.0, 0.0, 0.0)}
+            nnz_curve, per_request, per_io, cores, {"none": costmodel.ChannelCost(0.0, 0.0, 0.0)}
         )
-        net = radix_net(1024, 12)
+        net = radix_net(2048, 8)  # channels: never the grid's width
         for channel in channels:
             for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random")):
                 if shards > len(urls):
@@ -491,11 +511,11 @@ async def calibrate(
                     nodes=urls[:shards], method=method, channel=channels[channel], seed=2,
                 )  # fmt: skip
                 for b in batches:
-                    seconds = await median_latency(name, b)
+                    measured = await median_latency(name, b, 2048)
                     compute = costmodel.predict(prof, batch=b, channel="none", constants=base)
                     comm[channel][0].append(costmodel.channel_features(prof, batch=b, cores=cores))
-                    comm[channel][1].append(max(0.0, seconds - compute))
-                    print(f"  calibration {name} batch {b}: {seconds * 1e3:.1f} ms "
+                    comm[channel][1].append(max(0.0, measured - compute))
+                    print(f"  calibration {name} batch {b}: {measured * 1e3:.1f} ms "
                           f"(compute terms {compute * 1e3:.1f} ms)", flush=True)  # fmt: skip
                 await coordinator.remove(name)
     finally:
@@ -504,7 +524,7 @@ async def calibrate(
     for channel, (xs, ys) in comm.items():
         per_message, per_byte, per_shard = costmodel.fit(xs, ys, relative=True)
         costs[channel] = costmodel.ChannelCost(per_message, per_byte, per_shard)
-    return costmodel.Constants(per_nnz, per_request, per_io, cores, costs)
+    return costmodel.Constants(nnz_curve, per_request, per_io, cores, costs)
 
 
 def constants_to_json(constants: costmodel.Constants) -> dict[str, Any]:
@@ -514,7 +534,8 @@ def constants_to_json(constants: costmodel.Constants) -> dict[str, Any]:
 
 def constants_from_json(data: dict[str, Any]) -> costmodel.Constants:
     channels = {k: costmodel.ChannelCost(**v) for k, v in data.pop("channels").items()}
-    return costmodel.Constants(**data, channels=channels)
+    curve = tuple((float(w), float(c)) for w, c in data.pop("per_nnz_s"))
+    return costmodel.Constants(per_nnz_s=curve, **data, channels=channels)
 
 
 async def _timed(call: Any) -> float:

@@ -4,13 +4,19 @@ Per request (layers run one after another; shards within a layer run side by sid
 ``cores`` of them at once; ``N`` shards):
 
     latency   = c_request + c_io * batch * (n_in + n_out)          # coordinator: scatter, gather
-              + sum_l c_nnz * batch * max(max_p nnz_lp, sum_p nnz_lp / cores)
+              + sum_l c_nnz(ws_l) * batch * max(max_p nnz_lp, sum_p nnz_lp / cores)
               + sum_l c_msg[ch] * max(max_p msgs_lp, sum_p msgs_lp / cores)
               + sum_l c_byte[ch] * batch * 4 * max(max_p values_lp, sum_p values_lp / cores)
               + c_shard[ch] * N
 
 ``nnz_lp`` is shard p's weights in layer l, ``msgs_lp`` / ``values_lp`` the messages and
 activations it receives for layer l (taken from the partition, see :func:`profile`).
+``c_nnz(ws)`` is the time of one multiply-add as a function of the shard's working set
+``ws_l = n_in_l / N * batch * 4`` bytes (its slice of the activations a sparse product
+reads at random): measured at several sizes and interpolated in ``log ws``, clamped at the
+ends. A constant ``c_nnz`` was the first form; on this machine a multiply-add on a 1 MiB
+working set costs ~1.5x one on 256 KiB (cache), which a constant fitted on small nets
+under-predicts and which makes splitting a layer faster than linear.
 Handling a message is CPU work in the shards' processes like the multiply-adds: when shards
 outnumber the cores they take turns, so the busiest shard's share is bounded below by the
 total over the cores. A layer that reads nothing remote costs no message and no trip between
@@ -19,10 +25,10 @@ trip), so there is no per-layer fixed term: a layer's messages carry its synchro
 cost (``c_msg``).
 
 A calibration run (``bench/fsd.py --calibrate-only``), on other nets than the benchmark's,
-measures the constants: ``c_request``, ``c_io`` and ``c_nnz`` from unsharded runs at two
-depths and two batch sizes, then each channel's ``c_msg`` / ``c_byte`` / ``c_shard`` from
-sharded runs (2 and 4 shards, block and random splits, two batch sizes) minus the predicted
-compute. :func:`choose` ranks candidate configurations by predicted latency.
+measures the constants: per (width, batch), unsharded runs at two depths give the per-layer
+time (so ``c_nnz`` at that working set) and the fixed part (so ``c_request`` and ``c_io``);
+then each channel's ``c_msg`` / ``c_byte`` / ``c_shard`` from sharded runs (2 and 4 shards,
+block and random splits, two batch sizes) minus the predicted compute. :func:`choose` ranks candidate configurations by predicted latency.
 
 Pure: no clocks, no I/O.
 """
@@ -43,10 +49,10 @@ __all__ = [
     "Profile",
     "channel_features",
     "choose",
-    "compute_features",
     "fit",
     "predict",
     "profile",
+    "working_set",
 ]
 
 
@@ -59,11 +65,18 @@ class ChannelCost:
 
 @dataclasses.dataclass(frozen=True)
 class Constants:
-    per_nnz_s: float  # one multiply-add of a sparse or dense weight, per sample
+    # (working-set bytes, seconds per multiply-add per sample), by working set
+    per_nnz_s: tuple[tuple[float, float], ...]
     per_request_s: float  # fixed cost of a request (coordinator, one HTTP round trip)
     per_io_value_s: float  # one input or output value encoded, sent, decoded
     cores: int
     channels: Mapping[str, ChannelCost]
+
+    def nnz_s(self, working_set: float) -> float:
+        """Seconds per multiply-add at ``working_set`` bytes (log-linear, clamped)."""
+        points = sorted(self.per_nnz_s)
+        sizes = np.log([max(w, 1.0) for w, _ in points])
+        return float(np.interp(np.log(max(working_set, 1.0)), sizes, [c for _, c in points]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +85,7 @@ class Profile:
 
     shards: int
     io_values: int  # n_in + n_out, per sample
+    widths: tuple[int, ...]  # each layer's n_in
     max_nnz: tuple[int, ...]
     total_nnz: tuple[int, ...]
     max_messages: tuple[int, ...]
@@ -101,6 +115,7 @@ def profile(net: LayeredNet, part: Partition) -> Profile:
     return Profile(
         part.shards,
         net.widths[0] + net.widths[-1],
+        tuple(net.widths[:-1]),
         tuple(max_nnz),
         tuple(total_nnz),
         tuple(max_messages),
@@ -115,21 +130,20 @@ def predict(p: Profile, *, batch: int, channel: str, constants: Constants) -> fl
     cost = constants.channels[channel] if p.shards > 1 else ChannelCost(0.0, 0.0, 0.0)
     cores = constants.cores
     total = constants.per_request_s + constants.per_io_value_s * batch * p.io_values
-    for nnz, all_nnz, msgs, all_msgs, values, all_values in zip(
-        p.max_nnz, p.total_nnz, p.max_messages, p.total_messages, p.max_values, p.total_values,
-        strict=True,
+    for width, nnz, all_nnz, msgs, all_msgs, values, all_values in zip(
+        p.widths, p.max_nnz, p.total_nnz, p.max_messages, p.total_messages, p.max_values,
+        p.total_values, strict=True,
     ):  # fmt: skip
-        total += constants.per_nnz_s * batch * max(nnz, all_nnz / cores)
+        per_nnz = constants.nnz_s(working_set(width, shards=p.shards, batch=batch))
+        total += per_nnz * batch * max(nnz, all_nnz / cores)
         total += cost.per_message_s * max(msgs, all_msgs / cores)
         total += cost.per_byte_s * batch * 4 * max(values, all_values / cores)
     return total + cost.per_shard_s * p.shards
 
 
-def compute_features(p: Profile, *, batch: int, cores: int) -> list[float]:
-    """The unsharded terms' multipliers: ``[1, batch * io_values, batch * nnz-bound]``
-    (``c_request``, ``c_io``, ``c_nnz``), for fitting."""
-    nnz = sum(max(n, t / cores) for n, t in zip(p.max_nnz, p.total_nnz, strict=True))
-    return [1.0, float(batch * p.io_values), float(batch * nnz)]
+def working_set(width: int, *, shards: int, batch: int) -> float:
+    """Bytes of a shard's slice of a layer's input activations (what its product reads)."""
+    return width / shards * batch * 4
 
 
 def channel_features(p: Profile, *, batch: int, cores: int) -> list[float]:
