@@ -22,6 +22,8 @@ Sections (each prints a table; everything lands in ``--out`` as JSON and PNG plo
    validation are always separate runs.
 5. **message-cost** (``--message-cost``): one direct-channel message to a real manager, with
    httpx and with the pooled client the channel uses: wall time, sender and receiver CPU.
+6. **cpu-split** (``--cpu-split``): CPU seconds per request over every process (shards and
+   coordinator) at N = 1, 2, 4, and the throughput bound that puts on the machine's cores.
 
     python bench/fsd.py --quick          # 4,096 x 24 layers, batch 64: about 10 minutes here
     python bench/fsd.py                  # 4,096 x 120 layers
@@ -442,6 +444,57 @@ async def message_cost(root: Path, *, count: int = 400, rounds: int = 3) -> list
     return rows
 
 
+async def cpu_per_request(
+    root: Path, *, neurons: int, layers: int, batch: int, requests: int = 60
+) -> list[dict[str, Any]]:
+    """Where the time goes: CPU seconds per request, summed over the shard processes and
+    the coordinator (this process), in a closed loop of 4 requests in flight, N = 1, 2, 4
+    (direct channel, hypergraph split; N = 1 unsplit). With ``c`` cores, throughput cannot
+    pass ``c / cpu``."""
+    net = radix_net(neurons, layers)
+    x = (np.random.default_rng(0).random((batch, neurons)) < 0.2).astype(np.float32)
+    rows = []
+    with managers(root, 4, device_memory="64Mi", keep_pids=True) as (urls, pids):
+        for shards in (1, 2, 4):
+            coordinator = Coordinator(artifact_base=str(root / f"cpu{shards}"), timeout_s=120)
+            await coordinator.deploy(
+                "net", net, Parallelism(shards=shards, strategy="intra-layer"),
+                nodes=urls[:shards], method="hypergraph" if shards > 1 else "block",
+            )  # fmt: skip
+            for _ in range(4):
+                await coordinator.infer("net", x)
+            before = [_cpu_seconds(pid) for pid in pids[:shards]]
+            own = time.process_time()
+            started = time.perf_counter()
+            done = 0
+
+            async def worker() -> None:
+                nonlocal done
+                while done < requests:
+                    done += 1
+                    await coordinator.infer("net", x)  # noqa: B023 (awaited within the loop)
+
+            await asyncio.gather(*(worker() for _ in range(4)))
+            wall = time.perf_counter() - started
+            shard_cpu = [_cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=False)]
+            row = {
+                "shards": shards,
+                "throughput_rps": done / wall,
+                "shard_cpu_ms": [c / done * 1e3 for c in shard_cpu],
+                "coordinator_cpu_ms": (time.process_time() - own) / done * 1e3,
+            }
+            row["cpu_ms"] = sum(row["shard_cpu_ms"]) + row["coordinator_cpu_ms"]
+            row["bound_rps"] = (os.cpu_count() or 1) / row["cpu_ms"] * 1e3
+            rows.append(row)
+            print(f"  N={shards}: {row['throughput_rps']:.1f} req/s; CPU per request "
+                  f"{row['cpu_ms']:.1f} ms (shards {[round(c, 1) for c in row['shard_cpu_ms']]}, "
+                  f"coordinator {row['coordinator_cpu_ms']:.1f}); {os.cpu_count()} cores bound "
+                  f"{row['bound_rps']:.1f} req/s", flush=True)  # fmt: skip
+            await coordinator.remove("net")
+            await coordinator.close()
+    return rows
+
+
 # -------------------------------------------------------------------------------------------
 # 4. cost model
 # -------------------------------------------------------------------------------------------
@@ -672,6 +725,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         report["grid"] = rows
         print(json.dumps(report["costmodel"], indent=1))
         return report
+    if args.cpu_split:
+        print("6. CPU per request, N = 1, 2, 4", flush=True)
+        with tempfile.TemporaryDirectory(prefix="fsd-cpu-") as tmp:
+            layers = args.layers or (24 if args.quick else 120)
+            report["cpu_split"] = await cpu_per_request(
+                Path(tmp), neurons=args.neurons, layers=layers, batch=args.batch
+            )
+        return report
     if args.message_cost:
         print("5. one direct-channel message", flush=True)
         with tempfile.TemporaryDirectory(prefix="fsd-msg-") as tmp:
@@ -758,6 +819,7 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=30.0, help="per configuration")
     parser.add_argument("--partition-only", action="store_true")
     parser.add_argument("--message-cost", action="store_true", help="section 5 only")
+    parser.add_argument("--cpu-split", action="store_true", help="section 6 only")
     parser.add_argument(
         "--evaluate", default=None, help="a grid run's fsd.json: score it with --constants"
     )
