@@ -14,9 +14,9 @@ activations it receives for layer l (taken from the partition, see :func:`profil
 ``c_nnz(ws)`` is the time of one multiply-add as a function of the shard's working set
 ``ws_l = n_in_l / N * batch * 4`` bytes (its slice of the activations a sparse product
 reads at random): measured at several sizes and interpolated in ``log ws``, clamped at the
-ends. A constant ``c_nnz`` was the first form; on this machine a multiply-add on a 1 MiB
-working set costs ~1.5x one on 256 KiB (cache), which a constant fitted on small nets
-under-predicts and which makes splitting a layer faster than linear.
+ends, so a cache effect (a split layer running faster than linear) can show. The first form
+had one constant; on this machine the calibration found 1.2-1.9e-10 s per multiply-add at
+64 KiB-1 MiB, with no clear trend (bench/RESULTS.md, "Distributed inference").
 Handling a message is CPU work in the shards' processes like the multiply-adds: when shards
 outnumber the cores they take turns, so the busiest shard's share is bounded below by the
 total over the cores. A layer that reads nothing remote costs no message and no trip between
