@@ -14,11 +14,16 @@ Sections (each prints a table; everything lands in ``--out`` as JSON and PNG plo
    through the tree.
 3. **mlp**: a dense MLP larger than one device's budget: it fails to launch on one shard
    and serves on 4 and 8.
-4. **costmodel**: a calibration run (a different, smaller net), on the same processes
-   immediately before the grid, fits the constants of :mod:`gpufaas.scheduler.costmodel`;
-   the model then predicts every grid cell's latency.
-   Reports the prediction error, and per batch size whether the configuration it picks is the
-   fastest one measured.
+4. **costmodel**: ``--calibrate-only`` fits the constants of
+   :mod:`gpufaas.scheduler.costmodel` on 1,024-neuron nets (never the grid's) and writes them;
+   a grid run with ``--constants CAL/fsd.json`` predicts every cell and scores the model
+   (within 25%, and per cell whether it picks the fastest configuration); ``--evaluate
+   GRID/fsd.json --constants CAL/fsd.json`` re-scores a grid run offline. Calibration and
+   validation are always separate runs.
+5. **message-cost** (``--message-cost``): one direct-channel message to a real manager, with
+   httpx and with the pooled client the channel uses: wall time, sender and receiver CPU.
+6. **cpu-split** (``--cpu-split``): CPU seconds per request over every process (shards and
+   coordinator) at N = 1, 2, 4, and the throughput bound that puts on the machine's cores.
 
     python bench/fsd.py --quick          # 4,096 x 24 layers, batch 64: about 10 minutes here
     python bench/fsd.py                  # 4,096 x 120 layers
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -101,7 +107,9 @@ def partition_volumes(layers: int = 120) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def managers(root: Path, count: int, *, device_memory: str) -> Iterator[list[str]]:
+def managers(
+    root: Path, count: int, *, device_memory: str, keep_pids: bool = False
+) -> Iterator[Any]:
     procs: list[subprocess.Popen[bytes]] = []
     urls = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -127,7 +135,7 @@ def managers(root: Path, count: int, *, device_memory: str) -> Iterator[list[str
                 )
             urls.append(f"http://127.0.0.1:{port}")
         wait_ready(urls, timeout_s=300, procs=procs)
-        yield urls
+        yield (urls, [p.pid for p in procs]) if keep_pids else urls
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -180,12 +188,16 @@ async def measure(
     }
 
 
-def grid_configs(max_shards: int, channels: dict[str, ChannelConfig]) -> list[tuple[int, str, str]]:
+def grid_configs(
+    max_shards: int,
+    channels: dict[str, ChannelConfig],
+    methods: tuple[str, ...] = ("hypergraph", "random", "block"),
+) -> list[tuple[int, str, str]]:
     configs = [(1, "direct", "block")]
     for shards in (2, 4, 8):
         if shards > max_shards:
             continue
-        for method in ("hypergraph", "random", "block"):
+        for method in methods:
             configs.append((shards, "direct", method))
         for channel in channels:
             if channel != "direct" and not (channel == "s3" and shards > 4):
@@ -205,7 +217,9 @@ async def run_grid(
     coordinator = Coordinator(artifact_base=str(root / "shards"), timeout_s=120)
     rows = []
     try:
-        for shards, channel, method in grid_configs(len(urls), channels):
+        for shards, channel, method in grid_configs(
+            len(urls), channels, tuple(args.methods.split(","))
+        ):
             name = f"radix-{shards}-{channel}-{method}"
             shard_set = await coordinator.deploy(
                 name,
@@ -370,6 +384,118 @@ async def _local_once(
 
 
 # -------------------------------------------------------------------------------------------
+# 5. one direct-channel message
+# -------------------------------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def message_cost(root: Path, *, count: int = 400, rounds: int = 3) -> list[dict[str, Any]]:
+    """Sequential 16 KiB messages to a real manager's message route: wall time per message,
+    the sender's CPU and the receiver's CPU (from /proc), with httpx and with the pooled
+    client the direct channel uses (core/peerhttp.py)."""
+    import httpx
+
+    from gpufaas.core.channels import Envelope, encode, message_path
+    from gpufaas.core.peerhttp import PeerPools
+
+    rows = []
+    with managers(root, 2, device_memory="32Mi", keep_pids=True) as (urls, pids):
+        coordinator = Coordinator(artifact_base=str(root / "msg"), timeout_s=60)
+        await coordinator.deploy(
+            "m", radix_net(1024, 4), Parallelism(shards=2, strategy="intra-layer"),
+            nodes=urls, method="block",
+        )  # fmt: skip
+        values = np.ones((64, 64), np.float32)
+        path = message_path("m", 1)
+        client = httpx.AsyncClient()
+        pools = PeerPools()
+        try:
+            for _ in range(rounds):
+                for kind in ("httpx", "pooled"):
+                    before_rx, before_tx = _cpu_seconds(pids[1]), time.process_time()
+                    started = time.perf_counter()
+                    for i in range(count):
+                        frame = encode(Envelope("m", f"{kind}-{i}", 1, 0, 1), values)
+                        if kind == "httpx":
+                            status = (await client.post(urls[1] + path, content=frame)).status_code
+                        else:
+                            reply = await pools.to(urls[1]).post(path, frame, timeout_s=5)
+                            status = reply.status
+                        assert status in (202, 208), status
+                    row = {
+                        "client": kind,
+                        "wall_ms": (time.perf_counter() - started) / count * 1e3,
+                        "sender_cpu_ms": (time.process_time() - before_tx) / count * 1e3,
+                        "receiver_cpu_ms": (_cpu_seconds(pids[1]) - before_rx) / count * 1e3,
+                    }
+                    rows.append(row)
+                    print(f"  {kind:<7} {row['wall_ms']:.3f} ms/message, sender CPU "
+                          f"{row['sender_cpu_ms']:.3f} ms, receiver CPU "
+                          f"{row['receiver_cpu_ms']:.3f} ms", flush=True)  # fmt: skip
+        finally:
+            await client.aclose()
+            pools.close()
+            await coordinator.close()
+    return rows
+
+
+async def cpu_per_request(
+    root: Path, *, neurons: int, layers: int, batch: int, requests: int = 60
+) -> list[dict[str, Any]]:
+    """Where the time goes: CPU seconds per request, summed over the shard processes and
+    the coordinator (this process), in a closed loop of 4 requests in flight, N = 1, 2, 4
+    (direct channel, hypergraph split; N = 1 unsplit). With ``c`` cores, throughput cannot
+    pass ``c / cpu``."""
+    net = radix_net(neurons, layers)
+    x = (np.random.default_rng(0).random((batch, neurons)) < 0.2).astype(np.float32)
+    rows = []
+    with managers(root, 4, device_memory="64Mi", keep_pids=True) as (urls, pids):
+        for shards in (1, 2, 4):
+            coordinator = Coordinator(artifact_base=str(root / f"cpu{shards}"), timeout_s=120)
+            await coordinator.deploy(
+                "net", net, Parallelism(shards=shards, strategy="intra-layer"),
+                nodes=urls[:shards], method="hypergraph" if shards > 1 else "block",
+            )  # fmt: skip
+            for _ in range(4):
+                await coordinator.infer("net", x)
+            before = [_cpu_seconds(pid) for pid in pids[:shards]]
+            own = time.process_time()
+            started = time.perf_counter()
+            done = 0
+
+            async def worker() -> None:
+                nonlocal done
+                while done < requests:
+                    done += 1
+                    await coordinator.infer("net", x)  # noqa: B023 (awaited within the loop)
+
+            await asyncio.gather(*(worker() for _ in range(4)))
+            wall = time.perf_counter() - started
+            shard_cpu = [_cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=False)]
+            row = {
+                "shards": shards,
+                "throughput_rps": done / wall,
+                "shard_cpu_ms": [c / done * 1e3 for c in shard_cpu],
+                "coordinator_cpu_ms": (time.process_time() - own) / done * 1e3,
+            }
+            row["cpu_ms"] = sum(row["shard_cpu_ms"]) + row["coordinator_cpu_ms"]
+            row["bound_rps"] = (os.cpu_count() or 1) / row["cpu_ms"] * 1e3
+            rows.append(row)
+            print(f"  N={shards}: {row['throughput_rps']:.1f} req/s; CPU per request "
+                  f"{row['cpu_ms']:.1f} ms (shards {[round(c, 1) for c in row['shard_cpu_ms']]}, "
+                  f"coordinator {row['coordinator_cpu_ms']:.1f}); {os.cpu_count()} cores bound "
+                  f"{row['bound_rps']:.1f} req/s", flush=True)  # fmt: skip
+            await coordinator.remove("net")
+            await coordinator.close()
+    return rows
+
+
+# -------------------------------------------------------------------------------------------
 # 4. cost model
 # -------------------------------------------------------------------------------------------
 
@@ -377,69 +503,92 @@ async def _local_once(
 async def calibrate(
     urls: list[str], channels: dict[str, ChannelConfig], root: Path, batch: int
 ) -> costmodel.Constants:
-    """Fit the constants on a calibration net (1,024 neurons), not on the grid's net."""
+    """Fit the constants on calibration nets, never on the grid's net: unsharded RadiX-Nets of
+    1,024 / 2,048 / 4,096 neurons at 4 and 12 layers (the compute terms: one multiply-add's
+    cost depends on the working set, i.e. the width), and 2,048 x 8 split 2 and 4 ways (the
+    channels)."""
     coordinator = Coordinator(artifact_base=str(root / "calib"), timeout_s=120)
     rng = np.random.default_rng(5)
-    compute_x, compute_y = [], []
+    cores = os.cpu_count() or 1
+    batches = (max(1, batch // 4), batch)
     comm: dict[str, tuple[list[list[float]], list[float]]] = {c: ([], []) for c in channels}
+
+    async def median_latency(name: str, b: int, width: int = 1024) -> float:
+        x = (rng.random((b, width)) < 0.2).astype(np.float32)
+        await coordinator.infer(name, x)
+        return statistics.median([await _timed(coordinator.infer(name, x)) for _ in range(7)])
+
     try:
-        for depth in (8, 24):
-            net = radix_net(1024, depth)
-            part = partition(net, 1, method="block")
-            prof = costmodel.profile(net, part)
-            for b in (max(1, batch // 4), batch):
-                x = (rng.random((b, 1024)) < 0.2).astype(np.float32)
-                name = f"cal-{depth}-{b}"
+        # Compute: per (width, batch), two depths give the per-layer time (the slope: c_nnz at
+        # that working set) and the fixed part (the intercept: c_request + c_io).
+        curve: list[tuple[float, float]] = []
+        fixed_x, fixed_y = [], []
+        for width in (1024, 2048, 4096):
+            depths = (4, 12)
+            seconds: dict[tuple[int, int], float] = {}
+            for depth in depths:
+                net = radix_net(width, depth)
+                name = f"cal-{width}-{depth}"
                 await coordinator.deploy(
                     name, net, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
                 )
-                await coordinator.infer(name, x)
-                seconds = statistics.median(
-                    [await _timed(coordinator.infer(name, x)) for _ in range(5)]
-                )
-                compute_x.append([b * sum(prof.max_nnz), len(prof.max_nnz)])
-                compute_y.append(seconds)
+                for b in batches:
+                    seconds[(depth, b)] = await median_latency(name, b, width)
                 await coordinator.remove(name)
-        per_nnz, per_layer = costmodel.fit(compute_x, compute_y)
-        base = costmodel.Constants(per_nnz, per_layer, os.cpu_count() or 1, {})
-        net = radix_net(1024, 12)
+            for b in batches:
+                per_layer = max(1e-6, seconds[(depths[1], b)] - seconds[(depths[0], b)]) / (
+                    depths[1] - depths[0]
+                )
+                nnz = radix_net(width, 1).layers[0].nnz
+                curve.append(
+                    (costmodel.working_set(width, shards=1, batch=b), per_layer / (b * nnz))
+                )
+                fixed_x.append([1.0, float(b * 2 * width)])
+                fixed_y.append(max(1e-6, seconds[(depths[0], b)] - depths[0] * per_layer))
+                print(f"  calibration N=1 width {width} batch {b}: {per_layer * 1e3:.2f} ms per "
+                      f"layer, {fixed_y[-1] * 1e3:.2f} ms fixed", flush=True)  # fmt: skip
+        per_request, per_io = costmodel.fit(fixed_x, fixed_y, relative=True)
+        nnz_curve = tuple(sorted(curve))
+        base = costmodel.Constants(
+            nnz_curve, per_request, per_io, cores, {"none": costmodel.ChannelCost(0.0, 0.0, 0.0)}
+        )
+        net = radix_net(2048, 8)  # channels: never the grid's width
         for channel in channels:
-            for shards, method, b in ((2, "block", batch), (2, "random", batch),
-                                      (2, "random", max(1, batch // 4))):  # fmt: skip
-                part = partition(net, shards, method=method, seed=2)
-                prof = costmodel.profile(net, part)
-                x = (rng.random((b, 1024)) < 0.2).astype(np.float32)
-                name = f"cal-{channel}-{method}-{b}"
+            for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random")):
+                if shards > len(urls):
+                    continue
+                prof = costmodel.profile(net, partition(net, shards, method=method, seed=2))
+                name = f"cal-{channel}-{shards}-{method}"
                 await coordinator.deploy(
                     name, net, Parallelism(shards=shards, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
-                    nodes=urls[:shards], method=method, channel=channels[channel],
+                    nodes=urls[:shards], method=method, channel=channels[channel], seed=2,
                 )  # fmt: skip
-                await coordinator.infer(name, x)
-                seconds = statistics.median(
-                    [await _timed(coordinator.infer(name, x)) for _ in range(5)]
-                )
-                compute = costmodel.predict(prof, batch=b, channel="none", constants=_no_comm(base))
-                comm[channel][0].append(
-                    [sum(prof.max_messages), b * 4 * sum(prof.max_values), shards]
-                )
-                comm[channel][1].append(max(0.0, seconds - compute))
+                for b in batches:
+                    measured = await median_latency(name, b, 2048)
+                    compute = costmodel.predict(prof, batch=b, channel="none", constants=base)
+                    comm[channel][0].append(costmodel.channel_features(prof, batch=b, cores=cores))
+                    comm[channel][1].append(max(0.0, measured - compute))
+                    print(f"  calibration {name} batch {b}: {measured * 1e3:.1f} ms "
+                          f"(compute terms {compute * 1e3:.1f} ms)", flush=True)  # fmt: skip
                 await coordinator.remove(name)
     finally:
         await coordinator.close()
     costs = {}
     for channel, (xs, ys) in comm.items():
-        per_message, per_byte, per_request = costmodel.fit(xs, ys)
-        costs[channel] = costmodel.ChannelCost(per_message, per_byte, per_request)
-    return costmodel.Constants(per_nnz, per_layer, os.cpu_count() or 1, costs)
+        per_message, per_byte, per_shard = costmodel.fit(xs, ys, relative=True)
+        costs[channel] = costmodel.ChannelCost(per_message, per_byte, per_shard)
+    return costmodel.Constants(nnz_curve, per_request, per_io, cores, costs)
 
 
-def _no_comm(constants: costmodel.Constants) -> costmodel.Constants:
-    return costmodel.Constants(
-        constants.per_nnz_s,
-        constants.per_layer_s,
-        constants.cores,
-        {"none": costmodel.ChannelCost(0.0, 0.0, 0.0)},
-    )
+def constants_to_json(constants: costmodel.Constants) -> dict[str, Any]:
+    return {**dataclasses.asdict(constants), "channels": {
+        k: dataclasses.asdict(v) for k, v in constants.channels.items()}}  # fmt: skip
+
+
+def constants_from_json(data: dict[str, Any]) -> costmodel.Constants:
+    channels = {k: costmodel.ChannelCost(**v) for k, v in data.pop("channels").items()}
+    curve = tuple((float(w), float(c)) for w, c in data.pop("per_nnz_s"))
+    return costmodel.Constants(per_nnz_s=curve, **data, channels=channels)
 
 
 async def _timed(call: Any) -> float:
@@ -465,37 +614,32 @@ def evaluate(
         row["error"] = predicted / row["latency_s"] - 1
         predictions.append(row)
     within = [abs(r["error"]) <= 0.25 for r in predictions]
-    best_measured = min(predictions, key=lambda r: r["latency_s"])
-    best_predicted = min(predictions, key=lambda r: r["predicted_s"])
-    # Cells: one per (channel) choosing N and partitioner, plus the whole grid.
+    # Cells: every choice the model is asked to make on this grid: per channel (N and
+    # partitioner, N=1 included), per N > 1 (channel and partitioner), and the whole grid.
+    groups: dict[str, list[dict[str, Any]]] = {"all": predictions}
+    for channel in sorted({r["channel"] for r in predictions if r["shards"] > 1}):
+        groups[f"channel={channel}"] = [
+            r for r in predictions if r["channel"] == channel or r["shards"] == 1
+        ]
+    for shards in sorted({r["shards"] for r in predictions if r["shards"] > 1}):
+        groups[f"N={shards}"] = [r for r in predictions if r["shards"] == shards]
     cells = {}
-    for channel in sorted({r["channel"] for r in predictions}):
-        rows = [r for r in predictions if r["channel"] == channel or r["shards"] == 1]
+    for cell, rows in groups.items():
         measured = min(rows, key=lambda r: r["latency_s"])
         picked = min(rows, key=lambda r: r["predicted_s"])
-        cells[channel] = {
+        cells[cell] = {
             "picked": _label(picked),
             "fastest": _label(measured),
             "strict": picked is measured,
             "within_10pct": picked["latency_s"] <= 1.10 * measured["latency_s"],
         }
-    cells["all"] = {
-        "picked": _label(best_predicted),
-        "fastest": _label(best_measured),
-        "strict": best_predicted is best_measured,
-        "within_10pct": best_predicted["latency_s"] <= 1.10 * best_measured["latency_s"],
-    }
     return {
         "within_25pct": sum(within),
         "cells": len(within),
         "median_abs_error": statistics.median(abs(r["error"]) for r in predictions),
+        "picks_fastest": sum(c["strict"] for c in cells.values()),
         "choices": cells,
-        "constants": {
-            "per_nnz_s": constants.per_nnz_s,
-            "per_layer_s": constants.per_layer_s,
-            "cores": constants.cores,
-            "channels": {k: vars(v) for k, v in constants.channels.items()},
-        },
+        "constants": constants_to_json(constants),
     }
 
 
@@ -565,6 +709,35 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
         "args": vars(args),
     }
+    if args.evaluate:  # score a grid run against a calibration run: pure, nothing measured
+        grid_run = json.loads(Path(args.evaluate).read_text())
+        calibration = json.loads(Path(args.constants).read_text())
+        net_info = grid_run["net"]
+        net = radix_net(net_info["neurons"], net_info["layers"])
+        constants = constants_from_json(dict(calibration["calibration"]["constants"]))
+        rows = [{k: v for k, v in r.items() if k not in ("predicted_s", "error")}
+                for r in grid_run["grid"]]  # fmt: skip
+        report["costmodel"] = evaluate(net, rows, constants)
+        report["costmodel"]["runs"] = {
+            "grid": {k: grid_run[k] for k in ("commit", "date")},
+            "calibration": {k: calibration[k] for k in ("commit", "date")},
+        }
+        report["grid"] = rows
+        print(json.dumps(report["costmodel"], indent=1))
+        return report
+    if args.cpu_split:
+        print("6. CPU per request, N = 1, 2, 4", flush=True)
+        with tempfile.TemporaryDirectory(prefix="fsd-cpu-") as tmp:
+            layers = args.layers or (24 if args.quick else 120)
+            report["cpu_split"] = await cpu_per_request(
+                Path(tmp), neurons=args.neurons, layers=layers, batch=args.batch
+            )
+        return report
+    if args.message_cost:
+        print("5. one direct-channel message", flush=True)
+        with tempfile.TemporaryDirectory(prefix="fsd-msg-") as tmp:
+            report["message_cost"] = await message_cost(Path(tmp))
+        return report
     print("1. partition volume (bytes per sample, 120 layers)", flush=True)
     report["partition"] = [] if args.skip_partition else partition_volumes()
     if args.partition_only:
@@ -597,25 +770,30 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  (skipping S3: {e})")
         print(f"starting {args.nodes} GPU managers ...", flush=True)
         with managers(root, args.nodes, device_memory=args.device_memory) as urls:
-            # Calibrate immediately before the grid, on the same processes: on a shared machine
-            # the share of the cores moves within minutes, and constants measured under another
-            # load predict another machine (the figures before this change calibrated after the
-            # grid and the MLP, minutes apart). The constants are fixed before the grid runs.
-            print(
-                "4. cost model: calibration on a 1,024-neuron net, just before the grid", flush=True
-            )
-            calibration_started = time.time()
-            constants = await calibrate(urls, channels, root, args.batch)
+            # Calibration and validation are separate runs: --calibrate-only writes the
+            # constants (fitted on 1,024-neuron nets only); a grid run reads them with
+            # --constants and never fits anything.
+            if args.calibrate_only:
+                print("4. cost model: calibration on 1,024-neuron nets", flush=True)
+                started = time.time()
+                constants = await calibrate(urls, channels, root, args.batch)
+                report["calibration"] = {
+                    "constants": constants_to_json(constants),
+                    "seconds": time.time() - started,
+                    "load_average": os.getloadavg(),
+                }
+                print(json.dumps(report["calibration"], indent=1))
+                return report
             print(f"2. grid on RadiX-Net {args.neurons} x {layers}, batch {args.batch}", flush=True)
-            grid_started = time.time()
             report["grid"] = await run_grid(urls, net, channels, args, root)
-            report["costmodel"] = evaluate(net, report["grid"], constants)
-            report["costmodel"]["timing"] = {
-                "calibration_s": grid_started - calibration_started,
-                "grid_s": time.time() - grid_started,
-                "load_average": os.getloadavg(),
-            }
-            print(json.dumps(report["costmodel"], indent=1))
+            if args.constants:
+                calibration = json.loads(Path(args.constants).read_text())
+                constants = constants_from_json(dict(calibration["calibration"]["constants"]))
+                report["costmodel"] = evaluate(net, report["grid"], constants)
+                report["costmodel"]["calibration_run"] = {
+                    k: calibration[k] for k in ("commit", "date")
+                }
+                print(json.dumps(report["costmodel"], indent=1))
             if not args.skip_mlp:
                 print("3. dense MLP over one device's budget", flush=True)
                 from gpufaas.core.units import parse_bytes
@@ -634,11 +812,23 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--device-memory", default="32Mi")
     parser.add_argument("--channels", default="direct,nats,s3")
+    parser.add_argument("--methods", default="hypergraph,random,block", help="direct channel")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--latency-requests", type=int, default=5)
     parser.add_argument("--throughput-requests", type=int, default=16)
     parser.add_argument("--budget-s", type=float, default=30.0, help="per configuration")
     parser.add_argument("--partition-only", action="store_true")
+    parser.add_argument("--message-cost", action="store_true", help="section 5 only")
+    parser.add_argument("--cpu-split", action="store_true", help="section 6 only")
+    parser.add_argument(
+        "--evaluate", default=None, help="a grid run's fsd.json: score it with --constants"
+    )
+    parser.add_argument(
+        "--calibrate-only", action="store_true", help="fit the cost model's constants, no grid"
+    )
+    parser.add_argument(
+        "--constants", default=None, help="a --calibrate-only run's fsd.json: validate on the grid"
+    )
     parser.add_argument("--skip-partition", action="store_true", help="no section 1")
     parser.add_argument("--local-only", action="store_true", help="sections 1 and 2b only")
     parser.add_argument("--skip-local", action="store_true", help="no section 2b")

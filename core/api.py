@@ -114,6 +114,9 @@ class ModelFormat(enum.StrEnum):
     TORCHSCRIPT = "torchscript"
     TORCH_EXPORT = "torch-export"
     ONNX = "onnx"
+    # A gpufaas.layered/v1 safetensors net (gpufaas.core.layered.save_net): served only split
+    # across devices, so it needs spec.parallelism.
+    LAYERED = "layered"
 
 
 class ModelSource(_Model):
@@ -122,7 +125,9 @@ class ModelSource(_Model):
     uri: Annotated[str, StringConstraints(pattern=_URI_PATTERN, max_length=2048)] = Field(
         description="Artifact location: file://, http(s):// or s3://.",
     )
-    format: ModelFormat = Field(description="torchscript, torch-export or onnx.")
+    format: ModelFormat = Field(
+        description="torchscript, torch-export, onnx, or layered (a net served split, with parallelism)."
+    )
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = Field(
         default=None, description="Hex SHA-256 of the artifact; verified when given."
     )
@@ -314,6 +319,12 @@ class InferenceFunctionSpec(_Model):
                     field_path=".batching.maxDelayMs",
                 ),
                 cel(
+                    "self.model.format != 'layered' || has(self.parallelism)",
+                    "model.format 'layered' needs parallelism: a layered net is served only as"
+                    " a shard set",
+                    field_path=".model.format",
+                ),
+                cel(
                     "!has(self.parallelism) || self.parallelism.strategy != 'intra-layer'"
                     f" || (self.inputs.all({_SPLITTABLE}) && self.outputs.all({_SPLITTABLE}))",
                     "parallelism.shards exceeds a tensor's last dimension: an intra-layer split"
@@ -378,6 +389,15 @@ class InferenceFunctionSpec(_Model):
             raise ValueError(
                 f"batching.maxDelayMs ({self.batching.max_delay_ms}) must be below"
                 f" slo.latencyMs ({latency})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _layered_is_sharded(self) -> InferenceFunctionSpec:
+        if self.model.format == ModelFormat.LAYERED and self.parallelism is None:
+            raise ValueError(
+                "model.format 'layered' needs parallelism: a layered net is served only as"
+                " a shard set"
             )
         return self
 

@@ -7,8 +7,9 @@ chunk) followed by a float32 array, in one self-describing binary frame
 * :class:`LocalChannel`: shards in one process (one node), handed over in memory; on a GPU
   node this is the device-to-device path (the receiver copies to its device).
 * :class:`DirectChannel`: node-to-node HTTP POSTs to the receiving node's
-  ``/v2/gpufaas/shards/{set}/{shard}/messages`` route; shards on the same node go through
-  the local path.
+  ``/v2/gpufaas/shards/{set}/{shard}/messages`` route over the node's pooled keep-alive
+  connections (:mod:`gpufaas.core.peerhttp`); shards on the same node go through the local
+  path.
 * :class:`NatsChannel`: NATS core pub/sub, one subject per shard
   (``gpufaas.fsd.<set>.<shard>``); with ``durable=True`` through a JetStream stream, so
   messages published before a server restart are still delivered after it.
@@ -38,6 +39,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from gpufaas.core.peerhttp import PeerPools, PeerUnreachable
+
 __all__ = [
     "CHANNELS",
     "Channel",
@@ -64,7 +67,6 @@ Array = NDArray[np.float32]
 _FRAME = struct.Struct("<I")
 _NATS_SUBJECT = "gpufaas.fsd.{set}.{shard}"
 _NATS_STREAM = "GPUFAAS_FSD"
-_KEEPALIVE_S = 2.0  # under uvicorn's 5 s keep-alive: never reuse a connection being closed
 
 
 def message_path(set_name: str, shard: int) -> str:
@@ -335,7 +337,8 @@ class LocalChannel(Channel):
 
 
 class DirectChannel(Channel):
-    """Node-to-node HTTP; shards on this node go through ``local`` without a copy."""
+    """Node-to-node HTTP over the node's pooled connections (:mod:`gpufaas.core.peerhttp`);
+    shards on this node go through ``local`` without a copy."""
 
     name = "direct"
 
@@ -344,26 +347,11 @@ class DirectChannel(Channel):
         *,
         peers: Mapping[tuple[str, int], str],
         local: LocalChannel,
-        token: str | None = None,
+        pools: PeerPools,
     ) -> None:
-        self.peers = dict(peers)  # (set, shard) -> node base URL
+        self.peers = {k: v.rstrip("/") for k, v in peers.items()}  # (set, shard) -> node URL
         self.local = local
-        self.token = token
-        self._client: Any = None
-
-    async def start(self) -> None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self._client = httpx.AsyncClient(
-            headers=headers,
-            limits=httpx.Limits(max_keepalive_connections=64, keepalive_expiry=_KEEPALIVE_S),
-        )
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        self.pools = pools  # the node's, shared by its shards; the node closes it
 
     async def attach(self, set_name: str, shard: int, mailbox: Mailbox) -> None:
         await self.local.attach(set_name, shard, mailbox)
@@ -375,33 +363,32 @@ class DirectChannel(Channel):
         if self.local.has(envelope.set_name, envelope.dst):
             await self.local.send(envelope, values, timeout_s=timeout_s)
             return
-        import httpx
-
         where = self.peers.get((envelope.set_name, envelope.dst))
-        if where is None or self._client is None:
+        if where is None:
             raise ShardUnreachable(
                 self.name, set_name=envelope.set_name, shard=envelope.dst,
                 where="(no address)", detail="the shard set has no address for it",
             )  # fmt: skip
-        url = where.rstrip("/") + message_path(envelope.set_name, envelope.dst)
         try:
-            response = await self._client.post(
-                url, content=encode(envelope, values), timeout=max(0.1, timeout_s)
+            reply = await self.pools.to(where).post(
+                message_path(envelope.set_name, envelope.dst),
+                encode(envelope, values),
+                timeout_s=max(0.1, timeout_s),
             )
-        except httpx.HTTPError as e:
+        except (PeerUnreachable, ValueError) as e:
             raise ShardUnreachable(
                 self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
-                detail=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
+                detail=str(e),
             ) from None  # fmt: skip
-        if response.status_code == 404:
+        if reply.status == 404:
             raise ShardMissing(
                 self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
                 detail="the shard is not loaded there",
             )  # fmt: skip
-        if response.status_code >= 300:
+        if reply.status >= 300:
             raise ShardUnreachable(
                 self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
-                detail=f"HTTP {response.status_code}: {response.text[:200]}",
+                detail=f"HTTP {reply.status}: {reply.body[:200].decode('utf-8', 'replace')}",
             )  # fmt: skip
 
 
@@ -410,10 +397,23 @@ class NatsChannel(Channel):
 
     name = "nats"
 
-    def __init__(self, url: str, *, durable: bool = False, connect_timeout_s: float = 2.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        durable: bool = False,
+        connect_timeout_s: float = 2.0,
+        redeliver_s: float = 2.0,
+    ) -> None:
         self.url = url
         self.durable = durable
         self.connect_timeout_s = connect_timeout_s
+        # JetStream redelivers a message that was delivered but never acknowledged (to a
+        # receiver that went away, or to the push inbox of a consumer whose subscriber had
+        # just closed) only after the consumer's ack wait: 30 s by default, longer than any
+        # request's deadline. Messages here are acknowledged as soon as they are filed, so a
+        # short wait costs nothing and a restarted receiver gets them within seconds.
+        self.redeliver_s = redeliver_s
         self._nc: Any = None
         self._js: Any = None
         self._subs: dict[tuple[str, int], Any] = {}
@@ -473,8 +473,13 @@ class NatsChannel(Channel):
 
         try:
             if self.durable:
+                from nats.js.api import ConsumerConfig
+
                 durable = f"fsd-{set_name}-{shard}".replace(".", "-")
-                sub = await self._js.subscribe(subject, cb=on_message, durable=durable)
+                sub = await self._js.subscribe(
+                    subject, cb=on_message, durable=durable, manual_ack=True,
+                    config=ConsumerConfig(ack_wait=self.redeliver_s),
+                )  # fmt: skip
             else:
                 sub = await self._nc.subscribe(subject, cb=on_message)
             await self._nc.flush(timeout=self.connect_timeout_s)

@@ -102,6 +102,8 @@ def load_model(
     format = ModelFormat(format)
     if format is ModelFormat.ONNX:
         raise ModelLoadError(path, format, "not a torch module (see gpufaas.core.onnxmodel)")
+    if format is ModelFormat.LAYERED:
+        raise ModelLoadError(path, format, "a layered net is served as a shard set, not loaded")
     if not path.is_file():
         raise ModelLoadError(path, format, "file not found")
     try:

@@ -59,11 +59,28 @@ from gpufaas.gpu_manager.peer_source import PeerSource
 from gpufaas.gpu_manager.residency import Tier
 from gpufaas.gpu_manager.tensors import TensorError
 
-__all__ = ["DeviceTier", "LoadLog", "LoadRecord"]
+__all__ = ["SHARD_PREFIX", "DeviceTier", "LoadLog", "LoadRecord", "ShardResident"]
 
 logger = logging.getLogger(__name__)
 
 _ATTEMPTS = 3  # a model replaced between its load and our hold is loaded again, this often
+# Keys of shards (gpu_manager/shards.py) in the device LRU; model names are DNS-1123 labels.
+SHARD_PREFIX = "\x00shard:"
+
+
+@dataclass(eq=False)
+class ShardResident:
+    """A shard of a distributed model resident on this device, beside the models: its bytes
+    count in this tier's LRU, it is evicted like any unheld entry, and ``evicted`` then tells
+    the shard host (which drops the rest of its set: a shard without its set is useless)."""
+
+    size_bytes: int
+    evicted: Callable[[ShardResident], None]
+    holds: int = 0
+    drain_key: str | None = None
+
+
+Resident = DeviceModel | ShardResident
 
 
 @dataclass(frozen=True)
@@ -128,7 +145,7 @@ class DeviceTier:
         self.backend = backend
         self.health = health or NodeHealth()  # a fatal device error ends the process
         self.variable_dim = variable_dim  # for the reserve measured on the device
-        self.tier: Tier[DeviceModel] = Tier(
+        self.tier: Tier[Resident] = Tier(
             name=info.id,
             capacity_bytes=info.capacity_bytes,
             release=self._release,
@@ -155,10 +172,10 @@ class DeviceTier:
         """Hold ``model`` on this device for one request: resident (a hit), arriving (compute as
         it lands), or loaded now, evicting ``prefer`` first if room must be made."""
         for _ in range(_ATTEMPTS):
-            found = self.tier.resident(model)
+            found = _model(self.tier.resident(model))
             hit = found is not None and found.arrived
             if found is None:
-                arriving = self.tier.arriving.get(model)
+                arriving = _model(self.tier.arriving.get(model))
                 if arriving is not None and arriving.module is not None:
                     found = arriving  # copy under way: compute as its layers land
             if found is None:
@@ -188,6 +205,44 @@ class DeviceTier:
 
     def stats(self) -> TierStats:
         return self._stats.tier(self.name)
+
+    # -- shards of distributed models (gpu_manager/shards.py) -------------------------------------
+
+    def place_shard(
+        self, key: str, size_bytes: int, *, evicted: Callable[[ShardResident], None]
+    ) -> ShardResident:
+        """Make ``key`` resident with ``size_bytes``, evicting unheld models and shards (least
+        recently used first); ``evicted`` is called when it leaves. A 503 if it cannot fit."""
+        shard_key = SHARD_PREFIX + key
+        self.tier.retire(shard_key)
+        shard = ShardResident(size_bytes, evicted)
+        try:
+            for victim in self.tier.make_room(size_bytes):
+                self._stats.record_eviction(self.name, victim.size_bytes)
+            self.tier.reserve(shard_key, shard, size_bytes=size_bytes)
+        except InsufficientCapacity as e:
+            raise RuntimeFailure(
+                f"shard {key} needs {size_bytes} bytes on {self.info.id}, which cannot be "
+                f"freed now: {e}",
+                status=503,
+                reason="InsufficientMemory",
+            ) from None
+        self.tier.commit(shard_key, shard)
+        return shard
+
+    def hold_shard(self, key: str, shard: ShardResident) -> bool:
+        """Keep ``shard`` from eviction while a request runs on it; False if it is gone."""
+        if not self.tier.hold(SHARD_PREFIX + key, shard):
+            return False
+        self.tier.lru.touch(SHARD_PREFIX + key)  # most recently used
+        return True
+
+    def unhold_shard(self, key: str, shard: ShardResident) -> None:
+        self.tier.unhold(SHARD_PREFIX + key, shard)
+
+    def drop_shard(self, key: str) -> bool:
+        """Take the shard out (its bytes return once no request holds it)."""
+        return self.tier.retire(SHARD_PREFIX + key)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -260,7 +315,9 @@ class DeviceTier:
             memory_allocated=self.backend.memory_allocated(),
             memory_reserved=self.backend.memory_reserved(),
             pooled_bytes=self.backend.pooled_bytes(),
-            residents=self.tier.residents(_describe),
+            residents=[
+                r for r in self.tier.residents(_describe) if not r.model.startswith(SHARD_PREFIX)
+            ],
             draining=self.tier.draining_rows(),
         )
 
@@ -315,7 +372,7 @@ class DeviceTier:
         The device bytes are claimed first (waiting, if models in use hold them), and only then
         is a source held: a load waiting for memory holds no other device's model.
         """
-        existing = self.tier.current(model)
+        existing = _model(self.tier.current(model))
         if existing is not None:
             return existing
         fingerprint = spec_fingerprint(spec)
@@ -465,7 +522,10 @@ class DeviceTier:
         if not self.tier.commit(model, loading):
             self.tier.unhold(model, loading)  # unloaded while arriving
 
-    def _release(self, model: DeviceModel) -> None:
+    def _release(self, model: Resident) -> None:
+        if isinstance(model, ShardResident):
+            model.evicted(model)
+            return
         arena, model.arena, model.module = model.arena, None, None
         if arena is not None:
             self.backend.release(arena, in_use_bytes=self.tier.lru.used_bytes)
@@ -477,7 +537,13 @@ class DeviceTier:
         self._changed = asyncio.Event()
 
 
-def _describe(model: DeviceModel) -> dict[str, Any]:
+def _model(value: Resident | None) -> DeviceModel | None:
+    return value if isinstance(value, DeviceModel) else None
+
+
+def _describe(model: Resident) -> dict[str, Any]:
+    if isinstance(model, ShardResident):
+        return {}
     return {
         "weights_bytes": model.weights_bytes,
         "arena_bytes": model.arena_bytes,

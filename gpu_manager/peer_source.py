@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gpufaas.cache import CacheStats, TierStats
 from gpufaas.gpu_manager.backends import CopySource
@@ -18,6 +18,9 @@ from gpufaas.gpu_manager.chain import Held
 from gpufaas.gpu_manager.devices import DeviceBackend, DeviceInfo
 from gpufaas.gpu_manager.loader import DeviceModel
 from gpufaas.gpu_manager.residency import Tier
+
+if TYPE_CHECKING:  # device_tier imports this module
+    from gpufaas.gpu_manager.device_tier import ShardResident
 
 __all__ = ["PeerSource", "PeerView"]
 
@@ -29,7 +32,7 @@ class PeerView(Protocol):
     def backend(self) -> DeviceBackend: ...
 
     @property
-    def tier(self) -> Tier[DeviceModel]: ...
+    def tier(self) -> Tier[DeviceModel | ShardResident]: ...
 
 
 class PeerSource:
@@ -52,7 +55,7 @@ class PeerSource:
             entry = peer.tier.entry(model)
             found = entry.value if entry is not None else None
             if (
-                found is None
+                not isinstance(found, DeviceModel)  # absent, or a shard
                 or not found.arrived
                 or found.arena is None
                 or found.fingerprint != fingerprint

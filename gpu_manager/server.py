@@ -66,7 +66,7 @@ from gpufaas.gpu_manager.devices import device_free_bytes
 from gpufaas.gpu_manager.framed import Answer, FramedServer
 from gpufaas.gpu_manager.prefetch import add_prefetch_routes
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
-from gpufaas.gpu_manager.shards import shard_host, shard_router
+from gpufaas.gpu_manager.shards import ShardFastPath, shard_host, shard_router
 from gpufaas.gpu_manager.text import model_spec, text_inputs, tokenize
 
 logger = logging.getLogger(__name__)
@@ -262,7 +262,8 @@ def create_app(
     app.state.runtime = runtime
     app.state.prefetcher = add_prefetch_routes(app, runtime, registry=registry)  # #13
     # Shards of models split across nodes (FSD-Inference): routes and budget in shards.py.
-    app.include_router(shard_router(shard_host(runtime, token=token)))
+    shards = shard_host(runtime, token=token)
+    app.include_router(shard_router(shards))
     if framed is not None:
 
         async def framed_answer(call: InferHead, body: bytes | memoryview) -> Answer:
@@ -277,6 +278,7 @@ def create_app(
     app.state.framed = framed_server
     _add_routes(app, runtime, limits=limits, metrics=metrics, framed=framed_server)
     served: ASGIApp = InferFastPath(app, runtime=runtime, limits=limits, metrics=metrics)
+    served = ShardFastPath(served, shards)  # direct-channel messages and shard requests
     if token:
         served = token_auth(
             served,

@@ -51,7 +51,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from numpy.typing import NDArray
 
-from gpufaas.core.api import InferenceFunction, ParallelStrategy
+from gpufaas.core.api import InferenceFunction, ModelFormat, ParallelStrategy
 from gpufaas.core.artifacts import ArtifactError, ArtifactStore
 from gpufaas.core.channels import ChannelError, Envelope, decode, encode
 from gpufaas.core.config import gpufaas_home
@@ -78,7 +78,7 @@ from gpufaas.scheduler.partition import (
     partition,
     split,
 )
-from gpufaas.scheduler.transport import NodeReply
+from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
 
 # Idle connections close well before uvicorn's 5 s keep-alive timeout, so a request never
 # goes out on a connection the node is closing at that moment (a ReadError, not a failure).
@@ -176,12 +176,24 @@ class Coordinator:
             headers=headers,
             limits=httpx.Limits(max_keepalive_connections=256, keepalive_expiry=_KEEPALIVE_S),
         )
+        self._auth = headers
+        self._pools: dict[str, NodePool] = {}  # node URL -> kept-alive connections (requests)
 
     def __contains__(self, name: object) -> bool:
         return name in self.sets
 
     async def close(self) -> None:
         await self._client.aclose()
+        for pool in self._pools.values():
+            await pool.close()
+        self._pools.clear()
+
+    def _pool(self, url: str) -> NodePool:
+        pool = self._pools.get(url)
+        if pool is None:
+            pool = NodePool(url, size=16, headers=self._auth, timeout_s=self.timeout_s + 2.0)
+            self._pools[url] = pool
+        return pool
 
     # -- deploy ---------------------------------------------------------------------------
 
@@ -320,33 +332,32 @@ class Coordinator:
         rows: NDArray[Any],
         timeout_s: float,
     ) -> NDArray[Any]:
-        url = load.node.rstrip("/") + SHARD_INFER_PATH.format(
-            set_name=shard_set.name, shard=load.shard
-        )
+        path = SHARD_INFER_PATH.format(set_name=shard_set.name, shard=load.shard)
         frame = encode(Envelope(shard_set.name, request_id, 0, -1, load.shard), rows)
         headers = {REQUEST_ID_HEADER: request_id, TIMEOUT_HEADER: f"{timeout_s:.3f}"}
         try:
-            response = await self._client.post(
-                url, content=frame, headers=headers, timeout=timeout_s + 2.0
+            response = await asyncio.wait_for(
+                self._pool(load.node.rstrip("/")).post(path, frame, headers), timeout_s + 2.0
             )
-        except httpx.HTTPError as e:
+        except (NodeUnreachable, TimeoutError) as e:
             detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             raise ShardFailed(
                 shard_set.name, load.shard,
                 f"shard {load.shard} of {shard_set.name} on {load.node} failed: {detail}",
             ) from None  # fmt: skip
-        if response.status_code == 404 or response.headers.get(REASON_HEADER) == "ShardMissing":
+        if response.status == 404 or response.headers.get(REASON_HEADER) == "ShardMissing":
             raise _NotLoaded(load.shard)  # here, or a peer it sends to: relaunch the set
-        if response.status_code != 200:
+        if response.status != 200:
+            text = response.body[:300].decode("utf-8", "replace")
             try:
-                message = str(response.json().get("error", response.text))
+                message = str(json.loads(response.body).get("error", text))
             except ValueError:
-                message = response.text[:300]
+                message = text
             at_fault = int(response.headers.get(SHARD_HEADER, load.shard))
             raise ShardFailed(
                 shard_set.name, at_fault, message, channel=response.headers.get("x-gpufaas-channel")
             )
-        _, values = decode(response.content)
+        _, values = decode(response.body)
         return values
 
     async def serve(self, name: str, request: Request) -> Response:
@@ -490,6 +501,11 @@ class ShardedFunctions:
             urls, headers = self._nodes()
             if not urls:
                 raise DeployFailed(f"{name}: no healthy GPU manager to place its shards on")
+            if spec.model.format != ModelFormat.LAYERED:
+                raise DeployFailed(
+                    f"{name}: model.format is {str(spec.model.format)!r}; a sharded function"
+                    " serves a 'layered' net (a gpufaas.layered/v1 safetensors file)"
+                )
             net = await self._read_net(function)
             check_net_fits(function, net)
             coordinator = self._coordinator_for(headers)

@@ -473,9 +473,10 @@ class Gateway:
         check_signature(header.signature(), function.spec.inputs)
         deadline = request_deadline(timeout_ms, header.parameters)
         if function.spec.parallelism is not None:
-            return await self.sharded.infer(
-                function, body, header_length=header_length, deadline=deadline
-            )
+            with self._admitted(name):  # the per-function bound holds for shard sets too
+                return await self.sharded.infer(
+                    function, body, header_length=header_length, deadline=deadline
+                )
         call = infer_call(name, body, header_length=header_length)
         return await self.forward(name, call, deadline=deadline)
 

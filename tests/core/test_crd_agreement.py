@@ -88,6 +88,9 @@ CORPUS: list[tuple[str, dict[str, Any], bool]] = [
     ("uri-missing", build(put("spec.model.uri", _DELETE)), INVALID),
     ("format-unknown", build(put("spec.model.format", "pickle")), INVALID),
     ("format-torch-export", build(put("spec.model.format", "torch-export")), VALID),
+    ("format-layered-sharded", build(put("spec.model.format", "layered"),
+                                     put("spec.parallelism", {"shards": 2})), VALID),
+    ("format-layered-unsharded", build(put("spec.model.format", "layered")), INVALID),
     ("sha256-short", build(put("spec.model.sha256", "abc")), INVALID),
     ("sha256-upper", build(put("spec.model.sha256", "A" * 64)), INVALID),
     ("sha256-null", build(put("spec.model.sha256", None)), VALID),
@@ -220,6 +223,7 @@ def test_cross_field_refusals_come_from_cel_rules() -> None:
         ("delay-equals-latency", "below slo.latencyMs"),
         ("handler-min-over-default-max", "minReplicas must not exceed maxReplicas"),
         ("parallel-intra-more-shards-than-rows", "parallelism.shards exceeds"),
+        ("format-layered-unsharded", "'layered' needs parallelism"),
     ]:
         doc = next(d for c, d, _ in CORPUS if c == case_id)
         errors = SERVER.admit(doc)
@@ -241,7 +245,9 @@ _VALUES = st.one_of(
     st.booleans(),
     st.integers(min_value=-3, max_value=5000),
     st.sampled_from([0.0, 0.5, 2.0, 16.0, 1e4, 1e4 + 1]),
-    st.sampled_from(["", "x", "8", "1Gi", "FP32", "layer", "intra-layer", "nats", "a" * 64]),
+    st.sampled_from(
+        ["", "x", "8", "1Gi", "FP32", "layer", "intra-layer", "nats", "layered", "a" * 64]
+    ),
     st.lists(st.integers(min_value=-2, max_value=32), max_size=4),
 )
 _PATHS = [

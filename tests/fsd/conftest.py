@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from gpufaas.core.artifacts import ArtifactStore
+from gpufaas.cache.lru import ByteLRU
 from gpufaas.core.channels import LocalChannel, Mailbox
 from gpufaas.core.channelservers import (
     NatsServer,
@@ -24,7 +24,8 @@ from gpufaas.core.channelservers import (
     run_seaweedfs,
 )
 from gpufaas.core.layered import LayeredNet
-from gpufaas.gpu_manager.shards import ShardExecutor, ShardHost, shard_router
+from gpufaas.gpu_manager.main import build_runtime
+from gpufaas.gpu_manager.shards import ShardExecutor, ShardFastPath, ShardHost, shard_router
 from gpufaas.scheduler.partition import partition, split
 
 
@@ -52,16 +53,28 @@ class ThreadNode:
     def __init__(self, root: Path, *, capacity_bytes: int, stall_s: float) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.host = ShardHost(
-            store=ArtifactStore(root), capacity_bytes=capacity_bytes, stall_s=stall_s
-        )
+        # A real node runtime (one CPU device): the shards live in its device tier.
+        self.runtime = build_runtime(
+            cpu_devices=1, device_memory_bytes=capacity_bytes, host_memory_bytes=64 << 20,
+            artifact_dir=root, disk_cache_bytes=0, force_cpu=True,
+        )  # fmt: skip
+        (device,) = self.runtime.devices.values()
+        self.host = ShardHost(store=self.runtime.artifacts.store, device=device, stall_s=stall_s)
         app = FastAPI()
         app.include_router(shard_router(self.host))
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False
+            ShardFastPath(app, self.host),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def shrink(self, capacity_bytes: int) -> None:
+        """The device's budget (models and shards), before anything is loaded."""
+        self.host.device.tier.lru = ByteLRU(capacity_bytes=capacity_bytes)
 
     def start(self) -> None:
         self.thread.start()

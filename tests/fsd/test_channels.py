@@ -67,11 +67,6 @@ async def test_nats_messages_over_max_payload_are_chunked(
     np.testing.assert_allclose(out, wide.forward(batch), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    reason="flaky: a restarted nats-server sometimes redelivers after the 10 s channel deadline on"
-    " a loaded 2-core machine (#15 left open); it still runs and passes most times",
-    strict=False,
-)
 async def test_jetstream_delivers_what_was_published_before_a_server_restart(
     tmp_path: Path,
 ) -> None:
@@ -98,6 +93,51 @@ async def test_jetstream_delivers_what_was_published_before_a_server_restart(
         finally:
             await receiver.close()
     assert got.tolist() == [[3.0, 3.0]] * 4
+
+
+class _DiesOnDelivery(Mailbox):
+    """A receiver that goes away between getting a message and acknowledging it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got = asyncio.Event()
+
+    def deliver(self, envelope: Envelope, values: Any) -> bool:
+        self.got.set()
+        raise RuntimeError("the receiver died mid-delivery")
+
+
+async def test_a_message_delivered_but_never_acknowledged_reaches_the_next_receiver_in_time(
+    tmp_path: Path,
+) -> None:
+    """The cause of the old flaky restart test: JetStream had pushed the message to a receiver
+    that never acknowledged it (one closing, or a push inbox nobody read any more), and
+    redelivers such a message only after the consumer's ack wait, 30 s by default: past the
+    request's deadline. The channel's consumers wait ``redeliver_s`` (2 s) instead."""
+    port = free_port()
+    envelope = Envelope("durable-net", "r2", 1, 0, 1)
+    with run_nats(tmp_path / "js", port=port) as server:
+        sender = NatsChannel(server.url, durable=True)
+        await sender.start()
+        first = NatsChannel(server.url, durable=True)
+        await first.start()
+        dying = _DiesOnDelivery()
+        await first.attach("durable-net", 1, dying)
+        await sender.send(envelope, np.full((2, 2), 5.0, np.float32), timeout_s=5)
+        await asyncio.wait_for(dying.got.wait(), timeout=10)
+        await first.close()
+        await sender.close()
+    with run_nats(tmp_path / "js", port=port) as server:  # the server restarts too
+        second = NatsChannel(server.url, durable=True)
+        await second.start()
+        mailbox = Mailbox()
+        mailbox.open("r2")
+        await second.attach("durable-net", 1, mailbox)
+        try:
+            got = await second.receive(mailbox, envelope, timeout_s=10)
+        finally:
+            await second.close()
+    assert got.tolist() == [[5.0, 5.0]] * 2
 
 
 async def test_unreachable_nats_is_a_channel_error_naming_nats() -> None:

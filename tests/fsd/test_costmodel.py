@@ -11,8 +11,9 @@ from gpufaas.scheduler.coordinator import launch_tree, tree_rounds
 from gpufaas.scheduler.partition import communication, partition
 
 CONSTANTS = costmodel.Constants(
-    per_nnz_s=1e-9,
-    per_layer_s=1e-4,
+    per_nnz_s=((1.0, 1e-9),),
+    per_request_s=1e-3,
+    per_io_value_s=1e-8,
     cores=2,
     channels={
         "direct": costmodel.ChannelCost(5e-4, 1e-9, 1e-3),
@@ -49,7 +50,9 @@ def test_fewer_bytes_and_faster_channels_predict_less() -> None:
 
 def test_more_shards_than_cores_do_not_predict_more_parallel_compute() -> None:
     net = radix_net(1024, 6)
-    no_comm = costmodel.Constants(1e-9, 0.0, 2, {"x": costmodel.ChannelCost(0, 0, 0)})
+    no_comm = costmodel.Constants(
+        ((1.0, 1e-9),), 0.0, 0.0, 2, {"x": costmodel.ChannelCost(0, 0, 0)}
+    )
     times = {
         n: costmodel.predict(
             costmodel.profile(net, partition(net, n, method="block")), batch=64, channel="x",
@@ -67,6 +70,53 @@ def test_fit_recovers_the_constants_of_a_linear_cost() -> None:
     truth = np.array([2e-4, 3e-9, 1e-3])
     fitted = costmodel.fit(xs.tolist(), (xs @ truth).tolist())
     np.testing.assert_allclose(fitted, truth, rtol=1e-6)
+
+
+def test_a_relative_fit_weighs_fast_runs_like_slow_ones() -> None:
+    """One slow outlier run: an absolute fit bends to it, the relative fit stays within 25%
+    of the fast runs (the goal is relative)."""
+    xs = [[1.0, float(n)] for n in (1, 2, 3, 4, 1000)]
+    ys = [1e-3 + 1e-4 * n for n in (1, 2, 3, 4)] + [0.3]  # the last run was slowed down
+    rel = costmodel.fit(xs, ys, relative=True)
+    absolute = costmodel.fit(xs, ys)
+    fast = [(x, y) for x, y in zip(xs, ys, strict=True)][:4]
+    assert all(abs(np.dot(x, rel) / y - 1) <= 0.25 for x, y in fast)
+    assert not all(abs(np.dot(x, absolute) / y - 1) <= 0.25 for x, y in fast)
+
+
+def test_features_match_predict() -> None:
+    """The channel's fitting features and predict() are one model."""
+    net = radix_net(1024, 6)
+    prof = costmodel.profile(net, partition(net, 4, method="random", seed=1))
+    cost = CONSTANTS.channels["direct"]
+    none = costmodel.Constants(
+        CONSTANTS.per_nnz_s, CONSTANTS.per_request_s, CONSTANTS.per_io_value_s, 2,
+        {"none": costmodel.ChannelCost(0.0, 0.0, 0.0)},
+    )  # fmt: skip
+    compute = costmodel.predict(prof, batch=16, channel="none", constants=none)
+    by_features = compute + np.dot(
+        costmodel.channel_features(prof, batch=16, cores=2),
+        [cost.per_message_s, cost.per_byte_s, cost.per_shard_s],
+    )
+    predicted = costmodel.predict(prof, batch=16, channel="direct", constants=CONSTANTS)
+    assert abs(by_features - predicted) < 1e-12
+
+
+def test_a_multiply_add_costs_what_its_working_set_costs() -> None:
+    """Log-linear between calibrated working sets, clamped beyond them; so splitting a wide
+    layer can be faster than linear (each shard's slice fits a faster regime)."""
+    constants = costmodel.Constants(
+        ((256e3, 1e-10), (1024e3, 2e-10)), 0.0, 0.0, 8, {"x": costmodel.ChannelCost(0, 0, 0)}
+    )
+    assert constants.nnz_s(256e3) == 1e-10 and constants.nnz_s(1024e3) == 2e-10
+    assert abs(constants.nnz_s(512e3) - 1.5e-10) < 1e-15  # halfway in log size
+    assert constants.nnz_s(1e3) == 1e-10 and constants.nnz_s(1e9) == 2e-10
+    net = radix_net(4096, 2)
+    one = costmodel.predict(costmodel.profile(net, partition(net, 1, method="block")),
+                            batch=64, channel="x", constants=constants)  # fmt: skip
+    four = costmodel.predict(costmodel.profile(net, partition(net, 4, method="block")),
+                             batch=64, channel="x", constants=constants)  # fmt: skip
+    assert one / four > 4  # 1 MiB -> 256 KiB working sets, on 8 cores
 
 
 def test_the_launch_tree_is_binary_and_log_deep() -> None:
@@ -87,7 +137,9 @@ def test_the_launch_tree_is_binary_and_log_deep() -> None:
 def test_messages_beyond_the_cores_take_turns() -> None:
     """Message handling is CPU work: 8 shards on 2 cores handle their messages 4 at a turn."""
     net = radix_net(1024, 6)
-    comm_only = costmodel.Constants(0.0, 0.0, 2, {"x": costmodel.ChannelCost(1e-3, 0, 0)})
+    comm_only = costmodel.Constants(
+        ((1.0, 0.0),), 0.0, 0.0, 2, {"x": costmodel.ChannelCost(1e-3, 0, 0)}
+    )
     for shards in (2, 8):
         prof = costmodel.profile(net, partition(net, shards, method="random", seed=1))
         predicted = costmodel.predict(prof, batch=1, channel="x", constants=comm_only)

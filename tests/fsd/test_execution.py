@@ -86,10 +86,32 @@ class _Recording(LocalChannel):
         self.events: list[tuple[Any, ...]] = []
 
 
-async def test_boundary_rows_are_sent_before_the_interior_rows_are_computed() -> None:
-    """Overlap: a shard sends layer l's boundary rows before it finishes its interior rows."""
-    net = radix_net(256, 8, weights="random")
-    specs = split(net, partition(net, 4, method="block"))
+def _mostly_local_net() -> LayeredNet:
+    """8 neurons, 3 layers, split in halves: layers 0 and 2 read nothing across the halves,
+    layer 1 reads neurons 0 and 4 across, so layer 0 has boundary and interior rows."""
+    rng = np.random.default_rng(3)
+    pairs = np.arange(8) ^ 1  # a neighbour in the same half
+
+    def layer(extra_rows: list[int], extra_cols: list[int], *, base: np.ndarray) -> Layer:
+        rows = np.concatenate([np.arange(8), np.arange(8), extra_rows]).astype(np.int64)
+        cols = np.concatenate([np.arange(8), base, extra_cols]).astype(np.int64)
+        values = rng.standard_normal(rows.size).astype(np.float32)
+        return Layer(8, 8, rows, cols, values, rng.standard_normal(8).astype(np.float32))
+
+    return LayeredNet((layer([], [], base=pairs), layer([0, 4], [4, 0], base=pairs),
+                       layer([], [], base=pairs)))  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["loop", "worker"])
+async def test_boundary_rows_are_sent_before_the_interior_rows_are_computed(where: str) -> None:
+    """Overlap: a shard hands layer l's boundary rows to the channel before it finishes its
+    interior rows: on the loop (layers that read remote values: a radix net split in
+    blocks) and from the worker thread (a run of layers that read nothing remote)."""
+    if where == "loop":
+        net, shards = radix_net(256, 8, weights="random"), 4
+    else:
+        net, shards = _mostly_local_net(), 2
+    specs = split(net, partition(net, shards, method="block"))
     channel = _Recording()
     executors = []
     for spec in specs:
@@ -103,7 +125,7 @@ async def test_boundary_rows_are_sent_before_the_interior_rows_are_computed() ->
         for rank, g in enumerate(op.groups)
     }
     original = ShardExecutor._finish
-    original_send = ShardExecutor._send_all
+    original_send = ShardExecutor._hand_over
     lock = threading.Lock()
 
     def noting(self: ShardExecutor, out: Any, g: Any, z: Any, activation: str) -> Any:
@@ -111,15 +133,17 @@ async def test_boundary_rows_are_sent_before_the_interior_rows_are_computed() ->
             channel.events.append(("finish", *groups[id(g)]))
         return original(self, out, g, z, activation)
 
-    def handing_over(self: ShardExecutor, request_id: str, layer: int, *args: Any) -> None:
+    def handing_over(
+        self: ShardExecutor, request_id: str, layer: int, *args: Any, **kwargs: Any
+    ) -> Any:
         with lock:  # the moment the values are handed to the channel
             channel.events.append(("send", self.spec.shard, layer))
-        original_send(self, request_id, layer, *args)
+        return original_send(self, request_id, layer, *args, **kwargs)
 
     ShardExecutor._finish = noting  # type: ignore[method-assign]
-    ShardExecutor._send_all = handing_over  # type: ignore[method-assign]
+    ShardExecutor._hand_over = handing_over  # type: ignore[method-assign]
     try:
-        x = np.ones((2, 256), dtype=np.float32)
+        x = np.ones((2, net.widths[0]), dtype=np.float32)
         await asyncio.gather(
             *(
                 e.run("r", x.T[s.inputs], timeout_s=30)
@@ -128,7 +152,7 @@ async def test_boundary_rows_are_sent_before_the_interior_rows_are_computed() ->
         )
     finally:
         ShardExecutor._finish = original  # type: ignore[method-assign]
-        ShardExecutor._send_all = original_send  # type: ignore[method-assign]
+        ShardExecutor._hand_over = original_send  # type: ignore[method-assign]
         for e in executors:
             e.close()
     events: list[Any] = channel.events
@@ -136,12 +160,12 @@ async def test_boundary_rows_are_sent_before_the_interior_rows_are_computed() ->
     for e in executors:
         p = e.spec.shard
         for layer, op in enumerate(e.ops):
-            if len(op.groups) == 2 and op.send_next:
+            if len(op.groups) == 2 and op.send_next and bool(op.sources) == (where == "loop"):
                 first_send = events.index(("send", p, layer + 1))
                 interior_done = events.index(("finish", p, layer, 1))
                 assert first_send < interior_done, (p, layer)
                 checked += 1
-    assert checked > 0, "the block split should leave layers with boundary and interior rows"
+    assert checked > 0, f"no layer with boundary and interior rows computed on the {where}"
 
 
 async def test_a_silent_peer_ends_the_request_at_the_deadline_naming_it(sparse_net: Any) -> None:
@@ -235,3 +259,47 @@ def test_any_split_of_any_sparse_net_matches_the_reference(
     x = np.random.default_rng(batch).standard_normal((batch, net.widths[0])).astype(np.float32)
     sharded = asyncio.run(run_split(net, shards, method, x))
     np.testing.assert_allclose(sharded, net.forward(x), rtol=1e-5, atol=1e-5)
+
+
+async def test_a_shard_computes_on_its_device_backend_in_its_compute_context(
+    sparse_net: Any, tmp_path: Any
+) -> None:
+    """The executor takes the device layer's path (gpu_manager/devices.py): its weights live on
+    the backend's device and every multiply runs inside ``backend.compute()`` (a CUDA stream
+    on a GPU). On this machine the backend is a CPU stand-in; the routing is the same."""
+    from gpufaas.gpu_manager.devices import CpuBackend, cpu_devices
+
+    entered = []
+
+    class Recording(CpuBackend):
+        def compute(self) -> Any:
+            entered.append(threading.get_ident())
+            return super().compute()
+
+    backend = Recording(cpu_devices(1, device_memory=1 << 20)[0])
+    specs = split(sparse_net, partition(sparse_net, 2, method="block"))
+    channel = LocalChannel()
+    executors = []
+    for spec in specs:
+        mailbox = Mailbox()
+        await channel.attach("net", spec.shard, mailbox)
+        executors.append(
+            ShardExecutor(spec, set_name="net", channel=channel, mailbox=mailbox, backend=backend)
+        )
+    x = np.random.default_rng(1).random((3, sparse_net.widths[0])).astype(np.float32)
+    try:
+        outs = await asyncio.gather(
+            *(
+                e.run("r", x.T[s.inputs], timeout_s=30)
+                for e, s in zip(executors, specs, strict=True)
+            )
+        )
+    finally:
+        for e in executors:
+            e.close()
+    y = np.zeros((sparse_net.widths[-1], 3), dtype=np.float32)
+    for spec, out in zip(specs, outs, strict=True):
+        y[spec.outputs] = out
+    np.testing.assert_allclose(y.T, sparse_net.forward(x), rtol=1e-5, atol=1e-5)
+    assert entered and threading.get_ident() not in entered  # in the workers, never the loop
+    assert all(g.own.device == backend.device for e in executors for op in e.ops for g in op.groups)

@@ -50,14 +50,14 @@ def sharded_function(
     strategy: str = "intra-layer",
     channel: str = "direct",
     width: int = WIDTH,
+    model_format: str = "layered",
 ) -> InferenceFunction:
     return InferenceFunction.model_validate(
         {
             "metadata": {"name": name},
             "spec": {
-                # The format is not read for a sharded function: its artifact is a
-                # gpufaas.layered/v1 safetensors file (save_net).
-                "model": {"uri": uri, "format": "torchscript"},
+                # A gpufaas.layered/v1 safetensors file (save_net).
+                "model": {"uri": uri, "format": model_format},
                 "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, width]}],
                 "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, width]}],
                 "parallelism": {"shards": shards, "strategy": strategy, "channel": channel},
@@ -110,7 +110,7 @@ async def test_a_sharded_function_is_deployed_and_served_through_the_gateway(
     assert gateway.sharded.error("radix") is None
     # The nodes hold its shards; none was given the function as a single-device model.
     for index, node in enumerate(thread_nodes[:2]):
-        assert list(node.host.lru) == [node.host.key("radix", index)]
+        assert list(node.host.shards) == [node.host.key("radix", index)]
     reply = await gateway.infer("radix", infer_body(x), header_length=None)
     assert reply.status == 200, reply.body
     np.testing.assert_allclose(output(reply.body), net.forward(x), rtol=1e-5, atol=1e-5)
@@ -129,7 +129,7 @@ async def test_a_sharded_function_is_deployed_and_served_through_the_gateway(
     assert gone.headers["x-gpufaas-reason"] == "ShardFailed"
     assert "shard 1 of radix" in gone.json()["error"]
     await gateway.remove_function("radix")
-    assert not list(thread_nodes[0].host.lru)
+    assert not list(thread_nodes[0].host.shards)
 
 
 async def test_a_set_on_a_manager_that_went_down_is_re_placed(
@@ -150,6 +150,7 @@ async def test_a_set_on_a_manager_that_went_down_is_re_placed(
 @pytest.mark.parametrize(
     ("artifact", "width", "strategy", "named"),
     [
+        ("torchscript", WIDTH, "intra-layer", "model.format is 'torchscript'"),
         ("garbage", WIDTH, "intra-layer", "not a safetensors file"),
         ("missing", WIDTH, "intra-layer", "not found"),
         (
@@ -173,10 +174,13 @@ async def test_a_function_that_cannot_be_deployed_answers_503_naming_why(
     path = tmp_path / "model.safetensors"
     if artifact == "garbage":
         path.write_bytes(b"\x80\x04not a safetensors file at all")
-    elif artifact == "net":
+    elif artifact in ("net", "torchscript"):  # torchscript: a good net, declared otherwise
         save_net(path, net)
     shards = 16 if strategy == "layer" else 2
-    function = sharded_function("bad", path.as_uri(), shards=shards, strategy=strategy, width=width)
+    function = sharded_function(
+        "bad", path.as_uri(), shards=shards, strategy=strategy, width=width,
+        model_format="torchscript" if artifact == "torchscript" else "layered",
+    )  # fmt: skip
     await gateway.add_function(function)  # logs, does not raise
     assert gateway.sharded.error("bad") is not None
     x = np.zeros((1, width), dtype=np.float32)
@@ -272,3 +276,30 @@ def test_gpufaas_up_serves_a_sharded_function_to_tritonclient(
         answer = grpc_client.infer("radix", [grpc_tensor], client_timeout=60)
         np.testing.assert_allclose(answer.as_numpy("y"), net.forward(x), rtol=1e-5, atol=1e-5)
         grpc_client.close()
+
+
+async def test_a_sharded_function_over_its_pending_limit_answers_429_with_retry_after(
+    gateway: Gateway, tmp_path: Path, net: LayeredNet, x: np.ndarray
+) -> None:
+    """The per-function bound of the gateway holds for shard sets too: with room for one
+    request, a second one arriving while the first runs is refused, not queued."""
+    import asyncio
+    import dataclasses
+
+    save_net(tmp_path / "radix.safetensors", net)
+    await gateway.add_function(sharded_function("radix", (tmp_path / "radix.safetensors").as_uri()))
+    gateway.config = dataclasses.replace(gateway.config, max_pending_per_function=1)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(gateway)), base_url="http://gateway"
+    ) as client:
+        first, second = await asyncio.gather(
+            client.post("/v2/models/radix/infer", content=infer_body(x)),
+            client.post("/v2/models/radix/infer", content=infer_body(x)),
+        )
+        assert first.status_code == 200, first.text
+        assert second.status_code == 429, second.text
+        assert second.headers["retry-after"] == "1"
+        assert "requests in flight" in second.json()["error"]
+        again = await client.post("/v2/models/radix/infer", content=infer_body(x))
+        assert again.status_code == 200  # the slot is free once the first one is done
+    assert gateway.pending == {}

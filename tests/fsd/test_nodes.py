@@ -103,30 +103,30 @@ async def test_an_evicted_set_is_relaunched_and_the_request_served(
     assert future.result(timeout=10) == [1]
     out = await coordinator.infer("radix", x)
     np.testing.assert_allclose(out, net.forward(x), rtol=1e-5, atol=1e-5)
-    assert "radix/1" in host.lru
+    assert "radix/1" in host.shards
 
 
 async def test_a_shard_set_over_one_node_budget_evicts_whole_sets(
     thread_nodes: Any, coordinator: Coordinator, net: Any
 ) -> None:
     node = thread_nodes[0]
-    node.host.lru = type(node.host.lru)(capacity_bytes=int(net.weight_bytes * 1.2))
+    node.shrink(int(net.weight_bytes * 1.2))
     await coordinator.deploy(
         "a", net, Parallelism(shards=2, strategy="intra-layer"), nodes=[node.url]
     )
-    assert {"a/0", "a/1"} <= set(node.host.lru)
+    assert {"a/0", "a/1"} <= set(node.host.shards)
     await coordinator.deploy(
         "b", net, Parallelism(shards=2, strategy="intra-layer"), nodes=[node.url]
     )
-    assert not any(k.startswith("a/") for k in node.host.lru)  # set a left whole
-    assert {"b/0", "b/1"} <= set(node.host.lru)
+    assert not any(k.startswith("a/") for k in node.host.shards)  # set a left whole
+    assert {"b/0", "b/1"} <= set(node.host.shards)
 
 
 async def test_a_set_too_large_for_the_nodes_fails_to_launch_naming_shards(
     thread_nodes: Any, coordinator: Coordinator, net: Any
 ) -> None:
     node = thread_nodes[0]
-    node.host.lru = type(node.host.lru)(capacity_bytes=net.weight_bytes // 3)
+    node.shrink(net.weight_bytes // 3)
     with pytest.raises(LaunchFailed, match=r"shard 0: .*"):
         await coordinator.deploy(
             "big", net, Parallelism(shards=2, strategy="intra-layer"), nodes=[node.url]
