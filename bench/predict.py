@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sim.engine import SimConfig
-from sim.residency import ResidencySimulation, TierConfig, catalogue_for, engine_trace
+from sim.residency import CAUSES, ResidencySimulation, TierConfig, catalogue_for, engine_trace
 from sim.trace import (
     ServerlessTrace,
     TraceError,
@@ -138,7 +138,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         sync_ms=5000.0,
     )
     tiers = TierConfig(
-        host_capacity_bytes=job["host_bytes"], tick_s=job["tick_s"], prefetch=job["prefetch"]
+        host_capacity_bytes=job["host_bytes"],
+        tick_s=job["tick_s"],
+        prefetch=job["prefetch"],
+        staged_routing=job.get("staged_routing", True),
     )
     sim = ResidencySimulation(
         policy,
@@ -185,6 +188,10 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             row[key] = _interval([float(r[key]) for r in runs])
         for tier in ("host", "artifact", "prefetch"):
             row[f"cold_{tier}"] = _interval([r["cold_by_tier"][tier] for r in runs])
+        row["cold_by_cause"] = {
+            cause: statistics.fmean(r.get("cold_by_cause", {}).get(cause, 0.0) for r in runs)
+            for cause in CAUSES
+        }
         precision = [r["prefetch_precision"] for r in runs if r["prefetch_precision"] is not None]
         row["prefetch_precision"] = _interval(precision) if precision else None
         row["prefetches"] = statistics.fmean(r["prefetches"] for r in runs)
@@ -269,6 +276,16 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
             f" | {_fmt(row['p50_ms'])} | {_fmt(row['p99_ms'])} | {_fmt(row['warm_p99_ms'])}"
             f" | {_fmt(row['prefetch_precision'])} | {_fmt(row['observe_us_mean'], digits=3)} |"
         )
+    lines += [
+        "",
+        "Why the cold requests' models were not there (share of all requests, mean over seeds):",
+        "",
+        "| setting | " + " | ".join(CAUSES) + " |",
+        "|" + " --- |" * (len(CAUSES) + 1),
+    ]
+    for label, row in summary.items():
+        cells = " | ".join(f"{row['cold_by_cause'][c]:.4%}" for c in CAUSES)
+        lines.append(f"| {label} | {cells} |")
     return "\n".join(lines)
 
 
@@ -386,6 +403,11 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="add this many Azure-shaped rare functions (timers, sporadic) orcbench lacks",
     )
+    p.add_argument(
+        "--no-staged-routing",
+        action="store_true",
+        help="LALB not told where host copies are (the routing before #13's holder fix)",
+    )
     p.add_argument("--quick", action="store_true", help=f"only {sorted(QUICK)}")
     p.add_argument("--only", default="", help="comma-separated setting labels")
     p.add_argument("--workers", type=int, default=2)
@@ -440,6 +462,7 @@ def _main(argv: list[str] | None) -> int:
             "tick_s": args.tick_s,
             "max_per_hour": args.max_per_hour,
             "tail": args.tail,
+            "staged_routing": not args.no_staged_routing,
         }
         stats = shape(load_trace(base)[0])
         print(f"seed {seed}: trace shape", json.dumps({k: round(v, 4) for k, v in stats.items()}))

@@ -7,7 +7,8 @@ work, and the cache directory of which model is where. The gateway and the simul
 - ``lb`` (:class:`LeastLoaded`): the device with the fewest outstanding requests; the baseline.
 - ``lalb`` (:class:`LocalityAware`): locality-aware load balancing. Go where the model is (or is
   being loaded) unless waiting there is expected to take longer than loading it elsewhere; else
-  load it on the least-loaded device that can make room. The rule is in ``docs/scheduling.md``.
+  load it on the least-loaded device that can make room, counting the artifact read on a node
+  that holds no staged (host-tier or disk) copy. The rule is in ``docs/scheduling.md``.
 - ``lalb-o3``: the same routing, with each device's queue served out of order
   (:mod:`gpufaas.scheduler.o3`); ``policy.dispatch`` tells the caller which queue discipline to use.
 
@@ -44,10 +45,14 @@ __all__ = [
     "NoDevice",
     "Policy",
     "RouteRequest",
+    "StagedCopies",
     "make_policy",
 ]
 
 DispatchMode = Literal["fifo", "o3"]
+# model -> the nodes holding a staged copy of it (host tier or disk): a load there skips the
+# artifact read. The gateway's cluster view and the simulator's host tiers answer it.
+StagedCopies = Callable[[str], Collection[str]]
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
@@ -186,7 +191,14 @@ class LeastLoaded:
     name = "lb"
     dispatch: DispatchMode = "fifo"
 
-    def __init__(self, *, seed: int | None = None, estimates: Estimates | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int | None = None,
+        estimates: Estimates | None = None,
+        staged: StagedCopies | None = None,
+    ) -> None:
+        del staged  # LB ignores where models are, staged copies included
         self._rng = random.Random(seed)
         self.estimates = estimates or Estimates()
 
@@ -214,13 +226,16 @@ class LocalityAware:
     Costs are expected milliseconds until the request's inference can start:
 
     - at a device holding the model (resident or loading): its expected wait;
-    - at any other device: its expected wait, plus the model's expected load time, plus
-      ``victim_weight`` times the expected reloads of what the load would evict there (a
-      victim's load time, times the chance it is asked for again before this model is, halved
-      if another device also holds it).
+    - at any other device: its expected wait, plus the model's expected load time, plus the
+      artifact read (``size x fetch_ms_per_byte``) if some node holds a staged copy of the model
+      (``staged``: host tier or disk) but not this device's node, plus ``victim_weight`` times
+      the expected reloads of what the load would evict there (a victim's load time, times the
+      chance it is asked for again before this model is, halved if another device also holds
+      it).
 
     The best holder wins unless the best other device is cheaper. Other devices are looked at
-    least-loaded first: the ``candidates`` least loaded that can make room. ``victims`` says
+    least-loaded first: the ``candidates`` least loaded that can make room, and, if none of
+    those is on a node with a staged copy, the least loaded such device too. ``victims`` says
     which victims a load is charged for: the directory's LRU prediction (``"lru"``, what the GPU
     manager evicts unhinted), or the policy's own cheapest ones (``"value"``, the default,
     reported in the decision's ``victims``: the gateway sends them to the GPU manager, which evicts them
@@ -247,6 +262,8 @@ class LocalityAware:
         victim_weight: float = 2.0,
         victims: Literal["lru", "value"] = "value",
         holder_sample: int = 8,
+        staged: StagedCopies | None = None,
+        fetch_ms_per_byte: float = 1 / 2e6,
     ) -> None:
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates!r}")
@@ -262,6 +279,10 @@ class LocalityAware:
         if holder_sample < 1:
             raise ValueError(f"holder_sample must be >= 1, got {holder_sample!r}")
         self.holder_sample = holder_sample
+        if not (fetch_ms_per_byte >= 0 and math.isfinite(fetch_ms_per_byte)):
+            raise ValueError(f"fetch_ms_per_byte must be >= 0, got {fetch_ms_per_byte!r}")
+        self.staged = staged
+        self.fetch_ms_per_byte = fetch_ms_per_byte  # the artifact read; default 2 GB/s
         if o3:
             self.name = "lalb-o3"
             self.dispatch = "o3"
@@ -407,18 +428,22 @@ class LocalityAware:
         holders: Collection[str],
         bound: float,
     ) -> tuple[str, float, list[str]] | None:
-        """The cheapest of the ``candidates`` least-loaded non-holders that can make room, if
-        it costs less than ``bound``.
+        """The cheapest of the ``candidates`` least-loaded non-holders that can make room (and,
+        if none of those is on a node with a staged copy, the least-loaded such device), if it
+        costs less than ``bound``.
 
         The candidates are tried by increasing wait, so the search stops at the first whose
         wait plus the load time reaches the best cost so far: it and all later ones cost at
-        least that. Which device wins is the same as trying all ``candidates`` and comparing
-        with ``bound`` afterwards.
+        least that (the artifact read and the victims only add). Which device wins is the same
+        as trying all candidates and comparing with ``bound`` afterwards.
         """
         keys = columns.keys
         wait_ms = columns.wait_ms
         value = self.victims == "value"
         wanted = self.estimates.share(request.model)
+        staged_nodes = self.staged(request.model) if self.staged is not None else ()
+        fetch_ms = request.size_bytes * self.fetch_ms_per_byte if staged_nodes else 0.0
+        staged_tried = not staged_nodes  # nothing to look for
         best: tuple[str, float, list[str]] | None = None
         best_cost = bound
         tried = 0
@@ -430,6 +455,9 @@ class LocalityAware:
             if floor > best_cost or (floor == best_cost and not directory.has_slices):
                 break  # waits only grow from here: nothing later can be cheaper
             try:
+                on_staged = bool(staged_nodes) and directory.node(key) in staged_nodes
+                if tried >= self.candidates and not on_staged:
+                    continue  # past the candidates: only a device with a staged copy is tried
                 plan = (
                     self._value_plan(key, request, directory, wanted=wanted)
                     if value
@@ -440,7 +468,7 @@ class LocalityAware:
             if plan is None:
                 continue  # full of pinned models (as the directory sees it)
             victims, victim_cost = plan
-            cost = floor + victim_cost
+            cost = floor + victim_cost + (0.0 if on_staged or not staged_nodes else fetch_ms)
             if cost < best_cost or (  # at equal cost, the smallest MIG slice that fits (#11)
                 best is not None
                 and cost == best_cost
@@ -448,7 +476,8 @@ class LocalityAware:
             ):
                 best, best_cost = (key, cost, victims), cost
             tried += 1
-            if tried == self.candidates:
+            staged_tried = staged_tried or on_staged
+            if tried >= self.candidates and staged_tried:
                 break
         return best
 
@@ -610,8 +639,13 @@ class LocalityAware:
 PolicyFactory = Callable[..., Policy]
 
 
-def _lalb_o3(*, seed: int | None = None, estimates: Estimates | None = None) -> Policy:
-    return LocalityAware(seed=seed, estimates=estimates, o3=True)
+def _lalb_o3(
+    *,
+    seed: int | None = None,
+    estimates: Estimates | None = None,
+    staged: StagedCopies | None = None,
+) -> Policy:
+    return LocalityAware(seed=seed, estimates=estimates, o3=True, staged=staged)
 
 
 POLICIES: dict[str, PolicyFactory] = {
@@ -622,11 +656,16 @@ POLICIES: dict[str, PolicyFactory] = {
 
 
 def make_policy(
-    name: str, *, seed: int | None = None, estimates: Estimates | None = None
+    name: str,
+    *,
+    seed: int | None = None,
+    estimates: Estimates | None = None,
+    staged: StagedCopies | None = None,
 ) -> Policy:
-    """The policy called ``name`` (a key of :data:`POLICIES`), sharing ``estimates`` if given."""
+    """The policy called ``name`` (a key of :data:`POLICIES`), sharing ``estimates`` if given;
+    ``staged`` tells LALB which nodes hold a host-tier or disk copy of a model."""
     try:
         factory = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}") from None
-    return factory(seed=seed, estimates=estimates)
+    return factory(seed=seed, estimates=estimates, staged=staged)
