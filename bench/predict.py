@@ -69,6 +69,9 @@ SETTINGS: list[tuple[str, str, dict[str, float], bool]] = [
     ),
     ("ours-p0.03-fb4h", "predictive", {"device_price": 0.03, "fallback_keepalive_s": 14400}, True),
     ("ours-p0.1-noprefetch", "predictive", {"device_price": 0.1}, False),
+    # without the memoryless mixture (the policy before it): ablation
+    ("ours-p0.01-nosmooth", "predictive", {"device_price": 0.01, "smoothing": 0.0}, True),
+    ("ours-p0.1-nosmooth", "predictive", {"device_price": 0.1, "smoothing": 0.0}, True),
     ("ours-p0.01-noprefetch", "predictive", {"device_price": 0.01}, False),
 ]
 ORCBENCH_SET = "lru+ka-1min,lru+ka-3min,lru+ka-10min,hybrid,ours-p0.03,ours-p0.1,ours-p0.3,ours-p0.1-noprefetch"
@@ -201,7 +204,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def on_curve(label: str) -> bool:
     """Settings that trace a policy's curve (not the ablations: no prefetch, another host price)."""
-    return "noprefetch" not in label and "-h" not in label
+    return "noprefetch" not in label and "-h" not in label and "nosmooth" not in label
 
 
 def at_equal_memory(summary: dict[str, dict[str, Any]], prefix: str, x: float) -> float | None:
@@ -476,6 +479,8 @@ def _main(argv: list[str] | None) -> int:
             brief = {k: result[k] for k in ("label", "seed", "cold_start_ratio", "device_gb_s")}
             print("done", json.dumps(brief), f"{result['wall_s']:.0f} s", flush=True)
             results.append(result)
+            if args.json:  # partial results survive an interrupted sweep
+                Path(args.json).write_text(json.dumps({"runs": results}, indent=1))
     order = {(job["label"], job["seed"]): i for i, job in enumerate(jobs)}
     results.sort(key=lambda r: order[(r["label"], r["seed"])])
     report(results, args)
