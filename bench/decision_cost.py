@@ -83,13 +83,27 @@ def time_decisions(
     as_list: bool,
     victims: str,
     seed: int,
+    staged_nodes: int = 0,
 ) -> dict[str, Any]:
     estimates = Estimates()
     rng = np.random.default_rng(seed)
     for m in range(len(sizes)):  # measured estimates, as a warm gateway has them
         estimates.observe_load(f"model-{m}", size_bytes=sizes[m], load_ms=sizes[m] / MIB * 2.5)
         estimates.observe_infer(f"model-{m}", infer_ms=float(rng.uniform(0.5, 8)))
-    policy = make_policy(policy_name, seed=seed, estimates=estimates)
+    staged = None
+    if staged_nodes > 0:  # each model staged (host tier, disk) on this many random nodes (#13)
+        nodes = sorted({directory.node(k) for k in directory.devices()})
+        pick = random.Random(seed)
+        copies = {
+            f"model-{m}": frozenset(pick.sample(nodes, min(staged_nodes, len(nodes))))
+            for m in range(len(sizes))
+        }
+        none: frozenset[str] = frozenset()
+
+        def staged(model: str) -> frozenset[str]:
+            return copies.get(model, none)
+
+    policy = make_policy(policy_name, seed=seed, estimates=estimates, staged=staged)
     if isinstance(policy, LocalityAware):
         policy.victims = "value" if victims == "value" else "lru"
     picks = rng.choice(len(sizes), size=decisions, p=popularity)
@@ -208,6 +222,7 @@ def stress_scenario(args: argparse.Namespace) -> dict[str, Any]:
                 as_list=as_list,
                 victims=args.victims,
                 seed=args.seed,
+                staged_nodes=args.staged_nodes,
             )
     return results
 
@@ -227,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         help="stress: also time this many decisions given a plain list (0: none)",
     )
     parser.add_argument("--victims", choices=("value", "lru"), default="value", help="LALB's")
+    parser.add_argument(
+        "--staged-nodes",
+        type=int,
+        default=0,
+        help="stress: each model has a host/disk copy on this many random nodes (LALB's staged)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -283,6 +283,8 @@ class LocalityAware:
             raise ValueError(f"fetch_ms_per_byte must be >= 0, got {fetch_ms_per_byte!r}")
         self.staged = staged
         self.fetch_ms_per_byte = fetch_ms_per_byte  # the artifact read; default 2 GB/s
+        self._node_devices: dict[str, list[str]] = {}  # node -> its device keys (cached)
+        self._node_lookups = 0
         if o3:
             self.name = "lalb-o3"
             self.dispatch = "o3"
@@ -439,14 +441,13 @@ class LocalityAware:
         """
         keys = columns.keys
         wait_ms = columns.wait_ms
-        value = self.victims == "value"
-        wanted = self.estimates.share(request.model)
         staged_nodes = self.staged(request.model) if self.staged is not None else ()
         fetch_ms = request.size_bytes * self.fetch_ms_per_byte if staged_nodes else 0.0
-        staged_tried = not staged_nodes  # nothing to look for
+        wanted = self.estimates.share(request.model)
         best: tuple[str, float, list[str]] | None = None
         best_cost = bound
         tried = 0
+        staged_tried = False
         for i in self._least_loaded(columns):
             key = keys[i]
             if key in holders:
@@ -454,32 +455,86 @@ class LocalityAware:
             floor = wait_ms.item(i) + load_ms
             if floor > best_cost or (floor == best_cost and not directory.has_slices):
                 break  # waits only grow from here: nothing later can be cheaper
-            try:
-                on_staged = bool(staged_nodes) and directory.node(key) in staged_nodes
-                if tried >= self.candidates and not on_staged:
-                    continue  # past the candidates: only a device with a staged copy is tried
-                plan = (
-                    self._value_plan(key, request, directory, wanted=wanted)
-                    if value
-                    else self._lru_plan(key, request, directory, wanted=wanted)
-                )
-            except UnknownKey:
-                continue  # not in the directory (yet)
-            if plan is None:
-                continue  # full of pinned models (as the directory sees it)
-            victims, victim_cost = plan
-            cost = floor + victim_cost + (0.0 if on_staged or not staged_nodes else fetch_ms)
-            if cost < best_cost or (  # at equal cost, the smallest MIG slice that fits (#11)
-                best is not None
-                and cost == best_cost
-                and directory.fits_tighter(key, best[0], request.size_bytes)
-            ):
-                best, best_cost = (key, cost, victims), cost
-            tried += 1
+            on_staged = bool(staged_nodes) and self._node_of(key, directory) in staged_nodes
+            planned = self._try(key, request, directory, wanted=wanted)
+            if planned is None:
+                continue  # unknown, or full of pinned models (as the directory sees it)
+            cost = floor + planned[1] + (0.0 if on_staged or not staged_nodes else fetch_ms)
+            if self._cheaper(key, cost, best, best_cost, request, directory):
+                best, best_cost = (key, cost, planned[0]), cost
             staged_tried = staged_tried or on_staged
-            if tried >= self.candidates and staged_tried:
+            tried += 1
+            if tried == self.candidates:
+                break
+        if staged_nodes and not staged_tried:
+            # The least-loaded non-holder on a node with a staged copy: a few devices per node,
+            # looked up directly rather than by scanning the cluster in wait order.
+            position = columns.position
+            staged: list[tuple[float, str]] = []
+            for node in staged_nodes:
+                for key in self._devices_of(node, directory):
+                    at = position(key)
+                    if at is not None and key not in holders:
+                        staged.append((wait_ms.item(at), key))
+            staged.sort()
+            for wait, key in staged:
+                floor = wait + load_ms
+                if floor > best_cost or (floor == best_cost and not directory.has_slices):
+                    break
+                if not math.isfinite(wait):
+                    break
+                planned = self._try(key, request, directory, wanted=wanted)
+                if planned is None:
+                    continue
+                cost = floor + planned[1]
+                if self._cheaper(key, cost, best, best_cost, request, directory):
+                    best, best_cost = (key, cost, planned[0]), cost
                 break
         return best
+
+    def _try(
+        self, key: str, request: RouteRequest, directory: ClusterDirectory, *, wanted: float
+    ) -> tuple[list[str], float] | None:
+        """The victims of a load on ``key`` and their cost; None: unknown device, or no room."""
+        try:
+            if self.victims == "value":
+                return self._value_plan(key, request, directory, wanted=wanted)
+            return self._lru_plan(key, request, directory, wanted=wanted)
+        except UnknownKey:
+            return None  # not in the directory (yet)
+
+    @staticmethod
+    def _cheaper(
+        key: str,
+        cost: float,
+        best: tuple[str, float, list[str]] | None,
+        best_cost: float,
+        request: RouteRequest,
+        directory: ClusterDirectory,
+    ) -> bool:
+        return cost < best_cost or (  # at equal cost, the smallest MIG slice that fits (#11)
+            best is not None
+            and cost == best_cost
+            and directory.fits_tighter(key, best[0], request.size_bytes)
+        )
+
+    def _node_of(self, key: str, directory: ClusterDirectory) -> str | None:
+        try:
+            return directory.node(key)
+        except UnknownKey:
+            return None
+
+    def _devices_of(self, node: str, directory: ClusterDirectory) -> list[str]:
+        """The devices of ``node``, cached: listing them scans the directory. A cached list is
+        made again when one of its devices has left, and every 1,024 lookups (new devices)."""
+        self._node_lookups += 1
+        if self._node_lookups >= 1024:
+            self._node_devices.clear()
+            self._node_lookups = 0
+        found = self._node_devices.get(node)
+        if found is None or any(key not in directory for key in found):
+            found = self._node_devices[node] = directory.devices_on_node(node)
+        return found
 
     def _least_loaded(self, columns: _Columns) -> Iterator[int]:
         """Device positions by increasing wait; stops at a non-finite wait.
