@@ -396,6 +396,10 @@ class PredictivePolicy:
       covers the load), the same inequality holds;
     * evict first the model with the least ``P(arrival within horizon) x reload_ms / bytes``.
 
+    The histogram's ``P`` is mixed with a memoryless arrival at the mean gap,
+    ``(1 - smoothing) x P + smoothing x (1 - exp(-h / mean gap))``: a histogram of a few hundred
+    gaps has empty bins between its modes, where it would say no request can come.
+
     ``device_price`` and ``host_price`` are in ms of load time per GB-second held: the exchange
     rate between cold-start time and memory-time (swept in the benchmark); ``host_price``
     defaults to a twentieth of ``device_price``. A function with fewer
