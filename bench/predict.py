@@ -258,6 +258,46 @@ def comparisons(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """``y`` at ``x`` on the piecewise-linear curve through ``points`` (None outside it)."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return next((py for px, py in points if px == x), None)
+
+
+def per_seed(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The goals' comparisons seed by seed (each seed's curves, as memory-times differ between
+    seeds): each of our settings against the LRU + keep-alive curve at its own device
+    memory-time, and our curve against the hybrid at the hybrid's memory-time."""
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        by_seed.setdefault(r["seed"], {})[r["label"]] = r
+    out: dict[str, Any] = {}
+    for seed, runs in sorted(by_seed.items()):
+
+        def curve(prefix: str, runs: dict[str, dict[str, Any]] = runs) -> list[tuple[float, float]]:
+            return [
+                (r["device_gb_s"], r["cold_start_ratio"])
+                for label, r in runs.items()
+                if label.startswith(prefix) and on_curve(label)
+            ]
+
+        row: dict[str, Any] = {}
+        lru = curve("lru")
+        for label, r in runs.items():
+            if label.startswith("ours") and on_curve(label):
+                base = _interpolate(lru, r["device_gb_s"])
+                row[f"{label}_vs_lru"] = r["cold_start_ratio"] / base if base else None
+        if "hybrid" in runs:
+            hybrid = runs["hybrid"]
+            ours = _interpolate(curve("ours"), hybrid["device_gb_s"])
+            row["ours_vs_hybrid"] = ours / hybrid["cold_start_ratio"] if ours is not None else None
+        out[str(seed)] = row
+    return out
+
+
 def _fmt(cell: Any, scale: float = 1.0, digits: int = 4) -> str:
     if cell is None:
         return "-"
@@ -491,6 +531,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     summary = summarise(results)
     print(table(summary))
     compared = comparisons(summary)
+    compared["per_seed"] = per_seed(results)
     print(json.dumps(compared, indent=2))
     if args.json:
         Path(args.json).write_text(
