@@ -18,6 +18,8 @@ Both give the policies a ``DeviceTable``, as the gateway does through its dispat
 ``list[DeviceLoad]``, which the gateway still builds when it must leave devices out (a retry).
 ``--victims`` picks what LALB charges a load for and reports as eviction hints: ``value`` (its
 own cheapest victims; in the simulator the GPU managers honour them) or ``lru``.
+``--staged-nodes N`` gives LALB staged copies (#13): each model held in the host tier or on disk
+of N random nodes, so a load elsewhere is charged the artifact read.
 
     python bench/decision_cost.py                 # both scenarios, as tables
     python bench/decision_cost.py --scenario sim --json
