@@ -19,8 +19,12 @@ Figures per system:
 * ``minilm_overhead``: warm 1-client p50 end to end minus the node's median forward-pass time
   (``X-Gpufaas-Compute-Ms``), as a fraction of that forward pass (MiniLM, 1 x 128 tokens).
 
-    python bench/dataplane.py                         # this checkout only
+    python bench/dataplane.py                         # this checkout: framed and HTTP node hop
     python bench/dataplane.py --baseline /work/main/.venv/bin/python   # and a baseline, same run
+
+``--node-transports framed,http`` (the default) runs this checkout twice per round: the gateway's
+inference calls to the node over its framed Unix socket (``framed``, what ``gpufaas up`` does)
+and over pooled HTTP/1.1 (``http``, the path before it), so before and after share one run.
 
 Every loop is bounded in count and time; servers bind 127.0.0.1 and are stopped at the end.
 """
@@ -230,6 +234,7 @@ async def measure(
             if name == "tiny-mlp":
                 out[name]["cpu_us_per_request"] = cpu / len(lat) * 1e6
                 out[name]["gateway_cpu_us_per_request"] = gateway_cpu / len(lat) * 1e6
+                out[name]["node_cpu_us_per_request"] = (cpu - gateway_cpu) / len(lat) * 1e6
             if grpc_port is not None:
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
                     call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
@@ -295,10 +300,12 @@ def run_system(
     args: argparse.Namespace,
     *,
     pythonpath: str | None = None,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     port, grpc_port = free_port(), free_port()
     command = [python, "-m", "gpufaas.core.cli", "up", "--port", str(port),
-               "--functions", str(functions), "--cpu-devices", "1", "--policy", args.policy]  # fmt: skip
+               "--functions", str(functions), "--cpu-devices", "1", "--policy", args.policy,
+               *extra]  # fmt: skip
     env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": tempfile.mkdtemp()}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
@@ -409,6 +416,11 @@ def main() -> int:
     parser.add_argument("--policy", default="lalb-o3")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the systems this often")
     parser.add_argument(
+        "--node-transports",
+        default="framed,http",
+        help="this checkout's gateway->node hops to run, comma-separated (framed, http)",
+    )
+    parser.add_argument(
         "--node-app",
         choices=("inline", "thread"),
         default=None,
@@ -429,15 +441,20 @@ def main() -> int:
         )
         print(json.dumps({"node_app_cpu_us_per_request": cpu, "mode": args.node_app}))
         return 0
-    systems = {"this": sys.executable}
+    # label -> (python, extra `gpufaas up` arguments)
+    systems: dict[str, tuple[str, tuple[str, ...]]] = {}
     if args.baseline:
-        systems = {"baseline": args.baseline, **systems}
+        systems["baseline"] = (args.baseline, ())
+    for transport in args.node_transports.split(","):
+        systems[transport] = (sys.executable, ("--node-transport", transport))
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in systems}
     for _ in range(args.rounds):
-        for label, python in systems.items():
+        for label, (python, extra) in systems.items():
             path = args.baseline_path if label == "baseline" else None
             results[label].append(
-                run_system(python, label, work / "functions", models, args, pythonpath=path)
+                run_system(
+                    python, label, work / "functions", models, args, pythonpath=path, extra=extra
+                )
             )
     print(json.dumps({**results, "unanswered": FAILURES}, indent=1))
     return 0

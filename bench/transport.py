@@ -1,10 +1,11 @@
-"""The gateway -> GPU manager transport on its own: httpx vs the pooled httptools client.
+"""The gateway -> GPU manager transport on its own: httpx, the pooled httptools client, frames.
 
-A trivial ASGI app (echoes the body, as a warm tiny inference would answer 100 bytes) runs
-under uvicorn (httptools, uvloop) in a subprocess on loopback; this process sends ``--requests``
-binary POSTs of ``--size`` bytes, one at a time and then 8 at a time, with each client, and
-reports the client's own CPU per request (``time.process_time``) and the latency percentiles.
-The server's CPU is the same for both clients; the client's is what the gateway pays.
+A trivial echo server (as a warm tiny inference would answer 100 bytes) runs in a subprocess:
+an ASGI app under uvicorn (httptools, uvloop) on loopback TCP, and the node's framed listener
+(``gpu_manager/framed.py``) on a Unix socket and a TCP port, in the same loop. This process sends
+``--requests`` calls of ``--size`` bytes, one at a time and then 8 at a time, with each client,
+and reports the client's own CPU per request (``time.process_time``: what the gateway pays), the
+server's (``/proc/<pid>/stat``: what the node pays for the hop), and the latency percentiles.
 
     python bench/transport.py --requests 3000
 """
@@ -14,21 +15,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import uvloop
 
-from gpufaas.scheduler.transport import NodePool
+from gpufaas.core.frames import InferHead
+from gpufaas.scheduler.transport import FramedPool, NodePool
 
 SERVER = """
-import uvicorn
+import asyncio, uvicorn, uvloop
+from gpufaas.gpu_manager.framed import FramedServer
+from pathlib import Path
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
@@ -38,8 +45,15 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/octet-stream")]})
     await send({"type": "http.response.body", "body": body})
-uvicorn.run(app, host="127.0.0.1", port=PORT, log_level="warning", access_log=False,
-            http="httptools", loop="uvloop", lifespan="off")
+async def echo(call, body):
+    return 200, [(b"content-type", b"application/octet-stream")], bytes(body)
+async def main():
+    framed = FramedServer(echo, token=None, max_body_bytes=1 << 20)
+    await framed.start(unix_path=Path("SOCK"), host="127.0.0.1", port=FPORT)
+    config = uvicorn.Config(app, host="127.0.0.1", port=PORT, log_level="warning",
+                            access_log=False, http="httptools", loop="none", lifespan="off")
+    await uvicorn.Server(config).serve()
+uvloop.run(main())
 """
 
 
@@ -49,8 +63,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def server_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def run(
-    send: Callable[[], Awaitable[Any]], *, clients: int, count: int
+    send: Callable[[], Awaitable[Any]], *, clients: int, count: int, server: int
 ) -> dict[str, float]:
     latencies: list[float] = []
     left = count
@@ -65,19 +84,23 @@ async def run(
 
     for _ in range(min(200, count)):
         await send()
-    cpu, wall = time.process_time(), time.perf_counter()
+    cpu, wall, served = time.process_time(), time.perf_counter(), server_cpu_s(server)
     await asyncio.gather(*(client() for _ in range(clients)))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    served = server_cpu_s(server) - served
     ms = np.array(latencies) * 1000
     return {
         "client_cpu_us_per_request": cpu / count * 1e6,
+        "server_cpu_us_per_request": served / count * 1e6,
         "p50_ms": float(np.percentile(ms, 50)),
         "p99_ms": float(np.percentile(ms, 99)),
         "rps": count / wall,
     }
 
 
-async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
+async def measure(
+    url: str, sock: str, framed_port: int, server: int, args: argparse.Namespace
+) -> dict[str, Any]:
     body = bytes(args.size)
     headers = {"Content-Type": "application/octet-stream", "X-Gpufaas-Device": "cpu:0"}
     results: dict[str, Any] = {}
@@ -91,7 +114,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
         for clients in (1, 8):
             results[f"httpx, {clients} client(s)"] = await run(
-                with_httpx, clients=clients, count=args.requests
+                with_httpx, clients=clients, count=args.requests, server=server
             )
     pool = NodePool(url, size=8)
 
@@ -101,9 +124,24 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
     for clients in (1, 8):
         results[f"pooled httptools, {clients} client(s)"] = await run(
-            with_pool, clients=clients, count=args.requests
+            with_pool, clients=clients, count=args.requests, server=server
         )
     await pool.close()
+    call = InferHead("echo", "cpu:0")
+    for where, framed in (
+        ("unix", FramedPool(unix_path=sock, size=8)),
+        ("tcp", FramedPool(host="127.0.0.1", port=framed_port, size=8)),
+    ):
+
+        async def with_frames(framed: FramedPool = framed) -> None:
+            reply = await framed.infer(call, body)
+            assert reply.status == 200
+
+        for clients in (1, 8):
+            results[f"frames over {where}, {clients} client(s)"] = await run(
+                with_frames, clients=clients, count=args.requests, server=server
+            )
+        await framed.close()
     return results
 
 
@@ -112,8 +150,10 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--size", type=int, default=200, help="request body bytes")
     args = parser.parse_args()
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", SERVER.replace("PORT", str(port))])
+    port, framed_port = free_port(), free_port()
+    sock = str(Path(tempfile.mkdtemp(prefix="gpufaas-transport-")) / "echo.sock")
+    script = SERVER.replace("FPORT", str(framed_port)).replace("PORT", str(port))
+    server = subprocess.Popen([sys.executable, "-c", script.replace("SOCK", sock)])
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -122,7 +162,12 @@ def main() -> int:
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        print(json.dumps(uvloop.run(measure(url, args)), indent=1))
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.1)
+        results = uvloop.run(measure(url, sock, framed_port, server.pid, args))
+        print(json.dumps(results, indent=1))
     finally:
         server.terminate()
         server.wait(timeout=30)

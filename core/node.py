@@ -18,6 +18,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpufaas.cache import Residency
+from gpufaas.core.frames import FramedEndpoint
 
 __all__ = [
     "DEMOTE",
@@ -187,6 +188,8 @@ class NodeState(_State):
         default_factory=dict, description="torch, the CUDA it was built for, and the driver."
     )
     ready: bool = True  # False after a fatal device error: the manager is exiting
+    # Where the node serves framed inference (core/frames.py), if it does.
+    framed: FramedEndpoint | None = None
     failure: str | None = None
 
     def device(self, device_id: str) -> DeviceState:

@@ -44,6 +44,19 @@ def _parser() -> argparse.ArgumentParser:
         default=4,
         help="requests running per device, from all gateway replicas together (0: no bound)",
     )
+    # The gateway's fast lane (gpu_manager/framed.py): framed inference, no HTTP per request.
+    parser.add_argument(
+        "--framed-socket",
+        type=Path,
+        default=None,
+        help="also serve framed inference on this Unix socket (a gateway on the same host)",
+    )
+    parser.add_argument(
+        "--framed-port",
+        type=int,
+        default=-1,
+        help="also serve framed inference on this TCP port of --host (-1: none, 0: any free)",
+    )
     # The disk tier: loading-optimised sidecars on node-local disk, within this budget.
     parser.add_argument(
         "--disk-cache",
@@ -56,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a GPU manager (node agent)."""
     from gpufaas.gpu_manager.main import build_runtime, serve
+    from gpufaas.gpu_manager.server import FramedListen
 
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -89,5 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=args.port,
         name=args.name,
         device_concurrency=args.device_concurrency or None,
+        framed=FramedListen(
+            unix_path=args.framed_socket,
+            host=args.host,
+            port=None if args.framed_port < 0 else args.framed_port,
+        )
+        if args.framed_socket is not None or args.framed_port >= 0
+        else None,
     )
     return 0

@@ -660,6 +660,21 @@ def allocate_host(nbytes: int, *, pin: bool) -> tuple[torch.Tensor, bool]:
 _CUDA_HOST_REGISTER_PORTABLE = 1  # page-locked for every CUDA context, not only the current one
 
 
+def stage_for(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A request's host tensor, ready for its copy to ``device``.
+
+    On a CUDA device: copied once into pinned memory from torch's caching host allocator, so the
+    host-to-device copy that follows is a real asynchronous DMA (a pageable source makes the
+    driver stage it through its own buffer, synchronously); the allocator reuses a staging
+    block only once the copies that read it are done. Anywhere else: the tensor itself, no copy.
+    """
+    if device.type != "cuda" or tensor.is_pinned():
+        return tensor
+    staged = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    staged.copy_(tensor)
+    return staged
+
+
 def register_host(pointer: int, nbytes: int) -> bool:
     """Page-lock ``nbytes`` of host memory at ``pointer`` for all GPUs; False if CUDA refuses
     (or is absent). Blocking, and slow for large ranges (every page is faulted in and locked):

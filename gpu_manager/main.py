@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ from gpufaas.gpu_manager.devices import (
     platform_versions,
 )
 from gpufaas.gpu_manager.runtime import DEFAULT_DISK_CACHE_BYTES, NodeRuntime
-from gpufaas.gpu_manager.server import create_app
+from gpufaas.gpu_manager.server import FramedListen, create_app
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,13 @@ def build_runtime(
 
 
 def serve(
-    *, runtime: NodeRuntime, host: str, port: int, name: str, device_concurrency: int | None = 4
+    *,
+    runtime: NodeRuntime,
+    host: str,
+    port: int,
+    name: str,
+    device_concurrency: int | None = 4,
+    framed: FramedListen | None = None,
 ) -> None:
     """Serve until interrupted. ``GPUFAAS_MANAGER_TOKEN``, when set, is required of callers."""
     # Requests run in threads; one intra-op thread each keeps them from fighting over cores.
@@ -83,12 +90,24 @@ def serve(
         versions["driver"] or "none",
         versions["driver_cuda"] or "none",
     )
+    app = create_app(
+        runtime,
+        token=token,
+        admission=DeviceAdmission(concurrency=device_concurrency),
+        framed=framed,
+    )
+    # Start-up objects (torch, numpy, pydantic schemas, the app) never die: keep them out of
+    # the collector's generations, so its full passes stop walking them on the request path.
+    gc.freeze()
     uvicorn.run(
-        create_app(runtime, token=token, admission=DeviceAdmission(concurrency=device_concurrency)),
+        app,
         host=host,
         port=port,
         log_level="warning",
         access_log=False,
+        http="httptools",
+        loop="uvloop",
+        proxy_headers=False,  # nothing reads the caller's address
     )
     if not runtime.health.ready:  # a fatal device error stopped the server: say so on exit
         logger.critical("exiting: %s", runtime.health.failure)

@@ -14,8 +14,10 @@ import logging
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpufaas.core import node
 from gpufaas.core.api import InferenceFunctionSpec, ManifestError, parse_spec
+from gpufaas.core.frames import InferHead
 from gpufaas.core.http import (
     BATCH_SIZE_HEADER,
     CACHE_HEADER,
@@ -54,6 +57,7 @@ from gpufaas.core.protocol import (
 )
 from gpufaas.gpu_manager.admission import AdmissionCollector, AdmissionFull, DeviceAdmission
 from gpufaas.gpu_manager.devices import device_free_bytes
+from gpufaas.gpu_manager.framed import Answer, FramedServer
 from gpufaas.gpu_manager.prefetch import add_prefetch_routes
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
 from gpufaas.gpu_manager.shards import shard_host, shard_router
@@ -208,15 +212,30 @@ def create_app(
     limits: Limits | None = None,
     token: str | None = None,
     admission: DeviceAdmission | None = None,
+    framed: FramedListen | None = None,
 ) -> ASGIApp:
     """The manager's app: :class:`InferFastPath` for inference, FastAPI for the rest; with
     ``token``, every path but health and metrics needs it as ``Authorization: Bearer <token>``
     (the gateway sends ``GPUFAAS_MANAGER_TOKEN``). ``admission`` bounds the inference requests
     running per device, whichever gateway replica sent them (``gpu_manager/admission.py``); by
-    default 4, the gateway's default."""
+    default 4, the gateway's default. ``framed``: also serve inference as frames
+    (``gpu_manager/framed.py``) on a Unix socket and/or TCP port, for the app's lifetime; the
+    endpoints are advertised in the node's state."""
     admission = admission or DeviceAdmission(concurrency=4)
     limits = limits or Limits()
-    app = FastAPI(title="gpufaas GPU manager", version="v1alpha1")
+    framed_server: FramedServer | None = None
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if framed_server is not None and framed is not None:
+            await framed_server.start(unix_path=framed.unix_path, host=framed.host, port=framed.port)
+        try:
+            yield
+        finally:
+            if framed_server is not None:
+                await framed_server.close()
+
+    app = FastAPI(title="gpufaas GPU manager", version="v1alpha1", lifespan=lifespan)
     install_error_handlers(app)
     registry = CollectorRegistry()
     registry.register(_StateCollector(runtime))
@@ -242,7 +261,19 @@ def create_app(
     app.state.prefetcher = add_prefetch_routes(app, runtime, registry=registry)  # #13
     # Shards of models split across nodes (FSD-Inference): routes and budget in shards.py.
     app.include_router(shard_router(shard_host(runtime, token=token)))
-    _add_routes(app, runtime, limits=limits, metrics=metrics)
+    if framed is not None:
+
+        async def framed_answer(call: InferHead, body: bytes | memoryview) -> Answer:
+            async def read() -> bytes | memoryview:
+                return body
+
+            return await answer_call(runtime, call, read, limits, metrics)
+
+        framed_server = FramedServer(
+            framed_answer, token=token, max_body_bytes=limits.max_body_bytes
+        )
+    app.state.framed = framed_server
+    _add_routes(app, runtime, limits=limits, metrics=metrics, framed=framed_server)
     served: ASGIApp = InferFastPath(app, runtime=runtime, limits=limits, metrics=metrics)
     if token:
         served = token_auth(
@@ -254,8 +285,23 @@ def create_app(
     return served
 
 
+@dataclass(frozen=True)
+class FramedListen:
+    """Where to serve framed inference: a Unix socket path and/or ``host``:``port`` (0: any
+    free port)."""
+
+    unix_path: Path | None = None
+    host: str | None = None
+    port: int | None = None
+
+
 def _add_routes(
-    app: FastAPI, runtime: NodeRuntime, *, limits: Limits, metrics: _InferMetrics
+    app: FastAPI,
+    runtime: NodeRuntime,
+    *,
+    limits: Limits,
+    metrics: _InferMetrics,
+    framed: FramedServer | None,
 ) -> None:
     @app.get(EXECUTIONS_PATH)
     async def execution_counts() -> JSONResponse:
@@ -273,7 +319,10 @@ def _add_routes(
 
     @app.get(node.STATE)
     async def state() -> Response:
-        return Response(runtime.state().model_dump_json(), media_type="application/json")
+        state = runtime.state()
+        if framed is not None:
+            state = state.model_copy(update={"framed": framed.endpoint})
+        return Response(state.model_dump_json(), media_type="application/json")
 
     @app.put(node.FUNCTION)
     async def put_function(name: str, request: Request) -> Response:
@@ -304,7 +353,8 @@ def _add_routes(
         def read() -> Awaitable[bytes]:
             return read_body(request, max_bytes=limits.max_body_bytes)
 
-        return await answer_infer(runtime, name, read, request.headers, limits, metrics)
+        answer = await answer_infer(runtime, name, read, request.headers, limits, metrics)
+        return answer_response(answer)
 
     @app.post(node.MODEL_LOAD)
     async def load(name: str, request: Request) -> Response:
@@ -347,39 +397,56 @@ class InferFastPath:
         match, headers, read = post.match, post.headers, post.read
 
         try:
-            response = await answer_infer(
+            answer = await answer_infer(
                 self.runtime, match["name"], read, headers, self.limits, self.metrics
             )
         except Exception as e:  # as FastAPI's handlers do: a message, never a traceback
             logger.exception("unhandled error on POST %s", scope["path"])
-            response = error_response(
-                500,
-                f"internal error ({type(e).__name__}); see the server log",
-                reason="InternalError",
+            answer = _error(
+                500, f"internal error ({type(e).__name__}); see the server log", "InternalError"
             )
-        await response(scope, receive, send)
+        await send_answer(answer, send)
 
 
 async def answer_infer(
     runtime: NodeRuntime,
     name: str,
-    read: Callable[[], Awaitable[bytes]],
+    read: Callable[[], Awaitable[bytes | memoryview]],
     headers: Mapping[str, str],
     limits: Limits,
     metrics: _InferMetrics,
-) -> Response:
-    """One inference request: decode once, run, encode; errors as ``{"error": ...}`` with the
-    status of their kind. ``headers``: looked up by lower-case name."""
-    device_header = headers.get(DEVICE_HEADER.lower())
+) -> Answer:
+    """One HTTP inference request (``headers`` looked up by lower-case name): its call's fields
+    from the headers, then :func:`answer_call`."""
+    try:
+        header_length = parse_header_length(headers.get(HEADER_LENGTH.lower()))
+    except ProtocolError as e:
+        return _error(e.status_code, str(e), "InvalidRequest")
+    call = InferHead(
+        model=name,
+        device=headers.get(DEVICE_HEADER.lower()),
+        header_length=header_length,
+        evict_first=headers.get(EVICT_FIRST_HEADER.lower(), ""),
+    )
+    return await answer_call(runtime, call, read, limits, metrics)
+
+
+async def answer_call(
+    runtime: NodeRuntime,
+    call: InferHead,
+    read: Callable[[], Awaitable[bytes | memoryview]],
+    limits: Limits,
+    metrics: _InferMetrics,
+) -> Answer:
+    """One inference call, HTTP or framed: decode once, run, encode; errors as
+    ``{"error": ...}`` with the status of their kind. Returns status, raw headers and body."""
+    name, device_header = call.model, call.device
     try:
         spec: InferenceFunctionSpec = runtime.spec(name)
         body = await read()
         # The one decode: straight from the body's bytes into arrays.
-        decoded = decode_request(
-            body,
-            header_length=parse_header_length(headers.get(HEADER_LENGTH.lower())),
-            limits=limits,
-        )
+        decoded = decode_request(body, header_length=call.header_length, limits=limits)  # type: ignore[arg-type]
+        evict_first = parse_evict_first(call.evict_first)
         if spec.tokenizer is None:
             inputs = list(validate_inputs(decoded, spec.inputs).values())
         else:  # text in: sentences -> token ids and mask
@@ -387,17 +454,14 @@ async def answer_infer(
             inputs = tokenize(text[spec.tokenizer.input], spec.tokenizer)
         async with metrics.admission.slot(device_header or "auto"):
             outcome = await runtime.infer(
-                name,
-                inputs,
-                device_id=device_header,
-                evict_first=parse_evict_first(headers.get(EVICT_FIRST_HEADER.lower())),
+                name, inputs, device_id=device_header, evict_first=evict_first
             )
     except RuntimeFailure as e:
-        return failure_response(e)
+        return _answer_of(failure_response(e))
     except AdmissionFull as e:
-        return error_response(429, str(e), reason="Overloaded", headers={"Retry-After": "1"})
+        return _error(429, str(e), "Overloaded", [(b"retry-after", b"1")])
     except ProtocolError as e:
-        return error_response(e.status_code, str(e), reason="InvalidRequest")
+        return _error(e.status_code, str(e), "InvalidRequest")
     metrics.executions.ran(decoded.id)
     device_id = device_header or "auto"
     metrics.requests.labels(name, device_id, "hit" if outcome.cache_hit else "miss").inc()
@@ -407,10 +471,8 @@ async def answer_infer(
     if decoded.requested_outputs is not None:
         unknown = [o for o in decoded.requested_outputs if o not in outputs]
         if unknown:
-            return error_response(
-                400,
-                f"unknown output(s) {unknown}; the model has {list(outputs)}",
-                reason="InvalidRequest",
+            return _error(
+                400, f"unknown output(s) {unknown}; the model has {list(outputs)}", "InvalidRequest"
             )
         outputs = {o: outputs[o] for o in decoded.requested_outputs}
     payload, out_headers = encode_response(
@@ -420,10 +482,51 @@ async def answer_infer(
         outputs=outputs,
         binary=decoded.binary_outputs,
     )
-    out_headers[CACHE_HEADER] = "hit" if outcome.cache_hit else "miss"
-    out_headers[LOAD_MS_HEADER] = f"{outcome.load_ms:.3f}"
-    out_headers[COMPUTE_MS_HEADER] = f"{outcome.compute_ms:.3f}"
-    out_headers[MODEL_BYTES_HEADER] = str(outcome.size_bytes)
-    out_headers[LOAD_SOURCE_HEADER] = outcome.load_source
-    out_headers[BATCH_SIZE_HEADER] = str(outcome.batch_size)
-    return Response(payload, headers=out_headers)
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out_headers.items()]
+    raw += (
+        (_CACHE, b"hit" if outcome.cache_hit else b"miss"),
+        (_LOAD_MS, b"%.3f" % outcome.load_ms),
+        (_COMPUTE_MS, b"%.3f" % outcome.compute_ms),
+        (_MODEL_BYTES, b"%d" % outcome.size_bytes),
+        (_LOAD_SOURCE, outcome.load_source.encode("latin-1")),
+        (_BATCH_SIZE, b"%d" % outcome.batch_size),
+    )
+    return 200, raw, payload
+
+
+_CACHE, _LOAD_MS, _COMPUTE_MS = (h.encode() for h in (CACHE_HEADER, LOAD_MS_HEADER, COMPUTE_MS_HEADER))
+_MODEL_BYTES, _LOAD_SOURCE, _BATCH_SIZE = (
+    h.encode() for h in (MODEL_BYTES_HEADER, LOAD_SOURCE_HEADER, BATCH_SIZE_HEADER)
+)
+
+
+def _answer_of(response: Response) -> Answer:
+    """An error response (rare) as an :data:`Answer`, without its content-length (the sender
+    adds its own)."""
+    headers = [(k, v) for k, v in response.raw_headers if k != b"content-length"]
+    return response.status_code, headers, bytes(response.body)
+
+
+def _error(
+    status: int, message: str, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> Answer:
+    return _answer_of(error_response(status, message, reason=reason, headers={
+        k.decode(): v.decode() for k, v in extra}))
+
+
+def answer_response(answer: Answer) -> Response:
+    """An :data:`Answer` as a Starlette response (the FastAPI route)."""
+    status, headers, body = answer
+    response = Response(bytes(body), status_code=status)
+    response.raw_headers = [
+        *(h for h in headers), (b"content-length", b"%d" % len(body))
+    ]
+    return response
+
+
+async def send_answer(answer: Answer, send: Send) -> None:
+    """An :data:`Answer` on a bare ASGI connection."""
+    status, headers, body = answer
+    raw = [*headers, (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

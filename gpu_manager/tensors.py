@@ -14,6 +14,7 @@ import torch
 from numpy.typing import NDArray
 
 from gpufaas.core.api import InferenceFunctionSpec, TensorSpec
+from gpufaas.gpu_manager.devices import stage_for
 
 __all__ = [
     "TORCH_DTYPES",
@@ -82,7 +83,8 @@ def to_tensor(array: NDArray[Any], datatype: str, device: torch.device) -> torch
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     if datatype == "BF16":  # carried as raw uint16 bits
         tensor = tensor.view(torch.bfloat16)
-    return tensor.to(device, non_blocking=True)
+    # CUDA: through a pinned staging buffer, so the copy is asynchronous; the CPU: no copy.
+    return stage_for(tensor, device).to(device, non_blocking=True)
 
 
 def to_array(tensor: torch.Tensor, datatype: str) -> NDArray[Any]:

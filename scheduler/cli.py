@@ -43,6 +43,13 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default=DEFAULT_POLICY, help="lb, lalb or lalb-o3")
     parser.add_argument("--max-request-bytes", default="64Mi", help="largest request body accepted")
     parser.add_argument(
+        "--node-transport",
+        choices=("framed", "http"),
+        default="framed",
+        help="inference calls to the GPU managers: frames where a manager serves them "
+        "(docs/dataplane.md), else HTTP; http: always HTTP",
+    )
+    parser.add_argument(
         "--sync-interval", type=float, default=5.0, help="seconds between full re-syncs"
     )
     parser.add_argument(
@@ -97,6 +104,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         device_concurrency=args.device_concurrency,
         max_queue_per_device=args.max_queue_per_device,
         max_pending_per_function=args.max_pending_per_function,
+        transport="framed" if args.node_transport == "framed" else "pooled",
     )
 
 

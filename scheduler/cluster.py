@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from gpufaas.cache import ClusterDirectory, DeviceKind, Residency
 from gpufaas.core.api import InferenceFunctionSpec
+from gpufaas.core.frames import FramedEndpoint
 from gpufaas.core.node import FUNCTION, STATE, DeviceState, NodeState, route
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Node:
     client: httpx.AsyncClient
     healthy: bool = False
     devices: dict[str, Device] = field(default_factory=dict)
+    framed: FramedEndpoint | None = None  # where it serves framed inference, from its state
 
 
 def residents_from_state(device_state: DeviceState) -> list[tuple[str, Residency, int]]:
@@ -67,6 +69,7 @@ class Cluster:
     ) -> None:
         self.directory = ClusterDirectory()
         # GPU managers accept work only from a gateway holding the shared secret.
+        self.manager_token = manager_token
         self._headers = {"Authorization": f"Bearer {manager_token}"} if manager_token else {}
         self._timeout = httpx.Timeout(timeout_s, connect=5.0)
         self.nodes: dict[str, Node] = {}
@@ -140,6 +143,7 @@ class Cluster:
                 logger.warning("GPU manager %s (%s) is down: %s", node.name, node.url, e)
             self.mark_down(node)
             return False
+        node.framed = state.framed
         seen = set()
         for device_state in state.devices:
             key = f"{node.name}/{device_state.id}"

@@ -27,11 +27,13 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
@@ -42,6 +44,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gpufaas.cache import InsufficientCapacity, Residency
 from gpufaas.core import node as node_api
 from gpufaas.core.api import InferenceFunction, is_valid_name
+from gpufaas.core.frames import FramedEndpoint, InferHead
 from gpufaas.core.http import (
     CACHE_HEADER,
     COMPUTE_MS_HEADER,
@@ -82,7 +85,7 @@ from gpufaas.scheduler.dispatch import DeviceGone, DeviceLoad, Dispatcher, Job, 
 from gpufaas.scheduler.estimates import Estimates
 from gpufaas.scheduler.policy import Decision, NoDevice, Policy, RouteRequest
 from gpufaas.scheduler.prefetch import PrefetchDriver
-from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
+from gpufaas.scheduler.transport import FramedPool, NodePool, NodeReply, NodeUnreachable
 
 if TYPE_CHECKING:
     from gpufaas.scheduler.replicas import Replicas
@@ -163,9 +166,10 @@ class GatewayConfig:
     # O3: a request is passed at most this often, or held at most this long.
     o3_max_passes: int = 8
     o3_max_hold_ms: float = 500.0
-    # The hot path to the managers: "pooled" (transport.NodePool) or "httpx" (each node's
-    # client; in-process tests mount a manager app on it).
-    transport: Literal["pooled", "httpx"] = "pooled"
+    # The hot path to the managers: "framed" (transport.FramedPool to a node that serves frames,
+    # else "pooled"), "pooled" (transport.NodePool, HTTP) or "httpx" (each node's client;
+    # in-process tests mount a manager app on it).
+    transport: Literal["framed", "pooled", "httpx"] = "framed"
     node_timeout_s: float = 120.0
 
 
@@ -255,14 +259,21 @@ class NodeCall:
     path: str
     body: bytes | memoryview = b""
     headers: Mapping[str, str] = field(default_factory=dict)
+    # An inference call: what the node's framed lane carries instead of the path and headers.
+    infer: InferHead | None = None
+
+
+_JSON_HEADERS = {"Content-Type": JSON_CONTENT_TYPE}
 
 
 def infer_call(name: str, body: bytes | memoryview, *, header_length: int | None) -> NodeCall:
     """The node's infer call for a body the gateway has inspected, forwarded as it is."""
+    path = node_api.MODEL_INFER.format(name=name)
+    framed = InferHead(model=name, header_length=header_length)
     if header_length is None:
-        return NodeCall(node_api.MODEL_INFER.format(name=name), body, {"Content-Type": JSON_CONTENT_TYPE})
+        return NodeCall(path, body, _JSON_HEADERS, framed)
     headers = {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(header_length)}
-    return NodeCall(node_api.MODEL_INFER.format(name=name), body, headers)
+    return NodeCall(path, body, headers, framed)
 
 
 @dataclass(frozen=True)
@@ -309,6 +320,7 @@ class Gateway:
         # device key -> models routed there and not answered yet (queued here or running)
         self.in_flight: dict[str, collections.Counter[str]] = {}
         self.pools: dict[str, NodePool] = {}  # node name -> its hot-path connections
+        self.framed: dict[str, FramedPool] = {}  # node name -> its framed lane, if it has one
         self._sync_task: asyncio.Task[None] | None = None
         # Kubernetes mode: where the managers are, and tasks that feed the functions.
         self.discover_managers: Callable[[], Awaitable[Mapping[str, str]]] | None = None
@@ -350,7 +362,9 @@ class Gateway:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.sharded.close()
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+        await asyncio.gather(*(pool.close() for pool in self.framed.values()))
         self.pools.clear()
+        self.framed.clear()
         await self.cluster.close()
 
     async def sync(self) -> None:
@@ -617,10 +631,18 @@ class Gateway:
             raise DeadlineExceeded(
                 f"the deadline of the request for {name!r} passed while it waited"
             )
+        node = device.node
+        if call.infer is not None and node.framed is not None and self.config.transport == "framed":
+            framed = self._framed_pool(node, node.framed)
+            if framed is not None:  # the node's framed lane: no HTTP at either end
+                evict = format_evict_first(victims) if victims else ""
+                model, _, header_length, _ = call.infer
+                head = InferHead(model, device.device_id, header_length, evict)
+                return await framed.infer(head, call.body)
         headers = {**call.headers, DEVICE_HEADER: device.device_id}
         if victims:
             headers[EVICT_FIRST_HEADER] = format_evict_first(victims)
-        return await self._post(device.node, call.path, call.body, headers)
+        return await self._post(node, call.path, call.body, headers)
 
     async def _post(
         self, node: Node, path: str, body: bytes | memoryview, headers: Mapping[str, str]
@@ -649,6 +671,30 @@ class Gateway:
             self.pools[node.name] = pool
             if old is not None:
                 asyncio.get_running_loop().create_task(old.close())
+        return pool
+
+    def _framed_pool(self, node: Node, endpoint: FramedEndpoint) -> FramedPool | None:
+        """The node's framed pool: over its Unix socket when that socket is on this host, else
+        its framed TCP port; None when it has neither that this gateway can reach."""
+        unix_path = endpoint.unix_path if endpoint.unix_path and os.path.exists(endpoint.unix_path) else None
+        where = (unix_path, None if unix_path else endpoint.tcp_port)
+        pool = self.framed.get(node.name)
+        if pool is not None and (pool.unix_path, pool.port) == where:
+            return pool
+        if where == (None, None):
+            return None
+        token = self.cluster.manager_token
+        pool = FramedPool(
+            unix_path=unix_path,
+            host=None if unix_path else urlsplit(node.url).hostname,
+            port=None if unix_path else endpoint.tcp_port,
+            size=max(1, len(node.devices)) * self.config.device_concurrency,
+            token=token,
+            timeout_s=self.config.node_timeout_s,
+        )
+        old, self.framed[node.name] = self.framed.get(node.name), pool
+        if old is not None:
+            asyncio.get_running_loop().create_task(old.close())
         return pool
 
     def _track_health(self) -> None:

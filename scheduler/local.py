@@ -12,10 +12,12 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,13 +47,18 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def manager_command(*, name: str, port: int, options: ManagerOptions) -> list[str]:
-    """The GPU manager's command line: a subprocess of its own, nothing of it imported here."""
+def manager_command(
+    *, name: str, port: int, options: ManagerOptions, framed_socket: Path | None = None
+) -> list[str]:
+    """The GPU manager's command line: a subprocess of its own, nothing of it imported here.
+    ``framed_socket``: the Unix socket of its framed inference lane (``docs/dataplane.md``)."""
+    framed = ["--framed-socket", str(framed_socket)] if framed_socket is not None else []
     return [
         sys.executable, "-m", MANAGER_MODULE,
         "--name", name,
         "--host", "127.0.0.1",
         "--port", str(port),
+        *framed,
         *options.to_argv(),
     ]  # fmt: skip
 
@@ -112,17 +119,22 @@ def run_managers(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if token:
         env["GPUFAAS_MANAGER_TOKEN"] = token
+    # The managers share this host with the gateway: each also serves frames on a Unix socket.
+    sockets = Path(tempfile.mkdtemp(prefix="gpufaas-sockets-"))  # 0700: this user only
     try:
         for i in range(nodes):
             name = f"node-{i}"
             port = free_port()
-            command = manager_command(name=name, port=port, options=options)
+            command = manager_command(
+                name=name, port=port, options=options, framed_socket=sockets / f"{name}.sock"
+            )
             procs.append(subprocess.Popen(command, env=env, preexec_fn=die_with_parent))
             urls[name] = f"http://127.0.0.1:{port}"
         wait_ready(list(urls.values()), timeout_s=start_timeout_s, procs=procs)
         yield urls
     finally:
         stop_processes(procs)
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 # -- scale-out: several gateway replicas (#16) -----------------------------------------------------

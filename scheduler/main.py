@@ -53,6 +53,7 @@ def serve(*, gateway: Gateway, host: str, port: int, grpc_port: int | None = Non
         access_log=False,
         http="httptools",
         loop="uvloop",
+        proxy_headers=False,  # nothing reads the client's address: no X-Forwarded-* per request
     )
     server = uvicorn.Server(config)
     # Start-up objects (torch, pydantic schemas, the app) never die: keep them out of the

@@ -58,9 +58,12 @@ def _ready(url: str) -> bool:
 class System:
     """Two managers and a gateway, each a real process that tests may kill."""
 
-    def __init__(self, *, env: dict[str, str], options: ManagerOptions) -> None:
+    def __init__(
+        self, *, env: dict[str, str], options: ManagerOptions, sockets: Path | None = None
+    ) -> None:
         self.env = env
         self.options = options
+        self.sockets = sockets  # the managers' framed Unix sockets here; None: HTTP only
         self.manager_ports = {f"node-{i}": free_port() for i in range(2)}
         self.managers: dict[str, subprocess.Popen[bytes]] = {}
         self.gateway_port = free_port()
@@ -74,7 +77,10 @@ class System:
         return f"http://127.0.0.1:{self.manager_ports[name]}"
 
     def start_manager(self, name: str) -> None:
-        command = manager_command(name=name, port=self.manager_ports[name], options=self.options)
+        framed = self.sockets / f"{name}.sock" if self.sockets is not None else None
+        command = manager_command(
+            name=name, port=self.manager_ports[name], options=self.options, framed_socket=framed
+        )
         proc = self.managers[name] = subprocess.Popen(
             command, env=self.env, preexec_fn=die_with_parent
         )
@@ -116,12 +122,17 @@ class System:
         stop_processes([p for p in [self.gateway, *self.managers.values()] if p is not None])
 
 
-@pytest.fixture
-def system(tmp_path: Path, gpufaas_env: dict[str, str]) -> Iterator[System]:
+@pytest.fixture(params=["framed", "http"])
+def system(
+    tmp_path: Path, gpufaas_env: dict[str, str], request: pytest.FixtureRequest
+) -> Iterator[System]:
+    """The gateway -> manager calls over the managers' framed Unix sockets (as ``gpufaas up``),
+    or over HTTP."""
     options = ManagerOptions(
         cpu_devices=1, device_memory="1Gi", host_memory="1Gi", artifact_dir=tmp_path / "artifacts"
     )
-    running = System(env=gpufaas_env, options=options)
+    sockets = tmp_path if request.param == "framed" else None
+    running = System(env=gpufaas_env, options=options, sockets=sockets)
     try:
         for name in running.manager_ports:
             running.start_manager(name)
