@@ -18,6 +18,8 @@ Both give the policies a ``DeviceTable``, as the gateway does through its dispat
 ``list[DeviceLoad]``, which the gateway still builds when it must leave devices out (a retry).
 ``--victims`` picks what LALB charges a load for and reports as eviction hints: ``value`` (its
 own cheapest victims; in the simulator the GPU managers honour them) or ``lru``.
+``--staged-nodes N`` gives LALB staged copies (#13): each model held in the host tier or on disk
+of N random nodes, so a load elsewhere is charged the artifact read.
 
     python bench/decision_cost.py                 # both scenarios, as tables
     python bench/decision_cost.py --scenario sim --json
@@ -83,13 +85,27 @@ def time_decisions(
     as_list: bool,
     victims: str,
     seed: int,
+    staged_nodes: int = 0,
 ) -> dict[str, Any]:
     estimates = Estimates()
     rng = np.random.default_rng(seed)
     for m in range(len(sizes)):  # measured estimates, as a warm gateway has them
         estimates.observe_load(f"model-{m}", size_bytes=sizes[m], load_ms=sizes[m] / MIB * 2.5)
         estimates.observe_infer(f"model-{m}", infer_ms=float(rng.uniform(0.5, 8)))
-    policy = make_policy(policy_name, seed=seed, estimates=estimates)
+    staged = None
+    if staged_nodes > 0:  # each model staged (host tier, disk) on this many random nodes (#13)
+        nodes = sorted({directory.node(k) for k in directory.devices()})
+        pick = random.Random(seed)
+        copies = {
+            f"model-{m}": frozenset(pick.sample(nodes, min(staged_nodes, len(nodes))))
+            for m in range(len(sizes))
+        }
+        none: frozenset[str] = frozenset()
+
+        def staged(model: str) -> frozenset[str]:
+            return copies.get(model, none)
+
+    policy = make_policy(policy_name, seed=seed, estimates=estimates, staged=staged)
     if isinstance(policy, LocalityAware):
         policy.victims = "value" if victims == "value" else "lru"
     picks = rng.choice(len(sizes), size=decisions, p=popularity)
@@ -208,6 +224,7 @@ def stress_scenario(args: argparse.Namespace) -> dict[str, Any]:
                 as_list=as_list,
                 victims=args.victims,
                 seed=args.seed,
+                staged_nodes=args.staged_nodes,
             )
     return results
 
@@ -227,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         help="stress: also time this many decisions given a plain list (0: none)",
     )
     parser.add_argument("--victims", choices=("value", "lru"), default="value", help="LALB's")
+    parser.add_argument(
+        "--staged-nodes",
+        type=int,
+        default=0,
+        help="stress: each model has a host/disk copy on this many random nodes (LALB's staged)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sim.engine import SimConfig
-from sim.residency import ResidencySimulation, TierConfig, catalogue_for, engine_trace
+from sim.residency import CAUSES, ResidencySimulation, TierConfig, catalogue_for, engine_trace
 from sim.trace import (
     ServerlessTrace,
     TraceError,
@@ -69,6 +69,9 @@ SETTINGS: list[tuple[str, str, dict[str, float], bool]] = [
     ),
     ("ours-p0.03-fb4h", "predictive", {"device_price": 0.03, "fallback_keepalive_s": 14400}, True),
     ("ours-p0.1-noprefetch", "predictive", {"device_price": 0.1}, False),
+    # without the memoryless mixture (the policy before it): ablation
+    ("ours-p0.01-nosmooth", "predictive", {"device_price": 0.01, "smoothing": 0.0}, True),
+    ("ours-p0.1-nosmooth", "predictive", {"device_price": 0.1, "smoothing": 0.0}, True),
     ("ours-p0.01-noprefetch", "predictive", {"device_price": 0.01}, False),
 ]
 ORCBENCH_SET = "lru+ka-1min,lru+ka-3min,lru+ka-10min,hybrid,ours-p0.03,ours-p0.1,ours-p0.3,ours-p0.1-noprefetch"
@@ -138,7 +141,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         sync_ms=5000.0,
     )
     tiers = TierConfig(
-        host_capacity_bytes=job["host_bytes"], tick_s=job["tick_s"], prefetch=job["prefetch"]
+        host_capacity_bytes=job["host_bytes"],
+        tick_s=job["tick_s"],
+        prefetch=job["prefetch"],
+        staged_routing=job.get("staged_routing", True),
     )
     sim = ResidencySimulation(
         policy,
@@ -185,6 +191,10 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             row[key] = _interval([float(r[key]) for r in runs])
         for tier in ("host", "artifact", "prefetch"):
             row[f"cold_{tier}"] = _interval([r["cold_by_tier"][tier] for r in runs])
+        row["cold_by_cause"] = {
+            cause: statistics.fmean(r.get("cold_by_cause", {}).get(cause, 0.0) for r in runs)
+            for cause in CAUSES
+        }
         precision = [r["prefetch_precision"] for r in runs if r["prefetch_precision"] is not None]
         row["prefetch_precision"] = _interval(precision) if precision else None
         row["prefetches"] = statistics.fmean(r["prefetches"] for r in runs)
@@ -194,7 +204,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def on_curve(label: str) -> bool:
     """Settings that trace a policy's curve (not the ablations: no prefetch, another host price)."""
-    return "noprefetch" not in label and "-h" not in label
+    return "noprefetch" not in label and "-h" not in label and "nosmooth" not in label
 
 
 def at_equal_memory(summary: dict[str, dict[str, Any]], prefix: str, x: float) -> float | None:
@@ -248,6 +258,46 @@ def comparisons(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """``y`` at ``x`` on the piecewise-linear curve through ``points`` (None outside it)."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return next((py for px, py in points if px == x), None)
+
+
+def per_seed(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The goals' comparisons seed by seed (each seed's curves, as memory-times differ between
+    seeds): each of our settings against the LRU + keep-alive curve at its own device
+    memory-time, and our curve against the hybrid at the hybrid's memory-time."""
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        by_seed.setdefault(r["seed"], {})[r["label"]] = r
+    out: dict[str, Any] = {}
+    for seed, runs in sorted(by_seed.items()):
+
+        def curve(prefix: str, runs: dict[str, dict[str, Any]] = runs) -> list[tuple[float, float]]:
+            return [
+                (r["device_gb_s"], r["cold_start_ratio"])
+                for label, r in runs.items()
+                if label.startswith(prefix) and on_curve(label)
+            ]
+
+        row: dict[str, Any] = {}
+        lru = curve("lru")
+        for label, r in runs.items():
+            if label.startswith("ours") and on_curve(label):
+                base = _interpolate(lru, r["device_gb_s"])
+                row[f"{label}_vs_lru"] = r["cold_start_ratio"] / base if base else None
+        if "hybrid" in runs:
+            hybrid = runs["hybrid"]
+            ours = _interpolate(curve("ours"), hybrid["device_gb_s"])
+            row["ours_vs_hybrid"] = ours / hybrid["cold_start_ratio"] if ours is not None else None
+        out[str(seed)] = row
+    return out
+
+
 def _fmt(cell: Any, scale: float = 1.0, digits: int = 4) -> str:
     if cell is None:
         return "-"
@@ -269,6 +319,16 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
             f" | {_fmt(row['p50_ms'])} | {_fmt(row['p99_ms'])} | {_fmt(row['warm_p99_ms'])}"
             f" | {_fmt(row['prefetch_precision'])} | {_fmt(row['observe_us_mean'], digits=3)} |"
         )
+    lines += [
+        "",
+        "Why the cold requests' models were not there (share of all requests, mean over seeds):",
+        "",
+        "| setting | " + " | ".join(CAUSES) + " |",
+        "|" + " --- |" * (len(CAUSES) + 1),
+    ]
+    for label, row in summary.items():
+        cells = " | ".join(f"{row['cold_by_cause'][c]:.4%}" for c in CAUSES)
+        lines.append(f"| {label} | {cells} |")
     return "\n".join(lines)
 
 
@@ -386,6 +446,11 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="add this many Azure-shaped rare functions (timers, sporadic) orcbench lacks",
     )
+    p.add_argument(
+        "--no-staged-routing",
+        action="store_true",
+        help="LALB not told where host copies are (the routing before #13's holder fix)",
+    )
     p.add_argument("--quick", action="store_true", help=f"only {sorted(QUICK)}")
     p.add_argument("--only", default="", help="comma-separated setting labels")
     p.add_argument("--workers", type=int, default=2)
@@ -440,6 +505,7 @@ def _main(argv: list[str] | None) -> int:
             "tick_s": args.tick_s,
             "max_per_hour": args.max_per_hour,
             "tail": args.tail,
+            "staged_routing": not args.no_staged_routing,
         }
         stats = shape(load_trace(base)[0])
         print(f"seed {seed}: trace shape", json.dumps({k: round(v, 4) for k, v in stats.items()}))
@@ -453,6 +519,8 @@ def _main(argv: list[str] | None) -> int:
             brief = {k: result[k] for k in ("label", "seed", "cold_start_ratio", "device_gb_s")}
             print("done", json.dumps(brief), f"{result['wall_s']:.0f} s", flush=True)
             results.append(result)
+            if args.json:  # partial results survive an interrupted sweep
+                Path(args.json).write_text(json.dumps({"runs": results}, indent=1))
     order = {(job["label"], job["seed"]): i for i, job in enumerate(jobs)}
     results.sort(key=lambda r: order[(r["label"], r["seed"])])
     report(results, args)
@@ -463,6 +531,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     summary = summarise(results)
     print(table(summary))
     compared = comparisons(summary)
+    compared["per_seed"] = per_seed(results)
     print(json.dumps(compared, indent=2))
     if args.json:
         Path(args.json).write_text(

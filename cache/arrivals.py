@@ -396,6 +396,10 @@ class PredictivePolicy:
       covers the load), the same inequality holds;
     * evict first the model with the least ``P(arrival within horizon) x reload_ms / bytes``.
 
+    The histogram's ``P`` is mixed with a memoryless arrival at the mean gap,
+    ``(1 - smoothing) x P + smoothing x (1 - exp(-h / mean gap))``: a histogram of a few hundred
+    gaps has empty bins between its modes, where it would say no request can come.
+
     ``device_price`` and ``host_price`` are in ms of load time per GB-second held: the exchange
     rate between cold-start time and memory-time (swept in the benchmark); ``host_price``
     defaults to a twentieth of ``device_price``. A function with fewer
@@ -416,6 +420,7 @@ class PredictivePolicy:
         half_life: float = 256.0,
         periodic_cv: float = 0.1,
         fallback_keepalive_s: float = 10 * MINUTE,
+        smoothing: float = 0.05,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -426,6 +431,9 @@ class PredictivePolicy:
         self.lead_s = _finite(lead_s, "lead_s")
         self.half_life = _finite(half_life, "half_life", minimum=1.0)
         self.periodic_cv = _finite(periodic_cv, "periodic_cv")
+        if not 0.0 <= smoothing <= 1.0:
+            raise ArrivalError(f"smoothing must be in [0, 1], got {smoothing!r}")
+        self.smoothing = smoothing
         self.fallback_keepalive_s = _finite(fallback_keepalive_s, "fallback_keepalive_s")
         self._growth = 2 ** (1 / self.half_life)
         self._seen = _LastSeen()
@@ -496,7 +504,14 @@ class PredictivePolicy:
             # past every gap seen (or the histogram's range): exponential residual, mean idle_s
             return 1.0 - math.exp(-within_s / max(idle_s, 1e-3))
         later = self.survival(function, idle_s + within_s)
-        return min(1.0, max(0.0, (alive - later) / alive))
+        p = min(1.0, max(0.0, (alive - later) / alive))
+        m = self._models.get(function)
+        if self.smoothing > 0 and m is not None and m.gaps > 0:
+            # A histogram of a few hundred gaps has empty bins between its modes, where it
+            # says "no request can come": mix in a memoryless arrival at the mean gap.
+            poisson = 1.0 - math.exp(-within_s / max(m.mean, 1e-3))
+            p = (1.0 - self.smoothing) * p + self.smoothing * poisson
+        return p
 
     # -- deciding --------------------------------------------------------------------------------
 

@@ -162,6 +162,10 @@ class DeviceTier:
         self._log = log
         self._spawn = spawn
         self._starts: SingleFlight[str, DeviceModel] = SingleFlight()
+        self._joined: dict[str, int] = {}  # callers waiting on each start
+        # called with the model whenever a caller starts or joins a load here (#13: a
+        # running prefetch of another model yields to it)
+        self.load_listeners: list[Callable[[str], None]] = []
         self._changed = asyncio.Event()  # replaced on every change; waiters hold the old one
 
     # -- the tier protocol -------------------------------------------------------------------------
@@ -180,9 +184,17 @@ class DeviceTier:
                     found = arriving  # copy under way: compute as its layers land
             if found is None:
                 self._stats.record_miss(self.name)
-                found = await self._starts.do(
-                    model, lambda: self._start_evicting_on_oom(model, spec, prefer)
-                )
+                for listener in self.load_listeners:
+                    listener(model)
+                self._joined[model] = self._joined.get(model, 0) + 1
+                try:
+                    found = await self._starts.do(
+                        model, lambda: self._start_evicting_on_oom(model, spec, prefer)
+                    )
+                finally:
+                    self._joined[model] -= 1
+                    if not self._joined[model]:
+                        del self._joined[model]
             elif hit:
                 self._stats.record_hit(self.name)
             if self.tier.hold(model, found):
@@ -202,6 +214,13 @@ class DeviceTier:
 
     def evict(self, model: str) -> bool:
         return self.tier.retire(model)
+
+    def cancel_start(self, model: str) -> bool:
+        """Cancel a load of ``model`` that has not begun copying yet (filling the host tier,
+        waiting for room), if only one caller waits on it; whether it was cancelled."""
+        if self._joined.get(model, 0) != 1:
+            return False
+        return self._starts.cancel(model)
 
     def stats(self) -> TierStats:
         return self._stats.tier(self.name)

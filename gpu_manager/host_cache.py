@@ -31,7 +31,7 @@ from gpufaas.gpu_manager.disk_tier import DiskTier
 from gpufaas.gpu_manager.host_tier import HostModel, HostSlab, SidecarError, read_sidecar
 from gpufaas.gpu_manager.residency import Tier
 
-__all__ = ["HostMemory", "HostTier"]
+__all__ = ["ByteSeconds", "HostMemory", "HostTier"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,24 @@ class HostMemory:
         return self.pool.is_pinned(buffer)
 
 
+class ByteSeconds:
+    """Bytes held x seconds (memory-time), integrated exactly: :meth:`level` is called with
+    the new byte count after every change, and at every read."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last = clock()
+        self._bytes = 0
+        self.total = 0.0  # byte-seconds
+
+    def level(self, nbytes: int) -> float:
+        """Account the bytes held since the last call, then hold ``nbytes``; the total."""
+        now = self._clock()
+        self.total += self._bytes * max(0.0, now - self._last)
+        self._last, self._bytes = now, nbytes
+        return self.total
+
+
 class HostTier:
     """Model arenas in host memory, filled from the disk tier."""
 
@@ -89,8 +107,12 @@ class HostTier:
         spawn: Callable[[Coroutine[Any, Any, None]], None],
     ) -> None:
         self.memory = memory
+        self.held = ByteSeconds()  # host GB-s on /metrics (#13)
         self.tier: Tier[HostModel] = Tier(
-            name=self.name, capacity_bytes=capacity_bytes, release=self._release
+            name=self.name,
+            capacity_bytes=capacity_bytes,
+            release=self._release,
+            on_change=self._on_change,
         )
         self.fills: dict[str, Throughput] = {}  # by source: "artifact", "sidecar"
         self._below = below
@@ -128,6 +150,16 @@ class HostTier:
 
     def evict(self, model: str) -> bool:
         return self.tier.retire(model)
+
+    def gb_seconds(self) -> float:
+        """Host-tier bytes held x seconds since start, in GB-s (draining bytes included)."""
+        return self._meter() / 1e9
+
+    def _meter(self) -> float:
+        return self.held.level(self.tier.lru.used_bytes)
+
+    def _on_change(self) -> None:
+        self._meter()
 
     def stats(self) -> TierStats:
         return self._stats.tier(self.name)
@@ -197,6 +229,8 @@ class HostTier:
         except InsufficientCapacity:
             logger.info("host tier cannot hold %s (%d bytes); serving it uncached", model, size)
             return False
+        finally:
+            self._meter()
         host.cached = True
         return True
 

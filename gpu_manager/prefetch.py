@@ -8,7 +8,10 @@ A prefetch has the lowest priority: one runs at a time per node, in the backgrou
 when, at its start, the device has no load in flight and enough free cache bytes for the model
 (``size_bytes``) without evicting anything. Otherwise it is skipped (the gateway asks again on
 its next tick if the model is still wanted). A request for the model during the prefetch uses
-the copy under way. A failed prefetch (artifact gone, no room, any load error) is logged and
+the copy under way. A request's load of *another* model on the same device preempts a prefetch
+that has not begun copying (filling the host tier, claiming room): the prefetch is cancelled,
+releasing what it held, and counted ``preempted``; the gateway asks again later. A copy already
+under way finishes (a transfer cannot be paused). A failed prefetch (artifact gone, no room, any load error) is logged and
 counted in ``gpufaas_manager_prefetch_total{result}``; it never reaches a request.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request, Response
@@ -39,6 +43,10 @@ class PrefetchRuntime(Protocol):
     """The part of the GPU manager's runtime API (CONTRACTS.md seam 1) a prefetch uses."""
 
     async def load(self, name: str, *, device_id: str | None) -> str: ...
+
+    def on_load(self, listener: Callable[[str, str], None]) -> None: ...
+
+    def cancel_load(self, name: str, *, device_id: str) -> bool: ...
 
     def unload(self, name: str, *, device_id: str | None) -> list[str]: ...
 
@@ -70,9 +78,13 @@ class Prefetcher:
         self.runtime = runtime
         self.queue: asyncio.Queue[PrefetchJob] | None = None
         self.worker: asyncio.Task[None] | None = None
+        self.running: PrefetchJob | None = None
+        self._preempted = False
+        runtime.on_load(self._yield_to)
         self.results = Counter(
             "gpufaas_manager_prefetch",
-            "Prefetches by outcome: loaded, busy (a load in flight), no-room, failed, dropped",
+            "Prefetches by outcome: loaded, busy (a load in flight), no-room, failed, dropped,"
+            " preempted (a request's load came first)",
             ["result"],
             registry=registry,
         )
@@ -113,11 +125,29 @@ class Prefetcher:
                 return "busy"
             if job.size_bytes <= 0 or free < job.size_bytes:
                 return "no-room"
-            await self.runtime.load(job.model, device_id=job.device)
+            self.running, self._preempted = job, False
+            try:
+                await self.runtime.load(job.model, device_id=job.device)
+            finally:
+                self.running = None
+        except asyncio.CancelledError:
+            if not self._preempted:
+                raise  # the worker itself is being cancelled
+            logger.info("prefetch of %s onto %s preempted by a request", job.model, job.device)
+            return "preempted"
         except Exception as e:  # artifact gone, out of memory, unknown model: never a request's
             logger.warning("prefetch of %s onto %s failed: %s", job.model, job.device, e)
             return "failed"
         return "loaded"
+
+    def _yield_to(self, model: str, device: str) -> None:
+        """A load of ``model`` started on ``device``: a prefetch of another model there that
+        has not begun copying is cancelled (the request's load takes the link and the room)."""
+        job = self.running
+        if job is None or job.device != device or job.model == model:
+            return
+        if self.runtime.cancel_load(job.model, device_id=job.device):
+            self._preempted = True
 
     def demote(self, model: str, device: str) -> list[str]:
         dropped = self.runtime.unload(model, device_id=device)

@@ -16,9 +16,10 @@ status and message to show.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,15 @@ class NodeRuntime:
                 reason="UnknownDevice",
             ) from None
 
+    def on_load(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(model, device id)`` whenever a load starts or is joined on a device."""
+        for device_id, device in self.devices.items():
+            device.load_listeners.append(functools.partial(_with_device, listener, device_id))
+
+    def cancel_load(self, name: str, *, device_id: str) -> bool:
+        """Cancel a load of ``name`` on the device before it copies, if nothing else awaits it."""
+        return self.device(device_id).cancel_start(name)
+
     # -- requests ----------------------------------------------------------------------------------
 
     async def load(self, name: str, *, device_id: str | None = None) -> str:
@@ -363,6 +373,10 @@ class NodeRuntime:
             ready=self.health.ready,
             failure=self.health.failure,
         )
+
+
+def _with_device(listener: Callable[[str, str], None], device_id: str, model: str) -> None:
+    listener(model, device_id)
 
 
 async def _run_or_failure(

@@ -117,6 +117,11 @@ class _StateCollector(Collector):
         host = gauge("gpufaas_host_tier_bytes", "Host tier bytes", ["kind"])
         host_residents = gauge("gpufaas_host_tier_models", "Models in the host tier", [])
         disk = gauge("gpufaas_disk_tier_bytes", "Disk tier (sidecar) bytes", ["kind"])
+        host_held = CounterMetricFamily(
+            "gpufaas_host_tier_gb_seconds",
+            "Host-tier memory-time: bytes held x seconds, in GB-s (#13)",
+            value=self.runtime.host.gb_seconds(),
+        )
         load_bytes = CounterMetricFamily(
             "gpufaas_manager_load_bytes", "Bytes copied onto devices, per path", labels=["path"]
         )
@@ -155,6 +160,7 @@ class _StateCollector(Collector):
             load_seconds.add_metric([path], totals.seconds)
         yield from (info, capacity, total, free, used, residents, pcie_generation, pcie_width)
         yield from (pcie_limit, peer, host, host_residents, disk, load_bytes, load_seconds)
+        yield host_held
 
 
 def failure_response(failure: RuntimeFailure) -> Response:

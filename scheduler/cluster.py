@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -22,6 +22,7 @@ from gpufaas.core.frames import FramedEndpoint
 from gpufaas.core.node import FUNCTION, STATE, DeviceState, NodeState, route
 
 logger = logging.getLogger(__name__)
+_NO_NODES: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -73,6 +74,8 @@ class Cluster:
         self._timeout = httpx.Timeout(timeout_s, connect=5.0)
         self.nodes: dict[str, Node] = {}
         self.devices: dict[str, Device] = {}
+        # model -> nodes with a staged copy (host tier or disk), from the nodes' reports
+        self._staged: dict[str, set[str]] = {}
         for name, url in manager_urls.items():
             self._add_node(name, url)
 
@@ -109,6 +112,26 @@ class Cluster:
     def healthy_devices(self) -> list[Device]:
         return [d for d in self.devices.values() if d.node.healthy]
 
+    def staged_nodes(self, model: str) -> Collection[str]:
+        """The nodes holding a host-tier or disk copy of ``model`` (LALB's ``staged``)."""
+        return self._staged.get(model, _NO_NODES)
+
+    def _note_staged(self, node: str, state: NodeState | None) -> None:
+        """Replace what ``node`` holds staged by its report (None: the node is gone)."""
+        held: set[str] = set()
+        if state is not None:
+            held = {r.model for r in state.host.residents if r.state is Residency.RESIDENT}
+            if state.disk is not None:
+                held.update(
+                    r.model for r in state.disk.residents if r.state is Residency.RESIDENT
+                )
+        for model in [m for m, nodes in self._staged.items() if node in nodes and m not in held]:
+            self._staged[model].discard(node)
+            if not self._staged[model]:
+                del self._staged[model]
+        for model in held:
+            self._staged.setdefault(model, set()).add(node)
+
     async def sync_node(self, node: Node) -> bool:
         """Re-read a node's devices and residents; a failure marks it down."""
         try:
@@ -142,6 +165,7 @@ class Cluster:
         for key in [k for k, d in self.devices.items() if d.node is node and k not in seen]:
             self.directory.remove_device(key)
             node.devices.pop(self.devices.pop(key).device_id, None)
+        self._note_staged(node.name, state)
         if not node.healthy:
             logger.info(
                 "GPU manager %s (%s) is up with %d device(s)", node.name, node.url, len(seen)
@@ -151,6 +175,7 @@ class Cluster:
 
     def mark_down(self, node: Node) -> None:
         node.healthy = False
+        self._note_staged(node.name, None)
         for device in node.devices.values():
             if device.key in self.directory.devices():
                 self.directory.remove_device(device.key)

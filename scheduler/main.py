@@ -28,9 +28,11 @@ def build_gateway(
     seed: int | None = None,
     manager_token: str | None = None,
 ) -> Gateway:
+    cluster = Cluster(manager_urls=manager_urls, manager_token=manager_token)
     gateway = Gateway(
-        cluster=Cluster(manager_urls=manager_urls, manager_token=manager_token),
-        policy=make_policy(policy, seed=seed),
+        cluster=cluster,
+        # LALB prefers a node whose host tier or disk holds the model over an artifact read
+        policy=make_policy(policy, seed=seed, staged=cluster.staged_nodes),
         config=config,
     )
     for function in functions:

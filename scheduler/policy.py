@@ -7,7 +7,8 @@ work, and the cache directory of which model is where. The gateway and the simul
 - ``lb`` (:class:`LeastLoaded`): the device with the fewest outstanding requests; the baseline.
 - ``lalb`` (:class:`LocalityAware`): locality-aware load balancing. Go where the model is (or is
   being loaded) unless waiting there is expected to take longer than loading it elsewhere; else
-  load it on the least-loaded device that can make room. The rule is in ``docs/scheduling.md``.
+  load it on the least-loaded device that can make room, counting the artifact read on a node
+  that holds no staged (host-tier or disk) copy. The rule is in ``docs/scheduling.md``.
 - ``lalb-o3``: the same routing, with each device's queue served out of order
   (:mod:`gpufaas.scheduler.o3`); ``policy.dispatch`` tells the caller which queue discipline to use.
 
@@ -44,10 +45,14 @@ __all__ = [
     "NoDevice",
     "Policy",
     "RouteRequest",
+    "StagedCopies",
     "make_policy",
 ]
 
 DispatchMode = Literal["fifo", "o3"]
+# model -> the nodes holding a staged copy of it (host tier or disk): a load there skips the
+# artifact read. The gateway's cluster view and the simulator's host tiers answer it.
+StagedCopies = Callable[[str], Collection[str]]
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
@@ -186,7 +191,14 @@ class LeastLoaded:
     name = "lb"
     dispatch: DispatchMode = "fifo"
 
-    def __init__(self, *, seed: int | None = None, estimates: Estimates | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int | None = None,
+        estimates: Estimates | None = None,
+        staged: StagedCopies | None = None,
+    ) -> None:
+        del staged  # LB ignores where models are, staged copies included
         self._rng = random.Random(seed)
         self.estimates = estimates or Estimates()
 
@@ -214,13 +226,16 @@ class LocalityAware:
     Costs are expected milliseconds until the request's inference can start:
 
     - at a device holding the model (resident or loading): its expected wait;
-    - at any other device: its expected wait, plus the model's expected load time, plus
-      ``victim_weight`` times the expected reloads of what the load would evict there (a
-      victim's load time, times the chance it is asked for again before this model is, halved
-      if another device also holds it).
+    - at any other device: its expected wait, plus the model's expected load time, plus the
+      artifact read (``size x fetch_ms_per_byte``) if some node holds a staged copy of the model
+      (``staged``: host tier or disk) but not this device's node, plus ``victim_weight`` times
+      the expected reloads of what the load would evict there (a victim's load time, times the
+      chance it is asked for again before this model is, halved if another device also holds
+      it).
 
     The best holder wins unless the best other device is cheaper. Other devices are looked at
-    least-loaded first: the ``candidates`` least loaded that can make room. ``victims`` says
+    least-loaded first: the ``candidates`` least loaded that can make room, and, if none of
+    those is on a node with a staged copy, the least loaded such device too. ``victims`` says
     which victims a load is charged for: the directory's LRU prediction (``"lru"``, what the GPU
     manager evicts unhinted), or the policy's own cheapest ones (``"value"``, the default,
     reported in the decision's ``victims``: the gateway sends them to the GPU manager, which evicts them
@@ -247,6 +262,8 @@ class LocalityAware:
         victim_weight: float = 2.0,
         victims: Literal["lru", "value"] = "value",
         holder_sample: int = 8,
+        staged: StagedCopies | None = None,
+        fetch_ms_per_byte: float = 1 / 2e6,
     ) -> None:
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates!r}")
@@ -262,6 +279,12 @@ class LocalityAware:
         if holder_sample < 1:
             raise ValueError(f"holder_sample must be >= 1, got {holder_sample!r}")
         self.holder_sample = holder_sample
+        if not (fetch_ms_per_byte >= 0 and math.isfinite(fetch_ms_per_byte)):
+            raise ValueError(f"fetch_ms_per_byte must be >= 0, got {fetch_ms_per_byte!r}")
+        self.staged = staged
+        self.fetch_ms_per_byte = fetch_ms_per_byte  # the artifact read; default 2 GB/s
+        self._node_devices: dict[str, list[str]] = {}  # node -> its device keys (cached)
+        self._node_lookups = 0
         if o3:
             self.name = "lalb-o3"
             self.dispatch = "o3"
@@ -407,21 +430,24 @@ class LocalityAware:
         holders: Collection[str],
         bound: float,
     ) -> tuple[str, float, list[str]] | None:
-        """The cheapest of the ``candidates`` least-loaded non-holders that can make room, if
-        it costs less than ``bound``.
+        """The cheapest of the ``candidates`` least-loaded non-holders that can make room (and,
+        if none of those is on a node with a staged copy, the least-loaded such device), if it
+        costs less than ``bound``.
 
         The candidates are tried by increasing wait, so the search stops at the first whose
         wait plus the load time reaches the best cost so far: it and all later ones cost at
-        least that. Which device wins is the same as trying all ``candidates`` and comparing
-        with ``bound`` afterwards.
+        least that (the artifact read and the victims only add). Which device wins is the same
+        as trying all candidates and comparing with ``bound`` afterwards.
         """
         keys = columns.keys
         wait_ms = columns.wait_ms
-        value = self.victims == "value"
+        staged_nodes = self.staged(request.model) if self.staged is not None else ()
+        fetch_ms = request.size_bytes * self.fetch_ms_per_byte if staged_nodes else 0.0
         wanted = self.estimates.share(request.model)
         best: tuple[str, float, list[str]] | None = None
         best_cost = bound
         tried = 0
+        staged_tried = False
         for i in self._least_loaded(columns):
             key = keys[i]
             if key in holders:
@@ -429,28 +455,86 @@ class LocalityAware:
             floor = wait_ms.item(i) + load_ms
             if floor > best_cost or (floor == best_cost and not directory.has_slices):
                 break  # waits only grow from here: nothing later can be cheaper
-            try:
-                plan = (
-                    self._value_plan(key, request, directory, wanted=wanted)
-                    if value
-                    else self._lru_plan(key, request, directory, wanted=wanted)
-                )
-            except UnknownKey:
-                continue  # not in the directory (yet)
-            if plan is None:
-                continue  # full of pinned models (as the directory sees it)
-            victims, victim_cost = plan
-            cost = floor + victim_cost
-            if cost < best_cost or (  # at equal cost, the smallest MIG slice that fits (#11)
-                best is not None
-                and cost == best_cost
-                and directory.fits_tighter(key, best[0], request.size_bytes)
-            ):
-                best, best_cost = (key, cost, victims), cost
+            on_staged = bool(staged_nodes) and self._node_of(key, directory) in staged_nodes
+            planned = self._try(key, request, directory, wanted=wanted)
+            if planned is None:
+                continue  # unknown, or full of pinned models (as the directory sees it)
+            cost = floor + planned[1] + (0.0 if on_staged or not staged_nodes else fetch_ms)
+            if self._cheaper(key, cost, best, best_cost, request, directory):
+                best, best_cost = (key, cost, planned[0]), cost
+            staged_tried = staged_tried or on_staged
             tried += 1
             if tried == self.candidates:
                 break
+        if staged_nodes and not staged_tried:
+            # The least-loaded non-holder on a node with a staged copy: a few devices per node,
+            # looked up directly rather than by scanning the cluster in wait order.
+            position = columns.position
+            staged: list[tuple[float, str]] = []
+            for node in staged_nodes:
+                for key in self._devices_of(node, directory):
+                    at = position(key)
+                    if at is not None and key not in holders:
+                        staged.append((wait_ms.item(at), key))
+            staged.sort()
+            for wait, key in staged:
+                floor = wait + load_ms
+                if floor > best_cost or (floor == best_cost and not directory.has_slices):
+                    break
+                if not math.isfinite(wait):
+                    break
+                planned = self._try(key, request, directory, wanted=wanted)
+                if planned is None:
+                    continue
+                cost = floor + planned[1]
+                if self._cheaper(key, cost, best, best_cost, request, directory):
+                    best, best_cost = (key, cost, planned[0]), cost
+                break
         return best
+
+    def _try(
+        self, key: str, request: RouteRequest, directory: ClusterDirectory, *, wanted: float
+    ) -> tuple[list[str], float] | None:
+        """The victims of a load on ``key`` and their cost; None: unknown device, or no room."""
+        try:
+            if self.victims == "value":
+                return self._value_plan(key, request, directory, wanted=wanted)
+            return self._lru_plan(key, request, directory, wanted=wanted)
+        except UnknownKey:
+            return None  # not in the directory (yet)
+
+    @staticmethod
+    def _cheaper(
+        key: str,
+        cost: float,
+        best: tuple[str, float, list[str]] | None,
+        best_cost: float,
+        request: RouteRequest,
+        directory: ClusterDirectory,
+    ) -> bool:
+        return cost < best_cost or (  # at equal cost, the smallest MIG slice that fits (#11)
+            best is not None
+            and cost == best_cost
+            and directory.fits_tighter(key, best[0], request.size_bytes)
+        )
+
+    def _node_of(self, key: str, directory: ClusterDirectory) -> str | None:
+        try:
+            return directory.node(key)
+        except UnknownKey:
+            return None
+
+    def _devices_of(self, node: str, directory: ClusterDirectory) -> list[str]:
+        """The devices of ``node``, cached: listing them scans the directory. A cached list is
+        made again when one of its devices has left, and every 1,024 lookups (new devices)."""
+        self._node_lookups += 1
+        if self._node_lookups >= 1024:
+            self._node_devices.clear()
+            self._node_lookups = 0
+        found = self._node_devices.get(node)
+        if found is None or any(key not in directory for key in found):
+            found = self._node_devices[node] = directory.devices_on_node(node)
+        return found
 
     def _least_loaded(self, columns: _Columns) -> Iterator[int]:
         """Device positions by increasing wait; stops at a non-finite wait.
@@ -610,8 +694,13 @@ class LocalityAware:
 PolicyFactory = Callable[..., Policy]
 
 
-def _lalb_o3(*, seed: int | None = None, estimates: Estimates | None = None) -> Policy:
-    return LocalityAware(seed=seed, estimates=estimates, o3=True)
+def _lalb_o3(
+    *,
+    seed: int | None = None,
+    estimates: Estimates | None = None,
+    staged: StagedCopies | None = None,
+) -> Policy:
+    return LocalityAware(seed=seed, estimates=estimates, o3=True, staged=staged)
 
 
 POLICIES: dict[str, PolicyFactory] = {
@@ -622,11 +711,16 @@ POLICIES: dict[str, PolicyFactory] = {
 
 
 def make_policy(
-    name: str, *, seed: int | None = None, estimates: Estimates | None = None
+    name: str,
+    *,
+    seed: int | None = None,
+    estimates: Estimates | None = None,
+    staged: StagedCopies | None = None,
 ) -> Policy:
-    """The policy called ``name`` (a key of :data:`POLICIES`), sharing ``estimates`` if given."""
+    """The policy called ``name`` (a key of :data:`POLICIES`), sharing ``estimates`` if given;
+    ``staged`` tells LALB which nodes hold a host-tier or disk copy of a model."""
     try:
         factory = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}") from None
-    return factory(seed=seed, estimates=estimates)
+    return factory(seed=seed, estimates=estimates, staged=staged)

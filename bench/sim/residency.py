@@ -35,12 +35,16 @@ import numpy.typing as npt
 
 from gpufaas.cache import ByteLRU, CacheError, EntryState
 from gpufaas.cache.arrivals import Candidate, ResidencyPolicy
+from gpufaas.scheduler.policy import LocalityAware
 
 from .engine import SimConfig, Simulation, _Device, _Request
 from .trace import ModelCosts, ServerlessTrace
 from .workload import Model, ModelProfile, Trace
 
 _TICK, _PREFETCH_DONE, _HOST_FETCH_DONE = 11, 12, 13
+# why a cold request's model was not on its device; "joined": it waited on another request's
+# load of the model (a burst behind one load)
+CAUSES = ("first", "demoted", "capacity", "replica", "prefetch-late", "joined")
 SAMPLE = 32  # eviction candidates ranked by the policy per load
 
 
@@ -49,6 +53,7 @@ class TierConfig:
     host_capacity_bytes: int = 1024 * 10**9  # per node
     tick_s: float = 5.0
     prefetch: bool = True
+    staged_routing: bool = True  # LALB told where host copies are (scheduler/policy.py)
 
 
 @dataclasses.dataclass
@@ -105,11 +110,22 @@ class ResidencySimulation(Simulation):
         self.host: dict[str, ByteLRU[None]] = {
             n: ByteLRU(capacity_bytes=tiers.host_capacity_bytes) for n in self.nodes
         }
+        self.staged: dict[str, set[str]] = {}  # model -> nodes whose host tier holds it
+        if tiers.staged_routing and isinstance(self.policy, LocalityAware):
+            # LALB counts the artifact read on a node without a host copy (as the gateway does
+            # from the nodes' reports); fetch cost per byte as the trace's artifact bandwidth.
+            self.policy.staged = self._staged_nodes
+            self.policy.fetch_ms_per_byte = costs_fetch_ms_per_byte(costs)
         self.device_since: dict[tuple[str, str], float] = {}
         self.host_since: dict[tuple[str, str], float] = {}
         self.device_byte_ms = 0.0
         self.host_byte_ms = 0.0
         self.tier_of: dict[int, str] = {}  # request index -> where its load came from
+        # request index -> why its model was not on its device (see _cause), for the loss
+        # analysis; and per model, what last removed a device copy of it
+        self.cause_of: dict[int, str] = {}
+        self.removed_by: dict[str, str] = {}
+        self.loading_cause: dict[tuple[str, str], str] = {}
         self.loading_tier: dict[tuple[str, str], str] = {}
         self.last_device: dict[str, _Device] = {}
         self.prefetches: dict[tuple[str, str], _Prefetch] = {}
@@ -129,6 +145,9 @@ class ResidencySimulation(Simulation):
 
     def _node(self, device: _Device) -> str:
         return device.key.split("/")[0]
+
+    def _staged_nodes(self, name: str) -> set[str]:
+        return self.staged.get(name, _NONE)
 
     def _device_in(self, device: _Device, name: str, size: int) -> None:
         self.device_since[(device.key, name)] = self.now
@@ -163,12 +182,28 @@ class ResidencySimulation(Simulation):
         except CacheError:
             return False
         self.host_since[(node, name)] = self.now
+        self.staged.setdefault(name, set()).add(node)
         return True
 
     def _host_out(self, node: str, name: str, size: int) -> None:
+        nodes = self.staged.get(name)
+        if nodes is not None:
+            nodes.discard(node)
+            if not nodes:
+                del self.staged[name]
         since = self.host_since.pop((node, name), None)
         if since is not None:
             self.host_byte_ms += size * max(0.0, self.now - max(since, self.measure_from_ms))
+
+    def _cause(self, device: _Device, name: str) -> str:
+        """Why a request's load was needed: ``replica`` (the model is on another device, LALB
+        chose to load it here), ``first`` (never on a device in this run), or what last removed
+        it: ``demoted`` (the residency policy let it go) or ``capacity`` (another load evicted
+        it)."""
+        for other in self.devices:
+            if other is not device and other.cache.peek(name) is not None:
+                return "replica"
+        return self.removed_by.get(name, "first")
 
     def _reload_ms(self, node: str, name: str) -> float:
         c = self.costs[name]
@@ -189,6 +224,7 @@ class ResidencySimulation(Simulation):
         entry = device.cache.peek(name)
         if entry is not None and entry.state is EntryState.LOADING:
             self.tier_of[request.index] = self.loading_tier.get((device.key, name), "artifact")
+            self.cause_of[request.index] = self.loading_cause.get((device.key, name), "joined")
         if (device.key, name) in self.prefetched:
             self.prefetched.discard((device.key, name))
             self.prefetch_used += 1
@@ -210,6 +246,7 @@ class ResidencySimulation(Simulation):
             prefer = request.evict_first
         evicted = device.cache.make_room(size, prefer=prefer)
         for e in evicted:
+            self.removed_by[e.key] = "capacity"
             self._device_out(device, e.key, e.size_bytes)
             with _quiet():
                 self.directory.note_evicted(device.key, e.key)
@@ -226,6 +263,9 @@ class ResidencySimulation(Simulation):
         else:
             tier, mean = "artifact", c.artifact_to_device_ms
         self.tier_of[request.index] = tier
+        self.cause_of[request.index] = self.loading_cause[(device.key, name)] = self._cause(
+            device, name
+        )
         self.loading_tier[(device.key, name)] = tier
         self._device_in(device, name, c.size_bytes)
         load_ms = self._noisy(mean)
@@ -236,6 +276,7 @@ class ResidencySimulation(Simulation):
         super()._load_done(device, loader)
         name = loader.model.name
         self.loading_tier.pop((device.key, name), None)
+        self.loading_cause.pop((device.key, name), None)
         node = self._node(device)
         if name not in self.host[node]:  # the load filled the host tier on its way
             self._host_put(node, name, loader.model.profile.size_bytes)
@@ -280,6 +321,7 @@ class ResidencySimulation(Simulation):
                     tier="device",
                 )
                 if not advice.keep:
+                    self.removed_by[e.key] = "demoted"
                     device.cache.evict(e.key)
                     self._device_out(device, e.key, e.size_bytes)
                     with _quiet():
@@ -355,6 +397,7 @@ class ResidencySimulation(Simulation):
         target.cache.reserve(name, size_bytes=c.size_bytes)
         target.loading[name] = []
         self.loading_tier[(target.key, name)] = "prefetch"
+        self.loading_cause[(target.key, name)] = "prefetch-late"
         self._device_in(target, name, c.size_bytes)
         with _quiet():
             self.directory.note_dispatch(target.key, name, size_bytes=c.size_bytes)
@@ -377,6 +420,7 @@ class ResidencySimulation(Simulation):
         device, name = job.device, job.name
         del self.prefetches[(device.key, name)]
         self.loading_tier.pop((device.key, name), None)
+        self.loading_cause.pop((device.key, name), None)
         c = self.costs[name]
         device.cache.commit(name, None)
         waiting = device.loading.pop(name)
@@ -407,9 +451,11 @@ class ResidencySimulation(Simulation):
         measured = [r for r in self.done if r.index >= skip]
         w = self.weights[[r.index for r in measured]]
         tiers = {"host": 0.0, "artifact": 0.0, "prefetch": 0.0}
+        causes = dict.fromkeys(CAUSES, 0.0)
         for r, weight in zip(measured, w, strict=True):
             if not r.hit:
                 tiers[self.tier_of.get(r.index, "artifact")] += weight
+                causes[self.cause_of.get(r.index, "joined")] += weight
         latency = np.asarray([r.end_ms - r.arrival_ms for r in measured])
         hit = np.asarray([r.hit for r in measured], dtype=bool)
         observe = np.asarray(self.observe_ns, dtype=float) / 1000
@@ -422,6 +468,7 @@ class ResidencySimulation(Simulation):
             "weighted_requests": float(w.sum()),
             "cold_start_ratio": cold / n,
             "cold_by_tier": {k: v / n for k, v in tiers.items()},
+            "cold_by_cause": {k: v / n for k, v in causes.items()},
             "device_gb_s": self.device_byte_ms / 1e12,
             "host_gb_s": self.host_byte_ms / 1e12,
             "p50_ms": weighted_percentile(latency, w, 50),
@@ -440,6 +487,16 @@ class ResidencySimulation(Simulation):
             "tick_us_per_request": self.tick_ns / 1000 / max(1, len(self.trace)),
             "wall_s": result.wall_s,
         }
+
+
+_NONE: set[str] = set()
+
+
+def costs_fetch_ms_per_byte(costs: Sequence[ModelCosts]) -> float:
+    """The artifact read's cost per byte of these models (ms/B), fitted through the origin."""
+    size = sum(c.size_bytes for c in costs)
+    fetch = sum(c.artifact_to_host_ms for c in costs)
+    return fetch / size if size > 0 else 0.0
 
 
 def weighted_percentile(

@@ -253,3 +253,24 @@ def test_a_higher_price_never_keeps_more(gap_list: list[float], idle: float, pri
     a = cheap.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
     b = dear.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
     assert b.keep <= a.keep and b.prefetch <= a.prefetch
+
+
+def test_smoothing_fills_the_holes_between_a_histograms_modes() -> None:
+    """Gaps of ~2 s and ~600 s: idle 20 s sits in empty bins, where the raw histogram says no
+    request can come within 30 s (so the model is demoted at any price); the mixture with a
+    memoryless arrival at the mean gap does not."""
+    raw = PredictivePolicy(smoothing=0.0, device_price=0.001)
+    smooth = PredictivePolicy(device_price=0.001)
+    for policy in (raw, smooth):
+        t = 0.0
+        for i in range(200):
+            t += 600.0 if i % 10 == 9 else 2.0
+            policy.observe("f", t)
+    now = t + 20.0
+    assert raw.p_arrival("f", 20.0, 30.0) == 0.0
+    assert 0.0 < smooth.p_arrival("f", 20.0, 30.0) <= 0.05
+    kwargs = {"size_bytes": 10**9, "reload_ms": 500.0, "tier": "device"}
+    assert not raw.advise("f", now, **kwargs).keep  # type: ignore[arg-type]
+    assert smooth.advise("f", now, **kwargs).keep  # type: ignore[arg-type]
+    with pytest.raises(ArrivalError, match="smoothing"):
+        PredictivePolicy(smoothing=1.5)

@@ -4,11 +4,13 @@ flight), a failed one is counted and never reaches a request, a demotion keeps t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -161,3 +163,113 @@ async def test_a_device_with_a_load_in_flight_is_not_quiet(
     )
     assert device_room(copying, device.id) == (False, device.free_cache_bytes)
     assert device_room(state, "no-such-device") is None
+
+
+async def _hold_host_fill(runtime: NodeRuntime, model: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make ``model``'s host fill wait for a gate (an artifact that takes long to read): returns
+    (entered, gate)."""
+    entered, gate = asyncio.Event(), asyncio.Event()
+    original = runtime.host.acquire
+
+    async def slow_fill(name: str, spec: Any, **kwargs: Any) -> Any:
+        if name == model:
+            entered.set()
+            await gate.wait()
+        return await original(name, spec, **kwargs)
+
+    runtime.host.acquire = slow_fill  # type: ignore[method-assign]
+    return entered, gate
+
+
+def _x() -> list[np.ndarray[Any, Any]]:
+    return [np.zeros((1, 16), dtype=np.float32)]
+
+
+async def test_a_requests_load_preempts_a_prefetch_that_has_not_begun_copying(
+    node: tuple[NodeRuntime, httpx.AsyncClient, Prefetcher], tiny_mlp: Path
+) -> None:
+    runtime, client, prefetcher = node
+    runtime.register("slow", parse_spec(_spec(tiny_mlp)))
+    await runtime.settle()
+    entered, gate = await _hold_host_fill(runtime, "slow")
+    device = _device(runtime)
+    prefetch = asyncio.create_task(prefetcher.run(PrefetchJob("slow", device, 1 << 20)))
+    await asyncio.wait_for(entered.wait(), 10)  # the prefetch is filling the host tier
+    outcome = await asyncio.wait_for(runtime.infer("tiny", _x(), device_id=device), 10)
+    assert not outcome.cache_hit  # the request's own load, of another model, on that device
+    # Without preemption the prefetch would still be waiting on its fill (the gate is shut).
+    assert await asyncio.wait_for(prefetch, 10) == "preempted"
+    assert "slow" not in _residents(runtime, device)
+    gate.set()
+    await runtime.settle()
+    # and through the worker, the outcome is counted on /metrics
+    other = _device(runtime, 1)
+    gate.clear()
+    entered.clear()
+    queued = await client.post(
+        PREFETCH_PATH, json={"model": "slow", "device": other, "size_bytes": 1 << 20}
+    )
+    assert queued.status_code == 202
+    await asyncio.wait_for(entered.wait(), 10)
+    await asyncio.wait_for(runtime.infer("tiny", _x(), device_id=other), 10)
+    assert prefetcher.queue is not None
+    await asyncio.wait_for(prefetcher.queue.join(), 10)
+    assert (await _prefetch_counts(client)).get("preempted") == 1.0
+    gate.set()
+
+
+async def test_a_request_for_the_prefetched_model_joins_it_instead_of_preempting(
+    node: tuple[NodeRuntime, httpx.AsyncClient, Prefetcher], tiny_mlp: Path
+) -> None:
+    runtime, _client, prefetcher = node
+    entered, gate = await _hold_host_fill(runtime, "tiny")
+    device = _device(runtime)
+    prefetch = asyncio.create_task(prefetcher.run(PrefetchJob("tiny", device, 1 << 20)))
+    await asyncio.wait_for(entered.wait(), 10)
+    request = asyncio.create_task(runtime.infer("tiny", _x(), device_id=device))
+    await asyncio.sleep(0.05)  # the request joins the prefetch's load
+    assert not prefetch.done() and not request.done()
+    gate.set()
+    assert await asyncio.wait_for(prefetch, 10) == "loaded"
+    assert (await asyncio.wait_for(request, 10)).outputs
+
+
+def test_byte_seconds_integrate_exactly_between_changes() -> None:
+    from gpufaas.gpu_manager.host_cache import ByteSeconds
+
+    now = [100.0]
+    meter = ByteSeconds(clock=lambda: now[0])
+    meter.level(2 * 10**9)  # 2 GB from t=100
+    now[0] = 103.0
+    meter.level(5 * 10**9)  # 3 s x 2 GB, then 5 GB
+    now[0] = 104.5
+    assert meter.level(0) == 3 * 2 * 10**9 + 1.5 * 5 * 10**9
+    now[0] = 200.0
+    assert meter.level(0) == 13.5 * 10**9  # nothing held: nothing added
+
+
+async def _host_gb_seconds(client: httpx.AsyncClient) -> float:
+    text = (await client.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "gpufaas_host_tier_gb_seconds":
+            return float(family.samples[0].value)
+    raise AssertionError("no gpufaas_host_tier_gb_seconds on /metrics")
+
+
+async def test_host_memory_time_is_a_node_counter(
+    node: tuple[NodeRuntime, httpx.AsyncClient, Prefetcher],
+) -> None:
+    runtime, client, _ = node
+    assert await _host_gb_seconds(client) == 0.0  # nothing held yet
+    await runtime.infer("tiny", _x(), device_id=_device(runtime))  # fills the host tier
+    held = runtime.host.tier.lru.used_bytes
+    assert held > 0
+    first = await _host_gb_seconds(client)
+    await asyncio.sleep(0.02)
+    second = await _host_gb_seconds(client)
+    assert second > first  # grows while the model is held ...
+    assert runtime.host.evict("tiny")
+    await runtime.settle()
+    third = await _host_gb_seconds(client)
+    await asyncio.sleep(0.02)
+    assert await _host_gb_seconds(client) == third  # ... and not once it is gone

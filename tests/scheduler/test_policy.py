@@ -408,9 +408,12 @@ def reference_choice(
     victims: str,
     candidates: int = 4,
     victim_weight: float = 2.0,
+    staged: frozenset[str] = frozenset(),
+    fetch_ms_per_byte: float = 1 / 2e6,
 ) -> tuple[str, str, list[str]]:
     """``(device, reason, victims)`` by the rule in docs/scheduling.md, written for clarity:
-    every device scanned, every candidate's plan made (waits distinct, no holder sampling)."""
+    every device scanned, every candidate's plan made (waits distinct, no holder sampling).
+    ``staged``: the nodes holding a host-tier or disk copy of the requested model."""
     model, size = request.model, request.size_bytes
     load_ms = est.load_ms(model, size_bytes=size)
     holder_ids = set(directory.holder_ids(model))
@@ -456,23 +459,27 @@ def reference_choice(
             cost += est.load_ms(v, size_bytes=sizes[v]) * again * (1.0 if sole else 0.5)
         return victim_weight * cost
 
-    best: tuple[float, str, list[str]] | None = None
-    tried = 0
-    for key in sorted(waits, key=waits.__getitem__):
-        if key in holder_ids:
-            continue
+    def fetch(key: str) -> float:  # the artifact read, where a staged copy elsewhere is not
+        return 0.0 if not staged or directory.node(key) in staged else size * fetch_ms_per_byte
+
+    def plan_of(key: str) -> list[str] | None:
         try:
             plan = directory.plan_dispatch(key, model, size_bytes=size)
         except InsufficientCapacity:
-            continue
-        if plan and victims == "value":
-            plan = cheapest(key)
-        cost = waits[key] + load_ms + eviction_cost(key, plan)
+            return None
+        return cheapest(key) if plan and victims == "value" else plan
+
+    by_wait = [k for k in sorted(waits, key=waits.__getitem__) if k not in holder_ids]
+    able = [(k, plan) for k in by_wait if (plan := plan_of(k)) is not None]
+    tried = able[:candidates]  # the candidates least-loaded that can make room ...
+    if staged and not any(directory.node(k) in staged for k, _ in tried):
+        # ... and the least-loaded one on a node with a staged copy
+        tried += [(k, plan) for k, plan in able if directory.node(k) in staged][:1]
+    best: tuple[float, str, list[str]] | None = None
+    for key, plan in tried:
+        cost = waits[key] + load_ms + fetch(key) + eviction_cost(key, plan)
         if best is None or cost < best[0]:
             best = (cost, key, plan)
-        tried += 1
-        if tried == candidates:
-            break
     if best is None:
         if holder is not None:
             return holder, "holder", []
@@ -501,7 +508,7 @@ def test_lalb_decides_as_the_documented_rule(
     spread: float,
     table: bool,
 ) -> None:
-    keys = [f"n/{i}" for i in range(n_devices)]
+    keys = [f"n{i % 3}/{i}" for i in range(n_devices)]  # up to three nodes
     directory = cluster(*keys, capacity=10 * MB)
     models = [f"m{i}" for i in range(10)]  # "new" is asked for but held nowhere
     sizes = {m: data.draw(st.sampled_from([1, 2, 3, 5]), label=m) * MB for m in [*models, "new"]}
@@ -526,6 +533,8 @@ def test_lalb_decides_as_the_documented_rule(
     model = data.draw(st.sampled_from(["new", "new", *models]), label="request")
     request = RouteRequest(model=model, size_bytes=sizes[model])
     loads_ = [DeviceLoad(k, 0, queue_ms=w) for k, w in waits.items()]
+    staged = frozenset(data.draw(st.sets(st.sampled_from(["n0", "n1", "n2"])), label="staged"))
+    fetch_ms_per_byte = data.draw(st.sampled_from([0.0, 1 / 2e6, 1e-4]), label="fetch")
     policy = LocalityAware(
         seed=0,
         estimates=est,
@@ -533,6 +542,8 @@ def test_lalb_decides_as_the_documented_rule(
         candidates=candidates,
         victim_weight=victim_weight,
         holder_sample=64,  # no sampling: every holder is looked at
+        staged=lambda m: staged if m == model else frozenset(),
+        fetch_ms_per_byte=fetch_ms_per_byte,
     )
     decision = policy.decide(request, DeviceTable(loads_) if table else loads_, directory)
     expected = reference_choice(
@@ -543,6 +554,8 @@ def test_lalb_decides_as_the_documented_rule(
         victims=victims,
         candidates=candidates,
         victim_weight=victim_weight,
+        staged=staged,
+        fetch_ms_per_byte=fetch_ms_per_byte,
     )
     assert (decision.device, decision.reason, list(decision.victims)) == expected
 
