@@ -174,12 +174,21 @@ def overload(quick: bool) -> tuple[str, str]:
     return _shown(command), f"`{found.group(0)}`"
 
 
+def _nested(section: str) -> str:
+    """A ``run.py`` section as the body of a block inside RESULTS' "Peers" section: its own
+    ``## `` title dropped, every heading one level deeper."""
+    lines = section.splitlines()
+    if lines and lines[0].startswith("## "):
+        lines = lines[1:]
+    return "\n".join(f"#{line}" if line.startswith("### ") else line for line in lines)
+
+
 def peers(quick: bool) -> tuple[str, str]:
     command = [PEERS_PY[0], str(HERE / "peers" / "run.py"), "--png", str(HERE / "peers" / "results.png"),
                "--markdown", str(OUT / "RESULTS-peers.md")]  # fmt: skip
     command += ["--quick"] if quick else []
     _run(command, timeout_s=3 * 3600)
-    return _shown(command), (OUT / "RESULTS-peers.md").read_text()
+    return _shown(command), _nested((OUT / "RESULTS-peers.md").read_text())
 
 
 def peers_host_tier(quick: bool) -> tuple[str, str]:
@@ -187,7 +196,7 @@ def peers_host_tier(quick: bool) -> tuple[str, str]:
                str(OUT / "peers-host-tier"), "--markdown", str(OUT / "RESULTS-peers-host.md")]  # fmt: skip
     command += ["--quick"] if quick else []
     _run(command, timeout_s=3 * 3600)
-    return _shown(command), (OUT / "RESULTS-peers-host.md").read_text()
+    return _shown(command), _nested((OUT / "RESULTS-peers-host.md").read_text())
 
 
 def peers_goals(quick: bool) -> tuple[str, str]:
@@ -195,7 +204,7 @@ def peers_goals(quick: bool) -> tuple[str, str]:
     command = [PEERS_PY[0], str(HERE / "peers" / "run.py"), "--goals", "--out",
                str(OUT / "peers-goals"), "--markdown", str(OUT / "RESULTS-peers-goals.md")]  # fmt: skip
     _run(command, timeout_s=1800)
-    return _shown(command), (OUT / "RESULTS-peers-goals.md").read_text()
+    return _shown(command), _nested((OUT / "RESULTS-peers-goals.md").read_text())
 
 
 def peers_missing(python: str) -> str | None:

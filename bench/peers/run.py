@@ -100,8 +100,8 @@ class Plan:
             zipf_s=args.zipf_s,
             seed=args.seed,
             warm_warmup=30,
-            warm_requests=400,
-            loaded_requests=1000,
+            warm_requests=1000,
+            loaded_requests=2000,
             zipf_requests=0,
             phase_max_s=15.0,
             rate_fractions=[],
@@ -114,7 +114,7 @@ class Plan:
             profile=args.profile,
             torch_threads=args.torch_threads,
             goals=True,
-            batched_requests=2000,
+            batched_requests=5000,
         )
 
     @classmethod
@@ -694,6 +694,11 @@ def _json_view(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _k_of_c_goals(goals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The goals a K-of-C run reports: all but #17's batched ones, which only --goals measures."""
+    return [g for g in goals if not (g["name"] in workload.GOALS_17 and g["met"] is None)]
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
 
@@ -721,7 +726,7 @@ def _markdown_section(report: dict[str, Any]) -> str:
         lines += ["", report["goal_table"]]
     for family, data in report["families"].items():
         lines += ["", f"### {family}", "", data["table"], ""]
-        for goal in [] if plan.get("goals") else data["goals"]:
+        for goal in [] if plan.get("goals") else _k_of_c_goals(data["goals"]):
             mark = {True: "met", False: "**missed**", None: "n/a"}[goal["met"]]
             lines.append(f"- {goal['name']}: {mark} (gpufaas/{goal['peer']} = {goal['ratio']})")
         for system, result in report["systems"].items():
@@ -745,7 +750,7 @@ def _text_report(report: dict[str, Any]) -> str:
     ]
     for family, data in report["families"].items():
         lines += ["", f"## {family}", "", data["table"], ""]
-        for goal in [] if report["plan"].get("goals") else data["goals"]:
+        for goal in [] if report["plan"].get("goals") else _k_of_c_goals(data["goals"]):
             mark = {True: "met", False: "MISSED", None: "n/a"}[goal["met"]]
             lines.append(f"- {goal['name']}: {mark} (ratio {goal['ratio']})")
     if report.get("goal_table"):
