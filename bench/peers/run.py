@@ -722,6 +722,14 @@ def _markdown_section(report: dict[str, Any]) -> str:
         f"N={plan['concurrency']} closed-loop clients, Zipf s={plan['zipf_s']}, "
         f"seed {plan['seed']}; wall time {report['wall_s']} s",
     ]
+    if plan.get("goals"):
+        lines[-1] = (
+            f"- workload: 2 copies per family, both resident everywhere, one with batching off "
+            f"(warm: 1 client, {plan['warm_requests']} requests; N={plan['concurrency']} clients, "
+            f"{plan['loaded_requests']}), one with each system's dynamic batching on "
+            f"(N={plan['concurrency']} clients, {plan['batched_requests']} requests); "
+            f"wall time {report['wall_s']} s"
+        )
     if report.get("goal_table"):
         lines += ["", report["goal_table"]]
     for family, data in report["families"].items():
