@@ -278,6 +278,32 @@ def parse_header_length(value: str | None) -> int | None:
     return int(text)
 
 
+@dataclass(frozen=True)
+class _Envelope:
+    """A request document's top level, checked: what both decoders read before the tensors."""
+
+    id: str | None
+    parameters: Mapping[str, Any]
+    raw_inputs: list[Any]
+
+
+def _request_envelope(document: Mapping[str, Any], limits: Limits) -> _Envelope:
+    request_id = document.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError(f"request 'id' must be a string, got {_short(request_id)}")
+    parameters = _parameters(document.get("parameters"), "request")
+    if not isinstance(parameters.get("binary_data_output", False), bool):
+        raise ProtocolError("request parameter 'binary_data_output' must be true or false")
+    raw_inputs = document.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise ProtocolError("request needs an 'inputs' list")
+    if len(raw_inputs) > limits.max_inputs:
+        raise ProtocolError(
+            f"request has {len(raw_inputs)} inputs, more than the limit of {limits.max_inputs}"
+        )
+    return _Envelope(id=request_id, parameters=parameters, raw_inputs=raw_inputs)
+
+
 def decode_request(
     body: bytes, *, header_length: int | None = None, limits: Limits = DEFAULT_LIMITS
 ) -> DecodedRequest:
@@ -287,21 +313,10 @@ def decode_request(
     whole body is JSON. Raises :class:`ProtocolError` (400, or 413 over ``limits``).
     """
     document, binary = _split_and_parse(body, header_length, limits)
-    request_id = document.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise ProtocolError(f"request 'id' must be a string, got {_short(request_id)}")
-    parameters = dict(_parameters(document.get("parameters"), "request"))
+    envelope = _request_envelope(document, limits)
+    parameters = dict(envelope.parameters)
     default_binary = parameters.pop("binary_data_output", False)
-    if not isinstance(default_binary, bool):
-        raise ProtocolError("request parameter 'binary_data_output' must be true or false")
-
-    raw_inputs = document.get("inputs")
-    if not isinstance(raw_inputs, list):
-        raise ProtocolError("request needs an 'inputs' list")
-    if len(raw_inputs) > limits.max_inputs:
-        raise ProtocolError(
-            f"request has {len(raw_inputs)} inputs, more than the limit of {limits.max_inputs}"
-        )
+    request_id, raw_inputs = envelope.id, envelope.raw_inputs
     inputs, datatypes = _decode_tensors(raw_inputs, binary, kind="input", limits=limits)
 
     requested, binary_outputs = _requested_outputs(document.get("outputs"), default_binary, limits)
@@ -356,20 +371,9 @@ def inspect_request(
     JSON ``data`` is not converted here (the node converts it, once).
     """
     document, binary = _split_and_parse(body, header_length, limits)
-    request_id = document.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise ProtocolError(f"request 'id' must be a string, got {_short(request_id)}")
-    parameters = _parameters(document.get("parameters"), "request")
+    envelope = _request_envelope(document, limits)
+    request_id, parameters, raw_inputs = envelope.id, envelope.parameters, envelope.raw_inputs
     default_binary = parameters.get("binary_data_output", False)
-    if not isinstance(default_binary, bool):
-        raise ProtocolError("request parameter 'binary_data_output' must be true or false")
-    raw_inputs = document.get("inputs")
-    if not isinstance(raw_inputs, list):
-        raise ProtocolError("request needs an 'inputs' list")
-    if len(raw_inputs) > limits.max_inputs:
-        raise ProtocolError(
-            f"request has {len(raw_inputs)} inputs, more than the limit of {limits.max_inputs}"
-        )
     inputs: list[TensorHeader] = []
     seen: set[str] = set()
     elements = 0

@@ -17,8 +17,7 @@ import pytest
 import s3fs
 
 from gpufaas.core.artifacts import ArtifactError, ArtifactStore
-
-S3Server = Any  # tests/core/conftest.py:S3Server (conftest modules are not importable by name)
+from gpufaas.core.channelservers import S3Server
 
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and a bit: more than one chunk
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -243,17 +242,22 @@ def test_concurrent_fetches_do_not_corrupt(tmp_path: Path, web: _Server) -> None
 # --- s3:// against SeaweedFS ------------------------------------------------------------------------
 
 
+def _storage_options(server: S3Server) -> dict[str, Any]:
+    """s3fs options reaching ``server`` with valid credentials."""
+    return {"endpoint_url": server.endpoint_url, "key": server.key, "secret": server.secret}
+
+
 @pytest.fixture
 def s3_object(s3_server: S3Server) -> str:
     """A fresh object in the bucket, holding PAYLOAD; returns its s3:// URI."""
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server.storage_options())
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **_storage_options(s3_server))
     key = f"{s3_server.bucket}/{uuid.uuid4().hex}/model.pt"
     fs.pipe(key, PAYLOAD)
     return f"s3://{key}"
 
 
 def test_s3_with_storage_options(tmp_path: Path, s3_server: S3Server, s3_object: str) -> None:
-    store = ArtifactStore(tmp_path / "cache", storage_options={"s3": s3_server.storage_options()})
+    store = ArtifactStore(tmp_path / "cache", storage_options={"s3": _storage_options(s3_server)})
     path = store.fetch(s3_object, sha256=PAYLOAD_SHA)
     assert path.read_bytes() == PAYLOAD
     assert store.fetch(s3_object) == path
@@ -270,7 +274,7 @@ def test_s3_with_environment_variables(
 
 
 def test_s3_sha_mismatch(tmp_path: Path, s3_server: S3Server, s3_object: str) -> None:
-    store = ArtifactStore(tmp_path / "cache", storage_options={"s3": s3_server.storage_options()})
+    store = ArtifactStore(tmp_path / "cache", storage_options={"s3": _storage_options(s3_server)})
     with pytest.raises(ArtifactError) as info:
         store.fetch(s3_object, sha256=WRONG_SHA)
     assert WRONG_SHA in str(info.value)
@@ -279,7 +283,7 @@ def test_s3_sha_mismatch(tmp_path: Path, s3_server: S3Server, s3_object: str) ->
 
 
 def test_s3_not_found(tmp_path: Path, s3_server: S3Server) -> None:
-    store = ArtifactStore(tmp_path / "cache", storage_options={"s3": s3_server.storage_options()})
+    store = ArtifactStore(tmp_path / "cache", storage_options={"s3": _storage_options(s3_server)})
     uri = f"s3://{s3_server.bucket}/absent/model.pt"
     with pytest.raises(ArtifactError, match="not found") as info:
         store.fetch(uri)
@@ -287,7 +291,7 @@ def test_s3_not_found(tmp_path: Path, s3_server: S3Server) -> None:
 
 
 def test_s3_wrong_credentials(tmp_path: Path, s3_server: S3Server, s3_object: str) -> None:
-    options = {**s3_server.storage_options(), "secret": "wrong-secret"}
+    options = {**_storage_options(s3_server), "secret": "wrong-secret"}
     store = ArtifactStore(tmp_path / "cache", storage_options={"s3": options})
     with pytest.raises(ArtifactError, match="access denied"):
         store.fetch(s3_object)
