@@ -11,9 +11,13 @@ the file (``bench/*.png``); raw outputs to ``bench/out/``.
     python bench/make_bench.py --quick    # the same figures, smaller runs (<= 20 min here)
     python bench/make_bench.py --only lalb-sweep,kill-run
 
-``--quick`` runs fewer requests per simulation and per live run, and leaves the peers out
-(their run needs ``ray[serve]`` and ``nvidia-pytriton`` and takes 25 minutes; ``--quick
---with-peers`` runs their quick runs); a block not regenerated keeps its previous stamp.
+``--quick`` runs fewer requests per simulation and per live run, and leaves the K-of-C peer runs
+out (25 minutes; ``--quick --with-peers`` runs their quick runs); a block not regenerated keeps
+its previous stamp. The peer runs need ``ray[serve]`` and ``nvidia-pytriton``, which are not in
+the project's install: ``--peers-python`` names an interpreter that has them and gpufaas (for
+example ``/work/peers-venv/bin/python``, see ``bench/peers/README.md``). Issue #17's goal table
+(block ``peers-goals``, ~5 min) runs in quick mode too wherever that interpreter has the peers,
+and is skipped, saying why, where it does not.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "RESULTS.md"
 OUT = HERE / "out"
 PY = sys.executable
+PEERS_PY = [sys.executable]  # the interpreter with ray[serve] and nvidia-pytriton (--peers-python)
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Step:
     name: str
     run: Callable[[bool], tuple[str, str]]  # quick -> (command, markdown body)
     full_only: bool = False
+    needs_peers: bool = False  # runs with the peers' interpreter; skipped where it lacks them
 
 
 def _run(command: list[str], *, timeout_s: float, env: dict[str, str] | None = None) -> str:
@@ -68,6 +74,8 @@ def _shown(command: list[str]) -> str:
     def part(c: str) -> str:
         if c == PY:
             return "python"
+        if c == PEERS_PY[0]:
+            return c  # the peers' own interpreter: the reader needs to know which
         return str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT) + "/") else c
 
     return " ".join(part(c) for c in command)
@@ -166,20 +174,52 @@ def overload(quick: bool) -> tuple[str, str]:
     return _shown(command), f"`{found.group(0)}`"
 
 
+def _nested(section: str) -> str:
+    """A ``run.py`` section as the body of a block inside RESULTS' "Peers" section: its own
+    ``## `` title dropped, every heading one level deeper."""
+    lines = section.splitlines()
+    if lines and lines[0].startswith("## "):
+        lines = lines[1:]
+    return "\n".join(f"#{line}" if line.startswith("### ") else line for line in lines)
+
+
 def peers(quick: bool) -> tuple[str, str]:
-    command = [PY, str(HERE / "peers" / "run.py"), "--png", str(HERE / "peers" / "results.png"),
+    command = [PEERS_PY[0], str(HERE / "peers" / "run.py"), "--png", str(HERE / "peers" / "results.png"),
                "--markdown", str(OUT / "RESULTS-peers.md")]  # fmt: skip
     command += ["--quick"] if quick else []
     _run(command, timeout_s=3 * 3600)
-    return _shown(command), (OUT / "RESULTS-peers.md").read_text()
+    return _shown(command), _nested((OUT / "RESULTS-peers.md").read_text())
 
 
 def peers_host_tier(quick: bool) -> tuple[str, str]:
-    command = [PY, str(HERE / "peers" / "run.py"), "--host-tier", "--out",
+    command = [PEERS_PY[0], str(HERE / "peers" / "run.py"), "--host-tier", "--out",
                str(OUT / "peers-host-tier"), "--markdown", str(OUT / "RESULTS-peers-host.md")]  # fmt: skip
     command += ["--quick"] if quick else []
     _run(command, timeout_s=3 * 3600)
-    return _shown(command), (OUT / "RESULTS-peers-host.md").read_text()
+    return _shown(command), _nested((OUT / "RESULTS-peers-host.md").read_text())
+
+
+def peers_goals(quick: bool) -> tuple[str, str]:
+    """Issue #17's goal table: warm p50 and 8-client batched throughput against both peers."""
+    command = [PEERS_PY[0], str(HERE / "peers" / "run.py"), "--goals", "--out",
+               str(OUT / "peers-goals"), "--markdown", str(OUT / "RESULTS-peers-goals.md")]  # fmt: skip
+    _run(command, timeout_s=1800)
+    return _shown(command), _nested((OUT / "RESULTS-peers-goals.md").read_text())
+
+
+def peers_missing(python: str) -> str | None:
+    """Why ``python`` cannot run the peers (None: it can)."""
+    probe = subprocess.run(
+        [python, "-c", "import ray.serve, pytriton, psutil, gpufaas.core"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if probe.returncode == 0:
+        return None
+    last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+    return f"{python} cannot import the peers ({last}); pass --peers-python"
 
 
 STEPS = (
@@ -188,8 +228,9 @@ STEPS = (
     Step("decision-cost", decision_cost),
     Step("kill-run", kill_run),
     Step("overload", overload),
-    Step("peers", peers, full_only=True),
-    Step("peers-host-tier", peers_host_tier, full_only=True),
+    Step("peers-goals", peers_goals, needs_peers=True),
+    Step("peers", peers, full_only=True, needs_peers=True),
+    Step("peers-host-tier", peers_host_tier, full_only=True, needs_peers=True),
 )
 
 
@@ -229,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         "--with-peers", action="store_true", help="in quick mode, run the peers' quick runs too"
     )
     parser.add_argument("--only", default="", help="comma-separated block names")
+    parser.add_argument(
+        "--peers-python",
+        default=sys.executable,
+        help="an interpreter with ray[serve], nvidia-pytriton and gpufaas, for the peer runs",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="the file to rewrite")
     args = parser.parse_args(argv)
     wanted = {n.strip() for n in args.only.split(",") if n.strip()}
@@ -238,13 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(exist_ok=True)
     env_seed = {"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
     os.environ.update(env_seed)
+    PEERS_PY[0] = args.peers_python
     failures: list[str] = []
+    peers_problem: str | bool | None = False  # False: not probed yet
     for step in STEPS:
         if wanted and step.name not in wanted:
             continue
         if step.full_only and args.quick and not args.with_peers:
             print(f"[bench] {step.name}: skipped in quick mode (keeps its previous stamp)")
             continue
+        if step.needs_peers:
+            if peers_problem is False:
+                peers_problem = peers_missing(args.peers_python)
+            if peers_problem:
+                print(f"[bench] {step.name}: skipped, {peers_problem} (keeps its previous stamp)")
+                continue
         print(f"[bench] {step.name} ...", flush=True)
         load_before = os.getloadavg()
         started = time.monotonic()

@@ -11,7 +11,10 @@ the ``@serve.multiplexed`` method, and blocking work leaves the replica's event 
 (``asyncio.to_thread``, as Ray's docs advise for CPU-bound code in async deployments): the
 artifact load and the forward pass each run in a thread, so one request's load or forward
 never stalls the replica's other requests. torch gets ``--torch-threads`` threads, as every
-system does.
+system does. Models whose spec names a ``batching`` go through Ray Serve's documented
+dynamic batching: an async method under ``@serve.batch(max_batch_size=...,
+batch_wait_timeout_s=...)`` gets the list of concurrent calls, joins their inputs along the
+first axis, runs one forward (in a thread) and returns one result per call.
 
 Ray listens on every interface whatever it is told, so run this only inside a private
 network namespace (``run.py`` does: ``unshare -n``, loopback up). Usage::
@@ -32,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 import wire
@@ -43,7 +47,7 @@ from gpufaas.core.api import ModelFormat
 from gpufaas.core.modelio import load_model
 
 
-def _load(entry: dict[str, str]) -> torch.nn.Module:
+def _load(entry: dict[str, Any]) -> torch.nn.Module:
     module = load_model(Path(entry["path"]), format=ModelFormat(entry["format"]))
     with contextlib.suppress(NotImplementedError):  # exported programs: no eval()
         module.eval()
@@ -57,11 +61,38 @@ def _forward(model: torch.nn.Module, inputs: dict[str, Any], names: list[str]) -
     return {name: r.numpy() for name, r in zip(names, results, strict=True)}
 
 
+def _forward_batch(
+    calls: list[tuple[torch.nn.Module, dict[str, Any]]], names: list[str]
+) -> list[dict[str, Any]]:
+    """One forward per model over the calls' inputs joined on the first axis, split back."""
+    results: list[dict[str, Any]] = [{} for _ in calls]
+    groups: dict[int, list[int]] = {}
+    for i, (model, _) in enumerate(calls):
+        groups.setdefault(id(model), []).append(i)
+    for members in groups.values():
+        model = calls[members[0]][0]
+        inputs = {
+            name: np.concatenate([calls[i][1][name] for i in members])
+            for name in calls[members[0]][1]
+        }
+        outputs = _forward(model, inputs, names)
+        start = 0
+        for i in members:
+            rows = len(next(iter(calls[i][1].values())))
+            results[i] = {name: value[start : start + rows] for name, value in outputs.items()}
+            start += rows
+    return results
+
+
 def build_app(specs: dict[str, Any], *, capacity: int, replicas: int, torch_threads: int) -> Any:
+    batching = next((m["batching"] for m in specs["models"].values() if m.get("batching")), None)
+    max_batch_size = int(batching["max_batch_size"]) if batching else 1
+    wait_s = float(batching["max_delay_ms"]) / 1000 if batching else 0.0
+
     @serve.deployment(num_replicas=replicas)
     class MultiplexedModels:
         def __init__(self, specs: dict[str, Any]) -> None:
-            self.models: dict[str, dict[str, str]] = specs["models"]
+            self.models: dict[str, dict[str, Any]] = specs["models"]
             self.output_names = [o["name"] for o in specs["outputs"]]
             torch.set_grad_enabled(False)
             torch.set_num_threads(torch_threads)
@@ -70,6 +101,12 @@ def build_app(specs: dict[str, Any], *, capacity: int, replicas: int, torch_thre
         async def get_model(self, model_id: str) -> torch.nn.Module:
             return await asyncio.to_thread(_load, self.models[model_id])
 
+        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s)  # type: ignore[untyped-decorator]
+        async def forward_batched(
+            self, calls: list[tuple[torch.nn.Module, dict[str, Any]]]
+        ) -> list[dict[str, Any]]:
+            return await asyncio.to_thread(_forward_batch, calls, self.output_names)
+
         async def __call__(self, request: Request) -> Response:
             model_id = serve.get_multiplexed_model_id()
             if model_id not in self.models:
@@ -77,7 +114,10 @@ def build_app(specs: dict[str, Any], *, capacity: int, replicas: int, torch_thre
             model = await self.get_model(model_id)
             body = await request.body()
             inputs = wire.decode(body, request.headers.get(wire.HEADER_LENGTH), key="inputs")
-            outputs = await asyncio.to_thread(_forward, model, inputs, self.output_names)
+            if self.models[model_id].get("batching"):
+                outputs = await self.forward_batched((model, inputs))
+            else:
+                outputs = await asyncio.to_thread(_forward, model, inputs, self.output_names)
             content, headers = wire.encode_response(model_id, outputs)
             return Response(content, headers=headers, media_type=wire.CONTENT_TYPE)
 

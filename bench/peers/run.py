@@ -4,6 +4,7 @@ Usage (from the repository root, with the project's virtualenv)::
 
     python bench/peers/run.py --quick --json        # a short run; JSON on stdout
     python bench/peers/run.py                       # the full run; table on stdout
+    python bench/peers/run.py --goals               # issue #17's goal table (a few minutes)
 
 Each system serves K copies of one example model at a time (``tiny-mlp``,
 ``small-cnn``, ``minilm``) with room for C < K of them (gpufaas: a device byte budget
@@ -15,6 +16,11 @@ One load generator drives each system in turn with the same seeded workload:
 3. Zipf, closed loop: N clients over all K models with Zipf popularity;
 4. Zipf, open loop: Poisson arrivals at fixed rates (fractions of gpufaas's Zipf
    throughput, the same rates for every system) up to saturation.
+
+``--goals`` measures instead what issue #17's goals name, per family (tiny-mlp and
+small-cnn): two copies, both resident, one with batching off and one with every system's
+dynamic batching on (the same bounds: 8 requests, 2 ms); warm p50 with 1 client on the
+first, throughput with N clients on each; and prints the goal table.
 
 Every system and its load generator run inside their own private network namespace
 (``unshare -n``, loopback up): Ray listens on all interfaces whatever it is asked, and
@@ -78,9 +84,47 @@ class Plan:
     host_tier: bool = False  # gpufaas's host tier on, peers given room for all K copies
     torch_threads: int = 1
     rates: dict[str, list[float]] = field(default_factory=dict)  # per family, set by gpufaas
+    goals: bool = False  # issue #17's goal phases instead of the K-of-C ones
+    batched_requests: int = 0  # N clients on the batched copy (--goals)
+
+    @classmethod
+    def goals_plan(cls, args: argparse.Namespace) -> Plan:
+        """Issue #17's goals: warm p50 (1 client) with batching off, throughput of N clients
+        with each system's dynamic batching on; two copies, both resident everywhere."""
+        return cls(
+            families=args.families,
+            systems=args.systems,
+            copies=2,
+            capacity=2,
+            concurrency=args.concurrency,
+            zipf_s=args.zipf_s,
+            seed=args.seed,
+            warm_warmup=30,
+            warm_requests=1000,
+            loaded_requests=2000,
+            zipf_requests=0,
+            phase_max_s=15.0,
+            rate_fractions=[],
+            rate_duration_s=0.0,
+            open_max_outstanding=0,
+            open_grace_s=0.0,
+            start_timeout_s=240.0,
+            models_dir=str(args.models_dir),
+            out_dir=str(args.out),
+            profile=args.profile,
+            torch_threads=args.torch_threads,
+            goals=True,
+            batched_requests=5000,
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
+        if args.goals:
+            plan = cls.goals_plan(args)
+            if args.smoke:  # a few requests of each goal phase (the test)
+                plan.warm_warmup, plan.warm_requests = 2, 6
+                plan.loaded_requests, plan.batched_requests = 8, 16
+            return plan
         if args.smoke:
             return cls.smoke(args)
         quick = args.quick
@@ -148,12 +192,80 @@ def _summary(result: Any) -> dict[str, Any]:
     return out
 
 
-async def _run_phases(system: Any, scenario: Any, plan: Plan, profiler: Any) -> dict[str, Any]:
+async def _verified(client: Any, make: Any, model: str, expected: dict[str, Any]) -> bool:
+    """Whether ``model`` answers the scenario's sample with the model's own outputs."""
     import numpy as np
     import wire
+
+    url, headers, body = make(model)
+    response = await client.post(url, headers=headers, content=body)
+    if response.status_code != 200:
+        return False
+    got = wire.decode(response.content, response.headers.get(wire.HEADER_LENGTH), key="outputs")
+    return all(
+        np.allclose(got[name], want, rtol=1e-4, atol=1e-5) for name, want in expected.items()
+    )
+
+
+async def _run_goal_phases(system: Any, scenario: Any, plan: Plan, profiler: Any) -> dict[str, Any]:
+    """Issue #17's goals: the copy with batching off (warm p50, 1 client; then N clients) and
+    the copy with dynamic batching on (N clients), both loaded and warmed up first."""
+    from loadgen import closed_loop, new_client, tree_cpu_s
+    from scenario import reference_outputs
+
+    make = system.request_factory()
+    plain = next(m for m in scenario.models if m not in scenario.batched)
+    batched = scenario.batched[0]
+    figures: dict[str, Any] = {"plain_model": plain, "batched_model": batched}
+    expected = reference_outputs(scenario)
+    async with new_client(connections=plan.concurrency + 8, timeout_s=120.0) as client:
+        figures["verified"] = all(
+            [await _verified(client, make, m, expected) for m in (plain, batched)]
+        )
+        for model, concurrency in ((plain, 1), (batched, plan.concurrency)):
+            await closed_loop(
+                client, make, [model] * plan.warm_warmup, concurrency=concurrency, max_seconds=30
+            )
+        cpu_before = tree_cpu_s(system.server.pid)
+        with profiler("warm"):
+            warm = await closed_loop(
+                client,
+                make,
+                [plain] * plan.warm_requests,
+                concurrency=1,
+                max_seconds=plan.phase_max_s,
+            )
+        figures["warm"] = _summary(warm)
+        figures["warm"]["server_cpu_ms_per_request"] = round(
+            1000 * (tree_cpu_s(system.server.pid) - cpu_before) / max(1, len(warm.samples)), 3
+        )
+        with profiler("warm-loaded"):
+            loaded = await closed_loop(
+                client,
+                make,
+                [plain] * plan.loaded_requests,
+                concurrency=plan.concurrency,
+                max_seconds=plan.phase_max_s,
+            )
+        figures["loaded"] = _summary(loaded)
+        with profiler("batched"):
+            batched_result = await closed_loop(
+                client,
+                make,
+                [batched] * plan.batched_requests,
+                concurrency=plan.concurrency,
+                max_seconds=plan.phase_max_s,
+            )
+        figures["batched"] = _summary(batched_result)
+    return figures
+
+
+async def _run_phases(system: Any, scenario: Any, plan: Plan, profiler: Any) -> dict[str, Any]:
     from loadgen import closed_loop, new_client, open_loop, tree_cpu_s
     from scenario import reference_outputs
 
+    if plan.goals:
+        return await _run_goal_phases(system, scenario, plan, profiler)
     make = system.request_factory()
     models = scenario.models
     hot = models[: scenario.capacity]  # loaded last by the cold phase: resident everywhere
@@ -168,19 +280,7 @@ async def _run_phases(system: Any, scenario: Any, plan: Plan, profiler: Any) -> 
         figures["cold_each_ms"] = [round(s.latency_s * 1000, 2) for s in cold.samples]
 
         # correctness, on a resident model
-        url, headers, body = make(hot[0])
-        response = await client.post(url, headers=headers, content=body)
-        expected = reference_outputs(scenario)
-        verified = response.status_code == 200
-        if verified:
-            got = wire.decode(
-                response.content, response.headers.get(wire.HEADER_LENGTH), key="outputs"
-            )
-            verified = all(
-                np.allclose(got[name], want, rtol=1e-4, atol=1e-5)
-                for name, want in expected.items()
-            )
-        figures["verified"] = verified
+        figures["verified"] = await _verified(client, make, hot[0], reference_outputs(scenario))
 
         # 2. warm: the hot set, round robin; 1 client, then N clients
         def round_robin(count: int) -> list[str]:
@@ -324,9 +424,14 @@ def run_worker(system_name: str, plan: Plan, result_path: Path) -> int:
             models_dir=Path(plan.models_dir),
             host_tier=plan.host_tier,
             torch_threads=plan.torch_threads,
+            batched=1 if plan.goals else 0,
         )
         entry["model_bytes"] = scenario.model_bytes
-        if system_name == "gpufaas":
+        if plan.goals:
+            # Every copy stays resident on every system: gpufaas gets a roomy device (the
+            # probe's budget per copy), the peers room for every copy (capacity == copies).
+            scenario.gpufaas_footprint = max(scenario.model_bytes * 8, 256 << 20)
+        elif system_name == "gpufaas":
             with tempfile.TemporaryDirectory(prefix="peers-footprint-") as work:
                 scenario.gpufaas_footprint = measure_gpufaas_footprint(
                     scenario, workdir=Path(work), timeout_s=plan.start_timeout_s
@@ -420,6 +525,8 @@ def _figures(entry: dict[str, Any]) -> dict[str, float | None]:
         "zipf_p99_ms": get("zipf", "p99_ms"),
         "zipf_errors": get("zipf", "errors"),
         "server_cpu_ms": get("warm", "server_cpu_ms_per_request"),
+        "batched_throughput_rps": get("batched", "throughput_rps"),
+        "batched_p50_ms": get("batched", "p50_ms"),
         "peak_memory_mib": entry.get("peak_pss_mib"),
     }
 
@@ -540,6 +647,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             report["png"] = str(args.png)
     except Exception as e:  # a missing plot never loses the figures
         report["png_error"] = f"{type(e).__name__}: {e}"
+    report["goal_table"] = workload.goal_table(report["families"]) if plan.goals else ""
     text = _text_report(report)
     markdown = _markdown_section(report)
     (out / "RESULTS-peers.md").write_text(markdown)
@@ -582,7 +690,13 @@ def _json_view(report: dict[str, Any]) -> dict[str, Any]:
             if entry.get("error")
         },
         "png": report.get("png"),
+        "goal_table": report.get("goal_table") or None,
     }
+
+
+def _k_of_c_goals(goals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The goals a K-of-C run reports: all but #17's batched ones, which only --goals measures."""
+    return [g for g in goals if not (g["name"] in workload.GOALS_17 and g["met"] is None)]
 
 
 def _ms(value: float | None) -> str:
@@ -594,8 +708,9 @@ def _markdown_section(report: dict[str, Any]) -> str:
     machine = report["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
     plan = report["plan"]
+    title = "## Peers: issue #17 goals" if plan.get("goals") else "## Peers"
     lines = [
-        "## Peers",
+        title,
         "",
         f"- date: {report['date']}",
         f"- command: `{report['command']}`",
@@ -607,9 +722,19 @@ def _markdown_section(report: dict[str, Any]) -> str:
         f"N={plan['concurrency']} closed-loop clients, Zipf s={plan['zipf_s']}, "
         f"seed {plan['seed']}; wall time {report['wall_s']} s",
     ]
+    if plan.get("goals"):
+        lines[-1] = (
+            f"- workload: 2 copies per family, both resident everywhere, one with batching off "
+            f"(warm: 1 client, {plan['warm_requests']} requests; N={plan['concurrency']} clients, "
+            f"{plan['loaded_requests']}), one with each system's dynamic batching on "
+            f"(N={plan['concurrency']} clients, {plan['batched_requests']} requests); "
+            f"wall time {report['wall_s']} s"
+        )
+    if report.get("goal_table"):
+        lines += ["", report["goal_table"]]
     for family, data in report["families"].items():
         lines += ["", f"### {family}", "", data["table"], ""]
-        for goal in data["goals"]:
+        for goal in [] if plan.get("goals") else _k_of_c_goals(data["goals"]):
             mark = {True: "met", False: "**missed**", None: "n/a"}[goal["met"]]
             lines.append(f"- {goal['name']}: {mark} (gpufaas/{goal['peer']} = {goal['ratio']})")
         for system, result in report["systems"].items():
@@ -633,9 +758,11 @@ def _text_report(report: dict[str, Any]) -> str:
     ]
     for family, data in report["families"].items():
         lines += ["", f"## {family}", "", data["table"], ""]
-        for goal in data["goals"]:
+        for goal in [] if report["plan"].get("goals") else _k_of_c_goals(data["goals"]):
             mark = {True: "met", False: "MISSED", None: "n/a"}[goal["met"]]
             lines.append(f"- {goal['name']}: {mark} (ratio {goal['ratio']})")
+    if report.get("goal_table"):
+        lines += ["", "## issue #17 goals", "", report["goal_table"]]
     for system, result in report["systems"].items():
         for family, entry in result.get("families", {}).items():
             if entry.get("error"):
@@ -649,6 +776,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (a few minutes)")
     parser.add_argument("--smoke", action="store_true", help="a few requests per phase (tests)")
+    parser.add_argument(
+        "--goals",
+        action="store_true",
+        help="issue #17's goal table: warm p50 (1 client), N-client throughput with batching on",
+    )
     parser.add_argument(
         "--host-tier",
         action="store_true",
@@ -691,7 +823,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(**json.loads(args.plan.read_text()))
         return run_worker(args.worker, plan, args.result)
     if args.families is None:
-        args.families = ["tiny-mlp", "minilm"] if args.quick else list(FAMILIES)
+        if args.goals:
+            args.families = ["tiny-mlp", "small-cnn"]
+        else:
+            args.families = ["tiny-mlp", "minilm"] if args.quick else list(FAMILIES)
     unknown = [s for s in args.systems if s not in SYSTEM_ORDER]
     unknown += [f for f in args.families if f not in FAMILIES]
     if unknown:

@@ -11,7 +11,9 @@ bytes it charges per copy (measured from gpufaas itself) plus half a copy.
 gpufaas gets manifests cloned from the bundled example's, changed only in name, in
 a ``file://`` URI without ``sha256`` (used in place, like the peers do; with a digest
 gpufaas would copy and hash it into its artifact cache once), and with batching off
-(one forward per request, as on the peers).
+(one forward per request, as on the peers), except for the models named in
+``Scenario.batched``: those get every system's dynamic batching with the same bounds
+(``BATCHING``, the bundled examples' own: at most 8 requests, waiting at most 2 ms).
 """
 
 from __future__ import annotations
@@ -34,6 +36,21 @@ from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.modelio import load_model, tensor_bytes
 
 
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic-batching bounds, the same for every system that batches a model."""
+
+    max_batch_size: int = 8
+    max_delay_ms: float = 2.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_batch_size": self.max_batch_size, "max_delay_ms": self.max_delay_ms}
+
+
+# The bundled tiny-mlp and small-cnn manifests' own batching (examples/functions/*.yaml).
+BATCHING = Batching()
+
+
 @dataclass
 class Scenario:
     family: str
@@ -54,6 +71,9 @@ class Scenario:
     # tier, which holds all K copies in RAM, and the peers get the same: room for K modules.
     host_tier: bool = False
     torch_threads: int = 1  # every system's torch intra-op threads
+    # models served with dynamic batching on (every system, the same bounds); the rest: off
+    batched: tuple[str, ...] = ()
+    batching: Batching = BATCHING
 
     @property
     def peer_capacity(self) -> int:
@@ -67,7 +87,14 @@ class Scenario:
     def specs(self) -> dict[str, Any]:
         """What the peer apps read (``--specs``): model paths and the tensor signature."""
         return {
-            "models": {m: {"path": str(self.paths[m]), "format": self.format} for m in self.models},
+            "models": {
+                m: {
+                    "path": str(self.paths[m]),
+                    "format": self.format,
+                    "batching": self.batching.to_dict() if m in self.batched else None,
+                }
+                for m in self.models
+            },
             "inputs": self.inputs,
             "outputs": self.outputs,
         }
@@ -97,10 +124,18 @@ def prepare(
     models_dir: Path,
     host_tier: bool = False,
     torch_threads: int = 1,
+    batched: int = 0,
 ) -> Scenario:
-    """Build (once) the family's artifact and describe K copies of it with room for C."""
-    if not 1 <= capacity < copies:
+    """Build (once) the family's artifact and describe K copies of it with room for C.
+
+    ``batched``: the last that many copies get dynamic batching on every system. With
+    batched copies every copy may be resident at once (``capacity == copies``): that
+    scenario measures warm serving, not the cache.
+    """
+    if not (1 <= capacity < copies or (batched and 1 <= capacity == copies)):
         raise ValueError(f"need 1 <= capacity < copies, got capacity={capacity}, copies={copies}")
+    if not 0 <= batched <= copies:
+        raise ValueError(f"need 0 <= batched <= copies, got batched={batched}")
     if family not in EXAMPLES:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(EXAMPLES)}")
     artifact = build_examples(models_dir, names=[family], progress=False)[family].resolve()
@@ -122,6 +157,7 @@ def prepare(
         manifest=manifest,
         host_tier=host_tier,
         torch_threads=torch_threads,
+        batched=tuple(models[copies - batched :]) if batched else (),
     )
 
 
@@ -155,7 +191,12 @@ def write_manifests(scenario: Scenario, folder: Path) -> Path:
         model = document["spec"]["model"]
         model["uri"] = scenario.paths[name].as_uri()
         model.pop("sha256", None)
-        document["spec"]["batching"] = {"maxBatchSize": 1, "maxDelayMs": 0}
+        batching = scenario.batching
+        document["spec"]["batching"] = (
+            {"maxBatchSize": batching.max_batch_size, "maxDelayMs": batching.max_delay_ms}
+            if name in scenario.batched
+            else {"maxBatchSize": 1, "maxDelayMs": 0}
+        )
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
     return folder
 

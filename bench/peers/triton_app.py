@@ -5,9 +5,13 @@ benchmark model. Each model's Python callable gets its torch module from one LRU
 shared by all of them, holding at most ``--capacity`` modules (the same capacity the
 other systems get); a miss loads the artifact with ``gpufaas.core.modelio.load_model``
 from the same file gpufaas serves. A load holds only its own model's lock, never the
-LRU's: requests for resident models, and loads of other models, go on meanwhile. Batching is off (each request is one forward, as on
-the other systems); everything else is PyTriton's defaults. HTTP, gRPC and metrics
-bind 127.0.0.1.
+LRU's: requests for resident models, and loads of other models, go on meanwhile. Batching is off
+(each request is one forward, as on the other systems), except for the models whose spec
+names a ``batching``: those get PyTriton's documented dynamic batching
+(``ModelConfig(batching=True, max_batch_size=..., batcher=DynamicBatcher(
+max_queue_delay_microseconds=...))`` and the ``@batch`` decorator, which hands the callable
+the requests Triton's dynamic batcher merged, as one array per input, and splits the
+outputs back). Everything else is PyTriton's defaults. HTTP, gRPC and metrics bind 127.0.0.1.
 
 Triton's Python backend needs ``LD_LIBRARY_PATH`` to include the running Python's
 ``lib`` folder (``run.py`` sets it). Usage::
@@ -33,7 +37,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from pytriton.model_config import ModelConfig, Tensor
+from pytriton.decorators import batch
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
 from gpufaas.core.api import ModelFormat
@@ -100,6 +105,70 @@ def make_infer(
     return infer
 
 
+def make_batched_infer(
+    name: str, cache: SharedLRU, *, input_names: list[str], output_names: list[str]
+) -> Callable[..., dict[str, npt.NDArray[Any]]]:
+    """One forward over the batch Triton's dynamic batcher formed (``@batch`` joins the
+    requests' arrays along the first axis and splits the outputs back per request)."""
+
+    @batch  # type: ignore[misc]
+    def infer(**inputs: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
+        module = cache.get(name)
+        with torch.inference_mode():
+            result = module(*(torch.from_numpy(np.asarray(inputs[n])) for n in input_names))
+        results = [result] if isinstance(result, torch.Tensor) else list(result)
+        return {n: r.numpy() for n, r in zip(output_names, results, strict=True)}
+
+    return infer  # type: ignore[no-any-return]
+
+
+def binding(
+    name: str,
+    entry: dict[str, Any],
+    cache: SharedLRU,
+    *,
+    specs: dict[str, Any],
+) -> dict[str, Any]:
+    """``Triton.bind`` arguments for one model: batching off, or PyTriton's dynamic batching."""
+    input_names = [t["name"] for t in specs["inputs"]]
+    output_names = [t["name"] for t in specs["outputs"]]
+    batching = entry.get("batching")
+
+    def tensors(side: str) -> list[Tensor]:
+        # With batching on, Triton's shapes leave out the batch dimension (the first).
+        return [
+            Tensor(
+                name=t["name"],
+                dtype=_NUMPY[t["datatype"]],
+                shape=tuple(t["shape"][1:] if batching else t["shape"]),
+            )
+            for t in specs[side]
+        ]
+
+    if batching:
+        infer: Callable[..., Any] = make_batched_infer(
+            name, cache, input_names=input_names, output_names=output_names
+        )
+        config = ModelConfig(
+            batching=True,
+            max_batch_size=int(batching["max_batch_size"]),
+            batcher=DynamicBatcher(
+                max_queue_delay_microseconds=int(batching["max_delay_ms"] * 1000)
+            ),
+        )
+    else:
+        infer = make_infer(name, cache, input_names=input_names, output_names=output_names)
+        config = ModelConfig(batching=False)
+    return {
+        "model_name": name,
+        "infer_func": infer,
+        "inputs": tensors("inputs"),
+        "outputs": tensors("outputs"),
+        "config": config,
+        "strict": False,
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -119,15 +188,7 @@ def main() -> int:
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.torch_threads)
 
-    def tensors(side: str) -> list[Tensor]:
-        return [
-            Tensor(name=t["name"], dtype=_NUMPY[t["datatype"]], shape=tuple(t["shape"]))
-            for t in specs[side]
-        ]
-
     cache = SharedLRU(specs["models"], capacity=args.capacity)
-    input_names = [t["name"] for t in specs["inputs"]]
-    output_names = [t["name"] for t in specs["outputs"]]
     config = TritonConfig(
         http_address="127.0.0.1",
         http_port=args.port,
@@ -140,17 +201,8 @@ def main() -> int:
     )
     stop = threading.Event()
     with Triton(config=config) as triton:
-        for name in specs["models"]:
-            triton.bind(
-                model_name=name,
-                infer_func=make_infer(
-                    name, cache, input_names=input_names, output_names=output_names
-                ),
-                inputs=tensors("inputs"),
-                outputs=tensors("outputs"),
-                config=ModelConfig(batching=False),
-                strict=False,
-            )
+        for name, entry in specs["models"].items():
+            triton.bind(**binding(name, entry, cache, specs=specs))
         triton.run()
         args.ready_file.write_text("ready\n")
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

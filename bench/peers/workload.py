@@ -26,11 +26,13 @@ import numpy as np
 
 __all__ = [
     "FIGURES",
+    "GOALS_17",
     "Figure",
     "Goal",
     "Summary",
     "check_goals",
     "format_table",
+    "goal_table",
     "percentile",
     "poisson_arrivals",
     "ratio",
@@ -152,6 +154,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure("warm_p99_ms", "warm p99 (1 client)", "ms", False),
     Figure("loaded_p50_ms", "warm p50 (N clients)", "ms", False),
     Figure("loaded_p99_ms", "warm p99 (N clients)", "ms", False),
+    Figure("batched_throughput_rps", "throughput (N clients, dynamic batching on)", "req/s", True),
+    Figure("batched_p50_ms", "p50 (N clients, dynamic batching on)", "ms", False),
     Figure("cold_ms", "cold start (median first request)", "ms", False),
     Figure("zipf_p50_ms", "Zipf mix p50 (N clients)", "ms", False),
     Figure("zipf_p99_ms", "Zipf mix p99 (N clients)", "ms", False),
@@ -207,6 +211,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, reference: str = "gpufaas
     header = ["figure", "unit", *systems, *(f"{reference}/{p}" for p in peers)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
+        if all(value is None for value in row["values"].values()):
+            continue  # not measured in this mode (the batched figures outside --goals, say)
         cells = [row["label"], row["unit"]]
         cells += [_cell(row["values"][s]) for s in systems]
         cells += [_cell(row["ratios"][p]) for p in peers]
@@ -224,6 +230,7 @@ class Goal:
     bound: float
     ratio: float | None
     met: bool | None  # None: not measured (peer missing)
+    how: str = "le"  # ratio "le" / "ge" / "lt" the bound
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,7 +245,17 @@ _GOALS: tuple[tuple[str, str, str, float, str], ...] = (
     ("cold start lower than Ray Serve", "ray", "cold_ms", 1.0, "lt"),
     ("cold start lower than PyTriton", "triton", "cold_ms", 1.0, "lt"),
     ("warm p50 within 1.5x of PyTriton", "triton", "warm_p50_ms", 1.5, "le"),
+    *(
+        # issue #17's data-plane goals (``run.py --goals``)
+        ("#17 warm p50 <= PyTriton's", "triton", "warm_p50_ms", 1.0, "le"),
+        ("#17 warm p50 at least 2x lower than Ray Serve's", "ray", "warm_p50_ms", 0.5, "le"),
+        ("#17 batched throughput >= PyTriton's", "triton", "batched_throughput_rps", 1.0, "ge"),
+        ("#17 batched throughput >= 2x Ray Serve's", "ray", "batched_throughput_rps", 2.0, "ge"),
+    ),
 )
+
+# The goals ``run.py --goals`` prints as its table.
+GOALS_17 = tuple(goal[0] for goal in _GOALS if goal[0].startswith("#17 "))
 
 
 def check_goals(rows: Sequence[Mapping[str, Any]]) -> list[Goal]:
@@ -257,5 +274,29 @@ def check_goals(rows: Sequence[Mapping[str, Any]]) -> list[Goal]:
             met = value >= bound
         else:
             met = value < bound
-        goals.append(Goal(name, peer, figure, bound, value, met))
+        goals.append(Goal(name, peer, figure, bound, value, met, how))
     return goals
+
+
+def goal_table(per_family: Mapping[str, Mapping[str, Any]]) -> str:
+    """Issue #17's goals as a Markdown table: one row per family and goal, with gpufaas's
+    figure, the peer's, their ratio, the bound and whether it is met. ``per_family`` maps a
+    family to ``{"figures": {system: {figure: value}}, "goals": [Goal.to_dict(), ...]}``."""
+    lines = [
+        "| family | goal | gpufaas | peer | gpufaas/peer | bound | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for family, data in per_family.items():
+        figures = data["figures"]
+        for goal in data["goals"]:
+            if goal["name"] not in GOALS_17:
+                continue
+            ours = figures.get("gpufaas", {}).get(goal["figure"])
+            theirs = figures.get(goal["peer"], {}).get(goal["figure"])
+            how = {"le": "<=", "ge": ">=", "lt": "<"}[goal["how"]]
+            mark = {True: "met", False: "**missed**", None: "n/a"}[goal["met"]]
+            lines.append(
+                f"| {family} | {goal['name'][4:]} | {_cell(ours)} | {_cell(theirs)} "
+                f"| {_cell(goal['ratio'])} | {how} {goal['bound']:g} | {mark} |"
+            )
+    return "\n".join(lines)

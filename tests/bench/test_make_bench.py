@@ -37,3 +37,9 @@ def test_every_step_has_its_block_in_results() -> None:
     text = (BENCH / "RESULTS.md").read_text()
     for step in driver.STEPS:
         assert f"<!-- bench:{step.name} -->" in text and f"<!-- /bench:{step.name} -->" in text
+
+
+def test_a_peers_section_nests_under_results_peers_heading() -> None:
+    driver = _driver()
+    section = "## Peers\n\n- date: x\n\n### tiny-mlp\n\n| a |\n"
+    assert driver._nested(section) == "\n- date: x\n\n#### tiny-mlp\n\n| a |"

@@ -140,3 +140,33 @@ def test_goals_are_checked_against_the_ratios() -> None:
     assert goals["warm p50 within 1.5x of PyTriton"].met is False  # 2.0
     without_triton = workload.check_goals(workload.ratio_table({"gpufaas": figures["gpufaas"]}))
     assert {g.met for g in without_triton if g.peer == "triton"} == {None}
+
+
+def test_issue_17_goal_table_names_each_goal_with_both_figures_and_the_verdict() -> None:
+    figures = {
+        "gpufaas": {"warm_p50_ms": 1.0, "batched_throughput_rps": 900.0},
+        "ray": {"warm_p50_ms": 4.0, "batched_throughput_rps": 500.0},
+        "triton": {"warm_p50_ms": 0.8, "batched_throughput_rps": 800.0},
+    }
+    rows = workload.ratio_table(figures)
+    goals = {g.name: g for g in workload.check_goals(rows)}
+    assert goals["#17 warm p50 <= PyTriton's"].met is False  # 1.25
+    assert goals["#17 warm p50 at least 2x lower than Ray Serve's"].met is True  # 0.25
+    assert goals["#17 batched throughput >= PyTriton's"].met is True  # 1.125
+    assert goals["#17 batched throughput >= 2x Ray Serve's"].met is False  # 1.8
+    table = workload.goal_table(
+        {"tiny-mlp": {"figures": figures, "goals": [g.to_dict() for g in goals.values()]}}
+    )
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(workload.GOALS_17)  # header, rule, one row per #17 goal
+    assert (
+        "| tiny-mlp | batched throughput >= PyTriton's | 900 | 800 | 1.12 | >= 1 | met |" in lines
+    )
+    assert "| tiny-mlp | warm p50 <= PyTriton's | 1 | 0.8 | 1.25 | <= 1 | **missed** |" in lines
+
+
+def test_figures_no_system_measured_are_left_out_of_the_table() -> None:
+    figures = {"gpufaas": {"warm_p50_ms": 1.0}, "ray": {"warm_p50_ms": 2.0}}
+    table = workload.format_table(workload.ratio_table(figures))
+    assert "warm p50 (1 client)" in table
+    assert "dynamic batching on" not in table

@@ -90,13 +90,13 @@ class System:
             what=f"manager {name}",
         )
 
-    def start_gateway(self) -> None:
+    def start_gateway(self, *, sync_interval_s: float = SYNC_INTERVAL_S) -> None:
         managers = ",".join(f"{n}={self.manager_url(n)}" for n in self.manager_ports)
         self.gateway = subprocess.Popen(
             [
                 sys.executable, "-m", "gpufaas.core.cli", "gateway",
                 "--managers", managers, "--functions", str(bundled_functions_dir()),
-                "--port", str(self.gateway_port), "--sync-interval", str(SYNC_INTERVAL_S),
+                "--port", str(self.gateway_port), "--sync-interval", str(sync_interval_s),
                 "--grpc-port", "-1",  # no gRPC here: the default 8081 may be taken
             ],
             env=self.env,
@@ -114,6 +114,12 @@ class System:
         response.raise_for_status()
         result: dict[str, Any] = response.json()
         return result
+
+    def manager_functions(self, name: str) -> list[str]:
+        response = httpx.get(f"{self.manager_url(name)}/v2/gpufaas/state", timeout=5)
+        response.raise_for_status()
+        functions: list[str] = response.json()["functions"]
+        return functions
 
     def node_health(self) -> dict[str, bool]:
         return {n["name"]: n["healthy"] for n in self.cluster()["nodes"]}
@@ -192,7 +198,14 @@ def test_manager_killed_mid_request_is_retried_elsewhere_then_resynced(system: S
 
     system.start_manager(victim)  # the node comes back, empty
     wait_for(lambda: system.node_health()[victim], timeout_s=10, what="the re-sync")
-    for _ in range(6):  # LB spreads these over both nodes; each must succeed
+    # The re-sync pushed every function to it (asked of the node itself: the routing policy,
+    # LALB by default, would keep sending minilm to the node that holds it, never noticing).
+    wait_for(
+        lambda: "minilm" in system.manager_functions(victim),
+        timeout_s=10,
+        what="the functions pushed to the returned node",
+    )
+    for _ in range(6):  # each must succeed, wherever the policy sends it
         assert infer(system.url, *minilm_request(batch=1, tokens=8)).status_code == 200
 
 
@@ -202,7 +215,9 @@ def test_gateway_restart_rebuilds_the_directory(system: System) -> None:
     assert "minilm" in before
     assert system.gateway is not None
     system.kill(system.gateway)
-    system.start_gateway()
+    # No periodic sync for an hour: only the rebuild at start-up, before the gateway reports
+    # ready, can fill the directory (with the 0.5 s sync it would fill a moment later anyway).
+    system.start_gateway(sync_interval_s=3600)
     after = {k for d in system.cluster()["devices"] for k in (r[0] for r in d["residents"])}
     assert "minilm" in after
 
