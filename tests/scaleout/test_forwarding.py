@@ -13,11 +13,11 @@ from typing import Literal
 
 import httpx
 from prometheus_client import CollectorRegistry
-from starlette.responses import Response
 
 from gpufaas.cache import ClusterDirectory
 from gpufaas.core.http import REQUEST_KEY_HEADER
 from gpufaas.gpu_manager.admission import RequestOnce
+from gpufaas.gpu_manager.framed import Answer
 from gpufaas.scheduler.gateway import NodeCall
 from gpufaas.scheduler.peers import HEARTBEAT_PATH, Membership, static_peers
 from gpufaas.scheduler.replicas import FORWARDED_HEADER, Replicas
@@ -227,11 +227,11 @@ async def test_a_manager_runs_a_key_once_and_a_lookup_joins_the_run() -> None:
     runs = 0
     go = asyncio.Event()
 
-    async def compute() -> Response:
+    async def compute() -> Answer:
         nonlocal runs
         runs += 1
         await go.wait()
-        return Response(b"out", status_code=200)
+        return 200, [], b"out"
 
     first = asyncio.create_task(once.run("k", compute))
     await asyncio.sleep(0)
@@ -240,9 +240,9 @@ async def test_a_manager_runs_a_key_once_and_a_lookup_joins_the_run() -> None:
     await asyncio.sleep(0)
     go.set()
     answers = await asyncio.gather(first, second, looked)
-    assert runs == 1 and all(a is not None and a.body == b"out" for a in answers)
+    assert runs == 1 and all(a is not None and a[2] == b"out" for a in answers)
     again = await once.run("k", compute)  # after it finished: the kept answer
-    assert runs == 1 and again.body == b"out"
+    assert runs == 1 and again[2] == b"out"
     assert await once.lookup("other", wait_s=1) is None
     plain = [await once.run(None, compute) for _ in range(2)]  # no key: every call runs
     assert runs == 3 and len(plain) == 2
@@ -252,12 +252,12 @@ async def test_a_failed_run_is_not_kept_so_a_retry_runs() -> None:
     once = RequestOnce()
     statuses = iter([429, 200])
 
-    async def compute() -> Response:
-        return Response(b"", status_code=next(statuses))
+    async def compute() -> Answer:
+        return next(statuses), [], b""
 
-    assert (await once.run("k", compute)).status_code == 429
+    assert (await once.run("k", compute))[0] == 429
     assert await once.lookup("k", wait_s=1) is None
-    assert (await once.run("k", compute)).status_code == 200
+    assert (await once.run("k", compute))[0] == 200
     assert (await once.lookup("k", wait_s=1)) is not None
 
 
@@ -269,8 +269,8 @@ def test_kept_answers_are_bounded_in_bytes_and_time() -> None:
         for key in ("a", "b", "c"):
             body = key.encode() * 4
 
-            async def compute(body: bytes = body) -> Response:
-                return Response(body)
+            async def compute(body: bytes = body) -> Answer:
+                return 200, [], body
 
             await once.run(key, compute)
         assert await once.lookup("a", wait_s=1) is None  # 12 bytes > 10: the oldest went
