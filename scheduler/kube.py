@@ -23,7 +23,7 @@ import contextlib
 import ipaddress
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import httpx
@@ -251,7 +251,18 @@ def manager_urls(
     slices: Sequence[Mapping[str, Any]], *, port_name: str | None = "http", scheme: str = "http"
 ) -> dict[str, str]:
     """``{node name: base URL}`` of the ready endpoints in EndpointSlices (addresses when unnamed)."""
-    urls: dict[str, str] = {}
+    urls = {
+        endpoint.get("nodeName") or address: url
+        for endpoint, address, url in ready_endpoints(slices, port_name=port_name, scheme=scheme)
+    }
+    return dict(sorted(urls.items()))
+
+
+def ready_endpoints(
+    slices: Sequence[Mapping[str, Any]], *, port_name: str | None = "http", scheme: str = "http"
+) -> Iterator[tuple[Mapping[str, Any], str, str]]:
+    """Each ready endpoint address in EndpointSlices, with its base URL on the named port:
+    ``(endpoint, address, url)``. Endpoints whose ``ready`` condition is false are left out."""
     for endpoint_slice in slices:
         ports = endpoint_slice.get("ports") or []
         port = next(
@@ -263,9 +274,7 @@ def manager_urls(
             if (endpoint.get("conditions") or {}).get("ready") is False:
                 continue
             for address in endpoint.get("addresses") or []:
-                url = f"{scheme}://{_host(address)}:{port}"
-                urls[endpoint.get("nodeName") or address] = url
-    return dict(sorted(urls.items()))
+                yield endpoint, address, f"{scheme}://{_host(address)}:{port}"
 
 
 def _endpoints_as_slices(endpoints: Mapping[str, Any]) -> list[JSON]:

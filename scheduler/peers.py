@@ -18,8 +18,6 @@ cannot reach any peer owns every function: it schedules locally and keeps servin
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -27,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
+
+from gpufaas.scheduler.kube import ready_endpoints
 
 logger = logging.getLogger(__name__)
 
@@ -74,31 +74,13 @@ def static_peers(urls: Iterable[str]) -> Callable[[], Awaitable[list[str]]]:
     return discover
 
 
-def _host(address: str) -> str:
-    with contextlib.suppress(ValueError):
-        if isinstance(ipaddress.ip_address(address), ipaddress.IPv6Address):
-            return f"[{address}]"
-    return address
-
-
 def peer_urls(
     slices: Sequence[Mapping[str, Any]], *, port_name: str | None = "http", scheme: str = "http"
 ) -> list[str]:
     """Base URLs of the ready endpoints in EndpointSlices, one per pod address."""
-    urls: set[str] = set()
-    for endpoint_slice in slices:
-        ports = endpoint_slice.get("ports") or []
-        port = next(
-            (p.get("port") for p in ports if port_name is None or p.get("name") == port_name), None
-        )
-        if port is None:
-            continue
-        for endpoint in endpoint_slice.get("endpoints") or []:
-            if (endpoint.get("conditions") or {}).get("ready") is False:
-                continue
-            for address in endpoint.get("addresses") or []:
-                urls.add(f"{scheme}://{_host(address)}:{port}")
-    return sorted(urls)
+    return sorted(
+        {url for _, _, url in ready_endpoints(slices, port_name=port_name, scheme=scheme)}
+    )
 
 
 def kubernetes_peers(
