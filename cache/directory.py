@@ -65,6 +65,7 @@ class ClusterDirectory:
     def __init__(self) -> None:
         self._devices: dict[str, _Device] = {}
         self._holders: dict[str, set[str]] = {}  # model -> device ids whose view holds it
+        self._by_node: dict[str, dict[str, None]] = {}  # node -> its device ids, in added order
         self._slices = 0  # MIG slices among the devices
 
     def __repr__(self) -> str:
@@ -90,6 +91,7 @@ class ClusterDirectory:
         )
         slot = DeviceSlot(device_id, DeviceKind(kind), capacity_bytes, profile)
         self._devices[device_id] = _Device(device_id=device_id, node=node, view=view, slot=slot)
+        self._by_node.setdefault(node, {})[device_id] = None
         if slot.kind is DeviceKind.MIG:
             self._slices += 1
 
@@ -102,6 +104,10 @@ class ClusterDirectory:
         if device.slot.kind is DeviceKind.MIG:
             self._slices -= 1
         del self._devices[device_id]
+        on_node = self._by_node[device.node]
+        del on_node[device_id]
+        if not on_node:
+            del self._by_node[device.node]
         return models
 
     def remove_node(self, node: str) -> dict[str, list[str]]:
@@ -115,7 +121,9 @@ class ClusterDirectory:
         return list(self._devices)
 
     def devices_on_node(self, node: str) -> list[str]:
-        return [d.device_id for d in self._devices.values() if d.node == node]
+        """The node's device ids, in the order they were added (indexed: the routing policy
+        asks this per decision when a model has staged copies)."""
+        return list(self._by_node.get(node, ()))
 
     def node(self, device_id: str) -> str:
         return self._device(device_id).node

@@ -283,8 +283,6 @@ class LocalityAware:
             raise ValueError(f"fetch_ms_per_byte must be >= 0, got {fetch_ms_per_byte!r}")
         self.staged = staged
         self.fetch_ms_per_byte = fetch_ms_per_byte  # the artifact read; default 2 GB/s
-        self._node_devices: dict[str, list[str]] = {}  # node -> its device keys (cached)
-        self._node_lookups = 0
         if o3:
             self.name = "lalb-o3"
             self.dispatch = "o3"
@@ -472,7 +470,7 @@ class LocalityAware:
             position = columns.position
             staged: list[tuple[float, str]] = []
             for node in staged_nodes:
-                for key in self._devices_of(node, directory):
+                for key in directory.devices_on_node(node):
                     at = position(key)
                     if at is not None and key not in holders:
                         staged.append((wait_ms.item(at), key))
@@ -523,18 +521,6 @@ class LocalityAware:
             return directory.node(key)
         except UnknownKey:
             return None
-
-    def _devices_of(self, node: str, directory: ClusterDirectory) -> list[str]:
-        """The devices of ``node``, cached: listing them scans the directory. A cached list is
-        made again when one of its devices has left, and every 1,024 lookups (new devices)."""
-        self._node_lookups += 1
-        if self._node_lookups >= 1024:
-            self._node_devices.clear()
-            self._node_lookups = 0
-        found = self._node_devices.get(node)
-        if found is None or any(key not in directory for key in found):
-            found = self._node_devices[node] = directory.devices_on_node(node)
-        return found
 
     def _least_loaded(self, columns: _Columns) -> Iterator[int]:
         """Device positions by increasing wait; stops at a non-finite wait.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -272,3 +272,26 @@ def test_holder_ids_is_the_set_of_holders() -> None:
     assert set(directory.holder_ids("unknown")) == set()
     directory.note_evicted("a", "m")
     assert set(directory.holder_ids("m")) == {"b"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.booleans(), st.integers(0, 7), st.sampled_from(["n0", "n1", "n2"])),
+        max_size=40,
+    )
+)
+def test_the_node_index_agrees_with_a_scan_after_any_adds_and_removes(
+    steps: list[tuple[bool, int, str]],
+) -> None:
+    """devices_on_node is an index (the policy asks it per decision): after any sequence of
+    adds and removes it lists exactly what a scan of the devices finds, in added order."""
+    d = ClusterDirectory()
+    for add, number, node in steps:
+        device_id = f"{node}/{number}"
+        if add and device_id not in d:
+            d.add_device(device_id, capacity_bytes=10, node=node)
+        elif not add and device_id in d:
+            d.remove_device(device_id)
+    for node in ("n0", "n1", "n2"):
+        assert d.devices_on_node(node) == [k for k in d.devices() if d.node(k) == node]
