@@ -207,6 +207,94 @@ def peers_goals(quick: bool) -> tuple[str, str]:
     return _shown(command), _nested((OUT / "RESULTS-peers-goals.md").read_text())
 
 
+# -- the sections whose figures were hand-pasted before (issue #12 item 6) -------------------------
+
+
+def _embedded(text: str) -> str:
+    """What a bench printed, for a block: as it is where it holds a markdown table, else fenced."""
+    text = text.strip()
+    if re.search(r"^\|\s*:?-{3}", text, re.M):
+        return text
+    return f"```\n{text}\n```"
+
+
+def _rows_table(rows: list[dict[str, object]]) -> str:
+    """A markdown table of a list of flat JSON objects (their scalar fields, in first-seen order)."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k, v in row.items() if k not in keys and isinstance(v, (int, float, str))]
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    for row in rows:
+        cells = [row.get(k, "") for k in keys]
+        lines.append(
+            "| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def gpu_loading(quick: bool) -> tuple[str, str]:
+    command = [PY, str(HERE / "loading.py"), "--out", str(OUT / "loading.json")]
+    command += ["--sizes", "16Mi,64Mi", "--repeats", "3"] if quick else ["--repeats", "11"]
+    return _shown(command), _embedded(_run(command, timeout_s=1800))
+
+
+def scaleout(quick: bool) -> tuple[str, str]:
+    command = [
+        PY, str(HERE / "lalb.py"), "--mode", "live", "--wss", "16", "--zipf", "1.1",
+        "--live-device-memory", "20Ki", "--seed", "1",
+    ]  # fmt: skip
+    if quick:
+        command += ["--gateways", "1,2", "--live-requests", "300", "--saturation-seconds", "3"]
+    else:
+        command += ["--gateways", "1,2,4", "--live-requests", "800", "--saturation-seconds", "5"]
+    return _shown(command), _embedded(_run(command, timeout_s=1800))
+
+
+def fsd(quick: bool) -> tuple[str, str]:
+    out = OUT / "fsd"
+    command = [PY, str(HERE / "fsd.py"), "--out", str(out)]
+    command += ["--partition-only"] if quick else ["--channels", "direct"]
+    _run(command, timeout_s=3600)
+    report = json.loads((out / "fsd.json").read_text())
+    parts = []
+    if report.get("partition"):
+        parts.append("Partition volume per sample:\n\n" + _rows_table(report["partition"]))
+    if report.get("grid"):
+        parts.append("Grid (plot: `bench/out/fsd/fsd.png`):\n\n" + _rows_table(report["grid"]))
+    if report.get("costmodel"):
+        summary = {k: v for k, v in report["costmodel"].items() if k != "runs"}
+        parts.append(f"Cost model:\n\n```\n{json.dumps(summary, indent=1, default=str)}\n```")
+    if not parts:
+        raise RuntimeError(f"{out / 'fsd.json'} holds no figures")
+    return _shown(command), "\n\n".join(parts)
+
+
+def dataplane(quick: bool) -> tuple[str, str]:
+    """The request path (dataplane.py), the gateway -> node lane (transport.py) and gRPC
+    (grpc_echo.py), one after the other."""
+    n = 150 if quick else 400
+    commands = [
+        [PY, str(HERE / "dataplane.py"), "--requests", str(n), "--minilm-requests",
+         "20" if quick else "60", "--warmup", "20" if quick else "50"],
+        [PY, str(HERE / "transport.py"), "--requests", "1000" if quick else "3000"],
+        [PY, str(HERE / "grpc_echo.py"), "--calls", "1000" if quick else "3000",
+         "--rounds", "1" if quick else "3"],
+    ]  # fmt: skip
+    parts = []
+    for command in commands:
+        parts.append(f"`{_shown(command)}`:\n\n{_embedded(_run(command, timeout_s=1800))}")
+    return " ; ".join(_shown(c) for c in commands), "\n\n".join(parts)
+
+
+def predict(quick: bool) -> tuple[str, str]:
+    command = [
+        PY, str(HERE / "predict.py"), "--workload", "orcbench",
+        "--json", str(OUT / "predict-orcbench.json"), "--plot", str(HERE / "predict-orcbench.png"),
+    ]  # fmt: skip
+    command += ["--quick", "--seeds", "3", "--minutes", "10"] if quick else ["--seeds", "3,4,5"]
+    return _shown(command), _embedded(_run(command, timeout_s=3600))
+
+
 def peers_missing(python: str) -> str | None:
     """Why ``python`` cannot run the peers (None: it can)."""
     probe = subprocess.run(
@@ -228,6 +316,11 @@ STEPS = (
     Step("decision-cost", decision_cost),
     Step("kill-run", kill_run),
     Step("overload", overload),
+    Step("gpu-loading", gpu_loading),
+    Step("scaleout", scaleout),
+    Step("fsd", fsd),
+    Step("dataplane", dataplane),
+    Step("predict", predict),
     Step("peers-goals", peers_goals, needs_peers=True),
     Step("peers", peers, full_only=True, needs_peers=True),
     Step("peers-host-tier", peers_host_tier, full_only=True, needs_peers=True),
