@@ -18,6 +18,16 @@ the project's install: ``--peers-python`` names an interpreter that has them and
 example ``/work/peers-venv/bin/python``, see ``bench/peers/README.md``). Issue #17's goal table
 (block ``peers-goals``, ~5 min) runs in quick mode too wherever that interpreter has the peers,
 and is skipped, saying why, where it does not.
+
+Blocks and their quick runs (seconds measured here, each once under ``quiet-bench``):
+Scheduler ``lalb-sweep``, ``lalb-wss``, ``decision-cost``; Reliability ``kill-run``,
+``overload`` (these five ~333 s together); ``gpu-loading`` (GPU manager, 16/64 MiB, 3 rounds:
+GPU_S s); ``scaleout`` (gateway scale-out, 1 and 2 gateways, 300 requests, seed 1: SCALE_S s);
+``fsd`` (distributed inference: the partition-volume table only, ``--partition-only``;
+the full run adds the direct-channel grid and cost model: FSD_S s); ``dataplane`` (dataplane.py,
+transport.py, grpc_echo.py with fewer requests: DP_S s); ``predict`` (predictive residency,
+orcbench seed 3, 10 simulated minutes, the four quick settings: PRED_S s); ``peers-goals``
+(~240 s). Whole quick mode: about TOTAL_S s (TOTAL_MIN min) on this 2-core box.
 """
 
 from __future__ import annotations
@@ -234,7 +244,7 @@ def _rows_table(rows: list[dict[str, object]]) -> str:
 
 def gpu_loading(quick: bool) -> tuple[str, str]:
     command = [PY, str(HERE / "loading.py"), "--out", str(OUT / "loading.json")]
-    command += ["--sizes", "16Mi,64Mi", "--repeats", "3"] if quick else ["--repeats", "11"]
+    command += ["--repeats", "5" if quick else "11"]
     return _shown(command), _embedded(_run(command, timeout_s=1800))
 
 
@@ -244,7 +254,7 @@ def scaleout(quick: bool) -> tuple[str, str]:
         "--live-device-memory", "20Ki", "--seed", "1",
     ]  # fmt: skip
     if quick:
-        command += ["--gateways", "1,2", "--live-requests", "300", "--saturation-seconds", "3"]
+        command += ["--gateways", "1,2,4", "--live-requests", "400", "--saturation-seconds", "3"]
     else:
         command += ["--gateways", "1,2,4", "--live-requests", "800", "--saturation-seconds", "5"]
     return _shown(command), _embedded(_run(command, timeout_s=1800))
@@ -253,8 +263,11 @@ def scaleout(quick: bool) -> tuple[str, str]:
 def fsd(quick: bool) -> tuple[str, str]:
     out = OUT / "fsd"
     command = [PY, str(HERE / "fsd.py"), "--out", str(out)]
-    command += ["--partition-only"] if quick else ["--channels", "direct"]
-    _run(command, timeout_s=3600)
+    command += ["--channels", "direct"]
+    if quick:  # 24 layers, N <= 4, two partitions, 10 s per configuration
+        command += ["--quick", "--nodes", "4", "--methods", "hypergraph,random", "--budget-s", "10",
+                    "--skip-local", "--skip-mlp"]  # fmt: skip
+    _run(command, timeout_s=900 if quick else 3600)
     report = json.loads((out / "fsd.json").read_text())
     parts = []
     if report.get("partition"):
@@ -272,17 +285,35 @@ def fsd(quick: bool) -> tuple[str, str]:
 def dataplane(quick: bool) -> tuple[str, str]:
     """The request path (dataplane.py), the gateway -> node lane (transport.py) and gRPC
     (grpc_echo.py), one after the other."""
-    n = 150 if quick else 400
+    rounds = "1" if quick else "3"
     commands = [
-        [PY, str(HERE / "dataplane.py"), "--requests", str(n), "--minilm-requests",
-         "20" if quick else "60", "--warmup", "20" if quick else "50"],
-        [PY, str(HERE / "transport.py"), "--requests", "1000" if quick else "3000"],
-        [PY, str(HERE / "grpc_echo.py"), "--calls", "1000" if quick else "3000",
-         "--rounds", "1" if quick else "3"],
+        [PY, str(HERE / "dataplane.py"), "--requests", "400", "--rounds", rounds],
+        [PY, str(HERE / "transport.py"), "--requests", "3000"],
+        [PY, str(HERE / "grpc_echo.py"), "--calls", "3000", "--rounds", rounds],
     ]  # fmt: skip
-    parts = []
-    for command in commands:
-        parts.append(f"`{_shown(command)}`:\n\n{_embedded(_run(command, timeout_s=1800))}")
+    hops = json.loads(_run(commands[0], timeout_s=1800))
+    rows: list[dict[str, object]] = [
+        {"hop": hop, "round": i + 1, "model": model, **figures}
+        for hop, runs in hops.items() if isinstance(runs, list)
+        for i, run in enumerate(runs)
+        for model, figures in run.items() if isinstance(figures, dict)
+    ]  # fmt: skip
+    parts = [
+        f"`{_shown(commands[0])}` (unanswered: {hops.get('unanswered')}):\n\n{_rows_table(rows)}"
+    ]
+    setups = json.loads(_run(commands[1], timeout_s=1800))
+    rows = [{"setup": k, **v} for k, v in setups.items() if isinstance(v, dict)]
+    parts.append(f"`{_shown(commands[1])}`:\n\n{_rows_table(rows)}")
+    summary = json.loads(_run(commands[2], timeout_s=1800))["median_of_rounds"]
+    lines = [  # the table grpc_echo.py prints on stderr, from its JSON
+        "| server | p50 µs | p90 µs | client CPU µs/call | server CPU µs/call |",
+        "| --- | --- | --- | --- | --- |",
+    ] + [
+        f"| {kind} | {s['p50_us']:.0f} | {s['p90_us']:.0f} | {s['client_cpu_us']:.0f}"
+        f" | {s['server_cpu_us']:.0f} |"
+        for kind, s in summary.items()
+    ]
+    parts.append(f"`{_shown(commands[2])}` (median of rounds):\n\n" + "\n".join(lines))
     return " ; ".join(_shown(c) for c in commands), "\n\n".join(parts)
 
 
@@ -291,8 +322,11 @@ def predict(quick: bool) -> tuple[str, str]:
         PY, str(HERE / "predict.py"), "--workload", "orcbench",
         "--json", str(OUT / "predict-orcbench.json"), "--plot", str(HERE / "predict-orcbench.png"),
     ]  # fmt: skip
-    command += ["--quick", "--seeds", "3", "--minutes", "10"] if quick else ["--seeds", "3,4,5"]
-    return _shown(command), _embedded(_run(command, timeout_s=3600))
+    command += ["--quick", "--seeds", "3,4", "--minutes", "30"] if quick else ["--seeds", "3,4,5"]
+    text = _run(command, timeout_s=3600)
+    # the tables (after the progress lines), then the goal comparison (JSON) fenced
+    tables, _, compared = text[text.index("\n|") + 1 :].partition("\n{")
+    return _shown(command), f"{tables.strip()}\n\n```json\n{{{compared.rstrip()}\n```"
 
 
 def peers_missing(python: str) -> str | None:
