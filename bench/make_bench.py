@@ -19,15 +19,18 @@ example ``/work/peers-venv/bin/python``, see ``bench/peers/README.md``). Issue #
 (block ``peers-goals``, ~5 min) runs in quick mode too wherever that interpreter has the peers,
 and is skipped, saying why, where it does not.
 
-Blocks and their quick runs (seconds measured here, each once under ``quiet-bench``):
-Scheduler ``lalb-sweep``, ``lalb-wss``, ``decision-cost``; Reliability ``kill-run``,
-``overload`` (these five ~333 s together); ``gpu-loading`` (GPU manager, 16/64 MiB, 3 rounds:
-GPU_S s); ``scaleout`` (gateway scale-out, 1 and 2 gateways, 300 requests, seed 1: SCALE_S s);
-``fsd`` (distributed inference: the partition-volume table only, ``--partition-only``;
-the full run adds the direct-channel grid and cost model: FSD_S s); ``dataplane`` (dataplane.py,
-transport.py, grpc_echo.py with fewer requests: DP_S s); ``predict`` (predictive residency,
-orcbench seed 3, 10 simulated minutes, the four quick settings: PRED_S s); ``peers-goals``
-(~240 s). Whole quick mode: about TOTAL_S s (TOTAL_MIN min) on this 2-core box.
+Blocks and their quick runs (seconds: each run once here under ``quiet-bench``, 2026-12-05,
+load average 0.9-1.5): Scheduler ``lalb-sweep``, ``lalb-wss``, ``decision-cost`` and
+Reliability ``kill-run``, ``overload`` (~333 s together); ``gpu-loading`` (GPU manager:
+16/64/256 MiB, 5 rounds instead of 11; 30 s); ``scaleout`` (gateway scale-out: 1, 2, 4
+gateways, 400 requests instead of 800, 3 s saturation, seed 1; 102 s); ``fsd`` (distributed
+inference: partition volumes, then the direct-channel grid at 24 layers, N <= 4, hypergraph vs
+random, 10 s per configuration; the full run is 120 layers, N <= 8, three partitions, and the
+dense MLP; plot ``bench/out/fsd/fsd.png``; 28 s); ``dataplane`` (dataplane.py, transport.py,
+grpc_echo.py, one round instead of three; 63 s); ``predict`` (predictive residency: orcbench
+seeds 3-4, 30 simulated minutes, the four quick settings; full: seeds 3-5, 1 h, every setting;
+plot ``bench/predict-orcbench.png``; 50 s); ``peers-goals`` (~240 s). Whole quick mode: about
+850 s (14 min) on this 2-core box.
 """
 
 from __future__ import annotations
