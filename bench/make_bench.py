@@ -18,6 +18,19 @@ the project's install: ``--peers-python`` names an interpreter that has them and
 example ``/work/peers-venv/bin/python``, see ``bench/peers/README.md``). Issue #17's goal table
 (block ``peers-goals``, ~5 min) runs in quick mode too wherever that interpreter has the peers,
 and is skipped, saying why, where it does not.
+
+Blocks and their quick runs (seconds: each run once here under ``quiet-bench``, 2026-12-05,
+load average 0.9-1.5): Scheduler ``lalb-sweep``, ``lalb-wss``, ``decision-cost`` and
+Reliability ``kill-run``, ``overload`` (~333 s together); ``gpu-loading`` (GPU manager:
+16/64/256 MiB, 5 rounds instead of 11; 30 s); ``scaleout`` (gateway scale-out: 1, 2, 4
+gateways, 400 requests instead of 800, 3 s saturation, seed 1; 102 s); ``fsd`` (distributed
+inference: partition volumes, then the direct-channel grid at 24 layers, N <= 4, hypergraph vs
+random, 10 s per configuration; the full run is 120 layers, N <= 8, three partitions, and the
+dense MLP; plot ``bench/out/fsd/fsd.png``; 28 s); ``dataplane`` (dataplane.py, transport.py,
+grpc_echo.py, one round instead of three; 63 s); ``predict`` (predictive residency: orcbench
+seeds 3-4, 30 simulated minutes, the four quick settings; full: seeds 3-5, 1 h, every setting;
+plot ``bench/predict-orcbench.png``; 50 s); ``peers-goals`` (~240 s). Whole quick mode: about
+850 s (14 min) on this 2-core box.
 """
 
 from __future__ import annotations
@@ -207,6 +220,118 @@ def peers_goals(quick: bool) -> tuple[str, str]:
     return _shown(command), _nested((OUT / "RESULTS-peers-goals.md").read_text())
 
 
+# -- the sections whose figures were hand-pasted before (issue #12 item 6) -------------------------
+
+
+def _embedded(text: str) -> str:
+    """What a bench printed, for a block: as it is where it holds a markdown table, else fenced."""
+    text = text.strip()
+    if re.search(r"^\|\s*:?-{3}", text, re.M):
+        return text
+    return f"```\n{text}\n```"
+
+
+def _rows_table(rows: list[dict[str, object]]) -> str:
+    """A markdown table of a list of flat JSON objects (their scalar fields, in first-seen order)."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k, v in row.items() if k not in keys and isinstance(v, (int, float, str))]
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    for row in rows:
+        cells = [row.get(k, "") for k in keys]
+        lines.append(
+            "| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def gpu_loading(quick: bool) -> tuple[str, str]:
+    command = [PY, str(HERE / "loading.py"), "--out", str(OUT / "loading.json")]
+    command += ["--repeats", "5" if quick else "11"]
+    return _shown(command), _embedded(_run(command, timeout_s=1800))
+
+
+def scaleout(quick: bool) -> tuple[str, str]:
+    command = [
+        PY, str(HERE / "lalb.py"), "--mode", "live", "--wss", "16", "--zipf", "1.1",
+        "--live-device-memory", "20Ki", "--seed", "1",
+    ]  # fmt: skip
+    if quick:
+        command += ["--gateways", "1,2,4", "--live-requests", "400", "--saturation-seconds", "3"]
+    else:
+        command += ["--gateways", "1,2,4", "--live-requests", "800", "--saturation-seconds", "5"]
+    return _shown(command), _embedded(_run(command, timeout_s=1800))
+
+
+def fsd(quick: bool) -> tuple[str, str]:
+    out = OUT / "fsd"
+    command = [PY, str(HERE / "fsd.py"), "--out", str(out)]
+    command += ["--channels", "direct"]
+    if quick:  # 24 layers, N <= 4, two partitions, 10 s per configuration
+        command += ["--quick", "--nodes", "4", "--methods", "hypergraph,random", "--budget-s", "10",
+                    "--skip-local", "--skip-mlp"]  # fmt: skip
+    _run(command, timeout_s=900 if quick else 3600)
+    report = json.loads((out / "fsd.json").read_text())
+    parts = []
+    if report.get("partition"):
+        parts.append("Partition volume per sample:\n\n" + _rows_table(report["partition"]))
+    if report.get("grid"):
+        parts.append("Grid (plot: `bench/out/fsd/fsd.png`):\n\n" + _rows_table(report["grid"]))
+    if report.get("costmodel"):
+        summary = {k: v for k, v in report["costmodel"].items() if k != "runs"}
+        parts.append(f"Cost model:\n\n```\n{json.dumps(summary, indent=1, default=str)}\n```")
+    if not parts:
+        raise RuntimeError(f"{out / 'fsd.json'} holds no figures")
+    return _shown(command), "\n\n".join(parts)
+
+
+def dataplane(quick: bool) -> tuple[str, str]:
+    """The request path (dataplane.py), the gateway -> node lane (transport.py) and gRPC
+    (grpc_echo.py), one after the other."""
+    rounds = "1" if quick else "3"
+    commands = [
+        [PY, str(HERE / "dataplane.py"), "--requests", "400", "--rounds", rounds],
+        [PY, str(HERE / "transport.py"), "--requests", "3000"],
+        [PY, str(HERE / "grpc_echo.py"), "--calls", "3000", "--rounds", rounds],
+    ]  # fmt: skip
+    hops = json.loads(_run(commands[0], timeout_s=1800))
+    rows: list[dict[str, object]] = [
+        {"hop": hop, "round": i + 1, "model": model, **figures}
+        for hop, runs in hops.items() if isinstance(runs, list)
+        for i, run in enumerate(runs)
+        for model, figures in run.items() if isinstance(figures, dict)
+    ]  # fmt: skip
+    parts = [
+        f"`{_shown(commands[0])}` (unanswered: {hops.get('unanswered')}):\n\n{_rows_table(rows)}"
+    ]
+    setups = json.loads(_run(commands[1], timeout_s=1800))
+    rows = [{"setup": k, **v} for k, v in setups.items() if isinstance(v, dict)]
+    parts.append(f"`{_shown(commands[1])}`:\n\n{_rows_table(rows)}")
+    summary = json.loads(_run(commands[2], timeout_s=1800))["median_of_rounds"]
+    lines = [  # the table grpc_echo.py prints on stderr, from its JSON
+        "| server | p50 µs | p90 µs | client CPU µs/call | server CPU µs/call |",
+        "| --- | --- | --- | --- | --- |",
+    ] + [
+        f"| {kind} | {s['p50_us']:.0f} | {s['p90_us']:.0f} | {s['client_cpu_us']:.0f}"
+        f" | {s['server_cpu_us']:.0f} |"
+        for kind, s in summary.items()
+    ]
+    parts.append(f"`{_shown(commands[2])}` (median of rounds):\n\n" + "\n".join(lines))
+    return " ; ".join(_shown(c) for c in commands), "\n\n".join(parts)
+
+
+def predict(quick: bool) -> tuple[str, str]:
+    command = [
+        PY, str(HERE / "predict.py"), "--workload", "orcbench",
+        "--json", str(OUT / "predict-orcbench.json"), "--plot", str(HERE / "predict-orcbench.png"),
+    ]  # fmt: skip
+    command += ["--quick", "--seeds", "3,4", "--minutes", "30"] if quick else ["--seeds", "3,4,5"]
+    text = _run(command, timeout_s=3600)
+    # the tables (after the progress lines), then the goal comparison (JSON) fenced
+    tables, _, compared = text[text.index("\n|") + 1 :].partition("\n{")
+    return _shown(command), f"{tables.strip()}\n\n```json\n{{{compared.rstrip()}\n```"
+
+
 def peers_missing(python: str) -> str | None:
     """Why ``python`` cannot run the peers (None: it can)."""
     probe = subprocess.run(
@@ -228,6 +353,11 @@ STEPS = (
     Step("decision-cost", decision_cost),
     Step("kill-run", kill_run),
     Step("overload", overload),
+    Step("gpu-loading", gpu_loading),
+    Step("scaleout", scaleout),
+    Step("fsd", fsd),
+    Step("dataplane", dataplane),
+    Step("predict", predict),
     Step("peers-goals", peers_goals, needs_peers=True),
     Step("peers", peers, full_only=True, needs_peers=True),
     Step("peers-host-tier", peers_host_tier, full_only=True, needs_peers=True),

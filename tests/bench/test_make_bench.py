@@ -43,3 +43,25 @@ def test_a_peers_section_nests_under_results_peers_heading() -> None:
     driver = _driver()
     section = "## Peers\n\n- date: x\n\n### tiny-mlp\n\n| a |\n"
     assert driver._nested(section) == "\n- date: x\n\n#### tiny-mlp\n\n| a |"
+
+
+def test_the_hand_pasted_sections_have_steps() -> None:
+    driver = _driver()
+    names = {step.name for step in driver.STEPS}
+    assert {"gpu-loading", "scaleout", "fsd", "dataplane", "predict"} <= names
+    quick_only = {s.name for s in driver.STEPS if not s.full_only and not s.needs_peers}
+    assert {"gpu-loading", "scaleout", "fsd", "dataplane", "predict"} <= quick_only
+
+
+def test_printed_tables_are_kept_and_other_text_is_fenced() -> None:
+    driver = _driver()
+    table = "title\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n"
+    assert driver._embedded(table) == table.strip()
+    assert driver._embedded("rate 3.2 GB/s\n") == "```\nrate 3.2 GB/s\n```"
+    rows = [{"method": "random", "bytes": 1.5, "nested": [1]}, {"method": "block", "bytes": 2}]
+    assert driver._rows_table(rows).splitlines() == [
+        "| method | bytes |",
+        "| --- | --- |",
+        "| random | 1.5 |",
+        "| block | 2 |",
+    ]
