@@ -439,7 +439,7 @@ async def message_cost(root: Path, *, count: int = 400, rounds: int = 3) -> list
                           f"{row['receiver_cpu_ms']:.3f} ms", flush=True)  # fmt: skip
         finally:
             await client.aclose()
-            pools.close()
+            await pools.close()
             await coordinator.close()
     return rows
 

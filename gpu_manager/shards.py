@@ -633,7 +633,7 @@ class ShardHost:
         for channel in self._shared.values():
             await channel.close()
         self._shared.clear()
-        self.peers.close()
+        await self.peers.close()
 
     def state(self) -> dict[str, Any]:
         return {

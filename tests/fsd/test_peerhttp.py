@@ -1,9 +1,9 @@
-"""The direct channel's pooled connections (core/peerhttp.py) and the node's fast path for
-shard messages (gpu_manager/shards.py ShardFastPath), against real shard nodes on loopback."""
+"""The direct channel's pools (core/peerhttp.py PeerPools: one pool per peer, shared by a node's
+shards) and the node's fast path for shard messages (gpu_manager/shards.py ShardFastPath),
+against real shard nodes on loopback. The pooled client itself: tests/scheduler/test_transport.py."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import pytest
 
 from gpufaas.core.channels import Envelope, encode, message_path
 from gpufaas.core.layered import radix_net
-from gpufaas.core.peerhttp import PeerPool, PeerPools, PeerUnreachable
+from gpufaas.core.peerhttp import PeerPool, PeerPools
 from gpufaas.core.sharding import Parallelism
 from gpufaas.scheduler.coordinator import Coordinator
 
@@ -45,29 +45,7 @@ async def test_messages_to_a_peer_reuse_one_connection(loaded: Any) -> None:
             assert reply.status == 202
         assert pools.to(nodes[1].url).connects == 1  # kept alive, not one per message
     finally:
-        pools.close()
-
-
-async def test_a_connection_the_peer_closed_while_idle_is_replaced(loaded: Any) -> None:
-    nodes, _, _ = loaded
-    pool = PeerPool(nodes[1].url)
-    try:
-        assert (await pool.post(message_path("s", 1), _frame("a"), timeout_s=5)).status == 202
-        for connection in list(pool._idle):  # the peer's keep-alive timeout, simulated
-            connection._transport.close()  # type: ignore[union-attr]
-        await asyncio.sleep(0.05)
-        assert (await pool.post(message_path("s", 1), _frame("b"), timeout_s=5)).status == 202
-        assert pool.connects == 2
-    finally:
-        pool.close()
-
-
-async def test_an_unreachable_peer_is_an_error_not_a_hang() -> None:
-    from gpufaas.core.channelservers import free_port
-
-    pool = PeerPool(f"http://127.0.0.1:{free_port()}", connect_timeout_s=2)
-    with pytest.raises(PeerUnreachable, match="cannot connect"):
-        await pool.post("/x", b"", timeout_s=2)
+        await pools.close()
 
 
 async def test_the_fast_path_files_messages_and_refuses_bad_ones(loaded: Any) -> None:
@@ -84,7 +62,7 @@ async def test_the_fast_path_files_messages_and_refuses_bad_ones(loaded: Any) ->
         missing = await pool.post(message_path("s", 7), _frame("r", dst=7), timeout_s=5)
         assert missing.status == 404
     finally:
-        pool.close()
+        await pool.close()
 
 
 async def test_shard_requests_through_the_fast_path_match_the_reference(loaded: Any) -> None:

@@ -1,10 +1,11 @@
-"""The gateway's pooled keep-alive transport against small real servers on loopback."""
+"""The one pooled keep-alive HTTP client (core/peerhttp.py PeerPool; the gateway's NodePool
+and the nodes' direct channel both use it) against small real servers on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -19,13 +20,18 @@ class Server:
     port: int
     connections: int = 0
     requests: int = 0
+    heads: list[bytes] = field(default_factory=list)
 
 
-async def read_request(reader: asyncio.StreamReader) -> bytes | None:
+async def read_request(
+    reader: asyncio.StreamReader, heads: list[bytes] | None = None
+) -> bytes | None:
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
+    if heads is not None:
+        heads.append(head)
     length = 0
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
@@ -67,7 +73,7 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[Server]]]:
 async def echo_keep_alive(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Server
 ) -> None:
-    while (body := await read_request(reader)) is not None:
+    while (body := await read_request(reader, state.heads)) is not None:
         state.requests += 1
         writer.write(answer(body))
         await writer.drain()
@@ -177,3 +183,78 @@ async def test_a_malformed_answer_is_unreachable(serve: Callable[..., Awaitable[
 def test_only_plain_http_urls() -> None:
     with pytest.raises(ValueError, match="plain http"):
         NodePool("https://node:8090", size=1)
+
+
+async def test_the_pools_and_the_calls_headers_and_a_memoryview_body_go_out(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    server = await serve(echo_keep_alive)
+    pool = NodePool(
+        f"http://127.0.0.1:{server.port}", size=1, headers={"Authorization": "Bearer t0k"}
+    )
+    reply = await pool.post("/x", memoryview(b"0123456789")[2:5], {"X-Call": "c"})
+    assert reply.body == b"234"
+    head = server.heads[0].lower()
+    assert b"authorization: bearer t0k\r\n" in head and b"x-call: c\r\n" in head
+    await pool.close()
+
+
+async def test_a_connection_idle_longer_than_idle_s_is_not_reused(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    """The server may close it just as the next call goes out; a fresh one avoids the race."""
+    server = await serve(echo_keep_alive)
+    pool = NodePool(f"http://127.0.0.1:{server.port}", size=2, idle_s=0.02)
+    await pool.post("/x", b"a")
+    await asyncio.sleep(0.1)
+    await pool.post("/x", b"b")
+    assert server.connections == 2 and pool.connects == 2
+    await pool.close()
+
+
+async def test_a_timed_out_call_is_not_sent_again(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    """No byte of an answer, but the peer read it and may be running it: only a connection the
+    peer had closed while idle is a reason to send a call once more."""
+
+    async def answer_once_then_silent(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Server
+    ) -> None:
+        while (body := await read_request(reader)) is not None:
+            state.requests += 1
+            if state.requests == 1:
+                writer.write(answer(body))
+                await writer.drain()
+
+    server = await serve(answer_once_then_silent)
+    pool = NodePool(f"http://127.0.0.1:{server.port}", size=1)
+    await pool.post("/x", b"warm")  # a reused connection next
+    with pytest.raises(NodeUnreachable, match="no answer"):
+        await pool.post("/x", b"slow", timeout_s=0.2)  # the call's own limit, not the pool's
+    await asyncio.sleep(0.1)
+    assert server.requests == 2
+    await pool.close()
+
+
+async def test_a_cancelled_call_closes_its_connection(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    """Its late answer would otherwise be read as the next call's."""
+
+    async def echo_late(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Server
+    ) -> None:
+        while (body := await read_request(reader)) is not None:
+            await asyncio.sleep(0.2)
+            writer.write(answer(body))
+            await writer.drain()
+
+    server = await serve(echo_late)
+    pool = NodePool(f"http://127.0.0.1:{server.port}", size=1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(pool.post("/x", b"first"), 0.05)
+    await asyncio.sleep(0.05)
+    assert repr(pool) == f"<NodePool 127.0.0.1:{server.port}: 0 idle, 0 open>"
+    assert (await pool.post("/x", b"second")).body == b"second"
+    await pool.close()
