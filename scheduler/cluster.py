@@ -122,9 +122,7 @@ class Cluster:
         if state is not None:
             held = {r.model for r in state.host.residents if r.state is Residency.RESIDENT}
             if state.disk is not None:
-                held.update(
-                    r.model for r in state.disk.residents if r.state is Residency.RESIDENT
-                )
+                held.update(r.model for r in state.disk.residents if r.state is Residency.RESIDENT)
         for model in [m for m, nodes in self._staged.items() if node in nodes and m not in held]:
             self._staged[model].discard(node)
             if not self._staged[model]:
@@ -132,10 +130,20 @@ class Cluster:
         for model in held:
             self._staged.setdefault(model, set()).add(node)
 
+    @staticmethod
+    async def _read_state(node: Node) -> httpx.Response:
+        """GET the node's state; once more on a fresh connection if a kept-alive one was closed
+        under the request (the manager's idle timeout racing our reuse): that is no sign of a
+        dead node, and calling it down would refuse every request until the next sync."""
+        try:
+            return await node.client.get(STATE, timeout=5.0)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            return await node.client.get(STATE, timeout=5.0)
+
     async def sync_node(self, node: Node) -> bool:
         """Re-read a node's devices and residents; a failure marks it down."""
         try:
-            response = await node.client.get(STATE, timeout=5.0)
+            response = await self._read_state(node)
             response.raise_for_status()
             state = NodeState.model_validate_json(response.content)
         except (httpx.HTTPError, ValidationError) as e:

@@ -680,7 +680,11 @@ class Gateway:
     def _framed_pool(self, node: Node, endpoint: FramedEndpoint) -> FramedPool | None:
         """The node's framed pool: over its Unix socket when that socket is on this host, else
         its framed TCP port; None when it has neither that this gateway can reach."""
-        unix_path = endpoint.unix_path if endpoint.unix_path and os.path.exists(endpoint.unix_path) else None
+        unix_path = (
+            endpoint.unix_path
+            if endpoint.unix_path and os.path.exists(endpoint.unix_path)
+            else None
+        )
         where = (unix_path, None if unix_path else endpoint.tcp_port)
         pool = self.framed.get(node.name)
         if pool is not None and (pool.unix_path, pool.port) == where:
@@ -716,15 +720,18 @@ class Gateway:
         self.cluster.mark_down(node)
         self._track_health()
 
+
 # -- the repository's views (OIP metadata, readiness, the index), for HTTP and gRPC alike ----------
 
 
 def server_metadata() -> ServerMetadata:
     return ServerMetadata(name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS))
 
+
 def server_ready(gateway: Gateway) -> bool:
     """Whether any GPU manager is reachable."""
     return any(n.healthy for n in gateway.cluster.nodes.values())
+
 
 def model_metadata(gateway: Gateway, name: str) -> ModelMetadata:
     function = gateway.require(name)
@@ -735,6 +742,7 @@ def model_metadata(gateway: Gateway, name: str) -> ModelMetadata:
         versions=[MODEL_VERSION],
     )
 
+
 def model_status(gateway: Gateway, name: str) -> ModelStatus:
     """Readiness (registered, and a GPU manager reachable) and, apart, residency."""
     gateway.require(name)
@@ -744,6 +752,7 @@ def model_status(gateway: Gateway, name: str) -> ModelStatus:
     ready = server_ready(gateway)
     reason = "" if ready else "no GPU manager is reachable"
     return ModelStatus(ready=ready, reason=reason, resident_on=resident, loading_on=loading)
+
 
 def repository_index(gateway: Gateway) -> list[RepositoryIndexEntry]:
     entries = []
@@ -768,19 +777,26 @@ def repository_index(gateway: Gateway) -> list[RepositoryIndexEntry]:
 def learn_from_reply(gateway: Gateway, device: Device, name: str, reply: NodeReply) -> None:
     """Correct the gateway's directory and estimates from the manager's answer."""
     headers = reply.headers
+    directory = gateway.cluster.directory
+    # The node may have been called down while this request ran (a sync failed): its devices
+    # left the directory, and the next sync that reaches it reads them afresh. The answer stands.
+    known = device.key in directory
     if reply.status != 200:
-        if headers.get(REASON_HEADER) in {"ModelLoadFailed", "InsufficientMemory"}:
-            gateway.cluster.directory.note_evicted(device.key, name)
+        if known and headers.get(REASON_HEADER) in {"ModelLoadFailed", "InsufficientMemory"}:
+            directory.note_evicted(device.key, name)
         return
     hit = headers.get(CACHE_HEADER) == "hit"
-    gateway.metrics.child(gateway.metrics.cache, gateway.policy.name, "hit" if hit else "miss").inc()
+    gateway.metrics.child(
+        gateway.metrics.cache, gateway.policy.name, "hit" if hit else "miss"
+    ).inc()
     if gateway.prefetch is not None:
         source = headers.get(LOAD_SOURCE_HEADER)
         gateway.prefetch.note_response(device.key, name, hit=hit, source=source)
     size = headers.get(MODEL_BYTES_HEADER)
     if size is not None:
         gateway.model_bytes[name] = int(size)
-        gateway.cluster.directory.note_loaded(device.key, name, size_bytes=int(size))
+        if known:
+            directory.note_loaded(device.key, name, size_bytes=int(size))
     compute_ms = _header_ms(headers, COMPUTE_MS_HEADER)
     if compute_ms is not None:
         gateway.estimates.observe_infer(name, infer_ms=compute_ms)
@@ -802,6 +818,7 @@ async def load_model(gateway: Gateway, name: str) -> None:
     if reply.status != 200:
         raise NodeFailed(reply)
     await gateway.sync()
+
 
 async def unload_model(gateway: Gateway, name: str) -> None:
     """Unload everywhere; idempotent, so a function already removed unloads too."""
@@ -882,6 +899,7 @@ def create_app(gateway: Gateway) -> ASGIApp:
 
 def create_api(gateway: Gateway) -> FastAPI:
     """Every endpoint (inference too, for the OpenAPI document) as a FastAPI app."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
@@ -1020,7 +1038,9 @@ class InferFastPath:
         self.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        post = match_fast_post(scope, receive, path=_INFER_PATH, max_bytes=self.gateway.config.limits.max_body_bytes)
+        post = match_fast_post(
+            scope, receive, path=_INFER_PATH, max_bytes=self.gateway.config.limits.max_body_bytes
+        )
         if post is None:
             await self.app(scope, receive, send)
             return

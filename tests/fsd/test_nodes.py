@@ -263,15 +263,28 @@ async def test_a_node_killed_mid_inference_fails_fast_naming_its_shard(tmp_path:
             np.testing.assert_allclose(
                 await coordinator.infer("radix", x), net.forward(x), rtol=1e-3, atol=1e-3
             )
-            running = [asyncio.ensure_future(coordinator.infer("radix", x)) for _ in range(4)]
-            await asyncio.sleep(0.2)
-            procs[1].send_signal(signal.SIGKILL)  # shard 1's node dies
-            results = await asyncio.wait_for(
-                asyncio.gather(*running, return_exceptions=True), timeout=60
-            )
-            failures = [r for r in results if isinstance(r, ShardFailed)]
-            assert failures, results
-            assert all(f.shard == 1 for f in failures), [str(f) for f in failures]
+            outcomes: list[object] = []
+
+            async def client() -> None:
+                """Requests back to back until one fails: two of these keep requests in
+                flight whenever the node is killed, however fast a request now is."""
+                while True:
+                    try:
+                        await coordinator.infer("radix", x)
+                    except Exception as e:
+                        outcomes.append(e)
+                        return
+                    outcomes.append("ok")
+
+            clients = [asyncio.ensure_future(client()) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            procs[1].send_signal(signal.SIGKILL)  # shard 1's node dies mid-inference
+            await asyncio.wait_for(asyncio.gather(*clients), timeout=60)  # none hangs
+            failures = [r for r in outcomes if r != "ok"]
+            assert len(failures) == 2, outcomes
+            assert all(isinstance(f, ShardFailed) and f.shard == 1 for f in failures), [
+                repr(f) for f in failures
+            ]
             # Later requests fail at once too, naming the dead shard; none hangs.
             with pytest.raises(ShardFailed, match="shard 1 of radix"):
                 await asyncio.wait_for(coordinator.infer("radix", x), timeout=60)

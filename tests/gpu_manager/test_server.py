@@ -284,3 +284,34 @@ async def test_a_state_that_breaks_the_contract_marks_the_node_down() -> None:
         assert not node.healthy
     finally:
         await cluster.close()
+
+
+class _ClosesFirst(httpx.AsyncBaseTransport):
+    """The first request meets a connection the server closed while idle; later ones reach
+    the app (as httpx reports uvicorn's keep-alive timeout racing a reuse)."""
+
+    def __init__(self, app: Any) -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.closed_once = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not self.closed_once:
+            self.closed_once = True
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return await self.inner.handle_async_request(request)
+
+
+async def test_a_kept_alive_connection_closed_under_the_sync_does_not_call_the_node_down(
+    runtime_factory: Factory, models: dict[str, Model]
+) -> None:
+    runtime = runtime_factory(device_list=devices(1), register=[models["tiny-mlp"]])
+    cluster = Cluster(manager_urls={"n1": "http://manager"})
+    node = cluster.nodes["n1"]
+    await node.client.aclose()
+    transport = _ClosesFirst(create_app(runtime))
+    node.client = httpx.AsyncClient(transport=transport, base_url="http://manager")
+    try:
+        assert await cluster.sync_node(node)
+        assert transport.closed_once and node.healthy
+    finally:
+        await cluster.close()

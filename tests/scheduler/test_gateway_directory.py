@@ -16,7 +16,7 @@ from gpufaas.core.protocol import encode_request
 from gpufaas.gpu_manager.devices import cpu_devices
 from gpufaas.gpu_manager.runtime import NodeRuntime
 from gpufaas.gpu_manager.server import create_app as create_manager_app
-from gpufaas.scheduler.gateway import GatewayConfig, NodeCall
+from gpufaas.scheduler.gateway import GatewayConfig, NodeCall, learn_from_reply
 from gpufaas.scheduler.main import build_gateway
 
 
@@ -76,6 +76,15 @@ async def test_in_flight_bookkeeping_empties_when_requests_are_answered(
         assert gateway.pending == {}
         holders = gateway.cluster.directory.holders("tiny-mlp")
         assert set(holders.values()) == {Residency.RESIDENT}
+        # An answer that comes back after its node was called down (a sync failed meanwhile)
+        # still stands: learning from it must not touch the devices that left the directory.
+        reply = await gateway.forward(
+            "tiny-mlp", NodeCall("/v2/models/tiny-mlp/infer", content, headers)
+        )
+        device = next(iter(gateway.cluster.devices.values()))
+        gateway.cluster.mark_down(node)
+        assert device.key not in gateway.cluster.directory
+        learn_from_reply(gateway, device, "tiny-mlp", reply)  # raised UnknownDevice (a 500)
     finally:
         await gateway.cluster.close()
         await runtime.settle()
