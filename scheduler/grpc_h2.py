@@ -15,7 +15,9 @@ What it implements (RFC 9113 and the gRPC-over-HTTP/2 protocol), and no more:
 * unary calls: one length-prefixed message in, one out; ``grpc-timeout``; ``gzip``/``deflate``
   compressed requests (answers go uncompressed, as the protocol allows); trailers-only errors
   with ``grpc-status``, ``grpc-message`` (percent-encoded) and ``grpc-status-details-bin``;
-* limits: a message over ``max_message_bytes`` is RESOURCE_EXHAUSTED, at most
+* limits: a message over ``max_message_bytes`` is RESOURCE_EXHAUSTED, and so is a call that
+  would make the connection's unfinished requests hold more than
+  :data:`UNFINISHED_MESSAGES` such messages; at most
   :data:`MAX_STREAMS` calls at once per connection (REFUSED_STREAM beyond), header lists over
   16 KiB end the connection. A peer that breaks the protocol gets a GOAWAY and loses its
   connection; every other connection keeps being served.
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_STREAMS = 256
+UNFINISHED_MESSAGES = 2  # per connection: request bytes buffered before their calls end
 MAX_HEADER_LIST = 16 * 1024
 MAX_FRAME = 16_384  # ours: the protocol's default, so there is nothing to advertise
 WINDOW = 16 * 2**20  # what a peer may send us before we acknowledge, per stream and connection
@@ -375,6 +378,18 @@ class _Connection(asyncio.Protocol):
                 )
                 stream.chunks.clear()
                 self._answer(stream, error=stream.rejected)
+            elif self._unfinished_bytes() > UNFINISHED_MESSAGES * (
+                self.server.max_message_bytes + 5
+            ):
+                # Many calls each short of the limit, none finished: without this bound one
+                # connection could hold MAX_STREAMS messages of the limit's size in memory.
+                stream.rejected = RpcError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this connection's unfinished calls hold more than {UNFINISHED_MESSAGES}"
+                    " messages of the size limit; finish or cancel some before starting more",
+                )
+                stream.chunks.clear()
+                self._answer(stream, error=stream.rejected)
             else:
                 stream.chunks.append(data)
             stream.unacked += len(payload)
@@ -383,6 +398,10 @@ class _Connection(asyncio.Protocol):
                 stream.unacked = 0
         if flags & END_STREAM:
             self._end_of_request(stream)
+
+    def _unfinished_bytes(self) -> int:
+        """Bytes buffered for calls whose request has not ended yet (a few streams at most)."""
+        return sum(s.size for s in self.streams.values() if s.remote_open and s.rejected is None)
 
     @staticmethod
     def _unpad(flags: int, payload: bytes) -> bytes:

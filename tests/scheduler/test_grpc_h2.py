@@ -302,3 +302,42 @@ def test_grpc_timeout_values(value: str, seconds: float) -> None:
 @pytest.mark.parametrize("value", ["", "10", "10x", "123456789S", "-1S"])
 def test_malformed_grpc_timeouts_are_ignored(value: str) -> None:
     assert parse_timeout(value) is None
+
+
+async def test_unfinished_calls_cannot_pile_up_in_one_connections_memory() -> None:
+    """Three calls on one connection, each short of the 1 MiB limit and none finished: the one
+    that takes the unfinished bytes past two messages' worth is RESOURCE_EXHAUSTED (without
+    the bound, 256 such calls could hold 256 messages of the limit's size)."""
+    recorder = Recorder()
+    server = GrpcH2Server(recorder.handlers(), host="127.0.0.1", port=0, max_message_bytes=2**20)
+    await server.start()
+    try:
+        encoder = Encoder()
+        out = [PREFACE, b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"]
+        chunk = bytes(16_384)
+        for sid in (1, 3, 5):
+            block = encoder.encode(
+                [
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":path", ECHO),
+                    (":authority", "x"),
+                    ("content-type", "application/grpc"),
+                ]
+            )
+            out.append(len(block).to_bytes(3, "big") + b"\x01\x04" + sid.to_bytes(4, "big") + block)
+            frame = len(chunk).to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big") + chunk
+            out.extend([frame] * 56)  # 0.875 MiB each, no END_STREAM
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"".join(out))
+        await writer.drain()
+        received = b""
+        while b"grpc-status" not in received:
+            got = await asyncio.wait_for(reader.read(65536), 10)
+            assert got, "closed without an answer"
+            received += got
+        writer.close()
+        assert b"grpc-status\x018" in received  # RESOURCE_EXHAUSTED, for the third call
+        assert recorder.metadata == []  # no handler ran
+    finally:
+        await server.stop(grace=0)
