@@ -27,13 +27,11 @@ import collections
 import contextlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
@@ -44,19 +42,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gpufaas.cache import InsufficientCapacity, Residency
 from gpufaas.core import node as node_api
 from gpufaas.core.api import InferenceFunction, is_valid_name
-from gpufaas.core.frames import FramedEndpoint, InferHead
+from gpufaas.core.frames import InferHead
 from gpufaas.core.http import (
     CACHE_HEADER,
     COMPUTE_MS_HEADER,
-    DEVICE_HEADER,
-    EVICT_FIRST_HEADER,
     LOAD_MS_HEADER,
     LOAD_SOURCE_HEADER,
     MODEL_BYTES_HEADER,
     REASON_HEADER,
     add_metrics_route,
     error_response,
-    format_evict_first,
     inline_schema,
     install_error_handlers,
     install_token_auth,
@@ -83,9 +78,10 @@ from gpufaas.scheduler.coldstart import HandlerActivator, handler_router
 from gpufaas.scheduler.coordinator import ShardedFunctions
 from gpufaas.scheduler.dispatch import DeviceGone, DeviceLoad, Dispatcher, Job, QueueFull
 from gpufaas.scheduler.estimates import Estimates
+from gpufaas.scheduler.lanes import NodeCall, NodeLanes
 from gpufaas.scheduler.policy import Decision, NoDevice, Policy, RouteRequest
 from gpufaas.scheduler.prefetch import PrefetchDriver
-from gpufaas.scheduler.transport import FramedPool, NodePool, NodeReply, NodeUnreachable
+from gpufaas.scheduler.transport import NodeReply, NodeUnreachable
 
 if TYPE_CHECKING:
     from gpufaas.scheduler.replicas import Replicas
@@ -252,17 +248,6 @@ class Metrics:
 # -- what travels to a manager ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class NodeCall:
-    """One call to a GPU manager: the path, the body as the client sent it, and its headers."""
-
-    path: str
-    body: bytes | memoryview = b""
-    headers: Mapping[str, str] = field(default_factory=dict)
-    # An inference call: what the node's framed lane carries instead of the path and headers.
-    infer: InferHead | None = None
-
-
 _JSON_HEADERS = {"Content-Type": JSON_CONTENT_TYPE}
 
 
@@ -319,8 +304,12 @@ class Gateway:
         self.pending: dict[str, int] = {}
         # device key -> models routed there and not answered yet (queued here or running)
         self.in_flight: dict[str, collections.Counter[str]] = {}
-        self.pools: dict[str, NodePool] = {}  # node name -> its hot-path connections
-        self.framed: dict[str, FramedPool] = {}  # node name -> its framed lane, if it has one
+        self.lanes = NodeLanes(
+            transport=self.config.transport,
+            device_concurrency=self.config.device_concurrency,
+            timeout_s=self.config.node_timeout_s,
+            token=cluster.manager_token,
+        )
         self._sync_task: asyncio.Task[None] | None = None
         # Kubernetes mode: where the managers are, and tasks that feed the functions.
         self.discover_managers: Callable[[], Awaitable[Mapping[str, str]]] | None = None
@@ -361,10 +350,7 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.sharded.close()
-        await asyncio.gather(*(pool.close() for pool in self.pools.values()))
-        await asyncio.gather(*(pool.close() for pool in self.framed.values()))
-        self.pools.clear()
-        self.framed.clear()
+        await self.lanes.close()
         await self.cluster.close()
 
     async def sync(self) -> None:
@@ -374,8 +360,7 @@ class Gateway:
                 await self.cluster.set_managers(await self.discover_managers())
             except Exception as e:  # keep the last membership; the next sync tries again
                 logger.warning("GPU-manager discovery failed: %s", e)
-        for name in [n for n in self.pools if n not in self.cluster.nodes]:
-            await self.pools.pop(name).close()
+        await self.lanes.forget_absent(self.cluster.nodes)
         for node in self.cluster.nodes.values():
             was_healthy = node.healthy
             if await self.cluster.sync_node(node) and not was_healthy:
@@ -635,75 +620,7 @@ class Gateway:
             raise DeadlineExceeded(
                 f"the deadline of the request for {name!r} passed while it waited"
             )
-        node = device.node
-        if call.infer is not None and node.framed is not None and self.config.transport == "framed":
-            framed = self._framed_pool(node, node.framed)
-            if framed is not None:  # the node's framed lane: no HTTP at either end
-                evict = format_evict_first(victims) if victims else ""
-                model, _, header_length, _ = call.infer
-                head = InferHead(model, device.device_id, header_length, evict)
-                return await framed.infer(head, call.body)
-        headers = {**call.headers, DEVICE_HEADER: device.device_id}
-        if victims:
-            headers[EVICT_FIRST_HEADER] = format_evict_first(victims)
-        return await self._post(node, call.path, call.body, headers)
-
-    async def _post(
-        self, node: Node, path: str, body: bytes | memoryview, headers: Mapping[str, str]
-    ) -> NodeReply:
-        if self.config.transport == "httpx":
-            try:
-                response = await node.client.post(path, content=bytes(body), headers=headers)
-            except httpx.TransportError as e:
-                raise NodeUnreachable(str(e)) from None
-            return NodeReply(response.status_code, response.headers, response.content)
-        return await self._pool(node).post(path, body, headers)
-
-    def _pool(self, node: Node) -> NodePool:
-        pool = self.pools.get(node.name)
-        if pool is None or pool.size < len(node.devices) * self.config.device_concurrency:
-            # As many keep-alive connections as the node's devices run requests at once.
-            pool = NodePool(
-                node.url,
-                size=max(1, len(node.devices)) * self.config.device_concurrency,
-                headers={
-                    k: v for k, v in node.client.headers.items() if k.lower() == "authorization"
-                },
-                timeout_s=self.config.node_timeout_s,
-            )
-            old = self.pools.get(node.name)
-            self.pools[node.name] = pool
-            if old is not None:
-                asyncio.get_running_loop().create_task(old.close())
-        return pool
-
-    def _framed_pool(self, node: Node, endpoint: FramedEndpoint) -> FramedPool | None:
-        """The node's framed pool: over its Unix socket when that socket is on this host, else
-        its framed TCP port; None when it has neither that this gateway can reach."""
-        unix_path = (
-            endpoint.unix_path
-            if endpoint.unix_path and os.path.exists(endpoint.unix_path)
-            else None
-        )
-        where = (unix_path, None if unix_path else endpoint.tcp_port)
-        pool = self.framed.get(node.name)
-        if pool is not None and (pool.unix_path, pool.port) == where:
-            return pool
-        if where == (None, None):
-            return None
-        token = self.cluster.manager_token
-        pool = FramedPool(
-            unix_path=unix_path,
-            host=None if unix_path else urlsplit(node.url).hostname,
-            port=None if unix_path else endpoint.tcp_port,
-            size=max(1, len(node.devices)) * self.config.device_concurrency,
-            token=token,
-            timeout_s=self.config.node_timeout_s,
-        )
-        old, self.framed[node.name] = self.framed.get(node.name), pool
-        if old is not None:
-            asyncio.get_running_loop().create_task(old.close())
-        return pool
+        return await self.lanes.send(device.node, device.device_id, call, victims=victims)
 
     def _track_health(self) -> None:
         """Keep the dispatcher's devices (and so its table) the healthy ones, and no other: a

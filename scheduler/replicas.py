@@ -62,7 +62,7 @@ from gpufaas.core.http import (
     token_auth,
 )
 from gpufaas.core.protocol import ProtocolError
-from gpufaas.scheduler.gateway import NodeCall
+from gpufaas.scheduler.lanes import NodeCall
 from gpufaas.scheduler.peers import EVENTS_PATH, HEARTBEAT_PATH, PEER_PATHS, Membership
 from gpufaas.scheduler.ring import Ring
 from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable

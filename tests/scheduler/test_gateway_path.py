@@ -192,5 +192,5 @@ async def test_warm_requests_reuse_pooled_connections_and_log_nothing_at_info(
     # The test's own client (httpx, to http://gateway) logs its calls; nothing else may.
     ours = [r for r in caplog.records if "http://gateway/" not in r.getMessage()]
     assert [r.getMessage() for r in ours if r.levelno >= logging.INFO] == []
-    pool = system.gateway.pools["node-0"]
+    pool = system.gateway.lanes.http["node-0"]
     assert pool.idle == 1  # one client, one request at a time: one connection, kept alive

@@ -260,16 +260,16 @@ async def test_the_gateway_takes_the_nodes_unix_socket_on_its_host_else_its_tcp_
     here = tmp_path / "node.sock"
     here.touch()
     try:
-        local = gateway._framed_pool(node, FramedEndpoint(unix_path=str(here), tcp_port=7))
+        local = gateway.lanes.framed_pool(node, FramedEndpoint(unix_path=str(here), tcp_port=7))
         assert local is not None and local.unix_path == str(here)
-        assert gateway._framed_pool(node, FramedEndpoint(unix_path=str(here))) is local  # kept
+        assert gateway.lanes.framed_pool(node, FramedEndpoint(unix_path=str(here))) is local  # kept
         elsewhere = FramedEndpoint(unix_path=str(tmp_path / "on-another-host.sock"), tcp_port=7)
-        remote = gateway._framed_pool(node, elsewhere)
+        remote = gateway.lanes.framed_pool(node, elsewhere)
         assert remote is not None and (remote.unix_path, remote.host, remote.port) == (
             None,
             "127.0.0.1",
             7,
         )
-        assert gateway._framed_pool(node, FramedEndpoint()) is None  # HTTP then
+        assert gateway.lanes.framed_pool(node, FramedEndpoint()) is None  # HTTP then
     finally:
         await gateway.stop()

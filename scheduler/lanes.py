@@ -1,0 +1,148 @@
+"""The gateway's lanes to the GPU managers: how one call reaches the device the policy chose.
+
+Per node, a pool of kept-alive HTTP connections (:class:`NodePool`) and, where the node offers
+it, its framed lane (:class:`FramedPool`: over the node's Unix socket when that socket is on this
+host, else its framed TCP port). An inference call takes the framed lane when it can; every other
+call, and every call when ``transport`` says so, goes over HTTP. The policy has decided the
+device before a call gets here: the lane never changes where a request runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+
+from gpufaas.core.frames import FramedEndpoint, InferHead
+from gpufaas.core.http import DEVICE_HEADER, EVICT_FIRST_HEADER, format_evict_first
+from gpufaas.scheduler.cluster import Node
+from gpufaas.scheduler.transport import FramedPool, NodePool, NodeReply, NodeUnreachable
+
+__all__ = ["NodeCall", "NodeLanes"]
+
+_Pool = TypeVar("_Pool", NodePool, FramedPool)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCall:
+    """One call to a GPU manager: the path, the body as the client sent it, and its headers."""
+
+    path: str
+    body: bytes | memoryview = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # An inference call: what the node's framed lane carries instead of the path and headers.
+    infer: InferHead | None = None
+
+
+class NodeLanes:
+    """Every node's connections, made on first use and sized to what its devices run at once."""
+
+    def __init__(
+        self,
+        *,
+        transport: str,
+        device_concurrency: int,
+        timeout_s: float,
+        token: str | None,
+    ) -> None:
+        self.transport = transport
+        self.device_concurrency = device_concurrency
+        self.timeout_s = timeout_s
+        self.token = token
+        self.http: dict[str, NodePool] = {}  # node name -> its hot-path connections
+        self.framed: dict[str, FramedPool] = {}  # node name -> its framed lane, if it has one
+
+    async def send(
+        self, node: Node, device_id: str, call: NodeCall, *, victims: Sequence[str]
+    ) -> NodeReply:
+        """``call`` to ``device_id`` on ``node``, with the policy's eviction hints."""
+        evict = format_evict_first(victims) if victims else ""
+        if call.infer is not None and node.framed is not None and self.transport == "framed":
+            framed = self.framed_pool(node, node.framed)
+            if framed is not None:  # the node's framed lane: no HTTP at either end
+                model, _, header_length, _ = call.infer
+                return await framed.infer(
+                    InferHead(model, device_id, header_length, evict), call.body
+                )
+        headers = {**call.headers, DEVICE_HEADER: device_id}
+        if evict:
+            headers[EVICT_FIRST_HEADER] = evict
+        return await self.post(node, call.path, call.body, headers)
+
+    async def post(
+        self, node: Node, path: str, body: bytes | memoryview, headers: Mapping[str, str]
+    ) -> NodeReply:
+        if self.transport == "httpx":
+            try:
+                response = await node.client.post(path, content=bytes(body), headers=headers)
+            except httpx.TransportError as e:
+                raise NodeUnreachable(str(e)) from None
+            return NodeReply(response.status_code, response.headers, response.content)
+        return await self.http_pool(node).post(path, body, headers)
+
+    def _size(self, node: Node) -> int:
+        # As many kept-alive connections as the node's devices run requests at once.
+        return max(1, len(node.devices)) * self.device_concurrency
+
+    def http_pool(self, node: Node) -> NodePool:
+        pool = self.http.get(node.name)
+        if pool is None or pool.size < self._size(node):
+            pool = NodePool(
+                node.url,
+                size=self._size(node),
+                headers={
+                    k: v for k, v in node.client.headers.items() if k.lower() == "authorization"
+                },
+                timeout_s=self.timeout_s,
+            )
+            self._replace(self.http, node.name, pool)
+        return pool
+
+    def framed_pool(self, node: Node, endpoint: FramedEndpoint) -> FramedPool | None:
+        """The node's framed pool: over its Unix socket when that socket is on this host, else
+        its framed TCP port; None when it has neither that this gateway can reach."""
+        unix_path = (
+            endpoint.unix_path
+            if endpoint.unix_path and os.path.exists(endpoint.unix_path)
+            else None
+        )
+        where = (unix_path, None if unix_path else endpoint.tcp_port)
+        pool = self.framed.get(node.name)
+        if pool is not None and (pool.unix_path, pool.port) == where:
+            return pool
+        if where == (None, None):
+            return None
+        pool = FramedPool(
+            unix_path=unix_path,
+            host=None if unix_path else urlsplit(node.url).hostname,
+            port=None if unix_path else endpoint.tcp_port,
+            size=self._size(node),
+            token=self.token,
+            timeout_s=self.timeout_s,
+        )
+        self._replace(self.framed, node.name, pool)
+        return pool
+
+    @staticmethod
+    def _replace(pools: dict[str, _Pool], name: str, pool: _Pool) -> None:
+        old = pools.get(name)
+        pools[name] = pool
+        if old is not None:
+            asyncio.get_running_loop().create_task(old.close())
+
+    async def forget_absent(self, nodes: Collection[str]) -> None:
+        """Close the lanes of nodes no longer in the cluster."""
+        for pools in (self.http, self.framed):
+            for name in [n for n in pools if n not in nodes]:
+                await pools.pop(name).close()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(pool.close() for pool in self.http.values()))
+        await asyncio.gather(*(pool.close() for pool in self.framed.values()))
+        self.http.clear()
+        self.framed.clear()
