@@ -59,7 +59,7 @@ from gpufaas.gpu_manager.peer_source import PeerSource
 from gpufaas.gpu_manager.residency import Tier
 from gpufaas.gpu_manager.tensors import TensorError
 
-__all__ = ["SHARD_PREFIX", "DeviceTier", "LoadLog", "LoadRecord", "ShardResident"]
+__all__ = ["SHARD_PREFIX", "DeviceShards", "DeviceTier", "LoadLog", "LoadRecord", "ShardResident"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,55 @@ class Sources:
     disk: DiskTier  # for skeletons: a load is sized before any source is held
 
 
+class DeviceShards:
+    """Shards of distributed models (gpu_manager/shards.py) resident on one device: they share
+    its byte budget and LRU with its models, and leave as a set when their owner drops them."""
+
+    def __init__(
+        self, *, tier: Tier[Resident], stats: CacheStats, device_id: str, name: str
+    ) -> None:
+        self.tier = tier
+        self._stats = stats
+        self._device_id = device_id
+        self._name = name
+
+    def place(
+        self, key: str, size_bytes: int, *, evicted: Callable[[ShardResident], None]
+    ) -> ShardResident:
+        """Make ``key`` resident with ``size_bytes``, evicting unheld models and shards (least
+        recently used first); ``evicted`` is called when it leaves. A 503 if it cannot fit."""
+        shard_key = SHARD_PREFIX + key
+        self.tier.retire(shard_key)
+        shard = ShardResident(size_bytes, evicted)
+        try:
+            for victim in self.tier.make_room(size_bytes):
+                self._stats.record_eviction(self._name, victim.size_bytes)
+            self.tier.reserve(shard_key, shard, size_bytes=size_bytes)
+        except InsufficientCapacity as e:
+            raise RuntimeFailure(
+                f"shard {key} needs {size_bytes} bytes on {self._device_id}, which cannot be "
+                f"freed now: {e}",
+                status=503,
+                reason="InsufficientMemory",
+            ) from None
+        self.tier.commit(shard_key, shard)
+        return shard
+
+    def hold(self, key: str, shard: ShardResident) -> bool:
+        """Keep ``shard`` from eviction while a request runs on it; False if it is gone."""
+        if not self.tier.hold(SHARD_PREFIX + key, shard):
+            return False
+        self.tier.lru.touch(SHARD_PREFIX + key)  # most recently used
+        return True
+
+    def unhold(self, key: str, shard: ShardResident) -> None:
+        self.tier.unhold(SHARD_PREFIX + key, shard)
+
+    def drop(self, key: str) -> bool:
+        """Take the shard out (its bytes return once no request holds it)."""
+        return self.tier.retire(SHARD_PREFIX + key)
+
+
 class DeviceTier:
     """Resident models on one device."""
 
@@ -151,6 +200,7 @@ class DeviceTier:
             release=self._release,
             on_change=self._notify,
         )
+        self.shards = DeviceShards(tier=self.tier, stats=stats, device_id=info.id, name=self.name)
         self.slots = asyncio.Semaphore(max_concurrency)
         self.inline = InlineForwards()  # tiny passes run on the loop, not in a thread
         self.max_concurrency = max_concurrency
@@ -224,44 +274,6 @@ class DeviceTier:
 
     def stats(self) -> TierStats:
         return self._stats.tier(self.name)
-
-    # -- shards of distributed models (gpu_manager/shards.py) -------------------------------------
-
-    def place_shard(
-        self, key: str, size_bytes: int, *, evicted: Callable[[ShardResident], None]
-    ) -> ShardResident:
-        """Make ``key`` resident with ``size_bytes``, evicting unheld models and shards (least
-        recently used first); ``evicted`` is called when it leaves. A 503 if it cannot fit."""
-        shard_key = SHARD_PREFIX + key
-        self.tier.retire(shard_key)
-        shard = ShardResident(size_bytes, evicted)
-        try:
-            for victim in self.tier.make_room(size_bytes):
-                self._stats.record_eviction(self.name, victim.size_bytes)
-            self.tier.reserve(shard_key, shard, size_bytes=size_bytes)
-        except InsufficientCapacity as e:
-            raise RuntimeFailure(
-                f"shard {key} needs {size_bytes} bytes on {self.info.id}, which cannot be "
-                f"freed now: {e}",
-                status=503,
-                reason="InsufficientMemory",
-            ) from None
-        self.tier.commit(shard_key, shard)
-        return shard
-
-    def hold_shard(self, key: str, shard: ShardResident) -> bool:
-        """Keep ``shard`` from eviction while a request runs on it; False if it is gone."""
-        if not self.tier.hold(SHARD_PREFIX + key, shard):
-            return False
-        self.tier.lru.touch(SHARD_PREFIX + key)  # most recently used
-        return True
-
-    def unhold_shard(self, key: str, shard: ShardResident) -> None:
-        self.tier.unhold(SHARD_PREFIX + key, shard)
-
-    def drop_shard(self, key: str) -> bool:
-        """Take the shard out (its bytes return once no request holds it)."""
-        return self.tier.retire(SHARD_PREFIX + key)
 
     # -- requests ----------------------------------------------------------------------------------
 

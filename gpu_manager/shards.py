@@ -500,7 +500,7 @@ class ShardHost:
             async with self._lock:
                 if key in self.shards:
                     await self._drop(key)
-                resident = self.device.place_shard(
+                resident = self.device.shards.place(
                     key, spec.weight_bytes, evicted=functools.partial(self._evicted, key)
                 )
                 self.shards[key] = _Loaded(
@@ -554,7 +554,7 @@ class ShardHost:
     ) -> Array:
         key = self.key(set_name, shard)
         shard_state = self.loaded(set_name, shard)
-        if not self.device.hold_shard(key, shard_state.resident):
+        if not self.device.shards.hold(key, shard_state.resident):
             raise ShardNotLoaded(set_name, shard)
         shard_state.running += 1
         try:
@@ -563,7 +563,7 @@ class ShardHost:
             )
         finally:
             shard_state.running -= 1
-            self.device.unhold_shard(key, shard_state.resident)
+            self.device.shards.unhold(key, shard_state.resident)
             if shard_state.dropped and shard_state.running == 0:
                 await self._release(shard_state)
 
@@ -618,7 +618,7 @@ class ShardHost:
         loaded = self.shards.pop(key, None)
         if loaded is None:
             return
-        self.device.drop_shard(key)
+        self.device.shards.drop(key)
         await loaded.channel.detach(loaded.load.set_name, loaded.load.shard)
         loaded.dropped = True
         if loaded.running == 0:  # else the last request on it releases it

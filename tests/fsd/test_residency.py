@@ -109,7 +109,7 @@ async def test_a_shard_serving_a_request_is_not_evicted(tmp_path: Path) -> None:
     tier = runtime.devices["cpu:0"].tier
     key = "radix/0"
     loaded = host.shards[key]
-    assert host.device.hold_shard(key, loaded.resident)  # what infer() does while it runs
+    assert host.device.shards.hold(key, loaded.resident)  # what infer() does while it runs
     loaded.running += 1
     try:
         runtime.register("linear", _model(tmp_path))
@@ -120,5 +120,5 @@ async def test_a_shard_serving_a_request_is_not_evicted(tmp_path: Path) -> None:
         assert tier.current("\x00shard:" + key) is loaded.resident
     finally:
         loaded.running -= 1
-        host.device.unhold_shard(key, loaded.resident)
+        host.device.shards.unhold(key, loaded.resident)
     await host.close()
