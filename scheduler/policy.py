@@ -274,7 +274,7 @@ class LocalityAware:
         self._rng = random.Random(seed)
         self.estimates = estimates or Estimates()
         self.candidates = candidates
-        self.victim_weight = victim_weight
+        self.plans = VictimPlans(estimates=self.estimates, weight=victim_weight)
         self.victims = victims
         if holder_sample < 1:
             raise ValueError(f"holder_sample must be >= 1, got {holder_sample!r}")
@@ -496,8 +496,8 @@ class LocalityAware:
         """The victims of a load on ``key`` and their cost; None: unknown device, or no room."""
         try:
             if self.victims == "value":
-                return self._value_plan(key, request, directory, wanted=wanted)
-            return self._lru_plan(key, request, directory, wanted=wanted)
+                return self.plans.value(key, request, directory, wanted=wanted)
+            return self.plans.lru(key, request, directory, wanted=wanted)
         except UnknownKey:
             return None  # not in the directory (yet)
 
@@ -570,7 +570,16 @@ class LocalityAware:
                 yield i
             size *= 8
 
-    def _lru_plan(
+
+class VictimPlans:
+    """What a load on a device would evict, and what those evictions are expected to cost:
+    the directory's LRU prediction (:meth:`lru`) or the cheapest reloads (:meth:`value`)."""
+
+    def __init__(self, *, estimates: Estimates, weight: float) -> None:
+        self.estimates = estimates
+        self.weight = weight  # the victims' expected reload cost counts this many times
+
+    def lru(
         self, key: str, request: RouteRequest, directory: ClusterDirectory, *, wanted: float
     ) -> tuple[list[str], float] | None:
         """The directory's LRU victims of a load on ``key``, and their cost; None: no room.
@@ -581,7 +590,7 @@ class LocalityAware:
             victims = directory.plan_dispatch(key, request.model, size_bytes=request.size_bytes)
         except InsufficientCapacity:
             return None
-        if not victims or self.victim_weight == 0:
+        if not victims or self.weight == 0:
             return victims, 0.0
         estimates = self.estimates
         sizes: dict[str, int] | None = None
@@ -595,10 +604,10 @@ class LocalityAware:
                 if sizes is None:
                     sizes = {m: s for m, _, s in directory.residents(key)}
                 reload_ms = estimates.load_ms(victim, size_bytes=sizes.get(victim, 0))
-            cost += self._eviction_cost(victim, share, reload_ms, wanted, directory)
-        return victims, self.victim_weight * cost
+            cost += self.eviction_cost(victim, share, reload_ms, wanted, directory)
+        return victims, self.weight * cost
 
-    def _value_plan(
+    def value(
         self, key: str, request: RouteRequest, directory: ClusterDirectory, *, wanted: float
     ) -> tuple[list[str], float] | None:
         """The policy's own victims of a load on ``key``, and their cost; None: no room.
@@ -655,17 +664,17 @@ class LocalityAware:
                     kept.append(row)
             chosen = kept[::-1]
         victims = [m for m, _, _ in chosen]
-        if self.victim_weight == 0:
+        if self.weight == 0:
             return victims, 0.0
         cost = 0.0
         for m, size, share in chosen:
             if share > 0:
                 reload_ms = load_of(m, size_bytes=size)
-                cost += self._eviction_cost(m, share, reload_ms, wanted, directory)
-        return victims, self.victim_weight * cost
+                cost += self.eviction_cost(m, share, reload_ms, wanted, directory)
+        return victims, self.weight * cost
 
     @staticmethod
-    def _eviction_cost(
+    def eviction_cost(
         victim: str, share: float, reload_ms: float, wanted: float, directory: ClusterDirectory
     ) -> float:
         """Expected reload cost of evicting ``victim`` to make room for a model whose share of

@@ -301,7 +301,7 @@ class Simulation:
         estimates.observe_request(route.model)
         if key in self.directory.holder_ids(route.model):
             return []  # there already (or loading): nothing to evict
-        plan = planner._value_plan(key, route, self.directory, wanted=estimates.share(route.model))
+        plan = planner.plans.value(key, route, self.directory, wanted=estimates.share(route.model))
         return plan[0] if plan else []
 
     def _table_row(self, device: _Device) -> None:
