@@ -56,6 +56,7 @@ class NodeLanes:
         self.token = token
         self.http: dict[str, NodePool] = {}  # node name -> its hot-path connections
         self.framed: dict[str, FramedPool] = {}  # node name -> its framed lane, if it has one
+        self._framed_for: dict[str, FramedEndpoint] = {}  # what each framed pool was made for
 
     async def send(
         self, node: Node, device_id: str, call: NodeCall, *, victims: Sequence[str]
@@ -106,14 +107,18 @@ class NodeLanes:
     def framed_pool(self, node: Node, endpoint: FramedEndpoint) -> FramedPool | None:
         """The node's framed pool: over its Unix socket when that socket is on this host, else
         its framed TCP port; None when it has neither that this gateway can reach."""
+        pool = self.framed.get(node.name)
+        made_for = self._framed_for.get(node.name)
+        if pool is not None and (made_for is endpoint or made_for == endpoint):
+            return pool  # the endpoint it was made for: no file-system check per call
         unix_path = (
             endpoint.unix_path
             if endpoint.unix_path and os.path.exists(endpoint.unix_path)
             else None
         )
         where = (unix_path, None if unix_path else endpoint.tcp_port)
-        pool = self.framed.get(node.name)
         if pool is not None and (pool.unix_path, pool.port) == where:
+            self._framed_for[node.name] = endpoint
             return pool
         if where == (None, None):
             return None
@@ -126,6 +131,7 @@ class NodeLanes:
             timeout_s=self.timeout_s,
         )
         self._replace(self.framed, node.name, pool)
+        self._framed_for[node.name] = endpoint
         return pool
 
     @staticmethod
@@ -140,9 +146,12 @@ class NodeLanes:
         for pools in (self.http, self.framed):
             for name in [n for n in pools if n not in nodes]:
                 await pools.pop(name).close()
+        for name in [n for n in self._framed_for if n not in nodes]:
+            del self._framed_for[name]
 
     async def close(self) -> None:
         await asyncio.gather(*(pool.close() for pool in self.http.values()))
         await asyncio.gather(*(pool.close() for pool in self.framed.values()))
         self.http.clear()
         self.framed.clear()
+        self._framed_for.clear()
