@@ -66,11 +66,14 @@ POLICIES: dict[str, tuple[list[str], bool]] = {
     "ours": (["--prefetch", "predictive", "--prefetch-param", "device_price={price}"], True),
     "ours-noprefetch": (
         [
-            "--prefetch", "predictive", "--prefetch-param", "device_price={price}",
+            "--prefetch",
+            "predictive",
+            "--prefetch-param",
+            "device_price={price}",
             "--prefetch-demote-only",
         ],
         False,
-    ),  # fmt: skip
+    ),
 }
 LABELS = {
     "ka": "lru+ka-10min",
@@ -91,7 +94,9 @@ def hidden_units(weight_bytes: float) -> int:
 
 def pick_functions(trace: ServerlessTrace, *, k: int, seed: int) -> list[int]:
     rng = np.random.default_rng([seed, 31])
-    return sorted(rng.choice(len(trace.functions), size=min(k, len(trace.functions)), replace=False))
+    return sorted(
+        rng.choice(len(trace.functions), size=min(k, len(trace.functions)), replace=False)
+    )
 
 
 def workload(
@@ -163,10 +168,18 @@ def cluster(command_tail: list[str], *, home: Path, log: Path, functions: int) -
 
     port = free_port()
     command = [
-        sys.executable, "-m", "gpufaas.core.cli", "up",
-        "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port()),
+        sys.executable,
+        "-m",
+        "gpufaas.core.cli",
+        "up",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--grpc-port",
+        str(free_port()),
         *command_tail,
-    ]  # fmt: skip
+    ]
     env = {**os.environ, "GPUFAAS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -211,8 +224,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 # -- counters --------------------------------------------------------------------------------------
 
-GATEWAY_COUNTERS = ("gpufaas_cold_starts_total", "gpufaas_prefetch_actions_total",
-                    "gpufaas_prefetch_used_total")  # fmt: skip
+GATEWAY_COUNTERS = (
+    "gpufaas_cold_starts_total",
+    "gpufaas_prefetch_actions_total",
+    "gpufaas_prefetch_used_total",
+)
 NODE_COUNTERS = (
     "gpufaas_device_tier_gb_seconds_total",
     "gpufaas_host_tier_gb_seconds_total",
@@ -270,8 +286,9 @@ async def replay(
             async with gate:
                 started = time.perf_counter()
                 try:
-                    r = await client.post(f"/v2/models/{names[i]}/infer", content=REQUEST,
-                                          headers=headers)  # fmt: skip
+                    r = await client.post(
+                        f"/v2/models/{names[i]}/infer", content=REQUEST, headers=headers
+                    )
                 except httpx.HTTPError as e:
                     results[i] = {"error": type(e).__name__}
                     return
@@ -308,8 +325,11 @@ def warm_up(url: str, names: list[str]) -> None:
     with httpx.Client(base_url=url, timeout=60.0) as client:
         for name in names:
             with contextlib.suppress(httpx.HTTPError):
-                client.post(f"/v2/models/{name}/infer", content=REQUEST,
-                            headers={"content-type": "application/json"})  # fmt: skip
+                client.post(
+                    f"/v2/models/{name}/infer",
+                    content=REQUEST,
+                    headers={"content-type": "application/json"},
+                )
 
 
 def resident_sizes(url: str) -> dict[str, int]:
@@ -330,8 +350,16 @@ def measure_sizes(root: Path, names: list[str], *, cache: Path) -> dict[str, int
         known: dict[str, int] = json.loads(cache.read_text())
         if set(known) >= set(names):
             return known
-    tail = ["--nodes", "1", "--cpu-devices", "1", "--device-memory", "1Gi",
-            "--functions", str(root / "functions")]  # fmt: skip
+    tail = [
+        "--nodes",
+        "1",
+        "--cpu-devices",
+        "1",
+        "--device-memory",
+        "1Gi",
+        "--functions",
+        str(root / "functions"),
+    ]
     with cluster(tail, home=root / "sizing", log=root / "sizing.log", functions=len(names)) as url:
         warm_up(url, names)
         sizes = resident_sizes(url)
@@ -359,8 +387,11 @@ def summarise(
     warm = np.asarray([r["latency_ms"] for r, _ in ok if r["hit"]])
     weight = sum(x for _, x in ok)
     cold_weight = sum(x for r, x in ok if not r["hit"])
-    cold = {k.split("source=")[1].rstrip("}"): v for k, v in delta.items()
-            if k.startswith("gpufaas_cold_starts_total{")}  # fmt: skip
+    cold = {
+        k.split("source=")[1].rstrip("}"): v
+        for k, v in delta.items()
+        if k.startswith("gpufaas_cold_starts_total{")
+    }
     cold_total = sum(cold.values())
     misses = sum(1 for r, _ in ok if not r["hit"])
     loaded = delta.get("gpufaas_manager_prefetch_total{result=loaded}", 0.0)
@@ -374,13 +405,22 @@ def summarise(
     return {
         "requests": len(measured),
         "errors": len(measured) - len(ok),
-        "error_kinds": dict(Counter(str(r.get("reason") or r.get("status") or r.get("error",
-                            "unsent")) for r in measured if r.get("status") != 200)),  # fmt: skip
+        "error_kinds": dict(
+            Counter(
+                str(r.get("reason") or r.get("status") or r.get("error", "unsent"))
+                for r in measured
+                if r.get("status") != 200
+            )
+        ),
         "cold_ratio": cold_weight / weight if weight else math.nan,
         "cold_ratio_unweighted": misses / len(ok) if ok else math.nan,
         # the gateway's count by source, spread over the client-side ratio
-        "cold_by_tier": {k: v / cold_total * (cold_weight / weight if weight else 0.0)
-                         for k, v in sorted(cold.items())} if cold_total else {},  # fmt: skip
+        "cold_by_tier": {
+            k: v / cold_total * (cold_weight / weight if weight else 0.0)
+            for k, v in sorted(cold.items())
+        }
+        if cold_total
+        else {},
         "p50_ms": pct(latency, 50),
         "p99_ms": pct(latency, 99),
         "warm_p99_ms": pct(warm, 99),
@@ -392,10 +432,16 @@ def summarise(
         "prefetch_loaded": loaded,
         "prefetch_used": used,
         "prefetch_precision": used / loaded if loaded else math.nan,
-        "prefetch_outcomes": {k.split("result=")[1].rstrip("}"): v for k, v in delta.items()
-                              if k.startswith("gpufaas_manager_prefetch_total{")},  # fmt: skip
-        "prefetch_unused": {k.split("why=")[1].rstrip("}"): v for k, v in delta.items()
-                            if k.startswith("gpufaas_manager_prefetch_unused_total{")},  # fmt: skip
+        "prefetch_outcomes": {
+            k.split("result=")[1].rstrip("}"): v
+            for k, v in delta.items()
+            if k.startswith("gpufaas_manager_prefetch_total{")
+        },
+        "prefetch_unused": {
+            k.split("why=")[1].rstrip("}"): v
+            for k, v in delta.items()
+            if k.startswith("gpufaas_manager_prefetch_unused_total{")
+        },
         "demotions": delta.get("gpufaas_manager_demotions_total", 0.0),
         "gateway_prefetch_used": delta.get("gpufaas_prefetch_used_total", 0.0),
     }
@@ -430,28 +476,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for label in args.policies:
             flags, _ = POLICIES[label]
             tail = [
-                "--nodes", str(args.nodes), "--cpu-devices", str(args.cpu_devices),
-                "--device-memory", str(per_device),
-                "--host-memory", str(4 * sum(entry)),
-                "--policy", args.routing,
-                "--functions", str(root / "functions"),
-                "--prefetch-time-scale", str(args.time_scale),
+                "--nodes",
+                str(args.nodes),
+                "--cpu-devices",
+                str(args.cpu_devices),
+                "--device-memory",
+                str(per_device),
+                "--host-memory",
+                str(4 * sum(entry)),
+                "--policy",
+                args.routing,
+                "--functions",
+                str(root / "functions"),
+                "--prefetch-time-scale",
+                str(args.time_scale),
                 *(f.format(price=args.price) for f in flags),
-            ]  # fmt: skip
+            ]
             log = root / f"{label}.log"
             try:
                 with cluster(tail, home=root / label, log=log, functions=len(models)) as url:
                     warm_up(url, names_by_index)
                     results, at_mark, at_end = asyncio.run(
-                        replay(url, names=names, arrivals_s=wall, mark_s=mark_s,
-                               max_seconds=wall[-1] + 30)  # fmt: skip
+                        replay(
+                            url,
+                            names=names,
+                            arrivals_s=wall,
+                            mark_s=mark_s,
+                            max_seconds=wall[-1] + 30,
+                        )
                     )
             except BaseException:
                 print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
                 raise
             delta = {k: at_end[k] - at_mark.get(k, 0.0) for k in at_end}
-            row = summarise(results, weights, skip, delta, time_scale=args.time_scale,
-                            size_scale=args.size_scale)  # fmt: skip
+            row = summarise(
+                results,
+                weights,
+                skip,
+                delta,
+                time_scale=args.time_scale,
+                size_scale=args.size_scale,
+            )
             out[LABELS[label]] = row
             print(f"{LABELS[label]}: {json.dumps(row, default=float)}", flush=True)
             if row["errors"]:
@@ -481,9 +546,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(out: dict[str, Any]) -> str:
-    rows = ["| policy | cold ratio | by tier | device GB-s (mapped) | host GB-s (mapped) | p50 ms "
-            "| p99 ms | warm p99 ms | prefetch precision (used/loaded) | errors |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = [
+        "| policy | cold ratio | by tier | device GB-s (mapped) | host GB-s (mapped) | p50 ms "
+        "| p99 ms | warm p99 ms | prefetch precision (used/loaded) | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for label, r in out.items():
         if label.startswith("_"):
             continue
@@ -510,13 +577,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-hour", type=float, default=300.0, help="thinning; 0: none")
     p.add_argument("--time-scale", type=float, default=30.0, help="trace seconds per wall second")
     p.add_argument("--size-scale", type=float, default=1e-5, help="live bytes per mapped byte")
-    p.add_argument("--capacity-fraction", type=float, default=0.5,
-                   help="device capacity over the functions' device bytes")  # fmt: skip
+    p.add_argument(
+        "--capacity-fraction",
+        type=float,
+        default=0.5,
+        help="device capacity over the functions' device bytes",
+    )
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--cpu-devices", type=int, default=2)
     p.add_argument("--routing", default="lalb")
-    p.add_argument("--price", type=float, default=3e4,
-                   help="ours' device_price in ms per GB-s at the live sizes")  # fmt: skip
+    p.add_argument(
+        "--price",
+        type=float,
+        default=3e4,
+        help="ours' device_price in ms per GB-s at the live sizes",
+    )
     p.add_argument("--policies", default="ka,hybrid,ours,ours-noprefetch")
     p.add_argument("--trace-dir", default=str(Path(tempfile.gettempdir()) / "gpufaas-orcbench"))
     p.add_argument("--json", type=Path, default=None, help="append the result as a JSON line")
