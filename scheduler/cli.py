@@ -124,18 +124,21 @@ def enable_prefetch_option(gateway: Gateway, args: argparse.Namespace) -> None:
     from gpufaas.cache.arrivals import make_policy as make_residency_policy
     from gpufaas.scheduler.prefetch import enable_prefetch
 
-    if not (args.prefetch_time_scale > 0 and args.prefetch_time_scale < float("inf")):
-        raise SystemExit(f"--prefetch-time-scale must be > 0, got {args.prefetch_time_scale}")
+    # the options added for the live replay (#13) have defaults for callers that predate them
+    time_scale = float(getattr(args, "prefetch_time_scale", 1.0))
+    if not (time_scale > 0 and time_scale < float("inf")):
+        raise SystemExit(f"--prefetch-time-scale must be > 0, got {time_scale}")
     try:
-        policy = make_residency_policy(args.prefetch, **prefetch_params(args.prefetch_param))
+        params = prefetch_params(getattr(args, "prefetch_param", []))
+        policy = make_residency_policy(args.prefetch, **params)
     except (ArrivalError, TypeError) as e:
         raise SystemExit(f"--prefetch {args.prefetch}: {e}") from None
     enable_prefetch(
         gateway,
         policy=policy,
         state_file=args.prefetch_state,
-        time_scale=args.prefetch_time_scale,
-        prefetch=not args.prefetch_demote_only,
+        time_scale=time_scale,
+        prefetch=not getattr(args, "prefetch_demote_only", False),
     )
 
 
