@@ -568,6 +568,61 @@ def table(out: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _interval(values: list[float]) -> str:
+    """Mean and 95% interval (Student's t) over seeds."""
+    import statistics
+
+    clean = [v for v in values if not math.isnan(v)]
+    if not clean:
+        return "-"
+    mean = statistics.fmean(clean)
+    if len(clean) < 2:
+        return f"{mean:.4g}"
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(clean), 2.0)
+    half = t * statistics.stdev(clean) / math.sqrt(len(clean))
+    return f"{mean:.4g} ± {half:.2g}"
+
+
+def aggregate(runs: list[dict[str, Any]]) -> str:
+    """Per policy over the seeds (the latest run of each seed and policy): mean and 95%
+    interval; then ours' warm p99 over ours-noprefetch's, per seed."""
+    by_seed: dict[int, dict[str, Any]] = {}
+    for run in runs:
+        by_seed.setdefault(run["_setup"]["seed"], {}).update(
+            {k: v for k, v in run.items() if not k.startswith("_")}
+        )
+    metrics = (
+        "cold_ratio",
+        "device_gb_s_mapped",
+        "host_gb_s_mapped",
+        "p50_ms",
+        "p99_ms",
+        "warm_p99_ms",
+        "prefetch_precision",
+    )
+    labels = sorted({label for rows in by_seed.values() for label in rows})
+    lines = [
+        f"seeds: {sorted(by_seed)}",
+        "| policy | seeds | " + " | ".join(metrics) + " |",
+        "| --- | --- |" + " --- |" * len(metrics),
+    ]
+    for label in labels:
+        rows = [rows[label] for rows in by_seed.values() if label in rows]
+        cells = [_interval([float(r[m]) for r in rows]) for m in metrics]
+        lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
+    ratios = {
+        seed: rows["ours"]["warm_p99_ms"] / rows["ours-noprefetch"]["warm_p99_ms"]
+        for seed, rows in sorted(by_seed.items())
+        if "ours" in rows and "ours-noprefetch" in rows
+    }
+    if ratios:
+        per = ", ".join(f"seed {s}: {r:.3f}" for s, r in ratios.items())
+        lines.append(
+            f"warm p99 ours / ours-noprefetch: {per}; mean {_interval(list(ratios.values()))}"
+        )
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seed", type=int, default=3)
@@ -595,11 +650,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", default="ka,hybrid,ours,ours-noprefetch")
     p.add_argument("--trace-dir", default=str(Path(tempfile.gettempdir()) / "gpufaas-orcbench"))
     p.add_argument("--json", type=Path, default=None, help="append the result as a JSON line")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="print the seeds' aggregate of a --json file instead of running",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.from_json is not None:
+        lines = args.from_json.read_text().splitlines()
+        print(aggregate([json.loads(line) for line in lines if line.strip()]))
+        return 0
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = sorted(set(args.policies) - set(POLICIES))
     if unknown:
