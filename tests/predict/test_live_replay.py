@@ -1,5 +1,5 @@
 """The live replay (``bench/predict_live.py``) end to end against a real ``gpufaas up``: a
-periodic function replayed with time compressed 120x under Azure's hybrid histogram, which
+periodic function replayed with time compressed 90x under Azure's hybrid histogram, which
 unloads the model after each request and pre-warms it before the next one. With the gateway's
 prefetches its arrivals are warm hits, counted as used at the node; with the prefetches turned off
 (``--prefetch-demote-only``, the control) the same arrivals are cold starts."""
@@ -17,7 +17,7 @@ sys.path.insert(0, str(BENCH))
 
 from predict_live import build_models, cluster, replay, write_functions  # noqa: E402
 
-TIME_SCALE = 120.0  # trace seconds per wall second
+TIME_SCALE = 90.0  # trace seconds per wall second: one arrival a wall second
 PERIOD_S = 90.0  # in trace seconds: idle times fall in the histogram's 1-2 minute bin
 ARRIVALS = 14  # the hybrid histogram needs 5 idle times before it leaves its fallback
 CHECKED = 4  # the last arrivals, once the histogram is representative
