@@ -41,7 +41,6 @@ import datetime
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -59,7 +58,7 @@ from gpufaas.core.layered import LayeredNet, dense_mlp, radix_net
 from gpufaas.core.sharding import ChannelConfig, Parallelism
 from gpufaas.scheduler import costmodel
 from gpufaas.scheduler.coordinator import Coordinator, LaunchFailed, ShardFailed, tree_rounds
-from gpufaas.scheduler.local import free_port, manager_command, wait_ready
+from gpufaas.scheduler.local import run_manager_processes
 from gpufaas.scheduler.partition import communication, partition
 
 PERIOD = {1024: 6, 4096: 8, 16384: 10}  # layers before a RadiX-Net's pattern repeats
@@ -110,42 +109,20 @@ def partition_volumes(layers: int = 120) -> list[dict[str, Any]]:
 def managers(
     root: Path, count: int, *, device_memory: str, keep_pids: bool = False
 ) -> Iterator[Any]:
-    procs: list[subprocess.Popen[bytes]] = []
-    urls = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("GPUFAAS_MANAGER_TOKEN", None)
-    try:
-        for index in range(count):
-            port = free_port()
-            options = ManagerOptions(
-                cpu_devices=1,
-                device_memory=device_memory,
-                host_memory="256Mi",
-                artifact_dir=root / f"artifacts{index}",
-                force_cpu=True,
-            )
-            with (root / f"manager{index}.log").open("wb") as log:
-                procs.append(
-                    subprocess.Popen(
-                        manager_command(name=f"node{index}", port=port, options=options),
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                    )
-                )
-            urls.append(f"http://127.0.0.1:{port}")
-        wait_ready(urls, timeout_s=300, procs=procs)
-        yield (urls, [p.pid for p in procs]) if keep_pids else urls
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    def options(index: int) -> ManagerOptions:
+        return ManagerOptions(
+            cpu_devices=1,
+            device_memory=device_memory,
+            host_memory="256Mi",
+            artifact_dir=root / f"artifacts{index}",
+            force_cpu=True,
+        )
+
+    with run_manager_processes(
+        nodes=count, options=options, log_dir=root, start_timeout_s=300, stop_timeout_s=20
+    ) as procs:
+        urls = [m.url for m in procs]
+        yield (urls, [m.process.pid for m in procs]) if keep_pids else urls
 
 
 async def measure(
