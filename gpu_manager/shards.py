@@ -66,7 +66,6 @@ from gpufaas.core.layered import (
     IntArray,
     ShardFormatError,
     ShardSpec,
-    apply_activation,
     load_shard,
     matrix,
 )
@@ -109,9 +108,11 @@ class ShardNotLoaded(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class _Rows:
-    """One row group (boundary or interior) of a layer: its positions and its matrices."""
+    """One row group (boundary or interior) of a layer: its rows ``start:stop`` of the layer's
+    output (boundary rows first, so each group is a slice: no scatter) and its matrices."""
 
-    positions: torch.Tensor
+    start: int
+    stop: int
     own: torch.Tensor
     remote: dict[int, torch.Tensor]
     bias: torch.Tensor
@@ -123,7 +124,8 @@ class _LayerOps:
     groups: tuple[_Rows, ...]  # boundary rows first
     sources: tuple[int, ...]  # shards this layer reads from
     activation: str
-    send_next: dict[int, torch.Tensor]  # receiver -> positions of this layer's output
+    send_next: dict[int, torch.Tensor]  # receiver -> rows of this layer's output it reads
+    order: IntArray  # row r of this layer's output is owned neuron ``order[r]``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,34 +151,53 @@ def _rows_block(block: Block, keep: IntArray) -> torch.Tensor:
 
 
 def prepare(spec: ShardSpec, device: torch.device) -> list[_LayerOps]:
-    """Each layer's row groups, matrices and send positions, on ``device``."""
+    """Each layer's row groups, matrices and send positions, on ``device``.
+
+    A layer's output rows are kept boundary rows first, then interior rows, so each group
+    writes one slice; the next layer's own columns and the send positions follow that order.
+    The last layer has no boundary rows: its output is in the owned order."""
     ops = []
+    previous: IntArray | None = None  # where each owned neuron of a_{l-1} sits in the rows
     for index, layer in enumerate(spec.layers):
         after = spec.layers[index + 1].send if index + 1 < len(spec.layers) else {}
         boundary = np.unique(np.concatenate([np.asarray(p) for p in after.values()])) if after \
             else np.zeros(0, dtype=np.int64)  # fmt: skip
         interior = np.setdiff1d(np.arange(layer.owned.size, dtype=np.int64), boundary)
+        order = np.concatenate([boundary, interior]).astype(np.int64)
+        where = np.empty_like(order)
+        where[order] = np.arange(order.size, dtype=np.int64)
+        own = layer.own
+        if previous is not None:
+            own = Block(own.rows, previous[own.cols], own.values, own.shape)
         groups = []
+        start = 0
         for keep in (boundary, interior):
             if keep.size == 0:
                 continue
             groups.append(
                 _Rows(
-                    positions=torch.from_numpy(keep).to(device),
-                    own=_rows_block(layer.own, keep).to(device),
+                    start=start,
+                    stop=start + int(keep.size),
+                    own=_rows_block(own, keep).to(device),
                     remote={q: _rows_block(b, keep).to(device) for q, b in layer.remote.items()},
                     bias=torch.from_numpy(layer.bias[keep])[:, None].to(device),
                 )
             )
+            start += int(keep.size)
         ops.append(
             _LayerOps(
                 rows=int(layer.owned.size),
                 groups=tuple(groups),
                 sources=tuple(sorted(layer.remote)),
                 activation=layer.activation,
-                send_next={q: torch.from_numpy(np.asarray(p)).to(device) for q, p in after.items()},
+                send_next={
+                    q: torch.from_numpy(where[np.asarray(p, dtype=np.int64)]).to(device)
+                    for q, p in after.items()
+                },
+                order=order,
             )
         )
+        previous = where
     return ops
 
 
@@ -380,7 +401,11 @@ class ShardExecutor:
     def _finish(
         self, out: torch.Tensor, g: _Rows, z: torch.Tensor, activation: str
     ) -> torch.Tensor:
-        out[g.positions] = apply_activation(z + g.bias, activation, self.spec.ymax)
+        rows = torch.add(z, g.bias, out=out[g.start : g.stop])
+        if activation == "relu":
+            rows.relu_()
+        if self.spec.ymax is not None:
+            rows.clamp_(max=self.spec.ymax)
         return out
 
 
