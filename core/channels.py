@@ -588,7 +588,9 @@ class S3Channel(Channel):
     async def send(self, envelope: Envelope, values: Array, *, timeout_s: float) -> None:
         try:
             await asyncio.wait_for(
-                self._fs._pipe_file(self._path(envelope), bytes(encode(envelope, values))),  # S3 takes bytes
+                self._fs._pipe_file(
+                    self._path(envelope), bytes(encode(envelope, values))
+                ),  # S3 takes bytes
                 timeout=timeout_s,
             )
         except (Exception, TimeoutError) as e:
