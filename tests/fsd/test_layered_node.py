@@ -28,7 +28,7 @@ def test_layered_has_no_single_device_backend_and_says_so() -> None:
 
 async def test_a_layered_spec_pushed_to_a_node_is_refused_at_registration(tmp_path: Path) -> None:
     artifact = tmp_path / "net.safetensors"
-    save_net(radix_net(64, 2, weights="random"), artifact)
+    save_net(artifact, radix_net(64, 2, weights="random"))
     runtime = build_runtime(
         cpu_devices=1, device_memory_bytes=16 << 20, host_memory_bytes=16 << 20,
         artifact_dir=tmp_path / "artifacts", disk_cache_bytes=0, force_cpu=True,
