@@ -54,6 +54,9 @@ class TierConfig:
     tick_s: float = 5.0
     prefetch: bool = True
     staged_routing: bool = True  # LALB told where host copies are (scheduler/policy.py)
+    # prefetch functions never served on a device in this run too (the gateway's driver does:
+    # scheduler/prefetch.py plan); False: only those with a last device (the rule before)
+    prefetch_unserved: bool = True
 
 
 @dataclasses.dataclass
@@ -349,11 +352,20 @@ class ResidencySimulation(Simulation):
 
     def _prefetch_pass(self, now_s: float, on_device: set[str]) -> None:
         policy = self.residency
+        roomiest: _Device | None = None
         for model in self.catalogue:
             name = model.name
-            if name in on_device or name not in self.last_device:
+            if name in on_device:
                 continue
-            device = self.last_device[name]
+            device = self.last_device.get(name)
+            if device is None:
+                if not self.tiers.prefetch_unserved:
+                    continue
+                # never on a device in this run: as the gateway's driver, the device with the
+                # most free bytes (the state at this tick's first such function)
+                if roomiest is None:
+                    roomiest = max(self.devices, key=lambda d: d.cache.free_bytes)
+                device = roomiest
             node = self._node(device)
             c = self.costs[name]
             advice = policy.advise(
