@@ -79,7 +79,13 @@ SETTINGS: list[tuple[str, str, dict[str, float], bool]] = [
 ]
 # Ours with parameters named in the label: ``ours-p<price>[-m<miss_ms>][-g<prior_gaps>]``
 # (e.g. ``ours-p0.1-m1000-g4``), so a sweep needs no table entry; see :func:`setting_for`.
-_LABEL_KEYS = {"p": "device_price", "m": "miss_ms", "g": "prior_gaps", "s": "smoothing"}
+_LABEL_KEYS = {
+    "p": "device_price",
+    "m": "miss_ms",
+    "g": "prior_gaps",
+    "s": "smoothing",
+    "x": "max_horizon_s",
+}
 
 
 def setting_for(label: str) -> tuple[str, str, dict[str, float], bool]:

@@ -414,6 +414,10 @@ class PredictivePolicy:
     (prior_gaps + gaps))``, a pseudo-count of ``prior_gaps`` memoryless gaps (a confidence gate:
     a histogram of three gaps is not trusted to say "no request can come").
 
+    With ``max_horizon_s`` the rule also looks over longer horizons (``horizon_s`` x 4, x 16, ...
+    up to it) and keeps (prefetches) if it pays over any of them: a model idle in a hole between
+    two modes of its gaps is not due within 30 s, but is within 10 minutes.
+
     A device miss costs its load and also ``miss_ms`` for the wait itself (a missed latency
     objective: every cold start counts, not only its length), so the device rule and the victim
     order weigh ``reload_ms + miss_ms``; without it the value per byte of a model is nearly its
@@ -444,6 +448,7 @@ class PredictivePolicy:
         smoothing: float = 0.05,
         prior_gaps: float = 4.0,
         miss_ms: float = 1000.0,
+        max_horizon_s: float | None = None,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -459,6 +464,12 @@ class PredictivePolicy:
         self.smoothing = smoothing
         self.prior_gaps = _finite(prior_gaps, "prior_gaps")
         self.miss_ms = _finite(miss_ms, "miss_ms")
+        # the horizons the rule looks over: horizon_s, x4, x16, ... up to max_horizon_s
+        longest = self.horizon_s if max_horizon_s is None else max_horizon_s
+        _finite(longest, "max_horizon_s", minimum=self.horizon_s)
+        self.horizons = [self.horizon_s]
+        while self.horizons[-1] * 4 <= longest * (1 + 1e-9):
+            self.horizons.append(self.horizons[-1] * 4)
         self.fallback_keepalive_s = _finite(fallback_keepalive_s, "fallback_keepalive_s")
         self._growth = 2 ** (1 / self.half_life)
         self._seen = _LastSeen()
@@ -567,11 +578,14 @@ class PredictivePolicy:
             price, saved = self.device_price, reload_ms + self.miss_ms
         else:
             price, saved = self.host_price, reload_ms
-        gb = size_bytes / GB
-        h = self.horizon_s
-        keep = self.p_arrival(function, idle, h) * saved >= price * gb * h
-        ahead = self.lead_s + h
-        prefetch = self.p_arrival(function, idle, ahead) * saved >= price * gb * ahead
+        rent = price * size_bytes / GB  # ms of load time per second held
+        keep = prefetch = False
+        for h in self.horizons:  # any horizon over which holding it pays
+            keep = keep or self.p_arrival(function, idle, h) * saved >= rent * h
+            ahead = self.lead_s + h
+            prefetch = prefetch or self.p_arrival(function, idle, ahead) * saved >= rent * ahead
+            if keep and prefetch:
+                break
         return Advice(keep=keep, prefetch=prefetch, reason="cost")
 
     def value(self, function: str, now_s: float, *, size_bytes: int, reload_ms: float) -> float:
@@ -579,8 +593,8 @@ class PredictivePolicy:
         idle = self._seen.idle(function, now_s)
         if idle is None or function not in self._models:
             p = 0.5 if idle is not None and idle <= self.fallback_keepalive_s else 0.0
-        else:
-            p = self.p_arrival(function, idle, self.horizon_s)
+        else:  # the best rate over the horizons, in units of the first horizon
+            p = max(self.p_arrival(function, idle, h) * self.horizon_s / h for h in self.horizons)
         return p * (reload_ms + self.miss_ms) / max(1, size_bytes)
 
     def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]:

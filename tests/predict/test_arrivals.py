@@ -391,3 +391,43 @@ def test_a_cold_starts_own_cost_makes_eviction_count_misses_not_load_time() -> N
     assert not by_count.advise("large", now, **kw_large).keep  # type: ignore[arg-type]
     with pytest.raises(ArrivalError, match="miss_ms"):
         PredictivePolicy(miss_ms=float("nan"))
+
+
+# -- longer horizons (max_horizon_s) -----------------------------------------------------------
+
+
+@given(gaps, ages, st.floats(0.0, 10.0), st.sampled_from([120.0, 480.0, 1920.0]))
+@settings(max_examples=150, deadline=None)
+def test_looking_further_ahead_never_keeps_or_prefetches_less(
+    gap_list: list[float], idle: float, price: float, longest: float
+) -> None:
+    near, far = (
+        PredictivePolicy(device_price=price),
+        PredictivePolicy(device_price=price, max_horizon_s=longest),
+    )
+    assert near.horizons == [30.0] and far.horizons[-1] <= longest
+    for p in (near, far):
+        now = _feed(p, gap_list)
+    kwargs = {"size_bytes": 2 * 10**9, "reload_ms": 90.0, "tier": "device"}
+    a = near.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
+    b = far.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
+    assert a.keep <= b.keep and a.prefetch <= b.prefetch
+
+
+def test_a_model_in_the_hole_between_two_modes_is_kept_when_looking_far_enough() -> None:
+    """Gaps of 2 s and ~100 s: at idle 20 s nothing comes within 30 s (the raw histogram), so the
+    30-s rule demotes it though a request is certain within two minutes; over 120 s it pays."""
+    near = PredictivePolicy(device_price=0.05, smoothing=0.0, prior_gaps=0.0)
+    far = PredictivePolicy(device_price=0.05, smoothing=0.0, prior_gaps=0.0, max_horizon_s=480.0)
+    for policy in (near, far):
+        t = 0.0
+        for i in range(200):
+            t += 100.0 if i % 10 == 9 else 2.0
+            policy.observe("f", t)
+    assert far.horizons == [30.0, 120.0, 480.0]
+    kwargs = {"size_bytes": 2 * 10**9, "reload_ms": 90.0, "tier": "device"}
+    assert near.p_arrival("f", 20.0, 30.0) == 0.0
+    assert not near.advise("f", t + 20.0, **kwargs).keep  # type: ignore[arg-type]
+    assert far.advise("f", t + 20.0, **kwargs).keep  # type: ignore[arg-type]
+    with pytest.raises(ArrivalError, match="max_horizon_s"):
+        PredictivePolicy(max_horizon_s=10.0)
