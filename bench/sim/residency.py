@@ -135,7 +135,7 @@ class ResidencySimulation(Simulation):
         self.prefetched: set[tuple[str, str]] = set()  # prefetched, not yet used
         self.host_fetching: set[tuple[str, str]] = set()
         self.prefetch_started = self.prefetch_used = self.prefetch_wasted = 0
-        self.prefetch_failed = 0
+        self.prefetch_failed = self.prefetch_preempted = 0
         self.demotions = self.releases = 0
         self.observe_ns: list[int] = []
         self.tick_ns = 0
@@ -247,6 +247,7 @@ class ResidencySimulation(Simulation):
         prefer = self.residency.victim_order(candidates, self.now / 1000) if candidates else []
         if not prefer:
             prefer = request.evict_first
+        self._preempt_prefetches(device, size)
         evicted = device.cache.make_room(size, prefer=prefer)
         for e in evicted:
             self.removed_by[e.key] = "capacity"
@@ -419,6 +420,31 @@ class ResidencySimulation(Simulation):
         self.prefetch_started += 1
         self._at(job.done_ms, _PREFETCH_DONE, job, job.generation)
 
+    def _preempt_prefetches(self, device: _Device, size: int) -> None:
+        """A request's load that cannot make room otherwise cancels prefetches in flight on the
+        device that no request waits on, newest first (their reserved bytes are pinned), as the
+        node's preemption does (gpu_manager/prefetch.py)."""
+        cache = device.cache
+        jobs = [job for (key, _), job in self.prefetches.items() if key == device.key]
+        for job in reversed(jobs):
+            if cache.free_bytes + cache.freeable_bytes() >= size:
+                return
+            if device.loading.get(job.name):
+                continue  # a request waits on it: it is that request's load now
+            job.generation += 1  # its completion event is void
+            del self.prefetches[(device.key, job.name)]
+            del device.loading[job.name]
+            self.loading_tier.pop((device.key, job.name), None)
+            self.loading_cause.pop((device.key, job.name), None)
+            entry = cache.discard(job.name)
+            since = self.device_since.pop((device.key, job.name), None)
+            if entry is not None and since is not None:
+                held = max(0.0, self.now - max(since, self.measure_from_ms))
+                self.device_byte_ms += entry.size_bytes * held
+            with _quiet():
+                self.directory.note_evicted(device.key, job.name)
+            self.prefetch_preempted += 1
+
     def _delay_prefetches(self, device: _Device, load_ms: float) -> None:
         for (key, _), job in self.prefetches.items():
             if key == device.key and job.done_ms > self.now:
@@ -490,6 +516,7 @@ class ResidencySimulation(Simulation):
             "prefetch_used": self.prefetch_used,
             "prefetch_precision": self.prefetch_used / finished if finished else None,
             "prefetch_no_room": self.prefetch_failed,
+            "prefetch_preempted": self.prefetch_preempted,
             "demotions": self.demotions,
             "host_releases": self.releases,
             "loads": result.loads,
