@@ -115,9 +115,8 @@ def setting_for(label: str) -> tuple[str, str, dict[str, float], bool]:
     return label, "predictive", params, prefetch
 
 
-ORCBENCH_SET = "lru+ka-1min,lru+ka-3min,lru+ka-10min,hybrid,ours-p0.03,ours-p0.1,ours-p0.3,ours-p0.1-noprefetch"
 HISTORY_HOURS = 4.0  # of the rare functions' arrivals, fed to the policy before the replay
-QUICK = {"lru+ka-10min", "hybrid", "ours-p0.1", "ours-p0.1-noprefetch"}
+QUICK = {"lru+ka-10min", "hybrid", "ours-p0.3", "ours-p2", "ours-p3", "ours-p3-noprefetch"}
 
 
 def _trim(trace: ServerlessTrace, minutes: float) -> ServerlessTrace:
@@ -405,7 +404,8 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, *, workload: str) -> No
             ax.annotate(short, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("device memory-time (TB·s)")
     ax.set_ylabel("cold-start ratio (requests that waited for a load)")
-    ax.set_title(f"Cold starts against device memory-time ({workload}, LALB simulator)")
+    ax.set_yscale("log")  # the policies differ by orders of magnitude
+    ax.set_title(f"Cold starts vs device memory-time\n({workload}, LALB simulator)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

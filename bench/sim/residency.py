@@ -11,8 +11,9 @@ queues, estimates and cluster directory) plus what a node does with the policies
   longer wants is demoted to the host tier, a host copy it no longer wants is dropped (the
   baselines keep the host tier as a plain LRU, as the GPU manager does today), and a model it
   wants before its request is prefetched;
-* a prefetch has the lowest priority: it only uses free bytes (it never evicts), and a
-  request's load takes the copy engine from it (the prefetch resumes after);
+* a prefetch has the lowest priority: it only uses free bytes (it never evicts), a request's
+  load takes the copy engine from it (the prefetch resumes after), and a request's load that
+  cannot make room otherwise cancels prefetches in flight on its device;
 * when a request's load must evict, the policy orders the victims (``victim_order``; an empty
   order is LRU).
 
