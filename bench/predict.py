@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -52,6 +53,8 @@ SETTINGS: list[tuple[str, str, dict[str, float], bool]] = [
     ("lru+ka-20min", "keepalive", {"keepalive_s": 1200}, False),
     ("lru+ka-30min", "keepalive", {"keepalive_s": 1800}, False),
     ("hybrid", "hybrid", {}, True),
+    # only a pre-warm loads a model, as published (no reload inside the keep-alive window)
+    ("hybrid-asis", "hybrid", {"restore_inside": False}, True),
     ("ours-p0.001", "predictive", {"device_price": 0.001}, True),
     ("ours-p0.003", "predictive", {"device_price": 0.003}, True),
     ("ours-p0.01", "predictive", {"device_price": 0.01}, True),
@@ -74,9 +77,46 @@ SETTINGS: list[tuple[str, str, dict[str, float], bool]] = [
     ("ours-p0.1-nosmooth", "predictive", {"device_price": 0.1, "smoothing": 0.0}, True),
     ("ours-p0.01-noprefetch", "predictive", {"device_price": 0.01}, False),
 ]
-ORCBENCH_SET = "lru+ka-1min,lru+ka-3min,lru+ka-10min,hybrid,ours-p0.03,ours-p0.1,ours-p0.3,ours-p0.1-noprefetch"
+# Ours with parameters named in the label: ``ours-p<price>[-m<miss_ms>][-g<prior_gaps>]``
+# (e.g. ``ours-p0.1-m1000-g4``), so a sweep needs no table entry; see :func:`setting_for`.
+_LABEL_KEYS = {
+    "p": "device_price",
+    "m": "miss_ms",
+    "g": "prior_gaps",
+    "s": "smoothing",
+    "x": "max_horizon_s",
+}
+
+
+def setting_for(label: str) -> tuple[str, str, dict[str, float], bool]:
+    """The setting a label names: one of :data:`SETTINGS`, or ours with its parameters in the
+    label (``ours-p0.3-m1000-g4``; a ``-noprefetch`` suffix turns prefetching off)."""
+    for setting in SETTINGS:
+        if setting[0] == label:
+            return setting
+    parts = label.split("-")
+    prefetch = parts[-1] != "noprefetch"
+    if not prefetch:
+        parts = parts[:-1]
+    if parts[0] != "ours" or len(parts) < 2:
+        raise TraceError(
+            f"unknown setting {label!r}: a label of SETTINGS or ours-p<price>[-m<ms>][-g<n>]"
+        )
+    params: dict[str, float] = {}
+    for part in parts[1:]:
+        key = _LABEL_KEYS.get(part[:1])
+        try:
+            value = float(part[1:])
+        except ValueError:
+            key = None
+        if key is None or key in params:
+            raise TraceError(f"setting {label!r}: cannot read {part!r} (p, m, g or s and a number)")
+        params[key] = value
+    return label, "predictive", params, prefetch
+
+
 HISTORY_HOURS = 4.0  # of the rare functions' arrivals, fed to the policy before the replay
-QUICK = {"lru+ka-10min", "hybrid", "ours-p0.1", "ours-p0.1-noprefetch"}
+QUICK = {"lru+ka-10min", "hybrid", "ours-p0.3", "ours-p2", "ours-p3", "ours-p3-noprefetch"}
 
 
 def _trim(trace: ServerlessTrace, minutes: float) -> ServerlessTrace:
@@ -145,6 +185,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         tick_s=job["tick_s"],
         prefetch=job["prefetch"],
         staged_routing=job.get("staged_routing", True),
+        prefetch_unserved=job.get("prefetch_unserved", True),
     )
     sim = ResidencySimulation(
         policy,
@@ -202,60 +243,23 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return summary
 
 
-def on_curve(label: str) -> bool:
-    """Settings that trace a policy's curve (not the ablations: no prefetch, another host price)."""
-    return "noprefetch" not in label and "-h" not in label and "nosmooth" not in label
+def family(label: str) -> str:
+    """The curve a setting lies on: ``lru`` (the keep-alive sweep), ``hybrid``, or ours with
+    every parameter but the price (``ours-p0.1-m1000-g4`` -> ``ours-m1000-g4``): a family's
+    settings differ only in the swept price, so its points trace one curve."""
+    if label.startswith("lru"):
+        return "lru"
+    if not label.startswith("ours"):
+        return label
+    return "-".join(part for part in label.split("-") if not _is_price(part))
 
 
-def at_equal_memory(summary: dict[str, dict[str, Any]], prefix: str, x: float) -> float | None:
-    """Cold-start ratio of the ``prefix`` settings' curve at device memory-time ``x``
-    (linear interpolation between settings; None outside their range)."""
-    points = sorted(
-        (row["device_gb_s"][0], row["cold_start_ratio"][0])
-        for label, row in summary.items()
-        if label.startswith(prefix) and on_curve(label)
-    )
-    for (x0, y0), (x1, y1) in itertools.pairwise(points):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    if points and any(abs(px - x) <= 1e-9 * max(1.0, x) for px, _ in points):
-        return next(py for px, py in points if abs(px - x) <= 1e-9 * max(1.0, x))
-    return None
-
-
-def comparisons(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for reference in ("lru+ka-10min", "hybrid"):
-        if reference not in summary:
-            continue
-        x = summary[reference]["device_gb_s"][0]
-        ours = at_equal_memory(summary, "ours", x)
-        base = summary[reference]["cold_start_ratio"][0]
-        out[reference] = {
-            "device_gb_s": x,
-            "reference_cold": base,
-            "ours_cold_at_equal_memory": ours,
-            "ratio": (ours / base) if ours is not None and base > 0 else None,
-        }
-    # The other way round: each of our settings against the baselines' curves at its memory.
-    for label, row in summary.items():
-        if not label.startswith("ours") or not on_curve(label):
-            continue
-        x, ours_cold = row["device_gb_s"][0], row["cold_start_ratio"][0]
-        for prefix in ("lru", "hybrid"):
-            base = at_equal_memory(summary, prefix, x)
-            out[f"{label}_vs_{prefix}_curve"] = {
-                "device_gb_s": x,
-                "ours_cold": ours_cold,
-                "baseline_cold_at_equal_memory": base,
-                "ratio": ours_cold / base if base else None,
-            }
-    for label in summary:
-        base = label.removesuffix("-noprefetch")
-        if label != base and base in summary:
-            on, off = summary[base]["warm_p99_ms"][0], summary[label]["warm_p99_ms"][0]
-            out[f"warm_p99_{base}_over_without_prefetch"] = on / off if off > 0 else None
-    return out
+def _is_price(part: str) -> bool:
+    try:
+        float(part[1:])
+    except ValueError:
+        return False
+    return part.startswith("p")
 
 
 def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
@@ -264,37 +268,71 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return next((py for px, py in points if px == x), None)
+    return next((py for px, py in points if abs(px - x) <= 1e-9 * max(1.0, x)), None)
+
+
+def _curves(rows: dict[str, tuple[float, float]]) -> dict[str, list[tuple[float, float]]]:
+    """Each family's (device memory-time, cold-start ratio) points."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for label, point in rows.items():
+        out.setdefault(family(label), []).append(point)
+    return out
+
+
+REFERENCES = ("lru+ka-10min", "hybrid")
+
+
+def _against(rows: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Every family of ours interpolated at each reference's device memory-time (the honest
+    match: ours' price sweep must bracket the reference's memory-time, else None), and each of
+    ours' settings against the baselines' curves at its own memory-time."""
+    curves = _curves(rows)
+    out: dict[str, Any] = {}
+    for reference in REFERENCES:
+        if reference not in rows:
+            continue
+        x, base = rows[reference]
+        for name, points in curves.items():
+            if not name.startswith("ours"):
+                continue
+            ours = _interpolate(points, x)
+            out[f"{name}_at_{reference}"] = ours / base if ours is not None and base > 0 else None
+    for label, (x, cold) in rows.items():
+        if label.startswith("ours"):
+            for prefix in ("lru", "hybrid"):
+                base_cold = _interpolate(curves.get(prefix, []), x)
+                out[f"{label}_vs_{prefix}_curve"] = cold / base_cold if base_cold else None
+    return out
+
+
+def comparisons(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The comparisons on the seeds' mean points (``per_seed`` does them seed by seed)."""
+    rows = {
+        label: (row["device_gb_s"][0], row["cold_start_ratio"][0]) for label, row in summary.items()
+    }
+    out = _against(rows)
+    for label in summary:
+        base = label.removesuffix("-noprefetch")
+        if label != base and base in summary:
+            on, off = summary[base]["warm_p99_ms"][0], summary[label]["warm_p99_ms"][0]
+            out[f"warm_p99_{base}_over_without_prefetch"] = on / off if off > 0 else None
+    return out
 
 
 def per_seed(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The goals' comparisons seed by seed (each seed's curves, as memory-times differ between
-    seeds): each of our settings against the LRU + keep-alive curve at its own device
-    memory-time, and our curve against the hybrid at the hybrid's memory-time."""
-    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    """The goals' comparisons seed by seed (each seed's own curves: memory-times differ between
+    seeds), and over the seeds: the mean and 95% interval of each per-seed ratio."""
+    by_seed: dict[int, dict[str, tuple[float, float]]] = {}
     for r in results:
-        by_seed.setdefault(r["seed"], {})[r["label"]] = r
-    out: dict[str, Any] = {}
-    for seed, runs in sorted(by_seed.items()):
-
-        def curve(prefix: str, runs: dict[str, dict[str, Any]] = runs) -> list[tuple[float, float]]:
-            return [
-                (r["device_gb_s"], r["cold_start_ratio"])
-                for label, r in runs.items()
-                if label.startswith(prefix) and on_curve(label)
-            ]
-
-        row: dict[str, Any] = {}
-        lru = curve("lru")
-        for label, r in runs.items():
-            if label.startswith("ours") and on_curve(label):
-                base = _interpolate(lru, r["device_gb_s"])
-                row[f"{label}_vs_lru"] = r["cold_start_ratio"] / base if base else None
-        if "hybrid" in runs:
-            hybrid = runs["hybrid"]
-            ours = _interpolate(curve("ours"), hybrid["device_gb_s"])
-            row["ours_vs_hybrid"] = ours / hybrid["cold_start_ratio"] if ours is not None else None
-        out[str(seed)] = row
+        by_seed.setdefault(r["seed"], {})[r["label"]] = (r["device_gb_s"], r["cold_start_ratio"])
+    out: dict[str, Any] = {str(seed): _against(rows) for seed, rows in sorted(by_seed.items())}
+    keys = {k for row in out.values() for k in row}
+    over: dict[str, Any] = {}
+    for key in sorted(keys):
+        values = [row[key] for row in out.values() if row.get(key) is not None]
+        if values and len(values) == len(out):
+            over[key] = _interval(values)
+    out["over_seeds"] = over
     return out
 
 
@@ -339,19 +377,15 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, *, workload: str) -> No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for prefix, marker, name in (
-        ("lru", "o", "LRU + fixed keep-alive"),
-        ("hybrid", "s", "hybrid histogram (Azure)"),
-        ("ours", "^", "ours (predictive)"),
-    ):
+    labels = {f: f for f in {family(label) for label in summary}}
+    labels.update({"lru": "LRU + fixed keep-alive", "hybrid": "hybrid histogram (Azure)"})
+    markers = itertools.cycle("^v<>Dpx*")
+    for name in sorted(labels, key=lambda f: (not f.startswith(("lru", "hybrid")), f)):
         rows = sorted(
-            (
-                (label, row)
-                for label, row in summary.items()
-                if label.startswith(prefix) and on_curve(label)
-            ),
+            ((label, row) for label, row in summary.items() if family(label) == name),
             key=lambda item: item[1]["device_gb_s"][0],
         )
+        marker = {"lru": "o", "hybrid": "s"}.get(name) or next(markers)
         xs = [row["device_gb_s"][0] / 1000 for _, row in rows]
         ys = [row["cold_start_ratio"][0] for _, row in rows]
         es = [row["cold_start_ratio"][1] for _, row in rows]
@@ -360,21 +394,18 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, *, workload: str) -> No
             ys,
             yerr=es,
             marker=marker,
-            label=name,
+            label=labels[name],
             capsize=3,
-            linestyle="-" if prefix != "hybrid" else "none",
+            linestyle="-" if len(rows) > 1 else "none",
         )
         for (label, _), x, y in zip(rows, xs, ys, strict=True):
-            ax.annotate(
-                label.split("-", 1)[-1],
-                (x, y),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+            short = label.split("-", 1)[-1] if name != "hybrid" else ""
+            short = next((p for p in short.split("-") if _is_price(p)), short)
+            ax.annotate(short, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("device memory-time (TB·s)")
     ax.set_ylabel("cold-start ratio (requests that waited for a load)")
-    ax.set_title(f"Cold starts against device memory-time ({workload}, LALB simulator)")
+    ax.set_yscale("log")  # the policies differ by orders of magnitude
+    ax.set_title(f"Cold starts vs device memory-time\n({workload}, LALB simulator)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -451,9 +482,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="LALB not told where host copies are (the routing before #13's holder fix)",
     )
+    p.add_argument(
+        "--no-prefetch-unserved",
+        action="store_true",
+        help="prefetch only functions already served on a device in the run (the rule before)",
+    )
     p.add_argument("--quick", action="store_true", help=f"only {sorted(QUICK)}")
     p.add_argument("--only", default="", help="comma-separated setting labels")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--hash-seed", type=int, default=0, help="PYTHONHASHSEED of the workers")
     p.add_argument("--trace-dir", default=str(Path(tempfile.gettempdir()) / "gpufaas-orcbench"))
     p.add_argument("--cost", action="store_true", help="only measure the prediction's CPU cost")
     p.add_argument(
@@ -488,7 +525,13 @@ def _main(argv: list[str] | None) -> int:
         return 0
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     wanted = {s for s in args.only.split(",") if s} or (QUICK if args.quick else None)
-    settings = [s for s in SETTINGS if wanted is None or s[0] in wanted]
+    settings = (
+        list(SETTINGS)
+        if wanted is None
+        else [setting_for(label) for label in args.only.split(",") if label]
+        if args.only
+        else [s for s in SETTINGS if s[0] in wanted]
+    )
     trace_minutes = max(1, math.ceil(args.minutes))
     jobs = []
     for seed in seeds:
@@ -506,6 +549,7 @@ def _main(argv: list[str] | None) -> int:
             "max_per_hour": args.max_per_hour,
             "tail": args.tail,
             "staged_routing": not args.no_staged_routing,
+            "prefetch_unserved": not args.no_prefetch_unserved,
         }
         stats = shape(load_trace(base)[0])
         print(f"seed {seed}: trace shape", json.dumps({k: round(v, 4) for k, v in stats.items()}))
@@ -514,6 +558,9 @@ def _main(argv: list[str] | None) -> int:
                 {**base, "label": label, "policy": name, "params": params, "prefetch": prefetch}
             )
     results = []
+    # The simulator iterates sets of names (hash order): fix the hash seed of the workers, so a
+    # run is repeatable (unset, the same seed's cold-start ratio moved ~10% between runs).
+    os.environ["PYTHONHASHSEED"] = str(args.hash_seed)
     with multiprocessing.get_context("spawn").Pool(max(1, args.workers)) as pool:
         for result in pool.imap_unordered(run_one, jobs, chunksize=1):
             brief = {k: result[k] for k in ("label", "seed", "cold_start_ratio", "device_gb_s")}

@@ -187,6 +187,9 @@ class HybridHistogram:
     * else (including a function with no history): the fixed fallback, no pre-warm and a
       keep-alive of ``fallback_keepalive_s`` (the histogram's range, as published).
 
+    ``restore_inside`` (default): a model inside its window that is not loaded is prefetched
+    even without a pre-warm window; False is the published rule (only a pre-warm loads).
+
     Under memory pressure it evicts least-recently used first (the paper assumes unbounded
     memory and names no eviction order).
     """
@@ -206,6 +209,7 @@ class HybridHistogram:
         min_samples: int = 5,
         oob_fraction: float = 0.5,
         fallback_keepalive_s: float | None = None,
+        restore_inside: bool = True,
     ) -> None:
         self.bin_s = _finite(bin_s, "bin_s", minimum=1e-3)
         self.range_s = _finite(range_s, "range_s", minimum=self.bin_s)
@@ -218,6 +222,7 @@ class HybridHistogram:
         self.fallback_keepalive_s = (
             self.range_s if fallback_keepalive_s is None else float(fallback_keepalive_s)
         )
+        self.restore_inside = restore_inside
         self.bins = math.ceil(self.range_s / self.bin_s)
         self._seen = _LastSeen()
         self._hist: dict[str, _IdleHistogram] = {}
@@ -270,7 +275,12 @@ class HybridHistogram:
             return Advice(keep=False, prefetch=False, reason="no-history")
         w = self.windows(function)
         inside = w.loaded(idle)
-        return Advice(keep=inside, prefetch=inside and w.prewarm_s > 0, reason=w.source)
+        # As published, only a pre-warm loads a model; with ``restore_inside`` a model that is
+        # inside its window but not loaded (the tiers of a fresh node, or a capacity eviction,
+        # which the paper's unbounded memory never makes) is loaded too: the steady state the
+        # policy assumes, so the baseline is at its best.
+        prefetch = inside and (w.prewarm_s > 0 or self.restore_inside)
+        return Advice(keep=inside, prefetch=prefetch, reason=w.source)
 
     def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]:
         return []  # LRU
@@ -400,6 +410,21 @@ class PredictivePolicy:
     ``(1 - smoothing) x P + smoothing x (1 - exp(-h / mean gap))``: a histogram of a few hundred
     gaps has empty bins between its modes, where it would say no request can come.
 
+    While the histogram is young the prior weighs more: ``max(smoothing, prior_gaps /
+    (prior_gaps + gaps))``, a pseudo-count of ``prior_gaps`` memoryless gaps (a confidence gate:
+    a histogram of three gaps is not trusted to say "no request can come").
+
+    With ``max_horizon_s`` the rule also looks over longer horizons (``horizon_s`` x 4, x 16, ...
+    up to it) and keeps (prefetches) if it pays over any of them: a model idle in a hole between
+    two modes of its gaps is not due within 30 s, but is within 10 minutes.
+
+    A device miss costs its load and also ``miss_ms`` for the wait itself (a missed latency
+    objective: every cold start counts, not only its length), so the device rule and the victim
+    order weigh ``reload_ms + miss_ms``; without it the value per byte of a model is nearly its
+    size-independent ``P`` (reload time grows with size) and a large model is kept as readily as
+    a small one, which costs cold starts per byte held. The host tier's rule ignores it (a host
+    miss only lengthens a load).
+
     ``device_price`` and ``host_price`` are in ms of load time per GB-second held: the exchange
     rate between cold-start time and memory-time (swept in the benchmark); ``host_price``
     defaults to a twentieth of ``device_price``. A function with fewer
@@ -421,6 +446,9 @@ class PredictivePolicy:
         periodic_cv: float = 0.1,
         fallback_keepalive_s: float = 10 * MINUTE,
         smoothing: float = 0.05,
+        prior_gaps: float = 4.0,
+        miss_ms: float = 1000.0,
+        max_horizon_s: float | None = None,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -434,6 +462,14 @@ class PredictivePolicy:
         if not 0.0 <= smoothing <= 1.0:
             raise ArrivalError(f"smoothing must be in [0, 1], got {smoothing!r}")
         self.smoothing = smoothing
+        self.prior_gaps = _finite(prior_gaps, "prior_gaps")
+        self.miss_ms = _finite(miss_ms, "miss_ms")
+        # the horizons the rule looks over: horizon_s, x4, x16, ... up to max_horizon_s
+        longest = self.horizon_s if max_horizon_s is None else max_horizon_s
+        _finite(longest, "max_horizon_s", minimum=self.horizon_s)
+        self.horizons = [self.horizon_s]
+        while self.horizons[-1] * 4 <= longest * (1 + 1e-9):
+            self.horizons.append(self.horizons[-1] * 4)
         self.fallback_keepalive_s = _finite(fallback_keepalive_s, "fallback_keepalive_s")
         self._growth = 2 ** (1 / self.half_life)
         self._seen = _LastSeen()
@@ -506,12 +542,24 @@ class PredictivePolicy:
         later = self.survival(function, idle_s + within_s)
         p = min(1.0, max(0.0, (alive - later) / alive))
         m = self._models.get(function)
-        if self.smoothing > 0 and m is not None and m.gaps > 0:
-            # A histogram of a few hundred gaps has empty bins between its modes, where it
-            # says "no request can come": mix in a memoryless arrival at the mean gap.
-            poisson = 1.0 - math.exp(-within_s / max(m.mean, 1e-3))
-            p = (1.0 - self.smoothing) * p + self.smoothing * poisson
+        if m is not None and m.gaps > 0:
+            # a periodic function's normal has passed its own confidence gate (regular gaps)
+            regular = m.gaps >= 4 and m.mean >= 1.0 and m.var <= (self.periodic_cv * m.mean) ** 2
+            weight = self.smoothing if regular else self.prior_weight(m.gaps)
+            if weight > 0:
+                # A histogram of a few hundred gaps has empty bins between its modes, where it
+                # says "no request can come", and one of a few gaps knows little: mix in a
+                # memoryless arrival at the mean gap, weighted more the fewer gaps were seen.
+                poisson = 1.0 - math.exp(-within_s / max(m.mean, 1e-3))
+                p = (1.0 - weight) * p + weight * poisson
         return p
+
+    def prior_weight(self, gaps: int) -> float:
+        """The memoryless prior's weight after ``gaps`` gaps: ``smoothing``, or more while the
+        histogram is young (``prior_gaps / (prior_gaps + gaps)``, a pseudo-count)."""
+        if self.prior_gaps <= 0:
+            return self.smoothing
+        return max(self.smoothing, self.prior_gaps / (self.prior_gaps + gaps))
 
     # -- deciding --------------------------------------------------------------------------------
 
@@ -524,12 +572,20 @@ class PredictivePolicy:
         if function not in self._models:
             keep = idle <= self.fallback_keepalive_s
             return Advice(keep=keep, prefetch=False, reason="fallback")
-        price = self.device_price if tier == "device" else self.host_price
-        gb = size_bytes / GB
-        h = self.horizon_s
-        keep = self.p_arrival(function, idle, h) * reload_ms >= price * gb * h
-        ahead = self.lead_s + h
-        prefetch = self.p_arrival(function, idle, ahead) * reload_ms >= price * gb * ahead
+        if tier == "device":
+            # a device miss is a cold start: it costs its load and the wait itself (miss_ms);
+            # a host-tier miss only lengthens a load
+            price, saved = self.device_price, reload_ms + self.miss_ms
+        else:
+            price, saved = self.host_price, reload_ms
+        rent = price * size_bytes / GB  # ms of load time per second held
+        keep = prefetch = False
+        for h in self.horizons:  # any horizon over which holding it pays
+            keep = keep or self.p_arrival(function, idle, h) * saved >= rent * h
+            ahead = self.lead_s + h
+            prefetch = prefetch or self.p_arrival(function, idle, ahead) * saved >= rent * ahead
+            if keep and prefetch:
+                break
         return Advice(keep=keep, prefetch=prefetch, reason="cost")
 
     def value(self, function: str, now_s: float, *, size_bytes: int, reload_ms: float) -> float:
@@ -537,9 +593,9 @@ class PredictivePolicy:
         idle = self._seen.idle(function, now_s)
         if idle is None or function not in self._models:
             p = 0.5 if idle is not None and idle <= self.fallback_keepalive_s else 0.0
-        else:
-            p = self.p_arrival(function, idle, self.horizon_s)
-        return p * reload_ms / max(1, size_bytes)
+        else:  # the best rate over the horizons, in units of the first horizon
+            p = max(self.p_arrival(function, idle, h) * self.horizon_s / h for h in self.horizons)
+        return p * (reload_ms + self.miss_ms) / max(1, size_bytes)
 
     def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]:
         """Candidates, least valuable per byte first (ties: the larger first)."""

@@ -11,8 +11,9 @@ queues, estimates and cluster directory) plus what a node does with the policies
   longer wants is demoted to the host tier, a host copy it no longer wants is dropped (the
   baselines keep the host tier as a plain LRU, as the GPU manager does today), and a model it
   wants before its request is prefetched;
-* a prefetch has the lowest priority: it only uses free bytes (it never evicts), and a
-  request's load takes the copy engine from it (the prefetch resumes after);
+* a prefetch has the lowest priority: it only uses free bytes (it never evicts), a request's
+  load takes the copy engine from it (the prefetch resumes after), and a request's load that
+  cannot make room otherwise cancels prefetches in flight on its device;
 * when a request's load must evict, the policy orders the victims (``victim_order``; an empty
   order is LRU).
 
@@ -54,6 +55,9 @@ class TierConfig:
     tick_s: float = 5.0
     prefetch: bool = True
     staged_routing: bool = True  # LALB told where host copies are (scheduler/policy.py)
+    # prefetch functions never served on a device in this run too (the gateway's driver does:
+    # scheduler/prefetch.py plan); False: only those with a last device (the rule before)
+    prefetch_unserved: bool = True
 
 
 @dataclasses.dataclass
@@ -132,7 +136,7 @@ class ResidencySimulation(Simulation):
         self.prefetched: set[tuple[str, str]] = set()  # prefetched, not yet used
         self.host_fetching: set[tuple[str, str]] = set()
         self.prefetch_started = self.prefetch_used = self.prefetch_wasted = 0
-        self.prefetch_failed = 0
+        self.prefetch_failed = self.prefetch_preempted = 0
         self.demotions = self.releases = 0
         self.observe_ns: list[int] = []
         self.tick_ns = 0
@@ -244,6 +248,7 @@ class ResidencySimulation(Simulation):
         prefer = self.residency.victim_order(candidates, self.now / 1000) if candidates else []
         if not prefer:
             prefer = request.evict_first
+        self._preempt_prefetches(device, size)
         evicted = device.cache.make_room(size, prefer=prefer)
         for e in evicted:
             self.removed_by[e.key] = "capacity"
@@ -349,11 +354,20 @@ class ResidencySimulation(Simulation):
 
     def _prefetch_pass(self, now_s: float, on_device: set[str]) -> None:
         policy = self.residency
+        roomiest: _Device | None = None
         for model in self.catalogue:
             name = model.name
-            if name in on_device or name not in self.last_device:
+            if name in on_device:
                 continue
-            device = self.last_device[name]
+            device = self.last_device.get(name)
+            if device is None:
+                if not self.tiers.prefetch_unserved:
+                    continue
+                # never on a device in this run: as the gateway's driver, the device with the
+                # most free bytes (the state at this tick's first such function)
+                if roomiest is None:
+                    roomiest = max(self.devices, key=lambda d: d.cache.free_bytes)
+                device = roomiest
             node = self._node(device)
             c = self.costs[name]
             advice = policy.advise(
@@ -406,6 +420,31 @@ class ResidencySimulation(Simulation):
         self.prefetches[(target.key, name)] = job
         self.prefetch_started += 1
         self._at(job.done_ms, _PREFETCH_DONE, job, job.generation)
+
+    def _preempt_prefetches(self, device: _Device, size: int) -> None:
+        """A request's load that cannot make room otherwise cancels prefetches in flight on the
+        device that no request waits on, newest first (their reserved bytes are pinned), as the
+        node's preemption does (gpu_manager/prefetch.py)."""
+        cache = device.cache
+        jobs = [job for (key, _), job in self.prefetches.items() if key == device.key]
+        for job in reversed(jobs):
+            if cache.free_bytes + cache.freeable_bytes() >= size:
+                return
+            if device.loading.get(job.name):
+                continue  # a request waits on it: it is that request's load now
+            job.generation += 1  # its completion event is void
+            del self.prefetches[(device.key, job.name)]
+            del device.loading[job.name]
+            self.loading_tier.pop((device.key, job.name), None)
+            self.loading_cause.pop((device.key, job.name), None)
+            entry = cache.discard(job.name)
+            since = self.device_since.pop((device.key, job.name), None)
+            if entry is not None and since is not None:
+                held = max(0.0, self.now - max(since, self.measure_from_ms))
+                self.device_byte_ms += entry.size_bytes * held
+            with _quiet():
+                self.directory.note_evicted(device.key, job.name)
+            self.prefetch_preempted += 1
 
     def _delay_prefetches(self, device: _Device, load_ms: float) -> None:
         for (key, _), job in self.prefetches.items():
@@ -478,6 +517,7 @@ class ResidencySimulation(Simulation):
             "prefetch_used": self.prefetch_used,
             "prefetch_precision": self.prefetch_used / finished if finished else None,
             "prefetch_no_room": self.prefetch_failed,
+            "prefetch_preempted": self.prefetch_preempted,
             "demotions": self.demotions,
             "host_releases": self.releases,
             "loads": result.loads,

@@ -107,7 +107,7 @@ def test_a_periodic_function_is_detected_and_prefetched_just_before_its_period()
 
 
 def test_a_bursty_function_is_kept_while_idle_is_short_and_released_when_long() -> None:
-    policy = PredictivePolicy(device_price=1.0)
+    policy = PredictivePolicy(device_price=5.0)
     _feed(policy, [1.0, 2.0, 1.0, 3.0, 1.0, 2.0] * 10)
     last = policy._seen.last["f"]
     assert policy.advise("f", last + 1, size_bytes=10**9, reload_ms=500, tier="device").keep
@@ -136,9 +136,11 @@ def test_no_history_falls_back_to_a_fixed_keepalive_and_never_prefetches() -> No
 
 def test_victims_least_value_per_byte_first() -> None:
     policy = PredictivePolicy()
-    _feed(policy, [1.0] * 30, name="hot")
-    _feed(policy, [3000.0] * 5, name="cold")
-    now = max(policy._seen.last.values()) + 2
+    for t in range(1000, 16001, 3000):
+        policy.observe("cold", float(t))
+    for t in range(15970, 16001):
+        policy.observe("hot", float(t))
+    now = 16002.0  # both idle 2 s: "hot" is due, "cold" not for another 50 minutes
     order = policy.victim_order(
         [Candidate("hot", 10**9, 500.0), Candidate("cold", 10**9, 500.0)], now
     )
@@ -180,6 +182,21 @@ def test_hybrid_short_idle_times_keep_loaded_from_the_start() -> None:
     _feed(policy, [5.0, 20.0, 40.0, 30.0, 10.0, 50.0])
     w = policy.windows("f")
     assert w.prewarm_s == 0.0 and w.keepalive_s == pytest.approx(60 * 1.1)
+
+
+def test_hybrid_reloads_a_model_missing_inside_its_window_unless_as_published() -> None:
+    """Windows starting at 0 (never unloaded): as published nothing loads such a model, so one
+    missing inside its window (a fresh node, a capacity eviction) stays missing; the default
+    reloads it, as the steady state the policy assumes. Outside the window: neither."""
+    best, published = HybridHistogram(), HybridHistogram(restore_inside=False)
+    for policy in (best, published):
+        _feed(policy, [5.0, 20.0, 40.0, 30.0, 10.0, 50.0])
+    last = best._seen.last["f"]
+    kwargs = {"size_bytes": 1, "reload_ms": 1.0, "tier": "device"}
+    assert best.advise("f", last + 30, **kwargs).prefetch  # type: ignore[arg-type]
+    assert not published.advise("f", last + 30, **kwargs).prefetch  # type: ignore[arg-type]
+    assert published.advise("f", last + 30, **kwargs).keep  # type: ignore[arg-type]
+    assert not best.advise("f", last + 600, **kwargs).prefetch  # type: ignore[arg-type]
 
 
 def test_hybrid_not_representative_falls_back_to_a_fixed_keepalive_of_the_range() -> None:
@@ -259,7 +276,7 @@ def test_smoothing_fills_the_holes_between_a_histograms_modes() -> None:
     """Gaps of ~2 s and ~600 s: idle 20 s sits in empty bins, where the raw histogram says no
     request can come within 30 s (so the model is demoted at any price); the mixture with a
     memoryless arrival at the mean gap does not."""
-    raw = PredictivePolicy(smoothing=0.0, device_price=0.001)
+    raw = PredictivePolicy(smoothing=0.0, prior_gaps=0.0, device_price=0.001)
     smooth = PredictivePolicy(device_price=0.001)
     for policy in (raw, smooth):
         t = 0.0
@@ -274,3 +291,143 @@ def test_smoothing_fills_the_holes_between_a_histograms_modes() -> None:
     assert smooth.advise("f", now, **kwargs).keep  # type: ignore[arg-type]
     with pytest.raises(ArrivalError, match="smoothing"):
         PredictivePolicy(smoothing=1.5)
+
+
+# -- the confidence gate (prior_gaps) and the cost of a cold start itself (miss_ms) -----------
+
+
+@given(
+    gaps,
+    ages,
+    st.floats(min_value=0.0, max_value=3600.0),
+    st.floats(min_value=0.0, max_value=64.0),
+    st.floats(min_value=0.0, max_value=1.0),
+)
+@settings(max_examples=200, deadline=None)
+def test_with_the_prior_p_arrival_stays_a_probability_monotone_in_the_window(
+    gap_list: list[float], age: float, window: float, prior: float, smoothing: float
+) -> None:
+    policy = PredictivePolicy(prior_gaps=prior, smoothing=smoothing)
+    _feed(policy, gap_list)
+    p = policy.p_arrival("f", age, window)
+    assert 0.0 <= p <= 1.0
+    assert p <= policy.p_arrival("f", age, window * 2 + 1) + 1e-9
+
+
+@given(st.floats(min_value=0.0, max_value=64.0), st.floats(0.0, 1.0), st.integers(0, 10**6))
+@settings(max_examples=200, deadline=None)
+def test_the_priors_weight_lies_between_smoothing_and_one_and_falls_with_gaps(
+    prior: float, smoothing: float, seen: int
+) -> None:
+    policy = PredictivePolicy(prior_gaps=prior, smoothing=smoothing)
+    now, later = policy.prior_weight(seen), policy.prior_weight(seen + 1)
+    assert smoothing - 1e-12 <= later <= now <= 1.0
+    if prior == 0:
+        assert now == smoothing
+
+
+def test_a_young_histogram_leans_on_the_memoryless_prior_and_an_old_one_does_not() -> None:
+    """Three gaps (100, 100, 1000 s): idle 300 s lies in empty bins, so the histogram alone says
+    no request can come within 30 s; with a pseudo-count of 4 gaps the prior weighs 4/7 and the
+    model is kept. After 200 more gaps the weight is back to ``smoothing``."""
+    gated = PredictivePolicy(prior_gaps=4.0, smoothing=0.0)
+    plain = PredictivePolicy(smoothing=0.0, prior_gaps=0.0)
+    for policy in (gated, plain):
+        _feed(policy, [100.0, 100.0, 1000.0])
+    assert plain.p_arrival("f", 300.0, 30.0) == 0.0
+    assert gated.prior_weight(3) == pytest.approx(4 / 7)
+    assert gated.p_arrival("f", 300.0, 30.0) > 0.05
+    assert gated.prior_weight(203) == pytest.approx(4 / 207)
+    with pytest.raises(ArrivalError, match="prior_gaps"):
+        PredictivePolicy(prior_gaps=-1.0)
+
+
+@given(gaps, ages, st.floats(0.0, 10.0), st.floats(0.0, 5000.0), st.floats(0.0, 5000.0))
+@settings(max_examples=150, deadline=None)
+def test_a_dearer_cold_start_never_keeps_less(
+    gap_list: list[float], idle: float, price: float, m1: float, m2: float
+) -> None:
+    low, high = sorted((m1, m2))
+    cheap, dear = (
+        PredictivePolicy(device_price=price, miss_ms=low),
+        PredictivePolicy(device_price=price, miss_ms=high),
+    )
+    for p in (cheap, dear):
+        now = _feed(p, gap_list)
+    kwargs = {"size_bytes": 3 * 10**9, "reload_ms": 120.0, "tier": "device"}
+    a = cheap.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
+    b = dear.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
+    assert a.keep <= b.keep and a.prefetch <= b.prefetch
+    # the host tier's rule ignores it: a host-tier miss is not a cold start
+    host = {"size_bytes": 3 * 10**9, "reload_ms": 1500.0, "tier": "host"}
+    assert cheap.advise("f", now + idle, **host) == dear.advise("f", now + idle, **host)  # type: ignore[arg-type]
+
+
+def test_a_cold_starts_own_cost_makes_eviction_count_misses_not_load_time() -> None:
+    """Two models with the same arrivals, 1 GB and 10 GB, reload time proportional to size:
+    by load time per byte they are worth the same (the larger goes first only on the tie);
+    with ``miss_ms`` a miss costs more than its load, so the large one is worth a tenth per
+    byte, and a rule keeps the small one at a price where it drops the large one."""
+    by_time, by_count = (
+        PredictivePolicy(device_price=5.0, miss_ms=0.0),
+        PredictivePolicy(device_price=5.0, miss_ms=1000.0),
+    )
+    for policy in (by_time, by_count):
+        for name in ("small", "large"):
+            _feed(policy, [60.0] * 5 + [200.0] * 5, name=name)
+    now = _feed(PredictivePolicy(), [60.0] * 5 + [200.0] * 5) + 30.0
+    small = Candidate("small", 10**9, 40.0)
+    large = Candidate("large", 10 * 10**9, 400.0)
+    assert by_count.victim_order([small, large], now) == ["large", "small"]
+    v_small = by_count.value("small", now, size_bytes=10**9, reload_ms=40.0)
+    v_large = by_count.value("large", now, size_bytes=10 * 10**9, reload_ms=400.0)
+    assert v_small > 5 * v_large
+    assert by_time.value("small", now, size_bytes=10**9, reload_ms=40.0) == pytest.approx(
+        by_time.value("large", now, size_bytes=10 * 10**9, reload_ms=400.0)
+    )
+    kw_small = {"size_bytes": 10**9, "reload_ms": 40.0, "tier": "device"}
+    kw_large = {"size_bytes": 10 * 10**9, "reload_ms": 400.0, "tier": "device"}
+    assert by_count.advise("small", now, **kw_small).keep  # type: ignore[arg-type]
+    assert not by_count.advise("large", now, **kw_large).keep  # type: ignore[arg-type]
+    with pytest.raises(ArrivalError, match="miss_ms"):
+        PredictivePolicy(miss_ms=float("nan"))
+
+
+# -- longer horizons (max_horizon_s) -----------------------------------------------------------
+
+
+@given(gaps, ages, st.floats(0.0, 10.0), st.sampled_from([120.0, 480.0, 1920.0]))
+@settings(max_examples=150, deadline=None)
+def test_looking_further_ahead_never_keeps_or_prefetches_less(
+    gap_list: list[float], idle: float, price: float, longest: float
+) -> None:
+    near, far = (
+        PredictivePolicy(device_price=price),
+        PredictivePolicy(device_price=price, max_horizon_s=longest),
+    )
+    assert near.horizons == [30.0] and far.horizons[-1] <= longest
+    for p in (near, far):
+        now = _feed(p, gap_list)
+    kwargs = {"size_bytes": 2 * 10**9, "reload_ms": 90.0, "tier": "device"}
+    a = near.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
+    b = far.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
+    assert a.keep <= b.keep and a.prefetch <= b.prefetch
+
+
+def test_a_model_in_the_hole_between_two_modes_is_kept_when_looking_far_enough() -> None:
+    """Gaps of 2 s and ~100 s: at idle 20 s nothing comes within 30 s (the raw histogram), so the
+    30-s rule demotes it though a request is certain within two minutes; over 120 s it pays."""
+    near = PredictivePolicy(device_price=0.05, smoothing=0.0, prior_gaps=0.0)
+    far = PredictivePolicy(device_price=0.05, smoothing=0.0, prior_gaps=0.0, max_horizon_s=480.0)
+    for policy in (near, far):
+        t = 0.0
+        for i in range(200):
+            t += 100.0 if i % 10 == 9 else 2.0
+            policy.observe("f", t)
+    assert far.horizons == [30.0, 120.0, 480.0]
+    kwargs = {"size_bytes": 2 * 10**9, "reload_ms": 90.0, "tier": "device"}
+    assert near.p_arrival("f", 20.0, 30.0) == 0.0
+    assert not near.advise("f", t + 20.0, **kwargs).keep  # type: ignore[arg-type]
+    assert far.advise("f", t + 20.0, **kwargs).keep  # type: ignore[arg-type]
+    with pytest.raises(ArrivalError, match="max_horizon_s"):
+        PredictivePolicy(max_horizon_s=10.0)

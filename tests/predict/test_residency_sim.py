@@ -131,3 +131,39 @@ def test_weighted_percentiles() -> None:
     assert residency.weighted_percentile(values, np.asarray([1.0, 1.0, 98.0]), 50) == 3.0
     assert residency.weighted_percentile(values, np.asarray([98.0, 1.0, 1.0]), 50) == 1.0
     assert residency.weighted_percentile(values[:0], values[:0], 50) == 0.0
+
+
+def test_a_function_never_served_in_the_run_is_prefetched_from_its_history() -> None:
+    """The gateway's driver prefetches any function the policy wants, onto the roomiest device
+    when it has no last device. In the simulator too: a timer known only from its history is
+    loaded before its first request of the run (control: the rule before, last device only)."""
+    trace, history = _timers(900.0, functions=6, hours=0.5)
+    costs = [trace_mod.costs_for(2 * 10**9) for _ in trace.functions]
+    config = engine.SimConfig(
+        devices=2,
+        capacity_bytes=40 * 10**9,
+        concurrency=2,
+        eviction="lru",
+        seed=1,
+        warmup_fraction=0.0,
+    )
+
+    def first_requests_cold(unserved: bool) -> int:
+        tiers = residency.TierConfig(
+            host_capacity_bytes=100 * 10**9, tick_s=5.0, prefetch_unserved=unserved
+        )
+        sim = residency.ResidencySimulation(
+            PredictivePolicy(device_price=1.0),
+            residency.catalogue_for(trace, costs),
+            costs,
+            residency.engine_trace(trace),
+            config,
+            tiers,
+            history=history,
+        )
+        report = sim.report()
+        return round(report["cold_by_cause"]["first"] * report["weighted_requests"])
+
+    # the phases are 150 s apart from 0: only the request at time 0 precedes the first tick
+    assert first_requests_cold(False) == 6
+    assert first_requests_cold(True) == 1
