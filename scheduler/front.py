@@ -61,7 +61,7 @@ __all__ = ["FrontSettings", "HttpFront"]
 _JOIN_BELOW = 64 * 1024  # one write: a small join costs less than a second send
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PHRASES = {s.value: s.phrase.encode() for s in http.HTTPStatus}
-_BODY_METHODS = (b"POST", b"PUT", b"PATCH")
+_LINGER_S = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -458,10 +458,21 @@ class _Connection(asyncio.Protocol):
             self.transport.write(_CONTINUE)
 
     def _close(self) -> None:
+        """Close after what was written. Half-close first, and read (and drop) what the client
+        still sends for ``_LINGER_S``: closing with its unread bytes would reset the connection
+        and could destroy our answer (a 413, say) before the client read it."""
         self.broken = True
         self.waiting.clear()
-        if self.transport is not None:
-            self.transport.close()  # after what was written
+        transport = self.transport
+        if transport is None:
+            return
+        if self.front.stopping or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.resume_reading()
+        self.deadline = time.monotonic() + _LINGER_S
+        self.timeout_status = 0
 
 
 def _path(url: bytes) -> str:
