@@ -24,6 +24,13 @@ Figures per system:
 
     python bench/dataplane.py                         # this checkout: framed and HTTP node hop
     python bench/dataplane.py --baseline /work/main/.venv/bin/python   # and a baseline, same run
+    python bench/dataplane.py --front uvicorn,protocol --requests 5000 --rounds 3
+
+``--front``: the gateway's HTTP front alone, each kind in its own process with the node hop
+answered in-process by a canned tiny-mlp answer (no manager, no routing: ``Gateway.forward``
+stubbed), 1 keep-alive client; the server process's CPU per request. ``uvicorn`` is the front
+before (uvicorn + httptools + the bare-ASGI ``InferFastPath``), ``protocol`` the
+``scheduler/front.py`` one.
 
 ``--node-transports framed,http`` (the default) runs this checkout twice per round: the gateway's
 inference calls to the node over its framed Unix socket (``framed``, what ``gpufaas up`` does)
@@ -56,7 +63,7 @@ from tritonclient.utils import InferenceServerException
 
 from gpufaas.core.examples import build_examples, example_inputs
 from gpufaas.core.protocol import encode_request
-from gpufaas.scheduler.transport import NodePool, NodeUnreachable
+from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
 
 MANIFEST = """apiVersion: gpufaas.dev/v1alpha1
 kind: InferenceFunction
@@ -486,6 +493,94 @@ def node_app_cpu(functions: Path, *, requests: int, inline: bool) -> float:
     return asyncio.run(run())
 
 
+FRONTS = ("uvicorn", "protocol")
+
+
+def serve_front(kind: str, port: int, functions: Path) -> None:
+    """``--serve-front``: a gateway whose node hop is a canned answer, behind the front
+    ``kind``, on ``port``, until SIGINT."""
+    from gpufaas.core.manifests import load_manifests
+    from gpufaas.scheduler.main import build_gateway
+
+    gateway = build_gateway(
+        manager_urls={}, functions=load_manifests([functions / "tiny-mlp.yaml"])
+    )
+    answer = NodeReply(200, {"content-type": "application/json"}, b'{"outputs": []}')
+
+    async def forward(name: str, call: Any, *, deadline: float | None = None) -> NodeReply:
+        return answer
+
+    gateway.forward = forward  # type: ignore[method-assign]
+    if kind == "uvicorn":  # as scheduler/main.py served it before scheduler/front.py
+        import uvicorn
+
+        from gpufaas.scheduler.gateway import create_app
+
+        uvicorn.run(create_app(gateway), host="127.0.0.1", port=port, log_level="warning",
+                    access_log=False, http="httptools", loop="uvloop", proxy_headers=False)  # fmt: skip
+        return
+    from gpufaas.scheduler.main import serve_on
+
+    serve_on(gateway=gateway, host="127.0.0.1", port=port)
+
+
+def front_cpu(kinds: list[str], functions: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``--front``: server CPU per request and p50 of each front kind, alternated ``rounds``
+    times."""
+    results: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+    body, headers = body_for("tiny-mlp")
+    for _ in range(args.rounds):
+        for kind in kinds:
+            port = free_port()
+            command = [sys.executable, __file__, "--serve-front", kind, "--port", str(port),
+                       "--functions-dir", str(functions)]  # fmt: skip
+            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+            try:
+                results[kind].append(asyncio.run(_front_phase(port, proc.pid, body, headers, args)))
+            finally:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    return results
+
+
+async def _front_phase(
+    port: int, pid: int, body: bytes, headers: dict[str, str], args: argparse.Namespace
+) -> dict[str, float]:
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/v2/health/live", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the front on {url} did not start in 60 s")
+        await asyncio.sleep(0.1)
+    pool = NodePool(url, size=1, timeout_s=10)
+
+    async def send() -> Any:
+        reply = await pool.post("/v2/models/tiny-mlp/infer", body, headers)
+        if reply.status != 200:
+            raise RuntimeError(f"front: {reply.status} {reply.body[:200]!r}")
+        return reply
+
+    await closed_loop(send, clients=1, count=args.warmup, max_s=60)
+    await settled([pid])
+    before = cpu_seconds([pid])
+    lat, _ = await closed_loop(send, clients=1, count=args.requests, max_s=120)
+    cpu = cpu_seconds([pid]) - before
+    await pool.close()
+    return {
+        "server_cpu_us_per_request": cpu / len(lat) * 1e6,
+        "p50_ms": pct(lat, 50),
+        "n": len(lat),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default=None, help="python of a baseline checkout's venv")
@@ -515,11 +610,27 @@ def main() -> int:
         help="only the GPU manager's app in this process, CPU per warm tiny-mlp request "
         "(thread: no forward pass inline); run it with a baseline's PYTHONPATH to compare",
     )
+    parser.add_argument(
+        "--front",
+        default=None,
+        help="only the gateway's HTTP front, node hop stubbed: kinds, comma-separated "
+        f"({', '.join(FRONTS)})",
+    )
+    parser.add_argument("--serve-front", choices=FRONTS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--functions-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_front:
+        serve_front(args.serve_front, args.port, Path(args.functions_dir))
+        return 0
     work = Path(tempfile.mkdtemp(prefix="gpufaas-dataplane-"))
     models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
     build_examples(models, progress=False)
     write_manifests(work / "functions", models)
+    if args.front:
+        kinds = [k for k in args.front.split(",") if k]
+        print(json.dumps(front_cpu(kinds, work / "functions", args), indent=1))
+        return 0
     if args.node_app:
         import torch
 
