@@ -308,7 +308,7 @@ async def test_slow_headers_are_cut_off_with_408(system: Front) -> None:
     await conn.send(f"POST {INFER} HTTP/1.1\r\nHost: g\r\n".encode())
 
     async def dribble() -> None:
-        for _ in range(TIMEOUT * 10):
+        for _ in range(TIMEOUT * 20):  # longer than a read waits
             await conn.send(b"X")
             await asyncio.sleep(0.1)
 
