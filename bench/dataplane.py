@@ -24,6 +24,8 @@ Figures per system:
 
     python bench/dataplane.py                         # this checkout: framed and HTTP node hop
     python bench/dataplane.py --baseline /work/main/.venv/bin/python   # and a baseline, same run
+    python bench/dataplane.py --only http --baseline /work/main/.venv/bin/python \
+        --node-transports framed --requests 1000 --rounds 3   # serving CPU, before and after
     python bench/dataplane.py --front uvicorn,protocol --requests 5000 --rounds 3
 
 ``--front``: the gateway's HTTP front alone, each kind in its own process with the node hop
@@ -314,7 +316,7 @@ async def measure(
                 out[name]["cpu_us_per_request"] = cpu / len(lat) * 1e6
                 out[name]["gateway_cpu_us_per_request"] = gateway_cpu / len(lat) * 1e6
                 out[name]["node_cpu_us_per_request"] = (cpu - gateway_cpu) / len(lat) * 1e6
-            if grpc_port is not None:
+            if grpc_port is not None and args.only != "http":
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
                     call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
                     data = grpc_request(name)
@@ -339,7 +341,7 @@ async def measure(
             # a system that stops answering or fails a call: say so, go on
             out[name] = {**out.get(name, {}), "error": str(e), "unanswered": list(FAILURES)}
         FAILURES.clear()
-    if args.only == "grpc":
+    if args.only in ("grpc", "http"):
         await pool.close()
         return out
     try:
@@ -600,9 +602,10 @@ def main() -> int:
     parser.add_argument("--policy", default="lalb-o3")
     parser.add_argument(
         "--only",
-        choices=("grpc",),
+        choices=("grpc", "http"),
         default=None,
-        help="grpc: only the 1-client rows (binary HTTP, gRPC, tritonclient.http vs .grpc)",
+        help="grpc: only the 1-client rows (binary HTTP, gRPC, tritonclient.http vs .grpc); "
+        "http: only the 1-client binary HTTP rows and the serving CPU",
     )
     parser.add_argument("--rounds", type=int, default=1, help="alternate the systems this often")
     parser.add_argument(

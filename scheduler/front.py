@@ -39,7 +39,7 @@ import logging
 import socket
 import time
 import urllib.parse
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any, cast
@@ -277,10 +277,18 @@ class _Connection(asyncio.Protocol):
             return
         path = _path(request.url)
         match = INFER_PATH.match(path) if request.method == b"POST" else None
-        if match is not None:
-            self.front.run(self._infer(request, match["name"]))
-        else:
-            self.front.run(self._asgi(request, path))
+        answering = self._infer(request, match["name"]) if match else self._asgi(request, path)
+        task = asyncio.get_running_loop().create_task(answering)  # its own context: see _infer
+        self.front.tasks.add(task)
+        task.add_done_callback(self._answered)
+
+    def _answered(self, task: asyncio.Task[None]) -> None:
+        self.front.tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        # answer_infer and the bridge answer every error; this is a bug of the front itself
+        logger.error("the HTTP front failed a request", exc_info=task.exception())
+        self._close()
 
     async def _infer(self, request: _Request, name: str) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
@@ -535,12 +543,6 @@ class HttpFront:
             self._servers.append(await loop.create_server(lambda: _Connection(self), sock=sock))
         if port is not None:
             self._servers.append(await loop.create_server(lambda: _Connection(self), host, port))
-
-    def run(self, answering: Coroutine[Any, Any, None]) -> None:
-        """Answer a request in its own task (its own context: the scale-out ingress marks it)."""
-        task = asyncio.get_running_loop().create_task(answering)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
     def _tick(self) -> None:
         """Once per tick: the Date header, and connections whose deadline has passed."""
