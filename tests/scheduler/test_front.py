@@ -222,6 +222,17 @@ async def test_an_oversized_content_length_is_413_before_the_body_is_read(system
     assert system.requests("200") == 0
 
 
+async def test_a_refusal_reaches_a_client_still_sending_its_body(system: Front) -> None:
+    """No Expect: the client sends a body over the limit at once. The 413 must reach it: a
+    plain close with its bytes unread would reset the connection under the answer."""
+    conn = await system.connect()
+    body = b"x" * (16 * MAX_BODY)
+    conn.writer.write(post(INFER, body))  # the server refuses after the headers
+    reply = await conn.reply()
+    assert reply.status == 413
+    await conn.close()
+
+
 async def test_a_chunked_body_is_served_and_bounded(system: Front) -> None:
     def chunked(body: bytes, size: int) -> bytes:
         pieces = [body[i : i + size] for i in range(0, len(body), size)]
@@ -302,14 +313,14 @@ async def test_a_client_gone_mid_body_runs_nothing_and_leaves_nothing(system: Fr
 
 
 async def test_slow_headers_are_cut_off_with_408(system: Front) -> None:
-    """Slow-loris: one header byte at a time, each well within any per-read timeout; the
+    """Slow-loris: one header line at a time, each well within any per-read timeout; the
     headers' deadline (0.5 s here) counts from the request's first byte."""
     conn = await system.connect()
     await conn.send(f"POST {INFER} HTTP/1.1\r\nHost: g\r\n".encode())
 
     async def dribble() -> None:
-        for _ in range(TIMEOUT * 20):  # longer than a read waits
-            await conn.send(b"X")
+        for i in range(TIMEOUT * 20):  # longer than a read waits
+            await conn.send(b"X-%d: a\r\n" % i)
             await asyncio.sleep(0.1)
 
     dribbling = asyncio.create_task(dribble())
