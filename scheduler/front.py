@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import http
 import logging
 import socket
@@ -566,9 +565,8 @@ class HttpFront:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
+        closing = [asyncio.wait_for(server.wait_closed(), 1.0) for server in self._servers]
+        await asyncio.gather(*closing, return_exceptions=True)  # each bounded; none may fail it
         self._servers.clear()
         if self._ticker is not None:
             self._ticker.cancel()

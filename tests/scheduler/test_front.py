@@ -18,17 +18,11 @@ from typing import Any
 import httptools
 import numpy as np
 import pytest
-import uvicorn
+from tiny_manager import tiny_mlp_manager
 
-from gpufaas.core.artifacts import ArtifactStore
-from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.protocol import encode_request
-from gpufaas.gpu_manager.devices import cpu_devices
-from gpufaas.gpu_manager.runtime import NodeRuntime
-from gpufaas.gpu_manager.server import create_app as create_manager_app
 from gpufaas.scheduler.front import FrontSettings, HttpFront
 from gpufaas.scheduler.gateway import Gateway, create_app
-from gpufaas.scheduler.local import free_port
 from gpufaas.scheduler.main import build_gateway
 
 TIMEOUT = 30  # a bound on every read: a missing answer fails the test instead of hanging it
@@ -127,45 +121,17 @@ def get(path: str) -> bytes:
 
 @pytest.fixture
 async def system(tmp_path: Path, example_models_dir: Path) -> AsyncIterator[Front]:
-    functions = load_manifests(
-        [bundled_functions_dir() / "tiny-mlp.yaml"],
-        variables={"GPUFAAS_MODELS": str(example_models_dir)},
-    )
-    runtime = NodeRuntime(
-        devices=cpu_devices(1, device_memory=1 << 30),
-        store=ArtifactStore(tmp_path / "artifacts"),
-        host_capacity_bytes=1 << 30,
-    )
-    manager_port = free_port()
-    manager = uvicorn.Server(
-        uvicorn.Config(
-            create_manager_app(runtime),
-            host="127.0.0.1",
-            port=manager_port,
-            log_level="warning",
-            lifespan="off",
+    async with tiny_mlp_manager(tmp_path, example_models_dir) as (url, functions):
+        gateway = build_gateway(manager_urls={"node-0": url}, functions=functions)
+        settings = FrontSettings(
+            max_body_bytes=MAX_BODY, header_timeout_s=0.5, body_timeout_s=0.5, keep_alive_s=5.0
         )
-    )
-    serving = asyncio.create_task(manager.serve())
-    for _ in range(200):
-        if manager.started:
-            break
-        await asyncio.sleep(0.05)
-    gateway = build_gateway(
-        manager_urls={"node-0": f"http://127.0.0.1:{manager_port}"}, functions=functions
-    )
-    settings = FrontSettings(
-        max_body_bytes=MAX_BODY, header_timeout_s=0.5, body_timeout_s=0.5, keep_alive_s=5.0
-    )
-    front = HttpFront(create_app(gateway), gateway=gateway, settings=settings)
-    await front.start(host="127.0.0.1", port=0)  # the lifespan starts the gateway
-    try:
-        yield Front(gateway, front, front.ports[0])
-    finally:
-        await front.close()  # ... and stops it
-        manager.should_exit = True
-        await asyncio.wait_for(serving, TIMEOUT)
-        await runtime.settle()
+        front = HttpFront(create_app(gateway), gateway=gateway, settings=settings)
+        await front.start(host="127.0.0.1", port=0)  # the lifespan starts the gateway
+        try:
+            yield Front(gateway, front, front.ports[0])
+        finally:
+            await front.close()  # ... and stops it
 
 
 async def test_many_requests_on_one_keep_alive_connection(system: Front) -> None:
@@ -261,7 +227,11 @@ async def test_a_chunked_body_is_served_and_bounded(system: Front) -> None:
             "Transfer-Encoding",
         ),
         (f"POST {INFER} HTTP/1.1\r\nHost: g\r\nX-Big: {'a' * 70_000}\r\n\r\n", 431, "headers"),
-        (f"POST {INFER} HTTP/1.1\r\nHost: g\r\nContent-Length: 2\r\nExpect: magic\r\n\r\n", 417, "expectation"),
+        (
+            f"POST {INFER} HTTP/1.1\r\nHost: g\r\nContent-Length: 2\r\nExpect: magic\r\n\r\n",
+            417,
+            "expectation",
+        ),
         ("GARBAGE\r\n\r\n", 400, "malformed"),
     ],
     ids=["not-a-number", "negative", "missing", "both-lengths", "huge-headers", "expect", "junk"],
