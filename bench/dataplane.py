@@ -24,6 +24,15 @@ Figures per system:
 
     python bench/dataplane.py                         # this checkout: framed and HTTP node hop
     python bench/dataplane.py --baseline /work/main/.venv/bin/python   # and a baseline, same run
+    python bench/dataplane.py --only http --baseline /work/main/.venv/bin/python \
+        --node-transports framed --requests 1000 --rounds 3   # serving CPU, before and after
+    python bench/dataplane.py --front uvicorn,protocol --requests 5000 --rounds 3
+
+``--front``: the gateway's HTTP front alone, each kind in its own process with the node hop
+answered in-process by a canned tiny-mlp answer (no manager, no routing: ``Gateway.forward``
+stubbed), 1 keep-alive client; the server process's CPU per request. ``uvicorn`` is the front
+before (uvicorn + httptools + the bare-ASGI ``InferFastPath``), ``protocol`` the
+``scheduler/front.py`` one.
 
 ``--node-transports framed,http`` (the default) runs this checkout twice per round: the gateway's
 inference calls to the node over its framed Unix socket (``framed``, what ``gpufaas up`` does)
@@ -38,7 +47,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -49,14 +57,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from gpufaas.core.examples import build_examples, example_inputs
 from gpufaas.core.protocol import encode_request
-from gpufaas.scheduler.transport import NodePool, NodeUnreachable
+from gpufaas.scheduler.local import stop_processes, wait_ready
+from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
 
 MANIFEST = """apiVersion: gpufaas.dev/v1alpha1
 kind: InferenceFunction
@@ -307,7 +315,7 @@ async def measure(
                 out[name]["cpu_us_per_request"] = cpu / len(lat) * 1e6
                 out[name]["gateway_cpu_us_per_request"] = gateway_cpu / len(lat) * 1e6
                 out[name]["node_cpu_us_per_request"] = (cpu - gateway_cpu) / len(lat) * 1e6
-            if grpc_port is not None:
+            if grpc_port is not None and args.only != "http":
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
                     call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
                     data = grpc_request(name)
@@ -332,7 +340,7 @@ async def measure(
             # a system that stops answering or fails a call: say so, go on
             out[name] = {**out.get(name, {}), "error": str(e), "unanswered": list(FAILURES)}
         FAILURES.clear()
-    if args.only == "grpc":
+    if args.only in ("grpc", "http"):
         await pool.close()
         return out
     try:
@@ -405,28 +413,13 @@ def run_system(
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{label}: gpufaas up exited: {proc.stderr.read()[-2000:]!r}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{label}: not ready in 180 s")
-            time.sleep(0.2)
+        wait_ready([url], timeout_s=180, procs=[proc], what=label)
         result = asyncio.run(measure(url, grpc_port if has_grpc else None, tree(proc.pid), args))
         result["python"] = python
         result["pythonpath"] = pythonpath
         return result
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_processes([proc], timeout_s=30)
 
 
 def node_app_cpu(functions: Path, *, requests: int, inline: bool) -> float:
@@ -486,6 +479,93 @@ def node_app_cpu(functions: Path, *, requests: int, inline: bool) -> float:
     return asyncio.run(run())
 
 
+FRONTS = ("uvicorn", "protocol")
+
+
+def serve_front(kind: str, fd: int, functions: Path) -> None:
+    """``--serve-front``: a gateway whose node hop is a canned answer, behind the front
+    ``kind``, on the listening socket ``fd``, until SIGINT or SIGTERM."""
+    from gpufaas.core.manifests import load_manifests
+    from gpufaas.scheduler.main import build_gateway
+
+    gateway = build_gateway(
+        manager_urls={}, functions=load_manifests([functions / "tiny-mlp.yaml"])
+    )
+    answer = NodeReply(200, {"content-type": "application/json"}, b'{"outputs": []}')
+
+    async def forward(name: str, call: Any, *, deadline: float | None = None) -> NodeReply:
+        return answer
+
+    gateway.forward = forward  # type: ignore[method-assign]
+    if kind == "uvicorn":  # as scheduler/main.py served it before scheduler/front.py
+        import uvicorn
+
+        from gpufaas.scheduler.gateway import create_app
+
+        # Not uvicorn's own fd=: it takes the socket for a Unix one (no TCP_NODELAY, 40 ms p50)
+        config = uvicorn.Config(create_app(gateway), log_level="warning", access_log=False,
+                                http="httptools", loop="uvloop", proxy_headers=False)  # fmt: skip
+        uvicorn.Server(config).run(sockets=[socket.socket(fileno=fd)])
+        return
+    from gpufaas.scheduler.main import serve_on
+
+    serve_on(gateway=gateway, host="127.0.0.1", sockets=[socket.socket(fileno=fd)])
+
+
+def front_cpu(kinds: list[str], functions: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``--front``: server CPU per request and p50 of each front kind, alternated ``rounds``
+    times."""
+    results: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+    body, headers = body_for("tiny-mlp")
+    for _ in range(args.rounds):
+        for kind in kinds:
+            # The socket listens before the server starts: the client's first calls wait in its
+            # backlog, no readiness polling.
+            with socket.create_server(("127.0.0.1", 0)) as listener:
+                port = listener.getsockname()[1]
+                command = [sys.executable, __file__, "--serve-front", kind,
+                           "--fd", str(listener.fileno()), "--functions-dir", str(functions)]  # fmt: skip
+                proc = subprocess.Popen(
+                    command, stdout=subprocess.DEVNULL, pass_fds=[listener.fileno()]
+                )
+            try:
+                results[kind].append(asyncio.run(_front_phase(port, proc.pid, body, headers, args)))
+            finally:
+                stop_processes([proc], timeout_s=30)
+    return results
+
+
+async def _front_phase(
+    port: int, pid: int, body: bytes, headers: dict[str, str], args: argparse.Namespace
+) -> dict[str, float]:
+    pool = NodePool(f"http://127.0.0.1:{port}", size=1, timeout_s=60)  # the first waits start-up
+
+    async def send() -> Any:
+        reply = await pool.post("/v2/models/tiny-mlp/infer", body, headers)
+        if reply.status != 200:
+            raise RuntimeError(f"front: {reply.status} {reply.body[:200]!r}")
+        return reply
+
+    async def index() -> Any:  # a route the ASGI app answers (through the bridge, or uvicorn)
+        reply = await pool.post("/v2/repository/index", b"")
+        if reply.status != 200:
+            raise RuntimeError(f"front: {reply.status} {reply.body[:200]!r}")
+        return reply
+
+    out: dict[str, float] = {}
+    for label, call in (("infer", send), ("index", index)):
+        await closed_loop(call, clients=1, count=args.warmup, max_s=60)
+        await settled([pid])
+        before = cpu_seconds([pid])
+        lat, _ = await closed_loop(call, clients=1, count=args.requests, max_s=120)
+        cpu = cpu_seconds([pid]) - before
+        out[f"{label}_server_cpu_us"] = cpu / len(lat) * 1e6
+        out[f"{label}_p50_ms"] = pct(lat, 50)
+        out[f"{label}_n"] = len(lat)
+    await pool.close()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default=None, help="python of a baseline checkout's venv")
@@ -498,9 +578,10 @@ def main() -> int:
     parser.add_argument("--policy", default="lalb-o3")
     parser.add_argument(
         "--only",
-        choices=("grpc",),
+        choices=("grpc", "http"),
         default=None,
-        help="grpc: only the 1-client rows (binary HTTP, gRPC, tritonclient.http vs .grpc)",
+        help="grpc: only the 1-client rows (binary HTTP, gRPC, tritonclient.http vs .grpc); "
+        "http: only the 1-client binary HTTP rows and the serving CPU",
     )
     parser.add_argument("--rounds", type=int, default=1, help="alternate the systems this often")
     parser.add_argument(
@@ -515,11 +596,27 @@ def main() -> int:
         help="only the GPU manager's app in this process, CPU per warm tiny-mlp request "
         "(thread: no forward pass inline); run it with a baseline's PYTHONPATH to compare",
     )
+    parser.add_argument(
+        "--front",
+        default=None,
+        help="only the gateway's HTTP front, node hop stubbed: kinds, comma-separated "
+        f"({', '.join(FRONTS)})",
+    )
+    parser.add_argument("--serve-front", choices=FRONTS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--fd", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--functions-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_front:
+        serve_front(args.serve_front, args.fd, Path(args.functions_dir))
+        return 0
     work = Path(tempfile.mkdtemp(prefix="gpufaas-dataplane-"))
     models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
     build_examples(models, progress=False)
     write_manifests(work / "functions", models)
+    if args.front:
+        kinds = [k for k in args.front.split(",") if k]
+        print(json.dumps(front_cpu(kinds, work / "functions", args), indent=1))
+        return 0
     if args.node_app:
         import torch
 

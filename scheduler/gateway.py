@@ -940,7 +940,7 @@ def create_api(gateway: Gateway) -> FastAPI:
     return app
 
 
-_INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
+INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
 
 
 class InferFastPath:
@@ -956,20 +956,13 @@ class InferFastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         post = match_fast_post(
-            scope, receive, path=_INFER_PATH, max_bytes=self.gateway.config.limits.max_body_bytes
+            scope, receive, path=INFER_PATH, max_bytes=self.gateway.config.limits.max_body_bytes
         )
         if post is None:
             await self.app(scope, receive, send)
             return
         match, headers, read = post.match, post.headers, post.read
-
-        try:
-            status, out, content = await answer_infer(self.gateway, match["name"], read, headers)
-        except Exception as e:  # as FastAPI's handlers do: a message, never a traceback
-            logger.exception("unhandled error on POST %s", scope["path"])
-            status, out, content = _error_answer(
-                500, f"internal error ({type(e).__name__}); see the server log", "InternalError", []
-            )
+        status, out, content = await answer_infer(self.gateway, match["name"], read, headers)
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out]
         raw.append((b"content-length", b"%d" % len(content)))
         await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -1001,9 +994,14 @@ async def answer_infer(
         answer = _passthrough_answer(e.reply)
     except GatewayError as e:
         extra = [] if e.retry_after_s is None else [("retry-after", str(e.retry_after_s))]
-        answer = _error_answer(e.status, str(e), e.reason, extra)
+        answer = error_answer(e.status, str(e), e.reason, extra)
     except ProtocolError as e:
-        answer = _error_answer(e.status_code, str(e), "InvalidRequest", [])
+        answer = error_answer(e.status_code, str(e), "InvalidRequest", [])
+    except Exception as e:  # as FastAPI's handlers do: a message, never a traceback
+        logger.exception("unhandled error on an inference request for %r", name[:100])
+        answer = error_answer(
+            500, f"internal error ({type(e).__name__}); see the server log", "InternalError", []
+        )
     function = gateway.function(name)
     gateway.metrics.answered(
         name if function is not None else "_unknown",
@@ -1019,6 +1017,6 @@ def _passthrough_answer(reply: NodeReply) -> Answer:
     return reply.status, headers, reply.body
 
 
-def _error_answer(status: int, message: str, reason: str, extra: list[tuple[str, str]]) -> Answer:
+def error_answer(status: int, message: str, reason: str, extra: list[tuple[str, str]]) -> Answer:
     headers = [("content-type", JSON_CONTENT_TYPE), (REASON_HEADER, reason), *extra]
     return status, headers, json.dumps({"error": message}).encode()

@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
+import socket
 from collections.abc import Mapping, Sequence
 
-import uvicorn
 import uvloop
 
 from gpufaas.core.api import InferenceFunction
 from gpufaas.scheduler.cluster import Cluster
+from gpufaas.scheduler.front import FrontSettings, HttpFront
 from gpufaas.scheduler.gateway import Gateway, GatewayConfig, create_app
 from gpufaas.scheduler.policy import make_policy
 
@@ -42,42 +44,55 @@ def build_gateway(
 
 def serve(*, gateway: Gateway, host: str, port: int, grpc_port: int | None = None) -> None:
     """Serve HTTP on ``port`` and, unless ``grpc_port`` is None, gRPC on it, in one event loop
-    over one gateway, until interrupted."""
+    over one gateway, until SIGINT or SIGTERM."""
     logger.info("gateway on http://%s:%d (policy %s)", host, port, gateway.policy.name)
-    # httptools parses HTTP in C and uvloop runs the loop (docs/dataplane.md).
-    config = uvicorn.Config(
-        create_app(gateway),
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        http="httptools",
-        loop="uvloop",
-        proxy_headers=False,  # nothing reads the client's address: no X-Forwarded-* per request
-    )
-    server = uvicorn.Server(config)
+    serve_on(gateway=gateway, host=host, port=port, grpc_port=grpc_port)
+
+
+def serve_on(
+    *,
+    gateway: Gateway,
+    host: str,
+    port: int | None = None,
+    sockets: Sequence[socket.socket] = (),
+    grpc_port: int | None = None,
+) -> None:
+    """The gateway's HTTP front (:mod:`gpufaas.scheduler.front`: inference straight from the
+    httptools parser, every other route through the ASGI app) on ``host:port`` and/or
+    ``sockets``, gRPC on ``grpc_port`` unless None, on uvloop, until SIGINT or SIGTERM; then
+    running requests finish (a bounded grace) and the gateway stops."""
     # Start-up objects (torch, pydantic schemas, the app) never die: keep them out of the
     # collector's generations, which cut a ~100 ms pause from the request path's p99.
+    settings = FrontSettings(max_body_bytes=gateway.config.limits.max_body_bytes)
+    front = HttpFront(create_app(gateway), gateway=gateway, settings=settings)
     gc.freeze()
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(_serve_both(server, gateway, host=host, grpc_port=grpc_port))
+    uvloop.run(_serve(front, host=host, port=port, sockets=sockets, grpc_port=grpc_port))
 
 
-async def _serve_both(
-    server: uvicorn.Server, gateway: Gateway, *, host: str, grpc_port: int | None
+async def _serve(
+    front: HttpFront,
+    *,
+    host: str,
+    port: int | None,
+    sockets: Sequence[socket.socket],
+    grpc_port: int | None,
 ) -> None:
-    if grpc_port is None:
-        await server.serve()
-        return
-    from gpufaas.scheduler.grpc_server import make_server
+    gateway = front.gateway
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(front.close)  # also when a port is in use: the gateway stops
+        await front.start(sockets=sockets, host=host, port=port)
+        if grpc_port is not None:
+            from gpufaas.scheduler.grpc_server import make_server
 
-    grpc_server, bound = make_server(gateway, host=host, port=grpc_port)
-    await grpc_server.start()
-    logger.info("gateway gRPC (KServe v2) on %s:%d", host, bound)
-    try:
-        await server.serve()
-    finally:
-        await grpc_server.stop(grace=2.0)
+            grpc_server, bound = make_server(gateway, host=host, port=grpc_port)
+            await grpc_server.start()
+            stack.push_async_callback(grpc_server.stop, 2.0)
+            logger.info("gateway gRPC (KServe v2) on %s:%d", host, bound)
+        await stop.wait()
 
 
 def enable_kubernetes(

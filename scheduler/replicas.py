@@ -764,13 +764,8 @@ def serve_replica(
 ) -> None:
     """Serve on ``port`` (this replica's own: peers and tests reach it there) and, if given, on
     ``shared_port`` together with the other replicas; gRPC too unless ``grpc_port`` is None. As
-    ``scheduler.main.serve`` otherwise (httptools, uvloop, frozen start-up objects)."""
-    import gc
-
-    import uvicorn
-    import uvloop
-
-    from gpufaas.scheduler.gateway import create_app
+    ``scheduler.main.serve`` otherwise (the gateway's HTTP front, uvloop)."""
+    from gpufaas.scheduler.main import serve_on
 
     sockets = [listening_socket(host, port, shared=False)]
     if shared_port is not None:
@@ -782,25 +777,4 @@ def serve_replica(
         f" and the shared port {shared_port}" if shared_port is not None else "",
         gateway.policy.name,
     )
-    config = uvicorn.Config(
-        create_app(gateway), log_level="warning", access_log=False, http="httptools", loop="uvloop"
-    )
-    server = uvicorn.Server(config)
-
-    async def serve_all() -> None:
-        if grpc_port is None:
-            await server.serve(sockets=sockets)
-            return
-        from gpufaas.scheduler.grpc_server import make_server
-
-        grpc_server, bound = make_server(gateway, host=host, port=grpc_port)
-        await grpc_server.start()
-        logger.info("gateway gRPC (KServe v2) on %s:%d", host, bound)
-        try:
-            await server.serve(sockets=sockets)
-        finally:
-            await grpc_server.stop(grace=2.0)
-
-    gc.freeze()  # as scheduler/main.py: start-up objects never die
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve_all())
+    serve_on(gateway=gateway, host=host, sockets=sockets, grpc_port=grpc_port)

@@ -7,7 +7,6 @@ manager; nothing is logged at INFO per request.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -18,16 +17,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
+from tiny_manager import tiny_mlp_manager
 
-from gpufaas.core.artifacts import ArtifactStore
-from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.protocol import HEADER_LENGTH, decode_response, encode_request
-from gpufaas.gpu_manager.devices import cpu_devices
-from gpufaas.gpu_manager.runtime import NodeRuntime
-from gpufaas.gpu_manager.server import create_app as create_manager_app
 from gpufaas.scheduler.gateway import Gateway, create_app
-from gpufaas.scheduler.local import free_port
 from gpufaas.scheduler.main import build_gateway
 
 TIMEOUT = 60
@@ -73,40 +66,25 @@ class System:
 
 @pytest.fixture
 async def system(tmp_path: Path, example_models_dir: Path) -> AsyncIterator[System]:
-    functions = load_manifests(
-        [bundled_functions_dir() / "tiny-mlp.yaml"],
-        variables={"GPUFAAS_MODELS": str(example_models_dir)},
-    )
-    runtime = NodeRuntime(
-        devices=cpu_devices(1, device_memory=1 << 30),
-        store=ArtifactStore(tmp_path / "artifacts"),
-        host_capacity_bytes=1 << 30,
-    )
-    recorder = Recorder(create_manager_app(runtime))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(recorder, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    serving = asyncio.create_task(server.serve())
-    for _ in range(200):
-        if server.started:
-            break
-        await asyncio.sleep(0.05)
-    gateway = build_gateway(
-        manager_urls={"node-0": f"http://127.0.0.1:{port}"}, functions=functions
-    )
-    await gateway.sync()
-    client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=create_app(gateway)), base_url="http://gateway"
-    )
-    try:
-        yield System(gateway, client, recorder)
-    finally:
-        await client.aclose()
-        await gateway.stop()
-        server.should_exit = True
-        await asyncio.wait_for(serving, TIMEOUT)
-        await runtime.settle()
+    recorder: Recorder | None = None
+
+    def record(app: Any) -> Recorder:
+        nonlocal recorder
+        recorder = Recorder(app)
+        return recorder
+
+    async with tiny_mlp_manager(tmp_path, example_models_dir, wrap=record) as (url, functions):
+        assert recorder is not None
+        gateway = build_gateway(manager_urls={"node-0": url}, functions=functions)
+        await gateway.sync()
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(gateway)), base_url="http://gateway"
+        )
+        try:
+            yield System(gateway, client, recorder)
+        finally:
+            await client.aclose()
+            await gateway.stop()
 
 
 def lying_body(*, size: int, extra: bytes = b"") -> tuple[bytes, dict[str, str]]:
