@@ -245,7 +245,7 @@ def infer_response_bytes(name: str, reply: NodeReply) -> bytes:
     written field by field, in any order), sliced from the answer without a copy in between."""
     header_length = parse_header_length(reply.headers.get(HEADER_LENGTH.lower()))
     if header_length is None or header_length > 8192:
-        return infer_response(name, reply).SerializeToString()
+        return _serialized(infer_response(name, reply))
     body = memoryview(reply.body)
     key = (name, bytes(body[:header_length]))
     known = _answers.get(key)
@@ -253,17 +253,22 @@ def infer_response_bytes(name: str, reply: NodeReply) -> bytes:
         response = infer_response(name, reply)
         sizes = _binary_sizes(key[1])
         if sizes is None or sum(sizes) != len(body) - header_length:
-            return response.SerializeToString()
+            return _serialized(response)
         del response.raw_output_contents[:]
-        known = (response.SerializeToString(), sizes)
+        known = (_serialized(response), sizes)
         _remember(_answers, key, known)
     prefix, sizes = known  # (an answer cut short gives short outputs, as infer_response does)
-    parts = [prefix]
+    parts: list[bytes | memoryview] = [prefix]
     offset = header_length
     for size in sizes:
         parts += (_RAW_OUTPUT_TAG, _varint(size), body[offset : offset + size])
         offset += size
     return b"".join(parts)
+
+
+def _serialized(message: Message) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
 
 
 _RAW_OUTPUT_TAG = b"\x32"  # field 6 (raw_output_contents), wire type 2 (length-delimited)
