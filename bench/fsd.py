@@ -41,7 +41,6 @@ import datetime
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -59,7 +58,7 @@ from gpufaas.core.layered import LayeredNet, dense_mlp, radix_net
 from gpufaas.core.sharding import ChannelConfig, Parallelism
 from gpufaas.scheduler import costmodel
 from gpufaas.scheduler.coordinator import Coordinator, LaunchFailed, ShardFailed, tree_rounds
-from gpufaas.scheduler.local import free_port, manager_command, wait_ready
+from gpufaas.scheduler.local import run_manager_processes
 from gpufaas.scheduler.partition import communication, partition
 
 PERIOD = {1024: 6, 4096: 8, 16384: 10}  # layers before a RadiX-Net's pattern repeats
@@ -110,42 +109,20 @@ def partition_volumes(layers: int = 120) -> list[dict[str, Any]]:
 def managers(
     root: Path, count: int, *, device_memory: str, keep_pids: bool = False
 ) -> Iterator[Any]:
-    procs: list[subprocess.Popen[bytes]] = []
-    urls = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("GPUFAAS_MANAGER_TOKEN", None)
-    try:
-        for index in range(count):
-            port = free_port()
-            options = ManagerOptions(
-                cpu_devices=1,
-                device_memory=device_memory,
-                host_memory="256Mi",
-                artifact_dir=root / f"artifacts{index}",
-                force_cpu=True,
-            )
-            with (root / f"manager{index}.log").open("wb") as log:
-                procs.append(
-                    subprocess.Popen(
-                        manager_command(name=f"node{index}", port=port, options=options),
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                    )
-                )
-            urls.append(f"http://127.0.0.1:{port}")
-        wait_ready(urls, timeout_s=300, procs=procs)
-        yield (urls, [p.pid for p in procs]) if keep_pids else urls
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    def options(index: int) -> ManagerOptions:
+        return ManagerOptions(
+            cpu_devices=1,
+            device_memory=device_memory,
+            host_memory="256Mi",
+            artifact_dir=root / f"artifacts{index}",
+            force_cpu=True,
+        )
+
+    with run_manager_processes(
+        nodes=count, options=options, log_dir=root, start_timeout_s=300, stop_timeout_s=20
+    ) as procs:
+        urls = [m.url for m in procs]
+        yield (urls, [m.process.pid for m in procs]) if keep_pids else urls
 
 
 async def measure(
@@ -394,6 +371,25 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's threads, by role: ``compute`` (the shards' worker threads,
+    where the products run), ``loop`` (the main thread: the event loop, HTTP, messages) and
+    ``other`` (uvloop's and torch's helpers)."""
+    roles = {"compute": 0.0, "loop": 0.0, "other": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name, fields = text.split("(", 1)[1].rsplit(")", 1)
+        seconds = sum(int(v) for v in fields.split()[11:13]) / os.sysconf("SC_CLK_TCK")
+        role = (
+            "loop" if task.name == str(pid) else "compute" if name.startswith("shard-") else "other"
+        )
+        roles[role] += seconds
+    return roles
+
+
 async def message_cost(root: Path, *, count: int = 400, rounds: int = 3) -> list[dict[str, Any]]:
     """Sequential 16 KiB messages to a real manager's message route: wall time per message,
     the sender's CPU and the receiver's CPU (from /proc), with httpx and with the pooled
@@ -464,6 +460,7 @@ async def cpu_per_request(
             for _ in range(4):
                 await coordinator.infer("net", x)
             before = [_cpu_seconds(pid) for pid in pids[:shards]]
+            threads_before = [_thread_cpu_seconds(pid) for pid in pids[:shards]]
             own = time.process_time()
             started = time.perf_counter()
             done = 0
@@ -482,13 +479,25 @@ async def cpu_per_request(
                 "throughput_rps": done / wall,
                 "shard_cpu_ms": [c / done * 1e3 for c in shard_cpu],
                 "coordinator_cpu_ms": (time.process_time() - own) / done * 1e3,
+                # per request, summed over the shards: products vs the loop vs the rest
+                "shard_threads_ms": {
+                    role: sum(
+                        _thread_cpu_seconds(pid)[role] - b[role]
+                        for pid, b in zip(pids, threads_before, strict=False)
+                    )
+                    / done
+                    * 1e3
+                    for role in ("compute", "loop", "other")
+                },
             }
             row["cpu_ms"] = sum(row["shard_cpu_ms"]) + row["coordinator_cpu_ms"]
             row["bound_rps"] = (os.cpu_count() or 1) / row["cpu_ms"] * 1e3
             rows.append(row)
             print(f"  N={shards}: {row['throughput_rps']:.1f} req/s; CPU per request "
                   f"{row['cpu_ms']:.1f} ms (shards {[round(c, 1) for c in row['shard_cpu_ms']]}, "
-                  f"coordinator {row['coordinator_cpu_ms']:.1f}); {os.cpu_count()} cores bound "
+                  f"coordinator {row['coordinator_cpu_ms']:.1f}; shard threads "
+                  f"{ {k: round(v, 1) for k, v in row['shard_threads_ms'].items()} }); "
+                  f"{os.cpu_count()} cores bound "
                   f"{row['bound_rps']:.1f} req/s", flush=True)  # fmt: skip
             await coordinator.remove("net")
             await coordinator.close()

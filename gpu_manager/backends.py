@@ -80,8 +80,13 @@ class ModelBackend(Protocol):
         ...
 
 
+class NoBackend(ValueError):
+    """A format no node backend serves as a whole model (``layered``: a shard set's)."""
+
+
 def backend_for(format: ModelFormat) -> ModelBackend:
-    """The backend that serves ``format``."""
+    """The backend that serves ``format``; :class:`NoBackend` for ``layered``, which a node
+    serves only as shards (gpu_manager/shards.py), never as a model on one device."""
     from gpufaas.gpu_manager.backend_onnx import ONNX
     from gpufaas.gpu_manager.backend_torch import TORCH
 
@@ -90,7 +95,14 @@ def backend_for(format: ModelFormat) -> ModelBackend:
         ModelFormat.TORCH_EXPORT: TORCH,
         ModelFormat.ONNX: ONNX,
     }
-    return registry[ModelFormat(format)]
+    backend = registry.get(ModelFormat(format))
+    if backend is None:
+        raise NoBackend(
+            f"spec.model.format {str(format)!r} is not served as a model on one device: a"
+            " layered net is split across GPU managers through the gateway (spec.parallelism),"
+            " which loads its shards; register it with the gateway, not a GPU manager"
+        )
+    return backend
 
 
 def model_error_message(error: BaseException) -> str:

@@ -63,6 +63,7 @@ from gpufaas.gpu_manager.admission import (
     DeviceAdmission,
     RequestOnce,
 )
+from gpufaas.gpu_manager.backends import NoBackend, backend_for
 from gpufaas.gpu_manager.devices import device_free_bytes
 from gpufaas.gpu_manager.framed import Answer, FramedServer
 from gpufaas.gpu_manager.prefetch import add_prefetch_routes
@@ -123,6 +124,11 @@ class _StateCollector(Collector):
             "Host-tier memory-time: bytes held x seconds, in GB-s (#13)",
             value=self.runtime.host.gb_seconds(),
         )
+        device_held = CounterMetricFamily(
+            "gpufaas_device_tier_gb_seconds",
+            "Device memory-time: bytes of models held (loading included) x seconds, in GB-s (#13)",
+            labels=["device"],
+        )
         load_bytes = CounterMetricFamily(
             "gpufaas_manager_load_bytes", "Bytes copied onto devices, per path", labels=["path"]
         )
@@ -138,6 +144,7 @@ class _StateCollector(Collector):
             free.add_metric([i.id], live_free if live_free is not None else d.tier.lru.free_bytes)
             used.add_metric([i.id], d.tier.lru.used_bytes)
             residents.add_metric([i.id], len(d.tier))
+            device_held.add_metric([i.id], d.gb_seconds())
             if "generation" in i.pcie:
                 pcie_generation.add_metric([i.id], i.pcie["generation"])
             if "width" in i.pcie:
@@ -161,7 +168,7 @@ class _StateCollector(Collector):
             load_seconds.add_metric([path], totals.seconds)
         yield from (info, capacity, total, free, used, residents, pcie_generation, pcie_width)
         yield from (pcie_limit, peer, host, host_residents, disk, load_bytes, load_seconds)
-        yield host_held
+        yield from (host_held, device_held)
 
 
 def failure_response(failure: RuntimeFailure) -> Response:
@@ -246,7 +253,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if framed_server is not None and framed is not None:
-            await framed_server.start(unix_path=framed.unix_path, host=framed.host, port=framed.port)
+            await framed_server.start(
+                unix_path=framed.unix_path, host=framed.host, port=framed.port
+            )
         try:
             yield
         finally:
@@ -367,6 +376,10 @@ def _add_routes(
             spec = parse_spec(body)
         except ManifestError as e:
             return error_response(400, str(e), reason="InvalidSpec")
+        try:  # a format this node cannot serve as a model is refused here, not at inference
+            backend_for(spec.model.format)
+        except NoBackend as e:
+            return error_response(400, str(e), reason="InvalidSpec")
         runtime.register(name, model_spec(spec))  # a text function's model takes token ids
         return Response(status_code=204)
 
@@ -419,7 +432,9 @@ class InferFastPath:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        post = match_fast_post(scope, receive, path=_INFER_PATH, max_bytes=self.limits.max_body_bytes)
+        post = match_fast_post(
+            scope, receive, path=_INFER_PATH, max_bytes=self.limits.max_body_bytes
+        )
         if post is None:
             await self.app(scope, receive, send)
             return
@@ -531,7 +546,9 @@ async def answer_call(
     return 200, raw, payload
 
 
-_CACHE, _LOAD_MS, _COMPUTE_MS = (h.encode() for h in (CACHE_HEADER, LOAD_MS_HEADER, COMPUTE_MS_HEADER))
+_CACHE, _LOAD_MS, _COMPUTE_MS = (
+    h.encode() for h in (CACHE_HEADER, LOAD_MS_HEADER, COMPUTE_MS_HEADER)
+)
 _MODEL_BYTES, _LOAD_SOURCE, _BATCH_SIZE = (
     h.encode() for h in (MODEL_BYTES_HEADER, LOAD_SOURCE_HEADER, BATCH_SIZE_HEADER)
 )
@@ -554,17 +571,18 @@ def _answer_of(response: Response) -> Answer:
 def _error(
     status: int, message: str, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()
 ) -> Answer:
-    return _answer_of(error_response(status, message, reason=reason, headers={
-        k.decode(): v.decode() for k, v in extra}))
+    return _answer_of(
+        error_response(
+            status, message, reason=reason, headers={k.decode(): v.decode() for k, v in extra}
+        )
+    )
 
 
 def answer_response(answer: Answer) -> Response:
     """An :data:`Answer` as a Starlette response (the FastAPI route)."""
     status, headers, body = answer
     response = Response(bytes(body), status_code=status)
-    response.raw_headers = [
-        *(h for h in headers), (b"content-length", b"%d" % len(body))
-    ]
+    response.raw_headers = [*(h for h in headers), (b"content-length", b"%d" % len(body))]
     return response
 
 

@@ -31,7 +31,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,7 +66,6 @@ from gpufaas.core.layered import (
     IntArray,
     ShardFormatError,
     ShardSpec,
-    apply_activation,
     load_shard,
     matrix,
 )
@@ -109,9 +108,11 @@ class ShardNotLoaded(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class _Rows:
-    """One row group (boundary or interior) of a layer: its positions and its matrices."""
+    """One row group (boundary or interior) of a layer: its rows ``start:stop`` of the layer's
+    output (boundary rows first, so each group is a slice: no scatter) and its matrices."""
 
-    positions: torch.Tensor
+    start: int
+    stop: int
     own: torch.Tensor
     remote: dict[int, torch.Tensor]
     bias: torch.Tensor
@@ -123,7 +124,20 @@ class _LayerOps:
     groups: tuple[_Rows, ...]  # boundary rows first
     sources: tuple[int, ...]  # shards this layer reads from
     activation: str
-    send_next: dict[int, torch.Tensor]  # receiver -> positions of this layer's output
+    send_next: dict[int, torch.Tensor]  # receiver -> rows of this layer's output it reads
+    order: IntArray  # row r of this layer's output is owned neuron ``order[r]``
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """Where a request stands between two worker trips: the activations ``a`` before layer
+    ``index`` (which reads remote values), that layer's own partial products, per row group,
+    and, once every layer is done, the output on the host."""
+
+    a: torch.Tensor
+    index: int
+    partial: list[torch.Tensor]
+    output: Array | None
 
 
 def _rows_block(block: Block, keep: IntArray) -> torch.Tensor:
@@ -137,39 +151,54 @@ def _rows_block(block: Block, keep: IntArray) -> torch.Tensor:
 
 
 def prepare(spec: ShardSpec, device: torch.device) -> list[_LayerOps]:
-    """Each layer's row groups, matrices and send positions, on ``device``."""
+    """Each layer's row groups, matrices and send positions, on ``device``.
+
+    A layer's output rows are kept boundary rows first, then interior rows, so each group
+    writes one slice; the next layer's own columns and the send positions follow that order.
+    The last layer has no boundary rows: its output is in the owned order."""
     ops = []
+    previous: IntArray | None = None  # where each owned neuron of a_{l-1} sits in the rows
     for index, layer in enumerate(spec.layers):
         after = spec.layers[index + 1].send if index + 1 < len(spec.layers) else {}
         boundary = np.unique(np.concatenate([np.asarray(p) for p in after.values()])) if after \
             else np.zeros(0, dtype=np.int64)  # fmt: skip
         interior = np.setdiff1d(np.arange(layer.owned.size, dtype=np.int64), boundary)
+        order = np.concatenate([boundary, interior]).astype(np.int64)
+        where = np.empty_like(order)
+        where[order] = np.arange(order.size, dtype=np.int64)
+        own = layer.own
+        if previous is not None:
+            own = Block(own.rows, previous[own.cols], own.values, own.shape)
         groups = []
+        start = 0
         for keep in (boundary, interior):
             if keep.size == 0:
                 continue
             groups.append(
                 _Rows(
-                    positions=torch.from_numpy(keep).to(device),
-                    own=_rows_block(layer.own, keep).to(device),
+                    start=start,
+                    stop=start + int(keep.size),
+                    own=_rows_block(own, keep).to(device),
                     remote={q: _rows_block(b, keep).to(device) for q, b in layer.remote.items()},
                     bias=torch.from_numpy(layer.bias[keep])[:, None].to(device),
                 )
             )
+            start += int(keep.size)
         ops.append(
             _LayerOps(
                 rows=int(layer.owned.size),
                 groups=tuple(groups),
                 sources=tuple(sorted(layer.remote)),
                 activation=layer.activation,
-                send_next={q: torch.from_numpy(np.asarray(p)).to(device) for q, p in after.items()},
+                send_next={
+                    q: torch.from_numpy(where[np.asarray(p, dtype=np.int64)]).to(device)
+                    for q, p in after.items()
+                },
+                order=order,
             )
         )
+        previous = where
     return ops
-
-
-def _accumulate(z: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return z.add_(w @ x)
 
 
 class ShardExecutor:
@@ -264,53 +293,90 @@ class ShardExecutor:
         deadline: float,
         stall_s: float,
     ) -> Array:
+        """One trip to the worker thread per layer that reads remote values, plus one: each
+        trip finishes such a layer, runs every following layer that reads nothing remote, and
+        computes the own part of the next layer that does, so that part overlaps the remote
+        parts' travel. Sends leave from the worker the moment their rows are done."""
         loop = asyncio.get_running_loop()
 
-        def upload() -> tuple[torch.Tensor, list[tuple[Envelope, Array]]]:
-            host = torch.from_numpy(np.array(inputs, dtype=np.float32, order="C"))  # writable
-            return host.to(self.device), self._hand_over(request_id, 0, host, self.first_sends)
+        def boundary_ready(parts: list[tuple[Envelope, Array]]) -> None:
+            loop.call_soon_threadsafe(self._send, parts, sends, deadline)
 
-        a, first = await self._compute(upload)
-        self._send(first, sends, deadline)
-
-        def send_boundary(parts: list[tuple[Envelope, Array]]) -> None:
-            self._send(parts, sends, deadline)
-
-        index = 0
-        while index < len(self.ops):
-            if not self.ops[index].sources:
-                # A run of layers that read nothing remote: one trip to the worker thread for
-                # all of them (a trip costs ~0.1 ms of wake-ups); their sends leave from the
-                # loop as soon as each layer's boundary rows are done.
-                end = next((i for i in range(index, len(self.ops)) if self.ops[i].sources),
-                           len(self.ops))  # fmt: skip
-
-                def boundary_ready(out: torch.Tensor, layer: int) -> None:
-                    parts = self._hand_over(request_id, layer, out, self.ops[layer - 1].send_next)
-                    loop.call_soon_threadsafe(self._send, parts, sends, deadline)
-
-                a = await self._compute(
-                    functools.partial(self._local_layers, a, index, end, boundary_ready)
+        step = await self._compute(
+            functools.partial(self._first_step, request_id, inputs, boundary_ready)
+        )
+        while step.output is None:
+            op = self.ops[step.index]
+            arrived = []
+            for q in op.sources:  # all of them are needed before the layer can finish
+                wait = min(stall_s, deadline - loop.time())
+                envelope = Envelope(self.set_name, request_id, step.index, q, self.spec.shard)
+                arrived.append(
+                    (q, await self.channel.receive(self.mailbox, envelope, timeout_s=wait))
                 )
-                index = end
-                continue
-            op = self.ops[index]
-            wait = min(stall_s, deadline - loop.time())
-            incoming = [
-                asyncio.ensure_future(self._receive(request_id, index, q, wait)) for q in op.sources
-            ]
-            try:
-                a = await self._layer(
-                    op, a, incoming,
-                    functools.partial(self._hand_over, request_id, index + 1,
-                                      targets=op.send_next),
-                    send_boundary,
-                )  # fmt: skip
-            finally:
-                for task in incoming:
-                    task.cancel()
-            index += 1
-        return await self._compute(lambda: a.cpu().numpy())
+            step = await self._compute(
+                functools.partial(self._step, request_id, step, arrived, boundary_ready)
+            )
+        return step.output
+
+    def _first_step(
+        self,
+        request_id: str,
+        inputs: Array,
+        boundary_ready: Callable[[list[tuple[Envelope, Array]]], None],
+    ) -> _Step:
+        """Upload the input rows, send the ones other shards read, then go on (worker)."""
+        host = torch.from_numpy(np.array(inputs, dtype=np.float32, order="C"))  # writable
+        if self.first_sends:
+            boundary_ready(self._hand_over(request_id, 0, host, self.first_sends))
+        return self._run_local(request_id, host.to(self.device), 0, boundary_ready)
+
+    def _step(
+        self,
+        request_id: str,
+        step: _Step,
+        arrived: list[tuple[int, Array]],
+        boundary_ready: Callable[[list[tuple[Envelope, Array]]], None],
+    ) -> _Step:
+        """Finish layer ``step.index`` with the remote parts that arrived (worker)."""
+        op = self.ops[step.index]
+        remote = [(q, self._to_device(x)) for q, x in arrived]
+        out = torch.empty((op.rows, step.a.shape[1]), dtype=torch.float32, device=self.device)
+        for position, (g, z) in enumerate(zip(op.groups, step.partial, strict=True)):
+            for q, x in remote:
+                z.add_(g.remote[q] @ x)
+            self._finish(out, g, z, op.activation)
+            if position == 0 and op.send_next:  # boundary rows first: they leave now
+                boundary_ready(self._hand_over(request_id, step.index + 1, out, op.send_next))
+        if not op.groups and op.send_next:
+            boundary_ready(self._hand_over(request_id, step.index + 1, out, op.send_next))
+        return self._run_local(request_id, out, step.index + 1, boundary_ready)
+
+    def _run_local(
+        self,
+        request_id: str,
+        a: torch.Tensor,
+        start: int,
+        boundary_ready: Callable[[list[tuple[Envelope, Array]]], None],
+    ) -> _Step:
+        """Every layer from ``start`` that reads nothing remote, then the own part of the next
+        one that does (or the output, at the end) (worker)."""
+        end = next((i for i in range(start, len(self.ops)) if self.ops[i].sources), len(self.ops))
+
+        def ready(out: torch.Tensor, layer: int) -> None:
+            boundary_ready(self._hand_over(request_id, layer, out, self.ops[layer - 1].send_next))
+
+        a = self._local_layers(a, start, end, ready)
+        if end == len(self.ops):
+            return _Step(a, end, [], a.cpu().numpy())
+        return _Step(a, end, [g.own @ a for g in self.ops[end].groups], None)
+
+    def _to_device(self, values: Array) -> torch.Tensor:
+        if self.device.type == "cpu":  # the frame's values, as they are
+            with warnings.catch_warnings():  # frames decode read-only; they are only read
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                return torch.from_numpy(np.ascontiguousarray(values))
+        return torch.from_numpy(np.array(values, dtype=np.float32)).to(self.device)
 
     def _local_layers(
         self,
@@ -332,66 +398,14 @@ class ShardExecutor:
             a = out
         return a
 
-    async def _receive(
-        self, request_id: str, layer: int, src: int, timeout_s: float
-    ) -> tuple[int, torch.Tensor]:
-        envelope = Envelope(self.set_name, request_id, layer, src, self.spec.shard)
-        values = await self.channel.receive(self.mailbox, envelope, timeout_s=timeout_s)
-        if self.device.type == "cpu":  # the frame's values, as they are
-            with warnings.catch_warnings():  # frames decode read-only; they are only read
-                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-                return src, torch.from_numpy(np.ascontiguousarray(values))
-        return src, await self._compute(
-            lambda: torch.from_numpy(np.array(values, dtype=np.float32)).to(self.device)
-        )
-
-    async def _layer(
-        self,
-        op: _LayerOps,
-        a_prev: torch.Tensor,
-        incoming: Sequence[asyncio.Future[tuple[int, torch.Tensor]]],
-        hand_over: Callable[[torch.Tensor], list[tuple[Envelope, Array]]],
-        send: Callable[[list[tuple[Envelope, Array]]], None],
-    ) -> torch.Tensor:
-        out = torch.empty((op.rows, a_prev.shape[1]), dtype=torch.float32, device=self.device)
-        if op.rows == 0:
-            for task in incoming:
-                await task
-            if op.send_next:
-                send(hand_over(out))
-            return out
-        # Own contributions first: they need nothing from the channel.
-        partial = await self._compute(lambda: [g.own @ a_prev for g in op.groups])
-        first, rest = op.groups[0], list(zip(op.groups[1:], partial[1:], strict=True))
-        arrived = []
-        for next_arrival in asyncio.as_completed(incoming):
-            q, x = await next_arrival
-            arrived.append((q, x))
-            await self._compute(functools.partial(_accumulate, partial[0], first.remote[q], x))
-
-        def finish_first() -> list[tuple[Envelope, Array]]:
-            self._finish(out, first, partial[0], op.activation)
-            return hand_over(out) if op.send_next else []
-
-        parts = await self._compute(finish_first)
-        if parts:
-            send(parts)  # the rows other shards read next leave before the rest is done
-        if rest:
-
-            def complete() -> torch.Tensor:
-                for g, z in rest:
-                    for q, x in arrived:
-                        z.add_(g.remote[q] @ x)
-                    self._finish(out, g, z, op.activation)
-                return out
-
-            await self._compute(complete)
-        return out
-
     def _finish(
         self, out: torch.Tensor, g: _Rows, z: torch.Tensor, activation: str
     ) -> torch.Tensor:
-        out[g.positions] = apply_activation(z + g.bias, activation, self.spec.ymax)
+        rows = torch.add(z, g.bias, out=out[g.start : g.stop])
+        if activation == "relu":
+            rows.relu_()
+        if self.spec.ymax is not None:
+            rows.clamp_(max=self.spec.ymax)
         return out
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +102,72 @@ def stop_processes(procs: Sequence[subprocess.Popen[bytes]], *, timeout_s: float
             proc.wait()
 
 
+@dataclass(frozen=True)
+class ManagerProcess:
+    """One GPU manager started by :func:`run_manager_processes`."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def run_manager_processes(
+    *,
+    nodes: int,
+    options: Callable[[int], ManagerOptions],
+    token: str | None = None,
+    sockets: Path | None = None,
+    log_dir: Path | None = None,
+    start_timeout_s: float = 120.0,
+    stop_timeout_s: float = 10.0,
+) -> Iterator[list[ManagerProcess]]:
+    """Start ``nodes`` GPU-manager processes (``node-0`` ...), ``options(i)`` for the i-th;
+    yields them once every one is ready, and stops them on the way out.
+
+    ``token``: each accepts work only from callers presenting it (none: any caller, whatever
+    this process's environment says). ``sockets``: a folder for their framed lanes' Unix
+    sockets. ``log_dir``: each writes ``manager<i>.log`` there instead of to this stdout.
+    """
+    procs: list[ManagerProcess] = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("GPUFAAS_MANAGER_TOKEN", None)
+    if token:
+        env["GPUFAAS_MANAGER_TOKEN"] = token
+    try:
+        for i in range(nodes):
+            name = f"node-{i}"
+            port = free_port()
+            command = manager_command(
+                name=name,
+                port=port,
+                options=options(i),
+                framed_socket=sockets / f"{name}.sock" if sockets is not None else None,
+            )
+            with contextlib.ExitStack() as files:
+                log = (
+                    files.enter_context((log_dir / f"manager{i}.log").open("wb"))
+                    if log_dir is not None
+                    else None
+                )
+                process = subprocess.Popen(
+                    command,
+                    env=env,
+                    preexec_fn=die_with_parent,
+                    stdout=log,
+                    stderr=subprocess.STDOUT if log is not None else None,
+                )
+            procs.append(ManagerProcess(name, f"http://127.0.0.1:{port}", process))
+        wait_ready(
+            [m.url for m in procs],
+            timeout_s=start_timeout_s,
+            procs=[m.process for m in procs],
+        )
+        yield procs
+    finally:
+        stop_processes([m.process for m in procs], timeout_s=stop_timeout_s)
+
+
 @contextlib.contextmanager
 def run_managers(
     *,
@@ -114,26 +180,18 @@ def run_managers(
 
     With ``token``, each manager accepts work only from callers presenting it.
     """
-    procs: list[subprocess.Popen[bytes]] = []
-    urls: dict[str, str] = {}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if token:
-        env["GPUFAAS_MANAGER_TOKEN"] = token
     # The managers share this host with the gateway: each also serves frames on a Unix socket.
     sockets = Path(tempfile.mkdtemp(prefix="gpufaas-sockets-"))  # 0700: this user only
     try:
-        for i in range(nodes):
-            name = f"node-{i}"
-            port = free_port()
-            command = manager_command(
-                name=name, port=port, options=options, framed_socket=sockets / f"{name}.sock"
-            )
-            procs.append(subprocess.Popen(command, env=env, preexec_fn=die_with_parent))
-            urls[name] = f"http://127.0.0.1:{port}"
-        wait_ready(list(urls.values()), timeout_s=start_timeout_s, procs=procs)
-        yield urls
+        with run_manager_processes(
+            nodes=nodes,
+            options=lambda _: options,
+            token=token,
+            sockets=sockets,
+            start_timeout_s=start_timeout_s,
+        ) as procs:
+            yield {m.name: m.url for m in procs}
     finally:
-        stop_processes(procs)
         shutil.rmtree(sockets, ignore_errors=True)
 
 

@@ -105,8 +105,9 @@ def _mostly_local_net() -> LayeredNet:
 @pytest.mark.parametrize("where", ["loop", "worker"])
 async def test_boundary_rows_are_sent_before_the_interior_rows_are_computed(where: str) -> None:
     """Overlap: a shard hands layer l's boundary rows to the channel before it finishes its
-    interior rows: on the loop (layers that read remote values: a radix net split in
-    blocks) and from the worker thread (a run of layers that read nothing remote)."""
+    interior rows, in layers that read remote values ("loop": a radix net split in blocks;
+    finished in the trip after their remote parts arrive) and in runs of layers that read
+    nothing remote ("worker")."""
     if where == "loop":
         net, shards = radix_net(256, 8, weights="random"), 4
     else:

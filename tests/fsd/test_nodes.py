@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from gpufaas.core.commands import ManagerOptions
 from gpufaas.core.layered import dense_mlp, radix_net
 from gpufaas.core.sharding import ChannelConfig, Parallelism
 from gpufaas.scheduler.coordinator import Coordinator, LaunchFailed, ShardFailed, tree_rounds
-from gpufaas.scheduler.local import free_port, manager_command, wait_ready
+from gpufaas.scheduler.local import free_port, run_manager_processes
 
 
 @pytest.fixture(scope="module")
@@ -189,39 +188,16 @@ def _loop_of(node: Any) -> asyncio.AbstractEventLoop:
 def managers(
     tmp_path: Path, count: int, *, device_memory: str
 ) -> Iterator[tuple[list[str], list[subprocess.Popen[bytes]]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    urls = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("GPUFAAS_MANAGER_TOKEN", None)
-    try:
-        for index in range(count):
-            port = free_port()
-            options = ManagerOptions(
-                cpu_devices=1, device_memory=device_memory, host_memory="256Mi",
-                artifact_dir=tmp_path / f"artifacts{index}", force_cpu=True,
-            )  # fmt: skip
-            with (tmp_path / f"manager{index}.log").open("wb") as log:
-                procs.append(
-                    subprocess.Popen(
-                        manager_command(name=f"node{index}", port=port, options=options),
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                    )
-                )
-            urls.append(f"http://127.0.0.1:{port}")
-        wait_ready(urls, timeout_s=120, procs=procs)
-        yield urls, procs
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    def options(index: int) -> ManagerOptions:
+        return ManagerOptions(
+            cpu_devices=1, device_memory=device_memory, host_memory="256Mi",
+            artifact_dir=tmp_path / f"artifacts{index}", force_cpu=True,
+        )  # fmt: skip
+
+    with run_manager_processes(
+        nodes=count, options=options, log_dir=tmp_path, stop_timeout_s=15
+    ) as procs:
+        yield [m.url for m in procs], [m.process for m in procs]
 
 
 @pytest.mark.slow
