@@ -259,7 +259,7 @@ def stages(*, calls: int) -> dict[str, float]:
     from tritonclient.grpc import service_pb2 as pb
 
     from gpufaas.scheduler.grpc_h2 import PREFACE, GrpcH2Server, _Connection
-    from gpufaas.scheduler.grpc_server import infer_body, infer_response
+    from gpufaas.scheduler.grpc_server import infer_body, infer_response_bytes
     from gpufaas.scheduler.transport import NodeReply
 
     request = pb.ModelInferRequest(model_name="tiny-mlp")
@@ -278,8 +278,8 @@ def stages(*, calls: int) -> dict[str, float]:
     out = {
         "protobuf parse (FromString)": best(lambda: pb.ModelInferRequest.FromString(data)),
         "binary-extension body (infer_body)": best(lambda: infer_body(request)),
-        "answer to protobuf + serialize": best(
-            lambda: infer_response("tiny-mlp", reply).SerializeToString()
+        "answer to a serialized ModelInferResponse": best(
+            lambda: infer_response_bytes("tiny-mlp", reply)
         ),
     }
 

@@ -8,6 +8,16 @@ and reports the client's own CPU per request (``time.process_time``: what the ga
 server's (``/proc/<pid>/stat``: what the node pays for the hop), and the latency percentiles.
 
     python bench/transport.py --requests 3000
+
+``--node`` measures the node's half of a warm request instead of an echo: a real GPU manager
+(``python -m gpufaas.gpu_manager``, 1 CPU device, tiny-mlp registered, batching off) is sent
+warm tiny-mlp INFER frames over its Unix socket, one at a time, and its CPU per call is what the
+manager pays for a request in ``gpufaas up`` (the framed hop, the decode, the forward pass, the
+encode), without the gateway. ``--baseline-path`` runs an older ``gpufaas`` tree (with
+``--baseline-python``) in the same run, alternating ``--rounds`` times::
+
+    python bench/transport.py --node --requests 3000 --rounds 3 \
+        --baseline-path /tmp/base --baseline-python /work/main/.venv/bin/python
 """
 
 from __future__ import annotations
@@ -29,7 +39,10 @@ import httpx
 import numpy as np
 import uvloop
 
+from gpufaas.core.examples import build_examples, example_inputs
 from gpufaas.core.frames import InferHead
+from gpufaas.core.manifests import bundled_functions_dir, load_manifests
+from gpufaas.core.protocol import HEADER_LENGTH, encode_request
 from gpufaas.scheduler.transport import FramedPool, NodePool
 
 SERVER = """
@@ -145,11 +158,87 @@ async def measure(
     return results
 
 
+async def node_calls(sock: str, server: int, args: argparse.Namespace) -> dict[str, float]:
+    """Warm tiny-mlp calls over the manager's framed Unix socket, one client."""
+    arrays = example_inputs("tiny-mlp", batch=1)
+    body, headers = encode_request({"x": (arrays["x"], "FP32")}, binary_outputs=True)
+    call = InferHead("tiny-mlp", "cpu:0", header_length=int(headers[HEADER_LENGTH]))
+    pool = FramedPool(unix_path=sock, size=1)
+
+    async def infer() -> None:
+        reply = await pool.infer(call, body)
+        if reply.status != 200:
+            raise RuntimeError(f"the manager answered {reply.status}: {bytes(reply.body)!r}")
+
+    for _ in range(args.requests // 4):  # warm: the inline passes' window, caches, allocator
+        await infer()
+    await asyncio.sleep(0.5)  # the manager's background work after registration is done
+    try:
+        return await run(infer, clients=1, count=args.requests, server=server)
+    finally:
+        await pool.close()
+
+
+def node_half(python: str, pythonpath: str | None, args: argparse.Namespace) -> dict[str, float]:
+    """One GPU manager process with tiny-mlp registered, measured by :func:`node_calls`."""
+    work = Path(tempfile.mkdtemp(prefix="gpufaas-node-half-"))
+    models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
+    build_examples(models, names=("tiny-mlp",), progress=False)
+    (function,) = load_manifests(
+        [bundled_functions_dir() / "tiny-mlp.yaml"], variables={"GPUFAAS_MODELS": str(models)}
+    )
+    off = function.spec.batching.model_copy(update={"max_batch_size": 1, "max_delay_ms": 0.0})
+    spec = function.spec.model_copy(update={"batching": off})  # every call its own pass
+    port, sock = free_port(), str(work / "node.sock")
+    env = {**os.environ, "GPUFAAS_HOME": str(work)}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    command = [python, "-m", "gpufaas.gpu_manager", "--port", str(port), "--cpu-devices", "1",
+               "--artifact-dir", str(work / "artifacts"), "--framed-socket", sock]  # fmt: skip
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the GPU manager did not start")
+            time.sleep(0.2)
+        response = httpx.put(
+            f"{url}/v2/gpufaas/functions/tiny-mlp",
+            json=spec.model_dump(mode="json", by_alias=True),
+            timeout=30,
+        )
+        response.raise_for_status()
+        return uvloop.run(node_calls(sock, server.pid, args))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--size", type=int, default=200, help="request body bytes")
+    parser.add_argument("--node", action="store_true", help="the node's half: a real manager")
+    parser.add_argument("--rounds", type=int, default=1, help="--node: alternate this often")
+    parser.add_argument("--baseline-path", default=None, help="--node: an older gpufaas tree")
+    parser.add_argument("--baseline-python", default=sys.executable)
     args = parser.parse_args()
+    if args.node:
+        systems = {"this": (sys.executable, None)}
+        if args.baseline_path:
+            systems = {"baseline": (args.baseline_python, args.baseline_path), **systems}
+        rows: dict[str, list[dict[str, float]]] = {label: [] for label in systems}
+        for _ in range(args.rounds):
+            for label, (python, path) in systems.items():
+                rows[label].append(node_half(python, path, args))
+        print(json.dumps(rows, indent=1))
+        return 0
     port, framed_port = free_port(), free_port()
     sock = str(Path(tempfile.mkdtemp(prefix="gpufaas-transport-")) / "echo.sock")
     script = SERVER.replace("FPORT", str(framed_port)).replace("PORT", str(port))

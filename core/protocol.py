@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from types import MappingProxyType
@@ -48,6 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gpufaas.core.api import Datatype, InferenceFunctionSpec, TensorSpec, format_validation_error
 
 Array = npt.NDArray[Any]
+# Where a decoder puts a tensor: (shape, native dtype) -> a writable C-contiguous array.
+Allocate = Callable[[tuple[int, ...], "np.dtype[Any]"], Array]
 NonNegative = Annotated[int, Field(ge=0)]
 
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
@@ -82,6 +84,10 @@ _BY_KIND_AND_SIZE: Final = {
     if name not in ("BF16", "BYTES")
 }
 _DATATYPES_TEXT: Final = ", ".join(DATATYPE_TO_NUMPY)
+# numpy_to_datatype of the common dtypes, looked up by the dtype itself (its .name is slow)
+_DATATYPE_OF_DTYPE: Final = {
+    dtype: name for name, dtype in DATATYPE_TO_NUMPY.items() if name not in ("BF16", "BYTES")
+}
 
 # What JSON `data` may hold per datatype (Python types from the parser); bool is not int here.
 _INTEGERS: Final = frozenset({int})
@@ -305,19 +311,38 @@ def _request_envelope(document: Mapping[str, Any], limits: Limits) -> _Envelope:
 
 
 def decode_request(
-    body: bytes, *, header_length: int | None = None, limits: Limits = DEFAULT_LIMITS
+    body: bytes | memoryview,
+    *,
+    header_length: int | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    allocate: Allocate | None = None,
 ) -> DecodedRequest:
     """Decode an inference request body (JSON, or JSON header plus binary tensor data).
 
     ``header_length`` is the ``Inference-Header-Content-Length`` header, None when the
     whole body is JSON. Raises :class:`ProtocolError` (400, or 413 over ``limits``).
+
+    ``allocate(shape, dtype)``: where a binary numeric tensor is decoded to (a pinned staging
+    block on a CUDA host), instead of a new array; the one copy out of the body lands there.
+
+    A binary request whose header (every input in binary) was seen before is not parsed again:
+    its checked header is remembered by its exact bytes (:func:`inspect_request`), and only the
+    binary section's length is checked against it before the tensors are decoded.
     """
+    known = _remembered_header(body, header_length, limits)
+    if known is not None:
+        return _decode_binary(known, memoryview(body)[header_length:], limits, allocate)
     document, binary = _split_and_parse(body, header_length, limits)
+    known = _binary_header(document, binary, header_length, body, limits)
+    if known is not None:
+        return _decode_binary(known, binary, limits, allocate)
     envelope = _request_envelope(document, limits)
     parameters = dict(envelope.parameters)
     default_binary = parameters.pop("binary_data_output", False)
     request_id, raw_inputs = envelope.id, envelope.raw_inputs
-    inputs, datatypes = _decode_tensors(raw_inputs, binary, kind="input", limits=limits)
+    inputs, datatypes = _decode_tensors(
+        raw_inputs, binary, kind="input", limits=limits, allocate=allocate
+    )
 
     requested, binary_outputs = _requested_outputs(document.get("outputs"), default_binary, limits)
     return DecodedRequest(
@@ -346,6 +371,7 @@ class RequestHeader:
 
     What a forwarder needs (:func:`inspect_request`): the inputs' names, datatypes, shapes
     and byte counts, the request id and parameters; the body itself travels on untouched.
+    Read only: a remembered header is handed to every request that sends the same bytes.
     """
 
     id: str | None
@@ -354,6 +380,7 @@ class RequestHeader:
     outputs: list[str] | None  # None: all
     binary_outputs: set[str] | bool
     header_length: int | None  # of the JSON part; None: the whole body is JSON
+    binary_bytes: int = 0  # the binary section's length, which the sizes add up to
 
     def signature(self) -> dict[str, tuple[str | None, list[int]]]:
         return {t.name: (t.datatype, t.shape) for t in self.inputs}
@@ -370,7 +397,18 @@ def inspect_request(
     header that lies about sizes is a 400 before any tensor byte is copied or forwarded.
     JSON ``data`` is not converted here (the node converts it, once).
     """
+    known = _remembered_header(body, header_length, limits)
+    if known is not None:
+        return known
     document, binary = _split_and_parse(body, header_length, limits)
+    header = _inspect_document(document, binary, header_length, limits)
+    _remember(header, body, limits)
+    return header
+
+
+def _inspect_document(
+    document: dict[str, Any], binary: memoryview, header_length: int | None, limits: Limits
+) -> RequestHeader:
     envelope = _request_envelope(document, limits)
     request_id, parameters, raw_inputs = envelope.id, envelope.parameters, envelope.raw_inputs
     default_binary = parameters.get("binary_data_output", False)
@@ -412,6 +450,7 @@ def inspect_request(
         outputs=outputs,
         binary_outputs=binary_outputs,
         header_length=header_length,
+        binary_bytes=offset,
     )
 
 
@@ -456,6 +495,90 @@ def _tensor_header(raw: object, index: int, seen: set[str], limits: Limits) -> T
             f"binary_data_size is {size}"
         )
     return TensorHeader(name=name, datatype=datatype, shape=shape, binary_size=size)
+
+
+# -- remembered headers: a client sends the same header bytes again and again ------------------
+
+_REMEMBER_MAX_HEADERS = 512  # distinct headers kept (oldest forgotten first)
+_REMEMBER_MAX_BYTES = 8192  # longer headers are never kept
+_remembered: dict[tuple[bytes, Limits], RequestHeader] = {}
+
+
+def _remembered_header(
+    body: bytes | memoryview, header_length: int | None, limits: Limits
+) -> RequestHeader | None:
+    """The checked header of a binary request whose header bytes were seen before, if the
+    binary section has exactly the bytes its inputs declare (else None: parse it afresh)."""
+    if header_length is None or not 0 < header_length <= _REMEMBER_MAX_BYTES:
+        return None
+    if header_length > len(body):
+        return None
+    header = _remembered.get((bytes(memoryview(body)[:header_length]), limits))
+    if header is None or len(body) - header_length != header.binary_bytes:
+        return None
+    return header
+
+
+def _remember(header: RequestHeader, body: bytes | memoryview, limits: Limits) -> None:
+    """Keep a checked header whose inputs are all binary: its bytes alone decide it."""
+    length = header.header_length
+    if length is None or not 0 < length <= _REMEMBER_MAX_BYTES:
+        return
+    if any(t.binary_size is None for t in header.inputs):
+        return  # JSON data in the header: it changes with every request
+    if len(_remembered) >= _REMEMBER_MAX_HEADERS:
+        del _remembered[next(iter(_remembered))]
+    _remembered[bytes(memoryview(body)[:length]), limits] = header
+
+
+def _binary_header(
+    document: dict[str, Any],
+    binary: memoryview,
+    header_length: int | None,
+    body: bytes | memoryview,
+    limits: Limits,
+) -> RequestHeader | None:
+    """The document's checked header when every input is binary (remembered); None for JSON
+    data, or for a header the checks refuse (the full decode then names what is wrong)."""
+    if header_length is None:
+        return None
+    try:
+        header = _inspect_document(document, binary, header_length, limits)
+    except ProtocolError:
+        return None
+    if any(t.binary_size is None for t in header.inputs):
+        return None
+    _remember(header, body, limits)
+    return header
+
+
+def _decode_binary(
+    header: RequestHeader, binary: memoryview, limits: Limits, allocate: Allocate | None
+) -> DecodedRequest:
+    """Decode the tensors of a request whose checked header has every input in binary (its
+    sizes agree with the shapes and add up to ``binary`` exactly)."""
+    inputs: dict[str, Array] = {}
+    datatypes: dict[str, str] = {}
+    offset = 0
+    for tensor in header.inputs:
+        size = tensor.binary_size or 0
+        chunk = binary[offset : offset + size]
+        offset += size
+        name, datatype, shape = tensor.name, tensor.datatype, tensor.shape
+        inputs[name] = _from_binary(
+            chunk, datatype, shape, math.prod(shape), f"input {_q(name)}", limits, allocate
+        )
+        datatypes[name] = datatype
+    parameters = {k: v for k, v in header.parameters.items() if k != "binary_data_output"}
+    binary_outputs = header.binary_outputs
+    return DecodedRequest(
+        id=header.id,
+        inputs=inputs,
+        datatypes=datatypes,
+        requested_outputs=None if header.outputs is None else list(header.outputs),
+        binary_outputs=binary_outputs if isinstance(binary_outputs, bool) else set(binary_outputs),
+        parameters=parameters,
+    )
 
 
 def decode_response(
@@ -657,7 +780,12 @@ class _BinaryReader:
 
 
 def _decode_tensors(
-    raw_tensors: list[Any], binary: memoryview, *, kind: str, limits: Limits
+    raw_tensors: list[Any],
+    binary: memoryview,
+    *,
+    kind: str,
+    limits: Limits,
+    allocate: Allocate | None = None,
 ) -> tuple[dict[str, Array], dict[str, str]]:
     reader = _BinaryReader(binary, kind=kind)
     arrays: dict[str, Array] = {}
@@ -698,7 +826,7 @@ def _decode_tensors(
                     f"{label}: binary_data_size must be a non-negative integer, got {_short(size)}"
                 )
             chunk = reader.take(size, label)
-            array = _from_binary(chunk, datatype, shape, count, label, limits)
+            array = _from_binary(chunk, datatype, shape, count, label, limits, allocate)
         elif "data" in raw:
             array = _from_json(raw["data"], datatype, shape, count, label, limits)
         else:
@@ -722,7 +850,13 @@ def _shape(value: object, label: str, limits: Limits) -> list[int]:
 
 
 def _from_binary(
-    chunk: memoryview, datatype: str, shape: list[int], count: int, label: str, limits: Limits
+    chunk: memoryview,
+    datatype: str,
+    shape: list[int],
+    count: int,
+    label: str,
+    limits: Limits,
+    allocate: Allocate | None = None,
 ) -> Array:
     if datatype == "BYTES":
         return _unpack_bytes(chunk, count, label, limits).reshape(shape)
@@ -735,6 +869,10 @@ def _from_binary(
         )
     if datatype == "BOOL":
         array: Array = np.frombuffer(chunk, dtype=np.uint8) != 0  # any non-zero byte is true
+    elif allocate is not None:  # the one copy, straight into the caller's block
+        array = allocate(tuple(shape), DATATYPE_TO_NUMPY[datatype])
+        array.reshape(-1)[:] = np.frombuffer(chunk, dtype=wire)
+        return array
     else:
         # A copy: aligned, writable and native-endian, not a view into the request body.
         array = np.frombuffer(chunk, dtype=wire).astype(DATATYPE_TO_NUMPY[datatype])
@@ -967,10 +1105,12 @@ def _check_dtype(array: Array, datatype: str, label: str) -> None:
         )
     if datatype not in DATATYPE_TO_NUMPY:
         raise ProtocolError(f"{label}: unknown datatype {_short(datatype)}", status_code=500)
-    try:
-        actual = numpy_to_datatype(array.dtype)
-    except ValueError:
-        actual = str(array.dtype)
+    actual = _DATATYPE_OF_DTYPE.get(array.dtype)
+    if actual is None:
+        try:
+            actual = numpy_to_datatype(array.dtype)
+        except ValueError:
+            actual = str(array.dtype)
     if actual != datatype and not (datatype == "BF16" and actual == "UINT16"):
         raise ProtocolError(
             f"{label}: array of {array.dtype} can't be sent as {datatype}", status_code=500

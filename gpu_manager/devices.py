@@ -33,7 +33,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from gpufaas.gpu_manager.memory import BufferPool, anonymous_buffer
 
@@ -673,6 +675,20 @@ def stage_for(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     staged = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     staged.copy_(tensor)
     return staged
+
+
+def pinned_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> NDArray[Any]:
+    """An array in pinned host memory from torch's caching host allocator, for a request's
+    tensor on a CUDA host: decoded straight into it (``decode_request(allocate=...)``), it goes
+    to the device with no staging copy (:func:`stage_for` passes a pinned tensor through). The
+    array holds its block; the request's compute stream is synchronized before the request (and
+    so the array) ends, so the block is never reused while its copy is in flight."""
+    return torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=True).numpy()
+
+
+@functools.cache
+def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 
 def register_host(pointer: int, nbytes: int) -> bool:

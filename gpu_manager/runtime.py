@@ -30,6 +30,7 @@ from gpufaas.cache import CacheStats
 from gpufaas.core.api import InferenceFunctionSpec
 from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.node import NodeState, SkeletonState
+from gpufaas.core.protocol import Allocate
 from gpufaas.gpu_manager.artifact_source import ArtifactSource
 from gpufaas.gpu_manager.backends import backend_for
 from gpufaas.gpu_manager.batching import Batcher, concat_inputs, split_outputs
@@ -41,6 +42,7 @@ from gpufaas.gpu_manager.devices import (
     NodeHealth,
     cuda_available,
     make_backend,
+    pinned_array,
     platform_versions,
 )
 from gpufaas.gpu_manager.disk_tier import DiskTier
@@ -204,6 +206,15 @@ class NodeRuntime:
                 status=400,
                 reason="UnknownDevice",
             ) from None
+
+    def staging(self, device_id: str | None) -> Allocate | None:
+        """Where a request's tensors bound for ``device_id`` are decoded to: pinned host memory
+        for a CUDA device (then copied to it asynchronously, with no staging copy between), else
+        None (new arrays; on a CPU device they are the very tensors the model reads)."""
+        device = (
+            next(iter(self.devices.values())) if device_id is None else self.devices.get(device_id)
+        )
+        return pinned_array if device is not None and device.info.kind == "cuda" else None
 
     def on_load(self, listener: Callable[[str, str], None]) -> None:
         """Call ``listener(model, device id)`` whenever a load starts or is joined on a device."""

@@ -16,8 +16,9 @@ import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -218,6 +219,16 @@ class _InferMetrics:
     admission: DeviceAdmission
     executions: ExecutionCounts  # forward passes per request id (EXECUTIONS_PATH)
     once: RequestOnce  # scale-out (#16): a forwarded request's key runs once
+    children: dict[tuple[str, str, bool], Any] = field(default_factory=dict)
+
+    def count(self, model: str, device: str, hit: bool) -> None:
+        """One answered request in ``requests`` (its labelled child looked up once)."""
+        key = (model, device, hit)
+        child = self.children.get(key)
+        if child is None:
+            child = self.requests.labels(model, device, "hit" if hit else "miss")
+            self.children[key] = child
+        child.inc()
 
 
 def create_app(
@@ -480,8 +491,13 @@ async def answer_call(
     try:
         spec: InferenceFunctionSpec = runtime.spec(name)
         body = await read()
-        # The one decode: straight from the body's bytes into arrays.
-        decoded = decode_request(body, header_length=call.header_length, limits=limits)  # type: ignore[arg-type]
+        # The one decode: straight from the body's bytes into arrays (pinned ones for CUDA).
+        decoded = decode_request(
+            body,
+            header_length=call.header_length,
+            limits=limits,
+            allocate=runtime.staging(device_header),
+        )
         evict_first = parse_evict_first(call.evict_first)
         if spec.tokenizer is None:
             inputs = list(validate_inputs(decoded, spec.inputs).values())
@@ -500,7 +516,7 @@ async def answer_call(
         return _error(e.status_code, str(e), "InvalidRequest")
     metrics.executions.ran(decoded.id)
     device_id = device_header or "auto"
-    metrics.requests.labels(name, device_id, "hit" if outcome.cache_hit else "miss").inc()
+    metrics.count(name, device_id, outcome.cache_hit)
     if not outcome.cache_hit:
         metrics.load_seconds.labels(device_id).observe(outcome.load_ms / 1000)
     outputs = outcome.outputs
@@ -518,7 +534,7 @@ async def answer_call(
         outputs=outputs,
         binary=decoded.binary_outputs,
     )
-    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out_headers.items()]
+    raw = [(_raw_name(k), v.encode("latin-1")) for k, v in out_headers.items()]
     raw += (
         (_CACHE, b"hit" if outcome.cache_hit else b"miss"),
         (_LOAD_MS, b"%.3f" % outcome.load_ms),
@@ -536,6 +552,13 @@ _CACHE, _LOAD_MS, _COMPUTE_MS = (
 _MODEL_BYTES, _LOAD_SOURCE, _BATCH_SIZE = (
     h.encode() for h in (MODEL_BYTES_HEADER, LOAD_SOURCE_HEADER, BATCH_SIZE_HEADER)
 )
+
+
+_RAW_NAMES = {HEADER_LENGTH: HEADER_LENGTH.lower().encode(), "Content-Type": b"content-type"}
+
+
+def _raw_name(name: str) -> bytes:
+    return _RAW_NAMES.get(name) or name.lower().encode("latin-1")
 
 
 def _answer_of(response: Response) -> Answer:

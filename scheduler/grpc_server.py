@@ -152,6 +152,40 @@ def _contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor) -> bytes:
         raise ProtocolError(f"{label}: a value is out of range for {tensor.datatype}") from None
 
 
+# A client sends requests of the same shape again and again: their JSON headers, remembered by
+# what decides them (see _plain_key), are built once. Bounded; the oldest is forgotten first.
+_MEMO_MAX = 256
+_headers: dict[tuple[Any, ...], bytes] = {}
+
+
+def _remember(memo: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(memo) >= _MEMO_MAX:
+        del memo[next(iter(memo))]
+    memo[key] = value
+
+
+def _plain_key(request: pb.ModelInferRequest) -> tuple[Any, ...] | None:
+    """What alone decides the header of a request with raw contents and no parameters (the id,
+    each input's name, datatype, byte count and shape, the outputs' names); None for any other
+    request (built afresh). Indexed access: iterating a protobuf container costs more here."""
+    raw = request.raw_input_contents
+    if not raw or request.parameters:
+        return None
+    inputs, outputs = request.inputs, request.outputs
+    parts: list[Any] = [request.id]
+    for i in range(len(inputs)):
+        tensor = inputs[i]
+        if tensor.parameters:
+            return None
+        parts += (tensor.name, tensor.datatype, len(raw[i]), tuple(tensor.shape[:]))
+    for i in range(len(outputs)):
+        output = outputs[i]
+        if output.parameters:
+            return None
+        parts.append(output.name)
+    return tuple(parts)
+
+
 def infer_body(request: pb.ModelInferRequest) -> tuple[bytes, int]:
     """The binary-extension body of a ModelInfer request, and its header's length. All outputs
     are asked for in binary: they become ``raw_output_contents`` as they are."""
@@ -160,7 +194,19 @@ def infer_body(request: pb.ModelInferRequest) -> tuple[bytes, int]:
         raise ProtocolError(
             f"the request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents"
         )
+    key = _plain_key(request)
+    header = None if key is None else _headers.get(key)
+    if header is not None:
+        return b"".join([header, *raw]), len(header)
     chunks: list[bytes] = list(raw) if raw else [_contents_bytes(t) for t in request.inputs]
+    header = _infer_header(request, chunks)
+    if key is not None:
+        _remember(_headers, key, header)
+    return b"".join([header, *chunks]), len(header)
+
+
+def _infer_header(request: pb.ModelInferRequest, chunks: Sequence[bytes]) -> bytes:
+    """The JSON header of :func:`infer_body` (``chunks``: each input's bytes)."""
     inputs = []
     for tensor, chunk in zip(request.inputs, chunks, strict=True):
         entry: dict[str, Any] = {
@@ -182,11 +228,70 @@ def infer_body(request: pb.ModelInferRequest) -> tuple[bytes, int]:
     else:
         parameters["binary_data_output"] = True
     document["parameters"] = parameters
-    header = pydantic_core.to_json(document)
-    return b"".join([header, *chunks]), len(header)
+    return pydantic_core.to_json(document)
 
 
 # -- responses: the manager's binary answer -> protobuf -------------------------------------------
+
+
+# Per (model, the manager's answer header): the serialized response without its raw contents.
+_answers: dict[tuple[str, bytes], tuple[bytes, tuple[int, ...]]] = {}
+
+
+def infer_response_bytes(name: str, reply: NodeReply) -> bytes:
+    """:func:`infer_response`, serialized. An answer whose outputs are all binary is written
+    straight from its header, remembered: the response's fields but ``raw_output_contents``
+    serialized once, then each output's bytes appended as field 6 (a protobuf message may be
+    written field by field, in any order), sliced from the answer without a copy in between."""
+    header_length = parse_header_length(reply.headers.get(HEADER_LENGTH.lower()))
+    if header_length is None or header_length > 8192:
+        return _serialized(infer_response(name, reply))
+    body = memoryview(reply.body)
+    key = (name, bytes(body[:header_length]))
+    known = _answers.get(key)
+    if known is None:
+        response = infer_response(name, reply)
+        sizes = _binary_sizes(key[1])
+        if sizes is None or sum(sizes) != len(body) - header_length:
+            return _serialized(response)
+        del response.raw_output_contents[:]
+        known = (_serialized(response), sizes)
+        _remember(_answers, key, known)
+    prefix, sizes = known  # (an answer cut short gives short outputs, as infer_response does)
+    parts: list[bytes | memoryview] = [prefix]
+    offset = header_length
+    for size in sizes:
+        parts += (_RAW_OUTPUT_TAG, _varint(size), body[offset : offset + size])
+        offset += size
+    return b"".join(parts)
+
+
+def _serialized(message: Message) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
+
+
+_RAW_OUTPUT_TAG = b"\x32"  # field 6 (raw_output_contents), wire type 2 (length-delimited)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _binary_sizes(header: bytes) -> tuple[int, ...] | None:
+    """Each output's ``binary_data_size``; None if any came as JSON data."""
+    sizes = []
+    for output in pydantic_core.from_json(header).get("outputs", []):
+        size = (output.get("parameters") or {}).get("binary_data_size")
+        if type(size) is not int:
+            return None
+        sizes.append(size)
+    return tuple(sizes)
 
 
 def infer_response(name: str, reply: NodeReply) -> pb.ModelInferResponse:
@@ -271,7 +376,8 @@ class InferenceService:
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, *, timeout_ms: float | None = None
-    ) -> pb.ModelInferResponse:
+    ) -> bytes:
+        """The serialized ModelInferResponse (:func:`infer_response_bytes`)."""
         gateway = self.gateway
         name = request.model_name
         started = time.perf_counter()
@@ -284,7 +390,7 @@ class InferenceService:
             status = reply.status
             if reply.status != 200:
                 raise _from_reply(reply)
-            return infer_response(name, reply)
+            return infer_response_bytes(name, reply)
         except GatewayError as e:
             status = e.status
             raise
@@ -369,7 +475,7 @@ def _handler(service: InferenceService, method: str, *, admin_token: str | None)
     """The unary handler of ``method``: the request is parsed here (a malformed protobuf is
     INVALID_ARGUMENT), every error leaves as a status, never a traceback."""
     request_type = _MESSAGES[method][0]
-    call: Callable[..., Awaitable[Message]] = getattr(service, method)
+    call: Callable[..., Awaitable[Message | bytes]] = getattr(service, method)
     protected = admin_token is not None and method in _REPOSITORY_METHODS
     expected = f"Bearer {admin_token}"
     infer = method == "ModelInfer"
@@ -394,6 +500,8 @@ def _handler(service: InferenceService, method: str, *, admin_token: str | None)
                 response = await call(request)
         except Exception as e:
             raise _rpc_error(_status_of(e)) from None
+        if isinstance(response, bytes):  # ModelInfer writes its own
+            return response
         serialized: bytes = response.SerializeToString()
         return serialized
 

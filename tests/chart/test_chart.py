@@ -383,3 +383,33 @@ def test_nats_channel_deployed_or_pointed_at(render: Any) -> None:
     default = render()
     env = {e["name"] for e in _container(default, "Deployment", "-gateway")["env"]}
     assert "GPUFAAS_FSD_CHANNEL" not in env
+
+
+def test_managers_serve_the_framed_lane_on_their_tcp_port(render: Any, helm: Any) -> None:
+    """The gateway's fast lane (docs/dataplane.md): the manager listens for frames on
+    gpuManager.framedPort (advertised in its state, from which the gateway learns it), and the
+    port is declared on the container and the headless Service; 0 turns it off."""
+    docs = render()
+    container = _container(docs, "DaemonSet", "gpu-manager")
+    assert "--framed-port=8091" in container["args"]
+    assert "--host=0.0.0.0" in container["args"]  # reachable from the gateway's pods
+    assert {"name": "framed", "containerPort": 8091, "protocol": "TCP"} in container["ports"]
+    service = _find(docs, "Service", "gpu-manager")
+    assert {"name": "framed", "port": 8091, "targetPort": "framed", "protocol": "TCP"} in service[
+        "spec"
+    ]["ports"]
+
+    moved = _container(render(sets=["gpuManager.framedPort=9000"]), "DaemonSet", "gpu-manager")
+    assert "--framed-port=9000" in moved["args"]
+
+    off = render(sets=["gpuManager.framedPort=0"])
+    container = _container(off, "DaemonSet", "gpu-manager")
+    assert not [a for a in container["args"] if a.startswith("--framed-port")]
+    assert [p["name"] for p in container["ports"]] == ["http"]
+    assert [p["name"] for p in _find(off, "Service", "gpu-manager")["spec"]["ports"]] == ["http"]
+
+    for bad in ("gpuManager.framedPort=-1", "gpuManager.framedPort=70000"):
+        done = helm("template", "gf", str(CHART), "--set", bad)
+        assert done.returncode != 0 and "framedPort" in done.stderr, f"--set {bad} was accepted"
+    clash = helm("template", "gf", str(CHART), "--set", "gpuManager.framedPort=8090")
+    assert clash.returncode != 0 and "must differ" in clash.stderr

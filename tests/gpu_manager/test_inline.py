@@ -9,7 +9,7 @@ import pytest
 from gm_support import Model
 
 from gpufaas.gpu_manager import loader
-from gpufaas.gpu_manager.inline import WINDOW, InlineForwards
+from gpufaas.gpu_manager.inline import SPIKE, WINDOW, InlineForwards
 from gpufaas.gpu_manager.runtime import NodeRuntime
 
 
@@ -24,7 +24,14 @@ def test_inline_needs_a_full_window_of_fast_passes_a_landed_model_and_an_idle_de
     policy.running = 1
     assert not policy.inline("m", landed=True)  # another pass is running on the device
     policy.running = 0
-    policy.measured("m", 5.0)  # one slow pass sends it back to the thread
+    policy.measured("m", 5.0)  # one pass preempted on a busy host: still on the loop
+    assert policy.inline("m", landed=True)
+    policy.measured("m", 2.0)  # a second slow pass in the window sends it back to the thread
+    assert not policy.inline("m", landed=True)
+    for _ in range(WINDOW - 1):
+        policy.measured("m", 0.1)
+    assert policy.inline("m", landed=True)  # the window holds one slow pass again
+    policy.measured("m", SPIKE * 1.0)  # one pass ten times too slow sends it back at once
     assert not policy.inline("m", landed=True)
     assert not policy.inline("other", landed=True)
 
