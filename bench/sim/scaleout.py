@@ -204,6 +204,8 @@ def _manager_lookups(urls: list[str]) -> dict[str, float]:
 
 
 def _replica_counters(urls: list[str]) -> dict[str, float]:
+    """Every replica's counters, summed; ``miss:<cause>``: the gateways' misses by cause
+    (scheduler/misses.py)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {"forwarded": 0.0, "owned": 0.0, "events": 0.0, "overtakes": 0.0}
@@ -217,6 +219,10 @@ def _replica_counters(urls: list[str]) -> dict[str, float]:
         text = httpx.get(f"{url}/metrics", timeout=10).text
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
+                if sample.name == "gpufaas_gateway_misses_total":
+                    cause = f"miss:{sample.labels['cause']}"
+                    out[cause] = out.get(cause, 0.0) + sample.value
+                    continue
                 key = names.get(sample.name)
                 if key == "events" and sample.labels.get("direction") != "published":
                     continue
@@ -430,6 +436,11 @@ def _one(
         "owned": int(replicas_after["owned"] - replicas_before["owned"]),
         "events": int(replicas_after["events"] - replicas_before["events"]),
         "overtakes": int(replicas_after["overtakes"] - replicas_before["overtakes"]),
+        "miss_causes": {
+            k.removeprefix("miss:"): int(v - replicas_before.get(k, 0.0))
+            for k, v in sorted(replicas_after.items())
+            if k.startswith("miss:") and v - replicas_before.get(k, 0.0)
+        },
         "saturation_rps": ok / elapsed,
         "saturation_failed": failed,
         "gateway_cpu_ms_per_request": 1000 * gateway_cpu / ok if ok else math.nan,
