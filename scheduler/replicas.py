@@ -269,7 +269,7 @@ class Replicas:
         inference request for the peers (:class:`UseStream`), and return ``call`` with the
         request key a peer forwarded with this request, if any: the GPU manager then runs it at
         most once, even if the sender, its forward failed, sends it again (:meth:`place`)."""
-        if not _FORWARDED_IN.get() and call.path.endswith("/infer") and self.membership.peers:
+        if not _FORWARDED_IN.get() and call.path.endswith("/infer") and self._uses_wanted():
             self.uses.request(name)
             self._uses_soon()
         key = _REQUEST_KEY.get()
@@ -282,9 +282,15 @@ class Replicas:
     def touched(self, device_key: str, name: str) -> None:
         """A request for ``name`` was dispatched here to ``device_key`` as a hit: the peers
         mark it used there too (their LRU orders follow every replica's hits)."""
-        if self.membership.peers:
+        if self._uses_wanted():
             self.uses.touch(device_key, name)
             self._uses_soon()
+
+    def _uses_wanted(self) -> bool:
+        """Whether a peer decides evictions (with one leader, it alone needs the uses)."""
+        if not self.membership.peers:
+            return False
+        return self.ownership == "function" or self.owner("") != self.self_id
 
     def _uses_soon(self) -> None:
         if self._uses_due is None:
@@ -459,11 +465,17 @@ class Replicas:
 
     async def _send(self, events: list[dict[str, Any]], uses: dict[str, Any] | None) -> None:
         peers = [p for p in self.membership.peers.values() if p.reachable]
-
-        body = json.dumps({"from": self.self_id, "events": events, "uses": uses}).encode()
+        # Uses go only to whoever decides evictions (the leader, or with function ownership
+        # every peer); load events to every peer.
+        deciders = {self.owner("")} if self.ownership == "leader" else None
+        plain = json.dumps({"from": self.self_id, "events": events}).encode() if events else None
+        with_uses = json.dumps({"from": self.self_id, "events": events, "uses": uses}).encode()
         headers = {"Content-Type": "application/json"}
 
         async def one(peer_id: str) -> None:
+            body = with_uses if uses and (deciders is None or peer_id in deciders) else plain
+            if body is None:
+                return
             # The pooled transport, as forwards: an owner publishes while its misses are in
             # flight, and httpx would spend the loop's time they wait on.
             try:

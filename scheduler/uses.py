@@ -4,8 +4,9 @@ One gateway sees every request: its popularity estimates count them all, and its
 LRU order follows every hit, as the GPU manager's does. A replica sees only its own ingress, so
 the placement owner would rank eviction victims on 1/N of the stream and on an LRU order that
 misses the other replicas' hits (measured: every extra miss with replicas was a placement the
-owner decided, none a stale hit or a failed forward). So each replica sends its peers, with its
-residency events (batched within :data:`USE_FLUSH_S`):
+owner decided, none a stale hit or a failed forward). So each replica sends the replicas that
+decide evictions (the leader; with function ownership every peer), with its residency events
+(batched within :data:`USE_FLUSH_S`):
 
 - ``requests``: its client requests per model since the last batch (forwarded-in ones are the
   sender's, and counted there), which every peer feeds into its popularity estimates;
@@ -27,7 +28,7 @@ __all__ = ["USE_FLUSH_S", "UseStream"]
 
 # How long a replica gathers its uses into one post (load events go within 2 ms, and take
 # the uses gathered so far along).
-USE_FLUSH_S = 0.02
+USE_FLUSH_S = 0.05
 _MAX_TOUCHES = 4096  # per batch; beyond, the oldest are dropped (the LRU order keeps the last)
 _MAX_COUNT = 100_000  # per model per batch, from a peer
 
