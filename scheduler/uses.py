@@ -3,8 +3,8 @@
 One gateway sees every request: its popularity estimates count them all, and its directory's
 LRU order follows every hit, as the GPU manager's does. A replica sees only its own ingress, so
 the placement owner would rank eviction victims on 1/N of the stream and on an LRU order that
-misses the other replicas' hits (measured: every extra miss with replicas was a placement the
-owner decided, none a stale hit or a failed forward). So each replica sends the replicas that
+misses the other replicas' hits (measured: with replicas, every miss was a placement the owner
+decided; no stale hit, no placement after a failed forward). So each replica sends the replicas that
 decide evictions (the leader; with function ownership every peer), with its residency events
 (batched within :data:`USE_FLUSH_S`):
 

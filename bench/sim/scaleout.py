@@ -558,7 +558,7 @@ def run_scaleout(args: argparse.Namespace, *, wss: int) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     runs = result["runs"]
-    base = runs[0]
+    base = next((r for r in runs if r["gateways"] == 1), runs[0])
     lines = [
         "gateways  owner     slots  misses@mgr  vs 1   mean ms  p99 ms  vs 1   errors  fwd   owned  "
         "sat req/s  vs 1   gw cpu ms/req  mgr cpu ms/req",
@@ -631,8 +631,8 @@ def summarise(paths: list[Path]) -> str:
     ratios: dict[tuple[str, int], list[float]] = {}
     totals: dict[int, int] = {}
     for result in rounds:
-        runs = result["runs"]
-        base = runs[0]
+        runs = sorted(result["runs"], key=lambda r: r["gateways"])
+        base = runs[0]  # one gateway (rounds may run the counts in any order)
         for r in runs:
             n = r["gateways"]
             totals[n] = totals.get(n, 0) + r["misses_at_managers"]
