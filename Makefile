@@ -50,7 +50,8 @@ test: install-dev
 	$(BIN)/pytest -q $(ARGS)
 
 # Regenerate every figure of bench/RESULTS.md (stamped with commit, date, machine) and the plots.
-# make bench QUICK=1: smaller runs, no peers (<= 20 min on 2 cores).
+# make bench QUICK=1: smaller runs, no peers (<= 20 min on 2 cores), into NAME-quick blocks:
+# a quick run never rewrites a full block (the figures the README quotes).
 bench: install-dev
 	$(BIN)/python bench/make_bench.py $(if $(QUICK),--quick) $(ARGS)
 

@@ -21,9 +21,14 @@ own cheapest victims; in the simulator the GPU managers honour them) or ``lru``.
 ``--staged-nodes N`` gives LALB staged copies (#13): each model held in the host tier or on disk
 of N random nodes, so a load elsewhere is charged the artifact read.
 
+The stress case's tail depends on its seed (which models are hot, and how widely they are
+replicated), so it runs once per seed of ``--seeds`` (default 0,1,2,3) and reports each seed
+and the worst of them; the goal of issue #4 (p99 under 50 us) is checked against the worst.
+The simulated run uses the first seed.
+
     python bench/decision_cost.py                 # both scenarios, as tables
     python bench/decision_cost.py --scenario sim --json
-    python bench/decision_cost.py --scenario stress --victims lru
+    python bench/decision_cost.py --scenario stress --seeds 0,1,2,3,4,5 --victims lru
 """
 
 from __future__ import annotations
@@ -205,28 +210,53 @@ def sim_scenario(
 
 
 def stress_scenario(args: argparse.Namespace) -> dict[str, Any]:
+    """Per policy: each seed's figures, and the worst seed's (by CPU p99)."""
     results: dict[str, Any] = {}
     for policy in ("lb", "lalb", "lalb-o3"):
         for as_list, count in ((False, args.decisions), (True, args.list_decisions)):
             if count == 0:
                 continue
-            directory, table, sizes, popularity = build_cluster(
-                devices=args.devices, models=args.models, per_device=args.per_device, seed=args.seed
-            )
             label = f"{policy}{' (list)' if as_list else ''}"
-            results[label] = time_decisions(
-                policy,
-                directory=directory,
-                table=table,
-                sizes=sizes,
-                popularity=popularity,
-                decisions=count,
-                as_list=as_list,
-                victims=args.victims,
-                seed=args.seed,
-                staged_nodes=args.staged_nodes,
-            )
+            per_seed: dict[str, Any] = {}
+            for seed in args.seeds:
+                directory, table, sizes, popularity = build_cluster(
+                    devices=args.devices, models=args.models, per_device=args.per_device, seed=seed
+                )
+                per_seed[str(seed)] = time_decisions(
+                    policy,
+                    directory=directory,
+                    table=table,
+                    sizes=sizes,
+                    popularity=popularity,
+                    decisions=count,
+                    as_list=as_list,
+                    victims=args.victims,
+                    seed=seed,
+                    staged_nodes=args.staged_nodes,
+                )
+            worst = max(per_seed, key=lambda s: per_seed[s]["cpu_p99_us"])
+            results[label] = {
+                "seeds": per_seed,
+                "worst": {
+                    "seed": int(worst),
+                    "cpu_p50_us": max(r["cpu_p50_us"] for r in per_seed.values()),
+                    "cpu_p99_us": per_seed[worst]["cpu_p99_us"],
+                    "p99_us": max(r["p99_us"] for r in per_seed.values()),
+                },
+            }
     return results
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds are comma-separated integers, got {text!r}"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"give one or more distinct seeds, got {text!r}")
+    return seeds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="stress: each model has a host/disk copy on this many random nodes (LALB's staged)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=[0, 1, 2, 3],
+        help="comma-separated: the stress case runs once per seed (the sim, the first seed)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if min(args.devices, args.models, args.per_device, args.decisions, args.requests) < 1:
@@ -262,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             "devices": args.devices,
             "models": args.models,
             "victims": args.victims,
+            "seeds": args.seeds,
             "python": sys.version.split()[0],
         }
     }
@@ -271,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             models=args.models,
             requests=args.requests,
             victims=args.victims,
-            seed=args.seed,
+            seed=args.seeds[0],
         )
     if args.scenario in ("stress", "both"):
         out["stress"] = stress_scenario(args)
@@ -288,12 +324,21 @@ def main(argv: list[str] | None = None) -> int:
         for label, r in out["sim"].items():
             print(f"{label:<16}{r['cpu_p50_us']:>9.1f}{r['cpu_p99_us']:>9.1f}  {r['reasons']}")
     if "stress" in out:
-        print("\nstress: random loads, ~1 decision in 7 takes the slow path")
-        print(f"{'policy':<16}{'p50 us':>9}{'p99 us':>9}{'wall p99':>10}  decisions by reason")
-        for label, r in out["stress"].items():
+        print(f"\nstress: random loads, ~1 decision in 7 takes the slow path; seeds {args.seeds}")
+        print(
+            f"{'policy':<16}{'seed':>6}{'p50 us':>9}{'p99 us':>9}{'wall p99':>10}"
+            "  decisions by reason"
+        )
+        for label, runs in out["stress"].items():
+            for seed, r in runs["seeds"].items():
+                print(
+                    f"{label:<16}{seed:>6}{r['cpu_p50_us']:>9.1f}{r['cpu_p99_us']:>9.1f}"
+                    f"{r['p99_us']:>10.1f}  {r['reasons'] or ''}"
+                )
+            w = runs["worst"]
             print(
-                f"{label:<16}{r['cpu_p50_us']:>9.1f}{r['cpu_p99_us']:>9.1f}"
-                f"{r['p99_us']:>10.1f}  {r['reasons'] or ''}"
+                f"{label:<16}{'worst':>6}{w['cpu_p50_us']:>9.1f}{w['cpu_p99_us']:>9.1f}"
+                f"{w['p99_us']:>10.1f}  (p99 of seed {w['seed']}; p50: the largest)"
             )
     return 0
 

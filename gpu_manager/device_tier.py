@@ -47,6 +47,7 @@ from gpufaas.gpu_manager.devices import (
     is_out_of_memory,
 )
 from gpufaas.gpu_manager.disk_tier import DiskTier
+from gpufaas.gpu_manager.host_cache import ByteSeconds
 from gpufaas.gpu_manager.host_tier import HostModel, Skeleton
 from gpufaas.gpu_manager.inline import InlineForwards
 from gpufaas.gpu_manager.loader import (
@@ -201,6 +202,7 @@ class DeviceTier:
             on_change=self._notify,
         )
         self.shards = DeviceShards(tier=self.tier, stats=stats, device_id=info.id, name=self.name)
+        self.held = ByteSeconds()  # device GB-s on /metrics (#13), loading bytes included
         self.slots = asyncio.Semaphore(max_concurrency)
         self.inline = InlineForwards()  # tiny passes run on the loop, not in a thread
         self.max_concurrency = max_concurrency
@@ -274,6 +276,11 @@ class DeviceTier:
 
     def stats(self) -> TierStats:
         return self._stats.tier(self.name)
+
+    def gb_seconds(self) -> float:
+        """Bytes held on this device x seconds since start, in GB-s: levelled when bytes are
+        claimed for a load and at every change the tier reports (commit, release, retire)."""
+        return self.held.level(self.tier.lru.used_bytes) / 1e9
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -500,6 +507,7 @@ class DeviceTier:
                 for victim in self.tier.make_room(size, prefer=prefer):
                     self._stats.record_eviction(self.name, victim.size_bytes)
                 self.tier.reserve(model, loading, size_bytes=size)
+                self.held.level(self.tier.lru.used_bytes)
                 return
             except InsufficientCapacity as e:
                 remaining = deadline - time.monotonic()
@@ -564,6 +572,7 @@ class DeviceTier:
     def _notify(self) -> None:
         """Wake whoever waits for this tier to change (each waits on the event current when
         it looked)."""
+        self.held.level(self.tier.lru.used_bytes)
         self._changed.set()
         self._changed = asyncio.Event()
 

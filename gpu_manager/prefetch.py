@@ -13,6 +13,14 @@ that has not begun copying (filling the host tier, claiming room): the prefetch 
 releasing what it held, and counted ``preempted``; the gateway asks again later. A copy already
 under way finishes (a transfer cannot be paused). A failed prefetch (artifact gone, no room, any load error) is logged and
 counted in ``gpufaas_manager_prefetch_total{result}``; it never reaches a request.
+
+Precision is counted here too: ``gpufaas_manager_prefetch_used_total`` counts loaded prefetches
+whose copy a request used on that device before it left (a request that joined the copy while it
+was still loading counts); over ``gpufaas_manager_prefetch_total{result="loaded"}`` that is the
+fraction of prefetches that paid off. A copy that left unused (demoted, or evicted: the model's
+next request on that device had to load it again) is counted in
+``gpufaas_manager_prefetch_unused_total{why}``; one evicted and never asked for there again is in
+neither, so used / loaded is the precision and unused a lower bound of the waste.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ class PrefetchRuntime(Protocol):
 
     def on_load(self, listener: Callable[[str, str], None]) -> None: ...
 
+    def on_use(self, listener: Callable[[str, str], None]) -> None: ...
+
     def cancel_load(self, name: str, *, device_id: str) -> bool: ...
 
     def unload(self, name: str, *, device_id: str | None) -> list[str]: ...
@@ -71,6 +81,14 @@ def device_room(state: NodeState, device: str) -> tuple[bool, int] | None:
     return not loading, row.free_cache_bytes
 
 
+def holds(state: NodeState, device: str, model: str) -> bool:
+    """Whether ``model`` is on ``device`` (resident or arriving)."""
+    try:
+        return any(r.model == model for r in state.device(device).residents)
+    except KeyError:
+        return False
+
+
 class Prefetcher:
     """A bounded queue of prefetches run one at a time, and demotions run at once."""
 
@@ -80,16 +98,34 @@ class Prefetcher:
         self.worker: asyncio.Task[None] | None = None
         self.running: PrefetchJob | None = None
         self._preempted = False
+        # prefetched copies (model, device) no request has used yet; the running prefetch's
+        # key once a request joined it
+        self.unused: set[tuple[str, str]] = set()
+        self._joined: set[tuple[str, str]] = set()
         runtime.on_load(self._yield_to)
+        runtime.on_use(self._used)
         self.results = Counter(
             "gpufaas_manager_prefetch",
             "Prefetches by outcome: loaded, busy (a load in flight), no-room, failed, dropped,"
-            " preempted (a request's load came first)",
+            " preempted (a request's load came first), resident (already there)",
             ["result"],
             registry=registry,
         )
         self.demotions = Counter(
             "gpufaas_manager_demotions", "Device copies demoted to the host tier", registry=registry
+        )
+        self.used = Counter(
+            "gpufaas_manager_prefetch_used",
+            "Prefetched copies a request used on their device before they left it (precision:"
+            " over prefetches loaded)",
+            registry=registry,
+        )
+        self.wasted = Counter(
+            "gpufaas_manager_prefetch_unused",
+            "Prefetched copies that left their device before any request used them: demoted, or"
+            " evicted (seen when the model's next request there had to load it again)",
+            ["why"],
+            registry=registry,
         )
 
     def submit(self, job: PrefetchJob) -> bool:
@@ -109,17 +145,44 @@ class Prefetcher:
         while True:
             job = await queue.get()
             try:
-                self.results.labels(await self.run(job)).inc()
+                result = await self.run(job)
+                self.results.labels(result).inc()
+                self._settle(job, loaded=result == "loaded")
             finally:
                 queue.task_done()
+
+    def _settle(self, job: PrefetchJob, *, loaded: bool) -> None:
+        """After a prefetch: used already if a request joined it, else awaiting its first use."""
+        key = (job.model, job.device)
+        joined = key in self._joined
+        self._joined.discard(key)
+        if not loaded:
+            return
+        if joined:
+            self.used.inc()
+        else:
+            self.unused.add(key)
+
+    def _used(self, model: str, device: str) -> None:
+        """A request holds ``model`` on ``device``."""
+        key = (model, device)
+        job = self.running
+        if job is not None and (job.model, job.device) == key:
+            self._joined.add(key)  # it joined the copy under way
+        elif key in self.unused:
+            self.unused.discard(key)
+            self.used.inc()
 
     async def run(self, job: PrefetchJob) -> str:
         """One prefetch, now: its outcome (never raises)."""
         try:
-            room = device_room(self.runtime.state(), job.device)
+            state = self.runtime.state()
+            room = device_room(state, job.device)
             if room is None:
                 logger.warning("prefetch of %s: no device %s on this node", job.model, job.device)
                 return "failed"
+            if holds(state, job.device, job.model):
+                return "resident"  # a request loaded it first: nothing to prefetch
             quiet, free = room
             if not quiet:
                 return "busy"
@@ -144,6 +207,12 @@ class Prefetcher:
         """A load of ``model`` started on ``device``: a prefetch of another model there that
         has not begun copying is cancelled (the request's load takes the link and the room)."""
         job = self.running
+        if (model, device) in self.unused and (
+            job is None or (job.model, job.device) != (model, device)
+        ):
+            # the model loads there again: the prefetched copy left before any request used it
+            self.unused.discard((model, device))
+            self.wasted.labels("evicted").inc()
         if job is None or job.device != device or job.model == model:
             return
         if self.runtime.cancel_load(job.model, device_id=job.device):
@@ -153,6 +222,9 @@ class Prefetcher:
         dropped = self.runtime.unload(model, device_id=device)
         if dropped:
             self.demotions.inc()
+        if (model, device) in self.unused:
+            self.unused.discard((model, device))
+            self.wasted.labels("demoted").inc()
         return dropped
 
 

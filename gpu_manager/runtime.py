@@ -97,6 +97,9 @@ class NodeRuntime:
         self.stats = CacheStats(("device", "host", "disk"))
         self.loads = LoadLog()
         self.batchers: dict[tuple[str, str], Batcher[InferOutcome | RuntimeFailure]] = {}
+        # called with (model, device id) when a request's batch holds a model (#13: prefetch
+        # precision is counted at the node)
+        self.use_listeners: list[Callable[[str, str], None]] = []
         self.prepare_on_register = prepare_on_register
         self._background: set[asyncio.Task[Any]] = set()
         self._preparing = asyncio.Semaphore(1)  # one registration prepared at a time
@@ -207,6 +210,11 @@ class NodeRuntime:
         for device_id, device in self.devices.items():
             device.load_listeners.append(functools.partial(_with_device, listener, device_id))
 
+    def on_use(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(model, device id)`` whenever a request's batch holds a model on a
+        device (resident, arriving, or loaded for it)."""
+        self.use_listeners.append(listener)
+
     def cancel_load(self, name: str, *, device_id: str) -> bool:
         """Cancel a load of ``name`` on the device before it copies, if nothing else awaits it."""
         return self.device(device_id).cancel_start(name)
@@ -282,6 +290,8 @@ class NodeRuntime:
         spec = self.spec(name)
         started = time.perf_counter()
         held = await device.acquire(name, spec, prefer=evict_first)
+        for listener in self.use_listeners:
+            listener(name, device.info.id)
         with held as model:
             async with device.slots:
                 results: list[ForwardResult | RuntimeFailure] = []

@@ -122,6 +122,11 @@ class _StateCollector(Collector):
             "Host-tier memory-time: bytes held x seconds, in GB-s (#13)",
             value=self.runtime.host.gb_seconds(),
         )
+        device_held = CounterMetricFamily(
+            "gpufaas_device_tier_gb_seconds",
+            "Device memory-time: bytes of models held (loading included) x seconds, in GB-s (#13)",
+            labels=["device"],
+        )
         load_bytes = CounterMetricFamily(
             "gpufaas_manager_load_bytes", "Bytes copied onto devices, per path", labels=["path"]
         )
@@ -137,6 +142,7 @@ class _StateCollector(Collector):
             free.add_metric([i.id], live_free if live_free is not None else d.tier.lru.free_bytes)
             used.add_metric([i.id], d.tier.lru.used_bytes)
             residents.add_metric([i.id], len(d.tier))
+            device_held.add_metric([i.id], d.gb_seconds())
             if "generation" in i.pcie:
                 pcie_generation.add_metric([i.id], i.pcie["generation"])
             if "width" in i.pcie:
@@ -160,7 +166,7 @@ class _StateCollector(Collector):
             load_seconds.add_metric([path], totals.seconds)
         yield from (info, capacity, total, free, used, residents, pcie_generation, pcie_width)
         yield from (pcie_limit, peer, host, host_residents, disk, load_bytes, load_seconds)
-        yield host_held
+        yield from (host_held, device_held)
 
 
 def failure_response(failure: RuntimeFailure) -> Response:

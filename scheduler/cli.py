@@ -73,23 +73,72 @@ def _add_prefetch_options(parser: argparse.ArgumentParser) -> None:
     # Predictive residency (#13, docs/prediction.md).
     parser.add_argument(
         "--prefetch",
-        choices=("off", "predictive", "hybrid"),
+        choices=("off", "predictive", "hybrid", "keepalive"),
         default="off",
-        help="learn arrivals; demote and prefetch models ahead of requests",
+        help="learn arrivals; demote and prefetch models ahead of requests (keepalive: demote "
+        "after a fixed idle time, never prefetch)",
     )
     parser.add_argument(
         "--prefetch-state", type=Path, default=None, help="file the arrival model persists to"
     )
+    parser.add_argument(
+        "--prefetch-param",
+        action="append",
+        default=[],
+        metavar="NAME=NUMBER",
+        help="a parameter of the residency policy, e.g. device_price=0.1 or keepalive_s=600 "
+        "(repeatable; docs/prediction.md)",
+    )
+    parser.add_argument(
+        "--prefetch-time-scale",
+        type=float,
+        default=1.0,
+        help="run the policy's clock this many times faster than wall time (a compressed trace "
+        "replay, bench/predict_live.py); 1: real time",
+    )
+    parser.add_argument(
+        "--prefetch-demote-only",
+        action="store_true",
+        help="learn and demote, never prefetch (the ablation of the warm-p99 goal)",
+    )
+
+
+def prefetch_params(items: Sequence[str]) -> dict[str, float]:
+    """``["name=number", ...]`` -> ``{name: number}``; a clear error for anything else."""
+    params: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            params[name.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"--prefetch-param: expected NAME=NUMBER, got {item!r}") from None
+    return params
 
 
 def enable_prefetch_option(gateway: Gateway, args: argparse.Namespace) -> None:
     if args.prefetch == "off":
         return
+    from gpufaas.cache.arrivals import ArrivalError
     from gpufaas.cache.arrivals import make_policy as make_residency_policy
     from gpufaas.scheduler.prefetch import enable_prefetch
 
+    # the options added for the live replay (#13) have defaults for callers that predate them
+    time_scale = float(getattr(args, "prefetch_time_scale", 1.0))
+    if not (time_scale > 0 and time_scale < float("inf")):
+        raise SystemExit(f"--prefetch-time-scale must be > 0, got {time_scale}")
+    try:
+        params = prefetch_params(getattr(args, "prefetch_param", []))
+        policy = make_residency_policy(args.prefetch, **params)
+    except (ArrivalError, TypeError) as e:
+        raise SystemExit(f"--prefetch {args.prefetch}: {e}") from None
     enable_prefetch(
-        gateway, policy=make_residency_policy(args.prefetch), state_file=args.prefetch_state
+        gateway,
+        policy=policy,
+        state_file=args.prefetch_state,
+        time_scale=time_scale,
+        prefetch=not getattr(args, "prefetch_demote_only", False),
     )
 
 

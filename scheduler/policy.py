@@ -179,6 +179,11 @@ def _pick_min(values: FloatArray | IntArray, rng: random.Random) -> int:
 
 
 _RESIDENT = Residency.RESIDENT
+# LALB's search for a device to load on (LocalityAware._non_holders): after this many holders
+# among the least-waiting devices, the devices within the best holder's cost are found in bulk,
+# and sorted in one go if there are at most _DIRECT_WALK of them.
+_HOLDERS_BEFORE_BULK = 8
+_DIRECT_WALK = 128
 
 
 # -- policies --------------------------------------------------------------------------------------
@@ -446,10 +451,8 @@ class LocalityAware:
         best_cost = bound
         tried = 0
         staged_tried = False
-        for i in self._least_loaded(columns):
+        for i in self._non_holders(columns, holders, load_ms=load_ms, bound=bound):
             key = keys[i]
-            if key in holders:
-                continue
             floor = wait_ms.item(i) + load_ms
             if floor > best_cost or (floor == best_cost and not directory.has_slices):
                 break  # waits only grow from here: nothing later can be cheaper
@@ -522,32 +525,65 @@ class LocalityAware:
         except UnknownKey:
             return None
 
-    def _least_loaded(self, columns: _Columns) -> Iterator[int]:
-        """Device positions by increasing wait; stops at a non-finite wait.
+    def _non_holders(
+        self, columns: _Columns, holders: Collection[str], *, load_ms: float, bound: float
+    ) -> Iterator[int]:
+        """Positions of the devices not in ``holders``, by increasing wait: every one whose
+        wait plus ``load_ms`` is at most ``bound`` (only those can beat the best holder), then
+        perhaps more; it stops at a non-finite wait.
 
         Lazily: a decision usually needs only the first ``candidates``, more when those hold
         the model already or are full of pinned models. A :class:`DeviceTable` keeps the first
-        few ready (:meth:`DeviceTable.least_waiting`); after those (or for a plain list), by
-        partial sorts of growing size. Each round takes the ``size`` smallest waits
-        (``argpartition``), so a position not taken yet waits at least as long as every one
-        yielded: the order never goes back, and no position comes twice. Among equal waits the
-        order is unspecified, which spreads loads well enough: a device that takes one is no
-        longer idle.
+        few ready (:meth:`DeviceTable.least_waiting`), popped from a heap. Once
+        ``_HOLDERS_BEFORE_BULK`` of those turn out to be holders (a widely replicated model
+        fills the least-waiting devices), or after them, the devices left within the bound
+        are found by one vector comparison and, if few, sorted at once: the holders among them
+        are skipped without any device beyond the bound being looked at. Without a bound
+        (nobody holds the model), or with many devices within it, partial sorts of growing
+        size: each round takes the ``size`` smallest waits (``argpartition``), so a position
+        not taken yet waits at least as long as every one yielded.
+
+        The order never goes back, and no position comes twice. Among equal waits it is
+        unspecified (by position, except across the heap's last wait), which spreads loads
+        well enough: a device that takes one is no longer idle.
         """
         wait_ms = columns.wait_ms
-        n = len(wait_ms)
-        seen: set[int] = set()
+        keys = columns.keys
+        seen: list[int] = []
         if columns.table is not None:
-            # Popped from a heap: a decision usually takes two or three of them.
             heap = columns.table.least_waiting(at_least=self.candidates)
             heapq.heapify(heap)
             pop = heapq.heappop
+            skipped = 0
             while heap:
                 wait, i = pop(heap)
                 if not math.isfinite(wait):
                     return
-                seen.add(i)
-                yield i
+                seen.append(i)
+                if keys[i] not in holders:
+                    yield i
+                elif (skipped := skipped + 1) == _HOLDERS_BEFORE_BULK and math.isfinite(bound):
+                    break  # the rest of the heap is within the bulk below
+        if not math.isfinite(bound):
+            yield from self._rounds(wait_ms, keys, holders, seen=set(seen))
+            return
+        within = wait_ms + load_ms <= bound  # a new array; computed as _place computes a floor
+        if seen:
+            within[seen] = False
+        positions = np.flatnonzero(within)
+        if len(positions) <= _DIRECT_WALK:
+            ordered = positions[np.argsort(wait_ms[positions], kind="stable")].tolist()
+            yield from (i for i in ordered if keys[i] not in holders)
+        else:
+            waits = np.where(within, wait_ms, math.inf)  # the rest: as if they were busy forever
+            yield from self._rounds(waits, keys, holders, seen=set())
+
+    def _rounds(
+        self, wait_ms: FloatArray, keys: list[str], holders: Collection[str], *, seen: set[int]
+    ) -> Iterator[int]:
+        """Positions not in ``seen`` whose keys are not in ``holders``, by increasing finite
+        wait, by partial sorts of growing size (see :meth:`_non_holders`)."""
+        n = len(wait_ms)
         size = self.candidates
         while size <= len(seen) and size < n:
             size *= 8
@@ -567,7 +603,8 @@ class LocalityAware:
                 if not math.isfinite(wait_ms.item(i)):
                     return
                 seen.add(i)
-                yield i
+                if keys[i] not in holders:
+                    yield i
             size *= 8
 
 

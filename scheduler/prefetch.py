@@ -57,9 +57,27 @@ class Action:
 
 @dataclasses.dataclass(frozen=True)
 class PrefetchConfig:
+    """``tick_s`` and ``save_every_s`` are in the policy's seconds. ``time_scale`` compresses
+    time for a replay (``bench/predict_live.py``): the policy's clock runs ``time_scale`` times
+    faster than the wall clock, so its 1-minute bins and 10-minute keep-alives last
+    ``1/time_scale`` as long, the tick comes every ``tick_s / time_scale`` wall seconds, and a
+    load's wall milliseconds count ``time_scale`` times. ``prefetch`` False: demote only (the
+    ablation for the warm-p99 goal)."""
+
     tick_s: float = 5.0
     state_file: Path | None = None
     save_every_s: float = 60.0
+    time_scale: float = 1.0
+    prefetch: bool = True
+
+
+def scaled_clock(time_scale: float) -> Callable[[], float]:
+    """Wall seconds times ``time_scale`` (the wall clock itself at 1)."""
+    if not (time_scale > 0 and time_scale < float("inf")):
+        raise ValueError(f"time_scale must be a positive number, got {time_scale!r}")
+    if time_scale == 1.0:
+        return time.time
+    return lambda: time.time() * time_scale
 
 
 def plan(
@@ -121,19 +139,20 @@ class PrefetchDriver:
         reload_ms: Callable[[str, int], float],
         registry: CollectorRegistry,
         config: PrefetchConfig | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.policy = policy
         self.directory = directory
         self.send = send
         self.sizes = sizes
-        self.reload_ms = reload_ms
         self.config = config or PrefetchConfig()
-        self.clock = clock
+        scale = self.config.time_scale
+        self.reload_ms = reload_ms if scale == 1.0 else lambda m, b: reload_ms(m, b) * scale
+        self.clock = clock or scaled_clock(scale)
         self.last_device: dict[str, str] = {}
         self.prefetched: set[tuple[str, str]] = set()  # (model, device) not yet used
         self._memory_at: float | None = None
-        self._saved_at = clock()
+        self._saved_at = self.clock()
         self.requests = Counter(
             "gpufaas_prediction_requests", "Requests fed to the arrival model", registry=registry
         )
@@ -184,7 +203,7 @@ class PrefetchDriver:
             self.policy,
             self.directory,
             now_s=now,
-            sizes=self.sizes(),
+            sizes=self.sizes() if self.config.prefetch else {},
             reload_ms=self.reload_ms,
             last_device=self.last_device,
         )
@@ -222,7 +241,9 @@ class PrefetchDriver:
         try:
             while not stopping.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), timeout=self.config.tick_s)
+                    await asyncio.wait_for(
+                        stopping.wait(), timeout=self.config.tick_s / self.config.time_scale
+                    )
                 if stopping.is_set():
                     break
                 try:
@@ -266,6 +287,8 @@ def enable_prefetch(
     policy: ResidencyPolicy,
     state_file: Path | None = None,
     tick_s: float = 5.0,
+    time_scale: float = 1.0,
+    prefetch: bool = True,
 ) -> PrefetchDriver:
     """Attach a driver to ``gateway``: it sees every request and runs as a background task."""
     cluster = gateway.cluster
@@ -297,7 +320,9 @@ def enable_prefetch(
         sizes=sizes,
         reload_ms=reload_ms,
         registry=gateway.metrics.registry,
-        config=PrefetchConfig(tick_s=tick_s, state_file=state_file),
+        config=PrefetchConfig(
+            tick_s=tick_s, state_file=state_file, time_scale=time_scale, prefetch=prefetch
+        ),
     )
     gateway.prefetch = driver
     gateway.background.append(driver.run)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpufaas.cache import ClusterDirectory, InsufficientCapacity
+from gpufaas.scheduler import policy as policy_module
 from gpufaas.scheduler.estimates import Estimates, EwmaLine
 from gpufaas.scheduler.policy import (
     POLICIES,
@@ -410,16 +412,19 @@ def reference_choice(
     victim_weight: float = 2.0,
     staged: frozenset[str] = frozenset(),
     fetch_ms_per_byte: float = 1 / 2e6,
+    hit_waits: dict[str, float] | None = None,
 ) -> tuple[str, str, list[str]]:
     """``(device, reason, victims)`` by the rule in docs/scheduling.md, written for clarity:
     every device scanned, every candidate's plan made (waits distinct, no holder sampling).
-    ``staged``: the nodes holding a host-tier or disk copy of the requested model."""
+    ``staged``: the nodes holding a host-tier or disk copy of the requested model.
+    ``hit_waits``: a holder's wait for a request needing no load (default: ``waits``)."""
     model, size = request.model, request.size_bytes
     load_ms = est.load_ms(model, size_bytes=size)
     holder_ids = set(directory.holder_ids(model))
     holders = [k for k in waits if k in holder_ids]
-    holder = min(holders, key=waits.__getitem__, default=None)
-    holder_cost = waits[holder] if holder is not None else math.inf
+    hit = waits if hit_waits is None else hit_waits
+    holder = min(holders, key=hit.__getitem__, default=None)
+    holder_cost = hit[holder] if holder is not None else math.inf
     if holder is not None and holder_cost <= min(waits.values()) + load_ms:
         return holder, "holder", []
 
@@ -556,6 +561,132 @@ def test_lalb_decides_as_the_documented_rule(
         victim_weight=victim_weight,
         staged=staged,
         fetch_ms_per_byte=fetch_ms_per_byte,
+    )
+    assert (decision.device, decision.reason, list(decision.victims)) == expected
+
+
+# -- the search for a device to load on, past many holders ---------------------------------------
+# A widely replicated model fills the least-waiting devices with its holders; the walk skips
+# them in bulk (LocalityAware._non_holders). These tests restate the walk as a plain scan, with
+# the bulk thresholds forced low and high so that every path of the walk is taken.
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    data=st.data(),
+    n=st.integers(1, 160),
+    density=st.sampled_from([0.0, 0.3, 0.9, 1.0]),
+    direct=st.sampled_from([0, 3, 128]),
+    before_bulk=st.sampled_from([1, 8]),
+    candidates=st.sampled_from([1, 4]),
+    as_table=st.booleans(),
+)
+def test_the_candidate_walk_is_the_non_holders_by_wait(
+    data: st.DataObject,
+    n: int,
+    density: float,
+    direct: int,
+    before_bulk: int,
+    candidates: int,
+    as_table: bool,
+) -> None:
+    # Waits with many ties (at the table's bound too) and some devices busy forever.
+    value = st.one_of(st.sampled_from([0.0, 1.0, 2.5, 2.5, 10.0, math.inf]), st.floats(0, 20))
+    waits = data.draw(st.lists(value, min_size=n, max_size=n), label="waits")
+    table = DeviceTable([DeviceLoad(f"d{i}", 0, queue_ms=w) for i, w in enumerate(waits)])
+    churn = st.tuples(st.integers(0, n - 1), st.sampled_from([-5.0, -1.0, 2.5, 5.0]), st.booleans())
+    for i, delta, ask in data.draw(st.lists(churn, max_size=40), label="churn"):
+        table.adjust(f"d{i}", queue_ms=delta)  # the table's least-waiting set goes partly stale
+        if ask:
+            table.least_waiting(at_least=candidates)
+    rand = data.draw(st.randoms(use_true_random=False), label="holders")
+    holders = {k for k in table.keys if rand.random() < density}
+    load_ms = data.draw(st.sampled_from([0.0, 1.0, 7.5]), label="load_ms")
+    waits = table.queue_ms.tolist()
+    exact = [w + load_ms for w in waits if math.isfinite(w)]  # bounds tied with a floor
+    bound = data.draw(
+        st.one_of(st.just(math.inf), st.sampled_from(exact or [0.0]), st.floats(0, 30)),
+        label="bound",
+    )
+    policy = LocalityAware(seed=0, candidates=candidates)
+    devices = table if as_table else list(table)
+    columns = policy_module._columns(devices, per_request_ms=1.0)
+    with (
+        mock.patch.object(policy_module, "_DIRECT_WALK", direct),
+        mock.patch.object(policy_module, "_HOLDERS_BEFORE_BULK", before_bulk),
+    ):
+        walk = list(policy._non_holders(columns, holders, load_ms=load_ms, bound=bound))
+
+    keys = table.keys
+    plain = sorted(  # the plain scan: every device not holding the model, by wait
+        (i for i in range(len(keys)) if keys[i] not in holders and math.isfinite(waits[i])),
+        key=waits.__getitem__,
+    )
+    assert len(set(walk)) == len(walk), "a device came twice"
+    assert not [i for i in walk if keys[i] in holders], "a holder was not skipped"
+    assert [waits[i] for i in walk] == [waits[i] for i in plain][: len(walk)], "out of order"
+    within = {i for i in plain if waits[i] + load_ms <= bound}
+    assert within <= set(walk), "a device that could beat the bound was skipped"
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    data=st.data(),
+    n_devices=st.integers(25, 70),
+    density=st.sampled_from([0.5, 0.9, 1.0]),
+    victims=st.sampled_from(["lru", "value"]),
+    candidates=st.sampled_from([1, 4]),
+    spread=st.sampled_from([20.0, 200.0]),
+)
+def test_lalb_decides_as_the_documented_rule_past_many_holders(
+    data: st.DataObject,
+    n_devices: int,
+    density: float,
+    victims: str,
+    candidates: int,
+    spread: float,
+) -> None:
+    # A hot model on most devices; a holder's wait for a hit (a free slot) is below its queue
+    # wait, so holders sit among the devices a load elsewhere could beat, in wait order.
+    keys = [f"n{i % 8}/{i}" for i in range(n_devices)]
+    directory = cluster(*keys, capacity=10 * MB)
+    models = [f"m{i}" for i in range(12)]
+    rand = data.draw(st.randoms(use_true_random=False), label="layout")
+    sizes = {m: rand.choice([1, 2, 3, 5]) * MB for m in models}
+    est = Estimates()
+    for m in models:
+        est.observe_load(m, size_bytes=sizes[m], load_ms=rand.uniform(0.5, 40))
+    for _ in range(60):
+        est.observe_request(rand.choice(models[:4]))
+    for key in keys:
+        if rand.random() < density:
+            directory.note_loaded(key, "m0", size_bytes=sizes["m0"])
+        for m in rand.sample(models[1:], 6):
+            if directory.free_bytes(key) >= sizes[m]:
+                if rand.random() < 0.2:
+                    directory.note_dispatch(key, m, size_bytes=sizes[m])  # loading: pinned
+                else:
+                    directory.note_loaded(key, m, size_bytes=sizes[m])
+    unique = st.lists(st.floats(0, spread), min_size=n_devices, max_size=n_devices, unique=True)
+    waits = dict(zip(keys, data.draw(unique, label="waits"), strict=True))
+    hits = dict(zip(keys, data.draw(unique, label="hit waits"), strict=True))
+    table = DeviceTable([DeviceLoad(k, 0, queue_ms=spread * 2) for k in keys])
+    for key in rand.sample(keys, len(keys)):  # the final waits, set in a random order
+        table.update(key, queue_ms=waits[key], hit_wait_ms=hits[key])
+        if rand.random() < 0.3:
+            table.least_waiting(at_least=candidates)
+    model = "m0" if rand.random() < 0.8 else rand.choice(models)
+    request = RouteRequest(model=model, size_bytes=sizes[model])
+    policy = LocalityAware(
+        seed=0,
+        estimates=est,
+        victims=victims,  # type: ignore[arg-type]
+        candidates=candidates,
+        holder_sample=1000,  # no sampling: every holder is looked at
+    )
+    decision = policy.decide(request, table, directory)
+    expected = reference_choice(
+        request, waits, directory, est, victims=victims, candidates=candidates, hit_waits=hits
     )
     assert (decision.device, decision.reason, list(decision.victims)) == expected
 
