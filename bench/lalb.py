@@ -441,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; choose from {list(POLICIES)}")
+    if args.summarise:
+        from sim.scaleout import summarise
+
+        print(summarise(args.summarise))
+        return 0
     if args.mode == "live" and args.gateways:
         from sim.scaleout import run_scaleout
         from sim.scaleout import table as scaleout_table

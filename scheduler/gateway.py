@@ -79,6 +79,7 @@ from gpufaas.scheduler.coordinator import ShardedFunctions
 from gpufaas.scheduler.dispatch import DeviceGone, DeviceLoad, Dispatcher, Job, QueueFull
 from gpufaas.scheduler.estimates import Estimates
 from gpufaas.scheduler.lanes import NodeCall, NodeLanes
+from gpufaas.scheduler.misses import MissCauses
 from gpufaas.scheduler.policy import Decision, NoDevice, Policy, RouteRequest
 from gpufaas.scheduler.prefetch import PrefetchDriver
 from gpufaas.scheduler.transport import NodeReply, NodeUnreachable
@@ -288,6 +289,7 @@ class Gateway:
         self.functions: dict[str, InferenceFunction] = {}
         self.model_bytes: dict[str, int] = {}
         self.metrics = Metrics(policy=policy.name)
+        self.misses = MissCauses(self.metrics.registry)  # each miss's cause (scale-out, #16)
         self.estimates: Estimates = getattr(policy, "estimates", None) or Estimates()
         self.dispatcher = Dispatcher(
             mode=policy.dispatch,
@@ -489,7 +491,10 @@ class Gateway:
                 device = self.cluster.devices[decision.device]
                 tried.add(device.key)
                 directory = self.cluster.directory
-                if self.replicas is not None and directory.state(device.key, name) is None:
+                view = directory.state(device.key, name)  # for the miss's cause (misses.py)
+                held_elsewhere = view is None and len(directory.holder_ids(name)) > 0
+                forward_failed = False
+                if self.replicas is not None and view is None:
                     # A residency decision: the placement owner makes it (scale-out).
                     size = self.model_bytes.get(name, 0)
                     placed = await self.replicas.place(
@@ -498,6 +503,9 @@ class Gateway:
                     if placed.reply is not None:
                         return placed.reply
                     call = placed.call  # keyed, if a forward failed: a manager runs it once
+                    forward_failed = placed.forward_failed
+                elif self.replicas is not None:
+                    self.replicas.touched(device.key, name)  # the peers' LRU orders follow it
                 try:
                     reply = await self._run_on(device, name, decision, call, deadline=deadline)
                 except DeviceGone as e:
@@ -513,6 +521,13 @@ class Gateway:
                     last_error = e
                     continue
                 learn_from_reply(self, device, name, reply)
+                if reply.status == 200 and reply.headers.get(CACHE_HEADER) != "hit":
+                    self.misses.note(
+                        view=view,
+                        held_elsewhere=held_elsewhere,
+                        forwarded_in=self.replicas is not None and self.replicas.forwarded_in(),
+                        forward_failed=forward_failed,
+                    )
                 return reply
         raise Unavailable(f"no GPU manager could serve {name!r}: {last_error}")
 

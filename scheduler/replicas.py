@@ -32,7 +32,6 @@ peers back and pick up membership changes.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import contextvars
 import json
@@ -66,6 +65,7 @@ from gpufaas.scheduler.lanes import NodeCall
 from gpufaas.scheduler.peers import EVENTS_PATH, HEARTBEAT_PATH, PEER_PATHS, Membership
 from gpufaas.scheduler.ring import Ring
 from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
+from gpufaas.scheduler.uses import USE_FLUSH_S, UseStream
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -121,6 +121,7 @@ class Placement:
 
     reply: NodeReply | None
     call: NodeCall
+    forward_failed: bool = False  # the owner was not reached: placed here (misses.py's cause)
 
 
 class ReplicaMetrics:
@@ -214,11 +215,9 @@ class Replicas:
         # Forwards go over the gateway's pooled HTTP/1.1 transport (httptools), as requests to
         # the GPU managers do: httpx costs a forward about as much as the rest of the hop.
         self._pools: dict[str, NodePool] = {}
-        # Popularity across replicas: this replica's client requests per model (cumulative,
-        # in its heartbeat), and how many of each peer's it has taken in already.
-        self._ingress: collections.Counter[str] = collections.Counter()
-        self._absorbed: dict[str, dict[str, int]] = {}
-        self.observe_requests = observe_requests
+        # The merged stream: this replica's requests and hits for the peers, theirs here.
+        self.uses = UseStream(directory=directory, observe_requests=observe_requests)
+        self._uses_due: asyncio.TimerHandle | None = None
         self._outbox: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
         self.metrics.cluster_misses.set_function(self.cluster_misses)
@@ -267,17 +266,35 @@ class Replicas:
 
     def begin(self, name: str, call: NodeCall) -> NodeCall:
         """At the start of the gateway's request path (HTTP and gRPC alike): count a client's
-        inference request for the peers (:meth:`request_counts`), and return ``call`` with the
+        inference request for the peers (:class:`UseStream`), and return ``call`` with the
         request key a peer forwarded with this request, if any: the GPU manager then runs it at
         most once, even if the sender, its forward failed, sends it again (:meth:`place`)."""
-        if not _FORWARDED_IN.get() and call.path.endswith("/infer"):
-            self._ingress[name] += 1
+        if not _FORWARDED_IN.get() and call.path.endswith("/infer") and self._uses_wanted():
+            self.uses.request(name)
+            self._uses_soon()
         key = _REQUEST_KEY.get()
         if key is None or call.headers.get(REQUEST_KEY_HEADER) == key:
             return call
         # No framed InferHead on a keyed call: the key rides as an HTTP header, and the
         # manager's HTTP route is where a key runs once (the framed lane carries no key).
         return NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
+
+    def touched(self, device_key: str, name: str) -> None:
+        """A request for ``name`` was dispatched here to ``device_key`` as a hit: the peers
+        mark it used there too (their LRU orders follow every replica's hits)."""
+        if self._uses_wanted():
+            self.uses.touch(device_key, name)
+            self._uses_soon()
+
+    def _uses_wanted(self) -> bool:
+        """Whether a peer decides evictions (with one leader, it alone needs the uses)."""
+        if not self.membership.peers:
+            return False
+        return self.ownership == "function" or self.owner("") != self.self_id
+
+    def _uses_soon(self) -> None:
+        if self._uses_due is None:
+            self._uses_due = asyncio.get_running_loop().call_later(USE_FLUSH_S, self._wake.set)
 
     def _owner_elsewhere(self, name: str) -> str | None:
         if _FORWARDED_IN.get():
@@ -344,7 +361,7 @@ class Replicas:
             if recovered is not None:
                 self.metrics.recovered.inc()
                 return Placement(reply=recovered, call=keyed)
-            return Placement(reply=None, call=keyed)
+            return Placement(reply=None, call=keyed, forward_failed=True)
         finally:
             if not sending.done():
                 sending.cancel()
@@ -437,16 +454,28 @@ class Replicas:
             )
             if self._outbox:
                 self._wake.set()
-            if events:
-                await self._send(events)
+            uses = None
+            if self.uses:  # they ride along with the load events, or go on their own
+                uses = self.uses.take()
+                if self._uses_due is not None:
+                    self._uses_due.cancel()
+                    self._uses_due = None
+            if events or uses:
+                await self._send(events, uses)
 
-    async def _send(self, events: list[dict[str, Any]]) -> None:
+    async def _send(self, events: list[dict[str, Any]], uses: dict[str, Any] | None) -> None:
         peers = [p for p in self.membership.peers.values() if p.reachable]
-
-        body = json.dumps({"from": self.self_id, "events": events}).encode()
+        # Uses go only to whoever decides evictions (the leader, or with function ownership
+        # every peer); load events to every peer.
+        deciders = {self.owner("")} if self.ownership == "leader" else None
+        plain = json.dumps({"from": self.self_id, "events": events}).encode() if events else None
+        with_uses = json.dumps({"from": self.self_id, "events": events, "uses": uses}).encode()
         headers = {"Content-Type": "application/json"}
 
         async def one(peer_id: str) -> None:
+            body = with_uses if uses and (deciders is None or peer_id in deciders) else plain
+            if body is None:
+                return
             # The pooled transport, as forwards: an owner publishes while its misses are in
             # flight, and httpx would spend the loop's time they wait on.
             try:
@@ -478,7 +507,6 @@ class Replicas:
             while not stop.is_set():
                 await self.membership.refresh()
                 self._update_ring()
-                self.absorb_peer_requests()
                 lost = any(not p.reachable for p in self.membership.peers.values())
                 wait_s = min(interval_s, UNREACHABLE_PROBE_S) if lost else interval_s
                 with contextlib.suppress(TimeoutError):
@@ -489,36 +517,6 @@ class Replicas:
             await asyncio.gather(*(pool.close() for pool in self._pools.values()))
             self._pools.clear()
             await self.membership.close()
-
-    def request_counts(self, *, most: int = 4096) -> dict[str, int]:
-        """This replica's client requests per model since it started (the ``most`` asked
-        for), for its heartbeat: each peer takes in the ones it has not seen yet."""
-        if len(self._ingress) <= most:
-            return dict(self._ingress)
-        return dict(self._ingress.most_common(most))
-
-    def absorb_peer_requests(self) -> int:
-        """Feed the peers' new client requests (from their last heartbeats) into this
-        replica's popularity estimates; returns how many. Each replica's ingress is a sample
-        of the cluster's stream, and the placement owner weighs eviction victims by
-        popularity: with N replicas its own sample is 1/N of the stream, too thin to rank the
-        rarely used models that are exactly the candidates for eviction."""
-        total = 0
-        for peer in self.membership.peers.values():
-            counts = peer.report.get("requests")
-            if not isinstance(counts, dict):
-                continue
-            seen = self._absorbed.setdefault(peer.id, {})
-            for model, count in counts.items():
-                if not isinstance(count, int) or count < 0:
-                    continue
-                before = seen.get(model, 0)
-                new = count - before if count >= before else count  # the peer restarted
-                seen[model] = count
-                if new:
-                    self.observe_requests(str(model), min(new, 100_000))
-                    total += new
-        return total
 
     def cluster_misses(self) -> float:
         peers = self.membership.peers.values()
@@ -571,7 +569,12 @@ class Replicas:
             listed = body["events"]
             if not isinstance(listed, list):
                 raise TypeError("events must be a list")
+            uses = body.get("uses")
+            if uses is not None and not isinstance(uses, dict):
+                raise TypeError("uses must be an object")
             applied = self.apply(listed)
+            if uses:
+                self.uses.apply(uses)
         except ProtocolError as e:
             return error_response(e.status_code, str(e), reason="InvalidEvents")
         except (ValueError, KeyError, TypeError) as e:
@@ -680,7 +683,6 @@ def attach_replicas(
         heartbeat=lambda: {
             "misses": own_misses(),
             "at": time.time(),
-            "requests": replicas.request_counts(),
         },
     )
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import re
@@ -48,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gateways",
         default=None,
         help="gateway replica counts to compare, e.g. 1,2,4 (live mode; default: no scale-out run)",
+    )
+    group.add_argument(
+        "--summarise",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="only print the rounds in these --json results (one seed each) and the mean ratios "
+        "to one gateway with 95%% intervals",
     )
     group.add_argument("--saturation-seconds", type=float, default=10.0)
     group.add_argument("--saturation-clients", type=int, default=32)
@@ -204,6 +213,8 @@ def _manager_lookups(urls: list[str]) -> dict[str, float]:
 
 
 def _replica_counters(urls: list[str]) -> dict[str, float]:
+    """Every replica's counters, summed; ``miss:<cause>``: the gateways' misses by cause
+    (scheduler/misses.py)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {"forwarded": 0.0, "owned": 0.0, "events": 0.0, "overtakes": 0.0}
@@ -217,6 +228,10 @@ def _replica_counters(urls: list[str]) -> dict[str, float]:
         text = httpx.get(f"{url}/metrics", timeout=10).text
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
+                if sample.name == "gpufaas_gateway_misses_total":
+                    cause = f"miss:{sample.labels['cause']}"
+                    out[cause] = out.get(cause, 0.0) + sample.value
+                    continue
                 key = names.get(sample.name)
                 if key == "events" and sample.labels.get("direction") != "published":
                     continue
@@ -430,6 +445,11 @@ def _one(
         "owned": int(replicas_after["owned"] - replicas_before["owned"]),
         "events": int(replicas_after["events"] - replicas_before["events"]),
         "overtakes": int(replicas_after["overtakes"] - replicas_before["overtakes"]),
+        "miss_causes": {
+            k.removeprefix("miss:"): int(v - replicas_before.get(k, 0.0))
+            for k, v in sorted(replicas_after.items())
+            if k.startswith("miss:") and v - replicas_before.get(k, 0.0)
+        },
         "saturation_rps": ok / elapsed,
         "saturation_failed": failed,
         "gateway_cpu_ms_per_request": 1000 * gateway_cpu / ok if ok else math.nan,
@@ -538,7 +558,7 @@ def run_scaleout(args: argparse.Namespace, *, wss: int) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     runs = result["runs"]
-    base = runs[0]
+    base = next((r for r in runs if r["gateways"] == 1), runs[0])
     lines = [
         "gateways  owner     slots  misses@mgr  vs 1   mean ms  p99 ms  vs 1   errors  fwd   owned  "
         "sat req/s  vs 1   gw cpu ms/req  mgr cpu ms/req",
@@ -580,8 +600,70 @@ def _ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}"
 
 
+# Two-sided 95% quantiles of Student's t, by degrees of freedom (1-30); beyond, the normal's.
+_T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13,
+        2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04)  # fmt: skip
+
+
 def mean_and_interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of a normal 95% interval (0 for one value)."""
+    """Mean and the half-width of a 95% interval (Student's t; 0 for one value)."""
     if len(values) < 2:
         return (values[0] if values else math.nan), 0.0
-    return statistics.fmean(values), 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+    df = len(values) - 1
+    t = _T95[df - 1] if df <= len(_T95) else 1.96
+    return statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _stale(run: dict[str, Any]) -> int:
+    causes = run.get("miss_causes", {})
+    return int(causes.get("stale_resident", 0) + causes.get("stale_loading", 0))
+
+
+def summarise(paths: list[Path]) -> str:
+    """Rounds (one ``--json`` result per seed, 1 gateway first, all counts in one hold) as a
+    Markdown table per round and the mean ratios to one gateway with 95% intervals."""
+    rounds = [json.loads(p.read_text()) for p in paths]
+    lines = [
+        "| seed | N | misses | vs 1 | stale hits | causes | p99 ms | vs 1 | fwd | offered/s "
+        "| device util % | sat. req/s | vs 1 | gw CPU ms/req |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    ratios: dict[tuple[str, int], list[float]] = {}
+    totals: dict[int, int] = {}
+    for result in rounds:
+        runs = sorted(result["runs"], key=lambda r: r["gateways"])
+        base = runs[0]  # one gateway (rounds may run the counts in any order)
+        for r in runs:
+            n = r["gateways"]
+            totals[n] = totals.get(n, 0) + r["misses_at_managers"]
+            for key, field in (("misses", "misses_at_managers"), ("p99", "p99_ms"),
+                               ("saturation", "saturation_rps"), ("stale", "")):  # fmt: skip
+                if key == "stale" or n == base["gateways"]:
+                    continue
+                ratios.setdefault((key, n), []).append(r[field] / base[field])
+            causes = ", ".join(f"{k} {v}" for k, v in r.get("miss_causes", {}).items())
+            lines.append(
+                f"| {result['_setup']['seed']} | {n} | {r['misses_at_managers']} "
+                f"| {_ratio(r['misses_at_managers'], base['misses_at_managers'])} | {_stale(r)} "
+                f"| {causes} | {r['p99_ms']:.1f} | {_ratio(r['p99_ms'], base['p99_ms'])} "
+                f"| {r['forwarded']} | {r['offered_rps']:.1f} | {100 * r['device_utilisation']:.2f} "
+                f"| {r['saturation_rps']:.0f} | {_ratio(r['saturation_rps'], base['saturation_rps'])} "
+                f"| {r['gateway_cpu_ms_per_request']:.2f} |"
+            )
+    counts = sorted({n for _, n in ratios})
+    lines += ["", "| ratio to one gateway (mean, 95% t interval, rounds) | "
+              + " | ".join(f"{n} replicas" for n in counts) + " |",
+              "| --- |" + " --- |" * len(counts)]  # fmt: skip
+    for key in ("misses", "p99", "saturation"):
+        cells = []
+        for n in counts:
+            mean, half = mean_and_interval(ratios[(key, n)])
+            cells.append(f"{mean:.3f} ± {half:.3f} ({len(ratios[(key, n)])})")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    base_total = totals[min(totals)]
+    lines.append(
+        "| misses, pooled (sum over rounds / one gateway's sum) | "
+        + " | ".join(f"{totals[n] / base_total:.3f}" for n in counts)
+        + " |"
+    )
+    return "\n".join(lines)

@@ -317,15 +317,18 @@ async def test_with_full_slots_each_replica_may_use_all_of_a_devices_slots() -> 
         await replicas.membership.close()
 
 
-# -- popularity across replicas --------------------------------------------------------------------
+# -- the merged stream: popularity and LRU order across replicas ------------------------------------
 
 
-async def test_the_owner_weighs_victims_by_every_replicas_requests() -> None:
-    """Each replica counts its clients' requests (not forwarded ones: the sender counted those)
-    and reports them in its heartbeat; a peer feeds the new ones into its popularity
-    estimates, once. Without it the placement owner ranks eviction victims on 1/N of the
-    stream."""
+async def test_the_owner_ranks_victims_on_every_replicas_requests_and_hits() -> None:
+    """Each replica sends its peers its clients' requests (not forwarded ones: the sender
+    counted those) and the hits it dispatched; the owner feeds the requests into its
+    popularity estimates, once, and its LRU order follows the hits. Without it the placement
+    owner ranks eviction victims on 1/N of the stream, and evicts what another replica's
+    clients use most (the extra misses measured with replicas were all the owner's
+    placements)."""
     from gpufaas.scheduler.estimates import Estimates
+    from gpufaas.scheduler.peers import EVENTS_PATH
 
     sender = _replicas("http://b")
 
@@ -337,7 +340,10 @@ async def test_the_owner_weighs_victims_by_every_replicas_requests() -> None:
     for name, count in (("popular", 30), ("rare", 2)):
         await asyncio.create_task(requests(name, count))
     await asyncio.create_task(requests("rare", 50, forwarded=True))  # counted at their sender
-    assert sender.request_counts() == {"popular": 30, "rare": 2}
+    sender.touched("n/0", "m0")
+    batch = sender.uses.take()
+    assert batch == {"requests": {"popular": 30, "rare": 2}, "touches": [["n/0", "m0"]]}
+    assert not sender.uses  # sent once
 
     estimates = Estimates()
     owner = _replicas("http://b")
@@ -346,17 +352,23 @@ async def test_the_owner_weighs_victims_by_every_replicas_requests() -> None:
         for _ in range(count):
             estimates.observe_request(model)
 
-    owner.observe_requests = observe
-    peer = owner.membership.peers["http://b"]
-    peer.report = {"requests": sender.request_counts()}
-    assert owner.absorb_peer_requests() == 32
-    assert estimates.share("popular") > 10 * estimates.share("rare") > 0
-    assert owner.absorb_peer_requests() == 0  # taken in once
-    await asyncio.create_task(requests("rare", 3))
-    peer.report = {"requests": sender.request_counts()}
-    assert owner.absorb_peer_requests() == 3
-    peer.report = {"requests": {"popular": 4}}  # the peer restarted: its counts start again
-    assert owner.absorb_peer_requests() == 4
+    owner.uses.observe_requests = observe
+    directory = owner.directory
+    for i in range(10):  # full: m0 least recently used
+        directory.note_loaded("n/0", f"m{i}", size_bytes=10)
+    assert directory.plan_dispatch("n/0", "new", size_bytes=10) == ["m0"]
+    body = {"from": "http://b", "events": [], "uses": batch}
+    served = owner.ingress(lambda scope, receive, send: None)  # type: ignore[arg-type,return-value]
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=served), base_url="http://a"
+    ) as client:
+        assert (await client.post(EVENTS_PATH, json=body)).status_code == 200
+        assert estimates.share("popular") > 10 * estimates.share("rare") > 0
+        # the sender's hit on m0 makes it recent here too: m1 is the LRU victim now
+        assert directory.plan_dispatch("n/0", "new", size_bytes=10) == ["m1"]
+        bad = {**body, "uses": {"requests": {"x": -1}, "touches": []}}
+        response = await client.post(EVENTS_PATH, json=bad)
+        assert response.status_code == 400 and "bad residency events" in response.text
     await _close(sender)
     await _close(owner)
 

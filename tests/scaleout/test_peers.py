@@ -141,3 +141,47 @@ async def test_with_a_leader_one_replica_places_every_function() -> None:
     assert view.owner("f1") != leader  # the next one takes over
     for r in views:
         await r.membership.close()
+
+
+async def test_uses_go_to_the_leader_alone_and_load_events_to_every_peer() -> None:
+    """With one leader only it decides evictions: the others send it their requests and hits
+    (the merged stream), and every peer their loads; the leader itself sends no uses."""
+    import json
+
+    from gpufaas.scheduler.lanes import NodeCall
+    from gpufaas.scheduler.transport import NodeReply
+
+    urls = ["http://a", "http://b", "http://c"]
+    views = {url: _replicas(url, urls, ownership="leader")[0] for url in urls}
+    leader = views["http://a"].owner("")
+    sender = next(r for url, r in views.items() if url != leader)
+    posted: dict[str, dict[str, object]] = {}
+
+    class Pool:
+        def __init__(self, peer: str) -> None:
+            self.peer = peer
+
+        async def post(self, path: str, body: bytes, headers: object) -> NodeReply:
+            posted[self.peer] = json.loads(body)
+            return NodeReply(status=200, headers={}, body=b"")
+
+    for r in views.values():
+        for peer in r.membership.peers.values():
+            peer.reachable = True
+        r._pool = Pool  # type: ignore[assignment,method-assign]
+    sender.begin("m", NodeCall("/v2/models/m/infer", b"", {}))
+    sender.touched("n/0", "m")
+    assert sender.uses
+    events = [{"device": "n/0", "model": "x", "size": 1, "victims": []}]
+    await sender._send(events, sender.uses.take())
+    assert posted[leader]["uses"] == {"requests": {"m": 1}, "touches": [["n/0", "m"]]}
+    others = [url for url in urls if url not in (leader, sender.self_id)]
+    assert all("uses" not in posted[url] and posted[url]["events"] == events for url in others)
+    posted.clear()
+    await sender._send([], {"requests": {"m": 1}, "touches": []})  # uses alone: the leader only
+    assert list(posted) == [leader]
+    views[leader].begin("m", NodeCall("/v2/models/m/infer", b"", {}))
+    views[leader].touched("n/0", "m")
+    assert not views[leader].uses  # it decides: nobody needs its uses
+    for r in views.values():
+        await r.membership.close()
