@@ -41,7 +41,7 @@ import numpy as np
 from gpufaas.core import node
 from gpufaas.core.examples import build_examples, example_inputs
 from gpufaas.core.protocol import decode_response, encode_request, parse_header_length
-from gpufaas.scheduler.local import die_with_parent, free_port
+from gpufaas.scheduler.local import die_with_parent, free_port, wait_ready
 
 EXECUTIONS_PATH = node.EXECUTIONS
 
@@ -185,16 +185,7 @@ def run_kill(
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or up.poll() is not None:
-                raise RuntimeError("gpufaas up did not start")
-            time.sleep(0.2)
+        wait_ready([url], timeout_s=180, procs=[up], what="gateway")
         return asyncio.run(
             _run(
                 url,

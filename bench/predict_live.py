@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx
 import numpy as np
 import yaml
+from sim.live import replay_open_loop
 from sim.trace import ServerlessTrace, assign_models, generate_orcbench, thin
 
 WARMUP_FRACTION = 0.1
@@ -299,25 +300,15 @@ async def replay(
                     "reason": r.headers.get("x-gpufaas-reason", ""),
                 }
 
-        begin = time.perf_counter()
-        tasks: list[asyncio.Task[None]] = []
-        at_mark: Counter[str] | None = None
-        for i, at in enumerate(arrivals_s):
-            if at_mark is None and at >= mark_s:
-                at_mark = await counters(client, url)
-            if time.perf_counter() - begin > max_seconds:
-                break
-            delay = begin + at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        remaining = max(5.0, max_seconds - (time.perf_counter() - begin))
-        _, pending = await asyncio.wait(tasks, timeout=remaining) if tasks else (set(), set())
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        marks: list[Counter[str]] = []
+
+        async def mark_once(at: float) -> None:
+            if not marks and at >= mark_s:
+                marks.append(await counters(client, url))
+
+        await replay_open_loop(arrivals_s, one, max_seconds=max_seconds, before=mark_once)
         at_end = await counters(client, url)
-    return results, at_mark or Counter(), at_end
+    return results, marks[0] if marks else Counter(), at_end
 
 
 def warm_up(url: str, names: list[str]) -> None:

@@ -43,6 +43,7 @@ from gpufaas.core.examples import build_examples, example_inputs
 from gpufaas.core.frames import InferHead
 from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.protocol import HEADER_LENGTH, encode_request
+from gpufaas.scheduler.local import wait_ready
 from gpufaas.scheduler.transport import FramedPool, NodePool
 
 SERVER = """
@@ -198,16 +199,7 @@ def node_half(python: str, pythonpath: str | None, args: argparse.Namespace) -> 
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the GPU manager did not start")
-            time.sleep(0.2)
+        wait_ready([url], timeout_s=120, procs=[server], what="GPU manager")
         response = httpx.put(
             f"{url}/v2/gpufaas/functions/tiny-mlp",
             json=spec.model_dump(mode="json", by_alias=True),

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,21 +203,37 @@ async def _drive(
                     "load_ms": float(response.headers.get("x-gpufaas-load-ms", "0") or 0),
                 }
 
-        begin = time.perf_counter()
-        tasks = []
-        for i, at_ms in enumerate(arrivals_ms):
-            delay = begin + at_ms / 1000 - time.perf_counter()
-            if time.perf_counter() - begin > max_seconds:
-                break
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        remaining = max(5.0, max_seconds - (time.perf_counter() - begin))
-        _, pending = await asyncio.wait(tasks, timeout=remaining) if tasks else (set(), set())
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await replay_open_loop([at / 1000 for at in arrivals_ms], one, max_seconds=max_seconds)
     return results
+
+
+async def replay_open_loop(
+    arrivals_s: Sequence[float],
+    one: Callable[[int], Awaitable[None]],
+    *,
+    max_seconds: float,
+    before: Callable[[float], Awaitable[None]] | None = None,
+) -> None:
+    """Start ``one(i)`` at ``arrivals_s[i]`` seconds from now (open loop: never waiting for an
+    answer), then wait for them; no arrival starts after ``max_seconds``, and what is still
+    running then (at least 5 s after the last start) is cancelled. ``before(at)`` runs ahead of
+    each arrival's wait (a mark in the run, say)."""
+    begin = time.perf_counter()
+    tasks = []
+    for i, at in enumerate(arrivals_s):
+        if before is not None:
+            await before(at)
+        if time.perf_counter() - begin > max_seconds:
+            break
+        delay = begin + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    remaining = max(5.0, max_seconds - (time.perf_counter() - begin))
+    _, pending = await asyncio.wait(tasks, timeout=remaining) if tasks else (set(), set())
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _resident_sizes(url: str, functions: list[dict[str, Any]]) -> dict[str, int]:

@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from predict_nodes import tiny_mlp_spec as _spec
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpufaas.core.api import parse_spec
 from gpufaas.core.artifacts import ArtifactStore
-from gpufaas.core.examples import build_examples
 from gpufaas.gpu_manager.devices import cpu_devices
 from gpufaas.gpu_manager.prefetch import DEMOTE_PATH, PREFETCH_PATH, Prefetcher
 from gpufaas.gpu_manager.runtime import NodeRuntime
@@ -26,21 +26,6 @@ from gpufaas.gpu_manager.server import create_app
 
 ENTRY_BYTES = 3024  # tiny-mlp with maxBatchSize 1 on a CPU device: weights and reserve
 X = [np.ones((1, 16), dtype=np.float32)]
-
-
-@pytest.fixture(scope="module")
-def tiny_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    built = build_examples(tmp_path_factory.mktemp("models"), names=("tiny-mlp",), progress=False)
-    return built["tiny-mlp"]
-
-
-def _spec(path: Path) -> dict[str, object]:
-    return {
-        "model": {"uri": path.resolve().as_uri(), "format": "torchscript"},
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
-        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
-        "batching": {"maxBatchSize": 1},
-    }
 
 
 Node = tuple[NodeRuntime, httpx.AsyncClient, Prefetcher, str]
