@@ -41,7 +41,7 @@ import numpy as np
 from gpufaas.core import node
 from gpufaas.core.examples import build_examples, example_inputs
 from gpufaas.core.protocol import decode_response, encode_request, parse_header_length
-from gpufaas.scheduler.local import die_with_parent, free_port, wait_ready
+from gpufaas.scheduler.local import die_with_parent, free_port, stop_processes, wait_ready
 
 EXECUTIONS_PATH = node.EXECUTIONS
 
@@ -167,6 +167,32 @@ def exactly_once(result: dict[str, Any]) -> bool:
     )
 
 
+def _start_up(env: dict[str, str], *, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``gpufaas up`` on free ports, ready; started again once on other ports when it exits
+    with 2 (a port it was given was taken before it could bind: another process's race)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in (1, 2):
+        port = free_port()
+        with log.open("wb") as out:
+            up = subprocess.Popen(
+                [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port),
+                 "--nodes", "2", "--cpu-devices", "1", "--sync-interval", "1",
+                 "--grpc-port", str(free_port())],
+                env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=out,
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready([url], timeout_s=180, procs=[up], what="gateway")
+            return up, url
+        except RuntimeError as e:
+            stop_processes([up])
+            said = log.read_text(errors="replace")[-2000:]
+            if attempt == 1 and up.returncode == 2:
+                continue
+            raise RuntimeError(f"{e}; it said: {said}") from None
+    raise AssertionError("the loop returns or raises")
+
+
 def run_kill(
     *, requests: int, rate: float, kill_at: float, home: Path, models: Path | None = None
 ) -> dict[str, Any]:
@@ -177,15 +203,8 @@ def run_kill(
         models = home / "models"
         build_examples(models, progress=False)
     env["GPUFAAS_MODELS"] = str(models)
-    port = free_port()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port), "--nodes", "2",
-         "--cpu-devices", "1", "--sync-interval", "1", "--grpc-port", str(free_port())],
-        env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    up, url = _start_up(env, log=home / "up.log")
     try:
-        wait_ready([url], timeout_s=180, procs=[up], what="gateway")
         return asyncio.run(
             _run(
                 url,

@@ -282,7 +282,12 @@ class ShardExecutor:
     ) -> None:
         timeout_s = deadline - asyncio.get_running_loop().time()
         for envelope, part in parts:
-            sends.create_task(self.channel.send(envelope, part, timeout_s=timeout_s))
+            send = self.channel.send(envelope, part, timeout_s=timeout_s)
+            try:
+                sends.create_task(send)
+            except RuntimeError:  # the run is already failing (its group is shutting down)
+                send.close()
+                return
 
     async def _layers(
         self,
@@ -575,6 +580,10 @@ class ShardHost:
             return await shard_state.executor.run(
                 request_id, inputs, timeout_s=timeout_s, stall_s=min(self.stall_s, timeout_s)
             )
+        except ChannelError:
+            if shard_state.dropped:  # unloaded mid-request: its peers' sends were refused, so
+                raise ShardNotLoaded(set_name, shard) from None  # the set must be relaunched
+            raise
         finally:
             shard_state.running -= 1
             self.device.shards.unhold(key, shard_state.resident)
