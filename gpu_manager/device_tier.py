@@ -320,26 +320,8 @@ class DeviceTier:
         except DeviceFailed as e:  # a sticky CUDA error: this node must stop serving
             self.health.device_failed(self.info.id, e)
             raise RuntimeFailure(str(e), status=503, reason="DeviceFailed") from None
-        except TensorError as e:
-            raise RuntimeFailure(str(e), status=e.status, reason=e.reason) from None
-        except TransferFailed as e:
-            raise RuntimeFailure(
-                f"model {model.name!r} failed to load on {self.info.id}: {e}",
-                status=503,
-                reason="ModelLoadFailed",
-            ) from None
         except Exception as e:
-            if is_out_of_memory(e):
-                raise RuntimeFailure(
-                    f"device {self.info.id} ran out of memory running {model.name!r}",
-                    status=503,
-                    reason="InsufficientMemory",
-                ) from None
-            raise RuntimeFailure(
-                f"the model rejected the input: {model_error_message(e)}",
-                status=400,
-                reason="ModelError",
-            ) from None
+            raise forward_failure(e, model=model.name, device_id=self.info.id) from None
         finally:
             self.inline.running -= 1
 
@@ -592,3 +574,28 @@ def _describe(model: Resident) -> dict[str, Any]:
         "arrived": model.arrived,
         "groups": len(model.skeleton.layout.groups),
     }
+
+
+def forward_failure(error: Exception, *, model: str, device_id: str) -> RuntimeFailure:
+    """What a request is told when a forward pass of ``model`` on ``device_id`` raised
+    ``error``: a bad tensor, a failed copy, the device out of memory, or the model's own
+    refusal of the input (a 400 with its message)."""
+    if isinstance(error, TensorError):
+        return RuntimeFailure(str(error), status=error.status, reason=error.reason)
+    if isinstance(error, TransferFailed):
+        return RuntimeFailure(
+            f"model {model!r} failed to load on {device_id}: {error}",
+            status=503,
+            reason="ModelLoadFailed",
+        )
+    if is_out_of_memory(error):
+        return RuntimeFailure(
+            f"device {device_id} ran out of memory running {model!r}",
+            status=503,
+            reason="InsufficientMemory",
+        )
+    return RuntimeFailure(
+        f"the model rejected the input: {model_error_message(error)}",
+        status=400,
+        reason="ModelError",
+    )

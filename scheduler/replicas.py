@@ -419,27 +419,7 @@ class Replicas:
 
     def apply(self, events: Sequence[Mapping[str, Any]]) -> int:
         """Note a peer's loads in this replica's directory; returns how many were new here."""
-        applied = 0
-        directory = self.directory
-        for event in events:
-            device, model = str(event["device"]), str(event["model"])
-            if device not in directory or directory.state(device, model) is not None:
-                continue
-            victims = [str(v) for v in event.get("victims") or []]
-            size = int(event.get("size") or 0)
-            known = self.known_size(model)
-            if known is not None and known <= directory.capacity_bytes(device):
-                size = known  # the owner may only have had the spec's hint
-            for victim in victims:  # gone, whatever our own LRU order says
-                directory.note_evicted(device, victim)
-            try:
-                directory.note_dispatch(device, model, size_bytes=size)
-            except InsufficientCapacity:
-                # Our view of the device is fuller than the owner's: the model is there all
-                # the same (its size comes with the next sync).
-                with contextlib.suppress(InsufficientCapacity):
-                    directory.note_dispatch(device, model, size_bytes=0)
-            applied += 1
+        applied = note_peer_loads(self.directory, events, known_size=self.known_size)
         self.metrics.events.labels("applied").inc(applied)
         return applied
 
@@ -580,6 +560,37 @@ class Replicas:
         except (ValueError, KeyError, TypeError) as e:
             return error_response(400, f"bad residency events: {e}", reason="InvalidEvents")
         return JSONResponse({"applied": applied})
+
+
+def note_peer_loads(
+    directory: ClusterDirectory,
+    events: Sequence[Mapping[str, Any]],
+    *,
+    known_size: Callable[[str], int | None],
+) -> int:
+    """Note a peer's residency events (a load, with its victims) in ``directory``; how many
+    were new here. Unknown devices and loads already noted are skipped."""
+    applied = 0
+    for event in events:
+        device, model = str(event["device"]), str(event["model"])
+        if device not in directory or directory.state(device, model) is not None:
+            continue
+        victims = [str(v) for v in event.get("victims") or []]
+        size = int(event.get("size") or 0)
+        known = known_size(model)
+        if known is not None and known <= directory.capacity_bytes(device):
+            size = known  # the owner may only have had the spec's hint
+        for victim in victims:  # gone, whatever our own LRU order says
+            directory.note_evicted(device, victim)
+        try:
+            directory.note_dispatch(device, model, size_bytes=size)
+        except InsufficientCapacity:
+            # Our view of the device is fuller than the owner's: the model is there all
+            # the same (its size comes with the next sync).
+            with contextlib.suppress(InsufficientCapacity):
+                directory.note_dispatch(device, model, size_bytes=0)
+        applied += 1
+    return applied
 
 
 _INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
