@@ -92,7 +92,11 @@ _LABEL_KEYS = {
     "g": "prior_gaps",
     "s": "smoothing",
     "x": "max_horizon_s",
-    "v": "by_density",  # -v0: the victim order before the hit density (P x cost / bytes)
+    # -v1: evict by hit density (per byte-second held) instead of P x cost / bytes (the default,
+    # kept on the tuning seeds); -r1: a copy held elsewhere too counts half (-r0, the default:
+    # as much as a sole one)
+    "v": "by_density",
+    "r": "replica_share",
 }
 
 

@@ -61,11 +61,13 @@ class Advice:
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """A resident model that could be evicted: its bytes and what reloading it would cost."""
+    """A resident model that could be evicted: its bytes, what reloading it would cost, and how
+    many other devices hold a copy (its requests can go there instead)."""
 
     function: str
     size_bytes: int
     reload_ms: float
+    copies_elsewhere: int = 0
 
 
 class ResidencyPolicy(Protocol):
@@ -456,7 +458,8 @@ class PredictivePolicy:
         prior_gaps: float = 4.0,
         miss_ms: float = 1000.0,
         max_horizon_s: float | None = None,
-        by_density: bool = True,
+        by_density: bool = False,
+        replica_share: float = 0.0,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -480,6 +483,7 @@ class PredictivePolicy:
             self.horizons.append(self.horizons[-1] * 4)
         self.fallback_keepalive_s = _finite(fallback_keepalive_s, "fallback_keepalive_s")
         self.by_density = bool(by_density)
+        self.replica_share = _finite(replica_share, "replica_share")
         self._growth = 2 ** (1 / self.half_life)
         self._seen = _LastSeen()
         self._models: dict[str, _GapModel] = {}
@@ -635,10 +639,12 @@ class PredictivePolicy:
 
     def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]:
         """Candidates, least expected miss cost saved per byte-second first (ties: the larger
-        first)."""
+        first). A copy with others elsewhere saves less: a request can go to another holder
+        (LALB routes it there), so its value is divided by ``1 + replica_share x copies``."""
         scored = [
             (
-                self.value(c.function, now_s, size_bytes=c.size_bytes, reload_ms=c.reload_ms),
+                self.value(c.function, now_s, size_bytes=c.size_bytes, reload_ms=c.reload_ms)
+                / (1.0 + self.replica_share * c.copies_elsewhere),
                 -c.size_bytes,
                 c.function,
             )
@@ -716,16 +722,18 @@ def eviction_order(
     now_s: float,
     reload_ms: Callable[[str, int], float],
     *,
+    copies_elsewhere: Callable[[str], int] = lambda model: 0,
     sample: int = EVICTION_SAMPLE,
 ) -> list[str]:
     """The policy's victims on one device, best victim first: its order over the ``sample``
     least recently used of ``residents`` (``(model, bytes)``, least recently used first, only
-    those that may be evicted); ``reload_ms(model, bytes)`` is what reloading one would take.
-    Empty when the policy has no order of its own (the caller's order stands: LRU, or LALB's
-    victims); whatever the order frees too little of, LRU frees. The simulator
-    (``bench/sim/residency.py``) and the gateway (``scheduler/prefetch.py``) both call this."""
+    those that may be evicted); ``reload_ms(model, bytes)`` is what reloading one would take,
+    ``copies_elsewhere(model)`` how many other devices hold it. Empty when the policy has no
+    order of its own (the caller's order stands: LRU, or LALB's victims); whatever the order
+    frees too little of, LRU frees. The simulator (``bench/sim/residency.py``) and the gateway
+    (``scheduler/prefetch.py``) both call this."""
     candidates = [
-        Candidate(model, size, reload_ms(model, size))
+        Candidate(model, size, reload_ms(model, size), copies_elsewhere(model))
         for model, size in itertools.islice(residents, sample)
     ]
     return policy.victim_order(candidates, now_s) if candidates else []

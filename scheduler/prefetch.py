@@ -204,7 +204,14 @@ class PrefetchDriver:
             for model, state, size in self.directory.residents(device)
             if state is Residency.RESIDENT
         )
-        order = eviction_order(self.policy, residents, self.clock(), self.reload_ms)
+        directory = self.directory
+        order = eviction_order(
+            self.policy,
+            residents,
+            self.clock(),
+            self.reload_ms,
+            copies_elsewhere=lambda model: max(0, len(directory.holder_ids(model)) - 1),
+        )
         return tuple(order) if order else planned
 
     # -- the periodic pass -------------------------------------------------------------------------

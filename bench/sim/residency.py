@@ -245,6 +245,7 @@ class ResidencySimulation(Simulation):
             residents,
             self.now / 1000,
             lambda name, _size: self._reload_ms(node, name),
+            copies_elsewhere=lambda name: max(0, len(self.directory.holder_ids(name)) - 1),
             sample=self.tiers.eviction_sample,
         )
         if not prefer:

@@ -110,6 +110,21 @@ def test_a_hot_large_model_is_not_sacrificed_for_a_cool_small_one() -> None:
     assert before.victim_order(_hot_large_and_cool_small(before), NOW + 0.5) == ["llm", "cnn"]
 
 
+@given(st.floats(1.0, 600.0), st.integers(10**7, 2 * 10**10), st.integers(1, 11))
+@settings(max_examples=100, deadline=None)
+def test_a_copy_held_elsewhere_too_goes_before_an_otherwise_equal_sole_copy(
+    period: float, size: int, copies: int
+) -> None:
+    policy = PredictivePolicy()
+    blind = PredictivePolicy(replica_share=0.0)
+    for p in (policy, blind):
+        _periodic(p, "a-sole", period)
+        _periodic(p, "b-shared", period)
+    pair = [Candidate("a-sole", size, 500.0), Candidate("b-shared", size, 500.0, copies)]
+    assert policy.victim_order(pair, NOW + 0.5) == ["b-shared", "a-sole"]
+    assert blind.victim_order(pair, NOW + 0.5) == ["a-sole", "b-shared"]  # a tie: by name
+
+
 def test_eviction_order_ranks_only_the_least_recently_used_sample() -> None:
     policy = PredictivePolicy()
     for name in ("old", "mid", "new"):
