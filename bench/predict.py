@@ -30,7 +30,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sim.engine import SimConfig
-from sim.residency import CAUSES, ResidencySimulation, TierConfig, catalogue_for, engine_trace
+from sim.residency import (
+    CAUSES,
+    SIZE_CLASSES,
+    ResidencySimulation,
+    TierConfig,
+    catalogue_for,
+    engine_trace,
+)
 from sim.trace import (
     ServerlessTrace,
     TraceError,
@@ -85,6 +92,11 @@ _LABEL_KEYS = {
     "g": "prior_gaps",
     "s": "smoothing",
     "x": "max_horizon_s",
+    # -v1: evict by hit density (per byte-second held) instead of P x cost / bytes (the default,
+    # kept on the tuning seeds); -r1: a copy held elsewhere too counts half (-r0, the default:
+    # as much as a sole one)
+    "v": "by_density",
+    "r": "replica_share",
 }
 
 
@@ -236,6 +248,10 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             cause: statistics.fmean(r.get("cold_by_cause", {}).get(cause, 0.0) for r in runs)
             for cause in CAUSES
         }
+        row["cold_by_size"] = {
+            size: statistics.fmean(r.get("cold_by_size", {}).get(size, 0.0) for r in runs)
+            for size in SIZE_CLASSES
+        }
         precision = [r["prefetch_precision"] for r in runs if r["prefetch_precision"] is not None]
         row["prefetch_precision"] = _interval(precision) if precision else None
         row["prefetches"] = statistics.fmean(r["prefetches"] for r in runs)
@@ -366,6 +382,17 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
     ]
     for label, row in summary.items():
         cells = " | ".join(f"{row['cold_by_cause'][c]:.4%}" for c in CAUSES)
+        lines.append(f"| {label} | {cells} |")
+    lines += [
+        "",
+        "Cold starts by model size class (share of all requests; small < 0.5 GB <= medium < 4 GB"
+        " <= large):",
+        "",
+        "| setting | " + " | ".join(SIZE_CLASSES) + " |",
+        "|" + " --- |" * (len(SIZE_CLASSES) + 1),
+    ]
+    for label, row in summary.items():
+        cells = " | ".join(f"{row['cold_by_size'][c]:.4%}" for c in SIZE_CLASSES)
         lines.append(f"| {label} | {cells} |")
     return "\n".join(lines)
 

@@ -17,8 +17,10 @@ prefetch driver run the same decisions:
 * :class:`PredictivePolicy` (ours): a decayed histogram of inter-arrival gaps on a log scale
   (0.1 s to 4 h), a periodicity detector, and a cost-aware rule: keep (or prefetch) a model while
   the expected load time saved, ``P(arrival within the horizon | idle so far) x reload_ms``,
-  is at least what holding it costs, ``price x GB x horizon``; evict by predicted value per
-  byte (a learned approximation of Belady's rule).
+  is at least what holding it costs, ``price x GB x horizon``; evict by expected miss cost saved
+  per byte-second held (LHD's hit density weighted by a miss's cost: a learned approximation
+  of Belady's rule). :func:`eviction_order` ranks a device's victims for the simulator and the
+  gateway alike.
 
 Times are seconds on one clock chosen by the caller. To survive a restart, the caller uses wall
 time and persists :meth:`snapshot`; :meth:`restore` takes it back (the I/O is the caller's).
@@ -29,8 +31,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 GB = 1e9
@@ -58,11 +61,13 @@ class Advice:
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """A resident model that could be evicted: its bytes and what reloading it would cost."""
+    """A resident model that could be evicted: its bytes, what reloading it would cost, and how
+    many other devices hold a copy (its requests can go there instead)."""
 
     function: str
     size_bytes: int
     reload_ms: float
+    copies_elsewhere: int = 0
 
 
 class ResidencyPolicy(Protocol):
@@ -366,6 +371,8 @@ _RATIO = (_HI_S / _LO_S) ** (1 / (_BINS - 2))
 # bin 0: [0, LO); bin k (1..BINS-2): [LO * R^(k-1), LO * R^k); bin BINS-1: [HI, inf)
 _EDGES = [0.0] + [_LO_S * _RATIO**k for k in range(_BINS - 1)]  # lower edges, len BINS
 _LOG_LO, _LOG_R = math.log(_LO_S), math.log(_RATIO)
+_HOLD_OCTAVES = 10  # expected_hold's grid: horizon / 2^10 ... horizon (30 s: from 29 ms)
+_MIN_HOLD_S = 1e-3
 
 
 def gap_bin(gap_s: float) -> int:
@@ -404,7 +411,9 @@ class PredictivePolicy:
     * keep while ``P(arrival within horizon) x reload_ms >= price x GB x horizon``;
     * prefetch a model that is not there when, looking ``lead_s + horizon`` ahead (``lead_s``
       covers the load), the same inequality holds;
-    * evict first the model with the least ``P(arrival within horizon) x reload_ms / bytes``.
+    * evict first the model with the least expected miss cost saved per byte-second held,
+      ``P(arrival within horizon) x (reload_ms + miss_ms) / (bytes x E[time held])``
+      (:meth:`value`: LHD's hit density, weighted by a miss's cost).
 
     The histogram's ``P`` is mixed with a memoryless arrival at the mean gap,
     ``(1 - smoothing) x P + smoothing x (1 - exp(-h / mean gap))``: a histogram of a few hundred
@@ -449,6 +458,8 @@ class PredictivePolicy:
         prior_gaps: float = 4.0,
         miss_ms: float = 1000.0,
         max_horizon_s: float | None = None,
+        by_density: bool = False,
+        replica_share: float = 0.0,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -471,6 +482,8 @@ class PredictivePolicy:
         while self.horizons[-1] * 4 <= longest * (1 + 1e-9):
             self.horizons.append(self.horizons[-1] * 4)
         self.fallback_keepalive_s = _finite(fallback_keepalive_s, "fallback_keepalive_s")
+        self.by_density = bool(by_density)
+        self.replica_share = _finite(replica_share, "replica_share")
         self._growth = 2 ** (1 / self.half_life)
         self._seen = _LastSeen()
         self._models: dict[str, _GapModel] = {}
@@ -588,20 +601,50 @@ class PredictivePolicy:
                 break
         return Advice(keep=keep, prefetch=prefetch, reason="cost")
 
+    def expected_hold(self, function: str, idle_s: float, horizon_s: float) -> float:
+        """E[min(time to the next request, ``horizon_s``)] for a model idle ``idle_s``: how long
+        holding it is expected to take to earn its hit, at most the horizon. The integral of
+        P(no request within t) over [0, horizon], by the trapezoid rule on a geometric grid of
+        ratio sqrt(2) from horizon / 2^10 (fine where a hot function's survival falls)."""
+        total, before_t, before_s = 0.0, 0.0, 1.0
+        for k in range(2 * _HOLD_OCTAVES, -1, -1):
+            t = horizon_s * 2 ** (-k / 2)
+            s = 1.0 - self.p_arrival(function, idle_s, t)
+            total += (t - before_t) * (before_s + s) / 2
+            before_t, before_s = t, s
+        return total
+
     def value(self, function: str, now_s: float, *, size_bytes: int, reload_ms: float) -> float:
-        """Expected load time saved per byte by holding the model for the horizon."""
+        """Expected miss cost saved per byte-second held: the hit density of LHD (Beckmann et
+        al., NSDI'18) weighted by what a miss costs, ``P(request within h) x (reload_ms +
+        miss_ms) / (bytes x E[min(time to it, h)])``, best over the horizons. Dividing by the
+        expected time held is what ranks a hot model above a cool one when both are sure to be
+        asked for within the horizon (P ~ 1 for every function with gaps of seconds): a 10 GB
+        model asked for every second earns its bytes a hundred times faster than a 1 GB one
+        asked for every 100 s. ``by_density`` False: the rule before (``P x cost / bytes``,
+        the held time taken as the whole horizon)."""
         idle = self._seen.idle(function, now_s)
+        cost = (reload_ms + self.miss_ms) / max(1, size_bytes)
         if idle is None or function not in self._models:
             p = 0.5 if idle is not None and idle <= self.fallback_keepalive_s else 0.0
-        else:  # the best rate over the horizons, in units of the first horizon
-            p = max(self.p_arrival(function, idle, h) * self.horizon_s / h for h in self.horizons)
-        return p * (reload_ms + self.miss_ms) / max(1, size_bytes)
+            return p * cost / self.horizon_s
+        best = 0.0
+        for h in self.horizons:
+            p = self.p_arrival(function, idle, h)
+            if p <= 0.0:
+                continue
+            hold = self.expected_hold(function, idle, h) if self.by_density else h
+            best = max(best, p / max(hold, _MIN_HOLD_S))
+        return best * cost
 
     def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]:
-        """Candidates, least valuable per byte first (ties: the larger first)."""
+        """Candidates, least expected miss cost saved per byte-second first (ties: the larger
+        first). A copy with others elsewhere saves less: a request can go to another holder
+        (LALB routes it there), so its value is divided by ``1 + replica_share x copies``."""
         scored = [
             (
-                self.value(c.function, now_s, size_bytes=c.size_bytes, reload_ms=c.reload_ms),
+                self.value(c.function, now_s, size_bytes=c.size_bytes, reload_ms=c.reload_ms)
+                / (1.0 + self.replica_share * c.copies_elsewhere),
                 -c.size_bytes,
                 c.function,
             )
@@ -670,6 +713,32 @@ def _cdf(cumulative: list[float], weights: list[float], total: float, x: float) 
     return below + share * min(1.0, max(0.0, fraction))
 
 
+EVICTION_SAMPLE = 32  # victims ranked per load: the least recently used, as LRB (NSDI'20)
+
+
+def eviction_order(
+    policy: ResidencyPolicy,
+    residents: Iterable[tuple[str, int]],
+    now_s: float,
+    reload_ms: Callable[[str, int], float],
+    *,
+    copies_elsewhere: Callable[[str], int] = lambda model: 0,
+    sample: int = EVICTION_SAMPLE,
+) -> list[str]:
+    """The policy's victims on one device, best victim first: its order over the ``sample``
+    least recently used of ``residents`` (``(model, bytes)``, least recently used first, only
+    those that may be evicted); ``reload_ms(model, bytes)`` is what reloading one would take,
+    ``copies_elsewhere(model)`` how many other devices hold it. Empty when the policy has no
+    order of its own (the caller's order stands: LRU, or LALB's victims); whatever the order
+    frees too little of, LRU frees. The simulator (``bench/sim/residency.py``) and the gateway
+    (``scheduler/prefetch.py``) both call this."""
+    candidates = [
+        Candidate(model, size, reload_ms(model, size), copies_elsewhere(model))
+        for model, size in itertools.islice(residents, sample)
+    ]
+    return policy.victim_order(candidates, now_s) if candidates else []
+
+
 def make_policy(name: str, **params: float) -> ResidencyPolicy:
     """A policy by name: ``keepalive``, ``hybrid`` or ``predictive``, with its parameters."""
     if name == "keepalive":
@@ -677,5 +746,5 @@ def make_policy(name: str, **params: float) -> ResidencyPolicy:
     if name == "hybrid":
         return HybridHistogram(**params)  # type: ignore[arg-type]
     if name == "predictive":
-        return PredictivePolicy(**params)
+        return PredictivePolicy(**params)  # type: ignore[arg-type]
     raise ArrivalError(f"unknown residency policy {name!r}: keepalive, hybrid or predictive")

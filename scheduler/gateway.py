@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -558,6 +559,9 @@ class Gateway:
             observe=self.replicas is None or not self.replicas.forwarded_in(),
         )
         self.metrics.child(self.metrics.decisions, self.policy.name, decision.reason).inc()
+        if decision.victims and self.prefetch is not None:  # the residency policy's order
+            victims = self.prefetch.victims(decision.device, decision.victims)
+            decision = dataclasses.replace(decision, victims=victims)
         return decision
 
     def loads(self, exclude: set[str]) -> Sequence[DeviceLoad]:

@@ -5,7 +5,8 @@ O(1) per request). Every ``tick_s`` the driver asks the policy about each model 
 shows resident (demote it to the node's host tier when its next request is predicted far off)
 and about each function held nowhere (prefetch it onto a device when its next request is
 predicted soon), and sends those actions to the GPU managers (``PREFETCH_PATH``,
-``DEMOTE_PATH``). A prefetch only goes where the directory shows enough free bytes, so it never
+``DEMOTE_PATH``). When a request's load must make room, the policy orders the victims the
+gateway sends with it (:meth:`PrefetchDriver.victims`). A prefetch only goes where the directory shows enough free bytes, so it never
 evicts anything, and the manager runs it at the lowest priority; a failed action is logged and
 counted, never seen by a request.
 
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter
 
 from gpufaas.cache import ClusterDirectory, Residency
-from gpufaas.cache.arrivals import ArrivalError, ResidencyPolicy
+from gpufaas.cache.arrivals import ArrivalError, ResidencyPolicy, eviction_order
 from gpufaas.core import node
 
 if TYPE_CHECKING:
@@ -193,6 +194,25 @@ class PrefetchDriver:
             self.prefetched.discard((name, device))
             if hit:
                 self.used.inc()
+
+    def victims(self, device: str, planned: tuple[str, ...]) -> tuple[str, ...]:
+        """What a load on ``device`` should evict first: the policy's order over the device's
+        resident models (:func:`~gpufaas.cache.arrivals.eviction_order`, the simulator's rule
+        too), or ``planned`` (LALB's victims) when the policy has no order of its own."""
+        residents = (
+            (model, size)
+            for model, state, size in self.directory.residents(device)
+            if state is Residency.RESIDENT
+        )
+        directory = self.directory
+        order = eviction_order(
+            self.policy,
+            residents,
+            self.clock(),
+            self.reload_ms,
+            copies_elsewhere=lambda model: max(0, len(directory.holder_ids(model)) - 1),
+        )
+        return tuple(order) if order else planned
 
     # -- the periodic pass -------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gpufaas.cache import ByteLRU, CacheError, EntryState
-from gpufaas.cache.arrivals import Candidate, ResidencyPolicy
+from gpufaas.cache.arrivals import EVICTION_SAMPLE, Candidate, ResidencyPolicy, eviction_order
 from gpufaas.scheduler.policy import LocalityAware
 
 from .engine import SimConfig, Simulation, _Device, _Request
@@ -46,7 +46,6 @@ _TICK, _PREFETCH_DONE, _HOST_FETCH_DONE = 11, 12, 13
 # why a cold request's model was not on its device; "joined": it waited on another request's
 # load of the model (a burst behind one load)
 CAUSES = ("first", "demoted", "capacity", "replica", "prefetch-late", "joined")
-SAMPLE = 32  # eviction candidates ranked by the policy per load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +57,7 @@ class TierConfig:
     # prefetch functions never served on a device in this run too (the gateway's driver does:
     # scheduler/prefetch.py plan); False: only those with a last device (the rule before)
     prefetch_unserved: bool = True
+    eviction_sample: int = EVICTION_SAMPLE  # victims the policy ranks per load (LRU first)
 
 
 @dataclasses.dataclass
@@ -237,15 +237,17 @@ class ResidencySimulation(Simulation):
 
     def _make_room(self, device: _Device, size: int, request: _Request) -> list[Any]:
         node = self._node(device)
-        # As LRB (NSDI'20) does: rank a sample of candidates, here the SAMPLE least recently
-        # used; whatever the ranking does not free, LRU frees.
-        candidates = []
-        for e in device.cache.entries_lru():
-            if not e.pinned:
-                candidates.append(Candidate(e.key, e.size_bytes, self._reload_ms(node, e.key)))
-                if len(candidates) >= SAMPLE:
-                    break
-        prefer = self.residency.victim_order(candidates, self.now / 1000) if candidates else []
+        # As the gateway does (scheduler/prefetch.py): the policy ranks a sample of the victims,
+        # the least recently used; whatever the ranking does not free, LRU frees.
+        residents = ((e.key, e.size_bytes) for e in device.cache.entries_lru() if not e.pinned)
+        prefer = eviction_order(
+            self.residency,
+            residents,
+            self.now / 1000,
+            lambda name, _size: self._reload_ms(node, name),
+            copies_elsewhere=lambda name: max(0, len(self.directory.holder_ids(name)) - 1),
+            sample=self.tiers.eviction_sample,
+        )
         if not prefer:
             prefer = request.evict_first
         self._preempt_prefetches(device, size)
@@ -491,10 +493,12 @@ class ResidencySimulation(Simulation):
         w = self.weights[[r.index for r in measured]]
         tiers = {"host": 0.0, "artifact": 0.0, "prefetch": 0.0}
         causes = dict.fromkeys(CAUSES, 0.0)
+        by_size = dict.fromkeys(SIZE_CLASSES, 0.0)
         for r, weight in zip(measured, w, strict=True):
             if not r.hit:
                 tiers[self.tier_of.get(r.index, "artifact")] += weight
                 causes[self.cause_of.get(r.index, "joined")] += weight
+                by_size[size_class(r.model.profile.size_bytes)] += weight
         latency = np.asarray([r.end_ms - r.arrival_ms for r in measured])
         hit = np.asarray([r.hit for r in measured], dtype=bool)
         observe = np.asarray(self.observe_ns, dtype=float) / 1000
@@ -508,6 +512,7 @@ class ResidencySimulation(Simulation):
             "cold_start_ratio": cold / n,
             "cold_by_tier": {k: v / n for k, v in tiers.items()},
             "cold_by_cause": {k: v / n for k, v in causes.items()},
+            "cold_by_size": {k: v / n for k, v in by_size.items()},
             "device_gb_s": self.device_byte_ms / 1e12,
             "host_gb_s": self.host_byte_ms / 1e12,
             "p50_ms": weighted_percentile(latency, w, 50),
@@ -530,6 +535,13 @@ class ResidencySimulation(Simulation):
 
 
 _NONE: set[str] = set()
+# the trace's size classes (bench/sim/trace.py: SIZE_MIX): cold starts by class show whether
+# an eviction order sacrifices large models
+SIZE_CLASSES = ("small", "medium", "large")
+
+
+def size_class(size_bytes: int) -> str:
+    return "small" if size_bytes < 5 * 10**8 else "medium" if size_bytes < 4 * 10**9 else "large"
 
 
 def costs_fetch_ms_per_byte(costs: Sequence[ModelCosts]) -> float:
