@@ -372,21 +372,19 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds of a process's threads, by role: ``compute`` (the shards' worker threads,
-    where the products run), ``loop`` (the main thread: the event loop, HTTP, messages) and
-    ``other`` (uvloop's and torch's helpers)."""
-    roles = {"compute": 0.0, "loop": 0.0, "other": 0.0}
+    """CPU seconds of a process's threads, by role: ``loop`` (the main thread: the event loop,
+    HTTP, messages) and ``workers`` (every other thread: the shards' worker threads, where the
+    products run, and uvloop's and torch's helpers). Python 3.11 does not give its threads
+    OS names, so the worker threads cannot be told from the helpers by name."""
+    roles = {"loop": 0.0, "workers": 0.0}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             text = (task / "stat").read_text()
         except OSError:  # the thread ended
             continue
-        name, fields = text.split("(", 1)[1].rsplit(")", 1)
+        fields = text.rsplit(")", 1)[1]
         seconds = sum(int(v) for v in fields.split()[11:13]) / os.sysconf("SC_CLK_TCK")
-        role = (
-            "loop" if task.name == str(pid) else "compute" if name.startswith("shard-") else "other"
-        )
-        roles[role] += seconds
+        roles["loop" if task.name == str(pid) else "workers"] += seconds
     return roles
 
 
@@ -424,8 +422,9 @@ async def message_cost(root: Path, *, count: int = 400, rounds: int = 3) -> list
                     for i in range(sent):
                         frame = encode(Envelope("m", f"{kind}-{values.nbytes}-{i}", 1, 0, 1),
                                        values)  # fmt: skip
-                        if kind == "httpx":
-                            status = (await client.post(urls[1] + path, content=frame)).status_code
+                        if kind == "httpx":  # httpx takes bytes, not a memoryview
+                            reply_x = await client.post(urls[1] + path, content=bytes(frame))
+                            status = reply_x.status_code
                         else:
                             reply = await pools.to(urls[1]).post(path, frame, timeout_s=5)
                             status = reply.status
@@ -495,7 +494,7 @@ async def cpu_per_request(
                 "throughput_rps": done / wall,
                 "shard_cpu_ms": [c / done * 1e3 for c in shard_cpu],
                 "coordinator_cpu_ms": (time.process_time() - own) / done * 1e3,
-                # per request, summed over the shards: products vs the loop vs the rest
+                # per request, summed over the shards: the event loop vs the other threads
                 "shard_threads_ms": {
                     role: sum(
                         _thread_cpu_seconds(pid)[role] - b[role]
@@ -503,7 +502,7 @@ async def cpu_per_request(
                     )
                     / done
                     * 1e3
-                    for role in ("compute", "loop", "other")
+                    for role in ("loop", "workers")
                 },
             }
             row["cpu_ms"] = sum(row["shard_cpu_ms"]) + row["coordinator_cpu_ms"]
@@ -533,12 +532,17 @@ async def cpu_per_request(
 def shard_compute_seconds(spec: Any, batch: int, *, repeats: int = 5) -> float:
     """One pass of a shard's compute for a batch, on this thread, through the executor's own
     code (products, bias, activation, hand-overs), with zeros standing in for remote parts:
-    the median CPU seconds over ``repeats`` (contention is the model's part, not this one's). No channel, no event loop: what a shard's worker does."""
+    the median CPU seconds over ``repeats`` (contention is the model's part, not this
+    one's). No channel, no event loop: what a shard's worker does."""
+    import torch
+
     from gpufaas.core.channels import LocalChannel, Mailbox
     from gpufaas.gpu_manager.shards import ShardExecutor
 
     executor = ShardExecutor(spec, set_name="cal", channel=LocalChannel(), mailbox=Mailbox())
     inputs = np.zeros((len(spec.inputs), batch), np.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a manager (gpu_manager/main.py); thread_time needs it
 
     def one_pass() -> None:
         step = executor._first_step("r", inputs, lambda parts: None)
@@ -558,42 +562,36 @@ def shard_compute_seconds(spec: Any, batch: int, *, repeats: int = 5) -> float:
         return statistics.median(times)
     finally:
         executor.close()
+        torch.set_num_threads(threads)
 
 
 def calibrate_compute(batch: int) -> tuple[costmodel.Compute, list[dict[str, Any]]]:
-    """``c_op`` and ``c_nnz`` from every shard of block and random splits of RadiX-Nets
-    of 1,024 / 2,048 / 4,096 neurons (8, 8, 4 layers: never the grid's net), N = 1, 2, 4, 8,
+    """``c_op`` and ``c_nnz`` from every shard of block and random splits of RadiX-Nets of
+    1,024 / 2,048 / 4,096 neurons (8, 8, 4 layers: never the grid's net), N = 1, 2, 4, 8,
     two batch sizes, timed on one thread (a shard's worker has one core and one torch
     thread)."""
-    import torch
-
     from gpufaas.scheduler.partition import split
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     xs, ys, rows = [], [], []
-    try:
-        for width, depth in ((1024, 8), (2048, 8), (4096, 4)):
-            net = radix_net(width, depth)
-            for shards, method in ((1, "block"), (2, "block"), (2, "random"), (4, "block"),
-                                   (4, "random"), (8, "block"), (8, "random")):  # fmt: skip
-                part = partition(net, shards, method=method, seed=3)
-                prof = costmodel.profile(net, part)
-                specs = split(net, part)
-                for b in (max(1, batch // 4), batch):
-                    features = costmodel.compute_features(prof, batch=b).sum(axis=0)
-                    for spec in specs[:2]:  # shards of one split are alike
-                        seconds = shard_compute_seconds(spec, b)
-                        xs.append(features[spec.shard].tolist())
-                        ys.append(seconds)
-                        rows.append({"width": width, "depth": depth, "shards": shards,
-                                     "method": method, "batch": b, "shard": spec.shard,
-                                     "features": xs[-1], "seconds": seconds})  # fmt: skip
-                print(f"  compute {width} x {depth} N={shards} {method:<6}: "
-                      f"{rows[-1]['seconds'] * 1e3:.2f} ms per shard pass at batch {batch}",
-                      flush=True)  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    for width, depth in ((1024, 8), (2048, 8), (4096, 4)):
+        net = radix_net(width, depth)
+        for shards, method in ((1, "block"), (2, "block"), (2, "random"), (4, "block"),
+                               (4, "random"), (8, "block"), (8, "random")):  # fmt: skip
+            part = partition(net, shards, method=method, seed=3)
+            prof = costmodel.profile(net, part)
+            specs = split(net, part)
+            for b in (max(1, batch // 4), batch):
+                features = costmodel.compute_features(prof, batch=b).sum(axis=0)
+                for spec in specs[:2]:  # shards of one split are alike
+                    seconds = shard_compute_seconds(spec, b)
+                    xs.append(features[spec.shard].tolist())
+                    ys.append(seconds)
+                    rows.append({"width": width, "depth": depth, "shards": shards,
+                                 "method": method, "batch": b, "shard": spec.shard,
+                                 "features": xs[-1], "seconds": seconds})  # fmt: skip
+            print(f"  compute {width} x {depth} N={shards} {method:<6}: "
+                  f"{rows[-1]['seconds'] * 1e3:.2f} ms per shard pass at batch {batch}",
+                  flush=True)  # fmt: skip
     per_op, per_nnz = costmodel.fit(xs, ys, relative=True)
     return costmodel.Compute(per_op, per_nnz), rows
 
@@ -604,7 +602,13 @@ async def calibrate(
     """Fit the constants on calibration nets, never on the grid's net (see
     :mod:`gpufaas.scheduler.costmodel`): compute in-process per shard; the coordinator from
     unsharded runs on real managers (1,024 / 2,048 / 4,096 x 8); each channel from 2,048 x 4
-    and x 8 split 2 and 4 ways, block and random."""
+    and x 8 split 2 and 4 ways, block and random.
+
+    Every run is measured before anything is fitted, and the unsharded runs twice, before
+    and after the channels' runs, keeping the lower median of each: interference on a shared
+    machine (a freshly started manager, another process) only ever slows a run down, and the
+    coordinator's two constants rest on six runs, so one slowed phase would bias every
+    prediction (it did: bench/RESULTS.md, session 4, round B)."""
     compute, compute_rows = calibrate_compute(batch)
     print(f"  compute: {compute}", flush=True)
     coordinator = Coordinator(artifact_base=str(root / "calib"), timeout_s=120)
@@ -618,33 +622,24 @@ async def calibrate(
         await coordinator.infer(name, x)
         return statistics.median([await _timed(coordinator.infer(name, x)) for _ in range(count)])
 
-    none = {"none": costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0)}
-    bare = costmodel.Constants(compute, 0.0, 0.0, cores, none)
-    try:
-        fixed_x, fixed_y, totals = [], [], []
+    async def unsharded(rounds: dict[tuple[int, int], list[float]]) -> None:
         for width in (1024, 2048, 4096):
-            net = radix_net(width, 8)
-            prof = costmodel.profile(net, partition(net, 1, method="block"))
             name = f"cal-{width}"
             await coordinator.deploy(
-                name, net, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
-            )
+                name, radix_net(width, 8), Parallelism(shards=1, strategy="intra-layer"),
+                nodes=urls[:1],
+            )  # fmt: skip
             for b in batches:
-                seconds = await median_latency(name, b, width)
-                layers = costmodel.predict(prof, batch=b, channel="none", constants=bare)
-                fixed_x.append([1.0, float(b * prof.io_values)])
-                fixed_y.append(seconds - layers)
-                totals.append(seconds)
-                measured["coordinator"].append({"width": width, "batch": b, "seconds": seconds,
-                                                "compute_s": layers})  # fmt: skip
-                print(f"  coordinator N=1 width {width} batch {b}: {seconds * 1e3:.2f} ms "
-                      f"(compute terms {layers * 1e3:.2f} ms)", flush=True)  # fmt: skip
+                rounds.setdefault((width, b), []).append(await median_latency(name, b, width))
             await coordinator.remove(name)
-        per_request, per_io = costmodel.fit(fixed_x, fixed_y, relative_to=totals)
-        base = costmodel.Constants(compute, per_request, per_io, cores, none)
-        costs = {}
+
+    none = {"none": costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0)}
+    bare = costmodel.Constants(compute, 0.0, 0.0, cores, none)
+    unsplit: dict[tuple[int, int], list[float]] = {}
+    runs: dict[str, list[tuple[costmodel.Profile, int, float]]] = {c: [] for c in channels}
+    try:
+        await unsharded(unsplit)
         for channel in channels:
-            runs = []
             for depth in (4, 8):
                 net = radix_net(2048, depth)  # channels: never the grid's width
                 for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random")):
@@ -658,16 +653,34 @@ async def calibrate(
                     )  # fmt: skip
                     for b in batches:
                         seconds = await median_latency(name, b, 2048, 5)
-                        runs.append((prof, b, seconds))
+                        runs[channel].append((prof, b, seconds))
                         measured["channels"].append({"channel": channel, "depth": depth,
                                                      "shards": shards, "method": method,
                                                      "batch": b, "seconds": seconds})  # fmt: skip
                         print(f"  channel {name} batch {b}: {seconds * 1e3:.1f} ms", flush=True)
                     await coordinator.remove(name)
-            costs[channel] = costmodel.fit_channel(runs, base=base)
-            print(f"  {channel}: {costs[channel]}", flush=True)
+        await unsharded(unsplit)
     finally:
         await coordinator.close()
+    fixed_x, fixed_y, totals = [], [], []
+    for (width, b), both in unsplit.items():
+        seconds = min(both)
+        prof = costmodel.profile(
+            radix_net(width, 8), partition(radix_net(width, 8), 1, method="block")
+        )
+        layers = costmodel.predict(prof, batch=b, channel="none", constants=bare)
+        fixed_x.append([1.0, float(b * prof.io_values)])
+        fixed_y.append(seconds - layers)
+        totals.append(seconds)
+        measured["coordinator"].append({"width": width, "batch": b, "seconds": seconds,
+                                        "both_rounds": both, "compute_s": layers})  # fmt: skip
+        print(f"  coordinator N=1 width {width} batch {b}: {[round(s * 1e3, 2) for s in both]} ms "
+              f"(compute terms {layers * 1e3:.2f} ms)", flush=True)  # fmt: skip
+    per_request, per_io = costmodel.fit(fixed_x, fixed_y, relative_to=totals)
+    base = costmodel.Constants(compute, per_request, per_io, cores, none)
+    costs = {channel: costmodel.fit_channel(rs, base=base) for channel, rs in runs.items()}
+    for channel, cost in costs.items():
+        print(f"  {channel}: {cost}", flush=True)
     return costmodel.Constants(compute, per_request, per_io, cores, costs), measured
 
 
