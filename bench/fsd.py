@@ -372,28 +372,28 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds of a process's threads, by role: ``compute`` (the shards' worker threads,
-    where the products run), ``loop`` (the main thread: the event loop, HTTP, messages) and
-    ``other`` (uvloop's and torch's helpers)."""
-    roles = {"compute": 0.0, "loop": 0.0, "other": 0.0}
+    """CPU seconds of a process's threads, by role: ``loop`` (the main thread: the event loop,
+    HTTP, messages) and ``workers`` (every other thread: the shards' worker threads, where the
+    products run, and uvloop's and torch's helpers). Python 3.11 does not give its threads
+    OS names, so the worker threads cannot be told from the helpers by name."""
+    roles = {"loop": 0.0, "workers": 0.0}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             text = (task / "stat").read_text()
         except OSError:  # the thread ended
             continue
-        name, fields = text.split("(", 1)[1].rsplit(")", 1)
+        fields = text.rsplit(")", 1)[1]
         seconds = sum(int(v) for v in fields.split()[11:13]) / os.sysconf("SC_CLK_TCK")
-        role = (
-            "loop" if task.name == str(pid) else "compute" if name.startswith("shard-") else "other"
-        )
-        roles[role] += seconds
+        roles["loop" if task.name == str(pid) else "workers"] += seconds
     return roles
 
 
 async def message_cost(root: Path, *, count: int = 400, rounds: int = 3) -> list[dict[str, Any]]:
-    """Sequential 16 KiB messages to a real manager's message route: wall time per message,
-    the sender's CPU and the receiver's CPU (from /proc), with httpx and with the pooled
-    client the direct channel uses (core/peerhttp.py)."""
+    """Sequential messages to a real manager's message route: wall time per message, the
+    sender's CPU and the receiver's CPU (from /proc), with httpx and with the pooled client
+    the direct channel uses (core/peerhttp.py), at 16 KiB, and with the pooled client at
+    512 KiB (a hypergraph split's message on the 4,096 x 24 net at batch 64): the two sizes
+    give the direct channel's CPU per message and per byte."""
     import httpx
 
     from gpufaas.core.channels import Envelope, encode, message_path
@@ -406,31 +406,38 @@ async def message_cost(root: Path, *, count: int = 400, rounds: int = 3) -> list
             "m", radix_net(1024, 4), Parallelism(shards=2, strategy="intra-layer"),
             nodes=urls, method="block",
         )  # fmt: skip
-        values = np.ones((64, 64), np.float32)
         path = message_path("m", 1)
         client = httpx.AsyncClient()
         pools = PeerPools()
         try:
             for _ in range(rounds):
-                for kind in ("httpx", "pooled"):
+                for kind, values in (("httpx", np.ones((64, 64), np.float32)),
+                                     ("pooled", np.ones((64, 64), np.float32)),
+                                     ("pooled", np.ones((64, 2048), np.float32))):  # fmt: skip
                     before_rx, before_tx = _cpu_seconds(pids[1]), time.process_time()
                     started = time.perf_counter()
-                    for i in range(count):
-                        frame = encode(Envelope("m", f"{kind}-{i}", 1, 0, 1), values)
-                        if kind == "httpx":
-                            status = (await client.post(urls[1] + path, content=frame)).status_code
+                    # Messages of requests the shard never runs wait in its mailbox for
+                    # 30 s: fewer of the big ones keep that memory bounded (~150 MiB).
+                    sent = count if values.nbytes < 1 << 16 else count // 4
+                    for i in range(sent):
+                        frame = encode(Envelope("m", f"{kind}-{values.nbytes}-{i}", 1, 0, 1),
+                                       values)  # fmt: skip
+                        if kind == "httpx":  # httpx takes bytes, not a memoryview
+                            reply_x = await client.post(urls[1] + path, content=bytes(frame))
+                            status = reply_x.status_code
                         else:
                             reply = await pools.to(urls[1]).post(path, frame, timeout_s=5)
                             status = reply.status
                         assert status in (202, 208), status
                     row = {
                         "client": kind,
-                        "wall_ms": (time.perf_counter() - started) / count * 1e3,
-                        "sender_cpu_ms": (time.process_time() - before_tx) / count * 1e3,
-                        "receiver_cpu_ms": (_cpu_seconds(pids[1]) - before_rx) / count * 1e3,
+                        "bytes": values.nbytes,
+                        "wall_ms": (time.perf_counter() - started) / sent * 1e3,
+                        "sender_cpu_ms": (time.process_time() - before_tx) / sent * 1e3,
+                        "receiver_cpu_ms": (_cpu_seconds(pids[1]) - before_rx) / sent * 1e3,
                     }
                     rows.append(row)
-                    print(f"  {kind:<7} {row['wall_ms']:.3f} ms/message, sender CPU "
+                    print(f"  {kind:<7} {values.nbytes >> 10:>4} KiB {row['wall_ms']:.3f} ms/message, sender CPU "
                           f"{row['sender_cpu_ms']:.3f} ms, receiver CPU "
                           f"{row['receiver_cpu_ms']:.3f} ms", flush=True)  # fmt: skip
         finally:
@@ -446,17 +453,25 @@ async def cpu_per_request(
     """Where the time goes: CPU seconds per request, summed over the shard processes and
     the coordinator (this process), in a closed loop of 4 requests in flight, N = 1, 2, 4
     (direct channel, hypergraph split; N = 1 unsplit). With ``c`` cores, throughput cannot
-    pass ``c / cpu``."""
+    pass ``c / cpu``. ``products_ms`` is the shards' arithmetic alone (every shard's pass
+    timed on one thread in this process, no channel: :func:`shard_compute_seconds`), so the
+    compute threads' CPU beyond it is their trips, hand-overs and receive-side copies;
+    ``idle_ms`` is the cores' time per request that no process used (waits)."""
+    from gpufaas.scheduler.partition import split
+
     net = radix_net(neurons, layers)
     x = (np.random.default_rng(0).random((batch, neurons)) < 0.2).astype(np.float32)
     rows = []
     with managers(root, 4, device_memory="64Mi", keep_pids=True) as (urls, pids):
         for shards in (1, 2, 4):
             coordinator = Coordinator(artifact_base=str(root / f"cpu{shards}"), timeout_s=120)
-            await coordinator.deploy(
+            method = "hypergraph" if shards > 1 else "block"
+            shard_set = await coordinator.deploy(
                 "net", net, Parallelism(shards=shards, strategy="intra-layer"),
-                nodes=urls[:shards], method="hypergraph" if shards > 1 else "block",
+                nodes=urls[:shards], method=method,
             )  # fmt: skip
+            specs = split(net, partition(net, shards, method=method))
+            products = [shard_compute_seconds(spec, batch) for spec in specs]
             for _ in range(4):
                 await coordinator.infer("net", x)
             before = [_cpu_seconds(pid) for pid in pids[:shards]]
@@ -479,7 +494,7 @@ async def cpu_per_request(
                 "throughput_rps": done / wall,
                 "shard_cpu_ms": [c / done * 1e3 for c in shard_cpu],
                 "coordinator_cpu_ms": (time.process_time() - own) / done * 1e3,
-                # per request, summed over the shards: products vs the loop vs the rest
+                # per request, summed over the shards: the event loop vs the other threads
                 "shard_threads_ms": {
                     role: sum(
                         _thread_cpu_seconds(pid)[role] - b[role]
@@ -487,16 +502,21 @@ async def cpu_per_request(
                     )
                     / done
                     * 1e3
-                    for role in ("compute", "loop", "other")
+                    for role in ("loop", "workers")
                 },
             }
             row["cpu_ms"] = sum(row["shard_cpu_ms"]) + row["coordinator_cpu_ms"]
             row["bound_rps"] = (os.cpu_count() or 1) / row["cpu_ms"] * 1e3
+            row["products_ms"] = [p * 1e3 for p in products]
+            row["idle_ms"] = (os.cpu_count() or 1) * wall / done * 1e3 - row["cpu_ms"]
+            row["messages"] = shard_set.volume.messages
+            row["bytes_per_request"] = shard_set.volume.bytes_per_sample * batch
             rows.append(row)
             print(f"  N={shards}: {row['throughput_rps']:.1f} req/s; CPU per request "
                   f"{row['cpu_ms']:.1f} ms (shards {[round(c, 1) for c in row['shard_cpu_ms']]}, "
                   f"coordinator {row['coordinator_cpu_ms']:.1f}; shard threads "
-                  f"{ {k: round(v, 1) for k, v in row['shard_threads_ms'].items()} }); "
+                  f"{ {k: round(v, 1) for k, v in row['shard_threads_ms'].items()} }; "
+                  f"products alone {sum(row['products_ms']):.1f}; idle {row['idle_ms']:.1f}); "
                   f"{os.cpu_count()} cores bound "
                   f"{row['bound_rps']:.1f} req/s", flush=True)  # fmt: skip
             await coordinator.remove("net")
@@ -509,95 +529,169 @@ async def cpu_per_request(
 # -------------------------------------------------------------------------------------------
 
 
+def shard_compute_seconds(spec: Any, batch: int, *, repeats: int = 5) -> float:
+    """One pass of a shard's compute for a batch, on this thread, through the executor's own
+    code (products, bias, activation, hand-overs), with zeros standing in for remote parts:
+    the median CPU seconds over ``repeats`` (contention is the model's part, not this
+    one's). No channel, no event loop: what a shard's worker does."""
+    import torch
+
+    from gpufaas.core.channels import LocalChannel, Mailbox
+    from gpufaas.gpu_manager.shards import ShardExecutor
+
+    executor = ShardExecutor(spec, set_name="cal", channel=LocalChannel(), mailbox=Mailbox())
+    inputs = np.zeros((len(spec.inputs), batch), np.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a manager (gpu_manager/main.py); thread_time needs it
+
+    def one_pass() -> None:
+        step = executor._first_step("r", inputs, lambda parts: None)
+        while step.output is None:
+            layer = spec.layers[step.index]
+            arrived = [(q, np.zeros((b.shape[1], batch), np.float32))
+                       for q, b in sorted(layer.remote.items())]  # fmt: skip
+            step = executor._step("r", step, arrived, lambda parts: None)
+
+    try:
+        one_pass()
+        times = []
+        for _ in range(repeats):
+            started = time.thread_time()  # CPU: other processes' load is not the shard's
+            one_pass()
+            times.append(time.thread_time() - started)
+        return statistics.median(times)
+    finally:
+        executor.close()
+        torch.set_num_threads(threads)
+
+
+def calibrate_compute(batch: int) -> tuple[costmodel.Compute, list[dict[str, Any]]]:
+    """``c_op`` and ``c_nnz`` from every shard of block and random splits of RadiX-Nets of
+    1,024 / 2,048 / 4,096 neurons (8, 8, 4 layers: never the grid's net), N = 1, 2, 4, 8,
+    two batch sizes, timed on one thread (a shard's worker has one core and one torch
+    thread)."""
+    from gpufaas.scheduler.partition import split
+
+    xs, ys, rows = [], [], []
+    for width, depth in ((1024, 8), (2048, 8), (4096, 4)):
+        net = radix_net(width, depth)
+        for shards, method in ((1, "block"), (2, "block"), (2, "random"), (4, "block"),
+                               (4, "random"), (8, "block"), (8, "random")):  # fmt: skip
+            part = partition(net, shards, method=method, seed=3)
+            prof = costmodel.profile(net, part)
+            specs = split(net, part)
+            for b in (max(1, batch // 4), batch):
+                features = costmodel.compute_features(prof, batch=b).sum(axis=0)
+                for spec in specs[:2]:  # shards of one split are alike
+                    seconds = shard_compute_seconds(spec, b)
+                    xs.append(features[spec.shard].tolist())
+                    ys.append(seconds)
+                    rows.append({"width": width, "depth": depth, "shards": shards,
+                                 "method": method, "batch": b, "shard": spec.shard,
+                                 "features": xs[-1], "seconds": seconds})  # fmt: skip
+            print(f"  compute {width} x {depth} N={shards} {method:<6}: "
+                  f"{rows[-1]['seconds'] * 1e3:.2f} ms per shard pass at batch {batch}",
+                  flush=True)  # fmt: skip
+    per_op, per_nnz = costmodel.fit(xs, ys, relative=True)
+    return costmodel.Compute(per_op, per_nnz), rows
+
+
 async def calibrate(
     urls: list[str], channels: dict[str, ChannelConfig], root: Path, batch: int
-) -> costmodel.Constants:
-    """Fit the constants on calibration nets, never on the grid's net: unsharded RadiX-Nets of
-    1,024 / 2,048 / 4,096 neurons at 4 and 12 layers (the compute terms: one multiply-add's
-    cost depends on the working set, i.e. the width), and 2,048 x 8 split 2 and 4 ways (the
-    channels)."""
+) -> tuple[costmodel.Constants, dict[str, Any]]:
+    """Fit the constants on calibration nets, never on the grid's net (see
+    :mod:`gpufaas.scheduler.costmodel`): compute in-process per shard; the coordinator from
+    unsharded runs on real managers (1,024 / 2,048 / 4,096 x 8); each channel from 2,048 x 4
+    and x 8 split 2 and 4 ways, block and random.
+
+    Every run is measured before anything is fitted, and the unsharded runs twice, before
+    and after the channels' runs, keeping the lower median of each: interference on a shared
+    machine (a freshly started manager, another process) only ever slows a run down, and the
+    coordinator's two constants rest on six runs, so one slowed phase would bias every
+    prediction (it did: bench/RESULTS.md, session 4, round B)."""
+    compute, compute_rows = calibrate_compute(batch)
+    print(f"  compute: {compute}", flush=True)
     coordinator = Coordinator(artifact_base=str(root / "calib"), timeout_s=120)
     rng = np.random.default_rng(5)
     cores = os.cpu_count() or 1
     batches = (max(1, batch // 4), batch)
-    comm: dict[str, tuple[list[list[float]], list[float]]] = {c: ([], []) for c in channels}
+    measured: dict[str, Any] = {"compute": compute_rows, "coordinator": [], "channels": []}
 
-    async def median_latency(name: str, b: int, width: int = 1024) -> float:
+    async def median_latency(name: str, b: int, width: int, count: int = 7) -> float:
         x = (rng.random((b, width)) < 0.2).astype(np.float32)
         await coordinator.infer(name, x)
-        return statistics.median([await _timed(coordinator.infer(name, x)) for _ in range(7)])
+        return statistics.median([await _timed(coordinator.infer(name, x)) for _ in range(count)])
 
-    try:
-        # Compute: per (width, batch), two depths give the per-layer time (the slope: c_nnz at
-        # that working set) and the fixed part (the intercept: c_request + c_io).
-        curve: list[tuple[float, float]] = []
-        fixed_x, fixed_y = [], []
+    async def unsharded(rounds: dict[tuple[int, int], list[float]]) -> None:
         for width in (1024, 2048, 4096):
-            depths = (4, 12)
-            seconds: dict[tuple[int, int], float] = {}
-            for depth in depths:
-                net = radix_net(width, depth)
-                name = f"cal-{width}-{depth}"
-                await coordinator.deploy(
-                    name, net, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
-                )
-                for b in batches:
-                    seconds[(depth, b)] = await median_latency(name, b, width)
-                await coordinator.remove(name)
+            name = f"cal-{width}"
+            await coordinator.deploy(
+                name, radix_net(width, 8), Parallelism(shards=1, strategy="intra-layer"),
+                nodes=urls[:1],
+            )  # fmt: skip
             for b in batches:
-                per_layer = max(1e-6, seconds[(depths[1], b)] - seconds[(depths[0], b)]) / (
-                    depths[1] - depths[0]
-                )
-                nnz = radix_net(width, 1).layers[0].nnz
-                curve.append(
-                    (costmodel.working_set(width, shards=1, batch=b), per_layer / (b * nnz))
-                )
-                fixed_x.append([1.0, float(b * 2 * width)])
-                fixed_y.append(max(1e-6, seconds[(depths[0], b)] - depths[0] * per_layer))
-                print(f"  calibration N=1 width {width} batch {b}: {per_layer * 1e3:.2f} ms per "
-                      f"layer, {fixed_y[-1] * 1e3:.2f} ms fixed", flush=True)  # fmt: skip
-        per_request, per_io = costmodel.fit(fixed_x, fixed_y, relative=True)
-        nnz_curve = tuple(sorted(curve))
-        base = costmodel.Constants(
-            nnz_curve, per_request, per_io, cores, {"none": costmodel.ChannelCost(0.0, 0.0, 0.0)}
-        )
-        net = radix_net(2048, 8)  # channels: never the grid's width
+                rounds.setdefault((width, b), []).append(await median_latency(name, b, width))
+            await coordinator.remove(name)
+
+    none = {"none": costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0)}
+    bare = costmodel.Constants(compute, 0.0, 0.0, cores, none)
+    unsplit: dict[tuple[int, int], list[float]] = {}
+    runs: dict[str, list[tuple[costmodel.Profile, int, float]]] = {c: [] for c in channels}
+    try:
+        await unsharded(unsplit)
         for channel in channels:
-            for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random")):
-                if shards > len(urls):
-                    continue
-                prof = costmodel.profile(net, partition(net, shards, method=method, seed=2))
-                name = f"cal-{channel}-{shards}-{method}"
-                await coordinator.deploy(
-                    name, net, Parallelism(shards=shards, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
-                    nodes=urls[:shards], method=method, channel=channels[channel], seed=2,
-                )  # fmt: skip
-                for b in batches:
-                    measured = await median_latency(name, b, 2048)
-                    compute = costmodel.predict(prof, batch=b, channel="none", constants=base)
-                    comm[channel][0].append(costmodel.channel_features(prof, batch=b, cores=cores))
-                    comm[channel][1].append(max(0.0, measured - compute))
-                    print(f"  calibration {name} batch {b}: {measured * 1e3:.1f} ms "
-                          f"(compute terms {compute * 1e3:.1f} ms)", flush=True)  # fmt: skip
-                await coordinator.remove(name)
+            for depth in (4, 8):
+                net = radix_net(2048, depth)  # channels: never the grid's width
+                for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random")):
+                    if shards > len(urls):
+                        continue
+                    prof = costmodel.profile(net, partition(net, shards, method=method, seed=2))
+                    name = f"cal-{channel}-{depth}-{shards}-{method}"
+                    await coordinator.deploy(
+                        name, net, Parallelism(shards=shards, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
+                        nodes=urls[:shards], method=method, channel=channels[channel], seed=2,
+                    )  # fmt: skip
+                    for b in batches:
+                        seconds = await median_latency(name, b, 2048, 5)
+                        runs[channel].append((prof, b, seconds))
+                        measured["channels"].append({"channel": channel, "depth": depth,
+                                                     "shards": shards, "method": method,
+                                                     "batch": b, "seconds": seconds})  # fmt: skip
+                        print(f"  channel {name} batch {b}: {seconds * 1e3:.1f} ms", flush=True)
+                    await coordinator.remove(name)
+        await unsharded(unsplit)
     finally:
         await coordinator.close()
-    costs = {}
-    for channel, (xs, ys) in comm.items():
-        per_message, per_byte, per_shard = costmodel.fit(xs, ys, relative=True)
-        costs[channel] = costmodel.ChannelCost(per_message, per_byte, per_shard)
-    return costmodel.Constants(nnz_curve, per_request, per_io, cores, costs)
+    fixed_x, fixed_y, totals = [], [], []
+    for (width, b), both in unsplit.items():
+        seconds = min(both)
+        prof = costmodel.profile(
+            radix_net(width, 8), partition(radix_net(width, 8), 1, method="block")
+        )
+        layers = costmodel.predict(prof, batch=b, channel="none", constants=bare)
+        fixed_x.append([1.0, float(b * prof.io_values)])
+        fixed_y.append(seconds - layers)
+        totals.append(seconds)
+        measured["coordinator"].append({"width": width, "batch": b, "seconds": seconds,
+                                        "both_rounds": both, "compute_s": layers})  # fmt: skip
+        print(f"  coordinator N=1 width {width} batch {b}: {[round(s * 1e3, 2) for s in both]} ms "
+              f"(compute terms {layers * 1e3:.2f} ms)", flush=True)  # fmt: skip
+    per_request, per_io = costmodel.fit(fixed_x, fixed_y, relative_to=totals)
+    base = costmodel.Constants(compute, per_request, per_io, cores, none)
+    costs = {channel: costmodel.fit_channel(rs, base=base) for channel, rs in runs.items()}
+    for channel, cost in costs.items():
+        print(f"  {channel}: {cost}", flush=True)
+    return costmodel.Constants(compute, per_request, per_io, cores, costs), measured
 
 
 def constants_to_json(constants: costmodel.Constants) -> dict[str, Any]:
-    return {**dataclasses.asdict(constants), "channels": {
-        k: dataclasses.asdict(v) for k, v in constants.channels.items()}}  # fmt: skip
+    return dataclasses.asdict(constants)
 
 
 def constants_from_json(data: dict[str, Any]) -> costmodel.Constants:
     channels = {k: costmodel.ChannelCost(**v) for k, v in data.pop("channels").items()}
-    curve = tuple((float(w), float(c)) for w, c in data.pop("per_nnz_s"))
-    return costmodel.Constants(per_nnz_s=curve, **data, channels=channels)
+    compute = costmodel.Compute(**data.pop("compute"))
+    return costmodel.Constants(compute=compute, **data, channels=channels)
 
 
 async def _timed(call: Any) -> float:
@@ -783,11 +877,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             # constants (fitted on 1,024-neuron nets only); a grid run reads them with
             # --constants and never fits anything.
             if args.calibrate_only:
-                print("4. cost model: calibration on 1,024-neuron nets", flush=True)
+                print("4. cost model: calibration (never the grid's net)", flush=True)
                 started = time.time()
-                constants = await calibrate(urls, channels, root, args.batch)
+                constants, runs = await calibrate(urls, channels, root, args.batch)
                 report["calibration"] = {
                     "constants": constants_to_json(constants),
+                    "runs": runs,
                     "seconds": time.time() - started,
                     "load_average": os.getloadavg(),
                 }

@@ -1,157 +1,169 @@
 """A cost model for sharded inference: predict latency per (shards, channel, partition), pick one.
 
-Per request (layers run one after another; shards within a layer run side by side, at most
-``cores`` of them at once; ``N`` shards):
+Per request, with ``N`` shards sharing ``cores`` cores (layers run one after another; a
+layer's shards run side by side, at most ``cores`` of them at once):
 
-    latency   = c_request + c_io * batch * (n_in + n_out)          # coordinator: scatter, gather
-              + sum_l c_nnz(ws_l) * batch * max(max_p nnz_lp, sum_p nnz_lp / cores)
-              + sum_l c_msg[ch] * max(max_p msgs_lp, sum_p msgs_lp / cores)
-              + sum_l c_byte[ch] * batch * 4 * max(max_p values_lp, sum_p values_lp / cores)
-              + c_shard[ch] * N
+    latency = c_request + c_io * batch * (n_in + n_out) + c_shard[ch] * N   # coordinator
+            + sum_l max(max_p w_lp, sum_p w_lp / cores)                      # the layers
 
-``nnz_lp`` is shard p's weights in layer l, ``msgs_lp`` / ``values_lp`` the messages and
-activations it receives for layer l (taken from the partition, see :func:`profile`).
-``c_nnz(ws)`` is the time of one multiply-add as a function of the shard's working set
-``ws_l = n_in_l / N * batch * 4`` bytes (its slice of the activations a sparse product
-reads at random): measured at several sizes and interpolated in ``log ws``, clamped at the
-ends, so a cache effect (a split layer running faster than linear) can show. The first form
-had one constant; on this machine the calibration found 1.2-1.9e-10 s per multiply-add at
-64 KiB-1 MiB, with no clear trend (bench/RESULTS.md, "Distributed inference").
-Handling a message is CPU work in the shards' processes like the multiply-adds: when shards
-outnumber the cores they take turns, so the busiest shard's share is bounded below by the
-total over the cores. A layer that reads nothing remote costs no message and no trip between
-the shard's event loop and its worker thread (gpu_manager/shards.py runs such layers in one
-trip), so there is no per-layer fixed term: a layer's messages carry its synchronisation
-cost (``c_msg``).
+    w_lp    = c_op * ops_lp + c_nnz * batch * nnz_lp                      # compute
+            + c_msg[ch] * msgs_lp + c_byte[ch] * batch * 4 * values_lp   # messages
+            + c_sync[ch] * sync_lp                                       # waits
 
-A calibration run (``bench/fsd.py --calibrate-only``), on other nets than the benchmark's,
-measures the constants: per (width, batch), unsharded runs at two depths give the per-layer
-time (so ``c_nnz`` at that working set) and the fixed part (so ``c_request`` and ``c_io``);
-then each channel's ``c_msg`` / ``c_byte`` / ``c_shard`` from sharded runs (2 and 4 shards,
-block and random splits, two batch sizes) minus the predicted compute. :func:`choose` ranks candidate configurations by predicted latency.
+``w_lp`` is shard p's work on layer l, all of it CPU on its process except the waits:
 
-Pure: no clocks, no I/O.
+* compute (gpu_manager/shards.py): each row group (boundary rows, interior rows) is one
+  sparse product over the shard's own activations plus one per shard it reads from, then
+  bias, activation and clip in place. ``ops_lp`` = row groups x (1 + sources): each costs a
+  fixed dispatch (``c_op``, ~10-30 us in torch on one thread, which is why the same
+  multiply-adds cut into more pieces cost more) and ``nnz_lp`` multiply-adds per sample
+  (``c_nnz``, which carries the row's bias, activation and clip too: a separate per-row
+  constant cannot be fitted on nets with one fan-in, like every RadiX-Net);
+* messages: ``msgs_lp`` received and ``values_lp`` values received per sample (the sender's
+  and the receiver's CPU of one message, charged once);
+* ``sync_lp`` is 1 where the shard reads remote values in layer l: it hands the layer back to
+  its event loop, waits for the last part and goes back to its worker (a trip and a wake-up).
+
+When shards outnumber the cores they take turns: a layer cannot finish before all the
+shards' work over the cores (``sum_p w_lp / cores``), so with balanced shards the layers
+take ``max(1, N / cores)`` times the busiest shard's work (``N / cores`` rather than
+``ceil``: the operating system interleaves the shards' threads, it does not run them in
+rounds). On this 2-core machine that is what bounds N = 4 and 8.
+
+Calibration (``bench/fsd.py --calibrate-only``, on nets that are never the benchmark's):
+
+1. compute: every shard of block and random splits of several nets (N = 1..8, two batch
+   sizes) timed on one thread in-process, running the executor's own code; ``c_op`` and
+   ``c_nnz`` by a relative least-squares fit over the shards;
+2. coordinator: unsharded runs on real managers; what the compute terms leave gives
+   ``c_request`` and ``c_io``;
+3. channels: sharded runs (2 and 4 shards, block and random, two depths and batches) per
+   channel; what compute and coordinator leave gives ``c_msg``, ``c_byte``, ``c_sync``,
+   ``c_shard``. The max over the branches makes this not linear in the constants, so
+   :func:`fit_channel` fixes each layer's binding branch, fits, and repeats.
+
+:func:`choose` ranks candidate configurations by predicted latency. Pure: no clocks, no I/O.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from gpufaas.core.layered import LayeredNet
 from gpufaas.scheduler.partition import Partition
 
 __all__ = [
     "ChannelCost",
+    "Compute",
     "Constants",
     "Profile",
-    "channel_features",
     "choose",
+    "compute_features",
     "fit",
+    "fit_channel",
     "predict",
     "profile",
-    "working_set",
 ]
+
+Matrix = npt.NDArray[np.float64]  # (layers, shards)
 
 
 @dataclasses.dataclass(frozen=True)
 class ChannelCost:
-    per_message_s: float
-    per_byte_s: float
-    per_shard_s: float  # a shard's part of the fan-out and gather, and its layer crossings
+    per_message_s: float  # CPU to send and receive one message (both ends)
+    per_byte_s: float  # CPU per byte carried (copies, encode, decode, socket)
+    per_sync_s: float  # a layer that waits for remote values: the trip and wake-up
+    per_shard_s: float  # the coordinator's call to a shard and the shard's fixed part
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+    per_op_s: float  # one sparse product (dispatch, setup), with its row group's bias etc.
+    per_nnz_s: float  # one multiply-add of one sample, with its share of the row's bias etc.
 
 
 @dataclasses.dataclass(frozen=True)
 class Constants:
-    # (working-set bytes, seconds per multiply-add per sample), by working set
-    per_nnz_s: tuple[tuple[float, float], ...]
-    per_request_s: float  # fixed cost of a request (coordinator, one HTTP round trip)
+    compute: Compute
+    per_request_s: float  # the coordinator's fixed cost of a request
     per_io_value_s: float  # one input or output value encoded, sent, decoded
     cores: int
-    channels: Mapping[str, ChannelCost]
-
-    def nnz_s(self, working_set: float) -> float:
-        """Seconds per multiply-add at ``working_set`` bytes (log-linear, clamped)."""
-        points = sorted(self.per_nnz_s)
-        sizes = np.log([max(w, 1.0) for w, _ in points])
-        return float(np.interp(np.log(max(working_set, 1.0)), sizes, [c for _, c in points]))
+    channels: dict[str, ChannelCost]
 
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """What a split does per layer: the busiest shard's work and traffic, and the totals."""
+    """What a split does, per layer and shard: its work and the traffic it receives."""
 
     shards: int
     io_values: int  # n_in + n_out, per sample
-    widths: tuple[int, ...]  # each layer's n_in
-    max_nnz: tuple[int, ...]
-    total_nnz: tuple[int, ...]
-    max_messages: tuple[int, ...]
-    max_values: tuple[int, ...]
-    total_messages: tuple[int, ...]
-    total_values: tuple[int, ...]
+    ops: Matrix  # sparse products (row groups x (1 + sources))
+    nnz: Matrix  # weights (multiply-adds per sample)
+    messages: Matrix  # messages received
+    values: Matrix  # values received per sample
+    sync: Matrix  # 1 where the shard reads remote values
 
 
 def profile(net: LayeredNet, part: Partition) -> Profile:
-    max_nnz, total_nnz, max_messages, max_values = [], [], [], []
-    total_messages, total_values = [], []
+    n = part.shards
+    layers = len(net.layers)
+    ops, nnz, messages, values, sync = (np.zeros((layers, n)) for _ in range(5))
+    boundary: list[npt.NDArray[np.int64]] = []  # per layer: each shard's values others read
     for index, layer in enumerate(net.layers):
         src = part.owners[index][layer.cols]
         dst = part.owners[index + 1][layer.rows]
-        nnz = np.bincount(dst, minlength=part.shards)
         crossing = src != dst
-        pairs = np.unique(layer.cols[crossing] * part.shards + dst[crossing])
-        values = np.bincount(pairs % part.shards, minlength=part.shards)
-        links = np.unique(src[crossing] * part.shards + dst[crossing])
-        messages = np.bincount(links % part.shards, minlength=part.shards)
-        max_nnz.append(int(nnz.max()))
-        total_nnz.append(int(nnz.sum()))
-        max_messages.append(int(messages.max()))
-        max_values.append(int(values.max()))
-        total_messages.append(int(messages.sum()))
-        total_values.append(int(values.sum()))
-    return Profile(
-        part.shards,
-        net.widths[0] + net.widths[-1],
-        tuple(net.widths[:-1]),
-        tuple(max_nnz),
-        tuple(total_nnz),
-        tuple(max_messages),
-        tuple(max_values),
-        tuple(total_messages),
-        tuple(total_values),
-    )
+        pairs = np.unique(layer.cols[crossing] * n + dst[crossing])
+        links = np.unique(src[crossing] * n + dst[crossing])
+        nnz[index] = np.bincount(dst, minlength=n)
+        values[index] = np.bincount(pairs % n, minlength=n)
+        messages[index] = np.bincount(links % n, minlength=n)
+        sync[index] = messages[index] > 0
+        read = np.unique(layer.cols[crossing])  # a_{l-1} values some other shard reads
+        boundary.append(np.bincount(part.owners[index][read], minlength=n))
+    for index in range(layers):
+        # Row groups (gpu_manager/shards.prepare): the boundary rows (the next layer's other
+        # shards read them; the last layer has none) and the interior rows, where not empty.
+        owned = np.bincount(part.owners[index + 1], minlength=n)
+        sent = boundary[index + 1] if index + 1 < layers else np.zeros(n, dtype=np.int64)
+        groups = (sent > 0).astype(float) + (owned - sent > 0)
+        ops[index] = groups * (1 + messages[index])
+    return Profile(n, net.widths[0] + net.widths[-1], ops, nnz, messages, values, sync)
+
+
+def compute_features(p: Profile, *, batch: int) -> npt.NDArray[np.float64]:
+    """Per layer and shard, the multipliers of ``c_op`` and ``c_nnz``: shape (layers, shards, 2)."""
+    return np.stack([p.ops, batch * p.nnz], axis=-1)
+
+
+def channel_features(p: Profile, *, batch: int) -> npt.NDArray[np.float64]:
+    """Per layer and shard, the multipliers of ``c_msg``, ``c_byte``, ``c_sync``."""
+    return np.stack([p.messages, batch * 4 * p.values, p.sync], axis=-1)
+
+
+def _work(p: Profile, batch: int, constants: Constants, channel: ChannelCost) -> Matrix:
+    c = constants.compute
+    comm = [channel.per_message_s, channel.per_byte_s, channel.per_sync_s]
+    work: Matrix = compute_features(p, batch=batch) @ np.array([c.per_op_s, c.per_nnz_s])
+    if p.shards > 1:
+        work = work + channel_features(p, batch=batch) @ np.array(comm)
+    return work
+
+
+def _layers(work: Matrix, cores: int) -> float:
+    return float(np.maximum(work.max(axis=1), work.sum(axis=1) / cores).sum())
 
 
 def predict(p: Profile, *, batch: int, channel: str, constants: Constants) -> float:
     """Predicted seconds per request."""
-    cost = constants.channels[channel] if p.shards > 1 else ChannelCost(0.0, 0.0, 0.0)
-    cores = constants.cores
-    total = constants.per_request_s + constants.per_io_value_s * batch * p.io_values
-    for width, nnz, all_nnz, msgs, all_msgs, values, all_values in zip(
-        p.widths, p.max_nnz, p.total_nnz, p.max_messages, p.total_messages, p.max_values,
-        p.total_values, strict=True,
-    ):  # fmt: skip
-        per_nnz = constants.nnz_s(working_set(width, shards=p.shards, batch=batch))
-        total += per_nnz * batch * max(nnz, all_nnz / cores)
-        total += cost.per_message_s * max(msgs, all_msgs / cores)
-        total += cost.per_byte_s * batch * 4 * max(values, all_values / cores)
-    return total + cost.per_shard_s * p.shards
-
-
-def working_set(width: int, *, shards: int, batch: int) -> float:
-    """Bytes of a shard's slice of a layer's input activations (what its product reads)."""
-    return width / shards * batch * 4
-
-
-def channel_features(p: Profile, *, batch: int, cores: int) -> list[float]:
-    """A channel's terms' multipliers: ``[messages, bytes, shards]`` (``c_msg``, ``c_byte``,
-    ``c_shard``), for fitting."""
-    msgs = sum(max(m, t / cores) for m, t in zip(p.max_messages, p.total_messages, strict=True))
-    values = sum(max(v, t / cores) for v, t in zip(p.max_values, p.total_values, strict=True))
-    return [float(msgs), float(batch * 4 * values), float(p.shards)]
+    cost = constants.channels[channel] if p.shards > 1 else ChannelCost(0.0, 0.0, 0.0, 0.0)
+    fixed = constants.per_request_s + constants.per_io_value_s * batch * p.io_values
+    fixed += cost.per_shard_s * p.shards if p.shards > 1 else 0.0
+    return fixed + _layers(_work(p, batch, constants, cost), constants.cores)
 
 
 def choose(
@@ -166,15 +178,21 @@ def choose(
 
 
 def fit(
-    xs: Sequence[Sequence[float]], ys: Sequence[float], *, relative: bool = False
+    xs: Sequence[Sequence[float]],
+    ys: Sequence[float],
+    *,
+    relative: bool = False,
+    relative_to: Sequence[float] | None = None,
 ) -> list[float]:
     """Non-negative least squares by clipping: the constants of a linear model ``y = x . c``.
     ``relative`` minimises the errors relative to ``y`` (what a "within 25%" goal measures)
-    instead of the absolute ones, which the slowest runs would dominate."""
+    instead of the absolute ones, which the slowest runs would dominate; ``relative_to``
+    relative to other magnitudes (a run's whole latency, when ``y`` is a part of it)."""
     a = np.asarray(xs, dtype=float)
     b = np.asarray(ys, dtype=float)
-    if relative:
-        scale = 1.0 / np.maximum(np.abs(b), 1e-12)
+    if relative or relative_to is not None:
+        scale = 1.0 / np.maximum(np.abs(b if relative_to is None else np.asarray(relative_to)),
+                                 1e-12)  # fmt: skip
         a, b = a * scale[:, None], b * scale
     solution, *_ = np.linalg.lstsq(a, b, rcond=None)
     active = solution > 0
@@ -183,3 +201,35 @@ def fit(
         solution = np.zeros_like(solution)
         solution[active] = np.maximum(refit, 0)
     return [float(max(v, 0.0)) for v in solution]
+
+
+def fit_channel(
+    runs: Sequence[tuple[Profile, int, float]], *, base: Constants, rounds: int = 8
+) -> ChannelCost:
+    """A channel's constants from sharded runs ``(profile, batch, measured seconds)``, given
+    the compute and coordinator constants of ``base``. Each layer's latency is the larger of
+    two sums (the busiest shard, or all shards over the cores); with the branches fixed the
+    model is linear, so fit, re-pick each layer's branch with the new constants, and repeat."""
+    cost = ChannelCost(0.0, 0.0, 0.0, 0.0)
+    for _ in range(rounds):
+        xs, ys, totals = [], [], []
+        for p, batch, measured in runs:
+            work = _work(p, batch, base, cost)
+            busiest = work.argmax(axis=1)
+            by_max = work.max(axis=1) >= work.sum(axis=1) / base.cores
+            compute = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(base.compute))
+            comm = channel_features(p, batch=batch)
+            layers = np.arange(work.shape[0])
+            row = np.where(
+                by_max[:, None], comm[layers, busiest], comm.sum(axis=1) / base.cores
+            ).sum(axis=0)
+            fixed_compute = np.where(
+                by_max, compute[layers, busiest], compute.sum(axis=1) / base.cores
+            ).sum()
+            fixed = base.per_request_s + base.per_io_value_s * batch * p.io_values
+            xs.append([*row, float(p.shards)])
+            ys.append(measured - fixed - fixed_compute)
+            totals.append(measured)
+        per_message, per_byte, per_sync, per_shard = fit(xs, ys, relative_to=totals)
+        cost = ChannelCost(per_message, per_byte, per_sync, per_shard)
+    return cost

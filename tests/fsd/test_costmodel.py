@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import torch
 
 from gpufaas.core.layered import radix_net
 from gpufaas.core.sharding import ShardLoad
@@ -10,16 +13,21 @@ from gpufaas.scheduler import costmodel
 from gpufaas.scheduler.coordinator import launch_tree, tree_rounds
 from gpufaas.scheduler.partition import communication, partition
 
+COMPUTE = costmodel.Compute(per_op_s=1e-5, per_nnz_s=1e-9)
 CONSTANTS = costmodel.Constants(
-    per_nnz_s=((1.0, 1e-9),),
+    compute=COMPUTE,
     per_request_s=1e-3,
     per_io_value_s=1e-8,
     cores=2,
     channels={
-        "direct": costmodel.ChannelCost(5e-4, 1e-9, 1e-3),
-        "s3": costmodel.ChannelCost(3e-2, 1e-8, 5e-3),
+        "direct": costmodel.ChannelCost(5e-4, 1e-9, 1e-4, 1e-3),
+        "s3": costmodel.ChannelCost(3e-2, 1e-8, 1e-3, 5e-3),
     },
 )
+
+
+def _only(compute: costmodel.Compute, cost: costmodel.ChannelCost) -> costmodel.Constants:
+    return costmodel.Constants(compute, 0.0, 0.0, 2, {"x": cost})
 
 
 def test_profile_agrees_with_the_partition_volume() -> None:
@@ -27,9 +35,26 @@ def test_profile_agrees_with_the_partition_volume() -> None:
     part = partition(net, 4, method="block")
     prof = costmodel.profile(net, part)
     volume = communication(net, part)
-    assert sum(prof.total_nnz) == sum(layer.nnz for layer in net.layers)
-    assert max(prof.max_values) <= max(volume.per_layer)
-    assert sum(prof.max_messages) <= volume.messages
+    assert prof.nnz.sum() == sum(layer.nnz for layer in net.layers)
+    assert prof.values.sum() == volume.values
+    assert prof.messages.sum() == volume.messages
+    assert ((prof.sync > 0) == (prof.messages > 0)).all()
+
+
+def test_profile_counts_the_products_the_executor_runs() -> None:
+    """A shard's sparse products per layer, as gpu_manager/shards.prepare builds them: one per
+    row group (boundary, interior) over its own activations and one per shard it reads from."""
+    from gpufaas.gpu_manager.shards import prepare
+    from gpufaas.scheduler.partition import split
+
+    net = radix_net(256, 6)
+    for method in ("block", "random", "hypergraph"):
+        part = partition(net, 4, method=method, seed=1)
+        prof = costmodel.profile(net, part)
+        for spec in split(net, part):
+            ops = prepare(spec, torch.device("cpu"))
+            counted = [len(op.groups) * (1 + len(op.sources)) for op in ops]
+            assert counted == prof.ops[:, spec.shard].tolist(), method
 
 
 def test_fewer_bytes_and_faster_channels_predict_less() -> None:
@@ -48,20 +73,42 @@ def test_fewer_bytes_and_faster_channels_predict_less() -> None:
     assert [name for _, name in ranked] == ["hyper-direct", "rand-direct", "hyper-s3"]
 
 
-def test_more_shards_than_cores_do_not_predict_more_parallel_compute() -> None:
+def test_more_shards_than_cores_compute_no_faster_than_the_cores_allow() -> None:
+    """Per layer, the busiest shard or all shards' work over the cores: with balanced shards
+    that is max(1, N / cores) times one shard's work, so 8 shards on 2 cores take what 2 do
+    (with no per-op cost), and a per-op cost makes more shards slower."""
     net = radix_net(1024, 6)
-    no_comm = costmodel.Constants(
-        ((1.0, 1e-9),), 0.0, 0.0, 2, {"x": costmodel.ChannelCost(0, 0, 0)}
-    )
-    times = {
-        n: costmodel.predict(
-            costmodel.profile(net, partition(net, n, method="block")), batch=64, channel="x",
-            constants=no_comm,
+    free = costmodel.ChannelCost(0, 0, 0, 0)
+
+    def times(compute: costmodel.Compute) -> dict[int, float]:
+        return {
+            n: costmodel.predict(
+                costmodel.profile(net, partition(net, n, method="block")), batch=64,
+                channel="x", constants=_only(compute, free),
+            )
+            for n in (1, 2, 4, 8)
+        }  # fmt: skip
+
+    flat = times(costmodel.Compute(0.0, 1e-9))
+    assert abs(flat[2] - flat[1] / 2) < 1e-9
+    assert abs(flat[8] - flat[2]) < 1e-9 and abs(flat[4] - flat[2]) < 1e-9
+    dispatch = times(costmodel.Compute(1e-4, 1e-9))
+    assert dispatch[8] > dispatch[4] > dispatch[2]
+
+
+def test_messages_beyond_the_cores_take_turns() -> None:
+    """Message handling is CPU work: 8 shards on 2 cores handle their messages 4 at a turn."""
+    net = radix_net(1024, 6)
+    none = costmodel.Compute(0.0, 0.0)
+    for shards in (2, 8):
+        prof = costmodel.profile(net, partition(net, shards, method="random", seed=1))
+        predicted = costmodel.predict(
+            prof, batch=1, channel="x", constants=_only(none, costmodel.ChannelCost(1e-3, 0, 0, 0))
         )
-        for n in (1, 2, 4, 8)
-    }  # fmt: skip
-    assert abs(times[2] - times[1] / 2) < 1e-9
-    assert abs(times[8] - times[2]) < 1e-9  # 2 cores: 8 shards compute no faster than 2
+        expected = np.maximum(prof.messages.max(axis=1), prof.messages.sum(axis=1) / 2).sum()
+        assert abs(predicted - 1e-3 * expected) < 1e-12
+        if shards == 8:  # the total over the cores, not the busiest shard alone, binds here
+            assert predicted > 1e-3 * prof.messages.max(axis=1).sum() * 1.5
 
 
 def test_fit_recovers_the_constants_of_a_linear_cost() -> None:
@@ -84,39 +131,23 @@ def test_a_relative_fit_weighs_fast_runs_like_slow_ones() -> None:
     assert not all(abs(np.dot(x, absolute) / y - 1) <= 0.25 for x, y in fast)
 
 
-def test_features_match_predict() -> None:
-    """The channel's fitting features and predict() are one model."""
-    net = radix_net(1024, 6)
-    prof = costmodel.profile(net, partition(net, 4, method="random", seed=1))
-    cost = CONSTANTS.channels["direct"]
-    none = costmodel.Constants(
-        CONSTANTS.per_nnz_s, CONSTANTS.per_request_s, CONSTANTS.per_io_value_s, 2,
-        {"none": costmodel.ChannelCost(0.0, 0.0, 0.0)},
-    )  # fmt: skip
-    compute = costmodel.predict(prof, batch=16, channel="none", constants=none)
-    by_features = compute + np.dot(
-        costmodel.channel_features(prof, batch=16, cores=2),
-        [cost.per_message_s, cost.per_byte_s, cost.per_shard_s],
-    )
-    predicted = costmodel.predict(prof, batch=16, channel="direct", constants=CONSTANTS)
-    assert abs(by_features - predicted) < 1e-12
-
-
-def test_a_multiply_add_costs_what_its_working_set_costs() -> None:
-    """Log-linear between calibrated working sets, clamped beyond them; so splitting a wide
-    layer can be faster than linear (each shard's slice fits a faster regime)."""
-    constants = costmodel.Constants(
-        ((256e3, 1e-10), (1024e3, 2e-10)), 0.0, 0.0, 8, {"x": costmodel.ChannelCost(0, 0, 0)}
-    )
-    assert constants.nnz_s(256e3) == 1e-10 and constants.nnz_s(1024e3) == 2e-10
-    assert abs(constants.nnz_s(512e3) - 1.5e-10) < 1e-15  # halfway in log size
-    assert constants.nnz_s(1e3) == 1e-10 and constants.nnz_s(1e9) == 2e-10
-    net = radix_net(4096, 2)
-    one = costmodel.predict(costmodel.profile(net, partition(net, 1, method="block")),
-                            batch=64, channel="x", constants=constants)  # fmt: skip
-    four = costmodel.predict(costmodel.profile(net, partition(net, 4, method="block")),
-                             batch=64, channel="x", constants=constants)  # fmt: skip
-    assert one / four > 4  # 1 MiB -> 256 KiB working sets, on 8 cores
+def test_fit_channel_recovers_a_channels_constants_from_runs_it_predicts() -> None:
+    """Runs made by the model itself (both branches of the max: 2 and 4 shards on 2 cores)
+    give back the channel's constants, though the model is not linear in them."""
+    truth = costmodel.ChannelCost(4e-4, 2e-9, 3e-4, 2e-3)
+    constants = costmodel.Constants(COMPUTE, 1e-3, 1e-8, 2, {"x": truth})
+    runs = []
+    for depth in (4, 8):
+        net = radix_net(512, depth)
+        for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random")):
+            prof = costmodel.profile(net, partition(net, shards, method=method, seed=2))
+            for batch in (16, 64):
+                runs.append(
+                    (prof, batch, costmodel.predict(prof, batch=batch, channel="x",
+                                                    constants=constants))
+                )  # fmt: skip
+    fitted = costmodel.fit_channel(runs, base=constants)
+    np.testing.assert_allclose(dataclasses.astuple(fitted), dataclasses.astuple(truth), rtol=1e-3)
 
 
 def test_the_launch_tree_is_binary_and_log_deep() -> None:
@@ -132,20 +163,3 @@ def test_the_launch_tree_is_binary_and_log_deep() -> None:
     assert [c.shard for c in root.children[0].children] == [3, 4]
     assert [c.shard for c in root.children[1].children] == [5, 6]
     assert [tree_rounds(n) for n in (1, 2, 3, 4, 7, 8, 15, 16)] == [1, 2, 2, 3, 3, 4, 4, 5]
-
-
-def test_messages_beyond_the_cores_take_turns() -> None:
-    """Message handling is CPU work: 8 shards on 2 cores handle their messages 4 at a turn."""
-    net = radix_net(1024, 6)
-    comm_only = costmodel.Constants(
-        ((1.0, 0.0),), 0.0, 0.0, 2, {"x": costmodel.ChannelCost(1e-3, 0, 0)}
-    )
-    for shards in (2, 8):
-        prof = costmodel.profile(net, partition(net, shards, method="random", seed=1))
-        predicted = costmodel.predict(prof, batch=1, channel="x", constants=comm_only)
-        expected = sum(
-            max(m, t / 2) for m, t in zip(prof.max_messages, prof.total_messages, strict=True)
-        )
-        assert abs(predicted - 1e-3 * expected) < 1e-12
-        if shards == 8:  # the total over the cores, not the busiest shard alone, binds here
-            assert predicted > 1e-3 * sum(prof.max_messages) * 1.5

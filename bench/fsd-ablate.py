@@ -1,0 +1,104 @@
+"""Offline ablation of the cost model: refit variants of it (no per-product term, no wait
+term, no sharing of the cores) on a calibration run's raw measurements and score each on a
+grid run, as ``fsd.py --evaluate`` does. Nothing is measured.
+
+    python bench/fsd-ablate.py bench/fsd-calibration-s4a.json bench/fsd-grid-s4a.json
+"""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import numpy as np
+
+from gpufaas.core.layered import radix_net
+from gpufaas.scheduler import costmodel as cm
+from gpufaas.scheduler.partition import partition
+
+cal = json.loads(Path(sys.argv[1]).read_text())["calibration"]
+grid = json.loads(Path(sys.argv[2]).read_text())
+runs = cal["runs"]
+cores = cal["constants"]["cores"]
+gnet = radix_net(grid["net"]["neurons"], grid["net"]["layers"])
+profiles = {}
+
+
+def prof(net_key, net, shards, method, seed):
+    k = (net_key, shards, method, seed)
+    if k not in profiles:
+        profiles[k] = cm.profile(net, partition(net, shards, method=method, seed=seed))
+    return profiles[k]
+
+
+def refit(use_op=True, use_sync=True, cores_=cores):
+    xs = [r["features"] if use_op else [0.0, r["features"][1]] for r in runs["compute"]]
+    ys = [r["seconds"] for r in runs["compute"]]
+    per_op, per_nnz = cm.fit(xs, ys, relative=True)
+    compute = cm.Compute(per_op if use_op else 0.0, per_nnz)
+    none = {"none": cm.ChannelCost(0, 0, 0, 0)}
+    bare = cm.Constants(compute, 0.0, 0.0, cores_, none)
+    fx, fy, tot = [], [], []
+    for r in runs["coordinator"]:
+        net = radix_net(r["width"], 8)
+        p = prof(("c", r["width"]), net, 1, "block", 0)
+        layers = cm.predict(p, batch=r["batch"], channel="none", constants=bare)
+        fx.append([1.0, float(r["batch"] * p.io_values)])
+        fy.append(r["seconds"] - layers)
+        tot.append(r["seconds"])
+    per_request, per_io = cm.fit(fx, fy, relative_to=tot)
+    base = cm.Constants(compute, per_request, per_io, cores_, none)
+    chans = {}
+    for ch in sorted({r["channel"] for r in runs["channels"]}):
+        rs = []
+        for r in runs["channels"]:
+            if r["channel"] != ch:
+                continue
+            net = radix_net(2048, r["depth"])
+            p = prof(("k", r["depth"]), net, r["shards"], r["method"], 2)
+            if not use_sync:
+                p = dataclasses.replace(p, sync=np.zeros_like(p.sync))
+            rs.append((p, r["batch"], r["seconds"]))
+        chans[ch] = cm.fit_channel(rs, base=base)
+    return cm.Constants(compute, per_request, per_io, cores_, chans)
+
+
+def score(constants, use_sync=True):
+    rows = [dict(r) for r in grid["grid"] if "failed" not in r]
+    for r in rows:
+        p = prof(("g",), gnet, r["shards"], r["method"], 0)
+        if not use_sync:
+            p = dataclasses.replace(p, sync=np.zeros_like(p.sync))
+        r["predicted_s"] = cm.predict(
+            p,
+            batch=r["batch"],
+            channel=r["channel"] if r["shards"] > 1 else "direct",
+            constants=constants,
+        )
+        r["error"] = r["predicted_s"] / r["latency_s"] - 1
+    within = sum(abs(r["error"]) <= 0.25 for r in rows)
+    groups = {"all": rows}
+    for ch in sorted({r["channel"] for r in rows if r["shards"] > 1}):
+        groups[ch] = [r for r in rows if r["channel"] == ch or r["shards"] == 1]
+    for n in sorted({r["shards"] for r in rows if r["shards"] > 1}):
+        groups[n] = [r for r in rows if r["shards"] == n]
+    strict = sum(
+        min(g, key=lambda r: r["predicted_s"]) is min(g, key=lambda r: r["latency_s"])
+        for g in groups.values()
+    )
+    near = sum(
+        min(g, key=lambda r: r["predicted_s"])["latency_s"] <= 1.1 * min(r["latency_s"] for r in g)
+        for g in groups.values()
+    )
+    med = float(np.median([abs(r["error"]) for r in rows]))
+    return (
+        f"{within}/{len(rows)} within 25%, median {med:.0%}, picks {strict}/{len(groups)} strict, {near}/{len(groups)} within 10%  "
+        + " ".join(f"{r['error']:+.0%}" for r in rows)
+    )
+
+
+print("full model           ", score(refit()))
+print("no per-op term       ", score(refit(use_op=False)))
+print("no per-sync term     ", score(refit(use_sync=False), use_sync=False))
+print("no contention (cores=64)", score(refit(cores_=64)))
