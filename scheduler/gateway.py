@@ -168,6 +168,9 @@ class GatewayConfig:
     # in-process tests mount a manager app on it).
     transport: Literal["framed", "pooled", "httpx"] = "framed"
     node_timeout_s: float = 120.0
+    # Open client connections to the HTTP front at most (scheduler/front.py); one more is
+    # answered 503 with Retry-After and closed. None: no cap.
+    max_connections: int | None = 2048
 
 
 class Metrics:
