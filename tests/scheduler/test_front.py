@@ -186,6 +186,21 @@ async def test_pipelined_requests_are_answered_in_order(system: Front) -> None:
     await conn.close()
 
 
+async def test_thousands_of_pipelined_requests_answered_at_once_do_not_recurse(
+    system: Front,
+) -> None:
+    """Each of these is answered without waiting (an unknown model: 404), so the next one
+    starts from the answer of the one before; that must not nest call in call."""
+    conn = await system.connect()
+    count = 3000
+    await conn.send(post("/v2/models/absent/infer", JSON_BODY) * count)
+    statuses = [(await conn.reply()).status for _ in range(count)]
+    assert statuses == [404] * count
+    await conn.send(post(INFER, JSON_BODY))  # and the connection serves on
+    assert (await conn.reply()).status == 200
+    await conn.close()
+
+
 async def test_an_oversized_content_length_is_413_before_the_body_is_read(system: Front) -> None:
     conn = await system.connect()
     head = f"POST {INFER} HTTP/1.1\r\nHost: g\r\nContent-Length: {MAX_BODY + 1}\r\n\r\n"
