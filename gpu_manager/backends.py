@@ -16,6 +16,7 @@ line in :func:`backend_for`.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,18 +85,24 @@ class NoBackend(ValueError):
     """A format no node backend serves as a whole model (``layered``: a shard set's)."""
 
 
-def backend_for(format: ModelFormat) -> ModelBackend:
-    """The backend that serves ``format``; :class:`NoBackend` for ``layered``, which a node
-    serves only as shards (gpu_manager/shards.py), never as a model on one device."""
+@functools.cache
+def _backends() -> dict[ModelFormat, ModelBackend]:
+    """Formats to backends, built once (the forward path asks per request); the backends are
+    imported here, not at module level, so that a node imports onnxruntime only when asked."""
     from gpufaas.gpu_manager.backend_onnx import ONNX
     from gpufaas.gpu_manager.backend_torch import TORCH
 
-    registry: dict[ModelFormat, ModelBackend] = {
+    return {
         ModelFormat.TORCHSCRIPT: TORCH,
         ModelFormat.TORCH_EXPORT: TORCH,
         ModelFormat.ONNX: ONNX,
     }
-    backend = registry.get(ModelFormat(format))
+
+
+def backend_for(format: ModelFormat) -> ModelBackend:
+    """The backend that serves ``format``; :class:`NoBackend` for ``layered``, which a node
+    serves only as shards (gpu_manager/shards.py), never as a model on one device."""
+    backend = _backends().get(ModelFormat(format))
     if backend is None:
         raise NoBackend(
             f"spec.model.format {str(format)!r} is not served as a model on one device: a"
