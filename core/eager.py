@@ -8,6 +8,11 @@ coroutine's first step right away, in a copy of the current context (as a task w
 finishes there, no task is made at all; if it suspends, a task takes it over from exactly that
 point, waiting on what it waits on, in the same context. Python 3.12's eager task factory does
 this for a whole loop; this is the same for the one call site that needs it, on Python 3.11.
+
+Only for code that needs no current task in its first step: ``asyncio.current_task()`` is None
+there, so ``asyncio.timeout``, ``TaskGroup``, anyio and sniffio (httpx) fail in it. The node's
+answer path is ours and uses none of them; the gateway's HTTP front keeps its tasks (its
+requests always wait for a node, and the routes behind it use httpx).
 """
 
 from __future__ import annotations

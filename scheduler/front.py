@@ -51,7 +51,6 @@ import uvicorn
 from starlette.types import ASGIApp, Message
 from uvicorn.lifespan.on import LifespanOn
 
-from gpufaas.core.eager import start_eagerly
 from gpufaas.core.http import REQUEST_KEY_HEADER, check_content_encoding, check_declared_length
 from gpufaas.core.protocol import ProtocolError
 from gpufaas.scheduler.gateway import INFER_PATH, Answer, Gateway, answer_infer, error_answer
@@ -294,10 +293,6 @@ class _Connection(asyncio.Protocol):
         if not self.busy:
             self._next()
 
-    def _next_if_idle(self) -> None:
-        if self.waiting and not self.busy:
-            self._next()
-
     def _next(self) -> None:
         request = self.waiting.popleft()
         self.busy = True
@@ -314,23 +309,18 @@ class _Connection(asyncio.Protocol):
         path = _path(request.url)
         match = INFER_PATH.match(path) if request.method == b"POST" else None
         answering = self._infer(request, match["name"]) if match else self._asgi(request, path)
-        try:  # at once, in its own context (see _infer); a task only once it waits
-            task = start_eagerly(answering)
-        except Exception as e:
-            self._failed(e)
-            return
-        if task is not None:
-            self.front.tasks.add(task)
-            task.add_done_callback(self._answered)
+        # A task, not core.eager's start: an inference here always waits for its node, and
+        # the routes and lanes behind it (httpx, anyio, sniffio) need a current task.
+        task = asyncio.get_running_loop().create_task(answering)  # its own context: see _infer
+        self.front.tasks.add(task)
+        task.add_done_callback(self._answered)
 
     def _answered(self, task: asyncio.Task[None]) -> None:
         self.front.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._failed(task.exception())
-
-    def _failed(self, error: BaseException | None) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
         # answer_infer and the bridge answer every error; this is a bug of the front itself
-        logger.error("the HTTP front failed a request", exc_info=error)
+        logger.error("the HTTP front failed a request", exc_info=task.exception())
         self._close()
 
     async def _infer(self, request: _Request, name: str) -> None:
@@ -490,8 +480,8 @@ class _Connection(asyncio.Protocol):
         if not keep_alive or self.front.stopping:
             self._close()
             return
-        if self.waiting:  # in a later callback: answered at once, pipelined ones would recurse
-            asyncio.get_running_loop().call_soon(self._next_if_idle)
+        if self.waiting:
+            self._next()
             return
         if self.transport is not None:
             self.transport.resume_reading()
