@@ -93,19 +93,26 @@ class KeepAliveConnection(asyncio.Protocol):
 
     async def call(self, head: bytes, body: bytes | memoryview, timeout_s: float) -> PeerReply:
         assert self._transport is not None
+        loop = asyncio.get_running_loop()
         self.got_bytes = False
-        self._reply = asyncio.get_running_loop().create_future()
+        reply: asyncio.Future[PeerReply] = loop.create_future()
+        self._reply = reply
         self._send(head, body)
+        # One timer, not asyncio.wait_for (a second future, a callback and a handle per call).
+        timer = loop.call_later(timeout_s, self._time_out, reply, timeout_s)
         try:
-            return await asyncio.wait_for(self._reply, timeout_s)
-        except TimeoutError:
-            self.close()
-            raise PeerUnreachable(f"no answer within {timeout_s:.1f} s") from None
+            return await reply
         except asyncio.CancelledError:
             self.close()  # its answer would be read as the next call's
             raise
         finally:
+            timer.cancel()
             self._reply = None
+
+    def _time_out(self, reply: asyncio.Future[PeerReply], timeout_s: float) -> None:
+        if not reply.done():
+            reply.set_exception(PeerUnreachable(f"no answer within {timeout_s:.1f} s"))
+            self.close()
 
     def close(self) -> None:
         if self._transport is not None:

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import cast
 
+from gpufaas.core.eager import start_eagerly
 from gpufaas.core.frames import (
     HELLO,
     INFER,
@@ -137,15 +138,25 @@ class _Connection(asyncio.Protocol):
         else:
             self.transport.writelines((head, body))
 
+    def _next_if_idle(self) -> None:
+        if self.waiting and not self.running and not self.closing:
+            self._next()
+
     def _next(self) -> None:
         frame = self.waiting.popleft()
         self.running = True
-        asyncio.get_running_loop().create_task(self._call(frame))
+        # At once, and a task only if it waits: a warm small model's call never does.
+        task = start_eagerly(self._call(frame))
+        if task is not None:  # held until done: the loop keeps only weak references to tasks
+            self.server.tasks.add(task)
+            task.add_done_callback(self.server.tasks.discard)
 
     async def _call(self, frame: Frame) -> None:
         try:
             if not self.authorized:
-                answer = error_answer(401, "the GPU manager requires a bearer token", "Unauthorized")
+                answer = error_answer(
+                    401, "the GPU manager requires a bearer token", "Unauthorized"
+                )
             else:
                 try:
                     head = InferHead.decode(frame.meta)
@@ -160,8 +171,8 @@ class _Connection(asyncio.Protocol):
         if self.closing:
             return
         self._write(answer)
-        if self.waiting:
-            self._next()
+        if self.waiting:  # the next in a later callback: answered at once, calls would recurse
+            asyncio.get_running_loop().call_soon(self._next_if_idle)
         elif self.transport is not None:
             self.transport.resume_reading()
 
@@ -182,6 +193,7 @@ class FramedServer:
         self.max_body_bytes = max_body_bytes
         self.frame_timeout_s = frame_timeout_s
         self.connections: set[_Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # calls that had to wait
         self._servers: list[asyncio.AbstractServer] = []
         self.endpoint = FramedEndpoint()
 

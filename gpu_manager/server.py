@@ -22,13 +22,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpufaas.core import node
 from gpufaas.core.api import InferenceFunctionSpec, ManifestError, parse_spec
+from gpufaas.core.counting import LoopCounter
 from gpufaas.core.frames import InferHead
 from gpufaas.core.http import (
     BATCH_SIZE_HEADER,
@@ -213,7 +214,7 @@ class ExecutionCounts:
 
 @dataclass(frozen=True)
 class _InferMetrics:
-    requests: Counter
+    requests: LoopCounter  # counted per request: plain numbers (core/counting.py)
     load_seconds: Histogram
     # Scale-out (#16): the cluster-wide per-device bound, whichever gateway replica sends.
     admission: DeviceAdmission
@@ -268,7 +269,7 @@ def create_app(
     registry.register(_StateCollector(runtime))
     registry.register(AdmissionCollector(admission))
     metrics = _InferMetrics(
-        requests=Counter(
+        requests=LoopCounter(
             "gpufaas_manager_requests",
             "Inference requests",
             ["model", "device", "cache"],

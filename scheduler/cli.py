@@ -43,6 +43,13 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default=DEFAULT_POLICY, help="lb, lalb or lalb-o3")
     parser.add_argument("--max-request-bytes", default="64Mi", help="largest request body accepted")
     parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=2048,
+        help="open client connections to the HTTP front at most; one more is answered 503 "
+        "and closed (0: no cap)",
+    )
+    parser.add_argument(
         "--node-transport",
         choices=("framed", "http"),
         default="framed",
@@ -154,6 +161,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         max_queue_per_device=args.max_queue_per_device,
         max_pending_per_function=args.max_pending_per_function,
         transport="framed" if args.node_transport == "framed" else "pooled",
+        max_connections=args.max_connections or None,
     )
 
 
@@ -335,6 +343,7 @@ def _gateway_args(args: argparse.Namespace) -> list[str]:
     return [
         "--policy", args.policy,
         "--max-request-bytes", args.max_request_bytes,
+        "--max-connections", str(args.max_connections),
         "--sync-interval", str(args.sync_interval),
         "--device-concurrency", str(args.device_concurrency),
         "--max-queue-per-device", str(args.max_queue_per_device),

@@ -18,7 +18,10 @@ closed (the stream cannot be trusted after them): a Content-Length over ``max_bo
 before a byte of the body is read (so is a chunked body once it passes the limit); a malformed
 request, or a bad Content-Length, 400; an infer ``POST`` with neither Content-Length nor chunked
 body, 411; headers over ``max_header_bytes``, 431; an ``Expect`` other than ``100-continue``,
-417. ``Expect: 100-continue`` is answered when the request is next in line. Deadlines: a
+417. ``Expect: 100-continue`` is answered when the request is next in line. Connections beyond
+``max_connections`` are answered 503 (``Retry-After: 1``) and closed, never left waiting.
+Keep-alive is what the client asked for: HTTP/1.1 unless ``Connection: close``, HTTP/1.0 only
+with ``Connection: keep-alive`` (answered with the same header). Deadlines: a
 request's headers must arrive within ``header_timeout_s`` of its first byte (slow-loris); a
 begun body must not stall for ``body_timeout_s``; either gets 408 and the connection closed. An
 idle keep-alive connection is closed after ``keep_alive_s``.
@@ -71,6 +74,9 @@ class FrontSettings:
     body_timeout_s: float = 30.0  # longest silence inside a begun body
     keep_alive_s: float = 5.0  # an idle connection's life (peers' pools drop theirs at 2 s)
     shutdown_grace_s: float = 5.0  # for requests running when the server stops
+    # Open client connections at most; one more is answered 503 and closed (each holds a file
+    # descriptor and up to two requests' bodies). None: no cap.
+    max_connections: int | None = 2048
 
 
 class _Refused(Exception):
@@ -82,7 +88,9 @@ class _Refused(Exception):
 
 
 class _Request:
-    __slots__ = ("chunks", "expect", "headers", "keep_alive", "method", "refusal", "size", "url")
+    __slots__ = (
+        "chunks", "expect", "headers", "http10", "keep_alive", "method", "refusal", "size", "url",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.method = b""
@@ -91,6 +99,7 @@ class _Request:
         self.chunks: list[bytes] = []
         self.size = 0
         self.keep_alive = True
+        self.http10 = False  # an HTTP/1.0 client: keep-alive only when it asked, and said so
         self.refusal: _Refused | None = None
         self.expect = False  # Expect: 100-continue, not answered yet
 
@@ -119,16 +128,33 @@ class _Connection(asyncio.Protocol):
         self.deadline = 0.0  # monotonic; 0: none (a request is running)
         self.timeout_status = 0  # 408 when a read deadline passes, 0 when idle
         self.drained: asyncio.Future[None] | None = None  # set while writing is paused
+        self.http10 = False  # the request being answered came as HTTP/1.0
 
     # -- the transport's events ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass of it
-        self.front.connections.add(self)
+        front = self.front
+        cap = self.settings.max_connections
+        if cap is not None and len(front.connections) >= cap:
+            # Over the cap: a 503 at once, then the usual lingering close (so that a client
+            # already sending its request reads the answer instead of a reset). It is kept
+            # apart, so it never counts against the cap itself.
+            front.turned_away.add(self)
+            self._refuse(
+                _Refused(
+                    503,
+                    f"the gateway has {len(front.connections)} open connections (the limit is "
+                    f"{cap}); retry shortly or reuse a kept-alive connection",
+                )
+            )
+            return
+        front.connections.add(self)
         self._idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.connections.discard(self)
+        self.front.turned_away.discard(self)
         self.broken = True
         self.current = None
         self.waiting.clear()
@@ -225,7 +251,8 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         request = self.current
         assert request is not None
-        request.keep_alive = self.parser.should_keep_alive()
+        request.keep_alive = self.parser.should_keep_alive()  # 1.0: only with keep-alive asked
+        request.http10 = self.parser.get_http_version() == "1.0"
         self.current = None
         self.deadline = 0.0
         self.waiting.append(request)
@@ -269,14 +296,21 @@ class _Connection(asyncio.Protocol):
     def _next(self) -> None:
         request = self.waiting.popleft()
         self.busy = True
+        self.http10 = request.http10
         self.deadline = 0.0
         if request.refusal is not None:
             refusal = request.refusal
-            self._answer(error_answer(refusal.status, str(refusal), "InvalidRequest", []), False)
+            if refusal.status == 503:
+                answer = error_answer(503, str(refusal), "Overloaded", [("retry-after", "1")])
+            else:
+                answer = error_answer(refusal.status, str(refusal), "InvalidRequest", [])
+            self._answer(answer, False)
             return
         path = _path(request.url)
         match = INFER_PATH.match(path) if request.method == b"POST" else None
         answering = self._infer(request, match["name"]) if match else self._asgi(request, path)
+        # A task, not core.eager's start: an inference here always waits for its node, and
+        # the routes and lanes behind it (httpx, anyio, sniffio) need a current task.
         task = asyncio.get_running_loop().create_task(answering)  # its own context: see _infer
         self.front.tasks.add(task)
         task.add_done_callback(self._answered)
@@ -430,6 +464,8 @@ class _Connection(asyncio.Protocol):
         lines.append(self.front.date_line)
         if not keep_alive or self.front.stopping:
             lines.append(b"connection: close\r\n")
+        elif self.http10:  # an HTTP/1.0 client closes unless told the connection stays
+            lines.append(b"connection: keep-alive\r\n")
         lines.append(b"\r\n")
         if head:
             content = b""
@@ -503,6 +539,7 @@ class HttpFront:
         self.gateway = gateway
         self.settings = settings
         self.connections: set[_Connection] = set()
+        self.turned_away: set[_Connection] = set()  # over max_connections: 503, then closing
         self.state: dict[str, Any] = {}
         self.stopping = False
         self.date_line = b""
@@ -547,8 +584,9 @@ class HttpFront:
         """Once per tick: the Date header, and connections whose deadline has passed."""
         self.date_line = b"date: %s\r\n" % formatdate(usegmt=True).encode()
         now = time.monotonic()
-        for connection in [c for c in self.connections if 0 < c.deadline <= now]:
-            connection.expire()
+        for connections in (self.connections, self.turned_away):
+            for connection in [c for c in connections if 0 < c.deadline <= now]:
+                connection.expire()
         self._ticker = asyncio.get_running_loop().call_later(self._tick_s, self._tick)
 
     async def close(self) -> None:
@@ -557,7 +595,7 @@ class HttpFront:
         self.stopping = True
         for server in self._servers:
             server.close()
-        for connection in list(self.connections):
+        for connection in [*self.connections, *self.turned_away]:
             if not connection.busy and connection.transport is not None:
                 connection.transport.close()
         if self.tasks:

@@ -30,19 +30,20 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpufaas.cache import InsufficientCapacity, Residency
 from gpufaas.core import node as node_api
 from gpufaas.core.api import InferenceFunction, is_valid_name
+from gpufaas.core.counting import LoopCounter, LoopHistogram
 from gpufaas.core.frames import InferHead
 from gpufaas.core.http import (
     CACHE_HEADER,
@@ -169,27 +170,32 @@ class GatewayConfig:
     # in-process tests mount a manager app on it).
     transport: Literal["framed", "pooled", "httpx"] = "framed"
     node_timeout_s: float = 120.0
+    # Open client connections to the HTTP front at most (scheduler/front.py); one more is
+    # answered 503 with Retry-After and closed. None: no cap.
+    max_connections: int | None = 2048
 
 
 class Metrics:
+    """The gateway's request metrics. Those counted per request are plain numbers turned into
+    metric families when scraped (:mod:`gpufaas.core.counting`: no lock, no checks per count)."""
+
     def __init__(self, *, policy: str) -> None:
         self.registry = CollectorRegistry()
         self.policy = policy
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "gpufaas_requests",
             "Inference requests by outcome",
             ["model", "code"],
             registry=self.registry,
         )
-        self.latency = Histogram(
+        self.latency = LoopHistogram(
             "gpufaas_request_seconds",
             "End-to-end inference latency at the gateway",
             ["model"],
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
-        self.cache = Counter(
+        self.cache = LoopCounter(
             "gpufaas_cache_lookups",
             "Device-cache lookups by result",
             ["policy", "result"],
@@ -201,20 +207,20 @@ class Metrics:
             ["policy"],
             registry=self.registry,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = LoopHistogram(
             "gpufaas_queue_wait_seconds",
             "Time a request waited in its device's queue at the gateway",
             ["policy"],
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
         )
-        self.slo = Counter(
+        self.slo = LoopCounter(
             "gpufaas_slo_requests",
             "Answered requests of functions with an SLO, by whether it was met",
             ["policy", "met"],
             registry=self.registry,
         )
-        self.decisions = Counter(
+        self.decisions = LoopCounter(
             "gpufaas_route_decisions",
             "Routing decisions by why the device was chosen: holder (it has the model), load, "
             "replicate (a holder was too busy), fallback (no room anywhere), least-loaded (lb)",
@@ -227,14 +233,10 @@ class Metrics:
             registry=self.registry,
         )
 
-    def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, looked up once: the hot path counts each request six
-        times, and prometheus_client's lookup checks and hashes the labels every time."""
-        key = (id(metric), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
+    @staticmethod
+    def child(metric: LoopCounter | LoopHistogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``: one dict lookup (the children are kept by their labels)."""
+        return metric.labels(*labels)
 
     def answered(self, name: str, status: int, *, elapsed_s: float, slo_ms: float | None) -> None:
         """Count one answered inference request (any front end)."""
@@ -532,21 +534,14 @@ class Gateway:
                 return reply
         raise Unavailable(f"no GPU manager could serve {name!r}: {last_error}")
 
-    @contextlib.contextmanager
-    def _admitted(self, name: str) -> Iterator[None]:
+    def _admitted(self, name: str) -> _Admitted:
         """Count the request against its function's bound for as long as it is here."""
         if self.pending.get(name, 0) >= self.config.max_pending_per_function:
             raise Overloaded(
                 f"{name!r} has {self.pending[name]} requests in flight "
                 f"(the limit is {self.config.max_pending_per_function})"
             )
-        self.pending[name] = self.pending.get(name, 0) + 1
-        try:
-            yield
-        finally:
-            self.pending[name] -= 1
-            if not self.pending[name]:
-                del self.pending[name]
+        return _Admitted(self.pending, name)
 
     def _route(self, name: str, *, exclude: set[str]) -> Decision:
         """The policy's decision for a request: the device, the reason, and the victims the GPU
@@ -657,6 +652,26 @@ class Gateway:
         self._track_health()
 
 
+class _Admitted:
+    """A request counted in ``pending`` until the ``with`` block ends (a class, not a
+    generator-based context manager: it is entered on every request)."""
+
+    __slots__ = ("name", "pending")
+
+    def __init__(self, pending: dict[str, int], name: str) -> None:
+        self.pending, self.name = pending, name
+
+    def __enter__(self) -> None:
+        self.pending[self.name] = self.pending.get(self.name, 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        left = self.pending[self.name] - 1
+        if left:
+            self.pending[self.name] = left
+        else:
+            del self.pending[self.name]
+
+
 # -- the repository's views (OIP metadata, readiness, the index), for HTTP and gRPC alike ----------
 
 
@@ -730,9 +745,17 @@ def learn_from_reply(gateway: Gateway, device: Device, name: str, reply: NodeRep
         gateway.prefetch.note_response(device.key, name, hit=hit, source=source)
     size = headers.get(MODEL_BYTES_HEADER)
     if size is not None:
-        gateway.model_bytes[name] = int(size)
-        if known:
-            directory.note_loaded(device.key, name, size_bytes=int(size))
+        size_bytes = int(size)
+        # A warm answer of a model the view holds resident at the size it knew teaches
+        # nothing: routing already marked it used (note_dispatch). Only news is written
+        # (note_loaded is ~10% of the gateway's own Python per request).
+        news = (
+            gateway.model_bytes.get(name) != size_bytes
+            or directory.state(device.key, name) is not Residency.RESIDENT
+        )
+        gateway.model_bytes[name] = size_bytes
+        if known and news:
+            directory.note_loaded(device.key, name, size_bytes=size_bytes)
     compute_ms = _header_ms(headers, COMPUTE_MS_HEADER)
     if compute_ms is not None:
         gateway.estimates.observe_infer(name, infer_ms=compute_ms)

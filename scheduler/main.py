@@ -63,7 +63,10 @@ def serve_on(
     running requests finish (a bounded grace) and the gateway stops."""
     # Start-up objects (torch, pydantic schemas, the app) never die: keep them out of the
     # collector's generations, which cut a ~100 ms pause from the request path's p99.
-    settings = FrontSettings(max_body_bytes=gateway.config.limits.max_body_bytes)
+    settings = FrontSettings(
+        max_body_bytes=gateway.config.limits.max_body_bytes,
+        max_connections=gateway.config.max_connections,
+    )
     front = HttpFront(create_app(gateway), gateway=gateway, settings=settings)
     gc.freeze()
     uvloop.run(_serve(front, host=host, port=port, sockets=sockets, grpc_port=grpc_port))

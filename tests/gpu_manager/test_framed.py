@@ -114,6 +114,26 @@ async def test_a_framed_call_answers_as_the_http_route_and_the_state_says_where(
     assert unknown.status == 404 and "nope" in json.loads(unknown.body)["error"]
 
 
+async def test_thousands_of_calls_in_one_write_are_answered_in_order_without_recursing(
+    runtime_factory: Callable[..., NodeRuntime], models: dict[str, Model], tmp_path: Path
+) -> None:
+    """An unknown model's call is answered without waiting (no task), so each answer starts
+    the next call; thousands sent in one write must not nest call in call."""
+    model = models["tiny-mlp"]
+    sock = tmp_path / "n.sock"
+    app = create_app(runtime_factory(register=[model]), framed=FramedListen(unix_path=sock))
+    body, header_length = request(model)
+    miss = InferHead("nope", "cpu:0", header_length).encode(len(body)) + body
+    hit = InferHead(model.name, "cpu:0", header_length).encode(len(body)) + body
+    count = 3000
+    async with serving(app):
+        frames, closed = await raw_exchange(
+            sock, encode_hello(None) + miss * count + hit, expect=count + 1
+        )
+    assert [f[1] for f in frames] == [404] * count + [200]
+    assert not closed
+
+
 async def test_calls_need_the_token_in_the_hello(
     runtime_factory: Callable[..., NodeRuntime], models: dict[str, Model], tmp_path: Path
 ) -> None:

@@ -120,11 +120,22 @@ def get(path: str) -> bytes:
 
 
 @pytest.fixture
-async def system(tmp_path: Path, example_models_dir: Path) -> AsyncIterator[Front]:
+def max_connections() -> int | None:
+    return None  # a test that needs a cap overrides this fixture
+
+
+@pytest.fixture
+async def system(
+    tmp_path: Path, example_models_dir: Path, max_connections: int | None
+) -> AsyncIterator[Front]:
     async with tiny_mlp_manager(tmp_path, example_models_dir) as (url, functions):
         gateway = build_gateway(manager_urls={"node-0": url}, functions=functions)
         settings = FrontSettings(
-            max_body_bytes=MAX_BODY, header_timeout_s=0.5, body_timeout_s=0.5, keep_alive_s=5.0
+            max_body_bytes=MAX_BODY,
+            header_timeout_s=0.5,
+            body_timeout_s=0.5,
+            keep_alive_s=5.0,
+            max_connections=max_connections,
         )
         front = HttpFront(create_app(gateway), gateway=gateway, settings=settings)
         await front.start(host="127.0.0.1", port=0)  # the lifespan starts the gateway
@@ -172,6 +183,21 @@ async def test_pipelined_requests_are_answered_in_order(system: Front) -> None:
     assert "absent" in replies[2].error()
     assert json.loads(replies[4].body)["name"] == "tiny-mlp"
     assert replies[0].body == replies[5].body
+    await conn.close()
+
+
+async def test_thousands_of_pipelined_requests_answered_at_once_do_not_recurse(
+    system: Front,
+) -> None:
+    """Each of these is answered without waiting (an unknown model: 404), so the next one
+    starts from the answer of the one before; that must not nest call in call."""
+    conn = await system.connect()
+    count = 3000
+    await conn.send(post("/v2/models/absent/infer", JSON_BODY) * count)
+    statuses = [(await conn.reply()).status for _ in range(count)]
+    assert statuses == [404] * count
+    await conn.send(post(INFER, JSON_BODY))  # and the connection serves on
+    assert (await conn.reply()).status == 200
     await conn.close()
 
 
@@ -341,3 +367,78 @@ async def test_other_routes_go_through_the_app(system: Front) -> None:
     # the app's 405 (GET only), its length kept and its body left out, as HEAD wants
     assert top.startswith(b"HTTP/1.1 405 ") and b"content-length: 30" in top.lower()
     assert after == b""
+
+
+def post10(path: str, body: bytes, *, connection: str | None = None) -> bytes:
+    lines = [f"POST {path} HTTP/1.0", f"Content-Length: {len(body)}"]
+    lines += [f"Connection: {connection}"] if connection else []
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def test_an_http10_client_keeps_its_connection_only_when_it_asks(system: Front) -> None:
+    """HTTP/1.0 closes after each answer unless the client sends ``Connection: keep-alive``;
+    then the answer must say ``keep-alive`` too, or the client waits for a close that never
+    comes (ab -k, old proxies)."""
+    kept = await system.connect()
+    for _ in range(3):
+        await kept.send(post10(INFER, JSON_BODY, connection="keep-alive"))
+        reply = await kept.reply()
+        assert reply.status == 200, reply.body
+        assert reply.headers[b"connection"].lower() == b"keep-alive"
+    assert len(system.front.connections) == 1
+    await kept.send(post10("/v2/models/absent/infer", JSON_BODY, connection="Keep-Alive"))
+    reply = await kept.reply()  # an error answer keeps the connection too, and says so
+    assert reply.status == 404
+    assert reply.headers[b"connection"].lower() == b"keep-alive"
+    await kept.close()
+    plain = await system.connect()
+    await plain.send(post10(INFER, JSON_BODY))
+    reply = await plain.reply()
+    assert reply.status == 200
+    assert reply.headers[b"connection"] == b"close"
+    assert await plain.closed()
+
+
+async def test_connection_close_is_honoured(system: Front) -> None:
+    conn = await system.connect()
+    await conn.send(post(INFER, JSON_BODY, Connection="close"))
+    reply = await conn.reply()
+    assert reply.status == 200
+    assert reply.headers[b"connection"] == b"close"
+    assert await conn.closed()
+    routed = await system.connect()  # the same through the ASGI bridge
+    await routed.send(b"GET /v2/health/live HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
+    reply = await routed.reply()
+    assert reply.status == 200
+    assert reply.headers[b"connection"] == b"close"
+    assert await routed.closed()
+
+
+@pytest.mark.parametrize("max_connections", [2])
+async def test_connections_over_the_cap_are_refused_with_503_and_closed(system: Front) -> None:
+    held = [await system.connect() for _ in range(2)]
+    for conn in held:  # both served: under the cap
+        await conn.send(post(INFER, JSON_BODY))
+        assert (await conn.reply()).status == 200
+    extra = await system.connect()
+    await extra.send(post(INFER, JSON_BODY))
+    reply = await extra.reply()  # answered at once, never left waiting
+    assert reply.status == 503
+    assert reply.headers[b"retry-after"] == b"1"
+    assert reply.headers[b"x-gpufaas-reason"] == b"Overloaded"
+    assert "the limit is 2" in reply.error()
+    assert await extra.closed()
+    assert system.requests("200") == 2  # the refused request ran nowhere
+    for conn in held:  # the held ones are served on
+        await conn.send(post(INFER, JSON_BODY))
+        assert (await conn.reply()).status == 200
+    await held[0].close()
+    for _ in range(100):  # its close reaches the server
+        if len(system.front.connections) < 2:
+            break
+        await asyncio.sleep(0.01)
+    again = await system.connect()  # room again: served
+    await again.send(post(INFER, JSON_BODY))
+    assert (await again.reply()).status == 200
+    await again.close()
+    await held[1].close()
