@@ -54,6 +54,7 @@ UNFINISHED_MESSAGES = 2  # per connection: request bytes buffered before their c
 MAX_HEADER_LIST = 16 * 1024
 MAX_FRAME = 16_384  # ours: the protocol's default, so there is nothing to advertise
 WINDOW = 16 * 2**20  # what a peer may send us before we acknowledge, per stream and connection
+_JOIN_BELOW = 64 * 1024  # what we send is joined into one buffer up to this size
 
 # frame types and flags
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
@@ -565,9 +566,13 @@ class _Connection(asyncio.Protocol):
     def _drain(self) -> None:
         """Send what is queued in one write: a whole answer (headers, data, trailers) is one
         syscall, as are the acknowledgements a batch of incoming frames asks for."""
-        if self.out:
+        out = self.out
+        if out:
             if self.transport is not None:
-                self.transport.write(b"".join(self.out))
+                if sum(map(len, out)) <= _JOIN_BELOW:
+                    self.transport.write(b"".join(out))  # uvloop's fastest path: one buffer
+                else:
+                    self.transport.writelines(out)  # no copy of a large answer
             self.out = []
 
     def _fail(self, code: int, reason: str) -> None:
