@@ -20,6 +20,19 @@ Servers alternate in rounds so that drift in the machine's load falls on all ali
 
     python bench/grpc_echo.py --calls 3000 --rounds 3
 
+Two more views of the gateway's own fronts (``docs/dataplane.md``, "gRPC"):
+
+* ``--fronts``: in this process, CPU per tiny-mlp call of the gateway's HTTP front and of its
+  gRPC front, on the real gateway with the node hop stubbed (a canned answer), each fed the
+  bytes its client sends (the HTTP binary request; the gRPC call's HEADERS, DATA and the two
+  WINDOW_UPDATEs grpc's client sends with it). No sockets, no client: the fronts alone.
+* ``--replay``: a real ``gpufaas up`` (1 manager, 1 CPU device, warm) called by two raw-socket
+  clients that do the same minimal work, one replaying a binary HTTP request and one a gRPC
+  call's frames, in alternating blocks: the serving side's latency for each protocol, without
+  either client library's own cost (``tritonclient.grpc``'s grpc core spends more per call than
+  ``tritonclient.http``, which no server can change). ``--baseline PYTHON --baseline-path
+  TREE`` runs another checkout's system in the same rounds.
+
 Servers bind 127.0.0.1 and are stopped at the end; every loop is bounded.
 """
 
@@ -297,9 +310,8 @@ def stages(*, calls: int) -> dict[str, float]:
     body = b"\0" + len(data).to_bytes(4, "big") + data
 
     def call_frames(stream: int) -> bytes:
-        block = encoder.encode(fields)
-        return (len(block).to_bytes(3, "big") + b"\x01\x04" + stream.to_bytes(4, "big") + block
-                + len(body).to_bytes(3, "big") + b"\x00\x01" + stream.to_bytes(4, "big") + body)  # fmt: skip
+        block: bytes = encoder.encode(fields)
+        return _h2_frame(1, 4, stream, block) + _h2_frame(0, 1, stream, body)
 
     async def front() -> float:
         server = GrpcH2Server({METHOD: echo}, host="127.0.0.1", port=0, max_message_bytes=2**26)
@@ -321,6 +333,312 @@ def stages(*, calls: int) -> dict[str, float]:
     return out
 
 
+# -- the fronts alone, in this process ------------------------------------------------------------
+
+_ANSWER_HEADER = (
+    b'{"model_name":"tiny-mlp","outputs":[{"name":"y","datatype":"FP32","shape":[1,4],'
+    b'"parameters":{"binary_data_size":16}}]}'
+)
+# what grpc's Python client sends as a call's headers (tritonclient.grpc's calls carry these)
+_CLIENT_HEADERS = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", METHOD),
+    (":authority", "127.0.0.1:8081"),
+    ("content-type", "application/grpc"),
+    ("te", "trailers"),
+    ("grpc-accept-encoding", "identity, deflate, gzip"),
+    ("user-agent", "grpc-python/1.85.4 grpc-c/58.0.0 (linux; chttp2)"),
+]
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
+    )
+
+
+def fronts(*, calls: int, rounds: int) -> dict[str, list[float]]:
+    """``--fronts``: CPU µs per call of each front (best of 5 x ``calls`` per round)."""
+    import tempfile
+
+    import uvloop
+    from dataplane import body_for, grpc_request, write_manifests
+    from hpack import Encoder
+
+    from gpufaas.core.manifests import load_manifests
+    from gpufaas.scheduler import front, grpc_h2
+    from gpufaas.scheduler.gateway import create_app
+    from gpufaas.scheduler.grpc_server import make_server
+    from gpufaas.scheduler.main import build_gateway
+    from gpufaas.scheduler.transport import NodeReply
+
+    folder = Path(tempfile.mkdtemp(prefix="grpc-fronts-"))
+    write_manifests(folder, folder)  # no model is loaded: the node hop is stubbed
+    gateway = build_gateway(manager_urls={}, functions=load_manifests([folder / "tiny-mlp.yaml"]))
+    reply = NodeReply(
+        200,
+        {"inference-header-content-length": str(len(_ANSWER_HEADER))},
+        _ANSWER_HEADER + bytes(16),
+    )
+
+    async def forward(name: str, call: Any, *, deadline: float | None = None) -> NodeReply:
+        return reply
+
+    gateway.forward = forward  # type: ignore[method-assign]
+
+    class Sink:  # a transport that counts writes
+        writes = 0
+
+        def write(self, data: bytes) -> None:
+            self.writes += 1
+
+        def writelines(self, data: list[bytes]) -> None:
+            self.writes += 1
+
+        def is_closing(self) -> bool:
+            return False
+
+        def close(self) -> None: ...
+        def pause_reading(self) -> None: ...
+        def resume_reading(self) -> None: ...
+
+    async def timed(feed: Callable[[], None], sink: Sink) -> float:
+        spent = []
+        for _ in range(5):
+            before = sink.writes
+            started = time.process_time()
+            for _ in range(calls):
+                feed()
+                await asyncio.sleep(0)  # the call's task runs and answers
+                await asyncio.sleep(0)
+            spent.append((time.process_time() - started) / calls * 1e6)
+            if sink.writes - before != calls:
+                raise RuntimeError(f"{calls} calls, {sink.writes - before} answers")
+        return min(spent)
+
+    async def http() -> float:
+        settings = front.FrontSettings(max_body_bytes=gateway.config.limits.max_body_bytes)
+        http_front = front.HttpFront(create_app(gateway), gateway=gateway, settings=settings)
+        connection = front._Connection(http_front)
+        sink = Sink()
+        connection.connection_made(sink)  # type: ignore[arg-type]
+        body, headers = body_for("tiny-mlp")
+        head = "POST /v2/models/tiny-mlp/infer HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        request = (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        return await timed(lambda: connection.data_received(request), sink)
+
+    async def grpc() -> float:
+        server, _ = make_server(gateway, host="127.0.0.1", port=0)
+        connection = grpc_h2._Connection(server)
+        sink = Sink()
+        connection.connection_made(sink)  # type: ignore[arg-type]
+        connection.data_received(grpc_h2.PREFACE + _h2_frame(4, 0, 0))
+        message = grpc_request("tiny-mlp")
+        data = b"\0" + len(message).to_bytes(4, "big") + message
+        encoder = Encoder()
+        first = encoder.encode(_CLIENT_HEADERS)
+        block = encoder.encode(_CLIENT_HEADERS)  # every later call: indexed fields only
+        streams = iter(range(1, 2**31, 2))
+
+        def call() -> None:
+            sid = next(streams)
+            connection.data_received(
+                _h2_frame(1, 4, sid, first if sid == 1 else block)
+                + _h2_frame(8, 0, sid, (5).to_bytes(4, "big"))
+                + _h2_frame(0, 1, sid, data)
+                + _h2_frame(8, 0, 0, (60).to_bytes(4, "big"))
+            )
+
+        try:
+            return await timed(call, sink)
+        finally:
+            server.socket.close()
+
+    async def run() -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {"http_front_cpu_us": [], "grpc_front_cpu_us": []}
+        for _ in range(rounds):
+            out["http_front_cpu_us"].append(await http())
+            out["grpc_front_cpu_us"].append(await grpc())
+        return out
+
+    return uvloop.run(run())
+
+
+# -- the serving side of a real system, seen by identical raw-socket clients ------------------------
+
+
+class RawHttp:
+    """A keep-alive HTTP/1.1 client that replays one binary-extension request."""
+
+    def __init__(self, port: int, name: str) -> None:
+        from dataplane import body_for
+
+        body, headers = body_for(name)
+        head = f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.request = (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def call(self) -> None:
+        self.sock.sendall(self.request)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += self._recv()
+        head, _, body = received.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"HTTP answered {head[:200]!r}")
+        at = head.lower().index(b"content-length:")
+        length = int(head[at + 15 : head.index(b"\r\n", at)])
+        while len(body) < length:
+            body += self._recv()
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise RuntimeError("the server closed the connection")
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RawGrpc(RawHttp):
+    """An HTTP/2 client that replays one ModelInfer call per stream, with the frames grpc's
+    client sends (indexed headers after the first call; the answers' DATA acknowledged with the
+    next call)."""
+
+    def __init__(self, port: int, name: str) -> None:
+        from dataplane import grpc_request
+        from hpack import Encoder
+
+        message = grpc_request(name)
+        self.data = b"\0" + len(message).to_bytes(4, "big") + message
+        encoder = Encoder()
+        self.first = encoder.encode(_CLIENT_HEADERS)
+        self.block = encoder.encode(_CLIENT_HEADERS)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0))
+        self.stream = -1
+        self.buffer = bytearray()
+        self.unacknowledged = 0
+
+    def call(self) -> None:
+        self.stream += 2
+        sid = self.stream
+        out = _h2_frame(1, 4, sid, self.first if sid == 1 else self.block)
+        out += _h2_frame(0, 1, sid, self.data)
+        if self.unacknowledged:
+            out += _h2_frame(8, 0, 0, self.unacknowledged.to_bytes(4, "big"))
+            self.unacknowledged = 0
+        self.sock.sendall(out)
+        answered = False
+        buffer = self.buffer
+        while True:
+            while len(buffer) < 9 or len(buffer) < 9 + int.from_bytes(buffer[:3], "big"):
+                buffer += self._recv()
+            length, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+            stream = int.from_bytes(buffer[5:9], "big")
+            payload = bytes(buffer[9 : 9 + length])
+            del buffer[: 9 + length]
+            if kind == 4 and not flags & 1:  # SETTINGS
+                self.sock.sendall(_h2_frame(4, 1, 0))
+            elif kind == 6 and not flags & 1:  # PING
+                self.sock.sendall(_h2_frame(6, 1, 0, payload))
+            elif stream != sid:
+                continue
+            elif kind == 0:
+                self.unacknowledged += length
+                answered = True
+            elif kind == 1 and flags & 1:  # trailers
+                if not answered:
+                    raise RuntimeError(f"gRPC answered an error: {payload!r}")
+                return
+            elif kind == 3:
+                raise RuntimeError("gRPC reset the call")
+
+
+def replay(args: argparse.Namespace) -> dict[str, Any]:
+    """``--replay``: per system and round, each model's raw-client p50/p90 and serving CPU."""
+    import tempfile
+
+    from dataplane import cpu_seconds as tree_cpu
+    from dataplane import settled, tree, write_manifests
+
+    from gpufaas.core.examples import build_examples
+    from gpufaas.scheduler.local import stop_processes, wait_ready
+
+    work = Path(tempfile.mkdtemp(prefix="grpc-replay-"))
+    models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
+    build_examples(models, progress=False)
+    write_manifests(work / "functions", models)
+    systems = {"this": (sys.executable, None)}
+    if args.baseline:
+        systems = {"baseline": (args.baseline, args.baseline_path), **systems}
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label in systems}
+    for _ in range(args.rounds):
+        for label, (python, path) in systems.items():
+            port, grpc_port = free_port(), free_port()
+            env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": tempfile.mkdtemp()}
+            if path:
+                env["PYTHONPATH"] = path
+            command = [python, "-m", "gpufaas.core.cli", "up", "--port", str(port),
+                       "--grpc-port", str(grpc_port), "--functions", str(work / "functions"),
+                       "--cpu-devices", "1", "--policy", "lalb-o3"]  # fmt: skip
+            proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+            try:
+                wait_ready([f"http://127.0.0.1:{port}"], timeout_s=180, procs=[proc], what=label)
+                pids = tree(proc.pid)
+                # the manager's start-up work in the background would count as serving CPU
+                round_out: dict[str, Any] = {"settled_after_s": asyncio.run(settled(pids))}
+                for name in ("tiny-mlp", "small-cnn"):
+                    clients = {"http": RawHttp(port, name), "grpc": RawGrpc(grpc_port, name)}
+                    try:
+                        round_out[name] = _alternate(clients, pids, tree_cpu, args=args)
+                    finally:
+                        for client in clients.values():
+                            client.close()
+                results[label].append(round_out)
+            finally:
+                stop_processes([proc], timeout_s=30)
+    return results
+
+
+def _alternate(
+    clients: dict[str, RawHttp], pids: list[int], cpu: Callable[[list[int]], float], *,
+    args: argparse.Namespace,
+) -> dict[str, float]:  # fmt: skip
+    """8 alternating blocks per client after a warm-up: p50, p90, serving CPU per call."""
+    for client in clients.values():
+        for _ in range(args.warmup):
+            client.call()
+    latencies: dict[str, list[float]] = {key: [] for key in clients}
+    serving = dict.fromkeys(clients, 0.0)
+    deadline = time.monotonic() + 120
+    for _ in range(8):
+        for key, client in clients.items():
+            before = cpu(pids)
+            for _ in range(args.calls // 8):
+                if time.monotonic() > deadline:
+                    break
+                t0 = time.perf_counter()
+                client.call()
+                latencies[key].append(time.perf_counter() - t0)
+            serving[key] += cpu(pids) - before
+    out: dict[str, float] = {}
+    for key, values in latencies.items():
+        values.sort()
+        n = len(values)
+        out[f"{key}_p50_us"] = values[n // 2] * 1e6
+        out[f"{key}_p90_us"] = values[int(n * 0.9)] * 1e6
+        out[f"{key}_serving_cpu_us"] = serving[key] / n * 1e6
+    out["grpc_over_http_p50"] = out["grpc_p50_us"] / out["http_p50_us"]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=3000)
@@ -329,6 +647,14 @@ def main() -> int:
     parser.add_argument(
         "--stages", action="store_true", help="only our own per-call work on the gateway"
     )
+    parser.add_argument(
+        "--fronts", action="store_true", help="CPU per call of the HTTP and gRPC fronts alone"
+    )
+    parser.add_argument(
+        "--replay", action="store_true", help="a real system's latency per protocol, raw clients"
+    )
+    parser.add_argument("--baseline", default=None, help="--replay: a baseline checkout's python")
+    parser.add_argument("--baseline-path", default=None, help="--replay: its PYTHONPATH")
     parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -337,6 +663,12 @@ def main() -> int:
         return 0
     if args.stages:
         print(json.dumps(stages(calls=args.calls), indent=1))
+        return 0
+    if args.fronts:
+        print(json.dumps(fronts(calls=args.calls, rounds=args.rounds), indent=1))
+        return 0
+    if args.replay:
+        print(json.dumps(replay(args), indent=1))
         return 0
     runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in SERVERS}
     for _ in range(args.rounds):

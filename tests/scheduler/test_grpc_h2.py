@@ -146,12 +146,16 @@ async def test_an_error_carries_its_code_message_and_rich_details(
 
 
 async def test_an_unknown_method_is_unimplemented(served: tuple[GrpcH2Server, Recorder]) -> None:
+    """Twice on one channel: the second call's header block is all indexed fields, so its head
+    (refusal included) is the remembered one."""
     server, _ = served
     async with _channel(server) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await channel.unary_unary("/test.Service/Nope")(b"x", timeout=10)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "/test.Service/Nope" in (info.value.details() or "")
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary("/test.Service/Nope")(b"x", timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "/test.Service/Nope" in (info.value.details() or "")
+        assert await channel.unary_unary(ECHO)(b"served", timeout=10) == b"served"
 
 
 async def test_a_message_over_the_limit_is_resource_exhausted_and_serving_goes_on(
@@ -247,6 +251,59 @@ async def test_a_bad_request_framing_is_a_status_not_a_hang(
     assert b"grpc-status\x0213" in received  # INTERNAL, in a literal we can read as is
 
 
+async def _frames(reader: asyncio.StreamReader, *, until: int) -> list[tuple[int, int, int, bytes]]:
+    """Frames from the server, (type, flags, stream, payload), up to one of type ``until``."""
+    frames = []
+    while not frames or frames[-1][0] != until:
+        head = await asyncio.wait_for(reader.readexactly(9), 10)
+        payload = await asyncio.wait_for(reader.readexactly(int.from_bytes(head[:3], "big")), 10)
+        frames.append((head[3], head[4], int.from_bytes(head[5:9], "big"), payload))
+    return frames
+
+
+async def test_an_answer_never_exceeds_the_peers_window(
+    served: tuple[GrpcH2Server, Recorder],
+) -> None:
+    """A peer whose streams start with an 8-byte window gets 8 bytes of a 25-byte answer, and
+    the rest only after its WINDOW_UPDATE (an answer sent whole at once would break its flow
+    control)."""
+    server, _ = served
+    block = Encoder().encode(
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", ECHO),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+        ]
+    )
+    message = b"twenty bytes of echo"
+    body = b"\x00" + len(message).to_bytes(4, "big") + message
+    settings = (4).to_bytes(2, "big") + (8).to_bytes(4, "big")  # SETTINGS_INITIAL_WINDOW_SIZE
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(
+            PREFACE
+            + len(settings).to_bytes(3, "big") + b"\x04\x00" + bytes(4) + settings
+            + len(block).to_bytes(3, "big") + b"\x01\x04" + (1).to_bytes(4, "big") + block
+            + len(body).to_bytes(3, "big") + b"\x00\x01" + (1).to_bytes(4, "big") + body
+        )  # fmt: skip
+        first = [f for f in await _frames(reader, until=0) if f[2] == 1]  # up to its first DATA
+        assert [(kind, len(payload)) for kind, _, _, payload in first] == [
+            (1, len(first[0][3])),
+            (0, 8),
+        ]
+        with pytest.raises(asyncio.TimeoutError):  # nothing more until the window opens
+            await asyncio.wait_for(reader.readexactly(1), 0.3)
+        writer.write(b"\x00\x00\x04\x08\x00" + (1).to_bytes(4, "big") + (100).to_bytes(4, "big"))
+        rest = await _frames(reader, until=1)  # the rest of the DATA, then the trailers
+        data = first[1][3] + b"".join(p for kind, _, _, p in rest if kind == 0)
+        assert data == body
+        assert rest[-1][1] & 0x1  # END_STREAM on the trailers
+    finally:
+        writer.close()
+
+
 async def test_stop_lets_calls_in_flight_finish_and_refuses_new_connections(
     served: tuple[GrpcH2Server, Recorder],
 ) -> None:
@@ -282,11 +339,12 @@ def test_indexed_only_blocks_are_remembered_only_while_the_table_stands() -> Non
         adds_a = encoder.encode([(":path", "/a")])  # literal, indexed as entry 62
         refers = encoder.encode([(":path", "/a")])  # now one byte: entry 62
         assert refers == b"\xbe"
-        assert connection._decode(adds_a) == [(b":path", b"/a")]
-        assert connection._decode(refers) == [(b":path", b"/a")]
-        assert connection._decode(refers) == [(b":path", b"/a")]  # remembered
-        assert connection._decode(encoder.encode([(":path", "/b")])) == [(b":path", b"/b")]
-        assert connection._decode(b"\xbe") == [(b":path", b"/b")]  # entry 62 is /b now
+        assert connection._decode(adds_a).headers == [(b":path", b"/a")]
+        assert connection._decode(refers).path == "/a"
+        assert connection._decode(refers) is connection._decode(refers)  # remembered
+        assert connection._decode(encoder.encode([(":path", "/b")])).path == "/b"
+        head = connection._decode(b"\xbe")  # entry 62 is /b now
+        assert (head.headers, head.path) == ([(b":path", b"/b")], "/b")
     finally:
         server.socket.close()
 
