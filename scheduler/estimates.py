@@ -176,6 +176,32 @@ class Estimates:
             return fitted
         return self.prior_load_overhead_ms + size_bytes * self.prior_load_ms_per_byte
 
+    def victim_load_ms(self, model: str, *, size_bytes: int) -> float:
+        """The load time that values ``model`` as an eviction victim: what a model of its size
+        is expected to take (the fitted line, or the prior), times its own measured factor
+        over that rounded to a power of two (``2 ** round(log2(own / line))``).
+
+        Loads of identical models differ only by timing noise (another process on the core, a
+        page fault), and the raw per-model EWMAs would rank such victims by that noise: the
+        same trace would evict different models from run to run. Snapped, models of one size
+        whose loads stay within about 1.41x of the line's estimate (either way) get the same
+        value, so they rank by their shares of requests, then by the tie-break of the caller
+        (least recently used first). A model that loads measurably slower (2x and more) still
+        counts as such. See ``docs/scheduling.md``, "Ties".
+        """
+        fitted = self._load_line.predict(float(size_bytes))
+        line = (
+            fitted
+            if fitted is not None
+            else self.prior_load_overhead_ms + size_bytes * self.prior_load_ms_per_byte
+        )
+        own = self.measured_load_ms(model)
+        if own is None:
+            return line
+        if own <= 0 or line <= 0:
+            return own  # nothing to scale: its own measurement
+        return line * 2.0 ** round(math.log2(own / line))
+
     def measured_load_ms(self, model: str) -> float | None:
         """The EWMA of ``model``'s own loads, or None if it has not been seen loading."""
         own = self._load.get(model)
