@@ -68,9 +68,7 @@ def test_victims_rank_by_share_then_last_use_whatever_the_load_noise(
     noisy = _estimates(models, stream, noise)
     exact = _estimates(models, stream, [0.0] * len(models))
     picked = VictimPlans(estimates=noisy, weight=2.0).value("n/d", request, directory, wanted=0.1)
-    expected = VictimPlans(estimates=exact, weight=2.0).value(
-        "n/d", request, directory, wanted=0.1
-    )
+    expected = VictimPlans(estimates=exact, weight=2.0).value("n/d", request, directory, wanted=0.1)
     assert picked is not None and expected is not None
     assert picked[0] == expected[0]
     # The re-statement: rank (share, position in the LRU order); take the first `slots`.
