@@ -27,7 +27,6 @@ import collections
 import contextlib
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -955,7 +954,7 @@ def create_api(gateway: Gateway) -> FastAPI:
     return app
 
 
-INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
+INFER_PATH = node_api.MODEL_INFER_PATH  # the route contract's pattern
 
 
 class InferFastPath:
