@@ -130,3 +130,42 @@ def test_the_default_tie_stream_is_seeded() -> None:
     first = run()
     assert set(first) == {"a/0", "b/0"}  # still spread
     assert run() == first
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["load", "forget", "ask"]),
+            st.sampled_from(["a", "b", "c"]),
+            st.sampled_from([1000, 4000]),
+            st.floats(min_value=0.5, max_value=50.0),
+        ),
+        max_size=30,
+    )
+)
+def test_victim_load_times_kept_between_loads_are_what_a_fresh_fit_gives(
+    steps: list[tuple[str, str, int, float]],
+) -> None:
+    """The kept victim load times never go stale: after any sequence of loads, forgets and
+    questions, each answer equals that of new estimates fed the same loads and forgets."""
+    kept = Estimates()
+    done: list[tuple[str, str, int, float]] = []
+
+    def feed(est: Estimates, step: tuple[str, str, int, float]) -> None:
+        action, model, size, load_ms = step
+        if action == "load":
+            est.observe_load(model, size_bytes=size, load_ms=load_ms)
+        elif action == "forget":
+            est.forget(model)
+
+    for step in steps:
+        feed(kept, step)
+        done.append(step)
+        fresh = Estimates()
+        for earlier in done:
+            feed(fresh, earlier)
+        _, model, size, _ = step
+        assert kept.victim_load_ms(model, size_bytes=size) == fresh.victim_load_ms(
+            model, size_bytes=size
+        )
