@@ -15,6 +15,8 @@ an older gateway and the other way round.
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpufaas.cache import Residency
@@ -26,6 +28,7 @@ __all__ = [
     "HEALTH_LIVE",
     "HEALTH_READY",
     "MODEL_INFER",
+    "MODEL_INFER_PATH",
     "MODEL_LOAD",
     "MODEL_UNLOAD",
     "PREFETCH",
@@ -49,6 +52,9 @@ HEALTH_READY = "/v2/health/ready"
 STATE = "/v2/gpufaas/state"
 FUNCTION = "/v2/gpufaas/functions/{name}"  # PUT a spec, DELETE it
 MODEL_INFER = "/v2/models/{name}/infer"
+# MODEL_INFER as a pattern, with KServe v2's optional version: what the gateway's front and its
+# replicas' ingress both match (the name is the ``name`` group).
+MODEL_INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
 MODEL_LOAD = "/v2/repository/models/{name}/load"
 MODEL_UNLOAD = "/v2/repository/models/{name}/unload"
 # Predictive residency (docs/prediction.md): load ahead of a request, at the lowest priority;

@@ -420,7 +420,7 @@ def gateway_command(argv: Sequence[str]) -> int:
             manager_namespace=args.manager_namespace,
         )
     if args.peers or args.peer_service:
-        from gpufaas.scheduler.replicas import enable_replicas, serve_replica
+        from gpufaas.scheduler.replica_setup import enable_replicas, serve_replica
 
         enable_replicas(
             gateway,

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 __all__ = ["Estimates", "Ewma", "EwmaLine"]
 
+_MAX_VICTIM_LOADS = 65_536  # cached victim load times, between two observed loads
+
 
 def _check_alpha(alpha: float) -> float:
     if not 0.0 < alpha <= 1.0:
@@ -124,6 +126,8 @@ class Estimates:
         self.prior_infer_ms = _check_sample(prior_infer_ms, what="prior inference ms")
         self._load_line = EwmaLine(alpha=alpha / 2)
         self._load: dict[str, Ewma] = {}
+        # (model, size) -> victim_load_ms, until the next observed load
+        self._victim_load: dict[tuple[str, int], float] = {}
         self._infer: dict[str, Ewma] = {}
         self._infer_all = Ewma(alpha=alpha)
         if popularity_half_life < 1:
@@ -143,6 +147,7 @@ class Estimates:
         size = _check_sample(size_bytes, what="size_bytes")
         self._load_line.update(size, load_ms)
         self._load.setdefault(model, Ewma(alpha=self.alpha)).update(load_ms)
+        self._victim_load.clear()  # the line moved: every snapped value may have
 
     def observe_infer(self, model: str, *, infer_ms: float) -> None:
         """One inference of ``model`` (after any load) took ``infer_ms``."""
@@ -161,6 +166,7 @@ class Estimates:
     def forget(self, model: str) -> None:
         """Drop a model's own history (its weights changed, or it was deleted)."""
         self._load.pop(model, None)
+        self._victim_load.clear()
         self._infer.pop(model, None)
         self._share.pop(model, None)
 
@@ -175,6 +181,44 @@ class Estimates:
         if fitted is not None:
             return fitted
         return self.prior_load_overhead_ms + size_bytes * self.prior_load_ms_per_byte
+
+    def victim_load_ms(self, model: str, *, size_bytes: int) -> float:
+        """The load time that values ``model`` as an eviction victim: what a model of its size
+        is expected to take (the fitted line, or the prior), times its own measured factor
+        over that rounded to a power of two (``2 ** round(log2(own / line))``).
+
+        Loads of identical models differ only by timing noise (another process on the core, a
+        page fault), and the raw per-model EWMAs would rank such victims by that noise: the
+        same trace would evict different models from run to run. Snapped, models of one size
+        whose loads stay within about 1.41x of the line's estimate (either way) get the same
+        value, so they rank by their shares of requests, then by the tie-break of the caller
+        (least recently used first). A model that loads measurably slower (2x and more) still
+        counts as such. See ``docs/scheduling.md``, "Ties". Kept per ``(model, size)`` until
+        the next load is observed: LALB asks for every resident of every candidate device, and
+        the fit costs several times a lookup.
+        """
+        key = (model, size_bytes)
+        known = self._victim_load.get(key)
+        if known is not None:
+            return known
+        value = self._snapped_load_ms(model, size_bytes)
+        if len(self._victim_load) < _MAX_VICTIM_LOADS:
+            self._victim_load[key] = value
+        return value
+
+    def _snapped_load_ms(self, model: str, size_bytes: int) -> float:
+        fitted = self._load_line.predict(float(size_bytes))
+        line = (
+            fitted
+            if fitted is not None
+            else self.prior_load_overhead_ms + size_bytes * self.prior_load_ms_per_byte
+        )
+        own = self.measured_load_ms(model)
+        if own is None:
+            return line
+        if own <= 0 or line <= 0:
+            return own  # nothing to scale: its own measurement
+        return line * 2.0 ** round(math.log2(own / line))
 
     def measured_load_ms(self, model: str) -> float | None:
         """The EWMA of ``model``'s own loads, or None if it has not been seen loading."""

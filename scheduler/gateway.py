@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -982,7 +981,7 @@ def create_api(gateway: Gateway) -> FastAPI:
     return app
 
 
-INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
+INFER_PATH = node_api.MODEL_INFER_PATH  # the route contract's pattern
 
 
 class InferFastPath:

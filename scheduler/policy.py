@@ -171,6 +171,16 @@ def _columns(devices: Sequence[DeviceLoad], *, per_request_ms: float) -> _Column
     return _Columns(keys, wait_ms, position, waits_known=known, hit_wait_ms=hit_wait_ms)
 
 
+# The seed of a policy's tie-break stream when none is given (the gateway gives none): a
+# fixed one, so that two runs making the same decisions make the same draws.
+DEFAULT_TIE_SEED = 0
+
+
+def _tie_stream(seed: int | None) -> random.Random:
+    """The random stream that breaks ties among equally good holders or idle devices."""
+    return random.Random(DEFAULT_TIE_SEED if seed is None else seed)
+
+
 def _pick_min(values: FloatArray | IntArray, rng: random.Random) -> int:
     """Index of the smallest value; ties broken at random so that idle devices share work."""
     i = int(np.argmin(values))
@@ -204,7 +214,7 @@ class LeastLoaded:
         staged: StagedCopies | None = None,
     ) -> None:
         del staged  # LB ignores where models are, staged copies included
-        self._rng = random.Random(seed)
+        self._rng = _tie_stream(seed)
         self.estimates = estimates or Estimates()
 
     def choose(
@@ -276,7 +286,7 @@ class LocalityAware:
             raise ValueError(f"victim_weight must be >= 0, got {victim_weight!r}")
         if victims not in ("lru", "value"):
             raise ValueError(f"victims must be 'lru' or 'value', got {victims!r}")
-        self._rng = random.Random(seed)
+        self._rng = _tie_stream(seed)
         self.estimates = estimates or Estimates()
         self.candidates = candidates
         self.plans = VictimPlans(estimates=self.estimates, weight=victim_weight)
@@ -438,9 +448,10 @@ class LocalityAware:
         costs less than ``bound``.
 
         The candidates are tried by increasing wait, so the search stops at the first whose
-        wait plus the load time reaches the best cost so far: it and all later ones cost at
-        least that (the artifact read and the victims only add). Which device wins is the same
-        as trying all candidates and comparing with ``bound`` afterwards.
+        wait plus the load time exceeds the best cost so far: it and all later ones cost more
+        (the artifact read and the victims only add). One that only equals it is tried, as it
+        may tie, and ties go to the smaller key (:meth:`_cheaper`). Which device wins is the
+        same as trying all candidates and comparing with ``bound`` afterwards.
         """
         keys = columns.keys
         wait_ms = columns.wait_ms
@@ -454,8 +465,8 @@ class LocalityAware:
         for i in self._non_holders(columns, holders, load_ms=load_ms, bound=bound):
             key = keys[i]
             floor = wait_ms.item(i) + load_ms
-            if floor > best_cost or (floor == best_cost and not directory.has_slices):
-                break  # waits only grow from here: nothing later can be cheaper
+            if floor > best_cost:
+                break  # waits only grow from here: nothing later can be cheaper (or tie)
             on_staged = bool(staged_nodes) and self._node_of(key, directory) in staged_nodes
             planned = self._try(key, request, directory, wanted=wanted)
             if planned is None:
@@ -480,7 +491,7 @@ class LocalityAware:
             staged.sort()
             for wait, key in staged:
                 floor = wait + load_ms
-                if floor > best_cost or (floor == best_cost and not directory.has_slices):
+                if floor > best_cost:
                     break
                 if not math.isfinite(wait):
                     break
@@ -513,11 +524,14 @@ class LocalityAware:
         request: RouteRequest,
         directory: ClusterDirectory,
     ) -> bool:
-        return cost < best_cost or (  # at equal cost, the smallest MIG slice that fits (#11)
-            best is not None
-            and cost == best_cost
-            and directory.fits_tighter(key, best[0], request.size_bytes)
-        )
+        if cost != best_cost or best is None:
+            return cost < best_cost
+        # Equal cost: the smallest MIG slice that fits (#11), then the smallest key, so that
+        # the choice does not hang on the order the devices joined the table (docs, "Ties").
+        rival = best[0]
+        if directory.fits_tighter(key, rival, request.size_bytes):
+            return True
+        return key < rival and not directory.fits_tighter(rival, key, request.size_bytes)
 
     def _node_of(self, key: str, directory: ClusterDirectory) -> str | None:
         try:
@@ -636,11 +650,9 @@ class VictimPlans:
             share = estimates.share(victim)
             if share <= 0:
                 continue
-            reload_ms = estimates.measured_load_ms(victim)
-            if reload_ms is None:
-                if sizes is None:
-                    sizes = {m: s for m, _, s in directory.residents(key)}
-                reload_ms = estimates.load_ms(victim, size_bytes=sizes.get(victim, 0))
+            if sizes is None:
+                sizes = {m: s for m, _, s in directory.residents(key)}
+            reload_ms = estimates.victim_load_ms(victim, size_bytes=sizes.get(victim, 0))
             cost += self.eviction_cost(victim, share, reload_ms, wanted, directory)
         return victims, self.weight * cost
 
@@ -653,7 +665,10 @@ class VictimPlans:
         beats evicting several); ties go to the least recently used. Otherwise models by least
         reload cost per byte, then those not needed after all are kept back. A model's reload
         value is its share of requests times its load time (0 for a model not asked for
-        lately, whose load time is then not needed).
+        lately, whose load time is then not needed), the load time snapped to a power of two
+        of its size's estimate (:meth:`Estimates.victim_load_ms`), so identical models rank
+        by their shares and then by last use, not by the noise in their measured loads. (A
+        device's residents are in one LRU order, so the order by last use has no ties.)
 
         Only resident models can be evicted: the directory's views pin exactly the models
         still loading, so "the residents free enough" is the condition under which
@@ -667,7 +682,7 @@ class VictimPlans:
         if sum([size for _, state, size in residents if state is _RESIDENT]) < need:
             return None  # before any estimate: the devices ruled out here are full of loads
         share_of = self.estimates.share
-        load_of = self.estimates.load_ms
+        load_of = self.estimates.victim_load_ms  # snapped: timing noise does not rank victims
         chosen: list[tuple[str, int, float]] = []  # (model, size, share)
         best_value = math.inf
         for m, state, size in residents:

@@ -614,6 +614,18 @@ def mean_and_interval(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def pooled_ratio_interval(
+    base: list[int], other: list[int], *, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
+    """The ratio of summed misses (``sum(other) / sum(base)``, rounds paired) and a 95%
+    percentile bootstrap interval over the rounds (resampled with replacement, seeded)."""
+    b, o = np.asarray(base, dtype=float), np.asarray(other, dtype=float)
+    picks = np.random.default_rng(seed).integers(0, len(b), size=(resamples, len(b)))
+    ratios = o[picks].sum(axis=1) / np.maximum(b[picks].sum(axis=1), 1.0)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(o.sum() / max(b.sum(), 1.0)), float(low), float(high)
+
+
 def _stale(run: dict[str, Any]) -> int:
     causes = run.get("miss_causes", {})
     return int(causes.get("stale_resident", 0) + causes.get("stale_loading", 0))
@@ -629,13 +641,18 @@ def summarise(paths: list[Path]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     ratios: dict[tuple[str, int], list[float]] = {}
-    totals: dict[int, int] = {}
+    misses: dict[int, list[int]] = {}  # by replica count, one per round
+    cpu: dict[int, list[float]] = {}
+    decision_p99: list[float] = []
     for result in rounds:
         runs = sorted(result["runs"], key=lambda r: r["gateways"])
         base = runs[0]  # one gateway (rounds may run the counts in any order)
+        if "decision_overhead" in result:
+            decision_p99.append(result["decision_overhead"]["p99_us"])
         for r in runs:
             n = r["gateways"]
-            totals[n] = totals.get(n, 0) + r["misses_at_managers"]
+            misses.setdefault(n, []).append(r["misses_at_managers"])
+            cpu.setdefault(n, []).append(r["gateway_cpu_ms_per_request"])
             for key, field in (("misses", "misses_at_managers"), ("p99", "p99_ms"),
                                ("saturation", "saturation_rps"), ("stale", "")):  # fmt: skip
                 if key == "stale" or n == base["gateways"]:
@@ -660,10 +677,22 @@ def summarise(paths: list[Path]) -> str:
             mean, half = mean_and_interval(ratios[(key, n)])
             cells.append(f"{mean:.3f} ± {half:.3f} ({len(ratios[(key, n)])})")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    base_total = totals[min(totals)]
+    one = misses[min(misses)]
+    pooled = [pooled_ratio_interval(one, misses[n]) for n in counts]
     lines.append(
-        "| misses, pooled (sum over rounds / one gateway's sum) | "
-        + " | ".join(f"{totals[n] / base_total:.3f}" for n in counts)
+        "| misses, pooled (sum over rounds / one gateway's sum; 95% bootstrap over rounds) | "
+        + " | ".join(f"{r:.3f} [{low:.3f}, {high:.3f}]" for r, low, high in pooled)
         + " |"
     )
+    lines.append(
+        "| gateway CPU ms/request (mean over rounds; one gateway: "
+        f"{statistics.fmean(cpu[min(cpu)]):.2f}) | "
+        + " | ".join(f"{statistics.fmean(cpu[n]):.2f}" for n in counts)
+        + " |"
+    )
+    if decision_p99:
+        lines.append(
+            f"\nScale-out's part of a routing decision, p99: {min(decision_p99):.1f}"
+            f"-{max(decision_p99):.1f} us ({len(decision_p99)} rounds)."
+        )
     return "\n".join(lines)

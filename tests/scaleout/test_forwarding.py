@@ -292,7 +292,7 @@ async def test_with_full_slots_each_replica_may_use_all_of_a_devices_slots() -> 
     from gpufaas.scheduler.gateway import Gateway, GatewayConfig
     from gpufaas.scheduler.peers import static_peers
     from gpufaas.scheduler.policy import make_policy
-    from gpufaas.scheduler.replicas import attach_replicas
+    from gpufaas.scheduler.replica_setup import attach_replicas
 
     urls = ["http://a", "http://b", "http://c", "http://d"]
     for slots, expected in (("full", 4), ("share", 1)):

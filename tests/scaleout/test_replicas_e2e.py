@@ -8,10 +8,12 @@ wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,8 +41,6 @@ CONCURRENCY = 3
 
 
 def wait_for(condition: Callable[[], bool], *, timeout_s: float, what: str) -> None:
-    import time
-
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
@@ -213,11 +213,30 @@ def test_no_device_runs_more_than_the_bound_across_two_replicas(
     cluster.start_manager(device_concurrency=manager_bound)
     urls, _ = _two_replicas(cluster, sync_s=5, device_concurrency=1)
     body, headers = minilm_request()
-    codes = _drive(urls, "minilm", body, headers, per_url=6, each=4)
+    waiting: list[float] = []  # requests waiting at the manager, polled during the drive
+    driving = threading.Event()
+    driving.set()
+
+    def poll() -> None:
+        while driving.is_set():
+            with contextlib.suppress(httpx.HTTPError):
+                waiting.append(metric(cluster.manager_url, "gpufaas_manager_device_waiting"))
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        codes = _drive(urls, "minilm", body, headers, per_url=6, each=4)
+    finally:
+        driving.clear()
+        poller.join(timeout=10)
     assert codes == [200] * len(codes)
     peak = metric(cluster.manager_url, "gpufaas_manager_device_running_peak", {"device": "cpu:0"})
     if manager_bound:
         assert peak == 1
+        # Not vacuous: the two replicas did send more at once than the bound, and the
+        # manager held the excess back (without its bound they run 2 at once: the control).
+        assert max(waiting, default=0) >= 1, "no request ever waited at the manager"
     else:
         assert peak > 1
 
@@ -277,6 +296,8 @@ def test_a_replica_killed_mid_run(cluster: Cluster) -> None:
     for name in warm:
         call(f"hit:{name}", survivor, name)
     assert [results[f"hit:{n}"] for n in warm] == [200] * len(warm)
+    # Not vacuous: the forwards are still unanswered (the owner is frozen) when it dies.
+    assert not any(f"fwd:{n}" in results or f"dead:{n}" in results for n in names)
 
     owner_proc.send_signal(signal.SIGKILL)
     owner_proc.wait(timeout=10)

@@ -428,8 +428,8 @@ def reference_choice(
     if holder is not None and holder_cost <= min(waits.values()) + load_ms:
         return holder, "holder", []
 
-    def value(m: str, s: int) -> float:
-        return est.share(m) * est.load_ms(m, size_bytes=s)
+    def value(m: str, s: int) -> float:  # load times snapped (docs, "Ties")
+        return est.share(m) * est.victim_load_ms(m, size_bytes=s)
 
     def cheapest(key: str) -> list[str]:
         need = size - directory.free_bytes(key)
@@ -461,7 +461,7 @@ def reference_choice(
                 continue
             again = 1 - math.exp(-share / wanted) if wanted > 0 else 1.0
             sole = len(directory.holder_ids(v)) <= 1
-            cost += est.load_ms(v, size_bytes=sizes[v]) * again * (1.0 if sole else 0.5)
+            cost += est.victim_load_ms(v, size_bytes=sizes[v]) * again * (1.0 if sole else 0.5)
         return victim_weight * cost
 
     def fetch(key: str) -> float:  # the artifact read, where a staged copy elsewhere is not
@@ -483,8 +483,8 @@ def reference_choice(
     best: tuple[float, str, list[str]] | None = None
     for key, plan in tried:
         cost = waits[key] + load_ms + fetch(key) + eviction_cost(key, plan)
-        if best is None or cost < best[0]:
-            best = (cost, key, plan)
+        if best is None or cost < best[0] or (cost == best[0] and key < best[1]):
+            best = (cost, key, plan)  # equal cost: the smallest key
     if best is None:
         if holder is not None:
             return holder, "holder", []

@@ -1,0 +1,196 @@
+"""Making a gateway one of N replicas (docs/scheduling.md, "Scale-out"): the wiring of
+:class:`~gpufaas.scheduler.replicas.Replicas` into a :class:`~gpufaas.scheduler.gateway.Gateway`
+(its miss counter, its dispatcher's per-replica shares, recovery of a cut forward by its request
+key at the GPU managers, membership and the merged use stream), peers from a static list or the
+headless Service (``gpufaas gateway --peers`` / ``--peer-service``), and the replica's listening
+sockets (its own port, and one shared with the others through SO_REUSEPORT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+import httpx
+
+from gpufaas.core import node as node_api
+from gpufaas.scheduler.peers import Membership
+from gpufaas.scheduler.replicas import Ownership, Replicas, ReplicaSlots
+from gpufaas.scheduler.transport import NodeReply
+
+if TYPE_CHECKING:
+    from gpufaas.scheduler.gateway import Gateway
+
+__all__ = ["attach_replicas", "enable_replicas", "listening_socket", "serve_replica"]
+
+logger = logging.getLogger(__name__)
+
+
+def attach_replicas(
+    gateway: Gateway,
+    *,
+    self_url: str,
+    discover: Callable[[], Awaitable[list[str]]],
+    token: str | None,
+    ownership: Ownership = "leader",
+    slots: ReplicaSlots = "full",
+) -> Replicas:
+    """Make ``gateway`` one replica among those ``discover`` lists (``self_url`` is how they
+    reach it). Heartbeats follow the gateway's sync interval."""
+    if slots not in ("full", "share"):
+        raise ValueError(f"slots must be 'full' or 'share', got {slots!r}")
+    registry = gateway.metrics.registry
+    lookups = gateway.metrics.cache
+    max_queue = gateway.config.max_queue_per_device
+    concurrency = gateway.config.device_concurrency
+
+    def own_misses() -> float:
+        # This counter alone: collecting the registry would call the cluster-misses gauge.
+        return sum(
+            sample.value
+            for family in lookups.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total") and sample.labels.get("result") == "miss"
+        )
+
+    def on_members(live: int) -> None:
+        # Each replica's share of a device's queue, so that together they keep near the bound.
+        # Slots: 'full' lets each replica run as many on a device as one gateway would, and the
+        # GPU manager (which sees every replica) admits at most the bound cluster-wide; 'share'
+        # splits them, ceil(bound / live), which keeps the manager's FIFO empty but queues a
+        # replica's hits behind its own loads while the device has free slots.
+        dispatcher = gateway.dispatcher
+        share = max(1, math.ceil(concurrency / live))
+        dispatcher.concurrency = concurrency if slots == "full" else share
+        dispatcher.max_queue = max(1, math.ceil(max_queue / live))
+
+    async def recover(key: str) -> NodeReply | None:
+        """The answer of a keyed request from whichever healthy GPU manager ran it, or runs
+        it (it waits for a run in flight); None when none did."""
+        path = node_api.REQUEST_ANSWER.format(key=key)
+        wait_s = gateway.config.node_timeout_s
+
+        async def ask(client: httpx.AsyncClient) -> NodeReply | None:
+            try:
+                response = await client.get(path, params={"wait_s": wait_s}, timeout=wait_s + 5)
+            except httpx.HTTPError:
+                return None
+            if response.status_code != 200:
+                return None
+            headers = {k.lower(): v for k, v in response.headers.items()}
+            return NodeReply(status=200, headers=headers, body=response.content)
+
+        nodes = [n for n in gateway.cluster.nodes.values() if n.healthy]
+        answers = await asyncio.gather(*(ask(n.client) for n in nodes))
+        return next((a for a in answers if a is not None), None)
+
+    membership = Membership(
+        self_url=self_url,
+        discover=discover,
+        token=token,
+        heartbeat=lambda: {
+            "misses": own_misses(),
+            "at": time.time(),
+        },
+    )
+
+    def observe_requests(model: str, count: int) -> None:
+        for _ in range(count):
+            gateway.estimates.observe_request(model)
+
+    replicas = Replicas(
+        membership=membership,
+        directory=gateway.cluster.directory,
+        registry=registry,
+        own_misses=own_misses,
+        on_members=on_members,
+        token=token,
+        known_size=gateway.model_bytes.get,
+        ownership=ownership,
+        recover=recover,
+        observe_requests=observe_requests,
+    )
+    gateway.replicas = replicas
+
+    async def run(stop: asyncio.Event) -> None:
+        await replicas.run(stop, interval_s=gateway.config.sync_interval_s)
+
+    gateway.background.append(run)
+    return replicas
+
+
+def enable_replicas(
+    gateway: Gateway,
+    *,
+    self_url: str,
+    peers: Sequence[str] = (),
+    peer_service: str | None = None,
+    namespace: str = "default",
+    ownership: Ownership = "leader",
+    slots: ReplicaSlots = "full",
+) -> Replicas:
+    """``gpufaas gateway --peers`` / ``--peer-service``: the replicas from a static list or
+    from the gateways' headless Service. Peers authenticate with ``GPUFAAS_PEER_TOKEN`` (in
+    Kubernetes the admin token, which every replica has)."""
+    from gpufaas.scheduler.peers import kubernetes_peers, static_peers
+
+    discover = (
+        kubernetes_peers(namespace=namespace, service=peer_service)
+        if peer_service
+        else static_peers(peers)
+    )
+    token = os.environ.get("GPUFAAS_PEER_TOKEN") or os.environ.get("GPUFAAS_ADMIN_TOKEN") or None
+    return attach_replicas(
+        gateway,
+        self_url=self_url,
+        discover=discover,
+        token=token,
+        ownership=ownership,
+        slots=slots,
+    )
+
+
+def listening_socket(host: str, port: int, *, shared: bool) -> socket.socket:
+    """A TCP listening socket; ``shared``: SO_REUSEPORT, so that every replica on this machine
+    binds the same port and the kernel spreads connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_replica(
+    *,
+    gateway: Gateway,
+    host: str,
+    port: int,
+    shared_port: int | None,
+    grpc_port: int | None = None,
+) -> None:
+    """Serve on ``port`` (this replica's own: peers and tests reach it there) and, if given, on
+    ``shared_port`` together with the other replicas; gRPC too unless ``grpc_port`` is None. As
+    ``scheduler.main.serve`` otherwise (the gateway's HTTP front, uvloop)."""
+    from gpufaas.scheduler.main import serve_on
+
+    sockets = [listening_socket(host, port, shared=False)]
+    if shared_port is not None:
+        sockets.append(listening_socket(host, shared_port, shared=True))
+    logger.info(
+        "gateway replica on http://%s:%d%s (policy %s)",
+        host,
+        port,
+        f" and the shared port {shared_port}" if shared_port is not None else "",
+        gateway.policy.name,
+    )
+    serve_on(gateway=gateway, host=host, sockets=sockets, grpc_port=grpc_port)
