@@ -343,9 +343,7 @@ class InferenceService:
     async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=server_ready(self.gateway))
 
-    async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest
-    ) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         metadata = server_metadata()
         return pb.ServerMetadataResponse(
             name=metadata.name, version=metadata.version, extensions=metadata.extensions
@@ -382,6 +380,9 @@ class InferenceService:
         name = request.model_name
         started = time.perf_counter()
         status = 500
+        if gateway.replicas is not None:  # the scale-out ingress, as the HTTP front's
+            # gRPC calls arrive from clients only: peers forward over HTTP
+            gateway.replicas.admit(name, forwarded_by=None)
         try:
             body, header_length = infer_body(request)
             reply = await gateway.infer(

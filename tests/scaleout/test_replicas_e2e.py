@@ -25,7 +25,7 @@ import yaml
 
 from gpufaas.core.commands import ManagerOptions
 from gpufaas.core.manifests import bundled_functions_dir
-from gpufaas.core.protocol import encode_request
+from gpufaas.core.protocol import RepositoryIndexEntry, encode_request
 from gpufaas.scheduler.local import (
     GatewayReplicaOptions,
     die_with_parent,
@@ -418,6 +418,12 @@ def _grpc_infer(address: str, name: str) -> None:
         client.close()
 
 
+def _resident_in_view(url: str, name: str) -> bool:
+    response = httpx.post(f"{url}/v2/repository/index", json={}, timeout=10)
+    entries = [RepositoryIndexEntry.model_validate(e) for e in response.json()]
+    return any(e.name == name and e.resident_on for e in entries)
+
+
 def test_gpufaas_up_with_two_gateways_serves_on_one_port(
     tmp_path: Path, gpufaas_env: dict[str, str], functions: Path
 ) -> None:
@@ -469,6 +475,19 @@ def test_gpufaas_up_with_two_gateways_serves_on_one_port(
         owned = sum(metric(u, "gpufaas_replica_owned_requests_total") for u in replicas)
         assert owned >= 1
         _grpc_infer(grpc_addresses[1], "tiny-09")  # not the first replica
+        # gRPC's ingress counts like HTTP's: with tiny-09 resident in both replicas' views
+        # (hits: nothing is forwarded), one call to each replica is one call to the owner.
+        for url in replicas:
+            wait_for(
+                lambda url=url: _resident_in_view(url, "tiny-09"),
+                timeout_s=30,
+                what=f"tiny-09 resident in {url}'s view",
+            )
+        before = sum(metric(u, "gpufaas_replica_owned_requests_total") for u in replicas)
+        for address in grpc_addresses:
+            _grpc_infer(address, "tiny-09")
+        after = sum(metric(u, "gpufaas_replica_owned_requests_total") for u in replicas)
+        assert after - before >= 1, "a gRPC call to the owner was not counted as owned"
     finally:
         proc.send_signal(signal.SIGINT)
         try:
