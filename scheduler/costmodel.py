@@ -24,7 +24,6 @@ layer's shards run side by side, at most ``cores`` of them at once):
   and the receiver's CPU of one message, charged once);
 * ``sync_lp`` is 1 where the shard reads remote values in layer l: it hands the layer back to
   its event loop, waits for the last part and goes back to its worker (a trip and a wake-up).
-
 * oversubscription: with more shards than cores, a shard waking from a layer's wait finds
   every core taken with chance ``(N - cores) / N`` (the share of shards beyond the cores)
   and pays a further ``c_wake``: the context switch, the cache its working set lost, the
