@@ -1,5 +1,5 @@
 """Offline ablation of the cost model: refit variants of it (no per-product term, no wait
-term, no sharing of the cores) on a calibration run's raw measurements and score each on a
+term, no oversubscription term, no sharing of the cores) on a calibration run's raw measurements and score each on a
 grid run, as ``fsd.py --evaluate`` does. Nothing is measured.
 
     python bench/fsd-ablate.py bench/fsd-calibration-s4a.json bench/fsd-grid-s4a.json
@@ -37,7 +37,7 @@ def refit(use_op=True, use_sync=True, cores_=cores):
     ys = [r["seconds"] for r in runs["compute"]]
     per_op, per_nnz = cm.fit(xs, ys, relative=True)
     compute = cm.Compute(per_op if use_op else 0.0, per_nnz)
-    none = {"none": cm.ChannelCost(0, 0, 0, 0)}
+    none = {"none": cm.ChannelCost(0, 0, 0, 0, 0)}
     bare = cm.Constants(compute, 0.0, 0.0, cores_, none)
     fx, fy, tot = [], [], []
     for r in runs["coordinator"]:
@@ -61,6 +61,13 @@ def refit(use_op=True, use_sync=True, cores_=cores):
                 p = dataclasses.replace(p, sync=np.zeros_like(p.sync))
             rs.append((p, r["batch"], r["seconds"]))
         chans[ch] = cm.fit_channel(rs, base=base)
+    if "-v" in sys.argv:
+        print(
+            {
+                ch: f"wake {c.per_wake_s * 1e6:.0f} us, sync {c.per_sync_s * 1e6:.0f} us"
+                for ch, c in chans.items()
+            }
+        )
     return cm.Constants(compute, per_request, per_io, cores_, chans)
 
 
@@ -101,4 +108,8 @@ def score(constants, use_sync=True):
 print("full model           ", score(refit()))
 print("no per-op term       ", score(refit(use_op=False)))
 print("no per-sync term     ", score(refit(use_sync=False), use_sync=False))
+busy = cm.busy
+cm.busy = lambda shards, cores: 0.0  # type: ignore[assignment]  # c_wake's feature is 0
+print("no oversubscription  ", score(refit()))
+cm.busy = busy
 print("no contention (cores=64)", score(refit(cores_=64)))

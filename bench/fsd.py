@@ -602,7 +602,7 @@ async def calibrate(
     """Fit the constants on calibration nets, never on the grid's net (see
     :mod:`gpufaas.scheduler.costmodel`): compute in-process per shard; the coordinator from
     unsharded runs on real managers (1,024 / 2,048 / 4,096 x 8); each channel from 2,048 x 4
-    and x 8 split 2 and 4 ways, block and random.
+    and x 8 split 2 and 4 ways, block and random, and 8 ways block where there are 8 nodes.
 
     Every run is measured before anything is fitted, and the unsharded runs twice, before
     and after the channels' runs, keeping the lower median of each: interference on a shared
@@ -642,7 +642,10 @@ async def calibrate(
         for channel in channels:
             for depth in (4, 8):
                 net = radix_net(2048, depth)  # channels: never the grid's width
-                for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random")):
+                # N = 8 on block splits (with --nodes 8): more shards than cores, the
+                # oversubscribed point that c_wake needs (N = 4 alone barely tells it apart)
+                for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random"),
+                                       (8, "block")):  # fmt: skip
                     if shards > len(urls):
                         continue
                     prof = costmodel.profile(net, partition(net, shards, method=method, seed=2))

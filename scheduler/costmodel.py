@@ -9,6 +9,7 @@ layer's shards run side by side, at most ``cores`` of them at once):
     w_lp    = c_op * ops_lp + c_nnz * batch * nnz_lp                      # compute
             + c_msg[ch] * msgs_lp + c_byte[ch] * batch * 4 * values_lp   # messages
             + c_sync[ch] * sync_lp                                       # waits
+            + c_wake[ch] * sync_lp * max(0, N - cores) / N               # oversubscription
 
 ``w_lp`` is shard p's work on layer l, all of it CPU on its process except the waits:
 
@@ -23,6 +24,12 @@ layer's shards run side by side, at most ``cores`` of them at once):
   and the receiver's CPU of one message, charged once);
 * ``sync_lp`` is 1 where the shard reads remote values in layer l: it hands the layer back to
   its event loop, waits for the last part and goes back to its worker (a trip and a wake-up).
+* oversubscription: with more shards than cores, a shard waking from a layer's wait finds
+  every core taken with chance ``(N - cores) / N`` (the share of shards beyond the cores)
+  and pays a further ``c_wake``: the context switch, the cache its working set lost, the
+  scheduler's wake-up latency. Nothing while each shard has a core (N <= cores); with
+  balanced shards it adds ``c_wake * (N - cores) / cores`` per waiting layer (1 at N = 4, 3 at
+  N = 8 on 2 cores), more than ``N / cores`` sharing alone charges.
 
 When shards outnumber the cores they take turns: a layer cannot finish before all the
 shards' work over the cores (``sum_p w_lp / cores``), so with balanced shards the layers
@@ -37,9 +44,9 @@ Calibration (``bench/fsd.py --calibrate-only``, on nets that are never the bench
    ``c_nnz`` by a relative least-squares fit over the shards;
 2. coordinator: unsharded runs on real managers; what the compute terms leave gives
    ``c_request`` and ``c_io``;
-3. channels: sharded runs (2 and 4 shards, block and random, two depths and batches) per
-   channel; what compute and coordinator leave gives ``c_msg``, ``c_byte``, ``c_sync``,
-   ``c_shard``. The max over the branches makes this not linear in the constants, so
+3. channels: sharded runs (2 and 4 shards, block and random, and 8 shards block: more
+   shards than cores; two depths and batches) per channel; what compute and coordinator
+   leave gives ``c_msg``, ``c_byte``, ``c_sync``, ``c_wake``, ``c_shard``. The max over the branches makes this not linear in the constants, so
    :func:`fit_channel` fixes each layer's binding branch, fits, and repeats.
 
 :func:`choose` ranks candidate configurations by predicted latency. Pure: no clocks, no I/O.
@@ -78,6 +85,8 @@ class ChannelCost:
     per_byte_s: float  # CPU per byte carried (copies, encode, decode, socket)
     per_sync_s: float  # a layer that waits for remote values: the trip and wake-up
     per_shard_s: float  # the coordinator's call to a shard and the shard's fixed part
+    # oversubscription: a wait's wake-up that finds every core taken (context switch, cache)
+    per_wake_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,17 +149,24 @@ def compute_features(p: Profile, *, batch: int) -> npt.NDArray[np.float64]:
     return np.stack([p.ops, batch * p.nnz], axis=-1)
 
 
-def channel_features(p: Profile, *, batch: int) -> npt.NDArray[np.float64]:
-    """Per layer and shard, the multipliers of ``c_msg``, ``c_byte``, ``c_sync``."""
-    return np.stack([p.messages, batch * 4 * p.values, p.sync], axis=-1)
+def busy(shards: int, cores: int) -> float:
+    """The chance that a shard waking from a wait finds every core taken: the share of the
+    shards beyond the cores, ``max(0, N - cores) / N`` (0 while each shard has a core)."""
+    return max(0, shards - cores) / shards
+
+
+def channel_features(p: Profile, *, batch: int, cores: int) -> npt.NDArray[np.float64]:
+    """Per layer and shard, the multipliers of ``c_msg``, ``c_byte``, ``c_sync``, ``c_wake``."""
+    wake = p.sync * busy(p.shards, cores)
+    return np.stack([p.messages, batch * 4 * p.values, p.sync, wake], axis=-1)
 
 
 def _work(p: Profile, batch: int, constants: Constants, channel: ChannelCost) -> Matrix:
     c = constants.compute
-    comm = [channel.per_message_s, channel.per_byte_s, channel.per_sync_s]
+    comm = [channel.per_message_s, channel.per_byte_s, channel.per_sync_s, channel.per_wake_s]
     work: Matrix = compute_features(p, batch=batch) @ np.array([c.per_op_s, c.per_nnz_s])
     if p.shards > 1:
-        work = work + channel_features(p, batch=batch) @ np.array(comm)
+        work = work + channel_features(p, batch=batch, cores=constants.cores) @ np.array(comm)
     return work
 
 
@@ -160,7 +176,7 @@ def _layers(work: Matrix, cores: int) -> float:
 
 def predict(p: Profile, *, batch: int, channel: str, constants: Constants) -> float:
     """Predicted seconds per request."""
-    cost = constants.channels[channel] if p.shards > 1 else ChannelCost(0.0, 0.0, 0.0, 0.0)
+    cost = constants.channels[channel] if p.shards > 1 else ChannelCost(0.0, 0.0, 0.0, 0.0, 0.0)
     fixed = constants.per_request_s + constants.per_io_value_s * batch * p.io_values
     fixed += cost.per_shard_s * p.shards if p.shards > 1 else 0.0
     return fixed + _layers(_work(p, batch, constants, cost), constants.cores)
@@ -210,7 +226,7 @@ def fit_channel(
     the compute and coordinator constants of ``base``. Each layer's latency is the larger of
     two sums (the busiest shard, or all shards over the cores); with the branches fixed the
     model is linear, so fit, re-pick each layer's branch with the new constants, and repeat."""
-    cost = ChannelCost(0.0, 0.0, 0.0, 0.0)
+    cost = ChannelCost(0.0, 0.0, 0.0, 0.0, 0.0)
     for _ in range(rounds):
         xs, ys, totals = [], [], []
         for p, batch, measured in runs:
@@ -218,7 +234,7 @@ def fit_channel(
             busiest = work.argmax(axis=1)
             by_max = work.max(axis=1) >= work.sum(axis=1) / base.cores
             compute = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(base.compute))
-            comm = channel_features(p, batch=batch)
+            comm = channel_features(p, batch=batch, cores=base.cores)
             layers = np.arange(work.shape[0])
             row = np.where(
                 by_max[:, None], comm[layers, busiest], comm.sum(axis=1) / base.cores
@@ -230,6 +246,6 @@ def fit_channel(
             xs.append([*row, float(p.shards)])
             ys.append(measured - fixed - fixed_compute)
             totals.append(measured)
-        per_message, per_byte, per_sync, per_shard = fit(xs, ys, relative_to=totals)
-        cost = ChannelCost(per_message, per_byte, per_sync, per_shard)
+        per_message, per_byte, per_sync, per_wake, per_shard = fit(xs, ys, relative_to=totals)
+        cost = ChannelCost(per_message, per_byte, per_sync, per_shard, per_wake)
     return cost

@@ -78,7 +78,7 @@ def test_more_shards_than_cores_compute_no_faster_than_the_cores_allow() -> None
     that is max(1, N / cores) times one shard's work, so 8 shards on 2 cores take what 2 do
     (with no per-op cost), and a per-op cost makes more shards slower."""
     net = radix_net(1024, 6)
-    free = costmodel.ChannelCost(0, 0, 0, 0)
+    free = costmodel.ChannelCost(0, 0, 0, 0, 0)
 
     def times(compute: costmodel.Compute) -> dict[int, float]:
         return {
@@ -131,15 +131,36 @@ def test_a_relative_fit_weighs_fast_runs_like_slow_ones() -> None:
     assert not all(abs(np.dot(x, absolute) / y - 1) <= 0.25 for x, y in fast)
 
 
+def test_a_wait_costs_a_wake_up_only_when_the_shards_outnumber_the_cores() -> None:
+    """Oversubscription (N > cores): a shard waking from a layer's wait finds every core
+    taken with chance (N - cores) / N and pays ``c_wake``; as CPU work it takes turns over the
+    cores like the rest, so per layer that waits it adds c_wake * (N - cores) / cores with
+    balanced shards: nothing at N = 2 on 2 cores, 1 c_wake at N = 4, 3 at N = 8."""
+    net = radix_net(1024, 6)
+    none = costmodel.Compute(0.0, 0.0)
+    wake = costmodel.ChannelCost(0, 0, 0, 0, per_wake_s=1e-3)
+    assert [costmodel.busy(n, 2) for n in (1, 2, 4, 8)] == [0.0, 0.0, 0.5, 0.75]
+    extra = {}
+    for shards in (2, 4, 8):
+        prof = costmodel.profile(net, partition(net, shards, method="block"))
+        extra[shards] = costmodel.predict(prof, batch=64, channel="x", constants=_only(none, wake))
+        waits = prof.sync.max(axis=1).sum()  # layers in which the shards wait
+        assert waits > 0
+        assert abs(extra[shards] - 1e-3 * waits * (max(0, shards - 2) / 2)) < 1e-12
+    assert extra[2] == 0.0 and extra[8] > 2 * extra[4] > 0
+
+
 def test_fit_channel_recovers_a_channels_constants_from_runs_it_predicts() -> None:
-    """Runs made by the model itself (both branches of the max: 2 and 4 shards on 2 cores)
-    give back the channel's constants, though the model is not linear in them."""
-    truth = costmodel.ChannelCost(4e-4, 2e-9, 3e-4, 2e-3)
+    """Runs made by the model itself (both branches of the max: 2, 4 and 8 shards on 2
+    cores) give back the channel's constants, though the model is not linear in them; the
+    wake-up term needs the oversubscribed runs (N = 4 and 8) to be told from the wait's."""
+    truth = costmodel.ChannelCost(4e-4, 2e-9, 3e-4, 2e-3, per_wake_s=1.5e-4)
     constants = costmodel.Constants(COMPUTE, 1e-3, 1e-8, 2, {"x": truth})
     runs = []
     for depth in (4, 8):
         net = radix_net(512, depth)
-        for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random")):
+        for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random"),
+                               (8, "block")):  # fmt: skip
             prof = costmodel.profile(net, partition(net, shards, method=method, seed=2))
             for batch in (16, 64):
                 runs.append(
