@@ -97,6 +97,9 @@ _LABEL_KEYS = {
     # as much as a sole one)
     "v": "by_density",
     "r": "replica_share",
+    # -w1: switched per function to the hybrid's decisions where they have cost less so far
+    # (cache/arrivals.py: SwitchingPolicy; -w0, the default: ours alone)
+    "w": "switch",
 }
 
 
