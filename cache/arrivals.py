@@ -21,6 +21,8 @@ prefetch driver run the same decisions:
   per byte-second held (LHD's hit density weighted by a miss's cost: a learned approximation
   of Belady's rule). :func:`eviction_order` ranks a device's victims for the simulator and the
   gateway alike.
+* :class:`SwitchingPolicy` (an option): ours, switched per function to another rule (the hybrid
+  histogram) where a causal shadow account of both rules' costs says that rule did better.
 
 Times are seconds on one clock chosen by the caller. To survive a restart, the caller uses wall
 time and persists :meth:`snapshot`; :meth:`restore` takes it back (the I/O is the caller's).

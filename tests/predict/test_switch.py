@@ -35,7 +35,9 @@ events = st.lists(
 )
 
 
-def _replay(policy: Any, run: Sequence[tuple[float, str]], *, until: float = float("inf")) -> list:
+def _replay(
+    policy: Any, run: Sequence[tuple[float, str]], *, until: float = float("inf")
+) -> list[Advice]:
     """Feed ``run`` to ``policy``; at each tick, the device advice for every function (as the
     simulator's tick asks), up to time ``until``."""
     now, out = 0.0, []
@@ -110,7 +112,9 @@ class _Always:
         pass
 
 
-def _gaps(policy: SwitchingPolicy, now: float, gap_s: float, count: int) -> tuple[float, list]:
+def _gaps(
+    policy: SwitchingPolicy, now: float, gap_s: float, count: int
+) -> tuple[float, list[Advice]]:
     """``count`` arrivals ``gap_s`` apart, a device decision half-way through each gap."""
     advice = []
     for _ in range(count):
