@@ -49,7 +49,7 @@ from sim.trace import (
     thin,
 )
 
-from gpufaas.cache.arrivals import make_policy
+from gpufaas.cache.arrivals import SwitchingPolicy, make_policy
 
 # (label, policy name, parameters, prefetch on)
 SETTINGS: list[tuple[str, str, dict[str, float], bool]] = [
@@ -97,6 +97,9 @@ _LABEL_KEYS = {
     # as much as a sole one)
     "v": "by_density",
     "r": "replica_share",
+    # -w1: switched per function to the hybrid's decisions where they have cost less so far
+    # (cache/arrivals.py: SwitchingPolicy; -w0, the default: ours alone)
+    "w": "switch",
 }
 
 
@@ -210,6 +213,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         history=history,
     )
     report = sim.report()
+    if isinstance(policy, SwitchingPolicy):  # how many functions ended on the other rule
+        names = [model.name for model in catalogue]
+        report["switched_functions"] = sum(policy.follows_other(name) for name in names)
     report.update(label=job["label"], seed=job["seed"])
     return report
 
@@ -456,8 +462,14 @@ def prediction_cost(
     picks = rng.zipf(1.3, size=requests) % functions
     times = np.cumsum(rng.exponential(0.004, size=requests))
     out: dict[str, float] = {}
-    for label in ("keepalive", "hybrid", "predictive"):
-        policy = make_policy(label)
+    policies: dict[str, tuple[str, dict[str, float]]] = {
+        "keepalive": ("keepalive", {}),
+        "hybrid": ("hybrid", {}),
+        "predictive": ("predictive", {}),
+        "switch": ("predictive", {"switch": 1}),  # ours switched per function to the hybrid
+    }
+    for label, (name, params) in policies.items():
+        policy = make_policy(name, **params)
         batches = []
         gc.disable()
         for start in range(0, requests, 1000):

@@ -21,6 +21,8 @@ prefetch driver run the same decisions:
   per byte-second held (LHD's hit density weighted by a miss's cost: a learned approximation
   of Belady's rule). :func:`eviction_order` ranks a device's victims for the simulator and the
   gateway alike.
+* :class:`SwitchingPolicy` (an option): ours, switched per function to another rule (the hybrid
+  histogram) where a causal shadow account of both rules' costs says that rule did better.
 
 Times are seconds on one clock chosen by the caller. To survive a restart, the caller uses wall
 time and persists :meth:`snapshot`; :meth:`restore` takes it back (the I/O is the caller's).
@@ -713,6 +715,163 @@ def _cdf(cumulative: list[float], weights: list[float], total: float, x: float) 
     return below + share * min(1.0, max(0.0, fraction))
 
 
+# -- the per-function switch between ours and another rule ------------------------------------------
+
+
+@dataclasses.dataclass
+class _Shadow:
+    """One function's shadow accounts: since ``since_s``, whether each rule would hold its model
+    on a device (its last device decision), and each rule's decayed cost over the gaps scored."""
+
+    since_s: float
+    held: tuple[bool, bool] = (True, True)  # (ours, other): a request has just loaded it
+    rent: float = 0.0  # ms of load time per second held (price x GB), from the latest advise
+    miss: float = 0.0  # ms a miss costs (reload + miss_ms), from the latest advise
+    gap_cost: tuple[float, float] = (0.0, 0.0)  # rent accrued in the current gap
+    cost: tuple[float, float] = (0.0, 0.0)  # decayed cost over scored gaps
+    scored: int = 0
+    other_chosen: bool = False
+
+
+class SwitchingPolicy:
+    """Ours, switched per function to another rule (the hybrid histogram) where that rule has
+    cost less so far: an online, causal choice between two rules.
+
+    Both rules learn every arrival. At each device decision (:meth:`advise` with
+    ``tier="device"``) each rule's verdict, hold the model or not, is recorded; until the
+    function's next decision, the rules that hold it are charged ``price x GB`` per second (ours'
+    ``device_price``), and when its next request arrives, a rule whose last verdict was "not
+    held" is charged the miss, ``reload_ms + miss_ms``: ours' own objective, scored on what
+    each rule decided before the arrival and on the arrival itself, never on a later one.
+    Per function, a gap's costs are folded into a decayed sum (half-life ``half_life`` gaps);
+    after ``min_gaps`` scored gaps the function follows the other rule once its cost is below
+    ``1 - hysteresis`` times ours', and returns to ours once ours' is below ``1 - hysteresis``
+    times the other's. With fewer (no history) it follows ours, whose own fallback applies.
+
+    The host tier and the victim order are always ours' (the baselines hold the host tier as
+    an LRU and have no victim order).
+    """
+
+    may_prefetch = True
+
+    def __init__(
+        self,
+        ours: PredictivePolicy,
+        other: ResidencyPolicy,
+        *,
+        hysteresis: float = 0.1,
+        min_gaps: int = 8,
+        half_life: float = 32.0,
+    ) -> None:
+        if not 0.0 <= hysteresis < 1.0:
+            raise ArrivalError(f"hysteresis must be in [0, 1), got {hysteresis!r}")
+        self.ours, self.other = ours, other
+        self.name = f"{ours.name}+switch-{other.name}"
+        self.hysteresis = hysteresis
+        self.min_gaps = int(_finite(min_gaps, "min_gaps"))
+        self._decay = 2 ** (-1 / _finite(half_life, "half_life", minimum=1.0))
+        self._shadow: dict[str, _Shadow] = {}
+
+    def observe(self, function: str, now_s: float) -> None:
+        """One request: both rules learn it; the gap it ends is scored (O(1))."""
+        self.ours.observe(function, now_s)
+        self.other.observe(function, now_s)
+        s = self._shadow.get(function)
+        if s is None:
+            self._shadow[function] = _Shadow(since_s=now_s)
+            return
+        if now_s < s.since_s:
+            return  # out of order: as the rules themselves, ignored
+        self._accrue(s, now_s)
+        d = self._decay
+        (held_ours, held_other), (rent_ours, rent_other) = s.held, s.gap_cost
+        s.cost = (
+            s.cost[0] * d + rent_ours + (0.0 if held_ours else s.miss),
+            s.cost[1] * d + rent_other + (0.0 if held_other else s.miss),
+        )
+        s.gap_cost, s.held = (0.0, 0.0), (True, True)
+        s.scored += 1
+        if s.scored >= self.min_gaps:
+            ours_cost, other_cost = s.cost
+            if s.other_chosen:
+                s.other_chosen = not ours_cost < (1 - self.hysteresis) * other_cost
+            else:
+                s.other_chosen = other_cost < (1 - self.hysteresis) * ours_cost
+
+    def _accrue(self, s: _Shadow, now_s: float) -> None:
+        elapsed = max(0.0, now_s - s.since_s)
+        s.gap_cost = (
+            s.gap_cost[0] + (s.rent * elapsed if s.held[0] else 0.0),
+            s.gap_cost[1] + (s.rent * elapsed if s.held[1] else 0.0),
+        )
+        s.since_s = max(s.since_s, now_s)
+
+    def follows_other(self, function: str) -> bool:
+        """Whether ``function``'s device decisions follow the other rule now."""
+        s = self._shadow.get(function)
+        return s is not None and s.other_chosen
+
+    def costs(self, function: str) -> tuple[float, float] | None:
+        """The decayed (ours, other) costs scored for ``function`` (None: not seen)."""
+        s = self._shadow.get(function)
+        return None if s is None else s.cost
+
+    def advise(
+        self, function: str, now_s: float, *, size_bytes: int, reload_ms: float, tier: str
+    ) -> Advice:
+        mine = self.ours.advise(
+            function, now_s, size_bytes=size_bytes, reload_ms=reload_ms, tier=tier
+        )
+        if tier != "device":
+            return mine
+        theirs = self.other.advise(
+            function, now_s, size_bytes=size_bytes, reload_ms=reload_ms, tier=tier
+        )
+        s = self._shadow.get(function)
+        if s is None:
+            return mine
+        if now_s >= s.since_s:
+            self._accrue(s, now_s)
+            s.held = (mine.keep, theirs.keep)
+            s.rent = self.ours.device_price * size_bytes / GB
+            s.miss = reload_ms + self.ours.miss_ms
+        return theirs if s.other_chosen else mine
+
+    def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]:
+        return self.ours.victim_order(candidates, now_s)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "version": SNAPSHOT_VERSION,
+            "kind": "switch",
+            "ours": self.ours.snapshot(),
+            "other": self.other.snapshot(),
+            "shadow": {f: dataclasses.asdict(s) for f, s in self._shadow.items()},
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        _check_snapshot(state, "switch")
+        shadow: dict[str, _Shadow] = {}
+        try:
+            for f, s in state["shadow"].items():
+                pairs = {k: tuple(float(x) for x in s[k]) for k in ("cost", "gap_cost")}
+                shadow[str(f)] = _Shadow(
+                    since_s=float(s["since_s"]),
+                    held=(bool(s["held"][0]), bool(s["held"][1])),
+                    rent=float(s["rent"]),
+                    miss=float(s["miss"]),
+                    gap_cost=(pairs["gap_cost"][0], pairs["gap_cost"][1]),
+                    cost=(pairs["cost"][0], pairs["cost"][1]),
+                    scored=int(s["scored"]),
+                    other_chosen=bool(s["other_chosen"]),
+                )
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ArrivalError(f"switch snapshot is malformed: {e}") from None
+        self.ours.restore(state["ours"])
+        self.other.restore(state["other"])
+        self._shadow = shadow
+
+
 EVICTION_SAMPLE = 32  # victims ranked per load: the least recently used, as LRB (NSDI'20)
 
 
@@ -746,5 +905,16 @@ def make_policy(name: str, **params: float) -> ResidencyPolicy:
     if name == "hybrid":
         return HybridHistogram(**params)  # type: ignore[arg-type]
     if name == "predictive":
-        return PredictivePolicy(**params)  # type: ignore[arg-type]
+        # switch=1: ours, switched per function to the hybrid where it has cost less so far
+        # (:class:`SwitchingPolicy`); switch_hysteresis, switch_min_gaps tune the switch
+        switch = params.pop("switch", 0.0)
+        tuning = {
+            key: params.pop(f"switch_{key}")
+            for key in ("hysteresis", "min_gaps", "half_life")
+            if f"switch_{key}" in params
+        }
+        ours = PredictivePolicy(**params)  # type: ignore[arg-type]
+        if not switch:
+            return ours
+        return SwitchingPolicy(ours, HybridHistogram(), **tuning)  # type: ignore[arg-type]
     raise ArrivalError(f"unknown residency policy {name!r}: keepalive, hybrid or predictive")
