@@ -413,3 +413,35 @@ def test_managers_serve_the_framed_lane_on_their_tcp_port(render: Any, helm: Any
         assert done.returncode != 0 and "framedPort" in done.stderr, f"--set {bad} was accepted"
     clash = helm("template", "gf", str(CHART), "--set", "gpuManager.framedPort=8090")
     assert clash.returncode != 0 and "must differ" in clash.stderr
+
+
+def test_gateway_serves_grpc_on_its_container_and_service_port(render: Any, helm: Any) -> None:
+    """OIP v2 over gRPC (tritonclient.grpc) reaches the gateway through its Service: the port
+    is passed, declared on the container and the Service (appProtocol grpc); 0 turns it off;
+    the connection cap is passed through."""
+    docs = render()
+    container = _container(docs, "Deployment", "gateway")
+    assert "--grpc-port=8081" in container["args"]
+    assert "--max-connections=2048" in container["args"]
+    assert {"name": "grpc", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    service = _find(docs, "Service", "gateway")
+    assert {
+        "name": "grpc",
+        "port": 8081,
+        "targetPort": "grpc",
+        "protocol": "TCP",
+        "appProtocol": "grpc",
+    } in service["spec"]["ports"]
+
+    off = render(sets=["gateway.grpcPort=0", "gateway.maxConnections=0"])
+    container = _container(off, "Deployment", "gateway")
+    assert "--grpc-port=-1" in container["args"]  # the gateway's "none"
+    assert "--max-connections=0" in container["args"]
+    assert [p["name"] for p in container["ports"]] == ["http"]
+    assert [p["name"] for p in _find(off, "Service", "gateway")["spec"]["ports"]] == ["http"]
+
+    for bad in ("gateway.grpcPort=-1", "gateway.grpcPort=70000", "gateway.maxConnections=-1"):
+        done = helm("template", "gf", str(CHART), "--set", bad)
+        assert done.returncode != 0, f"--set {bad} was accepted"
+    clash = helm("template", "gf", str(CHART), "--set", "gateway.grpcPort=8080")
+    assert clash.returncode != 0 and "must differ" in clash.stderr
