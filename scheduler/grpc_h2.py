@@ -184,6 +184,59 @@ class _Stream:
     outbox: memoryview | None = None  # answer bytes waiting for the peer's window
 
 
+class _HeaderBlocks:
+    """A connection's HPACK decoder, with the heads of indexed-only blocks remembered."""
+
+    __slots__ = ("decoder", "handlers", "known")
+
+    def __init__(self, handlers: Mapping[str, UnaryHandler]) -> None:
+        self.decoder = Decoder(max_header_list_size=MAX_HEADER_LIST)
+        self.handlers = handlers
+        self.known: dict[bytes, _Head] = {}
+
+    def decode(self, block: bytes) -> _Head:
+        """The block, decoded. Decoded even for a stream we refuse: the decoder's table must
+        follow the peer's. A block of only one-byte indexed fields (every byte >= 0x80: what a
+        client sends once its headers are in the table) leaves the table as it is, so its head
+        is remembered until a block that may change the table arrives; that skips the pure-Python
+        decode (~18 µs) and the reading of the headers on nearly every call."""
+        indexed_only = not block.translate(None, _HIGH_BYTES)
+        if indexed_only and (known := self.known.get(block)) is not None:
+            return known
+        try:
+            headers = cast(list[tuple[bytes, bytes]], self.decoder.decode(block, raw=True))
+        except HPACKError as e:
+            raise _ConnectionError(COMPRESSION_ERROR, f"a bad header block: {e}") from None
+        head = _head(headers, self.handlers)
+        if not indexed_only:
+            self.known.clear()
+        elif len(self.known) < 64:
+            self.known[block] = head
+        return head
+
+
+def unary_message(body: bytes, *, encoding: str, max_bytes: int) -> bytes:
+    """The one length-prefixed message of a unary call's request body, inflated if the call
+    compressed it (``encoding``: its grpc-encoding); RpcError for anything else."""
+    if len(body) < 5 or int.from_bytes(body[1:5], "big") != len(body) - 5:
+        raise RpcError(grpc.StatusCode.INTERNAL, "a unary call takes exactly one message")
+    if not body[0]:
+        return body[5:]
+    if encoding not in ("gzip", "deflate"):
+        raise RpcError(grpc.StatusCode.UNIMPLEMENTED, f"unsupported grpc-encoding {encoding!r}")
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+    try:
+        message = inflater.decompress(body[5:], max_bytes + 1)
+    except zlib.error as e:
+        raise RpcError(grpc.StatusCode.INTERNAL, f"a bad {encoding} message: {e}") from None
+    if len(message) > max_bytes:
+        raise RpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the message is larger than the limit of {max_bytes} bytes",
+        )
+    return message
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: parses frames as they arrive, runs a task per call."""
 
@@ -192,8 +245,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.preface = False
-        self.decoder = Decoder(max_header_list_size=MAX_HEADER_LIST)
-        self.known_blocks: dict[bytes, _Head] = {}
+        self.header_blocks = _HeaderBlocks(server.handlers)
         self.streams: dict[int, _Stream] = {}
         self.blocked: dict[int, _Stream] = {}  # answers waiting for the peer's window, in order
         self.last_stream = 0
@@ -344,7 +396,7 @@ class _Connection(asyncio.Protocol):
             self.continuation = (stream, flags, [block])
 
     def _header_block(self, sid: int, flags: int, block: bytes) -> None:
-        head = self._decode(block)
+        head = self.header_blocks.decode(block)
         stream = self.streams.get(sid)
         if stream is None:
             if sid <= self.last_stream:
@@ -355,26 +407,6 @@ class _Connection(asyncio.Protocol):
                 return
         if flags & END_STREAM:
             self._end_of_request(stream)
-
-    def _decode(self, block: bytes) -> _Head:
-        """The block, decoded. Decoded even for a stream we refuse: the decoder's table must
-        follow the peer's. A block of only one-byte indexed fields (every byte >= 0x80: what a
-        client sends once its headers are in the table) leaves the table as it is, so its head
-        is remembered until a block that may change the table arrives; that skips the pure-Python
-        decode (~18 µs) and the reading of the headers on nearly every call."""
-        indexed_only = not block.translate(None, _HIGH_BYTES)
-        if indexed_only and (known := self.known_blocks.get(block)) is not None:
-            return known
-        try:
-            headers = cast(list[tuple[bytes, bytes]], self.decoder.decode(block, raw=True))
-        except HPACKError as e:
-            raise _ConnectionError(COMPRESSION_ERROR, f"a bad header block: {e}") from None
-        head = _head(headers, self.server.handlers)
-        if not indexed_only:
-            self.known_blocks.clear()
-        elif len(self.known_blocks) < 64:
-            self.known_blocks[block] = head
-        return head
 
     def _open(self, sid: int, head: _Head, *, ended: bool) -> _Stream | None:
         if self.draining or len(self.streams) >= MAX_STREAMS:
@@ -446,34 +478,18 @@ class _Connection(asyncio.Protocol):
         if stream.rejected is not None:
             return  # answered already
         try:
-            message = self._message(stream)
+            body = b"".join(stream.chunks)
+            stream.chunks.clear()
+            message = unary_message(
+                body,
+                encoding=stream.metadata.get("grpc-encoding", "identity"),
+                max_bytes=self.server.max_message_bytes,
+            )
         except RpcError as e:
             self._answer(stream, error=e)
             return
         handler = self.server.handlers[stream.path]
         stream.task = asyncio.get_running_loop().create_task(self._call(stream, handler, message))
-
-    def _message(self, stream: _Stream) -> bytes:
-        body = b"".join(stream.chunks)
-        stream.chunks.clear()
-        if len(body) < 5 or int.from_bytes(body[1:5], "big") != len(body) - 5:
-            raise RpcError(grpc.StatusCode.INTERNAL, "a unary call takes exactly one message")
-        if not body[0]:
-            return body[5:]
-        encoding = stream.metadata.get("grpc-encoding", "identity")
-        if encoding not in ("gzip", "deflate"):
-            raise RpcError(grpc.StatusCode.UNIMPLEMENTED, f"unsupported grpc-encoding {encoding!r}")
-        inflater = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
-        try:
-            message = inflater.decompress(body[5:], self.server.max_message_bytes + 1)
-        except zlib.error as e:
-            raise RpcError(grpc.StatusCode.INTERNAL, f"a bad {encoding} message: {e}") from None
-        if len(message) > self.server.max_message_bytes:
-            raise RpcError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the message is larger than the limit of {self.server.max_message_bytes} bytes",
-            )
-        return message
 
     async def _call(self, stream: _Stream, handler: UnaryHandler, message: bytes) -> None:
         timeout = stream.metadata.get("grpc-timeout")

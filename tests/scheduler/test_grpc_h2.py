@@ -223,12 +223,9 @@ async def test_a_peer_that_breaks_the_protocol_loses_its_connection_only(
         assert await echo(b"after", timeout=10) == b"after"
 
 
-async def test_a_bad_request_framing_is_a_status_not_a_hang(
-    served: tuple[GrpcH2Server, Recorder],
-) -> None:
-    """HEADERS, then a DATA frame whose gRPC length prefix lies: answered INTERNAL."""
-    server, _ = served
-    block = Encoder().encode(
+def _echo_call_headers() -> bytes:
+    """A new connection's HPACK block for a unary call to the echo method."""
+    return Encoder().encode(
         [
             (":method", "POST"),
             (":scheme", "http"),
@@ -237,6 +234,14 @@ async def test_a_bad_request_framing_is_a_status_not_a_hang(
             ("content-type", "application/grpc"),
         ]
     )
+
+
+async def test_a_bad_request_framing_is_a_status_not_a_hang(
+    served: tuple[GrpcH2Server, Recorder],
+) -> None:
+    """HEADERS, then a DATA frame whose gRPC length prefix lies: answered INTERNAL."""
+    server, _ = served
+    block = _echo_call_headers()
     headers = len(block).to_bytes(3, "big") + b"\x01\x04" + (1).to_bytes(4, "big") + block
     body = b"\x00\x00\x00\x00\x09abc"  # says 9 bytes, carries 3
     data = len(body).to_bytes(3, "big") + b"\x00\x01" + (1).to_bytes(4, "big") + body
@@ -268,15 +273,7 @@ async def test_an_answer_never_exceeds_the_peers_window(
     the rest only after its WINDOW_UPDATE (an answer sent whole at once would break its flow
     control)."""
     server, _ = served
-    block = Encoder().encode(
-        [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", ECHO),
-            (":authority", "x"),
-            ("content-type", "application/grpc"),
-        ]
-    )
+    block = _echo_call_headers()
     message = b"twenty bytes of echo"
     body = b"\x00" + len(message).to_bytes(4, "big") + message
     settings = (4).to_bytes(2, "big") + (8).to_bytes(4, "big")  # SETTINGS_INITIAL_WINDOW_SIZE
@@ -339,11 +336,13 @@ def test_indexed_only_blocks_are_remembered_only_while_the_table_stands() -> Non
         adds_a = encoder.encode([(":path", "/a")])  # literal, indexed as entry 62
         refers = encoder.encode([(":path", "/a")])  # now one byte: entry 62
         assert refers == b"\xbe"
-        assert connection._decode(adds_a).headers == [(b":path", b"/a")]
-        assert connection._decode(refers).path == "/a"
-        assert connection._decode(refers) is connection._decode(refers)  # remembered
-        assert connection._decode(encoder.encode([(":path", "/b")])).path == "/b"
-        head = connection._decode(b"\xbe")  # entry 62 is /b now
+        assert connection.header_blocks.decode(adds_a).headers == [(b":path", b"/a")]
+        assert connection.header_blocks.decode(refers).path == "/a"
+        assert connection.header_blocks.decode(refers) is connection.header_blocks.decode(
+            refers
+        )  # remembered
+        assert connection.header_blocks.decode(encoder.encode([(":path", "/b")])).path == "/b"
+        head = connection.header_blocks.decode(b"\xbe")  # entry 62 is /b now
         assert (head.headers, head.path) == ([(b":path", b"/b")], "/b")
     finally:
         server.socket.close()
