@@ -41,7 +41,7 @@ import logging
 import socket
 import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any, cast
@@ -343,79 +343,28 @@ class _Connection(asyncio.Protocol):
 
     async def _asgi(self, request: _Request, path: str) -> None:
         """The bridge: ``request`` as one ASGI HTTP cycle of the gateway's app."""
-        url = request.url
-        raw_path, _, query = url.partition(b"?")
-        transport = self.transport
-        scope: dict[str, Any] = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": self.parser.get_http_version(),
-            "method": request.method.decode("ascii", "replace"),
-            "scheme": "http",
-            "path": path,
-            "raw_path": raw_path,
-            "query_string": query,
-            "root_path": "",
-            "headers": request.headers,
-            "client": _address(transport, "peername"),
-            "server": _address(transport, "sockname"),
-            "state": dict(self.front.state),
-        }
-        body: bytes | None = request.body()
-        done = asyncio.get_running_loop().create_future()
-        started: list[Message] = []
-        sent: list[bytes] = []
-
-        async def receive() -> Message:
-            nonlocal body
-            if body is not None:
-                message = {"type": "http.request", "body": body, "more_body": False}
-                body = None
-                return message
-            await done  # after the body: nothing more comes until the cycle ends
-            return {"type": "http.disconnect"}
-
-        async def send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                started.append(message)
-            elif message["type"] == "http.response.body":
-                sent.append(message.get("body", b""))
-                if not message.get("more_body", False) and not done.done():
-                    done.set_result(None)
-
-        try:
-            await self.front.app(scope, receive, send)
-        except Exception as e:  # as FastAPI's handlers do: a message, never a traceback
-            logger.exception("unhandled error on %s %s", scope["method"], path)
-            if started:
-                self._close()
-                return
-            answer = error_answer(
-                500, f"internal error ({type(e).__name__}); see the server log", "InternalError", []
-            )
-            await self._finish(answer, False, head=False)
+        scope = _asgi_scope(
+            request,
+            path,
+            http_version=self.parser.get_http_version(),
+            transport=self.transport,
+            state=self.front.state,
+        )
+        answer = await _asgi_cycle(self.front.app, scope, request.body())
+        if answer is None:  # the app failed after starting its answer: part of it may be out
+            self._close()
             return
-        finally:
-            if not done.done():
-                done.set_result(None)
-        if not started:
-            answer = error_answer(500, "the app sent no response", "InternalError", [])
-            await self._finish(answer, False, head=False)
-            return
-        start = started[0]
-        headers = [(bytes(k).lower(), bytes(v)) for k, v in start.get("headers", ())]
-        content = b"".join(sent)
         await self._finish_raw(
-            int(start["status"]),
-            headers,
-            content,
-            request.keep_alive,
-            head=request.method == b"HEAD",
+            answer.status,
+            answer.headers,
+            answer.content,
+            request.keep_alive and answer.from_app,
+            head=answer.from_app and request.method == b"HEAD",
         )
 
     async def _finish(self, answer: Answer, keep_alive: bool, *, head: bool) -> None:
         status, out, content = answer
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out]
+        headers = _encoded(out)
         await self._finish_raw(status, headers, content, keep_alive, head=head)
 
     async def _finish_raw(
@@ -435,7 +384,7 @@ class _Connection(asyncio.Protocol):
     def _answer(self, answer: Answer, keep_alive: bool) -> None:
         """A refusal's answer, written at once (no request ran)."""
         status, out, content = answer
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out]
+        headers = _encoded(out)
         self._write(status, headers, content, keep_alive, head=False)
         self._done(keep_alive)
 
@@ -529,6 +478,94 @@ def _address(transport: asyncio.Transport | None, what: str) -> tuple[str, int] 
     if isinstance(found, tuple) and len(found) >= 2:
         return str(found[0]), int(found[1])
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class _AppAnswer:
+    """What one ASGI cycle answered: the app's own answer, or our error answer for an app that
+    failed before starting one (``from_app`` False: the connection closes after it)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    content: bytes
+    from_app: bool
+
+
+def _encoded(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+def _error(status: int, message: str) -> _AppAnswer:
+    code, out, content = error_answer(status, message, "InternalError", [])
+    return _AppAnswer(code, _encoded(out), content, from_app=False)
+
+
+def _asgi_scope(
+    request: _Request,
+    path: str,
+    *,
+    http_version: str,
+    transport: asyncio.Transport | None,
+    state: Mapping[str, Any],
+) -> dict[str, Any]:
+    raw_path, _, query = request.url.partition(b"?")
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": http_version,
+        "method": request.method.decode("ascii", "replace"),
+        "scheme": "http",
+        "path": path,
+        "raw_path": raw_path,
+        "query_string": query,
+        "root_path": "",
+        "headers": request.headers,
+        "client": _address(transport, "peername"),
+        "server": _address(transport, "sockname"),
+        "state": dict(state),
+    }
+
+
+async def _asgi_cycle(app: ASGIApp, scope: dict[str, Any], body: bytes) -> _AppAnswer | None:
+    """Run one ASGI HTTP cycle of ``app`` with the whole ``body``; its answer, or None when the
+    app failed after it had started one."""
+    pending: bytes | None = body
+    done = asyncio.get_running_loop().create_future()
+    started: list[Message] = []
+    sent: list[bytes] = []
+
+    async def receive() -> Message:
+        nonlocal pending
+        if pending is not None:
+            message = {"type": "http.request", "body": pending, "more_body": False}
+            pending = None
+            return message
+        await done  # after the body: nothing more comes until the cycle ends
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            started.append(message)
+        elif message["type"] == "http.response.body":
+            sent.append(message.get("body", b""))
+            if not message.get("more_body", False) and not done.done():
+                done.set_result(None)
+
+    try:
+        await app(scope, receive, send)
+    except Exception as e:  # as FastAPI's handlers do: a message, never a traceback
+        logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+        if started:
+            return None
+        return _error(500, f"internal error ({type(e).__name__}); see the server log")
+    finally:
+        if not done.done():
+            done.set_result(None)
+    if not started:
+        return _error(500, "the app sent no response")
+    start = started[0]
+    headers = [(bytes(k).lower(), bytes(v)) for k, v in start.get("headers", ())]
+    return _AppAnswer(int(start["status"]), headers, b"".join(sent), from_app=True)
 
 
 class HttpFront:
