@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -358,6 +359,18 @@ def per_seed(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _share_table(
+    summary: dict[str, dict[str, Any]], key: str, columns: Sequence[str], title: str
+) -> list[str]:
+    """A markdown table of each setting's ``row[key][column]`` shares, under ``title``."""
+    lines = ["", title, "", "| setting | " + " | ".join(columns) + " |"]
+    lines.append("|" + " --- |" * (len(columns) + 1))
+    for label, row in summary.items():
+        cells = " | ".join(f"{row[key][c]:.4%}" for c in columns)
+        lines.append(f"| {label} | {cells} |")
+    return lines
+
+
 def _fmt(cell: Any, scale: float = 1.0, digits: int = 4) -> str:
     if cell is None:
         return "-"
@@ -379,27 +392,19 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
             f" | {_fmt(row['p50_ms'])} | {_fmt(row['p99_ms'])} | {_fmt(row['warm_p99_ms'])}"
             f" | {_fmt(row['prefetch_precision'])} | {_fmt(row['observe_us_mean'], digits=3)} |"
         )
-    lines += [
-        "",
+    lines += _share_table(
+        summary,
+        "cold_by_cause",
+        CAUSES,
         "Why the cold requests' models were not there (share of all requests, mean over seeds):",
-        "",
-        "| setting | " + " | ".join(CAUSES) + " |",
-        "|" + " --- |" * (len(CAUSES) + 1),
-    ]
-    for label, row in summary.items():
-        cells = " | ".join(f"{row['cold_by_cause'][c]:.4%}" for c in CAUSES)
-        lines.append(f"| {label} | {cells} |")
-    lines += [
-        "",
+    )
+    lines += _share_table(
+        summary,
+        "cold_by_size",
+        SIZE_CLASSES,
         "Cold starts by model size class (share of all requests; small < 0.5 GB <= medium < 4 GB"
         " <= large):",
-        "",
-        "| setting | " + " | ".join(SIZE_CLASSES) + " |",
-        "|" + " --- |" * (len(SIZE_CLASSES) + 1),
-    ]
-    for label, row in summary.items():
-        cells = " | ".join(f"{row['cold_by_size'][c]:.4%}" for c in SIZE_CLASSES)
-        lines.append(f"| {label} | {cells} |")
+    )
     return "\n".join(lines)
 
 
