@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from gpufaas.cache import CacheStats, TierStats
 from gpufaas.gpu_manager.backends import CopySource
 from gpufaas.gpu_manager.chain import Held
+from gpufaas.gpu_manager.device_memory import Resident
 from gpufaas.gpu_manager.devices import DeviceBackend, DeviceInfo
 from gpufaas.gpu_manager.loader import DeviceModel
 from gpufaas.gpu_manager.residency import Tier
-
-if TYPE_CHECKING:  # device_tier imports this module
-    from gpufaas.gpu_manager.device_tier import ShardResident
 
 __all__ = ["PeerSource", "PeerView"]
 
@@ -32,7 +30,7 @@ class PeerView(Protocol):
     def backend(self) -> DeviceBackend: ...
 
     @property
-    def tier(self) -> Tier[DeviceModel | ShardResident]: ...
+    def tier(self) -> Tier[Resident]: ...
 
 
 class PeerSource:

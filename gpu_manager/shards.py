@@ -81,7 +81,8 @@ from gpufaas.core.sharding import (
     ShardLoad,
 )
 from gpufaas.gpu_manager.chain import RuntimeFailure
-from gpufaas.gpu_manager.device_tier import DeviceTier, ShardResident
+from gpufaas.gpu_manager.device_memory import ShardResident
+from gpufaas.gpu_manager.device_tier import DeviceTier
 from gpufaas.gpu_manager.devices import DeviceBackend
 from gpufaas.gpu_manager.runtime import NodeRuntime
 
