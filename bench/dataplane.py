@@ -427,7 +427,7 @@ def node_app_cpu(functions: Path, *, requests: int, inline: bool) -> float:
     process (no HTTP server, no client): ``time.process_time`` over ``requests`` after 100."""
     from gpufaas.core.artifacts import ArtifactStore
     from gpufaas.core.manifests import load_manifests
-    from gpufaas.gpu_manager.devices import cpu_devices
+    from gpufaas.gpu_manager.inventory import cpu_devices
     from gpufaas.gpu_manager.runtime import NodeRuntime
     from gpufaas.gpu_manager.server import create_app
 

@@ -89,17 +89,10 @@ from torch import nn  # noqa: E402
 from gpufaas.core.api import InferenceFunctionSpec, parse_spec  # noqa: E402
 from gpufaas.core.artifacts import ArtifactStore  # noqa: E402
 from gpufaas.core.modelio import load_model, save_model, tensor_bytes  # noqa: E402
-from gpufaas.gpu_manager.devices import (  # noqa: E402
-    DeviceBackend,
-    DeviceInfo,
-    NodeHealth,
-    configure_process,
-    cpu_devices,
-    discover_devices,
-    make_backend,
-    platform_versions,
-)
+from gpufaas.gpu_manager.device_faults import NodeHealth  # noqa: E402
+from gpufaas.gpu_manager.devices import DeviceBackend, make_backend  # noqa: E402
 from gpufaas.gpu_manager.host_tier import HostSlab, Skeleton, prepare_model  # noqa: E402
+from gpufaas.gpu_manager.inventory import DeviceInfo, cpu_devices, discover_devices  # noqa: E402
 from gpufaas.gpu_manager.loader import (  # noqa: E402
     DeviceModel,
     build_module,
@@ -107,6 +100,7 @@ from gpufaas.gpu_manager.loader import (  # noqa: E402
     run_forward,
     start_copy,
 )
+from gpufaas.gpu_manager.process_setup import configure_process, platform_versions  # noqa: E402
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure  # noqa: E402
 
 MiB = 1 << 20

@@ -56,14 +56,10 @@ from gpufaas.core.api import ModelFormat, parse_spec
 from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.modelio import save_model
 from gpufaas.core.units import format_bytes, parse_bytes
-from gpufaas.gpu_manager.devices import (
-    DeviceBackend,
-    allocate_host,
-    cuda_available,
-    discover_devices,
-    make_backend,
-)
+from gpufaas.gpu_manager.devices import DeviceBackend, make_backend
 from gpufaas.gpu_manager.host_tier import prepare_model, read_sidecar, write_sidecar
+from gpufaas.gpu_manager.inventory import discover_devices
+from gpufaas.gpu_manager.pinned import allocate_host, cuda_available
 from gpufaas.gpu_manager.runtime import NodeRuntime
 
 HERE = Path(__file__).resolve().parent

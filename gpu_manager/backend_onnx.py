@@ -24,7 +24,8 @@ from gpufaas.core.api import InferenceFunctionSpec
 from gpufaas.core.modelio import ModelLoadError
 from gpufaas.core.onnxmodel import open_session, read_onnx, run
 from gpufaas.gpu_manager.backends import CopySource
-from gpufaas.gpu_manager.devices import DeviceBackend, TransferFailed
+from gpufaas.gpu_manager.device_faults import TransferFailed
+from gpufaas.gpu_manager.devices import DeviceBackend
 from gpufaas.gpu_manager.host_tier import FALLBACK_RESERVE_FRACTION, PreparedModel, Skeleton
 from gpufaas.gpu_manager.layout import Layout, ProbeResult, StorageSlot
 from gpufaas.gpu_manager.loader import DeviceModel, ForwardResult

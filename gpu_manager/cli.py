@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"gpufaas gpu-manager: {e}", file=sys.stderr)
         return 2
-    from gpufaas.gpu_manager.devices import DeviceSetupError
+    from gpufaas.gpu_manager.inventory import DeviceSetupError
 
     try:
         runtime = build_runtime(

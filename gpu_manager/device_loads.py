@@ -32,17 +32,17 @@ from gpufaas.gpu_manager.chain import (
     Throughput,
     spec_fingerprint,
 )
-from gpufaas.gpu_manager.device_memory import DeviceMemory, as_model
-from gpufaas.gpu_manager.devices import (
-    DeviceBackend,
+from gpufaas.gpu_manager.device_faults import (
     DeviceFailed,
-    DeviceInfo,
     NodeHealth,
     TransferFailed,
     is_out_of_memory,
 )
+from gpufaas.gpu_manager.device_memory import DeviceMemory, as_model
+from gpufaas.gpu_manager.devices import DeviceBackend
 from gpufaas.gpu_manager.disk_tier import DiskTier
 from gpufaas.gpu_manager.host_tier import HostModel, Skeleton
+from gpufaas.gpu_manager.inventory import DeviceInfo
 from gpufaas.gpu_manager.loader import DeviceModel, measure_device_reserve
 from gpufaas.gpu_manager.peer_source import PeerSource
 

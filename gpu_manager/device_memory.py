@@ -22,8 +22,9 @@ from typing import Any
 from gpufaas.cache import CacheStats, InsufficientCapacity
 from gpufaas.core.node import DrainingState, ResidentState
 from gpufaas.gpu_manager.chain import RuntimeFailure
-from gpufaas.gpu_manager.devices import DeviceBackend, DeviceInfo
+from gpufaas.gpu_manager.devices import DeviceBackend
 from gpufaas.gpu_manager.host_cache import ByteSeconds
+from gpufaas.gpu_manager.inventory import DeviceInfo
 from gpufaas.gpu_manager.loader import DeviceModel
 from gpufaas.gpu_manager.residency import Tier
 

@@ -27,17 +27,17 @@ from gpufaas.core.api import InferenceFunctionSpec
 from gpufaas.core.node import DeviceState
 from gpufaas.gpu_manager.backends import backend_for, model_error_message
 from gpufaas.gpu_manager.chain import Held, RuntimeFailure
-from gpufaas.gpu_manager.device_loads import DeviceLoads, LoadLog, LoadRecord, Sources
-from gpufaas.gpu_manager.device_memory import DeviceMemory, DeviceShards, Resident, as_model
-from gpufaas.gpu_manager.devices import (
-    DeviceBackend,
+from gpufaas.gpu_manager.device_faults import (
     DeviceFailed,
-    DeviceInfo,
     NodeHealth,
     TransferFailed,
     is_out_of_memory,
 )
+from gpufaas.gpu_manager.device_loads import DeviceLoads, LoadLog, LoadRecord, Sources
+from gpufaas.gpu_manager.device_memory import DeviceMemory, DeviceShards, Resident, as_model
+from gpufaas.gpu_manager.devices import DeviceBackend
 from gpufaas.gpu_manager.inline import InlineForwards
+from gpufaas.gpu_manager.inventory import DeviceInfo
 from gpufaas.gpu_manager.loader import DeviceModel, ForwardResult, forward_retrying_oom
 from gpufaas.gpu_manager.residency import Tier
 from gpufaas.gpu_manager.tensors import TensorError

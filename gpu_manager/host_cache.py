@@ -26,7 +26,7 @@ from gpufaas.cache import CacheStats, InsufficientCapacity, SingleFlight, TierSt
 from gpufaas.core.api import InferenceFunctionSpec
 from gpufaas.core.node import HostState
 from gpufaas.gpu_manager.chain import Held, RuntimeFailure, Throughput, spec_fingerprint
-from gpufaas.gpu_manager.devices import DeviceOutOfMemory
+from gpufaas.gpu_manager.device_faults import DeviceOutOfMemory
 from gpufaas.gpu_manager.disk_tier import DiskTier
 from gpufaas.gpu_manager.host_tier import HostModel, HostSlab, SidecarError, read_sidecar
 from gpufaas.gpu_manager.residency import Tier

@@ -38,7 +38,6 @@ import torch
 
 from gpufaas.core.api import InferenceFunctionSpec
 from gpufaas.core.modelio import ModelLoadError, load_model
-from gpufaas.gpu_manager.devices import register_host, unregister_host
 from gpufaas.gpu_manager.layout import (
     Layout,
     ProbeResult,
@@ -50,6 +49,7 @@ from gpufaas.gpu_manager.layout import (
     strip,
 )
 from gpufaas.gpu_manager.memory import SlabAllocator, anonymous_buffer
+from gpufaas.gpu_manager.pinned import register_host, unregister_host
 from gpufaas.gpu_manager.tensors import TensorError, synthetic_inputs
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ the group holding the weights it reads, so compute starts as soon as the first l
 Before a request's tensors go to the device, integer inputs the probe saw indexing a weight
 (token ids into an embedding) are checked against that weight's size: an id out of range is a
 400 naming the input, never a device-side assert. A sticky CUDA error during a request raises
-:class:`~gpufaas.gpu_manager.devices.DeviceFailed`: the node must stop serving.
+:class:`~gpufaas.gpu_manager.device_faults.DeviceFailed`: the node must stop serving.
 
 The same code runs on GPUs and CPU stand-ins; only the backend differs.
 """
@@ -31,20 +31,16 @@ import torch
 from numpy.typing import NDArray
 
 from gpufaas.core.api import InferenceFunctionSpec
-from gpufaas.gpu_manager.devices import (
-    TRANSFER_TIMEOUT_S,
-    CpuTransfer,
-    DeviceBackend,
+from gpufaas.gpu_manager.device_faults import (
     DeviceFailed,
-    Transfer,
     TransferFailed,
-    copy_lane,
     is_fatal_device_error,
     is_out_of_memory,
-    script_fusion_possible,
 )
+from gpufaas.gpu_manager.devices import DeviceBackend, Transfer, start_held_back_transfer
 from gpufaas.gpu_manager.host_tier import Skeleton
 from gpufaas.gpu_manager.layout import ArrivalGate, build_replica
+from gpufaas.gpu_manager.process_setup import script_fusion_possible
 from gpufaas.gpu_manager.tensors import (
     TensorError,
     check_index_inputs,
@@ -108,7 +104,7 @@ def start_copy(
 ) -> None:
     """Allocate ``model``'s arena on ``backend``'s device and start the grouped copy into it.
 
-    Raises :class:`~gpufaas.gpu_manager.devices.DeviceOutOfMemory` if the arena does not fit.
+    Raises :class:`~gpufaas.gpu_manager.device_faults.DeviceOutOfMemory` if the arena does not fit.
     The copy runs on a copy stream (or thread) of its own; ``model.transfer`` tracks it.
     Blocking (allocation may wait for the driver, issuing a copy may too): call it from a
     worker thread, never on the event loop.
@@ -143,7 +139,7 @@ def run_forward(
 ) -> ForwardResult:
     """Run one (possibly batched) request on ``model``. Blocking: run it in a thread.
 
-    Exceptions from the model propagate; :class:`~gpufaas.gpu_manager.devices.TransferFailed`
+    Exceptions from the model propagate; :class:`~gpufaas.gpu_manager.device_faults.TransferFailed`
     means the weights never arrived.
     """
     if model.module is None:
@@ -305,8 +301,13 @@ def gate_check(
     first_late = max(1, len(layout.groups) // 2)
     backend.start_transfer(arena, host_arena, layout.groups[:first_late]).wait_all()
     release = threading.Event()
-    late = _start_late(
-        backend, arena, host_arena, layout.groups[first_late:], release, cuda_delay_s
+    late = start_held_back_transfer(
+        backend,
+        arena,
+        host_arena,
+        layout.groups[first_late:],
+        release=release,
+        cuda_delay_s=cuda_delay_s,
     )
     module = build_replica(skeleton.module, layout, arena)
     waited: set[int] = set()
@@ -332,26 +333,3 @@ def gate_check(
     has_nan = bool(torch.isnan(result).any())
     error = float("nan") if has_nan else float((result - reference).abs().max())
     return GateCheck(gated, len(layout.groups) - first_late, error, has_nan, len(waited))
-
-
-def _start_late(
-    backend: DeviceBackend,
-    arena: torch.Tensor,
-    source: torch.Tensor,
-    groups: Sequence[tuple[int, int]],
-    release: threading.Event,
-    cuda_delay_s: float,
-) -> Transfer:
-    if backend.device.type == "cuda":
-        lane = backend.lanes[copy_lane(arena.numel())]  # type: ignore[attr-defined]
-        cycles = int(cuda_delay_s * 2e9)  # GPU clocks stay under 2 GHz: at least the delay
-        with torch.cuda.device(backend.device), torch.cuda.stream(lane):
-            torch.cuda._sleep(cycles)  # type: ignore[no-untyped-call]
-        return backend.start_transfer(arena, source, groups)
-
-    def copy_group(group: int, start: int, end: int) -> None:
-        if group == 0 and not release.wait(TRANSFER_TIMEOUT_S):
-            raise TransferFailed("the gate check's late groups were never released")
-        arena[start:end].copy_(source[start:end])
-
-    return CpuTransfer(groups, copy_group)

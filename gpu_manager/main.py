@@ -14,12 +14,9 @@ import uvicorn
 from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.uripolicy import UriPolicy
 from gpufaas.gpu_manager.admission import DeviceAdmission
-from gpufaas.gpu_manager.devices import (
-    EXIT_DEVICE_FAILED,
-    configure_process,
-    discover_devices,
-    platform_versions,
-)
+from gpufaas.gpu_manager.device_faults import EXIT_DEVICE_FAILED
+from gpufaas.gpu_manager.inventory import discover_devices
+from gpufaas.gpu_manager.process_setup import configure_process, platform_versions
 from gpufaas.gpu_manager.runtime import DEFAULT_DISK_CACHE_BYTES, NodeRuntime
 from gpufaas.gpu_manager.server import FramedListen, create_app
 
@@ -43,7 +40,7 @@ def build_runtime(
 
     A GPU's model cache is its free memory at start-up minus a measured reserve (CUDA context,
     cuBLAS workspaces, allocator slack), and at most ``memory_fraction`` of it. Raises
-    :class:`~gpufaas.gpu_manager.devices.DeviceSetupError` when NVML sees GPUs torch cannot
+    :class:`~gpufaas.gpu_manager.inventory.DeviceSetupError` when NVML sees GPUs torch cannot
     serve, unless ``force_cpu``.
     """
     configure_process()  # expandable segments, no TorchScript fusers: before CUDA starts

@@ -10,7 +10,7 @@ Two remedies, both here:
   budget shared with the memory in use, as the CUDA caching allocator does for device memory. A
   model evicted and loaded again (the common case for a cache) then copies into warm memory.
 
-Nothing here knows about CUDA; page-locking lives in :mod:`gpufaas.gpu_manager.devices`.
+Nothing here knows about CUDA; page-locking lives in :mod:`gpufaas.gpu_manager.pinned`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from gpufaas.cache import CacheStats, TierStats
 from gpufaas.gpu_manager.backends import CopySource
 from gpufaas.gpu_manager.chain import Held
 from gpufaas.gpu_manager.device_memory import Resident
-from gpufaas.gpu_manager.devices import DeviceBackend, DeviceInfo
+from gpufaas.gpu_manager.devices import DeviceBackend
+from gpufaas.gpu_manager.inventory import DeviceInfo
 from gpufaas.gpu_manager.loader import DeviceModel
 from gpufaas.gpu_manager.residency import Tier
 

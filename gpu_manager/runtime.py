@@ -35,20 +35,16 @@ from gpufaas.gpu_manager.artifact_source import ArtifactSource
 from gpufaas.gpu_manager.backends import backend_for
 from gpufaas.gpu_manager.batching import Batcher, concat_inputs, split_outputs
 from gpufaas.gpu_manager.chain import RuntimeFailure, spec_fingerprint
+from gpufaas.gpu_manager.device_faults import NodeHealth
 from gpufaas.gpu_manager.device_tier import DeviceTier, LoadLog, Sources
-from gpufaas.gpu_manager.devices import (
-    DeviceBackend,
-    DeviceInfo,
-    NodeHealth,
-    cuda_available,
-    make_backend,
-    pinned_array,
-    platform_versions,
-)
+from gpufaas.gpu_manager.devices import DeviceBackend, make_backend
 from gpufaas.gpu_manager.disk_tier import DiskTier
 from gpufaas.gpu_manager.host_cache import HostMemory, HostTier
+from gpufaas.gpu_manager.inventory import DeviceInfo
 from gpufaas.gpu_manager.loader import DeviceModel, ForwardResult
 from gpufaas.gpu_manager.peer_source import PeerSource
+from gpufaas.gpu_manager.pinned import cuda_available, pinned_array
+from gpufaas.gpu_manager.process_setup import platform_versions
 
 __all__ = ["InferOutcome", "NodeRuntime", "RuntimeFailure"]
 

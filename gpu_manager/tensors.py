@@ -14,7 +14,7 @@ import torch
 from numpy.typing import NDArray
 
 from gpufaas.core.api import InferenceFunctionSpec, TensorSpec
-from gpufaas.gpu_manager.devices import stage_for
+from gpufaas.gpu_manager.pinned import stage_for
 
 __all__ = [
     "TORCH_DTYPES",

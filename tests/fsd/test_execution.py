@@ -268,7 +268,8 @@ async def test_a_shard_computes_on_its_device_backend_in_its_compute_context(
     """The executor takes the device layer's path (gpu_manager/devices.py): its weights live on
     the backend's device and every multiply runs inside ``backend.compute()`` (a CUDA stream
     on a GPU). On this machine the backend is a CPU stand-in; the routing is the same."""
-    from gpufaas.gpu_manager.devices import CpuBackend, cpu_devices
+    from gpufaas.gpu_manager.devices import CpuBackend
+    from gpufaas.gpu_manager.inventory import cpu_devices
 
     entered = []
 

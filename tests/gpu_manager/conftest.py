@@ -26,7 +26,7 @@ from gpufaas.core.api import ModelFormat
 from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.examples import build_examples
 from gpufaas.core.modelio import save_model
-from gpufaas.gpu_manager.devices import DeviceInfo
+from gpufaas.gpu_manager.inventory import DeviceInfo
 from gpufaas.gpu_manager.runtime import NodeRuntime
 
 

@@ -16,7 +16,8 @@ from torch import nn
 from gpufaas.core.api import InferenceFunctionSpec, ModelFormat, parse_spec
 from gpufaas.core.examples import example_inputs
 from gpufaas.core.modelio import load_model
-from gpufaas.gpu_manager.devices import CpuBackend, CpuTransfer, DeviceInfo, Transfer, cpu_devices
+from gpufaas.gpu_manager.devices import CpuBackend, CpuTransfer, Transfer
+from gpufaas.gpu_manager.inventory import DeviceInfo, cpu_devices
 
 
 class Deep(nn.Module):

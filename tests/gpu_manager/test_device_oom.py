@@ -10,7 +10,9 @@ import pytest
 from gm_support import Model, devices
 
 from gpufaas.core.artifacts import ArtifactStore
-from gpufaas.gpu_manager.devices import CpuBackend, DeviceInfo, DeviceOutOfMemory
+from gpufaas.gpu_manager.device_faults import DeviceOutOfMemory
+from gpufaas.gpu_manager.devices import CpuBackend
+from gpufaas.gpu_manager.inventory import DeviceInfo
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
 
 

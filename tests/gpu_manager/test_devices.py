@@ -12,33 +12,31 @@ import pytest
 import torch
 from fake_nvml import FakeGpu, FakeNvml, mixed_mig_node
 
-from gpufaas.gpu_manager.devices import (
-    SMALL_LOAD_BYTES,
-    CpuBackend,
-    CpuTransfer,
+from gpufaas.gpu_manager.device_faults import (
     DeviceOutOfMemory,
-    DeviceSetupError,
     NodeHealth,
     TransferFailed,
-    allocate_host,
-    allocator_conf_update,
+    is_fatal_device_error,
+    is_out_of_memory,
+)
+from gpufaas.gpu_manager.devices import SMALL_LOAD_BYTES, CpuBackend, CpuTransfer, copy_lane
+from gpufaas.gpu_manager.inventory import (
+    DeviceSetupError,
     cache_capacity,
-    configure_process,
-    copy_lane,
     cpu_devices,
     devices_from_inventory,
     discover_devices,
-    is_fatal_device_error,
-    is_out_of_memory,
     mapping_problems,
-    normal_uuid,
-    nvml_enum,
-    pcie_gbps,
-    platform_versions,
-    read_nvml_inventory,
-    script_fusion_possible,
 )
 from gpufaas.gpu_manager.memory import BufferPool, anonymous_buffer
+from gpufaas.gpu_manager.nvml import normal_uuid, nvml_enum, pcie_gbps, read_nvml_inventory
+from gpufaas.gpu_manager.pinned import allocate_host
+from gpufaas.gpu_manager.process_setup import (
+    allocator_conf_update,
+    configure_process,
+    platform_versions,
+    script_fusion_possible,
+)
 
 GiB = 2**30
 
@@ -302,7 +300,7 @@ def test_a_gpu_hidden_only_by_cuda_visible_devices_is_fine() -> None:
 def test_discovery_refuses_to_start_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     import pynvml
 
-    from gpufaas.gpu_manager import devices as devices_module
+    from gpufaas.gpu_manager import inventory as devices_module
 
     monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
     monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)

@@ -11,8 +11,9 @@ from gm_support import Model, ScriptedBackend
 from torch import nn
 
 from gpufaas.core.modelio import load_model, tensor_bytes
-from gpufaas.gpu_manager.devices import CpuBackend, cpu_devices
+from gpufaas.gpu_manager.devices import CpuBackend
 from gpufaas.gpu_manager.host_tier import Skeleton, prepare_model
+from gpufaas.gpu_manager.inventory import cpu_devices
 from gpufaas.gpu_manager.layout import (
     ArrivalGate,
     Layout,

@@ -7,7 +7,8 @@ from __future__ import annotations
 from fake_nvml import GiB, mixed_mig_node
 
 from gpufaas.cache import ClusterDirectory, DeviceKind
-from gpufaas.gpu_manager.devices import DeviceInfo, devices_from_inventory, read_nvml_inventory
+from gpufaas.gpu_manager.inventory import DeviceInfo, devices_from_inventory
+from gpufaas.gpu_manager.nvml import read_nvml_inventory
 from gpufaas.scheduler.estimates import Estimates
 from gpufaas.scheduler.policy import DeviceLoad, LocalityAware, RouteRequest
 

@@ -23,8 +23,10 @@ from torch import nn
 from gpufaas.core.api import ModelFormat
 from gpufaas.core.modelio import ModelLoadError, save_model
 from gpufaas.gpu_manager import host_cache, host_tier
-from gpufaas.gpu_manager.devices import CpuBackend, DeviceInfo, NodeHealth
+from gpufaas.gpu_manager.device_faults import NodeHealth
+from gpufaas.gpu_manager.devices import CpuBackend
 from gpufaas.gpu_manager.host_tier import prepare_model
+from gpufaas.gpu_manager.inventory import DeviceInfo
 from gpufaas.gpu_manager.runtime import InferOutcome, NodeRuntime, RuntimeFailure
 from gpufaas.gpu_manager.server import create_app
 
@@ -323,7 +325,7 @@ def test_the_manager_refuses_to_start_with_a_clear_message(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from gpufaas.gpu_manager import cli, main
-    from gpufaas.gpu_manager.devices import DeviceSetupError
+    from gpufaas.gpu_manager.inventory import DeviceSetupError
 
     def refuse(**options: Any) -> NodeRuntime:
         raise DeviceSetupError("refusing to start: NVML sees 2 GPU(s) but this torch has no CUDA")

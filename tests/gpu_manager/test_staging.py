@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpufaas.gpu_manager import devices
+from gpufaas.gpu_manager import pinned as devices
 from gpufaas.gpu_manager.tensors import to_tensor
 
 

@@ -15,7 +15,7 @@ from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.examples import EXAMPLE_SENTENCES, minilm_source_dir
 from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.protocol import HEADER_LENGTH, ProtocolError, decode_response, encode_request
-from gpufaas.gpu_manager.devices import cpu_devices
+from gpufaas.gpu_manager.inventory import cpu_devices
 from gpufaas.gpu_manager.runtime import NodeRuntime
 from gpufaas.gpu_manager.server import create_app
 from gpufaas.gpu_manager.text import tokenize

@@ -178,7 +178,7 @@ async def test_the_gateway_routes_a_load_with_the_residency_policys_victims(
     without the residency policy attached, LALB's stand."""
     from gpufaas.core.artifacts import ArtifactStore
     from gpufaas.core.manifests import bundled_functions_dir, load_manifests
-    from gpufaas.gpu_manager.devices import cpu_devices
+    from gpufaas.gpu_manager.inventory import cpu_devices
     from gpufaas.gpu_manager.runtime import NodeRuntime
     from gpufaas.gpu_manager.server import create_app as create_manager_app
     from gpufaas.scheduler.gateway import GatewayConfig

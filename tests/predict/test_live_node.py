@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpufaas.core.api import parse_spec
 from gpufaas.core.artifacts import ArtifactStore
-from gpufaas.gpu_manager.devices import cpu_devices
+from gpufaas.gpu_manager.inventory import cpu_devices
 from gpufaas.gpu_manager.prefetch import DEMOTE_PATH, PREFETCH_PATH, Prefetcher
 from gpufaas.gpu_manager.runtime import NodeRuntime
 from gpufaas.gpu_manager.server import create_app

@@ -13,7 +13,7 @@ from gpufaas.cache import Residency
 from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.protocol import encode_request
-from gpufaas.gpu_manager.devices import cpu_devices
+from gpufaas.gpu_manager.inventory import cpu_devices
 from gpufaas.gpu_manager.runtime import NodeRuntime
 from gpufaas.gpu_manager.server import create_app as create_manager_app
 from gpufaas.scheduler.gateway import GatewayConfig, NodeCall, learn_from_reply

@@ -14,7 +14,7 @@ import uvicorn
 from gpufaas.core.api import InferenceFunction
 from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.manifests import bundled_functions_dir, load_manifests
-from gpufaas.gpu_manager.devices import cpu_devices
+from gpufaas.gpu_manager.inventory import cpu_devices
 from gpufaas.gpu_manager.runtime import NodeRuntime
 from gpufaas.gpu_manager.server import create_app as create_manager_app
 from gpufaas.scheduler.local import free_port
