@@ -37,6 +37,10 @@ before (uvicorn + httptools + the bare-ASGI ``InferFastPath``), ``protocol`` the
 ``--node-transports framed,http`` (the default) runs this checkout twice per round: the gateway's
 inference calls to the node over its framed Unix socket (``framed``, what ``gpufaas up`` does)
 and over pooled HTTP/1.1 (``http``, the path before it), so before and after share one run.
+``inprocess`` runs the node in the gateway's process (``gpufaas up --node-transport inprocess``);
+its serving CPU is then that one process's (``processes``: how many were counted)::
+
+    python bench/dataplane.py --only serving --node-transports framed,inprocess --rounds 3
 
 Every loop is bounded in count and time; servers bind 127.0.0.1 and are stopped at the end.
 """
@@ -286,7 +290,7 @@ async def measure(
     url: str, grpc_port: int | None, pids: list[int], args: argparse.Namespace
 ) -> dict[str, Any]:
     pool = NodePool(url, size=16, timeout_s=10)
-    out: dict[str, Any] = {"settled_after_s": await settled(pids)}
+    out: dict[str, Any] = {"settled_after_s": await settled(pids), "processes": len(pids)}
 
     def http_sender(name: str) -> Any:
         body, headers = body_for(name)
@@ -315,7 +319,7 @@ async def measure(
                 out[name]["cpu_us_per_request"] = cpu / len(lat) * 1e6
                 out[name]["gateway_cpu_us_per_request"] = gateway_cpu / len(lat) * 1e6
                 out[name]["node_cpu_us_per_request"] = (cpu - gateway_cpu) / len(lat) * 1e6
-            if grpc_port is not None and args.only != "http":
+            if grpc_port is not None and args.only not in ("http", "serving"):
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
                     call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
                     data = grpc_request(name)
@@ -578,16 +582,18 @@ def main() -> int:
     parser.add_argument("--policy", default="lalb-o3")
     parser.add_argument(
         "--only",
-        choices=("grpc", "http"),
+        choices=("grpc", "http", "serving"),
         default=None,
         help="grpc: only the 1-client rows (binary HTTP, gRPC, tritonclient.http vs .grpc); "
-        "http: only the 1-client binary HTTP rows and the serving CPU",
+        "http: only the 1-client binary HTTP rows and the serving CPU; serving: those, then "
+        "8 clients with batching and MiniLM's overhead (no gRPC)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="alternate the systems this often")
     parser.add_argument(
         "--node-transports",
         default="framed,http",
-        help="this checkout's gateway->node hops to run, comma-separated (framed, http)",
+        help="this checkout's gateway->node hops to run, comma-separated (framed, http, "
+        "inprocess: the node in the gateway's process)",
     )
     parser.add_argument(
         "--node-app",
