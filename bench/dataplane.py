@@ -639,8 +639,11 @@ def main() -> int:
     for transport in args.node_transports.split(","):
         systems[transport] = (sys.executable, ("--node-transport", transport))
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in systems}
-    for _ in range(args.rounds):
-        for label, (python, extra) in systems.items():
+    for round_ in range(args.rounds):
+        order = list(systems.items())
+        if round_ % 2:  # alternate the order too: what runs first in a round may run warmer
+            order.reverse()
+        for label, (python, extra) in order:
             path = args.baseline_path if label == "baseline" else None
             results[label].append(
                 run_system(
