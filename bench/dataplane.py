@@ -483,6 +483,74 @@ def node_app_cpu(functions: Path, *, requests: int, inline: bool) -> float:
     return asyncio.run(run())
 
 
+def colocated_loop_cpu(functions: Path, *, requests: int) -> dict[str, float]:
+    """``--colocated-loop``: a gateway and a co-located GPU manager on this process's loop, as
+    ``gpufaas up --node-transport inprocess`` wires them; CPU per warm tiny-mlp request
+    (``time.process_time``, ``requests`` after 300, batching off) of the gateway's request path
+    without its HTTP front (``answer_infer``: inspection, policy, dispatcher, the in-process
+    call, learning, metrics), and of the node's answer function alone (the in-process call)."""
+    from gpufaas.core.colocated import ColocatedOptions, colocated_node
+    from gpufaas.core.commands import ManagerOptions
+    from gpufaas.core.frames import InferHead
+    from gpufaas.core.manifests import load_manifests
+    from gpufaas.scheduler.gateway import GatewayConfig, answer_infer
+    from gpufaas.scheduler.main import build_gateway
+
+    work = Path(tempfile.mkdtemp(prefix="gpufaas-colocated-"))
+    node = colocated_node(
+        ColocatedOptions(
+            name="node-0",
+            host="127.0.0.1",
+            port=free_port(),
+            options=ManagerOptions(
+                cpu_devices=1, device_memory="1Gi", host_memory="1Gi", artifact_dir=work
+            ),
+            framed_socket=work / "node-0.sock",
+        )
+    )
+    gateway = build_gateway(
+        manager_urls={node.name: node.url},
+        functions=load_manifests([functions / "tiny-mlp.yaml"]),
+        config=GatewayConfig(transport="inprocess"),
+    )
+    gateway.lanes.attach(node.name, node.answer)
+    body, headers = body_for("tiny-mlp")
+    lower = {k.lower(): v for k, v in headers.items()}
+    head = InferHead("tiny-mlp", "cpu:0", int(headers["Inference-Header-Content-Length"]), "")
+
+    async def read() -> bytes:
+        return body
+
+    async def through_gateway() -> None:
+        status, _, content = await answer_infer(gateway, "tiny-mlp", read, lower)
+        if status != 200:
+            raise RuntimeError(f"colocated: {status} {content[:200]!r}")
+
+    async def node_alone() -> None:
+        status, _, content = await node.answer(head, body)
+        if status != 200:
+            raise RuntimeError(f"colocated node: {status} {bytes(content)[:200]!r}")
+
+    async def run() -> dict[str, float]:
+        await node.start()
+        await gateway.start()
+        out: dict[str, float] = {}
+        try:
+            for label, one in (("gateway_path", through_gateway), ("node_answer", node_alone)):
+                for _ in range(300):
+                    await one()
+                started = time.process_time()
+                for _ in range(requests):
+                    await one()
+                out[f"{label}_cpu_us"] = (time.process_time() - started) / requests * 1e6
+        finally:
+            await gateway.stop()
+            await node.stop()
+        return out
+
+    return asyncio.run(run())
+
+
 FRONTS = ("uvicorn", "protocol")
 
 
@@ -603,6 +671,13 @@ def main() -> int:
         "(thread: no forward pass inline); run it with a baseline's PYTHONPATH to compare",
     )
     parser.add_argument(
+        "--colocated-loop",
+        action="store_true",
+        help="only a gateway and a co-located GPU manager in this process, called in a tight "
+        "loop: CPU per warm tiny-mlp request of the gateway's path (no HTTP front) and of the "
+        "node's answer alone",
+    )
+    parser.add_argument(
         "--front",
         default=None,
         help="only the gateway's HTTP front, node hop stubbed: kinds, comma-separated "
@@ -622,6 +697,14 @@ def main() -> int:
     if args.front:
         kinds = [k for k in args.front.split(",") if k]
         print(json.dumps(front_cpu(kinds, work / "functions", args), indent=1))
+        return 0
+    if args.colocated_loop:
+        import torch
+        import uvloop
+
+        torch.set_num_threads(1)  # as the GPU manager does
+        uvloop.install()  # as gpufaas up serves
+        print(json.dumps(colocated_loop_cpu(work / "functions", requests=args.requests)))
         return 0
     if args.node_app:
         import torch
