@@ -260,6 +260,13 @@ def up_command(argv: Sequence[str]) -> int:
     from gpufaas.scheduler.main import build_gateway
 
     args = _up_parser().parse_args(list(argv))
+    if args.node_transport == "inprocess" and (args.gateways != 1 or args.nodes < 1):
+        print(
+            "gpufaas up: --node-transport inprocess runs node-0 in the one gateway's process: "
+            "it needs --gateways 1 and --nodes of at least 1",
+            file=sys.stderr,
+        )
+        return 2
     try:
         paths = args.functions or [bundled_functions_dir()]
         if not args.functions:
@@ -319,9 +326,6 @@ def _up_colocated(
     from gpufaas.scheduler.local import colocated_manager, run_managers
     from gpufaas.scheduler.main import build_gateway
 
-    if args.nodes < 1:
-        print("gpufaas up: --node-transport inprocess needs --nodes of at least 1", file=sys.stderr)
-        return 2
     try:
         local_node = colocated_manager(
             name="node-0", host="127.0.0.1", options=options, token=token
@@ -466,6 +470,13 @@ def gateway_command(argv: Sequence[str]) -> int:
     from gpufaas.scheduler.main import build_gateway, enable_kubernetes
 
     args = _gateway_parser().parse_args(list(argv))
+    if args.node_transport == "inprocess":
+        print(
+            "gpufaas gateway: --node-transport inprocess is for gpufaas up (a GPU manager in the "
+            "gateway's process); a gateway on its own calls its managers framed or over HTTP",
+            file=sys.stderr,
+        )
+        return 2
     urls = parse_managers(args.managers)
     if not urls and not args.kubernetes:
         print("gpufaas gateway: give --managers URL[,URL...] or --kubernetes", file=sys.stderr)
