@@ -17,11 +17,11 @@ the gateway the node's :class:`InferNode`.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from gpufaas.core.commands import ManagerOptions
 from gpufaas.core.frames import InferHead
@@ -46,9 +46,12 @@ Answer = tuple[int, Sequence[tuple[bytes, bytes]], bytes | memoryview]
 class InferNode(Protocol):
     """One inference call to a co-located node: the framed lane's call (:class:`InferHead`) and
     body, answered with the framed lane's answer. Errors are answers (status, the
-    ``{"error": ...}`` body, ``x-gpufaas-reason``), never exceptions."""
+    ``{"error": ...}`` body, ``x-gpufaas-reason``), never exceptions. A coroutine: the caller
+    may step it by hand, so that a call answered without waiting needs no task and no timer."""
 
-    def __call__(self, call: InferHead, body: bytes | memoryview, /) -> Awaitable[Answer]: ...
+    def __call__(
+        self, call: InferHead, body: bytes | memoryview, /
+    ) -> Coroutine[Any, Any, Answer]: ...
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from gpufaas.core.colocated import InferNode
+from gpufaas.core.eager import resume
 from gpufaas.core.frames import FramedEndpoint, InferHead
 from gpufaas.core.http import DEVICE_HEADER, EVICT_FIRST_HEADER, format_evict_first
 from gpufaas.scheduler.cluster import Node
@@ -100,12 +101,23 @@ class NodeLanes:
     ) -> NodeReply:
         """As a framed call: an answer whatever its status, or :class:`NodeUnreachable` when
         none comes within ``timeout_s`` (the node's work is cancelled then, where over the
-        wire the node would finish it unread)."""
+        wire the node would finish it unread).
+
+        The node's answer runs at once, up to its first wait: a warm small model's never waits
+        (its forward pass runs inline), and then there is no timer to arm and cancel (an
+        ``asyncio.timeout`` costs ~5 µs a call here). One that waits (a load, a batch, a pass on
+        a worker thread) goes on in a task of its own, bounded by ``timeout_s``."""
+        call = answer(head, body)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                status, raw, content = await answer(head, body)
-        except TimeoutError:
-            raise NodeUnreachable(f"no answer within {self.timeout_s:.1f} s") from None
+            waiting = call.send(None)
+        except StopIteration as finished:
+            status, raw, content = finished.value
+        else:
+            rest = asyncio.get_running_loop().create_task(resume(call, waiting))
+            try:
+                status, raw, content = await asyncio.wait_for(rest, self.timeout_s)
+            except TimeoutError:
+                raise NodeUnreachable(f"no answer within {self.timeout_s:.1f} s") from None
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
         return NodeReply(status, headers, bytes(content))
 
