@@ -37,6 +37,10 @@ before (uvicorn + httptools + the bare-ASGI ``InferFastPath``), ``protocol`` the
 ``--node-transports framed,http`` (the default) runs this checkout twice per round: the gateway's
 inference calls to the node over its framed Unix socket (``framed``, what ``gpufaas up`` does)
 and over pooled HTTP/1.1 (``http``, the path before it), so before and after share one run.
+``inprocess`` runs the node in the gateway's process (``gpufaas up --node-transport inprocess``);
+its serving CPU is then that one process's (``processes``: how many were counted)::
+
+    python bench/dataplane.py --only serving --node-transports framed,inprocess --rounds 3
 
 Every loop is bounded in count and time; servers bind 127.0.0.1 and are stopped at the end.
 """
@@ -286,7 +290,7 @@ async def measure(
     url: str, grpc_port: int | None, pids: list[int], args: argparse.Namespace
 ) -> dict[str, Any]:
     pool = NodePool(url, size=16, timeout_s=10)
-    out: dict[str, Any] = {"settled_after_s": await settled(pids)}
+    out: dict[str, Any] = {"settled_after_s": await settled(pids), "processes": len(pids)}
 
     def http_sender(name: str) -> Any:
         body, headers = body_for(name)
@@ -315,7 +319,7 @@ async def measure(
                 out[name]["cpu_us_per_request"] = cpu / len(lat) * 1e6
                 out[name]["gateway_cpu_us_per_request"] = gateway_cpu / len(lat) * 1e6
                 out[name]["node_cpu_us_per_request"] = (cpu - gateway_cpu) / len(lat) * 1e6
-            if grpc_port is not None and args.only != "http":
+            if grpc_port is not None and args.only not in ("http", "serving"):
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
                     call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
                     data = grpc_request(name)
@@ -479,6 +483,74 @@ def node_app_cpu(functions: Path, *, requests: int, inline: bool) -> float:
     return asyncio.run(run())
 
 
+def colocated_loop_cpu(functions: Path, *, requests: int) -> dict[str, float]:
+    """``--colocated-loop``: a gateway and a co-located GPU manager on this process's loop, as
+    ``gpufaas up --node-transport inprocess`` wires them; CPU per warm tiny-mlp request
+    (``time.process_time``, ``requests`` after 300, batching off) of the gateway's request path
+    without its HTTP front (``answer_infer``: inspection, policy, dispatcher, the in-process
+    call, learning, metrics), and of the node's answer function alone (the in-process call)."""
+    from gpufaas.core.colocated import ColocatedOptions, colocated_node
+    from gpufaas.core.commands import ManagerOptions
+    from gpufaas.core.frames import InferHead
+    from gpufaas.core.manifests import load_manifests
+    from gpufaas.scheduler.gateway import GatewayConfig, answer_infer
+    from gpufaas.scheduler.main import build_gateway
+
+    work = Path(tempfile.mkdtemp(prefix="gpufaas-colocated-"))
+    node = colocated_node(
+        ColocatedOptions(
+            name="node-0",
+            host="127.0.0.1",
+            port=free_port(),
+            options=ManagerOptions(
+                cpu_devices=1, device_memory="1Gi", host_memory="1Gi", artifact_dir=work
+            ),
+            framed_socket=work / "node-0.sock",
+        )
+    )
+    gateway = build_gateway(
+        manager_urls={node.name: node.url},
+        functions=load_manifests([functions / "tiny-mlp.yaml"]),
+        config=GatewayConfig(transport="inprocess"),
+    )
+    gateway.lanes.attach(node.name, node.answer)
+    body, headers = body_for("tiny-mlp")
+    lower = {k.lower(): v for k, v in headers.items()}
+    head = InferHead("tiny-mlp", "cpu:0", int(headers["Inference-Header-Content-Length"]), "")
+
+    async def read() -> bytes:
+        return body
+
+    async def through_gateway() -> None:
+        status, _, content = await answer_infer(gateway, "tiny-mlp", read, lower)
+        if status != 200:
+            raise RuntimeError(f"colocated: {status} {content[:200]!r}")
+
+    async def node_alone() -> None:
+        status, _, content = await node.answer(head, body)
+        if status != 200:
+            raise RuntimeError(f"colocated node: {status} {bytes(content)[:200]!r}")
+
+    async def run() -> dict[str, float]:
+        await node.start()
+        await gateway.start()
+        out: dict[str, float] = {}
+        try:
+            for label, one in (("gateway_path", through_gateway), ("node_answer", node_alone)):
+                for _ in range(300):
+                    await one()
+                started = time.process_time()
+                for _ in range(requests):
+                    await one()
+                out[f"{label}_cpu_us"] = (time.process_time() - started) / requests * 1e6
+        finally:
+            await gateway.stop()
+            await node.stop()
+        return out
+
+    return asyncio.run(run())
+
+
 FRONTS = ("uvicorn", "protocol")
 
 
@@ -578,16 +650,18 @@ def main() -> int:
     parser.add_argument("--policy", default="lalb-o3")
     parser.add_argument(
         "--only",
-        choices=("grpc", "http"),
+        choices=("grpc", "http", "serving"),
         default=None,
         help="grpc: only the 1-client rows (binary HTTP, gRPC, tritonclient.http vs .grpc); "
-        "http: only the 1-client binary HTTP rows and the serving CPU",
+        "http: only the 1-client binary HTTP rows and the serving CPU; serving: those, then "
+        "8 clients with batching and MiniLM's overhead (no gRPC)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="alternate the systems this often")
     parser.add_argument(
         "--node-transports",
         default="framed,http",
-        help="this checkout's gateway->node hops to run, comma-separated (framed, http)",
+        help="this checkout's gateway->node hops to run, comma-separated (framed, http, "
+        "inprocess: the node in the gateway's process)",
     )
     parser.add_argument(
         "--node-app",
@@ -595,6 +669,13 @@ def main() -> int:
         default=None,
         help="only the GPU manager's app in this process, CPU per warm tiny-mlp request "
         "(thread: no forward pass inline); run it with a baseline's PYTHONPATH to compare",
+    )
+    parser.add_argument(
+        "--colocated-loop",
+        action="store_true",
+        help="only a gateway and a co-located GPU manager in this process, called in a tight "
+        "loop: CPU per warm tiny-mlp request of the gateway's path (no HTTP front) and of the "
+        "node's answer alone",
     )
     parser.add_argument(
         "--front",
@@ -617,6 +698,14 @@ def main() -> int:
         kinds = [k for k in args.front.split(",") if k]
         print(json.dumps(front_cpu(kinds, work / "functions", args), indent=1))
         return 0
+    if args.colocated_loop:
+        import torch
+        import uvloop
+
+        torch.set_num_threads(1)  # as the GPU manager does
+        uvloop.install()  # as gpufaas up serves
+        print(json.dumps(colocated_loop_cpu(work / "functions", requests=args.requests)))
+        return 0
     if args.node_app:
         import torch
 
@@ -633,8 +722,11 @@ def main() -> int:
     for transport in args.node_transports.split(","):
         systems[transport] = (sys.executable, ("--node-transport", transport))
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in systems}
-    for _ in range(args.rounds):
-        for label, (python, extra) in systems.items():
+    for round_ in range(args.rounds):
+        order = list(systems.items())
+        if round_ % 2:  # alternate the order too: what runs first in a round may run warmer
+            order.reverse()
+        for label, (python, extra) in order:
             path = args.baseline_path if label == "baseline" else None
             results[label].append(
                 run_system(

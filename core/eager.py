@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-__all__ = ["start_eagerly"]
+__all__ = ["resume", "start_eagerly"]
+
+T = TypeVar("T")
 
 
 def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
@@ -41,16 +43,22 @@ async def _rest(coro: Coroutine[Any, Any, None], first: Any) -> None:
     await _Resume(coro, first)
 
 
-class _Resume:
+async def resume(coro: Coroutine[Any, Any, T], first: Any) -> T:
+    """The rest of ``coro``, which yielded ``first`` when stepped by hand (``coro.send(None)``),
+    as a coroutine for a task: it waits on what ``coro`` waits on, and returns its value."""
+    return await _Resume(coro, first)
+
+
+class _Resume(Generic[T]):
     """An awaitable that hands up what ``coro`` yielded (the future it waits on) and passes the
     task's wake-ups, results and cancellation down to it, as if the task ran it from the start."""
 
     __slots__ = ("coro", "first")
 
-    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, T], first: Any) -> None:
         self.coro, self.first = coro, first
 
-    def __await__(self) -> Generator[Any, None, None]:
+    def __await__(self) -> Generator[Any, None, T]:
         coro, value = self.coro, self.first
         self.first = None
         while True:
@@ -62,10 +70,10 @@ class _Resume:
             except BaseException as e:  # a cancellation (or a throw) goes down to it
                 try:
                     value = coro.throw(e)
-                except StopIteration:
-                    return
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
             else:
                 try:
                     value = coro.send(None)
-                except StopIteration:
-                    return
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]

@@ -25,10 +25,11 @@ import hmac
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import cast
 
+from gpufaas.core.colocated import Answer  # the contract an in-process caller shares
 from gpufaas.core.eager import start_eagerly
 from gpufaas.core.frames import (
     HELLO,
@@ -46,8 +47,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Answer", "FramedAnswer", "FramedServer"]
 
-# status, raw headers, body: what the HTTP route would send, frame-encoded instead
-Answer = tuple[int, Sequence[tuple[bytes, bytes]], bytes | memoryview]
 FramedAnswer = Callable[[InferHead, memoryview | bytes], Awaitable[Answer]]
 
 _JSON = (b"content-type", b"application/json")

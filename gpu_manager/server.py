@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpufaas.core import node
 from gpufaas.core.api import InferenceFunctionSpec, ManifestError, parse_spec
+from gpufaas.core.colocated import InferNode
 from gpufaas.core.counting import LoopCounter
 from gpufaas.core.frames import InferHead
 from gpufaas.core.http import (
@@ -66,7 +67,7 @@ from gpufaas.gpu_manager.admission import (
 )
 from gpufaas.gpu_manager.backends import NoBackend, backend_for
 from gpufaas.gpu_manager.devices import device_free_bytes
-from gpufaas.gpu_manager.framed import Answer, FramedServer
+from gpufaas.gpu_manager.framed import Answer, FramedAnswer, FramedServer, error_answer
 from gpufaas.gpu_manager.prefetch import add_prefetch_routes
 from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
 from gpufaas.gpu_manager.shards import ShardFastPath, shard_host, shard_router
@@ -232,6 +233,16 @@ class _InferMetrics:
         child.inc()
 
 
+@dataclass(frozen=True)
+class NodeApp:
+    """The manager's ASGI app, and its inference answer for a caller in this process (a gateway
+    on the same event loop, :mod:`gpufaas.core.colocated`): the framed lane's answer function,
+    errors included, without the frame."""
+
+    app: ASGIApp
+    answer: InferNode
+
+
 def create_app(
     runtime: NodeRuntime,
     *,
@@ -240,6 +251,18 @@ def create_app(
     admission: DeviceAdmission | None = None,
     framed: FramedListen | None = None,
 ) -> ASGIApp:
+    """The manager's app (:func:`create_node`'s, without its in-process answer)."""
+    return create_node(runtime, limits=limits, token=token, admission=admission, framed=framed).app
+
+
+def create_node(
+    runtime: NodeRuntime,
+    *,
+    limits: Limits | None = None,
+    token: str | None = None,
+    admission: DeviceAdmission | None = None,
+    framed: FramedListen | None = None,
+) -> NodeApp:
     """The manager's app: :class:`InferFastPath` for inference, FastAPI for the rest; with
     ``token``, every path but health and metrics needs it as ``Authorization: Bearer <token>``
     (the gateway sends ``GPUFAAS_MANAGER_TOKEN``). ``admission`` bounds the inference requests
@@ -291,17 +314,15 @@ def create_app(
     # Shards of models split across nodes (FSD-Inference): routes and budget in shards.py.
     shards = shard_host(runtime, token=token)
     app.include_router(shard_router(shards))
+
+    async def call_answer(call: InferHead, body: bytes | memoryview) -> Answer:
+        async def read() -> bytes | memoryview:
+            return body
+
+        return await answer_call(runtime, call, read, limits, metrics)
+
     if framed is not None:
-
-        async def framed_answer(call: InferHead, body: bytes | memoryview) -> Answer:
-            async def read() -> bytes | memoryview:
-                return body
-
-            return await answer_call(runtime, call, read, limits, metrics)
-
-        framed_server = FramedServer(
-            framed_answer, token=token, max_body_bytes=limits.max_body_bytes
-        )
+        framed_server = FramedServer(call_answer, token=token, max_body_bytes=limits.max_body_bytes)
     app.state.framed = framed_server
     _add_routes(app, runtime, limits=limits, metrics=metrics, framed=framed_server)
     served: ASGIApp = InferFastPath(app, runtime=runtime, limits=limits, metrics=metrics)
@@ -313,7 +334,28 @@ def create_app(
             protect=lambda path: path not in (node.HEALTH_LIVE, node.HEALTH_READY, "/metrics"),
             realm="the GPU manager",
         )
-    return served
+    return NodeApp(served, in_process_answer(call_answer, max_body_bytes=limits.max_body_bytes))
+
+
+def in_process_answer(answer: FramedAnswer, *, max_body_bytes: int) -> InferNode:
+    """``answer`` for a caller in this process, guarded as the framed listener guards it: a body
+    over the node's limit is refused with the 413 a frame claiming it gets, and an error the
+    answer raises is a 500 naming its kind (never a traceback to the caller)."""
+
+    async def guarded(call: InferHead, body: bytes | memoryview) -> Answer:
+        if len(body) > max_body_bytes:
+            return error_answer(
+                413,
+                f"the call's body has {len(body)} bytes, more than the limit of {max_body_bytes}",
+                "InvalidFrame",
+            )
+        try:
+            return await answer(call, body)
+        except Exception as e:
+            logger.exception("unhandled error on an in-process call")
+            return error_answer(500, f"internal error ({type(e).__name__})", "InternalError")
+
+    return guarded
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from gpufaas.core.api import ManifestError
 from gpufaas.core.commands import ManagerOptions
@@ -23,6 +23,8 @@ from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.units import parse_bytes
 
 if TYPE_CHECKING:
+    from gpufaas.core.api import InferenceFunction
+    from gpufaas.core.colocated import ColocatedNode
     from gpufaas.scheduler.gateway import Gateway, GatewayConfig
 
 DEFAULT_PORT = 8080
@@ -51,10 +53,11 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--node-transport",
-        choices=("framed", "http"),
+        choices=("framed", "http", "inprocess"),
         default="framed",
         help="inference calls to the GPU managers: frames where a manager serves them "
-        "(docs/dataplane.md), else HTTP; http: always HTTP",
+        "(docs/dataplane.md), else HTTP; http: always HTTP; inprocess (gpufaas up): node-0 "
+        "runs in the gateway's process and is called in-process, the others framed",
     )
     parser.add_argument(
         "--sync-interval", type=float, default=5.0, help="seconds between full re-syncs"
@@ -160,9 +163,16 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         device_concurrency=args.device_concurrency,
         max_queue_per_device=args.max_queue_per_device,
         max_pending_per_function=args.max_pending_per_function,
-        transport="framed" if args.node_transport == "framed" else "pooled",
+        transport=_TRANSPORTS[args.node_transport],
         max_connections=args.max_connections or None,
     )
+
+
+_TRANSPORTS: dict[str, Literal["framed", "inprocess", "pooled"]] = {
+    "framed": "framed",
+    "inprocess": "inprocess",
+    "http": "pooled",
+}
 
 
 def parse_managers(text: str) -> dict[str, str]:
@@ -250,6 +260,13 @@ def up_command(argv: Sequence[str]) -> int:
     from gpufaas.scheduler.main import build_gateway
 
     args = _up_parser().parse_args(list(argv))
+    if args.node_transport == "inprocess" and (args.gateways != 1 or args.nodes < 1):
+        print(
+            "gpufaas up: --node-transport inprocess runs node-0 in the one gateway's process: "
+            "it needs --gateways 1 and --nodes of at least 1",
+            file=sys.stderr,
+        )
+        return 2
     try:
         paths = args.functions or [bundled_functions_dir()]
         if not args.functions:
@@ -271,6 +288,11 @@ def up_command(argv: Sequence[str]) -> int:
     if args.gateways != 1:  # scale-out (#16): N gateway processes
         with channel:
             return _up_replicas(args, paths=paths, options=options, token=token)
+    if config.transport == "inprocess":
+        with channel:
+            return _up_colocated(
+                args, functions=functions, config=config, options=options, token=token
+            )
     with channel, run_managers(nodes=args.nodes, options=options, token=token) as urls:
         gateway = build_gateway(
             manager_urls=urls,
@@ -290,11 +312,65 @@ def up_command(argv: Sequence[str]) -> int:
         return _serve(gateway, args, command="up")
 
 
-def _serve(gateway: Gateway, args: argparse.Namespace, *, command: str) -> int:
+def _up_colocated(
+    args: argparse.Namespace,
+    *,
+    functions: Sequence[InferenceFunction],
+    config: GatewayConfig,
+    options: ManagerOptions,
+    token: str,
+) -> int:
+    """``gpufaas up --node-transport inprocess``: node-0 on the gateway's event loop, called
+    in-process; any further nodes as processes, called framed."""
+    from gpufaas.core.colocated import NoColocatedNode
+    from gpufaas.scheduler.local import colocated_manager, run_managers
+    from gpufaas.scheduler.main import build_gateway
+
+    try:
+        local_node = colocated_manager(
+            name="node-0", host="127.0.0.1", options=options, token=token
+        )
+        with (
+            local_node as node,
+            run_managers(nodes=args.nodes - 1, first=1, options=options, token=token) as urls,
+        ):
+            gateway = build_gateway(
+                manager_urls={node.name: node.url, **urls},
+                functions=functions,
+                policy=args.policy,
+                config=config,
+                manager_token=token,
+            )
+            gateway.lanes.attach(node.name, node.answer)
+            enable_prefetch_option(gateway, args)
+            print(
+                f"gpufaas is serving {len(functions)} function(s) on http://{args.host}:{args.port}"
+                f" with {node.name} in-process: " + ", ".join(f.name for f in functions),
+                flush=True,
+            )
+            return _serve(gateway, args, command="up", colocated=[node])
+    except NoColocatedNode as e:
+        print(f"gpufaas up: {e}", file=sys.stderr)
+        return 2
+
+
+def _serve(
+    gateway: Gateway,
+    args: argparse.Namespace,
+    *,
+    command: str,
+    colocated: Sequence[ColocatedNode] = (),
+) -> int:
     from gpufaas.scheduler.main import serve
 
     try:
-        serve(gateway=gateway, host=args.host, port=args.port, grpc_port=_grpc_port(args))
+        serve(
+            gateway=gateway,
+            host=args.host,
+            port=args.port,
+            grpc_port=_grpc_port(args),
+            colocated=colocated,
+        )
     except OSError as e:  # a port in use: say which, no traceback
         print(f"gpufaas {command}: {e}", file=sys.stderr)
         return 2
@@ -394,6 +470,13 @@ def gateway_command(argv: Sequence[str]) -> int:
     from gpufaas.scheduler.main import build_gateway, enable_kubernetes
 
     args = _gateway_parser().parse_args(list(argv))
+    if args.node_transport == "inprocess":
+        print(
+            "gpufaas gateway: --node-transport inprocess is for gpufaas up (a GPU manager in the "
+            "gateway's process); a gateway on its own calls its managers framed or over HTTP",
+            file=sys.stderr,
+        )
+        return 2
     urls = parse_managers(args.managers)
     if not urls and not args.kubernetes:
         print("gpufaas gateway: give --managers URL[,URL...] or --kubernetes", file=sys.stderr)

@@ -165,9 +165,10 @@ class GatewayConfig:
     o3_max_passes: int = 8
     o3_max_hold_ms: float = 500.0
     # The hot path to the managers: "framed" (transport.FramedPool to a node that serves frames,
-    # else "pooled"), "pooled" (transport.NodePool, HTTP) or "httpx" (each node's client;
-    # in-process tests mount a manager app on it).
-    transport: Literal["framed", "pooled", "httpx"] = "framed"
+    # else "pooled"), "inprocess" (a node attached to gateway.lanes runs on this loop: its answer
+    # function is called; others as "framed"), "pooled" (transport.NodePool, HTTP) or "httpx"
+    # (each node's client; in-process tests mount a manager app on it).
+    transport: Literal["framed", "inprocess", "pooled", "httpx"] = "framed"
     node_timeout_s: float = 120.0
     # Open client connections to the HTTP front at most (scheduler/front.py); one more is
     # answered 503 with Retry-After and closed. None: no cap.

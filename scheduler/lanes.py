@@ -3,8 +3,11 @@
 Per node, a pool of kept-alive HTTP connections (:class:`NodePool`) and, where the node offers
 it, its framed lane (:class:`FramedPool`: over the node's Unix socket when that socket is on this
 host, else its framed TCP port). An inference call takes the framed lane when it can; every other
-call, and every call when ``transport`` says so, goes over HTTP. The policy has decided the
-device before a call gets here: the lane never changes where a request runs.
+call, and every call when ``transport`` says so, goes over HTTP. With ``transport`` ``inprocess``,
+an inference call to a node that runs in this process (:meth:`NodeLanes.attach`, the contract in
+:mod:`gpufaas.core.colocated`) is a call of the node's answer function, the framed lane's call and
+answer without the frame; other nodes' calls go framed. The policy has decided the device, and the
+dispatcher admitted the call, before it gets here: the lane never changes where a request runs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from gpufaas.core.colocated import InferNode
+from gpufaas.core.eager import resume
 from gpufaas.core.frames import FramedEndpoint, InferHead
 from gpufaas.core.http import DEVICE_HEADER, EVICT_FIRST_HEADER, format_evict_first
 from gpufaas.scheduler.cluster import Node
@@ -57,13 +62,29 @@ class NodeLanes:
         self.http: dict[str, NodePool] = {}  # node name -> its hot-path connections
         self.framed: dict[str, FramedPool] = {}  # node name -> its framed lane, if it has one
         self._framed_for: dict[str, FramedEndpoint] = {}  # what each framed pool was made for
+        # node name -> its answer function, for a node on this process's loop ("inprocess")
+        self.colocated: dict[str, InferNode] = {}
+
+    def attach(self, node_name: str, answer: InferNode) -> None:
+        """Take ``node_name``'s inference calls in-process (with ``transport`` ``inprocess``)."""
+        self.colocated[node_name] = answer
 
     async def send(
         self, node: Node, device_id: str, call: NodeCall, *, victims: Sequence[str]
     ) -> NodeReply:
         """``call`` to ``device_id`` on ``node``, with the policy's eviction hints."""
         evict = format_evict_first(victims) if victims else ""
-        if call.infer is not None and node.framed is not None and self.transport == "framed":
+        if call.infer is not None and self.transport == "inprocess":
+            local = self.colocated.get(node.name)
+            if local is not None:  # the node on this loop: its answer function, no frame
+                model, _, header_length, _ = call.infer
+                head = InferHead(model, device_id, header_length, evict)
+                return await self._in_process(local, head, call.body)
+        if (
+            call.infer is not None
+            and node.framed is not None
+            and self.transport in ("framed", "inprocess")
+        ):
             framed = self.framed_pool(node, node.framed)
             if framed is not None:  # the node's framed lane: no HTTP at either end
                 model, _, header_length, _ = call.infer
@@ -74,6 +95,31 @@ class NodeLanes:
         if evict:
             headers[EVICT_FIRST_HEADER] = evict
         return await self.post(node, call.path, call.body, headers)
+
+    async def _in_process(
+        self, answer: InferNode, head: InferHead, body: bytes | memoryview
+    ) -> NodeReply:
+        """As a framed call: an answer whatever its status, or :class:`NodeUnreachable` when
+        none comes within ``timeout_s`` (the node's work is cancelled then, where over the
+        wire the node would finish it unread).
+
+        The node's answer runs at once, up to its first wait: a warm small model's never waits
+        (its forward pass runs inline), and then there is no timer to arm and cancel (an
+        ``asyncio.timeout`` costs ~5 µs a call here). One that waits (a load, a batch, a pass on
+        a worker thread) goes on in a task of its own, bounded by ``timeout_s``."""
+        call = answer(head, body)
+        try:
+            waiting = call.send(None)
+        except StopIteration as finished:
+            status, raw, content = finished.value
+        else:
+            rest = asyncio.get_running_loop().create_task(resume(call, waiting))
+            try:
+                status, raw, content = await asyncio.wait_for(rest, self.timeout_s)
+            except TimeoutError:
+                raise NodeUnreachable(f"no answer within {self.timeout_s:.1f} s") from None
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
+        return NodeReply(status, headers, bytes(content))
 
     async def post(
         self, node: Node, path: str, body: bytes | memoryview, headers: Mapping[str, str]
@@ -148,6 +194,7 @@ class NodeLanes:
                 await pools.pop(name).close()
         for name in [n for n in self._framed_for if n not in nodes]:
             del self._framed_for[name]
+        # self.colocated stays: a co-located node lives as long as this process
 
     async def close(self) -> None:
         await asyncio.gather(*(pool.close() for pool in self.http.values()))

@@ -3,7 +3,9 @@
 ``gpufaas up`` starts one GPU-manager process per simulated node, waits until
 each is ready, and then runs the gateway in this process. Ctrl-C (or SIGTERM)
 stops the gateway and then the managers, within a bounded time. The managers run as
-``python -m gpufaas.gpu_manager``: this module imports nothing of the GPU manager.
+``python -m gpufaas.gpu_manager``: this module imports nothing of the GPU manager. With
+``--node-transport inprocess`` the first node runs on the gateway's own event loop instead
+(:func:`colocated_manager`, found through :mod:`gpufaas.core.colocated`'s entry points).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from gpufaas.core.colocated import ColocatedNode, ColocatedOptions, colocated_node
 from gpufaas.core.commands import MANAGER_MODULE, ManagerOptions
 
 logger = logging.getLogger(__name__)
@@ -121,8 +124,9 @@ def run_manager_processes(
     log_dir: Path | None = None,
     start_timeout_s: float = 120.0,
     stop_timeout_s: float = 10.0,
+    first: int = 0,
 ) -> Iterator[list[ManagerProcess]]:
-    """Start ``nodes`` GPU-manager processes (``node-0`` ...), ``options(i)`` for the i-th;
+    """Start ``nodes`` GPU-manager processes (``node-<first>`` ...), ``options(i)`` for the i-th;
     yields them once every one is ready, and stops them on the way out.
 
     ``token``: each accepts work only from callers presenting it (none: any caller, whatever
@@ -135,7 +139,7 @@ def run_manager_processes(
     if token:
         env["GPUFAAS_MANAGER_TOKEN"] = token
     try:
-        for i in range(nodes):
+        for i in range(first, first + nodes):
             name = f"node-{i}"
             port = free_port()
             command = manager_command(
@@ -175,8 +179,10 @@ def run_managers(
     options: ManagerOptions,
     token: str | None = None,
     start_timeout_s: float = 120.0,
+    first: int = 0,
 ) -> Iterator[dict[str, str]]:
-    """Start ``nodes`` GPU-manager processes; yields ``{node name: base URL}``.
+    """Start ``nodes`` GPU-manager processes (``node-<first>`` on); yields ``{node name: base
+    URL}``.
 
     With ``token``, each manager accepts work only from callers presenting it.
     """
@@ -189,8 +195,33 @@ def run_managers(
             token=token,
             sockets=sockets,
             start_timeout_s=start_timeout_s,
+            first=first,
         ) as procs:
             yield {m.name: m.url for m in procs}
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def colocated_manager(
+    *, name: str, host: str, options: ManagerOptions, token: str | None
+) -> Iterator[ColocatedNode]:
+    """A GPU manager for this process's event loop (``--node-transport inprocess``), built by
+    whichever package offers one (:func:`gpufaas.core.colocated.colocated_node`: nothing of the
+    GPU manager is imported here); not started. It also serves its HTTP API on a free port and
+    frames on a Unix socket in a private folder, as a manager process would."""
+    sockets = Path(tempfile.mkdtemp(prefix="gpufaas-sockets-"))  # 0700: this user only
+    try:
+        yield colocated_node(
+            ColocatedOptions(
+                name=name,
+                host=host,
+                port=free_port(host),
+                options=options,
+                framed_socket=sockets / f"{name}.sock",
+                token=token,
+            )
+        )
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import uvloop
 
 from gpufaas.core.api import InferenceFunction
+from gpufaas.core.colocated import ColocatedNode
 from gpufaas.scheduler.cluster import Cluster
 from gpufaas.scheduler.front import FrontSettings, HttpFront
 from gpufaas.scheduler.gateway import Gateway, GatewayConfig, create_app
@@ -42,11 +43,19 @@ def build_gateway(
     return gateway
 
 
-def serve(*, gateway: Gateway, host: str, port: int, grpc_port: int | None = None) -> None:
+def serve(
+    *,
+    gateway: Gateway,
+    host: str,
+    port: int,
+    grpc_port: int | None = None,
+    colocated: Sequence[ColocatedNode] = (),
+) -> None:
     """Serve HTTP on ``port`` and, unless ``grpc_port`` is None, gRPC on it, in one event loop
-    over one gateway, until SIGINT or SIGTERM."""
+    over one gateway, until SIGINT or SIGTERM. ``colocated``: GPU managers to run on the same
+    loop (started before the gateway, stopped after it)."""
     logger.info("gateway on http://%s:%d (policy %s)", host, port, gateway.policy.name)
-    serve_on(gateway=gateway, host=host, port=port, grpc_port=grpc_port)
+    serve_on(gateway=gateway, host=host, port=port, grpc_port=grpc_port, colocated=colocated)
 
 
 def serve_on(
@@ -56,6 +65,7 @@ def serve_on(
     port: int | None = None,
     sockets: Sequence[socket.socket] = (),
     grpc_port: int | None = None,
+    colocated: Sequence[ColocatedNode] = (),
 ) -> None:
     """The gateway's HTTP front (:mod:`gpufaas.scheduler.front`: inference straight from the
     httptools parser, every other route through the ASGI app) on ``host:port`` and/or
@@ -69,7 +79,11 @@ def serve_on(
     )
     front = HttpFront(create_app(gateway), gateway=gateway, settings=settings)
     gc.freeze()
-    uvloop.run(_serve(front, host=host, port=port, sockets=sockets, grpc_port=grpc_port))
+    uvloop.run(
+        _serve(
+            front, host=host, port=port, sockets=sockets, grpc_port=grpc_port, colocated=colocated
+        )
+    )
 
 
 async def _serve(
@@ -79,6 +93,7 @@ async def _serve(
     port: int | None,
     sockets: Sequence[socket.socket],
     grpc_port: int | None,
+    colocated: Sequence[ColocatedNode],
 ) -> None:
     gateway = front.gateway
     stop = asyncio.Event()
@@ -86,6 +101,9 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with contextlib.AsyncExitStack() as stack:
+        for node in colocated:  # up before the gateway's first sync; stopped after the gateway
+            stack.push_async_callback(node.stop)
+            await node.start()
         stack.push_async_callback(front.close)  # also when a port is in use: the gateway stops
         await front.start(sockets=sockets, host=host, port=port)
         if grpc_port is not None:
