@@ -118,7 +118,8 @@ def grpc_request(family: str) -> bytes:
         size = tensor["parameters"]["binary_data_size"]
         request.raw_input_contents.append(body[offset : offset + size])
         offset += size
-    return request.SerializeToString()
+    data: bytes = request.SerializeToString()
+    return data
 
 
 @dataclass(frozen=True)
@@ -132,14 +133,31 @@ class Target:
     output: str
 
 
-def tritonclient_senders(target: Target) -> tuple[dict[str, Callable[[], object]], Callable[[], None]]:
+# tritonclient.grpc's own channel options (``InferenceServerClient`` with no ``channel_args``)
+TRITONCLIENT_CHANNEL = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.keepalive_time_ms", 2**31 - 1),
+    ("grpc.keepalive_timeout_ms", 20000),
+    ("grpc.keepalive_permit_without_calls", False),
+    ("grpc.http2.max_pings_without_data", 2),
+]
+# the same with grpc's transparent retries off: a client's choice, for comparison only
+NO_RETRIES_CHANNEL = [*TRITONCLIENT_CHANNEL, ("grpc.enable_retries", 0)]
+
+
+def tritonclient_senders(
+    target: Target, *, no_retries: bool = False
+) -> tuple[dict[str, Callable[[], object]], Callable[[], None]]:
     """One blocking inference per call for each protocol, as a user of ``tritonclient`` writes
-    it (binary tensors both ways), and how to close both clients."""
+    it (binary tensors both ways), and how to close the clients. ``no_retries``: also
+    ``grpc_noretry``, a ``tritonclient.grpc`` client with grpc's retries off (``channel_args``)."""
     import tritonclient.grpc as tgrpc
     import tritonclient.http as thttp
 
     http = thttp.InferenceServerClient(target.http)
     grpc_client = tgrpc.InferenceServerClient(target.grpc)
+    lean = tgrpc.InferenceServerClient(target.grpc, channel_args=NO_RETRIES_CHANNEL)
 
     def via_http() -> object:
         inputs = []
@@ -150,20 +168,27 @@ def tritonclient_senders(target: Target) -> tuple[dict[str, Callable[[], object]
         outputs = [thttp.InferRequestedOutput(target.output, binary_data=True)]
         return http.infer(target.model, inputs, outputs=outputs).as_numpy(target.output)
 
-    def via_grpc() -> object:
-        inputs = []
-        for key, array in target.arrays.items():
-            tensor = tgrpc.InferInput(key, list(array.shape), _DATATYPES[str(array.dtype)])
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        outputs = [tgrpc.InferRequestedOutput(target.output)]
-        return grpc_client.infer(target.model, inputs, outputs=outputs).as_numpy(target.output)
+    def via(client: tgrpc.InferenceServerClient) -> Callable[[], object]:
+        def call() -> object:
+            inputs = []
+            for key, array in target.arrays.items():
+                tensor = tgrpc.InferInput(key, list(array.shape), _DATATYPES[str(array.dtype)])
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+            outputs = [tgrpc.InferRequestedOutput(target.output)]
+            return client.infer(target.model, inputs, outputs=outputs).as_numpy(target.output)
+
+        return call
 
     def close() -> None:
         http.close()
         grpc_client.close()
+        lean.close()
 
-    return {"http": via_http, "grpc": via_grpc}, close
+    senders = {"http": via_http, "grpc": via(grpc_client)}
+    if no_retries:
+        senders["grpc_noretry"] = via(lean)
+    return senders, close
 
 
 def alternate(
@@ -206,6 +231,7 @@ def alternate(
         out[f"{key}_client_cpu_us"] = client_cpu[key] / n * 1e6
         out[f"{key}_serving_cpu_us"] = serving_cpu[key] / n * 1e6
         out[f"{key}_calls"] = len(values)
-    if "grpc_p50_ms" in out and "http_p50_ms" in out:
-        out["grpc_over_http_p50"] = out["grpc_p50_ms"] / out["http_p50_ms"]
+    for key in keys:
+        if key.startswith("grpc"):
+            out[f"{key}_over_http_p50"] = out[f"{key}_p50_ms"] / out["http_p50_ms"]
     return out

@@ -52,6 +52,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from grpc_common import (
+    body_for,
+    cpu_seconds,
+    free_port,
+    grpc_request,
+    settled,
+    tree,
+    write_manifests,
+)
+
 SERVERS = (
     "grpc-aio",
     "grpc-aio-tuned",
@@ -61,6 +73,9 @@ SERVERS = (
     "grpc-h2",
     "uvicorn",
 )
+# answer-side levers tried on our front (``docs/dataplane.md``, "gRPC", sixth pass): bench-only
+# variants of ``grpc_h2``'s connection, not in the default run
+VARIANTS = ("grpc-h2-indexed", "grpc-h2-quickack")
 # the grpc.aio server options a latency tuning would try
 TUNED = [
     ("grpc.so_reuseport", 0),
@@ -138,7 +153,12 @@ def serve(kind: str, port: int) -> None:
         server = GrpcH2Server(
             {METHOD: echo_handler}, host="127.0.0.1", port=port, max_message_bytes=2**26
         )
-        await server.start()
+        if kind == "grpc-h2":
+            await server.start()
+        else:
+            connection = _variant(kind)
+            loop = asyncio.get_running_loop()
+            await loop.create_server(lambda: connection(server), sock=server.socket)
         print("ready", flush=True)
         await asyncio.Event().wait()
 
@@ -162,18 +182,58 @@ def serve(kind: str, port: int) -> None:
         uvicorn.run(app, host="127.0.0.1", port=port, http="httptools", loop="uvloop",
                     log_level="warning", access_log=False)  # fmt: skip
     else:
-        uvloop.run(grpc_h2() if kind == "grpc-h2" else grpc_aio())
+        uvloop.run(grpc_h2() if kind.startswith("grpc-h2") else grpc_aio())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _variant(kind: str) -> Callable[[Any], asyncio.Protocol]:
+    """A ``grpc_h2`` connection that answers differently (bench-only, never served):
 
+    * ``grpc-h2-indexed``: the answer's ``content-type`` and ``grpc-status: 0`` are added to
+      the client's HPACK table by the first answer and sent as one-byte indexed fields after it
+      (ours are literals, never indexed), the cheapest header blocks for the client to decode
+      (assumes the client's table is the default 4,096 bytes, as grpc's is);
+    * ``grpc-h2-quickack``: ``TCP_QUICKACK`` set again on every read (the kernel clears it),
+      so the request is acknowledged at once rather than with the answer.
+    """
+    import socket
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    from hpack.hpack import encode_integer
+
+    from gpufaas.scheduler import grpc_h2
+
+    usual = (grpc_h2._RESPONSE_HEADERS, grpc_h2._OK_TRAILERS)
+    content_type = bytes(encode_integer(16, 7)) + b"application/grpc"
+    first = (b"\x88\x5f" + content_type, b"\x40\x0bgrpc-status\x010")  # indexed: 62, 63
+    later = (b"\x88\xbf", b"\xbe")  # :status 200, table entries 63 and 62
+
+    class Indexed(grpc_h2._Connection):
+        indexed = False
+
+        def _answer(self, stream: Any, *, message: bytes | None = None,
+                    error: grpc_h2.RpcError | None = None) -> None:  # fmt: skip
+            if message is None:  # errors: trailers-only, as ours
+                return super()._answer(stream, error=error)
+            blocks = later if self.indexed else first
+            self.indexed = True
+            _set_blocks(*blocks)
+            try:
+                super()._answer(stream, message=message)
+            finally:
+                _set_blocks(*usual)
+
+    def _set_blocks(headers: bytes, trailers: bytes) -> None:
+        grpc_h2._RESPONSE_HEADERS, grpc_h2._OK_TRAILERS = headers, trailers
+        grpc_h2._RESPONSE_HEADERS_WORD = len(headers) << 8 | grpc_h2.HEADERS
+        grpc_h2._OK_TRAILERS_WORD = len(trailers) << 8 | grpc_h2.HEADERS
+
+    class QuickAck(grpc_h2._Connection):
+        def data_received(self, data: bytes) -> None:
+            if self.transport is not None:
+                sock = self.transport.get_extra_info("socket")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            super().data_received(data)
+
+    return {"grpc-h2-indexed": Indexed, "grpc-h2-quickack": QuickAck}[kind]
 
 
 def caller(kind: str, port: int) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -215,7 +275,7 @@ def measure(kind: str, *, calls: int, warmup: int) -> dict[str, float]:
             for _ in range(warmup):
                 call()
             latencies = []
-            server_before, client_before = cpu_seconds(proc.pid), time.process_time()
+            server_before, client_before = cpu_seconds([proc.pid]), time.process_time()
             deadline = time.monotonic() + 120
             for _ in range(calls):
                 if time.monotonic() > deadline:
@@ -224,7 +284,7 @@ def measure(kind: str, *, calls: int, warmup: int) -> dict[str, float]:
                 call()
                 latencies.append(time.perf_counter() - t0)
             client = time.process_time() - client_before
-            server = cpu_seconds(proc.pid) - server_before
+            server = cpu_seconds([proc.pid]) - server_before
         finally:
             close()
     finally:
@@ -363,7 +423,6 @@ def fronts(*, calls: int, rounds: int) -> dict[str, list[float]]:
     import tempfile
 
     import uvloop
-    from dataplane import body_for, grpc_request, write_manifests
     from hpack import Encoder
 
     from gpufaas.core.manifests import load_manifests
@@ -473,8 +532,6 @@ class RawHttp:
     """A keep-alive HTTP/1.1 client that replays one binary-extension request."""
 
     def __init__(self, port: int, name: str) -> None:
-        from dataplane import body_for
-
         body, headers = body_for(name)
         head = f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
@@ -511,7 +568,6 @@ class RawGrpc(RawHttp):
     next call)."""
 
     def __init__(self, port: int, name: str) -> None:
-        from dataplane import grpc_request
         from hpack import Encoder
 
         message = grpc_request(name)
@@ -565,9 +621,6 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     """``--replay``: per system and round, each model's raw-client p50/p90 and serving CPU."""
     import tempfile
 
-    from dataplane import cpu_seconds as tree_cpu
-    from dataplane import settled, tree, write_manifests
-
     from gpufaas.core.examples import build_examples
     from gpufaas.scheduler.local import stop_processes, wait_ready
 
@@ -593,11 +646,11 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
                 wait_ready([f"http://127.0.0.1:{port}"], timeout_s=180, procs=[proc], what=label)
                 pids = tree(proc.pid)
                 # the manager's start-up work in the background would count as serving CPU
-                round_out: dict[str, Any] = {"settled_after_s": asyncio.run(settled(pids))}
+                round_out: dict[str, Any] = {"settled_after_s": settled(pids)}
                 for name in ("tiny-mlp", "small-cnn"):
                     clients = {"http": RawHttp(port, name), "grpc": RawGrpc(grpc_port, name)}
                     try:
-                        round_out[name] = _alternate(clients, pids, tree_cpu, args=args)
+                        round_out[name] = _alternate(clients, pids, cpu_seconds, args=args)
                     finally:
                         for client in clients.values():
                             client.close()
@@ -655,7 +708,12 @@ def main() -> int:
     )
     parser.add_argument("--baseline", default=None, help="--replay: a baseline checkout's python")
     parser.add_argument("--baseline-path", default=None, help="--replay: its PYTHONPATH")
-    parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help=f"echo servers to compare (also: {', '.join(VARIANTS)})",
+    )
+    parser.add_argument("--serve", choices=SERVERS + VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -670,9 +728,13 @@ def main() -> int:
     if args.replay:
         print(json.dumps(replay(args), indent=1))
         return 0
-    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in SERVERS}
-    for _ in range(args.rounds):
-        for kind in SERVERS:
+    kinds = args.servers.split(",")
+    unknown = set(kinds) - set(SERVERS + VARIANTS)
+    if unknown:
+        parser.error(f"unknown servers {sorted(unknown)}")
+    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+    for round_index in range(args.rounds):
+        for kind in kinds if round_index % 2 == 0 else kinds[::-1]:
             runs[kind].append(measure(kind, calls=args.calls, warmup=args.warmup))
     summary = {
         kind: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}

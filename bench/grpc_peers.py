@@ -28,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +37,15 @@ sys.path.insert(0, str(HERE))
 
 import grpc_common  # noqa: E402
 from scenario import Scenario, prepare  # noqa: E402
-from systems import Gpufaas, PyTriton, System  # noqa: E402
+from systems import Gpufaas, PyTriton  # noqa: E402
 
 PEERS_PYTHON = "/work/peers-venv/bin/python"
 
 
 class GpufaasBoth(Gpufaas):
     """``gpufaas up`` as ``bench/peers`` starts it, remembering its gRPC port."""
+
+    grpc_port = 0
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         argv, env = super().command()
@@ -56,6 +57,7 @@ class TritonBoth(PyTriton):
     """PyTriton as ``bench/peers/triton_app.py`` binds it, with a gRPC port we know."""
 
     peers_python = PEERS_PYTHON
+    grpc_port = 0
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         specs = self.workdir / "specs.json"
@@ -78,7 +80,7 @@ def serve_triton(args: argparse.Namespace) -> int:
 
     import torch
     import triton_app
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import Triton, TritonConfig  # type: ignore[import-not-found]
 
     specs = json.loads(args.specs.read_text())
     torch.set_grad_enabled(False)
@@ -106,7 +108,9 @@ def serve_triton(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure(system: System, scenario: Scenario, args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    system: GpufaasBoth | TritonBoth, scenario: Scenario, args: argparse.Namespace
+) -> dict[str, Any]:
     """Start ``system``, call its first copy over both protocols, stop it."""
     try:
         started = system.start(timeout_s=240)
@@ -114,12 +118,12 @@ def measure(system: System, scenario: Scenario, args: argparse.Namespace) -> dic
         pids = grpc_common.tree(system.server.pid)
         target = grpc_common.Target(
             http=f"127.0.0.1:{system.port}",
-            grpc=f"127.0.0.1:{getattr(system, 'grpc_port')}",
+            grpc=f"127.0.0.1:{system.grpc_port}",
             model=scenario.models[0],
             arrays=scenario.sample,
             output=scenario.output_names[0],
         )
-        senders, close = grpc_common.tritonclient_senders(target)
+        senders, close = grpc_common.tritonclient_senders(target, no_retries=args.no_retries)
         try:
             for send in senders.values():  # loads the copy; both must answer before timing
                 send()
@@ -143,6 +147,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="per protocol, 8 blocks")
     parser.add_argument("--warmup", type=int, default=200, help="per protocol")
     parser.add_argument("--peers-python", default=PEERS_PYTHON)
+    parser.add_argument(
+        "--no-retries",
+        action="store_true",
+        help="also a tritonclient.grpc client with grpc's retries off (channel_args), alternating",
+    )
     parser.add_argument("--serve-triton", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--specs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -154,7 +163,10 @@ def main() -> int:
     if args.serve_triton:
         return serve_triton(args)
     TritonBoth.peers_python = args.peers_python
-    classes: dict[str, type[System]] = {"triton": TritonBoth, "gpufaas": GpufaasBoth}
+    classes: dict[str, type[GpufaasBoth | TritonBoth]] = {
+        "triton": TritonBoth,
+        "gpufaas": GpufaasBoth,
+    }
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     with tempfile.TemporaryDirectory(prefix="grpc-peers-") as work:
         for round_index in range(args.rounds):
@@ -174,12 +186,16 @@ def main() -> int:
                           file=sys.stderr, flush=True)  # fmt: skip
     summary = {
         family: {
-            name: statistics.median(r["grpc_over_http_p50"] for r in rows)
+            name: {
+                key: statistics.median(r[key] for r in rows)
+                for key in rows[0]
+                if key.endswith("_over_http_p50")
+            }
             for name, rows in systems.items()
         }
         for family, systems in results.items()
     }
-    print(json.dumps({"rounds": results, "median_grpc_over_http_p50": summary}, indent=1))
+    print(json.dumps({"rounds": results, "median_over_http_p50": summary}, indent=1))
     return 0
 
 
