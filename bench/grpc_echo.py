@@ -75,7 +75,7 @@ SERVERS = (
 )
 # answer-side levers tried on our front (``docs/dataplane.md``, "gRPC", sixth pass): bench-only
 # variants of ``grpc_h2``'s connection, not in the default run
-VARIANTS = ("grpc-h2-indexed", "grpc-h2-quickack")
+VARIANTS = ("grpc-h2-literal", "grpc-h2-quickack")
 # the grpc.aio server options a latency tuning would try
 TUNED = [
     ("grpc.so_reuseport", 0),
@@ -188,43 +188,20 @@ def serve(kind: str, port: int) -> None:
 def _variant(kind: str) -> Callable[[Any], asyncio.Protocol]:
     """A ``grpc_h2`` connection that answers differently (bench-only, never served):
 
-    * ``grpc-h2-indexed``: the answer's ``content-type`` and ``grpc-status: 0`` are added to
-      the client's HPACK table by the first answer and sent as one-byte indexed fields after it
-      (ours are literals, never indexed), the cheapest header blocks for the client to decode
-      (assumes the client's table is the default 4,096 bytes, as grpc's is);
+    * ``grpc-h2-literal``: the answers' ``content-type`` and ``grpc-status: 0`` as literals on
+      every answer, never indexed (``grpc_h2`` before its sixth pass; ``grpc_h2`` now adds them
+      to the client's HPACK table once and sends one byte each after that);
     * ``grpc-h2-quickack``: ``TCP_QUICKACK`` set again on every read (the kernel clears it),
       so the request is acknowledged at once rather than with the answer.
     """
     import socket
 
-    from hpack.hpack import encode_integer
-
     from gpufaas.scheduler import grpc_h2
 
-    usual = (grpc_h2._RESPONSE_HEADERS, grpc_h2._OK_TRAILERS)
-    content_type = bytes(encode_integer(16, 7)) + b"application/grpc"
-    first = (b"\x88\x5f" + content_type, b"\x40\x0bgrpc-status\x010")  # indexed: 62, 63
-    later = (b"\x88\xbf", b"\xbe")  # :status 200, table entries 63 and 62
-
-    class Indexed(grpc_h2._Connection):
-        indexed = False
-
-        def _answer(self, stream: Any, *, message: bytes | None = None,
-                    error: grpc_h2.RpcError | None = None) -> None:  # fmt: skip
-            if message is None:  # errors: trailers-only, as ours
-                return super()._answer(stream, error=error)
-            blocks = later if self.indexed else first
-            self.indexed = True
-            _set_blocks(*blocks)
-            try:
-                super()._answer(stream, message=message)
-            finally:
-                _set_blocks(*usual)
-
-    def _set_blocks(headers: bytes, trailers: bytes) -> None:
-        grpc_h2._RESPONSE_HEADERS, grpc_h2._OK_TRAILERS = headers, trailers
-        grpc_h2._RESPONSE_HEADERS_WORD = len(headers) << 8 | grpc_h2.HEADERS
-        grpc_h2._OK_TRAILERS_WORD = len(trailers) << 8 | grpc_h2.HEADERS
+    class Literal(grpc_h2._Connection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self.answer_fields.limit = 0  # too small a table to index in: literals
 
     class QuickAck(grpc_h2._Connection):
         def data_received(self, data: bytes) -> None:
@@ -233,7 +210,7 @@ def _variant(kind: str) -> Callable[[Any], asyncio.Protocol]:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             super().data_received(data)
 
-    return {"grpc-h2-indexed": Indexed, "grpc-h2-quickack": QuickAck}[kind]
+    return {"grpc-h2-literal": Literal, "grpc-h2-quickack": QuickAck}[kind]
 
 
 def caller(kind: str, port: int) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -302,6 +279,72 @@ def measure(kind: str, *, calls: int, warmup: int) -> dict[str, float]:
         "server_cpu_us": server / n * 1e6,
         "calls": n,
     }
+
+
+def paired(kinds: list[str], *, calls: int, warmup: int) -> dict[str, Any]:
+    """``--paired``: the servers all up at once and called in turn, one call each, so that a
+    change in the machine's load falls on every server alike even on a busy machine. Per
+    server: p50/p90 and this process's CPU per call (grpc's client threads included: each call
+    is finished before the next starts); and each server's p50 and mean CPU against the
+    first's, with 95% bootstrap intervals of the per-call differences' median and mean."""
+    import numpy as np
+
+    procs, clients = [], []
+    for kind in kinds:
+        port = free_port()
+        command = [sys.executable, __file__, "--serve", kind, "--port", str(port)]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        clients.append(_connected(kind, port))
+    try:
+        latency = np.zeros((len(kinds), calls))
+        cpu = np.zeros((len(kinds), calls))
+        for call, _ in clients:
+            for _ in range(warmup):
+                call()
+        deadline = time.monotonic() + 300
+        done = 0
+        for i in range(calls):
+            if time.monotonic() > deadline:
+                break
+            order = range(len(kinds)) if i % 2 == 0 else reversed(range(len(kinds)))
+            for k in order:
+                c0, t0 = time.process_time(), time.perf_counter()
+                clients[k][0]()
+                latency[k, i] = time.perf_counter() - t0
+                cpu[k, i] = time.process_time() - c0
+            done = i + 1
+    finally:
+        for _, close in clients:
+            close()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+    latency, cpu = latency[:, :done] * 1e6, cpu[:, :done] * 1e6
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"calls": done}
+    for k, kind in enumerate(kinds):
+        out[kind] = {
+            "p50_us": float(np.median(latency[k])),
+            "p90_us": float(np.percentile(latency[k], 90)),
+            "client_cpu_us": float(cpu[k].mean()),
+        }
+        if k:
+            d_lat, d_cpu = latency[k] - latency[0], cpu[k] - cpu[0]
+            picks = rng.integers(0, done, size=(1000, done))
+            out[kind][f"minus_{kinds[0]}"] = {
+                "latency_median_us": float(np.median(d_lat)),
+                "latency_median_ci": np.percentile(
+                    np.median(d_lat[picks], axis=1), [2.5, 97.5]
+                ).tolist(),
+                "client_cpu_mean_us": float(d_cpu.mean()),
+                "client_cpu_mean_ci": np.percentile(
+                    d_cpu[picks].mean(axis=1), [2.5, 97.5]
+                ).tolist(),
+            }
+    return out
 
 
 def _connected(kind: str, port: int) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -709,6 +752,11 @@ def main() -> int:
     parser.add_argument("--baseline", default=None, help="--replay: a baseline checkout's python")
     parser.add_argument("--baseline-path", default=None, help="--replay: its PYTHONPATH")
     parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="--servers all up at once, called one call each in turn (a busy machine's drift cancels)",
+    )
+    parser.add_argument(
         "--servers",
         default=",".join(SERVERS),
         help=f"echo servers to compare (also: {', '.join(VARIANTS)})",
@@ -732,6 +780,9 @@ def main() -> int:
     unknown = set(kinds) - set(SERVERS + VARIANTS)
     if unknown:
         parser.error(f"unknown servers {sorted(unknown)}")
+    if args.paired:
+        print(json.dumps(paired(kinds, calls=args.calls, warmup=args.warmup), indent=1))
+        return 0
     runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
     for round_index in range(args.rounds):
         for kind in kinds if round_index % 2 == 0 else kinds[::-1]:
