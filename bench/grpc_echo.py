@@ -16,9 +16,15 @@ Each server answers every call with the bytes it received, in a process of its o
 The client is 1 blocking caller in this process: grpc's blocking stub for the gRPC servers (the
 way ``tritonclient.grpc`` calls), ``http.client`` keep-alive for uvicorn. Per server: p50/p90
 latency, the client's CPU per call, and the server process's CPU per call (``/proc``).
-Servers alternate in rounds so that drift in the machine's load falls on all alike.
+Servers alternate in rounds (the order flipping every round) so that drift in the machine's
+load falls on all alike. ``--servers`` picks some of them, or bench-only variants of
+``grpc_h2``'s answers (:func:`_variant`: ``grpc-h2-literal``, ``grpc-h2-quickack``);
+``--paired`` runs the picked servers at once and calls them one call each in turn, and reports
+each one's per-call differences from the first with bootstrap intervals (small effects on a busy
+machine).
 
     python bench/grpc_echo.py --calls 3000 --rounds 3
+    python bench/grpc_echo.py --paired --servers grpc-h2,grpc-h2-literal --calls 10000
 
 Two more views of the gateway's own fronts (``docs/dataplane.md``, "gRPC"):
 
