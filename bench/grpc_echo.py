@@ -16,9 +16,15 @@ Each server answers every call with the bytes it received, in a process of its o
 The client is 1 blocking caller in this process: grpc's blocking stub for the gRPC servers (the
 way ``tritonclient.grpc`` calls), ``http.client`` keep-alive for uvicorn. Per server: p50/p90
 latency, the client's CPU per call, and the server process's CPU per call (``/proc``).
-Servers alternate in rounds so that drift in the machine's load falls on all alike.
+Servers alternate in rounds (the order flipping every round) so that drift in the machine's
+load falls on all alike. ``--servers`` picks some of them, or bench-only variants of
+``grpc_h2``'s answers (:func:`_variant`: ``grpc-h2-literal``, ``grpc-h2-quickack``);
+``--paired`` runs the picked servers at once and calls them one call each in turn, and reports
+each one's per-call differences from the first with bootstrap intervals (small effects on a busy
+machine).
 
     python bench/grpc_echo.py --calls 3000 --rounds 3
+    python bench/grpc_echo.py --paired --servers grpc-h2,grpc-h2-literal --calls 10000
 
 Two more views of the gateway's own fronts (``docs/dataplane.md``, "gRPC"):
 
@@ -52,6 +58,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from grpc_common import (
+    body_for,
+    cpu_seconds,
+    free_port,
+    grpc_request,
+    settled,
+    tree,
+    write_manifests,
+)
+
 SERVERS = (
     "grpc-aio",
     "grpc-aio-tuned",
@@ -61,6 +79,9 @@ SERVERS = (
     "grpc-h2",
     "uvicorn",
 )
+# answer-side levers tried on our front (``docs/dataplane.md``, "gRPC", sixth pass): bench-only
+# variants of ``grpc_h2``'s connection, not in the default run
+VARIANTS = ("grpc-h2-literal", "grpc-h2-quickack")
 # the grpc.aio server options a latency tuning would try
 TUNED = [
     ("grpc.so_reuseport", 0),
@@ -138,7 +159,12 @@ def serve(kind: str, port: int) -> None:
         server = GrpcH2Server(
             {METHOD: echo_handler}, host="127.0.0.1", port=port, max_message_bytes=2**26
         )
-        await server.start()
+        if kind == "grpc-h2":
+            await server.start()
+        else:
+            connection = _variant(kind)
+            loop = asyncio.get_running_loop()
+            await loop.create_server(lambda: connection(server), sock=server.socket)
         print("ready", flush=True)
         await asyncio.Event().wait()
 
@@ -162,18 +188,35 @@ def serve(kind: str, port: int) -> None:
         uvicorn.run(app, host="127.0.0.1", port=port, http="httptools", loop="uvloop",
                     log_level="warning", access_log=False)  # fmt: skip
     else:
-        uvloop.run(grpc_h2() if kind == "grpc-h2" else grpc_aio())
+        uvloop.run(grpc_h2() if kind.startswith("grpc-h2") else grpc_aio())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _variant(kind: str) -> Callable[[Any], asyncio.Protocol]:
+    """A ``grpc_h2`` connection that answers differently (bench-only, never served):
 
+    * ``grpc-h2-literal``: the answers' ``content-type`` and ``grpc-status: 0`` as literals on
+      every answer, never indexed (``grpc_h2`` before its sixth pass; ``grpc_h2`` now adds them
+      to the client's HPACK table once and sends one byte each after that);
+    * ``grpc-h2-quickack``: ``TCP_QUICKACK`` set again on every read (the kernel clears it),
+      so the request is acknowledged at once rather than with the answer.
+    """
+    import socket
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    from gpufaas.scheduler import grpc_h2
+
+    class Literal(grpc_h2._Connection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self.answer_fields.limit = 0  # too small a table to index in: literals
+
+    class QuickAck(grpc_h2._Connection):
+        def data_received(self, data: bytes) -> None:
+            if self.transport is not None:
+                sock = self.transport.get_extra_info("socket")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            super().data_received(data)
+
+    return {"grpc-h2-literal": Literal, "grpc-h2-quickack": QuickAck}[kind]
 
 
 def caller(kind: str, port: int) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -215,7 +258,7 @@ def measure(kind: str, *, calls: int, warmup: int) -> dict[str, float]:
             for _ in range(warmup):
                 call()
             latencies = []
-            server_before, client_before = cpu_seconds(proc.pid), time.process_time()
+            server_before, client_before = cpu_seconds([proc.pid]), time.process_time()
             deadline = time.monotonic() + 120
             for _ in range(calls):
                 if time.monotonic() > deadline:
@@ -224,7 +267,7 @@ def measure(kind: str, *, calls: int, warmup: int) -> dict[str, float]:
                 call()
                 latencies.append(time.perf_counter() - t0)
             client = time.process_time() - client_before
-            server = cpu_seconds(proc.pid) - server_before
+            server = cpu_seconds([proc.pid]) - server_before
         finally:
             close()
     finally:
@@ -242,6 +285,72 @@ def measure(kind: str, *, calls: int, warmup: int) -> dict[str, float]:
         "server_cpu_us": server / n * 1e6,
         "calls": n,
     }
+
+
+def paired(kinds: list[str], *, calls: int, warmup: int) -> dict[str, Any]:
+    """``--paired``: the servers all up at once and called in turn, one call each, so that a
+    change in the machine's load falls on every server alike even on a busy machine. Per
+    server: p50/p90 and this process's CPU per call (grpc's client threads included: each call
+    is finished before the next starts); and each server's p50 and mean CPU against the
+    first's, with 95% bootstrap intervals of the per-call differences' median and mean."""
+    import numpy as np
+
+    procs, clients = [], []
+    for kind in kinds:
+        port = free_port()
+        command = [sys.executable, __file__, "--serve", kind, "--port", str(port)]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        clients.append(_connected(kind, port))
+    try:
+        latency = np.zeros((len(kinds), calls))
+        cpu = np.zeros((len(kinds), calls))
+        for call, _ in clients:
+            for _ in range(warmup):
+                call()
+        deadline = time.monotonic() + 300
+        done = 0
+        for i in range(calls):
+            if time.monotonic() > deadline:
+                break
+            order = range(len(kinds)) if i % 2 == 0 else reversed(range(len(kinds)))
+            for k in order:
+                c0, t0 = time.process_time(), time.perf_counter()
+                clients[k][0]()
+                latency[k, i] = time.perf_counter() - t0
+                cpu[k, i] = time.process_time() - c0
+            done = i + 1
+    finally:
+        for _, close in clients:
+            close()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+    latency, cpu = latency[:, :done] * 1e6, cpu[:, :done] * 1e6
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"calls": done}
+    for k, kind in enumerate(kinds):
+        out[kind] = {
+            "p50_us": float(np.median(latency[k])),
+            "p90_us": float(np.percentile(latency[k], 90)),
+            "client_cpu_us": float(cpu[k].mean()),
+        }
+        if k:
+            d_lat, d_cpu = latency[k] - latency[0], cpu[k] - cpu[0]
+            picks = rng.integers(0, done, size=(1000, done))
+            out[kind][f"minus_{kinds[0]}"] = {
+                "latency_median_us": float(np.median(d_lat)),
+                "latency_median_ci": np.percentile(
+                    np.median(d_lat[picks], axis=1), [2.5, 97.5]
+                ).tolist(),
+                "client_cpu_mean_us": float(d_cpu.mean()),
+                "client_cpu_mean_ci": np.percentile(
+                    d_cpu[picks].mean(axis=1), [2.5, 97.5]
+                ).tolist(),
+            }
+    return out
 
 
 def _connected(kind: str, port: int) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -363,7 +472,6 @@ def fronts(*, calls: int, rounds: int) -> dict[str, list[float]]:
     import tempfile
 
     import uvloop
-    from dataplane import body_for, grpc_request, write_manifests
     from hpack import Encoder
 
     from gpufaas.core.manifests import load_manifests
@@ -473,8 +581,6 @@ class RawHttp:
     """A keep-alive HTTP/1.1 client that replays one binary-extension request."""
 
     def __init__(self, port: int, name: str) -> None:
-        from dataplane import body_for
-
         body, headers = body_for(name)
         head = f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
@@ -511,7 +617,6 @@ class RawGrpc(RawHttp):
     next call)."""
 
     def __init__(self, port: int, name: str) -> None:
-        from dataplane import grpc_request
         from hpack import Encoder
 
         message = grpc_request(name)
@@ -565,9 +670,6 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     """``--replay``: per system and round, each model's raw-client p50/p90 and serving CPU."""
     import tempfile
 
-    from dataplane import cpu_seconds as tree_cpu
-    from dataplane import settled, tree, write_manifests
-
     from gpufaas.core.examples import build_examples
     from gpufaas.scheduler.local import stop_processes, wait_ready
 
@@ -593,11 +695,11 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
                 wait_ready([f"http://127.0.0.1:{port}"], timeout_s=180, procs=[proc], what=label)
                 pids = tree(proc.pid)
                 # the manager's start-up work in the background would count as serving CPU
-                round_out: dict[str, Any] = {"settled_after_s": asyncio.run(settled(pids))}
+                round_out: dict[str, Any] = {"settled_after_s": settled(pids)}
                 for name in ("tiny-mlp", "small-cnn"):
                     clients = {"http": RawHttp(port, name), "grpc": RawGrpc(grpc_port, name)}
                     try:
-                        round_out[name] = _alternate(clients, pids, tree_cpu, args=args)
+                        round_out[name] = _alternate(clients, pids, cpu_seconds, args=args)
                     finally:
                         for client in clients.values():
                             client.close()
@@ -655,7 +757,17 @@ def main() -> int:
     )
     parser.add_argument("--baseline", default=None, help="--replay: a baseline checkout's python")
     parser.add_argument("--baseline-path", default=None, help="--replay: its PYTHONPATH")
-    parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="--servers all up at once, called one call each in turn (a busy machine's drift cancels)",
+    )
+    parser.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help=f"echo servers to compare (also: {', '.join(VARIANTS)})",
+    )
+    parser.add_argument("--serve", choices=SERVERS + VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -670,9 +782,16 @@ def main() -> int:
     if args.replay:
         print(json.dumps(replay(args), indent=1))
         return 0
-    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in SERVERS}
-    for _ in range(args.rounds):
-        for kind in SERVERS:
+    kinds = args.servers.split(",")
+    unknown = set(kinds) - set(SERVERS + VARIANTS)
+    if unknown:
+        parser.error(f"unknown servers {sorted(unknown)}")
+    if args.paired:
+        print(json.dumps(paired(kinds, calls=args.calls, warmup=args.warmup), indent=1))
+        return 0
+    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+    for round_index in range(args.rounds):
+        for kind in kinds if round_index % 2 == 0 else kinds[::-1]:
             runs[kind].append(measure(kind, calls=args.calls, warmup=args.warmup))
     summary = {
         kind: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}

@@ -15,6 +15,8 @@ What it implements (RFC 9113 and the gRPC-over-HTTP/2 protocol), and no more:
 * unary calls: one length-prefixed message in, one out; ``grpc-timeout``; ``gzip``/``deflate``
   compressed requests (answers go uncompressed, as the protocol allows); trailers-only errors
   with ``grpc-status``, ``grpc-message`` (percent-encoded) and ``grpc-status-details-bin``;
+  a successful answer's ``content-type`` and ``grpc-status: 0`` go into the client's HPACK
+  table once and are one byte each after that (:class:`_AnswerFields`);
 * limits: a message over ``max_message_bytes`` is RESOURCE_EXHAUSTED, and so is a call that
   would make the connection's unfinished requests hold more than
   :data:`UNFINISHED_MESSAGES` such messages; at most
@@ -112,8 +114,11 @@ def _literal(name: bytes, value: bytes) -> bytes:
 # ":status: 200" is static-table entry 8; content-type is entry 31 (name only)
 _RESPONSE_HEADERS = b"\x88" + b"\x0f\x10" + bytes(encode_integer(16, 7)) + b"application/grpc"
 _OK_TRAILERS = _literal(b"grpc-status", b"0")
-_RESPONSE_HEADERS_WORD = len(_RESPONSE_HEADERS) << 8 | HEADERS
-_OK_TRAILERS_WORD = len(_OK_TRAILERS) << 8 | HEADERS
+# The same two fields "with incremental indexing": the client's decoder keeps them, and every
+# later answer names each with one byte (an index into its dynamic table; see _AnswerFields)
+_CONTENT_TYPE_ADDED = b"\x5f" + bytes(encode_integer(16, 7)) + b"application/grpc"  # name: 31
+_STATUS_OK_ADDED = b"\x40" + _OK_TRAILERS[1:]
+_ANSWER_ENTRIES = (32 + 12 + 16) + (32 + 11 + 1)  # their size in that table (RFC 7541, 4.1)
 
 
 def _percent_encode(message: str) -> bytes:
@@ -134,6 +139,59 @@ def parse_timeout(value: str) -> float | None:
     """``grpc-timeout`` (e.g. ``"100m"``) in seconds; None if absent or malformed."""
     match = _TIMEOUT.fullmatch(value.strip())
     return None if match is None else int(match[1]) * _TIMEOUT_UNITS[match[2]]
+
+
+class _AnswerFields:
+    """The header blocks of a connection's answers, and what they leave in the client's HPACK
+    table. The first successful answer adds ``content-type`` and ``grpc-status: 0`` to it; every
+    later one sends ``:status 200``, ``content-type`` and ``grpc-status`` as one byte each, which
+    grpc's client decodes with less work than literals (``docs/dataplane.md``, "gRPC", sixth
+    pass). Nothing else is ever added, so with a table of at least :data:`_ANSWER_ENTRIES` bytes
+    nothing is evicted. When the client changes SETTINGS_HEADER_TABLE_SIZE, the next block opens
+    with a table size update (RFC 7541, 4.2) that empties the table; below that size, literals."""
+
+    __slots__ = ("entries", "limit", "resized")
+
+    def __init__(self) -> None:
+        self.limit = 4096  # the client's table size (SETTINGS_HEADER_TABLE_SIZE)
+        self.entries: tuple[bytes, ...] = ()  # what we added, the newest (index 62) first
+        self.resized = False
+
+    def peer_table_size(self, size: int) -> None:
+        if size != self.limit:
+            self.limit, self.resized = size, True
+
+    def headers(self) -> bytes:
+        """``:status 200`` and ``content-type``."""
+        start = self._start()
+        return start + b"\x88" + self._field(_CONTENT_TYPE_ADDED, _RESPONSE_HEADERS[1:])
+
+    def ok_trailers(self) -> bytes:
+        """``grpc-status: 0``."""
+        start = self._start()
+        return start + self._field(_STATUS_OK_ADDED, _OK_TRAILERS)
+
+    def error(self, error: RpcError) -> bytes:
+        """A trailers-only answer: headers and status in one block, as literals."""
+        return self._start() + _RESPONSE_HEADERS + _status_block(error)
+
+    def _start(self) -> bytes:
+        """A block's table size updates, if the client's size changed: to 0 (the table
+        empties), then to its new size."""
+        if not self.resized:
+            return b""
+        self.resized, self.entries = False, ()
+        size = bytearray(encode_integer(self.limit, 5))
+        size[0] |= 0x20
+        return b"\x20" + bytes(size)
+
+    def _field(self, added: bytes, literal: bytes) -> bytes:
+        if added in self.entries:
+            return bytes((0x80 | 62 + self.entries.index(added),))
+        if self.limit < _ANSWER_ENTRIES:
+            return literal
+        self.entries = (added, *self.entries)
+        return added
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +314,7 @@ class _Connection(asyncio.Protocol):
         self.unacked = 0
         self.draining = False
         self.out: list[bytes] = []  # frames to send at the end of this turn of the loop
+        self.answer_fields = _AnswerFields()
 
     # -- connection events -----------------------------------------------------------------
 
@@ -358,7 +417,9 @@ class _Connection(asyncio.Protocol):
         for at in range(0, len(payload), 6):
             key = int.from_bytes(payload[at : at + 2], "big")
             value = int.from_bytes(payload[at + 2 : at + 6], "big")
-            if key == 4:
+            if key == 1:
+                self.answer_fields.peer_table_size(value)
+            elif key == 4:
                 if value > 0x7FFF_FFFF:
                     raise _ConnectionError(FLOW_CONTROL_ERROR, "initial window too large")
                 for stream in self.streams.values():
@@ -518,7 +579,7 @@ class _Connection(asyncio.Protocol):
             return  # reset meanwhile, or the connection is gone
         sid = stream.id
         if error is not None:  # trailers only
-            block = _RESPONSE_HEADERS + _status_block(error)
+            block = self.answer_fields.error(error)
             self._write(_frame(HEADERS, END_HEADERS | END_STREAM, sid, block))
             self._finish(stream)
             return
@@ -528,18 +589,20 @@ class _Connection(asyncio.Protocol):
             # the usual answer: headers, the message in one DATA frame, trailers
             stream.send_window -= size
             self.peer_window -= size
+            headers = self.answer_fields.headers()
+            trailers = self.answer_fields.ok_trailers()
             self.out += (
-                _FRAME_HEADER.pack(_RESPONSE_HEADERS_WORD, END_HEADERS, sid),
-                _RESPONSE_HEADERS,
+                _FRAME_HEADER.pack(len(headers) << 8 | HEADERS, END_HEADERS, sid),
+                headers,
                 _FRAME_HEADER.pack(size << 8 | DATA, 0, sid),
                 b"\x00" + len(message).to_bytes(4, "big"),
                 message,
-                _FRAME_HEADER.pack(_OK_TRAILERS_WORD, END_HEADERS | END_STREAM, sid),
-                _OK_TRAILERS,
+                _FRAME_HEADER.pack(len(trailers) << 8 | HEADERS, END_HEADERS | END_STREAM, sid),
+                trailers,
             )
             self._finish(stream)
             return
-        self._write(_frame(HEADERS, END_HEADERS, sid, _RESPONSE_HEADERS))
+        self._write(_frame(HEADERS, END_HEADERS, sid, self.answer_fields.headers()))
         stream.outbox = memoryview(b"\x00" + len(message).to_bytes(4, "big") + message)
         self._send_outbox(stream)
 
@@ -554,7 +617,8 @@ class _Connection(asyncio.Protocol):
             self.peer_window -= len(chunk)
             outbox = outbox[len(chunk) :]
         if not outbox:
-            frames.append(_frame(HEADERS, END_HEADERS | END_STREAM, stream.id, _OK_TRAILERS))
+            trailers = self.answer_fields.ok_trailers()
+            frames.append(_frame(HEADERS, END_HEADERS | END_STREAM, stream.id, trailers))
         self.out.extend(frames)
         if outbox:
             stream.outbox = outbox

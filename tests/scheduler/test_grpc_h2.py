@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from hpack import Encoder
+from hpack import Decoder, Encoder
 
 from gpufaas.scheduler.grpc_h2 import (
     PREFACE,
@@ -297,6 +297,64 @@ async def test_an_answer_never_exceeds_the_peers_window(
         data = first[1][3] + b"".join(p for kind, _, _, p in rest if kind == 0)
         assert data == body
         assert rest[-1][1] & 0x1  # END_STREAM on the trailers
+    finally:
+        writer.close()
+
+
+async def test_answers_index_their_fields_and_follow_the_clients_table_size(
+    served: tuple[GrpcH2Server, Recorder],
+) -> None:
+    """After the first answer, an answer's header blocks are one byte per field (content-type
+    and grpc-status from the client's HPACK table). When the client shrinks its table below
+    them, the next block opens with a table size update (else an HPACK decoder that holds to
+    its SETTINGS, as hpack's does, fails) and the fields go back to literals; when it grows the
+    table again, they are indexed again."""
+    server, _ = served
+    encoder, decoder = Encoder(), Decoder()
+    message = b"echo"
+    body = b"\x00" + len(message).to_bytes(4, "big") + message
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    stream = -1
+
+    def settings(table_size: int) -> bytes:
+        payload = (1).to_bytes(2, "big") + table_size.to_bytes(4, "big")
+        return len(payload).to_bytes(3, "big") + b"\x04\x00" + bytes(4) + payload
+
+    async def call() -> tuple[bytes, bytes]:
+        """One echo call; its answer's two header blocks, checked by decoding them."""
+        nonlocal stream
+        stream += 2
+        block = encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", ECHO),
+                                (":authority", "x"), ("content-type", "application/grpc")])  # fmt: skip
+        writer.write(
+            len(block).to_bytes(3, "big") + b"\x01\x04" + stream.to_bytes(4, "big") + block
+            + len(body).to_bytes(3, "big") + b"\x00\x01" + stream.to_bytes(4, "big") + body
+        )  # fmt: skip
+        blocks: list[bytes] = []
+        while len(blocks) < 2:
+            frame = (await _frames(reader, until=1))[-1]
+            if frame[2] == stream:
+                blocks.append(frame[3])
+        headers, trailers = blocks
+        assert decoder.decode(headers) == [(":status", "200"), ("content-type", "application/grpc")]
+        assert decoder.decode(trailers) == [("grpc-status", "0")]
+        return headers, trailers
+
+    try:
+        writer.write(PREFACE + settings(4096))
+        first = await call()
+        assert b"application/grpc" in first[0]  # added to the table by this one
+        assert await call() == (b"\x88\xbf", b"\xbe")
+        writer.write(settings(64))  # too small for both fields
+        decoder.max_allowed_table_size = 64
+        shrunk = await call()
+        assert shrunk[0].startswith(b"\x20")  # the size update first
+        assert b"application/grpc" in shrunk[0] and b"grpc-status" in shrunk[1]
+        assert b"grpc-status" in (await call())[1]  # literals from now on
+        writer.write(settings(4096))
+        decoder.max_allowed_table_size = 4096
+        await call()
+        assert await call() == (b"\x88\xbf", b"\xbe")
     finally:
         writer.close()
 
