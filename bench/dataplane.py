@@ -62,7 +62,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from tritonclient.grpc import service_pb2 as pb
+from grpc_common import cpu_seconds, free_port, grpc_request_from, tree
 from tritonclient.utils import InferenceServerException
 
 from gpufaas.core.examples import build_examples, example_inputs
@@ -92,12 +92,6 @@ FAMILIES = {
 }  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def write_manifests(folder: Path, models: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for family, (file, fmt, inputs, outputs) in FAMILIES.items():
@@ -107,25 +101,6 @@ def write_manifests(folder: Path, models: Path) -> None:
             text = MANIFEST.format(name=name, models=models, file=file, format=fmt,
                                    inputs=inputs, outputs=outputs, batch=batch, delay=delay)  # fmt: skip
             (folder / f"{name}.yaml").write_text(text)
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
-
-
-def tree(pid: int) -> list[int]:
-    pids = [pid]
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        pids.extend(tree(int(child)))
-    return pids
 
 
 def body_arrays(name: str, *, rows: int = 1) -> dict[str, np.ndarray]:
@@ -146,16 +121,7 @@ def body_for(name: str, *, rows: int = 1) -> tuple[bytes, dict[str, str]]:
 
 def grpc_request(name: str) -> bytes:
     body, headers = body_for(name)
-    header_length = int(headers["Inference-Header-Content-Length"])
-    header = json.loads(body[:header_length])
-    request = pb.ModelInferRequest(model_name=name)
-    offset = header_length
-    for tensor in header["inputs"]:
-        request.inputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
-        size = tensor["parameters"]["binary_data_size"]
-        request.raw_input_contents.append(body[offset : offset + size])
-        offset += size
-    return request.SerializeToString()
+    return grpc_request_from(name, body, headers)
 
 
 def sync_grpc_latencies(port: int, data: bytes, *, args: argparse.Namespace) -> list[float]:

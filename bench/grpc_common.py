@@ -106,12 +106,18 @@ def body_for(family: str) -> tuple[bytes, dict[str, str]]:
 
 def grpc_request(family: str) -> bytes:
     """The same request as a serialized ``ModelInferRequest`` (``raw_input_contents``)."""
+    body, headers = body_for(family)
+    return grpc_request_from(family, body, headers)
+
+
+def grpc_request_from(name: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """A binary-extension HTTP request (``body``, ``headers``) for ``name`` as a serialized
+    ``ModelInferRequest``: the same tensors, each in ``raw_input_contents``."""
     from tritonclient.grpc import service_pb2 as pb
 
-    body, headers = body_for(family)
     header_length = int(headers["Inference-Header-Content-Length"])
     header = json.loads(body[:header_length])
-    request = pb.ModelInferRequest(model_name=family)
+    request = pb.ModelInferRequest(model_name=name)
     offset = header_length
     for tensor in header["inputs"]:
         request.inputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
