@@ -75,12 +75,27 @@ POLICIES: dict[str, tuple[list[str], bool]] = {
         ],
         False,
     ),
+    # the rule before the fourth session's miss_ms (a cold start's own cost): the check of why
+    # the live operating point moved (bench/RESULTS.md, seventh session)
+    "ours-m0-noprefetch": (
+        [
+            "--prefetch",
+            "predictive",
+            "--prefetch-param",
+            "device_price={price}",
+            "--prefetch-param",
+            "miss_ms=0",
+            "--prefetch-demote-only",
+        ],
+        False,
+    ),
 }
 LABELS = {
     "ka": "lru+ka-10min",
     "hybrid": "hybrid",
     "ours": "ours",
     "ours-noprefetch": "ours-noprefetch",
+    "ours-m0-noprefetch": "ours-m0-noprefetch",
 }
 
 
@@ -457,7 +472,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(tmp)
         models = build_models(root / "models", hidden)
         names_by_index = write_functions(root / "functions", models)
-        key = f"{args.seed}-{args.functions}-{args.size_scale:g}-{args.minutes:g}"
+        key = f"{args.seed}-{args.functions}-{args.size_scale:g}"  # the models, not the minutes
         measured = measure_sizes(
             root, names_by_index, cache=Path(args.trace_dir) / f"live-sizes-{key}.json"
         )

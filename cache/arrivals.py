@@ -476,8 +476,8 @@ class PredictivePolicy:
         max_horizon_s: float | None = None,
         by_density: bool = False,
         replica_share: float = 0.0,
-        victim_sets: bool = False,
-        reevict: float = 1.0,
+        victim_sets: bool = True,
+        reevict: float = 2.0,
         evict_horizon_s: float | None = None,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")

@@ -127,14 +127,19 @@ def test_a_copy_held_elsewhere_too_goes_before_an_otherwise_equal_sole_copy(
 
 
 def test_eviction_plan_ranks_only_the_least_recently_used_sample() -> None:
-    policy = PredictivePolicy()
-    for name in ("old", "mid", "new"):
-        _periodic(policy, name, 600.0)
+    ranking, sets = PredictivePolicy(victim_sets=False), PredictivePolicy()
+    for policy in (ranking, sets):
+        for name in ("old", "mid", "new"):
+            _periodic(policy, name, 600.0)
     residents = [("old", GB), ("mid", GB), ("new", GB)]
     order = eviction_plan(
-        policy, iter(residents), NOW + 1, lambda m, s: 100.0, need_bytes=GB, sample=2
+        ranking, iter(residents), NOW + 1, lambda m, s: 100.0, need_bytes=GB, sample=2
     )
     assert sorted(order) == ["mid", "old"]
+    plan = eviction_plan(
+        sets, iter(residents), NOW + 1, lambda m, s: 100.0, need_bytes=GB, sample=2
+    )
+    assert len(plan) == 1 and plan[0] in ("mid", "old")
     lru = eviction_plan(FixedKeepAlive(), iter(residents), NOW, lambda m, s: 100.0, need_bytes=GB)
     assert lru == []
 
@@ -163,7 +168,7 @@ def test_the_gateway_sends_the_policys_victims_or_lalbs_when_it_has_none(kind: s
     directory.note_dispatch("n/gpu:0", "loading", size_bytes=GB)  # not resident: never a victim
     policy: PredictivePolicy | FixedKeepAlive
     if kind == "predictive":
-        policy = PredictivePolicy(by_density=True)
+        policy = PredictivePolicy(by_density=True, victim_sets=False)
         _hot_large_and_cool_small(policy)
         expected: tuple[str, ...] = ("cnn", "llm")
     else:
@@ -218,7 +223,7 @@ async def test_the_gateway_routes_a_load_with_the_residency_policys_victims(
         directory.note_loaded(key, "cnn", size_bytes=free - 10 * GB)
         gateway.model_bytes.update({"tiny-mlp": GB, "llm": 10 * GB, "cnn": free - 10 * GB})
         lalb = gateway._route("tiny-mlp", exclude=set()).victims
-        policy = PredictivePolicy(by_density=True)
+        policy = PredictivePolicy(by_density=True, victim_sets=False)
         driver = enable_prefetch(gateway, policy=policy)
         now = driver.clock()
         _periodic(policy, "llm", 1.0, until=now)
