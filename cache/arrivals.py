@@ -17,10 +17,10 @@ prefetch driver run the same decisions:
 * :class:`PredictivePolicy` (ours): a decayed histogram of inter-arrival gaps on a log scale
   (0.1 s to 4 h), a periodicity detector, and a cost-aware rule: keep (or prefetch) a model while
   the expected load time saved, ``P(arrival within the horizon | idle so far) x reload_ms``,
-  is at least what holding it costs, ``price x GB x horizon``; evict by expected miss cost saved
-  per byte-second held (LHD's hit density weighted by a miss's cost: a learned approximation
-  of Belady's rule). :func:`eviction_plan` chooses a device's victims for the simulator and the
-  gateway alike.
+  is at least what holding it costs, ``price x GB x horizon``; when a load must evict, the set
+  of victims that frees its bytes at the least expected miss cost, counting the evictions a
+  returning victim makes again (a learned, size-aware approximation of Belady's rule).
+  :func:`eviction_plan` chooses a device's victims for the simulator and the gateway alike.
 * :class:`SwitchingPolicy` (an option): ours, switched per function to another rule (the hybrid
   histogram) where a causal shadow account of both rules' costs says that rule did better.
 
@@ -427,9 +427,9 @@ class PredictivePolicy:
     * keep while ``P(arrival within horizon) x reload_ms >= price x GB x horizon``;
     * prefetch a model that is not there when, looking ``lead_s + horizon`` ahead (``lead_s``
       covers the load), the same inequality holds;
-    * evict first the model with the least expected miss cost saved per byte-second held,
-      ``P(arrival within horizon) x (reload_ms + miss_ms) / (bytes x E[time held])``
-      (:meth:`value`: LHD's hit density, weighted by a miss's cost).
+    * when a load must evict, the cheapest set of victims (:meth:`victim_plan`); with
+      ``victim_sets`` off, by least expected miss cost saved per byte held (:meth:`value`;
+      with ``by_density``, per byte-second: LHD's hit density, weighted by a miss's cost).
 
     The histogram's ``P`` is mixed with a memoryless arrival at the mean gap,
     ``(1 - smoothing) x P + smoothing x (1 - exp(-h / mean gap))``: a histogram of a few hundred
