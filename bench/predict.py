@@ -101,6 +101,13 @@ _LABEL_KEYS = {
     # -w1: switched per function to the hybrid's decisions where they have cost less so far
     # (cache/arrivals.py: SwitchingPolicy; -w0, the default: ours alone)
     "w": "switch",
+    # -k1: victims chosen as a set, by expected miss cost over the horizon counting what a
+    # returning model evicts again (cache/arrivals.py: PredictivePolicy.victim_plan; -k0: the
+    # order above); -e<w>: the weight of that re-eviction (default 1); -h<s>: the horizon of
+    # the victims' miss probability (default: the keep rule's 30 s)
+    "k": "victim_sets",
+    "e": "reevict",
+    "h": "evict_horizon_s",
 }
 
 
@@ -126,7 +133,10 @@ def setting_for(label: str) -> tuple[str, str, dict[str, float], bool]:
         except ValueError:
             key = None
         if key is None or key in params:
-            raise TraceError(f"setting {label!r}: cannot read {part!r} (p, m, g or s and a number)")
+            letters = ", ".join(_LABEL_KEYS)
+            raise TraceError(
+                f"setting {label!r}: cannot read {part!r} (one of {letters}, a number)"
+            )
         params[key] = value
     return label, "predictive", params, prefetch
 
@@ -153,10 +163,9 @@ def load_trace(job: dict[str, Any]) -> tuple[ServerlessTrace, list[tuple[int, fl
         before, tail = azure_tail(
             job["tail"], hours=job["minutes"] / 60, seed=job["seed"], history_hours=HISTORY_HOURS
         )
-        history = [
+        return tail, [
             (int(f), float(t)) for f, t in zip(before.function, before.arrival_s, strict=True)
         ]
-        return tail, history
     trace = _trim(
         generate_orcbench(
             Path(job["trace_file"]),
@@ -497,7 +506,46 @@ def prediction_cost(
         out[f"{label}_observe_us_p50"] = float(np.median(batches))
         out[f"{label}_observe_us_max"] = float(np.max(batches))
         out[f"{label}_advise_us"] = advise_us
+        if (
+            label == "predictive"
+        ):  # the baselines have no plan (the caller's LRU); the switch: ours'
+            ranked = _eviction_plan_us(policy, names, now, rng)
+            policy.victim_sets = True  # type: ignore[attr-defined]  # the same history, as sets
+            out["predictive_eviction_order_us"] = ranked
+            out["predictive_eviction_sets_us"] = _eviction_plan_us(policy, names, now, rng)
     return out
+
+
+def _eviction_plan_us(policy: Any, names: list[str], now: float, rng: Any) -> float:
+    """Gateway CPU per load that must evict (``eviction_plan``, what ``PrefetchDriver.victims``
+    runs): a device of 32 least recently used residents among the functions, sizes
+    log-uniform over 20 MB-16 GB, a load needing 0.5-10 GB; the median of batches of 100."""
+    import gc
+    import time
+
+    import numpy as np
+
+    from gpufaas.cache.arrivals import eviction_plan
+
+    devices = [
+        (
+            [
+                (names[int(i)], int(10 ** rng.uniform(7.3, 10.2)))
+                for i in rng.choice(len(names), 32, replace=False)
+            ],
+            int(rng.uniform(0.5e9, 10e9)),
+        )
+        for _ in range(100)
+    ]
+    rounds = []
+    gc.disable()
+    for _ in range(20):
+        tic = time.perf_counter_ns()
+        for residents, need in devices:
+            eviction_plan(policy, residents, now + 5.0, lambda m, s: s / 25e6, need_bytes=need)
+        rounds.append((time.perf_counter_ns() - tic) / 1000 / len(devices))
+    gc.enable()
+    return float(np.median(rounds))
 
 
 def _parser() -> argparse.ArgumentParser:

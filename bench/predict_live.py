@@ -75,12 +75,27 @@ POLICIES: dict[str, tuple[list[str], bool]] = {
         ],
         False,
     ),
+    # the rule before the fourth session's miss_ms (a cold start's own cost): the check of why
+    # the live operating point moved (bench/RESULTS.md, seventh session)
+    "ours-m0-noprefetch": (
+        [
+            "--prefetch",
+            "predictive",
+            "--prefetch-param",
+            "device_price={price}",
+            "--prefetch-param",
+            "miss_ms=0",
+            "--prefetch-demote-only",
+        ],
+        False,
+    ),
 }
 LABELS = {
     "ka": "lru+ka-10min",
     "hybrid": "hybrid",
     "ours": "ours",
     "ours-noprefetch": "ours-noprefetch",
+    "ours-m0-noprefetch": "ours-m0-noprefetch",
 }
 
 
@@ -439,6 +454,7 @@ def summarise(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     trace_file = Path(args.trace_dir) / f"orc-s{args.scale}-m60-seed{args.seed}.csv"
     full = generate_orcbench(trace_file, scale=args.scale, minutes=60, seed=args.seed)
     picked = pick_functions(full, k=args.functions, seed=args.seed)
@@ -456,7 +472,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(tmp)
         models = build_models(root / "models", hidden)
         names_by_index = write_functions(root / "functions", models)
-        key = f"{args.seed}-{args.functions}-{args.size_scale:g}-{args.minutes:g}"
+        key = f"{args.seed}-{args.functions}-{args.size_scale:g}"  # the models, not the minutes
         measured = measure_sizes(
             root, names_by_index, cache=Path(args.trace_dir) / f"live-sizes-{key}.json"
         )
@@ -464,7 +480,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         devices = args.nodes * args.cpu_devices
         per_device = max(max(entry) + 1, int(args.capacity_fraction * sum(entry) / devices))
         names = [names_by_index[f] for f in trace.function.tolist()]
-        for label in args.policies:
+        for repetition, label in run_order(args.policies, seed=args.seed, pairs=args.pairs):
             flags, _ = POLICIES[label]
             tail = [
                 "--nodes",
@@ -508,8 +524,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 time_scale=args.time_scale,
                 size_scale=args.size_scale,
             )
-            out[LABELS[label]] = row
-            print(f"{LABELS[label]}: {json.dumps(row, default=float)}", flush=True)
+            row["repetition"] = repetition
+            row["position"] = len(out)  # 0: the first run of this invocation (of its hold)
+            out[f"{LABELS[label]}#{repetition}" if args.pairs > 1 else LABELS[label]] = row
+            print(f"{LABELS[label]} #{repetition}: {json.dumps(row, default=float)}", flush=True)
             if row["errors"]:
                 print(log.read_text(errors="replace")[-2000:], file=sys.stderr)
     hours = args.minutes / 60
@@ -532,7 +550,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rate_per_wall_s": len(trace) / max(wall[-1], 1e-9) if wall else 0.0,
         "mean_rate_per_hour": len(trace) / hours,
         "routing": args.routing,
+        "order": [label for _, label in run_order(args.policies, seed=args.seed, pairs=args.pairs)],
+        "pairs": args.pairs,
+        "started": started,
     }
+    return out
+
+
+def run_order(policies: list[str], *, seed: int, pairs: int) -> list[tuple[int, str]]:
+    """The runs of one invocation, ``(repetition, policy)``: each repetition runs every
+    policy once, the order reversed from one repetition to the next and from one seed to the
+    next (odd seeds start reversed). The first run of a quiet-lock hold is ~10% slower
+    whatever it runs (``bench/RESULTS.md``, fifth session), so an A/B pair in one order only
+    measures the order."""
+    out = []
+    for repetition in range(pairs):
+        order = policies if (seed + repetition) % 2 == 0 else policies[::-1]
+        out += [(repetition, label) for label in order]
     return out
 
 
@@ -575,13 +609,28 @@ def _interval(values: list[float]) -> str:
 
 
 def aggregate(runs: list[dict[str, Any]]) -> str:
-    """Per policy over the seeds (the latest run of each seed and policy): mean and 95%
-    interval; then ours' warm p99 over ours-noprefetch's, per seed."""
+    """Per policy over the seeds (the latest invocation of each seed and policy): mean and 95%
+    interval; then ours' warm p99 over ours-noprefetch's per pair (one repetition of one
+    invocation), with which of the two ran first, and over all the pairs."""
     by_seed: dict[int, dict[str, Any]] = {}
+    pairs: list[tuple[int, str, float, str]] = []  # (seed, started, ratio, first)
     for run in runs:
-        by_seed.setdefault(run["_setup"]["seed"], {}).update(
-            {k: v for k, v in run.items() if not k.startswith("_")}
-        )
+        setup = run["_setup"]
+        rows = {k: v for k, v in run.items() if not k.startswith("_")}
+        for position, row in enumerate(rows.values()):  # lines before "position": run order
+            row.setdefault("position", position)
+        for repetition in sorted({r.get("repetition", 0) for r in rows.values()}):
+            pair = {
+                label.split("#")[0]: r
+                for label, r in rows.items()
+                if r.get("repetition", 0) == repetition
+            }
+            by_seed.setdefault(setup["seed"], {}).update(pair)
+            if "ours" in pair and "ours-noprefetch" in pair:
+                on, off = pair["ours"], pair["ours-noprefetch"]
+                first = "ours" if on["position"] < off["position"] else "noprefetch"
+                ratio = on["warm_p99_ms"] / off["warm_p99_ms"]
+                pairs.append((setup["seed"], setup.get("started", "?"), ratio, first))
     metrics = (
         "cold_ratio",
         "device_gb_s_mapped",
@@ -601,16 +650,10 @@ def aggregate(runs: list[dict[str, Any]]) -> str:
         rows = [rows[label] for rows in by_seed.values() if label in rows]
         cells = [_interval([float(r[m]) for r in rows]) for m in metrics]
         lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
-    ratios = {
-        seed: rows["ours"]["warm_p99_ms"] / rows["ours-noprefetch"]["warm_p99_ms"]
-        for seed, rows in sorted(by_seed.items())
-        if "ours" in rows and "ours-noprefetch" in rows
-    }
-    if ratios:
-        per = ", ".join(f"seed {s}: {r:.3f}" for s, r in ratios.items())
-        lines.append(
-            f"warm p99 ours / ours-noprefetch: {per}; mean {_interval(list(ratios.values()))}"
-        )
+    if pairs:
+        per = ", ".join(f"seed {s} ({first} first): {r:.3f}" for s, _, r, first in pairs)
+        lines.append(f"warm p99 ours / ours-noprefetch per pair: {per}")
+        lines.append(f"over the pairs: {_interval([r for _, _, r, _ in pairs])}")
     return "\n".join(lines)
 
 
@@ -639,6 +682,12 @@ def parser() -> argparse.ArgumentParser:
         help="ours' device_price in ms per GB-s at the live sizes",
     )
     p.add_argument("--policies", default="ka,hybrid,ours,ours-noprefetch")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help="run the policies this many times, the order reversed each time (and by seed)",
+    )
     p.add_argument("--trace-dir", default=str(Path(tempfile.gettempdir()) / "gpufaas-orcbench"))
     p.add_argument("--json", type=Path, default=None, help="append the result as a JSON line")
     p.add_argument(
@@ -662,6 +711,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--policies: unknown {unknown}; choose from {sorted(POLICIES)}")
     if not args.time_scale > 0 or not args.size_scale > 0:
         raise SystemExit("--time-scale and --size-scale must be > 0")
+    if args.pairs < 1:
+        raise SystemExit("--pairs must be >= 1")
     out = run(args)
     print(json.dumps(out["_setup"], indent=1, default=float))
     print(table(out))

@@ -17,10 +17,10 @@ prefetch driver run the same decisions:
 * :class:`PredictivePolicy` (ours): a decayed histogram of inter-arrival gaps on a log scale
   (0.1 s to 4 h), a periodicity detector, and a cost-aware rule: keep (or prefetch) a model while
   the expected load time saved, ``P(arrival within the horizon | idle so far) x reload_ms``,
-  is at least what holding it costs, ``price x GB x horizon``; evict by expected miss cost saved
-  per byte-second held (LHD's hit density weighted by a miss's cost: a learned approximation
-  of Belady's rule). :func:`eviction_order` ranks a device's victims for the simulator and the
-  gateway alike.
+  is at least what holding it costs, ``price x GB x horizon``; when a load must evict, the set
+  of victims that frees its bytes at the least expected miss cost, counting the evictions a
+  returning victim makes again (a learned, size-aware approximation of Belady's rule).
+  :func:`eviction_plan` chooses a device's victims for the simulator and the gateway alike.
 * :class:`SwitchingPolicy` (an option): ours, switched per function to another rule (the hybrid
   histogram) where a causal shadow account of both rules' costs says that rule did better.
 
@@ -84,6 +84,10 @@ class ResidencyPolicy(Protocol):
 
     def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]: ...
 
+    def victim_plan(
+        self, candidates: Sequence[Candidate], need_bytes: int, now_s: float
+    ) -> list[str]: ...
+
     def snapshot(self) -> dict[str, Any]: ...
 
     def restore(self, state: Mapping[str, Any]) -> None: ...
@@ -137,6 +141,11 @@ class FixedKeepAlive:
         return Advice(keep=keep, prefetch=False, reason="keepalive")
 
     def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]:
+        return []  # LRU
+
+    def victim_plan(
+        self, candidates: Sequence[Candidate], need_bytes: int, now_s: float
+    ) -> list[str]:
         return []  # LRU
 
     def snapshot(self) -> dict[str, Any]:
@@ -292,6 +301,11 @@ class HybridHistogram:
     def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]:
         return []  # LRU
 
+    def victim_plan(
+        self, candidates: Sequence[Candidate], need_bytes: int, now_s: float
+    ) -> list[str]:
+        return []  # LRU
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "version": SNAPSHOT_VERSION,
@@ -413,9 +427,9 @@ class PredictivePolicy:
     * keep while ``P(arrival within horizon) x reload_ms >= price x GB x horizon``;
     * prefetch a model that is not there when, looking ``lead_s + horizon`` ahead (``lead_s``
       covers the load), the same inequality holds;
-    * evict first the model with the least expected miss cost saved per byte-second held,
-      ``P(arrival within horizon) x (reload_ms + miss_ms) / (bytes x E[time held])``
-      (:meth:`value`: LHD's hit density, weighted by a miss's cost).
+    * when a load must evict, the cheapest set of victims (:meth:`victim_plan`); with
+      ``victim_sets`` off, by least expected miss cost saved per byte held (:meth:`value`;
+      with ``by_density``, per byte-second: LHD's hit density, weighted by a miss's cost).
 
     The histogram's ``P`` is mixed with a memoryless arrival at the mean gap,
     ``(1 - smoothing) x P + smoothing x (1 - exp(-h / mean gap))``: a histogram of a few hundred
@@ -462,6 +476,9 @@ class PredictivePolicy:
         max_horizon_s: float | None = None,
         by_density: bool = False,
         replica_share: float = 0.0,
+        victim_sets: bool = True,
+        reevict: float = 2.0,
+        evict_horizon_s: float | None = None,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -486,6 +503,13 @@ class PredictivePolicy:
         self.fallback_keepalive_s = _finite(fallback_keepalive_s, "fallback_keepalive_s")
         self.by_density = bool(by_density)
         self.replica_share = _finite(replica_share, "replica_share")
+        self.victim_sets = bool(victim_sets)
+        self.reevict = _finite(reevict, "reevict")
+        self.evict_horizon_s = _finite(
+            self.horizon_s if evict_horizon_s is None else evict_horizon_s,
+            "evict_horizon_s",
+            minimum=1e-3,
+        )
         self._growth = 2 ** (1 / self.half_life)
         self._seen = _LastSeen()
         self._models: dict[str, _GapModel] = {}
@@ -655,6 +679,45 @@ class PredictivePolicy:
         scored.sort()
         return [f for _, _, f in scored]
 
+    def victim_plan(
+        self, candidates: Sequence[Candidate], need_bytes: int, now_s: float
+    ) -> list[str]:
+        """The victims that free ``need_bytes`` at the least expected miss cost, best first.
+
+        With ``victim_sets`` off: :meth:`victim_order` (the caller frees in that order). On: a
+        choice among *sets* of victims, as LALB's own plan does. Evicting ``m`` costs its
+        expected miss over ``evict_horizon_s``, ``P(request within it) x (reload + miss_ms)``
+        (divided by ``1 + replica_share x copies``), plus, because ``m`` returns by loading
+        again, ``reevict x P x`` the cost of freeing its bytes once more: the cheapest cover of
+        ``m``'s bytes from the same candidates (:func:`refill_costs`). A 10 GB model evicted now
+        evicts 10 GB of others when it returns; a 100 MB one, 100 MB. Then the cheapest set
+        that frees enough (:func:`cheapest_cover`). Empty when no candidate has a history:
+        the caller's LRU stands (a policy that knows nothing has no order)."""
+        if not self.victim_sets:
+            return self.victim_order(candidates, now_s)
+        if not any(c.function in self._models for c in candidates):
+            return []
+        h = self.evict_horizon_s
+        p = [self._p_evicted(c.function, now_s, h) for c in candidates]
+        base = [
+            pi * (c.reload_ms + self.miss_ms) / (1.0 + self.replica_share * c.copies_elsewhere)
+            for pi, c in zip(p, candidates, strict=True)
+        ]
+        sizes = [c.size_bytes for c in candidates]
+        again = refill_costs(sizes, base) if self.reevict > 0 else [0.0] * len(base)
+        costs = [b + self.reevict * pi * r for b, pi, r in zip(base, p, again, strict=True)]
+        return [candidates[i].function for i in cheapest_cover(sizes, costs, need_bytes)]
+
+    def _p_evicted(self, function: str, now_s: float, horizon_s: float) -> float:
+        """P(a request within ``horizon_s``); with under two arrivals, :meth:`value`'s
+        fallback (0.5 inside the fallback keep-alive, else 0)."""
+        idle = self._seen.idle(function, now_s)
+        if idle is None:
+            return 0.0
+        if function not in self._models:
+            return 0.5 if idle <= self.fallback_keepalive_s else 0.0
+        return self.p_arrival(function, idle, horizon_s)
+
     # -- persistence -----------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -695,6 +758,82 @@ class PredictivePolicy:
                 var=float(m["var"]),
             )
         self._seen.last, self._models = last, models
+
+
+def _by_cost_per_byte(sizes: Sequence[int], costs: Sequence[float]) -> list[int]:
+    """Indices by cost per byte; ties: the larger first, then the earlier (less recently used)."""
+    return sorted(range(len(sizes)), key=lambda i: (costs[i] / max(1, sizes[i]), -sizes[i], i))
+
+
+def refill_costs(sizes: Sequence[int], costs: Sequence[float]) -> list[float]:
+    """For each item, what freeing its own bytes again would cost: the fractional cheapest
+    cover of that many bytes by cost per byte over the *other* items (the price of the
+    device's cheapest memory now), proportionally past their total. O(n log n): without item
+    ``i``, the others' cover of ``s`` bytes is the full cover of ``s`` when ``i`` starts past
+    ``s`` in the order by cost per byte, else the full cover of ``2 s`` less ``i``'s cost."""
+    ranked = _by_cost_per_byte(sizes, costs)
+    edges, totals = [0], [0.0]
+    start = [0] * len(sizes)  # where each item starts in the order, in bytes
+    for i in ranked:
+        start[i] = edges[-1]
+        edges.append(edges[-1] + sizes[i])
+        totals.append(totals[-1] + costs[i])
+
+    def cover(size: int) -> float:  # the full cover of ``size`` bytes, size <= edges[-1]
+        k = min(bisect.bisect_right(edges, size) - 1, len(edges) - 2)
+        span = edges[k + 1] - edges[k]
+        return totals[k] + (totals[k + 1] - totals[k]) * (size - edges[k]) / max(1, span)
+
+    out = []
+    for i, size in enumerate(sizes):
+        others = edges[-1] - size
+        if start[i] >= size:
+            out.append(cover(size))
+        elif 2 * size <= edges[-1]:
+            out.append(cover(2 * size) - costs[i])
+        elif others > 0:  # the others hold too little: at their mean price per byte
+            out.append((totals[-1] - costs[i]) * size / others)
+        else:  # nothing else to evict: at its own price
+            out.append(costs[i])
+    return out
+
+
+def cheapest_cover(sizes: Sequence[int], costs: Sequence[float], need_bytes: int) -> list[int]:
+    """Indices of items whose sizes sum to at least ``need_bytes`` at a low total cost: the
+    best of "the cheapest items per byte, then the cheapest single item that covers what is
+    left" over every prefix (the first prefix is the cheapest single item that frees enough
+    alone; the last, the greedy by cost per byte), then items not needed after all are
+    dropped, the costliest first. A min-cost covering knapsack, approximately, in O(n^2) for
+    the n items (n <= 32). Nothing is needed: ``[]``. Too little in all: every item, by cost per
+    byte (the caller frees the rest its own way)."""
+    if need_bytes <= 0:
+        return []
+    ranked = _by_cost_per_byte(sizes, costs)
+    if sum(sizes) < need_bytes:
+        return ranked
+    best: list[int] = []
+    best_cost = math.inf
+    freed, spent = 0, 0.0
+    for k, _ in enumerate(ranked):
+        left = need_bytes - freed
+        # the cheapest single item beyond the prefix that covers what is left
+        closer = min(
+            (j for j in ranked[k:] if sizes[j] >= left),
+            key=lambda j: (costs[j], -sizes[j]),
+            default=None,
+        )
+        if closer is not None and spent + costs[closer] < best_cost:
+            best, best_cost = [*ranked[:k], closer], spent + costs[closer]
+        freed += sizes[ranked[k]]
+        spent += costs[ranked[k]]
+        if freed >= need_bytes or spent >= best_cost:
+            break
+    total = sum(sizes[i] for i in best)
+    for i in sorted(best, key=lambda i: -costs[i]):  # drop what is not needed, costliest first
+        if total - sizes[i] >= need_bytes:
+            best.remove(i)
+            total -= sizes[i]
+    return best
 
 
 def _cdf(cumulative: list[float], weights: list[float], total: float, x: float) -> float:
@@ -840,6 +979,11 @@ class SwitchingPolicy:
     def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]:
         return self.ours.victim_order(candidates, now_s)
 
+    def victim_plan(
+        self, candidates: Sequence[Candidate], need_bytes: int, now_s: float
+    ) -> list[str]:
+        return self.ours.victim_plan(candidates, need_bytes, now_s)
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "version": SNAPSHOT_VERSION,
@@ -875,27 +1019,32 @@ class SwitchingPolicy:
 EVICTION_SAMPLE = 32  # victims ranked per load: the least recently used, as LRB (NSDI'20)
 
 
-def eviction_order(
+def eviction_plan(
     policy: ResidencyPolicy,
     residents: Iterable[tuple[str, int]],
     now_s: float,
     reload_ms: Callable[[str, int], float],
     *,
+    need_bytes: int,
     copies_elsewhere: Callable[[str], int] = lambda model: 0,
     sample: int = EVICTION_SAMPLE,
 ) -> list[str]:
-    """The policy's victims on one device, best victim first: its order over the ``sample``
-    least recently used of ``residents`` (``(model, bytes)``, least recently used first, only
-    those that may be evicted); ``reload_ms(model, bytes)`` is what reloading one would take,
-    ``copies_elsewhere(model)`` how many other devices hold it. Empty when the policy has no
-    order of its own (the caller's order stands: LRU, or LALB's victims); whatever the order
-    frees too little of, LRU frees. The simulator (``bench/sim/residency.py``) and the gateway
-    (``scheduler/prefetch.py``) both call this."""
+    """The policy's victims on one device for a load that needs ``need_bytes`` more free
+    bytes, best victim first: its plan (:meth:`ResidencyPolicy.victim_plan`) over the
+    ``sample`` least recently used of ``residents`` (``(model, bytes)``, least recently used
+    first, only those that may be evicted: a model in use is never passed, so never chosen);
+    ``reload_ms(model, bytes)`` is what reloading one would take, ``copies_elsewhere(model)``
+    how many other devices hold it. Empty when the policy has no plan of its own (the caller's
+    order stands: LRU, or LALB's victims); whatever the plan frees too little of, LRU frees.
+    The simulator (``bench/sim/residency.py``) and the gateway (``scheduler/prefetch.py``) both
+    call this."""
+    if need_bytes <= 0:
+        return []
     candidates = [
         Candidate(model, size, reload_ms(model, size), copies_elsewhere(model))
         for model, size in itertools.islice(residents, sample)
     ]
-    return policy.victim_order(candidates, now_s) if candidates else []
+    return policy.victim_plan(candidates, need_bytes, now_s) if candidates else []
 
 
 def make_policy(name: str, **params: float) -> ResidencyPolicy:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter
 
 from gpufaas.cache import ClusterDirectory, Residency
-from gpufaas.cache.arrivals import ArrivalError, ResidencyPolicy, eviction_order
+from gpufaas.cache.arrivals import ArrivalError, ResidencyPolicy, eviction_plan
 from gpufaas.core import node
 
 if TYPE_CHECKING:
@@ -195,21 +195,23 @@ class PrefetchDriver:
             if hit:
                 self.used.inc()
 
-    def victims(self, device: str, planned: tuple[str, ...]) -> tuple[str, ...]:
-        """What a load on ``device`` should evict first: the policy's order over the device's
-        resident models (:func:`~gpufaas.cache.arrivals.eviction_order`, the simulator's rule
-        too), or ``planned`` (LALB's victims) when the policy has no order of its own."""
+    def victims(self, device: str, planned: tuple[str, ...], *, size_bytes: int) -> tuple[str, ...]:
+        """What a load of ``size_bytes`` on ``device`` should evict: the policy's plan over the
+        device's resident models (:func:`~gpufaas.cache.arrivals.eviction_plan`, the
+        simulator's rule too), or ``planned`` (LALB's victims) when the policy has no plan of
+        its own."""
+        directory = self.directory
         residents = (
             (model, size)
-            for model, state, size in self.directory.residents(device)
+            for model, state, size in directory.residents(device)
             if state is Residency.RESIDENT
         )
-        directory = self.directory
-        order = eviction_order(
+        order = eviction_plan(
             self.policy,
             residents,
             self.clock(),
             self.reload_ms,
+            need_bytes=size_bytes - directory.free_bytes(device),
             copies_elsewhere=lambda model: max(0, len(directory.holder_ids(model)) - 1),
         )
         return tuple(order) if order else planned

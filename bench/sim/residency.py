@@ -14,8 +14,8 @@ queues, estimates and cluster directory) plus what a node does with the policies
 * a prefetch has the lowest priority: it only uses free bytes (it never evicts), a request's
   load takes the copy engine from it (the prefetch resumes after), and a request's load that
   cannot make room otherwise cancels prefetches in flight on its device;
-* when a request's load must evict, the policy orders the victims (``victim_order``; an empty
-  order is LRU).
+* when a request's load must evict, the policy plans the victims (``eviction_plan``; an empty
+  plan is LRU).
 
 Metrics beyond the engine's: requests that waited for a load by the tier it came from (host,
 artifact, or an in-flight prefetch), device and host memory-time (GB-s: bytes held x time,
@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gpufaas.cache import ByteLRU, CacheError, EntryState
-from gpufaas.cache.arrivals import EVICTION_SAMPLE, Candidate, ResidencyPolicy, eviction_order
+from gpufaas.cache.arrivals import EVICTION_SAMPLE, Candidate, ResidencyPolicy, eviction_plan
 from gpufaas.scheduler.policy import LocalityAware
 
 from .engine import SimConfig, Simulation, _Device, _Request
@@ -237,20 +237,21 @@ class ResidencySimulation(Simulation):
 
     def _make_room(self, device: _Device, size: int, request: _Request) -> list[Any]:
         node = self._node(device)
-        # As the gateway does (scheduler/prefetch.py): the policy ranks a sample of the victims,
-        # the least recently used; whatever the ranking does not free, LRU frees.
+        self._preempt_prefetches(device, size)
+        # As the gateway does (scheduler/prefetch.py): the policy plans over a sample of the
+        # victims, the least recently used; whatever the plan does not free, LRU frees.
         residents = ((e.key, e.size_bytes) for e in device.cache.entries_lru() if not e.pinned)
-        prefer = eviction_order(
+        prefer = eviction_plan(
             self.residency,
             residents,
             self.now / 1000,
             lambda name, _size: self._reload_ms(node, name),
+            need_bytes=size - device.cache.free_bytes,
             copies_elsewhere=lambda name: max(0, len(self.directory.holder_ids(name)) - 1),
             sample=self.tiers.eviction_sample,
         )
         if not prefer:
             prefer = request.evict_first
-        self._preempt_prefetches(device, size)
         evicted = device.cache.make_room(size, prefer=prefer)
         for e in evicted:
             self.removed_by[e.key] = "capacity"

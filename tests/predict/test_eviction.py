@@ -1,4 +1,4 @@
-"""Ours' eviction order (``PredictivePolicy.value``, ``eviction_order``): with ``by_density``,
+"""Ours' eviction order (``PredictivePolicy.value``, ``eviction_plan``): with ``by_density``,
 expected miss cost saved per byte-second held, so a hot large model outranks a cool small one;
 with ``replica_share``, a copy held elsewhere too counts less; the same order in the simulator
 and at the gateway (``PrefetchDriver.victims``)."""
@@ -18,7 +18,7 @@ from gpufaas.cache.arrivals import (
     Candidate,
     FixedKeepAlive,
     PredictivePolicy,
-    eviction_order,
+    eviction_plan,
 )
 from gpufaas.scheduler.prefetch import PrefetchDriver
 
@@ -126,14 +126,22 @@ def test_a_copy_held_elsewhere_too_goes_before_an_otherwise_equal_sole_copy(
     assert blind.victim_order(pair, NOW + 0.5) == ["a-sole", "b-shared"]  # a tie: by name
 
 
-def test_eviction_order_ranks_only_the_least_recently_used_sample() -> None:
-    policy = PredictivePolicy()
-    for name in ("old", "mid", "new"):
-        _periodic(policy, name, 600.0)
+def test_eviction_plan_ranks_only_the_least_recently_used_sample() -> None:
+    ranking, sets = PredictivePolicy(victim_sets=False), PredictivePolicy()
+    for policy in (ranking, sets):
+        for name in ("old", "mid", "new"):
+            _periodic(policy, name, 600.0)
     residents = [("old", GB), ("mid", GB), ("new", GB)]
-    order = eviction_order(policy, iter(residents), NOW + 1, lambda m, s: 100.0, sample=2)
+    order = eviction_plan(
+        ranking, iter(residents), NOW + 1, lambda m, s: 100.0, need_bytes=GB, sample=2
+    )
     assert sorted(order) == ["mid", "old"]
-    assert eviction_order(FixedKeepAlive(), iter(residents), NOW, lambda m, s: 100.0) == []
+    plan = eviction_plan(
+        sets, iter(residents), NOW + 1, lambda m, s: 100.0, need_bytes=GB, sample=2
+    )
+    assert len(plan) == 1 and plan[0] in ("mid", "old")
+    lru = eviction_plan(FixedKeepAlive(), iter(residents), NOW, lambda m, s: 100.0, need_bytes=GB)
+    assert lru == []
 
 
 def _driver(policy: object, directory: ClusterDirectory) -> PrefetchDriver:
@@ -160,13 +168,13 @@ def test_the_gateway_sends_the_policys_victims_or_lalbs_when_it_has_none(kind: s
     directory.note_dispatch("n/gpu:0", "loading", size_bytes=GB)  # not resident: never a victim
     policy: PredictivePolicy | FixedKeepAlive
     if kind == "predictive":
-        policy = PredictivePolicy(by_density=True)
+        policy = PredictivePolicy(by_density=True, victim_sets=False)
         _hot_large_and_cool_small(policy)
         expected: tuple[str, ...] = ("cnn", "llm")
     else:
         policy = FixedKeepAlive()
         expected = ("lalb-says",)
-    victims = _driver(policy, directory).victims("n/gpu:0", ("lalb-says",))
+    victims = _driver(policy, directory).victims("n/gpu:0", ("lalb-says",), size_bytes=9 * GB)
     assert victims == expected
 
 
@@ -215,14 +223,14 @@ async def test_the_gateway_routes_a_load_with_the_residency_policys_victims(
         directory.note_loaded(key, "cnn", size_bytes=free - 10 * GB)
         gateway.model_bytes.update({"tiny-mlp": GB, "llm": 10 * GB, "cnn": free - 10 * GB})
         lalb = gateway._route("tiny-mlp", exclude=set()).victims
-        policy = PredictivePolicy(by_density=True)
+        policy = PredictivePolicy(by_density=True, victim_sets=False)
         driver = enable_prefetch(gateway, policy=policy)
         now = driver.clock()
         _periodic(policy, "llm", 1.0, until=now)
         _periodic(policy, "cnn", 20.0, until=now)
         ours = gateway._route("tiny-mlp", exclude=set()).victims
         assert lalb == ("llm",)  # LALB: the least recently used of two unasked-for models
-        assert ours[0] == "cnn" and ours == driver.victims(key, lalb)
+        assert ours[0] == "cnn" and ours == driver.victims(key, lalb, size_bytes=GB)
     finally:
         await gateway.cluster.close()
         await runtime.settle()

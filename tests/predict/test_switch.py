@@ -105,6 +105,11 @@ class _Always:
     def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]:
         return []
 
+    def victim_plan(
+        self, candidates: Sequence[Candidate], need_bytes: int, now_s: float
+    ) -> list[str]:
+        return []
+
     def snapshot(self) -> dict[str, Any]:
         return {}
 
