@@ -213,6 +213,13 @@ def _add_placement_option(parser: argparse.ArgumentParser) -> None:
         help="with replicas: each may use all of a device's --device-concurrency slots, the GPU "
         "manager bounding them cluster-wide (full), or ceil(slots / replicas) each (share)",
     )
+    parser.add_argument(
+        "--replica-forward",
+        choices=("decision", "request"),
+        default="decision",
+        help="with replicas: for a placement, ask the placement owner for its decision and "
+        "dispatch here (decision), or forward the whole request to it (request)",
+    )
 
 
 def _up_parser() -> argparse.ArgumentParser:
@@ -350,6 +357,7 @@ def _gateway_args(args: argparse.Namespace) -> list[str]:
         "--max-pending-per-function", str(args.max_pending_per_function),
         "--placement-owner", args.placement_owner,
         "--replica-slots", args.replica_slots,
+        "--replica-forward", args.replica_forward,
     ]  # fmt: skip
 
 
@@ -430,6 +438,7 @@ def gateway_command(argv: Sequence[str]) -> int:
             namespace=args.manager_namespace,
             ownership=args.placement_owner,
             slots=args.replica_slots,
+            forwarding=args.replica_forward,
         )
         try:
             serve_replica(
