@@ -701,6 +701,42 @@ def _stale(run: dict[str, Any]) -> int:
     return int(causes.get("stale_resident", 0) + causes.get("stale_loading", 0))
 
 
+def _tail_summary(rounds: list[dict[str, Any]]) -> list[str]:
+    """Over the rounds that recorded it (``tail``), per replica count: what the slowest 1% were
+    (summed over rounds), and per kind of request the mean of the rounds' means and p99s."""
+    by_n: dict[int, list[dict[str, Any]]] = {}
+    for result in rounds:
+        for r in result["runs"]:
+            if r.get("tail"):
+                by_n.setdefault(r["gateways"], []).append(r["tail"])
+    if not by_n:
+        return []
+    lines = [
+        "",
+        "| N | kind | rounds | requests | mean ms | p99 ms | device ms | forward ms | owner ms "
+        "| in the slowest 1% |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n in sorted(by_n):
+        tails = by_n[n]
+        for kind in _KINDS:
+            groups = [t[kind] for t in tails if kind in t]
+            if not groups:
+                continue
+
+            def mean(field: str, groups: list[dict[str, Any]] = groups) -> float:
+                return statistics.fmean(g[field] for g in groups)
+
+            slowest = sum(t["slowest"][kind] for t in tails)
+            total = sum(sum(t["slowest"].values()) for t in tails)
+            lines.append(
+                f"| {n} | {kind} | {len(groups)} | {sum(g['n'] for g in groups)} "
+                f"| {mean('mean_ms'):.2f} | {mean('p99_ms'):.2f} | {mean('device_ms'):.2f} "
+                f"| {mean('forward_ms'):.2f} | {mean('owner_ms'):.2f} | {slowest} of {total} |"
+            )
+    return lines
+
+
 def summarise(paths: list[Path]) -> str:
     """Rounds (one ``--json`` result per seed, 1 gateway first, all counts in one hold) as a
     Markdown table per round and the mean ratios to one gateway with 95% intervals."""
@@ -760,6 +796,7 @@ def summarise(paths: list[Path]) -> str:
         + " | ".join(f"{statistics.fmean(cpu[n]):.2f}" for n in counts)
         + " |"
     )
+    lines += _tail_summary(rounds)
     if decision_p99:
         lines.append(
             f"\nScale-out's part of a routing decision, p99: {min(decision_p99):.1f}"
