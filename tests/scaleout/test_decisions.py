@@ -129,10 +129,14 @@ async def test_a_placement_asks_the_owner_and_the_request_stays_here() -> None:
         replicas = _replicas(owner)
 
         async def one_request() -> tuple[Placement, NodeReply]:
-            placed = await _place(replicas)
+            # Awaited in the request's own task, as the gateway does (the timing it keeps for
+            # the answer lives in the task's context).
+            placed = await replicas.place(
+                "m", "n/0", call=CALL, size_bytes=10, victims=["mine"], tried=frozenset({"n/2"})
+            )
             return placed, replicas.answered(NodeReply(200, {}, b"answer"))
 
-        placed, reply = await asyncio.create_task(one_request())  # its own context, as a request
+        placed, reply = await asyncio.wait_for(one_request(), timeout=30)
         assert placed.reply is None and placed.call is CALL and not placed.forward_failed
         assert placed.decided == OwnerDecision("n/1", ("old",))
         ((path, question),) = owner.calls
