@@ -215,10 +215,10 @@ def _add_placement_option(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--replica-forward",
-        choices=("decision", "request"),
-        default="decision",
-        help="with replicas: for a placement, ask the placement owner for its decision and "
-        "dispatch here (decision), or forward the whole request to it (request)",
+        choices=("request", "decision"),
+        default="request",
+        help="with replicas: for a placement, forward the whole request to the placement owner "
+        "(request), or ask it for its decision and dispatch here (decision; docs/scheduling.md)",
     )
 
 

@@ -46,7 +46,7 @@ def attach_replicas(
     token: str | None,
     ownership: Ownership = "leader",
     slots: ReplicaSlots = "full",
-    forwarding: Forwarding = "decision",
+    forwarding: Forwarding = "request",
 ) -> Replicas:
     """Make ``gateway`` one replica among those ``discover`` lists (``self_url`` is how they
     reach it). Heartbeats follow the gateway's sync interval."""
@@ -150,7 +150,7 @@ def enable_replicas(
     namespace: str = "default",
     ownership: Ownership = "leader",
     slots: ReplicaSlots = "full",
-    forwarding: Forwarding = "decision",
+    forwarding: Forwarding = "request",
 ) -> Replicas:
     """``gpufaas gateway --peers`` / ``--peer-service``: the replicas from a static list or
     from the gateways' headless Service. Peers authenticate with ``GPUFAAS_PEER_TOKEN`` (in

@@ -105,7 +105,7 @@ class Cluster:
         *,
         sync_s: float,
         device_concurrency: int = CONCURRENCY,
-        forwarding: str = "decision",
+        forwarding: str = "request",
     ) -> subprocess.Popen[bytes]:
         options = GatewayReplicaOptions(
             host="127.0.0.1",
@@ -164,7 +164,7 @@ def _two_replicas(
     *,
     sync_s: float,
     device_concurrency: int = CONCURRENCY,
-    forwarding: str = "decision",
+    forwarding: str = "request",
 ) -> tuple[list[str], list[subprocess.Popen[bytes]]]:
     ports = [free_port(), free_port()]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
@@ -340,10 +340,10 @@ def test_a_forward_cut_after_the_owner_dispatched_runs_once(cluster: Cluster) ->
     to the manager, and is SIGKILLed while the manager loads the model: the survivor's forward
     breaks mid-request. It must not run the request a second time: it finds the answer at the
     manager by the forward's request key (or, running it again, would be joined to the run in
-    flight by the same key). The manager's execution count for the request id is 1. (With
-    forwarding ``request``: with ``decision`` the owner never dispatches a peer's request.)"""
+    flight by the same key). The manager's execution count for the request id is 1. (Forwarding
+    ``request``, the default: with ``decision`` the owner never dispatches a peer's request.)"""
     cluster.start_manager(device_concurrency=CONCURRENCY)
-    urls, procs = _two_replicas(cluster, sync_s=60, forwarding="request")  # no heartbeat
+    urls, procs = _two_replicas(cluster, sync_s=60)  # no heartbeat during the test
     health = _ready(urls[0])
     assert health is not None
     owner = health["replica"]["placement_owner"]
@@ -378,11 +378,12 @@ def test_a_forward_cut_after_the_owner_dispatched_runs_once(cluster: Cluster) ->
 
 
 def test_a_peers_placement_is_decided_by_the_owner_and_sent_by_the_peer(cluster: Cluster) -> None:
-    """Forwarding ``decision`` (the default): a cold request at the replica that does not own
+    """Forwarding ``decision``: a cold request at the replica that does not own
     placements is placed where the owner decides (the owner notes it in its own view), and is
     dispatched by the replica that received it: the owner never handles the request itself."""
     cluster.start_manager(device_concurrency=CONCURRENCY, cpu_devices=2)
-    urls, _ = _two_replicas(cluster, sync_s=60)  # no sync during the test: views move by events
+    # No sync during the test: the views move by events alone.
+    urls, _ = _two_replicas(cluster, sync_s=60, forwarding="decision")
     health = _ready(urls[0])
     assert health is not None
     owner = health["replica"]["placement_owner"]
