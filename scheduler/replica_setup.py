@@ -129,6 +129,9 @@ def attach_replicas(
         ownership=ownership,
         recover=recover,
         observe_requests=observe_requests,
+        observe_load=lambda model, size, load_ms: gateway.estimates.observe_load(
+            model, size_bytes=size, load_ms=load_ms
+        ),
         forwarding=forwarding,
         decide=decide,
     )

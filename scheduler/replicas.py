@@ -51,6 +51,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
 from gpufaas.core import node as node_api
 from gpufaas.core.http import (
+    CACHE_HEADER,
+    LOAD_MS_HEADER,
+    MODEL_BYTES_HEADER,
     REQUEST_KEY_HEADER,
     error_response,
     install_token_auth,
@@ -121,9 +124,9 @@ _FORWARDED_AT: contextvars.ContextVar[float] = contextvars.ContextVar(
     "gpufaas_forwarded_at", default=0.0
 )
 # A placement the owner decided for this request (forwarding "decision"): the question's wall
-# time here and the owner's own, in ms, for OWNER_MS_HEADER and FORWARD_MS_HEADER.
-_ASKED_MS: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
-    "gpufaas_asked_ms", default=None
+# time here and the owner's own, in ms (OWNER_MS_HEADER, FORWARD_MS_HEADER), the device, model.
+_ASKED: contextvars.ContextVar[tuple[float, float, str, str] | None] = contextvars.ContextVar(
+    "gpufaas_asked", default=None
 )
 # The request key a peer forwarded with the request (x-gpufaas-request-key), per request: it
 # goes on to the GPU manager, which runs a key once (gpu_manager/admission.py RequestOnce).
@@ -239,6 +242,7 @@ class Replicas:
         recover: Callable[[str], Awaitable[NodeReply | None]] | None = None,
         forward_probe_s: float = FORWARD_PROBE_S,
         observe_requests: Callable[[str, int], None] = lambda model, count: None,
+        observe_load: Callable[[str, int, float], None] = lambda model, size, load_ms: None,
         forwarding: Forwarding = "request",
         decide: Callable[[str, frozenset[str]], OwnerDecision] | None = None,
     ) -> None:
@@ -269,7 +273,9 @@ class Replicas:
         # the GPU managers do: httpx costs a forward about as much as the rest of the hop.
         self._pools: dict[str, NodePool] = {}
         # The merged stream: this replica's requests and hits for the peers, theirs here.
-        self.uses = UseStream(directory=directory, observe_requests=observe_requests)
+        self.uses = UseStream(
+            directory=directory, observe_requests=observe_requests, observe_load=observe_load
+        )
         self._uses_due: asyncio.TimerHandle | None = None
         self._outbox: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
@@ -337,9 +343,10 @@ class Replicas:
         """``reply`` as this replica answers it: a forwarded request's answer says how long
         the owner (this replica) held it (:data:`OWNER_MS_HEADER`); one whose placement the
         owner decided, how long the question took here and at the owner."""
-        asked = _ASKED_MS.get()
+        asked = _ASKED.get()
         if asked is not None:
-            forward_ms, owner_ms = asked
+            forward_ms, owner_ms, device_key, name = asked
+            self._report_load(device_key, name, reply)
             stamps = {FORWARD_MS_HEADER: f"{forward_ms:.3f}", OWNER_MS_HEADER: f"{owner_ms:.3f}"}
         elif _FORWARDED_IN.get():
             took_ms = (time.perf_counter() - _FORWARDED_AT.get()) * 1000
@@ -347,6 +354,20 @@ class Replicas:
         else:
             return reply
         return dataclasses.replace(reply, headers={**reply.headers, **stamps})
+
+    def _report_load(self, device_key: str, name: str, reply: NodeReply) -> None:
+        """The answer of a load the owner decided for this replica goes to the owner with the
+        uses (:meth:`UseStream.loaded`): it learns from it as from a load it dispatched."""
+        headers = reply.headers
+        if reply.status != 200 or headers.get(CACHE_HEADER) == "hit" or not self._uses_wanted():
+            return
+        try:
+            size = int(headers.get(MODEL_BYTES_HEADER) or 0)
+            load_ms = float(headers.get(LOAD_MS_HEADER) or 0.0)
+        except ValueError:
+            return
+        self.uses.loaded(device_key, name, size_bytes=size, load_ms=load_ms)
+        self._uses_soon()
 
     def touched(self, device_key: str, name: str) -> None:
         """A request for ``name`` was dispatched here to ``device_key`` as a hit: the peers
@@ -457,7 +478,7 @@ class Replicas:
         if decided.device not in self.directory:
             self.metrics.forward_failures.inc()
             return None
-        _ASKED_MS.set(((time.perf_counter() - started) * 1000, owner_ms))
+        _ASKED.set(((time.perf_counter() - started) * 1000, owner_ms, decided.device, name))
         return decided
 
     def decide_for_peer(

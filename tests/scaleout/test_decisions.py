@@ -134,7 +134,12 @@ async def test_a_placement_asks_the_owner_and_the_request_stays_here() -> None:
             placed = await replicas.place(
                 "m", "n/0", call=CALL, size_bytes=10, victims=["mine"], tried=frozenset({"n/2"})
             )
-            return placed, replicas.answered(NodeReply(200, {}, b"answer"))
+            answer = {
+                "x-gpufaas-cache": "miss",
+                "x-gpufaas-model-bytes": "40",
+                "x-gpufaas-load-ms": "3.5",
+            }
+            return placed, replicas.answered(NodeReply(200, answer, b"answer"))
 
         placed, reply = await asyncio.wait_for(one_request(), timeout=30)
         assert placed.reply is None and placed.call is CALL and not placed.forward_failed
@@ -145,6 +150,8 @@ async def test_a_placement_asks_the_owner_and_the_request_stays_here() -> None:
         assert replicas._outbox == []
         assert float(reply.headers[OWNER_MS_HEADER]) == 0.25
         assert float(reply.headers[FORWARD_MS_HEADER]) > 0
+        # The load's answer goes back to the owner with the uses: it learns from it.
+        assert replicas.uses.take()["loads"] == [["n/1", "m", 40, 3.5]]
         assert replicas.metrics.forwarded.labels(owner.url)._value.get() == 1
         await _close(replicas)
 
@@ -242,6 +249,21 @@ async def test_placement_questions_are_taken_at_the_ingress_and_need_the_peer_to
         bad = await client.post(PLACE_PATH, content=b"{", headers=auth)
         assert bad.status_code == 400 and "bad placement question" in bad.text
     assert asked == [frozenset(), frozenset({"n/0"})]
+    await _close(replicas)
+
+
+async def test_the_owner_learns_from_the_answers_of_loads_it_decided_for_peers() -> None:
+    """The owner never sees the answer of a load it decided for a peer: the peer sends it with
+    its uses, and the owner marks the model resident and learns its load time, as it would from
+    a load it had dispatched itself."""
+    replicas, _ = _owner_side()
+    learnt: list[tuple[str, int, float]] = []
+    replicas.uses.observe_load = lambda model, size, load_ms: learnt.append((model, size, load_ms))
+    replicas.decide_for_peer("m", size_bytes=50, tried=frozenset())
+    assert replicas.directory.state("n/0", "m") is Residency.LOADING
+    replicas.uses.apply({"loads": [["n/0", "m", 40, 3.5]]})
+    assert replicas.directory.state("n/0", "m") is Residency.RESIDENT
+    assert learnt == [("m", 40, 3.5)]
     await _close(replicas)
 
 
