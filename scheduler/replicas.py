@@ -427,7 +427,7 @@ class Replicas:
 
     def _publish_load(
         self, device_key: str, name: str, *, size_bytes: int, victims: Sequence[str]
-    ) -> list[str]:
+    ) -> None:
         # Publish every victim this load will take, as predicted here (the hint first, then
         # least recently used): the peers' own LRU orders differ from ours.
         planned = list(victims)
@@ -436,7 +436,6 @@ class Replicas:
                 device_key, name, size_bytes=size_bytes, prefer=victims
             )
         self.publish(device_key, name, size_bytes=size_bytes, victims=planned)
-        return planned
 
     async def _ask(
         self, owner: str, name: str, *, size_bytes: int, tried: frozenset[str]
@@ -495,17 +494,12 @@ class Replicas:
         decided = self.decide(name, tried)
         if self.directory.state(decided.device, name) is not None:
             return decided  # the asker's view was behind: a hit here
-        # Every victim the load takes in this view (the hint, then LRU), as published: the
-        # asker sends them as the manager's hints and drops them from its own view, so that its
-        # view, the peers' and the manager's stay the same.
-        planned = self._publish_load(
-            decided.device, name, size_bytes=size_bytes, victims=decided.victims
-        )
+        self._publish_load(decided.device, name, size_bytes=size_bytes, victims=decided.victims)
         with contextlib.suppress(InsufficientCapacity, UnknownKey):
             self.directory.note_dispatch(
-                decided.device, name, size_bytes=size_bytes, prefer=planned
+                decided.device, name, size_bytes=size_bytes, prefer=decided.victims
             )
-        return OwnerDecision(decided.device, tuple(planned))
+        return decided
 
     async def _forward(self, owner: str, call: NodeCall) -> Placement:
         """Send ``call`` to the owner under a fresh request key; the owner's answer. If the

@@ -202,28 +202,21 @@ def _owner_side() -> tuple[Replicas, list[frozenset[str]]]:
 
     replicas = _replicas("http://b")
     replicas.decide = decide
-    replicas.directory.note_loaded("n/0", "old", size_bytes=40)
-    replicas.directory.note_loaded("n/0", "lru", size_bytes=30)
-    replicas.directory.note_loaded("n/0", "kept", size_bytes=25)
-    replicas.directory.note_dispatch("n/0", "kept", size_bytes=0)  # used since: "lru" is older
+    replicas.directory.note_loaded("n/0", "old", size_bytes=60)
+    replicas.directory.note_loaded("n/0", "kept", size_bytes=30)
     return replicas, asked
 
 
 async def test_the_owner_notes_and_publishes_a_peers_placement_once() -> None:
     replicas, asked = _owner_side()
-    # 40 + 30 + 25 of 100 held: 50 more take the hinted victim, then the least recently used.
-    # The asker gets every victim, as the peers do, and its view drops the same ones.
     assert replicas.decide_for_peer("m", size_bytes=50, tried=frozenset()) == OwnerDecision(
-        "n/0", ("old", "lru")
+        "n/0", ("old",)
     )
-    # In the owner's view at once (its next decision sees the load), the victims gone.
+    # In the owner's view at once (its next decision sees the load), the victim gone.
     assert replicas.directory.state("n/0", "m") is Residency.LOADING
     assert replicas.directory.state("n/0", "old") is None
-    assert replicas.directory.state("n/0", "lru") is None
     assert replicas.directory.state("n/0", "kept") is Residency.RESIDENT
-    assert replicas._outbox == [
-        {"device": "n/0", "model": "m", "size": 50, "victims": ["old", "lru"]}
-    ]
+    assert replicas._outbox == [{"device": "n/0", "model": "m", "size": 50, "victims": ["old"]}]
     # Asked again (a peer's view was behind): the same device, and no second load published.
     assert replicas.decide_for_peer("m", size_bytes=50, tried=frozenset()).device == "n/0"
     assert len(replicas._outbox) == 1 and asked == [frozenset(), frozenset()]
@@ -247,7 +240,7 @@ async def test_placement_questions_are_taken_at_the_ingress_and_need_the_peer_to
         response = await client.post(PLACE_PATH, json=question, headers=auth)
         assert response.status_code == 200
         answer = response.json()
-        assert answer["device"] == "n/0" and answer["victims"] == ["old", "lru"]
+        assert answer["device"] == "n/0" and answer["victims"] == ["old"]
         assert answer["owner_ms"] >= 0
         assert replicas.metrics.forwarded_in._value.get() == 1
         # No device left for the peer: 503, which it takes as "place it yourself".
