@@ -223,6 +223,13 @@ def _add_placement_option(parser: argparse.ArgumentParser) -> None:
         help="with replicas: each may use all of a device's --device-concurrency slots, the GPU "
         "manager bounding them cluster-wide (full), or ceil(slots / replicas) each (share)",
     )
+    parser.add_argument(
+        "--replica-forward",
+        choices=("request", "decision"),
+        default="request",
+        help="with replicas: for a placement, forward the whole request to the placement owner "
+        "(request), or ask it for its decision and dispatch here (decision; docs/scheduling.md)",
+    )
 
 
 def _up_parser() -> argparse.ArgumentParser:
@@ -426,6 +433,7 @@ def _gateway_args(args: argparse.Namespace) -> list[str]:
         "--max-pending-per-function", str(args.max_pending_per_function),
         "--placement-owner", args.placement_owner,
         "--replica-slots", args.replica_slots,
+        "--replica-forward", args.replica_forward,
     ]  # fmt: skip
 
 
@@ -513,6 +521,7 @@ def gateway_command(argv: Sequence[str]) -> int:
             namespace=args.manager_namespace,
             ownership=args.placement_owner,
             slots=args.replica_slots,
+            forwarding=args.replica_forward,
         )
         try:
             serve_replica(

@@ -83,6 +83,7 @@ from gpufaas.scheduler.lanes import NodeCall, NodeLanes
 from gpufaas.scheduler.misses import MissCauses
 from gpufaas.scheduler.policy import Decision, NoDevice, Policy, RouteRequest
 from gpufaas.scheduler.prefetch import PrefetchDriver
+from gpufaas.scheduler.replicas import FORWARD_MS_HEADER, OWNER_MS_HEADER
 from gpufaas.scheduler.transport import NodeReply, NodeUnreachable
 
 if TYPE_CHECKING:
@@ -104,6 +105,8 @@ _PASSTHROUGH_HEADERS = (
     LOAD_MS_HEADER,
     COMPUTE_MS_HEADER,  # the forward pass's share of the latency, for clients and benchmarks
     REASON_HEADER,
+    FORWARD_MS_HEADER,  # scale-out: a forwarded request's hop, as its sender and owner saw it
+    OWNER_MS_HEADER,
 )
 _PLATFORMS = {"torchscript": "pytorch_torchscript", "torch-export": "pytorch_export"}
 
@@ -496,17 +499,29 @@ class Gateway:
                 directory = self.cluster.directory
                 view = directory.state(device.key, name)  # for the miss's cause (misses.py)
                 held_elsewhere = view is None and len(directory.holder_ids(name)) > 0
-                forward_failed = False
+                forward_failed = by_owner = False
                 if self.replicas is not None and view is None:
                     # A residency decision: the placement owner makes it (scale-out).
                     size = self.model_bytes.get(name, 0)
                     placed = await self.replicas.place(
-                        name, device.key, call=call, size_bytes=size, victims=decision.victims
+                        name,
+                        device.key,
+                        call=call,
+                        size_bytes=size,
+                        victims=decision.victims,
+                        tried=frozenset(tried - {device.key}),
                     )
                     if placed.reply is not None:
                         return placed.reply
                     call = placed.call  # keyed, if a forward failed: a manager runs it once
                     forward_failed = placed.forward_failed
+                    if placed.decided is not None:  # the owner's device, dispatched from here
+                        device = self.cluster.devices[placed.decided.device]
+                        tried.add(device.key)
+                        decision = dataclasses.replace(
+                            decision, device=device.key, victims=placed.decided.victims
+                        )
+                        by_owner = True
                 elif self.replicas is not None:
                     self.replicas.touched(device.key, name)  # the peers' LRU orders follow it
                 try:
@@ -530,8 +545,9 @@ class Gateway:
                         held_elsewhere=held_elsewhere,
                         forwarded_in=self.replicas is not None and self.replicas.forwarded_in(),
                         forward_failed=forward_failed,
+                        by_owner=by_owner,
                     )
-                return reply
+                return reply if self.replicas is None else self.replicas.answered(reply)
         raise Unavailable(f"no GPU manager could serve {name!r}: {last_error}")
 
     def _admitted(self, name: str) -> _Admitted:

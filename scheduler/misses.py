@@ -6,6 +6,8 @@ when it routed the request. Together they name the miss's cause:
 - ``placed``: this gateway decided the load (the view had the model nowhere it could use);
   ``placed_replica`` when the view held the model on another device (a second copy or a move).
 - ``placed_for_peer``: as ``placed``, for a request a peer forwarded here (the placement owner).
+- ``placed_by_owner``: a request this replica dispatched where the placement owner decided
+  (forwarding ``decision``: the owner answered the question, this replica sent the request).
 - ``placed_after_failed_forward``: the owner could not be reached, so this replica placed it.
 - ``stale_resident`` / ``stale_loading``: a *stale hit*. The view said the model was on the
   device (resident, or loading), the request went there as a hit, and the manager had to load
@@ -30,6 +32,7 @@ MissCause = Literal[
     "placed",
     "placed_replica",
     "placed_for_peer",
+    "placed_by_owner",
     "placed_after_failed_forward",
     "stale_resident",
     "stale_loading",
@@ -37,9 +40,17 @@ MissCause = Literal[
 
 
 def miss_cause(
-    *, view: Residency | None, held_elsewhere: bool, forwarded_in: bool, forward_failed: bool
+    *,
+    view: Residency | None,
+    held_elsewhere: bool,
+    forwarded_in: bool,
+    forward_failed: bool,
+    by_owner: bool = False,
 ) -> MissCause:
-    """The cause of a miss, from what the view said when the request was routed."""
+    """The cause of a miss, from what the view said when the request was routed (``by_owner``:
+    the placement owner chose the device, whatever this view said)."""
+    if by_owner:
+        return "placed_by_owner"
     if view is Residency.RESIDENT:
         return "stale_resident"
     if view is not None:
@@ -70,12 +81,14 @@ class MissCauses:
         held_elsewhere: bool,
         forwarded_in: bool,
         forward_failed: bool,
+        by_owner: bool = False,
     ) -> MissCause:
         cause = miss_cause(
             view=view,
             held_elsewhere=held_elsewhere,
             forwarded_in=forwarded_in,
             forward_failed=forward_failed,
+            by_owner=by_owner,
         )
         self.counter.labels(cause).inc()
         return cause

@@ -42,6 +42,8 @@ __all__ = [
 
 HEARTBEAT_PATH = "/v2/gpufaas/peers/heartbeat"
 EVENTS_PATH = "/v2/gpufaas/peers/events"
+# A peer asks the placement owner where a model goes (forwarding "decision", replicas.py).
+PLACE_PATH = "/v2/gpufaas/peers/place"
 PEER_PATHS = "/v2/gpufaas/peers"
 
 # single: no peers configured; coordinated: every peer reachable; degraded: some are not;

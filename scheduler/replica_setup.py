@@ -21,7 +21,13 @@ import httpx
 
 from gpufaas.core import node as node_api
 from gpufaas.scheduler.peers import Membership
-from gpufaas.scheduler.replicas import Ownership, Replicas, ReplicaSlots
+from gpufaas.scheduler.replicas import (
+    Forwarding,
+    OwnerDecision,
+    Ownership,
+    Replicas,
+    ReplicaSlots,
+)
 from gpufaas.scheduler.transport import NodeReply
 
 if TYPE_CHECKING:
@@ -40,6 +46,7 @@ def attach_replicas(
     token: str | None,
     ownership: Ownership = "leader",
     slots: ReplicaSlots = "full",
+    forwarding: Forwarding = "request",
 ) -> Replicas:
     """Make ``gateway`` one replica among those ``discover`` lists (``self_url`` is how they
     reach it). Heartbeats follow the gateway's sync interval."""
@@ -100,6 +107,13 @@ def attach_replicas(
         },
     )
 
+    def decide(name: str, tried: frozenset[str]) -> OwnerDecision:
+        # The gateway's own routing decision (its policy, view, loads and residency policy's
+        # victims), as for a request of its own; popularity is not observed (a peer's request
+        # was counted where its client sent it: the caller marks the task forwarded-in).
+        decision = gateway._route(name, exclude=set(tried))
+        return OwnerDecision(decision.device, tuple(decision.victims))
+
     def observe_requests(model: str, count: int) -> None:
         for _ in range(count):
             gateway.estimates.observe_request(model)
@@ -115,6 +129,11 @@ def attach_replicas(
         ownership=ownership,
         recover=recover,
         observe_requests=observe_requests,
+        observe_load=lambda model, size, load_ms: gateway.estimates.observe_load(
+            model, size_bytes=size, load_ms=load_ms
+        ),
+        forwarding=forwarding,
+        decide=decide,
     )
     gateway.replicas = replicas
 
@@ -134,6 +153,7 @@ def enable_replicas(
     namespace: str = "default",
     ownership: Ownership = "leader",
     slots: ReplicaSlots = "full",
+    forwarding: Forwarding = "request",
 ) -> Replicas:
     """``gpufaas gateway --peers`` / ``--peer-service``: the replicas from a static list or
     from the gateways' headless Service. Peers authenticate with ``GPUFAAS_PEER_TOKEN`` (in
@@ -153,6 +173,7 @@ def enable_replicas(
         token=token,
         ownership=ownership,
         slots=slots,
+        forwarding=forwarding,
     )
 
 

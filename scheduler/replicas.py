@@ -34,9 +34,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +51,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
 from gpufaas.core import node as node_api
 from gpufaas.core.http import (
+    CACHE_HEADER,
+    LOAD_MS_HEADER,
+    MODEL_BYTES_HEADER,
     REQUEST_KEY_HEADER,
     error_response,
     install_token_auth,
@@ -57,7 +62,14 @@ from gpufaas.core.http import (
 )
 from gpufaas.core.protocol import ProtocolError
 from gpufaas.scheduler.lanes import NodeCall
-from gpufaas.scheduler.peers import EVENTS_PATH, HEARTBEAT_PATH, PEER_PATHS, Membership
+from gpufaas.scheduler.peers import (
+    EVENTS_PATH,
+    HEARTBEAT_PATH,
+    PEER_PATHS,
+    PLACE_PATH,
+    Membership,
+)
+from gpufaas.scheduler.policy import NoDevice
 from gpufaas.scheduler.ring import Ring
 from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
 from gpufaas.scheduler.uses import USE_FLUSH_S, UseStream
@@ -71,20 +83,50 @@ logger = logging.getLogger(__name__)
 # How often an unreachable peer is probed again (a reachable one: every sync interval).
 UNREACHABLE_PROBE_S = 1.0
 
-__all__ = ["FORWARDED_HEADER", "Ownership", "Placement", "ReplicaSlots", "Replicas"]
+__all__ = [
+    "FORWARDED_HEADER",
+    "FORWARD_MS_HEADER",
+    "OWNER_MS_HEADER",
+    "Forwarding",
+    "OwnerDecision",
+    "Ownership",
+    "Placement",
+    "ReplicaSlots",
+    "Replicas",
+]
 
 # Set on a request a replica forwards to the function's owner; the owner never forwards it on.
 FORWARDED_HEADER = "x-gpufaas-forwarded-by"
 _FORWARDED_HEADER_BYTES = FORWARDED_HEADER.encode()
+# On a forwarded request's answer (for clients and benchmarks, to see what the hop costs): the
+# sender's wall time for the forward (send to answer), and the owner's own (its ingress to the
+# start of its answer), in milliseconds.
+FORWARD_MS_HEADER = "x-gpufaas-forward-ms"
+OWNER_MS_HEADER = "x-gpufaas-owner-ms"
 _MODES = ("single", "coordinated", "degraded", "local")
 _MAX_EVENTS_PER_POST = 4096
 # leader: one replica (the ring's owner of this key) places every model, as one gateway would;
 # function: each function's owner places it (decisions spread, but owners race for devices).
 Ownership = Literal["leader", "function"]
+# What a replica sends the placement owner for a placement. decision: only the question (which
+# device, which victims); the owner decides, notes and publishes the load, and answers with the
+# decision, and the sender dispatches the request itself (the body and the answer never pass
+# through the owner). request: the whole request; the owner decides and dispatches it, and its
+# answer is relayed (a forward cut after the owner dispatched is recovered by its request key).
+Forwarding = Literal["decision", "request"]
 _PLACEMENT_KEY = "\x00placement"
 # True while a request forwarded by a peer is handled here (set by Replicas.admit, per request).
 _FORWARDED_IN: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "gpufaas_forwarded_in", default=False
+)
+# When a forwarded request reached this replica's ingress (perf_counter), per request.
+_FORWARDED_AT: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "gpufaas_forwarded_at", default=0.0
+)
+# A placement the owner decided for this request (forwarding "decision"): the question's wall
+# time here and the owner's own, in ms (OWNER_MS_HEADER, FORWARD_MS_HEADER), the device, model.
+_ASKED: contextvars.ContextVar[tuple[float, float, str, str] | None] = contextvars.ContextVar(
+    "gpufaas_asked", default=None
 )
 # The request key a peer forwarded with the request (x-gpufaas-request-key), per request: it
 # goes on to the GPU manager, which runs a key once (gpu_manager/admission.py RequestOnce).
@@ -109,6 +151,15 @@ class OwnerHung(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class OwnerDecision:
+    """The placement owner's decision for a peer's request (forwarding ``decision``): the
+    device, and the victims the GPU manager evicts first if it loads the model there."""
+
+    device: str
+    victims: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Placement:
     """What :meth:`Replicas.place` decided: the owner's answer (``reply``), or no answer and
     the call to dispatch here (with the request key a failed forward carried, if any)."""
@@ -116,6 +167,8 @@ class Placement:
     reply: NodeReply | None
     call: NodeCall
     forward_failed: bool = False  # the owner was not reached: placed here (misses.py's cause)
+    # forwarding "decision": the owner's decision, to dispatch here (None: this replica's own)
+    decided: OwnerDecision | None = None
 
 
 class ReplicaMetrics:
@@ -189,10 +242,20 @@ class Replicas:
         recover: Callable[[str], Awaitable[NodeReply | None]] | None = None,
         forward_probe_s: float = FORWARD_PROBE_S,
         observe_requests: Callable[[str, int], None] = lambda model, count: None,
+        observe_load: Callable[[str, int, float], None] = lambda model, size, load_ms: None,
+        forwarding: Forwarding = "request",
+        decide: Callable[[str, frozenset[str]], OwnerDecision] | None = None,
     ) -> None:
         if ownership not in ("leader", "function"):
             raise ValueError(f"ownership must be 'leader' or 'function', got {ownership!r}")
+        if forwarding not in ("decision", "request"):
+            raise ValueError(f"forwarding must be 'decision' or 'request', got {forwarding!r}")
         self.ownership: Ownership = ownership
+        self.forwarding: Forwarding = forwarding
+        # As the owner, a peer's placement (forwarding "decision"): this gateway's policy
+        # decision for a model, the devices the peer already tried excluded. None: the peers'
+        # questions are answered 503, and they place here themselves.
+        self.decide = decide
         self.membership = membership
         # Ask the GPU managers for a request key's answer (after a forward that may have been
         # dispatched failed); None: nothing to ask.
@@ -210,7 +273,9 @@ class Replicas:
         # the GPU managers do: httpx costs a forward about as much as the rest of the hop.
         self._pools: dict[str, NodePool] = {}
         # The merged stream: this replica's requests and hits for the peers, theirs here.
-        self.uses = UseStream(directory=directory, observe_requests=observe_requests)
+        self.uses = UseStream(
+            directory=directory, observe_requests=observe_requests, observe_load=observe_load
+        )
         self._uses_due: asyncio.TimerHandle | None = None
         self._outbox: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
@@ -246,6 +311,7 @@ class Replicas:
         if forwarded_by:
             self.metrics.forwarded_in.inc()
             _FORWARDED_IN.set(True)  # this request's own task: see forwarded_in
+            _FORWARDED_AT.set(time.perf_counter())
             if request_key:
                 _REQUEST_KEY.set(request_key)
         if forwarded_by or self.owner(name) == self.self_id:
@@ -272,6 +338,36 @@ class Replicas:
         # No framed InferHead on a keyed call: the key rides as an HTTP header, and the
         # manager's HTTP route is where a key runs once (the framed lane carries no key).
         return NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
+
+    def answered(self, reply: NodeReply) -> NodeReply:
+        """``reply`` as this replica answers it: a forwarded request's answer says how long
+        the owner (this replica) held it (:data:`OWNER_MS_HEADER`); one whose placement the
+        owner decided, how long the question took here and at the owner."""
+        asked = _ASKED.get()
+        if asked is not None:
+            forward_ms, owner_ms, device_key, name = asked
+            self._report_load(device_key, name, reply)
+            stamps = {FORWARD_MS_HEADER: f"{forward_ms:.3f}", OWNER_MS_HEADER: f"{owner_ms:.3f}"}
+        elif _FORWARDED_IN.get():
+            took_ms = (time.perf_counter() - _FORWARDED_AT.get()) * 1000
+            stamps = {OWNER_MS_HEADER: f"{took_ms:.3f}"}
+        else:
+            return reply
+        return dataclasses.replace(reply, headers={**reply.headers, **stamps})
+
+    def _report_load(self, device_key: str, name: str, reply: NodeReply) -> None:
+        """The answer of a load the owner decided for this replica goes to the owner with the
+        uses (:meth:`UseStream.loaded`): it learns from it as from a load it dispatched."""
+        headers = reply.headers
+        if reply.status != 200 or headers.get(CACHE_HEADER) == "hit" or not self._uses_wanted():
+            return
+        try:
+            size = int(headers.get(MODEL_BYTES_HEADER) or 0)
+            load_ms = float(headers.get(LOAD_MS_HEADER) or 0.0)
+        except ValueError:
+            return
+        self.uses.loaded(device_key, name, size_bytes=size, load_ms=load_ms)
+        self._uses_soon()
 
     def touched(self, device_key: str, name: str) -> None:
         """A request for ``name`` was dispatched here to ``device_key`` as a hit: the peers
@@ -304,18 +400,34 @@ class Replicas:
         call: NodeCall,
         size_bytes: int,
         victims: Sequence[str],
+        tried: frozenset[str] = frozenset(),
     ) -> Placement:
-        """A decision that loads ``name`` on ``device_key``: the owner's answer if another
-        replica owns the placement; otherwise no answer, the call to dispatch here, and the
-        load is published."""
+        """A decision that loads ``name`` on ``device_key``: the owner's answer (forwarding
+        ``request``) or decision (``decision``) if another replica owns the placement;
+        otherwise no answer, the call to dispatch here, and the load is published. ``tried``:
+        devices this request already failed on, which the owner must not choose."""
         owner = self._owner_elsewhere(name)
         # Only inference is forwarded (the owner's gateway serves the same call); an admin load
         # is placed where it lands.
         if owner is not None and call.path.endswith("/infer"):
-            forwarded = await self._forward(owner, call)
-            if forwarded.reply is not None:
-                return forwarded
-            call = forwarded.call
+            if self.forwarding == "decision":
+                decided = await self._ask(owner, name, size_bytes=size_bytes, tried=tried)
+                if decided is not None:  # the owner noted and published the load
+                    return Placement(reply=None, call=call, decided=decided)
+                forward_failed = True
+            else:
+                forwarded = await self._forward(owner, call)
+                if forwarded.reply is not None:
+                    return forwarded
+                call, forward_failed = forwarded.call, forwarded.forward_failed
+            self._publish_load(device_key, name, size_bytes=size_bytes, victims=victims)
+            return Placement(reply=None, call=call, forward_failed=forward_failed)
+        self._publish_load(device_key, name, size_bytes=size_bytes, victims=victims)
+        return Placement(reply=None, call=call)
+
+    def _publish_load(
+        self, device_key: str, name: str, *, size_bytes: int, victims: Sequence[str]
+    ) -> None:
         # Publish every victim this load will take, as predicted here (the hint first, then
         # least recently used): the peers' own LRU orders differ from ours.
         planned = list(victims)
@@ -324,7 +436,70 @@ class Replicas:
                 device_key, name, size_bytes=size_bytes, prefer=victims
             )
         self.publish(device_key, name, size_bytes=size_bytes, victims=planned)
-        return Placement(reply=None, call=call)
+
+    async def _ask(
+        self, owner: str, name: str, *, size_bytes: int, tried: frozenset[str]
+    ) -> OwnerDecision | None:
+        """Ask the owner where ``name`` goes (forwarding ``decision``); its decision, or None
+        when it cannot be used (the owner is gone or hung, answers with an error, or names a
+        device this replica does not know): the request is then placed here. The owner never
+        dispatches the request, so nothing can run twice."""
+        peer = self.membership.peer(owner)
+        if peer is None:
+            return None
+        self.metrics.forwarded.labels(owner).inc()
+        question = json.dumps(
+            {"from": self.self_id, "model": name, "size": size_bytes, "tried": sorted(tried)}
+        ).encode()
+        started = time.perf_counter()
+        sending = asyncio.ensure_future(
+            self._pool(owner).post(PLACE_PATH, question, {"Content-Type": "application/json"})
+        )
+        try:
+            reply = await self._owner_answer(owner, sending)
+        except (NodeUnreachable, OwnerHung) as e:
+            self._lost(owner, e)
+            return None
+        finally:
+            if not sending.done():
+                sending.cancel()
+        try:
+            answer = json.loads(reply.body) if reply.status == 200 else {}
+            decided = OwnerDecision(
+                str(answer["device"]), tuple(str(v) for v in answer.get("victims") or ())
+            )
+            owner_ms = float(answer.get("owner_ms") or 0.0)
+        except (ValueError, KeyError, TypeError):
+            logger.warning(
+                "the placement owner %s answered %d: %.200r", owner, reply.status, reply.body
+            )
+            self.metrics.forward_failures.inc()
+            return None
+        if decided.device not in self.directory:
+            self.metrics.forward_failures.inc()
+            return None
+        _ASKED.set(((time.perf_counter() - started) * 1000, owner_ms, decided.device, name))
+        return decided
+
+    def decide_for_peer(
+        self, name: str, *, size_bytes: int, tried: frozenset[str]
+    ) -> OwnerDecision:
+        """As the placement owner, a peer's question (forwarding ``decision``): this
+        gateway's decision for ``name``, as for a request of its own; a load is noted in this
+        replica's view and published to every peer (the asker too), as if dispatched here.
+
+        Raises what ``decide`` raises (no device)."""
+        if self.decide is None:
+            raise LookupError("this replica does not decide placements for its peers")
+        decided = self.decide(name, tried)
+        if self.directory.state(decided.device, name) is not None:
+            return decided  # the asker's view was behind: a hit here
+        self._publish_load(decided.device, name, size_bytes=size_bytes, victims=decided.victims)
+        with contextlib.suppress(InsufficientCapacity, UnknownKey):
+            self.directory.note_dispatch(
+                decided.device, name, size_bytes=size_bytes, prefer=decided.victims
+            )
+        return decided
 
     async def _forward(self, owner: str, call: NodeCall) -> Placement:
         """Send ``call`` to the owner under a fresh request key; the owner's answer. If the
@@ -340,6 +515,7 @@ class Replicas:
         # Keyed, so over HTTP (no framed InferHead): see begin().
         keyed = NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
         self.metrics.forwarded.labels(owner).inc()
+        started = time.perf_counter()
         sending = asyncio.ensure_future(
             self._pool(owner).post(
                 call.path, call.body, {**keyed.headers, FORWARDED_HEADER: self.self_id}
@@ -359,6 +535,8 @@ class Replicas:
         finally:
             if not sending.done():
                 sending.cancel()
+        took_ms = f"{(time.perf_counter() - started) * 1000:.3f}"
+        reply = dataclasses.replace(reply, headers={**reply.headers, FORWARD_MS_HEADER: took_ms})
         return Placement(reply=reply, call=keyed)
 
     def _pool(self, owner: str) -> NodePool:
@@ -536,6 +714,10 @@ class Replicas:
         async def events(request: Request) -> Response:  # served by the ingress; for the docs
             return await self.receive_events(request.body)
 
+        @app.post(PLACE_PATH)
+        async def place(request: Request) -> Response:  # served by the ingress; for the docs
+            return await self.receive_place(request.body)
+
     async def receive_events(self, read: Callable[[], Awaitable[bytes]]) -> Response:
         """``POST`` :data:`EVENTS_PATH`: apply a peer's residency events."""
         try:
@@ -554,6 +736,33 @@ class Replicas:
         except (ValueError, KeyError, TypeError) as e:
             return error_response(400, f"bad residency events: {e}", reason="InvalidEvents")
         return JSONResponse({"applied": applied})
+
+    async def receive_place(self, read: Callable[[], Awaitable[bytes]]) -> Response:
+        """``POST`` :data:`PLACE_PATH`: a peer's question, where a model goes
+        (:meth:`decide_for_peer`); ``{"device", "victims", "owner_ms"}``."""
+        started = time.perf_counter()
+        try:
+            body = json.loads(await read())
+            name, size = str(body["model"]), int(body.get("size") or 0)
+            tried = frozenset(str(d) for d in body.get("tried") or ())
+        except ProtocolError as e:
+            return error_response(e.status_code, str(e), reason="InvalidPlacement")
+        except (ValueError, KeyError, TypeError) as e:
+            return error_response(400, f"bad placement question: {e}", reason="InvalidPlacement")
+        self.metrics.forwarded_in.inc()
+        self.metrics.owned.inc()
+        # The request was counted for popularity where its client sent it (see forwarded_in).
+        _FORWARDED_IN.set(True)
+        try:
+            decided = self.decide_for_peer(name, size_bytes=size, tried=tried)
+        except (NoDevice, LookupError) as e:  # the asker places it itself
+            return error_response(
+                503, f"no placement for {name[:100]!r}: {e}", reason="NoPlacement"
+            )
+        owner_ms = (time.perf_counter() - started) * 1000
+        return JSONResponse(
+            {"device": decided.device, "victims": list(decided.victims), "owner_ms": owner_ms}
+        )
 
 
 def note_peer_loads(
@@ -588,6 +797,8 @@ def note_peer_loads(
 
 
 _EVENTS_PATH = re.compile("^" + re.escape(EVENTS_PATH) + "$")
+_PLACE_PATH = re.compile("^" + re.escape(PLACE_PATH) + "$")
+_MAX_PLACE_BYTES = 64 << 10
 _MAX_EVENTS_BYTES = 16 << 20
 
 
@@ -604,6 +815,11 @@ class _IngressMarker:
             post = match_fast_post(scope, receive, path=_EVENTS_PATH, max_bytes=_MAX_EVENTS_BYTES)
             if post is not None:
                 response = await self.replicas.receive_events(post.read)
+                await response(scope, receive, send)
+                return
+            post = match_fast_post(scope, receive, path=_PLACE_PATH, max_bytes=_MAX_PLACE_BYTES)
+            if post is not None:
+                response = await self.replicas.receive_place(post.read)
                 await response(scope, receive, send)
                 return
             found = node_api.MODEL_INFER_PATH.match(scope["path"])

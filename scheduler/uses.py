@@ -11,7 +11,10 @@ decide evictions (the leader; with function ownership every peer), with its resi
 - ``requests``: its client requests per model since the last batch (forwarded-in ones are the
   sender's, and counted there), which every peer feeds into its popularity estimates;
 - ``touches``: the ``(device, model)`` hits it dispatched, in order, which every peer applies to
-  its directory's LRU order (a model its view does not hold there is skipped).
+  its directory's LRU order (a model its view does not hold there is skipped);
+- ``loads``: with forwarding ``decision``, the answers of the loads the owner decided for this
+  replica (``[device, model, size, load_ms]``): the owner sees them as it would have seen its
+  own (the model resident in its view, the load time in its estimates).
 
 The owner then decides on the stream one gateway would see, late by one flush.
 """
@@ -41,14 +44,17 @@ class UseStream:
         *,
         directory: ClusterDirectory,
         observe_requests: Callable[[str, int], None],
+        observe_load: Callable[[str, int, float], None] = lambda model, size, load_ms: None,
     ) -> None:
         self.directory = directory
         self.observe_requests = observe_requests
+        self.observe_load = observe_load
+        self._loads: list[tuple[str, str, int, float]] = []
         self._requests: collections.Counter[str] = collections.Counter()
         self._touches: dict[tuple[str, str], None] = {}  # insertion order = use order
 
     def __bool__(self) -> bool:
-        return bool(self._requests or self._touches)
+        return bool(self._requests or self._touches or self._loads)
 
     def request(self, model: str) -> None:
         """A client's inference request for ``model`` arrived here."""
@@ -62,14 +68,23 @@ class UseStream:
         if len(self._touches) > _MAX_TOUCHES:
             del self._touches[next(iter(self._touches))]
 
+    def loaded(self, device_key: str, model: str, *, size_bytes: int, load_ms: float) -> None:
+        """A load the owner decided for this replica was answered (forwarding ``decision``)."""
+        self._loads.append((device_key, model, size_bytes, load_ms))
+        del self._loads[:-_MAX_TOUCHES]
+
     def take(self) -> dict[str, Any]:
-        """The batch to send (and forget here): ``{"requests": {...}, "touches": [...]}``."""
-        batch = {
+        """The batch to send (and forget here): ``{"requests": {...}, "touches": [...],
+        "loads": [...]}``."""
+        batch: dict[str, Any] = {
             "requests": dict(self._requests),
             "touches": [list(pair) for pair in self._touches],
         }
+        if self._loads:
+            batch["loads"] = [list(load) for load in self._loads]
         self._requests.clear()
         self._touches.clear()
+        self._loads.clear()
         return batch
 
     def apply(self, batch: Mapping[str, Any]) -> int:
@@ -83,6 +98,9 @@ class UseStream:
         if any(c < 0 for c in counts.values()):
             raise ValueError("uses: request counts must be >= 0")
         pairs = [(str(d), str(m)) for d, m in touches]
+        loads = [(str(d), str(m), int(s), float(ms)) for d, m, s, ms in batch.get("loads") or []]
+        if any(s < 0 or ms < 0 for _, _, s, ms in loads):
+            raise ValueError("uses: load sizes and times must be >= 0")
         for model, count in counts.items():
             if count:
                 self.observe_requests(model, min(count, _MAX_COUNT))
@@ -90,4 +108,8 @@ class UseStream:
         for device, model in pairs:
             if device in directory and directory.state(device, model) is not None:
                 directory.note_dispatch(device, model, size_bytes=0)  # present: marks it used
+        for device, model, size, load_ms in loads:
+            if size and device in directory and directory.state(device, model) is not None:
+                directory.note_loaded(device, model, size_bytes=size)
+            self.observe_load(model, size, load_ms)
         return sum(counts.values())

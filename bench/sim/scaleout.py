@@ -289,6 +289,10 @@ async def _open_loop(
             "device_ms": _header_ms(response.headers, "x-gpufaas-load-ms")
             + _header_ms(response.headers, "x-gpufaas-compute-ms"),
             "at_s": time.perf_counter() - begin,
+            # scale-out: set on forwarded answers (the hop at the sender, the owner's own time)
+            "forwarded": "x-gpufaas-forward-ms" in response.headers,
+            "forward_ms": _header_ms(response.headers, "x-gpufaas-forward-ms"),
+            "owner_ms": _header_ms(response.headers, "x-gpufaas-owner-ms"),
         }
 
     try:
@@ -441,6 +445,7 @@ def _one(
         "hit_mean_ms": float(hits.mean()) if len(hits) else math.nan,
         "hit_p99_ms": float(np.percentile(hits, 99)) if len(hits) else math.nan,
         "miss_mean_ms": float(misses.mean()) if len(misses) else math.nan,
+        "tail": tail_breakdown(measured),
         "forwarded": int(replicas_after["forwarded"] - replicas_before["forwarded"]),
         "owned": int(replicas_after["owned"] - replicas_before["owned"]),
         "events": int(replicas_after["events"] - replicas_before["events"]),
@@ -455,6 +460,70 @@ def _one(
         "gateway_cpu_ms_per_request": 1000 * gateway_cpu / ok if ok else math.nan,
         "manager_cpu_ms_per_request": 1000 * manager_cpu / ok if ok else math.nan,
     }
+
+
+_KINDS = ("hit", "local miss", "forwarded miss", "forwarded hit")
+
+
+def _kind(r: dict[str, Any]) -> str:
+    if r.get("forwarded"):
+        return "forwarded hit" if r["hit"] else "forwarded miss"
+    return "hit" if r["hit"] else "local miss"
+
+
+def tail_breakdown(measured: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the slowest 1% are (answered requests at or above the p99), and per kind of request
+    (hit, local miss, forwarded miss) the mean and p99 latency and the mean of its parts: device
+    time (load + forward pass at the manager), the forward hop as the sender saw it, the owner's
+    own time, and what is left (the client, the ingress gateway, the manager's HTTP)."""
+    served = [r for r in measured if r.get("status") == 200]
+    if not served:
+        return {}
+    p99 = float(np.percentile([r["latency_ms"] for r in served], 99))
+    slowest = [r for r in served if r["latency_ms"] >= p99]
+    out: dict[str, Any] = {
+        "p99_ms": p99,
+        "slowest": {k: sum(_kind(r) == k for r in slowest) for k in _KINDS},
+    }
+    for kind in _KINDS:
+        group = [r for r in served if _kind(r) == kind]
+        if not group:
+            continue
+        latency = np.asarray([r["latency_ms"] for r in group])
+        parts = {
+            f: float(np.mean([r.get(f, 0.0) for r in group]))
+            for f in ("device_ms", "forward_ms", "owner_ms")
+        }
+        out[kind] = {
+            "n": len(group),
+            "mean_ms": float(latency.mean()),
+            "p99_ms": float(np.percentile(latency, 99)),
+            "max_ms": float(latency.max()),
+            **parts,
+            # the hop itself: the forward's time less the owner's own
+            "hop_ms": parts["forward_ms"] - parts["owner_ms"] if parts["forward_ms"] else 0.0,
+        }
+    return out
+
+
+def tail_table(result: dict[str, Any]) -> str:
+    lines = [
+        "gateways  kind            n     mean ms  p99 ms  max ms  device ms  fwd ms  owner ms  "
+        "hop ms  in slowest 1%"
+    ]
+    for r in result["runs"]:
+        tail = r.get("tail") or {}
+        for kind in _KINDS:
+            k = tail.get(kind)
+            if not k:
+                continue
+            lines.append(
+                f"{r['gateways']:>8}  {kind:<14}  {k['n']:>4}  {k['mean_ms']:>7.2f}  "
+                f"{k['p99_ms']:>6.2f}  {k['max_ms']:>6.1f}  {k['device_ms']:>9.2f}  "
+                f"{k['forward_ms']:>6.2f}  {k['owner_ms']:>8.2f}  {k['hop_ms']:>6.2f}  "
+                f"{tail['slowest'][kind]:>13}"
+            )
+    return "\n".join(lines)
 
 
 def decision_overhead_us(*, calls: int = 200_000, replicas: int = 4) -> dict[str, float]:
@@ -581,6 +650,7 @@ def table(result: dict[str, Any]) -> str:
             f"{r['hit_p99_ms']:>7.1f}  {r['miss_mean_ms']:>9.1f}  {r['saturation_failed']:>10}  "
             f"{r['offered_rps']:>9.1f}  {r['device_utilisation']:>11.2f}"
         )
+    lines.append(tail_table(result))
     overhead = result["decision_overhead"]
     lines.append(
         f"scale-out decision overhead: p50 {overhead['p50_us']:.2f} us, p99 {overhead['p99_us']:.2f} us"
@@ -629,6 +699,42 @@ def pooled_ratio_interval(
 def _stale(run: dict[str, Any]) -> int:
     causes = run.get("miss_causes", {})
     return int(causes.get("stale_resident", 0) + causes.get("stale_loading", 0))
+
+
+def _tail_summary(rounds: list[dict[str, Any]]) -> list[str]:
+    """Over the rounds that recorded it (``tail``), per replica count: what the slowest 1% were
+    (summed over rounds), and per kind of request the mean of the rounds' means and p99s."""
+    by_n: dict[int, list[dict[str, Any]]] = {}
+    for result in rounds:
+        for r in result["runs"]:
+            if r.get("tail"):
+                by_n.setdefault(r["gateways"], []).append(r["tail"])
+    if not by_n:
+        return []
+    lines = [
+        "",
+        "| N | kind | rounds | requests | mean ms | p99 ms | device ms | forward ms | owner ms "
+        "| in the slowest 1% |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n in sorted(by_n):
+        tails = by_n[n]
+        for kind in _KINDS:
+            groups = [t[kind] for t in tails if kind in t]
+            if not groups:
+                continue
+
+            def mean(field: str, groups: list[dict[str, Any]] = groups) -> float:
+                return statistics.fmean(g[field] for g in groups)
+
+            slowest = sum(t["slowest"][kind] for t in tails)
+            total = sum(sum(t["slowest"].values()) for t in tails)
+            lines.append(
+                f"| {n} | {kind} | {len(groups)} | {sum(g['n'] for g in groups)} "
+                f"| {mean('mean_ms'):.2f} | {mean('p99_ms'):.2f} | {mean('device_ms'):.2f} "
+                f"| {mean('forward_ms'):.2f} | {mean('owner_ms'):.2f} | {slowest} of {total} |"
+            )
+    return lines
 
 
 def summarise(paths: list[Path]) -> str:
@@ -690,6 +796,7 @@ def summarise(paths: list[Path]) -> str:
         + " | ".join(f"{statistics.fmean(cpu[n]):.2f}" for n in counts)
         + " |"
     )
+    lines += _tail_summary(rounds)
     if decision_p99:
         lines.append(
             f"\nScale-out's part of a routing decision, p99: {min(decision_p99):.1f}"

@@ -99,7 +99,13 @@ class Cluster:
         wait_for(lambda: _ready(self.manager_url) is not None, timeout_s=90, what="the manager")
 
     def start_gateway(
-        self, port: int, peers: list[str], *, sync_s: float, device_concurrency: int = CONCURRENCY
+        self,
+        port: int,
+        peers: list[str],
+        *,
+        sync_s: float,
+        device_concurrency: int = CONCURRENCY,
+        forwarding: str = "request",
     ) -> subprocess.Popen[bytes]:
         options = GatewayReplicaOptions(
             host="127.0.0.1",
@@ -109,6 +115,7 @@ class Cluster:
                 "--policy", "lalb",
                 "--sync-interval", str(sync_s),
                 "--device-concurrency", str(device_concurrency),
+                "--replica-forward", forwarding,
             ),
         )  # fmt: skip
         proc = subprocess.Popen(
@@ -153,12 +160,18 @@ def cluster(tmp_path: Path, gpufaas_env: dict[str, str], functions: Path) -> Ite
 
 
 def _two_replicas(
-    cluster: Cluster, *, sync_s: float, device_concurrency: int = CONCURRENCY
+    cluster: Cluster,
+    *,
+    sync_s: float,
+    device_concurrency: int = CONCURRENCY,
+    forwarding: str = "request",
 ) -> tuple[list[str], list[subprocess.Popen[bytes]]]:
     ports = [free_port(), free_port()]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     procs = [
-        cluster.start_gateway(p, urls, sync_s=sync_s, device_concurrency=device_concurrency)
+        cluster.start_gateway(
+            p, urls, sync_s=sync_s, device_concurrency=device_concurrency, forwarding=forwarding
+        )
         for p in ports
     ]
     for url in urls:
@@ -327,7 +340,8 @@ def test_a_forward_cut_after_the_owner_dispatched_runs_once(cluster: Cluster) ->
     to the manager, and is SIGKILLed while the manager loads the model: the survivor's forward
     breaks mid-request. It must not run the request a second time: it finds the answer at the
     manager by the forward's request key (or, running it again, would be joined to the run in
-    flight by the same key). The manager's execution count for the request id is 1."""
+    flight by the same key). The manager's execution count for the request id is 1. (Forwarding
+    ``request``, the default: with ``decision`` the owner never dispatches a peer's request.)"""
     cluster.start_manager(device_concurrency=CONCURRENCY)
     urls, procs = _two_replicas(cluster, sync_s=60)  # no heartbeat during the test
     health = _ready(urls[0])
@@ -361,6 +375,36 @@ def test_a_forward_cut_after_the_owner_dispatched_runs_once(cluster: Cluster) ->
     assert metric(survivor, "gpufaas_replica_forward_failures_total") == 1
     executions = httpx.get(f"{cluster.manager_url}/v2/gpufaas/executions", timeout=10).json()
     assert executions["executions"] == {"once-1": 1}
+
+
+def test_a_peers_placement_is_decided_by_the_owner_and_sent_by_the_peer(cluster: Cluster) -> None:
+    """Forwarding ``decision``: a cold request at the replica that does not own
+    placements is placed where the owner decides (the owner notes it in its own view), and is
+    dispatched by the replica that received it: the owner never handles the request itself."""
+    cluster.start_manager(device_concurrency=CONCURRENCY, cpu_devices=2)
+    # No sync during the test: the views move by events alone.
+    urls, _ = _two_replicas(cluster, sync_s=60, forwarding="decision")
+    health = _ready(urls[0])
+    assert health is not None
+    owner = health["replica"]["placement_owner"]
+    peer = next(u for u in urls if u != owner)
+    body, headers = tiny_request()
+    response = httpx.post(
+        f"{peer}/v2/models/tiny-07/infer", content=body, headers=headers, timeout=60
+    )
+    assert response.status_code == 200 and response.headers["x-gpufaas-cache"] == "miss"
+    assert float(response.headers["x-gpufaas-forward-ms"]) > 0  # the question's round trip
+    assert metric(owner, "gpufaas_replica_forwarded_in_requests_total") == 1
+    assert metric(peer, "gpufaas_gateway_misses_total", {"cause": "placed_by_owner"}) == 1
+    # The owner decided (and noted) the load, but neither dispatched nor answered the request.
+    assert _held_in_view(owner, "tiny-07")
+    assert metric(owner, "gpufaas_gateway_misses_total") == 0
+    assert metric(owner, "gpufaas_requests_total") == 0
+    # The model is where the owner put it: the owner's next request for it is a hit.
+    again = httpx.post(
+        f"{owner}/v2/models/tiny-07/infer", content=body, headers=headers, timeout=60
+    )
+    assert again.status_code == 200 and again.headers["x-gpufaas-cache"] == "hit"
 
 
 def test_membership_follows_replicas_and_a_lonely_replica_serves_locally(cluster: Cluster) -> None:
@@ -422,6 +466,12 @@ def _resident_in_view(url: str, name: str) -> bool:
     response = httpx.post(f"{url}/v2/repository/index", json={}, timeout=10)
     entries = [RepositoryIndexEntry.model_validate(e) for e in response.json()]
     return any(e.name == name and e.resident_on for e in entries)
+
+
+def _held_in_view(url: str, name: str) -> bool:
+    response = httpx.post(f"{url}/v2/repository/index", json={}, timeout=10)
+    entries = [RepositoryIndexEntry.model_validate(e) for e in response.json()]
+    return any(e.name == name and (e.resident_on or e.loading_on) for e in entries)
 
 
 def test_gpufaas_up_with_two_gateways_serves_on_one_port(
