@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -59,7 +60,7 @@ from gpufaas.core.sharding import ChannelConfig, Parallelism
 from gpufaas.scheduler import costmodel
 from gpufaas.scheduler.coordinator import Coordinator, LaunchFailed, ShardFailed, tree_rounds
 from gpufaas.scheduler.local import run_manager_processes
-from gpufaas.scheduler.partition import communication, partition
+from gpufaas.scheduler.partition import communication, partition, split
 
 PERIOD = {1024: 6, 4096: 8, 16384: 10}  # layers before a RadiX-Net's pattern repeats
 
@@ -137,6 +138,7 @@ async def measure(
 ) -> dict[str, float]:
     await coordinator.infer(name, x)  # warm-up
     latencies = []
+    probe_before = speed_probe()  # the machine's speed beside the cell, not from it
     started = time.perf_counter()
     for _ in range(latency_requests):
         t = time.perf_counter()
@@ -144,6 +146,7 @@ async def measure(
         latencies.append(time.perf_counter() - t)
         if time.perf_counter() - started > budget_s / 2:
             break
+    probe_s = (probe_before + speed_probe()) / 2
     done = 0
     stop_at = time.perf_counter() + budget_s / 2
 
@@ -162,6 +165,7 @@ async def measure(
         "throughput_rps": done / elapsed,
         "samples_per_s": done * x.shape[0] / elapsed,
         "requests": done,
+        "probe_s": probe_s,
     }
 
 
@@ -565,14 +569,29 @@ def shard_compute_seconds(spec: Any, batch: int, *, repeats: int = 5) -> float:
         torch.set_num_threads(threads)
 
 
-def calibrate_compute(batch: int) -> tuple[costmodel.Compute, list[dict[str, Any]]]:
-    """``c_op`` and ``c_nnz`` from every shard of block and random splits of RadiX-Nets of
-    1,024 / 2,048 / 4,096 neurons (8, 8, 4 layers: never the grid's net), N = 1, 2, 4, 8,
-    two batch sizes, timed on one thread (a shard's worker has one core and one torch
-    thread)."""
+@functools.cache
+def _probe_spec() -> Any:
     from gpufaas.scheduler.partition import split
 
-    xs, ys, rows = [], [], []
+    net = radix_net(2048, 4)  # fixed: the probe must be the same work every time
+    return split(net, partition(net, 2, method="block", seed=0))[0]
+
+
+def speed_probe(*, repeats: int = 5) -> float:
+    """The speed probe: one shard pass of a fixed net (2,048 x 4, half of a block split,
+    batch 64) through the executor's code on this thread, median thread CPU seconds over
+    ``repeats`` (a few ms). Timed the way compute is calibrated, it reads the machine's speed
+    now; the cost model rescales its constants by it (``costmodel.at_speed``). It never
+    touches the run it corrects."""
+    return shard_compute_seconds(_probe_spec(), 64, repeats=repeats)
+
+
+def calibrate_compute(batch: int) -> list[dict[str, Any]]:
+    """Every shard of block and random splits of RadiX-Nets of 1,024 / 2,048 / 4,096 neurons
+    (8, 8, 4 layers: never the grid's net), N = 1, 2, 4, 8, two batch sizes, timed on one
+    thread (a shard's worker has one core and one torch thread), each group of passes next
+    to a speed probe: the runs ``c_op`` and ``c_nnz`` are fitted on (:func:`fit_constants`)."""
+    rows = []
     for width, depth in ((1024, 8), (2048, 8), (4096, 4)):
         net = radix_net(width, depth)
         for shards, method in ((1, "block"), (2, "block"), (2, "random"), (4, "block"),
@@ -580,49 +599,49 @@ def calibrate_compute(batch: int) -> tuple[costmodel.Compute, list[dict[str, Any
             part = partition(net, shards, method=method, seed=3)
             prof = costmodel.profile(net, part)
             specs = split(net, part)
+            probe = speed_probe()
             for b in (max(1, batch // 4), batch):
                 features = costmodel.compute_features(prof, batch=b).sum(axis=0)
                 for spec in specs[:2]:  # shards of one split are alike
                     seconds = shard_compute_seconds(spec, b)
-                    xs.append(features[spec.shard].tolist())
-                    ys.append(seconds)
                     rows.append({"width": width, "depth": depth, "shards": shards,
                                  "method": method, "batch": b, "shard": spec.shard,
-                                 "features": xs[-1], "seconds": seconds})  # fmt: skip
+                                 "features": features[spec.shard].tolist(), "seconds": seconds,
+                                 "probe_s": probe})  # fmt: skip
             print(f"  compute {width} x {depth} N={shards} {method:<6}: "
-                  f"{rows[-1]['seconds'] * 1e3:.2f} ms per shard pass at batch {batch}",
-                  flush=True)  # fmt: skip
-    per_op, per_nnz = costmodel.fit(xs, ys, relative=True)
-    return costmodel.Compute(per_op, per_nnz), rows
+                  f"{rows[-1]['seconds'] * 1e3:.2f} ms per shard pass at batch {batch} "
+                  f"(probe {probe * 1e3:.2f} ms)", flush=True)  # fmt: skip
+    return rows
 
 
 async def calibrate(
     urls: list[str], channels: dict[str, ChannelConfig], root: Path, batch: int
-) -> tuple[costmodel.Constants, dict[str, Any]]:
-    """Fit the constants on calibration nets, never on the grid's net (see
-    :mod:`gpufaas.scheduler.costmodel`): compute in-process per shard; the coordinator from
-    unsharded runs on real managers (1,024 / 2,048 / 4,096 x 8); each channel from 2,048 x 4
-    and x 8 split 2 and 4 ways, block and random, and 8 ways block where there are 8 nodes.
+) -> dict[str, Any]:
+    """Measure the cost model's calibration runs on calibration nets, never on the grid's net
+    (see :mod:`gpufaas.scheduler.costmodel`): compute in-process per shard; the coordinator
+    from unsharded runs on real managers (1,024 / 2,048 / 4,096 x 8); each channel from
+    2,048 x 4 and x 8 split 2 and 4 ways, block and random, and 8 ways block where there are
+    8 nodes. Every run has a speed probe beside it (before and after its timed requests).
 
-    Every run is measured before anything is fitted, and the unsharded runs twice, before
-    and after the channels' runs, keeping the lower median of each: interference on a shared
-    machine (a freshly started manager, another process) only ever slows a run down, and the
-    coordinator's two constants rest on six runs, so one slowed phase would bias every
-    prediction (it did: bench/RESULTS.md, session 4, round B)."""
-    compute, compute_rows = calibrate_compute(batch)
-    print(f"  compute: {compute}", flush=True)
+    Every run is measured before anything is fitted (:func:`fit_constants`), and the
+    unsharded runs twice, before and after the channels' runs, keeping the lower median of
+    each: interference on a shared machine only ever slows a run down, and the
+    coordinator's two constants rest on six runs (bench/RESULTS.md, session 4, round B)."""
+    measured: dict[str, Any] = {"compute": calibrate_compute(batch), "coordinator": [],
+                                "channels": []}  # fmt: skip
     coordinator = Coordinator(artifact_base=str(root / "calib"), timeout_s=120)
     rng = np.random.default_rng(5)
-    cores = os.cpu_count() or 1
     batches = (max(1, batch // 4), batch)
-    measured: dict[str, Any] = {"compute": compute_rows, "coordinator": [], "channels": []}
 
-    async def median_latency(name: str, b: int, width: int, count: int = 7) -> float:
+    async def median_latency(name: str, b: int, width: int, count: int = 7) -> tuple[float, float]:
         x = (rng.random((b, width)) < 0.2).astype(np.float32)
         await coordinator.infer(name, x)
-        return statistics.median([await _timed(coordinator.infer(name, x)) for _ in range(count)])
+        before = speed_probe()
+        seconds = statistics.median([await _timed(coordinator.infer(name, x))
+                                     for _ in range(count)])  # fmt: skip
+        return seconds, (before + speed_probe()) / 2
 
-    async def unsharded(rounds: dict[tuple[int, int], list[float]]) -> None:
+    async def unsharded(rounds: dict[tuple[int, int], list[tuple[float, float]]]) -> None:
         for width in (1024, 2048, 4096):
             name = f"cal-{width}"
             await coordinator.deploy(
@@ -633,10 +652,7 @@ async def calibrate(
                 rounds.setdefault((width, b), []).append(await median_latency(name, b, width))
             await coordinator.remove(name)
 
-    none = {"none": costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0)}
-    bare = costmodel.Constants(compute, 0.0, 0.0, cores, none)
-    unsplit: dict[tuple[int, int], list[float]] = {}
-    runs: dict[str, list[tuple[costmodel.Profile, int, float]]] = {c: [] for c in channels}
+    unsplit: dict[tuple[int, int], list[tuple[float, float]]] = {}
     try:
         await unsharded(unsplit)
         for channel in channels:
@@ -648,43 +664,78 @@ async def calibrate(
                                        (8, "block")):  # fmt: skip
                     if shards > len(urls):
                         continue
-                    prof = costmodel.profile(net, partition(net, shards, method=method, seed=2))
                     name = f"cal-{channel}-{depth}-{shards}-{method}"
                     await coordinator.deploy(
                         name, net, Parallelism(shards=shards, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
                         nodes=urls[:shards], method=method, channel=channels[channel], seed=2,
                     )  # fmt: skip
                     for b in batches:
-                        seconds = await median_latency(name, b, 2048, 5)
-                        runs[channel].append((prof, b, seconds))
+                        seconds, probe = await median_latency(name, b, 2048, 5)
                         measured["channels"].append({"channel": channel, "depth": depth,
                                                      "shards": shards, "method": method,
-                                                     "batch": b, "seconds": seconds})  # fmt: skip
-                        print(f"  channel {name} batch {b}: {seconds * 1e3:.1f} ms", flush=True)
+                                                     "batch": b, "seconds": seconds,
+                                                     "probe_s": probe})  # fmt: skip
+                        print(f"  channel {name} batch {b}: {seconds * 1e3:.1f} ms "
+                              f"(probe {probe * 1e3:.2f} ms)", flush=True)  # fmt: skip
                     await coordinator.remove(name)
         await unsharded(unsplit)
     finally:
         await coordinator.close()
-    fixed_x, fixed_y, totals = [], [], []
     for (width, b), both in unsplit.items():
-        seconds = min(both)
-        prof = costmodel.profile(
-            radix_net(width, 8), partition(radix_net(width, 8), 1, method="block")
-        )
-        layers = costmodel.predict(prof, batch=b, channel="none", constants=bare)
-        fixed_x.append([1.0, float(b * prof.io_values)])
-        fixed_y.append(seconds - layers)
-        totals.append(seconds)
+        seconds, probe = min(both)
         measured["coordinator"].append({"width": width, "batch": b, "seconds": seconds,
-                                        "both_rounds": both, "compute_s": layers})  # fmt: skip
-        print(f"  coordinator N=1 width {width} batch {b}: {[round(s * 1e3, 2) for s in both]} ms "
-              f"(compute terms {layers * 1e3:.2f} ms)", flush=True)  # fmt: skip
+                                        "probe_s": probe,
+                                        "both_rounds": [s for s, _ in both],
+                                        "both_probes": [q for _, q in both]})  # fmt: skip
+        print(f"  coordinator N=1 width {width} batch {b}: "
+              f"{[round(s * 1e3, 2) for s, _ in both]} ms", flush=True)  # fmt: skip
+    return measured
+
+
+def fit_constants(
+    measured: dict[str, Any], *, cores: int, probe: bool = True
+) -> costmodel.Constants:
+    """The constants from a calibration's runs. With ``probe``, each run's seconds are first
+    scaled to one speed (the median of the calibration's probes) by its own probe, and the
+    constants carry that probe time (``costmodel.at_speed`` rescales them for a later
+    probe); without, the runs are fitted as measured (sessions 4 and 5)."""
+    probes = [r["probe_s"] for part in ("compute", "coordinator", "channels")
+              for r in measured[part] if "probe_s" in r]  # fmt: skip
+    reference = statistics.median(probes) if probe and probes else None
+
+    def at_reference(row: dict[str, Any]) -> float:
+        if reference is None or "probe_s" not in row:
+            return float(row["seconds"])
+        return float(row["seconds"]) * reference / float(row["probe_s"])
+
+    rows = measured["compute"]
+    per_op, per_nnz = costmodel.fit([r["features"] for r in rows],
+                                    [at_reference(r) for r in rows], relative=True)  # fmt: skip
+    compute = costmodel.Compute(per_op, per_nnz)
+    none = {"none": costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0)}
+    bare = costmodel.Constants(compute, 0.0, 0.0, cores, none)
+    fixed_x, fixed_y, totals = [], [], []
+    for r in measured["coordinator"]:
+        net = radix_net(r["width"], 8)
+        prof = costmodel.profile(net, partition(net, 1, method="block"))
+        layers = costmodel.predict(prof, batch=r["batch"], channel="none", constants=bare)
+        fixed_x.append([1.0, float(r["batch"] * prof.io_values)])
+        fixed_y.append(at_reference(r) - layers)
+        totals.append(at_reference(r))
     per_request, per_io = costmodel.fit(fixed_x, fixed_y, relative_to=totals)
     base = costmodel.Constants(compute, per_request, per_io, cores, none)
+    runs: dict[str, list[tuple[costmodel.Profile, int, float]]] = {}
+    for r in measured["channels"]:
+        prof = _calibration_profile(r["depth"], r["shards"], r["method"])
+        runs.setdefault(r["channel"], []).append((prof, r["batch"], at_reference(r)))
     costs = {channel: costmodel.fit_channel(rs, base=base) for channel, rs in runs.items()}
-    for channel, cost in costs.items():
-        print(f"  {channel}: {cost}", flush=True)
-    return costmodel.Constants(compute, per_request, per_io, cores, costs), measured
+    return costmodel.Constants(compute, per_request, per_io, cores, costs, probe_s=reference)
+
+
+@functools.cache
+def _calibration_profile(depth: int, shards: int, method: str) -> costmodel.Profile:
+    net = radix_net(2048, depth)
+    return costmodel.profile(net, partition(net, shards, method=method, seed=2))
 
 
 def constants_to_json(constants: costmodel.Constants) -> dict[str, Any]:
@@ -704,8 +755,14 @@ async def _timed(call: Any) -> float:
 
 
 def evaluate(
-    net: LayeredNet, grid: list[dict[str, Any]], constants: costmodel.Constants
+    net: LayeredNet,
+    grid: list[dict[str, Any]],
+    constants: costmodel.Constants,
+    *,
+    probe: bool = True,
 ) -> dict[str, Any]:
+    """Score predictions against the grid's latencies; with ``probe`` (and probed
+    constants), each cell's prediction is at the speed its own probe read."""
     predictions = []
     for row in grid:
         if "failed" in row:
@@ -713,9 +770,10 @@ def evaluate(
         part = partition(net, row["shards"], method=row["method"], seed=0)
         prof = costmodel.profile(net, part)
         channel = row["channel"] if row["shards"] > 1 else "direct"
-        predicted = costmodel.predict(
-            prof, batch=row["batch"], channel=channel, constants=constants
-        )
+        here = constants
+        if probe and row.get("probe_s"):
+            here = costmodel.at_speed(constants, row["probe_s"])
+        predicted = costmodel.predict(prof, batch=row["batch"], channel=channel, constants=here)
         row["predicted_s"] = predicted
         row["error"] = predicted / row["latency_s"] - 1
         predictions.append(row)
@@ -746,6 +804,28 @@ def evaluate(
         "picks_fastest": sum(c["strict"] for c in cells.values()),
         "choices": cells,
         "constants": constants_to_json(constants),
+        "probe": probe and constants.probe_s is not None,
+    }
+
+
+def score(
+    net: LayeredNet, grid: list[dict[str, Any]], calibration: dict[str, Any]
+) -> dict[str, Any]:
+    """The model scored on a grid, with the speed probe (``costmodel``) and without
+    (``costmodel_without_probe``: constants fitted on the runs as measured, predictions
+    unscaled), both refitted from the calibration's runs where they carry probes; the
+    grid's rows get the probed predictions."""
+    cores = int(calibration["constants"]["cores"])
+    probed = "probe_s" in calibration["runs"]["compute"][0]
+    if probed:
+        with_probe = fit_constants(calibration["runs"], cores=cores)
+    else:  # an older calibration: its constants as stored
+        with_probe = constants_from_json(dict(calibration["constants"]))
+    without = fit_constants(calibration["runs"], cores=cores, probe=False)
+    copies = [dict(r) for r in grid]
+    return {
+        "costmodel_without_probe": evaluate(net, copies, without, probe=False),
+        "costmodel": evaluate(net, grid, with_probe),
     }
 
 
@@ -820,10 +900,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         calibration = json.loads(Path(args.constants).read_text())
         net_info = grid_run["net"]
         net = radix_net(net_info["neurons"], net_info["layers"])
-        constants = constants_from_json(dict(calibration["calibration"]["constants"]))
         rows = [{k: v for k, v in r.items() if k not in ("predicted_s", "error")}
                 for r in grid_run["grid"]]  # fmt: skip
-        report["costmodel"] = evaluate(net, rows, constants)
+        report.update(score(net, rows, calibration["calibration"]))
         report["costmodel"]["runs"] = {
             "grid": {k: grid_run[k] for k in ("commit", "date")},
             "calibration": {k: calibration[k] for k in ("commit", "date")},
@@ -882,9 +961,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             if args.calibrate_only:
                 print("4. cost model: calibration (never the grid's net)", flush=True)
                 started = time.time()
-                constants, runs = await calibrate(urls, channels, root, args.batch)
+                runs = await calibrate(urls, channels, root, args.batch)
+                cores = os.cpu_count() or 1
+                constants = fit_constants(runs, cores=cores)
                 report["calibration"] = {
                     "constants": constants_to_json(constants),
+                    "constants_without_probe": constants_to_json(
+                        fit_constants(runs, cores=cores, probe=False)
+                    ),
                     "runs": runs,
                     "seconds": time.time() - started,
                     "load_average": os.getloadavg(),
@@ -895,8 +979,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             report["grid"] = await run_grid(urls, net, channels, args, root)
             if args.constants:
                 calibration = json.loads(Path(args.constants).read_text())
-                constants = constants_from_json(dict(calibration["calibration"]["constants"]))
-                report["costmodel"] = evaluate(net, report["grid"], constants)
+                report.update(score(net, report["grid"], calibration["calibration"]))
                 report["costmodel"]["calibration_run"] = {
                     k: calibration[k] for k in ("commit", "date")
                 }
