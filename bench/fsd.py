@@ -137,16 +137,17 @@ async def measure(
     budget_s: float,
 ) -> dict[str, float]:
     await coordinator.infer(name, x)  # warm-up
-    latencies = []
-    probe_before = speed_probe()  # the machine's speed beside the cell, not from it
+    latencies, passes = [], []
+    edges = [speed_probe()]  # the machine's speed beside the cell, never from its requests
     started = time.perf_counter()
     for _ in range(latency_requests):
         t = time.perf_counter()
         await coordinator.infer(name, x)
         latencies.append(time.perf_counter() - t)
+        passes.append(probe_pass())  # between requests: the speed while the cell runs
         if time.perf_counter() - started > budget_s / 2:
             break
-    probe_s = (probe_before + speed_probe()) / 2
+    edges.append(speed_probe())
     done = 0
     stop_at = time.perf_counter() + budget_s / 2
 
@@ -165,7 +166,9 @@ async def measure(
         "throughput_rps": done / elapsed,
         "samples_per_s": done * x.shape[0] / elapsed,
         "requests": done,
-        "probe_s": probe_s,
+        "probe_s": statistics.median(passes),
+        "probe_passes_s": passes,
+        "probe_edges_s": edges,
     }
 
 
@@ -533,64 +536,82 @@ async def cpu_per_request(
 # -------------------------------------------------------------------------------------------
 
 
-def shard_compute_seconds(spec: Any, batch: int, *, repeats: int = 5) -> float:
+class ShardPass:
     """One pass of a shard's compute for a batch, on this thread, through the executor's own
-    code (products, bias, activation, hand-overs), with zeros standing in for remote parts:
-    the median CPU seconds over ``repeats`` (contention is the model's part, not this
-    one's). No channel, no event loop: what a shard's worker does."""
-    import torch
+    code (products, bias, activation, hand-overs), with zeros standing in for remote parts,
+    timed in thread CPU seconds (contention is the model's part, not this one's). No
+    channel, no event loop: what a shard's worker does."""
 
-    from gpufaas.core.channels import LocalChannel, Mailbox
-    from gpufaas.gpu_manager.shards import ShardExecutor
+    def __init__(self, spec: Any, batch: int) -> None:
+        from gpufaas.core.channels import LocalChannel, Mailbox
+        from gpufaas.gpu_manager.shards import ShardExecutor
 
-    executor = ShardExecutor(spec, set_name="cal", channel=LocalChannel(), mailbox=Mailbox())
-    inputs = np.zeros((len(spec.inputs), batch), np.float32)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a manager (gpu_manager/main.py); thread_time needs it
+        self.spec = spec
+        self.batch = batch
+        self.executor = ShardExecutor(spec, set_name="cal", channel=LocalChannel(),
+                                      mailbox=Mailbox())  # fmt: skip
+        self.inputs = np.zeros((len(spec.inputs), batch), np.float32)
+        self.seconds()  # warm
 
-    def one_pass() -> None:
-        step = executor._first_step("r", inputs, lambda parts: None)
+    def _once(self) -> None:
+        step = self.executor._first_step("r", self.inputs, lambda parts: None)
         while step.output is None:
-            layer = spec.layers[step.index]
-            arrived = [(q, np.zeros((b.shape[1], batch), np.float32))
+            layer = self.spec.layers[step.index]
+            arrived = [(q, np.zeros((b.shape[1], self.batch), np.float32))
                        for q, b in sorted(layer.remote.items())]  # fmt: skip
-            step = executor._step("r", step, arrived, lambda parts: None)
+            step = self.executor._step("r", step, arrived, lambda parts: None)
 
-    try:
-        one_pass()
-        times = []
-        for _ in range(repeats):
+    def seconds(self) -> float:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a manager (gpu_manager/main.py); thread_time needs it
+        try:
             started = time.thread_time()  # CPU: other processes' load is not the shard's
-            one_pass()
-            times.append(time.thread_time() - started)
-        return statistics.median(times)
+            self._once()
+            return time.thread_time() - started
+        finally:
+            torch.set_num_threads(threads)
+
+    def close(self) -> None:
+        self.executor.close()
+
+
+def shard_compute_seconds(spec: Any, batch: int, *, repeats: int = 5) -> float:
+    """The median of ``repeats`` :class:`ShardPass` timings."""
+    one = ShardPass(spec, batch)
+    try:
+        return statistics.median(one.seconds() for _ in range(repeats))
     finally:
-        executor.close()
-        torch.set_num_threads(threads)
+        one.close()
 
 
 @functools.cache
-def _probe_spec() -> Any:
-    from gpufaas.scheduler.partition import split
-
+def _probe() -> ShardPass:
     net = radix_net(2048, 4)  # fixed: the probe must be the same work every time
-    return split(net, partition(net, 2, method="block", seed=0))[0]
+    return ShardPass(split(net, partition(net, 2, method="block", seed=0))[0], 64)
+
+
+def probe_pass() -> float:
+    """One pass of the speed probe: half of a block split of a fixed net (2,048 x 4, batch
+    64) through the executor's code on this thread, in thread CPU seconds (~1.4 ms here).
+    Timed the way compute is calibrated, it reads the machine's speed now; passes are
+    interleaved with a run's timed requests (one after each), and their median is the run's
+    probe (``costmodel.at_speed``). It never touches the requests it corrects."""
+    return _probe().seconds()
 
 
 def speed_probe(*, repeats: int = 5) -> float:
-    """The speed probe: one shard pass of a fixed net (2,048 x 4, half of a block split,
-    batch 64) through the executor's code on this thread, median thread CPU seconds over
-    ``repeats`` (a few ms). Timed the way compute is calibrated, it reads the machine's speed
-    now; the cost model rescales its constants by it (``costmodel.at_speed``). It never
-    touches the run it corrects."""
-    return shard_compute_seconds(_probe_spec(), 64, repeats=repeats)
+    """The median of ``repeats`` probe passes in a row (round A of session 6 used this, before
+    and after a run; passes interleaved with the requests replaced it)."""
+    return statistics.median(probe_pass() for _ in range(repeats))
 
 
 def calibrate_compute(batch: int) -> list[dict[str, Any]]:
     """Every shard of block and random splits of RadiX-Nets of 1,024 / 2,048 / 4,096 neurons
     (8, 8, 4 layers: never the grid's net), N = 1, 2, 4, 8, two batch sizes, timed on one
-    thread (a shard's worker has one core and one torch thread), each group of passes next
-    to a speed probe: the runs ``c_op`` and ``c_nnz`` are fitted on (:func:`fit_constants`)."""
+    thread (a shard's worker has one core and one torch thread), each between two probe
+    passes: the runs ``c_op`` and ``c_nnz`` are fitted on (:func:`fit_constants`)."""
     rows = []
     for width, depth in ((1024, 8), (2048, 8), (4096, 4)):
         net = radix_net(width, depth)
@@ -599,11 +620,14 @@ def calibrate_compute(batch: int) -> list[dict[str, Any]]:
             part = partition(net, shards, method=method, seed=3)
             prof = costmodel.profile(net, part)
             specs = split(net, part)
-            probe = speed_probe()
+            passes = []
             for b in (max(1, batch // 4), batch):
                 features = costmodel.compute_features(prof, batch=b).sum(axis=0)
                 for spec in specs[:2]:  # shards of one split are alike
+                    passes.append(probe_pass())
                     seconds = shard_compute_seconds(spec, b)
+                    passes.append(probe_pass())
+                    probe = statistics.median(passes[-2:])
                     rows.append({"width": width, "depth": depth, "shards": shards,
                                  "method": method, "batch": b, "shard": spec.shard,
                                  "features": features[spec.shard].tolist(), "seconds": seconds,
@@ -634,12 +658,14 @@ async def calibrate(
     batches = (max(1, batch // 4), batch)
 
     async def median_latency(name: str, b: int, width: int, count: int = 7) -> tuple[float, float]:
+        """The median latency, and the median of probe passes interleaved with it."""
         x = (rng.random((b, width)) < 0.2).astype(np.float32)
         await coordinator.infer(name, x)
-        before = speed_probe()
-        seconds = statistics.median([await _timed(coordinator.infer(name, x))
-                                     for _ in range(count)])  # fmt: skip
-        return seconds, (before + speed_probe()) / 2
+        times, passes = [], []
+        for _ in range(count):
+            times.append(await _timed(coordinator.infer(name, x)))
+            passes.append(probe_pass())
+        return statistics.median(times), statistics.median(passes)
 
     async def unsharded(rounds: dict[tuple[int, int], list[tuple[float, float]]]) -> None:
         for width in (1024, 2048, 4096):
@@ -822,9 +848,12 @@ def score(
     else:  # an older calibration: its constants as stored
         with_probe = constants_from_json(dict(calibration["constants"]))
     without = fit_constants(calibration["runs"], cores=cores, probe=False)
-    copies = [dict(r) for r in grid]
+    edges = [{**r, "probe_s": statistics.mean(r["probe_edges_s"])} for r in grid
+             if "probe_edges_s" in r]  # fmt: skip
     return {
-        "costmodel_without_probe": evaluate(net, copies, without, probe=False),
+        "costmodel_without_probe": evaluate(net, [dict(r) for r in grid], without, probe=False),
+        # round A's probe: five passes before and five after the cell, not between requests
+        **({"costmodel_probe_edges": evaluate(net, edges, with_probe)} if edges else {}),
         "costmodel": evaluate(net, grid, with_probe),
     }
 
