@@ -454,81 +454,101 @@ async def message_cost(root: Path, *, count: int = 400, rounds: int = 3) -> list
     return rows
 
 
+CPU_SPLIT_CONFIGS = ((1, "unsplit"), (2, "shm"), (2, "http"), (4, "shm"), (4, "http"))
+
+
 async def cpu_per_request(
-    root: Path, *, neurons: int, layers: int, batch: int, requests: int = 60
+    root: Path, *, neurons: int, layers: int, batch: int, requests: int = 60, rounds: int = 3
 ) -> list[dict[str, Any]]:
     """Where the time goes: CPU seconds per request, summed over the shard processes and
     the coordinator (this process), in a closed loop of 4 requests in flight, N = 1, 2, 4
-    (direct channel, hypergraph split; N = 1 unsplit). With ``c`` cores, throughput cannot
-    pass ``c / cpu``. ``products_ms`` is the shards' arithmetic alone (every shard's pass
-    timed on one thread in this process, no channel: :func:`shard_compute_seconds`), so the
-    compute threads' CPU beyond it is their trips, hand-overs and receive-side copies;
-    ``idle_ms`` is the cores' time per request that no process used (waits)."""
-    from gpufaas.scheduler.partition import split
-
+    (direct channel, hypergraph split, between nodes through shared memory and through
+    HTTP; N = 1 unsplit), in ``rounds`` rounds whose order alternates (forward, backward, ...)
+    so that a drift in the machine's speed falls on every configuration alike. With ``c``
+    cores, throughput cannot pass ``c / cpu``. ``products_ms`` is the shards' arithmetic
+    alone (every shard's pass timed on one thread in this process, no channel:
+    :func:`shard_compute_seconds`), so the shards' worker threads' CPU beyond it is their
+    trips, hand-overs and receive-side copies; ``idle_ms`` is the cores' time per request
+    that no process used (waits)."""
     net = radix_net(neurons, layers)
     x = (np.random.default_rng(0).random((batch, neurons)) < 0.2).astype(np.float32)
     rows = []
-    with managers(root, 4, device_memory="64Mi", keep_pids=True) as (urls, pids):
-        for shards in (1, 2, 4):
-            coordinator = Coordinator(artifact_base=str(root / f"cpu{shards}"), timeout_s=120)
-            method = "hypergraph" if shards > 1 else "block"
-            shard_set = await coordinator.deploy(
-                "net", net, Parallelism(shards=shards, strategy="intra-layer"),
-                nodes=urls[:shards], method=method,
-            )  # fmt: skip
-            specs = split(net, partition(net, shards, method=method))
-            products = [shard_compute_seconds(spec, batch) for spec in specs]
-            for _ in range(4):
-                await coordinator.infer("net", x)
-            before = [_cpu_seconds(pid) for pid in pids[:shards]]
-            threads_before = [_thread_cpu_seconds(pid) for pid in pids[:shards]]
-            own = time.process_time()
-            started = time.perf_counter()
-            done = 0
-
-            async def worker() -> None:
-                nonlocal done
-                while done < requests:
-                    done += 1
-                    await coordinator.infer("net", x)  # noqa: B023 (awaited within the loop)
-
-            await asyncio.gather(*(worker() for _ in range(4)))
-            wall = time.perf_counter() - started
-            shard_cpu = [_cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=False)]
-            row = {
-                "shards": shards,
-                "throughput_rps": done / wall,
-                "shard_cpu_ms": [c / done * 1e3 for c in shard_cpu],
-                "coordinator_cpu_ms": (time.process_time() - own) / done * 1e3,
-                # per request, summed over the shards: the event loop vs the other threads
-                "shard_threads_ms": {
-                    role: sum(
-                        _thread_cpu_seconds(pid)[role] - b[role]
-                        for pid, b in zip(pids, threads_before, strict=False)
-                    )
-                    / done
-                    * 1e3
-                    for role in ("loop", "workers")
-                },
-            }
-            row["cpu_ms"] = sum(row["shard_cpu_ms"]) + row["coordinator_cpu_ms"]
-            row["bound_rps"] = (os.cpu_count() or 1) / row["cpu_ms"] * 1e3
-            row["products_ms"] = [p * 1e3 for p in products]
-            row["idle_ms"] = (os.cpu_count() or 1) * wall / done * 1e3 - row["cpu_ms"]
-            row["messages"] = shard_set.volume.messages
-            row["bytes_per_request"] = shard_set.volume.bytes_per_sample * batch
-            rows.append(row)
-            print(f"  N={shards}: {row['throughput_rps']:.1f} req/s; CPU per request "
-                  f"{row['cpu_ms']:.1f} ms (shards {[round(c, 1) for c in row['shard_cpu_ms']]}, "
-                  f"coordinator {row['coordinator_cpu_ms']:.1f}; shard threads "
-                  f"{ {k: round(v, 1) for k, v in row['shard_threads_ms'].items()} }; "
-                  f"products alone {sum(row['products_ms']):.1f}; idle {row['idle_ms']:.1f}); "
-                  f"{os.cpu_count()} cores bound "
-                  f"{row['bound_rps']:.1f} req/s", flush=True)  # fmt: skip
-            await coordinator.remove("net")
+    with managers(root, 4, device_memory="256Mi", keep_pids=True) as (urls, pids):
+        coordinator = Coordinator(artifact_base=str(root / "cpu"), timeout_s=120)
+        sets, products = {}, {}
+        try:
+            for shards, link in CPU_SPLIT_CONFIGS:
+                method = "hypergraph" if shards > 1 else "block"
+                name = f"net-{shards}-{link}"
+                sets[name] = await coordinator.deploy(
+                    name, net, Parallelism(shards=shards, strategy="intra-layer"),
+                    nodes=urls[:shards], method=method,
+                    channel=ChannelConfig(kind="direct", shared_memory=link != "http"),
+                )  # fmt: skip
+                specs = split(net, partition(net, shards, method=method))
+                products[name] = [shard_compute_seconds(spec, batch) for spec in specs]
+            for index in range(rounds):
+                order = CPU_SPLIT_CONFIGS if index % 2 == 0 else CPU_SPLIT_CONFIGS[::-1]
+                for shards, link in order:
+                    name = f"net-{shards}-{link}"
+                    row = await _cpu_split_one(coordinator, name, x, pids[:shards], requests)
+                    row.update(round=index, shards=shards, link=link,
+                               products_ms=[p * 1e3 for p in products[name]],
+                               messages=sets[name].volume.messages,
+                               bytes_per_request=sets[name].volume.bytes_per_sample * batch)  # fmt: skip
+                    rows.append(row)
+                    print(f"  round {index} N={shards} {link:<7}: {row['throughput_rps']:.1f} "
+                          f"req/s; CPU per request {row['cpu_ms']:.1f} ms (shards "
+                          f"{[round(c, 1) for c in row['shard_cpu_ms']]}, coordinator "
+                          f"{row['coordinator_cpu_ms']:.1f}; shard threads "
+                          f"{ {k: round(v, 1) for k, v in row['shard_threads_ms'].items()} }; "
+                          f"products alone {sum(row['products_ms']):.1f}; idle "
+                          f"{row['idle_ms']:.1f}); {os.cpu_count()} cores bound "
+                          f"{row['bound_rps']:.1f} req/s", flush=True)  # fmt: skip
+        finally:
             await coordinator.close()
     return rows
+
+
+async def _cpu_split_one(
+    coordinator: Coordinator, name: str, x: np.ndarray, pids: list[int], requests: int
+) -> dict[str, Any]:
+    for _ in range(4):
+        await coordinator.infer(name, x)
+    before = [_cpu_seconds(pid) for pid in pids]
+    threads_before = [_thread_cpu_seconds(pid) for pid in pids]
+    own = time.process_time()
+    started = time.perf_counter()
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        while done < requests:
+            done += 1
+            await coordinator.infer(name, x)
+
+    await asyncio.gather(*(worker() for _ in range(4)))
+    wall = time.perf_counter() - started
+    shard_cpu = [_cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+    row: dict[str, Any] = {
+        "throughput_rps": done / wall,
+        "shard_cpu_ms": [c / done * 1e3 for c in shard_cpu],
+        "coordinator_cpu_ms": (time.process_time() - own) / done * 1e3,
+        # per request, summed over the shards: the event loop vs the other threads
+        "shard_threads_ms": {
+            role: sum(
+                _thread_cpu_seconds(pid)[role] - b[role]
+                for pid, b in zip(pids, threads_before, strict=True)
+            )
+            / done
+            * 1e3
+            for role in ("loop", "workers")
+        },
+    }
+    row["cpu_ms"] = sum(row["shard_cpu_ms"]) + row["coordinator_cpu_ms"]
+    row["bound_rps"] = (os.cpu_count() or 1) / row["cpu_ms"] * 1e3
+    row["idle_ms"] = (os.cpu_count() or 1) * wall / done * 1e3 - row["cpu_ms"]
+    return row
 
 
 # -------------------------------------------------------------------------------------------
