@@ -14,7 +14,10 @@ Over loopback HTTP a 512 KiB partial result costs 0.5-1.1 ms of CPU across its t
   pod's ``/dev/shm`` differs) it connects to the socket, else the direct channel stays on
   HTTP for that peer.
 * A :class:`HostLink` owns a **ring**: a file of ``ring_bytes`` in ``/dev/shm`` (mode 0600)
-  that both map. A message's values are copied into the next free span of the ring, and a
+  that both map. The sender unlinks the file as soon as the receiver has answered a message
+  that went through it (the receiver maps the ring before answering), so a ring outlives
+  neither process; what a killed process left before that (a ring, a socket's directory) is
+  swept by the next :class:`LinkServer` to start (:func:`sweep`). A message's values are copied into the next free span of the ring, and a
   small notice (the envelope as JSON with the request id, the shape, the span) goes over the
   socket. The receiver copies the values out, marks the span free (a counter in the ring's
   first bytes that only it writes; the sender only writes the data and its own position),
@@ -64,7 +67,9 @@ _ANSWER = struct.Struct("<QH")  # sequence number, status
 _RING_HEAD = 64  # the receiver's released counter (int64) lives here, then the data
 _ALIGN = 64
 FILED, ALREADY, MISSING = 202, 208, 404
-DEFAULT_RING_BYTES = 32 << 20
+_RING_PREFIX = "gpufaas-fsd-ring-"  # then the sender's pid
+_DIR_PREFIX = "gpufaas-fsd-sock-"
+DEFAULT_RING_BYTES = 8 << 20  # per link; a message over the free part goes inline
 
 
 class LinkBroken(Exception):
@@ -98,6 +103,52 @@ def host_identity(directory: Path | None = None) -> str:
     return f"{boot}:{st.st_dev}:{st.st_ino}"
 
 
+def sweep(directory: Path) -> int:
+    """Remove what killed processes left in ``directory``: rings whose sender (named in the
+    file name) is gone, and socket directories nobody listens on. Only this module's names
+    and this user's files; returns how many were removed."""
+    import socket
+
+    removed = 0
+    for ring in directory.glob(_RING_PREFIX + "*"):
+        try:
+            pid = int(ring.name[len(_RING_PREFIX) :].split("-", 1)[0])
+            if ring.stat().st_uid != os.getuid() or _alive(pid):
+                continue
+            ring.unlink()
+            removed += 1
+        except (ValueError, OSError):
+            continue
+    for folder in directory.glob(_DIR_PREFIX + "*"):
+        path = folder / "link.sock"
+        try:
+            if folder.stat().st_uid != os.getuid():
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(0.2)
+                probe.connect(str(path))
+            continue  # someone listens: in use
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(OSError):
+                path.unlink()
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # -------------------------------------------------------------------------------------------
 # Receiving
 # -------------------------------------------------------------------------------------------
@@ -121,7 +172,8 @@ class LinkServer:
     async def start(self) -> LinkEndpoint:
         if self.endpoint is not None:
             return self.endpoint
-        self._dir = Path(tempfile.mkdtemp(prefix="gpufaas-fsd-", dir=self._base))  # 0700
+        await asyncio.to_thread(sweep, self._base)
+        self._dir = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=self._base))  # 0700
         path = self._dir / "link.sock"
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Receiver(self._deliver), str(path))
@@ -222,8 +274,9 @@ class HostLink(asyncio.Protocol):
 
     def __init__(self, *, ring_bytes: int = DEFAULT_RING_BYTES, directory: Path | None = None):
         self.ring_bytes = ring_bytes
-        fd, self.ring_path = tempfile.mkstemp(prefix="gpufaas-fsd-ring-", dir=directory
-                                              or shared_directory())  # fmt: skip
+        fd, self.ring_path = tempfile.mkstemp(
+            prefix=f"{_RING_PREFIX}{os.getpid()}-", dir=directory or shared_directory()
+        )
         try:
             os.ftruncate(fd, _RING_HEAD + ring_bytes)
             self._ring = mmap.mmap(fd, _RING_HEAD + ring_bytes)
@@ -237,6 +290,8 @@ class HostLink(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.broken: str | None = None
         self.inline = 0  # messages that did not fit the ring's free part
+        self._first_in_ring: int | None = None  # answered: the receiver has mapped the ring
+        self.unlinked = False
 
     # -- protocol ---------------------------------------------------------------------------
 
@@ -250,6 +305,8 @@ class HostLink(asyncio.Protocol):
         self._answers += data
         usable = len(self._answers) - len(self._answers) % _ANSWER.size
         for seq, status in _ANSWER.iter_unpack(bytes(self._answers[:usable])):
+            if self._first_in_ring is not None and seq >= self._first_in_ring:
+                self._unlink()  # both ends map it now: the file itself can go
             waiter = self._waiting.pop(seq, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(status)
@@ -298,7 +355,15 @@ class HostLink(asyncio.Protocol):
         )
         self._written += skip + need
         notice.update(ring=self.ring_path, at=start, end=self._written)
+        if self._first_in_ring is None:
+            self._first_in_ring = int(cast(int, notice["seq"]))
         return False
+
+    def _unlink(self) -> None:
+        if not self.unlinked:
+            self.unlinked = True
+            with contextlib.suppress(OSError):
+                os.unlink(self.ring_path)
 
     def _break(self, reason: str) -> None:
         if self.broken is None:
@@ -312,8 +377,7 @@ class HostLink(asyncio.Protocol):
         self._break("closed")
         if self._transport is not None:
             self._transport.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.ring_path)
+        self._unlink()
         del self._released
         with contextlib.suppress(BufferError):
             self._ring.close()

@@ -91,7 +91,8 @@ async def test_messages_cross_the_ring_and_inline_and_the_ring_is_reused(tmp_pat
         np.testing.assert_array_equal(got, big)
         (link,) = [f.result() for f in links._links.values()]
         assert link is not None and link.inline == 1  # only the one over the ring's size
-        assert os.stat(link.ring_path).st_mode & 0o777 == 0o600
+        # both ends map the ring: its file is gone, so no killed process can leave it behind
+        assert link.unlinked and not Path(link.ring_path).exists()
         assert Path(receiver.server.endpoint.socket).parent.stat().st_mode & 0o777 == 0o700  # type: ignore[union-attr]
     finally:
         await links.close()
@@ -230,5 +231,28 @@ async def test_shared_memory_off_keeps_the_direct_channel_on_http(
 def test_a_link_unlinks_its_ring_when_closed(tmp_path: Path) -> None:
     link = HostLink(ring_bytes=1 << 16, directory=tmp_path)
     assert Path(link.ring_path).exists()
+    assert os.stat(link.ring_path).st_mode & 0o777 == 0o600
     link.close()
     assert not Path(link.ring_path).exists()
+
+
+async def test_a_starting_server_sweeps_what_killed_processes_left(tmp_path: Path) -> None:
+    """A ring whose sender is gone and a socket directory nobody listens on are removed; a
+    live process's ring and a listening server's directory are kept."""
+    dead = tmp_path / "gpufaas-fsd-ring-999999999-x"  # no such pid
+    dead.write_bytes(b"0" * 64)
+    mine = HostLink(ring_bytes=1 << 16, directory=tmp_path)  # this process: alive
+    stale = tmp_path / "gpufaas-fsd-sock-old"
+    stale.mkdir(mode=0o700)
+    live = _Receiver(tmp_path)
+    await live.server.start()
+    fresh = _Receiver(tmp_path)
+    try:
+        await fresh.server.start()  # sweeps first
+        assert not dead.exists() and not stale.exists()
+        assert Path(mine.ring_path).exists()
+        assert Path(live.server.endpoint.socket).exists()  # type: ignore[union-attr]
+    finally:
+        mine.close()
+        await live.server.close()
+        await fresh.server.close()
