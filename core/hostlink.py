@@ -278,9 +278,16 @@ class HostLink(asyncio.Protocol):
             prefix=f"{_RING_PREFIX}{os.getpid()}-", dir=directory or shared_directory()
         )
         try:
-            os.ftruncate(fd, _RING_HEAD + ring_bytes)
+            # Reserved now, not on first touch: a full /dev/shm fails here (OSError, and the
+            # channel stays on HTTP), never as a SIGBUS on a write into the mapping.
+            os.posix_fallocate(fd, 0, _RING_HEAD + ring_bytes)
             self._ring = mmap.mmap(fd, _RING_HEAD + ring_bytes)
-        finally:
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.ring_path)
+            raise
+        else:
             os.close(fd)
         self._released = np.frombuffer(self._ring, dtype=np.int64, count=1)
         self._written = 0  # bytes of the ring ever taken (sender's position)
@@ -374,13 +381,15 @@ class HostLink(asyncio.Protocol):
         self._waiting.clear()
 
     def close(self) -> None:
+        """Idempotent: several sends may find the same link broken."""
         self._break("closed")
         if self._transport is not None:
             self._transport.close()
         self._unlink()
-        del self._released
-        with contextlib.suppress(BufferError):
-            self._ring.close()
+        if not self._ring.closed:
+            del self._released
+            with contextlib.suppress(BufferError):
+                self._ring.close()
 
 
 class HostLinks:
@@ -429,7 +438,11 @@ class HostLinks:
             return None
         if endpoint is None or endpoint.host != self.identity:
             return None
-        link = HostLink(ring_bytes=self.ring_bytes)
+        try:
+            link = HostLink(ring_bytes=self.ring_bytes)
+        except OSError as e:  # no room in /dev/shm: HTTP it is
+            logger.warning("no shared-memory ring for %s: %s", url, e)
+            return None
         try:
             await asyncio.wait_for(
                 asyncio.get_running_loop().create_unix_connection(lambda: link, endpoint.socket),
