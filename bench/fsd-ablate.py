@@ -113,3 +113,65 @@ cm.busy = lambda shards, cores: 0.0  # type: ignore[assignment]  # c_wake's feat
 print("no oversubscription  ", score(refit()))
 cm.busy = busy
 print("no contention (cores=64)", score(refit(cores_=64)))
+
+
+# -------------------------------------------------------------------------------------------
+# The speed probe (session 6): variants on calibrations and grids that carry probes
+# -------------------------------------------------------------------------------------------
+if "probe_s" in runs["compute"][0]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fsd", Path(__file__).parent / "fsd.py")
+    fsd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fsd)
+    probed = fsd.fit_constants(cal["runs"], cores=cores)
+    plain = fsd.fit_constants(cal["runs"], cores=cores, probe=False)
+
+    def compute_only(constants, probe_s):
+        ratio = probe_s / constants.probe_s
+        c = constants.compute
+        return dataclasses.replace(
+            constants, compute=cm.Compute(ratio * c.per_op_s, ratio * c.per_nnz_s)
+        )
+
+    def probe_score(constants, scale, probe_of):
+        rows = [dict(r) for r in grid["grid"] if "failed" not in r]
+        for r in rows:
+            p = prof(("g",), gnet, r["shards"], r["method"], 0)
+            here = scale(constants, probe_of(r)) if scale else constants
+            r["predicted_s"] = cm.predict(
+                p, batch=r["batch"], channel=r["channel"] if r["shards"] > 1 else "direct",
+                constants=here,
+            )
+            r["error"] = r["predicted_s"] / r["latency_s"] - 1
+        global score_rows
+        score_rows = rows
+        return _summary(rows)
+
+    def _summary(rows):
+        within = sum(abs(r["error"]) <= 0.25 for r in rows)
+        groups = {"all": rows}
+        for ch in sorted({r["channel"] for r in rows if r["shards"] > 1}):
+            groups[ch] = [r for r in rows if r["channel"] == ch or r["shards"] == 1]
+        for n in sorted({r["shards"] for r in rows if r["shards"] > 1}):
+            groups[n] = [r for r in rows if r["shards"] == n]
+        strict = sum(
+            min(g, key=lambda r: r["predicted_s"]) is min(g, key=lambda r: r["latency_s"])
+            for g in groups.values()
+        )
+        med = float(np.median([abs(r["error"]) for r in rows]))
+        return (
+            f"{within}/{len(rows)} within 25%, median {med:.0%}, picks {strict}/{len(groups)}  "
+            + " ".join(f"{r['error']:+.0%}" for r in rows)
+        )
+
+    interleaved = lambda r: r["probe_s"]  # noqa: E731
+    edges = lambda r: float(np.mean(r.get("probe_edges_s", [r["probe_s"]])))  # noqa: E731
+    print("probe: none (as measured)          ", probe_score(plain, None, interleaved))
+    print("probe: interleaved, all constants  ", probe_score(probed, cm.at_speed, interleaved))
+    print("probe: interleaved, compute only   ", probe_score(probed, compute_only, interleaved))
+    print("probe: edges, all constants        ", probe_score(probed, cm.at_speed, edges))
+    print("probe: normalised calibration only ", probe_score(probed, None, interleaved))
+    ps = [r["probe_s"] * 1e3 for r in grid["grid"] if "probe_s" in r]
+    print(f"grid probes ms: min {min(ps):.2f} median {np.median(ps):.2f} max {max(ps):.2f}; "
+          f"calibration reference {probed.probe_s * 1e3:.2f}")

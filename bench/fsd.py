@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -59,7 +60,7 @@ from gpufaas.core.sharding import ChannelConfig, Parallelism
 from gpufaas.scheduler import costmodel
 from gpufaas.scheduler.coordinator import Coordinator, LaunchFailed, ShardFailed, tree_rounds
 from gpufaas.scheduler.local import run_manager_processes
-from gpufaas.scheduler.partition import communication, partition
+from gpufaas.scheduler.partition import communication, partition, split
 
 PERIOD = {1024: 6, 4096: 8, 16384: 10}  # layers before a RadiX-Net's pattern repeats
 
@@ -136,14 +137,17 @@ async def measure(
     budget_s: float,
 ) -> dict[str, float]:
     await coordinator.infer(name, x)  # warm-up
-    latencies = []
+    latencies, passes = [], []
+    edges = [speed_probe()]  # the machine's speed beside the cell, never from its requests
     started = time.perf_counter()
     for _ in range(latency_requests):
         t = time.perf_counter()
         await coordinator.infer(name, x)
         latencies.append(time.perf_counter() - t)
+        passes.append(probe_pass())  # between requests: the speed while the cell runs
         if time.perf_counter() - started > budget_s / 2:
             break
+    edges.append(speed_probe())
     done = 0
     stop_at = time.perf_counter() + budget_s / 2
 
@@ -162,6 +166,9 @@ async def measure(
         "throughput_rps": done / elapsed,
         "samples_per_s": done * x.shape[0] / elapsed,
         "requests": done,
+        "probe_s": statistics.median(passes),
+        "probe_passes_s": passes,
+        "probe_edges_s": edges,
     }
 
 
@@ -447,81 +454,101 @@ async def message_cost(root: Path, *, count: int = 400, rounds: int = 3) -> list
     return rows
 
 
+CPU_SPLIT_CONFIGS = ((1, "unsplit"), (2, "shm"), (2, "http"), (4, "shm"), (4, "http"))
+
+
 async def cpu_per_request(
-    root: Path, *, neurons: int, layers: int, batch: int, requests: int = 60
+    root: Path, *, neurons: int, layers: int, batch: int, requests: int = 60, rounds: int = 3
 ) -> list[dict[str, Any]]:
     """Where the time goes: CPU seconds per request, summed over the shard processes and
     the coordinator (this process), in a closed loop of 4 requests in flight, N = 1, 2, 4
-    (direct channel, hypergraph split; N = 1 unsplit). With ``c`` cores, throughput cannot
-    pass ``c / cpu``. ``products_ms`` is the shards' arithmetic alone (every shard's pass
-    timed on one thread in this process, no channel: :func:`shard_compute_seconds`), so the
-    compute threads' CPU beyond it is their trips, hand-overs and receive-side copies;
-    ``idle_ms`` is the cores' time per request that no process used (waits)."""
-    from gpufaas.scheduler.partition import split
-
+    (direct channel, hypergraph split, between nodes through shared memory and through
+    HTTP; N = 1 unsplit), in ``rounds`` rounds whose order alternates (forward, backward, ...)
+    so that a drift in the machine's speed falls on every configuration alike. With ``c``
+    cores, throughput cannot pass ``c / cpu``. ``products_ms`` is the shards' arithmetic
+    alone (every shard's pass timed on one thread in this process, no channel:
+    :func:`shard_compute_seconds`), so the shards' worker threads' CPU beyond it is their
+    trips, hand-overs and receive-side copies; ``idle_ms`` is the cores' time per request
+    that no process used (waits)."""
     net = radix_net(neurons, layers)
     x = (np.random.default_rng(0).random((batch, neurons)) < 0.2).astype(np.float32)
     rows = []
-    with managers(root, 4, device_memory="64Mi", keep_pids=True) as (urls, pids):
-        for shards in (1, 2, 4):
-            coordinator = Coordinator(artifact_base=str(root / f"cpu{shards}"), timeout_s=120)
-            method = "hypergraph" if shards > 1 else "block"
-            shard_set = await coordinator.deploy(
-                "net", net, Parallelism(shards=shards, strategy="intra-layer"),
-                nodes=urls[:shards], method=method,
-            )  # fmt: skip
-            specs = split(net, partition(net, shards, method=method))
-            products = [shard_compute_seconds(spec, batch) for spec in specs]
-            for _ in range(4):
-                await coordinator.infer("net", x)
-            before = [_cpu_seconds(pid) for pid in pids[:shards]]
-            threads_before = [_thread_cpu_seconds(pid) for pid in pids[:shards]]
-            own = time.process_time()
-            started = time.perf_counter()
-            done = 0
-
-            async def worker() -> None:
-                nonlocal done
-                while done < requests:
-                    done += 1
-                    await coordinator.infer("net", x)  # noqa: B023 (awaited within the loop)
-
-            await asyncio.gather(*(worker() for _ in range(4)))
-            wall = time.perf_counter() - started
-            shard_cpu = [_cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=False)]
-            row = {
-                "shards": shards,
-                "throughput_rps": done / wall,
-                "shard_cpu_ms": [c / done * 1e3 for c in shard_cpu],
-                "coordinator_cpu_ms": (time.process_time() - own) / done * 1e3,
-                # per request, summed over the shards: the event loop vs the other threads
-                "shard_threads_ms": {
-                    role: sum(
-                        _thread_cpu_seconds(pid)[role] - b[role]
-                        for pid, b in zip(pids, threads_before, strict=False)
-                    )
-                    / done
-                    * 1e3
-                    for role in ("loop", "workers")
-                },
-            }
-            row["cpu_ms"] = sum(row["shard_cpu_ms"]) + row["coordinator_cpu_ms"]
-            row["bound_rps"] = (os.cpu_count() or 1) / row["cpu_ms"] * 1e3
-            row["products_ms"] = [p * 1e3 for p in products]
-            row["idle_ms"] = (os.cpu_count() or 1) * wall / done * 1e3 - row["cpu_ms"]
-            row["messages"] = shard_set.volume.messages
-            row["bytes_per_request"] = shard_set.volume.bytes_per_sample * batch
-            rows.append(row)
-            print(f"  N={shards}: {row['throughput_rps']:.1f} req/s; CPU per request "
-                  f"{row['cpu_ms']:.1f} ms (shards {[round(c, 1) for c in row['shard_cpu_ms']]}, "
-                  f"coordinator {row['coordinator_cpu_ms']:.1f}; shard threads "
-                  f"{ {k: round(v, 1) for k, v in row['shard_threads_ms'].items()} }; "
-                  f"products alone {sum(row['products_ms']):.1f}; idle {row['idle_ms']:.1f}); "
-                  f"{os.cpu_count()} cores bound "
-                  f"{row['bound_rps']:.1f} req/s", flush=True)  # fmt: skip
-            await coordinator.remove("net")
+    with managers(root, 4, device_memory="256Mi", keep_pids=True) as (urls, pids):
+        coordinator = Coordinator(artifact_base=str(root / "cpu"), timeout_s=120)
+        sets, products = {}, {}
+        try:
+            for shards, link in CPU_SPLIT_CONFIGS:
+                method = "hypergraph" if shards > 1 else "block"
+                name = f"net-{shards}-{link}"
+                sets[name] = await coordinator.deploy(
+                    name, net, Parallelism(shards=shards, strategy="intra-layer"),
+                    nodes=urls[:shards], method=method,
+                    channel=ChannelConfig(kind="direct", shared_memory=link != "http"),
+                )  # fmt: skip
+                specs = split(net, partition(net, shards, method=method))
+                products[name] = [shard_compute_seconds(spec, batch) for spec in specs]
+            for index in range(rounds):
+                order = CPU_SPLIT_CONFIGS if index % 2 == 0 else CPU_SPLIT_CONFIGS[::-1]
+                for shards, link in order:
+                    name = f"net-{shards}-{link}"
+                    row = await _cpu_split_one(coordinator, name, x, pids[:shards], requests)
+                    row.update(round=index, shards=shards, link=link,
+                               products_ms=[p * 1e3 for p in products[name]],
+                               messages=sets[name].volume.messages,
+                               bytes_per_request=sets[name].volume.bytes_per_sample * batch)  # fmt: skip
+                    rows.append(row)
+                    print(f"  round {index} N={shards} {link:<7}: {row['throughput_rps']:.1f} "
+                          f"req/s; CPU per request {row['cpu_ms']:.1f} ms (shards "
+                          f"{[round(c, 1) for c in row['shard_cpu_ms']]}, coordinator "
+                          f"{row['coordinator_cpu_ms']:.1f}; shard threads "
+                          f"{ {k: round(v, 1) for k, v in row['shard_threads_ms'].items()} }; "
+                          f"products alone {sum(row['products_ms']):.1f}; idle "
+                          f"{row['idle_ms']:.1f}); {os.cpu_count()} cores bound "
+                          f"{row['bound_rps']:.1f} req/s", flush=True)  # fmt: skip
+        finally:
             await coordinator.close()
     return rows
+
+
+async def _cpu_split_one(
+    coordinator: Coordinator, name: str, x: np.ndarray, pids: list[int], requests: int
+) -> dict[str, Any]:
+    for _ in range(4):
+        await coordinator.infer(name, x)
+    before = [_cpu_seconds(pid) for pid in pids]
+    threads_before = [_thread_cpu_seconds(pid) for pid in pids]
+    own = time.process_time()
+    started = time.perf_counter()
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        while done < requests:
+            done += 1
+            await coordinator.infer(name, x)
+
+    await asyncio.gather(*(worker() for _ in range(4)))
+    wall = time.perf_counter() - started
+    shard_cpu = [_cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+    row: dict[str, Any] = {
+        "throughput_rps": done / wall,
+        "shard_cpu_ms": [c / done * 1e3 for c in shard_cpu],
+        "coordinator_cpu_ms": (time.process_time() - own) / done * 1e3,
+        # per request, summed over the shards: the event loop vs the other threads
+        "shard_threads_ms": {
+            role: sum(
+                _thread_cpu_seconds(pid)[role] - b[role]
+                for pid, b in zip(pids, threads_before, strict=True)
+            )
+            / done
+            * 1e3
+            for role in ("loop", "workers")
+        },
+    }
+    row["cpu_ms"] = sum(row["shard_cpu_ms"]) + row["coordinator_cpu_ms"]
+    row["bound_rps"] = (os.cpu_count() or 1) / row["cpu_ms"] * 1e3
+    row["idle_ms"] = (os.cpu_count() or 1) * wall / done * 1e3 - row["cpu_ms"]
+    return row
 
 
 # -------------------------------------------------------------------------------------------
@@ -529,50 +556,83 @@ async def cpu_per_request(
 # -------------------------------------------------------------------------------------------
 
 
-def shard_compute_seconds(spec: Any, batch: int, *, repeats: int = 5) -> float:
+class ShardPass:
     """One pass of a shard's compute for a batch, on this thread, through the executor's own
-    code (products, bias, activation, hand-overs), with zeros standing in for remote parts:
-    the median CPU seconds over ``repeats`` (contention is the model's part, not this
-    one's). No channel, no event loop: what a shard's worker does."""
-    import torch
+    code (products, bias, activation, hand-overs), with zeros standing in for remote parts,
+    timed in thread CPU seconds (contention is the model's part, not this one's). No
+    channel, no event loop: what a shard's worker does."""
 
-    from gpufaas.core.channels import LocalChannel, Mailbox
-    from gpufaas.gpu_manager.shards import ShardExecutor
+    def __init__(self, spec: Any, batch: int) -> None:
+        from gpufaas.core.channels import LocalChannel, Mailbox
+        from gpufaas.gpu_manager.shards import ShardExecutor
 
-    executor = ShardExecutor(spec, set_name="cal", channel=LocalChannel(), mailbox=Mailbox())
-    inputs = np.zeros((len(spec.inputs), batch), np.float32)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a manager (gpu_manager/main.py); thread_time needs it
+        self.spec = spec
+        self.batch = batch
+        self.executor = ShardExecutor(spec, set_name="cal", channel=LocalChannel(),
+                                      mailbox=Mailbox())  # fmt: skip
+        self.inputs = np.zeros((len(spec.inputs), batch), np.float32)
+        self.seconds()  # warm
 
-    def one_pass() -> None:
-        step = executor._first_step("r", inputs, lambda parts: None)
+    def _once(self) -> None:
+        step = self.executor._first_step("r", self.inputs, lambda parts: None)
         while step.output is None:
-            layer = spec.layers[step.index]
-            arrived = [(q, np.zeros((b.shape[1], batch), np.float32))
+            layer = self.spec.layers[step.index]
+            arrived = [(q, np.zeros((b.shape[1], self.batch), np.float32))
                        for q, b in sorted(layer.remote.items())]  # fmt: skip
-            step = executor._step("r", step, arrived, lambda parts: None)
+            step = self.executor._step("r", step, arrived, lambda parts: None)
 
-    try:
-        one_pass()
-        times = []
-        for _ in range(repeats):
+    def seconds(self) -> float:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a manager (gpu_manager/main.py); thread_time needs it
+        try:
             started = time.thread_time()  # CPU: other processes' load is not the shard's
-            one_pass()
-            times.append(time.thread_time() - started)
-        return statistics.median(times)
+            self._once()
+            return time.thread_time() - started
+        finally:
+            torch.set_num_threads(threads)
+
+    def close(self) -> None:
+        self.executor.close()
+
+
+def shard_compute_seconds(spec: Any, batch: int, *, repeats: int = 5) -> float:
+    """The median of ``repeats`` :class:`ShardPass` timings."""
+    one = ShardPass(spec, batch)
+    try:
+        return statistics.median(one.seconds() for _ in range(repeats))
     finally:
-        executor.close()
-        torch.set_num_threads(threads)
+        one.close()
 
 
-def calibrate_compute(batch: int) -> tuple[costmodel.Compute, list[dict[str, Any]]]:
-    """``c_op`` and ``c_nnz`` from every shard of block and random splits of RadiX-Nets of
-    1,024 / 2,048 / 4,096 neurons (8, 8, 4 layers: never the grid's net), N = 1, 2, 4, 8,
-    two batch sizes, timed on one thread (a shard's worker has one core and one torch
-    thread)."""
-    from gpufaas.scheduler.partition import split
+@functools.cache
+def _probe() -> ShardPass:
+    net = radix_net(2048, 4)  # fixed: the probe must be the same work every time
+    return ShardPass(split(net, partition(net, 2, method="block", seed=0))[0], 64)
 
-    xs, ys, rows = [], [], []
+
+def probe_pass() -> float:
+    """One pass of the speed probe: half of a block split of a fixed net (2,048 x 4, batch
+    64) through the executor's code on this thread, in thread CPU seconds (~1.4 ms here).
+    Timed the way compute is calibrated, it reads the machine's speed now; passes are
+    interleaved with a run's timed requests (one after each), and their median is the run's
+    probe (``costmodel.at_speed``). It never touches the requests it corrects."""
+    return _probe().seconds()
+
+
+def speed_probe(*, repeats: int = 5) -> float:
+    """The median of ``repeats`` probe passes in a row (round A of session 6 used this, before
+    and after a run; passes interleaved with the requests replaced it)."""
+    return statistics.median(probe_pass() for _ in range(repeats))
+
+
+def calibrate_compute(batch: int) -> list[dict[str, Any]]:
+    """Every shard of block and random splits of RadiX-Nets of 1,024 / 2,048 / 4,096 neurons
+    (8, 8, 4 layers: never the grid's net), N = 1, 2, 4, 8, two batch sizes, timed on one
+    thread (a shard's worker has one core and one torch thread), each between two probe
+    passes: the runs ``c_op`` and ``c_nnz`` are fitted on (:func:`fit_constants`)."""
+    rows = []
     for width, depth in ((1024, 8), (2048, 8), (4096, 4)):
         net = radix_net(width, depth)
         for shards, method in ((1, "block"), (2, "block"), (2, "random"), (4, "block"),
@@ -580,49 +640,54 @@ def calibrate_compute(batch: int) -> tuple[costmodel.Compute, list[dict[str, Any
             part = partition(net, shards, method=method, seed=3)
             prof = costmodel.profile(net, part)
             specs = split(net, part)
+            passes = []
             for b in (max(1, batch // 4), batch):
                 features = costmodel.compute_features(prof, batch=b).sum(axis=0)
                 for spec in specs[:2]:  # shards of one split are alike
+                    passes.append(probe_pass())
                     seconds = shard_compute_seconds(spec, b)
-                    xs.append(features[spec.shard].tolist())
-                    ys.append(seconds)
+                    passes.append(probe_pass())
+                    probe = statistics.median(passes[-2:])
                     rows.append({"width": width, "depth": depth, "shards": shards,
                                  "method": method, "batch": b, "shard": spec.shard,
-                                 "features": xs[-1], "seconds": seconds})  # fmt: skip
+                                 "features": features[spec.shard].tolist(), "seconds": seconds,
+                                 "probe_s": probe})  # fmt: skip
             print(f"  compute {width} x {depth} N={shards} {method:<6}: "
-                  f"{rows[-1]['seconds'] * 1e3:.2f} ms per shard pass at batch {batch}",
-                  flush=True)  # fmt: skip
-    per_op, per_nnz = costmodel.fit(xs, ys, relative=True)
-    return costmodel.Compute(per_op, per_nnz), rows
+                  f"{rows[-1]['seconds'] * 1e3:.2f} ms per shard pass at batch {batch} "
+                  f"(probe {probe * 1e3:.2f} ms)", flush=True)  # fmt: skip
+    return rows
 
 
 async def calibrate(
     urls: list[str], channels: dict[str, ChannelConfig], root: Path, batch: int
-) -> tuple[costmodel.Constants, dict[str, Any]]:
-    """Fit the constants on calibration nets, never on the grid's net (see
-    :mod:`gpufaas.scheduler.costmodel`): compute in-process per shard; the coordinator from
-    unsharded runs on real managers (1,024 / 2,048 / 4,096 x 8); each channel from 2,048 x 4
-    and x 8 split 2 and 4 ways, block and random, and 8 ways block where there are 8 nodes.
+) -> dict[str, Any]:
+    """Measure the cost model's calibration runs on calibration nets, never on the grid's net
+    (see :mod:`gpufaas.scheduler.costmodel`): compute in-process per shard; the coordinator
+    from unsharded runs on real managers (1,024 / 2,048 / 4,096 x 8); each channel from
+    2,048 x 4 and x 8 split 2 and 4 ways, block and random, and 8 ways block where there are
+    8 nodes. Every run has a speed probe beside it (before and after its timed requests).
 
-    Every run is measured before anything is fitted, and the unsharded runs twice, before
-    and after the channels' runs, keeping the lower median of each: interference on a shared
-    machine (a freshly started manager, another process) only ever slows a run down, and the
-    coordinator's two constants rest on six runs, so one slowed phase would bias every
-    prediction (it did: bench/RESULTS.md, session 4, round B)."""
-    compute, compute_rows = calibrate_compute(batch)
-    print(f"  compute: {compute}", flush=True)
+    Every run is measured before anything is fitted (:func:`fit_constants`), and the
+    unsharded runs twice, before and after the channels' runs, keeping the lower median of
+    each: interference on a shared machine only ever slows a run down, and the
+    coordinator's two constants rest on six runs (bench/RESULTS.md, session 4, round B)."""
+    measured: dict[str, Any] = {"compute": calibrate_compute(batch), "coordinator": [],
+                                "channels": []}  # fmt: skip
     coordinator = Coordinator(artifact_base=str(root / "calib"), timeout_s=120)
     rng = np.random.default_rng(5)
-    cores = os.cpu_count() or 1
     batches = (max(1, batch // 4), batch)
-    measured: dict[str, Any] = {"compute": compute_rows, "coordinator": [], "channels": []}
 
-    async def median_latency(name: str, b: int, width: int, count: int = 7) -> float:
+    async def median_latency(name: str, b: int, width: int, count: int = 7) -> tuple[float, float]:
+        """The median latency, and the median of probe passes interleaved with it."""
         x = (rng.random((b, width)) < 0.2).astype(np.float32)
         await coordinator.infer(name, x)
-        return statistics.median([await _timed(coordinator.infer(name, x)) for _ in range(count)])
+        times, passes = [], []
+        for _ in range(count):
+            times.append(await _timed(coordinator.infer(name, x)))
+            passes.append(probe_pass())
+        return statistics.median(times), statistics.median(passes)
 
-    async def unsharded(rounds: dict[tuple[int, int], list[float]]) -> None:
+    async def unsharded(rounds: dict[tuple[int, int], list[tuple[float, float]]]) -> None:
         for width in (1024, 2048, 4096):
             name = f"cal-{width}"
             await coordinator.deploy(
@@ -633,10 +698,7 @@ async def calibrate(
                 rounds.setdefault((width, b), []).append(await median_latency(name, b, width))
             await coordinator.remove(name)
 
-    none = {"none": costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0)}
-    bare = costmodel.Constants(compute, 0.0, 0.0, cores, none)
-    unsplit: dict[tuple[int, int], list[float]] = {}
-    runs: dict[str, list[tuple[costmodel.Profile, int, float]]] = {c: [] for c in channels}
+    unsplit: dict[tuple[int, int], list[tuple[float, float]]] = {}
     try:
         await unsharded(unsplit)
         for channel in channels:
@@ -648,43 +710,78 @@ async def calibrate(
                                        (8, "block")):  # fmt: skip
                     if shards > len(urls):
                         continue
-                    prof = costmodel.profile(net, partition(net, shards, method=method, seed=2))
                     name = f"cal-{channel}-{depth}-{shards}-{method}"
                     await coordinator.deploy(
                         name, net, Parallelism(shards=shards, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
                         nodes=urls[:shards], method=method, channel=channels[channel], seed=2,
                     )  # fmt: skip
                     for b in batches:
-                        seconds = await median_latency(name, b, 2048, 5)
-                        runs[channel].append((prof, b, seconds))
+                        seconds, probe = await median_latency(name, b, 2048, 5)
                         measured["channels"].append({"channel": channel, "depth": depth,
                                                      "shards": shards, "method": method,
-                                                     "batch": b, "seconds": seconds})  # fmt: skip
-                        print(f"  channel {name} batch {b}: {seconds * 1e3:.1f} ms", flush=True)
+                                                     "batch": b, "seconds": seconds,
+                                                     "probe_s": probe})  # fmt: skip
+                        print(f"  channel {name} batch {b}: {seconds * 1e3:.1f} ms "
+                              f"(probe {probe * 1e3:.2f} ms)", flush=True)  # fmt: skip
                     await coordinator.remove(name)
         await unsharded(unsplit)
     finally:
         await coordinator.close()
-    fixed_x, fixed_y, totals = [], [], []
     for (width, b), both in unsplit.items():
-        seconds = min(both)
-        prof = costmodel.profile(
-            radix_net(width, 8), partition(radix_net(width, 8), 1, method="block")
-        )
-        layers = costmodel.predict(prof, batch=b, channel="none", constants=bare)
-        fixed_x.append([1.0, float(b * prof.io_values)])
-        fixed_y.append(seconds - layers)
-        totals.append(seconds)
+        seconds, probe = min(both)
         measured["coordinator"].append({"width": width, "batch": b, "seconds": seconds,
-                                        "both_rounds": both, "compute_s": layers})  # fmt: skip
-        print(f"  coordinator N=1 width {width} batch {b}: {[round(s * 1e3, 2) for s in both]} ms "
-              f"(compute terms {layers * 1e3:.2f} ms)", flush=True)  # fmt: skip
+                                        "probe_s": probe,
+                                        "both_rounds": [s for s, _ in both],
+                                        "both_probes": [q for _, q in both]})  # fmt: skip
+        print(f"  coordinator N=1 width {width} batch {b}: "
+              f"{[round(s * 1e3, 2) for s, _ in both]} ms", flush=True)  # fmt: skip
+    return measured
+
+
+def fit_constants(
+    measured: dict[str, Any], *, cores: int, probe: bool = True
+) -> costmodel.Constants:
+    """The constants from a calibration's runs. With ``probe``, each run's seconds are first
+    scaled to one speed (the median of the calibration's probes) by its own probe, and the
+    constants carry that probe time (``costmodel.at_speed`` rescales them for a later
+    probe); without, the runs are fitted as measured (sessions 4 and 5)."""
+    probes = [r["probe_s"] for part in ("compute", "coordinator", "channels")
+              for r in measured[part] if "probe_s" in r]  # fmt: skip
+    reference = statistics.median(probes) if probe and probes else None
+
+    def at_reference(row: dict[str, Any]) -> float:
+        if reference is None or "probe_s" not in row:
+            return float(row["seconds"])
+        return float(row["seconds"]) * reference / float(row["probe_s"])
+
+    rows = measured["compute"]
+    per_op, per_nnz = costmodel.fit([r["features"] for r in rows],
+                                    [at_reference(r) for r in rows], relative=True)  # fmt: skip
+    compute = costmodel.Compute(per_op, per_nnz)
+    none = {"none": costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0)}
+    bare = costmodel.Constants(compute, 0.0, 0.0, cores, none)
+    fixed_x, fixed_y, totals = [], [], []
+    for r in measured["coordinator"]:
+        net = radix_net(r["width"], 8)
+        prof = costmodel.profile(net, partition(net, 1, method="block"))
+        layers = costmodel.predict(prof, batch=r["batch"], channel="none", constants=bare)
+        fixed_x.append([1.0, float(r["batch"] * prof.io_values)])
+        fixed_y.append(at_reference(r) - layers)
+        totals.append(at_reference(r))
     per_request, per_io = costmodel.fit(fixed_x, fixed_y, relative_to=totals)
     base = costmodel.Constants(compute, per_request, per_io, cores, none)
+    runs: dict[str, list[tuple[costmodel.Profile, int, float]]] = {}
+    for r in measured["channels"]:
+        prof = _calibration_profile(r["depth"], r["shards"], r["method"])
+        runs.setdefault(r["channel"], []).append((prof, r["batch"], at_reference(r)))
     costs = {channel: costmodel.fit_channel(rs, base=base) for channel, rs in runs.items()}
-    for channel, cost in costs.items():
-        print(f"  {channel}: {cost}", flush=True)
-    return costmodel.Constants(compute, per_request, per_io, cores, costs), measured
+    return costmodel.Constants(compute, per_request, per_io, cores, costs, probe_s=reference)
+
+
+@functools.cache
+def _calibration_profile(depth: int, shards: int, method: str) -> costmodel.Profile:
+    net = radix_net(2048, depth)
+    return costmodel.profile(net, partition(net, shards, method=method, seed=2))
 
 
 def constants_to_json(constants: costmodel.Constants) -> dict[str, Any]:
@@ -704,8 +801,14 @@ async def _timed(call: Any) -> float:
 
 
 def evaluate(
-    net: LayeredNet, grid: list[dict[str, Any]], constants: costmodel.Constants
+    net: LayeredNet,
+    grid: list[dict[str, Any]],
+    constants: costmodel.Constants,
+    *,
+    probe: bool = True,
 ) -> dict[str, Any]:
+    """Score predictions against the grid's latencies; with ``probe`` (and probed
+    constants), each cell's prediction is at the speed its own probe read."""
     predictions = []
     for row in grid:
         if "failed" in row:
@@ -713,9 +816,10 @@ def evaluate(
         part = partition(net, row["shards"], method=row["method"], seed=0)
         prof = costmodel.profile(net, part)
         channel = row["channel"] if row["shards"] > 1 else "direct"
-        predicted = costmodel.predict(
-            prof, batch=row["batch"], channel=channel, constants=constants
-        )
+        here = constants
+        if probe and row.get("probe_s"):
+            here = costmodel.at_speed(constants, row["probe_s"])
+        predicted = costmodel.predict(prof, batch=row["batch"], channel=channel, constants=here)
         row["predicted_s"] = predicted
         row["error"] = predicted / row["latency_s"] - 1
         predictions.append(row)
@@ -746,6 +850,31 @@ def evaluate(
         "picks_fastest": sum(c["strict"] for c in cells.values()),
         "choices": cells,
         "constants": constants_to_json(constants),
+        "probe": probe and constants.probe_s is not None,
+    }
+
+
+def score(
+    net: LayeredNet, grid: list[dict[str, Any]], calibration: dict[str, Any]
+) -> dict[str, Any]:
+    """The model scored on a grid, with the speed probe (``costmodel``) and without
+    (``costmodel_without_probe``: constants fitted on the runs as measured, predictions
+    unscaled), both refitted from the calibration's runs where they carry probes; the
+    grid's rows get the probed predictions."""
+    cores = int(calibration["constants"]["cores"])
+    probed = "probe_s" in calibration["runs"]["compute"][0]
+    if probed:
+        with_probe = fit_constants(calibration["runs"], cores=cores)
+    else:  # an older calibration: its constants as stored
+        with_probe = constants_from_json(dict(calibration["constants"]))
+    without = fit_constants(calibration["runs"], cores=cores, probe=False)
+    edges = [{**r, "probe_s": statistics.mean(r["probe_edges_s"])} for r in grid
+             if "probe_edges_s" in r]  # fmt: skip
+    return {
+        "costmodel_without_probe": evaluate(net, [dict(r) for r in grid], without, probe=False),
+        # round A's probe: five passes before and five after the cell, not between requests
+        **({"costmodel_probe_edges": evaluate(net, edges, with_probe)} if edges else {}),
+        "costmodel": evaluate(net, grid, with_probe),
     }
 
 
@@ -820,10 +949,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         calibration = json.loads(Path(args.constants).read_text())
         net_info = grid_run["net"]
         net = radix_net(net_info["neurons"], net_info["layers"])
-        constants = constants_from_json(dict(calibration["calibration"]["constants"]))
         rows = [{k: v for k, v in r.items() if k not in ("predicted_s", "error")}
                 for r in grid_run["grid"]]  # fmt: skip
-        report["costmodel"] = evaluate(net, rows, constants)
+        report.update(score(net, rows, calibration["calibration"]))
         report["costmodel"]["runs"] = {
             "grid": {k: grid_run[k] for k in ("commit", "date")},
             "calibration": {k: calibration[k] for k in ("commit", "date")},
@@ -882,9 +1010,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             if args.calibrate_only:
                 print("4. cost model: calibration (never the grid's net)", flush=True)
                 started = time.time()
-                constants, runs = await calibrate(urls, channels, root, args.batch)
+                runs = await calibrate(urls, channels, root, args.batch)
+                cores = os.cpu_count() or 1
+                constants = fit_constants(runs, cores=cores)
                 report["calibration"] = {
                     "constants": constants_to_json(constants),
+                    "constants_without_probe": constants_to_json(
+                        fit_constants(runs, cores=cores, probe=False)
+                    ),
                     "runs": runs,
                     "seconds": time.time() - started,
                     "load_average": os.getloadavg(),
@@ -895,8 +1028,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             report["grid"] = await run_grid(urls, net, channels, args, root)
             if args.constants:
                 calibration = json.loads(Path(args.constants).read_text())
-                constants = constants_from_json(dict(calibration["calibration"]["constants"]))
-                report["costmodel"] = evaluate(net, report["grid"], constants)
+                report.update(score(net, report["grid"], calibration["calibration"]))
                 report["costmodel"]["calibration_run"] = {
                     k: calibration[k] for k in ("commit", "date")
                 }

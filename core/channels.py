@@ -8,8 +8,8 @@ chunk) followed by a float32 array, in one self-describing binary frame
   node this is the device-to-device path (the receiver copies to its device).
 * :class:`DirectChannel`: node-to-node HTTP POSTs to the receiving node's
   ``/v2/gpufaas/shards/{set}/{shard}/messages`` route over the node's pooled keep-alive
-  connections (:mod:`gpufaas.core.peerhttp`); shards on the same node go through the local
-  path.
+  connections (:mod:`gpufaas.core.peerhttp`); nodes on the same host exchange through shared
+  memory (:mod:`gpufaas.core.hostlink`), and shards on the same node through the local path.
 * :class:`NatsChannel`: NATS core pub/sub, one subject per shard
   (``gpufaas.fsd.<set>.<shard>``); with ``durable=True`` through a JetStream stream, so
   messages published before a server restart are still delivered after it.
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from gpufaas.core.hostlink import ALREADY, FILED, MISSING, HostLink, HostLinks, LinkBroken
 from gpufaas.core.peerhttp import PeerPools, PeerUnreachable
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "ShardUnreachable",
     "decode",
     "encode",
+    "envelope_from_notice",
     "message_path",
 ]
 
@@ -182,6 +184,14 @@ def decode(frame: bytes | memoryview) -> tuple[Envelope, Array]:
     if values.size != int(np.prod(shape)):
         raise ValueError(f"frame holds {values.size} values, its header says {shape}")
     return Envelope(**header), values.reshape(shape)
+
+
+def envelope_from_notice(notice: Mapping[str, Any]) -> Envelope:
+    """The envelope a host-link notice carries (:class:`DirectChannel`'s same-host path)."""
+    return Envelope(
+        str(notice["set_name"]), str(notice["request_id"]), int(notice["layer"]),
+        int(notice["src"]), int(notice["dst"]),
+    )  # fmt: skip
 
 
 def chunked(envelope: Envelope, values: Array, max_bytes: int) -> list[tuple[Envelope, Array]]:
@@ -354,7 +364,8 @@ class LocalChannel(Channel):
 
 class DirectChannel(Channel):
     """Node-to-node HTTP over the node's pooled connections (:mod:`gpufaas.core.peerhttp`);
-    shards on this node go through ``local`` without a copy."""
+    to a node on this host through shared memory where ``links`` finds one
+    (:mod:`gpufaas.core.hostlink`); shards on this node go through ``local`` without a copy."""
 
     name = "direct"
 
@@ -364,10 +375,12 @@ class DirectChannel(Channel):
         peers: Mapping[tuple[str, int], str],
         local: LocalChannel,
         pools: PeerPools,
+        links: HostLinks | None = None,
     ) -> None:
         self.peers = {k: v.rstrip("/") for k, v in peers.items()}  # (set, shard) -> node URL
         self.local = local
         self.pools = pools  # the node's, shared by its shards; the node closes it
+        self.links = links  # the node's same-host links (None: HTTP only); the node closes it
 
     async def attach(self, set_name: str, shard: int, mailbox: Mailbox) -> None:
         await self.local.attach(set_name, shard, mailbox)
@@ -385,6 +398,10 @@ class DirectChannel(Channel):
                 self.name, set_name=envelope.set_name, shard=envelope.dst,
                 where="(no address)", detail="the shard set has no address for it",
             )  # fmt: skip
+        link = await self.links.find(where) if self.links is not None else None
+        if link is not None:
+            await self._send_on_host(link, where, envelope, values, timeout_s=timeout_s)
+            return
         try:
             reply = await self.pools.to(where).post(
                 message_path(envelope.set_name, envelope.dst),
@@ -405,6 +422,30 @@ class DirectChannel(Channel):
             raise ShardUnreachable(
                 self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
                 detail=f"HTTP {reply.status}: {reply.body[:200].decode('utf-8', 'replace')}",
+            )  # fmt: skip
+
+    async def _send_on_host(
+        self, link: HostLink, where: str, envelope: Envelope, values: Array, *, timeout_s: float
+    ) -> None:
+        notice = dataclasses.asdict(envelope)
+        try:
+            status = await link.send(notice, values, timeout_s=max(0.1, timeout_s))
+        except LinkBroken as e:
+            assert self.links is not None
+            self.links.forget(where, link)
+            raise ShardUnreachable(
+                self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
+                detail=f"shared memory: {e}",
+            ) from None  # fmt: skip
+        if status == MISSING:
+            raise ShardMissing(
+                self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
+                detail="the shard is not loaded there",
+            )  # fmt: skip
+        if status not in (FILED, ALREADY):
+            raise ShardUnreachable(
+                self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
+                detail=f"shared memory: status {status}",
             )  # fmt: skip
 
 

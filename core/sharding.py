@@ -54,6 +54,8 @@ class ChannelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["direct", "nats", "s3", "local"] = "direct"
+    # direct: nodes on one host exchange through shared memory (core/hostlink.py), not HTTP
+    shared_memory: bool = True
     nats_url: str | None = None
     durable: bool = False  # NATS: JetStream, surviving a server restart
     s3_endpoint: str | None = None

@@ -59,7 +59,9 @@ from gpufaas.core.channels import (
     ShardUnreachable,
     decode,
     encode,
+    envelope_from_notice,
 )
+from gpufaas.core.hostlink import HostLinks, LinkEndpoint, LinkServer
 from gpufaas.core.http import error_response, match_fast_post
 from gpufaas.core.layered import (
     Block,
@@ -453,6 +455,9 @@ class ShardHost:
         self.local = LocalChannel()
         # Direct-channel connections to peer nodes, shared by every shard here.
         self.peers = PeerPools(headers={"Authorization": f"Bearer {token}"} if token else {})
+        # Peers on this host: shared memory instead of HTTP (core/hostlink.py).
+        self.link_server = LinkServer(self._deliver_notice)
+        self.links = HostLinks(endpoint_of=self._endpoint_of)
         self._shared: dict[tuple[str, ...], Channel] = {}  # NATS/S3 connections, per server
         self._forward = forward or self._put_remote
         self._lock = asyncio.Lock()
@@ -537,10 +542,13 @@ class ShardHost:
         if config.kind == "local":
             return self.local
         if config.kind == "direct":
+            if config.shared_memory:
+                await self.link_server.start()
             return DirectChannel(
                 peers={(load.set_name, q): url for q, url in load.peers.items()},
                 local=self.local,
                 pools=self.peers,
+                links=self.links if config.shared_memory else None,
             )
         ident = (config.kind, config.nats_url or "", str(config.durable), config.s3_endpoint or "",
                  config.s3_bucket or "")  # fmt: skip
@@ -597,6 +605,24 @@ class ShardHost:
         if mailbox is None:
             raise ShardNotLoaded(envelope.set_name, envelope.dst)
         return mailbox.deliver(envelope, values)
+
+    def _deliver_notice(self, notice: dict[str, object], values: Array) -> int:
+        """A message over a same-host link: 202 filed, 208 stale or a duplicate, 404."""
+        envelope = envelope_from_notice(notice)
+        try:
+            return 202 if self.deliver(envelope, values) else 208
+        except ShardNotLoaded:
+            return 404
+
+    async def _endpoint_of(self, url: str) -> LinkEndpoint | None:
+        """A peer node's same-host link endpoint, from its shard state (None: it has none)."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        async with httpx.AsyncClient(headers=headers, timeout=2.0) as client:
+            response = await client.get(url.rstrip("/") + node.SHARDS)
+        link = response.json().get("link") if response.status_code == 200 else None
+        return LinkEndpoint(str(link["host"]), str(link["socket"])) if link else None
 
     async def evict_set(self, set_name: str) -> list[int]:
         """Drop every shard of ``set_name`` on this node (a partial set serves nothing).
@@ -658,6 +684,8 @@ class ShardHost:
             await channel.close()
         self._shared.clear()
         await self.peers.close()
+        await self.links.close()
+        await self.link_server.close()
 
     def state(self) -> dict[str, Any]:
         return {
@@ -668,6 +696,7 @@ class ShardHost:
                 k: {"bytes": loaded.nbytes, "running": loaded.running}
                 for k, loaded in self.shards.items()
             },
+            "link": endpoint.as_json() if (endpoint := self.link_server.endpoint) else None,
         }
 
 

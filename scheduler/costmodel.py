@@ -49,6 +49,15 @@ Calibration (``bench/fsd.py --calibrate-only``, on nets that are never the bench
    leave gives ``c_msg``, ``c_byte``, ``c_sync``, ``c_wake``, ``c_shard``. The max over the branches makes this not linear in the constants, so
    :func:`fit_channel` fixes each layer's binding branch, fits, and repeats.
 
+Speed: every constant is CPU time on the machine that ran the calibration, at its speed
+then. A shared host's speed drifts (a cache- or core-sharing neighbour; bench/RESULTS.md,
+session 5: thread CPU time 1.6x slower in one hold than in another), so the constants carry
+``probe_s``, the seconds a fixed reference workload (the *speed probe*: one shard pass of a
+fixed net through the executor's code, in thread CPU time) took during their calibration,
+every calibration run having been scaled to that speed by its own probe. :func:`at_speed`
+rescales all of them to the speed a later probe reads; the model then predicts at that
+speed. The probe never uses the measurement it corrects.
+
 :func:`choose` ranks candidate configurations by predicted latency. Pure: no clocks, no I/O.
 """
 
@@ -68,6 +77,7 @@ __all__ = [
     "Compute",
     "Constants",
     "Profile",
+    "at_speed",
     "choose",
     "compute_features",
     "fit",
@@ -102,6 +112,29 @@ class Constants:
     per_io_value_s: float  # one input or output value encoded, sent, decoded
     cores: int
     channels: dict[str, ChannelCost]
+    # the speed probe's seconds when these constants were measured (None: not probed)
+    probe_s: float | None = None
+
+
+def at_speed(constants: Constants, probe_s: float) -> Constants:
+    """``constants`` at the speed where the probe takes ``probe_s``: every time constant
+    scaled by ``probe_s / constants.probe_s`` (all of them are CPU time on this machine, so
+    a slower core slows them alike). Unprobed constants are returned as they are."""
+    if constants.probe_s is None or constants.probe_s <= 0 or probe_s <= 0:
+        return constants
+    ratio = probe_s / constants.probe_s
+
+    def scaled(cost: ChannelCost) -> ChannelCost:
+        return ChannelCost(*(ratio * v for v in dataclasses.astuple(cost)))
+
+    return Constants(
+        compute=Compute(*(ratio * v for v in dataclasses.astuple(constants.compute))),
+        per_request_s=ratio * constants.per_request_s,
+        per_io_value_s=ratio * constants.per_io_value_s,
+        cores=constants.cores,
+        channels={name: scaled(cost) for name, cost in constants.channels.items()},
+        probe_s=probe_s,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

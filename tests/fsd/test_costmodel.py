@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from gpufaas.core.layered import radix_net
@@ -184,3 +185,19 @@ def test_the_launch_tree_is_binary_and_log_deep() -> None:
     assert [c.shard for c in root.children[0].children] == [3, 4]
     assert [c.shard for c in root.children[1].children] == [5, 6]
     assert [tree_rounds(n) for n in (1, 2, 3, 4, 7, 8, 15, 16)] == [1, 2, 2, 3, 3, 4, 4, 5]
+
+
+def test_at_speed_scales_every_prediction_by_the_probe_ratio() -> None:
+    """The speed probe: constants measured where the probe took ``probe_s`` predict, at a
+    probe reading 1.5x that, exactly 1.5x the latency (every constant is CPU time)."""
+    net = radix_net(256, 8)
+    probed = dataclasses.replace(CONSTANTS, probe_s=0.004)
+    for shards, channel in ((1, "direct"), (2, "direct"), (4, "s3")):
+        prof = costmodel.profile(net, partition(net, shards, method="block"))
+        here = costmodel.predict(prof, batch=16, channel=channel, constants=probed)
+        slower = costmodel.at_speed(probed, 0.006)
+        assert slower.probe_s == 0.006
+        assert costmodel.predict(prof, batch=16, channel=channel, constants=slower) == (
+            pytest.approx(1.5 * here)
+        )
+    assert costmodel.at_speed(CONSTANTS, 0.006) is CONSTANTS  # unprobed: as they are

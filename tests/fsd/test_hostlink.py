@@ -1,0 +1,259 @@
+"""The direct channel's same-host path: shared-memory rings over a Unix socket (core/hostlink.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gpufaas.core.channels import (
+    DirectChannel,
+    Envelope,
+    LocalChannel,
+    Mailbox,
+    ShardMissing,
+    ShardUnreachable,
+    envelope_from_notice,
+)
+from gpufaas.core.hostlink import (
+    HostLink,
+    HostLinks,
+    LinkBroken,
+    LinkEndpoint,
+    LinkServer,
+    host_identity,
+)
+from gpufaas.core.layered import radix_net
+from gpufaas.core.peerhttp import PeerPools
+from gpufaas.core.sharding import ChannelConfig, Parallelism
+from gpufaas.scheduler.coordinator import Coordinator
+
+
+class _Receiver:
+    """A node's receiving side: one shard's mailbox behind a LinkServer."""
+
+    def __init__(self, tmp: Path, *, set_name: str = "net", shard: int = 1) -> None:
+        self.mailbox = Mailbox()
+        self.set_name, self.shard = set_name, shard
+        self.server = LinkServer(self.deliver, directory=tmp)
+
+    def deliver(self, notice: dict[str, object], values: np.ndarray) -> int:
+        envelope = envelope_from_notice(notice)
+        if (envelope.set_name, envelope.dst) != (self.set_name, self.shard):
+            return 404
+        return 202 if self.mailbox.deliver(envelope, values) else 208
+
+
+async def _links(server: LinkServer, *, ring_bytes: int, tmp: Path) -> HostLinks:
+    endpoint = await server.start()
+
+    async def endpoint_of(url: str) -> LinkEndpoint | None:
+        return endpoint
+
+    links = HostLinks(endpoint_of=endpoint_of, ring_bytes=ring_bytes)
+    links.identity = host_identity(tmp)
+    return links
+
+
+def _direct(links: HostLinks) -> DirectChannel:
+    return DirectChannel(
+        peers={("net", 1): "http://peer.invalid:1"}, local=LocalChannel(), pools=PeerPools(),
+        links=links,
+    )  # fmt: skip
+
+
+async def test_messages_cross_the_ring_and_inline_and_the_ring_is_reused(tmp_path: Path) -> None:
+    """Values arrive exactly, through the ring while it has room and inline when a message
+    does not fit; spans the receiver copied out are free again (many times the ring's size
+    goes through it)."""
+    receiver = _Receiver(tmp_path)
+    links = await _links(receiver.server, ring_bytes=1 << 20, tmp=tmp_path)
+    channel = _direct(links)
+    rng = np.random.default_rng(1)
+    try:
+        sent = {}
+        for layer in range(40):  # 40 x 256 KiB through a 1 MiB ring
+            values = rng.random((1024, 64), dtype=np.float32)
+            sent[layer] = values
+            await channel.send(Envelope("net", "r1", layer, 0, 1), values, timeout_s=5)
+        big = rng.random((8192, 64), dtype=np.float32)  # 2 MiB: over the ring, inline
+        await channel.send(Envelope("net", "r1", 99, 0, 1), big, timeout_s=5)
+        for layer, values in sent.items():
+            got = await receiver.mailbox.take("r1", layer, 0, timeout_s=1, channel="direct",
+                                              set_name="net")  # fmt: skip
+            np.testing.assert_array_equal(got, values)
+        got = await receiver.mailbox.take("r1", 99, 0, timeout_s=1, channel="direct",
+                                          set_name="net")  # fmt: skip
+        np.testing.assert_array_equal(got, big)
+        (link,) = [f.result() for f in links._links.values()]
+        assert link is not None and link.inline == 1  # only the one over the ring's size
+        # both ends map the ring: its file is gone, so no killed process can leave it behind
+        assert link.unlinked and not Path(link.ring_path).exists()
+        assert Path(receiver.server.endpoint.socket).parent.stat().st_mode & 0o777 == 0o700  # type: ignore[union-attr]
+    finally:
+        await links.close()
+        await receiver.server.close()
+
+
+async def test_stale_messages_are_dropped_and_a_missing_shard_is_named(tmp_path: Path) -> None:
+    """Every message carries its request id: one for a finished request is not filed (208);
+    one for a shard not loaded there is ShardMissing naming it (the coordinator relaunches)."""
+    receiver = _Receiver(tmp_path)
+    links = await _links(receiver.server, ring_bytes=1 << 20, tmp=tmp_path)
+    channel = _direct(links)
+    try:
+        receiver.mailbox.open("old")
+        receiver.mailbox.close("old")
+        await channel.send(Envelope("net", "old", 3, 0, 1), np.ones((4, 2), np.float32),
+                           timeout_s=5)  # fmt: skip
+        assert receiver.mailbox.dropped_stale == 1 and receiver.mailbox.pending == 0
+        channel.peers[("net", 2)] = "http://peer.invalid:1"
+        with pytest.raises(ShardMissing, match="shard 2 of net"):
+            await channel.send(Envelope("net", "new", 3, 0, 2), np.ones((4, 2), np.float32),
+                               timeout_s=5)  # fmt: skip
+    finally:
+        await links.close()
+        await receiver.server.close()
+
+
+async def test_a_silent_or_closed_peer_fails_within_the_deadline_naming_shard_and_channel(
+    tmp_path: Path,
+) -> None:
+    """A peer that accepts and never answers: the send ends at its deadline; a peer that
+    closes: at once. Both are ShardUnreachable naming the shard and the direct channel."""
+    path = str(tmp_path / "silent.sock")
+    server = await asyncio.get_running_loop().create_unix_server(asyncio.Protocol, path)
+
+    async def endpoint_of(url: str) -> LinkEndpoint | None:
+        return LinkEndpoint(host_identity(tmp_path), path)
+
+    links = HostLinks(endpoint_of=endpoint_of, ring_bytes=1 << 20)
+    links.identity = host_identity(tmp_path)
+    channel = _direct(links)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ShardUnreachable, match="shard 1 of net") as failed:
+            await channel.send(Envelope("net", "r", 1, 0, 1), np.ones((4, 2), np.float32),
+                               timeout_s=0.3)  # fmt: skip
+        assert failed.value.channel == "direct" and "no answer within" in str(failed.value)
+        assert loop.time() - started < 2.0
+    finally:
+        server.close()
+        await links.close()
+
+    receiver = _Receiver(tmp_path)
+    links = await _links(receiver.server, ring_bytes=1 << 20, tmp=tmp_path)
+    channel = _direct(links)
+    try:
+        await channel.send(Envelope("net", "r", 1, 0, 1), np.ones((4, 2), np.float32), timeout_s=5)
+        (link,) = [f.result() for f in links._links.values()]
+        assert link is not None
+        link._transport.close()  # type: ignore[union-attr]  # the peer's node went away
+        await asyncio.sleep(0.05)
+        with pytest.raises(LinkBroken):
+            await link.send({"set_name": "net"}, np.ones(2, np.float32), timeout_s=1)
+        # the channel asks again: the peer is still there, so the next send goes through
+        await channel.send(Envelope("net", "r", 2, 0, 1), np.ones((4, 2), np.float32), timeout_s=5)
+        assert "r" in {k[0] for k in receiver.mailbox._slots}
+    finally:
+        await links.close()
+        await receiver.server.close()
+
+
+async def test_another_host_or_no_endpoint_stays_on_http(tmp_path: Path) -> None:
+    async def elsewhere(url: str) -> LinkEndpoint | None:
+        return LinkEndpoint("another-boot:1:2", str(tmp_path / "x.sock"))
+
+    async def old_node(url: str) -> LinkEndpoint | None:
+        raise KeyError("link")
+
+    for endpoint_of in (elsewhere, old_node):
+        links = HostLinks(endpoint_of=endpoint_of)
+        assert await links.find("http://peer:1") is None
+        await links.close()
+
+
+@pytest.mark.parametrize(("shards", "nodes"), [(2, 2), (4, 4), (4, 2)])
+async def test_nodes_on_one_host_exchange_through_shared_memory_matching_the_reference(
+    thread_nodes: Any, tmp_path: Path, shards: int, nodes: int
+) -> None:
+    """N = 2 and N = 4 over nodes that share this host: allclose to the unsharded reference,
+    and every message between nodes went through a ring (no HTTP message route hit)."""
+    net = radix_net(512, 12, weights="random", seed=6)
+    x = np.random.default_rng(7).random((4, 512)).astype(np.float32)
+    coordinator = Coordinator(artifact_base=str(tmp_path / "shards"), timeout_s=20)
+    try:
+        await coordinator.deploy(
+            "radix", net, Parallelism(shards=shards, strategy="intra-layer", channel="direct"),
+            nodes=[n.url for n in thread_nodes[:nodes]],
+        )  # fmt: skip
+        for _ in range(2):
+            out = await coordinator.infer("radix", x)
+            np.testing.assert_allclose(out, net.forward(x), rtol=1e-5, atol=1e-5)
+    finally:
+        await coordinator.close()
+    used = [
+        link
+        for node in thread_nodes[:nodes]
+        for found in node.host.links._links.values()
+        if found.done() and (link := found.result()) is not None
+    ]
+    assert len(used) >= nodes  # every node sends to some other node (the split's plan)
+    assert all(link._written > 0 for link in used)
+    assert all(not node.host.peers._pools for node in thread_nodes[:nodes])  # no HTTP message
+
+
+async def test_shared_memory_off_keeps_the_direct_channel_on_http(
+    thread_nodes: Any, tmp_path: Path
+) -> None:
+    net = radix_net(512, 12, weights="random", seed=6)
+    x = np.random.default_rng(7).random((4, 512)).astype(np.float32)
+    coordinator = Coordinator(artifact_base=str(tmp_path / "shards"), timeout_s=20)
+    try:
+        await coordinator.deploy(
+            "radix", net, Parallelism(shards=2, strategy="intra-layer", channel="direct"),
+            nodes=[n.url for n in thread_nodes[:2]],
+            channel=ChannelConfig(kind="direct", shared_memory=False),
+        )  # fmt: skip
+        out = await coordinator.infer("radix", x)
+        np.testing.assert_allclose(out, net.forward(x), rtol=1e-5, atol=1e-5)
+    finally:
+        await coordinator.close()
+    assert all(not node.host.links._links for node in thread_nodes[:2])
+    assert all(node.host.peers._pools for node in thread_nodes[:2])
+
+
+def test_a_link_unlinks_its_ring_when_closed(tmp_path: Path) -> None:
+    link = HostLink(ring_bytes=1 << 16, directory=tmp_path)
+    assert Path(link.ring_path).exists()
+    assert os.stat(link.ring_path).st_mode & 0o777 == 0o600
+    link.close()
+    link.close()  # idempotent: several sends may find the same link broken
+    assert not Path(link.ring_path).exists()
+
+
+async def test_a_starting_server_sweeps_what_killed_processes_left(tmp_path: Path) -> None:
+    """A ring whose sender is gone and a socket directory nobody listens on are removed; a
+    live process's ring and a listening server's directory are kept."""
+    dead = tmp_path / "gpufaas-fsd-ring-999999999-x"  # no such pid
+    dead.write_bytes(b"0" * 64)
+    mine = HostLink(ring_bytes=1 << 16, directory=tmp_path)  # this process: alive
+    stale = tmp_path / "gpufaas-fsd-sock-old"
+    stale.mkdir(mode=0o700)
+    live = _Receiver(tmp_path)
+    await live.server.start()
+    fresh = _Receiver(tmp_path)
+    try:
+        await fresh.server.start()  # sweeps first
+        assert not dead.exists() and not stale.exists()
+        assert Path(mine.ring_path).exists()
+        assert Path(live.server.endpoint.socket).exists()  # type: ignore[union-attr]
+    finally:
+        mine.close()
+        await live.server.close()
+        await fresh.server.close()
