@@ -285,6 +285,7 @@ def create_node(
         finally:
             if framed_server is not None:
                 await framed_server.close()
+            await shards.close()  # its shard sets, channels and same-host link socket
 
     app = FastAPI(title="gpufaas GPU manager", version="v1alpha1", lifespan=lifespan)
     install_error_handlers(app)

@@ -20,6 +20,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from gpufaas.core import node
 from gpufaas.core.channelservers import NatsServer, S3Server
 from gpufaas.core.commands import ManagerOptions
 from gpufaas.core.layered import dense_mlp, radix_net
@@ -221,9 +222,15 @@ async def test_a_model_four_times_one_device_serves_on_four_managers(tmp_path: P
                 method="block",
             )
             out = await coordinator.infer("mlp", x)
+            async with httpx.AsyncClient(timeout=10) as client:
+                states = [(await client.get(url + node.SHARDS)).json() for url in urls]
         finally:
             await coordinator.close()
     np.testing.assert_allclose(out, mlp.forward(x), rtol=1e-4, atol=1e-4)
+    # the shards talked over same-host links; each node, stopped, removed its link socket
+    sockets = [Path(state["link"]["socket"]) for state in states]
+    assert len(sockets) == 4
+    assert not [s for s in sockets if s.parent.exists()], "link sockets left behind"
 
 
 @pytest.mark.slow
