@@ -12,12 +12,12 @@ import json
 from typing import Literal
 
 import httpx
-from prometheus_client import CollectorRegistry
+from replica_support import SELF, close_replicas, replica_with_owner
 
-from gpufaas.cache import ClusterDirectory, Residency
+from gpufaas.cache import Residency
 from gpufaas.scheduler.gateway import NodeCall
 from gpufaas.scheduler.misses import miss_cause
-from gpufaas.scheduler.peers import HEARTBEAT_PATH, PLACE_PATH, Membership, static_peers
+from gpufaas.scheduler.peers import HEARTBEAT_PATH, PLACE_PATH
 from gpufaas.scheduler.policy import NoDevice
 from gpufaas.scheduler.replicas import (
     FORWARD_MS_HEADER,
@@ -29,7 +29,6 @@ from gpufaas.scheduler.replicas import (
 )
 from gpufaas.scheduler.transport import NodeReply
 
-SELF = "http://a"
 BODY = b'{"id": "r1", "inputs": [{"name": "x", "data": [1, 2, 3]}]}'
 CALL = NodeCall("/v2/models/m/infer", BODY, {"content-type": "application/json"})
 Behaviour = Literal["decide", "refuse", "unknown-device", "hang"]
@@ -82,27 +81,10 @@ class Owner:
 
 def _replicas(owner: Owner | str, *, forwarding: Forwarding = "decision") -> Replicas:
     url = owner if isinstance(owner, str) else owner.url
-    directory = ClusterDirectory()
-    for device in ("n/0", "n/1"):
-        directory.add_device(device, capacity_bytes=100, node="n")
-    membership = Membership(self_url=SELF, discover=static_peers([SELF, url]))
-    membership.adopt([SELF, url])
-    peer = membership.peers[url]
-    peer.reachable = True
-    if isinstance(owner, Owner):
-        peer.client = httpx.AsyncClient(
-            base_url=url, transport=httpx.MockTransport(owner.heartbeat)
-        )
-    replicas = Replicas(
-        membership=membership,
-        directory=directory,
-        registry=CollectorRegistry(),
-        own_misses=lambda: 0.0,
-        forward_probe_s=0.05,
-        forwarding=forwarding,
+    heartbeat = owner.heartbeat if isinstance(owner, Owner) else None
+    return replica_with_owner(
+        url, heartbeat=heartbeat, devices=("n/0", "n/1"), forwarding=forwarding
     )
-    replicas.owner = lambda name: url  # type: ignore[method-assign]  # the peer places
-    return replicas
 
 
 async def _place(replicas: Replicas) -> Placement:
@@ -113,12 +95,6 @@ async def _place(replicas: Replicas) -> Placement:
         ),
         timeout=30,
     )
-
-
-async def _close(replicas: Replicas) -> None:
-    for pool in replicas._pools.values():
-        await pool.close()
-    await replicas.membership.close()
 
 
 async def test_a_placement_asks_the_owner_and_the_request_stays_here() -> None:
@@ -153,7 +129,7 @@ async def test_a_placement_asks_the_owner_and_the_request_stays_here() -> None:
         # The load's answer goes back to the owner with the uses: it learns from it.
         assert replicas.uses.take()["loads"] == [["n/1", "m", 40, 3.5]]
         assert replicas.metrics.forwarded.labels(owner.url)._value.get() == 1
-        await _close(replicas)
+        await close_replicas(replicas)
 
 
 async def test_an_unusable_decision_is_placed_here_and_published() -> None:
@@ -167,7 +143,7 @@ async def test_an_unusable_decision_is_placed_here_and_published() -> None:
             assert [e["model"] for e in replicas._outbox] == ["m"]
             assert replicas._outbox[0]["device"] == "n/0"
             assert replicas.membership.peers[owner.url].reachable  # it answered
-            await _close(replicas)
+            await close_replicas(replicas)
 
 
 async def test_a_dead_or_hung_owner_is_placed_here_in_either_forwarding() -> None:
@@ -180,14 +156,14 @@ async def test_a_dead_or_hung_owner_is_placed_here_in_either_forwarding() -> Non
         # The miss's cause follows (placed_after_failed_forward), in both forwardings.
         assert placed.reply is None and placed.decided is None and placed.forward_failed
         assert not replicas.membership.peers[dead].reachable
-        await _close(replicas)
+        await close_replicas(replicas)
     async with Owner("hang") as owner:
         replicas = _replicas(owner)
         placed = await _place(replicas)
         assert placed.decided is None and placed.forward_failed
         assert not replicas.membership.peers[owner.url].reachable
         assert replicas.metrics.forward_failures._value.get() == 1
-        await _close(replicas)
+        await close_replicas(replicas)
 
 
 def _owner_side() -> tuple[Replicas, list[frozenset[str]]]:
@@ -220,7 +196,7 @@ async def test_the_owner_notes_and_publishes_a_peers_placement_once() -> None:
     # Asked again (a peer's view was behind): the same device, and no second load published.
     assert replicas.decide_for_peer("m", size_bytes=50, tried=frozenset()).device == "n/0"
     assert len(replicas._outbox) == 1 and asked == [frozenset(), frozenset()]
-    await _close(replicas)
+    await close_replicas(replicas)
 
 
 async def test_placement_questions_are_taken_at_the_ingress_and_need_the_peer_token() -> None:
@@ -249,7 +225,7 @@ async def test_placement_questions_are_taken_at_the_ingress_and_need_the_peer_to
         bad = await client.post(PLACE_PATH, content=b"{", headers=auth)
         assert bad.status_code == 400 and "bad placement question" in bad.text
     assert asked == [frozenset(), frozenset({"n/0"})]
-    await _close(replicas)
+    await close_replicas(replicas)
 
 
 async def test_the_owner_learns_from_the_answers_of_loads_it_decided_for_peers() -> None:
@@ -264,7 +240,7 @@ async def test_the_owner_learns_from_the_answers_of_loads_it_decided_for_peers()
     replicas.uses.apply({"loads": [["n/0", "m", 40, 3.5]]})
     assert replicas.directory.state("n/0", "m") is Residency.RESIDENT
     assert learnt == [("m", 40, 3.5)]
-    await _close(replicas)
+    await close_replicas(replicas)
 
 
 def test_a_miss_placed_where_the_owner_decided_is_counted_as_such() -> None:

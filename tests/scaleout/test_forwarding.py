@@ -12,18 +12,16 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import httpx
-from prometheus_client import CollectorRegistry
+from replica_support import SELF, close_replicas, replica_with_owner
 
-from gpufaas.cache import ClusterDirectory
 from gpufaas.core.http import REQUEST_KEY_HEADER
 from gpufaas.gpu_manager.admission import RequestOnce
 from gpufaas.gpu_manager.framed import Answer
 from gpufaas.scheduler.gateway import NodeCall
-from gpufaas.scheduler.peers import HEARTBEAT_PATH, Membership, static_peers
+from gpufaas.scheduler.peers import HEARTBEAT_PATH, static_peers
 from gpufaas.scheduler.replicas import FORWARDED_HEADER, Replicas
 from gpufaas.scheduler.transport import NodeReply
 
-SELF = "http://a"
 CALL = NodeCall("/v2/models/m/infer", b'{"id": "r1", "inputs": []}', {"content-type": "x"})
 Behaviour = Literal["answer", "reset", "hang", "slow"]
 
@@ -79,27 +77,8 @@ def _replicas(
     recover: Callable[[str], Awaitable[NodeReply | None]] | None = None,
 ) -> Replicas:
     url = owner if isinstance(owner, str) else owner.url
-    directory = ClusterDirectory()
-    directory.add_device("n/0", capacity_bytes=100, node="n")
-    membership = Membership(self_url=SELF, discover=static_peers([SELF, url]))
-    membership.adopt([SELF, url])
-    peer = membership.peers[url]
-    peer.reachable = True
-    if isinstance(owner, Owner):
-        peer.client = httpx.AsyncClient(
-            base_url=url, transport=httpx.MockTransport(owner.heartbeat)
-        )
-    replicas = Replicas(
-        membership=membership,
-        directory=directory,
-        registry=CollectorRegistry(),
-        own_misses=lambda: 0.0,
-        ownership="leader",
-        recover=recover,
-        forward_probe_s=0.05,
-    )
-    replicas.owner = lambda name: url  # type: ignore[method-assign]  # the peer places
-    return replicas
+    heartbeat = owner.heartbeat if isinstance(owner, Owner) else None
+    return replica_with_owner(url, heartbeat=heartbeat, ownership="leader", recover=recover)
 
 
 async def _place(replicas: Replicas) -> tuple[NodeReply | None, NodeCall]:
@@ -108,12 +87,6 @@ async def _place(replicas: Replicas) -> tuple[NodeReply | None, NodeCall]:
         replicas.place("m", "n/0", call=CALL, size_bytes=1, victims=[]), timeout=30
     )
     return placed.reply, placed.call
-
-
-async def _close(replicas: Replicas) -> None:
-    for pool in replicas._pools.values():
-        await pool.close()
-    await replicas.membership.close()
 
 
 async def test_a_forward_carries_a_fresh_request_key_and_the_owners_answer_comes_back() -> None:
@@ -125,7 +98,7 @@ async def test_a_forward_carries_a_fresh_request_key_and_the_owners_answer_comes
         (headers,) = owner.forwards
         assert headers[FORWARDED_HEADER] == SELF
         assert len(headers[REQUEST_KEY_HEADER]) == 32
-        await _close(replicas)
+        await close_replicas(replicas)
 
 
 async def test_a_forward_that_fails_to_connect_is_placed_here_under_its_key() -> None:
@@ -143,7 +116,7 @@ async def test_a_forward_that_fails_to_connect_is_placed_here_under_its_key() ->
     assert reply is None and call.path == CALL.path
     assert call.headers[REQUEST_KEY_HEADER] == asked[0]
     assert not replicas.membership.peers[dead].reachable
-    await _close(replicas)
+    await close_replicas(replicas)
 
 
 async def test_a_forward_cut_after_the_owner_may_have_dispatched_is_recovered_by_its_key() -> None:
@@ -162,7 +135,7 @@ async def test_a_forward_cut_after_the_owner_may_have_dispatched_is_recovered_by
         assert asked == [owner.forwards[0][REQUEST_KEY_HEADER]]  # the very key the owner got
         assert reply is not None and reply.body == b"ran once, at the manager"
         assert replicas.metrics.recovered._value.get() == 1
-        await _close(replicas)
+        await close_replicas(replicas)
 
     async def nobody_has_it(key: str) -> NodeReply | None:
         return None
@@ -172,7 +145,7 @@ async def test_a_forward_cut_after_the_owner_may_have_dispatched_is_recovered_by
         reply, call = await _place(replicas)
         assert reply is None
         assert call.headers[REQUEST_KEY_HEADER] == owner.forwards[0][REQUEST_KEY_HEADER]
-        await _close(replicas)
+        await close_replicas(replicas)
 
 
 async def test_a_hung_owner_is_given_up_once_its_heartbeat_fails() -> None:
@@ -191,7 +164,7 @@ async def test_a_hung_owner_is_given_up_once_its_heartbeat_fails() -> None:
         assert call.headers[REQUEST_KEY_HEADER] == asked[0]
         assert not replicas.membership.peers[owner.url].reachable
         assert replicas.metrics.forward_failures._value.get() == 1
-        await _close(replicas)
+        await close_replicas(replicas)
 
 
 async def test_a_slow_owner_that_answers_heartbeats_is_waited_for() -> None:
@@ -202,7 +175,7 @@ async def test_a_slow_owner_that_answers_heartbeats_is_waited_for() -> None:
         reply, _ = await _place(replicas)
         assert reply is not None and reply.body == b"answer" and owner.probes >= 3
         assert replicas.membership.peers[owner.url].reachable
-        await _close(replicas)
+        await close_replicas(replicas)
 
 
 async def test_the_owner_passes_a_forwarded_requests_key_on_to_the_manager() -> None:
@@ -290,7 +263,6 @@ async def test_with_full_slots_each_replica_may_use_all_of_a_devices_slots() -> 
     hits behind its own loads while the device has free slots; 'share' splits the slots."""
     from gpufaas.scheduler.cluster import Cluster
     from gpufaas.scheduler.gateway import Gateway, GatewayConfig
-    from gpufaas.scheduler.peers import static_peers
     from gpufaas.scheduler.policy import make_policy
     from gpufaas.scheduler.replica_setup import attach_replicas
 
@@ -369,8 +341,8 @@ async def test_the_owner_ranks_victims_on_every_replicas_requests_and_hits() -> 
         bad = {**body, "uses": {"requests": {"x": -1}, "touches": []}}
         response = await client.post(EVENTS_PATH, json=bad)
         assert response.status_code == 400 and "bad residency events" in response.text
-    await _close(sender)
-    await _close(owner)
+    await close_replicas(sender)
+    await close_replicas(owner)
 
 
 async def test_residency_events_are_taken_at_the_ingress_and_need_the_peer_token() -> None:
@@ -397,4 +369,4 @@ async def test_residency_events_are_taken_at_the_ingress_and_need_the_peer_token
         assert replicas.directory.state("n/0", "m") is Residency.LOADING
         bad = await client.post(EVENTS_PATH, content=b"{", headers=auth)
         assert bad.status_code == 400 and "bad residency events" in bad.text
-    await _close(replicas)
+    await close_replicas(replicas)
