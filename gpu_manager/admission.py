@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -60,33 +60,12 @@ class DeviceAdmission:
             gate = self._gates[device] = _Gate()
         return gate
 
-    @contextlib.asynccontextmanager
-    async def slot(self, device: str) -> AsyncIterator[None]:
-        """Hold one of ``device``'s slots for the body; raises :class:`AdmissionFull`."""
-        gate = self._gate(device)
-        if self.concurrency is not None and (gate.running >= self.concurrency or gate.waiters):
-            if len(gate.waiters) >= self.max_waiting:
-                raise AdmissionFull(
-                    f"{len(gate.waiters)} requests already wait for device {device!r} "
-                    f"(at most {self.max_waiting})"
-                )
-            granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            gate.waiters.append(granted)
-            try:
-                await granted  # the releaser counted us as running
-            except asyncio.CancelledError:
-                if granted.done() and not granted.cancelled():
-                    self._release(gate)  # granted, then cancelled: pass the slot on
-                else:
-                    gate.waiters.remove(granted)
-                raise
-        else:
-            gate.running += 1
-        gate.peak = max(gate.peak, gate.running)
-        try:
-            yield
-        finally:
-            self._release(gate)
+    def slot(self, device: str) -> _Slot:
+        """Hold one of ``device``'s slots for an ``async with`` body; entering raises
+        :class:`AdmissionFull`. A slotted class, not a generator-based context manager: this
+        runs once per request, and a class enters and leaves without a generator and its
+        wrapper (a few µs a request)."""
+        return _Slot(self, self._gate(device), device)
 
     @staticmethod
     def _release(gate: _Gate) -> None:
@@ -111,6 +90,49 @@ class DeviceAdmission:
 
     def devices(self) -> list[str]:
         return list(self._gates)
+
+
+class _Slot:
+    """One request's hold on a device's slot: :meth:`DeviceAdmission.slot`'s context manager."""
+
+    __slots__ = ("_admission", "_device", "_gate")
+
+    def __init__(self, admission: DeviceAdmission, gate: _Gate, device: str) -> None:
+        self._admission = admission
+        self._gate = gate
+        self._device = device
+
+    async def __aenter__(self) -> None:
+        admission, gate = self._admission, self._gate
+        concurrency = admission.concurrency
+        if concurrency is not None and (gate.running >= concurrency or gate.waiters):
+            if len(gate.waiters) >= admission.max_waiting:
+                raise AdmissionFull(
+                    f"{len(gate.waiters)} requests already wait for device {self._device!r} "
+                    f"(at most {admission.max_waiting})"
+                )
+            granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            gate.waiters.append(granted)
+            try:
+                await granted  # the releaser counted us as running
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    DeviceAdmission._release(gate)  # granted, then cancelled: pass the slot on
+                else:
+                    gate.waiters.remove(granted)
+                raise
+        else:
+            gate.running += 1
+        if gate.running > gate.peak:
+            gate.peak = gate.running
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        DeviceAdmission._release(self._gate)
 
 
 class AdmissionCollector(Collector):
