@@ -20,8 +20,8 @@ For the routing policy, :meth:`Dispatcher.load` gives each device's
 :class:`~gpufaas.scheduler.policy.DeviceLoad`: outstanding jobs, and the expected wait before a
 new job would start there (the expected device time of the queued and running jobs, divided by
 ``concurrency``). :attr:`Dispatcher.table` holds the same for every device the dispatcher knows
-(:meth:`~Dispatcher.add_device`, or a first job), kept current in O(1) as jobs come, start and go:
-pass it to ``policy.choose`` as it is, rather than a list of loads built per request::
+(:meth:`~Dispatcher.add_device`, or a first job), current whenever it is read through that
+property: pass it to ``policy.choose`` as it is, rather than a list of loads built per request::
 
     for key in healthy_device_keys:
         dispatcher.add_device(key)  # in the table with no load until its first job
@@ -407,7 +407,8 @@ class Dispatcher:
         self.is_resident = is_resident
         self._clock = clock
         self._lanes: dict[str, _Lane] = {}
-        self._table = DeviceTable()  # one row per lane, written by _sync
+        self._table = DeviceTable()  # one row per lane, written when read (see table)
+        self._stale: dict[str, _Lane] = {}  # lanes changed since their row was last written
 
     def __repr__(self) -> str:
         return f"<Dispatcher {self.mode} x{self.concurrency}, {len(self._lanes)} devices>"
@@ -485,19 +486,28 @@ class Dispatcher:
         self._sync(device_key, lane)
 
     def _sync(self, device_key: str, lane: _Lane) -> None:
-        """Write the lane's load into the table: O(1), after every change to it.
+        """Note that the lane's load changed; :attr:`table` writes its row when next read.
 
-        A lane no longer in ``_lanes`` (its device was removed, perhaps added again since) has
-        no row of its own: the jobs it still runs must not touch the new lane's.
+        A job starts and ends with a change each, and a request reads the table once (the
+        policy's choice): written at read, a request costs one row write, not two. A lane no
+        longer in ``_lanes`` (its device was removed, perhaps added again since) has no row of
+        its own: the jobs it still runs must not touch the new lane's.
         """
         if self._lanes.get(device_key) is lane:
-            wait, hit_wait = self._waits(lane)
-            self._table.update(
-                device_key,
-                outstanding=len(lane.queue) + lane.running,
-                queue_ms=wait,
-                hit_wait_ms=hit_wait,
-            )
+            self._stale[device_key] = lane
+
+    def _write_stale(self) -> None:
+        """Write the load of every lane changed since its row was last written: O(1) each."""
+        for device_key, lane in self._stale.items():
+            if self._lanes.get(device_key) is lane:
+                wait, hit_wait = self._waits(lane)
+                self._table.update(
+                    device_key,
+                    outstanding=len(lane.queue) + lane.running,
+                    queue_ms=wait,
+                    hit_wait_ms=hit_wait,
+                )
+        self._stale.clear()
 
     def _waits(self, lane: _Lane) -> tuple[float, float]:
         return expected_waits(
@@ -546,6 +556,7 @@ class Dispatcher:
         if lane is None:
             return 0
         self._table.remove(device_key)
+        self._stale.pop(device_key, None)
         failed = 0
         for waiting in lane.queue:
             if not waiting.item.done():
@@ -559,9 +570,13 @@ class Dispatcher:
     def table(self) -> DeviceTable:
         """Every known device's load, as :meth:`load` gives it, in one array-backed table.
 
-        The dispatcher keeps it current; read it, or pass it to ``policy.choose``, but do not
-        change it. Positions move when a device is removed: hold keys, not positions.
+        Current as of this read: the rows of devices whose load changed since the last read are
+        written here, so read it through this property each time (hold the dispatcher, not the
+        table). Pass it to ``policy.choose``, but do not change it. Positions move when a
+        device is removed: hold keys, not positions.
         """
+        if self._stale:
+            self._write_stale()
         return self._table
 
     def devices(self) -> list[str]:
