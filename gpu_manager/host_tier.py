@@ -49,7 +49,7 @@ from gpufaas.gpu_manager.layout import (
     strip,
 )
 from gpufaas.gpu_manager.memory import SlabAllocator, anonymous_buffer
-from gpufaas.gpu_manager.pinned import register_host, unregister_host
+from gpufaas.gpu_manager.pinned import cuda_available, register_host, unregister_host
 from gpufaas.gpu_manager.tensors import TensorError, synthetic_inputs
 
 logger = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def prepare_model(
     stat = path.stat()
     module = load_model(path, format=spec.model.format)  # thread-safe for both formats
     module.eval()
-    target = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    target = device_type or ("cuda" if cuda_available() else "cpu")
     if target == "cuda":
         baked = [c for c in script_device_constants(module) if "'cpu'" in c]
         if baked:
