@@ -62,6 +62,7 @@ from gpufaas.core.http import (
 )
 from gpufaas.core.protocol import ProtocolError
 from gpufaas.scheduler.lanes import NodeCall
+from gpufaas.scheduler.peer_calls import OwnerHung, PeerCalls
 from gpufaas.scheduler.peers import (
     EVENTS_PATH,
     HEARTBEAT_PATH,
@@ -71,7 +72,7 @@ from gpufaas.scheduler.peers import (
 )
 from gpufaas.scheduler.policy import NoDevice
 from gpufaas.scheduler.ring import Ring
-from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
+from gpufaas.scheduler.transport import NodeReply, NodeUnreachable
 from gpufaas.scheduler.uses import USE_FLUSH_S, UseStream
 
 if TYPE_CHECKING:
@@ -144,10 +145,6 @@ ReplicaSlots = Literal["full", "share"]
 FORWARD_PROBE_S = 1.0
 # A residency-event post that takes longer marks the peer unreachable.
 EVENTS_TIMEOUT_S = 2.0
-
-
-class OwnerHung(Exception):
-    """The placement owner holds a forward and does not answer its heartbeat."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +257,6 @@ class Replicas:
         # Ask the GPU managers for a request key's answer (after a forward that may have been
         # dispatched failed); None: nothing to ask.
         self.recover = recover
-        self.forward_probe_s = forward_probe_s
         self.token = token
         self.known_size = known_size
         self.directory = directory
@@ -269,9 +265,7 @@ class Replicas:
         self.flush_delay_s = flush_delay_s
         self.ring = Ring([membership.self_id])
         self.metrics = ReplicaMetrics(registry)
-        # Forwards go over the gateway's pooled HTTP/1.1 transport (httptools), as requests to
-        # the GPU managers do: httpx costs a forward about as much as the rest of the hop.
-        self._pools: dict[str, NodePool] = {}
+        self.calls = PeerCalls(membership=membership, probe_s=forward_probe_s)
         # The merged stream: this replica's requests and hits for the peers, theirs here.
         self.uses = UseStream(
             directory=directory, observe_requests=observe_requests, observe_load=observe_load
@@ -452,17 +446,13 @@ class Replicas:
             {"from": self.self_id, "model": name, "size": size_bytes, "tried": sorted(tried)}
         ).encode()
         started = time.perf_counter()
-        sending = asyncio.ensure_future(
-            self._pool(owner).post(PLACE_PATH, question, {"Content-Type": "application/json"})
-        )
         try:
-            reply = await self._owner_answer(owner, sending)
+            reply = await self.calls.call_owner(
+                owner, PLACE_PATH, question, {"Content-Type": "application/json"}
+            )
         except (NodeUnreachable, OwnerHung) as e:
             self._lost(owner, e)
             return None
-        finally:
-            if not sending.done():
-                sending.cancel()
         try:
             answer = json.loads(reply.body) if reply.status == 200 else {}
             decided = OwnerDecision(
@@ -516,13 +506,10 @@ class Replicas:
         keyed = NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
         self.metrics.forwarded.labels(owner).inc()
         started = time.perf_counter()
-        sending = asyncio.ensure_future(
-            self._pool(owner).post(
-                call.path, call.body, {**keyed.headers, FORWARDED_HEADER: self.self_id}
-            )
-        )
         try:
-            reply = await self._owner_answer(owner, sending)
+            reply = await self.calls.call_owner(
+                owner, call.path, call.body, {**keyed.headers, FORWARDED_HEADER: self.self_id}
+            )
         except (NodeUnreachable, OwnerHung) as e:
             # The owner is gone or hung, perhaps after it dispatched the request: a manager may
             # hold (or be computing) the answer under the key. Else serve here, under the key.
@@ -532,48 +519,15 @@ class Replicas:
                 self.metrics.recovered.inc()
                 return Placement(reply=recovered, call=keyed)
             return Placement(reply=None, call=keyed, forward_failed=True)
-        finally:
-            if not sending.done():
-                sending.cancel()
         took_ms = f"{(time.perf_counter() - started) * 1000:.3f}"
         reply = dataclasses.replace(reply, headers={**reply.headers, FORWARD_MS_HEADER: took_ms})
         return Placement(reply=reply, call=keyed)
 
-    def _pool(self, owner: str) -> NodePool:
-        pool = self._pools.get(owner)
-        if pool is None:
-            pool = self._pools[owner] = NodePool(
-                owner,
-                size=64,
-                headers=self.membership.auth_headers,
-                timeout_s=self.membership.request_timeout_s,
-                connect_timeout_s=2.0,
-            )
-        return pool
-
-    async def _owner_answer(self, owner: str, sending: asyncio.Future[NodeReply]) -> NodeReply:
-        """The forward's response; every ``forward_probe_s`` without one, the owner's heartbeat
-        is probed, and an owner that does not answer it is given up (:class:`OwnerHung`): a
-        hung owner holds a placement for about ``forward_probe_s`` plus the heartbeat timeout,
-        not for a sync interval or the client's whole timeout."""
-        while True:
-            done, _ = await asyncio.wait({sending}, timeout=self.forward_probe_s)
-            if done:
-                return sending.result()
-            if not await self.membership.probe(owner):
-                raise OwnerHung(f"the placement owner {owner} does not answer its heartbeat")
-
     def _lost(self, owner: str, reason: object) -> None:
         self.metrics.forward_failures.inc()
-        self._drop_pool(owner)
+        self.calls.drop(owner)
         if self.membership.mark_unreachable(owner, reason):
             self._update_ring()
-
-    def _drop_pool(self, peer_id: str) -> None:
-        pool = self._pools.pop(peer_id, None)  # its connections may hang with the peer
-        if pool is not None:
-            task = asyncio.get_running_loop().create_task(pool.close())
-            task.add_done_callback(lambda t: t.exception())
 
     # -- residency events --------------------------------------------------------------------
 
@@ -632,13 +586,13 @@ class Replicas:
             # flight, and httpx would spend the loop's time they wait on.
             try:
                 reply = await asyncio.wait_for(
-                    self._pool(peer_id).post(EVENTS_PATH, body, headers), EVENTS_TIMEOUT_S
+                    self.calls.pool(peer_id).post(EVENTS_PATH, body, headers), EVENTS_TIMEOUT_S
                 )
                 failure: object = None if reply.status == 200 else f"HTTP {reply.status}"
             except (NodeUnreachable, TimeoutError) as e:
                 failure = e
             if failure is not None:
-                self._drop_pool(peer_id)
+                self.calls.drop(peer_id)
                 if self.membership.mark_unreachable(peer_id, failure):
                     self._update_ring()
 
@@ -666,8 +620,7 @@ class Replicas:
         finally:
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
-            await asyncio.gather(*(pool.close() for pool in self._pools.values()))
-            self._pools.clear()
+            await self.calls.close()
             await self.membership.close()
 
     def cluster_misses(self) -> float:

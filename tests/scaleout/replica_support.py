@@ -46,6 +46,5 @@ def replica_with_owner(
 
 
 async def close_replicas(replicas: Replicas) -> None:
-    for pool in replicas._pools.values():
-        await pool.close()
+    await replicas.calls.close()
     await replicas.membership.close()

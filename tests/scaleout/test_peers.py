@@ -168,7 +168,7 @@ async def test_uses_go_to_the_leader_alone_and_load_events_to_every_peer() -> No
     for r in views.values():
         for peer in r.membership.peers.values():
             peer.reachable = True
-        r._pool = Pool  # type: ignore[assignment,method-assign]
+        r.calls.pool = Pool  # type: ignore[assignment,method-assign]
     sender.begin("m", NodeCall("/v2/models/m/infer", b"", {}))
     sender.touched("n/0", "m")
     assert sender.uses

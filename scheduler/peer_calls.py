@@ -1,0 +1,72 @@
+"""Calls from one gateway replica to its peers: pooled connections, and owner calls that give up
+on an owner that stops answering its heartbeat (see docs/scheduling.md, "Scale-out").
+
+Forwards, placement questions and residency events go over the gateway's pooled HTTP/1.1
+transport (httptools), as requests to the GPU managers do: httpx would cost a forward about as
+much as the rest of the hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from gpufaas.scheduler.peers import Membership
+from gpufaas.scheduler.transport import NodePool, NodeReply
+
+__all__ = ["OwnerHung", "PeerCalls"]
+
+
+class OwnerHung(Exception):
+    """The placement owner stopped answering its heartbeat while a call to it was in flight."""
+
+
+class PeerCalls:
+    """One pool of kept-alive connections per peer, and calls that probe a silent owner."""
+
+    def __init__(self, *, membership: Membership, probe_s: float) -> None:
+        self.membership = membership
+        self.probe_s = probe_s
+        self._pools: dict[str, NodePool] = {}
+
+    def pool(self, peer_id: str) -> NodePool:
+        pool = self._pools.get(peer_id)
+        if pool is None:
+            pool = self._pools[peer_id] = NodePool(
+                peer_id,
+                size=64,
+                headers=self.membership.auth_headers,
+                timeout_s=self.membership.request_timeout_s,
+                connect_timeout_s=2.0,
+            )
+        return pool
+
+    async def call_owner(
+        self, owner: str, path: str, body: bytes | memoryview, headers: Mapping[str, str]
+    ) -> NodeReply:
+        """POST to the owner; every ``probe_s`` without an answer its heartbeat is probed, and
+        an owner that does not answer it is given up (:class:`OwnerHung`): a hung owner holds a
+        placement for about ``probe_s`` plus the heartbeat timeout, not for a sync interval or
+        the client's whole timeout. Raises ``NodeUnreachable`` as the pool does."""
+        sending = asyncio.ensure_future(self.pool(owner).post(path, body, dict(headers)))
+        try:
+            while True:
+                done, _ = await asyncio.wait({sending}, timeout=self.probe_s)
+                if done:
+                    return sending.result()
+                if not await self.membership.probe(owner):
+                    raise OwnerHung(f"the placement owner {owner} does not answer its heartbeat")
+        finally:
+            if not sending.done():
+                sending.cancel()
+
+    def drop(self, peer_id: str) -> None:
+        """Forget ``peer_id``'s pool (its connections may hang with the peer)."""
+        pool = self._pools.pop(peer_id, None)
+        if pool is not None:
+            task = asyncio.get_running_loop().create_task(pool.close())
+            task.add_done_callback(lambda t: t.exception())
+
+    async def close(self) -> None:
+        await asyncio.gather(*(pool.close() for pool in self._pools.values()))
+        self._pools.clear()
