@@ -3,9 +3,14 @@ Service's EndpointSlices."""
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Any
 
+from gpufaas.scheduler.cli import _gateway_parser
 from gpufaas.scheduler.peers import peer_urls
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "gpufaas"
 
 
 def test_gateway_replicas_find_each_other_through_a_headless_service(render: Any) -> None:
@@ -47,3 +52,43 @@ def test_gateway_replicas_find_each_other_through_a_headless_service(render: Any
         "endpoints": [{"addresses": ["10.1.0.7"], "conditions": {"ready": True}}],
     }
     assert peer_urls([endpoint_slice]) == ["http://10.1.0.7:8080"]
+
+
+def test_scale_out_options_reach_the_gateway_and_its_parser_accepts_them(
+    render: Any, helm: Any
+) -> None:
+    """The chart passes the replicas' scale-out options; the gateway's own parser reads them."""
+
+    def gateway_args(docs: list[dict[str, Any]]) -> argparse.Namespace:
+        deployment = next(
+            d
+            for d in docs
+            if d["kind"] == "Deployment" and d["metadata"]["name"] == "gf-gpufaas-gateway"
+        )
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[0] == "gateway"
+        return _gateway_parser().parse_args(args[1:])
+
+    default = gateway_args(render())
+    assert (default.placement_owner, default.replica_slots, default.replica_forward) == (
+        "leader",
+        "full",
+        "request",
+    )
+    chosen = gateway_args(
+        render(
+            sets=[
+                "gateway.scaleOut.placementOwner=function",
+                "gateway.scaleOut.replicaSlots=share",
+                "gateway.scaleOut.replicaForward=decision",
+            ]
+        )
+    )
+    assert (chosen.placement_owner, chosen.replica_slots, chosen.replica_forward) == (
+        "function",
+        "share",
+        "decision",
+    )
+    for bad in ("gateway.scaleOut.replicaForward=owner", "gateway.scaleOut.forward=request"):
+        done = helm("template", "gf", str(CHART), "--set", bad)
+        assert done.returncode != 0, f"--set {bad} was accepted"
