@@ -208,18 +208,22 @@ def alternate(
 ) -> dict[str, float]:
     """1 client, each sender in turn, ``blocks`` alternating blocks (the order flips every
     block, so drift in the machine's load falls on both alike): per sender p50/p99 (ms), this
-    process's CPU and ``pids``' CPU per call (µs), and gRPC's p50 over HTTP's."""
+    process's CPU and ``pids``' CPU per call (µs), and gRPC's p50 over HTTP's. The client's CPU
+    is also split: ``_client_caller_cpu_us`` is the calling thread's, the rest is other threads'
+    (grpc's poller and workers; ``tritonclient.http`` has none busy)."""
     for send in senders.values():
         for _ in range(warmup):
             send()
     keys = list(senders)
     latencies: dict[str, list[float]] = {k: [] for k in keys}
     client_cpu = dict.fromkeys(keys, 0.0)
+    caller_cpu = dict.fromkeys(keys, 0.0)
     serving_cpu = dict.fromkeys(keys, 0.0)
     deadline = time.monotonic() + max_s
     for block in range(blocks):
         for key in keys if block % 2 == 0 else keys[::-1]:
-            send, mine, theirs = senders[key], time.process_time(), cpu_seconds(pids)
+            send, theirs = senders[key], cpu_seconds(pids)
+            mine, caller = time.process_time(), time.thread_time()
             for _ in range(requests // blocks):
                 if time.monotonic() > deadline:
                     break
@@ -227,6 +231,7 @@ def alternate(
                 send()
                 latencies[key].append(time.perf_counter() - t0)
             client_cpu[key] += time.process_time() - mine
+            caller_cpu[key] += time.thread_time() - caller
             serving_cpu[key] += cpu_seconds(pids) - theirs
     out: dict[str, float] = {}
     for key, values in latencies.items():
@@ -235,9 +240,125 @@ def alternate(
         out[f"{key}_p50_ms"] = float(np.percentile(ms, 50))
         out[f"{key}_p99_ms"] = float(np.percentile(ms, 99))
         out[f"{key}_client_cpu_us"] = client_cpu[key] / n * 1e6
+        out[f"{key}_client_caller_cpu_us"] = caller_cpu[key] / n * 1e6
         out[f"{key}_serving_cpu_us"] = serving_cpu[key] / n * 1e6
         out[f"{key}_calls"] = len(values)
-    for key in keys:
+    for key in keys:  # each gRPC client over its HTTP peer (grpc_raw over http_raw), else http
         if key.startswith("grpc"):
-            out[f"{key}_over_http_p50"] = out[f"{key}_p50_ms"] / out["http_p50_ms"]
+            http = f"http{key[4:]}" if f"http{key[4:]}" in senders else "http"
+            out[f"{key}_over_http_p50"] = out[f"{key}_p50_ms"] / out[f"{http}_p50_ms"]
     return out
+
+
+# -- raw-socket clients: the serving side's latency without either client library --------------
+
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+# what grpc's Python client sends as a call's headers (tritonclient.grpc's calls carry these)
+CLIENT_HEADERS = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", METHOD),
+    (":authority", "127.0.0.1:8081"),
+    ("content-type", "application/grpc"),
+    ("te", "trailers"),
+    ("grpc-accept-encoding", "identity, deflate, gzip"),
+    ("user-agent", "grpc-python/1.85.4 grpc-c/58.0.0 (linux; chttp2)"),
+]
+
+
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
+    )
+
+
+class RawHttp:
+    """A keep-alive HTTP/1.1 client that replays one binary-extension request of ``family``
+    to the model ``model`` (default: the family's name)."""
+
+    def __init__(self, port: int, family: str, model: str | None = None) -> None:
+        body, headers = body_for(family)
+        name = model or family
+        head = f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.request = (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def call(self) -> None:
+        self.sock.sendall(self.request)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += self._recv()
+        head, _, body = received.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"HTTP answered {head[:200]!r}")
+        at = head.lower().index(b"content-length:")
+        length = int(head[at + 15 : head.index(b"\r\n", at)])
+        while len(body) < length:
+            body += self._recv()
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise RuntimeError("the server closed the connection")
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RawGrpc(RawHttp):
+    """An HTTP/2 client that replays one ModelInfer call per stream, with the frames grpc's
+    client sends (indexed headers after the first call; the answers' DATA acknowledged with the
+    next call)."""
+
+    def __init__(self, port: int, family: str, model: str | None = None) -> None:
+        from hpack import Encoder
+
+        body, headers = body_for(family)
+        message = grpc_request_from(model or family, body, headers)
+        self.data = b"\0" + len(message).to_bytes(4, "big") + message
+        encoder = Encoder()
+        self.first = encoder.encode(CLIENT_HEADERS)
+        self.block = encoder.encode(CLIENT_HEADERS)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0))
+        self.stream = -1
+        self.buffer = bytearray()
+        self.unacknowledged = 0
+
+    def call(self) -> None:
+        self.stream += 2
+        sid = self.stream
+        out = h2_frame(1, 4, sid, self.first if sid == 1 else self.block)
+        out += h2_frame(0, 1, sid, self.data)
+        if self.unacknowledged:
+            out += h2_frame(8, 0, 0, self.unacknowledged.to_bytes(4, "big"))
+            self.unacknowledged = 0
+        self.sock.sendall(out)
+        answered = False
+        buffer = self.buffer
+        while True:
+            while len(buffer) < 9 or len(buffer) < 9 + int.from_bytes(buffer[:3], "big"):
+                buffer += self._recv()
+            length, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+            stream = int.from_bytes(buffer[5:9], "big")
+            payload = bytes(buffer[9 : 9 + length])
+            del buffer[: 9 + length]
+            if kind == 4 and not flags & 1:  # SETTINGS
+                self.sock.sendall(h2_frame(4, 1, 0))
+            elif kind == 6 and not flags & 1:  # PING
+                self.sock.sendall(h2_frame(6, 1, 0, payload))
+            elif stream != sid:
+                continue
+            elif kind == 0:
+                self.unacknowledged += length
+                answered = True
+            elif kind == 1 and flags & 1:  # trailers
+                if not answered:
+                    raise RuntimeError(f"gRPC answered an error: {payload!r}")
+                return
+            elif kind == 3:
+                raise RuntimeError("gRPC reset the call")

@@ -49,7 +49,6 @@ import asyncio
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,10 +60,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from grpc_common import (
+    CLIENT_HEADERS,
+    METHOD,
+    RawGrpc,
+    RawHttp,
     body_for,
     cpu_seconds,
     free_port,
     grpc_request,
+    h2_frame,
     settled,
     tree,
     write_manifests,
@@ -89,7 +93,6 @@ TUNED = [
     ("grpc.max_concurrent_streams", 100),
     ("grpc.http2.bdp_probe", 0),
 ]
-METHOD = "/inference.GRPCInferenceService/ModelInfer"
 PAYLOAD = b"\x01" * 200
 
 
@@ -420,7 +423,7 @@ def stages(*, calls: int) -> dict[str, float]:
 
     def call_frames(stream: int) -> bytes:
         block: bytes = encoder.encode(fields)
-        return _h2_frame(1, 4, stream, block) + _h2_frame(0, 1, stream, body)
+        return h2_frame(1, 4, stream, block) + h2_frame(0, 1, stream, body)
 
     async def front() -> float:
         server = GrpcH2Server({METHOD: echo}, host="127.0.0.1", port=0, max_message_bytes=2**26)
@@ -448,23 +451,6 @@ _ANSWER_HEADER = (
     b'{"model_name":"tiny-mlp","outputs":[{"name":"y","datatype":"FP32","shape":[1,4],'
     b'"parameters":{"binary_data_size":16}}]}'
 )
-# what grpc's Python client sends as a call's headers (tritonclient.grpc's calls carry these)
-_CLIENT_HEADERS = [
-    (":method", "POST"),
-    (":scheme", "http"),
-    (":path", METHOD),
-    (":authority", "127.0.0.1:8081"),
-    ("content-type", "application/grpc"),
-    ("te", "trailers"),
-    ("grpc-accept-encoding", "identity, deflate, gzip"),
-    ("user-agent", "grpc-python/1.85.4 grpc-c/58.0.0 (linux; chttp2)"),
-]
-
-
-def _h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return (
-        len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
-    )
 
 
 def fronts(*, calls: int, rounds: int) -> dict[str, list[float]]:
@@ -542,21 +528,21 @@ def fronts(*, calls: int, rounds: int) -> dict[str, list[float]]:
         connection = grpc_h2._Connection(server)
         sink = Sink()
         connection.connection_made(sink)  # type: ignore[arg-type]
-        connection.data_received(grpc_h2.PREFACE + _h2_frame(4, 0, 0))
+        connection.data_received(grpc_h2.PREFACE + h2_frame(4, 0, 0))
         message = grpc_request("tiny-mlp")
         data = b"\0" + len(message).to_bytes(4, "big") + message
         encoder = Encoder()
-        first = encoder.encode(_CLIENT_HEADERS)
-        block = encoder.encode(_CLIENT_HEADERS)  # every later call: indexed fields only
+        first = encoder.encode(CLIENT_HEADERS)
+        block = encoder.encode(CLIENT_HEADERS)  # every later call: indexed fields only
         streams = iter(range(1, 2**31, 2))
 
         def call() -> None:
             sid = next(streams)
             connection.data_received(
-                _h2_frame(1, 4, sid, first if sid == 1 else block)
-                + _h2_frame(8, 0, sid, (5).to_bytes(4, "big"))
-                + _h2_frame(0, 1, sid, data)
-                + _h2_frame(8, 0, 0, (60).to_bytes(4, "big"))
+                h2_frame(1, 4, sid, first if sid == 1 else block)
+                + h2_frame(8, 0, sid, (5).to_bytes(4, "big"))
+                + h2_frame(0, 1, sid, data)
+                + h2_frame(8, 0, 0, (60).to_bytes(4, "big"))
             )
 
         try:
@@ -575,95 +561,6 @@ def fronts(*, calls: int, rounds: int) -> dict[str, list[float]]:
 
 
 # -- the serving side of a real system, seen by identical raw-socket clients ------------------------
-
-
-class RawHttp:
-    """A keep-alive HTTP/1.1 client that replays one binary-extension request."""
-
-    def __init__(self, port: int, name: str) -> None:
-        body, headers = body_for(name)
-        head = f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self.request = (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def call(self) -> None:
-        self.sock.sendall(self.request)
-        received = b""
-        while b"\r\n\r\n" not in received:
-            received += self._recv()
-        head, _, body = received.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"HTTP answered {head[:200]!r}")
-        at = head.lower().index(b"content-length:")
-        length = int(head[at + 15 : head.index(b"\r\n", at)])
-        while len(body) < length:
-            body += self._recv()
-
-    def _recv(self) -> bytes:
-        data = self.sock.recv(65536)
-        if not data:
-            raise RuntimeError("the server closed the connection")
-        return data
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class RawGrpc(RawHttp):
-    """An HTTP/2 client that replays one ModelInfer call per stream, with the frames grpc's
-    client sends (indexed headers after the first call; the answers' DATA acknowledged with the
-    next call)."""
-
-    def __init__(self, port: int, name: str) -> None:
-        from hpack import Encoder
-
-        message = grpc_request(name)
-        self.data = b"\0" + len(message).to_bytes(4, "big") + message
-        encoder = Encoder()
-        self.first = encoder.encode(_CLIENT_HEADERS)
-        self.block = encoder.encode(_CLIENT_HEADERS)
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0))
-        self.stream = -1
-        self.buffer = bytearray()
-        self.unacknowledged = 0
-
-    def call(self) -> None:
-        self.stream += 2
-        sid = self.stream
-        out = _h2_frame(1, 4, sid, self.first if sid == 1 else self.block)
-        out += _h2_frame(0, 1, sid, self.data)
-        if self.unacknowledged:
-            out += _h2_frame(8, 0, 0, self.unacknowledged.to_bytes(4, "big"))
-            self.unacknowledged = 0
-        self.sock.sendall(out)
-        answered = False
-        buffer = self.buffer
-        while True:
-            while len(buffer) < 9 or len(buffer) < 9 + int.from_bytes(buffer[:3], "big"):
-                buffer += self._recv()
-            length, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
-            stream = int.from_bytes(buffer[5:9], "big")
-            payload = bytes(buffer[9 : 9 + length])
-            del buffer[: 9 + length]
-            if kind == 4 and not flags & 1:  # SETTINGS
-                self.sock.sendall(_h2_frame(4, 1, 0))
-            elif kind == 6 and not flags & 1:  # PING
-                self.sock.sendall(_h2_frame(6, 1, 0, payload))
-            elif stream != sid:
-                continue
-            elif kind == 0:
-                self.unacknowledged += length
-                answered = True
-            elif kind == 1 and flags & 1:  # trailers
-                if not answered:
-                    raise RuntimeError(f"gRPC answered an error: {payload!r}")
-                return
-            elif kind == 3:
-                raise RuntimeError("gRPC reset the call")
 
 
 def replay(args: argparse.Namespace) -> dict[str, Any]:
