@@ -123,11 +123,11 @@ async def test_a_placement_asks_the_owner_and_the_request_stays_here() -> None:
         ((path, question),) = owner.calls
         assert path == PLACE_PATH and BODY not in question
         assert json.loads(question) == {"from": SELF, "model": "m", "size": 10, "tried": ["n/2"]}
-        assert replicas._outbox == []
+        assert replicas.events._outbox == []
         assert float(reply.headers[OWNER_MS_HEADER]) == 0.25
         assert float(reply.headers[FORWARD_MS_HEADER]) > 0
         # The load's answer goes back to the owner with the uses: it learns from it.
-        assert replicas.uses.take()["loads"] == [["n/1", "m", 40, 3.5]]
+        assert replicas.events.uses.take()["loads"] == [["n/1", "m", 40, 3.5]]
         assert replicas.metrics.forwarded.labels(owner.url)._value.get() == 1
         await close_replicas(replicas)
 
@@ -140,8 +140,8 @@ async def test_an_unusable_decision_is_placed_here_and_published() -> None:
             replicas = _replicas(owner)
             placed = await _place(replicas)
             assert placed.decided is None and placed.forward_failed, behaviour
-            assert [e["model"] for e in replicas._outbox] == ["m"]
-            assert replicas._outbox[0]["device"] == "n/0"
+            assert [e["model"] for e in replicas.events._outbox] == ["m"]
+            assert replicas.events._outbox[0]["device"] == "n/0"
             assert replicas.membership.peers[owner.url].reachable  # it answered
             await close_replicas(replicas)
 
@@ -192,10 +192,12 @@ async def test_the_owner_notes_and_publishes_a_peers_placement_once() -> None:
     assert replicas.directory.state("n/0", "m") is Residency.LOADING
     assert replicas.directory.state("n/0", "old") is None
     assert replicas.directory.state("n/0", "kept") is Residency.RESIDENT
-    assert replicas._outbox == [{"device": "n/0", "model": "m", "size": 50, "victims": ["old"]}]
+    assert replicas.events._outbox == [
+        {"device": "n/0", "model": "m", "size": 50, "victims": ["old"]}
+    ]
     # Asked again (a peer's view was behind): the same device, and no second load published.
     assert replicas.decide_for_peer("m", size_bytes=50, tried=frozenset()).device == "n/0"
-    assert len(replicas._outbox) == 1 and asked == [frozenset(), frozenset()]
+    assert len(replicas.events._outbox) == 1 and asked == [frozenset(), frozenset()]
     await close_replicas(replicas)
 
 
@@ -234,10 +236,12 @@ async def test_the_owner_learns_from_the_answers_of_loads_it_decided_for_peers()
     a load it had dispatched itself."""
     replicas, _ = _owner_side()
     learnt: list[tuple[str, int, float]] = []
-    replicas.uses.observe_load = lambda model, size, load_ms: learnt.append((model, size, load_ms))
+    replicas.events.uses.observe_load = lambda model, size, load_ms: learnt.append(
+        (model, size, load_ms)
+    )
     replicas.decide_for_peer("m", size_bytes=50, tried=frozenset())
     assert replicas.directory.state("n/0", "m") is Residency.LOADING
-    replicas.uses.apply({"loads": [["n/0", "m", 40, 3.5]]})
+    replicas.events.uses.apply({"loads": [["n/0", "m", 40, 3.5]]})
     assert replicas.directory.state("n/0", "m") is Residency.RESIDENT
     assert learnt == [("m", 40, 3.5)]
     await close_replicas(replicas)
