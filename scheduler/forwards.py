@@ -57,6 +57,10 @@ class OwnerDecision:
 
     device: str
     victims: tuple[str, ...] = ()
+    # Every victim the owner predicts for the load (the hint first, then its LRU order), as it
+    # publishes them: the asker drops them from its own view, as a peer drops a published
+    # load's (its LRU order differs from the owner's). Only ``victims`` go to the manager.
+    planned: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +176,12 @@ class Forwards:
             return None
         try:
             answer = json.loads(reply.body) if reply.status == 200 else {}
+            victims = tuple(str(v) for v in answer.get("victims") or ())
+            planned = answer.get("planned")
             decided = OwnerDecision(
-                str(answer["device"]), tuple(str(v) for v in answer.get("victims") or ())
+                str(answer["device"]),
+                victims,
+                victims if planned is None else tuple(str(v) for v in planned),
             )
             owner_ms = float(answer.get("owner_ms") or 0.0)
         except (ValueError, KeyError, TypeError):

@@ -73,7 +73,7 @@ from gpufaas.scheduler.peers import (
     Membership,
 )
 from gpufaas.scheduler.policy import NoDevice
-from gpufaas.scheduler.residency_events import ResidencyEvents
+from gpufaas.scheduler.residency_events import ResidencyEvents, note_peer_loads
 from gpufaas.scheduler.ring import Ring
 from gpufaas.scheduler.transport import NodeReply
 from gpufaas.scheduler.uses import UseStream
@@ -329,7 +329,9 @@ class Replicas:
     def answered(self, reply: NodeReply) -> NodeReply:
         """``reply`` as this replica answers it: a forwarded request's answer says how long
         the owner (this replica) held it (:data:`OWNER_MS_HEADER`); one whose placement the
-        owner decided, how long the question took here and at the owner."""
+        owner decided, how long the question took here and at the owner. Load events held
+        for this answer may go to the peers now (:meth:`ResidencyEvents.settled`)."""
+        self.events.settled()
         asked = _ASKED.get()
         if asked is not None:
             forward_ms, owner_ms, device_key, name = asked
@@ -376,6 +378,16 @@ class Replicas:
                 if asked is not None:  # the owner noted and published the load
                     decided = asked.decided
                     _ASKED.set((asked.forward_ms, asked.owner_ms, decided.device, name))
+                    # Noted here as the owner's event would note it (every victim it planned),
+                    # before the request goes: the event itself then finds it noted and is
+                    # skipped, and a view that noted only the hint kept models the GPU
+                    # manager evicted (stale hits, with forwarding "decision").
+                    load = {"device": decided.device, "model": name, "size": size_bytes}
+                    note_peer_loads(
+                        self.directory,
+                        [{**load, "victims": list(decided.planned)}],
+                        known_size=self.known_size,
+                    )
                     return Placement(reply=None, call=call, decided=decided)
                 forward_failed = True
             else:
@@ -401,14 +413,14 @@ class Replicas:
         decided = self.decide(name, tried)
         if self.directory.state(decided.device, name) is not None:
             return decided  # the asker's view was behind: a hit here
-        self.events.publish_load(
+        planned = self.events.publish_load(
             decided.device, name, size_bytes=size_bytes, victims=decided.victims
         )
         with contextlib.suppress(InsufficientCapacity, UnknownKey):
             self.directory.note_dispatch(
                 decided.device, name, size_bytes=size_bytes, prefer=decided.victims
             )
-        return decided
+        return dataclasses.replace(decided, planned=tuple(planned))
 
     def _lost(self, owner: str, reason: object) -> None:
         self.metrics.forward_failures.inc()
@@ -517,7 +529,12 @@ class Replicas:
             )
         owner_ms = (time.perf_counter() - started) * 1000
         return JSONResponse(
-            {"device": decided.device, "victims": list(decided.victims), "owner_ms": owner_ms}
+            {
+                "device": decided.device,
+                "victims": list(decided.victims),
+                "planned": list(decided.planned),
+                "owner_ms": owner_ms,
+            }
         )
 
 

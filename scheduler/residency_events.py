@@ -10,10 +10,17 @@
   go to whoever decides evictions (the leader; with function ownership every peer), so that
   it decides on the merged stream.
 
-Both are batched: load events within ``flush_delay_s`` (2 ms), uses within
-:data:`~gpufaas.scheduler.uses.USE_FLUSH_S` (or with the next load event), one post per peer
-over the pooled peer connections (:class:`~gpufaas.scheduler.peer_calls.PeerCalls`). A post
-that fails marks the peer unreachable.
+Both are batched, one post per peer over the pooled peer connections
+(:class:`~gpufaas.scheduler.peer_calls.PeerCalls`); a post that fails marks the peer
+unreachable. Uses go within :data:`~gpufaas.scheduler.uses.USE_FLUSH_S`, or with the next load
+event. **A load event goes once the load is done**: while a load published here is still
+loading in this replica's view (its answer not back yet), the post waits for the answer, at most
+``hold_s`` (:data:`HOLD_S`), then ``flush_delay_s`` more so that the answer's relay goes first.
+Posting while the GPU manager loads woke every peer at the moment the load and the forwarded
+request's answer needed the cores (2 cores, 7 processes in the benchmark). What a peer misses
+meanwhile is small: a request for the model there is forwarded to the owner, which sees the load
+and sends it there as a hit; a request for a victim there is sent as a hit and loads it again
+(a stale hit, counted as one).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter
 
-from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
+from gpufaas.cache import ClusterDirectory, InsufficientCapacity, Residency, UnknownKey
 from gpufaas.core.http import CACHE_HEADER, LOAD_MS_HEADER, MODEL_BYTES_HEADER, error_response
 from gpufaas.core.protocol import ProtocolError
 from gpufaas.scheduler.peer_calls import PeerCalls
@@ -35,11 +42,14 @@ from gpufaas.scheduler.peers import EVENTS_PATH, Membership
 from gpufaas.scheduler.transport import NodeReply, NodeUnreachable
 from gpufaas.scheduler.uses import USE_FLUSH_S, UseStream
 
-__all__ = ["EVENTS_TIMEOUT_S", "ResidencyEvents", "note_peer_loads"]
+__all__ = ["EVENTS_TIMEOUT_S", "HOLD_S", "ResidencyEvents", "note_peer_loads"]
 
 _MAX_EVENTS_PER_POST = 4096
 # A residency-event post that takes longer marks the peer unreachable.
 EVENTS_TIMEOUT_S = 2.0
+# How long a load event waits for its load's answer at most (a load here takes 2-4 ms; one
+# whose answer never comes, a node gone mid-request, is published anyway after this).
+HOLD_S = 0.025
 
 
 class ResidencyEvents:
@@ -58,6 +68,7 @@ class ResidencyEvents:
         on_unreachable: Callable[[str, object], None],
         known_size: Callable[[str], int | None] = lambda model: None,
         flush_delay_s: float = 0.002,
+        hold_s: float = HOLD_S,
     ) -> None:
         self.membership = membership
         self.directory = directory
@@ -71,9 +82,11 @@ class ResidencyEvents:
         self.on_unreachable = on_unreachable
         self.known_size = known_size
         self.flush_delay_s = flush_delay_s
+        self.hold_s = hold_s
         self._uses_due: asyncio.TimerHandle | None = None
         self._outbox: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
+        self._settled = asyncio.Event()  # a request placed here was answered
 
     # -- this replica's loads and uses --------------------------------------------------------
 
@@ -91,16 +104,17 @@ class ResidencyEvents:
 
     def publish_load(
         self, device_key: str, name: str, *, size_bytes: int, victims: Sequence[str]
-    ) -> None:
+    ) -> list[str]:
         """Publish a load placed here with every victim it will take, as predicted here (the
         hint ``victims`` first, then least recently used): the peers' own LRU orders differ
-        from ours."""
+        from ours. Returns those victims."""
         planned = list(victims)
         with contextlib.suppress(InsufficientCapacity, UnknownKey):
             planned = self.directory.plan_dispatch(
                 device_key, name, size_bytes=size_bytes, prefer=victims
             )
         self.publish(device_key, name, size_bytes=size_bytes, victims=planned)
+        return planned
 
     def wanted(self) -> bool:
         """Whether a peer decides evictions (with one leader, it alone needs the uses)."""
@@ -133,7 +147,15 @@ class ResidencyEvents:
         except ValueError:
             return
         self.uses.loaded(device_key, name, size_bytes=size, load_ms=load_ms)
-        self._uses_soon()
+        # At once, not within USE_FLUSH_S: the owner's view holds the model loading until
+        # then, and its own event for the load waits for this (flush_forever).
+        self._wake.set()
+
+    def settled(self) -> None:
+        """A request dispatched here was answered (a load's answer is in the view by now):
+        load events held for it may go (:meth:`flush_forever`)."""
+        if self._outbox:
+            self._settled.set()
 
     def _uses_soon(self) -> None:
         if self._uses_due is None:
@@ -146,6 +168,8 @@ class ResidencyEvents:
         while True:
             await self._wake.wait()
             await asyncio.sleep(self.flush_delay_s)  # gather a burst into one post
+            if await self._after_loads():
+                await asyncio.sleep(self.flush_delay_s)  # the load's answer goes out first
             self._wake.clear()
             events, self._outbox = (
                 self._outbox[:_MAX_EVENTS_PER_POST],
@@ -161,6 +185,26 @@ class ResidencyEvents:
                     self._uses_due = None
             if events or uses:
                 await self._send(events, uses)
+
+    async def _after_loads(self) -> bool:
+        """Wait while a load in the outbox is still loading in this replica's view, at most
+        ``hold_s``: the peers are woken when the GPU manager is done, not while it loads.
+        Whether there was one to wait for."""
+        if not self._loading():
+            return False
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.hold_s
+        while self._loading() and (left := until - loop.time()) > 0:
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), left)
+        return True
+
+    def _loading(self) -> bool:
+        state = self.directory.state
+        return any(
+            state(event["device"], event["model"]) is Residency.LOADING for event in self._outbox
+        )
 
     async def _send(self, events: list[dict[str, Any]], uses: dict[str, Any] | None) -> None:
         peers = [p for p in self.membership.peers.values() if p.reachable]
@@ -212,6 +256,7 @@ class ResidencyEvents:
             applied = self.apply(listed)
             if uses:
                 self.uses.apply(uses)
+                self.settled()  # the answers of loads decided here for the peer
         except ProtocolError as e:
             return error_response(e.status_code, str(e), reason="InvalidEvents")
         except (ValueError, KeyError, TypeError) as e:

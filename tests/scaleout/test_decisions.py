@@ -36,7 +36,7 @@ Behaviour = Literal["decide", "refuse", "unknown-device", "hang"]
 
 class Owner:
     """The placement owner: records each call's path and body, then answers with a decision
-    (device ``n/1``, victim ``old``), a 503, a device nobody knows, or never (``hang``; its
+    (device ``n/1``, victim ``old``; ``old`` and ``older`` planned), a 503, a device nobody knows, or never (``hang``; its
     heartbeat then fails too)."""
 
     def __init__(self, behaviour: Behaviour) -> None:
@@ -61,7 +61,8 @@ class Owner:
         self.calls.append((head[0].split()[1], body))
         if self.behaviour == "hang":
             await asyncio.Event().wait()
-        status, answer = "200 OK", {"device": "n/1", "victims": ["old"], "owner_ms": 0.25}
+        answer = {"device": "n/1", "victims": ["old"], "planned": ["old", "older"]}
+        status, answer = "200 OK", {**answer, "owner_ms": 0.25}
         if self.behaviour == "refuse":
             status, answer = "503 Service Unavailable", {"error": "no device"}
         elif self.behaviour == "unknown-device":
@@ -132,6 +133,26 @@ async def test_a_placement_asks_the_owner_and_the_request_stays_here() -> None:
         await close_replicas(replicas)
 
 
+async def test_the_asker_drops_every_victim_the_owner_planned_from_its_view() -> None:
+    """The owner publishes every victim it predicts for the load; the asker notes the load in
+    its own view the same way before it dispatches, even where its view had room, so that it
+    keeps no model the manager may have evicted (a stale hit later)."""
+    async with Owner("decide") as owner:
+        replicas = _replicas(owner)
+        directory = replicas.directory
+        for model in ("old", "older", "kept"):
+            directory.note_loaded("n/1", model, size_bytes=10)
+        placed = await _place(replicas)
+        assert placed.decided is not None and placed.decided.planned == ("old", "older")
+        # The gateway then notes the dispatch, with the hint (as for any request).
+        directory.note_dispatch("n/1", "m", size_bytes=10, prefer=placed.decided.victims)
+        assert directory.state("n/1", "old") is None
+        assert directory.state("n/1", "older") is None
+        assert directory.state("n/1", "kept") is Residency.RESIDENT
+        assert directory.state("n/1", "m") is Residency.LOADING
+        await close_replicas(replicas)
+
+
 async def test_an_unusable_decision_is_placed_here_and_published() -> None:
     """An owner that answers with an error, or names a device this replica does not know:
     the request is placed here, as when the owner cannot be reached, and the load published."""
@@ -198,6 +219,15 @@ async def test_the_owner_notes_and_publishes_a_peers_placement_once() -> None:
     # Asked again (a peer's view was behind): the same device, and no second load published.
     assert replicas.decide_for_peer("m", size_bytes=50, tried=frozenset()).device == "n/0"
     assert len(replicas.events._outbox) == 1 and asked == [frozenset(), frozenset()]
+    await close_replicas(replicas)
+
+
+async def test_the_owner_answers_with_every_victim_it_planned_and_published() -> None:
+    replicas, _ = _owner_side()
+    replicas.decide = lambda name, tried: OwnerDecision("n/0", ())  # no hint: LRU decides
+    decided = replicas.decide_for_peer("m", size_bytes=50, tried=frozenset())
+    assert decided.planned == ("old",)
+    assert replicas.events._outbox[0]["victims"] == ["old"]
     await close_replicas(replicas)
 
 
