@@ -10,11 +10,13 @@ its model goes (forwarding ``decision``), and what a replica does when the owner
   devices already tried; the owner answers with its decision, and the request is dispatched
   here. The owner never holds the request, so a question lost with its owner cannot make it
   run twice; an owner that is gone, hung, answers an error or names an unknown device means
-  the request is placed here.
+  the request is placed here. The owner's side is :class:`PlacementAnswers`: it decides with
+  the gateway's own code, notes the load in its view at once and publishes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,13 +25,17 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter
 
-from gpufaas.cache import ClusterDirectory
-from gpufaas.core.http import REQUEST_KEY_HEADER
+from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
+from gpufaas.core.http import REQUEST_KEY_HEADER, error_response
+from gpufaas.core.protocol import ProtocolError
 from gpufaas.scheduler.lanes import NodeCall
 from gpufaas.scheduler.peer_calls import OwnerHung, PeerCalls
 from gpufaas.scheduler.peers import PLACE_PATH, Membership
+from gpufaas.scheduler.policy import NoDevice
+from gpufaas.scheduler.residency_events import ResidencyEvents
 from gpufaas.scheduler.transport import NodeReply, NodeUnreachable
 
 __all__ = [
@@ -39,6 +45,7 @@ __all__ = [
     "Forwards",
     "OwnerDecision",
     "Placement",
+    "PlacementAnswers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -194,3 +201,74 @@ class Forwards:
             self.failures.inc()
             return None
         return Asked(decided, (time.perf_counter() - started) * 1000, owner_ms)
+
+
+class PlacementAnswers:
+    """As the placement owner, the peers' placement questions (forwarding ``decision``)."""
+
+    def __init__(
+        self,
+        *,
+        directory: ClusterDirectory,
+        events: ResidencyEvents,
+        decide: Callable[[str, frozenset[str]], OwnerDecision] | None,
+        asked: Callable[[], None],
+    ) -> None:
+        self.directory = directory
+        self.events = events
+        # This gateway's policy decision for a model, the devices the peer already tried
+        # excluded. None: the peers' questions are answered 503, and they place it themselves.
+        self.decide = decide
+        # A question is being answered in this task (counted; not a client request here).
+        self.asked = asked
+
+    def decide_for_peer(
+        self, name: str, *, size_bytes: int, tried: frozenset[str]
+    ) -> OwnerDecision:
+        """This gateway's decision for ``name``, as for a request of its own; a load is noted
+        in this replica's view and published to every peer (the asker too), as if dispatched
+        here, and the decision carries every victim published (``planned``).
+
+        Raises what ``decide`` raises (no device)."""
+        if self.decide is None:
+            raise LookupError("this replica does not decide placements for its peers")
+        decided = self.decide(name, tried)
+        if self.directory.state(decided.device, name) is not None:
+            return decided  # the asker's view was behind: a hit here
+        planned = self.events.publish_load(
+            decided.device, name, size_bytes=size_bytes, victims=decided.victims
+        )
+        with contextlib.suppress(InsufficientCapacity, UnknownKey):
+            self.directory.note_dispatch(
+                decided.device, name, size_bytes=size_bytes, prefer=decided.victims
+            )
+        return dataclasses.replace(decided, planned=tuple(planned))
+
+    async def receive(self, read: Callable[[], Awaitable[bytes]]) -> Response:
+        """``POST`` :data:`PLACE_PATH`: a peer's question, where a model goes
+        (:meth:`decide_for_peer`); ``{"device", "victims", "planned", "owner_ms"}``."""
+        started = time.perf_counter()
+        try:
+            body = json.loads(await read())
+            name, size = str(body["model"]), int(body.get("size") or 0)
+            tried = frozenset(str(d) for d in body.get("tried") or ())
+        except ProtocolError as e:
+            return error_response(e.status_code, str(e), reason="InvalidPlacement")
+        except (ValueError, KeyError, TypeError) as e:
+            return error_response(400, f"bad placement question: {e}", reason="InvalidPlacement")
+        self.asked()
+        try:
+            decided = self.decide_for_peer(name, size_bytes=size, tried=tried)
+        except (NoDevice, LookupError) as e:  # the asker places it itself
+            return error_response(
+                503, f"no placement for {name[:100]!r}: {e}", reason="NoPlacement"
+            )
+        owner_ms = (time.perf_counter() - started) * 1000
+        return JSONResponse(
+            {
+                "device": decided.device,
+                "victims": list(decided.victims),
+                "planned": list(decided.planned),
+                "owner_ms": owner_ms,
+            }
+        )

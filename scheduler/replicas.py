@@ -10,14 +10,16 @@ places on the chosen device. Per request, in the gateway:
 2. The policy chooses a device as with one gateway. If the model is already there (resident or
    loading, as this replica's view says), the request is dispatched here: no hop.
 3. Otherwise the decision would change residency, and :meth:`Replicas.place` sends the request
-   to the function's owner, which decides with its own view (and the same code). If this
-   replica is the owner, or the owner cannot be reached, it places the model here and
-   publishes the load (device, model, size, victims) to every peer, which notes it in its own
-   directory: the next request for the model, anywhere, finds it there.
+   to the function's owner (:class:`~gpufaas.scheduler.forwards.Forwards`), which decides with
+   its own view (and the same code). If this replica is the owner, or the owner cannot be
+   reached, it places the model here and publishes the load (device, model, size, victims) to
+   every peer (:class:`~gpufaas.scheduler.residency_events.ResidencyEvents`, once the load is
+   answered), which notes it in its own directory: the next request for the model, anywhere,
+   finds it there.
 
 So two replicas never load the same model blindly, a burst for a cold model waits for the one
 load its owner started, and every replica's view of every device follows the others' loads
-within one event flush (milliseconds), not one sync interval. Cluster-wide per-device
+within milliseconds of their answers, not one sync interval. Cluster-wide per-device
 concurrency is enforced by the GPU managers (``gpu_manager/admission.py``), which see every
 replica's requests; each replica bounds its own device queues to its share of
 ``max_queue_per_device``.
@@ -35,7 +37,6 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import json
 import logging
 import re
 import time
@@ -46,22 +47,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
+from gpufaas.cache import ClusterDirectory
 from gpufaas.core import node as node_api
 from gpufaas.core.http import (
     REQUEST_KEY_HEADER,
-    error_response,
     install_token_auth,
     match_fast_post,
     token_auth,
 )
-from gpufaas.core.protocol import ProtocolError
 from gpufaas.scheduler.forwards import (
     FORWARD_MS_HEADER,
     FORWARDED_HEADER,
     Forwards,
     OwnerDecision,
     Placement,
+    PlacementAnswers,
 )
 from gpufaas.scheduler.lanes import NodeCall
 from gpufaas.scheduler.peer_calls import PeerCalls
@@ -72,7 +72,6 @@ from gpufaas.scheduler.peers import (
     PLACE_PATH,
     Membership,
 )
-from gpufaas.scheduler.policy import NoDevice
 from gpufaas.scheduler.residency_events import ResidencyEvents, note_peer_loads
 from gpufaas.scheduler.ring import Ring
 from gpufaas.scheduler.transport import NodeReply
@@ -197,7 +196,8 @@ class ReplicaMetrics:
 
 
 class Replicas:
-    """Ownership, forwarding and residency events of one gateway replica."""
+    """One gateway replica: ownership, where a placement is made (here or through the owner),
+    the per-request context, metrics and the peer routes."""
 
     def __init__(
         self,
@@ -224,10 +224,6 @@ class Replicas:
             raise ValueError(f"forwarding must be 'decision' or 'request', got {forwarding!r}")
         self.ownership: Ownership = ownership
         self.forwarding: Forwarding = forwarding
-        # As the owner, a peer's placement (forwarding "decision"): this gateway's policy
-        # decision for a model, the devices the peer already tried excluded. None: the peers'
-        # questions are answered 503, and they place here themselves.
-        self.decide = decide
         self.membership = membership
         self.token = token
         self.known_size = known_size
@@ -262,6 +258,10 @@ class Replicas:
             on_unreachable=self._unreachable,
             known_size=known_size,
             flush_delay_s=flush_delay_s,
+        )
+        # As the owner, the peers' placement questions (forwarding "decision").
+        self.answers = PlacementAnswers(
+            directory=directory, events=self.events, decide=decide, asked=self._asked_in
         )
         self.metrics.cluster_misses.set_function(self.cluster_misses)
         self._update_ring()
@@ -400,27 +400,12 @@ class Replicas:
         self.events.publish_load(device_key, name, size_bytes=size_bytes, victims=victims)
         return Placement(reply=None, call=call)
 
-    def decide_for_peer(
-        self, name: str, *, size_bytes: int, tried: frozenset[str]
-    ) -> OwnerDecision:
-        """As the placement owner, a peer's question (forwarding ``decision``): this
-        gateway's decision for ``name``, as for a request of its own; a load is noted in this
-        replica's view and published to every peer (the asker too), as if dispatched here.
-
-        Raises what ``decide`` raises (no device)."""
-        if self.decide is None:
-            raise LookupError("this replica does not decide placements for its peers")
-        decided = self.decide(name, tried)
-        if self.directory.state(decided.device, name) is not None:
-            return decided  # the asker's view was behind: a hit here
-        planned = self.events.publish_load(
-            decided.device, name, size_bytes=size_bytes, victims=decided.victims
-        )
-        with contextlib.suppress(InsufficientCapacity, UnknownKey):
-            self.directory.note_dispatch(
-                decided.device, name, size_bytes=size_bytes, prefer=decided.victims
-            )
-        return dataclasses.replace(decided, planned=tuple(planned))
+    def _asked_in(self) -> None:
+        """A peer's placement question is being answered in this task: it counts as a
+        forwarded-in request (and its popularity was counted where its client sent it)."""
+        self.metrics.forwarded_in.inc()
+        self.metrics.owned.inc()
+        _FORWARDED_IN.set(True)
 
     def _lost(self, owner: str, reason: object) -> None:
         self.metrics.forward_failures.inc()
@@ -503,39 +488,7 @@ class Replicas:
 
         @app.post(PLACE_PATH)
         async def place(request: Request) -> Response:  # served by the ingress; for the docs
-            return await self.receive_place(request.body)
-
-    async def receive_place(self, read: Callable[[], Awaitable[bytes]]) -> Response:
-        """``POST`` :data:`PLACE_PATH`: a peer's question, where a model goes
-        (:meth:`decide_for_peer`); ``{"device", "victims", "owner_ms"}``."""
-        started = time.perf_counter()
-        try:
-            body = json.loads(await read())
-            name, size = str(body["model"]), int(body.get("size") or 0)
-            tried = frozenset(str(d) for d in body.get("tried") or ())
-        except ProtocolError as e:
-            return error_response(e.status_code, str(e), reason="InvalidPlacement")
-        except (ValueError, KeyError, TypeError) as e:
-            return error_response(400, f"bad placement question: {e}", reason="InvalidPlacement")
-        self.metrics.forwarded_in.inc()
-        self.metrics.owned.inc()
-        # The request was counted for popularity where its client sent it (see forwarded_in).
-        _FORWARDED_IN.set(True)
-        try:
-            decided = self.decide_for_peer(name, size_bytes=size, tried=tried)
-        except (NoDevice, LookupError) as e:  # the asker places it itself
-            return error_response(
-                503, f"no placement for {name[:100]!r}: {e}", reason="NoPlacement"
-            )
-        owner_ms = (time.perf_counter() - started) * 1000
-        return JSONResponse(
-            {
-                "device": decided.device,
-                "victims": list(decided.victims),
-                "planned": list(decided.planned),
-                "owner_ms": owner_ms,
-            }
-        )
+            return await self.answers.receive(request.body)
 
 
 _EVENTS_PATH = re.compile("^" + re.escape(EVENTS_PATH) + "$")
@@ -561,7 +514,7 @@ class _IngressMarker:
                 return
             post = match_fast_post(scope, receive, path=_PLACE_PATH, max_bytes=_MAX_PLACE_BYTES)
             if post is not None:
-                response = await self.replicas.receive_place(post.read)
+                response = await self.replicas.answers.receive(post.read)
                 await response(scope, receive, send)
                 return
             found = node_api.MODEL_INFER_PATH.match(scope["path"])

@@ -198,7 +198,7 @@ def _owner_side() -> tuple[Replicas, list[frozenset[str]]]:
         return OwnerDecision("n/0", ("old",))
 
     replicas = _replicas("http://b")
-    replicas.decide = decide
+    replicas.answers.decide = decide
     replicas.directory.note_loaded("n/0", "old", size_bytes=60)
     replicas.directory.note_loaded("n/0", "kept", size_bytes=30)
     return replicas, asked
@@ -206,7 +206,7 @@ def _owner_side() -> tuple[Replicas, list[frozenset[str]]]:
 
 async def test_the_owner_notes_and_publishes_a_peers_placement_once() -> None:
     replicas, asked = _owner_side()
-    assert replicas.decide_for_peer("m", size_bytes=50, tried=frozenset()) == OwnerDecision(
+    assert replicas.answers.decide_for_peer("m", size_bytes=50, tried=frozenset()) == OwnerDecision(
         "n/0", ("old",)
     )
     # In the owner's view at once (its next decision sees the load), the victim gone.
@@ -217,15 +217,15 @@ async def test_the_owner_notes_and_publishes_a_peers_placement_once() -> None:
         {"device": "n/0", "model": "m", "size": 50, "victims": ["old"]}
     ]
     # Asked again (a peer's view was behind): the same device, and no second load published.
-    assert replicas.decide_for_peer("m", size_bytes=50, tried=frozenset()).device == "n/0"
+    assert replicas.answers.decide_for_peer("m", size_bytes=50, tried=frozenset()).device == "n/0"
     assert len(replicas.events._outbox) == 1 and asked == [frozenset(), frozenset()]
     await close_replicas(replicas)
 
 
 async def test_the_owner_answers_with_every_victim_it_planned_and_published() -> None:
     replicas, _ = _owner_side()
-    replicas.decide = lambda name, tried: OwnerDecision("n/0", ())  # no hint: LRU decides
-    decided = replicas.decide_for_peer("m", size_bytes=50, tried=frozenset())
+    replicas.answers.decide = lambda name, tried: OwnerDecision("n/0", ())  # no hint: LRU decides
+    decided = replicas.answers.decide_for_peer("m", size_bytes=50, tried=frozenset())
     assert decided.planned == ("old",)
     assert replicas.events._outbox[0]["victims"] == ["old"]
     await close_replicas(replicas)
@@ -269,7 +269,7 @@ async def test_the_owner_learns_from_the_answers_of_loads_it_decided_for_peers()
     replicas.events.uses.observe_load = lambda model, size, load_ms: learnt.append(
         (model, size, load_ms)
     )
-    replicas.decide_for_peer("m", size_bytes=50, tried=frozenset())
+    replicas.answers.decide_for_peer("m", size_bytes=50, tried=frozenset())
     assert replicas.directory.state("n/0", "m") is Residency.LOADING
     replicas.events.uses.apply({"loads": [["n/0", "m", 40, 3.5]]})
     assert replicas.directory.state("n/0", "m") is Residency.RESIDENT
