@@ -10,14 +10,16 @@ places on the chosen device. Per request, in the gateway:
 2. The policy chooses a device as with one gateway. If the model is already there (resident or
    loading, as this replica's view says), the request is dispatched here: no hop.
 3. Otherwise the decision would change residency, and :meth:`Replicas.place` sends the request
-   to the function's owner, which decides with its own view (and the same code). If this
-   replica is the owner, or the owner cannot be reached, it places the model here and
-   publishes the load (device, model, size, victims) to every peer, which notes it in its own
-   directory: the next request for the model, anywhere, finds it there.
+   to the function's owner (:class:`~gpufaas.scheduler.forwards.Forwards`), which decides with
+   its own view (and the same code). If this replica is the owner, or the owner cannot be
+   reached, it places the model here and publishes the load (device, model, size, victims) to
+   every peer (:class:`~gpufaas.scheduler.residency_events.ResidencyEvents`, once the load is
+   answered), which notes it in its own directory: the next request for the model, anywhere,
+   finds it there.
 
 So two replicas never load the same model blindly, a burst for a cold model waits for the one
 load its owner started, and every replica's view of every device follows the others' loads
-within one event flush (milliseconds), not one sync interval. Cluster-wide per-device
+within milliseconds of their answers, not one sync interval. Cluster-wide per-device
 concurrency is enforced by the GPU managers (``gpu_manager/admission.py``), which see every
 replica's requests; each replica bounds its own device queues to its share of
 ``max_queue_per_device``.
@@ -35,34 +37,34 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import json
 import logging
 import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
+from gpufaas.cache import ClusterDirectory
 from gpufaas.core import node as node_api
 from gpufaas.core.http import (
-    CACHE_HEADER,
-    LOAD_MS_HEADER,
-    MODEL_BYTES_HEADER,
     REQUEST_KEY_HEADER,
-    error_response,
     install_token_auth,
     match_fast_post,
     token_auth,
 )
-from gpufaas.core.protocol import ProtocolError
+from gpufaas.scheduler.forwards import (
+    FORWARD_MS_HEADER,
+    FORWARDED_HEADER,
+    Forwards,
+    OwnerDecision,
+    Placement,
+    PlacementAnswers,
+)
 from gpufaas.scheduler.lanes import NodeCall
-from gpufaas.scheduler.peer_calls import OwnerHung, PeerCalls
+from gpufaas.scheduler.peer_calls import PeerCalls
 from gpufaas.scheduler.peers import (
     EVENTS_PATH,
     HEARTBEAT_PATH,
@@ -70,10 +72,10 @@ from gpufaas.scheduler.peers import (
     PLACE_PATH,
     Membership,
 )
-from gpufaas.scheduler.policy import NoDevice
+from gpufaas.scheduler.residency_events import ResidencyEvents, note_peer_loads
 from gpufaas.scheduler.ring import Ring
-from gpufaas.scheduler.transport import NodeReply, NodeUnreachable
-from gpufaas.scheduler.uses import USE_FLUSH_S, UseStream
+from gpufaas.scheduler.transport import NodeReply
+from gpufaas.scheduler.uses import UseStream
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -96,16 +98,11 @@ __all__ = [
     "Replicas",
 ]
 
-# Set on a request a replica forwards to the function's owner; the owner never forwards it on.
-FORWARDED_HEADER = "x-gpufaas-forwarded-by"
 _FORWARDED_HEADER_BYTES = FORWARDED_HEADER.encode()
-# On a forwarded request's answer (for clients and benchmarks, to see what the hop costs): the
-# sender's wall time for the forward (send to answer), and the owner's own (its ingress to the
-# start of its answer), in milliseconds.
-FORWARD_MS_HEADER = "x-gpufaas-forward-ms"
+# On a forwarded request's answer, with FORWARD_MS_HEADER (the sender's wall time for the
+# forward): the owner's own part (its ingress to the start of its answer), in milliseconds.
 OWNER_MS_HEADER = "x-gpufaas-owner-ms"
 _MODES = ("single", "coordinated", "degraded", "local")
-_MAX_EVENTS_PER_POST = 4096
 # leader: one replica (the ring's owner of this key) places every model, as one gateway would;
 # function: each function's owner places it (decisions spread, but owners race for devices).
 Ownership = Literal["leader", "function"]
@@ -143,29 +140,6 @@ ReplicaSlots = Literal["full", "share"]
 # A forward that has not answered after this long makes the replica ask whether the owner still
 # answers heartbeats; one that does not is given up (the request is placed here).
 FORWARD_PROBE_S = 1.0
-# A residency-event post that takes longer marks the peer unreachable.
-EVENTS_TIMEOUT_S = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class OwnerDecision:
-    """The placement owner's decision for a peer's request (forwarding ``decision``): the
-    device, and the victims the GPU manager evicts first if it loads the model there."""
-
-    device: str
-    victims: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """What :meth:`Replicas.place` decided: the owner's answer (``reply``), or no answer and
-    the call to dispatch here (with the request key a failed forward carried, if any)."""
-
-    reply: NodeReply | None
-    call: NodeCall
-    forward_failed: bool = False  # the owner was not reached: placed here (misses.py's cause)
-    # forwarding "decision": the owner's decision, to dispatch here (None: this replica's own)
-    decided: OwnerDecision | None = None
 
 
 class ReplicaMetrics:
@@ -222,7 +196,8 @@ class ReplicaMetrics:
 
 
 class Replicas:
-    """Ownership, forwarding and residency events of one gateway replica."""
+    """One gateway replica: ownership, where a placement is made (here or through the owner),
+    the per-request context, metrics and the peer routes."""
 
     def __init__(
         self,
@@ -249,30 +224,45 @@ class Replicas:
             raise ValueError(f"forwarding must be 'decision' or 'request', got {forwarding!r}")
         self.ownership: Ownership = ownership
         self.forwarding: Forwarding = forwarding
-        # As the owner, a peer's placement (forwarding "decision"): this gateway's policy
-        # decision for a model, the devices the peer already tried excluded. None: the peers'
-        # questions are answered 503, and they place here themselves.
-        self.decide = decide
         self.membership = membership
-        # Ask the GPU managers for a request key's answer (after a forward that may have been
-        # dispatched failed); None: nothing to ask.
-        self.recover = recover
         self.token = token
         self.known_size = known_size
         self.directory = directory
         self.own_misses = own_misses
         self.on_members = on_members
-        self.flush_delay_s = flush_delay_s
         self.ring = Ring([membership.self_id])
         self.metrics = ReplicaMetrics(registry)
         self.calls = PeerCalls(membership=membership, probe_s=forward_probe_s)
-        # The merged stream: this replica's requests and hits for the peers, theirs here.
-        self.uses = UseStream(
-            directory=directory, observe_requests=observe_requests, observe_load=observe_load
+        # Placements sent to the owner: the request, or the question where it goes.
+        self.forwards = Forwards(
+            membership=membership,
+            directory=directory,
+            calls=self.calls,
+            forwarded=self.metrics.forwarded,
+            failures=self.metrics.forward_failures,
+            recovered=self.metrics.recovered,
+            lost=self._lost,
+            recover=recover,
         )
-        self._uses_due: asyncio.TimerHandle | None = None
-        self._outbox: list[dict[str, Any]] = []
-        self._wake = asyncio.Event()
+        # Loads placed here, published to the peers, and the merged stream (this replica's
+        # requests and hits for whoever decides evictions); the peers' applied here.
+        self.events = ResidencyEvents(
+            membership=membership,
+            directory=directory,
+            calls=self.calls,
+            uses=UseStream(
+                directory=directory, observe_requests=observe_requests, observe_load=observe_load
+            ),
+            counted=self.metrics.events,
+            deciders=self._deciders,
+            on_unreachable=self._unreachable,
+            known_size=known_size,
+            flush_delay_s=flush_delay_s,
+        )
+        # As the owner, the peers' placement questions (forwarding "decision").
+        self.answers = PlacementAnswers(
+            directory=directory, events=self.events, decide=decide, asked=self._asked_in
+        )
         self.metrics.cluster_misses.set_function(self.cluster_misses)
         self._update_ring()
 
@@ -293,6 +283,10 @@ class Replicas:
         reachable = sum(p.reachable for p in peers)
         self.metrics.peers.labels("reachable").set(reachable)
         self.metrics.peers.labels("unreachable").set(len(peers) - reachable)
+
+    def _deciders(self) -> frozenset[str] | None:
+        """The replicas that decide evictions (None: every one, with function ownership)."""
+        return frozenset({self.owner("")}) if self.ownership == "leader" else None
 
     def owner(self, name: str) -> str:
         """The replica that makes ``name``'s residency decisions."""
@@ -323,9 +317,8 @@ class Replicas:
         inference request for the peers (:class:`UseStream`), and return ``call`` with the
         request key a peer forwarded with this request, if any: the GPU manager then runs it at
         most once, even if the sender, its forward failed, sends it again (:meth:`place`)."""
-        if not _FORWARDED_IN.get() and call.path.endswith("/infer") and self._uses_wanted():
-            self.uses.request(name)
-            self._uses_soon()
+        if not _FORWARDED_IN.get() and call.path.endswith("/infer"):
+            self.events.requested(name)
         key = _REQUEST_KEY.get()
         if key is None or call.headers.get(REQUEST_KEY_HEADER) == key:
             return call
@@ -336,11 +329,13 @@ class Replicas:
     def answered(self, reply: NodeReply) -> NodeReply:
         """``reply`` as this replica answers it: a forwarded request's answer says how long
         the owner (this replica) held it (:data:`OWNER_MS_HEADER`); one whose placement the
-        owner decided, how long the question took here and at the owner."""
+        owner decided, how long the question took here and at the owner. Load events held
+        for this answer may go to the peers now (:meth:`ResidencyEvents.settled`)."""
+        self.events.settled()
         asked = _ASKED.get()
         if asked is not None:
             forward_ms, owner_ms, device_key, name = asked
-            self._report_load(device_key, name, reply)
+            self.events.loaded(device_key, name, reply)
             stamps = {FORWARD_MS_HEADER: f"{forward_ms:.3f}", OWNER_MS_HEADER: f"{owner_ms:.3f}"}
         elif _FORWARDED_IN.get():
             took_ms = (time.perf_counter() - _FORWARDED_AT.get()) * 1000
@@ -349,36 +344,10 @@ class Replicas:
             return reply
         return dataclasses.replace(reply, headers={**reply.headers, **stamps})
 
-    def _report_load(self, device_key: str, name: str, reply: NodeReply) -> None:
-        """The answer of a load the owner decided for this replica goes to the owner with the
-        uses (:meth:`UseStream.loaded`): it learns from it as from a load it dispatched."""
-        headers = reply.headers
-        if reply.status != 200 or headers.get(CACHE_HEADER) == "hit" or not self._uses_wanted():
-            return
-        try:
-            size = int(headers.get(MODEL_BYTES_HEADER) or 0)
-            load_ms = float(headers.get(LOAD_MS_HEADER) or 0.0)
-        except ValueError:
-            return
-        self.uses.loaded(device_key, name, size_bytes=size, load_ms=load_ms)
-        self._uses_soon()
-
     def touched(self, device_key: str, name: str) -> None:
         """A request for ``name`` was dispatched here to ``device_key`` as a hit: the peers
         mark it used there too (their LRU orders follow every replica's hits)."""
-        if self._uses_wanted():
-            self.uses.touch(device_key, name)
-            self._uses_soon()
-
-    def _uses_wanted(self) -> bool:
-        """Whether a peer decides evictions (with one leader, it alone needs the uses)."""
-        if not self.membership.peers:
-            return False
-        return self.ownership == "function" or self.owner("") != self.self_id
-
-    def _uses_soon(self) -> None:
-        if self._uses_due is None:
-            self._uses_due = asyncio.get_running_loop().call_later(USE_FLUSH_S, self._wake.set)
+        self.events.touched(device_key, name)
 
     def _owner_elsewhere(self, name: str) -> str | None:
         if _FORWARDED_IN.get():
@@ -405,199 +374,49 @@ class Replicas:
         # is placed where it lands.
         if owner is not None and call.path.endswith("/infer"):
             if self.forwarding == "decision":
-                decided = await self._ask(owner, name, size_bytes=size_bytes, tried=tried)
-                if decided is not None:  # the owner noted and published the load
+                asked = await self.forwards.ask(owner, name, size_bytes=size_bytes, tried=tried)
+                if asked is not None:  # the owner noted and published the load
+                    decided = asked.decided
+                    _ASKED.set((asked.forward_ms, asked.owner_ms, decided.device, name))
+                    # Noted here as the owner's event would note it (every victim it planned),
+                    # before the request goes: the event itself then finds it noted and is
+                    # skipped, and a view that noted only the hint kept models the GPU
+                    # manager evicted (stale hits, with forwarding "decision").
+                    load = {"device": decided.device, "model": name, "size": size_bytes}
+                    note_peer_loads(
+                        self.directory,
+                        [{**load, "victims": list(decided.planned)}],
+                        known_size=self.known_size,
+                    )
                     return Placement(reply=None, call=call, decided=decided)
                 forward_failed = True
             else:
-                forwarded = await self._forward(owner, call)
+                forwarded = await self.forwards.forward(owner, call)
                 if forwarded.reply is not None:
                     return forwarded
                 call, forward_failed = forwarded.call, forwarded.forward_failed
-            self._publish_load(device_key, name, size_bytes=size_bytes, victims=victims)
+            self.events.publish_load(device_key, name, size_bytes=size_bytes, victims=victims)
             return Placement(reply=None, call=call, forward_failed=forward_failed)
-        self._publish_load(device_key, name, size_bytes=size_bytes, victims=victims)
+        self.events.publish_load(device_key, name, size_bytes=size_bytes, victims=victims)
         return Placement(reply=None, call=call)
 
-    def _publish_load(
-        self, device_key: str, name: str, *, size_bytes: int, victims: Sequence[str]
-    ) -> None:
-        # Publish every victim this load will take, as predicted here (the hint first, then
-        # least recently used): the peers' own LRU orders differ from ours.
-        planned = list(victims)
-        with contextlib.suppress(InsufficientCapacity, UnknownKey):
-            planned = self.directory.plan_dispatch(
-                device_key, name, size_bytes=size_bytes, prefer=victims
-            )
-        self.publish(device_key, name, size_bytes=size_bytes, victims=planned)
-
-    async def _ask(
-        self, owner: str, name: str, *, size_bytes: int, tried: frozenset[str]
-    ) -> OwnerDecision | None:
-        """Ask the owner where ``name`` goes (forwarding ``decision``); its decision, or None
-        when it cannot be used (the owner is gone or hung, answers with an error, or names a
-        device this replica does not know): the request is then placed here. The owner never
-        dispatches the request, so nothing can run twice."""
-        peer = self.membership.peer(owner)
-        if peer is None:
-            return None
-        self.metrics.forwarded.labels(owner).inc()
-        question = json.dumps(
-            {"from": self.self_id, "model": name, "size": size_bytes, "tried": sorted(tried)}
-        ).encode()
-        started = time.perf_counter()
-        try:
-            reply = await self.calls.call_owner(
-                owner, PLACE_PATH, question, {"Content-Type": "application/json"}
-            )
-        except (NodeUnreachable, OwnerHung) as e:
-            self._lost(owner, e)
-            return None
-        try:
-            answer = json.loads(reply.body) if reply.status == 200 else {}
-            decided = OwnerDecision(
-                str(answer["device"]), tuple(str(v) for v in answer.get("victims") or ())
-            )
-            owner_ms = float(answer.get("owner_ms") or 0.0)
-        except (ValueError, KeyError, TypeError):
-            logger.warning(
-                "the placement owner %s answered %d: %.200r", owner, reply.status, reply.body
-            )
-            self.metrics.forward_failures.inc()
-            return None
-        if decided.device not in self.directory:
-            self.metrics.forward_failures.inc()
-            return None
-        _ASKED.set(((time.perf_counter() - started) * 1000, owner_ms, decided.device, name))
-        return decided
-
-    def decide_for_peer(
-        self, name: str, *, size_bytes: int, tried: frozenset[str]
-    ) -> OwnerDecision:
-        """As the placement owner, a peer's question (forwarding ``decision``): this
-        gateway's decision for ``name``, as for a request of its own; a load is noted in this
-        replica's view and published to every peer (the asker too), as if dispatched here.
-
-        Raises what ``decide`` raises (no device)."""
-        if self.decide is None:
-            raise LookupError("this replica does not decide placements for its peers")
-        decided = self.decide(name, tried)
-        if self.directory.state(decided.device, name) is not None:
-            return decided  # the asker's view was behind: a hit here
-        self._publish_load(decided.device, name, size_bytes=size_bytes, victims=decided.victims)
-        with contextlib.suppress(InsufficientCapacity, UnknownKey):
-            self.directory.note_dispatch(
-                decided.device, name, size_bytes=size_bytes, prefer=decided.victims
-            )
-        return decided
-
-    async def _forward(self, owner: str, call: NodeCall) -> Placement:
-        """Send ``call`` to the owner under a fresh request key; the owner's answer. If the
-        forward fails (the owner is gone, its connection broke mid-request, or it stopped
-        answering heartbeats), the owner may have dispatched the request already: the GPU
-        managers are asked for the key's answer first (``recover``; a run in flight is waited
-        for), and if none has it, the call comes back to be placed here, keeping the key, so
-        that a manager that runs it, or ran it, answers it again instead of running it twice."""
-        peer = self.membership.peer(owner)
-        if peer is None:
-            return Placement(reply=None, call=call)
-        key = uuid.uuid4().hex
-        # Keyed, so over HTTP (no framed InferHead): see begin().
-        keyed = NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
-        self.metrics.forwarded.labels(owner).inc()
-        started = time.perf_counter()
-        try:
-            reply = await self.calls.call_owner(
-                owner, call.path, call.body, {**keyed.headers, FORWARDED_HEADER: self.self_id}
-            )
-        except (NodeUnreachable, OwnerHung) as e:
-            # The owner is gone or hung, perhaps after it dispatched the request: a manager may
-            # hold (or be computing) the answer under the key. Else serve here, under the key.
-            self._lost(owner, e)
-            recovered = await self.recover(key) if self.recover is not None else None
-            if recovered is not None:
-                self.metrics.recovered.inc()
-                return Placement(reply=recovered, call=keyed)
-            return Placement(reply=None, call=keyed, forward_failed=True)
-        took_ms = f"{(time.perf_counter() - started) * 1000:.3f}"
-        reply = dataclasses.replace(reply, headers={**reply.headers, FORWARD_MS_HEADER: took_ms})
-        return Placement(reply=reply, call=keyed)
+    def _asked_in(self) -> None:
+        """A peer's placement question is being answered in this task: it counts as a
+        forwarded-in request (and its popularity was counted where its client sent it)."""
+        self.metrics.forwarded_in.inc()
+        self.metrics.owned.inc()
+        _FORWARDED_IN.set(True)
 
     def _lost(self, owner: str, reason: object) -> None:
         self.metrics.forward_failures.inc()
-        self.calls.drop(owner)
-        if self.membership.mark_unreachable(owner, reason):
+        self._unreachable(owner, reason)
+
+    def _unreachable(self, peer_id: str, reason: object) -> None:
+        """``peer_id`` failed a call: forget its connections, and take it off the ring until
+        its heartbeat answers again."""
+        self.calls.drop(peer_id)
+        if self.membership.mark_unreachable(peer_id, reason):
             self._update_ring()
-
-    # -- residency events --------------------------------------------------------------------
-
-    def publish(
-        self, device_key: str, model: str, *, size_bytes: int, victims: Sequence[str]
-    ) -> None:
-        """Tell every peer that ``model`` is being loaded on ``device_key`` (evicting
-        ``victims`` first); sent in a batch within ``flush_delay_s``."""
-        if not self.membership.peers:
-            return
-        self._outbox.append(
-            {"device": device_key, "model": model, "size": size_bytes, "victims": list(victims)}
-        )
-        self._wake.set()
-
-    def apply(self, events: Sequence[Mapping[str, Any]]) -> int:
-        """Note a peer's loads in this replica's directory; returns how many were new here."""
-        applied = note_peer_loads(self.directory, events, known_size=self.known_size)
-        self.metrics.events.labels("applied").inc(applied)
-        return applied
-
-    async def _flush_forever(self) -> None:
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(self.flush_delay_s)  # gather a burst into one post
-            self._wake.clear()
-            events, self._outbox = (
-                self._outbox[:_MAX_EVENTS_PER_POST],
-                self._outbox[_MAX_EVENTS_PER_POST:],
-            )
-            if self._outbox:
-                self._wake.set()
-            uses = None
-            if self.uses:  # they ride along with the load events, or go on their own
-                uses = self.uses.take()
-                if self._uses_due is not None:
-                    self._uses_due.cancel()
-                    self._uses_due = None
-            if events or uses:
-                await self._send(events, uses)
-
-    async def _send(self, events: list[dict[str, Any]], uses: dict[str, Any] | None) -> None:
-        peers = [p for p in self.membership.peers.values() if p.reachable]
-        # Uses go only to whoever decides evictions (the leader, or with function ownership
-        # every peer); load events to every peer.
-        deciders = {self.owner("")} if self.ownership == "leader" else None
-        plain = json.dumps({"from": self.self_id, "events": events}).encode() if events else None
-        with_uses = json.dumps({"from": self.self_id, "events": events, "uses": uses}).encode()
-        headers = {"Content-Type": "application/json"}
-
-        async def one(peer_id: str) -> None:
-            body = with_uses if uses and (deciders is None or peer_id in deciders) else plain
-            if body is None:
-                return
-            # The pooled transport, as forwards: an owner publishes while its misses are in
-            # flight, and httpx would spend the loop's time they wait on.
-            try:
-                reply = await asyncio.wait_for(
-                    self.calls.pool(peer_id).post(EVENTS_PATH, body, headers), EVENTS_TIMEOUT_S
-                )
-                failure: object = None if reply.status == 200 else f"HTTP {reply.status}"
-            except (NodeUnreachable, TimeoutError) as e:
-                failure = e
-            if failure is not None:
-                self.calls.drop(peer_id)
-                if self.membership.mark_unreachable(peer_id, failure):
-                    self._update_ring()
-
-        await asyncio.gather(*(one(p.id) for p in peers))
-        self.metrics.events.labels("published").inc(len(events))
 
     # -- membership --------------------------------------------------------------------------
 
@@ -608,7 +427,7 @@ class Replicas:
         replica that started a moment after this one (or came back) must not wait a whole
         sync interval, with the two replicas disagreeing about the placement owner meanwhile.
         """
-        flusher = asyncio.create_task(self._flush_forever(), name="gpufaas-replica-events")
+        flusher = asyncio.create_task(self.events.flush_forever(), name="gpufaas-replica-events")
         try:
             while not stop.is_set():
                 await self.membership.refresh()
@@ -665,88 +484,11 @@ class Replicas:
 
         @app.post(EVENTS_PATH)
         async def events(request: Request) -> Response:  # served by the ingress; for the docs
-            return await self.receive_events(request.body)
+            return await self.events.receive(request.body)
 
         @app.post(PLACE_PATH)
         async def place(request: Request) -> Response:  # served by the ingress; for the docs
-            return await self.receive_place(request.body)
-
-    async def receive_events(self, read: Callable[[], Awaitable[bytes]]) -> Response:
-        """``POST`` :data:`EVENTS_PATH`: apply a peer's residency events."""
-        try:
-            body = json.loads(await read())
-            listed = body["events"]
-            if not isinstance(listed, list):
-                raise TypeError("events must be a list")
-            uses = body.get("uses")
-            if uses is not None and not isinstance(uses, dict):
-                raise TypeError("uses must be an object")
-            applied = self.apply(listed)
-            if uses:
-                self.uses.apply(uses)
-        except ProtocolError as e:
-            return error_response(e.status_code, str(e), reason="InvalidEvents")
-        except (ValueError, KeyError, TypeError) as e:
-            return error_response(400, f"bad residency events: {e}", reason="InvalidEvents")
-        return JSONResponse({"applied": applied})
-
-    async def receive_place(self, read: Callable[[], Awaitable[bytes]]) -> Response:
-        """``POST`` :data:`PLACE_PATH`: a peer's question, where a model goes
-        (:meth:`decide_for_peer`); ``{"device", "victims", "owner_ms"}``."""
-        started = time.perf_counter()
-        try:
-            body = json.loads(await read())
-            name, size = str(body["model"]), int(body.get("size") or 0)
-            tried = frozenset(str(d) for d in body.get("tried") or ())
-        except ProtocolError as e:
-            return error_response(e.status_code, str(e), reason="InvalidPlacement")
-        except (ValueError, KeyError, TypeError) as e:
-            return error_response(400, f"bad placement question: {e}", reason="InvalidPlacement")
-        self.metrics.forwarded_in.inc()
-        self.metrics.owned.inc()
-        # The request was counted for popularity where its client sent it (see forwarded_in).
-        _FORWARDED_IN.set(True)
-        try:
-            decided = self.decide_for_peer(name, size_bytes=size, tried=tried)
-        except (NoDevice, LookupError) as e:  # the asker places it itself
-            return error_response(
-                503, f"no placement for {name[:100]!r}: {e}", reason="NoPlacement"
-            )
-        owner_ms = (time.perf_counter() - started) * 1000
-        return JSONResponse(
-            {"device": decided.device, "victims": list(decided.victims), "owner_ms": owner_ms}
-        )
-
-
-def note_peer_loads(
-    directory: ClusterDirectory,
-    events: Sequence[Mapping[str, Any]],
-    *,
-    known_size: Callable[[str], int | None],
-) -> int:
-    """Note a peer's residency events (a load, with its victims) in ``directory``; how many
-    were new here. Unknown devices and loads already noted are skipped."""
-    applied = 0
-    for event in events:
-        device, model = str(event["device"]), str(event["model"])
-        if device not in directory or directory.state(device, model) is not None:
-            continue
-        victims = [str(v) for v in event.get("victims") or []]
-        size = int(event.get("size") or 0)
-        known = known_size(model)
-        if known is not None and known <= directory.capacity_bytes(device):
-            size = known  # the owner may only have had the spec's hint
-        for victim in victims:  # gone, whatever our own LRU order says
-            directory.note_evicted(device, victim)
-        try:
-            directory.note_dispatch(device, model, size_bytes=size)
-        except InsufficientCapacity:
-            # Our view of the device is fuller than the owner's: the model is there all
-            # the same (its size comes with the next sync).
-            with contextlib.suppress(InsufficientCapacity):
-                directory.note_dispatch(device, model, size_bytes=0)
-        applied += 1
-    return applied
+            return await self.answers.receive(request.body)
 
 
 _EVENTS_PATH = re.compile("^" + re.escape(EVENTS_PATH) + "$")
@@ -767,12 +509,12 @@ class _IngressMarker:
         if scope["type"] == "http":
             post = match_fast_post(scope, receive, path=_EVENTS_PATH, max_bytes=_MAX_EVENTS_BYTES)
             if post is not None:
-                response = await self.replicas.receive_events(post.read)
+                response = await self.replicas.events.receive(post.read)
                 await response(scope, receive, send)
                 return
             post = match_fast_post(scope, receive, path=_PLACE_PATH, max_bytes=_MAX_PLACE_BYTES)
             if post is not None:
-                response = await self.replicas.receive_place(post.read)
+                response = await self.replicas.answers.receive(post.read)
                 await response(scope, receive, send)
                 return
             found = node_api.MODEL_INFER_PATH.match(scope["path"])

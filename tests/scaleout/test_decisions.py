@@ -36,7 +36,7 @@ Behaviour = Literal["decide", "refuse", "unknown-device", "hang"]
 
 class Owner:
     """The placement owner: records each call's path and body, then answers with a decision
-    (device ``n/1``, victim ``old``), a 503, a device nobody knows, or never (``hang``; its
+    (device ``n/1``, victim ``old``; ``old`` and ``older`` planned), a 503, a device nobody knows, or never (``hang``; its
     heartbeat then fails too)."""
 
     def __init__(self, behaviour: Behaviour) -> None:
@@ -61,7 +61,8 @@ class Owner:
         self.calls.append((head[0].split()[1], body))
         if self.behaviour == "hang":
             await asyncio.Event().wait()
-        status, answer = "200 OK", {"device": "n/1", "victims": ["old"], "owner_ms": 0.25}
+        answer = {"device": "n/1", "victims": ["old"], "planned": ["old", "older"]}
+        status, answer = "200 OK", {**answer, "owner_ms": 0.25}
         if self.behaviour == "refuse":
             status, answer = "503 Service Unavailable", {"error": "no device"}
         elif self.behaviour == "unknown-device":
@@ -123,12 +124,32 @@ async def test_a_placement_asks_the_owner_and_the_request_stays_here() -> None:
         ((path, question),) = owner.calls
         assert path == PLACE_PATH and BODY not in question
         assert json.loads(question) == {"from": SELF, "model": "m", "size": 10, "tried": ["n/2"]}
-        assert replicas._outbox == []
+        assert replicas.events._outbox == []
         assert float(reply.headers[OWNER_MS_HEADER]) == 0.25
         assert float(reply.headers[FORWARD_MS_HEADER]) > 0
         # The load's answer goes back to the owner with the uses: it learns from it.
-        assert replicas.uses.take()["loads"] == [["n/1", "m", 40, 3.5]]
+        assert replicas.events.uses.take()["loads"] == [["n/1", "m", 40, 3.5]]
         assert replicas.metrics.forwarded.labels(owner.url)._value.get() == 1
+        await close_replicas(replicas)
+
+
+async def test_the_asker_drops_every_victim_the_owner_planned_from_its_view() -> None:
+    """The owner publishes every victim it predicts for the load; the asker notes the load in
+    its own view the same way before it dispatches, even where its view had room, so that it
+    keeps no model the manager may have evicted (a stale hit later)."""
+    async with Owner("decide") as owner:
+        replicas = _replicas(owner)
+        directory = replicas.directory
+        for model in ("old", "older", "kept"):
+            directory.note_loaded("n/1", model, size_bytes=10)
+        placed = await _place(replicas)
+        assert placed.decided is not None and placed.decided.planned == ("old", "older")
+        # The gateway then notes the dispatch, with the hint (as for any request).
+        directory.note_dispatch("n/1", "m", size_bytes=10, prefer=placed.decided.victims)
+        assert directory.state("n/1", "old") is None
+        assert directory.state("n/1", "older") is None
+        assert directory.state("n/1", "kept") is Residency.RESIDENT
+        assert directory.state("n/1", "m") is Residency.LOADING
         await close_replicas(replicas)
 
 
@@ -140,8 +161,8 @@ async def test_an_unusable_decision_is_placed_here_and_published() -> None:
             replicas = _replicas(owner)
             placed = await _place(replicas)
             assert placed.decided is None and placed.forward_failed, behaviour
-            assert [e["model"] for e in replicas._outbox] == ["m"]
-            assert replicas._outbox[0]["device"] == "n/0"
+            assert [e["model"] for e in replicas.events._outbox] == ["m"]
+            assert replicas.events._outbox[0]["device"] == "n/0"
             assert replicas.membership.peers[owner.url].reachable  # it answered
             await close_replicas(replicas)
 
@@ -177,7 +198,7 @@ def _owner_side() -> tuple[Replicas, list[frozenset[str]]]:
         return OwnerDecision("n/0", ("old",))
 
     replicas = _replicas("http://b")
-    replicas.decide = decide
+    replicas.answers.decide = decide
     replicas.directory.note_loaded("n/0", "old", size_bytes=60)
     replicas.directory.note_loaded("n/0", "kept", size_bytes=30)
     return replicas, asked
@@ -185,17 +206,28 @@ def _owner_side() -> tuple[Replicas, list[frozenset[str]]]:
 
 async def test_the_owner_notes_and_publishes_a_peers_placement_once() -> None:
     replicas, asked = _owner_side()
-    assert replicas.decide_for_peer("m", size_bytes=50, tried=frozenset()) == OwnerDecision(
+    assert replicas.answers.decide_for_peer("m", size_bytes=50, tried=frozenset()) == OwnerDecision(
         "n/0", ("old",)
     )
     # In the owner's view at once (its next decision sees the load), the victim gone.
     assert replicas.directory.state("n/0", "m") is Residency.LOADING
     assert replicas.directory.state("n/0", "old") is None
     assert replicas.directory.state("n/0", "kept") is Residency.RESIDENT
-    assert replicas._outbox == [{"device": "n/0", "model": "m", "size": 50, "victims": ["old"]}]
+    assert replicas.events._outbox == [
+        {"device": "n/0", "model": "m", "size": 50, "victims": ["old"]}
+    ]
     # Asked again (a peer's view was behind): the same device, and no second load published.
-    assert replicas.decide_for_peer("m", size_bytes=50, tried=frozenset()).device == "n/0"
-    assert len(replicas._outbox) == 1 and asked == [frozenset(), frozenset()]
+    assert replicas.answers.decide_for_peer("m", size_bytes=50, tried=frozenset()).device == "n/0"
+    assert len(replicas.events._outbox) == 1 and asked == [frozenset(), frozenset()]
+    await close_replicas(replicas)
+
+
+async def test_the_owner_answers_with_every_victim_it_planned_and_published() -> None:
+    replicas, _ = _owner_side()
+    replicas.answers.decide = lambda name, tried: OwnerDecision("n/0", ())  # no hint: LRU decides
+    decided = replicas.answers.decide_for_peer("m", size_bytes=50, tried=frozenset())
+    assert decided.planned == ("old",)
+    assert replicas.events._outbox[0]["victims"] == ["old"]
     await close_replicas(replicas)
 
 
@@ -234,10 +266,12 @@ async def test_the_owner_learns_from_the_answers_of_loads_it_decided_for_peers()
     a load it had dispatched itself."""
     replicas, _ = _owner_side()
     learnt: list[tuple[str, int, float]] = []
-    replicas.uses.observe_load = lambda model, size, load_ms: learnt.append((model, size, load_ms))
-    replicas.decide_for_peer("m", size_bytes=50, tried=frozenset())
+    replicas.events.uses.observe_load = lambda model, size, load_ms: learnt.append(
+        (model, size, load_ms)
+    )
+    replicas.answers.decide_for_peer("m", size_bytes=50, tried=frozenset())
     assert replicas.directory.state("n/0", "m") is Residency.LOADING
-    replicas.uses.apply({"loads": [["n/0", "m", 40, 3.5]]})
+    replicas.events.uses.apply({"loads": [["n/0", "m", 40, 3.5]]})
     assert replicas.directory.state("n/0", "m") is Residency.RESIDENT
     assert learnt == [("m", 40, 3.5)]
     await close_replicas(replicas)

@@ -313,9 +313,9 @@ async def test_the_owner_ranks_victims_on_every_replicas_requests_and_hits() -> 
         await asyncio.create_task(requests(name, count))
     await asyncio.create_task(requests("rare", 50, forwarded=True))  # counted at their sender
     sender.touched("n/0", "m0")
-    batch = sender.uses.take()
+    batch = sender.events.uses.take()
     assert batch == {"requests": {"popular": 30, "rare": 2}, "touches": [["n/0", "m0"]]}
-    assert not sender.uses  # sent once
+    assert not sender.events.uses  # sent once
 
     estimates = Estimates()
     owner = _replicas("http://b")
@@ -324,7 +324,7 @@ async def test_the_owner_ranks_victims_on_every_replicas_requests_and_hits() -> 
         for _ in range(count):
             estimates.observe_request(model)
 
-    owner.uses.observe_requests = observe
+    owner.events.uses.observe_requests = observe
     directory = owner.directory
     for i in range(10):  # full: m0 least recently used
         directory.note_loaded("n/0", f"m{i}", size_bytes=10)

@@ -87,7 +87,7 @@ def _replicas(
 async def test_a_peers_load_is_noted_with_its_victims() -> None:
     replicas, directory = _replicas("http://a", ["http://a", "http://b"])
     directory.note_loaded("n/0", "old", size_bytes=60)
-    applied = replicas.apply(
+    applied = replicas.events.apply(
         [
             {"device": "n/0", "model": "new", "size": 60, "victims": ["old"]},
             {"device": "n/0", "model": "new", "size": 60, "victims": []},  # already noted
@@ -171,17 +171,19 @@ async def test_uses_go_to_the_leader_alone_and_load_events_to_every_peer() -> No
         r.calls.pool = Pool  # type: ignore[assignment,method-assign]
     sender.begin("m", NodeCall("/v2/models/m/infer", b"", {}))
     sender.touched("n/0", "m")
-    assert sender.uses
+    assert sender.events.uses
     events = [{"device": "n/0", "model": "x", "size": 1, "victims": []}]
-    await sender._send(events, sender.uses.take())
+    await sender.events._send(events, sender.events.uses.take())
     assert posted[leader]["uses"] == {"requests": {"m": 1}, "touches": [["n/0", "m"]]}
     others = [url for url in urls if url not in (leader, sender.self_id)]
     assert all("uses" not in posted[url] and posted[url]["events"] == events for url in others)
     posted.clear()
-    await sender._send([], {"requests": {"m": 1}, "touches": []})  # uses alone: the leader only
+    await sender.events._send(
+        [], {"requests": {"m": 1}, "touches": []}
+    )  # uses alone: the leader only
     assert list(posted) == [leader]
     views[leader].begin("m", NodeCall("/v2/models/m/infer", b"", {}))
     views[leader].touched("n/0", "m")
-    assert not views[leader].uses  # it decides: nobody needs its uses
+    assert not views[leader].events.uses  # it decides: nobody needs its uses
     for r in views.values():
         await r.membership.close()

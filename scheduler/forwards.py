@@ -1,0 +1,274 @@
+"""A placement sent to the placement owner (scale-out, #16; see docs/scheduling.md,
+"Scale-out", step 4): the whole request (forwarding ``request``) or only the question where
+its model goes (forwarding ``decision``), and what a replica does when the owner cannot answer.
+
+- **The request** goes under a fresh request key (``x-gpufaas-request-key``), so that a GPU
+  manager runs it at most once: if the forward fails after the owner may have dispatched it,
+  the managers are asked for the key's answer first, and only if none has it is the request
+  placed here, under the same key.
+- **The question** (``POST /v2/gpufaas/peers/place``) carries the model, its size and the
+  devices already tried; the owner answers with its decision, and the request is dispatched
+  here. The owner never holds the request, so a question lost with its owner cannot make it
+  run twice; an owner that is gone, hung, answers an error or names an unknown device means
+  the request is placed here. The owner's side is :class:`PlacementAnswers`: it decides with
+  the gateway's own code, notes the load in its view at once and publishes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import Counter
+
+from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
+from gpufaas.core.http import REQUEST_KEY_HEADER, error_response
+from gpufaas.core.protocol import ProtocolError
+from gpufaas.scheduler.lanes import NodeCall
+from gpufaas.scheduler.peer_calls import OwnerHung, PeerCalls
+from gpufaas.scheduler.peers import PLACE_PATH, Membership
+from gpufaas.scheduler.policy import NoDevice
+from gpufaas.scheduler.residency_events import ResidencyEvents
+from gpufaas.scheduler.transport import NodeReply, NodeUnreachable
+
+__all__ = [
+    "FORWARDED_HEADER",
+    "FORWARD_MS_HEADER",
+    "Asked",
+    "Forwards",
+    "OwnerDecision",
+    "Placement",
+    "PlacementAnswers",
+]
+
+logger = logging.getLogger(__name__)
+
+# Set on a request a replica forwards to the function's owner; the owner never forwards it on.
+FORWARDED_HEADER = "x-gpufaas-forwarded-by"
+# On a forwarded request's answer (for clients and benchmarks, to see what the hop costs): the
+# sender's wall time for the forward (send to answer), in milliseconds.
+FORWARD_MS_HEADER = "x-gpufaas-forward-ms"
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerDecision:
+    """The placement owner's decision for a peer's request (forwarding ``decision``): the
+    device, and the victims the GPU manager evicts first if it loads the model there."""
+
+    device: str
+    victims: tuple[str, ...] = ()
+    # Every victim the owner predicts for the load (the hint first, then its LRU order), as it
+    # publishes them: the asker drops them from its own view, as a peer drops a published
+    # load's (its LRU order differs from the owner's). Only ``victims`` go to the manager.
+    planned: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """What :meth:`Replicas.place` decided: the owner's answer (``reply``), or no answer and
+    the call to dispatch here (with the request key a failed forward carried, if any)."""
+
+    reply: NodeReply | None
+    call: NodeCall
+    forward_failed: bool = False  # the owner was not reached: placed here (misses.py's cause)
+    # forwarding "decision": the owner's decision, to dispatch here (None: this replica's own)
+    decided: OwnerDecision | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """The owner's answer to a placement question: its decision, the question's wall time
+    here and the owner's own part of it (ms)."""
+
+    decided: OwnerDecision
+    forward_ms: float
+    owner_ms: float
+
+
+class Forwards:
+    """One replica's placements sent to the owner: forwards and questions."""
+
+    def __init__(
+        self,
+        *,
+        membership: Membership,
+        directory: ClusterDirectory,
+        calls: PeerCalls,
+        forwarded: Counter,
+        failures: Counter,
+        recovered: Counter,
+        lost: Callable[[str, object], None],
+        recover: Callable[[str], Awaitable[NodeReply | None]] | None = None,
+    ) -> None:
+        self.membership = membership
+        self.directory = directory
+        self.calls = calls
+        self.forwarded = forwarded  # gpufaas_replica_forwarded_requests{peer}
+        self.failures = failures  # gpufaas_replica_forward_failures
+        self.recovered = recovered  # gpufaas_replica_recovered_requests
+        # The owner failed a call: counted as a failure, and taken off the ring.
+        self.lost = lost
+        # Ask the GPU managers for a request key's answer (after a forward that may have been
+        # dispatched failed); None: nothing to ask.
+        self.recover = recover
+
+    async def forward(self, owner: str, call: NodeCall) -> Placement:
+        """Send ``call`` to the owner under a fresh request key; the owner's answer. If the
+        forward fails (the owner is gone, its connection broke mid-request, or it stopped
+        answering heartbeats), the owner may have dispatched the request already: the GPU
+        managers are asked for the key's answer first (``recover``; a run in flight is waited
+        for), and if none has it, the call comes back to be placed here, keeping the key, so
+        that a manager that runs it, or ran it, answers it again instead of running it twice."""
+        peer = self.membership.peer(owner)
+        if peer is None:
+            return Placement(reply=None, call=call)
+        key = uuid.uuid4().hex
+        # Keyed, so over HTTP (no framed InferHead): see Replicas.begin().
+        keyed = NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
+        self.forwarded.labels(owner).inc()
+        started = time.perf_counter()
+        try:
+            reply = await self.calls.call_owner(
+                owner,
+                call.path,
+                call.body,
+                {**keyed.headers, FORWARDED_HEADER: self.membership.self_id},
+            )
+        except (NodeUnreachable, OwnerHung) as e:
+            # The owner is gone or hung, perhaps after it dispatched the request: a manager may
+            # hold (or be computing) the answer under the key. Else serve here, under the key.
+            self.lost(owner, e)
+            recovered = await self.recover(key) if self.recover is not None else None
+            if recovered is not None:
+                self.recovered.inc()
+                return Placement(reply=recovered, call=keyed)
+            return Placement(reply=None, call=keyed, forward_failed=True)
+        took_ms = f"{(time.perf_counter() - started) * 1000:.3f}"
+        reply = dataclasses.replace(reply, headers={**reply.headers, FORWARD_MS_HEADER: took_ms})
+        return Placement(reply=reply, call=keyed)
+
+    async def ask(
+        self, owner: str, name: str, *, size_bytes: int, tried: frozenset[str]
+    ) -> Asked | None:
+        """Ask the owner where ``name`` goes (forwarding ``decision``); its decision, or None
+        when it cannot be used (the owner is gone or hung, answers with an error, or names a
+        device this replica does not know): the request is then placed here. The owner never
+        dispatches the request, so nothing can run twice."""
+        peer = self.membership.peer(owner)
+        if peer is None:
+            return None
+        self.forwarded.labels(owner).inc()
+        question = json.dumps(
+            {
+                "from": self.membership.self_id,
+                "model": name,
+                "size": size_bytes,
+                "tried": sorted(tried),
+            }
+        ).encode()
+        started = time.perf_counter()
+        try:
+            reply = await self.calls.call_owner(
+                owner, PLACE_PATH, question, {"Content-Type": "application/json"}
+            )
+        except (NodeUnreachable, OwnerHung) as e:
+            self.lost(owner, e)
+            return None
+        try:
+            answer = json.loads(reply.body) if reply.status == 200 else {}
+            victims = tuple(str(v) for v in answer.get("victims") or ())
+            planned = answer.get("planned")
+            decided = OwnerDecision(
+                str(answer["device"]),
+                victims,
+                victims if planned is None else tuple(str(v) for v in planned),
+            )
+            owner_ms = float(answer.get("owner_ms") or 0.0)
+        except (ValueError, KeyError, TypeError):
+            logger.warning(
+                "the placement owner %s answered %d: %.200r", owner, reply.status, reply.body
+            )
+            self.failures.inc()
+            return None
+        if decided.device not in self.directory:
+            self.failures.inc()
+            return None
+        return Asked(decided, (time.perf_counter() - started) * 1000, owner_ms)
+
+
+class PlacementAnswers:
+    """As the placement owner, the peers' placement questions (forwarding ``decision``)."""
+
+    def __init__(
+        self,
+        *,
+        directory: ClusterDirectory,
+        events: ResidencyEvents,
+        decide: Callable[[str, frozenset[str]], OwnerDecision] | None,
+        asked: Callable[[], None],
+    ) -> None:
+        self.directory = directory
+        self.events = events
+        # This gateway's policy decision for a model, the devices the peer already tried
+        # excluded. None: the peers' questions are answered 503, and they place it themselves.
+        self.decide = decide
+        # A question is being answered in this task (counted; not a client request here).
+        self.asked = asked
+
+    def decide_for_peer(
+        self, name: str, *, size_bytes: int, tried: frozenset[str]
+    ) -> OwnerDecision:
+        """This gateway's decision for ``name``, as for a request of its own; a load is noted
+        in this replica's view and published to every peer (the asker too), as if dispatched
+        here, and the decision carries every victim published (``planned``).
+
+        Raises what ``decide`` raises (no device)."""
+        if self.decide is None:
+            raise LookupError("this replica does not decide placements for its peers")
+        decided = self.decide(name, tried)
+        if self.directory.state(decided.device, name) is not None:
+            return decided  # the asker's view was behind: a hit here
+        planned = self.events.publish_load(
+            decided.device, name, size_bytes=size_bytes, victims=decided.victims
+        )
+        with contextlib.suppress(InsufficientCapacity, UnknownKey):
+            self.directory.note_dispatch(
+                decided.device, name, size_bytes=size_bytes, prefer=decided.victims
+            )
+        return dataclasses.replace(decided, planned=tuple(planned))
+
+    async def receive(self, read: Callable[[], Awaitable[bytes]]) -> Response:
+        """``POST`` :data:`PLACE_PATH`: a peer's question, where a model goes
+        (:meth:`decide_for_peer`); ``{"device", "victims", "planned", "owner_ms"}``."""
+        started = time.perf_counter()
+        try:
+            body = json.loads(await read())
+            name, size = str(body["model"]), int(body.get("size") or 0)
+            tried = frozenset(str(d) for d in body.get("tried") or ())
+        except ProtocolError as e:
+            return error_response(e.status_code, str(e), reason="InvalidPlacement")
+        except (ValueError, KeyError, TypeError) as e:
+            return error_response(400, f"bad placement question: {e}", reason="InvalidPlacement")
+        self.asked()
+        try:
+            decided = self.decide_for_peer(name, size_bytes=size, tried=tried)
+        except (NoDevice, LookupError) as e:  # the asker places it itself
+            return error_response(
+                503, f"no placement for {name[:100]!r}: {e}", reason="NoPlacement"
+            )
+        owner_ms = (time.perf_counter() - started) * 1000
+        return JSONResponse(
+            {
+                "device": decided.device,
+                "victims": list(decided.victims),
+                "planned": list(decided.planned),
+                "owner_ms": owner_ms,
+            }
+        )
