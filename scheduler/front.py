@@ -492,7 +492,18 @@ class _AppAnswer:
 
 
 def _encoded(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    names = _NAMES
+    return [(names.get(k) or _name(k), v.encode("latin-1")) for k, v in headers]
+
+
+_NAMES: dict[str, bytes] = {}  # answer header names, encoded once each (they repeat)
+
+
+def _name(name: str) -> bytes:
+    raw = name.encode("latin-1")
+    if len(_NAMES) < 1024:  # a bound, should ever-new names come
+        _NAMES[name] = raw
+    return raw
 
 
 def _error(status: int, message: str) -> _AppAnswer:
