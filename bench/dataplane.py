@@ -632,6 +632,13 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=1, help="alternate the systems this often")
     parser.add_argument(
+        "--round-offset",
+        type=int,
+        default=0,
+        help="number the rounds from this (an odd one runs the systems in reverse order): to "
+        "split one alternating run into invocations that each print their figures",
+    )
+    parser.add_argument(
         "--node-transports",
         default="framed,http",
         help="this checkout's gateway->node hops to run, comma-separated (framed, http, "
@@ -701,7 +708,8 @@ def main() -> int:
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in systems}
     for round_ in range(args.rounds):
         order = list(systems.items())
-        if round_ % 2:  # alternate the order too: what runs first in a round may run warmer
+        # alternate the order too: what runs first in a round may run warmer
+        if (round_ + args.round_offset) % 2:
             order.reverse()
         for label, (python, extra) in order:
             path = args.baseline_path if label.startswith("baseline") else None
