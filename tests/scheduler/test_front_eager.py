@@ -69,7 +69,6 @@ async def inprocess_front(tmp_path: Path, models_dir: Path) -> AsyncIterator[tup
     )
     await front.start(host="127.0.0.1", port=0)  # its lifespan starts the gateway
     try:
-        assert front.eager
         yield gateway, front.ports[0]
     finally:
         await front.close()
