@@ -320,13 +320,14 @@ class _Connection(asyncio.Protocol):
         task.add_done_callback(self._answered)
 
     def _infer_eagerly(self, request: _Request, name: str) -> None:
-        """An inference on a gateway whose node is in its own process: started at once, a task
-        only if it waits (``core/eager.py``). A warm small model's request never waits (its
-        node answers in-process, inline), so there is no task, no ``call_soon`` hop and no loop
-        iteration for its step or its end. Its first step needs no current task: the gateway's
-        path (inspection, the policy, the dispatcher) and the node's answer use none of
-        ``asyncio.timeout``, TaskGroups, anyio or sniffio (``tests/scheduler/test_front_eager.py``
-        runs it with ``asyncio.current_task`` failing)."""
+        """An inference on a gateway with its node in the gateway's own process: started at
+        once, a task only if it waits (``core/eager.py``). A warm small model's request never
+        waits (its node answers in-process, inline), so there is no task, no ``call_soon`` hop
+        and no loop iteration for its step or its end. Its first step needs no current task: the
+        gateway's path (inspection, the policy, the dispatcher) and the node's answer use none
+        of ``asyncio.timeout``, TaskGroups, anyio or sniffio (``tests/scheduler/
+        test_front_eager.py`` checks that warm requests reach ``Gateway.infer`` with no current
+        task and are answered)."""
         try:
             task = start_eagerly(self._infer(request, name))
         except Exception:  # as _answered: answer_infer answers every error; a bug of the front
@@ -622,6 +623,7 @@ class HttpFront:
         self.date_line = b""
         self.tasks: set[asyncio.Task[None]] = set()  # requests being answered
         # Inference started eagerly, a task only if it waits: where the node is in this process
+        # (--node-transport inprocess)
         self.eager = gateway.config.transport == "inprocess"
         self._servers: list[asyncio.AbstractServer] = []
         self._lifespan: LifespanOn | None = None
