@@ -39,6 +39,7 @@ import collections
 import http
 import logging
 import socket
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
@@ -623,8 +624,10 @@ class HttpFront:
         self.date_line = b""
         self.tasks: set[asyncio.Task[None]] = set()  # requests being answered
         # Inference started eagerly, a task only if it waits: where the node is in this process
-        # (--node-transport inprocess)
-        self.eager = gateway.config.transport == "inprocess"
+        # (--node-transport inprocess). Python 3.11 only: from 3.12 ``asyncio.wait_for`` (which
+        # the lanes and the shard coordinator use once a call waits) needs a current task; there
+        # 3.12's eager task factory would do the same, and is not wired yet.
+        self.eager = gateway.config.transport == "inprocess" and sys.version_info < (3, 12)
         self._servers: list[asyncio.AbstractServer] = []
         self._lifespan: LifespanOn | None = None
         self._ticker: asyncio.TimerHandle | None = None
