@@ -41,6 +41,8 @@ and over pooled HTTP/1.1 (``http``, the path before it), so before and after sha
 its serving CPU is then that one process's (``processes``: how many were counted)::
 
     python bench/dataplane.py --only serving --node-transports framed,inprocess --rounds 3
+    python bench/dataplane.py --only serving --node-transports framed,inprocess --rounds 2 \
+        --baseline .venv/bin/python --baseline-path OLD_TREE --baseline-transports framed,inprocess
 
 Every loop is bounded in count and time; servers bind 127.0.0.1 and are stopped at the end.
 """
@@ -622,7 +624,20 @@ def main() -> int:
         "http: only the 1-client binary HTTP rows and the serving CPU; serving: those, then "
         "8 clients with batching and MiniLM's overhead (no gRPC)",
     )
+    parser.add_argument(
+        "--baseline-transports",
+        default="",
+        help="the baseline's gateway->node hops, comma-separated, each a system of its own "
+        "(baseline-framed, baseline-inprocess, ...); empty: one run with its default",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="alternate the systems this often")
+    parser.add_argument(
+        "--round-offset",
+        type=int,
+        default=0,
+        help="number the rounds from this (an odd one runs the systems in reverse order): to "
+        "split one alternating run into invocations that each print their figures",
+    )
     parser.add_argument(
         "--node-transports",
         default="framed,http",
@@ -683,17 +698,21 @@ def main() -> int:
         return 0
     # label -> (python, extra `gpufaas up` arguments)
     systems: dict[str, tuple[str, tuple[str, ...]]] = {}
-    if args.baseline:
+    if args.baseline and args.baseline_transports:
+        for transport in args.baseline_transports.split(","):
+            systems[f"baseline-{transport}"] = (args.baseline, ("--node-transport", transport))
+    elif args.baseline:
         systems["baseline"] = (args.baseline, ())
     for transport in args.node_transports.split(","):
         systems[transport] = (sys.executable, ("--node-transport", transport))
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in systems}
     for round_ in range(args.rounds):
         order = list(systems.items())
-        if round_ % 2:  # alternate the order too: what runs first in a round may run warmer
+        # alternate the order too: what runs first in a round may run warmer
+        if (round_ + args.round_offset) % 2:
             order.reverse()
         for label, (python, extra) in order:
-            path = args.baseline_path if label == "baseline" else None
+            path = args.baseline_path if label.startswith("baseline") else None
             results[label].append(
                 run_system(
                     python, label, work / "functions", models, args, pythonpath=path, extra=extra

@@ -1067,7 +1067,58 @@ def encode_response(
 
     Outputs named in ``binary`` (all when True) go as binary data, the rest as flat
     row-major JSON ``data``. ``BYTES`` outputs that aren't UTF-8 go in binary regardless.
+
+    The usual answer (every output in binary, no id, no parameters) has a JSON header that
+    depends only on the model and each output's name, datatype, shape and byte count: it is
+    built once and remembered (:func:`_binary_answer`).
     """
+    if binary is True and request_id is None and not parameters and outputs:
+        return _binary_answer(model_name, model_version, outputs)
+    header, chunks = _response_parts(
+        model_name, model_version, request_id, outputs, binary, parameters
+    )
+    if not chunks:
+        return header, {"Content-Type": JSON_CONTENT_TYPE}
+    headers = {HEADER_LENGTH: str(len(header)), "Content-Type": BINARY_CONTENT_TYPE}
+    return b"".join([header, *chunks]), headers
+
+
+_ANSWER_HEADERS_MAX = 512  # distinct answer headers kept (oldest forgotten first)
+_answer_headers: dict[tuple[Any, ...], bytes] = {}
+
+
+def _binary_answer(
+    model_name: str, model_version: str | None, outputs: Mapping[str, tuple[Array, str]]
+) -> tuple[bytes, dict[str, str]]:
+    """:func:`encode_response` with every output in binary, no id and no parameters: the
+    payloads are cut from the arrays as ever, the JSON header is looked up by what decides it
+    (the model, its version, each output's name, datatype, shape and byte count)."""
+    chunks: list[Any] = []
+    key: list[Any] = [model_name, model_version]
+    for name, (array, datatype) in outputs.items():
+        payload = _binary_payload(array, datatype, f"output {_q(name)}")
+        chunks.append(payload)
+        key += (name, datatype, array.shape, len(payload))
+    remembered = tuple(key)
+    header = _answer_headers.get(remembered)
+    if header is None:
+        header, _ = _response_parts(model_name, model_version, None, outputs, True, None)
+        if len(_answer_headers) >= _ANSWER_HEADERS_MAX:
+            del _answer_headers[next(iter(_answer_headers))]
+        _answer_headers[remembered] = header
+    headers = {HEADER_LENGTH: str(len(header)), "Content-Type": BINARY_CONTENT_TYPE}
+    return b"".join([header, *chunks]), headers
+
+
+def _response_parts(
+    model_name: str,
+    model_version: str | None,
+    request_id: str | None,
+    outputs: Mapping[str, tuple[Array, str]],
+    binary: set[str] | bool,
+    parameters: Mapping[str, Any] | None,
+) -> tuple[bytes, list[Any]]:
+    """An answer's JSON header and its binary payloads, in order."""
     document: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
         document["model_version"] = model_version
@@ -1091,11 +1142,7 @@ def encode_response(
             entry["data"] = data
         entries.append(entry)
     document["outputs"] = entries
-    header = pydantic_core.to_json(document)
-    if not chunks:
-        return header, {"Content-Type": JSON_CONTENT_TYPE}
-    headers = {HEADER_LENGTH: str(len(header)), "Content-Type": BINARY_CONTENT_TYPE}
-    return b"".join([header, *chunks]), headers
+    return pydantic_core.to_json(document), chunks
 
 
 def _check_dtype(array: Array, datatype: str, label: str) -> None:

@@ -77,11 +77,13 @@ class DeviceMemory:
             on_change=self._notify,
         )
         self.held = ByteSeconds()  # device GB-s on /metrics (#13), loading bytes included
-        self._changed = asyncio.Event()  # replaced on every change; waiters hold the old one
+        self._changed = asyncio.Event()  # replaced at a change once looked at; waiters hold it
+        self._looked = False  # whether anyone took the current event (else a change keeps it)
 
     @property
     def changed(self) -> asyncio.Event:
         """The event set at the next change of this device's bytes or entries."""
+        self._looked = True
         return self._changed
 
     def make_room(self, size_bytes: int, *, prefer: Sequence[str] = ()) -> None:
@@ -111,7 +113,7 @@ class DeviceMemory:
         size = value.size_bytes
         deadline = time.monotonic() + wait_s
         while True:
-            changed = self._changed
+            changed = self.changed
             try:
                 self.make_room(size, prefer=prefer)
                 self.tier.reserve(key, value, size_bytes=size)
@@ -146,10 +148,13 @@ class DeviceMemory:
 
     def _notify(self) -> None:
         """Wake whoever waits for this device's memory to change (each waits on the event
-        current when it looked)."""
+        current when it looked). Every request's release comes here: a new event only when
+        someone took the current one."""
         self.held.level(self.tier.lru.used_bytes)
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._looked:
+            self._looked = False
+            self._changed.set()
+            self._changed = asyncio.Event()
 
 
 class DeviceShards:

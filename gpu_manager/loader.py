@@ -157,8 +157,9 @@ def run_forward(
     started = time.perf_counter()
     try:
         with backend.compute():
+            device = backend.device  # a property that builds a torch.device: once per pass
             tensors = [
-                to_tensor(array, tensor_spec.datatype, backend.device)
+                to_tensor(array, tensor_spec.datatype, device)
                 for array, tensor_spec in zip(inputs, spec.inputs, strict=True)
             ]
             gate: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()

@@ -313,7 +313,9 @@ class NodeRuntime:
                     else:
                         parts = split_outputs(merged.outputs, counts)
                         results = [merged] * len(batch)
-                if parts is None:
+                if len(batch) == 1:  # most requests: no comprehension's frame per request
+                    results = [await _run_or_failure(device, model, batch[0], spec)]
+                elif parts is None:
                     results = [await _run_or_failure(device, model, b, spec) for b in batch]
             load_ms = _load_ms(model, held.hit, started)
         return [

@@ -578,7 +578,7 @@ async def answer_call(
         outputs=outputs,
         binary=decoded.binary_outputs,
     )
-    raw = [(_raw_name(k), v.encode("latin-1")) for k, v in out_headers.items()]
+    raw = _raw_headers(out_headers)
     raw += (
         (_CACHE, b"hit" if outcome.cache_hit else b"miss"),
         (_LOAD_MS, b"%.3f" % outcome.load_ms),
@@ -603,6 +603,23 @@ _RAW_NAMES = {HEADER_LENGTH: HEADER_LENGTH.lower().encode(), "Content-Type": b"c
 
 def _raw_name(name: str) -> bytes:
     return _RAW_NAMES.get(name) or name.lower().encode("latin-1")
+
+
+_RAW_HEADERS_MAX = 512
+_raw_headers_of: dict[tuple[tuple[str, str], ...], list[tuple[bytes, bytes]]] = {}
+
+
+def _raw_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """An encoded answer's headers as raw pairs (a new list: the caller adds its own). They
+    repeat from answer to answer (the content type, the JSON header's length): remembered."""
+    key = tuple(headers.items())
+    raw = _raw_headers_of.get(key)
+    if raw is None:
+        raw = [(_raw_name(k), v.encode("latin-1")) for k, v in key]
+        if len(_raw_headers_of) >= _RAW_HEADERS_MAX:
+            del _raw_headers_of[next(iter(_raw_headers_of))]
+        _raw_headers_of[key] = raw
+    return list(raw)
 
 
 def _answer_of(response: Response) -> Answer:

@@ -83,12 +83,18 @@ def to_tensor(array: NDArray[Any], datatype: str, device: torch.device) -> torch
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     if datatype == "BF16":  # carried as raw uint16 bits
         tensor = tensor.view(torch.bfloat16)
-    # CUDA: through a pinned staging buffer, so the copy is asynchronous; the CPU: no copy.
+    if device.type == "cpu":  # the decoded array's memory is the tensor: no copy, no dispatch
+        return tensor
+    # CUDA: through a pinned staging buffer, so the copy is asynchronous.
     return stage_for(tensor, device).to(device, non_blocking=True)
 
 
 def to_array(tensor: torch.Tensor, datatype: str) -> NDArray[Any]:
-    tensor = tensor.detach().to("cpu")
+    # Each step only where it does something: both cost a dispatch per output (~1 µs).
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_cpu:
+        tensor = tensor.to("cpu")
     if datatype == "BF16":
         return tensor.contiguous().view(torch.uint16).numpy()
     expected = TORCH_DTYPES.get(datatype)

@@ -39,6 +39,7 @@ import collections
 import http
 import logging
 import socket
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
@@ -51,6 +52,7 @@ import uvicorn
 from starlette.types import ASGIApp, Message
 from uvicorn.lifespan.on import LifespanOn
 
+from gpufaas.core.eager import start_eagerly
 from gpufaas.core.http import REQUEST_KEY_HEADER, check_content_encoding, check_declared_length
 from gpufaas.core.protocol import ProtocolError
 from gpufaas.scheduler.gateway import INFER_PATH, Answer, Gateway, answer_infer, error_answer
@@ -308,12 +310,34 @@ class _Connection(asyncio.Protocol):
             return
         path = _path(request.url)
         match = INFER_PATH.match(path) if request.method == b"POST" else None
+        if match and self.front.eager:
+            self._infer_eagerly(request, match["name"])
+            return
         answering = self._infer(request, match["name"]) if match else self._asgi(request, path)
-        # A task, not core.eager's start: an inference here always waits for its node, and
-        # the routes and lanes behind it (httpx, anyio, sniffio) need a current task.
+        # A task: a request sent over a lane always waits for its node, and the routes behind
+        # the bridge (httpx, anyio, sniffio) need a current task.
         task = asyncio.get_running_loop().create_task(answering)  # its own context: see _infer
         self.front.tasks.add(task)
         task.add_done_callback(self._answered)
+
+    def _infer_eagerly(self, request: _Request, name: str) -> None:
+        """An inference on a gateway with its node in the gateway's own process: started at
+        once, a task only if it waits (``core/eager.py``). A warm small model's request never
+        waits (its node answers in-process, inline), so there is no task, no ``call_soon`` hop
+        and no loop iteration for its step or its end. Its first step needs no current task: the
+        gateway's path (inspection, the policy, the dispatcher) and the node's answer use none
+        of ``asyncio.timeout``, TaskGroups, anyio or sniffio (``tests/scheduler/
+        test_front_eager.py`` checks that warm requests reach ``Gateway.infer`` with no current
+        task and are answered)."""
+        try:
+            task = start_eagerly(self._infer(request, name))
+        except Exception:  # as _answered: answer_infer answers every error; a bug of the front
+            logger.exception("the HTTP front failed a request")
+            self._close()
+            return
+        if task is not None:
+            self.front.tasks.add(task)
+            task.add_done_callback(self._answered)
 
     def _answered(self, task: asyncio.Task[None]) -> None:
         self.front.tasks.discard(task)
@@ -430,7 +454,10 @@ class _Connection(asyncio.Protocol):
             self._close()
             return
         if self.waiting:
-            self._next()
+            if self.front.eager:  # the next in a later callback: answered at once, they'd recurse
+                asyncio.get_running_loop().call_soon(self._next_if_idle)
+            else:
+                self._next()
             return
         if self.transport is not None:
             self.transport.resume_reading()
@@ -439,6 +466,10 @@ class _Connection(asyncio.Protocol):
         else:
             self._continue_if_next()
             self._read_deadline(self.settings.body_timeout_s)
+
+    def _next_if_idle(self) -> None:
+        if self.waiting and not self.busy:
+            self._next()
 
     def _continue_if_next(self) -> None:
         """``100 Continue`` for the request being read, once the answers before it are out."""
@@ -492,7 +523,18 @@ class _AppAnswer:
 
 
 def _encoded(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    names = _NAMES
+    return [(names.get(k) or _name(k), v.encode("latin-1")) for k, v in headers]
+
+
+_NAMES: dict[str, bytes] = {}  # answer header names, encoded once each (they repeat)
+
+
+def _name(name: str) -> bytes:
+    raw = name.encode("latin-1")
+    if len(_NAMES) < 1024:  # a bound, should ever-new names come
+        _NAMES[name] = raw
+    return raw
 
 
 def _error(status: int, message: str) -> _AppAnswer:
@@ -581,6 +623,11 @@ class HttpFront:
         self.stopping = False
         self.date_line = b""
         self.tasks: set[asyncio.Task[None]] = set()  # requests being answered
+        # Inference started eagerly, a task only if it waits: where the node is in this process
+        # (--node-transport inprocess). Python 3.11 only: from 3.12 ``asyncio.wait_for`` (which
+        # the lanes and the shard coordinator use once a call waits) needs a current task; there
+        # 3.12's eager task factory would do the same, and is not wired yet.
+        self.eager = gateway.config.transport == "inprocess" and sys.version_info < (3, 12)
         self._servers: list[asyncio.AbstractServer] = []
         self._lifespan: LifespanOn | None = None
         self._ticker: asyncio.TimerHandle | None = None

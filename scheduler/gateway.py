@@ -1073,8 +1073,22 @@ async def answer_infer(
 
 
 def _passthrough_answer(reply: NodeReply) -> Answer:
-    headers = [(k, v) for k, v in reply.headers.items() if k.lower() in _PASSTHROUGH_HEADERS]
+    headers = [(k, v) for k, v in reply.headers.items() if _passes(k)]
     return reply.status, headers, reply.body
+
+
+_PASSES: dict[str, bool] = {}  # header name as the node wrote it -> whether it goes to the client
+
+
+def _passes(name: str) -> bool:
+    """Whether the node's answer header ``name`` goes on to the client (remembered per name:
+    the names repeat from answer to answer, and a node sends only a few distinct ones)."""
+    passes = _PASSES.get(name)
+    if passes is None:
+        passes = name.lower() in _PASSTHROUGH_HEADERS
+        if len(_PASSES) < 1024:  # a bound, should a node send ever-new names
+            _PASSES[name] = passes
+    return passes
 
 
 def error_answer(status: int, message: str, reason: str, extra: list[tuple[str, str]]) -> Answer:

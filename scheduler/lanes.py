@@ -118,7 +118,8 @@ class NodeLanes:
                 status, raw, content = await asyncio.wait_for(rest, self.timeout_s)
             except TimeoutError:
                 raise NodeUnreachable(f"no answer within {self.timeout_s:.1f} s") from None
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
+        names = _NAMES
+        headers = {names.get(name) or _name(name): value.decode("latin-1") for name, value in raw}
         return NodeReply(status, headers, bytes(content))
 
     async def post(
@@ -202,3 +203,13 @@ class NodeLanes:
         self.http.clear()
         self.framed.clear()
         self._framed_for.clear()
+
+
+_NAMES: dict[bytes, str] = {}  # answer header names, decoded once each (they repeat)
+
+
+def _name(raw: bytes) -> str:
+    name = raw.decode("latin-1")
+    if len(_NAMES) < 1024:  # a bound, should a node send ever-new names
+        _NAMES[raw] = name
+    return name

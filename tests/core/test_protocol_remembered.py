@@ -125,3 +125,73 @@ def test_bool_and_bytes_tensors_take_no_block() -> None:
     decoded = decode_request(body, header_length=int(headers[HEADER_LENGTH]), allocate=allocate)
     assert decoded.inputs["b"].tolist() == [True, False]
     assert decoded.inputs["s"].tolist() == [b"hi", b"there"]
+
+
+# -- the answer's remembered JSON header (encode_response, every output in binary) ----------------
+
+
+def _answer(outputs: dict[str, tuple[np.ndarray, str]], **kwargs: Any) -> tuple[bytes, int]:
+    body, headers = protocol.encode_response(
+        model_name=kwargs.pop("model_name", "m"),
+        model_version=None,
+        request_id=kwargs.pop("request_id", None),
+        outputs=outputs,
+        binary=True,
+        **kwargs,
+    )
+    return body, int(headers[HEADER_LENGTH])
+
+
+def _built_afresh(outputs: dict[str, tuple[np.ndarray, str]], model_name: str = "m") -> bytes:
+    header, chunks = protocol._response_parts(model_name, None, None, outputs, True, None)
+    return b"".join([header, *chunks])
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        # shapes change from answer to answer: the header must follow
+        [
+            {"y": (np.ones((1, 4), np.float32), "FP32")},
+            {"y": (np.ones((3, 4), np.float32), "FP32")},
+        ],
+        # BYTES: the same shape, other byte counts
+        [
+            {"t": (np.array([b"ab"], dtype=np.object_), "BYTES")},
+            {"t": (np.array([b"abcdef"], dtype=np.object_), "BYTES")},
+        ],
+        # another datatype under the same name and shape
+        [{"y": (np.ones((2,), np.float32), "FP32")}, {"y": (np.ones((2,), np.int32), "INT32")}],
+    ],
+)
+def test_a_remembered_answer_header_is_the_one_each_answer_needs(
+    answers: list[dict[str, tuple[np.ndarray, str]]],
+) -> None:
+    protocol._answer_headers.clear()
+    for _ in range(2):  # the second pass answers from the remembered headers
+        for outputs in answers:
+            body, length = _answer(outputs)
+            assert body == _built_afresh(outputs)
+            document = json.loads(body[:length])
+            for entry, (array, _) in zip(document["outputs"], outputs.values(), strict=True):
+                assert entry["shape"] == list(array.shape)
+
+
+def test_answers_of_other_models_and_with_ids_are_not_mixed_up() -> None:
+    protocol._answer_headers.clear()
+    outputs = {"y": (np.zeros((1, 2), np.float32), "FP32")}
+    assert _answer(outputs, model_name="a")[0] == _built_afresh(outputs, "a")
+    assert _answer(outputs, model_name="b")[0] == _built_afresh(outputs, "b")
+    body, length = _answer(outputs, model_name="a", request_id="r-1")
+    assert json.loads(body[:length])["id"] == "r-1"
+    body, headers = protocol.encode_response(
+        model_name="a", model_version=None, request_id=None, outputs={}, binary=True
+    )
+    assert HEADER_LENGTH not in headers and json.loads(body) == {"model_name": "a", "outputs": []}
+
+
+def test_remembered_answer_headers_are_bounded() -> None:
+    protocol._answer_headers.clear()
+    for rows in range(protocol._ANSWER_HEADERS_MAX + 20):
+        _answer({"y": (np.zeros((rows, 1), np.float32), "FP32")})
+    assert len(protocol._answer_headers) == protocol._ANSWER_HEADERS_MAX

@@ -322,7 +322,8 @@ async def test_a_load_waits_for_models_in_use_to_be_released(
 
     compute.gate.set()
     close(output(await busy), small.reference(small.inputs()))
-    loaded = await waiting
+    # woken by the release (the device's change event), not by its 30 s admission deadline
+    loaded = await asyncio.wait_for(waiting, timeout=10)
     close(output(loaded), large.reference(large.inputs()))
     assert list(resident(runtime, "cpu:0")) == [large.name]
 
