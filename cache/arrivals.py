@@ -479,6 +479,7 @@ class PredictivePolicy:
         victim_sets: bool = True,
         reevict: float = 2.0,
         evict_horizon_s: float | None = None,
+        amortized: bool = False,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -505,6 +506,7 @@ class PredictivePolicy:
         self.replica_share = _finite(replica_share, "replica_share")
         self.victim_sets = bool(victim_sets)
         self.reevict = _finite(reevict, "reevict")
+        self.amortized = bool(amortized)
         self.evict_horizon_s = _finite(
             self.horizon_s if evict_horizon_s is None else evict_horizon_s,
             "evict_horizon_s",
@@ -692,7 +694,13 @@ class PredictivePolicy:
         ``m``'s bytes from the same candidates (:func:`refill_costs`). A 10 GB model evicted now
         evicts 10 GB of others when it returns; a 100 MB one, 100 MB. Then the cheapest set
         that frees enough (:func:`cheapest_cover`). Empty when no candidate has a history:
-        the caller's LRU stands (a policy that knows nothing has no order)."""
+        the caller's LRU stands (a policy that knows nothing has no order).
+
+        With ``amortized``: the candidates by those costs *per byte*, the cheapest first (the
+        caller frees in that order until the load fits). The cheapest set for one load's own
+        need is myopic: bytes freed beyond it are not wasted, the next loads on the device use
+        them without evicting, so what a plan should minimise over a stream of loads is the
+        cost per byte it frees (the diagnosis: ``bench/RESULTS.md``, #13, seventh session)."""
         if not self.victim_sets:
             return self.victim_order(candidates, now_s)
         if not any(c.function in self._models for c in candidates):
@@ -706,7 +714,11 @@ class PredictivePolicy:
         sizes = [c.size_bytes for c in candidates]
         again = refill_costs(sizes, base) if self.reevict > 0 else [0.0] * len(base)
         costs = [b + self.reevict * pi * r for b, pi, r in zip(base, p, again, strict=True)]
-        return [candidates[i].function for i in cheapest_cover(sizes, costs, need_bytes)]
+        if self.amortized:
+            chosen = _by_cost_per_byte(sizes, costs)
+        else:
+            chosen = cheapest_cover(sizes, costs, need_bytes)
+        return [candidates[i].function for i in chosen]
 
     def _p_evicted(self, function: str, now_s: float, horizon_s: float) -> float:
         """P(a request within ``horizon_s``); with under two arrivals, :meth:`value`'s
