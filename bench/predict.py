@@ -111,6 +111,9 @@ _LABEL_KEYS = {
     # -a1: the set rule's costs (re-eviction included) ranked per byte, freed in that order
     # (cost per byte freed over a stream of loads) instead of the cheapest set for one load
     "a": "amortized",
+    # -i1: a returning model's re-eviction priced as the rule pays it, whole victims (the
+    # cheapest cover of its bytes by the others), not a fractional cover
+    "i": "whole_refill",
 }
 
 

@@ -480,6 +480,7 @@ class PredictivePolicy:
         reevict: float = 2.0,
         evict_horizon_s: float | None = None,
         amortized: bool = False,
+        whole_refill: bool = False,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -507,6 +508,7 @@ class PredictivePolicy:
         self.victim_sets = bool(victim_sets)
         self.reevict = _finite(reevict, "reevict")
         self.amortized = bool(amortized)
+        self.whole_refill = bool(whole_refill)
         self.evict_horizon_s = _finite(
             self.horizon_s if evict_horizon_s is None else evict_horizon_s,
             "evict_horizon_s",
@@ -712,7 +714,12 @@ class PredictivePolicy:
             for pi, c in zip(p, candidates, strict=True)
         ]
         sizes = [c.size_bytes for c in candidates]
-        again = refill_costs(sizes, base) if self.reevict > 0 else [0.0] * len(base)
+        if self.reevict <= 0:
+            again = [0.0] * len(base)
+        elif self.whole_refill:
+            again = whole_refill_costs(sizes, base)
+        else:
+            again = refill_costs(sizes, base)
         costs = [b + self.reevict * pi * r for b, pi, r in zip(base, p, again, strict=True)]
         if self.amortized:
             chosen = _by_cost_per_byte(sizes, costs)
@@ -807,6 +814,27 @@ def refill_costs(sizes: Sequence[int], costs: Sequence[float]) -> list[float]:
             out.append((totals[-1] - costs[i]) * size / others)
         else:  # nothing else to evict: at its own price
             out.append(costs[i])
+    return out
+
+
+def whole_refill_costs(sizes: Sequence[int], costs: Sequence[float]) -> list[float]:
+    """For each item, what freeing its own bytes again would cost when victims go whole, as
+    they do: the cost of :func:`cheapest_cover` of that many bytes over the *other* items
+    (:func:`refill_costs` prices a fractional cover, which charges a 1 GB model's return a
+    sixteenth of a 16 GB model's cost, though the rule must evict some whole model for it).
+    Past the others' total, proportionally as :func:`refill_costs`. O(n^3) for n items."""
+    out = []
+    everything = sum(sizes)
+    for i, size in enumerate(sizes):
+        others = [j for j in range(len(sizes)) if j != i]
+        total = everything - size
+        if total <= 0:
+            out.append(costs[i])
+        elif total < size:
+            out.append(sum(costs[j] for j in others) * size / total)
+        else:
+            cover = cheapest_cover([sizes[j] for j in others], [costs[j] for j in others], size)
+            out.append(sum(costs[others[k]] for k in cover))
     return out
 
 
