@@ -17,6 +17,7 @@ from gpufaas.cache.arrivals import (
     cheapest_cover,
     eviction_plan,
     refill_costs,
+    whole_refill_costs,
 )
 
 GB = 10**9
@@ -168,3 +169,18 @@ def test_a_returning_large_model_is_charged_the_evictions_it_will_make() -> None
     ]
     assert blind.victim_plan(candidates, GB, NOW + 1) == ["llm"]
     assert sorted(with_return.victim_plan(candidates, GB, NOW + 1)) == ["a", "b", "c"]
+
+
+@given(items)
+@settings(max_examples=200, deadline=None)
+def test_a_whole_refill_is_the_others_cover_and_never_below_the_fractional_one(
+    rows: list[tuple[int, float]],
+) -> None:
+    sizes, costs = [s for s, _ in rows], [c for _, c in rows]
+    whole, fractional = whole_refill_costs(sizes, costs), refill_costs(sizes, costs)
+    for i, size in enumerate(sizes):
+        others = [j for j in range(len(sizes)) if j != i]
+        assert whole[i] >= fractional[i] - 1e-6 * max(1.0, fractional[i])
+        if sum(sizes[j] for j in others) >= size:  # the cover the rule itself would evict
+            cover = cheapest_cover([sizes[j] for j in others], [costs[j] for j in others], size)
+            assert abs(whole[i] - sum(costs[others[k]] for k in cover)) <= 1e-9 * max(1, whole[i])
