@@ -81,6 +81,8 @@ class RecordingSimulation(ResidencySimulation):
                 "t_s": now_s,
                 "device": device.key,
                 "load": request.model.name,
+                # why the loading model was not there: "capacity" is a victim returning
+                "load_cause": self._cause(device, request.model.name),
                 "load_bytes": size,
                 "need_bytes": need,
                 "freed_bytes": sum(e.size_bytes for e in evicted),
@@ -190,6 +192,15 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
             continue
         event = events[link[0]]
         blamed[(size_class(run["sizes"][name]), size_class(event["load_bytes"]))] += w / n
+    # what ours believed about the victims whose eviction a cold start followed, and the rest
+    blamed_victims = {
+        tuple(link) for i, link in run["blame"].items() if link is not None
+    }
+    believed: dict[str, list[float]] = {"caused a cold start": [], "did not": []}
+    for k, e in enumerate(events):
+        for j, v in enumerate(e["victims"]):
+            key = "caused a cold start" if (k, j) in blamed_victims else "did not"
+            believed[key].append(v.get("p", 0.0))
     need = [e["need_bytes"] for e in events]
     freed = [e["freed_bytes"] for e in events]
     return {
@@ -201,6 +212,11 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
         "bytes_needed_gb": sum(need) / 1e9,
         "bytes_freed_gb": sum(freed) / 1e9,
         "evicting_loads_by_class": dict(Counter(size_class(e["load_bytes"]) for e in events)),
+        # an evicting load that is itself a victim's return: the chain the set rule starts
+        "evicting_loads_by_cause": dict(Counter(e["load_cause"] for e in events)),
+        "victims_mean_p30": {
+            k: (statistics.fmean(v) if v else None, len(v)) for k, v in believed.items()
+        },
         "victims_by_class": per_class,
         "capacity_cold_by_victim_and_load_class": {
             f"{victim} evicted by a {load} load": share for (victim, load), share in blamed.items()

@@ -708,11 +708,13 @@ class PredictivePolicy:
         if not any(c.function in self._models for c in candidates):
             return []
         h = self.evict_horizon_s
-        p = [self._p_evicted(c.function, now_s, h) for c in candidates]
-        base = [
-            pi * (c.reload_ms + self.miss_ms) / (1.0 + self.replica_share * c.copies_elsewhere)
-            for pi, c in zip(p, candidates, strict=True)
+        # a copy held on other devices returns here only for the requests LALB does not send
+        # to them: its miss *and* its return's re-eviction are discounted alike
+        p = [
+            self._p_evicted(c.function, now_s, h) / (1.0 + self.replica_share * c.copies_elsewhere)
+            for c in candidates
         ]
+        base = [pi * (c.reload_ms + self.miss_ms) for pi, c in zip(p, candidates, strict=True)]
         sizes = [c.size_bytes for c in candidates]
         if self.reevict <= 0:
             again = [0.0] * len(base)
