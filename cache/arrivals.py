@@ -475,7 +475,7 @@ class PredictivePolicy:
         miss_ms: float = 1000.0,
         max_horizon_s: float | None = None,
         by_density: bool = False,
-        replica_share: float = 0.0,
+        replica_share: float = 1.0,
         victim_sets: bool = True,
         reevict: float = 2.0,
         evict_horizon_s: float | None = None,
