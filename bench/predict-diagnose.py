@@ -115,6 +115,7 @@ class RecordingSimulation(ResidencySimulation):
                 "refill": again[i],
                 "cost": base[i] + ours.reevict * p[i] * again[i],
                 "rank_per_byte": rank[i],
+                "copies_elsewhere": max(0, len(self.directory.holder_ids(name)) - 1),
                 "lru_position": i,
             }
             for i, (name, _) in enumerate(residents)
@@ -197,10 +198,12 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
         tuple(link) for i, link in run["blame"].items() if link is not None
     }
     believed: dict[str, list[float]] = {"caused a cold start": [], "did not": []}
+    copies: dict[str, list[bool]] = {"caused a cold start": [], "did not": []}
     for k, e in enumerate(events):
         for j, v in enumerate(e["victims"]):
             key = "caused a cold start" if (k, j) in blamed_victims else "did not"
             believed[key].append(v.get("p", 0.0))
+            copies[key].append(v.get("copies_elsewhere", 0) > 0)
     need = [e["need_bytes"] for e in events]
     freed = [e["freed_bytes"] for e in events]
     return {
@@ -214,6 +217,9 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
         "evicting_loads_by_class": dict(Counter(size_class(e["load_bytes"]) for e in events)),
         # an evicting load that is itself a victim's return: the chain the set rule starts
         "evicting_loads_by_cause": dict(Counter(e["load_cause"] for e in events)),
+        "victims_with_copies_elsewhere": {
+            k: (sum(v) / len(v) if v else None, len(v)) for k, v in copies.items()
+        },
         "victims_mean_p30": {
             k: (statistics.fmean(v) if v else None, len(v)) for k, v in believed.items()
         },

@@ -5,6 +5,7 @@ candidates; with no history, LRU."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from hypothesis import given, settings
@@ -184,3 +185,24 @@ def test_a_whole_refill_is_the_others_cover_and_never_below_the_fractional_one(
         if sum(sizes[j] for j in others) >= size:  # the cover the rule itself would evict
             cover = cheapest_cover([sizes[j] for j in others], [costs[j] for j in others], size)
             assert abs(whole[i] - sum(costs[others[k]] for k in cover)) <= 1e-9 * max(1, whole[i])
+
+
+def test_a_copy_held_elsewhere_is_discounted_in_its_return_as_in_its_miss() -> None:
+    """An 8 GB model also held on another device (asked for every 10 minutes) against a 1 GB
+    sole copy asked for every minute, for a load needing 1 GB. The copy's requests go to its
+    other holder (LALB), so neither its miss nor its return's evictions fall on this device at
+    full weight, and it goes. With the discount on its miss alone (the rule before), its return
+    was charged 8 GB of evictions at full weight and the sole copy went."""
+    policy = PredictivePolicy()  # replica_share 1 by default
+    for name, gap in (("replica", 600.0), ("minutely", 60.0), ("hot", 10.0)):
+        for k in range(12, -1, -1):
+            policy.observe(name, NOW - k * gap)
+    candidates = [
+        Candidate("replica", 8 * GB, 320.0, copies_elsewhere=1),
+        Candidate("minutely", GB, 40.0),
+        Candidate("hot", GB, 40.0),
+    ]
+    assert policy.victim_plan(candidates, GB, NOW + 1) == ["replica"]
+    # as a sole copy it stays, and the minutely one goes
+    sole = [dataclasses.replace(candidates[0], copies_elsewhere=0), *candidates[1:]]
+    assert policy.victim_plan(sole, GB, NOW + 1) == ["minutely"]
