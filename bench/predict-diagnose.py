@@ -64,9 +64,9 @@ class RecordingSimulation(ResidencySimulation):
         now_s = self.now / 1000
         node = self._node(device)
         need = size - device.cache.free_bytes
-        residents = [
-            (e.key, e.size_bytes) for e in device.cache.entries_lru() if not e.pinned
-        ][: self.tiers.eviction_sample]
+        residents = [(e.key, e.size_bytes) for e in device.cache.entries_lru() if not e.pinned][
+            : self.tiers.eviction_sample
+        ]
         beliefs = self._beliefs(residents, node, now_s)
         evicted = super()._make_room(device, size, request)
         if not evicted:
@@ -142,11 +142,7 @@ def record(job: dict[str, Any]) -> dict[str, Any]:
             k = bisect.bisect_right(times, event["t_s"])
             v["next_s"] = times[k] - event["t_s"] if k < len(times) else None
     skip = int(len(trace) * sim.config.warmup_fraction)
-    cold = {
-        r.index: float(sim.weights[r.index])
-        for r in sim.done
-        if r.index >= skip and not r.hit
-    }
+    cold = {r.index: float(sim.weights[r.index]) for r in sim.done if r.index >= skip and not r.hit}
     return {
         "label": job["label"],
         "report": {k: report[k] for k in ("cold_start_ratio", "device_gb_s", "cold_by_size")},
@@ -194,9 +190,7 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
         event = events[link[0]]
         blamed[(size_class(run["sizes"][name]), size_class(event["load_bytes"]))] += w / n
     # what ours believed about the victims whose eviction a cold start followed, and the rest
-    blamed_victims = {
-        tuple(link) for i, link in run["blame"].items() if link is not None
-    }
+    blamed_victims = {tuple(link) for i, link in run["blame"].items() if link is not None}
     believed: dict[str, list[float]] = {"caused a cold start": [], "did not": []}
     copies: dict[str, list[bool]] = {"caused a cold start": [], "did not": []}
     for k, e in enumerate(events):
