@@ -94,8 +94,8 @@ _LABEL_KEYS = {
     "s": "smoothing",
     "x": "max_horizon_s",
     # -v1: evict by hit density (per byte-second held) instead of P x cost / bytes (the default,
-    # kept on the tuning seeds); -r1: a copy held elsewhere too counts half (-r0, the default:
-    # as much as a sole one)
+    # kept on the tuning seeds); -r1 (the default since 2026-12-06): a copy held on k other
+    # devices counts 1/(1+k), its miss and its return alike; -r0: as much as a sole one
     "v": "by_density",
     "r": "replica_share",
     # -w1: switched per function to the hybrid's decisions where they have cost less so far
