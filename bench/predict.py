@@ -94,8 +94,8 @@ _LABEL_KEYS = {
     "s": "smoothing",
     "x": "max_horizon_s",
     # -v1: evict by hit density (per byte-second held) instead of P x cost / bytes (the default,
-    # kept on the tuning seeds); -r1: a copy held elsewhere too counts half (-r0, the default:
-    # as much as a sole one)
+    # kept on the tuning seeds); -r1 (the default since 2026-12-06): a copy held on k other
+    # devices counts 1/(1+k), its miss and its return alike; -r0: as much as a sole one
     "v": "by_density",
     "r": "replica_share",
     # -w1: switched per function to the hybrid's decisions where they have cost less so far
@@ -108,6 +108,12 @@ _LABEL_KEYS = {
     "k": "victim_sets",
     "e": "reevict",
     "h": "evict_horizon_s",
+    # -a1: the set rule's costs (re-eviction included) ranked per byte, freed in that order
+    # (cost per byte freed over a stream of loads) instead of the cheapest set for one load
+    "a": "amortized",
+    # -i1: a returning model's re-eviction priced as the rule pays it, whole victims (the
+    # cheapest cover of its bytes by the others), not a fractional cover
+    "i": "whole_refill",
 }
 
 
@@ -189,7 +195,11 @@ def load_trace(job: dict[str, Any]) -> tuple[ServerlessTrace, list[tuple[int, fl
     return trace, history
 
 
-def run_one(job: dict[str, Any]) -> dict[str, Any]:
+def build_simulation(
+    job: dict[str, Any], simulation: type[ResidencySimulation] = ResidencySimulation
+) -> ResidencySimulation:
+    """The simulation a job describes (``simulation``: a subclass that records more, such as
+    ``bench/predict-diagnose.py``'s)."""
     trace, history = load_trace(job)
     weights = None
     if job["max_per_hour"] > 0:
@@ -212,7 +222,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         staged_routing=job.get("staged_routing", True),
         prefetch_unserved=job.get("prefetch_unserved", True),
     )
-    sim = ResidencySimulation(
+    return simulation(
         policy,
         catalogue,
         costs,
@@ -222,9 +232,14 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         weights=weights,
         history=history,
     )
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    sim = build_simulation(job)
     report = sim.report()
+    policy = sim.residency
     if isinstance(policy, SwitchingPolicy):  # how many functions ended on the other rule
-        names = [model.name for model in catalogue]
+        names = [model.name for model in sim.catalogue]
         report["switched_functions"] = sum(policy.follows_other(name) for name in names)
     report.update(label=job["label"], seed=job["seed"])
     return report
@@ -596,6 +611,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def base_job(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """One seed's simulation parameters from the command line (a job less its setting)."""
+    trace_minutes = max(1, math.ceil(args.minutes))
+    trace_file = Path(args.trace_dir) / f"orc-s{args.scale}-m{trace_minutes}-seed{seed}.csv"
+    return {
+        "seed": seed,
+        "trace_file": str(trace_file),
+        "scale": args.scale,
+        "trace_minutes": trace_minutes,
+        "minutes": args.minutes,
+        "devices": args.devices,
+        "capacity_bytes": int(args.capacity_gb * 1e9),
+        "host_bytes": int(args.host_gb * 1e9),
+        "tick_s": args.tick_s,
+        "max_per_hour": args.max_per_hour,
+        "tail": args.tail,
+        "staged_routing": not args.no_staged_routing,
+        "prefetch_unserved": not args.no_prefetch_unserved,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -624,25 +660,9 @@ def _main(argv: list[str] | None) -> int:
         if args.only
         else [s for s in SETTINGS if s[0] in wanted]
     )
-    trace_minutes = max(1, math.ceil(args.minutes))
     jobs = []
     for seed in seeds:
-        trace_file = Path(args.trace_dir) / f"orc-s{args.scale}-m{trace_minutes}-seed{seed}.csv"
-        base = {
-            "seed": seed,
-            "trace_file": str(trace_file),
-            "scale": args.scale,
-            "trace_minutes": trace_minutes,
-            "minutes": args.minutes,
-            "devices": args.devices,
-            "capacity_bytes": int(args.capacity_gb * 1e9),
-            "host_bytes": int(args.host_gb * 1e9),
-            "tick_s": args.tick_s,
-            "max_per_hour": args.max_per_hour,
-            "tail": args.tail,
-            "staged_routing": not args.no_staged_routing,
-            "prefetch_unserved": not args.no_prefetch_unserved,
-        }
+        base = base_job(args, seed)
         stats = shape(load_trace(base)[0])
         print(f"seed {seed}: trace shape", json.dumps({k: round(v, 4) for k, v in stats.items()}))
         for label, name, params, prefetch in settings:

@@ -475,10 +475,12 @@ class PredictivePolicy:
         miss_ms: float = 1000.0,
         max_horizon_s: float | None = None,
         by_density: bool = False,
-        replica_share: float = 0.0,
+        replica_share: float = 1.0,
         victim_sets: bool = True,
         reevict: float = 2.0,
         evict_horizon_s: float | None = None,
+        amortized: bool = False,
+        whole_refill: bool = False,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -505,6 +507,8 @@ class PredictivePolicy:
         self.replica_share = _finite(replica_share, "replica_share")
         self.victim_sets = bool(victim_sets)
         self.reevict = _finite(reevict, "reevict")
+        self.amortized = bool(amortized)
+        self.whole_refill = bool(whole_refill)
         self.evict_horizon_s = _finite(
             self.horizon_s if evict_horizon_s is None else evict_horizon_s,
             "evict_horizon_s",
@@ -692,21 +696,38 @@ class PredictivePolicy:
         ``m``'s bytes from the same candidates (:func:`refill_costs`). A 10 GB model evicted now
         evicts 10 GB of others when it returns; a 100 MB one, 100 MB. Then the cheapest set
         that frees enough (:func:`cheapest_cover`). Empty when no candidate has a history:
-        the caller's LRU stands (a policy that knows nothing has no order)."""
+        the caller's LRU stands (a policy that knows nothing has no order).
+
+        With ``amortized``: the candidates by those costs *per byte*, the cheapest first (the
+        caller frees in that order until the load fits). The cheapest set for one load's own
+        need is myopic: bytes freed beyond it are not wasted, the next loads on the device use
+        them without evicting, so what a plan should minimise over a stream of loads is the
+        cost per byte it frees (the diagnosis: ``bench/RESULTS.md``, #13, seventh session)."""
         if not self.victim_sets:
             return self.victim_order(candidates, now_s)
         if not any(c.function in self._models for c in candidates):
             return []
         h = self.evict_horizon_s
-        p = [self._p_evicted(c.function, now_s, h) for c in candidates]
-        base = [
-            pi * (c.reload_ms + self.miss_ms) / (1.0 + self.replica_share * c.copies_elsewhere)
-            for pi, c in zip(p, candidates, strict=True)
+        # a copy held on other devices returns here only for the requests LALB does not send
+        # to them: its miss *and* its return's re-eviction are discounted alike
+        p = [
+            self._p_evicted(c.function, now_s, h) / (1.0 + self.replica_share * c.copies_elsewhere)
+            for c in candidates
         ]
+        base = [pi * (c.reload_ms + self.miss_ms) for pi, c in zip(p, candidates, strict=True)]
         sizes = [c.size_bytes for c in candidates]
-        again = refill_costs(sizes, base) if self.reevict > 0 else [0.0] * len(base)
+        if self.reevict <= 0:
+            again = [0.0] * len(base)
+        elif self.whole_refill:
+            again = whole_refill_costs(sizes, base)
+        else:
+            again = refill_costs(sizes, base)
         costs = [b + self.reevict * pi * r for b, pi, r in zip(base, p, again, strict=True)]
-        return [candidates[i].function for i in cheapest_cover(sizes, costs, need_bytes)]
+        if self.amortized:
+            chosen = _by_cost_per_byte(sizes, costs)
+        else:
+            chosen = cheapest_cover(sizes, costs, need_bytes)
+        return [candidates[i].function for i in chosen]
 
     def _p_evicted(self, function: str, now_s: float, horizon_s: float) -> float:
         """P(a request within ``horizon_s``); with under two arrivals, :meth:`value`'s
@@ -795,6 +816,27 @@ def refill_costs(sizes: Sequence[int], costs: Sequence[float]) -> list[float]:
             out.append((totals[-1] - costs[i]) * size / others)
         else:  # nothing else to evict: at its own price
             out.append(costs[i])
+    return out
+
+
+def whole_refill_costs(sizes: Sequence[int], costs: Sequence[float]) -> list[float]:
+    """For each item, what freeing its own bytes again would cost when victims go whole, as
+    they do: the cost of :func:`cheapest_cover` of that many bytes over the *other* items
+    (:func:`refill_costs` prices a fractional cover, which charges a 1 GB model's return a
+    sixteenth of a 16 GB model's cost, though the rule must evict some whole model for it).
+    Past the others' total, proportionally as :func:`refill_costs`. O(n^3) for n items."""
+    out = []
+    everything = sum(sizes)
+    for i, size in enumerate(sizes):
+        others = [j for j in range(len(sizes)) if j != i]
+        total = everything - size
+        if total <= 0:
+            out.append(costs[i])
+        elif total < size:
+            out.append(sum(costs[j] for j in others) * size / total)
+        else:
+            cover = cheapest_cover([sizes[j] for j in others], [costs[j] for j in others], size)
+            out.append(sum(costs[others[k]] for k in cover))
     return out
 
 

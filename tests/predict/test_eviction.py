@@ -116,8 +116,8 @@ def test_a_hot_large_model_is_not_sacrificed_for_a_cool_small_one() -> None:
 def test_a_copy_held_elsewhere_too_goes_before_an_otherwise_equal_sole_copy(
     period: float, size: int, copies: int
 ) -> None:
-    policy = PredictivePolicy(replica_share=1.0)
-    blind = PredictivePolicy()
+    policy = PredictivePolicy()  # replica_share 1 by default
+    blind = PredictivePolicy(replica_share=0.0)
     for p in (policy, blind):
         _periodic(p, "a-sole", period)
         _periodic(p, "b-shared", period)

@@ -5,6 +5,7 @@ candidates; with no history, LRU."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from gpufaas.cache.arrivals import (
     cheapest_cover,
     eviction_plan,
     refill_costs,
+    whole_refill_costs,
 )
 
 GB = 10**9
@@ -168,3 +170,39 @@ def test_a_returning_large_model_is_charged_the_evictions_it_will_make() -> None
     ]
     assert blind.victim_plan(candidates, GB, NOW + 1) == ["llm"]
     assert sorted(with_return.victim_plan(candidates, GB, NOW + 1)) == ["a", "b", "c"]
+
+
+@given(items)
+@settings(max_examples=200, deadline=None)
+def test_a_whole_refill_is_the_others_cover_and_never_below_the_fractional_one(
+    rows: list[tuple[int, float]],
+) -> None:
+    sizes, costs = [s for s, _ in rows], [c for _, c in rows]
+    whole, fractional = whole_refill_costs(sizes, costs), refill_costs(sizes, costs)
+    for i, size in enumerate(sizes):
+        others = [j for j in range(len(sizes)) if j != i]
+        assert whole[i] >= fractional[i] - 1e-6 * max(1.0, fractional[i])
+        if sum(sizes[j] for j in others) >= size:  # the cover the rule itself would evict
+            cover = cheapest_cover([sizes[j] for j in others], [costs[j] for j in others], size)
+            assert abs(whole[i] - sum(costs[others[k]] for k in cover)) <= 1e-9 * max(1, whole[i])
+
+
+def test_a_copy_held_elsewhere_is_discounted_in_its_return_as_in_its_miss() -> None:
+    """An 8 GB model also held on another device (asked for every 10 minutes) against a 1 GB
+    sole copy asked for every minute, for a load needing 1 GB. The copy's requests go to its
+    other holder (LALB), so neither its miss nor its return's evictions fall on this device at
+    full weight, and it goes. With the discount on its miss alone (the rule before), its return
+    was charged 8 GB of evictions at full weight and the sole copy went."""
+    policy = PredictivePolicy()  # replica_share 1 by default
+    for name, gap in (("replica", 600.0), ("minutely", 60.0), ("hot", 10.0)):
+        for k in range(12, -1, -1):
+            policy.observe(name, NOW - k * gap)
+    candidates = [
+        Candidate("replica", 8 * GB, 320.0, copies_elsewhere=1),
+        Candidate("minutely", GB, 40.0),
+        Candidate("hot", GB, 40.0),
+    ]
+    assert policy.victim_plan(candidates, GB, NOW + 1) == ["replica"]
+    # as a sole copy it stays, and the minutely one goes
+    sole = [dataclasses.replace(candidates[0], copies_elsewhere=0), *candidates[1:]]
+    assert policy.victim_plan(sole, GB, NOW + 1) == ["minutely"]
