@@ -157,10 +157,15 @@ async def measure(
             done += 1
             await coordinator.infer(name, x)
 
+    passes_before = coordinator.passes(name).stats
     t = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t
+    passes = coordinator.passes(name).stats
     return {
+        "concurrency": concurrency,
+        "requests_per_pass": (passes.requests - passes_before.requests)
+        / max(1, passes.passes - passes_before.passes),
         "latency_s": statistics.median(latencies),
         "latency_min_s": min(latencies),
         "throughput_rps": done / elapsed,
@@ -731,7 +736,7 @@ async def calibrate(
                 # N = 8 on block splits (with --nodes 8): more shards than cores, the
                 # oversubscribed point that c_wake needs (N = 4 alone barely tells it apart)
                 for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random"),
-                                       (8, "block")):  # fmt: skip
+                                       (8, "block"), (8, "random")):  # fmt: skip
                     if shards > len(urls):
                         continue
                     name = f"cal-{channel}-{depth}-{shards}-{method}"
@@ -779,9 +784,8 @@ def fit_constants(
         return float(row["seconds"]) * reference / float(row["probe_s"])
 
     rows = measured["compute"]
-    per_op, per_nnz = costmodel.fit([r["features"] for r in rows],
-                                    [at_reference(r) for r in rows], relative=True)  # fmt: skip
-    compute = costmodel.Compute(per_op, per_nnz)
+    compute = costmodel.Compute(*costmodel.fit([_compute_features(r) for r in rows],
+                                               [at_reference(r) for r in rows], relative=True))  # fmt: skip
     none = {"none": costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0)}
     bare = costmodel.Constants(compute, 0.0, 0.0, cores, none)
     fixed_x, fixed_y, totals = [], [], []
@@ -800,6 +804,19 @@ def fit_constants(
         runs.setdefault(r["channel"], []).append((prof, r["batch"], at_reference(r)))
     costs = {channel: costmodel.fit_channel(rs, base=base) for channel, rs in runs.items()}
     return costmodel.Constants(compute, per_request, per_io, cores, costs, probe_s=reference)
+
+
+def _compute_features(row: dict[str, Any]) -> list[float]:
+    """A compute calibration run's features, from its split (not the ones stored with it:
+    calibrations measured before a feature was added refit with it)."""
+    prof = _compute_profile(row["width"], row["depth"], row["shards"], row["method"])
+    return [float(v) for v in costmodel.compute_features(prof, batch=row["batch"]).sum(axis=0)[row["shard"]]]
+
+
+@functools.cache
+def _compute_profile(width: int, depth: int, shards: int, method: str) -> costmodel.Profile:
+    net = radix_net(width, depth)
+    return costmodel.profile(net, partition(net, shards, method=method, seed=3))
 
 
 @functools.cache
@@ -846,8 +863,15 @@ def evaluate(
         predicted = costmodel.predict(prof, batch=row["batch"], channel=channel, constants=here)
         row["predicted_s"] = predicted
         row["error"] = predicted / row["latency_s"] - 1
+        if "concurrency" in row:  # the closed loop's shared passes (sessions 7 on)
+            row["predicted_rps"] = costmodel.throughput(
+                prof, batch=row["batch"], concurrency=row["concurrency"], channel=channel,
+                constants=here,
+            )  # fmt: skip
+            row["rps_error"] = row["predicted_rps"] / row["throughput_rps"] - 1
         predictions.append(row)
     within = [abs(r["error"]) <= 0.25 for r in predictions]
+    rps = [abs(r["rps_error"]) <= 0.25 for r in predictions if "rps_error" in r]
     # Cells: every choice the model is asked to make on this grid: per channel (N and
     # partitioner, N=1 included), per N > 1 (channel and partitioner), and the whole grid.
     groups: dict[str, list[dict[str, Any]]] = {"all": predictions}
@@ -872,6 +896,8 @@ def evaluate(
         "cells": len(within),
         "median_abs_error": statistics.median(abs(r["error"]) for r in predictions),
         "picks_fastest": sum(c["strict"] for c in cells.values()),
+        "throughput_within_25pct": sum(rps),
+        "throughput_cells": len(rps),
         "choices": cells,
         "constants": constants_to_json(constants),
         "probe": probe and constants.probe_s is not None,

@@ -88,7 +88,7 @@ async def test_a_request_whose_deadline_passes_while_it_waits_is_never_sent() ->
     await runner.started.wait()
     loop = asyncio.get_running_loop()
     started = loop.time()
-    with pytest.raises(PassDeadline, match="0.050 s deadline"):
+    with pytest.raises(PassDeadline, match=r"0\.050 s deadline"):
         await passes.submit(columns(3, 1), timeout_s=0.05)
     assert loop.time() - started < 1.0  # at its own deadline, not the pass's
     kept = asyncio.ensure_future(passes.submit(columns(4, 2), timeout_s=5))
