@@ -733,11 +733,14 @@ async def calibrate(
         for channel in channels:
             for depth in (4, 8):
                 net = radix_net(2048, depth)  # channels: never the grid's width
-                # N = 8 on block splits (with --nodes 8): more shards than cores, the
-                # oversubscribed point that c_wake needs (N = 4 alone barely tells it apart)
+                # N = 8 (with --nodes 8): more shards than cores, the oversubscribed point
+                # that c_wake needs (N = 4 alone barely tells it apart); a random N = 8 split
+                # on the direct channel, the grid's heaviest traffic (session 7: without it,
+                # N = 8 direct random was predicted 28-55% low)
                 for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random"),
                                        (8, "block"), (8, "random")):  # fmt: skip
-                    if shards > len(urls):
+                    if shards > len(urls) or (shards == 8 and method == "random"
+                                              and channel != "direct"):  # fmt: skip
                         continue
                     name = f"cal-{channel}-{depth}-{shards}-{method}"
                     await coordinator.deploy(
