@@ -164,8 +164,9 @@ async def measure(
     passes = coordinator.passes(name).stats
     return {
         "concurrency": concurrency,
+        "batching": coordinator.batching,
         "requests_per_pass": (passes.requests - passes_before.requests)
-        / max(1, passes.passes - passes_before.passes),
+        / (passes.passes - passes_before.passes) if passes.passes > passes_before.passes else 1.0,
         "latency_s": statistics.median(latencies),
         "latency_min_s": min(latencies),
         "throughput_rps": done / elapsed,
@@ -203,7 +204,8 @@ async def run_grid(
 ) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     x = (rng.random((args.batch, net.widths[0])) < 0.2).astype(np.float32)
-    coordinator = Coordinator(artifact_base=str(root / "shards"), timeout_s=120)
+    coordinator = Coordinator(artifact_base=str(root / "shards"), timeout_s=120,
+                              batching=args.shared_passes)  # fmt: skip
     rows = []
     try:
         for shards, channel, method in grid_configs(
@@ -866,10 +868,10 @@ def evaluate(
         predicted = costmodel.predict(prof, batch=row["batch"], channel=channel, constants=here)
         row["predicted_s"] = predicted
         row["error"] = predicted / row["latency_s"] - 1
-        if "concurrency" in row:  # the closed loop's shared passes (sessions 7 on)
+        if "requests_per_pass" in row:  # the closed loop's passes (sessions 7 on)
             row["predicted_rps"] = costmodel.throughput(
-                prof, batch=row["batch"], concurrency=row["concurrency"], channel=channel,
-                constants=here,
+                prof, batch=row["batch"], concurrency=max(1, round(row["requests_per_pass"])),
+                channel=channel, constants=here,
             )  # fmt: skip
             row["rps_error"] = row["predicted_rps"] / row["throughput_rps"] - 1
         predictions.append(row)
@@ -1116,6 +1118,8 @@ def main() -> int:
     parser.add_argument("--cpu-split", action="store_true", help="section 6 only")
     parser.add_argument("--unbatched", action="store_true",
                         help="the coordinator runs every request as its own pass")  # fmt: skip
+    parser.add_argument("--shared-passes", action="store_true",
+                        help="grid: the closed loop's requests share passes")  # fmt: skip
     parser.add_argument("--split-requests", type=int, default=60, help="cpu-split: per run")
     parser.add_argument("--split-rounds", type=int, default=3, help="cpu-split: rounds")
     parser.add_argument(

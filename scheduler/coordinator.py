@@ -167,7 +167,7 @@ class Coordinator:
         token: str | None = None,
         timeout_s: float = 30.0,
         limits: Limits | None = None,
-        batching: bool = True,
+        batching: bool = False,
         max_pass_samples: int = 1024,
     ) -> None:
         self.artifact_base = artifact_base.rstrip("/")
@@ -304,8 +304,11 @@ class Coordinator:
     async def infer(
         self, name: str, x: NDArray[Any], *, timeout_s: float | None = None
     ) -> NDArray[Any]:
-        """The set's output for ``x`` (``(batch, n_in)``), as ``(batch, n_out)``. Concurrent
-        requests share passes (:mod:`gpufaas.scheduler.passes`) unless ``batching`` is off."""
+        """The set's output for ``x`` (``(batch, n_in)``), as ``(batch, n_out)``. With
+        ``batching``, concurrent requests share passes (:mod:`gpufaas.scheduler.passes`). Off
+        by default: on the 4,096 x 24 net with requests of 64 samples, passes of 4 requests
+        made one shard 1.6x slower per request (its activations leave the L2 cache) and did
+        not raise N = 2's throughput (bench/RESULTS.md, #15, session 7)."""
         shard_set = self.sets[name]
         timeout_s = timeout_s or self.timeout_s
         columns = np.asarray(x, dtype=np.float32).T

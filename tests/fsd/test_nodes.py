@@ -97,6 +97,7 @@ async def test_concurrent_requests_of_different_batch_sizes_share_passes_and_mat
 ) -> None:
     """Requests in flight together run as shared passes (scheduler/passes.py), and each gets
     the unsharded reference's output for its own rows, whatever the others' sizes."""
+    coordinator.batching = True
     await coordinator.deploy(
         "radix", net, Parallelism(shards=shards, strategy="intra-layer"),
         nodes=[n.url for n in thread_nodes[:nodes]],
