@@ -157,16 +157,17 @@ async def measure(
             done += 1
             await coordinator.infer(name, x)
 
-    passes_before = coordinator.passes(name).stats
+    shared_before = coordinator.passes(name).stats
     t = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t
-    passes = coordinator.passes(name).stats
+    shared = coordinator.passes(name).stats
+    run_passes = shared.passes - shared_before.passes
     return {
         "concurrency": concurrency,
         "batching": coordinator.batching,
-        "requests_per_pass": (passes.requests - passes_before.requests)
-        / (passes.passes - passes_before.passes) if passes.passes > passes_before.passes else 1.0,
+        "requests_per_pass": (shared.requests - shared_before.requests) / run_passes
+        if run_passes else 1.0,
         "latency_s": statistics.median(latencies),
         "latency_min_s": min(latencies),
         "throughput_rps": done / elapsed,
