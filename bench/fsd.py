@@ -157,10 +157,17 @@ async def measure(
             done += 1
             await coordinator.infer(name, x)
 
+    shared_before = coordinator.passes(name).stats
     t = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t
+    shared = coordinator.passes(name).stats
+    run_passes = shared.passes - shared_before.passes
     return {
+        "concurrency": concurrency,
+        "batching": coordinator.batching,
+        "requests_per_pass": (shared.requests - shared_before.requests) / run_passes
+        if run_passes else 1.0,
         "latency_s": statistics.median(latencies),
         "latency_min_s": min(latencies),
         "throughput_rps": done / elapsed,
@@ -198,7 +205,8 @@ async def run_grid(
 ) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     x = (rng.random((args.batch, net.widths[0])) < 0.2).astype(np.float32)
-    coordinator = Coordinator(artifact_base=str(root / "shards"), timeout_s=120)
+    coordinator = Coordinator(artifact_base=str(root / "shards"), timeout_s=120,
+                              batching=args.shared_passes)  # fmt: skip
     rows = []
     try:
         for shards, channel, method in grid_configs(
@@ -458,24 +466,35 @@ CPU_SPLIT_CONFIGS = ((1, "unsplit"), (2, "shm"), (2, "http"), (4, "shm"), (4, "h
 
 
 async def cpu_per_request(
-    root: Path, *, neurons: int, layers: int, batch: int, requests: int = 60, rounds: int = 3
+    root: Path,
+    *,
+    neurons: int,
+    layers: int,
+    batch: int,
+    requests: int = 60,
+    rounds: int = 3,
+    concurrency: int = 4,
+    batching: bool = True,
 ) -> list[dict[str, Any]]:
     """Where the time goes: CPU seconds per request, summed over the shard processes and
-    the coordinator (this process), in a closed loop of 4 requests in flight, N = 1, 2, 4
-    (direct channel, hypergraph split, between nodes through shared memory and through
-    HTTP; N = 1 unsplit), in ``rounds`` rounds whose order alternates (forward, backward, ...)
-    so that a drift in the machine's speed falls on every configuration alike. With ``c``
-    cores, throughput cannot pass ``c / cpu``. ``products_ms`` is the shards' arithmetic
-    alone (every shard's pass timed on one thread in this process, no channel:
-    :func:`shard_compute_seconds`), so the shards' worker threads' CPU beyond it is their
-    trips, hand-overs and receive-side copies; ``idle_ms`` is the cores' time per request
-    that no process used (waits)."""
+    the coordinator (this process), in a closed loop of ``concurrency`` requests in flight,
+    N = 1, 2, 4 (direct channel, hypergraph split, between nodes through shared memory and
+    through HTTP; N = 1 unsplit), in ``rounds`` rounds whose order alternates (forward,
+    backward, ...) so that a drift in the machine's speed falls on every configuration alike.
+    Every configuration goes through the same coordinator, so with ``batching`` N = 1 shares
+    passes exactly as N = 2 and 4 do (``requests_per_pass`` is the operating point). With
+    ``c`` cores, throughput cannot pass ``c / cpu``. ``products_ms`` is the shards' arithmetic
+    alone per request (every shard's pass at the run's mean pass size, timed on one thread in
+    this process, no channel: :func:`shard_compute_seconds`), so the shards' worker threads'
+    CPU beyond it is their trips, hand-overs and receive-side copies; ``idle_ms`` is the
+    cores' time per request that no process used (waits)."""
     net = radix_net(neurons, layers)
     x = (np.random.default_rng(0).random((batch, neurons)) < 0.2).astype(np.float32)
     rows = []
     with managers(root, 4, device_memory="256Mi", keep_pids=True) as (urls, pids):
-        coordinator = Coordinator(artifact_base=str(root / "cpu"), timeout_s=120)
-        sets, products = {}, {}
+        coordinator = Coordinator(artifact_base=str(root / "cpu"), timeout_s=120,
+                                  batching=batching)  # fmt: skip
+        sets, specs = {}, {}
         try:
             for shards, link in CPU_SPLIT_CONFIGS:
                 method = "hypergraph" if shards > 1 else "block"
@@ -485,20 +504,24 @@ async def cpu_per_request(
                     nodes=urls[:shards], method=method,
                     channel=ChannelConfig(kind="direct", shared_memory=link != "http"),
                 )  # fmt: skip
-                specs = split(net, partition(net, shards, method=method))
-                products[name] = [shard_compute_seconds(spec, batch) for spec in specs]
+                specs[name] = split(net, partition(net, shards, method=method))
             for index in range(rounds):
                 order = CPU_SPLIT_CONFIGS if index % 2 == 0 else CPU_SPLIT_CONFIGS[::-1]
                 for shards, link in order:
                     name = f"net-{shards}-{link}"
-                    row = await _cpu_split_one(coordinator, name, x, pids[:shards], requests)
-                    row.update(round=index, shards=shards, link=link,
-                               products_ms=[p * 1e3 for p in products[name]],
+                    row = await _cpu_split_one(coordinator, name, x, pids[:shards], requests,
+                                               concurrency)  # fmt: skip
+                    per_pass = max(1, round(row["requests_per_pass"]))
+                    row.update(round=index, shards=shards, link=link, concurrency=concurrency,
+                               batching=batching,
+                               products_ms=[shard_compute_seconds(spec, batch * per_pass)
+                                            / per_pass * 1e3 for spec in specs[name]],
                                messages=sets[name].volume.messages,
                                bytes_per_request=sets[name].volume.bytes_per_sample * batch)  # fmt: skip
                     rows.append(row)
                     print(f"  round {index} N={shards} {link:<7}: {row['throughput_rps']:.1f} "
-                          f"req/s; CPU per request {row['cpu_ms']:.1f} ms (shards "
+                          f"req/s ({row['requests_per_pass']:.2f} requests per pass); CPU per "
+                          f"request {row['cpu_ms']:.1f} ms (shards "
                           f"{[round(c, 1) for c in row['shard_cpu_ms']]}, coordinator "
                           f"{row['coordinator_cpu_ms']:.1f}; shard threads "
                           f"{ {k: round(v, 1) for k, v in row['shard_threads_ms'].items()} }; "
@@ -511,10 +534,15 @@ async def cpu_per_request(
 
 
 async def _cpu_split_one(
-    coordinator: Coordinator, name: str, x: np.ndarray, pids: list[int], requests: int
+    coordinator: Coordinator,
+    name: str,
+    x: np.ndarray,
+    pids: list[int],
+    requests: int,
+    concurrency: int,
 ) -> dict[str, Any]:
-    for _ in range(4):
-        await coordinator.infer(name, x)
+    await asyncio.gather(*(coordinator.infer(name, x) for _ in range(concurrency)))  # warm
+    passes_before = coordinator.passes(name).stats
     before = [_cpu_seconds(pid) for pid in pids]
     threads_before = [_thread_cpu_seconds(pid) for pid in pids]
     own = time.process_time()
@@ -527,11 +555,15 @@ async def _cpu_split_one(
             done += 1
             await coordinator.infer(name, x)
 
-    await asyncio.gather(*(worker() for _ in range(4)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - started
     shard_cpu = [_cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+    passes = coordinator.passes(name).stats
+    run_passes = passes.passes - passes_before.passes
     row: dict[str, Any] = {
         "throughput_rps": done / wall,
+        "requests_per_pass": (passes.requests - passes_before.requests) / run_passes
+        if run_passes else 1.0,
         "shard_cpu_ms": [c / done * 1e3 for c in shard_cpu],
         "coordinator_cpu_ms": (time.process_time() - own) / done * 1e3,
         # per request, summed over the shards: the event loop vs the other threads
@@ -704,11 +736,14 @@ async def calibrate(
         for channel in channels:
             for depth in (4, 8):
                 net = radix_net(2048, depth)  # channels: never the grid's width
-                # N = 8 on block splits (with --nodes 8): more shards than cores, the
-                # oversubscribed point that c_wake needs (N = 4 alone barely tells it apart)
+                # N = 8 (with --nodes 8): more shards than cores, the oversubscribed point
+                # that c_wake needs (N = 4 alone barely tells it apart); a random N = 8 split
+                # on the direct channel, the grid's heaviest traffic (session 7: without it,
+                # N = 8 direct random was predicted 28-55% low)
                 for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random"),
-                                       (8, "block")):  # fmt: skip
-                    if shards > len(urls):
+                                       (8, "block"), (8, "random")):  # fmt: skip
+                    if shards > len(urls) or (shards == 8 and method == "random"
+                                              and channel != "direct"):  # fmt: skip
                         continue
                     name = f"cal-{channel}-{depth}-{shards}-{method}"
                     await coordinator.deploy(
@@ -755,9 +790,8 @@ def fit_constants(
         return float(row["seconds"]) * reference / float(row["probe_s"])
 
     rows = measured["compute"]
-    per_op, per_nnz = costmodel.fit([r["features"] for r in rows],
-                                    [at_reference(r) for r in rows], relative=True)  # fmt: skip
-    compute = costmodel.Compute(per_op, per_nnz)
+    compute = costmodel.Compute(*costmodel.fit([_compute_features(r) for r in rows],
+                                               [at_reference(r) for r in rows], relative=True))  # fmt: skip
     none = {"none": costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0)}
     bare = costmodel.Constants(compute, 0.0, 0.0, cores, none)
     fixed_x, fixed_y, totals = [], [], []
@@ -776,6 +810,19 @@ def fit_constants(
         runs.setdefault(r["channel"], []).append((prof, r["batch"], at_reference(r)))
     costs = {channel: costmodel.fit_channel(rs, base=base) for channel, rs in runs.items()}
     return costmodel.Constants(compute, per_request, per_io, cores, costs, probe_s=reference)
+
+
+def _compute_features(row: dict[str, Any]) -> list[float]:
+    """A compute calibration run's features, from its split (not the ones stored with it:
+    calibrations measured before a feature was added refit with it)."""
+    prof = _compute_profile(row["width"], row["depth"], row["shards"], row["method"])
+    return [float(v) for v in costmodel.compute_features(prof, batch=row["batch"]).sum(axis=0)[row["shard"]]]
+
+
+@functools.cache
+def _compute_profile(width: int, depth: int, shards: int, method: str) -> costmodel.Profile:
+    net = radix_net(width, depth)
+    return costmodel.profile(net, partition(net, shards, method=method, seed=3))
 
 
 @functools.cache
@@ -822,8 +869,15 @@ def evaluate(
         predicted = costmodel.predict(prof, batch=row["batch"], channel=channel, constants=here)
         row["predicted_s"] = predicted
         row["error"] = predicted / row["latency_s"] - 1
+        if "requests_per_pass" in row:  # the closed loop's passes (sessions 7 on)
+            row["predicted_rps"] = costmodel.throughput(
+                prof, batch=row["batch"], concurrency=max(1, round(row["requests_per_pass"])),
+                channel=channel, constants=here,
+            )  # fmt: skip
+            row["rps_error"] = row["predicted_rps"] / row["throughput_rps"] - 1
         predictions.append(row)
     within = [abs(r["error"]) <= 0.25 for r in predictions]
+    rps = [abs(r["rps_error"]) <= 0.25 for r in predictions if "rps_error" in r]
     # Cells: every choice the model is asked to make on this grid: per channel (N and
     # partitioner, N=1 included), per N > 1 (channel and partitioner), and the whole grid.
     groups: dict[str, list[dict[str, Any]]] = {"all": predictions}
@@ -848,6 +902,8 @@ def evaluate(
         "cells": len(within),
         "median_abs_error": statistics.median(abs(r["error"]) for r in predictions),
         "picks_fastest": sum(c["strict"] for c in cells.values()),
+        "throughput_within_25pct": sum(rps),
+        "throughput_cells": len(rps),
         "choices": cells,
         "constants": constants_to_json(constants),
         "probe": probe and constants.probe_s is not None,
@@ -964,8 +1020,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="fsd-cpu-") as tmp:
             layers = args.layers or (24 if args.quick else 120)
             report["cpu_split"] = await cpu_per_request(
-                Path(tmp), neurons=args.neurons, layers=layers, batch=args.batch
-            )
+                Path(tmp), neurons=args.neurons, layers=layers, batch=args.batch,
+                concurrency=args.concurrency, batching=not args.unbatched,
+                requests=args.split_requests, rounds=args.split_rounds,
+            )  # fmt: skip
         return report
     if args.message_cost:
         print("5. one direct-channel message", flush=True)
@@ -1059,6 +1117,12 @@ def main() -> int:
     parser.add_argument("--partition-only", action="store_true")
     parser.add_argument("--message-cost", action="store_true", help="section 5 only")
     parser.add_argument("--cpu-split", action="store_true", help="section 6 only")
+    parser.add_argument("--unbatched", action="store_true",
+                        help="the coordinator runs every request as its own pass")  # fmt: skip
+    parser.add_argument("--shared-passes", action="store_true",
+                        help="grid: the closed loop's requests share passes")  # fmt: skip
+    parser.add_argument("--split-requests", type=int, default=60, help="cpu-split: per run")
+    parser.add_argument("--split-rounds", type=int, default=3, help="cpu-split: rounds")
     parser.add_argument(
         "--evaluate", default=None, help="a grid run's fsd.json: score it with --constants"
     )

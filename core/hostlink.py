@@ -41,6 +41,7 @@ import mmap
 import os
 import struct
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ _ALIGN = 64
 FILED, ALREADY, MISSING = 202, 208, 404
 _RING_PREFIX = "gpufaas-fsd-ring-"  # then the sender's pid
 _DIR_PREFIX = "gpufaas-fsd-sock-"
+_SETTLING_S = 10.0  # a socket folder younger than this is never swept
 DEFAULT_RING_BYTES = 8 << 20  # per link; a message over the free part goes inline
 
 
@@ -122,7 +124,10 @@ def sweep(directory: Path) -> int:
     for folder in directory.glob(_DIR_PREFIX + "*"):
         path = folder / "link.sock"
         try:
-            if folder.stat().st_uid != os.getuid():
+            status = folder.stat()
+            # a folder made in the last seconds may be a starting server's, not yet bound
+            # (removing it fails that server's start: seen with four nodes starting at once)
+            if status.st_uid != os.getuid() or time.time() - status.st_mtime < _SETTLING_S:
                 continue
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 probe.settimeout(0.2)

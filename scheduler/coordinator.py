@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -78,6 +79,7 @@ from gpufaas.scheduler.partition import (
     partition,
     split,
 )
+from gpufaas.scheduler.passes import PassDeadline, Passes
 from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
 
 # Idle connections close well before uvicorn's 5 s keep-alive timeout, so a request never
@@ -165,8 +167,13 @@ class Coordinator:
         token: str | None = None,
         timeout_s: float = 30.0,
         limits: Limits | None = None,
+        batching: bool = False,
+        max_pass_samples: int = 1024,
     ) -> None:
         self.artifact_base = artifact_base.rstrip("/")
+        self.batching = batching
+        self.max_pass_samples = max_pass_samples
+        self._passes: dict[str, Passes] = {}
         self.token = token
         self.timeout_s = timeout_s
         self.limits = limits or Limits()
@@ -183,6 +190,9 @@ class Coordinator:
         return name in self.sets
 
     async def close(self) -> None:
+        for passes in self._passes.values():
+            await passes.close()
+        self._passes.clear()
         await self._client.aclose()
         for pool in self._pools.values():
             await pool.close()
@@ -281,6 +291,9 @@ class Coordinator:
         shard_set = self.sets.pop(name, None)
         if shard_set is None:
             return
+        passes = self._passes.pop(name, None)
+        if passes is not None:
+            await passes.close()
         for load in shard_set.loads:
             url = load.node.rstrip("/") + SHARD_PATH.format(set_name=name, shard=load.shard)
             with contextlib.suppress(httpx.HTTPError):  # a node that is gone holds nothing
@@ -291,20 +304,49 @@ class Coordinator:
     async def infer(
         self, name: str, x: NDArray[Any], *, timeout_s: float | None = None
     ) -> NDArray[Any]:
-        """The set's output for ``x`` (``(batch, n_in)``), as ``(batch, n_out)``."""
+        """The set's output for ``x`` (``(batch, n_in)``), as ``(batch, n_out)``. With
+        ``batching``, concurrent requests share passes (:mod:`gpufaas.scheduler.passes`). Off
+        by default: on the 4,096 x 24 net with requests of 64 samples, passes of 4 requests
+        made one shard 1.6x slower per request (its activations leave the L2 cache) and did
+        not raise N = 2's throughput (bench/RESULTS.md, #15, session 7)."""
         shard_set = self.sets[name]
+        timeout_s = timeout_s or self.timeout_s
+        columns = np.asarray(x, dtype=np.float32).T
+        if not self.batching:
+            return (await self._run_pass(shard_set, columns, timeout_s)).T
+        return (await self.passes(name).submit(columns, timeout_s=timeout_s)).T
+
+    def passes(self, name: str) -> Passes:
+        """Set ``name``'s passes (its batching and their counts)."""
+        found = self._passes.get(name)
+        if found is None:
+            found = Passes(
+                functools.partial(self._run_named_pass, name), max_samples=self.max_pass_samples
+            )
+            self._passes[name] = found
+        return found
+
+    async def _run_named_pass(
+        self, name: str, columns: NDArray[Any], timeout_s: float
+    ) -> NDArray[Any]:
+        return await self._run_pass(self.sets[name], columns, timeout_s)  # as deployed now
+
+    async def _run_pass(
+        self, shard_set: ShardSet, columns: NDArray[Any], timeout_s: float
+    ) -> NDArray[Any]:
+        """One pass (``columns``: ``(n_in, samples)``) on the set, relaunched and retried once
+        if a node lost it; the output columns ``(n_out, samples)``."""
         try:
-            return await self._infer_once(shard_set, x, timeout_s=timeout_s)
+            return await self._infer_once(shard_set, columns, timeout_s=timeout_s)
         except _NotLoaded:
             await self.launch(shard_set)  # the set was evicted or a node restarted: re-place
-            return await self._infer_once(shard_set, x, timeout_s=timeout_s)
+            return await self._infer_once(shard_set, columns, timeout_s=timeout_s)
 
     async def _infer_once(
-        self, shard_set: ShardSet, x: NDArray[Any], *, timeout_s: float | None
+        self, shard_set: ShardSet, columns: NDArray[Any], *, timeout_s: float
     ) -> NDArray[Any]:
-        timeout_s = timeout_s or self.timeout_s
-        request_id = uuid.uuid4().hex
-        columns = np.ascontiguousarray(np.asarray(x, dtype=np.float32).T)
+        request_id = uuid.uuid4().hex  # one per pass: every message of the pass carries it
+        columns = np.ascontiguousarray(columns, dtype=np.float32)
         calls = [
             asyncio.ensure_future(
                 self._call(shard_set, load, request_id, columns[shard_set.inputs[load.shard]],
@@ -322,7 +364,7 @@ class Coordinator:
         out = np.zeros((shard_set.widths[-1], columns.shape[1]), dtype=np.float32)
         for load, call in zip(shard_set.loads, calls, strict=True):
             out[shard_set.outputs[load.shard]] = call.result()
-        return out.T
+        return out
 
     async def _call(
         self,
@@ -388,6 +430,8 @@ class Coordinator:
             return error_response(503, str(e), reason="ShardFailed", headers=headers)
         except LaunchFailed as e:
             return error_response(503, str(e), reason="LaunchFailed", headers={"Retry-After": "1"})
+        except PassDeadline as e:
+            return error_response(504, f"{name}: {e}", reason="DeadlineExceeded")
         payload, headers = encode_response(
             model_name=name,
             model_version=None,
@@ -610,6 +654,8 @@ class ShardedFunctions:
             return _error(503, str(e), "ShardFailed")
         except LaunchFailed as e:
             return _error(503, str(e), "LaunchFailed")
+        except PassDeadline as e:
+            return _error(504, f"{name}: {e}", "DeadlineExceeded")
         except ChannelError as e:
             channel = function.spec.parallelism.channel if function.spec.parallelism else "?"
             return _error(503, f"{name}: the {channel} channel: {e}", "ChannelUnavailable")

@@ -84,6 +84,7 @@ __all__ = [
     "fit_channel",
     "predict",
     "profile",
+    "throughput",
 ]
 
 Matrix = npt.NDArray[np.float64]  # (layers, shards)
@@ -103,6 +104,11 @@ class ChannelCost:
 class Compute:
     per_op_s: float  # one sparse product (dispatch, setup), with its row group's bias etc.
     per_nnz_s: float  # one multiply-add of one sample, with its share of the row's bias etc.
+    # one value of one sample handed over or taken in by the shard's worker (the hand-over's
+    # gather and copy to the host, the remote part's product added in): split shards only
+    per_value_s: float = 0.0
+    # one output value of one sample per remote part added in (a product's temporary, the add)
+    per_part_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,12 +154,14 @@ class Profile:
     messages: Matrix  # messages received
     values: Matrix  # values received per sample
     sync: Matrix  # 1 where the shard reads remote values
+    sent: Matrix  # values sent per sample (for layer l's receivers)
+    parts: Matrix  # output rows x remote parts added into them (rows x sources)
 
 
 def profile(net: LayeredNet, part: Partition) -> Profile:
     n = part.shards
     layers = len(net.layers)
-    ops, nnz, messages, values, sync = (np.zeros((layers, n)) for _ in range(5))
+    ops, nnz, messages, values, sync, sent, parts = (np.zeros((layers, n)) for _ in range(7))
     boundary: list[npt.NDArray[np.int64]] = []  # per layer: each shard's values others read
     for index, layer in enumerate(net.layers):
         src = part.owners[index][layer.cols]
@@ -163,6 +171,7 @@ def profile(net: LayeredNet, part: Partition) -> Profile:
         links = np.unique(src[crossing] * n + dst[crossing])
         nnz[index] = np.bincount(dst, minlength=n)
         values[index] = np.bincount(pairs % n, minlength=n)
+        sent[index] = np.bincount(part.owners[index][pairs // n], minlength=n)
         messages[index] = np.bincount(links % n, minlength=n)
         sync[index] = messages[index] > 0
         read = np.unique(layer.cols[crossing])  # a_{l-1} values some other shard reads
@@ -171,15 +180,19 @@ def profile(net: LayeredNet, part: Partition) -> Profile:
         # Row groups (gpu_manager/shards.prepare): the boundary rows (the next layer's other
         # shards read them; the last layer has none) and the interior rows, where not empty.
         owned = np.bincount(part.owners[index + 1], minlength=n)
-        sent = boundary[index + 1] if index + 1 < layers else np.zeros(n, dtype=np.int64)
-        groups = (sent > 0).astype(float) + (owned - sent > 0)
+        read_next = boundary[index + 1] if index + 1 < layers else np.zeros(n, dtype=np.int64)
+        groups = (read_next > 0).astype(float) + (owned - read_next > 0)
         ops[index] = groups * (1 + messages[index])
-    return Profile(n, net.widths[0] + net.widths[-1], ops, nnz, messages, values, sync)
+        parts[index] = owned * messages[index]
+    return Profile(n, net.widths[0] + net.widths[-1], ops, nnz, messages, values, sync, sent, parts)
 
 
 def compute_features(p: Profile, *, batch: int) -> npt.NDArray[np.float64]:
-    """Per layer and shard, the multipliers of ``c_op`` and ``c_nnz``: shape (layers, shards, 2)."""
-    return np.stack([p.ops, batch * p.nnz], axis=-1)
+    """Per layer and shard, the multipliers of ``c_op``, ``c_nnz`` and ``c_value``: shape
+    (layers, shards, 3)."""
+    return np.stack(
+        [p.ops, batch * p.nnz, batch * (p.sent + p.values), batch * p.parts], axis=-1
+    )
 
 
 def busy(shards: int, cores: int) -> float:
@@ -197,7 +210,7 @@ def channel_features(p: Profile, *, batch: int, cores: int) -> npt.NDArray[np.fl
 def _work(p: Profile, batch: int, constants: Constants, channel: ChannelCost) -> Matrix:
     c = constants.compute
     comm = [channel.per_message_s, channel.per_byte_s, channel.per_sync_s, channel.per_wake_s]
-    work: Matrix = compute_features(p, batch=batch) @ np.array([c.per_op_s, c.per_nnz_s])
+    work: Matrix = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(c))
     if p.shards > 1:
         work = work + channel_features(p, batch=batch, cores=constants.cores) @ np.array(comm)
     return work
@@ -213,6 +226,16 @@ def predict(p: Profile, *, batch: int, channel: str, constants: Constants) -> fl
     fixed = constants.per_request_s + constants.per_io_value_s * batch * p.io_values
     fixed += cost.per_shard_s * p.shards if p.shards > 1 else 0.0
     return fixed + _layers(_work(p, batch, constants, cost), constants.cores)
+
+
+def throughput(
+    p: Profile, *, batch: int, concurrency: int, channel: str, constants: Constants
+) -> float:
+    """Predicted requests per second for a closed loop of ``concurrency`` requests of
+    ``batch`` samples, which the coordinator runs as shared passes (scheduler/passes.py): one
+    pass in flight per set, each of ``concurrency x batch`` samples, so every per-request
+    cost is paid once per pass and the per-sample ones as before."""
+    return concurrency / predict(p, batch=batch * concurrency, channel=channel, constants=constants)
 
 
 def choose(

@@ -58,6 +58,43 @@ def test_profile_counts_the_products_the_executor_runs() -> None:
             assert counted == prof.ops[:, spec.shard].tolist(), method
 
 
+def test_profile_counts_the_values_each_shard_hands_over_and_the_remote_parts_it_adds() -> None:
+    """``sent`` is what each shard's executor hands over per layer (its send positions), and
+    ``parts`` the output rows times the remote parts added into them (session 7: the term that
+    split shards pay and a single shard does not, which the fit used to charge N = 1 for)."""
+    from gpufaas.gpu_manager.shards import prepare
+    from gpufaas.scheduler.partition import split
+
+    net = radix_net(256, 6)
+    for method in ("block", "random", "hypergraph"):
+        part = partition(net, 4, method=method, seed=1)
+        prof = costmodel.profile(net, part)
+        assert prof.sent.sum(axis=1).tolist() == prof.values.sum(axis=1).tolist()
+        for spec in split(net, part):
+            ops = prepare(spec, torch.device("cpu"))
+            sends = [sum(int(p.numel()) for p in op.send_next.values()) for op in ops]
+            first = sum(int(np.asarray(p).size) for p in spec.layers[0].send.values())
+            assert [first, *sends[:-1]] == prof.sent[:, spec.shard].tolist(), method
+            parts = [op.rows * len(op.sources) for op in ops]
+            assert parts == prof.parts[:, spec.shard].tolist(), method
+    single = costmodel.profile(net, partition(net, 1, method="block"))
+    assert not single.sent.any() and not single.parts.any()
+
+
+def test_throughput_under_shared_passes_pays_the_fixed_costs_once_per_pass() -> None:
+    net = radix_net(256, 8)
+    prof = costmodel.profile(net, partition(net, 2, method="block"))
+    one = costmodel.predict(prof, batch=16, channel="direct", constants=CONSTANTS)
+    alone = costmodel.throughput(
+        prof, batch=16, concurrency=1, channel="direct", constants=CONSTANTS
+    )
+    assert alone == pytest.approx(1 / one)
+    four = costmodel.throughput(prof, batch=16, concurrency=4, channel="direct", constants=CONSTANTS)
+    pass_of_four = costmodel.predict(prof, batch=64, channel="direct", constants=CONSTANTS)
+    assert four == pytest.approx(4 / pass_of_four)
+    assert alone < four < 4 * alone  # fixed costs shared, per-sample ones not
+
+
 def test_fewer_bytes_and_faster_channels_predict_less() -> None:
     net = radix_net(1024, 12)
     hyper = costmodel.profile(net, partition(net, 4, method="hypergraph"))

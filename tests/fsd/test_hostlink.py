@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -245,12 +246,16 @@ async def test_a_starting_server_sweeps_what_killed_processes_left(tmp_path: Pat
     mine = HostLink(ring_bytes=1 << 16, directory=tmp_path)  # this process: alive
     stale = tmp_path / "gpufaas-fsd-sock-old"
     stale.mkdir(mode=0o700)
+    os.utime(stale, (time.time() - 60, time.time() - 60))
+    starting = tmp_path / "gpufaas-fsd-sock-starting"  # another server, between mkdir and bind
+    starting.mkdir(mode=0o700)
     live = _Receiver(tmp_path)
     await live.server.start()
     fresh = _Receiver(tmp_path)
     try:
         await fresh.server.start()  # sweeps first
         assert not dead.exists() and not stale.exists()
+        assert starting.exists()  # too young to be a leftover
         assert Path(mine.ring_path).exists()
         assert Path(live.server.endpoint.socket).exists()  # type: ignore[union-attr]
     finally:

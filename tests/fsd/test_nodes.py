@@ -91,6 +91,32 @@ async def test_concurrent_requests_do_not_mix(
         np.testing.assert_allclose(out, net.forward(b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("shards", "nodes"), [(2, 2), (4, 4)])
+async def test_concurrent_requests_of_different_batch_sizes_share_passes_and_match_the_reference(
+    thread_nodes: Any, coordinator: Coordinator, net: Any, shards: int, nodes: int
+) -> None:
+    """Requests in flight together run as shared passes (scheduler/passes.py), and each gets
+    the unsharded reference's output for its own rows, whatever the others' sizes."""
+    coordinator.batching = True
+    await coordinator.deploy(
+        "radix", net, Parallelism(shards=shards, strategy="intra-layer"),
+        nodes=[n.url for n in thread_nodes[:nodes]],
+    )  # fmt: skip
+    rng = np.random.default_rng(9)
+    sizes = [1, 5, 2, 8, 3, 1, 4]
+    batches = [rng.random((b, 512)).astype(np.float32) for b in sizes]
+    first = [asyncio.ensure_future(coordinator.infer("radix", b)) for b in batches[:3]]
+    await asyncio.sleep(0.005)  # some arrive while the first pass runs
+    rest = [asyncio.ensure_future(coordinator.infer("radix", b)) for b in batches[3:]]
+    outs = await asyncio.gather(*first, *rest)
+    for b, out in zip(batches, outs, strict=True):
+        assert out.shape == (b.shape[0], 512)
+        np.testing.assert_allclose(out, net.forward(b), rtol=1e-5, atol=1e-5)
+    stats = coordinator.passes("radix").stats
+    assert stats.requests == len(sizes) and stats.samples == sum(sizes)
+    assert stats.passes < len(sizes)  # batched: fewer passes than requests
+
+
 async def test_an_evicted_set_is_relaunched_and_the_request_served(
     thread_nodes: Any, coordinator: Coordinator, net: Any, x: np.ndarray
 ) -> None:
