@@ -46,6 +46,7 @@ test: install-dev
 	$(BIN)/pip install -q -e ".[dev]" --config-settings editable_mode=strict
 	rm -rf gpufaas.egg-info
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy -p gpufaas.cache -p gpufaas.core -p gpufaas.scheduler -p gpufaas.gpu_manager -p gpufaas.operator
 	$(BIN)/pytest -q $(ARGS)
 
@@ -57,6 +58,7 @@ bench: install-dev
 
 lint: install-dev
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy -p gpufaas.cache -p gpufaas.core -p gpufaas.scheduler -p gpufaas.gpu_manager -p gpufaas.operator
 
 clean:

@@ -140,7 +140,9 @@ if "probe_s" in runs["compute"][0]:
             p = prof(("g",), gnet, r["shards"], r["method"], 0)
             here = scale(constants, probe_of(r)) if scale else constants
             r["predicted_s"] = cm.predict(
-                p, batch=r["batch"], channel=r["channel"] if r["shards"] > 1 else "direct",
+                p,
+                batch=r["batch"],
+                channel=r["channel"] if r["shards"] > 1 else "direct",
                 constants=here,
             )
             r["error"] = r["predicted_s"] / r["latency_s"] - 1
@@ -173,5 +175,7 @@ if "probe_s" in runs["compute"][0]:
     print("probe: edges, all constants        ", probe_score(probed, cm.at_speed, edges))
     print("probe: normalised calibration only ", probe_score(probed, None, interleaved))
     ps = [r["probe_s"] * 1e3 for r in grid["grid"] if "probe_s" in r]
-    print(f"grid probes ms: min {min(ps):.2f} median {np.median(ps):.2f} max {max(ps):.2f}; "
-          f"calibration reference {probed.probe_s * 1e3:.2f}")
+    print(
+        f"grid probes ms: min {min(ps):.2f} median {np.median(ps):.2f} max {max(ps):.2f}; "
+        f"calibration reference {probed.probe_s * 1e3:.2f}"
+    )

@@ -167,7 +167,8 @@ async def measure(
         "concurrency": concurrency,
         "batching": coordinator.batching,
         "requests_per_pass": (shared.requests - shared_before.requests) / run_passes
-        if run_passes else 1.0,
+        if run_passes
+        else 1.0,
         "latency_s": statistics.median(latencies),
         "latency_min_s": min(latencies),
         "throughput_rps": done / elapsed,
@@ -563,7 +564,8 @@ async def _cpu_split_one(
     row: dict[str, Any] = {
         "throughput_rps": done / wall,
         "requests_per_pass": (passes.requests - passes_before.requests) / run_passes
-        if run_passes else 1.0,
+        if run_passes
+        else 1.0,
         "shard_cpu_ms": [c / done * 1e3 for c in shard_cpu],
         "coordinator_cpu_ms": (time.process_time() - own) / done * 1e3,
         # per request, summed over the shards: the event loop vs the other threads
@@ -816,7 +818,10 @@ def _compute_features(row: dict[str, Any]) -> list[float]:
     """A compute calibration run's features, from its split (not the ones stored with it:
     calibrations measured before a feature was added refit with it)."""
     prof = _compute_profile(row["width"], row["depth"], row["shards"], row["method"])
-    return [float(v) for v in costmodel.compute_features(prof, batch=row["batch"]).sum(axis=0)[row["shard"]]]
+    return [
+        float(v)
+        for v in costmodel.compute_features(prof, batch=row["batch"]).sum(axis=0)[row["shard"]]
+    ]
 
 
 @functools.cache

@@ -354,7 +354,12 @@ class InferenceFunctionSpec(_Model):
         if self.tokenizer is None:
             return self
         text = [t for t in self.inputs if t.name == self.tokenizer.input]
-        if len(self.inputs) != 1 or not text or text[0].datatype != "BYTES" or text[0].shape != [-1]:
+        if (
+            len(self.inputs) != 1
+            or not text
+            or text[0].datatype != "BYTES"
+            or text[0].shape != [-1]
+        ):
             raise ValueError(
                 f"with a tokenizer, inputs must be exactly one BYTES tensor of shape [-1] named "
                 f"{self.tokenizer.input!r} (the tokenizer's input)"

@@ -49,6 +49,7 @@ KINDS = frozenset((HELLO, INFER, ANSWER))
 HEAD = struct.Struct("!2sBBII")
 MAX_META_BYTES = 64 * 1024  # model, device, eviction hints / status and a few headers
 
+
 class FramedEndpoint(BaseModel):
     """Where a GPU manager serves frames (in its ``NodeState``): a Unix socket path, for a
     gateway on the same host, and/or a TCP port on the node's own host."""
@@ -186,7 +187,9 @@ class FrameReader:
         if magic != MAGIC:
             raise FrameError("not a gpufaas frame (bad magic): this port speaks framed inference")
         if version != VERSION:
-            raise FrameError(f"frame version {version} is not supported (this end speaks {VERSION})")
+            raise FrameError(
+                f"frame version {version} is not supported (this end speaks {VERSION})"
+            )
         if kind not in KINDS:
             raise FrameError(f"unknown frame kind {kind}")
         if meta_length > self.max_meta:
@@ -235,7 +238,9 @@ class FrameReader:
             total = meta_length + body_length
             if end - pos >= total:  # the whole frame is in this read: views, no copy
                 frames.append(
-                    Frame(kind, view[pos : pos + meta_length], view[pos + meta_length : pos + total])
+                    Frame(
+                        kind, view[pos : pos + meta_length], view[pos + meta_length : pos + total]
+                    )
                 )
                 pos += total
                 continue

@@ -190,9 +190,7 @@ def profile(net: LayeredNet, part: Partition) -> Profile:
 def compute_features(p: Profile, *, batch: int) -> npt.NDArray[np.float64]:
     """Per layer and shard, the multipliers of ``c_op``, ``c_nnz`` and ``c_value``: shape
     (layers, shards, 3)."""
-    return np.stack(
-        [p.ops, batch * p.nnz, batch * (p.sent + p.values), batch * p.parts], axis=-1
-    )
+    return np.stack([p.ops, batch * p.nnz, batch * (p.sent + p.values), batch * p.parts], axis=-1)
 
 
 def busy(shards: int, cores: int) -> float:

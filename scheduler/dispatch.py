@@ -61,7 +61,6 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 
-
 @dataclass(frozen=True)
 class DeviceLoad:
     """What a policy knows about one device when it decides."""
@@ -74,7 +73,6 @@ class DeviceLoad:
     # The same for a request whose model the device holds: it needs no load, so it starts as
     # soon as a slot is free, however long the loads running there take. None: ``queue_ms``.
     hit_wait_ms: float | None = None
-
 
 
 # DeviceTable.least_waiting keeps at least _LOW_KEEP positions after a partial sort, and sorts
@@ -315,7 +313,6 @@ class DeviceTable(Sequence[DeviceLoad]):
         if i is None:
             raise KeyError(f"device {key!r} is not in the table")
         return i
-
 
 
 class QueueFull(Exception):

@@ -207,7 +207,9 @@ def test_repository_unload_and_load(grpc_client: tgrpc.InferenceServerClient) ->
 
 
 @pytest.fixture(scope="module")
-def bounded_grpc(tmp_path_factory: pytest.TempPathFactory, example_models_dir: Path) -> Iterator[int]:
+def bounded_grpc(
+    tmp_path_factory: pytest.TempPathFactory, example_models_dir: Path
+) -> Iterator[int]:
     env = {
         **os.environ,
         "GPUFAAS_HOME": str(tmp_path_factory.mktemp("home")),

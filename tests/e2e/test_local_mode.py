@@ -193,8 +193,8 @@ def test_text_in_through_the_gateway_equals_the_token_id_function(
     texts = np.array([s.encode() for s in EXAMPLE_SENTENCES], dtype=object)
     from_text = _infer(client, "minilm-text", {"text": texts}, binary=binary)["embedding"]
     ids, mask = tokenize(texts, Tokenizer(input="text", vocabulary=Vocabulary.ALL_MINILM_L6_V2))
-    from_ids = _infer(
-        client, "minilm", {"input_ids": ids, "attention_mask": mask}, binary=True
-    )["embedding"]
+    from_ids = _infer(client, "minilm", {"input_ids": ids, "attention_mask": mask}, binary=True)[
+        "embedding"
+    ]
     assert from_text.shape == (len(EXAMPLE_SENTENCES), 384)
     np.testing.assert_allclose(from_text, from_ids, rtol=1e-5, atol=1e-6)

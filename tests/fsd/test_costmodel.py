@@ -89,7 +89,9 @@ def test_throughput_under_shared_passes_pays_the_fixed_costs_once_per_pass() -> 
         prof, batch=16, concurrency=1, channel="direct", constants=CONSTANTS
     )
     assert alone == pytest.approx(1 / one)
-    four = costmodel.throughput(prof, batch=16, concurrency=4, channel="direct", constants=CONSTANTS)
+    four = costmodel.throughput(
+        prof, batch=16, concurrency=4, channel="direct", constants=CONSTANTS
+    )
     pass_of_four = costmodel.predict(prof, batch=64, channel="direct", constants=CONSTANTS)
     assert four == pytest.approx(4 / pass_of_four)
     assert alone < four < 4 * alone  # fixed costs shared, per-sample ones not

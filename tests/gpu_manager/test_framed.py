@@ -43,7 +43,9 @@ async def serving(app: Any) -> AsyncIterator[None]:
     """Run the app's lifespan (which starts and stops the framed listener)."""
     inbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
     outbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
-    task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, outbox.put))
+    task = asyncio.create_task(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, outbox.put)
+    )
     await inbox.put({"type": "lifespan.startup"})
     assert (await asyncio.wait_for(outbox.get(), 10))["type"] == "lifespan.startup.complete"
     try:
@@ -186,7 +188,9 @@ async def test_broken_frames_are_refused_by_name_and_nothing_runs(
         frames, _ = await raw_exchange(sock, lie.encode(len(lying)) + lying)
         assert frames[0][1] == 400 and "binary_data_size" in frames[0][3].decode(), frames
         # Truncated: half the call, then the connection closes; nothing runs.
-        await raw_exchange(sock, (call.encode(len(body)) + body)[: 40 + len(body) // 2], close_after=True)
+        await raw_exchange(
+            sock, (call.encode(len(body)) + body)[: 40 + len(body) // 2], close_after=True
+        )
         await asyncio.sleep(0.1)
         # The node still serves; the truncated call never ran: r-1 ran twice, both answered.
         frames, _ = await raw_exchange(sock, call.encode(len(body)) + body)

@@ -223,7 +223,9 @@ def test_every_device_argument_is_retargeted_positional_keyword_and_cuda_n() -> 
             continue
         cuda1 = torch.device("cuda", 1)
         node.args = tuple(cuda1 if isinstance(a, torch.device) else a for a in node.args)
-        node.kwargs = {k: cuda1 if isinstance(v, torch.device) else v for k, v in node.kwargs.items()}
+        node.kwargs = {
+            k: cuda1 if isinstance(v, torch.device) else v for k, v in node.kwargs.items()
+        }
         moved += sum(isinstance(a, torch.device) for a in (*node.args, *node.kwargs.values()))
     graph.recompile()
     assert moved >= 1
@@ -238,7 +240,9 @@ def test_every_device_argument_is_retargeted_positional_keyword_and_cuda_n() -> 
 def test_positional_device_arguments_are_retargeted() -> None:
     g = torch.fx.Graph()
     x = g.placeholder("x")
-    moved = g.call_function(torch.ops.aten._to_copy.default, (x,), {"device": torch.device("cuda", 3)})
+    moved = g.call_function(
+        torch.ops.aten._to_copy.default, (x,), {"device": torch.device("cuda", 3)}
+    )
     ones = g.call_function(
         torch.ops.aten.ones.default, ([2, 4],), {"device": torch.device("cuda", 3)}
     )
@@ -294,7 +298,9 @@ def test_a_script_module_is_not_gated_while_fusers_could_bypass_the_gate(
         for fusion in (False, True):
             torch._C._jit_override_can_fuse_on_cpu(fusion)
             device_model = DeviceModel("deep", "f", skeleton, skeleton.layout.arena_bytes, "host")
-            start_copy(device_model, backend, source_arena=host, source_backend=None, in_use_bytes=0)
+            start_copy(
+                device_model, backend, source_arena=host, source_backend=None, in_use_bytes=0
+            )
             build_module(device_model)
             result = run_forward(device_model, model.inputs(batch=2), model.spec, backend)
             assert result.gated is not fusion  # with fusers possible: wait for every group

@@ -70,7 +70,9 @@ def test_least_loaded_spreads_ties_and_ignores_locality() -> None:
 
 def test_least_loaded_with_a_table_matches_the_list() -> None:
     devices = [DeviceLoad("a", 3), DeviceLoad("b", 1), DeviceLoad("c", 2)]
-    assert LeastLoaded(seed=0).choose(REQUEST, DeviceTable(devices), ClusterDirectory()).device == "b"
+    assert (
+        LeastLoaded(seed=0).choose(REQUEST, DeviceTable(devices), ClusterDirectory()).device == "b"
+    )
 
 
 @pytest.mark.parametrize("name", ["lb", "lalb", "lalb-o3"])
@@ -191,7 +193,10 @@ def test_lalb_counts_a_holders_free_slot_not_the_loads_running_there() -> None:
     assert policy.choose(REQUEST, DeviceTable(full), directory).device == "n/b"
     # A load still goes where the copy work is least, free slot or not.
     cold = RouteRequest(model="cold", size_bytes=100 * MB)
-    assert policy.choose(cold, DeviceTable([busy_with_a_free_slot, full[1]]), directory).device == "n/b"
+    assert (
+        policy.choose(cold, DeviceTable([busy_with_a_free_slot, full[1]]), directory).device
+        == "n/b"
+    )
 
 
 def test_lalb_without_queue_estimates_uses_outstanding_times_inference() -> None:
@@ -199,8 +204,14 @@ def test_lalb_without_queue_estimates_uses_outstanding_times_inference() -> None
     directory.note_loaded("n/a", "m", size_bytes=100 * MB)
     policy = LocalityAware(seed=0, estimates=estimates(load_ms=100, infer_ms=5))
     # 30 outstanding x 5 ms = 150 ms > 100 ms load: replicate; 10 x 5 = 50 ms: stay.
-    assert policy.choose(REQUEST, [DeviceLoad("n/a", 30), DeviceLoad("n/b", 0)], directory).device == "n/b"
-    assert policy.choose(REQUEST, [DeviceLoad("n/a", 10), DeviceLoad("n/b", 0)], directory).device == "n/a"
+    assert (
+        policy.choose(REQUEST, [DeviceLoad("n/a", 30), DeviceLoad("n/b", 0)], directory).device
+        == "n/b"
+    )
+    assert (
+        policy.choose(REQUEST, [DeviceLoad("n/a", 10), DeviceLoad("n/b", 0)], directory).device
+        == "n/a"
+    )
 
 
 def test_lalb_value_victims_spare_the_popular_model() -> None:
