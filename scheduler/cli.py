@@ -52,6 +52,13 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
         "and closed (0: no cap)",
     )
     parser.add_argument(
+        "--shard-passes",
+        choices=("single", "shared"),
+        default="single",
+        help="sharded models (spec.parallelism): one pass per request (single), or concurrent "
+        "requests joining one pass through the shard set (shared; docs/distributed.md)",
+    )
+    parser.add_argument(
         "--node-transport",
         choices=("framed", "http", "inprocess"),
         default="framed",
@@ -165,6 +172,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         max_pending_per_function=args.max_pending_per_function,
         transport=_TRANSPORTS[args.node_transport],
         max_connections=args.max_connections or None,
+        shard_shared_passes=args.shard_passes == "shared",
     )
 
 
@@ -427,6 +435,7 @@ def _gateway_args(args: argparse.Namespace) -> list[str]:
         "--policy", args.policy,
         "--max-request-bytes", args.max_request_bytes,
         "--max-connections", str(args.max_connections),
+        "--shard-passes", args.shard_passes,
         "--sync-interval", str(args.sync_interval),
         "--device-concurrency", str(args.device_concurrency),
         "--max-queue-per-device", str(args.max_queue_per_device),

@@ -479,10 +479,12 @@ class ShardedFunctions:
         artifact_base: str | None = None,
         store: ArtifactStore | None = None,
         timeout_s: float = 30.0,
+        shared_passes: bool = False,
     ) -> None:
         self._nodes = nodes
         self.limits = limits
         self.timeout_s = timeout_s
+        self.shared_passes = shared_passes  # the coordinator's batching (scheduler/passes.py)
         self._artifact_base = (
             artifact_base or os.environ.get(SHARD_ARTIFACTS_ENV) or str(gpufaas_home() / "shards")
         )
@@ -493,7 +495,9 @@ class ShardedFunctions:
         self._errors: dict[str, str] = {}
 
     @classmethod
-    def for_cluster(cls, cluster: Any, *, limits: Limits) -> ShardedFunctions:
+    def for_cluster(
+        cls, cluster: Any, *, limits: Limits, shared_passes: bool = False
+    ) -> ShardedFunctions:
         """Place on the cluster's healthy nodes, calling them with their clients' token."""
 
         def nodes() -> tuple[list[str], Mapping[str, str]]:
@@ -506,7 +510,7 @@ class ShardedFunctions:
             }
             return [n.url for n in healthy], headers
 
-        return cls(nodes, limits=limits)
+        return cls(nodes, limits=limits, shared_passes=shared_passes)
 
     def error(self, name: str) -> str | None:
         """Why ``name``'s last deploy failed, if it did."""
@@ -587,6 +591,7 @@ class ShardedFunctions:
                 token=token.removeprefix("Bearer ") or None,
                 timeout_s=self.timeout_s,
                 limits=self.limits,
+                batching=self.shared_passes,
             )
         return self._coordinator
 

@@ -176,6 +176,9 @@ class GatewayConfig:
     # Open client connections to the HTTP front at most (scheduler/front.py); one more is
     # answered 503 with Retry-After and closed. None: no cap.
     max_connections: int | None = 2048
+    # Sharded models (coordinator.py): concurrent requests to a shard set share passes
+    # (scheduler/passes.py). Off: on this CPU box larger passes ran slower (bench/RESULTS.md, #15).
+    shard_shared_passes: bool = False
 
 
 class Metrics:
@@ -329,7 +332,11 @@ class Gateway:
         # Scale-out (scheduler/replicas.py): set when this gateway is one of several replicas.
         self.replicas: Replicas | None = None
         # Functions with spec.parallelism: shard sets over the managers (coordinator.py).
-        self.sharded = ShardedFunctions.for_cluster(self.cluster, limits=self.config.limits)
+        self.sharded = ShardedFunctions.for_cluster(
+            self.cluster,
+            limits=self.config.limits,
+            shared_passes=self.config.shard_shared_passes,
+        )
         # Predictive residency (scheduler/prefetch.py: enable_prefetch), off unless attached.
         self.prefetch: PrefetchDriver | None = None
 

@@ -8,6 +8,7 @@ tritonclient (HTTP and gRPC).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -303,3 +304,35 @@ async def test_a_sharded_function_over_its_pending_limit_answers_429_with_retry_
         again = await client.post("/v2/models/radix/infer", content=infer_body(x))
         assert again.status_code == 200  # the slot is free once the first one is done
     assert gateway.pending == {}
+
+
+async def test_shard_passes_shared_on_the_command_line_batches_the_gateways_sharded_requests(
+    thread_nodes: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, net: LayeredNet
+) -> None:
+    """``gpufaas gateway --shard-passes shared`` reaches the coordinator: concurrent requests
+    through the gateway share passes, each still answered with its own rows."""
+    from gpufaas.scheduler.cli import _gateway_config, _gateway_parser
+
+    monkeypatch.setenv("GPUFAAS_HOME", str(tmp_path / "home"))
+    config = _gateway_config(_gateway_parser().parse_args(["--shard-passes", "shared"]))
+    urls = {f"n{i}": node.url for i, node in enumerate(thread_nodes[:2])}
+    gw = Gateway(cluster=Cluster(manager_urls=urls), policy=make_policy("lb"), config=config)
+    for node in gw.cluster.nodes.values():
+        node.healthy = True
+    try:
+        save_net(tmp_path / "radix.safetensors", net)
+        await gw.add_function(sharded_function("radix", (tmp_path / "radix.safetensors").as_uri()))
+        rng = np.random.default_rng(5)
+        batches = [rng.random((b, WIDTH)).astype(np.float32) for b in (1, 3, 2, 4)]
+        replies = await asyncio.gather(
+            *(gw.infer("radix", infer_body(b), header_length=None) for b in batches)
+        )
+        for b, reply in zip(batches, replies, strict=True):
+            assert reply.status == 200, reply.body
+            np.testing.assert_allclose(output(reply.body), net.forward(b), rtol=1e-5, atol=1e-5)
+        stats = gw.sharded._coordinator_for({}).passes("radix").stats
+        assert stats.requests == len(batches)
+        assert stats.passes < len(batches)  # the default ("single") runs one pass per request
+    finally:
+        await gw.sharded.close()
+        await gw.cluster.close()
