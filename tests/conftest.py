@@ -8,6 +8,15 @@ from pathlib import Path
 
 import pytest
 
+# grpcio 1.81+ (grpc/grpc#43055): with a channel open in this process, a subprocess started
+# with preexec_fn (fork, then close_fds) can abort (SIGABRT) before its exec, when grpc's
+# post-fork handler restarts a poller whose epoll fd close_fds then closes. The e2e tests hold
+# tritonclient.grpc channels while they start `gpufaas up` (die_with_parent is a preexec_fn);
+# 9 of 1,000 such starts aborted here, none with fork support off. Read when grpc is first
+# imported, so it is set before any test module imports it. The gateway itself opens no grpcio
+# channel (its gRPC server is scheduler/grpc_h2.py), so a served process is not exposed.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 
 @pytest.fixture(scope="session")
 def example_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
