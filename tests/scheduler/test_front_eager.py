@@ -18,16 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 from test_front import Connection, post
-from test_inprocess import output, tiny_request
+from test_inprocess import node_in_this_process, output, tiny_request
 
-from gpufaas.core.colocated import ColocatedOptions, colocated_node
-from gpufaas.core.commands import ManagerOptions
 from gpufaas.core.manifests import load_manifests
 from gpufaas.core.protocol import HEADER_LENGTH
 from gpufaas.scheduler import front as front_module
 from gpufaas.scheduler.front import FrontSettings, HttpFront
 from gpufaas.scheduler.gateway import Gateway, GatewayConfig, create_app
-from gpufaas.scheduler.local import free_port
 from gpufaas.scheduler.main import build_gateway
 
 INFER = "/v2/models/tiny-mlp/infer"
@@ -45,17 +42,7 @@ spec:
 
 @contextlib.asynccontextmanager
 async def inprocess_front(tmp_path: Path, models_dir: Path) -> AsyncIterator[tuple[Gateway, int]]:
-    node = colocated_node(
-        ColocatedOptions(
-            name="node-0",
-            host="127.0.0.1",
-            port=free_port(),
-            options=ManagerOptions(
-                cpu_devices=1, device_memory="1Gi", host_memory="1Gi", artifact_dir=tmp_path / "a"
-            ),
-            framed_socket=tmp_path / "node-0.sock",
-        )
-    )
+    node = node_in_this_process(tmp_path, cpu_devices=1)
     (tmp_path / "tiny-mlp.yaml").write_text(TINY.format(models=models_dir))
     gateway = build_gateway(
         manager_urls={node.name: node.url},

@@ -80,20 +80,30 @@ class Both:
         self.node, self.inprocess, self.framed = node, inprocess, framed
 
 
-@contextlib.asynccontextmanager
-async def both(tmp_path: Path, models_dir: Path) -> AsyncIterator[Both]:
-    node = colocated_node(
+def node_in_this_process(
+    tmp_path: Path, *, cpu_devices: int, token: str | None = None
+) -> ColocatedNode:
+    """node-0 on CPU devices, built through the entry point as ``gpufaas up`` builds it."""
+    return colocated_node(
         ColocatedOptions(
             name="node-0",
             host="127.0.0.1",
             port=free_port(),
             options=ManagerOptions(
-                cpu_devices=2, device_memory="1Gi", host_memory="1Gi", artifact_dir=tmp_path / "a"
+                cpu_devices=cpu_devices,
+                device_memory="1Gi",
+                host_memory="1Gi",
+                artifact_dir=tmp_path / "a",
             ),
             framed_socket=tmp_path / "node-0.sock",
-            token=TOKEN,
+            token=token,
         )
     )
+
+
+@contextlib.asynccontextmanager
+async def both(tmp_path: Path, models_dir: Path) -> AsyncIterator[Both]:
+    node = node_in_this_process(tmp_path, cpu_devices=2, token=TOKEN)
     fns = functions(models_dir, tmp_path)
     gateways = []
     for transport in ("inprocess", "framed"):
