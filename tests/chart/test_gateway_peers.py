@@ -54,20 +54,22 @@ def test_gateway_replicas_find_each_other_through_a_headless_service(render: Any
     assert peer_urls([endpoint_slice]) == ["http://10.1.0.7:8080"]
 
 
+def gateway_args(docs: list[dict[str, Any]]) -> argparse.Namespace:
+    """The gateway container's arguments as the gateway's own parser reads them."""
+    deployment = next(
+        d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "gf-gpufaas-gateway"
+    )
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[0] == "gateway"
+    return _gateway_parser().parse_args(args[1:])
+
+
 def test_scale_out_options_reach_the_gateway_and_its_parser_accepts_them(
     render: Any, helm: Any
 ) -> None:
     """The chart passes the replicas' scale-out options; the gateway's own parser reads them."""
-
-    def gateway_args(docs: list[dict[str, Any]]) -> argparse.Namespace:
-        deployment = next(
-            d
-            for d in docs
-            if d["kind"] == "Deployment" and d["metadata"]["name"] == "gf-gpufaas-gateway"
-        )
-        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-        assert args[0] == "gateway"
-        return _gateway_parser().parse_args(args[1:])
 
     default = gateway_args(render())
     assert (default.placement_owner, default.replica_slots, default.replica_forward) == (
@@ -92,3 +94,13 @@ def test_scale_out_options_reach_the_gateway_and_its_parser_accepts_them(
     for bad in ("gateway.scaleOut.replicaForward=owner", "gateway.scaleOut.forward=request"):
         done = helm("template", "gf", str(CHART), "--set", bad)
         assert done.returncode != 0, f"--set {bad} was accepted"
+
+
+def test_shard_passes_reach_the_gateway_and_the_schema_rejects_others(
+    render: Any, helm: Any
+) -> None:
+    """The chart passes `gateway.shardPasses` as `--shard-passes` (#15); single by default."""
+    assert gateway_args(render()).shard_passes == "single"
+    assert gateway_args(render(sets=["gateway.shardPasses=shared"])).shard_passes == "shared"
+    done = helm("template", "gf", str(CHART), "--set", "gateway.shardPasses=batched")
+    assert done.returncode != 0, "--set gateway.shardPasses=batched was accepted"
