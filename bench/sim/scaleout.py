@@ -836,7 +836,19 @@ def _tail_summary(rounds: list[dict[str, Any]]) -> list[str]:
 
 
 _BREAKDOWN = ("misses", "base_misses", "both", "blind", "cascade", "victim",
-              "victim_peer_recent", "saved", "asked", "asked_extra", "asked_extra_miss")  # fmt: skip
+              "victim_peer_recent", "saved", "base_cascade", "base_victim", "asked",
+              "asked_extra", "asked_extra_miss")  # fmt: skip
+
+
+def paired_breakdown(
+    models: list[int], base: dict[str, Any], run: dict[str, Any]
+) -> dict[str, int]:
+    """:func:`miss_breakdown` of ``run`` against ``base``, with the other way round's
+    ``cascade`` and ``victim`` as ``base_cascade`` and ``base_victim``: the base's own misses
+    that ``run`` did not have, split the same way (are the divergences one-sided?)."""
+    out = miss_breakdown(models, base, run)
+    back = miss_breakdown(models, run, base)
+    return {**out, "base_cascade": back["cascade"], "base_victim": back["victim"]}
 
 
 def _breakdown_lines(rows: list[tuple[str, int, dict[str, int]]]) -> list[str]:
@@ -869,7 +881,7 @@ def _miss_rows(rounds: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, i
                 (
                     str(result["_setup"]["seed"]),
                     r["gateways"],
-                    miss_breakdown(result["trace_models"], runs[0]["requests"], r["requests"]),
+                    paired_breakdown(result["trace_models"], runs[0]["requests"], r["requests"]),
                 )
             )
     return rows
@@ -885,7 +897,7 @@ def compare(base_path: Path, other_path: Path) -> str:
         (
             str(other["_setup"]["seed"]),
             r["gateways"],
-            miss_breakdown(base["trace_models"], by_n[r["gateways"]]["requests"], r["requests"]),
+            paired_breakdown(base["trace_models"], by_n[r["gateways"]]["requests"], r["requests"]),
         )
         for r in other["runs"]
         if r["gateways"] in by_n and "requests" in r

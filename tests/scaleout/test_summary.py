@@ -101,3 +101,15 @@ def test_a_victim_last_used_at_a_peer_just_before_a_load_is_flagged() -> None:
 def test_a_hit_where_the_base_missed_counts_as_saved() -> None:
     got = miss_breakdown([0, 0, 1], _records(1, "mmm", "..."), _records(1, "mhm", "..."))
     assert got["saved"] == 1 and got["misses"] == 2 and got["both"] == 2
+
+
+def test_the_summary_splits_each_rounds_misses_against_its_one_gateway(tmp_path: Path) -> None:
+    models = [0, 1, 0, 2, 1]
+    one = {**_run(1, 3), "requests": _records(1, "mmhmh", ".....")}
+    two = {**_run(2, 4), "requests": _records(2, "mmhmm", ".f.f.")}
+    result = {"runs": [two, one], "trace_models": models, "_setup": {"seed": 3}}
+    path = tmp_path / "s3.json"
+    path.write_text(json.dumps(result))
+    text = summarise([path])
+    # misses 4 (base 3): 0, 1, 3 in both; 4 a victim choice; one gateway missed nothing extra
+    assert "| 3 | 2 | 4 | 3 | 3 | 0 | 0 | 1 | 0 | 0 | 0 | 0 | 2 | 2 | 2 |" in text
