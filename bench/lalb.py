@@ -441,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; choose from {list(POLICIES)}")
+    if args.compare:
+        from sim.scaleout import compare
+
+        print(compare(*args.compare))
+        return 0
     if args.summarise:
         from sim.scaleout import summarise
 

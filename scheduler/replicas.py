@@ -258,6 +258,7 @@ class Replicas:
             on_unreachable=self._unreachable,
             known_size=known_size,
             flush_delay_s=flush_delay_s,
+            victims_of_noted=forwarding == "decision",
         )
         # As the owner, the peers' placement questions (forwarding "decision").
         self.answers = PlacementAnswers(

@@ -69,6 +69,7 @@ class ResidencyEvents:
         known_size: Callable[[str], int | None] = lambda model: None,
         flush_delay_s: float = 0.002,
         hold_s: float = HOLD_S,
+        victims_of_noted: bool = False,
     ) -> None:
         self.membership = membership
         self.directory = directory
@@ -83,6 +84,9 @@ class ResidencyEvents:
         self.known_size = known_size
         self.flush_delay_s = flush_delay_s
         self.hold_s = hold_s
+        # With forwarding "decision": a peer's event takes its victims out of this view even
+        # where the load itself is already noted here (note_peer_loads).
+        self.victims_of_noted = victims_of_noted
         self._uses_due: asyncio.TimerHandle | None = None
         self._outbox: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
@@ -239,7 +243,12 @@ class ResidencyEvents:
 
     def apply(self, events: Sequence[Mapping[str, Any]]) -> int:
         """Note a peer's loads in this replica's directory; returns how many were new here."""
-        applied = note_peer_loads(self.directory, events, known_size=self.known_size)
+        applied = note_peer_loads(
+            self.directory,
+            events,
+            known_size=self.known_size,
+            victims_of_noted=self.victims_of_noted,
+        )
         self.counted.labels("applied").inc(applied)
         return applied
 
@@ -269,15 +278,30 @@ def note_peer_loads(
     events: Sequence[Mapping[str, Any]],
     *,
     known_size: Callable[[str], int | None],
+    victims_of_noted: bool = False,
 ) -> int:
     """Note a peer's residency events (a load, with its victims) in ``directory``; how many
-    were new here. Unknown devices and loads already noted are skipped."""
+    were new here. Unknown devices are skipped, and so are loads already noted, unless
+    ``victims_of_noted``: then such a load's victims still leave the view.
+
+    That is for forwarding ``decision``. There, a replica notes a load the owner decided before
+    the owner's event for it arrives: its own question's answer. When the owner's view already
+    held the model (a load it had decided for another peer a moment before), the answer names
+    the device and no victims. The event, which carries them, then found the load noted and was
+    skipped: the view kept models the GPU manager had evicted, and sent their next requests as
+    hits (stale hits: blind loads, whose own victims no view knows)."""
     applied = 0
     for event in events:
         device, model = str(event["device"]), str(event["model"])
-        if device not in directory or directory.state(device, model) is not None:
+        if device not in directory:
             continue
         victims = [str(v) for v in event.get("victims") or []]
+        if directory.state(device, model) is not None:
+            if victims_of_noted:
+                for victim in victims:
+                    if victim != model:
+                        directory.note_evicted(device, victim)
+            continue
         size = int(event.get("size") or 0)
         known = known_size(model)
         if known is not None and known <= directory.capacity_bytes(device):

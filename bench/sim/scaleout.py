@@ -58,6 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="only print the rounds in these --json results (one seed each) and the mean ratios "
         "to one gateway with 95%% intervals",
     )
+    group.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        default=None,
+        metavar=("BASE", "OTHER"),
+        help="only compare two --json results of one seed request by request: OTHER's misses "
+        "at each replica count against BASE's at the same count (e.g. request against decision "
+        "forwarding), by cause (miss_breakdown)",
+    )
     group.add_argument("--saturation-seconds", type=float, default=10.0)
     group.add_argument("--saturation-clients", type=int, default=32)
     group.add_argument("--sync-interval", type=float, default=5.0)
@@ -446,6 +456,7 @@ def _one(
         "hit_p99_ms": float(np.percentile(hits, 99)) if len(hits) else math.nan,
         "miss_mean_ms": float(misses.mean()) if len(misses) else math.nan,
         "tail": tail_breakdown(measured),
+        "requests": request_records(results, gateways=gateways),
         "forwarded": int(replicas_after["forwarded"] - replicas_before["forwarded"]),
         "owned": int(replicas_after["owned"] - replicas_before["owned"]),
         "events": int(replicas_after["events"] - replicas_before["events"]),
@@ -463,6 +474,92 @@ def _one(
 
 
 _KINDS = ("hit", "local miss", "forwarded miss", "forwarded hit")
+
+
+def request_records(results: list[dict[str, Any]], *, gateways: int) -> dict[str, Any]:
+    """Every trace request of one run, compactly (request ``i`` went to replica ``i mod N``):
+    ``cache`` one letter each (``h`` hit, ``m`` miss at the manager, ``-`` not answered),
+    ``forwarded`` (``f``: its placement went through the owner, request or question), and
+    ``latency_ms`` (0 where not answered). What :func:`miss_breakdown` compares run by run."""
+    cache = "".join(("h" if r["hit"] else "m") if r.get("status") == 200 else "-" for r in results)
+    forwarded = "".join("f" if r.get("forwarded") else "." for r in results)
+    latency = [round(r.get("latency_ms", 0.0), 2) for r in results]
+    at_ms = [round(1000 * r.get("at_s", 0.0)) for r in results]
+    return {
+        "gateways": gateways,
+        "cache": cache,
+        "forwarded": forwarded,
+        "latency_ms": latency,
+        "at_ms": at_ms,
+    }
+
+
+# Uses (the peers' hits and request counts) reach the owner within this many ms (UseStream's
+# batch, scheduler/uses.py) plus a post; a victim last used at a peer this recently may not
+# have been known as used at the owner.
+_USES_LAG_MS = 60.0
+
+
+def miss_breakdown(models: list[int], base: dict[str, Any], run: dict[str, Any]) -> dict[str, int]:
+    """Request by request, ``run``'s misses against ``base``'s (the same trace; ``base`` one
+    gateway, or request forwarding against decision forwarding), by cause:
+
+    - ``both``: a miss in both runs (cold, capacity: what one gateway pays too);
+    - ``blind``: a miss at a replica that is not the placement owner, not forwarded: it loaded
+      without the owner (a stale hit, or a placement after a failed forward);
+    - ``cascade``: a miss here, a hit in ``base``, with a load between the model's previous
+      request and this one that ``base`` did not make (an extra load evicted it);
+    - ``victim``: a miss here, a hit in ``base``, no extra load between: the placements between
+      chose it as a victim where ``base``'s did not (or went to its device instead of another);
+      ``victim_peer_recent`` of those: its previous request was at a peer, within
+      ``_USES_LAG_MS`` before one of the loads between (the owner may not have known the use);
+    - ``saved``: a hit here that was a miss in ``base``.
+
+    The owner is the replica whose requests' misses are placed without forwarding (most local
+    misses). ``asked_extra``: requests forwarded here that ``base`` did not forward, and
+    ``asked_extra_miss`` of those, misses here."""
+    c0, c1 = base["cache"], run["cache"]
+    f0, f1 = base["forwarded"], run["forwarded"]
+    at = run["at_ms"]
+    n = run["gateways"]
+    local = [0] * n
+    for i, (c, f) in enumerate(zip(c1, f1, strict=True)):
+        if c == "m" and f != "f":
+            local[i % n] += 1
+    owner = max(range(n), key=lambda k: local[k])
+    out = dict.fromkeys(
+        ("misses", "base_misses", "both", "blind", "cascade", "victim", "victim_peer_recent",
+         "saved", "asked", "asked_extra", "asked_extra_miss"), 0
+    )  # fmt: skip
+    previous: dict[int, int] = {}
+    for i, model in enumerate(models[: min(len(c0), len(c1))]):
+        prev = previous.get(model)
+        previous[model] = i
+        out["base_misses"] += c0[i] == "m"
+        out["asked"] += f1[i] == "f"
+        if f1[i] == "f" and f0[i] != "f":
+            out["asked_extra"] += 1
+            out["asked_extra_miss"] += c1[i] == "m"
+        if c1[i] != "m":
+            out["saved"] += c0[i] == "m" and c1[i] == "h"
+            continue
+        out["misses"] += 1
+        if n > 1 and f1[i] != "f" and i % n != owner:
+            out["blind"] += 1
+        elif c0[i] == "m" or c0[i] == "-":
+            out["both"] += 1
+        elif prev is None:
+            out["both"] += 1  # never requested before: cold in both (base joined a load)
+        else:
+            between = range(prev + 1, i)
+            if any(c1[j] == "m" and c0[j] != "m" for j in between):
+                out["cascade"] += 1
+            else:
+                out["victim"] += 1
+                loads = [at[j] for j in between if c1[j] == "m"]
+                if prev % n != owner and any(0 <= t - at[prev] <= _USES_LAG_MS for t in loads):
+                    out["victim_peer_recent"] += 1
+    return out
 
 
 def _kind(r: dict[str, Any]) -> str:
@@ -613,6 +710,7 @@ def run_scaleout(args: argparse.Namespace, *, wss: int) -> dict[str, Any]:
                 )
                 out["runs"].append(run)
     out["decision_overhead"] = decision_overhead_us()
+    out["trace_models"] = picks  # request i's model (catalogue index), for miss_breakdown
     out["_setup"] = {
         "wss": wss,
         "requests": args.live_requests,
@@ -737,6 +835,76 @@ def _tail_summary(rounds: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+_BREAKDOWN = ("misses", "base_misses", "both", "blind", "cascade", "victim",
+              "victim_peer_recent", "saved", "base_cascade", "base_victim", "asked",
+              "asked_extra", "asked_extra_miss")  # fmt: skip
+
+
+def paired_breakdown(
+    models: list[int], base: dict[str, Any], run: dict[str, Any]
+) -> dict[str, int]:
+    """:func:`miss_breakdown` of ``run`` against ``base``, with the other way round's
+    ``cascade`` and ``victim`` as ``base_cascade`` and ``base_victim``: the base's own misses
+    that ``run`` did not have, split the same way (are the divergences one-sided?)."""
+    out = miss_breakdown(models, base, run)
+    back = miss_breakdown(models, run, base)
+    return {**out, "base_cascade": back["cascade"], "base_victim": back["victim"]}
+
+
+def _breakdown_lines(rows: list[tuple[str, int, dict[str, int]]]) -> list[str]:
+    lines = [
+        "",
+        "| seed | N | " + " | ".join(_BREAKDOWN) + " |",
+        "| --- | --- |" + " --- |" * len(_BREAKDOWN),
+    ]
+    totals: dict[int, dict[str, int]] = {}
+    for seed, n, b in rows:
+        lines.append(f"| {seed} | {n} | " + " | ".join(str(b[k]) for k in _BREAKDOWN) + " |")
+        total = totals.setdefault(n, dict.fromkeys(_BREAKDOWN, 0))
+        for k in _BREAKDOWN:
+            total[k] += b[k]
+    for n, total in sorted(totals.items()):
+        lines.append(f"| all | {n} | " + " | ".join(str(total[k]) for k in _BREAKDOWN) + " |")
+    return lines
+
+
+def _miss_rows(rounds: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, int]]]:
+    """Each round's runs at N > 1 against its one gateway, request by request (rounds that
+    recorded requests)."""
+    rows = []
+    for result in rounds:
+        runs = sorted(result["runs"], key=lambda r: r["gateways"])
+        if "trace_models" not in result or "requests" not in runs[0]:
+            continue
+        for r in runs[1:]:
+            rows.append(
+                (
+                    str(result["_setup"]["seed"]),
+                    r["gateways"],
+                    paired_breakdown(result["trace_models"], runs[0]["requests"], r["requests"]),
+                )
+            )
+    return rows
+
+
+def compare(base_path: Path, other_path: Path) -> str:
+    """``--compare``: OTHER's runs against BASE's at the same replica count (one seed)."""
+    base, other = json.loads(base_path.read_text()), json.loads(other_path.read_text())
+    if base.get("trace_models") != other.get("trace_models") or "trace_models" not in base:
+        raise SystemExit("--compare: both results must record the same trace (same seed)")
+    by_n = {r["gateways"]: r for r in base["runs"] if "requests" in r}
+    rows = [
+        (
+            str(other["_setup"]["seed"]),
+            r["gateways"],
+            paired_breakdown(base["trace_models"], by_n[r["gateways"]]["requests"], r["requests"]),
+        )
+        for r in other["runs"]
+        if r["gateways"] in by_n and "requests" in r
+    ]
+    return "\n".join(_breakdown_lines(rows))
+
+
 def summarise(paths: list[Path]) -> str:
     """Rounds (one ``--json`` result per seed, 1 gateway first, all counts in one hold) as a
     Markdown table per round and the mean ratios to one gateway with 95% intervals."""
@@ -797,6 +965,9 @@ def summarise(paths: list[Path]) -> str:
         + " |"
     )
     lines += _tail_summary(rounds)
+    rows = _miss_rows(rounds)
+    if rows:
+        lines += _breakdown_lines(rows)
     if decision_p99:
         lines.append(
             f"\nScale-out's part of a routing decision, p99: {min(decision_p99):.1f}"

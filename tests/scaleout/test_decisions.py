@@ -31,13 +31,14 @@ from gpufaas.scheduler.transport import NodeReply
 
 BODY = b'{"id": "r1", "inputs": [{"name": "x", "data": [1, 2, 3]}]}'
 CALL = NodeCall("/v2/models/m/infer", BODY, {"content-type": "application/json"})
-Behaviour = Literal["decide", "refuse", "unknown-device", "hang"]
+Behaviour = Literal["decide", "holder", "refuse", "unknown-device", "hang"]
 
 
 class Owner:
     """The placement owner: records each call's path and body, then answers with a decision
-    (device ``n/1``, victim ``old``; ``old`` and ``older`` planned), a 503, a device nobody knows, or never (``hang``; its
-    heartbeat then fails too)."""
+    (device ``n/1``, victim ``old``; ``old`` and ``older`` planned), the device its view already
+    holds the model on (``holder``: ``n/1``, no victims), a 503, a device nobody knows, or never
+    (``hang``; its heartbeat then fails too)."""
 
     def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
@@ -65,6 +66,8 @@ class Owner:
         status, answer = "200 OK", {**answer, "owner_ms": 0.25}
         if self.behaviour == "refuse":
             status, answer = "503 Service Unavailable", {"error": "no device"}
+        elif self.behaviour == "holder":
+            answer = {"device": "n/1", "victims": [], "planned": [], "owner_ms": 0.25}
         elif self.behaviour == "unknown-device":
             answer = {"device": "elsewhere/0", "victims": []}
         content = json.dumps(answer).encode()
@@ -148,6 +151,30 @@ async def test_the_asker_drops_every_victim_the_owner_planned_from_its_view() ->
         directory.note_dispatch("n/1", "m", size_bytes=10, prefer=placed.decided.victims)
         assert directory.state("n/1", "old") is None
         assert directory.state("n/1", "older") is None
+        assert directory.state("n/1", "kept") is Residency.RESIDENT
+        assert directory.state("n/1", "m") is Residency.LOADING
+        await close_replicas(replicas)
+
+
+async def test_the_owners_event_takes_its_victims_from_a_view_that_noted_the_load_first() -> None:
+    """The owner's view already held the model (a load it decided for another peer a moment
+    before), so its answer names the device and no victims; the asker notes the load. The
+    owner's event for that load, which carries the victims, arrives after: it must still take
+    them out of the asker's view, which otherwise keeps a model the manager evicted (sent as a
+    hit later: a stale hit, a blind load)."""
+    async with Owner("holder") as owner:
+        replicas = _replicas(owner)
+        directory = replicas.directory
+        for model in ("old", "kept"):
+            directory.note_loaded("n/1", model, size_bytes=10)
+        placed = await _place(replicas)
+        assert placed.decided is not None and placed.decided.device == "n/1"
+        assert placed.decided.planned == ()
+        assert directory.state("n/1", "m") is Residency.LOADING
+        assert directory.state("n/1", "old") is Residency.RESIDENT  # nothing said otherwise yet
+        event = {"device": "n/1", "model": "m", "size": 10, "victims": ["old"]}
+        assert replicas.events.apply([event]) == 0  # the load itself was noted already
+        assert directory.state("n/1", "old") is None
         assert directory.state("n/1", "kept") is Residency.RESIDENT
         assert directory.state("n/1", "m") is Residency.LOADING
         await close_replicas(replicas)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 try:
-    from sim.scaleout import pooled_ratio_interval, summarise
+    from sim.scaleout import miss_breakdown, pooled_ratio_interval, summarise
 finally:
     sys.path.remove(str(BENCH))
 
@@ -59,3 +59,57 @@ def test_the_summary_pools_rounds_in_any_order(tmp_path: Path) -> None:
     assert "| misses | 0.992 ± " in text  # mean of 0.90 and 1.083
     assert "| 1.000 [0.900, 1.083] |" in text  # (90 + 130) / (100 + 120), bootstrap bounds
     assert "p99: 1.5-1.5 us (2 rounds)" in text
+
+
+def _records(n: int, cache: str, forwarded: str, at_ms: list[int] | None = None) -> dict[str, Any]:
+    return {
+        "gateways": n,
+        "cache": cache,
+        "forwarded": forwarded,
+        "latency_ms": [1.0] * len(cache),
+        "at_ms": at_ms if at_ms is not None else [1000 * i for i in range(len(cache))],
+    }
+
+
+def test_misses_are_split_by_cause_request_by_request() -> None:
+    # models of requests 0..7; at 2 replicas replica 0 (even requests) places without a hop
+    models = [0, 1, 0, 2, 1, 3, 1, 0]
+    one = _records(1, "mmhmhhhh", "........")  # 5: one gateway joined another's load
+    two = _records(2, "mmhmmmmm", ".f.f.ff.")
+    got = miss_breakdown(models, one, two)
+    assert got["misses"] == 7 and got["base_misses"] == 3
+    # 0, 1, 3: missed at one gateway too, 5 a first request (cold); 4 (model 1): no load
+    # between 1 and 4 that one gateway did not make, so a victim choice; 6 (model 1): request
+    # 5's load, which one gateway did not make, came between;
+    # 7 (model 0): at replica 1, not forwarded: placed without the owner
+    assert (got["both"], got["victim"], got["cascade"], got["blind"]) == (4, 1, 1, 1)
+    assert got["saved"] == 0
+    assert (got["asked"], got["asked_extra"], got["asked_extra_miss"]) == (4, 4, 4)
+
+
+def test_a_victim_last_used_at_a_peer_just_before_a_load_is_flagged() -> None:
+    models = [0, 1, 2, 1]
+    one = _records(1, "mmmh", "....")
+    # request 1 (model 1) at replica 1, then a load (request 2, the owner's) 30 ms later
+    two = _records(2, "mmmm", ".f.f", at_ms=[0, 1000, 1030, 2000])
+    got = miss_breakdown(models, one, two)
+    assert got["victim"] == 1 and got["victim_peer_recent"] == 1
+    late = miss_breakdown(models, one, _records(2, "mmmm", ".f.f", at_ms=[0, 1000, 1200, 2000]))
+    assert late["victim"] == 1 and late["victim_peer_recent"] == 0
+
+
+def test_a_hit_where_the_base_missed_counts_as_saved() -> None:
+    got = miss_breakdown([0, 0, 1], _records(1, "mmm", "..."), _records(1, "mhm", "..."))
+    assert got["saved"] == 1 and got["misses"] == 2 and got["both"] == 2
+
+
+def test_the_summary_splits_each_rounds_misses_against_its_one_gateway(tmp_path: Path) -> None:
+    models = [0, 1, 0, 2, 1]
+    one = {**_run(1, 3), "requests": _records(1, "mmhmh", ".....")}
+    two = {**_run(2, 4), "requests": _records(2, "mmhmm", ".f.f.")}
+    result = {"runs": [two, one], "trace_models": models, "_setup": {"seed": 3}}
+    path = tmp_path / "s3.json"
+    path.write_text(json.dumps(result))
+    text = summarise([path])
+    # misses 4 (base 3): 0, 1, 3 in both; 4 a victim choice; one gateway missed nothing extra
+    assert "| 3 | 2 | 4 | 3 | 3 | 0 | 0 | 1 | 0 | 0 | 0 | 0 | 2 | 2 | 2 |" in text
