@@ -186,7 +186,8 @@ def ratio_table(
 
     ``rounds`` (a run of several rounds, ``figures`` being their medians): each system's
     figures per round; each row then also holds every system's range over its rounds
-    (``spread``) and the ratio of each round (``ratio_rounds``, see :func:`round_ratios`)."""
+    (``spread``) and the ratio of each round (``ratio_rounds``, see :func:`round_ratios`), and
+    the ratio is their median."""
     if reference not in figures:
         raise ValueError(f"ratio_table: no figures for the reference system {reference!r}")
     peers = [name for name in figures if name != reference]
@@ -211,6 +212,11 @@ def ratio_table(
             row["ratio_rounds"] = {
                 peer: round_ratios(per_round[reference], per_round[peer]) for peer in peers
             }
+            # the ratio is the median of the rounds' ratios, not the medians' ratio: the
+            # figure that sits inside the range printed after it
+            for peer, ratios in row["ratio_rounds"].items():
+                if ratios:
+                    row["ratios"][peer] = round(median(ratios) or 0.0, 3)
         rows.append(row)
     return rows
 
