@@ -55,7 +55,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -85,7 +85,7 @@ SERVERS = (
 )
 # answer-side levers tried on our front (``docs/dataplane.md``, "gRPC", sixth pass): bench-only
 # variants of ``grpc_h2``'s connection, not in the default run
-VARIANTS = ("grpc-h2-literal", "grpc-h2-quickack")
+VARIANTS = ("grpc-h2-literal", "grpc-h2-quickack", "grpc-h2-split", "grpc-h2-grpc-settings")
 # the grpc.aio server options a latency tuning would try
 TUNED = [
     ("grpc.so_reuseport", 0),
@@ -201,7 +201,13 @@ def _variant(kind: str) -> Callable[[Any], asyncio.Protocol]:
       every answer, never indexed (``grpc_h2`` before its sixth pass; ``grpc_h2`` now adds them
       to the client's HPACK table once and sends one byte each after that);
     * ``grpc-h2-quickack``: ``TCP_QUICKACK`` set again on every read (the kernel clears it),
-      so the request is acknowledged at once rather than with the answer.
+      so the request is acknowledged at once rather than with the answer;
+    * ``grpc-h2-split``: each answer's HEADERS, DATA and trailers in three writes (three
+      segments) instead of one: does one write save the client wake-ups (eighth pass)?
+    * ``grpc-h2-grpc-settings``: the SETTINGS and connection WINDOW_UPDATE that grpc's own C++
+      server sends (NVIDIA Triton's, decoded by ``bench/grpc_wire.py``: 4 MiB windows and
+      frames, true binary metadata allowed) instead of ours (256 streams, 16 MiB windows): does
+      anything in them change the client's work per call (eighth pass)?
     """
     import socket
 
@@ -219,7 +225,38 @@ def _variant(kind: str) -> Callable[[Any], asyncio.Protocol]:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             super().data_received(data)
 
-    return {"grpc-h2-literal": Literal, "grpc-h2-quickack": QuickAck}[kind]
+    class Split(grpc_h2._Connection):
+        def _drain(self) -> None:
+            out, self.out = self.out, []
+            if self.transport is None:
+                return
+            # an answer is queued as 7 pieces: HEADERS (2), DATA (3), trailers (2)
+            for start, stop in ((0, 2), (2, 5), (5, len(out))) if len(out) == 7 else ((0, None),):
+                self.transport.write(b"".join(out[start:stop]))
+
+    class GrpcSettings(grpc_h2._Connection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            window, frame = 4_194_304, 4_194_304
+            settings = (
+                (4).to_bytes(2, "big") + window.to_bytes(4, "big")
+                + (5).to_bytes(2, "big") + frame.to_bytes(4, "big")
+                + (6).to_bytes(2, "big") + (16_384).to_bytes(4, "big")
+                + (0xFE03).to_bytes(2, "big") + (1).to_bytes(4, "big")
+            )  # fmt: skip
+            self.transport = cast(asyncio.Transport, transport)
+            self.server.connections.add(self)
+            self.transport.write(
+                h2_frame(grpc_h2.SETTINGS, 0, 0, settings)
+                + h2_frame(grpc_h2.WINDOW_UPDATE, 0, 0, (window - 65_535).to_bytes(4, "big"))
+            )
+
+    variants: dict[str, type[grpc_h2._Connection]] = {
+        "grpc-h2-literal": Literal,
+        "grpc-h2-quickack": QuickAck,
+        "grpc-h2-split": Split,
+        "grpc-h2-grpc-settings": GrpcSettings,
+    }
+    return variants[kind]
 
 
 def caller(kind: str, port: int) -> tuple[Callable[[], None], Callable[[], None]]:

@@ -229,11 +229,24 @@ def peers_host_tier(quick: bool) -> tuple[str, str]:
 
 
 def peers_goals(quick: bool) -> tuple[str, str]:
-    """Issue #17's goal table: warm p50 and 8-client batched throughput against both peers."""
-    command = [PEERS_PY[0], str(HERE / "peers" / "run.py"), "--goals", "--out",
-               str(OUT / "peers-goals"), "--markdown", str(OUT / "RESULTS-peers-goals.md")]  # fmt: skip
-    _run(command, timeout_s=1800)
+    """Issue #17's goal table: warm p50 and 8-client batched throughput against both peers,
+    three rounds per system in alternating order (Ray Serve in the middle one), so each figure
+    comes with its range and one disturbed minute cannot pass for a result (~5-6 min)."""
+    command = [PEERS_PY[0], str(HERE / "peers" / "run.py"), "--goals", "--rounds", "3",
+               "--out", str(OUT / "peers-goals"),
+               "--markdown", str(OUT / "RESULTS-peers-goals.md")]  # fmt: skip
+    _run(command, timeout_s=1800, env=_this_checkout())
     return _shown(command), _nested((OUT / "RESULTS-peers-goals.md").read_text())
+
+
+def _this_checkout() -> dict[str, str]:
+    """PYTHONPATH for the peers' interpreter to import this checkout's gpufaas (its strict
+    editable build), whichever tree that interpreter has installed; empty if there is none."""
+    builds = sorted((ROOT / "build").glob("__editable__.gpufaas-*"))
+    if not builds:
+        return {}
+    path = os.pathsep.join(p for p in (str(builds[-1]), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path}
 
 
 # -- the sections whose figures were hand-pasted before (issue #12 item 6) -------------------------

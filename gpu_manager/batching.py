@@ -6,7 +6,9 @@ first dimension, runs once, and splits the outputs back by rows. A request that 
 its model queued or running there runs at once: the delay is spent only when there is load to
 batch with (requests that queue while a batch runs), never by a lone request on an idle device. Only requests whose inputs agree
 beyond the first dimension (same trailing shape and dtype) are merged; the others wait for the
-next batch, which starts right away. One batch runs at a time per (device, model): requests that
+next batch, which starts right away. Nor is the delay spent waiting for requests that cannot
+come: once ``most_waiting`` requests wait (as many as the device admits at once: no other can
+reach the batcher before this batch runs), the batch goes, full or not. One batch runs at a time per (device, model): requests that
 arrive meanwhile form the next one. A request's eviction hint (the scheduler's ``evict_first``)
 travels with it: a batch runs with its oldest request's hint, for the load that batch may cause.
 """
@@ -80,10 +82,17 @@ class Batcher(Generic[R]):
         max_batch_size: int,
         max_delay_ms: float,
         run: Callable[[list[Inputs], tuple[str, ...]], Awaitable[list[R]]],
+        most_waiting: int | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if most_waiting is not None and most_waiting < 1:
+            raise ValueError(f"most_waiting must be >= 1 or None, got {most_waiting}")
         self.max_batch_size = max_batch_size
+        # Requests that can wait here at once (the device's admission); None: no bound known.
+        # Without it a closed loop of as many clients as the device admits waited the whole
+        # delay for every batch: rows that could not arrive (bench/RESULTS.md, #17, eighth session).
+        self.most_waiting = most_waiting
         self.max_delay_s = max(0.0, max_delay_ms) / 1000
         self._run = run
         self._queue: list[_Waiting[R]] = []
@@ -146,13 +155,17 @@ class Batcher(Generic[R]):
                 return
             deadline = self._queue[0].arrived + self.max_delay_s
             remaining = deadline - time.monotonic()
-            if self._ready_rows() >= self.max_batch_size or remaining <= 0:
+            if self._ready_rows() >= self.max_batch_size or remaining <= 0 or self._no_more():
                 return
             self._arrival.clear()
             try:
                 await asyncio.wait_for(self._arrival.wait(), timeout=remaining)
             except TimeoutError:
                 return
+
+    def _no_more(self) -> bool:
+        """Whether every request the device admits at once is already waiting here."""
+        return self.most_waiting is not None and len(self._queue) >= self.most_waiting
 
     def _ready_rows(self) -> int:
         first = self._queue[0]

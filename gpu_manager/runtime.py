@@ -274,6 +274,7 @@ class NodeRuntime:
                 max_batch_size=spec.batching.max_batch_size,
                 max_delay_ms=spec.batching.max_delay_ms,
                 run=lambda batch, hint: self._run_batch(name, device, batch, hint),
+                most_waiting=device.max_concurrency,  # the node admits as many per device
             )
             self.batchers[key] = batcher
         return batcher

@@ -45,6 +45,7 @@ from gpufaas.core.api import InferenceFunction, is_valid_name
 from gpufaas.core.counting import LoopCounter, LoopHistogram
 from gpufaas.core.frames import InferHead
 from gpufaas.core.http import (
+    BATCH_SIZE_HEADER,
     CACHE_HEADER,
     COMPUTE_MS_HEADER,
     LOAD_MS_HEADER,
@@ -104,6 +105,7 @@ _PASSTHROUGH_HEADERS = (
     CACHE_HEADER,
     LOAD_MS_HEADER,
     COMPUTE_MS_HEADER,  # the forward pass's share of the latency, for clients and benchmarks
+    BATCH_SIZE_HEADER,  # requests that shared the pass: a batching histogram from the client
     REASON_HEADER,
     FORWARD_MS_HEADER,  # scale-out: a forwarded request's hop, as its sender and owner saw it
     OWNER_MS_HEADER,

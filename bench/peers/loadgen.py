@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import psutil
@@ -31,12 +32,17 @@ import psutil
 RequestFactory = Callable[[str], tuple[str, dict[str, str], bytes]]
 
 
+# gpufaas's answer header: how many requests shared the forward pass that answered this one
+BATCH_SIZE_HEADER = "x-gpufaas-batch-size"
+
+
 @dataclass
 class Sample:
     model: str
     latency_s: float
     ok: bool
     status: int
+    batch_size: int | None = None  # from BATCH_SIZE_HEADER, where the system sends it
 
 
 @dataclass
@@ -45,6 +51,7 @@ class PhaseResult:
     wall_s: float = 0.0
     dropped: int = 0
     timeouts: int = 0
+    client_cpu_s: float = 0.0  # the load generator's CPU while it ran (its collector paused)
     first_errors: list[str] = field(default_factory=list)
 
     @property
@@ -85,17 +92,20 @@ async def _send(
 ) -> None:
     url, headers, body = make_request(model)
     status = 0
+    batch_size = None
     try:
         response = await client.post(url, headers=headers, content=body)
         status = response.status_code
         ok = status == 200
+        shared = response.headers.get(BATCH_SIZE_HEADER)
+        batch_size = int(shared) if shared is not None and shared.isdigit() else None
         if not ok and len(result.first_errors) < 5:
             result.first_errors.append(f"{model}: HTTP {status}: {response.text[:200]}")
     except httpx.HTTPError as e:
         ok = False
         if len(result.first_errors) < 5:
             result.first_errors.append(f"{model}: {type(e).__name__}: {e}")
-    result.samples.append(Sample(model, time.perf_counter() - started, ok, status))
+    result.samples.append(Sample(model, time.perf_counter() - started, ok, status, batch_size))
 
 
 async def closed_loop(
@@ -119,9 +129,10 @@ async def closed_loop(
             await _send(client, make_request, model, time.perf_counter(), result)
 
     with quiet_gc():
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client_loop() for _ in range(max(1, concurrency))))
         result.wall_s = time.perf_counter() - started
+        result.client_cpu_s = time.process_time() - cpu
     return result
 
 
@@ -196,16 +207,37 @@ def tree_pids(root: int) -> list[int]:
         return []
 
 
-def tree_cpu_s(root: int) -> float:
-    """User + system CPU seconds used so far by a process and its live descendants."""
-    total = 0.0
+def process_label(process: psutil.Process) -> str:
+    """A short name for one process of a system's tree: what it runs, not its pid."""
+    try:
+        command = process.cmdline()
+        name = process.name()
+    except psutil.Error:
+        return "?"
+    if "-m" in command[:-1]:  # python -m gpufaas.core.cli up / python -m gpufaas.gpu_manager
+        module, *rest = command[command.index("-m") + 1 :]
+        return module + (f" {rest[0]}" if rest and not rest[0].startswith("-") else "")
+    scripts = [Path(c).name for c in command[1:3] if c.endswith(".py")]
+    return scripts[0] if scripts else name
+
+
+def tree_cpu_by_process(root: int) -> dict[str, float]:
+    """User + system CPU seconds so far of each live process of a tree, summed per label."""
+    totals: dict[str, float] = {}
     for pid in tree_pids(root):
         try:
-            times = psutil.Process(pid).cpu_times()
-            total += times.user + times.system
+            process = psutil.Process(pid)
+            times = process.cpu_times()
         except psutil.Error:
-            pass
-    return total
+            continue
+        label = process_label(process)
+        totals[label] = totals.get(label, 0.0) + times.user + times.system
+    return totals
+
+
+def tree_cpu_s(root: int) -> float:
+    """User + system CPU seconds used so far by a process and its live descendants."""
+    return sum(tree_cpu_by_process(root).values())
 
 
 class MemorySampler:

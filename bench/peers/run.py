@@ -86,11 +86,14 @@ class Plan:
     rates: dict[str, list[float]] = field(default_factory=dict)  # per family, set by gpufaas
     goals: bool = False  # issue #17's goal phases instead of the K-of-C ones
     batched_requests: int = 0  # N clients on the batched copy (--goals)
+    rounds: int = 1  # --goals: rounds per system, in alternating order (see round_order)
+    ray_rounds: int = 1  # of those, the ones Ray Serve runs in (its start costs ~20 s)
 
     @classmethod
     def goals_plan(cls, args: argparse.Namespace) -> Plan:
         """Issue #17's goals: warm p50 (1 client) with batching off, throughput of N clients
         with each system's dynamic batching on; two copies, both resident everywhere."""
+        rounds = max(1, args.rounds)
         return cls(
             families=args.families,
             systems=args.systems,
@@ -100,10 +103,11 @@ class Plan:
             zipf_s=args.zipf_s,
             seed=args.seed,
             warm_warmup=30,
-            warm_requests=1000,
-            loaded_requests=2000,
+            # the one-round run's requests and time, shared out over the rounds
+            warm_requests=-(-1000 // rounds),
+            loaded_requests=-(-2000 // rounds),
             zipf_requests=0,
-            phase_max_s=15.0,
+            phase_max_s=max(5.0, 15.0 / rounds),
             rate_fractions=[],
             rate_duration_s=0.0,
             open_max_outstanding=0,
@@ -114,7 +118,9 @@ class Plan:
             profile=args.profile,
             torch_threads=args.torch_threads,
             goals=True,
-            batched_requests=5000,
+            batched_requests=-(-5000 // rounds),
+            rounds=rounds,
+            ray_rounds=min(rounds, max(1, args.ray_rounds)),
         )
 
     @classmethod
@@ -210,7 +216,7 @@ async def _verified(client: Any, make: Any, model: str, expected: dict[str, Any]
 async def _run_goal_phases(system: Any, scenario: Any, plan: Plan, profiler: Any) -> dict[str, Any]:
     """Issue #17's goals: the copy with batching off (warm p50, 1 client; then N clients) and
     the copy with dynamic batching on (N clients), both loaded and warmed up first."""
-    from loadgen import closed_loop, new_client, tree_cpu_s
+    from loadgen import closed_loop, new_client, tree_cpu_by_process, tree_cpu_s
     from scenario import reference_outputs
 
     make = system.request_factory()
@@ -248,6 +254,8 @@ async def _run_goal_phases(system: Any, scenario: Any, plan: Plan, profiler: Any
                 max_seconds=plan.phase_max_s,
             )
         figures["loaded"] = _summary(loaded)
+        executions_before = system.executions(batched)
+        cpu_before_by_process = tree_cpu_by_process(system.server.pid)
         with profiler("batched"):
             batched_result = await closed_loop(
                 client,
@@ -257,7 +265,46 @@ async def _run_goal_phases(system: Any, scenario: Any, plan: Plan, profiler: Any
                 max_seconds=plan.phase_max_s,
             )
         figures["batched"] = _summary(batched_result)
+        answered = max(1, len(batched_result.samples))
+        figures["batched"]["cpu_us_per_request"] = _cpu_split(
+            tree_cpu_by_process(system.server.pid),
+            cpu_before_by_process,
+            client_s=batched_result.client_cpu_s,
+            requests=answered,
+        )
+        figures["batched"]["executions_by_batch_size"] = _executions(
+            batched_result.samples, system.executions(batched), executions_before
+        )
     return figures
+
+
+def _cpu_split(
+    after: dict[str, float], before: dict[str, float], *, client_s: float, requests: int
+) -> dict[str, float]:
+    """CPU µs per request of the load generator and of each process of the system's tree."""
+    split = {"client (load generator)": client_s}
+    split.update({label: s - before.get(label, 0.0) for label, s in after.items()})
+    return {label: round(1e6 * s / requests, 1) for label, s in split.items()}
+
+
+def _executions(
+    samples: list[Any], after: dict[int, int] | None, before: dict[int, int] | None
+) -> dict[str, int] | None:
+    """Forward passes per batch size during a phase: the system's own count where it keeps one
+    (Triton's statistics), else from each answer's batch size (gpufaas: a pass of size b
+    answered b requests); None where neither is known (Ray Serve)."""
+    if after is not None:
+        before = before or {}
+        counts = {size: n - before.get(size, 0) for size, n in after.items()}
+    else:
+        sizes = [s.batch_size for s in samples if s.ok and s.batch_size]
+        if not sizes:
+            return None
+        answers: dict[int, int] = {}
+        for size in sizes:
+            answers[size] = answers.get(size, 0) + 1
+        counts = {size: round(n / size) for size, n in answers.items()}
+    return {str(size): n for size, n in sorted(counts.items()) if n > 0}
 
 
 async def _run_phases(system: Any, scenario: Any, plan: Plan, profiler: Any) -> dict[str, Any]:
@@ -566,10 +613,10 @@ def _machine() -> dict[str, Any]:
 
 
 def _measure(
-    system: str, family: str, plan: Plan, *, tmp: Path, out: Path, netns: bool
+    system: str, family: str, plan: Plan, *, tmp: Path, out: Path, netns: bool, round_index: int
 ) -> dict[str, Any]:
     """One system serving one family, in a worker process in its own network namespace."""
-    label = f"{system}-{family}"
+    label = f"{system}-{family}" + (f"-r{round_index + 1}" if plan.rounds > 1 else "")
     plan_path = tmp / f"plan-{label}.json"
     result_path = tmp / f"result-{label}.json"
     plan_path.write_text(json.dumps({**asdict(plan), "families": [family]}))
@@ -586,6 +633,69 @@ def _measure(
     return {"error": f"worker exit {code}", "log_tail": log.read_text(errors="replace")[-3000:]}
 
 
+def round_order(
+    systems: list[str],
+    round_index: int,
+    *,
+    family_index: int = 0,
+    rounds: int = 1,
+    ray_rounds: int = 1,
+) -> list[str]:
+    """The systems one round measures on one family, in order.
+
+    The order is reversed every other round and family, so no system always goes first or
+    always follows the same one, and a disturbance of the machine that lasts a minute hits
+    different systems in different rounds. Ray Serve runs only in its ``ray_rounds``, the
+    middle ones: its start and stop take ~20 s, and its figures are 4-10x from the goals'
+    bounds, where the PyTriton ones are within run-to-run noise."""
+    order = list(systems) if (round_index + family_index) % 2 == 0 else list(reversed(systems))
+    first_ray = (rounds - ray_rounds) // 2
+    if not first_ray <= round_index < first_ray + ray_rounds:
+        order = [s for s in order if s != "ray"]
+    return order
+
+
+def schedule(plan: Plan) -> list[tuple[int, str, str]]:
+    """(round, family, system) in the order they run: family by family, every system in turn
+    (each comparison taken within minutes), and with ``--rounds`` that many times over."""
+    if not plan.goals:
+        return [(0, family, system) for family in plan.families for system in plan.systems]
+    return [
+        (r, family, system)
+        for r in range(plan.rounds)
+        for k, family in enumerate(plan.families)
+        for system in round_order(
+            plan.systems, r, family_index=k, rounds=plan.rounds, ray_rounds=plan.ray_rounds
+        )
+    ]
+
+
+def _family_report(plan: Plan, report: dict[str, Any], family: str) -> dict[str, Any]:
+    """One family's figures (the median of its rounds), ratios, table and goals."""
+    per_round = {
+        system: [_figures(e) for e in report["systems"][system]["rounds"].get(family, [])]
+        for system in plan.systems
+    }
+    figures = {
+        system: {key: workload.median([r[key] for r in runs]) for key in _figures({})}
+        for system, runs in per_round.items()
+    }
+    if "gpufaas" not in figures:
+        return {"figures": figures, "ratios": {}, "table": "", "goals": []}
+    rows = workload.ratio_table(figures, rounds=per_round if plan.rounds > 1 else None)
+    return {
+        "figures": figures,
+        "ratios": {row["figure"]: row["ratios"] for row in rows},
+        "spread": {
+            system: {row["figure"]: row["spread"][system] for row in rows} for system in figures
+        }
+        if plan.rounds > 1
+        else {},
+        "table": workload.format_table(rows),
+        "goals": [g.to_dict() for g in workload.check_goals(rows)],
+    }
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     plan = Plan.from_args(args)
     out = Path(plan.out_dir)
@@ -598,8 +708,14 @@ def orchestrate(args: argparse.Namespace) -> int:
         print("run.py: 'unshare' is missing; it isolates the systems' ports", file=sys.stderr)
         return 2
 
+    import gpufaas.scheduler
     from gpufaas.core.examples import build_examples
 
+    # The peers' interpreter may have another checkout's gpufaas installed (an editable
+    # install of the main tree, say): say which code was measured.
+    source = Path(gpufaas.scheduler.__file__).resolve().parent.parent
+    if source != ROOT:
+        print(f"run.py: measuring the gpufaas of {source}, not of {ROOT}", file=sys.stderr)
     build_examples(Path(plan.models_dir), names=plan.families, progress=False)
     started = datetime.now(UTC)
     load_before = os.getloadavg()
@@ -608,34 +724,28 @@ def orchestrate(args: argparse.Namespace) -> int:
         "command": " ".join(["python", "bench/peers/run.py", *sys.argv[1:]]),
         "machine": _machine(),
         "load_average_before": [round(x, 2) for x in load_before],
+        "gpufaas_source": str(source),
         "plan": asdict(plan),
         "systems": {},
     }
-    report["systems"] = {system: {"system": system, "families": {}} for system in plan.systems}
+    report["systems"] = {
+        system: {"system": system, "families": {}, "rounds": {}} for system in plan.systems
+    }
     with tempfile.TemporaryDirectory(prefix="peers-run-") as tmp:
-        # Family by family, every system in turn: each comparison is taken within minutes,
-        # so a change in the machine's background load hits all systems alike.
-        for family in plan.families:
-            for system in plan.systems:
-                entry = _measure(system, family, plan, tmp=Path(tmp), out=out, netns=netns)
-                report["systems"][system]["families"][family] = entry
-                if system == "gpufaas" and entry.get("rates") and family not in plan.rates:
-                    plan.rates[family] = entry["rates"]  # the same offered rates for the peers
+        for round_index, family, system in schedule(plan):
+            began = datetime.now(UTC)
+            entry = _measure(
+                system, family, plan, tmp=Path(tmp), out=out, netns=netns, round_index=round_index
+            )
+            entry.update(round=round_index + 1, began=began.strftime("%H:%M:%S"),
+                         load_average=round(os.getloadavg()[0], 2))  # fmt: skip
+            report["systems"][system]["families"][family] = entry  # its last round's
+            report["systems"][system]["rounds"].setdefault(family, []).append(entry)
+            if system == "gpufaas" and entry.get("rates") and family not in plan.rates:
+                plan.rates[family] = entry["rates"]  # the same offered rates for the peers
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     report["wall_s"] = round((datetime.now(UTC) - started).total_seconds(), 1)
-    report["families"] = {}
-    for family in plan.families:
-        figures = {
-            system: _figures(report["systems"][system].get("families", {}).get(family, {}))
-            for system in plan.systems
-        }
-        rows = workload.ratio_table(figures) if "gpufaas" in figures else []
-        report["families"][family] = {
-            "figures": figures,
-            "ratios": {row["figure"]: row["ratios"] for row in rows},
-            "table": workload.format_table(rows),
-            "goals": [g.to_dict() for g in workload.check_goals(rows)],
-        }
+    report["families"] = {family: _family_report(plan, report, family) for family in plan.families}
     (out / "peers-results.json").write_text(json.dumps(report, indent=1))
     try:
         from plot import plot_report
@@ -716,6 +826,7 @@ def _markdown_section(report: dict[str, Any]) -> str:
         f"- command: `{report['command']}`",
         f"- machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, "
         f"{machine['os']}, Python {machine['python']}; {versions}",
+        f"- gpufaas measured: the code in `{report.get('gpufaas_source', '?')}`",
         f"- load average (1/5/15 min) before: {report['load_average_before']}, "
         f"after: {report['load_average_after']} (the machine is shared)",
         f"- workload: K={plan['copies']} copies per family, room for C={plan['capacity']}, "
@@ -723,17 +834,28 @@ def _markdown_section(report: dict[str, Any]) -> str:
         f"seed {plan['seed']}; wall time {report['wall_s']} s",
     ]
     if plan.get("goals"):
+        rounds = plan.get("rounds", 1)
         lines[-1] = (
             f"- workload: 2 copies per family, both resident everywhere, one with batching off "
             f"(warm: 1 client, {plan['warm_requests']} requests; N={plan['concurrency']} clients, "
             f"{plan['loaded_requests']}), one with each system's dynamic batching on "
-            f"(N={plan['concurrency']} clients, {plan['batched_requests']} requests); "
-            f"wall time {report['wall_s']} s"
+            f"(N={plan['concurrency']} clients, {plan['batched_requests']} requests)"
+            + (
+                f"; each {rounds} times, every system restarted each round, in alternating "
+                f"order (Ray Serve in {plan.get('ray_rounds', 1)} of them); a figure is the "
+                f"median of its rounds, (low-high) its range, a ratio's range that of the "
+                f"ratios of the same round"
+                if rounds > 1
+                else ""
+            )
+            + f"; wall time {report['wall_s']} s"
         )
     if report.get("goal_table"):
         lines += ["", report["goal_table"]]
     for family, data in report["families"].items():
         lines += ["", f"### {family}", "", data["table"], ""]
+        if plan.get("goals"):
+            lines += _rounds_table(report, family)
         for goal in [] if plan.get("goals") else _k_of_c_goals(data["goals"]):
             mark = {True: "met", False: "**missed**", None: "n/a"}[goal["met"]]
             lines.append(f"- {goal['name']}: {mark} (gpufaas/{goal['peer']} = {goal['ratio']})")
@@ -749,6 +871,34 @@ def _markdown_section(report: dict[str, Any]) -> str:
             if rates:
                 lines.append(f"- {system}, open loop: " + "; ".join(rates))
     return "\n".join(lines) + "\n"
+
+
+def _rounds_table(report: dict[str, Any], family: str) -> list[str]:
+    """Each round of each system on one family, in the order they ran: when, the load, the
+    goal figures, and in the batched phase the forward passes per batch size and the CPU per
+    request of the load generator and each of the system's processes."""
+    runs = sorted(
+        (entry.get("began", ""), system, entry)
+        for system, result in report["systems"].items()
+        for entry in result.get("rounds", {}).get(family, [])
+    )
+    lines = [
+        "| round | system | began (UTC) | load | warm p50 ms | batched req/s | passes per batch size"
+        " (batched) | CPU µs per request (batched) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for began, system, entry in runs:
+        batched = entry.get("batched", {})
+        passes = batched.get("executions_by_batch_size")
+        cpu = batched.get("cpu_us_per_request") or {}
+        lines.append(
+            f"| {entry.get('round', 1)} | {system} | {began} | {entry.get('load_average', '-')}"
+            f" | {workload.cell(entry.get('warm', {}).get('p50_ms'))}"
+            f" | {workload.cell(batched.get('throughput_rps'))}"
+            f" | {' '.join(f'{k}:{v}' for k, v in passes.items()) if passes else '-'}"
+            f" | {', '.join(f'{k} {v:.0f}' for k, v in cpu.items() if v >= 1) or '-'} |"
+        )
+    return [*lines, ""]
 
 
 def _text_report(report: dict[str, Any]) -> str:
@@ -802,6 +952,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--copies", type=int, default=0, help="models per family (K)")
     parser.add_argument("--capacity", type=int, default=0, help="models that fit at once (C)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="--goals: rounds per system in alternating order, the requests shared out over "
+        "them; figures are the medians, with each round's range",
+    )
+    parser.add_argument(
+        "--ray-rounds", type=int, default=1, help="--goals: of those rounds, Ray Serve's"
+    )
     parser.add_argument("--concurrency", type=int, default=8, help="closed-loop clients (N)")
     parser.add_argument("--zipf-s", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=0)

@@ -121,6 +121,11 @@ class System:
     def extra_headers(self, model: str) -> dict[str, str]:
         return {}
 
+    def executions(self, model: str) -> dict[int, int] | None:
+        """Forward passes run so far for ``model``, per batch size; None where the system does
+        not say (gpufaas says it per answer instead, in ``loadgen.BATCH_SIZE_HEADER``)."""
+        return None
+
     # -- common --
 
     def request_factory(self) -> RequestFactory:
@@ -253,6 +258,21 @@ class PyTriton(_PeerApp):
         if not self.ready_file.exists():
             return False
         return client.get(f"{self.base}/v2/health/ready").status_code == 200
+
+    def executions(self, model: str) -> dict[int, int] | None:
+        """Triton's statistics extension: executions per batch size (``batch_stats``), with
+        the access token PyTriton restricts it to (``triton_app.py`` writes it down)."""
+        token = self.ready_file.with_suffix(".token").read_text().strip()
+        headers = {"triton-access-token": token} if token else {}
+        with httpx.Client(timeout=10.0, trust_env=False) as client:
+            reply = client.get(f"{self.base}/v2/models/{model}/stats", headers=headers)
+        if reply.status_code != 200:
+            return None
+        stats = reply.json().get("model_stats") or [{}]
+        return {
+            int(b["batch_size"]): int(b["compute_infer"]["count"])
+            for b in stats[0].get("batch_stats", [])
+        }
 
 
 def measure_gpufaas_footprint(scenario: Scenario, *, workdir: Path, timeout_s: float) -> int:

@@ -204,6 +204,9 @@ def main() -> int:
         for name, entry in specs["models"].items():
             triton.bind(**binding(name, entry, cache, specs=specs))
         triton.run()
+        # PyTriton's default security restricts the statistics API to a token it makes up;
+        # the bench reads the batch-size statistics with it (systems.PyTriton.executions).
+        args.ready_file.with_suffix(".token").write_text(triton.get_access_token() or "")
         args.ready_file.write_text("ready\n")
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())

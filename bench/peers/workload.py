@@ -30,13 +30,17 @@ __all__ = [
     "Figure",
     "Goal",
     "Summary",
+    "cell",
     "check_goals",
     "format_table",
     "goal_table",
+    "median",
     "percentile",
     "poisson_arrivals",
     "ratio",
     "ratio_table",
+    "round_ratios",
+    "spread",
     "summarize",
     "zipf_sequence",
     "zipf_weights",
@@ -173,9 +177,17 @@ def ratio(ours: float | None, theirs: float | None) -> float | None:
 
 
 def ratio_table(
-    figures: Mapping[str, Mapping[str, float | None]], *, reference: str = "gpufaas"
+    figures: Mapping[str, Mapping[str, float | None]],
+    *,
+    reference: str = "gpufaas",
+    rounds: Mapping[str, Sequence[Mapping[str, float | None]]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per figure: each system's value and ``reference/peer`` for every peer."""
+    """One row per figure: each system's value and ``reference/peer`` for every peer.
+
+    ``rounds`` (a run of several rounds, ``figures`` being their medians): each system's
+    figures per round; each row then also holds every system's range over its rounds
+    (``spread``) and the ratio of each round (``ratio_rounds``, see :func:`round_ratios`), and
+    the ratio is their median."""
     if reference not in figures:
         raise ValueError(f"ratio_table: no figures for the reference system {reference!r}")
     peers = [name for name in figures if name != reference]
@@ -192,14 +204,59 @@ def ratio_table(
                 for peer in peers
             },
         }
+        if rounds is not None:
+            per_round = {
+                name: [r.get(figure.key) for r in rounds.get(name, [])] for name in figures
+            }
+            row["spread"] = {name: spread(values) for name, values in per_round.items()}
+            row["ratio_rounds"] = {
+                peer: round_ratios(per_round[reference], per_round[peer]) for peer in peers
+            }
+            # the ratio is the median of the rounds' ratios, not the medians' ratio: the
+            # figure that sits inside the range printed after it
+            for peer, ratios in row["ratio_rounds"].items():
+                if ratios:
+                    row["ratios"][peer] = round(median(ratios) or 0.0, 3)
         rows.append(row)
     return rows
 
 
-def _cell(value: float | None) -> str:
+def median(values: Sequence[float | None]) -> float | None:
+    """The median of the known values; None if there is none."""
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return None
+    return float(np.median(known))
+
+
+def spread(values: Sequence[float | None]) -> tuple[float, float] | None:
+    """(lowest, highest) of the known values; None if there is none."""
+    known = [v for v in values if v is not None]
+    return (min(known), max(known)) if known else None
+
+
+def round_ratios(ours: Sequence[float | None], theirs: Sequence[float | None]) -> list[float]:
+    """Our figure over the peer's, round by round: round i against the peer's round i where
+    both ran every round (measured minutes apart, so a change in the machine's load hits both),
+    else each of our rounds against the peer's median. Unknown values are left out."""
+    if len(ours) == len(theirs):
+        pairs = list(zip(ours, theirs, strict=True))
+    else:
+        pairs = [(value, median(theirs)) for value in ours]
+    return [r for r in (ratio(a, b) for a, b in pairs) if r is not None]
+
+
+def cell(value: float | None, between: Sequence[float] | None = None) -> str:
+    """A figure, with the range of its rounds after it (``1.5 (1.2-1.7)``) when they differ."""
     if value is None:
         return "-"
-    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+    def number(v: float) -> str:
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+    if between and len(between) > 1 and number(min(between)) != number(max(between)):
+        return f"{number(value)} ({number(min(between))}-{number(max(between))})"
+    return number(value)
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], *, reference: str = "gpufaas") -> str:
@@ -213,9 +270,11 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, reference: str = "gpufaas
     for row in rows:
         if all(value is None for value in row["values"].values()):
             continue  # not measured in this mode (the batched figures outside --goals, say)
+        spreads = row.get("spread", {})
+        ratio_rounds = row.get("ratio_rounds", {})
         cells = [row["label"], row["unit"]]
-        cells += [_cell(row["values"][s]) for s in systems]
-        cells += [_cell(row["ratios"][p]) for p in peers]
+        cells += [cell(row["values"][s], spreads.get(s)) for s in systems]
+        cells += [cell(row["ratios"][p], ratio_rounds.get(p)) for p in peers]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -231,6 +290,8 @@ class Goal:
     ratio: float | None
     met: bool | None  # None: not measured (peer missing)
     how: str = "le"  # ratio "le" / "ge" / "lt" the bound
+    rounds: tuple[float, ...] = ()  # the ratio of each round (a run of several rounds)
+    met_rounds: int = 0  # how many of those met the bound
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,45 +319,56 @@ _GOALS: tuple[tuple[str, str, str, float, str], ...] = (
 GOALS_17 = tuple(goal[0] for goal in _GOALS if goal[0].startswith("#17 "))
 
 
+def _meets(value: float, bound: float, how: str) -> bool:
+    if how == "le":
+        return value <= bound
+    if how == "ge":
+        return value >= bound
+    return value < bound
+
+
 def check_goals(rows: Sequence[Mapping[str, Any]]) -> list[Goal]:
-    """Evaluate the issue's goals on a ratio table (gpufaas is the reference)."""
+    """Evaluate the issue's goals on a ratio table (gpufaas is the reference): on the ratio of
+    the figures (the medians, in a run of rounds), each round's counted too."""
     by_figure = {row["figure"]: row for row in rows}
     goals = []
     for name, peer, figure, bound, how in _GOALS:
         row = by_figure.get(figure)
         value = None if row is None else row["ratios"].get(peer)
-        met: bool | None
-        if value is None:
-            met = None
-        elif how == "le":
-            met = value <= bound
-        elif how == "ge":
-            met = value >= bound
-        else:
-            met = value < bound
-        goals.append(Goal(name, peer, figure, bound, value, met, how))
+        rounds = tuple(row.get("ratio_rounds", {}).get(peer, ())) if row is not None else ()
+        met = None if value is None else _meets(value, bound, how)
+        met_rounds = sum(_meets(r, bound, how) for r in rounds)
+        goals.append(Goal(name, peer, figure, bound, value, met, how, rounds, met_rounds))
     return goals
 
 
 def goal_table(per_family: Mapping[str, Mapping[str, Any]]) -> str:
     """Issue #17's goals as a Markdown table: one row per family and goal, with gpufaas's
     figure, the peer's, their ratio, the bound and whether it is met. ``per_family`` maps a
-    family to ``{"figures": {system: {figure: value}}, "goals": [Goal.to_dict(), ...]}``."""
+    family to ``{"figures": {system: {figure: value}}, "goals": [Goal.to_dict(), ...]}``, and
+    in a run of rounds also ``"spread": {system: {figure: (low, high)}}``: each figure then
+    shows its range over the rounds, each ratio the range of its rounds' ratios, and the
+    verdict how many rounds met the bound."""
     lines = [
         "| family | goal | gpufaas | peer | gpufaas/peer | bound | met |",
         "|---|---|---|---|---|---|---|",
     ]
     for family, data in per_family.items():
         figures = data["figures"]
+        spreads = data.get("spread", {})
         for goal in data["goals"]:
             if goal["name"] not in GOALS_17:
                 continue
-            ours = figures.get("gpufaas", {}).get(goal["figure"])
-            theirs = figures.get(goal["peer"], {}).get(goal["figure"])
+            key, peer = goal["figure"], goal["peer"]
+            ours = cell(figures.get("gpufaas", {}).get(key), spreads.get("gpufaas", {}).get(key))
+            theirs = cell(figures.get(peer, {}).get(key), spreads.get(peer, {}).get(key))
             how = {"le": "<=", "ge": ">=", "lt": "<"}[goal["how"]]
             mark = {True: "met", False: "**missed**", None: "n/a"}[goal["met"]]
+            rounds = goal.get("rounds") or ()
+            if len(rounds) > 1:
+                mark += f" ({goal['met_rounds']} of {len(rounds)} rounds)"
             lines.append(
-                f"| {family} | {goal['name'][4:]} | {_cell(ours)} | {_cell(theirs)} "
-                f"| {_cell(goal['ratio'])} | {how} {goal['bound']:g} | {mark} |"
+                f"| {family} | {goal['name'][4:]} | {ours} | {theirs} "
+                f"| {cell(goal['ratio'], rounds)} | {how} {goal['bound']:g} | {mark} |"
             )
     return "\n".join(lines)

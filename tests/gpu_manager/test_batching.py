@@ -64,3 +64,20 @@ async def test_requests_arriving_together_still_wait_to_be_batched() -> None:
     third = asyncio.create_task(batcher.submit(request(3.0)))
     assert await asyncio.gather(first, second, third) == [1.0, 2.0, 3.0]
     assert recorder.batches == [[1.0, 2.0, 3.0]]
+
+
+async def test_a_batch_goes_once_every_request_the_device_admits_is_waiting() -> None:
+    """No wait for rows that cannot come: with at most 3 requests admitted on the device at
+    once, 3 waiting is all there will be until they are answered (a closed loop of 3 clients
+    sat out the whole delay on every batch before)."""
+    recorder = Recorder()
+    batcher = Batcher(max_batch_size=8, max_delay_ms=600_000, run=recorder.run, most_waiting=3)
+
+    first = asyncio.create_task(batcher.submit(request(1.0)))
+    second = asyncio.create_task(batcher.submit(request(2.0)))
+    await settle()
+    assert recorder.batches == []  # two of three: the third may still come, so they wait
+    third = asyncio.create_task(batcher.submit(request(3.0)))
+    done = await asyncio.wait_for(asyncio.gather(first, second, third), timeout=10)
+    assert done == [1.0, 2.0, 3.0]
+    assert recorder.batches == [[1.0, 2.0, 3.0]]

@@ -483,6 +483,25 @@ async def test_concurrent_requests_for_one_model_are_batched(
     assert whole.batch_size == 1  # a full batch on its own goes straight through
 
 
+async def test_a_batch_does_not_wait_for_more_requests_than_the_device_runs_at_once(
+    runtime_factory: Factory, models: dict[str, Model]
+) -> None:
+    """Batches of up to 8 on a device that runs 2 requests at once (the node admits as many):
+    2 waiting is a batch, not a wait of the whole delay for 6 more that cannot come."""
+    model = models["tiny-mlp"].with_spec(batching={"maxBatchSize": 8, "maxDelayMs": 10_000})
+    runtime = runtime_factory(register=[model], max_concurrency_per_device=2)
+    requests = [model.inputs(batch=1, seed=i) for i in range(2)]
+
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(
+            *(runtime.infer(model.name, inputs, device_id="cpu:0") for inputs in requests)
+        ),
+        timeout=5,  # half the delay: a batch that waited it out fails here
+    )
+
+    assert [o.batch_size for o in outcomes] == [2, 2]
+
+
 async def test_only_requests_of_the_same_shape_share_a_batch(
     runtime_factory: Factory, models: dict[str, Model]
 ) -> None:
