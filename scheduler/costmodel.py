@@ -47,7 +47,10 @@ Calibration (``bench/fsd.py --calibrate-only``, on nets that are never the bench
 3. channels: sharded runs (2 and 4 shards, block and random, and 8 shards block: more
    shards than cores; two depths and batches) per channel; what compute and coordinator
    leave gives ``c_msg``, ``c_byte``, ``c_sync``, ``c_wake``, ``c_shard``. The max over the branches makes this not linear in the constants, so
-   :func:`fit_channel` fixes each layer's binding branch, fits, and repeats.
+   :func:`fit_channels` fixes each layer's binding branch, fits, and repeats. All channels
+   are fitted at once: ``c_shard`` (the coordinator's call to a shard) and ``c_wake`` (a
+   shard's wake-up on a busy core) are the same code whatever the channel and take one
+   value for all (:data:`SHARED_TERMS`); the others are each channel's own.
 
 Speed: every constant is CPU time on the machine that ran the calibration, at its speed
 then. A shared host's speed drifts (a cache- or core-sharing neighbour; bench/RESULTS.md,
@@ -58,7 +61,8 @@ every calibration run having been scaled to that speed by its own probe. :func:`
 rescales all of them to the speed a later probe reads; the model then predicts at that
 speed. The probe never uses the measurement it corrects.
 
-:func:`choose` ranks candidate configurations by predicted latency. Pure: no clocks, no I/O.
+:func:`choose` ranks candidate configurations by predicted latency, all at one speed (a probe
+read beside one candidate must not move it alone). Pure: no clocks, no I/O.
 """
 
 from __future__ import annotations
