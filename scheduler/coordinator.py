@@ -321,10 +321,10 @@ class Coordinator:
         self, name: str, x: NDArray[Any], *, timeout_s: float | None = None
     ) -> NDArray[Any]:
         """The set's output for ``x`` (``(batch, n_in)``), as ``(batch, n_out)``. With
-        ``batching``, concurrent requests share passes (:mod:`gpufaas.scheduler.passes`). Off
-        by default: on the 4,096 x 24 net with requests of 64 samples, passes of 4 requests
-        made one shard 1.6x slower per request (its activations leave the L2 cache) and did
-        not raise N = 2's throughput (bench/RESULTS.md, #15, session 7)."""
+        ``batching``, concurrent requests share passes (:mod:`gpufaas.scheduler.passes`),
+        sized to the cache, two in flight. Off by default: on the 4,096 x 24 net with
+        requests of 64 samples they gained 1-3% at N = 2 and nothing clear at N = 1
+        (bench/RESULTS.md, #15, sessions 7 and 8)."""
         shard_set = self.sets[name]
         timeout_s = timeout_s or self.timeout_s
         columns = np.asarray(x, dtype=np.float32).T
