@@ -222,6 +222,7 @@ class Mailbox:
         self._chunks: dict[tuple[str, int, int], dict[int, Array]] = {}
         self._by_request: dict[str, set[tuple[str, int, int]]] = collections.defaultdict(set)
         self._open: set[str] = set()
+        self._taken: set[tuple[str, int, int]] = set()  # taken already: a repeat is a duplicate
         self._early: dict[str, float] = {}  # request ids heard of before open, first arrival
         self._closed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._remember_closed = remember_closed
@@ -236,6 +237,7 @@ class Mailbox:
         self._open.discard(request_id)
         self._early.pop(request_id, None)
         for key in self._by_request.pop(request_id, set()):
+            self._taken.discard(key)
             slot = self._slots.pop(key, None)
             if slot is not None and not slot.done():
                 slot.cancel()
@@ -255,6 +257,8 @@ class Mailbox:
         if rid not in self._open:
             self._early.setdefault(rid, now)
         key = envelope.key
+        if key in self._taken:
+            return False
         slot = self._slot(key)
         if slot.done():
             return False
@@ -272,14 +276,23 @@ class Mailbox:
         self, request_id: str, layer: int, src: int, *, timeout_s: float, channel: str,
         set_name: str,
     ) -> Array:  # fmt: skip
-        """The message from ``src`` for ``layer``; :class:`ShardTimeout` after ``timeout_s``."""
-        slot = self._slot((request_id, layer, src))
+        """The message from ``src`` for ``layer``; :class:`ShardTimeout` after ``timeout_s``.
+
+        Taking it lets go of it here (the caller holds it now): a value that is a view of a
+        shared-memory ring (core/hostlink.py) frees its span once the caller is done, not
+        when the request ends."""
+        key = (request_id, layer, src)
+        slot = self._slot(key)
         try:
-            return await asyncio.wait_for(asyncio.shield(slot), timeout=max(0.0, timeout_s))
+            values = await asyncio.wait_for(asyncio.shield(slot), timeout=max(0.0, timeout_s))
         except TimeoutError:
             raise ShardTimeout(
                 channel, set_name=set_name, shard=src, layer=layer, waited_s=timeout_s
             ) from None
+        if self._slots.get(key) is slot:
+            del self._slots[key]
+            self._taken.add(key)
+        return values
 
     def _slot(self, key: tuple[str, int, int]) -> asyncio.Future[Array]:
         slot = self._slots.get(key)

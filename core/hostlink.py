@@ -19,10 +19,14 @@ Over loopback HTTP a 512 KiB partial result costs 0.5-1.1 ms of CPU across its t
   neither process; what a killed process left before that (a ring, a socket's directory) is
   swept by the next :class:`LinkServer` to start (:func:`sweep`). A message's values are copied into the next free span of the ring, and a
   small notice (the envelope as JSON with the request id, the shape, the span) goes over the
-  socket. The receiver copies the values out, marks the span free (a counter in the ring's
-  first bytes that only it writes; the sender only writes the data and its own position),
-  files the message in the shard's mailbox and answers the notice's sequence number with a
-  status: 202 filed, 208 stale or a duplicate, 404 no such shard here, as the HTTP route does.
+  socket. The receiver files a **view of the span** (no copy) in the shard's mailbox and
+  answers the notice's sequence number with a status: 202 filed, 208 stale or a duplicate,
+  404 no such shard here, as the HTTP route does. The shard's worker thread reads its part
+  straight from the ring when it adds the part's product (session 8: before, the event loop
+  copied every part out first). A span is marked free (a counter in the ring's first bytes
+  that only the receiver writes; the sender only writes the data and its own position) when
+  the last reference to its view is gone (:class:`_Spans`: used, dropped as stale, or its
+  request ended), in ring order, so the sender never writes over values a shard still reads.
   A message that does not fit the free part of the ring travels inline, after its notice.
 * Every send waits for its answer within its deadline (:class:`LinkBroken` on timeout or a
   closed socket), and a broken link is dropped, so the next send asks again (the peer may
@@ -34,6 +38,7 @@ No pickled data crosses: notices are JSON, values raw float32.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -41,7 +46,9 @@ import mmap
 import os
 import struct
 import tempfile
+import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,21 +204,64 @@ class LinkServer:
         self.endpoint = None
 
 
+class _Spans:
+    """The spans of one ring lent out as views, freed in ring order.
+
+    The sender may write over everything before the ring's released counter, so the counter
+    moves past a span only once that span's view and every earlier one are gone. A view is
+    gone when its last reference is (the worker used it, the mailbox dropped it, its request
+    ended): a ``weakref.finalize`` on it, which runs in whichever thread lets go of it, hence
+    the lock."""
+
+    def __init__(self, ring: mmap.mmap) -> None:
+        self._released: NDArray[np.int64] | None = np.frombuffer(ring, dtype=np.int64, count=1)
+        self._lent: collections.deque[list[int]] = collections.deque()  # [end, done] in order
+        self._lock = threading.Lock()
+
+    def lend(self, ring: mmap.mmap, at: int, count: int, end: int) -> Array:
+        """A view of ``count`` float32 at ``at``; its span is freed when the view is gone."""
+        view = np.frombuffer(ring, dtype=np.float32, count=count, offset=at)
+        entry = [end, 0]
+        with self._lock:
+            self._lent.append(entry)
+        weakref.finalize(view, self._give_back, entry)
+        return view
+
+    @property
+    def lent(self) -> int:
+        return len(self._lent)
+
+    def _give_back(self, entry: list[int]) -> None:
+        with self._lock:
+            entry[1] = 1
+            while self._lent and self._lent[0][1]:
+                end = self._lent.popleft()[0]
+                if self._released is not None:
+                    self._released[0] = end
+
+    def detach(self) -> None:
+        """The link closed: views still held keep the mapping, nobody needs the counter."""
+        with self._lock:
+            self._released = None
+
+
 class _Receiver(asyncio.Protocol):
-    """One link's receiving end: notices in, values out of the sender's ring, answers back."""
+    """One link's receiving end: notices in, views of the sender's ring out, answers back."""
 
     def __init__(self, deliver: Callable[[dict[str, object], Array], int]) -> None:
         self._deliver = deliver
         self._buffer = bytearray()
-        self._rings: dict[str, tuple[mmap.mmap, int]] = {}
+        self._rings: dict[str, tuple[mmap.mmap, _Spans]] = {}
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for ring, _ in self._rings.values():
-            ring.close()
+        for ring, spans in self._rings.values():
+            spans.detach()
+            with contextlib.suppress(BufferError):  # views still held: unmapped when they go
+                ring.close()
         self._rings.clear()
 
     def data_received(self, data: bytes) -> None:
@@ -250,22 +300,19 @@ class _Receiver(asyncio.Protocol):
         ring_path = header.get("ring")
         if ring_path is None:  # inline: copied out of the buffer (which is reused)
             return np.frombuffer(inline, dtype=np.float32, count=count).copy().reshape(shape)
-        ring, _ = self._ring(str(ring_path))
-        at = int(cast(int, header["at"]))
-        values = np.frombuffer(ring, dtype=np.float32, count=count, offset=at).copy()
-        np.frombuffer(ring, dtype=np.int64, count=1)[0] = int(cast(int, header["end"]))
-        return values.reshape(shape)
+        ring, spans = self._ring(str(ring_path))
+        at, end = int(cast(int, header["at"])), int(cast(int, header["end"]))
+        return spans.lend(ring, at, count, end).reshape(shape)  # read where it lies
 
-    def _ring(self, path: str) -> tuple[mmap.mmap, int]:
+    def _ring(self, path: str) -> tuple[mmap.mmap, _Spans]:
         found = self._rings.get(path)
         if found is None:
             fd = os.open(path, os.O_RDWR)
             try:
-                size = os.fstat(fd).st_size
-                found = (mmap.mmap(fd, size), size)
+                ring = mmap.mmap(fd, os.fstat(fd).st_size)
             finally:
                 os.close(fd)
-            self._rings[path] = found
+            found = self._rings[path] = (ring, _Spans(ring))
         return found
 
 

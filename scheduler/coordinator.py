@@ -51,6 +51,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 from numpy.typing import NDArray
+from prometheus_client import CollectorRegistry
 
 from gpufaas.core.api import InferenceFunction, ModelFormat, ParallelStrategy
 from gpufaas.core.artifacts import ArtifactError, ArtifactStore
@@ -79,7 +80,14 @@ from gpufaas.scheduler.partition import (
     partition,
     split,
 )
-from gpufaas.scheduler.passes import PassDeadline, Passes
+from gpufaas.scheduler.passes import (
+    DEFAULT_PASS_CACHE_BYTES,
+    PassDeadline,
+    Passes,
+    PassMetrics,
+    PassStats,
+    samples_in_cache,
+)
 from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
 
 # Idle connections close well before uvicorn's 5 s keep-alive timeout, so a request never
@@ -130,6 +138,7 @@ class ShardSet:
     outputs: list[NDArray[Any]]  # per shard: the a_L rows it returns
     loads: list[ShardLoad]
     volume: Volume
+    rows: int = 0  # the most rows one shard owns in one layer (sizes its passes)
     launch: LaunchReport | None = None
     launch_seconds: float = 0.0
 
@@ -168,11 +177,17 @@ class Coordinator:
         timeout_s: float = 30.0,
         limits: Limits | None = None,
         batching: bool = False,
-        max_pass_samples: int = 1024,
+        max_pass_samples: int | None = None,
+        pass_cache_bytes: int = DEFAULT_PASS_CACHE_BYTES,
+        pass_depth: int = 2,
     ) -> None:
         self.artifact_base = artifact_base.rstrip("/")
         self.batching = batching
+        # A pass's samples at most: given, or what keeps one shard's activations within
+        # ``pass_cache_bytes`` (scheduler/passes.py: samples_in_cache), per set.
         self.max_pass_samples = max_pass_samples
+        self.pass_cache_bytes = pass_cache_bytes
+        self.pass_depth = pass_depth
         self._passes: dict[str, Passes] = {}
         self.token = token
         self.timeout_s = timeout_s
@@ -246,6 +261,7 @@ class Coordinator:
             outputs=[s.outputs for s in specs],
             loads=loads,
             volume=communication(net, part),
+            rows=max(int(layer.owned.size) for spec in specs for layer in spec.layers),
         )
         await self.launch(shard_set)
         self.sets[name] = shard_set
@@ -305,10 +321,10 @@ class Coordinator:
         self, name: str, x: NDArray[Any], *, timeout_s: float | None = None
     ) -> NDArray[Any]:
         """The set's output for ``x`` (``(batch, n_in)``), as ``(batch, n_out)``. With
-        ``batching``, concurrent requests share passes (:mod:`gpufaas.scheduler.passes`). Off
-        by default: on the 4,096 x 24 net with requests of 64 samples, passes of 4 requests
-        made one shard 1.6x slower per request (its activations leave the L2 cache) and did
-        not raise N = 2's throughput (bench/RESULTS.md, #15, session 7)."""
+        ``batching``, concurrent requests share passes (:mod:`gpufaas.scheduler.passes`),
+        sized to the cache, two in flight. Off by default: on the 4,096 x 24 net with
+        requests of 64 samples they gained 1-3% at N = 2 and nothing clear at N = 1
+        (bench/RESULTS.md, #15, sessions 7 and 8)."""
         shard_set = self.sets[name]
         timeout_s = timeout_s or self.timeout_s
         columns = np.asarray(x, dtype=np.float32).T
@@ -321,10 +337,23 @@ class Coordinator:
         found = self._passes.get(name)
         if found is None:
             found = Passes(
-                functools.partial(self._run_named_pass, name), max_samples=self.max_pass_samples
+                functools.partial(self._run_named_pass, name),
+                max_samples=self.pass_samples(name),
+                depth=self.pass_depth,
             )
             self._passes[name] = found
         return found
+
+    def pass_samples(self, name: str) -> int:
+        """The most samples one pass on set ``name`` holds (``max_pass_samples``, or what
+        fits ``pass_cache_bytes`` for its widest shard)."""
+        if self.max_pass_samples is not None:
+            return self.max_pass_samples
+        return samples_in_cache(self.sets[name].rows, cache_bytes=self.pass_cache_bytes)
+
+    def pass_stats(self) -> dict[str, PassStats]:
+        """Every set's pass counts so far (the gateway's ``/metrics``)."""
+        return {name: passes.stats for name, passes in self._passes.items()}
 
     async def _run_named_pass(
         self, name: str, columns: NDArray[Any], timeout_s: float
@@ -480,6 +509,7 @@ class ShardedFunctions:
         store: ArtifactStore | None = None,
         timeout_s: float = 30.0,
         shared_passes: bool = False,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self._nodes = nodes
         self.limits = limits
@@ -493,10 +523,21 @@ class ShardedFunctions:
         self._deployed: dict[str, InferenceFunction] = {}  # name -> the spec its set serves
         self._deploying: dict[str, asyncio.Task[None]] = {}
         self._errors: dict[str, str] = {}
+        if registry is not None:  # the pass counts on the gateway's /metrics
+            registry.register(PassMetrics(self.pass_stats))
+
+    def pass_stats(self) -> dict[str, PassStats]:
+        """Every shard set's pass counts (none before the first sharded request)."""
+        return {} if self._coordinator is None else self._coordinator.pass_stats()
 
     @classmethod
     def for_cluster(
-        cls, cluster: Any, *, limits: Limits, shared_passes: bool = False
+        cls,
+        cluster: Any,
+        *,
+        limits: Limits,
+        shared_passes: bool = False,
+        registry: CollectorRegistry | None = None,
     ) -> ShardedFunctions:
         """Place on the cluster's healthy nodes, calling them with their clients' token."""
 
@@ -510,7 +551,7 @@ class ShardedFunctions:
             }
             return [n.url for n in healthy], headers
 
-        return cls(nodes, limits=limits, shared_passes=shared_passes)
+        return cls(nodes, limits=limits, shared_passes=shared_passes, registry=registry)
 
     def error(self, name: str) -> str | None:
         """Why ``name``'s last deploy failed, if it did."""

@@ -47,7 +47,10 @@ Calibration (``bench/fsd.py --calibrate-only``, on nets that are never the bench
 3. channels: sharded runs (2 and 4 shards, block and random, and 8 shards block: more
    shards than cores; two depths and batches) per channel; what compute and coordinator
    leave gives ``c_msg``, ``c_byte``, ``c_sync``, ``c_wake``, ``c_shard``. The max over the branches makes this not linear in the constants, so
-   :func:`fit_channel` fixes each layer's binding branch, fits, and repeats.
+   :func:`fit_channels` fixes each layer's binding branch, fits, and repeats. All channels
+   are fitted at once: ``c_shard`` (the coordinator's call to a shard) and ``c_wake`` (a
+   shard's wake-up on a busy core) are the same code whatever the channel and take one
+   value for all (:data:`SHARED_TERMS`); the others are each channel's own.
 
 Speed: every constant is CPU time on the machine that ran the calibration, at its speed
 then. A shared host's speed drifts (a cache- or core-sharing neighbour; bench/RESULTS.md,
@@ -58,13 +61,14 @@ every calibration run having been scaled to that speed by its own probe. :func:`
 rescales all of them to the speed a later probe reads; the model then predicts at that
 speed. The probe never uses the measurement it corrects.
 
-:func:`choose` ranks candidate configurations by predicted latency. Pure: no clocks, no I/O.
+:func:`choose` ranks candidate configurations by predicted latency, all at one speed (a probe
+read beside one candidate must not move it alone). Pure: no clocks, no I/O.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -82,6 +86,7 @@ __all__ = [
     "compute_features",
     "fit",
     "fit_channel",
+    "fit_channels",
     "predict",
     "profile",
     "throughput",
@@ -273,33 +278,73 @@ def fit(
     return [float(max(v, 0.0)) for v in solution]
 
 
+# The terms of a channel's cost in the order of ``channel_features`` and then the shard count.
+_TERMS = ("per_message_s", "per_byte_s", "per_sync_s", "per_wake_s", "per_shard_s")
+# Terms that are the same code whatever the channel (session 8): the coordinator's call to a
+# shard (per_shard_s) and a shard's wake-up on a busy core (per_wake_s). Fitted per channel,
+# runs where waits and messages rise together let noise move cost between them and the
+# channel's own terms, and two channels came out in the wrong order (bench/RESULTS.md, #15).
+SHARED_TERMS = ("per_shard_s", "per_wake_s")
+
+
 def fit_channel(
     runs: Sequence[tuple[Profile, int, float]], *, base: Constants, rounds: int = 8
 ) -> ChannelCost:
     """A channel's constants from sharded runs ``(profile, batch, measured seconds)``, given
-    the compute and coordinator constants of ``base``. Each layer's latency is the larger of
-    two sums (the busiest shard, or all shards over the cores); with the branches fixed the
-    model is linear, so fit, re-pick each layer's branch with the new constants, and repeat."""
-    cost = ChannelCost(0.0, 0.0, 0.0, 0.0, 0.0)
+    the compute and coordinator constants of ``base`` (:func:`fit_channels` of one channel,
+    every term its own)."""
+    return fit_channels({"one": runs}, base=base, shared=(), rounds=rounds)["one"]
+
+
+def fit_channels(
+    runs: Mapping[str, Sequence[tuple[Profile, int, float]]],
+    *,
+    base: Constants,
+    shared: Sequence[str] = SHARED_TERMS,
+    rounds: int = 8,
+) -> dict[str, ChannelCost]:
+    """Every channel's constants from its sharded runs ``(profile, batch, measured
+    seconds)``, given the compute and coordinator constants of ``base``, in one fit: the
+    ``shared`` terms take one value for all channels (each channel's runs tell it), the
+    others one per channel. Each layer's latency is the larger of two sums (the busiest
+    shard, or all shards over the cores); with the branches fixed the model is linear, so
+    fit, re-pick each layer's branch with the new constants, and repeat."""
+    names = sorted(runs)
+    own = [t for t in _TERMS if t not in shared]
+    columns = [(name, t) for name in names for t in own] + [("*", t) for t in shared]
+    costs = {name: ChannelCost(0.0, 0.0, 0.0, 0.0, 0.0) for name in names}
     for _ in range(rounds):
         xs, ys, totals = [], [], []
-        for p, batch, measured in runs:
-            work = _work(p, batch, base, cost)
-            busiest = work.argmax(axis=1)
-            by_max = work.max(axis=1) >= work.sum(axis=1) / base.cores
-            compute = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(base.compute))
-            comm = channel_features(p, batch=batch, cores=base.cores)
-            layers = np.arange(work.shape[0])
-            row = np.where(
-                by_max[:, None], comm[layers, busiest], comm.sum(axis=1) / base.cores
-            ).sum(axis=0)
-            fixed_compute = np.where(
-                by_max, compute[layers, busiest], compute.sum(axis=1) / base.cores
-            ).sum()
-            fixed = base.per_request_s + base.per_io_value_s * batch * p.io_values
-            xs.append([*row, float(p.shards)])
-            ys.append(measured - fixed - fixed_compute)
-            totals.append(measured)
-        per_message, per_byte, per_sync, per_wake, per_shard = fit(xs, ys, relative_to=totals)
-        cost = ChannelCost(per_message, per_byte, per_sync, per_shard, per_wake)
-    return cost
+        for name in names:
+            for p, batch, measured in runs[name]:
+                terms, y = _channel_row(p, batch, measured, base, costs[name])
+                xs.append([terms[t] if c in (name, "*") else 0.0 for c, t in columns])
+                ys.append(y)
+                totals.append(measured)
+        solution = fit(xs, ys, relative_to=totals)
+        value = dict(zip(columns, solution, strict=True))
+        costs = {
+            name: ChannelCost(**{t: value[(name, t) if t in own else ("*", t)] for t in _TERMS})
+            for name in names
+        }
+    return costs
+
+
+def _channel_row(
+    p: Profile, batch: int, measured: float, base: Constants, cost: ChannelCost
+) -> tuple[dict[str, float], float]:
+    """One run's multipliers of the channel terms (by name), with each layer's branch fixed
+    at ``cost``, and what of its measured seconds is left for them."""
+    work = _work(p, batch, base, cost)
+    busiest = work.argmax(axis=1)
+    by_max = work.max(axis=1) >= work.sum(axis=1) / base.cores
+    compute = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(base.compute))
+    comm = channel_features(p, batch=batch, cores=base.cores)
+    layers = np.arange(work.shape[0])
+    row = np.where(by_max[:, None], comm[layers, busiest], comm.sum(axis=1) / base.cores).sum(
+        axis=0
+    )
+    fixed_compute = np.where(by_max, compute[layers, busiest], compute.sum(axis=1) / base.cores)
+    fixed = base.per_request_s + base.per_io_value_s * batch * p.io_values
+    terms = dict(zip(_TERMS, [*map(float, row), float(p.shards)], strict=True))
+    return terms, measured - fixed - float(fixed_compute.sum())

@@ -338,6 +338,7 @@ class Gateway:
             self.cluster,
             limits=self.config.limits,
             shared_passes=self.config.shard_shared_passes,
+            registry=self.metrics.registry,
         )
         # Predictive residency (scheduler/prefetch.py: enable_prefetch), off unless attached.
         self.prefetch: PrefetchDriver | None = None

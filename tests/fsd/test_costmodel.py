@@ -211,6 +211,33 @@ def test_fit_channel_recovers_a_channels_constants_from_runs_it_predicts() -> No
     np.testing.assert_allclose(dataclasses.astuple(fitted), dataclasses.astuple(truth), rtol=1e-3)
 
 
+def test_fit_channels_shares_the_coordinator_and_wake_terms_across_channels() -> None:
+    """Two channels that differ in their messages and bytes only, as the model makes them: one
+    joint fit gives each its own message, byte and wait constants and one shard and wake-up
+    constant for both (the coordinator's calls and a shard's wake-up are the same code on
+    every channel); it recovers every constant, though the model is not linear in them."""
+    fast = costmodel.ChannelCost(1e-4, 1.5e-9, 4e-4, 5e-4, per_wake_s=1.5e-4)
+    slow = costmodel.ChannelCost(2e-4, 5e-9, 6e-4, 5e-4, per_wake_s=1.5e-4)
+    constants = costmodel.Constants(COMPUTE, 1e-3, 1e-8, 2, {"fast": fast, "slow": slow})
+    runs: dict[str, list[tuple[costmodel.Profile, int, float]]] = {"fast": [], "slow": []}
+    for depth in (4, 8):
+        net = radix_net(512, depth)
+        for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random"),
+                               (8, "block")):  # fmt: skip
+            prof = costmodel.profile(net, partition(net, shards, method=method, seed=2))
+            for batch in (16, 64):
+                for name in runs:
+                    seconds = costmodel.predict(prof, batch=batch, channel=name,
+                                                constants=constants)  # fmt: skip
+                    runs[name].append((prof, batch, seconds))
+    fitted = costmodel.fit_channels(runs, base=constants)
+    for name, truth in (("fast", fast), ("slow", slow)):
+        np.testing.assert_allclose(
+            dataclasses.astuple(fitted[name]), dataclasses.astuple(truth), rtol=1e-3
+        )
+    assert fitted["fast"].per_shard_s == fitted["slow"].per_shard_s  # one value, shared
+
+
 def test_the_launch_tree_is_binary_and_log_deep() -> None:
     loads = [
         ShardLoad(

@@ -330,9 +330,31 @@ async def test_shard_passes_shared_on_the_command_line_batches_the_gateways_shar
         for b, reply in zip(batches, replies, strict=True):
             assert reply.status == 200, reply.body
             np.testing.assert_allclose(output(reply.body), net.forward(b), rtol=1e-5, atol=1e-5)
-        stats = gw.sharded._coordinator_for({}).passes("radix").stats
-        assert stats.requests == len(batches)
-        assert stats.passes < len(batches)  # the default ("single") runs one pass per request
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(gw)), base_url="http://gateway"
+        ) as client:
+            scraped = await client.get("/metrics")
+        assert scraped.status_code == 200
+        counts = _pass_metrics(scraped.text, "radix")
+        assert counts["gpufaas_shard_pass_requests_total"] == len(batches)
+        # the default ("single") runs one pass per request
+        assert counts["gpufaas_shard_passes_total"] < len(batches)
+        assert counts["gpufaas_shard_pass_samples_total"] == sum(b.shape[0] for b in batches)
+        assert counts["gpufaas_shard_passes_in_flight"] == 0
+        assert counts["gpufaas_shard_pass_max_samples"] > 0
     finally:
         await gw.sharded.close()
         await gw.cluster.close()
+
+
+def _pass_metrics(text: str, model: str) -> dict[str, float]:
+    """The shard-pass samples of ``model`` in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("gpufaas_shard_pass")
+        for sample in family.samples
+        if sample.labels.get("model") == model and not sample.name.endswith("_created")
+    }

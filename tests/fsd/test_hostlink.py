@@ -69,24 +69,22 @@ def _direct(links: HostLinks) -> DirectChannel:
 
 async def test_messages_cross_the_ring_and_inline_and_the_ring_is_reused(tmp_path: Path) -> None:
     """Values arrive exactly, through the ring while it has room and inline when a message
-    does not fit; spans the receiver copied out are free again (many times the ring's size
+    does not fit; spans the receiver has used are free again (many times the ring's size
     goes through it)."""
     receiver = _Receiver(tmp_path)
     links = await _links(receiver.server, ring_bytes=1 << 20, tmp=tmp_path)
     channel = _direct(links)
     rng = np.random.default_rng(1)
     try:
-        sent = {}
-        for layer in range(40):  # 40 x 256 KiB through a 1 MiB ring
+        for layer in range(40):  # 40 x 256 KiB through a 1 MiB ring, each used once arrived
             values = rng.random((1024, 64), dtype=np.float32)
-            sent[layer] = values
             await channel.send(Envelope("net", "r1", layer, 0, 1), values, timeout_s=5)
-        big = rng.random((8192, 64), dtype=np.float32)  # 2 MiB: over the ring, inline
-        await channel.send(Envelope("net", "r1", 99, 0, 1), big, timeout_s=5)
-        for layer, values in sent.items():
             got = await receiver.mailbox.take("r1", layer, 0, timeout_s=1, channel="direct",
                                               set_name="net")  # fmt: skip
             np.testing.assert_array_equal(got, values)
+            del got  # used: its span is free
+        big = rng.random((8192, 64), dtype=np.float32)  # 2 MiB: over the ring, inline
+        await channel.send(Envelope("net", "r1", 99, 0, 1), big, timeout_s=5)
         got = await receiver.mailbox.take("r1", 99, 0, timeout_s=1, channel="direct",
                                           set_name="net")  # fmt: skip
         np.testing.assert_array_equal(got, big)
@@ -95,6 +93,50 @@ async def test_messages_cross_the_ring_and_inline_and_the_ring_is_reused(tmp_pat
         # both ends map the ring: its file is gone, so no killed process can leave it behind
         assert link.unlinked and not Path(link.ring_path).exists()
         assert Path(receiver.server.endpoint.socket).parent.stat().st_mode & 0o777 == 0o700  # type: ignore[union-attr]
+    finally:
+        await links.close()
+        await receiver.server.close()
+
+
+async def test_a_part_is_read_from_the_ring_and_its_span_is_not_reused_while_held(
+    tmp_path: Path,
+) -> None:
+    """The receiver files a view of the ring, not a copy, and frees its span only when the
+    view is gone: parts held (in the mailbox, or taken and not yet used) keep their values
+    while the sender goes on, later messages go inline instead of over them, and the spans
+    are used again once the parts are dropped, in ring order."""
+    receiver = _Receiver(tmp_path)
+    links = await _links(receiver.server, ring_bytes=1 << 20, tmp=tmp_path)
+    channel = _direct(links)
+    rng = np.random.default_rng(2)
+    try:
+        sent = [rng.random((1024, 64), dtype=np.float32) for _ in range(4)]  # 4 x 256 KiB
+        for layer, values in enumerate(sent):
+            await channel.send(Envelope("net", "r1", layer, 0, 1), values, timeout_s=5)
+        taken = await receiver.mailbox.take("r1", 0, 0, timeout_s=1, channel="direct",
+                                            set_name="net")  # fmt: skip
+        assert taken.base is not None  # a view of the ring, not a copy of it
+        (link,) = [f.result() for f in links._links.values()]
+        assert link is not None and link.inline == 0
+        more = [rng.random((1024, 64), dtype=np.float32) for _ in range(3)]
+        for layer, values in enumerate(more, start=10):  # the ring is full: these go inline
+            await channel.send(Envelope("net", "r1", layer, 0, 1), values, timeout_s=5)
+        assert link.inline == 3
+        np.testing.assert_array_equal(taken, sent[0])  # nothing was written over it
+        for layer in (1, 2, 3):
+            got = await receiver.mailbox.take("r1", layer, 0, timeout_s=1, channel="direct",
+                                              set_name="net")  # fmt: skip
+            np.testing.assert_array_equal(got, sent[layer])
+            del got
+        await channel.send(Envelope("net", "r1", 20, 0, 1), more[0], timeout_s=5)
+        assert link.inline == 4  # spans 1-3 are free, but not before span 0: still in order
+        del taken
+        await channel.send(Envelope("net", "r1", 21, 0, 1), more[1], timeout_s=5)
+        assert link.inline == 4  # every view gone: the ring is used again
+        receiver.mailbox.close("r1")  # parts never taken free their spans with their request
+        for layer in range(30, 34):
+            await channel.send(Envelope("net", "r2", layer, 0, 1), more[2], timeout_s=5)
+        assert link.inline == 4
     finally:
         await links.close()
         await receiver.server.close()

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gpufaas.scheduler.passes import PassDeadline, Passes
+from gpufaas.scheduler.passes import PassDeadline, Passes, samples_in_cache
 
 W = np.random.default_rng(3).random((5, 7)).astype(np.float32)
 
@@ -46,7 +46,7 @@ def columns(batch: int, seed: int) -> Any:
 
 async def test_requests_arriving_during_a_pass_join_the_next_one_and_get_their_own_answer() -> None:
     runner = Runner()
-    passes = Passes(runner)
+    passes = Passes(runner, depth=1)  # one in flight: the rules of joining alone
     runner.gate.clear()
     first = asyncio.ensure_future(passes.submit(columns(2, 0), timeout_s=5))
     await runner.started.wait()  # pass 1 (the first request alone) is in flight
@@ -66,7 +66,7 @@ async def test_requests_arriving_during_a_pass_join_the_next_one_and_get_their_o
 
 async def test_a_pass_holds_at_most_max_samples_and_a_larger_request_runs_alone() -> None:
     runner = Runner()
-    passes = Passes(runner, max_samples=6)
+    passes = Passes(runner, max_samples=6, depth=1)
     runner.gate.clear()
     first = asyncio.ensure_future(passes.submit(columns(1, 0), timeout_s=5))
     await runner.started.wait()
@@ -82,7 +82,7 @@ async def test_a_pass_holds_at_most_max_samples_and_a_larger_request_runs_alone(
 
 async def test_a_request_whose_deadline_passes_while_it_waits_is_never_sent() -> None:
     runner = Runner()
-    passes = Passes(runner)
+    passes = Passes(runner, depth=1)  # one in flight: the rules of joining alone
     runner.gate.clear()
     first = asyncio.ensure_future(passes.submit(columns(2, 0), timeout_s=5))
     await runner.started.wait()
@@ -101,7 +101,7 @@ async def test_a_request_whose_deadline_passes_while_it_waits_is_never_sent() ->
 
 async def test_a_pass_runs_under_its_latest_deadline() -> None:
     runner = Runner()
-    passes = Passes(runner)
+    passes = Passes(runner, depth=1)  # one in flight: the rules of joining alone
     runner.gate.clear()
     first = asyncio.ensure_future(passes.submit(columns(1, 0), timeout_s=5))
     await runner.started.wait()
@@ -115,7 +115,7 @@ async def test_a_pass_runs_under_its_latest_deadline() -> None:
 
 async def test_a_failed_pass_fails_its_members_and_the_next_pass_runs() -> None:
     runner = Runner()
-    passes = Passes(runner)
+    passes = Passes(runner, depth=1)  # one in flight: the rules of joining alone
     runner.gate.clear()
     first = asyncio.ensure_future(passes.submit(columns(1, 0), timeout_s=5))
     await runner.started.wait()
@@ -130,7 +130,7 @@ async def test_a_failed_pass_fails_its_members_and_the_next_pass_runs() -> None:
 
 async def test_a_cancelled_member_leaves_the_pass_to_the_others_and_close_ends_the_rest() -> None:
     runner = Runner()
-    passes = Passes(runner)
+    passes = Passes(runner, depth=1)  # one in flight: the rules of joining alone
     runner.gate.clear()
     first = asyncio.ensure_future(passes.submit(columns(1, 0), timeout_s=5))
     await runner.started.wait()
@@ -148,3 +148,36 @@ async def test_a_cancelled_member_leaves_the_pass_to_the_others_and_close_ends_t
     await asyncio.wait_for(passes.close(), timeout=5)  # never hangs on the held pass
     with pytest.raises(asyncio.CancelledError):
         await held
+
+
+async def test_two_passes_fly_at_once_and_the_rest_join_the_next_one() -> None:
+    """The default depth is two: a request arriving while one pass is in flight starts a
+    second at once (so one pass's exchange overlaps the other's products on the shards);
+    requests arriving while two fly join the next, which starts when either lands."""
+    runner = Runner()
+    passes = Passes(runner)
+    assert passes.depth == 2
+    runner.gate.clear()
+    first = asyncio.ensure_future(passes.submit(columns(2, 0), timeout_s=5))
+    await runner.started.wait()
+    second = asyncio.ensure_future(passes.submit(columns(3, 1), timeout_s=5))
+    await asyncio.sleep(0.01)
+    assert runner.widths == [2, 3] and passes.stats.in_flight == 2
+    inputs = [columns(b, 10 + i) for i, b in enumerate((1, 4, 2))]
+    later = [asyncio.ensure_future(passes.submit(c, timeout_s=5)) for c in inputs]
+    await asyncio.sleep(0.01)
+    assert runner.widths == [2, 3]  # two in flight: the rest wait
+    runner.gate.set()
+    outs = await asyncio.gather(first, second, *later)
+    assert runner.widths == [2, 3, 7]
+    for given, out in zip([columns(2, 0), columns(3, 1), *inputs], outs, strict=True):
+        np.testing.assert_allclose(out, W @ given, rtol=1e-6)
+    assert passes.stats.passes == 3 and passes.stats.requests == 5
+    assert passes.stats.in_flight == 0
+
+
+def test_a_pass_holds_the_samples_whose_activations_fit_the_cache() -> None:
+    """1 MiB of float32 activations: 64 samples of 4,096 rows, 128 of 2,048; never 0."""
+    assert samples_in_cache(4096, cache_bytes=1 << 20) == 64
+    assert samples_in_cache(2048, cache_bytes=1 << 20) == 128
+    assert samples_in_cache(1 << 20, cache_bytes=1 << 20) == 1
