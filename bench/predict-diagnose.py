@@ -55,6 +55,11 @@ class RecordingSimulation(ResidencySimulation):
         self.eviction_log: list[dict[str, Any]] = []  # one per load that evicted
         self.last_eviction: dict[str, tuple[int, int]] = {}  # model -> (event, victim)
         self.blame: dict[int, tuple[int, int] | None] = {}  # cold request -> its eviction
+        # second copies: (device, model) -> when a copy last left it and how many devices held
+        # the model just before; and per "replica" load (LALB loading a copy while another
+        # device holds one) what that record said
+        self.left_at: dict[tuple[str, str], tuple[float, int, str]] = {}
+        self.second_copies: dict[int, dict[str, Any]] = {}
 
     def _arrive(self, request: Any) -> None:
         self.belief.observe(request.model.name, self.now / 1000)
@@ -68,7 +73,10 @@ class RecordingSimulation(ResidencySimulation):
             : self.tiers.eviction_sample
         ]
         beliefs = self._beliefs(residents, node, now_s)
+        holders = {e.key: len(self.directory.holder_ids(e.key)) for e in device.cache.entries_lru()}
         evicted = super()._make_room(device, size, request)
+        for e in evicted:
+            self.left_at[(device.key, e.key)] = (now_s, holders.get(e.key, 1), "capacity")
         if not evicted:
             return evicted
         victims = []
@@ -121,6 +129,29 @@ class RecordingSimulation(ResidencySimulation):
             for i, (name, _) in enumerate(residents)
         }
 
+    def _tick(self) -> None:
+        before = {
+            (d.key, e.key): len(self.directory.holder_ids(e.key))
+            for d in self.devices
+            for e in d.cache.entries_lru()
+        }
+        super()._tick()
+        after = {(d.key, e.key) for d in self.devices for e in d.cache.entries_lru()}
+        for key in before.keys() - after:
+            self.left_at[key] = (self.now / 1000, before[key], "demoted")
+
+    def _load_ms(self, device: Any, request: Any) -> float:
+        load_ms = super()._load_ms(device, request)
+        if self.cause_of.get(request.index) == "replica":
+            left = self.left_at.get((device.key, request.model.name))
+            self.second_copies[request.index] = {
+                "model": request.model.name,
+                "here_before": None if left is None else left[2],
+                "sole_copy_then": None if left is None else left[1] <= 1,
+                "seconds_since": None if left is None else self.now / 1000 - left[0],
+            }
+        return load_ms
+
     def _start(self, device: Any, request: Any) -> None:
         super()._start(device, request)
         if self.cause_of.get(request.index) == "capacity" and request.index not in self.blame:
@@ -152,6 +183,7 @@ def record(job: dict[str, Any]) -> dict[str, Any]:
         "cause": {i: sim.cause_of.get(i, "joined") for i in cold},
         "blame": {i: sim.blame.get(i) for i in cold},
         "model_of": {i: sim.trace.model[i].item() for i in cold},
+        "second_copies": {i: v for i, v in sim.second_copies.items() if i in cold},
         "names": names,
         "sizes": {m.name: m.profile.size_bytes for m in sim.catalogue},
     }
@@ -198,6 +230,18 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
             key = "caused a cold start" if (k, j) in blamed_victims else "did not"
             believed[key].append(v.get("p", 0.0))
             copies[key].append(v.get("copies_elsewhere", 0) > 0)
+    # second-copy ("replica") cold starts: had this device held the model before, and was its
+    # copy there then the only one (a sole copy evicted here, the model back elsewhere since)?
+    second: Counter[str] = Counter()
+    for i, v in run["second_copies"].items():
+        here = v["here_before"]
+        kind = (
+            "never here"
+            if here is None
+            else f"{here} here, "
+            + ("a sole copy then" if v["sole_copy_then"] else "a copy elsewhere then")
+        )
+        second[kind] += run["cold"][i] / n
     need = [e["need_bytes"] for e in events]
     freed = [e["freed_bytes"] for e in events]
     return {
@@ -222,6 +266,7 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
             f"{victim} evicted by a {load} load": share for (victim, load), share in blamed.items()
         },
         "capacity_cold_unlinked": unblamed,
+        "second_copy_cold": dict(second.most_common()),
         "top_functions": by_function.most_common(8),
     }
 

@@ -39,6 +39,7 @@ from sim.residency import (
     catalogue_for,
     engine_trace,
 )
+from sim.sweep import t95
 from sim.trace import (
     ServerlessTrace,
     TraceError,
@@ -114,6 +115,9 @@ _LABEL_KEYS = {
     # -i1: a returning model's re-eviction priced as the rule pays it, whole victims (the
     # cheapest cover of its bytes by the others), not a fractional cover
     "i": "whole_refill",
+    # -t1 (the default since the eighth session): the keep / prefetch rule charges rent for the
+    # expected time until the request (E[min(T, h)]); -t0: for the whole horizon (the rule before)
+    "t": "rent_to_hit",
 }
 
 
@@ -250,8 +254,9 @@ def _interval(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, 0.0
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(values), 2.26)
-    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+    # Student's t for n - 1 degrees of freedom (until the eighth session 2.26, df = 9, was used
+    # for every n >= 6: six seeds' intervals were 12% too narrow)
+    return mean, t95(len(values)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -686,11 +691,46 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+def brackets(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per seed, reference and family of ours: where the reference's memory-time lies in the
+    family's range and between which two settings it was interpolated (their memory-times and
+    cold-start ratios), so a reader can see that no figure is extrapolated and how far apart
+    the bracketing settings are (a chord over a wide bracket of a convex curve overstates ours)."""
+    by_seed: dict[int, dict[str, tuple[float, float]]] = {}
+    for r in results:
+        by_seed.setdefault(r["seed"], {})[r["label"]] = (r["device_gb_s"], r["cold_start_ratio"])
+    out: dict[str, Any] = {}
+    for seed, rows in sorted(by_seed.items()):
+        families: dict[str, list[tuple[float, float, str]]] = {}
+        for label, (x, y) in rows.items():
+            if label.startswith("ours"):
+                families.setdefault(family(label), []).append((x, y, label))
+        for reference in REFERENCES:
+            if reference not in rows:
+                continue
+            x = rows[reference][0]
+            for name, points in families.items():
+                points.sort()
+                pair = next(
+                    ((a, b) for a, b in itertools.pairwise(points) if a[0] <= x <= b[0]), None
+                )
+                out[f"{seed}/{name}/{reference}"] = {
+                    "reference_tb_s": x / 1000,
+                    "range_tb_s": [points[0][0] / 1000, points[-1][0] / 1000],
+                    "bracket": None
+                    if pair is None
+                    else [{"label": lab, "tb_s": px / 1000, "cold": py} for px, py, lab in pair],
+                    "width": None if pair is None else (pair[1][0] - pair[0][0]) / x,
+                }
+    return out
+
+
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     summary = summarise(results)
     print(table(summary))
     compared = comparisons(summary)
     compared["per_seed"] = per_seed(results)
+    compared["brackets"] = brackets(results)
     print(json.dumps(compared, indent=2))
     if args.json:
         Path(args.json).write_text(

@@ -56,6 +56,7 @@ import httpx
 import numpy as np
 import yaml
 from sim.live import replay_open_loop
+from sim.sweep import t95
 from sim.trace import ServerlessTrace, assign_models, generate_orcbench, thin
 
 WARMUP_FRACTION = 0.1
@@ -603,7 +604,7 @@ def _interval(values: list[float]) -> str:
     mean = statistics.fmean(clean)
     if len(clean) < 2:
         return f"{mean:.4g}"
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(clean), 2.0)
+    t = t95(len(clean))  # Student's t, n - 1 degrees of freedom
     half = t * statistics.stdev(clean) / math.sqrt(len(clean))
     return f"{mean:.4g} ± {half:.2g}"
 

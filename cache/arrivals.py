@@ -424,7 +424,9 @@ class PredictivePolicy:
 
     The rule, per tier, with ``reload_ms`` the load time saved by holding the model there:
 
-    * keep while ``P(arrival within horizon) x reload_ms >= price x GB x horizon``;
+    * keep while ``P(arrival within horizon) x reload_ms >= price x GB x E[min(time to the
+      request, horizon)]``: the rent is paid until the request, where the decision is made
+      again (:meth:`pays`; ``rent_to_hit`` off: for the whole horizon, the rule before);
     * prefetch a model that is not there when, looking ``lead_s + horizon`` ahead (``lead_s``
       covers the load), the same inequality holds;
     * when a load must evict, the cheapest set of victims (:meth:`victim_plan`); with
@@ -481,6 +483,7 @@ class PredictivePolicy:
         evict_horizon_s: float | None = None,
         amortized: bool = False,
         whole_refill: bool = False,
+        rent_to_hit: bool = True,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -509,6 +512,7 @@ class PredictivePolicy:
         self.reevict = _finite(reevict, "reevict")
         self.amortized = bool(amortized)
         self.whole_refill = bool(whole_refill)
+        self.rent_to_hit = bool(rent_to_hit)
         self.evict_horizon_s = _finite(
             self.horizon_s if evict_horizon_s is None else evict_horizon_s,
             "evict_horizon_s",
@@ -624,12 +628,33 @@ class PredictivePolicy:
         rent = price * size_bytes / GB  # ms of load time per second held
         keep = prefetch = False
         for h in self.horizons:  # any horizon over which holding it pays
-            keep = keep or self.p_arrival(function, idle, h) * saved >= rent * h
-            ahead = self.lead_s + h
-            prefetch = prefetch or self.p_arrival(function, idle, ahead) * saved >= rent * ahead
+            keep = keep or self.pays(function, idle, h, saved_ms=saved, rent=rent)
+            prefetch = prefetch or self.pays(
+                function, idle, self.lead_s + h, saved_ms=saved, rent=rent
+            )
             if keep and prefetch:
                 break
         return Advice(keep=keep, prefetch=prefetch, reason="cost")
+
+    def pays(
+        self, function: str, idle_s: float, horizon_s: float, *, saved_ms: float, rent: float
+    ) -> bool:
+        """Whether holding the model over the next ``horizon_s`` pays: ``P(request within it) x
+        saved_ms >= rent x`` the time it is held for that request. Held until the request
+        comes, the decision is then made again, so the time paid for is ``E[min(time to the
+        request, horizon_s)]`` (:meth:`expected_hold`); with ``rent_to_hit`` off, the whole
+        horizon (the rule before, which charged a model asked for every second 30 s of rent
+        per hit and so demoted hot models first as the price rose). Two bounds skip the
+        integral: it pays if it pays for the whole horizon, and it does not if it does not
+        pay for ``horizon_s x (1 - P)`` (the hold is at least that: P(no request by t) >= 1 -
+        P for every t <= horizon_s)."""
+        p = self.p_arrival(function, idle_s, horizon_s)
+        gain = p * saved_ms
+        if gain >= rent * horizon_s:
+            return True
+        if not self.rent_to_hit or gain < rent * horizon_s * (1.0 - p):
+            return False
+        return gain >= rent * self.expected_hold(function, idle_s, horizon_s)
 
     def expected_hold(self, function: str, idle_s: float, horizon_s: float) -> float:
         """E[min(time to the next request, ``horizon_s``)] for a model idle ``idle_s``: how long

@@ -431,3 +431,61 @@ def test_a_model_in_the_hole_between_two_modes_is_kept_when_looking_far_enough()
     assert far.advise("f", t + 20.0, **kwargs).keep  # type: ignore[arg-type]
     with pytest.raises(ArrivalError, match="max_horizon_s"):
         PredictivePolicy(max_horizon_s=10.0)
+
+
+# -- the rent paid until the request (rent_to_hit, eighth session) -----------------------------
+
+
+def test_a_hot_model_is_kept_at_a_price_where_a_whole_horizon_of_rent_exceeds_its_miss() -> None:
+    """A 16 GB model asked for about every 1.25 s, at a price where 30 s of its rent (3.5 x 16 x
+    30 = 1,680 ms) exceeds a miss (640 + 1,000 ms): held until its request (about a second),
+    it pays, so it is kept and prefetched; charged the whole horizon (the rule before), it is
+    demoted though its next request is a second away. A cool model of the same size, asked for
+    every ten minutes, is demoted under both (the bounds that skip the integral agree)."""
+    hit, whole = (
+        PredictivePolicy(device_price=3.5),
+        PredictivePolicy(device_price=3.5, rent_to_hit=False),
+    )
+    kwargs = {"size_bytes": 16 * 10**9, "reload_ms": 640.0, "tier": "device"}
+    for policy in (hit, whole):
+        t = 0.0
+        for i in range(300):
+            t += 1.0 if i % 2 else 1.5
+            policy.observe("hot", t)
+        cool = 0.0
+        for _ in range(30):
+            cool += 600.0
+            policy.observe("cool", cool)
+    now = max(t, cool) + 0.5
+    assert hit.p_arrival("hot", 0.5, 30.0) > 0.99 and hit.expected_hold("hot", 0.5, 30.0) < 2.0
+    hot = hit.advise("hot", t + 0.5, **kwargs)  # type: ignore[arg-type]
+    assert hot.keep and hot.prefetch
+    before = whole.advise("hot", t + 0.5, **kwargs)  # type: ignore[arg-type]
+    assert not before.keep and not before.prefetch
+    for policy in (hit, whole):
+        assert not policy.advise("cool", now, **kwargs).keep  # type: ignore[arg-type]
+
+
+@given(gaps, ages, st.floats(0.0, 10.0), st.sampled_from([2 * 10**8, 2 * 10**9, 16 * 10**9]))
+@settings(max_examples=150, deadline=None)
+def test_paying_rent_only_until_the_request_never_keeps_or_prefetches_less(
+    gap_list: list[float], idle: float, price: float, size: int
+) -> None:
+    """``pays`` with the hold is the rule before with a rent charged for at most the horizon:
+    it keeps (prefetches) whatever the rule before kept, and its bounds decide as the integral
+    would (checked against :meth:`expected_hold` directly)."""
+    hit, whole = (
+        PredictivePolicy(device_price=price),
+        PredictivePolicy(device_price=price, rent_to_hit=False),
+    )
+    for policy in (hit, whole):
+        now = _feed(policy, gap_list)
+    kwargs = {"size_bytes": size, "reload_ms": 90.0, "tier": "device"}
+    a = whole.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
+    b = hit.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
+    assert a.keep <= b.keep and a.prefetch <= b.prefetch
+    if hit.has_history("f"):
+        rent = price * size / 1e9
+        p = hit.p_arrival("f", idle, 30.0)
+        exact = p * 1090.0 >= rent * hit.expected_hold("f", idle, 30.0)
+        assert hit.pays("f", idle, 30.0, saved_ms=1090.0, rent=rent) == exact

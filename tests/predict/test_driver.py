@@ -241,7 +241,8 @@ async def test_the_gateway_feeds_the_driver_and_its_actions_reach_a_real_manager
     node.client = httpx.AsyncClient(
         transport=httpx.ASGITransport(app=manager_app), base_url="http://manager"
     )
-    policy = PredictivePolicy(device_price=1e9)  # nothing is worth its memory: demote all
+    # nothing is worth its memory, even held only until a request due in milliseconds: demote all
+    policy = PredictivePolicy(device_price=1e15)
     driver = enable_prefetch(gateway, policy=policy, state_file=tmp_path / "a.json")
     assert driver.run in gateway.background
     await gateway.sync()
