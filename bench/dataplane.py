@@ -386,12 +386,65 @@ def run_system(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready([url], timeout_s=180, procs=[proc], what=label)
+        if args.syscalls:
+            return syscall_counts(port, tree(proc.pid), calls=args.syscalls)
         result = asyncio.run(measure(url, grpc_port if has_grpc else None, tree(proc.pid), args))
         result["python"] = python
         result["pythonpath"] = pythonpath
         return result
     finally:
         stop_processes([proc], timeout_s=30)
+
+
+def syscall_counts(port: int, pids: list[int], *, calls: int) -> dict[str, Any]:
+    """``--syscalls N``: system calls per warm tiny-mlp request of each server process (the
+    gateway, then its manager), from ``strace -f -c`` attached once both are warm, over ``N``
+    requests from a blocking keep-alive client in this process (not traced). It counts, it
+    does not time (strace slows every call), so it needs no quiet lock; as
+    ``bench/grpc_wire.py`` does for gRPC."""
+    import http.client
+    import signal
+
+    from grpc_wire import syscalls_per_call
+
+    body, headers = body_for("tiny-mlp")
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def send(count: int) -> None:
+        for _ in range(count):
+            connection.request("POST", "/v2/models/tiny-mlp/infer", body, headers)
+            answer = connection.getresponse()
+            answer.read()
+            if answer.status != 200:
+                raise RuntimeError(f"syscalls: answered {answer.status}")
+
+    work = Path(tempfile.mkdtemp(prefix="dataplane-strace-"))
+    send(300)
+    tracers = [
+        subprocess.Popen(
+            ["strace", "-f", "-c", "-o", str(work / f"{pid}.txt"), "-p", str(pid)],
+            stderr=subprocess.DEVNULL,
+        )
+        for pid in pids
+    ]
+    try:
+        time.sleep(2.0)  # strace attaches to every thread
+        send(calls)
+        for tracer in tracers:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(timeout=30)
+    finally:
+        for tracer in tracers:
+            if tracer.poll() is None:
+                tracer.kill()
+                tracer.wait(timeout=10)
+        connection.close()
+    return {
+        "calls": calls,
+        "syscalls_per_request": {
+            str(pid): syscalls_per_call(work / f"{pid}.txt", calls) for pid in pids
+        },
+    }
 
 
 def node_app_cpu(functions: Path, *, requests: int, inline: bool) -> float:
@@ -663,6 +716,13 @@ def main() -> int:
         default=None,
         help="only the gateway's HTTP front, node hop stubbed: kinds, comma-separated "
         f"({', '.join(FRONTS)})",
+    )
+    parser.add_argument(
+        "--syscalls",
+        type=int,
+        default=0,
+        help="count each server process's system calls per warm request over this many "
+        "(strace -c; counts, not timings)",
     )
     parser.add_argument("--serve-front", choices=FRONTS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--fd", type=int, default=-1, help=argparse.SUPPRESS)

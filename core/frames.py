@@ -37,6 +37,7 @@ __all__ = [
     "FramedEndpoint",
     "InferHead",
     "decode_answer_meta",
+    "decode_answer_pairs",
     "encode_answer",
     "encode_hello",
     "parse_hello",
@@ -150,10 +151,17 @@ def encode_answer(status: int, headers: Iterable[tuple[bytes, bytes]], body_leng
 
 def decode_answer_meta(meta: memoryview | bytes) -> tuple[int, Mapping[str, str]]:
     """Status and headers of an answer frame (names as the node wrote them: lower-case)."""
-    fields = str(meta, "latin-1").split("\n")
+    status, pairs = decode_answer_pairs(meta)
+    return status, {k.decode("latin-1"): v.decode("latin-1") for k, v in pairs}
+
+
+def decode_answer_pairs(meta: memoryview | bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """Status and headers of an answer frame, the headers as the node wrote them: raw
+    ``(name, value)`` pairs, names lower-case (nothing decoded)."""
+    fields = bytes(meta).split(b"\n")
     if not len(fields) % 2 or not fields[0].isdigit():
         raise FrameError("a malformed answer frame")
-    return int(fields[0]), dict(zip(fields[1::2], fields[2::2], strict=True))
+    return int(fields[0]), list(zip(fields[1::2], fields[2::2], strict=True))
 
 
 # -- reading frames from a stream ---------------------------------------------------------------

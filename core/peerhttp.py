@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 from urllib.parse import urlsplit
@@ -39,6 +39,8 @@ __all__ = [
     "PeerPools",
     "PeerReply",
     "PeerUnreachable",
+    "RawHeaders",
+    "header_pairs",
 ]
 
 
@@ -46,9 +48,46 @@ class PeerUnreachable(Exception):
     """The peer could not be reached, or the connection broke before its answer."""
 
 
+class RawHeaders(Mapping[str, str]):
+    """Answer headers as the peer wrote them: ``raw``, ``(name, value)`` byte pairs, names
+    lower-case. The hot path reads and passes them on as bytes (:func:`header_pairs`); whoever
+    reads them as a mapping of str gets them decoded once, on first use."""
+
+    __slots__ = ("_decoded", "raw")
+
+    def __init__(self, raw: Sequence[tuple[bytes, bytes]]) -> None:
+        self.raw = raw
+        self._decoded: dict[str, str] | None = None
+
+    def _mapping(self) -> dict[str, str]:
+        if self._decoded is None:
+            self._decoded = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.raw}
+        return self._decoded
+
+    def __getitem__(self, name: str) -> str:
+        return self._mapping()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mapping())
+
+    def __len__(self) -> int:
+        return len(self._mapping())
+
+    def __repr__(self) -> str:
+        return f"RawHeaders({self.raw!r})"
+
+
+def header_pairs(headers: Mapping[str, str]) -> Sequence[tuple[bytes, bytes]]:
+    """``headers`` as raw pairs with lower-case names: as they came, for :class:`RawHeaders`."""
+    if isinstance(headers, RawHeaders):
+        return headers.raw
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
 @dataclass(frozen=True, slots=True)
 class PeerReply:
-    """A peer's answer: status, headers (names lower-case), and the body as it came."""
+    """A peer's answer: status, headers (names lower-case; a :class:`RawHeaders` where the
+    lane kept them as bytes), and the body as it came."""
 
     status: int
     headers: Mapping[str, str]
@@ -61,6 +100,9 @@ class KeepAliveConnection(asyncio.Protocol):
 
     def __init__(self, pool: KeepAlivePool[Any]) -> None:
         self._pool = pool
+        # Made on the loop it serves. Kept: asyncio.get_running_loop() costs a getpid() system
+        # call on Python 3.11, once per call otherwise.
+        self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._reply: asyncio.Future[PeerReply] | None = None
         self.got_bytes = False
@@ -93,7 +135,7 @@ class KeepAliveConnection(asyncio.Protocol):
 
     async def call(self, head: bytes, body: bytes | memoryview, timeout_s: float) -> PeerReply:
         assert self._transport is not None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self.got_bytes = False
         reply: asyncio.Future[PeerReply] = loop.create_future()
         self._reply = reply

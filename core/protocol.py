@@ -31,6 +31,7 @@ was wrong and is safe to show to the user; numeric data never go through Python 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -1063,14 +1064,40 @@ def encode_response(
     binary: set[str] | bool,
     parameters: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """Encode an inference response; return body and headers.
+    """Encode an inference response; return body and headers (``Content-Type`` and, with
+    binary data, ``Inference-Header-Content-Length``). :func:`encode_answer` does the work."""
+    body, raw = encode_answer(
+        model_name=model_name,
+        model_version=model_version,
+        request_id=request_id,
+        outputs=outputs,
+        binary=binary,
+        parameters=parameters,
+    )
+    return body, {_TITLED[name]: value.decode("latin-1") for name, value in raw}
+
+
+AnswerHeaders = tuple[tuple[bytes, bytes], ...]
+
+
+def encode_answer(
+    *,
+    model_name: str,
+    model_version: str | None,
+    request_id: str | None,
+    outputs: Mapping[str, tuple[Array, str]],
+    binary: set[str] | bool,
+    parameters: Mapping[str, Any] | None = None,
+) -> tuple[bytes, AnswerHeaders]:
+    """Encode an inference response; return body and headers as a server writes them: raw
+    ``(name, value)`` pairs, names lower-case.
 
     Outputs named in ``binary`` (all when True) go as binary data, the rest as flat
     row-major JSON ``data``. ``BYTES`` outputs that aren't UTF-8 go in binary regardless.
 
     The usual answer (every output in binary, no id, no parameters) has a JSON header that
     depends only on the model and each output's name, datatype, shape and byte count: it is
-    built once and remembered (:func:`_binary_answer`).
+    built once per such key and remembered with its header pairs (:func:`_binary_answer_head`).
     """
     if binary is True and request_id is None and not parameters and outputs:
         return _binary_answer(model_name, model_version, outputs)
@@ -1078,36 +1105,63 @@ def encode_response(
         model_name, model_version, request_id, outputs, binary, parameters
     )
     if not chunks:
-        return header, {"Content-Type": JSON_CONTENT_TYPE}
-    headers = {HEADER_LENGTH: str(len(header)), "Content-Type": BINARY_CONTENT_TYPE}
-    return b"".join([header, *chunks]), headers
+        return header, _JSON_ANSWER
+    return b"".join([header, *chunks]), _binary_headers(len(header))
 
 
-_ANSWER_HEADERS_MAX = 512  # distinct answer headers kept (oldest forgotten first)
-_answer_headers: dict[tuple[Any, ...], bytes] = {}
+_JSON_ANSWER: AnswerHeaders = ((b"content-type", JSON_CONTENT_TYPE.encode()),)
+_TITLED = {HEADER_LENGTH.lower().encode(): HEADER_LENGTH, b"content-type": "Content-Type"}
+_ANSWER_HEADERS_MAX = 512  # distinct answer headers kept (least recently used forgotten first)
+
+
+@functools.lru_cache(maxsize=_ANSWER_HEADERS_MAX)
+def _binary_headers(header_length: int) -> AnswerHeaders:
+    return (
+        (HEADER_LENGTH.lower().encode(), b"%d" % header_length),
+        (b"content-type", BINARY_CONTENT_TYPE.encode()),
+    )
 
 
 def _binary_answer(
     model_name: str, model_version: str | None, outputs: Mapping[str, tuple[Array, str]]
-) -> tuple[bytes, dict[str, str]]:
-    """:func:`encode_response` with every output in binary, no id and no parameters: the
-    payloads are cut from the arrays as ever, the JSON header is looked up by what decides it
-    (the model, its version, each output's name, datatype, shape and byte count)."""
+) -> tuple[bytes, AnswerHeaders]:
+    """:func:`encode_answer` with every output in binary, no id and no parameters: the
+    payloads are cut from the arrays as ever, the JSON header and the header pairs are looked
+    up by what decides them (the model, its version, each output's name, datatype, shape and
+    byte count)."""
     chunks: list[Any] = []
-    key: list[Any] = [model_name, model_version]
+    key: list[Any] = []
     for name, (array, datatype) in outputs.items():
         payload = _binary_payload(array, datatype, f"output {_q(name)}")
         chunks.append(payload)
-        key += (name, datatype, array.shape, len(payload))
-    remembered = tuple(key)
-    header = _answer_headers.get(remembered)
-    if header is None:
-        header, _ = _response_parts(model_name, model_version, None, outputs, True, None)
-        if len(_answer_headers) >= _ANSWER_HEADERS_MAX:
-            del _answer_headers[next(iter(_answer_headers))]
-        _answer_headers[remembered] = header
-    headers = {HEADER_LENGTH: str(len(header)), "Content-Type": BINARY_CONTENT_TYPE}
+        key.append((name, datatype, array.shape, len(payload)))
+    header, headers = _binary_answer_head(model_name, model_version, tuple(key))
     return b"".join([header, *chunks]), headers
+
+
+@functools.lru_cache(maxsize=_ANSWER_HEADERS_MAX)
+def _binary_answer_head(
+    model_name: str,
+    model_version: str | None,
+    outputs: tuple[tuple[str, str, tuple[int, ...], int], ...],
+) -> tuple[bytes, AnswerHeaders]:
+    """The JSON header of an answer whose outputs (name, datatype, shape, byte count) are all
+    binary, with no id and no parameters (as :func:`_response_parts` writes it), and its
+    header pairs."""
+    document: dict[str, Any] = {"model_name": model_name}
+    if model_version is not None:
+        document["model_version"] = model_version
+    document["outputs"] = [
+        {
+            "name": name,
+            "datatype": datatype,
+            "shape": list(shape),
+            "parameters": {"binary_data_size": size},
+        }
+        for name, datatype, shape, size in outputs
+    ]
+    header = pydantic_core.to_json(document)
+    return header, _binary_headers(len(header))
 
 
 def _response_parts(

@@ -67,8 +67,21 @@ class DeviceAdmission:
         wrapper (a few µs a request)."""
         return _Slot(self, self._gate(device), device)
 
+    def take_now(self, device: str) -> _Gate | None:
+        """One of ``device``'s slots if one is free and nobody waits (give it back with
+        :meth:`release` before the caller next waits), else None: the warm step's admission,
+        which never waits."""
+        gate = self._gate(device)
+        concurrency = self.concurrency
+        if concurrency is not None and (gate.running >= concurrency or gate.waiters):
+            return None
+        gate.running += 1
+        if gate.running > gate.peak:
+            gate.peak = gate.running
+        return gate
+
     @staticmethod
-    def _release(gate: _Gate) -> None:
+    def release(gate: _Gate) -> None:
         while gate.waiters:
             waiter = gate.waiters.popleft()
             if not waiter.done():
@@ -117,7 +130,7 @@ class _Slot:
                 await granted  # the releaser counted us as running
             except asyncio.CancelledError:
                 if granted.done() and not granted.cancelled():
-                    DeviceAdmission._release(gate)  # granted, then cancelled: pass the slot on
+                    DeviceAdmission.release(gate)  # granted, then cancelled: pass the slot on
                 else:
                     gate.waiters.remove(granted)
                 raise
@@ -132,7 +145,7 @@ class _Slot:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        DeviceAdmission._release(self._gate)
+        DeviceAdmission.release(self._gate)
 
 
 class AdmissionCollector(Collector):

@@ -88,7 +88,8 @@ class DeviceTier:
             name=self.name,
         )
         self.slots = asyncio.Semaphore(max_concurrency)
-        self.inline = InlineForwards()  # tiny passes run on the loop, not in a thread
+        # tiny passes run on the loop, not in a thread; a CPU device's judged by the CPU they took
+        self.inline = InlineForwards(by_cpu=info.kind == "cpu")
         self.max_concurrency = max_concurrency
         self.outstanding = 0  # requests routed here and not answered yet
         self.overlap = overlap  # False: a request waits for the whole model before computing
@@ -176,6 +177,7 @@ class DeviceTier:
         landed = model.arrived or model.transfer is None or model.transfer.done()
         inline = self.inline.inline(model.fingerprint, landed=landed)
         self.inline.running += 1
+        since = self.inline.clock()
         try:
             result = await forward_retrying_oom(  # an OOM evicts what is not in use, retries
                 lambda: backend.run(model, list(inputs), spec, self.backend),
@@ -183,15 +185,53 @@ class DeviceTier:
                 evict_unheld=self.memory.evict_unheld,
                 inline=inline,
             )
-            self.inline.measured(model.fingerprint, result.compute_ms)
+            self.inline.measured(model.fingerprint, result.compute_ms, cpu_since=since)
             return result
-        except DeviceFailed as e:  # a sticky CUDA error: this node must stop serving
-            self.health.device_failed(self.info.id, e)
-            raise RuntimeFailure(str(e), status=503, reason="DeviceFailed") from None
         except Exception as e:
-            raise forward_failure(e, model=model.name, device_id=self.info.id) from None
+            raise self._failure(e, model) from None
         finally:
             self.inline.running -= 1
+
+    def hold_warm(self, model: str) -> DeviceModel | None:
+        """``model`` held for one pass on the loop now, or None with nothing held: the warm
+        step's acquire. Only a resident copy whose weights have all landed, with a free slot and
+        passes the inline rule lets on the loop; the caller unholds it (``tier.unhold``)."""
+        found = as_model(self.tier.resident(model))
+        if (
+            found is None
+            or not found.arrived
+            or self.slots.locked()
+            or not self.inline.inline(found.fingerprint, landed=True)
+            or not self.tier.hold(model, found)
+        ):
+            return None
+        self._stats.record_hit(self.name)
+        return found
+
+    def run_warm(
+        self, model: DeviceModel, inputs: Sequence[NDArray[Any]], spec: InferenceFunctionSpec
+    ) -> ForwardResult | None:
+        """:meth:`run` for a model :meth:`hold_warm` gave: the pass on the loop, now, with no
+        slot taken (nothing else runs on the loop meanwhile). None when the device ran out of
+        memory: the caller takes the usual path, which evicts and retries in a thread."""
+        self.inline.running += 1
+        since = self.inline.clock()
+        try:
+            result = backend_for(spec.model.format).run(model, inputs, spec, self.backend)
+        except Exception as e:
+            if is_out_of_memory(e) and not isinstance(e, DeviceFailed):
+                return None
+            raise self._failure(e, model) from None
+        finally:
+            self.inline.running -= 1
+        self.inline.measured(model.fingerprint, result.compute_ms, cpu_since=since)
+        return result
+
+    def _failure(self, error: Exception, model: DeviceModel) -> RuntimeFailure:
+        if isinstance(error, DeviceFailed):  # a sticky CUDA error: this node must stop serving
+            self.health.device_failed(self.info.id, error)
+            return RuntimeFailure(str(error), status=503, reason="DeviceFailed")
+        return forward_failure(error, model=model.name, device_id=self.info.id)
 
     def state(self) -> DeviceState:
         return DeviceState(

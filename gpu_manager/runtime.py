@@ -252,9 +252,7 @@ class NodeRuntime:
         hint = tuple(evict_first)
         device.outstanding += 1
         try:
-            batching = spec.batching
-            rows = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1
-            if batching.max_batch_size > 1 and rows < batching.max_batch_size:
+            if _batched(spec, inputs):
                 result = await self._batcher(name, device, spec).submit(inputs, evict_first=hint)
             else:
                 (result,) = await self._run_batch(name, device, [inputs], hint)
@@ -263,6 +261,37 @@ class NodeRuntime:
         if isinstance(result, RuntimeFailure):
             raise result
         return result
+
+    def infer_warm(
+        self,
+        name: str,
+        spec: InferenceFunctionSpec,
+        inputs: Sequence[NDArray[Any]],
+        *,
+        device_id: str | None,
+    ) -> InferOutcome | None:
+        """:meth:`infer` in one straight step, for the usual warm request: one that is not
+        batched, on a named device where the model is resident with every weight landed, with
+        a free slot and passes the inline rule lets on the loop. The hold, the use listeners, the
+        pass (under ``inference_mode``) and the release run at once, with no coroutine, task or
+        thread hop; nothing else runs on the loop meanwhile, so no slot needs taking. None, with
+        nothing done, when the request is not such a one (or the pass ran out of memory): then
+        :meth:`infer` serves it. The answer is the one :meth:`infer` would give."""
+        if _batched(spec, inputs):
+            return None  # a request the batcher may join with others
+        device = self.devices.get(device_id) if device_id is not None else None
+        model = device.hold_warm(name) if device is not None else None
+        if device is None or model is None:
+            return None
+        try:
+            for listener in self.use_listeners:
+                listener(name, device.info.id)
+            result = device.run_warm(model, inputs, spec)
+        finally:
+            device.tier.unhold(name, model)
+        if result is None:
+            return None
+        return InferOutcome(result.outputs, True, 0.0, result.compute_ms, model.size_bytes)
 
     def _batcher(
         self, name: str, device: DeviceTier, spec: InferenceFunctionSpec
@@ -393,6 +422,13 @@ class NodeRuntime:
             ready=self.health.ready,
             failure=self.health.failure,
         )
+
+
+def _batched(spec: InferenceFunctionSpec, inputs: Sequence[NDArray[Any]]) -> bool:
+    """Whether a request goes through its model's batcher: batching is on and it has fewer
+    rows than a full batch."""
+    limit = spec.batching.max_batch_size
+    return limit > 1 and (int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1) < limit
 
 
 def _with_device(listener: Callable[[str, str], None], device_id: str, model: str) -> None:

@@ -55,7 +55,7 @@ from gpufaas.core.protocol import (
     Limits,
     ProtocolError,
     decode_request,
-    encode_response,
+    encode_answer,
     parse_header_length,
     validate_inputs,
 )
@@ -548,10 +548,18 @@ async def answer_call(
         else:  # text in: sentences -> token ids and mask
             text = validate_inputs(decoded, text_inputs(spec.tokenizer))
             inputs = tokenize(text[spec.tokenizer.input], spec.tokenizer)
-        async with metrics.admission.slot(device_header or "auto"):
-            outcome = await runtime.infer(
-                name, inputs, device_id=device_header, evict_first=evict_first
-            )
+        outcome = None
+        slot = metrics.admission.take_now(device_header or "auto")
+        if slot is not None:  # the warm step: no wait, no coroutine below this one
+            try:
+                outcome = runtime.infer_warm(name, spec, inputs, device_id=device_header)
+            finally:
+                metrics.admission.release(slot)
+        if outcome is None:
+            async with metrics.admission.slot(device_header or "auto"):
+                outcome = await runtime.infer(
+                    name, inputs, device_id=device_header, evict_first=evict_first
+                )
     except RuntimeFailure as e:
         return _answer_of(failure_response(e))
     except AdmissionFull as e:
@@ -571,22 +579,22 @@ async def answer_call(
                 400, f"unknown output(s) {unknown}; the model has {list(outputs)}", "InvalidRequest"
             )
         outputs = {o: outputs[o] for o in decoded.requested_outputs}
-    payload, out_headers = encode_response(
+    payload, answer_headers = encode_answer(
         model_name=name,
         model_version=None,
         request_id=decoded.id,
         outputs=outputs,
         binary=decoded.binary_outputs,
     )
-    raw = _raw_headers(out_headers)
-    raw += (
+    raw = [
+        *answer_headers,
         (_CACHE, b"hit" if outcome.cache_hit else b"miss"),
         (_LOAD_MS, b"%.3f" % outcome.load_ms),
         (_COMPUTE_MS, b"%.3f" % outcome.compute_ms),
         (_MODEL_BYTES, b"%d" % outcome.size_bytes),
         (_LOAD_SOURCE, outcome.load_source.encode("latin-1")),
         (_BATCH_SIZE, b"%d" % outcome.batch_size),
-    )
+    ]
     return 200, raw, payload
 
 
@@ -596,30 +604,6 @@ _CACHE, _LOAD_MS, _COMPUTE_MS = (
 _MODEL_BYTES, _LOAD_SOURCE, _BATCH_SIZE = (
     h.encode() for h in (MODEL_BYTES_HEADER, LOAD_SOURCE_HEADER, BATCH_SIZE_HEADER)
 )
-
-
-_RAW_NAMES = {HEADER_LENGTH: HEADER_LENGTH.lower().encode(), "Content-Type": b"content-type"}
-
-
-def _raw_name(name: str) -> bytes:
-    return _RAW_NAMES.get(name) or name.lower().encode("latin-1")
-
-
-_RAW_HEADERS_MAX = 512
-_raw_headers_of: dict[tuple[tuple[str, str], ...], list[tuple[bytes, bytes]]] = {}
-
-
-def _raw_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
-    """An encoded answer's headers as raw pairs (a new list: the caller adds its own). They
-    repeat from answer to answer (the content type, the JSON header's length): remembered."""
-    key = tuple(headers.items())
-    raw = _raw_headers_of.get(key)
-    if raw is None:
-        raw = [(_raw_name(k), v.encode("latin-1")) for k, v in key]
-        if len(_raw_headers_of) >= _RAW_HEADERS_MAX:
-            del _raw_headers_of[next(iter(_raw_headers_of))]
-        _raw_headers_of[key] = raw
-    return list(raw)
 
 
 def _answer_of(response: Response) -> Answer:

@@ -117,6 +117,9 @@ class _Request:
 
 class _Connection(asyncio.Protocol):
     def __init__(self, front: HttpFront) -> None:
+        # Made on the loop it serves. Kept: asyncio.get_running_loop() costs a getpid() system
+        # call on Python 3.11, once per request otherwise.
+        self.loop = asyncio.get_running_loop()
         self.front = front
         self.settings = front.settings
         self.parser = httptools.HttpRequestParser(self)
@@ -316,7 +319,7 @@ class _Connection(asyncio.Protocol):
         answering = self._infer(request, match["name"]) if match else self._asgi(request, path)
         # A task: a request sent over a lane always waits for its node, and the routes behind
         # the bridge (httpx, anyio, sniffio) need a current task.
-        task = asyncio.get_running_loop().create_task(answering)  # its own context: see _infer
+        task = self.loop.create_task(answering)  # its own context: see _infer
         self.front.tasks.add(task)
         task.add_done_callback(self._answered)
 
@@ -387,8 +390,7 @@ class _Connection(asyncio.Protocol):
         )
 
     async def _finish(self, answer: Answer, keep_alive: bool, *, head: bool) -> None:
-        status, out, content = answer
-        headers = _encoded(out)
+        status, headers, content = answer  # headers as bytes, as the node wrote them
         await self._finish_raw(status, headers, content, keep_alive, head=head)
 
     async def _finish_raw(
@@ -407,8 +409,7 @@ class _Connection(asyncio.Protocol):
 
     def _answer(self, answer: Answer, keep_alive: bool) -> None:
         """A refusal's answer, written at once (no request ran)."""
-        status, out, content = answer
-        headers = _encoded(out)
+        status, headers, content = answer
         self._write(status, headers, content, keep_alive, head=False)
         self._done(keep_alive)
 
@@ -522,24 +523,9 @@ class _AppAnswer:
     from_app: bool
 
 
-def _encoded(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    names = _NAMES
-    return [(names.get(k) or _name(k), v.encode("latin-1")) for k, v in headers]
-
-
-_NAMES: dict[str, bytes] = {}  # answer header names, encoded once each (they repeat)
-
-
-def _name(name: str) -> bytes:
-    raw = name.encode("latin-1")
-    if len(_NAMES) < 1024:  # a bound, should ever-new names come
-        _NAMES[name] = raw
-    return raw
-
-
 def _error(status: int, message: str) -> _AppAnswer:
     code, out, content = error_answer(status, message, "InternalError", [])
-    return _AppAnswer(code, _encoded(out), content, from_app=False)
+    return _AppAnswer(code, out, content, from_app=False)
 
 
 def _asgi_scope(

@@ -61,6 +61,7 @@ from gpufaas.core.http import (
     match_fast_post,
     read_body,
 )
+from gpufaas.core.peerhttp import header_pairs
 from gpufaas.core.protocol import (
     BINARY_CONTENT_TYPE,
     HEADER_LENGTH,
@@ -548,8 +549,8 @@ class Gateway:
                     self.node_down(device.node)
                     last_error = e
                     continue
-                learn_from_reply(self, device, name, reply)
-                if reply.status == 200 and reply.headers.get(CACHE_HEADER) != "hit":
+                hit = learn_from_reply(self, device, name, reply)
+                if reply.status == 200 and not hit:
                     self.misses.note(
                         view=view,
                         held_elsewhere=held_elsewhere,
@@ -753,25 +754,28 @@ def repository_index(gateway: Gateway) -> list[RepositoryIndexEntry]:
 # -- what each answer teaches the gateway (directory, estimates, metrics) --------------------------
 
 
-def learn_from_reply(gateway: Gateway, device: Device, name: str, reply: NodeReply) -> None:
-    """Correct the gateway's directory and estimates from the manager's answer."""
-    headers = reply.headers
+def learn_from_reply(gateway: Gateway, device: Device, name: str, reply: NodeReply) -> bool:
+    """Correct the gateway's directory and estimates from the manager's answer (its headers
+    read as the bytes they came as: nothing decoded but the numbers); whether it was a hit."""
+    headers = dict(header_pairs(reply.headers))
     directory = gateway.cluster.directory
     # The node may have been called down while this request ran (a sync failed): its devices
     # left the directory, and the next sync that reaches it reads them afresh. The answer stands.
     known = device.key in directory
     if reply.status != 200:
-        if known and headers.get(REASON_HEADER) in {"ModelLoadFailed", "InsufficientMemory"}:
+        if known and headers.get(_REASON) in (b"ModelLoadFailed", b"InsufficientMemory"):
             directory.note_evicted(device.key, name)
-        return
-    hit = headers.get(CACHE_HEADER) == "hit"
+        return False
+    hit = headers.get(_CACHE) == b"hit"
     gateway.metrics.child(
         gateway.metrics.cache, gateway.policy.name, "hit" if hit else "miss"
     ).inc()
     if gateway.prefetch is not None:
-        source = headers.get(LOAD_SOURCE_HEADER)
-        gateway.prefetch.note_response(device.key, name, hit=hit, source=source)
-    size = headers.get(MODEL_BYTES_HEADER)
+        source = headers.get(_LOAD_SOURCE)
+        gateway.prefetch.note_response(
+            device.key, name, hit=hit, source=None if source is None else source.decode("latin-1")
+        )
+    size = headers.get(_MODEL_BYTES)
     if size is not None:
         size_bytes = int(size)
         # A warm answer of a model the view holds resident at the size it knew teaches
@@ -784,15 +788,29 @@ def learn_from_reply(gateway: Gateway, device: Device, name: str, reply: NodeRep
         gateway.model_bytes[name] = size_bytes
         if known and news:
             directory.note_loaded(device.key, name, size_bytes=size_bytes)
-    compute_ms = _header_ms(headers, COMPUTE_MS_HEADER)
+    compute_ms = _header_ms(headers, _COMPUTE_MS)
     if compute_ms is not None:
         gateway.estimates.observe_infer(name, infer_ms=compute_ms)
-    load_ms = _header_ms(headers, LOAD_MS_HEADER)
+    load_ms = _header_ms(headers, _LOAD_MS)
     if not hit and load_ms is not None:
         gateway.metrics.load.labels(gateway.policy.name).observe(load_ms / 1000)
         gateway.estimates.observe_load(
             name, size_bytes=gateway.model_bytes.get(name, 0), load_ms=load_ms
         )
+    return hit
+
+
+_REASON, _CACHE, _LOAD_SOURCE, _MODEL_BYTES, _COMPUTE_MS, _LOAD_MS = (
+    h.encode()
+    for h in (
+        REASON_HEADER,
+        CACHE_HEADER,
+        LOAD_SOURCE_HEADER,
+        MODEL_BYTES_HEADER,
+        COMPUTE_MS_HEADER,
+        LOAD_MS_HEADER,
+    )
+)
 
 
 # -- the repository extension's Load and Unload ---------------------------------------------------
@@ -855,7 +873,7 @@ def _timeout_ms(header: str | None) -> float | None:
         raise ProtocolError(f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
 
 
-def _header_ms(headers: Mapping[str, str], name: str) -> float | None:
+def _header_ms(headers: Mapping[bytes, bytes], name: bytes) -> float | None:
     try:
         return float(headers[name])
     except (KeyError, ValueError):
@@ -870,8 +888,14 @@ def gateway_error_response(error: GatewayError) -> Response:
 
 
 def _passthrough(reply: NodeReply) -> Response:
-    status, headers, content = _passthrough_answer(reply)
-    return Response(content, status_code=status, headers=dict(headers))
+    return _response(_passthrough_answer(reply))
+
+
+def _response(answer: Answer) -> Response:
+    """An :data:`Answer` as a Starlette response (the routes outside the fast path)."""
+    status, headers, content = answer
+    text = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+    return Response(content, status_code=status, headers=text)
 
 
 # -- the HTTP front end ----------------------------------------------------------------------------
@@ -961,10 +985,11 @@ def create_api(gateway: Gateway) -> FastAPI:
     @app.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=infer_body)
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         max_bytes = gateway.config.limits.max_body_bytes
-        status, headers, content = await answer_infer(
-            gateway, name, lambda: read_body(request, max_bytes=max_bytes), request.headers
+        return _response(
+            await answer_infer(
+                gateway, name, lambda: read_body(request, max_bytes=max_bytes), request.headers
+            )
         )
-        return Response(content, status_code=status, headers=dict(headers))
 
     @app.post("/v2/repository/index")
     async def get_repository_index() -> JSONResponse:
@@ -1033,13 +1058,13 @@ class InferFastPath:
             return
         match, headers, read = post.match, post.headers, post.read
         status, out, content = await answer_infer(self.gateway, match["name"], read, headers)
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out]
-        raw.append((b"content-length", b"%d" % len(content)))
+        raw = [*out, (b"content-length", b"%d" % len(content))]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": content})
 
 
-Answer = tuple[int, list[tuple[str, str]], bytes]
+# status, headers as the front writes them (raw pairs, names lower-case), body
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
 async def answer_infer(
@@ -1083,24 +1108,26 @@ async def answer_infer(
 
 
 def _passthrough_answer(reply: NodeReply) -> Answer:
-    headers = [(k, v) for k, v in reply.headers.items() if _passes(k)]
-    return reply.status, headers, reply.body
+    """The node's answer as it goes to the client: its headers, as the bytes they came as,
+    less those that are the gateway's business only."""
+    passing = _PASSING
+    return (
+        reply.status,
+        [(k, v) for k, v in header_pairs(reply.headers) if k in passing],
+        reply.body,
+    )
 
 
-_PASSES: dict[str, bool] = {}  # header name as the node wrote it -> whether it goes to the client
-
-
-def _passes(name: str) -> bool:
-    """Whether the node's answer header ``name`` goes on to the client (remembered per name:
-    the names repeat from answer to answer, and a node sends only a few distinct ones)."""
-    passes = _PASSES.get(name)
-    if passes is None:
-        passes = name.lower() in _PASSTHROUGH_HEADERS
-        if len(_PASSES) < 1024:  # a bound, should a node send ever-new names
-            _PASSES[name] = passes
-    return passes
+_PASSING = frozenset(h.lower().encode("latin-1") for h in _PASSTHROUGH_HEADERS)
 
 
 def error_answer(status: int, message: str, reason: str, extra: list[tuple[str, str]]) -> Answer:
-    headers = [("content-type", JSON_CONTENT_TYPE), (REASON_HEADER, reason), *extra]
+    headers = [
+        (b"content-type", _JSON),
+        (_REASON, reason.encode("latin-1")),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra),
+    ]
     return status, headers, json.dumps({"error": message}).encode()
+
+
+_JSON = JSON_CONTENT_TYPE.encode()

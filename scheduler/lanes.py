@@ -25,6 +25,7 @@ from gpufaas.core.colocated import InferNode
 from gpufaas.core.eager import resume
 from gpufaas.core.frames import FramedEndpoint, InferHead
 from gpufaas.core.http import DEVICE_HEADER, EVICT_FIRST_HEADER, format_evict_first
+from gpufaas.core.peerhttp import RawHeaders
 from gpufaas.scheduler.cluster import Node
 from gpufaas.scheduler.transport import FramedPool, NodePool, NodeReply, NodeUnreachable
 
@@ -118,9 +119,7 @@ class NodeLanes:
                 status, raw, content = await asyncio.wait_for(rest, self.timeout_s)
             except TimeoutError:
                 raise NodeUnreachable(f"no answer within {self.timeout_s:.1f} s") from None
-        names = _NAMES
-        headers = {names.get(name) or _name(name): value.decode("latin-1") for name, value in raw}
-        return NodeReply(status, headers, bytes(content))
+        return NodeReply(status, RawHeaders(raw), bytes(content))
 
     async def post(
         self, node: Node, path: str, body: bytes | memoryview, headers: Mapping[str, str]
@@ -203,13 +202,3 @@ class NodeLanes:
         self.http.clear()
         self.framed.clear()
         self._framed_for.clear()
-
-
-_NAMES: dict[bytes, str] = {}  # answer header names, decoded once each (they repeat)
-
-
-def _name(raw: bytes) -> str:
-    name = raw.decode("latin-1")
-    if len(_NAMES) < 1024:  # a bound, should a node send ever-new names
-        _NAMES[raw] = name
-    return name

@@ -24,7 +24,7 @@ from gpufaas.core.frames import (
     FrameError,
     FrameReader,
     InferHead,
-    decode_answer_meta,
+    decode_answer_pairs,
     encode_hello,
 )
 from gpufaas.core.peerhttp import (
@@ -33,6 +33,7 @@ from gpufaas.core.peerhttp import (
     PeerPool,
     PeerReply,
     PeerUnreachable,
+    RawHeaders,
 )
 
 __all__ = ["FramedPool", "NodePool", "NodeReply", "NodeUnreachable"]
@@ -75,10 +76,10 @@ class _FramedConnection(KeepAliveConnection):
             for frame in frames:
                 if frame.kind != ANSWER:
                     raise FrameError(f"the GPU manager sent a frame of kind {frame.kind}")
-                status, headers = decode_answer_meta(frame.meta)
+                status, pairs = decode_answer_pairs(frame.meta)
                 if self._reply is None or self._reply.done():
                     raise FrameError("the GPU manager answered a call it was not sent")
-                self._reply.set_result(NodeReply(status, headers, bytes(frame.body)))
+                self._reply.set_result(NodeReply(status, RawHeaders(pairs), bytes(frame.body)))
         except FrameError as e:
             self._fail(NodeUnreachable(f"a malformed answer frame from the GPU manager: {e}"))
             self.close()

@@ -167,7 +167,7 @@ def _built_afresh(outputs: dict[str, tuple[np.ndarray, str]], model_name: str = 
 def test_a_remembered_answer_header_is_the_one_each_answer_needs(
     answers: list[dict[str, tuple[np.ndarray, str]]],
 ) -> None:
-    protocol._answer_headers.clear()
+    protocol._binary_answer_head.cache_clear()
     for _ in range(2):  # the second pass answers from the remembered headers
         for outputs in answers:
             body, length = _answer(outputs)
@@ -178,7 +178,7 @@ def test_a_remembered_answer_header_is_the_one_each_answer_needs(
 
 
 def test_answers_of_other_models_and_with_ids_are_not_mixed_up() -> None:
-    protocol._answer_headers.clear()
+    protocol._binary_answer_head.cache_clear()
     outputs = {"y": (np.zeros((1, 2), np.float32), "FP32")}
     assert _answer(outputs, model_name="a")[0] == _built_afresh(outputs, "a")
     assert _answer(outputs, model_name="b")[0] == _built_afresh(outputs, "b")
@@ -191,7 +191,7 @@ def test_answers_of_other_models_and_with_ids_are_not_mixed_up() -> None:
 
 
 def test_remembered_answer_headers_are_bounded() -> None:
-    protocol._answer_headers.clear()
+    protocol._binary_answer_head.cache_clear()
     for rows in range(protocol._ANSWER_HEADERS_MAX + 20):
         _answer({"y": (np.zeros((rows, 1), np.float32), "FP32")})
-    assert len(protocol._answer_headers) == protocol._ANSWER_HEADERS_MAX
+    assert protocol._binary_answer_head.cache_info().currsize == protocol._ANSWER_HEADERS_MAX

@@ -230,7 +230,8 @@ async def test_errors_answer_as_over_the_framed_lane(
                 return b"{not json"
 
             status, headers, _ = await answer_infer(gateway, "tiny-mlp", read, {})
-            got.append((status, dict(headers).get(REASON_HEADER), "json"))
+            reason = dict(headers).get(REASON_HEADER.encode())  # the front's bytes
+            got.append((status, reason.decode() if reason else None, "json"))
     assert outcomes["inprocess"] == outcomes["framed"]
     load, output_error, bad_json = outcomes["inprocess"]
     assert load[0] in (500, 502, 503) and load[1] == "ModelLoadFailed"

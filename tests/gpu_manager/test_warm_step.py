@@ -1,0 +1,208 @@
+"""The warm step: the usual warm request served in one straight step, as ``infer`` serves it,
+and a CPU device's inline rule judged by the CPU a pass took."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from gm_support import Model
+
+from gpufaas.core.http import CACHE_HEADER, DEVICE_HEADER
+from gpufaas.core.protocol import encode_request
+from gpufaas.gpu_manager import loader
+from gpufaas.gpu_manager.admission import DeviceAdmission
+from gpufaas.gpu_manager.inline import WINDOW, InlineForwards
+from gpufaas.gpu_manager.runtime import NodeRuntime
+from gpufaas.gpu_manager.server import create_app
+
+
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names the forward passes that went through a worker thread."""
+    calls: list[str] = []
+    real = loader.asyncio.to_thread
+
+    async def counted(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(function, "__name__", "?"))
+        return await real(function, *args, **kwargs)
+
+    monkeypatch.setattr(loader.asyncio, "to_thread", counted)
+    return calls
+
+
+async def _measured(runtime: NodeRuntime, model: Model) -> None:
+    """Run the model's first passes (measured in a thread) so it may run on the loop."""
+    runtime.devices["cpu:0"].inline.max_ms = 1_000.0  # the rule, not the box, decides here
+    for _ in range(WINDOW):
+        await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
+
+
+async def test_a_warm_request_is_answered_in_one_step_as_infer_answers_it(
+    runtime_factory: Callable[..., NodeRuntime], models: dict[str, Model], hops: list[str]
+) -> None:
+    model = models["tiny-mlp"]
+    runtime = runtime_factory(register=[model])
+    spec = runtime.spec(model.name)
+    # not resident yet: the step declines and does nothing (a load is infer's job)
+    assert runtime.infer_warm(model.name, spec, model.inputs(), device_id="cpu:0") is None
+    await _measured(runtime, model)
+    used: list[tuple[str, str]] = []
+    runtime.on_use(lambda name, device: used.append((name, device)))
+    tier = runtime.stats.tier(runtime.devices["cpu:0"].name)
+    hits = tier.hits
+    threaded = len(hops)
+
+    warm = runtime.infer_warm(model.name, spec, model.inputs(), device_id="cpu:0")
+    usual = await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
+
+    assert warm is not None and len(hops) == threaded  # on the loop, no thread hop
+    assert warm.outputs.keys() == usual.outputs.keys()
+    for name, (array, datatype) in warm.outputs.items():
+        assert datatype == usual.outputs[name][1]
+        np.testing.assert_array_equal(array, usual.outputs[name][0])
+    assert (warm.cache_hit, warm.load_ms, warm.load_source, warm.batch_size) == (
+        usual.cache_hit,
+        usual.load_ms,
+        usual.load_source,
+        usual.batch_size,
+    )
+    assert warm.size_bytes == usual.size_bytes
+    # what infer's hold does, the step does: the use listeners, the hit count, the release
+    assert used == [(model.name, "cpu:0")] * 2
+    assert tier.hits == hits + 2
+    assert runtime.drop_everywhere(model.name) == ["cpu:0"]  # nothing left holding it
+
+
+async def test_the_warm_step_declines_what_it_must_not_serve(
+    runtime_factory: Callable[..., NodeRuntime], models: dict[str, Model]
+) -> None:
+    model = models["tiny-mlp"]
+    runtime = runtime_factory(register=[model])
+    spec = runtime.spec(model.name)
+    await _measured(runtime, model)
+    device = runtime.devices["cpu:0"]
+
+    def step(**kwargs: Any) -> Any:
+        return runtime.infer_warm(
+            model.name, spec, model.inputs(), **{"device_id": "cpu:0", **kwargs}
+        )
+
+    assert step() is not None
+    assert step(device_id=None) is None  # no device named: infer picks one
+    assert step(device_id="cpu:9") is None  # an unknown device: infer's 400
+    held = [device.slots.acquire() for _ in range(device.max_concurrency)]
+    await asyncio.gather(*held)  # every slot taken: it would have to wait, so infer serves it
+    assert step() is None
+    for _ in held:
+        device.slots.release()
+    device.inline.running = 1  # another pass on the device: the thread, through infer
+    assert step() is None
+    device.inline.running = 0
+    device.inline.max_ms = 1e-9
+    await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
+    await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
+    assert step() is None  # measured too slow for the loop: the thread, through infer
+    batched = spec.model_copy(
+        update={"batching": spec.batching.model_copy(update={"max_batch_size": 4})}
+    )
+    device.inline.max_ms = 1_000.0
+    assert runtime.infer_warm(model.name, batched, model.inputs(), device_id="cpu:0") is None
+
+
+async def test_the_nodes_warm_requests_never_reach_infer(
+    runtime_factory: Callable[..., NodeRuntime],
+    models: dict[str, Model],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = models["tiny-mlp"]
+    runtime = runtime_factory(register=[model])
+    await _measured(runtime, model)
+    calls: list[str] = []
+    usual = runtime.infer
+
+    async def counted(name: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(name)
+        return await usual(name, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "infer", counted)
+    tensors = {
+        t.name: (a, t.datatype) for t, a in zip(model.spec.inputs, model.inputs(), strict=True)
+    }
+    content, headers = encode_request(tensors)
+    headers[DEVICE_HEADER] = "cpu:0"
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://manager") as client:
+        for _ in range(5):
+            answer = await client.post(
+                f"/v2/models/{model.name}/infer", content=content, headers=headers
+            )
+            assert answer.status_code == 200 and answer.headers[CACHE_HEADER] == "hit"
+    assert calls == []
+
+
+def test_the_warm_admission_never_waits_and_never_jumps_the_queue() -> None:
+    admission = DeviceAdmission(concurrency=1)
+    gate = admission.take_now("cpu:0")
+    assert gate is not None and admission.running("cpu:0") == 1 and admission.peak("cpu:0") == 1
+    assert admission.take_now("cpu:0") is None  # full: the caller takes the waiting slot
+    admission.release(gate)
+    assert admission.running("cpu:0") == 0
+    admission._gate("cpu:0").waiters.append(asyncio.Future(loop=asyncio.new_event_loop()))
+    assert admission.take_now("cpu:0") is None  # someone waits: not ahead of them
+    assert DeviceAdmission(concurrency=None).take_now("cpu:0") is not None
+
+
+# -- a CPU device's inline rule: the CPU a pass took, not its wall time -------------------------
+
+
+def _sleeping_pass(policy: InlineForwards, ms: float) -> None:
+    """A pass that takes ``ms`` by the wall and almost no CPU: a tiny pass preempted by
+    another process on a busy host looks like this to the clock."""
+    since = policy.clock()
+    started = time.perf_counter()
+    time.sleep(ms / 1000)
+    policy.measured("m", (time.perf_counter() - started) * 1000, cpu_since=since)
+
+
+def _spinning_pass(policy: InlineForwards, ms: float) -> None:
+    """A pass that takes ``ms`` of CPU: a model too long for the loop."""
+    since = policy.clock()
+    started = time.perf_counter()
+    while time.perf_counter() - started < ms / 1000:
+        pass
+    policy.measured("m", (time.perf_counter() - started) * 1000, cpu_since=since)
+
+
+def test_a_cpu_device_keeps_a_preempted_tiny_pass_on_the_loop() -> None:
+    policy = InlineForwards(max_ms=1.0, by_cpu=True)
+    for _ in range(WINDOW):
+        _sleeping_pass(policy, 3.0)  # slow by the wall, at almost no CPU
+    assert policy.inline("m", landed=True)
+    by_wall = InlineForwards(max_ms=1.0)  # a GPU's rule: the wall time (it waits on the device)
+    for _ in range(WINDOW):
+        _sleeping_pass(by_wall, 3.0)
+    assert not by_wall.inline("m", landed=True)
+
+
+def test_a_cpu_device_still_sends_a_long_pass_to_the_thread() -> None:
+    policy = InlineForwards(max_ms=1.0, by_cpu=True)
+    for _ in range(WINDOW):
+        _sleeping_pass(policy, 0.0)
+    assert policy.inline("m", landed=True)
+    _spinning_pass(policy, 4.0)
+    _spinning_pass(policy, 4.0)  # two passes that held the CPU too long: back to the thread
+    assert not policy.inline("m", landed=True)
+
+
+def test_only_cpu_devices_judge_by_cpu(
+    runtime_factory: Callable[..., NodeRuntime], models: dict[str, Model]
+) -> None:
+    runtime = runtime_factory(register=[models["tiny-mlp"]])
+    assert all(d.inline.by_cpu == (d.info.kind == "cpu") for d in runtime.devices.values())
+    assert runtime.devices["cpu:0"].inline.by_cpu
