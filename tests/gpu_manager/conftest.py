@@ -26,6 +26,7 @@ from gpufaas.core.api import ModelFormat
 from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.examples import build_examples
 from gpufaas.core.modelio import save_model
+from gpufaas.gpu_manager import loader
 from gpufaas.gpu_manager.inventory import DeviceInfo
 from gpufaas.gpu_manager.runtime import NodeRuntime
 
@@ -136,3 +137,17 @@ def runtime_factory(tmp_path: Path) -> Callable[..., NodeRuntime]:
         return runtime
 
     return make
+
+
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names the forward passes that went through a worker thread."""
+    calls: list[str] = []
+    real = loader.asyncio.to_thread
+
+    async def counted(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(function, "__name__", "?"))
+        return await real(function, *args, **kwargs)
+
+    monkeypatch.setattr(loader.asyncio, "to_thread", counted)
+    return calls

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-import pytest
 from gm_support import Model
 
-from gpufaas.gpu_manager import loader
 from gpufaas.gpu_manager.inline import SPIKE, WINDOW, InlineForwards
 from gpufaas.gpu_manager.runtime import NodeRuntime
 
@@ -34,20 +31,6 @@ def test_inline_needs_a_full_window_of_fast_passes_a_landed_model_and_an_idle_de
     policy.measured("m", SPIKE * 1.0)  # one pass ten times too slow sends it back at once
     assert not policy.inline("m", landed=True)
     assert not policy.inline("other", landed=True)
-
-
-@pytest.fixture
-def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names the forward passes that went through a worker thread."""
-    calls: list[str] = []
-    real = loader.asyncio.to_thread
-
-    async def counted(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        calls.append(getattr(function, "__name__", "?"))
-        return await real(function, *args, **kwargs)
-
-    monkeypatch.setattr(loader.asyncio, "to_thread", counted)
-    return calls
 
 
 async def test_a_tiny_model_runs_on_the_loop_once_measured_and_a_slow_one_never(

@@ -15,25 +15,10 @@ from gm_support import Model
 
 from gpufaas.core.http import CACHE_HEADER, DEVICE_HEADER
 from gpufaas.core.protocol import encode_request
-from gpufaas.gpu_manager import loader
 from gpufaas.gpu_manager.admission import DeviceAdmission
 from gpufaas.gpu_manager.inline import WINDOW, InlineForwards
 from gpufaas.gpu_manager.runtime import NodeRuntime
 from gpufaas.gpu_manager.server import create_app
-
-
-@pytest.fixture
-def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names the forward passes that went through a worker thread."""
-    calls: list[str] = []
-    real = loader.asyncio.to_thread
-
-    async def counted(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        calls.append(getattr(function, "__name__", "?"))
-        return await real(function, *args, **kwargs)
-
-    monkeypatch.setattr(loader.asyncio, "to_thread", counted)
-    return calls
 
 
 async def _measured(runtime: NodeRuntime, model: Model) -> None:
