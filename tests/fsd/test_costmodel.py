@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -190,6 +191,18 @@ def test_a_wait_costs_a_wake_up_only_when_the_shards_outnumber_the_cores() -> No
     assert extra[2] == 0.0 and extra[8] > 2 * extra[4] > 0
 
 
+def fit_grid() -> Iterator[tuple[costmodel.Profile, int]]:
+    """The runs a channel fit sees: two depths, block and random splits over 2, 4 and 8 shards
+    (the oversubscribed ones tell the wake-up term from the wait's), two batch sizes."""
+    for depth in (4, 8):
+        net = radix_net(512, depth)
+        for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random"),
+                               (8, "block")):  # fmt: skip
+            prof = costmodel.profile(net, partition(net, shards, method=method, seed=2))
+            for batch in (16, 64):
+                yield prof, batch
+
+
 def test_fit_channel_recovers_a_channels_constants_from_runs_it_predicts() -> None:
     """Runs made by the model itself (both branches of the max: 2, 4 and 8 shards on 2
     cores) give back the channel's constants, though the model is not linear in them; the
@@ -197,16 +210,10 @@ def test_fit_channel_recovers_a_channels_constants_from_runs_it_predicts() -> No
     truth = costmodel.ChannelCost(4e-4, 2e-9, 3e-4, 2e-3, per_wake_s=1.5e-4)
     constants = costmodel.Constants(COMPUTE, 1e-3, 1e-8, 2, {"x": truth})
     runs = []
-    for depth in (4, 8):
-        net = radix_net(512, depth)
-        for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random"),
-                               (8, "block")):  # fmt: skip
-            prof = costmodel.profile(net, partition(net, shards, method=method, seed=2))
-            for batch in (16, 64):
-                runs.append(
-                    (prof, batch, costmodel.predict(prof, batch=batch, channel="x",
-                                                    constants=constants))
-                )  # fmt: skip
+    for prof, batch in fit_grid():
+        runs.append(
+            (prof, batch, costmodel.predict(prof, batch=batch, channel="x", constants=constants))
+        )
     fitted = costmodel.fit_channel(runs, base=constants)
     np.testing.assert_allclose(dataclasses.astuple(fitted), dataclasses.astuple(truth), rtol=1e-3)
 
@@ -220,16 +227,10 @@ def test_fit_channels_shares_the_coordinator_and_wake_terms_across_channels() ->
     slow = costmodel.ChannelCost(2e-4, 5e-9, 6e-4, 5e-4, per_wake_s=1.5e-4)
     constants = costmodel.Constants(COMPUTE, 1e-3, 1e-8, 2, {"fast": fast, "slow": slow})
     runs: dict[str, list[tuple[costmodel.Profile, int, float]]] = {"fast": [], "slow": []}
-    for depth in (4, 8):
-        net = radix_net(512, depth)
-        for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random"),
-                               (8, "block")):  # fmt: skip
-            prof = costmodel.profile(net, partition(net, shards, method=method, seed=2))
-            for batch in (16, 64):
-                for name in runs:
-                    seconds = costmodel.predict(prof, batch=batch, channel=name,
-                                                constants=constants)  # fmt: skip
-                    runs[name].append((prof, batch, seconds))
+    for prof, batch in fit_grid():
+        for name in runs:
+            seconds = costmodel.predict(prof, batch=batch, channel=name, constants=constants)
+            runs[name].append((prof, batch, seconds))
     fitted = costmodel.fit_channels(runs, base=constants)
     for name, truth in (("fast", fast), ("slow", slow)):
         np.testing.assert_allclose(

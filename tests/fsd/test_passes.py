@@ -44,12 +44,19 @@ def columns(batch: int, seed: int) -> Any:
     return np.random.default_rng(seed).random((7, batch)).astype(np.float32)
 
 
-async def test_requests_arriving_during_a_pass_join_the_next_one_and_get_their_own_answer() -> None:
+async def one_pass_held(width: int) -> tuple[Runner, Passes, asyncio.Future[Any]]:
+    """Passes with one in flight at most (the rules of joining alone), and a first request of
+    ``width`` columns whose pass is held in flight by the runner's gate."""
     runner = Runner()
-    passes = Passes(runner, depth=1)  # one in flight: the rules of joining alone
+    passes = Passes(runner, depth=1)
     runner.gate.clear()
-    first = asyncio.ensure_future(passes.submit(columns(2, 0), timeout_s=5))
-    await runner.started.wait()  # pass 1 (the first request alone) is in flight
+    first = asyncio.ensure_future(passes.submit(columns(width, 0), timeout_s=5))
+    await runner.started.wait()
+    return runner, passes, first
+
+
+async def test_requests_arriving_during_a_pass_join_the_next_one_and_get_their_own_answer() -> None:
+    runner, passes, first = await one_pass_held(2)  # pass 1 (the first request alone) is in flight
     sizes = [1, 3, 4, 2, 5]
     inputs = [columns(b, 10 + i) for i, b in enumerate(sizes)]
     later = [asyncio.ensure_future(passes.submit(c, timeout_s=5)) for c in inputs]
@@ -81,11 +88,7 @@ async def test_a_pass_holds_at_most_max_samples_and_a_larger_request_runs_alone(
 
 
 async def test_a_request_whose_deadline_passes_while_it_waits_is_never_sent() -> None:
-    runner = Runner()
-    passes = Passes(runner, depth=1)  # one in flight: the rules of joining alone
-    runner.gate.clear()
-    first = asyncio.ensure_future(passes.submit(columns(2, 0), timeout_s=5))
-    await runner.started.wait()
+    runner, passes, first = await one_pass_held(2)
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(PassDeadline, match=r"0\.050 s deadline"):
@@ -100,11 +103,7 @@ async def test_a_request_whose_deadline_passes_while_it_waits_is_never_sent() ->
 
 
 async def test_a_pass_runs_under_its_latest_deadline() -> None:
-    runner = Runner()
-    passes = Passes(runner, depth=1)  # one in flight: the rules of joining alone
-    runner.gate.clear()
-    first = asyncio.ensure_future(passes.submit(columns(1, 0), timeout_s=5))
-    await runner.started.wait()
+    runner, passes, first = await one_pass_held(1)
     short = asyncio.ensure_future(passes.submit(columns(1, 1), timeout_s=2))
     long = asyncio.ensure_future(passes.submit(columns(1, 2), timeout_s=9))
     await asyncio.sleep(0)
@@ -114,11 +113,7 @@ async def test_a_pass_runs_under_its_latest_deadline() -> None:
 
 
 async def test_a_failed_pass_fails_its_members_and_the_next_pass_runs() -> None:
-    runner = Runner()
-    passes = Passes(runner, depth=1)  # one in flight: the rules of joining alone
-    runner.gate.clear()
-    first = asyncio.ensure_future(passes.submit(columns(1, 0), timeout_s=5))
-    await runner.started.wait()
+    runner, passes, first = await one_pass_held(1)
     runner.fail_next = RuntimeError("shard 1 of radix failed")
     runner.gate.set()
     with pytest.raises(RuntimeError, match="shard 1 of radix"):
@@ -129,11 +124,7 @@ async def test_a_failed_pass_fails_its_members_and_the_next_pass_runs() -> None:
 
 
 async def test_a_cancelled_member_leaves_the_pass_to_the_others_and_close_ends_the_rest() -> None:
-    runner = Runner()
-    passes = Passes(runner, depth=1)  # one in flight: the rules of joining alone
-    runner.gate.clear()
-    first = asyncio.ensure_future(passes.submit(columns(1, 0), timeout_s=5))
-    await runner.started.wait()
+    runner, passes, first = await one_pass_held(1)
     gone = asyncio.ensure_future(passes.submit(columns(2, 1), timeout_s=5))
     stays = asyncio.ensure_future(passes.submit(columns(3, 2), timeout_s=5))
     await asyncio.sleep(0)
