@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
@@ -70,6 +71,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--saturation-seconds", type=float, default=10.0)
     group.add_argument("--saturation-clients", type=int, default=32)
+    group.add_argument(
+        "--client-gc",
+        choices=("freeze", "default"),
+        default="freeze",
+        help="the load generator's own garbage collector during the trace: freeze (gc.freeze() "
+        "first: its full collections skip the ~190k objects torch's import leaves, ~85 ms "
+        "each otherwise, which stall every request in flight) or default (as before the "
+        "ninth session)",
+    )
     group.add_argument("--sync-interval", type=float, default=5.0)
     group.add_argument(
         "--scaleout-policy",
@@ -396,15 +406,20 @@ def _one(
         time.sleep(args.sync_interval + 0.5)  # every gateway has synced with the managers
         before = _manager_lookups(managers)
         replicas_before = _replica_counters(urls)
-        results = asyncio.run(
-            _open_loop(
-                urls,
-                arrivals_ms=trace.arrival_ms.tolist(),
-                names=names,
-                body=body,
-                max_s=args.live_seconds,
+        if args.client_gc == "freeze":
+            gc.collect()
+            gc.freeze()  # what is alive now is never scanned again (the gateways do the same)
+        pauses = ClientPauses()
+        with pauses:
+            results = asyncio.run(
+                _open_loop(
+                    urls,
+                    arrivals_ms=trace.arrival_ms.tolist(),
+                    names=names,
+                    body=body,
+                    max_s=args.live_seconds,
+                )
             )
-        )
         after = _manager_lookups(managers)
         replicas_after = _replica_counters(urls)
         cpu_before = _cpu(pids)
@@ -457,6 +472,9 @@ def _one(
         "hit_p99_ms": float(np.percentile(hits, 99)) if len(hits) else math.nan,
         "miss_mean_ms": float(misses.mean()) if len(misses) else math.nan,
         "tail": tail_breakdown(measured),
+        # the load generator's own collections of generations 1-2 during the trace: a pause
+        # here delays every answer in flight (the latencies are the client's)
+        "client_gc": pauses.summary(),
         "requests": request_records(results, gateways=gateways),
         "forwarded": int(replicas_after["forwarded"] - replicas_before["forwarded"]),
         "lane_forwarded": int(replicas_after["lane"] - replicas_before["lane"]),
@@ -473,6 +491,50 @@ def _one(
         "gateway_cpu_ms_per_request": 1000 * gateway_cpu / ok if ok else math.nan,
         "manager_cpu_ms_per_request": 1000 * manager_cpu / ok if ok else math.nan,
     }
+
+
+class ClientPauses:
+    """The load generator's garbage-collector pauses of generations 1 and 2 while in use
+    (``gc.callbacks``): when (s after entering), which generation, how long (ms)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, int, float]] = []
+        self._began = self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if info["generation"] == 0:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            ended = time.perf_counter()
+            pause = (
+                self._started - self._began,
+                info["generation"],
+                1000 * (ended - self._started),
+            )
+            self.pauses.append(pause)
+
+    def __enter__(self) -> ClientPauses:
+        self._began = time.perf_counter()
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict[str, Any]:
+        ms = [p[2] for p in self.pauses]
+        return {
+            "collections": len(ms),
+            "max_ms": max(ms, default=0.0),
+            "total_ms": sum(ms),
+            "over_5ms": [
+                [round(at, 2), gen, round(pause, 1)]
+                for at, gen, pause in self.pauses
+                if pause >= 5.0
+            ],
+        }
 
 
 _KINDS = ("hit", "local miss", "forwarded miss", "forwarded hit")
