@@ -12,6 +12,8 @@ own port and on one shared port) over the same GPU managers' configuration, and:
 2. **Saturation.** A closed loop of ``--saturation-clients`` clients, spread over the replicas,
    sends the trace's requests back to back for ``--saturation-seconds``: throughput, and the CPU
    seconds each gateway process and each manager spent (``/proc``), per request.
+   A second ``1`` in ``--gateways`` runs one gateway again on the same trace: the control,
+   reported against the first (how far two runs of the same code differ).
 3. **Decision cost.** The p99 of what scale-out adds to a routing decision (ring lookup, the
    ownership test), measured in this process.
 
@@ -49,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--gateways",
         default=None,
-        help="gateway replica counts to compare, e.g. 1,2,4 (live mode; default: no scale-out run)",
+        help="gateway replica counts to compare, e.g. 1,2,4 (live mode; default: no scale-out "
+        "run); a second 1 (1,2,4,1) is the control: a second one-gateway run of the same trace, "
+        "reported as '1 (control)' against the first",
     )
     group.add_argument(
         "--summarise",
