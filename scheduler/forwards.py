@@ -2,8 +2,9 @@
 "Scale-out", step 4): the whole request (forwarding ``request``) or only the question where
 its model goes (forwarding ``decision``), and what a replica does when the owner cannot answer.
 
-- **The request** goes under a fresh request key (``x-gpufaas-request-key``), so that a GPU
-  manager runs it at most once: if the forward fails after the owner may have dispatched it,
+- **The request** goes under a fresh request key (``x-gpufaas-request-key``), over the owner's
+  keyed-forward lane when it advertises one (:mod:`gpufaas.scheduler.forward_lane`), else over
+  HTTP, so that a GPU manager runs it at most once: if the forward fails after the owner may have dispatched it,
   the managers are asked for the key's answer first, and only if none has it is the request
   placed here, under the same key.
 - **The question** (``POST /v2/gpufaas/peers/place``) carries the model, its size and the
@@ -31,6 +32,7 @@ from prometheus_client import Counter
 from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
 from gpufaas.core.http import REQUEST_KEY_HEADER, error_response
 from gpufaas.core.protocol import ProtocolError
+from gpufaas.scheduler.forward_lane import ForwardHead
 from gpufaas.scheduler.lanes import NodeCall
 from gpufaas.scheduler.peer_calls import OwnerHung, PeerCalls
 from gpufaas.scheduler.peers import PLACE_PATH, Membership
@@ -104,6 +106,7 @@ class Forwards:
         forwarded: Counter,
         failures: Counter,
         recovered: Counter,
+        lane_forwards: Counter,
         lost: Callable[[str, object], None],
         recover: Callable[[str], Awaitable[NodeReply | None]] | None = None,
     ) -> None:
@@ -111,6 +114,7 @@ class Forwards:
         self.directory = directory
         self.calls = calls
         self.forwarded = forwarded  # gpufaas_replica_forwarded_requests{peer}
+        self.lane_forwards = lane_forwards  # gpufaas_replica_lane_forwards
         self.failures = failures  # gpufaas_replica_forward_failures
         self.recovered = recovered  # gpufaas_replica_recovered_requests
         # The owner failed a call: counted as a failure, and taken off the ring.
@@ -130,17 +134,25 @@ class Forwards:
         if peer is None:
             return Placement(reply=None, call=call)
         key = uuid.uuid4().hex
-        # Keyed, so over HTTP (no framed InferHead): see Replicas.begin().
+        # The owner's lane carries the key; so does HTTP. The call that comes back to be placed
+        # here is keyed, so over HTTP to the manager (no framed InferHead): Replicas.begin().
         keyed = NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
         self.forwarded.labels(owner).inc()
         started = time.perf_counter()
+        infer = call.infer
+        lane = self.calls.lane(owner) if infer is not None else None
         try:
-            reply = await self.calls.call_owner(
-                owner,
-                call.path,
-                call.body,
-                {**keyed.headers, FORWARDED_HEADER: self.membership.self_id},
-            )
+            if lane is not None and infer is not None:  # one frame each way (forward_lane.py)
+                head = ForwardHead(infer.model, key, self.membership.self_id, infer.header_length)
+                self.lane_forwards.inc()
+                reply = await self.calls.watched(owner, lane.forward(head, call.body))
+            else:
+                reply = await self.calls.call_owner(
+                    owner,
+                    call.path,
+                    call.body,
+                    {**keyed.headers, FORWARDED_HEADER: self.membership.self_id},
+                )
         except (NodeUnreachable, OwnerHung) as e:
             # The owner is gone or hung, perhaps after it dispatched the request: a manager may
             # hold (or be computing) the answer under the key. Else serve here, under the key.

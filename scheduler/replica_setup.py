@@ -16,10 +16,19 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import httpx
 
 from gpufaas.core import node as node_api
+from gpufaas.scheduler.forward_lane import (
+    LANE_PORT_KEY,
+    ForwardAnswer,
+    ForwardHead,
+    ForwardListener,
+    LaneAnswer,
+    lane_headers,
+)
 from gpufaas.scheduler.peers import Membership
 from gpufaas.scheduler.replicas import (
     Forwarding,
@@ -33,7 +42,7 @@ from gpufaas.scheduler.transport import NodeReply
 if TYPE_CHECKING:
     from gpufaas.scheduler.gateway import Gateway
 
-__all__ = ["attach_replicas", "enable_replicas", "listening_socket", "serve_replica"]
+__all__ = ["attach_replicas", "enable_replicas", "lane_answer", "listening_socket", "serve_replica"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +56,12 @@ def attach_replicas(
     ownership: Ownership = "leader",
     slots: ReplicaSlots = "full",
     forwarding: Forwarding = "request",
+    forward_lane: bool = True,
 ) -> Replicas:
     """Make ``gateway`` one replica among those ``discover`` lists (``self_url`` is how they
-    reach it). Heartbeats follow the gateway's sync interval."""
+    reach it). Heartbeats follow the gateway's sync interval. ``forward_lane``: serve the
+    keyed-forward lane (:mod:`~gpufaas.scheduler.forward_lane`) on an ephemeral port of
+    ``self_url``'s host and advertise it, so that peers forward requests here over it."""
     if slots not in ("full", "share"):
         raise ValueError(f"slots must be 'full' or 'share', got {slots!r}")
     registry = gateway.metrics.registry
@@ -97,15 +109,23 @@ def attach_replicas(
         answers = await asyncio.gather(*(ask(n.client) for n in nodes))
         return next((a for a in answers if a is not None), None)
 
-    membership = Membership(
-        self_url=self_url,
-        discover=discover,
-        token=token,
-        heartbeat=lambda: {
-            "misses": own_misses(),
-            "at": time.time(),
-        },
+    lane = (
+        ForwardListener(
+            lane_answer(gateway),
+            token=token,
+            max_body_bytes=gateway.config.limits.max_body_bytes,
+        )
+        if forward_lane
+        else None
     )
+
+    def heartbeat() -> dict[str, object]:
+        report: dict[str, object] = {"misses": own_misses(), "at": time.time()}
+        if lane is not None and lane.port is not None:
+            report[LANE_PORT_KEY] = lane.port
+        return report
+
+    membership = Membership(self_url=self_url, discover=discover, token=token, heartbeat=heartbeat)
 
     def decide(name: str, tried: frozenset[str]) -> OwnerDecision:
         # The gateway's own routing decision (its policy, view, loads and residency policy's
@@ -140,8 +160,30 @@ def attach_replicas(
     async def run(stop: asyncio.Event) -> None:
         await replicas.run(stop, interval_s=gateway.config.sync_interval_s)
 
+    if lane is not None:  # first: listening before this replica's first heartbeat answers
+        listener, host = lane, urlsplit(self_url).hostname or "127.0.0.1"
+        gateway.background.append(lambda stop: listener.serve(stop, host=host))
     gateway.background.append(run)
     return replicas
+
+
+def lane_answer(gateway: Gateway) -> ForwardAnswer:
+    """The owner's answer to a call a peer forwarded over the lane: the gateway's own HTTP
+    inference path, in the call's task, admitted as forwarded with its request key (so it is
+    decided here, never forwarded again, and its key goes on to the GPU manager)."""
+    from gpufaas.scheduler.gateway import answer_infer
+
+    async def answer(head: ForwardHead, body: bytes) -> LaneAnswer:
+        replicas = gateway.replicas
+        if replicas is not None:
+            replicas.admit(head.model, forwarded_by=head.sender, request_key=head.key)
+
+        async def read() -> bytes:
+            return body
+
+        return await answer_infer(gateway, head.model, read, lane_headers(head))
+
+    return answer
 
 
 def enable_replicas(
@@ -154,6 +196,7 @@ def enable_replicas(
     ownership: Ownership = "leader",
     slots: ReplicaSlots = "full",
     forwarding: Forwarding = "request",
+    forward_lane: bool = True,
 ) -> Replicas:
     """``gpufaas gateway --peers`` / ``--peer-service``: the replicas from a static list or
     from the gateways' headless Service. Peers authenticate with ``GPUFAAS_PEER_TOKEN`` (in
@@ -174,6 +217,7 @@ def enable_replicas(
         ownership=ownership,
         slots=slots,
         forwarding=forwarding,
+        forward_lane=forward_lane,
     )
 
 

@@ -155,6 +155,12 @@ class ReplicaMetrics:
             ["peer"],
             registry=registry,
         )
+        self.lane_forwards = Counter(
+            "gpufaas_replica_lane_forwards",
+            "Of the forwarded requests, those sent over the owner's keyed-forward lane (one "
+            "frame each way; the rest went over HTTP)",
+            registry=registry,
+        )
         self.forwarded_in = Counter(
             "gpufaas_replica_forwarded_in_requests",
             "Requests a peer forwarded here as the function's owner",
@@ -232,13 +238,14 @@ class Replicas:
         self.on_members = on_members
         self.ring = Ring([membership.self_id])
         self.metrics = ReplicaMetrics(registry)
-        self.calls = PeerCalls(membership=membership, probe_s=forward_probe_s)
+        self.calls = PeerCalls(membership=membership, probe_s=forward_probe_s, token=token)
         # Placements sent to the owner: the request, or the question where it goes.
         self.forwards = Forwards(
             membership=membership,
             directory=directory,
             calls=self.calls,
             forwarded=self.metrics.forwarded,
+            lane_forwards=self.metrics.lane_forwards,
             failures=self.metrics.forward_failures,
             recovered=self.metrics.recovered,
             lost=self._lost,

@@ -12,6 +12,8 @@ own port and on one shared port) over the same GPU managers' configuration, and:
 2. **Saturation.** A closed loop of ``--saturation-clients`` clients, spread over the replicas,
    sends the trace's requests back to back for ``--saturation-seconds``: throughput, and the CPU
    seconds each gateway process and each manager spent (``/proc``), per request.
+   A second ``1`` in ``--gateways`` runs one gateway again on the same trace: the control,
+   reported against the first (how far two runs of the same code differ).
 3. **Decision cost.** The p99 of what scale-out adds to a routing decision (ring lookup, the
    ownership test), measured in this process.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
@@ -48,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--gateways",
         default=None,
-        help="gateway replica counts to compare, e.g. 1,2,4 (live mode; default: no scale-out run)",
+        help="gateway replica counts to compare, e.g. 1,2,4 (live mode; default: no scale-out "
+        "run); a second 1 (1,2,4,1) is the control: a second one-gateway run of the same trace, "
+        "reported as '1 (control)' against the first",
     )
     group.add_argument(
         "--summarise",
@@ -70,6 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--saturation-seconds", type=float, default=10.0)
     group.add_argument("--saturation-clients", type=int, default=32)
+    group.add_argument(
+        "--client-gc",
+        choices=("freeze", "default"),
+        default="freeze",
+        help="the load generator's own garbage collector during the trace: freeze (gc.freeze() "
+        "first: its full collections skip the ~190k objects torch's import leaves, ~85 ms "
+        "each otherwise, which stall every request in flight) or default (as before the "
+        "ninth session)",
+    )
     group.add_argument("--sync-interval", type=float, default=5.0)
     group.add_argument(
         "--scaleout-policy",
@@ -227,10 +241,11 @@ def _replica_counters(urls: list[str]) -> dict[str, float]:
     (scheduler/misses.py)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = {"forwarded": 0.0, "owned": 0.0, "events": 0.0, "overtakes": 0.0}
+    out = {"forwarded": 0.0, "lane": 0.0, "owned": 0.0, "events": 0.0, "overtakes": 0.0}
     names = {
         "gpufaas_dispatch_overtakes": "overtakes",
         "gpufaas_replica_forwarded_requests_total": "forwarded",
+        "gpufaas_replica_lane_forwards_total": "lane",
         "gpufaas_replica_owned_requests_total": "owned",
         "gpufaas_replica_residency_events_total": "events",
     }
@@ -395,15 +410,20 @@ def _one(
         time.sleep(args.sync_interval + 0.5)  # every gateway has synced with the managers
         before = _manager_lookups(managers)
         replicas_before = _replica_counters(urls)
-        results = asyncio.run(
-            _open_loop(
-                urls,
-                arrivals_ms=trace.arrival_ms.tolist(),
-                names=names,
-                body=body,
-                max_s=args.live_seconds,
+        if args.client_gc == "freeze":
+            gc.collect()
+            gc.freeze()  # what is alive now is never scanned again (the gateways do the same)
+        pauses = ClientPauses()
+        with pauses:
+            results = asyncio.run(
+                _open_loop(
+                    urls,
+                    arrivals_ms=trace.arrival_ms.tolist(),
+                    names=names,
+                    body=body,
+                    max_s=args.live_seconds,
+                )
             )
-        )
         after = _manager_lookups(managers)
         replicas_after = _replica_counters(urls)
         cpu_before = _cpu(pids)
@@ -456,8 +476,12 @@ def _one(
         "hit_p99_ms": float(np.percentile(hits, 99)) if len(hits) else math.nan,
         "miss_mean_ms": float(misses.mean()) if len(misses) else math.nan,
         "tail": tail_breakdown(measured),
+        # the load generator's own collections of generations 1-2 during the trace: a pause
+        # here delays every answer in flight (the latencies are the client's)
+        "client_gc": pauses.summary(),
         "requests": request_records(results, gateways=gateways),
         "forwarded": int(replicas_after["forwarded"] - replicas_before["forwarded"]),
+        "lane_forwarded": int(replicas_after["lane"] - replicas_before["lane"]),
         "owned": int(replicas_after["owned"] - replicas_before["owned"]),
         "events": int(replicas_after["events"] - replicas_before["events"]),
         "overtakes": int(replicas_after["overtakes"] - replicas_before["overtakes"]),
@@ -471,6 +495,50 @@ def _one(
         "gateway_cpu_ms_per_request": 1000 * gateway_cpu / ok if ok else math.nan,
         "manager_cpu_ms_per_request": 1000 * manager_cpu / ok if ok else math.nan,
     }
+
+
+class ClientPauses:
+    """The load generator's garbage-collector pauses of generations 1 and 2 while in use
+    (``gc.callbacks``): when (s after entering), which generation, how long (ms)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, int, float]] = []
+        self._began = self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if info["generation"] == 0:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            ended = time.perf_counter()
+            pause = (
+                self._started - self._began,
+                info["generation"],
+                1000 * (ended - self._started),
+            )
+            self.pauses.append(pause)
+
+    def __enter__(self) -> ClientPauses:
+        self._began = time.perf_counter()
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict[str, Any]:
+        ms = [p[2] for p in self.pauses]
+        return {
+            "collections": len(ms),
+            "max_ms": max(ms, default=0.0),
+            "total_ms": sum(ms),
+            "over_5ms": [
+                [round(at, 2), gen, round(pause, 1)]
+                for at, gen, pause in self.pauses
+                if pause >= 5.0
+            ],
+        }
 
 
 _KINDS = ("hit", "local miss", "forwarded miss", "forwarded hit")
@@ -673,6 +741,9 @@ def run_scaleout(args: argparse.Namespace, *, wss: int) -> dict[str, Any]:
     counts = [int(n) for n in args.gateways.split(",") if n.strip()]
     if not counts or min(counts) < 1:
         raise SystemExit("--gateways: replica counts >= 1, e.g. 1,2,4")
+    repeated = {n for n in counts if counts.count(n) > 1}
+    if repeated - {1} or counts.count(1) > 2:
+        raise SystemExit("--gateways: only 1 may appear twice (the second run is the control)")
     args.live_device_memory = args.live_device_memory or "24Ki"
     trace = make_trace(
         wss=wss,
@@ -694,7 +765,10 @@ def run_scaleout(args: argparse.Namespace, *, wss: int) -> dict[str, Any]:
         ownerships = [o.strip() for o in args.ownership.split(",") if o.strip()]
         slot_modes = [m.strip() for m in args.replica_slots.split(",") if m.strip()]
         variants = [(o, m) for o in ownerships for m in slot_modes]
-        for gateways in counts:
+        for position, gateways in enumerate(counts):
+            # A second one-gateway run of the same trace: the control, how far two runs of
+            # the same code differ (what a ratio to one gateway can mean).
+            control = gateways == 1 and 1 in counts[:position]
             for ownership, slots in variants if gateways > 1 else variants[:1]:
                 run = _one(
                     args,
@@ -704,11 +778,11 @@ def run_scaleout(args: argparse.Namespace, *, wss: int) -> dict[str, Any]:
                     trace=trace,
                     names=names,
                     body=body,
-                    label=f"g{gateways}-{ownership}-{slots}",
+                    label=f"g{gateways}-{ownership}-{slots}" + ("-control" if control else ""),
                     ownership=ownership,
                     slots=slots,
                 )
-                out["runs"].append(run)
+                out["runs"].append({**run, "control": True} if control else run)
     out["decision_overhead"] = decision_overhead_us()
     out["trace_models"] = picks  # request i's model (catalogue index), for miss_breakdown
     out["_setup"] = {
@@ -723,9 +797,25 @@ def run_scaleout(args: argparse.Namespace, *, wss: int) -> dict[str, Any]:
     return out
 
 
+def run_label(run: dict[str, Any]) -> str:
+    """A run's column: its replica count, or ``1 (control)`` for the second one-gateway run."""
+    return "1 (control)" if run.get("control") else str(run["gateways"])
+
+
+def _label_order(label: str) -> tuple[int, str]:
+    return int(label.split()[0]), label
+
+
+def base_run(result: dict[str, Any]) -> dict[str, Any]:
+    """The round's one-gateway run (not the control); rounds that ran none: the fewest."""
+    runs = result["runs"]
+    ones = [r for r in runs if r["gateways"] == 1 and not r.get("control")]
+    return ones[0] if ones else min(runs, key=lambda r: r["gateways"])
+
+
 def table(result: dict[str, Any]) -> str:
     runs = result["runs"]
-    base = next((r for r in runs if r["gateways"] == 1), runs[0])
+    base = base_run(result)
     lines = [
         "gateways  owner     slots  misses@mgr  vs 1   mean ms  p99 ms  vs 1   errors  fwd   owned  "
         "sat req/s  vs 1   gw cpu ms/req  mgr cpu ms/req",
@@ -805,7 +895,7 @@ def _tail_summary(rounds: list[dict[str, Any]]) -> list[str]:
     by_n: dict[int, list[dict[str, Any]]] = {}
     for result in rounds:
         for r in result["runs"]:
-            if r.get("tail"):
+            if r.get("tail") and not r.get("control"):
                 by_n.setdefault(r["gateways"], []).append(r["tail"])
     if not by_n:
         return []
@@ -851,37 +941,39 @@ def paired_breakdown(
     return {**out, "base_cascade": back["cascade"], "base_victim": back["victim"]}
 
 
-def _breakdown_lines(rows: list[tuple[str, int, dict[str, int]]]) -> list[str]:
+def _breakdown_lines(rows: list[tuple[str, str, dict[str, int]]]) -> list[str]:
     lines = [
         "",
         "| seed | N | " + " | ".join(_BREAKDOWN) + " |",
         "| --- | --- |" + " --- |" * len(_BREAKDOWN),
     ]
-    totals: dict[int, dict[str, int]] = {}
+    totals: dict[str, dict[str, int]] = {}
     for seed, n, b in rows:
         lines.append(f"| {seed} | {n} | " + " | ".join(str(b[k]) for k in _BREAKDOWN) + " |")
         total = totals.setdefault(n, dict.fromkeys(_BREAKDOWN, 0))
         for k in _BREAKDOWN:
             total[k] += b[k]
-    for n, total in sorted(totals.items()):
+    for n, total in sorted(totals.items(), key=lambda item: _label_order(item[0])):
         lines.append(f"| all | {n} | " + " | ".join(str(total[k]) for k in _BREAKDOWN) + " |")
     return lines
 
 
-def _miss_rows(rounds: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, int]]]:
-    """Each round's runs at N > 1 against its one gateway, request by request (rounds that
-    recorded requests)."""
+def _miss_rows(rounds: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, int]]]:
+    """Each round's other runs (N > 1, and the control) against its one gateway, request by
+    request (rounds that recorded requests)."""
     rows = []
     for result in rounds:
-        runs = sorted(result["runs"], key=lambda r: r["gateways"])
-        if "trace_models" not in result or "requests" not in runs[0]:
+        base = base_run(result)
+        if "trace_models" not in result or "requests" not in base:
             continue
-        for r in runs[1:]:
+        for r in sorted(result["runs"], key=lambda r: _label_order(run_label(r))):
+            if r is base:
+                continue
             rows.append(
                 (
                     str(result["_setup"]["seed"]),
-                    r["gateways"],
-                    paired_breakdown(result["trace_models"], runs[0]["requests"], r["requests"]),
+                    run_label(r),
+                    paired_breakdown(result["trace_models"], base["requests"], r["requests"]),
                 )
             )
     return rows
@@ -896,7 +988,7 @@ def compare(base_path: Path, other_path: Path) -> str:
     rows = [
         (
             str(other["_setup"]["seed"]),
-            r["gateways"],
+            str(r["gateways"]),
             paired_breakdown(base["trace_models"], by_n[r["gateways"]]["requests"], r["requests"]),
         )
         for r in other["runs"]
@@ -914,24 +1006,24 @@ def summarise(paths: list[Path]) -> str:
         "| device util % | sat. req/s | vs 1 | gw CPU ms/req |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    ratios: dict[tuple[str, int], list[float]] = {}
-    misses: dict[int, list[int]] = {}  # by replica count, one per round
-    cpu: dict[int, list[float]] = {}
+    ratios: dict[tuple[str, str], list[float]] = {}
+    paired: dict[str, tuple[list[int], list[int]]] = {}  # label: (one gateway's, its) misses
+    cpu: dict[str, list[float]] = {}
     decision_p99: list[float] = []
     for result in rounds:
-        runs = sorted(result["runs"], key=lambda r: r["gateways"])
-        base = runs[0]  # one gateway (rounds may run the counts in any order)
+        base = base_run(result)  # one gateway (rounds may run the counts in any order)
         if "decision_overhead" in result:
             decision_p99.append(result["decision_overhead"]["p99_us"])
-        for r in runs:
-            n = r["gateways"]
-            misses.setdefault(n, []).append(r["misses_at_managers"])
+        for r in sorted(result["runs"], key=lambda r: _label_order(run_label(r))):
+            n = run_label(r)
             cpu.setdefault(n, []).append(r["gateway_cpu_ms_per_request"])
-            for key, field in (("misses", "misses_at_managers"), ("p99", "p99_ms"),
-                               ("saturation", "saturation_rps"), ("stale", "")):  # fmt: skip
-                if key == "stale" or n == base["gateways"]:
-                    continue
-                ratios.setdefault((key, n), []).append(r[field] / base[field])
+            if r is not base:
+                one, its = paired.setdefault(n, ([], []))
+                one.append(base["misses_at_managers"])
+                its.append(r["misses_at_managers"])
+                for key, field in (("misses", "misses_at_managers"), ("p99", "p99_ms"),
+                                   ("saturation", "saturation_rps")):  # fmt: skip
+                    ratios.setdefault((key, n), []).append(r[field] / base[field])
             causes = ", ".join(f"{k} {v}" for k, v in r.get("miss_causes", {}).items())
             lines.append(
                 f"| {result['_setup']['seed']} | {n} | {r['misses_at_managers']} "
@@ -941,9 +1033,9 @@ def summarise(paths: list[Path]) -> str:
                 f"| {r['saturation_rps']:.0f} | {_ratio(r['saturation_rps'], base['saturation_rps'])} "
                 f"| {r['gateway_cpu_ms_per_request']:.2f} |"
             )
-    counts = sorted({n for _, n in ratios})
+    counts = sorted({n for _, n in ratios}, key=_label_order)
     lines += ["", "| ratio to one gateway (mean, 95% t interval, rounds) | "
-              + " | ".join(f"{n} replicas" for n in counts) + " |",
+              + " | ".join(n if "control" in n else f"{n} replicas" for n in counts) + " |",
               "| --- |" + " --- |" * len(counts)]  # fmt: skip
     for key in ("misses", "p99", "saturation"):
         cells = []
@@ -951,8 +1043,7 @@ def summarise(paths: list[Path]) -> str:
             mean, half = mean_and_interval(ratios[(key, n)])
             cells.append(f"{mean:.3f} ± {half:.3f} ({len(ratios[(key, n)])})")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    one = misses[min(misses)]
-    pooled = [pooled_ratio_interval(one, misses[n]) for n in counts]
+    pooled = [pooled_ratio_interval(*paired[n]) for n in counts]
     lines.append(
         "| misses, pooled (sum over rounds / one gateway's sum; 95% bootstrap over rounds) | "
         + " | ".join(f"{r:.3f} [{low:.3f}, {high:.3f}]" for r, low, high in pooled)
@@ -960,7 +1051,7 @@ def summarise(paths: list[Path]) -> str:
     )
     lines.append(
         "| gateway CPU ms/request (mean over rounds; one gateway: "
-        f"{statistics.fmean(cpu[min(cpu)]):.2f}) | "
+        f"{statistics.fmean(cpu['1']) if '1' in cpu else math.nan:.2f}) | "
         + " | ".join(f"{statistics.fmean(cpu[n]):.2f}" for n in counts)
         + " |"
     )

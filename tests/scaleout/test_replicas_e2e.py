@@ -373,6 +373,9 @@ def test_a_forward_cut_after_the_owner_dispatched_runs_once(cluster: Cluster) ->
     json_part = response.content[: int(response.headers["inference-header-content-length"])]
     assert json.loads(json_part)["id"] == "once-1"
     assert metric(survivor, "gpufaas_replica_forward_failures_total") == 1
+    # The forward went over the owner's keyed-forward lane (forward_lane.py), which its
+    # heartbeat advertised at start-up: the lane's cut is recovered by the key as HTTP's is.
+    assert metric(survivor, "gpufaas_replica_lane_forwards_total") == 1
     executions = httpx.get(f"{cluster.manager_url}/v2/gpufaas/executions", timeout=10).json()
     assert executions["executions"] == {"once-1": 1}
 

@@ -113,3 +113,26 @@ def test_the_summary_splits_each_rounds_misses_against_its_one_gateway(tmp_path:
     text = summarise([path])
     # misses 4 (base 3): 0, 1, 3 in both; 4 a victim choice; one gateway missed nothing extra
     assert "| 3 | 2 | 4 | 3 | 3 | 0 | 0 | 1 | 0 | 0 | 0 | 0 | 2 | 2 | 2 |" in text
+
+
+def test_the_control_run_is_reported_beside_the_replicas_against_the_first_one_gateway(
+    tmp_path: Path,
+) -> None:
+    """``--gateways 1,2,1``: the second one-gateway run is the control (1 vs 1); the ratios
+    are against the first, and a round without a control pools only where it ran one."""
+    paths = []
+    rounds = [(100, 110, 105), (120, 120, None)]
+    for seed, (one, two, control) in enumerate(rounds, start=1):
+        runs = [_run(1, one), _run(2, two)]
+        if control is not None:
+            runs.append({**_run(1, control), "control": True})
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps({"runs": runs, "_setup": {"seed": seed}}))
+        paths.append(path)
+    text = summarise(paths)
+    assert (
+        "| ratio to one gateway (mean, 95% t interval, rounds) | 1 (control) | 2 replicas |" in text
+    )
+    assert "| misses | 1.050 ± 0.000 (1) | 1.050 ± " in text  # control 105/100; 2: 1.10, 1.00
+    assert "| 1.050 [1.050, 1.050] | 1.045 [" in text  # pooled: 105/100; (110 + 120) / 220
+    assert "| 1 | 1 (control) | 105 | 1.05 |" in text

@@ -1,0 +1,72 @@
+"""The owner's end of the keyed-forward lane (scheduler/forward_lane.py, replica_setup.py's
+``lane_answer``) on a real gateway and a real GPU manager: a call that arrives over the lane is
+decided here even where this replica's ring names another owner (it is never forwarded again),
+counted as forwarded in, and its request key goes on to the manager, which runs the key once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tiny_manager import tiny_mlp_manager
+
+from gpufaas.core.http import REQUEST_KEY_HEADER
+from gpufaas.core.protocol import encode_request
+from gpufaas.scheduler.forward_lane import ForwardHead, ForwardListener, ForwardPool
+from gpufaas.scheduler.main import build_gateway
+from gpufaas.scheduler.peers import static_peers
+from gpufaas.scheduler.replica_setup import attach_replicas, lane_answer
+
+SELF, PEER = "http://127.0.0.1:9", "http://127.0.0.1:10"
+
+
+class KeySeen:
+    """ASGI middleware in front of the manager: the request key of each infer call."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.keys: list[str | None] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].endswith("/infer"):
+            headers = dict(scope["headers"])
+            key = headers.get(REQUEST_KEY_HEADER.encode())
+            self.keys.append(None if key is None else key.decode())
+        await self.app(scope, receive, send)
+
+
+async def test_a_call_over_the_lane_is_decided_here_and_its_key_reaches_the_manager(
+    tmp_path: Path, example_models_dir: Path
+) -> None:
+    seen: list[KeySeen] = []
+
+    def wrap(app: Any) -> KeySeen:
+        seen.append(KeySeen(app))
+        return seen[-1]
+
+    async with tiny_mlp_manager(tmp_path, example_models_dir, wrap=wrap) as (url, functions):
+        gateway = build_gateway(manager_urls={"node-0": url}, functions=functions)
+        await gateway.sync()
+        replicas = attach_replicas(
+            gateway, self_url=SELF, discover=static_peers([SELF, PEER]), token="t"
+        )
+        replicas.owner = lambda name: PEER  # type: ignore[method-assign]  # the ring says: PEER
+        listener = ForwardListener(lane_answer(gateway), token="t", max_body_bytes=1 << 20)
+        port = await listener.start(host="127.0.0.1")
+        pool = ForwardPool(host="127.0.0.1", port=port, size=1, token="t")
+        body, headers = encode_request({"x": (np.ones((1, 16), np.float32), "FP32")})
+        length = int(headers["Inference-Header-Content-Length"])
+        try:
+            reply = await pool.forward(ForwardHead("tiny-mlp", "key-1", PEER, length), body)
+            assert reply.status == 200, reply.body
+            assert "x-gpufaas-owner-ms" in reply.headers  # answered as the owner
+            assert seen[0].keys == ["key-1"]  # dispatched here, keyed; not forwarded to PEER
+            assert replicas.metrics.forwarded_in._value.get() == 1
+            assert sum(s.value for s in replicas.metrics.forwarded.collect()[0].samples) == 0
+        finally:
+            await pool.close()
+            await listener.close()
+            await replicas.calls.close()
+            await replicas.membership.close()
+            await gateway.stop()
