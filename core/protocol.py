@@ -7,7 +7,7 @@ no other code turns bodies into arrays or back. It covers:
   model metadata, errors, the repository index), used for the OpenAPI schema and by clients;
 * :func:`inspect_request` for a forwarder (the gateway): the header checked, the tensor data
   left untouched;
-* :func:`decode_request` / :func:`encode_response` for a server, and
+* :func:`decode_request` / :func:`encode_answer` for a server, and
   :func:`encode_request` / :func:`decode_response` for a client (the gateway forwarding
   to a GPU manager, tests, benchmarks);
 * Triton's binary tensor data extension: the ``Inference-Header-Content-Length`` header
@@ -21,7 +21,7 @@ encoders also take ``ml_dtypes.bfloat16`` arrays. ``BYTES`` arrays are object ar
 ``bytes``; encoders also take ``str`` elements and ``S``/``U`` arrays.
 
 In JSON, ``BYTES`` data are strings. An output whose elements are not all valid UTF-8
-can't be a JSON string, so :func:`encode_response` sends that output in binary even when
+can't be a JSON string, so :func:`encode_answer` sends that output in binary even when
 JSON was asked for: the response stays lossless and says so in ``binary_data_size``,
 which clients of the extension (tritonclient) read per output.
 
@@ -1055,28 +1055,6 @@ def encode_request(
     return b"".join([header, *chunks]), headers
 
 
-def encode_response(
-    *,
-    model_name: str,
-    model_version: str | None,
-    request_id: str | None,
-    outputs: Mapping[str, tuple[Array, str]],
-    binary: set[str] | bool,
-    parameters: Mapping[str, Any] | None = None,
-) -> tuple[bytes, dict[str, str]]:
-    """Encode an inference response; return body and headers (``Content-Type`` and, with
-    binary data, ``Inference-Header-Content-Length``). :func:`encode_answer` does the work."""
-    body, raw = encode_answer(
-        model_name=model_name,
-        model_version=model_version,
-        request_id=request_id,
-        outputs=outputs,
-        binary=binary,
-        parameters=parameters,
-    )
-    return body, {_TITLED[name]: value.decode("latin-1") for name, value in raw}
-
-
 AnswerHeaders = tuple[tuple[bytes, bytes], ...]
 
 
@@ -1110,7 +1088,6 @@ def encode_answer(
 
 
 _JSON_ANSWER: AnswerHeaders = ((b"content-type", JSON_CONTENT_TYPE.encode()),)
-_TITLED = {HEADER_LENGTH.lower().encode(): HEADER_LENGTH, b"content-type": "Content-Type"}
 _ANSWER_HEADERS_MAX = 512  # distinct answer headers kept (least recently used forgotten first)
 
 

@@ -69,7 +69,7 @@ from gpufaas.gpu_manager.backends import NoBackend, backend_for
 from gpufaas.gpu_manager.devices import device_free_bytes
 from gpufaas.gpu_manager.framed import Answer, FramedAnswer, FramedServer, error_answer
 from gpufaas.gpu_manager.prefetch import add_prefetch_routes
-from gpufaas.gpu_manager.runtime import NodeRuntime, RuntimeFailure
+from gpufaas.gpu_manager.runtime import InferOutcome, NodeRuntime, RuntimeFailure
 from gpufaas.gpu_manager.shards import ShardFastPath, shard_host, shard_router
 from gpufaas.gpu_manager.text import model_spec, text_inputs, tokenize
 
@@ -552,7 +552,9 @@ async def answer_call(
         slot = metrics.admission.take_now(device_header or "auto")
         if slot is not None:  # the warm step: no wait, no coroutine below this one
             try:
-                outcome = runtime.infer_warm(name, spec, inputs, device_id=device_header)
+                warm = runtime.infer_warm(name, spec, inputs, device_id=device_header)
+                # its pass ran out of memory: the rest of it, counted once, under this slot
+                outcome = warm if warm is None or isinstance(warm, InferOutcome) else await warm
             finally:
                 metrics.admission.release(slot)
         if outcome is None:
