@@ -588,12 +588,22 @@ async def answer_call(
         outputs=outputs,
         binary=decoded.binary_outputs,
     )
+    computed = (
+        (_COMPUTE_MS, b"%.3f" % outcome.compute_ms),
+        (_MODEL_BYTES, b"%d" % outcome.size_bytes),
+    )
+    if (
+        outcome.cache_hit
+        and outcome.batch_size == 1
+        and outcome.load_ms == 0.0
+        and outcome.load_source == "device"
+    ):  # the usual answer, a warm hit alone: its other values are constants
+        return 200, [*answer_headers, *_HIT_BEFORE, *computed, *_HIT_AFTER], payload
     raw = [
         *answer_headers,
         (_CACHE, b"hit" if outcome.cache_hit else b"miss"),
         (_LOAD_MS, b"%.3f" % outcome.load_ms),
-        (_COMPUTE_MS, b"%.3f" % outcome.compute_ms),
-        (_MODEL_BYTES, b"%d" % outcome.size_bytes),
+        *computed,
         (_LOAD_SOURCE, outcome.load_source.encode("latin-1")),
         (_BATCH_SIZE, b"%d" % outcome.batch_size),
     ]
@@ -606,6 +616,8 @@ _CACHE, _LOAD_MS, _COMPUTE_MS = (
 _MODEL_BYTES, _LOAD_SOURCE, _BATCH_SIZE = (
     h.encode() for h in (MODEL_BYTES_HEADER, LOAD_SOURCE_HEADER, BATCH_SIZE_HEADER)
 )
+_HIT_BEFORE = ((_CACHE, b"hit"), (_LOAD_MS, b"%.3f" % 0.0))
+_HIT_AFTER = ((_LOAD_SOURCE, b"device"), (_BATCH_SIZE, b"1"))
 
 
 def _answer_of(response: Response) -> Answer:

@@ -11,12 +11,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from gm_support import Model
 
 from gpufaas.core.http import CACHE_HEADER, DEVICE_HEADER
 from gpufaas.core.protocol import HEADER_LENGTH, decode_response, encode_request
 from gpufaas.gpu_manager.admission import DeviceAdmission
 from gpufaas.gpu_manager.backends import backend_for
+from gpufaas.gpu_manager.device_memory import as_model
 from gpufaas.gpu_manager.inline import WINDOW, InlineForwards
 from gpufaas.gpu_manager.runtime import NodeRuntime
 from gpufaas.gpu_manager.server import create_app
@@ -179,6 +181,24 @@ async def test_a_warm_pass_out_of_memory_is_served_and_counted_once(
     assert tier.hits == hits + 1
     assert admission.running("cpu:0") == 0 and runtime.devices["cpu:0"].outstanding == 0
     assert runtime.drop_everywhere(model.name) == ["cpu:0"]  # nothing left holding it
+
+
+async def test_every_pass_runs_in_inference_mode(warm_tiny: tuple[NodeRuntime, Model]) -> None:
+    runtime, model = warm_tiny
+    resident = as_model(runtime.devices["cpu:0"].tier.resident(model.name))
+    assert resident is not None and resident.module is not None
+    module = resident.module
+    modes: list[bool] = []
+
+    def recording(*tensors: torch.Tensor) -> Any:
+        modes.append(torch.is_inference_mode_enabled())
+        return module(*tensors)
+
+    resident.module = recording  # type: ignore[assignment]
+    spec = runtime.spec(model.name)
+    assert runtime.infer_warm(model.name, spec, model.inputs(), device_id="cpu:0") is not None
+    await runtime.infer(model.name, model.inputs(), device_id="cpu:0")  # the usual path
+    assert modes == [True, True] and not torch.is_inference_mode_enabled()
 
 
 def test_the_warm_admission_never_waits_and_never_jumps_the_queue() -> None:
