@@ -692,7 +692,7 @@ def _fits(
         return False
     if len(specs) > 1 and len({spec.name for spec in specs}) != len(specs):
         return False  # a name declared twice: the full check tells
-    batch = -1
+    batch: int | None = None
     for spec in specs:
         found = tensors.get(spec.name)
         if found is None:
@@ -705,7 +705,7 @@ def _fits(
             if want != -1 and got != want:
                 return False
         if max_batch_size > 0 and len(shape) > 0:
-            if shape[0] > max_batch_size or (batch != -1 and shape[0] != batch):
+            if shape[0] > max_batch_size or (batch is not None and shape[0] != batch):
                 return False
             batch = shape[0]
     return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from unittest import mock
 
 import ml_dtypes
 import numpy as np
@@ -847,3 +848,36 @@ def test_model_metadata_from_spec() -> None:
         "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}],
     }
     assert InferenceResponse.model_validate({"model_name": "m", "outputs": []}).outputs == []
+
+
+# -- the signature check's plain pass for the usual request (_fits) --------------------------------
+
+_names_st = st.sampled_from(["a", "b", "c"])
+_dims = st.lists(st.sampled_from([-1, 1, 2, 3]), max_size=3)
+_spec_lists = st.lists(
+    st.builds(TensorSpec, name=_names_st, datatype=st.sampled_from(["FP32", "INT64"]), shape=_dims),
+    min_size=1,
+    max_size=3,
+    unique_by=lambda spec: spec.name,
+)
+_given_tensors = st.dictionaries(
+    _names_st,
+    st.tuples(st.sampled_from(["FP32", "INT64", None]), st.lists(st.integers(0, 4), max_size=3)),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs=_spec_lists, tensors=_given_tensors, max_batch_size=st.sampled_from([0, 2, 3]))
+def test_the_plain_pass_agrees_with_the_full_signature_check(
+    specs: list[TensorSpec], tensors: dict[str, tuple[str | None, list[int]]], max_batch_size: int
+) -> None:
+    fits = protocol._fits(tensors, specs, max_batch_size)
+    with mock.patch.object(protocol, "_fits", lambda *_: False):  # the full check alone
+        try:
+            protocol.check_signature(tensors, specs, max_batch_size=max_batch_size)
+        except ProtocolError:
+            passes = False
+        else:
+            passes = True
+    assert fits == passes
