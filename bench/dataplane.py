@@ -504,12 +504,19 @@ def node_app_cpu(functions: Path, *, requests: int, inline: bool) -> float:
     return asyncio.run(run())
 
 
-def colocated_loop_cpu(functions: Path, *, requests: int) -> dict[str, float]:
+def colocated_loop_cpu(
+    functions: Path, *, requests: int, lane: str = "inprocess"
+) -> dict[str, Any]:
     """``--colocated-loop``: a gateway and a co-located GPU manager on this process's loop, as
     ``gpufaas up --node-transport inprocess`` wires them; CPU per warm tiny-mlp request
     (``time.process_time``, ``requests`` after 300, batching off) of the gateway's request path
     without its HTTP front (``answer_infer``: inspection, policy, dispatcher, the in-process
-    call, learning, metrics), and of the node's answer function alone (the in-process call)."""
+    call, learning, metrics), and of the node's answer function alone (the in-process call).
+
+    ``lane="framed"`` (``--loop-lane framed``): the gateway calls the same node over its framed
+    Unix socket instead, both ends still on this one loop: the gateway path then holds both
+    ends of the framed lane and their system calls, with no second process (no context switch
+    and no wake-up of another process), which is what two processes add on top."""
     from gpufaas.core.colocated import ColocatedOptions, colocated_node
     from gpufaas.core.commands import ManagerOptions
     from gpufaas.core.frames import InferHead
@@ -532,9 +539,10 @@ def colocated_loop_cpu(functions: Path, *, requests: int) -> dict[str, float]:
     gateway = build_gateway(
         manager_urls={node.name: node.url},
         functions=load_manifests([functions / "tiny-mlp.yaml"]),
-        config=GatewayConfig(transport="inprocess"),
+        config=GatewayConfig(transport=lane),
     )
-    gateway.lanes.attach(node.name, node.answer)
+    if lane == "inprocess":
+        gateway.lanes.attach(node.name, node.answer)
     body, headers = body_for("tiny-mlp")
     lower = {k.lower(): v for k, v in headers.items()}
     head = InferHead("tiny-mlp", "cpu:0", int(headers["Inference-Header-Content-Length"]), "")
@@ -552,10 +560,10 @@ def colocated_loop_cpu(functions: Path, *, requests: int) -> dict[str, float]:
         if status != 200:
             raise RuntimeError(f"colocated node: {status} {bytes(content)[:200]!r}")
 
-    async def run() -> dict[str, float]:
+    async def run() -> dict[str, Any]:
         await node.start()
         await gateway.start()
-        out: dict[str, float] = {}
+        out: dict[str, Any] = {"lane": lane}
         try:
             for label, one in (("gateway_path", through_gateway), ("node_answer", node_alone)):
                 for _ in range(300):
@@ -712,6 +720,13 @@ def main() -> int:
         "node's answer alone",
     )
     parser.add_argument(
+        "--loop-lane",
+        choices=("inprocess", "framed"),
+        default="inprocess",
+        help="with --colocated-loop: the gateway calls the node in-process (as `up "
+        "--node-transport inprocess`) or over its framed Unix socket, on the same loop",
+    )
+    parser.add_argument(
         "--front",
         default=None,
         help="only the gateway's HTTP front, node hop stubbed: kinds, comma-separated "
@@ -745,7 +760,8 @@ def main() -> int:
 
         torch.set_num_threads(1)  # as the GPU manager does
         uvloop.install()  # as gpufaas up serves
-        print(json.dumps(colocated_loop_cpu(work / "functions", requests=args.requests)))
+        loop = colocated_loop_cpu(work / "functions", requests=args.requests, lane=args.loop_lane)
+        print(json.dumps(loop))
         return 0
     if args.node_app:
         import torch

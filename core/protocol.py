@@ -7,7 +7,7 @@ no other code turns bodies into arrays or back. It covers:
   model metadata, errors, the repository index), used for the OpenAPI schema and by clients;
 * :func:`inspect_request` for a forwarder (the gateway): the header checked, the tensor data
   left untouched;
-* :func:`decode_request` / :func:`encode_response` for a server, and
+* :func:`decode_request` / :func:`encode_answer` for a server, and
   :func:`encode_request` / :func:`decode_response` for a client (the gateway forwarding
   to a GPU manager, tests, benchmarks);
 * Triton's binary tensor data extension: the ``Inference-Header-Content-Length`` header
@@ -21,7 +21,7 @@ encoders also take ``ml_dtypes.bfloat16`` arrays. ``BYTES`` arrays are object ar
 ``bytes``; encoders also take ``str`` elements and ``S``/``U`` arrays.
 
 In JSON, ``BYTES`` data are strings. An output whose elements are not all valid UTF-8
-can't be a JSON string, so :func:`encode_response` sends that output in binary even when
+can't be a JSON string, so :func:`encode_answer` sends that output in binary even when
 JSON was asked for: the response stays lossless and says so in ``binary_data_size``,
 which clients of the extension (tritonclient) read per output.
 
@@ -567,7 +567,7 @@ def _decode_binary(
         offset += size
         name, datatype, shape = tensor.name, tensor.datatype, tensor.shape
         inputs[name] = _from_binary(
-            chunk, datatype, shape, math.prod(shape), f"input {_q(name)}", limits, allocate
+            chunk, datatype, shape, math.prod(shape), _label("input", name), limits, allocate
         )
         datatypes[name] = datatype
     parameters = {k: v for k, v in header.parameters.items() if k != "binary_data_output"}
@@ -635,6 +635,8 @@ def check_signature(
     The one signature check, on arrays (:func:`validate_inputs`) or on a request's header alone
     (:class:`RequestHeader`, the gateway: no tensor data decoded). Raises :class:`ProtocolError`.
     """
+    if _fits(tensors, specs, max_batch_size):
+        return  # the usual request: nothing to name, so no message is built
     declared = {spec.name: spec for spec in specs}
     unknown = [name for name in tensors if name not in declared]
     if unknown:
@@ -676,6 +678,37 @@ def check_signature(
                     f"{label}: batch size {shape[0]} differs from input {_q(batch[0])}'s {batch[1]}"
                 )
             batch = batch or (spec.name, shape[0])
+
+
+def _fits(
+    tensors: Mapping[str, tuple[str | None, Sequence[int]]],
+    specs: Sequence[TensorSpec],
+    max_batch_size: int,
+) -> bool:
+    """Whether :func:`check_signature` passes ``tensors``, decided without building any of its
+    messages (a few µs a request at the gateway and the node); False sends it through the
+    full check, which names what is wrong."""
+    if len(tensors) != len(specs):
+        return False
+    if len(specs) > 1 and len({spec.name for spec in specs}) != len(specs):
+        return False  # a name declared twice: the full check tells
+    batch: int | None = None
+    for spec in specs:
+        found = tensors.get(spec.name)
+        if found is None:
+            return False
+        datatype, shape = found
+        declared = spec.shape
+        if datatype != spec.datatype or len(shape) != len(declared):
+            return False
+        for got, want in zip(shape, declared, strict=True):
+            if want != -1 and got != want:
+                return False
+        if max_batch_size > 0 and len(shape) > 0:
+            if shape[0] > max_batch_size or (batch is not None and shape[0] != batch):
+                return False
+            batch = shape[0]
+    return True
 
 
 def validate_outputs(requested: Sequence[str] | None, specs: Sequence[TensorSpec]) -> list[str]:
@@ -1055,28 +1088,6 @@ def encode_request(
     return b"".join([header, *chunks]), headers
 
 
-def encode_response(
-    *,
-    model_name: str,
-    model_version: str | None,
-    request_id: str | None,
-    outputs: Mapping[str, tuple[Array, str]],
-    binary: set[str] | bool,
-    parameters: Mapping[str, Any] | None = None,
-) -> tuple[bytes, dict[str, str]]:
-    """Encode an inference response; return body and headers (``Content-Type`` and, with
-    binary data, ``Inference-Header-Content-Length``). :func:`encode_answer` does the work."""
-    body, raw = encode_answer(
-        model_name=model_name,
-        model_version=model_version,
-        request_id=request_id,
-        outputs=outputs,
-        binary=binary,
-        parameters=parameters,
-    )
-    return body, {_TITLED[name]: value.decode("latin-1") for name, value in raw}
-
-
 AnswerHeaders = tuple[tuple[bytes, bytes], ...]
 
 
@@ -1110,7 +1121,6 @@ def encode_answer(
 
 
 _JSON_ANSWER: AnswerHeaders = ((b"content-type", JSON_CONTENT_TYPE.encode()),)
-_TITLED = {HEADER_LENGTH.lower().encode(): HEADER_LENGTH, b"content-type": "Content-Type"}
 _ANSWER_HEADERS_MAX = 512  # distinct answer headers kept (least recently used forgotten first)
 
 
@@ -1132,7 +1142,7 @@ def _binary_answer(
     chunks: list[Any] = []
     key: list[Any] = []
     for name, (array, datatype) in outputs.items():
-        payload = _binary_payload(array, datatype, f"output {_q(name)}")
+        payload = _binary_payload(array, datatype, _label("output", name))
         chunks.append(payload)
         key.append((name, datatype, array.shape, len(payload)))
     header, headers = _binary_answer_head(model_name, model_version, tuple(key))
@@ -1285,6 +1295,13 @@ def _object_array(elements: Iterable[bytes]) -> Array:
     array = np.empty(len(items), dtype=np.object_)
     array[:] = items
     return array
+
+
+@functools.lru_cache(maxsize=1024)
+def _label(kind: str, name: str) -> str:
+    """``kind`` and the quoted tensor name, as messages say it: built once per name for the
+    decode and encode of every request, which pass it on in case a message needs it."""
+    return f"{kind} {_q(name)}"
 
 
 def _q(name: object) -> str:

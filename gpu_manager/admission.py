@@ -69,8 +69,7 @@ class DeviceAdmission:
 
     def take_now(self, device: str) -> _Gate | None:
         """One of ``device``'s slots if one is free and nobody waits (give it back with
-        :meth:`release` before the caller next waits), else None: the warm step's admission,
-        which never waits."""
+        :meth:`release`), else None: the warm step's admission, which never waits for one."""
         gate = self._gate(device)
         concurrency = self.concurrency
         if concurrency is not None and (gate.running >= concurrency or gate.waiters):

@@ -165,7 +165,8 @@ def run_forward(
             gate: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if gated and transfer is not None and model.arena is not None:
                 gate = ArrivalGate(model.arena, transfer.groups, transfer.wait_group)
-            with torch.inference_mode(), gate:
+            # torch.inference_mode()'s own C++ guard, without its Python wrapper (~1.4 µs a pass)
+            with torch._C._InferenceMode(True), gate:
                 try:
                     result = model.module(*tensors)
                 except Exception as e:

@@ -269,14 +269,16 @@ class NodeRuntime:
         inputs: Sequence[NDArray[Any]],
         *,
         device_id: str | None,
-    ) -> InferOutcome | None:
+    ) -> InferOutcome | Coroutine[Any, Any, InferOutcome] | None:
         """:meth:`infer` in one straight step, for the usual warm request: one that is not
         batched, on a named device where the model is resident with every weight landed, with
         a free slot and passes the inline rule lets on the loop. The hold, the use listeners, the
         pass (under ``inference_mode``) and the release run at once, with no coroutine, task or
         thread hop; nothing else runs on the loop meanwhile, so no slot needs taking. None, with
-        nothing done, when the request is not such a one (or the pass ran out of memory): then
-        :meth:`infer` serves it. The answer is the one :meth:`infer` would give."""
+        nothing done, when the request is not such a one: then :meth:`infer` serves it. A pass
+        that ran out of memory returns the rest of the request to await (the usual pass, which
+        evicts and retries in a thread, on the copy still held): the hit and the use are counted
+        once, here. The answer is the one :meth:`infer` would give."""
         if _batched(spec, inputs):
             return None  # a request the batcher may join with others
         device = self.devices.get(device_id) if device_id is not None else None
@@ -287,10 +289,31 @@ class NodeRuntime:
             for listener in self.use_listeners:
                 listener(name, device.info.id)
             result = device.run_warm(model, inputs, spec)
-        finally:
+        except BaseException:
             device.tier.unhold(name, model)
-        if result is None:
-            return None
+            raise
+        if result is None:  # out of memory: the model stays held for the rest
+            return self._after_out_of_memory(name, device, model, inputs, spec)
+        device.tier.unhold(name, model)
+        return InferOutcome(result.outputs, True, 0.0, result.compute_ms, model.size_bytes)
+
+    async def _after_out_of_memory(
+        self,
+        name: str,
+        device: DeviceTier,
+        model: DeviceModel,
+        inputs: Sequence[NDArray[Any]],
+        spec: InferenceFunctionSpec,
+    ) -> InferOutcome:
+        """The rest of a warm request whose pass on the loop ran out of memory: the usual pass
+        under a slot, on the copy :meth:`infer_warm` holds (and releases here), counted by it."""
+        device.outstanding += 1
+        try:
+            async with device.slots:
+                result = await device.run(model, inputs, spec)
+        finally:
+            device.outstanding -= 1
+            device.tier.unhold(name, model)
         return InferOutcome(result.outputs, True, 0.0, result.compute_ms, model.size_bytes)
 
     def _batcher(

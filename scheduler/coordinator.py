@@ -59,7 +59,8 @@ from gpufaas.core.channels import ChannelError, Envelope, decode, encode
 from gpufaas.core.config import gpufaas_home
 from gpufaas.core.http import REASON_HEADER, error_response, header_length, read_body
 from gpufaas.core.layered import LayeredNet, ShardFormatError, load_net, save_shard
-from gpufaas.core.protocol import Limits, ProtocolError, decode_request, encode_response
+from gpufaas.core.peerhttp import RawHeaders
+from gpufaas.core.protocol import Limits, ProtocolError, decode_request, encode_answer
 from gpufaas.core.sharding import (
     REQUEST_ID_HEADER,
     SHARD_HEADER,
@@ -461,14 +462,14 @@ class Coordinator:
             return error_response(503, str(e), reason="LaunchFailed", headers={"Retry-After": "1"})
         except PassDeadline as e:
             return error_response(504, f"{name}: {e}", reason="DeadlineExceeded")
-        payload, headers = encode_response(
+        payload, answer_headers = encode_answer(
             model_name=name,
             model_version=None,
             request_id=decoded.id,
             outputs={"output": (out, "FP32")},
             binary=decoded.binary_outputs,
         )
-        return Response(payload, headers=headers)
+        return Response(payload, headers=dict(RawHeaders(answer_headers)))
 
 
 class _NotLoaded(Exception):
@@ -705,14 +706,14 @@ class ShardedFunctions:
         except ChannelError as e:
             channel = function.spec.parallelism.channel if function.spec.parallelism else "?"
             return _error(503, f"{name}: the {channel} channel: {e}", "ChannelUnavailable")
-        payload, headers = encode_response(
+        payload, headers = encode_answer(
             model_name=name,
             model_version=None,
             request_id=decoded.id,
             outputs={function.spec.outputs[0].name: (out, "FP32")},
             binary=decoded.binary_outputs,
         )
-        return NodeReply(200, {k.lower(): v for k, v in headers.items()}, payload)
+        return NodeReply(200, RawHeaders(headers), payload)
 
     async def _ready(self, function: InferenceFunction) -> None:
         """Deployed with this spec on nodes that are all still healthy, or deploy it now."""

@@ -365,8 +365,14 @@ class _Connection(asyncio.Protocol):
             check_content_encoding(headers.get("content-encoding"))
             return body
 
-        answer = await answer_infer(self.front.gateway, name, read, headers)
-        await self._finish(answer, request.keep_alive, head=False)
+        status, answer_headers, content = await answer_infer(
+            self.front.gateway, name, read, headers
+        )
+        # headers as bytes, as the node wrote them; written here, no coroutine layer between
+        self._write(status, answer_headers, content, request.keep_alive, head=False)
+        if self.drained is not None:  # the client is not reading: wait before the next answer
+            await self.drained
+        self._done(request.keep_alive)
 
     async def _asgi(self, request: _Request, path: str) -> None:
         """The bridge: ``request`` as one ASGI HTTP cycle of the gateway's app."""
@@ -388,10 +394,6 @@ class _Connection(asyncio.Protocol):
             request.keep_alive and answer.from_app,
             head=answer.from_app and request.method == b"HEAD",
         )
-
-    async def _finish(self, answer: Answer, keep_alive: bool, *, head: bool) -> None:
-        status, headers, content = answer  # headers as bytes, as the node wrote them
-        await self._finish_raw(status, headers, content, keep_alive, head=head)
 
     async def _finish_raw(
         self,

@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -618,13 +619,15 @@ class Gateway:
             )
         routed = self.in_flight.setdefault(device.key, collections.Counter())
         routed[name] += 1
-        queued_at = time.monotonic()
-
-        async def send() -> NodeReply:
-            return await self._send(
-                device, name, call, victims=decision.victims, deadline=deadline, queued_at=queued_at
-            )
-
+        send = functools.partial(
+            self._send,
+            device,
+            name,
+            call,
+            victims=decision.victims,
+            deadline=deadline,
+            queued_at=time.monotonic(),
+        )
         try:
             return await self.dispatcher.submit(device.key, self._job(name, device), send)
         except QueueFull as e:
@@ -647,7 +650,7 @@ class Gateway:
             ),
         )
 
-    async def _send(
+    def _send(
         self,
         device: Device,
         name: str,
@@ -656,14 +659,16 @@ class Gateway:
         victims: Sequence[str],
         deadline: float | None,
         queued_at: float,
-    ) -> NodeReply:
+    ) -> Awaitable[NodeReply]:
+        """The call on its lane, once the dispatcher gave it a slot (its checks run then; the
+        lane's coroutine is awaited by the dispatcher, with no layer of its own between)."""
         waited = time.monotonic() - queued_at
         self.metrics.child(self.metrics.queue_wait, self.policy.name).observe(waited)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(
                 f"the deadline of the request for {name!r} passed while it waited"
             )
-        return await self.lanes.send(device.node, device.device_id, call, victims=victims)
+        return self.lanes.send(device.node, device.device_id, call, victims=victims)
 
     def _track_health(self) -> None:
         """Keep the dispatcher's devices (and so its table) the healthy ones, and no other: a

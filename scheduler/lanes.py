@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -70,17 +70,18 @@ class NodeLanes:
         """Take ``node_name``'s inference calls in-process (with ``transport`` ``inprocess``)."""
         self.colocated[node_name] = answer
 
-    async def send(
+    def send(
         self, node: Node, device_id: str, call: NodeCall, *, victims: Sequence[str]
-    ) -> NodeReply:
-        """``call`` to ``device_id`` on ``node``, with the policy's eviction hints."""
+    ) -> Coroutine[Any, Any, NodeReply]:
+        """``call`` to ``device_id`` on ``node``, with the policy's eviction hints: the chosen
+        lane's coroutine, to await (no coroutine layer of its own per call)."""
         evict = format_evict_first(victims) if victims else ""
         if call.infer is not None and self.transport == "inprocess":
             local = self.colocated.get(node.name)
             if local is not None:  # the node on this loop: its answer function, no frame
                 model, _, header_length, _ = call.infer
                 head = InferHead(model, device_id, header_length, evict)
-                return await self._in_process(local, head, call.body)
+                return self._in_process(local, head, call.body)
         if (
             call.infer is not None
             and node.framed is not None
@@ -89,13 +90,11 @@ class NodeLanes:
             framed = self.framed_pool(node, node.framed)
             if framed is not None:  # the node's framed lane: no HTTP at either end
                 model, _, header_length, _ = call.infer
-                return await framed.infer(
-                    InferHead(model, device_id, header_length, evict), call.body
-                )
+                return framed.infer(InferHead(model, device_id, header_length, evict), call.body)
         headers = {**call.headers, DEVICE_HEADER: device_id}
         if evict:
             headers[EVICT_FIRST_HEADER] = evict
-        return await self.post(node, call.path, call.body, headers)
+        return self.post(node, call.path, call.body, headers)
 
     async def _in_process(
         self, answer: InferNode, head: InferHead, body: bytes | memoryview

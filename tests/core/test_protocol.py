@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from unittest import mock
 
 import ml_dtypes
 import numpy as np
@@ -15,6 +16,7 @@ from hypothesis.extra import numpy as hnp
 
 from gpufaas.core import protocol
 from gpufaas.core.api import TensorSpec, parse_spec
+from gpufaas.core.peerhttp import RawHeaders
 from gpufaas.core.protocol import (
     DATATYPE_TO_NUMPY,
     HEADER_LENGTH,
@@ -27,8 +29,8 @@ from gpufaas.core.protocol import (
     bf16_bits_to_float32,
     decode_request,
     decode_response,
+    encode_answer,
     encode_request,
-    encode_response,
     float32_to_bf16_bits,
     numpy_to_datatype,
     parse_header_length,
@@ -138,23 +140,24 @@ def test_binary_data_output_default_is_overridden_per_output() -> None:
     assert decoded.parameters == {}
 
 
-# --- encode_response -> tritonclient -------------------------------------------------------
+# --- encode_answer -> tritonclient -------------------------------------------------------
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 @pytest.mark.parametrize("datatype", DATATYPES)
 def test_tritonclient_parses_responses(datatype: str, binary: bool) -> None:
     ours = as_ours(sample(datatype, (3, 2)), datatype)
-    body, headers = encode_response(
+    body, raw = encode_answer(
         model_name="m",
         model_version="1",
         request_id="r-2",
         outputs={"y": (ours, datatype)},
         binary=binary,
     )
-    header_length = headers.get(HEADER_LENGTH)
+    headers = RawHeaders(raw)
+    header_length = headers.get(HEADER_LENGTH.lower())
     assert (header_length is not None) == binary
-    assert headers["Content-Type"] == ("application/octet-stream" if binary else "application/json")
+    assert headers["content-type"] == ("application/octet-stream" if binary else "application/json")
 
     result = Client.parse_response_body(
         body, header_length=int(header_length) if header_length else None
@@ -172,14 +175,15 @@ def test_tritonclient_parses_responses(datatype: str, binary: bool) -> None:
 def test_non_utf8_bytes_output_falls_back_to_binary() -> None:
     raw = sample("BYTES", (3,), utf8=False)
     text = np.array([b"ok"], dtype=np.object_)
-    body, headers = encode_response(
+    body, headers = encode_answer(
         model_name="m",
         model_version=None,
         request_id=None,
         outputs={"raw": (raw, "BYTES"), "text": (text, "BYTES")},
         binary=False,
     )
-    result = Client.parse_response_body(body, header_length=int(headers[HEADER_LENGTH]))
+    length = RawHeaders(headers)[HEADER_LENGTH.lower()]
+    result = Client.parse_response_body(body, header_length=int(length))
     assert result.as_numpy("raw").tolist() == raw.tolist()
     assert result.get_output("raw")["parameters"]["binary_data_size"] == 3 * (4 + 2)
     assert result.get_output("text")["data"] == ["ok"]
@@ -187,7 +191,7 @@ def test_non_utf8_bytes_output_falls_back_to_binary() -> None:
 
 def test_json_special_floats_reach_tritonclient() -> None:
     values = np.array([np.nan, np.inf, -np.inf, -0.0], dtype=np.float32)
-    body, _ = encode_response(
+    body, _ = encode_answer(
         model_name="m",
         model_version=None,
         request_id=None,
@@ -247,13 +251,13 @@ def assert_same_values(actual: np.ndarray, expected: np.ndarray, datatype: str) 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(outputs=named_tensors, binary=st.booleans())
-def test_encode_response_decode_response_round_trip(
+def test_encode_answer_decode_response_round_trip(
     outputs: dict[str, tuple[np.ndarray, str]], binary: bool
 ) -> None:
-    body, headers = encode_response(
+    body, headers = encode_answer(
         model_name="m", model_version=None, request_id="i", outputs=outputs, binary=binary
     )
-    header_length = parse_header_length(headers.get(HEADER_LENGTH))
+    header_length = parse_header_length(RawHeaders(headers).get(HEADER_LENGTH.lower()))
     response, arrays = decode_response(body, header_length=header_length)
     assert response.id == "i"
     assert [o.name for o in response.outputs] == list(outputs)
@@ -350,7 +354,7 @@ def test_encoders_take_ml_dtypes_bf16_str_elements_and_big_endian() -> None:
 )
 def test_encoding_a_mismatched_array_is_a_server_error(array: np.ndarray, datatype: str) -> None:
     with pytest.raises(ProtocolError, match="output 'y'") as info:
-        encode_response(
+        encode_answer(
             model_name="m",
             model_version=None,
             request_id=None,
@@ -844,3 +848,36 @@ def test_model_metadata_from_spec() -> None:
         "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}],
     }
     assert InferenceResponse.model_validate({"model_name": "m", "outputs": []}).outputs == []
+
+
+# -- the signature check's plain pass for the usual request (_fits) --------------------------------
+
+_names_st = st.sampled_from(["a", "b", "c"])
+_dims = st.lists(st.sampled_from([-1, 1, 2, 3]), max_size=3)
+_spec_lists = st.lists(
+    st.builds(TensorSpec, name=_names_st, datatype=st.sampled_from(["FP32", "INT64"]), shape=_dims),
+    min_size=1,
+    max_size=3,
+    unique_by=lambda spec: spec.name,
+)
+_given_tensors = st.dictionaries(
+    _names_st,
+    st.tuples(st.sampled_from(["FP32", "INT64", None]), st.lists(st.integers(0, 4), max_size=3)),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs=_spec_lists, tensors=_given_tensors, max_batch_size=st.sampled_from([0, 2, 3]))
+def test_the_plain_pass_agrees_with_the_full_signature_check(
+    specs: list[TensorSpec], tensors: dict[str, tuple[str | None, list[int]]], max_batch_size: int
+) -> None:
+    fits = protocol._fits(tensors, specs, max_batch_size)
+    with mock.patch.object(protocol, "_fits", lambda *_: False):  # the full check alone
+        try:
+            protocol.check_signature(tensors, specs, max_batch_size=max_batch_size)
+        except ProtocolError:
+            passes = False
+        else:
+            passes = True
+    assert fits == passes

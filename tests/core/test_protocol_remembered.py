@@ -127,11 +127,11 @@ def test_bool_and_bytes_tensors_take_no_block() -> None:
     assert decoded.inputs["s"].tolist() == [b"hi", b"there"]
 
 
-# -- the answer's remembered JSON header (encode_response, every output in binary) ----------------
+# -- the answer's remembered JSON header (encode_answer, every output in binary) ----------------
 
 
 def _answer(outputs: dict[str, tuple[np.ndarray, str]], **kwargs: Any) -> tuple[bytes, int]:
-    body, headers = protocol.encode_response(
+    body, headers = protocol.encode_answer(
         model_name=kwargs.pop("model_name", "m"),
         model_version=None,
         request_id=kwargs.pop("request_id", None),
@@ -139,7 +139,7 @@ def _answer(outputs: dict[str, tuple[np.ndarray, str]], **kwargs: Any) -> tuple[
         binary=True,
         **kwargs,
     )
-    return body, int(headers[HEADER_LENGTH])
+    return body, int(dict(headers)[HEADER_LENGTH.lower().encode()])
 
 
 def _built_afresh(outputs: dict[str, tuple[np.ndarray, str]], model_name: str = "m") -> bytes:
@@ -184,10 +184,13 @@ def test_answers_of_other_models_and_with_ids_are_not_mixed_up() -> None:
     assert _answer(outputs, model_name="b")[0] == _built_afresh(outputs, "b")
     body, length = _answer(outputs, model_name="a", request_id="r-1")
     assert json.loads(body[:length])["id"] == "r-1"
-    body, headers = protocol.encode_response(
+    body, headers = protocol.encode_answer(
         model_name="a", model_version=None, request_id=None, outputs={}, binary=True
     )
-    assert HEADER_LENGTH not in headers and json.loads(body) == {"model_name": "a", "outputs": []}
+    assert HEADER_LENGTH.lower().encode() not in dict(headers) and json.loads(body) == {
+        "model_name": "a",
+        "outputs": [],
+    }
 
 
 def test_remembered_answer_headers_are_bounded() -> None:

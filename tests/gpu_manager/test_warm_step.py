@@ -11,11 +11,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from gm_support import Model
 
 from gpufaas.core.http import CACHE_HEADER, DEVICE_HEADER
-from gpufaas.core.protocol import encode_request
+from gpufaas.core.protocol import HEADER_LENGTH, decode_response, encode_request
 from gpufaas.gpu_manager.admission import DeviceAdmission
+from gpufaas.gpu_manager.backends import backend_for
+from gpufaas.gpu_manager.device_memory import as_model
 from gpufaas.gpu_manager.inline import WINDOW, InlineForwards
 from gpufaas.gpu_manager.runtime import NodeRuntime
 from gpufaas.gpu_manager.server import create_app
@@ -26,6 +29,17 @@ async def _measured(runtime: NodeRuntime, model: Model) -> None:
     runtime.devices["cpu:0"].inline.max_ms = 1_000.0  # the rule, not the box, decides here
     for _ in range(WINDOW):
         await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
+
+
+@pytest.fixture
+async def warm_tiny(
+    runtime_factory: Callable[..., NodeRuntime], models: dict[str, Model]
+) -> tuple[NodeRuntime, Model]:
+    """A runtime with tiny-mlp resident on cpu:0 and measured fit for the loop."""
+    model = models["tiny-mlp"]
+    runtime = runtime_factory(register=[model])
+    await _measured(runtime, model)
+    return runtime, model
 
 
 async def test_a_warm_request_is_answered_in_one_step_as_infer_answers_it(
@@ -101,13 +115,9 @@ async def test_the_warm_step_declines_what_it_must_not_serve(
 
 
 async def test_the_nodes_warm_requests_never_reach_infer(
-    runtime_factory: Callable[..., NodeRuntime],
-    models: dict[str, Model],
-    monkeypatch: pytest.MonkeyPatch,
+    warm_tiny: tuple[NodeRuntime, Model], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = models["tiny-mlp"]
-    runtime = runtime_factory(register=[model])
-    await _measured(runtime, model)
+    runtime, model = warm_tiny
     calls: list[str] = []
     usual = runtime.infer
 
@@ -116,19 +126,79 @@ async def test_the_nodes_warm_requests_never_reach_infer(
         return await usual(name, *args, **kwargs)
 
     monkeypatch.setattr(runtime, "infer", counted)
+    for answer in await _post(runtime, model, count=5):
+        assert answer.status_code == 200 and answer.headers[CACHE_HEADER] == "hit"
+    assert calls == []
+
+
+async def _post(
+    runtime: NodeRuntime, model: Model, *, count: int, admission: DeviceAdmission | None = None
+) -> list[httpx.Response]:
+    """``count`` inference requests for ``model`` on cpu:0 through the node's app."""
     tensors = {
         t.name: (a, t.datatype) for t, a in zip(model.spec.inputs, model.inputs(), strict=True)
     }
     content, headers = encode_request(tensors)
     headers[DEVICE_HEADER] = "cpu:0"
-    transport = httpx.ASGITransport(app=create_app(runtime))
+    transport = httpx.ASGITransport(app=create_app(runtime, admission=admission))
     async with httpx.AsyncClient(transport=transport, base_url="http://manager") as client:
-        for _ in range(5):
-            answer = await client.post(
-                f"/v2/models/{model.name}/infer", content=content, headers=headers
-            )
-            assert answer.status_code == 200 and answer.headers[CACHE_HEADER] == "hit"
-    assert calls == []
+        return [
+            await client.post(f"/v2/models/{model.name}/infer", content=content, headers=headers)
+            for _ in range(count)
+        ]
+
+
+async def test_a_warm_pass_out_of_memory_is_served_and_counted_once(
+    warm_tiny: tuple[NodeRuntime, Model], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime, model = warm_tiny
+    expected = await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
+    used: list[tuple[str, str]] = []
+    runtime.on_use(lambda name, device: used.append((name, device)))
+    tier = runtime.stats.tier(runtime.devices["cpu:0"].name)
+    hits = tier.hits
+    backend = backend_for(model.spec.model.format)
+    forward = backend.run
+    refused: list[int] = []
+
+    def out_of_memory_once(*args: Any, **kwargs: Any) -> Any:
+        if not refused:  # the warm step's pass on the loop
+            refused.append(1)
+            raise MemoryError("out of memory")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "run", out_of_memory_once)
+    admission = DeviceAdmission(concurrency=4)
+    (answer,) = await _post(runtime, model, count=1, admission=admission)
+    assert answer.status_code == 200 and answer.headers[CACHE_HEADER] == "hit"
+    length = int(answer.headers[HEADER_LENGTH])
+    _, arrays = decode_response(answer.content, header_length=length)
+    (name,) = expected.outputs
+    np.testing.assert_array_equal(arrays[name], expected.outputs[name][0])
+    assert refused == [1]  # the pass ran out of memory once, then was served
+    # one request, one use and one hit: not counted again by the path that served it
+    assert used == [(model.name, "cpu:0")]
+    assert tier.hits == hits + 1
+    assert admission.running("cpu:0") == 0 and runtime.devices["cpu:0"].outstanding == 0
+    assert runtime.drop_everywhere(model.name) == ["cpu:0"]  # nothing left holding it
+
+
+async def test_every_pass_runs_in_inference_mode(warm_tiny: tuple[NodeRuntime, Model]) -> None:
+    runtime, model = warm_tiny
+    resident = as_model(runtime.devices["cpu:0"].tier.resident(model.name))
+    assert resident is not None and resident.module is not None
+    module = resident.module
+    modes: list[bool] = []
+
+    def recording(*tensors: torch.Tensor) -> Any:
+        modes.append(torch.is_inference_mode_enabled())
+        return module(*tensors)
+
+    resident.module = recording  # type: ignore[assignment]
+    spec = runtime.spec(model.name)
+    assert runtime.infer_warm(model.name, spec, model.inputs(), device_id="cpu:0") is not None
+    await runtime.infer(model.name, model.inputs(), device_id="cpu:0")  # the usual path
+    assert modes == [True, True] and not torch.is_inference_mode_enabled()
 
 
 def test_the_warm_admission_never_waits_and_never_jumps_the_queue() -> None:

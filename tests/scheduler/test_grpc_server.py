@@ -12,7 +12,8 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from tritonclient.grpc import service_pb2 as pb
 
-from gpufaas.core.protocol import encode_response
+from gpufaas.core.peerhttp import RawHeaders
+from gpufaas.core.protocol import encode_answer
 from gpufaas.scheduler.gateway import DeadlineExceeded, Overloaded, Unavailable, UnknownModel
 from gpufaas.scheduler.grpc_h2 import RpcError
 from gpufaas.scheduler.grpc_server import (
@@ -111,14 +112,14 @@ async def test_each_error_leaves_as_its_status(
 
 
 def _answer(outputs: dict[str, np.ndarray], *, request_id: str | None = None) -> NodeReply:
-    body, headers = encode_response(
+    body, headers = encode_answer(
         model_name="m",
         model_version=None,
         request_id=request_id,
         outputs={k: (a, "FP32") for k, a in outputs.items()},
         binary=True,
     )
-    return NodeReply(200, {k.lower(): v for k, v in headers.items()}, body)
+    return NodeReply(200, RawHeaders(headers), body)
 
 
 @pytest.mark.parametrize("request_id", [None, "r-1"])
