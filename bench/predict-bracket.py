@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default=",".join(f"{g:g}" for g in GRID), help="prices, ascending")
     p.add_argument("--start", type=float, default=1.0, help="each family's first price")
     p.add_argument("--resume", default="", help="a --json of earlier runs to build on")
+    p.add_argument(
+        "--max-runs", type=int, default=0, help="start at most this many runs (0: all needed)"
+    )
     return p
 
 
@@ -118,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(max(1, args.workers), mp_context=context) as pool:
         running: dict[futures.Future[dict[str, Any]], tuple[int, str]] = {}
+        started = 0
         while True:
             for key in wanted():
-                if len(running) >= max(1, args.workers):
+                if len(running) >= max(1, args.workers) or 0 < args.max_runs <= started:
                     break
                 if key not in running.values():
                     running[pool.submit(predict.run_one, job(*key))] = key
+                    started += 1
             if not running:
                 break
             finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
