@@ -536,11 +536,14 @@ def prediction_cost(
         if (
             label == "predictive"
         ):  # the baselines have no plan (the caller's LRU); the switch: ours'
-            ranked = _eviction_plan_us(policy, names, now, rng)
-            policy.victim_sets = True  # type: ignore[attr-defined]  # the same history, as sets
-            out["predictive_eviction_order_us"] = ranked
+            # the same history: the ranking (-k0), the sets over the fixed horizon counting one
+            # miss each (-b0-j0, the rule up to the eighth session), the default (sets priced
+            # against the load, joins counted)
+            policy.victim_sets = policy.belady = policy.joins = False  # type: ignore[attr-defined]
+            out["predictive_eviction_order_us"] = _eviction_plan_us(policy, names, now, rng)
+            policy.victim_sets = True  # type: ignore[attr-defined]
             out["predictive_eviction_sets_us"] = _eviction_plan_us(policy, names, now, rng)
-            policy.belady = True  # type: ignore[attr-defined]  # priced against the load
+            policy.belady = policy.joins = True  # type: ignore[attr-defined]
             out["predictive_eviction_belady_us"] = _eviction_plan_us(policy, names, now, rng)
     return out
 
