@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -27,11 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-_spec = importlib.util.spec_from_file_location("predict", Path(__file__).with_name("predict.py"))
-assert _spec is not None and _spec.loader is not None
-predict = importlib.util.module_from_spec(_spec)
-sys.modules["predict"] = predict
-_spec.loader.exec_module(predict)
+import predict  # bench/predict.py, found through the path above
 
 REFERENCES = ("lru+ka-10min", "hybrid")
 GRID = (0.01, 0.1, 0.3, 1.0, 2.0, 3.0, 5.0, 8.0)
