@@ -105,11 +105,13 @@ class RecordingSimulation(ResidencySimulation):
     def _beliefs(
         self, residents: list[tuple[str, int]], node: str, now_s: float
     ) -> dict[str, dict[str, float]]:
-        """The set rule's terms for each candidate, from ours' model (what it believed)."""
+        """The set rule's terms for each candidate, from ours' model (what it believed), as the
+        rule up to the eighth session computed them (`-b0-j0`: P over the fixed 30 s horizon,
+        one miss), the same belief under every setting."""
         if not residents:
             return {}
         ours = self.belief
-        p = [ours._p_evicted(name, now_s, HORIZON_S) for name, _ in residents]
+        p = [ours._p_evicted(name, now_s, [HORIZON_S]) for name, _ in residents]
         base = [
             pi * (self._reload_ms(node, name) + ours.miss_ms)
             for pi, (name, _) in zip(p, residents, strict=True)
