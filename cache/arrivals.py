@@ -18,8 +18,10 @@ prefetch driver run the same decisions:
   (0.1 s to 4 h), a periodicity detector, and a cost-aware rule: keep (or prefetch) a model while
   the expected load time saved, ``P(arrival within the horizon | idle so far) x reload_ms``,
   is at least what holding it costs, ``price x GB x horizon``; when a load must evict, the set
-  of victims that frees its bytes at the least expected miss cost, counting the evictions a
-  returning victim makes again (a learned, size-aware approximation of Belady's rule).
+  of victims that frees its bytes at the least expected miss cost, each victim's miss weighted
+  by the chance that it is asked for before the loading model's next request, counting the
+  requests that join its reload and the evictions a returning victim makes again (a learned,
+  size-aware approximation of Belady's rule).
   :func:`eviction_plan` chooses a device's victims for the simulator and the gateway alike.
 * :class:`SwitchingPolicy` (an option): ours, switched per function to another rule (the hybrid
   histogram) where a causal shadow account of both rules' costs says that rule did better.
@@ -753,8 +755,11 @@ class PredictivePolicy:
 
         With ``victim_sets`` off: :meth:`victim_order` (the caller frees in that order). On: a
         choice among *sets* of victims, as LALB's own plan does. Evicting ``m`` costs its
-        expected miss over ``evict_horizon_s``, ``P(request within it) x (reload + miss_ms)``
-        (divided by ``1 + replica_share x copies``), plus, because ``m`` returns by loading
+        expected miss, ``P x`` :meth:`miss_cost` (``reload + miss_ms``, plus the requests that
+        join the reload with ``joins``), with ``P`` the chance that ``m`` is asked for before
+        ``loading``'s next request (``belady``: learned Belady, :meth:`next_use_times`), or
+        within ``evict_horizon_s`` (``belady`` off, or ``loading`` unknown or without a
+        history), divided by ``1 + replica_share x copies``; plus, because ``m`` returns by loading
         again, ``reevict x P x`` the cost of freeing its bytes once more: the cheapest cover of
         ``m``'s bytes from the same candidates (:func:`refill_costs`). A 10 GB model evicted now
         evicts 10 GB of others when it returns; a 100 MB one, 100 MB. Then the cheapest set
