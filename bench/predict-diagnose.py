@@ -26,6 +26,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import importlib.util
@@ -103,11 +105,13 @@ class RecordingSimulation(ResidencySimulation):
     def _beliefs(
         self, residents: list[tuple[str, int]], node: str, now_s: float
     ) -> dict[str, dict[str, float]]:
-        """The set rule's terms for each candidate, from ours' model (what it believed)."""
+        """The set rule's terms for each candidate, from ours' model (what it believed), as the
+        rule up to the eighth session computed them (`-b0-j0`: P over the fixed 30 s horizon,
+        one miss), the same belief under every setting."""
         if not residents:
             return {}
         ours = self.belief
-        p = [ours._p_evicted(name, now_s, HORIZON_S) for name, _ in residents]
+        p = [ours._p_evicted(name, now_s, [HORIZON_S]) for name, _ in residents]
         base = [
             pi * (self._reload_ms(node, name) + ours.miss_ms)
             for pi, (name, _) in zip(p, residents, strict=True)
@@ -174,6 +178,13 @@ def record(job: dict[str, Any]) -> dict[str, Any]:
             v["next_s"] = times[k] - event["t_s"] if k < len(times) else None
     skip = int(len(trace) * sim.config.warmup_fraction)
     cold = {r.index: float(sim.weights[r.index]) for r in sim.done if r.index >= skip and not r.hit}
+    # per request: how long it waited for its device (queue) and in all (kept in memory for
+    # the comparison: was a second copy's request here served from a queue there?)
+    queue_ms = np.full(len(trace), np.nan)
+    latency_ms = np.full(len(trace), np.nan)
+    for r in sim.done:
+        queue_ms[r.index] = r.start_ms - r.arrival_ms
+        latency_ms[r.index] = r.end_ms - r.arrival_ms
     return {
         "label": job["label"],
         "report": {k: report[k] for k in ("cold_start_ratio", "device_gb_s", "cold_by_size")},
@@ -186,6 +197,8 @@ def record(job: dict[str, Any]) -> dict[str, Any]:
         "second_copies": {i: v for i, v in sim.second_copies.items() if i in cold},
         "names": names,
         "sizes": {m.name: m.profile.size_bytes for m in sim.catalogue},
+        "queue_ms": queue_ms,
+        "latency_ms": latency_ms,
     }
 
 
@@ -284,11 +297,27 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
             for i, w in only.items():
                 name = a["names"][a["model_of"][i]]
                 classes[f"{size_class(a['sizes'][name])}/{a['cause'][i]}"] += w / n
+            # second copies loaded here for requests the other served warm: from a queue there
+            # (its holder busy: this setting loaded a copy where the other waited) or at once
+            second = [i for i in only if a["cause"][i] == "replica"]
+            queued = [i for i in second if b["queue_ms"][i] > 1e-6]
             out[f"cold under {a['label']}, warm under {b['label']}"] = {
                 "share": sum(only.values()) / n,
                 "by_class_and_cause": dict(classes.most_common(8)),
+                "second_copies": {
+                    "share": sum(only[i] for i in second) / n,
+                    "requests": len(second),
+                    "queued_there": len(queued),
+                    "median_queue_there_ms": _median(b["queue_ms"], queued),
+                    "median_latency_there_ms": _median(b["latency_ms"], second),
+                    "median_latency_here_ms": _median(a["latency_ms"], second),
+                },
             }
     return out
+
+
+def _median(values: Any, indices: list[int]) -> float | None:
+    return float(np.median(values[indices])) if indices else None
 
 
 def main() -> int:

@@ -118,6 +118,13 @@ _LABEL_KEYS = {
     # -t1 (the default since the eighth session): the keep / prefetch rule charges rent for the
     # expected time until the request (E[min(T, h)]); -t0: for the whole horizon (the rule before)
     "t": "rent_to_hit",
+    # -b1 (the default since the ninth session): a victim's miss is priced by the chance of its
+    # request before the loading model's next one (learned Belady; cache/arrivals.py:
+    # PredictivePolicy.next_use_times), -b0: over the fixed horizon (the rule before)
+    "b": "belady",
+    # -j1 (the default since the ninth session): a victim's miss also costs the requests that
+    # arrive during its reload and join it (PredictivePolicy.miss_cost), -j0: one miss
+    "j": "joins",
 }
 
 
@@ -529,17 +536,23 @@ def prediction_cost(
         if (
             label == "predictive"
         ):  # the baselines have no plan (the caller's LRU); the switch: ours'
-            ranked = _eviction_plan_us(policy, names, now, rng)
-            policy.victim_sets = True  # type: ignore[attr-defined]  # the same history, as sets
-            out["predictive_eviction_order_us"] = ranked
+            # the same history: the ranking (-k0), the sets over the fixed horizon counting one
+            # miss each (-b0-j0, the rule up to the eighth session), the default (sets priced
+            # against the load, joins counted)
+            policy.victim_sets = policy.belady = policy.joins = False  # type: ignore[attr-defined]
+            out["predictive_eviction_order_us"] = _eviction_plan_us(policy, names, now, rng)
+            policy.victim_sets = True  # type: ignore[attr-defined]
             out["predictive_eviction_sets_us"] = _eviction_plan_us(policy, names, now, rng)
+            policy.belady = policy.joins = True  # type: ignore[attr-defined]
+            out["predictive_eviction_belady_us"] = _eviction_plan_us(policy, names, now, rng)
     return out
 
 
 def _eviction_plan_us(policy: Any, names: list[str], now: float, rng: Any) -> float:
     """Gateway CPU per load that must evict (``eviction_plan``, what ``PrefetchDriver.victims``
     runs): a device of 32 least recently used residents among the functions, sizes
-    log-uniform over 20 MB-16 GB, a load needing 0.5-10 GB; the median of batches of 100."""
+    log-uniform over 20 MB-16 GB, a load of another function needing 0.5-10 GB; the median of
+    batches of 100."""
     import gc
     import time
 
@@ -554,6 +567,7 @@ def _eviction_plan_us(policy: Any, names: list[str], now: float, rng: Any) -> fl
                 for i in rng.choice(len(names), 32, replace=False)
             ],
             int(rng.uniform(0.5e9, 10e9)),
+            names[int(rng.integers(len(names)))],
         )
         for _ in range(100)
     ]
@@ -561,8 +575,15 @@ def _eviction_plan_us(policy: Any, names: list[str], now: float, rng: Any) -> fl
     gc.disable()
     for _ in range(20):
         tic = time.perf_counter_ns()
-        for residents, need in devices:
-            eviction_plan(policy, residents, now + 5.0, lambda m, s: s / 25e6, need_bytes=need)
+        for residents, need, loading in devices:
+            eviction_plan(
+                policy,
+                residents,
+                now + 5.0,
+                lambda m, s: s / 25e6,
+                need_bytes=need,
+                loading=loading,
+            )
         rounds.append((time.perf_counter_ns() - tic) / 1000 / len(devices))
     gc.enable()
     return float(np.median(rounds))

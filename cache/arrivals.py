@@ -18,8 +18,10 @@ prefetch driver run the same decisions:
   (0.1 s to 4 h), a periodicity detector, and a cost-aware rule: keep (or prefetch) a model while
   the expected load time saved, ``P(arrival within the horizon | idle so far) x reload_ms``,
   is at least what holding it costs, ``price x GB x horizon``; when a load must evict, the set
-  of victims that frees its bytes at the least expected miss cost, counting the evictions a
-  returning victim makes again (a learned, size-aware approximation of Belady's rule).
+  of victims that frees its bytes at the least expected miss cost, each victim's miss weighted
+  by the chance that it is asked for before the loading model's next request, counting the
+  requests that join its reload and the evictions a returning victim makes again (a learned,
+  size-aware approximation of Belady's rule).
   :func:`eviction_plan` chooses a device's victims for the simulator and the gateway alike.
 * :class:`SwitchingPolicy` (an option): ours, switched per function to another rule (the hybrid
   histogram) where a causal shadow account of both rules' costs says that rule did better.
@@ -85,7 +87,12 @@ class ResidencyPolicy(Protocol):
     def victim_order(self, candidates: Sequence[Candidate], now_s: float) -> list[str]: ...
 
     def victim_plan(
-        self, candidates: Sequence[Candidate], need_bytes: int, now_s: float
+        self,
+        candidates: Sequence[Candidate],
+        need_bytes: int,
+        now_s: float,
+        *,
+        loading: str | None = None,
     ) -> list[str]: ...
 
     def snapshot(self) -> dict[str, Any]: ...
@@ -144,7 +151,12 @@ class FixedKeepAlive:
         return []  # LRU
 
     def victim_plan(
-        self, candidates: Sequence[Candidate], need_bytes: int, now_s: float
+        self,
+        candidates: Sequence[Candidate],
+        need_bytes: int,
+        now_s: float,
+        *,
+        loading: str | None = None,
     ) -> list[str]:
         return []  # LRU
 
@@ -302,7 +314,12 @@ class HybridHistogram:
         return []  # LRU
 
     def victim_plan(
-        self, candidates: Sequence[Candidate], need_bytes: int, now_s: float
+        self,
+        candidates: Sequence[Candidate],
+        need_bytes: int,
+        now_s: float,
+        *,
+        loading: str | None = None,
     ) -> list[str]:
         return []  # LRU
 
@@ -389,6 +406,9 @@ _EDGES = [0.0] + [_LO_S * _RATIO**k for k in range(_BINS - 1)]  # lower edges, l
 _LOG_LO, _LOG_R = math.log(_LO_S), math.log(_RATIO)
 _HOLD_OCTAVES = 10  # expected_hold's grid: horizon / 2^10 ... horizon (30 s: from 29 ms)
 _MIN_HOLD_S = 1e-3
+_NEXT_USE_POINTS = 8  # slices of the loading model's next-use distribution (victim_plan)
+# where that distribution is read: 0.1 s to 4 h in steps of sqrt(2)
+_NEXT_USE_GRID = [_LO_S * 2 ** (k / 2) for k in range(int(2 * math.log2(_HI_S / _LO_S)) + 1)]
 
 
 def gap_bin(gap_s: float) -> int:
@@ -484,6 +504,8 @@ class PredictivePolicy:
         amortized: bool = False,
         whole_refill: bool = False,
         rent_to_hit: bool = True,
+        belady: bool = True,
+        joins: bool = True,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -513,6 +535,8 @@ class PredictivePolicy:
         self.amortized = bool(amortized)
         self.whole_refill = bool(whole_refill)
         self.rent_to_hit = bool(rent_to_hit)
+        self.belady = bool(belady)
+        self.joins = bool(joins)
         self.evict_horizon_s = _finite(
             self.horizon_s if evict_horizon_s is None else evict_horizon_s,
             "evict_horizon_s",
@@ -581,25 +605,36 @@ class PredictivePolicy:
 
     def p_arrival(self, function: str, idle_s: float, within_s: float) -> float:
         """P(a request for ``function`` within ``within_s``, given it has been idle ``idle_s``)."""
-        idle_s, within_s = max(0.0, idle_s), max(0.0, within_s)
+        return self.p_arrivals(function, idle_s, (within_s,))[0]
+
+    def p_arrivals(self, function: str, idle_s: float, within: Sequence[float]) -> list[float]:
+        """:meth:`p_arrival` for each of ``within`` (the survival at ``idle_s`` computed once)."""
+        idle_s = max(0.0, idle_s)
         alive = self.survival(function, idle_s)
         if alive < 1e-9 or idle_s >= _HI_S:
             # past every gap seen (or the histogram's range): exponential residual, mean idle_s
-            return 1.0 - math.exp(-within_s / max(idle_s, 1e-3))
-        later = self.survival(function, idle_s + within_s)
-        p = min(1.0, max(0.0, (alive - later) / alive))
+            scale = max(idle_s, 1e-3)
+            return [1.0 - math.exp(-max(0.0, w) / scale) for w in within]
+        weight, mean = 0.0, 1e-3
         m = self._models.get(function)
         if m is not None and m.gaps > 0:
             # a periodic function's normal has passed its own confidence gate (regular gaps)
             regular = m.gaps >= 4 and m.mean >= 1.0 and m.var <= (self.periodic_cv * m.mean) ** 2
             weight = self.smoothing if regular else self.prior_weight(m.gaps)
+            mean = max(m.mean, 1e-3)
+        out = []
+        for w in within:
+            w = max(0.0, w)
+            later = self.survival(function, idle_s + w)
+            p = min(1.0, max(0.0, (alive - later) / alive))
             if weight > 0:
                 # A histogram of a few hundred gaps has empty bins between its modes, where it
                 # says "no request can come", and one of a few gaps knows little: mix in a
                 # memoryless arrival at the mean gap, weighted more the fewer gaps were seen.
-                poisson = 1.0 - math.exp(-within_s / max(m.mean, 1e-3))
+                poisson = 1.0 - math.exp(-w / mean)
                 p = (1.0 - weight) * p + weight * poisson
-        return p
+            out.append(p)
+        return out
 
     def prior_weight(self, gaps: int) -> float:
         """The memoryless prior's weight after ``gaps`` gaps: ``smoothing``, or more while the
@@ -661,10 +696,10 @@ class PredictivePolicy:
         holding it is expected to take to earn its hit, at most the horizon. The integral of
         P(no request within t) over [0, horizon], by the trapezoid rule on a geometric grid of
         ratio sqrt(2) from horizon / 2^10 (fine where a hot function's survival falls)."""
+        grid = [horizon_s * 2 ** (-k / 2) for k in range(2 * _HOLD_OCTAVES, -1, -1)]
         total, before_t, before_s = 0.0, 0.0, 1.0
-        for k in range(2 * _HOLD_OCTAVES, -1, -1):
-            t = horizon_s * 2 ** (-k / 2)
-            s = 1.0 - self.p_arrival(function, idle_s, t)
+        for t, p in zip(grid, self.p_arrivals(function, idle_s, grid), strict=True):
+            s = 1.0 - p
             total += (t - before_t) * (before_s + s) / 2
             before_t, before_s = t, s
         return total
@@ -709,14 +744,22 @@ class PredictivePolicy:
         return [f for _, _, f in scored]
 
     def victim_plan(
-        self, candidates: Sequence[Candidate], need_bytes: int, now_s: float
+        self,
+        candidates: Sequence[Candidate],
+        need_bytes: int,
+        now_s: float,
+        *,
+        loading: str | None = None,
     ) -> list[str]:
         """The victims that free ``need_bytes`` at the least expected miss cost, best first.
 
         With ``victim_sets`` off: :meth:`victim_order` (the caller frees in that order). On: a
         choice among *sets* of victims, as LALB's own plan does. Evicting ``m`` costs its
-        expected miss over ``evict_horizon_s``, ``P(request within it) x (reload + miss_ms)``
-        (divided by ``1 + replica_share x copies``), plus, because ``m`` returns by loading
+        expected miss, ``P x`` :meth:`miss_cost` (``reload + miss_ms``, plus the requests that
+        join the reload with ``joins``), with ``P`` the chance that ``m`` is asked for before
+        ``loading``'s next request (``belady``: learned Belady, :meth:`next_use_times`), or
+        within ``evict_horizon_s`` (``belady`` off, or ``loading`` unknown or without a
+        history), divided by ``1 + replica_share x copies``; plus, because ``m`` returns by loading
         again, ``reevict x P x`` the cost of freeing its bytes once more: the cheapest cover of
         ``m``'s bytes from the same candidates (:func:`refill_costs`). A 10 GB model evicted now
         evicts 10 GB of others when it returns; a 100 MB one, 100 MB. Then the cheapest set
@@ -732,14 +775,18 @@ class PredictivePolicy:
             return self.victim_order(candidates, now_s)
         if not any(c.function in self._models for c in candidates):
             return []
-        h = self.evict_horizon_s
+        # Belady: a victim is a mistake if it is asked for before the model loaded in its
+        # place; over a fixed horizon instead when that model has no history (or no Belady)
+        before = self.next_use_times(loading) if self.belady and loading is not None else None
+        horizons = before or [self.evict_horizon_s]
         # a copy held on other devices returns here only for the requests LALB does not send
         # to them: its miss *and* its return's re-eviction are discounted alike
         p = [
-            self._p_evicted(c.function, now_s, h) / (1.0 + self.replica_share * c.copies_elsewhere)
+            self._p_evicted(c.function, now_s, horizons)
+            / (1.0 + self.replica_share * c.copies_elsewhere)
             for c in candidates
         ]
-        base = [pi * (c.reload_ms + self.miss_ms) for pi, c in zip(p, candidates, strict=True)]
+        base = [pi * self.miss_cost(c) for pi, c in zip(p, candidates, strict=True)]
         sizes = [c.size_bytes for c in candidates]
         if self.reevict <= 0:
             again = [0.0] * len(base)
@@ -754,15 +801,53 @@ class PredictivePolicy:
             chosen = cheapest_cover(sizes, costs, need_bytes)
         return [candidates[i].function for i in chosen]
 
-    def _p_evicted(self, function: str, now_s: float, horizon_s: float) -> float:
-        """P(a request within ``horizon_s``); with under two arrivals, :meth:`value`'s
-        fallback (0.5 inside the fallback keep-alive, else 0)."""
+    def miss_cost(self, candidate: Candidate) -> float:
+        """What one miss of an evicted model costs, in ms: its reload and ``miss_ms`` for the
+        request that finds it gone; with ``joins``, also the requests that arrive while it
+        reloads and wait for the same load (each a cold start: ``miss_ms`` and half the reload
+        on average), ``reload / mean gap`` of them (the gap's EWMA). A model asked for every
+        100 ms that takes 600 ms to reload costs seven cold starts, not one."""
+        reload_ms = candidate.reload_ms
+        cost = reload_ms + self.miss_ms
+        m = self._models.get(candidate.function)
+        if self.joins and m is not None and m.gaps > 0:
+            joining = reload_ms / 1000.0 / max(m.mean, 1e-3)
+            cost += joining * (reload_ms / 2 + self.miss_ms)
+        return cost
+
+    def _p_evicted(self, function: str, now_s: float, horizons: Sequence[float]) -> float:
+        """P(a request within the horizon), averaged over ``horizons`` (equally likely); with
+        under two arrivals, :meth:`value`'s fallback (0.5 inside the fallback keep-alive, else
+        0)."""
         idle = self._seen.idle(function, now_s)
         if idle is None:
             return 0.0
         if function not in self._models:
             return 0.5 if idle <= self.fallback_keepalive_s else 0.0
-        return self.p_arrival(function, idle, horizon_s)
+        return math.fsum(self.p_arrivals(function, idle, horizons)) / len(horizons)
+
+    def next_use_times(self, function: str) -> list[float] | None:
+        """When ``function``'s next request may come, from a request now: the midpoints of
+        ``_NEXT_USE_POINTS`` equally likely slices of its learned gap distribution
+        (``P(gap <= t)`` inverted, log-linearly between the points of a grid from 0.1 s to 4 h
+        in steps of sqrt(2)); past 4 h, 4 h. ``P(T_m < T)`` for another model's time to its
+        request ``T_m`` is then the mean of ``P(T_m <= t)`` over them. None without a history."""
+        if function not in self._models:
+            return None
+        cdf = self.p_arrivals(function, 0.0, _NEXT_USE_GRID)
+        grid = _NEXT_USE_GRID
+        out = []
+        for k in range(_NEXT_USE_POINTS):
+            q = (k + 0.5) / _NEXT_USE_POINTS
+            j = bisect.bisect_left(cdf, q)
+            if j == 0:
+                out.append(grid[0])
+            elif j == len(cdf):
+                out.append(grid[-1])
+            else:  # log-linear between the two grid points around the quantile
+                share = (q - cdf[j - 1]) / max(cdf[j] - cdf[j - 1], 1e-12)
+                out.append(grid[j - 1] * (grid[j] / grid[j - 1]) ** share)
+        return out
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -1047,9 +1132,14 @@ class SwitchingPolicy:
         return self.ours.victim_order(candidates, now_s)
 
     def victim_plan(
-        self, candidates: Sequence[Candidate], need_bytes: int, now_s: float
+        self,
+        candidates: Sequence[Candidate],
+        need_bytes: int,
+        now_s: float,
+        *,
+        loading: str | None = None,
     ) -> list[str]:
-        return self.ours.victim_plan(candidates, need_bytes, now_s)
+        return self.ours.victim_plan(candidates, need_bytes, now_s, loading=loading)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -1095,13 +1185,14 @@ def eviction_plan(
     need_bytes: int,
     copies_elsewhere: Callable[[str], int] = lambda model: 0,
     sample: int = EVICTION_SAMPLE,
+    loading: str | None = None,
 ) -> list[str]:
     """The policy's victims on one device for a load that needs ``need_bytes`` more free
     bytes, best victim first: its plan (:meth:`ResidencyPolicy.victim_plan`) over the
     ``sample`` least recently used of ``residents`` (``(model, bytes)``, least recently used
     first, only those that may be evicted: a model in use is never passed, so never chosen);
     ``reload_ms(model, bytes)`` is what reloading one would take, ``copies_elsewhere(model)``
-    how many other devices hold it. Empty when the policy has no plan of its own (the caller's
+    how many other devices hold it, ``loading`` the model the room is for. Empty when the policy has no plan of its own (the caller's
     order stands: LRU, or LALB's victims); whatever the plan frees too little of, LRU frees.
     The simulator (``bench/sim/residency.py``) and the gateway (``scheduler/prefetch.py``) both
     call this."""
@@ -1111,7 +1202,9 @@ def eviction_plan(
         Candidate(model, size, reload_ms(model, size), copies_elsewhere(model))
         for model, size in itertools.islice(residents, sample)
     ]
-    return policy.victim_plan(candidates, need_bytes, now_s) if candidates else []
+    if not candidates:
+        return []
+    return policy.victim_plan(candidates, need_bytes, now_s, loading=loading)
 
 
 def make_policy(name: str, **params: float) -> ResidencyPolicy:

@@ -584,7 +584,10 @@ class Gateway:
         self.metrics.child(self.metrics.decisions, self.policy.name, decision.reason).inc()
         if decision.victims and self.prefetch is not None:  # the residency policy's order
             victims = self.prefetch.victims(
-                decision.device, decision.victims, size_bytes=self.model_bytes.get(name, 0)
+                decision.device,
+                decision.victims,
+                size_bytes=self.model_bytes.get(name, 0),
+                model=name,
             )
             decision = dataclasses.replace(decision, victims=victims)
         return decision

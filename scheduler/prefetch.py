@@ -195,11 +195,18 @@ class PrefetchDriver:
             if hit:
                 self.used.inc()
 
-    def victims(self, device: str, planned: tuple[str, ...], *, size_bytes: int) -> tuple[str, ...]:
-        """What a load of ``size_bytes`` on ``device`` should evict: the policy's plan over the
-        device's resident models (:func:`~gpufaas.cache.arrivals.eviction_plan`, the
-        simulator's rule too), or ``planned`` (LALB's victims) when the policy has no plan of
-        its own."""
+    def victims(
+        self,
+        device: str,
+        planned: tuple[str, ...],
+        *,
+        size_bytes: int,
+        model: str | None = None,
+    ) -> tuple[str, ...]:
+        """What a load of ``model`` (``size_bytes``) on ``device`` should evict: the policy's
+        plan over the device's resident models (:func:`~gpufaas.cache.arrivals.eviction_plan`,
+        the simulator's rule too), or ``planned`` (LALB's victims) when the policy has no plan
+        of its own."""
         directory = self.directory
         residents = (
             (model, size)
@@ -212,7 +219,8 @@ class PrefetchDriver:
             self.clock(),
             self.reload_ms,
             need_bytes=size_bytes - directory.free_bytes(device),
-            copies_elsewhere=lambda model: max(0, len(directory.holder_ids(model)) - 1),
+            copies_elsewhere=lambda other: max(0, len(directory.holder_ids(other)) - 1),
+            loading=model,
         )
         return tuple(order) if order else planned
 

@@ -249,6 +249,7 @@ class ResidencySimulation(Simulation):
             need_bytes=size - device.cache.free_bytes,
             copies_elsewhere=lambda name: max(0, len(self.directory.holder_ids(name)) - 1),
             sample=self.tiers.eviction_sample,
+            loading=request.model.name,
         )
         if not prefer:
             prefer = request.evict_first

@@ -5,6 +5,8 @@ and at the gateway (``PrefetchDriver.victims``)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -20,6 +22,7 @@ from gpufaas.cache.arrivals import (
     PredictivePolicy,
     eviction_plan,
 )
+from gpufaas.scheduler.gateway import Gateway
 from gpufaas.scheduler.prefetch import PrefetchDriver
 
 GB = 10**9
@@ -178,12 +181,13 @@ def test_the_gateway_sends_the_policys_victims_or_lalbs_when_it_has_none(kind: s
     assert victims == expected
 
 
-async def test_the_gateway_routes_a_load_with_the_residency_policys_victims(
+@contextlib.asynccontextmanager
+async def _gateway_with_a_full_device(
     tmp_path: Path, example_models_dir: Path
-) -> None:
-    """The gateway's decision for a load onto a full device carries ours' victims (the cool
-    small model first), not LALB's own (which, by load time per byte, picks the large one);
-    without the residency policy attached, LALB's stand."""
+) -> AsyncIterator[tuple[Gateway, str]]:
+    """A gateway over one node of one CPU device whose view holds a large model ("llm",
+    10 GB, the least recently used) and a small one ("cnn") filling the rest, with no room
+    for tiny-mlp's 1 GB load: the gateway and the device's key."""
     from gpufaas.core.artifacts import ArtifactStore
     from gpufaas.core.manifests import bundled_functions_dir, load_manifests
     from gpufaas.gpu_manager.inventory import cpu_devices
@@ -191,7 +195,6 @@ async def test_the_gateway_routes_a_load_with_the_residency_policys_victims(
     from gpufaas.gpu_manager.server import create_app as create_manager_app
     from gpufaas.scheduler.gateway import GatewayConfig
     from gpufaas.scheduler.main import build_gateway
-    from gpufaas.scheduler.prefetch import enable_prefetch
 
     functions = load_manifests(
         [bundled_functions_dir() / "tiny-mlp.yaml"],
@@ -218,10 +221,24 @@ async def test_the_gateway_routes_a_load_with_the_residency_policys_victims(
         directory = gateway.cluster.directory
         (key,) = list(directory.devices())
         free = directory.free_bytes(key)
-        # the view: a large hot model, a small cool one, and no room for tiny-mlp's load
         directory.note_loaded(key, "llm", size_bytes=10 * GB)
         directory.note_loaded(key, "cnn", size_bytes=free - 10 * GB)
         gateway.model_bytes.update({"tiny-mlp": GB, "llm": 10 * GB, "cnn": free - 10 * GB})
+        yield gateway, key
+    finally:
+        await gateway.cluster.close()
+        await runtime.settle()
+
+
+async def test_the_gateway_routes_a_load_with_the_residency_policys_victims(
+    tmp_path: Path, example_models_dir: Path
+) -> None:
+    """The gateway's decision for a load onto a full device carries ours' victims (the cool
+    small model first), not LALB's own (which, by load time per byte, picks the large one);
+    without the residency policy attached, LALB's stand."""
+    from gpufaas.scheduler.prefetch import enable_prefetch
+
+    async with _gateway_with_a_full_device(tmp_path, example_models_dir) as (gateway, key):
         lalb = gateway._route("tiny-mlp", exclude=set()).victims
         policy = PredictivePolicy(by_density=True, victim_sets=False)
         driver = enable_prefetch(gateway, policy=policy)
@@ -231,6 +248,23 @@ async def test_the_gateway_routes_a_load_with_the_residency_policys_victims(
         ours = gateway._route("tiny-mlp", exclude=set()).victims
         assert lalb == ("llm",)  # LALB: the least recently used of two unasked-for models
         assert ours[0] == "cnn" and ours == driver.victims(key, lalb, size_bytes=GB)
-    finally:
-        await gateway.cluster.close()
-        await runtime.settle()
+
+
+async def test_the_gateway_prices_the_victims_against_the_model_it_loads(
+    tmp_path: Path, example_models_dir: Path
+) -> None:
+    """With ``belady``, the gateway tells the plan which model the room is for: tiny-mlp,
+    asked for every 2 s. The large model (every second) will be asked for before it, the small
+    one (every 20 s) almost surely not, so the small one goes; over the fixed horizon, where
+    both are due, the large one would (what the plan chooses when it is not told)."""
+    from gpufaas.scheduler.prefetch import enable_prefetch
+
+    async with _gateway_with_a_full_device(tmp_path, example_models_dir) as (gateway, key):
+        policy = PredictivePolicy(belady=True)
+        driver = enable_prefetch(gateway, policy=policy)
+        now = driver.clock()
+        _periodic(policy, "llm", 1.0, until=now)
+        _periodic(policy, "cnn", 20.0, until=now)
+        _periodic(policy, "tiny-mlp", 2.0, until=now)
+        assert gateway._route("tiny-mlp", exclude=set()).victims == ("cnn",)
+        assert driver.victims(key, ("lalb-says",), size_bytes=GB) == ("llm",)

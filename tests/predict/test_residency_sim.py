@@ -61,13 +61,15 @@ def _timers(
     return trace, history
 
 
-def _run(policy: Any, *, prefetch: bool = True, devices: int = 2) -> dict[str, Any]:
+def _run(
+    policy: Any, *, prefetch: bool = True, devices: int = 2, capacity_gb: int = 40
+) -> dict[str, Any]:
     trace, history = _timers(900.0, functions=6, hours=2.0)
     costs = [trace_mod.costs_for(2 * 10**9) for _ in trace.functions]
     catalogue = residency.catalogue_for(trace, costs)
     config = engine.SimConfig(
         devices=devices,
-        capacity_bytes=40 * 10**9,
+        capacity_bytes=capacity_gb * 10**9,
         concurrency=2,
         eviction="lru",
         seed=1,
@@ -167,3 +169,27 @@ def test_a_function_never_served_in_the_run_is_prefetched_from_its_history() -> 
     # the phases are 150 s apart from 0: only the request at time 0 precedes the first tick
     assert first_requests_cold(False) == 6
     assert first_requests_cold(True) == 1
+
+
+class _RecordingLoads(PredictivePolicy):
+    """Ours at price 0 (it keeps every model, so loads must evict), noting which model each
+    victim plan was asked to make room for."""
+
+    def __init__(self) -> None:
+        super().__init__(device_price=0.0)
+        self.loading: list[str | None] = []
+
+    def victim_plan(
+        self, candidates: Any, need_bytes: int, now_s: float, *, loading: str | None = None
+    ) -> list[str]:
+        self.loading.append(loading)
+        return super().victim_plan(candidates, need_bytes, now_s, loading=loading)
+
+
+def test_the_simulator_tells_the_victim_plan_which_model_the_room_is_for() -> None:
+    """Six 2 GB timers on one 5 GB device: loads must evict, and each plan is told the model
+    it makes room for (ours prices its victims against that model's next request)."""
+    policy = _RecordingLoads()
+    _run(policy, prefetch=False, devices=1, capacity_gb=5)
+    assert policy.loading, "no load had to evict"
+    assert all(name is not None and name.startswith("fn-") for name in policy.loading)
