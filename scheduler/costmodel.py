@@ -6,7 +6,8 @@ layer's shards run side by side, at most ``cores`` of them at once):
     latency = c_request + c_io * batch * (n_in + n_out) + c_shard[ch] * N   # coordinator
             + sum_l max(max_p w_lp, sum_p w_lp / cores)                      # the layers
 
-    w_lp    = c_op * ops_lp + c_nnz * batch * nnz_lp                      # compute
+    w_lp    = contention(N) * (c_op * ops_lp + c_nnz * batch * nnz_lp     # compute
+              (CSR's; c_tile for the weights whose products run as dense tiles) + ...)
             + c_msg[ch] * msgs_lp + c_byte[ch] * batch * 4 * values_lp   # messages
             + c_sync[ch] * sync_lp                                       # waits
             + c_wake[ch] * sync_lp * max(0, N - cores) / N               # oversubscription
