@@ -56,6 +56,7 @@ __all__ = [
     "save_net",
     "save_shard",
     "tiled",
+    "tiles_per_row",
     "tiles_whole",
 ]
 
@@ -201,23 +202,38 @@ def tiled(
     )
 
 
+# At most this many tiles per tile row run as tiles: RadiX-Net rows read 2 blocks; a dense
+# layer (an MLP's) would gather its whole input once per tile row, so it stays dense.
+MAX_TILES_PER_ROW = 4
+
+
 def product_matrix(
     rows: IntArray, cols: IntArray, values: NDArray[np.float32], shape: tuple[int, int]
 ) -> torch.Tensor | TiledMatrix:
-    """The fastest form of ``W`` for ``W @ a`` on a shard: dense when dense (a matrix over
-    20% filled), else dense tiles where they pay (:func:`tiled`), else CSR (:func:`matrix`)."""
-    size = shape[0] * shape[1]
-    if size and rows.size / size < 0.2:
-        found = tiled(rows, cols, values, shape)
-        if found is not None:
-            return found
+    """The fastest form of ``W`` for ``W @ a`` on a shard: dense tiles where they pay
+    (:func:`tiled`) and a tile row reads at most ``MAX_TILES_PER_ROW`` tiles, else dense
+    when over 20% filled, else CSR (:func:`matrix`)."""
+    found = tiled(rows, cols, values, shape)
+    if found is not None and found.tiles.shape[2] <= MAX_TILES_PER_ROW * TILE:
+        return found
     return matrix(rows, cols, values, shape)
+
+
+def tiles_per_row(layer: Layer) -> int:
+    """The most ``TILE x TILE`` tiles one tile row of ``layer``'s weights reads (0 if its
+    sides are not whole tiles): a shard's products of a layer run as tiles where its
+    partition keeps the tiles whole (:func:`tiles_whole`) and this is at most
+    ``MAX_TILES_PER_ROW`` (:func:`product_matrix`)."""
+    if not layer.nnz or layer.n_out % TILE or layer.n_in % TILE:
+        return 0
+    pairs = np.unique((layer.rows // TILE) * (layer.n_in // TILE) + layer.cols // TILE)
+    return int(np.bincount(pairs // (layer.n_in // TILE)).max())
 
 
 def tiles_whole(owners: IntArray) -> bool:
     """Whether a partition of one activation keeps every ``TILE`` consecutive neurons on one
-    shard: then every product over it runs as tiles (:func:`product_matrix`; a RadiX-Net
-    row reads its input blocks whole), which the cost model charges at their own rate."""
+    shard: then a RadiX-Net row's input blocks stay whole in every product that reads it,
+    which the cost model charges at the tiles' rate."""
     return owners.size % TILE == 0 and bool(
         (owners.reshape(-1, TILE) == owners.reshape(-1, TILE)[:, :1]).all()
     )

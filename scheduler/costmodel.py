@@ -74,7 +74,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from gpufaas.core.layered import LayeredNet, tiles_whole
+from gpufaas.core.layered import MAX_TILES_PER_ROW, LayeredNet, tiles_per_row, tiles_whole
 from gpufaas.scheduler.partition import Partition
 
 __all__ = [
@@ -203,10 +203,10 @@ def profile(net: LayeredNet, part: Partition) -> Profile:
         parts[index] = owned * messages[index]
     tiled = np.zeros((layers, n))
     for index, layer in enumerate(net.layers):
-        # products run as tiles where both sides' partitions keep the tiles whole and the
-        # layer is sparse (gpu_manager/shards.prepare through product_matrix)
-        sparse = layer.nnz < 0.2 * layer.n_out * layer.n_in
-        if sparse and tiles_whole(part.owners[index]) and tiles_whole(part.owners[index + 1]):
+        # products run as tiles where both sides' partitions keep the tiles whole and a
+        # tile row reads few tiles (gpu_manager/shards.prepare through product_matrix)
+        few = 0 < tiles_per_row(layer) <= MAX_TILES_PER_ROW
+        if few and tiles_whole(part.owners[index]) and tiles_whole(part.owners[index + 1]):
             tiled[index] = nnz[index]
     return Profile(
         n, net.widths[0] + net.widths[-1], ops, nnz, messages, values, sync, sent, parts, tiled
