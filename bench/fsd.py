@@ -630,9 +630,11 @@ class ShardPass:
         self.inputs = np.zeros((len(spec.inputs), batch), np.float32)
         self.seconds()  # warm
 
-    def _once(self) -> None:
+    def _once(self, between_trips: Any = None) -> None:
         step = self.executor._first_step("r", self.inputs, lambda parts: None)
         while step.output is None:
+            if between_trips is not None:  # where a shard waits for remote parts
+                between_trips()
             layer = self.spec.layers[step.index]
             arrived = [(q, np.zeros((b.shape[1], self.batch), np.float32))
                        for q, b in sorted(layer.remote.items())]  # fmt: skip
@@ -652,6 +654,111 @@ class ShardPass:
 
     def close(self) -> None:
         self.executor.close()
+
+
+def _split_of(width: int, depth: int, shards: int, method: str, seed: int) -> list[Any]:
+    net = radix_net(width, depth)
+    return split(net, partition(net, shards, method=method, seed=seed))
+
+
+def _products_worker(
+    split_args: tuple[int, int, int, str, int],
+    shard: int,
+    batch: int,
+    seconds: float,
+    kernel: str,
+    sync: tuple[Any, Any, Any],
+) -> None:
+    """One process of :func:`concurrent_products`: shard ``shard``'s passes for ``seconds``
+    from the moment every process is ready, leaving its core (``sched_yield``) where the
+    shard would wait for remote parts, as a shard's worker does at every trip."""
+    ready, go, out = sync
+    if kernel == "csr":  # the CSR products of main 8c6855b, for an A/B in one hold
+        from gpufaas.core import layered
+        from gpufaas.gpu_manager import shards as shard_module
+
+        shard_module.product_matrix = layered.matrix  # type: ignore[assignment]
+    import torch
+
+    torch.set_num_threads(1)  # as in a manager
+    one = ShardPass(_split_of(*split_args)[shard], batch)
+    ready.release()
+    go.wait()
+    count, cpu = 0, time.thread_time()
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        one._once(os.sched_yield)
+        count += 1
+    out.put((shard, count, time.thread_time() - cpu))
+    one.close()
+
+
+def concurrent_products(
+    split_args: tuple[int, int, int, str, int],
+    shards: list[int],
+    *,
+    batch: int = 64,
+    seconds: float = 2.0,
+    kernel: str = "tiles",
+) -> dict[str, Any]:
+    """The products of ``shards`` of a split (indices; one may repeat), each in its own
+    process, all at once for ``seconds`` (each process passes round its shard's trips, leaving its
+    core between them): passes done, and the CPU per pass in each process. The cost model's
+    contention (:func:`contention_of`) and ``bench/fsd-cores.py``'s ceiling both read it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=_products_worker,
+                    args=(split_args, shard, batch, seconds, kernel, (ready, go, out)))
+        for shard in shards
+    ]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    try:
+        for _ in procs:
+            if not ready.acquire(timeout=120):
+                raise TimeoutError("a products process did not start within 120 s")
+        go.set()
+        done = [out.get(timeout=seconds + 60) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return {
+        "shards": [shard for shard, _, _ in done],
+        "seconds": seconds,
+        "passes": [count for _, count, _ in done],
+        "cpu_per_pass_s": [cpu / max(count, 1) for _, count, cpu in done],
+    }
+
+
+# The contention calibration's split (never the grid's net): tiles, like the grid's
+# hypergraph and block splits, at every shard count the grid has beyond one.
+CONTENTION_SPLIT = (2048, 8, "block", 3)
+
+
+def contention_of(cores: int, *, batch: int, seconds: float = 2.0) -> list[dict[str, Any]]:
+    """How much slower N shards' products run sharing the cores at once than alone, beyond
+    sharing them out, for N = 2, 4, 8 (``costmodel.Constants.contention``): every shard's
+    pass timed alone on this thread, then all N at once in N processes
+    (:func:`concurrent_products`); the factor is the cores' time over the alone-time of
+    the passes done, ``seconds x min(N, cores) / sum(passes x alone)``."""
+    width, depth, method, seed = CONTENTION_SPLIT
+    rows = []
+    for shards in (2, 4, 8):
+        split_args = (width, depth, shards, method, seed)
+        alone = [shard_compute_seconds(spec, batch, repeats=9) for spec in _split_of(*split_args)]
+        run = concurrent_products(split_args, list(range(shards)), batch=batch, seconds=seconds)
+        work = sum(n * alone[p] for p, n in zip(run.pop("shards"), run["passes"], strict=True))
+        factor = seconds * min(shards, cores) / work
+        rows.append({"shards": shards, "alone_s": alone, **run, "factor": factor})
+        print(f"  contention N={shards}: {factor:.2f}x the alone time ({sum(run['passes'])} "
+              f"passes in {seconds:.0f} s; alone {statistics.median(alone) * 1e3:.2f} ms per "
+              f"pass)", flush=True)  # fmt: skip
+    return rows
 
 
 def shard_compute_seconds(spec: Any, batch: int, *, repeats: int = 5) -> float:
@@ -728,8 +835,9 @@ async def calibrate(
     unsharded runs twice, before and after the channels' runs, keeping the lower median of
     each: interference on a shared machine only ever slows a run down, and the
     coordinator's two constants rest on six runs (bench/RESULTS.md, session 4, round B)."""
-    measured: dict[str, Any] = {"compute": calibrate_compute(batch), "coordinator": [],
-                                "channels": []}  # fmt: skip
+    measured: dict[str, Any] = {"compute": calibrate_compute(batch),
+                                "contention": contention_of(os.cpu_count() or 1, batch=batch),
+                                "coordinator": [], "channels": []}  # fmt: skip
     coordinator = Coordinator(artifact_base=str(root / "calib"), timeout_s=120)
     rng = np.random.default_rng(5)
     batches = (max(1, batch // 4), batch)
@@ -824,6 +932,8 @@ def fit_constants(
     compute = costmodel.Compute(*costmodel.fit([_compute_features(r) for r in rows],
                                                [at_reference(r) for r in rows], relative=True))  # fmt: skip
     none = {"none": costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0)}
+    # sessions before 9 measured no contention: their products are charged as alone
+    shared_cores = {int(r["shards"]): float(r["factor"]) for r in measured.get("contention", [])}
     bare = costmodel.Constants(compute, 0.0, 0.0, cores, none)
     fixed_x, fixed_y, totals = [], [], []
     for r in measured["coordinator"]:
@@ -834,13 +944,14 @@ def fit_constants(
         fixed_y.append(at_reference(r) - layers)
         totals.append(at_reference(r))
     per_request, per_io = costmodel.fit(fixed_x, fixed_y, relative_to=totals)
-    base = costmodel.Constants(compute, per_request, per_io, cores, none)
+    base = costmodel.Constants(compute, per_request, per_io, cores, none, contention=shared_cores)
     runs: dict[str, list[tuple[costmodel.Profile, int, float]]] = {}
     for r in measured["channels"]:
         prof = _calibration_profile(r["depth"], r["shards"], r["method"])
         runs.setdefault(r["channel"], []).append((prof, r["batch"], at_reference(r)))
     costs = costmodel.fit_channels(runs, base=base, shared=shared)
-    return costmodel.Constants(compute, per_request, per_io, cores, costs, probe_s=reference)
+    return costmodel.Constants(compute, per_request, per_io, cores, costs, probe_s=reference,
+                               contention=shared_cores)  # fmt: skip
 
 
 def _compute_features(row: dict[str, Any]) -> list[float]:
@@ -872,7 +983,8 @@ def constants_to_json(constants: costmodel.Constants) -> dict[str, Any]:
 def constants_from_json(data: dict[str, Any]) -> costmodel.Constants:
     channels = {k: costmodel.ChannelCost(**v) for k, v in data.pop("channels").items()}
     compute = costmodel.Compute(**data.pop("compute"))
-    return costmodel.Constants(compute=compute, **data, channels=channels)
+    shared_cores = {int(n): float(f) for n, f in data.pop("contention", {}).items()}  # JSON keys
+    return costmodel.Constants(compute=compute, **data, channels=channels, contention=shared_cores)
 
 
 async def _timed(call: Any) -> float:

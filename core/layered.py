@@ -46,18 +46,24 @@ __all__ = [
     "LayerShard",
     "LayeredNet",
     "ShardSpec",
+    "TiledMatrix",
     "challenge_bias",
     "dense_mlp",
     "load_net",
     "load_shard",
+    "product_matrix",
     "radix_net",
     "save_net",
     "save_shard",
+    "tiled",
+    "tiles_per_row",
+    "tiles_whole",
 ]
 
 ACTIVATIONS = ("relu", "none")
 CHALLENGE_YMAX = 32.0
 _BLOCK = 16  # the dense block of the Kronecker product: fan-in = 2 x 16 = 32
+TILE = _BLOCK  # the tile of a shard's dense-tile products (TiledMatrix)
 IntArray = NDArray[np.int64]
 
 
@@ -128,6 +134,109 @@ def matrix(
     if rows.size:
         dense[torch.from_numpy(rows), torch.from_numpy(cols)] = torch.from_numpy(values)
     return dense
+
+
+@dataclasses.dataclass(frozen=True)
+class TiledMatrix:
+    """``W`` as dense ``TILE x TILE`` tiles, ``k`` of them per row of tiles (rows with fewer
+    padded with zero tiles; rows with none left out): ``W @ a`` gathers each tile row's ``k``
+    input tiles side by side and multiplies them in one batched dense product
+    (``torch.bmm``), so the arithmetic runs in dense micro-kernels instead of CSR's
+    row-by-row loop. On one CPU thread this is 2.5-3x faster than CSR for a RadiX-Net shard
+    whose 16 x 16 blocks stay whole (block and hypergraph splits; bench/RESULTS.md, "fsd,
+    ninth session"). ``a``'s rows must be whole tiles: ``shape[1]`` is a multiple of
+    ``TILE``."""
+
+    tiles: torch.Tensor  # (tile rows kept, TILE, TILE * k)
+    columns: torch.Tensor  # (tile rows kept * k,) the input tile each of them multiplies
+    shape: tuple[int, int]
+    kept: torch.Tensor | None = None  # the tile rows kept, where some have no tile at all
+
+    @property
+    def device(self) -> torch.device:
+        return self.tiles.device
+
+    def __matmul__(self, a: torch.Tensor) -> torch.Tensor:
+        batch = a.shape[1]
+        x = a.reshape(-1, TILE, batch).index_select(0, self.columns)
+        y = torch.bmm(self.tiles, x.view(self.tiles.shape[0], self.tiles.shape[2], batch))
+        if self.kept is None:
+            return y.view(self.shape[0], batch)
+        out = torch.zeros((self.shape[0] // TILE, TILE, batch), dtype=y.dtype, device=y.device)
+        return out.index_copy_(0, self.kept, y).view(self.shape[0], batch)
+
+    def to(self, device: torch.device) -> TiledMatrix:
+        kept = self.kept.to(device) if self.kept is not None else None
+        return TiledMatrix(self.tiles.to(device), self.columns.to(device), self.shape, kept)
+
+
+def tiled(
+    rows: IntArray, cols: IntArray, values: NDArray[np.float32], shape: tuple[int, int]
+) -> TiledMatrix | None:
+    """``W`` as a :class:`TiledMatrix` where that pays: both sides whole tiles, and at least
+    half of the padded tiles' multiply-adds real ones (a partition that cuts the 16 x 16
+    blocks, like a random one, leaves tiles mostly empty: CSR then). None otherwise."""
+    if not rows.size or shape[0] % TILE or shape[1] % TILE:
+        return None
+    col_tiles = shape[1] // TILE
+    pairs, slot = np.unique((rows // TILE) * col_tiles + cols // TILE, return_inverse=True)
+    kept, per_row = np.unique(pairs // col_tiles, return_counts=True)
+    k = int(per_row.max())
+    if kept.size * k * TILE * TILE > 2 * rows.size:
+        return None
+    # each tile's place: its tile row among those kept, and its rank among that row's tiles
+    # (pairs are sorted, so a row's tiles are consecutive)
+    row_of = np.searchsorted(kept, pairs // col_tiles)
+    rank = np.arange(pairs.size) - np.concatenate([[0], np.cumsum(per_row)[:-1]])[row_of]
+    tiles = np.zeros((kept.size, TILE, TILE * k), dtype=np.float32)
+    at = (row_of[slot], rows % TILE, rank[slot] * TILE + cols % TILE)
+    np.add.at(tiles, at, values)
+    columns = np.zeros((kept.size, k), dtype=np.int64)  # padding reads tile 0, times zeros
+    columns[row_of, rank] = pairs % col_tiles
+    every = kept.size == shape[0] // TILE
+    return TiledMatrix(
+        torch.from_numpy(tiles),
+        torch.from_numpy(columns.reshape(-1)),
+        shape,
+        None if every else torch.from_numpy(kept.astype(np.int64)),
+    )
+
+
+# At most this many tiles per tile row run as tiles: RadiX-Net rows read 2 blocks; a dense
+# layer (an MLP's) would gather its whole input once per tile row, so it stays dense.
+MAX_TILES_PER_ROW = 4
+
+
+def product_matrix(
+    rows: IntArray, cols: IntArray, values: NDArray[np.float32], shape: tuple[int, int]
+) -> torch.Tensor | TiledMatrix:
+    """The fastest form of ``W`` for ``W @ a`` on a shard: dense tiles where they pay
+    (:func:`tiled`) and a tile row reads at most ``MAX_TILES_PER_ROW`` tiles, else dense
+    when over 20% filled, else CSR (:func:`matrix`)."""
+    found = tiled(rows, cols, values, shape)
+    if found is not None and found.tiles.shape[2] <= MAX_TILES_PER_ROW * TILE:
+        return found
+    return matrix(rows, cols, values, shape)
+
+
+def tiles_per_row(layer: Layer) -> int:
+    """The most ``TILE x TILE`` tiles one tile row of ``layer``'s weights reads (0 if its
+    sides are not whole tiles): a shard's products of a layer run as tiles where its
+    partition keeps the tiles whole (:func:`tiles_whole`) and this is at most
+    ``MAX_TILES_PER_ROW`` (:func:`product_matrix`)."""
+    if not layer.nnz or layer.n_out % TILE or layer.n_in % TILE:
+        return 0
+    pairs = np.unique((layer.rows // TILE) * (layer.n_in // TILE) + layer.cols // TILE)
+    return int(np.bincount(pairs // (layer.n_in // TILE)).max())
+
+
+def tiles_whole(owners: IntArray) -> bool:
+    """Whether a partition of one activation keeps every ``TILE`` consecutive neurons on one
+    shard: then a RadiX-Net row's input blocks stay whole in every product that reads it,
+    which the cost model charges at the tiles' rate."""
+    return owners.size % TILE == 0 and bool(
+        (owners.reshape(-1, TILE) == owners.reshape(-1, TILE)[:, :1]).all()
+    )
 
 
 def apply_activation(z: torch.Tensor, activation: str, ymax: float | None) -> torch.Tensor:

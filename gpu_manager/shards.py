@@ -68,8 +68,9 @@ from gpufaas.core.layered import (
     IntArray,
     ShardFormatError,
     ShardSpec,
+    TiledMatrix,
     load_shard,
-    matrix,
+    product_matrix,
 )
 from gpufaas.core.peerhttp import PeerPools
 from gpufaas.core.protocol import ProtocolError
@@ -116,8 +117,8 @@ class _Rows:
 
     start: int
     stop: int
-    own: torch.Tensor
-    remote: dict[int, torch.Tensor]
+    own: torch.Tensor | TiledMatrix
+    remote: dict[int, torch.Tensor | TiledMatrix]
     bias: torch.Tensor
 
 
@@ -143,12 +144,13 @@ class _Step:
     output: Array | None
 
 
-def _rows_block(block: Block, keep: IntArray) -> torch.Tensor:
-    """The rows ``keep`` (positions) of a COO block, as a torch matrix."""
+def _rows_block(block: Block, keep: IntArray) -> torch.Tensor | TiledMatrix:
+    """The rows ``keep`` (positions) of a COO block, in the fastest form for its products
+    (dense tiles where the 16 x 16 blocks stay whole, else CSR: ``product_matrix``)."""
     where = np.full(block.shape[0], -1, dtype=np.int64)
     where[keep] = np.arange(keep.size, dtype=np.int64)
     mask = where[block.rows] >= 0
-    return matrix(
+    return product_matrix(
         where[block.rows[mask]], block.cols[mask], block.values[mask], (keep.size, block.shape[1])
     )
 

@@ -6,7 +6,8 @@ layer's shards run side by side, at most ``cores`` of them at once):
     latency = c_request + c_io * batch * (n_in + n_out) + c_shard[ch] * N   # coordinator
             + sum_l max(max_p w_lp, sum_p w_lp / cores)                      # the layers
 
-    w_lp    = c_op * ops_lp + c_nnz * batch * nnz_lp                      # compute
+    w_lp    = contention(N) * (c_op * ops_lp + c_nnz * batch * nnz_lp     # compute
+              (CSR's; c_tile for the weights whose products run as dense tiles) + ...)
             + c_msg[ch] * msgs_lp + c_byte[ch] * batch * 4 * values_lp   # messages
             + c_sync[ch] * sync_lp                                       # waits
             + c_wake[ch] * sync_lp * max(0, N - cores) / N               # oversubscription
@@ -73,7 +74,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from gpufaas.core.layered import LayeredNet
+from gpufaas.core.layered import MAX_TILES_PER_ROW, LayeredNet, tiles_per_row, tiles_whole
 from gpufaas.scheduler.partition import Partition
 
 __all__ = [
@@ -84,6 +85,7 @@ __all__ = [
     "at_speed",
     "choose",
     "compute_features",
+    "contention",
     "fit",
     "fit_channel",
     "fit_channels",
@@ -114,6 +116,9 @@ class Compute:
     per_value_s: float = 0.0
     # one output value of one sample per remote part added in (a product's temporary, the add)
     per_part_s: float = 0.0
+    # one multiply-add of one sample in a dense-tile product (core/layered.py: TiledMatrix,
+    # where the split keeps the 16 x 16 blocks whole; per_nnz_s is CSR's): session 9
+    per_tile_nnz_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +130,11 @@ class Constants:
     channels: dict[str, ChannelCost]
     # the speed probe's seconds when these constants were measured (None: not probed)
     probe_s: float | None = None
+    # shards -> how much slower their products run when that many shards share the cores
+    # at once than alone, beyond sharing them out (wall x cores / the sum of their times
+    # alone): memory bandwidth the cores share, and with more shards than cores the
+    # switches between them and the caches each loses (:func:`contention`)
+    contention: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 def at_speed(constants: Constants, probe_s: float) -> Constants:
@@ -145,6 +155,7 @@ def at_speed(constants: Constants, probe_s: float) -> Constants:
         cores=constants.cores,
         channels={name: scaled(cost) for name, cost in constants.channels.items()},
         probe_s=probe_s,
+        contention=constants.contention,  # a ratio of times: the same at any speed
     )
 
 
@@ -161,6 +172,7 @@ class Profile:
     sync: Matrix  # 1 where the shard reads remote values
     sent: Matrix  # values sent per sample (for layer l's receivers)
     parts: Matrix  # output rows x remote parts added into them (rows x sources)
+    tiled: Matrix  # of nnz, the weights whose products run as dense tiles (TiledMatrix)
 
 
 def profile(net: LayeredNet, part: Partition) -> Profile:
@@ -189,13 +201,44 @@ def profile(net: LayeredNet, part: Partition) -> Profile:
         groups = (read_next > 0).astype(float) + (owned - read_next > 0)
         ops[index] = groups * (1 + messages[index])
         parts[index] = owned * messages[index]
-    return Profile(n, net.widths[0] + net.widths[-1], ops, nnz, messages, values, sync, sent, parts)
+    tiled = np.zeros((layers, n))
+    for index, layer in enumerate(net.layers):
+        # products run as tiles where both sides' partitions keep the tiles whole and a
+        # tile row reads few tiles (gpu_manager/shards.prepare through product_matrix)
+        few = 0 < tiles_per_row(layer) <= MAX_TILES_PER_ROW
+        if few and tiles_whole(part.owners[index]) and tiles_whole(part.owners[index + 1]):
+            tiled[index] = nnz[index]
+    return Profile(
+        n, net.widths[0] + net.widths[-1], ops, nnz, messages, values, sync, sent, parts, tiled
+    )
 
 
 def compute_features(p: Profile, *, batch: int) -> npt.NDArray[np.float64]:
-    """Per layer and shard, the multipliers of ``c_op``, ``c_nnz`` and ``c_value``: shape
-    (layers, shards, 3)."""
-    return np.stack([p.ops, batch * p.nnz, batch * (p.sent + p.values), batch * p.parts], axis=-1)
+    """Per layer and shard, the multipliers of the :class:`Compute` terms in their order
+    (``c_op``, ``c_nnz`` for CSR, ``c_value``, ``c_part``, ``c_nnz`` for tiles): shape
+    (layers, shards, 5)."""
+    return np.stack(
+        [
+            p.ops,
+            batch * (p.nnz - p.tiled),
+            batch * (p.sent + p.values),
+            batch * p.parts,
+            batch * p.tiled,
+        ],
+        axis=-1,
+    )
+
+
+def contention(constants: Constants, shards: int) -> float:
+    """How much slower ``shards`` shards' products run sharing the cores at once than alone,
+    beyond sharing them out: the calibration's measurement at that many shards (bench/fsd.py:
+    ``concurrent_products``), linear between the counts it measured, the last one's beyond
+    them, 1 for one shard or where nothing was measured."""
+    if shards <= 1 or not constants.contention:
+        return 1.0
+    points = sorted({1: 1.0, **constants.contention}.items())
+    counts = [float(n) for n, _ in points]
+    return float(np.interp(float(shards), counts, [f for _, f in points]))
 
 
 def busy(shards: int, cores: int) -> float:
@@ -214,6 +257,7 @@ def _work(p: Profile, batch: int, constants: Constants, channel: ChannelCost) ->
     c = constants.compute
     comm = [channel.per_message_s, channel.per_byte_s, channel.per_sync_s, channel.per_wake_s]
     work: Matrix = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(c))
+    work = work * contention(constants, p.shards)
     if p.shards > 1:
         work = work + channel_features(p, batch=batch, cores=constants.cores) @ np.array(comm)
     return work
@@ -339,6 +383,7 @@ def _channel_row(
     busiest = work.argmax(axis=1)
     by_max = work.max(axis=1) >= work.sum(axis=1) / base.cores
     compute = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(base.compute))
+    compute = compute * contention(base, p.shards)
     comm = channel_features(p, batch=batch, cores=base.cores)
     layers = np.arange(work.shape[0])
     row = np.where(by_max[:, None], comm[layers, busiest], comm.sum(axis=1) / base.cores).sum(

@@ -82,6 +82,54 @@ def test_profile_counts_the_values_each_shard_hands_over_and_the_remote_parts_it
     assert not single.sent.any() and not single.parts.any()
 
 
+def test_profile_counts_the_weights_whose_products_run_as_dense_tiles() -> None:
+    """``tiled`` is the nnz of the products ``prepare`` builds as dense tiles (session 9: they
+    cost per multiply-add about a third of CSR's, so the model charges them apart)."""
+    from gpufaas.core.layered import TiledMatrix
+    from gpufaas.gpu_manager.shards import prepare
+    from gpufaas.scheduler.partition import split
+
+    net = radix_net(256, 6)
+    for method in ("block", "random", "hypergraph"):
+        part = partition(net, 4, method=method, seed=1)
+        prof = costmodel.profile(net, part)
+        for spec in split(net, part):
+            ops = prepare(spec, torch.device("cpu"))
+            tiled = [
+                sum(int((m.tiles != 0).sum()) for g in op.groups
+                    for m in (g.own, *g.remote.values()) if isinstance(m, TiledMatrix))
+                for op in ops
+            ]  # fmt: skip
+            assert tiled == prof.tiled[:, spec.shard].tolist(), method
+    assert costmodel.profile(net, partition(net, 4, method="random", seed=1)).tiled.sum() == 0
+    assert costmodel.profile(net, partition(net, 4, method="block")).tiled.sum() == (
+        sum(layer.nnz for layer in net.layers)
+    )
+
+
+def test_shards_sharing_the_cores_pay_the_measured_contention_on_their_products() -> None:
+    """``Constants.contention`` (the calibration's N shards' products at once against alone)
+    multiplies every shard's compute at that N, linearly between the counts measured, the
+    last one's beyond, nothing at N = 1 or without a measurement."""
+    net = radix_net(256, 8)
+    compute = costmodel.Compute(per_op_s=1e-5, per_nnz_s=1e-9, per_tile_nnz_s=1e-9)
+    plain = _only(compute, costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0))
+    shared = dataclasses.replace(plain, contention={2: 1.2, 8: 2.0})
+    assert costmodel.contention(shared, 1) == 1.0
+    assert costmodel.contention(plain, 8) == 1.0
+    assert costmodel.contention(shared, 2) == pytest.approx(1.2)
+    assert costmodel.contention(shared, 4) == pytest.approx(1.2 + (2.0 - 1.2) * 2 / 6)
+    assert costmodel.contention(shared, 16) == pytest.approx(2.0)
+    for shards in (1, 2, 4, 8):
+        prof = costmodel.profile(net, partition(net, shards, method="block"))
+        alone = costmodel.predict(prof, batch=16, channel="x", constants=plain)
+        together = costmodel.predict(prof, batch=16, channel="x", constants=shared)
+        assert together == pytest.approx(alone * costmodel.contention(shared, shards))
+    assert costmodel.at_speed(dataclasses.replace(shared, probe_s=1.0), 2.0).contention == (
+        shared.contention
+    )
+
+
 def test_throughput_under_shared_passes_pays_the_fixed_costs_once_per_pass() -> None:
     net = radix_net(256, 8)
     prof = costmodel.profile(net, partition(net, 2, method="block"))

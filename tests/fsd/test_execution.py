@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -305,3 +306,59 @@ async def test_a_shard_computes_on_its_device_backend_in_its_compute_context(
     np.testing.assert_allclose(y.T, sparse_net.forward(x), rtol=1e-5, atol=1e-5)
     assert entered and threading.get_ident() not in entered  # in the workers, never the loop
     assert all(g.own.device == backend.device for e in executors for op in e.ops for g in op.groups)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    row_tiles=st.integers(1, 6),
+    col_tiles=st.integers(1, 6),
+    fill=st.floats(0.5, 1.0),
+    batch=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_dense_tile_products_equal_csr_products(
+    row_tiles: int, col_tiles: int, fill: float, batch: int, seed: int
+) -> None:
+    """Any matrix of whole 16 x 16 tiles, tile rows of different lengths (padded) and tiles
+    in any order, multiplies like the CSR form the reference uses."""
+    from gpufaas.core.layered import TILE, TiledMatrix, matrix, tiled
+
+    rng = np.random.default_rng(seed)
+    present = rng.random((row_tiles, col_tiles)) < fill
+    present[rng.integers(row_tiles), rng.integers(col_tiles)] = True
+    tr, tc = np.nonzero(present)
+    order = rng.permutation(tr.size)  # COO entries in any order
+    local = np.arange(TILE)
+    rows = (tr[order, None, None] * TILE + local[None, :, None]).repeat(TILE, axis=2).ravel()
+    cols = (tc[order, None, None] * TILE + local[None, None, :]).repeat(TILE, axis=1).ravel()
+    values = rng.standard_normal(rows.size).astype(np.float32)
+    shape = (row_tiles * TILE, col_tiles * TILE)
+    found = tiled(rows.astype(np.int64), cols.astype(np.int64), values, shape)
+    if present.any(axis=1).sum() * present.sum(axis=1).max() > 2 * present.sum():
+        assert found is None  # too much padding: CSR
+        return
+    assert isinstance(found, TiledMatrix)
+    a = torch.from_numpy(rng.standard_normal((shape[1], batch)).astype(np.float32))
+    expected = matrix(rows.astype(np.int64), cols.astype(np.int64), values, shape) @ a
+    np.testing.assert_allclose((found @ a).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_splits_that_keep_the_blocks_whole_run_as_tiles_and_the_rest_as_csr(
+    sparse_net: Any,
+) -> None:
+    """Block and hypergraph splits of a RadiX-Net keep its 16 x 16 blocks whole, so their
+    products run as dense tiles (which the allclose tests above then check); a random split
+    cuts them and stays on CSR (as do products with no weights at all)."""
+    from gpufaas.core.layered import TiledMatrix
+    from gpufaas.gpu_manager.shards import prepare
+
+    def kinds(method: str) -> set[type]:
+        spec = split(sparse_net, partition(sparse_net, 2, method=method, seed=0))[0]
+        groups = [g for op in prepare(spec, torch.device("cpu")) for g in op.groups]
+        products = [g.own for g in groups] + [m for g in groups for m in g.remote.values()]
+        return {type(m) for m in products if not (isinstance(m, torch.Tensor) and m.is_sparse_csr
+                                                 and m.values().numel() == 0)}  # fmt: skip
+
+    assert kinds("hypergraph") == {TiledMatrix}
+    assert kinds("block") == {TiledMatrix}
+    assert TiledMatrix not in kinds("random")
