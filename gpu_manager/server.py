@@ -31,6 +31,7 @@ from gpufaas.core import node
 from gpufaas.core.api import InferenceFunctionSpec, ManifestError, parse_spec
 from gpufaas.core.colocated import InferNode
 from gpufaas.core.counting import LoopCounter
+from gpufaas.core.framelisten import error_answer
 from gpufaas.core.frames import InferHead
 from gpufaas.core.http import (
     BATCH_SIZE_HEADER,
@@ -67,7 +68,7 @@ from gpufaas.gpu_manager.admission import (
 )
 from gpufaas.gpu_manager.backends import NoBackend, backend_for
 from gpufaas.gpu_manager.devices import device_free_bytes
-from gpufaas.gpu_manager.framed import Answer, FramedAnswer, FramedServer, error_answer
+from gpufaas.gpu_manager.framed import Answer, FramedAnswer, FramedServer
 from gpufaas.gpu_manager.prefetch import add_prefetch_routes
 from gpufaas.gpu_manager.runtime import InferOutcome, NodeRuntime, RuntimeFailure
 from gpufaas.gpu_manager.shards import ShardFastPath, shard_host, shard_router

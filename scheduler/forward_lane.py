@@ -23,34 +23,23 @@ The frame is of kind ``INFER`` on this lane's own port; its meta is this module'
 is forwarded to over HTTP as before; a lane that fails is handled as a failed HTTP forward
 (the owner is taken off the ring and the key's answer recovered at the managers).
 
-Protections at the listener, as the GPU manager's framed listener has them: a token checked in
-constant time (calls on a connection without it are answered 401); a frame over the body limit
-or malformed is answered 400/413 and the connection closed; a frame begun and stalled for
-``frame_timeout_s`` closes the connection; calls on a connection are answered one at a time,
-in order, and reading pauses while a second one waits.
+Protections at the listener are :mod:`gpufaas.core.framelisten`'s, shared with the GPU
+manager's framed listener: a token checked in constant time (calls on a connection without it
+are answered 401); a frame over the body limit or malformed is answered 400/413 and the
+connection closed; a frame begun and stalled for ``frame_timeout_s`` closes the connection;
+calls on a connection are answered one at a time, in order, and reading pauses while a second
+one waits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import hmac
-import json
-import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
-from gpufaas.core.frames import (
-    HELLO,
-    INFER,
-    Frame,
-    FrameError,
-    FrameReader,
-    encode_answer,
-    frame_head,
-    parse_hello,
-)
+from gpufaas.core.framelisten import CallListener
+from gpufaas.core.frames import INFER, FrameError, frame_head
 from gpufaas.core.protocol import HEADER_LENGTH
 from gpufaas.scheduler.transport import FramedPool, NodeReply
 
@@ -64,8 +53,6 @@ __all__ = [
     "lane_headers",
 ]
 
-logger = logging.getLogger(__name__)
-
 # The heartbeat field with this replica's lane port (peers.py Membership.heartbeat).
 LANE_PORT_KEY = "forward_lane_port"
 
@@ -74,8 +61,6 @@ LaneAnswer = tuple[int, list[tuple[bytes, bytes]], bytes]
 # The owner's answer to one forwarded call, run in the call's own task
 ForwardAnswer = Callable[["ForwardHead", bytes], Awaitable[LaneAnswer]]
 
-_JSON = (b"content-type", b"application/json")
-_JOIN_BELOW = 64 * 1024
 _HEADER_LENGTH = HEADER_LENGTH.lower()
 
 
@@ -126,128 +111,11 @@ class ForwardPool(FramedPool):
         return self._exchange(head.encode(len(body)), body, self.timeout_s)
 
 
-def _error(status: int, message: str, reason: str) -> LaneAnswer:
-    body = json.dumps({"error": message}).encode()
-    return status, [_JSON, (b"x-gpufaas-reason", reason.encode())], body
+class ForwardListener(CallListener[ForwardHead]):
+    """The owner's end of the lane: ``start`` on the gateway's loop, ``close`` at exit.
 
-
-class _LaneConnection(asyncio.Protocol):
-    def __init__(self, listener: ForwardListener) -> None:
-        self.listener = listener
-        self.reader = FrameReader(max_body=listener.max_body_bytes)
-        self.transport: asyncio.Transport | None = None
-        self.authorized = listener.token is None
-        self.waiting: collections.deque[Frame] = collections.deque()
-        self.running = False
-        self.closing = False
-        self.stall: asyncio.TimerHandle | None = None  # armed while a frame is half read
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass of it
-        self.listener.connections.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        self.waiting.clear()
-        self.listener.connections.discard(self)
-        if self.stall is not None:
-            self.stall.cancel()
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            frames = self.reader.feed(data)
-        except FrameError as e:
-            self._refuse(e.status, str(e))
-            return
-        self._watch_stall()
-        for frame in frames:
-            if frame.kind == HELLO:
-                self._hello(frame)
-            elif frame.kind == INFER:
-                self.waiting.append(frame)
-            else:
-                self._refuse(400, f"a frame of kind {frame.kind} is not a forwarded call")
-                return
-        if self.waiting and not self.running:
-            self._next()
-        if len(self.waiting) > 1 and self.transport is not None:
-            self.transport.pause_reading()
-
-    def _watch_stall(self) -> None:
-        if self.stall is not None:
-            self.stall.cancel()
-            self.stall = None
-        if self.reader.partial and self.transport is not None:
-            self.stall = asyncio.get_running_loop().call_later(
-                self.listener.frame_timeout_s, self.transport.close
-            )
-
-    def _hello(self, frame: Frame) -> None:
-        try:
-            token = parse_hello(frame)
-        except FrameError:
-            token = ""
-        expected = self.listener.token
-        self.authorized = expected is None or hmac.compare_digest(token, expected)
-
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer a broken stream's error, then close: nothing after it can be framed."""
-        self._write(_error(status, message, "InvalidFrame"))
-        self.closing = True
-        self.waiting.clear()
-        if self.transport is not None:
-            self.transport.close()
-
-    def _write(self, answer: LaneAnswer) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        status, headers, body = answer
-        head = encode_answer(status, headers, len(body))
-        if len(body) <= _JOIN_BELOW:
-            self.transport.write(head + body)
-        else:
-            self.transport.writelines((head, body))
-
-    def _next(self) -> None:
-        frame = self.waiting.popleft()
-        self.running = True
-        # A task per call: its context is the request's (Replicas.admit sets it there).
-        task = asyncio.get_running_loop().create_task(self._call(frame))
-        self.listener.tasks.add(task)
-        task.add_done_callback(self.listener.tasks.discard)
-
-    async def _call(self, frame: Frame) -> None:
-        try:
-            if not self.authorized:
-                answer = _error(
-                    401, "the gateway's peer lane requires the peer token", "Unauthorized"
-                )
-            else:
-                try:
-                    head = ForwardHead.decode(frame.meta)
-                except FrameError as e:
-                    answer = _error(e.status, str(e), "InvalidFrame")
-                else:
-                    answer = await self.listener.answer(head, bytes(frame.body))
-        except Exception as e:  # as the HTTP route: a message, never a traceback
-            logger.exception("unhandled error on a forwarded call")
-            answer = _error(500, f"internal error ({type(e).__name__})", "InternalError")
-        self.running = False
-        if self.closing:
-            return
-        self._write(answer)
-        if self.waiting:  # the next in a later callback: calls answered at once would recurse
-            asyncio.get_running_loop().call_soon(self._next_if_idle)
-        elif self.transport is not None:
-            self.transport.resume_reading()
-
-    def _next_if_idle(self) -> None:
-        if self.waiting and not self.running and not self.closing:
-            self._next()
-
-
-class ForwardListener:
-    """The owner's end of the lane: ``start`` on the gateway's loop, ``close`` at exit."""
+    Each call is a task of its own (not started eagerly): its context is the request's, where
+    ``Replicas.admit`` marks it forwarded with its key."""
 
     def __init__(
         self,
@@ -257,18 +125,21 @@ class ForwardListener:
         max_body_bytes: int,
         frame_timeout_s: float = 30.0,
     ) -> None:
-        self.answer = answer
-        self.token = token
-        self.max_body_bytes = max_body_bytes
-        self.frame_timeout_s = frame_timeout_s
-        self.connections: set[_LaneConnection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
+        super().__init__(
+            decode=ForwardHead.decode,
+            answer=lambda head, body: answer(head, bytes(body)),
+            token=token,
+            max_body_bytes=max_body_bytes,
+            frame_timeout_s=frame_timeout_s,
+            unauthorized="the gateway's peer lane requires the peer token",
+            eager=False,
+        )
         self.port: int | None = None  # once listening
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, *, host: str, port: int = 0) -> int:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _LaneConnection(self), host, port)
+        self._server = await loop.create_server(self.connection, host, port)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
@@ -284,9 +155,7 @@ class ForwardListener:
         self.port = None
         if self._server is not None:
             self._server.close()
-        for connection in list(self.connections):
-            if connection.transport is not None:
-                connection.transport.close()
+        self.close_connections()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)

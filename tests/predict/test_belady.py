@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 
 import pytest
+from histories import policy_after
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -78,12 +79,7 @@ def test_the_next_use_times_are_the_quantiles_of_the_loading_models_next_request
 ) -> None:
     """Each time lies in [0.1 s, 4 h], in order, and where P(request within t) crosses its
     quantile (k + 1/2) / K on the grid: between the two grid points around the crossing."""
-    policy = PredictivePolicy()
-    now = 1000.0
-    policy.observe("f", now)
-    for g in gap_list:
-        now += g
-        policy.observe("f", now)
+    policy = policy_after(gap_list)
     times = policy.next_use_times("f")
     assert times is not None and len(times) == _NEXT_USE_POINTS
     assert times == sorted(times)

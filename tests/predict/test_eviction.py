@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from histories import policy_after
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -41,12 +42,7 @@ def _periodic(policy: PredictivePolicy, name: str, period: float, *, until: floa
 def test_expected_hold_lies_between_the_horizon_times_survival_and_the_horizon(
     gap_list: list[float], age: float, horizon: float
 ) -> None:
-    policy = PredictivePolicy()
-    now = 1000.0
-    policy.observe("f", now)
-    for g in gap_list:
-        now += g
-        policy.observe("f", now)
+    policy = policy_after(gap_list)
     hold = policy.expected_hold("f", age, horizon)
     stays = 1.0 - policy.p_arrival("f", age, horizon)  # P(no request within the horizon)
     assert horizon * stays - 1e-9 <= hold <= horizon + 1e-9
