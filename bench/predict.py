@@ -120,7 +120,7 @@ _LABEL_KEYS = {
     "t": "rent_to_hit",
     # -b1 (the default since the ninth session): a victim's miss is priced by the chance of its
     # request before the loading model's next one (learned Belady; cache/arrivals.py:
-    # PredictivePolicy.next_use_times), -b0: over the fixed horizon (the rule before)
+    # GapHistory.next_use_times), -b0: over the fixed horizon (the rule before)
     "b": "belady",
     # -j1 (the default since the ninth session): a victim's miss also costs the requests that
     # arrive during its reload and join it (PredictivePolicy.miss_cost), -j0: one miss

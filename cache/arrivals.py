@@ -429,128 +429,35 @@ class _GapModel:
     cumulative: list[float] | None = None  # cached CDF at the lower edges, None: stale
 
 
-class PredictivePolicy:
-    """Ours: decayed log-scale gap histograms, periodicity, and a cost-aware keep/prefetch rule.
+class GapHistory:
+    """What ``PredictivePolicy`` learns of each function's arrivals, and what that predicts.
 
     Per function, each inter-arrival gap adds weight to a bin of a 64-bin log-scale histogram
-    (0.1 s to 4 h); weights decay with a half-life of ``half_life`` gaps, so the model follows a
-    function whose pattern changes. A function whose recent gaps have a coefficient of variation
-    under ``periodic_cv`` (an EWMA over its gaps) is *periodic*: its next gap is predicted as a
-    normal distribution around the mean gap, which is sharper than any histogram bin.
-
-    From either, ``S(a)`` = P(gap > a), and for a model idle for ``a`` seconds
-    ``P(arrival within h) = (S(a) - S(a + h)) / S(a)``; past every gap ever seen, the residual
-    is taken as exponential with mean ``a`` (the longer idle, the longer expected).
-
-    The rule, per tier, with ``reload_ms`` the load time saved by holding the model there:
-
-    * keep while ``P(arrival within horizon) x reload_ms >= price x GB x E[min(time to the
-      request, horizon)]``: the rent is paid until the request, where the decision is made
-      again (:meth:`pays`; ``rent_to_hit`` off: for the whole horizon, the rule before);
-    * prefetch a model that is not there when, looking ``lead_s + horizon`` ahead (``lead_s``
-      covers the load), the same inequality holds;
-    * when a load must evict, the cheapest set of victims (:meth:`victim_plan`); with
-      ``victim_sets`` off, by least expected miss cost saved per byte held (:meth:`value`;
-      with ``by_density``, per byte-second: LHD's hit density, weighted by a miss's cost).
-
-    The histogram's ``P`` is mixed with a memoryless arrival at the mean gap,
-    ``(1 - smoothing) x P + smoothing x (1 - exp(-h / mean gap))``: a histogram of a few hundred
-    gaps has empty bins between its modes, where it would say no request can come.
-
-    While the histogram is young the prior weighs more: ``max(smoothing, prior_gaps /
-    (prior_gaps + gaps))``, a pseudo-count of ``prior_gaps`` memoryless gaps (a confidence gate:
-    a histogram of three gaps is not trusted to say "no request can come").
-
-    With ``max_horizon_s`` the rule also looks over longer horizons (``horizon_s`` x 4, x 16, ...
-    up to it) and keeps (prefetches) if it pays over any of them: a model idle in a hole between
-    two modes of its gaps is not due within 30 s, but is within 10 minutes.
-
-    A device miss costs its load and also ``miss_ms`` for the wait itself (a missed latency
-    objective: every cold start counts, not only its length), so the device rule and the victim
-    order weigh ``reload_ms + miss_ms``; without it the value per byte of a model is nearly its
-    size-independent ``P`` (reload time grows with size) and a large model is kept as readily as
-    a small one, which costs cold starts per byte held. The host tier's rule ignores it (a host
-    miss only lengthens a load).
-
-    ``device_price`` and ``host_price`` are in ms of load time per GB-second held: the exchange
-    rate between cold-start time and memory-time (swept in the benchmark); ``host_price``
-    defaults to a twentieth of ``device_price``. A function with fewer
-    than two arrivals falls back to a fixed keep-alive of ``fallback_keepalive_s`` and is never
-    prefetched.
+    (0.1 s to 4 h); weights decay with a half-life of ``half_life`` gaps. A function whose
+    recent gaps have a coefficient of variation under ``periodic_cv`` is periodic: its next
+    gap is a normal around the mean gap. ``P`` is mixed with a memoryless arrival at the mean
+    gap, weighted ``max(smoothing, prior_gaps / (prior_gaps + gaps))`` (see the policy).
+    Pure state and arithmetic: no decision is made here.
     """
 
-    name = "predictive"
-    may_prefetch = True
-
     def __init__(
-        self,
-        *,
-        device_price: float = 1.0,
-        host_price: float | None = None,
-        horizon_s: float = 30.0,
-        lead_s: float = 5.0,
-        half_life: float = 256.0,
-        periodic_cv: float = 0.1,
-        fallback_keepalive_s: float = 10 * MINUTE,
-        smoothing: float = 0.05,
-        prior_gaps: float = 4.0,
-        miss_ms: float = 1000.0,
-        max_horizon_s: float | None = None,
-        by_density: bool = False,
-        replica_share: float = 1.0,
-        victim_sets: bool = True,
-        reevict: float = 2.0,
-        evict_horizon_s: float | None = None,
-        amortized: bool = False,
-        whole_refill: bool = False,
-        rent_to_hit: bool = True,
-        belady: bool = True,
-        joins: bool = True,
+        self, *, half_life: float, periodic_cv: float, smoothing: float, prior_gaps: float
     ) -> None:
-        self.device_price = _finite(device_price, "device_price")
-        # host memory is about 20x cheaper per GB than device memory
-        self.host_price = _finite(
-            self.device_price / 20 if host_price is None else host_price, "host_price"
-        )
-        self.horizon_s = _finite(horizon_s, "horizon_s", minimum=1e-3)
-        self.lead_s = _finite(lead_s, "lead_s")
         self.half_life = _finite(half_life, "half_life", minimum=1.0)
         self.periodic_cv = _finite(periodic_cv, "periodic_cv")
         if not 0.0 <= smoothing <= 1.0:
             raise ArrivalError(f"smoothing must be in [0, 1], got {smoothing!r}")
         self.smoothing = smoothing
         self.prior_gaps = _finite(prior_gaps, "prior_gaps")
-        self.miss_ms = _finite(miss_ms, "miss_ms")
-        # the horizons the rule looks over: horizon_s, x4, x16, ... up to max_horizon_s
-        longest = self.horizon_s if max_horizon_s is None else max_horizon_s
-        _finite(longest, "max_horizon_s", minimum=self.horizon_s)
-        self.horizons = [self.horizon_s]
-        while self.horizons[-1] * 4 <= longest * (1 + 1e-9):
-            self.horizons.append(self.horizons[-1] * 4)
-        self.fallback_keepalive_s = _finite(fallback_keepalive_s, "fallback_keepalive_s")
-        self.by_density = bool(by_density)
-        self.replica_share = _finite(replica_share, "replica_share")
-        self.victim_sets = bool(victim_sets)
-        self.reevict = _finite(reevict, "reevict")
-        self.amortized = bool(amortized)
-        self.whole_refill = bool(whole_refill)
-        self.rent_to_hit = bool(rent_to_hit)
-        self.belady = bool(belady)
-        self.joins = bool(joins)
-        self.evict_horizon_s = _finite(
-            self.horizon_s if evict_horizon_s is None else evict_horizon_s,
-            "evict_horizon_s",
-            minimum=1e-3,
-        )
         self._growth = 2 ** (1 / self.half_life)
-        self._seen = _LastSeen()
+        self.seen = _LastSeen()
         self._models: dict[str, _GapModel] = {}
 
     # -- learning --------------------------------------------------------------------------------
 
     def observe(self, function: str, now_s: float) -> None:
         """One request for ``function`` at ``now_s``: O(1)."""
-        gap = self._seen.gap(function, now_s)
+        gap = self.seen.gap(function, now_s)
         if gap is None:
             return
         m = self._models.get(function)
@@ -643,15 +550,218 @@ class PredictivePolicy:
             return self.smoothing
         return max(self.smoothing, self.prior_gaps / (self.prior_gaps + gaps))
 
+    def idle(self, function: str, now_s: float) -> float | None:
+        """Seconds since ``function``'s last request; None if it has none."""
+        return self.seen.idle(function, now_s)
+
+    def mean_gap(self, function: str) -> float | None:
+        """The EWMA of ``function``'s gaps; None before its first gap."""
+        m = self._models.get(function)
+        return m.mean if m is not None and m.gaps > 0 else None
+
+    def expected_hold(self, function: str, idle_s: float, horizon_s: float) -> float:
+        """E[min(time to the next request, ``horizon_s``)] for a model idle ``idle_s``: how long
+        holding it is expected to take to earn its hit, at most the horizon. The integral of
+        P(no request within t) over [0, horizon], by the trapezoid rule on a geometric grid of
+        ratio sqrt(2) from horizon / 2^10 (fine where a hot function's survival falls)."""
+        grid = [horizon_s * 2 ** (-k / 2) for k in range(2 * _HOLD_OCTAVES, -1, -1)]
+        total, before_t, before_s = 0.0, 0.0, 1.0
+        for t, p in zip(grid, self.p_arrivals(function, idle_s, grid), strict=True):
+            s = 1.0 - p
+            total += (t - before_t) * (before_s + s) / 2
+            before_t, before_s = t, s
+        return total
+
+    def next_use_times(self, function: str) -> list[float] | None:
+        """When ``function``'s next request may come, from a request now: the midpoints of
+        ``_NEXT_USE_POINTS`` equally likely slices of its learned gap distribution
+        (``P(gap <= t)`` inverted, log-linearly between the points of a grid from 0.1 s to 4 h
+        in steps of sqrt(2)); past 4 h, 4 h. ``P(T_m < T)`` for another model's time to its
+        request ``T_m`` is then the mean of ``P(T_m <= t)`` over them. None without a history."""
+        if function not in self._models:
+            return None
+        cdf = self.p_arrivals(function, 0.0, _NEXT_USE_GRID)
+        grid = _NEXT_USE_GRID
+        out = []
+        for k in range(_NEXT_USE_POINTS):
+            q = (k + 0.5) / _NEXT_USE_POINTS
+            j = bisect.bisect_left(cdf, q)
+            if j == 0:
+                out.append(grid[0])
+            elif j == len(cdf):
+                out.append(grid[-1])
+            else:  # log-linear between the two grid points around the quantile
+                share = (q - cdf[j - 1]) / max(cdf[j] - cdf[j - 1], 1e-12)
+                out.append(grid[j - 1] * (grid[j] / grid[j - 1]) ** share)
+        return out
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The last-seen times and the models (without the policy's version and kind)."""
+        return {
+            "last": dict(self.seen.last),
+            "models": {
+                f: {
+                    "weights": [w / m.step for w in m.weights],
+                    "total": m.total / m.step,
+                    "gaps": m.gaps,
+                    "mean": m.mean,
+                    "var": m.var,
+                }
+                for f, m in self._models.items()
+            },
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        last = {str(k): float(v) for k, v in state["last"].items()}
+        models: dict[str, _GapModel] = {}
+        for f, m in state["models"].items():
+            weights = [float(w) for w in m["weights"]]
+            total = float(m["total"])
+            if (
+                len(weights) != _BINS
+                or any(not (math.isfinite(w) and w >= 0) for w in weights)
+                or not (math.isfinite(total) and total > 0)
+            ):
+                raise ArrivalError(f"snapshot model of {f!r} is malformed")
+            models[str(f)] = _GapModel(
+                weights=weights,
+                total=total,
+                gaps=int(m["gaps"]),
+                mean=float(m["mean"]),
+                var=float(m["var"]),
+            )
+        self.seen.last, self._models = last, models
+
+
+class PredictivePolicy:
+    """Ours: decayed log-scale gap histograms, periodicity, and a cost-aware keep/prefetch rule.
+
+    Per function, each inter-arrival gap adds weight to a bin of a 64-bin log-scale histogram
+    (0.1 s to 4 h); weights decay with a half-life of ``half_life`` gaps, so the model follows a
+    function whose pattern changes. A function whose recent gaps have a coefficient of variation
+    under ``periodic_cv`` (an EWMA over its gaps) is *periodic*: its next gap is predicted as a
+    normal distribution around the mean gap, which is sharper than any histogram bin.
+
+    From either, ``S(a)`` = P(gap > a), and for a model idle for ``a`` seconds
+    ``P(arrival within h) = (S(a) - S(a + h)) / S(a)``; past every gap ever seen, the residual
+    is taken as exponential with mean ``a`` (the longer idle, the longer expected).
+
+    The rule, per tier, with ``reload_ms`` the load time saved by holding the model there:
+
+    * keep while ``P(arrival within horizon) x reload_ms >= price x GB x E[min(time to the
+      request, horizon)]``: the rent is paid until the request, where the decision is made
+      again (:meth:`pays`; ``rent_to_hit`` off: for the whole horizon, the rule before);
+    * prefetch a model that is not there when, looking ``lead_s + horizon`` ahead (``lead_s``
+      covers the load), the same inequality holds;
+    * when a load must evict, the cheapest set of victims (:meth:`victim_plan`); with
+      ``victim_sets`` off, by least expected miss cost saved per byte held (:meth:`value`;
+      with ``by_density``, per byte-second: LHD's hit density, weighted by a miss's cost).
+
+    The histogram's ``P`` is mixed with a memoryless arrival at the mean gap,
+    ``(1 - smoothing) x P + smoothing x (1 - exp(-h / mean gap))``: a histogram of a few hundred
+    gaps has empty bins between its modes, where it would say no request can come.
+
+    While the histogram is young the prior weighs more: ``max(smoothing, prior_gaps /
+    (prior_gaps + gaps))``, a pseudo-count of ``prior_gaps`` memoryless gaps (a confidence gate:
+    a histogram of three gaps is not trusted to say "no request can come").
+
+    With ``max_horizon_s`` the rule also looks over longer horizons (``horizon_s`` x 4, x 16, ...
+    up to it) and keeps (prefetches) if it pays over any of them: a model idle in a hole between
+    two modes of its gaps is not due within 30 s, but is within 10 minutes.
+
+    A device miss costs its load and also ``miss_ms`` for the wait itself (a missed latency
+    objective: every cold start counts, not only its length), so the device rule and the victim
+    order weigh ``reload_ms + miss_ms``; without it the value per byte of a model is nearly its
+    size-independent ``P`` (reload time grows with size) and a large model is kept as readily as
+    a small one, which costs cold starts per byte held. The host tier's rule ignores it (a host
+    miss only lengthens a load).
+
+    ``device_price`` and ``host_price`` are in ms of load time per GB-second held: the exchange
+    rate between cold-start time and memory-time (swept in the benchmark); ``host_price``
+    defaults to a twentieth of ``device_price``. A function with fewer
+    than two arrivals falls back to a fixed keep-alive of ``fallback_keepalive_s`` and is never
+    prefetched.
+    """
+
+    name = "predictive"
+    may_prefetch = True
+
+    def __init__(
+        self,
+        *,
+        device_price: float = 1.0,
+        host_price: float | None = None,
+        horizon_s: float = 30.0,
+        lead_s: float = 5.0,
+        half_life: float = 256.0,
+        periodic_cv: float = 0.1,
+        fallback_keepalive_s: float = 10 * MINUTE,
+        smoothing: float = 0.05,
+        prior_gaps: float = 4.0,
+        miss_ms: float = 1000.0,
+        max_horizon_s: float | None = None,
+        by_density: bool = False,
+        replica_share: float = 1.0,
+        victim_sets: bool = True,
+        reevict: float = 2.0,
+        evict_horizon_s: float | None = None,
+        amortized: bool = False,
+        whole_refill: bool = False,
+        rent_to_hit: bool = True,
+        belady: bool = True,
+        joins: bool = True,
+    ) -> None:
+        self.device_price = _finite(device_price, "device_price")
+        # host memory is about 20x cheaper per GB than device memory
+        self.host_price = _finite(
+            self.device_price / 20 if host_price is None else host_price, "host_price"
+        )
+        self.horizon_s = _finite(horizon_s, "horizon_s", minimum=1e-3)
+        self.lead_s = _finite(lead_s, "lead_s")
+        self.arrivals = GapHistory(
+            half_life=half_life,
+            periodic_cv=periodic_cv,
+            smoothing=smoothing,
+            prior_gaps=prior_gaps,
+        )
+        self.miss_ms = _finite(miss_ms, "miss_ms")
+        # the horizons the rule looks over: horizon_s, x4, x16, ... up to max_horizon_s
+        longest = self.horizon_s if max_horizon_s is None else max_horizon_s
+        _finite(longest, "max_horizon_s", minimum=self.horizon_s)
+        self.horizons = [self.horizon_s]
+        while self.horizons[-1] * 4 <= longest * (1 + 1e-9):
+            self.horizons.append(self.horizons[-1] * 4)
+        self.fallback_keepalive_s = _finite(fallback_keepalive_s, "fallback_keepalive_s")
+        self.by_density = bool(by_density)
+        self.replica_share = _finite(replica_share, "replica_share")
+        self.victim_sets = bool(victim_sets)
+        self.reevict = _finite(reevict, "reevict")
+        self.amortized = bool(amortized)
+        self.whole_refill = bool(whole_refill)
+        self.rent_to_hit = bool(rent_to_hit)
+        self.belady = bool(belady)
+        self.joins = bool(joins)
+        self.evict_horizon_s = _finite(
+            self.horizon_s if evict_horizon_s is None else evict_horizon_s,
+            "evict_horizon_s",
+            minimum=1e-3,
+        )
+
+    def observe(self, function: str, now_s: float) -> None:
+        """One request for ``function`` at ``now_s``: O(1) (:meth:`GapHistory.observe`)."""
+        self.arrivals.observe(function, now_s)
+
     # -- deciding --------------------------------------------------------------------------------
 
     def advise(
         self, function: str, now_s: float, *, size_bytes: int, reload_ms: float, tier: str
     ) -> Advice:
-        idle = self._seen.idle(function, now_s)
+        idle = self.arrivals.idle(function, now_s)
         if idle is None:
             return Advice(keep=False, prefetch=False, reason="no-history")
-        if function not in self._models:
+        if not self.arrivals.has_history(function):
             keep = idle <= self.fallback_keepalive_s
             return Advice(keep=keep, prefetch=False, reason="fallback")
         if tier == "device":
@@ -683,26 +793,13 @@ class PredictivePolicy:
         integral: it pays if it pays for the whole horizon, and it does not if it does not
         pay for ``horizon_s x (1 - P)`` (the hold is at least that: P(no request by t) >= 1 -
         P for every t <= horizon_s)."""
-        p = self.p_arrival(function, idle_s, horizon_s)
+        p = self.arrivals.p_arrival(function, idle_s, horizon_s)
         gain = p * saved_ms
         if gain >= rent * horizon_s:
             return True
         if not self.rent_to_hit or gain < rent * horizon_s * (1.0 - p):
             return False
-        return gain >= rent * self.expected_hold(function, idle_s, horizon_s)
-
-    def expected_hold(self, function: str, idle_s: float, horizon_s: float) -> float:
-        """E[min(time to the next request, ``horizon_s``)] for a model idle ``idle_s``: how long
-        holding it is expected to take to earn its hit, at most the horizon. The integral of
-        P(no request within t) over [0, horizon], by the trapezoid rule on a geometric grid of
-        ratio sqrt(2) from horizon / 2^10 (fine where a hot function's survival falls)."""
-        grid = [horizon_s * 2 ** (-k / 2) for k in range(2 * _HOLD_OCTAVES, -1, -1)]
-        total, before_t, before_s = 0.0, 0.0, 1.0
-        for t, p in zip(grid, self.p_arrivals(function, idle_s, grid), strict=True):
-            s = 1.0 - p
-            total += (t - before_t) * (before_s + s) / 2
-            before_t, before_s = t, s
-        return total
+        return gain >= rent * self.arrivals.expected_hold(function, idle_s, horizon_s)
 
     def value(self, function: str, now_s: float, *, size_bytes: int, reload_ms: float) -> float:
         """Expected miss cost saved per byte-second held: the hit density of LHD (Beckmann et
@@ -713,17 +810,17 @@ class PredictivePolicy:
         model asked for every second earns its bytes a hundred times faster than a 1 GB one
         asked for every 100 s. ``by_density`` False: the rule before (``P x cost / bytes``,
         the held time taken as the whole horizon)."""
-        idle = self._seen.idle(function, now_s)
+        idle = self.arrivals.idle(function, now_s)
         cost = (reload_ms + self.miss_ms) / max(1, size_bytes)
-        if idle is None or function not in self._models:
+        if idle is None or not self.arrivals.has_history(function):
             p = 0.5 if idle is not None and idle <= self.fallback_keepalive_s else 0.0
             return p * cost / self.horizon_s
         best = 0.0
         for h in self.horizons:
-            p = self.p_arrival(function, idle, h)
+            p = self.arrivals.p_arrival(function, idle, h)
             if p <= 0.0:
                 continue
-            hold = self.expected_hold(function, idle, h) if self.by_density else h
+            hold = self.arrivals.expected_hold(function, idle, h) if self.by_density else h
             best = max(best, p / max(hold, _MIN_HOLD_S))
         return best * cost
 
@@ -773,11 +870,13 @@ class PredictivePolicy:
         cost per byte it frees (the diagnosis: ``bench/RESULTS.md``, #13, seventh session)."""
         if not self.victim_sets:
             return self.victim_order(candidates, now_s)
-        if not any(c.function in self._models for c in candidates):
+        if not any(self.arrivals.has_history(c.function) for c in candidates):
             return []
         # Belady: a victim is a mistake if it is asked for before the model loaded in its
         # place; over a fixed horizon instead when that model has no history (or no Belady)
-        before = self.next_use_times(loading) if self.belady and loading is not None else None
+        before = (
+            self.arrivals.next_use_times(loading) if self.belady and loading is not None else None
+        )
         horizons = before or [self.evict_horizon_s]
         # a copy held on other devices returns here only for the requests LALB does not send
         # to them: its miss *and* its return's re-eviction are discounted alike
@@ -809,9 +908,9 @@ class PredictivePolicy:
         100 ms that takes 600 ms to reload costs seven cold starts, not one."""
         reload_ms = candidate.reload_ms
         cost = reload_ms + self.miss_ms
-        m = self._models.get(candidate.function)
-        if self.joins and m is not None and m.gaps > 0:
-            joining = reload_ms / 1000.0 / max(m.mean, 1e-3)
+        mean_gap = self.arrivals.mean_gap(candidate.function)
+        if self.joins and mean_gap is not None:
+            joining = reload_ms / 1000.0 / max(mean_gap, 1e-3)
             cost += joining * (reload_ms / 2 + self.miss_ms)
         return cost
 
@@ -819,76 +918,21 @@ class PredictivePolicy:
         """P(a request within the horizon), averaged over ``horizons`` (equally likely); with
         under two arrivals, :meth:`value`'s fallback (0.5 inside the fallback keep-alive, else
         0)."""
-        idle = self._seen.idle(function, now_s)
+        idle = self.arrivals.idle(function, now_s)
         if idle is None:
             return 0.0
-        if function not in self._models:
+        if not self.arrivals.has_history(function):
             return 0.5 if idle <= self.fallback_keepalive_s else 0.0
-        return math.fsum(self.p_arrivals(function, idle, horizons)) / len(horizons)
-
-    def next_use_times(self, function: str) -> list[float] | None:
-        """When ``function``'s next request may come, from a request now: the midpoints of
-        ``_NEXT_USE_POINTS`` equally likely slices of its learned gap distribution
-        (``P(gap <= t)`` inverted, log-linearly between the points of a grid from 0.1 s to 4 h
-        in steps of sqrt(2)); past 4 h, 4 h. ``P(T_m < T)`` for another model's time to its
-        request ``T_m`` is then the mean of ``P(T_m <= t)`` over them. None without a history."""
-        if function not in self._models:
-            return None
-        cdf = self.p_arrivals(function, 0.0, _NEXT_USE_GRID)
-        grid = _NEXT_USE_GRID
-        out = []
-        for k in range(_NEXT_USE_POINTS):
-            q = (k + 0.5) / _NEXT_USE_POINTS
-            j = bisect.bisect_left(cdf, q)
-            if j == 0:
-                out.append(grid[0])
-            elif j == len(cdf):
-                out.append(grid[-1])
-            else:  # log-linear between the two grid points around the quantile
-                share = (q - cdf[j - 1]) / max(cdf[j] - cdf[j - 1], 1e-12)
-                out.append(grid[j - 1] * (grid[j] / grid[j - 1]) ** share)
-        return out
+        return math.fsum(self.arrivals.p_arrivals(function, idle, horizons)) / len(horizons)
 
     # -- persistence -----------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        return {
-            "version": SNAPSHOT_VERSION,
-            "kind": "predictive",
-            "last": dict(self._seen.last),
-            "models": {
-                f: {
-                    "weights": [w / m.step for w in m.weights],
-                    "total": m.total / m.step,
-                    "gaps": m.gaps,
-                    "mean": m.mean,
-                    "var": m.var,
-                }
-                for f, m in self._models.items()
-            },
-        }
+        return {"version": SNAPSHOT_VERSION, "kind": "predictive", **self.arrivals.snapshot()}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         _check_snapshot(state, "predictive")
-        last = {str(k): float(v) for k, v in state["last"].items()}
-        models: dict[str, _GapModel] = {}
-        for f, m in state["models"].items():
-            weights = [float(w) for w in m["weights"]]
-            total = float(m["total"])
-            if (
-                len(weights) != _BINS
-                or any(not (math.isfinite(w) and w >= 0) for w in weights)
-                or not (math.isfinite(total) and total > 0)
-            ):
-                raise ArrivalError(f"snapshot model of {f!r} is malformed")
-            models[str(f)] = _GapModel(
-                weights=weights,
-                total=total,
-                gaps=int(m["gaps"]),
-                mean=float(m["mean"]),
-                var=float(m["var"]),
-            )
-        self._seen.last, self._models = last, models
+        self.arrivals.restore(state)
 
 
 def _by_cost_per_byte(sizes: Sequence[int], costs: Sequence[float]) -> list[int]:

@@ -46,8 +46,8 @@ def test_p_arrival_is_a_probability_monotone_in_the_window(
     policy = PredictivePolicy()
     _feed(policy, gap_list)
     short, long = sorted((w1, w2))
-    p_short = policy.p_arrival("f", age, short)
-    p_long = policy.p_arrival("f", age, long)
+    p_short = policy.arrivals.p_arrival("f", age, short)
+    p_long = policy.arrivals.p_arrival("f", age, long)
     assert 0.0 <= p_short <= 1.0 and 0.0 <= p_long <= 1.0
     assert p_short <= p_long + 1e-9
 
@@ -58,7 +58,12 @@ def test_survival_never_rises_with_age(gap_list: list[float], a1: float, a2: flo
     policy = PredictivePolicy()
     _feed(policy, gap_list)
     young, old = sorted((a1, a2))
-    assert 0.0 <= policy.survival("f", old) <= policy.survival("f", young) + 1e-9 <= 1.0 + 1e-9
+    assert (
+        0.0
+        <= policy.arrivals.survival("f", old)
+        <= policy.arrivals.survival("f", young) + 1e-9
+        <= 1.0 + 1e-9
+    )
 
 
 @given(gaps)
@@ -70,7 +75,9 @@ def test_snapshot_round_trip_through_json_predicts_the_same(gap_list: list[float
     after.restore(json.loads(json.dumps(before.snapshot())))
     for age in (0.0, 1.0, 30.0, 600.0, 5 * 3600.0):
         assert math.isclose(
-            before.p_arrival("f", age, 30.0), after.p_arrival("f", age, 30.0), abs_tol=1e-9
+            before.arrivals.p_arrival("f", age, 30.0),
+            after.arrivals.p_arrival("f", age, 30.0),
+            abs_tol=1e-9,
         )
     a = before.advise("f", now + 20, size_bytes=10**9, reload_ms=500, tier="device")
     b = after.advise("f", now + 20, size_bytes=10**9, reload_ms=500, tier="device")
@@ -84,7 +91,7 @@ def test_arrivals_out_of_order_never_break_the_model(times: list[float]) -> None
     for t in times:
         policy.observe("f", t)
     for age in (0.0, 10.0, 1e5):
-        assert 0.0 <= policy.p_arrival("f", age, 60.0) <= 1.0
+        assert 0.0 <= policy.arrivals.p_arrival("f", age, 60.0) <= 1.0
 
 
 @given(st.floats(min_value=0.0, max_value=1e7))
@@ -98,7 +105,7 @@ def test_gap_bins_are_ordered(gap: float) -> None:
 def test_a_periodic_function_is_detected_and_prefetched_just_before_its_period() -> None:
     policy = PredictivePolicy(device_price=1.0, horizon_s=30.0, lead_s=5.0)
     now = _feed(policy, [600.0] * 12)
-    assert policy.periodic("f") == pytest.approx(600.0)
+    assert policy.arrivals.periodic("f") == pytest.approx(600.0)
     size, reload_ms = 2 * 10**9, 1000.0
     early = policy.advise("f", now + 300, size_bytes=size, reload_ms=reload_ms, tier="device")
     due = policy.advise("f", now + 590, size_bytes=size, reload_ms=reload_ms, tier="device")
@@ -109,7 +116,7 @@ def test_a_periodic_function_is_detected_and_prefetched_just_before_its_period()
 def test_a_bursty_function_is_kept_while_idle_is_short_and_released_when_long() -> None:
     policy = PredictivePolicy(device_price=5.0)
     _feed(policy, [1.0, 2.0, 1.0, 3.0, 1.0, 2.0] * 10)
-    last = policy._seen.last["f"]
+    last = policy.arrivals.seen.last["f"]
     assert policy.advise("f", last + 1, size_bytes=10**9, reload_ms=500, tier="device").keep
     assert not policy.advise("f", last + 600, size_bytes=10**9, reload_ms=500, tier="device").keep
 
@@ -118,7 +125,7 @@ def test_price_trades_memory_for_cold_starts() -> None:
     cheap, dear = PredictivePolicy(device_price=0.01), PredictivePolicy(device_price=100.0)
     for p in (cheap, dear):
         _feed(p, [10.0, 40.0, 20.0, 80.0, 15.0] * 5)
-    t = cheap._seen.last["f"] + 30
+    t = cheap.arrivals.seen.last["f"] + 30
     kwargs = {"size_bytes": 4 * 10**9, "reload_ms": 2000.0, "tier": "device"}
     assert cheap.advise("f", t, **kwargs).keep  # type: ignore[arg-type]
     assert not dear.advise("f", t, **kwargs).keep  # type: ignore[arg-type]
@@ -284,8 +291,8 @@ def test_smoothing_fills_the_holes_between_a_histograms_modes() -> None:
             t += 600.0 if i % 10 == 9 else 2.0
             policy.observe("f", t)
     now = t + 20.0
-    assert raw.p_arrival("f", 20.0, 30.0) == 0.0
-    assert 0.0 < smooth.p_arrival("f", 20.0, 30.0) <= 0.05
+    assert raw.arrivals.p_arrival("f", 20.0, 30.0) == 0.0
+    assert 0.0 < smooth.arrivals.p_arrival("f", 20.0, 30.0) <= 0.05
     kwargs = {"size_bytes": 10**9, "reload_ms": 500.0, "tier": "device"}
     assert not raw.advise("f", now, **kwargs).keep  # type: ignore[arg-type]
     assert smooth.advise("f", now, **kwargs).keep  # type: ignore[arg-type]
@@ -309,9 +316,9 @@ def test_with_the_prior_p_arrival_stays_a_probability_monotone_in_the_window(
 ) -> None:
     policy = PredictivePolicy(prior_gaps=prior, smoothing=smoothing)
     _feed(policy, gap_list)
-    p = policy.p_arrival("f", age, window)
+    p = policy.arrivals.p_arrival("f", age, window)
     assert 0.0 <= p <= 1.0
-    assert p <= policy.p_arrival("f", age, window * 2 + 1) + 1e-9
+    assert p <= policy.arrivals.p_arrival("f", age, window * 2 + 1) + 1e-9
 
 
 @given(st.floats(min_value=0.0, max_value=64.0), st.floats(0.0, 1.0), st.integers(0, 10**6))
@@ -320,7 +327,7 @@ def test_the_priors_weight_lies_between_smoothing_and_one_and_falls_with_gaps(
     prior: float, smoothing: float, seen: int
 ) -> None:
     policy = PredictivePolicy(prior_gaps=prior, smoothing=smoothing)
-    now, later = policy.prior_weight(seen), policy.prior_weight(seen + 1)
+    now, later = policy.arrivals.prior_weight(seen), policy.arrivals.prior_weight(seen + 1)
     assert smoothing - 1e-12 <= later <= now <= 1.0
     if prior == 0:
         assert now == smoothing
@@ -334,10 +341,10 @@ def test_a_young_histogram_leans_on_the_memoryless_prior_and_an_old_one_does_not
     plain = PredictivePolicy(smoothing=0.0, prior_gaps=0.0)
     for policy in (gated, plain):
         _feed(policy, [100.0, 100.0, 1000.0])
-    assert plain.p_arrival("f", 300.0, 30.0) == 0.0
-    assert gated.prior_weight(3) == pytest.approx(4 / 7)
-    assert gated.p_arrival("f", 300.0, 30.0) > 0.05
-    assert gated.prior_weight(203) == pytest.approx(4 / 207)
+    assert plain.arrivals.p_arrival("f", 300.0, 30.0) == 0.0
+    assert gated.arrivals.prior_weight(3) == pytest.approx(4 / 7)
+    assert gated.arrivals.p_arrival("f", 300.0, 30.0) > 0.05
+    assert gated.arrivals.prior_weight(203) == pytest.approx(4 / 207)
     with pytest.raises(ArrivalError, match="prior_gaps"):
         PredictivePolicy(prior_gaps=-1.0)
 
@@ -426,7 +433,7 @@ def test_a_model_in_the_hole_between_two_modes_is_kept_when_looking_far_enough()
             policy.observe("f", t)
     assert far.horizons == [30.0, 120.0, 480.0]
     kwargs = {"size_bytes": 2 * 10**9, "reload_ms": 90.0, "tier": "device"}
-    assert near.p_arrival("f", 20.0, 30.0) == 0.0
+    assert near.arrivals.p_arrival("f", 20.0, 30.0) == 0.0
     assert not near.advise("f", t + 20.0, **kwargs).keep  # type: ignore[arg-type]
     assert far.advise("f", t + 20.0, **kwargs).keep  # type: ignore[arg-type]
     with pytest.raises(ArrivalError, match="max_horizon_s"):
@@ -457,7 +464,10 @@ def test_a_hot_model_is_kept_at_a_price_where_a_whole_horizon_of_rent_exceeds_it
             cool += 600.0
             policy.observe("cool", cool)
     now = max(t, cool) + 0.5
-    assert hit.p_arrival("hot", 0.5, 30.0) > 0.99 and hit.expected_hold("hot", 0.5, 30.0) < 2.0
+    assert (
+        hit.arrivals.p_arrival("hot", 0.5, 30.0) > 0.99
+        and hit.arrivals.expected_hold("hot", 0.5, 30.0) < 2.0
+    )
     hot = hit.advise("hot", t + 0.5, **kwargs)  # type: ignore[arg-type]
     assert hot.keep and hot.prefetch
     before = whole.advise("hot", t + 0.5, **kwargs)  # type: ignore[arg-type]
@@ -484,8 +494,8 @@ def test_paying_rent_only_until_the_request_never_keeps_or_prefetches_less(
     a = whole.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
     b = hit.advise("f", now + idle, **kwargs)  # type: ignore[arg-type]
     assert a.keep <= b.keep and a.prefetch <= b.prefetch
-    if hit.has_history("f"):
+    if hit.arrivals.has_history("f"):
         rent = price * size / 1e9
-        p = hit.p_arrival("f", idle, 30.0)
-        exact = p * 1090.0 >= rent * hit.expected_hold("f", idle, 30.0)
+        p = hit.arrivals.p_arrival("f", idle, 30.0)
+        exact = p * 1090.0 >= rent * hit.arrivals.expected_hold("f", idle, 30.0)
         assert hit.pays("f", idle, 30.0, saved_ms=1090.0, rent=rent) == exact

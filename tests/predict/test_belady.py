@@ -66,7 +66,7 @@ def test_without_a_history_for_the_loading_model_the_fixed_horizon_prices_the_vi
     candidates = _hot_and_warm(belady)
     fixed = belady.victim_plan(candidates, GB, NOW, loading=None)
     assert belady.victim_plan(candidates, GB, NOW, loading="never-seen") == fixed == ["hot"]
-    assert belady.next_use_times("never-seen") is None
+    assert belady.arrivals.next_use_times("never-seen") is None
 
 
 gaps = st.lists(st.floats(min_value=0.05, max_value=6 * 3600.0), min_size=1, max_size=60)
@@ -80,10 +80,10 @@ def test_the_next_use_times_are_the_quantiles_of_the_loading_models_next_request
     """Each time lies in [0.1 s, 4 h], in order, and where P(request within t) crosses its
     quantile (k + 1/2) / K on the grid: between the two grid points around the crossing."""
     policy = policy_after(gap_list)
-    times = policy.next_use_times("f")
+    times = policy.arrivals.next_use_times("f")
     assert times is not None and len(times) == _NEXT_USE_POINTS
     assert times == sorted(times)
-    cdf = policy.p_arrivals("f", 0.0, _NEXT_USE_GRID)
+    cdf = policy.arrivals.p_arrivals("f", 0.0, _NEXT_USE_GRID)
     for k, t in enumerate(times):
         q = (k + 0.5) / _NEXT_USE_POINTS
         assert _NEXT_USE_GRID[0] <= t <= _NEXT_USE_GRID[-1] * (1 + 1e-9)

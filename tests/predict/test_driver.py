@@ -155,8 +155,8 @@ async def test_what_it_learned_survives_a_gateway_restart(tmp_path: Path) -> Non
         clock=clock,
     )
     assert second.load()
-    assert restarted.periodic("timer") == pytest.approx(60.0)
-    assert restarted.p_arrival("timer", 55.0, 10.0) > 0.9
+    assert restarted.arrivals.periodic("timer") == pytest.approx(60.0)
+    assert restarted.arrivals.p_arrival("timer", 55.0, 10.0) > 0.9
 
 
 async def _no_send(action: Action) -> None:

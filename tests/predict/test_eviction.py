@@ -43,8 +43,8 @@ def test_expected_hold_lies_between_the_horizon_times_survival_and_the_horizon(
     gap_list: list[float], age: float, horizon: float
 ) -> None:
     policy = policy_after(gap_list)
-    hold = policy.expected_hold("f", age, horizon)
-    stays = 1.0 - policy.p_arrival("f", age, horizon)  # P(no request within the horizon)
+    hold = policy.arrivals.expected_hold("f", age, horizon)
+    stays = 1.0 - policy.arrivals.p_arrival("f", age, horizon)  # P(no request within the horizon)
     assert horizon * stays - 1e-9 <= hold <= horizon + 1e-9
 
 
