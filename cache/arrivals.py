@@ -787,7 +787,7 @@ class PredictivePolicy:
         """Whether holding the model over the next ``horizon_s`` pays: ``P(request within it) x
         saved_ms >= rent x`` the time it is held for that request. Held until the request
         comes, the decision is then made again, so the time paid for is ``E[min(time to the
-        request, horizon_s)]`` (:meth:`expected_hold`); with ``rent_to_hit`` off, the whole
+        request, horizon_s)]`` (:meth:`GapHistory.expected_hold`); with ``rent_to_hit`` off, the whole
         horizon (the rule before, which charged a model asked for every second 30 s of rent
         per hit and so demoted hot models first as the price rose). Two bounds skip the
         integral: it pays if it pays for the whole horizon, and it does not if it does not
@@ -854,7 +854,7 @@ class PredictivePolicy:
         choice among *sets* of victims, as LALB's own plan does. Evicting ``m`` costs its
         expected miss, ``P x`` :meth:`miss_cost` (``reload + miss_ms``, plus the requests that
         join the reload with ``joins``), with ``P`` the chance that ``m`` is asked for before
-        ``loading``'s next request (``belady``: learned Belady, :meth:`next_use_times`), or
+        ``loading``'s next request (``belady``: learned Belady, :meth:`GapHistory.next_use_times`), or
         within ``evict_horizon_s`` (``belady`` off, or ``loading`` unknown or without a
         history), divided by ``1 + replica_share x copies``; plus, because ``m`` returns by loading
         again, ``reevict x P x`` the cost of freeing its bytes once more: the cheapest cover of
