@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from gpufaas.core.layered import radix_net
+from gpufaas.core.layered import LayeredNet, ShardSpec, radix_net
 from gpufaas.core.sharding import ShardLoad
 from gpufaas.scheduler import costmodel
 from gpufaas.scheduler.coordinator import launch_tree, tree_rounds
@@ -43,41 +44,41 @@ def test_profile_agrees_with_the_partition_volume() -> None:
     assert ((prof.sync > 0) == (prof.messages > 0)).all()
 
 
-def test_profile_counts_the_products_the_executor_runs() -> None:
-    """A shard's sparse products per layer, as gpu_manager/shards.prepare builds them: one per
-    row group (boundary, interior) over its own activations and one per shard it reads from."""
+def _prepared_shards(
+    net: LayeredNet,
+) -> Iterator[tuple[str, costmodel.Profile, ShardSpec, list[Any]]]:
+    """For each partitioner at N = 4: its profile, and each shard's spec with the products
+    ``gpu_manager/shards.prepare`` builds for it (what the profile must count)."""
     from gpufaas.gpu_manager.shards import prepare
     from gpufaas.scheduler.partition import split
 
-    net = radix_net(256, 6)
     for method in ("block", "random", "hypergraph"):
         part = partition(net, 4, method=method, seed=1)
         prof = costmodel.profile(net, part)
         for spec in split(net, part):
-            ops = prepare(spec, torch.device("cpu"))
-            counted = [len(op.groups) * (1 + len(op.sources)) for op in ops]
-            assert counted == prof.ops[:, spec.shard].tolist(), method
+            yield method, prof, spec, prepare(spec, torch.device("cpu"))
+
+
+def test_profile_counts_the_products_the_executor_runs() -> None:
+    """A shard's sparse products per layer, as gpu_manager/shards.prepare builds them: one per
+    row group (boundary, interior) over its own activations and one per shard it reads from."""
+    for method, prof, spec, ops in _prepared_shards(radix_net(256, 6)):
+        counted = [len(op.groups) * (1 + len(op.sources)) for op in ops]
+        assert counted == prof.ops[:, spec.shard].tolist(), method
 
 
 def test_profile_counts_the_values_each_shard_hands_over_and_the_remote_parts_it_adds() -> None:
     """``sent`` is what each shard's executor hands over per layer (its send positions), and
     ``parts`` the output rows times the remote parts added into them (session 7: the term that
     split shards pay and a single shard does not, which the fit used to charge N = 1 for)."""
-    from gpufaas.gpu_manager.shards import prepare
-    from gpufaas.scheduler.partition import split
-
     net = radix_net(256, 6)
-    for method in ("block", "random", "hypergraph"):
-        part = partition(net, 4, method=method, seed=1)
-        prof = costmodel.profile(net, part)
+    for method, prof, spec, ops in _prepared_shards(net):
         assert prof.sent.sum(axis=1).tolist() == prof.values.sum(axis=1).tolist()
-        for spec in split(net, part):
-            ops = prepare(spec, torch.device("cpu"))
-            sends = [sum(int(p.numel()) for p in op.send_next.values()) for op in ops]
-            first = sum(int(np.asarray(p).size) for p in spec.layers[0].send.values())
-            assert [first, *sends[:-1]] == prof.sent[:, spec.shard].tolist(), method
-            parts = [op.rows * len(op.sources) for op in ops]
-            assert parts == prof.parts[:, spec.shard].tolist(), method
+        sends = [sum(int(p.numel()) for p in op.send_next.values()) for op in ops]
+        first = sum(int(np.asarray(p).size) for p in spec.layers[0].send.values())
+        assert [first, *sends[:-1]] == prof.sent[:, spec.shard].tolist(), method
+        parts = [op.rows * len(op.sources) for op in ops]
+        assert parts == prof.parts[:, spec.shard].tolist(), method
     single = costmodel.profile(net, partition(net, 1, method="block"))
     assert not single.sent.any() and not single.parts.any()
 
@@ -86,21 +87,15 @@ def test_profile_counts_the_weights_whose_products_run_as_dense_tiles() -> None:
     """``tiled`` is the nnz of the products ``prepare`` builds as dense tiles (session 9: they
     cost per multiply-add about a third of CSR's, so the model charges them apart)."""
     from gpufaas.core.layered import TiledMatrix
-    from gpufaas.gpu_manager.shards import prepare
-    from gpufaas.scheduler.partition import split
 
     net = radix_net(256, 6)
-    for method in ("block", "random", "hypergraph"):
-        part = partition(net, 4, method=method, seed=1)
-        prof = costmodel.profile(net, part)
-        for spec in split(net, part):
-            ops = prepare(spec, torch.device("cpu"))
-            tiled = [
-                sum(int((m.tiles != 0).sum()) for g in op.groups
-                    for m in (g.own, *g.remote.values()) if isinstance(m, TiledMatrix))
-                for op in ops
-            ]  # fmt: skip
-            assert tiled == prof.tiled[:, spec.shard].tolist(), method
+    for method, prof, spec, ops in _prepared_shards(net):
+        tiled = [
+            sum(int((m.tiles != 0).sum()) for g in op.groups
+                for m in (g.own, *g.remote.values()) if isinstance(m, TiledMatrix))
+            for op in ops
+        ]  # fmt: skip
+        assert tiled == prof.tiled[:, spec.shard].tolist(), method
     assert costmodel.profile(net, partition(net, 4, method="random", seed=1)).tiled.sum() == 0
     assert costmodel.profile(net, partition(net, 4, method="block")).tiled.sum() == (
         sum(layer.nnz for layer in net.layers)
