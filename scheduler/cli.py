@@ -213,6 +213,14 @@ def _add_replica_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also listen on this port, shared with the other replicas (SO_REUSEPORT)",
     )
+    parser.add_argument(
+        "--forward-lane-port",
+        type=int,
+        default=0,
+        help="with replicas: the port of this replica's keyed-forward lane, on the host of "
+        "--replica-url (0: an ephemeral port, advertised to the peers; -1: no lane, peers "
+        "forward here over HTTP). Fix it where a NetworkPolicy lists the ports",
+    )
     _add_placement_option(parser)
 
 
@@ -482,6 +490,19 @@ def _gateway_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _forward_lane_port(args: argparse.Namespace) -> int | None:
+    """``--forward-lane-port`` as ``enable_replicas`` takes it: None for no lane (-1)."""
+    port: int = args.forward_lane_port
+    if not -1 <= port <= 65535:
+        raise ValueError(
+            f"--forward-lane-port must be -1 (no lane), 0 (an ephemeral port) or a port up to "
+            f"65535, got {port}"
+        )
+    if port > 0 and port in (args.port, args.grpc_port, args.shared_port):
+        raise ValueError(f"--forward-lane-port {port} must differ from the gateway's other ports")
+    return None if port < 0 else port
+
+
 def gateway_command(argv: Sequence[str]) -> int:
     """Run the gateway."""
     from gpufaas.scheduler.main import build_gateway, enable_kubernetes
@@ -501,6 +522,7 @@ def gateway_command(argv: Sequence[str]) -> int:
     try:
         functions = load_manifests(args.functions) if args.functions else []
         config = _gateway_config(args)
+        lane_port = _forward_lane_port(args)
     except (ManifestError, ValueError) as e:
         print(f"gpufaas gateway: {e}", file=sys.stderr)
         return 2
@@ -531,6 +553,7 @@ def gateway_command(argv: Sequence[str]) -> int:
             ownership=args.placement_owner,
             slots=args.replica_slots,
             forwarding=args.replica_forward,
+            forward_lane_port=lane_port,
         )
         try:
             serve_replica(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, NamedTuple
 
@@ -52,6 +53,8 @@ __all__ = [
     "LaneAnswer",
     "lane_headers",
 ]
+
+logger = logging.getLogger(__name__)
 
 # The heartbeat field with this replica's lane port (peers.py Membership.heartbeat).
 LANE_PORT_KEY = "forward_lane_port"
@@ -144,8 +147,20 @@ class ForwardListener(CallListener[ForwardHead]):
         return self.port
 
     async def serve(self, stop: asyncio.Event, *, host: str, port: int = 0) -> None:
-        """Listen until ``stop`` is set (a gateway background task)."""
-        await self.start(host=host, port=port)
+        """Listen until ``stop`` is set (a gateway background task). A port it cannot listen on
+        leaves this replica without a lane, said once in the log: it advertises none, so peers
+        forward to it over HTTP, and it serves on."""
+        try:
+            await self.start(host=host, port=port)
+        except OSError as e:
+            logger.error(
+                "the keyed-forward lane cannot listen on %s:%d (%s): peers forward to this "
+                "replica over HTTP",
+                host,
+                port,
+                e.strerror or e,
+            )
+            return
         try:
             await stop.wait()
         finally:

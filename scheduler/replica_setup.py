@@ -56,12 +56,13 @@ def attach_replicas(
     ownership: Ownership = "leader",
     slots: ReplicaSlots = "full",
     forwarding: Forwarding = "request",
-    forward_lane: bool = True,
+    forward_lane_port: int | None = 0,
 ) -> Replicas:
     """Make ``gateway`` one replica among those ``discover`` lists (``self_url`` is how they
-    reach it). Heartbeats follow the gateway's sync interval. ``forward_lane``: serve the
-    keyed-forward lane (:mod:`~gpufaas.scheduler.forward_lane`) on an ephemeral port of
-    ``self_url``'s host and advertise it, so that peers forward requests here over it."""
+    reach it). Heartbeats follow the gateway's sync interval. ``forward_lane_port``: serve the
+    keyed-forward lane (:mod:`~gpufaas.scheduler.forward_lane`) on this port of ``self_url``'s
+    host (0: an ephemeral one; None: no lane, peers forward here over HTTP) and advertise it,
+    so that peers forward requests here over it."""
     if slots not in ("full", "share"):
         raise ValueError(f"slots must be 'full' or 'share', got {slots!r}")
     registry = gateway.metrics.registry
@@ -115,7 +116,7 @@ def attach_replicas(
             token=token,
             max_body_bytes=gateway.config.limits.max_body_bytes,
         )
-        if forward_lane
+        if forward_lane_port is not None
         else None
     )
 
@@ -162,7 +163,8 @@ def attach_replicas(
 
     if lane is not None:  # first: listening before this replica's first heartbeat answers
         listener, host = lane, urlsplit(self_url).hostname or "127.0.0.1"
-        gateway.background.append(lambda stop: listener.serve(stop, host=host))
+        port = forward_lane_port or 0
+        gateway.background.append(lambda stop: listener.serve(stop, host=host, port=port))
     gateway.background.append(run)
     return replicas
 
@@ -196,7 +198,7 @@ def enable_replicas(
     ownership: Ownership = "leader",
     slots: ReplicaSlots = "full",
     forwarding: Forwarding = "request",
-    forward_lane: bool = True,
+    forward_lane_port: int | None = 0,
 ) -> Replicas:
     """``gpufaas gateway --peers`` / ``--peer-service``: the replicas from a static list or
     from the gateways' headless Service. Peers authenticate with ``GPUFAAS_PEER_TOKEN`` (in
@@ -217,7 +219,7 @@ def enable_replicas(
         ownership=ownership,
         slots=slots,
         forwarding=forwarding,
-        forward_lane=forward_lane,
+        forward_lane_port=forward_lane_port,
     )
 
 

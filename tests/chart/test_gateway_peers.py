@@ -104,3 +104,32 @@ def test_shard_passes_reach_the_gateway_and_the_schema_rejects_others(
     assert gateway_args(render(sets=["gateway.shardPasses=shared"])).shard_passes == "shared"
     done = helm("template", "gf", str(CHART), "--set", "gateway.shardPasses=batched")
     assert done.returncode != 0, "--set gateway.shardPasses=batched was accepted"
+
+
+def test_the_forward_lane_port_is_fixed_declared_and_checked(render: Any, helm: Any) -> None:
+    """Each replica's keyed-forward lane listens on a declared container port (8082 by default),
+    so that a NetworkPolicy can name it; 0 (ephemeral) and -1 (none) declare none; a port that
+    clashes with the gateway's others, or is out of range, fails the render."""
+    docs = render()
+    assert gateway_args(docs).forward_lane_port == 8082
+    deployment = next(
+        d for d in docs if d["kind"] == "Deployment" and "gateway" in d["metadata"]["name"]
+    )
+    ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"name": "forward-lane", "containerPort": 8082, "protocol": "TCP"} in ports
+    for value in (0, -1):
+        off = render(sets=[f"gateway.scaleOut.forwardLanePort={value}"])
+        assert gateway_args(off).forward_lane_port == value
+        deployment = next(
+            d for d in off if d["kind"] == "Deployment" and "gateway" in d["metadata"]["name"]
+        )
+        names = [
+            p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+        ]
+        assert "forward-lane" not in names
+    for bad in ("8080", "8081", "-2", "70000"):
+        done = helm(
+            "template", "gf", str(CHART), "--set", f"gateway.scaleOut.forwardLanePort={bad}"
+        )
+        assert done.returncode != 0, f"forwardLanePort={bad} was accepted"
+        assert "forwardLanePort" in done.stderr
