@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from gpufaas.core.examples import build_examples, example_inputs
 from gpufaas.core.frames import InferHead
 from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.core.protocol import HEADER_LENGTH, encode_request
-from gpufaas.scheduler.local import wait_ready
+from gpufaas.scheduler.local import free_port, wait_ready
 from gpufaas.scheduler.transport import FramedPool, NodePool
 
 SERVER = """
@@ -69,12 +68,6 @@ async def main():
     await uvicorn.Server(config).serve()
 uvloop.run(main())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_cpu_s(pid: int) -> float:
