@@ -437,7 +437,7 @@ def test_gateway_serves_grpc_on_its_container_and_service_port(render: Any, helm
     container = _container(off, "Deployment", "gateway")
     assert "--grpc-port=-1" in container["args"]  # the gateway's "none"
     assert "--max-connections=0" in container["args"]
-    assert [p["name"] for p in container["ports"]] == ["http"]
+    assert [p["name"] for p in container["ports"]] == ["http", "forward-lane"]  # no grpc
     assert [p["name"] for p in _find(off, "Service", "gateway")["spec"]["ports"]] == ["http"]
 
     for bad in ("gateway.grpcPort=-1", "gateway.grpcPort=70000", "gateway.maxConnections=-1"):
