@@ -27,13 +27,14 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import re
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ from gpufaas.core.channels import (
     encode,
     envelope_from_notice,
 )
-from gpufaas.core.hostlink import HostLinks, LinkEndpoint, LinkServer
+from gpufaas.core.hostlink import HostLinks, LinkEndpoint, LinkServer, Outcome
 from gpufaas.core.http import error_response, match_fast_post
 from gpufaas.core.layered import (
     Block,
@@ -458,7 +459,7 @@ class ShardHost:
         # Direct-channel connections to peer nodes, shared by every shard here.
         self.peers = PeerPools(headers={"Authorization": f"Bearer {token}"} if token else {})
         # Peers on this host: shared memory instead of HTTP (core/hostlink.py).
-        self.link_server = LinkServer(self._deliver_notice)
+        self.link_server = LinkServer(self._deliver_notice, serve=self._serve_call)
         self.links = HostLinks(endpoint_of=self._endpoint_of)
         self._shared: dict[tuple[str, ...], Channel] = {}  # NATS/S3 connections, per server
         self._forward = forward or self._put_remote
@@ -541,11 +542,11 @@ class ShardHost:
 
     async def _channel(self, load: ShardLoad) -> Channel:
         config = load.channel
+        if config.shared_memory:  # peers' messages, and the coordinator's calls on this host
+            await self.link_server.start()
         if config.kind == "local":
             return self.local
         if config.kind == "direct":
-            if config.shared_memory:
-                await self.link_server.start()
             return DirectChannel(
                 peers={(load.set_name, q): url for q, url in load.peers.items()},
                 local=self.local,
@@ -615,6 +616,26 @@ class ShardHost:
             return 202 if self.deliver(envelope, values) else 208
         except ShardNotLoaded:
             return 404
+
+    async def _serve_call(self, notice: dict[str, object], inputs: Array) -> Outcome:
+        """The coordinator's request to a shard over a same-host link (``kind: call``): the
+        outcome the HTTP route answers, as the link carries it."""
+        try:
+            set_name, shard = str(notice["set_name"]), int(cast(int, notice["dst"]))
+            request_id = str(notice["request_id"])
+            timeout_s = float(cast(float, notice["timeout_s"]))
+        except (KeyError, TypeError, ValueError) as e:
+            return 400, json.dumps({"error": f"bad shard call: {e}"}).encode()
+        try:
+            return 200, await self.infer(set_name, shard, request_id, inputs, timeout_s=timeout_s)
+        except ShardNotLoaded as e:
+            return 404, json.dumps({"error": str(e), "reason": "ShardNotLoaded"}).encode()
+        except ChannelError as e:
+            headers = failure_headers(e)
+            return 503, json.dumps({
+                "error": str(e), "reason": type(e).__name__, "channel": e.channel,
+                "shard": int(headers.get(SHARD_HEADER, shard)),
+            }).encode()  # fmt: skip
 
     async def _endpoint_of(self, url: str) -> LinkEndpoint | None:
         """A peer node's same-host link endpoint, from its shard state (None: it has none)."""
@@ -706,11 +727,18 @@ def _subtree(load: ShardLoad) -> list[int]:
     return [load.shard, *(s for child in load.children for s in _subtree(child))]
 
 
-def channel_failure(error: ChannelError) -> Response:
+def failure_headers(error: ChannelError) -> dict[str, str]:
+    """The channel at fault and, where the error names one, the shard."""
     headers = {"X-Gpufaas-Channel": error.channel}
     if isinstance(error, ShardTimeout | ShardUnreachable):
         headers[SHARD_HEADER] = str(error.shard)
-    return error_response(503, str(error), reason=type(error).__name__, headers=headers)
+    return headers
+
+
+def channel_failure(error: ChannelError) -> Response:
+    return error_response(
+        503, str(error), reason=type(error).__name__, headers=failure_headers(error)
+    )
 
 
 async def answer_infer(
