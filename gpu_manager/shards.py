@@ -129,7 +129,7 @@ class _LayerOps:
     groups: tuple[_Rows, ...]  # boundary rows first
     sources: tuple[int, ...]  # shards this layer reads from
     activation: str
-    send_next: dict[int, torch.Tensor]  # receiver -> rows of this layer's output it reads
+    send_next: dict[int, Rows]  # receiver -> rows of this layer's output it reads
     order: IntArray  # row r of this layer's output is owned neuron ``order[r]``
 
 
@@ -143,6 +143,19 @@ class _Step:
     index: int
     partial: list[torch.Tensor]
     output: Array | None
+
+
+Rows = torch.Tensor | slice  # rows of a layer's output: their positions, or one range of them
+
+
+def _positions(positions: IntArray, device: torch.device) -> Rows:
+    """``positions`` as a range where they are one (the usual case: a hypergraph split's
+    boundary rows come first, in order), so the hand-over takes a view instead of a copy."""
+    if positions.size and np.array_equal(
+        positions, np.arange(positions[0], positions[0] + positions.size)
+    ):
+        return slice(int(positions[0]), int(positions[0]) + int(positions.size))
+    return torch.from_numpy(positions).to(device)
 
 
 def _rows_block(block: Block, keep: IntArray) -> torch.Tensor | TiledMatrix:
@@ -197,7 +210,7 @@ def prepare(spec: ShardSpec, device: torch.device) -> list[_LayerOps]:
                 sources=tuple(sorted(layer.remote)),
                 activation=layer.activation,
                 send_next={
-                    q: torch.from_numpy(where[np.asarray(p, dtype=np.int64)]).to(device)
+                    q: _positions(where[np.asarray(p, dtype=np.int64)], device)
                     for q, p in after.items()
                 },
                 order=order,
@@ -232,7 +245,7 @@ class ShardExecutor:
         self.device = backend.device if backend is not None else torch.device("cpu")
         self.ops = prepare(spec, self.device)
         self.first_sends = {
-            q: torch.from_numpy(np.asarray(p)).to(self.device)
+            q: _positions(np.asarray(p, dtype=np.int64), self.device)
             for q, p in spec.layers[0].send.items()
         }
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -269,16 +282,19 @@ class ShardExecutor:
             return fn()
 
     def _hand_over(
-        self, request_id: str, layer: int, values: torch.Tensor, targets: dict[int, torch.Tensor]
+        self, request_id: str, layer: int, values: torch.Tensor, targets: dict[int, Rows]
     ) -> list[tuple[Envelope, Array]]:
-        """Each receiver's part of ``values``, copied to the host (worker thread)."""
+        """Each receiver's part of ``values``, on the host (worker thread): a view where its
+        rows are one range (no copy on the CPU: those rows are final, nothing writes them
+        again), else gathered."""
         return [
             (
                 Envelope(self.set_name, request_id, layer, self.spec.shard, q),
-                values.index_select(0, positions).cpu().numpy(),
+                (values[positions] if isinstance(positions, slice)
+                 else values.index_select(0, positions)).cpu().numpy(),
             )
             for q, positions in targets.items()
-        ]
+        ]  # fmt: skip
 
     def _send(
         self,
