@@ -31,6 +31,19 @@ Over loopback HTTP a 512 KiB partial result costs 0.5-1.1 ms of CPU across its t
 * Every send waits for its answer within its deadline (:class:`LinkBroken` on timeout or a
   closed socket), and a broken link is dropped, so the next send asks again (the peer may
   have restarted elsewhere).
+* **Calls** (session 10): the coordinator's request to a shard goes over the same kind of link
+  (:meth:`HostLink.call`) where the gateway shares the node's host, instead of an HTTP POST
+  with the input rows in its body and the output rows in its answer. The input rows are
+  written into the caller's ring like a message's values, and the caller also reserves the
+  span the output rows will need: the node's ``serve`` runs the request and writes the output
+  rows straight into that span, and its answer carries only the status (the values inline
+  where the span did not fit; a JSON error naming the shard and channel on failure). The
+  caller copies the output out when the answer arrives and only then frees the span (a
+  caller-side hold: the receiver's released counter never frees a span the caller has not
+  read), so a call cancelled or timed out on the caller's side never lets a late answer land
+  in a span already reused.
+* The receiver answers every notice it read in one pass in one write (the answers of a
+  layer group's messages cost one syscall, not one each).
 
 No pickled data crosses: notices are JSON, values raw float32.
 """
@@ -42,6 +55,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import mmap
 import os
 import struct
@@ -63,6 +77,8 @@ __all__ = [
     "LinkBroken",
     "LinkEndpoint",
     "LinkServer",
+    "Outcome",
+    "Serve",
     "host_identity",
     "shared_directory",
 ]
@@ -71,14 +87,21 @@ logger = logging.getLogger(__name__)
 
 Array = NDArray[np.float32]
 _NOTICE = struct.Struct("<II")  # bytes after this prefix, of which header
-_ANSWER = struct.Struct("<QH")  # sequence number, status
+_ANSWER = struct.Struct("<QHI")  # sequence number, status, bytes of body after it
 _RING_HEAD = 64  # the receiver's released counter (int64) lives here, then the data
 _ALIGN = 64
 FILED, ALREADY, MISSING = 202, 208, 404
+ANSWERED = 200  # a call's output is in its span (or inline, in the answer's body)
+CALL = "call"  # a notice's ``kind`` for a call (else a message)
 _RING_PREFIX = "gpufaas-fsd-ring-"  # then the sender's pid
 _DIR_PREFIX = "gpufaas-fsd-sock-"
 _SETTLING_S = 10.0  # a socket folder younger than this is never swept
 DEFAULT_RING_BYTES = 8 << 20  # per link; a message over the free part goes inline
+
+# A call's outcome as ``serve`` returns it: the status and the output rows (200), or the
+# status and a JSON error body.
+Outcome = tuple[int, "NDArray[np.float32] | bytes"]
+Serve = Callable[[dict[str, object], "NDArray[np.float32]"], Awaitable[Outcome]]
 
 
 class LinkBroken(Exception):
@@ -170,12 +193,19 @@ class LinkServer:
     """A node's receiving end: a Unix socket that accepts links from this host's nodes.
 
     ``deliver(notice, values)`` files one message (``notice`` is the sender's header, its
-    envelope fields among them) and returns its status: 202, 208 or 404."""
+    envelope fields among them) and returns its status: 202, 208 or 404. ``serve(notice,
+    values)`` runs one call (a notice of kind ``call``: the coordinator's request to a shard)
+    and returns its outcome; without it, calls are answered 501."""
 
     def __init__(
-        self, deliver: Callable[[dict[str, object], Array], int], *, directory: Path | None = None
+        self,
+        deliver: Callable[[dict[str, object], Array], int],
+        *,
+        serve: Serve | None = None,
+        directory: Path | None = None,
     ) -> None:
         self._deliver = deliver
+        self._serve = serve
         self._base = directory or shared_directory()
         self._dir: Path | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -188,7 +218,9 @@ class LinkServer:
         self._dir = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=self._base))  # 0700
         path = self._dir / "link.sock"
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: _Receiver(self._deliver), str(path))
+        self._server = await loop.create_unix_server(
+            lambda: _Receiver(self._deliver, self._serve), str(path)
+        )
         self.endpoint = LinkEndpoint(host_identity(self._base), str(path))
         return self.endpoint
 
@@ -248,16 +280,21 @@ class _Spans:
 class _Receiver(asyncio.Protocol):
     """One link's receiving end: notices in, views of the sender's ring out, answers back."""
 
-    def __init__(self, deliver: Callable[[dict[str, object], Array], int]) -> None:
+    def __init__(
+        self, deliver: Callable[[dict[str, object], Array], int], serve: Serve | None
+    ) -> None:
         self._deliver = deliver
+        self._serve = serve
         self._buffer = bytearray()
         self._rings: dict[str, tuple[mmap.mmap, _Spans]] = {}
         self._transport: asyncio.Transport | None = None
+        self._calls: set[asyncio.Task[None]] = set()  # running calls (kept referenced)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None  # calls still running answer nobody
         for ring, spans in self._rings.values():
             spans.detach()
             with contextlib.suppress(BufferError):  # views still held: unmapped when they go
@@ -268,41 +305,94 @@ class _Receiver(asyncio.Protocol):
         buffer = self._buffer
         buffer += data
         start = 0
+        answers = []
         while len(buffer) - start >= _NOTICE.size:
             size, header_size = _NOTICE.unpack_from(buffer, start)
             end = start + _NOTICE.size + size
             if len(buffer) < end:
                 break
             body = start + _NOTICE.size
-            seq, status = self._file(bytes(buffer[body : body + header_size]),
-                                     memoryview(buffer)[body + header_size : end])  # fmt: skip
-            if self._transport is not None:
-                self._transport.write(_ANSWER.pack(seq, status))
+            answer = self._file(bytes(buffer[body : body + header_size]),
+                                memoryview(buffer)[body + header_size : end])  # fmt: skip
+            if answer is not None:
+                answers.append(_ANSWER.pack(*answer, 0))
             start = end
         del buffer[:start]
+        if answers and self._transport is not None:
+            self._transport.write(b"".join(answers))  # every notice of this read: one write
 
-    def _file(self, head: bytes, inline: memoryview) -> tuple[int, int]:
-        """One notice: its sequence number and the status filing it gave."""
+    def _file(self, head: bytes, inline: memoryview) -> tuple[int, int] | None:
+        """One notice: its sequence number and the status filing it gave (None for a call,
+        answered when it ends)."""
         seq = 0
         try:
             header = json.loads(head)
             seq = int(header["seq"])
-            return seq, self._deliver(header, self._values(header, inline))
+            values = self._values(header, inline)
+            if header.get("kind") == CALL:
+                self._start_call(seq, header, values)
+                return None
+            return seq, self._deliver(header, values)
         except (ValueError, KeyError, TypeError, OSError) as e:
             logger.warning("dropped a malformed host-link notice: %s", e)
             return seq, 400
         finally:
             inline.release()
 
+    def _start_call(self, seq: int, header: dict[str, object], values: Array) -> None:
+        task = asyncio.get_running_loop().create_task(self._call(seq, header, values))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _call(self, seq: int, header: dict[str, object], values: Array) -> None:
+        """Run one call and answer it: the output into the span the caller reserved, else
+        inline; an error as its JSON body."""
+        result: bytes | Array
+        if self._serve is None:
+            status, result = 501, b'{"error":"this node serves no calls over its link"}'
+        else:
+            running = self._serve(header, values)
+            del values  # the call holds its input as long as it needs it, no longer
+            try:
+                status, result = await running
+            except Exception as e:  # answered, never left hanging: the caller waits on it
+                logger.exception("a host-link call failed")
+                status, result = 500, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode()
+        if self._transport is None or self._transport.is_closing():
+            return  # the caller is gone
+        try:
+            body = result if isinstance(result, bytes) else self._output(header, result)
+        except ValueError as e:
+            status, body = 400, json.dumps({"error": str(e)}).encode()
+        self._transport.write(_ANSWER.pack(seq, status, len(body)) + body)
+
+    def _output(self, header: dict[str, object], output: Array) -> bytes:
+        """Write ``output`` into the span the caller reserved for it; its bytes to send
+        inline where it has none or the output does not fit it."""
+        output = np.ascontiguousarray(output, dtype=np.float32)
+        span = header.get("out_at")
+        ring = self._rings.get(str(header.get("ring", "")))
+        if span is None or ring is None or output.nbytes > int(cast(int, header["out_bytes"])):
+            return output.tobytes()  # inline (a rare path: a ring without room)
+        at = int(cast(int, span))
+        if at < _RING_HEAD or at + output.nbytes > len(ring[0]):
+            raise ValueError(f"a call's output span {at} lies outside its ring")
+        with contextlib.suppress(ValueError):  # the link closed meanwhile: nobody reads it
+            np.frombuffer(ring[0], np.float32, count=output.size, offset=at)[:] = output.ravel()
+        return b""
+
     def _values(self, header: dict[str, object], inline: memoryview) -> Array:
         shape = tuple(int(d) for d in cast(list[int], header["shape"]))
-        count = int(np.prod(shape))
+        count = math.prod(shape)  # not np.prod: ~5 us a notice
         ring_path = header.get("ring")
-        if ring_path is None:  # inline: copied out of the buffer (which is reused)
-            return np.frombuffer(inline, dtype=np.float32, count=count).copy().reshape(shape)
-        ring, spans = self._ring(str(ring_path))
-        at, end = int(cast(int, header["at"])), int(cast(int, header["end"]))
-        return spans.lend(ring, at, count, end).reshape(shape)  # read where it lies
+        if ring_path is not None and header.get("at") is not None:
+            ring, spans = self._ring(str(ring_path))
+            at, end = int(cast(int, header["at"])), int(cast(int, header["end"]))
+            return spans.lend(ring, at, count, end).reshape(shape)  # read where it lies
+        if ring_path is not None:
+            self._ring(str(ring_path))  # a call's output span may be there all the same
+        # inline: copied out of the buffer (which is reused)
+        return np.frombuffer(inline, dtype=np.float32, count=count).copy().reshape(shape)
 
     def _ring(self, path: str) -> tuple[mmap.mmap, _Spans]:
         found = self._rings.get(path)
@@ -344,7 +434,10 @@ class HostLink(asyncio.Protocol):
         self._released = np.frombuffer(self._ring, dtype=np.int64, count=1)
         self._written = 0  # bytes of the ring ever taken (sender's position)
         self._seq = 0
-        self._waiting: dict[int, asyncio.Future[int]] = {}
+        self._waiting: dict[int, asyncio.Future[tuple[int, bytes | Array]]] = {}
+        # Calls' output spans not read yet, in ring order, by seq: [the sender's position
+        # before the span, its offset, its float32 count, read yet].
+        self._holds: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
         self._answers = bytearray()
         self._transport: asyncio.Transport | None = None
         self.broken: str | None = None
@@ -361,20 +454,54 @@ class HostLink(asyncio.Protocol):
         self._break(f"the link closed ({exc or 'EOF'})")
 
     def data_received(self, data: bytes) -> None:
-        self._answers += data
-        usable = len(self._answers) - len(self._answers) % _ANSWER.size
-        for seq, status in _ANSWER.iter_unpack(bytes(self._answers[:usable])):
+        answers = self._answers
+        answers += data
+        start = 0
+        while len(answers) - start >= _ANSWER.size:
+            seq, status, size = _ANSWER.unpack_from(answers, start)
+            end = start + _ANSWER.size + size
+            if len(answers) < end:
+                break
             if self._first_in_ring is not None and seq >= self._first_in_ring:
                 self._unlink()  # both ends map it now: the file itself can go
+            result: bytes | Array = bytes(answers[start + _ANSWER.size : end])
+            hold = self._holds.get(seq)
+            if hold is not None:  # a call's answer: read its span now, then let it go
+                if status == ANSWERED and not size:
+                    result = np.frombuffer(
+                        self._ring, dtype=np.float32, count=hold[2], offset=hold[1]
+                    ).copy()
+                self._let_go(seq)
             waiter = self._waiting.pop(seq, None)
             if waiter is not None and not waiter.done():
-                waiter.set_result(status)
-        del self._answers[:usable]
+                waiter.set_result((status, result))
+            start = end
+        del answers[:start]
 
     # -- sending ----------------------------------------------------------------------------
 
     async def send(self, header: dict[str, object], values: Array, *, timeout_s: float) -> int:
         """Carry one message; its status (202 filed, 208 already, 404 no such shard)."""
+        status, _ = await self._exchange(header, values, out_count=None, timeout_s=timeout_s)
+        return status
+
+    async def call(
+        self, header: dict[str, object], values: Array, *, out_count: int, timeout_s: float
+    ) -> tuple[int, bytes | Array]:
+        """One call (the peer's ``serve``): ``values`` go like a message's, and a span of
+        ``out_count`` float32 is reserved for the answer. Returns the status and, for 200,
+        the output values (flat: the caller knows their shape), else the error body."""
+        status, result = await self._exchange(
+            {**header, "kind": CALL}, values, out_count=out_count, timeout_s=timeout_s
+        )
+        if status == ANSWERED and isinstance(result, bytes):  # inline: the ring had no room
+            return status, np.frombuffer(result, dtype=np.float32)
+        return status, result
+
+    async def _exchange(
+        self, header: dict[str, object], values: Array, *, out_count: int | None,
+        timeout_s: float,
+    ) -> tuple[int, bytes | Array]:  # fmt: skip
         if self.broken is not None or self._transport is None or self._transport.is_closing():
             raise LinkBroken(self.broken or "the link is closed")
         values = np.ascontiguousarray(values, dtype=np.float32)
@@ -382,6 +509,8 @@ class HostLink(asyncio.Protocol):
         seq = self._seq
         notice = {**header, "seq": seq, "shape": list(values.shape)}
         inline = self._place(values, notice)
+        if out_count:
+            self._reserve(seq, out_count, notice)
         head = json.dumps(notice, separators=(",", ":")).encode()
         size = len(head) + (values.nbytes if inline else 0)
         waiter = asyncio.get_running_loop().create_future()
@@ -399,24 +528,50 @@ class HostLink(asyncio.Protocol):
     def _place(self, values: Array, notice: dict[str, object]) -> bool:
         """Copy ``values`` into the ring's next free span and name it in ``notice``; True
         when it does not fit (the values go inline)."""
-        need = -(-values.nbytes // _ALIGN) * _ALIGN
-        at = self._written % self.ring_bytes
-        skip = self.ring_bytes - at if at + need > self.ring_bytes else 0  # no wrapping span
-        if need > self.ring_bytes or self._written + skip + need - int(self._released[0]) > (
-            self.ring_bytes
-        ):
+        start = self._take(values.nbytes)
+        if start is None:
             self.inline += 1
             return True
-        at = (at + skip) % self.ring_bytes
-        start = _RING_HEAD + at
         np.frombuffer(self._ring, dtype=np.float32, count=values.size, offset=start)[:] = (
             values.reshape(-1)
         )
-        self._written += skip + need
         notice.update(ring=self.ring_path, at=start, end=self._written)
         if self._first_in_ring is None:
             self._first_in_ring = int(cast(int, notice["seq"]))
         return False
+
+    def _reserve(self, seq: int, count: int, notice: dict[str, object]) -> None:
+        """Reserve a span for a call's ``count`` output values, held until its answer is read
+        (none where the ring has no room: the output then comes inline)."""
+        before = self._written
+        start = self._take(count * 4)
+        if start is None:
+            return
+        self._holds[seq] = [before, start, count, 0]
+        notice.update(ring=self.ring_path, out_at=start, out_bytes=count * 4)
+        if self._first_in_ring is None:
+            self._first_in_ring = seq
+
+    def _take(self, nbytes: int) -> int | None:
+        """The offset of the ring's next free span of ``nbytes`` (moving the sender's
+        position past it), or None when it has no room. Free is what the receiver released
+        and, before the oldest output span not read yet, nothing after it."""
+        need = -(-nbytes // _ALIGN) * _ALIGN
+        at = self._written % self.ring_bytes
+        skip = self.ring_bytes - at if at + need > self.ring_bytes else 0  # no wrapping span
+        free_from = int(self._released[0])
+        if self._holds:  # the receiver may have released past an output span not read yet
+            free_from = min(free_from, next(iter(self._holds.values()))[0])
+        if need > self.ring_bytes or self._written + skip + need - free_from > self.ring_bytes:
+            return None
+        self._written += skip + need
+        return _RING_HEAD + (at + skip) % self.ring_bytes
+
+    def _let_go(self, seq: int) -> None:
+        """A call's output span is read: free it, and every read one before it, in order."""
+        self._holds[seq][3] = 1
+        while self._holds and next(iter(self._holds.values()))[3]:
+            self._holds.popitem(last=False)
 
     def _unlink(self) -> None:
         if not self.unlinked:

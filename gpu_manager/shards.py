@@ -27,13 +27,14 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import re
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ from gpufaas.core.channels import (
     encode,
     envelope_from_notice,
 )
-from gpufaas.core.hostlink import HostLinks, LinkEndpoint, LinkServer
+from gpufaas.core.hostlink import HostLinks, LinkEndpoint, LinkServer, Outcome
 from gpufaas.core.http import error_response, match_fast_post
 from gpufaas.core.layered import (
     Block,
@@ -128,7 +129,7 @@ class _LayerOps:
     groups: tuple[_Rows, ...]  # boundary rows first
     sources: tuple[int, ...]  # shards this layer reads from
     activation: str
-    send_next: dict[int, torch.Tensor]  # receiver -> rows of this layer's output it reads
+    send_next: dict[int, Rows]  # receiver -> rows of this layer's output it reads
     order: IntArray  # row r of this layer's output is owned neuron ``order[r]``
 
 
@@ -142,6 +143,19 @@ class _Step:
     index: int
     partial: list[torch.Tensor]
     output: Array | None
+
+
+Rows = torch.Tensor | slice  # rows of a layer's output: their positions, or one range of them
+
+
+def _positions(positions: IntArray, device: torch.device) -> Rows:
+    """``positions`` as a range where they are one (the usual case: a hypergraph split's
+    boundary rows come first, in order), so the hand-over takes a view instead of a copy."""
+    if positions.size and np.array_equal(
+        positions, np.arange(positions[0], positions[0] + positions.size)
+    ):
+        return slice(int(positions[0]), int(positions[0]) + int(positions.size))
+    return torch.from_numpy(positions).to(device)
 
 
 def _rows_block(block: Block, keep: IntArray) -> torch.Tensor | TiledMatrix:
@@ -196,7 +210,7 @@ def prepare(spec: ShardSpec, device: torch.device) -> list[_LayerOps]:
                 sources=tuple(sorted(layer.remote)),
                 activation=layer.activation,
                 send_next={
-                    q: torch.from_numpy(where[np.asarray(p, dtype=np.int64)]).to(device)
+                    q: _positions(where[np.asarray(p, dtype=np.int64)], device)
                     for q, p in after.items()
                 },
                 order=order,
@@ -231,7 +245,7 @@ class ShardExecutor:
         self.device = backend.device if backend is not None else torch.device("cpu")
         self.ops = prepare(spec, self.device)
         self.first_sends = {
-            q: torch.from_numpy(np.asarray(p)).to(self.device)
+            q: _positions(np.asarray(p, dtype=np.int64), self.device)
             for q, p in spec.layers[0].send.items()
         }
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -268,16 +282,19 @@ class ShardExecutor:
             return fn()
 
     def _hand_over(
-        self, request_id: str, layer: int, values: torch.Tensor, targets: dict[int, torch.Tensor]
+        self, request_id: str, layer: int, values: torch.Tensor, targets: dict[int, Rows]
     ) -> list[tuple[Envelope, Array]]:
-        """Each receiver's part of ``values``, copied to the host (worker thread)."""
+        """Each receiver's part of ``values``, on the host (worker thread): a view where its
+        rows are one range (no copy on the CPU: those rows are final, nothing writes them
+        again), else gathered."""
         return [
             (
                 Envelope(self.set_name, request_id, layer, self.spec.shard, q),
-                values.index_select(0, positions).cpu().numpy(),
+                (values[positions] if isinstance(positions, slice)
+                 else values.index_select(0, positions)).cpu().numpy(),
             )
             for q, positions in targets.items()
-        ]
+        ]  # fmt: skip
 
     def _send(
         self,
@@ -458,7 +475,7 @@ class ShardHost:
         # Direct-channel connections to peer nodes, shared by every shard here.
         self.peers = PeerPools(headers={"Authorization": f"Bearer {token}"} if token else {})
         # Peers on this host: shared memory instead of HTTP (core/hostlink.py).
-        self.link_server = LinkServer(self._deliver_notice)
+        self.link_server = LinkServer(self._deliver_notice, serve=self._serve_call)
         self.links = HostLinks(endpoint_of=self._endpoint_of)
         self._shared: dict[tuple[str, ...], Channel] = {}  # NATS/S3 connections, per server
         self._forward = forward or self._put_remote
@@ -541,11 +558,11 @@ class ShardHost:
 
     async def _channel(self, load: ShardLoad) -> Channel:
         config = load.channel
+        if config.shared_memory:  # peers' messages, and the coordinator's calls on this host
+            await self.link_server.start()
         if config.kind == "local":
             return self.local
         if config.kind == "direct":
-            if config.shared_memory:
-                await self.link_server.start()
             return DirectChannel(
                 peers={(load.set_name, q): url for q, url in load.peers.items()},
                 local=self.local,
@@ -615,6 +632,26 @@ class ShardHost:
             return 202 if self.deliver(envelope, values) else 208
         except ShardNotLoaded:
             return 404
+
+    async def _serve_call(self, notice: dict[str, object], inputs: Array) -> Outcome:
+        """The coordinator's request to a shard over a same-host link (``kind: call``): the
+        outcome the HTTP route answers, as the link carries it."""
+        try:
+            set_name, shard = str(notice["set_name"]), int(cast(int, notice["dst"]))
+            request_id = str(notice["request_id"])
+            timeout_s = float(cast(float, notice["timeout_s"]))
+        except (KeyError, TypeError, ValueError) as e:
+            return 400, json.dumps({"error": f"bad shard call: {e}"}).encode()
+        try:
+            return 200, await self.infer(set_name, shard, request_id, inputs, timeout_s=timeout_s)
+        except ShardNotLoaded as e:
+            return 404, json.dumps({"error": str(e), "reason": "ShardNotLoaded"}).encode()
+        except ChannelError as e:
+            headers = failure_headers(e)
+            return 503, json.dumps({
+                "error": str(e), "reason": type(e).__name__, "channel": e.channel,
+                "shard": int(headers.get(SHARD_HEADER, shard)),
+            }).encode()  # fmt: skip
 
     async def _endpoint_of(self, url: str) -> LinkEndpoint | None:
         """A peer node's same-host link endpoint, from its shard state (None: it has none)."""
@@ -706,11 +743,18 @@ def _subtree(load: ShardLoad) -> list[int]:
     return [load.shard, *(s for child in load.children for s in _subtree(child))]
 
 
-def channel_failure(error: ChannelError) -> Response:
+def failure_headers(error: ChannelError) -> dict[str, str]:
+    """The channel at fault and, where the error names one, the shard."""
     headers = {"X-Gpufaas-Channel": error.channel}
     if isinstance(error, ShardTimeout | ShardUnreachable):
         headers[SHARD_HEADER] = str(error.shard)
-    return error_response(503, str(error), reason=type(error).__name__, headers=headers)
+    return headers
+
+
+def channel_failure(error: ChannelError) -> Response:
+    return error_response(
+        503, str(error), reason=type(error).__name__, headers=failure_headers(error)
+    )
 
 
 async def answer_infer(

@@ -14,7 +14,13 @@ place shard ``p`` on node ``p mod len(nodes)``, and launch: the coordinator send
 tree, ``ceil(log2(N + 1))`` rounds) are told by their parents.
 
 A request gets a fresh request id (messages of an older request can never match it); the
-coordinator sends every shard its input rows at once and waits for all outputs. The first
+coordinator sends every shard its input rows at once and waits for all outputs. Where the
+gateway shares a node's host (same boot, same ``/dev/shm``) and the set's channel allows
+shared memory (``ChannelConfig.shared_memory``, the default), a call goes over a shared-memory
+link to that node (:meth:`gpufaas.core.hostlink.HostLink.call`: the input rows written into
+the gateway's ring, the output rows written by the node into a span reserved for them, one
+notice and one answer), else as an HTTP POST; either way under the request's deadline, and
+a node that dies breaks the link's socket or the HTTP connection, so the call fails at once. The first
 failure cancels the rest. A shard whose node lost the set (evicted, restarted) answers 404:
 the coordinator relaunches the set once and retries the request once.
 
@@ -48,6 +54,7 @@ from typing import Any
 import fsspec
 import httpx
 import numpy as np
+import torch
 from fastapi import Request
 from fastapi.responses import Response
 from numpy.typing import NDArray
@@ -57,8 +64,10 @@ from gpufaas.core.api import InferenceFunction, ModelFormat, ParallelStrategy
 from gpufaas.core.artifacts import ArtifactError, ArtifactStore
 from gpufaas.core.channels import ChannelError, Envelope, decode, encode
 from gpufaas.core.config import gpufaas_home
+from gpufaas.core.hostlink import ANSWERED, HostLink, HostLinks, LinkBroken, LinkEndpoint
 from gpufaas.core.http import REASON_HEADER, error_response, header_length, read_body
 from gpufaas.core.layered import LayeredNet, ShardFormatError, load_net, save_shard
+from gpufaas.core.node import SHARDS
 from gpufaas.core.peerhttp import RawHeaders
 from gpufaas.core.protocol import Limits, ProtocolError, decode_request, encode_answer
 from gpufaas.core.sharding import (
@@ -90,6 +99,10 @@ from gpufaas.scheduler.passes import (
     samples_in_cache,
 )
 from gpufaas.scheduler.transport import NodePool, NodeReply, NodeUnreachable
+
+# The gateway's ring per node on its host: a call's input and output rows (4 calls in flight
+# of a 4,096-wide net at 64 samples take 8 MiB at N = 1).
+_CALL_RING_BYTES = 16 << 20
 
 # Idle connections close well before uvicorn's 5 s keep-alive timeout, so a request never
 # goes out on a connection the node is closing at that moment (a ReadError, not a failure).
@@ -201,6 +214,8 @@ class Coordinator:
         )
         self._auth = headers
         self._pools: dict[str, NodePool] = {}  # node URL -> kept-alive connections (requests)
+        # Nodes on this host: calls over shared memory instead of HTTP (core/hostlink.py).
+        self._links = HostLinks(endpoint_of=self._endpoint_of, ring_bytes=_CALL_RING_BYTES)
 
     def __contains__(self, name: object) -> bool:
         return name in self.sets
@@ -213,6 +228,13 @@ class Coordinator:
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
+        await self._links.close()
+
+    async def _endpoint_of(self, url: str) -> LinkEndpoint | None:
+        """A node's same-host link endpoint, from its shard state (None: it has none)."""
+        response = await self._client.get(url + SHARDS, timeout=2.0)
+        link = response.json().get("link") if response.status_code == 200 else None
+        return LinkEndpoint(str(link["host"]), str(link["socket"])) if link else None
 
     def _pool(self, url: str) -> NodePool:
         pool = self._pools.get(url)
@@ -376,7 +398,7 @@ class Coordinator:
         self, shard_set: ShardSet, columns: NDArray[Any], *, timeout_s: float
     ) -> NDArray[Any]:
         request_id = uuid.uuid4().hex  # one per pass: every message of the pass carries it
-        columns = np.ascontiguousarray(columns, dtype=np.float32)
+        columns = _contiguous(columns)
         calls = [
             asyncio.ensure_future(
                 self._call(shard_set, load, request_id, columns[shard_set.inputs[load.shard]],
@@ -404,19 +426,20 @@ class Coordinator:
         rows: NDArray[Any],
         timeout_s: float,
     ) -> NDArray[Any]:
+        """One shard's part of a pass: its input rows in, its output rows out."""
+        url = load.node.rstrip("/")
+        link = await self._links.find(url) if load.channel.shared_memory else None
+        if link is not None:
+            return await self._call_on_host(shard_set, load, link, request_id, rows, timeout_s)
         path = SHARD_INFER_PATH.format(set_name=shard_set.name, shard=load.shard)
         frame = encode(Envelope(shard_set.name, request_id, 0, -1, load.shard), rows)
         headers = {REQUEST_ID_HEADER: request_id, TIMEOUT_HEADER: f"{timeout_s:.3f}"}
         try:
             response = await asyncio.wait_for(
-                self._pool(load.node.rstrip("/")).post(path, frame, headers), timeout_s + 2.0
+                self._pool(url).post(path, frame, headers), timeout_s + 2.0
             )
         except (NodeUnreachable, TimeoutError) as e:
-            detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            raise ShardFailed(
-                shard_set.name, load.shard,
-                f"shard {load.shard} of {shard_set.name} on {load.node} failed: {detail}",
-            ) from None  # fmt: skip
+            raise self._unreachable(shard_set, load, e) from None
         if response.status == 404 or response.headers.get(REASON_HEADER) == "ShardMissing":
             raise _NotLoaded(load.shard)  # here, or a peer it sends to: relaunch the set
         if response.status != 200:
@@ -431,6 +454,51 @@ class Coordinator:
             )
         _, values = decode(response.body)
         return values
+
+    async def _call_on_host(
+        self,
+        shard_set: ShardSet,
+        load: ShardLoad,
+        link: HostLink,
+        request_id: str,
+        rows: NDArray[Any],
+        timeout_s: float,
+    ) -> NDArray[Any]:
+        """The same call over the node's shared-memory link: one notice, one answer."""
+        out_rows = len(shard_set.outputs[load.shard])
+        header: dict[str, object] = {
+            "set_name": shard_set.name, "request_id": request_id, "layer": 0, "src": -1,
+            "dst": load.shard, "timeout_s": round(timeout_s, 3),
+        }  # fmt: skip
+        try:
+            status, result = await link.call(
+                header, rows, out_count=out_rows * rows.shape[1], timeout_s=timeout_s + 2.0
+            )
+        except LinkBroken as e:
+            if link.broken is not None:
+                self._links.forget(load.node.rstrip("/"), link)  # the next call asks again
+            raise self._unreachable(shard_set, load, e) from None
+        if status == ANSWERED and not isinstance(result, bytes):
+            return result.reshape(out_rows, rows.shape[1])
+        try:
+            error = json.loads(result) if isinstance(result, bytes) else {}
+        except ValueError:
+            error = {}
+        if status == 404 or error.get("reason") == "ShardMissing":
+            raise _NotLoaded(load.shard)  # here, or a peer it sends to: relaunch the set
+        raise ShardFailed(
+            shard_set.name, int(error.get("shard", load.shard)),
+            str(error.get("error", f"shard {load.shard} answered {status}")),
+            channel=error.get("channel"),
+        )  # fmt: skip
+
+    @staticmethod
+    def _unreachable(shard_set: ShardSet, load: ShardLoad, error: Exception) -> ShardFailed:
+        detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        return ShardFailed(
+            shard_set.name, load.shard,
+            f"shard {load.shard} of {shard_set.name} on {load.node} failed: {detail}",
+        )  # fmt: skip
 
     async def serve(self, name: str, request: Request) -> Response:
         """A KServe v2 request on a sharded model: its one input is ``(batch, n_in)``."""
@@ -475,6 +543,16 @@ class Coordinator:
 class _NotLoaded(Exception):
     def __init__(self, shard: int) -> None:
         self.shard = shard
+
+
+def _contiguous(columns: NDArray[Any]) -> NDArray[np.float32]:
+    """``columns`` in C order. A request's columns are its ``(batch, n_in)`` input transposed,
+    and numpy copies a transposed float32 matrix 4-5x slower than torch's blocked copy (64 x
+    4,096: 0.74 ms against 0.15 ms here), so the copy is torch's."""
+    if columns.flags.c_contiguous and columns.dtype == np.float32:
+        return columns
+    rows = torch.from_numpy(np.ascontiguousarray(columns.T, dtype=np.float32))
+    return rows.t().contiguous().numpy()
 
 
 def _sha256(path: Path) -> str:

@@ -362,3 +362,29 @@ def test_splits_that_keep_the_blocks_whole_run_as_tiles_and_the_rest_as_csr(
     assert kinds("hypergraph") == {TiledMatrix}
     assert kinds("block") == {TiledMatrix}
     assert TiledMatrix not in kinds("random")
+
+
+def test_a_hand_over_of_one_range_of_rows_is_a_view_and_of_any_other_a_gather() -> None:
+    """Send positions that are one range (a hypergraph split's boundary rows, first and in
+    order) hand over a view of the layer's output, with no copy; others gather their rows."""
+    from gpufaas.core.channels import LocalChannel, Mailbox
+    from gpufaas.gpu_manager.shards import ShardExecutor, _positions
+
+    cpu = torch.device("cpu")
+    assert _positions(np.arange(3, 9), cpu) == slice(3, 9)
+    scattered = _positions(np.array([0, 2, 5]), cpu)
+    assert isinstance(scattered, torch.Tensor)
+    net = radix_net(64, 2, weights="random", seed=1)
+    spec = split(net, partition(net, 2, method="block"))[0]
+    executor = ShardExecutor(spec, set_name="s", channel=LocalChannel(), mailbox=Mailbox())
+    try:
+        values = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+        (_, ranged), (_, gathered) = executor._hand_over(
+            "r", 1, values, {1: slice(3, 9), 2: scattered}
+        )
+        assert np.shares_memory(ranged, values.numpy())
+        np.testing.assert_array_equal(ranged, values.numpy()[3:9])
+        assert not np.shares_memory(gathered, values.numpy())
+        np.testing.assert_array_equal(gathered, values.numpy()[[0, 2, 5]])
+    finally:
+        executor.close()

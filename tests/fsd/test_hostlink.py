@@ -208,6 +208,134 @@ async def test_a_silent_or_closed_peer_fails_within_the_deadline_naming_shard_an
         await receiver.server.close()
 
 
+class _Serving(_Receiver):
+    """A node that also serves calls: it doubles the input rows once ``release`` is set,
+    dropping its view of the input first (as a shard does once its request has read it)."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp)
+        self.release = asyncio.Event()
+        self.release.set()
+        self.calls: list[dict[str, object]] = []
+        self.server = LinkServer(self.deliver_and_drop, serve=self.serve, directory=tmp)
+
+    def deliver_and_drop(self, notice: dict[str, object], values: np.ndarray) -> int:
+        return 202  # used at once: its span is free again
+
+    async def serve(self, notice: dict[str, object], values: np.ndarray) -> Any:
+        self.calls.append(notice)
+        doubled = values * 2
+        del values
+        await self.release.wait()
+        if notice.get("dst") == 9:
+            return 503, b'{"error": "shard 9 timed out", "shard": 9, "channel": "direct"}'
+        return 200, doubled
+
+
+async def test_a_call_carries_its_rows_through_the_ring_and_answers_from_its_span(
+    tmp_path: Path,
+) -> None:
+    """The coordinator's call over a link: the input through the ring, the output written by
+    the node into the span the caller reserved (no values in the answer), exactly; a failure
+    comes back as its JSON body; a ring without room sends both ways inline."""
+    receiver = _Serving(tmp_path)
+    links = await _links(receiver.server, ring_bytes=1 << 20, tmp=tmp_path)
+    try:
+        link = await links.find("http://peer:1")
+        assert link is not None
+        rows = np.random.default_rng(3).random((256, 64), dtype=np.float32)
+        header = {"set_name": "net", "request_id": "r", "dst": 1}
+        for _ in range(20):  # 20 x 128 KiB both ways through a 1 MiB ring
+            status, out = await link.call(header, rows, out_count=rows.size, timeout_s=5)
+            assert status == 200 and isinstance(out, np.ndarray)
+            np.testing.assert_array_equal(out.reshape(rows.shape), rows * 2)
+        assert link.inline == 0 and "out_at" in receiver.calls[-1]
+        status, body = await link.call({**header, "dst": 9}, rows, out_count=rows.size,
+                                       timeout_s=5)  # fmt: skip
+        assert status == 503 and b"shard 9" in bytes(body)  # type: ignore[arg-type]
+        big = np.ones((4096, 64), np.float32)  # 1 MiB each way: more than the ring holds
+        status, out = await link.call(header, big, out_count=big.size, timeout_s=5)
+        assert status == 200 and "out_at" not in receiver.calls[-1]
+        np.testing.assert_array_equal(np.asarray(out).reshape(big.shape), big * 2)
+    finally:
+        await links.close()
+        await receiver.server.close()
+
+
+async def test_a_calls_output_span_is_not_reused_before_its_answer_is_read(
+    tmp_path: Path,
+) -> None:
+    """While a call runs, the node has let go of its input and of every message after it, so
+    its released counter passes the call's output span; the caller must still not write
+    there before it has read the answer (a late answer would land in a span reused)."""
+    receiver = _Serving(tmp_path)
+    receiver.release.clear()
+    links = await _links(receiver.server, ring_bytes=1 << 16, tmp=tmp_path)
+    try:
+        link = await links.find("http://peer:1")
+        assert link is not None
+        rows = np.full((64, 16), 3.0, np.float32)  # 4 KiB in, 4 KiB out
+        call = asyncio.ensure_future(
+            link.call({"set_name": "net", "dst": 1}, rows, out_count=rows.size, timeout_s=5)
+        )
+        while not receiver.calls:
+            await asyncio.sleep(0.01)
+        out_at = int(receiver.calls[0]["out_at"])  # type: ignore[call-overload]
+        overlaps = 0
+        for layer in range(64):  # 64 x 8 KiB through a 64 KiB ring: it wraps several times
+            values = np.full((128, 16), float(layer), np.float32)
+            notice: dict[str, object] = {}
+            before = link.inline
+            await link.send({"set_name": "net", "dst": 1, "layer": layer, **notice}, values,
+                            timeout_s=5)  # fmt: skip
+            if link.inline == before:
+                at = 64 + (link._written - values.nbytes) % link.ring_bytes  # its offset
+                overlaps += max(at, out_at) < min(at + values.nbytes, out_at + rows.nbytes)
+        assert overlaps == 0
+        assert link.inline > 0  # the ring filled up to the held span: the rest went inline
+        receiver.release.set()
+        status, out = await call
+        assert status == 200
+        np.testing.assert_array_equal(np.asarray(out).reshape(rows.shape), rows * 2)
+        before = link.inline
+        await link.send({"set_name": "net", "dst": 1, "layer": 99}, np.ones((128, 16), np.float32),
+                        timeout_s=5)  # fmt: skip
+        assert link.inline == before  # read: the span is free again
+    finally:
+        await links.close()
+        await receiver.server.close()
+
+
+async def test_a_call_fails_at_its_deadline_or_at_once_when_the_node_goes(tmp_path: Path) -> None:
+    """A node that never answers a call: LinkBroken at the call's deadline; a node whose
+    socket closes mid-call: LinkBroken at once (the coordinator's 503 naming the shard)."""
+    receiver = _Serving(tmp_path)
+    receiver.release.clear()
+    links = await _links(receiver.server, ring_bytes=1 << 20, tmp=tmp_path)
+    loop = asyncio.get_running_loop()
+    try:
+        link = await links.find("http://peer:1")
+        assert link is not None
+        rows = np.ones((16, 4), np.float32)
+        started = loop.time()
+        with pytest.raises(LinkBroken, match="no answer within"):
+            await link.call({"set_name": "net", "dst": 1}, rows, out_count=64, timeout_s=0.3)
+        assert loop.time() - started < 2.0
+        call = asyncio.ensure_future(
+            link.call({"set_name": "net", "dst": 1}, rows, out_count=64, timeout_s=30)
+        )
+        await asyncio.sleep(0.05)
+        started = loop.time()
+        link._transport.close()  # type: ignore[union-attr]  # the node went away
+        with pytest.raises(LinkBroken):
+            await call
+        assert loop.time() - started < 1.0
+    finally:
+        receiver.release.set()
+        await links.close()
+        await receiver.server.close()
+
+
 async def test_another_host_or_no_endpoint_stays_on_http(tmp_path: Path) -> None:
     async def elsewhere(url: str) -> LinkEndpoint | None:
         return LinkEndpoint("another-boot:1:2", str(tmp_path / "x.sock"))
@@ -238,6 +366,9 @@ async def test_nodes_on_one_host_exchange_through_shared_memory_matching_the_ref
         for _ in range(2):
             out = await coordinator.infer("radix", x)
             np.testing.assert_allclose(out, net.forward(x), rtol=1e-5, atol=1e-5)
+        calls = [found.result() for found in coordinator._links._links.values()]
+        assert len(calls) == nodes and all(link is not None and link._seq >= 2 for link in calls)
+        assert not coordinator._pools  # the coordinator's calls went over the links, not HTTP
     finally:
         await coordinator.close()
     used = [
@@ -265,6 +396,7 @@ async def test_shared_memory_off_keeps_the_direct_channel_on_http(
         )  # fmt: skip
         out = await coordinator.infer("radix", x)
         np.testing.assert_allclose(out, net.forward(x), rtol=1e-5, atol=1e-5)
+        assert coordinator._pools and not coordinator._links._links  # calls over HTTP too
     finally:
         await coordinator.close()
     assert all(not node.host.links._links for node in thread_nodes[:2])
