@@ -176,7 +176,9 @@ def decode_answer_pairs(meta: memoryview | bytes) -> tuple[int, list[tuple[bytes
     fields = bytes(meta).split(b"\n")
     if not len(fields) % 2 or not fields[0].isdigit():
         raise FrameError("a malformed answer frame")
-    return int(fields[0]), list(zip(fields[1::2], fields[2::2], strict=True))
+    rest = iter(fields)
+    status = int(next(rest))
+    return status, list(zip(rest, rest, strict=False))  # name, value pairs: an even count
 
 
 # -- reading frames from a stream ---------------------------------------------------------------
