@@ -149,8 +149,8 @@ class KeepAliveConnection(asyncio.Protocol):
         self._reply = reply
         self._send(head, body)
         # The time limit: a deadline, and one watch per connection that stays armed across
-        # calls (re-armed only when it fires before the current call's deadline, or for a call
-        # with a nearer one). A call costs a clock read, not a timer armed and cancelled, nor
+        # calls (re-armed only when it fires at an earlier call's deadline, or for a call with
+        # a nearer one). A call costs a clock read, not a timer armed and cancelled, nor
         # asyncio.wait_for's second future, callback and handle.
         self._timeout_s = timeout_s
         self._deadline = deadline = loop.time() + timeout_s
@@ -176,7 +176,7 @@ class KeepAliveConnection(asyncio.Protocol):
         reply = self._reply
         if reply is None or reply.done() or self.closed:
             return  # idle: the next call arms it again
-        if self._loop.time() < self._deadline:
+        if self._watch_at < self._deadline:
             self._arm(self._deadline)  # armed for an earlier call: watch this one's deadline
             return
         reply.set_exception(PeerUnreachable(f"no answer within {self._timeout_s:.1f} s"))
