@@ -33,6 +33,7 @@ from gpufaas.core.frames import (
     Frame,
     FrameError,
     FrameReader,
+    answer_frame,
     encode_answer,
     parse_hello,
 )
@@ -106,6 +107,7 @@ class CallConnection(asyncio.Protocol, Generic[Head]):
         self.authorized = listener.token is None
         self.waiting: collections.deque[Frame] = collections.deque()
         self.running = False
+        self.paused = False  # reading paused while a second call waits
         self.closing = False
         self.stall: asyncio.TimerHandle | None = None  # armed while a frame is half read
 
@@ -121,6 +123,16 @@ class CallConnection(asyncio.Protocol, Generic[Head]):
             self.stall.cancel()
 
     def data_received(self, data: bytes) -> None:
+        if not self.running and not self.waiting:  # the usual read: one whole call, idle
+            try:
+                frame = self.reader.whole(data)
+            except FrameError as e:
+                self._refuse(e.status, str(e))
+                return
+            if frame is not None and frame.kind == INFER:  # nothing part read: no stall armed
+                self.running = True
+                self.listener.run_call(self._call(frame))
+                return
         try:
             frames = self.reader.feed(data)
         except FrameError as e:
@@ -137,8 +149,9 @@ class CallConnection(asyncio.Protocol, Generic[Head]):
                 return
         if self.waiting and not self.running:
             self._next()
-        if len(self.waiting) > 1 and self.transport is not None:
+        if len(self.waiting) > 1 and self.transport is not None and not self.paused:
             self.transport.pause_reading()
+            self.paused = True
 
     def _watch_stall(self) -> None:
         """A frame begun must go on arriving: past ``frame_timeout_s`` without a byte of it,
@@ -171,11 +184,10 @@ class CallConnection(asyncio.Protocol, Generic[Head]):
         if self.transport is None or self.transport.is_closing():
             return
         status, headers, body = answer
-        head = encode_answer(status, headers, len(body))
         if len(body) <= _JOIN_BELOW:
-            self.transport.write(head + body)
+            self.transport.write(answer_frame(status, headers, body))
         else:
-            self.transport.writelines((head, body))
+            self.transport.writelines((encode_answer(status, headers, len(body)), body))
 
     def _next_if_idle(self) -> None:
         if self.waiting and not self.running and not self.closing:
@@ -207,5 +219,6 @@ class CallConnection(asyncio.Protocol, Generic[Head]):
         self._write(answer)
         if self.waiting:  # the next in a later callback: answered at once, calls would recurse
             asyncio.get_running_loop().call_soon(self._next_if_idle)
-        elif self.transport is not None:
+        elif self.paused and self.transport is not None:
             self.transport.resume_reading()
+            self.paused = False

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict
@@ -36,6 +35,7 @@ __all__ = [
     "FrameReader",
     "FramedEndpoint",
     "InferHead",
+    "answer_frame",
     "decode_answer_meta",
     "decode_answer_pairs",
     "encode_answer",
@@ -69,8 +69,10 @@ class FrameError(Exception):
         self.status = status
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
+    """One frame read: its kind, and views of its meta and body. A named tuple: one is built per
+    frame read at each end, and a tuple is the cheapest to build."""
+
     kind: int
     meta: memoryview | bytes
     body: memoryview | bytes
@@ -143,10 +145,23 @@ class InferHead(NamedTuple):
 
 def encode_answer(status: int, headers: Iterable[tuple[bytes, bytes]], body_length: int) -> bytes:
     """The head of an answer frame: the status, then one line per header name and value."""
+    return frame_head(ANSWER, answer_meta(status, headers), body_length)
+
+
+def answer_frame(
+    status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes | memoryview
+) -> bytes:
+    """A whole answer frame, head, meta and body in one join (one write, one copy)."""
+    meta = answer_meta(status, headers)
+    return b"".join((HEAD.pack(MAGIC, VERSION, ANSWER, len(meta), len(body)), meta, body))
+
+
+def answer_meta(status: int, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """An answer frame's meta: the status, then one line per header name and value."""
     lines = [b"%d" % status]
     for name, value in headers:
         lines += (name, value)
-    return frame_head(ANSWER, b"\n".join(lines), body_length)
+    return b"\n".join(lines)
 
 
 def decode_answer_meta(meta: memoryview | bytes) -> tuple[int, Mapping[str, str]]:
@@ -161,7 +176,9 @@ def decode_answer_pairs(meta: memoryview | bytes) -> tuple[int, list[tuple[bytes
     fields = bytes(meta).split(b"\n")
     if not len(fields) % 2 or not fields[0].isdigit():
         raise FrameError("a malformed answer frame")
-    return int(fields[0]), list(zip(fields[1::2], fields[2::2], strict=True))
+    rest = iter(fields)
+    status = int(next(rest))
+    return status, list(zip(rest, rest, strict=False))  # name, value pairs: an even count
 
 
 # -- reading frames from a stream ---------------------------------------------------------------
@@ -190,8 +207,8 @@ class FrameReader:
         """Whether part of a frame has been read and the rest has not."""
         return bool(self._head) or self._frame is not None
 
-    def _check(self, head: bytes | bytearray | memoryview) -> tuple[int, int, int]:
-        magic, version, kind, meta_length, body_length = HEAD.unpack(head)
+    def _check(self, head: bytes | bytearray | memoryview, at: int = 0) -> tuple[int, int, int]:
+        magic, version, kind, meta_length, body_length = HEAD.unpack_from(head, at)
         if magic != MAGIC:
             raise FrameError("not a gpufaas frame (bad magic): this port speaks framed inference")
         if version != VERSION:
@@ -213,6 +230,28 @@ class FrameReader:
             )
         return kind, meta_length, body_length
 
+    def whole(self, data: bytes) -> Frame | None:
+        """``data`` as one frame when it is exactly one whole frame and nothing is part read (the
+        usual read of a call or an answer on a connection that carries one at a time): the same
+        checks as :meth:`feed`, without its bookkeeping. None when it is not such a read, with
+        nothing consumed: then :meth:`feed` takes it. Raises :class:`FrameError`."""
+        start = HEAD.size
+        if self._head or self._frame is not None or len(data) < start:
+            return None
+        magic, version, kind, meta_length, body_length = HEAD.unpack_from(data)
+        if (
+            magic != MAGIC
+            or version != VERSION
+            or kind not in KINDS
+            or meta_length > self.max_meta
+            or body_length > self.max_body
+        ):
+            self._check(data)  # raises, naming what is wrong
+        if len(data) != start + meta_length + body_length:
+            return None
+        view = memoryview(data)
+        return Frame(kind, view[start : start + meta_length], view[start + meta_length :])
+
     def feed(self, data: bytes) -> list[Frame]:
         """The frames ``data`` completes, in order. Raises :class:`FrameError`."""
         frames: list[Frame] = []
@@ -233,7 +272,7 @@ class FrameReader:
                     self._frame = None
                 continue
             if not self._head and end - pos >= size:
-                kind, meta_length, body_length = self._check(view[pos : pos + size])
+                kind, meta_length, body_length = self._check(data, pos)
                 pos += size
             else:  # a head split across reads
                 take = min(size - len(self._head), end - pos)

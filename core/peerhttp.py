@@ -105,6 +105,11 @@ class KeepAliveConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._reply: asyncio.Future[PeerReply] | None = None
+        # The time limit of the call on it: one watch per connection (see call)
+        self._timeout_s = 0.0
+        self._deadline = 0.0
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_at = 0.0
         self.got_bytes = False
         self.closed = False
         self.idle_since = 0.0
@@ -114,6 +119,9 @@ class KeepAliveConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         self._pool.forget(self)
         self._fail(PeerUnreachable(f"the connection closed before the answer ({exc or 'EOF'})"))
 
@@ -140,21 +148,39 @@ class KeepAliveConnection(asyncio.Protocol):
         reply: asyncio.Future[PeerReply] = loop.create_future()
         self._reply = reply
         self._send(head, body)
-        # One timer, not asyncio.wait_for (a second future, a callback and a handle per call).
-        timer = loop.call_later(timeout_s, self._time_out, reply, timeout_s)
+        # The time limit: a deadline, and one watch per connection that stays armed across
+        # calls (re-armed only when it fires at an earlier call's deadline, or for a call with
+        # a nearer one). A call costs a clock read, not a timer armed and cancelled, nor
+        # asyncio.wait_for's second future, callback and handle.
+        self._timeout_s = timeout_s
+        self._deadline = deadline = loop.time() + timeout_s
+        if self._watch is None or deadline < self._watch_at:
+            self._arm(deadline)
         try:
             return await reply
         except asyncio.CancelledError:
             self.close()  # its answer would be read as the next call's
             raise
         finally:
-            timer.cancel()
             self._reply = None
 
-    def _time_out(self, reply: asyncio.Future[PeerReply], timeout_s: float) -> None:
-        if not reply.done():
-            reply.set_exception(PeerUnreachable(f"no answer within {timeout_s:.1f} s"))
-            self.close()
+    def _arm(self, at: float) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch = self._loop.call_at(at, self._check_deadline)
+        self._watch_at = at
+
+    def _check_deadline(self) -> None:
+        """The watch: the call on the connection now, if any, fails once past its deadline."""
+        self._watch = None
+        reply = self._reply
+        if reply is None or reply.done() or self.closed:
+            return  # idle: the next call arms it again
+        if self._watch_at < self._deadline:
+            self._arm(self._deadline)  # armed for an earlier call: watch this one's deadline
+            return
+        reply.set_exception(PeerUnreachable(f"no answer within {self._timeout_s:.1f} s"))
+        self.close()
 
     def close(self) -> None:
         if self._transport is not None:

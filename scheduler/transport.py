@@ -72,7 +72,8 @@ class _FramedConnection(KeepAliveConnection):
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
         try:
-            frames = self._reader.feed(data)
+            frame = self._reader.whole(data)  # the usual read: one whole answer
+            frames = self._reader.feed(data) if frame is None else (frame,)
             for frame in frames:
                 if frame.kind != ANSWER:
                     raise FrameError(f"the GPU manager sent a frame of kind {frame.kind}")

@@ -237,6 +237,37 @@ async def test_a_timed_out_call_is_not_sent_again(
     await pool.close()
 
 
+async def test_each_call_is_held_to_its_own_time_limit_on_a_reused_connection(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    """A connection watches its calls' limits with one timer that outlives a call: one armed
+    for an earlier call must neither fail a later call still within its own limit, nor let a
+    later call with a nearer limit wait past it."""
+
+    async def late_second_silent_third(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Server
+    ) -> None:
+        while (body := await read_request(reader)) is not None:
+            state.requests += 1
+            if state.requests == 2:
+                await asyncio.sleep(0.4)  # past the first call's limit, within its own
+            if state.requests < 3:
+                writer.write(answer(body))
+                await writer.drain()
+
+    server = await serve(late_second_silent_third)
+    pool = NodePool(f"http://127.0.0.1:{server.port}", size=1)
+    assert (await pool.post("/x", b"first", timeout_s=0.2)).body == b"first"
+    assert (await pool.post("/x", b"second", timeout_s=5.0)).body == b"second"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(NodeUnreachable, match=r"no answer within 0\.2 s"):
+        await asyncio.wait_for(pool.post("/x", b"third", timeout_s=0.2), 3.0)
+    assert loop.time() - started < 1.5  # its own 0.2 s, not the second call's 5 s
+    assert pool.connects == 1 and server.requests == 3
+    await pool.close()
+
+
 async def test_a_cancelled_call_closes_its_connection(
     serve: Callable[..., Awaitable[Server]],
 ) -> None:

@@ -57,6 +57,32 @@ def test_a_frame_that_claims_more_than_the_bound_is_refused_before_any_buffering
         FrameReader(max_body=1024, max_meta=16).feed(frame_head(INFER, b"x" * 17, 0))
 
 
+def test_one_whole_frame_is_read_at_once_with_the_same_checks() -> None:
+    """``whole``, the usual read of a connection that carries one call at a time: one whole
+    frame as views of the read; anything else (part of a frame, two frames, a frame already
+    begun) left to ``feed`` with nothing consumed; and a head over the bounds or of no frame
+    refused as ``feed`` refuses it, though the frame is all there."""
+    call = InferHead("tiny-mlp", "cpu:0", 42, "")
+    data = call.encode(5) + b"hello"
+    reader = FrameReader(max_body=100)
+    frame = reader.whole(data)
+    assert frame is not None and frame.kind == INFER and bytes(frame.body) == b"hello"
+    assert InferHead.decode(frame.meta) == call and isinstance(frame.body, memoryview)
+    assert reader.whole(data[:-1]) is None and reader.whole(data + data) is None
+    assert not reader.partial
+    assert reader.feed(data[:-1]) == [] and reader.partial
+    assert reader.whole(data) is None  # a frame begun: only feed may go on with it
+    with pytest.raises(FrameError) as refused:
+        FrameReader(max_body=4).whole(data)  # all 5 bytes sent: still over the bound
+    assert refused.value.status == 413 and "body claims 5 bytes" in str(refused.value)
+    with pytest.raises(FrameError, match="meta claims"):
+        FrameReader(max_body=100, max_meta=4).whole(data)
+    with pytest.raises(FrameError, match="bad magic"):
+        FrameReader(max_body=100).whole(b"XX" + data[2:])
+    with pytest.raises(FrameError, match="kind 7"):
+        FrameReader(max_body=100).whole(b"GF\x01\x07" + data[4:])
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
