@@ -149,8 +149,10 @@ class Estimates:
         load_ms = _check_sample(load_ms, what="load_ms")
         size = _check_sample(size_bytes, what="size_bytes")
         self._load_line.update(size, load_ms)
+        reload = model in self._load
         self._load.setdefault(model, Ewma(alpha=self.alpha)).update(load_ms)
-        self._least_load[model] = min(self._least_load.get(model, math.inf), load_ms)
+        if reload:  # a first load paid one-time costs (its artifact's first read) a reload won't
+            self._least_load[model] = min(self._least_load.get(model, math.inf), load_ms)
         self._fastest[size_bytes] = min(self._fastest.get(size_bytes, math.inf), load_ms)
         self._victim_load.clear()  # the line moved: every snapped value may have
 
@@ -192,8 +194,10 @@ class Estimates:
         """The load time that values ``model`` as an eviction victim: what a model of its size
         is expected to take (the fitted line, or the prior), times the model's own factor over
         the fastest model of its size, rounded to a power of two
-        (``2 ** round(log2(least / fastest))``, ``least`` its own fastest load, ``fastest``
-        the fastest load seen of any model of its size).
+        (``2 ** round(log2(least / fastest))``, ``least`` its own fastest reload, ``fastest``
+        the fastest load seen of any model of its size). A model not reloaded yet is valued at
+        the line: its first load paid one-time costs (the artifact's first read, a process's
+        set-up) that reloading it will not.
 
         Loads of identical models differ only by timing noise, and noise only adds time:
         another process on the core, a page fault, a process's first load (torch's set-up,
@@ -201,8 +205,8 @@ class Estimates:
         Valued by their EWMAs, or by the EWMA's ratio to the line, such victims ranked by that
         noise (measured live, 2026-12-06: half of one gateway's load decisions and three
         quarters of the placement owner's at 4 replicas would change with identical models
-        valued alike). A model's fastest load is its load without the noise, so models of one
-        size get the same value, whatever the contention, and rank by their
+        valued alike). A model's fastest reload is its reload without the noise, so models of
+        one size get the same value, whatever the contention, and rank by their
         shares of requests, then by the tie-break of the caller (least recently used first).
         A model that loads measurably slower than others of its size (2x and more, every time)
         still counts as such. See ``docs/scheduling.md``, "Ties". Kept per ``(model, size)``

@@ -81,18 +81,19 @@ def test_victims_rank_by_share_then_last_use_whatever_the_load_noise(
 
 @st.composite
 def _noisy_loads(draw: st.DrawFn) -> tuple[list[str], list[int], list[int], list[list[float]]]:
-    """Per model, its loads as multiples of ``BASE_MS``: noise only adds (a process's first
-    load, up to 500x; contended loads, up to 3x), and one load in its run is clean (within
-    20%): what a model loads in without the noise."""
+    """Per model, its loads as multiples of ``BASE_MS``: its first load cold (the artifact's
+    first read, a process's set-up: up to 500x), then reloads where noise only adds (a process
+    set up late, up to 500x; contention, up to 3x), one of them clean (within 20%): what it
+    reloads in without the noise."""
     models, order, stream, _ = draw(_device_and_stream())
+    noise = st.one_of(st.floats(1.0, 3.0), st.floats(50.0, 500.0))
     loads = []
     for _ in models:
-        noisy = draw(
-            st.lists(st.one_of(st.floats(1.0, 3.0), st.floats(50.0, 500.0)), min_size=0, max_size=6)
-        )
+        first = draw(st.floats(1.0, 500.0))
+        noisy = draw(st.lists(noise, min_size=0, max_size=6))
         clean = draw(st.floats(1.0, 1.2))
         at = draw(st.integers(0, len(noisy)))
-        loads.append([*noisy[:at], clean, *noisy[at:]])
+        loads.append([first, *noisy[:at], clean, *noisy[at:]])
     return models, order, stream, loads
 
 
@@ -136,6 +137,9 @@ def test_a_model_measurably_slower_to_load_still_counts_as_slower() -> None:
     assert est.victim_load_ms("slow", size_bytes=SIZE) >= 2 * same.pop()
     # never measured: the line (or the prior), as load_ms gives it
     assert est.victim_load_ms("new", size_bytes=SIZE) == est.load_ms("new", size_bytes=SIZE)
+    # loaded once, cold: the line too (a first load is not what reloading it costs)
+    est.observe_load("once", size_bytes=SIZE, load_ms=BASE_MS * 300)
+    assert est.victim_load_ms("once", size_bytes=SIZE) == est.victim_load_ms("a", size_bytes=SIZE)
 
 
 @settings(max_examples=100, deadline=None)
