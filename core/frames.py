@@ -109,6 +109,7 @@ class InferHead(NamedTuple):
     device: str | None = None
     header_length: int | None = None  # None: the body is all JSON
     evict_first: str = ""  # comma-separated, as the HTTP header; the node checks it alike
+    request_key: str = ""  # scale-out (#16): a forwarded request's key; the node runs it once
 
     def encode(self, body_length: int) -> bytes:
         fields = (
@@ -116,17 +117,19 @@ class InferHead(NamedTuple):
             self.device or "",
             "" if self.header_length is None else str(self.header_length),
             self.evict_first,
+            self.request_key,
         )
         return frame_head(INFER, "\n".join(fields).encode(), body_length)
 
     @classmethod
     def decode(cls, meta: memoryview | bytes) -> InferHead:
         try:
-            model, device, length, evict = bytes(meta).decode().split("\n")
+            lines = bytes(meta).decode().split("\n")
+            model, device, length, evict, key = lines if len(lines) == 5 else (*lines, "")
         except (UnicodeDecodeError, ValueError):
             raise FrameError(
                 "a malformed infer frame: its meta must be 4 UTF-8 lines "
-                "(model, device, header length, evict-first)"
+                "(model, device, header length, evict-first), and a 5th: a request key, if any"
             ) from None
         if not model:
             raise FrameError("the infer frame names no model")
@@ -137,6 +140,7 @@ class InferHead(NamedTuple):
             device=device or None,
             header_length=int(length) if length else None,
             evict_first=evict,
+            request_key=key,
         )
 
 

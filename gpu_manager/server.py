@@ -321,6 +321,10 @@ def create_node(
         async def read() -> bytes | memoryview:
             return body
 
+        if call.request_key:  # scale-out (#16): a forwarded request's key runs once
+            return await metrics.once.run(
+                call.request_key, lambda: answer_call(runtime, call, read, limits, metrics)
+            )
         return await answer_call(runtime, call, read, limits, metrics)
 
     if framed is not None:

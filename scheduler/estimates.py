@@ -126,6 +126,9 @@ class Estimates:
         self.prior_infer_ms = _check_sample(prior_infer_ms, what="prior inference ms")
         self._load_line = EwmaLine(alpha=alpha / 2)
         self._load: dict[str, Ewma] = {}
+        # Victims' values: each model's fastest load, and per size the fastest of any model.
+        self._least_load: dict[str, float] = {}
+        self._fastest: dict[int, float] = {}
         # (model, size) -> victim_load_ms, until the next observed load
         self._victim_load: dict[tuple[str, int], float] = {}
         self._infer: dict[str, Ewma] = {}
@@ -146,7 +149,11 @@ class Estimates:
         load_ms = _check_sample(load_ms, what="load_ms")
         size = _check_sample(size_bytes, what="size_bytes")
         self._load_line.update(size, load_ms)
+        reload = model in self._load
         self._load.setdefault(model, Ewma(alpha=self.alpha)).update(load_ms)
+        if reload:  # a first load paid one-time costs (its artifact's first read) a reload won't
+            self._least_load[model] = min(self._least_load.get(model, math.inf), load_ms)
+        self._fastest[size_bytes] = min(self._fastest.get(size_bytes, math.inf), load_ms)
         self._victim_load.clear()  # the line moved: every snapped value may have
 
     def observe_infer(self, model: str, *, infer_ms: float) -> None:
@@ -166,6 +173,7 @@ class Estimates:
     def forget(self, model: str) -> None:
         """Drop a model's own history (its weights changed, or it was deleted)."""
         self._load.pop(model, None)
+        self._least_load.pop(model, None)
         self._victim_load.clear()
         self._infer.pop(model, None)
         self._share.pop(model, None)
@@ -184,18 +192,26 @@ class Estimates:
 
     def victim_load_ms(self, model: str, *, size_bytes: int) -> float:
         """The load time that values ``model`` as an eviction victim: what a model of its size
-        is expected to take (the fitted line, or the prior), times its own measured factor
-        over that rounded to a power of two (``2 ** round(log2(own / line))``).
+        is expected to take (the fitted line, or the prior), times the model's own factor over
+        the fastest model of its size, rounded to a power of two
+        (``2 ** round(log2(least / fastest))``, ``least`` its own fastest reload, ``fastest``
+        the fastest load seen of any model of its size). A model not reloaded yet is valued at
+        the line: its first load paid one-time costs (the artifact's first read, a process's
+        set-up) that reloading it will not.
 
-        Loads of identical models differ only by timing noise (another process on the core, a
-        page fault), and the raw per-model EWMAs would rank such victims by that noise: the
-        same trace would evict different models from run to run. Snapped, models of one size
-        whose loads stay within about 1.41x of the line's estimate (either way) get the same
-        value, so they rank by their shares of requests, then by the tie-break of the caller
-        (least recently used first). A model that loads measurably slower (2x and more) still
-        counts as such. See ``docs/scheduling.md``, "Ties". Kept per ``(model, size)`` until
-        the next load is observed: LALB asks for every resident of every candidate device, and
-        the fit costs several times a lookup.
+        Loads of identical models differ only by timing noise, and noise only adds time:
+        another process on the core, a page fault, a process's first load (torch's set-up,
+        hundreds of times a warm load), and on a shared box more of it the more processes run.
+        Valued by their EWMAs, or by the EWMA's ratio to the line, such victims ranked by that
+        noise (measured live, 2026-12-06: half of one gateway's load decisions and three
+        quarters of the placement owner's at 4 replicas would change with identical models
+        valued alike). A model's fastest reload is its reload without the noise, so models of
+        one size get the same value, whatever the contention, and rank by their
+        shares of requests, then by the tie-break of the caller (least recently used first).
+        A model that loads measurably slower than others of its size (2x and more, every time)
+        still counts as such. See ``docs/scheduling.md``, "Ties". Kept per ``(model, size)``
+        until the next load is observed: LALB asks for every resident of every candidate
+        device, and the fit costs several times a lookup.
         """
         key = (model, size_bytes)
         known = self._victim_load.get(key)
@@ -213,12 +229,11 @@ class Estimates:
             if fitted is not None
             else self.prior_load_overhead_ms + size_bytes * self.prior_load_ms_per_byte
         )
-        own = self.measured_load_ms(model)
-        if own is None:
-            return line
-        if own <= 0 or line <= 0:
-            return own  # nothing to scale: its own measurement
-        return line * 2.0 ** round(math.log2(own / line))
+        least = self._least_load.get(model)
+        fastest = self._fastest.get(size_bytes, 0.0)
+        if least is None or line <= 0 or fastest <= 0:
+            return line  # not seen loading (at this size), or nothing to scale
+        return line * 2.0 ** round(math.log2(least / fastest))
 
     def measured_load_ms(self, model: str) -> float | None:
         """The EWMA of ``model``'s own loads, or None if it has not been seen loading."""

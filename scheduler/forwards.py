@@ -48,6 +48,7 @@ __all__ = [
     "OwnerDecision",
     "Placement",
     "PlacementAnswers",
+    "keyed_call",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,14 @@ class Asked:
     owner_ms: float
 
 
+def keyed_call(call: NodeCall, key: str) -> NodeCall:
+    """``call`` under a request key: in its headers (the manager's HTTP route) and in its framed
+    head (``InferHead.request_key``: the manager's framed lane). A manager runs a key once
+    whichever way it comes."""
+    infer = None if call.infer is None else call.infer._replace(request_key=key)
+    return NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key}, infer)
+
+
 class Forwards:
     """One replica's placements sent to the owner: forwards and questions."""
 
@@ -134,9 +143,9 @@ class Forwards:
         if peer is None:
             return Placement(reply=None, call=call)
         key = uuid.uuid4().hex
-        # The owner's lane carries the key; so does HTTP. The call that comes back to be placed
-        # here is keyed, so over HTTP to the manager (no framed InferHead): Replicas.begin().
-        keyed = NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
+        # The owner's lane carries the key; so does HTTP; so does the call that comes back to
+        # be placed here, to whichever manager lane it takes (keyed_call).
+        keyed = keyed_call(call, key)
         self.forwarded.labels(owner).inc()
         started = time.perf_counter()
         infer = call.infer

@@ -79,8 +79,8 @@ class NodeLanes:
         if call.infer is not None and self.transport == "inprocess":
             local = self.colocated.get(node.name)
             if local is not None:  # the node on this loop: its answer function, no frame
-                model, _, header_length, _ = call.infer
-                head = InferHead(model, device_id, header_length, evict)
+                model, _, header_length, _, key = call.infer
+                head = InferHead(model, device_id, header_length, evict, key)
                 return self._in_process(local, head, call.body)
         if (
             call.infer is not None
@@ -89,8 +89,9 @@ class NodeLanes:
         ):
             framed = self.framed_pool(node, node.framed)
             if framed is not None:  # the node's framed lane: no HTTP at either end
-                model, _, header_length, _ = call.infer
-                return framed.infer(InferHead(model, device_id, header_length, evict), call.body)
+                model, _, header_length, _, key = call.infer
+                head = InferHead(model, device_id, header_length, evict, key)
+                return framed.infer(head, call.body)
         headers = {**call.headers, DEVICE_HEADER: device_id}
         if evict:
             headers[EVICT_FIRST_HEADER] = evict

@@ -62,6 +62,7 @@ from gpufaas.scheduler.forwards import (
     OwnerDecision,
     Placement,
     PlacementAnswers,
+    keyed_call,
 )
 from gpufaas.scheduler.lanes import NodeCall
 from gpufaas.scheduler.peer_calls import PeerCalls
@@ -330,9 +331,7 @@ class Replicas:
         key = _REQUEST_KEY.get()
         if key is None or call.headers.get(REQUEST_KEY_HEADER) == key:
             return call
-        # No framed InferHead on a keyed call: the key rides as an HTTP header, and the
-        # manager's HTTP route is where a key runs once (the framed lane carries no key).
-        return NodeCall(call.path, call.body, {**call.headers, REQUEST_KEY_HEADER: key})
+        return keyed_call(call, key)  # over HTTP or the manager's framed lane, run once
 
     def answered(self, reply: NodeReply) -> NodeReply:
         """``reply`` as this replica answers it: a forwarded request's answer says how long

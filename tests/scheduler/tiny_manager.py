@@ -16,6 +16,7 @@ from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.manifests import bundled_functions_dir, load_manifests
 from gpufaas.gpu_manager.inventory import cpu_devices
 from gpufaas.gpu_manager.runtime import NodeRuntime
+from gpufaas.gpu_manager.server import FramedListen
 from gpufaas.gpu_manager.server import create_app as create_manager_app
 from gpufaas.scheduler.local import free_port
 
@@ -24,9 +25,14 @@ TIMEOUT = 60
 
 @contextlib.asynccontextmanager
 async def tiny_mlp_manager(
-    tmp_path: Path, models_dir: Path, *, wrap: Callable[[Any], Any] = lambda app: app
+    tmp_path: Path,
+    models_dir: Path,
+    *,
+    wrap: Callable[[Any], Any] = lambda app: app,
+    framed_socket: Path | None = None,
 ) -> AsyncIterator[tuple[str, list[InferenceFunction]]]:
-    """The manager's URL and the functions it can serve; ``wrap`` goes around its app."""
+    """The manager's URL and the functions it can serve; ``wrap`` goes around its app. With
+    ``framed_socket``, it also serves its framed lane there (started by its lifespan)."""
     functions = load_manifests(
         [bundled_functions_dir() / "tiny-mlp.yaml"],
         variables={"GPUFAAS_MODELS": str(models_dir)},
@@ -38,11 +44,16 @@ async def tiny_mlp_manager(
     )
     port = free_port()
     config = uvicorn.Config(
-        wrap(create_manager_app(runtime)),
+        wrap(
+            create_manager_app(
+                runtime,
+                framed=None if framed_socket is None else FramedListen(unix_path=framed_socket),
+            )
+        ),
         host="127.0.0.1",
         port=port,
         log_level="warning",
-        lifespan="off",
+        lifespan="off" if framed_socket is None else "on",
     )
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
