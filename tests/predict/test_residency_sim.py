@@ -240,8 +240,10 @@ def test_the_directory_notes_the_victims_the_device_evicts() -> None:
     gone: after every evicting load its view still holds every model the device holds. Planned
     when the load starts instead (the simulator before), the directory had noted its own LRU
     victims gone at routing, and lost models the device kept."""
-    routed = _view_checked(PredictivePolicy(device_price=0.0))
+    planner = _RecordingLoads()
+    routed = _view_checked(planner)
     assert routed.evicting_loads > 10
+    assert planner.loading, "ours never planned the victims"
     assert routed.lost == 0
     at_start = _view_checked(PredictivePolicy(device_price=0.0), route_victims=False)
     assert at_start.evicting_loads > 10
