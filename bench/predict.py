@@ -125,19 +125,29 @@ _LABEL_KEYS = {
     # -j1 (the default since the ninth session): a victim's miss also costs the requests that
     # arrive during its reload and join it (PredictivePolicy.miss_cost), -j0: one miss
     "j": "joins",
+    # -d1: the keep / demote / prefetch rule's device miss counts the requests that join the
+    # reload too, as the victims' price does (PredictivePolicy.reload_miss_cost); -d0: one miss
+    "d": "keep_joins",
 }
+
+
+# label suffixes that turn a simulator option off for that setting (bench/sim/residency.py:
+# TierConfig): -inuse, the victims planned at routing may be models with requests on the
+# device (the gateway before the tenth session); -atstart, ours' victims planned when the load
+# starts while the directory notes LRU's at routing (the simulator before the tenth session)
+SIMULATOR_SUFFIXES = {"inuse": "spare_in_use", "atstart": "route_victims"}
 
 
 def setting_for(label: str) -> tuple[str, str, dict[str, float], bool]:
     """The setting a label names: one of :data:`SETTINGS`, or ours with its parameters in the
-    label (``ours-p0.3-m1000-g4``; a ``-noprefetch`` suffix turns prefetching off)."""
+    label (``ours-p0.3-m1000-g4``; a ``-noprefetch`` suffix turns prefetching off, and those
+    of :data:`SIMULATOR_SUFFIXES` a simulator option)."""
     for setting in SETTINGS:
         if setting[0] == label:
             return setting
     parts = label.split("-")
-    prefetch = parts[-1] != "noprefetch"
-    if not prefetch:
-        parts = parts[:-1]
+    prefetch = "noprefetch" not in parts
+    parts = [part for part in parts if part != "noprefetch" and part not in SIMULATOR_SUFFIXES]
     if parts[0] != "ours" or len(parts) < 2:
         raise TraceError(
             f"unknown setting {label!r}: a label of SETTINGS or ours-p<price>[-m<ms>][-g<n>]"
@@ -218,6 +228,7 @@ def build_simulation(
     costs = assign_models(len(trace.functions), seed=job["seed"])
     catalogue = catalogue_for(trace, costs)
     policy = make_policy(job["policy"], **job["params"])
+    suffixes = set(job.get("label", "").split("-")) & SIMULATOR_SUFFIXES.keys()
     config = SimConfig(
         devices=job["devices"],
         capacity_bytes=job["capacity_bytes"],
@@ -232,6 +243,8 @@ def build_simulation(
         prefetch=job["prefetch"],
         staged_routing=job.get("staged_routing", True),
         prefetch_unserved=job.get("prefetch_unserved", True),
+        route_victims=job.get("route_victims", True) and "atstart" not in suffixes,
+        spare_in_use=job.get("spare_in_use", True) and "inuse" not in suffixes,
     )
     return simulation(
         policy,
@@ -620,6 +633,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="prefetch only functions already served on a device in the run (the rule before)",
     )
+    p.add_argument(
+        "--victims-at-start",
+        action="store_true",
+        help="plan the policy's victims when a load starts, the directory noting LALB's at"
+        " routing (the simulator before the tenth session; the gateway plans at routing)",
+    )
+    p.add_argument(
+        "--plan-in-use",
+        action="store_true",
+        help="let the victims planned at routing include models with requests on the device"
+        " (the gateway before the tenth session)",
+    )
     p.add_argument("--quick", action="store_true", help=f"only {sorted(QUICK)}")
     p.add_argument("--only", default="", help="comma-separated setting labels")
     p.add_argument("--workers", type=int, default=2)
@@ -655,6 +680,8 @@ def base_job(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "tail": args.tail,
         "staged_routing": not args.no_staged_routing,
         "prefetch_unserved": not args.no_prefetch_unserved,
+        "route_victims": not args.victims_at_start,
+        "spare_in_use": not args.plan_in_use,
     }
 
 

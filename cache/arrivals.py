@@ -712,6 +712,7 @@ class PredictivePolicy:
         rent_to_hit: bool = True,
         belady: bool = True,
         joins: bool = True,
+        keep_joins: bool = False,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -743,6 +744,7 @@ class PredictivePolicy:
         self.rent_to_hit = bool(rent_to_hit)
         self.belady = bool(belady)
         self.joins = bool(joins)
+        self.keep_joins = bool(keep_joins)
         self.evict_horizon_s = _finite(
             self.horizon_s if evict_horizon_s is None else evict_horizon_s,
             "evict_horizon_s",
@@ -765,9 +767,15 @@ class PredictivePolicy:
             keep = idle <= self.fallback_keepalive_s
             return Advice(keep=keep, prefetch=False, reason="fallback")
         if tier == "device":
-            # a device miss is a cold start: it costs its load and the wait itself (miss_ms);
-            # a host-tier miss only lengthens a load
-            price, saved = self.device_price, reload_ms + self.miss_ms
+            # a device miss is a cold start: it costs its load and the wait itself (miss_ms),
+            # and with keep_joins the requests that join its reload, as a victim's does; a
+            # host-tier miss only lengthens a load
+            price = self.device_price
+            saved = (
+                self.reload_miss_cost(function, reload_ms)
+                if self.keep_joins
+                else reload_ms + self.miss_ms
+            )
         else:
             price, saved = self.host_price, reload_ms
         rent = price * size_bytes / GB  # ms of load time per second held
@@ -902,14 +910,22 @@ class PredictivePolicy:
 
     def miss_cost(self, candidate: Candidate) -> float:
         """What one miss of an evicted model costs, in ms: its reload and ``miss_ms`` for the
-        request that finds it gone; with ``joins``, also the requests that arrive while it
-        reloads and wait for the same load (each a cold start: ``miss_ms`` and half the reload
-        on average), ``reload / mean gap`` of them (the gap's EWMA). A model asked for every
-        100 ms that takes 600 ms to reload costs seven cold starts, not one."""
-        reload_ms = candidate.reload_ms
+        request that finds it gone; with ``joins``, also the requests that join the reload
+        (:meth:`reload_miss_cost`)."""
+        if not self.joins:
+            return candidate.reload_ms + self.miss_ms
+        return self.reload_miss_cost(candidate.function, candidate.reload_ms)
+
+    def reload_miss_cost(self, function: str, reload_ms: float) -> float:
+        """A device miss of ``function`` counting the requests that join its reload: its
+        reload and ``miss_ms`` for the request that finds it gone, and the requests that arrive
+        while it reloads and wait for the same load (each a cold start: ``miss_ms`` and half
+        the reload on average), ``reload / mean gap`` of them (the gap's EWMA). A model asked
+        for every 100 ms that takes 600 ms to reload costs seven cold starts, not one. The
+        victims' price (``joins``) and the keep / demote rule (``keep_joins``) share it."""
         cost = reload_ms + self.miss_ms
-        mean_gap = self.arrivals.mean_gap(candidate.function)
-        if self.joins and mean_gap is not None:
+        mean_gap = self.arrivals.mean_gap(function)
+        if mean_gap is not None:
             joining = reload_ms / 1000.0 / max(mean_gap, 1e-3)
             cost += joining * (reload_ms / 2 + self.miss_ms)
         return cost

@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 PREFETCH_PATH = node.PREFETCH
 DEMOTE_PATH = node.DEMOTE
+_NOTHING: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +142,11 @@ class PrefetchDriver:
         registry: CollectorRegistry,
         config: PrefetchConfig | None = None,
         clock: Callable[[], float] | None = None,
+        in_use: Callable[[str], Collection[str]] = lambda device: (),
     ) -> None:
         self.policy = policy
+        # the models with requests routed to a device and not answered yet (never victims)
+        self.in_use = in_use
         self.directory = directory
         self.send = send
         self.sizes = sizes
@@ -206,12 +210,16 @@ class PrefetchDriver:
         """What a load of ``model`` (``size_bytes``) on ``device`` should evict: the policy's
         plan over the device's resident models (:func:`~gpufaas.cache.arrivals.eviction_plan`,
         the simulator's rule too), or ``planned`` (LALB's victims) when the policy has no plan
-        of its own."""
+        of its own. A model with requests in flight on the device (``in_use``) is no
+        candidate: the manager cannot evict it while it runs (it would free LRU's victims
+        instead, while the directory noted the plan's gone), and a queued request would find
+        it gone."""
         directory = self.directory
+        busy = self.in_use(device)
         residents = (
             (model, size)
             for model, state, size in directory.residents(device)
-            if state is Residency.RESIDENT
+            if state is Residency.RESIDENT and model not in busy
         )
         order = eviction_plan(
             self.policy,
@@ -350,6 +358,7 @@ def enable_prefetch(
         sizes=sizes,
         reload_ms=reload_ms,
         registry=gateway.metrics.registry,
+        in_use=lambda device: gateway.in_flight.get(device, _NOTHING),
         config=PrefetchConfig(
             tick_s=tick_s, state_file=state_file, time_scale=time_scale, prefetch=prefetch
         ),

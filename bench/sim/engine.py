@@ -277,6 +277,8 @@ class Simulation:
             request.evict_first = list(decision.victims)  # LALB's own victims
         elif self.victim_planner is not None:
             request.evict_first = self._value_victims(key, route)
+        # what a subclass puts in their place (the gateway's residency hook)
+        request.evict_first = self._route_victims(key, route, request.evict_first)
         device = self.devices[self.index[key]]
         request.device = self.index[key]
         there = key in self.directory.holders(model.name)
@@ -292,6 +294,15 @@ class Simulation:
         )
         self._admit(device)
         self._table_row(device)
+
+    def _route_victims(self, key: str, route: RouteRequest, planned: list[str]) -> list[str]:
+        """The victims a load of ``route`` on ``key`` evicts first (then LRU), decided at
+        routing: the directory notes them gone at once (``note_dispatch``) and the device
+        evicts them when the load starts. ``planned`` (LALB's with ``hint`` eviction, else none:
+        LRU) here; a subclass may replace them, as the gateway's residency hook does
+        (``scheduler/gateway.py: _route``)."""
+        del key, route
+        return planned
 
     def _value_victims(self, key: str, route: RouteRequest) -> list[str]:
         """LALB's value victims for a load of ``route`` on ``key`` (for a policy naming none)."""

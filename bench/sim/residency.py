@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gpufaas.cache import ByteLRU, CacheError, EntryState
+from gpufaas.cache import ByteLRU, CacheError, EntryState, Residency
 from gpufaas.cache.arrivals import EVICTION_SAMPLE, Candidate, ResidencyPolicy, eviction_plan
-from gpufaas.scheduler.policy import LocalityAware
+from gpufaas.scheduler.policy import LocalityAware, RouteRequest
 
 from .engine import SimConfig, Simulation, _Device, _Request
 from .trace import ModelCosts, ServerlessTrace
@@ -58,6 +58,15 @@ class TierConfig:
     # scheduler/prefetch.py plan); False: only those with a last device (the rule before)
     prefetch_unserved: bool = True
     eviction_sample: int = EVICTION_SAMPLE  # victims the policy ranks per load (LRU first)
+    # the policy's victims planned at routing over the directory's view, which notes them gone
+    # at once, as the gateway does (scheduler/gateway.py: _route); False: planned when the load
+    # starts, over the device, while the directory noted LALB's victims gone at routing (the
+    # simulator before the tenth session: its view then lost models still held, and kept
+    # models already evicted, until the next sync)
+    route_victims: bool = True
+    # the plan at routing leaves out the models with requests on the device (queued or
+    # running), as the gateway's does (its in-flight count); False: the view's residents
+    spare_in_use: bool = True
 
 
 @dataclasses.dataclass
@@ -235,24 +244,63 @@ class ResidencySimulation(Simulation):
         self.last_device[name] = device
         super()._start(device, request)
 
-    def _make_room(self, device: _Device, size: int, request: _Request) -> list[Any]:
-        node = self._node(device)
-        self._preempt_prefetches(device, size)
-        # As the gateway does (scheduler/prefetch.py): the policy plans over a sample of the
-        # victims, the least recently used; whatever the plan does not free, LRU frees.
-        residents = ((e.key, e.size_bytes) for e in device.cache.entries_lru() if not e.pinned)
-        prefer = eviction_plan(
+    def _route_victims(self, key: str, route: RouteRequest, planned: list[str]) -> list[str]:
+        """As the gateway does (``PrefetchDriver.victims``): when LALB's decision evicts, the
+        policy plans the victims over the directory's view of the device (a sample, the least
+        recently used), so the directory notes the victims the device will evict; an empty
+        plan (no eviction needed, or a policy without a plan) leaves ``planned``."""
+        directory = self.directory
+        if not self.tiers.route_victims or key in directory.holder_ids(route.model):
+            return planned  # there already (or loading): nothing to evict
+        node = key.split("/")[0]
+        busy = self._in_use(self.devices[self.index[key]]) if self.tiers.spare_in_use else _NONE
+        residents = (
+            (model, size)
+            for model, state, size in directory.residents(key)
+            if state is Residency.RESIDENT and model not in busy
+        )
+        plan = eviction_plan(
             self.residency,
             residents,
             self.now / 1000,
             lambda name, _size: self._reload_ms(node, name),
-            need_bytes=size - device.cache.free_bytes,
-            copies_elsewhere=lambda name: max(0, len(self.directory.holder_ids(name)) - 1),
+            need_bytes=route.size_bytes - directory.free_bytes(key),
+            copies_elsewhere=lambda name: max(0, len(directory.holder_ids(name)) - 1),
             sample=self.tiers.eviction_sample,
-            loading=request.model.name,
+            loading=route.model,
         )
-        if not prefer:
-            prefer = request.evict_first
+        return plan or planned
+
+    @staticmethod
+    def _in_use(device: _Device) -> set[str]:
+        """The models with requests on ``device``, queued or running (the gateway's
+        ``in_flight``): the device cannot evict them while they run, and a queued request
+        would find its model gone."""
+        busy = {e.key for e in device.cache.entries_lru() if e.pinned}
+        busy.update(waiting.item.model.name for waiting in device.queue)
+        return busy
+
+    def _make_room(self, device: _Device, size: int, request: _Request) -> list[Any]:
+        node = self._node(device)
+        self._preempt_prefetches(device, size)
+        # The victims chosen at routing first (the device evicts the gateway's hints first);
+        # whatever they do not free, LRU frees.
+        prefer = request.evict_first
+        if not self.tiers.route_victims:
+            residents = ((e.key, e.size_bytes) for e in device.cache.entries_lru() if not e.pinned)
+            prefer = (
+                eviction_plan(
+                    self.residency,
+                    residents,
+                    self.now / 1000,
+                    lambda name, _size: self._reload_ms(node, name),
+                    need_bytes=size - device.cache.free_bytes,
+                    copies_elsewhere=lambda name: max(0, len(self.directory.holder_ids(name)) - 1),
+                    sample=self.tiers.eviction_sample,
+                    loading=request.model.name,
+                )
+                or request.evict_first
+            )
         evicted = device.cache.make_room(size, prefer=prefer)
         for e in evicted:
             self.removed_by[e.key] = "capacity"

@@ -134,3 +134,27 @@ def test_a_miss_costs_the_requests_that_join_the_reload_too() -> None:
     busy = candidates[0]
     assert joins.miss_cost(busy) == pytest.approx(300.0 + 1000.0 + 3.0 * (150.0 + 1000.0))
     assert one.miss_cost(busy) == 300.0 + 1000.0
+
+
+def test_the_keep_rule_counts_the_requests_that_join_the_reload_with_keep_joins() -> None:
+    """A 10 GB model asked for every second that reloads in 3 s: a miss is one cold start and
+    about three more that arrive during the reload and wait for it. At a price where one cold
+    start's worth (3 s + 1 s) is less than the rent until its next request and four's is more,
+    the keep rule without joins demotes it and with ``keep_joins`` keeps it, as the victims'
+    price (``joins``) already counts them."""
+    kept, plain = PredictivePolicy(keep_joins=True), PredictivePolicy()
+    for policy in (kept, plain):
+        _periodic(policy, "busy", 1.0, last=NOW - 0.1)
+    hold = plain.arrivals.expected_hold("busy", 0.1, plain.horizon_s)
+    p = plain.arrivals.p_arrival("busy", 0.1, plain.horizon_s)
+    one, joined = 3000.0 + 1000.0, kept.reload_miss_cost("busy", 3000.0)
+    assert joined == pytest.approx(one + 3.0 * (1500.0 + 1000.0), rel=0.05)
+    price = (p * one + p * joined) / 2 / (10 * hold)  # ms per GB-second, between the two
+    for policy in (kept, plain):
+        policy.device_price = price
+    advice = {
+        name: policy.advise("busy", NOW, size_bytes=10 * GB, reload_ms=3000.0, tier="device")
+        for name, policy in (("kept", kept), ("plain", plain))
+    }
+    assert not advice["plain"].keep
+    assert advice["kept"].keep

@@ -253,14 +253,39 @@ async def test_the_gateway_prices_the_victims_against_the_model_it_loads(
     asked for every 2 s. The large model (every second) will be asked for before it, the small
     one (every 20 s) almost surely not, so the small one goes; over the fixed horizon, where
     both are due, the large one would (what the plan chooses when it is not told)."""
-    from gpufaas.scheduler.prefetch import enable_prefetch
-
     async with _gateway_with_a_full_device(tmp_path, example_models_dir) as (gateway, key):
-        policy = PredictivePolicy(belady=True)
-        driver = enable_prefetch(gateway, policy=policy)
-        now = driver.clock()
-        _periodic(policy, "llm", 1.0, until=now)
-        _periodic(policy, "cnn", 20.0, until=now)
-        _periodic(policy, "tiny-mlp", 2.0, until=now)
+        driver = _belady_driver(gateway)
         assert gateway._route("tiny-mlp", exclude=set()).victims == ("cnn",)
         assert driver.victims(key, ("lalb-says",), size_bytes=GB) == ("llm",)
+
+
+def _belady_driver(gateway: Gateway) -> PrefetchDriver:
+    """Ours (``belady``) attached to ``gateway``, having seen llm every second, cnn every 20 s
+    and tiny-mlp every 2 s up to now."""
+    from gpufaas.scheduler.prefetch import enable_prefetch
+
+    policy = PredictivePolicy(belady=True)
+    driver = enable_prefetch(gateway, policy=policy)
+    now = driver.clock()
+    _periodic(policy, "llm", 1.0, until=now)
+    _periodic(policy, "cnn", 20.0, until=now)
+    _periodic(policy, "tiny-mlp", 2.0, until=now)
+    return driver
+
+
+async def test_the_gateway_never_plans_to_evict_a_model_with_requests_in_flight(
+    tmp_path: Path, example_models_dir: Path
+) -> None:
+    """The plan of the test before evicts the small model (cnn) for tiny-mlp. With a request for cnn still
+    in flight on that device, cnn is no candidate: the manager cannot evict it while it runs
+    (it would evict LRU's victims instead while the directory notes cnn gone), and a queued
+    request would find it gone. The plan takes the large one."""
+    import collections
+
+    async with _gateway_with_a_full_device(tmp_path, example_models_dir) as (gateway, key):
+        _belady_driver(gateway)
+        assert gateway._route("tiny-mlp", exclude=set()).victims == ("cnn",)
+        gateway.in_flight[key] = collections.Counter({"cnn": 1})
+        assert gateway._route("tiny-mlp", exclude=set()).victims == ("llm",)
+        del gateway.in_flight[key]
+        assert gateway._route("tiny-mlp", exclude=set()).victims == ("cnn",)

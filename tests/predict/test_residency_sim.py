@@ -82,6 +82,29 @@ def _run(
     return sim.report()
 
 
+def _timer_simulation(
+    policy: Any,
+    config: Any,
+    tiers: Any,
+    *,
+    functions: int,
+    hours: float,
+    simulation: Any = residency.ResidencySimulation,
+) -> Any:
+    """``functions`` 2 GB timers of 900 s (``_timers``) in ``simulation``, not yet run."""
+    trace, history = _timers(900.0, functions=functions, hours=hours)
+    costs = [trace_mod.costs_for(2 * 10**9) for _ in trace.functions]
+    return simulation(
+        policy,
+        residency.catalogue_for(trace, costs),
+        costs,
+        residency.engine_trace(trace),
+        config,
+        tiers,
+        history=history,
+    )
+
+
 def test_a_fixed_keepalive_misses_every_request_of_a_longer_timer() -> None:
     report = _run(FixedKeepAlive(keepalive_s=600))
     assert report["cold_start_ratio"] == pytest.approx(1.0)
@@ -107,20 +130,12 @@ def test_without_prefetch_ours_only_keeps_and_so_misses_the_timer() -> None:
 
 def test_a_prefetch_never_evicts_it_is_skipped_when_no_device_has_room() -> None:
     # one device holding one model at a time: each prefetch finds the device full
-    trace, history = _timers(900.0, functions=6, hours=1.0)
-    costs = [trace_mod.costs_for(2 * 10**9) for _ in trace.functions]
     config = engine.SimConfig(
         devices=1, capacity_bytes=2 * 10**9 + 1, concurrency=1, eviction="lru", seed=1
     )
     tiers = residency.TierConfig(host_capacity_bytes=100 * 10**9, tick_s=5.0)
-    sim = residency.ResidencySimulation(
-        PredictivePolicy(device_price=0.0),
-        residency.catalogue_for(trace, costs),
-        costs,
-        residency.engine_trace(trace),
-        config,
-        tiers,
-        history=history,
+    sim = _timer_simulation(
+        PredictivePolicy(device_price=0.0), config, tiers, functions=6, hours=1.0
     )
     report = sim.report()
     # price 0 keeps everything: the device stays full, so no prefetch ever starts
@@ -193,3 +208,76 @@ def test_the_simulator_tells_the_victim_plan_which_model_the_room_is_for() -> No
     _run(policy, prefetch=False, devices=1, capacity_gb=5)
     assert policy.loading, "no load had to evict"
     assert all(name is not None and name.startswith("fn-") for name in policy.loading)
+
+
+class _ViewCheckedSimulation(residency.ResidencySimulation):
+    """Counts, at every load that evicts, the models the device still holds after the eviction
+    but the directory's view of it has lost (the next request for one is sent elsewhere and
+    loads a second copy; one the view kept instead is sent here and misses)."""
+
+    lost: int = 0
+    evicting_loads: int = 0
+
+    def _make_room(self, device: Any, size: int, request: Any) -> list[Any]:
+        evicted = super()._make_room(device, size, request)
+        if evicted:
+            self.evicting_loads += 1
+            view = {m for m, _, _ in self.directory.residents(device.key)}
+            held = {e.key for e in device.cache.entries_lru()}
+            self.lost += len(held - view)
+        return evicted
+
+
+def _view_checked(policy: Any, **tier_options: Any) -> _ViewCheckedSimulation:
+    config = engine.SimConfig(
+        devices=1, capacity_bytes=5 * 10**9, concurrency=2, eviction="lru", seed=1
+    )
+    tiers = residency.TierConfig(
+        host_capacity_bytes=100 * 10**9, tick_s=5.0, prefetch=False, **tier_options
+    )
+    sim = _timer_simulation(
+        policy, config, tiers, functions=6, hours=2.0, simulation=_ViewCheckedSimulation
+    )
+    sim.run()
+    assert isinstance(sim, _ViewCheckedSimulation)
+    return sim
+
+
+def test_the_directory_notes_the_victims_the_device_evicts() -> None:
+    """As at the gateway, ours' victims are planned at routing and the directory notes those
+    gone: after every evicting load its view still holds every model the device holds. Planned
+    when the load starts instead (the simulator before), the directory had noted its own LRU
+    victims gone at routing, and lost models the device kept."""
+    planner = _RecordingLoads()
+    routed = _view_checked(planner)
+    assert routed.evicting_loads > 10
+    assert planner.loading, "ours never planned the victims"
+    assert routed.lost == 0
+    at_start = _view_checked(PredictivePolicy(device_price=0.0), route_victims=False)
+    assert at_start.evicting_loads > 10
+    assert at_start.lost > 0
+
+
+def test_the_victims_planned_at_routing_leave_out_the_models_in_use() -> None:
+    """A model with a request running or queued on the device is never planned as a victim
+    (the device could not evict it, and the view would lose it): the plan takes the other."""
+    config = engine.SimConfig(devices=1, capacity_bytes=4 * 10**9, concurrency=2, eviction="lru")
+
+    def plan(pinned: str | None, **tier_options: Any) -> list[str]:
+        tiers = residency.TierConfig(host_capacity_bytes=10**11, prefetch=False, **tier_options)
+        sim = _timer_simulation(
+            PredictivePolicy(device_price=0.0), config, tiers, functions=3, hours=0.1
+        )
+        device = sim.devices[0]
+        for name in ("fn-0000", "fn-0001"):
+            device.cache.put(name, None, size_bytes=2 * 10**9)
+            sim.directory.note_loaded(device.key, name, size_bytes=2 * 10**9)
+        if pinned is not None:
+            device.cache.pin(pinned)  # a request for it is running there
+        route = engine.RouteRequest(model="fn-0002", size_bytes=2 * 10**9)
+        return list(sim._route_victims(device.key, route, []))
+
+    [victim] = plan(None)
+    other = "fn-0001" if victim == "fn-0000" else "fn-0000"
+    assert plan(victim, spare_in_use=False) == [victim]
+    assert plan(victim) == [other]
