@@ -98,7 +98,9 @@ async def test_a_unary_call_carries_metadata_and_its_deadline(
         assert await echo(b"", timeout=None) == b""  # an empty message is still one message
     assert recorder.metadata[0]["x-key"] == "v1"
     first = recorder.timeouts[0]
-    assert first is not None and 0 < first <= 5
+    # grpc's client writes the time left rounded up (to three significant figures), and on a
+    # busy machine a 5 s timeout has arrived as 5.01 s (twice in CI-like runs, 2026-12-06).
+    assert first is not None and 4 < first <= 5.1
     assert recorder.timeouts[1] is None
 
 
