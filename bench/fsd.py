@@ -135,10 +135,17 @@ async def measure(
     throughput_requests: int,
     concurrency: int,
     budget_s: float,
+    pids: tuple[int, ...] = (),
 ) -> dict[str, float]:
+    """A cell's latency (requests one at a time, a probe pass after each) and closed-loop
+    throughput. ``others_ms``: CPU per latency request that processes other than this one
+    and ``pids`` (the managers) used meanwhile: the NATS / S3 server's, and anyone else's
+    (a disturbed cell; the probe, timed in thread CPU, cannot see CPU taken from a core)."""
     await coordinator.infer(name, x)  # warm-up
     latencies, passes = [], []
     edges = [speed_probe()]  # the machine's speed beside the cell, never from its requests
+    busy, own = _machine_busy_seconds(), time.process_time()
+    theirs = sum(_cpu_seconds(pid) for pid in pids)
     started = time.perf_counter()
     for _ in range(latency_requests):
         t = time.perf_counter()
@@ -147,6 +154,8 @@ async def measure(
         passes.append(probe_pass())  # between requests: the speed while the cell runs
         if time.perf_counter() - started > budget_s / 2:
             break
+    others = (_machine_busy_seconds() - busy) - (time.process_time() - own) \
+        - (sum(_cpu_seconds(pid) for pid in pids) - theirs)  # fmt: skip
     edges.append(speed_probe())
     done = 0
     stop_at = time.perf_counter() + budget_s / 2
@@ -177,6 +186,7 @@ async def measure(
         "probe_s": statistics.median(passes),
         "probe_passes_s": passes,
         "probe_edges_s": edges,
+        "others_ms": others / len(latencies) * 1e3,
     }
 
 
@@ -203,6 +213,7 @@ async def run_grid(
     channels: dict[str, ChannelConfig],
     args: argparse.Namespace,
     root: Path,
+    pids: tuple[int, ...] = (),
 ) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     x = (rng.random((args.batch, net.widths[0])) < 0.2).astype(np.float32)
@@ -231,6 +242,7 @@ async def run_grid(
                     throughput_requests=args.throughput_requests,
                     concurrency=args.concurrency,
                     budget_s=args.budget_s,
+                    pids=pids,
                 )
             except (ShardFailed, LaunchFailed) as e:
                 print(f"  N={shards} {channel} {method}: FAILED {e}", flush=True)
@@ -255,7 +267,8 @@ async def run_grid(
             print(
                 f"  N={shards} {channel:<6} {method:<10} latency {row['latency_s'] * 1e3:8.1f} ms"
                 f"  throughput {row['throughput_rps']:6.2f} req/s"
-                f"  launch {row['launch_s']:.2f} s ({row['launch_depth']} rounds)",
+                f"  launch {row['launch_s']:.2f} s ({row['launch_depth']} rounds)"
+                f"  others {row['others_ms']:.1f} ms per request",
                 flush=True,
             )
             await coordinator.remove(name)
@@ -1259,7 +1272,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             except ServerMissing as e:
                 print(f"  (skipping S3: {e})")
         print(f"starting {args.nodes} GPU managers ...", flush=True)
-        with managers(root, args.nodes, device_memory=args.device_memory) as urls:
+        with managers(root, args.nodes, device_memory=args.device_memory, keep_pids=True) as (
+            urls,
+            pids,
+        ):
             # Calibration and validation are separate runs: --calibrate-only writes the
             # constants (fitted on 1,024-neuron nets only); a grid run reads them with
             # --constants and never fits anything.
@@ -1281,7 +1297,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(json.dumps(report["calibration"], indent=1))
                 return report
             print(f"2. grid on RadiX-Net {args.neurons} x {layers}, batch {args.batch}", flush=True)
-            report["grid"] = await run_grid(urls, net, channels, args, root)
+            report["grid"] = await run_grid(urls, net, channels, args, root, tuple(pids))
             if args.constants:
                 calibration = json.loads(Path(args.constants).read_text())
                 report.update(score(net, report["grid"], calibration["calibration"]))

@@ -34,12 +34,12 @@ import json
 import logging
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from numpy.typing import NDArray
 
-from gpufaas.core.hostlink import ALREADY, FILED, MISSING, HostLink, HostLinks, LinkBroken
+from gpufaas.core.hostlink import ALREADY, FILED, MISSING, HostLink, HostLinks, LinkBroken, Staged
 from gpufaas.core.peerhttp import PeerPools, PeerUnreachable
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "LocalChannel",
     "Mailbox",
     "NatsChannel",
+    "Outgoing",
     "S3Channel",
     "ShardMissing",
     "ShardTimeout",
@@ -194,6 +195,14 @@ def envelope_from_notice(notice: Mapping[str, Any]) -> Envelope:
     )  # fmt: skip
 
 
+def _notice(envelope: Envelope) -> dict[str, object]:
+    """A host-link notice's envelope fields (not dataclasses.asdict: it deep-copies, ~10 us)."""
+    return {
+        "set_name": envelope.set_name, "request_id": envelope.request_id,
+        "layer": envelope.layer, "src": envelope.src, "dst": envelope.dst,
+    }  # fmt: skip
+
+
 def chunked(envelope: Envelope, values: Array, max_bytes: int) -> list[tuple[Envelope, Array]]:
     """Split along the first axis so that every chunk's values fit ``max_bytes``."""
     row_bytes = max(1, values[0:1].nbytes)
@@ -276,22 +285,38 @@ class Mailbox:
         self, request_id: str, layer: int, src: int, *, timeout_s: float, channel: str,
         set_name: str,
     ) -> Array:  # fmt: skip
-        """The message from ``src`` for ``layer``; :class:`ShardTimeout` after ``timeout_s``.
+        """The message from ``src`` for ``layer``; :class:`ShardTimeout` after ``timeout_s``."""
+        (values,) = await self.take_all(request_id, layer, (src,), timeout_s=timeout_s,
+                                        channel=channel, set_name=set_name)  # fmt: skip
+        return values
 
-        Taking it lets go of it here (the caller holds it now): a value that is a view of a
-        shared-memory ring (core/hostlink.py) frees its span once the caller is done, not
+    async def take_all(
+        self, request_id: str, layer: int, sources: tuple[int, ...], *, timeout_s: float,
+        channel: str, set_name: str,
+    ) -> list[Array]:  # fmt: skip
+        """The messages from every shard in ``sources`` for ``layer``, waiting once for all of
+        them (not once per part); :class:`ShardTimeout` naming the first still missing after
+        ``timeout_s``.
+
+        Taking them lets go of them here (the caller holds them now): a value that is a view
+        of a shared-memory ring (core/hostlink.py) frees its span once the caller is done, not
         when the request ends."""
-        key = (request_id, layer, src)
-        slot = self._slot(key)
-        try:
-            values = await asyncio.wait_for(asyncio.shield(slot), timeout=max(0.0, timeout_s))
-        except TimeoutError:
-            raise ShardTimeout(
-                channel, set_name=set_name, shard=src, layer=layer, waited_s=timeout_s
-            ) from None
-        if self._slots.get(key) is slot:
-            del self._slots[key]
-            self._taken.add(key)
+        keys = [(request_id, layer, src) for src in sources]
+        slots = [self._slot(key) for key in keys]
+        waiting = [slot for slot in slots if not slot.done()]
+        if waiting:  # the slots are not cancelled on a timeout: a late part is still filed
+            await asyncio.wait(waiting, timeout=max(0.0, timeout_s))
+            late = next((src for src, slot in zip(sources, slots, strict=True)
+                         if not slot.done()), None)  # fmt: skip
+            if late is not None:
+                raise ShardTimeout(
+                    channel, set_name=set_name, shard=late, layer=layer, waited_s=timeout_s
+                )
+        values = [slot.result() for slot in slots]  # cancelled: the request was closed
+        for key, slot in zip(keys, slots, strict=True):
+            if self._slots.get(key) is slot:
+                del self._slots[key]
+                self._taken.add(key)
         return values
 
     def _slot(self, key: tuple[str, int, int]) -> asyncio.Future[Array]:
@@ -337,6 +362,13 @@ class Channel(abc.ABC):
     @abc.abstractmethod
     async def send(self, envelope: Envelope, values: Array, *, timeout_s: float) -> None: ...
 
+    def stage(self, envelope: Envelope, values: Array) -> Outgoing:
+        """A message made ready to leave, on the thread that computed ``values`` (a shard's
+        worker); the event loop then sends it (:meth:`Outgoing.send`). Channels that can do
+        part of the sending off the loop do it here (:class:`DirectChannel`: the copy into a
+        same-host ring); by default nothing is done until :meth:`send`."""
+        return Outgoing(self, envelope, values)
+
     async def receive(self, mailbox: Mailbox, envelope: Envelope, *, timeout_s: float) -> Array:
         """The message ``envelope`` names (its chunk fields are ignored)."""
         return await mailbox.take(
@@ -344,8 +376,50 @@ class Channel(abc.ABC):
             channel=self.name, set_name=envelope.set_name,
         )  # fmt: skip
 
+    async def receive_all(
+        self, mailbox: Mailbox, envelope: Envelope, sources: tuple[int, ...], *, timeout_s: float
+    ) -> list[Array]:
+        """The messages of every shard in ``sources`` for ``envelope``'s layer (its ``src``
+        is ignored), with one wait for them all (push channels file them into ``mailbox``;
+        a pull channel overrides this)."""
+        return await mailbox.take_all(
+            envelope.request_id, envelope.layer, sources, timeout_s=timeout_s,
+            channel=self.name, set_name=envelope.set_name,
+        )  # fmt: skip
+
     async def finish(self, set_name: str, request_id: str, shard: int) -> None:  # noqa: B027 (a hook: most channels need nothing here)
         """The request is over on ``shard``: drop what the channel still holds for it."""
+
+
+class Outgoing:
+    """A message ready to leave: :meth:`send` (event loop) sends it."""
+
+    def __init__(self, channel: Channel, envelope: Envelope, values: Array) -> None:
+        self.channel = channel
+        self.envelope = envelope
+        self.values = values
+
+    async def send(self, *, timeout_s: float) -> None:
+        await self.channel.send(self.envelope, self.values, timeout_s=timeout_s)
+
+
+class _StagedOnHost(Outgoing):
+    """A message already in a same-host link's ring, its notice queued: sending it writes the
+    notice and waits for the answer."""
+
+    def __init__(
+        self, channel: DirectChannel, envelope: Envelope, link: HostLink, where: str,
+        staged: Staged,
+    ) -> None:  # fmt: skip
+        super().__init__(channel, envelope, np.empty(0, np.float32))
+        self.direct = channel
+        self.link = link
+        self.where = where
+        self.staged = staged
+
+    async def send(self, *, timeout_s: float) -> None:
+        await self.direct.settle(self.link, self.where, self.envelope, self.staged,
+                                 timeout_s=timeout_s)  # fmt: skip
 
 
 class LocalChannel(Channel):
@@ -437,25 +511,48 @@ class DirectChannel(Channel):
                 detail=f"HTTP {reply.status}: {reply.body[:200].decode('utf-8', 'replace')}",
             )  # fmt: skip
 
+    def stage(self, envelope: Envelope, values: Array) -> Outgoing:
+        """On a shard's worker thread: a message to a node on this host whose link is open
+        already goes into the link's ring here, so the event loop only writes its notice."""
+        if self.links is not None and not self.local.has(envelope.set_name, envelope.dst):
+            where = self.peers.get((envelope.set_name, envelope.dst))
+            link = self.links.known(where) if where is not None else None
+            if where is not None and link is not None:
+                try:
+                    staged = link.stage(_notice(envelope), values)
+                except LinkBroken:
+                    pass  # the loop's send finds out, and asks the peer again
+                else:
+                    return _StagedOnHost(self, envelope, link, where, staged)
+        return Outgoing(self, envelope, values)
+
     async def _send_on_host(
         self, link: HostLink, where: str, envelope: Envelope, values: Array, *, timeout_s: float
     ) -> None:
-        notice: dict[str, object] = {
-            "set_name": envelope.set_name,
-            "request_id": envelope.request_id,
-            "layer": envelope.layer,
-            "src": envelope.src,
-            "dst": envelope.dst,
-        }  # not dataclasses.asdict: it deep-copies, ~10 us a message
         try:
-            status = await link.send(notice, values, timeout_s=max(0.1, timeout_s))
+            staged = link.stage(_notice(envelope), values)
         except LinkBroken as e:
-            assert self.links is not None
-            self.links.forget(where, link)
-            raise ShardUnreachable(
-                self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
-                detail=f"shared memory: {e}",
-            ) from None  # fmt: skip
+            self._broken(link, where, envelope, e)
+        await self.settle(link, where, envelope, staged, timeout_s=timeout_s)
+
+    def _broken(
+        self, link: HostLink, where: str, envelope: Envelope, error: LinkBroken
+    ) -> NoReturn:
+        assert self.links is not None
+        self.links.forget(where, link)
+        raise ShardUnreachable(
+            self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
+            detail=f"shared memory: {error}",
+        ) from None  # fmt: skip
+
+    async def settle(
+        self, link: HostLink, where: str, envelope: Envelope, staged: Staged, *, timeout_s: float
+    ) -> None:
+        """Send a staged message's notice and check its answer within ``timeout_s``."""
+        try:
+            status, _ = await link.answer(staged, timeout_s=max(0.1, timeout_s))
+        except LinkBroken as e:
+            self._broken(link, where, envelope, e)
         if status == MISSING:
             raise ShardMissing(
                 self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
@@ -686,6 +783,19 @@ class S3Channel(Channel):
             self.name, set_name=envelope.set_name, shard=envelope.src, layer=envelope.layer,
             waited_s=timeout_s,
         )  # fmt: skip
+
+    async def receive_all(
+        self, mailbox: Mailbox, envelope: Envelope, sources: tuple[int, ...], *, timeout_s: float
+    ) -> list[Array]:
+        """Object storage has no push: each part polled for in turn, within one deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        return [
+            await self.receive(
+                mailbox, dataclasses.replace(envelope, src=src), timeout_s=deadline - loop.time()
+            )
+            for src in sources
+        ]
 
     async def finish(self, set_name: str, request_id: str, shard: int) -> None:
         paths = self._read.pop((set_name, request_id, shard), [])

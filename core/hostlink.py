@@ -79,6 +79,7 @@ __all__ = [
     "LinkServer",
     "Outcome",
     "Serve",
+    "Staged",
     "host_identity",
     "shared_directory",
 ]
@@ -93,6 +94,14 @@ _ALIGN = 64
 FILED, ALREADY, MISSING = 202, 208, 404
 ANSWERED = 200  # a call's output is in its span (or inline, in the answer's body)
 CALL = "call"  # a notice's ``kind`` for a call (else a message)
+HELLO = "hello"  # the first notice on a link: the sender's LINK_VERSION
+# The link's wire format. 1: answers ``<QH`` (sessions 6-9); 2: answers ``<QHI`` with a body,
+# calls (session 10), no hello; 3: a hello first (session 11). Both ends must speak the same:
+# a receiver answers a hello of another version, or a first notice that is no hello, 426
+# with a JSON error naming both versions and closes; a sender drops a link whose hello is not
+# answered 200 with its own version (the peer is on HTTP instead).
+LINK_VERSION = 3
+VERSION_MISMATCH = 426
 _RING_PREFIX = "gpufaas-fsd-ring-"  # then the sender's pid
 _DIR_PREFIX = "gpufaas-fsd-sock-"
 _SETTLING_S = 10.0  # a socket folder younger than this is never swept
@@ -106,6 +115,15 @@ Serve = Callable[[dict[str, object], "NDArray[np.float32]"], Awaitable[Outcome]]
 
 class LinkBroken(Exception):
     """The link could not carry a message (closed, timed out, or not answered)."""
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A message or call whose values are in the ring and whose notice is queued: its
+    sequence number and the future its answer resolves (on the link's event loop)."""
+
+    seq: int
+    answer: asyncio.Future[tuple[int, bytes | NDArray[np.float32]]]
 
 
 @dataclass(frozen=True)
@@ -172,6 +190,11 @@ def sweep(directory: Path) -> int:
         except OSError:
             continue
     return removed
+
+
+def _answer(seq: int, status: int, body: dict[str, object]) -> bytes:
+    data = json.dumps(body).encode()
+    return _ANSWER.pack(seq, status, len(data)) + data
 
 
 def _alive(pid: int) -> bool:
@@ -289,6 +312,7 @@ class _Receiver(asyncio.Protocol):
         self._rings: dict[str, tuple[mmap.mmap, _Spans]] = {}
         self._transport: asyncio.Transport | None = None
         self._calls: set[asyncio.Task[None]] = set()  # running calls (kept referenced)
+        self._greeted = False  # the sender's hello named this LINK_VERSION
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -305,21 +329,55 @@ class _Receiver(asyncio.Protocol):
         buffer = self._buffer
         buffer += data
         start = 0
-        answers = []
+        answers: list[bytes] = []
         while len(buffer) - start >= _NOTICE.size:
             size, header_size = _NOTICE.unpack_from(buffer, start)
             end = start + _NOTICE.size + size
             if len(buffer) < end:
                 break
             body = start + _NOTICE.size
-            answer = self._file(bytes(buffer[body : body + header_size]),
-                                memoryview(buffer)[body + header_size : end])  # fmt: skip
-            if answer is not None:
-                answers.append(_ANSWER.pack(*answer, 0))
+            if not self._greeted:
+                if not self._greet(bytes(buffer[body : body + header_size]), answers):
+                    self._refuse(answers)
+                    return
+            else:
+                answer = self._file(bytes(buffer[body : body + header_size]),
+                                    memoryview(buffer)[body + header_size : end])  # fmt: skip
+                if answer is not None:
+                    answers.append(_ANSWER.pack(*answer, 0))
             start = end
         del buffer[:start]
         if answers and self._transport is not None:
             self._transport.write(b"".join(answers))  # every notice of this read: one write
+
+    def _greet(self, head: bytes, answers: list[bytes]) -> bool:
+        """The link's first notice: a hello naming this :data:`LINK_VERSION` is answered 200
+        (with the version); anything else 426 with an error naming both versions."""
+        try:
+            header = json.loads(head)
+            seq = int(header.get("seq", 0))
+        except (ValueError, TypeError, AttributeError):
+            header, seq = {}, 0
+        theirs = header.get("version") if header.get("kind") == HELLO else None
+        if theirs == LINK_VERSION:
+            self._greeted = True
+            answers.append(_answer(seq, ANSWERED, {"version": LINK_VERSION}))
+            return True
+        spoken = f"version {theirs}" if theirs is not None else "no hello (a release before 3)"
+        error = (
+            f"host-link version mismatch: this node speaks version {LINK_VERSION}, the sender "
+            f"{spoken}; run one gpufaas release on a host (or turn shared memory off)"
+        )
+        logger.warning("refused a host link: %s", error)
+        answers.append(_answer(seq, VERSION_MISMATCH, {"error": error, "version": LINK_VERSION}))
+        return False
+
+    def _refuse(self, answers: list[bytes]) -> None:
+        """Answer what was read and close: the sender speaks another version."""
+        self._buffer.clear()
+        if self._transport is not None:
+            self._transport.write(b"".join(answers))
+            self._transport.close()
 
     def _file(self, head: bytes, inline: memoryview) -> tuple[int, int] | None:
         """One notice: its sequence number and the status filing it gave (None for a call,
@@ -435,6 +493,11 @@ class HostLink(asyncio.Protocol):
         self._written = 0  # bytes of the ring ever taken (sender's position)
         self._seq = 0
         self._waiting: dict[int, asyncio.Future[tuple[int, bytes | Array]]] = {}
+        # Taking spans, queueing notices, and the holds below: a shard's worker thread stages
+        # its own sends (``stage``), the event loop everything else.
+        self._lock = threading.Lock()
+        self._outbox: list[bytes] = []  # notices staged, not written yet, in ring order
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Calls' output spans not read yet, in ring order, by seq: [the sender's position
         # before the span, its offset, its float32 count, read yet].
         self._holds: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
@@ -449,6 +512,7 @@ class HostLink(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        self._loop = asyncio.get_running_loop()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._break(f"the link closed ({exc or 'EOF'})")
@@ -471,7 +535,8 @@ class HostLink(asyncio.Protocol):
                     result = np.frombuffer(
                         self._ring, dtype=np.float32, count=hold[2], offset=hold[1]
                     ).copy()
-                self._let_go(seq)
+                with self._lock:
+                    self._let_go(seq)
             waiter = self._waiting.pop(seq, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result((status, result))
@@ -482,7 +547,7 @@ class HostLink(asyncio.Protocol):
 
     async def send(self, header: dict[str, object], values: Array, *, timeout_s: float) -> int:
         """Carry one message; its status (202 filed, 208 already, 404 no such shard)."""
-        status, _ = await self._exchange(header, values, out_count=None, timeout_s=timeout_s)
+        status, _ = await self.answer(self.stage(header, values), timeout_s=timeout_s)
         return status
 
     async def call(
@@ -491,43 +556,83 @@ class HostLink(asyncio.Protocol):
         """One call (the peer's ``serve``): ``values`` go like a message's, and a span of
         ``out_count`` float32 is reserved for the answer. Returns the status and, for 200,
         the output values (flat: the caller knows their shape), else the error body."""
-        status, result = await self._exchange(
-            {**header, "kind": CALL}, values, out_count=out_count, timeout_s=timeout_s
-        )
+        staged = self.stage({**header, "kind": CALL}, values, out_count=out_count)
+        status, result = await self.answer(staged, timeout_s=timeout_s)
         if status == ANSWERED and isinstance(result, bytes):  # inline: the ring had no room
             return status, np.frombuffer(result, dtype=np.float32)
         return status, result
 
-    async def _exchange(
-        self, header: dict[str, object], values: Array, *, out_count: int | None,
-        timeout_s: float,
-    ) -> tuple[int, bytes | Array]:  # fmt: skip
-        if self.broken is not None or self._transport is None or self._transport.is_closing():
-            raise LinkBroken(self.broken or "the link is closed")
+    def stage(
+        self, header: dict[str, object], values: Array, *, out_count: int | None = None
+    ) -> Staged:
+        """Copy ``values`` into the ring and queue their notice (any thread: a shard's worker
+        stages its sends itself, so the copy never runs on the event loop). Spans are taken
+        and notices queued under one lock, so notices leave in ring order whichever thread
+        staged them (the receiver frees spans in the order it is told of them). The notice
+        leaves at the next :meth:`flush` (event loop); its answer resolves ``Staged.answer``."""
         values = np.ascontiguousarray(values, dtype=np.float32)
-        self._seq += 1
-        seq = self._seq
-        notice = {**header, "seq": seq, "shape": list(values.shape)}
-        inline = self._place(values, notice)
-        if out_count:
-            self._reserve(seq, out_count, notice)
-        head = json.dumps(notice, separators=(",", ":")).encode()
-        size = len(head) + (values.nbytes if inline else 0)
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiting[seq] = waiter
-        self._transport.write(_NOTICE.pack(size, len(head)) + head)
-        if inline:
-            self._transport.write(values.data.cast("B"))
+        loop = self._loop
+        with self._lock:
+            if self.broken is not None or loop is None:
+                raise LinkBroken(self.broken or "the link is not connected")
+            self._seq += 1
+            seq = self._seq
+            notice = {**header, "seq": seq, "shape": list(values.shape)}
+            inline = self._place(values, notice)
+            if out_count:
+                self._reserve(seq, out_count, notice)
+            head = json.dumps(notice, separators=(",", ":")).encode()
+            size = len(head) + (values.nbytes if inline else 0)
+            waiter: asyncio.Future[tuple[int, bytes | Array]] = loop.create_future()
+            self._waiting[seq] = waiter
+            self._outbox.append(_NOTICE.pack(size, len(head)) + head)
+            if inline:
+                self._outbox.append(values.tobytes())
+        return Staged(seq, waiter)
+
+    async def greet(self, *, timeout_s: float) -> None:
+        """Send the link's hello and check the answer names this :data:`LINK_VERSION`;
+        :class:`LinkBroken` naming both versions where it does not (another release of
+        gpufaas on this host), or no answer comes within ``timeout_s``."""
+        hello = self.stage({"kind": HELLO, "version": LINK_VERSION}, np.empty(0, np.float32))
+        status, body = await self.answer(hello, timeout_s=timeout_s)
         try:
-            return await asyncio.wait_for(waiter, timeout=max(0.0, timeout_s))
+            answer = json.loads(body) if isinstance(body, bytes) and body else {}
+        except ValueError:
+            answer = {}
+        if status == ANSWERED and answer.get("version") == LINK_VERSION:
+            return
+        if status == VERSION_MISMATCH and "error" in answer:
+            raise LinkBroken(str(answer["error"]))
+        raise LinkBroken(
+            f"host-link version mismatch: this process speaks version {LINK_VERSION}, the node "
+            f"answered its hello {status} (a release before 3); run one gpufaas release on a "
+            "host (or turn shared memory off)"
+        )
+
+    def flush(self) -> None:
+        """Write every notice staged so far, in order, in one call (event loop)."""
+        with self._lock:
+            out, self._outbox = self._outbox, []
+        if out and self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(out)
+
+    async def answer(self, staged: Staged, *, timeout_s: float) -> tuple[int, bytes | Array]:
+        """Flush, then wait for ``staged``'s answer within ``timeout_s`` (:class:`LinkBroken`
+        when none comes, or the link closes)."""
+        self.flush()
+        try:
+            return await asyncio.wait_for(staged.answer, timeout=max(0.0, timeout_s))
         except TimeoutError:
             raise LinkBroken(f"no answer within {timeout_s:.1f} s") from None
         finally:
-            self._waiting.pop(seq, None)
+            self._waiting.pop(staged.seq, None)
 
     def _place(self, values: Array, notice: dict[str, object]) -> bool:
         """Copy ``values`` into the ring's next free span and name it in ``notice``; True
         when it does not fit (the values go inline)."""
+        if not values.size:  # nothing to place (a hello): no span, and the ring stays unnamed
+            return True
         start = self._take(values.nbytes)
         if start is None:
             self.inline += 1
@@ -580,12 +685,15 @@ class HostLink(asyncio.Protocol):
                 os.unlink(self.ring_path)
 
     def _break(self, reason: str) -> None:
-        if self.broken is None:
-            self.broken = reason
-        for waiter in self._waiting.values():
+        with self._lock:  # a worker may be staging: it finds the link broken, or is answered
+            if self.broken is None:
+                self.broken = reason
+            waiting = list(self._waiting.values())
+            self._waiting.clear()
+            self._outbox.clear()
+        for waiter in waiting:
             if not waiter.done():
                 waiter.set_exception(LinkBroken(reason))
-        self._waiting.clear()
 
     def close(self) -> None:
         """Idempotent: several sends may find the same link broken."""
@@ -630,6 +738,16 @@ class HostLinks:
             link = await asyncio.shield(found)
         return link
 
+    def known(self, url: str) -> HostLink | None:
+        """The open link to ``url``'s node if one is already made (any thread: a shard's
+        worker stages its sends on it); None where none is yet, or it broke (the event
+        loop's :meth:`find` then asks again)."""
+        found = self._links.get(url)
+        if found is None or not found.done() or found.cancelled():
+            return None
+        link = found.result()
+        return link if link is not None and link.broken is None else None
+
     def forget(self, url: str, link: HostLink) -> None:
         """Drop a broken link: the next send asks the peer again."""
         found = self._links.get(url)
@@ -657,6 +775,12 @@ class HostLinks:
             )
         except (OSError, TimeoutError) as e:
             logger.debug("host link to %s (%s) failed: %s", url, endpoint.socket, e)
+            link.close()
+            return None
+        try:
+            await link.greet(timeout_s=self.connect_timeout_s)
+        except LinkBroken as e:  # another release on this host: HTTP it is, said once
+            logger.warning("no host link to %s, HTTP instead: %s", url, e)
             link.close()
             return None
         return link

@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ from gpufaas.core.channels import (
     LocalChannel,
     Mailbox,
     NatsChannel,
+    Outgoing,
     S3Channel,
     ShardTimeout,
     ShardUnreachable,
@@ -100,7 +101,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-_T = TypeVar("_T")
 _MAX_FRAME_BYTES = 1 << 30
 
 
@@ -146,6 +146,19 @@ class _Step:
 
 
 Rows = torch.Tensor | slice  # rows of a layer's output: their positions, or one range of them
+Handover = Callable[[list[Outgoing]], None]  # a group's sends, from the worker to the loop
+
+
+@dataclasses.dataclass
+class _Run:
+    """One request's trips on the worker thread: the step the last trip left (only the
+    worker reads and writes it, one trip after another) and the future the last trip, or a
+    failed one, resolves on the event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future[Array]
+    step: _Step | None = None
+    over: bool = False  # the request ended (failed, cancelled): trips still queued do nothing
 
 
 def _positions(positions: IntArray, device: torch.device) -> Rows:
@@ -244,6 +257,8 @@ class ShardExecutor:
         self.backend = backend  # None: this process's CPU, no device context
         self.device = backend.device if backend is not None else torch.device("cpu")
         self.ops = prepare(spec, self.device)
+        # the layers that read remote values, in order: one trip of the worker ends at each
+        self.remote_layers = tuple(i for i, op in enumerate(self.ops) if op.sources)
         self.first_sends = {
             q: _positions(np.asarray(p, dtype=np.int64), self.device)
             for q, p in spec.layers[0].send.items()
@@ -274,21 +289,34 @@ class ShardExecutor:
             self.mailbox.close(request_id)
             await self.channel.finish(self.set_name, request_id, self.spec.shard)
 
-    async def _compute(self, fn: Callable[[], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._on_device, fn)
+    def _trip(self, run: _Run, fn: Callable[[_Step | None], _Step]) -> None:
+        """Queue one trip of ``run`` on the worker thread (FIFO, one thread: a request's trips
+        run in the order queued, each after the one before). The loop does not wait for it."""
+        queued = self._pool.submit(self._on_worker, run, fn)
+        queued.add_done_callback(functools.partial(_dropped, run))
 
-    def _on_device(self, fn: Callable[[], _T]) -> _T:
-        with self.backend.compute() if self.backend is not None else contextlib.nullcontext():
-            return fn()
+    def _on_worker(self, run: _Run, fn: Callable[[_Step | None], _Step]) -> None:
+        if run.over:
+            return
+        try:
+            with self.backend.compute() if self.backend is not None else contextlib.nullcontext():
+                run.step = step = fn(run.step)
+        except BaseException as e:  # the request fails with it, on the loop
+            run.over = True
+            run.loop.call_soon_threadsafe(_settle, run.done, None, e)
+            return
+        if step.output is not None:
+            run.loop.call_soon_threadsafe(_settle, run.done, step.output, None)
 
     def _hand_over(
         self, request_id: str, layer: int, values: torch.Tensor, targets: dict[int, Rows]
-    ) -> list[tuple[Envelope, Array]]:
-        """Each receiver's part of ``values``, on the host (worker thread): a view where its
-        rows are one range (no copy on the CPU: those rows are final, nothing writes them
-        again), else gathered."""
+    ) -> list[Outgoing]:
+        """Each receiver's part of ``values``, on the host, made ready to leave by the channel
+        (worker thread: a same-host link's ring copy happens here, not on the loop). A part is
+        a view where its rows are one range (no copy on the CPU: those rows are final,
+        nothing writes them again), else gathered."""
         return [
-            (
+            self.channel.stage(
                 Envelope(self.set_name, request_id, layer, self.spec.shard, q),
                 (values[positions] if isinstance(positions, slice)
                  else values.index_select(0, positions)).cpu().numpy(),
@@ -296,15 +324,10 @@ class ShardExecutor:
             for q, positions in targets.items()
         ]  # fmt: skip
 
-    def _send(
-        self,
-        parts: list[tuple[Envelope, Array]],
-        sends: asyncio.TaskGroup,
-        deadline: float,
-    ) -> None:
+    def _send(self, parts: list[Outgoing], sends: asyncio.TaskGroup, deadline: float) -> None:
         timeout_s = deadline - asyncio.get_running_loop().time()
-        for envelope, part in parts:
-            send = self.channel.send(envelope, part, timeout_s=timeout_s)
+        for part in parts:
+            send = part.send(timeout_s=timeout_s)
             try:
                 sends.create_task(send)
             except RuntimeError:  # the run is already failing (its group is shutting down)
@@ -323,34 +346,65 @@ class ShardExecutor:
         """One trip to the worker thread per layer that reads remote values, plus one: each
         trip finishes such a layer, runs every following layer that reads nothing remote, and
         computes the own part of the next layer that does, so that part overlaps the remote
-        parts' travel. Sends leave from the worker the moment their rows are done."""
-        loop = asyncio.get_running_loop()
+        parts' travel. Sends leave from the worker the moment their rows are done.
 
-        def boundary_ready(parts: list[tuple[Envelope, Array]]) -> None:
+        The loop queues each trip the moment its remote parts are all there (the first at
+        once) and never waits for one to end: the worker runs a request's trips in order,
+        carrying its step from one to the next, and resolves ``run.done`` from the last (one
+        wake-up of the loop per request instead of one per trip). A trip that fails resolves
+        it with its error; the receives run as a task beside it, each under its deadline."""
+        loop = asyncio.get_running_loop()
+        run = _Run(loop, loop.create_future())
+
+        def boundary_ready(parts: list[Outgoing]) -> None:
             loop.call_soon_threadsafe(self._send, parts, sends, deadline)
 
-        step = await self._compute(
-            functools.partial(self._first_step, request_id, inputs, boundary_ready)
+        self._trip(run, lambda _: self._first_step(request_id, inputs, boundary_ready))
+        feed = sends.create_task(
+            self._feed(run, request_id, boundary_ready, deadline=deadline, stall_s=stall_s)
         )
-        while step.output is None:
-            op = self.ops[step.index]
-            arrived = []
-            for q in op.sources:  # all of them are needed before the layer can finish
-                wait = min(stall_s, deadline - loop.time())
-                envelope = Envelope(self.set_name, request_id, step.index, q, self.spec.shard)
-                arrived.append(
-                    (q, await self.channel.receive(self.mailbox, envelope, timeout_s=wait))
-                )
-            step = await self._compute(
-                functools.partial(self._step, request_id, step, arrived, boundary_ready)
+        try:
+            return await run.done
+        finally:
+            run.over = True
+            feed.cancel()
+
+    async def _feed(
+        self,
+        run: _Run,
+        request_id: str,
+        boundary_ready: Handover,
+        *,
+        deadline: float,
+        stall_s: float,
+    ) -> None:
+        """Wait for each remote layer's parts in order and queue its trip (event loop)."""
+        loop = asyncio.get_running_loop()
+        for index in self.remote_layers:  # all of a layer's parts, with one wait
+            sources = self.ops[index].sources
+            envelope = Envelope(self.set_name, request_id, index, -1, self.spec.shard)
+            parts = await self.channel.receive_all(
+                self.mailbox, envelope, sources, timeout_s=min(stall_s, deadline - loop.time())
             )
-        return step.output
+            arrived = list(zip(sources, parts, strict=True))
+            self._trip(run, functools.partial(self._next_step, request_id, arrived,
+                                              boundary_ready))  # fmt: skip
+
+    def _next_step(
+        self,
+        request_id: str,
+        arrived: list[tuple[int, Array]],
+        boundary_ready: Handover,
+        step: _Step | None,
+    ) -> _Step:
+        assert step is not None and step.output is None  # trips run in the order queued
+        return self._step(request_id, step, arrived, boundary_ready)
 
     def _first_step(
         self,
         request_id: str,
         inputs: Array,
-        boundary_ready: Callable[[list[tuple[Envelope, Array]]], None],
+        boundary_ready: Handover,
     ) -> _Step:
         """Upload the input rows, send the ones other shards read, then go on (worker)."""
         host = torch.from_numpy(np.array(inputs, dtype=np.float32, order="C"))  # writable
@@ -363,7 +417,7 @@ class ShardExecutor:
         request_id: str,
         step: _Step,
         arrived: list[tuple[int, Array]],
-        boundary_ready: Callable[[list[tuple[Envelope, Array]]], None],
+        boundary_ready: Handover,
     ) -> _Step:
         """Finish layer ``step.index`` with the remote parts that arrived (worker)."""
         op = self.ops[step.index]
@@ -384,7 +438,7 @@ class ShardExecutor:
         request_id: str,
         a: torch.Tensor,
         start: int,
-        boundary_ready: Callable[[list[tuple[Envelope, Array]]], None],
+        boundary_ready: Handover,
     ) -> _Step:
         """Every layer from ``start`` that reads nothing remote, then the own part of the next
         one that does (or the output, at the end) (worker)."""
@@ -737,6 +791,24 @@ class ShardHost:
             },
             "link": endpoint.as_json() if (endpoint := self.link_server.endpoint) else None,
         }
+
+
+def _settle(done: asyncio.Future[Array], output: Array | None, error: BaseException | None) -> None:
+    """Resolve a request's future from its worker (event loop; it may have gone already)."""
+    if done.done():
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(cast(Array, output))
+
+
+def _dropped(run: _Run, queued: concurrent.futures.Future[None]) -> None:
+    """A trip the closing executor dropped unrun: its request fails (never waits forever)."""
+    if queued.cancelled():
+        run.loop.call_soon_threadsafe(
+            _settle, run.done, None, RuntimeError("the shard closed before its request ended")
+        )
 
 
 def _subtree(load: ShardLoad) -> list[int]:

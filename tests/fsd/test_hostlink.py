@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from gpufaas.core.channels import (
     envelope_from_notice,
 )
 from gpufaas.core.hostlink import (
+    LINK_VERSION,
     HostLink,
     HostLinks,
     LinkBroken,
@@ -32,6 +36,20 @@ from gpufaas.core.layered import radix_net
 from gpufaas.core.peerhttp import PeerPools
 from gpufaas.core.sharding import ChannelConfig, Parallelism
 from gpufaas.scheduler.coordinator import Coordinator
+
+
+class _HelloThenSilent(asyncio.Protocol):
+    """A peer that answers the link's hello and then nothing (a hung node)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.greeted = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self.greeted:
+            self.greeted = True
+            body = json.dumps({"version": LINK_VERSION}).encode()
+            self.transport.write(struct.pack("<QHI", 1, 200, len(body)) + body)  # type: ignore[attr-defined]
 
 
 class _Receiver:
@@ -169,7 +187,7 @@ async def test_a_silent_or_closed_peer_fails_within_the_deadline_naming_shard_an
     """A peer that accepts and never answers: the send ends at its deadline; a peer that
     closes: at once. Both are ShardUnreachable naming the shard and the direct channel."""
     path = str(tmp_path / "silent.sock")
-    server = await asyncio.get_running_loop().create_unix_server(asyncio.Protocol, path)
+    server = await asyncio.get_running_loop().create_unix_server(_HelloThenSilent, path)
 
     async def endpoint_of(url: str) -> LinkEndpoint | None:
         return LinkEndpoint(host_identity(tmp_path), path)
@@ -351,11 +369,22 @@ async def test_another_host_or_no_endpoint_stays_on_http(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(("shards", "nodes"), [(2, 2), (4, 4), (4, 2)])
 async def test_nodes_on_one_host_exchange_through_shared_memory_matching_the_reference(
-    thread_nodes: Any, tmp_path: Path, shards: int, nodes: int
+    thread_nodes: Any, tmp_path: Path, shards: int, nodes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """N = 2 and N = 4 over nodes that share this host: allclose to the unsharded reference,
-    and every message between nodes went through a ring (no HTTP message route hit)."""
+    and every message between nodes went through a ring (no HTTP message route hit), copied
+    there by the shard's worker thread that computed it, not by its event loop (only a
+    link's first message, sent before the link is open, goes from the loop)."""
     net = radix_net(512, 12, weights="random", seed=6)
+    staged_by: list[str] = []  # the thread that copied each message into a ring
+    stage = HostLink.stage
+
+    def recording(self: HostLink, header: dict[str, object], *args: Any, **kw: Any) -> Any:
+        if "kind" not in header:  # a message (not a call, not a hello)
+            staged_by.append(threading.current_thread().name)
+        return stage(self, header, *args, **kw)
+
+    monkeypatch.setattr(HostLink, "stage", recording)
     x = np.random.default_rng(7).random((4, 512)).astype(np.float32)
     coordinator = Coordinator(artifact_base=str(tmp_path / "shards"), timeout_s=20)
     try:
@@ -367,7 +396,8 @@ async def test_nodes_on_one_host_exchange_through_shared_memory_matching_the_ref
             out = await coordinator.infer("radix", x)
             np.testing.assert_allclose(out, net.forward(x), rtol=1e-5, atol=1e-5)
         calls = [found.result() for found in coordinator._links._links.values()]
-        assert len(calls) == nodes and all(link is not None and link._seq >= 2 for link in calls)
+        # every call went over a link: the hello, then two calls
+        assert len(calls) == nodes and all(link is not None and link._seq >= 3 for link in calls)
         assert not coordinator._pools  # the coordinator's calls went over the links, not HTTP
     finally:
         await coordinator.close()
@@ -380,6 +410,8 @@ async def test_nodes_on_one_host_exchange_through_shared_memory_matching_the_ref
     assert len(used) >= nodes  # every node sends to some other node (the split's plan)
     assert all(link._written > 0 for link in used)
     assert all(not node.host.peers._pools for node in thread_nodes[:nodes])  # no HTTP message
+    on_loop = [name for name in staged_by if not name.startswith("shard-radix-")]
+    assert len(on_loop) <= len(used) < len(staged_by)
 
 
 async def test_shared_memory_off_keeps_the_direct_channel_on_http(
@@ -436,3 +468,82 @@ async def test_a_starting_server_sweeps_what_killed_processes_left(tmp_path: Pat
         mine.close()
         await live.server.close()
         await fresh.server.close()
+
+
+class _OlderRelease(asyncio.Protocol):
+    """A peer of another release: it answers every notice (the hello included) as
+    c794a67's receiver would answer one it cannot file (400, no body), or as a newer release
+    would (426 with an error), and keeps the connection open."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        body = b'{"error":"host-link version mismatch: a newer one","version":4}' \
+            if self.status == 426 else b""  # fmt: skip
+        self.transport.write(struct.pack("<QHI", 1, self.status, len(body)) + body)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("status", [400, 426])
+async def test_a_node_of_another_link_version_is_left_at_once_for_http(
+    tmp_path: Path, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer whose link does not answer the hello with this release's version (an older
+    node: 400; a newer one: 426) gets no link, at once and not at a call's deadline: the
+    sender (a node's channel, or the coordinator) stays on HTTP for it, and says why once."""
+    path = str(tmp_path / "other.sock")
+    server = await asyncio.get_running_loop().create_unix_server(
+        lambda: _OlderRelease(status), path
+    )
+
+    async def endpoint_of(url: str) -> LinkEndpoint | None:
+        return LinkEndpoint(host_identity(tmp_path), path)
+
+    links = HostLinks(endpoint_of=endpoint_of, ring_bytes=1 << 16, connect_timeout_s=5.0)
+    links.identity = host_identity(tmp_path)
+    try:
+        started = time.perf_counter()
+        with caplog.at_level("WARNING", logger="gpufaas.core.hostlink"):
+            assert await links.find("http://peer.invalid:1") is None
+        assert time.perf_counter() - started < 1.0  # the answer, not the 5 s connect timeout
+        (record,) = [r for r in caplog.records if "HTTP instead" in r.getMessage()]
+        assert "version mismatch" in record.getMessage()
+        assert f"version {LINK_VERSION}" in record.getMessage() or status == 426
+    finally:
+        server.close()
+        await links.close()
+
+
+@pytest.mark.parametrize("first", ["no hello", "another version"])
+async def test_a_sender_of_another_link_version_is_refused_at_once_naming_both(
+    tmp_path: Path, first: str
+) -> None:
+    """A node's link server answers a first notice that is no hello (a sender of an older
+    release) or a hello of another version with 426, a JSON error naming both versions, and
+    closes the connection: the sender fails at once instead of at a deadline, and nothing it
+    sent is filed."""
+    receiver = _Receiver(tmp_path)
+    endpoint = await receiver.server.start()
+    reader, writer = await asyncio.open_unix_connection(endpoint.socket)
+    try:
+        if first == "no hello":  # c794a67's sender: straight to a message
+            header = {"set_name": "net", "request_id": "r", "layer": 1, "src": 0, "dst": 1}
+        else:
+            header = {"kind": "hello", "version": LINK_VERSION - 1}
+        head = json.dumps({**header, "seq": 1, "shape": [2]}).encode()
+        values = np.ones(2, np.float32).tobytes()
+        writer.write(struct.pack("<II", len(head) + len(values), len(head)) + head + values)
+        seq, status, size = struct.unpack("<QHI", await asyncio.wait_for(reader.readexactly(14), 2))
+        error = json.loads(await asyncio.wait_for(reader.readexactly(size), 2))
+        assert (seq, status) == (1, 426)
+        assert f"speaks version {LINK_VERSION}" in error["error"]
+        named = "no hello" if first == "no hello" else f"version {LINK_VERSION - 1}"
+        assert named in error["error"]
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # closed
+        assert not receiver.mailbox._slots  # nothing filed
+    finally:
+        writer.close()
+        await receiver.server.close()
