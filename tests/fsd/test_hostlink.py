@@ -373,15 +373,15 @@ async def test_nodes_on_one_host_exchange_through_shared_memory_matching_the_ref
 ) -> None:
     """N = 2 and N = 4 over nodes that share this host: allclose to the unsharded reference,
     and every message between nodes went through a ring (no HTTP message route hit), copied
-    there by the shard's worker thread that computed it, not by its event loop (only a
-    link's first message, sent before the link is open, goes from the loop)."""
+    there by the shard's worker thread that computed it, not by its event loop (only the
+    first request's messages, sent while the links open, go from the loop)."""
     net = radix_net(512, 12, weights="random", seed=6)
-    staged_by: list[str] = []  # the thread that copied each message into a ring
+    staged_by: list[tuple[object, str]] = []  # request id, the thread that copied it in
     stage = HostLink.stage
 
     def recording(self: HostLink, header: dict[str, object], *args: Any, **kw: Any) -> Any:
         if "kind" not in header:  # a message (not a call, not a hello)
-            staged_by.append(threading.current_thread().name)
+            staged_by.append((header["request_id"], threading.current_thread().name))
         return stage(self, header, *args, **kw)
 
     monkeypatch.setattr(HostLink, "stage", recording)
@@ -410,8 +410,8 @@ async def test_nodes_on_one_host_exchange_through_shared_memory_matching_the_ref
     assert len(used) >= nodes  # every node sends to some other node (the split's plan)
     assert all(link._written > 0 for link in used)
     assert all(not node.host.peers._pools for node in thread_nodes[:nodes])  # no HTTP message
-    on_loop = [name for name in staged_by if not name.startswith("shard-radix-")]
-    assert len(on_loop) <= len(used) < len(staged_by)
+    last = [name for request, name in staged_by if request == staged_by[-1][0]]
+    assert last and all(name.startswith("shard-radix-") for name in last)
 
 
 async def test_shared_memory_off_keeps_the_direct_channel_on_http(
