@@ -806,9 +806,10 @@ def _settle(done: asyncio.Future[Array], output: Array | None, error: BaseExcept
 def _dropped(run: _Run, queued: concurrent.futures.Future[None]) -> None:
     """A trip the closing executor dropped unrun: its request fails (never waits forever)."""
     if queued.cancelled():
-        run.loop.call_soon_threadsafe(
-            _settle, run.done, None, RuntimeError("the shard closed before its request ended")
-        )
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            run.loop.call_soon_threadsafe(
+                _settle, run.done, None, RuntimeError("the shard closed before its request ended")
+            )
 
 
 def _subtree(load: ShardLoad) -> list[int]:
