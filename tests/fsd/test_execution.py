@@ -387,3 +387,25 @@ def test_a_hand_over_of_one_range_of_rows_is_a_view_and_of_any_other_a_gather() 
         np.testing.assert_array_equal(gathered, values.numpy()[[0, 2, 5]])
     finally:
         executor.close()
+
+
+async def test_a_request_whose_trip_the_closing_executor_drops_fails_at_once() -> None:
+    """The loop does not wait on each trip (it queues them and waits once for the request's
+    end), so a trip the executor drops unrun when it closes must fail its request: without
+    that, a request with no remote parts to time out on would wait forever."""
+    net = radix_net(64, 2, weights="random", seed=1)
+    (spec,) = split(net, partition(net, 1, method="block"))
+    executor = ShardExecutor(spec, set_name="s", channel=LocalChannel(), mailbox=Mailbox())
+    release = threading.Event()
+    executor._pool.submit(release.wait, 10)  # the worker is busy: the request's trip queues
+    try:
+        running = asyncio.ensure_future(
+            executor.run("r", np.zeros((64, 2), np.float32), timeout_s=30)
+        )
+        await asyncio.sleep(0.05)
+        executor.close()  # drops the queued trip
+        with pytest.raises(ExceptionGroup) as failed:  # the run's task group carries it
+            await asyncio.wait_for(running, 2)
+        assert failed.group_contains(RuntimeError, match="closed before its request ended")
+    finally:
+        release.set()
