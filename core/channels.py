@@ -34,12 +34,12 @@ import json
 import logging
 import struct
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from gpufaas.core.hostlink import ALREADY, FILED, MISSING, HostLink, HostLinks, LinkBroken, Staged
+from gpufaas.core.hostlink import ALREADY, FILED, MISSING, HostLink, HostLinks, LinkBroken
 from gpufaas.core.peerhttp import PeerPools, PeerUnreachable
 
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
     "LocalChannel",
     "Mailbox",
     "NatsChannel",
-    "Outgoing",
     "S3Channel",
     "ShardMissing",
     "ShardTimeout",
@@ -362,13 +361,6 @@ class Channel(abc.ABC):
     @abc.abstractmethod
     async def send(self, envelope: Envelope, values: Array, *, timeout_s: float) -> None: ...
 
-    def stage(self, envelope: Envelope, values: Array) -> Outgoing:
-        """A message made ready to leave, on the thread that computed ``values`` (a shard's
-        worker); the event loop then sends it (:meth:`Outgoing.send`). Channels that can do
-        part of the sending off the loop do it here (:class:`DirectChannel`: the copy into a
-        same-host ring); by default nothing is done until :meth:`send`."""
-        return Outgoing(self, envelope, values)
-
     async def receive(self, mailbox: Mailbox, envelope: Envelope, *, timeout_s: float) -> Array:
         """The message ``envelope`` names (its chunk fields are ignored)."""
         return await mailbox.take(
@@ -389,37 +381,6 @@ class Channel(abc.ABC):
 
     async def finish(self, set_name: str, request_id: str, shard: int) -> None:  # noqa: B027 (a hook: most channels need nothing here)
         """The request is over on ``shard``: drop what the channel still holds for it."""
-
-
-class Outgoing:
-    """A message ready to leave: :meth:`send` (event loop) sends it."""
-
-    def __init__(self, channel: Channel, envelope: Envelope, values: Array) -> None:
-        self.channel = channel
-        self.envelope = envelope
-        self.values = values
-
-    async def send(self, *, timeout_s: float) -> None:
-        await self.channel.send(self.envelope, self.values, timeout_s=timeout_s)
-
-
-class _StagedOnHost(Outgoing):
-    """A message already in a same-host link's ring, its notice queued: sending it writes the
-    notice and waits for the answer."""
-
-    def __init__(
-        self, channel: DirectChannel, envelope: Envelope, link: HostLink, where: str,
-        staged: Staged,
-    ) -> None:  # fmt: skip
-        super().__init__(channel, envelope, np.empty(0, np.float32))
-        self.direct = channel
-        self.link = link
-        self.where = where
-        self.staged = staged
-
-    async def send(self, *, timeout_s: float) -> None:
-        await self.direct.settle(self.link, self.where, self.envelope, self.staged,
-                                 timeout_s=timeout_s)  # fmt: skip
 
 
 class LocalChannel(Channel):
@@ -511,48 +472,19 @@ class DirectChannel(Channel):
                 detail=f"HTTP {reply.status}: {reply.body[:200].decode('utf-8', 'replace')}",
             )  # fmt: skip
 
-    def stage(self, envelope: Envelope, values: Array) -> Outgoing:
-        """On a shard's worker thread: a message to a node on this host whose link is open
-        already goes into the link's ring here, so the event loop only writes its notice."""
-        if self.links is not None and not self.local.has(envelope.set_name, envelope.dst):
-            where = self.peers.get((envelope.set_name, envelope.dst))
-            link = self.links.known(where) if where is not None else None
-            if where is not None and link is not None:
-                try:
-                    staged = link.stage(_notice(envelope), values)
-                except LinkBroken:
-                    pass  # the loop's send finds out, and asks the peer again
-                else:
-                    return _StagedOnHost(self, envelope, link, where, staged)
-        return Outgoing(self, envelope, values)
-
     async def _send_on_host(
         self, link: HostLink, where: str, envelope: Envelope, values: Array, *, timeout_s: float
     ) -> None:
         try:
             staged = link.stage(_notice(envelope), values)
-        except LinkBroken as e:
-            self._broken(link, where, envelope, e)
-        await self.settle(link, where, envelope, staged, timeout_s=timeout_s)
-
-    def _broken(
-        self, link: HostLink, where: str, envelope: Envelope, error: LinkBroken
-    ) -> NoReturn:
-        assert self.links is not None
-        self.links.forget(where, link)
-        raise ShardUnreachable(
-            self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
-            detail=f"shared memory: {error}",
-        ) from None  # fmt: skip
-
-    async def settle(
-        self, link: HostLink, where: str, envelope: Envelope, staged: Staged, *, timeout_s: float
-    ) -> None:
-        """Send a staged message's notice and check its answer within ``timeout_s``."""
-        try:
             status, _ = await link.answer(staged, timeout_s=max(0.1, timeout_s))
         except LinkBroken as e:
-            self._broken(link, where, envelope, e)
+            assert self.links is not None
+            self.links.forget(where, link)
+            raise ShardUnreachable(
+                self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,
+                detail=f"shared memory: {e}",
+            ) from None  # fmt: skip
         if status == MISSING:
             raise ShardMissing(
                 self.name, set_name=envelope.set_name, shard=envelope.dst, where=where,

@@ -493,8 +493,9 @@ class HostLink(asyncio.Protocol):
         self._written = 0  # bytes of the ring ever taken (sender's position)
         self._seq = 0
         self._waiting: dict[int, asyncio.Future[tuple[int, bytes | Array]]] = {}
-        # Taking spans, queueing notices, and the holds below: a shard's worker thread stages
-        # its own sends (``stage``), the event loop everything else.
+        # Taking spans, queueing notices, and the holds below, so ``stage`` is safe from any
+        # thread (session 11 staged a shard's sends on its worker thread; measured, that cost
+        # the worker more than it saved the loop, and every caller now stages on the loop).
         self._lock = threading.Lock()
         self._outbox: list[bytes] = []  # notices staged, not written yet, in ring order
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -565,11 +566,10 @@ class HostLink(asyncio.Protocol):
     def stage(
         self, header: dict[str, object], values: Array, *, out_count: int | None = None
     ) -> Staged:
-        """Copy ``values`` into the ring and queue their notice (any thread: a shard's worker
-        stages its sends itself, so the copy never runs on the event loop). Spans are taken
-        and notices queued under one lock, so notices leave in ring order whichever thread
-        staged them (the receiver frees spans in the order it is told of them). The notice
-        leaves at the next :meth:`flush` (event loop); its answer resolves ``Staged.answer``."""
+        """Copy ``values`` into the ring and queue their notice. Spans are taken and notices
+        queued under one lock, so notices leave in ring order whichever thread staged them
+        (the receiver frees spans in the order it is told of them). The notice leaves at the
+        next :meth:`flush` (event loop); its answer resolves ``Staged.answer``."""
         values = np.ascontiguousarray(values, dtype=np.float32)
         loop = self._loop
         with self._lock:
@@ -685,7 +685,7 @@ class HostLink(asyncio.Protocol):
                 os.unlink(self.ring_path)
 
     def _break(self, reason: str) -> None:
-        with self._lock:  # a worker may be staging: it finds the link broken, or is answered
+        with self._lock:  # one staging now finds the link broken, or is answered
             if self.broken is None:
                 self.broken = reason
             waiting = list(self._waiting.values())
@@ -737,16 +737,6 @@ class HostLinks:
             self._links[url] = found
             link = await asyncio.shield(found)
         return link
-
-    def known(self, url: str) -> HostLink | None:
-        """The open link to ``url``'s node if one is already made (any thread: a shard's
-        worker stages its sends on it); None where none is yet, or it broke (the event
-        loop's :meth:`find` then asks again)."""
-        found = self._links.get(url)
-        if found is None or not found.done() or found.cancelled():
-            return None
-        link = found.result()
-        return link if link is not None and link.broken is None else None
 
     def forget(self, url: str, link: HostLink) -> None:
         """Drop a broken link: the next send asks the peer again."""

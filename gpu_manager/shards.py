@@ -55,7 +55,6 @@ from gpufaas.core.channels import (
     LocalChannel,
     Mailbox,
     NatsChannel,
-    Outgoing,
     S3Channel,
     ShardTimeout,
     ShardUnreachable,
@@ -146,7 +145,8 @@ class _Step:
 
 
 Rows = torch.Tensor | slice  # rows of a layer's output: their positions, or one range of them
-Handover = Callable[[list[Outgoing]], None]  # a group's sends, from the worker to the loop
+Parts = list[tuple[Envelope, Array]]  # a row group's sends: each receiver's values
+Handover = Callable[[Parts], None]  # from the worker to the loop
 
 
 @dataclasses.dataclass
@@ -310,13 +310,12 @@ class ShardExecutor:
 
     def _hand_over(
         self, request_id: str, layer: int, values: torch.Tensor, targets: dict[int, Rows]
-    ) -> list[Outgoing]:
-        """Each receiver's part of ``values``, on the host, made ready to leave by the channel
-        (worker thread: a same-host link's ring copy happens here, not on the loop). A part is
-        a view where its rows are one range (no copy on the CPU: those rows are final,
-        nothing writes them again), else gathered."""
+    ) -> Parts:
+        """Each receiver's part of ``values``, on the host (worker thread): a view where its
+        rows are one range (no copy on the CPU: those rows are final, nothing writes them
+        again), else gathered."""
         return [
-            self.channel.stage(
+            (
                 Envelope(self.set_name, request_id, layer, self.spec.shard, q),
                 (values[positions] if isinstance(positions, slice)
                  else values.index_select(0, positions)).cpu().numpy(),
@@ -324,10 +323,10 @@ class ShardExecutor:
             for q, positions in targets.items()
         ]  # fmt: skip
 
-    def _send(self, parts: list[Outgoing], sends: asyncio.TaskGroup, deadline: float) -> None:
+    def _send(self, parts: Parts, sends: asyncio.TaskGroup, deadline: float) -> None:
         timeout_s = deadline - asyncio.get_running_loop().time()
-        for part in parts:
-            send = part.send(timeout_s=timeout_s)
+        for envelope, part in parts:
+            send = self.channel.send(envelope, part, timeout_s=timeout_s)
             try:
                 sends.create_task(send)
             except RuntimeError:  # the run is already failing (its group is shutting down)
@@ -356,7 +355,7 @@ class ShardExecutor:
         loop = asyncio.get_running_loop()
         run = _Run(loop, loop.create_future())
 
-        def boundary_ready(parts: list[Outgoing]) -> None:
+        def boundary_ready(parts: Parts) -> None:
             loop.call_soon_threadsafe(self._send, parts, sends, deadline)
 
         self._trip(run, lambda _: self._first_step(request_id, inputs, boundary_ready))

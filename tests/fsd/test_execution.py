@@ -379,8 +379,9 @@ def test_a_hand_over_of_one_range_of_rows_is_a_view_and_of_any_other_a_gather() 
     executor = ShardExecutor(spec, set_name="s", channel=LocalChannel(), mailbox=Mailbox())
     try:
         values = torch.arange(40, dtype=torch.float32).reshape(10, 4)
-        first, second = executor._hand_over("r", 1, values, {1: slice(3, 9), 2: scattered})
-        ranged, gathered = first.values, second.values
+        (_, ranged), (_, gathered) = executor._hand_over(
+            "r", 1, values, {1: slice(3, 9), 2: scattered}
+        )
         assert np.shares_memory(ranged, values.numpy())
         np.testing.assert_array_equal(ranged, values.numpy()[3:9])
         assert not np.shares_memory(gathered, values.numpy())
