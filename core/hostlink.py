@@ -44,6 +44,12 @@ Over loopback HTTP a 512 KiB partial result costs 0.5-1.1 ms of CPU across its t
   in a span already reused.
 * The receiver answers every notice it read in one pass in one write (the answers of a
   layer group's messages cost one syscall, not one each).
+* **A version in the hello** (session 11): a link's first notice is a hello naming the
+  sender's :data:`LINK_VERSION`. The receiver answers 200 with its own, or 426 with a JSON
+  error naming both and closes (also for a first notice that is no hello: a sender of an
+  older release). :class:`HostLinks` drops a link whose hello is not answered 200 with its
+  version, at once, and the peer stays on HTTP, so two releases on one host never meet on a
+  wire format one of them does not speak.
 
 No pickled data crosses: notices are JSON, values raw float32.
 """
