@@ -866,7 +866,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         systems["baseline"] = (args.baseline, (), "")
     for transport in args.node_transports.split(","):
         systems[transport] = (sys.executable, ("--node-transport", transport), "")
-        for pin in (p for p in args.pins.split(",") if p):
+        for pin in (p for p in args.pins.split(",") if p and transport != "inprocess"):
             systems[f"{transport}-{pin}"] = (sys.executable, ("--node-transport", transport), pin)
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in systems}
     for round_ in range(args.rounds):
