@@ -45,7 +45,9 @@ def test_a_bench_run_leaves_no_temp_folder(name: str, tmp_path: Path) -> None:
 def test_the_dataplane_bench_leaves_no_temp_folder(tmp_path: Path) -> None:
     models = os.environ.get("GPUFAAS_MODELS")
     if not models or not (Path(models) / "tiny-mlp.pt").exists():
-        pytest.skip("GPUFAAS_MODELS does not name built example models (building them takes minutes)")
+        pytest.skip(
+            "GPUFAAS_MODELS does not name built example models (building them takes minutes)"
+        )
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     argv = [str(BENCH / "dataplane.py"), "--front", "protocol", "--requests", "20", "--warmup", "5"]
