@@ -44,7 +44,13 @@ its serving CPU is then that one process's (``processes``: how many were counted
     python bench/dataplane.py --only serving --node-transports framed,inprocess --rounds 2 \
         --baseline .venv/bin/python --baseline-path OLD_TREE --baseline-transports framed,inprocess
 
-Every loop is bounded in count and time; servers bind 127.0.0.1 and are stopped at the end.
+``--pins split,together`` (exploratory) also runs each two-process transport with its processes
+pinned once ready: the gateway on CPU 0 and its manager on CPU 1 (``split``; the client free, or
+with ``split-client-gateway`` / ``split-client-node`` on one of theirs), or both servers on CPU 0
+and the client on CPU 1 (``together``); ``docs/dataplane.md``, "Eleventh session".
+
+Every loop is bounded in count and time; servers bind 127.0.0.1 and are stopped at the end, and
+every folder a run makes is removed.
 """
 
 from __future__ import annotations
