@@ -410,6 +410,7 @@ def _run_system(
         command += ["--grpc-port", str(grpc_port)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
+    client_cpus = os.sched_getaffinity(0)
     try:
         wait_ready([url], timeout_s=180, procs=[proc], what=label)
         pin_processes(tree(proc.pid), pin)
@@ -421,7 +422,8 @@ def _run_system(
         result["pin"] = pin
         return result
     finally:
-        pin_threads([os.getpid()], range(os.cpu_count() or 1))
+        if pin:  # the client back where it was
+            pin_threads([os.getpid()], client_cpus)
         stop_processes([proc], timeout_s=30)
 
 
