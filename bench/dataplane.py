@@ -44,7 +44,13 @@ its serving CPU is then that one process's (``processes``: how many were counted
     python bench/dataplane.py --only serving --node-transports framed,inprocess --rounds 2 \
         --baseline .venv/bin/python --baseline-path OLD_TREE --baseline-transports framed,inprocess
 
-Every loop is bounded in count and time; servers bind 127.0.0.1 and are stopped at the end.
+``--pins split,together`` (exploratory) also runs each two-process transport with its processes
+pinned once ready: the gateway on CPU 0 and its manager on CPU 1 (``split``; the client free, or
+with ``split-client-gateway`` / ``split-client-node`` on one of theirs), or both servers on CPU 0
+and the client on CPU 1 (``together``); ``docs/dataplane.md``, "Eleventh session".
+
+Every loop is bounded in count and time; servers bind 127.0.0.1 and are stopped at the end, and
+every folder a run makes is removed.
 """
 
 from __future__ import annotations
@@ -363,12 +369,32 @@ def run_system(
     *,
     pythonpath: str | None = None,
     extra: tuple[str, ...] = (),
+    pin: str = "",
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="gpufaas-home-", ignore_cleanup_errors=True) as home:
+        return _run_system(
+            python, label, functions, models, args, home=home, pythonpath=pythonpath,
+            extra=extra, pin=pin,
+        )  # fmt: skip
+
+
+def _run_system(
+    python: str,
+    label: str,
+    functions: Path,
+    models: Path,
+    args: argparse.Namespace,
+    *,
+    home: str,
+    pythonpath: str | None,
+    extra: tuple[str, ...],
+    pin: str,
 ) -> dict[str, Any]:
     port, grpc_port = free_port(), free_port()
     command = [python, "-m", "gpufaas.core.cli", "up", "--port", str(port),
                "--functions", str(functions), "--cpu-devices", "1", "--policy", args.policy,
                *extra]  # fmt: skip
-    env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": tempfile.mkdtemp()}
+    env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": home}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     has_grpc = (
@@ -384,16 +410,47 @@ def run_system(
         command += ["--grpc-port", str(grpc_port)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
+    client_cpus = os.sched_getaffinity(0)
     try:
         wait_ready([url], timeout_s=180, procs=[proc], what=label)
+        pin_processes(tree(proc.pid), pin)
         if args.syscalls:
             return syscall_counts(port, tree(proc.pid), calls=args.syscalls)
         result = asyncio.run(measure(url, grpc_port if has_grpc else None, tree(proc.pid), args))
         result["python"] = python
         result["pythonpath"] = pythonpath
+        result["pin"] = pin
         return result
     finally:
+        if pin:  # the client back where it was
+            pin_threads([os.getpid()], client_cpus)
         stop_processes([proc], timeout_s=30)
+
+
+PINS = ("split", "split-client-gateway", "split-client-node", "together")
+
+
+def pin_threads(pids: list[int], cpus: Any) -> None:
+    """Every thread of ``pids`` onto ``cpus`` (``sched_setaffinity`` sets one thread's)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), set(cpus))
+
+
+def pin_processes(pids: list[int], pin: str) -> None:
+    """``--pins``: the gateway (``pids[0]``) on CPU 0, its managers on CPU 1; the client (this
+    process) left free (``split``) or on the gateway's or the node's CPU. ``together``: the
+    gateway and its managers on CPU 0, the client on CPU 1."""
+    if not pin:
+        return
+    if pin == "together":
+        pin_threads(pids, [0])
+        pin_threads([os.getpid()], [1])
+        return
+    pin_threads(pids[:1], [0])
+    pin_threads(pids[1:], [1])
+    if pin != "split":
+        pin_threads([os.getpid()], [0 if pin == "split-client-gateway" else 1])
 
 
 def syscall_counts(port: int, pids: list[int], *, calls: int) -> dict[str, Any]:
@@ -403,9 +460,6 @@ def syscall_counts(port: int, pids: list[int], *, calls: int) -> dict[str, Any]:
     does not time (strace slows every call), so it needs no quiet lock; as
     ``bench/grpc_wire.py`` does for gRPC."""
     import http.client
-    import signal
-
-    from grpc_wire import syscalls_per_call
 
     body, headers = body_for("tiny-mlp")
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -418,7 +472,18 @@ def syscall_counts(port: int, pids: list[int], *, calls: int) -> dict[str, Any]:
             if answer.status != 200:
                 raise RuntimeError(f"syscalls: answered {answer.status}")
 
-    work = Path(tempfile.mkdtemp(prefix="dataplane-strace-"))
+    with tempfile.TemporaryDirectory(prefix="dataplane-strace-") as folder:
+        return _traced(Path(folder), pids, send, connection, calls=calls)
+
+
+def _traced(
+    work: Path, pids: list[int], send: Any, connection: Any, *, calls: int
+) -> dict[str, Any]:
+    """Trace each of ``pids`` (into ``work``) over ``calls`` warm requests."""
+    import signal
+
+    from grpc_wire import syscalls_per_call
+
     send(300)
     tracers = [
         subprocess.Popen(
@@ -454,15 +519,26 @@ def node_app_cpu(functions: Path, *, requests: int, inline: bool) -> float:
     from gpufaas.core.manifests import load_manifests
     from gpufaas.gpu_manager.inventory import cpu_devices
     from gpufaas.gpu_manager.runtime import NodeRuntime
-    from gpufaas.gpu_manager.server import create_app
 
     (function,) = load_manifests([functions / "tiny-mlp.yaml"])
-    runtime = NodeRuntime(
-        devices=cpu_devices(1, device_memory=1 << 30),
-        store=ArtifactStore(Path(tempfile.mkdtemp())),
-        host_capacity_bytes=1 << 30,
-    )
-    runtime.register("tiny-mlp", function.spec)
+    with tempfile.TemporaryDirectory(prefix="gpufaas-node-app-") as store:
+        return _node_app_cpu(
+            NodeRuntime(
+                devices=cpu_devices(1, device_memory=1 << 30),
+                store=ArtifactStore(Path(store)),
+                host_capacity_bytes=1 << 30,
+            ),
+            function.spec,
+            requests=requests,
+            inline=inline,
+        )
+
+
+def _node_app_cpu(runtime: Any, spec: Any, *, requests: int, inline: bool) -> float:
+    """:func:`node_app_cpu` on ``runtime``, its artifact store a folder the caller removes."""
+    from gpufaas.gpu_manager.server import create_app
+
+    runtime.register("tiny-mlp", spec)
     for device in runtime.devices.values():
         if not inline and hasattr(device, "inline"):  # a baseline has no inline passes
             device.inline.max_ms = 0
@@ -517,6 +593,12 @@ def colocated_loop_cpu(
     Unix socket instead, both ends still on this one loop: the gateway path then holds both
     ends of the framed lane and their system calls, with no second process (no context switch
     and no wake-up of another process), which is what two processes add on top."""
+    with tempfile.TemporaryDirectory(prefix="gpufaas-colocated-") as folder:
+        return _colocated_loop_cpu(functions, Path(folder), requests=requests, lane=lane)
+
+
+def _colocated_loop_cpu(functions: Path, work: Path, *, requests: int, lane: str) -> dict[str, Any]:
+    """:func:`colocated_loop_cpu` with the node's artifacts and socket in ``work``."""
     from gpufaas.core.colocated import ColocatedOptions, colocated_node
     from gpufaas.core.commands import ManagerOptions
     from gpufaas.core.frames import InferHead
@@ -524,7 +606,6 @@ def colocated_loop_cpu(
     from gpufaas.scheduler.gateway import GatewayConfig, answer_infer
     from gpufaas.scheduler.main import build_gateway
 
-    work = Path(tempfile.mkdtemp(prefix="gpufaas-colocated-"))
     node = colocated_node(
         ColocatedOptions(
             name="node-0",
@@ -739,6 +820,12 @@ def main() -> int:
         help="count each server process's system calls per warm request over this many "
         "(strace -c; counts, not timings)",
     )
+    parser.add_argument(
+        "--pins",
+        default="",
+        help="exploratory: also run each of this checkout's transports with its processes "
+        f"pinned, each mode a system of its own ({', '.join(PINS)}; comma-separated)",
+    )
     parser.add_argument("--serve-front", choices=FRONTS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--fd", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--functions-dir", default=None, help=argparse.SUPPRESS)
@@ -746,7 +833,13 @@ def main() -> int:
     if args.serve_front:
         serve_front(args.serve_front, args.fd, Path(args.functions_dir))
         return 0
-    work = Path(tempfile.mkdtemp(prefix="gpufaas-dataplane-"))
+    # Every run removes what it made (the example models alone are ~90 MB).
+    with tempfile.TemporaryDirectory(prefix="gpufaas-dataplane-") as folder:
+        return run(args, Path(folder))
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    """The figures ``args`` asks for, with the models and manifests under ``work``."""
     models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
     build_examples(models, progress=False)
     write_manifests(work / "functions", models)
@@ -773,25 +866,34 @@ def main() -> int:
         print(json.dumps({"node_app_cpu_us_per_request": cpu, "mode": args.node_app}))
         return 0
     # label -> (python, extra `gpufaas up` arguments)
-    systems: dict[str, tuple[str, tuple[str, ...]]] = {}
+    systems: dict[str, tuple[str, tuple[str, ...], str]] = {}
     if args.baseline and args.baseline_transports:
         for transport in args.baseline_transports.split(","):
-            systems[f"baseline-{transport}"] = (args.baseline, ("--node-transport", transport))
+            systems[f"baseline-{transport}"] = (args.baseline, ("--node-transport", transport), "")
     elif args.baseline:
-        systems["baseline"] = (args.baseline, ())
+        systems["baseline"] = (args.baseline, (), "")
     for transport in args.node_transports.split(","):
-        systems[transport] = (sys.executable, ("--node-transport", transport))
+        systems[transport] = (sys.executable, ("--node-transport", transport), "")
+        for pin in (p for p in args.pins.split(",") if p and transport != "inprocess"):
+            systems[f"{transport}-{pin}"] = (sys.executable, ("--node-transport", transport), pin)
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in systems}
     for round_ in range(args.rounds):
         order = list(systems.items())
         # alternate the order too: what runs first in a round may run warmer
         if (round_ + args.round_offset) % 2:
             order.reverse()
-        for label, (python, extra) in order:
+        for label, (python, extra, pin) in order:
             path = args.baseline_path if label.startswith("baseline") else None
             results[label].append(
                 run_system(
-                    python, label, work / "functions", models, args, pythonpath=path, extra=extra
+                    python,
+                    label,
+                    work / "functions",
+                    models,
+                    args,
+                    pythonpath=path,
+                    extra=extra,
+                    pin=pin,
                 )
             )
     print(json.dumps({**results, "unanswered": FAILURES}, indent=1))

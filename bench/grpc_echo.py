@@ -504,9 +504,11 @@ def fronts(*, calls: int, rounds: int) -> dict[str, list[float]]:
     from gpufaas.scheduler.main import build_gateway
     from gpufaas.scheduler.transport import NodeReply
 
-    folder = Path(tempfile.mkdtemp(prefix="grpc-fronts-"))
-    write_manifests(folder, folder)  # no model is loaded: the node hop is stubbed
-    gateway = build_gateway(manager_urls={}, functions=load_manifests([folder / "tiny-mlp.yaml"]))
+    with tempfile.TemporaryDirectory(prefix="grpc-fronts-") as name:
+        folder = Path(name)
+        write_manifests(folder, folder)  # no model is loaded: the node hop is stubbed
+        functions = load_manifests([folder / "tiny-mlp.yaml"])
+    gateway = build_gateway(manager_urls={}, functions=functions)
     reply = NodeReply(
         200,
         {"inference-header-content-length": str(len(_ANSWER_HEADER))},
@@ -601,13 +603,20 @@ def fronts(*, calls: int, rounds: int) -> dict[str, list[float]]:
 
 
 def replay(args: argparse.Namespace) -> dict[str, Any]:
-    """``--replay``: per system and round, each model's raw-client p50/p90 and serving CPU."""
+    """``--replay``: per system and round, each model's raw-client p50/p90 and serving CPU;
+    every folder it makes (models, manifests, each system's home) is removed afterwards."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="grpc-replay-") as folder:
+        return _replay(args, Path(folder))
+
+
+def _replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import tempfile
 
     from gpufaas.core.examples import build_examples
     from gpufaas.scheduler.local import stop_processes, wait_ready
 
-    work = Path(tempfile.mkdtemp(prefix="grpc-replay-"))
     models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
     build_examples(models, progress=False)
     write_manifests(work / "functions", models)
@@ -618,7 +627,10 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.rounds):
         for label, (python, path) in systems.items():
             port, grpc_port = free_port(), free_port()
-            env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": tempfile.mkdtemp()}
+            home = tempfile.TemporaryDirectory(
+                prefix="grpc-replay-home-", ignore_cleanup_errors=True
+            )
+            env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": home.name}
             if path:
                 env["PYTHONPATH"] = path
             command = [python, "-m", "gpufaas.core.cli", "up", "--port", str(port),
@@ -640,6 +652,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
                 results[label].append(round_out)
             finally:
                 stop_processes([proc], timeout_s=30)
+                home.cleanup()
     return results
 
 

@@ -174,8 +174,15 @@ async def node_calls(sock: str, server: int, args: argparse.Namespace) -> dict[s
 
 
 def node_half(python: str, pythonpath: str | None, args: argparse.Namespace) -> dict[str, float]:
-    """One GPU manager process with tiny-mlp registered, measured by :func:`node_calls`."""
-    work = Path(tempfile.mkdtemp(prefix="gpufaas-node-half-"))
+    """One GPU manager process with tiny-mlp registered, measured by :func:`node_calls`; its
+    models, artifacts and socket in a folder removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="gpufaas-node-half-") as folder:
+        return _node_half(python, pythonpath, args, Path(folder))
+
+
+def _node_half(
+    python: str, pythonpath: str | None, args: argparse.Namespace, work: Path
+) -> dict[str, float]:
     models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
     build_examples(models, names=("tiny-mlp",), progress=False)
     (function,) = load_manifests(
@@ -224,8 +231,14 @@ def main() -> int:
                 rows[label].append(node_half(python, path, args))
         print(json.dumps(rows, indent=1))
         return 0
+    with tempfile.TemporaryDirectory(prefix="gpufaas-transport-") as folder:
+        return echo_servers(Path(folder) / "echo.sock", args)
+
+
+def echo_servers(path: Path, args: argparse.Namespace) -> int:
+    """The echo servers (HTTP, framed TCP, framed on the Unix socket ``path``), measured."""
     port, framed_port = free_port(), free_port()
-    sock = str(Path(tempfile.mkdtemp(prefix="gpufaas-transport-")) / "echo.sock")
+    sock = str(path)
     script = SERVER.replace("FPORT", str(framed_port)).replace("PORT", str(port))
     server = subprocess.Popen([sys.executable, "-c", script.replace("SOCK", sock)])
     url = f"http://127.0.0.1:{port}"

@@ -233,6 +233,7 @@ async def _run_goal_phases(system: Any, scenario: Any, plan: Plan, profiler: Any
                 client, make, [model] * plan.warm_warmup, concurrency=concurrency, max_seconds=30
             )
         cpu_before = tree_cpu_s(system.server.pid)
+        warm_before_by_process = tree_cpu_by_process(system.server.pid)
         with profiler("warm"):
             warm = await closed_loop(
                 client,
@@ -244,6 +245,12 @@ async def _run_goal_phases(system: Any, scenario: Any, plan: Plan, profiler: Any
         figures["warm"] = _summary(warm)
         figures["warm"]["server_cpu_ms_per_request"] = round(
             1000 * (tree_cpu_s(system.server.pid) - cpu_before) / max(1, len(warm.samples)), 3
+        )
+        figures["warm"]["cpu_us_per_request"] = _cpu_split(  # which server process spent it
+            tree_cpu_by_process(system.server.pid),
+            warm_before_by_process,
+            client_s=warm.client_cpu_s,
+            requests=max(1, len(warm.samples)),
         )
         with profiler("warm-loaded"):
             loaded = await closed_loop(
