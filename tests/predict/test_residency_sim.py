@@ -350,3 +350,20 @@ def test_a_prefetch_the_view_has_room_for_runs_only_into_the_devices_free_bytes(
     assert sim.devices[1].cache.peek("fn-0002") is None
     # the simulator before sent it to the other device, which the gateway never chose
     assert prefetch(prefetch_by_view=False).devices[1].cache.peek("fn-0002") is not None
+
+
+def test_a_prefetch_goes_to_the_roomiest_device_in_the_view_when_its_last_one_is_full() -> None:
+    """The gateway's choice of device: the function's last device if the view has room there,
+    else the device the view shows roomiest."""
+    config = engine.SimConfig(devices=2, capacity_bytes=4 * 10**9, concurrency=2, eviction="lru")
+    tiers = residency.TierConfig(host_capacity_bytes=10**11)
+    sim = _timer_simulation(_Wants("fn-0002"), config, tiers, functions=3, hours=0.1)
+    last, other = sim.devices
+    for name in ("fn-0000", "fn-0001"):
+        last.cache.put(name, None, size_bytes=2 * 10**9)
+        sim.directory.note_loaded(last.key, name, size_bytes=2 * 10**9)
+    sim.last_device["fn-0002"] = last
+    sim._prefetch_pass(0.0, {"fn-0000", "fn-0001"})
+    assert sim.prefetch_started == 1
+    assert other.cache.peek("fn-0002") is not None
+    assert set(sim.directory.holder_ids("fn-0002")) == {other.key}
