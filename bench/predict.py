@@ -134,8 +134,15 @@ _LABEL_KEYS = {
 # label suffixes that turn a simulator option off for that setting (bench/sim/residency.py:
 # TierConfig): -inuse, the victims planned at routing may be models with requests on the
 # device (the gateway before the tenth session); -atstart, ours' victims planned when the load
-# starts while the directory notes LRU's at routing (the simulator before the tenth session)
-SIMULATOR_SUFFIXES = {"inuse": "spare_in_use", "atstart": "route_victims"}
+# starts while the directory notes LRU's at routing (the simulator before the tenth session);
+# -devfree, prefetches sent wherever a device has free bytes, the directory noting them there
+# (the simulator before the eleventh session; the gateway sends one only where its view has
+# room). They apply to the baselines' labels too (``hybrid-devfree``).
+SIMULATOR_SUFFIXES = {
+    "inuse": "spare_in_use",
+    "atstart": "route_victims",
+    "devfree": "prefetch_by_view",
+}
 
 
 def setting_for(label: str) -> tuple[str, str, dict[str, float], bool]:
@@ -145,6 +152,10 @@ def setting_for(label: str) -> tuple[str, str, dict[str, float], bool]:
     for setting in SETTINGS:
         if setting[0] == label:
             return setting
+    unsuffixed = "-".join(part for part in label.split("-") if part not in SIMULATOR_SUFFIXES)
+    if unsuffixed != label and not unsuffixed.startswith("ours"):
+        _, policy, params, prefetch = setting_for(unsuffixed)  # a baseline, an old simulator
+        return label, policy, params, prefetch
     parts = label.split("-")
     prefetch = "noprefetch" not in parts
     parts = [part for part in parts if part != "noprefetch" and part not in SIMULATOR_SUFFIXES]
@@ -245,6 +256,7 @@ def build_simulation(
         prefetch_unserved=job.get("prefetch_unserved", True),
         route_victims=job.get("route_victims", True) and "atstart" not in suffixes,
         spare_in_use=job.get("spare_in_use", True) and "inuse" not in suffixes,
+        prefetch_by_view=job.get("prefetch_by_view", True) and "devfree" not in suffixes,
     )
     return simulation(
         policy,
@@ -645,6 +657,13 @@ def _parser() -> argparse.ArgumentParser:
         help="let the victims planned at routing include models with requests on the device"
         " (the gateway before the tenth session)",
     )
+    p.add_argument(
+        "--prefetch-on-device-free",
+        action="store_true",
+        help="send a prefetch wherever a device has free bytes, the directory noting it there"
+        " (the simulator before the eleventh session; the gateway sends one only where its"
+        " view has room)",
+    )
     p.add_argument("--quick", action="store_true", help=f"only {sorted(QUICK)}")
     p.add_argument("--only", default="", help="comma-separated setting labels")
     p.add_argument("--workers", type=int, default=2)
@@ -682,6 +701,7 @@ def base_job(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "prefetch_unserved": not args.no_prefetch_unserved,
         "route_victims": not args.victims_at_start,
         "spare_in_use": not args.plan_in_use,
+        "prefetch_by_view": not args.prefetch_on_device_free,
     }
 
 

@@ -67,6 +67,15 @@ class TierConfig:
     # the plan at routing leaves out the models with requests on the device (queued or
     # running), as the gateway's does (its in-flight count); False: the view's residents
     spare_in_use: bool = True
+    # prefetches planned over the directory's view, as the gateway's driver does
+    # (scheduler/prefetch.py: plan): a model the view shows on no device, sent to its last
+    # device if the view has room there, else to the device the view shows roomiest, else not
+    # at all; the node then runs it only into the device's free bytes (gpu_manager/prefetch.py:
+    # no-room otherwise, never on another device). False: planned over the devices themselves,
+    # wherever one had free bytes, the directory noting it there (the simulator before the
+    # eleventh session: a view fuller than the device then made room for it by evicting, from
+    # the view alone, models the device still held)
+    prefetch_by_view: bool = True
 
 
 @dataclasses.dataclass
@@ -405,6 +414,12 @@ class ResidencySimulation(Simulation):
             self._prefetch_pass(now_s, on_device)
 
     def _prefetch_pass(self, now_s: float, on_device: set[str]) -> None:
+        """Prefetch what the policy wants: as the gateway, over the directory's view
+        (``prefetch_by_view``); else over the devices (``on_device``: models on any), the
+        simulator before the eleventh session."""
+        if self.tiers.prefetch_by_view:
+            self._prefetch_pass_by_view(now_s)
+            return
         policy = self.residency
         roomiest: _Device | None = None
         for model in self.catalogue:
@@ -431,21 +446,82 @@ class ResidencySimulation(Simulation):
             )
             if advice.prefetch:
                 self._start_prefetch(device, name)
-            elif name not in self.host[node] and (node, name) not in self.host_fetching:
-                host_advice = policy.advise(
-                    name,
-                    now_s,
-                    size_bytes=c.size_bytes,
-                    reload_ms=c.artifact_to_host_ms,
-                    tier="host",
-                )
-                if host_advice.prefetch and self.host[node].free_bytes >= c.size_bytes:
-                    self.host_fetching.add((node, name))
-                    self._at(
-                        self.now + self._noisy(c.artifact_to_host_ms),
-                        _HOST_FETCH_DONE,
-                        (node, name),
-                    )
+            else:
+                self._host_prefetch(now_s, node, name)
+
+    def _prefetch_pass_by_view(self, now_s: float) -> None:
+        """The gateway's prefetch pass (``scheduler/prefetch.py: plan``): over the directory's
+        view, not the devices. A model the view shows on no device (in any state) that the
+        policy wants goes to its last device if the view has room there, else to the device
+        the view shows roomiest if it has room, else nowhere; each one sent takes its bytes
+        from the view's free bytes for the rest of the pass. Sent, the directory notes it
+        loading there (into the view's free bytes, so the view evicts nothing for it) and the
+        node runs it (``_prefetch_at``)."""
+        policy = self.residency
+        directory = self.directory
+        held: set[str] = set()
+        free: dict[str, int] = {}
+        for device in self.devices:
+            free[device.key] = directory.free_bytes(device.key)
+            held.update(model for model, _state, _size in directory.residents(device.key))
+        for model in self.catalogue:
+            name = model.name
+            if name in held:
+                continue
+            last = self.last_device.get(name)
+            if last is None and not self.tiers.prefetch_unserved:
+                continue
+            roomiest = max(self.devices, key=lambda d: free[d.key])
+            # the reload the prefetch would save, from the host tier of the node it would go
+            # to first (the gateway's estimate knows no tiers; the simulator's advice does)
+            node = self._node(last if last is not None else roomiest)
+            c = self.costs[name]
+            advice = policy.advise(
+                name,
+                now_s,
+                size_bytes=c.size_bytes,
+                reload_ms=self._reload_ms(node, name),
+                tier="device",
+            )
+            if advice.prefetch:
+                target = last if last is not None and free[last.key] >= c.size_bytes else None
+                if target is None and free[roomiest.key] >= c.size_bytes:
+                    target = roomiest
+                if target is None:  # no room in the view: the gateway sends none
+                    self.prefetch_failed += 1
+                    continue
+                free[target.key] -= c.size_bytes
+                self._prefetch_at(target, name)
+            else:
+                self._host_prefetch(now_s, node, name)
+
+    def _host_prefetch(self, now_s: float, node: str, name: str) -> None:
+        """Stage ``name`` in ``node``'s host tier if the policy wants it there and it fits."""
+        if name in self.host[node] or (node, name) in self.host_fetching:
+            return
+        c = self.costs[name]
+        host_advice = self.residency.advise(
+            name, now_s, size_bytes=c.size_bytes, reload_ms=c.artifact_to_host_ms, tier="host"
+        )
+        if host_advice.prefetch and self.host[node].free_bytes >= c.size_bytes:
+            self.host_fetching.add((node, name))
+            self._at(self.now + self._noisy(c.artifact_to_host_ms), _HOST_FETCH_DONE, (node, name))
+
+    def _prefetch_at(self, device: _Device, name: str) -> None:
+        """The node's side of a prefetch the gateway sent to ``device``: the directory notes it
+        loading there at once (the gateway notes it when the node accepts it); the node loads
+        it only into the device's free bytes, or counts it ``no-room`` (the view then shows a
+        load the device never started, until the next sync), and a model the device already
+        holds is left as it is (the node's ``resident``)."""
+        c = self.costs[name]
+        with _quiet():
+            self.directory.note_dispatch(device.key, name, size_bytes=c.size_bytes)
+        if device.cache.peek(name) is not None:
+            return
+        if device.cache.free_bytes < c.size_bytes:
+            self.prefetch_failed += 1
+            return
+        self._begin_prefetch(device, name)
 
     def _start_prefetch(self, device: _Device, name: str) -> None:
         """Load ``name`` onto ``device`` into free bytes only; a request's load goes first."""
@@ -457,6 +533,13 @@ class ResidencySimulation(Simulation):
                 self.prefetch_failed += 1
                 return
             target = roomy
+        with _quiet():
+            self.directory.note_dispatch(target.key, name, size_bytes=c.size_bytes)
+        self._begin_prefetch(target, name)
+
+    def _begin_prefetch(self, target: _Device, name: str) -> None:
+        """Reserve ``name``'s bytes on ``target`` and copy it behind the requests' loads."""
+        c = self.costs[name]
         node = self._node(target)
         tier = "host" if name in self.host[node] else "artifact"
         mean = c.host_to_device_ms if tier == "host" else c.artifact_to_device_ms
@@ -465,8 +548,6 @@ class ResidencySimulation(Simulation):
         self.loading_tier[(target.key, name)] = "prefetch"
         self.loading_cause[(target.key, name)] = "prefetch-late"
         self._device_in(target, name, c.size_bytes)
-        with _quiet():
-            self.directory.note_dispatch(target.key, name, size_bytes=c.size_bytes)
         begin = max(self.now, target.copy_free_ms)
         job = _Prefetch(device=target, name=name, done_ms=begin + self._noisy(mean))
         self.prefetches[(target.key, name)] = job

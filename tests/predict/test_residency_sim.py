@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gpufaas.cache.arrivals import FixedKeepAlive, HybridHistogram, PredictivePolicy
+from gpufaas.cache.arrivals import Advice, FixedKeepAlive, HybridHistogram, PredictivePolicy
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -281,3 +281,89 @@ def test_the_victims_planned_at_routing_leave_out_the_models_in_use() -> None:
     other = "fn-0001" if victim == "fn-0000" else "fn-0000"
     assert plan(victim, spare_in_use=False) == [victim]
     assert plan(victim) == [other]
+
+
+class _Wants(FixedKeepAlive):
+    """Keeps everything and wants ``wanted`` prefetched (a stand-in for a prefetching policy)."""
+
+    def __init__(self, wanted: str) -> None:
+        super().__init__()
+        self.may_prefetch = True
+        self.wanted = wanted
+
+    def advise(
+        self, function: str, now_s: float, *, size_bytes: int, reload_ms: float, tier: str
+    ) -> Advice:
+        return Advice(keep=True, prefetch=function == self.wanted, reason="test")
+
+
+def _prefetch_into_a_fuller_view(**tier_options: Any) -> tuple[Any, set[str]]:
+    """One 6 GB device holding two 2 GB models, with a third noted at routing in the view and
+    not yet started (the view is full, the device has 2 GB free); the policy wants a fourth
+    prefetched. Returns the simulation after one prefetch pass and the models the device
+    holds that the view has lost."""
+    config = engine.SimConfig(devices=1, capacity_bytes=6 * 10**9, concurrency=2, eviction="lru")
+    tiers = residency.TierConfig(host_capacity_bytes=10**11, **tier_options)
+    sim = _timer_simulation(_Wants("fn-0003"), config, tiers, functions=4, hours=0.1)
+    device = sim.devices[0]
+    for name in ("fn-0000", "fn-0001"):
+        device.cache.put(name, None, size_bytes=2 * 10**9)
+        sim.directory.note_loaded(device.key, name, size_bytes=2 * 10**9)
+    sim.directory.note_dispatch(device.key, "fn-0002", size_bytes=2 * 10**9)
+    sim._prefetch_pass(0.0, {"fn-0000", "fn-0001"})
+    view = {m for m, _, _ in sim.directory.residents(device.key)}
+    return sim, {e.key for e in device.cache.entries_lru()} - view
+
+
+def test_a_prefetch_is_sent_only_where_the_directorys_view_has_room() -> None:
+    """As the gateway's driver (``scheduler/prefetch.py: plan``), the simulator sends a
+    prefetch only where the directory's view shows free bytes: here none, so none is sent and
+    the view still holds every model the device holds. Sent where the device had free bytes
+    (the simulator before), noting it made room in the view by evicting a model the device
+    kept, and the next request for that one would be sent elsewhere to load a second copy."""
+    sim, lost = _prefetch_into_a_fuller_view()
+    assert sim.prefetch_started == 0 and sim.prefetch_failed == 1
+    assert lost == set()
+    sim, lost = _prefetch_into_a_fuller_view(prefetch_by_view=False)
+    assert sim.prefetch_started == 1
+    assert lost == {"fn-0000"}
+
+
+def test_a_prefetch_the_view_has_room_for_runs_only_into_the_devices_free_bytes() -> None:
+    """The view may show room the device lacks (a sync not yet seen): the node then refuses
+    it (``no-room``), never evicts for it and never sends it to another device."""
+    config = engine.SimConfig(devices=2, capacity_bytes=4 * 10**9, concurrency=2, eviction="lru")
+
+    def prefetch(**tier_options: Any) -> Any:
+        tiers = residency.TierConfig(host_capacity_bytes=10**11, **tier_options)
+        sim = _timer_simulation(_Wants("fn-0002"), config, tiers, functions=3, hours=0.1)
+        full = sim.devices[0]
+        for name in ("fn-0000", "fn-0001"):
+            full.cache.put(name, None, size_bytes=2 * 10**9)  # the view has not heard of them
+        sim.last_device["fn-0002"] = full
+        sim._prefetch_pass(0.0, {"fn-0000", "fn-0001"})
+        assert {e.key for e in full.cache.entries_lru()} == {"fn-0000", "fn-0001"}
+        return sim
+
+    sim = prefetch()
+    assert sim.prefetch_started == 0 and sim.prefetch_failed == 1
+    assert sim.devices[1].cache.peek("fn-0002") is None
+    # the simulator before sent it to the other device, which the gateway never chose
+    assert prefetch(prefetch_by_view=False).devices[1].cache.peek("fn-0002") is not None
+
+
+def test_a_prefetch_goes_to_the_roomiest_device_in_the_view_when_its_last_one_is_full() -> None:
+    """The gateway's choice of device: the function's last device if the view has room there,
+    else the device the view shows roomiest."""
+    config = engine.SimConfig(devices=2, capacity_bytes=4 * 10**9, concurrency=2, eviction="lru")
+    tiers = residency.TierConfig(host_capacity_bytes=10**11)
+    sim = _timer_simulation(_Wants("fn-0002"), config, tiers, functions=3, hours=0.1)
+    last, other = sim.devices
+    for name in ("fn-0000", "fn-0001"):
+        last.cache.put(name, None, size_bytes=2 * 10**9)
+        sim.directory.note_loaded(last.key, name, size_bytes=2 * 10**9)
+    sim.last_device["fn-0002"] = last
+    sim._prefetch_pass(0.0, {"fn-0000", "fn-0001"})
+    assert sim.prefetch_started == 1
+    assert other.cache.peek("fn-0002") is not None
+    assert set(sim.directory.holder_ids("fn-0002")) == {other.key}
