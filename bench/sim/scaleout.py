@@ -979,6 +979,65 @@ def _miss_rows(rounds: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, i
     return rows
 
 
+def _excess_lines(rows: list[tuple[str, str, dict[str, int]]]) -> list[str]:
+    """Are a run's extra cascades and victim choices one-sided? Per round, its ``cascade``
+    less the base's (``base_cascade``), and the same for ``victim``: the mean over rounds
+    with a 95% t interval, per replica count and for the control (two-sided noise gives
+    intervals around 0 for both)."""
+    by_n: dict[str, list[dict[str, int]]] = {}
+    for _, n, b in rows:
+        by_n.setdefault(n, []).append(b)
+    lines = [
+        "",
+        "| N | rounds | cascade - base_cascade per round (95% t) "
+        "| victim - base_victim per round (95% t) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for n in sorted(by_n, key=_label_order):
+        cells = []
+        for mine, theirs in (("cascade", "base_cascade"), ("victim", "base_victim")):
+            mean, half = mean_and_interval([b[mine] - b[theirs] for b in by_n[n]])
+            cells.append(f"{mean:+.1f} ± {half:.1f}")
+        lines.append(f"| {n} | {len(by_n[n])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _secondary_rows(rounds: list[dict[str, Any]], counts: list[str]) -> list[str]:
+    """The secondary figure: each replica count's misses and p99 over the mean of its round's
+    two one-gateway runs (the first and the control: half the baseline's noise), over the
+    rounds that ran a control. The primary figure stays the ratio to the first run."""
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for result in rounds:
+        base = base_run(result)
+        controls = [r for r in result["runs"] if r.get("control")]
+        if not controls:
+            continue
+        for r in result["runs"]:
+            if r["gateways"] == 1:
+                continue
+            for key, field in (("misses", "misses_at_managers"), ("p99", "p99_ms")):
+                one = (base[field] + controls[0][field]) / 2
+                ratios.setdefault((key, run_label(r)), []).append(r[field] / one)
+    if not ratios:
+        return []
+    lines = []
+    for key in ("misses", "p99"):
+        cells = []
+        for n in counts:
+            values = ratios.get((key, n))
+            if not values:
+                cells.append("-")
+                continue
+            mean, half = mean_and_interval(values)
+            cells.append(f"{mean:.3f} ± {half:.3f} ({len(values)})")
+        lines.append(
+            f"| {key}, secondary (over the mean of the round's two one-gateway runs) | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
+
+
 def compare(base_path: Path, other_path: Path) -> str:
     """``--compare``: OTHER's runs against BASE's at the same replica count (one seed)."""
     base, other = json.loads(base_path.read_text()), json.loads(other_path.read_text())
@@ -1049,6 +1108,7 @@ def summarise(paths: list[Path]) -> str:
         + " | ".join(f"{r:.3f} [{low:.3f}, {high:.3f}]" for r, low, high in pooled)
         + " |"
     )
+    lines += _secondary_rows(rounds, counts)
     lines.append(
         "| gateway CPU ms/request (mean over rounds; one gateway: "
         f"{statistics.fmean(cpu['1']) if '1' in cpu else math.nan:.2f}) | "
@@ -1059,6 +1119,7 @@ def summarise(paths: list[Path]) -> str:
     rows = _miss_rows(rounds)
     if rows:
         lines += _breakdown_lines(rows)
+        lines += _excess_lines(rows)
     if decision_p99:
         lines.append(
             f"\nScale-out's part of a routing decision, p99: {min(decision_p99):.1f}"

@@ -136,3 +136,38 @@ def test_the_control_run_is_reported_beside_the_replicas_against_the_first_one_g
     assert "| misses | 1.050 ± 0.000 (1) | 1.050 ± " in text  # control 105/100; 2: 1.10, 1.00
     assert "| 1.050 [1.050, 1.050] | 1.045 [" in text  # pooled: 105/100; (110 + 120) / 220
     assert "| 1 | 1 (control) | 105 | 1.05 |" in text
+
+
+def test_the_secondary_figure_divides_by_the_mean_of_the_two_one_gateway_runs(
+    tmp_path: Path,
+) -> None:
+    """Rounds with a control also report each replica count over the mean of the round's two
+    one-gateway runs; a round without a control adds nothing to that row."""
+    paths = []
+    for seed, (one, control, two) in enumerate([(100, 120, 121), (90, None, 200)], start=1):
+        runs = [_run(1, one), _run(2, two)]
+        if control is not None:
+            runs.append({**_run(1, control), "control": True, "p99_ms": 12.0})
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps({"runs": runs, "_setup": {"seed": seed}}))
+        paths.append(path)
+    text = summarise(paths)
+    # misses 121 / ((100 + 120) / 2) = 1.1; p99 8 / ((8 + 12) / 2) = 0.8; one round each
+    assert (
+        "| misses, secondary (over the mean of the round's two one-gateway runs) | - "
+        "| 1.100 ± 0.000 (1) |" in text
+    )
+    assert (
+        "| p99, secondary (over the mean of the round's two one-gateway runs) | - "
+        "| 0.800 ± 0.000 (1) |" in text
+    )
+
+
+def test_the_summary_says_whether_extra_cascades_are_one_sided(tmp_path: Path) -> None:
+    models = [0, 1, 0, 2, 1]
+    one = {**_run(1, 3), "requests": _records(1, "mmhmh", ".....")}
+    two = {**_run(2, 4), "requests": _records(2, "mmhmm", ".f.f.")}
+    path = tmp_path / "s3.json"
+    path.write_text(json.dumps({"runs": [two, one], "trace_models": models, "_setup": {"seed": 3}}))
+    # request 4: a victim choice at 2 replicas that one gateway did not make, no cascades
+    assert "| 2 | 1 | +0.0 ± 0.0 | +1.0 ± 0.0 |" in summarise([path])
