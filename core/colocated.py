@@ -17,6 +17,7 @@ the gateway the node's :class:`InferNode`.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -65,6 +66,7 @@ class ColocatedOptions:
     options: ManagerOptions
     framed_socket: Path | None = None
     token: str | None = None
+    listener: socket.socket | None = None  # already listening on host:port: served there
 
 
 class ColocatedNode(Protocol):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gpufaas.core.commands import ManagerOptions
 from gpufaas.core.config import artifact_dir
+from gpufaas.core.sockets import inherited_listener
 from gpufaas.core.units import parse_bytes
 from gpufaas.core.uripolicy import UriPolicy
 
@@ -25,6 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=os.environ.get("NODE_NAME", "node-0"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument(
+        "--listen-fd",
+        type=int,
+        default=-1,
+        help="serve HTTP on this inherited, already listening socket instead of binding "
+        "--host:--port (how gpufaas up starts managers: no port race); -1: bind",
+    )
     parser.add_argument(
         "--kubernetes",
         action="store_true",
@@ -79,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"gpufaas gpu-manager: {e}", file=sys.stderr)
         return 2
+    try:
+        listen = inherited_listener(args.listen_fd) if args.listen_fd >= 0 else None
+    except OSError as e:
+        print(f"gpufaas gpu-manager: --listen-fd: {e}", file=sys.stderr)
+        return 2
     from gpufaas.gpu_manager.inventory import DeviceSetupError
 
     try:
@@ -101,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime=runtime,
         host=args.host,
         port=args.port,
+        listener=listen,
         name=args.name,
         device_concurrency=args.device_concurrency or None,
         framed=FramedListen(

@@ -8,12 +8,14 @@ import contextlib
 import gc
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from gpufaas.core.artifacts import ArtifactStore
 from gpufaas.core.colocated import ColocatedOptions, InferNode
@@ -76,8 +78,10 @@ def serve(
     name: str,
     device_concurrency: int | None = 4,
     framed: FramedListen | None = None,
+    listener: socket.socket | None = None,
 ) -> None:
-    """Serve until interrupted. ``GPUFAAS_MANAGER_TOKEN``, when set, is required of callers."""
+    """Serve until interrupted, on ``listener`` (a listening socket on ``host:port``) if given,
+    else binding ``host:port``. ``GPUFAAS_MANAGER_TOKEN``, when set, is required of callers."""
     # Requests run in threads; one intra-op thread each keeps them from fighting over cores.
     torch.set_num_threads(1)
     token = os.environ.get("GPUFAAS_MANAGER_TOKEN") or None
@@ -103,7 +107,7 @@ def serve(
     # Start-up objects (torch, numpy, pydantic schemas, the app) never die: keep them out of
     # the collector's generations, so its full passes stop walking them on the request path.
     gc.freeze()
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -113,6 +117,11 @@ def serve(
         loop="uvloop",
         proxy_headers=False,  # nothing reads the caller's address
     )
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run
+        server.run(sockets=[listener] if listener is not None else None)
+    if not server.started:  # the port was taken or the app failed at start-up: as uvicorn.run
+        sys.exit(STARTUP_FAILURE)
     if not runtime.health.ready:  # a fatal device error stopped the server: say so on exit
         logger.critical("exiting: %s", runtime.health.failure)
         sys.exit(EXIT_DEVICE_FAILED)
@@ -168,6 +177,7 @@ class ColocatedManager:
             proxy_headers=False,
         )
         self._server = _Server(config)
+        self._listener = options.listener
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -184,7 +194,8 @@ class ColocatedManager:
 
     async def start(self, *, timeout_s: float = 120.0) -> None:
         """Serve; return once the API and the framed lane are up (or raise why not)."""
-        self._task = asyncio.get_running_loop().create_task(self._server.serve())
+        sockets = [self._listener] if self._listener is not None else None
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets))
         deadline = asyncio.get_running_loop().time() + timeout_s
         while not self._server.started:
             if self._task.done():

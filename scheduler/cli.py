@@ -20,6 +20,7 @@ from gpufaas.core.api import ManifestError
 from gpufaas.core.commands import ManagerOptions
 from gpufaas.core.config import models_dir
 from gpufaas.core.manifests import bundled_functions_dir, load_manifests
+from gpufaas.core.sockets import inherited_listener
 from gpufaas.core.units import parse_bytes
 
 if TYPE_CHECKING:
@@ -194,6 +195,13 @@ def parse_managers(text: str) -> dict[str, str]:
 
 def _add_replica_options(parser: argparse.ArgumentParser) -> None:
     """Scale-out (#16): this gateway as one of several replicas."""
+    parser.add_argument(
+        "--listen-fd",
+        type=int,
+        default=-1,
+        help="with --peers: serve this replica's own port on this inherited, already listening "
+        "socket instead of binding --host:--port (how gpufaas up starts replicas); -1: bind",
+    )
     parser.add_argument(
         "--peers", default="", help="comma-separated URLs of the gateway replicas (static list)"
     )
@@ -560,6 +568,7 @@ def gateway_command(argv: Sequence[str]) -> int:
                 gateway=gateway,
                 host=args.host,
                 port=args.port,
+                own=inherited_listener(args.listen_fd) if args.listen_fd >= 0 else None,
                 shared_port=args.shared_port,
                 grpc_port=_grpc_port(args),
             )

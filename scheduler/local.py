@@ -36,10 +36,24 @@ _PR_SET_PDEATHSIG = 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now; another process may take it before it is used. A
+    server this module starts gets a :func:`listener` instead."""
     with socket.socket() as s:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def listener(host: str = "127.0.0.1") -> socket.socket:
+    """A socket listening on a free port of ``host``, for a server started from here: the port
+    is held from this moment on, so no other process can take it between its choice and the
+    server's start (the child inherits it, see ``--listen-fd``)."""
+    return socket.create_server((host, 0))
+
+
+def port_of(sock: socket.socket) -> int:
+    port: int = sock.getsockname()[1]
+    return port
 
 
 def die_with_parent() -> None:
@@ -51,16 +65,24 @@ def die_with_parent() -> None:
 
 
 def manager_command(
-    *, name: str, port: int, options: ManagerOptions, framed_socket: Path | None = None
+    *,
+    name: str,
+    port: int,
+    options: ManagerOptions,
+    framed_socket: Path | None = None,
+    listen_fd: int | None = None,
 ) -> list[str]:
     """The GPU manager's command line: a subprocess of its own, nothing of it imported here.
-    ``framed_socket``: the Unix socket of its framed inference lane (``docs/dataplane.md``)."""
+    ``framed_socket``: the Unix socket of its framed inference lane (``docs/dataplane.md``).
+    ``listen_fd``: it serves HTTP on this inherited socket, already listening on ``port``."""
     framed = ["--framed-socket", str(framed_socket)] if framed_socket is not None else []
+    inherited = ["--listen-fd", str(listen_fd)] if listen_fd is not None else []
     return [
         sys.executable, "-m", MANAGER_MODULE,
         "--name", name,
         "--host", "127.0.0.1",
         "--port", str(port),
+        *inherited,
         *framed,
         *options.to_argv(),
     ]  # fmt: skip
@@ -141,14 +163,17 @@ def run_manager_processes(
     try:
         for i in range(first, first + nodes):
             name = f"node-{i}"
-            port = free_port()
-            command = manager_command(
-                name=name,
-                port=port,
-                options=options(i),
-                framed_socket=sockets / f"{name}.sock" if sockets is not None else None,
-            )
             with contextlib.ExitStack() as files:
+                # held here until the child has its own copy: the port is never free between
+                listen = files.enter_context(listener())
+                port = port_of(listen)
+                command = manager_command(
+                    name=name,
+                    port=port,
+                    options=options(i),
+                    framed_socket=sockets / f"{name}.sock" if sockets is not None else None,
+                    listen_fd=listen.fileno(),
+                )
                 log = (
                     files.enter_context((log_dir / f"manager{i}.log").open("wb"))
                     if log_dir is not None
@@ -158,6 +183,7 @@ def run_manager_processes(
                     command,
                     env=env,
                     preexec_fn=die_with_parent,
+                    pass_fds=(listen.fileno(),),
                     stdout=log,
                     stderr=subprocess.STDOUT if log is not None else None,
                 )
@@ -212,16 +238,18 @@ def colocated_manager(
     frames on a Unix socket in a private folder, as a manager process would."""
     sockets = Path(tempfile.mkdtemp(prefix="gpufaas-sockets-"))  # 0700: this user only
     try:
-        yield colocated_node(
-            ColocatedOptions(
-                name=name,
-                host=host,
-                port=free_port(host),
-                options=options,
-                framed_socket=sockets / f"{name}.sock",
-                token=token,
+        with listener(host) as listen:  # its port held from here on
+            yield colocated_node(
+                ColocatedOptions(
+                    name=name,
+                    host=host,
+                    port=port_of(listen),
+                    options=options,
+                    framed_socket=sockets / f"{name}.sock",
+                    token=token,
+                    listener=listen,
+                )
             )
-        )
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
 
@@ -253,11 +281,15 @@ def gateway_command(
     managers: dict[str, str],
     options: GatewayReplicaOptions,
     grpc_port: int | None = None,
+    listen_fd: int | None = None,
 ) -> list[str]:
+    """A replica's command line; ``listen_fd``: it serves its own port on this inherited
+    socket, already listening on ``port``."""
     command = [
         sys.executable, "-m", "gpufaas.core.cli", "gateway",
         "--host", options.host,
         "--port", str(port),
+        "--listen-fd", str(-1 if listen_fd is None else listen_fd),
         "--shared-port", str(options.shared_port),
         "--replica-url", f"http://{options.host}:{port}",
         "--peers", ",".join(peers),
@@ -283,9 +315,6 @@ def run_gateways(
     """Start ``replicas`` gateway processes, each on its own port and on the shared one (and
     with ``options.grpc`` on a gRPC port of its own); yields them once every one is ready.
     They find each other from the list of their URLs."""
-    ports = [free_port(options.host) for _ in range(replicas)]
-    urls = [f"http://{options.host}:{port}" for port in ports]
-    grpc_ports = [free_port(options.host) if options.grpc else None for _ in ports]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if token:
         env["GPUFAAS_MANAGER_TOKEN"] = token
@@ -293,11 +322,27 @@ def run_gateways(
     env["GPUFAAS_PEER_TOKEN"] = os.environ.get("GPUFAAS_PEER_TOKEN") or _token()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for port, grpc_port in zip(ports, grpc_ports, strict=True):
-            command = gateway_command(
-                port=port, peers=urls, managers=managers, options=options, grpc_port=grpc_port
-            )
-            procs.append(subprocess.Popen(command, env=env, preexec_fn=die_with_parent))
+        # Each replica's own port is held from its choice on; the parent's copies close once
+        # every replica has its own.
+        with contextlib.ExitStack() as held:
+            listens = [held.enter_context(listener(options.host)) for _ in range(replicas)]
+            ports = [port_of(sock) for sock in listens]
+            urls = [f"http://{options.host}:{port}" for port in ports]
+            grpc_ports = [free_port(options.host) if options.grpc else None for _ in ports]
+            for listen, port, grpc_port in zip(listens, ports, grpc_ports, strict=True):
+                command = gateway_command(
+                    port=port,
+                    peers=urls,
+                    managers=managers,
+                    options=options,
+                    grpc_port=grpc_port,
+                    listen_fd=listen.fileno(),
+                )
+                procs.append(
+                    subprocess.Popen(
+                        command, env=env, preexec_fn=die_with_parent, pass_fds=(listen.fileno(),)
+                    )
+                )
         wait_ready(urls, timeout_s=start_timeout_s, procs=procs, what="gateway replica")
         yield [GatewayReplica(u, g) for u, g in zip(urls, grpc_ports, strict=True)]
     finally:

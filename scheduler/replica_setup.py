@@ -244,13 +244,15 @@ def serve_replica(
     port: int,
     shared_port: int | None,
     grpc_port: int | None = None,
+    own: socket.socket | None = None,
 ) -> None:
-    """Serve on ``port`` (this replica's own: peers and tests reach it there) and, if given, on
-    ``shared_port`` together with the other replicas; gRPC too unless ``grpc_port`` is None. As
-    ``scheduler.main.serve`` otherwise (the gateway's HTTP front, uvloop)."""
+    """Serve on ``port`` (this replica's own: peers and tests reach it there; ``own``, a socket
+    already listening there, if given) and, if given, on ``shared_port`` together with the
+    other replicas; gRPC too unless ``grpc_port`` is None. As ``scheduler.main.serve``
+    otherwise (the gateway's HTTP front, uvloop)."""
     from gpufaas.scheduler.main import serve_on
 
-    sockets = [listening_socket(host, port, shared=False)]
+    sockets = [own if own is not None else listening_socket(host, port, shared=False)]
     if shared_port is not None:
         sockets.append(listening_socket(host, shared_port, shared=True))
     logger.info(
