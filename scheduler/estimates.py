@@ -23,6 +23,9 @@ from dataclasses import dataclass
 __all__ = ["Estimates", "Ewma", "EwmaLine"]
 
 _MAX_VICTIM_LOADS = 65_536  # cached victim load times, between two observed loads
+# A model loads "measurably slower" than others of its size from this factor of the fastest on:
+# below it, fastest-reload ratios are timing noise (victim_load_ms).
+_SLOWER = 4.0
 
 
 def _check_alpha(alpha: float) -> float:
@@ -192,12 +195,11 @@ class Estimates:
 
     def victim_load_ms(self, model: str, *, size_bytes: int) -> float:
         """The load time that values ``model`` as an eviction victim: what a model of its size
-        is expected to take (the fitted line, or the prior), times the model's own factor over
-        the fastest model of its size, rounded to a power of two
-        (``2 ** round(log2(least / fastest))``, ``least`` its own fastest reload, ``fastest``
-        the fastest load seen of any model of its size). A model not reloaded yet is valued at
-        the line: its first load paid one-time costs (the artifact's first read, a process's
-        set-up) that reloading it will not.
+        is expected to take (the fitted line, or the prior). Only a model whose fastest reload
+        (``least``) is at least ``_SLOWER`` (4) times the fastest load seen of any model of its
+        size (``fastest``) gets a factor of its own, ``2 ** floor(log2(least / fastest))``. A
+        model not reloaded yet is valued at the line: its first load paid one-time costs (the
+        artifact's first read, a process's set-up) that reloading it will not.
 
         Loads of identical models differ only by timing noise, and noise only adds time:
         another process on the core, a page fault, a process's first load (torch's set-up,
@@ -208,8 +210,12 @@ class Estimates:
         valued alike). A model's fastest reload is its reload without the noise, so models of
         one size get the same value, whatever the contention, and rank by their
         shares of requests, then by the tie-break of the caller (least recently used first).
-        A model that loads measurably slower than others of its size (2x and more, every time)
-        still counts as such. See ``docs/scheduling.md``, "Ties". Kept per ``(model, size)``
+        Below 4x the factor is not used at all: a model's fastest reload is a minimum over a few
+        loads on a shared box, and a factor of 2 (``round(log2)`` of ratios near 1.4, up to the
+        tenth session) split identical models by chance, so that two runs of one gateway on one
+        trace never re-converged (#16, eleventh session: 41-140 of 1,200 requests differed, 0-6
+        at the line alone). A model that loads measurably slower than others of its size (4x
+        and more, every time) still counts as such. See ``docs/scheduling.md``, "Ties". Kept per ``(model, size)``
         until the next load is observed: LALB asks for every resident of every candidate
         device, and the fit costs several times a lookup.
         """
@@ -231,9 +237,9 @@ class Estimates:
         )
         least = self._least_load.get(model)
         fastest = self._fastest.get(size_bytes, 0.0)
-        if least is None or line <= 0 or fastest <= 0:
-            return line  # not seen loading (at this size), or nothing to scale
-        return line * 2.0 ** round(math.log2(least / fastest))
+        if least is None or line <= 0 or fastest <= 0 or least < _SLOWER * fastest:
+            return line  # not seen reloading, nothing to scale, or within timing noise
+        return line * 2.0 ** math.floor(math.log2(least / fastest))
 
     def measured_load_ms(self, model: str) -> float | None:
         """The EWMA of ``model``'s own loads, or None if it has not been seen loading."""
