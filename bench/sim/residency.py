@@ -35,7 +35,13 @@ import numpy as np
 import numpy.typing as npt
 
 from gpufaas.cache import ByteLRU, CacheError, EntryState, Residency
-from gpufaas.cache.arrivals import EVICTION_SAMPLE, Candidate, ResidencyPolicy, eviction_plan
+from gpufaas.cache.arrivals import (
+    EVICTION_SAMPLE,
+    Advice,
+    Candidate,
+    ResidencyPolicy,
+    eviction_plan,
+)
 from gpufaas.scheduler.policy import LocalityAware, RouteRequest
 
 from .engine import SimConfig, Simulation, _Device, _Request
@@ -231,6 +237,13 @@ class ResidencySimulation(Simulation):
         c = self.costs[name]
         return c.host_to_device_ms if name in self.host[node] else c.artifact_to_device_ms
 
+    def _device_advice(self, now_s: float, node: str, name: str, size_bytes: int) -> Advice:
+        """The policy's advice on ``name`` in a device of ``node``: what reloading it there
+        would cost, from that node's host tier or from the artifact."""
+        return self.residency.advise(
+            name, now_s, size_bytes=size_bytes, reload_ms=self._reload_ms(node, name), tier="device"
+        )
+
     # -- engine hooks --------------------------------------------------------------------------
 
     def _arrive(self, request: _Request) -> None:
@@ -379,13 +392,7 @@ class ResidencySimulation(Simulation):
                 on_device.add(e.key)
                 if e.pinned:
                     continue
-                advice = policy.advise(
-                    e.key,
-                    now_s,
-                    size_bytes=e.size_bytes,
-                    reload_ms=self._reload_ms(node, e.key),
-                    tier="device",
-                )
+                advice = self._device_advice(now_s, node, e.key, e.size_bytes)
                 if not advice.keep:
                     self.removed_by[e.key] = "demoted"
                     device.cache.evict(e.key)
@@ -420,7 +427,6 @@ class ResidencySimulation(Simulation):
         if self.tiers.prefetch_by_view:
             self._prefetch_pass_by_view(now_s)
             return
-        policy = self.residency
         roomiest: _Device | None = None
         for model in self.catalogue:
             name = model.name
@@ -437,13 +443,7 @@ class ResidencySimulation(Simulation):
                 device = roomiest
             node = self._node(device)
             c = self.costs[name]
-            advice = policy.advise(
-                name,
-                now_s,
-                size_bytes=c.size_bytes,
-                reload_ms=self._reload_ms(node, name),
-                tier="device",
-            )
+            advice = self._device_advice(now_s, node, name, c.size_bytes)
             if advice.prefetch:
                 self._start_prefetch(device, name)
             else:
@@ -457,7 +457,6 @@ class ResidencySimulation(Simulation):
         from the view's free bytes for the rest of the pass. Sent, the directory notes it
         loading there (into the view's free bytes, so the view evicts nothing for it) and the
         node runs it (``_prefetch_at``)."""
-        policy = self.residency
         directory = self.directory
         held: set[str] = set()
         free: dict[str, int] = {}
@@ -476,13 +475,7 @@ class ResidencySimulation(Simulation):
             # to first (the gateway's estimate knows no tiers; the simulator's advice does)
             node = self._node(last if last is not None else roomiest)
             c = self.costs[name]
-            advice = policy.advise(
-                name,
-                now_s,
-                size_bytes=c.size_bytes,
-                reload_ms=self._reload_ms(node, name),
-                tier="device",
-            )
+            advice = self._device_advice(now_s, node, name, c.size_bytes)
             if advice.prefetch:
                 target = last if last is not None and free[last.key] >= c.size_bytes else None
                 if target is None and free[roomiest.key] >= c.size_bytes:
