@@ -64,9 +64,6 @@ def _timers(
 def _run(
     policy: Any, *, prefetch: bool = True, devices: int = 2, capacity_gb: int = 40
 ) -> dict[str, Any]:
-    trace, history = _timers(900.0, functions=6, hours=2.0)
-    costs = [trace_mod.costs_for(2 * 10**9) for _ in trace.functions]
-    catalogue = residency.catalogue_for(trace, costs)
     config = engine.SimConfig(
         devices=devices,
         capacity_bytes=capacity_gb * 10**9,
@@ -76,10 +73,10 @@ def _run(
         warmup_fraction=0.1,
     )
     tiers = residency.TierConfig(host_capacity_bytes=100 * 10**9, tick_s=5.0, prefetch=prefetch)
-    sim = residency.ResidencySimulation(
-        policy, catalogue, costs, residency.engine_trace(trace), config, tiers, history=history
-    )
-    return sim.report()
+    report: dict[str, Any] = _timer_simulation(
+        policy, config, tiers, functions=6, hours=2.0
+    ).report()
+    return report
 
 
 def _timer_simulation(
@@ -154,8 +151,6 @@ def test_a_function_never_served_in_the_run_is_prefetched_from_its_history() -> 
     """The gateway's driver prefetches any function the policy wants, onto the roomiest device
     when it has no last device. In the simulator too: a timer known only from its history is
     loaded before its first request of the run (control: the rule before, last device only)."""
-    trace, history = _timers(900.0, functions=6, hours=0.5)
-    costs = [trace_mod.costs_for(2 * 10**9) for _ in trace.functions]
     config = engine.SimConfig(
         devices=2,
         capacity_bytes=40 * 10**9,
@@ -169,14 +164,8 @@ def test_a_function_never_served_in_the_run_is_prefetched_from_its_history() -> 
         tiers = residency.TierConfig(
             host_capacity_bytes=100 * 10**9, tick_s=5.0, prefetch_unserved=unserved
         )
-        sim = residency.ResidencySimulation(
-            PredictivePolicy(device_price=1.0),
-            residency.catalogue_for(trace, costs),
-            costs,
-            residency.engine_trace(trace),
-            config,
-            tiers,
-            history=history,
+        sim = _timer_simulation(
+            PredictivePolicy(device_price=1.0), config, tiers, functions=6, hours=0.5
         )
         report = sim.report()
         return round(report["cold_by_cause"]["first"] * report["weighted_requests"])
