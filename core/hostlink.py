@@ -499,10 +499,6 @@ class HostLink(asyncio.Protocol):
         self._written = 0  # bytes of the ring ever taken (sender's position)
         self._seq = 0
         self._waiting: dict[int, asyncio.Future[tuple[int, bytes | Array]]] = {}
-        # Taking spans, queueing notices, and the holds below, so ``stage`` is safe from any
-        # thread (session 11 staged a shard's sends on its worker thread; measured, that cost
-        # the worker more than it saved the loop, and every caller now stages on the loop).
-        self._lock = threading.Lock()
         self._outbox: list[bytes] = []  # notices staged, not written yet, in ring order
         self._loop: asyncio.AbstractEventLoop | None = None
         # Calls' output spans not read yet, in ring order, by seq: [the sender's position
@@ -542,8 +538,7 @@ class HostLink(asyncio.Protocol):
                     result = np.frombuffer(
                         self._ring, dtype=np.float32, count=hold[2], offset=hold[1]
                     ).copy()
-                with self._lock:
-                    self._let_go(seq)
+                self._let_go(seq)
             waiter = self._waiting.pop(seq, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result((status, result))
@@ -572,28 +567,26 @@ class HostLink(asyncio.Protocol):
     def stage(
         self, header: dict[str, object], values: Array, *, out_count: int | None = None
     ) -> Staged:
-        """Copy ``values`` into the ring and queue their notice. Spans are taken and notices
-        queued under one lock, so notices leave in ring order whichever thread staged them
-        (the receiver frees spans in the order it is told of them). The notice leaves at the
-        next :meth:`flush` (event loop); its answer resolves ``Staged.answer``."""
+        """Copy ``values`` into the ring and queue their notice (on the event loop, so notices
+        leave in ring order: the receiver frees spans in the order it is told of them). The
+        notice leaves at the next :meth:`flush`; its answer resolves ``Staged.answer``."""
         values = np.ascontiguousarray(values, dtype=np.float32)
         loop = self._loop
-        with self._lock:
-            if self.broken is not None or loop is None:
-                raise LinkBroken(self.broken or "the link is not connected")
-            self._seq += 1
-            seq = self._seq
-            notice = {**header, "seq": seq, "shape": list(values.shape)}
-            inline = self._place(values, notice)
-            if out_count:
-                self._reserve(seq, out_count, notice)
-            head = json.dumps(notice, separators=(",", ":")).encode()
-            size = len(head) + (values.nbytes if inline else 0)
-            waiter: asyncio.Future[tuple[int, bytes | Array]] = loop.create_future()
-            self._waiting[seq] = waiter
-            self._outbox.append(_NOTICE.pack(size, len(head)) + head)
-            if inline:
-                self._outbox.append(values.tobytes())
+        if self.broken is not None or loop is None:
+            raise LinkBroken(self.broken or "the link is not connected")
+        self._seq += 1
+        seq = self._seq
+        notice = {**header, "seq": seq, "shape": list(values.shape)}
+        inline = self._place(values, notice)
+        if out_count:
+            self._reserve(seq, out_count, notice)
+        head = json.dumps(notice, separators=(",", ":")).encode()
+        size = len(head) + (values.nbytes if inline else 0)
+        waiter: asyncio.Future[tuple[int, bytes | Array]] = loop.create_future()
+        self._waiting[seq] = waiter
+        self._outbox.append(_NOTICE.pack(size, len(head)) + head)
+        if inline:
+            self._outbox.append(values.tobytes())
         return Staged(seq, waiter)
 
     async def greet(self, *, timeout_s: float) -> None:
@@ -618,8 +611,7 @@ class HostLink(asyncio.Protocol):
 
     def flush(self) -> None:
         """Write every notice staged so far, in order, in one call (event loop)."""
-        with self._lock:
-            out, self._outbox = self._outbox, []
+        out, self._outbox = self._outbox, []
         if out and self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(out)
 
@@ -691,12 +683,11 @@ class HostLink(asyncio.Protocol):
                 os.unlink(self.ring_path)
 
     def _break(self, reason: str) -> None:
-        with self._lock:  # one staging now finds the link broken, or is answered
-            if self.broken is None:
-                self.broken = reason
-            waiting = list(self._waiting.values())
-            self._waiting.clear()
-            self._outbox.clear()
+        if self.broken is None:
+            self.broken = reason
+        waiting = list(self._waiting.values())
+        self._waiting.clear()
+        self._outbox.clear()
         for waiter in waiting:
             if not waiter.done():
                 waiter.set_exception(LinkBroken(reason))
