@@ -1,4 +1,4 @@
-"""Listening sockets handed from a parent process to the server it starts.
+"""Listening sockets: bound here, and handed from a parent process to the server it starts.
 
 ``gpufaas up`` binds each child server's port itself and passes the listening socket down
 (``--listen-fd``), so the port is held from the moment it is chosen: no other process can take
@@ -8,6 +8,20 @@ it before the child serves (the race a "free port" probe leaves open).
 from __future__ import annotations
 
 import socket
+
+
+def listening_socket(host: str, port: int, *, shared: bool) -> socket.socket:
+    """A TCP listening socket; ``shared``: SO_REUSEPORT, so that every replica on this machine
+    binds the same port and the kernel spreads connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def inherited_listener(fd: int) -> socket.socket:

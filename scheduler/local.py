@@ -29,6 +29,7 @@ import httpx
 
 from gpufaas.core.colocated import ColocatedNode, ColocatedOptions, colocated_node
 from gpufaas.core.commands import MANAGER_MODULE, ManagerOptions
+from gpufaas.core.sockets import listening_socket
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def listener(host: str = "127.0.0.1") -> socket.socket:
     """A socket listening on a free port of ``host``, for a server started from here: the port
     is held from this moment on, so no other process can take it between its choice and the
     server's start (the child inherits it, see ``--listen-fd``)."""
-    return socket.create_server((host, 0))
+    return listening_socket(host, 0, shared=False)
 
 
 def port_of(sock: socket.socket) -> int:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from gpufaas.core import node as node_api
+from gpufaas.core.sockets import listening_socket
 from gpufaas.scheduler.forward_lane import (
     LANE_PORT_KEY,
     ForwardAnswer,
@@ -42,7 +43,7 @@ from gpufaas.scheduler.transport import NodeReply
 if TYPE_CHECKING:
     from gpufaas.scheduler.gateway import Gateway
 
-__all__ = ["attach_replicas", "enable_replicas", "lane_answer", "listening_socket", "serve_replica"]
+__all__ = ["attach_replicas", "enable_replicas", "lane_answer", "serve_replica"]
 
 logger = logging.getLogger(__name__)
 
@@ -221,20 +222,6 @@ def enable_replicas(
         forwarding=forwarding,
         forward_lane_port=forward_lane_port,
     )
-
-
-def listening_socket(host: str, port: int, *, shared: bool) -> socket.socket:
-    """A TCP listening socket; ``shared``: SO_REUSEPORT, so that every replica on this machine
-    binds the same port and the kernel spreads connections over them."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if shared:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 def serve_replica(
