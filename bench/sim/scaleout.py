@@ -884,6 +884,96 @@ def pooled_ratio_interval(
     return float(o.sum() / max(b.sum(), 1.0)), float(low), float(high)
 
 
+def measured_latencies(requests: dict[str, Any]) -> np.ndarray:
+    """One run's measured latencies (ms) from its request records: the answered requests after
+    the first 10% of the trace, the same requests as its ``p99_ms``."""
+    skip = len(requests["cache"]) // 10
+    return np.asarray(
+        [
+            ms
+            for cache, ms in zip(
+                requests["cache"][skip:], requests["latency_ms"][skip:], strict=True
+            )
+            if cache != "-"
+        ],
+        dtype=float,
+    )
+
+
+def _pooled_p99_ratio(base: list[np.ndarray], other: list[np.ndarray]) -> float:
+    return float(np.percentile(np.concatenate(other), 99) / np.percentile(np.concatenate(base), 99))
+
+
+def pooled_p99_ratio(
+    base: list[np.ndarray], other: list[np.ndarray], *, resamples: int = 10_000, seed: int = 0
+) -> dict[str, float]:
+    """The p99 of ``other``'s requests pooled over rounds over the p99 of ``base``'s pooled over
+    the same rounds (round ``i`` of each paired), with two intervals over the rounds (each a
+    cluster of requests that shared one hold and one trace): a leave-one-round-out jackknife
+    with Student's t on k - 1 degrees of freedom (``half``: infinite for one round), and a 95%
+    percentile bootstrap of whole rounds, resampled with replacement (seeded)."""
+    k = len(base)
+    if k != len(other) or k == 0:
+        raise ValueError("pooled_p99_ratio: one latency array per round for each, paired")
+    ratio = _pooled_p99_ratio(base, other)
+    if k < 2:
+        return {"ratio": ratio, "half": math.inf, "low": ratio, "high": ratio, "rounds": 1}
+    leave_out = np.asarray(
+        [_pooled_p99_ratio(base[:i] + base[i + 1 :], other[:i] + other[i + 1 :]) for i in range(k)]
+    )
+    spread = math.sqrt((k - 1) / k * float(np.sum((leave_out - leave_out.mean()) ** 2)))
+    t = _T95[k - 2] if k - 1 <= len(_T95) else 1.96
+    picks = np.random.default_rng(seed).integers(0, k, size=(resamples, k))
+    ratios = [_pooled_p99_ratio([base[i] for i in p], [other[i] for i in p]) for p in picks]
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return {"ratio": ratio, "half": t * spread, "low": float(low), "high": float(high), "rounds": k}
+
+
+def goal_verdict(ratio: float, uppers: list[float], *, goal: float) -> str:
+    """A "<= goal" verdict: met only if every upper bound is at or under the goal, met on the
+    ratio (or mean) only if just the point figure is, otherwise missed."""
+    if all(u <= goal for u in uppers):
+        return "met"
+    return "met on the point figure only" if ratio <= goal else "missed"
+
+
+def _pooled_p99_lines(rounds: list[dict[str, Any]], counts: list[str]) -> list[str]:
+    """The pooled p99 (the twelfth session's pre-registered primary p99 figure, bench/RESULTS.md
+    #16): per replica count and for the control, over the rounds whose runs all recorded their
+    requests, against the round's first one-gateway run."""
+    recorded = [r for r in rounds if all("requests" in run for run in r["runs"])]
+    if not recorded:
+        return []
+    lines = [
+        "",
+        "| p99 pooled over rounds, to one gateway's | rounds | requests | ratio "
+        "| jackknife t 95% (upper) | bootstrap 95% over rounds | <= 1.2 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n in counts:
+        pairs = [
+            (measured_latencies(base_run(r)["requests"]), measured_latencies(run["requests"]))
+            for r in recorded
+            for run in r["runs"]
+            if run is not base_run(r) and run_label(run) == n
+        ]
+        if not pairs:
+            continue
+        got = pooled_p99_ratio([b for b, _ in pairs], [o for _, o in pairs])
+        upper = got["ratio"] + got["half"]
+        verdict = (
+            "- (the control)"
+            if "control" in n
+            else goal_verdict(got["ratio"], [upper, got["high"]], goal=1.2)
+        )
+        lines.append(
+            f"| {n} | {got['rounds']} | {sum(len(o) for _, o in pairs)} | {got['ratio']:.3f} "
+            f"| ± {got['half']:.3f} ({upper:.3f}) | [{got['low']:.3f}, {got['high']:.3f}] "
+            f"| {verdict} |"
+        )
+    return lines
+
+
 def _stale(run: dict[str, Any]) -> int:
     causes = run.get("miss_causes", {})
     return int(causes.get("stale_resident", 0) + causes.get("stale_loading", 0))
@@ -1109,6 +1199,7 @@ def summarise(paths: list[Path]) -> str:
         + " |"
     )
     lines += _secondary_rows(rounds, counts)
+    lines += _pooled_p99_lines(rounds, counts)
     lines.append(
         "| gateway CPU ms/request (mean over rounds; one gateway: "
         f"{statistics.fmean(cpu['1']) if '1' in cpu else math.nan:.2f}) | "

@@ -8,13 +8,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 try:
-    from sim.scaleout import miss_breakdown, pooled_ratio_interval, summarise
+    from sim.scaleout import (
+        goal_verdict,
+        measured_latencies,
+        miss_breakdown,
+        pooled_p99_ratio,
+        pooled_ratio_interval,
+        summarise,
+    )
 finally:
     sys.path.remove(str(BENCH))
 
@@ -171,3 +180,84 @@ def test_the_summary_says_whether_extra_cascades_are_one_sided(tmp_path: Path) -
     path.write_text(json.dumps({"runs": [two, one], "trace_models": models, "_setup": {"seed": 3}}))
     # request 4: a victim choice at 2 replicas that one gateway did not make, no cascades
     assert "| 2 | 1 | +0.0 ± 0.0 | +1.0 ± 0.0 |" in summarise([path])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rounds=st.lists(
+        st.lists(st.floats(0.5, 50.0), min_size=5, max_size=40), min_size=2, max_size=6
+    ),
+    factor=st.floats(0.5, 2.0),
+)
+def test_a_uniform_slowdown_gives_its_factor_with_no_width(
+    rounds: list[list[float]], factor: float
+) -> None:
+    """Every round's requests slower by one factor: the pooled p99 ratio is that factor, and
+    neither interval over the rounds has any width."""
+    base = [np.asarray(r) for r in rounds]
+    got = pooled_p99_ratio(base, [factor * b for b in base], resamples=200)
+    assert got["ratio"] == pytest.approx(factor)
+    assert got["half"] == pytest.approx(0.0, abs=1e-9)
+    assert got["low"] == pytest.approx(factor) and got["high"] == pytest.approx(factor)
+
+
+def test_the_p99_is_pooled_over_rounds_and_the_jackknife_leaves_one_round_out() -> None:
+    one = np.arange(1.0, 101.0)
+    got = pooled_p99_ratio([one, one], [2 * one, one], resamples=200)
+    # pooled: one gateway's 200 requests (1..100 twice) p99 99.01; the other's (2, 4 .. 200
+    # and 1..100) 196.02. Leaving out round 1 gives 1, round 2 gives 2: a jackknife standard
+    # error of sqrt(1/2 * (0.25 + 0.25)) = 0.5, times t(1 df) 12.71
+    assert got["ratio"] == pytest.approx(196.02 / 99.01)
+    assert got["half"] == pytest.approx(12.71 * 0.5)
+    assert 1.0 - 1e-9 <= got["low"] <= got["high"] <= 2.0 + 1e-9
+    assert got["rounds"] == 2
+
+
+def test_one_round_gives_no_interval_and_cannot_meet_a_goal() -> None:
+    got = pooled_p99_ratio([np.arange(1.0, 101.0)], [np.arange(1.0, 101.0)])
+    assert got["ratio"] == 1.0 and got["half"] == float("inf")
+    assert goal_verdict(got["ratio"], [got["ratio"] + got["half"]], goal=1.2) == (
+        "met on the point figure only"
+    )
+
+
+def test_rounds_must_be_paired() -> None:
+    with pytest.raises(ValueError, match="paired"):
+        pooled_p99_ratio([np.ones(5)], [np.ones(5), np.ones(5)])
+
+
+def test_a_goal_is_met_only_when_every_upper_bound_is_under_it() -> None:
+    assert goal_verdict(1.1, [1.19, 1.2], goal=1.2) == "met"
+    assert goal_verdict(1.1, [1.19, 1.21], goal=1.2) == "met on the point figure only"
+    assert goal_verdict(1.21, [1.3, 1.3], goal=1.2) == "missed"
+
+
+def test_measured_latencies_skip_the_first_tenth_and_unanswered_requests() -> None:
+    records = _records(1, "hhhhhhhhhh-m", "............")
+    records["latency_ms"] = [9.0] + [float(i) for i in range(1, 12)]
+    # 12 requests: the first (12 // 10 = 1) is skipped, request 10 was not answered
+    assert measured_latencies(records).tolist() == [*range(1, 10), 11]
+
+
+def _timed_run(n: int, scale: float, *, control: bool = False) -> dict[str, Any]:
+    records = _records(n, "h" * 200, "." * 200)
+    records["latency_ms"] = [scale * (1 + i % 100) for i in range(200)]
+    return {**_run(n, 10), "requests": records, **({"control": True} if control else {})}
+
+
+def test_the_summary_reports_the_pooled_p99_beside_the_control(tmp_path: Path) -> None:
+    """Each run's 180 measured requests (200 less the first tenth), pooled over two rounds."""
+    paths = []
+    for seed in (1, 2):
+        runs = [_timed_run(n, scale) for n, scale in ((1, 1.0), (2, 1.1), (4, 1.3))]
+        runs.append(_timed_run(1, 1.0, control=True))
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps({"runs": runs, "_setup": {"seed": seed}}))
+        paths.append(path)
+    text = summarise(paths)
+    control = (
+        "| 1 (control) | 2 | 360 | 1.000 | ± 0.000 (1.000) | [1.000, 1.000] | - (the control) |"
+    )
+    assert control in text
+    assert "| 2 | 2 | 360 | 1.100 | ± 0.000 (1.100) | [1.100, 1.100] | met |" in text
+    assert "| 4 | 2 | 360 | 1.300 | ± 0.000 (1.300) | [1.300, 1.300] | missed |" in text
