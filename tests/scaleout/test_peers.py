@@ -1,11 +1,21 @@
-"""Membership and the replica bookkeeping that needs no network."""
+"""Membership, discovery and the replica bookkeeping (peers and the API server stood in for on
+loopback)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
 from prometheus_client import CollectorRegistry
 
 from gpufaas.cache import ClusterDirectory, Residency
-from gpufaas.scheduler.peers import Membership, peer_urls, static_peers
+from gpufaas.scheduler.peers import Membership, kubernetes_peers, peer_urls, static_peers
 from gpufaas.scheduler.replicas import Replicas
 from gpufaas.scheduler.ring import Ring
 
@@ -187,3 +197,162 @@ async def test_uses_go_to_the_leader_alone_and_load_events_to_every_peer() -> No
     assert not views[leader].events.uses  # it decides: nobody needs its uses
     for r in views.values():
         await r.membership.close()
+
+
+async def _heartbeat_server(
+    port: int = 0, *, report: bytes = b"{}", heads: list[bytes] | None = None
+) -> tuple[asyncio.Server, int]:
+    """A peer that answers every request (its heartbeat) with ``report`` and closes; each
+    request's head goes to ``heads``."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            if heads is not None:
+                heads.append(head)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(report), report)
+            )
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", port)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _seconds_until(condition: Callable[[], bool], *, limit_s: float) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < limit_s, f"not within {limit_s} s"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def test_membership_changes_move_the_ring_within_one_sync_interval() -> None:
+    """#16: a replica added, killed, back, and removed from discovery moves the owners within
+    one sync interval (the next heartbeat round; a peer's heartbeat fails to connect at once
+    here). The slack covers the round's own probe and this loop's polling."""
+    interval_s, slack_s = 1.0, 0.3
+    server, port = await _heartbeat_server()
+    a, b = "http://127.0.0.1:1", f"http://127.0.0.1:{port}"
+    listed = [a]
+
+    async def discover() -> list[str]:
+        return list(listed)
+
+    replicas = Replicas(
+        membership=Membership(self_url=a, discover=discover),
+        directory=ClusterDirectory(),
+        registry=CollectorRegistry(),
+        own_misses=lambda: 0.0,
+        ownership="function",
+    )
+    key = next(f"f{i}" for i in range(100) if Ring([a, b]).owner(f"f{i}") == b)
+    stop = asyncio.Event()
+    running = asyncio.create_task(replicas.run(stop, interval_s=interval_s))
+    try:
+        await asyncio.sleep(0.1)  # the first heartbeat round: alone
+        assert replicas.owner(key) == a and replicas.membership.mode == "single"
+        limit = interval_s + slack_s
+
+        listed.append(b)  # scale up: discovery lists it, its heartbeat answers
+        await _seconds_until(lambda: replicas.owner(key) == b, limit_s=limit)
+        assert replicas.membership.mode == "coordinated"
+
+        server.close()  # killed: its heartbeat fails to connect
+        await server.wait_closed()
+        await _seconds_until(lambda: replicas.owner(key) == a, limit_s=limit)
+        assert replicas.membership.mode == "local"
+
+        server, _ = await _heartbeat_server(port)  # back on its address
+        await _seconds_until(lambda: replicas.owner(key) == b, limit_s=limit)
+
+        listed.remove(b)  # scale down: discovery no longer lists it
+        await _seconds_until(lambda: replicas.owner(key) == a, limit_s=limit)
+        assert replicas.membership.live() == [a]
+    finally:
+        stop.set()
+        await running
+        server.close()
+        await server.wait_closed()
+
+
+async def test_the_cluster_wide_misses_add_each_peers_last_heartbeat() -> None:
+    """``gpufaas_replica_cluster_misses``: this replica's misses plus what each peer reported
+    in its last heartbeat."""
+    server, port = await _heartbeat_server(report=b'{"misses": 5}')
+    a, b = "http://127.0.0.1:1", f"http://127.0.0.1:{port}"
+    registry = CollectorRegistry()
+    replicas = Replicas(
+        membership=Membership(self_url=a, discover=static_peers([a, b])),
+        directory=ClusterDirectory(),
+        registry=registry,
+        own_misses=lambda: 3.0,
+    )
+    try:
+        assert registry.get_sample_value("gpufaas_replica_cluster_misses") == 3.0
+        await replicas.membership.refresh()  # b's heartbeat answers
+        assert registry.get_sample_value("gpufaas_replica_cluster_misses") == 8.0
+    finally:
+        await replicas.membership.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_kubernetes_peers_are_the_ready_endpoints_of_the_headless_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In Kubernetes a replica lists the EndpointSlices of the gateway's headless Service from
+    the API server (here a stand-in, through ``$KUBECONFIG``): its ready pod addresses on the
+    ``http`` port, one peer each; a slice of another Service is ignored even if the server
+    ignores the label selector."""
+    slices = {
+        "items": [
+            {
+                "metadata": {"labels": {"kubernetes.io/service-name": "gw-peers"}},
+                "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [
+                    {"addresses": ["10.0.0.1"], "conditions": {"ready": True}},
+                    {"addresses": ["10.0.0.2"], "conditions": {"ready": False}},
+                    {"addresses": ["10.0.0.3"]},
+                ],
+            },
+            {
+                "metadata": {"labels": {"kubernetes.io/service-name": "other"}},
+                "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [{"addresses": ["10.9.9.9"], "conditions": {"ready": True}}],
+            },
+        ]
+    }
+    heads: list[bytes] = []
+    server, port = await _heartbeat_server(report=json.dumps(slices).encode(), heads=heads)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                "users": [{"name": "u", "user": {"token": "peer-test"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    try:
+        discover = kubernetes_peers(namespace="serving", service="gw-peers")
+        assert await discover() == ["http://10.0.0.1:8080", "http://10.0.0.3:8080"]
+    finally:
+        server.close()
+        await server.wait_closed()
+    method, target, _ = heads[0].decode().split("\r\n", 1)[0].split(" ")
+    url = urlsplit(target)
+    assert (method, url.path) == (
+        "GET",
+        "/apis/discovery.k8s.io/v1/namespaces/serving/endpointslices",
+    )
+    assert parse_qs(url.query) == {"labelSelector": ["kubernetes.io/service-name=gw-peers"]}
+    assert "authorization: bearer peer-test" in heads[0].decode().lower()
