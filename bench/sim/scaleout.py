@@ -46,10 +46,34 @@ DEFAULT_GATEWAYS = (1, 2, 4)
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def parse_replica_counts(text: str) -> list[int]:
+    """``--gateways``: replica counts >= 1, comma-separated, each once except 1, which may
+    appear twice (the second run is the control); a ValueError says what is wrong."""
+    try:
+        counts = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise ValueError(f"replica counts >= 1, e.g. 1,2,4; got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"replica counts >= 1, e.g. 1,2,4; got {text!r}")
+    repeated = {n for n in counts if counts.count(n) > 1}
+    if repeated - {1} or counts.count(1) > 2:
+        raise ValueError(f"only 1 may appear twice (the second run is the control); got {text!r}")
+    return counts
+
+
+def _replica_counts(text: str) -> str:
+    try:
+        parse_replica_counts(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("live scale-out (--mode live --gateways N,...)")
     group.add_argument(
         "--gateways",
+        type=_replica_counts,
         default=None,
         help="gateway replica counts to compare, e.g. 1,2,4 (live mode; default: no scale-out "
         "run); a second 1 (1,2,4,1) is the control: a second one-gateway run of the same trace, "
@@ -738,12 +762,10 @@ def decision_overhead_us(*, calls: int = 200_000, replicas: int = 4) -> dict[str
 def run_scaleout(args: argparse.Namespace, *, wss: int) -> dict[str, Any]:
     from gpufaas.core.examples import build_examples
 
-    counts = [int(n) for n in args.gateways.split(",") if n.strip()]
-    if not counts or min(counts) < 1:
-        raise SystemExit("--gateways: replica counts >= 1, e.g. 1,2,4")
-    repeated = {n for n in counts if counts.count(n) > 1}
-    if repeated - {1} or counts.count(1) > 2:
-        raise SystemExit("--gateways: only 1 may appear twice (the second run is the control)")
+    try:
+        counts = parse_replica_counts(args.gateways)
+    except ValueError as e:
+        raise SystemExit(f"--gateways: {e}") from None
     args.live_device_memory = args.live_device_memory or "24Ki"
     trace = make_trace(
         wss=wss,

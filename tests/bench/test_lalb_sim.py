@@ -91,6 +91,25 @@ def test_bad_arguments_get_a_clear_error(args: list[str], message: str) -> None:
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("gateways", "message"),
+    [
+        ("1,x", "replica counts >= 1"),
+        ("0,2", "replica counts >= 1"),
+        (",", "replica counts >= 1"),
+        ("1,2,2", "only 1 may appear twice"),
+        ("1,1,1", "only 1 may appear twice"),
+    ],
+)
+def test_bad_replica_counts_get_a_clear_error_before_anything_starts(
+    gateways: str, message: str
+) -> None:
+    result = lalb("--mode", "live", "--gateways", gateways)
+    assert result.returncode == 2
+    assert "--gateways" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def _belady() -> ModuleType:
     spec = importlib.util.spec_from_file_location(
         "gpufaas_bench_belady", BENCH / "sim" / "belady.py"
