@@ -203,6 +203,13 @@ def _add_replica_options(parser: argparse.ArgumentParser) -> None:
         "socket instead of binding --host:--port (how gpufaas up starts replicas); -1: bind",
     )
     parser.add_argument(
+        "--grpc-listen-fd",
+        type=int,
+        default=-1,
+        help="with --peers and --grpc-port: serve gRPC on this inherited, already listening "
+        "socket instead of binding --host:--grpc-port (how gpufaas up starts replicas); -1: bind",
+    )
+    parser.add_argument(
         "--peers", default="", help="comma-separated URLs of the gateway replicas (static list)"
     )
     parser.add_argument(
@@ -569,6 +576,9 @@ def gateway_command(argv: Sequence[str]) -> int:
                 host=args.host,
                 port=args.port,
                 own=inherited_listener(args.listen_fd) if args.listen_fd >= 0 else None,
+                own_grpc=(
+                    inherited_listener(args.grpc_listen_fd) if args.grpc_listen_fd >= 0 else None
+                ),
                 shared_port=args.shared_port,
                 grpc_port=_grpc_port(args),
             )

@@ -48,6 +48,8 @@ import grpc
 from hpack import Decoder, HPACKError
 from hpack.hpack import encode_integer
 
+from gpufaas.core.sockets import listening_socket
+
 logger = logging.getLogger(__name__)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -679,23 +681,22 @@ class _Connection(asyncio.Protocol):
 
 class GrpcH2Server:
     """The gRPC server: ``handlers`` maps ``/package.Service/Method`` to a unary handler.
-    Binds at construction (a port in use is an error at once); serves from :meth:`start`."""
+    Binds at construction (a port in use is an error at once), or serves ``sock``, a socket
+    already listening (``gpufaas up`` passes each replica's down); serves from :meth:`start`."""
 
     def __init__(
-        self, handlers: Mapping[str, UnaryHandler], *, host: str, port: int, max_message_bytes: int
+        self,
+        handlers: Mapping[str, UnaryHandler],
+        *,
+        host: str,
+        port: int,
+        max_message_bytes: int,
+        sock: socket.socket | None = None,
     ) -> None:
         self.handlers = dict(handlers)
         self.max_message_bytes = max_message_bytes
         self.connections: set[_Connection] = set()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.socket.bind((host, port))
-        except OSError:
-            self.socket.close()
-            raise
-        self.socket.listen(1024)
+        self.socket = sock if sock is not None else listening_socket(host, port, shared=False)
         self.port: int = self.socket.getsockname()[1]
         self._server: asyncio.AbstractServer | None = None
 

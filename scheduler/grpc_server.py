@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -510,10 +511,16 @@ def _handler(service: InferenceService, method: str, *, admin_token: str | None)
 
 
 def make_server(
-    gateway: Gateway, *, host: str, port: int, methods: Sequence[str] = tuple(_MESSAGES)
+    gateway: Gateway,
+    *,
+    host: str,
+    port: int,
+    sock: socket.socket | None = None,
+    methods: Sequence[str] = tuple(_MESSAGES),
 ) -> tuple[GrpcH2Server, int]:
-    """A gRPC server for ``gateway`` bound to ``host:port`` (0: any free port); not started.
-    Returns it and the port it bound. It runs on the caller's event loop, next to HTTP."""
+    """A gRPC server for ``gateway`` bound to ``host:port`` (0: any free port), or on ``sock``,
+    already listening there; not started. Returns it and its port. It runs on the caller's
+    event loop, next to HTTP."""
     handlers = {
         f"/{SERVICE}/{m}": _handler(service, m, admin_token=gateway.config.admin_token)
         for service in (InferenceService(gateway),)
@@ -521,7 +528,11 @@ def make_server(
     }
     try:
         server = GrpcH2Server(
-            handlers, host=host, port=port, max_message_bytes=gateway.config.limits.max_body_bytes
+            handlers,
+            host=host,
+            port=port,
+            sock=sock,
+            max_message_bytes=gateway.config.limits.max_body_bytes,
         )
     except OSError as e:
         raise OSError(

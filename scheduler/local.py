@@ -283,9 +283,10 @@ def gateway_command(
     options: GatewayReplicaOptions,
     grpc_port: int | None = None,
     listen_fd: int | None = None,
+    grpc_listen_fd: int | None = None,
 ) -> list[str]:
     """A replica's command line; ``listen_fd``: it serves its own port on this inherited
-    socket, already listening on ``port``."""
+    socket, already listening on ``port`` (``grpc_listen_fd``: the same for ``grpc_port``)."""
     command = [
         sys.executable, "-m", "gpufaas.core.cli", "gateway",
         "--host", options.host,
@@ -297,6 +298,7 @@ def gateway_command(
         "--managers", ",".join(f"{name}={url}" for name, url in managers.items()),
         # Each replica its own gRPC port (-1: none): gRPC clients pick a replica themselves.
         "--grpc-port", str(-1 if grpc_port is None else grpc_port),
+        "--grpc-listen-fd", str(-1 if grpc_listen_fd is None else grpc_listen_fd),
         *options.gateway_args,
     ]  # fmt: skip
     for path in options.functions:
@@ -329,8 +331,15 @@ def run_gateways(
             listens = [held.enter_context(listener(options.host)) for _ in range(replicas)]
             ports = [port_of(sock) for sock in listens]
             urls = [f"http://{options.host}:{port}" for port in ports]
-            grpc_ports = [free_port(options.host) if options.grpc else None for _ in ports]
-            for listen, port, grpc_port in zip(listens, ports, grpc_ports, strict=True):
+            grpc_listens = [
+                held.enter_context(listener(options.host)) if options.grpc else None
+                for _ in range(replicas)
+            ]
+            grpc_ports = [None if g is None else port_of(g) for g in grpc_listens]
+            for listen, grpc_listen, port, grpc_port in zip(
+                listens, grpc_listens, ports, grpc_ports, strict=True
+            ):
+                held_fds = [s.fileno() for s in (listen, grpc_listen) if s is not None]
                 command = gateway_command(
                     port=port,
                     peers=urls,
@@ -338,10 +347,11 @@ def run_gateways(
                     options=options,
                     grpc_port=grpc_port,
                     listen_fd=listen.fileno(),
+                    grpc_listen_fd=None if grpc_listen is None else grpc_listen.fileno(),
                 )
                 procs.append(
                     subprocess.Popen(
-                        command, env=env, preexec_fn=die_with_parent, pass_fds=(listen.fileno(),)
+                        command, env=env, preexec_fn=die_with_parent, pass_fds=held_fds
                     )
                 )
         wait_ready(urls, timeout_s=start_timeout_s, procs=procs, what="gateway replica")

@@ -65,12 +65,14 @@ def serve_on(
     port: int | None = None,
     sockets: Sequence[socket.socket] = (),
     grpc_port: int | None = None,
+    grpc_socket: socket.socket | None = None,
     colocated: Sequence[ColocatedNode] = (),
 ) -> None:
     """The gateway's HTTP front (:mod:`gpufaas.scheduler.front`: inference straight from the
     httptools parser, every other route through the ASGI app) on ``host:port`` and/or
-    ``sockets``, gRPC on ``grpc_port`` unless None, on uvloop, until SIGINT or SIGTERM; then
-    running requests finish (a bounded grace) and the gateway stops."""
+    ``sockets``, gRPC on ``grpc_port`` (on ``grpc_socket`` if given, already listening there)
+    unless None, on uvloop, until SIGINT or SIGTERM; then running requests finish (a bounded
+    grace) and the gateway stops."""
     # Start-up objects (torch, pydantic schemas, the app) never die: keep them out of the
     # collector's generations, which cut a ~100 ms pause from the request path's p99.
     settings = FrontSettings(
@@ -81,7 +83,13 @@ def serve_on(
     gc.freeze()
     uvloop.run(
         _serve(
-            front, host=host, port=port, sockets=sockets, grpc_port=grpc_port, colocated=colocated
+            front,
+            host=host,
+            port=port,
+            sockets=sockets,
+            grpc_port=grpc_port,
+            grpc_socket=grpc_socket,
+            colocated=colocated,
         )
     )
 
@@ -93,6 +101,7 @@ async def _serve(
     port: int | None,
     sockets: Sequence[socket.socket],
     grpc_port: int | None,
+    grpc_socket: socket.socket | None,
     colocated: Sequence[ColocatedNode],
 ) -> None:
     gateway = front.gateway
@@ -109,7 +118,7 @@ async def _serve(
         if grpc_port is not None:
             from gpufaas.scheduler.grpc_server import make_server
 
-            grpc_server, bound = make_server(gateway, host=host, port=grpc_port)
+            grpc_server, bound = make_server(gateway, host=host, port=grpc_port, sock=grpc_socket)
             await grpc_server.start()
             stack.push_async_callback(grpc_server.stop, 2.0)
             logger.info("gateway gRPC (KServe v2) on %s:%d", host, bound)

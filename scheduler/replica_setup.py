@@ -232,11 +232,12 @@ def serve_replica(
     shared_port: int | None,
     grpc_port: int | None = None,
     own: socket.socket | None = None,
+    own_grpc: socket.socket | None = None,
 ) -> None:
     """Serve on ``port`` (this replica's own: peers and tests reach it there; ``own``, a socket
     already listening there, if given) and, if given, on ``shared_port`` together with the
-    other replicas; gRPC too unless ``grpc_port`` is None. As ``scheduler.main.serve``
-    otherwise (the gateway's HTTP front, uvloop)."""
+    other replicas; gRPC too unless ``grpc_port`` is None (on ``own_grpc`` if given). As
+    ``scheduler.main.serve`` otherwise (the gateway's HTTP front, uvloop)."""
     from gpufaas.scheduler.main import serve_on
 
     sockets = [own if own is not None else listening_socket(host, port, shared=False)]
@@ -249,4 +250,4 @@ def serve_replica(
         f" and the shared port {shared_port}" if shared_port is not None else "",
         gateway.policy.name,
     )
-    serve_on(gateway=gateway, host=host, sockets=sockets, grpc_port=grpc_port)
+    serve_on(gateway=gateway, host=host, sockets=sockets, grpc_port=grpc_port, grpc_socket=own_grpc)

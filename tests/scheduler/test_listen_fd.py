@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import tritonclient.grpc as grpcclient
 
 from gpufaas.core.commands import ManagerOptions
 from gpufaas.core.sockets import inherited_listener
@@ -77,6 +78,43 @@ def test_managers_and_replicas_ports_are_held_from_their_choice_until_they_serve
                 assert httpx.get(f"{replica.url}/v2/health/live", timeout=5).status_code == 200
 
 
+@pytest.mark.slow
+def test_replicas_grpc_ports_are_held_from_their_choice_and_serve_grpc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chosen: list[int | None] = []
+    real_command: Callable[..., list[str]] = local.gateway_command
+
+    def recording(**kwargs: Any) -> list[str]:
+        chosen.append(kwargs["grpc_port"])
+        return real_command(**kwargs)
+
+    held_at_wait: list[bool] = []
+    real_wait: Callable[..., None] = local.wait_ready
+
+    def checking(urls: Sequence[str], **kwargs: Any) -> None:
+        held_at_wait.extend(_held(f"http://127.0.0.1:{port}") for port in chosen if port)
+        real_wait(urls, **kwargs)
+
+    monkeypatch.setattr(local, "gateway_command", recording)
+    monkeypatch.setattr(local, "wait_ready", checking)
+    with run_manager_processes(nodes=1, options=_options(tmp_path), log_dir=tmp_path) as managers:
+        options = GatewayReplicaOptions(
+            host="127.0.0.1", shared_port=local.free_port(), functions=(), grpc=True
+        )
+        with run_gateways(
+            replicas=2, managers={m.name: m.url for m in managers}, options=options
+        ) as replicas:
+            assert held_at_wait == [True, True]
+            assert [r.grpc_port for r in replicas] == chosen
+            for replica in replicas:
+                client = grpcclient.InferenceServerClient(f"127.0.0.1:{replica.grpc_port}")
+                try:
+                    assert client.is_server_live()
+                finally:
+                    client.close()
+
+
 def test_an_inherited_descriptor_must_be_a_listening_tcp_socket(tmp_path: Path) -> None:
     with (tmp_path / "f").open("wb") as not_a_socket, pytest.raises(OSError, match="not a TCP"):
         inherited_listener(not_a_socket.fileno())
@@ -101,4 +139,17 @@ def test_a_bad_listen_fd_is_refused_with_a_message_and_no_traceback(command: str
     )
     assert done.returncode == 2, done.stderr
     assert "--listen-fd" in done.stderr or "descriptor 0" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_bad_grpc_listen_fd_is_refused_with_a_message_and_no_traceback() -> None:
+    argv = [
+        sys.executable, "-m", "gpufaas.core.cli", "gateway", "--grpc-listen-fd", "0",
+        "--managers", "http://127.0.0.1:9", "--peers", "http://127.0.0.1:9",
+    ]  # fmt: skip
+    done = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert "descriptor 0" in done.stderr
     assert "Traceback" not in done.stderr
