@@ -63,6 +63,9 @@ from gpufaas.scheduler.local import run_manager_processes
 from gpufaas.scheduler.partition import communication, partition, split
 
 PERIOD = {1024: 6, 4096: 8, 16384: 10}  # layers before a RadiX-Net's pattern repeats
+# The calibration's message split (costmodel.message_split): 4,096 wide so that its large
+# messages span the grid's (65-524 KiB at batch 64), 8 layers of one stride each.
+SPLIT_NEURONS, SPLIT_DEPTH = 4096, 8
 
 
 # -------------------------------------------------------------------------------------------
@@ -917,6 +920,26 @@ async def calibrate(
                         print(f"  channel {name} batch {b}: {seconds * 1e3:.1f} ms "
                               f"(probe {probe * 1e3:.2f} ms)", flush=True)  # fmt: skip
                     await coordinator.remove(name)
+            # The message split (costmodel.message_split): nets alike but for the bytes
+            # per message, 2 and 4 contiguous blocks (session 12: the splits above raise
+            # bytes with messages and waits, and the fit could not tell them apart).
+            for kind, net in costmodel.message_split(SPLIT_NEURONS, SPLIT_DEPTH).items():
+                for shards in (2, 4):
+                    name = f"cal-{channel}-split-{kind}-{shards}"
+                    await coordinator.deploy(
+                        name, net, Parallelism(shards=shards, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
+                        nodes=urls[:shards], method="block", channel=channels[channel], seed=2,
+                    )  # fmt: skip
+                    for b in batches:
+                        seconds, probe = await median_latency(name, b, SPLIT_NEURONS, 5)
+                        measured["channels"].append({"channel": channel, "split": kind,
+                                                     "neurons": SPLIT_NEURONS,
+                                                     "depth": SPLIT_DEPTH, "shards": shards,
+                                                     "method": "block", "batch": b,
+                                                     "seconds": seconds, "probe_s": probe})  # fmt: skip
+                        print(f"  channel {name} batch {b}: {seconds * 1e3:.1f} ms "
+                              f"(probe {probe * 1e3:.2f} ms)", flush=True)  # fmt: skip
+                    await coordinator.remove(name)
         await unsharded(unsplit)
     finally:
         await coordinator.close()
@@ -937,13 +960,19 @@ def fit_constants(
     cores: int,
     probe: bool = True,
     shared: tuple[str, ...] = costmodel.SHARED_TERMS,
+    message_split: bool = True,
+    pin_bytes: bool = True,
 ) -> costmodel.Constants:
     """The constants from a calibration's runs. With ``probe``, each run's seconds are first
     scaled to one speed (the median of the calibration's probes) by its own probe, and the
     constants carry that probe time (``costmodel.at_speed`` rescales them for a later
     probe); without, the runs are fitted as measured (sessions 4 and 5). The ``shared``
     channel terms take one value for every channel (``costmodel.fit_channels``; session 8;
-    ``()`` fits each channel alone, as sessions 4-7 did)."""
+    ``()`` fits each channel alone, as sessions 4-7 did). ``message_split=False`` leaves
+    the message split's runs out (the calibration of sessions 4-11: the control); with
+    them and ``pin_bytes``, each channel's ``c_byte`` is the median of its split's pairs
+    (``costmodel.byte_cost``) and the joint fit fits the other terms (session 12's
+    primary); without ``pin_bytes`` the split's runs join the joint fit like any other."""
     probes = [r["probe_s"] for part in ("compute", "coordinator", "channels")
               for r in measured[part] if "probe_s" in r]  # fmt: skip
     reference = statistics.median(probes) if probe and probes else None
@@ -972,9 +1001,20 @@ def fit_constants(
     base = costmodel.Constants(compute, per_request, per_io, cores, none, contention=shared_cores)
     runs: dict[str, list[tuple[costmodel.Profile, int, float]]] = {}
     for r in measured["channels"]:
-        prof = _calibration_profile(r["depth"], r["shards"], r["method"])
+        if "split" in r and not message_split:
+            continue
+        prof = _channel_profile(r)
         runs.setdefault(r["channel"], []).append((prof, r["batch"], at_reference(r)))
-    costs = costmodel.fit_channels(runs, base=base, shared=shared)
+    fixed = {}
+    if message_split and pin_bytes:
+        pairs = _split_pairs(measured["channels"])
+        for channel in {r["channel"] for r, _ in pairs}:
+            fixed[channel] = {"per_byte_s": statistics.median(
+                costmodel.byte_cost((_channel_profile(s), s["batch"], at_reference(s)),
+                                    (_channel_profile(r), r["batch"], at_reference(r)), base=base)
+                for r, s in pairs if r["channel"] == channel
+            )}  # fmt: skip
+    costs = costmodel.fit_channels(runs, base=base, shared=shared, fixed=fixed)
     return costmodel.Constants(compute, per_request, per_io, cores, costs, probe_s=reference,
                                contention=shared_cores)  # fmt: skip
 
@@ -999,6 +1039,52 @@ def _compute_profile(width: int, depth: int, shards: int, method: str) -> costmo
 def _calibration_profile(depth: int, shards: int, method: str) -> costmodel.Profile:
     net = radix_net(2048, depth)
     return costmodel.profile(net, partition(net, shards, method=method, seed=2))
+
+
+@functools.cache
+def _split_profile(kind: str, neurons: int, depth: int, shards: int) -> costmodel.Profile:
+    net = costmodel.message_split(neurons, depth)[kind]
+    return costmodel.profile(net, partition(net, shards, method="block", seed=2))
+
+
+def _channel_profile(row: dict[str, Any]) -> costmodel.Profile:
+    """A channel calibration run's profile: the message split's net, or a 2,048-wide
+    RadiX-Net."""
+    if "split" in row:
+        return _split_profile(row["split"], row["neurons"], row["depth"], row["shards"])
+    return _calibration_profile(row["depth"], row["shards"], row["method"])
+
+
+def _split_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The message split's runs as ``(large, small)`` pairs of one channel, shard count and
+    batch."""
+    split = [r for r in rows if "split" in r]
+    pairs = []
+    for r in split:
+        if r["split"] == "large":
+            pairs += [(r, s) for s in split if s["split"] == "small" and s["channel"] == r["channel"]
+                      and s["shards"] == r["shards"] and s["batch"] == r["batch"]]  # fmt: skip
+    return pairs
+
+
+def message_split_summary(
+    measured: dict[str, Any], constants: costmodel.Constants
+) -> list[dict[str, Any]]:
+    """Per channel, shard count and batch: the message split's two runs side by side, the
+    bytes each shard receives more in the large one, and the pair's ``c_byte``
+    (``costmodel.byte_cost``, as measured: no probe scaling) under ``constants``' compute."""
+    out = []
+    for r, s in _split_pairs(measured["channels"]):
+        large_p, small_p = _channel_profile(r), _channel_profile(s)
+        gap = float(
+            r["batch"] * 4 * (large_p.values.sum(axis=0) - small_p.values.sum(axis=0)).mean()
+        )
+        c_byte = costmodel.byte_cost((small_p, s["batch"], s["seconds"]),
+                                     (large_p, r["batch"], r["seconds"]), base=constants)  # fmt: skip
+        out.append({"channel": r["channel"], "shards": r["shards"], "batch": r["batch"],
+                    "small_ms": s["seconds"] * 1e3, "large_ms": r["seconds"] * 1e3,
+                    "bytes_gap_per_shard": gap, "per_byte_s": c_byte})  # fmt: skip
+    return out
 
 
 def constants_to_json(constants: costmodel.Constants) -> dict[str, Any]:
@@ -1129,6 +1215,7 @@ def score(
     else:  # an older calibration: its constants as stored
         with_probe = constants_from_json(dict(calibration["constants"]))
     without = fit_constants(calibration["runs"], cores=cores, probe=False)
+    split = any("split" in r for r in calibration["runs"]["channels"])
     edges = [{**r, "probe_s": statistics.mean(r["probe_edges_s"])} for r in grid
              if "probe_edges_s" in r]  # fmt: skip
     return {
@@ -1137,6 +1224,26 @@ def score(
         ),
         # round A's probe: five passes before and five after the cell, not between requests
         **({"costmodel_probe_edges": evaluate(net, edges, with_probe)} if edges else {}),
+        # the control: the same calibration's runs without its message split (sessions 4-11),
+        # and the split's runs in the joint fit with c_byte fitted like the other terms
+        **(
+            {
+                "costmodel_without_message_split": evaluate(
+                    net,
+                    [dict(r) for r in grid],
+                    fit_constants(calibration["runs"], cores=cores, message_split=False),
+                    spread=spread,
+                ),
+                "costmodel_split_joint": evaluate(
+                    net,
+                    [dict(r) for r in grid],
+                    fit_constants(calibration["runs"], cores=cores, pin_bytes=False),
+                    spread=spread,
+                ),
+            }
+            if split and probed
+            else {}
+        ),
         "costmodel": evaluate(net, grid, with_probe, spread=spread),
     }
 
@@ -1291,6 +1398,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         fit_constants(runs, cores=cores, probe=False)
                     ),
                     "runs": runs,
+                    "message_split": message_split_summary(
+                        runs, fit_constants(runs, cores=cores, probe=False)
+                    ),
                     "seconds": time.time() - started,
                     "load_average": os.getloadavg(),
                 }

@@ -253,26 +253,38 @@ def challenge_bias(neurons: int) -> float:
 
 
 def radix_net(
-    neurons: int, layers: int, *, weights: str = "challenge", seed: int = 0
+    neurons: int,
+    layers: int,
+    *,
+    weights: str = "challenge",
+    seed: int = 0,
+    stride: int | None = None,
 ) -> LayeredNet:
     """A RadiX-Net-style sparse net (see the module docstring); ``neurons`` a power of two >= 64.
 
     ``weights="random"`` draws weights in [-1, 1) / 16 and biases in [-0.1, 0.1) instead of the
     challenge's constants, so that a wrong index anywhere changes the output (used to check
     sharded execution).
+
+    ``stride`` gives every layer the same stride (a power of two below ``neurons / 16``)
+    instead of the RadiX pattern's ``2^(l mod D)``: the cost model's message split
+    (``scheduler/costmodel.message_split``), where a block split's traffic per layer is set
+    by the stride alone and the weights per layer stay the same.
     """
     supers = neurons // _BLOCK
     if neurons < 4 * _BLOCK or neurons & (neurons - 1):
         raise ValueError(f"neurons must be a power of two >= {4 * _BLOCK}, not {neurons}")
+    if stride is not None and (stride < 1 or stride >= supers or stride & (stride - 1)):
+        raise ValueError(f"stride must be a power of two below {supers}, not {stride}")
     digits = int(math.log2(supers))
     rng = np.random.default_rng(seed)
     j = np.arange(neurons, dtype=np.int64)
     built = []
     for index in range(layers):
-        stride = 1 << (index % digits)
+        step = stride if stride is not None else 1 << (index % digits)
         # Row j (super a, offset d) reads supers a and a + stride, all 16 neurons of each.
         a = j // _BLOCK
-        reads = np.stack([a, (a + stride) % supers])  # (2, n)
+        reads = np.stack([a, (a + step) % supers])  # (2, n)
         cols = (reads[:, :, None] * _BLOCK + np.arange(_BLOCK)[None, None, :]).transpose(1, 0, 2)
         cols = cols.reshape(neurons, 2 * _BLOCK)
         rows = np.repeat(j, 2 * _BLOCK)

@@ -46,8 +46,12 @@ Calibration (``bench/fsd.py --calibrate-only``, on nets that are never the bench
 2. coordinator: unsharded runs on real managers; what the compute terms leave gives
    ``c_request`` and ``c_io``;
 3. channels: sharded runs (2 and 4 shards, block and random, and 8 shards block: more
-   shards than cores; two depths and batches) per channel; what compute and coordinator
-   leave gives ``c_msg``, ``c_byte``, ``c_sync``, ``c_wake``, ``c_shard``. The max over the branches makes this not linear in the constants, so
+   shards than cores; two depths and batches) per channel, plus the *message split*
+   (:func:`message_split`, session 12): two nets alike in weights, products, messages and
+   waits, unlike only in the bytes their messages carry (16 values against half the layer
+   per message), so the fit can tell ``c_byte`` from ``c_msg`` and ``c_sync``, which the
+   RadiX-Net splits alone raise together; what compute and coordinator leave gives
+   ``c_msg``, ``c_byte``, ``c_sync``, ``c_wake``, ``c_shard``. The max over the branches makes this not linear in the constants, so
    :func:`fit_channels` fixes each layer's binding branch, fits, and repeats. All channels
    are fitted at once: ``c_shard`` (the coordinator's call to a shard) and ``c_wake`` (a
    shard's wake-up on a busy core) are the same code whatever the channel and take one
@@ -74,7 +78,14 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from gpufaas.core.layered import MAX_TILES_PER_ROW, LayeredNet, tiles_per_row, tiles_whole
+from gpufaas.core.layered import (
+    MAX_TILES_PER_ROW,
+    TILE,
+    LayeredNet,
+    radix_net,
+    tiles_per_row,
+    tiles_whole,
+)
 from gpufaas.scheduler.partition import Partition
 
 __all__ = [
@@ -83,12 +94,14 @@ __all__ = [
     "Constants",
     "Profile",
     "at_speed",
+    "byte_cost",
     "choose",
     "compute_features",
     "contention",
     "fit",
     "fit_channel",
     "fit_channels",
+    "message_split",
     "predict",
     "profile",
     "throughput",
@@ -211,6 +224,21 @@ def profile(net: LayeredNet, part: Partition) -> Profile:
     return Profile(
         n, net.widths[0] + net.widths[-1], ops, nnz, messages, values, sync, sent, parts, tiled
     )
+
+
+def message_split(neurons: int, depth: int) -> dict[str, LayeredNet]:
+    """The calibration's message split: two nets of ``depth`` RadiX-Net layers of ``neurons``
+    each, every layer with one stride. Split into 2 or 4 contiguous blocks, each shard of
+    either net receives one message per layer and runs the same products on the same
+    weights; only the messages' size differs: ``small`` (stride 1) carries the 16 values of
+    one super-neuron, ``large`` (stride half the super-neurons) every value the shard owns.
+    Their difference is bytes alone, which the fit needs to tell ``c_byte`` from ``c_msg`` and
+    ``c_sync``: in the RadiX-Net splits more bytes come with more messages and waits."""
+    half = neurons // TILE // 2
+    return {
+        "small": radix_net(neurons, depth, stride=1),
+        "large": radix_net(neurons, depth, stride=half),
+    }
 
 
 def compute_features(p: Profile, *, batch: int) -> npt.NDArray[np.float64]:
@@ -346,32 +374,69 @@ def fit_channels(
     base: Constants,
     shared: Sequence[str] = SHARED_TERMS,
     rounds: int = 8,
+    fixed: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, ChannelCost]:
     """Every channel's constants from its sharded runs ``(profile, batch, measured
     seconds)``, given the compute and coordinator constants of ``base``, in one fit: the
     ``shared`` terms take one value for all channels (each channel's runs tell it), the
     others one per channel. Each layer's latency is the larger of two sums (the busiest
     shard, or all shards over the cores); with the branches fixed the model is linear, so
-    fit, re-pick each layer's branch with the new constants, and repeat."""
+    fit, re-pick each layer's branch with the new constants, and repeat. ``fixed`` gives a
+    channel's terms known beforehand (``{"direct": {"per_byte_s": ...}}``: the message
+    split's :func:`byte_cost`); they are taken off the runs and not fitted."""
+    known = fixed or {}
+    if any(t in shared or t not in _TERMS for terms in known.values() for t in terms):
+        raise ValueError(f"only a channel's own terms can be fixed, not {dict(known)}")
     names = sorted(runs)
     own = [t for t in _TERMS if t not in shared]
-    columns = [(name, t) for name in names for t in own] + [("*", t) for t in shared]
-    costs = {name: ChannelCost(0.0, 0.0, 0.0, 0.0, 0.0) for name in names}
+    columns = [(name, t) for name in names for t in own if t not in known.get(name, {})]
+    columns += [("*", t) for t in shared]
+    costs = {name: ChannelCost(**{t: known.get(name, {}).get(t, 0.0) for t in _TERMS})
+             for name in names}  # fmt: skip
     for _ in range(rounds):
         xs, ys, totals = [], [], []
         for name in names:
             for p, batch, measured in runs[name]:
                 terms, y = _channel_row(p, batch, measured, base, costs[name])
+                y -= sum(v * terms[t] for t, v in known.get(name, {}).items())
                 xs.append([terms[t] if c in (name, "*") else 0.0 for c, t in columns])
                 ys.append(y)
                 totals.append(measured)
         solution = fit(xs, ys, relative_to=totals)
         value = dict(zip(columns, solution, strict=True))
+        value.update({(name, t): v for name, terms in known.items() for t, v in terms.items()})
         costs = {
             name: ChannelCost(**{t: value[(name, t) if t in own else ("*", t)] for t in _TERMS})
             for name in names
         }
     return costs
+
+
+def byte_cost(
+    small: tuple[Profile, int, float], large: tuple[Profile, int, float], *, base: Constants
+) -> float:
+    """A channel's ``c_byte`` from the message split's pair of runs ``(profile, batch,
+    measured seconds)`` (:func:`message_split`, the same shard count and batch): their
+    messages, waits and shards are the same, so every other channel term cancels in the
+    difference; what is left after the model's compute difference (the small net's extra
+    row group per layer) is bytes. The model is linear in ``c_byte`` while each layer's
+    binding branch stays put (it does: the split's shards are alike), so two predictions
+    give the slope. Never negative."""
+    (p_small, b_small, t_small), (p_large, b_large, t_large) = small, large
+
+    def gap(per_byte_s: float) -> float:
+        constants = dataclasses.replace(
+            base, channels={"x": ChannelCost(0.0, per_byte_s, 0.0, 0.0, 0.0)}
+        )
+        return predict(p_large, batch=b_large, channel="x", constants=constants) - predict(
+            p_small, batch=b_small, channel="x", constants=constants
+        )
+
+    unit = 1e-9
+    slope = (gap(unit) - gap(0.0)) / unit
+    if slope <= 0:
+        raise ValueError("the pair's large run carries no more bytes than its small one")
+    return max(0.0, (t_large - t_small - gap(0.0)) / slope)
 
 
 def _channel_row(

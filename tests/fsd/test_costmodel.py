@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpufaas.core.layered import LayeredNet, ShardSpec, radix_net
 from gpufaas.core.sharding import ShardLoad
@@ -315,3 +318,98 @@ def test_at_speed_scales_every_prediction_by_the_probe_ratio() -> None:
             pytest.approx(1.5 * here)
         )
     assert costmodel.at_speed(CONSTANTS, 0.006) is CONSTANTS  # unprobed: as they are
+
+
+# --- the message split (session 12): bytes told apart from messages and waits ---------------
+
+
+def test_a_fixed_stride_net_reads_one_super_neuron_that_far_in_every_layer() -> None:
+    net = radix_net(256, 3, stride=4)
+    for layer in net.layers:
+        reads = layer.cols.reshape(256, 32) // 16  # each row's 32 inputs, as super-neurons
+        rows = np.arange(256) // 16
+        assert (reads[:, :16] == rows[:, None]).all()
+        assert (reads[:, 16:] == ((rows + 4) % 16)[:, None]).all()
+    for bad in (0, 3, 16):
+        with pytest.raises(ValueError, match="stride"):
+            radix_net(256, 3, stride=bad)
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_the_message_split_differs_in_bytes_alone(shards: int) -> None:
+    """Split in contiguous blocks, the two nets give every shard the same weights, tiles,
+    messages and waits per layer; the large one's messages carry every value the sender
+    owns (16x to 32x the small one's here, 64x and 128x on the calibration's 4,096)."""
+    nets = costmodel.message_split(1024, 4)
+    small, large = (
+        costmodel.profile(nets[k], partition(nets[k], shards, method="block"))
+        for k in ("small", "large")
+    )
+    for field in ("nnz", "tiled", "messages", "sync"):
+        np.testing.assert_array_equal(getattr(small, field), getattr(large, field), err_msg=field)
+    assert (small.messages == 1).all()  # one message per layer and shard
+    assert (small.values == 16).all()  # one super-neuron
+    assert (large.values == 1024 // shards).all()  # every value the sender owns
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shards=st.sampled_from([2, 4]),
+    batch=st.sampled_from([16, 64]),
+    terms=st.tuples(*(st.floats(1e-6, 1e-3) for _ in range(4))),
+    per_byte_s=st.floats(1e-11, 1e-8),
+    compute=st.tuples(st.floats(1e-6, 1e-4), st.floats(1e-11, 1e-9), st.floats(0, 1e-8)),
+)
+def test_byte_cost_gives_back_c_byte_from_the_pair_whatever_the_other_terms(
+    shards: int,
+    batch: int,
+    terms: tuple[float, float, float, float],
+    per_byte_s: float,
+    compute: tuple[float, float, float],
+) -> None:
+    """Runs made by the model: the pair's difference leaves c_byte alone, with any message,
+    wait, shard and wake-up cost and any compute (the nets' products differ by a row group
+    per layer, which the model's compute takes off)."""
+    per_message_s, per_sync_s, per_shard_s, per_wake_s = terms
+    truth = costmodel.ChannelCost(per_message_s, per_byte_s, per_sync_s, per_shard_s, per_wake_s)
+    base = costmodel.Constants(
+        costmodel.Compute(compute[0], compute[1], per_value_s=compute[2]), 1e-3, 1e-8, 2,
+        {"x": truth}, contention={2: 1.1, 4: 1.5},
+    )  # fmt: skip
+    runs = []
+    for kind in ("small", "large"):
+        net = _split_nets()[kind]
+        prof = costmodel.profile(net, partition(net, shards, method="block"))
+        runs.append(
+            (prof, batch, costmodel.predict(prof, batch=batch, channel="x", constants=base))
+        )
+    assert costmodel.byte_cost(runs[0], runs[1], base=base) == pytest.approx(per_byte_s, rel=1e-6)
+
+
+@functools.cache
+def _split_nets() -> dict[str, LayeredNet]:
+    return costmodel.message_split(1024, 4)
+
+
+def test_fit_channels_takes_a_fixed_byte_cost_and_fits_the_other_terms() -> None:
+    """With c_byte fixed at the message split's value, the joint fit recovers every other
+    term from runs the model made (the split's runs among them); a shared term cannot be
+    fixed per channel."""
+    truth = costmodel.ChannelCost(4e-4, 2e-9, 3e-4, 2e-3, per_wake_s=1.5e-4)
+    constants = costmodel.Constants(COMPUTE, 1e-3, 1e-8, 2, {"x": truth})
+    design = list(fit_grid())
+    for net in _split_nets().values():
+        for shards in (2, 4):
+            prof = costmodel.profile(net, partition(net, shards, method="block"))
+            design += [(prof, 16), (prof, 64)]
+    runs = [
+        (p, b, costmodel.predict(p, batch=b, channel="x", constants=constants)) for p, b in design
+    ]
+    fitted = costmodel.fit_channels({"x": runs}, base=constants, fixed={"x": {"per_byte_s": 2e-9}})
+    np.testing.assert_allclose(
+        dataclasses.astuple(fitted["x"]), dataclasses.astuple(truth), rtol=1e-3
+    )
+    wrong = costmodel.fit_channels({"x": runs}, base=constants, fixed={"x": {"per_byte_s": 4e-9}})
+    assert wrong["x"].per_byte_s == 4e-9  # fixed means not fitted
+    with pytest.raises(ValueError, match="own terms"):
+        costmodel.fit_channels({"x": runs}, base=constants, fixed={"x": {"per_shard_s": 1e-3}})
