@@ -13,6 +13,8 @@ Figures per system:
   ``grpc_sync_p50_ms``: with grpc's blocking stub, the way ``tritonclient.grpc`` calls;
   ``tc_grpc_p50_ms`` / ``tc_http_p50_ms``: ``tritonclient.grpc`` vs ``tritonclient.http``
   (binary tensors), alternating blocks, each with its client CPU and serving CPU per request
+  and the gateway's own mean time per request (``tc_*_gateway_mean_ms``: its
+  ``gpufaas_request_seconds`` over the block, from reading the body to the answer)
   (``--only grpc``: these 1-client rows alone);
 * ``rps_8``: 8 clients, tiny-mlp with dynamic batching on (maxBatchSize 8, maxDelayMs 2);
 * ``cpu_us_per_request``: user+system CPU of the gateway and manager processes over a
@@ -187,6 +189,7 @@ def tritonclient_p50s(
     latencies: dict[str, list[float]] = {k: [] for k in senders}
     client_cpu = dict.fromkeys(senders, 0.0)
     serving_cpu = dict.fromkeys(senders, 0.0)
+    held = {k: [0.0, 0.0] for k in senders}  # the gateway's own time: seconds, requests
     for send in senders.values():
         for _ in range(args.warmup):
             send()
@@ -194,6 +197,7 @@ def tritonclient_p50s(
     deadline = time.monotonic() + 240
     for _ in range(blocks):
         for key, send in senders.items():
+            at_gateway = gateway_seconds(http_port, name)  # outside the CPU window
             mine, theirs = time.process_time(), cpu_seconds(pids)
             for _ in range(args.requests // blocks):
                 if time.monotonic() > deadline:
@@ -203,6 +207,9 @@ def tritonclient_p50s(
                 latencies[key].append(time.perf_counter() - t0)
             client_cpu[key] += time.process_time() - mine
             serving_cpu[key] += cpu_seconds(pids) - theirs
+            after = gateway_seconds(http_port, name)
+            held[key][0] += after[0] - at_gateway[0]
+            held[key][1] += after[1] - at_gateway[1]
     http.close()
     grpc_client.close()
     out: dict[str, float] = {}
@@ -211,7 +218,25 @@ def tritonclient_p50s(
         out[f"tc_{key}_p99_ms"] = pct(values, 99)
         out[f"tc_{key}_client_cpu_us"] = client_cpu[key] / max(len(values), 1) * 1e6
         out[f"tc_{key}_serving_cpu_us"] = serving_cpu[key] / max(len(values), 1) * 1e6
+        seconds, count = held[key]
+        out[f"tc_{key}_gateway_mean_ms"] = seconds / count * 1000 if count else float("nan")
     return out
+
+
+def gateway_seconds(http_port: int, name: str) -> tuple[float, float]:
+    """The gateway's own ``gpufaas_request_seconds`` sum and count for ``name`` (its time from
+    reading a request's body to its answer, either front end), from ``/metrics``."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    found = {"_sum": 0.0, "_count": 0.0}
+    label = f'{{model="{name}"}}'
+    for line in text.splitlines():
+        for suffix in found:
+            if line.startswith(f"gpufaas_request_seconds{suffix}{label} "):
+                found[suffix] = float(line.rsplit(" ", 1)[1])
+    return found["_sum"], found["_count"]
 
 
 async def closed_loop(
