@@ -445,3 +445,14 @@ def test_gateway_serves_grpc_on_its_container_and_service_port(render: Any, helm
         assert done.returncode != 0, f"--set {bad} was accepted"
     clash = helm("template", "gf", str(CHART), "--set", "gateway.grpcPort=8080")
     assert clash.returncode != 0 and "must differ" in clash.stderr
+
+
+def test_the_chart_and_gpufaas_up_default_to_the_same_policy(render: Any) -> None:
+    """One default routing policy, the best one measured, wherever the gateway starts: the
+    chart's gateway, ``gpufaas up`` and ``gpufaas gateway`` (they once differed: lalb / lb)."""
+    from gpufaas.scheduler.cli import _gateway_parser, _up_parser
+
+    container = _container(render(), "Deployment", "gateway")
+    chart_policy = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--policy=")]
+    assert chart_policy == [_up_parser().get_default("policy")]
+    assert _gateway_parser().get_default("policy") == chart_policy[0]
