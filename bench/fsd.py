@@ -197,7 +197,12 @@ def grid_configs(
     max_shards: int,
     channels: dict[str, ChannelConfig],
     methods: tuple[str, ...] = ("hypergraph", "random", "block"),
+    *,
+    every_method: bool = False,
 ) -> list[tuple[int, str, str]]:
+    """N = 1, then per N: the direct channel with every partitioner in ``methods``, the
+    other channels with the hypergraph partition only (S3 up to N = 4), or with every
+    partitioner too where ``every_method``."""
     configs = [(1, "direct", "block")]
     for shards in (2, 4, 8):
         if shards > max_shards:
@@ -206,7 +211,8 @@ def grid_configs(
             configs.append((shards, "direct", method))
         for channel in channels:
             if channel != "direct" and not (channel == "s3" and shards > 4):
-                configs.append((shards, channel, "hypergraph"))
+                for method in methods if every_method else ("hypergraph",):
+                    configs.append((shards, channel, method))
     return configs
 
 
@@ -223,10 +229,12 @@ async def run_grid(
     coordinator = Coordinator(artifact_base=str(root / "shards"), timeout_s=120,
                               batching=args.shared_passes)  # fmt: skip
     rows = []
+    profiles: dict[tuple[int, str], costmodel.Profile] = {}  # for the cost column
     try:
         for shards, channel, method in grid_configs(
-            len(urls), channels, tuple(args.methods.split(","))
-        ):
+            len(urls), channels, tuple(args.methods.split(",")),
+            every_method=args.every_method,
+        ):  # fmt: skip
             name = f"radix-{shards}-{channel}-{method}"
             shard_set = await coordinator.deploy(
                 name,
@@ -266,18 +274,39 @@ async def run_grid(
                 "max_shard_load_s": max(launch.seconds.values()) if launch else 0.0,
                 **result,
             }
+            await coordinator.remove(name)
+            if (shards, method) not in profiles:  # after the measurement, never during it
+                part = partition(net, shards, method=method, seed=0)  # the deploy's seed
+                profiles[(shards, method)] = costmodel.profile(net, part)
+            cost = costmodel.cost(profiles[(shards, method)], batch=args.batch, channel=channel,
+                                  latency_s=row["latency_s"], prices=costmodel.Prices())  # fmt: skip
+            row = _inserted_after(row, "latency_s", {
+                "cost_usd": cost.total_usd,  # per request, at the measured latency
+                "cost_compute_usd": cost.compute_usd,
+                "cost_channel_usd": cost.channel_usd,
+            })  # fmt: skip
             rows.append(row)
             print(
                 f"  N={shards} {channel:<6} {method:<10} latency {row['latency_s'] * 1e3:8.1f} ms"
+                f"  cost ${cost.total_usd * 1e6:8.3f} per 1M requests"
                 f"  throughput {row['throughput_rps']:6.2f} req/s"
                 f"  launch {row['launch_s']:.2f} s ({row['launch_depth']} rounds)"
                 f"  others {row['others_ms']:.1f} ms per request",
                 flush=True,
             )
-            await coordinator.remove(name)
     finally:
         await coordinator.close()
     return rows
+
+
+def _inserted_after(row: dict[str, Any], key: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with ``extra``'s fields right after ``key`` (the tables list fields in order)."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        out[k] = v
+        if k == key:
+            out.update(extra)
+    return out
 
 
 async def run_mlp(urls: list[str], device_bytes: int, root: Path) -> dict[str, Any]:
@@ -1433,7 +1462,10 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--device-memory", default="32Mi")
     parser.add_argument("--channels", default="direct,nats,s3")
-    parser.add_argument("--methods", default="hypergraph,random,block", help="direct channel")
+    parser.add_argument("--methods", default="hypergraph,random,block",
+                        help="direct channel (every channel with --every-method)")  # fmt: skip
+    parser.add_argument("--every-method", action="store_true",
+                        help="NATS and S3 run every partitioner too, not only hypergraph")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--latency-requests", type=int, default=5)
     parser.add_argument("--throughput-requests", type=int, default=16)
