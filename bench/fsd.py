@@ -1167,6 +1167,12 @@ def evaluate(
         row["ranked_s"] = costmodel.predict(
             prof, batch=row["batch"], channel=channel, constants=constants
         )
+        # cost per request: predicted (at the ranked latency) and at the measured latency
+        prices = costmodel.Prices()
+        row["ranked_cost_usd"] = costmodel.cost(prof, batch=row["batch"], channel=channel,
+                                                latency_s=row["ranked_s"], prices=prices).total_usd  # fmt: skip
+        row["cost_usd"] = costmodel.cost(prof, batch=row["batch"], channel=channel,
+                                         latency_s=row["latency_s"], prices=prices).total_usd  # fmt: skip
         if "requests_per_pass" in row:  # the closed loop's passes (sessions 7 on)
             row["predicted_rps"] = costmodel.throughput(
                 prof, batch=row["batch"], concurrency=max(1, round(row["requests_per_pass"])),
@@ -1197,6 +1203,16 @@ def evaluate(
             "within_spread": picked["latency_s"] <= (1 + spread) * measured["latency_s"],
             "apart": picked["latency_s"] / measured["latency_s"] - 1,
         }
+        # ranked by cost (costmodel.choose(by="cost")): the predicted cheapest against the
+        # cheapest at the measured latencies, and whether it is another pick than by latency
+        cheapest = min(rows, key=lambda r: r["cost_usd"])
+        by_cost = min(rows, key=lambda r: r["ranked_cost_usd"])
+        cells[cell]["by_cost"] = {
+            "picked": _label(by_cost),
+            "cheapest": _label(cheapest),
+            "strict": by_cost is cheapest,
+            "differs_from_latency_pick": by_cost is not picked,
+        }
     return {
         "within_25pct": sum(within),
         "cells": len(within),
@@ -1204,6 +1220,7 @@ def evaluate(
         "picks_fastest": sum(c["strict"] for c in cells.values()),
         # a pick as fast as the fastest within the run-to-run spread of the grid's latencies
         "picks_within_spread": sum(c["within_spread"] for c in cells.values()),
+        "picks_cheapest": sum(c["by_cost"]["strict"] for c in cells.values()),
         "spread": spread,
         "throughput_within_25pct": sum(rps),
         "throughput_cells": len(rps),
@@ -1292,7 +1309,7 @@ def plot(out: Path, volumes: list[dict[str, Any]], grid: list[dict[str, Any]]) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     ax = axes[0]
     for method in ("hypergraph", "block", "random"):
         for neurons in PERIOD:
@@ -1302,21 +1319,29 @@ def plot(out: Path, volumes: list[dict[str, Any]], grid: list[dict[str, Any]]) -
     ax.set_yscale("log")
     ax.set_xlabel("shards")
     ax.set_ylabel("MB exchanged per sample (120 layers)")
-    ax.set_title("Partition volume")
-    ax.legend(fontsize=6)
-    ax = axes[1]
-    for channel, method in (("direct", "hypergraph"), ("direct", "random"), ("direct", "block"),
-                            ("nats", "hypergraph"), ("s3", "hypergraph")):  # fmt: skip
-        rows = [r for r in grid if "failed" not in r and ((r["channel"] == channel
-                and r["method"] == method) or r["shards"] == 1)]  # fmt: skip
-        rows.sort(key=lambda r: r["shards"])
-        if len(rows) > 1:
-            ax.plot([r["shards"] for r in rows], [r["throughput_rps"] for r in rows],
-                    marker="o", label=f"{channel} {method}")  # fmt: skip
-    ax.set_xlabel("shards")
-    ax.set_ylabel("requests/s (closed loop)")
-    ax.set_title("Throughput")
-    ax.legend(fontsize=7)
+    ax.set_title("Partition volume" + ("" if volumes else " (not run)"))
+    if volumes:
+        ax.legend(fontsize=6)
+    ok = [r for r in grid if "failed" not in r]
+    pairs = sorted({(r["channel"], r["method"]) for r in ok if r["shards"] > 1})
+    for ax, key, label, title in (
+        (axes[1], "throughput_rps", "requests/s (closed loop)", "Throughput"),
+        (axes[3], "cost_usd", "US$ per 1M requests (at measured latency)", "Cost"),
+    ):
+        for channel, method in pairs:  # every channel and partitioner the grid ran
+            rows = [r for r in ok if key in r and ((r["channel"] == channel
+                    and r["method"] == method) or r["shards"] == 1)]  # fmt: skip
+            rows.sort(key=lambda r: r["shards"])
+            scale = 1e6 if key == "cost_usd" else 1.0
+            ax.plot([r["shards"] for r in rows], [r[key] * scale for r in rows], marker="o",
+                    ls={"direct": "-", "nats": "--", "s3": ":"}.get(channel, "-."),
+                    label=f"{channel} {method}")  # fmt: skip
+        if key == "cost_usd":
+            ax.set_yscale("log")
+        ax.set_xlabel("shards")
+        ax.set_ylabel(label)
+        ax.set_title(title)
+        ax.legend(fontsize=6)
     ax = axes[2]
     measured = [r["latency_s"] * 1e3 for r in grid if "predicted_s" in r]
     predicted = [r["predicted_s"] * 1e3 for r in grid if "predicted_s" in r]
@@ -1359,6 +1384,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         }
         report["grid"] = rows
         print(json.dumps(report["costmodel"], indent=1))
+        plot(out, grid_run.get("partition", []), rows)
         return report
     if args.cpu_split:
         print("6. CPU per request, N = 1, 2, 4", flush=True)
