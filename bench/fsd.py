@@ -197,7 +197,12 @@ def grid_configs(
     max_shards: int,
     channels: dict[str, ChannelConfig],
     methods: tuple[str, ...] = ("hypergraph", "random", "block"),
+    *,
+    every_method: bool = False,
 ) -> list[tuple[int, str, str]]:
+    """N = 1, then per N: the direct channel with every partitioner in ``methods``, the
+    other channels with the hypergraph partition only (S3 up to N = 4), or with every
+    partitioner too where ``every_method``."""
     configs = [(1, "direct", "block")]
     for shards in (2, 4, 8):
         if shards > max_shards:
@@ -206,7 +211,8 @@ def grid_configs(
             configs.append((shards, "direct", method))
         for channel in channels:
             if channel != "direct" and not (channel == "s3" and shards > 4):
-                configs.append((shards, channel, "hypergraph"))
+                for method in methods if every_method else ("hypergraph",):
+                    configs.append((shards, channel, method))
     return configs
 
 
@@ -223,10 +229,12 @@ async def run_grid(
     coordinator = Coordinator(artifact_base=str(root / "shards"), timeout_s=120,
                               batching=args.shared_passes)  # fmt: skip
     rows = []
+    profiles: dict[tuple[int, str], costmodel.Profile] = {}  # for the cost column
     try:
         for shards, channel, method in grid_configs(
-            len(urls), channels, tuple(args.methods.split(","))
-        ):
+            len(urls), channels, tuple(args.methods.split(",")),
+            every_method=args.every_method,
+        ):  # fmt: skip
             name = f"radix-{shards}-{channel}-{method}"
             shard_set = await coordinator.deploy(
                 name,
@@ -266,18 +274,39 @@ async def run_grid(
                 "max_shard_load_s": max(launch.seconds.values()) if launch else 0.0,
                 **result,
             }
+            await coordinator.remove(name)
+            if (shards, method) not in profiles:  # after the measurement, never during it
+                part = partition(net, shards, method=method, seed=0)  # the deploy's seed
+                profiles[(shards, method)] = costmodel.profile(net, part)
+            cost = costmodel.cost(profiles[(shards, method)], batch=args.batch, channel=channel,
+                                  latency_s=row["latency_s"], prices=costmodel.Prices())  # fmt: skip
+            row = _inserted_after(row, "latency_s", {
+                "cost_usd": cost.total_usd,  # per request, at the measured latency
+                "cost_compute_usd": cost.compute_usd,
+                "cost_channel_usd": cost.channel_usd,
+            })  # fmt: skip
             rows.append(row)
             print(
                 f"  N={shards} {channel:<6} {method:<10} latency {row['latency_s'] * 1e3:8.1f} ms"
+                f"  cost ${cost.total_usd * 1e6:8.3f} per 1M requests"
                 f"  throughput {row['throughput_rps']:6.2f} req/s"
                 f"  launch {row['launch_s']:.2f} s ({row['launch_depth']} rounds)"
                 f"  others {row['others_ms']:.1f} ms per request",
                 flush=True,
             )
-            await coordinator.remove(name)
     finally:
         await coordinator.close()
     return rows
+
+
+def _inserted_after(row: dict[str, Any], key: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with ``extra``'s fields right after ``key`` (the tables list fields in order)."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        out[k] = v
+        if k == key:
+            out.update(extra)
+    return out
 
 
 async def run_mlp(urls: list[str], device_bytes: int, root: Path) -> dict[str, Any]:
@@ -1138,6 +1167,12 @@ def evaluate(
         row["ranked_s"] = costmodel.predict(
             prof, batch=row["batch"], channel=channel, constants=constants
         )
+        # cost per request: predicted (at the ranked latency) and at the measured latency
+        prices = costmodel.Prices()
+        row["ranked_cost_usd"] = costmodel.cost(prof, batch=row["batch"], channel=channel,
+                                                latency_s=row["ranked_s"], prices=prices).total_usd  # fmt: skip
+        row["cost_usd"] = costmodel.cost(prof, batch=row["batch"], channel=channel,
+                                         latency_s=row["latency_s"], prices=prices).total_usd  # fmt: skip
         if "requests_per_pass" in row:  # the closed loop's passes (sessions 7 on)
             row["predicted_rps"] = costmodel.throughput(
                 prof, batch=row["batch"], concurrency=max(1, round(row["requests_per_pass"])),
@@ -1168,6 +1203,16 @@ def evaluate(
             "within_spread": picked["latency_s"] <= (1 + spread) * measured["latency_s"],
             "apart": picked["latency_s"] / measured["latency_s"] - 1,
         }
+        # ranked by cost (costmodel.choose(by="cost")): the predicted cheapest against the
+        # cheapest at the measured latencies, and whether it is another pick than by latency
+        cheapest = min(rows, key=lambda r: r["cost_usd"])
+        by_cost = min(rows, key=lambda r: r["ranked_cost_usd"])
+        cells[cell]["by_cost"] = {
+            "picked": _label(by_cost),
+            "cheapest": _label(cheapest),
+            "strict": by_cost is cheapest,
+            "differs_from_latency_pick": by_cost is not picked,
+        }
     return {
         "within_25pct": sum(within),
         "cells": len(within),
@@ -1175,6 +1220,7 @@ def evaluate(
         "picks_fastest": sum(c["strict"] for c in cells.values()),
         # a pick as fast as the fastest within the run-to-run spread of the grid's latencies
         "picks_within_spread": sum(c["within_spread"] for c in cells.values()),
+        "picks_cheapest": sum(c["by_cost"]["strict"] for c in cells.values()),
         "spread": spread,
         "throughput_within_25pct": sum(rps),
         "throughput_cells": len(rps),
@@ -1263,7 +1309,7 @@ def plot(out: Path, volumes: list[dict[str, Any]], grid: list[dict[str, Any]]) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     ax = axes[0]
     for method in ("hypergraph", "block", "random"):
         for neurons in PERIOD:
@@ -1273,21 +1319,29 @@ def plot(out: Path, volumes: list[dict[str, Any]], grid: list[dict[str, Any]]) -
     ax.set_yscale("log")
     ax.set_xlabel("shards")
     ax.set_ylabel("MB exchanged per sample (120 layers)")
-    ax.set_title("Partition volume")
-    ax.legend(fontsize=6)
-    ax = axes[1]
-    for channel, method in (("direct", "hypergraph"), ("direct", "random"), ("direct", "block"),
-                            ("nats", "hypergraph"), ("s3", "hypergraph")):  # fmt: skip
-        rows = [r for r in grid if "failed" not in r and ((r["channel"] == channel
-                and r["method"] == method) or r["shards"] == 1)]  # fmt: skip
-        rows.sort(key=lambda r: r["shards"])
-        if len(rows) > 1:
-            ax.plot([r["shards"] for r in rows], [r["throughput_rps"] for r in rows],
-                    marker="o", label=f"{channel} {method}")  # fmt: skip
-    ax.set_xlabel("shards")
-    ax.set_ylabel("requests/s (closed loop)")
-    ax.set_title("Throughput")
-    ax.legend(fontsize=7)
+    ax.set_title("Partition volume" + ("" if volumes else " (not run)"))
+    if volumes:
+        ax.legend(fontsize=6)
+    ok = [r for r in grid if "failed" not in r]
+    pairs = sorted({(r["channel"], r["method"]) for r in ok if r["shards"] > 1})
+    for ax, key, label, title in (
+        (axes[1], "throughput_rps", "requests/s (closed loop)", "Throughput"),
+        (axes[3], "cost_usd", "US$ per 1M requests (at measured latency)", "Cost"),
+    ):
+        for channel, method in pairs:  # every channel and partitioner the grid ran
+            rows = [r for r in ok if key in r and ((r["channel"] == channel
+                    and r["method"] == method) or r["shards"] == 1)]  # fmt: skip
+            rows.sort(key=lambda r: r["shards"])
+            scale = 1e6 if key == "cost_usd" else 1.0
+            ax.plot([r["shards"] for r in rows], [r[key] * scale for r in rows], marker="o",
+                    ls={"direct": "-", "nats": "--", "s3": ":"}.get(channel, "-."),
+                    label=f"{channel} {method}")  # fmt: skip
+        if key == "cost_usd":
+            ax.set_yscale("log")
+        ax.set_xlabel("shards")
+        ax.set_ylabel(label)
+        ax.set_title(title)
+        ax.legend(fontsize=6)
     ax = axes[2]
     measured = [r["latency_s"] * 1e3 for r in grid if "predicted_s" in r]
     predicted = [r["predicted_s"] * 1e3 for r in grid if "predicted_s" in r]
@@ -1330,6 +1384,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         }
         report["grid"] = rows
         print(json.dumps(report["costmodel"], indent=1))
+        plot(out, grid_run.get("partition", []), rows)
         return report
     if args.cpu_split:
         print("6. CPU per request, N = 1, 2, 4", flush=True)
@@ -1433,7 +1488,10 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--device-memory", default="32Mi")
     parser.add_argument("--channels", default="direct,nats,s3")
-    parser.add_argument("--methods", default="hypergraph,random,block", help="direct channel")
+    parser.add_argument("--methods", default="hypergraph,random,block",
+                        help="direct channel (every channel with --every-method)")  # fmt: skip
+    parser.add_argument("--every-method", action="store_true",
+                        help="NATS and S3 run every partitioner too, not only hypergraph")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--latency-requests", type=int, default=5)
     parser.add_argument("--throughput-requests", type=int, default=16)

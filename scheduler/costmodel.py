@@ -66,14 +66,31 @@ every calibration run having been scaled to that speed by its own probe. :func:`
 rescales all of them to the speed a later probe reads; the model then predicts at that
 speed. The probe never uses the measurement it corrects.
 
-:func:`choose` ranks candidate configurations by predicted latency, all at one speed (a probe
-read beside one candidate must not move it alone). Pure: no clocks, no I/O.
+:func:`choose` ranks candidate configurations by predicted latency (the default), all at one
+speed (a probe read beside one candidate must not move it alone), or by predicted cost.
+
+Cost (session 12), in US dollars per inference (one request of ``batch`` samples), from the
+named prices of :class:`Prices` (their sources and dates in :data:`PRICE_SOURCES`), as if each
+shard ran as a serverless function (FSD-Inference's setting) for the whole request:
+
+    compute = N * (latency * memory_gb * gb_second + invocation)
+    memory_gb = runtime_gb + max_p (weights of shard p) * 4 B / 2**30   (one size for all N)
+    channel = direct: messages * direct_message                      (0 by default)
+              s3:     messages * (s3_put + s3_get)                   (one PUT, one GET each)
+                      + bytes / 2**30 * s3_gb_month * latency / SECONDS_PER_MONTH
+              nats:   nats_server_hour * latency / 3600              (a self-hosted server)
+
+``messages`` and ``bytes`` (``batch * 4 * values``) are the request's, summed over layers and
+shards. The objects are charged as stored for the whole request, and the NATS server as held
+by the request alone: upper bounds where requests overlap. :func:`cost` takes the latency as
+given (a measured one), :func:`predicted_cost` the model's. Pure: no clocks, no I/O.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -89,22 +106,28 @@ from gpufaas.core.layered import (
 from gpufaas.scheduler.partition import Partition
 
 __all__ = [
+    "PRICE_SOURCES",
     "ChannelCost",
     "Compute",
     "Constants",
+    "Cost",
+    "Prices",
     "Profile",
     "at_speed",
     "byte_cost",
     "choose",
     "compute_features",
     "contention",
+    "cost",
     "fit",
     "fit_channel",
     "fit_channels",
     "message_split",
     "predict",
+    "predicted_cost",
     "profile",
     "throughput",
+    "worker_memory_gb",
 ]
 
 Matrix = npt.NDArray[np.float64]  # (layers, shards)
@@ -313,14 +336,115 @@ def throughput(
     return concurrency / predict(p, batch=batch * concurrency, channel=channel, constants=constants)
 
 
+GIB = 2**30
+SECONDS_PER_MONTH = 30 * 24 * 3600  # a storage price's month: 30 days
+WEIGHT_BYTES = 4  # a weight's bytes (float32), as LayeredNet.weight_bytes counts them
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Prices:
+    """Named prices in US dollars (defaults: :data:`PRICE_SOURCES`), and a worker's memory
+    beyond its weights. Pass your own: ``Prices(gb_second=..., nats_server_hour=...)``."""
+
+    gb_second: float = 0.0000166667  # a serverless worker's duration, per GB-second
+    invocation: float = 0.20 / 1e6  # a serverless worker's request
+    runtime_gb: float = 0.5  # a worker's memory besides its weights (Python, torch, buffers)
+    s3_put: float = 0.005 / 1000  # one PUT
+    s3_get: float = 0.0004 / 1000  # one GET
+    s3_gb_month: float = 0.023  # storage, per GB-month
+    nats_server_hour: float = 0.0416  # one self-hosted nats-server's machine, per hour
+    direct_message: float = 0.0  # node to node: no per-message charge
+
+
+# Where each default price comes from, and when it was read (list prices, AWS US East (N.
+# Virginia), x86, on demand, no free tier). Read from stored copies of the pages on
+# 2026-12-06, not from the live pages: check them before relying on the figures.
+PRICE_SOURCES: dict[str, str] = {
+    "gb_second": "AWS Lambda duration, https://aws.amazon.com/lambda/pricing/ (2026-12-06)",
+    "invocation": "AWS Lambda requests, $0.20 per 1M, https://aws.amazon.com/lambda/pricing/ "
+    "(2026-12-06)",
+    "runtime_gb": "not a price: a worker's memory besides its weights, an assumption",
+    "s3_put": "Amazon S3 Standard PUT, $0.005 per 1,000, https://aws.amazon.com/s3/pricing/ "
+    "(2026-12-06)",
+    "s3_get": "Amazon S3 Standard GET, $0.0004 per 1,000, https://aws.amazon.com/s3/pricing/ "
+    "(2026-12-06)",
+    "s3_gb_month": "Amazon S3 Standard storage, first 50 TB, https://aws.amazon.com/s3/pricing/ "
+    "(2026-12-06)",
+    "nats_server_hour": "Amazon EC2 t3.medium on demand (2 vCPU, 4 GiB) for nats-server, "
+    "https://aws.amazon.com/ec2/pricing/on-demand/ (2026-12-06)",
+    "direct_message": "none: node-to-node HTTP inside one cluster",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """US dollars per inference (one request of ``batch`` samples)."""
+
+    compute_usd: float  # the workers' GB-seconds and invocations
+    channel_usd: float  # messages, objects stored, the NATS server's time
+
+    @property
+    def total_usd(self) -> float:
+        return self.compute_usd + self.channel_usd
+
+
+def worker_memory_gb(p: Profile, *, prices: Prices) -> float:
+    """One worker's memory in GiB: the runtime's plus the largest shard's weights (every
+    shard's function takes one size)."""
+    return prices.runtime_gb + float(p.nnz.sum(axis=0).max()) * WEIGHT_BYTES / GIB
+
+
+def cost(p: Profile, *, batch: int, channel: str, latency_s: float, prices: Prices) -> Cost:
+    """What one request of ``batch`` samples costs when it takes ``latency_s`` (the formula
+    in the module's docstring)."""
+    if latency_s < 0 or batch < 1:
+        raise ValueError(f"latency_s must be >= 0 and batch >= 1, not {latency_s}, {batch}")
+    memory = worker_memory_gb(p, prices=prices)
+    compute = p.shards * (latency_s * memory * prices.gb_second + prices.invocation)
+    messages = float(p.messages.sum())
+    stored_gb = batch * 4 * float(p.values.sum()) / GIB
+    if channel == "direct":
+        carried = messages * prices.direct_message
+    elif channel == "s3":
+        carried = messages * (prices.s3_put + prices.s3_get)
+        carried += stored_gb * prices.s3_gb_month * latency_s / SECONDS_PER_MONTH
+    elif channel == "nats":
+        carried = prices.nats_server_hour * latency_s / 3600
+    else:
+        raise ValueError(f"no prices for channel {channel!r} (direct, nats or s3)")
+    return Cost(compute, carried)
+
+
+def predicted_cost(
+    p: Profile, *, batch: int, channel: str, constants: Constants, prices: Prices
+) -> Cost:
+    """:func:`cost` at the model's predicted latency."""
+    latency = predict(p, batch=batch, channel=channel, constants=constants)
+    return cost(p, batch=batch, channel=channel, latency_s=latency, prices=prices)
+
+
 def choose(
-    candidates: Iterable[tuple[str, Profile, str]], *, batch: int, constants: Constants
+    candidates: Iterable[tuple[str, Profile, str]],
+    *,
+    batch: int,
+    constants: Constants,
+    by: Literal["latency", "cost"] = "latency",
+    prices: Prices | None = None,
 ) -> list[tuple[float, str]]:
-    """``(predicted seconds, name)`` for each ``(name, profile, channel)``, fastest first."""
-    ranked = [
-        (predict(p, batch=batch, channel=channel, constants=constants), name)
-        for name, p, channel in candidates
-    ]
+    """``(key, name)`` for each ``(name, profile, channel)``, best first: by predicted
+    seconds (``by="latency"``) or by predicted dollars per inference (``by="cost"``, at
+    ``prices``, :class:`Prices`' defaults if none)."""
+    if by not in ("latency", "cost"):
+        raise ValueError(f"by must be 'latency' or 'cost', not {by!r}")
+    at = prices or Prices()
+    ranked = []
+    for name, p, channel in candidates:
+        if by == "latency":
+            key = predict(p, batch=batch, channel=channel, constants=constants)
+        else:
+            key = predicted_cost(p, batch=batch, channel=channel, constants=constants,
+                                 prices=at).total_usd  # fmt: skip
+        ranked.append((key, name))
     return sorted(ranked)
 
 

@@ -413,3 +413,88 @@ def test_fit_channels_takes_a_fixed_byte_cost_and_fits_the_other_terms() -> None
     assert wrong["x"].per_byte_s == 4e-9  # fixed means not fitted
     with pytest.raises(ValueError, match="own terms"):
         costmodel.fit_channels({"x": runs}, base=constants, fixed={"x": {"per_shard_s": 1e-3}})
+
+
+# -- cost (session 12) ---------------------------------------------------------------------
+
+
+def _hand_profile() -> costmodel.Profile:
+    """Two shards, one layer: shard 1 holds 2**26 weights (0.25 GiB at 4 B), each shard
+    receives one message of 2**24 values per sample."""
+    zeros = np.zeros((1, 2))
+    return costmodel.Profile(
+        shards=2, io_values=8, ops=zeros, nnz=np.array([[2.0**25, 2.0**26]]),
+        messages=np.array([[1.0, 1.0]]), values=np.array([[2.0**24, 2.0**24]]),
+        sync=np.ones((1, 2)), sent=zeros, parts=zeros, tiled=zeros,
+    )  # fmt: skip
+
+
+HAND_PRICES = costmodel.Prices(
+    gb_second=1e-5, invocation=1e-7, runtime_gb=0.5, s3_put=5e-6, s3_get=4e-7,
+    s3_gb_month=0.023, nats_server_hour=0.036, direct_message=0.0,
+)  # fmt: skip
+
+
+def test_cost_per_inference_matches_the_formula_worked_by_hand() -> None:
+    """latency 0.1 s, batch 8. Memory 0.5 + 0.25 = 0.75 GiB per worker; compute 2 workers x
+    (0.1 s x 0.75 GiB x 1e-5 + 1e-7) = 1.7e-6. Bytes 8 x 4 x 2**25 = 1 GiB. S3: 2 messages x
+    (5e-6 + 4e-7) = 1.08e-5, plus 1 GiB x 0.023 x 0.1 s / 2,592,000 s. NATS: 0.036 x 0.1 /
+    3600 = 1e-6. Direct: 0."""
+    p = _hand_profile()
+    assert costmodel.worker_memory_gb(p, prices=HAND_PRICES) == pytest.approx(0.75)
+    expected = {"direct": 0.0, "s3": 1.08e-5 + 0.0023 / 2_592_000, "nats": 1e-6}
+    for channel, carried in expected.items():
+        c = costmodel.cost(p, batch=8, channel=channel, latency_s=0.1, prices=HAND_PRICES)
+        assert c.compute_usd == pytest.approx(1.7e-6, rel=1e-12)
+        assert c.channel_usd == pytest.approx(carried, rel=1e-12, abs=1e-18)
+        assert c.total_usd == pytest.approx(1.7e-6 + carried, rel=1e-12)
+
+
+def test_the_picker_chooses_differently_by_cost_than_by_latency() -> None:
+    """S3 made faster than direct in the constants, but its PUT and GET prices make each
+    inference dearer: by latency S3 comes first, by cost direct."""
+    net = radix_net(1024, 12)
+    prof = costmodel.profile(net, partition(net, 4, method="hypergraph"))
+    constants = costmodel.Constants(
+        compute=COMPUTE, per_request_s=1e-3, per_io_value_s=1e-8, cores=2,
+        channels={"direct": costmodel.ChannelCost(5e-4, 1e-9, 1e-4, 1e-3),
+                  "s3": costmodel.ChannelCost(1e-5, 0.0, 1e-5, 1e-4)},
+    )  # fmt: skip
+    candidates = [("direct", prof, "direct"), ("s3", prof, "s3")]
+    by_latency = costmodel.choose(candidates, batch=64, constants=constants)
+    by_cost = costmodel.choose(candidates, batch=64, constants=constants, by="cost")
+    assert [name for _, name in by_latency] == ["s3", "direct"]
+    assert [name for _, name in by_cost] == ["direct", "s3"]
+    direct = costmodel.predicted_cost(prof, batch=64, channel="direct", constants=constants,
+                                      prices=costmodel.Prices())  # fmt: skip
+    assert by_cost[0][0] == pytest.approx(direct.total_usd)
+    # a user's own prices: with free S3 requests S3 is the cheaper too (it is faster)
+    free = costmodel.Prices(s3_put=0.0, s3_get=0.0)
+    by_own = costmodel.choose(candidates, batch=64, constants=constants, by="cost", prices=free)
+    assert [name for _, name in by_own] == ["s3", "direct"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(0.0, 10.0), st.floats(0.0, 10.0), st.sampled_from(["direct", "nats", "s3"]))
+def test_a_longer_request_never_costs_less(a: float, b: float, channel: str) -> None:
+    p = _hand_profile()
+    short, long = sorted((a, b))
+    costs = [costmodel.cost(p, batch=8, channel=channel, latency_s=t, prices=costmodel.Prices())
+             for t in (short, long)]  # fmt: skip
+    assert costs[0].total_usd <= costs[1].total_usd
+    assert costs[0].channel_usd >= 0 and costs[0].compute_usd > 0
+
+
+def test_cost_refuses_an_unknown_channel_a_bad_latency_and_an_unknown_ranking() -> None:
+    p = _hand_profile()
+    with pytest.raises(ValueError, match="no prices for channel 'kafka'"):
+        costmodel.cost(p, batch=8, channel="kafka", latency_s=0.1, prices=HAND_PRICES)
+    with pytest.raises(ValueError, match="latency_s must be >= 0"):
+        costmodel.cost(p, batch=8, channel="direct", latency_s=-1.0, prices=HAND_PRICES)
+    with pytest.raises(ValueError, match="by must be"):
+        costmodel.choose([], batch=8, constants=CONSTANTS, by="price")  # type: ignore[arg-type]
+
+
+def test_every_default_price_names_its_source() -> None:
+    names = {f.name for f in dataclasses.fields(costmodel.Prices)}
+    assert set(costmodel.PRICE_SOURCES) == names
