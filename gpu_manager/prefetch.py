@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -189,10 +190,18 @@ class Prefetcher:
             if job.size_bytes <= 0 or free < job.size_bytes:
                 return "no-room"
             self.running, self._preempted = job, False
+            started = time.perf_counter()
+            logger.info("prefetch of %s onto %s started", job.model, job.device)
             try:
                 await self.runtime.load(job.model, device_id=job.device)
             finally:
                 self.running = None
+            logger.info(
+                "prefetch of %s onto %s loaded in %.1f ms",
+                job.model,
+                job.device,
+                (time.perf_counter() - started) * 1000,
+            )
         except asyncio.CancelledError:
             if not self._preempted:
                 raise  # the worker itself is being cancelled
