@@ -95,12 +95,14 @@ def pair_report(on: dict[str, Any], off: dict[str, Any], *, margin_s: float) -> 
 
 
 def reports(lines: list[dict[str, Any]], *, margin_s: float) -> list[dict[str, Any]]:
-    runs = {(r["seed"], r["repetition"], r["label"]): r for r in lines}
+    """One report per pair; runs are told apart by seed, repetition and ``hold`` (a label
+    added to the lines of one quiet hold, when several holds share a file)."""
+    runs = {(r.get("hold", ""), r["seed"], r["repetition"], r["label"]): r for r in lines}
     out = []
-    for (seed, repetition, label), on in sorted(runs.items()):
-        off = runs.get((seed, repetition, "ours-noprefetch"))
+    for (hold, seed, repetition, label), on in sorted(runs.items()):
+        off = runs.get((hold, seed, repetition, "ours-noprefetch"))
         if label == "ours" and off is not None:
-            out.append(pair_report(on, off, margin_s=margin_s))
+            out.append({"hold": hold, **pair_report(on, off, margin_s=margin_s)})
     return out
 
 
