@@ -40,6 +40,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -297,6 +298,7 @@ async def replay(
     gate = asyncio.Semaphore(max_in_flight)
     limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
     headers = {"content-type": "application/json"}
+    clock_offset = time.perf_counter() - time.time()  # perf_counter - epoch
     async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
 
         async def one(i: int) -> None:
@@ -314,6 +316,10 @@ async def replay(
                     "latency_ms": (time.perf_counter() - started) * 1000,
                     "hit": r.headers.get("x-gpufaas-cache") == "hit",
                     "reason": r.headers.get("x-gpufaas-reason", ""),
+                    # for --raw: when it was sent (wall epoch), its forward pass, its batch
+                    "sent_epoch": started - clock_offset,
+                    "compute_ms": _header_float(r.headers.get("x-gpufaas-compute-ms")),
+                    "batch": _header_float(r.headers.get("x-gpufaas-batch-size")),
                 }
 
         marks: list[Counter[str]] = []
@@ -325,6 +331,54 @@ async def replay(
         await replay_open_loop(arrivals_s, one, max_seconds=max_seconds, before=mark_once)
         at_end = await counters(client, url)
     return results, marks[0] if marks else Counter(), at_end
+
+
+def _header_float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+PREFETCH_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO gpufaas\.gpu_manager\.prefetch: "
+    r"prefetch of (\S+) onto (\S+) (started|loaded in ([\d.]+) ms|preempted by a request)$"
+)
+
+
+def prefetch_events(log: str) -> list[list[Any]]:
+    """The nodes' prefetch lines in a cluster log: ``[epoch s, model, device, event, ms]``
+    (event: started, loaded, preempted; ms: the load's length when loaded)."""
+    out: list[list[Any]] = []
+    for line in log.splitlines():
+        m = PREFETCH_LINE.match(line.strip())
+        if m is None:
+            continue
+        when = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1e3
+        event = m.group(5).split()[0]
+        ms = float(m.group(6)) if m.group(6) else None
+        out.append([when, m.group(3), m.group(4), event, ms])
+    return out
+
+
+def raw_record(
+    label: str, repetition: int, seed: int, results: list[dict[str, Any]], log: str
+) -> dict[str, Any]:
+    """One run's requests (``[sent epoch s, index, latency ms, hit, compute ms, batch]``; None
+    where a request failed) and its prefetches (:func:`prefetch_events`), for ``--raw``."""
+    requests = [
+        [r["sent_epoch"], i, r["latency_ms"], r["hit"], r.get("compute_ms"), r.get("batch")]
+        if r.get("status") == 200
+        else None
+        for i, r in enumerate(results)
+    ]
+    return {
+        "label": label,
+        "repetition": repetition,
+        "seed": seed,
+        "requests": requests,
+        "prefetches": prefetch_events(log),
+    }
 
 
 def warm_up(url: str, names: list[str]) -> None:
@@ -516,6 +570,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except BaseException:
                 print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
                 raise
+            if args.raw is not None:
+                record = raw_record(
+                    LABELS[label], repetition, args.seed, results, log.read_text(errors="replace")
+                )
+                record["functions"] = names
+                with args.raw.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
             delta = {k: at_end[k] - at_mark.get(k, 0.0) for k in at_end}
             row = summarise(
                 results,
@@ -691,6 +752,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trace-dir", default=str(Path(tempfile.gettempdir()) / "gpufaas-orcbench"))
     p.add_argument("--json", type=Path, default=None, help="append the result as a JSON line")
+    p.add_argument(
+        "--raw",
+        type=Path,
+        default=None,
+        help="append each run's requests and the nodes' prefetches as a JSON line",
+    )
     p.add_argument(
         "--from-json",
         type=Path,

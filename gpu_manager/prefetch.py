@@ -5,8 +5,9 @@
 device copy (the host tier keeps the model, so a later miss copies from host memory).
 
 A prefetch has the lowest priority: one runs at a time per node, in the background, and only
-when, at its start, the device has no load in flight and enough free cache bytes for the model
-(``size_bytes``) without evicting anything. Otherwise it is skipped (the gateway asks again on
+when, at its start, the device has no load in flight, no request in flight (for a CPU device: on
+no CPU device of the node, since they share the host's cores) and enough free cache bytes for the
+model (``size_bytes``) without evicting anything. Otherwise it is skipped (the gateway asks again on
 its next tick if the model is still wanted). A request for the model during the prefetch uses
 the copy under way. A request's load of *another* model on the same device preempts a prefetch
 that has not begun copying (filling the host tier, claiming room): the prefetch is cancelled,
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -71,14 +73,18 @@ class PrefetchJob:
 
 
 def device_room(state: NodeState, device: str) -> tuple[bool, int] | None:
-    """``(quiet, free cache bytes)`` of ``device``: quiet when no load is in flight there;
-    None if the node has no such device."""
+    """``(quiet, free cache bytes)`` of ``device``: quiet when no load is in flight there and
+    no request is being served on it, or, for a CPU device, on any CPU device of the node (they
+    compute on the same host cores; a CUDA device's neighbours have their own); None if the
+    node has no such device."""
     try:
         row = state.device(device)
     except KeyError:
         return None
     loading = any(r.state is Residency.LOADING or r.arrived is False for r in row.residents)
-    return not loading, row.free_cache_bytes
+    sharing = [d for d in state.devices if d.kind == "cpu"] if row.kind == "cpu" else [row]
+    serving = any(d.outstanding for d in sharing)
+    return not (loading or serving), row.free_cache_bytes
 
 
 def holds(state: NodeState, device: str, model: str) -> bool:
@@ -106,8 +112,8 @@ class Prefetcher:
         runtime.on_use(self._used)
         self.results = Counter(
             "gpufaas_manager_prefetch",
-            "Prefetches by outcome: loaded, busy (a load in flight), no-room, failed, dropped,"
-            " preempted (a request's load came first), resident (already there)",
+            "Prefetches by outcome: loaded, busy (a load or request in flight), no-room, failed,"
+            " dropped, preempted (a request's load came first), resident (already there)",
             ["result"],
             registry=registry,
         )
@@ -189,10 +195,18 @@ class Prefetcher:
             if job.size_bytes <= 0 or free < job.size_bytes:
                 return "no-room"
             self.running, self._preempted = job, False
+            started = time.perf_counter()
+            logger.info("prefetch of %s onto %s started", job.model, job.device)
             try:
                 await self.runtime.load(job.model, device_id=job.device)
             finally:
                 self.running = None
+            logger.info(
+                "prefetch of %s onto %s loaded in %.1f ms",
+                job.model,
+                job.device,
+                (time.perf_counter() - started) * 1000,
+            )
         except asyncio.CancelledError:
             if not self._preempted:
                 raise  # the worker itself is being cancelled

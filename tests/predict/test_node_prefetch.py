@@ -258,3 +258,61 @@ async def test_host_memory_time_is_a_node_counter(
     third = await _host_gb_seconds(client)
     await asyncio.sleep(0.02)
     assert await _host_gb_seconds(client) == third  # ... and not once it is gone
+
+
+async def test_a_device_serving_requests_is_not_quiet(
+    node: tuple[NodeRuntime, httpx.AsyncClient, Prefetcher],
+) -> None:
+    """A prefetch never starts next to a request being served: on its device, and for a CPU
+    device on any CPU device of the node (they compute on the same host cores); a CUDA
+    device's neighbours do not count."""
+    from gpufaas.gpu_manager.prefetch import device_room
+
+    runtime, _client, _ = node
+    state = runtime.state()
+    first, second = state.devices[0], state.devices[1]
+    serving = state.model_copy(
+        update={"devices": [first.model_copy(update={"outstanding": 1}), second]}
+    )
+    assert device_room(serving, first.id) == (False, first.free_cache_bytes)
+    assert device_room(serving, second.id) == (False, second.free_cache_bytes)
+    cuda = state.model_copy(
+        update={
+            "devices": [
+                first.model_copy(update={"outstanding": 1, "kind": "cuda"}),
+                second.model_copy(update={"kind": "cuda"}),
+            ]
+        }
+    )
+    assert device_room(cuda, first.id) == (False, first.free_cache_bytes)
+    assert device_room(cuda, second.id) == (True, second.free_cache_bytes)
+
+
+async def test_a_prefetch_waits_for_no_request_in_flight(
+    node: tuple[NodeRuntime, httpx.AsyncClient, Prefetcher], tiny_mlp: Path
+) -> None:
+    """A request in its forward pass on the node: a prefetch then is skipped ("busy", asked
+    again on the gateway's next tick) and loads nothing; once the request is answered, the
+    same prefetch loads."""
+    runtime, _client, prefetcher = node
+    runtime.register("next", parse_spec(_spec(tiny_mlp)))
+    device, other = _device(runtime), _device(runtime, 1)
+    await runtime.infer("tiny", _x(), device_id=device)  # resident: the next one is warm
+    entered, gate = asyncio.Event(), asyncio.Event()
+    tier = runtime.devices[device]
+    original = tier.run
+
+    async def slow_pass(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return await original(*args, **kwargs)
+
+    tier.run = slow_pass  # type: ignore[method-assign]
+    request = asyncio.create_task(runtime.infer("tiny", _x(), device_id=device))
+    await asyncio.wait_for(entered.wait(), 10)
+    assert await prefetcher.run(PrefetchJob("next", other, 1 << 20)) == "busy"
+    assert "next" not in _residents(runtime, other)
+    gate.set()
+    assert (await asyncio.wait_for(request, 10)).cache_hit
+    assert await prefetcher.run(PrefetchJob("next", other, 1 << 20)) == "loaded"
+    assert "next" in _residents(runtime, other)

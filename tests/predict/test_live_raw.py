@@ -1,0 +1,80 @@
+"""The warm-p99 diagnosis's raw data (``bench/predict_live.py --raw``, ``bench/predict-warm.py``):
+the node's prefetch log lines, as ``gpufaas`` formats them, are the ones the replay parses, and
+a request is counted as meeting a prefetch only while a load runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+from predict_nodes import tiny_mlp_spec as _spec
+from prometheus_client import CollectorRegistry
+
+from gpufaas.core.api import parse_spec
+from gpufaas.core.artifacts import ArtifactStore
+from gpufaas.core.cli import configure_logging
+from gpufaas.gpu_manager.inventory import cpu_devices
+from gpufaas.gpu_manager.prefetch import Prefetcher, PrefetchJob
+from gpufaas.gpu_manager.runtime import NodeRuntime
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+from predict_live import prefetch_events  # noqa: E402
+
+_warm_spec = importlib.util.spec_from_file_location("predict_warm", BENCH / "predict-warm.py")
+assert _warm_spec is not None and _warm_spec.loader is not None
+predict_warm = importlib.util.module_from_spec(_warm_spec)
+_warm_spec.loader.exec_module(predict_warm)
+
+
+def _cli_format() -> logging.Formatter:
+    """The formatter ``gpufaas`` commands log with (``configure_logging``'s)."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    root.handlers = []
+    try:
+        configure_logging(verbose=False)
+        formatter = root.handlers[0].formatter
+    finally:
+        root.handlers = before
+    assert formatter is not None
+    return formatter
+
+
+async def test_the_nodes_prefetch_lines_are_the_ones_the_replay_reads(
+    tmp_path: Path, tiny_mlp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = NodeRuntime(
+        devices=cpu_devices(1, device_memory=1 << 30),
+        store=ArtifactStore(tmp_path / "artifacts"),
+        host_capacity_bytes=1 << 30,
+    )
+    runtime.register("tiny", parse_spec(_spec(tiny_mlp)))
+    device = next(iter(runtime.devices))
+    prefetcher = Prefetcher(runtime, registry=CollectorRegistry())
+    with caplog.at_level(logging.INFO, logger="gpufaas.gpu_manager.prefetch"):
+        assert await prefetcher.run(PrefetchJob("tiny", device, 1 << 20)) == "loaded"
+    await runtime.settle()
+    formatter = _cli_format()
+    log = "\n".join(formatter.format(r) for r in caplog.records)
+    events = prefetch_events(log)
+    assert [(e[1], e[2], e[3]) for e in events] == [
+        ("tiny", device, "started"),
+        ("tiny", device, "loaded"),
+    ]
+    assert events[1][4] is not None and events[1][4] >= 0
+    assert events[0][0] <= events[1][0]
+
+
+def test_a_request_meets_a_prefetch_only_while_its_load_runs() -> None:
+    prefetches = [[100.0, "m", "cpu:0", "started", None], [100.01, "m", "cpu:0", "loaded", 10.0]]
+    spans = predict_warm.windows(prefetches, margin_s=0.0)
+    assert spans == [(100.0, 100.01)]
+    assert predict_warm.overlaps(99.995, 10.0, spans)  # in the system across the start
+    assert predict_warm.overlaps(100.005, 1.0, spans)
+    assert not predict_warm.overlaps(99.98, 10.0, spans)  # answered before it began
+    assert not predict_warm.overlaps(100.02, 5.0, spans)  # sent after it ended
