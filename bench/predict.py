@@ -137,11 +137,15 @@ _LABEL_KEYS = {
 # starts while the directory notes LRU's at routing (the simulator before the tenth session);
 # -devfree, prefetches sent wherever a device has free bytes, the directory noting them there
 # (the simulator before the eleventh session; the gateway sends one only where its view has
-# room). They apply to the baselines' labels too (``hybrid-devfree``).
+# room); -busyok, every prefetch the node is sent starts at once beside the requests (the
+# simulator before the twelfth session's second wave; the node runs them one at a time and
+# skips one whose device is busy: gpu_manager/prefetch.py). They apply to the baselines'
+# labels too (``hybrid-devfree``).
 SIMULATOR_SUFFIXES = {
     "inuse": "spare_in_use",
     "atstart": "route_victims",
     "devfree": "prefetch_by_view",
+    "busyok": "prefetch_when_quiet",
 }
 
 
@@ -257,6 +261,7 @@ def build_simulation(
         route_victims=job.get("route_victims", True) and "atstart" not in suffixes,
         spare_in_use=job.get("spare_in_use", True) and "inuse" not in suffixes,
         prefetch_by_view=job.get("prefetch_by_view", True) and "devfree" not in suffixes,
+        prefetch_when_quiet=job.get("prefetch_when_quiet", True) and "busyok" not in suffixes,
     )
     return simulation(
         policy,

@@ -505,6 +505,13 @@ def summarise(
         },
         "demotions": delta.get("gpufaas_manager_demotions_total", 0.0),
         "gateway_prefetch_used": delta.get("gpufaas_prefetch_used_total", 0.0),
+        # what the gateway's driver sent (kind, sent / failed): with the nodes' outcomes, tells
+        # a prefetch never sent from one sent and skipped or lost
+        "gateway_actions": {
+            k.split("{")[1].rstrip("}"): v
+            for k, v in delta.items()
+            if k.startswith("gpufaas_prefetch_actions_total{")
+        },
     }
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,6 +83,13 @@ class TierConfig:
     # eleventh session: a view fuller than the device then made room for it by evicting, from
     # the view alone, models the device still held)
     prefetch_by_view: bool = True
+    # the node's rule (gpu_manager/prefetch.py: Prefetcher.run, device_room): a node runs the
+    # prefetches sent to it one at a time, in order, and one starts only while its device is
+    # quiet (no load in flight there, no request being served on it; for a CPU device, on no
+    # CPU device of the node), else it is skipped as ``busy`` (the gateway asks again on a
+    # later tick, once the view no longer shows it loading). False: every prefetch sent starts
+    # at once beside the requests (the simulator before the twelfth session's second wave)
+    prefetch_when_quiet: bool = True
 
 
 @dataclasses.dataclass
@@ -160,7 +168,9 @@ class ResidencySimulation(Simulation):
         self.prefetched: set[tuple[str, str]] = set()  # prefetched, not yet used
         self.host_fetching: set[tuple[str, str]] = set()
         self.prefetch_started = self.prefetch_used = self.prefetch_wasted = 0
-        self.prefetch_failed = self.prefetch_preempted = 0
+        self.prefetch_failed = self.prefetch_preempted = self.prefetch_busy = 0
+        # per node, the prefetches sent to it and not yet started (prefetch_when_quiet)
+        self.node_queue: dict[str, deque[tuple[_Device, str]]] = {n: deque() for n in self.nodes}
         self.demotions = self.releases = 0
         self.observe_ns: list[int] = []
         self.tick_ns = 0
@@ -502,14 +512,40 @@ class ResidencySimulation(Simulation):
 
     def _prefetch_at(self, device: _Device, name: str) -> None:
         """The node's side of a prefetch the gateway sent to ``device``: the directory notes it
-        loading there at once (the gateway notes it when the node accepts it); the node loads
-        it only into the device's free bytes, or counts it ``no-room`` (the view then shows a
-        load the device never started, until the next sync), and a model the device already
-        holds is left as it is (the node's ``resident``)."""
+        loading there at once (the gateway notes it when the node accepts it); the node queues
+        it and runs its queue one at a time (``_node_prefetches``); without
+        ``prefetch_when_quiet`` it runs at once."""
         c = self.costs[name]
         with _quiet():
             self.directory.note_dispatch(device.key, name, size_bytes=c.size_bytes)
+        if not self.tiers.prefetch_when_quiet:
+            self._node_prefetch(device, name)
+            return
+        node = self._node(device)
+        self.node_queue[node].append((device, name))
+        self._node_prefetches(node)
+
+    def _node_prefetches(self, node: str) -> None:
+        """The node's prefetch worker: while none of its prefetches is in flight, the next one
+        queued starts, or is skipped (``_node_prefetch``)."""
+        queue = self.node_queue[node]
+        while queue and not any(
+            job.device.key.startswith(node + "/") for job in self.prefetches.values()
+        ):
+            self._node_prefetch(*queue.popleft())
+
+    def _node_prefetch(self, device: _Device, name: str) -> None:
+        """One prefetch at its start, as the node decides it: a model the device already holds
+        is left as it is (``resident``); one whose device is not quiet (``device_quiet``) is
+        skipped (``busy``, with ``prefetch_when_quiet``); one that does not fit the device's
+        free bytes is counted ``no-room``. A skipped one leaves the view showing a load the
+        device never started, until the next sync."""
+        c = self.costs[name]
         if device.cache.peek(name) is not None:
+            return
+        node_devices = [d for d in self.devices if self._node(d) == self._node(device)]
+        if self.tiers.prefetch_when_quiet and not device_quiet(device, node_devices):
+            self.prefetch_busy += 1
             return
         if device.cache.free_bytes < c.size_bytes:
             self.prefetch_failed += 1
@@ -571,6 +607,7 @@ class ResidencySimulation(Simulation):
             with _quiet():
                 self.directory.note_evicted(device.key, job.name)
             self.prefetch_preempted += 1
+        self._node_prefetches(self._node(device))
 
     def _delay_prefetches(self, device: _Device, load_ms: float) -> None:
         for (key, _), job in self.prefetches.items():
@@ -602,6 +639,7 @@ class ResidencySimulation(Simulation):
         node = self._node(device)
         if name not in self.host[node]:
             self._host_put(node, name, c.size_bytes)
+        self._node_prefetches(node)
 
     # -- metrics ---------------------------------------------------------------------------------
 
@@ -647,6 +685,7 @@ class ResidencySimulation(Simulation):
             "prefetch_precision": self.prefetch_used / finished if finished else None,
             "prefetch_no_room": self.prefetch_failed,
             "prefetch_preempted": self.prefetch_preempted,
+            "prefetch_busy": self.prefetch_busy,
             "demotions": self.demotions,
             "host_releases": self.releases,
             "loads": result.loads,
@@ -659,6 +698,23 @@ class ResidencySimulation(Simulation):
 
 
 _NONE: set[str] = set()
+
+
+def is_cpu(device: _Device) -> bool:
+    """Whether ``device`` is a CPU device (its key ``node/cpu:N``)."""
+    return device.key.split("/")[-1].startswith("cpu")
+
+
+def device_quiet(device: _Device, node_devices: Sequence[_Device]) -> bool:
+    """Whether a prefetch may start on ``device`` now, as the node decides it
+    (``gpu_manager/prefetch.py: device_room``): no load in flight there (a request's or a
+    prefetch's) and no request being served on it (the node's ``outstanding``: requests it
+    runs or loads for; those still queued at the gateway's dispatcher are not at the node),
+    or, for a CPU device, on any CPU device of the node (``node_devices``)."""
+    sharing = [d for d in node_devices if is_cpu(d)] if is_cpu(device) else [device]
+    return not device.loading and not any(d.running for d in sharing)
+
+
 # the trace's size classes (bench/sim/trace.py: SIZE_MIX): cold starts by class show whether
 # an eviction order sacrifices large models
 SIZE_CLASSES = ("small", "medium", "large")

@@ -78,3 +78,22 @@ def test_a_request_meets_a_prefetch_only_while_its_load_runs() -> None:
     assert predict_warm.overlaps(100.005, 1.0, spans)
     assert not predict_warm.overlaps(99.98, 10.0, spans)  # answered before it began
     assert not predict_warm.overlaps(100.02, 5.0, spans)  # sent after it ended
+
+
+def test_the_live_summary_keeps_the_gateways_sent_and_failed_prefetch_actions() -> None:
+    """Hold C's question (fewer prefetches; never sent, or sent and lost?) needs the gateway's
+    ``gpufaas_prefetch_actions_total{kind,result}`` in the summary beside the nodes' outcomes."""
+    from predict_live import summarise
+
+    delta = {
+        "gpufaas_prefetch_actions_total{kind=prefetch,result=sent}": 7.0,
+        "gpufaas_prefetch_actions_total{kind=prefetch,result=failed}": 2.0,
+        "gpufaas_manager_prefetch_total{result=busy}": 3.0,
+    }
+    results = [{"status": 200, "latency_ms": 1.0, "hit": True}]
+    row = summarise(results, [1.0], 0, delta, time_scale=1.0, size_scale=1.0)
+    assert row["gateway_actions"] == {
+        "kind=prefetch,result=sent": 7.0,
+        "kind=prefetch,result=failed": 2.0,
+    }
+    assert row["prefetch_outcomes"] == {"busy": 3.0}

@@ -356,3 +356,79 @@ def test_a_prefetch_goes_to_the_roomiest_device_in_the_view_when_its_last_one_is
     assert sim.prefetch_started == 1
     assert other.cache.peek("fn-0002") is not None
     assert set(sim.directory.holder_ids("fn-0002")) == {other.key}
+
+
+def _device(key: str, *, running: int = 0, loading: bool = False) -> Any:
+    device = engine._Device(
+        key=key, cache=engine.ByteLRU(capacity_bytes=10**9), queue=engine.O3Queue()
+    )
+    device.running = running
+    if loading:
+        device.loading["m"] = []
+    return device
+
+
+def test_a_device_is_quiet_only_without_loads_and_requests_as_the_node_decides() -> None:
+    """``device_quiet`` is the node's ``device_room``: a load or a request on the device makes
+    it busy; a CUDA neighbour's request does not, a CPU neighbour's does (shared cores)."""
+    gpu0, gpu1 = _device("node-0/gpu:0"), _device("node-0/gpu:1", running=1)
+    assert residency.device_quiet(gpu0, [gpu0, gpu1])
+    assert not residency.device_quiet(gpu1, [gpu0, gpu1])
+    assert not residency.device_quiet(_device("node-0/gpu:2", loading=True), [gpu0])
+    cpu0, cpu1 = _device("node-0/cpu:0"), _device("node-0/cpu:1", running=2)
+    assert not residency.device_quiet(cpu0, [cpu0, cpu1, gpu0])
+    assert residency.device_quiet(cpu0, [cpu0, gpu1])
+
+
+def _one_device_sim(*, when_quiet: bool) -> Any:
+    config = engine.SimConfig(
+        devices=1, capacity_bytes=40 * 10**9, concurrency=2, eviction="lru", seed=1
+    )
+    tiers = residency.TierConfig(
+        host_capacity_bytes=100 * 10**9, tick_s=5.0, prefetch_when_quiet=when_quiet
+    )
+    return _timer_simulation(
+        PredictivePolicy(device_price=1.0), config, tiers, functions=3, hours=0.5
+    )
+
+
+def test_a_prefetch_sent_while_the_device_serves_a_request_is_skipped_as_busy() -> None:
+    """The node's rule in the simulator: a prefetch sent while a request is in flight on its
+    device does not start (``busy``); control: the rule off (``-busyok``), it starts."""
+    for when_quiet, started, busy in ((True, 0, 1), (False, 1, 0)):
+        sim = _one_device_sim(when_quiet=when_quiet)
+        device = sim.devices[0]
+        device.running = 1  # a request being served
+        sim._prefetch_at(device, "fn-0000")
+        assert (sim.prefetch_started, sim.prefetch_busy) == (started, busy), when_quiet
+        device.running = 0
+        sim._prefetch_at(device, "fn-0001")  # quiet now (or the rule off): it starts
+        assert sim.prefetch_started == started + 1
+
+
+def test_a_node_runs_its_prefetches_one_at_a_time_each_checked_at_its_start() -> None:
+    """Two prefetches sent in one tick: the second waits for the first (a load in flight
+    would make its device busy), then starts when the first is done; had a request begun on
+    the device meanwhile, it would be skipped as busy."""
+    for request_meanwhile in (False, True):
+        sim = _one_device_sim(when_quiet=True)
+        device = sim.devices[0]
+        sim._prefetch_at(device, "fn-0000")
+        sim._prefetch_at(device, "fn-0001")
+        assert sim.prefetch_started == 1 and len(sim.node_queue["node-0"]) == 1
+        job = sim.prefetches[(device.key, "fn-0000")]
+        device.running = int(request_meanwhile)
+        sim._prefetch_done(job, job.generation)
+        assert sim.prefetch_started == (1 if request_meanwhile else 2)
+        assert sim.prefetch_busy == int(request_meanwhile)
+        assert not sim.node_queue["node-0"]
+
+
+def test_the_busy_label_suffix_turns_the_node_rule_off() -> None:
+    """``-busyok`` (bench/predict.py) is the simulator before the rule; the default has it."""
+    sys.path.insert(0, str(BENCH))
+    import predict
+
+    assert predict.SIMULATOR_SUFFIXES["busyok"] == "prefetch_when_quiet"
+    name, policy, _params, prefetch = predict.setting_for("hybrid-busyok")
+    assert (name, policy, prefetch) == ("hybrid-busyok", "hybrid", True)
