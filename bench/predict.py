@@ -139,13 +139,16 @@ _LABEL_KEYS = {
 # (the simulator before the eleventh session; the gateway sends one only where its view has
 # room); -busyok, every prefetch the node is sent starts at once beside the requests (the
 # simulator before the twelfth session's second wave; the node runs them one at a time and
-# skips one whose device is busy: gpu_manager/prefetch.py). They apply to the baselines'
+# skips one whose device is busy: gpu_manager/prefetch.py); -busyskip, the second wave's rule:
+# a prefetch whose device is busy at its turn is skipped at once (the node now waits up to one
+# prefetch tick for the device to go quiet). They apply to the baselines'
 # labels too (``hybrid-devfree``).
 SIMULATOR_SUFFIXES = {
     "inuse": "spare_in_use",
     "atstart": "route_victims",
     "devfree": "prefetch_by_view",
     "busyok": "prefetch_when_quiet",
+    "busyskip": "prefetch_waits",
 }
 
 
@@ -262,6 +265,7 @@ def build_simulation(
         spare_in_use=job.get("spare_in_use", True) and "inuse" not in suffixes,
         prefetch_by_view=job.get("prefetch_by_view", True) and "devfree" not in suffixes,
         prefetch_when_quiet=job.get("prefetch_when_quiet", True) and "busyok" not in suffixes,
+        prefetch_waits=job.get("prefetch_waits", True) and "busyskip" not in suffixes,
     )
     return simulation(
         policy,

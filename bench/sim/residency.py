@@ -49,7 +49,7 @@ from .engine import SimConfig, Simulation, _Device, _Request
 from .trace import ModelCosts, ServerlessTrace
 from .workload import Model, ModelProfile, Trace
 
-_TICK, _PREFETCH_DONE, _HOST_FETCH_DONE = 11, 12, 13
+_TICK, _PREFETCH_DONE, _HOST_FETCH_DONE, _PREFETCH_GIVE_UP = 11, 12, 13, 14
 # why a cold request's model was not on its device; "joined": it waited on another request's
 # load of the model (a burst behind one load)
 CAUSES = ("first", "demoted", "capacity", "replica", "prefetch-late", "joined")
@@ -90,6 +90,12 @@ class TierConfig:
     # later tick, once the view no longer shows it loading). False: every prefetch sent starts
     # at once beside the requests (the simulator before the twelfth session's second wave)
     prefetch_when_quiet: bool = True
+    # with prefetch_when_quiet, the third wave's rule (gpu_manager/prefetch.py: Prefetcher.run):
+    # a prefetch whose device is not quiet at its turn WAITS for it to go quiet (woken when a
+    # request finishes or a load lands on the node), holding the node's queue, and is dropped
+    # as ``busy`` only if still not started one prefetch tick (``tick_s``) after its turn came.
+    # False: it is skipped as ``busy`` at once (the second wave's rule, label suffix -busyskip)
+    prefetch_waits: bool = True
 
 
 @dataclasses.dataclass
@@ -170,7 +176,14 @@ class ResidencySimulation(Simulation):
         self.prefetch_started = self.prefetch_used = self.prefetch_wasted = 0
         self.prefetch_failed = self.prefetch_preempted = self.prefetch_busy = 0
         # per node, the prefetches sent to it and not yet started (prefetch_when_quiet)
-        self.node_queue: dict[str, deque[tuple[_Device, str]]] = {n: deque() for n in self.nodes}
+        self.node_queue: dict[str, deque[tuple[_Device, str, int]]] = {
+            n: deque() for n in self.nodes
+        }
+        # per node, when the prefetch at its queue's head began waiting for its device to go
+        # quiet (prefetch_waits): (the job's sequence number, the time it gives up)
+        self.node_waiting: dict[str, tuple[int, float]] = {}
+        self.prefetch_seq = 0
+        self.prefetch_waited = 0  # prefetches that waited and then started
         self.demotions = self.releases = 0
         self.observe_ns: list[int] = []
         self.tick_ns = 0
@@ -369,6 +382,14 @@ class ResidencySimulation(Simulation):
         node = self._node(device)
         if name not in self.host[node]:  # the load filled the host tier on its way
             self._host_put(node, name, loader.model.profile.size_bytes)
+        if self.node_queue[node]:
+            self._node_prefetches(node)  # a waiting prefetch's device may be quiet now
+
+    def _infer_done(self, device: _Device, request: _Request) -> None:
+        super()._infer_done(device, request)
+        node = self._node(device)
+        if self.node_queue[node]:
+            self._node_prefetches(node)  # a waiting prefetch's device may be quiet now
 
     def _other_event(self, kind: int, a: Any, b: Any) -> None:
         if kind == _TICK:
@@ -379,6 +400,10 @@ class ResidencySimulation(Simulation):
                 self._at(self.now + self.tiers.tick_s * 1000, _TICK, None)
         elif kind == _PREFETCH_DONE:
             self._prefetch_done(a, b)
+        elif kind == _PREFETCH_GIVE_UP:
+            waiting = self.node_waiting.get(a)
+            if waiting is not None and waiting[0] == b:
+                self._node_prefetches(a)
         elif kind == _HOST_FETCH_DONE:
             node, name = a
             self.host_fetching.discard((node, name))
@@ -522,17 +547,40 @@ class ResidencySimulation(Simulation):
             self._node_prefetch(device, name)
             return
         node = self._node(device)
-        self.node_queue[node].append((device, name))
+        self.prefetch_seq += 1
+        self.node_queue[node].append((device, name, self.prefetch_seq))
         self._node_prefetches(node)
 
     def _node_prefetches(self, node: str) -> None:
         """The node's prefetch worker: while none of its prefetches is in flight, the next one
-        queued starts, or is skipped (``_node_prefetch``)."""
+        queued starts, or is skipped (``_node_prefetch``). With ``prefetch_waits``, one whose
+        device is not quiet stays at the head, waiting: this runs again when a request
+        finishes or a load lands on the node (``_infer_done``, ``_load_done``), and at the
+        time it gives up (``_PREFETCH_GIVE_UP``), when it is dropped as ``busy``."""
         queue = self.node_queue[node]
         while queue and not any(
             job.device.key.startswith(node + "/") for job in self.prefetches.values()
         ):
-            self._node_prefetch(*queue.popleft())
+            device, name, seq = queue[0]
+            if self.tiers.prefetch_waits and device.cache.peek(name) is None:
+                node_devices = [d for d in self.devices if self._node(d) == node]
+                if not device_quiet(device, node_devices):
+                    waiting = self.node_waiting.get(node)
+                    if waiting is None or waiting[0] != seq:
+                        give_up = self.now + self.tiers.tick_s * 1000
+                        self.node_waiting[node] = (seq, give_up)
+                        self._at(give_up, _PREFETCH_GIVE_UP, node, seq)
+                        return
+                    if self.now < waiting[1]:
+                        return
+                    queue.popleft()  # waited its bound: dropped
+                    del self.node_waiting[node]
+                    self.prefetch_busy += 1
+                    continue
+                if self.node_waiting.pop(node, (None,))[0] == seq:
+                    self.prefetch_waited += 1
+            queue.popleft()
+            self._node_prefetch(device, name)
 
     def _node_prefetch(self, device: _Device, name: str) -> None:
         """One prefetch at its start, as the node decides it: a model the device already holds
@@ -686,6 +734,7 @@ class ResidencySimulation(Simulation):
             "prefetch_no_room": self.prefetch_failed,
             "prefetch_preempted": self.prefetch_preempted,
             "prefetch_busy": self.prefetch_busy,
+            "prefetch_waited": self.prefetch_waited,
             "demotions": self.demotions,
             "host_releases": self.releases,
             "loads": result.loads,

@@ -380,12 +380,15 @@ def test_a_device_is_quiet_only_without_loads_and_requests_as_the_node_decides()
     assert residency.device_quiet(cpu0, [cpu0, gpu1])
 
 
-def _one_device_sim(*, when_quiet: bool) -> Any:
+def _one_device_sim(*, when_quiet: bool, waits: bool = False) -> Any:
     config = engine.SimConfig(
         devices=1, capacity_bytes=40 * 10**9, concurrency=2, eviction="lru", seed=1
     )
     tiers = residency.TierConfig(
-        host_capacity_bytes=100 * 10**9, tick_s=5.0, prefetch_when_quiet=when_quiet
+        host_capacity_bytes=100 * 10**9,
+        tick_s=5.0,
+        prefetch_when_quiet=when_quiet,
+        prefetch_waits=waits,
     )
     return _timer_simulation(
         PredictivePolicy(device_price=1.0), config, tiers, functions=3, hours=0.5
@@ -393,8 +396,8 @@ def _one_device_sim(*, when_quiet: bool) -> Any:
 
 
 def test_a_prefetch_sent_while_the_device_serves_a_request_is_skipped_as_busy() -> None:
-    """The node's rule in the simulator: a prefetch sent while a request is in flight on its
-    device does not start (``busy``); control: the rule off (``-busyok``), it starts."""
+    """The second wave's rule (``-busyskip``): a prefetch sent while a request is in flight on
+    its device does not start (``busy``); control: the rule off (``-busyok``), it starts."""
     for when_quiet, started, busy in ((True, 0, 1), (False, 1, 0)):
         sim = _one_device_sim(when_quiet=when_quiet)
         device = sim.devices[0]
@@ -409,7 +412,7 @@ def test_a_prefetch_sent_while_the_device_serves_a_request_is_skipped_as_busy() 
 def test_a_node_runs_its_prefetches_one_at_a_time_each_checked_at_its_start() -> None:
     """Two prefetches sent in one tick: the second waits for the first (a load in flight
     would make its device busy), then starts when the first is done; had a request begun on
-    the device meanwhile, it would be skipped as busy."""
+    the device meanwhile, it would be skipped as busy (``-busyskip``)."""
     for request_meanwhile in (False, True):
         sim = _one_device_sim(when_quiet=True)
         device = sim.devices[0]
@@ -432,3 +435,58 @@ def test_the_busy_label_suffix_turns_the_node_rule_off() -> None:
     assert predict.SIMULATOR_SUFFIXES["busyok"] == "prefetch_when_quiet"
     name, policy, _params, prefetch = predict.setting_for("hybrid-busyok")
     assert (name, policy, prefetch) == ("hybrid-busyok", "hybrid", True)
+
+
+def _serving(sim: Any, device: Any, name: str) -> Any:
+    """A request for ``name`` computing on ``device`` (its model resident and pinned)."""
+    model = next(m for m in sim.catalogue if m.name == name)
+    device.cache.reserve(name, size_bytes=model.profile.size_bytes)
+    device.cache.commit(name, None)
+    device.cache.pin(name)
+    device.running, device.computing = 1, True
+    return engine._Request(index=0, model=model, arrival_ms=0.0, infer_start_ms=0.0)
+
+
+def test_a_prefetch_sent_while_the_device_serves_a_request_waits_and_starts_when_it_ends() -> None:
+    """The third wave's rule (the default): a prefetch whose device serves a request waits at
+    the head of the node's queue (neither started nor busy) and starts as soon as the request
+    ends (``_infer_done`` wakes the node's worker); control: ``-busyskip`` drops it at once."""
+    for waits in (True, False):
+        sim = _one_device_sim(when_quiet=True, waits=waits)
+        device = sim.devices[0]
+        request = _serving(sim, device, "fn-0002")
+        sim._prefetch_at(device, "fn-0000")
+        assert (sim.prefetch_started, sim.prefetch_busy) == (0, int(not waits)), waits
+        assert len(sim.node_queue["node-0"]) == int(waits)
+        sim._infer_done(device, request)
+        assert (sim.prefetch_started, sim.prefetch_waited) == (int(waits), int(waits)), waits
+        assert not sim.node_queue["node-0"]
+
+
+def test_a_waiting_prefetch_is_dropped_as_busy_one_tick_after_its_turn() -> None:
+    """A prefetch whose device stays busy is not dropped by a wake-up before its bound (a
+    load landing elsewhere on the node), and is dropped as ``busy`` at its bound (one
+    ``tick_s``), the queue then moving on."""
+    sim = _one_device_sim(when_quiet=True, waits=True)
+    device = sim.devices[0]
+    _serving(sim, device, "fn-0002")
+    sim._prefetch_at(device, "fn-0000")
+    (seq, give_up) = sim.node_waiting["node-0"]
+    assert give_up == sim.now + 5000.0
+    sim.now = give_up - 1.0
+    sim._node_prefetches("node-0")  # woken, still busy, bound not reached: keeps waiting
+    assert (sim.prefetch_busy, len(sim.node_queue["node-0"])) == (0, 1)
+    sim.now = give_up
+    sim._other_event(residency._PREFETCH_GIVE_UP, "node-0", seq)
+    assert (sim.prefetch_started, sim.prefetch_busy) == (0, 1)
+    assert not sim.node_queue["node-0"] and "node-0" not in sim.node_waiting
+
+
+def test_the_busyskip_label_suffix_is_the_second_waves_rule() -> None:
+    """``-busyskip`` (bench/predict.py) keeps the second wave's skip rule reproducible."""
+    sys.path.insert(0, str(BENCH))
+    import predict
+
+    assert predict.SIMULATOR_SUFFIXES["busyskip"] == "prefetch_waits"
+    name, policy, _params, prefetch = predict.setting_for("hybrid-busyskip")
+    assert (name, policy, prefetch) == ("hybrid-busyskip", "hybrid", True)
