@@ -7,8 +7,12 @@ device copy (the host tier keeps the model, so a later miss copies from host mem
 A prefetch has the lowest priority: one runs at a time per node, in the background, and only
 when, at its start, the device has no load in flight, no request in flight (for a CPU device: on
 no CPU device of the node, since they share the host's cores) and enough free cache bytes for the
-model (``size_bytes``) without evicting anything. Otherwise it is skipped (the gateway asks again on
-its next tick if the model is still wanted). A request for the model during the prefetch uses
+model (``size_bytes``) without evicting anything. A prefetch whose device is not quiet at its turn
+waits for it to go quiet, holding the node's queue: it is woken when a request ends or a load
+lands on the node (the runtime's ``on_settle``; no polling), starts as soon as the device is
+quiet, and is dropped as ``busy`` if not started within ``wait_s`` (one gateway prefetch tick by
+default; the gateway asks again on its next tick if the model is still wanted). One without
+room is skipped at once (``no-room``). A request for the model during the prefetch uses
 the copy under way. A request's load of *another* model on the same device preempts a prefetch
 that has not begun copying (filling the host tier, claiming room): the prefetch is cancelled,
 releasing what it held, and counted ``preempted``; the gateway asks again later. A copy already
@@ -47,6 +51,7 @@ logger = logging.getLogger(__name__)
 PREFETCH_PATH = node.PREFETCH
 DEMOTE_PATH = node.DEMOTE
 MAX_QUEUED = 64
+WAIT_S = 5.0  # how long a prefetch waits for a quiet device: the gateway's prefetch tick
 
 
 class PrefetchRuntime(Protocol):
@@ -57,6 +62,8 @@ class PrefetchRuntime(Protocol):
     def on_load(self, listener: Callable[[str, str], None]) -> None: ...
 
     def on_use(self, listener: Callable[[str, str], None]) -> None: ...
+
+    def on_settle(self, listener: Callable[[str], None]) -> None: ...
 
     def cancel_load(self, name: str, *, device_id: str) -> bool: ...
 
@@ -98,8 +105,15 @@ def holds(state: NodeState, device: str, model: str) -> bool:
 class Prefetcher:
     """A bounded queue of prefetches run one at a time, and demotions run at once."""
 
-    def __init__(self, runtime: PrefetchRuntime, *, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, runtime: PrefetchRuntime, *, registry: CollectorRegistry, wait_s: float = WAIT_S
+    ) -> None:
+        if not wait_s >= 0:
+            raise ValueError(f"wait_s must be >= 0, got {wait_s!r}")
         self.runtime = runtime
+        self.wait_s = wait_s
+        # set when a request ends or a load lands on the node: a waiting prefetch looks again
+        self._settled: asyncio.Event | None = None
         self.queue: asyncio.Queue[PrefetchJob] | None = None
         self.worker: asyncio.Task[None] | None = None
         self.running: PrefetchJob | None = None
@@ -110,9 +124,11 @@ class Prefetcher:
         self._joined: set[tuple[str, str]] = set()
         runtime.on_load(self._yield_to)
         runtime.on_use(self._used)
+        runtime.on_settle(self._wake)
         self.results = Counter(
             "gpufaas_manager_prefetch",
-            "Prefetches by outcome: loaded, busy (a load or request in flight), no-room, failed,"
+            "Prefetches by outcome: loaded, busy (a load or request in flight throughout its wait),"
+            " no-room, failed,"
             " dropped, preempted (a request's load came first), resident (already there)",
             ["result"],
             registry=registry,
@@ -191,7 +207,10 @@ class Prefetcher:
                 return "resident"  # a request loaded it first: nothing to prefetch
             quiet, free = room
             if not quiet:
-                return "busy"
+                waited = await self._wait_quiet(job)
+                if isinstance(waited, str) or waited is None:
+                    return waited or "busy"
+                free = waited
             if job.size_bytes <= 0 or free < job.size_bytes:
                 return "no-room"
             self.running, self._preempted = job, False
@@ -216,6 +235,36 @@ class Prefetcher:
             logger.warning("prefetch of %s onto %s failed: %s", job.model, job.device, e)
             return "failed"
         return "loaded"
+
+    def _wake(self, _device: str) -> None:
+        if self._settled is not None:
+            self._settled.set()
+
+    async def _wait_quiet(self, job: PrefetchJob) -> int | str | None:
+        """Wait, at most ``wait_s``, for ``job``'s device to go quiet, looking again each time
+        a request ends or a load lands on the node: its free bytes then, ``"resident"`` if a
+        request loaded the model meanwhile, or None when the wait ran out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        settled = self._settled = asyncio.Event()
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(settled.wait(), remaining)
+                except TimeoutError:
+                    return None
+                settled.clear()
+                state = self.runtime.state()
+                if holds(state, job.device, job.model):
+                    return "resident"
+                room = device_room(state, job.device)
+                if room is not None and room[0]:
+                    return room[1]
+        finally:
+            self._settled = None
 
     def _yield_to(self, model: str, device: str) -> None:
         """A load of ``model`` started on ``device``: a prefetch of another model there that

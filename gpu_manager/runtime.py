@@ -98,6 +98,9 @@ class NodeRuntime:
         # called with (model, device id) when a request's batch holds a model (#13: prefetch
         # precision is counted at the node)
         self.use_listeners: list[Callable[[str, str], None]] = []
+        # called with a device id when a request on it ends or a load onto it lands (#13: a
+        # prefetch waiting for its device to go quiet is woken, never polls)
+        self.settle_listeners: list[Callable[[str], None]] = []
         self.prepare_on_register = prepare_on_register
         self._background: set[asyncio.Task[Any]] = set()
         self._preparing = asyncio.Semaphore(1)  # one registration prepared at a time
@@ -222,6 +225,15 @@ class NodeRuntime:
         device (resident, arriving, or loaded for it)."""
         self.use_listeners.append(listener)
 
+    def on_settle(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(device id)`` whenever a request on a device ends or a load onto it
+        (:meth:`load`) lands: the moments the device may have gone quiet."""
+        self.settle_listeners.append(listener)
+
+    def _settled(self, device_id: str) -> None:
+        for listener in self.settle_listeners:
+            listener(device_id)
+
     def cancel_load(self, name: str, *, device_id: str) -> bool:
         """Cancel a load of ``name`` on the device before it copies, if nothing else awaits it."""
         return self.device(device_id).cancel_start(name)
@@ -232,8 +244,11 @@ class NodeRuntime:
         """Make ``name`` resident on a device (repository load); returns the device id."""
         spec = self.spec(name)
         device = self.device(device_id)
-        with await device.acquire(name, spec) as model:
-            await device.arrived(model)
+        try:
+            with await device.acquire(name, spec) as model:
+                await device.arrived(model)
+        finally:
+            self._settled(device.info.id)
         return device.info.id
 
     async def infer(
@@ -258,6 +273,7 @@ class NodeRuntime:
                 (result,) = await self._run_batch(name, device, [inputs], hint)
         finally:
             device.outstanding -= 1
+            self._settled(device.info.id)
         if isinstance(result, RuntimeFailure):
             raise result
         return result
@@ -314,6 +330,7 @@ class NodeRuntime:
         finally:
             device.outstanding -= 1
             device.tier.unhold(name, model)
+            self._settled(device.info.id)
         return InferOutcome(result.outputs, True, 0.0, result.compute_ms, model.size_bytes)
 
     def _batcher(

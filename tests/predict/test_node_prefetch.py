@@ -288,15 +288,11 @@ async def test_a_device_serving_requests_is_not_quiet(
     assert device_room(cuda, second.id) == (True, second.free_cache_bytes)
 
 
-async def test_a_prefetch_waits_for_no_request_in_flight(
-    node: tuple[NodeRuntime, httpx.AsyncClient, Prefetcher], tiny_mlp: Path
-) -> None:
-    """A request in its forward pass on the node: a prefetch then is skipped ("busy", asked
-    again on the gateway's next tick) and loads nothing; once the request is answered, the
-    same prefetch loads."""
-    runtime, _client, prefetcher = node
-    runtime.register("next", parse_spec(_spec(tiny_mlp)))
-    device, other = _device(runtime), _device(runtime, 1)
+async def _request_in_its_pass(
+    runtime: NodeRuntime, device: str
+) -> tuple[asyncio.Task[Any], asyncio.Event]:
+    """A request for the resident ``tiny`` held in its forward pass on ``device`` until the
+    returned gate is set."""
     await runtime.infer("tiny", _x(), device_id=device)  # resident: the next one is warm
     entered, gate = asyncio.Event(), asyncio.Event()
     tier = runtime.devices[device]
@@ -310,9 +306,46 @@ async def test_a_prefetch_waits_for_no_request_in_flight(
     tier.run = slow_pass  # type: ignore[method-assign]
     request = asyncio.create_task(runtime.infer("tiny", _x(), device_id=device))
     await asyncio.wait_for(entered.wait(), 10)
+    return request, gate
+
+
+async def test_a_prefetch_waits_for_no_request_in_flight_then_starts_when_it_ends(
+    node: tuple[NodeRuntime, httpx.AsyncClient, Prefetcher], tiny_mlp: Path
+) -> None:
+    """A request in its forward pass on the node (CPU devices share the cores): a prefetch
+    then waits, loading nothing, and starts as soon as the request is answered, woken by the
+    runtime (``on_settle``), long before its bound (``wait_s``) runs out."""
+    runtime, _client, _ = node
+    prefetcher = Prefetcher(runtime, registry=CollectorRegistry(), wait_s=3.0)
+    runtime.register("next", parse_spec(_spec(tiny_mlp)))
+    device, other = _device(runtime), _device(runtime, 1)
+    request, gate = await _request_in_its_pass(runtime, device)
+    prefetch = asyncio.create_task(prefetcher.run(PrefetchJob("next", other, 1 << 20)))
+    await asyncio.sleep(0.2)
+    assert not prefetch.done() and "next" not in _residents(runtime, other)
+    loop = asyncio.get_running_loop()
+    released = loop.time()
+    gate.set()
+    assert (await asyncio.wait_for(request, 10)).cache_hit
+    assert await asyncio.wait_for(prefetch, 10) == "loaded"
+    assert loop.time() - released < 2.0  # woken by the request's end, not by the bound
+    assert "next" in _residents(runtime, other)
+
+
+async def test_a_prefetch_whose_device_stays_busy_is_dropped_as_busy_at_its_bound(
+    node: tuple[NodeRuntime, httpx.AsyncClient, Prefetcher], tiny_mlp: Path
+) -> None:
+    """The request outlasts the prefetch's wait: it is dropped as ``busy`` (the gateway asks
+    again on its next tick) and loads nothing; a bad bound is refused."""
+    runtime, _client, _ = node
+    prefetcher = Prefetcher(runtime, registry=CollectorRegistry(), wait_s=0.1)
+    runtime.register("next", parse_spec(_spec(tiny_mlp)))
+    device, other = _device(runtime), _device(runtime, 1)
+    request, gate = await _request_in_its_pass(runtime, device)
     assert await prefetcher.run(PrefetchJob("next", other, 1 << 20)) == "busy"
     assert "next" not in _residents(runtime, other)
     gate.set()
-    assert (await asyncio.wait_for(request, 10)).cache_hit
-    assert await prefetcher.run(PrefetchJob("next", other, 1 << 20)) == "loaded"
-    assert "next" in _residents(runtime, other)
+    await asyncio.wait_for(request, 10)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="wait_s"):
+            Prefetcher(runtime, registry=CollectorRegistry(), wait_s=bad)
