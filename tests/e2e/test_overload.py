@@ -102,8 +102,11 @@ def test_a_burst_past_the_bounds_gets_429_with_retry_after(bounded_server: str) 
 
 async def _deadline_case(url: str) -> tuple[httpx.Response, httpx.Response]:
     async with httpx.AsyncClient(timeout=120) as client:
-        slow = asyncio.create_task(send(client, url, "slow", tokens=256))
-        await asyncio.sleep(0.2)  # the slow one holds the only slot
+        # The slow one holds the only slot: 4 x 512 tokens take ~0.3-0.6 s on 2 cores, so the late
+        # one's 50 ms deadline passes in the queue. (With 256 tokens and a 0.2 s head start, the
+        # slow one could finish first on a fast box, and the late one was served: a flake.)
+        slow = asyncio.create_task(send(client, url, "slow", tokens=512))
+        await asyncio.sleep(0.1)
         late = await send(client, url, "late", timeout_ms=50)
         return await slow, late
 
