@@ -197,6 +197,9 @@ class ResidencySimulation(Simulation):
     def _node(self, device: _Device) -> str:
         return device.key.split("/")[0]
 
+    def _devices_of(self, node: str) -> list[_Device]:
+        return [d for d in self.devices if self._node(d) == node]
+
     def _staged_nodes(self, name: str) -> set[str]:
         return self.staged.get(name, _NONE)
 
@@ -563,8 +566,7 @@ class ResidencySimulation(Simulation):
         ):
             device, name, seq = queue[0]
             if self.tiers.prefetch_waits and device.cache.peek(name) is None:
-                node_devices = [d for d in self.devices if self._node(d) == node]
-                if not device_quiet(device, node_devices):
+                if not device_quiet(device, self._devices_of(node)):
                     waiting = self.node_waiting.get(node)
                     if waiting is None or waiting[0] != seq:
                         give_up = self.now + self.tiers.tick_s * 1000
@@ -591,7 +593,7 @@ class ResidencySimulation(Simulation):
         c = self.costs[name]
         if device.cache.peek(name) is not None:
             return
-        node_devices = [d for d in self.devices if self._node(d) == self._node(device)]
+        node_devices = self._devices_of(self._node(device))
         if self.tiers.prefetch_when_quiet and not device_quiet(device, node_devices):
             self.prefetch_busy += 1
             return
