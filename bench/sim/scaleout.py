@@ -572,7 +572,11 @@ def request_records(results: list[dict[str, Any]], *, gateways: int) -> dict[str
     """Every trace request of one run, compactly (request ``i`` went to replica ``i mod N``):
     ``cache`` one letter each (``h`` hit, ``m`` miss at the manager, ``-`` not answered),
     ``forwarded`` (``f``: its placement went through the owner, request or question), and
-    ``latency_ms`` (0 where not answered). What :func:`miss_breakdown` compares run by run."""
+    ``latency_ms`` (0 where not answered). What :func:`miss_breakdown` compares run by run.
+    Since the thirteenth session also each request's parts, as :func:`tail_breakdown` averages
+    them (0 where not answered or not forwarded): ``device_ms`` (load + forward pass at the
+    manager), ``forward_ms`` (the forward as the sender saw it) and ``owner_ms`` (the owner's
+    own time), so that a tail can be taken apart request by request (:func:`forward_excess`)."""
     cache = "".join(("h" if r["hit"] else "m") if r.get("status") == 200 else "-" for r in results)
     forwarded = "".join("f" if r.get("forwarded") else "." for r in results)
     latency = [round(r.get("latency_ms", 0.0), 2) for r in results]
@@ -583,6 +587,52 @@ def request_records(results: list[dict[str, Any]], *, gateways: int) -> dict[str
         "forwarded": forwarded,
         "latency_ms": latency,
         "at_ms": at_ms,
+        **{part: [round(r.get(part, 0.0), 3) for r in results] for part in _PARTS},
+    }
+
+
+# A request's parts in its record (request_records), as the tail breakdown names them.
+_PARTS = ("device_ms", "forward_ms", "owner_ms")
+
+
+def forward_excess(base: dict[str, Any], run: dict[str, Any]) -> dict[str, float]:
+    """Request by request over the measured part of one trace (after its first tenth), the
+    forwarded misses of ``run`` (N replicas) against the same requests at one gateway
+    (``base``) where they were misses too: how many, and the median of their latency
+    difference (ms; what a forward adds to a miss), of their device time's difference, and,
+    where ``run`` recorded its parts, the median hop (forward less the owner's own time).
+    Hits and local misses, paired the same way, give the difference every request pays
+    (``hit_median_ms``, ``local_miss_median_ms``). NaN where a kind has no pair."""
+    skip = len(run["cache"]) // 10
+    pairs: dict[str, list[int]] = {"forwarded miss": [], "hit": [], "local miss": []}
+    for i in range(skip, min(len(base["cache"]), len(run["cache"]))):
+        c0, c1, f1 = base["cache"][i], run["cache"][i], run["forwarded"][i]
+        if c0 == "-" or c1 == "-" or c0 != c1:
+            continue
+        kind = "hit" if c1 == "h" else ("forwarded miss" if f1 == "f" else "local miss")
+        pairs[kind].append(i)
+
+    def median(values: list[float]) -> float:
+        return float(np.median(values)) if values else math.nan
+
+    def diff(kind: str, field: str) -> list[float]:
+        if field not in run or field not in base:
+            return []
+        return [run[field][i] - base[field][i] for i in pairs[kind]]
+
+    forwarded = pairs["forwarded miss"]
+    hops = (
+        [run["forward_ms"][i] - run["owner_ms"][i] for i in forwarded]
+        if "forward_ms" in run
+        else []
+    )
+    return {
+        "forwarded_misses": float(len(forwarded)),
+        "median_ms": median(diff("forwarded miss", "latency_ms")),
+        "device_median_ms": median(diff("forwarded miss", "device_ms")),
+        "hop_median_ms": median(hops),
+        "hit_median_ms": median(diff("hit", "latency_ms")),
+        "local_miss_median_ms": median(diff("local miss", "latency_ms")),
     }
 
 
@@ -1001,6 +1051,38 @@ def _stale(run: dict[str, Any]) -> int:
     return int(causes.get("stale_resident", 0) + causes.get("stale_loading", 0))
 
 
+def _forward_excess_lines(rounds: list[dict[str, Any]]) -> list[str]:
+    """Per replica count, :func:`forward_excess` in each round (its run against the round's one
+    gateway), as the mean over rounds of each median, and the forwarded misses paired."""
+    by_n: dict[str, list[dict[str, float]]] = {}
+    for result in rounds:
+        base = base_run(result)
+        for r in result["runs"]:
+            if r is not base and r["gateways"] > 1 and "requests" in r and "requests" in base:
+                by_n.setdefault(run_label(r), []).append(
+                    forward_excess(base["requests"], r["requests"])
+                )
+    if not by_n:
+        return []
+    fields = ("median_ms", "device_median_ms", "hop_median_ms", "hit_median_ms",
+              "local_miss_median_ms")  # fmt: skip
+    lines = [
+        "",
+        "| N | rounds | forwarded misses paired | latency - one gateway's, median ms "
+        "| device time, same | the hop, median ms | hits, same | local misses, same |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n in sorted(by_n, key=_label_order):
+        got = by_n[n]
+        cells = []
+        for field in fields:
+            values = [g[field] for g in got if not math.isnan(g[field])]
+            cells.append(f"{statistics.fmean(values):+.2f}" if values else "-")
+        paired = sum(int(g["forwarded_misses"]) for g in got)
+        lines.append(f"| {n} | {len(got)} | {paired} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _tail_summary(rounds: list[dict[str, Any]]) -> list[str]:
     """Over the rounds that recorded it (``tail``), per replica count: what the slowest 1% were
     (summed over rounds), and per kind of request the mean of the rounds' means and p99s."""
@@ -1229,6 +1311,7 @@ def summarise(paths: list[Path]) -> str:
         + " |"
     )
     lines += _tail_summary(rounds)
+    lines += _forward_excess_lines(rounds)
     rows = _miss_rows(rounds)
     if rows:
         lines += _breakdown_lines(rows)

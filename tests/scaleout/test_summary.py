@@ -17,11 +17,13 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 try:
     from sim.scaleout import (
+        forward_excess,
         goal_verdict,
         measured_latencies,
         miss_breakdown,
         pooled_p99_ratio,
         pooled_ratio_interval,
+        request_records,
         summarise,
     )
 finally:
@@ -261,3 +263,72 @@ def test_the_summary_reports_the_pooled_p99_beside_the_control(tmp_path: Path) -
     assert control in text
     assert "| 2 | 2 | 360 | 1.100 | ± 0.000 (1.100) | [1.100, 1.100] | met |" in text
     assert "| 4 | 2 | 360 | 1.300 | ± 0.000 (1.300) | [1.300, 1.300] | missed |" in text
+
+
+def test_each_requests_parts_are_recorded_with_zero_where_absent() -> None:
+    results = [
+        {"status": 200, "latency_ms": 6.0, "hit": False, "at_s": 0.1, "forwarded": True,
+         "device_ms": 2.0, "forward_ms": 3.5, "owner_ms": 3.0},
+        {"status": 200, "latency_ms": 2.0, "hit": True, "at_s": 0.2, "forwarded": False,
+         "device_ms": 0.25, "forward_ms": 0.0, "owner_ms": 0.0},
+        {"error": "ReadTimeout"},
+    ]  # fmt: skip
+    got = request_records(results, gateways=2)
+    assert (got["cache"], got["forwarded"]) == ("mh-", "f..")
+    assert got["device_ms"] == [2.0, 0.25, 0.0]
+    assert got["forward_ms"] == [3.5, 0.0, 0.0]
+    assert got["owner_ms"] == [3.0, 0.0, 0.0]
+
+
+def _parted(
+    cache: str, forwarded: str, latency: list[float], device: list[float]
+) -> dict[str, Any]:
+    return {
+        **_records(2 if "f" in forwarded else 1, cache, forwarded),
+        "latency_ms": latency,
+        "device_ms": device,
+        "forward_ms": [4.0 if f == "f" else 0.0 for f in forwarded],
+        "owner_ms": [3.5 if f == "f" else 0.0 for f in forwarded],
+    }
+
+
+def test_forwarded_misses_are_paired_with_the_same_requests_at_one_gateway() -> None:
+    # 20 requests: the first two (20 // 10) are not measured; request 0 is a forwarded miss
+    # 10 ms slower there, which must not count
+    one_cache = "mm" + "mhmh" * 4 + "hh"
+    # request 19: a forwarded miss here, a hit at one gateway: not a pair
+    run_cache = "mm" + "mhmh" * 4 + "hm"
+    forwarded = "f." + "f..." * 4 + ".f"
+    one = _parted(one_cache, "." * 20, [5.0] * 20, [2.0 if c == "m" else 0.3 for c in one_cache])
+    latency = [15.0, 5.0] + [
+        (5.8 if f == "f" else (4.9 if c == "m" else 5.0))
+        for c, f in zip(run_cache[2:], forwarded[2:], strict=True)
+    ]
+    device = [2.1 if c == "m" else 0.3 for c in run_cache]
+    got = forward_excess(one, _parted(run_cache, forwarded, latency, device))
+    assert got["forwarded_misses"] == 4.0  # requests 2, 6, 10, 14
+    assert got["median_ms"] == pytest.approx(0.8)
+    assert got["device_median_ms"] == pytest.approx(0.1)
+    assert got["hop_median_ms"] == pytest.approx(0.5)
+    assert got["hit_median_ms"] == pytest.approx(0.0)
+    assert got["local_miss_median_ms"] == pytest.approx(-0.1)  # 4, 8, 12, 16
+
+
+def test_runs_recorded_without_parts_pair_latencies_only() -> None:
+    one = _records(1, "m" * 10 + "m", "." * 11)
+    run = _records(2, "m" * 10 + "m", "." * 10 + "f")
+    run["latency_ms"] = [1.0] * 10 + [1.7]
+    got = forward_excess(one, run)
+    assert got["forwarded_misses"] == 1.0 and got["median_ms"] == pytest.approx(0.7)
+    assert all(np.isnan(got[k]) for k in ("device_median_ms", "hop_median_ms", "hit_median_ms"))
+
+
+def test_the_summary_reports_what_a_forward_adds_to_a_miss(tmp_path: Path) -> None:
+    one_cache = "mm" + "mhmh" * 4 + "hm"
+    forwarded = "f." + "f..." * 4 + ".."
+    one = {**_run(1, 9), "requests": _parted(one_cache, "." * 20, [5.0] * 20, [2.0] * 20)}
+    latency = [5.8 if f == "f" else 5.0 for f in forwarded]
+    two = {**_run(2, 9), "requests": _parted(one_cache, forwarded, latency, [2.0] * 20)}
+    path = tmp_path / "s5.json"
+    path.write_text(json.dumps({"runs": [one, two], "_setup": {"seed": 5}}))
+    assert "| 2 | 1 | 4 | +0.80 | +0.00 | +0.50 | +0.00 | +0.00 |" in summarise([path])
