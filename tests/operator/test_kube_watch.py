@@ -19,6 +19,7 @@ from gpufaas.scheduler.kube import (
     manager_urls,
     watch_functions,
 )
+from gpufaas.scheduler.peers import kubernetes_peers
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -187,6 +188,67 @@ async def test_discover_gpu_managers_reads_ready_endpoints(
     assert by_node == {"gpu-a": "http://10.0.0.1:8090", "gpu-c": "http://10.0.0.3:8090"}
     # The gateway only looks in its own namespace (its Role is there): no slices, no managers.
     assert await discover_gpu_managers(namespace=ns, service="no-such", connection=connection) == []
+
+
+async def test_gateway_peers_follow_the_headless_services_ready_endpoints(
+    cluster: tuple[Kube, GatewayStandIn],
+) -> None:
+    """#16's Kubernetes discovery (``scheduler.peers.kubernetes_peers``) against KMock: the
+    ready endpoints of the gateway's headless Service are the replicas, and a scale-up, a
+    replica going unready and one removed show on the next discovery (one sync interval).
+    The module's RBAC check covers the gateway's list call."""
+    kube, _ = cluster
+    ns, service = "gpufaas", "gpufaas-gateway-peers"
+    slices = kube.path("discovery.k8s.io/v1", "endpointslices", ns)
+    ready = {"ready": True}
+    kube.create(
+        slices,
+        _slice(
+            service,
+            8080,
+            [
+                {"addresses": ["10.1.0.1"], "conditions": ready},
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": False}},
+            ],
+            "gw-1",
+        ),
+    )
+    kube.create(slices, _slice("gpufaas-gateway", 8080, [{"addresses": ["10.9.0.9"]}], "gw-svc"))
+    discover = kubernetes_peers(namespace=ns, service=service)
+    assert await discover() == ["http://10.1.0.1:8080"]
+
+    # Scale up (a second slice, as the EndpointSlice controller adds one past its size) and
+    # the unready replica turning ready.
+    kube.patch(
+        kube.path("discovery.k8s.io/v1", "endpointslices", ns, "gw-1"),
+        {
+            "endpoints": [
+                {"addresses": ["10.1.0.1"], "conditions": ready},
+                {"addresses": ["10.1.0.2"], "conditions": ready},
+            ]
+        },
+    )
+    kube.create(
+        slices, _slice(service, 8080, [{"addresses": ["10.1.0.3"], "conditions": ready}], "gw-2")
+    )
+    assert await discover() == [
+        "http://10.1.0.1:8080",
+        "http://10.1.0.2:8080",
+        "http://10.1.0.3:8080",
+    ]
+
+    # A replica killed: its endpoint goes unready, then its slice is gone.
+    kube.patch(
+        kube.path("discovery.k8s.io/v1", "endpointslices", ns, "gw-1"),
+        {
+            "endpoints": [
+                {"addresses": ["10.1.0.1"], "conditions": {"ready": False}},
+                {"addresses": ["10.1.0.2"], "conditions": ready},
+            ]
+        },
+    )
+    kube.delete(kube.path("discovery.k8s.io/v1", "endpointslices", ns, "gw-2"))
+    assert await discover() == ["http://10.1.0.2:8080"]
 
 
 def test_manager_urls_bracket_ipv6_and_match_the_port_by_name() -> None:
