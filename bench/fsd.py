@@ -991,7 +991,7 @@ def fit_constants(
     shared: tuple[str, ...] = costmodel.SHARED_TERMS,
     message_split: bool = True,
     pin_bytes: bool = True,
-    waits_on_path: bool = True,
+    waits_on_path: bool = False,
 ) -> costmodel.Constants:
     """The constants from a calibration's runs. With ``probe``, each run's seconds are first
     scaled to one speed (the median of the calibration's probes) by its own probe, and the
@@ -1003,8 +1003,8 @@ def fit_constants(
     them and ``pin_bytes``, each channel's ``c_byte`` is the median of its split's pairs
     (``costmodel.byte_cost``) and the joint fit fits the other terms (session 12's
     primary); without ``pin_bytes`` the split's runs join the joint fit like any other.
-    ``waits_on_path=False`` charges the waits as CPU the cores share (sessions 4-12; the
-    control of session 13)."""
+    ``waits_on_path=True`` charges the waits on the busiest shard's path only (session 13's
+    alternative, scored beside the default: ``costmodel_waits_on_path``)."""
     probes = [r["probe_s"] for part in ("compute", "coordinator", "channels")
               for r in measured[part] if "probe_s" in r]  # fmt: skip
     reference = statistics.median(probes) if probe and probes else None
@@ -1294,13 +1294,14 @@ def score(
             if split and probed
             else {}
         ),
-        # session 13's control: the same runs with the waits charged as CPU the cores share
+        # session 13's alternative: the same runs with the waits on the path only (its
+        # round ran with it as the primary; the default scored better and stayed)
         **(
             {
-                "costmodel_waits_as_cpu": evaluate(
+                "costmodel_waits_on_path": evaluate(
                     net,
                     [dict(r) for r in grid],
-                    fit_constants(calibration["runs"], cores=cores, waits_on_path=False),
+                    fit_constants(calibration["runs"], cores=cores, waits_on_path=True),
                     spread=spread,
                 ),
             }

@@ -32,6 +32,11 @@ layer's shards run side by side, at most ``cores`` of them at once):
   balanced shards it adds ``c_wake * (N - cores) / cores`` per waiting layer (1 at N = 4, 3 at
   N = 8 on 2 cores), more than ``N / cores`` sharing alone charges.
 
+Session 13 tried charging the waits on the busiest shard's path only (a waiting shard holds
+no core: ``Constants.waits_on_path=True``); on its fresh grid round it scored worse than the
+default (17 against 21 of 25 cells within 25%), so it stays an alternative that the
+benchmark scores beside the default.
+
 When shards outnumber the cores they take turns: a layer cannot finish before all the
 shards' work over the cores (``sum_p w_lp / cores``), so with balanced shards the layers
 take ``max(1, N / cores)`` times the busiest shard's work (``N / cores`` rather than
@@ -171,10 +176,12 @@ class Constants:
     # alone): memory bandwidth the cores share, and with more shards than cores the
     # switches between them and the caches each loses (:func:`contention`)
     contention: dict[int, float] = dataclasses.field(default_factory=dict)
-    # session 13: the waits (``c_sync``, ``c_wake``) are time on the shard's critical path,
-    # not CPU the cores share: they count in the busiest shard's branch of a layer and not in
-    # ``sum_p / cores`` (False: every term in both, as sessions 4-12 charged them)
-    waits_on_path: bool = True
+    # session 13's alternative: the waits (``c_sync``, ``c_wake``) as time on the shard's
+    # critical path, not CPU the cores share (in the busiest shard's branch of a layer, not
+    # in ``sum_p / cores``). Off by default: on the fresh grid round it scored 17 of 25 cells
+    # within 25% against 21 for the default, every term in both branches (bench/RESULTS.md,
+    # "fsd, thirteenth session"); bench/fsd.py scores it beside the default
+    waits_on_path: bool = False
 
 
 def at_speed(constants: Constants, probe_s: float) -> Constants:
