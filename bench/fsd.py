@@ -991,6 +991,7 @@ def fit_constants(
     shared: tuple[str, ...] = costmodel.SHARED_TERMS,
     message_split: bool = True,
     pin_bytes: bool = True,
+    waits_on_path: bool = False,
 ) -> costmodel.Constants:
     """The constants from a calibration's runs. With ``probe``, each run's seconds are first
     scaled to one speed (the median of the calibration's probes) by its own probe, and the
@@ -1001,7 +1002,9 @@ def fit_constants(
     the message split's runs out (the calibration of sessions 4-11: the control); with
     them and ``pin_bytes``, each channel's ``c_byte`` is the median of its split's pairs
     (``costmodel.byte_cost``) and the joint fit fits the other terms (session 12's
-    primary); without ``pin_bytes`` the split's runs join the joint fit like any other."""
+    primary); without ``pin_bytes`` the split's runs join the joint fit like any other.
+    ``waits_on_path=True`` charges the waits on the busiest shard's path only (session 13's
+    alternative, scored beside the default: ``costmodel_waits_on_path``)."""
     probes = [r["probe_s"] for part in ("compute", "coordinator", "channels")
               for r in measured[part] if "probe_s" in r]  # fmt: skip
     reference = statistics.median(probes) if probe and probes else None
@@ -1027,7 +1030,8 @@ def fit_constants(
         fixed_y.append(at_reference(r) - layers)
         totals.append(at_reference(r))
     per_request, per_io = costmodel.fit(fixed_x, fixed_y, relative_to=totals)
-    base = costmodel.Constants(compute, per_request, per_io, cores, none, contention=shared_cores)
+    base = costmodel.Constants(compute, per_request, per_io, cores, none, contention=shared_cores,
+                               waits_on_path=waits_on_path)  # fmt: skip
     runs: dict[str, list[tuple[costmodel.Profile, int, float]]] = {}
     for r in measured["channels"]:
         if "split" in r and not message_split:
@@ -1045,7 +1049,7 @@ def fit_constants(
             )}  # fmt: skip
     costs = costmodel.fit_channels(runs, base=base, shared=shared, fixed=fixed)
     return costmodel.Constants(compute, per_request, per_io, cores, costs, probe_s=reference,
-                               contention=shared_cores)  # fmt: skip
+                               contention=shared_cores, waits_on_path=waits_on_path)  # fmt: skip
 
 
 def _compute_features(row: dict[str, Any]) -> list[float]:
@@ -1288,6 +1292,20 @@ def score(
                 ),
             }
             if split and probed
+            else {}
+        ),
+        # session 13's alternative: the same runs with the waits on the path only (its
+        # round ran with it as the primary; the default scored better and stayed)
+        **(
+            {
+                "costmodel_waits_on_path": evaluate(
+                    net,
+                    [dict(r) for r in grid],
+                    fit_constants(calibration["runs"], cores=cores, waits_on_path=True),
+                    spread=spread,
+                ),
+            }
+            if probed
             else {}
         ),
         "costmodel": evaluate(net, grid, with_probe, spread=spread),

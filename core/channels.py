@@ -4,8 +4,11 @@ Every message is one :class:`Envelope` (shard set, request id, layer, sender, re
 chunk) followed by a float32 array, in one self-describing binary frame
 (:func:`encode` / :func:`decode`), so all channels carry the same bytes:
 
-* :class:`LocalChannel`: shards in one process (one node), handed over in memory; on a GPU
-  node this is the device-to-device path (the receiver copies to its device).
+* :class:`LocalChannel`: shards in one process, handed over in memory (frames' values: what
+  the tests and the executor's own runs use). Shards of a set on one *node* exchange device
+  to device instead, without any channel (``gpu_manager/shards.py``: the node's in-node path;
+  the mailbox files the :class:`~gpufaas.core.sharding.Handed` tensor under the same request
+  id, staleness and deadline rules).
 * :class:`DirectChannel`: node-to-node HTTP POSTs to the receiving node's
   ``/v2/gpufaas/shards/{set}/{shard}/messages`` route over the node's pooled keep-alive
   connections (:mod:`gpufaas.core.peerhttp`); nodes on the same host exchange through shared
@@ -41,6 +44,7 @@ from numpy.typing import NDArray
 
 from gpufaas.core.hostlink import ALREADY, FILED, MISSING, HostLink, HostLinks, LinkBroken
 from gpufaas.core.peerhttp import PeerPools, PeerUnreachable
+from gpufaas.core.sharding import Handed
 
 __all__ = [
     "CHANNELS",
@@ -52,6 +56,7 @@ __all__ = [
     "LocalChannel",
     "Mailbox",
     "NatsChannel",
+    "Part",
     "S3Channel",
     "ShardMissing",
     "ShardTimeout",
@@ -66,6 +71,9 @@ logger = logging.getLogger(__name__)
 
 CHANNELS = ("direct", "nats", "s3")
 Array = NDArray[np.float32]
+# What a mailbox files: a message's values, or a shard's part handed over inside its node,
+# device to device (core/sharding.py: Handed), which no channel carries.
+Part = Array | Handed
 _FRAME = struct.Struct("<I")
 _NATS_SUBJECT = "gpufaas.fsd.{set}.{shard}"
 _NATS_STREAM = "GPUFAAS_FSD"
@@ -226,7 +234,7 @@ class Mailbox:
 
     def __init__(self, *, early_ttl_s: float = 30.0, remember_closed: int = 4096) -> None:
         self.early_ttl_s = early_ttl_s
-        self._slots: dict[tuple[str, int, int], asyncio.Future[Array]] = {}
+        self._slots: dict[tuple[str, int, int], asyncio.Future[Part]] = {}
         self._chunks: dict[tuple[str, int, int], dict[int, Array]] = {}
         self._by_request: dict[str, set[tuple[str, int, int]]] = collections.defaultdict(set)
         self._open: set[str] = set()
@@ -254,8 +262,9 @@ class Mailbox:
         while len(self._closed) > self._remember_closed:
             self._closed.popitem(last=False)
 
-    def deliver(self, envelope: Envelope, values: Array) -> bool:
-        """File a message; False when it is stale (its request is finished) or a duplicate."""
+    def deliver(self, envelope: Envelope, values: Part) -> bool:
+        """File a message (or an in-node hand-over); False when it is stale (its request is
+        finished) or a duplicate."""
         rid = envelope.request_id
         if rid in self._closed:
             self.dropped_stale += 1
@@ -270,7 +279,7 @@ class Mailbox:
         slot = self._slot(key)
         if slot.done():
             return False
-        if envelope.chunks > 1:
+        if envelope.chunks > 1 and not isinstance(values, Handed):  # only frames are chunked
             parts = self._chunks.setdefault(key, {})
             parts[envelope.chunk] = values
             if len(parts) < envelope.chunks:
@@ -283,7 +292,7 @@ class Mailbox:
     async def take(
         self, request_id: str, layer: int, src: int, *, timeout_s: float, channel: str,
         set_name: str,
-    ) -> Array:  # fmt: skip
+    ) -> Part:  # fmt: skip
         """The message from ``src`` for ``layer``; :class:`ShardTimeout` after ``timeout_s``."""
         (values,) = await self.take_all(request_id, layer, (src,), timeout_s=timeout_s,
                                         channel=channel, set_name=set_name)  # fmt: skip
@@ -292,7 +301,7 @@ class Mailbox:
     async def take_all(
         self, request_id: str, layer: int, sources: tuple[int, ...], *, timeout_s: float,
         channel: str, set_name: str,
-    ) -> list[Array]:  # fmt: skip
+    ) -> list[Part]:  # fmt: skip
         """The messages from every shard in ``sources`` for ``layer``, waiting once for all of
         them (not once per part); :class:`ShardTimeout` naming the first still missing after
         ``timeout_s``.
@@ -318,7 +327,7 @@ class Mailbox:
                 self._taken.add(key)
         return values
 
-    def _slot(self, key: tuple[str, int, int]) -> asyncio.Future[Array]:
+    def _slot(self, key: tuple[str, int, int]) -> asyncio.Future[Part]:
         slot = self._slots.get(key)
         if slot is None:
             slot = asyncio.get_running_loop().create_future()
@@ -361,7 +370,7 @@ class Channel(abc.ABC):
     @abc.abstractmethod
     async def send(self, envelope: Envelope, values: Array, *, timeout_s: float) -> None: ...
 
-    async def receive(self, mailbox: Mailbox, envelope: Envelope, *, timeout_s: float) -> Array:
+    async def receive(self, mailbox: Mailbox, envelope: Envelope, *, timeout_s: float) -> Part:
         """The message ``envelope`` names (its chunk fields are ignored)."""
         return await mailbox.take(
             envelope.request_id, envelope.layer, envelope.src, timeout_s=timeout_s,
@@ -370,7 +379,7 @@ class Channel(abc.ABC):
 
     async def receive_all(
         self, mailbox: Mailbox, envelope: Envelope, sources: tuple[int, ...], *, timeout_s: float
-    ) -> list[Array]:
+    ) -> list[Part]:
         """The messages of every shard in ``sources`` for ``envelope``'s layer (its ``src``
         is ignored), with one wait for them all (push channels file them into ``mailbox``;
         a pull channel overrides this)."""
@@ -718,7 +727,7 @@ class S3Channel(Channel):
 
     async def receive_all(
         self, mailbox: Mailbox, envelope: Envelope, sources: tuple[int, ...], *, timeout_s: float
-    ) -> list[Array]:
+    ) -> list[Part]:
         """Object storage has no push: each part polled for in turn, within one deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s

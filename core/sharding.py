@@ -11,6 +11,9 @@ Routes on a GPU manager (path constants in :mod:`gpufaas.core.node`):
 * ``POST   /v2/gpufaas/shards/{set}/{shard}/messages``: a direct-channel message.
 * ``DELETE /v2/gpufaas/shards/{set}/{shard}``: unload.
 
+Between shards of one node no route is used: :class:`Handed` carries a part from one device
+to another inside the node (``gpu_manager/shards.py``).
+
 Failures answer ``{"error": ...}`` with ``X-Gpufaas-Reason`` (``ShardTimeout``,
 ``ShardUnreachable``, ``ChannelUnavailable``, ``ShardNotLoaded``) and, for shard faults,
 ``X-Gpufaas-Shard`` naming the shard at fault.
@@ -18,13 +21,17 @@ Failures answer ``{"error": ...}`` with ``X-Gpufaas-Reason`` (``ShardTimeout``,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpufaas.core import node
 from gpufaas.core.api import Parallelism  # spec.parallelism; re-exported for shard sets
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CHANNEL_ENV",
@@ -34,6 +41,7 @@ __all__ = [
     "SHARD_PATH",
     "TIMEOUT_HEADER",
     "ChannelConfig",
+    "Handed",
     "LaunchReport",
     "Parallelism",
     "ShardLoad",
@@ -47,6 +55,17 @@ TIMEOUT_HEADER = "x-gpufaas-timeout-s"
 SHARD_HEADER = "x-gpufaas-shard"
 # The channel server `gpufaas up --channel` started: a ChannelConfig as JSON.
 CHANNEL_ENV = "GPUFAAS_FSD_CHANNEL"
+
+
+@dataclasses.dataclass(frozen=True)
+class Handed:
+    """A partial result handed from one shard to another on the same node, device to device
+    (``gpu_manager/devices.py: DeviceBackend.hand_over``), never through a channel: ``values``
+    on the receiving shard's device, and ``ready``, what the receiver's compute waits for
+    before reading them (a CUDA event; None where they are ready as they are)."""
+
+    values: torch.Tensor
+    ready: Any = None
 
 
 class ChannelConfig(BaseModel):

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from gpufaas.core.sharding import Handed
 from gpufaas.gpu_manager.device_faults import (
     DeviceFailed,
     DeviceOutOfMemory,
@@ -163,6 +164,17 @@ class DeviceBackend(abc.ABC):
     @abc.abstractmethod
     def synchronize(self) -> None:
         """Wait for all work on the device."""
+
+    def hand_over(self, values: torch.Tensor, *, to: DeviceBackend) -> Handed:
+        """``values`` (on this device, made in this thread's compute context) for ``to``'s
+        compute, inside the node: no host round trip, no serialisation. Here (CPU stand-ins,
+        which share host memory) the tensor itself, not a copy."""
+        return Handed(values if values.device == to.device else values.to(to.device))
+
+    def take_over(self, handed: Handed) -> torch.Tensor:
+        """A tensor :meth:`hand_over` gave this device, ready for this thread's compute
+        context (its stream on CUDA)."""
+        return handed.values
 
 
 def _copied(group: int, start: int, end: int) -> None:
@@ -464,6 +476,27 @@ class CudaBackend(DeviceBackend):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
+
+    def hand_over(self, values: torch.Tensor, *, to: DeviceBackend) -> Handed:
+        """A peer copy onto ``to``'s GPU (or the tensor itself on this GPU), issued on this
+        thread's current stream (the sender's compute stream: the copy follows the kernels
+        that made ``values``); torch makes ``to``'s current stream wait for it, and the event
+        recorded there after it is what the receiver's stream waits for (:meth:`take_over`).
+        Not run: no GPU was lent to the session that wrote it."""
+        with torch.cuda.device(self.device):
+            moved = (
+                values if values.device == to.device else values.to(to.device, non_blocking=True)
+            )
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record(torch.cuda.current_stream(to.device))
+        return Handed(moved, ready)
+
+    def take_over(self, handed: Handed) -> torch.Tensor:
+        stream = torch.cuda.current_stream(self.device)
+        if handed.ready is not None:
+            stream.wait_event(handed.ready)
+        handed.values.record_stream(stream)  # the allocator keeps it until this stream is done
+        return handed.values
 
 
 def start_held_back_transfer(

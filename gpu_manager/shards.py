@@ -15,9 +15,13 @@ thread per shard (torch releases the GIL), the waits and sends on the event loop
 has a deadline (``stall_s`` per message, ``timeout_s`` per request); a send or wait that
 fails ends the request with the channel's error, which names the shard or channel.
 
-:class:`ShardHost` keeps the node's shards in a byte-bounded LRU, one entry per shard, and
-evicts a whole shard set at once (a shard without its set is useless). Loads come as a tree:
-a node loads its own shard while it forwards each child's load to that child's node.
+:class:`ShardHost` keeps the node's shards in their devices' byte-bounded LRUs, one entry per
+shard, and evicts a whole shard set at once (a shard without its set is useless). A set's
+shards on one node go on distinct devices (:func:`device_for`), and a shard hands a part to
+a shard on the same node through the device layer (``DeviceBackend.hand_over``: on CUDA a
+peer copy, on CPU devices the tensor itself), filed in the receiver's mailbox under the same
+request-id and deadline rules, with no channel message. Loads come as a tree: a node loads
+its own shard while it forwards each child's load to that child's node.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from gpufaas.core.channels import (
     LocalChannel,
     Mailbox,
     NatsChannel,
+    Part,
     S3Channel,
     ShardTimeout,
     ShardUnreachable,
@@ -81,6 +86,7 @@ from gpufaas.core.sharding import (
     SHARD_INFER_PATH,
     SHARD_PATH,
     TIMEOUT_HEADER,
+    Handed,
     LaunchReport,
     ShardLoad,
 )
@@ -95,12 +101,16 @@ __all__ = [
     "ShardFastPath",
     "ShardHost",
     "ShardNotLoaded",
+    "device_for",
     "shard_host",
     "shard_router",
 ]
 
 logger = logging.getLogger(__name__)
 _MAX_FRAME_BYTES = 1 << 30
+# Channels whose shards on one node exchange device to device (the in-node path); NATS and
+# S3 carry every message, as the configuration asked.
+IN_NODE_CHANNELS = ("direct", "local")
 
 
 class ShardNotLoaded(Exception):
@@ -145,8 +155,22 @@ class _Step:
 
 
 Rows = torch.Tensor | slice  # rows of a layer's output: their positions, or one range of them
-Parts = list[tuple[Envelope, Array]]  # a row group's sends: each receiver's values
+# A row group's sends: each receiver's values, and for a receiver on this node (the in-node
+# path) the mailbox the device layer's hand-over is filed in (None: through the channel).
+Parts = list[tuple[Envelope, Part, Mailbox | None]]
 Handover = Callable[[Parts], None]  # from the worker to the loop
+
+
+@dataclasses.dataclass(frozen=True)
+class InNodePeer:
+    """A shard loaded on this node, as a sender on this node sees it: where its parts are
+    filed and the device they go to."""
+
+    mailbox: Mailbox
+    backend: DeviceBackend
+
+
+InNode = Callable[[str, int], InNodePeer | None]  # (set, shard) -> the shard, if on this node
 
 
 @dataclasses.dataclass
@@ -249,12 +273,15 @@ class ShardExecutor:
         channel: Channel,
         mailbox: Mailbox,
         backend: DeviceBackend | None = None,
+        in_node: InNode | None = None,
     ) -> None:
         self.spec = spec
         self.set_name = set_name
         self.channel = channel
         self.mailbox = mailbox
         self.backend = backend  # None: this process's CPU, no device context
+        # Receivers on this node (needs a backend): device to device, no channel message.
+        self.in_node = in_node if backend is not None else None
         self.device = backend.device if backend is not None else torch.device("cpu")
         self.ops = prepare(spec, self.device)
         # the layers that read remote values, in order: one trip of the worker ends at each
@@ -311,21 +338,30 @@ class ShardExecutor:
     def _hand_over(
         self, request_id: str, layer: int, values: torch.Tensor, targets: dict[int, Rows]
     ) -> Parts:
-        """Each receiver's part of ``values``, on the host (worker thread): a view where its
-        rows are one range (no copy on the CPU: those rows are final, nothing writes them
-        again), else gathered."""
-        return [
-            (
-                Envelope(self.set_name, request_id, layer, self.spec.shard, q),
-                (values[positions] if isinstance(positions, slice)
-                 else values.index_select(0, positions)).cpu().numpy(),
-            )
-            for q, positions in targets.items()
-        ]  # fmt: skip
+        """Each receiver's part of ``values`` (worker thread): a view where its rows are one
+        range (those rows are final, nothing writes them again), else gathered. A receiver
+        on this node gets it device to device (the device layer's hand-over: on the CPU the
+        tensor itself, on CUDA a peer copy), every other one on the host, for the channel."""
+        parts: Parts = []
+        for q, positions in targets.items():
+            envelope = Envelope(self.set_name, request_id, layer, self.spec.shard, q)
+            rows = values[positions] if isinstance(positions, slice) else values.index_select(
+                0, positions)  # fmt: skip
+            peer = self.in_node(self.set_name, q) if self.in_node is not None else None
+            if peer is not None and self.backend is not None:
+                parts.append((envelope, self.backend.hand_over(rows, to=peer.backend),
+                              peer.mailbox))  # fmt: skip
+            else:
+                parts.append((envelope, rows.cpu().numpy(), None))
+        return parts
 
     def _send(self, parts: Parts, sends: asyncio.TaskGroup, deadline: float) -> None:
         timeout_s = deadline - asyncio.get_running_loop().time()
-        for envelope, part in parts:
+        for envelope, part, mailbox in parts:
+            if mailbox is not None:  # on this node: filed as it is (request id rules apply)
+                mailbox.deliver(envelope, part)
+                continue
+            assert not isinstance(part, Handed)
             send = self.channel.send(envelope, part, timeout_s=timeout_s)
             try:
                 sends.create_task(send)
@@ -392,7 +428,7 @@ class ShardExecutor:
     def _next_step(
         self,
         request_id: str,
-        arrived: list[tuple[int, Array]],
+        arrived: list[tuple[int, Part]],
         boundary_ready: Handover,
         step: _Step | None,
     ) -> _Step:
@@ -415,7 +451,7 @@ class ShardExecutor:
         self,
         request_id: str,
         step: _Step,
-        arrived: list[tuple[int, Array]],
+        arrived: list[tuple[int, Part]],
         boundary_ready: Handover,
     ) -> _Step:
         """Finish layer ``step.index`` with the remote parts that arrived (worker)."""
@@ -451,7 +487,10 @@ class ShardExecutor:
             return _Step(a, end, [], a.cpu().numpy())
         return _Step(a, end, [g.own @ a for g in self.ops[end].groups], None)
 
-    def _to_device(self, values: Array) -> torch.Tensor:
+    def _to_device(self, values: Part) -> torch.Tensor:
+        if isinstance(values, Handed):  # from a shard on this node, device to device
+            assert self.backend is not None  # only a shard with a device is handed to
+            return self.backend.take_over(values)
         if self.device.type == "cpu":  # the frame's values, as they are
             with warnings.catch_warnings():  # frames decode read-only; they are only read
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable")
@@ -501,26 +540,38 @@ class _Loaded:
     channel: Channel
     mailbox: Mailbox
     nbytes: int
-    resident: ShardResident  # its bytes in the device tier
+    tier: DeviceTier  # the device it runs on (device_for)
+    resident: ShardResident  # its bytes in that device's tier
     running: int = 0  # requests on this shard now
     dropped: bool = False  # unloaded while running: release after the last request
 
 
+def device_for(load: ShardLoad, devices: int) -> int:
+    """Which of a node's ``devices`` (largest first) shard ``load.shard`` runs on: its rank
+    among the set's shards placed on this node, modulo the devices. So a set's shards on one
+    node take distinct devices while there are as many devices as shards (and exchange device
+    to device); one shard per node runs on the largest device, as before."""
+    here = sorted({q for q, url in load.peers.items() if url == load.node} | {load.shard})
+    return here.index(load.shard) % devices
+
+
 class ShardHost:
-    """The shards on one node: residents of a device's tier beside its models (one byte
-    budget, one LRU); evicting any shard of a set drops the whole set here."""
+    """The shards on one node: residents of their device's tier beside its models (one byte
+    budget, one LRU per device); evicting any shard of a set drops the whole set here."""
 
     def __init__(
         self,
         *,
         store: ArtifactStore,
-        device: DeviceTier,
+        devices: list[DeviceTier],
         token: str | None = None,
         stall_s: float = 15.0,
         forward: Callable[[ShardLoad], Awaitable[LaunchReport]] | None = None,
     ) -> None:
+        if not devices:
+            raise ValueError("a shard host needs at least one device")
         self.store = store
-        self.device = device
+        self.devices = devices  # largest first: device_for's order
         self.shards: dict[str, _Loaded] = {}  # key -> the loaded shard
         self.token = token
         self.stall_s = stall_s
@@ -589,19 +640,21 @@ class ShardHost:
             )
         channel = await self._channel(load)
         mailbox = Mailbox()
+        tier = self.devices[device_for(load, len(self.devices))]
+        in_node = self._in_node if load.channel.kind in IN_NODE_CHANNELS else None
         executor = await asyncio.to_thread(
             ShardExecutor, spec, set_name=load.set_name, channel=channel, mailbox=mailbox,
-            backend=self.device.backend,
+            backend=tier.backend, in_node=in_node,
         )  # fmt: skip
         try:
             async with self._lock:
                 if key in self.shards:
                     await self._drop(key)
-                resident = self.device.shards.place(
+                resident = tier.shards.place(
                     key, spec.weight_bytes, evicted=functools.partial(self._evicted, key)
                 )
                 self.shards[key] = _Loaded(
-                    load, executor, channel, mailbox, spec.weight_bytes, resident
+                    load, executor, channel, mailbox, spec.weight_bytes, tier, resident
                 )
         except BaseException:
             executor.close()
@@ -643,6 +696,14 @@ class ShardHost:
 
     # -- serving --------------------------------------------------------------------------
 
+    def _in_node(self, set_name: str, shard: int) -> InNodePeer | None:
+        """Shard ``shard`` of ``set_name`` if it is loaded on this node (any thread: one dict
+        read). Its parts are filed in its mailbox, on its device."""
+        found = self.shards.get(self.key(set_name, shard))
+        if found is None or found.load.channel.kind not in IN_NODE_CHANNELS:
+            return None
+        return InNodePeer(found.mailbox, found.tier.backend)
+
     def loaded(self, set_name: str, shard: int) -> _Loaded:
         found = self.shards.get(self.key(set_name, shard))
         if found is None:
@@ -654,7 +715,7 @@ class ShardHost:
     ) -> Array:
         key = self.key(set_name, shard)
         shard_state = self.loaded(set_name, shard)
-        if not self.device.shards.hold(key, shard_state.resident):
+        if not shard_state.tier.shards.hold(key, shard_state.resident):
             raise ShardNotLoaded(set_name, shard)
         shard_state.running += 1
         try:
@@ -667,7 +728,7 @@ class ShardHost:
             raise
         finally:
             shard_state.running -= 1
-            self.device.shards.unhold(key, shard_state.resident)
+            shard_state.tier.shards.unhold(key, shard_state.resident)
             if shard_state.dropped and shard_state.running == 0:
                 await self._release(shard_state)
 
@@ -760,7 +821,7 @@ class ShardHost:
         loaded = self.shards.pop(key, None)
         if loaded is None:
             return
-        self.device.shards.drop(key)
+        loaded.tier.shards.drop(key)
         await loaded.channel.detach(loaded.load.set_name, loaded.load.shard)
         loaded.dropped = True
         if loaded.running == 0:  # else the last request on it releases it
@@ -781,11 +842,16 @@ class ShardHost:
 
     def state(self) -> dict[str, Any]:
         return {
-            "device": self.device.info.id,
-            "capacity_bytes": self.device.tier.lru.capacity_bytes,  # models and shards
+            "device": self.devices[0].info.id,  # the largest
+            "capacity_bytes": self.devices[0].tier.lru.capacity_bytes,  # models and shards
+            "devices": {d.info.id: d.tier.lru.capacity_bytes for d in self.devices},
             "used_bytes": sum(loaded.nbytes for loaded in self.shards.values()),
             "shards": {
-                k: {"bytes": loaded.nbytes, "running": loaded.running}
+                k: {
+                    "bytes": loaded.nbytes,
+                    "running": loaded.running,
+                    "device": loaded.tier.info.id,
+                }
                 for k, loaded in self.shards.items()
             },
             "link": endpoint.as_json() if (endpoint := self.link_server.endpoint) else None,
@@ -958,7 +1024,7 @@ async def _body(request: Request) -> bytes:
 
 
 def shard_host(runtime: NodeRuntime, *, token: str | None) -> ShardHost:
-    """A node's shard host: the runtime's artifact store; its shards live in the tier of the
-    node's largest device (a shard runs on one device), beside that device's models."""
-    device = max(runtime.devices.values(), key=lambda d: d.info.capacity_bytes)
-    return ShardHost(store=runtime.artifacts.store, device=device, token=token)
+    """A node's shard host: the runtime's artifact store; each shard lives in the tier of the
+    device :func:`device_for` gives it (a shard runs on one device), beside its models."""
+    devices = sorted(runtime.devices.values(), key=lambda d: (-d.info.capacity_bytes, d.info.index))
+    return ShardHost(store=runtime.artifacts.store, devices=devices, token=token)

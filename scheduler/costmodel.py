@@ -32,6 +32,11 @@ layer's shards run side by side, at most ``cores`` of them at once):
   balanced shards it adds ``c_wake * (N - cores) / cores`` per waiting layer (1 at N = 4, 3 at
   N = 8 on 2 cores), more than ``N / cores`` sharing alone charges.
 
+Session 13 tried charging the waits on the busiest shard's path only (a waiting shard holds
+no core: ``Constants.waits_on_path=True``); on its fresh grid round it scored worse than the
+default (17 against 21 of 25 cells within 25%), so it stays an alternative that the
+benchmark scores beside the default.
+
 When shards outnumber the cores they take turns: a layer cannot finish before all the
 shards' work over the cores (``sum_p w_lp / cores``), so with balanced shards the layers
 take ``max(1, N / cores)`` times the busiest shard's work (``N / cores`` rather than
@@ -171,6 +176,12 @@ class Constants:
     # alone): memory bandwidth the cores share, and with more shards than cores the
     # switches between them and the caches each loses (:func:`contention`)
     contention: dict[int, float] = dataclasses.field(default_factory=dict)
+    # session 13's alternative: the waits (``c_sync``, ``c_wake``) as time on the shard's
+    # critical path, not CPU the cores share (in the busiest shard's branch of a layer, not
+    # in ``sum_p / cores``). Off by default: on the fresh grid round it scored 17 of 25 cells
+    # within 25% against 21 for the default, every term in both branches (bench/RESULTS.md,
+    # "fsd, thirteenth session"); bench/fsd.py scores it beside the default
+    waits_on_path: bool = False
 
 
 def at_speed(constants: Constants, probe_s: float) -> Constants:
@@ -192,6 +203,7 @@ def at_speed(constants: Constants, probe_s: float) -> Constants:
         channels={name: scaled(cost) for name, cost in constants.channels.items()},
         probe_s=probe_s,
         contention=constants.contention,  # a ratio of times: the same at any speed
+        waits_on_path=constants.waits_on_path,
     )
 
 
@@ -304,18 +316,39 @@ def channel_features(p: Profile, *, batch: int, cores: int) -> npt.NDArray[np.fl
     return np.stack([p.messages, batch * 4 * p.values, p.sync, wake], axis=-1)
 
 
+# Which of channel_features' terms are waits (time on the path, not CPU): c_sync, c_wake.
+_WAITS = np.array([False, False, True, True])
+
+
 def _work(p: Profile, batch: int, constants: Constants, channel: ChannelCost) -> Matrix:
+    """Per layer and shard, everything a shard spends on the layer: CPU and waits."""
+    cpu, waits = _split_work(p, batch, constants, channel)
+    return cpu + waits
+
+
+def _split_work(
+    p: Profile, batch: int, constants: Constants, channel: ChannelCost
+) -> tuple[Matrix, Matrix]:
+    """Per layer and shard, the CPU the shard's process spends (which the cores share out)
+    and the waits on its path (which take no core: while one shard waits, another runs)."""
     c = constants.compute
-    comm = [channel.per_message_s, channel.per_byte_s, channel.per_sync_s, channel.per_wake_s]
-    work: Matrix = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(c))
-    work = work * contention(constants, p.shards)
+    comm = np.array([channel.per_message_s, channel.per_byte_s, channel.per_sync_s,
+                     channel.per_wake_s])  # fmt: skip
+    cpu: Matrix = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(c))
+    cpu = cpu * contention(constants, p.shards)
+    waits: Matrix = np.zeros_like(cpu)
     if p.shards > 1:
-        work = work + channel_features(p, batch=batch, cores=constants.cores) @ np.array(comm)
-    return work
+        features = channel_features(p, batch=batch, cores=constants.cores)
+        on_path = _WAITS if constants.waits_on_path else np.zeros_like(_WAITS)
+        cpu = cpu + features @ np.where(on_path, 0.0, comm)
+        waits = features @ np.where(on_path, comm, 0.0)
+    return cpu, waits
 
 
-def _layers(work: Matrix, cores: int) -> float:
-    return float(np.maximum(work.max(axis=1), work.sum(axis=1) / cores).sum())
+def _layers(cpu: Matrix, waits: Matrix, cores: int) -> float:
+    """Each layer ends when its busiest shard's CPU and waits are done, and not before all
+    the shards' CPU has had the cores (``sum_p cpu / cores``)."""
+    return float(np.maximum((cpu + waits).max(axis=1), cpu.sum(axis=1) / cores).sum())
 
 
 def predict(p: Profile, *, batch: int, channel: str, constants: Constants) -> float:
@@ -323,7 +356,7 @@ def predict(p: Profile, *, batch: int, channel: str, constants: Constants) -> fl
     cost = constants.channels[channel] if p.shards > 1 else ChannelCost(0.0, 0.0, 0.0, 0.0, 0.0)
     fixed = constants.per_request_s + constants.per_io_value_s * batch * p.io_values
     fixed += cost.per_shard_s * p.shards if p.shards > 1 else 0.0
-    return fixed + _layers(_work(p, batch, constants, cost), constants.cores)
+    return fixed + _layers(*_split_work(p, batch, constants, cost), constants.cores)
 
 
 def throughput(
@@ -568,16 +601,18 @@ def _channel_row(
 ) -> tuple[dict[str, float], float]:
     """One run's multipliers of the channel terms (by name), with each layer's branch fixed
     at ``cost``, and what of its measured seconds is left for them."""
-    work = _work(p, batch, base, cost)
+    cpu, waits = _split_work(p, batch, base, cost)
+    work = cpu + waits
     busiest = work.argmax(axis=1)
-    by_max = work.max(axis=1) >= work.sum(axis=1) / base.cores
+    by_max = work.max(axis=1) >= cpu.sum(axis=1) / base.cores
     compute = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(base.compute))
     compute = compute * contention(base, p.shards)
     comm = channel_features(p, batch=batch, cores=base.cores)
+    shared = comm.sum(axis=1) / base.cores  # the cores' branch: CPU terms only
+    if base.waits_on_path:
+        shared = np.where(_WAITS, 0.0, shared)
     layers = np.arange(work.shape[0])
-    row = np.where(by_max[:, None], comm[layers, busiest], comm.sum(axis=1) / base.cores).sum(
-        axis=0
-    )
+    row = np.where(by_max[:, None], comm[layers, busiest], shared).sum(axis=0)
     fixed_compute = np.where(by_max, compute[layers, busiest], compute.sum(axis=1) / base.cores)
     fixed = base.per_request_s + base.per_io_value_s * batch * p.io_values
     terms = dict(zip(_TERMS, [*map(float, row), float(p.shards)], strict=True))

@@ -50,16 +50,18 @@ def s3_channel_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Se
 class ThreadNode:
     """A shard node (the GPU manager's shard routes) served by uvicorn in a thread."""
 
-    def __init__(self, root: Path, *, capacity_bytes: int, stall_s: float) -> None:
+    def __init__(
+        self, root: Path, *, capacity_bytes: int, stall_s: float, cpu_devices: int = 1
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        # A real node runtime (one CPU device): the shards live in its device tier.
+        # A real node runtime (CPU devices): the shards live in their devices' tiers.
         self.runtime = build_runtime(
-            cpu_devices=1, device_memory_bytes=capacity_bytes, host_memory_bytes=64 << 20,
-            artifact_dir=root, disk_cache_bytes=0, force_cpu=True,
+            cpu_devices=cpu_devices, device_memory_bytes=capacity_bytes,
+            host_memory_bytes=64 << 20, artifact_dir=root, disk_cache_bytes=0, force_cpu=True,
         )  # fmt: skip
-        (device,) = self.runtime.devices.values()
-        self.host = ShardHost(store=self.runtime.artifacts.store, device=device, stall_s=stall_s)
+        devices = list(self.runtime.devices.values())
+        self.host = ShardHost(store=self.runtime.artifacts.store, devices=devices, stall_s=stall_s)
         app = FastAPI()
         app.include_router(shard_router(self.host))
         config = uvicorn.Config(
@@ -74,7 +76,8 @@ class ThreadNode:
 
     def shrink(self, capacity_bytes: int) -> None:
         """The device's budget (models and shards), before anything is loaded."""
-        self.host.device.tier.lru = ByteLRU(capacity_bytes=capacity_bytes)
+        for device in self.host.devices:
+            device.tier.lru = ByteLRU(capacity_bytes=capacity_bytes)
 
     def start(self) -> None:
         self.thread.start()
@@ -95,6 +98,23 @@ def thread_nodes(tmp_path: Path) -> Iterator[list[ThreadNode]]:
     try:
         for index in range(4):
             node = ThreadNode(tmp_path / f"node{index}", capacity_bytes=1 << 30, stall_s=5.0)
+            node.start()
+            nodes.append(node)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+@pytest.fixture
+def two_device_nodes(tmp_path: Path) -> Iterator[list[ThreadNode]]:
+    """Two shard nodes of two CPU devices each (``--cpu-devices 2``)."""
+    nodes: list[ThreadNode] = []
+    try:
+        for index in range(2):
+            node = ThreadNode(
+                tmp_path / f"node{index}", capacity_bytes=1 << 30, stall_s=5.0, cpu_devices=2
+            )
             node.start()
             nodes.append(node)
         yield nodes

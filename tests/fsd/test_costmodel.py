@@ -241,6 +241,35 @@ def test_a_wait_costs_a_wake_up_only_when_the_shards_outnumber_the_cores() -> No
     assert extra[2] == 0.0 and extra[8] > 2 * extra[4] > 0
 
 
+@pytest.mark.parametrize("shards", [2, 4, 8])
+def test_waits_take_no_core_only_the_busiest_shards_path_pays_them(shards: int) -> None:
+    """Session 13's alternative (``waits_on_path=True``, not the default): a wait (``c_sync``:
+    the trip back to the loop and the wake-up) as time on the shard's path, not CPU, so with
+    more shards than cores the waits do not take turns over the cores as CPU does. Every
+    shard of a block split waits once per layer that reads remote values: the layer pays one
+    ``c_sync``, at any N. Charged as CPU (the default) N = 8 on 2 cores pays 4 per layer."""
+    net = radix_net(1024, 6)
+    prof = costmodel.profile(net, partition(net, shards, method="block"))
+    sync = costmodel.ChannelCost(0, 0, 1e-3, 0)
+    as_cpu = _only(costmodel.Compute(0.0, 0.0), sync)
+    on_path = dataclasses.replace(as_cpu, waits_on_path=True)
+    layers = prof.sync.max(axis=1).sum()
+    assert layers > 0 and (prof.sync.sum(axis=1) == shards * prof.sync.max(axis=1)).all()
+    predicted = costmodel.predict(prof, batch=64, channel="x", constants=on_path)
+    assert abs(predicted - 1e-3 * layers) < 1e-12
+    control = costmodel.predict(prof, batch=64, channel="x", constants=as_cpu)
+    assert abs(control - 1e-3 * layers * max(1, shards / 2)) < 1e-12
+    # CPU beside the waits still takes turns: messages at N = 8 are shared out over the cores
+    both = dataclasses.replace(
+        _only(costmodel.Compute(0.0, 0.0), costmodel.ChannelCost(1e-3, 0, 1e-3, 0)),
+        waits_on_path=True,
+    )
+    messages = np.maximum(prof.messages.max(axis=1) + prof.sync.max(axis=1),
+                          prof.messages.sum(axis=1) / 2).sum()  # fmt: skip
+    assert abs(costmodel.predict(prof, batch=64, channel="x", constants=both)
+               - 1e-3 * messages) < 1e-12  # fmt: skip
+
+
 def fit_grid() -> Iterator[tuple[costmodel.Profile, int]]:
     """The runs a channel fit sees: two depths, block and random splits over 2, 4 and 8 shards
     (the oversubscribed ones tell the wake-up term from the wait's), two batch sizes."""

@@ -379,9 +379,11 @@ def test_a_hand_over_of_one_range_of_rows_is_a_view_and_of_any_other_a_gather() 
     executor = ShardExecutor(spec, set_name="s", channel=LocalChannel(), mailbox=Mailbox())
     try:
         values = torch.arange(40, dtype=torch.float32).reshape(10, 4)
-        (_, ranged), (_, gathered) = executor._hand_over(
+        (_, ranged, here), (_, gathered, _) = executor._hand_over(
             "r", 1, values, {1: slice(3, 9), 2: scattered}
         )
+        assert here is None  # no shard on this node: through the channel, on the host
+        assert isinstance(ranged, np.ndarray) and isinstance(gathered, np.ndarray)
         assert np.shares_memory(ranged, values.numpy())
         np.testing.assert_array_equal(ranged, values.numpy()[3:9])
         assert not np.shares_memory(gathered, values.numpy())

@@ -62,7 +62,7 @@ def _node(tmp_path: Path, capacity: int) -> tuple[NodeRuntime, ShardHost]:
         artifact_dir=tmp_path / "artifacts", disk_cache_bytes=0, force_cpu=True,
     )  # fmt: skip
     (device,) = runtime.devices.values()
-    return runtime, ShardHost(store=runtime.artifacts.store, device=device)
+    return runtime, ShardHost(store=runtime.artifacts.store, devices=[device])
 
 
 async def _model_bytes(tmp_path: Path) -> int:
@@ -109,7 +109,7 @@ async def test_a_shard_serving_a_request_is_not_evicted(tmp_path: Path) -> None:
     tier = runtime.devices["cpu:0"].tier
     key = "radix/0"
     loaded = host.shards[key]
-    assert host.device.shards.hold(key, loaded.resident)  # what infer() does while it runs
+    assert loaded.tier.shards.hold(key, loaded.resident)  # what infer() does while it runs
     loaded.running += 1
     try:
         runtime.register("linear", _model(tmp_path))
@@ -120,5 +120,5 @@ async def test_a_shard_serving_a_request_is_not_evicted(tmp_path: Path) -> None:
         assert tier.current("\x00shard:" + key) is loaded.resident
     finally:
         loaded.running -= 1
-        host.device.shards.unhold(key, loaded.resident)
+        loaded.tier.shards.unhold(key, loaded.resident)
     await host.close()
