@@ -657,6 +657,8 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
 def _replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import tempfile
 
+    from dataplane import gateway_seconds
+
     from gpufaas.core.examples import build_examples
     from gpufaas.scheduler.local import stop_processes, wait_ready
 
@@ -688,7 +690,10 @@ def _replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 for name in ("tiny-mlp", "small-cnn"):
                     clients = {"http": RawHttp(port, name), "grpc": RawGrpc(grpc_port, name)}
                     try:
-                        round_out[name] = _alternate(clients, pids, cpu_seconds, args=args)
+                        round_out[name] = _alternate(
+                            clients, pids, cpu_seconds, args=args,
+                            held=lambda name=name, port=port: gateway_seconds(port, name),
+                        )  # fmt: skip
                     finally:
                         for client in clients.values():
                             client.close()
@@ -701,17 +706,21 @@ def _replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def _alternate(
     clients: dict[str, RawHttp], pids: list[int], cpu: Callable[[list[int]], float], *,
-    args: argparse.Namespace,
+    args: argparse.Namespace, held: Callable[[], tuple[float, float]] | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """8 alternating blocks per client after a warm-up: p50, p90, serving CPU per call."""
+    """8 alternating blocks per client after a warm-up: p50, p90, serving CPU per call, and
+    with ``held`` (the gateway's ``gpufaas_request_seconds`` sum and count, read outside the
+    timed calls) the gateway's own mean time per call."""
     for client in clients.values():
         for _ in range(args.warmup):
             client.call()
     latencies: dict[str, list[float]] = {key: [] for key in clients}
     serving = dict.fromkeys(clients, 0.0)
+    at_gateway = {key: [0.0, 0.0] for key in clients}
     deadline = time.monotonic() + 120
     for _ in range(8):
         for key, client in clients.items():
+            start = held() if held is not None else (0.0, 0.0)
             before = cpu(pids)
             for _ in range(args.calls // 8):
                 if time.monotonic() > deadline:
@@ -720,7 +729,14 @@ def _alternate(
                 client.call()
                 latencies[key].append(time.perf_counter() - t0)
             serving[key] += cpu(pids) - before
+            if held is not None:
+                end = held()
+                at_gateway[key][0] += end[0] - start[0]
+                at_gateway[key][1] += end[1] - start[1]
     out: dict[str, float] = {}
+    for key, (seconds, count) in at_gateway.items():
+        if count:
+            out[f"{key}_gateway_mean_us"] = seconds / count * 1e6
     for key, values in latencies.items():
         values.sort()
         n = len(values)
@@ -864,7 +880,6 @@ def _cost_blocks(
     server's CPU per call, each also per block (for paired differences between targets)."""
     import tritonclient.grpc as tgrpc
     import tritonclient.http as thttp
-
     from grpc_common import OUTPUT, body_arrays
 
     arrays, output = body_arrays(name), OUTPUT[name]
