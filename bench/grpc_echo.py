@@ -38,6 +38,9 @@ Two more views of the gateway's own fronts (``docs/dataplane.md``, "gRPC"):
   either client library's own cost (``tritonclient.grpc``'s grpc core spends more per call than
   ``tritonclient.http``, which no server can change). ``--baseline PYTHON --baseline-path
   TREE`` runs another checkout's system in the same rounds.
+* ``--client-cost``: whether ``tritonclient.grpc``'s own CPU per call depends on the server it
+  calls: the gateway against grpcio's C-core server and our bare front, both answering every
+  call at once with the gateway's own answer (:func:`client_cost`).
 
 Servers bind 127.0.0.1 and are stopped at the end; every loop is bounded.
 """
@@ -58,6 +61,8 @@ from pathlib import Path
 from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this process holds grpcio channels while it starts servers (docs/dataplane.md, "gRPC")
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from grpc_common import (
     CLIENT_HEADERS,
@@ -96,11 +101,20 @@ TUNED = [
 PAYLOAD = b"\x01" * 200
 
 
-def serve(kind: str, port: int) -> None:
+def serve(kind: str, port: int, *, answer: bytes = b"", wait_s: float = 0.0) -> None:
+    """Serve ``kind`` on ``port``: each call answered with its own bytes, or with ``answer``
+    when one is given (``--client-cost``'s canned answers), after ``wait_s`` asleep (the loop
+    blocked: one client calls, one call at a time)."""
     import uvloop
 
     async def echo_handler(data: bytes, *_: Any) -> bytes:
-        return data
+        if wait_s:
+            time.sleep(wait_s)
+        return answer or data
+
+    if kind == "http-canned":
+        uvloop.run(_http_canned(port, answer, wait_s=wait_s))
+        return
 
     def generic(handler: Any) -> Any:
         import grpc
@@ -147,7 +161,7 @@ def serve(kind: str, port: int) -> None:
             return asyncio.run_coroutine_threadsafe(echo_handler(data), gateway_loop).result()
 
         gateway_loop = main_loop()
-        handler = bridged if kind == "grpc-sync-bridge" else (lambda data, context: data)
+        handler = bridged if kind == "grpc-sync-bridge" else (lambda data, _: answer or data)
         sync = grpc.server(ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
         sync.add_generic_rpc_handlers((generic(handler),))
         sync.add_insecure_port(f"127.0.0.1:{port}")
@@ -192,6 +206,35 @@ def serve(kind: str, port: int) -> None:
                     log_level="warning", access_log=False)  # fmt: skip
     else:
         uvloop.run(grpc_h2() if kind.startswith("grpc-h2") else grpc_aio())
+
+
+async def _http_canned(port: int, answer: bytes, *, wait_s: float) -> None:
+    """The least an HTTP/1.1 server can do: read a request by its Content-Length, write
+    ``answer`` (a whole response, head and body, as the gateway wrote it) in one write."""
+
+    class Canned(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)
+            self.buffer = b""
+
+        def data_received(self, data: bytes) -> None:
+            self.buffer += data
+            while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+                head = self.buffer[:end].lower()
+                at = head.find(b"content-length:")
+                length = 0 if at < 0 else int(head[at + 15 :].split(b"\r\n", 1)[0])
+                if len(self.buffer) < end + 4 + length:
+                    return
+                self.buffer = self.buffer[end + 4 + length :]
+                if wait_s:
+                    time.sleep(wait_s)
+                self.transport.write(answer)
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Canned, "127.0.0.1", port)
+    print("ready", flush=True)
+    async with server:
+        await asyncio.Event().wait()
 
 
 def _variant(kind: str) -> Callable[[Any], asyncio.Protocol]:
@@ -614,6 +657,8 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
 def _replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import tempfile
 
+    from dataplane import gateway_seconds
+
     from gpufaas.core.examples import build_examples
     from gpufaas.scheduler.local import stop_processes, wait_ready
 
@@ -645,7 +690,10 @@ def _replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 for name in ("tiny-mlp", "small-cnn"):
                     clients = {"http": RawHttp(port, name), "grpc": RawGrpc(grpc_port, name)}
                     try:
-                        round_out[name] = _alternate(clients, pids, cpu_seconds, args=args)
+                        round_out[name] = _alternate(
+                            clients, pids, cpu_seconds, args=args,
+                            held=lambda name=name, port=port: gateway_seconds(port, name),
+                        )  # fmt: skip
                     finally:
                         for client in clients.values():
                             client.close()
@@ -658,17 +706,21 @@ def _replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def _alternate(
     clients: dict[str, RawHttp], pids: list[int], cpu: Callable[[list[int]], float], *,
-    args: argparse.Namespace,
+    args: argparse.Namespace, held: Callable[[], tuple[float, float]] | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """8 alternating blocks per client after a warm-up: p50, p90, serving CPU per call."""
+    """8 alternating blocks per client after a warm-up: p50, p90, serving CPU per call, and
+    with ``held`` (the gateway's ``gpufaas_request_seconds`` sum and count, read outside the
+    timed calls) the gateway's own mean time per call."""
     for client in clients.values():
         for _ in range(args.warmup):
             client.call()
     latencies: dict[str, list[float]] = {key: [] for key in clients}
     serving = dict.fromkeys(clients, 0.0)
+    at_gateway = {key: [0.0, 0.0] for key in clients}
     deadline = time.monotonic() + 120
     for _ in range(8):
         for key, client in clients.items():
+            start = held() if held is not None else (0.0, 0.0)
             before = cpu(pids)
             for _ in range(args.calls // 8):
                 if time.monotonic() > deadline:
@@ -677,7 +729,14 @@ def _alternate(
                 client.call()
                 latencies[key].append(time.perf_counter() - t0)
             serving[key] += cpu(pids) - before
+            if held is not None:
+                end = held()
+                at_gateway[key][0] += end[0] - start[0]
+                at_gateway[key][1] += end[1] - start[1]
     out: dict[str, float] = {}
+    for key, (seconds, count) in at_gateway.items():
+        if count:
+            out[f"{key}_gateway_mean_us"] = seconds / count * 1e6
     for key, values in latencies.items():
         values.sort()
         n = len(values)
@@ -685,6 +744,220 @@ def _alternate(
         out[f"{key}_p90_us"] = values[int(n * 0.9)] * 1e6
         out[f"{key}_serving_cpu_us"] = serving[key] / n * 1e6
     out["grpc_over_http_p50"] = out["grpc_p50_us"] / out["http_p50_us"]
+    return out
+
+
+# -- the client's cost per call, by the server it calls -----------------------------------------
+
+# --client-cost's targets: (label, the client library, which server); a canned server answers
+# every call at once (or after --wait-us asleep: "-wait") with the gateway's own answer to it
+COST_TARGETS = (
+    ("http-gateway", "http", "gateway"),
+    ("grpc-gateway", "grpc", "gateway"),
+    ("http-canned", "http", "http-canned"),
+    ("grpc-h2-canned", "grpc", "grpc-h2"),
+    ("grpc-grpcio-canned", "grpc", "grpc-sync"),
+    ("http-canned-wait", "http", "http-canned-wait"),
+    ("grpc-h2-canned-wait", "grpc", "grpc-h2-wait"),
+)
+
+
+def client_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """``--client-cost``: does ``tritonclient.grpc`` spend more of its own CPU per call on our
+    gateway than on a server that costs it nothing extra? Per round and model, one blocking
+    client calls in alternating blocks: the gateway over HTTP (``tritonclient.http``, binary)
+    and over gRPC, and over gRPC two servers that answer every call at once with the gateway's
+    own answer to it, byte for byte: grpcio's C-core server (``grpc-sync``) and our HTTP/2
+    front (``grpc-h2``). Per target: p50, the client's CPU per call (all its threads, and the
+    calling thread alone), its context switches per call (all threads) and the server's CPU.
+    Every folder it makes is removed afterwards."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="grpc-client-cost-") as folder:
+        return _client_cost(args, Path(folder))
+
+
+def _client_cost(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import tempfile
+
+    import grpc
+
+    from gpufaas.core.examples import build_examples
+    from gpufaas.scheduler.local import stop_processes, wait_ready
+
+    models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
+    build_examples(models, progress=False)
+    write_manifests(work / "functions", models)
+    rounds: list[dict[str, Any]] = []
+    for _ in range(args.rounds):
+        port, grpc_port = free_port(), free_port()
+        home = tempfile.TemporaryDirectory(prefix="grpc-cost-home-", ignore_cleanup_errors=True)
+        env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": home.name}
+        command = [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port),
+                   "--grpc-port", str(grpc_port), "--functions", str(work / "functions"),
+                   "--cpu-devices", "1", "--policy", "lalb-o3"]  # fmt: skip
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+        try:
+            wait_ready([f"http://127.0.0.1:{port}"], timeout_s=180, procs=[proc], what="gpufaas")
+            pids = tree(proc.pid)
+            round_out: dict[str, Any] = {"settled_after_s": settled(pids)}
+            for name in ("tiny-mlp", "small-cnn"):
+                with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                    answer = channel.unary_unary(METHOD)(grpc_request(name), timeout=30)
+                (work / "grpc-answer").write_bytes(answer)
+                (work / "http-answer").write_bytes(_http_answer(port, name))
+                wait = ["--wait-us", str(300 if args.wait_us is None else args.wait_us)]
+                canned = {
+                    "grpc-sync": _start(["grpc-sync"], work / "grpc-answer"),
+                    "grpc-h2": _start(["grpc-h2"], work / "grpc-answer"),
+                    "grpc-h2-wait": _start(["grpc-h2", *wait], work / "grpc-answer"),
+                    "http-canned": _start(["http-canned"], work / "http-answer"),
+                    "http-canned-wait": _start(["http-canned", *wait], work / "http-answer"),
+                }
+                try:
+                    servers = {"gateway": (port, grpc_port, pids)}
+                    for kind, (server_port, server) in canned.items():
+                        servers[kind] = (server_port, server_port, [server.pid])
+                    round_out[name] = _cost_blocks(name, servers, args=args)
+                finally:
+                    for _, server in canned.values():
+                        server.terminate()
+                        server.wait(timeout=10)
+            rounds.append(round_out)
+        finally:
+            stop_processes([proc], timeout_s=30)
+            home.cleanup()
+    return {"rounds": rounds}
+
+
+def _start(serve_args: list[str], answer: Path) -> tuple[int, subprocess.Popen[str]]:
+    port = free_port()
+    command = [sys.executable, __file__, "--serve", *serve_args, "--port", str(port),
+               "--answer", str(answer)]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    return port, proc
+
+
+def _http_answer(port: int, name: str) -> bytes:
+    """The gateway's whole HTTP response (head and body) to one binary request for ``name``."""
+    client = RawHttp(port, name)
+    try:
+        client.sock.sendall(client.request)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += client._recv()
+        head, _, body = received.partition(b"\r\n\r\n")
+        at = head.lower().index(b"content-length:")
+        length = int(head[at + 15 : head.index(b"\r\n", at)])
+        while len(body) < length:
+            body += client._recv()
+        return head + b"\r\n\r\n" + body
+    finally:
+        client.close()
+
+
+def _switches() -> int:
+    """Voluntary and involuntary context switches of every thread of this process so far."""
+    total = 0
+    for status in Path("/proc/self/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        for line in text.splitlines():
+            if "ctxt_switches:" in line:
+                total += int(line.split()[-1])
+    return total
+
+
+def _cost_blocks(
+    name: str, servers: dict[str, tuple[int, int, list[int]]], *, args: argparse.Namespace
+) -> dict[str, Any]:
+    """16 alternating blocks of ``args.calls // 16`` calls per target after ``args.warmup``:
+    per target p50 (µs), client CPU, the calling thread's CPU, client context switches and the
+    server's CPU per call, each also per block (for paired differences between targets)."""
+    import tritonclient.grpc as tgrpc
+    import tritonclient.http as thttp
+    from grpc_common import OUTPUT, body_arrays
+
+    arrays, output = body_arrays(name), OUTPUT[name]
+    datatype = {"int64": "INT64", "float32": "FP32"}
+    closers: list[Callable[[], None]] = []
+    senders: dict[str, tuple[Callable[[], object], list[int]]] = {}
+    for label, library, server in COST_TARGETS:
+        http_port, grpc_port, pids = servers[server]
+        if library == "http":
+            http = thttp.InferenceServerClient(f"127.0.0.1:{http_port}")
+
+            def via_http(client: Any = http) -> object:
+                inputs = []
+                for key, array in arrays.items():
+                    tensor = thttp.InferInput(key, list(array.shape), datatype[str(array.dtype)])
+                    tensor.set_data_from_numpy(array, binary_data=True)
+                    inputs.append(tensor)
+                wanted = [thttp.InferRequestedOutput(output, binary_data=True)]
+                return client.infer(name, inputs, outputs=wanted).as_numpy(output)
+
+            senders[label] = (via_http, pids)
+            closers.append(http.close)
+        else:
+            client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+
+            def via_grpc(client: Any = client) -> object:
+                inputs = []
+                for key, array in arrays.items():
+                    tensor = tgrpc.InferInput(key, list(array.shape), datatype[str(array.dtype)])
+                    tensor.set_data_from_numpy(array)
+                    inputs.append(tensor)
+                wanted = [tgrpc.InferRequestedOutput(output)]
+                return client.infer(name, inputs, outputs=wanted).as_numpy(output)
+
+            senders[label] = (via_grpc, pids)
+            closers.append(client.close)
+    try:
+        for send, _ in senders.values():
+            for _ in range(args.warmup):
+                if send() is None:
+                    raise RuntimeError("no output")
+        keys = list(senders)
+        latencies: dict[str, list[float]] = {k: [] for k in keys}
+        per_block: dict[str, dict[str, list[float]]] = {
+            k: {"client": [], "caller": [], "switches": [], "server": []} for k in keys
+        }
+        deadline = time.monotonic() + 240
+        blocks = 16
+        for block in range(blocks):
+            for key in keys if block % 2 == 0 else keys[::-1]:
+                send, pids = senders[key]
+                switches, theirs = _switches(), cpu_seconds(pids)
+                mine, caller = time.process_time(), time.thread_time()
+                count = 0
+                for _ in range(args.calls // blocks):
+                    if time.monotonic() > deadline:
+                        break
+                    t0 = time.perf_counter()
+                    send()
+                    latencies[key].append(time.perf_counter() - t0)
+                    count += 1
+                n = max(count, 1)
+                per_block[key]["client"].append((time.process_time() - mine) / n * 1e6)
+                per_block[key]["caller"].append((time.thread_time() - caller) / n * 1e6)
+                per_block[key]["server"].append((cpu_seconds(pids) - theirs) / n * 1e6)
+                per_block[key]["switches"].append((_switches() - switches) / n)
+    finally:
+        for close in closers:
+            close()
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = sorted(latencies[key])
+        out[key] = {
+            "p50_us": values[len(values) // 2] * 1e6,
+            "calls": len(values),
+            **{f"{k}_per_call": statistics.fmean(v) for k, v in per_block[key].items()},
+            "blocks": per_block[key],
+        }
     return out
 
 
@@ -714,11 +987,30 @@ def main() -> int:
         default=",".join(SERVERS),
         help=f"echo servers to compare (also: {', '.join(VARIANTS)})",
     )
-    parser.add_argument("--serve", choices=SERVERS + VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--client-cost",
+        action="store_true",
+        help="tritonclient.grpc's own CPU per call on the gateway and on servers that answer "
+        "at once (grpcio's C-core server, our front), tritonclient.http's on the gateway",
+    )
+    parser.add_argument(
+        "--wait-us",
+        type=int,
+        default=None,
+        help="--client-cost: the -wait servers' wait per call (default 300)",
+    )
+    parser.add_argument(
+        "--serve", choices=(*SERVERS, *VARIANTS, "http-canned"), help=argparse.SUPPRESS
+    )
+    parser.add_argument("--answer", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.port)
+        answer = args.answer.read_bytes() if args.answer else b""
+        serve(args.serve, args.port, answer=answer, wait_s=(args.wait_us or 0) * 1e-6)
+        return 0
+    if args.client_cost:
+        print(json.dumps(client_cost(args), indent=1))
         return 0
     if args.stages:
         print(json.dumps(stages(calls=args.calls), indent=1))

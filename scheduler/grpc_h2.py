@@ -152,16 +152,29 @@ class _AnswerFields:
     nothing is evicted. When the client changes SETTINGS_HEADER_TABLE_SIZE, the next block opens
     with a table size update (RFC 7541, 4.2) that empties the table; below that size, literals."""
 
-    __slots__ = ("entries", "limit", "resized")
+    __slots__ = ("entries", "limit", "resized", "steady")
 
     def __init__(self) -> None:
         self.limit = 4096  # the client's table size (SETTINGS_HEADER_TABLE_SIZE)
         self.entries: tuple[bytes, ...] = ()  # what we added, the newest (index 62) first
         self.resized = False
+        # a successful answer's two blocks once they no longer change the client's table
+        self.steady: tuple[bytes, bytes] | None = None
 
     def peer_table_size(self, size: int) -> None:
         if size != self.limit:
-            self.limit, self.resized = size, True
+            self.limit, self.resized, self.steady = size, True, None
+
+    def ok(self) -> tuple[bytes, bytes]:
+        """A successful answer's headers and trailers (:meth:`headers`, :meth:`ok_trailers`):
+        from the second answer on, the same bytes until the client's table size changes."""
+        if self.steady is not None:
+            return self.steady
+        resized, before = self.resized, self.entries
+        blocks = (self.headers(), self.ok_trailers())
+        if not resized and self.entries == before:
+            self.steady = blocks
+        return blocks
 
     def headers(self) -> bytes:
         """``:status 200`` and ``content-type``."""
@@ -343,16 +356,21 @@ class _Connection(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
         try:
-            self._parse()
+            if self.buffer or not self.preface:
+                self.buffer += data
+                self._parse_buffer()
+            else:  # the usual read: whole frames, nothing left over from the last one
+                done = self._parse(data)
+                if done < len(data):
+                    self.buffer += memoryview(data)[done:]
         except _ConnectionError as e:
             self._fail(e.code, str(e))
         self._drain()
 
     # -- frames in ---------------------------------------------------------------------------
 
-    def _parse(self) -> None:
+    def _parse_buffer(self) -> None:
         buffer = self.buffer
         if not self.preface:
             if len(buffer) < len(PREFACE):
@@ -363,19 +381,25 @@ class _Connection(asyncio.Protocol):
                 raise _ConnectionError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
             del buffer[: len(PREFACE)]
             self.preface = True
-        offset, size = 0, len(buffer)
+        del buffer[: self._parse(buffer)]
+
+    def _parse(self, data: bytes | bytearray) -> int:
+        """Handle the whole frames at the start of ``data``; how many bytes they took. Each
+        payload is one copy when ``data`` is ``bytes`` (read straight from the socket), as
+        slicing bytes copies once (``bytes()`` of bytes is the same object)."""
+        offset, size = 0, len(data)
         while size - offset >= 9 and self.transport is not None:
-            word, flags, stream = _FRAME_HEADER.unpack_from(buffer, offset)
+            word, flags, stream = _FRAME_HEADER.unpack_from(data, offset)
             length = word >> 8
             if length > MAX_FRAME:
                 raise _ConnectionError(FRAME_SIZE_ERROR, f"a frame of {length} bytes")
             end = offset + 9 + length
             if size < end:
                 break
-            payload = bytes(buffer[offset + 9 : end])
+            payload = bytes(data[offset + 9 : end])
             offset = end
             self._frame_in(word & 0xFF, flags, stream & 0x7FFF_FFFF, payload)
-        del buffer[:offset]
+        return offset
 
     def _frame_in(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
         if self.continuation is not None and kind != CONTINUATION:
@@ -591,8 +615,7 @@ class _Connection(asyncio.Protocol):
             # the usual answer: headers, the message in one DATA frame, trailers
             stream.send_window -= size
             self.peer_window -= size
-            headers = self.answer_fields.headers()
-            trailers = self.answer_fields.ok_trailers()
+            headers, trailers = self.answer_fields.ok()
             self.out += (
                 _FRAME_HEADER.pack(len(headers) << 8 | HEADERS, END_HEADERS, sid),
                 headers,

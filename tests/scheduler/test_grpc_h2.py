@@ -408,6 +408,85 @@ def test_indexed_only_blocks_are_remembered_only_while_the_table_stands() -> Non
         server.socket.close()
 
 
+class _Sink:
+    """A transport that keeps what is written."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.written += b"".join(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None: ...
+
+
+def _answers(written: bytes) -> dict[int, bytes]:
+    """Each stream's answer message, from the server's frames (DATA payloads, prefix cut)."""
+    answers: dict[int, bytes] = {}
+    at = 0
+    while at + 9 <= len(written):
+        length, kind = int.from_bytes(written[at : at + 3], "big"), written[at + 3]
+        stream = int.from_bytes(written[at + 5 : at + 9], "big")
+        assert kind != 7, "GOAWAY"
+        if kind == 0:
+            answers[stream] = answers.get(stream, b"") + written[at + 9 : at + 9 + length]
+        at += 9 + length
+    return {stream: data[5:] for stream, data in answers.items()}
+
+
+async def test_a_call_cut_anywhere_across_reads_is_answered() -> None:
+    """Reads that end mid-frame (a frame's header or its payload cut in two) keep what is left
+    for the next read, whether the read was parsed from the connection's buffer or straight
+    from the socket's bytes (the usual case, nothing left over): each call is answered."""
+    recorder = Recorder()
+    server = GrpcH2Server(recorder.handlers(), host="127.0.0.1", port=0, max_message_bytes=LIMIT)
+    try:
+        connection, sink = _Connection(server), _Sink()
+        connection.connection_made(sink)  # type: ignore[arg-type]
+        connection.data_received(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        encoder = Encoder()
+
+        def call(stream: int, message: bytes) -> bytes:
+            block = encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", ECHO),
+                                    (":authority", "x"), ("content-type", "application/grpc")])  # fmt: skip
+            body = b"\x00" + len(message).to_bytes(4, "big") + message
+            return (
+                len(block).to_bytes(3, "big") + b"\x01\x04" + stream.to_bytes(4, "big") + block
+                + len(body).to_bytes(3, "big") + b"\x00\x01" + stream.to_bytes(4, "big") + body
+            )  # fmt: skip
+
+        async def answered(*pieces: bytes) -> None:
+            for piece in pieces:
+                connection.data_received(piece)
+            for _ in range(10):
+                await asyncio.sleep(0)
+
+        await answered(call(1, b"whole"))
+        three = call(3, b"cut in the DATA frame's header")
+        headers_end = three.index(b"\x00\x01\x00\x00\x00\x03") - 3  # where DATA starts
+        await answered(three[: headers_end + 4], three[headers_end + 4 :])
+        five = call(5, b"cut in the payload")
+        await answered(five[:-3], five[-3:])
+        seven = call(7, b"cut in three")
+        await answered(seven[:5], seven[5:-1], seven[-1:])
+        await answered(call(9, b"whole again"))
+        assert _answers(bytes(sink.written)) == {
+            1: b"whole",
+            3: b"cut in the DATA frame's header",
+            5: b"cut in the payload",
+            7: b"cut in three",
+            9: b"whole again",
+        }
+    finally:
+        server.socket.close()
+
+
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [("100m", 0.1), ("2S", 2.0), ("1H", 3600.0), ("5u", 5e-6), ("7n", 7e-9), ("3M", 180.0)],
