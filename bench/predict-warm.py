@@ -165,7 +165,10 @@ def within_report(run: dict[str, Any], *, margin_s: float) -> dict[str, Any]:
 
 
 def over_runs(values: list[float]) -> dict[str, float | int]:
-    """Mean, 95% Student t half-width and upper end over runs (half-width NaN for one run)."""
+    """Mean, 95% Student t half-width and upper end over runs (half-width NaN for one run;
+    all three inf when a run's value is: a worst-case bound that does not exist)."""
+    if not all(math.isfinite(v) for v in values):
+        return {"n": len(values), "mean": math.inf, "ci95": math.inf, "upper": math.inf}
     mean = statistics.fmean(values)
     half = (
         t95_exact(len(values)) * statistics.stdev(values) / math.sqrt(len(values))

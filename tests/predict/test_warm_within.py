@@ -124,3 +124,9 @@ def test_the_exact_t_has_every_degree_of_freedom_and_the_published_table_is_unch
     assert (t95_exact(12), t95_exact(20), t95_exact(10)) == (2.201, 2.093, 2.262)
     assert (t95(12), t95(20)) == (2.228, 2.131)  # the sparse table every #13 figure used
     assert math.isnan(t95_exact(1))
+
+
+def test_a_run_without_a_worst_case_bound_leaves_the_interval_unbounded() -> None:
+    assert predict_warm.over_runs([1.0, math.inf, 1.02])["upper"] == math.inf
+    finite = predict_warm.over_runs([1.0, 1.02])
+    assert math.isclose(finite["upper"], 1.01 + 12.706 * 0.01)  # sd / sqrt(2) = 0.01
