@@ -15,7 +15,10 @@ Figures per system:
   (binary tensors), alternating blocks, each with its client CPU and serving CPU per request
   and the gateway's own mean time per request (``tc_*_gateway_mean_ms``: its
   ``gpufaas_request_seconds`` over the block, from reading the body to the answer)
-  (``--only grpc``: these 1-client rows alone);
+  (``--only grpc``: these 1-client rows alone), and the client's context switches per call
+  (``tc_*_client_switches``, all its threads); ``--client-grpc-experiments`` runs this client
+  process with grpc's ``GRPC_EXPERIMENTS`` set (the servers without it), recorded as
+  ``client_grpc_experiments``;
 * ``rps_8``: 8 clients, tiny-mlp with dynamic batching on (maxBatchSize 8, maxDelayMs 2);
 * ``cpu_us_per_request``: user+system CPU of the gateway and manager processes over a
   1-client warm tiny-mlp phase, divided by its request count (``/proc/<pid>/stat``), measured
@@ -61,6 +64,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -89,6 +93,7 @@ spec:
   outputs: {outputs}
   batching: {{maxBatchSize: {batch}, maxDelayMs: {delay}}}
 """
+GRPC_EXPERIMENTS = "GRPC_EXPERIMENTS"  # grpc's switch for its experiments, read once at start
 FAMILIES = {
     "tiny-mlp": ("tiny-mlp.pt", "torchscript", '[{name: x, datatype: FP32, shape: [-1, 16]}]',
                  '[{name: y, datatype: FP32, shape: [-1, 4]}]'),
@@ -190,6 +195,7 @@ def tritonclient_p50s(
     client_cpu = dict.fromkeys(senders, 0.0)
     serving_cpu = dict.fromkeys(senders, 0.0)
     held = {k: [0.0, 0.0] for k in senders}  # the gateway's own time: seconds, requests
+    switches = dict.fromkeys(senders, 0)  # this process's context switches, all its threads
     for send in senders.values():
         for _ in range(args.warmup):
             send()
@@ -199,6 +205,7 @@ def tritonclient_p50s(
         for key, send in senders.items():
             at_gateway = gateway_seconds(http_port, name)  # outside the CPU window
             mine, theirs = time.process_time(), cpu_seconds(pids)
+            before = context_switches()
             for _ in range(args.requests // blocks):
                 if time.monotonic() > deadline:
                     break
@@ -206,6 +213,7 @@ def tritonclient_p50s(
                 send()
                 latencies[key].append(time.perf_counter() - t0)
             client_cpu[key] += time.process_time() - mine
+            switches[key] += context_switches() - before
             serving_cpu[key] += cpu_seconds(pids) - theirs
             after = gateway_seconds(http_port, name)
             held[key][0] += after[0] - at_gateway[0]
@@ -217,10 +225,17 @@ def tritonclient_p50s(
         out[f"tc_{key}_p50_ms"] = pct(values, 50)
         out[f"tc_{key}_p99_ms"] = pct(values, 99)
         out[f"tc_{key}_client_cpu_us"] = client_cpu[key] / max(len(values), 1) * 1e6
+        out[f"tc_{key}_client_switches"] = switches[key] / max(len(values), 1)
         out[f"tc_{key}_serving_cpu_us"] = serving_cpu[key] / max(len(values), 1) * 1e6
         seconds, count = held[key]
         out[f"tc_{key}_gateway_mean_ms"] = seconds / count * 1000 if count else float("nan")
     return out
+
+
+def context_switches() -> int:
+    """This process's voluntary and involuntary context switches so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_nvcsw + usage.ru_nivcsw
 
 
 def gateway_seconds(http_port: int, name: str) -> tuple[float, float]:
@@ -419,9 +434,7 @@ def _run_system(
     command = [python, "-m", "gpufaas.core.cli", "up", "--port", str(port),
                "--functions", str(functions), "--cpu-devices", "1", "--policy", args.policy,
                *extra]  # fmt: skip
-    env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": home}
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
+    env = server_env(os.environ, models=models, home=home, pythonpath=pythonpath)
     has_grpc = (
         "--grpc-port"
         in subprocess.run(
@@ -453,6 +466,27 @@ def _run_system(
 
 
 PINS = ("split", "split-client-gateway", "split-client-node", "together")
+
+
+def server_env(base: Any, *, models: Path, home: str, pythonpath: str | None) -> dict[str, str]:
+    """The servers' environment: ``base`` with the run's folders, and without
+    ``GRPC_EXPERIMENTS``: ``--client-grpc-experiments`` is the client's setting alone, so a
+    server never inherits it."""
+    env = {k: v for k, v in base.items() if k != GRPC_EXPERIMENTS}
+    env.update(GPUFAAS_MODELS=str(models), GPUFAAS_HOME=home)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return env
+
+
+def client_exec(environ: Any, experiments: str | None) -> dict[str, str] | None:
+    """The environment to re-run this bench in so that its client process (this one) starts
+    grpc with ``GRPC_EXPERIMENTS=experiments``, or None when it already runs with it (or none
+    is asked for). grpc reads the variable once, when it starts, so the process is replaced
+    rather than the variable set late."""
+    if experiments is None or environ.get(GRPC_EXPERIMENTS) == experiments:
+        return None
+    return {**environ, GRPC_EXPERIMENTS: experiments}
 
 
 def pin_threads(pids: list[int], cpus: Any) -> None:
@@ -851,10 +885,20 @@ def main() -> int:
         help="exploratory: also run each of this checkout's transports with its processes "
         f"pinned, each mode a system of its own ({', '.join(PINS)}; comma-separated)",
     )
+    parser.add_argument(
+        "--client-grpc-experiments",
+        default=None,
+        help="run this bench's client process (tritonclient.grpc, grpc.aio) with "
+        "GRPC_EXPERIMENTS set to this (e.g. -event_engine_client); the servers never get it; "
+        "recorded in the JSON as client_grpc_experiments",
+    )
     parser.add_argument("--serve-front", choices=FRONTS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--fd", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--functions-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    env = client_exec(os.environ, args.client_grpc_experiments)
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if args.serve_front:
         serve_front(args.serve_front, args.fd, Path(args.functions_dir))
         return 0
@@ -921,7 +965,11 @@ def run(args: argparse.Namespace, work: Path) -> int:
                     pin=pin,
                 )
             )
-    print(json.dumps({**results, "unanswered": FAILURES}, indent=1))
+    client = {
+        "client_grpc_experiments": os.environ.get(GRPC_EXPERIMENTS),
+        "grpcio": grpc.__version__,
+    }
+    print(json.dumps({**results, "unanswered": FAILURES, **client}, indent=1))
     return 0
 
 
