@@ -76,7 +76,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc_common import cpu_seconds, free_port, grpc_request_from, tree
+from grpc_common import cpu_seconds, free_port, grpc_request_from, grpc_sender, http_sender, tree
 from tritonclient.utils import InferenceServerException
 
 from gpufaas.core.examples import build_examples, example_inputs
@@ -167,28 +167,12 @@ def tritonclient_p50s(
     import tritonclient.http as thttp
 
     arrays = body_arrays(name)
-    datatypes = {"int64": "INT64", "float32": "FP32"}
     output = {"tiny-mlp": "y", "small-cnn": "logits"}[name.removesuffix("-batched")]
     http = thttp.InferenceServerClient(f"127.0.0.1:{http_port}")
     grpc_client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
 
-    def via_http() -> None:
-        inputs = []
-        for key, array in arrays.items():
-            tensor = thttp.InferInput(key, list(array.shape), datatypes[str(array.dtype)])
-            tensor.set_data_from_numpy(array, binary_data=True)
-            inputs.append(tensor)
-        outputs = [thttp.InferRequestedOutput(output, binary_data=True)]
-        http.infer(name, inputs, outputs=outputs).as_numpy(output)
-
-    def via_grpc() -> None:
-        inputs = []
-        for key, array in arrays.items():
-            tensor = tgrpc.InferInput(key, list(array.shape), datatypes[str(array.dtype)])
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        outputs = [tgrpc.InferRequestedOutput(output)]
-        grpc_client.infer(name, inputs, outputs=outputs).as_numpy(output)
+    via_http = http_sender(http, model=name, output=output, arrays=arrays)
+    via_grpc = grpc_sender(grpc_client, model=name, output=output, arrays=arrays)
 
     senders = {"http": via_http, "grpc": via_grpc}
     latencies: dict[str, list[float]] = {k: [] for k in senders}

@@ -152,6 +152,43 @@ TRITONCLIENT_CHANNEL = [
 NO_RETRIES_CHANNEL = [*TRITONCLIENT_CHANNEL, ("grpc.enable_retries", 0)]
 
 
+def http_sender(
+    client: Any, *, model: str, output: str, arrays: dict[str, npt.NDArray[Any]]
+) -> Callable[[], object]:
+    """One blocking ``tritonclient.http`` inference per call, binary tensors both ways, the
+    inputs built per call as a user of the client writes it."""
+    import tritonclient.http as thttp
+
+    def call() -> object:
+        inputs = []
+        for key, array in arrays.items():
+            tensor = thttp.InferInput(key, list(array.shape), _DATATYPES[str(array.dtype)])
+            tensor.set_data_from_numpy(array, binary_data=True)
+            inputs.append(tensor)
+        outputs = [thttp.InferRequestedOutput(output, binary_data=True)]
+        return client.infer(model, inputs, outputs=outputs).as_numpy(output)
+
+    return call
+
+
+def grpc_sender(
+    client: Any, *, model: str, output: str, arrays: dict[str, npt.NDArray[Any]]
+) -> Callable[[], object]:
+    """The same with ``tritonclient.grpc`` (raw contents both ways)."""
+    import tritonclient.grpc as tgrpc
+
+    def call() -> object:
+        inputs = []
+        for key, array in arrays.items():
+            tensor = tgrpc.InferInput(key, list(array.shape), _DATATYPES[str(array.dtype)])
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        outputs = [tgrpc.InferRequestedOutput(output)]
+        return client.infer(model, inputs, outputs=outputs).as_numpy(output)
+
+    return call
+
+
 def tritonclient_senders(
     target: Target, *, no_retries: bool = False
 ) -> tuple[dict[str, Callable[[], object]], Callable[[], None]]:
@@ -165,32 +202,15 @@ def tritonclient_senders(
     grpc_client = tgrpc.InferenceServerClient(target.grpc)
     lean = tgrpc.InferenceServerClient(target.grpc, channel_args=NO_RETRIES_CHANNEL)
 
-    def via_http() -> object:
-        inputs = []
-        for key, array in target.arrays.items():
-            tensor = thttp.InferInput(key, list(array.shape), _DATATYPES[str(array.dtype)])
-            tensor.set_data_from_numpy(array, binary_data=True)
-            inputs.append(tensor)
-        outputs = [thttp.InferRequestedOutput(target.output, binary_data=True)]
-        return http.infer(target.model, inputs, outputs=outputs).as_numpy(target.output)
-
     def via(client: tgrpc.InferenceServerClient) -> Callable[[], object]:
-        def call() -> object:
-            inputs = []
-            for key, array in target.arrays.items():
-                tensor = tgrpc.InferInput(key, list(array.shape), _DATATYPES[str(array.dtype)])
-                tensor.set_data_from_numpy(array)
-                inputs.append(tensor)
-            outputs = [tgrpc.InferRequestedOutput(target.output)]
-            return client.infer(target.model, inputs, outputs=outputs).as_numpy(target.output)
-
-        return call
+        return grpc_sender(client, model=target.model, output=target.output, arrays=target.arrays)
 
     def close() -> None:
         http.close()
         grpc_client.close()
         lean.close()
 
+    via_http = http_sender(http, model=target.model, output=target.output, arrays=target.arrays)
     senders = {"http": via_http, "grpc": via(grpc_client)}
     if no_retries:
         senders["grpc_noretry"] = via(lean)

@@ -880,10 +880,9 @@ def _cost_blocks(
     server's CPU per call, each also per block (for paired differences between targets)."""
     import tritonclient.grpc as tgrpc
     import tritonclient.http as thttp
-    from grpc_common import OUTPUT, body_arrays
+    from grpc_common import OUTPUT, body_arrays, grpc_sender, http_sender
 
     arrays, output = body_arrays(name), OUTPUT[name]
-    datatype = {"int64": "INT64", "float32": "FP32"}
     closers: list[Callable[[], None]] = []
     senders: dict[str, tuple[Callable[[], object], list[int]]] = {}
     for label, library, server in COST_TARGETS:
@@ -891,29 +890,13 @@ def _cost_blocks(
         if library == "http":
             http = thttp.InferenceServerClient(f"127.0.0.1:{http_port}")
 
-            def via_http(client: Any = http) -> object:
-                inputs = []
-                for key, array in arrays.items():
-                    tensor = thttp.InferInput(key, list(array.shape), datatype[str(array.dtype)])
-                    tensor.set_data_from_numpy(array, binary_data=True)
-                    inputs.append(tensor)
-                wanted = [thttp.InferRequestedOutput(output, binary_data=True)]
-                return client.infer(name, inputs, outputs=wanted).as_numpy(output)
-
+            via_http = http_sender(http, model=name, output=output, arrays=arrays)
             senders[label] = (via_http, pids)
             closers.append(http.close)
         else:
             client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
 
-            def via_grpc(client: Any = client) -> object:
-                inputs = []
-                for key, array in arrays.items():
-                    tensor = tgrpc.InferInput(key, list(array.shape), datatype[str(array.dtype)])
-                    tensor.set_data_from_numpy(array)
-                    inputs.append(tensor)
-                wanted = [tgrpc.InferRequestedOutput(output)]
-                return client.infer(name, inputs, outputs=wanted).as_numpy(output)
-
+            via_grpc = grpc_sender(client, model=name, output=output, arrays=arrays)
             senders[label] = (via_grpc, pids)
             closers.append(client.close)
     try:
