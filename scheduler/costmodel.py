@@ -39,7 +39,9 @@ in-process one's (``w_lp``'s compute term above is multiplied by it, at every sh
 ``served`` is fitted with ``c_request`` and ``c_io`` on the unsharded calibration runs, at two
 depths (:func:`fit_coordinator`): at one depth (sessions 4-13, all 8 layers) it cannot be
 told from ``c_io`` (both grow with width and batch), the two coordinator terms took up the
-extra of 8 layers, and a deeper net (the grid's, 24 layers) was predicted too low at N = 1.
+extra of 8 layers, and a deeper net (the grid's, 24 layers) would be predicted too low at
+N = 1. On the fresh quiet calibration of session 13's second wave it came out 1.025: there
+was no such excess to take up, and the round scored the same with and without it.
 
 Session 13 tried charging the waits on the busiest shard's path only (a waiting shard holds
 no core: ``Constants.waits_on_path=True``); on its fresh grid round it scored worse than the
