@@ -66,6 +66,8 @@ PERIOD = {1024: 6, 4096: 8, 16384: 10}  # layers before a RadiX-Net's pattern re
 # The calibration's message split (costmodel.message_split): 4,096 wide so that its large
 # messages span the grid's (65-524 KiB at batch 64), 8 layers of one stride each.
 SPLIT_NEURONS, SPLIT_DEPTH = 4096, 8
+# the unsharded calibration runs' depths (the grid's net is 24 deep: never one of them)
+UNSHARDED_DEPTHS = (8, 16)
 
 
 # -------------------------------------------------------------------------------------------
@@ -884,7 +886,7 @@ async def calibrate(
 ) -> dict[str, Any]:
     """Measure the cost model's calibration runs on calibration nets, never on the grid's net
     (see :mod:`gpufaas.scheduler.costmodel`): compute in-process per shard; the coordinator
-    from unsharded runs on real managers (1,024 / 2,048 / 4,096 x 8); each channel from
+    from unsharded runs on real managers (1,024 / 2,048 / 4,096 x 8 and x 16); each channel from
     2,048 x 4 and x 8 split 2 and 4 ways, block and random, and 8 ways block where there are
     8 nodes. Every run has a speed probe beside it (before and after its timed requests).
 
@@ -909,18 +911,21 @@ async def calibrate(
             passes.append(probe_pass())
         return statistics.median(times), statistics.median(passes)
 
-    async def unsharded(rounds: dict[tuple[int, int], list[tuple[float, float]]]) -> None:
-        for width in (1024, 2048, 4096):
-            name = f"cal-{width}"
+    async def unsharded(rounds: dict[tuple[int, int, int], list[tuple[float, float]]]) -> None:
+        # two depths (session 14): a served pass's compute over the in-process one
+        # (costmodel.fit_coordinator) grows with depth, c_io does not
+        for width, depth in ((w, d) for w in (1024, 2048, 4096) for d in UNSHARDED_DEPTHS):
+            name = f"cal-{width}-{depth}"
             await coordinator.deploy(
-                name, radix_net(width, 8), Parallelism(shards=1, strategy="intra-layer"),
+                name, radix_net(width, depth), Parallelism(shards=1, strategy="intra-layer"),
                 nodes=urls[:1],
             )  # fmt: skip
             for b in batches:
-                rounds.setdefault((width, b), []).append(await median_latency(name, b, width))
+                key = (width, depth, b)
+                rounds.setdefault(key, []).append(await median_latency(name, b, width))
             await coordinator.remove(name)
 
-    unsplit: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    unsplit: dict[tuple[int, int, int], list[tuple[float, float]]] = {}
     try:
         await unsharded(unsplit)
         for channel in channels:
@@ -972,13 +977,14 @@ async def calibrate(
         await unsharded(unsplit)
     finally:
         await coordinator.close()
-    for (width, b), both in unsplit.items():
+    for (width, depth, b), both in unsplit.items():
         seconds, probe = min(both)
-        measured["coordinator"].append({"width": width, "batch": b, "seconds": seconds,
+        measured["coordinator"].append({"width": width, "depth": depth, "batch": b,
+                                        "seconds": seconds,
                                         "probe_s": probe,
                                         "both_rounds": [s for s, _ in both],
                                         "both_probes": [q for _, q in both]})  # fmt: skip
-        print(f"  coordinator N=1 width {width} batch {b}: "
+        print(f"  coordinator N=1 width {width} x {depth} batch {b}: "
               f"{[round(s * 1e3, 2) for s, _ in both]} ms", flush=True)  # fmt: skip
     return measured
 
@@ -992,6 +998,7 @@ def fit_constants(
     message_split: bool = True,
     pin_bytes: bool = True,
     waits_on_path: bool = False,
+    served: bool = True,
 ) -> costmodel.Constants:
     """The constants from a calibration's runs. With ``probe``, each run's seconds are first
     scaled to one speed (the median of the calibration's probes) by its own probe, and the
@@ -1004,7 +1011,10 @@ def fit_constants(
     (``costmodel.byte_cost``) and the joint fit fits the other terms (session 12's
     primary); without ``pin_bytes`` the split's runs join the joint fit like any other.
     ``waits_on_path=True`` charges the waits on the busiest shard's path only (session 13's
-    alternative, scored beside the default: ``costmodel_waits_on_path``)."""
+    alternative, scored beside the default: ``costmodel_waits_on_path``). ``served`` fits a
+    served pass's compute over the in-process calibration's from the unsharded runs at two
+    depths (``costmodel.fit_coordinator``; session 14); ``served=False`` keeps it at 1 (the
+    model of sessions 4-13, the control: ``costmodel_without_served``)."""
     probes = [r["probe_s"] for part in ("compute", "coordinator", "channels")
               for r in measured[part] if "probe_s" in r]  # fmt: skip
     reference = statistics.median(probes) if probe and probes else None
@@ -1020,18 +1030,16 @@ def fit_constants(
     none = {"none": costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0)}
     # sessions before 9 measured no contention: their products are charged as alone
     shared_cores = {int(r["shards"]): float(r["factor"]) for r in measured.get("contention", [])}
-    bare = costmodel.Constants(compute, 0.0, 0.0, cores, none)
-    fixed_x, fixed_y, totals = [], [], []
+    unsharded = []
     for r in measured["coordinator"]:
-        net = radix_net(r["width"], 8)
+        net = radix_net(r["width"], r.get("depth", 8))  # depth 8 alone before session 14
         prof = costmodel.profile(net, partition(net, 1, method="block"))
-        layers = costmodel.predict(prof, batch=r["batch"], channel="none", constants=bare)
-        fixed_x.append([1.0, float(r["batch"] * prof.io_values)])
-        fixed_y.append(at_reference(r) - layers)
-        totals.append(at_reference(r))
-    per_request, per_io = costmodel.fit(fixed_x, fixed_y, relative_to=totals)
-    base = costmodel.Constants(compute, per_request, per_io, cores, none, contention=shared_cores,
-                               waits_on_path=waits_on_path)  # fmt: skip
+        unsharded.append((prof, int(r["batch"]), at_reference(r)))
+    base = costmodel.fit_coordinator(
+        unsharded, served=served,
+        base=costmodel.Constants(compute, 0.0, 0.0, cores, none, contention=shared_cores,
+                                 waits_on_path=waits_on_path),
+    )  # fmt: skip
     runs: dict[str, list[tuple[costmodel.Profile, int, float]]] = {}
     for r in measured["channels"]:
         if "split" in r and not message_split:
@@ -1048,8 +1056,7 @@ def fit_constants(
                 for r, s in pairs if r["channel"] == channel
             )}  # fmt: skip
     costs = costmodel.fit_channels(runs, base=base, shared=shared, fixed=fixed)
-    return costmodel.Constants(compute, per_request, per_io, cores, costs, probe_s=reference,
-                               contention=shared_cores, waits_on_path=waits_on_path)  # fmt: skip
+    return dataclasses.replace(base, channels=costs, probe_s=reference)
 
 
 def _compute_features(row: dict[str, Any]) -> list[float]:
@@ -1302,6 +1309,20 @@ def score(
                     net,
                     [dict(r) for r in grid],
                     fit_constants(calibration["runs"], cores=cores, waits_on_path=True),
+                    spread=spread,
+                ),
+            }
+            if probed
+            else {}
+        ),
+        # session 14's control: a served pass's compute charged as the in-process one's
+        # (served = 1, c_request and c_io fitted on the same unsharded runs: sessions 4-13)
+        **(
+            {
+                "costmodel_without_served": evaluate(
+                    net,
+                    [dict(r) for r in grid],
+                    fit_constants(calibration["runs"], cores=cores, served=False),
                     spread=spread,
                 ),
             }

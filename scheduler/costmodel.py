@@ -32,6 +32,17 @@ layer's shards run side by side, at most ``cores`` of them at once):
   balanced shards it adds ``c_wake * (N - cores) / cores`` per waiting layer (1 at N = 4, 3 at
   N = 8 on 2 cores), more than ``N / cores`` sharing alone charges.
 
+Served passes (session 14): the compute constants come from one-thread passes run back to
+back in-process, their weights hot; a served pass, one per request between the coordinator's
+and the event loop's work, takes longer. Its compute is charged ``served`` times the
+in-process one's (``w_lp``'s compute term above is multiplied by it, at every shard count).
+``served`` is fitted with ``c_request`` and ``c_io`` on the unsharded calibration runs, at two
+depths (:func:`fit_coordinator`): at one depth (sessions 4-13, all 8 layers) it cannot be
+told from ``c_io`` (both grow with width and batch), the two coordinator terms took up the
+extra of 8 layers, and a deeper net (the grid's, 24 layers) would be predicted too low at
+N = 1. On the fresh quiet calibration of session 13's second wave it came out 1.025: there
+was no such excess to take up, and the round scored the same with and without it.
+
 Session 13 tried charging the waits on the busiest shard's path only (a waiting shard holds
 no core: ``Constants.waits_on_path=True``); on its fresh grid round it scored worse than the
 default (17 against 21 of 25 cells within 25%), so it stays an alternative that the
@@ -48,8 +59,8 @@ Calibration (``bench/fsd.py --calibrate-only``, on nets that are never the bench
 1. compute: every shard of block and random splits of several nets (N = 1..8, two batch
    sizes) timed on one thread in-process, running the executor's own code; ``c_op`` and
    ``c_nnz`` by a relative least-squares fit over the shards;
-2. coordinator: unsharded runs on real managers; what the compute terms leave gives
-   ``c_request`` and ``c_io``;
+2. coordinator: unsharded runs on real managers at two depths; against the compute terms'
+   prediction they give ``c_request``, ``c_io`` and ``served``;
 3. channels: sharded runs (2 and 4 shards, block and random, and 8 shards block: more
    shards than cores; two depths and batches) per channel, plus the *message split*
    (:func:`message_split`, session 12): two nets alike in weights, products, messages and
@@ -127,6 +138,7 @@ __all__ = [
     "fit",
     "fit_channel",
     "fit_channels",
+    "fit_coordinator",
     "message_split",
     "predict",
     "predicted_cost",
@@ -182,6 +194,10 @@ class Constants:
     # within 25% against 21 for the default, every term in both branches (bench/RESULTS.md,
     # "fsd, thirteenth session"); bench/fsd.py scores it beside the default
     waits_on_path: bool = False
+    # a served shard pass's compute over the in-process calibration's (session 14): every
+    # shard's compute is charged ``served`` times what the one-thread, back-to-back passes of
+    # the compute calibration took (:func:`fit_coordinator`; 1 where it could not be told)
+    served: float = 1.0
 
 
 def at_speed(constants: Constants, probe_s: float) -> Constants:
@@ -204,6 +220,7 @@ def at_speed(constants: Constants, probe_s: float) -> Constants:
         probe_s=probe_s,
         contention=constants.contention,  # a ratio of times: the same at any speed
         waits_on_path=constants.waits_on_path,
+        served=constants.served,  # a ratio of times: the same at any speed
     )
 
 
@@ -335,7 +352,7 @@ def _split_work(
     comm = np.array([channel.per_message_s, channel.per_byte_s, channel.per_sync_s,
                      channel.per_wake_s])  # fmt: skip
     cpu: Matrix = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(c))
-    cpu = cpu * contention(constants, p.shards)
+    cpu = cpu * contention(constants, p.shards) * constants.served
     waits: Matrix = np.zeros_like(cpu)
     if p.shards > 1:
         features = channel_features(p, batch=batch, cores=constants.cores)
@@ -507,6 +524,36 @@ def fit(
     return [float(max(v, 0.0)) for v in solution]
 
 
+def fit_coordinator(
+    runs: Sequence[tuple[Profile, int, float]], *, base: Constants, served: bool = True
+) -> Constants:
+    """``base`` with the coordinator's constants (``c_request``, ``c_io``) and ``served``
+    fitted on unsharded runs ``(profile, batch, measured seconds)``, given ``base``'s compute
+    constants: each run is ``c_request + c_io * batch * io_values + served * layers``, where
+    ``layers`` is what the compute calibration's passes (one thread, back to back, their
+    weights hot) predict. ``served`` can be told from ``c_io`` only where the runs differ in
+    depth (both grow with width and batch; only ``layers`` grows with depth): with one depth,
+    or with ``served=False``, it stays 1 and the two coordinator terms take up what differs
+    (sessions 4-13, whose depth-8 runs put a served pass's extra per layer into ``c_io``)."""
+    unit = dataclasses.replace(base, per_request_s=0.0, per_io_value_s=0.0, served=1.0)
+    xs, ys = [], []
+    for p, batch, measured in runs:
+        if p.shards != 1:
+            raise ValueError(f"the coordinator's runs are unsharded, not {p.shards} shards")
+        layers = predict(p, batch=batch, channel="none", constants=unit)
+        xs.append([1.0, float(batch * p.io_values), layers])
+        ys.append(measured)
+    depths = {p.ops.shape[0] for p, _, _ in runs}
+    if served and len(depths) > 1:
+        per_request, per_io, factor = fit(xs, ys, relative=True)
+        if factor > 0:
+            return dataclasses.replace(base, per_request_s=per_request, per_io_value_s=per_io,
+                                       served=factor)  # fmt: skip
+    left = [y - x[2] for x, y in zip(xs, ys, strict=True)]
+    per_request, per_io = fit([x[:2] for x in xs], left, relative_to=ys)
+    return dataclasses.replace(base, per_request_s=per_request, per_io_value_s=per_io, served=1.0)
+
+
 # The terms of a channel's cost in the order of ``channel_features`` and then the shard count.
 _TERMS = ("per_message_s", "per_byte_s", "per_sync_s", "per_wake_s", "per_shard_s")
 # Terms that are the same code whatever the channel (session 8): the coordinator's call to a
@@ -606,7 +653,7 @@ def _channel_row(
     busiest = work.argmax(axis=1)
     by_max = work.max(axis=1) >= cpu.sum(axis=1) / base.cores
     compute = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(base.compute))
-    compute = compute * contention(base, p.shards)
+    compute = compute * contention(base, p.shards) * base.served
     comm = channel_features(p, batch=batch, cores=base.cores)
     shared = comm.sum(axis=1) / base.cores  # the cores' branch: CPU terms only
     if base.waits_on_path:

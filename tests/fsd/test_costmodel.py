@@ -349,6 +349,68 @@ def test_at_speed_scales_every_prediction_by_the_probe_ratio() -> None:
     assert costmodel.at_speed(CONSTANTS, 0.006) is CONSTANTS  # unprobed: as they are
 
 
+# --- a served pass against the in-process calibration (session 14) ---------------------------
+
+
+def _unsharded_runs(
+    constants: costmodel.Constants, depths: tuple[int, ...]
+) -> list[tuple[costmodel.Profile, int, float]]:
+    runs = []
+    for width in (256, 512, 1024):
+        for depth in depths:
+            net = radix_net(width, depth)
+            prof = costmodel.profile(net, partition(net, 1, method="block"))
+            for batch in (16, 64):
+                seconds = costmodel.predict(prof, batch=batch, channel="direct",
+                                            constants=constants)  # fmt: skip
+                runs.append((prof, batch, seconds))
+    return runs
+
+
+def test_a_served_pass_charges_every_shards_compute_that_many_times() -> None:
+    """``served`` multiplies each shard's compute, at one shard and at many, and nothing
+    else: with compute alone in the constants the prediction is ``served`` times larger."""
+    net = radix_net(256, 8)
+    only_compute = costmodel.Constants(COMPUTE, 0.0, 0.0, 2,
+                                       {"x": costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0)})  # fmt: skip
+    for shards in (1, 2, 4):
+        prof = costmodel.profile(net, partition(net, shards, method="block"))
+        hot = costmodel.predict(prof, batch=16, channel="x", constants=only_compute)
+        served = dataclasses.replace(only_compute, served=1.3)
+        assert costmodel.predict(prof, batch=16, channel="x", constants=served) == (
+            pytest.approx(1.3 * hot)
+        )
+        assert costmodel.at_speed(dataclasses.replace(served, probe_s=1.0), 2.0).served == 1.3
+
+
+def test_fit_coordinator_tells_a_served_pass_from_c_io_only_across_depths() -> None:
+    """Unsharded runs the model made with ``served = 1.3`` at two depths give back
+    ``c_request``, ``c_io`` and ``served``; at one depth ``served`` cannot be told from
+    ``c_io`` (both grow with width and batch) and stays 1, the extra going into the
+    coordinator's terms, which then predict a deeper net too low (sessions 4-13's N = 1)."""
+    hot = dataclasses.replace(CONSTANTS, compute=dataclasses.replace(COMPUTE, per_tile_nnz_s=5e-10))
+    truth = dataclasses.replace(hot, served=1.3)
+    fitted = costmodel.fit_coordinator(_unsharded_runs(truth, (4, 12)), base=hot)
+    assert fitted.served == pytest.approx(1.3, rel=1e-6)
+    assert fitted.per_request_s == pytest.approx(truth.per_request_s, rel=1e-6)
+    assert fitted.per_io_value_s == pytest.approx(truth.per_io_value_s, rel=1e-6)
+    one_depth = costmodel.fit_coordinator(_unsharded_runs(truth, (4,)), base=hot)
+    assert one_depth.served == 1.0
+    unasked = costmodel.fit_coordinator(_unsharded_runs(truth, (4, 12)), base=hot,
+                                        served=False)  # fmt: skip
+    assert unasked.served == 1.0
+    deep = radix_net(1024, 24)
+    prof = costmodel.profile(deep, partition(deep, 1, method="block"))
+    measured = costmodel.predict(prof, batch=64, channel="direct", constants=truth)
+    for model, low in ((fitted, False), (one_depth, True)):
+        error = costmodel.predict(prof, batch=64, channel="direct", constants=model) / measured - 1
+        assert (error < -0.05) is low, error
+    with pytest.raises(ValueError, match="unsharded"):
+        net = radix_net(256, 4)
+        two = costmodel.profile(net, partition(net, 2, method="block"))
+        costmodel.fit_coordinator([(two, 16, 1e-3)], base=hot)
+
+
 # --- the message split (session 12): bytes told apart from messages and waits ---------------
 
 
