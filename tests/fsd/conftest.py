@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,10 +24,30 @@ from gpufaas.core.channelservers import (
     run_nats,
     run_seaweedfs,
 )
-from gpufaas.core.layered import LayeredNet
+from gpufaas.core.layered import LayeredNet, radix_net
 from gpufaas.gpu_manager.main import build_runtime
 from gpufaas.gpu_manager.shards import ShardExecutor, ShardFastPath, ShardHost, shard_router
+from gpufaas.scheduler.coordinator import Coordinator
 from gpufaas.scheduler.partition import partition, split
+
+
+# A net, an input and a coordinator for tests that run shard sets over real nodes
+# (test_nodes.py, test_in_node.py); modules with a net of their own define it themselves.
+@pytest.fixture(scope="module")
+def net() -> Any:
+    return radix_net(512, 12, weights="random", seed=6)
+
+
+@pytest.fixture(scope="module")
+def x() -> np.ndarray:
+    return np.random.default_rng(7).random((4, 512)).astype(np.float32)
+
+
+@pytest.fixture
+async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
+    c = Coordinator(artifact_base=str(tmp_path / "shards"), timeout_s=20)
+    yield c
+    await c.close()
 
 
 @pytest.fixture(scope="session")
@@ -92,28 +113,16 @@ class ThreadNode:
         self.thread.join(timeout=15)
 
 
-@pytest.fixture
-def thread_nodes(tmp_path: Path) -> Iterator[list[ThreadNode]]:
+def _started_nodes(tmp_path: Path, *, count: int, cpu_devices: int) -> Iterator[list[ThreadNode]]:
+    """``count`` shard nodes of ``cpu_devices`` CPU devices each, stopped when done."""
     nodes: list[ThreadNode] = []
     try:
-        for index in range(4):
-            node = ThreadNode(tmp_path / f"node{index}", capacity_bytes=1 << 30, stall_s=5.0)
-            node.start()
-            nodes.append(node)
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
-
-
-@pytest.fixture
-def two_device_nodes(tmp_path: Path) -> Iterator[list[ThreadNode]]:
-    """Two shard nodes of two CPU devices each (``--cpu-devices 2``)."""
-    nodes: list[ThreadNode] = []
-    try:
-        for index in range(2):
+        for index in range(count):
             node = ThreadNode(
-                tmp_path / f"node{index}", capacity_bytes=1 << 30, stall_s=5.0, cpu_devices=2
+                tmp_path / f"node{index}",
+                capacity_bytes=1 << 30,
+                stall_s=5.0,
+                cpu_devices=cpu_devices,
             )
             node.start()
             nodes.append(node)
@@ -121,6 +130,17 @@ def two_device_nodes(tmp_path: Path) -> Iterator[list[ThreadNode]]:
     finally:
         for node in nodes:
             node.stop()
+
+
+@pytest.fixture
+def thread_nodes(tmp_path: Path) -> Iterator[list[ThreadNode]]:
+    yield from _started_nodes(tmp_path, count=4, cpu_devices=1)
+
+
+@pytest.fixture
+def two_device_nodes(tmp_path: Path) -> Iterator[list[ThreadNode]]:
+    """Two shard nodes of two CPU devices each (``--cpu-devices 2``)."""
+    yield from _started_nodes(tmp_path, count=2, cpu_devices=2)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,30 +21,12 @@ import torch
 
 from gpufaas.core import node
 from gpufaas.core.channels import DirectChannel, Envelope, LocalChannel, Mailbox, ShardTimeout
-from gpufaas.core.layered import radix_net
 from gpufaas.core.sharding import Handed, Parallelism, ShardLoad
 from gpufaas.gpu_manager.devices import CpuBackend
 from gpufaas.gpu_manager.inventory import cpu_devices
 from gpufaas.gpu_manager.shards import InNodePeer, ShardExecutor, device_for
 from gpufaas.scheduler.coordinator import Coordinator
 from gpufaas.scheduler.partition import partition, split
-
-
-@pytest.fixture(scope="module")
-def net() -> Any:
-    return radix_net(512, 12, weights="random", seed=6)
-
-
-@pytest.fixture(scope="module")
-def x() -> np.ndarray:
-    return np.random.default_rng(7).random((4, 512)).astype(np.float32)
-
-
-@pytest.fixture
-async def coordinator(tmp_path: Path) -> Any:
-    c = Coordinator(artifact_base=str(tmp_path / "shards"), timeout_s=20)
-    yield c
-    await c.close()
 
 
 def _load(shard: int, peers: dict[int, str], node_url: str) -> ShardLoad:

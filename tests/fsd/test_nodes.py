@@ -30,23 +30,6 @@ from gpufaas.scheduler.local import free_port, run_manager_processes
 from gpufaas.scheduler.partition import partition, shard_sizes, split
 
 
-@pytest.fixture(scope="module")
-def net() -> Any:
-    return radix_net(512, 12, weights="random", seed=6)
-
-
-@pytest.fixture(scope="module")
-def x() -> np.ndarray:
-    return np.random.default_rng(7).random((4, 512)).astype(np.float32)
-
-
-@pytest.fixture
-async def coordinator(tmp_path: Path) -> Any:
-    c = Coordinator(artifact_base=str(tmp_path / "shards"), timeout_s=20)
-    yield c
-    await c.close()
-
-
 @pytest.mark.parametrize(("shards", "nodes"), [(2, 2), (4, 4), (4, 2)])
 async def test_direct_channel_across_nodes_matches_the_reference(
     thread_nodes: Any, coordinator: Coordinator, net: Any, x: np.ndarray, shards: int, nodes: int
