@@ -912,7 +912,7 @@ async def calibrate(
         return statistics.median(times), statistics.median(passes)
 
     async def unsharded(rounds: dict[tuple[int, int, int], list[tuple[float, float]]]) -> None:
-        # two depths (session 14): a served pass's compute over the in-process one
+        # two depths (s13 wave 2): a served pass's compute over the in-process one
         # (costmodel.fit_coordinator) grows with depth, c_io does not
         for width, depth in ((w, d) for w in (1024, 2048, 4096) for d in UNSHARDED_DEPTHS):
             name = f"cal-{width}-{depth}"
@@ -1013,8 +1013,8 @@ def fit_constants(
     ``waits_on_path=True`` charges the waits on the busiest shard's path only (session 13's
     alternative, scored beside the default: ``costmodel_waits_on_path``). ``served`` fits a
     served pass's compute over the in-process calibration's from the unsharded runs at two
-    depths (``costmodel.fit_coordinator``; session 14); ``served=False`` keeps it at 1 (the
-    model of sessions 4-13, the control: ``costmodel_without_served``)."""
+    depths (``costmodel.fit_coordinator``; s13 wave 2); ``served=False`` keeps it at 1 (the
+    model of earlier runs, the control: ``costmodel_without_served``)."""
     probes = [r["probe_s"] for part in ("compute", "coordinator", "channels")
               for r in measured[part] if "probe_s" in r]  # fmt: skip
     reference = statistics.median(probes) if probe and probes else None
@@ -1032,7 +1032,7 @@ def fit_constants(
     shared_cores = {int(r["shards"]): float(r["factor"]) for r in measured.get("contention", [])}
     unsharded = []
     for r in measured["coordinator"]:
-        net = radix_net(r["width"], r.get("depth", 8))  # depth 8 alone before session 14
+        net = radix_net(r["width"], r.get("depth", 8))  # depth 8 alone before s13 wave 2
         prof = costmodel.profile(net, partition(net, 1, method="block"))
         unsharded.append((prof, int(r["batch"]), at_reference(r)))
     base = costmodel.fit_coordinator(
@@ -1315,8 +1315,8 @@ def score(
             if probed
             else {}
         ),
-        # session 14's control: a served pass's compute charged as the in-process one's
-        # (served = 1, c_request and c_io fitted on the same unsharded runs: sessions 4-13)
+        # s13 wave 2's control: a served pass's compute charged as the in-process one's
+        # (served = 1, c_request and c_io fitted on the same unsharded runs, as before it)
         **(
             {
                 "costmodel_without_served": evaluate(

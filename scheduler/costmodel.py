@@ -32,12 +32,12 @@ layer's shards run side by side, at most ``cores`` of them at once):
   balanced shards it adds ``c_wake * (N - cores) / cores`` per waiting layer (1 at N = 4, 3 at
   N = 8 on 2 cores), more than ``N / cores`` sharing alone charges.
 
-Served passes (session 14): the compute constants come from one-thread passes run back to
+Served passes (s13 wave 2): the compute constants come from one-thread passes run back to
 back in-process, their weights hot; a served pass, one per request between the coordinator's
 and the event loop's work, takes longer. Its compute is charged ``served`` times the
 in-process one's (``w_lp``'s compute term above is multiplied by it, at every shard count).
 ``served`` is fitted with ``c_request`` and ``c_io`` on the unsharded calibration runs, at two
-depths (:func:`fit_coordinator`): at one depth (sessions 4-13, all 8 layers) it cannot be
+depths (:func:`fit_coordinator`): at one depth (earlier runs, all 8 layers) it cannot be
 told from ``c_io`` (both grow with width and batch), the two coordinator terms took up the
 extra of 8 layers, and a deeper net (the grid's, 24 layers) would be predicted too low at
 N = 1. On the fresh quiet calibration of session 13's second wave it came out 1.025: there
@@ -194,7 +194,7 @@ class Constants:
     # within 25% against 21 for the default, every term in both branches (bench/RESULTS.md,
     # "fsd, thirteenth session"); bench/fsd.py scores it beside the default
     waits_on_path: bool = False
-    # a served shard pass's compute over the in-process calibration's (session 14): every
+    # a served shard pass's compute over the in-process calibration's (s13 wave 2): every
     # shard's compute is charged ``served`` times what the one-thread, back-to-back passes of
     # the compute calibration took (:func:`fit_coordinator`; 1 where it could not be told)
     served: float = 1.0
@@ -534,7 +534,7 @@ def fit_coordinator(
     weights hot) predict. ``served`` can be told from ``c_io`` only where the runs differ in
     depth (both grow with width and batch; only ``layers`` grows with depth): with one depth,
     or with ``served=False``, it stays 1 and the two coordinator terms take up what differs
-    (sessions 4-13, whose depth-8 runs put a served pass's extra per layer into ``c_io``)."""
+    (earlier runs, whose depth-8 runs put a served pass's extra per layer into ``c_io``)."""
     unit = dataclasses.replace(base, per_request_s=0.0, per_io_value_s=0.0, served=1.0)
     xs, ys = [], []
     for p, batch, measured in runs:

@@ -349,7 +349,7 @@ def test_at_speed_scales_every_prediction_by_the_probe_ratio() -> None:
     assert costmodel.at_speed(CONSTANTS, 0.006) is CONSTANTS  # unprobed: as they are
 
 
-# --- a served pass against the in-process calibration (session 14) ---------------------------
+# --- a served pass against the in-process calibration (s13 wave 2) ---------------------------
 
 
 def _unsharded_runs(
@@ -387,7 +387,7 @@ def test_fit_coordinator_tells_a_served_pass_from_c_io_only_across_depths() -> N
     """Unsharded runs the model made with ``served = 1.3`` at two depths give back
     ``c_request``, ``c_io`` and ``served``; at one depth ``served`` cannot be told from
     ``c_io`` (both grow with width and batch) and stays 1, the extra going into the
-    coordinator's terms, which then predict a deeper net too low (sessions 4-13's N = 1)."""
+    coordinator's terms, which then predict a deeper net too low (earlier runs' N = 1)."""
     hot = dataclasses.replace(CONSTANTS, compute=dataclasses.replace(COMPUTE, per_tile_nnz_s=5e-10))
     truth = dataclasses.replace(hot, served=1.3)
     fitted = costmodel.fit_coordinator(_unsharded_runs(truth, (4, 12)), base=hot)
