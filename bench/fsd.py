@@ -1275,60 +1275,32 @@ def score(
     split = any("split" in r for r in calibration["runs"]["channels"])
     edges = [{**r, "probe_s": statistics.mean(r["probe_edges_s"])} for r in grid
              if "probe_edges_s" in r]  # fmt: skip
+
+    def refit(**options: Any) -> dict[str, Any]:
+        """The grid (a copy) scored by the calibration's runs refitted with ``options``."""
+        constants = fit_constants(calibration["runs"], cores=cores, **options)
+        return evaluate(net, [dict(r) for r in grid], constants, spread=spread)
+
+    # Alternatives to the default fit, scored on the same measurements:
+    # - without_message_split: the control, the runs without their message split (sessions
+    #   4-11); split_joint: the split's runs in the joint fit, c_byte fitted like the others;
+    # - waits_on_path: session 13's alternative (its round ran it as the primary; the default
+    #   scored better and stayed); without_served: s13 wave 2's control (served = 1, c_request
+    #   and c_io fitted on the same unsharded runs, as before it).
+    alternatives: dict[str, dict[str, Any]] = {}
+    if split and probed:
+        alternatives["costmodel_without_message_split"] = refit(message_split=False)
+        alternatives["costmodel_split_joint"] = refit(pin_bytes=False)
+    if probed:
+        alternatives["costmodel_waits_on_path"] = refit(waits_on_path=True)
+        alternatives["costmodel_without_served"] = refit(served=False)
     return {
         "costmodel_without_probe": evaluate(
             net, [dict(r) for r in grid], without, probe=False, spread=spread
         ),
         # round A's probe: five passes before and five after the cell, not between requests
         **({"costmodel_probe_edges": evaluate(net, edges, with_probe)} if edges else {}),
-        # the control: the same calibration's runs without its message split (sessions 4-11),
-        # and the split's runs in the joint fit with c_byte fitted like the other terms
-        **(
-            {
-                "costmodel_without_message_split": evaluate(
-                    net,
-                    [dict(r) for r in grid],
-                    fit_constants(calibration["runs"], cores=cores, message_split=False),
-                    spread=spread,
-                ),
-                "costmodel_split_joint": evaluate(
-                    net,
-                    [dict(r) for r in grid],
-                    fit_constants(calibration["runs"], cores=cores, pin_bytes=False),
-                    spread=spread,
-                ),
-            }
-            if split and probed
-            else {}
-        ),
-        # session 13's alternative: the same runs with the waits on the path only (its
-        # round ran with it as the primary; the default scored better and stayed)
-        **(
-            {
-                "costmodel_waits_on_path": evaluate(
-                    net,
-                    [dict(r) for r in grid],
-                    fit_constants(calibration["runs"], cores=cores, waits_on_path=True),
-                    spread=spread,
-                ),
-            }
-            if probed
-            else {}
-        ),
-        # s13 wave 2's control: a served pass's compute charged as the in-process one's
-        # (served = 1, c_request and c_io fitted on the same unsharded runs, as before it)
-        **(
-            {
-                "costmodel_without_served": evaluate(
-                    net,
-                    [dict(r) for r in grid],
-                    fit_constants(calibration["runs"], cores=cores, served=False),
-                    spread=spread,
-                ),
-            }
-            if probed
-            else {}
-        ),
+        **alternatives,
         "costmodel": evaluate(net, grid, with_probe, spread=spread),
     }
 
