@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -56,7 +57,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -645,6 +646,49 @@ def fronts(*, calls: int, rounds: int) -> dict[str, list[float]]:
 # -- the serving side of a real system, seen by identical raw-socket clients ------------------------
 
 
+def _models_and_functions(work: Path) -> Path:
+    """The example models (``$GPUFAAS_MODELS``, else built under ``work``) and the
+    benchmark's manifests in ``work/functions``; the models' folder."""
+    from gpufaas.core.examples import build_examples
+
+    models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
+    build_examples(models, progress=False)
+    write_manifests(work / "functions", models)
+    return models
+
+
+@contextlib.contextmanager
+def _system(
+    work: Path,
+    models: Path,
+    *,
+    python: str = sys.executable,
+    path: str | None = None,
+    what: str = "gpufaas",
+) -> Iterator[tuple[int, int, list[int]]]:
+    """A fresh ``gpufaas up`` (1 CPU device, LALB-O3, ``work/functions``) run by ``python``
+    (``path``: its PYTHONPATH) in a home of its own: its HTTP and gRPC ports and process tree
+    once ready; stopped, and its home removed, afterwards."""
+    import tempfile
+
+    from gpufaas.scheduler.local import stop_processes, wait_ready
+
+    port, grpc_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory(prefix="grpc-bench-home-", ignore_cleanup_errors=True) as home:
+        env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": home}
+        if path:
+            env["PYTHONPATH"] = path
+        command = [python, "-m", "gpufaas.core.cli", "up", "--port", str(port),
+                   "--grpc-port", str(grpc_port), "--functions", str(work / "functions"),
+                   "--cpu-devices", "1", "--policy", "lalb-o3"]  # fmt: skip
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+        try:
+            wait_ready([f"http://127.0.0.1:{port}"], timeout_s=180, procs=[proc], what=what)
+            yield port, grpc_port, tree(proc.pid)
+        finally:
+            stop_processes([proc], timeout_s=30)
+
+
 def replay(args: argparse.Namespace) -> dict[str, Any]:
     """``--replay``: per system and round, each model's raw-client p50/p90 and serving CPU;
     every folder it makes (models, manifests, each system's home) is removed afterwards."""
@@ -655,36 +699,17 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    import tempfile
-
     from dataplane import gateway_seconds
 
-    from gpufaas.core.examples import build_examples
-    from gpufaas.scheduler.local import stop_processes, wait_ready
-
-    models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
-    build_examples(models, progress=False)
-    write_manifests(work / "functions", models)
+    models = _models_and_functions(work)
     systems = {"this": (sys.executable, None)}
     if args.baseline:
         systems = {"baseline": (args.baseline, args.baseline_path), **systems}
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in systems}
     for _ in range(args.rounds):
         for label, (python, path) in systems.items():
-            port, grpc_port = free_port(), free_port()
-            home = tempfile.TemporaryDirectory(
-                prefix="grpc-replay-home-", ignore_cleanup_errors=True
-            )
-            env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": home.name}
-            if path:
-                env["PYTHONPATH"] = path
-            command = [python, "-m", "gpufaas.core.cli", "up", "--port", str(port),
-                       "--grpc-port", str(grpc_port), "--functions", str(work / "functions"),
-                       "--cpu-devices", "1", "--policy", "lalb-o3"]  # fmt: skip
-            proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
-            try:
-                wait_ready([f"http://127.0.0.1:{port}"], timeout_s=180, procs=[proc], what=label)
-                pids = tree(proc.pid)
+            with _system(work, models, python=python, path=path, what=label) as ready:
+                port, grpc_port, pids = ready
                 # the manager's start-up work in the background would count as serving CPU
                 round_out: dict[str, Any] = {"settled_after_s": settled(pids)}
                 for name in ("tiny-mlp", "small-cnn"):
@@ -698,9 +723,6 @@ def _replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         for client in clients.values():
                             client.close()
                 results[label].append(round_out)
-            finally:
-                stop_processes([proc], timeout_s=30)
-                home.cleanup()
     return results
 
 
@@ -778,28 +800,12 @@ def client_cost(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _client_cost(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    import tempfile
-
     import grpc
 
-    from gpufaas.core.examples import build_examples
-    from gpufaas.scheduler.local import stop_processes, wait_ready
-
-    models = Path(os.environ.get("GPUFAAS_MODELS", work / "models"))
-    build_examples(models, progress=False)
-    write_manifests(work / "functions", models)
+    models = _models_and_functions(work)
     rounds: list[dict[str, Any]] = []
     for _ in range(args.rounds):
-        port, grpc_port = free_port(), free_port()
-        home = tempfile.TemporaryDirectory(prefix="grpc-cost-home-", ignore_cleanup_errors=True)
-        env = {**os.environ, "GPUFAAS_MODELS": str(models), "GPUFAAS_HOME": home.name}
-        command = [sys.executable, "-m", "gpufaas.core.cli", "up", "--port", str(port),
-                   "--grpc-port", str(grpc_port), "--functions", str(work / "functions"),
-                   "--cpu-devices", "1", "--policy", "lalb-o3"]  # fmt: skip
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
-        try:
-            wait_ready([f"http://127.0.0.1:{port}"], timeout_s=180, procs=[proc], what="gpufaas")
-            pids = tree(proc.pid)
+        with _system(work, models) as (port, grpc_port, pids):
             round_out: dict[str, Any] = {"settled_after_s": settled(pids)}
             for name in ("tiny-mlp", "small-cnn"):
                 with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
@@ -824,9 +830,6 @@ def _client_cost(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         server.terminate()
                         server.wait(timeout=10)
             rounds.append(round_out)
-        finally:
-            stop_processes([proc], timeout_s=30)
-            home.cleanup()
     return {"rounds": rounds}
 
 
