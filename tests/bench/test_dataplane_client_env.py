@@ -4,10 +4,11 @@ installed package); no servers."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from bench_support import load_bench
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -15,13 +16,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 def _load() -> ModuleType:
     sys.path.insert(0, str(BENCH))  # its sibling grpc_common, as when run as a script
     try:
-        spec = importlib.util.spec_from_file_location(
-            "gpufaas_bench_dataplane", BENCH / "dataplane.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return load_bench(BENCH / "dataplane.py", name="gpufaas_bench_dataplane")
     finally:
         sys.path.remove(str(BENCH))
 

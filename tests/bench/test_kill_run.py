@@ -4,14 +4,13 @@ and, as the nodes count it, ran at most once. A transport error counts as lost, 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
 import httpx
 import pytest
+from bench_support import load_bench
 
 from gpufaas.scheduler.local import free_port
 
@@ -19,12 +18,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def _kill_run() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpufaas_bench_kill_run", BENCH / "kill_run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(BENCH / "kill_run.py", name="gpufaas_bench_kill_run")
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ dispatch beats FIFO dispatch, on both the miss ratio and the mean latency.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from bench_support import load_bench
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 POLICIES = {"lb", "lalb", "lalb-o3", "belady"}
@@ -111,13 +111,7 @@ def test_bad_replica_counts_get_a_clear_error_before_anything_starts(
 
 
 def _belady() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "gpufaas_bench_belady", BENCH / "sim" / "belady.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(BENCH / "sim" / "belady.py", name="gpufaas_bench_belady")
 
 
 def test_belady_evicts_the_model_needed_furthest_ahead() -> None:

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_support import load_bench
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def _driver() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "gpufaas_make_bench_quick", BENCH / "make_bench.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(BENCH / "make_bench.py", name="gpufaas_make_bench_quick")
 
 
 FULL = "<!-- bench:fig -->\nfull-run figures\n<!-- /bench:fig -->"

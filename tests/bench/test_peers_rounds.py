@@ -5,25 +5,16 @@ No servers: the pure parts, loaded by path (``bench/`` is not an installed packa
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
+
+from bench_support import load_bench
 
 PEERS = Path(__file__).resolve().parents[2] / "bench" / "peers"
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-workload = _load("gpufaas_bench_peers_workload_rounds", PEERS / "workload.py")
-run = _load("gpufaas_bench_peers_run", PEERS / "run.py")
+workload = load_bench(PEERS / "workload.py", name="gpufaas_bench_peers_workload_rounds")
+run = load_bench(PEERS / "run.py", name="gpufaas_bench_peers_run")
 
 
 def _goals_plan(rounds: int, ray_rounds: int = 1) -> object:

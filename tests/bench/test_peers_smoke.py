@@ -5,23 +5,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_support import load_bench
 
 WORKLOAD_PATH = Path(__file__).resolve().parents[2] / "bench" / "peers" / "workload.py"
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpufaas_bench_peers_workload", WORKLOAD_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(WORKLOAD_PATH, name="gpufaas_bench_peers_workload")
 
 
 workload = _load()

@@ -6,24 +6,18 @@ that each one is there and positive, and that the report renders.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_support import load_bench
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "loading.py"
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpufaas_bench_loading", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(BENCH, name="gpufaas_bench_loading")
 
 
 def test_the_loading_benchmark_measures_every_path(

@@ -4,12 +4,12 @@ a request is counted as meeting a prefetch only while a load runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 from pathlib import Path
 
 import pytest
+from bench_support import load_bench
 from predict_nodes import tiny_mlp_spec as _spec
 from prometheus_client import CollectorRegistry
 
@@ -25,10 +25,7 @@ sys.path.insert(0, str(BENCH))
 
 from predict_live import prefetch_events  # noqa: E402
 
-_warm_spec = importlib.util.spec_from_file_location("predict_warm", BENCH / "predict-warm.py")
-assert _warm_spec is not None and _warm_spec.loader is not None
-predict_warm = importlib.util.module_from_spec(_warm_spec)
-_warm_spec.loader.exec_module(predict_warm)
+predict_warm = load_bench(BENCH / "predict-warm.py", name="predict_warm")
 
 
 def _cli_format() -> logging.Formatter:

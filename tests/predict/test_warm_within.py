@@ -4,20 +4,17 @@ bound on what ``k`` contaminated requests can do to the p99 (hypothesis)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_support import load_bench
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-_spec = importlib.util.spec_from_file_location("predict_warm_within", BENCH / "predict-warm.py")
-assert _spec is not None and _spec.loader is not None
-predict_warm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(predict_warm)
+predict_warm = load_bench(BENCH / "predict-warm.py", name="predict_warm_within")
 
 
 def _run(requests: list[list[Any] | None], prefetches: list[list[Any]]) -> dict[str, Any]:
