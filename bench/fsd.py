@@ -11,9 +11,12 @@ Sections (each prints a table; everything lands in ``--out`` as JSON and PNG plo
    the coordinator runs here. For N in {1, 2, 4, 8}, the direct channel with each partitioner
    and NATS / S3 with the hypergraph one: latency (concurrency 1, median) and throughput
    (closed loop, ``--concurrency`` requests in flight), plus the launch time of each set
-   through the tree.
+   through the tree. ``--repeats R`` runs every configuration R times, each repetition in
+   its own shuffled order, and a cell is the median of its repetitions; ``--seed`` draws the
+   inputs and the random / hypergraph partitions (0: sessions 4-13).
 3. **mlp**: a dense MLP larger than one device's budget: it fails to launch on one shard
-   and serves on 4 and 8.
+   and serves on 4 and 8 (``--mlp-only``; with ``--cpu-devices 2`` a node holds two
+   shards, one per device).
 4. **costmodel**: ``--calibrate-only`` fits the constants of
    :mod:`gpufaas.scheduler.costmodel` on 1,024-neuron nets (never the grid's) and writes them;
    a grid run with ``--constants CAL/fsd.json`` predicts every cell and scores the model
