@@ -11,9 +11,12 @@ Sections (each prints a table; everything lands in ``--out`` as JSON and PNG plo
    the coordinator runs here. For N in {1, 2, 4, 8}, the direct channel with each partitioner
    and NATS / S3 with the hypergraph one: latency (concurrency 1, median) and throughput
    (closed loop, ``--concurrency`` requests in flight), plus the launch time of each set
-   through the tree.
+   through the tree. ``--repeats R`` runs every configuration R times, each repetition in
+   its own shuffled order, and a cell is the median of its repetitions; ``--seed`` draws the
+   inputs and the random / hypergraph partitions (0: sessions 4-13).
 3. **mlp**: a dense MLP larger than one device's budget: it fails to launch on one shard
-   and serves on 4 and 8.
+   and serves on 4 and 8 (``--mlp-only``; with ``--cpu-devices 2`` a node holds two
+   shards, one per device).
 4. **costmodel**: ``--calibrate-only`` fits the constants of
    :mod:`gpufaas.scheduler.costmodel` on 1,024-neuron nets (never the grid's) and writes them;
    a grid run with ``--constants CAL/fsd.json`` predicts every cell and scores the model
@@ -60,7 +63,7 @@ from gpufaas.core.sharding import ChannelConfig, Parallelism
 from gpufaas.scheduler import costmodel
 from gpufaas.scheduler.coordinator import Coordinator, LaunchFailed, ShardFailed, tree_rounds
 from gpufaas.scheduler.local import run_manager_processes
-from gpufaas.scheduler.partition import communication, partition, split
+from gpufaas.scheduler.partition import communication, partition, shard_sizes, split
 
 PERIOD = {1024: 6, 4096: 8, 16384: 10}  # layers before a RadiX-Net's pattern repeats
 # The calibration's message split (costmodel.message_split): 4,096 wide so that its large
@@ -113,11 +116,11 @@ def partition_volumes(layers: int = 120) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def managers(
-    root: Path, count: int, *, device_memory: str, keep_pids: bool = False
+    root: Path, count: int, *, device_memory: str, keep_pids: bool = False, cpu_devices: int = 1
 ) -> Iterator[Any]:
     def options(index: int) -> ManagerOptions:
         return ManagerOptions(
-            cpu_devices=1,
+            cpu_devices=cpu_devices,
             device_memory=device_memory,
             host_memory="256Mi",
             artifact_dir=root / f"artifacts{index}",
@@ -218,6 +221,64 @@ def grid_configs(
     return configs
 
 
+def repetition_orders(
+    configs: list[tuple[int, str, str]], *, repeats: int, seed: int
+) -> list[list[tuple[int, str, str]]]:
+    """The order of ``configs`` in each of ``repeats`` repetitions: as listed for one
+    repetition (the grid of sessions 4-13); with more, each repetition a permutation of its
+    own, drawn from ``seed`` and the repetition's index (interleaved: a slow spell on the
+    machine falls on different cells in each)."""
+    if repeats == 1:
+        return [list(configs)]
+    orders = []
+    for index in range(repeats):
+        rng = np.random.default_rng([seed, index])
+        orders.append([configs[i] for i in rng.permutation(len(configs))])
+    return orders
+
+
+MEDIAN_FIELDS = ("latency_s", "latency_min_s", "throughput_rps", "samples_per_s",
+                 "requests_per_pass", "others_ms", "launch_s", "cost_usd",
+                 "cost_compute_usd", "cost_channel_usd", "max_shard_load_s")  # fmt: skip
+
+
+def median_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration from its repetitions' rows (``repetition`` 0, 1, ...): the
+    median of each measured figure over the repetitions, every probe pass of every
+    repetition (``probe_s`` their median), and each repetition's latency in
+    ``repetitions_latency_s``. A configuration that failed in any repetition stays failed.
+    Rows come out in the order of their configurations' first appearance."""
+    by_config: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_config.setdefault((row["shards"], row["channel"], row["method"]), []).append(row)
+    merged = []
+    for runs in by_config.values():
+        runs = sorted(runs, key=lambda r: int(r.get("repetition", 0)))
+        failed = [r for r in runs if "failed" in r]
+        if failed:
+            merged.append({k: v for k, v in failed[0].items() if k != "repetition"})
+            continue
+        row = {k: v for k, v in runs[0].items() if k != "repetition"}
+        for field in MEDIAN_FIELDS:
+            if field in row:
+                row[field] = statistics.median(float(r[field]) for r in runs)
+        passes = [p for r in runs for p in r.get("probe_passes_s", [])]
+        if passes:
+            row["probe_passes_s"] = passes
+            row["probe_s"] = statistics.median(passes)
+        row.pop("probe_edges_s", None)  # per repetition only (the raw rows keep them)
+        row["repetitions_latency_s"] = [float(r["latency_s"]) for r in runs]
+        merged.append(row)
+    return merged
+
+
+def hold_probe(rows: list[dict[str, Any]]) -> float | None:
+    """The machine's speed over a whole grid: the median of every probe pass of every cell
+    (one speed for every cell's prediction), or None where the rows carry no probe passes."""
+    passes = [p for r in rows if "failed" not in r for p in r.get("probe_passes_s", [])]
+    return statistics.median(passes) if passes else None
+
+
 async def run_grid(
     urls: list[str],
     net: LayeredNet,
@@ -226,17 +287,23 @@ async def run_grid(
     root: Path,
     pids: tuple[int, ...] = (),
 ) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(0)
+    """Every configuration of the grid, ``args.repeats`` times (:func:`repetition_orders`),
+    one row per configuration and repetition (``repetition``); the inputs and the
+    partitions drawn from ``args.seed`` (0: the grid of sessions 4-13)."""
+    rng = np.random.default_rng(args.seed)
     x = (rng.random((args.batch, net.widths[0])) < 0.2).astype(np.float32)
     coordinator = Coordinator(artifact_base=str(root / "shards"), timeout_s=120,
                               batching=args.shared_passes)  # fmt: skip
     rows = []
     profiles: dict[tuple[int, str], costmodel.Profile] = {}  # for the cost column
+    configs = grid_configs(len(urls), channels, tuple(args.methods.split(",")),
+                           every_method=args.every_method)  # fmt: skip
+    runs = [(repetition, config)
+            for repetition, order in enumerate(repetition_orders(configs, repeats=args.repeats,
+                                                                 seed=args.seed))
+            for config in order]  # fmt: skip
     try:
-        for shards, channel, method in grid_configs(
-            len(urls), channels, tuple(args.methods.split(",")),
-            every_method=args.every_method,
-        ):  # fmt: skip
+        for repetition, (shards, channel, method) in runs:
             name = f"radix-{shards}-{channel}-{method}"
             shard_set = await coordinator.deploy(
                 name,
@@ -245,6 +312,7 @@ async def run_grid(
                 nodes=urls[:shards],
                 method=method,
                 channel=channels[channel],
+                seed=args.seed,
             )
             try:
                 result = await measure(
@@ -260,6 +328,7 @@ async def run_grid(
             except (ShardFailed, LaunchFailed) as e:
                 print(f"  N={shards} {channel} {method}: FAILED {e}", flush=True)
                 rows.append({"shards": shards, "channel": channel, "method": method,
+                             "seed": args.seed, "repetition": repetition,
                              "failed": str(e)})  # fmt: skip
                 await coordinator.remove(name)
                 continue
@@ -268,6 +337,8 @@ async def run_grid(
                 "shards": shards,
                 "channel": channel,
                 "method": method,
+                "seed": args.seed,
+                "repetition": repetition,
                 "batch": args.batch,
                 "bytes_per_request": shard_set.volume.bytes_per_sample * args.batch,
                 "launch_s": shard_set.launch_seconds,
@@ -278,7 +349,7 @@ async def run_grid(
             }
             await coordinator.remove(name)
             if (shards, method) not in profiles:  # after the measurement, never during it
-                part = partition(net, shards, method=method, seed=0)  # the deploy's seed
+                part = partition(net, shards, method=method, seed=args.seed)  # the deploy's
                 profiles[(shards, method)] = costmodel.profile(net, part)
             cost = costmodel.cost(profiles[(shards, method)], batch=args.batch, channel=channel,
                                   latency_s=row["latency_s"], prices=costmodel.Prices())  # fmt: skip
@@ -289,7 +360,7 @@ async def run_grid(
             })  # fmt: skip
             rows.append(row)
             print(
-                f"  N={shards} {channel:<6} {method:<10} latency {row['latency_s'] * 1e3:8.1f} ms"
+                f"  [{repetition}] N={shards} {channel:<6} {method:<10} latency {row['latency_s'] * 1e3:8.1f} ms"
                 f"  cost ${cost.total_usd * 1e6:8.3f} per 1M requests"
                 f"  throughput {row['throughput_rps']:6.2f} req/s"
                 f"  launch {row['launch_s']:.2f} s ({row['launch_depth']} rounds)"
@@ -311,7 +382,13 @@ def _inserted_after(row: dict[str, Any], key: str, extra: dict[str, Any]) -> dic
     return out
 
 
-async def run_mlp(urls: list[str], device_bytes: int, root: Path) -> dict[str, Any]:
+async def run_mlp(
+    urls: list[str], device_bytes: int, root: Path, *, devices_per_node: int = 1
+) -> dict[str, Any]:
+    """The dense MLP unsplit (refused: it fits no device) and split 4 and 8 ways where the
+    nodes have that many devices (``devices_per_node`` each: a node puts a set's shards on
+    distinct devices), block partition: allclose to the reference, and the latency. A split
+    whose largest shard is over one device's budget is recorded as refused."""
     widths = [2048, 4096, 4096, 1024, 10]
     mlp = dense_mlp(widths, seed=3)
     x = np.random.default_rng(1).standard_normal((16, widths[0])).astype(np.float32)
@@ -322,6 +399,8 @@ async def run_mlp(urls: list[str], device_bytes: int, root: Path) -> dict[str, A
         "weight_bytes": mlp.weight_bytes,
         "device_bytes": device_bytes,
         "times_device": mlp.weight_bytes / device_bytes,
+        "nodes": len(urls),
+        "devices_per_node": devices_per_node,
     }
     try:
         try:
@@ -332,9 +411,15 @@ async def run_mlp(urls: list[str], device_bytes: int, root: Path) -> dict[str, A
         except LaunchFailed as e:
             result["n1"] = f"refused: {str(e)[:160]}"
         for shards in (4, 8):
-            if shards > len(urls):
+            if shards > len(urls) * devices_per_node:
                 continue
             name = f"mlp-{shards}"
+            largest = max(shard_sizes(split(mlp, partition(mlp, shards, method="block"))))
+            result[f"n{shards}_largest_shard_bytes"] = largest
+            if largest > device_bytes:  # never launched: a failed launch leaves shards loaded
+                result[f"n{shards}"] = f"refused: largest shard {largest} B > {device_bytes} B"
+                print(f"  MLP on N={shards}: {result[f'n{shards}']}")
+                continue
             await coordinator.deploy(
                 name,
                 mlp,
@@ -1059,6 +1144,19 @@ def fit_constants(
     return dataclasses.replace(base, channels=costs, probe_s=reference)
 
 
+_GRID_PROFILES: dict[tuple[int, int, str, int], tuple[LayeredNet, costmodel.Profile]] = {}
+
+
+def _grid_profile(net: LayeredNet, shards: int, method: str, seed: int) -> costmodel.Profile:
+    """The profile of a grid cell's split (the deploy's partition: ``method``, ``seed``),
+    computed once per net and split: every model scored on a grid reads the same ones."""
+    key = (id(net), shards, method, seed)
+    if key not in _GRID_PROFILES or _GRID_PROFILES[key][0] is not net:
+        _GRID_PROFILES[key] = (net, costmodel.profile(net, partition(net, shards, method=method,
+                                                                     seed=seed)))  # fmt: skip
+    return _GRID_PROFILES[key][1]
+
+
 def _compute_features(row: dict[str, Any]) -> list[float]:
     """A compute calibration run's features, from its split (not the ones stored with it:
     calibrations measured before a feature was added refit with it)."""
@@ -1162,8 +1260,7 @@ def evaluate(
     for row in grid:
         if "failed" in row:
             continue
-        part = partition(net, row["shards"], method=row["method"], seed=0)
-        prof = costmodel.profile(net, part)
+        prof = _grid_profile(net, row["shards"], row["method"], int(row.get("seed", 0)))
         channel = row["channel"] if row["shards"] > 1 else "direct"
         here = constants
         if probe and row.get("probe_s"):
@@ -1236,6 +1333,10 @@ def evaluate(
         "throughput_within_25pct": sum(rps),
         "throughput_cells": len(rps),
         "choices": cells,
+        # per configuration: the prediction (at the speed the cell was predicted at) and
+        # its error against the measured latency
+        "cell_predicted_s": {_label(r): r["predicted_s"] for r in predictions},
+        "cell_errors": {_label(r): r["error"] for r in predictions},
         "constants": constants_to_json(constants),
         "probe": probe and constants.probe_s is not None,
     }
@@ -1260,13 +1361,24 @@ def score(
     calibration: dict[str, Any],
     *,
     spread: float = 0.0,
+    repetitions: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The model scored on a grid, with the speed probe (``costmodel``) and without
     (``costmodel_without_probe``: constants fitted on the runs as measured, predictions
     unscaled), both refitted from the calibration's runs where they carry probes; the
-    grid's rows get the probed predictions."""
+    grid's rows get the probed predictions. ``costmodel_hold_probe`` predicts every cell at
+    one speed, the whole grid's (:func:`hold_probe`), not at its own probe's.
+
+    With ``repetitions`` (a repeated grid's rows, one per configuration and repetition;
+    ``grid`` is then their :func:`median_cells`), also ``costmodel_first_repetition`` (the
+    first repetition alone, each cell at its own probe: the protocol of sessions 4-13 on the
+    same hold) and ``per_repetition`` (each repetition scored alone at its own hold probe)."""
     cores = int(calibration["constants"]["cores"])
     probed = "probe_s" in calibration["runs"]["compute"][0]
+    reps = sorted({int(r.get("repetition", 0)) for r in repetitions or []})
+    alone = [[dict(r) for r in repetitions or [] if int(r.get("repetition", 0)) == i] for i in reps]
+    if len(alone) > 1 and not spread:  # a repeated grid: its own repetitions' spread
+        spread = run_to_run_spread(*alone)
     if probed:
         with_probe = fit_constants(calibration["runs"], cores=cores)
     else:  # an older calibration: its constants as stored
@@ -1294,6 +1406,25 @@ def score(
     if probed:
         alternatives["costmodel_waits_on_path"] = refit(waits_on_path=True)
         alternatives["costmodel_without_served"] = refit(served=False)
+    hold = hold_probe(grid) if probed else None
+    if hold is not None:
+        alternatives["costmodel_hold_probe"] = evaluate(
+            net, [{**r, "probe_s": hold} for r in grid], with_probe, spread=spread
+        )
+        alternatives["costmodel_hold_probe"]["hold_probe_s"] = hold
+    if probed and len(alone) > 1:
+        alternatives["costmodel_first_repetition"] = evaluate(net, alone[0], with_probe,
+                                                              spread=spread)  # fmt: skip
+        alternatives["per_repetition"] = {"repetitions": []}
+        for rows in alone:
+            speed = hold_probe(rows)
+            one = evaluate(net, [{**r, "probe_s": speed} for r in rows], with_probe)
+            alternatives["per_repetition"]["repetitions"].append({
+                k: one[k] for k in ("within_25pct", "cells", "median_abs_error", "picks_fastest")
+            } | {"groups": len(one["choices"]), "hold_probe_s": speed})  # fmt: skip
+        per = alternatives["per_repetition"]["repetitions"]
+        alternatives["per_repetition"]["picks_fastest"] = sum(r["picks_fastest"] for r in per)
+        alternatives["per_repetition"]["groups"] = sum(r["groups"] for r in per)
     return {
         "costmodel_without_probe": evaluate(
             net, [dict(r) for r in grid], without, probe=False, spread=spread
@@ -1388,7 +1519,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 for r in grid_run["grid"]]  # fmt: skip
         others = [json.loads(Path(g).read_text())["grid"] for g in args.spread_grids]
         spread = run_to_run_spread(grid_run["grid"], *others) if others else 0.0
-        report.update(score(net, rows, calibration["calibration"], spread=spread))
+        report.update(score(net, rows, calibration["calibration"], spread=spread,
+                            repetitions=grid_run.get("grid_repetitions")))  # fmt: skip
         report["costmodel"]["runs"] = {
             "grid": {k: grid_run[k] for k in ("commit", "date")},
             "calibration": {k: calibration[k] for k in ("commit", "date")},
@@ -1445,10 +1577,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             except ServerMissing as e:
                 print(f"  (skipping S3: {e})")
         print(f"starting {args.nodes} GPU managers ...", flush=True)
-        with managers(root, args.nodes, device_memory=args.device_memory, keep_pids=True) as (
-            urls,
-            pids,
-        ):
+        with managers(root, args.nodes, device_memory=args.device_memory, keep_pids=True,
+                      cpu_devices=args.cpu_devices) as (urls, pids):  # fmt: skip
+            if args.mlp_only:
+                from gpufaas.core.units import parse_bytes
+
+                print("3. dense MLP over one device's budget", flush=True)
+                report["mlp"] = await run_mlp(urls, parse_bytes(args.device_memory), root,
+                                              devices_per_node=args.cpu_devices)  # fmt: skip
+                return report
             # Calibration and validation are separate runs: --calibrate-only writes the
             # constants (fitted on 1,024-neuron nets only); a grid run reads them with
             # --constants and never fits anything.
@@ -1473,10 +1610,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(json.dumps(report["calibration"], indent=1))
                 return report
             print(f"2. grid on RadiX-Net {args.neurons} x {layers}, batch {args.batch}", flush=True)
-            report["grid"] = await run_grid(urls, net, channels, args, root, tuple(pids))
+            raw = await run_grid(urls, net, channels, args, root, tuple(pids))
+            report["grid"] = median_cells(raw) if args.repeats > 1 else raw
+            if args.repeats > 1:
+                report["grid_repetitions"] = raw
             if args.constants:
                 calibration = json.loads(Path(args.constants).read_text())
-                report.update(score(net, report["grid"], calibration["calibration"]))
+                report.update(score(net, report["grid"], calibration["calibration"],
+                                    repetitions=raw if args.repeats > 1 else None))  # fmt: skip
                 report["costmodel"]["calibration_run"] = {
                     k: calibration[k] for k in ("commit", "date")
                 }
@@ -1485,7 +1626,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print("3. dense MLP over one device's budget", flush=True)
                 from gpufaas.core.units import parse_bytes
 
-                report["mlp"] = await run_mlp(urls, parse_bytes(args.device_memory), root)
+                report["mlp"] = await run_mlp(urls, parse_bytes(args.device_memory), root,
+                                              devices_per_node=args.cpu_devices)  # fmt: skip
     plot(out, report["partition"], report.get("grid", []))
     return report
 
@@ -1536,8 +1678,18 @@ def main() -> int:
     parser.add_argument("--local-only", action="store_true", help="sections 1 and 2b only")
     parser.add_argument("--skip-local", action="store_true", help="no section 2b")
     parser.add_argument("--skip-mlp", action="store_true", help="no section 3")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="grid: the inputs' and the partitions' seed (0: sessions 4-13)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="grid: repetitions, each in its own shuffled order; a cell is "
+                             "the median of its repetitions")  # fmt: skip
+    parser.add_argument("--cpu-devices", type=int, default=1, help="CPU devices per manager")
+    parser.add_argument("--mlp-only", action="store_true",
+                        help="section 3 only (with --cpu-devices 2: 2 shards per node)")  # fmt: skip
     parser.add_argument("--out", default="bench/out/fsd")
     args = parser.parse_args()
+    if args.repeats < 1 or args.cpu_devices < 1:
+        parser.error("--repeats and --cpu-devices must be at least 1")
     report = asyncio.run(main_async(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

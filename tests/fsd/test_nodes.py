@@ -197,11 +197,11 @@ def _loop_of(node: Any) -> asyncio.AbstractEventLoop:
 
 @contextlib.contextmanager
 def managers(
-    tmp_path: Path, count: int, *, device_memory: str
+    tmp_path: Path, count: int, *, device_memory: str, cpu_devices: int = 1
 ) -> Iterator[tuple[list[str], list[subprocess.Popen[bytes]]]]:
     def options(index: int) -> ManagerOptions:
         return ManagerOptions(
-            cpu_devices=1, device_memory=device_memory, host_memory="256Mi",
+            cpu_devices=cpu_devices, device_memory=device_memory, host_memory="256Mi",
             artifact_dir=tmp_path / f"artifacts{index}", force_cpu=True,
         )  # fmt: skip
 
@@ -244,6 +244,48 @@ async def test_a_model_four_times_one_device_serves_on_four_managers(tmp_path: P
     sockets = [Path(state["link"]["socket"]) for state in states]
     assert len(sockets) == 4
     assert not [s for s in sockets if s.parent.exists()], "link sockets left behind"
+
+
+@pytest.mark.slow
+async def test_a_model_over_four_times_one_device_serves_on_four_two_device_managers(
+    tmp_path: Path,
+) -> None:
+    """``--nodes 4 --cpu-devices 2``, each device's budget a quarter of the model's weights
+    (rounded down: the model is at least 4x one device). Unsplit it fits no device, and a
+    4-way split cannot fit either (its largest shard is over a quarter: the last layer's 10
+    rows split 3, 3, 2, 2). Split 8 ways, a node puts its two shards on its two devices
+    (``device_for``), one shard per device, and the set serves the reference's output."""
+    mlp = dense_mlp([1024, 2048, 2048, 1024, 10], seed=9)  # ~32 MiB of weights
+    budget = mlp.weight_bytes // 4
+    assert mlp.weight_bytes >= 4 * budget
+    assert max(shard_sizes(split(mlp, partition(mlp, 4, method="block")))) > budget
+    assert max(shard_sizes(split(mlp, partition(mlp, 8, method="block")))) <= budget
+    x = np.random.default_rng(11).standard_normal((8, 1024)).astype(np.float32)
+    with managers(tmp_path, 4, device_memory=str(budget), cpu_devices=2) as (urls, _):
+        coordinator = Coordinator(artifact_base=str(tmp_path / "shards"), timeout_s=60)
+        try:
+            with pytest.raises(LaunchFailed):  # unsplit, it fits no device
+                await coordinator.deploy(
+                    "mlp-1", mlp, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
+                )
+            await coordinator.deploy(
+                "mlp", mlp, Parallelism(shards=8, strategy="intra-layer"), nodes=urls,
+                method="block",
+            )  # fmt: skip
+            outs = [await coordinator.infer("mlp", x) for _ in range(2)]
+            async with httpx.AsyncClient(timeout=10) as client:
+                states = [(await client.get(url + node.SHARDS)).json() for url in urls]
+        finally:
+            await coordinator.close()
+    for out in outs:
+        np.testing.assert_allclose(out, mlp.forward(x), rtol=1e-4, atol=1e-4)
+    placed = {
+        int(key.split("/")[1]): (where, shard["device"])
+        for where, state in enumerate(states)
+        for key, shard in state["shards"].items()
+    }
+    # shard p on node p mod 4, the node's two shards on its two devices: one per device
+    assert placed == {p: (p % 4, f"cpu:{p // 4}") for p in range(8)}
 
 
 @pytest.mark.slow

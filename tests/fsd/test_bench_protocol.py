@@ -1,0 +1,144 @@
+"""The grid's measurement protocol in ``bench/fsd.py`` (fsd, fourteenth session).
+
+A repeated grid runs every configuration ``--repeats`` times, each repetition in its own
+shuffled order (``repetition_orders``); a cell is the median of its repetitions
+(``median_cells``); the model can predict every cell at one speed for the whole grid
+(``hold_probe``, scored as ``costmodel_hold_probe``) instead of at each cell's own probe.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpufaas.core.layered import radix_net
+from tests.bench_support import load_bench
+
+ROOT = Path(__file__).resolve().parents[2]
+fsd = load_bench(ROOT / "bench" / "fsd.py", name="fsd_bench_protocol")
+
+GRID = [(1, "direct", "block")] + [
+    (n, c, m) for n in (2, 4, 8) for c in ("direct", "nats") for m in ("hypergraph", "block")
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(min_value=1, max_value=30),
+    repeats=st.integers(min_value=1, max_value=5),
+    seed=st.integers(min_value=0, max_value=2**31),
+)
+def test_every_repetition_runs_every_configuration_once(size: int, repeats: int, seed: int) -> None:
+    configs = [(i, "direct", "block") for i in range(size)]
+    orders = fsd.repetition_orders(configs, repeats=repeats, seed=seed)
+    assert len(orders) == repeats
+    assert all(sorted(order) == configs for order in orders)
+    assert orders == fsd.repetition_orders(configs, repeats=repeats, seed=seed)  # reproducible
+    if repeats == 1:
+        assert orders == [configs]  # one repetition: the grid of sessions 4-13, as listed
+
+
+def test_repetitions_are_shuffled_each_in_an_order_of_its_own() -> None:
+    for seed in range(5):
+        orders = fsd.repetition_orders(GRID, repeats=3, seed=seed)
+        assert len({tuple(order) for order in orders}) == 3, seed  # interleaved, not repeated
+    assert fsd.repetition_orders(GRID, repeats=3, seed=1) != fsd.repetition_orders(
+        GRID, repeats=3, seed=2
+    )
+
+
+def _row(
+    config: tuple[int, str, str], repetition: int, latency_ms: float, **extra: Any
+) -> dict[str, Any]:
+    shards, channel, method = config
+    return {
+        "shards": shards, "channel": channel, "method": method, "seed": 3, "batch": 16,
+        "repetition": repetition, "latency_s": latency_ms / 1e3,
+        "throughput_rps": 1e3 / latency_ms, "probe_passes_s": [latency_ms / 1e4] * 3, **extra,
+    }  # fmt: skip
+
+
+def test_a_cell_is_the_median_of_its_repetitions_and_a_failure_in_any_fails_it() -> None:
+    a, b, c = (1, "direct", "block"), (2, "direct", "block"), (2, "nats", "block")
+    rows = [
+        _row(b, 1, 30.0), _row(a, 0, 10.0), _row(b, 0, 20.0), _row(a, 2, 14.0),
+        _row(a, 1, 30.0), _row(b, 2, 24.0),
+        _row(c, 0, 5.0), {"shards": 2, "channel": "nats", "method": "block", "repetition": 1,
+                          "failed": "shard 1 of radix: gone"},
+    ]  # fmt: skip
+    merged = fsd.median_cells(rows)
+    assert [(r["shards"], r["channel"]) for r in merged] == [(2, "direct"), (1, "direct"),
+                                                             (2, "nats")]  # fmt: skip
+    by = {(r["shards"], r["channel"]): r for r in merged}
+    assert by[(1, "direct")]["latency_s"] == pytest.approx(0.014)
+    assert by[(2, "direct")]["latency_s"] == pytest.approx(0.024)
+    assert by[(1, "direct")]["throughput_rps"] == pytest.approx(1e3 / 14.0)
+    assert by[(1, "direct")]["repetitions_latency_s"] == pytest.approx([0.010, 0.030, 0.014])
+    assert len(by[(1, "direct")]["probe_passes_s"]) == 9  # every repetition's passes
+    assert by[(1, "direct")]["probe_s"] == pytest.approx(0.0014)
+    assert "repetition" not in by[(1, "direct")]
+    assert "failed" in by[(2, "nats")]
+
+
+def test_the_hold_probe_is_the_median_of_every_cells_passes() -> None:
+    rows = [
+        {"probe_passes_s": [1.0, 2.0, 9.0]},
+        {"probe_passes_s": [3.0]},
+        {"failed": "x", "probe_passes_s": [100.0, 100.0, 100.0]},
+    ]
+    assert fsd.hold_probe(rows) == statistics.median([1.0, 2.0, 9.0, 3.0])
+    assert fsd.hold_probe([{"latency_s": 1.0}]) is None
+
+
+@pytest.fixture(scope="module")
+def scored() -> dict[str, Any]:
+    """A repeated grid on a small net (three repetitions, each cell's probe its own),
+    scored against session 13's second calibration."""
+    calibration = json.loads((ROOT / "bench" / "fsd-calibration-s13b.json").read_text())
+    net = radix_net(1024, 4)
+    configs = [(1, "direct", "block"), (2, "direct", "block"), (2, "direct", "random"),
+               (2, "nats", "block")]  # fmt: skip
+    raw = []
+    for repetition in range(3):
+        for index, config in enumerate(configs):
+            row = _row(config, repetition, 2.0 + index + repetition)
+            row["probe_passes_s"] = [0.0008 + 0.0002 * index + 0.0001 * repetition] * 2
+            raw.append(row)
+    grid = fsd.median_cells(raw)
+    return fsd.score(net, grid, calibration["calibration"], repetitions=raw) | {"grid": grid}
+
+
+def test_the_hold_probe_predicts_every_cell_at_one_speed(scored: dict[str, Any]) -> None:
+    hold = scored["costmodel_hold_probe"]
+    ref = hold["constants"]["probe_s"]
+    assert hold["hold_probe_s"] == pytest.approx(fsd.hold_probe(scored["grid"]))
+    rows = scored["grid"]
+    # the per-cell model (rows scored in place) moved each cell by its own probe ...
+    per_cell = {round(r["predicted_s"] / r["ranked_s"], 9) for r in rows}
+    assert per_cell == {round(r["probe_s"] / ref, 9) for r in rows} and len(per_cell) > 1
+    # ... the hold's by one ratio for all: its errors are the per-cell ones rescaled
+    errors = hold["cell_errors"]
+    assert len(errors) == len(rows)
+    for r in rows:
+        label = f"N={r['shards']} {r['channel']} {r['method']}"
+        assert errors[label] == pytest.approx(
+            (1 + r["error"]) * hold["hold_probe_s"] / r["probe_s"] - 1
+        )
+
+
+def test_the_first_repetition_and_each_repetition_are_scored_on_their_own(
+    scored: dict[str, Any],
+) -> None:
+    first = scored["costmodel_first_repetition"]
+    assert first["cells"] == 4
+    per = scored["per_repetition"]
+    assert len(per["repetitions"]) == 3
+    assert per["groups"] == 3 * len(scored["costmodel"]["choices"])
+    speeds = [r["hold_probe_s"] for r in per["repetitions"]]
+    assert len(set(speeds)) == 3  # each repetition at its own speed
