@@ -35,8 +35,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _owner() -> tuple[Callable[[], Awaitable[int]], Callable[[], None]]:
-    """The owner's lane answer and the inspection alone, each as one call on the bench's body."""
+def _owner() -> tuple[
+    Callable[[], Awaitable[int]], Callable[[], None], Callable[[], Awaitable[None]]
+]:
+    """The owner's lane answer and the inspection alone, each as one call on the bench's body,
+    and the owner's close."""
     from sim.live import _request_bodies
 
     from gpufaas.core.manifests import bundled_functions_dir, load_manifests
@@ -52,7 +55,7 @@ def _owner() -> tuple[Callable[[], Awaitable[int]], Callable[[], None]]:
     )
     gateway = build_gateway(manager_urls={}, functions=functions, policy="lalb")
     me, peer = "http://127.0.0.1:9", "http://127.0.0.1:10"
-    attach_replicas(gateway, self_url=me, discover=static_peers([me, peer]), token=None)
+    replicas = attach_replicas(gateway, self_url=me, discover=static_peers([me, peer]), token=None)
     answer = lane_answer(gateway)
     body = _request_bodies()["tiny-mlp"]
     inputs = functions[0].spec.inputs
@@ -67,11 +70,29 @@ def _owner() -> tuple[Callable[[], Awaitable[int]], Callable[[], None]]:
         check_signature(header.signature(), inputs)
         request_deadline(None, header.parameters)
 
-    return owner_path, inspection
+    async def close() -> None:
+        await replicas.calls.close()
+        await replicas.membership.close()
+        await gateway.stop()
+
+    return owner_path, inspection, close
 
 
 async def _measure(calls: int, rounds: int) -> dict[str, dict[str, list[float]]]:
-    owner_path, inspection = _owner()
+    owner_path, inspection, close = _owner()
+    try:
+        return await _blocks(owner_path, inspection, calls=calls, rounds=rounds)
+    finally:
+        await close()
+
+
+async def _blocks(
+    owner_path: Callable[[], Awaitable[int]],
+    inspection: Callable[[], None],
+    *,
+    calls: int,
+    rounds: int,
+) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {
         name: {"cpu_us": [], "wall_us": []} for name in ("inspection", "owner path")
     }
@@ -101,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.disable(logging.WARNING)  # the owner logs each undeliverable request
-    out = asyncio.run(_measure(args.calls, args.rounds))
+    try:
+        out = asyncio.run(_measure(args.calls, args.rounds))
+    finally:
+        logging.disable(logging.NOTSET)
     for name, figures in out.items():
         cpu, wall = figures["cpu_us"], figures["wall_us"]
         print(
