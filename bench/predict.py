@@ -128,6 +128,9 @@ _LABEL_KEYS = {
     # -d1: the keep / demote / prefetch rule's device miss counts the requests that join the
     # reload too, as the victims' price does (PredictivePolicy.reload_miss_cost); -d0: one miss
     "d": "keep_joins",
+    # -f<x>: a device copy is kept while its idle time's rent is at most x misses' cost (ski
+    # rental's break-even floor under the predictive rule); -f0, the default: no floor
+    "f": "break_even",
 }
 
 

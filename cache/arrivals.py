@@ -678,6 +678,12 @@ class PredictivePolicy:
     a small one, which costs cold starts per byte held. The host tier's rule ignores it (a host
     miss only lengthens a load).
 
+    With ``break_even`` (x, default 0: off) a device copy is also kept while its idle time's
+    rent is at most x misses' cost (``idle x rent <= x x (reload_ms + miss_ms)``): ski rental's
+    break-even keep-alive under the learned rule, so a histogram that wrongly says "no request
+    soon" cannot demote a model before holding it would have cost one miss (prefetching and the
+    host tier are unchanged).
+
     ``device_price`` and ``host_price`` are in ms of load time per GB-second held: the exchange
     rate between cold-start time and memory-time (swept in the benchmark); ``host_price``
     defaults to a twentieth of ``device_price``. A function with fewer
@@ -713,6 +719,7 @@ class PredictivePolicy:
         belady: bool = True,
         joins: bool = True,
         keep_joins: bool = False,
+        break_even: float = 0.0,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -745,6 +752,7 @@ class PredictivePolicy:
         self.belady = bool(belady)
         self.joins = bool(joins)
         self.keep_joins = bool(keep_joins)
+        self.break_even = _finite(break_even, "break_even")
         self.evict_horizon_s = _finite(
             self.horizon_s if evict_horizon_s is None else evict_horizon_s,
             "evict_horizon_s",
@@ -779,7 +787,10 @@ class PredictivePolicy:
         else:
             price, saved = self.host_price, reload_ms
         rent = price * size_bytes / GB  # ms of load time per second held
-        keep = prefetch = False
+        # ski rental's break-even floor: a device copy idle for less than ``break_even`` x the
+        # time whose rent equals one miss is kept whatever the histogram says
+        keep = tier == "device" and idle * rent <= self.break_even * saved
+        prefetch = False
         for h in self.horizons:  # any horizon over which holding it pays
             keep = keep or self.pays(function, idle, h, saved_ms=saved, rent=rent)
             prefetch = prefetch or self.pays(
