@@ -23,7 +23,7 @@ from fastapi.responses import Response
 from gpufaas.core import node
 from gpufaas.core.channelservers import NatsServer, S3Server
 from gpufaas.core.commands import ManagerOptions
-from gpufaas.core.layered import dense_mlp, radix_net
+from gpufaas.core.layered import LayeredNet, dense_mlp, radix_net
 from gpufaas.core.sharding import ChannelConfig, Parallelism
 from gpufaas.scheduler.coordinator import Coordinator, LaunchFailed, ShardFailed, tree_rounds
 from gpufaas.scheduler.local import free_port, run_manager_processes
@@ -211,6 +211,19 @@ def managers(
         yield [m.url for m in procs], [m.process for m in procs]
 
 
+async def _deploy_split_refused_whole(
+    coordinator: Coordinator, mlp: LayeredNet, urls: list[str], *, shards: int
+) -> None:
+    """Unsplit, the model fits no device (refused); split ``shards`` ways by block, it deploys."""
+    with pytest.raises(LaunchFailed):
+        await coordinator.deploy(
+            "mlp-1", mlp, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
+        )
+    await coordinator.deploy(
+        "mlp", mlp, Parallelism(shards=shards, strategy="intra-layer"), nodes=urls, method="block"
+    )
+
+
 @pytest.mark.slow
 async def test_a_model_four_times_one_device_serves_on_four_managers(tmp_path: Path) -> None:
     """The device is as large as the largest of the four block shards and no larger, so the
@@ -223,17 +236,7 @@ async def test_a_model_four_times_one_device_serves_on_four_managers(tmp_path: P
     with managers(tmp_path, 4, device_memory=str(device)) as (urls, _):
         coordinator = Coordinator(artifact_base=str(tmp_path / "shards"), timeout_s=60)
         try:
-            with pytest.raises(LaunchFailed):  # unsplit, it fits no device
-                await coordinator.deploy(
-                    "mlp-1", mlp, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
-                )
-            await coordinator.deploy(
-                "mlp",
-                mlp,
-                Parallelism(shards=4, strategy="intra-layer"),
-                nodes=urls,
-                method="block",
-            )
+            await _deploy_split_refused_whole(coordinator, mlp, urls, shards=4)
             out = await coordinator.infer("mlp", x)
             async with httpx.AsyncClient(timeout=10) as client:
                 states = [(await client.get(url + node.SHARDS)).json() for url in urls]
@@ -264,14 +267,7 @@ async def test_a_model_over_four_times_one_device_serves_on_four_two_device_mana
     with managers(tmp_path, 4, device_memory=str(budget), cpu_devices=2) as (urls, _):
         coordinator = Coordinator(artifact_base=str(tmp_path / "shards"), timeout_s=60)
         try:
-            with pytest.raises(LaunchFailed):  # unsplit, it fits no device
-                await coordinator.deploy(
-                    "mlp-1", mlp, Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1]
-                )
-            await coordinator.deploy(
-                "mlp", mlp, Parallelism(shards=8, strategy="intra-layer"), nodes=urls,
-                method="block",
-            )  # fmt: skip
+            await _deploy_split_refused_whole(coordinator, mlp, urls, shards=8)
             outs = [await coordinator.infer("mlp", x) for _ in range(2)]
             async with httpx.AsyncClient(timeout=10) as client:
                 states = [(await client.get(url + node.SHARDS)).json() for url in urls]
