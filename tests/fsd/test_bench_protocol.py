@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bench_support import load_bench
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpufaas.core.layered import radix_net
-from tests.bench_support import load_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 fsd = load_bench(ROOT / "bench" / "fsd.py", name="fsd_bench_protocol")
