@@ -286,7 +286,11 @@ class Coordinator:
             volume=communication(net, part),
             rows=max(int(layer.owned.size) for spec in specs for layer in spec.layers),
         )
-        await self.launch(shard_set)
+        try:
+            await self.launch(shard_set)
+        except LaunchFailed:
+            await self._unload(shard_set)  # the shards that did load would hold their devices
+            raise
         self.sets[name] = shard_set
         return shard_set
 
@@ -333,8 +337,14 @@ class Coordinator:
         passes = self._passes.pop(name, None)
         if passes is not None:
             await passes.close()
+        await self._unload(shard_set)
+
+    async def _unload(self, shard_set: ShardSet) -> None:
+        """Ask every shard's node to drop it (a shard never loaded is a no-op there)."""
         for load in shard_set.loads:
-            url = load.node.rstrip("/") + SHARD_PATH.format(set_name=name, shard=load.shard)
+            url = load.node.rstrip("/") + SHARD_PATH.format(
+                set_name=shard_set.name, shard=load.shard
+            )
             with contextlib.suppress(httpx.HTTPError):  # a node that is gone holds nothing
                 await self._client.delete(url, timeout=10)
 

@@ -267,6 +267,15 @@ async def test_a_model_over_four_times_one_device_serves_on_four_two_device_mana
     with managers(tmp_path, 4, device_memory=str(budget), cpu_devices=2) as (urls, _):
         coordinator = Coordinator(artifact_base=str(tmp_path / "shards"), timeout_s=60)
         try:
+            with pytest.raises(LaunchFailed):  # 4 ways: the largest shard is over a device
+                await coordinator.deploy(
+                    "mlp-4", mlp, Parallelism(shards=4, strategy="intra-layer"), nodes=urls,
+                    method="block",
+                )  # fmt: skip
+            async with httpx.AsyncClient(timeout=10) as client:
+                left = [(await client.get(url + node.SHARDS)).json()["shards"] for url in urls]
+            # a failed launch leaves none of its shards holding a device
+            assert [key for shards in left for key in shards] == []
             await _deploy_split_refused_whole(coordinator, mlp, urls, shards=8)
             outs = [await coordinator.infer("mlp", x) for _ in range(2)]
             async with httpx.AsyncClient(timeout=10) as client:
