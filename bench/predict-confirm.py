@@ -44,11 +44,13 @@ def seed_rows(
         if reference not in labels:
             continue
         ref = labels[reference]
-        points = [
-            (float(r["device_gb_s"]), float(r["cold_start_ratio"]))
-            for label, r in labels.items()
-            if label.startswith("ours") and predict.family(label) == family
-        ]
+        curves = predict._curves(
+            {
+                label: (float(r["device_gb_s"]), float(r["cold_start_ratio"]))
+                for label, r in labels.items()
+            }
+        )
+        points = curves.get(family, []) if family.startswith("ours") else []
         x, base = float(ref["device_gb_s"]), float(ref["cold_start_ratio"])
         ours = predict._interpolate(points, x) if points else None
         out.append(
