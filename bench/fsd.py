@@ -416,7 +416,7 @@ async def run_mlp(
             name = f"mlp-{shards}"
             largest = max(shard_sizes(split(mlp, partition(mlp, shards, method="block"))))
             result[f"n{shards}_largest_shard_bytes"] = largest
-            if largest > device_bytes:  # never launched: a failed launch leaves shards loaded
+            if largest > device_bytes:  # refused before launching: no device can hold it
                 result[f"n{shards}"] = f"refused: largest shard {largest} B > {device_bytes} B"
                 print(f"  MLP on N={shards}: {result[f'n{shards}']}")
                 continue
