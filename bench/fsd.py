@@ -603,14 +603,25 @@ async def message_cost(root: Path, *, count: int = 400, rounds: int = 3) -> list
     return rows
 
 
-CPU_SPLIT_CONFIGS = ((1, "unsplit"), (2, "shm"), (2, "http"), (4, "shm"), (4, "http"))
+CPU_SPLIT_CONFIGS = (
+    (1, "unsplit"),
+    (2, "shm"),
+    (2, "http"),
+    (4, "shm"),
+    (4, "http"),
+    (2, "layer"),
+    (4, "layer"),
+)
+# "layer": the pipeline strategy (shard p owns layers [pL/N, (p+1)L/N) whole), direct channel
+# through shared memory; never in the default run (the configurations sessions 10-14 ran).
+_DEFAULT_SPLIT_CONFIGS = CPU_SPLIT_CONFIGS[:5]
 
 
 def split_configs(text: str | None, *, batching: bool) -> list[tuple[int, str, bool]]:
     """``--split-configs`` (``N-link-mode``, comma-separated; mode ``single`` or ``shared``),
     or every one of :data:`CPU_SPLIT_CONFIGS` in the one mode ``batching`` gives."""
     if not text:
-        return [(n, link, batching) for n, link in CPU_SPLIT_CONFIGS]
+        return [(n, link, batching) for n, link in _DEFAULT_SPLIT_CONFIGS]
     configs = []
     for item in text.split(","):
         shards, link, mode = item.split("-")
@@ -631,6 +642,7 @@ async def cpu_per_request(
     configs: list[tuple[int, str, bool]] | None = None,
     pass_depth: int = 2,
     pass_cache_bytes: int | None = None,
+    latency_requests: int = 0,
 ) -> list[dict[str, Any]]:
     """Where the time goes: CPU seconds per request, summed over the shard processes and
     the coordinator (this process), in a closed loop of ``concurrency`` requests in flight,
@@ -646,11 +658,12 @@ async def cpu_per_request(
     alone per request (every shard's pass at the run's mean pass size, timed on one thread in
     this process, no channel: :func:`shard_compute_seconds`), so the shards' worker threads'
     CPU beyond it is their trips, hand-overs and receive-side copies; ``idle_ms`` is the
-    cores' time per request that no process used (waits)."""
+    cores' time per request that no process used (waits). ``latency_requests``: that many
+    requests one at a time after each closed loop, their median as ``latency_ms``."""
     net = radix_net(neurons, layers)
     x = (np.random.default_rng(0).random((batch, neurons)) < 0.2).astype(np.float32)
     rows = []
-    configs = configs or [(n, link, True) for n, link in CPU_SPLIT_CONFIGS]
+    configs = configs or [(n, link, True) for n, link in _DEFAULT_SPLIT_CONFIGS]
     cache = {} if pass_cache_bytes is None else {"pass_cache_bytes": pass_cache_bytes}
     with managers(root, 4, device_memory="256Mi", keep_pids=True) as (urls, pids):
         coordinator = Coordinator(artifact_base=str(root / "cpu"), timeout_s=120,
@@ -658,10 +671,11 @@ async def cpu_per_request(
         sets, specs = {}, {}
         try:
             for shards, link in sorted({(n, link) for n, link, _ in configs}):
-                method = "hypergraph" if shards > 1 else "block"
+                method = "layer" if link == "layer" else "hypergraph" if shards > 1 else "block"
+                strategy = "layer" if link == "layer" else "intra-layer"
                 name = f"net-{shards}-{link}"
                 sets[name] = await coordinator.deploy(
-                    name, net, Parallelism(shards=shards, strategy="intra-layer"),
+                    name, net, Parallelism(shards=shards, strategy=strategy),
                     nodes=urls[:shards], method=method,
                     channel=ChannelConfig(kind="direct", shared_memory=link != "http"),
                 )  # fmt: skip
@@ -672,7 +686,7 @@ async def cpu_per_request(
                     name = f"net-{shards}-{link}"
                     coordinator.batching = batching
                     row = await _cpu_split_one(coordinator, name, x, pids[:shards], requests,
-                                               concurrency)  # fmt: skip
+                                               concurrency, latency_requests=latency_requests)  # fmt: skip
                     per_pass = max(1, round(row["requests_per_pass"]))
                     row.update(round=index, shards=shards, link=link, concurrency=concurrency,
                                batching=batching, pass_depth=pass_depth,
@@ -705,6 +719,8 @@ async def _cpu_split_one(
     pids: list[int],
     requests: int,
     concurrency: int,
+    *,
+    latency_requests: int = 0,
 ) -> dict[str, Any]:
     await asyncio.gather(*(coordinator.infer(name, x) for _ in range(concurrency)))  # warm
     passes_before = coordinator.passes(name).stats
@@ -749,6 +765,9 @@ async def _cpu_split_one(
     row["others_ms"] = (_machine_busy_seconds() - machine) / done * 1e3 - row["cpu_ms"]
     row["bound_rps"] = (os.cpu_count() or 1) / row["cpu_ms"] * 1e3
     row["idle_ms"] = (os.cpu_count() or 1) * wall / done * 1e3 - row["cpu_ms"]
+    if latency_requests:  # one request at a time, after the closed loop (fifteenth session)
+        seconds = [await _timed(coordinator.infer(name, x)) for _ in range(latency_requests)]
+        row["latency_ms"] = statistics.median(seconds) * 1e3
     return row
 
 
@@ -1539,6 +1558,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 configs=split_configs(args.split_configs, batching=not args.unbatched),
                 pass_depth=args.pass_depth, pass_cache_bytes=args.pass_cache_bytes,
                 requests=args.split_requests, rounds=args.split_rounds,
+                latency_requests=args.split_latency_requests,
             )  # fmt: skip
         return report
     if args.message_cost:
@@ -1658,6 +1678,8 @@ def main() -> int:
                         help="grid: the closed loop's requests share passes")  # fmt: skip
     parser.add_argument("--split-requests", type=int, default=60, help="cpu-split: per run")
     parser.add_argument("--split-rounds", type=int, default=3, help="cpu-split: rounds")
+    parser.add_argument("--split-latency-requests", type=int, default=0,
+                        help="cpu-split: sequential requests after each run (median latency)")  # fmt: skip
     parser.add_argument("--spread-grids", nargs="*", default=[],
                         help="--evaluate: other runs of the grid, for the run-to-run spread")  # fmt: skip
     parser.add_argument("--split-configs", default=None,
