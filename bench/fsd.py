@@ -1103,6 +1103,9 @@ def fit_constants(
     pin_bytes: bool = True,
     waits_on_path: bool = False,
     served: bool = True,
+    served_contention: bool = False,
+    relay: bool = True,
+    contention_weight: float = costmodel.SERVED_CONTENTION,
 ) -> costmodel.Constants:
     """The constants from a calibration's runs. With ``probe``, each run's seconds are first
     scaled to one speed (the median of the calibration's probes) by its own probe, and the
@@ -1118,7 +1121,12 @@ def fit_constants(
     alternative, scored beside the default: ``costmodel_waits_on_path``). ``served`` fits a
     served pass's compute over the in-process calibration's from the unsharded runs at two
     depths (``costmodel.fit_coordinator``; s13 wave 2); ``served=False`` keeps it at 1 (the
-    model of earlier runs, the control: ``costmodel_without_served``)."""
+    model of earlier runs, the control: ``costmodel_without_served``). ``relay`` fits the
+    NATS and S3 servers' CPU per message and byte (``costmodel.RELAYED``; charged only where
+    the cores are shared out); ``contention_weight`` is the share of the saturated contention
+    a served pass pays (``costmodel.SERVED_CONTENTION``), or ``served_contention`` fits it
+    with the channels (fifteenth session; ``relay=False, contention_weight=1`` is the model
+    of sessions 9-14: ``costmodel_s14_form``)."""
     probes = [r["probe_s"] for part in ("compute", "coordinator", "channels")
               for r in measured[part] if "probe_s" in r]  # fmt: skip
     reference = statistics.median(probes) if probe and probes else None
@@ -1142,7 +1150,8 @@ def fit_constants(
     base = costmodel.fit_coordinator(
         unsharded, served=served,
         base=costmodel.Constants(compute, 0.0, 0.0, cores, none, contention=shared_cores,
-                                 waits_on_path=waits_on_path),
+                                 waits_on_path=waits_on_path,
+                                 contention_weight=contention_weight),
     )  # fmt: skip
     runs: dict[str, list[tuple[costmodel.Profile, int, float]]] = {}
     for r in measured["channels"]:
@@ -1159,7 +1168,15 @@ def fit_constants(
                                     (_channel_profile(r), r["batch"], at_reference(r)), base=base)
                 for r, s in pairs if r["channel"] == channel
             )}  # fmt: skip
-    costs = costmodel.fit_channels(runs, base=base, shared=shared, fixed=fixed)
+    if relay:  # the direct channel has no server between the shards: no relay terms
+        for channel in runs:
+            if channel not in costmodel.RELAYED:
+                fixed.setdefault(channel, {}).update(dict.fromkeys(costmodel.RELAY_TERMS, 0.0))
+    if served_contention:
+        fitted = costmodel.fit_channels_and_contention(runs, base=base, shared=shared,
+                                                       fixed=fixed, relay=relay)  # fmt: skip
+        return dataclasses.replace(fitted, probe_s=reference)
+    costs = costmodel.fit_channels(runs, base=base, shared=shared, fixed=fixed, relay=relay)
     return dataclasses.replace(base, channels=costs, probe_s=reference)
 
 
@@ -1425,6 +1442,10 @@ def score(
     if probed:
         alternatives["costmodel_waits_on_path"] = refit(waits_on_path=True)
         alternatives["costmodel_without_served"] = refit(served=False)
+        # the fifteenth session's form against the fourteenth's (no relay, contention whole)
+        # and against the weight fitted on the calibration's own runs
+        alternatives["costmodel_s14_form"] = refit(relay=False, contention_weight=1.0)
+        alternatives["costmodel_fitted_weight"] = refit(served_contention=True)
     hold = hold_probe(grid) if probed else None
     if hold is not None:
         alternatives["costmodel_hold_probe"] = evaluate(

@@ -123,6 +123,9 @@ from gpufaas.scheduler.partition import Partition
 
 __all__ = [
     "PRICE_SOURCES",
+    "RELAYED",
+    "RELAY_TERMS",
+    "SERVED_CONTENTION",
     "ChannelCost",
     "Compute",
     "Constants",
@@ -138,11 +141,13 @@ __all__ = [
     "fit",
     "fit_channel",
     "fit_channels",
+    "fit_channels_and_contention",
     "fit_coordinator",
     "message_split",
     "predict",
     "predicted_cost",
     "profile",
+    "saturated",
     "throughput",
     "worker_memory_gb",
 ]
@@ -158,6 +163,11 @@ class ChannelCost:
     per_shard_s: float  # the coordinator's call to a shard and the shard's fixed part
     # oversubscription: a wait's wake-up that finds every core taken (context switch, cache)
     per_wake_s: float = 0.0
+    # fifteenth session: the CPU the channel's own server spends per message and per byte
+    # (nats-server, the S3 server): a process of its own on the same cores, on no shard's
+    # path, so charged only where the cores are shared out (``(sum_p cpu + relay) / cores``)
+    per_relay_message_s: float = 0.0
+    per_relay_byte_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +208,11 @@ class Constants:
     # shard's compute is charged ``served`` times what the one-thread, back-to-back passes of
     # the compute calibration took (:func:`fit_coordinator`; 1 where it could not be told)
     served: float = 1.0
+    # fifteenth session: how much of the calibration's saturated contention a served pass
+    # pays (:func:`contention`: ``1 + contention_weight * (measured - 1)``). 1 charges it
+    # whole (sessions 9-14); ``fit_channels(fit_contention=True)`` fits it on the served
+    # sharded runs, with the channel terms
+    contention_weight: float = 1.0
 
 
 def at_speed(constants: Constants, probe_s: float) -> Constants:
@@ -221,6 +236,7 @@ def at_speed(constants: Constants, probe_s: float) -> Constants:
         contention=constants.contention,  # a ratio of times: the same at any speed
         waits_on_path=constants.waits_on_path,
         served=constants.served,  # a ratio of times: the same at any speed
+        contention_weight=constants.contention_weight,  # a ratio too
     )
 
 
@@ -309,16 +325,26 @@ def compute_features(p: Profile, *, batch: int) -> npt.NDArray[np.float64]:
     )
 
 
-def contention(constants: Constants, shards: int) -> float:
+def saturated(constants: Constants, shards: int) -> float:
     """How much slower ``shards`` shards' products run sharing the cores at once than alone,
-    beyond sharing them out: the calibration's measurement at that many shards (bench/fsd.py:
-    ``concurrent_products``), linear between the counts it measured, the last one's beyond
-    them, 1 for one shard or where nothing was measured."""
+    beyond sharing them out, when every shard runs passes back to back: the calibration's
+    measurement at that many shards (bench/fsd.py: ``concurrent_products``), linear between
+    the counts it measured, the last one's beyond them, 1 for one shard or where nothing was
+    measured."""
     if shards <= 1 or not constants.contention:
         return 1.0
     points = sorted({1: 1.0, **constants.contention}.items())
     counts = [float(n) for n, _ in points]
     return float(np.interp(float(shards), counts, [f for _, f in points]))
+
+
+def contention(constants: Constants, shards: int) -> float:
+    """The factor a served pass's compute is charged at ``shards`` shards: ``1 + w * (s -
+    1)``, ``s`` the saturated measurement (:func:`saturated`), ``w`` the constants'
+    ``contention_weight``. A served shard runs a layer and then waits for its parts, so its
+    neighbours are not always runnable at once as in the saturated measurement; ``w`` is how
+    much of that slow-down the served runs show (1: all of it, as sessions 9-14 charged)."""
+    return 1.0 + constants.contention_weight * (saturated(constants, shards) - 1.0)
 
 
 def busy(shards: int, cores: int) -> float:
@@ -337,17 +363,24 @@ def channel_features(p: Profile, *, batch: int, cores: int) -> npt.NDArray[np.fl
 _WAITS = np.array([False, False, True, True])
 
 
+def relay_features(p: Profile, *, batch: int) -> npt.NDArray[np.float64]:
+    """Per layer and shard, the multipliers of the relay terms (``per_relay_message_s``,
+    ``per_relay_byte_s``): the messages and bytes the shard receives through the server."""
+    return np.stack([p.messages, batch * 4 * p.values], axis=-1)
+
+
 def _work(p: Profile, batch: int, constants: Constants, channel: ChannelCost) -> Matrix:
     """Per layer and shard, everything a shard spends on the layer: CPU and waits."""
-    cpu, waits = _split_work(p, batch, constants, channel)
+    cpu, waits, _ = _split_work(p, batch, constants, channel)
     return cpu + waits
 
 
 def _split_work(
     p: Profile, batch: int, constants: Constants, channel: ChannelCost
-) -> tuple[Matrix, Matrix]:
-    """Per layer and shard, the CPU the shard's process spends (which the cores share out)
-    and the waits on its path (which take no core: while one shard waits, another runs)."""
+) -> tuple[Matrix, Matrix, Matrix]:
+    """Per layer and shard, the CPU the shard's process spends (which the cores share out),
+    the waits on its path (which take no core: while one shard waits, another runs) and the
+    channel server's CPU for what the shard receives (on the cores, on no shard's path)."""
     c = constants.compute
     comm = np.array([channel.per_message_s, channel.per_byte_s, channel.per_sync_s,
                      channel.per_wake_s])  # fmt: skip
@@ -359,13 +392,20 @@ def _split_work(
         on_path = _WAITS if constants.waits_on_path else np.zeros_like(_WAITS)
         cpu = cpu + features @ np.where(on_path, 0.0, comm)
         waits = features @ np.where(on_path, comm, 0.0)
-    return cpu, waits
+    relay: Matrix = np.zeros_like(cpu)
+    if p.shards > 1 and (channel.per_relay_message_s or channel.per_relay_byte_s):
+        relay = relay_features(p, batch=batch) @ np.array(
+            [channel.per_relay_message_s, channel.per_relay_byte_s]
+        )
+    return cpu, waits, relay
 
 
-def _layers(cpu: Matrix, waits: Matrix, cores: int) -> float:
+def _layers(cpu: Matrix, waits: Matrix, relay: Matrix, cores: int) -> float:
     """Each layer ends when its busiest shard's CPU and waits are done, and not before all
-    the shards' CPU has had the cores (``sum_p cpu / cores``)."""
-    return float(np.maximum((cpu + waits).max(axis=1), cpu.sum(axis=1) / cores).sum())
+    the CPU it takes, the shards' and the channel server's, has had the cores
+    (``(sum_p cpu + sum_p relay) / cores``)."""
+    shared = (cpu.sum(axis=1) + relay.sum(axis=1)) / cores
+    return float(np.maximum((cpu + waits).max(axis=1), shared).sum())
 
 
 def predict(p: Profile, *, batch: int, channel: str, constants: Constants) -> float:
@@ -561,6 +601,18 @@ _TERMS = ("per_message_s", "per_byte_s", "per_sync_s", "per_wake_s", "per_shard_
 # runs where waits and messages rise together let noise move cost between them and the
 # channel's own terms, and two channels came out in the wrong order (bench/RESULTS.md, #15).
 SHARED_TERMS = ("per_shard_s", "per_wake_s")
+# The served contention's weight as a column of the channels' fit (fit_channels_and_contention)
+_WEIGHT = "contention_weight"
+# The channel server's terms (fifteenth session), each channel's own, fitted with ``relay``
+RELAY_TERMS = ("per_relay_message_s", "per_relay_byte_s")
+_RELAY = RELAY_TERMS
+# The channels whose messages pass through a server process of their own on the same cores
+RELAYED = ("nats", "s3")
+# The served contention's weight the fifteenth session chose (Constants.contention_weight):
+# fitted on the fourteenth session's two grid holds (training data), where every weight
+# from 0.2 to 0.4 scored 24 of 25 cells within 25% on each hold with the relay terms on;
+# a calibration's own runs cannot tell it (their 2,048-wide nets barely contend)
+SERVED_CONTENTION = 0.3
 
 
 def fit_channel(
@@ -579,6 +631,7 @@ def fit_channels(
     shared: Sequence[str] = SHARED_TERMS,
     rounds: int = 8,
     fixed: Mapping[str, Mapping[str, float]] | None = None,
+    relay: bool = False,
 ) -> dict[str, ChannelCost]:
     """Every channel's constants from its sharded runs ``(profile, batch, measured
     seconds)``, given the compute and coordinator constants of ``base``, in one fit: the
@@ -588,20 +641,61 @@ def fit_channels(
     fit, re-pick each layer's branch with the new constants, and repeat. ``fixed`` gives a
     channel's terms known beforehand (``{"direct": {"per_byte_s": ...}}``: the message
     split's :func:`byte_cost`); they are taken off the runs and not fitted."""
+    costs, _ = _fit_channels(runs, base=base, shared=shared, rounds=rounds, fixed=fixed,
+                             fit_contention=False, relay=relay)  # fmt: skip
+    return costs
+
+
+def fit_channels_and_contention(
+    runs: Mapping[str, Sequence[tuple[Profile, int, float]]],
+    *,
+    base: Constants,
+    shared: Sequence[str] = SHARED_TERMS,
+    rounds: int = 8,
+    fixed: Mapping[str, Mapping[str, float]] | None = None,
+    relay: bool = False,
+) -> Constants:
+    """``base`` with every channel's constants and the served contention's weight
+    (``Constants.contention_weight``) fitted together on the sharded runs (fifteenth
+    session): with the layers' branches fixed, a run's compute is linear in the weight
+    (``compute alone + w * compute alone * (saturated - 1)``), so it is one more column of
+    :func:`fit_channels`' fit, shared by every channel (the same products whatever carries
+    the messages). Never negative; ``base``'s own weight is ignored."""
+    costs, weight = _fit_channels(runs, base=base, shared=shared, rounds=rounds, fixed=fixed,
+                                  fit_contention=True, relay=relay)  # fmt: skip
+    return dataclasses.replace(base, channels=costs, contention_weight=weight)
+
+
+def _fit_channels(
+    runs: Mapping[str, Sequence[tuple[Profile, int, float]]],
+    *,
+    base: Constants,
+    shared: Sequence[str],
+    rounds: int,
+    fixed: Mapping[str, Mapping[str, float]] | None,
+    fit_contention: bool,
+    relay: bool,
+) -> tuple[dict[str, ChannelCost], float]:
     known = fixed or {}
-    if any(t in shared or t not in _TERMS for terms in known.values() for t in terms):
+    every = _TERMS + _RELAY if relay else _TERMS
+    if any(t in shared or t not in every for terms in known.values() for t in terms):
         raise ValueError(f"only a channel's own terms can be fixed, not {dict(known)}")
     names = sorted(runs)
-    own = [t for t in _TERMS if t not in shared]
+    own = [t for t in every if t not in shared]
     columns = [(name, t) for name in names for t in own if t not in known.get(name, {})]
     columns += [("*", t) for t in shared]
-    costs = {name: ChannelCost(**{t: known.get(name, {}).get(t, 0.0) for t in _TERMS})
+    if fit_contention:
+        columns.append(("*", _WEIGHT))
+    costs = {name: ChannelCost(**{t: known.get(name, {}).get(t, 0.0) for t in every})
              for name in names}  # fmt: skip
+    weight = 1.0 if fit_contention else base.contention_weight
     for _ in range(rounds):
         xs, ys, totals = [], [], []
+        at = dataclasses.replace(base, contention_weight=weight)
         for name in names:
             for p, batch, measured in runs[name]:
-                terms, y = _channel_row(p, batch, measured, base, costs[name])
+                terms, y = _channel_row(p, batch, measured, at, costs[name],
+                                        split_contention=fit_contention)  # fmt: skip
                 y -= sum(v * terms[t] for t, v in known.get(name, {}).items())
                 xs.append([terms[t] if c in (name, "*") else 0.0 for c, t in columns])
                 ys.append(y)
@@ -610,10 +704,12 @@ def fit_channels(
         value = dict(zip(columns, solution, strict=True))
         value.update({(name, t): v for name, terms in known.items() for t, v in terms.items()})
         costs = {
-            name: ChannelCost(**{t: value[(name, t) if t in own else ("*", t)] for t in _TERMS})
+            name: ChannelCost(**{t: value[(name, t) if t in own else ("*", t)] for t in every})
             for name in names
         }
-    return costs
+        if fit_contention:
+            weight = value[("*", _WEIGHT)]
+    return costs, weight
 
 
 def byte_cost(
@@ -644,16 +740,27 @@ def byte_cost(
 
 
 def _channel_row(
-    p: Profile, batch: int, measured: float, base: Constants, cost: ChannelCost
+    p: Profile,
+    batch: int,
+    measured: float,
+    base: Constants,
+    cost: ChannelCost,
+    *,
+    split_contention: bool = False,
 ) -> tuple[dict[str, float], float]:
     """One run's multipliers of the channel terms (by name), with each layer's branch fixed
-    at ``cost``, and what of its measured seconds is left for them."""
-    cpu, waits = _split_work(p, batch, base, cost)
+    at ``cost``, and what of its measured seconds is left for them. With
+    ``split_contention``, the compute is charged alone and the contention's part beyond it
+    (at weight 1) is the multiplier of ``_WEIGHT``, the served contention's weight."""
+    cpu, waits, relay = _split_work(p, batch, base, cost)
     work = cpu + waits
     busiest = work.argmax(axis=1)
-    by_max = work.max(axis=1) >= cpu.sum(axis=1) / base.cores
-    compute = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(base.compute))
-    compute = compute * contention(base, p.shards) * base.served
+    by_max = work.max(axis=1) >= (cpu.sum(axis=1) + relay.sum(axis=1)) / base.cores
+    alone = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(base.compute))
+    alone = alone * base.served
+    factor = 1.0 if split_contention else contention(base, p.shards)
+    compute = alone * factor
+    beyond = alone * (saturated(base, p.shards) - 1.0)  # at weight 1
     comm = channel_features(p, batch=batch, cores=base.cores)
     shared = comm.sum(axis=1) / base.cores  # the cores' branch: CPU terms only
     if base.waits_on_path:
@@ -663,4 +770,12 @@ def _channel_row(
     fixed_compute = np.where(by_max, compute[layers, busiest], compute.sum(axis=1) / base.cores)
     fixed = base.per_request_s + base.per_io_value_s * batch * p.io_values
     terms = dict(zip(_TERMS, [*map(float, row), float(p.shards)], strict=True))
+    # the relay (channel server) terms: only where the cores' branch binds
+    served_out = relay_features(p, batch=batch).sum(axis=1) / base.cores
+    relay_row = np.where(by_max[:, None], 0.0, served_out).sum(axis=0)
+    terms.update(zip(_RELAY, map(float, relay_row), strict=True))
+    if split_contention:
+        terms[_WEIGHT] = float(
+            np.where(by_max, beyond[layers, busiest], beyond.sum(axis=1) / base.cores).sum()
+        )
     return terms, measured - fixed - float(fixed_compute.sum())
