@@ -1104,7 +1104,6 @@ def fit_constants(
     waits_on_path: bool = False,
     served: bool = True,
     served_contention: bool = False,
-    relay: bool = True,
     contention_weight: float = costmodel.SERVED_CONTENTION,
 ) -> costmodel.Constants:
     """The constants from a calibration's runs. With ``probe``, each run's seconds are first
@@ -1121,12 +1120,11 @@ def fit_constants(
     alternative, scored beside the default: ``costmodel_waits_on_path``). ``served`` fits a
     served pass's compute over the in-process calibration's from the unsharded runs at two
     depths (``costmodel.fit_coordinator``; s13 wave 2); ``served=False`` keeps it at 1 (the
-    model of earlier runs, the control: ``costmodel_without_served``). ``relay`` fits the
-    NATS and S3 servers' CPU per message and byte (``costmodel.RELAYED``; charged only where
-    the cores are shared out); ``contention_weight`` is the share of the saturated contention
-    a served pass pays (``costmodel.SERVED_CONTENTION``), or ``served_contention`` fits it
-    with the channels (fifteenth session; ``relay=False, contention_weight=1`` is the model
-    of sessions 9-14: ``costmodel_s14_form``)."""
+    model of earlier runs, the control: ``costmodel_without_served``). ``contention_weight``
+    is the share of the saturated contention a served pass pays
+    (``costmodel.SERVED_CONTENTION``), or ``served_contention`` fits it with the channels
+    (fifteenth session; ``contention_weight=1`` is the model of sessions 9-14:
+    ``costmodel_s14_form``)."""
     probes = [r["probe_s"] for part in ("compute", "coordinator", "channels")
               for r in measured[part] if "probe_s" in r]  # fmt: skip
     reference = statistics.median(probes) if probe and probes else None
@@ -1168,15 +1166,11 @@ def fit_constants(
                                     (_channel_profile(r), r["batch"], at_reference(r)), base=base)
                 for r, s in pairs if r["channel"] == channel
             )}  # fmt: skip
-    if relay:  # the direct channel has no server between the shards: no relay terms
-        for channel in runs:
-            if channel not in costmodel.RELAYED:
-                fixed.setdefault(channel, {}).update(dict.fromkeys(costmodel.RELAY_TERMS, 0.0))
     if served_contention:
         fitted = costmodel.fit_channels_and_contention(runs, base=base, shared=shared,
-                                                       fixed=fixed, relay=relay)  # fmt: skip
+                                                       fixed=fixed)  # fmt: skip
         return dataclasses.replace(fitted, probe_s=reference)
-    costs = costmodel.fit_channels(runs, base=base, shared=shared, fixed=fixed, relay=relay)
+    costs = costmodel.fit_channels(runs, base=base, shared=shared, fixed=fixed)
     return dataclasses.replace(base, channels=costs, probe_s=reference)
 
 
@@ -1442,9 +1436,9 @@ def score(
     if probed:
         alternatives["costmodel_waits_on_path"] = refit(waits_on_path=True)
         alternatives["costmodel_without_served"] = refit(served=False)
-        # the fifteenth session's form against the fourteenth's (no relay, contention whole)
-        # and against the weight fitted on the calibration's own runs
-        alternatives["costmodel_s14_form"] = refit(relay=False, contention_weight=1.0)
+        # the fifteenth session's form against the fourteenth's (contention whole) and
+        # against the weight fitted on the calibration's own runs
+        alternatives["costmodel_s14_form"] = refit(contention_weight=1.0)
         alternatives["costmodel_fitted_weight"] = refit(served_contention=True)
     hold = hold_probe(grid) if probed else None
     if hold is not None:

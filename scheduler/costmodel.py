@@ -12,6 +12,11 @@ layer's shards run side by side, at most ``cores`` of them at once):
             + c_sync[ch] * sync_lp                                       # waits
             + c_wake[ch] * sync_lp * max(0, N - cores) / N               # oversubscription
 
+``contention(N) = 1 + w * (saturated(N) - 1)`` (fifteenth session): ``saturated`` is the
+calibration's measurement with every shard running passes back to back; a served shard
+runs a layer and then waits, so it pays a share ``w`` of that slow-down
+(``Constants.contention_weight``; ``w = 1`` is sessions 9-14's model).
+
 ``w_lp`` is shard p's work on layer l, all of it CPU on its process except the waits:
 
 * compute (gpu_manager/shards.py): each row group (boundary rows, interior rows) is one
@@ -123,8 +128,6 @@ from gpufaas.scheduler.partition import Partition
 
 __all__ = [
     "PRICE_SOURCES",
-    "RELAYED",
-    "RELAY_TERMS",
     "SERVED_CONTENTION",
     "ChannelCost",
     "Compute",
@@ -163,11 +166,6 @@ class ChannelCost:
     per_shard_s: float  # the coordinator's call to a shard and the shard's fixed part
     # oversubscription: a wait's wake-up that finds every core taken (context switch, cache)
     per_wake_s: float = 0.0
-    # fifteenth session: the CPU the channel's own server spends per message and per byte
-    # (nats-server, the S3 server): a process of its own on the same cores, on no shard's
-    # path, so charged only where the cores are shared out (``(sum_p cpu + relay) / cores``)
-    per_relay_message_s: float = 0.0
-    per_relay_byte_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,8 +208,7 @@ class Constants:
     served: float = 1.0
     # fifteenth session: how much of the calibration's saturated contention a served pass
     # pays (:func:`contention`: ``1 + contention_weight * (measured - 1)``). 1 charges it
-    # whole (sessions 9-14); ``fit_channels(fit_contention=True)`` fits it on the served
-    # sharded runs, with the channel terms
+    # whole (sessions 9-14); bench/fsd.py fits with :data:`SERVED_CONTENTION`
     contention_weight: float = 1.0
 
 
@@ -363,24 +360,17 @@ def channel_features(p: Profile, *, batch: int, cores: int) -> npt.NDArray[np.fl
 _WAITS = np.array([False, False, True, True])
 
 
-def relay_features(p: Profile, *, batch: int) -> npt.NDArray[np.float64]:
-    """Per layer and shard, the multipliers of the relay terms (``per_relay_message_s``,
-    ``per_relay_byte_s``): the messages and bytes the shard receives through the server."""
-    return np.stack([p.messages, batch * 4 * p.values], axis=-1)
-
-
 def _work(p: Profile, batch: int, constants: Constants, channel: ChannelCost) -> Matrix:
     """Per layer and shard, everything a shard spends on the layer: CPU and waits."""
-    cpu, waits, _ = _split_work(p, batch, constants, channel)
+    cpu, waits = _split_work(p, batch, constants, channel)
     return cpu + waits
 
 
 def _split_work(
     p: Profile, batch: int, constants: Constants, channel: ChannelCost
-) -> tuple[Matrix, Matrix, Matrix]:
-    """Per layer and shard, the CPU the shard's process spends (which the cores share out),
-    the waits on its path (which take no core: while one shard waits, another runs) and the
-    channel server's CPU for what the shard receives (on the cores, on no shard's path)."""
+) -> tuple[Matrix, Matrix]:
+    """Per layer and shard, the CPU the shard's process spends (which the cores share out)
+    and the waits on its path (which take no core: while one shard waits, another runs)."""
     c = constants.compute
     comm = np.array([channel.per_message_s, channel.per_byte_s, channel.per_sync_s,
                      channel.per_wake_s])  # fmt: skip
@@ -392,20 +382,13 @@ def _split_work(
         on_path = _WAITS if constants.waits_on_path else np.zeros_like(_WAITS)
         cpu = cpu + features @ np.where(on_path, 0.0, comm)
         waits = features @ np.where(on_path, comm, 0.0)
-    relay: Matrix = np.zeros_like(cpu)
-    if p.shards > 1 and (channel.per_relay_message_s or channel.per_relay_byte_s):
-        relay = relay_features(p, batch=batch) @ np.array(
-            [channel.per_relay_message_s, channel.per_relay_byte_s]
-        )
-    return cpu, waits, relay
+    return cpu, waits
 
 
-def _layers(cpu: Matrix, waits: Matrix, relay: Matrix, cores: int) -> float:
+def _layers(cpu: Matrix, waits: Matrix, cores: int) -> float:
     """Each layer ends when its busiest shard's CPU and waits are done, and not before all
-    the CPU it takes, the shards' and the channel server's, has had the cores
-    (``(sum_p cpu + sum_p relay) / cores``)."""
-    shared = (cpu.sum(axis=1) + relay.sum(axis=1)) / cores
-    return float(np.maximum((cpu + waits).max(axis=1), shared).sum())
+    the shards' CPU has had the cores (``sum_p cpu / cores``)."""
+    return float(np.maximum((cpu + waits).max(axis=1), cpu.sum(axis=1) / cores).sum())
 
 
 def predict(p: Profile, *, batch: int, channel: str, constants: Constants) -> float:
@@ -603,15 +586,10 @@ _TERMS = ("per_message_s", "per_byte_s", "per_sync_s", "per_wake_s", "per_shard_
 SHARED_TERMS = ("per_shard_s", "per_wake_s")
 # The served contention's weight as a column of the channels' fit (fit_channels_and_contention)
 _WEIGHT = "contention_weight"
-# The channel server's terms (fifteenth session), each channel's own, fitted with ``relay``
-RELAY_TERMS = ("per_relay_message_s", "per_relay_byte_s")
-_RELAY = RELAY_TERMS
-# The channels whose messages pass through a server process of their own on the same cores
-RELAYED = ("nats", "s3")
-# The served contention's weight the fifteenth session chose (Constants.contention_weight):
-# fitted on the fourteenth session's two grid holds (training data), where every weight
-# from 0.2 to 0.4 scored 24 of 25 cells within 25% on each hold with the relay terms on;
-# a calibration's own runs cannot tell it (their 2,048-wide nets barely contend)
+# The served contention's weight bench/fsd.py fits with (Constants.contention_weight): chosen
+# on the fourteenth session's two grid holds (training data; bench/RESULTS.md, "fsd,
+# fifteenth session" (b)); a calibration's own runs cannot tell it (their 2,048-wide nets
+# barely contend: fitted there it comes out 0-0.18)
 SERVED_CONTENTION = 0.3
 
 
@@ -631,7 +609,6 @@ def fit_channels(
     shared: Sequence[str] = SHARED_TERMS,
     rounds: int = 8,
     fixed: Mapping[str, Mapping[str, float]] | None = None,
-    relay: bool = False,
 ) -> dict[str, ChannelCost]:
     """Every channel's constants from its sharded runs ``(profile, batch, measured
     seconds)``, given the compute and coordinator constants of ``base``, in one fit: the
@@ -642,7 +619,7 @@ def fit_channels(
     channel's terms known beforehand (``{"direct": {"per_byte_s": ...}}``: the message
     split's :func:`byte_cost`); they are taken off the runs and not fitted."""
     costs, _ = _fit_channels(runs, base=base, shared=shared, rounds=rounds, fixed=fixed,
-                             fit_contention=False, relay=relay)  # fmt: skip
+                             fit_contention=False)  # fmt: skip
     return costs
 
 
@@ -653,16 +630,17 @@ def fit_channels_and_contention(
     shared: Sequence[str] = SHARED_TERMS,
     rounds: int = 8,
     fixed: Mapping[str, Mapping[str, float]] | None = None,
-    relay: bool = False,
 ) -> Constants:
     """``base`` with every channel's constants and the served contention's weight
     (``Constants.contention_weight``) fitted together on the sharded runs (fifteenth
     session): with the layers' branches fixed, a run's compute is linear in the weight
     (``compute alone + w * compute alone * (saturated - 1)``), so it is one more column of
     :func:`fit_channels`' fit, shared by every channel (the same products whatever carries
-    the messages). Never negative; ``base``'s own weight is ignored."""
+    the messages). Never negative; ``base``'s own weight is ignored. On the calibrations'
+    2,048-wide nets it comes out 0-0.18, under what the grid's nets show (bench/fsd.py
+    scores it beside as ``costmodel_fitted_weight``)."""
     costs, weight = _fit_channels(runs, base=base, shared=shared, rounds=rounds, fixed=fixed,
-                                  fit_contention=True, relay=relay)  # fmt: skip
+                                  fit_contention=True)  # fmt: skip
     return dataclasses.replace(base, channels=costs, contention_weight=weight)
 
 
@@ -674,19 +652,17 @@ def _fit_channels(
     rounds: int,
     fixed: Mapping[str, Mapping[str, float]] | None,
     fit_contention: bool,
-    relay: bool,
 ) -> tuple[dict[str, ChannelCost], float]:
     known = fixed or {}
-    every = _TERMS + _RELAY if relay else _TERMS
-    if any(t in shared or t not in every for terms in known.values() for t in terms):
+    if any(t in shared or t not in _TERMS for terms in known.values() for t in terms):
         raise ValueError(f"only a channel's own terms can be fixed, not {dict(known)}")
     names = sorted(runs)
-    own = [t for t in every if t not in shared]
+    own = [t for t in _TERMS if t not in shared]
     columns = [(name, t) for name in names for t in own if t not in known.get(name, {})]
     columns += [("*", t) for t in shared]
     if fit_contention:
         columns.append(("*", _WEIGHT))
-    costs = {name: ChannelCost(**{t: known.get(name, {}).get(t, 0.0) for t in every})
+    costs = {name: ChannelCost(**{t: known.get(name, {}).get(t, 0.0) for t in _TERMS})
              for name in names}  # fmt: skip
     weight = 1.0 if fit_contention else base.contention_weight
     for _ in range(rounds):
@@ -704,7 +680,7 @@ def _fit_channels(
         value = dict(zip(columns, solution, strict=True))
         value.update({(name, t): v for name, terms in known.items() for t, v in terms.items()})
         costs = {
-            name: ChannelCost(**{t: value[(name, t) if t in own else ("*", t)] for t in every})
+            name: ChannelCost(**{t: value[(name, t) if t in own else ("*", t)] for t in _TERMS})
             for name in names
         }
         if fit_contention:
@@ -752,14 +728,13 @@ def _channel_row(
     at ``cost``, and what of its measured seconds is left for them. With
     ``split_contention``, the compute is charged alone and the contention's part beyond it
     (at weight 1) is the multiplier of ``_WEIGHT``, the served contention's weight."""
-    cpu, waits, relay = _split_work(p, batch, base, cost)
+    cpu, waits = _split_work(p, batch, base, cost)
     work = cpu + waits
     busiest = work.argmax(axis=1)
-    by_max = work.max(axis=1) >= (cpu.sum(axis=1) + relay.sum(axis=1)) / base.cores
+    by_max = work.max(axis=1) >= cpu.sum(axis=1) / base.cores
     alone = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(base.compute))
     alone = alone * base.served
-    factor = 1.0 if split_contention else contention(base, p.shards)
-    compute = alone * factor
+    compute = alone * (1.0 if split_contention else contention(base, p.shards))
     beyond = alone * (saturated(base, p.shards) - 1.0)  # at weight 1
     comm = channel_features(p, batch=batch, cores=base.cores)
     shared = comm.sum(axis=1) / base.cores  # the cores' branch: CPU terms only
@@ -770,10 +745,6 @@ def _channel_row(
     fixed_compute = np.where(by_max, compute[layers, busiest], compute.sum(axis=1) / base.cores)
     fixed = base.per_request_s + base.per_io_value_s * batch * p.io_values
     terms = dict(zip(_TERMS, [*map(float, row), float(p.shards)], strict=True))
-    # the relay (channel server) terms: only where the cores' branch binds
-    served_out = relay_features(p, batch=batch).sum(axis=1) / base.cores
-    relay_row = np.where(by_max[:, None], 0.0, served_out).sum(axis=0)
-    terms.update(zip(_RELAY, map(float, relay_row), strict=True))
     if split_contention:
         terms[_WEIGHT] = float(
             np.where(by_max, beyond[layers, busiest], beyond.sum(axis=1) / base.cores).sum()
