@@ -1104,7 +1104,7 @@ def fit_constants(
     waits_on_path: bool = False,
     served: bool = True,
     served_contention: bool = False,
-    contention_weight: float = costmodel.SERVED_CONTENTION,
+    contention_weight: float = 1.0,
 ) -> costmodel.Constants:
     """The constants from a calibration's runs. With ``probe``, each run's seconds are first
     scaled to one speed (the median of the calibration's probes) by its own probe, and the
@@ -1121,10 +1121,11 @@ def fit_constants(
     served pass's compute over the in-process calibration's from the unsharded runs at two
     depths (``costmodel.fit_coordinator``; s13 wave 2); ``served=False`` keeps it at 1 (the
     model of earlier runs, the control: ``costmodel_without_served``). ``contention_weight``
-    is the share of the saturated contention a served pass pays
-    (``costmodel.SERVED_CONTENTION``), or ``served_contention`` fits it with the channels
-    (fifteenth session; ``contention_weight=1`` is the model of sessions 9-14:
-    ``costmodel_s14_form``)."""
+    is the share of the saturated contention a served pass pays (1, the default: all of it,
+    as sessions 9-14), or ``served_contention`` fits it with the channels (fifteenth
+    session; scored beside as ``costmodel_served_contention`` at
+    ``costmodel.SERVED_CONTENTION`` and ``costmodel_fitted_weight``: neither beat the
+    default on the session's two fresh holds)."""
     probes = [r["probe_s"] for part in ("compute", "coordinator", "channels")
               for r in measured[part] if "probe_s" in r]  # fmt: skip
     reference = statistics.median(probes) if probe and probes else None
@@ -1436,9 +1437,11 @@ def score(
     if probed:
         alternatives["costmodel_waits_on_path"] = refit(waits_on_path=True)
         alternatives["costmodel_without_served"] = refit(served=False)
-        # the fifteenth session's form against the fourteenth's (contention whole) and
-        # against the weight fitted on the calibration's own runs
-        alternatives["costmodel_s14_form"] = refit(contention_weight=1.0)
+        # the fifteenth session's served contention: at the weight chosen on session 14's
+        # grids, and fitted on the calibration's own runs
+        alternatives["costmodel_served_contention"] = refit(
+            contention_weight=costmodel.SERVED_CONTENTION
+        )
         alternatives["costmodel_fitted_weight"] = refit(served_contention=True)
     hold = hold_probe(grid) if probed else None
     if hold is not None:

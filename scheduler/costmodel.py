@@ -586,10 +586,11 @@ _TERMS = ("per_message_s", "per_byte_s", "per_sync_s", "per_wake_s", "per_shard_
 SHARED_TERMS = ("per_shard_s", "per_wake_s")
 # The served contention's weight as a column of the channels' fit (fit_channels_and_contention)
 _WEIGHT = "contention_weight"
-# The served contention's weight bench/fsd.py fits with (Constants.contention_weight): chosen
-# on the fourteenth session's two grid holds (training data; bench/RESULTS.md, "fsd,
-# fifteenth session" (b)); a calibration's own runs cannot tell it (their 2,048-wide nets
-# barely contend: fitted there it comes out 0-0.18)
+# A served contention's weight (Constants.contention_weight) chosen on the fourteenth
+# session's two grid holds (training data; bench/RESULTS.md, "fsd, fifteenth session" (b)).
+# On the session's two fresh holds it did no better than the whole contention (24 and 24/25
+# against 24 and 25/25), so bench/fsd.py scores it beside the default (weight 1), not as it.
+# A calibration's own runs cannot tell it (their 2,048-wide nets barely contend: 0-0.18)
 SERVED_CONTENTION = 0.3
 
 
