@@ -678,11 +678,11 @@ class PredictivePolicy:
     a small one, which costs cold starts per byte held. The host tier's rule ignores it (a host
     miss only lengthens a load).
 
-    With ``break_even`` (x, default 0: off) a device copy is also kept while its idle time's
-    rent is at most x misses' cost (``idle x rent <= x x (reload_ms + miss_ms)``): ski rental's
-    break-even keep-alive under the learned rule, so a histogram that wrongly says "no request
-    soon" cannot demote a model before holding it would have cost one miss (prefetching and the
-    host tier are unchanged).
+    With ``break_even`` (x, default 1 since the fifteenth session; 0: off, the rule before) a
+    device copy is also kept while its idle time's rent is at most x misses' cost (``idle x
+    rent <= x x (reload_ms + miss_ms)``): ski rental's break-even keep-alive under the learned
+    rule, so a histogram that wrongly says "no request soon" cannot demote a model before
+    holding it would have cost one miss (prefetching and the host tier are unchanged).
 
     ``device_price`` and ``host_price`` are in ms of load time per GB-second held: the exchange
     rate between cold-start time and memory-time (swept in the benchmark); ``host_price``
@@ -719,7 +719,7 @@ class PredictivePolicy:
         belady: bool = True,
         joins: bool = True,
         keep_joins: bool = False,
-        break_even: float = 0.0,
+        break_even: float = 1.0,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
