@@ -133,6 +133,10 @@ _LABEL_KEYS = {
     # fifteenth session; -f0: no floor, the rule before, so every ours-p{} label published
     # before then reproduces as ours-p{}-f0
     "f": "break_even",
+    # -l1: victims in recency's order, the prediction only protecting those more likely than
+    # not asked for before the loading model's next request (PredictivePolicy.victim_plan,
+    # lru_veto; fifteenth session); -l0, the default: the cheapest set
+    "l": "lru_veto",
 }
 
 
