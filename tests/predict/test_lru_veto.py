@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpufaas.cache.arrivals import Candidate, PredictivePolicy, lru_unless_protected
+from gpufaas.cache.arrivals import Candidate, PredictivePolicy, lru_unless_protected, make_policy
 
 GB = 10**9
 
@@ -101,3 +101,10 @@ def test_a_model_predicted_due_before_the_loading_ones_next_request_is_protected
     for k in range(40):
         policy.observe("due2", now - 50 - 60 * (39 - k))
     assert policy.victim_plan(both, GB, now, loading="loading") == ["due"]
+
+
+def test_the_gateway_option_turns_it_on_and_it_is_off_by_default() -> None:
+    """``--prefetch-param lru_veto=1`` (``make_policy``, as the gateway's CLI calls it)."""
+    assert not PredictivePolicy().lru_veto
+    policy = make_policy("predictive", lru_veto=1.0)
+    assert isinstance(policy, PredictivePolicy) and policy.lru_veto
