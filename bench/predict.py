@@ -129,8 +129,14 @@ _LABEL_KEYS = {
     # reload too, as the victims' price does (PredictivePolicy.reload_miss_cost); -d0: one miss
     "d": "keep_joins",
     # -f<x>: a device copy is kept while its idle time's rent is at most x misses' cost (ski
-    # rental's break-even floor under the predictive rule); -f0, the default: no floor
+    # rental's break-even floor under the predictive rule); -f1, the default since the
+    # fifteenth session; -f0: no floor, the rule before, so every ours-p{} label published
+    # before then reproduces as ours-p{}-f0
     "f": "break_even",
+    # -l1: victims in recency's order, the prediction only protecting those more likely than
+    # not asked for before the loading model's next request (PredictivePolicy.victim_plan,
+    # lru_veto; fifteenth session); -l0, the default: the cheapest set
+    "l": "lru_veto",
 }
 
 

@@ -678,11 +678,11 @@ class PredictivePolicy:
     a small one, which costs cold starts per byte held. The host tier's rule ignores it (a host
     miss only lengthens a load).
 
-    With ``break_even`` (x, default 0: off) a device copy is also kept while its idle time's
-    rent is at most x misses' cost (``idle x rent <= x x (reload_ms + miss_ms)``): ski rental's
-    break-even keep-alive under the learned rule, so a histogram that wrongly says "no request
-    soon" cannot demote a model before holding it would have cost one miss (prefetching and the
-    host tier are unchanged).
+    With ``break_even`` (x, default 1 since the fifteenth session; 0: off, the rule before) a
+    device copy is also kept while its idle time's rent is at most x misses' cost (``idle x
+    rent <= x x (reload_ms + miss_ms)``): ski rental's break-even keep-alive under the learned
+    rule, so a histogram that wrongly says "no request soon" cannot demote a model before
+    holding it would have cost one miss (prefetching and the host tier are unchanged).
 
     ``device_price`` and ``host_price`` are in ms of load time per GB-second held: the exchange
     rate between cold-start time and memory-time (swept in the benchmark); ``host_price``
@@ -719,7 +719,8 @@ class PredictivePolicy:
         belady: bool = True,
         joins: bool = True,
         keep_joins: bool = False,
-        break_even: float = 0.0,
+        break_even: float = 1.0,
+        lru_veto: bool = False,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -752,6 +753,7 @@ class PredictivePolicy:
         self.belady = bool(belady)
         self.joins = bool(joins)
         self.keep_joins = bool(keep_joins)
+        self.lru_veto = bool(lru_veto)
         self.break_even = _finite(break_even, "break_even")
         self.evict_horizon_s = _finite(
             self.horizon_s if evict_horizon_s is None else evict_horizon_s,
@@ -886,7 +888,16 @@ class PredictivePolicy:
         caller frees in that order until the load fits). The cheapest set for one load's own
         need is myopic: bytes freed beyond it are not wasted, the next loads on the device use
         them without evicting, so what a plan should minimise over a stream of loads is the
-        cost per byte it frees (the diagnosis: ``bench/RESULTS.md``, #13, seventh session)."""
+        cost per byte it frees (the diagnosis: ``bench/RESULTS.md``, #13, seventh session).
+
+        With ``lru_veto``: recency's order, and the prediction may only *protect*: the
+        candidates (least recently used first, as the caller passes them) in that order,
+        skipping each one more likely than not (``P >= 1/2``, the same ``P``) to be asked for
+        before the loading model's next request, until the bytes are freed; the protected ones
+        last, in the same order (:func:`lru_unless_protected`). The learned "no request soon"
+        of a bursty function is the belief the break-even floor stopped trusting for demotion;
+        here it no longer picks a recently used model over a long idle one either (the
+        diagnosis: ``bench/RESULTS.md``, #13, fifteenth session)."""
         if not self.victim_sets:
             return self.victim_order(candidates, now_s)
         if not any(self.arrivals.has_history(c.function) for c in candidates):
@@ -904,8 +915,11 @@ class PredictivePolicy:
             / (1.0 + self.replica_share * c.copies_elsewhere)
             for c in candidates
         ]
-        base = [pi * self.miss_cost(c) for pi, c in zip(p, candidates, strict=True)]
         sizes = [c.size_bytes for c in candidates]
+        if self.lru_veto:
+            chosen = lru_unless_protected(sizes, [pi >= 0.5 for pi in p], need_bytes)
+            return [candidates[i].function for i in chosen]
+        base = [pi * self.miss_cost(c) for pi, c in zip(p, candidates, strict=True)]
         if self.reevict <= 0:
             again = [0.0] * len(base)
         elif self.whole_refill:
@@ -960,6 +974,25 @@ class PredictivePolicy:
     def restore(self, state: Mapping[str, Any]) -> None:
         _check_snapshot(state, "predictive")
         self.arrivals.restore(state)
+
+
+def lru_unless_protected(
+    sizes: Sequence[int], protected: Sequence[bool], need_bytes: int
+) -> list[int]:
+    """Indices of items (least recently used first) that free ``need_bytes``: in that order,
+    the unprotected ones first, then the protected ones, until enough is freed. Nothing is
+    needed: ``[]``; too little in all: every item."""
+    if need_bytes <= 0:
+        return []
+    order = [i for i in range(len(sizes)) if not protected[i]]
+    order += [i for i in range(len(sizes)) if protected[i]]
+    chosen, freed = [], 0
+    for i in order:
+        if freed >= need_bytes:
+            break
+        chosen.append(i)
+        freed += sizes[i]
+    return chosen
 
 
 def _by_cost_per_byte(sizes: Sequence[int], costs: Sequence[float]) -> list[int]:

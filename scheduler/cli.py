@@ -104,7 +104,8 @@ def _add_prefetch_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=NUMBER",
-        help="a parameter of the residency policy, e.g. device_price=0.1 or keepalive_s=600 "
+        help="a parameter of the residency policy, e.g. device_price=0.1 or keepalive_s=600; "
+        "predictive's break-even floor is on by default, break_even=0 turns it off "
         "(repeatable; docs/prediction.md)",
     )
     parser.add_argument(

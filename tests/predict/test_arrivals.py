@@ -103,13 +103,26 @@ def test_gap_bins_are_ordered(gap: float) -> None:
 
 
 def test_a_periodic_function_is_detected_and_prefetched_just_before_its_period() -> None:
+    """Every 600 s; with the library's defaults (the break-even floor on since the fifteenth
+    session). A 10 GB model at price 1 (rent 10 ms/s) whose miss costs 1,000 + 1,000 ms has a
+    break-even idle time of 200 s, so at 300 s the floor no longer holds it and what decides is
+    the learned period: released between arrivals, not prefetched a minute early, prefetched
+    10 s before the next."""
     policy = PredictivePolicy(device_price=1.0, horizon_s=30.0, lead_s=5.0)
     now = _feed(policy, [600.0] * 12)
     assert policy.arrivals.periodic("f") == pytest.approx(600.0)
-    size, reload_ms = 2 * 10**9, 1000.0
+    size, reload_ms = 10 * 10**9, 1000.0
+    rent = policy.device_price * size / 1e9
+    assert policy.break_even == 1.0 and 300 * rent > reload_ms + policy.miss_ms  # past the floor
+    held = policy.advise("f", now + 150, size_bytes=size, reload_ms=reload_ms, tier="device")
     early = policy.advise("f", now + 300, size_bytes=size, reload_ms=reload_ms, tier="device")
+    soon = policy.advise("f", now + 545, size_bytes=size, reload_ms=reload_ms, tier="device")
     due = policy.advise("f", now + 590, size_bytes=size, reload_ms=reload_ms, tier="device")
+    assert held.keep and not held.prefetch  # under the floor's 200 s
     assert not early.keep and not early.prefetch  # released between arrivals
+    # not a minute early: the period's normal is sharper than the log histogram's ~20% bins
+    # (with the histogram alone it is prefetched from 540 s)
+    assert not soon.prefetch
     assert due.keep and due.prefetch  # brought back for the next one
 
 
@@ -283,8 +296,9 @@ def test_smoothing_fills_the_holes_between_a_histograms_modes() -> None:
     """Gaps of ~2 s and ~600 s: idle 20 s sits in empty bins, where the raw histogram says no
     request can come within 30 s (so the model is demoted at any price); the mixture with a
     memoryless arrival at the mean gap does not."""
-    raw = PredictivePolicy(smoothing=0.0, prior_gaps=0.0, device_price=0.001)
-    smooth = PredictivePolicy(device_price=0.001)
+    # the learned rule alone: the break-even floor (default on) would hold both
+    raw = PredictivePolicy(smoothing=0.0, prior_gaps=0.0, device_price=0.001, break_even=0.0)
+    smooth = PredictivePolicy(device_price=0.001, break_even=0.0)
     for policy in (raw, smooth):
         t = 0.0
         for i in range(200):
@@ -424,8 +438,9 @@ def test_looking_further_ahead_never_keeps_or_prefetches_less(
 def test_a_model_in_the_hole_between_two_modes_is_kept_when_looking_far_enough() -> None:
     """Gaps of 2 s and ~100 s: at idle 20 s nothing comes within 30 s (the raw histogram), so the
     30-s rule demotes it though a request is certain within two minutes; over 120 s it pays."""
-    near = PredictivePolicy(device_price=0.05, smoothing=0.0, prior_gaps=0.0)
-    far = PredictivePolicy(device_price=0.05, smoothing=0.0, prior_gaps=0.0, max_horizon_s=480.0)
+    raw = {"device_price": 0.05, "smoothing": 0.0, "prior_gaps": 0.0, "break_even": 0.0}
+    near = PredictivePolicy(**raw)  # the learned rule alone (the floor off)
+    far = PredictivePolicy(**raw, max_horizon_s=480.0)
     for policy in (near, far):
         t = 0.0
         for i in range(200):
@@ -450,8 +465,9 @@ def test_a_hot_model_is_kept_at_a_price_where_a_whole_horizon_of_rent_exceeds_it
     demoted though its next request is a second away. A cool model of the same size, asked for
     every ten minutes, is demoted under both (the bounds that skip the integral agree)."""
     hit, whole = (
-        PredictivePolicy(device_price=3.5),
-        PredictivePolicy(device_price=3.5, rent_to_hit=False),
+        # the learned rules alone (the break-even floor off)
+        PredictivePolicy(device_price=3.5, break_even=0.0),
+        PredictivePolicy(device_price=3.5, rent_to_hit=False, break_even=0.0),
     )
     kwargs = {"size_bytes": 16 * 10**9, "reload_ms": 640.0, "tier": "device"}
     for policy in (hit, whole):

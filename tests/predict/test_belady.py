@@ -142,7 +142,9 @@ def test_the_keep_rule_counts_the_requests_that_join_the_reload_with_keep_joins(
     start's worth (3 s + 1 s) is less than the rent until its next request and four's is more,
     the keep rule without joins demotes it and with ``keep_joins`` keeps it, as the victims'
     price (``joins``) already counts them."""
-    kept, plain = PredictivePolicy(keep_joins=True), PredictivePolicy()
+    # the learned rule alone (the break-even floor off)
+    kept = PredictivePolicy(keep_joins=True, break_even=0.0)
+    plain = PredictivePolicy(break_even=0.0)
     for policy in (kept, plain):
         _periodic(policy, "busy", 1.0, last=NOW - 0.1)
     hold = plain.arrivals.expected_hold("busy", 0.1, plain.horizon_s)

@@ -30,7 +30,8 @@ def test_a_model_whose_gaps_say_no_request_soon_is_kept_until_its_break_even_idl
     second) whose miss costs 1,000 + 1,000 ms is kept while idle <= 500 s, then demoted; the
     host tier is not floored."""
     kwargs = {"size_bytes": 4 * GB, "reload_ms": 1000.0, "tier": "device"}
-    alone, floored = PredictivePolicy(device_price=1.0), PredictivePolicy(break_even=1.0)
+    alone = PredictivePolicy(device_price=1.0, break_even=0.0)
+    floored = PredictivePolicy(break_even=1.0)
     for policy in (alone, floored):
         last = _feed(policy, [3600.0, 3500.0, 3700.0, 3600.0, 3550.0, 3650.0] * 4)
     assert alone.arrivals.p_arrival("f", 60.0, 30.0) < 0.01
@@ -63,7 +64,7 @@ def test_the_floor_only_ever_keeps_more_and_always_keeps_under_break_even(
 ) -> None:
     """With the floor a device copy is kept whenever the rule alone keeps it, and whenever its
     idle time's rent is at most one miss; prefetching and the host tier are unchanged."""
-    alone = PredictivePolicy(device_price=price)
+    alone = PredictivePolicy(device_price=price, break_even=0.0)
     floored = PredictivePolicy(device_price=price, break_even=1.0)
     for policy in (alone, floored):
         last = _feed(policy, gap_list)

@@ -41,7 +41,8 @@ def _periodic(policy: PredictivePolicy, name: str, *, period: float, until: floa
 
 
 def test_plan_demotes_what_is_not_wanted_and_prefetches_what_is_due() -> None:
-    policy = PredictivePolicy(device_price=1.0)
+    # the learned rule alone: the break-even floor would hold "idle" (100 s < its 1,000 s)
+    policy = PredictivePolicy(device_price=1.0, break_even=0.0)
     now = 10_000.0
     _periodic(policy, "timer", period=600.0, until=now - 590)  # due in ~10 s
     _periodic(policy, "idle", period=600.0, until=now - 100)  # next in ~500 s
@@ -90,7 +91,7 @@ def test_a_policy_that_never_prefetches_is_not_asked() -> None:
 
 async def test_tick_sends_actions_counts_failures_and_never_raises(tmp_path: Path) -> None:
     clock = Clock()
-    policy = PredictivePolicy(device_price=1.0)
+    policy = PredictivePolicy(device_price=1.0, break_even=0.0)  # the learned rule alone
     _periodic(policy, "timer", period=600.0, until=clock.now - 590)
     _periodic(policy, "idle", period=600.0, until=clock.now - 100)
     directory = _directory()

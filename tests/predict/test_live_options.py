@@ -64,7 +64,8 @@ def test_the_options_reach_the_driver() -> None:
 
 
 def _driver(*, prefetch: bool, time_scale: float, sent: list[Action]) -> PrefetchDriver:
-    policy = PredictivePolicy(device_price=1.0)
+    # the learned rule alone: the break-even floor would hold "idle" (100 s < its 1,000 s)
+    policy = PredictivePolicy(device_price=1.0, break_even=0.0)
     now = 10_000.0
     for t in range(12):  # a timer every 600 s; its next request is due in about 10 s
         policy.observe("timer", now - 590 - 600 * (11 - t))

@@ -132,10 +132,11 @@ def _gaps(
 
 
 def test_each_rule_pays_rent_while_it_holds_and_a_miss_when_it_does_not() -> None:
-    # ours at 1,000 ms per GB-s, charged rent for the whole horizon (rent_to_hit off), never holds
-    # (30 s of rent outweighs any miss); the other always
+    # ours at 1,000 ms per GB-s, charged rent for the whole horizon (rent_to_hit off) and
+    # without the break-even floor, never holds (30 s of rent outweighs any miss); the other
+    # always
     switch = SwitchingPolicy(
-        PredictivePolicy(device_price=1000.0, miss_ms=2000.0, rent_to_hit=False),
+        PredictivePolicy(device_price=1000.0, miss_ms=2000.0, rent_to_hit=False, break_even=0),
         _Always(),
         half_life=1e9,
     )
@@ -152,7 +153,7 @@ def test_each_rule_pays_rent_while_it_holds_and_a_miss_when_it_does_not() -> Non
 
 def test_it_follows_the_cheaper_rule_after_enough_gaps_and_comes_back_with_hysteresis() -> None:
     switch = SwitchingPolicy(
-        PredictivePolicy(device_price=1000.0, miss_ms=2000.0, rent_to_hit=False),
+        PredictivePolicy(device_price=1000.0, miss_ms=2000.0, rent_to_hit=False, break_even=0),
         _Always(),
         min_gaps=8,
         half_life=2,
@@ -175,7 +176,7 @@ def test_it_follows_the_cheaper_rule_after_enough_gaps_and_comes_back_with_hyste
 
 def test_hysteresis_holds_a_choice_while_the_costs_are_close() -> None:
     switch = SwitchingPolicy(
-        PredictivePolicy(device_price=1000.0, miss_ms=2000.0, rent_to_hit=False),
+        PredictivePolicy(device_price=1000.0, miss_ms=2000.0, rent_to_hit=False, break_even=0),
         _Always(),
         min_gaps=1,
         half_life=1e9,
@@ -231,7 +232,7 @@ def test_the_gateways_plan_follows_the_rule_each_function_has_switched_to() -> N
     directory = ClusterDirectory()
     directory.add_device("n/gpu:0", capacity_bytes=10 * GB, node="n")
     switch = SwitchingPolicy(
-        PredictivePolicy(device_price=1000.0, miss_ms=2000.0, rent_to_hit=False),
+        PredictivePolicy(device_price=1000.0, miss_ms=2000.0, rent_to_hit=False, break_even=0),
         _Always(),
         min_gaps=8,
     )
