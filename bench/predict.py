@@ -135,7 +135,9 @@ _LABEL_KEYS = {
     "f": "break_even",
     # -l1: victims in recency's order, the prediction only protecting those more likely than
     # not asked for before the loading model's next request (PredictivePolicy.victim_plan,
-    # lru_veto; fifteenth session); -l0, the default: the cheapest set
+    # lru_veto); -l1, the default since the fifteenth session; -l0: the cheapest set, the rule
+    # before, so every ours-p{} / ours-p{}-f0 / ours-p{}-f1 label published before then
+    # reproduces with -l0 appended (ours-p{}-l0, ours-p{}-f0-l0, ours-p{}-f1-l0)
     "l": "lru_veto",
 }
 

@@ -720,7 +720,7 @@ class PredictivePolicy:
         joins: bool = True,
         keep_joins: bool = False,
         break_even: float = 1.0,
-        lru_veto: bool = False,
+        lru_veto: bool = True,
     ) -> None:
         self.device_price = _finite(device_price, "device_price")
         # host memory is about 20x cheaper per GB than device memory
@@ -890,7 +890,8 @@ class PredictivePolicy:
         them without evicting, so what a plan should minimise over a stream of loads is the
         cost per byte it frees (the diagnosis: ``bench/RESULTS.md``, #13, seventh session).
 
-        With ``lru_veto``: recency's order, and the prediction may only *protect*: the
+        With ``lru_veto`` (the default since the fifteenth session; off: the cheapest set
+        above, the rule before): recency's order, and the prediction may only *protect*: the
         candidates (least recently used first, as the caller passes them) in that order,
         skipping each one more likely than not (``P >= 1/2``, the same ``P``) to be asked for
         before the loading model's next request, until the bytes are freed; the protected ones

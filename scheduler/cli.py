@@ -105,7 +105,8 @@ def _add_prefetch_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=NUMBER",
         help="a parameter of the residency policy, e.g. device_price=0.1 or keepalive_s=600; "
-        "predictive's break-even floor is on by default, break_even=0 turns it off "
+        "predictive's break-even floor and LRU-veto victims are on by default, break_even=0 / "
+        "lru_veto=0 turn them off "
         "(repeatable; docs/prediction.md)",
     )
     parser.add_argument(

@@ -47,7 +47,7 @@ def test_of_two_models_due_within_the_horizon_the_one_asked_for_before_the_load_
     cheaper victim: it goes, and its request a second later loads it back. Priced
     against the loading model's next request (in 2 s), the hot one will be asked for before
     it, the warm one almost surely not: the warm one goes."""
-    belady, fixed = PredictivePolicy(), PredictivePolicy(belady=False)
+    belady, fixed = PredictivePolicy(lru_veto=False), PredictivePolicy(belady=False, lru_veto=False)
     for policy in (belady, fixed):
         candidates = _hot_and_warm(policy)
     assert fixed.victim_plan(candidates, GB, NOW, loading="loader") == ["hot"]
@@ -62,7 +62,7 @@ def test_of_two_models_due_within_the_horizon_the_one_asked_for_before_the_load_
 
 
 def test_without_a_history_for_the_loading_model_the_fixed_horizon_prices_the_victims() -> None:
-    belady = PredictivePolicy()
+    belady = PredictivePolicy(lru_veto=False)
     candidates = _hot_and_warm(belady)
     fixed = belady.victim_plan(candidates, GB, NOW, loading=None)
     assert belady.victim_plan(candidates, GB, NOW, loading="never-seen") == fixed == ["hot"]
@@ -106,7 +106,7 @@ def test_the_next_use_times_are_the_quantiles_of_the_loading_models_next_request
 def test_priced_against_the_load_the_plan_still_frees_what_it_needs_from_the_candidates(
     rows: list[tuple[float, int]], loader_period: float, need_gb: int
 ) -> None:
-    policy = PredictivePolicy()
+    policy = PredictivePolicy(lru_veto=False)
     _periodic(policy, "loader", loader_period)
     candidates = []
     for i, (period, size_gb) in enumerate(rows):
@@ -124,7 +124,8 @@ def test_a_miss_costs_the_requests_that_join_the_reload_too() -> None:
     "cool" (every 10 s, 600 ms). One miss each, the busy one is the cheaper victim; but about
     three more of its requests arrive during its reload and wait for it, each a cold start,
     so with ``joins`` the cool one goes. (No re-eviction term, to see this one alone.)"""
-    joins, one = PredictivePolicy(reevict=0.0), PredictivePolicy(joins=False, reevict=0.0)
+    joins = PredictivePolicy(reevict=0.0, lru_veto=False)
+    one = PredictivePolicy(joins=False, reevict=0.0, lru_veto=False)
     for policy in (joins, one):
         _periodic(policy, "busy", 0.1, last=NOW - 0.05)
         _periodic(policy, "cool", 10.0, last=NOW - 1.0)

@@ -126,7 +126,7 @@ def test_a_copy_held_elsewhere_too_goes_before_an_otherwise_equal_sole_copy(
 
 
 def test_eviction_plan_ranks_only_the_least_recently_used_sample() -> None:
-    ranking, sets = PredictivePolicy(victim_sets=False), PredictivePolicy()
+    ranking, sets = PredictivePolicy(victim_sets=False), PredictivePolicy(lru_veto=False)
     for policy in (ranking, sets):
         for name in ("old", "mid", "new"):
             _periodic(policy, name, 600.0)
@@ -264,7 +264,7 @@ def _belady_driver(gateway: Gateway) -> PrefetchDriver:
     and tiny-mlp every 2 s up to now."""
     from gpufaas.scheduler.prefetch import enable_prefetch
 
-    policy = PredictivePolicy(belady=True)
+    policy = PredictivePolicy(belady=True, lru_veto=False)
     driver = enable_prefetch(gateway, policy=policy)
     now = driver.clock()
     _periodic(policy, "llm", 1.0, until=now)

@@ -103,8 +103,12 @@ def test_a_model_predicted_due_before_the_loading_ones_next_request_is_protected
     assert policy.victim_plan(both, GB, now, loading="loading") == ["due"]
 
 
-def test_the_gateway_option_turns_it_on_and_it_is_off_by_default() -> None:
-    """``--prefetch-param lru_veto=1`` (``make_policy``, as the gateway's CLI calls it)."""
-    assert not PredictivePolicy().lru_veto
-    policy = make_policy("predictive", lru_veto=1.0)
-    assert isinstance(policy, PredictivePolicy) and policy.lru_veto
+def test_it_is_the_default_and_the_gateway_option_turns_it_off() -> None:
+    """On by default since the fifteenth session (library, gateway and simulator labels);
+    ``--prefetch-param lru_veto=0`` (``make_policy``, as the gateway's CLI calls it) is the
+    cheapest-set plan, the rule before."""
+    assert PredictivePolicy().lru_veto
+    default = make_policy("predictive")
+    assert isinstance(default, PredictivePolicy) and default.lru_veto
+    policy = make_policy("predictive", lru_veto=0.0)
+    assert isinstance(policy, PredictivePolicy) and not policy.lru_veto

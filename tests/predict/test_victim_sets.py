@@ -95,7 +95,7 @@ def test_refilling_an_items_bytes_is_priced_by_the_others_alone(
 
 
 def _learned(names: list[str], gaps: list[float]) -> PredictivePolicy:
-    policy = PredictivePolicy(victim_sets=True)
+    policy = PredictivePolicy(victim_sets=True, lru_veto=False)
     for name, gap in zip(names, gaps, strict=True):
         for k in range(12, -1, -1):
             policy.observe(name, NOW - k * gap)
@@ -143,7 +143,7 @@ def test_with_no_history_the_plan_is_empty_so_lru_frees(sizes: list[int], load: 
     cache: ByteLRU[None] = ByteLRU(capacity_bytes=sum(sizes))
     for i, size in enumerate(sizes):
         cache.put(f"m{i}", None, size_bytes=size)
-    policy = PredictivePolicy(victim_sets=True)
+    policy = PredictivePolicy(victim_sets=True, lru_veto=False)
     policy.observe("m0", NOW - 5)  # seen once: no gaps, so no history
     load = min(load, sum(sizes))
     residents = ((e.key, e.size_bytes) for e in cache.entries_lru())
@@ -157,8 +157,8 @@ def test_a_returning_large_model_is_charged_the_evictions_it_will_make() -> None
     within the horizon too: by their own misses the large one goes (one miss against three);
     counting that its return evicts 10 GB of the others again, the small ones go."""
     with_return, blind = (
-        PredictivePolicy(victim_sets=True),
-        PredictivePolicy(victim_sets=True, reevict=0.0),
+        PredictivePolicy(victim_sets=True, lru_veto=False),
+        PredictivePolicy(victim_sets=True, reevict=0.0, lru_veto=False),
     )
     for policy in (with_return, blind):
         for name, gap, last in (("llm", 2.0, NOW), *((n, 60.0, NOW - 45) for n in "abc")):
@@ -193,7 +193,7 @@ def test_a_copy_held_elsewhere_is_discounted_in_its_return_as_in_its_miss() -> N
     other holder (LALB), so neither its miss nor its return's evictions fall on this device at
     full weight, and it goes. With the discount on its miss alone (the rule before), its return
     was charged 8 GB of evictions at full weight and the sole copy went."""
-    policy = PredictivePolicy()  # replica_share 1 by default
+    policy = PredictivePolicy(lru_veto=False)  # the cheapest set alone; replica_share 1
     for name, gap in (("replica", 600.0), ("minutely", 60.0), ("hot", 10.0)):
         for k in range(12, -1, -1):
             policy.observe(name, NOW - k * gap)
