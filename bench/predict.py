@@ -583,13 +583,17 @@ def prediction_cost(
         ):  # the baselines have no plan (the caller's LRU); the switch: ours'
             # the same history: the ranking (-k0), the sets over the fixed horizon counting one
             # miss each (-b0-j0, the rule up to the eighth session), the default (sets priced
-            # against the load, joins counted)
+            # against the load, joins counted, the rule up to the fourteenth session), then the
+            # default since the fifteenth session: recency's order with the prediction's veto
+            policy.lru_veto = False  # type: ignore[attr-defined]
             policy.victim_sets = policy.belady = policy.joins = False  # type: ignore[attr-defined]
             out["predictive_eviction_order_us"] = _eviction_plan_us(policy, names, now, rng)
             policy.victim_sets = True  # type: ignore[attr-defined]
             out["predictive_eviction_sets_us"] = _eviction_plan_us(policy, names, now, rng)
             policy.belady = policy.joins = True  # type: ignore[attr-defined]
             out["predictive_eviction_belady_us"] = _eviction_plan_us(policy, names, now, rng)
+            policy.lru_veto = True  # type: ignore[attr-defined]
+            out["predictive_eviction_veto_us"] = _eviction_plan_us(policy, names, now, rng)
     return out
 
 
