@@ -26,6 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sim.sweep import t95_exact
 
 
+def config_key(row: Mapping[str, Any]) -> str:
+    """A configuration's name, ``N-link-mode`` (mode ``shared`` with the coordinator's passes,
+    else ``single``)."""
+    return f"{row['shards']}-{row['link']}-{'shared' if row['batching'] else 'single'}"
+
+
 def ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
     """Per configuration (``N-link-mode``), each round's throughput over that round's N = 1
     run in the same mode (rounds without one are skipped)."""
@@ -34,8 +40,9 @@ def ratios(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
     for r in rows:
         if r["shards"] == 1 or (r["round"], r["batching"]) not in base:
             continue
-        key = f"{r['shards']}-{r['link']}-{'shared' if r['batching'] else 'single'}"
-        out.setdefault(key, []).append(r["throughput_rps"] / base[(r["round"], r["batching"])])
+        out.setdefault(config_key(r), []).append(
+            r["throughput_rps"] / base[(r["round"], r["batching"])]
+        )
     return out
 
 
@@ -62,8 +69,7 @@ def main() -> int:
               f"{'met' if v['met'] else 'not met'} (goal lower >= {args.goal})")  # fmt: skip
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        by.setdefault(f"{r['shards']}-{r['link']}-{'shared' if r['batching'] else 'single'}",
-                      []).append(r)  # fmt: skip
+        by.setdefault(config_key(r), []).append(r)
     for key, group in sorted(by.items()):
         lat = [r["latency_ms"] for r in group if "latency_ms" in r]
         print(f"{key:<18} req/s {[round(r['throughput_rps'], 1) for r in group]} CPU/request "
