@@ -10,6 +10,7 @@ The directory's prediction and the manager's own state must agree on that.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def gateway_view(url: str) -> list[str]:
     return sorted(model for model, _state, _size in device["residents"])
 
 
-def manager_view(url: str) -> list[str]:
+def manager_residents(url: str) -> list[dict[str, Any]]:
     cluster: dict[str, Any] = httpx.get(f"{url}/v2/gpufaas/cluster", timeout=5).json()
     (node,) = cluster["nodes"]
     state = httpx.get(
@@ -78,7 +79,23 @@ def manager_view(url: str) -> list[str]:
         timeout=5,
     ).json()
     (device,) = state["devices"]
-    return sorted(r["model"] for r in device["residents"])
+    residents: list[dict[str, Any]] = device["residents"]
+    return residents
+
+
+def manager_view(url: str) -> list[str]:
+    return sorted(r["model"] for r in manager_residents(url))
+
+
+def wait_committed(url: str, name: str) -> None:
+    """Wait until the manager has committed ``name``: its load's last step runs in the
+    background after the first answer, and a copy still arriving is never a victim."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if any(r["model"] == name and r["state"] == "resident" for r in manager_residents(url)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{name} was not committed on the manager within 30 s")
 
 
 def test_the_manager_evicts_the_hinted_victim_not_the_lru_one(server: str) -> None:
@@ -86,6 +103,7 @@ def test_the_manager_evicts_the_hinted_victim_not_the_lru_one(server: str) -> No
         infer(server, "copy-a")
     assert infer(server, "copy-b").headers["x-gpufaas-cache"] == "miss"
     assert gateway_view(server) == ["copy-a", "copy-b"]
+    wait_committed(server, "copy-b")
 
     assert infer(server, "copy-c").headers["x-gpufaas-cache"] == "miss"
     assert manager_view(server) == ["copy-a", "copy-c"]  # LRU alone would have kept copy-b

@@ -88,7 +88,8 @@ async def test_a_framed_call_answers_as_the_http_route_and_the_state_says_where(
 ) -> None:
     model = models["tiny-mlp"]
     sock = tmp_path / "n.sock"
-    app = create_app(runtime_factory(register=[model]), framed=FramedListen(unix_path=sock))
+    runtime = runtime_factory(register=[model])
+    app = create_app(runtime, framed=FramedListen(unix_path=sock))
     body, header_length = request(model)
     async with serving(app):
         transport = httpx.ASGITransport(app=app)
@@ -100,6 +101,7 @@ async def test_a_framed_call_answers_as_the_http_route_and_the_state_says_where(
                 content=body,
                 headers={HEADER_LENGTH: str(header_length), DEVICE_HEADER: "cpu:0"},
             )
+        await runtime.settle()  # the load commits in the background: the framed call hits
         pool = FramedPool(unix_path=str(sock), size=1)
         try:
             framed = await pool.infer(InferHead(model.name, "cpu:0", header_length), body)

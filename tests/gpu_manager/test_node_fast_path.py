@@ -41,7 +41,8 @@ async def test_infer_counts_its_requests_and_names_its_errors(
     runtime_factory: Callable[..., NodeRuntime], models: dict[str, Model]
 ) -> None:
     model = models["tiny-mlp"]
-    app = create_app(runtime_factory(register=[model]))
+    runtime = runtime_factory(register=[model])
+    app = create_app(runtime)
     content, headers = request(model)
     headers[DEVICE_HEADER] = "cpu:0"
     transport = httpx.ASGITransport(app=app)
@@ -51,6 +52,7 @@ async def test_infer_counts_its_requests_and_names_its_errors(
                 f"/v2/models/{model.name}/infer", content=content, headers=headers
             )
             assert ok.status_code == 200
+            await runtime.settle()  # the load commits in the background: the second is a hit
         unknown = await client.post("/v2/models/nope/infer", content=content, headers=headers)
         assert unknown.status_code == 404 and unknown.headers[REASON_HEADER]
         assert "nope" in unknown.json()["error"]

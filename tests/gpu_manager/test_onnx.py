@@ -96,6 +96,7 @@ async def test_an_onnx_model_serves_and_batches(runtime_factory: Factory, tmp_pa
     for outcome, x in zip(outcomes, requests, strict=True):
         np.testing.assert_allclose(outcome.outputs["y"][0], reference(x), rtol=1e-5, atol=1e-5)
     assert [o.batch_size for o in outcomes] == [3, 3, 3]
+    await runtime.settle()  # the load commits in the background after the batch's answer
     state = runtime.state()
     row = state.device("cpu:0").residents[0]
     assert row.model == "lin" and row.weights_bytes == 16 * 4 * 4 + 4 * 4

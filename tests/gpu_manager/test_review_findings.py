@@ -131,6 +131,7 @@ async def test_an_oom_while_computing_evicts_unused_models_and_retries_once(
     for model in (a, b):
         runtime.register(model.name, model.spec)
         await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
+    await runtime.settle()  # both committed: a copy still arriving is never evicted
     backend = _steered(runtime)
     backend.failures.append(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     before = backend.computes

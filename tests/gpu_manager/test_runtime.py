@@ -57,6 +57,7 @@ async def test_a_miss_loads_from_host_and_a_hit_has_no_load_cost(
     inputs = model.inputs(batch=3)
 
     first = await runtime.infer(model.name, inputs, device_id="cpu:0")
+    await runtime.settle()  # the load commits in the background after the first answer
     second = await runtime.infer(model.name, inputs, device_id="cpu:0")
 
     assert (first.cache_hit, first.load_source) == (False, "host")
@@ -550,6 +551,7 @@ async def test_a_load_evicts_the_schedulers_hinted_victims_first(
     runtime = runtime_factory(device_list=devices(1, capacity=2 * size), register=[a, b, c])
     for model in (a, b):
         await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
+    await runtime.settle()  # both committed: an arriving copy is never a victim
     # LRU would evict copy-a; the scheduler says copy-b is cheaper to lose.
     loaded = await runtime.infer(c.name, c.inputs(), device_id="cpu:0", evict_first=["copy-b"])
     assert not loaded.cache_hit

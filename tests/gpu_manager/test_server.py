@@ -31,9 +31,12 @@ Factory = Callable[..., NodeRuntime]
 
 
 @pytest.fixture
-async def client(runtime_factory: Factory) -> AsyncIterator[httpx.AsyncClient]:
-    infos = devices(2)
-    runtime = runtime_factory(device_list=infos)
+def runtime(runtime_factory: Factory) -> NodeRuntime:
+    return runtime_factory(device_list=devices(2))
+
+
+@pytest.fixture
+async def client(runtime: NodeRuntime) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=create_app(runtime))
     async with httpx.AsyncClient(transport=transport, base_url="http://manager") as c:
         yield c
@@ -68,15 +71,17 @@ def _header_length(response: httpx.Response) -> int | None:
 
 
 async def test_infer_reports_the_cache_and_the_state_shows_both_tiers_byte_exact(
-    client: httpx.AsyncClient, models: dict[str, Model]
+    client: httpx.AsyncClient, runtime: NodeRuntime, models: dict[str, Model]
 ) -> None:
     model = models["small-cnn"]
     await put(client, model)
     inputs = model.inputs(batch=2)
 
     miss = await infer(client, model, inputs, "cpu:0")
+    await runtime.settle()  # the load commits in the background after the first answer
     hit = await infer(client, model, inputs, "cpu:0")
     peer = await infer(client, model, inputs, "cpu:1")
+    await runtime.settle()
 
     assert miss.status_code == hit.status_code == peer.status_code == 200
     assert (miss.headers[CACHE_HEADER], miss.headers[LOAD_SOURCE_HEADER]) == ("miss", "host")
@@ -104,10 +109,11 @@ async def test_infer_reports_the_cache_and_the_state_shows_both_tiers_byte_exact
 
 
 async def test_metrics_show_devices_links_and_tiers(
-    client: httpx.AsyncClient, models: dict[str, Model]
+    client: httpx.AsyncClient, runtime: NodeRuntime, models: dict[str, Model]
 ) -> None:
     await put(client, models["tiny-mlp"])
     await infer(client, models["tiny-mlp"], models["tiny-mlp"].inputs(), "cpu:0")
+    await runtime.settle()  # the load is logged when it commits, in the background
     text = (await client.get("/metrics")).text
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -248,6 +254,7 @@ async def test_the_gateways_cluster_reads_the_node_through_the_typed_contract(
     model = models["tiny-mlp"]
     runtime = runtime_factory(device_list=devices(2), register=[model])
     await runtime.infer(model.name, model.inputs(), device_id="cpu:1")
+    await runtime.settle()  # committed: the node reports it resident
     cluster = Cluster(manager_urls={"n1": "http://manager"})
     node = cluster.nodes["n1"]
     await node.client.aclose()

@@ -25,10 +25,12 @@ from gpufaas.gpu_manager.server import create_app
 
 
 async def _measured(runtime: NodeRuntime, model: Model) -> None:
-    """Run the model's first passes (measured in a thread) so it may run on the loop."""
+    """Run the model's first passes (measured in a thread) so it may run on the loop, and
+    wait for its load to commit (in the background): then it is resident."""
     runtime.devices["cpu:0"].inline.max_ms = 1_000.0  # the rule, not the box, decides here
     for _ in range(WINDOW):
         await runtime.infer(model.name, model.inputs(), device_id="cpu:0")
+    await runtime.settle()
 
 
 @pytest.fixture

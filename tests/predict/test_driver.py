@@ -257,6 +257,7 @@ async def test_the_gateway_feeds_the_driver_and_its_actions_reach_a_real_manager
                     "/v2/models/tiny-mlp/infer", content=content, headers=headers
                 )
                 assert response.status_code == 200
+                await runtime.settle()  # the load commits in the background: then hits
         value = gateway.metrics.registry.get_sample_value
         assert value("gpufaas_prediction_requests_total") == 3
         assert value("gpufaas_cold_starts_total", {"source": "host"}) == 1  # the first load

@@ -92,6 +92,7 @@ async def test_a_prefetched_copy_demoted_or_evicted_unused_is_not_counted_used(
         await client.post(DEMOTE_PATH, json={"model": "a", "device": device})
     ).status_code == 200
     await runtime.infer("a", X, device_id=device)  # loads it again: not the prefetched copy
+    await runtime.settle()  # committed in the background: no load in flight, no room
     await _prefetch(client, prefetcher, "b", device)  # room for one, and "a" holds it
     assert (await _metrics(client))["gpufaas_manager_prefetch_total{result=no-room}"] == 1
     runtime.unload("a", device_id=device)

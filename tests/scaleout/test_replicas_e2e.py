@@ -25,6 +25,7 @@ import yaml
 
 from gpufaas.core.commands import ManagerOptions
 from gpufaas.core.manifests import bundled_functions_dir
+from gpufaas.core.node import STATE, NodeState, Residency
 from gpufaas.core.protocol import RepositoryIndexEntry, encode_request
 from gpufaas.scheduler.local import (
     GatewayReplicaOptions,
@@ -404,6 +405,11 @@ def test_a_peers_placement_is_decided_by_the_owner_and_sent_by_the_peer(cluster:
     assert metric(owner, "gpufaas_gateway_misses_total") == 0
     assert metric(owner, "gpufaas_requests_total") == 0
     # The model is where the owner put it: the owner's next request for it is a hit.
+    wait_for(
+        lambda: _committed_at_manager(cluster.manager_url, "tiny-07"),
+        timeout_s=30,
+        what="the manager to commit tiny-07",
+    )
     again = httpx.post(
         f"{owner}/v2/models/tiny-07/infer", content=body, headers=headers, timeout=60
     )
@@ -469,6 +475,14 @@ def _resident_in_view(url: str, name: str) -> bool:
     response = httpx.post(f"{url}/v2/repository/index", json={}, timeout=10)
     entries = [RepositoryIndexEntry.model_validate(e) for e in response.json()]
     return any(e.name == name and e.resident_on for e in entries)
+
+
+def _committed_at_manager(manager_url: str, name: str) -> bool:
+    """Whether the manager has committed ``name``: a load's last step runs in the background
+    after the first answer, and only then is the next request a hit."""
+    state = NodeState.model_validate_json(httpx.get(f"{manager_url}{STATE}", timeout=10).content)
+    rows = [r for device in state.devices for r in device.residents]
+    return any(r.model == name and r.state is Residency.RESIDENT for r in rows)
 
 
 def _held_in_view(url: str, name: str) -> bool:

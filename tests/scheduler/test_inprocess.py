@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -29,6 +30,7 @@ from gpufaas.core.commands import ManagerOptions
 from gpufaas.core.frames import InferHead
 from gpufaas.core.http import BATCH_SIZE_HEADER, CACHE_HEADER, REASON_HEADER
 from gpufaas.core.manifests import bundled_functions_dir, load_manifests
+from gpufaas.core.node import STATE, NodeState, Residency
 from gpufaas.core.protocol import HEADER_LENGTH, decode_response, encode_request
 from gpufaas.scheduler.gateway import (
     DeadlineExceeded,
@@ -126,6 +128,20 @@ async def both(tmp_path: Path, models_dir: Path) -> AsyncIterator[Both]:
         await node.stop()
 
 
+async def committed(node: ColocatedNode, model: str) -> None:
+    """Wait until the node has committed ``model``: a load's last step runs in the background
+    after the first answer, and only then is the next request a hit."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=node.url, headers=auth, timeout=10) as client:
+        for _ in range(1500):  # 30 s
+            state = NodeState.model_validate_json((await client.get(STATE)).content)
+            rows = [r for device in state.devices for r in device.residents]
+            if any(r.model == model and r.state is Residency.RESIDENT for r in rows):
+                return
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"{model} was not committed on {node.name} within 30 s")
+
+
 async def infer(
     gateway: Gateway, name: str, body: bytes, header_length: int | None, **kw: Any
 ) -> Any:
@@ -138,6 +154,7 @@ async def test_an_inprocess_call_answers_as_the_framed_lane_and_no_frame_is_sent
     body, length = tiny_request(value=0.5)
     async with both(tmp_path, example_models_dir) as s:
         await infer(s.inprocess, "tiny-mlp", body, length)  # the load
+        await committed(s.node, "tiny-mlp")
         here = await infer(s.inprocess, "tiny-mlp", body, length)
         there = await infer(s.framed, "tiny-mlp", body, length)
         # In-process, nothing went over a socket; framed, the node's own socket served it.
