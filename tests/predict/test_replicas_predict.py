@@ -553,3 +553,22 @@ def test_no_arrival_is_counted_twice_or_lost_across_relays(
             await gateway.replicas.calls.close()  # type: ignore[union-attr]
 
     asyncio.run(run())
+
+
+def test_gpufaas_up_passes_the_prefetch_options_to_each_gateway_replica() -> None:
+    """``gpufaas up --gateways N --prefetch ...``: each gateway process gets the same options
+    (they were dropped before: N replicas ran with no prediction at all); a state file, which
+    N replicas would share, is refused."""
+    from gpufaas.scheduler import cli
+
+    flags = ["--prefetch", "predictive", "--prefetch-time-scale", "30"]
+    flags += ["--prefetch-param", "device_price=3e4", "--prefetch-param", "lru_veto=0"]
+    up = cli._up_parser().parse_args(["--gateways", "2", *flags, "--prefetch-demote-only"])
+    passed = cli._gateway_args(up)
+    gateway = cli._gateway_parser().parse_args(["--managers", "n=http://m", *passed])
+    assert gateway.prefetch == "predictive" and gateway.prefetch_time_scale == 30.0
+    assert gateway.prefetch_param == ["device_price=3e4", "lru_veto=0"]
+    assert gateway.prefetch_demote_only
+    off = cli._up_parser().parse_args(["--gateways", "2"])
+    assert "--prefetch" not in cli._gateway_args(off)
+    assert cli.up_command(["--gateways", "2", "--prefetch-state", "/nonexistent/s.json"]) == 2
