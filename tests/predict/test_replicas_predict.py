@@ -555,7 +555,9 @@ def test_no_arrival_is_counted_twice_or_lost_across_relays(
     asyncio.run(run())
 
 
-def test_gpufaas_up_passes_the_prefetch_options_to_each_gateway_replica() -> None:
+def test_gpufaas_up_passes_the_prefetch_options_to_each_gateway_replica(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """``gpufaas up --gateways N --prefetch ...``: each gateway process gets the same options
     (they were dropped before: N replicas ran with no prediction at all); a state file, which
     N replicas would share, is refused."""
@@ -571,4 +573,7 @@ def test_gpufaas_up_passes_the_prefetch_options_to_each_gateway_replica() -> Non
     assert gateway.prefetch_demote_only
     off = cli._up_parser().parse_args(["--gateways", "2"])
     assert "--prefetch" not in cli._gateway_args(off)
-    assert cli.up_command(["--gateways", "2", "--prefetch-state", "/nonexistent/s.json"]) == 2
+    # (no functions to load: without the check it stops at the manifests, with another error)
+    shared = ["--prefetch-state", "/nonexistent/s.json", "--functions", "/nonexistent/fns"]
+    assert cli.up_command(["--gateways", "2", *shared]) == 2
+    assert "--prefetch-state needs --gateways 1" in capsys.readouterr().err
