@@ -126,7 +126,7 @@ def plan(
     for key in directory.devices():
         for model, state, size in directory.residents(key):
             held.add(model)
-            if state is not Residency.RESIDENT:
+            if state is not Residency.RESIDENT or not owns(model):
                 continue
             advice = policy.advise(
                 model, now_s, size_bytes=size, reload_ms=reload_ms(model, size), tier="device"
