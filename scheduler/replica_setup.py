@@ -140,7 +140,7 @@ def attach_replicas(
         for _ in range(count):
             gateway.estimates.observe_request(model)
         if gateway.prefetch is not None:  # the owner's arrival model sees the peers' requests
-            pass
+            gateway.prefetch.observe_relayed(model, count)
 
     def lost_requests(requests: Mapping[str, int], reason: object) -> None:
         if gateway.prefetch is not None:
