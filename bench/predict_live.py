@@ -575,6 +575,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 str(args.time_scale),
                 "--gateways",
                 str(args.gateways),
+                *(["--sync-interval", str(args.sync_interval)] if args.sync_interval else []),
                 *(f.format(price=args.price) for f in flags),
             ]
             log = root / f"{label}.log"
@@ -636,6 +637,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mean_rate_per_hour": len(trace) / hours,
         "routing": args.routing,
         "gateways": args.gateways,
+        "sync_interval": args.sync_interval,
         "order": [label for _, label in run_order(args.policies, seed=args.seed, pairs=args.pairs)],
         "pairs": args.pairs,
         "started": started,
@@ -769,6 +771,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cpu-devices", type=int, default=2)
     p.add_argument("--routing", default="lalb")
+    p.add_argument(
+        "--sync-interval",
+        type=float,
+        default=None,
+        help="gpufaas up --sync-interval (wall seconds; default: up's own, 5)",
+    )
     p.add_argument(
         "--price",
         type=float,
