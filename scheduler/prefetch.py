@@ -409,7 +409,7 @@ def enable_prefetch(
         if response.status_code >= 300:
             raise RuntimeError(f"{path} answered {response.status_code}: {response.text[:200]}")
         replicas = gateway.replicas
-        if False:  # the peers' views hold it too
+        if replicas is not None and action.kind == "prefetch":  # the peers' views hold it too
             replicas.events.publish(action.device, action.model, size_bytes=size_bytes, victims=())
 
     def sizes() -> dict[str, int]:
