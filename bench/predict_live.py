@@ -77,6 +77,19 @@ POLICIES: dict[str, tuple[list[str], bool]] = {
         ],
         False,
     ),
+    # ours without the break-even floor (the thirteenth session's rule): it demotes, so it
+    # prefetches, which the sixteenth session's replica check needs to count
+    "ours-f0": (
+        [
+            "--prefetch",
+            "predictive",
+            "--prefetch-param",
+            "device_price={price}",
+            "--prefetch-param",
+            "break_even=0",
+        ],
+        True,
+    ),
     # the rule before the fourth session's miss_ms (a cold start's own cost): the check of why
     # the live operating point moved (bench/RESULTS.md, seventh session)
     "ours-m0-noprefetch": (
@@ -97,6 +110,7 @@ LABELS = {
     "hybrid": "hybrid",
     "ours": "ours",
     "ours-noprefetch": "ours-noprefetch",
+    "ours-f0": "ours-f0",
     "ours-m0-noprefetch": "ours-m0-noprefetch",
 }
 
@@ -559,6 +573,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 str(root / "functions"),
                 "--prefetch-time-scale",
                 str(args.time_scale),
+                "--gateways",
+                str(args.gateways),
+                *(["--sync-interval", str(args.sync_interval)] if args.sync_interval else []),
                 *(f.format(price=args.price) for f in flags),
             ]
             log = root / f"{label}.log"
@@ -619,6 +636,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rate_per_wall_s": len(trace) / max(wall[-1], 1e-9) if wall else 0.0,
         "mean_rate_per_hour": len(trace) / hours,
         "routing": args.routing,
+        "gateways": args.gateways,
+        "sync_interval": args.sync_interval,
         "order": [label for _, label in run_order(args.policies, seed=args.seed, pairs=args.pairs)],
         "pairs": args.pairs,
         "started": started,
@@ -742,8 +761,22 @@ def parser() -> argparse.ArgumentParser:
         help="device capacity over the functions' device bytes",
     )
     p.add_argument("--nodes", type=int, default=2)
+    p.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="gateway replicas (gpufaas up --gateways): the cold ratio is client-side and the "
+        "prefetch outcomes the nodes', so both are the cluster's; the gateway's own counters "
+        "(cold_by_tier's split, gateway_actions, gateway_prefetch_used) are one replica's",
+    )
     p.add_argument("--cpu-devices", type=int, default=2)
     p.add_argument("--routing", default="lalb")
+    p.add_argument(
+        "--sync-interval",
+        type=float,
+        default=None,
+        help="gpufaas up --sync-interval (wall seconds; default: up's own, 5)",
+    )
     p.add_argument(
         "--price",
         type=float,

@@ -307,6 +307,9 @@ def up_command(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.gateways != 1 and args.prefetch_state is not None:  # one file per replica (#13)
+        print("gpufaas up: --prefetch-state needs --gateways 1", file=sys.stderr)
+        return 2
     try:
         paths = args.functions or [bundled_functions_dir()]
         if not args.functions:
@@ -468,6 +471,21 @@ def _gateway_args(args: argparse.Namespace) -> list[str]:
         "--placement-owner", args.placement_owner,
         "--replica-slots", args.replica_slots,
         "--replica-forward", args.replica_forward,
+        *_prefetch_args(args),
+    ]  # fmt: skip
+
+
+def _prefetch_args(args: argparse.Namespace) -> list[str]:
+    """The prefetch options of ``up``, for its gateway processes (#13; docs/prediction.md)."""
+    if args.prefetch == "off":
+        return []
+    params = [x for item in args.prefetch_param for x in ("--prefetch-param", item)]
+    demote_only = ["--prefetch-demote-only"] if args.prefetch_demote_only else []
+    return [
+        "--prefetch", args.prefetch,
+        "--prefetch-time-scale", str(args.prefetch_time_scale),
+        *params,
+        *demote_only,
     ]  # fmt: skip
 
 

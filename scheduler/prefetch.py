@@ -19,6 +19,18 @@ Metrics (on the gateway's registry): ``gpufaas_prediction_requests_total``,
 ``gpufaas_device_memory_gb_seconds_total`` (the directory's resident bytes over time),
 ``gpufaas_prefetch_actions_total{kind,result}`` and ``gpufaas_prefetch_used_total`` (prefetched
 models whose first request found them resident).
+
+**With several gateway replicas** (docs/prediction.md, "Several gateway replicas"): only a
+function's placement owner (:meth:`~gpufaas.scheduler.replicas.Replicas.owner`) plans its
+demotions and prefetches (``owns``). Every other replica's client requests reach the owner's
+model through the merged use stream (:class:`~gpufaas.scheduler.uses.UseStream`, batched within
+50 ms), observed at the owner's clock when the batch arrives (:meth:`PrefetchDriver.observe_relayed`);
+a request a peer forwarded here is not observed again (``relayed_here``: its sender relays it).
+So each client request is observed once by the owner. A prefetch is published to the peers as a
+load event, so their views hold it too. A relay that cannot reach the owner is counted here
+(``gpufaas_prediction_relay_lost_requests_total``) and logged; the owner's model lacks those
+arrivals, nothing else happens. Metrics added for it: ``gpufaas_prediction_relayed_requests_total``
+(arrivals learned from the peers' relays).
 """
 
 from __future__ import annotations
@@ -48,6 +60,14 @@ logger = logging.getLogger(__name__)
 PREFETCH_PATH = node.PREFETCH
 DEMOTE_PATH = node.DEMOTE
 _NOTHING: frozenset[str] = frozenset()
+
+
+def _everything(name: str) -> bool:
+    return True
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +110,15 @@ def plan(
     sizes: Mapping[str, int],
     reload_ms: Callable[[str, int], float],
     last_device: Mapping[str, str],
+    owns: Callable[[str], bool] = _everything,
 ) -> list[Action]:
     """The demotions and prefetches the policy wants now, given the directory's view.
 
     ``sizes``: the functions to consider, with their bytes on a device (0: not known yet, never
     prefetched). A prefetch goes to the function's last device if the view shows room there,
     else to the device with the most free bytes that has room; with no room anywhere, none.
+    ``owns``: the functions this replica plans for (their placement owner's; every function
+    with one gateway); no action is planned for any other.
     """
     actions: list[Action] = []
     held: set[str] = set()
@@ -103,7 +126,7 @@ def plan(
     for key in directory.devices():
         for model, state, size in directory.residents(key):
             held.add(model)
-            if state is not Residency.RESIDENT:
+            if state is not Residency.RESIDENT or not owns(model):
                 continue
             advice = policy.advise(
                 model, now_s, size_bytes=size, reload_ms=reload_ms(model, size), tier="device"
@@ -111,7 +134,7 @@ def plan(
             if not advice.keep and advice.reason != "no-history":
                 actions.append(Action("demote", model, key))
     for model, size in sizes.items() if policy.may_prefetch else ():
-        if model in held or size <= 0:
+        if model in held or size <= 0 or not owns(model):
             continue
         advice = policy.advise(
             model, now_s, size_bytes=size, reload_ms=reload_ms(model, size), tier="device"
@@ -143,8 +166,14 @@ class PrefetchDriver:
         config: PrefetchConfig | None = None,
         clock: Callable[[], float] | None = None,
         in_use: Callable[[str], Collection[str]] = lambda device: (),
+        owns: Callable[[str], bool] = _everything,
+        relayed_here: Callable[[], bool] = _never,
     ) -> None:
         self.policy = policy
+        # the functions this replica plans for (with replicas, those it is the placement owner of)
+        self.owns = owns
+        # whether the request being served was forwarded here by a peer (which relays it)
+        self.relayed_here = relayed_here
         # the models with requests routed to a device and not answered yet (never victims)
         self.in_use = in_use
         self.directory = directory
@@ -183,12 +212,45 @@ class PrefetchDriver:
             "Prefetched models whose first request found them resident",
             registry=registry,
         )
+        self.relayed = Counter(
+            "gpufaas_prediction_relayed_requests",
+            "Requests other gateway replicas accepted, relayed here and fed to the arrival model",
+            registry=registry,
+        )
+        self.relay_lost = Counter(
+            "gpufaas_prediction_relay_lost_requests",
+            "Requests accepted here whose relay to the placement owner failed to arrive",
+            registry=registry,
+        )
 
     # -- the request path (O(1)) -----------------------------------------------------------------
 
     def observe(self, name: str) -> None:
+        """A request for ``name`` accepted here. One a peer forwarded here is skipped: its
+        sender relays it (:meth:`observe_relayed`), and counting it here too would count
+        exactly the requests that miss twice."""
+        if self.relayed_here():
+            return
         self.policy.observe(name, self.clock())
         self.requests.inc()
+
+    def observe_relayed(self, name: str, count: int) -> None:
+        """``count`` requests for ``name`` that a peer accepted and relayed here (its use
+        stream's ``requests``): observed now, on this replica's clock (late by at most one
+        relay batch and the hop, so every function's arrivals stay in order here)."""
+        now = self.clock()
+        for _ in range(count):
+            self.policy.observe(name, now)
+        self.relayed.inc(count)
+
+    def lost_relay(self, requests: Mapping[str, int], reason: object) -> None:
+        """A relay of this replica's ``requests`` (per function) did not reach the peer it
+        was for: counted and logged; the owner's model lacks them, nothing else happens."""
+        lost = sum(requests.values())
+        if lost <= 0:
+            return
+        self.relay_lost.inc(lost)
+        logger.warning("a relay of %d requests to the placement owner was lost: %s", lost, reason)
 
     def note_response(self, device: str, name: str, *, hit: bool, source: str | None) -> None:
         self.last_device[name] = device
@@ -244,6 +306,7 @@ class PrefetchDriver:
             sizes=self.sizes() if self.config.prefetch else {},
             reload_ms=self.reload_ms,
             last_device=self.last_device,
+            owns=self.owns,
         )
         for action in actions:
             try:
@@ -328,7 +391,11 @@ def enable_prefetch(
     time_scale: float = 1.0,
     prefetch: bool = True,
 ) -> PrefetchDriver:
-    """Attach a driver to ``gateway``: it sees every request and runs as a background task."""
+    """Attach a driver to ``gateway``: it sees every request and runs as a background task.
+    Attached to a replica (``gateway.replicas``, before or after this), it plans only for the
+    functions the replica is the placement owner of, skips requests peers forwarded here, and
+    publishes its prefetches to the peers; :func:`~gpufaas.scheduler.replica_setup.attach_replicas`
+    feeds it the peers' relayed requests."""
     cluster = gateway.cluster
 
     async def send(action: Action) -> None:
@@ -336,20 +403,28 @@ def enable_prefetch(
         if device is None:
             raise LookupError(f"device {action.device!r} is not healthy")
         path = PREFETCH_PATH if action.kind == "prefetch" else DEMOTE_PATH
-        body = {
-            "model": action.model,
-            "device": device.device_id,
-            "size_bytes": gateway.model_bytes.get(action.model, 0),
-        }
+        size_bytes = gateway.model_bytes.get(action.model, 0)
+        body = {"model": action.model, "device": device.device_id, "size_bytes": size_bytes}
         response = await device.node.client.post(path, json=body, timeout=5.0)
         if response.status_code >= 300:
             raise RuntimeError(f"{path} answered {response.status_code}: {response.text[:200]}")
+        replicas = gateway.replicas
+        if replicas is not None and action.kind == "prefetch":  # the peers' views hold it too
+            replicas.events.publish(action.device, action.model, size_bytes=size_bytes, victims=())
 
     def sizes() -> dict[str, int]:
         return {name: gateway.model_bytes.get(name, 0) for name in gateway.functions}
 
     def reload_ms(name: str, size: int) -> float:
         return gateway.estimates.load_ms(name, size_bytes=size)
+
+    def owns(name: str) -> bool:  # with replicas, the function's placement owner plans for it
+        replicas = gateway.replicas
+        return replicas is None or replicas.owner(name) == replicas.self_id
+
+    def relayed_here() -> bool:  # a peer forwarded this request here, and relays it
+        replicas = gateway.replicas
+        return replicas is not None and replicas.forwarded_in()
 
     driver = PrefetchDriver(
         policy=policy,
@@ -359,6 +434,8 @@ def enable_prefetch(
         reload_ms=reload_ms,
         registry=gateway.metrics.registry,
         in_use=lambda device: gateway.in_flight.get(device, _NOTHING),
+        owns=owns,
+        relayed_here=relayed_here,
         config=PrefetchConfig(
             tick_s=tick_s, state_file=state_file, time_scale=time_scale, prefetch=prefetch
         ),

@@ -14,7 +14,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -139,6 +139,12 @@ def attach_replicas(
     def observe_requests(model: str, count: int) -> None:
         for _ in range(count):
             gateway.estimates.observe_request(model)
+        if gateway.prefetch is not None:  # the owner's arrival model sees the peers' requests
+            gateway.prefetch.observe_relayed(model, count)
+
+    def lost_requests(requests: Mapping[str, int], reason: object) -> None:
+        if gateway.prefetch is not None:
+            gateway.prefetch.lost_relay(requests, reason)
 
     replicas = Replicas(
         membership=membership,
@@ -156,6 +162,7 @@ def attach_replicas(
         ),
         forwarding=forwarding,
         decide=decide,
+        lost_requests=lost_requests,
     )
     gateway.replicas = replicas
 

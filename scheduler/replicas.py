@@ -40,7 +40,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -224,6 +224,7 @@ class Replicas:
         observe_load: Callable[[str, int, float], None] = lambda model, size, load_ms: None,
         forwarding: Forwarding = "request",
         decide: Callable[[str, frozenset[str]], OwnerDecision] | None = None,
+        lost_requests: Callable[[Mapping[str, int], object], None] = lambda requests, why: None,
     ) -> None:
         if ownership not in ("leader", "function"):
             raise ValueError(f"ownership must be 'leader' or 'function', got {ownership!r}")
@@ -267,6 +268,7 @@ class Replicas:
             known_size=known_size,
             flush_delay_s=flush_delay_s,
             victims_of_noted=forwarding == "decision",
+            lost_requests=lost_requests,
         )
         # As the owner, the peers' placement questions (forwarding "decision").
         self.answers = PlacementAnswers(

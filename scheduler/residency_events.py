@@ -70,6 +70,7 @@ class ResidencyEvents:
         flush_delay_s: float = 0.002,
         hold_s: float = HOLD_S,
         victims_of_noted: bool = False,
+        lost_requests: Callable[[Mapping[str, int], object], None] = lambda requests, why: None,
     ) -> None:
         self.membership = membership
         self.directory = directory
@@ -87,6 +88,8 @@ class ResidencyEvents:
         # With forwarding "decision": a peer's event takes its victims out of this view even
         # where the load itself is already noted here (note_peer_loads).
         self.victims_of_noted = victims_of_noted
+        # A post of uses that failed: its requests never reached the decider (prediction, #13).
+        self.lost_requests = lost_requests
         self._uses_due: asyncio.TimerHandle | None = None
         self._outbox: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
@@ -235,6 +238,8 @@ class ResidencyEvents:
                 failure = e
             if failure is not None:
                 self.on_unreachable(peer_id, failure)
+                if uses and body is with_uses:
+                    self.lost_requests(uses["requests"], failure)
 
         await asyncio.gather(*(one(p.id) for p in peers))
         self.counted.labels("published").inc(len(events))
