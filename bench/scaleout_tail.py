@@ -68,6 +68,7 @@ class Request:
     # the same trace request at one gateway
     base_miss: bool
     base_latency_ms: float
+    base_device_ms: float
 
 
 def kind_of(cache: str, forwarded: str) -> str:
@@ -136,6 +137,7 @@ def run_requests(
                 at_ms=at[i],
                 base_miss=base["cache"][i] == "m",
                 base_latency_ms=base["latency_ms"][i],
+                base_device_ms=base["device_ms"][i],
             )
         )
     return out
@@ -189,7 +191,8 @@ def describe(tail: Sequence[Request], base_tail_keys: set[tuple[int, int]]) -> d
 
 def paired_medians(rows: Sequence[Request]) -> dict[str, float]:
     """Over every forwarded miss that was a miss at one gateway too: the median latency over
-    one gateway's, and its parts; the same for local misses and hits."""
+    one gateway's, its parts, and the same requests' time off the device at one gateway; the
+    latency over one gateway's for local misses and hits."""
 
     def median(values: list[float]) -> float:
         return float(np.median(values)) if values else float("nan")
@@ -205,6 +208,7 @@ def paired_medians(rows: Sequence[Request]) -> dict[str, float]:
         "ingress_and_client_ms": median(
             [r.latency_ms - r.device_ms - r.hop_ms - r.owner_off_device_ms for r in fwd]
         ),
+        "one_gateway_off_device_ms": median([r.base_latency_ms - r.base_device_ms for r in fwd]),
         "local_miss_excess_ms": median([r.latency_ms - r.base_latency_ms for r in local]),
         "hit_excess_ms": median([r.latency_ms - r.base_latency_ms for r in hits]),
     }

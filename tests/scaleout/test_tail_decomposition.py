@@ -104,6 +104,8 @@ def test_paired_medians_split_a_forwarded_miss_from_what_every_request_pays(
     assert medians["local_miss_excess_ms"] == pytest.approx(0.3)
     assert medians["hit_excess_ms"] == pytest.approx(0.1)
     assert medians["hop_ms"] == pytest.approx(0.5)
+    # the forwarded misses' twins at one gateway: 5.5 ms (and the wobble) less 2.0 on the device
+    assert medians["one_gateway_off_device_ms"] == pytest.approx(3.53, abs=0.011)
 
 
 def test_a_forward_costing_a_local_miss_takes_the_ratio_down_to_the_local_misses(
