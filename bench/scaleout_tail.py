@@ -103,8 +103,9 @@ def joined_load(models: Sequence[int], requests: dict[str, Any], i: int) -> bool
     in flight (it waited on that load, or started its own)."""
     for j in range(i - 1, -1, -1):
         if models[j] == models[i]:
-            at, lat = requests["at_ms"], requests["latency_ms"]
-            return requests["cache"][j] == "m" and at[j] + lat[j] > at[i]
+            at: Sequence[int] = requests["at_ms"]
+            lat: Sequence[float] = requests["latency_ms"]
+            return bool(requests["cache"][j] == "m" and at[j] + lat[j] > at[i])
     return False
 
 
