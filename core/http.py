@@ -41,6 +41,8 @@ MAX_EVICT_HINTS = 64
 # gateway -> peer gateway -> GPU manager: a forwarded request's key; a manager runs a key once
 # (gpu_manager/admission.py RequestOnce, scale-out #16)
 REQUEST_KEY_HEADER = "x-gpufaas-request-key"
+# client -> gateway (and a replica -> the placement owner, the time left): the request's deadline
+TIMEOUT_HEADER = "x-gpufaas-timeout-ms"
 
 
 def error_response(

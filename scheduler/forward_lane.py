@@ -18,10 +18,20 @@ GPU manager does, and the answer comes back as one answer frame.
   it never forwards it again, and its key goes on to the GPU manager.
 
 The frame is of kind ``INFER`` on this lane's own port; its meta is this module's
-(:class:`ForwardHead`: model, header length, request key, sender), not the GPU manager's
-``InferHead``. A peer that advertises no lane (an older replica, or one started without it)
-is forwarded to over HTTP as before; a lane that fails is handled as a failed HTTP forward
-(the owner is taken off the ring and the key's answer recovered at the managers).
+(:class:`ForwardHead`: model, header length, request key, sender, and optionally the client's
+time left), not the GPU manager's ``InferHead``. A peer that advertises no lane (an older
+replica, or one started without it) is forwarded to over HTTP as before; a lane that fails is
+handled as a failed HTTP forward (the owner is taken off the ring and the key's answer recovered
+at the managers).
+
+**The client's deadline over the lane** (docs/scheduling.md, "The client's deadline over a
+forward"): the head's optional fifth line is the time the client had left, in milliseconds,
+when the forward was written (the replicas' monotonic clocks are not comparable, so a time left
+travels, not an instant). The owner turns it into the same ``X-Gpufaas-Timeout-Ms`` header as
+over HTTP (:func:`lane_headers`), so its inference path needs nothing new. An owner of before
+this line reads exactly four lines and refuses a fifth with a 400, so a replica advertises
+:data:`LANE_DEADLINE_KEY` in its heartbeat, and a sender writes the fifth line only to an owner
+whose last heartbeat did.
 
 Protections at the listener are :mod:`gpufaas.core.framelisten`'s, shared with the GPU
 manager's framed listener: a token checked in constant time (calls on a connection without it
@@ -36,15 +46,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, NamedTuple
 
 from gpufaas.core.framelisten import CallListener
 from gpufaas.core.frames import INFER, FrameError, frame_head
+from gpufaas.core.http import TIMEOUT_HEADER
 from gpufaas.core.protocol import HEADER_LENGTH
 from gpufaas.scheduler.transport import FramedPool, NodeReply
 
 __all__ = [
+    "LANE_DEADLINE_KEY",
     "LANE_PORT_KEY",
     "ForwardAnswer",
     "ForwardHead",
@@ -58,6 +71,8 @@ logger = logging.getLogger(__name__)
 
 # The heartbeat field with this replica's lane port (peers.py Membership.heartbeat).
 LANE_PORT_KEY = "forward_lane_port"
+# The heartbeat field that says this replica's lane reads a head's fifth line (the time left).
+LANE_DEADLINE_KEY = "forward_lane_deadline"
 
 # status, raw header pairs (names lower-case), body: what the gateway's HTTP path answers
 LaneAnswer = tuple[int, list[tuple[bytes, bytes]], bytes]
@@ -69,37 +84,64 @@ _HEADER_LENGTH = HEADER_LENGTH.lower()
 
 class ForwardHead(NamedTuple):
     """A forwarded inference call's fields besides its body: the model, the body's JSON header
-    length (None: all JSON), the request key the GPU manager runs once, and the sender's id."""
+    length (None: all JSON), the request key the GPU manager runs once, the sender's id, and
+    the client's time left in milliseconds (None: no deadline, or not sent: four lines)."""
 
     model: str
     key: str
     sender: str
     header_length: int | None = None
+    timeout_ms: float | None = None
 
     def encode(self, body_length: int) -> bytes:
         length = "" if self.header_length is None else str(self.header_length)
-        meta = "\n".join((self.model, length, self.key, self.sender)).encode()
-        return frame_head(INFER, meta, body_length)
+        lines = [self.model, length, self.key, self.sender]
+        if self.timeout_ms is not None:  # only to an owner that reads it (LANE_DEADLINE_KEY)
+            lines.append(repr(float(self.timeout_ms)))
+        return frame_head(INFER, "\n".join(lines).encode(), body_length)
 
     @classmethod
     def decode(cls, meta: memoryview | bytes) -> ForwardHead:
         try:
-            model, length, key, sender = bytes(meta).decode().split("\n")
-        except (UnicodeDecodeError, ValueError):
+            lines = bytes(meta).decode().split("\n")
+        except UnicodeDecodeError:
+            lines = []
+        if len(lines) not in (4, 5):
             raise FrameError(
-                "a malformed forward frame: its meta must be 4 UTF-8 lines "
-                "(model, header length, request key, sender)"
-            ) from None
+                "a malformed forward frame: its meta must be 4 or 5 UTF-8 lines "
+                "(model, header length, request key, sender[, timeout_ms])"
+            )
+        model, length, key, sender = lines[:4]
         if not model or not key or not sender:
-            raise FrameError("the forward frame names no model, request key or sender")
+            raise FrameError("a malformed forward frame: it names no model, request key or sender")
         if length and not (length.isascii() and length.isdigit()):
             raise FrameError(f"the forward frame's header length {length!r} is not an integer")
-        return cls(model, key, sender, int(length) if length else None)
+        timeout_ms = _time_left(lines[4]) if len(lines) == 5 else None
+        return cls(model, key, sender, int(length) if length else None, timeout_ms)
+
+
+def _time_left(line: str) -> float:
+    """A head's fifth line: a positive, finite number of milliseconds, or a 400 naming it."""
+    try:
+        value = float(line)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise FrameError(
+            f"the forward frame's timeout_ms {line[:40]!r} is not a positive number of milliseconds"
+        )
+    return value
 
 
 def lane_headers(head: ForwardHead) -> Mapping[str, str]:
-    """The HTTP headers the owner's inference path reads for a forwarded call."""
-    return {} if head.header_length is None else {_HEADER_LENGTH: str(head.header_length)}
+    """The HTTP headers the owner's inference path reads for a forwarded call: the header
+    length, and the client's time left as the deadline header it reads over HTTP."""
+    headers: dict[str, str] = {}
+    if head.header_length is not None:
+        headers[_HEADER_LENGTH] = str(head.header_length)
+    if head.timeout_ms is not None:
+        headers[TIMEOUT_HEADER] = repr(head.timeout_ms)
+    return headers
 
 
 class ForwardPool(FramedPool):

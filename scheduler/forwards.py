@@ -7,6 +7,12 @@ its model goes (forwarding ``decision``), and what a replica does when the owner
   HTTP, so that a GPU manager runs it at most once: if the forward fails after the owner may have dispatched it,
   the managers are asked for the key's answer first, and only if none has it is the request
   placed here, under the same key.
+- **The client's deadline** goes with the request as the time it has left (``X-Gpufaas-Timeout-Ms``
+  over HTTP; the lane head's fifth line to an owner that advertises it, else four lines and a
+  refused fifth resent with four), and the forward waits at most that plus
+  :data:`DEADLINE_MARGIN_S` (the pool's own limit, the peers' request timeout, still holds).
+  A deadline that passes first is :class:`DeadlinePassed` (the gateway's 504), not a failed
+  owner: it stays on the ring, no key is recovered and nothing is placed here.
 - **The question** (``POST /v2/gpufaas/peers/place``) carries the model, its size and the
   devices already tried; the owner answers with its decision, and the request is dispatched
   here. The owner never holds the request, so a question lost with its owner cannot make it
@@ -17,6 +23,7 @@ its model goes (forwarding ``decision``), and what a replica does when the owner
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -30,7 +37,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter
 
 from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
-from gpufaas.core.http import REQUEST_KEY_HEADER, error_response
+from gpufaas.core.http import REASON_HEADER, REQUEST_KEY_HEADER, TIMEOUT_HEADER, error_response
 from gpufaas.core.protocol import ProtocolError
 from gpufaas.scheduler.forward_lane import ForwardHead
 from gpufaas.scheduler.lanes import NodeCall
@@ -41,9 +48,11 @@ from gpufaas.scheduler.residency_events import ResidencyEvents
 from gpufaas.scheduler.transport import NodeReply, NodeUnreachable
 
 __all__ = [
+    "DEADLINE_MARGIN_S",
     "FORWARDED_HEADER",
     "FORWARD_MS_HEADER",
     "Asked",
+    "DeadlinePassed",
     "Forwards",
     "OwnerDecision",
     "Placement",
@@ -58,6 +67,15 @@ FORWARDED_HEADER = "x-gpufaas-forwarded-by"
 # On a forwarded request's answer (for clients and benchmarks, to see what the hop costs): the
 # sender's wall time for the forward (send to answer), in milliseconds.
 FORWARD_MS_HEADER = "x-gpufaas-forward-ms"
+# A forward with a client deadline waits for the owner at most the time left plus this: the
+# hop back, so that the owner's own answer (its 504 included) comes first where it can.
+DEADLINE_MARGIN_S = 0.05
+
+
+class DeadlinePassed(Exception):
+    """The client's deadline passed before a forward was sent, or before the owner answered
+    it. The owner is not at fault: it stays on the ring, and nothing is recovered or placed
+    again (if it still runs the request, its key keeps a second run away)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,36 +150,43 @@ class Forwards:
         # dispatched failed); None: nothing to ask.
         self.recover = recover
 
-    async def forward(self, owner: str, call: NodeCall) -> Placement:
+    async def forward(
+        self, owner: str, call: NodeCall, *, deadline: float | None = None
+    ) -> Placement:
         """Send ``call`` to the owner under a fresh request key; the owner's answer. If the
         forward fails (the owner is gone, its connection broke mid-request, or it stopped
         answering heartbeats), the owner may have dispatched the request already: the GPU
         managers are asked for the key's answer first (``recover``; a run in flight is waited
         for), and if none has it, the call comes back to be placed here, keeping the key, so
-        that a manager that runs it, or ran it, answers it again instead of running it twice."""
+        that a manager that runs it, or ran it, answers it again instead of running it twice.
+
+        ``deadline`` (monotonic): the client's; its time left goes to the owner, and the
+        forward waits at most that plus :data:`DEADLINE_MARGIN_S`. Raises
+        :class:`DeadlinePassed` when it has passed already (nothing is sent) or passes first."""
         peer = self.membership.peer(owner)
         if peer is None:
             return Placement(reply=None, call=call)
+        left_ms = None if deadline is None else (deadline - time.monotonic()) * 1000
+        if left_ms is not None and left_ms <= 0:
+            raise DeadlinePassed(f"the deadline passed before the forward to {owner}")
         key = uuid.uuid4().hex
         # The owner's lane carries the key; so does HTTP; so does the call that comes back to
         # be placed here, to whichever manager lane it takes (keyed_call).
         keyed = keyed_call(call, key)
         self.forwarded.labels(owner).inc()
         started = time.perf_counter()
-        infer = call.infer
-        lane = self.calls.lane(owner) if infer is not None else None
         try:
-            if lane is not None and infer is not None:  # one frame each way (forward_lane.py)
-                head = ForwardHead(infer.model, key, self.membership.self_id, infer.header_length)
-                self.lane_forwards.inc()
-                reply = await self.calls.watched(owner, lane.forward(head, call.body))
+            if left_ms is None:
+                reply = await self._send(owner, call, keyed, key, None)
             else:
-                reply = await self.calls.call_owner(
-                    owner,
-                    call.path,
-                    call.body,
-                    {**keyed.headers, FORWARDED_HEADER: self.membership.self_id},
-                )
+                async with asyncio.timeout(left_ms / 1000 + DEADLINE_MARGIN_S) as waiting:
+                    reply = await self._send(owner, call, keyed, key, left_ms)
+        except TimeoutError:
+            if left_ms is not None and waiting.expired():
+                raise DeadlinePassed(
+                    f"the deadline passed while the placement owner {owner} held the request"
+                ) from None
+            raise
         except (NodeUnreachable, OwnerHung) as e:
             # The owner is gone or hung, perhaps after it dispatched the request: a manager may
             # hold (or be computing) the answer under the key. Else serve here, under the key.
@@ -174,6 +199,32 @@ class Forwards:
         took_ms = f"{(time.perf_counter() - started) * 1000:.3f}"
         reply = dataclasses.replace(reply, headers={**reply.headers, FORWARD_MS_HEADER: took_ms})
         return Placement(reply=reply, call=keyed)
+
+    async def _send(
+        self, owner: str, call: NodeCall, keyed: NodeCall, key: str, left_ms: float | None
+    ) -> NodeReply:
+        """The forward itself, over the owner's lane (one frame each way) or HTTP, with the
+        client's time left where there is one and the owner reads it."""
+        infer = call.infer
+        lane = self.calls.lane(owner) if infer is not None else None
+        if lane is None or infer is None:
+            headers = {**keyed.headers, FORWARDED_HEADER: self.membership.self_id}
+            if left_ms is not None:  # every owner reads it: request_deadline
+                headers[TIMEOUT_HEADER] = repr(left_ms)
+            return await self.calls.call_owner(owner, call.path, call.body, headers)
+        head = ForwardHead(infer.model, key, self.membership.self_id, infer.header_length)
+        self.lane_forwards.inc()
+        if left_ms is None or not self.calls.lane_reads_deadline(owner):
+            return await self.calls.watched(owner, lane.forward(head, call.body))
+        reply = await self.calls.watched(
+            owner, lane.forward(head._replace(timeout_ms=left_ms), call.body)
+        )
+        if not _refused_frame(reply):
+            return reply
+        # It advertised the fifth line and refused it (restarted older on the same port): the
+        # frame was refused before anything ran, so it goes again at once with four lines.
+        self.calls.deadline_refused(owner)
+        return await self.calls.watched(owner, lane.forward(head, call.body))
 
     async def ask(
         self, owner: str, name: str, *, size_bytes: int, tried: frozenset[str]
@@ -222,6 +273,12 @@ class Forwards:
             self.failures.inc()
             return None
         return Asked(decided, (time.perf_counter() - started) * 1000, owner_ms)
+
+
+def _refused_frame(reply: NodeReply) -> bool:
+    """Whether the owner's lane refused the call's frame (``core/framelisten.py``: 400,
+    ``InvalidFrame``) rather than answering the request."""
+    return reply.status == 400 and reply.headers.get(REASON_HEADER) == "InvalidFrame"
 
 
 class PlacementAnswers:

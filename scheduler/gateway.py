@@ -53,6 +53,7 @@ from gpufaas.core.http import (
     LOAD_SOURCE_HEADER,
     MODEL_BYTES_HEADER,
     REASON_HEADER,
+    TIMEOUT_HEADER,
     add_metrics_route,
     error_response,
     inline_schema,
@@ -82,6 +83,7 @@ from gpufaas.scheduler.coldstart import HandlerActivator, handler_router
 from gpufaas.scheduler.coordinator import ShardedFunctions
 from gpufaas.scheduler.dispatch import DeviceGone, DeviceLoad, Dispatcher, Job, QueueFull
 from gpufaas.scheduler.estimates import Estimates
+from gpufaas.scheduler.forwards import DeadlinePassed
 from gpufaas.scheduler.lanes import NodeCall, NodeLanes
 from gpufaas.scheduler.misses import MissCauses
 from gpufaas.scheduler.policy import Decision, NoDevice, Policy, RouteRequest
@@ -99,7 +101,6 @@ SERVER_VERSION = "0.1.0"
 MODEL_VERSION = "1"  # a function has one version: its current spec
 EXTENSIONS = ("binary_tensor_data", "model_repository")
 ADMIN_PATHS = ("/v2/repository", "/v2/gpufaas")
-TIMEOUT_HEADER = "x-gpufaas-timeout-ms"
 _PASSTHROUGH_HEADERS = (
     "content-type",
     "retry-after",
@@ -515,14 +516,18 @@ class Gateway:
                 if self.replicas is not None and view is None:
                     # A residency decision: the placement owner makes it (scale-out).
                     size = self.model_bytes.get(name, 0)
-                    placed = await self.replicas.place(
-                        name,
-                        device.key,
-                        call=call,
-                        size_bytes=size,
-                        victims=decision.victims,
-                        tried=frozenset(tried - {device.key}),
-                    )
+                    try:
+                        placed = await self.replicas.place(
+                            name,
+                            device.key,
+                            call=call,
+                            size_bytes=size,
+                            victims=decision.victims,
+                            tried=frozenset(tried - {device.key}),
+                            deadline=deadline,
+                        )
+                    except DeadlinePassed as e:  # not the owner's failure: nothing is retried
+                        raise DeadlineExceeded(f"{e} (the request for {name!r})") from None
                     if placed.reply is not None:
                         return placed.reply
                     call = placed.call  # keyed, if a forward failed: a manager runs it once

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Awaitable, Mapping
 from urllib.parse import urlsplit
 
-from gpufaas.scheduler.forward_lane import LANE_PORT_KEY, ForwardPool
+from gpufaas.scheduler.forward_lane import LANE_DEADLINE_KEY, LANE_PORT_KEY, ForwardPool
 from gpufaas.scheduler.peers import Membership
 from gpufaas.scheduler.transport import NodePool, NodeReply
 
@@ -66,6 +66,20 @@ class PeerCalls:
             connect_timeout_s=2.0,
         )
         return lane
+
+    def lane_reads_deadline(self, peer_id: str) -> bool:
+        """Whether the peer's last heartbeat said its lane reads a head's fifth line (the
+        client's time left); an older replica's does not, and refuses one."""
+        peer = self.membership.peer(peer_id)
+        return peer is not None and peer.report.get(LANE_DEADLINE_KEY) is True
+
+    def deadline_refused(self, peer_id: str) -> None:
+        """The peer refused a head's fifth line although it advertised it (it restarted older
+        on the same port): four lines to it until its next heartbeat says otherwise (each
+        heartbeat replaces the report)."""
+        peer = self.membership.peer(peer_id)
+        if peer is not None:
+            peer.report = {**peer.report, LANE_DEADLINE_KEY: False}
 
     async def call_owner(
         self, owner: str, path: str, body: bytes | memoryview, headers: Mapping[str, str]

@@ -23,6 +23,7 @@ import httpx
 from gpufaas.core import node as node_api
 from gpufaas.core.sockets import listening_socket
 from gpufaas.scheduler.forward_lane import (
+    LANE_DEADLINE_KEY,
     LANE_PORT_KEY,
     ForwardAnswer,
     ForwardHead,
@@ -125,6 +126,7 @@ def attach_replicas(
         report: dict[str, object] = {"misses": own_misses(), "at": time.time()}
         if lane is not None and lane.port is not None:
             report[LANE_PORT_KEY] = lane.port
+            report[LANE_DEADLINE_KEY] = True  # its heads' fifth line, the time left, is read
         return report
 
     membership = Membership(self_url=self_url, discover=discover, token=token, heartbeat=heartbeat)

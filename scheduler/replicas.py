@@ -373,11 +373,14 @@ class Replicas:
         size_bytes: int,
         victims: Sequence[str],
         tried: frozenset[str] = frozenset(),
+        deadline: float | None = None,
     ) -> Placement:
         """A decision that loads ``name`` on ``device_key``: the owner's answer (forwarding
         ``request``) or decision (``decision``) if another replica owns the placement;
         otherwise no answer, the call to dispatch here, and the load is published. ``tried``:
-        devices this request already failed on, which the owner must not choose."""
+        devices this request already failed on, which the owner must not choose. ``deadline``:
+        the client's (monotonic), carried to the owner with a forwarded request; raises
+        :class:`~gpufaas.scheduler.forwards.DeadlinePassed` when it passes first."""
         owner = self._owner_elsewhere(name)
         # Only inference is forwarded (the owner's gateway serves the same call); an admin load
         # is placed where it lands.
@@ -400,7 +403,7 @@ class Replicas:
                     return Placement(reply=None, call=call, decided=decided)
                 forward_failed = True
             else:
-                forwarded = await self.forwards.forward(owner, call)
+                forwarded = await self.forwards.forward(owner, call, deadline=deadline)
                 if forwarded.reply is not None:
                     return forwarded
                 call, forward_failed = forwarded.call, forwarded.forward_failed
