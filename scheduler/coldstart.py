@@ -34,12 +34,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from gpufaas.core.api import InferenceFunction, handler_name
+from gpufaas.core.http import TIMEOUT_HEADER  # the same header the gateway's infer route reads
 from gpufaas.core.kubeclient import KubeConnection
 
 logger = logging.getLogger(__name__)
 
 HANDLER_ROUTE = "/v2/handlers/{name}/{path:path}"
-TIMEOUT_HEADER = "x-gpufaas-timeout-ms"  # the same header the gateway's infer route reads
 # Not forwarded: hop-by-hop headers, and what httpx sets itself.
 _DROPPED_HEADERS = frozenset(
     {"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length"}
