@@ -71,6 +71,13 @@ PERIOD = {1024: 6, 4096: 8, 16384: 10}  # layers before a RadiX-Net's pattern re
 SPLIT_NEURONS, SPLIT_DEPTH = 4096, 8
 # the unsharded calibration runs' depths (the grid's net is 24 deep: never one of them)
 UNSHARDED_DEPTHS = (8, 16)
+# the sharded (channel) calibration runs' depths. 4 and 8 (sessions 4-15) fit the per-request
+# terms and the per-layer ones from two depths close together: on the 1,024 x 120 grid
+# (fifteenth session) direct was predicted 32-42% low at every N and split, with c_shard
+# 507 us per request against c_sync 99 us per waiting layer. 32 (sixteenth session) anchors
+# the per-layer slope; fit_constants(channel_depths=(4, 8)) is the control
+CHANNEL_DEPTHS = (4, 8, 32)
+SHALLOW_CHANNEL_DEPTHS = (4, 8)
 
 
 # -------------------------------------------------------------------------------------------
@@ -991,8 +998,8 @@ async def calibrate(
     """Measure the cost model's calibration runs on calibration nets, never on the grid's net
     (see :mod:`gpufaas.scheduler.costmodel`): compute in-process per shard; the coordinator
     from unsharded runs on real managers (1,024 / 2,048 / 4,096 x 8 and x 16); each channel from
-    2,048 x 4 and x 8 split 2 and 4 ways, block and random, and 8 ways block where there are
-    8 nodes. Every run has a speed probe beside it (before and after its timed requests).
+    2,048 x 4, x 8 and x 32 (:data:`CHANNEL_DEPTHS`) split 2 and 4 ways, block and random,
+    and 8 ways block where there are 8 nodes. Every run has a speed probe beside it (before and after its timed requests).
 
     Every run is measured before anything is fitted (:func:`fit_constants`), and the
     unsharded runs twice, before and after the channels' runs, keeping the lower median of
@@ -1033,7 +1040,7 @@ async def calibrate(
     try:
         await unsharded(unsplit)
         for channel in channels:
-            for depth in (4, 8):
+            for depth in CHANNEL_DEPTHS:
                 net = radix_net(2048, depth)  # channels: never the grid's width
                 # N = 8 (with --nodes 8): more shards than cores, the oversubscribed point
                 # that c_wake needs (N = 4 alone barely tells it apart); a random N = 8 split
@@ -1105,6 +1112,7 @@ def fit_constants(
     served: bool = True,
     served_contention: bool = False,
     contention_weight: float = 1.0,
+    channel_depths: tuple[int, ...] | None = None,
 ) -> costmodel.Constants:
     """The constants from a calibration's runs. With ``probe``, each run's seconds are first
     scaled to one speed (the median of the calibration's probes) by its own probe, and the
@@ -1125,7 +1133,12 @@ def fit_constants(
     as sessions 9-14), or ``served_contention`` fits it with the channels (fifteenth
     session; scored beside as ``costmodel_served_contention`` at
     ``costmodel.SERVED_CONTENTION`` and ``costmodel_fitted_weight``: neither beat the
-    default on the session's two fresh holds)."""
+    default on the session's two fresh holds). ``channel_depths`` keeps only the RadiX-Net
+    channel runs of those depths (None: all; :data:`SHALLOW_CHANNEL_DEPTHS` is the
+    calibration of sessions 4-15, scored beside as ``costmodel_shallow_calibration``)."""
+    if channel_depths is not None:  # as if the other depths had never run (their probes too)
+        measured = {**measured, "channels": [r for r in measured["channels"]
+                                             if "split" in r or r["depth"] in channel_depths]}  # fmt: skip
     probes = [r["probe_s"] for part in ("compute", "coordinator", "channels")
               for r in measured[part] if "probe_s" in r]  # fmt: skip
     reference = statistics.median(probes) if probe and probes else None
@@ -1443,6 +1456,12 @@ def score(
             contention_weight=costmodel.SERVED_CONTENTION
         )
         alternatives["costmodel_fitted_weight"] = refit(served_contention=True)
+        # the sixteenth session's deeper channel runs: the fit without them (the control)
+        if any(r["depth"] not in SHALLOW_CHANNEL_DEPTHS
+               for r in calibration["runs"]["channels"] if "split" not in r):  # fmt: skip
+            alternatives["costmodel_shallow_calibration"] = refit(
+                channel_depths=SHALLOW_CHANNEL_DEPTHS
+            )
     hold = hold_probe(grid) if probed else None
     if hold is not None:
         alternatives["costmodel_hold_probe"] = evaluate(

@@ -290,9 +290,16 @@ class ShardExecutor:
             q: _positions(np.asarray(p, dtype=np.int64), self.device)
             for q, p in spec.layers[0].send.items()
         }
+        # The worker multiplies with the process's intra-op thread count (the manager's 1).
+        # OpenMP's count and MKL's are per thread: a new thread starts at one per core, and
+        # MKL's sparse (CSR) products do not ask torch first, so each shard's products ran as
+        # a team of two whose barrier spun while its partner waited for a core (4 shards on 2
+        # cores: one 1,024 x 120 request took 7-16 s, bench/RESULTS.md, "fsd, sixteenth
+        # session").
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"shard-{set_name}-{spec.shard}"
-        )
+            max_workers=1, thread_name_prefix=f"shard-{set_name}-{spec.shard}",
+            initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),),
+        )  # fmt: skip
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -142,3 +142,30 @@ def test_the_first_repetition_and_each_repetition_are_scored_on_their_own(
     assert per["groups"] == 3 * len(scored["costmodel"]["choices"])
     speeds = [r["hold_probe_s"] for r in per["repetitions"]]
     assert len(set(speeds)) == 3  # each repetition at its own speed
+
+
+def test_the_shallow_control_fits_without_the_deeper_channel_runs_and_only_them() -> None:
+    """The sixteenth session's calibration adds 32-deep channel runs; the control
+    (``channel_depths=SHALLOW_CHANNEL_DEPTHS``) is the same calibration's fit without them,
+    message split included, and is scored beside only where a calibration has them."""
+    calibration = json.loads((ROOT / "bench" / "fsd-calibration-s15.json").read_text())
+    runs = calibration["calibration"]["runs"]
+    assert 32 in fsd.CHANNEL_DEPTHS and 32 not in fsd.SHALLOW_CHANNEL_DEPTHS
+    deeper = [dict(r, depth=32, seconds=r["seconds"] * 3.5) for r in runs["channels"]
+              if "split" not in r and r["depth"] == 8]  # fmt: skip
+    with_deep = {**runs, "channels": runs["channels"] + deeper}
+    control = fsd.fit_constants(with_deep, cores=2, channel_depths=fsd.SHALLOW_CHANNEL_DEPTHS)
+    assert control == fsd.fit_constants(runs, cores=2)
+    assert fsd.fit_constants(with_deep, cores=2) != control  # the deeper runs count by default
+    net = radix_net(1024, 4)
+    grid = [_row(c, 0, 2.0 + i) for i, c in enumerate([(1, "direct", "block"),
+                                                      (2, "direct", "block")])]  # fmt: skip
+    deep = fsd.score(
+        net, [dict(r) for r in grid], {**calibration["calibration"], "runs": with_deep}
+    )
+    shallow = fsd.score(net, [dict(r) for r in grid], calibration["calibration"])
+    assert "costmodel_shallow_calibration" in deep
+    assert "costmodel_shallow_calibration" not in shallow
+    assert deep["costmodel_shallow_calibration"]["cell_predicted_s"] == pytest.approx(
+        shallow["costmodel"]["cell_predicted_s"]
+    )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import ctypes
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -412,3 +414,39 @@ async def test_a_request_whose_trip_the_closing_executor_drops_fails_at_once() -
         assert failed.group_contains(RuntimeError, match="closed before its request ended")
     finally:
         release.set()
+
+
+def _openmp_threads() -> Callable[[], int]:
+    """The calling thread's OpenMP thread count (``omp_get_max_threads`` of the OpenMP runtime
+    torch loaded into this process)."""
+    try:
+        count = ctypes.CDLL(None).omp_get_max_threads
+    except AttributeError:
+        pytest.skip("no OpenMP runtime in this process's global symbols (torch without OpenMP)")
+    count.restype = ctypes.c_int
+    return cast(Callable[[], int], count)
+
+
+def test_a_shards_worker_thread_multiplies_with_the_processs_thread_count() -> None:
+    """The sixteenth session's anomaly (N = 4 random on 1,024 x 120: one request 7-16 s, four
+    at once 0.35 s): OpenMP's thread count is per thread and a new thread starts at one per
+    core, so a shard's worker ran MKL's CSR products as a team of two on a process set to one
+    thread, and on a shared 2-core box each team's barrier spun while its partner waited for
+    a core. The worker must start at the process's count, before its first product (MKL's
+    sparse products do not ask torch, which would set it lazily)."""
+    omp_threads = _openmp_threads()
+    with concurrent.futures.ThreadPoolExecutor(1) as fresh:
+        default = fresh.submit(omp_threads).result()  # what a new thread starts with here
+    wanted = 1 if default != 1 else 2  # a count no new thread starts with
+    before = torch.get_num_threads()
+    torch.set_num_threads(wanted)
+    try:
+        net = radix_net(64, 2, weights="random", seed=1)
+        spec = split(net, partition(net, 2, method="random"))[0]
+        executor = ShardExecutor(spec, set_name="s", channel=LocalChannel(), mailbox=Mailbox())
+        try:
+            assert executor._pool.submit(omp_threads).result(timeout=60) == wanted
+        finally:
+            executor.close()
+    finally:
+        torch.set_num_threads(before)
