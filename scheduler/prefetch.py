@@ -27,7 +27,9 @@ model through the merged use stream (:class:`~gpufaas.scheduler.uses.UseStream`,
 50 ms), observed at the owner's clock when the batch arrives (:meth:`PrefetchDriver.observe_relayed`);
 a request a peer forwarded here is not observed again (``relayed_here``: its sender relays it).
 So each client request is observed once by the owner. A prefetch is published to the peers as a
-load event, so their views hold it too. A relay that cannot reach the owner is counted here
+load event, so their views hold it too; a demotion as a demotion
+(:meth:`~gpufaas.scheduler.residency_events.ResidencyEvents.publish_demotion`), so their views
+drop it. A relay that cannot reach the owner is counted here
 (``gpufaas_prediction_relay_lost_requests_total``) and logged; the owner's model lacks those
 arrivals, nothing else happens. Metrics added for it: ``gpufaas_prediction_relayed_requests_total``
 (arrivals learned from the peers' relays).
@@ -409,8 +411,12 @@ def enable_prefetch(
         if response.status_code >= 300:
             raise RuntimeError(f"{path} answered {response.status_code}: {response.text[:200]}")
         replicas = gateway.replicas
-        if replicas is not None and action.kind == "prefetch":  # the peers' views hold it too
+        if replicas is None:
+            return
+        if action.kind == "prefetch":  # the peers' views hold it too
             replicas.events.publish(action.device, action.model, size_bytes=size_bytes, victims=())
+        else:  # the peers' views drop it: their next request for it is no stale hit
+            replicas.events.publish_demotion(action.device, action.model)
 
     def sizes() -> dict[str, int]:
         return {name: gateway.model_bytes.get(name, 0) for name in gateway.functions}

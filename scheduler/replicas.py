@@ -180,7 +180,7 @@ class ReplicaMetrics:
         )
         self.events = Counter(
             "gpufaas_replica_residency_events",
-            "Residency events (loads) published to peers, or applied from them",
+            "Residency events (loads, and demotions) published to peers, or applied from them",
             ["direction"],
             registry=registry,
         )

@@ -5,6 +5,13 @@
   reached) is published to every peer: device, model, size and every victim predicted here.
   A peer drops the victims from its view and notes the model loading there, so the next
   request for the model, at any replica, is a hit there.
+- **Demotions** (prediction, #13): a model the placement owner's driver demoted to the node's
+  host tier is published to every peer in the post's ``demoted`` list (``[device, model]``
+  pairs), and a peer drops it from its view: its next request for it is a miss there (sent to
+  the owner), not a hit that reloads it. A separate top-level field, not an event: a peer of an
+  older version reads only ``events`` and ``uses`` and ignores it (its view then holds the model
+  until its next sync, as before), whereas an event of an unknown kind would read there as a load
+  of the demoted model.
 - **Uses** (:class:`~gpufaas.scheduler.uses.UseStream`): this replica's client requests and
   hits (and, with forwarding ``decision``, the answers of the loads the owner decided for it)
   go to whoever decides evictions (the leader; with function ownership every peer), so that
@@ -12,7 +19,9 @@
 
 Both are batched, one post per peer over the pooled peer connections
 (:class:`~gpufaas.scheduler.peer_calls.PeerCalls`); a post that fails marks the peer
-unreachable. Uses go within :data:`~gpufaas.scheduler.uses.USE_FLUSH_S`, or with the next load
+unreachable, except a 400: the peer answered and refused the body (a malformed post, or one a
+peer of another version cannot read), which is logged and, for uses, counted as lost; the peer
+stays in the ring. Uses go within :data:`~gpufaas.scheduler.uses.USE_FLUSH_S`, or with the next load
 event. **A load event goes once the load is done**: while a load published here is still
 loading in this replica's view (its answer not back yet), the post waits for the answer, at most
 ``hold_s`` (:data:`HOLD_S`), then ``flush_delay_s`` more so that the answer's relay goes first.
@@ -28,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,7 +52,15 @@ from gpufaas.scheduler.peers import EVENTS_PATH, Membership
 from gpufaas.scheduler.transport import NodeReply, NodeUnreachable
 from gpufaas.scheduler.uses import USE_FLUSH_S, UseStream
 
-__all__ = ["EVENTS_TIMEOUT_S", "HOLD_S", "ResidencyEvents", "note_peer_loads"]
+__all__ = [
+    "EVENTS_TIMEOUT_S",
+    "HOLD_S",
+    "ResidencyEvents",
+    "note_peer_demotions",
+    "note_peer_loads",
+]
+
+logger = logging.getLogger(__name__)
 
 _MAX_EVENTS_PER_POST = 4096
 # A residency-event post that takes longer marks the peer unreachable.
@@ -92,6 +110,7 @@ class ResidencyEvents:
         self.lost_requests = lost_requests
         self._uses_due: asyncio.TimerHandle | None = None
         self._outbox: list[dict[str, Any]] = []
+        self._demoted: list[tuple[str, str]] = []  # (device, model) not yet published
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()  # a request placed here was answered
 
@@ -107,6 +126,21 @@ class ResidencyEvents:
         self._outbox.append(
             {"device": device_key, "model": model, "size": size_bytes, "victims": list(victims)}
         )
+        self._wake.set()
+
+    def publish_demotion(self, device_key: str, model: str) -> None:
+        """Tell every peer that ``model`` left ``device_key`` for the node's host tier (the
+        owner's driver demoted it); sent with the next batch, within ``flush_delay_s``."""
+        if not self.membership.peers:
+            return
+        # A peer applies a post's demotions before its loads, so a load of this model still
+        # in the outbox must not follow: it goes, its victims becoming demotions (gone alike).
+        loads = [e for e in self._outbox if (e["device"], e["model"]) == (device_key, model)]
+        for event in loads:
+            self._outbox.remove(event)
+            self._demoted += [(device_key, str(victim)) for victim in event["victims"]]
+        self._demoted.append((device_key, model))
+        del self._demoted[:-_MAX_EVENTS_PER_POST]
         self._wake.set()
 
     def publish_load(
@@ -184,14 +218,15 @@ class ResidencyEvents:
             )
             if self._outbox:
                 self._wake.set()
+            demoted, self._demoted = self._demoted, []
             uses = None
             if self.uses:  # they ride along with the load events, or go on their own
                 uses = self.uses.take()
                 if self._uses_due is not None:
                     self._uses_due.cancel()
                     self._uses_due = None
-            if events or uses:
-                await self._send(events, uses)
+            if events or uses or demoted:
+                await self._send(events, uses, demoted)
 
     async def _after_loads(self) -> bool:
         """Wait while a load in the outbox is still loading in this replica's view, at most
@@ -213,14 +248,25 @@ class ResidencyEvents:
             state(event["device"], event["model"]) is Residency.LOADING for event in self._outbox
         )
 
-    async def _send(self, events: list[dict[str, Any]], uses: dict[str, Any] | None) -> None:
+    async def _send(
+        self,
+        events: list[dict[str, Any]],
+        uses: dict[str, Any] | None,
+        demoted: Sequence[tuple[str, str]] = (),
+    ) -> None:
         peers = [p for p in self.membership.peers.values() if p.reachable]
         # Uses go only to whoever decides evictions (the leader, or with function ownership
-        # every peer); load events to every peer.
+        # every peer); load events and demotions to every peer. Uses held for a peer that no
+        # longer decides (this replica became the leader) are dropped: what they carry, this
+        # replica's own requests, hits and load answers, its driver, estimates and view
+        # already took in at ingress (docs/prediction.md, "Several gateway replicas").
         deciders = self.deciders()
         self_id = self.membership.self_id
-        plain = json.dumps({"from": self_id, "events": events}).encode() if events else None
-        with_uses = json.dumps({"from": self_id, "events": events, "uses": uses}).encode()
+        base: dict[str, Any] = {"from": self_id, "events": events}
+        if demoted:
+            base["demoted"] = [list(pair) for pair in demoted]
+        plain = json.dumps(base).encode() if events or demoted else None
+        with_uses = json.dumps({**base, "uses": uses}).encode()
         headers = {"Content-Type": "application/json"}
 
         async def one(peer_id: str) -> None:
@@ -233,16 +279,21 @@ class ResidencyEvents:
                 reply = await asyncio.wait_for(
                     self.calls.pool(peer_id).post(EVENTS_PATH, body, headers), EVENTS_TIMEOUT_S
                 )
+                status: int | None = reply.status
                 failure: object = None if reply.status == 200 else f"HTTP {reply.status}"
             except (NodeUnreachable, TimeoutError) as e:
-                failure = e
-            if failure is not None:
+                status, failure = None, e
+            if failure is None:
+                return
+            if status == 400:  # it answered: refused what it cannot read, it is no dead peer
+                logger.warning("peer %s refused residency events: %s", peer_id, failure)
+            else:
                 self.on_unreachable(peer_id, failure)
-                if uses and body is with_uses:
-                    self.lost_requests(uses["requests"], failure)
+            if uses and body is with_uses:
+                self.lost_requests(uses["requests"], failure)
 
         await asyncio.gather(*(one(p.id) for p in peers))
-        self.counted.labels("published").inc(len(events))
+        self.counted.labels("published").inc(len(events) + len(demoted))
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -258,7 +309,8 @@ class ResidencyEvents:
         return applied
 
     async def receive(self, read: Callable[[], Awaitable[bytes]]) -> Response:
-        """``POST`` :data:`EVENTS_PATH`: apply a peer's residency events (and its uses)."""
+        """``POST`` :data:`EVENTS_PATH`: apply a peer's residency events (its demotions, and
+        its uses)."""
         try:
             body = json.loads(await read())
             listed = body["events"]
@@ -267,7 +319,12 @@ class ResidencyEvents:
             uses = body.get("uses")
             if uses is not None and not isinstance(uses, dict):
                 raise TypeError("uses must be an object")
-            applied = self.apply(listed)
+            demoted = _demotions(body.get("demoted"))
+            # Demotions first: a load published after a demotion of its model is then noted
+            # again, and the sender drops a load it still held when the model is demoted.
+            dropped = note_peer_demotions(self.directory, demoted)
+            self.counted.labels("applied").inc(dropped)
+            applied = dropped + self.apply(listed)
             if uses:
                 self.uses.apply(uses)
                 self.settled()  # the answers of loads decided here for the peer
@@ -276,6 +333,27 @@ class ResidencyEvents:
         except (ValueError, KeyError, TypeError) as e:
             return error_response(400, f"bad residency events: {e}", reason="InvalidEvents")
         return JSONResponse({"applied": applied})
+
+
+def _demotions(listed: object) -> list[tuple[str, str]]:
+    """A post's ``demoted`` field as ``(device, model)`` pairs; raises ``TypeError`` if it is
+    not a list of two-string pairs (before anything is applied)."""
+    if listed is None:
+        return []
+    if not isinstance(listed, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+        for pair in listed
+    ):
+        raise TypeError("demoted must be a list of [device, model] pairs")
+    return [(device, model) for device, model in listed]
+
+
+def note_peer_demotions(directory: ClusterDirectory, demoted: Sequence[tuple[str, str]]) -> int:
+    """Drop the models a peer demoted from ``directory``'s view of their devices; how many
+    the view held (an unknown device, or a model already gone, is skipped)."""
+    return sum(
+        directory.note_evicted(device, model) for device, model in demoted if device in directory
+    )
 
 
 def note_peer_loads(

@@ -65,6 +65,8 @@ class Door:
         self.url = ""
         self.events: ResidencyEvents | None = None
         self.received: list[dict[str, Any]] = []  # the load events posted here, in order
+        self.posts: list[dict[str, Any]] = []  # every post of residency events, whole
+        self.refuse = False  # answer every post of events 400 (a peer that cannot read it)
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
@@ -84,8 +86,13 @@ class Door:
                     0,
                 )
                 body = await reader.readexactly(length)
-                answer = b"{}"
-                if head.startswith(f"POST {EVENTS_PATH} ") and self.events is not None:
+                answer, status = b"{}", b"200 OK"
+                posted = head.startswith(f"POST {EVENTS_PATH} ")
+                if posted:
+                    self.posts.append(json.loads(body))
+                if posted and self.refuse:
+                    answer, status = b'{"error": "bad residency events"}', b"400 Bad Request"
+                elif posted and self.events is not None:
 
                     async def read(body: bytes = body) -> bytes:
                         return body
@@ -93,8 +100,8 @@ class Door:
                     self.received += json.loads(body)["events"]
                     answer = bytes((await self.events.receive(read)).body)
                 writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                    b"content-length: %d\r\n\r\n%s" % (len(answer), answer)
+                    b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (status, len(answer), answer)
                 )
                 await writer.drain()
         writer.close()
@@ -349,6 +356,86 @@ async def test_only_the_owner_demotes(tmp_path: Path, example_models_dir: Path) 
         assert not any(path.endswith("/demote") for path in pair.peer.sent)
 
 
+def _dear() -> PredictivePolicy:
+    return PredictivePolicy(device_price=1e15)  # nothing is worth its device memory
+
+
+async def _held_by_both(pair: Pair) -> None:
+    """Requests at both replicas until both views hold the model resident."""
+    await alternate(pair, arrivals=4)
+    for replica in (pair.owner, pair.peer):
+        await replica.gateway.sync()
+        assert replica.gateway.cluster.directory.holders(MODEL)
+
+
+async def test_a_demotion_is_published_and_the_peer_forwards_instead_of_a_stale_hit(
+    tmp_path: Path, example_models_dir: Path
+) -> None:
+    """The owner demotes a model both views hold: its post tells the peer, whose view drops
+    it before any sync, so the peer's next request for it goes to the owner (which loads it
+    back from the host tier), not to the device as a hit."""
+    async with two_replicas(tmp_path, example_models_dir, policy=_dear) as pair:
+        owner, peer = pair.owner, pair.peer
+        await _held_by_both(pair)
+        pair.clock.now += 60.0  # idle a minute: past its break-even at this price
+        assert await owner.driver.tick() == [Action("demote", MODEL, pair.device_key)]
+        directory = peer.gateway.cluster.directory
+        assert directory.holders(MODEL)  # not yet: the peer has not heard
+        async with flushing(owner):
+            await until(lambda: not directory.holders(MODEL))
+        assert peer.door.posts[-1]["demoted"] == [[pair.device_key, MODEL]]
+        assert (
+            counted(peer, "gpufaas_replica_residency_events_total", {"direction": "applied"}) >= 1
+        )
+        forwarded = counted(owner, "gpufaas_replica_forwarded_in_requests_total")
+        await request(peer)
+        assert counted(owner, "gpufaas_replica_forwarded_in_requests_total") == forwarded + 1
+
+
+async def test_a_peer_that_refuses_a_post_with_a_400_stays_in_the_ring(
+    tmp_path: Path, example_models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that answers the owner's post 400 (one that cannot read it) answered: the
+    owner logs it and keeps the peer in the ring (a dead peer is one that does not answer)."""
+    async with two_replicas(tmp_path, example_models_dir, policy=_dear) as pair:
+        owner, peer = pair.owner, pair.peer
+        await _held_by_both(pair)
+        pair.clock.now += 60.0
+        assert await owner.driver.tick() == [Action("demote", MODEL, pair.device_key)]
+        peer.door.refuse = True
+        membership = owner.gateway.replicas.membership  # type: ignore[union-attr]
+        with caplog.at_level(logging.WARNING):
+            async with flushing(owner):
+                await until(lambda: bool(peer.door.posts))
+                await until(lambda: "refused residency events" in caplog.text)
+        assert membership.peers[peer.url].reachable
+        assert owner.gateway.replicas.owner(MODEL) == owner.url  # type: ignore[union-attr]
+        assert len(owner.gateway.replicas.membership.live()) == 2  # type: ignore[union-attr]
+
+
+async def test_uses_held_for_an_old_leader_are_not_observed_twice_by_the_new_one(
+    tmp_path: Path, example_models_dir: Path
+) -> None:
+    """The peer's uses wait for the leader; the leader goes and the peer leads. Its driver
+    observed those requests at its own ingress already, so the held batch is dropped, not fed
+    to it again as relayed (which would count each of them twice), and none is counted lost."""
+    async with two_replicas(tmp_path, example_models_dir) as pair:
+        owner, peer = pair.owner, pair.peer
+        await request(owner)
+        await peer.gateway.sync()
+        for _ in range(3):
+            await request(peer)  # hits at the peer, held for the leader
+        events = peer.gateway.replicas.events  # type: ignore[union-attr]
+        assert events.uses
+        peer.gateway.replicas._unreachable(owner.url, "killed")  # type: ignore[union-attr]
+        assert peer.gateway.replicas.owner("") == peer.url  # type: ignore[union-attr]
+        async with flushing(peer):
+            await until(lambda: not events.uses)
+        assert counted(peer, "gpufaas_prediction_requests_total") == 3
+        assert counted(peer, "gpufaas_prediction_relayed_requests_total") == 0
+        assert counted(peer, "gpufaas_prediction_relay_lost_requests_total") == 0
+
+
 async def test_a_request_forwarded_to_the_owner_is_counted_once(
     tmp_path: Path, example_models_dir: Path
 ) -> None:
@@ -424,6 +511,12 @@ async def test_relayed_events_are_refused_with_a_400_not_a_500(
         response = await owner.client.post(EVENTS_PATH, json=bad)
         assert response.status_code == 400 and "bad residency events" in response.text
         assert counted(owner, "gpufaas_prediction_relayed_requests_total") == 0
+        # a malformed list of demotions: refused before the load event beside it is applied
+        load = {"device": pair.device_key, "model": MODEL, "size": 1, "victims": []}
+        bad = {"from": pair.peer.url, "events": [load], "demoted": [[pair.device_key]]}
+        response = await owner.client.post(EVENTS_PATH, json=bad)
+        assert response.status_code == 400 and "demoted must be a list" in response.text
+        assert not owner.gateway.cluster.directory.holders(MODEL)
 
 
 # -- the merge invariant: no arrival counted twice or lost across relays ---------------------------
@@ -577,3 +670,44 @@ def test_gpufaas_up_passes_the_prefetch_options_to_each_gateway_replica(
     shared = ["--prefetch-state", "/nonexistent/s.json", "--functions", "/nonexistent/fns"]
     assert cli.up_command(["--gateways", "2", *shared]) == 2
     assert "--prefetch-state needs --gateways 1" in capsys.readouterr().err
+
+
+# -- demotions and loads in one post: the peer ends where the owner's order would take it ---------
+
+_PUBLISHED = st.lists(st.tuples(st.sampled_from(["load", "demote"]), st.sampled_from("abc")))
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=_PUBLISHED, held=st.sets(st.sampled_from("abc")))
+def test_a_post_of_demotions_and_loads_leaves_the_peer_as_their_order_would(
+    ops: list[tuple[str, str]], held: set[str]
+) -> None:
+    """Loads (prefetches: no victims) and demotions published in any order, then posted at
+    once: the receiver applies the post's demotions before its loads, and ends holding
+    exactly the models the same calls applied one by one, in order, leave held."""
+    from gpufaas.cache import ClusterDirectory
+    from gpufaas.scheduler.residency_events import note_peer_demotions, note_peer_loads
+
+    sender = _bare_replicas(2, "leader")[0].replicas
+    assert sender is not None
+    events = sender.events
+
+    def view() -> ClusterDirectory:
+        directory = ClusterDirectory()
+        directory.add_device("n/0", capacity_bytes=1 << 20)
+        for model in sorted(held):
+            directory.note_loaded("n/0", model, size_bytes=1)
+        return directory
+
+    expected, got = view(), view()
+    for kind, model in ops:
+        if kind == "load":
+            events.publish("n/0", model, size_bytes=1, victims=())
+            load = {"device": "n/0", "model": model, "size": 1, "victims": []}
+            note_peer_loads(expected, [load], known_size=lambda m: None)
+        else:
+            events.publish_demotion("n/0", model)
+            note_peer_demotions(expected, [("n/0", model)])
+    note_peer_demotions(got, events._demoted)  # as receive applies a post: demotions first
+    note_peer_loads(got, events._outbox, known_size=lambda m: None)
+    assert set(got.models()) == set(expected.models())
