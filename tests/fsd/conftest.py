@@ -125,6 +125,9 @@ def _started_nodes(tmp_path: Path, *, count: int, cpu_devices: int) -> Iterator[
                 cpu_devices=cpu_devices,
             )
             node.start()
+            # A loaded 2-core CI box can take longer than the 2 s a link's setup is allowed, and
+            # then the node uses HTTP for that peer: tests of the path, not of the bound.
+            node.host.links.connect_timeout_s = 30.0
             nodes.append(node)
         yield nodes
     finally:

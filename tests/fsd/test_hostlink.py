@@ -375,6 +375,7 @@ async def test_nodes_on_one_host_exchange_through_shared_memory_matching_the_ref
     net = radix_net(512, 12, weights="random", seed=6)
     x = np.random.default_rng(7).random((4, 512)).astype(np.float32)
     coordinator = Coordinator(artifact_base=str(tmp_path / "shards"), timeout_s=20)
+    coordinator._links.connect_timeout_s = 30.0  # the path is tested here, not the 2 s bound
     try:
         await coordinator.deploy(
             "radix", net, Parallelism(shards=shards, strategy="intra-layer", channel="direct"),
