@@ -298,7 +298,8 @@ def set_artifacts(loads: Sequence[ShardLoad], root: Path) -> list[Path]:
     """The files a removed set's ``loads`` leave under ``root``: each shard's artifact where the
     coordinator wrote it (a ``file://`` URI) and its verified copy in every manager's
     artifact store (``artifacts<k>/blobs/<sha256>``, the layout :func:`managers` gives).
-    Neither is deleted by a removal: on RadiX-Net 16,384 x 120 a cell's come to 1-3 GB."""
+    Neither is deleted by a removal: at 4,096 x 24 a cell left 62-73 MB in the
+    coordinator's folder alone (bench/RESULTS.md, #15, 16,384 x 120 (i))."""
     found = []
     for load in loads:
         if load.artifact.startswith("file://"):
