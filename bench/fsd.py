@@ -45,23 +45,31 @@ import functools
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gpufaas.core.channelservers import ServerMissing, run_nats, run_seaweedfs
+from gpufaas.core.channelservers import S3Server, ServerMissing, run_nats, run_seaweedfs, vacuum
 from gpufaas.core.commands import ManagerOptions
 from gpufaas.core.layered import LayeredNet, dense_mlp, radix_net
-from gpufaas.core.sharding import ChannelConfig, Parallelism
+from gpufaas.core.sharding import ChannelConfig, Parallelism, ShardLoad
 from gpufaas.scheduler import costmodel
-from gpufaas.scheduler.coordinator import Coordinator, LaunchFailed, ShardFailed, tree_rounds
+from gpufaas.scheduler.coordinator import (
+    Coordinator,
+    LaunchFailed,
+    ShardFailed,
+    ShardSet,
+    tree_rounds,
+)
 from gpufaas.scheduler.local import run_manager_processes
 from gpufaas.scheduler.partition import communication, partition, shard_sizes, split
 
@@ -286,6 +294,32 @@ def hold_probe(rows: list[dict[str, Any]]) -> float | None:
     return statistics.median(passes) if passes else None
 
 
+def set_artifacts(loads: Sequence[ShardLoad], root: Path) -> list[Path]:
+    """The files a removed set's ``loads`` leave under ``root``: each shard's artifact where the
+    coordinator wrote it (a ``file://`` URI) and its verified copy in every manager's
+    artifact store (``artifacts<k>/blobs/<sha256>``, the layout :func:`managers` gives).
+    Neither is deleted by a removal: at 4,096 x 24 a cell left 62-73 MB in the
+    coordinator's folder alone (bench/RESULTS.md, #15, 16,384 x 120 (i))."""
+    found = []
+    for load in loads:
+        if load.artifact.startswith("file://"):
+            found.append(Path(urllib.parse.unquote(urllib.parse.urlsplit(load.artifact).path)))
+        if load.sha256:
+            found.extend(root.glob(f"artifacts*/blobs/{load.sha256}"))
+    return [path for path in found if path.is_relative_to(root)]
+
+
+def reclaim(shard_set: ShardSet, root: Path, *, s3: S3Server | None) -> None:
+    """After a cell: delete its set's artifacts (:func:`set_artifacts`) and compact the S3
+    server's volumes, which keep a deleted message's bytes until a sweep (every 14 min).
+    Without it the grid of (h) filled the disk after 21 of 25 cells (bench/RESULTS.md, #15,
+    16,384 x 120)."""
+    for path in set_artifacts(shard_set.loads, root):
+        path.unlink(missing_ok=True)
+    if s3 is not None:
+        vacuum(s3)
+
+
 async def run_grid(
     urls: list[str],
     net: LayeredNet,
@@ -293,10 +327,13 @@ async def run_grid(
     args: argparse.Namespace,
     root: Path,
     pids: tuple[int, ...] = (),
+    *,
+    s3: S3Server | None = None,
 ) -> list[dict[str, Any]]:
     """Every configuration of the grid, ``args.repeats`` times (:func:`repetition_orders`),
     one row per configuration and repetition (``repetition``); the inputs and the
-    partitions drawn from ``args.seed`` (0: the grid of sessions 4-13)."""
+    partitions drawn from ``args.seed`` (0: the grid of sessions 4-13). After each cell its
+    files are deleted (:func:`reclaim`); ``disk_free_gb`` is the free space after that."""
     rng = np.random.default_rng(args.seed)
     x = (rng.random((args.batch, net.widths[0])) < 0.2).astype(np.float32)
     coordinator = Coordinator(artifact_base=str(root / "shards"), timeout_s=120,
@@ -338,6 +375,7 @@ async def run_grid(
                              "seed": args.seed, "repetition": repetition,
                              "failed": str(e)})  # fmt: skip
                 await coordinator.remove(name)
+                reclaim(shard_set, root, s3=s3)
                 continue
             launch = shard_set.launch
             row = {
@@ -355,6 +393,8 @@ async def run_grid(
                 **result,
             }
             await coordinator.remove(name)
+            reclaim(shard_set, root, s3=s3)
+            row["disk_free_gb"] = shutil.disk_usage(root).free / 1e9
             if (shards, method) not in profiles:  # after the measurement, never during it
                 part = partition(net, shards, method=method, seed=args.seed)  # the deploy's
                 profiles[(shards, method)] = costmodel.profile(net, part)
@@ -1618,6 +1658,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fsd-bench-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         channels = {"direct": ChannelConfig(kind="direct")}
+        s3_server = None
         if "nats" in args.channels:
             try:
                 nats = stack.enter_context(run_nats(root / "nats"))
@@ -1626,7 +1667,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  (skipping NATS: {e})")
         if "s3" in args.channels:
             try:
-                s3 = stack.enter_context(run_seaweedfs(root / "s3"))
+                s3_server = s3 = stack.enter_context(run_seaweedfs(root / "s3"))
                 channels["s3"] = ChannelConfig(
                     kind="s3", s3_endpoint=s3.endpoint_url, s3_bucket=s3.bucket,
                     s3_key=s3.key, s3_secret=s3.secret,
@@ -1667,7 +1708,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(json.dumps(report["calibration"], indent=1))
                 return report
             print(f"2. grid on RadiX-Net {args.neurons} x {layers}, batch {args.batch}", flush=True)
-            raw = await run_grid(urls, net, channels, args, root, tuple(pids))
+            raw = await run_grid(urls, net, channels, args, root, tuple(pids), s3=s3_server)
             report["grid"] = median_cells(raw) if args.repeats > 1 else raw
             if args.repeats > 1:
                 report["grid_repetitions"] = raw

@@ -31,6 +31,7 @@ __all__ = [
     "free_port",
     "run_nats",
     "run_seaweedfs",
+    "vacuum",
 ]
 
 _READY_S = 30.0
@@ -55,6 +56,7 @@ class S3Server:
     key: str
     secret: str
     process: subprocess.Popen[bytes]
+    master_url: str = ""
 
 
 def binary(name: str, package: str) -> Path:
@@ -167,7 +169,10 @@ def run_seaweedfs(
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data_dir
         )
-    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", bucket, key, secret, process)
+    server = S3Server(
+        f"http://127.0.0.1:{ports['s3.port']}", bucket, key, secret, process,
+        master_url=f"http://127.0.0.1:{ports['master.port']}",
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + _READY_S
         while not _s3_answers(server):
@@ -178,6 +183,21 @@ def run_seaweedfs(
         yield server
     finally:
         _stop(process)
+
+
+def vacuum(server: S3Server, *, timeout_s: float = 120.0) -> None:
+    """Reclaim the disk space of ``server``'s deleted objects now.
+
+    SeaweedFS only marks a deleted object's bytes as garbage; its master compacts a volume
+    when a sweep finds it over ``garbageThreshold`` (every 14 min by default). A channel
+    whose receivers delete every message they read (:class:`~gpufaas.core.channels.S3Channel`)
+    still fills the disk in between: 1.5 GB a request on RadiX-Net 16,384 x 120 at N = 4.
+    """
+    import urllib.request
+
+    url = f"{server.master_url}/vol/vacuum?garbageThreshold=0.0001"
+    with urllib.request.urlopen(url, timeout=timeout_s) as answer:
+        answer.read()
 
 
 def _s3_answers(server: S3Server) -> bool:

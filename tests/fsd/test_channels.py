@@ -95,6 +95,42 @@ async def test_jetstream_delivers_what_was_published_before_a_server_restart(
     assert got.tolist() == [[3.0, 3.0]] * 4
 
 
+async def test_jetstream_deletes_a_message_once_its_receiver_has_acknowledged_it(
+    tmp_path: Path,
+) -> None:
+    """A long-running sharded model must not fill JetStream with messages already read
+    (the stream kept them for ``max_age``, 5 min, before it became a work queue)."""
+    import nats
+
+    envelope = Envelope("durable-net", "r3", 1, 0, 1)
+    with run_nats(tmp_path / "js") as server:
+        sender = NatsChannel(server.url, durable=True)
+        await sender.start()
+        receiver = NatsChannel(server.url, durable=True)
+        await receiver.start()
+        mailbox = Mailbox()
+        mailbox.open("r3")
+        await receiver.attach("durable-net", 1, mailbox)
+        nc = await nats.connect(server.url)
+        try:
+            await sender.send(envelope, np.full((4, 2), 7.0, np.float32), timeout_s=5)
+            got = await receiver.receive(mailbox, envelope, timeout_s=10)
+            js = nc.jetstream()
+            # The acknowledgement follows the delivery asynchronously: wait for the stream
+            # to empty, within a deadline far past any acknowledgement's round trip.
+            deadline = asyncio.get_running_loop().time() + 10
+            while (left := (await js.stream_info("GPUFAAS_FSD")).state.messages) and (
+                asyncio.get_running_loop().time() < deadline
+            ):
+                await asyncio.sleep(0.05)
+        finally:
+            await nc.close()
+            await receiver.close()
+            await sender.close()
+    assert got.tolist() == [[7.0, 7.0]] * 4
+    assert left == 0
+
+
 class _DiesOnDelivery(Mailbox):
     """A receiver that goes away between getting a message and acknowledging it."""
 
