@@ -11,6 +11,18 @@ layer's shards run side by side, at most ``cores`` of them at once):
             + c_msg[ch] * msgs_lp + c_byte[ch] * batch * 4 * values_lp   # messages
             + c_sync[ch] * sync_lp                                       # waits
             + c_wake[ch] * sync_lp * max(0, N - cores) / N               # oversubscription
+    relay_lp = r_msg[ch] * msgs_lp + r_byte[ch] * batch * 4 * values_lp  # on the path only
+
+The layers' sum is over ``max(max_p (w_lp + relay_lp), sum_p w_lp / cores)``: the relay is
+the channel server's time for the messages shard p receives (seventeenth session; NATS and
+S3 only, 0 for direct). The server is a process of its own, so that time is on the shard's
+path while its message is relayed, but on none of the shards' cores: it is in the busiest
+shard's branch and not in the cores'. Why: the fifteenth session's relay terms were charged
+in the cores' branch only, and fitted 0 in every calibration: there they are ``c_msg``'s and
+``c_byte``'s own features, and at N = 2 (every N = 2 layer binds on the busiest shard, on a
+2-core machine) they were in no branch at all. On the path they differ from ``c_msg`` and
+``c_byte`` by where they bind, and the fit can tell them (bench/RESULTS.md, #15, "fsd,
+seventeenth session": the grid's N = 2 cells over NATS and S3 were 28-43% low without them).
 
 ``contention(N) = 1 + w * (saturated(N) - 1)`` (fifteenth session): ``saturated`` is the
 calibration's measurement with every shard running passes back to back; a served shard
@@ -166,6 +178,11 @@ class ChannelCost:
     per_shard_s: float  # the coordinator's call to a shard and the shard's fixed part
     # oversubscription: a wait's wake-up that finds every core taken (context switch, cache)
     per_wake_s: float = 0.0
+    # seventeenth session: the channel server's time for a message and a byte the shard
+    # receives (NATS, SeaweedFS: a process of its own), on the shard's path while the message
+    # is relayed, and on no shard's core (so not in the cores' branch). 0 for direct
+    per_relay_message_s: float = 0.0
+    per_relay_byte_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,13 +368,17 @@ def busy(shards: int, cores: int) -> float:
 
 
 def channel_features(p: Profile, *, batch: int, cores: int) -> npt.NDArray[np.float64]:
-    """Per layer and shard, the multipliers of ``c_msg``, ``c_byte``, ``c_sync``, ``c_wake``."""
+    """Per layer and shard, the multipliers of ``c_msg``, ``c_byte``, ``c_sync``, ``c_wake``,
+    ``r_msg`` and ``r_byte`` (the relay's: the messages and bytes the shard receives again)."""
     wake = p.sync * busy(p.shards, cores)
-    return np.stack([p.messages, batch * 4 * p.values, p.sync, wake], axis=-1)
+    received = batch * 4 * p.values
+    return np.stack([p.messages, received, p.sync, wake, p.messages, received], axis=-1)
 
 
-# Which of channel_features' terms are waits (time on the path, not CPU): c_sync, c_wake.
-_WAITS = np.array([False, False, True, True])
+# Which of channel_features' terms are waits (time on the path, not CPU): c_sync, c_wake, and
+# the relay's (always on the path: the server's CPU is no shard's).
+_WAITS = np.array([False, False, True, True, True, True])
+_RELAY = np.array([False, False, False, False, True, True])
 
 
 def _work(p: Profile, batch: int, constants: Constants, channel: ChannelCost) -> Matrix:
@@ -373,13 +394,14 @@ def _split_work(
     and the waits on its path (which take no core: while one shard waits, another runs)."""
     c = constants.compute
     comm = np.array([channel.per_message_s, channel.per_byte_s, channel.per_sync_s,
-                     channel.per_wake_s])  # fmt: skip
+                     channel.per_wake_s, channel.per_relay_message_s,
+                     channel.per_relay_byte_s])  # fmt: skip
     cpu: Matrix = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(c))
     cpu = cpu * contention(constants, p.shards) * constants.served
     waits: Matrix = np.zeros_like(cpu)
     if p.shards > 1:
         features = channel_features(p, batch=batch, cores=constants.cores)
-        on_path = _WAITS if constants.waits_on_path else np.zeros_like(_WAITS)
+        on_path = _WAITS if constants.waits_on_path else _RELAY
         cpu = cpu + features @ np.where(on_path, 0.0, comm)
         waits = features @ np.where(on_path, comm, 0.0)
     return cpu, waits
@@ -578,12 +600,21 @@ def fit_coordinator(
 
 
 # The terms of a channel's cost in the order of ``channel_features`` and then the shard count.
-_TERMS = ("per_message_s", "per_byte_s", "per_sync_s", "per_wake_s", "per_shard_s")
+_TERMS = (
+    "per_message_s",
+    "per_byte_s",
+    "per_sync_s",
+    "per_wake_s",
+    "per_relay_message_s",
+    "per_relay_byte_s",
+    "per_shard_s",
+)
 # Terms that are the same code whatever the channel (session 8): the coordinator's call to a
 # shard (per_shard_s) and a shard's wake-up on a busy core (per_wake_s). Fitted per channel,
 # runs where waits and messages rise together let noise move cost between them and the
 # channel's own terms, and two channels came out in the wrong order (bench/RESULTS.md, #15).
 SHARED_TERMS = ("per_shard_s", "per_wake_s")
+_RELAY_TERMS = ("per_relay_message_s", "per_relay_byte_s")
 # The served contention's weight as a column of the channels' fit (fit_channels_and_contention)
 _WEIGHT = "contention_weight"
 # A served contention's weight (Constants.contention_weight) chosen on the fourteenth
@@ -610,6 +641,7 @@ def fit_channels(
     shared: Sequence[str] = SHARED_TERMS,
     rounds: int = 8,
     fixed: Mapping[str, Mapping[str, float]] | None = None,
+    relayed: Sequence[str] = (),
 ) -> dict[str, ChannelCost]:
     """Every channel's constants from its sharded runs ``(profile, batch, measured
     seconds)``, given the compute and coordinator constants of ``base``, in one fit: the
@@ -618,9 +650,11 @@ def fit_channels(
     shard, or all shards over the cores); with the branches fixed the model is linear, so
     fit, re-pick each layer's branch with the new constants, and repeat. ``fixed`` gives a
     channel's terms known beforehand (``{"direct": {"per_byte_s": ...}}``: the message
-    split's :func:`byte_cost`); they are taken off the runs and not fitted."""
+    split's :func:`byte_cost`); they are taken off the runs and not fitted. The relay terms
+    (``per_relay_*``, the server's time on the path) are fitted for the ``relayed`` channels
+    only, and 0 for the others."""
     costs, _ = _fit_channels(runs, base=base, shared=shared, rounds=rounds, fixed=fixed,
-                             fit_contention=False)  # fmt: skip
+                             fit_contention=False, relayed=relayed)  # fmt: skip
     return costs
 
 
@@ -631,6 +665,7 @@ def fit_channels_and_contention(
     shared: Sequence[str] = SHARED_TERMS,
     rounds: int = 8,
     fixed: Mapping[str, Mapping[str, float]] | None = None,
+    relayed: Sequence[str] = (),
 ) -> Constants:
     """``base`` with every channel's constants and the served contention's weight
     (``Constants.contention_weight``) fitted together on the sharded runs (fifteenth
@@ -641,7 +676,7 @@ def fit_channels_and_contention(
     2,048-wide nets it comes out 0-0.18, under what the grid's nets show (bench/fsd.py
     scores it beside as ``costmodel_fitted_weight``)."""
     costs, weight = _fit_channels(runs, base=base, shared=shared, rounds=rounds, fixed=fixed,
-                                  fit_contention=True)  # fmt: skip
+                                  fit_contention=True, relayed=relayed)  # fmt: skip
     return dataclasses.replace(base, channels=costs, contention_weight=weight)
 
 
@@ -653,11 +688,15 @@ def _fit_channels(
     rounds: int,
     fixed: Mapping[str, Mapping[str, float]] | None,
     fit_contention: bool,
+    relayed: Sequence[str] = (),
 ) -> tuple[dict[str, ChannelCost], float]:
     known = fixed or {}
     if any(t in shared or t not in _TERMS for terms in known.values() for t in terms):
         raise ValueError(f"only a channel's own terms can be fixed, not {dict(known)}")
     names = sorted(runs)
+    # a channel with no server of its own relays nothing: its relay terms are 0, not fitted
+    known = {name: {**{t: 0.0 for t in _RELAY_TERMS if name not in relayed},
+                    **known.get(name, {})} for name in {*names, *known}}  # fmt: skip
     own = [t for t in _TERMS if t not in shared]
     columns = [(name, t) for name in names for t in own if t not in known.get(name, {})]
     columns += [("*", t) for t in shared]
@@ -739,8 +778,7 @@ def _channel_row(
     beyond = alone * (saturated(base, p.shards) - 1.0)  # at weight 1
     comm = channel_features(p, batch=batch, cores=base.cores)
     shared = comm.sum(axis=1) / base.cores  # the cores' branch: CPU terms only
-    if base.waits_on_path:
-        shared = np.where(_WAITS, 0.0, shared)
+    shared = np.where(_WAITS if base.waits_on_path else _RELAY, 0.0, shared)
     layers = np.arange(work.shape[0])
     row = np.where(by_max[:, None], comm[layers, busiest], shared).sum(axis=0)
     fixed_compute = np.where(by_max, compute[layers, busiest], compute.sum(axis=1) / base.cores)
