@@ -86,6 +86,15 @@ UNSHARDED_DEPTHS = (8, 16)
 # the per-layer slope; fit_constants(channel_depths=(4, 8)) is the control
 CHANNEL_DEPTHS = (4, 8, 32)
 SHALLOW_CHANNEL_DEPTHS = (4, 8)
+# the channel runs' width (never the grid's), and the seventeenth session's N = 2 runs at the
+# 4,096-wide grid's width (depths 8 and 16: never the grid's 24 or 120): the calibration's
+# 2,048-wide N = 2 runs did not show what the grid's N = 2 cells pay over NATS and S3 (its
+# messages and its server's CPU per layer); score() fits them in costmodel_relay_grid_width only
+CHANNEL_WIDTH = 2048
+GRID_WIDTH, GRID_WIDTH_DEPTHS = 4096, (8, 16)
+# the channels with a server of their own (NATS, SeaweedFS): the seventeenth session's form
+# fits their relay terms (costmodel.ChannelCost.per_relay_*, the server's time on the path)
+RELAYED = ("nats", "s3")
 
 
 # -------------------------------------------------------------------------------------------
@@ -1105,6 +1114,25 @@ async def calibrate(
                         print(f"  channel {name} batch {b}: {seconds * 1e3:.1f} ms "
                               f"(probe {probe * 1e3:.2f} ms)", flush=True)  # fmt: skip
                     await coordinator.remove(name)
+            # N = 2 at the grid's width (seventeenth session): the messages and the server's
+            # work per layer that the grid's N = 2 cells have, on nets that are not the grid's
+            for depth in GRID_WIDTH_DEPTHS:
+                net = radix_net(GRID_WIDTH, depth)
+                for method in ("block", "random"):
+                    name = f"cal-{channel}-w{GRID_WIDTH}-{depth}-2-{method}"
+                    await coordinator.deploy(
+                        name, net, Parallelism(shards=2, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
+                        nodes=urls[:2], method=method, channel=channels[channel], seed=2,
+                    )  # fmt: skip
+                    for b in batches:
+                        seconds, probe = await median_latency(name, b, GRID_WIDTH, 5)
+                        measured["channels"].append({"channel": channel, "depth": depth,
+                                                     "neurons": GRID_WIDTH, "shards": 2,
+                                                     "method": method, "batch": b,
+                                                     "seconds": seconds, "probe_s": probe})  # fmt: skip
+                        print(f"  channel {name} batch {b}: {seconds * 1e3:.1f} ms "
+                              f"(probe {probe * 1e3:.2f} ms)", flush=True)  # fmt: skip
+                    await coordinator.remove(name)
             # The message split (costmodel.message_split): nets alike but for the bytes
             # per message, 2 and 4 contiguous blocks (session 12: the splits above raise
             # bytes with messages and waits, and the fit could not tell them apart).
@@ -1153,6 +1181,7 @@ def fit_constants(
     served_contention: bool = False,
     contention_weight: float = 1.0,
     channel_depths: tuple[int, ...] | None = None,
+    relay: bool = False,
 ) -> costmodel.Constants:
     """The constants from a calibration's runs. With ``probe``, each run's seconds are first
     scaled to one speed (the median of the calibration's probes) by its own probe, and the
@@ -1175,7 +1204,10 @@ def fit_constants(
     ``costmodel.SERVED_CONTENTION`` and ``costmodel_fitted_weight``: neither beat the
     default on the session's two fresh holds). ``channel_depths`` keeps only the RadiX-Net
     channel runs of those depths (None: all; :data:`SHALLOW_CHANNEL_DEPTHS` is the
-    calibration of sessions 4-15, scored beside as ``costmodel_shallow_calibration``)."""
+    calibration of sessions 4-15, scored beside as ``costmodel_shallow_calibration``).
+    ``relay`` (seventeenth session) fits the :data:`RELAYED` channels' relay terms (the
+    server's time for what a shard receives, on its path and on no shard's core); without,
+    they are 0, as before."""
     if channel_depths is not None:  # as if the other depths had never run (their probes too)
         measured = {**measured, "channels": [r for r in measured["channels"]
                                              if "split" in r or r["depth"] in channel_depths]}  # fmt: skip
@@ -1220,11 +1252,12 @@ def fit_constants(
                                     (_channel_profile(r), r["batch"], at_reference(r)), base=base)
                 for r, s in pairs if r["channel"] == channel
             )}  # fmt: skip
+    relayed = [name for name in runs if name in RELAYED] if relay else []
     if served_contention:
         fitted = costmodel.fit_channels_and_contention(runs, base=base, shared=shared,
-                                                       fixed=fixed)  # fmt: skip
+                                                       fixed=fixed, relayed=relayed)  # fmt: skip
         return dataclasses.replace(fitted, probe_s=reference)
-    costs = costmodel.fit_channels(runs, base=base, shared=shared, fixed=fixed)
+    costs = costmodel.fit_channels(runs, base=base, shared=shared, fixed=fixed, relayed=relayed)
     return dataclasses.replace(base, channels=costs, probe_s=reference)
 
 
@@ -1258,8 +1291,10 @@ def _compute_profile(width: int, depth: int, shards: int, method: str) -> costmo
 
 
 @functools.cache
-def _calibration_profile(depth: int, shards: int, method: str) -> costmodel.Profile:
-    net = radix_net(2048, depth)
+def _calibration_profile(
+    depth: int, shards: int, method: str, width: int = CHANNEL_WIDTH
+) -> costmodel.Profile:
+    net = radix_net(width, depth)
     return costmodel.profile(net, partition(net, shards, method=method, seed=2))
 
 
@@ -1271,10 +1306,17 @@ def _split_profile(kind: str, neurons: int, depth: int, shards: int) -> costmode
 
 def _channel_profile(row: dict[str, Any]) -> costmodel.Profile:
     """A channel calibration run's profile: the message split's net, or a 2,048-wide
-    RadiX-Net."""
+    RadiX-Net (2,048 wide, or the grid's width where the row says so)."""
     if "split" in row:
         return _split_profile(row["split"], row["neurons"], row["depth"], row["shards"])
-    return _calibration_profile(row["depth"], row["shards"], row["method"])
+    return _calibration_profile(row["depth"], row["shards"], row["method"],
+                                int(row.get("neurons", CHANNEL_WIDTH)))  # fmt: skip
+
+
+def _grid_width(row: dict[str, Any]) -> bool:
+    """Whether a channel calibration run is one of the grid-width N = 2 runs (seventeenth
+    session), not the 2,048-wide RadiX-Net runs or the message split."""
+    return "split" not in row and int(row.get("neurons", CHANNEL_WIDTH)) != CHANNEL_WIDTH
 
 
 def _split_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -1458,23 +1500,27 @@ def score(
     first repetition alone, each cell at its own probe: the protocol of sessions 4-13 on the
     same hold) and ``per_repetition`` (each repetition scored alone at its own hold probe)."""
     cores = int(calibration["constants"]["cores"])
-    probed = "probe_s" in calibration["runs"]["compute"][0]
+    full = calibration["runs"]
+    # every fit but one is of the 2,048-wide runs, as before the seventeenth session; the
+    # grid-width N = 2 runs are fitted only in costmodel_relay_grid_width
+    runs = {**full, "channels": [r for r in full["channels"] if not _grid_width(r)]}
+    probed = "probe_s" in runs["compute"][0]
     reps = sorted({int(r.get("repetition", 0)) for r in repetitions or []})
     alone = [[dict(r) for r in repetitions or [] if int(r.get("repetition", 0)) == i] for i in reps]
     if len(alone) > 1 and not spread:  # a repeated grid: its own repetitions' spread
         spread = run_to_run_spread(*alone)
     if probed:
-        with_probe = fit_constants(calibration["runs"], cores=cores)
+        with_probe = fit_constants(runs, cores=cores)
     else:  # an older calibration: its constants as stored
         with_probe = constants_from_json(dict(calibration["constants"]))
-    without = fit_constants(calibration["runs"], cores=cores, probe=False)
-    split = any("split" in r for r in calibration["runs"]["channels"])
+    without = fit_constants(runs, cores=cores, probe=False)
+    split = any("split" in r for r in runs["channels"])
     edges = [{**r, "probe_s": statistics.mean(r["probe_edges_s"])} for r in grid
              if "probe_edges_s" in r]  # fmt: skip
 
     def refit(**options: Any) -> dict[str, Any]:
         """The grid (a copy) scored by the calibration's runs refitted with ``options``."""
-        constants = fit_constants(calibration["runs"], cores=cores, **options)
+        constants = fit_constants(runs, cores=cores, **options)
         return evaluate(net, [dict(r) for r in grid], constants, spread=spread)
 
     # Alternatives to the default fit, scored on the same measurements:
@@ -1498,9 +1544,20 @@ def score(
         alternatives["costmodel_fitted_weight"] = refit(served_contention=True)
         # the sixteenth session's deeper channel runs: the fit without them (the control)
         if any(r["depth"] not in SHALLOW_CHANNEL_DEPTHS
-               for r in calibration["runs"]["channels"] if "split" not in r):  # fmt: skip
+               for r in runs["channels"] if "split" not in r):  # fmt: skip
             alternatives["costmodel_shallow_calibration"] = refit(
                 channel_depths=SHALLOW_CHANNEL_DEPTHS
+            )
+        # the seventeenth session's form: the relay terms on the path, at w = 0.3 (its
+        # pre-registered primary); and the same fit with the grid-width N = 2 runs
+        alternatives["costmodel_relay"] = refit(
+            contention_weight=costmodel.SERVED_CONTENTION, relay=True
+        )
+        if any(_grid_width(r) for r in full["channels"]):
+            wide = fit_constants(full, cores=cores, relay=True,
+                                 contention_weight=costmodel.SERVED_CONTENTION)  # fmt: skip
+            alternatives["costmodel_relay_grid_width"] = evaluate(
+                net, [dict(r) for r in grid], wide, spread=spread
             )
     hold = hold_probe(grid) if probed else None
     if hold is not None:

@@ -169,3 +169,35 @@ def test_the_shallow_control_fits_without_the_deeper_channel_runs_and_only_them(
     assert deep["costmodel_shallow_calibration"]["cell_predicted_s"] == pytest.approx(
         shallow["costmodel"]["cell_predicted_s"]
     )
+
+
+def test_the_grid_width_runs_are_fitted_only_in_their_own_alternative() -> None:
+    """The seventeenth session's calibration adds N = 2 runs at the grid's width. Every fit
+    the bench scores is of the calibration without them (its primary, the relay form, as
+    scored post hoc on the earlier holds), except ``costmodel_relay_grid_width``, which is
+    the relay form's fit with them, and is there only where a calibration has them."""
+    calibration = json.loads((ROOT / "bench" / "fsd-calibration-s16.json").read_text())
+    runs = calibration["calibration"]["runs"]
+    assert not any(fsd._grid_width(r) for r in runs["channels"])
+    wide = [dict(r, neurons=fsd.GRID_WIDTH, seconds=r["seconds"] * 2.5)
+            for r in runs["channels"]
+            if "split" not in r and r["shards"] == 2 and r["depth"] == 8]  # fmt: skip
+    assert wide and all(fsd._grid_width(r) for r in wide)
+    with_wide = {**runs, "channels": runs["channels"] + wide}
+    relay = {"relay": True, "contention_weight": 0.3}
+    assert fsd.fit_constants(with_wide, cores=2, **relay) != fsd.fit_constants(
+        runs, cores=2, **relay
+    )
+    net = radix_net(1024, 4)
+    grid = [_row(c, 0, 2.0 + i) for i, c in enumerate([(1, "direct", "block"),
+                                                      (2, "nats", "block")])]  # fmt: skip
+    scored = fsd.score(
+        net, [dict(r) for r in grid], {**calibration["calibration"], "runs": with_wide}
+    )
+    plain = fsd.score(net, [dict(r) for r in grid], calibration["calibration"])
+    assert "costmodel_relay_grid_width" in scored and "costmodel_relay_grid_width" not in plain
+    for key in ("costmodel", "costmodel_relay", "costmodel_served_contention"):
+        assert scored[key]["cell_predicted_s"] == pytest.approx(plain[key]["cell_predicted_s"])
+    assert scored["costmodel_relay_grid_width"]["cell_predicted_s"] != pytest.approx(
+        plain["costmodel_relay"]["cell_predicted_s"]
+    )
