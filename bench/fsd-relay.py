@@ -1,0 +1,119 @@
+"""#15, seventeenth session: the N = 2 relayed-channel miss, read from the stored holds.
+
+Pure reading of committed records (no measurement): ``--decompose GRID CAL`` prints each
+cell's measured latency against the model's terms on its binding branch and the server's
+CPU (``others_ms``); ``--score`` refits every stored 25-cell hold's calibration under each
+form and scores its grid, as ``bench/fsd.py --evaluate`` does (bench/RESULTS.md, #15, "fsd,
+seventeenth session").
+
+    python bench/fsd-relay.py --decompose bench/fsd-grid-s16-seed21.json bench/fsd-calibration-s16.json
+    python bench/fsd-relay.py --score
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpufaas.core.layered import radix_net
+from gpufaas.scheduler import costmodel
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("fsd_bench", ROOT / "bench" / "fsd.py")
+assert _spec is not None and _spec.loader is not None
+fsd = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fsd)
+# (grid, calibration) of every stored 25-cell hold since the fourteenth session
+HOLDS = [("s14-1", "s14-1"), ("s14-2", "s14-2"), ("s15", "s15"), ("s15-18", "s15-18"),
+         ("s16-1024x120", "s16"), ("s16-4096x120", "s16"), ("s16-seed21", "s16"),
+         ("s16-1024x120-seed22", "s16"), ("s16-16384x120-i", "s16"),
+         ("s15-1024x120", "s15")]  # fmt: skip
+FORMS: dict[str, dict[str, Any]] = {
+    "w = 1": {},
+    "w = 0.3": {"contention_weight": costmodel.SERVED_CONTENTION},
+    "relay, w = 0.3": {"contention_weight": costmodel.SERVED_CONTENTION, "relay": True},
+}
+
+
+def terms(
+    p: costmodel.Profile, batch: int, channel: str, c: costmodel.Constants
+) -> dict[str, float]:
+    """The prediction's parts on each layer's binding branch, summed over layers (seconds)."""
+    cost = c.channels[channel] if p.shards > 1 else costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0)
+    alone = costmodel.compute_features(p, batch=batch) @ np.array(dataclasses.astuple(c.compute))
+    alone = alone * c.served
+    f = costmodel.channel_features(p, batch=batch, cores=c.cores)
+    parts = {"compute": alone * costmodel.contention(c, p.shards),
+             "msg": f[..., 0] * cost.per_message_s, "byte": f[..., 1] * cost.per_byte_s,
+             "sync": f[..., 2] * cost.per_sync_s, "wake": f[..., 3] * cost.per_wake_s,
+             "relay": f[..., 4] * cost.per_relay_message_s + f[..., 5] * cost.per_relay_byte_s}  # fmt: skip
+    cpu = sum(v for k, v in parts.items() if k != "relay")
+    by_max = (cpu + parts["relay"]).max(axis=1) >= cpu.sum(axis=1) / c.cores
+    busiest = (cpu + parts["relay"]).argmax(axis=1)
+    layers = np.arange(cpu.shape[0])
+    out = {k: float(np.where(by_max, v[layers, busiest],
+                             0.0 if k == "relay" else v.sum(axis=1) / c.cores).sum())
+           for k, v in parts.items()}  # fmt: skip
+    out["fixed"] = c.per_request_s + c.per_io_value_s * batch * p.io_values
+    out["fixed"] += cost.per_shard_s * p.shards if p.shards > 1 else 0.0
+    out["busiest_share"] = float(by_max.mean())
+    return out
+
+
+def decompose(grid_path: Path, cal_path: Path, **form: Any) -> None:
+    grid = json.loads(grid_path.read_text())
+    cal = json.loads(cal_path.read_text())["calibration"]
+    constants = fsd.fit_constants(cal["runs"], cores=2, **form)
+    net = radix_net(grid["net"]["neurons"], grid["net"]["layers"])
+    for r in sorted(grid["grid"], key=lambda r: (r["shards"], r["channel"], r["method"])):
+        if "failed" in r:
+            continue
+        p = fsd._grid_profile(net, r["shards"], r["method"], int(r.get("seed", 0)))
+        channel = r["channel"] if r["shards"] > 1 else "direct"
+        here = costmodel.at_speed(constants, r["probe_s"])
+        t = terms(p, r["batch"], channel, here)
+        predicted = costmodel.predict(p, batch=r["batch"], channel=channel, constants=here)
+        kib = r["batch"] * 4 * p.values.sum() / max(p.messages.sum(), 1) / 1024
+        print(f"N={r['shards']} {channel:6s} {r['method']:10s} measured {r['latency_s'] * 1e3:7.1f} "
+              f"predicted {predicted * 1e3:7.1f} ({predicted / r['latency_s'] - 1:+.2f}) | "
+              + " ".join(f"{k} {t[k] * 1e3:.1f}" for k in ("fixed", "compute", "msg", "byte",
+                                                             "sync", "wake", "relay"))
+              + f" | busiest-branch layers {t['busiest_share']:.2f}, {kib:.0f} KiB a message, "
+              f"server CPU {r.get('others_ms', float('nan')):.1f} ms")  # fmt: skip
+
+
+def score() -> None:
+    for name, form in FORMS.items():
+        print(name)
+        for g, c in HOLDS:
+            grid = json.loads((ROOT / "bench" / f"fsd-grid-{g}.json").read_text())
+            cal = json.loads((ROOT / "bench" / f"fsd-calibration-{c}.json").read_text())
+            constants = fsd.fit_constants(cal["calibration"]["runs"], cores=2, **form)
+            net = radix_net(grid["net"]["neurons"], grid["net"]["layers"])
+            res = fsd.evaluate(net, [dict(r) for r in grid["grid"]], constants)
+            misses = {k: round(v, 2) for k, v in res["cell_errors"].items() if abs(v) > 0.25}
+            print(f"  {g:20s} {res['within_25pct']}/{res['cells']} picks "
+                  f"{res['picks_fastest']}/{len(res['choices'])} {misses}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--decompose", nargs=2, type=Path, metavar=("GRID", "CAL"))
+    parser.add_argument("--relay", action="store_true", help="decompose under the relay form")
+    parser.add_argument("--score", action="store_true")
+    args = parser.parse_args()
+    if args.decompose:
+        form = FORMS["relay, w = 0.3" if args.relay else "w = 0.3"]
+        decompose(*args.decompose, **form)
+    if args.score:
+        score()
+
+
+if __name__ == "__main__":
+    main()
