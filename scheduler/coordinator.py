@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -180,6 +181,27 @@ def default_method(net: LayeredNet, parallelism: Parallelism) -> str:
     return "hypergraph" if len(set(net.widths)) == 1 else "block"
 
 
+def _unpublish(shard_set: ShardSet) -> None:
+    """Delete the shard files :meth:`Coordinator.deploy` wrote for ``shard_set`` (one per
+    shard, at its load's ``artifact``: a local path or an fsspec URI), once the set is
+    removed or its launch failed. Before the seventeenth session nothing did: a gateway
+    that deployed and removed sets kept every set's files (62-73 MB a set at 4,096 x 24).
+    The managers' verified copies are their artifact stores', not these. A file already
+    gone is fine; one that cannot be deleted is logged, and the removal goes on."""
+    for load in shard_set.loads:
+        try:
+            if load.artifact.startswith("file://"):
+                local = urllib.parse.unquote(urllib.parse.urlsplit(load.artifact).path)
+                Path(local).unlink(missing_ok=True)
+            else:
+                fs, path = fsspec.core.url_to_fs(load.artifact)
+                if fs.exists(path):
+                    fs.rm(path)
+        except OSError as e:
+            logger.warning("shard set %s: could not delete %s: %s", shard_set.name,
+                           load.artifact, e)  # fmt: skip
+
+
 class Coordinator:
     """Sharded models served through the gateway (see the module docstring)."""
 
@@ -290,6 +312,7 @@ class Coordinator:
             await self.launch(shard_set)
         except LaunchFailed:
             await self._unload(shard_set)  # the shards that did load would hold their devices
+            await asyncio.to_thread(_unpublish, shard_set)
             raise
         self.sets[name] = shard_set
         return shard_set
@@ -338,6 +361,7 @@ class Coordinator:
         if passes is not None:
             await passes.close()
         await self._unload(shard_set)
+        await asyncio.to_thread(_unpublish, shard_set)
 
     async def _unload(self, shard_set: ShardSet) -> None:
         """Ask every shard's node to drop it (a shard never loaded is a no-op there)."""
