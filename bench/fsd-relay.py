@@ -8,6 +8,13 @@ seventeenth session").
 
     python bench/fsd-relay.py --decompose bench/fsd-grid-s16-seed21.json bench/fsd-calibration-s16.json
     python bench/fsd-relay.py --score
+    python bench/fsd-relay.py --summary bench/fsd-grid-s17-seed24.json
+
+``--summary`` reads one grid report's scores as the seventeenth session's plan declared
+them: per model, the cells within 25% (median of the repetitions), the strict picks, the
+mean |error| with its 95% t upper bound over the cells, and how many cells' 95% t interval
+of the error over the repetitions (the cell's prediction against each repetition's
+latency) lies within ±25%.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,9 @@ import numpy as np
 
 from gpufaas.core.layered import radix_net
 from gpufaas.scheduler import costmodel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sim.sweep import t95_exact
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("fsd_bench", ROOT / "bench" / "fsd.py")
@@ -102,17 +113,60 @@ def score() -> None:
                   f"{res['picks_fastest']}/{len(res['choices'])} {misses}")  # fmt: skip
 
 
+MODELS = ("costmodel_relay", "costmodel_relay_grid_width", "costmodel_served_contention",
+          "costmodel", "costmodel_shallow_calibration")  # fmt: skip
+
+
+def t_upper(values: list[float]) -> float:
+    """The upper end of the two-sided 95% t interval of ``values``' mean."""
+    n = len(values)
+    return float(np.mean(values) + t95_exact(n) * np.std(values, ddof=1) / n**0.5)
+
+
+def summary(path: Path) -> None:
+    report = json.loads(path.read_text())
+    reps: dict[str, list[float]] = {}
+    for r in report.get("grid_repetitions", []):
+        if "failed" not in r:
+            label = f"N={r['shards']} {r['channel'] if r['shards'] > 1 else 'direct'} {r['method']}"
+            reps.setdefault(label, []).append(float(r["latency_s"]))
+    for name in MODELS:
+        if name not in report:
+            continue
+        res = report[name]
+        errors = res["cell_errors"]
+        absolute = [abs(e) for e in errors.values()]
+        inside = 0
+        for label, predicted in res["cell_predicted_s"].items():
+            per = [predicted / latency - 1 for latency in reps.get(label, [])]
+            if len(per) > 1:
+                half = t95_exact(len(per)) * np.std(per, ddof=1) / len(per) ** 0.5
+                inside += np.mean(per) - half >= -0.25 and np.mean(per) + half <= 0.25
+        misses = {k: round(v, 3) for k, v in errors.items() if abs(v) > 0.25}
+        print(f"{name}: {res['within_25pct']}/{res['cells']} within 25%, picks "
+              f"{res['picks_fastest']}/{len(res['choices'])}, mean |error| "
+              f"{np.mean(absolute):.3f} (95% t upper {t_upper(absolute):.3f}), cells whose "
+              f"repetitions' 95% t interval is within 25%: {inside}; misses {misses}")  # fmt: skip
+    per = report.get("per_repetition")
+    if per:
+        print(f"per repetition (costmodel, at its hold speed): picks {per['picks_fastest']}/"
+              f"{per['groups']}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decompose", nargs=2, type=Path, metavar=("GRID", "CAL"))
     parser.add_argument("--relay", action="store_true", help="decompose under the relay form")
     parser.add_argument("--score", action="store_true")
+    parser.add_argument("--summary", type=Path, metavar="REPORT")
     args = parser.parse_args()
     if args.decompose:
         form = FORMS["relay, w = 0.3" if args.relay else "w = 0.3"]
         decompose(*args.decompose, **form)
     if args.score:
         score()
+    if args.summary:
+        summary(args.summary)
 
 
 if __name__ == "__main__":
