@@ -6,6 +6,12 @@ N = 1 and N = 2 (direct, block), alternating in shuffled rounds, and prints each
 configuration's median latency beside the cost model's prediction from a calibration.
 
     python bench/fsd-n2.py --constants bench/fsd-calibration-s17.json --out bench/out/fsd-n2
+    python bench/fsd-n2.py --constants bench/fsd-calibration-s17.json --age --out bench/out/fsd-n2
+
+``--age`` (its second question): is a set timed right after its deploy, as the calibration
+times it, faster than the same set after it has served a while? Each round deploys
+4,096 x 16, N = 2 direct block, times it as the calibration does (a warm-up, then the
+median of 5), serves ``--serve`` more requests, times it again, and removes it.
 """
 
 from __future__ import annotations
@@ -74,6 +80,43 @@ async def run(
     return rows
 
 
+async def age(
+    urls: list[str], root: Path, *, rounds: int, serve: int, seed: int
+) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    net = radix_net(4096, 16)
+    x = (rng.random((64, 4096)) < 0.2).astype(np.float32)
+    coordinator = Coordinator(artifact_base=str(root / "age"), timeout_s=120)
+    rows = []
+
+    async def timed(name: str) -> float:
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            await coordinator.infer(name, x)
+            times.append(time.perf_counter() - started)
+            fsd.probe_pass()
+        return statistics.median(times)
+
+    try:
+        for index in range(rounds):
+            name = f"age-{index}"
+            await coordinator.deploy(name, net, Parallelism(shards=2, strategy="intra-layer"),
+                                     nodes=urls[:2], method="block", seed=seed)  # fmt: skip
+            await coordinator.infer(name, x)  # the calibration's warm-up
+            fresh = await timed(name)
+            for _ in range(serve):
+                await coordinator.infer(name, x)
+            aged = await timed(name)
+            await coordinator.remove(name)
+            rows.append({"round": index, "fresh_s": fresh, "aged_s": aged})
+            print(f"  round {index}: fresh {fresh * 1e3:.2f} ms, after {serve} requests "
+                  f"{aged * 1e3:.2f} ms", flush=True)  # fmt: skip
+    finally:
+        await coordinator.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--constants", type=Path, required=True)
@@ -81,7 +124,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--requests", type=int, default=7)
     parser.add_argument("--seed", type=int, default=26)
+    parser.add_argument("--age", action="store_true")
+    parser.add_argument("--serve", type=int, default=60)
     args = parser.parse_args()
+    if args.age:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            fsd.managers(Path(tmp), 2, device_memory="256Mi") as urls,
+        ):
+            rows = asyncio.run(
+                age(urls, Path(tmp), rounds=args.rounds, serve=args.serve, seed=args.seed)
+            )
+        ratios = [r["aged_s"] / r["fresh_s"] for r in rows]
+        print(f"aged / fresh: median {statistics.median(ratios):.3f}, rounds "
+              f"{[round(v, 3) for v in ratios]}")  # fmt: skip
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fsd-n2-age.json").write_text(
+            json.dumps({"rows": rows, "ratios": ratios}, indent=1)
+        )
+        return
     calibration = json.loads(args.constants.read_text())["calibration"]
     runs = calibration["runs"]  # without the grid-width runs: costmodel_relay's fit
     runs = {**runs, "channels": [r for r in runs["channels"] if not fsd._grid_width(r)]}
