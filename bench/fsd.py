@@ -1041,35 +1041,115 @@ def calibrate_compute(batch: int) -> list[dict[str, Any]]:
     return rows
 
 
+def sharded_configs(channels: Sequence[str], nodes: int) -> list[dict[str, Any]]:
+    """Every sharded calibration configuration, in the order one round runs them: per
+    channel, the 2,048-wide RadiX-Net runs (:data:`CHANNEL_DEPTHS`; 2 and 4 shards, block and
+    random; 8 block where there are 8 nodes, and 8 random on direct), the grid-width N = 2 runs
+    (:data:`GRID_WIDTH_DEPTHS`, block and random) and the message split's nets (2 and 4
+    blocks). Each is a deploy's name and its row's fields (``neurons``, ``depth``, ``shards``,
+    ``method``, and ``split`` for the message split's)."""
+    configs: list[dict[str, Any]] = []
+    for channel in channels:
+        for depth in CHANNEL_DEPTHS:
+            # N = 8 (with --nodes 8): more shards than cores, the oversubscribed point
+            # that c_wake needs (N = 4 alone barely tells it apart); a random N = 8 split
+            # on the direct channel, the grid's heaviest traffic (session 7: without it,
+            # N = 8 direct random was predicted 28-55% low)
+            for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random"),
+                                   (8, "block"), (8, "random")):  # fmt: skip
+                if shards > nodes or (shards == 8 and method == "random"
+                                      and channel != "direct"):  # fmt: skip
+                    continue
+                configs.append({"name": f"cal-{channel}-{depth}-{shards}-{method}",
+                                "channel": channel, "neurons": CHANNEL_WIDTH, "depth": depth,
+                                "shards": shards, "method": method})  # fmt: skip
+        # N = 2 at the grid's width (seventeenth session): the messages and the server's
+        # work per layer that the grid's N = 2 cells have, on nets that are not the grid's
+        for depth in GRID_WIDTH_DEPTHS:
+            for method in ("block", "random"):
+                configs.append({"name": f"cal-{channel}-w{GRID_WIDTH}-{depth}-2-{method}",
+                                "channel": channel, "neurons": GRID_WIDTH, "depth": depth,
+                                "shards": 2, "method": method})  # fmt: skip
+        # The message split (costmodel.message_split): nets alike but for the bytes per
+        # message, 2 and 4 contiguous blocks (session 12: the splits above raise bytes with
+        # messages and waits, and the fit could not tell them apart).
+        for kind in ("small", "large"):
+            for shards in (2, 4):
+                if shards > nodes:
+                    continue
+                configs.append({"name": f"cal-{channel}-split-{kind}-{shards}",
+                                "channel": channel, "split": kind, "neurons": SPLIT_NEURONS,
+                                "depth": SPLIT_DEPTH, "shards": shards, "method": "block"})  # fmt: skip
+    return configs
+
+
+def _config_net(config: dict[str, Any]) -> LayeredNet:
+    if "split" in config:
+        return costmodel.message_split(SPLIT_NEURONS, SPLIT_DEPTH)[config["split"]]
+    return radix_net(config["neurons"], config["depth"])
+
+
+def median_of_rounds(config: dict[str, Any], batch: int,
+                     rounds: Sequence[dict[str, float]]) -> dict[str, Any]:  # fmt: skip
+    """A sharded calibration run's row from its rounds (each a deploy timed once: its
+    ``seconds``, ``probe_s`` and ``others_ms``): the fit sees the median of the rounds'
+    seconds and the median of their probes. Why (bench/RESULTS.md #15, seventeenth session
+    (e)): one N = 2 set's timing moved 12.3-21.1 ms between deploys, and a calibration that
+    timed each set once read it at 12.4 ms. Every round is kept beside it (``rounds_*``)."""
+    row = {k: v for k, v in config.items() if k != "name"}
+    row["batch"] = batch
+    for key in ("seconds", "probe_s", "others_ms"):
+        values = [float(r[key]) for r in rounds]
+        row[key] = statistics.median(values)
+        row[f"rounds_{key}"] = values
+    return row
+
+
 async def calibrate(
-    urls: list[str], channels: dict[str, ChannelConfig], root: Path, batch: int
+    urls: list[str],
+    channels: dict[str, ChannelConfig],
+    root: Path,
+    batch: int,
+    *,
+    rounds: int = 3,
+    pids: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Measure the cost model's calibration runs on calibration nets, never on the grid's net
     (see :mod:`gpufaas.scheduler.costmodel`): compute in-process per shard; the coordinator
-    from unsharded runs on real managers (1,024 / 2,048 / 4,096 x 8 and x 16); each channel from
-    2,048 x 4, x 8 and x 32 (:data:`CHANNEL_DEPTHS`) split 2 and 4 ways, block and random,
-    and 8 ways block where there are 8 nodes. Every run has a speed probe beside it (before and after its timed requests).
+    from unsharded runs on real managers (1,024 / 2,048 / 4,096 x 8 and x 16); each channel
+    from :func:`sharded_configs`. Every run has a speed probe beside it (between its timed
+    requests), and records ``others_ms``: the CPU per request of processes other than this one
+    and ``pids`` (the managers), i.e. the NATS / S3 server's, as the grid's cells do.
 
-    Every run is measured before anything is fitted (:func:`fit_constants`), and the
-    unsharded runs twice, before and after the channels' runs, keeping the lower median of
-    each: interference on a shared machine only ever slows a run down, and the
-    coordinator's two constants rest on six runs (bench/RESULTS.md, session 4, round B)."""
+    Every sharded configuration is deployed, timed and removed in each of ``rounds`` rounds,
+    the rounds interleaved (round 1 over every configuration, then round 2, ...), and its row
+    is the median of its rounds (:func:`median_of_rounds`). Every run is measured before
+    anything is fitted (:func:`fit_constants`), and the unsharded runs twice, before and after
+    the channels' runs, keeping the lower median of each: interference on a shared machine
+    only ever slows a run down, and the coordinator's two constants rest on six runs
+    (bench/RESULTS.md, session 4, round B)."""
     measured: dict[str, Any] = {"compute": calibrate_compute(batch),
                                 "contention": contention_of(os.cpu_count() or 1, batch=batch),
-                                "coordinator": [], "channels": []}  # fmt: skip
+                                "coordinator": [], "channels": [], "rounds": rounds}  # fmt: skip
     coordinator = Coordinator(artifact_base=str(root / "calib"), timeout_s=120)
     rng = np.random.default_rng(5)
     batches = (max(1, batch // 4), batch)
 
-    async def median_latency(name: str, b: int, width: int, count: int = 7) -> tuple[float, float]:
-        """The median latency, and the median of probe passes interleaved with it."""
+    async def median_latency(name: str, b: int, width: int, count: int = 7) -> dict[str, float]:
+        """The median latency, the median of probe passes interleaved with it, and the other
+        processes' CPU per request meanwhile."""
         x = (rng.random((b, width)) < 0.2).astype(np.float32)
         await coordinator.infer(name, x)
         times, passes = [], []
+        busy, own = _machine_busy_seconds(), time.process_time()
+        theirs = sum(_cpu_seconds(pid) for pid in pids)
         for _ in range(count):
             times.append(await _timed(coordinator.infer(name, x)))
             passes.append(probe_pass())
-        return statistics.median(times), statistics.median(passes)
+        others = (_machine_busy_seconds() - busy) - (time.process_time() - own) \
+            - (sum(_cpu_seconds(pid) for pid in pids) - theirs)  # fmt: skip
+        return {"seconds": statistics.median(times), "probe_s": statistics.median(passes),
+                "others_ms": others / count * 1e3}  # fmt: skip
 
     async def unsharded(rounds: dict[tuple[int, int, int], list[tuple[float, float]]]) -> None:
         # two depths (s13 wave 2): a served pass's compute over the in-process one
@@ -1082,80 +1162,36 @@ async def calibrate(
             )  # fmt: skip
             for b in batches:
                 key = (width, depth, b)
-                rounds.setdefault(key, []).append(await median_latency(name, b, width))
+                one = await median_latency(name, b, width)
+                rounds.setdefault(key, []).append((one["seconds"], one["probe_s"]))
             await coordinator.remove(name)
 
     unsplit: dict[tuple[int, int, int], list[tuple[float, float]]] = {}
+    configs = sharded_configs(list(channels), len(urls))
+    timed: dict[tuple[str, int], list[dict[str, float]]] = {}
     try:
         await unsharded(unsplit)
-        for channel in channels:
-            for depth in CHANNEL_DEPTHS:
-                net = radix_net(2048, depth)  # channels: never the grid's width
-                # N = 8 (with --nodes 8): more shards than cores, the oversubscribed point
-                # that c_wake needs (N = 4 alone barely tells it apart); a random N = 8 split
-                # on the direct channel, the grid's heaviest traffic (session 7: without it,
-                # N = 8 direct random was predicted 28-55% low)
-                for shards, method in ((2, "block"), (2, "random"), (4, "block"), (4, "random"),
-                                       (8, "block"), (8, "random")):  # fmt: skip
-                    if shards > len(urls) or (shards == 8 and method == "random"
-                                              and channel != "direct"):  # fmt: skip
-                        continue
-                    name = f"cal-{channel}-{depth}-{shards}-{method}"
-                    await coordinator.deploy(
-                        name, net, Parallelism(shards=shards, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
-                        nodes=urls[:shards], method=method, channel=channels[channel], seed=2,
-                    )  # fmt: skip
-                    for b in batches:
-                        seconds, probe = await median_latency(name, b, 2048, 5)
-                        measured["channels"].append({"channel": channel, "depth": depth,
-                                                     "shards": shards, "method": method,
-                                                     "batch": b, "seconds": seconds,
-                                                     "probe_s": probe})  # fmt: skip
-                        print(f"  channel {name} batch {b}: {seconds * 1e3:.1f} ms "
-                              f"(probe {probe * 1e3:.2f} ms)", flush=True)  # fmt: skip
-                    await coordinator.remove(name)
-            # N = 2 at the grid's width (seventeenth session): the messages and the server's
-            # work per layer that the grid's N = 2 cells have, on nets that are not the grid's
-            for depth in GRID_WIDTH_DEPTHS:
-                net = radix_net(GRID_WIDTH, depth)
-                for method in ("block", "random"):
-                    name = f"cal-{channel}-w{GRID_WIDTH}-{depth}-2-{method}"
-                    await coordinator.deploy(
-                        name, net, Parallelism(shards=2, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
-                        nodes=urls[:2], method=method, channel=channels[channel], seed=2,
-                    )  # fmt: skip
-                    for b in batches:
-                        seconds, probe = await median_latency(name, b, GRID_WIDTH, 5)
-                        measured["channels"].append({"channel": channel, "depth": depth,
-                                                     "neurons": GRID_WIDTH, "shards": 2,
-                                                     "method": method, "batch": b,
-                                                     "seconds": seconds, "probe_s": probe})  # fmt: skip
-                        print(f"  channel {name} batch {b}: {seconds * 1e3:.1f} ms "
-                              f"(probe {probe * 1e3:.2f} ms)", flush=True)  # fmt: skip
-                    await coordinator.remove(name)
-            # The message split (costmodel.message_split): nets alike but for the bytes
-            # per message, 2 and 4 contiguous blocks (session 12: the splits above raise
-            # bytes with messages and waits, and the fit could not tell them apart).
-            for kind, net in costmodel.message_split(SPLIT_NEURONS, SPLIT_DEPTH).items():
-                for shards in (2, 4):
-                    name = f"cal-{channel}-split-{kind}-{shards}"
-                    await coordinator.deploy(
-                        name, net, Parallelism(shards=shards, strategy="intra-layer", channel=channel),  # type: ignore[arg-type]
-                        nodes=urls[:shards], method="block", channel=channels[channel], seed=2,
-                    )  # fmt: skip
-                    for b in batches:
-                        seconds, probe = await median_latency(name, b, SPLIT_NEURONS, 5)
-                        measured["channels"].append({"channel": channel, "split": kind,
-                                                     "neurons": SPLIT_NEURONS,
-                                                     "depth": SPLIT_DEPTH, "shards": shards,
-                                                     "method": "block", "batch": b,
-                                                     "seconds": seconds, "probe_s": probe})  # fmt: skip
-                        print(f"  channel {name} batch {b}: {seconds * 1e3:.1f} ms "
-                              f"(probe {probe * 1e3:.2f} ms)", flush=True)  # fmt: skip
-                    await coordinator.remove(name)
+        for index in range(rounds):
+            for config in configs:
+                name, channel = config["name"], config["channel"]
+                await coordinator.deploy(
+                    name, _config_net(config),
+                    Parallelism(shards=config["shards"], strategy="intra-layer", channel=channel),
+                    nodes=urls[: config["shards"]], method=config["method"],
+                    channel=channels[channel], seed=2,
+                )  # fmt: skip
+                for b in batches:
+                    one = await median_latency(name, b, config["neurons"], 5)
+                    timed.setdefault((name, b), []).append(one)
+                    print(f"  round {index + 1}/{rounds} channel {name} batch {b}: "
+                          f"{one['seconds'] * 1e3:.1f} ms (probe {one['probe_s'] * 1e3:.2f} ms,"
+                          f" others {one['others_ms']:.1f} ms)", flush=True)  # fmt: skip
+                await coordinator.remove(name)
         await unsharded(unsplit)
     finally:
         await coordinator.close()
+    measured["channels"] = [median_of_rounds(config, b, timed[(config["name"], b)])
+                            for config in configs for b in batches]  # fmt: skip
     for (width, depth, b), both in unsplit.items():
         seconds, probe = min(both)
         measured["coordinator"].append({"width": width, "depth": depth, "batch": b,
@@ -1747,7 +1783,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             if args.calibrate_only:
                 print("4. cost model: calibration (never the grid's net)", flush=True)
                 started = time.time()
-                runs = await calibrate(urls, channels, root, args.batch)
+                runs = await calibrate(
+                    urls, channels, root, args.batch, rounds=args.calibration_rounds, pids=pids
+                )
                 cores = os.cpu_count() or 1
                 constants = fit_constants(runs, cores=cores)
                 report["calibration"] = {
@@ -1813,6 +1851,12 @@ def main() -> int:
                         help="grid: the closed loop's requests share passes")  # fmt: skip
     parser.add_argument("--split-requests", type=int, default=60, help="cpu-split: per run")
     parser.add_argument("--split-rounds", type=int, default=3, help="cpu-split: rounds")
+    parser.add_argument(
+        "--calibration-rounds",
+        type=int,
+        default=3,
+        help="--calibrate-only: rounds over every sharded configuration (median)",
+    )
     parser.add_argument("--split-latency-requests", type=int, default=0,
                         help="cpu-split: sequential requests after each run (median latency)")  # fmt: skip
     parser.add_argument("--spread-grids", nargs="*", default=[],

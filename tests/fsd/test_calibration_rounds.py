@@ -1,0 +1,63 @@
+"""The calibration's sharded runs in rounds (``bench/fsd.py``, the seventeenth session's
+follow-up): every sharded configuration is timed in several interleaved rounds, each its own
+deploy, and the fit sees the median of the rounds, not one timing."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench_support import load_bench
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[2]
+fsd = load_bench(ROOT / "bench" / "fsd.py", name="fsd_calibration_rounds")
+S17 = json.loads((ROOT / "bench" / "fsd-calibration-s17.json").read_text())["calibration"]
+
+
+def _key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["channel"], row.get("split"), int(row.get("neurons", fsd.CHANNEL_WIDTH)),
+            row["depth"], row["shards"], row["method"])  # fmt: skip
+
+
+def test_the_rounds_run_the_configurations_the_calibration_ran_once() -> None:
+    configs = fsd.sharded_configs(["direct", "nats", "s3"], 8)
+    assert len({c["name"] for c in configs}) == len(configs)
+    assert [_key(c) for c in configs] == list(
+        dict.fromkeys(_key(r) for r in S17["runs"]["channels"])
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.floats(1e-3, 1.0), st.floats(1e-4, 1e-2), st.floats(0.0, 50.0)),
+                min_size=1, max_size=7))  # fmt: skip
+def test_a_row_is_the_median_of_its_rounds(rounds: list[tuple[float, float, float]]) -> None:
+    timed = [{"seconds": s, "probe_s": p, "others_ms": o} for s, p, o in rounds]
+    config = {"name": "cal-x", "channel": "nats", "neurons": 2048, "depth": 4, "shards": 2,
+              "method": "block"}  # fmt: skip
+    row = fsd.median_of_rounds(config, 16, timed)
+    assert row["seconds"] == statistics.median(s for s, _, _ in rounds)
+    assert row["probe_s"] == statistics.median(p for _, p, _ in rounds)
+    assert row["others_ms"] == statistics.median(o for _, _, o in rounds)
+    assert row["rounds_seconds"] == [s for s, _, _ in rounds]
+    assert "name" not in row and row["batch"] == 16 and row["channel"] == "nats"
+
+
+def test_the_fit_sees_the_median_round_not_the_first_nor_the_fastest() -> None:
+    runs = S17["runs"]
+    rebuilt = []
+    for r in runs["channels"]:
+        config = {k: v for k, v in r.items() if k not in ("batch", "seconds", "probe_s")}
+        s, p = r["seconds"], r["probe_s"]
+        # the first round slow, the second fast, the median the calibration's own reading
+        rounds = [{"seconds": 1.3 * s, "probe_s": p, "others_ms": 2.0},
+                  {"seconds": 0.75 * s, "probe_s": p, "others_ms": 0.0},
+                  {"seconds": s, "probe_s": p, "others_ms": 1.0}]  # fmt: skip
+        rebuilt.append(fsd.median_of_rounds(config, r["batch"], rounds))
+    fit = fsd.fit_constants({**runs, "channels": rebuilt}, cores=2)
+    assert fit == fsd.fit_constants(runs, cores=2)
+    fastest = [{**r, "seconds": 0.75 * r["seconds"]} for r in runs["channels"]]
+    assert fit != fsd.fit_constants({**runs, "channels": fastest}, cores=2)
