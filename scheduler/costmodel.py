@@ -29,6 +29,10 @@ calibration's measurement with every shard running passes back to back; a served
 runs a layer and then waits, so it pays a share ``w`` of that slow-down
 (``Constants.contention_weight``; ``w = 1`` is sessions 9-14's model).
 
+The default form is ``w`` = :data:`SERVED_CONTENTION` (0.3) with the relay terms fitted for
+the :data:`RELAYED` channels: chosen post hoc, as the form that scored best over every stored
+hold (bench/RESULTS.md, #15, "fsd, seventeenth session", follow-up (f)).
+
 ``w_lp`` is shard p's work on layer l, all of it CPU on its process except the waits:
 
 * compute (gpu_manager/shards.py): each row group (boundary rows, interior rows) is one
@@ -140,6 +144,7 @@ from gpufaas.scheduler.partition import Partition
 
 __all__ = [
     "PRICE_SOURCES",
+    "RELAYED",
     "SERVED_CONTENTION",
     "ChannelCost",
     "Compute",
@@ -199,6 +204,20 @@ class Compute:
     per_tile_nnz_s: float = 0.0
 
 
+# A served contention's weight (Constants.contention_weight) chosen on the fourteenth
+# session's two grid holds (training data; bench/RESULTS.md, "fsd, fifteenth session" (b)).
+# A calibration's own runs cannot tell it (their 2,048-wide nets barely contend: 0-0.18).
+SERVED_CONTENTION = 0.3
+# The channels with a server of their own (NATS, SeaweedFS), whose relay terms
+# (ChannelCost.per_relay_*) fit_channels fits by default; direct's are 0.
+RELAYED = ("nats", "s3")
+# The default form (the seventeenth session's follow-up): w = SERVED_CONTENTION with the
+# relay terms fitted for RELAYED. Chosen POST HOC, as the form that scored best over every
+# stored 25-cell hold since the fourteenth session: 259 of 275 cells within 25%, against 250
+# for w = 0.3 without the relay and 234 for w = 1, sessions 9-14's model and the default
+# until then (bench/RESULTS.md #15, "fsd, seventeenth session", follow-up (f)).
+
+
 @dataclasses.dataclass(frozen=True)
 class Constants:
     compute: Compute
@@ -225,8 +244,8 @@ class Constants:
     served: float = 1.0
     # fifteenth session: how much of the calibration's saturated contention a served pass
     # pays (:func:`contention`: ``1 + contention_weight * (measured - 1)``). 1 charges it
-    # whole (sessions 9-14); bench/fsd.py fits with :data:`SERVED_CONTENTION`
-    contention_weight: float = 1.0
+    # whole (sessions 9-14, and the default until the seventeenth session's follow-up)
+    contention_weight: float = SERVED_CONTENTION
 
 
 def at_speed(constants: Constants, probe_s: float) -> Constants:
@@ -617,12 +636,6 @@ SHARED_TERMS = ("per_shard_s", "per_wake_s")
 _RELAY_TERMS = ("per_relay_message_s", "per_relay_byte_s")
 # The served contention's weight as a column of the channels' fit (fit_channels_and_contention)
 _WEIGHT = "contention_weight"
-# A served contention's weight (Constants.contention_weight) chosen on the fourteenth
-# session's two grid holds (training data; bench/RESULTS.md, "fsd, fifteenth session" (b)).
-# On the session's two fresh holds it did no better than the whole contention (24 and 24/25
-# against 24 and 25/25), so bench/fsd.py scores it beside the default (weight 1), not as it.
-# A calibration's own runs cannot tell it (their 2,048-wide nets barely contend: 0-0.18)
-SERVED_CONTENTION = 0.3
 
 
 def fit_channel(
@@ -641,7 +654,7 @@ def fit_channels(
     shared: Sequence[str] = SHARED_TERMS,
     rounds: int = 8,
     fixed: Mapping[str, Mapping[str, float]] | None = None,
-    relayed: Sequence[str] = (),
+    relayed: Sequence[str] = RELAYED,
 ) -> dict[str, ChannelCost]:
     """Every channel's constants from its sharded runs ``(profile, batch, measured
     seconds)``, given the compute and coordinator constants of ``base``, in one fit: the
@@ -665,7 +678,7 @@ def fit_channels_and_contention(
     shared: Sequence[str] = SHARED_TERMS,
     rounds: int = 8,
     fixed: Mapping[str, Mapping[str, float]] | None = None,
-    relayed: Sequence[str] = (),
+    relayed: Sequence[str] = RELAYED,
 ) -> Constants:
     """``base`` with every channel's constants and the served contention's weight
     (``Constants.contention_weight``) fitted together on the sharded runs (fifteenth

@@ -116,6 +116,8 @@ def test_shards_sharing_the_cores_pay_the_measured_contention_on_their_products(
     net = radix_net(256, 8)
     compute = costmodel.Compute(per_op_s=1e-5, per_nnz_s=1e-9, per_tile_nnz_s=1e-9)
     plain = _only(compute, costmodel.ChannelCost(0.0, 0.0, 0.0, 0.0))
+    # the whole measured contention (w = 1), what this test is about
+    plain = dataclasses.replace(plain, contention_weight=1.0)
     shared = dataclasses.replace(plain, contention={2: 1.2, 8: 2.0})
     assert costmodel.contention(shared, 1) == 1.0
     assert costmodel.contention(plain, 8) == 1.0

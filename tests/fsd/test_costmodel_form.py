@@ -35,7 +35,11 @@ def test_served_contention_is_the_weighted_share_of_the_saturated_one(
     s = costmodel.saturated(base, shards)
     assert costmodel.contention(at, shards) == pytest.approx(1 + weight * (s - 1))
     assert costmodel.contention(dataclasses.replace(base, contention_weight=0.0), shards) == 1.0
-    assert costmodel.contention(base, shards) == pytest.approx(s)  # default weight 1
+    # the default weight (the seventeenth session's follow-up): SERVED_CONTENTION, not 1
+    assert base.contention_weight == costmodel.SERVED_CONTENTION
+    assert costmodel.contention(base, shards) == pytest.approx(
+        1 + costmodel.SERVED_CONTENTION * (s - 1)
+    )
     if shards == 1:
         assert costmodel.contention(at, shards) == 1.0
     # and it is what a prediction charges: compute alone scales with it (no channel cost)

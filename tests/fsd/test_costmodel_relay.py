@@ -83,7 +83,10 @@ def test_the_fit_gives_back_the_relay_apart_from_the_channels_own_message_terms(
     for name, cost in (("direct", direct), ("nats", relayed)):
         np.testing.assert_allclose(dataclasses.astuple(fitted[name]), dataclasses.astuple(cost),
                                    rtol=1e-3, atol=1e-15)  # fmt: skip
-    without = costmodel.fit_channels(runs, base=start)
+    # by default (the follow-up's default form) the RELAYED channels' relay terms are fitted
+    assert "nats" in costmodel.RELAYED and "direct" not in costmodel.RELAYED
+    assert costmodel.fit_channels(runs, base=start) == fitted
+    without = costmodel.fit_channels(runs, base=start, relayed=())
     assert without["nats"].per_relay_message_s == without["nats"].per_relay_byte_s == 0.0
     assert not np.allclose(dataclasses.astuple(without["nats"])[:3],
                            dataclasses.astuple(relayed)[:3], rtol=1e-2)  # fmt: skip
