@@ -124,8 +124,8 @@ if "probe_s" in runs["compute"][0]:
     spec = importlib.util.spec_from_file_location("fsd", Path(__file__).parent / "fsd.py")
     fsd = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fsd)
-    probed = fsd.fit_constants(cal["runs"], cores=cores)
-    plain = fsd.fit_constants(cal["runs"], cores=cores, probe=False)
+    probed = fsd.fit_constants(cal["runs"], cores=cores, **fsd.W1)  # the form it was run with
+    plain = fsd.fit_constants(cal["runs"], cores=cores, probe=False, **fsd.W1)
 
     def compute_only(constants, probe_s):
         ratio = probe_s / constants.probe_s

@@ -9,6 +9,7 @@ seventeenth session").
     python bench/fsd-relay.py --decompose bench/fsd-grid-s16-seed21.json bench/fsd-calibration-s16.json
     python bench/fsd-relay.py --score
     python bench/fsd-relay.py --summary bench/fsd-grid-s17-seed24.json
+    python bench/fsd-relay.py --rounds bench/fsd-calibration-s17b.json
 
 ``--summary`` reads one grid report's scores as the seventeenth session's plan declared
 them: per model, the cells within 25% (median of the repetitions), the strict picks, the
@@ -44,9 +45,9 @@ _spec.loader.exec_module(fsd)
 HOLDS = [("s14-1", "s14-1"), ("s14-2", "s14-2"), ("s15", "s15"), ("s15-18", "s15-18"),
          ("s16-1024x120", "s16"), ("s16-4096x120", "s16"), ("s16-seed21", "s16"),
          ("s16-1024x120-seed22", "s16"), ("s16-16384x120-i", "s16"),
-         ("s15-1024x120", "s15")]  # fmt: skip
+         ("s15-1024x120", "s15"), ("s17-seed24", "s17"), ("s17-seed25", "s17")]  # fmt: skip
 FORMS: dict[str, dict[str, Any]] = {
-    "w = 1": {},
+    "w = 1": {"contention_weight": 1.0, "relay": False},
     "w = 0.3": {"contention_weight": costmodel.SERVED_CONTENTION},
     "relay, w = 0.3": {"contention_weight": costmodel.SERVED_CONTENTION, "relay": True},
 }
@@ -105,7 +106,9 @@ def score() -> None:
         for g, c in HOLDS:
             grid = json.loads((ROOT / "bench" / f"fsd-grid-{g}.json").read_text())
             cal = json.loads((ROOT / "bench" / f"fsd-calibration-{c}.json").read_text())
-            constants = fsd.fit_constants(cal["calibration"]["runs"], cores=2, **form)
+            runs = cal["calibration"]["runs"]  # without the grid-width runs, as score() fits
+            runs = {**runs, "channels": [r for r in runs["channels"] if not fsd._grid_width(r)]}
+            constants = fsd.fit_constants(runs, cores=2, **form)
             net = radix_net(grid["net"]["neurons"], grid["net"]["layers"])
             res = fsd.evaluate(net, [dict(r) for r in grid["grid"]], constants)
             misses = {k: round(v, 2) for k, v in res["cell_errors"].items() if abs(v) > 0.25}
@@ -113,8 +116,8 @@ def score() -> None:
                   f"{res['picks_fastest']}/{len(res['choices'])} {misses}")  # fmt: skip
 
 
-MODELS = ("costmodel_relay", "costmodel_relay_grid_width", "costmodel_served_contention",
-          "costmodel", "costmodel_shallow_calibration")  # fmt: skip
+MODELS = ("costmodel", "costmodel_relay", "costmodel_first_round", "costmodel_relay_grid_width",
+          "costmodel_served_contention", "costmodel_w1", "costmodel_shallow_calibration")  # fmt: skip
 
 
 def t_upper(values: list[float]) -> float:
@@ -153,12 +156,39 @@ def summary(path: Path) -> None:
               f"{per['groups']}")  # fmt: skip
 
 
+def rounds(path: Path) -> None:
+    """A calibration in rounds (the follow-up's): per group of sharded runs, the median over
+    runs of the rounds' range over their median, and of the first round over the median
+    (what a calibration that timed each run once would have read), and the server's CPU
+    per request (``others_ms``, median of the rounds) per channel at N = 2."""
+    runs = json.loads(path.read_text())["calibration"]["runs"]["channels"]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        if "rounds_seconds" in r:
+            groups.setdefault(f"N = {r['shards']}" if r["shards"] == 2 else "N >= 4", []).append(r)
+    for name, rows in sorted(groups.items()):
+        spread = [
+            (max(r["rounds_seconds"]) - min(r["rounds_seconds"])) / r["seconds"] for r in rows
+        ]
+        first = [r["rounds_seconds"][0] / r["seconds"] for r in rows]
+        print(f"{name}: {len(rows)} runs; rounds' range / median: median {np.median(spread):.3f} "
+              f"(max {max(spread):.3f}); first round / median: median {np.median(first):.3f} "
+              f"({min(first):.3f}-{max(first):.3f})")  # fmt: skip
+    for channel in sorted({r["channel"] for r in runs}):
+        others = [r["others_ms"] for r in runs if r["channel"] == channel and r["shards"] == 2
+                  and "others_ms" in r]  # fmt: skip
+        if others:
+            print(f"  {channel} N = 2: others_ms median {np.median(others):.2f} "
+                  f"({min(others):.2f}-{max(others):.2f})")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decompose", nargs=2, type=Path, metavar=("GRID", "CAL"))
     parser.add_argument("--relay", action="store_true", help="decompose under the relay form")
     parser.add_argument("--score", action="store_true")
     parser.add_argument("--summary", type=Path, metavar="REPORT")
+    parser.add_argument("--rounds", type=Path, metavar="CAL", help="a calibration's rounds")
     args = parser.parse_args()
     if args.decompose:
         form = FORMS["relay, w = 0.3" if args.relay else "w = 0.3"]
@@ -167,6 +197,8 @@ def main() -> None:
         score()
     if args.summary:
         summary(args.summary)
+    if args.rounds:
+        rounds(args.rounds)
 
 
 if __name__ == "__main__":

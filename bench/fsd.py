@@ -94,7 +94,10 @@ CHANNEL_WIDTH = 2048
 GRID_WIDTH, GRID_WIDTH_DEPTHS = 4096, (8, 16)
 # the channels with a server of their own (NATS, SeaweedFS): the seventeenth session's form
 # fits their relay terms (costmodel.ChannelCost.per_relay_*, the server's time on the path)
-RELAYED = ("nats", "s3")
+RELAYED = costmodel.RELAYED
+# sessions 9-14's form and the default until the seventeenth session's follow-up: the whole
+# contention (w = 1), no relay terms; score() fits its controls with it, as they were
+W1: dict[str, Any] = {"contention_weight": 1.0, "relay": False}
 
 
 # -------------------------------------------------------------------------------------------
@@ -1105,6 +1108,17 @@ def median_of_rounds(config: dict[str, Any], batch: int,
     return row
 
 
+def first_round(measured: dict[str, Any]) -> dict[str, Any]:
+    """A calibration in rounds as if each sharded run had been timed once, in its first
+    round (the protocol before the seventeenth session's follow-up): the control of
+    :func:`median_of_rounds`, scored beside it as ``costmodel_first_round``."""
+    return {**measured, "channels": [
+        {**r, "seconds": r["rounds_seconds"][0], "probe_s": r["rounds_probe_s"][0]}
+        if "rounds_seconds" in r else r
+        for r in measured["channels"]
+    ]}  # fmt: skip
+
+
 async def calibrate(
     urls: list[str],
     channels: dict[str, ChannelConfig],
@@ -1215,9 +1229,9 @@ def fit_constants(
     waits_on_path: bool = False,
     served: bool = True,
     served_contention: bool = False,
-    contention_weight: float = 1.0,
+    contention_weight: float = costmodel.SERVED_CONTENTION,
     channel_depths: tuple[int, ...] | None = None,
-    relay: bool = False,
+    relay: bool = True,
 ) -> costmodel.Constants:
     """The constants from a calibration's runs. With ``probe``, each run's seconds are first
     scaled to one speed (the median of the calibration's probes) by its own probe, and the
@@ -1234,16 +1248,16 @@ def fit_constants(
     served pass's compute over the in-process calibration's from the unsharded runs at two
     depths (``costmodel.fit_coordinator``; s13 wave 2); ``served=False`` keeps it at 1 (the
     model of earlier runs, the control: ``costmodel_without_served``). ``contention_weight``
-    is the share of the saturated contention a served pass pays (1, the default: all of it,
-    as sessions 9-14), or ``served_contention`` fits it with the channels (fifteenth
-    session; scored beside as ``costmodel_served_contention`` at
-    ``costmodel.SERVED_CONTENTION`` and ``costmodel_fitted_weight``: neither beat the
-    default on the session's two fresh holds). ``channel_depths`` keeps only the RadiX-Net
+    is the share of the saturated contention a served pass pays (1: all of it, as sessions
+    9-14), or ``served_contention`` fits it with the channels (fifteenth session; scored
+    beside as ``costmodel_fitted_weight``). ``channel_depths`` keeps only the RadiX-Net
     channel runs of those depths (None: all; :data:`SHALLOW_CHANNEL_DEPTHS` is the
     calibration of sessions 4-15, scored beside as ``costmodel_shallow_calibration``).
     ``relay`` (seventeenth session) fits the :data:`RELAYED` channels' relay terms (the
     server's time for what a shard receives, on its path and on no shard's core); without,
-    they are 0, as before."""
+    they are 0. The defaults, ``contention_weight`` = ``costmodel.SERVED_CONTENTION`` and
+    ``relay``, are the product's default form (the seventeenth session's follow-up, chosen
+    post hoc; until then ``w`` = 1 without the relay: ``W1``, scored as ``costmodel_w1``)."""
     if channel_depths is not None:  # as if the other depths had never run (their probes too)
         measured = {**measured, "channels": [r for r in measured["channels"]
                                              if "split" in r or r["depth"] in channel_depths]}  # fmt: skip
@@ -1549,7 +1563,7 @@ def score(
         with_probe = fit_constants(runs, cores=cores)
     else:  # an older calibration: its constants as stored
         with_probe = constants_from_json(dict(calibration["constants"]))
-    without = fit_constants(runs, cores=cores, probe=False)
+    without = fit_constants(runs, cores=cores, probe=False, **W1)
     split = any("split" in r for r in runs["channels"])
     edges = [{**r, "probe_s": statistics.mean(r["probe_edges_s"])} for r in grid
              if "probe_edges_s" in r]  # fmt: skip
@@ -1559,6 +1573,10 @@ def score(
         constants = fit_constants(runs, cores=cores, **options)
         return evaluate(net, [dict(r) for r in grid], constants, spread=spread)
 
+    # Every control below is fitted as it was before the default became the relay form at
+    # w = 0.3 (the seventeenth session's follow-up): at w = 1, without the relay (``W1``).
+    # costmodel_w1 is that old default itself.
+
     # Alternatives to the default fit, scored on the same measurements:
     # - without_message_split: the control, the runs without their message split (sessions
     #   4-11); split_joint: the split's runs in the joint fit, c_byte fitted like the others;
@@ -1567,28 +1585,36 @@ def score(
     #   and c_io fitted on the same unsharded runs, as before it).
     alternatives: dict[str, dict[str, Any]] = {}
     if split and probed:
-        alternatives["costmodel_without_message_split"] = refit(message_split=False)
-        alternatives["costmodel_split_joint"] = refit(pin_bytes=False)
+        alternatives["costmodel_without_message_split"] = refit(message_split=False, **W1)
+        alternatives["costmodel_split_joint"] = refit(pin_bytes=False, **W1)
     if probed:
-        alternatives["costmodel_waits_on_path"] = refit(waits_on_path=True)
-        alternatives["costmodel_without_served"] = refit(served=False)
+        alternatives["costmodel_w1"] = refit(**W1)
+        alternatives["costmodel_waits_on_path"] = refit(waits_on_path=True, **W1)
+        alternatives["costmodel_without_served"] = refit(served=False, **W1)
         # the fifteenth session's served contention: at the weight chosen on session 14's
         # grids, and fitted on the calibration's own runs
         alternatives["costmodel_served_contention"] = refit(
-            contention_weight=costmodel.SERVED_CONTENTION
+            contention_weight=costmodel.SERVED_CONTENTION, relay=False
         )
-        alternatives["costmodel_fitted_weight"] = refit(served_contention=True)
+        alternatives["costmodel_fitted_weight"] = refit(served_contention=True, relay=False)
         # the sixteenth session's deeper channel runs: the fit without them (the control)
         if any(r["depth"] not in SHALLOW_CHANNEL_DEPTHS
                for r in runs["channels"] if "split" not in r):  # fmt: skip
             alternatives["costmodel_shallow_calibration"] = refit(
-                channel_depths=SHALLOW_CHANNEL_DEPTHS
+                channel_depths=SHALLOW_CHANNEL_DEPTHS, **W1
             )
         # the seventeenth session's form: the relay terms on the path, at w = 0.3 (its
         # pre-registered primary); and the same fit with the grid-width N = 2 runs
         alternatives["costmodel_relay"] = refit(
             contention_weight=costmodel.SERVED_CONTENTION, relay=True
         )
+        # the follow-up's rounds: the same default form fitted on each run's first round
+        # alone (one timing per configuration, as every calibration before it)
+        if any("rounds_seconds" in r for r in runs["channels"]):
+            alternatives["costmodel_first_round"] = evaluate(
+                net, [dict(r) for r in grid], fit_constants(first_round(runs), cores=cores),
+                spread=spread,
+            )  # fmt: skip
         if any(_grid_width(r) for r in full["channels"]):
             wide = fit_constants(full, cores=cores, relay=True,
                                  contention_weight=costmodel.SERVED_CONTENTION)  # fmt: skip

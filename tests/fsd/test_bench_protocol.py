@@ -166,8 +166,9 @@ def test_the_shallow_control_fits_without_the_deeper_channel_runs_and_only_them(
     shallow = fsd.score(net, [dict(r) for r in grid], calibration["calibration"])
     assert "costmodel_shallow_calibration" in deep
     assert "costmodel_shallow_calibration" not in shallow
+    # the control is the old default form's (w = 1, no relay), as it was before it changed
     assert deep["costmodel_shallow_calibration"]["cell_predicted_s"] == pytest.approx(
-        shallow["costmodel"]["cell_predicted_s"]
+        shallow["costmodel_w1"]["cell_predicted_s"]
     )
 
 
@@ -201,3 +202,23 @@ def test_the_grid_width_runs_are_fitted_only_in_their_own_alternative() -> None:
     assert scored["costmodel_relay_grid_width"]["cell_predicted_s"] != pytest.approx(
         plain["costmodel_relay"]["cell_predicted_s"]
     )
+
+
+def test_the_default_form_is_the_relay_form_at_the_served_weight_and_w1_is_scored_beside() -> None:
+    """The seventeenth session's follow-up: the bench's default fit (``costmodel``, the grid's
+    predictions) is the relay form at w = 0.3, the same as ``costmodel_relay``; the old
+    default (w = 1, no relay) is ``costmodel_w1``, and the controls stay fitted with it."""
+    calibration = json.loads((ROOT / "bench" / "fsd-calibration-s16.json").read_text())
+    runs = calibration["calibration"]["runs"]
+    default = fsd.fit_constants(runs, cores=2)
+    assert default == fsd.fit_constants(runs, cores=2, relay=True, contention_weight=0.3)
+    assert default.contention_weight == 0.3 and default.channels["s3"].per_relay_message_s > 0
+    net = radix_net(1024, 4)
+    grid = [_row(c, 0, 2.0 + i) for i, c in enumerate([(1, "direct", "block"),
+                                                      (2, "s3", "block")])]  # fmt: skip
+    scored = fsd.score(net, [dict(r) for r in grid], calibration["calibration"])
+    assert scored["costmodel"]["cell_predicted_s"] == scored["costmodel_relay"]["cell_predicted_s"]
+    old = fsd.evaluate(net, [dict(r) for r in grid],
+                       fsd.fit_constants(runs, cores=2, contention_weight=1.0, relay=False))  # fmt: skip
+    assert scored["costmodel_w1"]["cell_predicted_s"] == old["cell_predicted_s"]
+    assert old["cell_predicted_s"] != scored["costmodel"]["cell_predicted_s"]

@@ -61,3 +61,12 @@ def test_the_fit_sees_the_median_round_not_the_first_nor_the_fastest() -> None:
     assert fit == fsd.fit_constants(runs, cores=2)
     fastest = [{**r, "seconds": 0.75 * r["seconds"]} for r in runs["channels"]]
     assert fit != fsd.fit_constants({**runs, "channels": fastest}, cores=2)
+
+
+def test_the_first_round_control_sees_each_runs_first_round() -> None:
+    runs = S17["runs"]
+    rows = [{**r, "rounds_seconds": [2 * r["seconds"], r["seconds"], r["seconds"]],
+             "rounds_probe_s": [r["probe_s"]] * 3} for r in runs["channels"]]  # fmt: skip
+    first = fsd.first_round({**runs, "channels": rows})
+    assert [r["seconds"] for r in first["channels"]] == [2 * r["seconds"] for r in runs["channels"]]
+    assert first["coordinator"] == runs["coordinator"] and first["compute"] == runs["compute"]
