@@ -301,17 +301,16 @@ class Forwards:
         return Asked(decided, (time.perf_counter() - started) * 1000, owner_ms)
 
 
-def _question_time_left(value: object) -> float | None:
-    """A placement question's ``timeout_ms``, the asker's client's time left: absent (None),
-    or a positive, finite number of milliseconds; anything else is a ``ValueError`` naming it
-    (the owner's 400)."""
+def _check_time_left(value: object) -> None:
+    """A placement question's ``timeout_ms``, the asker's client's time left, is absent or a
+    positive, finite number of milliseconds; anything else is a ``ValueError`` naming it (the
+    owner's 400). The owner answers at once, from memory, so it only checks it."""
     if value is None:
-        return None
+        return
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"timeout_ms must be a number of milliseconds, got {value!r:.40}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"timeout_ms must be a positive, finite number, got {value!r:.40}")
-    return float(value)
 
 
 def _refused_frame(reply: NodeReply) -> bool:
@@ -369,7 +368,7 @@ class PlacementAnswers:
             body = json.loads(await read())
             name, size = str(body["model"]), int(body.get("size") or 0)
             tried = frozenset(str(d) for d in body.get("tried") or ())
-            _question_time_left(body.get("timeout_ms"))
+            _check_time_left(body.get("timeout_ms"))
         except ProtocolError as e:
             return error_response(e.status_code, str(e), reason="InvalidPlacement")
         except (ValueError, KeyError, TypeError) as e:
