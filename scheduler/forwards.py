@@ -13,9 +13,10 @@ its model goes (forwarding ``decision``), and what a replica does when the owner
   :data:`DEADLINE_MARGIN_S` (the pool's own limit, the peers' request timeout, still holds).
   A deadline that passes first is :class:`DeadlinePassed` (the gateway's 504), not a failed
   owner: it stays on the ring, no key is recovered and nothing is placed here.
-- **The question** (``POST /v2/gpufaas/peers/place``) carries the model, its size and the
-  devices already tried; the owner answers with its decision, and the request is dispatched
-  here. The owner never holds the request, so a question lost with its owner cannot make it
+- **The question** (``POST /v2/gpufaas/peers/place``) carries the model, its size, the
+  devices already tried and the client's time left (``timeout_ms``, bounding the wait as for a
+  forward; an older owner ignores it); the owner answers with its decision, and the request is
+  dispatched here. The owner never holds the request, so a question lost with its owner cannot make it
   run twice; an owner that is gone, hung, answers an error or names an unknown device means
   the request is placed here. The owner's side is :class:`PlacementAnswers`: it decides with
   the gateway's own code, notes the load in its view at once and publishes it.
@@ -28,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -227,29 +229,53 @@ class Forwards:
         return await self.calls.watched(owner, lane.forward(head, call.body))
 
     async def ask(
-        self, owner: str, name: str, *, size_bytes: int, tried: frozenset[str]
+        self,
+        owner: str,
+        name: str,
+        *,
+        size_bytes: int,
+        tried: frozenset[str],
+        deadline: float | None = None,
     ) -> Asked | None:
         """Ask the owner where ``name`` goes (forwarding ``decision``); its decision, or None
         when it cannot be used (the owner is gone or hung, answers with an error, or names a
         device this replica does not know): the request is then placed here. The owner never
-        dispatches the request, so nothing can run twice."""
+        dispatches the request, so nothing can run twice.
+
+        ``deadline`` (monotonic): the client's; its time left goes with the question
+        (``timeout_ms``), and the question waits at most that plus :data:`DEADLINE_MARGIN_S`.
+        Raises :class:`DeadlinePassed` when it has passed already (nothing is asked) or passes
+        first (the owner is not at fault: it stays on the ring)."""
         peer = self.membership.peer(owner)
         if peer is None:
             return None
+        left_ms = None if deadline is None else (deadline - time.monotonic()) * 1000
+        if left_ms is not None and left_ms <= 0:
+            raise DeadlinePassed(f"the deadline passed before the question to {owner}")
         self.forwarded.labels(owner).inc()
-        question = json.dumps(
-            {
-                "from": self.membership.self_id,
-                "model": name,
-                "size": size_bytes,
-                "tried": sorted(tried),
-            }
-        ).encode()
+        asking: dict[str, object] = {
+            "from": self.membership.self_id,
+            "model": name,
+            "size": size_bytes,
+            "tried": sorted(tried),
+        }
+        if left_ms is not None:  # an owner of before it ignores the field
+            asking["timeout_ms"] = left_ms
+        question = json.dumps(asking).encode()
+        headers = {"Content-Type": "application/json"}
         started = time.perf_counter()
         try:
-            reply = await self.calls.call_owner(
-                owner, PLACE_PATH, question, {"Content-Type": "application/json"}
-            )
+            if left_ms is None:
+                reply = await self.calls.call_owner(owner, PLACE_PATH, question, headers)
+            else:
+                async with asyncio.timeout(left_ms / 1000 + DEADLINE_MARGIN_S) as waiting:
+                    reply = await self.calls.call_owner(owner, PLACE_PATH, question, headers)
+        except TimeoutError:
+            if left_ms is not None and waiting.expired():
+                raise DeadlinePassed(
+                    f"the deadline passed while the placement owner {owner} had the question"
+                ) from None
+            raise
         except (NodeUnreachable, OwnerHung) as e:
             self.lost(owner, e)
             return None
@@ -273,6 +299,18 @@ class Forwards:
             self.failures.inc()
             return None
         return Asked(decided, (time.perf_counter() - started) * 1000, owner_ms)
+
+
+def _check_time_left(value: object) -> None:
+    """A placement question's ``timeout_ms``, the asker's client's time left, is absent or a
+    positive, finite number of milliseconds; anything else is a ``ValueError`` naming it (the
+    owner's 400). The owner answers at once, from memory, so it only checks it."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"timeout_ms must be a number of milliseconds, got {value!r:.40}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"timeout_ms must be a positive, finite number, got {value!r:.40}")
 
 
 def _refused_frame(reply: NodeReply) -> bool:
@@ -330,6 +368,7 @@ class PlacementAnswers:
             body = json.loads(await read())
             name, size = str(body["model"]), int(body.get("size") or 0)
             tried = frozenset(str(d) for d in body.get("tried") or ())
+            _check_time_left(body.get("timeout_ms"))
         except ProtocolError as e:
             return error_response(e.status_code, str(e), reason="InvalidPlacement")
         except (ValueError, KeyError, TypeError) as e:

@@ -379,14 +379,17 @@ class Replicas:
         ``request``) or decision (``decision``) if another replica owns the placement;
         otherwise no answer, the call to dispatch here, and the load is published. ``tried``:
         devices this request already failed on, which the owner must not choose. ``deadline``:
-        the client's (monotonic), carried to the owner with a forwarded request; raises
-        :class:`~gpufaas.scheduler.forwards.DeadlinePassed` when it passes first."""
+        the client's (monotonic), carried to the owner with a forwarded request or a
+        question; raises :class:`~gpufaas.scheduler.forwards.DeadlinePassed` when it passes
+        first."""
         owner = self._owner_elsewhere(name)
         # Only inference is forwarded (the owner's gateway serves the same call); an admin load
         # is placed where it lands.
         if owner is not None and call.path.endswith("/infer"):
             if self.forwarding == "decision":
-                asked = await self.forwards.ask(owner, name, size_bytes=size_bytes, tried=tried)
+                asked = await self.forwards.ask(
+                    owner, name, size_bytes=size_bytes, tried=tried, deadline=deadline
+                )
                 if asked is not None:  # the owner noted and published the load
                     decided = asked.decided
                     _ASKED.set((asked.forward_ms, asked.owner_ms, decided.device, name))

@@ -38,6 +38,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from numpy.typing import NDArray
 
 from .live import _request_bodies, _stop, write_functions
 from .workload import make_trace
@@ -956,7 +957,7 @@ def pooled_ratio_interval(
     return float(o.sum() / max(b.sum(), 1.0)), float(low), float(high)
 
 
-def measured_latencies(requests: dict[str, Any]) -> np.ndarray:
+def measured_latencies(requests: dict[str, Any]) -> NDArray[np.float64]:
     """One run's measured latencies (ms) from its request records: the answered requests after
     the first 10% of the trace, the same requests as its ``p99_ms``."""
     skip = len(requests["cache"]) // 10
@@ -972,12 +973,16 @@ def measured_latencies(requests: dict[str, Any]) -> np.ndarray:
     )
 
 
-def _pooled_p99_ratio(base: list[np.ndarray], other: list[np.ndarray]) -> float:
+def _pooled_p99_ratio(base: list[NDArray[np.float64]], other: list[NDArray[np.float64]]) -> float:
     return float(np.percentile(np.concatenate(other), 99) / np.percentile(np.concatenate(base), 99))
 
 
 def pooled_p99_ratio(
-    base: list[np.ndarray], other: list[np.ndarray], *, resamples: int = 10_000, seed: int = 0
+    base: list[NDArray[np.float64]],
+    other: list[NDArray[np.float64]],
+    *,
+    resamples: int = 10_000,
+    seed: int = 0,
 ) -> dict[str, float]:
     """The p99 of ``other``'s requests pooled over rounds over the p99 of ``base``'s pooled over
     the same rounds (round ``i`` of each paired), with two intervals over the rounds (each a

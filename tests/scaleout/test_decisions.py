@@ -8,13 +8,17 @@ two real replicas are in ``test_replicas_e2e.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from typing import Literal
 
 import httpx
+import pytest
 from replica_support import SELF, close_replicas, replica_with_owner
 
 from gpufaas.cache import Residency
+from gpufaas.scheduler.forwards import DEADLINE_MARGIN_S, DeadlinePassed
 from gpufaas.scheduler.gateway import NodeCall
 from gpufaas.scheduler.misses import miss_cause
 from gpufaas.scheduler.peers import HEARTBEAT_PATH, PLACE_PATH
@@ -31,19 +35,23 @@ from gpufaas.scheduler.transport import NodeReply
 
 BODY = b'{"id": "r1", "inputs": [{"name": "x", "data": [1, 2, 3]}]}'
 CALL = NodeCall("/v2/models/m/infer", BODY, {"content-type": "application/json"})
-Behaviour = Literal["decide", "holder", "refuse", "unknown-device", "hang"]
+Behaviour = Literal["decide", "holder", "refuse", "unknown-device", "hang", "hold"]
+HELD_S = 30.0  # how long a holding owner keeps a question; every test ends it sooner
+LONG_S = 60.0  # a deadline no loaded box reaches
 
 
 class Owner:
     """The placement owner: records each call's path and body, then answers with a decision
     (device ``n/1``, victim ``old``; ``old`` and ``older`` planned), the device its view already
     holds the model on (``holder``: ``n/1``, no victims), a 503, a device nobody knows, or never
-    (``hang``; its heartbeat then fails too)."""
+    (``hang``; its heartbeat then fails too), or only once ``release`` is set (``hold``: alive,
+    its heartbeat answers)."""
 
     def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
         self.calls: list[tuple[str, bytes]] = []
         self.url = ""
+        self.release = asyncio.Event()
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Owner:
@@ -53,15 +61,23 @@ class Owner:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
+        self.release.set()
         self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:  # every question on a kept connection
+                await self._answer(reader, writer)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
         body = await reader.readexactly(int(headers.get("content-length", "0")))
         self.calls.append((head[0].split()[1], body))
         if self.behaviour == "hang":
             await asyncio.Event().wait()
+        if self.behaviour == "hold":
+            await asyncio.wait_for(self.release.wait(), HELD_S)
         answer = {"device": "n/1", "victims": ["old"], "planned": ["old", "older"]}
         status, answer = "200 OK", {**answer, "owner_ms": 0.25}
         if self.behaviour == "refuse":
@@ -91,13 +107,19 @@ def _replicas(owner: Owner | str, *, forwarding: Forwarding = "decision") -> Rep
     )
 
 
-async def _place(replicas: Replicas) -> Placement:
+async def _place(replicas: Replicas, *, deadline: float | None = None) -> Placement:
     # Bounded only so that a regression fails instead of hanging the suite.
     return await asyncio.wait_for(
         replicas.place(
-            "m", "n/0", call=CALL, size_bytes=10, victims=["mine"], tried=frozenset({"n/2"})
+            "m",
+            "n/0",
+            call=CALL,
+            size_bytes=10,
+            victims=["mine"],
+            tried=frozenset({"n/2"}),
+            deadline=deadline,
         ),
-        timeout=30,
+        timeout=HELD_S,
     )
 
 
@@ -214,6 +236,48 @@ async def test_a_dead_or_hung_owner_is_placed_here_in_either_forwarding() -> Non
         await close_replicas(replicas)
 
 
+async def test_a_question_carries_no_more_than_the_clients_time_left() -> None:
+    """The client's deadline goes with the question as its time left (``timeout_ms``), as it
+    goes with a forwarded request; a request without one asks without it."""
+    async with Owner("decide") as owner:
+        replicas = _replicas(owner)
+        await _place(replicas, deadline=time.monotonic() + LONG_S)
+        await _place(replicas)
+        await close_replicas(replicas)
+    (_, with_deadline), (_, without) = owner.calls
+    assert 0 < json.loads(with_deadline)["timeout_ms"] <= LONG_S * 1000
+    assert "timeout_ms" not in json.loads(without)
+
+
+async def test_a_question_whose_deadline_passes_first_is_given_up_and_the_owner_stays() -> None:
+    """An owner that holds the question (alive: its heartbeat answers) past the client's
+    deadline: the asker stops waiting at the deadline and its margin, with DeadlinePassed (the
+    gateway's 504), not after the owner; the owner stays on the ring, no failure is counted,
+    and nothing is placed or published here."""
+    async with Owner("hold") as owner:
+        replicas = _replicas(owner)
+        started = time.monotonic()
+        with pytest.raises(DeadlinePassed):
+            await _place(replicas, deadline=started + 0.2)
+        waited = time.monotonic() - started
+        assert waited + 0.01 >= 0.2 + DEADLINE_MARGIN_S and waited < HELD_S / 2
+        assert len(owner.calls) == 1  # it was asked, with the time left
+        assert replicas.membership.peers[owner.url].reachable
+        assert replicas.metrics.forward_failures._value.get() == 0
+        assert replicas.events._outbox == []
+        await close_replicas(replicas)
+
+
+async def test_a_deadline_already_past_is_not_asked() -> None:
+    async with Owner("decide") as owner:
+        replicas = _replicas(owner)
+        with pytest.raises(DeadlinePassed):
+            await _place(replicas, deadline=time.monotonic() - 0.001)
+        assert owner.calls == [] and replicas.events._outbox == []
+        assert replicas.metrics.forwarded.labels(owner.url)._value.get() == 0
+        await close_replicas(replicas)
+
+
 def _owner_side() -> tuple[Replicas, list[frozenset[str]]]:
     """A placement owner whose policy puts every model on ``n/0`` evicting ``old``."""
     asked: list[frozenset[str]] = []
@@ -283,7 +347,9 @@ async def test_placement_questions_are_taken_at_the_ingress_and_need_the_peer_to
         assert refused.status_code == 503 and "no placement" in refused.text
         bad = await client.post(PLACE_PATH, content=b"{", headers=auth)
         assert bad.status_code == 400 and "bad placement question" in bad.text
-    assert asked == [frozenset(), frozenset({"n/0"})]
+        timed = await client.post(PLACE_PATH, json={**question, "timeout_ms": 250.0}, headers=auth)
+        assert timed.status_code == 200 and timed.json()["device"] == "n/0"
+    assert asked == [frozenset(), frozenset({"n/0"}), frozenset()]
     await close_replicas(replicas)
 
 
@@ -315,3 +381,28 @@ def test_a_miss_placed_where_the_owner_decided_is_counted_as_such() -> None:
         miss_cause(view=None, held_elsewhere=False, forwarded_in=False, forward_failed=True)
         == "placed_after_failed_forward"
     )
+
+
+@pytest.mark.parametrize("left", ["soon", 0, -5, 1e999, True, [], {"ms": 5}])
+async def test_a_question_with_a_time_left_that_is_not_a_positive_number_is_a_400(
+    left: object,
+) -> None:
+    """The owner refuses a ``timeout_ms`` that is not a positive, finite number of milliseconds
+    with a 400 naming it, before it decides anything (never a 500)."""
+    replicas, asked = _owner_side()
+    served = replicas.ingress(_no_app)
+    question = {"from": "http://b", "model": "m", "size": 50, "tried": [], "timeout_ms": left}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=served), base_url="http://a"
+    ) as client:
+        # json.dumps writes 1e999 as Infinity, which the owner's JSON reader takes as a float
+        refused = await client.post(PLACE_PATH, content=json.dumps(question).encode())
+    assert refused.status_code == 400, refused.text
+    assert "timeout_ms" in refused.text
+    assert asked == [] and replicas.events._outbox == []
+    assert replicas.directory.state("n/0", "m") is None
+    await close_replicas(replicas)
+
+
+async def _no_app(scope: object, receive: object, send: object) -> None:
+    raise AssertionError("a placement question is answered at the ingress")

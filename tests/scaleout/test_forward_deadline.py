@@ -365,6 +365,78 @@ async def test_the_sender_answers_504_at_the_clients_deadline_and_runs_nothing_i
     assert replicas.metrics.forward_failures._value.get() == 0
 
 
+async def test_with_decision_forwarding_the_client_gets_504_when_the_question_outlasts_it(
+    tiny_manager: Any, tmp_path: Path, example_models_dir: Path
+) -> None:
+    """``--replica-forward decision``: an owner that holds the placement question (alive: its
+    heartbeat answers) past the client's deadline; the client gets 504 ``DeadlineExceeded`` at
+    about the deadline, never a 500, the question carried the time left, the request is not
+    placed here, and the owner is not counted as failed."""
+    from gpufaas.scheduler.gateway import answer_infer
+
+    seen: list[InferCalls] = []
+
+    def wrap(app: Any) -> InferCalls:
+        seen.append(InferCalls(app))
+        return seen[-1]
+
+    questions: list[bytes] = []
+    release = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
+        questions.append(await reader.readexactly(int(headers.get("content-length", "0"))))
+        await asyncio.wait_for(release.wait(), HELD_S)
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    peer = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with tiny_manager.tiny_mlp_manager(tmp_path, example_models_dir, wrap=wrap) as (
+        url,
+        functions,
+    ):
+        gateway = build_gateway(manager_urls={"node-0": url}, functions=functions)
+        await gateway.sync()
+        replicas = attach_replicas(
+            gateway,
+            self_url=SELF,
+            discover=static_peers([SELF, peer]),
+            token=None,
+            forwarding="decision",
+            forward_lane_port=None,
+        )
+        replicas.membership.adopt([SELF, peer])
+
+        async def heartbeat(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, json={"id": peer})  # alive while it holds the question
+
+        member = replicas.membership.peers[peer]
+        member.reachable = True
+        member.client = httpx.AsyncClient(base_url=peer, transport=httpx.MockTransport(heartbeat))
+        replicas.owner = lambda name: peer  # type: ignore[method-assign]  # the peer places
+
+        async def read() -> bytes:
+            return VALID
+
+        try:
+            status, headers, body = await asyncio.wait_for(
+                answer_infer(gateway, "tiny-mlp", read, {TIMEOUT_HEADER: "200"}), HELD_S
+            )
+        finally:
+            release.set()
+            await replicas.calls.close()
+            await replicas.membership.close()
+            await gateway.stop()
+            server.close()
+    assert status == 504, body
+    assert dict(headers)[REASON_HEADER.encode()] == b"DeadlineExceeded"
+    assert [0 < json.loads(q)["timeout_ms"] <= 200 for q in questions] == [True]
+    assert seen[0].count == 0  # not placed here after the question was given up
+    assert replicas.metrics.forward_failures._value.get() == 0
+    assert replicas.membership.peers[peer].reachable
+
+
 async def test_the_owner_runs_a_forwarded_request_under_the_time_left(
     tiny_manager: Any, tmp_path: Path, example_models_dir: Path
 ) -> None:
