@@ -16,7 +16,8 @@ when, at its start, the device has no load in flight, no request in flight (for 
 no CPU device of the node, since they share the host's cores) and enough free cache bytes for the
 model (``size_bytes``) without evicting anything. A prefetch whose device is not quiet at its turn
 waits for it to go quiet, holding the node's queue: it is woken when a request ends or a load
-lands on the node (the runtime's ``on_settle``; no polling), starts as soon as the device is
+lands on the node, a request's load included (its commit, which runs in the background after the
+request was answered; the runtime's ``on_settle``; no polling), starts as soon as the device is
 quiet, and is dropped as ``busy`` if not started within ``wait_s`` (one gateway prefetch tick by
 default; the gateway asks again on its next tick if the model is still wanted). One without
 room is skipped at once (``no-room``). A request for the model during the prefetch uses

@@ -216,3 +216,34 @@ async def test_a_copy_that_failed_before_its_commit_is_no_hit(
         commits.set()
         await runtime.settle()
     assert runtime.state().device("cpu:0").residents == []
+
+
+async def test_a_prefetch_waiting_for_a_quiet_device_starts_when_a_loads_commit_leaves_it_quiet(
+    runtime_factory: Factory, models: dict[str, Model], commits: asyncio.Event
+) -> None:
+    """A request's load commits in the background after its answer. A prefetch that found the
+    device not quiet (that copy still arriving) is woken by the commit and starts, rather than
+    waiting out its bound (here far longer than the test's guard) and being dropped as busy."""
+    from prometheus_client import CollectorRegistry
+
+    from gpufaas.gpu_manager.prefetch import Prefetcher, PrefetchJob
+
+    first, then = models["tiny-mlp"], models["deep"]
+    runtime = runtime_factory(device_list=devices(1), register=[first, then])
+    prefetcher = Prefetcher(runtime, registry=CollectorRegistry(), wait_s=600.0)
+    device = runtime.devices["cpu:0"]
+    try:
+        await runtime.infer(first.name, first.inputs(), device_id="cpu:0")
+        assert first.name in device.tier.arriving  # answered; its commit is held
+        prefetch = asyncio.create_task(prefetcher.run(PrefetchJob(then.name, "cpu:0", 1 << 20)))
+        for _ in range(1000):  # until it waits for the device to go quiet (no clock involved)
+            if prefetcher._settled is not None:
+                break
+            await asyncio.sleep(0)
+        assert prefetcher._settled is not None and not prefetch.done()
+        commits.set()  # the commit runs: the device is quiet now
+        assert await asyncio.wait_for(prefetch, 60) == "loaded"
+    finally:
+        commits.set()
+        await runtime.settle()
+    assert {r.model for r in runtime.state().device("cpu:0").residents} == {first.name, then.name}
