@@ -158,6 +158,9 @@ class DeviceLoads:
         # called with the model whenever a caller starts or joins a load here (#13: a
         # running prefetch of another model yields to it)
         self.listeners: list[Callable[[str], None]] = []
+        # called with the model when a load's last step has run (committed, or its error
+        # recorded): the device may have gone quiet (#13: a prefetch waiting for it looks again)
+        self.landed: list[Callable[[str], None]] = []
 
     async def join(
         self, model: str, spec: InferenceFunctionSpec, *, prefer: Sequence[str]
@@ -328,6 +331,13 @@ class DeviceLoads:
             source.release()
 
     async def _finish(self, model: str, loading: DeviceModel, source: Held[CopySource]) -> None:
+        try:
+            await self._commit(model, loading, source)
+        finally:
+            for listener in self.landed:
+                listener(model)
+
+    async def _commit(self, model: str, loading: DeviceModel, source: Held[CopySource]) -> None:
         tier = self._memory.tier
         transfer = loading.transfer
         try:

@@ -249,14 +249,25 @@ class DeviceTier:
 
     def _present(self, model: str) -> tuple[DeviceModel | None, bool]:
         """``model``'s copy here and whether it is a hit: a resident copy (a hit once it has
-        arrived), else one whose copy is under way (compute as its layers land), else None."""
+        arrived), else one whose copy is under way (compute as its layers land), else None.
+
+        A copy still arriving is a hit if it is complete, every byte landed without error:
+        the request waits for no load. That is the window between a copy's last byte and its
+        commit, which runs in the background (:meth:`DeviceLoads._finish
+        <gpufaas.gpu_manager.device_loads.DeviceLoads._finish>`). A request that finds the
+        copy still under way waits for a load in flight: not a hit."""
         found = as_model(self.tier.resident(model))
         if found is not None:
             return found, found.arrived
         arriving = as_model(self.tier.arriving.get(model))
         if arriving is not None and arriving.module is not None:
-            return arriving, False
+            return arriving, _complete(arriving)
         return None, False
+
+
+def _complete(model: DeviceModel) -> bool:
+    """Whether every byte of ``model``'s copy has landed without error (or it needed none)."""
+    return model.error is None and (model.transfer is None or model.transfer.landed())
 
 
 def forward_failure(error: Exception, *, model: str, device_id: str) -> RuntimeFailure:

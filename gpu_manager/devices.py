@@ -84,6 +84,11 @@ class Transfer(abc.ABC):
     def wait_all(self) -> None:
         """Block until every group has landed; raise :class:`TransferFailed` if the copy failed."""
 
+    @abc.abstractmethod
+    def landed(self) -> bool:
+        """Whether every group has landed and the copy did not fail: the copy is complete
+        (a request that finds it so waits for nothing). Never blocks, never raises."""
+
     @property
     def seconds(self) -> float | None:
         """How long the copy itself ran, from its first byte to its last; None until done.
@@ -232,6 +237,9 @@ class CpuTransfer(Transfer):
     def done(self) -> bool:
         return self._finished.is_set()
 
+    def landed(self) -> bool:
+        return self._finished.is_set() and self.error is None
+
     def wait_all(self) -> None:
         if not self._finished.wait(TRANSFER_TIMEOUT_S):
             raise TransferFailed(f"the weights did not arrive in {TRANSFER_TIMEOUT_S:.0f} s")
@@ -315,6 +323,12 @@ class CudaTransfer(Transfer):
         if finished and self.finished_at is None:
             self.finished_at = time.perf_counter()
         return finished
+
+    def landed(self) -> bool:
+        try:
+            return self.done()
+        except RuntimeError:  # the copy's stream hit an error: not landed (wait_all says which)
+            return False
 
     def wait_all(self) -> None:
         try:

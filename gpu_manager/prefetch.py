@@ -1,15 +1,23 @@
 """Node-side prefetch and demotion, at the lowest priority, for the gateway's prefetch driver.
 
 ``POST PREFETCH_PATH`` ``{"model", "device", "size_bytes"}`` queues a load of ``model`` onto
-``device`` ahead of a predicted request; ``POST DEMOTE_PATH`` ``{"model", "device"}`` drops the
-device copy (the host tier keeps the model, so a later miss copies from host memory).
+``device`` ahead of a predicted request (202 ``{"queued": true, "ticket": n}``; 429 when the queue
+is full); ``POST DEMOTE_PATH`` ``{"model", "device"}`` drops the device copy (the host tier keeps
+the model, so a later miss copies from host memory).
+
+``GET PREFETCH_PATH/<ticket>?wait_s=W`` answers a queued prefetch's outcome once it has one,
+waiting up to ``W`` seconds (at most :data:`OUTCOME_WAIT_S`) for it: 200 ``{"result": ...}`` (an
+outcome below), 202 ``{"result": null}`` if it has none yet, 404 for a ticket not known (the last
+:data:`MAX_OUTCOMES` are kept), 400 for a malformed one. The gateway reads it so that its view
+drops a prefetch the node dropped at once, not at its next sync.
 
 A prefetch has the lowest priority: one runs at a time per node, in the background, and only
 when, at its start, the device has no load in flight, no request in flight (for a CPU device: on
 no CPU device of the node, since they share the host's cores) and enough free cache bytes for the
 model (``size_bytes``) without evicting anything. A prefetch whose device is not quiet at its turn
 waits for it to go quiet, holding the node's queue: it is woken when a request ends or a load
-lands on the node (the runtime's ``on_settle``; no polling), starts as soon as the device is
+lands on the node, a request's load included (its commit, which runs in the background after the
+request was answered; the runtime's ``on_settle``; no polling), starts as soon as the device is
 quiet, and is dropped as ``busy`` if not started within ``wait_s`` (one gateway prefetch tick by
 default; the gateway asks again on its next tick if the model is still wanted). One without
 room is skipped at once (``no-room``). A request for the model during the prefetch uses
@@ -31,7 +39,10 @@ neither, so used / loaded is the precision and unused a lower bound of the waste
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -52,6 +63,8 @@ PREFETCH_PATH = node.PREFETCH
 DEMOTE_PATH = node.DEMOTE
 MAX_QUEUED = 64
 WAIT_S = 5.0  # how long a prefetch waits for a quiet device: the gateway's prefetch tick
+MAX_OUTCOMES = 256  # queued prefetches whose outcome can be asked for (the oldest forgotten)
+OUTCOME_WAIT_S = 60.0  # the longest one ask for an outcome waits for it
 
 
 class PrefetchRuntime(Protocol):
@@ -77,6 +90,7 @@ class PrefetchJob:
     model: str
     device: str
     size_bytes: int
+    ticket: int = 0  # its number, to ask for its outcome (0: none)
 
 
 def device_room(state: NodeState, device: str) -> tuple[bool, int] | None:
@@ -122,6 +136,11 @@ class Prefetcher:
         # key once a request joined it
         self.unused: set[tuple[str, str]] = set()
         self._joined: set[tuple[str, str]] = set()
+        # the outcomes of the latest queued prefetches, by ticket
+        self._outcomes: collections.OrderedDict[int, asyncio.Future[str]] = (
+            collections.OrderedDict()
+        )
+        self._tickets = itertools.count(1)
         runtime.on_load(self._yield_to)
         runtime.on_use(self._used)
         runtime.on_settle(self._wake)
@@ -150,18 +169,33 @@ class Prefetcher:
             registry=registry,
         )
 
-    def submit(self, job: PrefetchJob) -> bool:
-        """Queue ``job``; False (counted as dropped) when the queue is full."""
+    def submit(self, job: PrefetchJob) -> int | None:
+        """Queue ``job``; its ticket (:meth:`outcome`), or None (counted as dropped) when the
+        queue is full."""
         if self.queue is None:
             self.queue = asyncio.Queue(maxsize=MAX_QUEUED)
+        loop = asyncio.get_running_loop()
         if self.worker is None or self.worker.done():
-            self.worker = asyncio.get_running_loop().create_task(self._work(self.queue))
+            self.worker = loop.create_task(self._work(self.queue))
+        ticket = next(self._tickets)
         try:
-            self.queue.put_nowait(job)
+            self.queue.put_nowait(dataclasses.replace(job, ticket=ticket))
         except asyncio.QueueFull:
             self.results.labels("dropped").inc()
-            return False
-        return True
+            return None
+        self._outcomes[ticket] = loop.create_future()
+        while len(self._outcomes) > MAX_OUTCOMES:
+            self._outcomes.popitem(last=False)
+        return ticket
+
+    async def outcome(self, ticket: int, *, wait_s: float) -> str | None:
+        """The outcome of the prefetch queued as ``ticket`` once it has one, waiting up to
+        ``wait_s`` for it (None if it has none by then); KeyError for a ticket not known."""
+        found = self._outcomes[ticket]
+        if not found.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(found), wait_s)
+        return found.result() if found.done() else None
 
     async def _work(self, queue: asyncio.Queue[PrefetchJob]) -> None:
         while True:
@@ -170,6 +204,9 @@ class Prefetcher:
                 result = await self.run(job)
                 self.results.labels(result).inc()
                 self._settle(job, loaded=result == "loaded")
+                found = self._outcomes.get(job.ticket)
+                if found is not None and not found.done():
+                    found.set_result(result)
             finally:
                 queue.task_done()
 
@@ -320,8 +357,31 @@ def add_prefetch_routes(
             return error_response(
                 400, '"size_bytes" must be an integer >= 0', reason="InvalidRequest"
             )
-        queued = prefetcher.submit(PrefetchJob(body["model"], body["device"], size))
-        return JSONResponse({"queued": queued}, status_code=202 if queued else 429)
+        ticket = prefetcher.submit(PrefetchJob(body["model"], body["device"], size))
+        if ticket is None:
+            return JSONResponse({"queued": False}, status_code=429)
+        return JSONResponse({"queued": True, "ticket": ticket}, status_code=202)
+
+    @app.get(PREFETCH_PATH + "/{ticket}")
+    async def prefetch_outcome(ticket: str, wait_s: str = "0") -> Response:
+        try:
+            number, wait = int(ticket), float(wait_s)
+        except ValueError:
+            number, wait = -1, -1.0
+        if number < 1 or not 0 <= wait <= OUTCOME_WAIT_S:
+            return error_response(
+                400,
+                f"expected a ticket >= 1 and 0 <= wait_s <= {OUTCOME_WAIT_S:g}, got "
+                f"{ticket!r} and {wait_s!r}",
+                reason="InvalidRequest",
+            )
+        try:
+            result = await prefetcher.outcome(number, wait_s=wait)
+        except KeyError:
+            return error_response(
+                404, f"no prefetch ticket {number} (not issued, or forgotten)", reason="NotFound"
+            )
+        return JSONResponse({"result": result}, status_code=200 if result is not None else 202)
 
     @app.post(DEMOTE_PATH)
     async def demote(request: Request) -> Response:

@@ -150,6 +150,8 @@ class NodeRuntime:
             )
             for info in devices
         }
+        for device_id, device in self.devices.items():  # a load's commit may leave it quiet
+            device.loads.landed.append(functools.partial(_landed, self._settled, device_id))
 
     # -- functions ---------------------------------------------------------------------------------
 
@@ -226,8 +228,10 @@ class NodeRuntime:
         self.use_listeners.append(listener)
 
     def on_settle(self, listener: Callable[[str], None]) -> None:
-        """Call ``listener(device id)`` whenever a request on a device ends or a load onto it
-        (:meth:`load`) lands: the moments the device may have gone quiet."""
+        """Call ``listener(device id)`` whenever a request on a device ends, a load onto it
+        (:meth:`load`) lands, or any load's copy there is committed (or fails), which runs in
+        the background after the request that started it was answered: the moments the device
+        may have gone quiet."""
         self.settle_listeners.append(listener)
 
     def _settled(self, device_id: str) -> None:
@@ -473,6 +477,10 @@ def _batched(spec: InferenceFunctionSpec, inputs: Sequence[NDArray[Any]]) -> boo
 
 def _with_device(listener: Callable[[str, str], None], device_id: str, model: str) -> None:
     listener(model, device_id)
+
+
+def _landed(settled: Callable[[str], None], device_id: str, model: str) -> None:
+    settled(device_id)
 
 
 async def _run_or_failure(

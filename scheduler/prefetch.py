@@ -33,6 +33,17 @@ drop it. A relay that cannot reach the owner is counted here
 (``gpufaas_prediction_relay_lost_requests_total``) and logged; the owner's model lacks those
 arrivals, nothing else happens. Metrics added for it: ``gpufaas_prediction_relayed_requests_total``
 (arrivals learned from the peers' relays).
+
+**A prefetch the node drops leaves the view at once.** The node answers a prefetch when it queues
+it (with a ticket), and runs it later, at the lowest priority: it may drop it then (``busy``,
+``no-room``, ``failed``, ``preempted``). The directory holds a prefetch sent as loading on its
+device, so that a request is routed to the copy under way; for each prefetch the node gave a
+ticket, the driver asks the node for the outcome in the background
+(``GET PREFETCH_PATH/<ticket>``, a long poll), and on a drop takes the loading mark out of the
+view (and, with replicas, publishes a demotion, so the peers' views drop it too). A request is
+then no longer routed as if the model were arriving there. Counted in
+``gpufaas_prefetch_dropped_total{why}``. An older node gives no ticket: its prefetches stay in
+the view until the next sync, as before.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -48,6 +60,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 from prometheus_client import CollectorRegistry, Counter
 
 from gpufaas.cache import ClusterDirectory, Residency
@@ -62,6 +75,13 @@ logger = logging.getLogger(__name__)
 PREFETCH_PATH = node.PREFETCH
 DEMOTE_PATH = node.DEMOTE
 _NOTHING: frozenset[str] = frozenset()
+# the node's outcomes of a prefetch it queued and then did not load (gpu_manager/prefetch.py)
+DROPPED = frozenset({"busy", "no-room", "failed", "preempted", "dropped"})
+OUTCOME_WAIT_S = 30.0  # one ask for a prefetch's outcome waits this long at the node
+OUTCOME_ASKS = 4  # and so many asks: an outcome not known after them is left to the next sync
+
+# A queued prefetch's outcome at the node, once it has one (None: not known).
+Outcome = Callable[[], Awaitable[str | None]]
 
 
 def _everything(name: str) -> bool:
@@ -70,6 +90,10 @@ def _everything(name: str) -> bool:
 
 def _never() -> bool:
     return False
+
+
+def _unpublished(action: Action) -> None:
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +185,7 @@ class PrefetchDriver:
         *,
         policy: ResidencyPolicy,
         directory: ClusterDirectory,
-        send: Callable[[Action], Awaitable[None]],
+        send: Callable[[Action], Awaitable[Outcome | None]],
         sizes: Callable[[], Mapping[str, int]],
         reload_ms: Callable[[str, int], float],
         registry: CollectorRegistry,
@@ -170,8 +194,12 @@ class PrefetchDriver:
         in_use: Callable[[str], Collection[str]] = lambda device: (),
         owns: Callable[[str], bool] = _everything,
         relayed_here: Callable[[], bool] = _never,
+        on_dropped: Callable[[Action], None] = _unpublished,
     ) -> None:
         self.policy = policy
+        # a prefetch the node dropped, out of this view: the peers' views drop it too
+        self.on_dropped = on_dropped
+        self._following: set[asyncio.Task[None]] = set()  # prefetches' outcomes awaited
         # the functions this replica plans for (with replicas, those it is the placement owner of)
         self.owns = owns
         # whether the request being served was forwarded here by a peer (which relays it)
@@ -207,6 +235,12 @@ class PrefetchDriver:
             "gpufaas_prefetch_actions",
             "Prefetch and demote actions sent to GPU managers",
             ["kind", "result"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "gpufaas_prefetch_dropped",
+            "Prefetches the node queued and then dropped, taken out of the view at once",
+            ["why"],
             registry=registry,
         )
         self.used = Counter(
@@ -312,7 +346,7 @@ class PrefetchDriver:
         )
         for action in actions:
             try:
-                await self.send(action)
+                outcome = await self.send(action)
             except Exception as e:  # a failed prefetch or demote never reaches a request
                 logger.warning(
                     "%s of %s on %s failed: %s", action.kind, action.model, action.device, e
@@ -326,11 +360,47 @@ class PrefetchDriver:
                     self.directory.note_dispatch(
                         action.device, action.model, size_bytes=self.sizes().get(action.model, 0)
                     )
+                if outcome is not None:
+                    self._follow(action, outcome)
             else:
                 self.directory.note_evicted(action.device, action.model)
         if now - self._saved_at >= self.config.save_every_s:
             self.save()
         return actions
+
+    def _follow(self, action: Action, outcome: Outcome) -> None:
+        """Await ``action``'s outcome at the node in the background (:meth:`settle_prefetch`)."""
+        task = asyncio.get_running_loop().create_task(self._outcome_of(action, outcome))
+        self._following.add(task)
+        task.add_done_callback(self._following.discard)
+
+    async def _outcome_of(self, action: Action, outcome: Outcome) -> None:
+        try:
+            result = await outcome()
+        except Exception as e:  # not known: the next sync tells
+            logger.debug("outcome of the prefetch of %s on %s: %s", action.model, action.device, e)
+            return
+        if result is not None:
+            self.settle_prefetch(action, result)
+
+    def settle_prefetch(self, action: Action, result: str) -> None:
+        """The node's outcome of a prefetch sent: one it dropped (:data:`DROPPED`) leaves the
+        view at once, unless the view shows the model resident there (a request loaded it), and
+        the peers are told (``on_dropped``)."""
+        if result not in DROPPED:
+            return
+        self.dropped.labels(result).inc()
+        self.prefetched.discard((action.model, action.device))
+        if self.directory.state(action.device, action.model) is Residency.RESIDENT:
+            return
+        self.directory.note_evicted(action.device, action.model)
+        self.on_dropped(action)
+        logger.info(
+            "prefetch of %s on %s dropped by the node (%s): out of the view",
+            action.model,
+            action.device,
+            result,
+        )
 
     def _account_memory(self, now: float) -> None:
         if self._memory_at is not None:
@@ -354,6 +424,8 @@ class PrefetchDriver:
                 except Exception:  # the loop outlives any one bad tick
                     logger.exception("prefetch tick failed")
         finally:
+            for task in list(self._following):
+                task.cancel()
             self.save()
 
     # -- persistence -------------------------------------------------------------------------------
@@ -400,7 +472,7 @@ def enable_prefetch(
     feeds it the peers' relayed requests."""
     cluster = gateway.cluster
 
-    async def send(action: Action) -> None:
+    async def send(action: Action) -> Outcome | None:
         device = next((d for d in cluster.healthy_devices() if d.key == action.device), None)
         if device is None:
             raise LookupError(f"device {action.device!r} is not healthy")
@@ -411,11 +483,18 @@ def enable_prefetch(
         if response.status_code >= 300:
             raise RuntimeError(f"{path} answered {response.status_code}: {response.text[:200]}")
         replicas = gateway.replicas
-        if replicas is None:
-            return
-        if action.kind == "prefetch":  # the peers' views hold it too
+        if replicas is not None and action.kind == "prefetch":  # the peers' views hold it too
             replicas.events.publish(action.device, action.model, size_bytes=size_bytes, victims=())
-        else:  # the peers' views drop it: their next request for it is no stale hit
+        elif replicas is not None:  # the peers' views drop it: their next request is no stale hit
+            replicas.events.publish_demotion(action.device, action.model)
+        ticket = _ticket(response) if action.kind == "prefetch" else None
+        if ticket is None:  # an older node: the view learns of a drop at the next sync
+            return None
+        return functools.partial(_outcome, device.node.client, ticket)
+
+    def unpublish(action: Action) -> None:  # a dropped prefetch leaves the peers' views too
+        replicas = gateway.replicas
+        if replicas is not None:
             replicas.events.publish_demotion(action.device, action.model)
 
     def sizes() -> dict[str, int]:
@@ -442,6 +521,7 @@ def enable_prefetch(
         in_use=lambda device: gateway.in_flight.get(device, _NOTHING),
         owns=owns,
         relayed_here=relayed_here,
+        on_dropped=unpublish,
         config=PrefetchConfig(
             tick_s=tick_s, state_file=state_file, time_scale=time_scale, prefetch=prefetch
         ),
@@ -449,3 +529,30 @@ def enable_prefetch(
     gateway.prefetch = driver
     gateway.background.append(driver.run)
     return driver
+
+
+def _ticket(response: httpx.Response) -> int | None:
+    """The ticket a node gave a queued prefetch (None from an older node)."""
+    try:
+        ticket = response.json().get("ticket")
+    except (ValueError, AttributeError):
+        return None
+    return ticket if isinstance(ticket, int) and not isinstance(ticket, bool) else None
+
+
+async def _outcome(client: httpx.AsyncClient, ticket: int) -> str | None:
+    """A queued prefetch's outcome at the node, asked for up to :data:`OUTCOME_ASKS` times
+    (a long poll of :data:`OUTCOME_WAIT_S` each); None when the node does not know it (it has
+    forgotten the ticket) or has none by then."""
+    for _ in range(OUTCOME_ASKS):
+        response = await client.get(
+            f"{PREFETCH_PATH}/{ticket}",
+            params={"wait_s": OUTCOME_WAIT_S},
+            timeout=OUTCOME_WAIT_S + 10.0,
+        )
+        if response.status_code == 200:
+            result = response.json().get("result")
+            return result if isinstance(result, str) else None
+        if response.status_code != 202:
+            return None
+    return None
