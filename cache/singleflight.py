@@ -57,11 +57,15 @@ class SingleFlight(Generic[K, V]):
     def cancel(self, key: K) -> bool:
         """Cancel the shared call for ``key`` (every waiter gets ``CancelledError``).
 
+        The call is forgotten at once: a task being cancelled is not ``done()`` until its
+        cancellation has run, and a caller that came in between would join it and get the
+        ``CancelledError`` meant for the waiters it had. It starts a call of its own instead.
         Returns whether there was a running call to cancel.
         """
         task = self._calls.get(key)
         if task is None or task.done():
             return False
+        del self._calls[key]
         return task.cancel()
 
     def _forget(self, key: K, task: asyncio.Task[V]) -> None:

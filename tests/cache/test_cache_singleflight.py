@@ -127,3 +127,35 @@ async def test_cancel_cancels_the_shared_call_for_everyone() -> None:
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
     assert not flight.cancel("m")
     assert not flight.in_flight("m")
+
+
+async def test_a_caller_after_a_cancel_gets_a_call_of_its_own_not_the_cancelled_one() -> None:
+    # A cancelled call may still be running its cleanup (a load releasing what it held); a
+    # task is not done() until then. A caller that comes in that window (a request for the
+    # model a prefetch was loading when it was preempted) must not get the CancelledError.
+    flight: SingleFlight[str, str] = SingleFlight()
+    started, cleaning, cleaned = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def cancelled_load() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning.set()
+            await cleaned.wait()
+            raise
+        return "never"
+
+    preempted = asyncio.create_task(flight.do("m", cancelled_load))
+    await started.wait()
+    assert flight.cancel("m")
+    await cleaning.wait()
+    later = Loader(result="fresh")
+    later.release.set()
+    request = asyncio.create_task(flight.do("m", later))  # runs before the cleanup ends:
+    cleaned.set()  # the loop runs ready tasks in the order they became ready
+    answered, preempted_with = await asyncio.gather(request, preempted, return_exceptions=True)
+    assert answered == "fresh"
+    assert isinstance(preempted_with, asyncio.CancelledError)
+    assert later.calls == 1
+    assert not flight.in_flight("m")
