@@ -150,8 +150,7 @@ class NodeRuntime:
             )
             for info in devices
         }
-        for device_id, device in self.devices.items():  # a load's commit may leave it quiet
-            device.loads.landed.append(functools.partial(_landed, self._settled, device_id))
+        _settle_on_commit(self.devices, self._settled)
 
     # -- functions ---------------------------------------------------------------------------------
 
@@ -229,9 +228,8 @@ class NodeRuntime:
 
     def on_settle(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(device id)`` whenever a request on a device ends, a load onto it
-        (:meth:`load`) lands, or any load's copy there is committed (or fails), which runs in
-        the background after the request that started it was answered: the moments the device
-        may have gone quiet."""
+        (:meth:`load`) lands, or a load's background commit there ends: the moments the
+        device may have gone quiet."""
         self.settle_listeners.append(listener)
 
     def _settled(self, device_id: str) -> None:
@@ -477,6 +475,13 @@ def _batched(spec: InferenceFunctionSpec, inputs: Sequence[NDArray[Any]]) -> boo
 
 def _with_device(listener: Callable[[str, str], None], device_id: str, model: str) -> None:
     listener(model, device_id)
+
+
+def _settle_on_commit(devices: Mapping[str, DeviceTier], settled: Callable[[str], None]) -> None:
+    """A load's commit (or failure), which runs after the request that started it was
+    answered, may leave its device quiet: tell ``settled`` as when a request ends."""
+    for device_id, device in devices.items():
+        device.loads.landed.append(functools.partial(_landed, settled, device_id))
 
 
 def _landed(settled: Callable[[str], None], device_id: str, model: str) -> None:
