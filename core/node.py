@@ -79,6 +79,21 @@ def route(template: str, *, name: str) -> str:
 # --- state ------------------------------------------------------------------------------------------
 
 
+class PrefetchQueued(BaseModel):
+    """The node's answer to a prefetch (:data:`PREFETCH`): queued or not, and the ticket to
+    ask for its outcome at ``PREFETCH/<ticket>`` (None from a node older than tickets)."""
+
+    queued: bool
+    ticket: int | None = Field(default=None, ge=1)
+
+
+class PrefetchOutcome(BaseModel):
+    """A queued prefetch's outcome (``PREFETCH/<ticket>``): ``loaded``, ``busy``,
+    ``no-room``, ``failed``, ``preempted``..., or None while it has none."""
+
+    result: str | None = None
+
+
 class _State(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

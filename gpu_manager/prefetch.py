@@ -55,7 +55,7 @@ from prometheus_client import CollectorRegistry, Counter
 from gpufaas.cache import Residency
 from gpufaas.core import node
 from gpufaas.core.http import error_response
-from gpufaas.core.node import NodeState
+from gpufaas.core.node import NodeState, PrefetchOutcome, PrefetchQueued
 
 logger = logging.getLogger(__name__)
 
@@ -359,8 +359,10 @@ def add_prefetch_routes(
             )
         ticket = prefetcher.submit(PrefetchJob(body["model"], body["device"], size))
         if ticket is None:
-            return JSONResponse({"queued": False}, status_code=429)
-        return JSONResponse({"queued": True, "ticket": ticket}, status_code=202)
+            return JSONResponse(PrefetchQueued(queued=False).model_dump(), status_code=429)
+        return JSONResponse(
+            PrefetchQueued(queued=True, ticket=ticket).model_dump(), status_code=202
+        )
 
     @app.get(PREFETCH_PATH + "/{ticket}")
     async def prefetch_outcome(ticket: str, wait_s: str = "0") -> Response:
@@ -381,7 +383,10 @@ def add_prefetch_routes(
             return error_response(
                 404, f"no prefetch ticket {number} (not issued, or forgotten)", reason="NotFound"
             )
-        return JSONResponse({"result": result}, status_code=200 if result is not None else 202)
+        return JSONResponse(
+            PrefetchOutcome(result=result).model_dump(),
+            status_code=200 if result is not None else 202,
+        )
 
     @app.post(DEMOTE_PATH)
     async def demote(request: Request) -> Response:

@@ -62,10 +62,12 @@ from typing import TYPE_CHECKING
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter
+from pydantic import ValidationError
 
 from gpufaas.cache import ClusterDirectory, Residency
 from gpufaas.cache.arrivals import ArrivalError, ResidencyPolicy, eviction_plan
 from gpufaas.core import node
+from gpufaas.core.node import PrefetchOutcome, PrefetchQueued
 
 if TYPE_CHECKING:
     from gpufaas.scheduler.gateway import Gateway
@@ -534,10 +536,9 @@ def enable_prefetch(
 def _ticket(response: httpx.Response) -> int | None:
     """The ticket a node gave a queued prefetch (None from an older node)."""
     try:
-        ticket = response.json().get("ticket")
-    except (ValueError, AttributeError):
+        return PrefetchQueued.model_validate_json(response.content).ticket
+    except ValidationError:
         return None
-    return ticket if isinstance(ticket, int) and not isinstance(ticket, bool) else None
 
 
 async def _outcome(client: httpx.AsyncClient, ticket: int) -> str | None:
@@ -551,8 +552,10 @@ async def _outcome(client: httpx.AsyncClient, ticket: int) -> str | None:
             timeout=OUTCOME_WAIT_S + 10.0,
         )
         if response.status_code == 200:
-            result = response.json().get("result")
-            return result if isinstance(result, str) else None
+            try:
+                return PrefetchOutcome.model_validate_json(response.content).result
+            except ValidationError:
+                return None
         if response.status_code != 202:
             return None
     return None
