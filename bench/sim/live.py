@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +209,7 @@ async def _drive(
 
 async def replay_open_loop(
     arrivals_s: Sequence[float],
-    one: Callable[[int], Awaitable[None]],
+    one: Callable[[int], Coroutine[Any, Any, None]],
     *,
     max_seconds: float,
     before: Callable[[float], Awaitable[None]] | None = None,
@@ -219,7 +219,7 @@ async def replay_open_loop(
     running then (at least 5 s after the last start) is cancelled. ``before(at)`` runs ahead of
     each arrival's wait (a mark in the run, say)."""
     begin = time.perf_counter()
-    tasks = []
+    tasks: list[asyncio.Task[None]] = []
     for i, at in enumerate(arrivals_s):
         if before is not None:
             await before(at)
