@@ -32,6 +32,7 @@ __all__ = [
     "run_nats",
     "run_seaweedfs",
     "vacuum",
+    "weed_command",
 ]
 
 _READY_S = 30.0
@@ -175,12 +176,7 @@ def _start_seaweedfs(exe: Path, data_dir: Path, *, bucket: str, key: str, secret
     )  # fmt: skip
     # weed dials the admin server's gRPC at its port + 10000
     ports = _distinct_ports(names, paired={"admin.port": 10000})
-    command = [
-        str(exe), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-bucket={bucket}", "-admin.ui=false", "-webdav=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-        *(f"-{name}={port}" for name, port in ports.items()),
-    ]  # fmt: skip
+    command = weed_command(exe, data_dir, ports=ports, bucket=bucket)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
     server_log = data_dir / "weed.log"
     with server_log.open("wb") as log:
@@ -204,6 +200,18 @@ def _start_seaweedfs(exe: Path, data_dir: Path, *, bucket: str, key: str, secret
         _stop(process)
         raise
     return server
+
+
+def weed_command(exe: Path, data_dir: Path, *, ports: Mapping[str, int], bucket: str) -> list[str]:
+    """The ``weed mini`` command line: loopback only, one bucket, no UI or WebDAV, and no
+    usage statistics sent out (``weed``'s master reports them to an outside server unless
+    told not to)."""
+    return [
+        str(exe), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-bucket={bucket}", "-admin.ui=false", "-webdav=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+        *(f"-{name}={port}" for name, port in ports.items()),
+    ]  # fmt: skip
 
 
 def _distinct_ports(names: Sequence[str], *, paired: Mapping[str, int]) -> dict[str, int]:
@@ -241,8 +249,9 @@ def _distinct_ports(names: Sequence[str], *, paired: Mapping[str, int]) -> dict[
 def vacuum(server: S3Server, *, timeout_s: float = 120.0) -> None:
     """Reclaim the disk space of ``server``'s deleted objects now.
 
-    SeaweedFS only marks a deleted object's bytes as garbage; its master compacts a volume
-    when a sweep finds it over ``garbageThreshold`` (every 14 min by default). A channel
+    SeaweedFS only marks a deleted object's bytes as garbage and compacts a volume later, on
+    its own sweep (about 90 s after the deletes with ``weed`` 4.48's ``mini`` in two runs,
+    2026-12-07; ``gpufaas up --channel s3`` relies on it). A channel
     whose receivers delete every message they read (:class:`~gpufaas.core.channels.S3Channel`)
     still fills the disk in between: 1.5 GB a request on RadiX-Net 16,384 x 120 at N = 4.
     """

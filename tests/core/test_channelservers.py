@@ -80,3 +80,13 @@ def test_a_start_that_fails_for_another_reason_is_not_tried_again(
         pass
     assert not isinstance(failed.value, channelservers._PortTaken)
     assert not (tmp_path / "s3" / "start-2").exists()
+
+
+def test_weed_listens_on_loopback_only_and_sends_no_usage_statistics_out(tmp_path: Path) -> None:
+    ports = {"master.port": 9333, "s3.port": 8333}
+    command = channelservers.weed_command(Path("weed"), tmp_path, ports=ports, bucket="fsd")
+    # weed's master reports usage statistics to telemetry.seaweedfs.com unless told not to
+    assert "-master.telemetry=false" in command
+    assert {"-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.port=9333", "-s3.port=8333"} <= set(
+        command
+    )
