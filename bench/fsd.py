@@ -95,6 +95,10 @@ GRID_WIDTH, GRID_WIDTH_DEPTHS = 4096, (8, 16)
 # the channels with a server of their own (NATS, SeaweedFS): the seventeenth session's form
 # fits their relay terms (costmodel.ChannelCost.per_relay_*, the server's time on the path)
 RELAYED = costmodel.RELAYED
+# the eighteenth session's secondary form: direct's relay terms fitted too (a time on the path
+# per message and byte received, on no core: at N = 2 the calibration's own direct runs are
+# fitted 9-11% low by the default, whose direct terms N >= 4 pins over the cores)
+RELAYED_DIRECT = ("direct", *RELAYED)
 # sessions 9-14's form and the default until the seventeenth session's follow-up: the whole
 # contention (w = 1), no relay terms; score() fits its controls with it, as they were
 W1: dict[str, Any] = {"contention_weight": 1.0, "relay": False}
@@ -1232,6 +1236,7 @@ def fit_constants(
     contention_weight: float = costmodel.SERVED_CONTENTION,
     channel_depths: tuple[int, ...] | None = None,
     relay: bool = True,
+    relayed: tuple[str, ...] = RELAYED,
 ) -> costmodel.Constants:
     """The constants from a calibration's runs. With ``probe``, each run's seconds are first
     scaled to one speed (the median of the calibration's probes) by its own probe, and the
@@ -1255,8 +1260,11 @@ def fit_constants(
     calibration of sessions 4-15, scored beside as ``costmodel_shallow_calibration``).
     ``relay`` (seventeenth session) fits the :data:`RELAYED` channels' relay terms (the
     server's time for what a shard receives, on its path and on no shard's core); without,
-    they are 0. The defaults, ``contention_weight`` = ``costmodel.SERVED_CONTENTION`` and
-    ``relay``, are the product's default form (the seventeenth session's follow-up, chosen
+    they are 0. ``relayed`` names the channels whose relay terms are fitted (eighteenth
+    session: :data:`RELAYED_DIRECT` fits direct's too, an on-path time per message received
+    with no server behind it; scored beside as ``costmodel_relay_direct``). The defaults,
+    ``contention_weight`` = ``costmodel.SERVED_CONTENTION``, ``relay`` and ``relayed`` =
+    :data:`RELAYED`, are the product's default form (the seventeenth session's follow-up, chosen
     post hoc; until then ``w`` = 1 without the relay: ``W1``, scored as ``costmodel_w1``)."""
     if channel_depths is not None:  # as if the other depths had never run (their probes too)
         measured = {**measured, "channels": [r for r in measured["channels"]
@@ -1302,12 +1310,13 @@ def fit_constants(
                                     (_channel_profile(r), r["batch"], at_reference(r)), base=base)
                 for r, s in pairs if r["channel"] == channel
             )}  # fmt: skip
-    relayed = [name for name in runs if name in RELAYED] if relay else []
+    relayed_here = [name for name in runs if name in relayed] if relay else []
     if served_contention:
         fitted = costmodel.fit_channels_and_contention(runs, base=base, shared=shared,
-                                                       fixed=fixed, relayed=relayed)  # fmt: skip
+                                                       fixed=fixed, relayed=relayed_here)  # fmt: skip
         return dataclasses.replace(fitted, probe_s=reference)
-    costs = costmodel.fit_channels(runs, base=base, shared=shared, fixed=fixed, relayed=relayed)
+    costs = costmodel.fit_channels(runs, base=base, shared=shared, fixed=fixed,
+                                   relayed=relayed_here)  # fmt: skip
     return dataclasses.replace(base, channels=costs, probe_s=reference)
 
 
@@ -1608,6 +1617,8 @@ def score(
         alternatives["costmodel_relay"] = refit(
             contention_weight=costmodel.SERVED_CONTENTION, relay=True
         )
+        # the eighteenth session's secondary: direct's relay terms fitted too
+        alternatives["costmodel_relay_direct"] = refit(relayed=RELAYED_DIRECT)
         # the follow-up's rounds: the same default form fitted on each run's first round
         # alone (one timing per configuration, as every calibration before it)
         if any("rounds_seconds" in r for r in runs["channels"]):
