@@ -11,6 +11,16 @@ seventeenth session").
     python bench/fsd-relay.py --summary bench/fsd-grid-s17-seed24.json
     python bench/fsd-relay.py --rounds bench/fsd-calibration-s17b.json
 
+``--per-round`` (eighteenth session) reads every stored hold's N = 2 cells of one channel
+(``--channel``, direct by default) against the model's exchange rounds: the layers where a
+shard reads remote values, each charged ``c_msg + c_sync`` (+ bytes) by the model. Per cell:
+what the measurement leaves per round after the model's compute and fixed parts, against
+what the model charges; and per calibration, the same for its own N = 2 runs, and the median
+error of the default fit on its own runs by channel and shard count (in-sample).
+
+    python bench/fsd-relay.py --per-round
+    python bench/fsd-relay.py --score   # every stored hold, each form (s17b's holds too)
+
 ``--summary`` reads one grid report's scores as the seventeenth session's plan declared
 them: per model, the cells within 25% (median of the repetitions), the strict picks, the
 mean |error| with its 95% t upper bound over the cells, and how many cells' 95% t interval
@@ -45,11 +55,22 @@ _spec.loader.exec_module(fsd)
 HOLDS = [("s14-1", "s14-1"), ("s14-2", "s14-2"), ("s15", "s15"), ("s15-18", "s15-18"),
          ("s16-1024x120", "s16"), ("s16-4096x120", "s16"), ("s16-seed21", "s16"),
          ("s16-1024x120-seed22", "s16"), ("s16-16384x120-i", "s16"),
-         ("s15-1024x120", "s15"), ("s17-seed24", "s17"), ("s17-seed25", "s17")]  # fmt: skip
+         ("s15-1024x120", "s15"), ("s17-seed24", "s17"), ("s17-seed25", "s17"),
+         ("s17b-seed26", "s17b"), ("s17b-seed27", "s17b"),
+         ("s18-seed28", "s18"), ("s18-seed29", "s18")]  # fmt: skip
+# the holds --per-round reads: every one above but s15's defect hold
+ROUND_HOLDS = [h for h in HOLDS if h[0] != "s15-1024x120"]
 FORMS: dict[str, dict[str, Any]] = {
     "w = 1": {"contention_weight": 1.0, "relay": False},
-    "w = 0.3": {"contention_weight": costmodel.SERVED_CONTENTION},
+    # without the relay: since the follow-up the bench's default fits it (relay=True)
+    "w = 0.3": {"contention_weight": costmodel.SERVED_CONTENTION, "relay": False},
     "relay, w = 0.3": {"contention_weight": costmodel.SERVED_CONTENTION, "relay": True},
+    # eighteenth session: direct's relay terms fitted too (bench/fsd.py RELAYED_DIRECT)
+    "relay with direct's, w = 0.3": {
+        "contention_weight": costmodel.SERVED_CONTENTION,
+        "relay": True,
+        "relayed": fsd.RELAYED_DIRECT,
+    },
 }
 
 
@@ -116,7 +137,8 @@ def score() -> None:
                   f"{res['picks_fastest']}/{len(res['choices'])} {misses}")  # fmt: skip
 
 
-MODELS = ("costmodel", "costmodel_relay", "costmodel_first_round", "costmodel_relay_grid_width",
+MODELS = ("costmodel", "costmodel_relay", "costmodel_relay_direct", "costmodel_first_round",
+          "costmodel_relay_grid_width",
           "costmodel_served_contention", "costmodel_w1", "costmodel_shallow_calibration")  # fmt: skip
 
 
@@ -182,6 +204,79 @@ def rounds(path: Path) -> None:
                   f"({min(others):.2f}-{max(others):.2f})")  # fmt: skip
 
 
+def _without_channel(c: costmodel.Constants, channel: str) -> costmodel.Constants:
+    """``c`` with ``channel``'s message, byte, wait and relay terms at 0 (its call to a shard
+    kept): what the model charges a split for everything but its exchanges."""
+    cost = dataclasses.replace(c.channels[channel], per_message_s=0.0, per_byte_s=0.0,
+                               per_sync_s=0.0, per_wake_s=0.0, per_relay_message_s=0.0,
+                               per_relay_byte_s=0.0)  # fmt: skip
+    return dataclasses.replace(c, channels={**c.channels, channel: cost})
+
+
+def _per_round(p: costmodel.Profile, batch: int, channel: str, c: costmodel.Constants,
+               measured: float) -> tuple[int, float, float, float]:  # fmt: skip
+    """(exchange rounds, predicted seconds, measured and predicted seconds per round beyond
+    the model's compute and fixed parts)."""
+    rounds = int((p.sync.max(axis=1) > 0).sum())
+    predicted = costmodel.predict(p, batch=batch, channel=channel, constants=c)
+    rest = costmodel.predict(p, batch=batch, channel=channel,
+                             constants=_without_channel(c, channel))  # fmt: skip
+    return (
+        rounds,
+        predicted,
+        (measured - rest) / max(rounds, 1),
+        (predicted - rest) / max(rounds, 1),
+    )
+
+
+def per_round(channel: str) -> None:
+    seen: set[str] = set()
+    for g, cal_name in ROUND_HOLDS:
+        grid = json.loads((ROOT / "bench" / f"fsd-grid-{g}.json").read_text())
+        cal = json.loads((ROOT / "bench" / f"fsd-calibration-{cal_name}.json").read_text())
+        runs = cal["calibration"]["runs"]
+        fitted = {**runs, "channels": [r for r in runs["channels"] if not fsd._grid_width(r)]}
+        c = fsd.fit_constants(fitted, cores=2)
+        net = radix_net(grid["net"]["neurons"], grid["net"]["layers"])
+        reps: dict[str, list[float]] = {}
+        for r in grid.get("grid_repetitions", []):
+            if "failed" not in r and r["shards"] == 2 and r["channel"] == channel:
+                reps.setdefault(r["method"], []).append(round(r["latency_s"] * 1e3, 1))
+        print(f"{g} ({grid['net']['neurons']} x {grid['net']['layers']}), calibration {cal_name}")
+        for r in sorted(grid["grid"], key=lambda r: r["method"]):
+            if "failed" in r or r["shards"] != 2 or r["channel"] != channel:
+                continue
+            p = fsd._grid_profile(net, 2, r["method"], int(r.get("seed", 0)))
+            here = costmodel.at_speed(c, r["probe_s"])
+            n, predicted, meas, model = _per_round(p, r["batch"], channel, here, r["latency_s"])
+            kib = r["batch"] * 4 * p.values.sum() / max(p.messages.sum(), 1) / 1024
+            print(f"  {r['method']:10s} {r['latency_s'] * 1e3:6.1f} ms, predicted "
+                  f"{predicted * 1e3:6.1f} ({predicted / r['latency_s'] - 1:+.2f}); {n:3d} rounds "
+                  f"of {kib:.0f} KiB, {p.ops.mean():.2f} products a layer; per round measured "
+                  f"{meas * 1e3:.3f} ms, model {model * 1e3:.3f} ms; repetitions "
+                  f"{reps.get(r['method'], [])}")  # fmt: skip
+        if cal_name in seen:
+            continue
+        seen.add(cal_name)
+        probes = [r["probe_s"] for part in ("compute", "coordinator", "channels")
+                  for r in runs[part] if "probe_s" in r]  # fmt: skip
+        reference = float(np.median(probes))
+        own, errors = [], {}
+        for r in runs["channels"]:
+            p = fsd._channel_profile(r)
+            measured = r["seconds"] * reference / r["probe_s"]
+            n, predicted, meas, _ = _per_round(p, r["batch"], r["channel"], c, measured)
+            if r["channel"] == channel and r["shards"] == 2 and "split" not in r:
+                own.append(meas * 1e3)
+            if not fsd._grid_width(r):
+                errors.setdefault((r["channel"], r["shards"]), []).append(predicted / measured - 1)
+        print(f"  calibration {cal_name}: its {channel} N = 2 runs' per round measured median "
+              f"{np.median(own):.3f} ms ({min(own):.3f}-{max(own):.3f}); the default fit on "
+              "its own runs, median error: " + ", ".join(
+                  f"N = {n} {np.median(e):+.3f}" for (ch, n), e in sorted(errors.items())
+                  if ch == channel))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decompose", nargs=2, type=Path, metavar=("GRID", "CAL"))
@@ -189,6 +284,8 @@ def main() -> None:
     parser.add_argument("--score", action="store_true")
     parser.add_argument("--summary", type=Path, metavar="REPORT")
     parser.add_argument("--rounds", type=Path, metavar="CAL", help="a calibration's rounds")
+    parser.add_argument("--per-round", action="store_true", help="N = 2 exchange rounds")
+    parser.add_argument("--channel", default="direct", help="the channel --per-round reads")
     args = parser.parse_args()
     if args.decompose:
         form = FORMS["relay, w = 0.3" if args.relay else "w = 0.3"]
@@ -199,6 +296,8 @@ def main() -> None:
         summary(args.summary)
     if args.rounds:
         rounds(args.rounds)
+    if args.per_round:
+        per_round(args.channel)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Sections (each prints a table; everything lands in ``--out`` as JSON and PNG plo
    (closed loop, ``--concurrency`` requests in flight), plus the launch time of each set
    through the tree. ``--repeats R`` runs every configuration R times, each repetition in
    its own shuffled order, and a cell is the median of its repetitions; ``--seed`` draws the
-   inputs and the random / hypergraph partitions (0: sessions 4-13).
+   inputs and the random / hypergraph partitions (0: sessions 4-13). ``--cells
+   2-direct-block,...`` runs only those cells (one cell's repetitions again, say).
 3. **mlp**: a dense MLP larger than one device's budget: it fails to launch on one shard
    and serves on 4 and 8 (``--mlp-only``; with ``--cpu-devices 2`` a node holds two
    shards, one per device).
@@ -52,7 +53,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,10 @@ GRID_WIDTH, GRID_WIDTH_DEPTHS = 4096, (8, 16)
 # the channels with a server of their own (NATS, SeaweedFS): the seventeenth session's form
 # fits their relay terms (costmodel.ChannelCost.per_relay_*, the server's time on the path)
 RELAYED = costmodel.RELAYED
+# the eighteenth session's secondary form: direct's relay terms fitted too (a time on the path
+# per message and byte received, on no core: at N = 2 the calibration's own direct runs are
+# fitted 9-11% low by the default, whose direct terms N >= 4 pins over the cores)
+RELAYED_DIRECT = ("direct", *RELAYED)
 # sessions 9-14's form and the default until the seventeenth session's follow-up: the whole
 # contention (w = 1), no relay terms; score() fits its controls with it, as they were
 W1: dict[str, Any] = {"contention_weight": 1.0, "relay": False}
@@ -227,7 +232,7 @@ async def measure(
 
 def grid_configs(
     max_shards: int,
-    channels: dict[str, ChannelConfig],
+    channels: Iterable[str],
     methods: tuple[str, ...] = ("hypergraph", "random", "block"),
     *,
     every_method: bool = False,
@@ -246,6 +251,24 @@ def grid_configs(
                 for method in methods if every_method else ("hypergraph",):
                     configs.append((shards, channel, method))
     return configs
+
+
+def select_cells(configs: list[tuple[int, str, str]], cells: str) -> list[tuple[int, str, str]]:
+    """The configurations of ``configs`` that ``cells`` names (``--cells``: comma-separated
+    ``N-channel-method``, e.g. ``2-direct-block,4-nats-random``; N = 1 is ``1-direct-block``),
+    in the grid's order: so one cell's repetitions can be run again alone. A name that is not
+    ``N-channel-method``, or is no configuration of this grid, is a ValueError naming it."""
+    wanted = []
+    for name in (part.strip() for part in cells.split(",")):
+        shards, _, rest = name.partition("-")
+        channel, _, method = rest.partition("-")
+        if not shards.isdigit() or not channel or not method:
+            raise ValueError(f"--cells: {name!r} is not N-channel-method (e.g. 2-direct-block)")
+        wanted.append((int(shards), channel, method))
+    missing = ["-".join(map(str, w)) for w in wanted if w not in configs]
+    if missing:
+        raise ValueError(f"--cells: not a cell of this grid: {', '.join(missing)}")
+    return [c for c in configs if c in wanted]
 
 
 def repetition_orders(
@@ -354,6 +377,8 @@ async def run_grid(
     profiles: dict[tuple[int, str], costmodel.Profile] = {}  # for the cost column
     configs = grid_configs(len(urls), channels, tuple(args.methods.split(",")),
                            every_method=args.every_method)  # fmt: skip
+    if args.cells:  # a subset, e.g. one cell's repetitions again
+        configs = select_cells(configs, args.cells)
     runs = [(repetition, config)
             for repetition, order in enumerate(repetition_orders(configs, repeats=args.repeats,
                                                                  seed=args.seed))
@@ -1119,6 +1144,48 @@ def first_round(measured: dict[str, Any]) -> dict[str, Any]:
     ]}  # fmt: skip
 
 
+def unsharded_configs() -> list[dict[str, Any]]:
+    """The unsharded calibration configurations (the coordinator's runs), in the order one
+    round runs them: 1,024 / 2,048 / 4,096 wide at each of :data:`UNSHARDED_DEPTHS` (two
+    depths, s13 wave 2: a served pass's compute over the in-process one,
+    ``costmodel.fit_coordinator``, grows with depth; ``c_io`` does not)."""
+    return [{"name": f"cal-{width}-{depth}", "width": width, "depth": depth}
+            for width in (1024, 2048, 4096) for depth in UNSHARDED_DEPTHS]  # fmt: skip
+
+
+def calibration_schedule(
+    rounds: int, channels: Sequence[str], nodes: int
+) -> list[tuple[int, str, dict[str, Any]]]:
+    """The calibration's timed configurations in order, as ``(round, kind, config)``: each of
+    ``rounds`` rounds runs every unsharded configuration (:func:`unsharded_configs`, kind
+    ``"unsharded"``) and then every sharded one (:func:`sharded_configs`, ``"sharded"``),
+    each deployed, timed and removed, so a configuration's rounds are interleaved with every
+    other's, never back to back (eighteenth session: the unsharded runs too; before, they
+    ran twice, before and after the sharded rounds)."""
+    return [(index, kind, config) for index in range(rounds)
+            for kind, configs in (("unsharded", unsharded_configs()),
+                                  ("sharded", sharded_configs(channels, nodes)))
+            for config in configs]  # fmt: skip
+
+
+def calibration_rows(
+    timed: Mapping[tuple[str, int], Sequence[dict[str, float]]],
+    channels: Sequence[str],
+    nodes: int,
+    batches: Sequence[int],
+) -> dict[str, list[dict[str, Any]]]:
+    """The calibration's ``coordinator`` and ``channels`` rows from every configuration's
+    timed rounds (``timed[(name, batch)]``, one entry a round): each the median of its
+    rounds (:func:`median_of_rounds`), the unsharded runs as the sharded ones (eighteenth
+    session: before, an unsharded run kept the lower of its two rounds, so the coordinator's
+    constants, which every sharded run's fit takes off first, rested on the fast reading)."""
+    unsharded = [median_of_rounds(c, b, timed[(c["name"], b)])
+                 for c in unsharded_configs() for b in batches]  # fmt: skip
+    sharded = [median_of_rounds(c, b, timed[(c["name"], b)])
+               for c in sharded_configs(channels, nodes) for b in batches]  # fmt: skip
+    return {"coordinator": unsharded, "channels": sharded}
+
+
 async def calibrate(
     urls: list[str],
     channels: dict[str, ChannelConfig],
@@ -1130,18 +1197,15 @@ async def calibrate(
 ) -> dict[str, Any]:
     """Measure the cost model's calibration runs on calibration nets, never on the grid's net
     (see :mod:`gpufaas.scheduler.costmodel`): compute in-process per shard; the coordinator
-    from unsharded runs on real managers (1,024 / 2,048 / 4,096 x 8 and x 16); each channel
-    from :func:`sharded_configs`. Every run has a speed probe beside it (between its timed
+    from unsharded runs on real managers (:func:`unsharded_configs`); each channel from
+    :func:`sharded_configs`. Every run has a speed probe beside it (between its timed
     requests), and records ``others_ms``: the CPU per request of processes other than this one
     and ``pids`` (the managers), i.e. the NATS / S3 server's, as the grid's cells do.
 
-    Every sharded configuration is deployed, timed and removed in each of ``rounds`` rounds,
-    the rounds interleaved (round 1 over every configuration, then round 2, ...), and its row
-    is the median of its rounds (:func:`median_of_rounds`). Every run is measured before
-    anything is fitted (:func:`fit_constants`), and the unsharded runs twice, before and after
-    the channels' runs, keeping the lower median of each: interference on a shared machine
-    only ever slows a run down, and the coordinator's two constants rest on six runs
-    (bench/RESULTS.md, session 4, round B)."""
+    Every configuration, unsharded and sharded, is deployed, timed and removed in each of
+    ``rounds`` rounds, the rounds interleaved (:func:`calibration_schedule`), and its row is
+    the median of its rounds (:func:`calibration_rows`). Every run is measured before
+    anything is fitted (:func:`fit_constants`)."""
     measured: dict[str, Any] = {"compute": calibrate_compute(batch),
                                 "contention": contention_of(os.cpu_count() or 1, batch=batch),
                                 "coordinator": [], "channels": [], "rounds": rounds}  # fmt: skip
@@ -1165,56 +1229,35 @@ async def calibrate(
         return {"seconds": statistics.median(times), "probe_s": statistics.median(passes),
                 "others_ms": others / count * 1e3}  # fmt: skip
 
-    async def unsharded(rounds: dict[tuple[int, int, int], list[tuple[float, float]]]) -> None:
-        # two depths (s13 wave 2): a served pass's compute over the in-process one
-        # (costmodel.fit_coordinator) grows with depth, c_io does not
-        for width, depth in ((w, d) for w in (1024, 2048, 4096) for d in UNSHARDED_DEPTHS):
-            name = f"cal-{width}-{depth}"
-            await coordinator.deploy(
-                name, radix_net(width, depth), Parallelism(shards=1, strategy="intra-layer"),
-                nodes=urls[:1],
-            )  # fmt: skip
-            for b in batches:
-                key = (width, depth, b)
-                one = await median_latency(name, b, width)
-                rounds.setdefault(key, []).append((one["seconds"], one["probe_s"]))
-            await coordinator.remove(name)
-
-    unsplit: dict[tuple[int, int, int], list[tuple[float, float]]] = {}
-    configs = sharded_configs(list(channels), len(urls))
     timed: dict[tuple[str, int], list[dict[str, float]]] = {}
     try:
-        await unsharded(unsplit)
-        for index in range(rounds):
-            for config in configs:
-                name, channel = config["name"], config["channel"]
+        for index, kind, config in calibration_schedule(rounds, list(channels), len(urls)):
+            name = config["name"]
+            if kind == "unsharded":
+                width, count = config["width"], 7
+                await coordinator.deploy(
+                    name, radix_net(width, config["depth"]),
+                    Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1],
+                )  # fmt: skip
+            else:
+                width, count = config["neurons"], 5
                 await coordinator.deploy(
                     name, _config_net(config),
-                    Parallelism(shards=config["shards"], strategy="intra-layer", channel=channel),
+                    Parallelism(shards=config["shards"], strategy="intra-layer",
+                                channel=config["channel"]),
                     nodes=urls[: config["shards"]], method=config["method"],
-                    channel=channels[channel], seed=2,
+                    channel=channels[config["channel"]], seed=2,
                 )  # fmt: skip
-                for b in batches:
-                    one = await median_latency(name, b, config["neurons"], 5)
-                    timed.setdefault((name, b), []).append(one)
-                    print(f"  round {index + 1}/{rounds} channel {name} batch {b}: "
-                          f"{one['seconds'] * 1e3:.1f} ms (probe {one['probe_s'] * 1e3:.2f} ms,"
-                          f" others {one['others_ms']:.1f} ms)", flush=True)  # fmt: skip
-                await coordinator.remove(name)
-        await unsharded(unsplit)
+            for b in batches:
+                one = await median_latency(name, b, width, count)
+                timed.setdefault((name, b), []).append(one)
+                print(f"  round {index + 1}/{rounds} {kind} {name} batch {b}: "
+                      f"{one['seconds'] * 1e3:.1f} ms (probe {one['probe_s'] * 1e3:.2f} ms,"
+                      f" others {one['others_ms']:.1f} ms)", flush=True)  # fmt: skip
+            await coordinator.remove(name)
     finally:
         await coordinator.close()
-    measured["channels"] = [median_of_rounds(config, b, timed[(config["name"], b)])
-                            for config in configs for b in batches]  # fmt: skip
-    for (width, depth, b), both in unsplit.items():
-        seconds, probe = min(both)
-        measured["coordinator"].append({"width": width, "depth": depth, "batch": b,
-                                        "seconds": seconds,
-                                        "probe_s": probe,
-                                        "both_rounds": [s for s, _ in both],
-                                        "both_probes": [q for _, q in both]})  # fmt: skip
-        print(f"  coordinator N=1 width {width} x {depth} batch {b}: "
-              f"{[round(s * 1e3, 2) for s, _ in both]} ms", flush=True)  # fmt: skip
+    measured.update(calibration_rows(timed, list(channels), len(urls), batches))
     return measured
 
 
@@ -1232,6 +1275,7 @@ def fit_constants(
     contention_weight: float = costmodel.SERVED_CONTENTION,
     channel_depths: tuple[int, ...] | None = None,
     relay: bool = True,
+    relayed: tuple[str, ...] = RELAYED,
 ) -> costmodel.Constants:
     """The constants from a calibration's runs. With ``probe``, each run's seconds are first
     scaled to one speed (the median of the calibration's probes) by its own probe, and the
@@ -1255,8 +1299,11 @@ def fit_constants(
     calibration of sessions 4-15, scored beside as ``costmodel_shallow_calibration``).
     ``relay`` (seventeenth session) fits the :data:`RELAYED` channels' relay terms (the
     server's time for what a shard receives, on its path and on no shard's core); without,
-    they are 0. The defaults, ``contention_weight`` = ``costmodel.SERVED_CONTENTION`` and
-    ``relay``, are the product's default form (the seventeenth session's follow-up, chosen
+    they are 0. ``relayed`` names the channels whose relay terms are fitted (eighteenth
+    session: :data:`RELAYED_DIRECT` fits direct's too, an on-path time per message received
+    with no server behind it; scored beside as ``costmodel_relay_direct``). The defaults,
+    ``contention_weight`` = ``costmodel.SERVED_CONTENTION``, ``relay`` and ``relayed`` =
+    :data:`RELAYED`, are the product's default form (the seventeenth session's follow-up, chosen
     post hoc; until then ``w`` = 1 without the relay: ``W1``, scored as ``costmodel_w1``)."""
     if channel_depths is not None:  # as if the other depths had never run (their probes too)
         measured = {**measured, "channels": [r for r in measured["channels"]
@@ -1302,12 +1349,13 @@ def fit_constants(
                                     (_channel_profile(r), r["batch"], at_reference(r)), base=base)
                 for r, s in pairs if r["channel"] == channel
             )}  # fmt: skip
-    relayed = [name for name in runs if name in RELAYED] if relay else []
+    relayed_here = [name for name in runs if name in relayed] if relay else []
     if served_contention:
         fitted = costmodel.fit_channels_and_contention(runs, base=base, shared=shared,
-                                                       fixed=fixed, relayed=relayed)  # fmt: skip
+                                                       fixed=fixed, relayed=relayed_here)  # fmt: skip
         return dataclasses.replace(fitted, probe_s=reference)
-    costs = costmodel.fit_channels(runs, base=base, shared=shared, fixed=fixed, relayed=relayed)
+    costs = costmodel.fit_channels(runs, base=base, shared=shared, fixed=fixed,
+                                   relayed=relayed_here)  # fmt: skip
     return dataclasses.replace(base, channels=costs, probe_s=reference)
 
 
@@ -1608,6 +1656,8 @@ def score(
         alternatives["costmodel_relay"] = refit(
             contention_weight=costmodel.SERVED_CONTENTION, relay=True
         )
+        # the eighteenth session's secondary: direct's relay terms fitted too
+        alternatives["costmodel_relay_direct"] = refit(relayed=RELAYED_DIRECT)
         # the follow-up's rounds: the same default form fitted on each run's first round
         # alone (one timing per configuration, as every calibration before it)
         if any("rounds_seconds" in r for r in runs["channels"]):
@@ -1910,6 +1960,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="grid: repetitions, each in its own shuffled order; a cell is "
                              "the median of its repetitions")  # fmt: skip
+    parser.add_argument("--cells", default=None,
+                        help="grid: only these cells, N-channel-method,... (e.g. "
+                             "2-direct-block,4-nats-random)")  # fmt: skip
     parser.add_argument("--cpu-devices", type=int, default=1, help="CPU devices per manager")
     parser.add_argument("--mlp-only", action="store_true",
                         help="section 3 only (with --cpu-devices 2: 2 shards per node)")  # fmt: skip
@@ -1917,6 +1970,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.repeats < 1 or args.cpu_devices < 1:
         parser.error("--repeats and --cpu-devices must be at least 1")
+    if args.cells is not None:  # before any manager starts: a clear error, not a late one
+        channels = ["direct", *(c for c in args.channels.split(",") if c != "direct")]
+        try:
+            select_cells(grid_configs(args.nodes, channels, tuple(args.methods.split(",")),
+                                      every_method=args.every_method), args.cells)  # fmt: skip
+        except ValueError as e:
+            parser.error(str(e))
     report = asyncio.run(main_async(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -222,3 +222,27 @@ def test_the_default_form_is_the_relay_form_at_the_served_weight_and_w1_is_score
                        fsd.fit_constants(runs, cores=2, contention_weight=1.0, relay=False))  # fmt: skip
     assert scored["costmodel_w1"]["cell_predicted_s"] == old["cell_predicted_s"]
     assert old["cell_predicted_s"] != scored["costmodel"]["cell_predicted_s"]
+
+
+def test_the_relay_direct_control_fits_directs_relay_and_the_default_does_not() -> None:
+    """The eighteenth session's secondary form, ``costmodel_relay_direct``: the default fit
+    with direct's relay terms fitted too (``fit_constants(relayed=RELAYED_DIRECT)``). On the
+    s17b calibration the default leaves direct's relay at 0; the control finds an on-path
+    time per message, and the bench scores it beside the default, which it leaves as it was."""
+    calibration = json.loads((ROOT / "bench" / "fsd-calibration-s17b.json").read_text())
+    runs = calibration["calibration"]["runs"]
+    default = fsd.fit_constants(runs, cores=2)
+    control = fsd.fit_constants(runs, cores=2, relayed=fsd.RELAYED_DIRECT)
+    assert default.channels["direct"].per_relay_message_s == 0
+    assert control.channels["direct"].per_relay_message_s > 0
+    assert "direct" in fsd.RELAYED_DIRECT and "direct" not in fsd.RELAYED
+    net = radix_net(1024, 4)
+    grid = [_row(c, 0, 2.0 + i) for i, c in enumerate([(1, "direct", "block"),
+                                                      (2, "direct", "block")])]  # fmt: skip
+    scored = fsd.score(net, [dict(r) for r in grid], calibration["calibration"])
+    assert scored["costmodel_relay_direct"]["cell_predicted_s"] != pytest.approx(
+        scored["costmodel"]["cell_predicted_s"]
+    )
+    assert scored["costmodel"]["cell_predicted_s"] == pytest.approx(
+        scored["costmodel_relay"]["cell_predicted_s"]
+    )

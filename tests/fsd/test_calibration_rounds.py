@@ -70,3 +70,52 @@ def test_the_first_round_control_sees_each_runs_first_round() -> None:
     first = fsd.first_round({**runs, "channels": rows})
     assert [r["seconds"] for r in first["channels"]] == [2 * r["seconds"] for r in runs["channels"]]
     assert first["coordinator"] == runs["coordinator"] and first["compute"] == runs["compute"]
+
+
+def test_every_round_runs_every_unsharded_configuration_then_every_sharded_one() -> None:
+    """The eighteenth session: the unsharded runs are timed in every round, as the sharded
+    ones, each round running all of them before the sharded configurations (before, they
+    ran twice, before and after every sharded round)."""
+    channels, nodes, rounds = ["direct", "nats", "s3"], 8, 3
+    schedule = fsd.calibration_schedule(rounds, channels, nodes)
+    unsharded, sharded = fsd.unsharded_configs(), fsd.sharded_configs(channels, nodes)
+    assert len({c["name"] for c in unsharded + sharded}) == len(unsharded) + len(sharded)
+    for index in range(rounds):
+        steps = [(kind, config) for i, kind, config in schedule if i == index]
+        assert steps == [("unsharded", c) for c in unsharded] + [("sharded", c) for c in sharded]
+    assert [i for i, _, _ in schedule] == sorted(i for i, _, _ in schedule)
+    widths = [(c["width"], c["depth"]) for c in unsharded]
+    assert widths == list(
+        dict.fromkeys((r["width"], r["depth"]) for r in S17["runs"]["coordinator"])
+    )
+
+
+def test_an_unsharded_row_is_the_median_of_its_rounds_not_the_fastest() -> None:
+    """Every row the fit sees, unsharded and sharded, is the median of its rounds: rounds of
+    1.3x, 0.75x and 1x each stored run rebuild the stored calibration's rows and fit; keeping
+    an unsharded run's fastest round (its rule until the eighteenth session) would not."""
+    channels, nodes, batches = ["direct", "nats", "s3"], 8, (16, 64)
+    runs = S17["runs"]
+    stored = {(c["name"], b): r for c, b, r in (
+        *((c, r["batch"], r) for c in fsd.unsharded_configs() for r in runs["coordinator"]
+          if (r["width"], r["depth"]) == (c["width"], c["depth"])),
+        *((c, r["batch"], r) for c in fsd.sharded_configs(channels, nodes)
+          for r in runs["channels"] if _key(r) == _key(c)),
+    )}  # fmt: skip
+    assert len(stored) == 2 * (
+        len(fsd.unsharded_configs()) + len(fsd.sharded_configs(channels, nodes))
+    )
+    timed = {key: [{"seconds": f * r["seconds"], "probe_s": r["probe_s"], "others_ms": 0.0}
+                   for f in (1.3, 0.75, 1.0)] for key, r in stored.items()}  # fmt: skip
+    rows = fsd.calibration_rows(timed, channels, nodes, batches)
+    assert [r["seconds"] for r in rows["coordinator"]] == [
+        r["seconds"] for r in runs["coordinator"]
+    ]
+    assert [(r["width"], r["depth"], r["batch"]) for r in rows["coordinator"]] == [
+        (r["width"], r["depth"], r["batch"]) for r in runs["coordinator"]
+    ]
+    assert all(len(r["rounds_seconds"]) == 3 for r in rows["coordinator"] + rows["channels"])
+    fit = fsd.fit_constants({**runs, **rows}, cores=2)
+    assert fit == fsd.fit_constants(runs, cores=2)
+    fastest = [{**r, "seconds": 0.75 * r["seconds"]} for r in runs["coordinator"]]
+    assert fit != fsd.fit_constants({**runs, "coordinator": fastest}, cores=2)
