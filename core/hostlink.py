@@ -224,7 +224,15 @@ class LinkServer:
     ``deliver(notice, values)`` files one message (``notice`` is the sender's header, its
     envelope fields among them) and returns its status: 202, 208 or 404. ``serve(notice,
     values)`` runs one call (a notice of kind ``call``: the coordinator's request to a shard)
-    and returns its outcome; without it, calls are answered 501."""
+    and returns its outcome; without it, calls are answered 501.
+
+    :meth:`start` listens once, however many callers start it at the same time (a node's
+    shards start it as they load, several at once where a set has more than one shard on the
+    node): each gets the one endpoint. Before the eighteenth session each start made a server
+    of its own and dropped the one before it unclosed; under uvloop (the manager's loop) the
+    collector closes a dropped server's socket twice, and the second close shut whatever file
+    another thread had opened under that number in between (the host-link test's ``[4-2]``
+    case lost a link that way, its CA bundle read failing in the peer lookup)."""
 
     def __init__(
         self,
@@ -238,31 +246,34 @@ class LinkServer:
         self._base = directory or shared_directory()
         self._dir: Path | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._starting = asyncio.Lock()  # one start at a time: one server, one endpoint
         self.endpoint: LinkEndpoint | None = None
 
     async def start(self) -> LinkEndpoint:
-        if self.endpoint is not None:
+        async with self._starting:
+            if self.endpoint is not None:
+                return self.endpoint
+            await asyncio.to_thread(sweep, self._base)
+            self._dir = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=self._base))  # 0700
+            path = self._dir / "link.sock"
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_unix_server(
+                lambda: _Receiver(self._deliver, self._serve), str(path)
+            )
+            self.endpoint = LinkEndpoint(host_identity(self._base), str(path))
             return self.endpoint
-        await asyncio.to_thread(sweep, self._base)
-        self._dir = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=self._base))  # 0700
-        path = self._dir / "link.sock"
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(
-            lambda: _Receiver(self._deliver, self._serve), str(path)
-        )
-        self.endpoint = LinkEndpoint(host_identity(self._base), str(path))
-        return self.endpoint
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        if self._dir is not None:
-            with contextlib.suppress(OSError):
-                (self._dir / "link.sock").unlink()
-                self._dir.rmdir()
-            self._dir = None
-        self.endpoint = None
+        async with self._starting:  # after a start under way: its server is closed too
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            if self._dir is not None:
+                with contextlib.suppress(OSError):
+                    (self._dir / "link.sock").unlink()
+                    self._dir.rmdir()
+                self._dir = None
+            self.endpoint = None
 
 
 class _Spans:

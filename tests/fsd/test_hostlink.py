@@ -534,3 +534,22 @@ async def test_a_sender_of_another_link_version_is_refused_at_once_naming_both(
     finally:
         writer.close()
         await receiver.server.close()
+
+
+async def test_a_link_server_started_by_several_shards_at_once_listens_once(
+    tmp_path: Path,
+) -> None:
+    """A node's shards start its link server as they load, several at once where a set has
+    more than one shard on the node (the [4-2] case above): every start gets the one
+    endpoint, one socket is made, and closing leaves nothing behind. Before, each start made
+    a server of its own and dropped the one before it unclosed; under uvloop the collector
+    then closed that server's socket twice, shutting another thread's file in between."""
+    receiver = _Receiver(tmp_path)
+    try:
+        endpoints = await asyncio.gather(*(receiver.server.start() for _ in range(4)))
+        assert len(set(endpoints)) == 1
+        assert len(list(tmp_path.glob("gpufaas-fsd-sock-*"))) == 1
+        assert await receiver.server.start() == endpoints[0]  # started: the same one
+    finally:
+        await receiver.server.close()
+    assert not list(tmp_path.glob("gpufaas-fsd-sock-*"))
