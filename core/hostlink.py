@@ -13,8 +13,9 @@ Over loopback HTTP a 512 KiB partial result costs 0.5-1.1 ms of CPU across its t
   endpoint once; where the identities match (same boot, same ``/dev/shm`` mount: a separate
   pod's ``/dev/shm`` differs) it connects to the socket, else the direct channel stays on
   HTTP for that peer. Such a no is remembered; a setup that failed for a reason that may pass
-  (no endpoint in time, the socket refused or gone, the hello unanswered, ``/dev/shm`` full)
-  is tried again in the background after a backoff (1 s, doubling up to 60 s), and the
+  (no endpoint in time, the peer's state answered 5xx, 408 or 429 or not at all, the socket
+  refused or gone, the hello unanswered, ``/dev/shm`` full; :func:`endpoint_in_state` tells
+  an answer from such a failure) is tried again in the background after a backoff (1 s, doubling up to 60 s), and the
   peer's messages go over HTTP meanwhile, never waiting for it.
 * A :class:`HostLink` owns a **ring**: a file of ``ring_bytes`` in ``/dev/shm`` (mode 0600)
   that both map. The sender unlinks the file as soon as the receiver has answered a message
@@ -81,6 +82,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
+    "EndpointUnavailable",
     "HostLink",
     "HostLinks",
     "LinkBroken",
@@ -90,6 +92,7 @@ __all__ = [
     "Outcome",
     "Serve",
     "Staged",
+    "endpoint_in_state",
     "host_identity",
     "retry_delay_s",
     "shared_directory",
@@ -149,6 +152,38 @@ class LinkEndpoint:
 
     def as_json(self) -> dict[str, str]:
         return {"host": self.host, "socket": self.socket}
+
+
+class EndpointUnavailable(Exception):
+    """A peer's shard state could not be read this time (it answered 5xx, 408 or 429): no
+    answer about its endpoint, so a failure that may pass (:class:`HostLinks` asks again after
+    its backoff), never "no endpoint"."""
+
+
+def endpoint_in_state(status: int, body: bytes) -> LinkEndpoint | None:
+    """The link endpoint in a node's answer to ``GET /v2/gpufaas/shards`` (``status``,
+    ``body``), the node's and the coordinator's lookup alike.
+
+    None is a definitive no: a state whose ``link`` is null or absent (shared memory off, or
+    an older node), another 3xx or 4xx answer (no such route: an older node), or a 200 whose
+    body is not a node's state. A 5xx, 408 or 429 raises :class:`EndpointUnavailable`: the
+    node may give its endpoint later (before the eighteenth session any non-200 was taken
+    as "no endpoint", which kept the peer on HTTP until a restart)."""
+    if status >= 500 or status in (408, 429):
+        raise EndpointUnavailable(f"its shard state answered HTTP {status}")
+    if status != 200:
+        return None
+    try:
+        state = json.loads(body)
+    except ValueError:
+        return None
+    link = state.get("link") if isinstance(state, dict) else None
+    if not isinstance(link, dict):
+        return None
+    host, socket = link.get("host"), link.get("socket")
+    if not isinstance(host, str) or not isinstance(socket, str):
+        return None
+    return LinkEndpoint(host, socket)
 
 
 def shared_directory() -> Path:

@@ -67,7 +67,13 @@ from gpufaas.core.channels import (
     encode,
     envelope_from_notice,
 )
-from gpufaas.core.hostlink import HostLinks, LinkEndpoint, LinkServer, Outcome
+from gpufaas.core.hostlink import (
+    HostLinks,
+    LinkEndpoint,
+    LinkServer,
+    Outcome,
+    endpoint_in_state,
+)
 from gpufaas.core.http import error_response, match_fast_post
 from gpufaas.core.layered import (
     Block,
@@ -775,14 +781,16 @@ class ShardHost:
             }).encode()  # fmt: skip
 
     async def _endpoint_of(self, url: str) -> LinkEndpoint | None:
-        """A peer node's same-host link endpoint, from its shard state (None: it has none)."""
+        """A peer node's same-host link endpoint, from its shard state (None: it answered that
+        it has none). A 5xx or no answer raises (:func:`endpoint_in_state`): a failure that
+        may pass, which the links try again. Bounded by the links' ``connect_timeout_s``, not
+        a shorter bound of its own (a fixed 2 s here once undercut a longer setup bound)."""
         import httpx
 
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        async with httpx.AsyncClient(headers=headers, timeout=2.0) as client:
+        async with httpx.AsyncClient(headers=headers, timeout=None) as client:
             response = await client.get(url.rstrip("/") + node.SHARDS)
-        link = response.json().get("link") if response.status_code == 200 else None
-        return LinkEndpoint(str(link["host"]), str(link["socket"])) if link else None
+        return endpoint_in_state(response.status_code, response.content)
 
     async def evict_set(self, set_name: str) -> list[int]:
         """Drop every shard of ``set_name`` on this node (a partial set serves nothing).
