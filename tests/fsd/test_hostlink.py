@@ -397,7 +397,11 @@ async def test_nodes_on_one_host_exchange_through_shared_memory_matching_the_ref
         for found in node.host.links._links.values()
         if found.done() and (link := found.result()) is not None
     ]
-    assert len(used) >= nodes  # every node sends to some other node (the split's plan)
+    # every node sends to some other node (the split's plan); where one did not link, say why
+    # (a setup failed for a reason that may pass: HostLinks._failed, logged at INFO)
+    assert len(used) >= nodes, {
+        node.url: (node.host.links._links, node.host.links._failed) for node in thread_nodes[:nodes]
+    }
     assert all(link._written > 0 for link in used)
     assert all(not node.host.peers._pools for node in thread_nodes[:nodes])  # no HTTP message
 
