@@ -215,7 +215,7 @@ class DeviceLoads:
             # Another load's bytes are claimed but its copy has not begun: one being abandoned
             # (a prefetch's preemption cancelled it, and a later caller started a call of its
             # own), or still starting. Returned, a request held a replica not built yet (a 503,
-            # "the replica is not built": tests/predict/stress_prefetch.py, eighteenth
+            # "the replica is not built": tests/predict/test_prefetch_stress.py, eighteenth
             # session). Its retirement or its commit changes the tier: look again then.
             await self._memory.changed.wait()
         loading, host = await self._sized(model, spec)

@@ -5,7 +5,7 @@ A prefetch's preemption (``DeviceLoads.cancel``) forgets its load's call at once
 after it starts a call of its own (seventeenth session) while the cancelled load is still
 being abandoned: its bytes claimed, its copy not begun, its replica not built. The new call
 returned that load as if its copy were under way, and the request held a model with no
-replica: a 503, "the replica is not built" (found by ``tests/predict/stress_prefetch.py``, in
+replica: a 503, "the replica is not built" (found by ``tests/predict/test_prefetch_stress.py``, in
 about one run of five of one drawn example). Now it waits for the tier to change (the
 abandoned load retired, or a live one committed) and looks again. The test stands the
 abandoned load in itself and opens it on an event, never on a sleep.
