@@ -122,6 +122,28 @@ class ArtifactStore:
             with self._opened_remote(uri, scheme) as source:
                 return self._ingest(uri, source, expected=expected)
 
+    def discard(self, uri: str, *, sha256: str | None = None, blob: bool = True) -> bool:
+        """Delete ``uri``'s index record and (``blob``) this cache's copy of it, the blob
+        :meth:`fetch` with the same arguments returns; never a ``file://`` artifact used in
+        place. True where a blob was deleted; False where there was none, or a fetch under the
+        same key is under way in another thread (nothing is deleted). Other URIs recorded for
+        the same blob are fetched again on their next use."""
+        expected = sha256.lower() if sha256 is not None else None
+        if expected is not None and not _SHA256.fullmatch(expected):
+            return False
+        lock = self._lock(expected or uri)
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            copy = self._blob(expected) if expected is not None else self._recall(uri)
+            self._index_file(uri).unlink(missing_ok=True)
+            if not blob or copy is None or not copy.is_file():
+                return False
+            copy.unlink()
+            return True
+        finally:
+            lock.release()
+
     # --- internals ---
 
     def _blob(self, digest: str) -> Path:

@@ -12,7 +12,11 @@ Over loopback HTTP a 512 KiB partial result costs 0.5-1.1 ms of CPU across its t
 * A sender (:class:`HostLinks`, one per node, shared by its shards) asks a peer node for its
   endpoint once; where the identities match (same boot, same ``/dev/shm`` mount: a separate
   pod's ``/dev/shm`` differs) it connects to the socket, else the direct channel stays on
-  HTTP for that peer.
+  HTTP for that peer. Such a no is remembered; a setup that failed for a reason that may pass
+  (no endpoint in time, the peer's state answered 5xx, 408 or 429 or not at all, the socket
+  refused or gone, the hello unanswered, ``/dev/shm`` full; :func:`endpoint_in_state` tells
+  an answer from such a failure) is tried again in the background after a backoff (1 s, doubling up to 60 s), and the
+  peer's messages go over HTTP meanwhile, never waiting for it.
 * A :class:`HostLink` owns a **ring**: a file of ``ring_bytes`` in ``/dev/shm`` (mode 0600)
   that both map. The sender unlinks the file as soon as the receiver has answered a message
   that went through it (the receiver maps the ring before answering), so a ring outlives
@@ -78,15 +82,19 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
+    "EndpointUnavailable",
     "HostLink",
     "HostLinks",
     "LinkBroken",
     "LinkEndpoint",
+    "LinkRefused",
     "LinkServer",
     "Outcome",
     "Serve",
     "Staged",
+    "endpoint_in_state",
     "host_identity",
+    "retry_delay_s",
     "shared_directory",
 ]
 
@@ -123,6 +131,11 @@ class LinkBroken(Exception):
     """The link could not carry a message (closed, timed out, or not answered)."""
 
 
+class LinkRefused(LinkBroken):
+    """The peer answered the link's hello, but not in this release's format (another release
+    of gpufaas on this host): a definitive answer, unlike a hello that is not answered."""
+
+
 @dataclass(frozen=True)
 class Staged:
     """A message or call whose values are in the ring and whose notice is queued: its
@@ -139,6 +152,38 @@ class LinkEndpoint:
 
     def as_json(self) -> dict[str, str]:
         return {"host": self.host, "socket": self.socket}
+
+
+class EndpointUnavailable(Exception):
+    """A peer's shard state could not be read this time (it answered 5xx, 408 or 429): no
+    answer about its endpoint, so a failure that may pass (:class:`HostLinks` asks again after
+    its backoff), never "no endpoint"."""
+
+
+def endpoint_in_state(status: int, body: bytes) -> LinkEndpoint | None:
+    """The link endpoint in a node's answer to ``GET /v2/gpufaas/shards`` (``status``,
+    ``body``), the node's and the coordinator's lookup alike.
+
+    None is a definitive no: a state whose ``link`` is null or absent (shared memory off, or
+    an older node), another 3xx or 4xx answer (no such route: an older node), or a 200 whose
+    body is not a node's state. A 5xx, 408 or 429 raises :class:`EndpointUnavailable`: the
+    node may give its endpoint later (before the eighteenth session any non-200 was taken
+    as "no endpoint", which kept the peer on HTTP until a restart)."""
+    if status >= 500 or status in (408, 429):
+        raise EndpointUnavailable(f"its shard state answered HTTP {status}")
+    if status != 200:
+        return None
+    try:
+        state = json.loads(body)
+    except ValueError:
+        return None
+    link = state.get("link") if isinstance(state, dict) else None
+    if not isinstance(link, dict):
+        return None
+    host, socket = link.get("host"), link.get("socket")
+    if not isinstance(host, str) or not isinstance(socket, str):
+        return None
+    return LinkEndpoint(host, socket)
 
 
 def shared_directory() -> Path:
@@ -224,7 +269,15 @@ class LinkServer:
     ``deliver(notice, values)`` files one message (``notice`` is the sender's header, its
     envelope fields among them) and returns its status: 202, 208 or 404. ``serve(notice,
     values)`` runs one call (a notice of kind ``call``: the coordinator's request to a shard)
-    and returns its outcome; without it, calls are answered 501."""
+    and returns its outcome; without it, calls are answered 501.
+
+    :meth:`start` listens once, however many callers start it at the same time (a node's
+    shards start it as they load, several at once where a set has more than one shard on the
+    node): each gets the one endpoint. Before the eighteenth session each start made a server
+    of its own and dropped the one before it unclosed; under uvloop (the manager's loop) the
+    collector closes a dropped server's socket twice, and the second close shut whatever file
+    another thread had opened under that number in between (the host-link test's ``[4-2]``
+    case lost a link that way, its CA bundle read failing in the peer lookup)."""
 
     def __init__(
         self,
@@ -238,31 +291,34 @@ class LinkServer:
         self._base = directory or shared_directory()
         self._dir: Path | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._starting = asyncio.Lock()  # one start at a time: one server, one endpoint
         self.endpoint: LinkEndpoint | None = None
 
     async def start(self) -> LinkEndpoint:
-        if self.endpoint is not None:
+        async with self._starting:
+            if self.endpoint is not None:
+                return self.endpoint
+            await asyncio.to_thread(sweep, self._base)
+            self._dir = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=self._base))  # 0700
+            path = self._dir / "link.sock"
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_unix_server(
+                lambda: _Receiver(self._deliver, self._serve), str(path)
+            )
+            self.endpoint = LinkEndpoint(host_identity(self._base), str(path))
             return self.endpoint
-        await asyncio.to_thread(sweep, self._base)
-        self._dir = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=self._base))  # 0700
-        path = self._dir / "link.sock"
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(
-            lambda: _Receiver(self._deliver, self._serve), str(path)
-        )
-        self.endpoint = LinkEndpoint(host_identity(self._base), str(path))
-        return self.endpoint
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        if self._dir is not None:
-            with contextlib.suppress(OSError):
-                (self._dir / "link.sock").unlink()
-                self._dir.rmdir()
-            self._dir = None
-        self.endpoint = None
+        async with self._starting:  # after a start under way: its server is closed too
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            if self._dir is not None:
+                with contextlib.suppress(OSError):
+                    (self._dir / "link.sock").unlink()
+                    self._dir.rmdir()
+                self._dir = None
+            self.endpoint = None
 
 
 class _Spans:
@@ -591,8 +647,9 @@ class HostLink(asyncio.Protocol):
 
     async def greet(self, *, timeout_s: float) -> None:
         """Send the link's hello and check the answer names this :data:`LINK_VERSION`;
-        :class:`LinkBroken` naming both versions where it does not (another release of
-        gpufaas on this host), or no answer comes within ``timeout_s``."""
+        :class:`LinkRefused` naming both versions where it does not (another release of
+        gpufaas on this host), :class:`LinkBroken` where no answer comes within ``timeout_s``
+        or the link closes."""
         hello = self.stage({"kind": HELLO, "version": LINK_VERSION}, np.empty(0, np.float32))
         status, body = await self.answer(hello, timeout_s=timeout_s)
         try:
@@ -602,8 +659,8 @@ class HostLink(asyncio.Protocol):
         if status == ANSWERED and answer.get("version") == LINK_VERSION:
             return
         if status == VERSION_MISMATCH and "error" in answer:
-            raise LinkBroken(str(answer["error"]))
-        raise LinkBroken(
+            raise LinkRefused(str(answer["error"]))
+        raise LinkRefused(
             f"host-link version mismatch: this process speaks version {LINK_VERSION}, the node "
             f"answered its hello {status} (a release before 3); run one gpufaas release on a "
             "host (or turn shared memory off)"
@@ -704,9 +761,30 @@ class HostLink(asyncio.Protocol):
                 self._ring.close()
 
 
+class _Transient(Exception):
+    """A link's setup failed for a reason that may pass (no answer in time, the socket
+    refused or gone, no room in ``/dev/shm``): asked again after a backoff."""
+
+
+def retry_delay_s(failures: int, *, first_s: float, most_s: float) -> float:
+    """How long a peer whose link setup failed ``failures`` times in a row (for a reason that
+    may pass) waits before it is asked again: ``first_s``, doubled at each failure, at most
+    ``most_s``."""
+    if failures < 1:
+        return 0.0
+    return min(most_s, first_s * 2.0 ** min(failures - 1, 62))
+
+
 class HostLinks:
     """A node's links to the peer nodes that share its host, by peer URL; ``find`` asks a
-    peer for its endpoint (once, remembered) and connects where the hosts match."""
+    peer for its endpoint and connects where the hosts match.
+
+    A definitive answer is remembered until the link breaks: a link, or none (another host, a
+    node with no endpoint, a link server of another release). A setup that failed for a
+    reason that may pass (the endpoint not given in time, the socket refused, the hello not
+    answered, ``/dev/shm`` full) is tried again after :func:`retry_delay_s` (``retry_first_s``
+    doubling up to ``retry_most_s``, on ``clock``), in the background: until it succeeds,
+    ``find`` answers None at once (the peer's messages go over HTTP), never waiting for it."""
 
     def __init__(
         self,
@@ -714,24 +792,39 @@ class HostLinks:
         endpoint_of: Callable[[str], Awaitable[LinkEndpoint | None]],
         ring_bytes: int = DEFAULT_RING_BYTES,
         connect_timeout_s: float = 2.0,
+        retry_first_s: float = 1.0,
+        retry_most_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._endpoint_of = endpoint_of
         self.ring_bytes = ring_bytes
         self.connect_timeout_s = connect_timeout_s
+        self.retry_first_s = retry_first_s
+        self.retry_most_s = retry_most_s
+        self._clock = clock
         self.identity = host_identity()
         self._links: dict[str, asyncio.Future[HostLink | None]] = {}
+        # peers whose last setup failed for a reason that may pass: (failures in a row, the
+        # clock's time from which it is tried again)
+        self._failed: dict[str, tuple[int, float]] = {}
 
     async def find(self, url: str) -> HostLink | None:
-        """The link to ``url``'s node, or None where it is on another host (or has none)."""
+        """The link to ``url``'s node, or None where it is on another host (or has none), or
+        its setup failed lately (a retry is due later, or runs now in the background)."""
         found = self._links.get(url)
         if found is None:
-            found = asyncio.ensure_future(self._open(url))
-            self._links[url] = found
+            failed = self._failed.get(url)
+            if failed is not None and self._clock() < failed[1]:
+                return None  # backing off: HTTP meanwhile
+            found = self._links[url] = asyncio.ensure_future(self._setup(url))
+            if failed is not None:
+                return None  # the retry runs in the background: HTTP meanwhile
+        elif not found.done() and url in self._failed:
+            return None  # a retry under way
         link = await asyncio.shield(found)
         if link is not None and link.broken is not None:  # ask again, once
             self.forget(url, link)
-            found = asyncio.ensure_future(self._open(url))
-            self._links[url] = found
+            found = self._links[url] = asyncio.ensure_future(self._setup(url))
             link = await asyncio.shield(found)
         return link
 
@@ -742,34 +835,59 @@ class HostLinks:
             del self._links[url]
         link.close()
 
+    async def _setup(self, url: str) -> HostLink | None:
+        """:meth:`_open`, remembering a failure that may pass (and forgetting it once the peer
+        answers) so that the next try waits for its backoff."""
+        try:
+            link = await self._open(url)
+        except _Transient as e:
+            failures = self._failed.get(url, (0, 0.0))[0] + 1
+            delay = retry_delay_s(failures, first_s=self.retry_first_s, most_s=self.retry_most_s)
+            self._failed[url] = (failures, self._clock() + delay)
+            if self._links.get(url) is asyncio.current_task():
+                del self._links[url]  # asked again after the backoff
+            logger.info(
+                "no host link to %s (failure %d in a row), HTTP for %.0f s: %s",
+                url,
+                failures,
+                delay,
+                e,
+            )
+            return None
+        self._failed.pop(url, None)
+        return link
+
     async def _open(self, url: str) -> HostLink | None:
+        """The link to ``url``'s node, or None for a definitive no; :class:`_Transient` for a
+        failure that may pass."""
         try:
             endpoint = await asyncio.wait_for(self._endpoint_of(url), self.connect_timeout_s)
-        except Exception as e:  # an old node, or none there: HTTP it is
-            logger.debug("no host link to %s: %s", url, e)
-            return None
+        except Exception as e:  # not asked in time, refused, or no answer we can read
+            raise _Transient(f"its endpoint: {type(e).__name__}: {e}") from None
         if endpoint is None or endpoint.host != self.identity:
-            return None
+            return None  # a node with no endpoint (an older release), or another host
         try:
             link = HostLink(ring_bytes=self.ring_bytes)
-        except OSError as e:  # no room in /dev/shm: HTTP it is
+        except OSError as e:  # no room in /dev/shm: HTTP for now
             logger.warning("no shared-memory ring for %s: %s", url, e)
-            return None
+            raise _Transient(f"no ring: {e}") from None
         try:
             await asyncio.wait_for(
                 asyncio.get_running_loop().create_unix_connection(lambda: link, endpoint.socket),
                 self.connect_timeout_s,
             )
         except (OSError, TimeoutError) as e:
-            logger.debug("host link to %s (%s) failed: %s", url, endpoint.socket, e)
             link.close()
-            return None
+            raise _Transient(f"{endpoint.socket}: {type(e).__name__}: {e}") from None
         try:
             await link.greet(timeout_s=self.connect_timeout_s)
-        except LinkBroken as e:  # another release on this host: HTTP it is, said once
+        except LinkRefused as e:  # another release on this host: HTTP it is, said once
             logger.warning("no host link to %s, HTTP instead: %s", url, e)
             link.close()
             return None
+        except LinkBroken as e:  # the hello not answered in time, or the link closed
+            link.close()
+            raise _Transient(f"its hello: {e}") from None
         return link
 
     async def close(self) -> None:
@@ -779,3 +897,4 @@ class HostLinks:
             else:
                 found.cancel()
         self._links.clear()
+        self._failed.clear()

@@ -209,9 +209,15 @@ class DeviceLoads:
         The device bytes are claimed first (waiting, if models in use hold them), and only then
         is a source held: a load waiting for memory holds no other device's model.
         """
-        existing = as_model(self._memory.tier.current(model))
-        if existing is not None:
-            return existing
+        while (existing := as_model(self._memory.tier.current(model))) is not None:
+            if existing.module is not None or existing.error is not None:
+                return existing
+            # Another load's bytes are claimed but its copy has not begun: one being abandoned
+            # (a prefetch's preemption cancelled it, and a later caller started a call of its
+            # own), or still starting. Returned, a request held a replica not built yet (a 503,
+            # "the replica is not built": tests/predict/test_prefetch_stress.py, eighteenth
+            # session). Its retirement or its commit changes the tier: look again then.
+            await self._memory.changed.wait()
         loading, host = await self._sized(model, spec)
         try:
             await self._claim(model, loading, prefer=prefer)

@@ -22,6 +22,12 @@ a shard on the same node through the device layer (``DeviceBackend.hand_over``: 
 peer copy, on CPU devices the tensor itself), filed in the receiver's mailbox under the same
 request-id and deadline rules, with no channel message. Loads come as a tree: a node loads
 its own shard while it forwards each child's load to that child's node.
+
+Each shard's artifact is fetched (and verified) into the node's artifact store. The copy
+stays while the shard is loaded or evicted (it may come back), and goes when the shard is
+unloaded (``DELETE``: the coordinator's remove, or its clean-up after a failed launch), unless
+another shard kept here uses the same blob (eighteenth session; before, every set's copies
+stayed until someone emptied the store by hand).
 """
 
 from __future__ import annotations
@@ -67,7 +73,13 @@ from gpufaas.core.channels import (
     encode,
     envelope_from_notice,
 )
-from gpufaas.core.hostlink import HostLinks, LinkEndpoint, LinkServer, Outcome
+from gpufaas.core.hostlink import (
+    HostLinks,
+    LinkEndpoint,
+    LinkServer,
+    Outcome,
+    endpoint_in_state,
+)
 from gpufaas.core.http import error_response, match_fast_post
 from gpufaas.core.layered import (
     Block,
@@ -592,6 +604,11 @@ class ShardHost:
         self._forward = forward or self._put_remote
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()  # cleanups after an eviction
+        # The shards whose verified copy is in the store, by key (an evicted one's too: it may
+        # come back), and the loads fetching theirs now: a copy goes when its shard is
+        # unloaded, unless one of these uses the same blob (_discard).
+        self._copies: dict[str, ShardLoad] = {}
+        self._fetching: list[ShardLoad] = []
 
     @staticmethod
     def key(set_name: str, shard: int) -> str:
@@ -638,7 +655,14 @@ class ShardHost:
 
     async def _load(self, load: ShardLoad) -> int:
         key = self.key(load.set_name, load.shard)
-        path = await asyncio.to_thread(self.store.fetch, load.artifact, sha256=load.sha256)
+        self._fetching.append(load)
+        try:
+            path = await asyncio.to_thread(self.store.fetch, load.artifact, sha256=load.sha256)
+        finally:
+            self._fetching.remove(load)
+        replaced, self._copies[key] = self._copies.get(key), load
+        if replaced is not None:  # the shard comes again, maybe from another artifact
+            self._discard(replaced)
         spec = await asyncio.to_thread(load_shard, Path(path))
         if spec.shard != load.shard or spec.shards != load.shards:
             raise ShardFormatError(
@@ -775,14 +799,16 @@ class ShardHost:
             }).encode()  # fmt: skip
 
     async def _endpoint_of(self, url: str) -> LinkEndpoint | None:
-        """A peer node's same-host link endpoint, from its shard state (None: it has none)."""
+        """A peer node's same-host link endpoint, from its shard state (None: it answered that
+        it has none). A 5xx or no answer raises (:func:`endpoint_in_state`): a failure that
+        may pass, which the links try again. Bounded by the links' ``connect_timeout_s``, not
+        a shorter bound of its own (a fixed 2 s here once undercut a longer setup bound)."""
         import httpx
 
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        async with httpx.AsyncClient(headers=headers, timeout=2.0) as client:
+        async with httpx.AsyncClient(headers=headers, timeout=None) as client:
             response = await client.get(url.rstrip("/") + node.SHARDS)
-        link = response.json().get("link") if response.status_code == 200 else None
-        return LinkEndpoint(str(link["host"]), str(link["socket"])) if link else None
+        return endpoint_in_state(response.status_code, response.content)
 
     async def evict_set(self, set_name: str) -> list[int]:
         """Drop every shard of ``set_name`` on this node (a partial set serves nothing).
@@ -799,11 +825,35 @@ class ShardHost:
         return [int(k.split("/", 1)[1]) for k in keys]
 
     async def unload(self, set_name: str, shard: int) -> bool:
+        """Drop the shard (False: it was not loaded) and delete this node's copy of its
+        artifact, loaded or not (an evicted shard's, or a launch's that failed after its
+        fetch), unless another shard uses the same blob (:meth:`_discard`)."""
         key = self.key(set_name, shard)
-        if key not in self.shards:
-            return False
-        await self._drop(key)
-        return True
+        loaded = key in self.shards
+        if loaded:
+            await self._drop(key)
+        copy = self._copies.pop(key, None)
+        if copy is not None:
+            self._discard(copy)
+        return loaded
+
+    def _discard(self, load: ShardLoad) -> None:
+        """Delete the store's copy of ``load``'s artifact and its URI's record, unless a shard
+        kept here or a load fetching now uses the same URI (both stay) or the same blob by
+        its sha256 under another URI (the blob stays). On the event loop, so no load starts
+        its fetch between the check and the deletion; a fetch under way in another thread (a
+        model of the same bytes) keeps it too (``ArtifactStore.discard``)."""
+        others = (*self._copies.values(), *self._fetching)
+        if any(other.artifact == load.artifact for other in others):
+            return
+        digest = load.sha256.lower() if load.sha256 is not None else None
+        shared = digest is not None and any(
+            other.sha256 is not None and other.sha256.lower() == digest for other in others
+        )
+        try:
+            self.store.discard(load.artifact, sha256=load.sha256, blob=not shared)
+        except OSError as e:  # a copy that cannot be deleted stays: the unload goes on
+            logger.warning("could not delete the copy of %s: %s", load.artifact, e)
 
     def _evicted(self, key: str, resident: ShardResident) -> None:
         """The device tier evicted shard ``key`` (room for a model or another set): release

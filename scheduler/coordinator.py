@@ -65,7 +65,14 @@ from gpufaas.core.api import InferenceFunction, ModelFormat, ParallelStrategy
 from gpufaas.core.artifacts import ArtifactError, ArtifactStore
 from gpufaas.core.channels import ChannelError, Envelope, decode, encode
 from gpufaas.core.config import gpufaas_home
-from gpufaas.core.hostlink import ANSWERED, HostLink, HostLinks, LinkBroken, LinkEndpoint
+from gpufaas.core.hostlink import (
+    ANSWERED,
+    HostLink,
+    HostLinks,
+    LinkBroken,
+    LinkEndpoint,
+    endpoint_in_state,
+)
 from gpufaas.core.http import REASON_HEADER, error_response, header_length, read_body
 from gpufaas.core.layered import LayeredNet, ShardFormatError, load_net, save_shard
 from gpufaas.core.node import SHARDS
@@ -253,10 +260,11 @@ class Coordinator:
         await self._links.close()
 
     async def _endpoint_of(self, url: str) -> LinkEndpoint | None:
-        """A node's same-host link endpoint, from its shard state (None: it has none)."""
-        response = await self._client.get(url + SHARDS, timeout=2.0)
-        link = response.json().get("link") if response.status_code == 200 else None
-        return LinkEndpoint(str(link["host"]), str(link["socket"])) if link else None
+        """A node's same-host link endpoint, from its shard state (None: it answered that it
+        has none). A 5xx or no answer raises (:func:`endpoint_in_state`): a failure that may
+        pass, which the links try again. Bounded by the links' ``connect_timeout_s``."""
+        response = await self._client.get(url + SHARDS, timeout=None)
+        return endpoint_in_state(response.status_code, response.content)
 
     def _pool(self, url: str) -> NodePool:
         pool = self._pools.get(url)
