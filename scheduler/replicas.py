@@ -59,6 +59,8 @@ from gpufaas.scheduler.forwards import (
     FORWARD_MS_HEADER,
     FORWARDED_HEADER,
     Forwards,
+    LoadOrdering,
+    OrderTo,
     OwnerDecision,
     Placement,
     PlacementAnswers,
@@ -194,6 +196,14 @@ class ReplicaMetrics:
         self.peers = Gauge(
             "gpufaas_replica_peers", "Peers by reachability", ["state"], registry=registry
         )
+        self.load_orders = Counter(
+            "gpufaas_replica_load_orders",
+            "Loads this replica, as the placement owner, ordered at a GPU manager as it answered "
+            "a peer's question (forwarding decision), by the node's result (started, present, "
+            "busy) or refused, failed, unknown-device",
+            ["result"],
+            registry=registry,
+        )
         self.cluster_misses = Gauge(
             "gpufaas_replica_cluster_misses",
             "Device-cache misses seen by every replica together (this one, plus each peer's "
@@ -225,6 +235,8 @@ class Replicas:
         forwarding: Forwarding = "request",
         decide: Callable[[str, frozenset[str]], OwnerDecision] | None = None,
         lost_requests: Callable[[Mapping[str, int], object], None] = lambda requests, why: None,
+        order_to: OrderTo | None = None,
+        order_eagerly: bool = True,
     ) -> None:
         if ownership not in ("leader", "function"):
             raise ValueError(f"ownership must be 'leader' or 'function', got {ownership!r}")
@@ -271,8 +283,19 @@ class Replicas:
             lost_requests=lost_requests,
         )
         # As the owner, the peers' placement questions (forwarding "decision").
+        # With forwarding "decision" (and the GPU managers to order at), each load it decides
+        # for a peer is ordered at the device's manager as it answers (LoadOrdering).
+        orders = (
+            LoadOrdering(to=order_to, counted=self.metrics.load_orders, eager=order_eagerly)
+            if forwarding == "decision" and order_to is not None
+            else None
+        )
         self.answers = PlacementAnswers(
-            directory=directory, events=self.events, decide=decide, asked=self._asked_in
+            directory=directory,
+            events=self.events,
+            decide=decide,
+            asked=self._asked_in,
+            orders=orders,
         )
         self.metrics.cluster_misses.set_function(self.cluster_misses)
         self._update_ring()
