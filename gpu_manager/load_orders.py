@@ -71,6 +71,7 @@ class _Order:
 
     copy: DeviceModel | None = None
     timer: asyncio.TimerHandle | None = None
+    joined: bool = False  # a request joined its load as it started (the manager's miss)
 
 
 class LoadOrders:
@@ -90,6 +91,7 @@ class LoadOrders:
         self._pending: dict[tuple[str, str], _Order] = {}  # (device, model) -> its order
         self._landing: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ordering: tuple[str, str] | None = None  # an order's own join, starting now
         self.results = Counter(
             "gpufaas_manager_load_orders",
             "Load orders by result: started, present (nothing to load), busy (no free slot: "
@@ -105,6 +107,7 @@ class LoadOrders:
             registry=registry,
         )
         runtime.on_use(self._used)
+        runtime.on_load(self._joining)
         for device_id, device in runtime.devices.items():
             device.loads.landed.append(functools.partial(self._landed, device_id))
 
@@ -147,6 +150,7 @@ class LoadOrders:
         """The ordered load, as a request's would start it; done (its slot given back) once
         its copy has landed or failed."""
         model = key[1]
+        self._ordering = key  # the join's first step tells the load listeners: not a request
         try:
             copy = await device.loads.join(model, spec, prefer=victims)
         except Exception as e:  # never the request's failure: it loads the model itself
@@ -172,6 +176,17 @@ class LoadOrders:
         if landing is not None and not landing.done():
             landing.set_result(None)
 
+    def _joining(self, model: str, device_id: str) -> None:
+        """A caller starts or joins a load of ``model`` on ``device_id`` (it found no copy
+        there: a request doing so is counted a miss); the order's own join is the first."""
+        key = (device_id, model)
+        if self._ordering == key:
+            self._ordering = None
+            return
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending.joined = True
+
     def _used(self, model: str, device_id: str) -> None:
         """A request holds ``model`` on ``device_id``: it claims a pending order there."""
         key = (device_id, model)
@@ -180,13 +195,15 @@ class LoadOrders:
             return
         self._forget(key, pending)
         copy = pending.copy
-        if copy is None:  # the ordered load was still starting: the request joined it
+        if pending.joined or copy is None:  # it joined the ordered load as it started
             self.claims.labels("joined").inc()
             return
         current = as_model(self.runtime.devices[device_id].tier.current(model))
         if current is not copy:  # the ordered copy left before any request used it
             self.claims.labels("unclaimed").inc()
-        elif copy.arrived or (copy.transfer is not None and copy.transfer.landed()):
+        elif copy.arrived or (
+            copy.error is None and (copy.transfer is None or copy.transfer.landed())
+        ):  # as the request found it (DeviceTier._present): resident, or every byte landed
             self.claims.labels("landed").inc()
         else:
             self.claims.labels("joined").inc()

@@ -317,3 +317,20 @@ async def test_a_load_order_needs_the_nodes_token(make_node: Callable[..., Node]
         headers={"Authorization": "Bearer secret"},
     )
     assert authorised.status_code == 202
+
+
+async def test_a_request_that_joined_the_ordered_load_claims_it_as_joined_however_far_it_got(
+    make_node: Callable[..., Node],
+) -> None:
+    """A request that found no copy started or joined the load (the manager counts it a miss),
+    even if the copy had landed by the time it held it: its claim says ``joined``, never
+    ``landed`` (which the benchmark would count a second time). The join is what
+    ``DeviceLoads.join`` tells its listeners; here it is told as a request's join tells it,
+    after the ordered copy landed, so that the rule is checked apart from the loop's timing."""
+    node = make_node()
+    assert (await _order_landed(node, "a")).json() == {"result": "started"}
+    for listener in node.runtime.devices[DEVICE].loads.listeners:
+        listener("a")  # a request's join of the load, as it starts
+    assert (await _infer(node, "a")).status_code == 200
+    counts = await _counts(node)
+    assert counts.get("claim:joined") == 1.0 and "claim:landed" not in counts
