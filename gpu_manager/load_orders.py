@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,11 +45,13 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpufaas.core import node
 from gpufaas.core.api import InferenceFunctionSpec
-from gpufaas.core.http import error_response
+from gpufaas.core.http import error_response, match_fast_post
 from gpufaas.core.node import LoadOrder, LoadOrderTaken
+from gpufaas.core.protocol import ProtocolError
 from gpufaas.gpu_manager.admission import DeviceAdmission
 from gpufaas.gpu_manager.chain import RuntimeFailure
 from gpufaas.gpu_manager.device_memory import as_model
@@ -56,13 +59,15 @@ from gpufaas.gpu_manager.device_tier import DeviceTier
 from gpufaas.gpu_manager.loader import DeviceModel
 from gpufaas.gpu_manager.runtime import NodeRuntime
 
-__all__ = ["CLAIM_S", "LoadOrders", "add_load_order_routes"]
+__all__ = ["CLAIM_S", "LoadOrderFastPath", "LoadOrders", "add_load_order_routes", "answer_order"]
 
 logger = logging.getLogger(__name__)
 
 # How long an ordered load waits to be claimed by a request before it counts as unclaimed (the
 # longest a placement question is held: the asker's request comes well within it).
 CLAIM_S = 30.0
+_ORDER_PATH = re.compile("^" + re.escape(node.LOAD_ORDER) + "$")
+_MAX_ORDER_BYTES = 256 << 10
 
 
 @dataclass(eq=False)
@@ -227,24 +232,51 @@ def add_load_order_routes(
     admission: DeviceAdmission,
     registry: CollectorRegistry,
 ) -> LoadOrders:
-    """``POST LOAD_ORDER`` on ``app`` (behind the node's token, as every path but health and
-    metrics); the orders, for their metrics."""
+    """``POST LOAD_ORDER`` on ``app`` (for its API docs; :class:`LoadOrderFastPath` answers it
+    ahead of FastAPI); the orders."""
     orders = LoadOrders(runtime, admission=admission, registry=registry, claim_s=CLAIM_S)
 
     @app.post(node.LOAD_ORDER, status_code=202)
     async def load_order(request: Request) -> Response:
-        try:
-            order = LoadOrder.model_validate_json(await request.body())
-        except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-                for err in e.errors()[:5]
-            )
-            return error_response(400, f"not a load order: {problems}", reason="InvalidRequest")
-        try:
-            result = orders.take(order)
-        except RuntimeFailure as e:
-            return error_response(e.status, str(e), reason=e.reason)
-        return JSONResponse(LoadOrderTaken(result=result).model_dump(), status_code=202)
+        return answer_order(orders, await request.body())
 
     return orders
+
+
+def answer_order(orders: LoadOrders, body: bytes) -> Response:
+    """The answer to one load order's body: 202 with its result, or a clear error (a body
+    that is not a load order, or an unknown device: 400; an unknown model: 404)."""
+    try:
+        order = LoadOrder.model_validate_json(body)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+            for err in e.errors()[:5]
+        )
+        return error_response(400, f"not a load order: {problems}", reason="InvalidRequest")
+    try:
+        result = orders.take(order)
+    except RuntimeFailure as e:
+        return error_response(e.status, str(e), reason=e.reason)
+    return JSONResponse(LoadOrderTaken(result=result).model_dump(), status_code=202)
+
+
+class LoadOrderFastPath:
+    """``POST LOAD_ORDER`` answered as a bare ASGI app, ahead of FastAPI's routing and
+    ``Request`` (an order is on a miss's path at the node); anything else goes on to ``app``.
+    Behind the node's token like every node path (it sits inside the token check)."""
+
+    def __init__(self, app: ASGIApp, orders: LoadOrders) -> None:
+        self.app = app
+        self.orders = orders
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        post = match_fast_post(scope, receive, path=_ORDER_PATH, max_bytes=_MAX_ORDER_BYTES)
+        if post is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            response = answer_order(self.orders, await post.read())
+        except ProtocolError as e:  # too large, compressed, or cut short
+            response = error_response(e.status_code, str(e), reason="InvalidRequest")
+        await response(scope, receive, send)
