@@ -145,6 +145,10 @@ ReplicaSlots = Literal["full", "share"]
 FORWARD_PROBE_S = 1.0
 
 
+def _not_learnt(model: str, size_bytes: int, load_ms: float) -> None:
+    """A load time not learnt from (see :class:`Replicas`, ``observe_load``)."""
+
+
 class ReplicaMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.owned = Counter(
@@ -253,6 +257,13 @@ class Replicas:
         self.ring = Ring([membership.self_id])
         self.metrics = ReplicaMetrics(registry)
         self.calls = PeerCalls(membership=membership, probe_s=forward_probe_s, token=token)
+        # With forwarding "decision" (and the GPU managers to order at), each load it decides
+        # for a peer is ordered at the device's manager as it answers (LoadOrdering).
+        ordering = (
+            LoadOrdering(to=order_to, counted=self.metrics.load_orders, eager=order_eagerly)
+            if forwarding == "decision" and order_to is not None
+            else None
+        )
         # Placements sent to the owner: the request, or the question where it goes.
         self.forwards = Forwards(
             membership=membership,
@@ -272,7 +283,14 @@ class Replicas:
             directory=directory,
             calls=self.calls,
             uses=UseStream(
-                directory=directory, observe_requests=observe_requests, observe_load=observe_load
+                directory=directory,
+                observe_requests=observe_requests,
+                # A peer's report of a load this replica ordered at the manager (forwarding
+                # "decision" with orders) times only the part of the load its request waited
+                # for, having joined it in flight: not a load's time, so not learnt from. Such
+                # samples, often a fraction of a load, pulled the fastest load seen per size
+                # towards 0, and victims were then ranked by their reloads' timing noise.
+                observe_load=observe_load if ordering is None else _not_learnt,
             ),
             counted=self.metrics.events,
             deciders=self._deciders,
@@ -283,19 +301,12 @@ class Replicas:
             lost_requests=lost_requests,
         )
         # As the owner, the peers' placement questions (forwarding "decision").
-        # With forwarding "decision" (and the GPU managers to order at), each load it decides
-        # for a peer is ordered at the device's manager as it answers (LoadOrdering).
-        orders = (
-            LoadOrdering(to=order_to, counted=self.metrics.load_orders, eager=order_eagerly)
-            if forwarding == "decision" and order_to is not None
-            else None
-        )
         self.answers = PlacementAnswers(
             directory=directory,
             events=self.events,
             decide=decide,
             asked=self._asked_in,
-            orders=orders,
+            orders=ordering,
         )
         self.metrics.cluster_misses.set_function(self.cluster_misses)
         self._update_ring()

@@ -15,6 +15,7 @@ from typing import Any
 
 from replica_support import close_replicas, replica_with_owner
 
+from gpufaas.cache import Residency
 from gpufaas.core.node import LoadOrderTaken
 from gpufaas.scheduler.forwards import OrderTo
 from gpufaas.scheduler.replicas import Forwarding, OwnerDecision, Replicas
@@ -144,3 +145,26 @@ async def test_over_a_transport_that_needs_a_task_the_order_is_sent_from_one() -
     await _drained(replicas)
     assert len(manager.written) == 1 and _orders(replicas) == {"started": 1.0}
     await close_replicas(replicas)
+
+
+async def test_an_owner_that_orders_loads_does_not_learn_load_times_from_its_peers_reports() -> (
+    None
+):
+    """A peer's report of an ordered load times only what its request waited for, having
+    joined the load in flight: the owner marks the model resident from it but learns no load
+    time from it. Without orders the report is a load's time and is learnt, as before."""
+    for order_to, learnt in ((Manager().to, []), (None, [("m", 50, 1.5)])):
+        observed: list[tuple[str, int, float]] = []
+        replicas = replica_with_owner(
+            "http://b",
+            heartbeat=None,
+            devices=("n/0", "n/1"),
+            forwarding="decision",
+            order_to=order_to,
+            observe_load=lambda model, size, ms, seen=observed: seen.append((model, size, ms)),
+        )
+        replicas.directory.note_dispatch("n/1", "m", size_bytes=50)  # loading in its view
+        replicas.events.uses.apply({"loads": [["n/1", "m", 50, 1.5]]})
+        assert observed == learnt
+        assert replicas.directory.state("n/1", "m") is Residency.RESIDENT
+        await close_replicas(replicas)
