@@ -27,6 +27,7 @@ __all__ = [
     "FUNCTION",
     "HEALTH_LIVE",
     "HEALTH_READY",
+    "LOAD_ORDER",
     "MODEL_INFER",
     "MODEL_INFER_PATH",
     "MODEL_LOAD",
@@ -37,6 +38,8 @@ __all__ = [
     "DiskState",
     "DrainingState",
     "HostState",
+    "LoadOrder",
+    "LoadOrderTaken",
     "NodeState",
     "Residency",
     "ResidentState",
@@ -61,6 +64,9 @@ MODEL_UNLOAD = "/v2/repository/models/{name}/unload"
 # drop a device copy, keeping the host copy. Bodies: {"model", "device"[, "size_bytes"]}.
 PREFETCH = "/v2/gpufaas/prefetch"
 DEMOTE = "/v2/gpufaas/demote"
+# Scale-out (#16), forwarding "decision": the placement owner orders a load as it answers a
+# peer's question, and the peer's request joins it in flight. Body: LoadOrder; 202 LoadOrderTaken.
+LOAD_ORDER = "/v2/gpufaas/load-orders"
 # Shards of models split across nodes (gpu_manager/shards.py, core/sharding.py).
 SHARD = "/v2/gpufaas/shards/{set_name}/{shard}"  # PUT a ShardLoad (a launch tree), DELETE it
 SHARD_INFER = "/v2/gpufaas/shards/{set_name}/{shard}/infer"
@@ -92,6 +98,25 @@ class PrefetchOutcome(BaseModel):
     ``no-room``, ``failed``, ``preempted``..., or None while it has none."""
 
     result: str | None = None
+
+
+class LoadOrder(BaseModel):
+    """A load ordered ahead of a request (:data:`LOAD_ORDER`): ``model`` onto ``device``,
+    evicting ``victims`` first if room must be made, as that request's own load would."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, max_length=512)
+    device: str = Field(min_length=1, max_length=512)
+    victims: list[str] = Field(default_factory=list, max_length=1024)
+
+
+class LoadOrderTaken(BaseModel):
+    """The node's answer to a load order: ``started`` (the load is under way), ``present``
+    (resident or arriving already: nothing to do) or ``busy`` (no free slot on the device:
+    the request loads it itself, as without an order)."""
+
+    result: str
 
 
 class _State(BaseModel):

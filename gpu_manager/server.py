@@ -69,6 +69,7 @@ from gpufaas.gpu_manager.admission import (
 from gpufaas.gpu_manager.backends import NoBackend, backend_for
 from gpufaas.gpu_manager.devices import device_free_bytes
 from gpufaas.gpu_manager.framed import Answer, FramedAnswer, FramedServer
+from gpufaas.gpu_manager.load_orders import LoadOrderFastPath, add_load_order_routes
 from gpufaas.gpu_manager.prefetch import add_prefetch_routes
 from gpufaas.gpu_manager.runtime import InferOutcome, NodeRuntime, RuntimeFailure
 from gpufaas.gpu_manager.shards import ShardFastPath, shard_host, shard_router
@@ -313,6 +314,7 @@ def create_node(
     add_metrics_route(app, registry)
     app.state.runtime = runtime
     app.state.prefetcher = add_prefetch_routes(app, runtime, registry=registry)  # #13
+    orders = add_load_order_routes(app, runtime, admission=admission, registry=registry)  # #16
     # Shards of models split across nodes (FSD-Inference): routes and budget in shards.py.
     shards = shard_host(runtime, token=token)
     app.include_router(shard_router(shards))
@@ -333,6 +335,7 @@ def create_node(
     _add_routes(app, runtime, limits=limits, metrics=metrics, framed=framed_server)
     served: ASGIApp = InferFastPath(app, runtime=runtime, limits=limits, metrics=metrics)
     served = ShardFastPath(served, shards)  # direct-channel messages and shard requests
+    served = LoadOrderFastPath(served, orders)  # #16: a placement owner's load orders
     if token:
         served = token_auth(
             served,

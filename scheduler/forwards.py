@@ -19,7 +19,10 @@ its model goes (forwarding ``decision``), and what a replica does when the owner
   dispatched here. The owner never holds the request, so a question lost with its owner cannot make it
   run twice; an owner that is gone, hung, answers an error or names an unknown device means
   the request is placed here. The owner's side is :class:`PlacementAnswers`: it decides with
-  the gateway's own code, notes the load in its view at once and publishes it.
+  the gateway's own code, notes the load in its view at once and publishes it, and, for a load,
+  orders it at the device's GPU manager as it answers (:class:`LoadOrdering`;
+  ``gpu_manager/load_orders.py``), so that the asker's request, one hop later, joins the load
+  in flight instead of starting it.
 """
 
 from __future__ import annotations
@@ -32,14 +35,17 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter
 
 from gpufaas.cache import ClusterDirectory, InsufficientCapacity, UnknownKey
+from gpufaas.core.eager import start_eagerly
 from gpufaas.core.http import REASON_HEADER, REQUEST_KEY_HEADER, TIMEOUT_HEADER, error_response
+from gpufaas.core.node import LoadOrder, LoadOrderTaken
 from gpufaas.core.protocol import ProtocolError
 from gpufaas.scheduler.forward_lane import ForwardHead
 from gpufaas.scheduler.lanes import NodeCall
@@ -56,6 +62,8 @@ __all__ = [
     "Asked",
     "DeadlinePassed",
     "Forwards",
+    "LoadOrdering",
+    "OrderTo",
     "OwnerDecision",
     "Placement",
     "PlacementAnswers",
@@ -319,6 +327,56 @@ def _refused_frame(reply: NodeReply) -> bool:
     return reply.status == 400 and reply.headers.get(REASON_HEADER) == "InvalidFrame"
 
 
+# A device (by its key in the view): its id at its GPU manager, and how to post a load order's
+# body there (the call, to await); None when the device is not known (nothing is sent).
+OrderTo = Callable[[str], tuple[str, Callable[[bytes], Coroutine[Any, Any, NodeReply]]] | None]
+
+
+class LoadOrdering:
+    """The placement owner's load orders (forwarding ``decision``): as it answers a peer's
+    question with a load, it orders that load at the device's GPU manager
+    (``POST LOAD_ORDER``), so the load starts one hop before the peer's request arrives, which
+    joins it in flight. Never awaited by the answer, and never the request's failure: an order
+    that is refused, fails or is lost only means the request starts the load itself, as it
+    did before orders. Counted in ``gpufaas_replica_load_orders_total{result}`` (the node's
+    result, or ``refused``, ``failed``, ``unknown-device``)."""
+
+    def __init__(self, *, to: OrderTo, counted: Counter, eager: bool = True) -> None:
+        self.to = to
+        self.counted = counted
+        # Write the order at once, before the answer (the send's first step needs no task:
+        # the pooled transport); False for a send that needs a task (httpx).
+        self.eager = eager
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def order(self, device_key: str, name: str, victims: tuple[str, ...]) -> None:
+        where = self.to(device_key)
+        if where is None:
+            self.counted.labels("unknown-device").inc()
+            return
+        device_id, post = where
+        body = LoadOrder(model=name, device=device_id, victims=list(victims))
+        call = post(body.model_dump_json().encode())
+        sending = self._sent(name, call)
+        task = start_eagerly(sending) if self.eager else asyncio.create_task(sending)
+        if task is not None:
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _sent(self, name: str, call: Coroutine[Any, Any, NodeReply]) -> None:
+        try:
+            reply = await call
+            if reply.status == 202:
+                result = LoadOrderTaken.model_validate_json(reply.body).result
+            else:
+                logger.info("a load order of %s was refused: %.200r", name, reply.body)
+                result = "refused"
+        except Exception as e:  # the node is gone or answered nonsense: the request loads it
+            logger.info("a load order of %s was not taken: %s", name, e)
+            result = "failed"
+        self.counted.labels(result).inc()
+
+
 class PlacementAnswers:
     """As the placement owner, the peers' placement questions (forwarding ``decision``)."""
 
@@ -329,9 +387,12 @@ class PlacementAnswers:
         events: ResidencyEvents,
         decide: Callable[[str, frozenset[str]], OwnerDecision] | None,
         asked: Callable[[], None],
+        orders: LoadOrdering | None = None,
     ) -> None:
         self.directory = directory
         self.events = events
+        # Loads decided for peers are ordered at their GPU manager as they are answered.
+        self.orders = orders
         # This gateway's policy decision for a model, the devices the peer already tried
         # excluded. None: the peers' questions are answered 503, and they place it themselves.
         self.decide = decide
@@ -351,6 +412,8 @@ class PlacementAnswers:
         decided = self.decide(name, tried)
         if self.directory.state(decided.device, name) is not None:
             return decided  # the asker's view was behind: a hit here
+        if self.orders is not None:  # first: the manager starts the load one hop sooner
+            self.orders.order(decided.device, name, decided.victims)
         planned = self.events.publish_load(
             decided.device, name, size_bytes=size_bytes, victims=decided.victims
         )

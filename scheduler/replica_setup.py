@@ -14,8 +14,8 @@ import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 __all__ = ["attach_replicas", "enable_replicas", "lane_answer", "serve_replica"]
 
 logger = logging.getLogger(__name__)
+
+_JSON = {"Content-Type": "application/json"}
 
 
 def attach_replicas(
@@ -138,6 +140,18 @@ def attach_replicas(
         decision = gateway._route(name, exclude=set(tried))
         return OwnerDecision(decision.device, tuple(decision.victims))
 
+    def order_to(
+        device_key: str,
+    ) -> tuple[str, Callable[[bytes], Coroutine[Any, Any, NodeReply]]] | None:
+        # A load the owner decided for a peer, ordered at the device's GPU manager.
+        device = gateway.cluster.devices.get(device_key)
+        if device is None:
+            return None
+        node = device.node
+        return device.device_id, lambda body: gateway.lanes.post(
+            node, node_api.LOAD_ORDER, body, _JSON
+        )
+
     def observe_requests(model: str, count: int) -> None:
         for _ in range(count):
             gateway.estimates.observe_request(model)
@@ -165,6 +179,9 @@ def attach_replicas(
         forwarding=forwarding,
         decide=decide,
         lost_requests=lost_requests,
+        order_to=order_to,
+        # httpx needs a task from its first step; the pooled transport writes at once
+        order_eagerly=gateway.lanes.transport != "httpx",
     )
     gateway.replicas = replicas
 

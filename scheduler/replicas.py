@@ -59,6 +59,8 @@ from gpufaas.scheduler.forwards import (
     FORWARD_MS_HEADER,
     FORWARDED_HEADER,
     Forwards,
+    LoadOrdering,
+    OrderTo,
     OwnerDecision,
     Placement,
     PlacementAnswers,
@@ -143,6 +145,10 @@ ReplicaSlots = Literal["full", "share"]
 FORWARD_PROBE_S = 1.0
 
 
+def _not_learnt(model: str, size_bytes: int, load_ms: float) -> None:
+    """A load time not learnt from (see :class:`Replicas`, ``observe_load``)."""
+
+
 class ReplicaMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.owned = Counter(
@@ -194,6 +200,14 @@ class ReplicaMetrics:
         self.peers = Gauge(
             "gpufaas_replica_peers", "Peers by reachability", ["state"], registry=registry
         )
+        self.load_orders = Counter(
+            "gpufaas_replica_load_orders",
+            "Loads this replica, as the placement owner, ordered at a GPU manager as it answered "
+            "a peer's question (forwarding decision), by the node's result (started, present, "
+            "busy) or refused, failed, unknown-device",
+            ["result"],
+            registry=registry,
+        )
         self.cluster_misses = Gauge(
             "gpufaas_replica_cluster_misses",
             "Device-cache misses seen by every replica together (this one, plus each peer's "
@@ -225,6 +239,8 @@ class Replicas:
         forwarding: Forwarding = "request",
         decide: Callable[[str, frozenset[str]], OwnerDecision] | None = None,
         lost_requests: Callable[[Mapping[str, int], object], None] = lambda requests, why: None,
+        order_to: OrderTo | None = None,
+        order_eagerly: bool = True,
     ) -> None:
         if ownership not in ("leader", "function"):
             raise ValueError(f"ownership must be 'leader' or 'function', got {ownership!r}")
@@ -241,6 +257,13 @@ class Replicas:
         self.ring = Ring([membership.self_id])
         self.metrics = ReplicaMetrics(registry)
         self.calls = PeerCalls(membership=membership, probe_s=forward_probe_s, token=token)
+        # With forwarding "decision" (and the GPU managers to order at), each load it decides
+        # for a peer is ordered at the device's manager as it answers (LoadOrdering).
+        ordering = (
+            LoadOrdering(to=order_to, counted=self.metrics.load_orders, eager=order_eagerly)
+            if forwarding == "decision" and order_to is not None
+            else None
+        )
         # Placements sent to the owner: the request, or the question where it goes.
         self.forwards = Forwards(
             membership=membership,
@@ -260,7 +283,14 @@ class Replicas:
             directory=directory,
             calls=self.calls,
             uses=UseStream(
-                directory=directory, observe_requests=observe_requests, observe_load=observe_load
+                directory=directory,
+                observe_requests=observe_requests,
+                # A peer's report of a load this replica ordered at the manager (forwarding
+                # "decision" with orders) times only the part of the load its request waited
+                # for, having joined it in flight: not a load's time, so not learnt from. Such
+                # samples, often a fraction of a load, pulled the fastest load seen per size
+                # towards 0, and victims were then ranked by their reloads' timing noise.
+                observe_load=observe_load if ordering is None else _not_learnt,
             ),
             counted=self.metrics.events,
             deciders=self._deciders,
@@ -272,7 +302,11 @@ class Replicas:
         )
         # As the owner, the peers' placement questions (forwarding "decision").
         self.answers = PlacementAnswers(
-            directory=directory, events=self.events, decide=decide, asked=self._asked_in
+            directory=directory,
+            events=self.events,
+            decide=decide,
+            asked=self._asked_in,
+            orders=ordering,
         )
         self.metrics.cluster_misses.set_function(self.cluster_misses)
         self._update_ring()

@@ -249,6 +249,9 @@ def _manager_urls(url: str) -> list[str]:
 
 
 def _manager_lookups(urls: list[str]) -> dict[str, float]:
+    """The managers' requests by cache (``hit``, ``miss``), and their load orders
+    (forwarding ``decision``; gpu_manager/load_orders.py) by result (``order:<result>``) and by
+    how their request claimed them (``claim:<how>``)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     counts = {"hit": 0.0, "miss": 0.0}
@@ -258,7 +261,24 @@ def _manager_lookups(urls: list[str]) -> dict[str, float]:
             for sample in family.samples:
                 if sample.name == "gpufaas_manager_requests_total":
                     counts[sample.labels["cache"]] += sample.value
+                elif sample.name == "gpufaas_manager_load_orders_total":
+                    key = f"order:{sample.labels['result']}"
+                    counts[key] = counts.get(key, 0.0) + sample.value
+                elif sample.name == "gpufaas_manager_load_order_claims_total":
+                    key = f"claim:{sample.labels['how']}"
+                    counts[key] = counts.get(key, 0.0) + sample.value
     return counts
+
+
+def manager_misses(before: dict[str, float], after: dict[str, float]) -> int:
+    """Misses counted at the managers between two readings: the requests they counted a miss,
+    plus those that found a load ordered for them already landed (``claim:landed``: counted a
+    hit there, though the load was made for them; one gateway would have made it a miss)."""
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    return int(delta("miss") + delta("claim:landed"))
 
 
 def _replica_counters(urls: list[str]) -> dict[str, float]:
@@ -468,6 +488,10 @@ def _one(
         _stop(proc)
     skip = len(results) // 10
     measured = results[skip:]
+
+    def delta_of(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
     latency = np.asarray([r["latency_ms"] for r in measured if r.get("status") == 200])
     hits = np.asarray([r["latency_ms"] for r in measured if r.get("status") == 200 and r["hit"]])
     misses = np.asarray(
@@ -487,8 +511,14 @@ def _one(
         "gateways": gateways,
         "ownership": ownership if gateways > 1 else "-",
         "slots": slots if gateways > 1 else "-",
-        "misses_at_managers": int(after["miss"] - before["miss"]),
-        "hits_at_managers": int(after["hit"] - before["hit"]),
+        "misses_at_managers": manager_misses(before, after),
+        "hits_at_managers": int(after["hit"] - before["hit"] - delta_of("claim:landed")),
+        # forwarding "decision": loads the owner ordered, by the node's result and by claim
+        "load_orders": {
+            k: int(after[k] - before.get(k, 0.0))
+            for k in sorted(after)
+            if k.startswith(("order:", "claim:")) and after[k] - before.get(k, 0.0)
+        },
         "answered": len(served),
         "policy": args.scaleout_policy,
         "offered_rps": len(results) / span_s if span_s else math.nan,
