@@ -174,6 +174,7 @@ def http_server(root: Path) -> Iterator[str]:
     finally:
         server.shutdown()
         thread.join(timeout=10)
+        server.server_close()  # its listening socket (shutdown only stops the loop)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -292,6 +292,7 @@ class LinkServer:
         self._dir: Path | None = None
         self._server: asyncio.AbstractServer | None = None
         self._starting = asyncio.Lock()  # one start at a time: one server, one endpoint
+        self._receivers: set[_Receiver] = set()  # open links, closed with the server
         self.endpoint: LinkEndpoint | None = None
 
     async def start(self) -> LinkEndpoint:
@@ -303,7 +304,7 @@ class LinkServer:
             path = self._dir / "link.sock"
             loop = asyncio.get_running_loop()
             self._server = await loop.create_unix_server(
-                lambda: _Receiver(self._deliver, self._serve), str(path)
+                lambda: _Receiver(self._deliver, self._serve, self._receivers), str(path)
             )
             self.endpoint = LinkEndpoint(host_identity(self._base), str(path))
             return self.endpoint
@@ -311,8 +312,10 @@ class LinkServer:
     async def close(self) -> None:
         async with self._starting:  # after a start under way: its server is closed too
             if self._server is not None:
-                self._server.close()
+                self._server.close()  # the listening socket only: the links' own go here
                 self._server = None
+            for receiver in list(self._receivers):
+                receiver.close()
             if self._dir is not None:
                 with contextlib.suppress(OSError):
                     (self._dir / "link.sock").unlink()
@@ -366,10 +369,14 @@ class _Receiver(asyncio.Protocol):
     """One link's receiving end: notices in, views of the sender's ring out, answers back."""
 
     def __init__(
-        self, deliver: Callable[[dict[str, object], Array], int], serve: Serve | None
+        self,
+        deliver: Callable[[dict[str, object], Array], int],
+        serve: Serve | None,
+        receivers: set[_Receiver],
     ) -> None:
         self._deliver = deliver
         self._serve = serve
+        self._receivers = receivers  # the server's open links, this one while it is open
         self._buffer = bytearray()
         self._rings: dict[str, tuple[mmap.mmap, _Spans]] = {}
         self._transport: asyncio.Transport | None = None
@@ -378,9 +385,16 @@ class _Receiver(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        self._receivers.add(self)
+
+    def close(self) -> None:
+        """The server is closing: close this link's socket (its rings go as it is lost)."""
+        if self._transport is not None:
+            self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None  # calls still running answer nobody
+        self._receivers.discard(self)
         for ring, spans in self._rings.values():
             spans.detach()
             with contextlib.suppress(BufferError):  # views still held: unmapped when they go

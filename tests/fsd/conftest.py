@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -83,7 +84,19 @@ class ThreadNode:
         )  # fmt: skip
         devices = list(self.runtime.devices.values())
         self.host = ShardHost(store=self.runtime.artifacts.store, devices=devices, stall_s=stall_s)
-        app = FastAPI()
+        host = self.host
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            # As the manager's app does: the host's shards, channels, links and link socket
+            # close on the server's own loop when it stops (a server left open under uvloop
+            # can close another thread's file when it is collected).
+            try:
+                yield
+            finally:
+                await host.close()
+
+        app = FastAPI(lifespan=lifespan)
         app.include_router(shard_router(self.host))
         config = uvicorn.Config(
             ShardFastPath(app, self.host),
@@ -109,8 +122,11 @@ class ThreadNode:
             time.sleep(0.02)
 
     def stop(self) -> None:
+        """Stop serving and close the host (once; later calls do nothing)."""
         self.server.should_exit = True
-        self.thread.join(timeout=15)
+        self.thread.join(timeout=60)
+        if self.thread.is_alive():
+            raise RuntimeError("shard node did not stop")
 
 
 def _started_nodes(tmp_path: Path, *, count: int, cpu_devices: int) -> Iterator[list[ThreadNode]]:

@@ -210,8 +210,12 @@ def test_the_warm_admission_never_waits_and_never_jumps_the_queue() -> None:
     assert admission.take_now("cpu:0") is None  # full: the caller takes the waiting slot
     admission.release(gate)
     assert admission.running("cpu:0") == 0
-    admission._gate("cpu:0").waiters.append(asyncio.Future(loop=asyncio.new_event_loop()))
-    assert admission.take_now("cpu:0") is None  # someone waits: not ahead of them
+    loop = asyncio.new_event_loop()  # a waiter's future needs one; closed, not left to GC
+    try:
+        admission._gate("cpu:0").waiters.append(asyncio.Future(loop=loop))
+        assert admission.take_now("cpu:0") is None  # someone waits: not ahead of them
+    finally:
+        loop.close()
     assert DeviceAdmission(concurrency=None).take_now("cpu:0") is not None
 
 
