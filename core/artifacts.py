@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -49,6 +50,7 @@ __all__ = ["ArtifactError", "ArtifactStore", "write_atomically"]
 _CHUNK_BYTES = 1 << 20
 _S3_BLOCK_BYTES = 8 << 20
 _STALE_TMP_SECONDS = 24 * 3600
+_CLAIMED = ".discarded"  # a blob claim() took out of the cache, for its caller to delete
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -127,20 +129,37 @@ class ArtifactStore:
         :meth:`fetch` with the same arguments returns; never a ``file://`` artifact used in
         place. True where a blob was deleted; False where there was none, or a fetch under the
         same key is under way in another thread (nothing is deleted). Other URIs recorded for
-        the same blob are fetched again on their next use."""
+        the same blob are fetched again on their next use. The deletion blocks for as long as
+        the file system takes to free the blob: callers on an event loop use :meth:`claim`."""
+        claimed = self.claim(uri, sha256=sha256, blob=blob)
+        if claimed is None:
+            return False
+        claimed.unlink(missing_ok=True)
+        return True
+
+    def claim(self, uri: str, *, sha256: str | None = None, blob: bool = True) -> Path | None:
+        """:meth:`discard`'s first half, which never waits for the blob's bytes to be freed:
+        the index record goes and the blob is renamed out of the cache, so no fetch finds it
+        from here on. The caller deletes the returned file (in a thread: unlinking a large
+        file can take a while); if the process dies first, the next store opened on this root
+        deletes it. None where :meth:`discard` would return False."""
         expected = sha256.lower() if sha256 is not None else None
         if expected is not None and not _SHA256.fullmatch(expected):
-            return False
+            return None
         lock = self._lock(expected or uri)
         if not lock.acquire(blocking=False):
-            return False
+            return None
         try:
             copy = self._blob(expected) if expected is not None else self._recall(uri)
             self._index_file(uri).unlink(missing_ok=True)
-            if not blob or copy is None or not copy.is_file():
-                return False
-            copy.unlink()
-            return True
+            if not blob or copy is None:
+                return None
+            claimed = self._tmp / f"{copy.name}.{uuid.uuid4().hex}{_CLAIMED}"
+            try:
+                os.rename(copy, claimed)  # one directory entry moved: no bytes are freed
+            except FileNotFoundError:  # not there, or another process deleted it first
+                return None
+            return claimed
         finally:
             lock.release()
 
@@ -247,6 +266,11 @@ class ArtifactStore:
             with contextlib.suppress(OSError):
                 if leftover.stat().st_mtime < cutoff:
                     leftover.unlink()
+        # Claimed blobs whose claimer died before deleting them: nothing can use them any
+        # more (at worst a live claimer's own deletion then finds nothing to delete).
+        for leftover in self._tmp.glob(f"*{_CLAIMED}"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 def write_atomically(path: Path, data: bytes | memoryview) -> None:

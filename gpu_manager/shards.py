@@ -662,7 +662,7 @@ class ShardHost:
             self._fetching.remove(load)
         replaced, self._copies[key] = self._copies.get(key), load
         if replaced is not None:  # the shard comes again, maybe from another artifact
-            self._discard(replaced)
+            await self._discard(replaced)
         spec = await asyncio.to_thread(load_shard, Path(path))
         if spec.shard != load.shard or spec.shards != load.shards:
             raise ShardFormatError(
@@ -834,15 +834,18 @@ class ShardHost:
             await self._drop(key)
         copy = self._copies.pop(key, None)
         if copy is not None:
-            self._discard(copy)
+            await self._discard(copy)
         return loaded
 
-    def _discard(self, load: ShardLoad) -> None:
+    async def _discard(self, load: ShardLoad) -> None:
         """Delete the store's copy of ``load``'s artifact and its URI's record, unless a shard
         kept here or a load fetching now uses the same URI (both stay) or the same blob by
-        its sha256 under another URI (the blob stays). On the event loop, so no load starts
-        its fetch between the check and the deletion; a fetch under way in another thread (a
-        model of the same bytes) keeps it too (``ArtifactStore.discard``)."""
+        its sha256 under another URI (the blob stays). The check and the claim (the record's
+        deletion and the blob's rename out of the cache, ``ArtifactStore.claim``) run on the
+        event loop with no suspension between them, so no load here starts its fetch in
+        between; a fetch under way in another thread (a model of the same bytes) keeps the
+        blob too. Only the claimed file's deletion, which may take a while for a large blob,
+        runs in a thread: by then no fetch can find it."""
         others = (*self._copies.values(), *self._fetching)
         if any(other.artifact == load.artifact for other in others):
             return
@@ -851,9 +854,15 @@ class ShardHost:
             other.sha256 is not None and other.sha256.lower() == digest for other in others
         )
         try:
-            self.store.discard(load.artifact, sha256=load.sha256, blob=not shared)
+            claimed = self.store.claim(load.artifact, sha256=load.sha256, blob=not shared)
         except OSError as e:  # a copy that cannot be deleted stays: the unload goes on
             logger.warning("could not delete the copy of %s: %s", load.artifact, e)
+            return
+        if claimed is not None:
+            try:
+                await asyncio.to_thread(claimed.unlink, missing_ok=True)
+            except OSError as e:  # the next store opened on this root deletes it
+                logger.warning("could not delete the claimed copy %s: %s", claimed, e)
 
     def _evicted(self, key: str, resident: ShardResident) -> None:
         """The device tier evicted shard ``key`` (room for a model or another set): release

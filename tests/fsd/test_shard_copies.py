@@ -103,14 +103,14 @@ async def test_a_copy_a_load_is_fetching_or_a_kept_shard_uses_is_not_deleted(
     gone = load("gone", source.as_uri(), digest)
     try:
         host._fetching.append(load("coming", "s3://b/other-name", digest))
-        host._discard(gone)
+        await host._discard(gone)
         assert blob.is_file()  # a load fetching the same blob now
         host._fetching.clear()
         host._copies["kept/0"] = load("kept", source.as_uri(), None)
-        host._discard(gone)
+        await host._discard(gone)
         assert blob.is_file()  # a shard kept here from the same URI
         host._copies.clear()
-        host._discard(gone)
+        await host._discard(gone)
         assert not blob.is_file()
     finally:
         await host.close()
