@@ -23,15 +23,22 @@ s3 endpoints and credentials come from ``storage_options["s3"]`` (any
 
 ``fetch`` is synchronous and may block on the network: async callers run it in
 a thread (``asyncio.to_thread``).
+
+A process that keeps copies here for itself only (a node's shard copies) records
+them in a :class:`CopyLedger`, locked while it lives, so that the copies can be
+deleted once it is gone, however it went (:meth:`ArtifactStore.sweep_ledgers`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -45,11 +52,14 @@ import fsspec
 
 from gpufaas.core.uripolicy import UriNotAllowed, UriPolicy
 
-__all__ = ["ArtifactError", "ArtifactStore", "write_atomically"]
+__all__ = ["ArtifactError", "ArtifactStore", "CopyLedger", "write_atomically"]
 
 _CHUNK_BYTES = 1 << 20
 _S3_BLOCK_BYTES = 8 << 20
 _STALE_TMP_SECONDS = 24 * 3600
+_LEDGERS = "ledgers"  # CopyLedger folders and their lock files
+_LOCK = ".lock"
+_SWEEPING = "sweeping"  # a sweep holds it exclusively; a record and its fetch, shared
 _CLAIMED = ".discarded"  # a blob claim() took out of the cache, for its caller to delete
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -163,6 +173,45 @@ class ArtifactStore:
         finally:
             lock.release()
 
+    def ledger(self) -> CopyLedger:
+        """A new ledger of the copies this process keeps here for itself (its lock held until
+        :meth:`CopyLedger.close`)."""
+        return CopyLedger(self.root / _LEDGERS)
+
+    def sweep_ledgers(self) -> list[str]:
+        """Delete the copies that processes now gone recorded in their ledgers, and those
+        ledgers; returns the URIs whose records were deleted. A copy stays while a live
+        process's ledger records its URI; a blob stays while any other URI's record (a
+        model's, another process's shard) points at it. Synchronous, and it waits for other
+        processes' record-and-fetch steps under way (:meth:`CopyLedger.recording`): run it
+        at start-up, before this process fetches anything."""
+        folder = self.root / _LEDGERS
+        folder.mkdir(parents=True, exist_ok=True)
+        with _flocked(folder / _SWEEPING, fcntl.LOCK_EX):  # no record-and-fetch under way
+            live, dead = _ledgers(folder)
+            try:
+                swept = self._sweep(live, [_records(ledger) for _, ledger in dead])
+                for lock, ledger in dead:  # kept where the sweep failed: the next one retries
+                    shutil.rmtree(ledger, ignore_errors=True)
+                    lock.path.unlink(missing_ok=True)
+                return swept
+            finally:
+                for lock, _ in dead:
+                    lock.release()
+
+    def _sweep(self, live: list[_Recorded], dead: list[list[_Recorded]]) -> list[str]:
+        uris = {r.uri for r in live}
+        gone = {r.uri: r for records in dead for r in records if r.uri not in uris}
+        kept = {r.sha256 for r in live} | {
+            record.get("sha256")
+            for path in self._index.glob("*.json")
+            if isinstance(record := _read_json(path), dict) and record.get("uri") not in gone
+        }
+        for record in gone.values():
+            digest = record.sha256 or self._recorded_digest(record.uri)
+            self.discard(record.uri, sha256=digest, blob=digest not in kept)
+        return sorted(gone)
+
     # --- internals ---
 
     def _blob(self, digest: str) -> Path:
@@ -252,6 +301,11 @@ class ArtifactStore:
         blob = self._blob(digest)
         return blob if blob.is_file() else None
 
+    def _recorded_digest(self, uri: str) -> str | None:
+        record = _read_json(self._index_file(uri))
+        digest = record.get("sha256") if isinstance(record, dict) else None
+        return digest if isinstance(digest, str) and _SHA256.fullmatch(digest) else None
+
     def _index_file(self, uri: str) -> Path:
         return self._index / f"{hashlib.sha256(uri.encode()).hexdigest()}.json"
 
@@ -271,6 +325,135 @@ class ArtifactStore:
         for leftover in self._tmp.glob(f"*{_CLAIMED}"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recorded:
+    uri: str
+    sha256: str | None
+
+
+class CopyLedger:
+    """The copies one process keeps in an artifact store for itself (a node's shard copies),
+    recorded on disk, so that they can be found and deleted once that process is gone, however
+    it went (a crash, a restart): :meth:`ArtifactStore.sweep_ledgers`.
+
+    The ledger is a folder of records under ``<store>/ledgers/<id>/`` beside a lock file that
+    this process holds (``flock``) while it lives; the kernel releases the lock when the
+    process dies, and that is what marks the ledger's copies as nobody's. Several processes
+    may share one store (``gpufaas up --nodes N``): each sweeps only dead ledgers. Record a
+    copy before fetching it, and forget it once it is deleted or another owner took it."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        name = uuid.uuid4().hex
+        # Locked under a temporary name, then renamed into place: a sweeper never sees this
+        # ledger's lock file unheld.
+        lock = _Lock.taken(folder / f".{name}{_LOCK}", create=True)
+        assert lock is not None  # a new file nobody else can have opened
+        os.rename(lock.path, folder / f"{name}{_LOCK}")
+        self._lock: _Lock | None = _Lock(folder / f"{name}{_LOCK}", lock.fd)
+        self.folder = folder / name
+        self.folder.mkdir()
+
+    @contextlib.contextmanager
+    def recording(self, uri: str, *, sha256: str | None) -> Iterator[None]:
+        """Record ``uri``'s copy, then fetch it inside: no sweep runs from the record to the
+        end of the block, so a sweep either runs first (and the fetch finds no blob it
+        deletes) or sees this record (and keeps the blob)."""
+        with _flocked(self.folder.parent / _SWEEPING, fcntl.LOCK_SH):
+            self.record(uri, sha256=sha256)
+            yield
+
+    def record(self, uri: str, *, sha256: str | None) -> None:
+        """Note that this process keeps (or is about to fetch) ``uri``'s copy."""
+        body = json.dumps({"uri": uri, "sha256": sha256.lower() if sha256 else None})
+        write_atomically(self._file(uri, sha256), body.encode())
+
+    def forget(self, uri: str, *, sha256: str | None) -> None:
+        self._file(uri, sha256).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the lock; the records stay, for the next sweep (the process is going)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _file(self, uri: str, sha256: str | None) -> Path:
+        key = f"{uri}\n{sha256.lower() if sha256 else ''}"
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lock:
+    """An open lock file and its exclusive ``flock``."""
+
+    path: Path
+    fd: int
+
+    @staticmethod
+    def taken(path: Path, *, create: bool = False) -> _Lock | None:
+        """The lock, if nobody holds it (or it no longer exists: its owner is gone too)."""
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            return _Lock(path, -1)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return _Lock(path, fd)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # and with it the flock
+
+
+@contextlib.contextmanager
+def _flocked(path: Path, operation: int) -> Iterator[None]:
+    """``flock`` on ``path`` (created if missing) for the block, on a descriptor of its own."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, operation)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _ledgers(folder: Path) -> tuple[list[_Recorded], list[tuple[_Lock, Path]]]:
+    """The records of the live ledgers in ``folder``, and the dead ledgers, their locks
+    taken (a lock file with no folder is one whose process died before making it)."""
+    live: list[_Recorded] = []
+    dead: list[tuple[_Lock, Path]] = []
+    for ledger in sorted(p for p in folder.iterdir() if p.is_dir()):
+        lock = _Lock.taken(ledger.with_suffix(_LOCK))
+        if lock is None:
+            live.extend(_records(ledger))
+        else:
+            dead.append((lock, ledger))
+    for path in folder.glob(f"*{_LOCK}"):
+        if not path.with_suffix("").is_dir() and (lock := _Lock.taken(path)) is not None:
+            dead.append((lock, path.with_suffix("")))
+    return live, dead
+
+
+def _records(ledger: Path) -> list[_Recorded]:
+    found = []
+    for path in ledger.glob("*.json"):
+        record = _read_json(path)
+        if not isinstance(record, dict) or not isinstance(uri := record.get("uri"), str):
+            continue
+        digest = record.get("sha256")
+        found.append(_Recorded(uri, digest if isinstance(digest, str) else None))
+    return found
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_atomically(path: Path, data: bytes | memoryview) -> None:

@@ -27,7 +27,9 @@ Each shard's artifact is fetched (and verified) into the node's artifact store. 
 stays while the shard is loaded or evicted (it may come back), and goes when the shard is
 unloaded (``DELETE``: the coordinator's remove, or its clean-up after a failed launch), unless
 another shard kept here uses the same blob (eighteenth session; before, every set's copies
-stayed until someone emptied the store by hand).
+stayed until someone emptied the store by hand). A node that stops or crashes with sets loaded
+leaves its copies in its ledger on disk, and the next node to start on the store deletes them
+(:func:`shard_host`, ``ArtifactStore.sweep_ledgers``; nineteenth session).
 """
 
 from __future__ import annotations
@@ -609,6 +611,8 @@ class ShardHost:
         # unloaded, unless one of these uses the same blob (_discard).
         self._copies: dict[str, ShardLoad] = {}
         self._fetching: list[ShardLoad] = []
+        # The same copies on disk, for the sweep after this process is gone (shard_host).
+        self._ledger = store.ledger()
 
     @staticmethod
     def key(set_name: str, shard: int) -> str:
@@ -657,9 +661,12 @@ class ShardHost:
         key = self.key(load.set_name, load.shard)
         self._fetching.append(load)
         try:
-            path = await asyncio.to_thread(self.store.fetch, load.artifact, sha256=load.sha256)
-        finally:
+            path = await asyncio.to_thread(self._fetch, load)
+        except BaseException:
             self._fetching.remove(load)
+            self._unrecord(load)
+            raise
+        self._fetching.remove(load)
         replaced, self._copies[key] = self._copies.get(key), load
         if replaced is not None:  # the shard comes again, maybe from another artifact
             await self._discard(replaced)
@@ -692,6 +699,20 @@ class ShardHost:
             raise
         await channel.attach(load.set_name, load.shard, mailbox)
         return spec.weight_bytes
+
+    def _fetch(self, load: ShardLoad) -> Path:
+        """The shard's verified copy in the store, recorded in this node's ledger first, so a
+        copy is never on disk unrecorded, and with no start-up sweep of another node on this
+        store between the record and the fetch (worker thread)."""
+        with self._ledger.recording(load.artifact, sha256=load.sha256):
+            return self.store.fetch(load.artifact, sha256=load.sha256)
+
+    def _unrecord(self, load: ShardLoad) -> None:
+        """Take ``load``'s copy out of the ledger unless another shard kept or fetching here
+        has the same record (URI and sha256)."""
+        others = (*self._copies.values(), *self._fetching)
+        if not any(_same_record(other, load) for other in others):
+            self._ledger.forget(load.artifact, sha256=load.sha256)
 
     async def _channel(self, load: ShardLoad) -> Channel:
         config = load.channel
@@ -848,6 +869,7 @@ class ShardHost:
         runs in a thread: by then no fetch can find it."""
         others = (*self._copies.values(), *self._fetching)
         if any(other.artifact == load.artifact for other in others):
+            self._unrecord(load)
             return
         digest = load.sha256.lower() if load.sha256 is not None else None
         shared = digest is not None and any(
@@ -855,9 +877,10 @@ class ShardHost:
         )
         try:
             claimed = self.store.claim(load.artifact, sha256=load.sha256, blob=not shared)
-        except OSError as e:  # a copy that cannot be deleted stays: the unload goes on
+        except OSError as e:  # a copy that cannot be deleted stays (and stays recorded)
             logger.warning("could not delete the copy of %s: %s", load.artifact, e)
             return
+        self._unrecord(load)  # nothing of it is left in the cache
         if claimed is not None:
             try:
                 await asyncio.to_thread(claimed.unlink, missing_ok=True)
@@ -905,6 +928,7 @@ class ShardHost:
         await self.peers.close()
         await self.links.close()
         await self.link_server.close()
+        self._ledger.close()  # its copies stay on disk until the next start sweeps them
 
     def state(self) -> dict[str, Any]:
         return {
@@ -941,6 +965,11 @@ def _dropped(run: _Run, queued: concurrent.futures.Future[None]) -> None:
             run.loop.call_soon_threadsafe(
                 _settle, run.done, None, RuntimeError("the shard closed before its request ended")
             )
+
+
+def _same_record(a: ShardLoad, b: ShardLoad) -> bool:
+    """Whether two loads' copies are one ledger record (the same URI and sha256)."""
+    return a.artifact == b.artifact and (a.sha256 or "").lower() == (b.sha256 or "").lower()
 
 
 def _subtree(load: ShardLoad) -> list[int]:
@@ -1093,4 +1122,10 @@ def shard_host(runtime: NodeRuntime, *, token: str | None) -> ShardHost:
     """A node's shard host: the runtime's artifact store; each shard lives in the tier of the
     device :func:`device_for` gives it (a shard runs on one device), beside its models."""
     devices = sorted(runtime.devices.values(), key=lambda d: (-d.info.capacity_bytes, d.info.index))
-    return ShardHost(store=runtime.artifacts.store, devices=devices, token=token)
+    store = runtime.artifacts.store
+    # A node that restarts has no record of the shard copies its last process kept: those
+    # processes' ledgers do (ArtifactStore.sweep_ledgers). Before this node fetches anything.
+    swept = store.sweep_ledgers()
+    if swept:
+        logger.info("deleted %d shard copies that no running node keeps", len(swept))
+    return ShardHost(store=store, devices=devices, token=token)

@@ -62,6 +62,7 @@ async def test_a_removed_sets_copies_leave_each_node_unless_another_set_uses_the
     np.testing.assert_allclose(out, net.forward(x), rtol=1e-5, atol=1e-5)
     await coordinator.remove("other")
     assert [(_blobs(n), _records(n)) for n in nodes] == before  # nothing left behind
+    assert not [p for n in nodes for p in n.host._ledger.folder.iterdir()]  # nor recorded
 
 
 async def test_an_evicted_sets_copies_go_when_the_set_is_removed(
