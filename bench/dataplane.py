@@ -71,8 +71,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import numpy as np
@@ -118,7 +119,7 @@ def write_manifests(folder: Path, models: Path) -> None:
             (folder / f"{name}.yaml").write_text(text)
 
 
-def body_arrays(name: str, *, rows: int = 1) -> dict[str, np.ndarray]:
+def body_arrays(name: str, *, rows: int = 1) -> dict[str, np.ndarray[Any, Any]]:
     family = name.removesuffix("-batched")
     if family == "minilm":
         ids = np.full((rows, 128), 2000, dtype=np.int64)
@@ -602,7 +603,7 @@ def _node_app_cpu(runtime: Any, spec: Any, *, requests: int, inline: bool) -> fl
         async def receive() -> dict[str, Any]:
             return messages.pop() if messages else {"type": "http.disconnect"}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 statuses.append(message["status"])
 
@@ -624,7 +625,7 @@ def _node_app_cpu(runtime: Any, spec: Any, *, requests: int, inline: bool) -> fl
 
 
 def colocated_loop_cpu(
-    functions: Path, *, requests: int, lane: str = "inprocess"
+    functions: Path, *, requests: int, lane: Literal["inprocess", "framed"] = "inprocess"
 ) -> dict[str, Any]:
     """``--colocated-loop``: a gateway and a co-located GPU manager on this process's loop, as
     ``gpufaas up --node-transport inprocess`` wires them; CPU per warm tiny-mlp request
@@ -640,7 +641,9 @@ def colocated_loop_cpu(
         return _colocated_loop_cpu(functions, Path(folder), requests=requests, lane=lane)
 
 
-def _colocated_loop_cpu(functions: Path, work: Path, *, requests: int, lane: str) -> dict[str, Any]:
+def _colocated_loop_cpu(
+    functions: Path, work: Path, *, requests: int, lane: Literal["inprocess", "framed"]
+) -> dict[str, Any]:
     """:func:`colocated_loop_cpu` with the node's artifacts and socket in ``work``."""
     from gpufaas.core.colocated import ColocatedOptions, colocated_node
     from gpufaas.core.commands import ManagerOptions

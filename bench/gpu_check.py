@@ -86,7 +86,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from gpufaas.core.api import InferenceFunctionSpec, parse_spec  # noqa: E402
+from gpufaas.core.api import InferenceFunctionSpec, ModelFormat, parse_spec  # noqa: E402
 from gpufaas.core.artifacts import ArtifactStore  # noqa: E402
 from gpufaas.core.modelio import load_model, save_model, tensor_bytes  # noqa: E402
 from gpufaas.gpu_manager.device_faults import NodeHealth  # noqa: E402
@@ -172,10 +172,11 @@ def check_bandwidth(setup: Setup, report: Report, *, repeats: int = 5) -> None:
             loader.append(n / transfer.seconds / 1e9)
     if setup.cuda:
         raw_host = torch.empty(n, dtype=torch.uint8, pin_memory=True).fill_(1)
-        stream = torch.cuda.Stream(device=setup.info.index)
+        stream = torch.cuda.Stream(device=setup.info.index)  # type: ignore[no-untyped-call]
         raw = []
         for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             with torch.cuda.stream(stream):
                 start.record(stream)
                 dst.copy_(raw_host, non_blocking=True)
@@ -241,7 +242,7 @@ def _mlp(setup: Setup) -> tuple[Path, InferenceFunctionSpec]:
         stack += [nn.Linear(width, width), nn.ReLU()]
     module = torch.jit.script(nn.Sequential(*stack).eval())
     path = setup.work / "mlp.pt"
-    save_model(module, path, format="torchscript", example_inputs=())
+    save_model(module, path, format=ModelFormat.TORCHSCRIPT, example_inputs=())
     spec = _spec(
         path,
         "torchscript",
@@ -315,23 +316,25 @@ def check_overlap_and_gate(setup: Setup, report: Report) -> None:
         f"load {load * 1e3:.1f} ms, compute {comp * 1e3:.1f} ms, first {first * 1e3:.1f} ms, "
         f"{skeleton.layout.arena_bytes >> 20} MiB in {len(skeleton.layout.groups)} groups",
     )
-    reference = torch.from_numpy(load_model(path, format="torchscript")(torch.from_numpy(x[:4])).detach().numpy())  # fmt: skip
+    reference = torch.from_numpy(load_model(path, format=ModelFormat.TORCHSCRIPT)(torch.from_numpy(x[:4])).detach().numpy())  # fmt: skip
     inputs = [torch.from_numpy(x[:4])]
     for label, gated in (("gated", True), ("ungated control", False)):
-        result = gate_check(skeleton, host, backend, inputs, reference, gated=gated)
-        ok = result.passed if gated else not result.passed
+        checked = gate_check(skeleton, host, backend, inputs, reference, gated=gated)
+        ok = checked.passed if gated else not checked.passed
         report.add(
             f"gate check, TorchScript MLP, {label}",
-            "pass" if result.passed else ("NaN" if result.has_nan else "mismatch"),
+            "pass" if checked.passed else ("NaN" if checked.has_nan else "mismatch"),
             "PASS" if ok else "FAIL",
-            f"{result.late_groups} late groups NaN and delayed, waited {result.waited_groups}",
+            f"{checked.late_groups} late groups NaN and delayed, waited {checked.waited_groups}",
         )
 
 
 # --- 5, 6, 7: the runtime with the example models ----------------------------------------------------
 
 
-def _example_models(setup: Setup) -> dict[str, tuple[InferenceFunctionSpec, list[np.ndarray]]]:
+def _example_models(
+    setup: Setup,
+) -> dict[str, tuple[InferenceFunctionSpec, list[np.ndarray[Any, Any]]]]:
     from gpufaas.core.examples import MiniLM, build_examples, example_inputs
 
     names: list[str] = ["tiny-mlp", "small-cnn"]
@@ -364,7 +367,7 @@ def _example_models(setup: Setup) -> dict[str, tuple[InferenceFunctionSpec, list
     # A BERT-shaped encoder with random weights: the bad-id check needs only its tables.
     torch.manual_seed(0)
     encoder = setup.work / "encoder.pt"
-    save_model(torch.jit.script(MiniLM(layers=2).eval()), encoder, format="torchscript",
+    save_model(torch.jit.script(MiniLM(layers=2).eval()), encoder, format=ModelFormat.TORCHSCRIPT,
                example_inputs=())  # fmt: skip
     fmt, ins, outs = shapes["minilm"]
     spec = _spec(
@@ -449,7 +452,9 @@ async def check_loop_lag(setup: Setup, report: Report, *, nbytes: int) -> None:
             return x + self.w[:16]
 
     path = setup.work / "big.pt"
-    save_model(torch.jit.script(Big().eval()), path, format="torchscript", example_inputs=())
+    save_model(
+        torch.jit.script(Big().eval()), path, format=ModelFormat.TORCHSCRIPT, example_inputs=()
+    )
     spec = _spec(path, "torchscript", [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
                  [{"name": "y", "datatype": "FP32", "shape": [-1, 16]}])  # fmt: skip
     runtime = NodeRuntime(
@@ -534,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.add("mode", "reduced CPU", "SKIP", "CUDA-only lines are marked SKIP")
         else:
             try:
-                snapshot = torch.cuda.memory._snapshot()  # type: ignore[no-untyped-call]
+                snapshot = torch.cuda.memory._snapshot()
                 expandable = str(snapshot.get("allocator_settings", {}).get("expandable_segments"))
             except Exception as e:  # a private API: report, do not fail the run
                 expandable = f"unknown ({type(e).__name__})"

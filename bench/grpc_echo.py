@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -717,7 +718,7 @@ def _replay(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     try:
                         round_out[name] = _alternate(
                             clients, pids, cpu_seconds, args=args,
-                            held=lambda name=name, port=port: gateway_seconds(port, name),
+                            held=functools.partial(gateway_seconds, port, name),
                         )  # fmt: skip
                     finally:
                         for client in clients.values():

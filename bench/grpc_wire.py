@@ -137,7 +137,7 @@ def count(
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, **env})  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
-    tracers = []
+    tracers: list[subprocess.Popen[Any]] = []  # the client and the server (proc: text)
     try:
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the client process did not warm up")
@@ -190,7 +190,9 @@ def main() -> int:
     if args.client:
         client(json.loads(args.client))
         return 0
-    classes = {"gpufaas": grpc_peers.GpufaasBoth, "triton": grpc_peers.TritonBoth}
+    classes: dict[str, type[grpc_peers.GpufaasBoth | grpc_peers.TritonBoth]] = {
+        "gpufaas": grpc_peers.GpufaasBoth, "triton": grpc_peers.TritonBoth,
+    }  # fmt: skip
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="grpc-wire-") as folder:
         work = Path(folder)

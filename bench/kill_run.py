@@ -159,7 +159,7 @@ def summarise(answers: list[Answer], ran: Counter[str], *, sent: list[str]) -> d
 
 
 def exactly_once(result: dict[str, Any]) -> bool:
-    return (
+    return bool(
         result["lost"] == 0
         and result["answered_twice"] == 0
         and result["wrong_id"] == 0

@@ -59,6 +59,7 @@ from gpufaas.core.units import format_bytes, parse_bytes
 from gpufaas.gpu_manager.devices import DeviceBackend, make_backend
 from gpufaas.gpu_manager.host_tier import prepare_model, read_sidecar, write_sidecar
 from gpufaas.gpu_manager.inventory import discover_devices
+from gpufaas.gpu_manager.loader import DeviceModel
 from gpufaas.gpu_manager.pinned import allocate_host, cuda_available
 from gpufaas.gpu_manager.runtime import NodeRuntime
 
@@ -397,7 +398,7 @@ async def memory_per_model(paths: dict[str, Path], work: Path) -> dict[str, Any]
         await runtime.load(name, device_id=infos[0].id)
         after = runtime.devices[infos[0].id].backend.memory_allocated()
         model = runtime.devices[infos[0].id].tier.current(name)
-        assert model is not None and model.arena is not None
+        assert isinstance(model, DeviceModel) and model.arena is not None  # a model, not a shard
         held = (after - before) if before is not None and after is not None else model.arena.numel()
         rows[name] = {
             "weights_bytes": model.weights_bytes,

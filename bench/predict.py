@@ -181,7 +181,7 @@ def setting_for(label: str) -> tuple[str, str, dict[str, float], bool]:
         raise TraceError(
             f"unknown setting {label!r}: a label of SETTINGS or ours-p<price>[-m<ms>][-g<n>]"
         )
-    params: dict[str, float] = {}
+    params = {}
     for part in parts[1:]:
         key = _LABEL_KEYS.get(part[:1])
         try:

@@ -133,7 +133,7 @@ def pick_functions(trace: ServerlessTrace, *, k: int, seed: int) -> list[int]:
 
 def workload(
     trace: ServerlessTrace, *, picked: list[int], minutes: float, max_per_hour: float
-) -> tuple[ServerlessTrace, np.ndarray]:
+) -> tuple[ServerlessTrace, np.ndarray[Any, Any]]:
     """The picked functions' invocations in the first ``minutes``, renumbered 0..K-1, thinned."""
     index = {f: i for i, f in enumerate(picked)}
     keep = np.isin(trace.function, picked) & (trace.arrival_s < minutes * 60)
@@ -280,7 +280,8 @@ def _samples(text: str, names: tuple[str, ...], into: Counter[str]) -> None:
                 labels = ",".join(
                     f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "device"
                 )
-                into[f"{sample.name}{{{labels}}}" if labels else sample.name] += sample.value
+                key = f"{sample.name}{{{labels}}}" if labels else sample.name
+                into[key] += sample.value  # type: ignore[assignment]  # a Counter of floats
 
 
 async def counters(client: httpx.AsyncClient, url: str) -> Counter[str]:
@@ -448,7 +449,7 @@ def measure_sizes(root: Path, names: list[str], *, cache: Path) -> dict[str, int
 
 def summarise(
     results: list[dict[str, Any]],
-    weights: np.ndarray,
+    weights: np.ndarray[Any, Any],
     skip: int,
     delta: dict[str, float],
     *,
@@ -474,7 +475,7 @@ def summarise(
     device_gbs = delta.get("gpufaas_device_tier_gb_seconds_total", 0.0)
     host_gbs = delta.get("gpufaas_host_tier_gb_seconds_total", 0.0)
 
-    def pct(a: np.ndarray, q: float) -> float:
+    def pct(a: np.ndarray[Any, Any], q: float) -> float:
         return float(np.percentile(a, q)) if len(a) else math.nan
 
     return {
@@ -735,9 +736,9 @@ def aggregate(runs: list[dict[str, Any]]) -> str:
         "| --- | --- |" + " --- |" * len(metrics),
     ]
     for label in labels:
-        rows = [rows[label] for rows in by_seed.values() if label in rows]
-        cells = [_interval([float(r[m]) for r in rows]) for m in metrics]
-        lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
+        found = [per_seed[label] for per_seed in by_seed.values() if label in per_seed]
+        cells = [_interval([float(r[m]) for r in found]) for m in metrics]
+        lines.append(f"| {label} | {len(found)} | " + " | ".join(cells) + " |")
     if pairs:
         per = ", ".join(f"seed {s} ({first} first): {r:.3f}" for s, _, r, first in pairs)
         lines.append(f"warm p99 ours / ours-noprefetch per pair: {per}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psutil
+import psutil  # type: ignore[import-untyped, unused-ignore]  # no stubs installed
 
 # (url, headers, body) for a model name
 RequestFactory = Callable[[str], tuple[str, dict[str, str], bytes]]
@@ -210,7 +210,7 @@ def tree_pids(root: int) -> list[int]:
 def process_label(process: psutil.Process) -> str:
     """A short name for one process of a system's tree: what it runs, not its pid."""
     try:
-        command = process.cmdline()
+        command: list[str] = process.cmdline()
         name = process.name()
     except psutil.Error:
         return "?"

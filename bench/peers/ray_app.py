@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
+import ray  # type: ignore[import-not-found, unused-ignore]  # in the ray peer only
 import torch
 import wire
 from ray import serve
@@ -168,7 +168,7 @@ def main() -> int:
         while not stop and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
-        serve.shutdown()  # type: ignore[no-untyped-call]
+        serve.shutdown()  # type: ignore[no-untyped-call, unused-ignore]
         ray.shutdown()
     return 0
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
+import psutil  # type: ignore[import-untyped, unused-ignore]  # no stubs installed
 import wire
 from loadgen import RequestFactory, tree_pids
 from scenario import Scenario, write_manifests

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from pytriton.decorators import batch
-from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig
+from pytriton.decorators import batch  # type: ignore[import-not-found, unused-ignore]
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor  # type: ignore[import-not-found, unused-ignore]
+from pytriton.triton import Triton, TritonConfig  # type: ignore[import-not-found, unused-ignore]
 
 from gpufaas.core.api import ModelFormat
 from gpufaas.core.modelio import load_model
@@ -111,7 +111,7 @@ def make_batched_infer(
     """One forward over the batch Triton's dynamic batcher formed (``@batch`` joins the
     requests' arrays along the first axis and splits the outputs back per request)."""
 
-    @batch  # type: ignore[misc]
+    @batch  # type: ignore[misc, untyped-decorator, unused-ignore]
     def infer(**inputs: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
         module = cache.get(name)
         with torch.inference_mode():
