@@ -1125,7 +1125,11 @@ def shard_host(runtime: NodeRuntime, *, token: str | None) -> ShardHost:
     store = runtime.artifacts.store
     # A node that restarts has no record of the shard copies its last process kept: those
     # processes' ledgers do (ArtifactStore.sweep_ledgers). Before this node fetches anything.
-    swept = store.sweep_ledgers()
-    if swept:
-        logger.info("deleted %d shard copies that no running node keeps", len(swept))
+    try:
+        swept = store.sweep_ledgers()
+    except OSError as e:  # the node serves all the same; the next start tries again
+        logger.warning("could not delete the shard copies of nodes now gone: %s", e)
+    else:
+        if swept:
+            logger.info("deleted %d shard copies that no running node keeps", len(swept))
     return ShardHost(store=store, devices=devices, token=token)

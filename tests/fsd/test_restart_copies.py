@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -190,3 +191,28 @@ def test_a_sweep_waits_for_a_record_and_its_fetch_under_way(tmp_path: Path) -> N
         sweep.join()
     finally:
         ledger.close()
+
+
+async def test_garbage_in_a_dead_ledger_is_skipped_and_a_failed_sweep_never_stops_a_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record that is not one (truncated, not JSON, no URI) is skipped and the ledger goes;
+    a sweep that fails outright (here: the store's folder unreadable) is logged, and the node
+    starts without it."""
+    root = tmp_path / "store"
+    store = ArtifactStore(root)
+    ledger = store.ledger()
+    ledger.record("file:///kept-no-copy", sha256=None)
+    for name, body in (("a.json", b"{trunc"), ("b.json", b"[1, 2]"), ("c.json", b'{"x": 1}')):
+        (ledger.folder / name).write_bytes(body)
+    ledger.close()
+    assert store.sweep_ledgers() == ["file:///kept-no-copy"]
+    assert _ledger_files(store) == [root / "ledgers" / "sweeping"]
+
+    def unreadable(self: ArtifactStore) -> list[str]:
+        raise PermissionError(13, "Permission denied", str(root / "ledgers"))
+
+    monkeypatch.setattr(ArtifactStore, "sweep_ledgers", unreadable)
+    host = shard_host(_runtime(root), token=None)
+    await host.close()
+    assert "could not delete the shard copies of nodes now gone" in caplog.text
