@@ -1226,7 +1226,8 @@ def median_of_rounds(config: dict[str, Any], batch: int,
         values = [float(r[key]) for r in rounds]
         row[key] = statistics.median(values)
         row[f"rounds_{key}"] = values
-    if any("links" in r for r in rounds):  # the deploy's messages by path, every round's
+    if any("links" in r for r in rounds):  # the deploy's messages by path (both
+        # batches of a round together), added over its rounds
         row["links"] = counts_sum(r["links"] for r in rounds if "links" in r)
     return row
 
@@ -1380,9 +1381,10 @@ async def calibrate(
                       f"{one['seconds'] * 1e3:.1f} ms (probe {one['probe_s'] * 1e3:.2f} ms,"
                       f" others {one['others_ms']:.1f} ms, managers"
                       f" {one['managers_ms']:.1f} ms)", flush=True)  # fmt: skip
-            # the deploy's messages by path (both batches), kept with its last batch's round
+            # the deploy's messages by path (both batches together), on each batch's round
             links = counts_between(links_before, await asyncio.to_thread(read_link_counts, urls))
-            timed[(name, batches[-1])][-1]["links"] = links
+            for b in batches:
+                timed[(name, b)][-1]["links"] = links
             if kind != "unsharded":
                 print(f"    messages {links.get('messages', {})}", flush=True)
             await coordinator.remove(name)
