@@ -41,17 +41,23 @@ fsd = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fsd)
 
 
-def configs(nodes: int) -> list[dict[str, Any]]:
-    """Every run of one round: the ping-pong runs, 2,048-wide direct runs, unsharded runs."""
-    found = list(fsd.pingpong_configs(["direct"], nodes))
-    for shards in (2, 4):
+def configs(
+    nodes: int, *, sharded: bool = True, unsharded: tuple[int, ...] = (8, 16), width: int = 1024
+) -> list[dict[str, Any]]:
+    """Every run of one round: the ping-pong runs and 2,048-wide direct runs (unless not
+    ``sharded``), and unsharded runs ``width`` wide at each of ``unsharded`` depths (never
+    the grid's: 24 or 120 layers, or 4,096 wide)."""
+    if width == 4096 or any(depth in (24, 120) for depth in unsharded):
+        raise ValueError("the grid's nets are never run here")
+    found = list(fsd.pingpong_configs(["direct"], nodes)) if sharded else []
+    for shards in (2, 4) if sharded else ():
         for depth in (8, 32):
             found.append({"name": f"cal-direct-{depth}-{shards}-block", "channel": "direct",
                           "neurons": fsd.CHANNEL_WIDTH, "depth": depth, "shards": shards,
                           "method": "block"})  # fmt: skip
-    for depth in (8, 16):
-        found.append({"name": f"cal-1024-{depth}", "neurons": 1024, "depth": depth, "shards": 1,
-                      "channel": "direct", "method": "block"})  # fmt: skip
+    for depth in unsharded:
+        found.append({"name": f"cal-{width}-{depth}", "neurons": width, "depth": depth,
+                      "shards": 1, "channel": "direct", "method": "block"})  # fmt: skip
     return found
 
 
@@ -63,14 +69,16 @@ def _threads(pids: list[int]) -> dict[str, float]:
     return roles
 
 
-async def run(root: Path, *, rounds: int, nodes: int, count: int) -> list[dict[str, Any]]:
+async def run(
+    root: Path, *, rounds: int, nodes: int, count: int, plan: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     rows = []
     rng = np.random.default_rng(11)
     with fsd.managers(root, nodes, device_memory="32Mi", keep_pids=True) as (urls, pids):
         coordinator = Coordinator(artifact_base=str(root / "sets"), timeout_s=120)
         try:
             for index in range(rounds):
-                for config in configs(nodes):
+                for config in plan:
                     name, shards = config["name"], config["shards"]
                     before = await asyncio.to_thread(fsd.read_link_counts, urls)
                     await coordinator.deploy(
@@ -154,13 +162,19 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--count", type=int, default=9, help="timed requests per run")
     parser.add_argument("--out", default="/tmp/fsd19/explore")
+    parser.add_argument("--unsharded-only", action="store_true")
+    parser.add_argument("--depths", default="8,16", help="the unsharded runs' depths")
+    parser.add_argument("--width", type=int, default=1024, help="the unsharded runs' width")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="fsd-pingpong-") as tmp:
-        rows = asyncio.run(run(Path(tmp), rounds=args.rounds, nodes=args.nodes, count=args.count))
+        plan = configs(args.nodes, sharded=not args.unsharded_only, width=args.width,
+                       unsharded=tuple(int(d) for d in args.depths.split(",")))  # fmt: skip
+        rows = asyncio.run(run(Path(tmp), rounds=args.rounds, nodes=args.nodes, count=args.count,
+                               plan=plan))  # fmt: skip
     cores = os.cpu_count() or 1
     rounds = per_round(rows, cores=cores)
     for r in rounds:
@@ -170,7 +184,7 @@ def main() -> int:
               f"{r['runqueue_ms']:.3f}, off-CPU {r['off_cpu_ms']:.3f}")  # fmt: skip
     unsharded = [r for r in rows if r["shards"] == 1]
     for r in unsharded:
-        print(f"  N=1 1024x{r['depth']} batch {r['batch']} round {r['round']}: wall "
+        print(f"  N=1 {r['neurons']}x{r['depth']} batch {r['batch']} round {r['round']}: wall "
               f"{r['seconds'] * 1e3:.2f} ms, machine {r['machine_ms']:.2f}, manager "
               f"{r['managers_ms']:.2f}, waiting {r['managers_wait_ms']:.2f} (loop "
               f"{r['loop_ms']:.2f}, workers {r['workers_ms']:.2f}), coordinator "
