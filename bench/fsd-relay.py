@@ -57,7 +57,8 @@ HOLDS = [("s14-1", "s14-1"), ("s14-2", "s14-2"), ("s15", "s15"), ("s15-18", "s15
          ("s16-1024x120-seed22", "s16"), ("s16-16384x120-i", "s16"),
          ("s15-1024x120", "s15"), ("s17-seed24", "s17"), ("s17-seed25", "s17"),
          ("s17b-seed26", "s17b"), ("s17b-seed27", "s17b"),
-         ("s18-seed28", "s18"), ("s18-seed29", "s18")]  # fmt: skip
+         ("s18-seed28", "s18"), ("s18-seed29", "s18"),
+         ("s19-seed30", "s19"), ("s19-seed31", "s19")]  # fmt: skip
 # the holds --per-round reads: every one above but s15's defect hold
 ROUND_HOLDS = [h for h in HOLDS if h[0] != "s15-1024x120"]
 FORMS: dict[str, dict[str, Any]] = {
