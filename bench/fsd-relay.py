@@ -57,7 +57,8 @@ HOLDS = [("s14-1", "s14-1"), ("s14-2", "s14-2"), ("s15", "s15"), ("s15-18", "s15
          ("s16-1024x120-seed22", "s16"), ("s16-16384x120-i", "s16"),
          ("s15-1024x120", "s15"), ("s17-seed24", "s17"), ("s17-seed25", "s17"),
          ("s17b-seed26", "s17b"), ("s17b-seed27", "s17b"),
-         ("s18-seed28", "s18"), ("s18-seed29", "s18")]  # fmt: skip
+         ("s18-seed28", "s18"), ("s18-seed29", "s18"),
+         ("s19-seed30", "s19"), ("s19-seed31", "s19")]  # fmt: skip
 # the holds --per-round reads: every one above but s15's defect hold
 ROUND_HOLDS = [h for h in HOLDS if h[0] != "s15-1024x120"]
 FORMS: dict[str, dict[str, Any]] = {
@@ -137,7 +138,8 @@ def score() -> None:
                   f"{res['picks_fastest']}/{len(res['choices'])} {misses}")  # fmt: skip
 
 
-MODELS = ("costmodel", "costmodel_relay", "costmodel_relay_direct", "costmodel_first_round",
+MODELS = ("costmodel", "costmodel_measured_relay", "costmodel_relay",
+          "costmodel_relay_direct", "costmodel_first_round",
           "costmodel_relay_grid_width",
           "costmodel_served_contention", "costmodel_w1", "costmodel_shallow_calibration")  # fmt: skip
 
@@ -172,10 +174,54 @@ def summary(path: Path) -> None:
               f"{res['picks_fastest']}/{len(res['choices'])}, mean |error| "
               f"{np.mean(absolute):.3f} (95% t upper {t_upper(absolute):.3f}), cells whose "
               f"repetitions' 95% t interval is within 25%: {inside}; misses {misses}")  # fmt: skip
+    if "links_off_shared_memory" in report:  # nineteenth session: the link rule
+        print(f"sharded direct cells not all on shared memory: "
+              f"{report['links_off_shared_memory'] or 'none'}")  # fmt: skip
+    rule = report.get("primary_rule")
+    if rule:
+        print(f"primary by the rule (calibration alone): {rule['primary']} {rule.get('checks')}")
     per = report.get("per_repetition")
     if per:
         print(f"per repetition (costmodel, at its hold speed): picks {per['picks_fastest']}/"
               f"{per['groups']}")  # fmt: skip
+
+
+def pingpong(path: Path) -> None:
+    """A calibration's ping-pong figures (nineteenth session), its rule, and the hypothesis
+    reading the plan declared: N = 2's ``off_cpu_s`` above 0 in every estimate, and N = 4's
+    median under half N = 2's."""
+    calibration = json.loads(path.read_text())["calibration"]
+    found = calibration.get("pingpong", {})
+    medians = {}
+    for shards, figures in sorted(found.items()):
+        estimates = [e for b in figures["batches"].values() for e in b["rounds_off_cpu_s"]]
+        medians[shards] = float(np.median(estimates))
+        for batch, b in sorted(figures["batches"].items()):
+            print(f"N = {shards} batch {batch}: per exchange round wall {b['wall_s'] * 1e3:.3f} ms, "
+                  f"managers' CPU {b['cpu_s'] * 1e3:.3f} ms, off CPU {b['off_cpu_s'] * 1e3:.3f} ms; "
+                  f"rounds' off CPU {[round(e * 1e3, 3) for e in b['rounds_off_cpu_s']]}")  # fmt: skip
+        print(f"N = {shards}: off CPU (median of batches) {figures['off_cpu_s'] * 1e3:.3f} ms; "
+              f"median of {len(estimates)} estimates {medians[shards] * 1e3:.3f} ms; all > 0: "
+              f"{all(e > 0 for e in estimates)}")  # fmt: skip
+    if "2" in medians and "4" in medians:
+        two = [e for b in found["2"]["batches"].values() for e in b["rounds_off_cpu_s"]]
+        supported = all(e > 0 for e in two) and medians["4"] < medians["2"] / 2
+        print(f"hypothesis (on no core at N = 2, hidden at N = 4): "
+              f"{'supported' if supported else 'not supported'}")  # fmt: skip
+    for row in calibration["runs"].get("pingpong", []):
+        print(f"  {row['depth']} layers N = {row['shards']} batch {row['batch']}: "
+              f"{row['seconds'] * 1e3:.2f} ms, managers' CPU {row['managers_ms']:.2f} ms, "
+              f"waiting for a core {row['managers_wait_ms']:.2f} ms, messages "
+              f"{row.get('links', {}).get('messages')}")  # fmt: skip
+    rule = calibration.get("primary_rule", {})
+    print(f"primary by the rule: {rule.get('primary')} {rule.get('checks')}; pinned "
+          f"{rule.get('per_relay_sync_s')}")  # fmt: skip
+    for form in ("default", "measured_relay"):
+        if form in rule:
+            print(f"  {form}: N = 2 direct median error {rule[form]['n2_median_error']:+.4f}, "
+                  f"N >= 4 median |error| {rule[form]['n4_median_abs_error']:.4f}")  # fmt: skip
+    print(f"calibration runs not all on shared memory: "
+          f"{calibration.get('links_off_shared_memory')}")  # fmt: skip
 
 
 def rounds(path: Path) -> None:
@@ -285,6 +331,7 @@ def main() -> None:
     parser.add_argument("--summary", type=Path, metavar="REPORT")
     parser.add_argument("--rounds", type=Path, metavar="CAL", help="a calibration's rounds")
     parser.add_argument("--per-round", action="store_true", help="N = 2 exchange rounds")
+    parser.add_argument("--pingpong", type=Path, metavar="CAL", help="a calibration's ping-pong")
     parser.add_argument("--channel", default="direct", help="the channel --per-round reads")
     args = parser.parse_args()
     if args.decompose:
@@ -296,6 +343,8 @@ def main() -> None:
         summary(args.summary)
     if args.rounds:
         rounds(args.rounds)
+    if args.pingpong:
+        pingpong(args.pingpong)
     if args.per_round:
         per_round(args.channel)
 

@@ -100,6 +100,15 @@ RELAYED = costmodel.RELAYED
 # per message and byte received, on no core: at N = 2 the calibration's own direct runs are
 # fitted 9-11% low by the default, whose direct terms N >= 4 pins over the cores)
 RELAYED_DIRECT = ("direct", *RELAYED)
+# the nineteenth session's ping-pong runs (kind "pingpong"): the direct channel on a RadiX-Net
+# of negligible compute (256 wide: a layer's products are ~1/64 of the 2,048-wide runs') at
+# two depths, block split, 2 and 4 shards. A round is then nearly all exchange, and the
+# depths' difference per exchange round, wall time against the managers' CPU, says how much
+# of a round is on no core (:func:`path_latency`). Never fitted with the other runs: its
+# N = 2 figure is the measured form's pinned ``per_relay_sync_s`` (:func:`measured_relay`)
+PINGPONG_WIDTH, PINGPONG_DEPTHS, PINGPONG_SHARDS = 256, (16, 64), (2, 4)
+# the link metrics the managers export (gpu_manager/shards.py LinkCollector), by record key
+LINK_FAMILIES = {"gpufaas_shard_link_setups": "setups", "gpufaas_shard_messages": "messages"}
 # sessions 9-14's form and the default until the seventeenth session's follow-up: the whole
 # contention (w = 1), no relay terms; score() fits its controls with it, as they were
 W1: dict[str, Any] = {"contention_weight": 1.0, "relay": False}
@@ -318,6 +327,8 @@ def median_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["probe_s"] = statistics.median(passes)
         row.pop("probe_edges_s", None)  # per repetition only (the raw rows keep them)
         row["repetitions_latency_s"] = [float(r["latency_s"]) for r in runs]
+        if any("links" in r for r in runs):  # every repetition's messages, by path
+            row["links"] = counts_sum(r["links"] for r in runs if "links" in r)
         merged.append(row)
     return merged
 
@@ -386,6 +397,7 @@ async def run_grid(
     try:
         for repetition, (shards, channel, method) in runs:
             name = f"radix-{shards}-{channel}-{method}"
+            links_before = await asyncio.to_thread(read_link_counts, urls)
             shard_set = await coordinator.deploy(
                 name,
                 net,
@@ -428,7 +440,10 @@ async def run_grid(
                 "tree_rounds": tree_rounds(shards),
                 "max_shard_load_s": max(launch.seconds.values()) if launch else 0.0,
                 **result,
-            }
+                # which path the managers' messages took meanwhile (nineteenth session)
+                "links": counts_between(links_before,
+                                        await asyncio.to_thread(read_link_counts, urls)),
+            }  # fmt: skip
             await coordinator.remove(name)
             reclaim(shard_set, root, s3=s3)
             row["disk_free_gb"] = shutil.disk_usage(root).free / 1e9
@@ -448,7 +463,8 @@ async def run_grid(
                 f"  cost ${cost.total_usd * 1e6:8.3f} per 1M requests"
                 f"  throughput {row['throughput_rps']:6.2f} req/s"
                 f"  launch {row['launch_s']:.2f} s ({row['launch_depth']} rounds)"
-                f"  others {row['others_ms']:.1f} ms per request",
+                f"  others {row['others_ms']:.1f} ms per request"
+                f"  messages {row['links'].get('messages', {})}",
                 flush=True,
             )
     finally:
@@ -603,12 +619,89 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def task_times(pids: Iterable[int]) -> tuple[float, float]:
+    """The seconds the threads of ``pids`` have run on a core and waited for one, summed
+    (``/proc/PID/task/TID/schedstat``: nanoseconds, where ``/proc/PID/stat`` counts 10 ms
+    ticks, too coarse for a few requests of a few ms). A thread that has ended is not in
+    it: the shards' workers and event loops live as long as their process."""
+    ran = waited = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                fields = (task / "schedstat").read_text().split()
+            except OSError:  # the thread ended
+                continue
+            ran, waited = ran + int(fields[0]), waited + int(fields[1])
+    return ran / 1e9, waited / 1e9
+
+
 def _machine_busy_seconds() -> float:
     """CPU seconds every process on the machine has used (``/proc/stat``: all but idle and
     iowait): against this run's own CPU it shows what other processes took meanwhile."""
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:9]]
     return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def link_counts_in(texts: Iterable[str]) -> dict[str, dict[str, float]]:
+    """The managers' link counts (``setups`` by result, ``messages`` by path: the direct
+    channel's messages each sent, by the path they took) from their ``/metrics`` texts,
+    added over the managers."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total: dict[str, dict[str, float]] = {part: {} for part in LINK_FAMILIES.values()}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            part = LINK_FAMILIES.get(family.name)
+            for sample in family.samples if part is not None else ():
+                if sample.name.endswith("_total"):
+                    (label,) = sample.labels.values()
+                    total[part][label] = total[part].get(label, 0.0) + sample.value
+    return total
+
+
+def counts_between(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """What the managers counted between two readings (:func:`link_counts_in`)."""
+    return {part: {label: value - before.get(part, {}).get(label, 0.0)
+                   for label, value in counts.items()}
+            for part, counts in after.items()}  # fmt: skip
+
+
+def counts_sum(readings: Iterable[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Several runs' counts added (a cell's repetitions, a calibration run's rounds)."""
+    total: dict[str, dict[str, float]] = {}
+    for reading in readings:
+        for part, counts in reading.items():
+            for label, value in counts.items():
+                total.setdefault(part, {})[label] = total.get(part, {}).get(label, 0.0) + value
+    return total
+
+
+def read_link_counts(urls: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Every manager's link counts now, added (their ``/metrics``; no token needed)."""
+    import urllib.request
+
+    texts = []
+    for url in urls:
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=10) as answer:
+            texts.append(answer.read().decode())
+    return link_counts_in(texts)
+
+
+def off_shared_memory(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """The sharded direct-channel rows whose messages did not all go through shared memory:
+    some over HTTP or inline, none through a ring, or no counts recorded (the rule the
+    nineteenth session's plan declared: such a cell is reported as such)."""
+    found = []
+    for row in rows:
+        if row.get("channel") != "direct" or int(row.get("shards", 1)) < 2 or "failed" in row:
+            continue
+        sent = row.get("links", {}).get("messages")
+        if not sent or sent.get("http", 0) or sent.get("inline", 0) or not sent.get("shm", 0):
+            found.append(_label(row))
+    return found
 
 
 def _thread_cpu_seconds(pid: int) -> dict[str, float]:
@@ -1118,7 +1211,7 @@ def _config_net(config: dict[str, Any]) -> LayeredNet:
 
 
 def median_of_rounds(config: dict[str, Any], batch: int,
-                     rounds: Sequence[dict[str, float]]) -> dict[str, Any]:  # fmt: skip
+                     rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
     """A sharded calibration run's row from its rounds (each a deploy timed once: its
     ``seconds``, ``probe_s`` and ``others_ms``): the fit sees the median of the rounds'
     seconds and the median of their probes. Why (bench/RESULTS.md #15, seventeenth session
@@ -1126,10 +1219,16 @@ def median_of_rounds(config: dict[str, Any], batch: int,
     timed each set once read it at 12.4 ms. Every round is kept beside it (``rounds_*``)."""
     row = {k: v for k, v in config.items() if k != "name"}
     row["batch"] = batch
-    for key in ("seconds", "probe_s", "others_ms"):
+    for key in ("seconds", "probe_s", "others_ms", "managers_ms", "managers_wait_ms",
+                "coordinator_ms"):  # fmt: skip
+        if key not in rounds[0]:  # the CPU per request: nineteenth session on
+            continue
         values = [float(r[key]) for r in rounds]
         row[key] = statistics.median(values)
         row[f"rounds_{key}"] = values
+    if any("links" in r for r in rounds):  # the deploy's messages by path (both
+        # batches of a round together), added over its rounds
+        row["links"] = counts_sum(r["links"] for r in rounds if "links" in r)
     return row
 
 
@@ -1153,23 +1252,37 @@ def unsharded_configs() -> list[dict[str, Any]]:
             for width in (1024, 2048, 4096) for depth in UNSHARDED_DEPTHS]  # fmt: skip
 
 
+def pingpong_configs(channels: Sequence[str], nodes: int) -> list[dict[str, Any]]:
+    """The ping-pong runs (nineteenth session; :data:`PINGPONG_WIDTH`): the direct channel,
+    block split, at each of :data:`PINGPONG_SHARDS` and :data:`PINGPONG_DEPTHS`, where the
+    calibration has the direct channel and the nodes."""
+    if "direct" not in channels:
+        return []
+    return [{"name": f"cal-pingpong-{depth}-{shards}", "channel": "direct",
+             "neurons": PINGPONG_WIDTH, "depth": depth, "shards": shards, "method": "block"}
+            for shards in PINGPONG_SHARDS if shards <= nodes
+            for depth in PINGPONG_DEPTHS]  # fmt: skip
+
+
 def calibration_schedule(
     rounds: int, channels: Sequence[str], nodes: int
 ) -> list[tuple[int, str, dict[str, Any]]]:
     """The calibration's timed configurations in order, as ``(round, kind, config)``: each of
     ``rounds`` rounds runs every unsharded configuration (:func:`unsharded_configs`, kind
-    ``"unsharded"``) and then every sharded one (:func:`sharded_configs`, ``"sharded"``),
-    each deployed, timed and removed, so a configuration's rounds are interleaved with every
+    ``"unsharded"``), then every sharded one (:func:`sharded_configs`, ``"sharded"``), then
+    the ping-pong runs (:func:`pingpong_configs`, ``"pingpong"``; nineteenth session), each
+    deployed, timed and removed, so a configuration's rounds are interleaved with every
     other's, never back to back (eighteenth session: the unsharded runs too; before, they
     ran twice, before and after the sharded rounds)."""
     return [(index, kind, config) for index in range(rounds)
             for kind, configs in (("unsharded", unsharded_configs()),
-                                  ("sharded", sharded_configs(channels, nodes)))
+                                  ("sharded", sharded_configs(channels, nodes)),
+                                  ("pingpong", pingpong_configs(channels, nodes)))
             for config in configs]  # fmt: skip
 
 
 def calibration_rows(
-    timed: Mapping[tuple[str, int], Sequence[dict[str, float]]],
+    timed: Mapping[tuple[str, int], Sequence[dict[str, Any]]],
     channels: Sequence[str],
     nodes: int,
     batches: Sequence[int],
@@ -1183,7 +1296,11 @@ def calibration_rows(
                  for c in unsharded_configs() for b in batches]  # fmt: skip
     sharded = [median_of_rounds(c, b, timed[(c["name"], b)])
                for c in sharded_configs(channels, nodes) for b in batches]  # fmt: skip
-    return {"coordinator": unsharded, "channels": sharded}
+    pingpong = [median_of_rounds(c, b, timed[(c["name"], b)])
+                for c in pingpong_configs(channels, nodes) for b in batches
+                if (c["name"], b) in timed]  # fmt: skip
+    return {"coordinator": unsharded, "channels": sharded,
+            **({"pingpong": pingpong} if pingpong else {})}  # fmt: skip
 
 
 async def calibrate(
@@ -1215,24 +1332,33 @@ async def calibrate(
 
     async def median_latency(name: str, b: int, width: int, count: int = 7) -> dict[str, float]:
         """The median latency, the median of probe passes interleaved with it, and the other
-        processes' CPU per request meanwhile."""
+        processes' CPU per request meanwhile; and (nineteenth session) the managers' CPU per
+        request and this process's during the requests (the probes left out)."""
         x = (rng.random((b, width)) < 0.2).astype(np.float32)
         await coordinator.infer(name, x)
         times, passes = [], []
         busy, own = _machine_busy_seconds(), time.process_time()
         theirs = sum(_cpu_seconds(pid) for pid in pids)
+        mine, (ran, waited) = 0.0, task_times(pids)
         for _ in range(count):
+            before = time.process_time()
             times.append(await _timed(coordinator.infer(name, x)))
-            passes.append(probe_pass())
-        others = (_machine_busy_seconds() - busy) - (time.process_time() - own) \
-            - (sum(_cpu_seconds(pid) for pid in pids) - theirs)  # fmt: skip
+            mine += time.process_time() - before
+            passes.append(probe_pass())  # the managers idle meanwhile: their CPU is the requests'
+        ran, waited = (after - before for after, before in zip(task_times(pids), (ran, waited),
+                                                               strict=True))  # fmt: skip
+        managers = sum(_cpu_seconds(pid) for pid in pids) - theirs
+        others = (_machine_busy_seconds() - busy) - (time.process_time() - own) - managers
         return {"seconds": statistics.median(times), "probe_s": statistics.median(passes),
-                "others_ms": others / count * 1e3}  # fmt: skip
+                "others_ms": others / count * 1e3, "managers_ms": ran / count * 1e3,
+                "managers_wait_ms": waited / count * 1e3,
+                "coordinator_ms": mine / count * 1e3}  # fmt: skip
 
-    timed: dict[tuple[str, int], list[dict[str, float]]] = {}
+    timed: dict[tuple[str, int], list[dict[str, Any]]] = {}
     try:
         for index, kind, config in calibration_schedule(rounds, list(channels), len(urls)):
             name = config["name"]
+            links_before = await asyncio.to_thread(read_link_counts, urls)
             if kind == "unsharded":
                 width, count = config["width"], 7
                 await coordinator.deploy(
@@ -1240,7 +1366,7 @@ async def calibrate(
                     Parallelism(shards=1, strategy="intra-layer"), nodes=urls[:1],
                 )  # fmt: skip
             else:
-                width, count = config["neurons"], 5
+                width, count = config["neurons"], 9 if kind == "pingpong" else 5
                 await coordinator.deploy(
                     name, _config_net(config),
                     Parallelism(shards=config["shards"], strategy="intra-layer",
@@ -1253,12 +1379,159 @@ async def calibrate(
                 timed.setdefault((name, b), []).append(one)
                 print(f"  round {index + 1}/{rounds} {kind} {name} batch {b}: "
                       f"{one['seconds'] * 1e3:.1f} ms (probe {one['probe_s'] * 1e3:.2f} ms,"
-                      f" others {one['others_ms']:.1f} ms)", flush=True)  # fmt: skip
+                      f" others {one['others_ms']:.1f} ms, managers"
+                      f" {one['managers_ms']:.1f} ms)", flush=True)  # fmt: skip
+            # the deploy's messages by path (both batches together), on each batch's round
+            links = counts_between(links_before, await asyncio.to_thread(read_link_counts, urls))
+            for b in batches:
+                timed[(name, b)][-1]["links"] = links
+            if kind != "unsharded":
+                print(f"    messages {links.get('messages', {})}", flush=True)
             await coordinator.remove(name)
     finally:
         await coordinator.close()
     measured.update(calibration_rows(timed, list(channels), len(urls), batches))
     return measured
+
+
+def _probe_reference(measured: dict[str, Any]) -> float | None:
+    """The speed every fitted run is scaled to: the median probe of the compute, coordinator
+    and channel runs (:func:`fit_constants`'s; the ping-pong runs' probes are not in it)."""
+    probes = [r["probe_s"] for part in ("compute", "coordinator", "channels")
+              for r in measured[part] if "probe_s" in r]  # fmt: skip
+    return statistics.median(probes) if probes else None
+
+
+def _round_figures(
+    seconds: Sequence[float],
+    cpu_ms: Sequence[float],
+    probes: Sequence[float],
+    *,
+    exchanges: int,
+    share: int,
+    reference: float | None,
+) -> tuple[float, float, float]:
+    """Per exchange round, at the ``reference`` speed, from two depths' latency (``seconds``)
+    and managers' CPU per request (``cpu_ms``), ``exchanges`` rounds apart: the wall time,
+    the CPU, and the wall time beyond the CPU shared out over ``share`` cores."""
+    scale = reference / statistics.median(probes) if reference else 1.0
+    wall = (seconds[1] - seconds[0]) / exchanges * scale
+    cpu = (cpu_ms[1] - cpu_ms[0]) / 1e3 / exchanges * scale
+    return wall, cpu, wall - cpu / share
+
+
+def path_latency(measured: dict[str, Any], *, cores: int) -> dict[str, Any]:
+    """What the ping-pong runs (:func:`pingpong_configs`) say about an exchange round, per
+    shard count and batch, from the difference between their two depths (so every
+    per-request part cancels), per exchange round (a layer where some shard waits), at the
+    calibration's reference speed: the wall time (``wall_s``), the managers' CPU over all
+    shards (``cpu_s``), and the wall time the CPU cannot account for when it is shared out
+    over ``min(N, cores)`` cores (``off_cpu_s = wall_s - cpu_s / min(N, cores)``): at N = 2
+    on 2 cores each shard has a core, so this is the round's time on no core, the delivery
+    latency. Each figure per calibration round too (``rounds_off_cpu_s``: the depths'
+    timings of the same round), and ``off_cpu_s`` for a shard count is the median over its
+    batches. Empty where the calibration has no ping-pong runs."""
+    rows = measured.get("pingpong", [])
+    reference = _probe_reference(measured)
+    out: dict[str, Any] = {}
+    for shards in sorted({int(r["shards"]) for r in rows}):
+        per_batch = {}
+        for batch in sorted({int(r["batch"]) for r in rows if int(r["shards"]) == shards}):
+            pair = sorted((r for r in rows if int(r["shards"]) == shards
+                           and int(r["batch"]) == batch), key=lambda r: int(r["depth"]))  # fmt: skip
+            if len(pair) != 2 or "rounds_managers_ms" not in pair[0]:
+                continue
+            low, high = pair
+            exchanges = [int((_calibration_profile(int(r["depth"]), shards, "block",
+                                                   PINGPONG_WIDTH).sync.max(axis=1) > 0).sum())
+                         for r in pair]  # fmt: skip
+            one = functools.partial(_round_figures, exchanges=exchanges[1] - exchanges[0],
+                                    share=min(shards, cores), reference=reference)  # fmt: skip
+            wall, cpu, off = one([low["seconds"], high["seconds"]],
+                                 [low["managers_ms"], high["managers_ms"]],
+                                 [low["probe_s"], high["probe_s"]])  # fmt: skip
+            rounds = [one([a, b], [c, d], [e, f]) for a, b, c, d, e, f in zip(
+                low["rounds_seconds"], high["rounds_seconds"], low["rounds_managers_ms"],
+                high["rounds_managers_ms"], low["rounds_probe_s"], high["rounds_probe_s"],
+                strict=True)]  # fmt: skip
+            per_batch[batch] = {"exchange_rounds": exchanges, "wall_s": wall, "cpu_s": cpu,
+                                "off_cpu_s": off, "rounds_off_cpu_s": [r[2] for r in rounds],
+                                "rounds_wall_s": [r[0] for r in rounds],
+                                "rounds_cpu_s": [r[1] for r in rounds]}  # fmt: skip
+        if per_batch:
+            out[str(shards)] = {
+                "batches": per_batch,
+                "off_cpu_s": statistics.median(b["off_cpu_s"] for b in per_batch.values()),
+            }
+    return out
+
+
+def measured_relay(measured: dict[str, Any], *, cores: int) -> dict[str, dict[str, float]]:
+    """The nineteenth session's measured form's pinned term: direct's ``per_relay_sync_s``, a
+    round's delivery latency on the waiting shard's path, from the N = 2 ping-pong runs
+    (:func:`path_latency`'s ``off_cpu_s``, never below 0). Empty where they did not run."""
+    found = path_latency(measured, cores=cores).get("2")
+    if found is None:
+        return {}
+    return {"direct": {"per_relay_sync_s": max(0.0, float(found["off_cpu_s"]))}}
+
+
+def in_sample(measured: dict[str, Any], constants: costmodel.Constants,
+              channel: str = "direct") -> dict[str, Any]:  # fmt: skip
+    """The fitted form against the calibration's own ``channel`` runs (the 2,048-wide runs and
+    the message split, as the fit saw them, each at the reference speed): per run the
+    error, and the median error at N = 2 and the median |error| at N >= 4."""
+    reference = _probe_reference(measured)
+    errors: dict[str, list[float]] = {"2": [], "4+": []}
+    for r in measured["channels"]:
+        if r["channel"] != channel or _grid_width(r):
+            continue
+        seconds = float(r["seconds"]) * (reference / float(r["probe_s"]) if reference else 1.0)
+        predicted = costmodel.predict(_channel_profile(r), batch=int(r["batch"]),
+                                      channel=channel, constants=constants)  # fmt: skip
+        errors["2" if int(r["shards"]) == 2 else "4+"].append(predicted / seconds - 1)
+    return {
+        "n2_median_error": statistics.median(errors["2"]) if errors["2"] else None,
+        "n4_median_abs_error": statistics.median(abs(e) for e in errors["4+"])
+        if errors["4+"] else None,
+        "n2_errors": errors["2"],
+        "n4_errors": errors["4+"],
+    }  # fmt: skip
+
+
+def rule_checks(latency: float, *, default: dict[str, Any], new: dict[str, Any]) -> dict[str, bool]:
+    """:func:`primary_rule`'s three checks from the pinned latency and the two forms'
+    :func:`in_sample` figures; the measured form is the primary only if all hold."""
+    n2, n4, n4_default = (new["n2_median_error"], new["n4_median_abs_error"],
+                          default["n4_median_abs_error"])  # fmt: skip
+    return {
+        "latency_above_0": latency > 0,
+        "n2_within_5pct": n2 is not None and abs(n2) <= 0.05,
+        "n4_no_worse": n4 is not None and n4_default is not None and n4 <= n4_default,
+    }
+
+
+def primary_rule(measured: dict[str, Any], *, cores: int) -> dict[str, Any]:
+    """The nineteenth session's plan's rule, read from the calibration alone (its training
+    data, before any grid): the measured-relay form (``costmodel_measured_relay``) is the
+    primary if its pinned latency is above 0, its in-sample median error on the calibration's
+    N = 2 direct runs is within +-5%, and its median |error| on the N >= 4 direct runs is no
+    larger than the default form's; else the default (``costmodel``) is."""
+    runs = {**measured, "channels": [r for r in measured["channels"] if not _grid_width(r)]}
+    pinned = measured_relay(runs, cores=cores)
+    default = in_sample(runs, fit_constants(runs, cores=cores))
+    if not pinned:
+        return {"primary": "costmodel", "why": "no ping-pong runs", "default": default}
+    new = in_sample(runs, fit_constants(runs, cores=cores, pinned=pinned))
+    latency = pinned["direct"]["per_relay_sync_s"]
+    checks = rule_checks(latency, default=default, new=new)
+    return {
+        "primary": "costmodel_measured_relay" if all(checks.values()) else "costmodel",
+        "checks": checks,
+        "per_relay_sync_s": latency,
+        "default": default,
+        "measured_relay": new,
+    }
 
 
 def fit_constants(
@@ -1276,6 +1549,7 @@ def fit_constants(
     channel_depths: tuple[int, ...] | None = None,
     relay: bool = True,
     relayed: tuple[str, ...] = RELAYED,
+    pinned: Mapping[str, Mapping[str, float]] | None = None,
 ) -> costmodel.Constants:
     """The constants from a calibration's runs. With ``probe``, each run's seconds are first
     scaled to one speed (the median of the calibration's probes) by its own probe, and the
@@ -1304,7 +1578,10 @@ def fit_constants(
     with no server behind it; scored beside as ``costmodel_relay_direct``). The defaults,
     ``contention_weight`` = ``costmodel.SERVED_CONTENTION``, ``relay`` and ``relayed`` =
     :data:`RELAYED`, are the product's default form (the seventeenth session's follow-up, chosen
-    post hoc; until then ``w`` = 1 without the relay: ``W1``, scored as ``costmodel_w1``)."""
+    post hoc; until then ``w`` = 1 without the relay: ``W1``, scored as ``costmodel_w1``).
+    ``pinned`` gives channel terms measured on their own, taken off the runs before the fit
+    and never fitted (nineteenth session: :func:`measured_relay`, direct's ``per_relay_sync_s``
+    from the ping-pong runs; scored as ``costmodel_measured_relay``)."""
     if channel_depths is not None:  # as if the other depths had never run (their probes too)
         measured = {**measured, "channels": [r for r in measured["channels"]
                                              if "split" in r or r["depth"] in channel_depths]}  # fmt: skip
@@ -1349,6 +1626,9 @@ def fit_constants(
                                     (_channel_profile(r), r["batch"], at_reference(r)), base=base)
                 for r, s in pairs if r["channel"] == channel
             )}  # fmt: skip
+    for channel, terms in (pinned or {}).items():
+        if channel in runs:
+            fixed[channel] = {**fixed.get(channel, {}), **terms}
     relayed_here = [name for name in runs if name in relayed] if relay else []
     if served_contention:
         fitted = costmodel.fit_channels_and_contention(runs, base=base, shared=shared,
@@ -1658,6 +1938,14 @@ def score(
         )
         # the eighteenth session's secondary: direct's relay terms fitted too
         alternatives["costmodel_relay_direct"] = refit(relayed=RELAYED_DIRECT)
+        # the nineteenth session's: direct's delivery latency per round, measured on its
+        # own by the ping-pong runs and pinned before the fit; which form is primary is
+        # decided by primary_rule, on the calibration alone
+        pinned = measured_relay(runs, cores=cores)
+        if pinned:
+            alternatives["costmodel_measured_relay"] = refit(pinned=pinned)
+            alternatives["costmodel_measured_relay"]["pinned"] = pinned
+            alternatives["primary_rule"] = primary_rule(full, cores=cores)
         # the follow-up's rounds: the same default form fitted on each run's first round
         # alone (one timing per configuration, as every calibration before it)
         if any("rounds_seconds" in r for r in runs["channels"]):
@@ -1875,6 +2163,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     ),
                     "seconds": time.time() - started,
                     "load_average": os.getloadavg(),
+                    # nineteenth session: an exchange round on no core, and the plan's rule
+                    "pingpong": path_latency(runs, cores=cores),
+                    "primary_rule": primary_rule(runs, cores=cores),
+                    "links_off_shared_memory": off_shared_memory(
+                        runs["channels"] + runs.get("pingpong", [])
+                    ),
                 }
                 print(json.dumps(report["calibration"], indent=1))
                 return report
@@ -1883,6 +2177,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             report["grid"] = median_cells(raw) if args.repeats > 1 else raw
             if args.repeats > 1:
                 report["grid_repetitions"] = raw
+            report["links_off_shared_memory"] = off_shared_memory(report["grid"])
             if args.constants:
                 calibration = json.loads(Path(args.constants).read_text())
                 report.update(score(net, report["grid"], calibration["calibration"],

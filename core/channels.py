@@ -43,7 +43,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from gpufaas.core.hostlink import ALREADY, FILED, MISSING, HostLink, HostLinks, LinkBroken
+from gpufaas.core.hostlink import (
+    ALREADY,
+    FILED,
+    MISSING,
+    HostLink,
+    HostLinks,
+    LinkBroken,
+    LinkCounts,
+)
 from gpufaas.core.peerhttp import PeerPools, PeerUnreachable
 from gpufaas.core.sharding import Handed
 
@@ -423,7 +431,9 @@ class LocalChannel(Channel):
 class DirectChannel(Channel):
     """Node-to-node HTTP over the node's pooled connections (:mod:`gpufaas.core.peerhttp`);
     to a node on this host through shared memory where ``links`` finds one
-    (:mod:`gpufaas.core.hostlink`); shards on this node go through ``local`` without a copy."""
+    (:mod:`gpufaas.core.hostlink`); shards on this node go through ``local`` without a copy.
+    Each message is counted by the path it took in ``counts.messages`` (the node's
+    :class:`~gpufaas.core.hostlink.LinkCounts`, exported on its ``/metrics``)."""
 
     name = "direct"
 
@@ -434,11 +444,13 @@ class DirectChannel(Channel):
         local: LocalChannel,
         pools: PeerPools,
         links: HostLinks | None = None,
+        counts: LinkCounts | None = None,
     ) -> None:
         self.peers = {k: v.rstrip("/") for k, v in peers.items()}  # (set, shard) -> node URL
         self.local = local
         self.pools = pools  # the node's, shared by its shards; the node closes it
         self.links = links  # the node's same-host links (None: HTTP only); the node closes it
+        self.counts = counts if counts is not None else LinkCounts()  # messages by path
 
     async def attach(self, set_name: str, shard: int, mailbox: Mailbox) -> None:
         await self.local.attach(set_name, shard, mailbox)
@@ -448,6 +460,7 @@ class DirectChannel(Channel):
 
     async def send(self, envelope: Envelope, values: Array, *, timeout_s: float) -> None:
         if self.local.has(envelope.set_name, envelope.dst):
+            self.counts.messages["local"] += 1
             await self.local.send(envelope, values, timeout_s=timeout_s)
             return
         where = self.peers.get((envelope.set_name, envelope.dst))
@@ -460,6 +473,7 @@ class DirectChannel(Channel):
         if link is not None:
             await self._send_on_host(link, where, envelope, values, timeout_s=timeout_s)
             return
+        self.counts.messages["http"] += 1
         try:
             reply = await self.pools.to(where).post(
                 message_path(envelope.set_name, envelope.dst),
@@ -487,6 +501,7 @@ class DirectChannel(Channel):
     ) -> None:
         try:
             staged = link.stage(_notice(envelope), values)
+            self.counts.messages["inline" if staged.inline else "shm"] += 1
             status, _ = await link.answer(staged, timeout_s=max(0.1, timeout_s))
         except LinkBroken as e:
             assert self.links is not None

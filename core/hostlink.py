@@ -55,6 +55,16 @@ Over loopback HTTP a 512 KiB partial result costs 0.5-1.1 ms of CPU across its t
   version, at once, and the peer stays on HTTP, so two releases on one host never meet on a
   wire format one of them does not speak.
 
+* **Counted** (nineteenth session): :class:`LinkCounts`, one per node, shared by its links
+  and its direct channels, counts link setups by outcome (``ok``; ``failed``, a reason that
+  may pass, so tried again; ``none``, a definitive no: another host, no endpoint, another
+  release) and the direct channel's messages by the path they took (``shm``: values in the
+  ring; ``inline``: the ring had no room, values after the notice on the socket; ``http``: no
+  link to that peer; ``local``: a shard on the same node). The node exports them on
+  ``/metrics`` (``gpu_manager/shards.py``), so a benchmark can record which path its
+  messages took (before, a failed setup or a full ring fell back to HTTP or inline without
+  a trace).
+
 No pickled data crosses: notices are JSON, values raw float32.
 """
 
@@ -74,7 +84,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -86,6 +96,7 @@ __all__ = [
     "HostLink",
     "HostLinks",
     "LinkBroken",
+    "LinkCounts",
     "LinkEndpoint",
     "LinkRefused",
     "LinkServer",
@@ -143,6 +154,22 @@ class Staged:
 
     seq: int
     answer: asyncio.Future[tuple[int, bytes | NDArray[np.float32]]]
+    inline: bool = False  # its values did not fit the ring's free part: after the notice
+
+
+# What LinkCounts counts: a link setup's outcomes, and the paths a direct message can take.
+SETUP_RESULTS = ("ok", "failed", "none")
+MESSAGE_PATHS = ("shm", "inline", "http", "local")
+
+
+@dataclass
+class LinkCounts:
+    """A node's link setups by outcome (:data:`SETUP_RESULTS`) and its direct channel's
+    messages by path (:data:`MESSAGE_PATHS`): plain numbers, counted on the node's event loop
+    and exported at scrape time (see the module docstring)."""
+
+    setups: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SETUP_RESULTS, 0))
+    messages: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MESSAGE_PATHS, 0))
 
 
 @dataclass(frozen=True)
@@ -648,6 +675,7 @@ class HostLink(asyncio.Protocol):
         seq = self._seq
         notice = {**header, "seq": seq, "shape": list(values.shape)}
         inline = self._place(values, notice)
+        spilled = inline and values.size > 0  # no room in the ring (not an empty hello)
         if out_count:
             self._reserve(seq, out_count, notice)
         head = json.dumps(notice, separators=(",", ":")).encode()
@@ -657,7 +685,7 @@ class HostLink(asyncio.Protocol):
         self._outbox.append(_NOTICE.pack(size, len(head)) + head)
         if inline:
             self._outbox.append(values.tobytes())
-        return Staged(seq, waiter)
+        return Staged(seq, waiter, inline=spilled)
 
     async def greet(self, *, timeout_s: float) -> None:
         """Send the link's hello and check the answer names this :data:`LINK_VERSION`;
@@ -809,8 +837,10 @@ class HostLinks:
         retry_first_s: float = 1.0,
         retry_most_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        counts: LinkCounts | None = None,
     ) -> None:
         self._endpoint_of = endpoint_of
+        self.counts = counts if counts is not None else LinkCounts()  # setups by outcome
         self.ring_bytes = ring_bytes
         self.connect_timeout_s = connect_timeout_s
         self.retry_first_s = retry_first_s
@@ -855,6 +885,7 @@ class HostLinks:
         try:
             link = await self._open(url)
         except _Transient as e:
+            self.counts.setups["failed"] += 1
             failures = self._failed.get(url, (0, 0.0))[0] + 1
             delay = retry_delay_s(failures, first_s=self.retry_first_s, most_s=self.retry_most_s)
             self._failed[url] = (failures, self._clock() + delay)
@@ -868,6 +899,7 @@ class HostLinks:
                 e,
             )
             return None
+        self.counts.setups["ok" if link is not None else "none"] += 1
         self._failed.pop(url, None)
         return link
 

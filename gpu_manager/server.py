@@ -316,7 +316,7 @@ def create_node(
     app.state.prefetcher = add_prefetch_routes(app, runtime, registry=registry)  # #13
     orders = add_load_order_routes(app, runtime, admission=admission, registry=registry)  # #16
     # Shards of models split across nodes (FSD-Inference): routes and budget in shards.py.
-    shards = shard_host(runtime, token=token)
+    shards = shard_host(runtime, token=token, registry=registry)
     app.include_router(shard_router(shards))
 
     async def call_answer(call: InferHead, body: bytes | memoryview) -> Answer:

@@ -44,7 +44,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -52,6 +52,9 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -77,6 +80,7 @@ from gpufaas.core.channels import (
 )
 from gpufaas.core.hostlink import (
     HostLinks,
+    LinkCounts,
     LinkEndpoint,
     LinkServer,
     Outcome,
@@ -601,7 +605,9 @@ class ShardHost:
         self.peers = PeerPools(headers={"Authorization": f"Bearer {token}"} if token else {})
         # Peers on this host: shared memory instead of HTTP (core/hostlink.py).
         self.link_server = LinkServer(self._deliver_notice, serve=self._serve_call)
-        self.links = HostLinks(endpoint_of=self._endpoint_of)
+        # What the links and direct channels did (setups, messages by path): on /metrics
+        self.link_counts = LinkCounts()
+        self.links = HostLinks(endpoint_of=self._endpoint_of, counts=self.link_counts)
         self._shared: dict[tuple[str, ...], Channel] = {}  # NATS/S3 connections, per server
         self._forward = forward or self._put_remote
         self._lock = asyncio.Lock()
@@ -726,6 +732,7 @@ class ShardHost:
                 local=self.local,
                 pools=self.peers,
                 links=self.links if config.shared_memory else None,
+                counts=self.link_counts,
             )
         ident = (config.kind, config.nats_url or "", str(config.durable), config.s3_endpoint or "",
                  config.s3_bucket or "")  # fmt: skip
@@ -1118,9 +1125,43 @@ async def _body(request: Request) -> bytes:
     return body
 
 
-def shard_host(runtime: NodeRuntime, *, token: str | None) -> ShardHost:
+class LinkCollector(Collector):
+    """A node's :class:`~gpufaas.core.hostlink.LinkCounts` on ``/metrics``, read at scrape
+    time: ``gpufaas_shard_link_setups_total{result}`` (ok, failed, none) and
+    ``gpufaas_shard_messages_total{path}`` (shm, inline, http, local: the direct channel's
+    messages this node sent, by the path each took). Every label is exported from the start,
+    at 0, so a reader's before-and-after difference needs no missing-label rule."""
+
+    def __init__(self, counts: LinkCounts) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        setups = CounterMetricFamily(
+            "gpufaas_shard_link_setups",
+            "Same-host link setups to peer nodes, by outcome (failed: tried again later; none: "
+            "another host, no endpoint or another release, so HTTP)",
+            labels=["result"],
+        )
+        for result, count in list(self.counts.setups.items()):
+            setups.add_metric([result], count)
+        messages = CounterMetricFamily(
+            "gpufaas_shard_messages",
+            "Direct-channel messages sent, by path (shm: values in the shared ring; inline: "
+            "the ring was full, values on the link's socket; http; local: same node)",
+            labels=["path"],
+        )
+        for path, count in list(self.counts.messages.items()):
+            messages.add_metric([path], count)
+        yield setups
+        yield messages
+
+
+def shard_host(
+    runtime: NodeRuntime, *, token: str | None, registry: CollectorRegistry | None = None
+) -> ShardHost:
     """A node's shard host: the runtime's artifact store; each shard lives in the tier of the
-    device :func:`device_for` gives it (a shard runs on one device), beside its models."""
+    device :func:`device_for` gives it (a shard runs on one device), beside its models. With
+    ``registry``, its link counts are exported there (:class:`LinkCollector`)."""
     devices = sorted(runtime.devices.values(), key=lambda d: (-d.info.capacity_bytes, d.info.index))
     store = runtime.artifacts.store
     # A node that restarts has no record of the shard copies its last process kept: those
@@ -1132,4 +1173,7 @@ def shard_host(runtime: NodeRuntime, *, token: str | None) -> ShardHost:
     else:
         if swept:
             logger.info("deleted %d shard copies that no running node keeps", len(swept))
-    return ShardHost(store=store, devices=devices, token=token)
+    host = ShardHost(store=store, devices=devices, token=token)
+    if registry is not None:
+        registry.register(LinkCollector(host.link_counts))
+    return host

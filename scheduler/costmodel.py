@@ -12,6 +12,7 @@ layer's shards run side by side, at most ``cores`` of them at once):
             + c_sync[ch] * sync_lp                                       # waits
             + c_wake[ch] * sync_lp * max(0, N - cores) / N               # oversubscription
     relay_lp = r_msg[ch] * msgs_lp + r_byte[ch] * batch * 4 * values_lp  # on the path only
+             + r_sync[ch] * sync_lp                                       # (nineteenth s.)
 
 The layers' sum is over ``max(max_p (w_lp + relay_lp), sum_p w_lp / cores)``: the relay is
 the channel server's time for the messages shard p receives (seventeenth session; NATS and
@@ -23,6 +24,14 @@ in the cores' branch only, and fitted 0 in every calibration: there they are ``c
 2-core machine) they were in no branch at all. On the path they differ from ``c_msg`` and
 ``c_byte`` by where they bind, and the fit can tell them (bench/RESULTS.md, #15, "fsd,
 seventeenth session": the grid's N = 2 cells over NATS and S3 were 28-43% low without them).
+
+``r_sync`` (nineteenth session) is a round's delivery latency on the path: from the last
+part's send to the waiting shard's worker running again (the sender's event loop, the link,
+the receiver's loop waking, the worker thread waking), time in which neither end need be on a
+core. It is never fitted: 0 unless given (``fit_channels(fixed=...)``), and
+``bench/fsd.py`` measures it for direct on its own (a ping-pong calibration run: the wall
+time per exchange round at N = 2 on a net of negligible compute, less the CPU per round of
+the busiest shard) before fitting the other terms, so the fit cannot trade it for ``c_sync``.
 
 ``contention(N) = 1 + w * (saturated(N) - 1)`` (fifteenth session): ``saturated`` is the
 calibration's measurement with every shard running passes back to back; a served shard
@@ -188,6 +197,9 @@ class ChannelCost:
     # is relayed, and on no shard's core (so not in the cores' branch). 0 for direct
     per_relay_message_s: float = 0.0
     per_relay_byte_s: float = 0.0
+    # nineteenth session: a round's delivery latency on the waiting shard's path (on no
+    # core), per layer that waits; measured on its own, never fitted (0 unless given)
+    per_relay_sync_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,16 +400,17 @@ def busy(shards: int, cores: int) -> float:
 
 def channel_features(p: Profile, *, batch: int, cores: int) -> npt.NDArray[np.float64]:
     """Per layer and shard, the multipliers of ``c_msg``, ``c_byte``, ``c_sync``, ``c_wake``,
-    ``r_msg`` and ``r_byte`` (the relay's: the messages and bytes the shard receives again)."""
+    ``r_msg``, ``r_byte`` (the relay's: the messages and bytes the shard receives again) and
+    ``r_sync`` (the waits again)."""
     wake = p.sync * busy(p.shards, cores)
     received = batch * 4 * p.values
-    return np.stack([p.messages, received, p.sync, wake, p.messages, received], axis=-1)
+    return np.stack([p.messages, received, p.sync, wake, p.messages, received, p.sync], axis=-1)
 
 
 # Which of channel_features' terms are waits (time on the path, not CPU): c_sync, c_wake, and
-# the relay's (always on the path: the server's CPU is no shard's).
-_WAITS = np.array([False, False, True, True, True, True])
-_RELAY = np.array([False, False, False, False, True, True])
+# the relay's (always on the path: the server's CPU is no shard's; a delivery's latency).
+_WAITS = np.array([False, False, True, True, True, True, True])
+_RELAY = np.array([False, False, False, False, True, True, True])
 
 
 def _work(p: Profile, batch: int, constants: Constants, channel: ChannelCost) -> Matrix:
@@ -414,7 +427,7 @@ def _split_work(
     c = constants.compute
     comm = np.array([channel.per_message_s, channel.per_byte_s, channel.per_sync_s,
                      channel.per_wake_s, channel.per_relay_message_s,
-                     channel.per_relay_byte_s])  # fmt: skip
+                     channel.per_relay_byte_s, channel.per_relay_sync_s])  # fmt: skip
     cpu: Matrix = compute_features(p, batch=batch) @ np.array(dataclasses.astuple(c))
     cpu = cpu * contention(constants, p.shards) * constants.served
     waits: Matrix = np.zeros_like(cpu)
@@ -626,6 +639,7 @@ _TERMS = (
     "per_wake_s",
     "per_relay_message_s",
     "per_relay_byte_s",
+    "per_relay_sync_s",
     "per_shard_s",
 )
 # Terms that are the same code whatever the channel (session 8): the coordinator's call to a
@@ -634,6 +648,8 @@ _TERMS = (
 # channel's own terms, and two channels came out in the wrong order (bench/RESULTS.md, #15).
 SHARED_TERMS = ("per_shard_s", "per_wake_s")
 _RELAY_TERMS = ("per_relay_message_s", "per_relay_byte_s")
+# never fitted: a channel's is 0 unless ``fixed`` gives it (measured on its own)
+_MEASURED_ONLY = ("per_relay_sync_s",)
 # The served contention's weight as a column of the channels' fit (fit_channels_and_contention)
 _WEIGHT = "contention_weight"
 
@@ -664,8 +680,9 @@ def fit_channels(
     fit, re-pick each layer's branch with the new constants, and repeat. ``fixed`` gives a
     channel's terms known beforehand (``{"direct": {"per_byte_s": ...}}``: the message
     split's :func:`byte_cost`); they are taken off the runs and not fitted. The relay terms
-    (``per_relay_*``, the server's time on the path) are fitted for the ``relayed`` channels
-    only, and 0 for the others."""
+    (``per_relay_message_s``, ``per_relay_byte_s``: the server's time on the path) are fitted
+    for the ``relayed`` channels only, and 0 for the others; ``per_relay_sync_s`` is never
+    fitted (0 unless ``fixed`` gives it: a measured delivery latency per round)."""
     costs, _ = _fit_channels(runs, base=base, shared=shared, rounds=rounds, fixed=fixed,
                              fit_contention=False, relayed=relayed)  # fmt: skip
     return costs
@@ -709,6 +726,7 @@ def _fit_channels(
     names = sorted(runs)
     # a channel with no server of its own relays nothing: its relay terms are 0, not fitted
     known = {name: {**{t: 0.0 for t in _RELAY_TERMS if name not in relayed},
+                    **dict.fromkeys(_MEASURED_ONLY, 0.0),
                     **known.get(name, {})} for name in {*names, *known}}  # fmt: skip
     own = [t for t in _TERMS if t not in shared]
     columns = [(name, t) for name in names for t in own if t not in known.get(name, {})]

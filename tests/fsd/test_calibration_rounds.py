@@ -79,10 +79,14 @@ def test_every_round_runs_every_unsharded_configuration_then_every_sharded_one()
     channels, nodes, rounds = ["direct", "nats", "s3"], 8, 3
     schedule = fsd.calibration_schedule(rounds, channels, nodes)
     unsharded, sharded = fsd.unsharded_configs(), fsd.sharded_configs(channels, nodes)
-    assert len({c["name"] for c in unsharded + sharded}) == len(unsharded) + len(sharded)
+    pingpong = fsd.pingpong_configs(channels, nodes)  # nineteenth session: after the sharded
+    every = unsharded + sharded + pingpong
+    assert len({c["name"] for c in every}) == len(every) and len(pingpong) == 4
     for index in range(rounds):
         steps = [(kind, config) for i, kind, config in schedule if i == index]
-        assert steps == [("unsharded", c) for c in unsharded] + [("sharded", c) for c in sharded]
+        assert steps == [("unsharded", c) for c in unsharded] + [
+            ("sharded", c) for c in sharded
+        ] + [("pingpong", c) for c in pingpong]
     assert [i for i, _, _ in schedule] == sorted(i for i, _, _ in schedule)
     widths = [(c["width"], c["depth"]) for c in unsharded]
     assert widths == list(

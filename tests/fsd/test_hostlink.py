@@ -404,6 +404,10 @@ async def test_nodes_on_one_host_exchange_through_shared_memory_matching_the_ref
     }
     assert all(link._written > 0 for link in used)
     assert all(not node.host.peers._pools for node in thread_nodes[:nodes])  # no HTTP message
+    # and the nodes' counts (their /metrics) say so: every message between nodes by the ring
+    sent = {p: sum(n.host.link_counts.messages[p] for n in thread_nodes[:nodes])
+            for p in ("shm", "inline", "http")}  # fmt: skip
+    assert sent["shm"] > 0 and sent["inline"] == sent["http"] == 0, sent
 
 
 async def test_shared_memory_off_keeps_the_direct_channel_on_http(
@@ -425,6 +429,8 @@ async def test_shared_memory_off_keeps_the_direct_channel_on_http(
         await coordinator.close()
     assert all(not node.host.links._links for node in thread_nodes[:2])
     assert all(node.host.peers._pools for node in thread_nodes[:2])
+    counted = [node.host.link_counts.messages for node in thread_nodes[:2]]
+    assert all(c["http"] > 0 and c["shm"] == c["inline"] == 0 for c in counted), counted
 
 
 def test_a_link_unlinks_its_ring_when_closed(tmp_path: Path) -> None:
