@@ -414,13 +414,14 @@ class PlacementAnswers:
             return decided  # the asker's view was behind: a hit here
         if self.orders is not None:  # first: the manager starts the load one hop sooner
             self.orders.order(decided.device, name, decided.victims)
-        planned = self.events.publish_load(
-            decided.device, name, size_bytes=size_bytes, victims=decided.victims
-        )
+        # The victims planned once, as the view notes the load: the same list is published
+        # and answered (the hint first, then least recently used here).
+        planned = list(decided.victims)
         with contextlib.suppress(InsufficientCapacity, UnknownKey):
-            self.directory.note_dispatch(
+            planned = self.directory.note_dispatch(
                 decided.device, name, size_bytes=size_bytes, prefer=decided.victims
             )
+        self.events.publish(decided.device, name, size_bytes=size_bytes, victims=planned)
         return dataclasses.replace(decided, planned=tuple(planned))
 
     async def receive(self, read: Callable[[], Awaitable[bytes]]) -> Response:
