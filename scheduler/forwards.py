@@ -385,7 +385,7 @@ class PlacementAnswers:
         *,
         directory: ClusterDirectory,
         events: ResidencyEvents,
-        decide: Callable[[str, frozenset[str]], OwnerDecision] | None,
+        decide: Callable[[str, frozenset[str], int], OwnerDecision] | None,
         asked: Callable[[], None],
         orders: LoadOrdering | None = None,
     ) -> None:
@@ -394,7 +394,9 @@ class PlacementAnswers:
         # Loads decided for peers are ordered at their GPU manager as they are answered.
         self.orders = orders
         # This gateway's policy decision for a model, the devices the peer already tried
-        # excluded. None: the peers' questions are answered 503, and they place it themselves.
+        # excluded, and the model's size as the asker knows it (0: unknown there), which an
+        # owner that knows none plans room for. None: the peers' questions are answered 503,
+        # and they place it themselves.
         self.decide = decide
         # A question is being answered in this task (counted; not a client request here).
         self.asked = asked
@@ -409,7 +411,7 @@ class PlacementAnswers:
         Raises what ``decide`` raises (no device)."""
         if self.decide is None:
             raise LookupError("this replica does not decide placements for its peers")
-        decided = self.decide(name, tried)
+        decided = self.decide(name, tried, size_bytes)
         if self.directory.state(decided.device, name) is not None:
             return decided  # the asker's view was behind: a hit here
         if self.orders is not None:  # first: the manager starts the load one hop sooner

@@ -233,7 +233,7 @@ class Replicas:
         observe_requests: Callable[[str, int], None] = lambda model, count: None,
         observe_load: Callable[[str, int, float], None] = lambda model, size, load_ms: None,
         forwarding: Forwarding = "request",
-        decide: Callable[[str, frozenset[str]], OwnerDecision] | None = None,
+        decide: Callable[[str, frozenset[str], int], OwnerDecision] | None = None,
         lost_requests: Callable[[Mapping[str, int], object], None] = lambda requests, why: None,
         order_to: OrderTo | None = None,
         order_eagerly: bool = True,

@@ -61,7 +61,7 @@ def _owner(
         order_to=order_to,
         order_eagerly=eagerly,
     )
-    replicas.answers.decide = lambda name, tried: OwnerDecision("n/1", ("old",))
+    replicas.answers.decide = lambda name, tried, size: OwnerDecision("n/1", ("old",))
     replicas.directory.note_loaded("n/1", "old", size_bytes=60)
     return replicas
 
@@ -128,7 +128,7 @@ async def test_an_order_refused_lost_or_for_an_unknown_device_never_fails_the_an
 
     manager = Manager()
     replicas = _owner(manager)
-    replicas.answers.decide = lambda name, tried: OwnerDecision("elsewhere/0", ())
+    replicas.answers.decide = lambda name, tried, size: OwnerDecision("elsewhere/0", ())
     replicas.directory.add_device("elsewhere/0", capacity_bytes=100, node="x")
     assert replicas.answers.decide_for_peer("m", size_bytes=50, tried=frozenset()).device == (
         "elsewhere/0"
