@@ -17,9 +17,10 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from gpufaas.cache import CacheStats, InsufficientCapacity, SingleFlight
 from gpufaas.core.api import InferenceFunctionSpec
@@ -46,9 +47,13 @@ from gpufaas.gpu_manager.inventory import DeviceInfo
 from gpufaas.gpu_manager.loader import DeviceModel, measure_device_reserve
 from gpufaas.gpu_manager.peer_source import PeerSource
 
-__all__ = ["DeviceLoads", "LoadLog", "LoadRecord", "Sources"]
+__all__ = ["DeviceLoads", "LoadJoin", "LoadLog", "LoadRecord", "Sources"]
 
 logger = logging.getLogger(__name__)
+
+# How a caller of :meth:`DeviceLoads.join` came to the device's load of a model: it ``started``
+# it (no load of the model was under way there), or ``joined`` the one under way.
+LoadJoin = Literal["started", "joined"]
 
 
 @dataclass(frozen=True)
@@ -155,9 +160,11 @@ class DeviceLoads:
         self._name = name  # the tier's name in the cache stats
         self._starts: SingleFlight[str, DeviceModel] = SingleFlight()
         self._joined: dict[str, int] = {}  # callers waiting on each start
-        # called with the model whenever a caller starts or joins a load here (#13: a
-        # running prefetch of another model yields to it)
-        self.listeners: list[Callable[[str], None]] = []
+        # called with the model, and whether the caller started the load or joined the one
+        # under way, whenever a caller starts or joins a load here, before it waits (#13: a
+        # running prefetch of another model yields to it; #16: a load order tells its own
+        # start from a request that joins it)
+        self.listeners: list[Callable[[str, LoadJoin], None]] = []
         # called with the model when a load's last step has run (committed, or its error
         # recorded): the device may have gone quiet (#13: a prefetch waiting for it looks again)
         self.landed: list[Callable[[str], None]] = []
@@ -166,9 +173,11 @@ class DeviceLoads:
         self, model: str, spec: InferenceFunctionSpec, *, prefer: Sequence[str]
     ) -> DeviceModel:
         """Start loading ``model`` here, or join the load under way; returns once its copy is
-        under way (evicting ``prefer`` first if room must be made)."""
+        under way (evicting ``prefer`` first if room must be made). The listeners are told
+        which, before the caller waits."""
+        how: LoadJoin = "joined" if self._starts.in_flight(model) else "started"
         for listener in self.listeners:
-            listener(model)
+            listener(model, how)
         self._joined[model] = self._joined.get(model, 0) + 1
         try:
             return await self._starts.do(
@@ -193,18 +202,21 @@ class DeviceLoads:
     ) -> DeviceModel:
         """Start a load; if the device itself runs out of memory (our accounting said the
         bytes were free: fragmentation, another process), evict every model not in use and
-        try once more before answering 503."""
+        try once more before answering 503. The load's copy says when the load began
+        (``began_at``: its whole time is to its copy's end, whoever joined it later)."""
+        began = time.perf_counter()
         try:
-            return await self._start(model, spec, prefer)
+            return await self._start(model, spec, prefer, began=began)
         except DeviceLoadOutOfMemory as e:
             evicted = self._memory.evict_unheld()
             logger.warning("%s; evicted %d unused model(s), retrying once", e, evicted)
-        return await self._start(model, spec, prefer)
+        return await self._start(model, spec, prefer, began=began)
 
     async def _start(
-        self, model: str, spec: InferenceFunctionSpec, prefer: Sequence[str]
+        self, model: str, spec: InferenceFunctionSpec, prefer: Sequence[str], *, began: float
     ) -> DeviceModel:
-        """Start copying ``model`` here; returns once the copy is under way.
+        """Start copying ``model`` here (a load that began at ``began``); returns once the copy
+        is under way.
 
         The device bytes are claimed first (waiting, if models in use hold them), and only then
         is a source held: a load waiting for memory holds no other device's model.
@@ -218,7 +230,7 @@ class DeviceLoads:
             # "the replica is not built": tests/predict/test_prefetch_stress.py, eighteenth
             # session). Its retirement or its commit changes the tier: look again then.
             await self._memory.changed.wait()
-        loading, host = await self._sized(model, spec)
+        loading, host = await self._sized(model, spec, began=began)
         try:
             await self._claim(model, loading, prefer=prefer)
         except BaseException:
@@ -235,7 +247,7 @@ class DeviceLoads:
         return loading
 
     async def _sized(
-        self, model: str, spec: InferenceFunctionSpec
+        self, model: str, spec: InferenceFunctionSpec, *, began: float
     ) -> tuple[DeviceModel, Held[HostModel] | None]:
         """The load of ``model``, sized by its skeleton: the disk tier's, else learned by
         filling the host tier (whose copy is then held, and returned). The host tier is filled
@@ -254,6 +266,7 @@ class DeviceLoads:
             skeleton=skeleton,
             size_bytes=skeleton.layout.arena_bytes + skeleton.reserve_bytes,
             source="host",
+            began_at=began,
         )
         return loading, host
 

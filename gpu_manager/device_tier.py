@@ -33,7 +33,7 @@ from gpufaas.gpu_manager.device_faults import (
     TransferFailed,
     is_out_of_memory,
 )
-from gpufaas.gpu_manager.device_loads import DeviceLoads, LoadLog, LoadRecord, Sources
+from gpufaas.gpu_manager.device_loads import DeviceLoads, LoadJoin, LoadLog, LoadRecord, Sources
 from gpufaas.gpu_manager.device_memory import DeviceMemory, DeviceShards, Resident, as_model
 from gpufaas.gpu_manager.devices import DeviceBackend
 from gpufaas.gpu_manager.inline import InlineForwards
@@ -101,9 +101,10 @@ class DeviceTier:
         return self.memory.tier
 
     @property
-    def load_listeners(self) -> list[Callable[[str], None]]:
-        """Called with the model whenever a caller starts or joins a load here (#13: a running
-        prefetch of another model yields to it)."""
+    def load_listeners(self) -> list[Callable[[str, LoadJoin], None]]:
+        """Called with the model, and whether the caller started the load or joined it,
+        whenever a caller starts or joins a load here (#13: a running prefetch of another model
+        yields to it)."""
         return self.loads.listeners
 
     # -- the tier protocol -------------------------------------------------------------------------

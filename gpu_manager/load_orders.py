@@ -54,6 +54,7 @@ from gpufaas.core.node import LoadOrder, LoadOrderTaken
 from gpufaas.core.protocol import ProtocolError
 from gpufaas.gpu_manager.admission import DeviceAdmission
 from gpufaas.gpu_manager.chain import RuntimeFailure
+from gpufaas.gpu_manager.device_loads import LoadJoin
 from gpufaas.gpu_manager.device_memory import as_model
 from gpufaas.gpu_manager.device_tier import DeviceTier
 from gpufaas.gpu_manager.loader import DeviceModel
@@ -96,7 +97,6 @@ class LoadOrders:
         self._pending: dict[tuple[str, str], _Order] = {}  # (device, model) -> its order
         self._landing: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ordering: tuple[str, str] | None = None  # an order's own join, starting now
         self.results = Counter(
             "gpufaas_manager_load_orders",
             "Load orders by result: started, present (nothing to load), busy (no free slot: "
@@ -112,8 +112,8 @@ class LoadOrders:
             registry=registry,
         )
         runtime.on_use(self._used)
-        runtime.on_load(self._joining)
         for device_id, device in runtime.devices.items():
+            device.loads.listeners.append(functools.partial(self._joining, device_id))
             device.loads.landed.append(functools.partial(self._landed, device_id))
 
     def take(self, order: LoadOrder) -> str:
@@ -155,7 +155,6 @@ class LoadOrders:
         """The ordered load, as a request's would start it; done (its slot given back) once
         its copy has landed or failed."""
         model = key[1]
-        self._ordering = key  # the join's first step tells the load listeners: not a request
         try:
             copy = await device.loads.join(model, spec, prefer=victims)
         except Exception as e:  # never the request's failure: it loads the model itself
@@ -181,14 +180,17 @@ class LoadOrders:
         if landing is not None and not landing.done():
             landing.set_result(None)
 
-    def _joining(self, model: str, device_id: str) -> None:
+    def _joining(self, device_id: str, model: str, how: LoadJoin) -> None:
         """A caller starts or joins a load of ``model`` on ``device_id`` (it found no copy
-        there: a request doing so is counted a miss); the order's own join is the first."""
-        key = (device_id, model)
-        if self._ordering == key:
-            self._ordering = None
+        there: a request doing so is counted a miss). While an order is pending there, a
+        caller that joins the load under way means a request's miss counts that load already
+        (the joining request's, or, when the order joined a load a request started, that
+        request's): the order's claim is then ``joined``. The order's own start is told as
+        ``started``, never as a join (:meth:`DeviceLoads.join
+        <gpufaas.gpu_manager.device_loads.DeviceLoads.join>` says which)."""
+        if how != "joined":
             return
-        pending = self._pending.get(key)
+        pending = self._pending.get((device_id, model))
         if pending is not None:
             pending.joined = True
 

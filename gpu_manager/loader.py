@@ -80,6 +80,7 @@ class DeviceModel:
     drain_key: str | None = None
     arrived: bool = False
     error: str | None = None
+    began_at: float | None = None  # when its load began (perf_counter): its whole time's start
 
     @property
     def weights_bytes(self) -> int:

@@ -36,6 +36,7 @@ from gpufaas.gpu_manager.backends import backend_for
 from gpufaas.gpu_manager.batching import Batcher, concat_inputs, split_outputs
 from gpufaas.gpu_manager.chain import RuntimeFailure, spec_fingerprint
 from gpufaas.gpu_manager.device_faults import NodeHealth
+from gpufaas.gpu_manager.device_loads import LoadJoin
 from gpufaas.gpu_manager.device_tier import DeviceTier, LoadLog, Sources
 from gpufaas.gpu_manager.devices import DeviceBackend, make_backend
 from gpufaas.gpu_manager.disk_tier import DiskTier
@@ -57,6 +58,9 @@ DEFAULT_DISK_CACHE_BYTES = 32 << 30
 class InferOutcome:
     outputs: dict[str, tuple[NDArray[Any], str]]
     cache_hit: bool
+    # a miss: the whole time of the load it used, from the load's start to its copy's end,
+    # whichever caller started it (a request that joined a load in flight, or found a copy
+    # still arriving, waited for less; gateways learn load times from this); a hit: 0
     load_ms: float
     compute_ms: float
     size_bytes: int
@@ -473,7 +477,9 @@ def _batched(spec: InferenceFunctionSpec, inputs: Sequence[NDArray[Any]]) -> boo
     return limit > 1 and (int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1) < limit
 
 
-def _with_device(listener: Callable[[str, str], None], device_id: str, model: str) -> None:
+def _with_device(
+    listener: Callable[[str, str], None], device_id: str, model: str, how: LoadJoin
+) -> None:
     listener(model, device_id)
 
 
@@ -501,7 +507,11 @@ async def _run_or_failure(
 
 
 def _load_ms(model: DeviceModel, hit: bool, started: float) -> float:
+    """A request's ``load_ms`` (:class:`InferOutcome`): 0 for a hit; else the whole time of the
+    load of ``model``'s copy, from when the load began (before the request's ``started``, if
+    the request joined it in flight) to when its copy finished (or now, if not yet)."""
     if hit:
         return 0.0
     finished = model.transfer.finished_at if model.transfer is not None else None
-    return max(0.0, ((finished or time.perf_counter()) - started) * 1000)
+    began = started if model.began_at is None else min(started, model.began_at)
+    return max(0.0, ((finished or time.perf_counter()) - began) * 1000)

@@ -385,7 +385,7 @@ class PlacementAnswers:
         *,
         directory: ClusterDirectory,
         events: ResidencyEvents,
-        decide: Callable[[str, frozenset[str]], OwnerDecision] | None,
+        decide: Callable[[str, frozenset[str], int], OwnerDecision] | None,
         asked: Callable[[], None],
         orders: LoadOrdering | None = None,
     ) -> None:
@@ -394,7 +394,9 @@ class PlacementAnswers:
         # Loads decided for peers are ordered at their GPU manager as they are answered.
         self.orders = orders
         # This gateway's policy decision for a model, the devices the peer already tried
-        # excluded. None: the peers' questions are answered 503, and they place it themselves.
+        # excluded, and the model's size as the asker knows it (0: unknown there), which an
+        # owner that knows none plans room for. None: the peers' questions are answered 503,
+        # and they place it themselves.
         self.decide = decide
         # A question is being answered in this task (counted; not a client request here).
         self.asked = asked
@@ -409,18 +411,19 @@ class PlacementAnswers:
         Raises what ``decide`` raises (no device)."""
         if self.decide is None:
             raise LookupError("this replica does not decide placements for its peers")
-        decided = self.decide(name, tried)
+        decided = self.decide(name, tried, size_bytes)
         if self.directory.state(decided.device, name) is not None:
             return decided  # the asker's view was behind: a hit here
         if self.orders is not None:  # first: the manager starts the load one hop sooner
             self.orders.order(decided.device, name, decided.victims)
-        planned = self.events.publish_load(
-            decided.device, name, size_bytes=size_bytes, victims=decided.victims
-        )
+        # The victims planned once, as the view notes the load: the same list is published
+        # and answered (the hint first, then least recently used here).
+        planned = list(decided.victims)
         with contextlib.suppress(InsufficientCapacity, UnknownKey):
-            self.directory.note_dispatch(
+            planned = self.directory.note_dispatch(
                 decided.device, name, size_bytes=size_bytes, prefer=decided.victims
             )
+        self.events.publish(decided.device, name, size_bytes=size_bytes, victims=planned)
         return dataclasses.replace(decided, planned=tuple(planned))
 
     async def receive(self, read: Callable[[], Awaitable[bytes]]) -> Response:

@@ -59,7 +59,25 @@ class Peer:
     # started a moment apart each report 'coordinated' while disagreeing about the owner.
     reachable: bool = False
     last_seen: float = 0.0  # monotonic time of the last answer
+    # The status of its heartbeat's refusal of this replica's peer token (401, 403) since it
+    # last answered, once logged; None while it takes the token
+    refused: int | None = None
     report: dict[str, Any] = field(default_factory=dict)  # its last heartbeat body
+
+
+def _refused(peer: Peer, status: int) -> None:
+    """A heartbeat answered ``status``: a 401 or 403 is the peer refusing this replica's peer
+    token, logged once until it answers again (a peer that never answered would otherwise stay
+    off the ring with nothing in the log: ``mark_unreachable`` logs only a reachable one)."""
+    if status not in (401, 403) or peer.refused == status:
+        return
+    peer.refused = status
+    logger.warning(
+        "gateway replica %s refuses this replica's peer token (HTTP %d): it stays off the ring "
+        "until its heartbeat answers; GPUFAAS_PEER_TOKEN must be the same on every replica",
+        peer.id,
+        status,
+    )
 
 
 def _normal(url: str) -> str:
@@ -220,11 +238,14 @@ class Membership:
             response.raise_for_status()
             report = response.json()
         except (httpx.HTTPError, ValueError) as e:
+            if isinstance(e, httpx.HTTPStatusError):
+                _refused(peer, e.response.status_code)
             self.mark_unreachable(peer.id, e)
             return
         if not peer.reachable:
             logger.info("gateway replica %s is reachable again", peer.id)
         peer.reachable = True
+        peer.refused = None
         peer.last_seen = time.monotonic()
         peer.report = report if isinstance(report, dict) else {}
 

@@ -133,10 +133,15 @@ def attach_replicas(
 
     membership = Membership(self_url=self_url, discover=discover, token=token, heartbeat=heartbeat)
 
-    def decide(name: str, tried: frozenset[str]) -> OwnerDecision:
+    def decide(name: str, tried: frozenset[str], size_bytes: int) -> OwnerDecision:
         # The gateway's own routing decision (its policy, view, loads and residency policy's
         # victims), as for a request of its own; popularity is not observed (a peer's request
-        # was counted where its client sent it: the caller marks the task forwarded-in).
+        # was counted where its client sent it: the caller marks the task forwarded-in). A
+        # model whose size this replica never learnt (it dispatched none of its loads and none
+        # was resident at a sync) takes the asker's: sized 0, its load was planned with no
+        # victims, and the GPU manager evicted by its own LRU order what one gateway would have
+        # chosen by value (nineteenth session, bench/RESULTS.md #16).
+        _learn_size(gateway.model_bytes, name, size_bytes, replace=False)
         decision = gateway._route(name, exclude=set(tried))
         return OwnerDecision(decision.device, tuple(decision.victims))
 
@@ -158,6 +163,13 @@ def attach_replicas(
         if gateway.prefetch is not None:  # the owner's arrival model sees the peers' requests
             gateway.prefetch.observe_relayed(model, count)
 
+    def observe_load(model: str, size: int, load_ms: float) -> None:
+        # A peer's answer to a load this replica decided for it: the load's time and the
+        # model's size on the device, as the GPU manager reported them (as from an answer of
+        # its own: learn_from_reply).
+        _learn_size(gateway.model_bytes, model, size, replace=True)
+        gateway.estimates.observe_load(model, size_bytes=size, load_ms=load_ms)
+
     def lost_requests(requests: Mapping[str, int], reason: object) -> None:
         if gateway.prefetch is not None:
             gateway.prefetch.lost_relay(requests, reason)
@@ -173,9 +185,7 @@ def attach_replicas(
         ownership=ownership,
         recover=recover,
         observe_requests=observe_requests,
-        observe_load=lambda model, size, load_ms: gateway.estimates.observe_load(
-            model, size_bytes=size, load_ms=load_ms
-        ),
+        observe_load=observe_load,
         forwarding=forwarding,
         decide=decide,
         lost_requests=lost_requests,
@@ -194,6 +204,14 @@ def attach_replicas(
         gateway.background.append(lambda stop: listener.serve(stop, host=host, port=port))
     gateway.background.append(run)
     return replicas
+
+
+def _learn_size(sizes: dict[str, int], model: str, size_bytes: int, *, replace: bool) -> None:
+    """Note ``model``'s size on a device in ``sizes`` (a gateway's ``model_bytes``), if it is
+    one (> 0): over a size known already only with ``replace`` (a GPU manager's report of it,
+    not a peer's hearsay)."""
+    if size_bytes > 0 and (replace or model not in sizes):
+        sizes[model] = size_bytes
 
 
 def lane_answer(gateway: Gateway) -> ForwardAnswer:

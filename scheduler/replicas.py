@@ -145,10 +145,6 @@ ReplicaSlots = Literal["full", "share"]
 FORWARD_PROBE_S = 1.0
 
 
-def _not_learnt(model: str, size_bytes: int, load_ms: float) -> None:
-    """A load time not learnt from (see :class:`Replicas`, ``observe_load``)."""
-
-
 class ReplicaMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.owned = Counter(
@@ -237,7 +233,7 @@ class Replicas:
         observe_requests: Callable[[str, int], None] = lambda model, count: None,
         observe_load: Callable[[str, int, float], None] = lambda model, size, load_ms: None,
         forwarding: Forwarding = "request",
-        decide: Callable[[str, frozenset[str]], OwnerDecision] | None = None,
+        decide: Callable[[str, frozenset[str], int], OwnerDecision] | None = None,
         lost_requests: Callable[[Mapping[str, int], object], None] = lambda requests, why: None,
         order_to: OrderTo | None = None,
         order_eagerly: bool = True,
@@ -285,12 +281,10 @@ class Replicas:
             uses=UseStream(
                 directory=directory,
                 observe_requests=observe_requests,
-                # A peer's report of a load this replica ordered at the manager (forwarding
-                # "decision" with orders) times only the part of the load its request waited
-                # for, having joined it in flight: not a load's time, so not learnt from. Such
-                # samples, often a fraction of a load, pulled the fastest load seen per size
-                # towards 0, and victims were then ranked by their reloads' timing noise.
-                observe_load=observe_load if ordering is None else _not_learnt,
+                # A peer's report of a load is the load's whole time, also when its request
+                # joined a load this replica ordered (the manager reports the load's time, not
+                # the request's wait: gpu_manager/runtime.py ``InferOutcome.load_ms``).
+                observe_load=observe_load,
             ),
             counted=self.metrics.events,
             deciders=self._deciders,

@@ -14,6 +14,7 @@ abandoned load in itself and opens it on an event, never on a sleep.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from gm_support import Model, devices
@@ -39,7 +40,7 @@ async def test_a_load_finding_another_loads_claim_with_no_replica_waits_for_its_
     loads, tier = device.loads, device.memory.tier
     # a load whose bytes are claimed and whose copy has not begun, as a cancelled one is
     # while it is abandoned
-    dying, host = await loads._sized(model.name, model.spec)
+    dying, host = await loads._sized(model.name, model.spec, began=time.perf_counter())
     await loads._claim(model.name, dying, prefer=())
     assert tier.current(model.name) is dying and dying.module is None
 

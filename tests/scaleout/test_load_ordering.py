@@ -61,7 +61,7 @@ def _owner(
         order_to=order_to,
         order_eagerly=eagerly,
     )
-    replicas.answers.decide = lambda name, tried: OwnerDecision("n/1", ("old",))
+    replicas.answers.decide = lambda name, tried, size: OwnerDecision("n/1", ("old",))
     replicas.directory.note_loaded("n/1", "old", size_bytes=60)
     return replicas
 
@@ -128,7 +128,7 @@ async def test_an_order_refused_lost_or_for_an_unknown_device_never_fails_the_an
 
     manager = Manager()
     replicas = _owner(manager)
-    replicas.answers.decide = lambda name, tried: OwnerDecision("elsewhere/0", ())
+    replicas.answers.decide = lambda name, tried, size: OwnerDecision("elsewhere/0", ())
     replicas.directory.add_device("elsewhere/0", capacity_bytes=100, node="x")
     assert replicas.answers.decide_for_peer("m", size_bytes=50, tried=frozenset()).device == (
         "elsewhere/0"
@@ -147,13 +147,12 @@ async def test_over_a_transport_that_needs_a_task_the_order_is_sent_from_one() -
     await close_replicas(replicas)
 
 
-async def test_an_owner_that_orders_loads_does_not_learn_load_times_from_its_peers_reports() -> (
-    None
-):
-    """A peer's report of an ordered load times only what its request waited for, having
-    joined the load in flight: the owner marks the model resident from it but learns no load
-    time from it. Without orders the report is a load's time and is learnt, as before."""
-    for order_to, learnt in ((Manager().to, []), (None, [("m", 50, 1.5)])):
+async def test_an_owner_that_orders_loads_learns_load_times_from_its_peers_reports() -> None:
+    """A peer's report of a load is the load's whole time, also for a load this owner ordered
+    and the peer's request joined in flight (the manager reports the load's time, not the
+    request's wait): the owner marks the model resident and learns the time, with orders as
+    without them."""
+    for order_to in (Manager().to, None):
         observed: list[tuple[str, int, float]] = []
         replicas = replica_with_owner(
             "http://b",
@@ -165,6 +164,6 @@ async def test_an_owner_that_orders_loads_does_not_learn_load_times_from_its_pee
         )
         replicas.directory.note_dispatch("n/1", "m", size_bytes=50)  # loading in its view
         replicas.events.uses.apply({"loads": [["n/1", "m", 50, 1.5]]})
-        assert observed == learnt
+        assert observed == [("m", 50, 1.5)]
         assert replicas.directory.state("n/1", "m") is Residency.RESIDENT
         await close_replicas(replicas)

@@ -350,7 +350,7 @@ async def test_a_request_that_joined_the_ordered_load_claims_it_as_joined_howeve
     node = make_node()
     assert (await _order_landed(node, "a")).json() == {"result": "started"}
     for listener in node.runtime.devices[DEVICE].loads.listeners:
-        listener("a")  # a request's join of the load, as it starts
+        listener("a", "joined")  # a request's join of the load, as it starts
     assert (await _infer(node, "a")).status_code == 200
     counts = await _counts(node)
     assert counts.get("claim:joined") == 1.0 and "claim:landed" not in counts

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -72,6 +74,40 @@ async def test_a_heartbeat_that_fails_to_connect_makes_a_peer_unreachable() -> N
     membership = Membership(self_url="http://127.0.0.1:1", discover=static_peers([dead]))
     await membership.refresh()
     assert membership.mode == "local" and membership.peers[dead].reachable is False
+    await membership.close()
+
+
+async def test_a_peer_that_refuses_the_token_is_off_the_ring_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A heartbeat answered 401 or 403 (the peer refuses this replica's peer token): the peer
+    is unreachable and off the ring, the health details say so, and a warning names the token,
+    once per refusal (a peer that never answered would else leave nothing in the log); a 200
+    puts it back."""
+    status = [401]
+
+    def heartbeat(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status[0], json={"id": "http://b"})
+
+    membership = Membership(self_url="http://a", discover=static_peers(["http://b"]), token="t")
+    membership.adopt(["http://b"])
+    peer = membership.peers["http://b"]
+    await peer.client.aclose()
+    peer.client = httpx.AsyncClient(base_url="http://b", transport=httpx.MockTransport(heartbeat))
+    refusals = []
+    for answer in (401, 401, 200, 403):
+        status[0] = answer
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gpufaas.scheduler.peers"):
+            await membership.probe("http://b")
+        refusals.append([r.getMessage() for r in caplog.records if "peer token" in r.message])
+        live = membership.live()
+        assert ("http://b" in live) is (answer == 200)
+        assert membership.health()["peers"]["http://b"] == (
+            "reachable" if answer == 200 else "unreachable"
+        )
+    assert [len(r) for r in refusals] == [1, 0, 0, 1]
+    assert "HTTP 401" in refusals[0][0] and "HTTP 403" in refusals[3][0]
     await membership.close()
 
 
