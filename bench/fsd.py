@@ -1888,7 +1888,10 @@ def score(
     if len(alone) > 1 and not spread:  # a repeated grid: its own repetitions' spread
         spread = run_to_run_spread(*alone)
     if probed:
-        with_probe = fit_constants(runs, cores=cores)
+        # the default form pins direct's measured delivery latency where the calibration ran
+        # the ping-pong runs (the nineteenth session's second hold's rule; without them,
+        # measured_relay is empty and the fit is the relay form at w = 0.3, as before)
+        with_probe = fit_constants(runs, cores=cores, pinned=measured_relay(runs, cores=cores))
     else:  # an older calibration: its constants as stored
         with_probe = constants_from_json(dict(calibration["constants"]))
     without = fit_constants(runs, cores=cores, probe=False, **W1)
@@ -1941,10 +1944,13 @@ def score(
         # the nineteenth session's: direct's delivery latency per round, measured on its
         # own by the ping-pong runs and pinned before the fit; which form is primary is
         # decided by primary_rule, on the calibration alone
+        # (the default since that session's second hold: see with_probe above); the
+        # unpinned fit, the default before it, is scored as costmodel_unpinned
         pinned = measured_relay(runs, cores=cores)
         if pinned:
             alternatives["costmodel_measured_relay"] = refit(pinned=pinned)
             alternatives["costmodel_measured_relay"]["pinned"] = pinned
+            alternatives["costmodel_unpinned"] = refit()
             alternatives["primary_rule"] = primary_rule(full, cores=cores)
         # the follow-up's rounds: the same default form fitted on each run's first round
         # alone (one timing per configuration, as every calibration before it)
@@ -2151,7 +2157,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     urls, channels, root, args.batch, rounds=args.calibration_rounds, pids=pids
                 )
                 cores = os.cpu_count() or 1
-                constants = fit_constants(runs, cores=cores)
+                constants = fit_constants(
+                    runs, cores=cores, pinned=measured_relay(runs, cores=cores)
+                )
                 report["calibration"] = {
                     "constants": constants_to_json(constants),
                     "constants_without_probe": constants_to_json(
