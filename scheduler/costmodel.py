@@ -40,7 +40,10 @@ runs a layer and then waits, so it pays a share ``w`` of that slow-down
 
 The default form is ``w`` = :data:`SERVED_CONTENTION` (0.3) with the relay terms fitted for
 the :data:`RELAYED` channels: chosen post hoc, as the form that scored best over every stored
-hold (bench/RESULTS.md, #15, "fsd, seventeenth session", follow-up (f)).
+hold (bench/RESULTS.md, #15, "fsd, seventeenth session", follow-up (f)). Since the nineteenth
+session's second hold, a calibration with the ping-pong runs also pins direct's
+``per_relay_sync_s`` at their measured delivery latency before the fit (``bench/fsd.py``'s
+``measured_relay``; bench/RESULTS.md, #15, "A second hold: the measured form replicated").
 
 ``w_lp`` is shard p's work on layer l, all of it CPU on its process except the waits:
 
