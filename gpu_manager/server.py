@@ -303,7 +303,9 @@ def create_node(
         ),
         load_seconds=Histogram(
             "gpufaas_manager_load_seconds",
-            "Time to make a model resident",
+            "Per missed request, the whole time of the load it used, from the load's start to "
+            "its copy's end (a load that several requests joined is counted once per request; "
+            "the copies themselves: gpufaas_manager_load_copy_seconds_total, per path)",
             ["device"],
             registry=registry,
         ),
