@@ -1136,24 +1136,31 @@ class LinkCollector(Collector):
         self.counts = counts
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        setups = CounterMetricFamily(
+        yield _counted(
             "gpufaas_shard_link_setups",
             "Same-host link setups to peer nodes, by outcome (failed: tried again later; none: "
             "another host, no endpoint or another release, so HTTP)",
-            labels=["result"],
+            "result",
+            self.counts.setups,
         )
-        for result, count in list(self.counts.setups.items()):
-            setups.add_metric([result], count)
-        messages = CounterMetricFamily(
+        yield _counted(
             "gpufaas_shard_messages",
             "Direct-channel messages sent, by path (shm: values in the shared ring; inline: "
             "the ring was full, values on the link's socket; http; local: same node)",
-            labels=["path"],
+            "path",
+            self.counts.messages,
         )
-        for path, count in list(self.counts.messages.items()):
-            messages.add_metric([path], count)
-        yield setups
-        yield messages
+
+
+def _counted(
+    name: str, documentation: str, label: str, counts: dict[str, int]
+) -> CounterMetricFamily:
+    """One counter family, a sample per key of ``counts`` (read from a copy: the event loop
+    may count meanwhile)."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in list(counts.items()):
+        family.add_metric([value], count)
+    return family
 
 
 def shard_host(
