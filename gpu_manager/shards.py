@@ -907,11 +907,14 @@ class ShardHost:
         task.add_done_callback(self._tasks.discard)
 
     async def _after_eviction(self, loaded: _Loaded, set_name: str) -> None:
-        await loaded.channel.detach(loaded.load.set_name, loaded.load.shard)
-        loaded.dropped = True
-        if loaded.running == 0:
-            await self._release(loaded)
-        await self.evict_set(set_name)
+        try:
+            await loaded.channel.detach(loaded.load.set_name, loaded.load.shard)
+            loaded.dropped = True
+            if loaded.running == 0:
+                await self._release(loaded)
+            await self.evict_set(set_name)
+        except Exception as e:  # nobody awaits this task: say so here, not at garbage collection
+            logger.warning("the cleanup after shard set %s was evicted failed: %s", set_name, e)
 
     async def _drop(self, key: str) -> None:
         loaded = self.shards.pop(key, None)
@@ -927,6 +930,7 @@ class ShardHost:
         loaded.executor.close()
 
     async def close(self) -> None:
+        await self._finish_cleanups()
         for key in list(self.shards):
             await self._drop(key)
         for channel in self._shared.values():
@@ -936,6 +940,17 @@ class ShardHost:
         await self.links.close()
         await self.link_server.close()
         self._ledger.close()  # its copies stay on disk until the next start sweeps them
+
+    async def _finish_cleanups(self, *, timeout_s: float = 10.0) -> None:
+        """Let the cleanups after an eviction still under way end before anything closes:
+        they detach and release what the device tier evicted, and would otherwise run on
+        closed channels after the host has gone. One that has not ended in ``timeout_s`` (a
+        channel that does not answer) is cancelled: a shutdown never hangs on it."""
+        if not self._tasks:
+            return
+        _, late = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in late:
+            task.cancel()
 
     def state(self) -> dict[str, Any]:
         return {
