@@ -7,20 +7,14 @@ import dataclasses
 
 import numpy as np
 import pytest
+from costmodel_support import COMPUTE, SATURATED
+from costmodel_support import profile as _profile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpufaas.core.layered import radix_net
 from gpufaas.scheduler import costmodel
 from gpufaas.scheduler.partition import partition
-
-COMPUTE = costmodel.Compute(per_op_s=1e-5, per_nnz_s=1e-9)
-SATURATED = {2: 1.05, 4: 1.6, 8: 2.9}
-
-
-def _profile(shards: int, method: str = "block") -> costmodel.Profile:
-    net = radix_net(256, 4)
-    return costmodel.profile(net, partition(net, shards, method=method, seed=2))
 
 
 @given(weight=st.floats(0.0, 1.0), shards=st.sampled_from([1, 2, 3, 4, 6, 8, 16]))

@@ -8,26 +8,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+from costmodel_support import constants as _constants
+from costmodel_support import profile as _profile
 
-from gpufaas.core.layered import radix_net
 from gpufaas.scheduler import costmodel
-from gpufaas.scheduler.partition import partition
 
-COMPUTE = costmodel.Compute(per_op_s=1e-5, per_nnz_s=1e-9)
-SATURATED = {2: 1.05, 4: 1.6, 8: 2.9}
 RELAY = {"per_relay_message_s": 4e-4, "per_relay_byte_s": 3e-9}
-
-
-def _profile(shards: int, method: str = "block", depth: int = 4) -> costmodel.Profile:
-    net = radix_net(256, depth)
-    return costmodel.profile(net, partition(net, shards, method=method, seed=2))
-
-
-def _constants(
-    cost: costmodel.ChannelCost, compute: costmodel.Compute = COMPUTE
-) -> costmodel.Constants:
-    return costmodel.Constants(compute, 1e-3, 1e-8, 2, {"x": cost}, contention=SATURATED,
-                               contention_weight=0.3)  # fmt: skip
 
 
 def test_the_relay_is_on_the_receiving_shards_path_and_on_no_core() -> None:

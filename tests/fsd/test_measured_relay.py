@@ -13,32 +13,18 @@ from typing import Any
 
 import pytest
 from bench_support import load_bench
+from costmodel_support import constants as _constants
+from costmodel_support import profile as _profile
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gpufaas.core.hostlink import LinkCounts
 from gpufaas.core.layered import radix_net
 from gpufaas.gpu_manager.shards import LinkCollector
 from gpufaas.scheduler import costmodel
-from gpufaas.scheduler.partition import partition
 
 ROOT = Path(__file__).resolve().parents[2]
 fsd = load_bench(ROOT / "bench" / "fsd.py", name="fsd_bench_measured_relay")
 S18 = json.loads((ROOT / "bench" / "fsd-calibration-s18.json").read_text())["calibration"]
-
-COMPUTE = costmodel.Compute(per_op_s=1e-5, per_nnz_s=1e-9)
-SATURATED = {2: 1.05, 4: 1.6, 8: 2.9}
-
-
-def _profile(shards: int, method: str = "block", depth: int = 4) -> costmodel.Profile:
-    net = radix_net(256, depth)
-    return costmodel.profile(net, partition(net, shards, method=method, seed=2))
-
-
-def _constants(
-    cost: costmodel.ChannelCost, compute: costmodel.Compute = COMPUTE
-) -> costmodel.Constants:
-    return costmodel.Constants(compute, 1e-3, 1e-8, 2, {"x": cost}, contention=SATURATED,
-                               contention_weight=0.3)  # fmt: skip
 
 
 def test_the_delivery_latency_is_on_the_waiting_shards_path_and_on_no_core() -> None:
